@@ -1,0 +1,3 @@
+from cowfs.cli import main
+
+main()

@@ -1,0 +1,331 @@
+"""The daemon: one process per store owns the RocksDB database and the FUSE session.
+
+`cowfs mount` checks everything it can in the calling process (clear errors, no
+traceback), then forks the daemon, which reports back on a pipe once the kernel has the
+mount, so `cowfs mount` returns only when the mount is usable.  The daemon exits when the
+mount goes away, however that happens (`cowfs umount`, `umount`, `fusermount3 -u`,
+SIGTERM/SIGINT): it flushes, syncs and closes the store first.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pyfuse3
+import trio
+
+from cowfs import admin
+from cowfs.errors import FSError, StoreError
+from cowfs.fs.filesystem import Filesystem
+from cowfs.fuse_ops import Operations
+from cowfs.store import Store, daemon_pid, pid_file
+
+log = logging.getLogger("cowfs.daemon")
+LOG_NAME = "daemon.log"
+
+
+class MountError(Exception):
+    """The mount cannot be made; the message says why."""
+
+
+@dataclass
+class MountConfig:
+    store: str
+    mountpoint: str
+    branch: str = "main"
+    options: list[str] = field(default_factory=list)
+    debug: bool = False
+    cache_bytes: int = 256 << 20
+
+
+def fusermount() -> str:
+    for d in os.environ.get("PATH", "/usr/bin:/bin").split(":") + ["/usr/bin", "/bin"]:
+        p = os.path.join(d, "fusermount3")
+        if os.access(p, os.X_OK):
+            return p
+    raise MountError("fusermount3 not found: install the Debian package fuse3")
+
+
+def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
+    args = [fusermount(), "-u"] + (["-z"] if lazy else []) + ["--", mountpoint]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise MountError(r.stderr.strip() or f"fusermount3 -u {mountpoint} failed")
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """Refuse missing, non-empty or already mounted mountpoints; clear dead mounts of a crashed daemon."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:  # a FUSE mount whose daemon died
+            log.warning("clearing stale mount at %s", mountpoint)
+            unmount(mountpoint, lazy=True)
+        elif exc.errno == errno.ENOENT:
+            raise MountError(f"mountpoint {mountpoint} does not exist") from None
+        else:
+            raise MountError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point")
+    if os.listdir(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is not empty")
+
+
+def check_environment() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse does not exist: this machine or container has no FUSE")
+    fusermount()
+
+
+def fuse_options(cfg: MountConfig) -> set[str]:
+    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    opts |= {f"fsname=cowfs:{cfg.store}", "subtype=cowfs"}
+    user = set(cfg.options)
+    # Sandboxes run untrusted code: no set-user-ID binaries or device nodes unless asked.
+    if "suid" not in user:
+        opts.add("nosuid")
+    if "dev" not in user:
+        opts.add("nodev")
+    return opts | user
+
+
+def _setup_logging(store: str, debug: bool, to_stderr: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    fh = logging.FileHandler(os.path.join(store, LOG_NAME))
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    if to_stderr:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _raise_readahead(mountpoint: str) -> None:
+    """Let the kernel read ahead 1 MiB per request instead of 128 KiB (root only; best effort).
+
+    The device number comes from mountinfo: stat() on our own mount would wait for us.
+    """
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == mountpoint and " fuse.cowfs " in line:
+                    with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as out:
+                        out.write("1024")
+    except OSError as exc:
+        log.debug("read_ahead_kb unchanged: %s", exc)
+
+
+class Daemon:
+    def __init__(self, cfg: MountConfig) -> None:
+        self.cfg = cfg
+        self.store = Store(cfg.store, cache_bytes=cfg.cache_bytes)
+        try:
+            self.fs = Filesystem(self.store, cfg.branch)
+        except FSError as exc:
+            self.store.close()
+            raise StoreError(str(exc)) from None
+        self.ops = Operations(self.fs)
+        self.started = time.time()
+        self._stopping = False
+
+    def stats(self) -> dict[str, Any]:
+        fs, store = self.fs, self.store
+        rss = 0
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+        return {
+            "ok": True,
+            "store": store.path,
+            "mountpoint": self.cfg.mountpoint,
+            "branch": self.cfg.branch,
+            "daemon_pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "rss_bytes": rss,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "requests": dict(self.ops.requests),
+            "dirty_bytes": fs.dirty_bytes,
+            "flushes": fs.flush_count,
+            "commits": store.write_seq,
+            "syncs_done": store.synced_seq,
+            "objects_created": store.objects_created,
+            "objects_freed": store.objects_freed,
+            "cache": store.cache.stats(),
+            "disk_bytes": store.kv.disk_usage(),
+        }
+
+    async def handle_admin(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "stats":
+            return self.stats()
+        if cmd == "sync":
+            await self.fs.fsync()
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown admin command {cmd!r}"}
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("signal %d: flushing and unmounting", signum)
+                await self.stop()
+
+    async def stop(self) -> None:
+        """Unmount as `umount` would: the kernel writes back its dirty pages to us first."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await self.fs.flush()
+        mp = self.cfg.mountpoint
+        for lazy in (False, True):
+            r = await trio.run_process([fusermount(), "-u"] + (["-z"] if lazy else []) + ["--", mp],
+                                       check=False, capture_stderr=True)
+            if r.returncode == 0:
+                return
+            log.warning("fusermount3 -u%s %s: %s", "z" if lazy else "", mp, r.stderr.decode().strip())
+
+    async def main(self, ready: Callable[[str | None], None]) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(admin.serve, admin.socket_path(self.cfg.store), self.handle_admin)
+            nursery.start_soon(self.fs.background_flusher)
+            nursery.start_soon(self._watch_signals)
+            ready(None)
+            await pyfuse3.main(max_tasks=1)
+            log.info("unmounted: committing and syncing")
+            await self.fs.flush()
+            await self.store.sync()
+            nursery.cancel_scope.cancel()
+
+    def run(self, ready: Callable[[str | None], None]) -> int:
+        cfg = self.cfg
+        try:
+            pyfuse3.init(self.ops, cfg.mountpoint, fuse_options(cfg))
+        except RuntimeError as exc:
+            self.store.close()
+            ready(f"cannot mount {cfg.mountpoint}: {exc}")
+            return 1
+        with open(pid_file(cfg.store), "w") as f:
+            f.write(f"{os.getpid()}\n")
+        _raise_readahead(cfg.mountpoint)
+        log.info("serving %s branch %s at %s (pid %d)", cfg.store, cfg.branch, cfg.mountpoint, os.getpid())
+        try:
+            trio.run(self.main, ready)
+        finally:
+            pyfuse3.close(unmount=False)
+            self.store.close()
+            for p in (pid_file(cfg.store), admin.socket_path(cfg.store)):
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
+            log.info("daemon exiting")
+        return 0
+
+
+def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: bool) -> int:
+    _setup_logging(cfg.store, cfg.debug, to_stderr)
+    try:
+        daemon = Daemon(cfg)
+    except StoreError as exc:
+        ready(str(exc))
+        return 1
+    return daemon.run(ready)
+
+
+def mount(cfg: MountConfig, foreground: bool) -> int:
+    """Check, then serve (foreground) or fork a daemon and wait until it is ready."""
+    cfg.store = os.path.abspath(cfg.store)
+    cfg.mountpoint = os.path.abspath(cfg.mountpoint)
+    check_environment()
+    if not os.path.isdir(cfg.store):
+        raise MountError(f"{cfg.store}: no such store directory (create one with 'cowfs init {cfg.store}')")
+    pid = daemon_pid(cfg.store)
+    if pid is not None:
+        raise MountError(f"store {cfg.store} is already served by daemon pid {pid}")
+    check_mountpoint(cfg.mountpoint)
+
+    if foreground:
+        def say(err: str | None) -> None:
+            if err:
+                print(f"cowfs: {err}", file=sys.stderr)
+        return _start(cfg, say, to_stderr=True)
+
+    rfd, wfd = os.pipe()
+    child = os.fork()
+    if child == 0:  # the daemon
+        os.close(rfd)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+
+        def report(err: str | None) -> None:
+            try:
+                os.write(wfd, (f"ERR {err}" if err else "OK").encode() + b"\n")
+                os.close(wfd)
+            except OSError:
+                pass
+
+        code = 1
+        try:
+            code = _start(cfg, report, to_stderr=False)
+        except BaseException as exc:
+            logging.getLogger("cowfs.daemon").exception("daemon failed")
+            report(f"daemon failed: {exc}")
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd) as r:
+        line = r.readline().strip()
+    if line == "OK":
+        return 0
+    if line.startswith("ERR "):
+        raise MountError(line[4:])
+    os.waitpid(child, 0)
+    raise MountError(f"the daemon exited before mounting; see {os.path.join(cfg.store, LOG_NAME)}")
+
+
+def mounted_store(mountpoint: str) -> str | None:
+    """The store behind a cowfs mount point, from /proc/self/mountinfo."""
+    mp = os.path.abspath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            target = fields[4].encode().decode("unicode_escape")
+            rf = right.split()
+            if target == mp and len(rf) >= 2 and rf[0] == "fuse.cowfs" and rf[1].startswith("cowfs:"):
+                return rf[1][len("cowfs:"):].encode().decode("unicode_escape")
+    return None
+
+
+def umount(mountpoint: str, timeout: float = 60.0) -> None:
+    store = mounted_store(mountpoint)
+    if store is None:
+        raise MountError(f"{mountpoint} is not a cowfs mount")
+    pid = daemon_pid(store)
+    unmount(os.path.abspath(mountpoint))
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise MountError(f"daemon pid {pid} did not exit within {timeout:.0f} s after unmount")

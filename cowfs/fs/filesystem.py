@@ -1,0 +1,570 @@
+"""POSIX semantics over the store: the filesystem core the FUSE layer calls.
+
+Concurrency (see docs/architecture.md): everything runs on one trio event loop.  Mutations
+hold `self.lock`, flush all acknowledged dirty data first, then validate, change memory and
+build one batch with no checkpoint in between, and commit it synchronously; so committed
+state is always a prefix of the acknowledged operations.  Reads and writes into dirty
+buffers take no lock.  Only hashing/compression of large flushes and WAL syncs run in
+threads, on immutable inputs.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Iterable
+
+import trio
+
+from cowfs.chunks import codec
+from cowfs.chunks.store import RefTxn
+from cowfs.chunks.tree import CHUNK, TreeWriter
+from cowfs.errors import FSError
+from cowfs.fs.node import Node
+from cowfs.fs.view import View
+from cowfs.kv.base import Batch
+from cowfs.meta.records import Attrs
+from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_XATTRS, LayerView, ino_key, name_key
+from cowfs.store import CF_ORPHANS, ROOT_INO, Store
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+MAX_FILE_SIZE = (1 << 63) - 1
+DIRTY_LIMIT = 64 << 20  # acknowledged-but-unflushed bytes before writers wait for a flush
+DIRTY_AGE = 1.0  # seconds before the background flusher commits dirty data
+THREAD_FLUSH_BYTES = 512 << 10  # flushes larger than this hash/compress in a worker thread
+XATTR_SIZE_MAX = 65536
+ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+
+def _dirent(ino: int, mode: int) -> bytes:
+    return ino.to_bytes(8, "big") + bytes((stat.S_IFMT(mode) >> 12,))
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FSError(errno.ENAMETOOLONG)
+
+
+class Mutation:
+    """One atomic change: a batch, its reference deltas and the nodes it saved."""
+
+    __slots__ = ("fs", "batch", "txn", "saved", "now")
+
+    def __init__(self, fs: "Filesystem") -> None:
+        self.fs = fs
+        self.batch = Batch()
+        self.txn = RefTxn()
+        self.saved: list[Node] = []
+        self.now = time.time_ns()
+
+    def save(self, node: Node) -> None:
+        """Write node's current attributes as its version in the view's head layer."""
+        head = node.view.lv.top
+        if node.stored_layer == head and node.stored_root is not None:
+            self.txn.decref(node.stored_root.hash)
+        if node.attrs.root is not None:
+            self.txn.incref(node.attrs.root.hash)
+        self.fs.store.meta.put(self.batch, CF_INODES, ino_key(node.ino), head, node.attrs.pack())
+        node.stored_layer = head
+        node.stored_root = node.attrs.root
+        self.saved.append(node)
+
+    def drop(self, node: Node) -> None:
+        """Delete node's record, xattrs and its reference to the data."""
+        fs = self.fs
+        lv = node.view.lv
+        if node.stored_layer == lv.top and node.stored_root is not None:
+            self.txn.decref(node.stored_root.hash)
+        fs.store.meta.delete(self.batch, CF_INODES, ino_key(node.ino), lv)
+        for name, _ in list(fs.store.meta.scan_names(CF_XATTRS, node.ino, lv)):
+            fs.store.meta.delete(self.batch, CF_XATTRS, name_key(node.ino, name), lv)
+        node.stored_layer = None
+        node.stored_root = None
+        node.deleted = True
+        self.saved.append(node)
+
+    def link(self, parent: Node, name: bytes, child: Node) -> None:
+        self.fs.store.meta.put(self.batch, CF_DIRENTS, name_key(parent.ino, name), parent.view.lv.top,
+                               _dirent(child.ino, child.attrs.mode))
+
+    def unlink(self, parent: Node, name: bytes) -> None:
+        self.fs.store.meta.delete(self.batch, CF_DIRENTS, name_key(parent.ino, name), parent.view.lv)
+
+    def touch(self, *nodes: Node, mtime: bool = True) -> None:
+        for n in nodes:
+            n.attrs.ctime_ns = self.now
+            if mtime:
+                n.attrs.mtime_ns = self.now
+
+
+class Filesystem:
+    def __init__(self, store: Store, branch: str = "main", compression_level: int = 3) -> None:
+        self.store = store
+        self.level = compression_level
+        self.lock = trio.Lock()
+        self.views: dict[int, View] = {}
+        b = store.catalog.branches.get(branch)
+        if b is None:
+            raise FSError(errno.ENOENT, f"no branch named {branch!r}")
+        self.primary = self._add_view(b.view, b.name, "branch", b.head)
+        self.dirty_nodes: dict[Node, float] = {}  # node -> time it first became dirty
+        self.dirty_bytes = 0
+        self.flush_count = 0
+        self._recover_orphans(self.primary)
+
+    def _add_view(self, vid: int, name: str, kind: str, top: int) -> View:
+        lv = LayerView(top, frozenset(self.store.catalog.ancestry(top)))
+        view = View(vid, name, kind, lv)
+        self.views[vid] = view
+        return view
+
+    # -- node table ------------------------------------------------------------------------
+    def node(self, view: View, ino: int) -> Node:
+        n = view.nodes.get(ino)
+        if n is not None and not n.deleted:
+            return n
+        if n is not None:
+            raise FSError(errno.ENOENT)
+        found = self.store.meta.get(CF_INODES, ino_key(ino), view.lv)
+        if found is None or not found[1]:
+            raise FSError(errno.ENOENT)
+        n = Node(view, ino, Attrs.unpack(found[1]), found[0])
+        view.nodes[ino] = n
+        return n
+
+    def _maybe_evict(self, node: Node) -> None:
+        if node.lookups <= 0 and node.opens <= 0 and node not in self.dirty_nodes and node.ino != ROOT_INO:
+            if node.view.nodes.get(node.ino) is node:
+                del node.view.nodes[node.ino]
+
+    def forget(self, node: Node, n: int) -> None:
+        node.lookups -= n
+        self._maybe_evict(node)
+
+    def child_ino(self, parent: Node, name: bytes) -> int | None:
+        found = self.store.meta.get(CF_DIRENTS, name_key(parent.ino, name), parent.view.lv)
+        if found is None or not found[1]:
+            return None
+        return int.from_bytes(found[1][:8], "big")
+
+    def lookup(self, parent: Node, name: bytes) -> Node:
+        _check_name(name)
+        if not parent.attrs.is_dir:
+            raise FSError(errno.ENOTDIR)
+        ino = self.child_ino(parent, name)
+        if ino is None:
+            raise FSError(errno.ENOENT)
+        return self.node(parent.view, ino)
+
+    def list_dir(self, node: Node) -> list[tuple[bytes, int]]:
+        if not node.attrs.is_dir:
+            raise FSError(errno.ENOTDIR)
+        return [(name, int.from_bytes(v[:8], "big"))
+                for name, v in self.store.meta.scan_names(CF_DIRENTS, node.ino, node.view.lv)]
+
+    def _dir_empty(self, node: Node) -> bool:
+        for _ in self.store.meta.scan_names(CF_DIRENTS, node.ino, node.view.lv):
+            return False
+        return True
+
+    # -- mutations -------------------------------------------------------------------------
+    @asynccontextmanager
+    async def mutate(self, view: View) -> AsyncIterator[Mutation]:
+        if not view.writable:
+            raise FSError(errno.EROFS)
+        async with self.lock:
+            await self._flush_locked()
+            m = Mutation(self)
+            yield m
+            self._commit(m)
+
+    def _commit(self, m: Mutation) -> None:
+        try:
+            self.store.commit(m.batch, m.txn)
+        except Exception as exc:
+            # Memory ran ahead of the store: reload what this mutation touched, then fail.
+            for node in m.saved:
+                node.view.nodes.pop(node.ino, None)
+                node.deleted = False
+            log.error("commit failed: %s", exc)
+            raise FSError(errno.ENOSPC if "space" in str(exc).lower() else errno.EIO, str(exc)) from exc
+
+    def _new_node(self, m: Mutation, parent: Node, mode: int, uid: int, gid: int, rdev: int = 0,
+                  target: bytes = b"", groups: Iterable[int] = ()) -> Node:
+        pa = parent.attrs
+        if pa.mode & stat.S_ISGID:
+            gid = pa.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        if (mode & stat.S_ISGID and not stat.S_ISDIR(mode) and uid != 0
+                and gid not in groups and gid != parent.attrs.gid):
+            mode &= ~stat.S_ISGID
+        ino = self.store.alloc_ino()
+        nlink = 2 if stat.S_ISDIR(mode) else 1
+        attrs = Attrs(mode, uid, gid, nlink, rdev, len(target), m.now, m.now, m.now, None, target)
+        node = Node(parent.view, ino, attrs, None)
+        parent.view.nodes[ino] = node
+        return node
+
+    async def make(self, parent: Node, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+                   target: bytes = b"", groups: Iterable[int] = ()) -> Node:
+        """mknod, mkdir, symlink and create: a new inode linked under parent."""
+        _check_name(name)
+        async with self.mutate(parent.view) as m:
+            if not parent.attrs.is_dir:
+                raise FSError(errno.ENOTDIR)
+            if parent.attrs.nlink == 0:
+                raise FSError(errno.ENOENT)
+            if self.child_ino(parent, name) is not None:
+                raise FSError(errno.EEXIST)
+            node = self._new_node(m, parent, mode, uid, gid, rdev, target, groups)
+            if stat.S_ISDIR(mode):
+                parent.attrs.nlink += 1
+            m.link(parent, name, node)
+            m.touch(parent)
+            m.save(node)
+            m.save(parent)
+        return node
+
+    def _release_inode(self, m: Mutation, node: Node) -> None:
+        """The last name went: drop the inode now, or when its last handle closes."""
+        if node.opens > 0:
+            m.batch.put(CF_ORPHANS, self._orphan_key(node), b"")
+            m.save(node)
+        else:
+            self._discard_dirty(node)
+            m.drop(node)
+
+    def _orphan_key(self, node: Node) -> bytes:
+        return node.view.lv.top.to_bytes(8, "big") + ino_key(node.ino)
+
+    def _discard_dirty(self, node: Node) -> None:
+        if node in self.dirty_nodes:
+            del self.dirty_nodes[node]
+            self.dirty_bytes -= len(node.dirty) * CHUNK
+        node.dirty.clear()
+
+    async def unlink(self, parent: Node, name: bytes, want_dir: bool) -> None:
+        _check_name(name)
+        async with self.mutate(parent.view) as m:
+            ino = self.child_ino(parent, name)
+            if ino is None:
+                raise FSError(errno.ENOENT)
+            node = self.node(parent.view, ino)
+            if want_dir:
+                if not node.attrs.is_dir:
+                    raise FSError(errno.ENOTDIR)
+                if not self._dir_empty(node):
+                    raise FSError(errno.ENOTEMPTY)
+            elif node.attrs.is_dir:
+                raise FSError(errno.EISDIR)
+            m.unlink(parent, name)
+            m.touch(parent)
+            if node.attrs.is_dir:
+                parent.attrs.nlink -= 1
+                node.attrs.nlink = 0
+            else:
+                node.attrs.nlink -= 1
+            m.touch(node, mtime=False)
+            m.save(parent)
+            if node.attrs.nlink <= 0:
+                self._release_inode(m, node)
+            else:
+                m.save(node)
+
+    async def link(self, node: Node, parent: Node, name: bytes) -> None:
+        _check_name(name)
+        async with self.mutate(parent.view) as m:
+            if node.attrs.is_dir:
+                raise FSError(errno.EPERM)
+            if node.attrs.nlink == 0:
+                raise FSError(errno.ENOENT)
+            if self.child_ino(parent, name) is not None:
+                raise FSError(errno.EEXIST)
+            node.attrs.nlink += 1
+            m.link(parent, name, node)
+            m.touch(parent)
+            m.touch(node, mtime=False)
+            m.save(node)
+            m.save(parent)
+
+    async def rename(self, op: Node, oname: bytes, np: Node, nname: bytes, flags: int) -> None:
+        _check_name(oname)
+        _check_name(nname)
+        noreplace = bool(flags & 1)  # RENAME_NOREPLACE
+        exchange = bool(flags & 2)  # RENAME_EXCHANGE
+        async with self.mutate(op.view) as m:
+            sino = self.child_ino(op, oname)
+            if sino is None:
+                raise FSError(errno.ENOENT)
+            src = self.node(op.view, sino)
+            dino = self.child_ino(np, nname)
+            dst = self.node(np.view, dino) if dino is not None else None
+            if dst is not None and noreplace:
+                raise FSError(errno.EEXIST)
+            if exchange:
+                if dst is None:
+                    raise FSError(errno.ENOENT)
+                m.link(np, nname, src)
+                m.link(op, oname, dst)
+                if op is not np and src.attrs.is_dir != dst.attrs.is_dir:
+                    d = 1 if src.attrs.is_dir else -1
+                    op.attrs.nlink -= d
+                    np.attrs.nlink += d
+                m.touch(src, dst, mtime=False)
+                m.touch(op, np)
+                for n in {id(x): x for x in (src, dst, op, np)}.values():
+                    m.save(n)
+                return
+            if dst is src:
+                return
+            if dst is not None:
+                if src.attrs.is_dir:
+                    if not dst.attrs.is_dir:
+                        raise FSError(errno.ENOTDIR)
+                    if not self._dir_empty(dst):
+                        raise FSError(errno.ENOTEMPTY)
+                elif dst.attrs.is_dir:
+                    raise FSError(errno.EISDIR)
+            m.unlink(op, oname)
+            m.link(np, nname, src)
+            if dst is not None:
+                if dst.attrs.is_dir:
+                    np.attrs.nlink -= 1
+                    dst.attrs.nlink = 0
+                else:
+                    dst.attrs.nlink -= 1
+                m.touch(dst, mtime=False)
+            if src.attrs.is_dir and op is not np:
+                op.attrs.nlink -= 1
+                np.attrs.nlink += 1
+            m.touch(src, mtime=False)
+            m.touch(op, np)
+            m.save(src)
+            m.save(op)
+            if np is not op:
+                m.save(np)
+            if dst is not None:
+                if dst.attrs.nlink <= 0:
+                    self._release_inode(m, dst)
+                else:
+                    m.save(dst)
+
+    async def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                      mtime_ns: int | None = None, ctime_ns: int | None = None) -> None:
+        async with self.mutate(node.view) as m:
+            a = node.attrs
+            if size is not None:
+                if a.is_dir:
+                    raise FSError(errno.EISDIR)
+                if size > MAX_FILE_SIZE or size < 0:
+                    raise FSError(errno.EFBIG)
+                if size != a.size:
+                    node.truncate_buffers(size, self.store.objects)
+                    self._flush_node_into(m, node, self._encode(node.dirty), size)
+                    node.dirty.clear()
+                    a.mtime_ns = m.now
+            if mode is not None:
+                a.mode = stat.S_IFMT(a.mode) | stat.S_IMODE(mode)
+            if uid is not None:
+                a.uid = uid
+            if gid is not None:
+                a.gid = gid
+            if atime_ns is not None:
+                a.atime_ns = atime_ns
+            if mtime_ns is not None:
+                a.mtime_ns = mtime_ns
+            a.ctime_ns = ctime_ns if ctime_ns is not None else m.now
+            m.save(node)
+
+    # -- xattrs ----------------------------------------------------------------------------
+    def getxattr(self, node: Node, name: bytes) -> bytes:
+        found = self.store.meta.get(CF_XATTRS, name_key(node.ino, name), node.view.lv)
+        if found is None or not found[1]:
+            raise FSError(errno.ENODATA)
+        return found[1][1:]  # leading byte keeps empty values distinct from tombstones
+
+    def listxattr(self, node: Node) -> list[bytes]:
+        return [name for name, _ in self.store.meta.scan_names(CF_XATTRS, node.ino, node.view.lv)]
+
+    async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+        if name in ACL_XATTRS:
+            raise FSError(errno.EOPNOTSUPP)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FSError(errno.E2BIG)
+        if len(name) > 255 or not name:
+            raise FSError(errno.ERANGE)
+        async with self.mutate(node.view) as m:
+            self.store.meta.put(m.batch, CF_XATTRS, name_key(node.ino, name), node.view.lv.top, b"v" + value)
+            m.touch(node, mtime=False)
+            m.save(node)
+
+    async def removexattr(self, node: Node, name: bytes) -> None:
+        async with self.mutate(node.view) as m:
+            self.getxattr(node, name)
+            self.store.meta.delete(m.batch, CF_XATTRS, name_key(node.ino, name), node.view.lv)
+            m.touch(node, mtime=False)
+            m.save(node)
+
+    # -- data ------------------------------------------------------------------------------
+    def read(self, node: Node, off: int, size: int) -> bytes | memoryview:
+        try:
+            return node.read(off, size, self.store.objects)
+        except codec.CorruptObject as exc:
+            log.error("read of inode %d at %d: %s", node.ino, off, exc)
+            raise FSError(errno.EIO) from exc
+
+    async def write(self, node: Node, off: int, data: bytes) -> int:
+        if not node.view.writable:
+            raise FSError(errno.EROFS)
+        if off + len(data) > MAX_FILE_SIZE:
+            raise FSError(errno.EFBIG)
+        try:
+            new = node.write(off, data, self.store.objects)
+        except codec.CorruptObject as exc:
+            log.error("write of inode %d at %d: %s", node.ino, off, exc)
+            raise FSError(errno.EIO) from exc
+        if new:
+            self.dirty_bytes += new * CHUNK
+            self.dirty_nodes.setdefault(node, time.monotonic())
+        if self.dirty_bytes > DIRTY_LIMIT:
+            await self.flush()
+        return len(data)
+
+    async def flush(self) -> None:
+        """Commit every acknowledged write (not yet durable: see sync)."""
+        if self.dirty_nodes:
+            async with self.lock:
+                await self._flush_locked()
+
+    async def fsync(self) -> None:
+        await self.flush()
+        await self.store.sync()
+
+    def _encode(self, chunks: dict[int, bytes | bytearray]) -> dict[int, tuple[bytes, bytes | None] | None]:
+        """Hash and (for chunks new to the store) compress; None marks an all-zero chunk (hole)."""
+        out: dict[int, tuple[bytes, bytes | None] | None] = {}
+        objects = self.store.objects
+        for i, data in chunks.items():
+            if data.count(0) == len(data):
+                out[i] = None
+                continue
+            data = bytes(data)
+            h = codec.chunk_hash(data)
+            out[i] = (h, None if objects.exists(h) else codec.encode_chunk(data, self.level))
+        return out
+
+    def _flush_node_into(self, m: Mutation, node: Node, encoded: dict[int, tuple[bytes, bytes | None] | None],
+                         size: int) -> None:
+        """Turn encoded chunks into a new tree for node and save it in m."""
+        changes: dict[int, bytes | None] = {}
+        for i, enc in encoded.items():
+            if enc is None:
+                changes[i] = None
+                continue
+            h, value = enc
+            # value is None for chunks the store already had when encoded: nothing can free
+            # them since, as frees only happen in commits and we hold the lock.
+            if value is not None:
+                m.txn.add_object(h, value, [])
+            changes[i] = h
+        writer = TreeWriter(self.store.objects.node, m.txn)
+        n_chunks = (size + CHUNK - 1) // CHUNK
+        new_root = writer.update(node.attrs.root, changes, n_chunks)
+        saved_size = node.attrs.size
+        node.attrs.root = new_root
+        node.attrs.size = size
+        m.save(node)
+        node.attrs.size = saved_size
+
+    async def _flush_locked(self) -> None:
+        """Commit all dirty data (caller holds the lock). Large flushes encode in a thread."""
+        while self.dirty_nodes:
+            nodes = list(self.dirty_nodes)
+            self.dirty_nodes.clear()
+            self.dirty_bytes = 0
+            work = []
+            total = 0
+            for node in nodes:
+                node.flushing = {i: bytes(b) for i, b in node.dirty.items()}
+                node.dirty = {}
+                total += len(node.flushing) * CHUNK
+                work.append((node, node.flushing, node.attrs.size))
+            try:
+                if total > THREAD_FLUSH_BYTES:
+                    encoded = await trio.to_thread.run_sync(
+                        lambda: [self._encode(ch) for _n, ch, _ in work])
+                else:
+                    encoded = [self._encode(ch) for _n, ch, _ in work]
+                m = Mutation(self)
+                for (node, _ch, size), enc in zip(work, encoded):
+                    if not node.deleted:
+                        self._flush_node_into(m, node, enc, size)
+                self._commit(m)
+            except BaseException:
+                # Nothing was committed: put the data back under any newer writes.
+                for node, ch, _ in work:
+                    for i, data in ch.items():
+                        node.dirty.setdefault(i, bytearray(data))
+                    node.flushing = {}
+                    if node.dirty:
+                        self.dirty_nodes.setdefault(node, time.monotonic())
+                        self.dirty_bytes += len(node.dirty) * CHUNK
+                raise
+            for node, _ch, _ in work:
+                node.flushing = {}
+                self._maybe_evict(node)
+            self.flush_count += 1
+
+    async def background_flusher(self) -> None:
+        """Commit dirty data that has waited DIRTY_AGE seconds."""
+        while True:
+            await trio.sleep(DIRTY_AGE / 2)
+            if self.dirty_nodes and time.monotonic() - min(self.dirty_nodes.values()) >= DIRTY_AGE:
+                try:
+                    await self.flush()
+                except FSError as exc:
+                    log.error("background flush failed: %s", exc)
+
+    # -- open files ------------------------------------------------------------------------
+    def opened(self, node: Node) -> None:
+        node.opens += 1
+
+    async def released(self, node: Node) -> None:
+        node.opens -= 1
+        if node.opens <= 0 and node.attrs.nlink <= 0 and not node.deleted and node.view.writable:
+            async with self.mutate(node.view) as m:
+                m.batch.delete(CF_ORPHANS, self._orphan_key(node))
+                self._discard_dirty(node)
+                m.drop(node)
+        self._maybe_evict(node)
+
+    def _recover_orphans(self, view: View) -> None:
+        """Inodes unlinked while open when the daemon last stopped: delete them now."""
+        prefix = view.lv.top.to_bytes(8, "big")
+        keys = [k for k, _ in self.store.kv.scan(CF_ORPHANS, prefix, prefix)]
+        if not keys:
+            return
+        m = Mutation(self)
+        for k in keys:
+            ino = int.from_bytes(k[8:16], "big")
+            m.batch.delete(CF_ORPHANS, k)
+            try:
+                node = self.node(view, ino)
+            except FSError:
+                continue
+            if node.attrs.nlink <= 0:
+                m.drop(node)
+                del view.nodes[ino]
+        self.store.commit(m.batch, m.txn)
+        log.info("removed %d inodes left open-but-unlinked by the previous daemon", len(keys))
+
+    # -- statfs ----------------------------------------------------------------------------
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.store.path)

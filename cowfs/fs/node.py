@@ -1,0 +1,119 @@
+"""In-memory state of one inode as seen through one view, and its data path.
+
+Data written by the kernel lands in per-chunk dirty buffers (`dirty`); a flush moves them to
+`flushing` while they are hashed and compressed (possibly in a thread), then commits them as
+a new chunk tree.  Reads look in dirty, then flushing, then the committed tree, so no read
+ever misses data that a write already acknowledged.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from cowfs.chunks import tree
+from cowfs.chunks.tree import CHUNK, Root
+from cowfs.meta.records import Attrs
+
+if TYPE_CHECKING:
+    from cowfs.chunks.store import ObjectStore
+    from cowfs.fs.view import View
+
+
+class Node:
+    __slots__ = ("view", "ino", "attrs", "stored_layer", "stored_root", "lookups", "opens",
+                 "dirty", "flushing", "deleted", "__weakref__")
+
+    def __init__(self, view: "View", ino: int, attrs: Attrs, stored_layer: int | None) -> None:
+        self.view = view
+        self.ino = ino
+        self.attrs = attrs
+        # Layer of the committed record this node mirrors, and the tree root that record
+        # references: a save in the same layer moves that reference instead of adding one.
+        self.stored_layer = stored_layer
+        self.stored_root: Root | None = attrs.root
+        self.lookups = 0
+        self.opens = 0
+        self.dirty: dict[int, bytearray] = {}
+        self.flushing: dict[int, bytes] = {}
+        self.deleted = False
+
+    # -- reads ---------------------------------------------------------------------------
+    def chunk(self, index: int, objects: "ObjectStore") -> bytes | bytearray | None:
+        """Current content of chunk `index` (may be shorter than CHUNK), or None for a hole."""
+        data = self.dirty.get(index)
+        if data is not None:
+            return data
+        data = self.flushing.get(index)
+        if data is not None:
+            return data
+        h = tree.lookup(self.attrs.root, index, objects.node)
+        return None if h is None else objects.chunk(h)
+
+    def read(self, off: int, size: int, objects: "ObjectStore") -> bytes | memoryview:
+        end = min(off + size, self.attrs.size)
+        if off >= end:
+            return b""
+        first, last = off // CHUNK, (end - 1) // CHUNK
+        parts: list[bytes | memoryview] = []
+        for i in range(first, last + 1):
+            base = i * CHUNK
+            a = max(off, base) - base
+            b = min(end, base + CHUNK) - base
+            data = self.chunk(i, objects)
+            if data is None:
+                parts.append(bytes(b - a))
+                continue
+            # Dirty buffers are bytearrays that later writes resize: never export a view of them.
+            piece = memoryview(data)[a:b] if isinstance(data, bytes) else bytes(data[a:b])
+            if len(piece) < b - a:  # stored chunk ends before EOF: the rest reads as zeros
+                piece = bytes(piece) + bytes(b - a - len(piece))
+            parts.append(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    # -- writes --------------------------------------------------------------------------
+    def write(self, off: int, data: bytes, objects: "ObjectStore") -> int:
+        """Apply a write to the dirty buffers; return how many new dirty chunks it created."""
+        new_chunks = 0
+        pos, total = 0, len(data)
+        mv = memoryview(data)
+        while pos < total:
+            i, co = divmod(off + pos, CHUNK)
+            n = min(CHUNK - co, total - pos)
+            buf = self.dirty.get(i)
+            if buf is None:
+                if co == 0 and (n == CHUNK or (i * CHUNK + n >= self.attrs.size)):
+                    buf = bytearray()  # whole chunk, or everything up to EOF, is overwritten
+                else:
+                    base = self.chunk(i, objects) if i * CHUNK < self.attrs.size else None
+                    buf = bytearray(base) if base is not None else bytearray()
+                self.dirty[i] = buf
+                new_chunks += 1
+            if len(buf) < co:
+                buf.extend(bytes(co - len(buf)))
+            buf[co : co + n] = mv[pos : pos + n]
+            pos += n
+        if off + total > self.attrs.size:
+            self.attrs.size = off + total
+        now = time.time_ns()
+        self.attrs.mtime_ns = self.attrs.ctime_ns = now
+        return new_chunks
+
+    def truncate_buffers(self, size: int, objects: "ObjectStore") -> None:
+        """Cut dirty buffers to `size` and make the chunk straddling it dirty, trimmed.
+
+        Keeps the invariant that no stored chunk holds bytes beyond EOF, so growing the
+        file later reads zeros there.
+        """
+        n_chunks = (size + CHUNK - 1) // CHUNK
+        for i in [i for i in self.dirty if i >= n_chunks]:
+            del self.dirty[i]
+        rem = size % CHUNK
+        if rem and size < self.attrs.size:
+            i = size // CHUNK
+            data = self.chunk(i, objects)
+            if data is not None and len(data) > rem:
+                self.dirty[i] = bytearray(data[:rem])
+        self.attrs.size = size
+
+    def blocks(self) -> int:
+        return (self.attrs.size + 511) // 512

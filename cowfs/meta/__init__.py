@@ -1,0 +1,1 @@
+"""Metadata: inode records, directory entries and xattrs, versioned by layer (branches/snapshots)."""

@@ -1,0 +1,97 @@
+"""The layer tree behind branches and snapshots.
+
+Every metadata key carries the id of the layer it was written in.  A branch writes only to
+its head layer; taking a snapshot freezes the head (the snapshot *is* that layer) and gives
+the branch a fresh child layer: O(1), nothing is copied.  A view (a branch or a snapshot)
+sees, for each key, the version from its nearest ancestor layer.  Layer ids grow from parent
+to child, and keys sort newest layer first, so one seek lands on the right version unless
+other branches changed the same key (those versions are skipped, never more than the
+number of branches that changed it).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+from cowfs.kv.base import KV, Batch
+
+CF_META = "meta"
+MAX_U64 = (1 << 64) - 1
+
+
+def layer_suffix(layer: int) -> bytes:
+    return (MAX_U64 - layer).to_bytes(8, "big")
+
+
+def suffix_layer(suffix: bytes) -> int:
+    return MAX_U64 - int.from_bytes(suffix, "big")
+
+
+@dataclass
+class Branch:
+    name: str
+    head: int
+    view: int
+    created: float = field(default_factory=time.time)
+    parent: str | None = None  # snapshot or branch it was made from
+
+
+@dataclass
+class Snapshot:
+    name: str
+    layer: int
+    view: int
+    branch: str
+    created: float = field(default_factory=time.time)
+
+
+class Catalog:
+    """Layers, branches and snapshots, kept in memory and written through the caller's batch."""
+
+    def __init__(self, kv: KV) -> None:
+        self.kv = kv
+        self.parents: dict[int, int] = {}
+        self.branches: dict[str, Branch] = {}
+        self.snapshots: dict[str, Snapshot] = {}
+        for key, value in kv.scan(CF_META, b"layer/", b"layer/"):
+            self.parents[int.from_bytes(key[6:], "big")] = int.from_bytes(value, "big")
+        for key, value in kv.scan(CF_META, b"branch/", b"branch/"):
+            b = Branch(**json.loads(value))
+            self.branches[b.name] = b
+        for key, value in kv.scan(CF_META, b"snap/", b"snap/"):
+            s = Snapshot(**json.loads(value))
+            self.snapshots[s.name] = s
+        self.next_layer = max(self.parents, default=0) + 1
+        # View ids become inode-number prefixes: never reuse one, even after a delete.
+        raw = kv.get(CF_META, b"counter/view")
+        self.next_view = int.from_bytes(raw, "big") if raw else 1
+
+    def ancestry(self, layer: int) -> list[int]:
+        """layer, its parent, ... up to the root layer."""
+        out = []
+        while layer:
+            out.append(layer)
+            layer = self.parents[layer]
+        return out
+
+    def new_layer(self, parent: int, batch: Batch) -> int:
+        lid = self.next_layer
+        self.next_layer += 1
+        self.parents[lid] = parent
+        batch.put(CF_META, b"layer/" + lid.to_bytes(8, "big"), parent.to_bytes(8, "big"))
+        return lid
+
+    def new_view(self, batch: Batch) -> int:
+        v = self.next_view
+        self.next_view += 1
+        batch.put(CF_META, b"counter/view", self.next_view.to_bytes(8, "big"))
+        return v
+
+    def save_branch(self, b: Branch, batch: Batch) -> None:
+        self.branches[b.name] = b
+        batch.put(CF_META, b"branch/" + b.name.encode(), json.dumps(asdict(b)).encode())
+
+    def save_snapshot(self, s: Snapshot, batch: Batch) -> None:
+        self.snapshots[s.name] = s
+        batch.put(CF_META, b"snap/" + s.name.encode(), json.dumps(asdict(s)).encode())

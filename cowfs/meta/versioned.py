@@ -1,0 +1,79 @@
+"""Reads and writes of layer-versioned keys (see cowfs.meta.layers for the model).
+
+A stored key is `base + layer_suffix(layer)`; `base` is ino8 for inodes and
+`ino8 + name + b"\\0"` for directory entries and xattrs (names never contain NUL, so all
+versions of one name are adjacent and no other name shares the prefix).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from cowfs.kv.base import KV, Batch
+from cowfs.meta.layers import layer_suffix, suffix_layer
+
+CF_INODES = "inodes"
+CF_DIRENTS = "dirents"
+CF_XATTRS = "xattrs"
+
+
+@dataclass(frozen=True, slots=True)
+class LayerView:
+    """What one branch or snapshot sees: its top layer and that layer's ancestry."""
+
+    top: int
+    ancestors: frozenset[int]
+
+
+def ino_key(ino: int) -> bytes:
+    return ino.to_bytes(8, "big")
+
+
+def name_key(ino: int, name: bytes) -> bytes:
+    return ino.to_bytes(8, "big") + name + b"\x00"
+
+
+class Versioned:
+    def __init__(self, kv: KV) -> None:
+        self.kv = kv
+
+    def get(self, cf: str, base: bytes, lv: LayerView) -> tuple[int, bytes] | None:
+        """(layer, value) of the version lv sees (value may be a tombstone b""), or None."""
+        for key, value in self.kv.scan(cf, base + layer_suffix(lv.top), base):
+            layer = suffix_layer(key[-8:])
+            if layer in lv.ancestors:
+                return layer, value
+        return None
+
+    def has_older(self, cf: str, base: bytes, lv: LayerView) -> bool:
+        """Whether an ancestor below the top layer holds a version (then deletes need a tombstone)."""
+        if len(lv.ancestors) == 1:
+            return False
+        for key, value in self.kv.scan(cf, base + layer_suffix(lv.top - 1), base):
+            if suffix_layer(key[-8:]) in lv.ancestors:
+                return True
+        return False
+
+    @staticmethod
+    def put(batch: Batch, cf: str, base: bytes, layer: int, value: bytes) -> None:
+        batch.put(cf, base + layer_suffix(layer), value)
+
+    def delete(self, batch: Batch, cf: str, base: bytes, lv: LayerView) -> None:
+        """Hide base from lv's top layer onwards."""
+        if self.has_older(cf, base, lv):
+            batch.put(cf, base + layer_suffix(lv.top), b"")
+        else:
+            batch.delete(cf, base + layer_suffix(lv.top))
+
+    def scan_names(self, cf: str, ino: int, lv: LayerView, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """(name, value) of every live name under ino visible in lv, in name order."""
+        prefix = ino.to_bytes(8, "big")
+        last = None
+        for key, value in self.kv.scan(cf, prefix + start, prefix):
+            name = key[8:-9]
+            if name == last:
+                continue
+            if suffix_layer(key[-8:]) in lv.ancestors:
+                last = name
+                if value:
+                    yield name, value

@@ -1,0 +1,155 @@
+"""A cowfs store: one directory holding a RocksDB database and the daemon's files.
+
+Store ties the layers together: the key-value backend, the object store (chunks and tree
+nodes with reference counts), the versioned metadata and the branch catalog; it is the only
+place that commits batches and makes them durable (group commit).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import trio
+
+from cowfs.cache import ByteLRU
+from cowfs.chunks.store import CF_OBJECTS, CF_REFS, ObjectStore, RefTxn
+from cowfs.errors import StoreError
+from cowfs.kv.base import Batch, StoreLockedError
+from cowfs.kv.rocks import RocksKV
+from cowfs.meta.layers import CF_META, Branch, Catalog
+from cowfs.meta.records import Attrs
+from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_XATTRS, Versioned, ino_key
+
+FORMAT_VERSION = 1
+MARKER = "cowfs-store.json"
+DB_DIR = "db"
+CF_ORPHANS = "orphans"
+FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_OBJECTS, CF_REFS, CF_ORPHANS)
+ROOT_INO = 1
+INO_BLOCK = 4096
+
+
+def pid_file(path: str) -> str:
+    return os.path.join(path, "daemon.pid")
+
+
+def daemon_pid(path: str) -> int | None:
+    """Pid of the live daemon serving this store, if any."""
+    try:
+        pid = int(open(pid_file(path)).read().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def init_store(path: str) -> None:
+    """Create an empty store with branch 'main' whose root directory is owned by the caller."""
+    if os.path.exists(os.path.join(path, MARKER)):
+        raise StoreError(f"{path} is already a cowfs store")
+    if os.path.exists(path) and os.listdir(path):
+        raise StoreError(f"{path} exists and is not empty")
+    os.makedirs(path, exist_ok=True)
+    kv = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,))
+    try:
+        batch = Batch()
+        batch.put(CF_META, b"format", str(FORMAT_VERSION).encode())
+        cat = Catalog(kv)
+        layer = cat.new_layer(0, batch)
+        cat.save_branch(Branch("main", layer, cat.new_view(batch)), batch)
+        now = time.time_ns()
+        root = Attrs(0o40755, os.getuid(), os.getgid(), 2, 0, 0, now, now, now)
+        Versioned.put(batch, CF_INODES, ino_key(ROOT_INO), layer, root.pack())
+        batch.put(CF_META, b"counter/ino", (ROOT_INO + 1).to_bytes(8, "big"))
+        kv.write(batch)
+        kv.sync()
+    finally:
+        kv.close()
+    with open(os.path.join(path, MARKER), "w") as f:
+        json.dump({"format": FORMAT_VERSION, "created": time.time()}, f)
+        f.write("\n")
+
+
+class Store:
+    def __init__(self, path: str, cache_bytes: int = 256 << 20) -> None:
+        marker = os.path.join(path, MARKER)
+        if not os.path.isdir(path):
+            raise StoreError(f"{path}: no such store directory (create one with 'cowfs init {path}')")
+        if not os.path.exists(marker):
+            raise StoreError(f"{path} is not a cowfs store (no {MARKER})")
+        try:
+            fmt = json.load(open(marker))["format"]
+        except (ValueError, KeyError) as exc:
+            raise StoreError(f"{marker} is damaged: {exc}") from exc
+        if fmt != FORMAT_VERSION:
+            raise StoreError(f"{path} has store format {fmt}; this cowfs reads format {FORMAT_VERSION}")
+        try:
+            self.kv = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,))
+        except StoreLockedError as exc:
+            pid = daemon_pid(path)
+            who = f" by daemon pid {pid}" if pid else ""
+            raise StoreError(f"{path} is in use{who}") from exc
+        except Exception as exc:
+            raise StoreError(f"{path}: cannot open the database: {exc}") from exc
+        self.path = path
+        self.cache = ByteLRU(cache_bytes)
+        self.objects = ObjectStore(self.kv, self.cache)
+        self.meta = Versioned(self.kv)
+        self.catalog = Catalog(self.kv)
+        raw = self.kv.get(CF_META, b"counter/ino")
+        self._next_ino = self._ino_hwm = int.from_bytes(raw, "big") if raw else ROOT_INO + 1
+        self.write_seq = 0
+        self.synced_seq = 0
+        self._sync_running: trio.Event | None = None
+        self.objects_created = 0
+        self.objects_freed = 0
+
+    def alloc_ino(self) -> int:
+        """A never-used inode number (persisted in blocks, so a crash only skips numbers)."""
+        if self._next_ino >= self._ino_hwm:
+            self._ino_hwm = self._next_ino + INO_BLOCK
+            b = Batch()
+            b.put(CF_META, b"counter/ino", self._ino_hwm.to_bytes(8, "big"))
+            self.kv.write(b)
+        ino = self._next_ino
+        self._next_ino += 1
+        return ino
+
+    def inodes_used(self) -> int:
+        """Inode numbers handed out so far (an upper bound on live inodes)."""
+        return self._next_ino - 1
+
+    def commit(self, batch: Batch, txn: RefTxn | None = None) -> None:
+        """Apply reference changes and write everything in one atomic batch.
+
+        Synchronous on purpose: no trio checkpoint between reading reference counts and
+        writing them, so the daemon's single event loop is the single writer.
+        """
+        if txn is not None and not txn.empty():
+            c, f = self.objects.apply(txn, batch)
+            self.objects_created += c
+            self.objects_freed += f
+        if len(batch):
+            self.kv.write(batch)
+            self.write_seq += 1
+
+    async def sync(self) -> None:
+        """Return once every commit made before the call is durable; concurrent callers share one fsync."""
+        target = self.write_seq
+        while self.synced_seq < target:
+            running = self._sync_running
+            if running is not None:
+                await running.wait()
+                continue
+            ev = self._sync_running = trio.Event()
+            seq = self.write_seq
+            try:
+                await trio.to_thread.run_sync(self.kv.sync)
+                self.synced_seq = max(self.synced_seq, seq)
+            finally:
+                self._sync_running = None
+                ev.set()
+
+    def close(self) -> None:
+        self.kv.close()
