@@ -26,7 +26,7 @@ from cowfs import admin
 from cowfs.errors import FSError, StoreError
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fuse_ops import Operations
-from cowfs.store import Store, daemon_pid, pid_file
+from cowfs.store import Store, daemon_pid, pid_alive, pid_file
 
 log = logging.getLogger("cowfs.daemon")
 LOG_NAME = "daemon.log"
@@ -198,13 +198,20 @@ class Daemon:
                 return
             log.warning("fusermount3 -u%s %s: %s", "z" if lazy else "", mp, r.stderr.decode().strip())
 
+    async def _tune_readahead(self) -> None:
+        # The kernel sets the mount's readahead when it gets our INIT reply; a stat() that
+        # returns proves INIT is done, so our setting sticks.
+        await trio.to_thread.run_sync(os.stat, self.cfg.mountpoint)
+        _raise_readahead(self.cfg.mountpoint)
+
     async def main(self, ready: Callable[[str | None], None]) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(admin.serve, admin.socket_path(self.cfg.store), self.handle_admin)
             nursery.start_soon(self.fs.background_flusher)
             nursery.start_soon(self._watch_signals)
+            nursery.start_soon(self._tune_readahead)
             ready(None)
-            await pyfuse3.main(max_tasks=1)
+            await pyfuse3.main(min_tasks=1, max_tasks=8)
             log.info("unmounted: committing and syncing")
             await self.fs.flush()
             await self.store.sync()
@@ -220,7 +227,6 @@ class Daemon:
             return 1
         with open(pid_file(cfg.store), "w") as f:
             f.write(f"{os.getpid()}\n")
-        _raise_readahead(cfg.mountpoint)
         log.info("serving %s branch %s at %s (pid %d)", cfg.store, cfg.branch, cfg.mountpoint, os.getpid())
         try:
             trio.run(self.main, ready)
@@ -323,9 +329,7 @@ def umount(mountpoint: str, timeout: float = 60.0) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not pid_alive(pid):
             return
-        time.sleep(0.05)
+        time.sleep(0.02)
     raise MountError(f"daemon pid {pid} did not exit within {timeout:.0f} s after unmount")

@@ -34,14 +34,22 @@ def pid_file(path: str) -> str:
     return os.path.join(path, "daemon.pid")
 
 
+def pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def daemon_pid(path: str) -> int | None:
     """Pid of the live daemon serving this store, if any."""
     try:
         pid = int(open(pid_file(path)).read().strip())
-        os.kill(pid, 0)
-        return pid
     except (OSError, ValueError):
         return None
+    return pid if pid_alive(pid) else None
 
 
 def init_store(path: str) -> None:

@@ -54,12 +54,12 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def encode_chunk(data: bytes, level: int) -> bytes:
+def encode_chunk(data: bytes | bytearray, level: int) -> bytes:
     """Compress when it saves at least 1/32 of the size; else store raw."""
     frame = _compressor(level).compress(data)
     if len(frame) + (len(data) >> 5) < len(data):
         return bytes((KIND_ZSTD,)) + frame
-    return bytes((KIND_RAW,)) + data
+    return bytes((KIND_RAW,)) + bytes(data)
 
 
 def decode_chunk(value: bytes, expect_hash: bytes | None = None) -> bytes:

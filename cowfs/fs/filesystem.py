@@ -455,7 +455,6 @@ class Filesystem:
             if data.count(0) == len(data):
                 out[i] = None
                 continue
-            data = bytes(data)
             h = codec.chunk_hash(data)
             out[i] = (h, None if objects.exists(h) else codec.encode_chunk(data, self.level))
         return out
@@ -492,7 +491,9 @@ class Filesystem:
             work = []
             total = 0
             for node in nodes:
-                node.flushing = {i: bytes(b) for i, b in node.dirty.items()}
+                # Hand the buffers over without copying: later writes start new buffers
+                # (copying from these), so nothing mutates a buffer once it is flushing.
+                node.flushing = node.dirty
                 node.dirty = {}
                 total += len(node.flushing) * CHUNK
                 work.append((node, node.flushing, node.attrs.size))

@@ -34,7 +34,7 @@ class Node:
         self.lookups = 0
         self.opens = 0
         self.dirty: dict[int, bytearray] = {}
-        self.flushing: dict[int, bytes] = {}
+        self.flushing: dict[int, bytearray] = {}
         self.deleted = False
 
     # -- reads ---------------------------------------------------------------------------

