@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
+import time
 from typing import Any
 
 import click
@@ -114,6 +116,160 @@ def stats(target: str, as_json: bool) -> None:
         return
     for k, v in data.items():
         click.echo(f"{k:>18}: {v}")
+
+
+# -- control-file wrappers: they work from inside a sandbox that only has the mount -------
+def _ctl(mount: str, *words: str) -> dict[str, Any]:
+    """Write one command line to MOUNT/.cowfs/ctl and return the daemon's JSON reply."""
+    path = os.path.join(mount, ".cowfs", "ctl")
+    line = " ".join(shlex.quote(w) for w in words) + "\n"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as exc:
+        _fail(f"{mount}: not a cowfs mount or no access to its control file ({exc.strerror})")
+    try:
+        try:
+            os.write(fd, line.encode("utf-8", "surrogateescape"))
+        except OSError:
+            pass  # the reply says why
+        reply = b""
+        while True:
+            data = os.read(fd, 1 << 20)
+            if not data:
+                break
+            reply += data
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(reply)
+    except ValueError:
+        _fail(f"unreadable reply from the control file: {reply[:200]!r}")
+    raise AssertionError("unreachable")
+
+
+def _show(reply: dict[str, Any], as_json: bool, text: str | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(reply))
+    if not reply.get("ok"):
+        if not as_json:
+            click.echo(f"cowfs: {reply.get('error')} ({reply.get('errno')})", err=True)
+        sys.exit(1)
+    if not as_json and text:
+        click.echo(text)
+
+
+def _syncfs(mount: str) -> None:
+    """Push data still dirty in the kernel's page cache to the daemon first."""
+    import ctypes
+    import ctypes.util
+
+    fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print the daemon's JSON reply.")
+
+
+@main.command()
+@click.argument("mount", type=click.Path())
+@click.argument("name")
+@json_opt
+def snapshot(mount: str, name: str, as_json: bool) -> None:
+    """Take an immutable snapshot NAME of the branch mounted at MOUNT."""
+    _syncfs(mount)
+    _show(_ctl(mount, "snapshot", name), as_json, f"snapshot {name} taken")
+
+
+@main.command()
+@click.argument("mount", type=click.Path())
+@click.argument("name")
+@click.option("--from", "source", help="Snapshot (or the mounted branch) to start from.")
+@json_opt
+def branch(mount: str, name: str, source: str | None, as_json: bool) -> None:
+    """Create a writable branch NAME from the mounted branch's current state (or --from)."""
+    if source is None:
+        _syncfs(mount)
+    words = ["branch", name] + ([source] if source else [])
+    _show(_ctl(mount, *words), as_json, f"branch {name} created")
+
+
+@main.command()
+@click.argument("mount", type=click.Path())
+@click.argument("name")
+@json_opt
+def rollback(mount: str, name: str, as_json: bool) -> None:
+    """Return the branch mounted at MOUNT exactly to snapshot NAME."""
+    _show(_ctl(mount, "rollback", name), as_json, f"rolled back to {name}")
+
+
+@main.command()
+@click.argument("mount", type=click.Path())
+@click.argument("src")
+@click.argument("dst")
+@json_opt
+def clone(mount: str, src: str, dst: str, as_json: bool) -> None:
+    """Copy SRC to DST inside MOUNT in O(1), sharing data (paths relative to MOUNT)."""
+    _syncfs(mount)
+    _show(_ctl(mount, "clone", src, dst), as_json, f"cloned {src} to {dst}")
+
+
+@main.command()
+@click.argument("mount", type=click.Path())
+@click.argument("name")
+@json_opt
+def delete(mount: str, name: str, as_json: bool) -> None:
+    """Delete snapshot NAME, or branch NAME if it is not mounted."""
+    _show(_ctl(mount, "delete", name), as_json, f"deleted {name}")
+
+
+@main.command(name="list")
+@click.argument("mount", type=click.Path())
+@json_opt
+def list_(mount: str, as_json: bool) -> None:
+    """Snapshots and branches of the lineage mounted at MOUNT."""
+    reply = _ctl(mount, "list")
+    _show(reply, as_json)
+    if not as_json:
+        rows = reply["snapshots"] + reply["branches"]
+        click.echo(f"{'NAME':<24} {'KIND':<9} {'PARENT':<20} {'CREATED':<20} {'LOGICAL':>12}")
+        for r in rows:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"]))
+            click.echo(f"{r['name']:<24} {r['kind']:<9} {str(r['parent'] or '-'):<20} {created:<20} "
+                       f"{r['logical_bytes']:>12}")
+
+
+@main.command()
+@click.argument("mount", type=click.Path())
+@click.argument("a")
+@click.argument("b", required=False)
+@json_opt
+def diff(mount: str, a: str, b: str | None, as_json: bool) -> None:
+    """Paths added, removed, modified or renamed from snapshot/branch A to B (default: live)."""
+    if b is None:
+        _syncfs(mount)
+    reply = _ctl(mount, "diff", a, *([b] if b else []))
+    _show(reply, as_json)
+    if not as_json:
+        marks = {"added": "+", "removed": "-", "modified": "M", "renamed": "R"}
+        for c in reply["changes"]:
+            extra = f" (from {c['from']})" if c.get("from") is not None else ""
+            click.echo(f"{marks[c['change']]}\t{c['path']}{extra}")
+
+
+@main.command()
+@click.argument("target", type=click.Path())
+def gc(target: str) -> None:
+    """Collect garbage now in the store (or the store behind mount point TARGET)."""
+    store = _resolve_store(target)
+    if not os.path.exists(admin.socket_path(store)):
+        _fail(f"{target}: no running daemon serves this store (mount it first)")
+    reply = admin.request(store, {"cmd": "gc"}, timeout=600)
+    if not reply.get("ok"):
+        _fail(str(reply.get("error")))
+    click.echo(f"removed {reply['versions_removed']} metadata versions")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ SIGTERM/SIGINT): it flushes, syncs and closes the store first.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
@@ -24,12 +26,16 @@ import trio
 
 from cowfs import admin
 from cowfs.errors import FSError, StoreError
+from cowfs.fs.branching import run_gc
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fuse_ops import Operations
 from cowfs.store import Store, daemon_pid, pid_alive, pid_file
 
 log = logging.getLogger("cowfs.daemon")
 LOG_NAME = "daemon.log"
+KERNEL_SYNC_TIMEOUT = 30.0
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+MS_BIND = 4096
 
 
 class MountError(Exception):
@@ -138,9 +144,78 @@ class Daemon:
         except FSError as exc:
             self.store.close()
             raise StoreError(str(exc)) from None
-        self.ops = Operations(self.fs)
+        self.ops = Operations(self.fs, stats=self.stats, mounted=self.mounted_branches)
+        self.fs.kernel_sync = self.kernel_sync
         self.started = time.time()
         self._stopping = False
+        self.dev = ""  # the FUSE connection's device number "major:minor", known once mounted
+
+    # -- our mounts ------------------------------------------------------------------------
+    def mounts(self) -> list[tuple[str, str]]:
+        """(mount point, root inside our filesystem) of every mount of our FUSE connection."""
+        out = []
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[2] == self.dev:
+                    unesc = lambda t: t.encode().decode("unicode_escape")  # noqa: E731
+                    out.append((unesc(fields[4]), unesc(fields[3])))
+        return out
+
+    def mounted_branches(self) -> set[str]:
+        names = set()
+        for _mp, root in self.mounts():
+            if root == "/":
+                names.add(self.fs.primary.name)
+            elif root.startswith("/.cowfs/by-view/"):
+                view = self.fs.views.get(int(root.rsplit("/", 1)[1]))
+                if view is not None:
+                    names.add(view.name)
+        return names
+
+    def _sync_mount(self) -> None:
+        mps = self.mounts()
+        if not mps:
+            return
+        fd = os.open(mps[0][0], os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _libc.syncfs(fd) != 0:
+                log.warning("syncfs: %s", os.strerror(ctypes.get_errno()))
+        finally:
+            os.close(fd)
+
+    async def kernel_sync(self) -> None:
+        """Have the kernel write its dirty pages back to us (a thread waits in syncfs)."""
+        with trio.move_on_after(KERNEL_SYNC_TIMEOUT) as scope:
+            await trio.to_thread.run_sync(self._sync_mount, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            log.warning("syncfs on the mount did not finish within %.0f s", KERNEL_SYNC_TIMEOUT)
+
+    def _bind(self, source: str, target: str) -> None:
+        if _libc.mount(source.encode(), target.encode(), None, MS_BIND, None) != 0:
+            err = ctypes.get_errno()
+            raise MountError(f"bind mount of {source} on {target} failed: {os.strerror(err)}")
+
+    async def attach(self, branch: str, mountpoint: str) -> dict[str, Any]:
+        """Serve another branch of this store at mountpoint (a bind mount of its root)."""
+        if os.geteuid() != 0:
+            return {"ok": False, "error": "a second mount of one store needs root (it is a bind mount)"}
+        try:
+            view = self.fs.branch_view(branch)
+        except FSError as exc:
+            return {"ok": False, "error": str(exc)}
+        if branch in self.mounted_branches():
+            return {"ok": False, "error": f"branch {branch!r} is already mounted"}
+        mps = self.mounts()
+        if not mps:
+            return {"ok": False, "error": "the daemon has no mount left"}
+        source = f"{mps[0][0]}/.cowfs/by-view/{view.vid}"
+        try:
+            await trio.to_thread.run_sync(self._bind, source, mountpoint)
+        except MountError as exc:
+            return {"ok": False, "error": str(exc)}
+        log.info("attached branch %s at %s", branch, mountpoint)
+        return {"ok": True, "branch": branch, "mountpoint": mountpoint}
 
     def stats(self) -> dict[str, Any]:
         fs, store = self.fs, self.store
@@ -174,8 +249,15 @@ class Daemon:
         if cmd == "stats":
             return self.stats()
         if cmd == "sync":
+            await self.kernel_sync()
             await self.fs.fsync()
             return {"ok": True}
+        if cmd == "attach":
+            return await self.attach(str(req.get("branch")), str(req.get("mountpoint")))
+        if cmd == "gc":
+            async with self.fs.lock:
+                await self.fs._flush_locked()
+            return {"ok": True, "versions_removed": await run_gc(self.fs)}
         return {"ok": False, "error": f"unknown admin command {cmd!r}"}
 
     async def _watch_signals(self) -> None:
@@ -190,13 +272,25 @@ class Daemon:
             return
         self._stopping = True
         await self.fs.flush()
-        mp = self.cfg.mountpoint
-        for lazy in (False, True):
-            r = await trio.run_process([fusermount(), "-u"] + (["-z"] if lazy else []) + ["--", mp],
-                                       check=False, capture_stderr=True)
-            if r.returncode == 0:
-                return
-            log.warning("fusermount3 -u%s %s: %s", "z" if lazy else "", mp, r.stderr.decode().strip())
+        # Bind mounts (other branches) first, the FUSE mount itself last.
+        for mp, _root in sorted(self.mounts(), key=lambda m: m[1] == "/"):
+            for lazy in (False, True):
+                r = await trio.run_process([fusermount(), "-u"] + (["-z"] if lazy else []) + ["--", mp],
+                                           check=False, capture_stderr=True)
+                if r.returncode == 0:
+                    break
+                log.warning("fusermount3 -u%s %s: %s", "z" if lazy else "", mp, r.stderr.decode().strip())
+
+    async def _gc_loop(self) -> None:
+        while True:
+            await self.fs.gc_wanted.wait()
+            self.fs.gc_wanted = trio.Event()
+            await trio.sleep(0.5)  # let a burst of deletes settle into one pass
+            try:
+                n = await run_gc(self.fs)
+                log.info("garbage collection removed %d metadata versions", n)
+            except Exception:
+                log.exception("garbage collection failed")
 
     async def _tune_readahead(self) -> None:
         # The kernel sets the mount's readahead when it gets our INIT reply; a stat() that
@@ -210,6 +304,7 @@ class Daemon:
             nursery.start_soon(self.fs.background_flusher)
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._tune_readahead)
+            nursery.start_soon(self._gc_loop)
             ready(None)
             await pyfuse3.main(min_tasks=1, max_tasks=8)
             log.info("unmounted: committing and syncing")
@@ -227,6 +322,11 @@ class Daemon:
             return 1
         with open(pid_file(cfg.store), "w") as f:
             f.write(f"{os.getpid()}\n")
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == cfg.mountpoint and " fuse.cowfs " in line:
+                    self.dev = fields[2]
         log.info("serving %s branch %s at %s (pid %d)", cfg.store, cfg.branch, cfg.mountpoint, os.getpid())
         try:
             trio.run(self.main, ready)
@@ -259,10 +359,20 @@ def mount(cfg: MountConfig, foreground: bool) -> int:
     check_environment()
     if not os.path.isdir(cfg.store):
         raise MountError(f"{cfg.store}: no such store directory (create one with 'cowfs init {cfg.store}')")
+    check_mountpoint(cfg.mountpoint)
     pid = daemon_pid(cfg.store)
     if pid is not None:
-        raise MountError(f"store {cfg.store} is already served by daemon pid {pid}")
-    check_mountpoint(cfg.mountpoint)
+        # One daemon per store: ask it to serve this branch here too.
+        if foreground:
+            raise MountError(f"store {cfg.store} is already served by daemon pid {pid}; "
+                             "mount further branches without --foreground")
+        try:
+            resp = admin.request(cfg.store, {"cmd": "attach", "branch": cfg.branch, "mountpoint": cfg.mountpoint})
+        except OSError as exc:
+            raise MountError(f"cannot reach daemon pid {pid} of {cfg.store}: {exc}") from None
+        if not resp.get("ok"):
+            raise MountError(resp.get("error", "the daemon refused"))
+        return 0
 
     if foreground:
         def say(err: str | None) -> None:
@@ -305,6 +415,11 @@ def mount(cfg: MountConfig, foreground: bool) -> int:
     raise MountError(f"the daemon exited before mounting; see {os.path.join(cfg.store, LOG_NAME)}")
 
 
+def _store_mounted(store: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(f" cowfs:{store} " in line for line in f)
+
+
 def mounted_store(mountpoint: str) -> str | None:
     """The store behind a cowfs mount point, from /proc/self/mountinfo."""
     mp = os.path.abspath(mountpoint)
@@ -325,8 +440,8 @@ def umount(mountpoint: str, timeout: float = 60.0) -> None:
         raise MountError(f"{mountpoint} is not a cowfs mount")
     pid = daemon_pid(store)
     unmount(os.path.abspath(mountpoint))
-    if pid is None:
-        return
+    if pid is None or _store_mounted(store):
+        return  # other branches of the store stay mounted: the daemon goes on
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not pid_alive(pid):

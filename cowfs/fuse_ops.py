@@ -1,38 +1,83 @@
 """The FUSE layer: translate pyfuse3 requests to Filesystem calls and back. Nothing else.
 
-Inode numbers: the kernel sees (view id << 44) | inode, so every branch and snapshot served
-by one daemon has inode numbers of its own that stay the same across remounts; the root of
-the mounted branch is FUSE's fixed ROOT_INODE (1).
+Inode numbers the kernel sees:
+  real inodes     (view id << 48) | (epoch % 4096 << 36) | inode   (the mounted branch's
+                  root is FUSE's ROOT_INODE; other views' roots use epoch 0)
+  control nodes   (owner view id << 8) | kind   (view-id field 0: .cowfs and what is in it)
+View ids are never reused and a branch's epoch changes only on rollback, so st_ino is the
+same across remounts and the restored tree never shares kernel inodes (or page cache) with
+the pre-rollback one that open handles still use.
 """
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import stat
+import time
 from collections import Counter
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import pyfuse3
+import trio
 
 from cowfs.chunks.tree import CHUNK
+from cowfs.control import MAX_LINE, Control, encode
 from cowfs.errors import FSError
+from cowfs.fs.branching import CONTROL_DIR, SNAPSHOTS_DIR, Branching, Caller
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.node import Node
+from cowfs.fs.view import EPOCHS, View
 from cowfs.store import ROOT_INO
 
 log = logging.getLogger(__name__)
 
-VIEW_SHIFT = 44
-INO_MASK = (1 << VIEW_SHIFT) - 1
+VIEW_SHIFT = 48
+EPOCH_SHIFT = 36
+INO_MASK = (1 << EPOCH_SHIFT) - 1
 ATTR_TIMEOUT = 60.0  # the daemon is the only writer; content changed behind the kernel is invalidated
+
+# Control nodes (kinds); ".cowfs/by-view/VID" is resolvable by the daemon's own threads only
+# (it is how the daemon bind-mounts further branches) and is never listed.
+K_DIR, K_CTL, K_STATS, K_SNAPS, K_BYVIEW = 1, 2, 3, 4, 5
+CONTROL_NAMES = {b"ctl": K_CTL, b"stats": K_STATS, b"snapshots": K_SNAPS, b"by-view": K_BYVIEW}
+LISTED = (b"ctl", b"stats", b"snapshots")
+
+
+class _Session:
+    """One open handle of .cowfs/ctl or .cowfs/stats: its own pending input and reply."""
+
+    __slots__ = ("view", "who", "kind", "inbuf", "reply", "cursor")
+
+    def __init__(self, view: View, who: Caller, kind: int, reply: bytes = b"") -> None:
+        self.view = view
+        self.who = who
+        self.kind = kind
+        self.inbuf = b""
+        self.reply = reply
+        # Reads follow their own cursor, reset by each new reply: the file position has
+        # moved past what the caller wrote, yet the reply must be readable from its start.
+        self.cursor = 0
+
+    def read(self, off: int, size: int) -> bytes:
+        if off == 0:
+            self.cursor = 0
+        data = self.reply[self.cursor : self.cursor + size]
+        self.cursor += len(data)
+        return data
+
+    def set_reply(self, reply: bytes) -> None:
+        self.reply = reply
+        self.cursor = 0
 
 
 class _Dir:
-    __slots__ = ("node", "entries")
+    __slots__ = ("node", "control", "entries")
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node | None, control: int = 0) -> None:
         self.node = node
+        self.control = control  # a control directory's inode number instead of a node
         self.entries: list[tuple[bytes, int]] | None = None
 
 
@@ -44,30 +89,76 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = False
 
-    def __init__(self, fs: Filesystem) -> None:
+    def __init__(self, fs: Filesystem, stats: Callable[[], dict[str, Any]] | None = None,
+                 mounted: Callable[[], set[str]] | None = None) -> None:
         super().__init__()
         self.fs = fs
+        self.branching = Branching(fs)
+        self.control = Control(self.branching, self._after_rollback, mounted or (lambda: set()))
+        self.stats = stats or (lambda: {})
         self.requests: Counter[str] = Counter()
         self._files: dict[int, Node] = {}
         self._dirs: dict[int, _Dir] = {}
+        self._sessions: dict[int, _Session] = {}
         self._next_fh = 1
 
     # -- inode numbers ---------------------------------------------------------------------
     def fuse_ino(self, node: Node) -> int:
-        if node.ino == ROOT_INO and node.view is self.fs.primary:
-            return pyfuse3.ROOT_INODE
-        return (node.view.vid << VIEW_SHIFT) | node.ino
+        view = node.view
+        if node.ino == ROOT_INO:
+            return pyfuse3.ROOT_INODE if view is self.fs.primary else (view.vid << VIEW_SHIFT) | ROOT_INO
+        return (view.vid << VIEW_SHIFT) | ((view.epoch % EPOCHS) << EPOCH_SHIFT) | node.ino
 
     def _node(self, fino: int) -> Node:
         try:
             if fino == pyfuse3.ROOT_INODE:
                 return self.fs.node(self.fs.primary, ROOT_INO)
-            view = self.fs.views.get(fino >> VIEW_SHIFT)
+            vid = fino >> VIEW_SHIFT
+            view = self.fs.views.get(vid)
             if view is None:
                 raise FSError(errno.ESTALE)
-            return self.fs.node(view, fino & INO_MASK)
+            ino = fino & INO_MASK
+            epoch = (fino >> EPOCH_SHIFT) & (EPOCHS - 1)
+            if ino != ROOT_INO and epoch != view.epoch % EPOCHS:
+                old = self.fs.detached.get((vid, epoch))
+                node = old.nodes.get(ino) if old is not None else None
+                if node is None:
+                    raise FSError(errno.ESTALE)
+                return node
+            return self.fs.node(view, ino)
         except FSError as exc:
             raise _err(exc) from None
+
+    @staticmethod
+    def _is_control(fino: int) -> bool:
+        return fino >> VIEW_SHIFT == 0 and fino != pyfuse3.ROOT_INODE
+
+    def _control_view(self, fino: int) -> View:
+        view = self.fs.views.get(fino >> 8)
+        if view is None or view.kind != "branch":
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return view
+
+    def _is_branch_root(self, node: Node) -> bool:
+        return node.ino == ROOT_INO and node.view.kind == "branch"
+
+    def _reserved(self, parent: Node, name: bytes) -> bool:
+        return name == CONTROL_DIR and self._is_branch_root(parent)
+
+    def _control_entry(self, fino: int) -> pyfuse3.EntryAttributes:
+        view = self._control_view(fino)
+        root = self.fs.node(view, ROOT_INO).attrs
+        kind = fino & 0xFF
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = fino
+        e.entry_timeout = e.attr_timeout = 0
+        e.st_mode = {K_DIR: stat.S_IFDIR | 0o555, K_SNAPS: stat.S_IFDIR | 0o555, K_BYVIEW: stat.S_IFDIR | 0o500,
+                     K_CTL: stat.S_IFREG | 0o600, K_STATS: stat.S_IFREG | 0o444}[kind]
+        e.st_nlink = 2 if stat.S_ISDIR(e.st_mode) else 1
+        e.st_uid, e.st_gid = root.uid, root.gid
+        e.st_blksize = 4096
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = root.ctime_ns
+        return e
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         a = node.attrs
@@ -98,10 +189,88 @@ class Operations(pyfuse3.Operations):
         self._next_fh += 1
         return fh
 
+    # -- the control namespace -------------------------------------------------------------
+    def _control_lookup(self, parent: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        view = self._control_view(parent)
+        kind = parent & 0xFF
+        if kind == K_DIR and name in CONTROL_NAMES:
+            return self._control_entry((view.vid << 8) | CONTROL_NAMES[name])
+        if kind == K_SNAPS:
+            snap = self.fs.store.catalog.snapshots.get(name.decode("utf-8", "surrogateescape"))
+            if snap is not None and self.branching.snapshot_visible(view, snap):
+                root = self.fs.node(self.fs.snapshot_view(snap), ROOT_INO)
+                e = self._looked_up(root)
+                e.entry_timeout = 0  # snapshots come and go: never cache the name
+                return e
+        if kind == K_BYVIEW and os.path.exists(f"/proc/self/task/{ctx.pid}"):
+            # Only the daemon's own threads: other sandboxes' branches stay invisible.
+            try:
+                target = self.fs.views.get(int(name))
+            except ValueError:
+                target = None
+            if target is not None and target.kind == "branch":
+                return self._looked_up(self.fs.node(target, ROOT_INO))
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    def _control_listing(self, fino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes, Node | None]]:
+        view = self._control_view(fino)
+        kind = fino & 0xFF
+        if kind == K_DIR:
+            return [(n, self._control_entry((view.vid << 8) | CONTROL_NAMES[n]), None) for n in LISTED]
+        if kind == K_SNAPS:
+            out = []
+            for snap in self.branching.visible_snapshots(view):
+                root = self.fs.node(self.fs.snapshot_view(snap), ROOT_INO)
+                out.append((snap.name.encode("utf-8", "surrogateescape"), self._entry(root), root))
+            return out
+        return []
+
+    async def _after_rollback(self, view: View, old_names: list[bytes]) -> None:
+        """Make the kernel forget the old tree's names under the root, and the root's attributes."""
+        root = self.fs.node(view, ROOT_INO)
+        rino = self.fuse_ino(root)
+        for name in old_names:
+            pyfuse3.invalidate_entry_async(rino, name, ignore_enoent=True)
+        await trio.to_thread.run_sync(self._inval_inode, rino)
+
+    @staticmethod
+    def _inval_inode(fino: int) -> None:
+        try:
+            pyfuse3.invalidate_inode(fino, attr_only=True)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.warning("invalidate_inode(%d): %s", fino, exc)
+
+    async def _control_write(self, fh: int, buf: bytes) -> int:
+        sess = self._sessions[fh]
+        if sess.kind != K_CTL:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        data = sess.inbuf + buf
+        if b"\n" not in data:
+            if len(data) > MAX_LINE:
+                sess.inbuf = b""
+                sess.set_reply(encode({"ok": False, "errno": "EINVAL",
+                                       "error": f"command line longer than {MAX_LINE} bytes"}))
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            sess.inbuf = data
+            return len(buf)
+        *lines, sess.inbuf = data.split(b"\n")
+        for line in lines:
+            reply, err = await self.control.run_line(sess.view, line, sess.who)
+            sess.set_reply(encode(reply))
+            if err:
+                sess.inbuf = b""
+                raise pyfuse3.FUSEError(err)
+        return len(buf)
+
     # -- metadata --------------------------------------------------------------------------
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self.requests["lookup"] += 1
+        if self._is_control(parent_inode):
+            return self._control_lookup(parent_inode, name, ctx)
         parent = self._node(parent_inode)
+        if self._reserved(parent, name):
+            return self._control_entry((parent.view.vid << 8) | K_DIR)
         try:
             return self._looked_up(self.fs.lookup(parent, name))
         except FSError as exc:
@@ -110,6 +279,8 @@ class Operations(pyfuse3.Operations):
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         self.requests["forget"] += 1
         for fino, n in inode_list:
+            if self._is_control(fino):
+                continue
             try:
                 node = self._node(fino)
             except pyfuse3.FUSEError:
@@ -118,11 +289,17 @@ class Operations(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         self.requests["getattr"] += 1
+        if self._is_control(inode):
+            return self._control_entry(inode)
         return self._entry(self._node(inode))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self.requests["setattr"] += 1
+        if self._is_control(inode):
+            if fields.update_size and inode & 0xFF == K_CTL:
+                return self._control_entry(inode)  # O_TRUNC from a shell's ">": nothing to cut
+            raise pyfuse3.FUSEError(errno.EPERM)
         node = self._node(inode)
         try:
             await self.fs.setattr(
@@ -141,14 +318,25 @@ class Operations(pyfuse3.Operations):
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         self.requests["readlink"] += 1
+        if self._is_control(inode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
         node = self._node(inode)
         if not stat.S_ISLNK(node.attrs.mode):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return node.attrs.target
 
+    def _parent(self, fino: int, name: bytes, reserved_errno: int) -> Node:
+        """The parent of a namespace change; changes to .cowfs (or inside it) fail."""
+        if self._is_control(fino):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        parent = self._node(fino)
+        if self._reserved(parent, name):
+            raise pyfuse3.FUSEError(reserved_errno)
+        return parent
+
     async def _make(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext,
                     rdev: int = 0, target: bytes = b"") -> Node:
-        parent = self._node(parent_inode)
+        parent = self._parent(parent_inode, name, errno.EEXIST)
         groups: set[int] = set()
         if mode & stat.S_ISGID and ctx.uid != 0:
             groups = pyfuse3.get_sup_groups(ctx.pid)
@@ -177,21 +365,22 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.requests["unlink"] += 1
         try:
-            await self.fs.unlink(self._node(parent_inode), name, want_dir=False)
+            await self.fs.unlink(self._parent(parent_inode, name, errno.EPERM), name, want_dir=False)
         except FSError as exc:
             raise _err(exc) from None
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.requests["rmdir"] += 1
         try:
-            await self.fs.unlink(self._node(parent_inode), name, want_dir=True)
+            await self.fs.unlink(self._parent(parent_inode, name, errno.EPERM), name, want_dir=True)
         except FSError as exc:
             raise _err(exc) from None
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
         self.requests["rename"] += 1
-        op, np = self._node(parent_inode_old), self._node(parent_inode_new)
+        op = self._parent(parent_inode_old, name_old, errno.EPERM)
+        np = self._parent(parent_inode_new, name_new, errno.EPERM)
         try:
             await self.fs.rename(op, name_old, np, name_new, flags)
         except FSError as exc:
@@ -200,9 +389,11 @@ class Operations(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self.requests["link"] += 1
+        if self._is_control(inode):
+            raise pyfuse3.FUSEError(errno.EPERM)
         node = self._node(inode)
         try:
-            await self.fs.link(node, self._node(new_parent_inode), new_name)
+            await self.fs.link(node, self._parent(new_parent_inode, new_name, errno.EEXIST), new_name)
         except FSError as exc:
             raise _err(exc) from None
         return self._looked_up(node)
@@ -210,6 +401,8 @@ class Operations(pyfuse3.Operations):
     # -- files -----------------------------------------------------------------------------
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         self.requests["open"] += 1
+        if self._is_control(inode):
+            return self._control_open(inode, flags, ctx)
         node = self._node(inode)
         if flags & (os.O_WRONLY | os.O_RDWR) and not node.view.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -219,6 +412,20 @@ class Operations(pyfuse3.Operations):
             except FSError as exc:
                 raise _err(exc) from None
         return self._opened(node)
+
+    def _control_open(self, fino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        kind = fino & 0xFF
+        if kind not in (K_CTL, K_STATS):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        view = self._control_view(fino)
+        who = Caller(ctx.uid, ctx.gid, frozenset(pyfuse3.get_sup_groups(ctx.pid)) if ctx.uid else frozenset())
+        reply = b""
+        if kind == K_STATS:
+            reply = (json.dumps(self.stats(), ensure_ascii=True) + "\n").encode()
+        fh = self._new_fh()
+        self._sessions[fh] = _Session(view, who, kind, reply)
+        # direct_io: every write reaches us at once, whatever the writeback cache does.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
 
     def _opened(self, node: Node) -> pyfuse3.FileInfo:
         fh = self._new_fh()
@@ -234,6 +441,9 @@ class Operations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         self.requests["read"] += 1
+        sess = self._sessions.get(fh)
+        if sess is not None:
+            return sess.read(off, size)
         try:
             return self.fs.read(self._files[fh], off, size)  # type: ignore[return-value]
         except FSError as exc:
@@ -241,6 +451,8 @@ class Operations(pyfuse3.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self.requests["write"] += 1
+        if fh in self._sessions:
+            return await self._control_write(fh, buf)
         try:
             return await self.fs.write(self._files[fh], off, buf)
         except FSError as exc:
@@ -248,7 +460,7 @@ class Operations(pyfuse3.Operations):
 
     async def flush(self, fh: int) -> None:
         self.requests["flush"] += 1
-        if self._files[fh] in self.fs.dirty_nodes:
+        if fh in self._files and self._files[fh] in self.fs.dirty_nodes:
             try:
                 await self.fs.flush()
             except FSError as exc:
@@ -256,6 +468,8 @@ class Operations(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         self.requests["release"] += 1
+        if self._sessions.pop(fh, None) is not None:
+            return
         try:
             await self.fs.released(self._files.pop(fh))
         except FSError as exc:
@@ -263,6 +477,8 @@ class Operations(pyfuse3.Operations):
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         self.requests["fsync"] += 1
+        if fh in self._sessions:
+            return
         try:
             await self.fs.fsync()
         except FSError as exc:
@@ -271,6 +487,10 @@ class Operations(pyfuse3.Operations):
     # -- directories -----------------------------------------------------------------------
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         self.requests["opendir"] += 1
+        if self._is_control(inode):
+            fh = self._new_fh()
+            self._dirs[fh] = _Dir(None, inode)
+            return fh
         node = self._node(inode)
         if not node.attrs.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -282,6 +502,15 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self.requests["readdir"] += 1
         d = self._dirs[fh]
+        if d.node is None:
+            listing = self._control_listing(d.control)
+            for i in range(start_id, len(listing)):
+                name, entry, node = listing[i]
+                if not pyfuse3.readdir_reply(token, name, entry, i + 1):
+                    break
+                if node is not None:
+                    node.lookups += 1
+            return
         if start_id == 0 or d.entries is None:
             # Offsets index a listing taken when reading starts (again), so they stay valid
             # while entries are added or removed, and each page costs O(entries in it).
@@ -304,10 +533,13 @@ class Operations(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         self.requests["releasedir"] += 1
         d = self._dirs.pop(fh)
-        d.node.opens -= 1
+        if d.node is not None:
+            d.node.opens -= 1
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.requests["fsyncdir"] += 1
+        if self._dirs[fh].node is None:
+            return
         try:
             await self.fs.fsync()
         except FSError as exc:
@@ -316,6 +548,8 @@ class Operations(pyfuse3.Operations):
     # -- xattrs, statfs, access ------------------------------------------------------------
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.requests["setxattr"] += 1
+        if self._is_control(inode):
+            raise pyfuse3.FUSEError(errno.EPERM)
         try:
             await self.fs.setxattr(self._node(inode), name, value)
         except FSError as exc:
@@ -323,6 +557,8 @@ class Operations(pyfuse3.Operations):
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         self.requests["getxattr"] += 1
+        if self._is_control(inode):
+            raise pyfuse3.FUSEError(errno.ENODATA)
         try:
             return self.fs.getxattr(self._node(inode), name)
         except FSError as exc:
@@ -330,10 +566,14 @@ class Operations(pyfuse3.Operations):
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         self.requests["listxattr"] += 1
+        if self._is_control(inode):
+            return []
         return self.fs.listxattr(self._node(inode))
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.requests["removexattr"] += 1
+        if self._is_control(inode):
+            raise pyfuse3.FUSEError(errno.EPERM)
         try:
             await self.fs.removexattr(self._node(inode), name)
         except FSError as exc:

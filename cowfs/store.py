@@ -19,13 +19,13 @@ from cowfs.kv.base import Batch, StoreLockedError
 from cowfs.kv.rocks import RocksKV
 from cowfs.meta.layers import CF_META, Branch, Catalog
 from cowfs.meta.records import Attrs
-from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_XATTRS, Versioned, ino_key
+from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_XATTRS, Versioned, ino_key
 
 FORMAT_VERSION = 1
 MARKER = "cowfs-store.json"
 DB_DIR = "db"
 CF_ORPHANS = "orphans"
-FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_OBJECTS, CF_REFS, CF_ORPHANS)
+FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_CHANGES, CF_OBJECTS, CF_REFS, CF_ORPHANS)
 ROOT_INO = 1
 INO_BLOCK = 4096
 

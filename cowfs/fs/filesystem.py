@@ -15,7 +15,7 @@ import os
 import stat
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Iterable
+from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 import trio
 
@@ -24,7 +24,7 @@ from cowfs.chunks.store import RefTxn
 from cowfs.chunks.tree import CHUNK, TreeWriter
 from cowfs.errors import FSError
 from cowfs.fs.node import Node
-from cowfs.fs.view import View
+from cowfs.fs.view import EPOCHS, View
 from cowfs.kv.base import Batch
 from cowfs.meta.records import Attrs
 from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_XATTRS, LayerView, ino_key, name_key
@@ -91,6 +91,8 @@ class Mutation:
     def link(self, parent: Node, name: bytes, child: Node) -> None:
         self.fs.store.meta.put(self.batch, CF_DIRENTS, name_key(parent.ino, name), parent.view.lv.top,
                                _dirent(child.ino, child.attrs.mode))
+        child.attrs.parent = parent.ino
+        child.attrs.name = name
 
     def unlink(self, parent: Node, name: bytes) -> None:
         self.fs.store.meta.delete(self.batch, CF_DIRENTS, name_key(parent.ino, name), parent.view.lv)
@@ -111,17 +113,71 @@ class Filesystem:
         b = store.catalog.branches.get(branch)
         if b is None:
             raise FSError(errno.ENOENT, f"no branch named {branch!r}")
-        self.primary = self._add_view(b.view, b.name, "branch", b.head)
+        # Pre-rollback trees still referenced by open handles, by (view id, epoch % EPOCHS).
+        self.detached: dict[tuple[int, int], View] = {}
         self.dirty_nodes: dict[Node, float] = {}  # node -> time it first became dirty
         self.dirty_bytes = 0
         self.flush_count = 0
-        self._recover_orphans(self.primary)
+        self.gc_wanted = trio.Event()
+        # Set by the daemon: makes the kernel write its dirty pages back to us (syncfs).
+        self.kernel_sync: Callable[[], Awaitable[None]] | None = None
+        self.primary = self.branch_view(b.name)
 
-    def _add_view(self, vid: int, name: str, kind: str, top: int) -> View:
+    def _add_view(self, vid: int, name: str, kind: str, top: int, epoch: int = 0) -> View:
         lv = LayerView(top, frozenset(self.store.catalog.ancestry(top)))
-        view = View(vid, name, kind, lv)
+        view = View(vid, name, kind, lv, epoch)
         self.views[vid] = view
         return view
+
+    def branch_view(self, name: str) -> View:
+        """The view of a branch (created once; orphans of a previous daemon are removed)."""
+        b = self.store.catalog.branches.get(name)
+        if b is None:
+            raise FSError(errno.ENOENT, f"no branch named {name!r}")
+        view = self.views.get(b.view)
+        if view is None:
+            view = self._add_view(b.view, b.name, "branch", b.head, b.epoch)
+            self._recover_orphans(view)
+        return view
+
+    def snapshot_view(self, snap: "object") -> View:
+        view = self.views.get(snap.view)  # type: ignore[attr-defined]
+        if view is None:
+            view = self._add_view(snap.view, snap.name, "snapshot", snap.layer)  # type: ignore[attr-defined]
+        return view
+
+    def drop_views(self, name: str) -> None:
+        """A snapshot or branch was deleted: its inode numbers become stale."""
+        for vid, v in list(self.views.items()):
+            if v.name == name and v.kind != "detached" and v is not self.primary:
+                del self.views[vid]
+
+    def detach(self, view: View, new_lv: LayerView, epoch: int) -> None:
+        """After a rollback: move the cached tree aside (open handles keep it), restore the root."""
+        old = View(view.vid, view.name, "detached", view.lv, view.epoch)
+        root = view.nodes.pop(ROOT_INO, None)
+        for ino, node in view.nodes.items():
+            node.view = old
+            old.nodes[ino] = node
+        view.nodes = {}
+        view.lv = new_lv
+        view.epoch = epoch
+        if root is not None:
+            found = self.store.meta.get(CF_INODES, ino_key(ROOT_INO), new_lv)
+            assert found is not None and found[1], "every layer sees the root directory"
+            root.attrs = Attrs.unpack(found[1])
+            root.stored_layer = found[0]
+            root.stored_root = root.attrs.root
+            view.nodes[ROOT_INO] = root
+        if old.nodes:
+            self.detached[(old.vid, old.epoch % EPOCHS)] = old
+
+    def schedule_gc(self) -> None:
+        self.gc_wanted.set()
+
+    async def sync_kernel(self) -> None:
+        if self.kernel_sync is not None:
+            await self.kernel_sync()
 
     # -- node table ------------------------------------------------------------------------
     def node(self, view: View, ino: int) -> Node:
@@ -139,8 +195,14 @@ class Filesystem:
 
     def _maybe_evict(self, node: Node) -> None:
         if node.lookups <= 0 and node.opens <= 0 and node not in self.dirty_nodes and node.ino != ROOT_INO:
-            if node.view.nodes.get(node.ino) is node:
-                del node.view.nodes[node.ino]
+            view = node.view
+            if view.nodes.get(node.ino) is node:
+                del view.nodes[node.ino]
+            if view.kind == "detached" and not view.nodes:
+                self.detached.pop((view.vid, view.epoch % EPOCHS), None)
+                self.schedule_gc()
+
+    evict_if_unused = _maybe_evict
 
     def forget(self, node: Node, n: int) -> None:
         node.lookups -= n
@@ -207,6 +269,7 @@ class Filesystem:
         ino = self.store.alloc_ino()
         nlink = 2 if stat.S_ISDIR(mode) else 1
         attrs = Attrs(mode, uid, gid, nlink, rdev, len(target), m.now, m.now, m.now, None, target)
+        attrs.parent = parent.ino
         node = Node(parent.view, ino, attrs, None)
         parent.view.nodes[ino] = node
         return node

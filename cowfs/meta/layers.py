@@ -35,6 +35,7 @@ class Branch:
     view: int
     created: float = field(default_factory=time.time)
     parent: str | None = None  # snapshot or branch it was made from
+    epoch: int = 0  # bumped by rollback: inode numbers of the restored tree are new to the kernel
 
 
 @dataclass
@@ -95,3 +96,17 @@ class Catalog:
     def save_snapshot(self, s: Snapshot, batch: Batch) -> None:
         self.snapshots[s.name] = s
         batch.put(CF_META, b"snap/" + s.name.encode(), json.dumps(asdict(s)).encode())
+
+    def remove(self, name: str, batch: Batch) -> None:
+        if self.branches.pop(name, None) is not None:
+            batch.delete(CF_META, b"branch/" + name.encode())
+        if self.snapshots.pop(name, None) is not None:
+            batch.delete(CF_META, b"snap/" + name.encode())
+
+    def leaves(self) -> set[int]:
+        """Layers someone can see from: branch heads and snapshot layers."""
+        return {b.head for b in self.branches.values()} | {s.layer for s in self.snapshots.values()}
+
+    def forget_layer(self, layer: int, batch: Batch) -> None:
+        self.parents.pop(layer, None)
+        batch.delete(CF_META, b"layer/" + layer.to_bytes(8, "big"))

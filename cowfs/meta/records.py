@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from cowfs.chunks.tree import Root
 
-_FMT = struct.Struct("<IIIIQQqqqB")  # mode uid gid nlink rdev size atime mtime ctime depth
+# mode uid gid nlink rdev size atime mtime ctime depth parent name_len
+_FMT = struct.Struct("<IIIIQQqqqBQH")
 NO_ROOT = 0xFF
 
 
@@ -28,26 +29,32 @@ class Attrs:
     ctime_ns: int = 0
     root: Root | None = None
     target: bytes = b""  # symlink target
+    # Where the inode was last linked (parent inode, name): exact for directories, one of
+    # the names for hard-linked files.  Lets `diff` name paths without scanning the tree.
+    parent: int = 0
+    name: bytes = b""
 
     def pack(self) -> bytes:
         depth = NO_ROOT if self.root is None else self.root.depth
         head = _FMT.pack(self.mode, self.uid, self.gid, self.nlink, self.rdev, self.size,
-                         self.atime_ns, self.mtime_ns, self.ctime_ns, depth)
-        if self.root is not None:
-            return head + self.root.hash
-        return head + self.target
+                         self.atime_ns, self.mtime_ns, self.ctime_ns, depth, self.parent, len(self.name))
+        root = self.root.hash if self.root is not None else b""
+        return head + root + self.name + self.target
 
     @classmethod
     def unpack(cls, value: bytes) -> "Attrs":
-        mode, uid, gid, nlink, rdev, size, at, mt, ct, depth = _FMT.unpack_from(value)
-        rest = value[_FMT.size :]
+        mode, uid, gid, nlink, rdev, size, at, mt, ct, depth, parent, nlen = _FMT.unpack_from(value)
+        pos = _FMT.size
+        root = None
         if depth != NO_ROOT:
-            return cls(mode, uid, gid, nlink, rdev, size, at, mt, ct, Root(depth, rest[:32]))
-        return cls(mode, uid, gid, nlink, rdev, size, at, mt, ct, None, rest)
+            root = Root(depth, value[pos : pos + 32])
+            pos += 32
+        name = value[pos : pos + nlen]
+        return cls(mode, uid, gid, nlink, rdev, size, at, mt, ct, root, value[pos + nlen :], parent, name)
 
     def copy(self) -> "Attrs":
-        return Attrs(self.mode, self.uid, self.gid, self.nlink, self.rdev, self.size,
-                     self.atime_ns, self.mtime_ns, self.ctime_ns, self.root, self.target)
+        return Attrs(self.mode, self.uid, self.gid, self.nlink, self.rdev, self.size, self.atime_ns,
+                     self.mtime_ns, self.ctime_ns, self.root, self.target, self.parent, self.name)
 
     @property
     def is_dir(self) -> bool:

@@ -15,6 +15,11 @@ from cowfs.meta.layers import layer_suffix, suffix_layer
 CF_INODES = "inodes"
 CF_DIRENTS = "dirents"
 CF_XATTRS = "xattrs"
+# layer(8) + family tag(1) + base key -> b"": every key written in a layer, so that diff and
+# garbage collection cost time proportional to what changed, not to the whole store.
+CF_CHANGES = "changes"
+TAGS = {CF_INODES: b"i", CF_DIRENTS: b"d", CF_XATTRS: b"x"}
+FAMILY = {v: k for k, v in TAGS.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +62,25 @@ class Versioned:
     @staticmethod
     def put(batch: Batch, cf: str, base: bytes, layer: int, value: bytes) -> None:
         batch.put(cf, base + layer_suffix(layer), value)
+        batch.put(CF_CHANGES, layer.to_bytes(8, "big") + TAGS[cf] + base, b"")
 
     def delete(self, batch: Batch, cf: str, base: bytes, lv: LayerView) -> None:
         """Hide base from lv's top layer onwards."""
         if self.has_older(cf, base, lv):
-            batch.put(cf, base + layer_suffix(lv.top), b"")
+            self.put(batch, cf, base, lv.top, b"")
         else:
             batch.delete(cf, base + layer_suffix(lv.top))
+            batch.delete(CF_CHANGES, lv.top.to_bytes(8, "big") + TAGS[cf] + base)
+
+    def changed(self, layer: int) -> Iterator[tuple[str, bytes]]:
+        """(family, base key) of every key that has a version in layer."""
+        prefix = layer.to_bytes(8, "big")
+        for key, _ in self.kv.scan(CF_CHANGES, prefix, prefix):
+            yield FAMILY[key[8:9]], key[9:]
+
+    def versions(self, cf: str, base: bytes) -> list[tuple[int, bytes]]:
+        """Every (layer, value) of base, newest layer first."""
+        return [(suffix_layer(k[-8:]), v) for k, v in self.kv.scan(cf, base, base)]
 
     def scan_names(self, cf: str, ino: int, lv: LayerView, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
         """(name, value) of every live name under ino visible in lv, in name order."""

@@ -1,0 +1,87 @@
+"""The control-file protocol: one command line in, one JSON object out.
+
+Arguments are words quoted as in a POSIX shell.  Names that are not UTF-8 travel in JSON
+losslessly: each byte that does not decode becomes a lone surrogate U+DC80..U+DCFF
+(Python's "surrogateescape"), which JSON writes as "\\udcXX".
+"""
+from __future__ import annotations
+
+import errno
+import json
+import shlex
+from typing import Any, Awaitable, Callable
+
+from cowfs.errors import FSError
+from cowfs.fs.branching import Branching, Caller
+from cowfs.fs.view import View
+
+MAX_LINE = 4096
+USAGE = {
+    "snapshot": "snapshot NAME",
+    "branch": "branch NAME [FROM]",
+    "rollback": "rollback SNAPSHOT",
+    "clone": "clone SRC DST",
+    "delete": "delete NAME",
+    "list": "list",
+    "diff": "diff A [B]",
+}
+ARITY = {"snapshot": (1, 1), "branch": (1, 2), "rollback": (1, 1), "clone": (2, 2),
+         "delete": (1, 1), "list": (0, 0), "diff": (1, 2)}
+
+RollbackHook = Callable[[View, list[bytes]], Awaitable[None]]
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return (json.dumps(obj, ensure_ascii=True) + "\n").encode()
+
+
+class Control:
+    def __init__(self, branching: Branching, on_rollback: RollbackHook,
+                 mounted: Callable[[], set[str]]) -> None:
+        self.br = branching
+        self.on_rollback = on_rollback
+        self.mounted = mounted
+
+    async def run_line(self, view: View, line: bytes, who: Caller) -> tuple[dict[str, Any], int]:
+        """Run one command; return (JSON reply, errno or 0). Never raises for bad input."""
+        try:
+            result = await self._run(view, line, who)
+            return {"ok": True, **result}, 0
+        except FSError as exc:
+            name = errno.errorcode.get(exc.errno, str(exc.errno))
+            return {"ok": False, "errno": name, "error": str(exc)}, exc.errno
+
+    async def _run(self, view: View, line: bytes, who: Caller) -> dict[str, Any]:
+        if len(line) > MAX_LINE:
+            raise FSError(errno.EINVAL, f"command line longer than {MAX_LINE} bytes")
+        text = line.decode("utf-8", "surrogateescape")
+        if "\0" in text:
+            raise FSError(errno.EINVAL, "command line contains a NUL byte")
+        try:
+            words = shlex.split(text, comments=False, posix=True)
+        except ValueError as exc:
+            raise FSError(errno.EINVAL, f"cannot parse command line: {exc}") from None
+        if not words:
+            raise FSError(errno.EINVAL, "empty command; known: " + ", ".join(USAGE.values()))
+        verb, args = words[0], words[1:]
+        if verb not in ARITY:
+            raise FSError(errno.EINVAL, f"unknown command {verb!r}; known: " + ", ".join(USAGE.values()))
+        lo, hi = ARITY[verb]
+        if not lo <= len(args) <= hi:
+            raise FSError(errno.EINVAL, f"usage: {USAGE[verb]}")
+        br = self.br
+        if verb == "snapshot":
+            return await br.snapshot(view, args[0], who)
+        if verb == "branch":
+            return await br.branch(view, args[0], args[1] if len(args) > 1 else None, who)
+        if verb == "rollback":
+            result, old_names = await br.rollback(view, args[0], who)
+            await self.on_rollback(view, old_names)
+            return result
+        if verb == "clone":
+            return await br.clone(view, args[0], args[1], who)
+        if verb == "delete":
+            return await br.delete(view, args[0], who, self.mounted())
+        if verb == "list":
+            return br.listing(view)
+        return br.diff(view, args[0], args[1] if len(args) > 1 else None)

@@ -1,0 +1,411 @@
+"""Snapshots, branches, rollback, clone, delete, list and diff (the control file's commands).
+
+Each command is O(1) in the size of the tree except clone of a directory (O(entries copied))
+and diff (O(keys changed between the two sides)); see docs/architecture.md for the layer
+model.  Commands act on the lineage of the view they are given: its branch, the snapshots
+on its ancestry or taken from it, and branches made from those.
+"""
+from __future__ import annotations
+
+import errno
+import posixpath
+import re
+import stat
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import trio
+
+from cowfs.errors import FSError
+from cowfs.fs.filesystem import Filesystem, Mutation
+from cowfs.fs.node import Node
+from cowfs.fs.view import View
+from cowfs.meta import gc
+from cowfs.meta.layers import Branch, Snapshot
+from cowfs.meta.records import Attrs
+from cowfs.meta.versioned import CF_INODES, CF_XATTRS, LayerView, ino_key, name_key
+from cowfs.store import ROOT_INO
+
+NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+CONTROL_DIR = b".cowfs"
+SNAPSHOTS_DIR = b"snapshots"
+
+
+def check_name(name: str) -> None:
+    if not name or len(name.encode()) > 128 or not NAME_RE.fullmatch(name):
+        raise FSError(errno.EINVAL, f"bad name {name!r}: use letters, digits, '.', '_', '-', "
+                                    "at most 128 bytes, not starting with a dot")
+
+
+@dataclass
+class Caller:
+    uid: int
+    gid: int
+    groups: frozenset[int] = frozenset()
+
+
+def may(attrs: Attrs, who: Caller, want: int) -> bool:
+    """Mode-bit check (want: 4 read, 2 write, 1 exec/search), as the kernel does it."""
+    if who.uid == 0:
+        return not (want & 1) or stat.S_ISDIR(attrs.mode) or bool(attrs.mode & 0o111)
+    if who.uid == attrs.uid:
+        bits = (attrs.mode >> 6) & 7
+    elif attrs.gid == who.gid or attrs.gid in who.groups:
+        bits = (attrs.mode >> 3) & 7
+    else:
+        bits = attrs.mode & 7
+    return bits & want == want
+
+
+class Branching:
+    def __init__(self, fs: Filesystem) -> None:
+        self.fs = fs
+        self.cat = fs.store.catalog
+
+    # -- lineage ---------------------------------------------------------------------------
+    def _branch(self, view: View) -> Branch:
+        b = self.cat.branches.get(view.name)
+        if b is None or view.kind != "branch":
+            raise FSError(errno.EROFS, "this view is not a branch")
+        return b
+
+    def snapshot_visible(self, view: View, s: Snapshot) -> bool:
+        return s.layer in view.lv.ancestors or s.branch == view.name
+
+    def visible_snapshots(self, view: View) -> list[Snapshot]:
+        return sorted((s for s in self.cat.snapshots.values() if self.snapshot_visible(view, s)),
+                      key=lambda s: s.created)
+
+    def _branch_visible(self, view: View, b: Branch) -> bool:
+        if b.name == view.name:
+            return True
+        visible = {view.name} | {s.name for s in self.visible_snapshots(view)}
+        return b.parent in visible
+
+    def _snapshot(self, view: View, name: str) -> Snapshot:
+        s = self.cat.snapshots.get(name)
+        if s is None or not self.snapshot_visible(view, s):
+            if name in self.cat.branches:
+                raise FSError(errno.EINVAL, f"{name!r} is a branch, not a snapshot")
+            raise FSError(errno.ENOENT, f"no snapshot named {name!r}")
+        return s
+
+    def _name_free(self, name: str) -> None:
+        check_name(name)
+        if name in self.cat.snapshots:
+            raise FSError(errno.EEXIST, f"snapshot {name!r} already exists")
+        if name in self.cat.branches:
+            raise FSError(errno.EEXIST, f"branch {name!r} already exists")
+
+    def _require_owner(self, view: View, who: Caller) -> None:
+        root = self.fs.node(view, ROOT_INO)
+        if who.uid not in (0, root.attrs.uid):
+            raise FSError(errno.EPERM, "only the owner of the mount root (or root) may do this")
+
+    def _freeze(self, m: Mutation, view: View, b: Branch) -> int:
+        """Freeze the branch head (return it) and move the branch to a fresh child layer."""
+        frozen = b.head
+        b.head = self.cat.new_layer(frozen, m.batch)
+        self.cat.save_branch(b, m.batch)
+        view.lv = LayerView(b.head, view.lv.ancestors | {b.head})
+        return frozen
+
+    # -- commands --------------------------------------------------------------------------
+    async def snapshot(self, view: View, name: str, who: Caller) -> dict[str, Any]:
+        self._require_owner(view, who)
+        await self.fs.sync_kernel()
+        t0 = time.perf_counter()
+        async with self.fs.mutate(view) as m:
+            self._name_free(name)
+            b = self._branch(view)
+            layer = self._freeze(m, view, b)
+            self.cat.save_snapshot(Snapshot(name, layer, self.cat.new_view(m.batch), b.name), m.batch)
+        return {"snapshot": name, "branch": b.name, "layer": layer,
+                "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+    async def branch(self, view: View, name: str, source: str | None, who: Caller) -> dict[str, Any]:
+        self._require_owner(view, who)
+        if source is None or source == view.name:
+            await self.fs.sync_kernel()
+        t0 = time.perf_counter()
+        async with self.fs.mutate(view) as m:
+            self._name_free(name)
+            if source is None or source == view.name:
+                parent_layer = self._freeze(m, view, self._branch(view))
+                parent_name = view.name
+            elif source in self.cat.snapshots:
+                parent_layer = self._snapshot(view, source).layer
+                parent_name = source
+            elif source in self.cat.branches:
+                raise FSError(errno.EINVAL, f"branch from another branch ({source!r}) is done through its own mount")
+            else:
+                raise FSError(errno.ENOENT, f"no snapshot or branch named {source!r}")
+            head = self.cat.new_layer(parent_layer, m.batch)
+            self.cat.save_branch(Branch(name, head, self.cat.new_view(m.batch), parent=parent_name), m.batch)
+        return {"branch": name, "from": parent_name, "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+    async def rollback(self, view: View, name: str, who: Caller) -> tuple[dict[str, Any], list[bytes]]:
+        """Return the result and the root's old names, whose kernel dentries must be invalidated."""
+        self._require_owner(view, who)
+        t0 = time.perf_counter()
+        async with self.fs.mutate(view) as m:
+            s = self._snapshot(view, name)
+            b = self._branch(view)
+            old_names = [n for n, _ in self.fs.list_dir(self.fs.node(view, ROOT_INO))]
+            b.head = self.cat.new_layer(s.layer, m.batch)
+            b.epoch += 1
+            self.cat.save_branch(b, m.batch)
+            new_lv = LayerView(b.head, frozenset(self.cat.ancestry(b.head)))
+        self.fs.detach(view, new_lv, b.epoch)
+        self.fs.schedule_gc()
+        return ({"rollback": name, "branch": b.name, "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)},
+                old_names)
+
+    async def delete(self, view: View, name: str, who: Caller, mounted: Iterable[str]) -> dict[str, Any]:
+        self._require_owner(view, who)
+        async with self.fs.mutate(view) as m:
+            check_name(name)
+            if name in self.cat.snapshots:
+                self._snapshot(view, name)
+                kind = "snapshot"
+            elif name in self.cat.branches:
+                b = self.cat.branches[name]
+                if name == view.name or name in mounted:
+                    raise FSError(errno.EBUSY, f"branch {name!r} is mounted")
+                if not self._branch_visible(view, b):
+                    raise FSError(errno.ENOENT, f"no snapshot or branch named {name!r}")
+                kind = "branch"
+            else:
+                raise FSError(errno.ENOENT, f"no snapshot or branch named {name!r}")
+            self.cat.remove(name, m.batch)
+        self.fs.drop_views(name)
+        self.fs.schedule_gc()
+        return {"deleted": name, "kind": kind}
+
+    def listing(self, view: View) -> dict[str, Any]:
+        snaps = [{"name": s.name, "kind": "snapshot", "parent": s.branch, "created": s.created,
+                  "logical_bytes": self.logical_bytes(LayerView(s.layer, frozenset(self.cat.ancestry(s.layer))))}
+                 for s in self.visible_snapshots(view)]
+        branches = [{"name": b.name, "kind": "branch", "parent": b.parent, "created": b.created,
+                     "mounted_here": b.name == view.name,
+                     "logical_bytes": self.logical_bytes(LayerView(b.head, frozenset(self.cat.ancestry(b.head))))}
+                    for b in sorted(self.cat.branches.values(), key=lambda b: b.created)
+                    if self._branch_visible(view, b)]
+        return {"snapshots": snaps, "branches": branches}
+
+    def logical_bytes(self, lv: LayerView) -> int:
+        """Sum of regular file sizes the view sees (a walk of its inode records)."""
+        total = 0
+        last = None
+        for key, value in self.fs.store.kv.scan(CF_INODES, b""):
+            ino = key[:8]
+            if ino == last:
+                continue
+            layer = (1 << 64) - 1 - int.from_bytes(key[8:], "big")
+            if layer not in lv.ancestors:
+                continue
+            last = ino
+            if value:
+                a = Attrs.unpack(value)
+                if stat.S_ISREG(a.mode):
+                    total += a.size
+        return total
+
+    # -- clone -----------------------------------------------------------------------------
+    def resolve(self, view: View, path: str, who: Caller) -> tuple[Node, Node | None, bytes]:
+        """(parent node, node or None, last name) of a path relative to the mount root.
+
+        The path may go through .cowfs/snapshots/NAME/ into a snapshot of this lineage;
+        it may not escape the mount, and symlinks are not followed.
+        """
+        norm = posixpath.normpath(path)
+        if not path or path.startswith("/") or norm == ".." or norm.startswith("../"):
+            raise FSError(errno.EINVAL, f"path {path!r} must be relative to the mount root and stay inside it")
+        parts = [p.encode("utf-8", "surrogateescape") for p in norm.split("/") if p not in ("", ".")]
+        if not parts:
+            raise FSError(errno.EINVAL, "the mount root itself cannot be cloned or replaced")
+        node = self.fs.node(view, ROOT_INO)
+        if parts[0] == CONTROL_DIR:
+            if len(parts) < 4 or parts[1] != SNAPSHOTS_DIR:
+                raise FSError(errno.EINVAL, "inside .cowfs only snapshots/NAME/PATH can be named")
+            snap = self._snapshot(view, parts[2].decode("utf-8", "surrogateescape"))
+            node = self.fs.node(self.fs.snapshot_view(snap), ROOT_INO)
+            parts = parts[3:]
+        for p in parts[:-1]:
+            if not may(node.attrs, who, 1):
+                raise FSError(errno.EACCES, f"no search permission on a directory of {path!r}")
+            node = self.fs.lookup(node, p)
+            if not node.attrs.is_dir:
+                raise FSError(errno.ENOTDIR, f"a component of {path!r} is not a directory")
+        if not may(node.attrs, who, 1):
+            raise FSError(errno.EACCES, f"no search permission on a directory of {path!r}")
+        ino = self.fs.child_ino(node, parts[-1])
+        child = self.fs.node(node.view, ino) if ino is not None else None
+        return node, child, parts[-1]
+
+    async def clone(self, view: View, src: str, dst: str, who: Caller) -> dict[str, Any]:
+        await self.fs.sync_kernel()
+        t0 = time.perf_counter()
+        async with self.fs.mutate(view) as m:
+            _, snode, _ = self.resolve(view, src, who)
+            if snode is None:
+                raise FSError(errno.ENOENT, f"clone source {src!r} does not exist")
+            dparent, dnode, dname = self.resolve(view, dst, who)
+            if not dparent.view.writable:
+                raise FSError(errno.EROFS, f"clone target {dst!r} is inside a read-only snapshot")
+            if dparent.view is not view:
+                raise FSError(errno.EINVAL, f"clone target {dst!r} must be in the mounted branch")
+            if dnode is not None:
+                raise FSError(errno.EEXIST, f"clone target {dst!r} already exists")
+            if dparent.ino == ROOT_INO and dname == CONTROL_DIR:
+                raise FSError(errno.EEXIST, ".cowfs is reserved")
+            if not may(dparent.attrs, who, 3):
+                raise FSError(errno.EACCES, f"no write permission in the directory of {dst!r}")
+            if snode.attrs.is_dir and (snode.view is view and self._is_ancestor(snode, dparent)):
+                raise FSError(errno.EINVAL, "cannot clone a directory into itself")
+            count = self._copy_tree(m, snode, dparent, dname, who, {})
+            m.touch(dparent)
+            if snode.attrs.is_dir:
+                dparent.attrs.nlink += 1
+            m.save(dparent)
+        return {"cloned": src, "to": dst, "entries": count,
+                "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+    def _is_ancestor(self, a: Node, b: Node) -> bool:
+        node = b
+        while True:
+            if node.ino == a.ino:
+                return True
+            if node.ino == ROOT_INO or not node.attrs.parent:
+                return False
+            node = self.fs.node(node.view, node.attrs.parent)
+
+    def _copy_tree(self, m: Mutation, src: Node, parent: Node, name: bytes, who: Caller,
+                   links: dict[int, Node]) -> int:
+        """Copy src's record (sharing its data tree) under parent/name; recurse into directories."""
+        if not may(src.attrs, who, 4 | (1 if src.attrs.is_dir else 0)):
+            raise FSError(errno.EACCES, f"no read permission on {name.decode(errors='replace')!r}")
+        if src.ino in links:  # a second hard link inside the copied tree
+            node = links[src.ino]
+            node.attrs.nlink += 1
+            m.link(parent, name, node)
+            m.save(node)
+            return 1
+        attrs = src.attrs.copy()
+        attrs.nlink = 2 if attrs.is_dir else 1
+        attrs.ctime_ns = m.now
+        if who.uid != 0:
+            attrs.uid, attrs.gid = who.uid, who.gid
+            attrs.mode &= ~(stat.S_ISUID | stat.S_ISGID) if not attrs.is_dir else ~0
+        node = Node(parent.view, self.fs.store.alloc_ino(), attrs, None)
+        parent.view.nodes[node.ino] = node
+        m.link(parent, name, node)
+        for xname, value in self.fs.store.meta.scan_names(CF_XATTRS, src.ino, src.view.lv):
+            self.fs.store.meta.put(m.batch, CF_XATTRS, name_key(node.ino, xname), parent.view.lv.top, value)
+        count = 1
+        if attrs.is_dir:
+            for cname, cino in self.fs.list_dir(src):
+                child = self.fs.node(src.view, cino)
+                count += self._copy_tree(m, child, node, cname, who, links)
+                if child.attrs.is_dir:
+                    node.attrs.nlink += 1
+        elif attrs.nlink and src.attrs.nlink > 1:
+            links[src.ino] = node
+        m.save(node)
+        self.fs.evict_if_unused(node)
+        return count
+
+    # -- diff ------------------------------------------------------------------------------
+    def _side(self, view: View, name: str | None) -> LayerView:
+        if name is None:
+            return view.lv
+        if name in self.cat.snapshots:
+            s = self._snapshot(view, name)
+            return LayerView(s.layer, frozenset(self.cat.ancestry(s.layer)))
+        b = self.cat.branches.get(name)
+        if b is not None and self._branch_visible(view, b):
+            if b.name == view.name:
+                return view.lv
+            return LayerView(b.head, frozenset(self.cat.ancestry(b.head)))
+        raise FSError(errno.ENOENT, f"no snapshot or branch named {name!r}")
+
+    def _path(self, lv: LayerView, ino: int, cache: dict[int, str | None]) -> str | None:
+        if ino == ROOT_INO:
+            return ""
+        if ino in cache:
+            return cache[ino]
+        found = self.fs.store.meta.get(CF_INODES, ino_key(ino), lv)
+        path = None
+        if found and found[1]:
+            a = Attrs.unpack(found[1])
+            parent = self._path(lv, a.parent, cache) if a.parent else None
+            if parent is not None:
+                name = a.name.decode("utf-8", "surrogateescape")
+                path = f"{parent}/{name}" if parent else name
+        cache[ino] = path
+        return path
+
+    def diff(self, view: View, a: str, b: str | None) -> dict[str, Any]:
+        """Paths added, removed, modified or renamed from A to B, from the changed keys only."""
+        la, lb = self._side(view, a), self._side(view, b)
+        layers = la.ancestors ^ lb.ancestors
+        inos: set[int] = set()
+        meta = self.fs.store.meta
+        for layer in layers:
+            for cf, base in meta.changed(layer):
+                if cf == CF_INODES or cf == CF_XATTRS:
+                    inos.add(int.from_bytes(base[:8], "big"))
+        pa: dict[int, str | None] = {}
+        pb: dict[int, str | None] = {}
+        changes = []
+        for ino in sorted(inos):
+            if ino == ROOT_INO:
+                continue
+            ra, rb = meta.get(CF_INODES, ino_key(ino), la), meta.get(CF_INODES, ino_key(ino), lb)
+            va = ra[1] if ra else b""
+            vb = rb[1] if rb else b""
+            if va == vb:
+                continue
+            pth_a = self._path(la, ino, pa) if va else None
+            pth_b = self._path(lb, ino, pb) if vb else None
+            if va and vb:
+                aa, ab = Attrs.unpack(va), Attrs.unpack(vb)
+                if pth_a != pth_b:
+                    changes.append({"change": "renamed", "path": pth_b, "from": pth_a, "type": _kind(ab.mode)})
+                same = (aa.root, aa.size, aa.mode, aa.uid, aa.gid, aa.mtime_ns, aa.target) == \
+                       (ab.root, ab.size, ab.mode, ab.uid, ab.gid, ab.mtime_ns, ab.target)
+                if not same or pth_a == pth_b:
+                    changes.append({"change": "modified", "path": pth_b, "type": _kind(ab.mode)})
+            elif vb:
+                if pth_b is not None:
+                    changes.append({"change": "added", "path": pth_b, "type": _kind(Attrs.unpack(vb).mode)})
+            elif pth_a is not None:
+                changes.append({"change": "removed", "path": pth_a, "type": _kind(Attrs.unpack(va).mode)})
+        changes.sort(key=lambda c: (c["path"] or "", c["change"]))
+        return {"from": a, "to": b if b is not None else "(live)", "changes": changes}
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "special"
+
+
+async def run_gc(fs: Filesystem) -> int:
+    """One full garbage-collection pass, in chunks, yielding to other work between them."""
+    removed = 0
+    async with fs.lock:
+        await fs._flush_locked()
+        tops = fs.store.catalog.leaves() | {v.lv.top for v in fs.detached.values()}
+        chunks = list(gc.collect(fs.store.meta, fs.store.catalog, tops))
+    for batch, txn, n in chunks:
+        async with fs.lock:
+            fs.store.commit(batch, txn)
+        removed += n
+        await trio.sleep(0)
+    return removed
