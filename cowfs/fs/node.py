@@ -7,7 +7,6 @@ ever misses data that a write already acknowledged.
 """
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 from cowfs.chunks import tree
@@ -94,8 +93,9 @@ class Node:
             pos += n
         if off + total > self.attrs.size:
             self.attrs.size = off + total
-        now = time.time_ns()
-        self.attrs.mtime_ns = self.attrs.ctime_ns = now
+        # No time update here: with the writeback cache the kernel owns mtime/ctime of
+        # written files (it stamps them at write(2) time) and sends them in a SETATTR when
+        # it writes the inode back; data may reach us later than that.
         return new_chunks
 
     def truncate_buffers(self, size: int, objects: "ObjectStore") -> None:
