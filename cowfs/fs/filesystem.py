@@ -38,11 +38,20 @@ DIRTY_LIMIT = 64 << 20  # acknowledged-but-unflushed bytes before writers wait f
 DIRTY_AGE = 1.0  # seconds before the background flusher commits dirty data
 THREAD_FLUSH_BYTES = 512 << 10  # flushes larger than this hash/compress in a worker thread
 XATTR_SIZE_MAX = 65536
-ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 
 def _dirent(ino: int, mode: int) -> bytes:
     return ino.to_bytes(8, "big") + bytes((stat.S_IFMT(mode) >> 12,))
+
+
+def _check_xattr_name(name: bytes) -> None:
+    if not name.startswith(XATTR_NAMESPACES):  # system.* (ACLs included) and unknown ones
+        raise FSError(errno.EOPNOTSUPP)
+    if name in XATTR_NAMESPACES:  # "user." names nothing (ext4: EINVAL)
+        raise FSError(errno.EINVAL)
+    if len(name) > 255:
+        raise FSError(errno.ERANGE)
 
 
 def _check_name(name: bytes) -> None:
@@ -448,6 +457,7 @@ class Filesystem:
 
     # -- xattrs ----------------------------------------------------------------------------
     def getxattr(self, node: Node, name: bytes) -> bytes:
+        _check_xattr_name(name)
         found = self.store.meta.get(CF_XATTRS, name_key(node.ino, name), node.view.lv)
         if found is None or not found[1]:
             raise FSError(errno.ENODATA)
@@ -457,12 +467,9 @@ class Filesystem:
         return [name for name, _ in self.store.meta.scan_names(CF_XATTRS, node.ino, node.view.lv)]
 
     async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
-        if name in ACL_XATTRS:
-            raise FSError(errno.EOPNOTSUPP)
+        _check_xattr_name(name)
         if len(value) > XATTR_SIZE_MAX:
             raise FSError(errno.E2BIG)
-        if len(name) > 255 or not name:
-            raise FSError(errno.ERANGE)
         async with self.mutate(node.view) as m:
             self.store.meta.put(m.batch, CF_XATTRS, name_key(node.ino, name), node.view.lv.top, b"v" + value)
             m.touch(node, mtime=False)
