@@ -1,6 +1,7 @@
 """The `cowfs` command.  Every failure is one clear line on stderr and a non-zero exit."""
 from __future__ import annotations
 
+import grp
 import json
 import os
 import shlex
@@ -52,7 +53,8 @@ def init(store: str) -> None:
 @click.option("--branch", default="main", show_default=True, help="Branch to mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (for systemd); exit when unmounted.")
 @click.option("-o", "options", multiple=True, metavar="OPTION",
-              help="Mount option: allow_other, suid, dev, cache_size=SIZE (repeatable, or comma-separated).")
+              help="Mount option: allow_other, suid, dev, cache_size=SIZE, quota_bytes=SIZE, quota_inodes=N, "
+                   "ctl_group=GID (repeatable, or comma-separated).")
 @click.option("--debug", is_flag=True, help="Log every operation.")
 def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: tuple[str, ...], debug: bool) -> None:
     """Mount branch BRANCH of STORE at MOUNTPOINT; returns once the mount is ready."""
@@ -61,15 +63,23 @@ def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: t
     flat = [o.strip() for opt in options for o in opt.split(",") if o.strip()]
     cfg = MountConfig(store, mountpoint, branch, debug=debug)
     for o in flat:
-        if o.startswith("cache_size="):
-            try:
-                cfg.cache_bytes = _parse_size(o.split("=", 1)[1])
-            except ValueError:
-                _fail(f"bad cache_size in -o {o}")
-        elif o in ("allow_other", "suid", "dev", "nosuid", "nodev", "ro"):
-            cfg.options.append(o)
-        else:
-            _fail(f"unknown mount option {o!r} (known: allow_other, suid, dev, cache_size=SIZE)")
+        key, _, value = o.partition("=")
+        try:
+            if key == "cache_size":
+                cfg.cache_bytes = _parse_size(value)
+            elif key == "quota_bytes":
+                cfg.quota_bytes = _parse_size(value)
+            elif key == "quota_inodes":
+                cfg.quota_inodes = int(value)
+            elif key == "ctl_group":
+                cfg.ctl_group = int(value) if value.isdigit() else grp.getgrnam(value).gr_gid
+            elif o in ("allow_other", "suid", "dev", "nosuid", "nodev"):
+                cfg.options.append(o)
+            else:
+                _fail(f"unknown mount option {o!r} (known: allow_other, suid, dev, cache_size=SIZE, "
+                      "quota_bytes=SIZE, quota_inodes=N, ctl_group=GROUP)")
+        except (ValueError, KeyError):
+            _fail(f"bad value in -o {o}")
     try:
         code = daemon.mount(cfg, foreground)
     except MountError as exc:

@@ -50,6 +50,9 @@ class MountConfig:
     options: list[str] = field(default_factory=list)
     debug: bool = False
     cache_bytes: int = 256 << 20
+    ctl_group: int | None = None
+    quota_bytes: int | None = None
+    quota_inodes: int | None = None
 
 
 def fusermount() -> str:
@@ -144,7 +147,9 @@ class Daemon:
         except FSError as exc:
             self.store.close()
             raise StoreError(str(exc)) from None
-        self.ops = Operations(self.fs, stats=self.stats, mounted=self.mounted_branches)
+        if cfg.quota_bytes is not None or cfg.quota_inodes is not None:
+            self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
+        self.ops = Operations(self.fs, stats=self.stats, mounted=self.mounted_branches, ctl_group=cfg.ctl_group)
         self.fs.kernel_sync = self.kernel_sync
         self.started = time.time()
         self._stopping = False
@@ -234,6 +239,10 @@ class Daemon:
             "rss_bytes": rss,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "requests": dict(self.ops.requests),
+            "usage_bytes": self.fs.primary.usage_bytes,
+            "usage_inodes": self.fs.primary.usage_inodes,
+            "quota_bytes": self.fs.primary.quota_bytes,
+            "quota_inodes": self.fs.primary.quota_inodes,
             "dirty_bytes": fs.dirty_bytes,
             "flushes": fs.flush_count,
             "commits": store.write_seq,

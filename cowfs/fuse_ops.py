@@ -90,10 +90,11 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
     def __init__(self, fs: Filesystem, stats: Callable[[], dict[str, Any]] | None = None,
-                 mounted: Callable[[], set[str]] | None = None) -> None:
+                 mounted: Callable[[], set[str]] | None = None, ctl_group: int | None = None) -> None:
         super().__init__()
         self.fs = fs
-        self.branching = Branching(fs)
+        self.ctl_group = ctl_group
+        self.branching = Branching(fs, ctl_group)
         self.control = Control(self.branching, self._after_rollback, mounted or (lambda: set()))
         self.stats = stats or (lambda: {})
         self.requests: Counter[str] = Counter()
@@ -156,6 +157,9 @@ class Operations(pyfuse3.Operations):
                      K_CTL: stat.S_IFREG | 0o600, K_STATS: stat.S_IFREG | 0o444}[kind]
         e.st_nlink = 2 if stat.S_ISDIR(e.st_mode) else 1
         e.st_uid, e.st_gid = root.uid, root.gid
+        if self.ctl_group is not None and kind == K_CTL:
+            e.st_mode |= 0o060  # -o ctl_group=GID: that group may use the control file too
+            e.st_gid = self.ctl_group
         e.st_blksize = 4096
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = root.ctime_ns
         return e
@@ -411,7 +415,7 @@ class Operations(pyfuse3.Operations):
                 await self.fs.setattr(node, size=0)
             except FSError as exc:
                 raise _err(exc) from None
-        return self._opened(node)
+        return self._opened(node, bool(flags & (os.O_WRONLY | os.O_RDWR)))
 
     def _control_open(self, fino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         kind = fino & 0xFF
@@ -427,17 +431,20 @@ class Operations(pyfuse3.Operations):
         # direct_io: every write reaches us at once, whatever the writeback cache does.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
 
-    def _opened(self, node: Node) -> pyfuse3.FileInfo:
+    def _opened(self, node: Node, writing: bool) -> pyfuse3.FileInfo:
         fh = self._new_fh()
         self._files[fh] = node
         self.fs.opened(node)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        # Under a byte quota, writers bypass the page cache: the kernel's writeback would
+        # report EDQUOT late, as EIO; direct writes make write(2) itself fail with EDQUOT.
+        direct = writing and node.view.quota_bytes > 0
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not direct, direct_io=direct)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         self.requests["create"] += 1
         node = await self._make(parent_inode, name, stat.S_IFREG | (mode & ~ctx.umask & 0o7777), ctx)
-        return self._opened(node), self._looked_up(node)
+        return self._opened(node, True), self._looked_up(node)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         self.requests["read"] += 1

@@ -59,9 +59,10 @@ def may(attrs: Attrs, who: Caller, want: int) -> bool:
 
 
 class Branching:
-    def __init__(self, fs: Filesystem) -> None:
+    def __init__(self, fs: Filesystem, admin_group: int | None = None) -> None:
         self.fs = fs
         self.cat = fs.store.catalog
+        self.admin_group = admin_group  # members may snapshot/branch/rollback/delete too
 
     # -- lineage ---------------------------------------------------------------------------
     def _branch(self, view: View) -> Branch:
@@ -100,8 +101,11 @@ class Branching:
 
     def _require_owner(self, view: View, who: Caller) -> None:
         root = self.fs.node(view, ROOT_INO)
-        if who.uid not in (0, root.attrs.uid):
-            raise FSError(errno.EPERM, "only the owner of the mount root (or root) may do this")
+        if who.uid in (0, root.attrs.uid):
+            return
+        if self.admin_group is not None and (who.gid == self.admin_group or self.admin_group in who.groups):
+            return
+        raise FSError(errno.EPERM, "only the owner of the mount root (or root) may do this")
 
     def _freeze(self, m: Mutation, view: View, b: Branch) -> int:
         """Freeze the branch head (return it) and move the branch to a fresh child layer."""
@@ -109,7 +113,14 @@ class Branching:
         b.head = self.cat.new_layer(frozen, m.batch)
         self.cat.save_branch(b, m.batch)
         view.lv = LayerView(b.head, view.lv.ancestors | {b.head})
+        m.views.add(view)  # the new head starts with the frozen layer's usage
         return frozen
+
+    def _usage(self, layer: int) -> tuple[int, int]:
+        usage = self.cat.usage(layer)
+        if usage is None:
+            usage = self.fs.count_usage(LayerView(layer, frozenset(self.cat.ancestry(layer))))
+        return usage
 
     # -- commands --------------------------------------------------------------------------
     async def snapshot(self, view: View, name: str, who: Caller) -> dict[str, Any]:
@@ -131,18 +142,26 @@ class Branching:
         t0 = time.perf_counter()
         async with self.fs.mutate(view) as m:
             self._name_free(name)
+            src_branch = self._branch(view)
             if source is None or source == view.name:
-                parent_layer = self._freeze(m, view, self._branch(view))
+                parent_layer = self._freeze(m, view, src_branch)
                 parent_name = view.name
+                usage = (view.usage_bytes, view.usage_inodes)
             elif source in self.cat.snapshots:
-                parent_layer = self._snapshot(view, source).layer
+                snap = self._snapshot(view, source)
+                parent_layer = snap.layer
                 parent_name = source
+                usage = self._usage(snap.layer)
+                src_branch = self.cat.branches.get(snap.branch, src_branch)
             elif source in self.cat.branches:
                 raise FSError(errno.EINVAL, f"branch from another branch ({source!r}) is done through its own mount")
             else:
                 raise FSError(errno.ENOENT, f"no snapshot or branch named {source!r}")
             head = self.cat.new_layer(parent_layer, m.batch)
-            self.cat.save_branch(Branch(name, head, self.cat.new_view(m.batch), parent=parent_name), m.batch)
+            self.cat.save_branch(Branch(name, head, self.cat.new_view(m.batch), parent=parent_name,
+                                        quota_bytes=src_branch.quota_bytes, quota_inodes=src_branch.quota_inodes),
+                                 m.batch)
+            self.cat.save_usage(head, usage[0], usage[1], m.batch)
         return {"branch": name, "from": parent_name, "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     async def rollback(self, view: View, name: str, who: Caller) -> tuple[dict[str, Any], list[bytes]]:
@@ -157,7 +176,10 @@ class Branching:
             b.epoch += 1
             self.cat.save_branch(b, m.batch)
             new_lv = LayerView(b.head, frozenset(self.cat.ancestry(b.head)))
+            usage = self._usage(s.layer)
+            self.cat.save_usage(b.head, usage[0], usage[1], m.batch)
         self.fs.detach(view, new_lv, b.epoch)
+        view.usage_bytes, view.usage_inodes = usage
         self.fs.schedule_gc()
         return ({"rollback": name, "branch": b.name, "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)},
                 old_names)
@@ -184,33 +206,20 @@ class Branching:
         return {"deleted": name, "kind": kind}
 
     def listing(self, view: View) -> dict[str, Any]:
-        snaps = [{"name": s.name, "kind": "snapshot", "parent": s.branch, "created": s.created,
-                  "logical_bytes": self.logical_bytes(LayerView(s.layer, frozenset(self.cat.ancestry(s.layer))))}
-                 for s in self.visible_snapshots(view)]
-        branches = [{"name": b.name, "kind": "branch", "parent": b.parent, "created": b.created,
-                     "mounted_here": b.name == view.name,
-                     "logical_bytes": self.logical_bytes(LayerView(b.head, frozenset(self.cat.ancestry(b.head))))}
+        def row(name: str, kind: str, parent: str | None, created: float, layer: int) -> dict[str, Any]:
+            if kind == "branch" and name == view.name:
+                size, inodes = view.usage_bytes, view.usage_inodes
+            else:
+                size, inodes = self._usage(layer)
+            return {"name": name, "kind": kind, "parent": parent, "created": created,
+                    "logical_bytes": size, "inodes": inodes}
+
+        snaps = [row(s.name, "snapshot", s.branch, s.created, s.layer) for s in self.visible_snapshots(view)]
+        branches = [{**row(b.name, "branch", b.parent, b.created, b.head), "mounted_here": b.name == view.name,
+                     "quota_bytes": b.quota_bytes, "quota_inodes": b.quota_inodes}
                     for b in sorted(self.cat.branches.values(), key=lambda b: b.created)
                     if self._branch_visible(view, b)]
         return {"snapshots": snaps, "branches": branches}
-
-    def logical_bytes(self, lv: LayerView) -> int:
-        """Sum of regular file sizes the view sees (a walk of its inode records)."""
-        total = 0
-        last = None
-        for key, value in self.fs.store.kv.scan(CF_INODES, b""):
-            ino = key[:8]
-            if ino == last:
-                continue
-            layer = (1 << 64) - 1 - int.from_bytes(key[8:], "big")
-            if layer not in lv.ancestors:
-                continue
-            last = ino
-            if value:
-                a = Attrs.unpack(value)
-                if stat.S_ISREG(a.mode):
-                    total += a.size
-        return total
 
     # -- clone -----------------------------------------------------------------------------
     def resolve(self, view: View, path: str, who: Caller) -> tuple[Node, Node | None, bytes]:
@@ -264,6 +273,8 @@ class Branching:
                 raise FSError(errno.EACCES, f"no write permission in the directory of {dst!r}")
             if snode.attrs.is_dir and (snode.view is view and self._is_ancestor(snode, dparent)):
                 raise FSError(errno.EINVAL, "cannot clone a directory into itself")
+            if view.quota_bytes or view.quota_inodes:
+                view.check_quota(*self._measure(snode))
             count = self._copy_tree(m, snode, dparent, dname, who, {})
             m.touch(dparent)
             if snode.attrs.is_dir:
@@ -271,6 +282,19 @@ class Branching:
             m.save(dparent)
         return {"cloned": src, "to": dst, "entries": count,
                 "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+    def _measure(self, src: Node) -> tuple[int, int]:
+        """(logical bytes, inodes) a clone of src adds."""
+        if not src.attrs.is_dir:
+            return (src.attrs.size if src.attrs.is_reg else 0), 1
+        total, count = 0, 1
+        for _name, cino in self.fs.list_dir(src):
+            child = self.fs.node(src.view, cino)
+            b, n = self._measure(child)
+            self.fs.evict_if_unused(child)
+            total += b
+            count += n
+        return total, count
 
     def _is_ancestor(self, a: Node, b: Node) -> bool:
         node = b
@@ -310,6 +334,7 @@ class Branching:
                 count += self._copy_tree(m, child, node, cname, who, links)
                 if child.attrs.is_dir:
                     node.attrs.nlink += 1
+                self.fs.evict_if_unused(child)
         elif attrs.nlink and src.attrs.nlink > 1:
             links[src.ino] = node
         m.save(node)

@@ -62,14 +62,25 @@ def _check_name(name: bytes) -> None:
 class Mutation:
     """One atomic change: a batch, its reference deltas and the nodes it saved."""
 
-    __slots__ = ("fs", "batch", "txn", "saved", "now")
+    __slots__ = ("fs", "batch", "txn", "saved", "views", "now")
 
     def __init__(self, fs: "Filesystem") -> None:
         self.fs = fs
         self.batch = Batch()
         self.txn = RefTxn()
         self.saved: list[Node] = []
+        self.views: set[View] = set()  # views whose usage changed: their head's usage is rewritten
         self.now = time.time_ns()
+
+    def _account(self, node: Node, present: bool) -> None:
+        view = node.view
+        size = node.attrs.size if present and node.attrs.is_reg else 0
+        if present != node.counted:
+            view.usage_inodes += 1 if present else -1
+            node.counted = present
+        view.usage_bytes += size - node.counted_bytes
+        node.counted_bytes = size
+        self.views.add(view)
 
     def save(self, node: Node) -> None:
         """Write node's current attributes as its version in the view's head layer."""
@@ -82,6 +93,7 @@ class Mutation:
         node.stored_layer = head
         node.stored_root = node.attrs.root
         self.saved.append(node)
+        self._account(node, True)
 
     def drop(self, node: Node) -> None:
         """Delete node's record, xattrs and its reference to the data."""
@@ -96,6 +108,7 @@ class Mutation:
         node.stored_root = None
         node.deleted = True
         self.saved.append(node)
+        self._account(node, False)
 
     def link(self, parent: Node, name: bytes, child: Node) -> None:
         self.fs.store.meta.put(self.batch, CF_DIRENTS, name_key(parent.ino, name), parent.view.lv.top,
@@ -146,8 +159,43 @@ class Filesystem:
         view = self.views.get(b.view)
         if view is None:
             view = self._add_view(b.view, b.name, "branch", b.head, b.epoch)
+            view.quota_bytes, view.quota_inodes = b.quota_bytes, b.quota_inodes
+            self.load_usage(view)
             self._recover_orphans(view)
         return view
+
+    def set_quota(self, view: View, quota_bytes: int | None, quota_inodes: int | None) -> None:
+        """Persist a branch's quotas (None: leave as is, 0: none)."""
+        b = self.store.catalog.branches[view.name]
+        if quota_bytes is not None:
+            b.quota_bytes = view.quota_bytes = quota_bytes
+        if quota_inodes is not None:
+            b.quota_inodes = view.quota_inodes = quota_inodes
+        batch = Batch()
+        self.store.catalog.save_branch(b, batch)
+        self.store.commit(batch)
+
+    def load_usage(self, view: View) -> None:
+        usage = self.store.catalog.usage(view.lv.top)
+        if usage is None:  # never recorded (a snapshot's first view): count once
+            usage = self.count_usage(view.lv)
+        view.usage_bytes, view.usage_inodes = usage
+
+    def count_usage(self, lv: LayerView) -> tuple[int, int]:
+        """(logical bytes, inodes) the view sees, by a walk of all inode records."""
+        total = inodes = 0
+        last = None
+        for key, value in self.store.kv.scan(CF_INODES, b""):
+            ino = key[:8]
+            if ino == last or (1 << 64) - 1 - int.from_bytes(key[8:], "big") not in lv.ancestors:
+                continue
+            last = ino
+            if value:
+                a = Attrs.unpack(value)
+                inodes += 1
+                if stat.S_ISREG(a.mode):
+                    total += a.size
+        return total, inodes
 
     def snapshot_view(self, snap: "object") -> View:
         view = self.views.get(snap.view)  # type: ignore[attr-defined]
@@ -255,6 +303,9 @@ class Filesystem:
             self._commit(m)
 
     def _commit(self, m: Mutation) -> None:
+        for view in m.views:
+            if view.kind == "branch":
+                self.store.catalog.save_usage(view.lv.top, view.usage_bytes, view.usage_inodes, m.batch)
         try:
             self.store.commit(m.batch, m.txn)
         except Exception as exc:
@@ -294,6 +345,7 @@ class Filesystem:
                 raise FSError(errno.ENOENT)
             if self.child_ino(parent, name) is not None:
                 raise FSError(errno.EEXIST)
+            parent.view.check_quota(more_inodes=1)
             node = self._new_node(m, parent, mode, uid, gid, rdev, target, groups)
             if stat.S_ISDIR(mode):
                 parent.attrs.nlink += 1
@@ -437,6 +489,7 @@ class Filesystem:
                     raise FSError(errno.EISDIR)
                 if size > MAX_FILE_SIZE or size < 0:
                     raise FSError(errno.EFBIG)
+                node.view.check_quota(more_bytes=size - a.size)
                 if size != a.size:
                     node.truncate_buffers(size, self.store.objects)
                     self._flush_node_into(m, node, self._encode(node.dirty), size)
@@ -495,6 +548,11 @@ class Filesystem:
             raise FSError(errno.EROFS)
         if off + len(data) > MAX_FILE_SIZE:
             raise FSError(errno.EFBIG)
+        growth = off + len(data) - node.attrs.size
+        if growth > 0:
+            node.view.check_quota(more_bytes=growth)
+            node.view.usage_bytes += growth
+            node.counted_bytes += growth
         try:
             new = node.write(off, data, self.store.objects)
         except codec.CorruptObject as exc:

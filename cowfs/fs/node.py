@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 class Node:
     __slots__ = ("view", "ino", "attrs", "stored_layer", "stored_root", "lookups", "opens",
-                 "dirty", "flushing", "deleted", "__weakref__")
+                 "dirty", "flushing", "deleted", "counted", "counted_bytes", "__weakref__")
 
     def __init__(self, view: "View", ino: int, attrs: Attrs, stored_layer: int | None) -> None:
         self.view = view
@@ -35,6 +35,9 @@ class Node:
         self.dirty: dict[int, bytearray] = {}
         self.flushing: dict[int, bytearray] = {}
         self.deleted = False
+        # What this inode contributes to its view's usage (inode count, logical bytes).
+        self.counted = stored_layer is not None
+        self.counted_bytes = attrs.size if self.counted and attrs.is_reg else 0
 
     # -- reads ---------------------------------------------------------------------------
     def chunk(self, index: int, objects: "ObjectStore") -> bytes | bytearray | None:
@@ -71,7 +74,10 @@ class Node:
 
     # -- writes --------------------------------------------------------------------------
     def write(self, off: int, data: bytes, objects: "ObjectStore") -> int:
-        """Apply a write to the dirty buffers; return how many new dirty chunks it created."""
+        """Apply a write to the dirty buffers; return how many new dirty chunks it created.
+
+        The caller has checked quotas and accounts the growth of the file size.
+        """
         new_chunks = 0
         pos, total = 0, len(data)
         mv = memoryview(data)

@@ -1,9 +1,11 @@
 """A view: one branch (writable) or snapshot (read-only) served by the daemon."""
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cowfs.errors import FSError
 from cowfs.meta.versioned import LayerView
 
 if TYPE_CHECKING:
@@ -20,6 +22,16 @@ class View:
     lv: LayerView
     epoch: int = 0  # a branch's rollback count: part of the inode numbers the kernel sees
     nodes: dict[int, "Node"] = field(default_factory=dict)
+    usage_bytes: int = 0  # logical bytes of regular files
+    usage_inodes: int = 0
+    quota_bytes: int = 0  # 0: no quota
+    quota_inodes: int = 0
+
+    def check_quota(self, more_bytes: int = 0, more_inodes: int = 0) -> None:
+        if more_bytes > 0 and self.quota_bytes and self.usage_bytes + more_bytes > self.quota_bytes:
+            raise FSError(errno.EDQUOT, f"branch {self.name!r} would exceed its quota of {self.quota_bytes} bytes")
+        if more_inodes > 0 and self.quota_inodes and self.usage_inodes + more_inodes > self.quota_inodes:
+            raise FSError(errno.EDQUOT, f"branch {self.name!r} would exceed its quota of {self.quota_inodes} inodes")
 
     @property
     def writable(self) -> bool:

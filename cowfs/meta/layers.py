@@ -36,6 +36,8 @@ class Branch:
     created: float = field(default_factory=time.time)
     parent: str | None = None  # snapshot or branch it was made from
     epoch: int = 0  # bumped by rollback: inode numbers of the restored tree are new to the kernel
+    quota_bytes: int = 0  # 0: no quota
+    quota_inodes: int = 0
 
 
 @dataclass
@@ -110,3 +112,19 @@ class Catalog:
     def forget_layer(self, layer: int, batch: Batch) -> None:
         self.parents.pop(layer, None)
         batch.delete(CF_META, b"layer/" + layer.to_bytes(8, "big"))
+        batch.delete(CF_META, usage_key(layer))
+
+    def usage(self, layer: int) -> tuple[int, int] | None:
+        """(logical bytes, inodes) of what the layer's view sees, recorded at its last change."""
+        raw = self.kv.get(CF_META, usage_key(layer))
+        if raw is None:
+            return None
+        return int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:16], "big")
+
+    @staticmethod
+    def save_usage(layer: int, usage_bytes: int, usage_inodes: int, batch: Batch) -> None:
+        batch.put(CF_META, usage_key(layer), max(usage_bytes, 0).to_bytes(8, "big") + max(usage_inodes, 0).to_bytes(8, "big"))
+
+
+def usage_key(layer: int) -> bytes:
+    return b"usage/" + layer.to_bytes(8, "big")
