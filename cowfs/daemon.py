@@ -24,7 +24,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from cowfs import admin
+from cowfs import admin, notify
 from cowfs.errors import FSError, StoreError
 from cowfs.fs.branching import run_gc
 from cowfs.fs.filesystem import Filesystem
@@ -290,6 +290,19 @@ class Daemon:
                     break
                 log.warning("fusermount3 -u%s %s: %s", "z" if lazy else "", mp, r.stderr.decode().strip())
 
+    async def _watchdog(self) -> None:
+        """Ping systemd's watchdog only while the event loop answers FUSE work promptly.
+
+        The ping runs in the same loop as the request handlers: a daemon stuck in a handler
+        stops pinging and systemd restarts it instead of leaving sandboxes hanging.
+        """
+        interval = notify.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            notify.notify("WATCHDOG=1")
+            await trio.sleep(interval)
+
     async def _gc_loop(self) -> None:
         while True:
             await self.fs.gc_wanted.wait()
@@ -314,9 +327,12 @@ class Daemon:
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._tune_readahead)
             nursery.start_soon(self._gc_loop)
+            nursery.start_soon(self._watchdog)
             ready(None)
+            notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.cfg.mountpoint}")
             await pyfuse3.main(min_tasks=1, max_tasks=8)
             log.info("unmounted: committing and syncing")
+            notify.notify("STOPPING=1")
             await self.fs.flush()
             await self.store.sync()
             nursery.cancel_scope.cancel()
