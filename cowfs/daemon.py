@@ -266,7 +266,9 @@ class Daemon:
         if cmd == "gc":
             async with self.fs.lock:
                 await self.fs._flush_locked()
-            return {"ok": True, "versions_removed": await run_gc(self.fs)}
+            removed = await run_gc(self.fs)
+            await trio.to_thread.run_sync(self.store.kv.compact)
+            return {"ok": True, "versions_removed": removed, "disk_bytes": self.store.kv.disk_usage()}
         return {"ok": False, "error": f"unknown admin command {cmd!r}"}
 
     async def _watch_signals(self) -> None:

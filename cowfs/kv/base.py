@@ -51,6 +51,10 @@ class KV(ABC):
         """Return once every earlier write survives a power loss (blocking: call in a thread)."""
 
     @abstractmethod
+    def compact(self) -> None:
+        """Reclaim the space of deleted keys now (blocking: call in a thread)."""
+
+    @abstractmethod
     def disk_usage(self) -> int:
         """Bytes the backend occupies on disk."""
 

@@ -47,6 +47,7 @@ class RocksKV(KV):
                 raise StoreLockedError(str(exc)) from exc
             raise
         self.path = path
+        self._blob_families = blob_families
         self._cf = {name: self.db.get_column_family(name) for name in families}
         self._handles = {name: self.db.get_column_family_handle(name) for name in families}
         self._wo = rd.WriteOptions()
@@ -78,6 +79,21 @@ class RocksKV(KV):
 
     def sync(self) -> None:
         self.db.flush_wal(True)
+
+    def compact(self) -> None:
+        opts = rd.CompactOptions()
+        opts.set_bottommost_level_compaction(rd.BottommostLevelCompaction.force())
+        for name, cf in self._cf.items():
+            blob = name in self._blob_families
+            if blob:  # let this compaction rewrite every blob file, not only the oldest quarter
+                cf.set_options({"blob_garbage_collection_age_cutoff": "1.0",
+                                "blob_garbage_collection_force_threshold": "0.0"})
+            try:
+                cf.compact_range(None, None, opts)
+            finally:
+                if blob:
+                    cf.set_options({"blob_garbage_collection_age_cutoff": "0.25",
+                                    "blob_garbage_collection_force_threshold": "1.0"})
 
     def disk_usage(self) -> int:
         total = 0
