@@ -1,0 +1,146 @@
+"""Fixtures for tests that run against a real cowfs mount (see tests/mounting.py).
+
+* ``cowfs_mount``: a fresh store mounted with ``cowfs mount --foreground`` (function scope);
+  it has ``.path``, ``.store``, ``.remount()``, ``.log_text()``.
+* ``mount_factory(options=(), store=None, ...)``: make more mounts (e.g. ``-o allow_other``).
+* ``shared_tmp``: a world-traversable temporary directory (pytest's own tmp dirs are 0700 and
+  unreachable for the unprivileged test user); mount points live there.
+
+Every mount is unmounted at teardown, even when the test failed; the daemon log is attached to
+failure reports.  A session-level safety net lazily unmounts any FUSE mount left below the
+pytest temporary directories.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import mounting  # noqa: E402
+
+UNPRIV_UID = int(os.environ.get("COWFS_TEST_UID", "65534"))
+UNPRIV_GID = int(os.environ.get("COWFS_TEST_GID", "65534"))
+_SHARED_PREFIX = "cowfs-tests-"
+_SESSION_DIRS: list[str] = []   # roots whose leftover mounts the safety net may remove
+
+
+def _test_timeout(item) -> float:
+    m = item.get_closest_marker("timeout")
+    if m is not None and m.args:
+        return float(m.args[0])
+    if m is not None and "timeout" in m.kwargs:
+        return float(m.kwargs["timeout"])
+    try:
+        return float(item.config.getini("timeout") or 300)
+    except (ValueError, TypeError):
+        return 300.0
+
+
+@pytest.fixture(scope="session")
+def shared_tmp():
+    d = Path(tempfile.mkdtemp(prefix=_SHARED_PREFIX, dir="/tmp"))
+    os.chmod(d, 0o755)
+    _SESSION_DIRS.append(str(d))
+    yield d
+    left = mounting.fuse_mounts_under(str(d))
+    for e in left:
+        mounting.lazy_unmount(e["mountpoint"])
+    if not mounting.fuse_mounts_under(str(d)):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def test_dir(request, shared_tmp):
+    """A world-traversable per-test directory (removed at teardown)."""
+    name = "".join(c if c.isalnum() else "_" for c in request.node.name)[:60]
+    d = Path(tempfile.mkdtemp(prefix=name + "-", dir=shared_tmp))
+    os.chmod(d, 0o755)
+    yield d
+    if not mounting.fuse_mounts_under(str(d)):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def mount_factory(request, tmp_path, test_dir):
+    """``make(options=(), store=None, init=True, name=None, branch=None, start=True)``."""
+    mounts: list[mounting.Mount] = []
+    request.node._cowfs_mounts = mounts
+    watchdog = max(10.0, _test_timeout(request.node) - 20.0)
+    counter = iter(range(1, 1000))
+
+    def make(options=(), store=None, init=True, name=None, branch=None, start=True,
+             extra_args=()):
+        i = next(counter)
+        name = name or f"m{i}"
+        if store is None:
+            store = tmp_path / f"store-{name}"
+            if init:
+                mounting.init_store(store)
+        mp = test_dir / f"mnt-{name}"
+        m = mounting.Mount(store, mp, tmp_path / f"daemon-{name}.log", options=options,
+                           branch=branch, extra_args=extra_args)
+        mounts.append(m)
+        if start:
+            m.start()
+        m.arm_watchdog(watchdog)
+        return m
+
+    yield make
+    problems = []
+    for m in mounts:
+        for p in m.close():
+            problems.append(f"[{m.path}] {p}\n{m.describe()}")
+    if problems:
+        pytest.fail("cowfs mount teardown problems:\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def cowfs_mount(mount_factory):
+    """A fresh cowfs store mounted at ``.path`` (``.store``, ``.remount()``, ``.log_text()``)."""
+    return mount_factory()
+
+
+@pytest.fixture
+def unpriv_ids():
+    return UNPRIV_UID, UNPRIV_GID
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        for m in getattr(item, "_cowfs_mounts", ()):
+            text = m.log_text()
+            lines = text.splitlines()
+            if len(lines) > 200:
+                text = "\n".join(["[... %d earlier lines ...]" % (len(lines) - 200)]
+                                 + lines[-200:])
+            rep.sections.append((f"cowfs daemon log {m.log_path}", text))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Safety net: never leave a FUSE mount behind."""
+    msgs = mounting.cleanup_all_mounts()
+    # Only this session's directories: other pytest sessions may run concurrently.
+    roots = [r.rstrip("/") + "/" for r in _SESSION_DIRS]
+    try:
+        roots.append(str(session.config._tmp_path_factory.getbasetemp()).rstrip("/") + "/")
+    except Exception:
+        pass
+    for e in mounting.mount_entries():
+        if not e["fstype"].startswith("fuse"):
+            continue
+        if any((e["mountpoint"] + "/").startswith(r) for r in roots):
+            msgs.append(f"lazily unmounting leftover FUSE mount {e['mountpoint']}")
+            mounting.lazy_unmount(e["mountpoint"])
+    if msgs:
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line("cowfs safety net: " + "; ".join(msgs), yellow=True)

@@ -1,0 +1,988 @@
+"""Real-mount test harness for cowfs.
+
+* :class:`Mount` runs ``cowfs mount --foreground STORE MP`` as a child process, waits until the
+  mount is ready and always tears it down (``fusermount3 -u``, then ``-uz`` and SIGKILL as a last
+  resort).  A watchdog can abort a hung daemon (SIGABRT first, so that ``PYTHONFAULTHANDLER``
+  dumps its thread stacks into the daemon log) which unblocks any process stuck in a FUSE call.
+* :class:`Worker` is a child process that executes filesystem operations sent over a pipe,
+  optionally after dropping to another uid/gid.  Every call has a timeout, so a hung FUSE daemon
+  can never hang the test process itself.
+* :func:`snapshot` / :func:`compare_snapshots` capture and compare whole trees.
+
+The module has no pytest dependency; it is also the worker's entry point
+(``python mounting.py --worker``).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import pickle
+import re
+import select
+import shlex
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 20.0
+STOP_TIMEOUT = 30.0
+HIDDEN = ".cowfs"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+
+class MountError(AssertionError):
+    """The cowfs daemon did not start / stop as the CLI contract says."""
+
+
+class OpTimeout(AssertionError):
+    """A filesystem operation did not return in time (the FUSE daemon is presumably hung)."""
+
+
+def cowfs_command() -> list[str]:
+    """The command that runs the cowfs CLI (``$COWFS_BIN`` overrides it)."""
+    env = os.environ.get("COWFS_BIN")
+    if env:
+        return shlex.split(env)
+    cand = REPO / ".venv" / "bin" / "cowfs"
+    if cand.exists():
+        return [str(cand)]
+    found = shutil.which("cowfs")
+    if found:
+        return [found]
+    raise MountError("cowfs CLI not found: run `bash scripts/setup.sh` or set COWFS_BIN")
+
+
+def run_cowfs(*args, timeout: float = 60, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    cmd = cowfs_command() + [str(a) for a in args]
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired as e:
+        raise MountError(f"`{shlex.join(cmd)}` did not finish within {timeout}s\n"
+                         f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}") from None
+    if check and r.returncode != 0:
+        raise MountError(f"`{shlex.join(cmd)}` exited with {r.returncode}\n"
+                         f"stdout:\n{r.stdout.decode(errors='replace')}\n"
+                         f"stderr:\n{r.stderr.decode(errors='replace')}")
+    return r
+
+
+def init_store(store: os.PathLike) -> Path:
+    run_cowfs("init", store)
+    return Path(store)
+
+
+def call_with_timeout(fn, *args, timeout: float = 30, what: str | None = None, **kw):
+    """Run ``fn(*args, **kw)`` in a daemon thread; raise OpTimeout if it does not return in time.
+
+    A thread stuck in a FUSE request is released once the connection is aborted (daemon killed).
+    """
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args, **kw)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True, name=f"timeout:{what or fn.__name__}")
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise OpTimeout(f"{what or getattr(fn, '__name__', fn)}{args!r} did not return within "
+                        f"{timeout}s (FUSE daemon hung?)")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _unescape(s: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
+
+
+def mount_entries() -> list[dict]:
+    """Parse /proc/self/mountinfo (never touches the mounted filesystems themselves)."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.rstrip("\n").partition(" - ")
+            lf = left.split()
+            rf = right.split()
+            out.append({
+                "dev": lf[2], "mountpoint": _unescape(lf[4]), "mount_options": lf[5].split(","),
+                "fstype": rf[0], "source": _unescape(rf[1]) if len(rf) > 1 else "",
+                "super_options": rf[2].split(",") if len(rf) > 2 else [],
+            })
+    return out
+
+
+def fuse_mounts_under(prefix: str) -> list[dict]:
+    prefix = os.path.abspath(prefix).rstrip("/") + "/"
+    return [e for e in mount_entries()
+            if e["fstype"].startswith("fuse") and (e["mountpoint"] + "/").startswith(prefix)]
+
+
+def mount_entry(path) -> dict | None:
+    path = os.path.abspath(path)
+    found = None
+    for e in mount_entries():
+        if e["mountpoint"] == path:
+            found = e          # the last one is the top of the stack
+    return found
+
+
+def is_mounted(path) -> bool:
+    e = mount_entry(path)
+    return e is not None and e["fstype"].startswith("fuse")
+
+
+def lazy_unmount(path) -> None:
+    subprocess.run(["fusermount3", "-uz", str(path)], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+
+
+def abort_fuse_connection(path) -> bool:
+    """Abort the kernel side of a FUSE connection (releases every blocked request)."""
+    e = mount_entry(path)
+    if e is None:
+        return False
+    minor = e["dev"].split(":")[1]
+    p = f"/sys/fs/fuse/connections/{minor}/abort"
+    try:
+        with open(p, "w") as f:
+            f.write("1")
+        return True
+    except OSError:
+        return False
+
+
+def pids_mentioning(path) -> list[int]:
+    """Processes whose command line mentions ``path`` (to find a backgrounded daemon)."""
+    want = os.fsencode(os.path.abspath(path))
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if want in args and any(b"cowfs" in a for a in args):
+            pids.append(int(d))
+    return pids
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_pid_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return not pid_alive(pid)
+
+
+# --------------------------------------------------------------------------------------------
+# Mount
+# --------------------------------------------------------------------------------------------
+
+_LIVE_MOUNTS: "set[Mount]" = set()
+
+
+class Mount:
+    """One cowfs mount run in the foreground as a child process.
+
+    Attributes: ``path`` (mount point), ``store``, ``log_path``; methods ``start``, ``stop``,
+    ``remount``, ``close`` (teardown, never raises), ``abort`` (hung daemon), ``log_text``.
+    """
+
+    def __init__(self, store, path, log_path, options=(), branch=None, extra_args=(),
+                 ready_timeout=READY_TIMEOUT):
+        self.store = Path(store)
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = Path(os.path.realpath(path))   # resolved now, never while mounted
+        self.log_path = Path(log_path)
+        self.options = list(options)
+        self.branch = branch
+        self.extra_args = list(extra_args)
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self.exit_codes: list[int] = []
+        self.problems: list[str] = []
+        self._watchdog: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        cmd = cowfs_command() + ["mount", str(self.store), str(self.path), "--foreground"]
+        if self.branch:
+            cmd += ["--branch", self.branch]
+        for o in self.options:
+            cmd += ["-o", o]
+        return cmd + self.extra_args
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int = 60) -> str:
+        lines = self.log_text().splitlines()
+        return "\n".join(lines[-n:])
+
+    def describe(self) -> str:
+        return (f"--- cowfs daemon log ({self.log_path}), last lines ---\n{self.log_tail()}\n"
+                f"--- end of daemon log ---")
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def mounted(self) -> bool:
+        return is_mounted(self.path)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "Mount":
+        if self.mounted():
+            raise MountError(f"{self.path} is already a mount point")
+        self.starts += 1
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n===== start #{self.starts}: {shlex.join(self.command())}\n".encode())
+            log.flush()
+            env = dict(os.environ, PYTHONFAULTHANDLER="1", PYTHONUNBUFFERED="1")
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=env, cwd="/")
+        _LIVE_MOUNTS.add(self)
+        t0 = time.monotonic()
+        deadline = t0 + self.ready_timeout
+        while not self.mounted():
+            rc = self.proc.poll()
+            if rc is not None:
+                self.exit_codes.append(rc)
+                raise MountError(f"`cowfs mount --foreground` exited with {rc} before "
+                                 f"{self.path} was mounted\n{self.describe()}")
+            if time.monotonic() > deadline:
+                self.abort(f"mount not ready after {self.ready_timeout}s", record=False)
+                raise MountError(f"{self.path} was not mounted within {self.ready_timeout}s "
+                                 f"of starting the daemon\n{self.describe()}")
+            time.sleep(0.02)
+        try:
+            call_with_timeout(os.stat, self.path, what="stat(mount root)",
+                              timeout=max(2.0, deadline - time.monotonic()))
+        except OpTimeout:
+            self.abort("stat of the fresh mount root hung", record=False)
+            raise MountError(f"mount appeared but stat({self.path}) hangs\n{self.describe()}")
+        except OSError as e:
+            raise MountError(f"mount appeared but stat({self.path}) fails: {e}\n{self.describe()}")
+        self.ready_seconds = time.monotonic() - t0
+        return self
+
+    def stop(self, method: str = "fusermount", timeout: float = STOP_TIMEOUT) -> int:
+        """Clean unmount; returns the daemon exit code.  Raises MountError (after forcing the
+        mount away) if the unmount fails or the daemon does not exit in time."""
+        if self.proc is None:
+            raise MountError("stop() without start()")
+        deadline = time.monotonic() + timeout
+        try:
+            if method == "fusermount":
+                last = None
+                while True:     # EBUSY can happen briefly while the kernel releases files
+                    r = subprocess.run(["fusermount3", "-u", str(self.path)],
+                                       stdin=subprocess.DEVNULL, capture_output=True,
+                                       timeout=max(1, deadline - time.monotonic()))
+                    if r.returncode == 0 or not self.mounted():
+                        break
+                    last = r.stderr.decode(errors="replace").strip()
+                    if time.monotonic() > deadline - 5 or "busy" not in last.lower():
+                        raise MountError(f"`fusermount3 -u {self.path}` failed: {last}")
+                    time.sleep(0.2)
+            elif method == "cowfs":
+                run_cowfs("umount", self.path, timeout=timeout)
+            elif method == "sigterm":
+                self.proc.send_signal(signal.SIGTERM)
+            else:
+                raise ValueError(method)
+            try:
+                rc = self.proc.wait(timeout=max(1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise MountError(f"daemon (pid {self.proc.pid}) still running {timeout}s after "
+                                 f"unmount via {method}") from None
+            self.exit_codes.append(rc)
+            if self.mounted():
+                raise MountError(f"{self.path} still mounted after unmount via {method} "
+                                 f"(daemon exit code {rc})")
+            return rc
+        except (MountError, subprocess.TimeoutExpired) as e:
+            self.force_cleanup()
+            raise MountError(f"{e}\n{self.describe()}") from None
+        finally:
+            if not self.alive() and not self.mounted():
+                _LIVE_MOUNTS.discard(self)
+
+    def remount(self, method: str = "fusermount") -> "Mount":
+        rc = self.stop(method)
+        if rc != 0:
+            raise MountError(f"daemon exited with {rc} on a clean unmount (expected 0)\n"
+                             f"{self.describe()}")
+        return self.start()
+
+    def force_cleanup(self) -> None:
+        """Last resort: lazy unmount and SIGKILL.  Never raises."""
+        try:
+            if self.mounted():
+                lazy_unmount(self.path)
+        except Exception:
+            pass
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            if self.mounted():
+                lazy_unmount(self.path)
+        except Exception:
+            pass
+        if not self.alive() and not self.mounted():
+            _LIVE_MOUNTS.discard(self)
+
+    def abort(self, reason: str, record: bool = True) -> None:
+        """The daemon is presumed hung: SIGABRT it (faulthandler dumps its stacks into the log),
+        then SIGKILL, abort the FUSE connection and lazily unmount.  Blocked callers get
+        ENOTCONN and return."""
+        with self._lock:
+            if record:
+                self.problems.append(reason)
+            if self.proc is not None and self.proc.poll() is None:
+                try:
+                    self.proc.send_signal(signal.SIGABRT)
+                    self.proc.wait(timeout=5)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+            if self.proc is not None and self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(timeout=10)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+            abort_fuse_connection(self.path)
+            self.force_cleanup()
+
+    def arm_watchdog(self, seconds: float) -> None:
+        self.disarm_watchdog()
+        msg = (f"watchdog: the test was still running {seconds:.0f}s after it started; the daemon "
+               f"was presumed hung and aborted with SIGABRT (its stacks are in the log)")
+        self._watchdog = threading.Timer(seconds, self.abort, args=(msg,))
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def disarm_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def close(self) -> list[str]:
+        """Teardown: always unmounts.  Returns problems found (non-zero exit, hang...)."""
+        self.disarm_watchdog()
+        problems = list(self.problems)
+        if self.proc is not None and (self.alive() or self.mounted()):
+            try:
+                rc = self.stop("fusermount")
+                if rc != 0:
+                    problems.append(f"daemon exited with code {rc} after a clean unmount "
+                                    f"(expected 0)")
+            except MountError as e:
+                problems.append(f"teardown unmount failed: {e}")
+        elif self.proc is not None and self.proc.returncode not in (None, 0) and not self.problems:
+            if not self.exit_codes or self.exit_codes[-1] != self.proc.returncode:
+                problems.append(f"daemon died during the test with exit code "
+                                f"{self.proc.returncode}")
+        self.force_cleanup()
+        return problems
+
+
+def cleanup_all_mounts() -> list[str]:
+    """Close every Mount still alive (session safety net)."""
+    msgs = []
+    for m in list(_LIVE_MOUNTS):
+        msgs.append(f"leftover mount {m.path} (pid {m.pid}) force-closed")
+        m.force_cleanup()
+        _LIVE_MOUNTS.discard(m)
+    return msgs
+
+
+# --------------------------------------------------------------------------------------------
+# Worker process
+# --------------------------------------------------------------------------------------------
+
+class WorkerError(AssertionError):
+    pass
+
+
+class Worker:
+    """Child process that runs filesystem operations received over a pipe.
+
+    ``call(op, *args)`` returns ``("ok", value)`` or ``("err", errno)``.  ``op`` is the name of
+    a function in ``WORKER_OPS`` or ``"os.<name>"``.  If ``uid`` is given the worker drops to
+    that uid/gid (and no supplementary groups) after importing everything it needs.
+    """
+
+    def __init__(self, uid: int | None = None, gid: int | None = None, groups=(),
+                 umask: int = 0o022, default_timeout: float = 30.0, on_timeout=None):
+        cmd = [sys.executable, "-u", os.path.abspath(__file__), "--worker", "--umask", oct(umask)]
+        if uid is not None:
+            cmd += ["--uid", str(uid), "--gid", str(gid if gid is not None else uid),
+                    "--groups", ",".join(str(g) for g in groups)]
+        self.uid, self.gid = uid, gid
+        self.default_timeout = default_timeout
+        self.on_timeout = on_timeout
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     cwd="/", start_new_session=True)
+        r = self.call("ping", timeout=30)
+        if r != ("ok", "pong"):
+            raise WorkerError(f"worker did not start: {r!r}")
+
+    def call(self, op: str, *args, timeout: float | None = None, **kwargs):
+        if self.proc.poll() is not None:
+            raise WorkerError(f"worker process is dead (exit code {self.proc.returncode})")
+        timeout = self.default_timeout if timeout is None else timeout
+        data = pickle.dumps((op, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        self.proc.stdin.write(struct.pack("!Q", len(data)) + data)
+        self.proc.stdin.flush()
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+
+        def read_exact(n):
+            buf = b""
+            while len(buf) < n:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    msg = (f"operation {op}{args!r} did not return within {timeout}s "
+                           f"(FUSE daemon hung?)")
+                    if self.on_timeout is not None:
+                        self.on_timeout(msg)
+                    self.kill()
+                    raise OpTimeout(msg)
+                chunk = os.read(fd, n - len(buf))
+                if not chunk:
+                    raise WorkerError(f"worker died during {op}{args!r} "
+                                      f"(exit code {self.proc.wait()})")
+                buf += chunk
+            return buf
+
+        (n,) = struct.unpack("!Q", read_exact(8))
+        res = pickle.loads(read_exact(n))
+        if res[0] == "exc":
+            raise WorkerError(f"worker raised in {op}{args!r}:\n{res[1]}")
+        return res
+
+    def ok(self, op: str, *args, **kwargs):
+        """Like call() but raise OSError on failure and return the value."""
+        r = self.call(op, *args, **kwargs)
+        if r[0] == "err":
+            raise OSError(r[1], f"{os.strerror(r[1])} [{op}{args!r}]")
+        return r[1]
+
+    def kill(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.kill()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+# ---- operations available in the worker (they run in the worker process) -------------------
+
+def renameat2(src, dst, flags=0):
+    r = _libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst),
+                        ctypes.c_uint(flags))
+    if r != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), src, None, dst)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def utimensat(path, atime, mtime, follow_symlinks=True, dir_fd=AT_FDCWD):
+    """``atime``/``mtime``: ns integer, ``"now"`` or ``"omit"``."""
+    def ts(v):
+        if v == "now":
+            return _Timespec(0, UTIME_NOW)
+        if v == "omit":
+            return _Timespec(0, UTIME_OMIT)
+        return _Timespec(v // 10**9, v % 10**9)
+    arr = (_Timespec * 2)(ts(atime), ts(mtime))
+    flags = 0 if follow_symlinks else AT_SYMLINK_NOFOLLOW
+    r = _libc.utimensat(dir_fd, os.fsencode(path) if path is not None else None, arr, flags)
+    if r != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+
+
+def futimens(fd, atime, mtime):
+    def ts(v):
+        if v == "now":
+            return _Timespec(0, UTIME_NOW)
+        if v == "omit":
+            return _Timespec(0, UTIME_OMIT)
+        return _Timespec(v // 10**9, v % 10**9)
+    arr = (_Timespec * 2)(ts(atime), ts(mtime))
+    if _libc.futimens(fd, arr) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _w_open(path, flags, mode=0o666):
+    """open(2), adding O_NONBLOCK for FIFOs so that opening one can never block."""
+    try:
+        if stat.S_ISFIFO(os.stat(path).st_mode):
+            flags |= os.O_NONBLOCK
+    except OSError:
+        pass
+    return os.open(path, flags, mode)
+
+
+def _w_write_file(path, flags, mode, offset, data):
+    fd = _w_open(path, flags, mode)
+    try:
+        if offset is None:
+            return os.write(fd, data)
+        return os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def _w_read_file(path, limit=1 << 24):
+    fd = _w_open(path, os.O_RDONLY)
+    try:
+        out = []
+        n = 0
+        while n < limit:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                break
+            out.append(b)
+            n += len(b)
+        return b"".join(out)
+    finally:
+        os.close(fd)
+
+
+def _w_read_fd_all(fd, offset=0, limit=1 << 24):
+    out = []
+    while True:
+        b = os.pread(fd, 1 << 20, offset)
+        if not b:
+            return b"".join(out)
+        out.append(b)
+        offset += len(b)
+        if offset > limit:
+            return b"".join(out)
+
+
+def norm_stat(st) -> dict:
+    return {"ino": st.st_ino, "mode": st.st_mode, "nlink": st.st_nlink, "uid": st.st_uid,
+            "gid": st.st_gid, "size": st.st_size, "rdev": st.st_rdev, "blocks": st.st_blocks,
+            "atime": st.st_atime_ns, "mtime": st.st_mtime_ns, "ctime": st.st_ctime_ns,
+            "blksize": st.st_blksize}
+
+
+def _w_stat(path, follow=True):
+    return norm_stat(os.stat(path) if follow else os.lstat(path))
+
+
+def _w_fstat(fd):
+    return norm_stat(os.fstat(fd))
+
+
+def _errwrap(fn, *a, **k):
+    try:
+        return ("ok", fn(*a, **k))
+    except OSError as e:
+        return ("err", e.errno)
+
+
+def _w_stamps(paths=(), fds=()):
+    """(mtime, ctime) for lstat(path) / stat(parent) entries and fstat(fd)."""
+    out = []
+    for p, follow in paths:
+        try:
+            st = os.stat(p) if follow else os.lstat(p)
+            out.append((st.st_mtime_ns, st.st_ctime_ns, st.st_ino, stat.S_IFMT(st.st_mode)))
+        except OSError as e:
+            out.append(("err", e.errno))
+    for fd in fds:
+        try:
+            st = os.fstat(fd)
+            out.append((st.st_mtime_ns, st.st_ctime_ns, st.st_ino, stat.S_IFMT(st.st_mode)))
+        except OSError as e:
+            out.append(("err", e.errno))
+    return out
+
+
+def _w_step(op, args, kwargs, watch_paths=(), watch_fds=(), min_age_ns=0):
+    """Stamps before, the operation, stamps after - one round trip.
+
+    With ``min_age_ns``, wait until the newest watched mtime/ctime is at least that old, so
+    that a filesystem whose timestamps come from a coarse clock (e.g. FUSE with writeback
+    cache: the kernel's jiffy clock) can show a change."""
+    pre = _w_stamps(watch_paths, watch_fds)
+    if min_age_ns:
+        now = time.time_ns()
+        newest = max([t for s in pre if s[0] != "err" for t in s[:2]
+                      if now - 10**9 < t <= now + 10**9], default=None)
+        if newest is not None and now - newest < min_age_ns:
+            time.sleep((min_age_ns - max(0, now - newest)) / 1e9)
+    fn = _resolve_op(op)
+    res = _errwrap(fn, *args, **kwargs)
+    post = _w_stamps(watch_paths, watch_fds)
+    return pre, res, post
+
+
+def snapshot(root, content_limit=1 << 22, xattr_prefixes=("user.",), exclude_root=(HIDDEN,),
+             read_contents=True):
+    """Everything observable about the tree under ``root`` (not following symlinks).
+
+    Returns {relpath: entry}; errors are recorded as ("err", errno) values, never raised.
+    """
+    out = {}
+
+    def visit(rel):
+        p = os.path.join(root, rel) if rel else root
+        e = {}
+        try:
+            st = os.lstat(p)
+        except OSError as ex:
+            out[rel] = {"lstat": ("err", ex.errno)}
+            return
+        e.update(norm_stat(st))
+        fmt = stat.S_IFMT(st.st_mode)
+        e["type"] = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink",
+                     stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket", stat.S_IFCHR: "chardev",
+                     stat.S_IFBLK: "blockdev"}.get(fmt, oct(fmt))
+        if fmt == stat.S_IFLNK:
+            e["target"] = _errwrap(os.readlink, p)
+        if fmt == stat.S_IFREG and read_contents:
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+                try:
+                    if st.st_size <= content_limit:
+                        e["content"] = ("ok", _w_read_fd_all(fd))
+                    else:
+                        h = hashlib.sha256()
+                        off = 0
+                        while True:
+                            b = os.pread(fd, 1 << 20, off)
+                            if not b:
+                                break
+                            h.update(b)
+                            off += len(b)
+                        e["content"] = ("ok", ("sha256", h.hexdigest(), off))
+                finally:
+                    os.close(fd)
+            except OSError as ex:
+                e["content"] = ("err", ex.errno)
+        if fmt in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK):
+            try:
+                names = os.listxattr(p, follow_symlinks=False)
+                xs = {}
+                for n in sorted(names):
+                    if n.startswith(tuple(xattr_prefixes)):
+                        xs[n] = _errwrap(os.getxattr, p, n, follow_symlinks=False)
+                e["xattrs"] = ("ok", xs)
+            except OSError as ex:
+                e["xattrs"] = ("err", ex.errno)
+        out[rel] = e
+        if fmt == stat.S_IFDIR:
+            try:
+                names = sorted(os.listdir(p))
+            except OSError as ex:
+                e["entries"] = ("err", ex.errno)
+                return
+            if not rel:
+                names = [n for n in names if n not in exclude_root]
+            e["entries"] = ("ok", names)
+            for n in names:
+                visit(os.path.join(rel, n) if rel else n)
+
+    visit("")
+    return out
+
+
+def _w_rm_contents(root, keep=()):
+    """Remove everything below root (making directories writable/searchable first)."""
+    def rm(p):
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
+                os.chmod(p, 0o700)
+            for n in os.listdir(p):
+                rm(os.path.join(p, n))
+            os.rmdir(p)
+        else:
+            os.unlink(p)
+    if stat.S_IMODE(os.lstat(root).st_mode) & 0o700 != 0o700:
+        os.chmod(root, stat.S_IMODE(os.lstat(root).st_mode) | 0o700)
+    for n in os.listdir(root):
+        if n not in keep:
+            rm(os.path.join(root, n))
+    return sorted(os.listdir(root))
+
+
+def _w_list_paths(root, max_depth=3, exclude_root=(HIDDEN,)):
+    """Relative paths of everything below root (lstat walk, no symlinks followed)."""
+    out = []
+
+    def walk(rel, depth):
+        p = os.path.join(root, rel) if rel else root
+        try:
+            names = sorted(os.listdir(p))
+        except OSError:
+            return
+        for n in names:
+            if not rel and n in exclude_root:
+                continue
+            r = os.path.join(rel, n) if rel else n
+            out.append(r)
+            try:
+                if depth < max_depth and stat.S_ISDIR(os.lstat(os.path.join(root, r)).st_mode):
+                    walk(r, depth + 1)
+            except OSError:
+                pass
+    walk("", 1)
+    return out
+
+
+def _w_close_all(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _w_scandir_names(path):
+    with os.scandir(path) as it:
+        return [e.name for e in it]
+
+
+WORKER_OPS = {
+    "ping": lambda: "pong",
+    "open": _w_open,
+    "write_file": _w_write_file,
+    "read_file": _w_read_file,
+    "read_fd_all": _w_read_fd_all,
+    "renameat2": renameat2,
+    "utimensat": utimensat,
+    "futimens": futimens,
+    "stat": _w_stat,
+    "fstat": _w_fstat,
+    "stamps": _w_stamps,
+    "step": _w_step,
+    "snapshot": snapshot,
+    "rm_contents": _w_rm_contents,
+    "close_all": _w_close_all,
+    "list_paths": _w_list_paths,
+    "scandir_names": _w_scandir_names,
+    "ids": lambda: (os.getuid(), os.geteuid(), os.getgid(), os.getegid(), os.getgroups()),
+}
+
+
+def _resolve_op(op):
+    if op.startswith("os."):
+        return getattr(os, op[3:])
+    return WORKER_OPS[op]
+
+
+def _worker_main(argv):
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--uid", type=int)
+    ap.add_argument("--gid", type=int)
+    ap.add_argument("--groups", default="")
+    ap.add_argument("--umask", default="0o022")
+    a = ap.parse_args(argv)
+    os.umask(int(a.umask, 8))
+    if a.uid is not None:
+        groups = [int(g) for g in a.groups.split(",") if g]
+        os.setgroups(groups)
+        os.setresgid(a.gid, a.gid, a.gid)
+        os.setresuid(a.uid, a.uid, a.uid)
+    inp = sys.stdin.buffer
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr
+
+    def read_exact(n):
+        buf = b""
+        while len(buf) < n:
+            chunk = inp.read(n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return buf
+
+    while True:
+        hdr = read_exact(8)
+        if hdr is None:
+            return 0
+        (n,) = struct.unpack("!Q", hdr)
+        op, args, kwargs = pickle.loads(read_exact(n))
+        try:
+            fn = _resolve_op(op)
+            res = ("ok", fn(*args, **kwargs))
+        except OSError as e:
+            res = ("err", e.errno)
+        except BaseException:  # noqa: BLE001 - reported to the caller
+            res = ("exc", traceback.format_exc())
+        data = pickle.dumps(res, protocol=pickle.HIGHEST_PROTOCOL)
+        out.write(struct.pack("!Q", len(data)) + data)
+        out.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# Snapshot comparison
+# --------------------------------------------------------------------------------------------
+
+def _link_groups(snap):
+    by_ino = {}
+    for rel, e in snap.items():
+        if e.get("type") not in (None, "dir"):
+            by_ino.setdefault(e["ino"], []).append(rel)
+    return {rel: tuple(sorted(paths)) for paths in by_ino.values() for rel in paths}
+
+
+def _fmt_bytes_diff(a: bytes, b: bytes) -> str:
+    if len(a) != len(b):
+        head = f"lengths {len(a)} vs {len(b)}"
+    else:
+        head = f"same length {len(a)}"
+    for i in range(min(len(a), len(b))):
+        if a[i] != b[i]:
+            return f"{head}; first difference at offset {i}: {a[i:i+16]!r} vs {b[i:i+16]!r}"
+    return f"{head}; one is a prefix of the other"
+
+
+DEFAULT_IGNORE = ("ino", "atime", "mtime", "ctime", "blocks", "blksize", "dir_size")
+
+
+def compare_snapshots(a: dict, b: dict, names=("cowfs", "reference"), ignore=DEFAULT_IGNORE,
+                      ignore_root=("nlink",)) -> list[str]:
+    """Human-readable differences between two snapshots (empty list if equal).
+
+    Inode numbers are compared as hard-link groups unless "ino" is not ignored, in which case
+    the raw numbers are compared too.  Directory sizes are ignored unless "dir_size" is not
+    in ``ignore``.
+    """
+    diffs = []
+    na, nb = names
+    la, lb = _link_groups(a), _link_groups(b)
+    for rel in sorted(set(a) | set(b)):
+        shown = "/" + rel if rel else "/ (root)"
+        if rel not in a:
+            diffs.append(f"{shown}: only in {nb}: {b[rel].get('type')}")
+            continue
+        if rel not in b:
+            diffs.append(f"{shown}: only in {na}: {a[rel].get('type')}")
+            continue
+        ea, eb = a[rel], b[rel]
+        keys = sorted(set(ea) | set(eb))
+        for k in keys:
+            if k in ignore:
+                continue
+            if k == "size" and "dir_size" in ignore and ea.get("type") == "dir":
+                continue
+            if not rel and k in ignore_root:
+                continue
+            va, vb = ea.get(k), eb.get(k)
+            if va == vb:
+                continue
+            if k == "content" and va and vb and va[0] == vb[0] == "ok" and \
+                    isinstance(va[1], bytes) and isinstance(vb[1], bytes):
+                diffs.append(f"{shown}: content differs: {_fmt_bytes_diff(va[1], vb[1])}")
+            elif k == "mode":
+                diffs.append(f"{shown}: mode {na}={oct(va) if va is not None else None} "
+                             f"{nb}={oct(vb) if vb is not None else None}")
+            else:
+                ra, rb = repr(va), repr(vb)
+                if len(ra) > 300:
+                    ra = ra[:300] + "..."
+                if len(rb) > 300:
+                    rb = rb[:300] + "..."
+                diffs.append(f"{shown}: {k} {na}={ra} {nb}={rb}")
+        if la.get(rel) != lb.get(rel):
+            diffs.append(f"{shown}: hard-link group {na}={la.get(rel)} {nb}={lb.get(rel)}")
+    return diffs
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        sys.exit(_worker_main(sys.argv[1:]))
