@@ -69,6 +69,7 @@ def init_store(path: str) -> None:
         now = time.time_ns()
         root = Attrs(0o40755, os.getuid(), os.getgid(), 2, 0, 0, now, now, now)
         Versioned.put(batch, CF_INODES, ino_key(ROOT_INO), layer, root.pack())
+        cat.save_usage(layer, 0, 1, batch)
         batch.put(CF_META, b"counter/ino", (ROOT_INO + 1).to_bytes(8, "big"))
         kv.write(batch)
         kv.sync()
