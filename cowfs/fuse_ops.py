@@ -101,6 +101,8 @@ class Operations(pyfuse3.Operations):
         self._files: dict[int, Node] = {}
         self._dirs: dict[int, _Dir] = {}
         self._sessions: dict[int, _Session] = {}
+        self._write_fhs: set[int] = set()
+        self._writers: Counter[Node] = Counter()  # open handles that may write, per node
         self._next_fh = 1
 
     # -- inode numbers ---------------------------------------------------------------------
@@ -385,6 +387,10 @@ class Operations(pyfuse3.Operations):
         self.requests["rename"] += 1
         op = self._parent(parent_inode_old, name_old, errno.EPERM)
         np = self._parent(parent_inode_new, name_new, errno.EPERM)
+        if self._writers:
+            await self._writeback(op, name_old)
+            if flags & pyfuse3.RENAME_EXCHANGE:
+                await self._writeback(np, name_new)
         try:
             await self.fs.rename(op, name_old, np, name_new, flags)
         except FSError as exc:
@@ -438,7 +444,20 @@ class Operations(pyfuse3.Operations):
         # Under a byte quota, writers bypass the page cache: the kernel's writeback would
         # report EDQUOT late, as EIO; direct writes make write(2) itself fail with EDQUOT.
         direct = writing and node.view.quota_bytes > 0
+        if writing:
+            self._writers[node] += 1
+            self._write_fhs.add(fh)
         return pyfuse3.FileInfo(fh=fh, keep_cache=not direct, direct_io=direct)
+
+    async def _writeback(self, parent: Node, name: bytes) -> None:
+        """Before publishing a file still open for writing (rename, link), make the kernel
+        send us the dirty pages it holds for it, so the data commits no later than the name.
+        (A closed file's pages were sent at close.)  Costs that file's page cache."""
+        ino = self.fs.child_ino(parent, name)
+        node = parent.view.nodes.get(ino) if ino is not None else None
+        if node is not None and self._writers[node] > 0 and node.attrs.is_reg:
+            fino = self.fuse_ino(node)
+            await trio.to_thread.run_sync(lambda: pyfuse3.invalidate_inode(fino, attr_only=False))
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -477,8 +496,14 @@ class Operations(pyfuse3.Operations):
         self.requests["release"] += 1
         if self._sessions.pop(fh, None) is not None:
             return
+        node = self._files.pop(fh)
+        if fh in self._write_fhs:
+            self._write_fhs.discard(fh)
+            self._writers[node] -= 1
+            if self._writers[node] <= 0:
+                del self._writers[node]
         try:
-            await self.fs.released(self._files.pop(fh))
+            await self.fs.released(node)
         except FSError as exc:
             raise _err(exc) from None
 

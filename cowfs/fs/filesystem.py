@@ -41,6 +41,16 @@ XATTR_SIZE_MAX = 65536
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 
+CLOCK_REALTIME_COARSE = 5  # Linux; not exported by Python's time module
+
+
+def now_ns() -> int:
+    """The kernel's file-time clock: FUSE stamps written files with the coarse realtime clock
+    (in writeback mode the kernel owns their mtime), so ours must not run ahead of it, or a
+    later write could carry an earlier time than an earlier chmod."""
+    return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+
+
 def _dirent(ino: int, mode: int) -> bytes:
     return ino.to_bytes(8, "big") + bytes((stat.S_IFMT(mode) >> 12,))
 
@@ -70,7 +80,7 @@ class Mutation:
         self.txn = RefTxn()
         self.saved: list[Node] = []
         self.views: set[View] = set()  # views whose usage changed: their head's usage is rewritten
-        self.now = time.time_ns()
+        self.now = now_ns()
 
     def _account(self, node: Node, present: bool) -> None:
         view = node.view
@@ -319,12 +329,14 @@ class Filesystem:
     def _new_node(self, m: Mutation, parent: Node, mode: int, uid: int, gid: int, rdev: int = 0,
                   target: bytes = b"", groups: Iterable[int] = ()) -> Node:
         pa = parent.attrs
+        caller_gid = gid
         if pa.mode & stat.S_ISGID:
             gid = pa.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
+        # As inode_init_owner(): a non-root caller outside the file's group loses S_ISGID.
         if (mode & stat.S_ISGID and not stat.S_ISDIR(mode) and uid != 0
-                and gid not in groups and gid != parent.attrs.gid):
+                and gid != caller_gid and gid not in groups):
             mode &= ~stat.S_ISGID
         ino = self.store.alloc_ino()
         nlink = 2 if stat.S_ISDIR(mode) else 1
