@@ -282,5 +282,56 @@ def gc(target: str) -> None:
     click.echo(f"removed {reply['versions_removed']} metadata versions")
 
 
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--repair", is_flag=True, help="Fix what can be fixed without losing data.")
+@click.option("--no-verify-data", is_flag=True, help="Skip decoding and hashing every stored chunk.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def fsck(store: str, repair: bool, no_verify_data: bool, as_json: bool) -> None:
+    """Check STORE for consistency (exit 0 clean, 1 all problems repaired, 4 problems left).
+
+    The store must not be mounted: its daemon would change it under the check.
+    """
+    from cowfs.fsck import Fsck
+    from cowfs.store import Store
+
+    try:
+        st = Store(store)
+    except StoreError as exc:
+        _fail(f"{exc}; unmount it first (cowfs umount)" if "in use" in str(exc) else str(exc))
+    tty = sys.stderr.isatty() and not as_json
+    done: dict[str, int] = {}
+
+    def progress(stage: str, n: int) -> None:
+        done[stage] = done.get(stage, 0) + n
+        if tty and done[stage] % 500 == 0:
+            click.echo(f"\rfsck: {stage}: {done[stage]}", err=True, nl=False)
+
+    try:
+        report = Fsck(st, repair=repair, progress=progress, verify_data=not no_verify_data).run()
+    finally:
+        st.close()
+    if tty:
+        click.echo("\r" + " " * 40 + "\r", err=True, nl=False)
+    left = bool(report.problems) and (not repair or bool(report.unrepairable))
+    code = 0 if not report.problems else (4 if left else 1)
+    if as_json:
+        click.echo(json.dumps({"clean": report.clean, "problems": report.problems, "repaired": report.repaired,
+                               "unrepairable": report.unrepairable, "counts": dict(report.counts),
+                               "exit_code": code}))
+    else:
+        for p in report.problems:
+            click.echo(f"problem: {p}")
+        for r in report.repaired:
+            click.echo(f"repaired: {r}")
+        for u in report.unrepairable:
+            click.echo(f"cannot repair: {u}")
+        c = report.counts
+        click.echo(f"{st.path}: {c['inodes']} inodes in all views, {c['entries']} entries, "
+                   f"{c['objects']} objects checked: "
+                   + ("clean" if report.clean else f"{len(report.problems)} problems"))
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     main()

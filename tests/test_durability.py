@@ -21,10 +21,13 @@ import mounting
 
 
 def crash(m: mounting.Mount) -> None:
-    """SIGKILL the daemon, clear the dead mount, mount again."""
+    """SIGKILL the daemon, clear the dead mount, check the store with fsck, mount again."""
     os.kill(m.proc.pid, signal.SIGKILL)
     m.proc.wait(timeout=10)
     mounting.lazy_unmount(m.path)
+    r = mounting.run_cowfs("fsck", m.store, "--json", check=False, timeout=120)
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["clean"], f"fsck after SIGKILL: {report['problems'][:20]}"
     m.start()
 
 

@@ -1,6 +1,7 @@
 """RocksDB backend through rocksdict, in raw-bytes mode, one column family per concern."""
 from __future__ import annotations
 
+import gc
 import os
 from typing import Iterator
 
@@ -107,4 +108,9 @@ class RocksKV(KV):
 
     def close(self) -> None:
         self.db.flush_wal(True)
+        # Column-family handles keep the database (and its LOCK) alive until dropped.
+        self._cf.clear()
+        self._handles.clear()
         self.db.close()
+        del self.db
+        gc.collect()

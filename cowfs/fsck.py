@@ -1,0 +1,308 @@
+"""Full consistency check of a store (and repair of what can be fixed without losing data).
+
+What is checked, in order:
+  1. the catalog: branch heads and snapshots name known layers; every layer's ancestry ends
+     at the root layer;
+  2. every visible tree (each branch head and snapshot): the directory tree is connected,
+     entries point at live inodes of the type they claim, link counts are right, no inode
+     record is unreachable (an orphan) unless it is an open-but-unlinked file of the
+     orphans list;
+  3. references: the count stored for every object equals the references to it (one per
+     inode-record version holding a tree root, one per child slot of each node); every
+     referenced object exists; no object is stored without references;
+  4. every stored object decodes and matches its BLAKE3 hash;
+  5. every versioned key has its changelog entry (garbage collection relies on it).
+--repair rewrites wrong reference counts and link counts, deletes unreferenced objects,
+dangling directory entries and missing changelog entries, and links orphaned inodes into
+/lost+found of the branch they belong to. It reports what it could not fix (a missing or
+damaged chunk: the files that use it are named).
+"""
+from __future__ import annotations
+
+import stat
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from cowfs.chunks import codec
+from cowfs.chunks.store import CF_OBJECTS, CF_REFS
+from cowfs.kv.base import Batch
+from cowfs.meta.layers import Catalog, suffix_layer
+from cowfs.meta.records import Attrs
+from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_XATTRS, TAGS, LayerView, name_key
+from cowfs.store import CF_ORPHANS, ROOT_INO, Store
+
+LOST_FOUND = b"lost+found"
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    unrepairable: list[str] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+
+Progress = Callable[[str, int], None]
+
+
+def _versions(store: Store, cf: str) -> Iterator[tuple[bytes, int, bytes]]:
+    """(base key, layer, value) of every stored version in a versioned family."""
+    for key, value in store.kv.scan(cf, b""):
+        yield key[:-8], suffix_layer(key[-8:]), value
+
+
+class Fsck:
+    def __init__(self, store: Store, repair: bool = False, progress: Progress | None = None,
+                 verify_data: bool = True) -> None:
+        self.store = store
+        self.repair = repair
+        self.progress = progress or (lambda _stage, _n: None)
+        self.verify_data = verify_data
+        self.report = Report()
+        self.batch = Batch()
+        self.cat: Catalog = store.catalog
+
+    def run(self) -> Report:
+        self.check_catalog()
+        tops = self._tops()
+        for name, top in tops:
+            self.check_tree(name, top)
+        self.check_references()
+        self.check_changelog()
+        if self.repair and len(self.batch):
+            self.store.kv.write(self.batch)
+            self.store.kv.sync()
+        return self.report
+
+    # -- 1. catalog ------------------------------------------------------------------------
+    def _tops(self) -> list[tuple[str, int]]:
+        tops = [(f"branch {b.name}", b.head) for b in self.cat.branches.values()]
+        tops += [(f"snapshot {s.name}", s.layer) for s in self.cat.snapshots.values()]
+        return [(n, t) for n, t in tops if t in self.cat.parents]
+
+    def check_catalog(self) -> None:
+        for b in self.cat.branches.values():
+            if b.head not in self.cat.parents:
+                self.report.problem(f"branch {b.name}: head layer {b.head} does not exist")
+                self.report.unrepairable.append(f"branch {b.name} has no layer to read")
+        for s in self.cat.snapshots.values():
+            if s.layer not in self.cat.parents:
+                self.report.problem(f"snapshot {s.name}: layer {s.layer} does not exist")
+                self.report.unrepairable.append(f"snapshot {s.name} has no layer to read")
+        for layer in list(self.cat.parents):
+            seen = set()
+            cur = layer
+            while cur:
+                if cur in seen or cur not in self.cat.parents:
+                    self.report.problem(f"layer {layer}: its ancestry is broken at layer {cur}")
+                    break
+                seen.add(cur)
+                cur = self.cat.parents[cur]
+
+    # -- 2. trees --------------------------------------------------------------------------
+    def check_tree(self, name: str, top: int) -> None:
+        lv = LayerView(top, frozenset(self.cat.ancestry(top)))
+        meta = self.store.meta
+        records: dict[int, Attrs] = {}
+        links: Counter[int] = Counter()
+        subdirs: Counter[int] = Counter()
+        where: dict[int, tuple[int, bytes]] = {}
+        found = meta.get(CF_INODES, ROOT_INO.to_bytes(8, "big"), lv)
+        if not found or not found[1]:
+            self.report.problem(f"{name}: the root directory is missing")
+            return
+        records[ROOT_INO] = Attrs.unpack(found[1])
+        stack = [ROOT_INO]
+        while stack:
+            d = stack.pop()
+            for entry, value in list(meta.scan_names(CF_DIRENTS, d, lv)):
+                child = int.from_bytes(value[:8], "big")
+                self.report.counts["entries"] += 1
+                if child not in records:
+                    rec = meta.get(CF_INODES, child.to_bytes(8, "big"), lv)
+                    if not rec or not rec[1]:
+                        self.report.problem(f"{name}: entry {self._path(where, d, entry)!r} points at "
+                                            f"missing inode {child}")
+                        if self.repair and self._writable(top):
+                            meta.put(self.batch, CF_DIRENTS, name_key(d, entry), top, b"")  # tombstone
+                            self.report.repaired.append(f"{name}: removed dangling entry {entry!r}")
+                        continue
+                    a = Attrs.unpack(rec[1])
+                    records[child] = a
+                    where[child] = (d, entry)
+                    if stat.S_ISDIR(a.mode):
+                        stack.append(child)
+                        subdirs[d] += 1
+                a = records[child]
+                if stat.S_IFMT(a.mode) >> 12 != value[8]:
+                    self.report.problem(f"{name}: entry {self._path(where, d, entry)!r} has file type "
+                                        f"{value[8]} but inode {child} is {stat.S_IFMT(a.mode) >> 12}")
+                links[child] += 1
+                if stat.S_ISDIR(a.mode) and links[child] > 1:
+                    self.report.problem(f"{name}: directory inode {child} has {links[child]} names")
+            self.progress("trees", 1)
+        self.report.counts["inodes"] += len(records)
+        self._check_links(name, top, lv, records, links, subdirs)
+        self._check_orphans(name, top, lv, records)
+
+    def _path(self, where: dict[int, tuple[int, bytes]], parent: int, name: bytes) -> str:
+        parts = [name]
+        cur = parent
+        while cur != ROOT_INO and cur in where:
+            cur, n = where[cur]
+            parts.append(n)
+        return "/" + b"/".join(reversed(parts)).decode("utf-8", "surrogateescape")
+
+    def _writable(self, top: int) -> bool:
+        return top in {b.head for b in self.cat.branches.values()}
+
+    def _check_links(self, name: str, top: int, lv: LayerView, records: dict[int, Attrs],
+                     links: Counter[int], subdirs: Counter[int]) -> None:
+        for ino, a in records.items():
+            want = 2 + subdirs[ino] if stat.S_ISDIR(a.mode) else links[ino]
+            if a.nlink != want:
+                self.report.problem(f"{name}: inode {ino} has link count {a.nlink}, expected {want}")
+                if self.repair and self._writable(top):
+                    a.nlink = want
+                    self.store.meta.put(self.batch, CF_INODES, ino.to_bytes(8, "big"), top, a.pack())
+                    self.report.repaired.append(f"{name}: link count of inode {ino} set to {want}")
+
+    def _check_orphans(self, name: str, top: int, lv: LayerView, records: dict[int, Attrs]) -> None:
+        listed = {int.from_bytes(k[8:16], "big") for k, _ in self.store.kv.scan(CF_ORPHANS, b"")}
+        last = None
+        orphans = []
+        for base, layer, value in _versions(self.store, CF_INODES):
+            ino = int.from_bytes(base, "big")
+            if ino == last or layer not in lv.ancestors:
+                continue
+            last = ino
+            if value and ino not in records and ino not in listed:
+                orphans.append((ino, Attrs.unpack(value)))
+        for ino, a in orphans:
+            self.report.problem(f"{name}: inode {ino} is not reachable from the root (orphan)")
+            if self.repair and self._writable(top):
+                self._link_lost(top, lv, ino, a)
+                self.report.repaired.append(f"{name}: linked orphan inode {ino} into /lost+found")
+
+    def _link_lost(self, top: int, lv: LayerView, ino: int, a: Attrs) -> None:
+        meta = self.store.meta
+        found = meta.get(CF_DIRENTS, name_key(ROOT_INO, LOST_FOUND), lv)
+        if found and found[1]:
+            lost = int.from_bytes(found[1][:8], "big")
+        else:
+            lost = self.store.alloc_ino()
+            root = Attrs.unpack(meta.get(CF_INODES, ROOT_INO.to_bytes(8, "big"), lv)[1])  # type: ignore[index]
+            now = root.mtime_ns
+            d = Attrs(stat.S_IFDIR | 0o700, 0, 0, 2, 0, 0, now, now, now, parent=ROOT_INO, name=LOST_FOUND)
+            meta.put(self.batch, CF_INODES, lost.to_bytes(8, "big"), top, d.pack())
+            meta.put(self.batch, CF_DIRENTS, name_key(ROOT_INO, LOST_FOUND), top,
+                     lost.to_bytes(8, "big") + bytes((stat.S_IFDIR >> 12,)))
+            root.nlink += 1
+            meta.put(self.batch, CF_INODES, ROOT_INO.to_bytes(8, "big"), top, root.pack())
+        entry = f"#{ino}".encode()
+        meta.put(self.batch, CF_DIRENTS, name_key(lost, entry), top,
+                 ino.to_bytes(8, "big") + bytes((stat.S_IFMT(a.mode) >> 12,)))
+        a.parent, a.name, a.nlink = lost, entry, (2 if stat.S_ISDIR(a.mode) else 1)
+        meta.put(self.batch, CF_INODES, ino.to_bytes(8, "big"), top, a.pack())
+
+    # -- 3 and 4. references and objects ---------------------------------------------------
+    def check_references(self) -> None:
+        expected: Counter[bytes] = Counter()
+        users: dict[bytes, list[str]] = defaultdict(list)
+        for base, layer, value in _versions(self.store, CF_INODES):
+            if value:
+                a = Attrs.unpack(value)
+                if a.root is not None:
+                    expected[a.root.hash] += 1
+                    users[a.root.hash].append(f"inode {int.from_bytes(base, 'big')} (layer {layer})")
+        # Walk nodes from the roots: each node object contributes its children once.
+        kinds: dict[bytes, int] = {}
+        pending = list(expected)
+        seen: set[bytes] = set()
+        damaged: set[bytes] = set()
+        while pending:
+            h = pending.pop()
+            if h in seen:
+                continue
+            seen.add(h)
+            raw = self.store.kv.get(CF_OBJECTS, h)
+            if raw is None:
+                continue
+            kinds[h] = raw[0]
+            if raw[0] == codec.KIND_NODE:
+                node = raw[1:]
+                if codec.node_hash(node) != h:
+                    damaged.add(h)
+                    continue
+                for c in codec.node_children(node):
+                    expected[c] += 1
+                    users[c].extend(users[h][:3])
+                    pending.append(c)
+            self.progress("objects", 1)
+        stored: dict[bytes, int] = {}
+        for h, v in self.store.kv.scan(CF_REFS, b""):
+            stored[h] = int.from_bytes(v, "little")
+        present = {h for h, _ in self.store.kv.scan(CF_OBJECTS, b"")} if not self.verify_data else set()
+        if self.verify_data:
+            for h, raw in self.store.kv.scan(CF_OBJECTS, b""):
+                present.add(h)
+                try:
+                    if raw[0] == codec.KIND_NODE:
+                        if codec.node_hash(raw[1:]) != h:
+                            raise codec.CorruptObject("node does not match its hash")
+                    else:
+                        codec.decode_chunk(raw, h)
+                except (codec.CorruptObject, IndexError) as exc:
+                    damaged.add(h)
+                    self.report.counts["damaged_objects"] += 1
+                    self.report.problem(f"object {h.hex()} is damaged ({exc})")
+                self.report.counts["objects"] += 1
+                self.progress("verify", 1)
+        for h in damaged | {h for h in expected if h not in present}:
+            files = ", ".join(sorted(set(users.get(h, [])))[:10]) or "no file"
+            if h not in present:
+                self.report.problem(f"object {h.hex()} is referenced but missing; used by {files}")
+            self.report.unrepairable.append(f"data of {files} is lost (object {h.hex()[:16]}…)")
+        for h in set(expected) | set(stored):
+            want, have = expected.get(h, 0), stored.get(h, 0)
+            if want != have:
+                self.report.problem(f"object {h.hex()}: reference count {have}, expected {want}")
+                if self.repair:
+                    if want:
+                        self.batch.put(CF_REFS, h, want.to_bytes(8, "little"))
+                    else:
+                        self.batch.delete(CF_REFS, h)
+                    self.report.repaired.append(f"reference count of {h.hex()[:16]}… set to {want}")
+        for h in present - set(expected):
+            self.report.problem(f"object {h.hex()} is stored but nothing references it")
+            if self.repair:
+                self.batch.delete(CF_OBJECTS, h)
+                self.batch.delete(CF_REFS, h)
+                self.report.repaired.append(f"deleted unreferenced object {h.hex()[:16]}…")
+
+    # -- 5. changelog ----------------------------------------------------------------------
+    def check_changelog(self) -> None:
+        logged = {k for k, _ in self.store.kv.scan(CF_CHANGES, b"")}
+        for cf in (CF_INODES, CF_DIRENTS, CF_XATTRS):
+            for base, layer, _value in _versions(self.store, cf):
+                key = layer.to_bytes(8, "big") + TAGS[cf] + base
+                if key not in logged:
+                    self.report.problem(f"{cf} key {base.hex()} in layer {layer} is missing from the changelog")
+                    if self.repair:
+                        self.batch.put(CF_CHANGES, key, b"")
+                        self.report.repaired.append(f"changelog entry added for layer {layer}")
+                else:
+                    logged.discard(key)
+        for key in logged:
+            self.report.problem(f"changelog entry {key.hex()} names a key that does not exist")
+            if self.repair:
+                self.batch.delete(CF_CHANGES, key)
+                self.report.repaired.append("removed a stale changelog entry")
