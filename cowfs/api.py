@@ -201,6 +201,24 @@ def _store_of(mountpoint: str) -> str | None:
     return None
 
 
+def _pid_alive(pid: int) -> bool:
+    """A zombie (exited, not yet reaped) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _daemon_pid(store: str) -> int | None:
+    try:
+        with open(os.path.join(store, "daemon.pid")) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_alive(pid) else None
+
+
 def _syncfs(path: Path) -> None:
     """Make the kernel hand its dirty pages for this mount to the daemon."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -290,22 +308,36 @@ class Mount:
         return _store_of(str(self.path)) is not None
 
     def umount(self, timeout: float = 60.0) -> None:
-        """Flush, unmount and (if no other branch of the store is mounted) wait for the daemon."""
-        if self._umounted or not self.is_mounted():
+        """Flush, unmount and (if no other branch of the store is mounted) wait for the daemon.
+
+        As ``cowfs umount`` does it, without starting a Python process: ``fusermount3 -u``
+        (the kernel writes its dirty pages back first), then wait until the daemon has
+        committed, synced and exited.
+        """
+        mp = str(self.path)
+        store = _store_of(mp)
+        if self._umounted or store is None:
             self._umounted = True
             return
+        pid = _daemon_pid(store)
         deadline = time.monotonic() + timeout
         while True:
-            r = _run_cli(["umount", "--timeout", str(max(1, int(deadline - time.monotonic()))), str(self.path)],
-                         timeout=timeout + 10)
-            if r.returncode == 0:
+            r = subprocess.run(["fusermount3", "-u", "--", mp], stdin=subprocess.DEVNULL, capture_output=True,
+                               text=True, timeout=timeout)
+            if r.returncode == 0 or _store_of(mp) is None:
                 break
-            msg = _cli_message(r)
+            msg = r.stderr.strip() or f"fusermount3 -u {mp} failed"
             # a process that just left the sandbox may keep it busy for a moment
             if "busy" not in msg.lower() or time.monotonic() > deadline:
-                raise MountError(f"umount {self.path}: {msg}", _errno.EBUSY if "busy" in msg.lower() else None)
+                raise MountError(f"umount {mp}: {msg}", _errno.EBUSY if "busy" in msg.lower() else None)
             time.sleep(0.1)
         self._umounted = True
+        if pid is None or any(src == f"cowfs:{store}" for _mp, _r, _t, src in _mountinfo()):
+            return          # other branches of the store stay mounted: the daemon goes on
+        while _pid_alive(pid):
+            if time.monotonic() > deadline:
+                raise MountError(f"daemon pid {pid} did not exit within {timeout:.0f} s after unmount")
+            time.sleep(0.01)
 
     def attach(self, branch: str, mountpoint: PathLike, mkdir: bool = True) -> "Mount":
         """Mount another branch of the same store (served by the same daemon; needs root)."""

@@ -44,6 +44,11 @@ class Versioned:
 
     def get(self, cf: str, base: bytes, lv: LayerView) -> tuple[int, bytes] | None:
         """(layer, value) of the version lv sees (value may be a tombstone b""), or None."""
+        if len(lv.ancestors) == 1:
+            # A view with one layer (no snapshot yet): a point read is exact, and much
+            # cheaper than an iterator seek.
+            value = self.kv.get(cf, base + layer_suffix(lv.top))
+            return None if value is None else (lv.top, value)
         for key, value in self.kv.scan(cf, base + layer_suffix(lv.top), base):
             layer = suffix_layer(key[-8:])
             if layer in lv.ancestors:
