@@ -54,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -176,24 +177,43 @@ class Bench:
         return Bench.Phase(self, t, metric, ops)
 
     def guarded(self, t, what, fn, *a):
-        """Run one workload on one target; an error is recorded, the target remounted, the run goes on."""
+        """Run one workload on one target. A hang is cut short by a watchdog that aborts the FUSE
+        connection after --hang-timeout s; an error is recorded, the target is unmounted and mounted
+        afresh, and the run goes on."""
+        fired = threading.Event()
+        done = threading.Event()
+
+        def watchdog():
+            if not done.wait(self.args.hang_timeout) and t.fuse:
+                fired.set()
+                bl.log(f"!! {what} on {t.name}: no progress after {self.args.hang_timeout} s; "
+                       f"aborting the FUSE connection of {t.mp}")
+                bl.abort_fuse(t.mp)
+
+        wd = threading.Thread(target=watchdog, daemon=True)
+        wd.start()
         try:
             fn(t, *a)
             return True
         except Exception as e:  # noqa: BLE001
             msg = f"{type(e).__name__}: {str(e).strip()[:600]}"
+            if fired.is_set():
+                msg = f"hung for {self.args.hang_timeout} s, FUSE connection aborted; then {msg}"
             self.errors[(what, t.name)] = msg
             bl.log(f"!! {what} on {t.name} failed: {msg}")
             if self.args.verbose:
                 traceback.print_exc()
-            try:
-                if t.fuse and not bl.is_mounted(t.mp):
+            if t.fuse:
+                try:
                     t.teardown()
                     t.mount()
                     self.calibrate(t)
-            except Exception as e2:  # noqa: BLE001
-                bl.log(f"!! remounting {t.name} failed: {e2}")
+                except Exception as e2:  # noqa: BLE001
+                    bl.log(f"!! remounting {t.name} failed: {e2}")
             return False
+        finally:
+            done.set()
+            wd.join()
 
     # -- workloads --------------------------------------------------------------------------
     def seq_and_random(self, t: bl.Target, data: bytes) -> None:
@@ -510,8 +530,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="cowfs core benchmark (see the module docstring)",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="small sizes: --size-mib 256 --files 2000 --rounds 1 --seq-rounds 1 "
-                         "--tree-limit 2500 --rand-reads 1000 --rand-writes 300 (explicit flags win)")
+                    help="small sizes: --size-mib 512 --files 5000 --rounds 1 --seq-rounds 1 "
+                         "--rand-reads 1000 --rand-writes 300 (explicit flags win)")
     ap.add_argument("--size-mib", type=int, help="sequential file size, MiB (1024)")
     ap.add_argument("--files", type=int, help="files for create/stat/unlink (10000)")
     ap.add_argument("--rounds", type=int, help="rounds for files/tree/git, the median is printed (3)")
@@ -531,12 +551,14 @@ def main(argv=None) -> int:
     ap.add_argument("--cowfs", default=None, help="cowfs executable (.venv/bin/cowfs)")
     ap.add_argument("-o", "--cowfs-option", action="append", default=[], help="passed to cowfs mount -o")
     ap.add_argument("--cmd-timeout", type=int, default=1200, help="timeout of each tar/grep/rm/git call, s")
+    ap.add_argument("--hang-timeout", type=int, default=600,
+                    help="abort a FUSE target's connection when one workload round on it takes longer, s")
     ap.add_argument("--no-trace", action="store_true", help="do not count requests with the kernel tracepoint")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("-v", "--verbose", action="store_true")
     a = ap.parse_args(argv)
 
-    quick = dict(size_mib=256, files=2000, rounds=1, seq_rounds=1, tree_limit=2500, rand_reads=1000,
+    quick = dict(size_mib=512, files=5000, rounds=1, seq_rounds=1, tree_limit=None, rand_reads=1000,
                  rand_writes=300)
     full = dict(size_mib=1024, files=10000, rounds=3, seq_rounds=3, tree_limit=None, rand_reads=5000,
                 rand_writes=2000)
@@ -556,10 +578,12 @@ def main(argv=None) -> int:
             names.remove("cowfs")
 
     info = bl.machine_info()
+    info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     cmdline = "scripts/bench_core.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"# bench_core: {info['date']}; {info['nproc']} CPUs ({info['cpu']}), {info['mem_gib']} GiB, "
           f"kernel {info['kernel']}, Python {info['python']}")
     print(f"# command: {cmdline.strip()}")
+    print(f"# load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     print(f"# sizes: seq {a.size_mib} MiB x{a.seq_rounds} rounds, files {a.files}, rounds {a.rounds}, "
           f"rand reads {a.rand_reads}, "
           f"rand writes {a.rand_writes}, Django tree {'first ' + str(a.tree_limit) if a.tree_limit else 'all'} "
@@ -593,7 +617,11 @@ def main(argv=None) -> int:
         tar, entries = django_tar(a.cache, a.tree_limit)
     home = os.path.join(a.workdir, "home")
     os.makedirs(home)
-    genv = dict(os.environ, HOME=home, GIT_CONFIG_NOSYSTEM="1", GIT_AUTHOR_NAME="bench",
+    # no background `git gc --auto` (the tree has more loose objects than gc.auto's 6700): it would
+    # race the rm -rf and run into the next measurement
+    genv = dict(os.environ, HOME=home, GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_COUNT="2",
+                GIT_CONFIG_KEY_0="gc.auto", GIT_CONFIG_VALUE_0="0",
+                GIT_CONFIG_KEY_1="maintenance.auto", GIT_CONFIG_VALUE_1="false", GIT_AUTHOR_NAME="bench",
                 GIT_AUTHOR_EMAIL="bench@example.invalid", GIT_COMMITTER_NAME="bench",
                 GIT_COMMITTER_EMAIL="bench@example.invalid")
 
@@ -670,7 +698,9 @@ def main(argv=None) -> int:
         print(f"ERROR {w} on {tn}: {e}")
     for n in notes + bench.notes:
         print(f"note: {n}")
-    print(f"# total time {elapsed:.0f} s")
+    info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"# total time {elapsed:.0f} s; load average at the end: "
+          f"{' '.join(f'{x:.2f}' for x in info['loadavg_end'])}")
     if a.json:
         out = {"machine": info, "command": cmdline.strip(),
                "config": {k: getattr(a, k) for k in ("size_mib", "files", "rounds", "seq_rounds", "tree_limit",

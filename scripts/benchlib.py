@@ -46,14 +46,43 @@ def run(cmd, timeout=600, check=True, ok_codes=(0,), **kw) -> subprocess.Complet
     return p
 
 
-def is_mounted(path: str) -> bool:
-    path = os.path.realpath(path)
-    with open("/proc/self/mounts") as f:
+def _mountinfo_entry(path: str) -> list[str] | None:
+    """The /proc/self/mountinfo fields of the mount at `path` (the top one), without touching the
+    mounted filesystem itself (no stat: a hung FUSE daemon must not hang the caller)."""
+    path = os.path.abspath(path)
+    found = None
+    with open("/proc/self/mountinfo") as f:
         for line in f:
-            mp = line.split()[1].replace("\\040", " ")
-            if mp == path:
-                return True
-    return False
+            fields = line.split()
+            if fields[4].replace("\\040", " ") == path:
+                found = fields
+    return found
+
+
+def is_mounted(path: str) -> bool:
+    return _mountinfo_entry(path) is not None
+
+
+def fuse_connection(path: str) -> int | None:
+    """The FUSE connection number (= minor device number) of the mount at `path`."""
+    e = _mountinfo_entry(path)
+    if e is None:
+        return None
+    major, minor = (int(x) for x in e[2].split(":"))
+    return minor if major == 0 else None
+
+
+def abort_fuse(path: str) -> bool:
+    """Abort a FUSE connection: every request blocked on it fails with ENOTCONN."""
+    c = fuse_connection(path)
+    if c is None:
+        return False
+    try:
+        with open(f"/sys/fs/fuse/connections/{c}/abort", "w") as f:
+            f.write("1")
+        return True
+    except OSError:
+        return False
 
 
 def wait_for(cond, timeout: float, what: str, interval=0.05) -> None:
@@ -149,7 +178,12 @@ class LoopScratch:
 
     def teardown(self) -> None:
         if self.mounted:
-            p = subprocess.run(["umount", self.mountpoint], timeout=120, capture_output=True, text=True)
+            for _ in range(30):  # a daemon that was just killed may still hold files open
+                p = subprocess.run(["umount", self.mountpoint], timeout=120, capture_output=True,
+                                   text=True)
+                if p.returncode == 0:
+                    break
+                time.sleep(1)
             if p.returncode != 0:
                 log(f"umount {self.mountpoint}: {p.stderr.strip()}; lazy unmount")
                 subprocess.run(["umount", "-l", self.mountpoint], timeout=60, capture_output=True)
@@ -213,8 +247,9 @@ class FuseTracer:
 
     @staticmethod
     def connection_of(mountpoint: str) -> int:
-        d = os.stat(mountpoint).st_dev
-        return (os.major(d) << 20) | os.minor(d)  # the kernel's dev_t encoding
+        e = _mountinfo_entry(mountpoint)
+        major, minor = (int(x) for x in e[2].split(":"))
+        return (major << 20) | minor  # the kernel's dev_t encoding (what the tracepoint prints)
 
     def start(self, mountpoint: str) -> None:
         if not self.root:
@@ -533,10 +568,15 @@ class CowfsTarget(Target):
             return None
         return req
 
+    def _force_cleanup(self) -> None:
+        if not self.pid:
+            self.pid = self._find_pid()
+        super()._force_cleanup()
+
     def unmount(self):
         if self.mp and is_mounted(self.mp):
             self.record_rss()
-            run([self.bin, "umount", self.mp], timeout=600)
+            run([self.bin, "umount", self.mp], timeout=300)
         if self.pid:
             try:
                 wait_for(lambda: not pid_alive(self.pid), 60, "cowfs daemon exit")

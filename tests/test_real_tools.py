@@ -37,7 +37,7 @@ COWFS = [str(_COWFS_BIN)] if _COWFS_BIN.exists() else [
 # helpers
 
 def is_mounted(path) -> bool:
-    path = os.path.realpath(path)
+    path = os.path.abspath(path)
     with open("/proc/self/mounts") as f:
         return any(line.split()[1].replace("\\040", " ") == path for line in f)
 
@@ -48,6 +48,17 @@ def sh(cmd, cwd=None, timeout=180, env=None, check=True) -> subprocess.Completed
         raise AssertionError(f"{cmd} (cwd={cwd}) -> rc {p.returncode}\nstdout:\n{p.stdout[-3000:]}\n"
                              f"stderr:\n{p.stderr[-3000:]}")
     return p
+
+
+def fstype(path) -> str | None:
+    path = os.path.abspath(path)
+    found = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if parts[1].replace("\\040", " ") == path:
+                found = parts[2]
+    return found
 
 
 def force_unmount(path) -> None:
@@ -153,6 +164,7 @@ def mnt(request, tmp_path):
     except pytest.FixtureLookupError:
         shared = None
     if shared is not None:
+        assert (fstype(shared.path) or "").startswith("fuse"), f"{shared.path} is not a FUSE mount"
         yield shared
         return
     why = _cowfs_cli_missing()
@@ -216,9 +228,12 @@ def tree_manifest(root: Path) -> dict[str, tuple]:
 
 
 def git_env(home: Path) -> dict:
-    # safe.directory: tar (as root) keeps the archive's owner, which git would call dubious
-    return dict(os.environ, HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_COUNT="1",
-                GIT_CONFIG_KEY_0="safe.directory", GIT_CONFIG_VALUE_0="*", GIT_AUTHOR_NAME="t",
+    # safe.directory: tar (as root) keeps the archive's owner, which git would call dubious.
+    # gc.auto=0: no detached `git gc --auto` still writing when the mount is torn down.
+    return dict(os.environ, HOME=str(home), GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_COUNT="3",
+                GIT_CONFIG_KEY_0="safe.directory", GIT_CONFIG_VALUE_0="*",
+                GIT_CONFIG_KEY_1="gc.auto", GIT_CONFIG_VALUE_1="0",
+                GIT_CONFIG_KEY_2="maintenance.auto", GIT_CONFIG_VALUE_2="false", GIT_AUTHOR_NAME="t",
                 GIT_AUTHOR_EMAIL="t@example.invalid", GIT_COMMITTER_NAME="t",
                 GIT_COMMITTER_EMAIL="t@example.invalid")
 
