@@ -333,5 +333,7 @@ def fsck(store: str, repair: bool, no_verify_data: bool, as_json: bool) -> None:
     sys.exit(code)
 
 
+from cowfs import cli_ops  # noqa: E402,F401  (status, log, run, import, export)
+
 if __name__ == "__main__":
     main()

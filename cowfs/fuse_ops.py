@@ -627,3 +627,30 @@ class Operations(pyfuse3.Operations):
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         self.requests["access"] += 1
         return True  # default_permissions: the kernel has checked already
+
+
+def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn any unexpected exception into EIO for the caller: pyfuse3 would end the whole
+    session (every sandbox on this daemon) on an exception that is not a FUSEError."""
+
+    async def handler(self: Operations, *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except FSError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    handler.__name__ = fn.__name__
+    handler.__doc__ = fn.__doc__
+    return handler
+
+
+for _name in ("lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir", "symlink", "unlink",
+              "rmdir", "rename", "link", "open", "create", "read", "write", "flush", "release", "fsync",
+              "opendir", "readdir", "releasedir", "fsyncdir", "setxattr", "getxattr", "listxattr",
+              "removexattr", "statfs", "access"):
+    setattr(Operations, _name, _guarded(getattr(Operations, _name)))

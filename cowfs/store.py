@@ -7,6 +7,7 @@ place that commits batches and makes them durable (group commit).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -21,6 +22,7 @@ from cowfs.meta.layers import CF_META, Branch, Catalog
 from cowfs.meta.records import Attrs
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_XATTRS, Versioned, ino_key
 
+log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MARKER = "cowfs-store.json"
 DB_DIR = "db"
@@ -50,6 +52,11 @@ def daemon_pid(path: str) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if pid_alive(pid) else None
+
+
+def _small_disk(path: str) -> bool:
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize < (4 << 30)
 
 
 def init_store(path: str) -> None:
@@ -94,7 +101,8 @@ class Store:
         if fmt != FORMAT_VERSION:
             raise StoreError(f"{path} has store format {fmt}; this cowfs reads format {FORMAT_VERSION}")
         try:
-            self.kv = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,))
+            self.kv = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,),
+                              small=_small_disk(path))
         except StoreLockedError as exc:
             pid = daemon_pid(path)
             who = f" by daemon pid {pid}" if pid else ""
@@ -113,6 +121,13 @@ class Store:
         self._sync_running: trio.Event | None = None
         self.objects_created = 0
         self.objects_freed = 0
+        st = os.statvfs(path)
+        size = st.f_blocks * st.f_frsize
+        # Headroom for deletes and RocksDB's own flushes and compactions: a quarter of a
+        # small disk, 256 MiB of a big one.
+        self.reserve = min(256 << 20, max(4 << 20, size // 4))
+        self._free = st.f_bavail * st.f_frsize
+        self._free_at = time.monotonic()
 
     def alloc_ino(self) -> int:
         """A never-used inode number (persisted in blocks, so a crash only skips numbers)."""
@@ -124,6 +139,34 @@ class Store:
         ino = self._next_ino
         self._next_ino += 1
         return ino
+
+    def space_low(self, pending: int, metadata: bool = False) -> bool:
+        """Whether accepting `pending` more bytes would eat the headroom kept for deletes.
+
+        RocksDB needs room to log and flush even a delete; when the disk fills under it, it
+        stops writing altogether.  New data is refused (ENOSPC) while free space is below
+        the reserve, new inodes only below half of it, deletes never.
+        """
+        now = time.monotonic()
+        if now - self._free_at > 0.25:
+            st = os.statvfs(self.path)
+            # Data in memtables is in the WAL already and will be written once more.
+            self._free = st.f_bavail * st.f_frsize - self.kv.unflushed_bytes()
+            self._free_at = now
+        reserve = self.reserve // 2 if metadata else self.reserve
+        # Data passes through the WAL and then a blob file: count it twice until flushed.
+        low = self._free - 2 * pending < reserve
+        if not low and not metadata:
+            self._free -= 2 * pending  # until the next look at the disk
+        return low
+
+    def recover(self) -> None:
+        """After a failed write, get RocksDB out of its read-only error state (best effort)."""
+        try:
+            self.kv.recover()
+        except Exception as exc:
+            log.error("store could not recover from a write error: %s", exc)
+        self._free_at = 0.0
 
     def inodes_used(self) -> int:
         """Inode numbers handed out so far (an upper bound on live inodes)."""

@@ -351,13 +351,40 @@ class Filesystem:
                 self.store.catalog.save_usage(view.lv.top, view.usage_bytes, view.usage_inodes, m.batch)
         try:
             self.store.commit(m.batch, m.txn)
+            return
         except Exception as exc:
-            # Memory ran ahead of the store: reload what this mutation touched, then fail.
-            for node in m.saved:
+            error = str(exc)
+        # Outside the except block: the traceback (and the iterators its frames hold, which
+        # keep the database open) is gone before the store reopens.
+        log.error("commit failed: %s", error)
+        self._revert(m)
+        self.store.recover()
+        raise FSError(errno.ENOSPC if "space" in error.lower() else errno.EIO, error)
+
+    def _revert(self, m: Mutation) -> None:
+        """Memory ran ahead of a commit that failed: return the touched nodes to what is stored.
+
+        Node objects stay the same (open handles point at them); their attributes and tree
+        roots are reloaded, except that a node's size still covers its dirty buffers (the
+        caller puts unflushed data back into them).
+        """
+        for node in {id(n): n for n in m.saved}.values():
+            found = self.store.meta.get(CF_INODES, ino_key(node.ino), node.view.lv)
+            if found is None or not found[1]:
+                node.deleted = True  # created by the failed mutation: it never existed
+                node.stored_layer = node.stored_root = None
                 node.view.nodes.pop(node.ino, None)
-                node.deleted = False
-            log.error("commit failed: %s", exc)
-            raise FSError(errno.ENOSPC if "space" in str(exc).lower() else errno.EIO, str(exc)) from exc
+                continue
+            size = node.attrs.size
+            node.attrs = Attrs.unpack(found[1])
+            node.stored_layer, node.stored_root = found[0], node.attrs.root
+            node.deleted = False
+            if node.dirty or node.flushing:
+                node.attrs.size = max(node.attrs.size, size)
+            node.view.nodes.setdefault(node.ino, node)
+        for view in m.views:
+            if view.kind == "branch":
+                self.load_usage(view)
 
     def _new_node(self, m: Mutation, parent: Node, mode: int, uid: int, gid: int, rdev: int = 0,
                   target: bytes = b"", groups: Iterable[int] = ()) -> Node:
@@ -391,6 +418,8 @@ class Filesystem:
             if self.child_ino(parent, name) is not None:
                 raise FSError(errno.EEXIST)
             parent.view.check_quota(more_inodes=1)
+            if self.store.space_low(0, metadata=True):
+                raise FSError(errno.ENOSPC, "the store's disk is (nearly) full")
             node = self._new_node(m, parent, mode, uid, gid, rdev, target, groups)
             if stat.S_ISDIR(mode):
                 parent.attrs.nlink += 1
@@ -593,6 +622,8 @@ class Filesystem:
             raise FSError(errno.EROFS)
         if off + len(data) > MAX_FILE_SIZE:
             raise FSError(errno.EFBIG)
+        if self.store.space_low(len(data)):
+            raise FSError(errno.ENOSPC, "the store's disk is (nearly) full")
         growth = off + len(data) - node.attrs.size
         if growth > 0:
             node.view.check_quota(more_bytes=growth)

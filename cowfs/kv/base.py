@@ -51,6 +51,14 @@ class KV(ABC):
         """Return once every earlier write survives a power loss (blocking: call in a thread)."""
 
     @abstractmethod
+    def unflushed_bytes(self) -> int:
+        """Bytes accepted but not yet in the backend's final files (memtables)."""
+
+    @abstractmethod
+    def recover(self) -> None:
+        """Resume writing after an I/O error (for example a full disk that has space again)."""
+
+    @abstractmethod
     def compact(self) -> None:
         """Reclaim the space of deleted keys now (blocking: call in a thread)."""
 

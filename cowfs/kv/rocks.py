@@ -10,49 +10,90 @@ import rocksdict as rd
 from cowfs.kv.base import KV, Batch, StoreLockedError
 
 
-def _options() -> rd.Options:
+def _options(small: bool = False) -> rd.Options:
     opt = rd.Options(raw_mode=True)
     opt.create_if_missing(True)
     opt.create_missing_column_families(True)
     opt.set_max_background_jobs(2)
     # Point-in-time WAL recovery: after a crash the database is a prefix of the writes.
     opt.set_wal_recovery_mode(rd.DBRecoveryMode.point_in_time())
-    opt.set_write_buffer_size(32 << 20)
-    opt.set_max_total_wal_size(512 << 20)
+    opt.set_write_buffer_size((2 if small else 32) << 20)
+    opt.set_max_total_wal_size((16 if small else 512) << 20)
     # Values are compressed by cowfs already (zstd per chunk); RocksDB would only waste CPU.
     opt.set_compression_type(rd.DBCompressionType.none())
     return opt
 
 
-def _blob_options() -> rd.Options:
+def _blob_options(small: bool = False) -> rd.Options:
     """Chunk payloads go to blob files so compactions do not rewrite them."""
-    opt = _options()
+    opt = _options(small)
     opt.set_enable_blob_files(True)
     opt.set_min_blob_size(1024)
-    opt.set_blob_file_size(256 << 20)
+    opt.set_blob_file_size((8 if small else 256) << 20)
     opt.set_enable_blob_gc(True)
     # Large memtables, several of them, so a burst of chunk writes does not stall on
     # flushes (measured: 190 MB/s with defaults, ~500 MB/s with these on this machine kind).
-    opt.set_write_buffer_size(64 << 20)
+    # On a small disk (< 4 GiB) they would not fit beside the data: small ones there.
+    opt.set_write_buffer_size((4 if small else 64) << 20)
     opt.set_max_write_buffer_number(4)
     return opt
 
 
 class RocksKV(KV):
-    def __init__(self, path: str, families: tuple[str, ...], blob_families: tuple[str, ...] = ()) -> None:
-        cfs = {name: (_blob_options() if name in blob_families else _options()) for name in families}
+    def __init__(self, path: str, families: tuple[str, ...], blob_families: tuple[str, ...] = (),
+                 small: bool = False) -> None:
+        self.path = path
+        self._families = families
+        self._blob_families = blob_families
+        self._small = small
+        self._wo = rd.WriteOptions()
+        self._wo.sync = False
+        self._open()
+
+    def _open(self, read_only: bool = False) -> None:
+        small = self._small
+        cfs = {name: (_blob_options(small) if name in self._blob_families else _options(small))
+               for name in self._families}
+        access = rd.AccessType.read_only() if read_only else rd.AccessType.read_write()
         try:
-            self.db = rd.Rdict(path, _options(), column_families=cfs)
+            self.db = rd.Rdict(self.path, _options(small), column_families=cfs, access_type=access)
         except Exception as exc:  # rocksdict raises a plain Exception with RocksDB's status text
             if "lock" in str(exc).lower():
                 raise StoreLockedError(str(exc)) from exc
             raise
-        self.path = path
-        self._blob_families = blob_families
-        self._cf = {name: self.db.get_column_family(name) for name in families}
-        self._handles = {name: self.db.get_column_family_handle(name) for name in families}
-        self._wo = rd.WriteOptions()
-        self._wo.sync = False
+        self.read_only = read_only
+        self._cf = {name: self.db.get_column_family(name) for name in self._families}
+        self._handles = {name: self.db.get_column_family_handle(name) for name in self._families}
+
+    def _close(self) -> None:
+        # Column-family handles keep the database (and its LOCK) alive until dropped; clear
+        # the dicts in place, since a frame may still hold them.
+        self._cf.clear()
+        self._handles.clear()
+        try:
+            self.db.close()
+        finally:
+            del self.db
+            gc.collect()
+
+    def unflushed_bytes(self) -> int:
+        total = 0
+        for cf in self._cf.values():
+            total += cf.property_int_value("rocksdb.cur-size-all-mem-tables") or 0
+        return total
+
+    def recover(self) -> None:
+        """RocksDB stays read-only after a write error; reopening clears that.  If it cannot
+        reopen for writing (still no space), it reopens read-only so reads go on."""
+        try:
+            self._close()
+        except Exception:
+            pass
+        try:
+            self._open()
+        except Exception:
+            self._open(read_only=True)
+            raise
 
     def get(self, cf: str, key: bytes) -> bytes | None:
         return self._cf[cf].get(key)
@@ -69,6 +110,8 @@ class RocksKV(KV):
             it.next()
 
     def write(self, batch: Batch) -> None:
+        if self.read_only:
+            self.recover()
         wb = rd.WriteBatch(raw_mode=True)
         handles = self._handles
         for cf, key, value in batch.ops:
@@ -107,10 +150,9 @@ class RocksKV(KV):
         return total
 
     def close(self) -> None:
-        self.db.flush_wal(True)
-        # Column-family handles keep the database (and its LOCK) alive until dropped.
-        self._cf.clear()
-        self._handles.clear()
-        self.db.close()
-        del self.db
-        gc.collect()
+        if not self.read_only:
+            try:
+                self.db.flush_wal(True)
+            except Exception:
+                pass  # a database in an error state: what is in the WAL is all there is
+        self._close()

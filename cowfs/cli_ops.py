@@ -1,0 +1,859 @@
+"""Operator commands on the `cowfs` group: status, log, run, import, export.
+
+    cowfs status [--json]                      mounted stores: mount points, branches, daemons, cache/queues
+    cowfs log MOUNT [--json]                   snapshot/branch history as a graph (like git log --graph)
+    cowfs run STORE [--branch B] [--snapshot-before NAME] -- COMMAND...
+    cowfs import STORE SRC_DIR [--branch B] [--to PATH]
+    cowfs export MOUNT SNAPSHOT DEST|-
+
+Registered by the one import at the bottom of cowfs/cli.py.  Long-running commands show a
+progress bar only when stderr is a terminal; in scripts they are quiet.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import click
+
+from cowfs.cli import _fail, main
+
+PROBE_TIMEOUT = 5.0
+
+
+# -- small helpers ----------------------------------------------------------------------------------
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _with_timeout(fn: Callable[[], Any], timeout: float = PROBE_TIMEOUT) -> Any:
+    """Run fn in a thread: a hung mount must not hang `cowfs status`.  Raises TimeoutError."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["v"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            box["e"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"no answer within {timeout:.0f} s")
+    if "e" in box:
+        raise box["e"]
+    return box.get("v")
+
+
+@dataclass
+class MountEntry:
+    mountpoint: str
+    root: str          # "/" for the daemon's own FUSE mount, "/.cowfs/by-view/N" for a bind mount
+    store: str
+    options: list[str]
+
+
+def cowfs_mounts() -> list[MountEntry]:
+    """cowfs mounts of this mount namespace, from /proc/self/mountinfo (never touching them)."""
+    unesc = lambda t: t.encode().decode("unicode_escape")  # noqa: E731
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.rstrip("\n").partition(" - ")
+            lf, rf = left.split(), right.split()
+            if len(rf) >= 2 and rf[0] == "fuse.cowfs" and rf[1].startswith("cowfs:"):
+                out.append(MountEntry(unesc(lf[4]), unesc(lf[3]), unesc(rf[1])[len("cowfs:"):],
+                                      lf[5].split(",") + (rf[2].split(",") if len(rf) > 2 else [])))
+    return out
+
+
+def _branch_here(mountpoint: str) -> str | None:
+    from cowfs import api
+
+    reply = _with_timeout(lambda: api.control(mountpoint, "list"))
+    for b in reply["branches"]:
+        if b.get("mounted_here"):
+            return str(b["name"])
+    return None
+
+
+def _daemon_stats(store: str, mountpoint: str | None) -> dict[str, Any]:
+    """The daemon's figures: admin socket (root), else the mount's world-readable .cowfs/stats."""
+    from cowfs import admin
+
+    try:
+        return _with_timeout(lambda: admin.request(store, {"cmd": "stats"}, timeout=PROBE_TIMEOUT))
+    except (OSError, ValueError, TimeoutError) as first:
+        if mountpoint is None:
+            raise
+        try:
+            return _with_timeout(lambda: json.loads(open(os.path.join(mountpoint, ".cowfs", "stats"), "rb").read()))
+        except (OSError, ValueError, TimeoutError):
+            raise first from None
+
+
+# -- mounting a branch for the length of a command ----------------------------------------------------
+def find_branch_mount(store: str, branch: str) -> str | None:
+    for e in cowfs_mounts():
+        if e.store != store:
+            continue
+        try:
+            if _branch_here(e.mountpoint) == branch:
+                return e.mountpoint
+        except Exception:  # noqa: BLE001 - an unusable mount is not ours to use
+            continue
+    return None
+
+
+def _unmount(mountpoint: str, quiet: bool = False) -> None:
+    """cowfs umount, retrying while a process that just left keeps it busy; lazy as a last resort."""
+    from cowfs import daemon
+
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            daemon.umount(mountpoint, timeout=60)
+            return
+        except daemon.MountError as exc:
+            if "busy" not in str(exc).lower():
+                raise
+            if time.monotonic() > deadline:
+                if not quiet:
+                    click.echo(f"cowfs: {mountpoint} is still busy; unmounting lazily", err=True)
+                daemon.unmount(mountpoint, lazy=True)
+                return
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def branch_mounted(store: str, branch: str, options: tuple[str, ...] = (), purpose: str = "run") -> Iterator[tuple[str, bool]]:
+    """Yield (mount point, mounted by us) for BRANCH of STORE, mounting it at a temporary
+    directory if it is not mounted; unmount (and remove the directory) on the way out."""
+    from cowfs import daemon
+    from cowfs.mount_helper import HelperError, mount as helper_mount, parse_args
+
+    store = os.path.abspath(store)
+    existing = find_branch_mount(store, branch)
+    if existing is not None:
+        yield existing, False
+        return
+    mp = tempfile.mkdtemp(prefix=f"cowfs-{purpose}-{branch}-")
+    try:
+        opts = ["-o", ",".join(options)] if options else []
+        try:
+            req = parse_args([store, mp, "-o", f"branch={branch}"] + opts)
+            helper_mount(req)
+        except (HelperError, daemon.MountError) as exc:
+            _fail(str(exc))
+        try:
+            yield mp, True
+        finally:
+            _unmount(mp)
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(mp)
+
+
+# -- cowfs status -------------------------------------------------------------------------------------
+def gather_status() -> list[dict[str, Any]]:
+    from cowfs.store import daemon_pid
+
+    stores: dict[str, list[MountEntry]] = {}
+    for e in cowfs_mounts():
+        stores.setdefault(e.store, []).append(e)
+    out = []
+    for store, entries in sorted(stores.items()):
+        pid = daemon_pid(store)
+        rec: dict[str, Any] = {"store": store, "daemon_pid": pid, "alive": pid is not None, "mounts": []}
+        for e in sorted(entries, key=lambda e: (e.root != "/", e.mountpoint)):
+            m: dict[str, Any] = {"mountpoint": e.mountpoint, "bind": e.root != "/",
+                                 "options": [o for o in e.options if o in ("ro", "allow_other", "suid", "dev", "noexec")]}
+            if pid is None:
+                m["branch"] = None
+                m["error"] = "daemon gone (stale mount: cowfs umount it)"
+            else:
+                try:
+                    m["branch"] = _branch_here(e.mountpoint)
+                except Exception as exc:  # noqa: BLE001 - reported, not fatal
+                    m["branch"] = None
+                    m["error"] = str(exc) or type(exc).__name__
+            rec["mounts"].append(m)
+        if pid is not None:
+            first = next((m["mountpoint"] for m in rec["mounts"] if not m["bind"]), None)
+            try:
+                stats = _daemon_stats(store, first)
+                rec["stats"] = stats
+                if rec["mounts"] and not rec["mounts"][0]["bind"] and rec["mounts"][0]["branch"] is None:
+                    rec["mounts"][0]["branch"] = stats.get("branch")
+            except Exception as exc:  # noqa: BLE001
+                rec["stats_error"] = str(exc) or type(exc).__name__
+        out.append(rec)
+    return out
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(as_json: bool) -> None:
+    """Mounted stores: mount points, branches, daemon pids, cache and queue figures."""
+    stores = gather_status()
+    if as_json:
+        click.echo(json.dumps({"stores": stores}))
+        return
+    if not stores:
+        click.echo("no cowfs mounts")
+        return
+    for i, rec in enumerate(stores):
+        if i:
+            click.echo()
+        st = rec.get("stats") or {}
+        if rec["alive"]:
+            head = f"daemon pid {rec['daemon_pid']}"
+            if st:
+                head += f", up {_duration(st.get('uptime_s', 0))}, rss {_human(st.get('rss_bytes', 0))}"
+        else:
+            head = click.style("no daemon", fg="red")
+        click.echo(f"{click.style(rec['store'], bold=True)}  ({head})")
+        width = max(len(m["mountpoint"]) for m in rec["mounts"])
+        for m in rec["mounts"]:
+            branch = m["branch"] or "?"
+            notes = (["bind"] if m["bind"] else []) + m["options"]
+            line = f"  {m['mountpoint']:<{width}}  {click.style(branch, fg='green')}"
+            if notes:
+                line += f"  ({', '.join(notes)})"
+            if m.get("error"):
+                line += "  " + click.style(m["error"], fg="red")
+            click.echo(line)
+        if st:
+            c = st.get("cache") or {}
+            looks = c.get("hits", 0) + c.get("misses", 0)
+            hit = f", {100.0 * c.get('hits', 0) / looks:.1f}% hits" if looks else ""
+            click.echo(f"  cache   {_human(c.get('bytes', 0))} of {_human(c.get('max_bytes', 0))}, "
+                       f"{c.get('entries', 0)} entries{hit}, {c.get('evictions', 0)} evictions")
+            unsynced = max(0, st.get("commits", 0) - st.get("syncs_done", 0))
+            click.echo(f"  queues  {_human(st.get('dirty_bytes', 0))} dirty, {st.get('commits', 0)} commits "
+                       f"({unsynced} not yet synced), {st.get('flushes', 0)} flushes, "
+                       f"{sum((st.get('requests') or {}).values())} requests")
+            quota = ""
+            if st.get("quota_bytes") or st.get("quota_inodes"):
+                quota = (f" (quota {_human(st['quota_bytes']) if st.get('quota_bytes') else '-'}, "
+                         f"{st.get('quota_inodes') or '-'} inodes)")
+            click.echo(f"  usage   {_human(st.get('usage_bytes', 0))}, {st.get('usage_inodes', 0)} inodes{quota}; "
+                       f"store on disk {_human(st.get('disk_bytes', 0))}")
+        elif rec.get("stats_error"):
+            click.echo("  " + click.style(f"figures unavailable: {rec['stats_error']}", fg="yellow"))
+
+
+# -- cowfs log ----------------------------------------------------------------------------------------
+@dataclass
+class Node:
+    id: str
+    kind: str                      # "branch" (a live head), "snapshot" or "fork" (a branch made from a branch)
+    name: str
+    line: str                      # the branch whose history it is on
+    time: float
+    parent: str | None = None      # id of the node this state came from
+    row: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+def build_history(listing: dict[str, Any]) -> list[Node]:
+    """Nodes of the snapshot/branch history, newest first, children before parents."""
+    snaps = {s["name"]: s for s in listing["snapshots"]}
+    branches = {b["name"]: b for b in listing["branches"]}
+    nodes: dict[str, Node] = {}
+    for s in snaps.values():
+        nodes["s:" + s["name"]] = Node("s:" + s["name"], "snapshot", s["name"], s.get("parent") or "?", s["created"],
+                                       row=s)
+    for b in branches.values():
+        p = b.get("parent")
+        if p is not None and p in branches:
+            nodes["f:" + b["name"]] = Node("f:" + b["name"], "fork", b["name"], p, b["created"], row=b)
+    # Events on each line, in time order: snapshots taken on it and forks made from it.
+    lines: dict[str, list[Node]] = {}
+    for n in nodes.values():
+        lines.setdefault(n.line, []).append(n)
+    for evs in lines.values():
+        evs.sort(key=lambda n: (n.time, n.kind != "fork"))
+
+    def origin(line: str) -> tuple[str | None, str]:
+        b = branches.get(line)
+        if b is None:
+            return None, ""                 # deleted, or outside this mount's lineage
+        p = b.get("parent")
+        if p is None:
+            return None, ""
+        if p in snaps:
+            return "s:" + p, ""
+        if p in branches:
+            return "f:" + line, ""
+        return None, f"{p} not listed"
+
+    for line, evs in lines.items():
+        prev, note = origin(line)
+        for n in evs:
+            n.parent = prev
+            if prev is None and note:
+                n.note = note
+            prev = n.id
+    for b in branches.values():
+        evs = lines.get(b["name"], [])
+        parent, note = (evs[-1].id, "") if evs else origin(b["name"])
+        t = max([b["created"]] + [n.time for n in evs])
+        nodes["b:" + b["name"]] = Node("b:" + b["name"], "branch", b["name"], b["name"], t, parent, b, note)
+
+    # Topological order (children first), newest first among the ready ones.
+    pending_children: dict[str, int] = {nid: 0 for nid in nodes}
+    for n in nodes.values():
+        if n.parent in pending_children:
+            pending_children[n.parent] += 1
+    rank = {"branch": 2, "fork": 1, "snapshot": 0}
+    ready = [n for n in nodes.values() if pending_children[n.id] == 0]
+    order: list[Node] = []
+    while ready:
+        ready.sort(key=lambda n: (n.time, rank[n.kind], n.name))
+        n = ready.pop()
+        order.append(n)
+        if n.parent in pending_children:
+            pending_children[n.parent] -= 1
+            if pending_children[n.parent] == 0:
+                ready.append(nodes[n.parent])
+    return order
+
+
+def _transition(cols: list[str | None], new: list[str | None], targets: list[int]) -> list[str]:
+    """Lines drawing columns cols[i] moving left to position targets[i] (one step per line)."""
+    pos = list(range(len(cols)))
+    lines = []
+    while any(p > t for p, t in zip(pos, targets)):
+        width = 2 * max(len(cols), 1)
+        chars = [" "] * width
+        for i, (p, t) in enumerate(zip(pos, targets)):
+            if cols[i] is None:
+                continue
+            if p > t:
+                chars[2 * p - 1] = "/"
+                pos[i] = p - 1
+            elif chars[2 * p] == " ":
+                chars[2 * p] = "|"
+        lines.append("".join(chars).rstrip())
+    return lines
+
+
+def _compact(cols: list[str | None], merge: str | None = None) -> tuple[list[str | None], list[str]]:
+    """Drop holes, and join every column waiting for MERGE into its first one; return the new
+    columns and the lines drawing the moves (always to the left)."""
+    new: list[str | None] = []
+    targets = []
+    first_merge = None
+    for i, c in enumerate(cols):
+        if c is None:
+            targets.append(i)               # holes draw nothing and never move
+        elif c == merge and first_merge is not None:
+            targets.append(first_merge)
+        else:
+            if c == merge:
+                first_merge = len(new)
+            targets.append(len(new))
+            new.append(c)
+    return new, _transition(cols, new, targets)
+
+
+def render_graph(order: list[Node], mark: Callable[[Node], str]) -> list[tuple[str, Node | None]]:
+    """git-log-style graph rows: (graph text, node) for node rows, (graph text, None) for joins."""
+    cols: list[str | None] = []
+    rows: list[tuple[str, Node | None]] = []
+    for n in order:
+        if n.id not in cols:
+            cols.append(n.id)
+        if cols.count(n.id) > 1:
+            cols, lines = _compact(cols, merge=n.id)
+            rows += [(ln, None) for ln in lines]
+        col = cols.index(n.id)
+        graph = " ".join(mark(n) if i == col else ("|" if c is not None else " ") for i, c in enumerate(cols))
+        rows.append((graph.rstrip(), n))
+        cols[col] = n.parent
+        if n.parent is None:
+            if col == len(cols) - 1:
+                cols.pop()
+                while cols and cols[-1] is None:
+                    cols.pop()
+            else:
+                cols, lines = _compact(cols)
+                rows += [(ln, None) for ln in lines]
+    return rows
+
+
+def _when(t: float, same_day: bool) -> str:
+    return time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M", time.localtime(t))
+
+
+@main.command()
+@click.argument("mount", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the history as JSON (nodes in display order).")
+def log(mount: str, as_json: bool) -> None:
+    """The snapshot/branch history of the lineage mounted at MOUNT, as a graph.
+
+    \b
+    @ the branch mounted at MOUNT     o another branch (its live state)
+    * a snapshot                      . where a branch was made from a branch
+    Newest first; each line of the graph is one branch.
+    """
+    from cowfs import api
+
+    try:
+        listing = api.control(mount, "list")
+    except api.NotMounted:
+        _fail(f"{mount}: not a cowfs mount")
+    except api.CowfsError as exc:
+        _fail(f"{mount}: {exc}")
+    order = build_history(listing)
+    if as_json:
+        click.echo(json.dumps({"mount": os.path.abspath(mount), "nodes": [
+            {"id": n.id, "kind": n.kind, "name": n.name, "branch": n.line, "parent": n.parent, "time": n.time,
+             "created": n.row.get("created"), "logical_bytes": n.row.get("logical_bytes"),
+             "inodes": n.row.get("inodes"), "mounted_here": bool(n.row.get("mounted_here")) if n.kind == "branch" else None,
+             "note": n.note or None} for n in order]}))
+        return
+    if not order:
+        click.echo("no history")
+        return
+
+    def mark(n: Node) -> str:
+        if n.kind == "branch":
+            return "@" if n.row.get("mounted_here") else "o"
+        return "*" if n.kind == "snapshot" else "."
+
+    rows = render_graph(order, mark)
+    gw = max(len(g) for g, _ in rows)
+    days = {time.strftime("%Y-%m-%d", time.localtime(n.row.get("created", n.time))) for n in order}
+    same_day = len(days) == 1 and days == {time.strftime("%Y-%m-%d")}
+    nw = max(len(n.name) for n in order if n.kind != "fork")
+    for graph, n in rows:
+        if n is None:
+            click.echo(graph)
+            continue
+        pad = " " * (gw - len(graph) + 2)
+        if n.kind == "fork":
+            click.echo(f"{graph}{pad}" + click.style(f"(branch {n.name} made from {n.line})", dim=True))
+            continue
+        created = _when(n.row["created"], same_day)
+        size = f"{_human(n.row.get('logical_bytes', 0)):>10}  {n.row.get('inodes', 0):>7} inodes"
+        if n.kind == "branch":
+            name = click.style(f"{n.name:<{nw}}", fg="green", bold=True)
+            extra = []
+            if n.row.get("mounted_here"):
+                extra.append("mounted here")
+            if n.row.get("parent"):
+                extra.append(f"from {n.row['parent']}")
+            if n.note:
+                extra.append(n.note)
+            click.echo(f"{graph}{pad}{name}  branch    {created}  {size}  {', '.join(extra)}".rstrip())
+        else:
+            name = click.style(f"{n.name:<{nw}}", fg="yellow")
+            extra = [f"on {n.line}"] + ([n.note] if n.note else [])
+            click.echo(f"{graph}{pad}{name}  snapshot  {created}  {size}  {', '.join(extra)}".rstrip())
+
+
+# -- cowfs run ----------------------------------------------------------------------------------------
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("store", type=click.Path())
+@click.option("--branch", default="main", show_default=True, help="Branch to work in.")
+@click.option("--snapshot-before", metavar="NAME", help="Take snapshot NAME of the branch before running.")
+@click.option("-o", "options", multiple=True, metavar="OPTION",
+              help="Mount options if the branch has to be mounted (as for cowfs mount).")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(store: str, branch: str, snapshot_before: str | None, options: tuple[str, ...], command: tuple[str, ...]) -> None:
+    """Run COMMAND with branch BRANCH of STORE as its working directory.
+
+    The branch is mounted at a temporary directory if it is not mounted yet, and unmounted
+    afterwards; COMMAND's exit status is passed through (128+N if killed by signal N).
+    COMMAND sees COWFS_STORE, COWFS_BRANCH and COWFS_MOUNT.  Put `--` before COMMAND:
+
+        cowfs run /var/lib/cowfs/agent1 --snapshot-before pre-test -- make test
+    """
+    from cowfs import api
+
+    store = os.path.abspath(store)
+    if not os.path.isfile(os.path.join(store, "cowfs-store.json")):
+        _fail(f"{store}: not a cowfs store (create one with 'cowfs init {store}')")
+    with branch_mounted(store, branch, options, purpose="run") as (mp, _ours):
+        if snapshot_before:
+            try:
+                api.Mount(path=Path(mp), store=Path(store), branch_name=branch, owned=False).snapshot(snapshot_before)
+            except api.CowfsError as exc:
+                _fail(f"snapshot {snapshot_before}: {exc}")
+        env = dict(os.environ, COWFS_STORE=store, COWFS_BRANCH=branch, COWFS_MOUNT=mp, PWD=mp)
+        try:
+            proc = subprocess.Popen(list(command), cwd=mp, env=env)
+        except FileNotFoundError:
+            click.echo(f"cowfs: {command[0]}: command not found", err=True)
+            code = 127
+        except PermissionError:
+            click.echo(f"cowfs: {command[0]}: permission denied", err=True)
+            code = 126
+        else:
+            # The terminal's ^C/^\ reach the command (same process group); we wait for it.
+            # SIGTERM/SIGHUP sent to us are passed on, so that the mount is released after.
+            old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)}
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+            for s in (signal.SIGTERM, signal.SIGHUP):
+                signal.signal(s, lambda signum, _frame: proc.send_signal(signum))
+            try:
+                rc = proc.wait()
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+            code = rc if rc >= 0 else 128 - rc
+    sys.exit(code)
+
+
+# -- copying trees with their metadata ---------------------------------------------------------------
+@dataclass
+class CopyStats:
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    special: int = 0
+    bytes: int = 0
+    skipped_xattrs: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def scan(src: str) -> tuple[int, int]:
+    """(entries, bytes of regular files) below src, for the progress bar."""
+    entries = nbytes = 0
+    stack = [src]
+    while stack:
+        d = stack.pop()
+        try:
+            it = os.scandir(d)
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                entries += 1
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                    elif e.is_file(follow_symlinks=False):
+                        nbytes += e.stat(follow_symlinks=False).st_size
+                except OSError:
+                    pass
+    return entries, nbytes
+
+
+class TreeCopier:
+    """Copy a tree with its metadata: modes, owners (when permitted), nanosecond times,
+    xattrs, symlinks, hard links, FIFOs, device nodes and sockets, sparse files (holes are
+    skipped with SEEK_DATA).  Directory metadata is applied after their contents."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, progress: Callable[[int], None] | None = None) -> None:
+        self.progress = progress or (lambda n: None)
+        self.stats = CopyStats()
+        self.links: dict[tuple[int, int], str] = {}
+        self.can_chown = os.geteuid() == 0
+
+    def copy(self, src: str, dst: str) -> CopyStats:
+        st = os.lstat(src)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", src)
+        os.makedirs(dst, exist_ok=True)
+        self._dir(src, dst, st)
+        return self.stats
+
+    def _dir(self, src: str, dst: str, st: os.stat_result) -> None:
+        # Make sure we may fill it, whatever its final mode.
+        os.chmod(dst, 0o700)
+        with os.scandir(src) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            s, d = e.path, os.path.join(dst, e.name)
+            try:
+                est = e.stat(follow_symlinks=False)
+                self._entry(s, d, est)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{exc.strerror} (copying {s})") from None
+        self._meta(src, dst, st, is_link=False)
+        self.stats.dirs += 1
+
+    def _replace(self, dst: str, want_dir: bool) -> None:
+        try:
+            dst_st = os.lstat(dst)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(dst_st.st_mode):
+            if not want_dir:
+                shutil.rmtree(dst)
+        else:
+            os.unlink(dst)
+
+    def _entry(self, src: str, dst: str, st: os.stat_result) -> None:
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            self._replace(dst, want_dir=True)
+            if not os.path.isdir(dst):
+                os.mkdir(dst, 0o700)
+            self._dir(src, dst, st)
+            return
+        self._replace(dst, want_dir=False)
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in self.links:
+            os.link(self.links[key], dst, follow_symlinks=False)
+            self.stats.hardlinks += 1
+            if stat.S_ISREG(mode):
+                self.progress(st.st_size)
+            return
+        if stat.S_ISREG(mode):
+            self._file(src, dst, st)
+            self.stats.files += 1
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(src), dst)
+            self.stats.symlinks += 1
+        elif stat.S_ISFIFO(mode):
+            os.mkfifo(dst, 0o600)
+            self.stats.special += 1
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
+            os.mknod(dst, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+            self.stats.special += 1
+        else:
+            self.stats.warnings.append(f"skipped {src}: unknown file type")
+            return
+        self._meta(src, dst, st, is_link=stat.S_ISLNK(mode))
+        if st.st_nlink > 1:
+            self.links[key] = dst
+
+    def _file(self, src: str, dst: str, st: os.stat_result) -> None:
+        fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            try:
+                size = st.st_size
+                ranges = self._data_ranges(fin, size)
+                for start, end in ranges:
+                    off = start
+                    while off < end:
+                        n = min(self.CHUNK, end - off)
+                        buf = os.pread(fin, n, off)
+                        if not buf:
+                            break
+                        written = 0
+                        while written < len(buf):
+                            written += os.pwrite(fout, buf[written:], off + written)
+                        off += len(buf)
+                        self.stats.bytes += len(buf)
+                        self.progress(len(buf))
+                if os.fstat(fout).st_size != size:
+                    os.ftruncate(fout, size)      # trailing hole
+                skipped = size - sum(e - s for s, e in ranges)
+                if skipped > 0:
+                    self.progress(skipped)
+            finally:
+                os.close(fout)
+        finally:
+            os.close(fin)
+
+    @staticmethod
+    def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+        """[start, end) ranges holding data (the whole file if holes cannot be asked for)."""
+        if size == 0:
+            return []
+        ranges = []
+        off = 0
+        try:
+            while off < size:
+                try:
+                    start = os.lseek(fd, off, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:   # only a hole up to EOF
+                        break
+                    raise
+                end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+                ranges.append((start, end))
+                off = end
+        except OSError:
+            return [(0, size)]
+        return ranges
+
+    def _meta(self, src: str, dst: str, st: os.stat_result, is_link: bool) -> None:
+        if self.can_chown:
+            try:
+                os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+            except OSError as exc:
+                self.stats.warnings.append(f"owner of {dst}: {exc.strerror}")
+        if not is_link:
+            self._xattrs(src, dst)
+            os.chmod(dst, stat.S_IMODE(st.st_mode))   # after chown, which clears set-id bits
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+    def _xattrs(self, src: str, dst: str) -> None:
+        try:
+            names = os.listxattr(src, follow_symlinks=False)
+        except OSError:
+            return
+        for name in names:
+            try:
+                os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
+            except OSError:
+                self.stats.skipped_xattrs += 1   # e.g. security.* or ACLs the target refuses
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A click progress bar on a terminal (stderr); nothing in scripts."""
+    if not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    with click.progressbar(length=max(total, 1), label=label, file=sys.stderr, show_pos=False,
+                           show_percent=True, show_eta=True,
+                           item_show_func=None) as bar:
+        yield bar.update
+
+
+def _summary(verb: str, s: CopyStats, seconds: float) -> str:
+    rate = s.bytes / seconds if seconds > 0 else 0
+    parts = [f"{s.files} files", f"{s.dirs} directories"]
+    if s.symlinks:
+        parts.append(f"{s.symlinks} symlinks")
+    if s.hardlinks:
+        parts.append(f"{s.hardlinks} hard links")
+    if s.special:
+        parts.append(f"{s.special} special files")
+    return f"{verb} {', '.join(parts)}, {_human(s.bytes)} in {seconds:.1f} s ({_human(rate)}/s)"
+
+
+# -- cowfs import / export ----------------------------------------------------------------------------
+@main.command(name="import")
+@click.argument("store", type=click.Path())
+@click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--branch", default="main", show_default=True, help="Branch to load into.")
+@click.option("--to", "dest", default="", metavar="PATH", help="Directory inside the branch (default: its root).")
+@click.option("--snapshot", "snapshot_after", metavar="NAME", help="Take snapshot NAME once loaded.")
+@click.option("-o", "options", multiple=True, metavar="OPTION", help="Mount options if the branch has to be mounted.")
+def import_(store: str, src_dir: str, branch: str, dest: str, snapshot_after: str | None, options: tuple[str, ...]) -> None:
+    """Bulk-load the directory tree SRC_DIR into branch BRANCH of STORE.
+
+    Copies everything with its metadata (modes, owners when run as root, nanosecond times,
+    xattrs, symlinks, hard links, special files, holes); files already there are replaced.
+    The branch is mounted for the copy if it is not mounted.  A progress bar is shown on a
+    terminal only.
+    """
+    from cowfs import api
+
+    store = os.path.abspath(store)
+    if not os.path.isfile(os.path.join(store, "cowfs-store.json")):
+        _fail(f"{store}: not a cowfs store (create one with 'cowfs init {store}')")
+    src = os.path.abspath(src_dir)
+    entries, total = scan(src)
+    with branch_mounted(store, branch, options, purpose="import") as (mp, _ours):
+        target = os.path.normpath(os.path.join(mp, dest.lstrip("/")))
+        if not (target == mp or target.startswith(mp + "/")) or "/.cowfs" in target[len(mp):] + "/":
+            _fail(f"--to {dest}: must be a directory inside the branch")
+        if os.path.realpath(src) == os.path.realpath(mp) or os.path.realpath(src).startswith(os.path.realpath(mp) + "/"):
+            _fail(f"{src_dir} is inside the branch itself")
+        t0 = time.monotonic()
+        with _progress(f"importing {entries} entries", total) as update:
+            copier = TreeCopier(update)
+            try:
+                s = copier.copy(src, target)
+            except OSError as exc:
+                _fail(f"import failed: {exc}")
+        seconds = time.monotonic() - t0
+        if snapshot_after:
+            try:
+                api.Mount(path=Path(mp), store=Path(store), branch_name=branch, owned=False).snapshot(snapshot_after)
+            except api.CowfsError as exc:
+                _fail(f"snapshot {snapshot_after}: {exc}")
+    for w in s.warnings[:20]:
+        click.echo(f"cowfs: warning: {w}", err=True)
+    if s.skipped_xattrs:
+        click.echo(f"cowfs: warning: {s.skipped_xattrs} extended attributes were refused by cowfs (kept out)", err=True)
+    if sys.stderr.isatty():
+        click.echo(_summary("imported", s, seconds), err=True)
+
+
+@main.command()
+@click.argument("mount", type=click.Path())
+@click.argument("snapshot")
+@click.argument("dest")
+def export(mount: str, snapshot: str, dest: str) -> None:
+    """Write snapshot SNAPSHOT of the lineage mounted at MOUNT to DEST.
+
+    DEST is a directory (created; it must be empty if it exists), or `-` for a tar stream
+    on stdout (GNU tar, POSIX format with xattrs, numeric owners, holes kept):
+
+        cowfs export /srv/sandbox/agent1 before-upgrade - | zstd > before-upgrade.tar.zst
+    """
+    from cowfs import api
+
+    try:
+        listing = api.control(mount, "list")
+    except api.NotMounted:
+        _fail(f"{mount}: not a cowfs mount")
+    except api.CowfsError as exc:
+        _fail(f"{mount}: {exc}")
+    names = {s["name"] for s in listing["snapshots"]}
+    if snapshot not in names:
+        if any(b["name"] == snapshot for b in listing["branches"]):
+            _fail(f"{snapshot} is a branch; take a snapshot of it first (cowfs snapshot MOUNT NAME)")
+        _fail(f"no snapshot named {snapshot!r} in the lineage of {mount}")
+    src = os.path.join(os.path.abspath(mount), ".cowfs", "snapshots", snapshot)
+    if dest == "-":
+        if sys.stdout.isatty():
+            _fail("refusing to write a tar stream to a terminal; redirect stdout or give a directory")
+        sys.stdout.flush()
+        tar = shutil.which("tar")
+        if tar is None:
+            _fail("GNU tar is needed for export to -")
+        r = subprocess.run([tar, "--create", "--file=-", "--directory", src, "--format=posix", "--numeric-owner",
+                            "--xattrs", "--xattrs-include=*", "--sparse", "--one-file-system", "."],
+                           stdout=sys.stdout.fileno(), stderr=subprocess.PIPE)
+        if r.returncode != 0:
+            _fail(f"tar failed: {r.stderr.decode(errors='replace').strip()}")
+        return
+    if os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        _fail(f"{dest} exists and is not an empty directory")
+    entries, total = scan(src)
+    t0 = time.monotonic()
+    with _progress(f"exporting {entries} entries", total) as update:
+        copier = TreeCopier(update)
+        try:
+            s = copier.copy(src, dest)
+        except OSError as exc:
+            _fail(f"export failed: {exc}")
+    for w in s.warnings[:20]:
+        click.echo(f"cowfs: warning: {w}", err=True)
+    if sys.stderr.isatty():
+        click.echo(_summary("exported", s, time.monotonic() - t0), err=True)
