@@ -15,7 +15,6 @@ The module has no pytest dependency; it is also the worker's entry point
 from __future__ import annotations
 
 import ctypes
-import errno
 import hashlib
 import os
 import pickle
@@ -321,7 +320,7 @@ class Mount:
         deadline = time.monotonic() + timeout
         try:
             if method == "fusermount":
-                last = None
+                busy_until = time.monotonic() + 5
                 while True:     # EBUSY can happen briefly while the kernel releases files
                     r = subprocess.run(["fusermount3", "-u", str(self.path)],
                                        stdin=subprocess.DEVNULL, capture_output=True,
@@ -329,8 +328,12 @@ class Mount:
                     if r.returncode == 0 or not self.mounted():
                         break
                     last = r.stderr.decode(errors="replace").strip()
-                    if time.monotonic() > deadline - 5 or "busy" not in last.lower():
+                    if "busy" not in last.lower():
                         raise MountError(f"`fusermount3 -u {self.path}` failed: {last}")
+                    if time.monotonic() > busy_until:
+                        raise MountError(f"`fusermount3 -u {self.path}` failed: {last} (a file "
+                                         f"or directory on the mount is still open, or a "
+                                         f"process has its cwd there)")
                     time.sleep(0.2)
             elif method == "cowfs":
                 run_cowfs("umount", self.path, timeout=timeout)
@@ -430,18 +433,27 @@ class Mount:
         """Teardown: always unmounts.  Returns problems found (non-zero exit, hang...)."""
         self.disarm_watchdog()
         problems = list(self.problems)
-        if self.proc is not None and (self.alive() or self.mounted()):
+        if self.proc is not None and not self.mounted() and self.proc.returncode is None:
+            # nobody unmounted it, yet it is gone: the daemon quit (or is quitting) on its own
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc is not None and self.proc.poll() is not None and not self.problems and \
+                (not self.exit_codes or self.exit_codes[-1] != self.proc.returncode or
+                 self.mounted()):
+            problems.append(f"the daemon died during the test (exit code "
+                            f"{self.proc.returncode}) - see its log")
+            self.exit_codes.append(self.proc.returncode)
+        elif self.proc is not None and (self.alive() or self.mounted()):
             try:
                 rc = self.stop("fusermount")
                 if rc != 0:
                     problems.append(f"daemon exited with code {rc} after a clean unmount "
                                     f"(expected 0)")
             except MountError as e:
-                problems.append(f"teardown unmount failed: {e}")
-        elif self.proc is not None and self.proc.returncode not in (None, 0) and not self.problems:
-            if not self.exit_codes or self.exit_codes[-1] != self.proc.returncode:
-                problems.append(f"daemon died during the test with exit code "
-                                f"{self.proc.returncode}")
+                problems.append("teardown unmount failed: "
+                                + str(e).split("\n--- cowfs daemon log")[0])
         self.force_cleanup()
         return problems
 
