@@ -116,7 +116,10 @@ def _daemon_stats(store: str, mountpoint: str | None) -> dict[str, Any]:
         if mountpoint is None:
             raise
         try:
-            return _with_timeout(lambda: json.loads(open(os.path.join(mountpoint, ".cowfs", "stats"), "rb").read()))
+            def read_stats() -> dict[str, Any]:
+                with open(os.path.join(mountpoint, ".cowfs", "stats"), "rb") as f:
+                    return json.loads(f.read())
+            return _with_timeout(read_stats)
         except (OSError, ValueError, TimeoutError):
             raise first from None
 
@@ -184,29 +187,44 @@ def branch_mounted(store: str, branch: str, options: tuple[str, ...] = (), purpo
 
 
 # -- cowfs status -------------------------------------------------------------------------------------
-def gather_status() -> list[dict[str, Any]]:
+def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
+    """One record per mounted store (restricted to stores named, or stores behind mount points
+    named, in ONLY).  Mounts are probed in parallel, each with a time limit."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from cowfs.store import daemon_pid
 
+    wanted = None
+    if only:
+        wanted = set()
+        mounts = cowfs_mounts()
+        for t in only:
+            t = os.path.abspath(t)
+            wanted |= {e.store for e in mounts if e.mountpoint == t} or {t}
     stores: dict[str, list[MountEntry]] = {}
     for e in cowfs_mounts():
-        stores.setdefault(e.store, []).append(e)
-    out = []
-    for store, entries in sorted(stores.items()):
+        if wanted is None or e.store in wanted:
+            stores.setdefault(e.store, []).append(e)
+
+    def probe_mount(e: MountEntry, alive: bool) -> dict[str, Any]:
+        m: dict[str, Any] = {"mountpoint": e.mountpoint, "bind": e.root != "/",
+                             "options": [o for o in e.options if o in ("ro", "allow_other", "suid", "dev", "noexec")]}
+        if not alive:
+            m["branch"] = None
+            m["error"] = "daemon gone (stale mount: cowfs umount it)"
+            return m
+        try:
+            m["branch"] = _branch_here(e.mountpoint)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            m["branch"] = None
+            m["error"] = str(exc) or type(exc).__name__
+        return m
+
+    def probe_store(store: str, entries: list[MountEntry]) -> dict[str, Any]:
         pid = daemon_pid(store)
-        rec: dict[str, Any] = {"store": store, "daemon_pid": pid, "alive": pid is not None, "mounts": []}
-        for e in sorted(entries, key=lambda e: (e.root != "/", e.mountpoint)):
-            m: dict[str, Any] = {"mountpoint": e.mountpoint, "bind": e.root != "/",
-                                 "options": [o for o in e.options if o in ("ro", "allow_other", "suid", "dev", "noexec")]}
-            if pid is None:
-                m["branch"] = None
-                m["error"] = "daemon gone (stale mount: cowfs umount it)"
-            else:
-                try:
-                    m["branch"] = _branch_here(e.mountpoint)
-                except Exception as exc:  # noqa: BLE001 - reported, not fatal
-                    m["branch"] = None
-                    m["error"] = str(exc) or type(exc).__name__
-            rec["mounts"].append(m)
+        rec: dict[str, Any] = {"store": store, "daemon_pid": pid, "alive": pid is not None}
+        rec["mounts"] = [probe_mount(e, pid is not None)
+                         for e in sorted(entries, key=lambda e: (e.root != "/", e.mountpoint))]
         if pid is not None:
             first = next((m["mountpoint"] for m in rec["mounts"] if not m["bind"]), None)
             try:
@@ -216,15 +234,23 @@ def gather_status() -> list[dict[str, Any]]:
                     rec["mounts"][0]["branch"] = stats.get("branch")
             except Exception as exc:  # noqa: BLE001
                 rec["stats_error"] = str(exc) or type(exc).__name__
-        out.append(rec)
-    return out
+        return rec
+
+    if not stores:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(stores))) as pool:
+        return list(pool.map(lambda item: probe_store(*item), sorted(stores.items())))
 
 
 @main.command()
+@click.argument("targets", nargs=-1, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def status(as_json: bool) -> None:
-    """Mounted stores: mount points, branches, daemon pids, cache and queue figures."""
-    stores = gather_status()
+def status(targets: tuple[str, ...], as_json: bool) -> None:
+    """Mounted stores: mount points, branches, daemon pids, cache and queue figures.
+
+    With TARGETS (stores or mount points), only the stores they name.
+    """
+    stores = gather_status(list(targets) or None)
     if as_json:
         click.echo(json.dumps({"stores": stores}))
         return
@@ -260,7 +286,7 @@ def status(as_json: bool) -> None:
                        f"{c.get('entries', 0)} entries{hit}, {c.get('evictions', 0)} evictions")
             unsynced = max(0, st.get("commits", 0) - st.get("syncs_done", 0))
             click.echo(f"  queues  {_human(st.get('dirty_bytes', 0))} dirty, {st.get('commits', 0)} commits "
-                       f"({unsynced} not yet synced), {st.get('flushes', 0)} flushes, "
+                       f"({unsynced} since the last disk sync), {st.get('flushes', 0)} flushes, "
                        f"{sum((st.get('requests') or {}).values())} requests")
             quota = ""
             if st.get("quota_bytes") or st.get("quota_inodes"):
@@ -573,110 +599,173 @@ def scan(src: str) -> tuple[int, int]:
     return entries, nbytes
 
 
+HOLE_BLOCK = 64 << 10                 # cowfs's chunk size
+ZERO_BLOCK = bytes(HOLE_BLOCK)
+ZERO_CHUNK = bytes(1 << 20)
+
+
 class TreeCopier:
     """Copy a tree with its metadata: modes, owners (when permitted), nanosecond times,
     xattrs, symlinks, hard links, FIFOs, device nodes and sockets, sparse files (holes are
-    skipped with SEEK_DATA).  Directory metadata is applied after their contents."""
+    skipped with SEEK_DATA, and all-zero blocks are not written).
+
+    Few round trips per file, since each costs a FUSE request: files are created with their
+    final mode (umask 0 while copying), owners are set only where they differ from ours, and
+    an existing target is only looked at when creating fails with EEXIST.  Directories are
+    walked in order and created at once; regular files are copied by a few threads (a FUSE
+    daemon serves several requests at a time); hard links and directory metadata are applied
+    at the end, children before parents.
+    """
 
     CHUNK = 1 << 20
 
-    def __init__(self, progress: Callable[[int], None] | None = None) -> None:
-        self.progress = progress or (lambda n: None)
+    def __init__(self, progress: Callable[[int], None] | None = None, workers: int = 4) -> None:
+        self._progress = progress or (lambda n: None)
         self.stats = CopyStats()
         self.links: dict[tuple[int, int], str] = {}
-        self.can_chown = os.geteuid() == 0
+        self.euid, self.egid = os.geteuid(), os.getegid()
+        self.can_chown = self.euid == 0
+        self.workers = workers
+        self._lock = threading.Lock()
+        self._dir_meta: list[tuple[str, str, os.stat_result]] = []
+        self._later_links: list[tuple[str, str, os.stat_result]] = []
+        self._futures: list[Any] = []
+        self._pool: Any = None
+
+    def progress(self, n: int) -> None:
+        with self._lock:
+            self._progress(n)
+
+    def _count(self, attr: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self.stats, attr, getattr(self.stats, attr) + n)
 
     def copy(self, src: str, dst: str) -> CopyStats:
+        from concurrent.futures import ThreadPoolExecutor
+
         st = os.lstat(src)
         if not stat.S_ISDIR(st.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", src)
-        os.makedirs(dst, exist_ok=True)
-        self._dir(src, dst, st)
+        old_umask = os.umask(0)
+        try:
+            os.makedirs(dst, mode=0o700, exist_ok=True)
+            os.chmod(dst, 0o700)                  # fill it whatever its mode; set at the end
+            with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+                self._pool = pool
+                try:
+                    self._dir(src, dst, st)
+                finally:
+                    errors = [f.exception() for f in self._futures]
+            first = next((e for e in errors if e is not None), None)
+            if first is not None:
+                raise first
+            for s, d, est in self._later_links:
+                self._create(d, lambda d=d, est=est: os.link(self.links[(est.st_dev, est.st_ino)], d,
+                                                              follow_symlinks=False))
+                self.stats.hardlinks += 1
+                if stat.S_ISREG(est.st_mode):
+                    self.progress(est.st_size)
+            for s, d, est in self._dir_meta:      # post-order: children first
+                self._meta(s, d, est, kind="dir")
+        finally:
+            os.umask(old_umask)
         return self.stats
 
     def _dir(self, src: str, dst: str, st: os.stat_result) -> None:
-        # Make sure we may fill it, whatever its final mode.
-        os.chmod(dst, 0o700)
         with os.scandir(src) as it:
             entries = sorted(it, key=lambda e: e.name)
         for e in entries:
             s, d = e.path, os.path.join(dst, e.name)
             try:
-                est = e.stat(follow_symlinks=False)
-                self._entry(s, d, est)
+                self._entry(s, d, e.stat(follow_symlinks=False))
             except OSError as exc:
                 raise OSError(exc.errno, f"{exc.strerror} (copying {s})") from None
-        self._meta(src, dst, st, is_link=False)
+        self._dir_meta.append((src, dst, st))
         self.stats.dirs += 1
 
-    def _replace(self, dst: str, want_dir: bool) -> None:
-        try:
-            dst_st = os.lstat(dst)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(dst_st.st_mode):
-            if not want_dir:
-                shutil.rmtree(dst)
+    @staticmethod
+    def _remove(dst: str) -> None:
+        if stat.S_ISDIR(os.lstat(dst).st_mode):
+            shutil.rmtree(dst)
         else:
             os.unlink(dst)
+
+    def _create(self, dst: str, make: Callable[[], Any]) -> Any:
+        """make() the new entry; if something is in the way, remove it and try once more."""
+        try:
+            return make()
+        except FileExistsError:
+            self._remove(dst)
+            return make()
 
     def _entry(self, src: str, dst: str, st: os.stat_result) -> None:
         mode = st.st_mode
         if stat.S_ISDIR(mode):
-            self._replace(dst, want_dir=True)
-            if not os.path.isdir(dst):
+            try:
                 os.mkdir(dst, 0o700)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(dst).st_mode):
+                    self._remove(dst)
+                    os.mkdir(dst, 0o700)
+                else:
+                    os.chmod(dst, 0o700)
             self._dir(src, dst, st)
             return
-        self._replace(dst, want_dir=False)
         key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and key in self.links:
-            os.link(self.links[key], dst, follow_symlinks=False)
-            self.stats.hardlinks += 1
-            if stat.S_ISREG(mode):
-                self.progress(st.st_size)
-            return
+        if st.st_nlink > 1:
+            if key in self.links:
+                self._later_links.append((src, dst, st))
+                return
+            self.links[key] = dst
         if stat.S_ISREG(mode):
-            self._file(src, dst, st)
-            self.stats.files += 1
-        elif stat.S_ISLNK(mode):
-            os.symlink(os.readlink(src), dst)
+            self._futures.append(self._pool.submit(self._regular, src, dst, st))
+            return
+        perm = stat.S_IMODE(mode) & 0o777
+        if stat.S_ISLNK(mode):
+            target = os.readlink(src)
+            self._create(dst, lambda: os.symlink(target, dst))
             self.stats.symlinks += 1
-        elif stat.S_ISFIFO(mode):
-            os.mkfifo(dst, 0o600)
-            self.stats.special += 1
+            self._meta(src, dst, st, kind="link")
+            return
+        if stat.S_ISFIFO(mode):
+            self._create(dst, lambda: os.mkfifo(dst, perm))
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
-            os.mknod(dst, stat.S_IFMT(mode) | 0o600, st.st_rdev)
-            self.stats.special += 1
+            self._create(dst, lambda: os.mknod(dst, stat.S_IFMT(mode) | perm, st.st_rdev))
         else:
             self.stats.warnings.append(f"skipped {src}: unknown file type")
             return
-        self._meta(src, dst, st, is_link=stat.S_ISLNK(mode))
-        if st.st_nlink > 1:
-            self.links[key] = dst
+        self.stats.special += 1
+        self._meta(src, dst, st, kind="special")
+
+    def _regular(self, src: str, dst: str, st: os.stat_result) -> None:
+        try:
+            self._file(src, dst, st)
+            self._meta(src, dst, st, kind="file")
+        except OSError as exc:
+            raise OSError(exc.errno, f"{exc.strerror} (copying {src})") from None
+        self._count("files")
 
     def _file(self, src: str, dst: str, st: os.stat_result) -> None:
         fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
         try:
-            fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            fout = self._create(dst, lambda: os.open(dst, flags, stat.S_IMODE(st.st_mode) & 0o777))
             try:
                 size = st.st_size
                 ranges = self._data_ranges(fin, size)
+                end_written = 0
                 for start, end in ranges:
                     off = start
                     while off < end:
-                        n = min(self.CHUNK, end - off)
-                        buf = os.pread(fin, n, off)
+                        buf = os.pread(fin, min(self.CHUNK, end - off), off)
                         if not buf:
                             break
-                        written = 0
-                        while written < len(buf):
-                            written += os.pwrite(fout, buf[written:], off + written)
+                        end_written = max(end_written, self._write_sparse(fout, buf, off))
                         off += len(buf)
-                        self.stats.bytes += len(buf)
+                        self._count("bytes", len(buf))
                         self.progress(len(buf))
-                if os.fstat(fout).st_size != size:
-                    os.ftruncate(fout, size)      # trailing hole
+                if end_written != size:
+                    os.ftruncate(fout, size)      # holes up to EOF
                 skipped = size - sum(e - s for s, e in ranges)
                 if skipped > 0:
                     self.progress(skipped)
@@ -684,6 +773,29 @@ class TreeCopier:
                 os.close(fout)
         finally:
             os.close(fin)
+
+    def _write_sparse(self, fd: int, buf: bytes, off: int) -> int:
+        """Write buf at off, leaving all-zero 64 KiB blocks as holes (sources such as FUSE
+        filesystems report no holes to SEEK_DATA, yet their zeros need not be written).
+        Returns the end offset of the last byte written (0 if none)."""
+        if buf == (ZERO_CHUNK if len(buf) == self.CHUNK else bytes(len(buf))):
+            return 0
+        view = memoryview(buf)
+        run_start = None
+        last = 0
+        for b in range(0, len(buf) + HOLE_BLOCK, HOLE_BLOCK):
+            piece = view[b:b + HOLE_BLOCK]
+            zero = not piece or piece == ZERO_BLOCK[:len(piece)]
+            if not zero and run_start is None:
+                run_start = b
+            elif zero and run_start is not None:
+                data = view[run_start:b]
+                written = 0
+                while written < len(data):
+                    written += os.pwrite(fd, data[written:], off + run_start + written)
+                last = off + run_start + len(data)
+                run_start = None
+        return last
 
     @staticmethod
     def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
@@ -707,15 +819,23 @@ class TreeCopier:
             return [(0, size)]
         return ranges
 
-    def _meta(self, src: str, dst: str, st: os.stat_result, is_link: bool) -> None:
-        if self.can_chown:
+    def _meta(self, src: str, dst: str, st: os.stat_result, kind: str) -> None:
+        """Owner (where it differs from ours), xattrs, set-id/sticky bits or a directory's
+        mode, then times - last, since the others change ctime and writes change mtime."""
+        chowned = False
+        if self.can_chown and (st.st_uid, st.st_gid) != (self.euid, self.egid):
             try:
                 os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+                chowned = True
             except OSError as exc:
-                self.stats.warnings.append(f"owner of {dst}: {exc.strerror}")
-        if not is_link:
+                with self._lock:
+                    self.stats.warnings.append(f"owner of {dst}: {exc.strerror}")
+        if kind != "link":
             self._xattrs(src, dst)
-            os.chmod(dst, stat.S_IMODE(st.st_mode))   # after chown, which clears set-id bits
+            mode = stat.S_IMODE(st.st_mode)
+            # created with mode & 0o777; chown clears set-id bits: set the rest now
+            if kind == "dir" or mode & 0o7000 or chowned:
+                os.chmod(dst, mode)
         os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
     def _xattrs(self, src: str, dst: str) -> None:
@@ -727,7 +847,7 @@ class TreeCopier:
             try:
                 os.setxattr(dst, name, os.getxattr(src, name, follow_symlinks=False), follow_symlinks=False)
             except OSError:
-                self.stats.skipped_xattrs += 1   # e.g. security.* or ACLs the target refuses
+                self._count("skipped_xattrs")   # e.g. security.* or ACLs the target refuses
 
 
 @contextlib.contextmanager
@@ -779,8 +899,9 @@ def import_(store: str, src_dir: str, branch: str, dest: str, snapshot_after: st
     entries, total = scan(src)
     with branch_mounted(store, branch, options, purpose="import") as (mp, _ours):
         target = os.path.normpath(os.path.join(mp, dest.lstrip("/")))
-        if not (target == mp or target.startswith(mp + "/")) or "/.cowfs" in target[len(mp):] + "/":
-            _fail(f"--to {dest}: must be a directory inside the branch")
+        inside = target == mp or target.startswith(mp + "/")
+        if not inside or target[len(mp):].split("/")[1:2] == [".cowfs"]:
+            _fail(f"--to {dest}: must be a directory inside the branch (not in .cowfs)")
         if os.path.realpath(src) == os.path.realpath(mp) or os.path.realpath(src).startswith(os.path.realpath(mp) + "/"):
             _fail(f"{src_dir} is inside the branch itself")
         t0 = time.monotonic()

@@ -34,7 +34,7 @@ PASS_OPTIONS = {"allow_other", "suid", "nosuid", "dev", "nodev"}
 KERNEL_FLAGS = {"ro", "noexec", "exec", "noatime", "sync", "async", "dirsync"}
 IGNORED = {"rw", "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "_netdev",
            "nofail", "loop", "nonempty", "atime", "diratime", "relatime"}
-IGNORED_PREFIXES = ("x-", "comment=", "helper=", "fsname=", "subtype=")
+IGNORED_PREFIXES = ("x-", "comment=", "helper=", "uhelper=", "user=", "fsname=", "subtype=")
 
 
 class HelperError(Exception):

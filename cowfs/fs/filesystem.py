@@ -558,6 +558,7 @@ class Filesystem:
                       mtime_ns: int | None = None, ctime_ns: int | None = None) -> None:
         async with self.mutate(node.view) as m:
             a = node.attrs
+            same_size = size is not None and size == a.size
             if size is not None:
                 if a.is_dir:
                     raise FSError(errno.EISDIR)
@@ -579,7 +580,13 @@ class Filesystem:
                 a.atime_ns = atime_ns
             if mtime_ns is not None:
                 a.mtime_ns = mtime_ns
-            a.ctime_ns = ctime_ns if ctime_ns is not None else m.now
+            if ctime_ns is not None:
+                a.ctime_ns = ctime_ns
+            elif not (a.is_reg and same_size and mode is None and uid is None and gid is None
+                      and atime_ns is None and mtime_ns is None):
+                # A truncate to the current size changes nothing; the kernel (which owns a
+                # written file's times) does not show a new ctime for it either.
+                a.ctime_ns = m.now
             m.save(node)
 
     # -- xattrs ----------------------------------------------------------------------------
