@@ -472,10 +472,10 @@ def top_ops(req: dict | None, ops, n=4) -> str:
 
 def render(summary: dict, bench: Bench, target_names: list[str]) -> tuple[str, list[dict]]:
     lines = []
-    hdr = ("| workload | metric | target | value | unit | × plain | × fuse-overlayfs | req/op daemon "
-           "| req/op kernel | top requests per op | daemon CPU s |")
+    hdr = ("| workload | metric | target | value | unit | rounds min–max | × plain | × fuse-overlayfs "
+           "| req/op daemon | req/op kernel | top requests per op | daemon CPU s |")
     lines.append(hdr)
-    lines.append("|" + "|".join(["---"] * 11) + "|")
+    lines.append("|" + "|".join(["---"] * 12) + "|")
     for metric, (wl, mname, unit, better, opname) in METRICS.items():
         per_t = summary.get(metric, {})
         if not per_t and not any((metric, tn) in bench.errors for tn in target_names):
@@ -491,7 +491,7 @@ def render(summary: dict, bench: Bench, target_names: list[str]) -> tuple[str, l
                 if metric == "peak_rss" and tn == "overlay":
                     continue
                 val = "ERROR" if err else "n/a"
-                lines.append(f"| {wl} | {mname} | {TARGET_LABEL[tn]} | {val} | {unit} | | | | | | |")
+                lines.append(f"| {wl} | {mname} | {TARGET_LABEL[tn]} | {val} | {unit} | | | | | | | |")
                 continue
             v = s["value"]
             rp = f"{v / base:.2f}" if base else ""
@@ -505,7 +505,9 @@ def render(summary: dict, bench: Bench, target_names: list[str]) -> tuple[str, l
                     if kq is not None else ("n/a" if fuse else "")) if opname else ""
             top = top_ops(s.get("daemon_req") or s.get("kernel_req"), ops) if opname and fuse else ""
             cpu = s.get("daemon_cpu_s")
-            lines.append(f"| {wl} | {mname} | {TARGET_LABEL[tn]} | {fmt_num(v)} | {unit} | {rp} | {ro} | "
+            rounds = s.get("rounds") or []
+            spread = f"{fmt_num(min(rounds))}–{fmt_num(max(rounds))}" if len(rounds) > 1 else ""
+            lines.append(f"| {wl} | {mname} | {TARGET_LABEL[tn]} | {fmt_num(v)} | {unit} | {spread} | {rp} | {ro} | "
                          f"{dq_s} | {kq_s} | {top} | {fmt_num(cpu) if cpu is not None else ''} |")
     goals = []
     for metric, cmp, thr in GOALS:

@@ -153,6 +153,36 @@ class DiskCounter:
             return int(f.read().split()[6]) * 512
 
 
+def users_of(prefix: str) -> list[str]:
+    """Processes with a cwd, root or open file below `prefix` (to explain "target is busy")."""
+    prefix = os.path.abspath(prefix).rstrip("/") + "/"
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        links = []
+        for name in ("cwd", "root"):
+            links.append(f"/proc/{d}/{name}")
+        try:
+            links += [f"/proc/{d}/fd/{fd}" for fd in os.listdir(f"/proc/{d}/fd")]
+        except OSError:
+            continue
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if (target + "/").startswith(prefix):
+                try:
+                    with open(f"/proc/{d}/cmdline", "rb") as f:
+                        cmd = f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+                except OSError:
+                    cmd = "?"
+                out.append(f"{d} ({cmd}): {link} -> {target}")
+                break
+    return out
+
+
 class LoopScratch:
     """An ext4 filesystem on a loop device (direct I/O) backed by a sparse file, mounted at `mountpoint`.
 
@@ -185,7 +215,8 @@ class LoopScratch:
                     break
                 time.sleep(1)
             if p.returncode != 0:
-                log(f"umount {self.mountpoint}: {p.stderr.strip()}; lazy unmount")
+                log(f"umount {self.mountpoint}: {p.stderr.strip()}; held by: {users_of(self.mountpoint)}; "
+                    f"lazy unmount")
                 subprocess.run(["umount", "-l", self.mountpoint], timeout=60, capture_output=True)
             self.mounted = False
         if self.dev:
