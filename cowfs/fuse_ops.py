@@ -416,9 +416,9 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if flags & (os.O_WRONLY | os.O_RDWR) and not node.view.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
-        if flags & os.O_TRUNC and node.attrs.size:
+        if flags & os.O_TRUNC and (node.attrs.size or (ctx.uid and node.attrs.mode & (stat.S_ISUID | stat.S_ISGID))):
             try:
-                await self.fs.setattr(node, size=0)
+                await self.fs.setattr(node, size=0, kill_suid=ctx.uid != 0)
             except FSError as exc:
                 raise _err(exc) from None
         return self._opened(node, bool(flags & (os.O_WRONLY | os.O_RDWR)))

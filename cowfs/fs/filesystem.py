@@ -555,9 +555,17 @@ class Filesystem:
 
     async def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
-                      mtime_ns: int | None = None, ctime_ns: int | None = None) -> None:
+                      mtime_ns: int | None = None, ctime_ns: int | None = None,
+                      kill_suid: bool = False) -> None:
+        """chmod, chown, truncate, utimens.  kill_suid: clear set-user-ID (and set-group-ID
+        with group-exec) as the kernel does for a truncating open by a non-root caller,
+        which FUSE's atomic O_TRUNC leaves to the filesystem."""
         async with self.mutate(node.view) as m:
             a = node.attrs
+            if kill_suid and a.is_reg:
+                a.mode &= ~stat.S_ISUID
+                if a.mode & stat.S_IXGRP:
+                    a.mode &= ~stat.S_ISGID
             same_size = size is not None and size == a.size
             if size is not None:
                 if a.is_dir:
