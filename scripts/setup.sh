@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(fuse3 libfuse3-dev pkg-config python3-venv fuse-overlayfs git sqlite3 attr acl)
+debs=(fuse3 libfuse3-dev pkg-config python3-venv fuse-overlayfs git sqlite3 attr acl systemd)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -29,4 +29,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
 fi
+# The systemd unit runs /usr/local/bin/cowfs; mount(8) runs /sbin/mount.fuse.cowfs (-t fuse.cowfs, fstab).
+for link in /usr/local/bin/cowfs:cowfs /sbin/mount.fuse.cowfs:mount.fuse.cowfs /sbin/mount.cowfs:mount.fuse.cowfs; do
+  [ -e "${link%%:*}" ] && [ ! -L "${link%%:*}" ] || ln -sfn "$PWD/.venv/bin/${link#*:}" "${link%%:*}"
+done
 echo "setup: ready (.venv/bin/cowfs)"
