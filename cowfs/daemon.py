@@ -28,6 +28,7 @@ from cowfs import admin, notify
 from cowfs.errors import FSError, StoreError
 from cowfs.fs.branching import run_gc
 from cowfs.fs.filesystem import Filesystem
+from cowfs.fs.view import View
 from cowfs.fuse_ops import Operations
 from cowfs.store import Store, daemon_pid, pid_alive, pid_file
 
@@ -201,7 +202,8 @@ class Daemon:
             err = ctypes.get_errno()
             raise MountError(f"bind mount of {source} on {target} failed: {os.strerror(err)}")
 
-    async def attach(self, branch: str, mountpoint: str) -> dict[str, Any]:
+    async def attach(self, branch: str, mountpoint: str, quota_bytes: int | None = None,
+                     quota_inodes: int | None = None) -> dict[str, Any]:
         """Serve another branch of this store at mountpoint (a bind mount of its root)."""
         if os.geteuid() != 0:
             return {"ok": False, "error": "a second mount of one store needs root (it is a bind mount)"}
@@ -209,6 +211,8 @@ class Daemon:
             view = self.fs.branch_view(branch)
         except FSError as exc:
             return {"ok": False, "error": str(exc)}
+        if quota_bytes is not None or quota_inodes is not None:
+            self.fs.set_quota(view, quota_bytes, quota_inodes)
         if branch in self.mounted_branches():
             return {"ok": False, "error": f"branch {branch!r} is already mounted"}
         mps = self.mounts()
@@ -222,8 +226,10 @@ class Daemon:
         log.info("attached branch %s at %s", branch, mountpoint)
         return {"ok": True, "branch": branch, "mountpoint": mountpoint}
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, view: View | None = None) -> dict[str, Any]:
+        """Daemon-wide figures, and the usage and quotas of one branch (default: the first)."""
         fs, store = self.fs, self.store
+        view = view or fs.primary
         rss = 0
         with open("/proc/self/status") as f:
             for line in f:
@@ -233,16 +239,17 @@ class Daemon:
             "ok": True,
             "store": store.path,
             "mountpoint": self.cfg.mountpoint,
-            "branch": self.cfg.branch,
+            "branch": view.name,
             "daemon_pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3),
             "rss_bytes": rss,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "requests": dict(self.ops.requests),
-            "usage_bytes": self.fs.primary.usage_bytes,
-            "usage_inodes": self.fs.primary.usage_inodes,
-            "quota_bytes": self.fs.primary.quota_bytes,
-            "quota_inodes": self.fs.primary.quota_inodes,
+            "usage_bytes": view.usage_bytes,
+            "usage_inodes": view.usage_inodes,
+            "quota_bytes": view.quota_bytes,
+            "quota_inodes": view.quota_inodes,
+            "mounted_branches": sorted(self.mounted_branches()),
             "dirty_bytes": fs.dirty_bytes,
             "flushes": fs.flush_count,
             "commits": store.write_seq,
@@ -262,7 +269,8 @@ class Daemon:
             await self.fs.fsync()
             return {"ok": True}
         if cmd == "attach":
-            return await self.attach(str(req.get("branch")), str(req.get("mountpoint")))
+            return await self.attach(str(req.get("branch")), str(req.get("mountpoint")),
+                                     req.get("quota_bytes"), req.get("quota_inodes"))
         if cmd == "gc":
             async with self.fs.lock:
                 await self.fs._flush_locked()
@@ -393,8 +401,13 @@ def mount(cfg: MountConfig, foreground: bool) -> int:
         if foreground:
             raise MountError(f"store {cfg.store} is already served by daemon pid {pid}; "
                              "mount further branches without --foreground")
+        if cfg.options or cfg.ctl_group is not None or cfg.debug:
+            raise MountError(f"store {cfg.store} is already served by daemon pid {pid}, whose mount options "
+                             "(allow_other, suid, dev, ctl_group, debug) hold for every branch it serves; "
+                             "only quota_bytes and quota_inodes may be given for another branch")
         try:
-            resp = admin.request(cfg.store, {"cmd": "attach", "branch": cfg.branch, "mountpoint": cfg.mountpoint})
+            resp = admin.request(cfg.store, {"cmd": "attach", "branch": cfg.branch, "mountpoint": cfg.mountpoint,
+                                             "quota_bytes": cfg.quota_bytes, "quota_inodes": cfg.quota_inodes})
         except OSError as exc:
             raise MountError(f"cannot reach daemon pid {pid} of {cfg.store}: {exc}") from None
         if not resp.get("ok"):

@@ -89,14 +89,14 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = False
 
-    def __init__(self, fs: Filesystem, stats: Callable[[], dict[str, Any]] | None = None,
+    def __init__(self, fs: Filesystem, stats: Callable[[View], dict[str, Any]] | None = None,
                  mounted: Callable[[], set[str]] | None = None, ctl_group: int | None = None) -> None:
         super().__init__()
         self.fs = fs
         self.ctl_group = ctl_group
         self.branching = Branching(fs, ctl_group)
         self.control = Control(self.branching, self._after_rollback, mounted or (lambda: set()))
-        self.stats = stats or (lambda: {})
+        self.stats = stats or (lambda view: {})
         self.requests: Counter[str] = Counter()
         self._files: dict[int, Node] = {}
         self._dirs: dict[int, _Dir] = {}
@@ -431,7 +431,7 @@ class Operations(pyfuse3.Operations):
         who = Caller(ctx.uid, ctx.gid, frozenset(pyfuse3.get_sup_groups(ctx.pid)) if ctx.uid else frozenset())
         reply = b""
         if kind == K_STATS:
-            reply = (json.dumps(self.stats(), ensure_ascii=True) + "\n").encode()
+            reply = (json.dumps(self.stats(view), ensure_ascii=True) + "\n").encode()
         fh = self._new_fh()
         self._sessions[fh] = _Session(view, who, kind, reply)
         # direct_io: every write reaches us at once, whatever the writeback cache does.
@@ -552,13 +552,31 @@ class Operations(pyfuse3.Operations):
                 raise _err(exc) from None
         entries = d.entries
         fs, view = self.fs, d.node.view
-        for i in range(start_id, len(entries)):
+        # Offsets 0 and 1 are "." and ".." (the kernel takes no lookup reference for them).
+        if start_id == 0:
+            if not pyfuse3.readdir_reply(token, b".", self._entry(d.node), 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            parent = d.node
+            if d.node.ino != ROOT_INO and d.node.attrs.parent:
+                try:
+                    parent = fs.node(view, d.node.attrs.parent)
+                except FSError:
+                    parent = d.node
+            entry = self._entry(parent)
+            if parent is not d.node:
+                fs.evict_if_unused(parent)
+            if not pyfuse3.readdir_reply(token, b"..", entry, 2):
+                return
+            start_id = 2
+        for i in range(start_id - 2, len(entries)):
             name, ino = entries[i]
             try:
                 child = fs.node(view, ino)
             except FSError:
                 continue  # removed since the listing was taken
-            if not pyfuse3.readdir_reply(token, name, self._entry(child), i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._entry(child), i + 3):
                 break
             child.lookups += 1
 

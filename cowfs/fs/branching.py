@@ -216,7 +216,7 @@ class Branching:
 
         snaps = [row(s.name, "snapshot", s.branch, s.created, s.layer) for s in self.visible_snapshots(view)]
         branches = [{**row(b.name, "branch", b.parent, b.created, b.head), "mounted_here": b.name == view.name,
-                     "quota_bytes": b.quota_bytes, "quota_inodes": b.quota_inodes}
+                     "rollbacks": b.epoch, "quota_bytes": b.quota_bytes, "quota_inodes": b.quota_inodes}
                     for b in sorted(self.cat.branches.values(), key=lambda b: b.created)
                     if self._branch_visible(view, b)]
         return {"snapshots": snaps, "branches": branches}
