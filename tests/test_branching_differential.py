@@ -1,0 +1,554 @@
+"""Differential test of snapshots, rollback, branches, clone, delete and diff.
+
+The POSIX state machine of test_posix_differential.py (every operation run on the cowfs mount
+and on a plain ext4 directory, results and trees compared) gets branching rules, with a model
+made of plain directories:
+
+* ``snapshot NAME``  - model: ``cp -a`` of the reference tree into MODEL/snaps/NAME, and the
+  new ``.cowfs/snapshots/NAME`` view must equal that copy at once;
+* ``rollback NAME``  - model: the reference tree is emptied and refilled with ``cp -a`` from
+  the snapshot's copy; files still open keep the pre-rollback inodes on both sides (ext4: the
+  deleted files), so the open-file rules go on against them;
+* ``branch NAME [FROM]`` - model: the branch and its parent are recorded (and a copy of its
+  content kept); ``list`` must show exactly the recorded snapshots and branches;
+* ``clone SRC DST``  - files, directories, symlinks..., from the live tree or a snapshot;
+  model: ``cp -a SRC DST``; the expected errno (ENOENT, ENOTDIR, EEXIST, EINVAL) is derived from
+  the reference tree;
+* ``delete NAME``    - model: the copy is dropped;
+* ``diff A [B]``     - every reported path must exist on its side with the reported type, and
+  every path that differs between the two model copies must be covered by a reported path (or
+  one of its ancestors, or another hard link of it).
+
+At the end of each sequence every snapshot view must equal its model copy and the live tree
+the reference tree; one branch (if any) is mounted as a fork and compared with its copy.
+
+Scale: ``COWFS_BRANCH_EXAMPLES`` (default 40) and ``COWFS_BRANCH_STEPS`` (default 40).
+Known bugs this machine would otherwise trip over all the time are tolerated here and covered
+by dedicated tests in test_branching.py (see the comments at ``KNOWN``).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import subprocess
+import time
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import precondition, rule, run_state_machine_as_test
+
+import mounting
+import test_posix_differential as pd
+from mounting import Worker, compare_snapshots
+from test_branching import Forks, ctl
+
+EXAMPLES = int(os.environ.get("COWFS_BRANCH_EXAMPLES", "40"))
+STEPS = int(os.environ.get("COWFS_BRANCH_STEPS", "40"))
+TIMEOUT = max(300, EXAMPLES * 8 + 120)
+FORK_CHECK = os.environ.get("COWFS_BRANCH_FORK_CHECK", "1") != "0"
+SNAP_SLOTS = 4
+BRANCH_SLOTS = 3
+ERR = errno.errorcode
+
+# Tolerated known bugs (each has its own failing test in test_branching.py):
+# * a branch made from a snapshot that is later deleted vanishes from `list` and cannot be
+#   deleted (test_branch_of_deleted_snapshot_stays_manageable);
+# * `diff` against the live tree does not sync the kernel's page cache first
+#   (test_diff_against_live_sees_writes_still_in_page_cache): the machine calls sync() before;
+# * diff names a file by the last hard link made to it, even once that link is gone
+#   (test_diff_with_hard_links_names_existing_paths): such paths are not checked for files;
+# * clone leaves the kernel's cached attributes of the target directory stale (nlink, mtime)
+#   (test_clone_updates_target_directory_attributes_at_once): the machine creates and removes
+#   an entry there afterwards, which makes the kernel fetch them again.
+KNOWN = True
+
+SNAP_PATH = st.tuples(st.just("snap"), st.integers(0, SNAP_SLOTS - 1),
+                      st.sampled_from(pd.PATHS) | st.tuples(st.just("existing"), st.integers(0, 63)))
+CLONE_SRC = pd.PATH | SNAP_PATH
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISREG(mode):
+        return "file"
+    return "special"
+
+
+def cp_a(src, dst) -> None:
+    r = subprocess.run(["cp", "-a", "--", str(src), str(dst)], capture_output=True, timeout=120)
+    assert r.returncode == 0, f"model: cp -a {src} {dst} failed: {r.stderr!r}"
+
+
+class BCtx(pd.Ctx):
+    """Ctx plus the model directories."""
+
+    def __init__(self, *a, model_dir, forks, **kw):
+        super().__init__(*a, **kw)
+        self.model_dir = str(model_dir)
+        self.forks = forks
+        self.fork_checks = 0
+        self.branch_ops = {}
+
+    def count(self, what):
+        self.branch_ops[what] = self.branch_ops.get(what, 0) + 1
+
+
+class BranchMachine(pd.PosixMachine):
+    ctx: BCtx = None
+
+    def __init__(self):
+        super().__init__()   # empties both trees (PosixMachine.reset)
+        c = self.ctx
+        self.mp = str(c.mount.path)
+        self.prefix = f"e{c.examples}-"
+        self.snaps: dict[str, str] = {}          # name -> model copy
+        self.branches: dict[str, dict] = {}      # name -> {"parent", "copy", "zombie"}
+        self.detached: set[int] = set()          # fd slots opened before a rollback
+        self._clear_previous()
+        self._snapshot(0, 1)                     # every sequence starts with one snapshot
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _clear_previous(self):
+        """Delete the snapshots and branches of earlier sequences (cowfs and model)."""
+        err, reply = ctl(self.mp, "list")
+        assert reply["ok"], reply
+        for b in reply["branches"]:
+            if b["name"] != "main":
+                ctl(self.mp, f"delete {b['name']}")
+        for s in reply["snapshots"]:
+            ctl(self.mp, f"delete {s['name']}")
+        shutil.rmtree(self.ctx.model_dir, ignore_errors=True)
+        os.makedirs(os.path.join(self.ctx.model_dir, "snaps"))
+        os.makedirs(os.path.join(self.ctx.model_dir, "branches"))
+
+    def sname(self, k):
+        return f"{self.prefix}s{k}"
+
+    def bname(self, k):
+        return f"{self.prefix}b{k}"
+
+    def pick_snap(self, k, odd=False):
+        """An existing snapshot (by index), or with ``odd`` / none taken: slot k's name."""
+        if odd or not self.snaps:
+            return self.sname(k)
+        names = sorted(self.snaps)
+        return names[k % len(names)]
+
+    def model_snap(self, name):
+        return os.path.join(self.ctx.model_dir, "snaps", name)
+
+    def fail(self, msg):
+        self.broken = True
+        raise AssertionError(msg + self.ctx.daemon_state())
+
+    def run_ctl(self, line, expect):
+        """Run one command; ``expect`` is None (success), an errno name, or a set of those."""
+        try:
+            err, reply = ctl(self.mp, line)
+        except mounting.OpTimeout as e:
+            self.fail(f"ctl {line!r} hung: {e}")
+        except OSError as e:
+            self.fail(f"ctl {line!r}: the control file failed: {e}")
+        got = None if reply["ok"] else reply["errno"]
+        self.ctx.outcomes[("ctl " + line.split()[0], got or "ok")] += 1
+        allowed = expect if isinstance(expect, set) else {expect}
+        if got not in allowed:
+            self.fail(f"ctl {line!r}: expected {' or '.join(str(e or 'success') for e in allowed)}, "
+                      f"got {reply}")
+        return reply
+
+    def compare_dirs(self, cowfs_path, model_path, why):
+        try:
+            a = self.ctx.admin.ok("snapshot", cowfs_path, timeout=60)
+        except mounting.OpTimeout as e:
+            self.fail(f"reading {cowfs_path} ({why}) hung: {e}")
+        b = self.ctx.admin.ok("snapshot", model_path, timeout=60)
+        diffs = compare_snapshots(a, b, names=("cowfs", "model"))
+        if diffs:
+            self.fail(f"{why}: cowfs {cowfs_path} differs from the model:\n  " + "\n  ".join(diffs[:40]))
+
+    def check_list(self):
+        reply = self.run_ctl("list", None)
+        snaps = {s["name"]: s["parent"] for s in reply["snapshots"]}
+        want_snaps = {n: "main" for n in self.snaps}
+        if snaps != want_snaps:
+            self.fail(f"list: snapshots {sorted(snaps)} but the model has {sorted(want_snaps)}")
+        brs = {b["name"]: b["parent"] for b in reply["branches"] if b["name"] != "main"}
+        want = {n: b["parent"] for n, b in self.branches.items() if not b["zombie"]}
+        if KNOWN:  # branches of deleted snapshots vanish from the list (known bug)
+            for n, b in self.branches.items():
+                if b["parent"] not in self.snaps and b["parent"] != "main" and n not in brs:
+                    want.pop(n, None)
+        if brs != want:
+            self.fail(f"list: branches {brs} but the model has {want}")
+
+    def _walk_expect(self, root, parts):
+        """errno (name) of walking the directories parts[:-1] below root as cowfs does, else None."""
+        p = root
+        for comp in parts[:-1]:
+            p = os.path.join(p, comp)
+            try:
+                st_ = os.lstat(p)
+            except FileNotFoundError:
+                return "ENOENT"
+            if not stat.S_ISDIR(st_.st_mode):
+                return "ENOTDIR"
+        return None
+
+    # ---- snapshot / rollback / branch / delete --------------------------------------------
+    def _snapshot(self, k, bad):
+        c = self.ctx
+        name = ".bad-name" if bad == 0 else self.sname(k)
+        if bad == 0:
+            expect = "EINVAL"
+        elif name in self.snaps or name in self.branches:
+            expect = "EEXIST"
+        else:
+            expect = None
+        self.run_ctl(f"snapshot {name}", expect)
+        c.count("snapshot")
+        if expect is None:
+            cp_a(c.root("ref"), self.model_snap(name))
+            self.snaps[name] = self.model_snap(name)
+            self.compare_dirs(os.path.join(self.mp, ".cowfs/snapshots", name), self.snaps[name],
+                              f"snapshot {name} right after it was taken")
+            self.check_list()
+
+    @rule(k=st.integers(0, SNAP_SLOTS - 1), bad=st.integers(0, 9))
+    def snapshot(self, k, bad):
+        self._snapshot(k, bad)
+
+    @rule(k=st.integers(0, SNAP_SLOTS - 1), bad=st.integers(1, 9))
+    def snapshot_again(self, k, bad):
+        self._snapshot(k, bad)
+
+    def _rollback(self, k, kind):
+        c = self.ctx
+        if kind == 0:
+            name = next(iter(self.branches), "main")
+            expect = "EINVAL"
+        else:
+            name = self.pick_snap(k, odd=kind == 1)
+            expect = None if name in self.snaps else "ENOENT"
+        self.run_ctl(f"rollback {name}", expect)
+        c.count("rollback")
+        if expect is None:
+            ref = c.root("ref")
+            c.admin.ok("rm_contents", ref, timeout=60)
+            src = self.snaps[name]
+            r = subprocess.run(["cp", "-a", "--", src + "/.", ref + "/"], capture_output=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            st_ = os.lstat(src)
+            os.chmod(ref, stat.S_IMODE(st_.st_mode))
+            os.chown(ref, st_.st_uid, st_.st_gid)
+            self.detached |= set(self.fds)
+            self.check_tree(f"right after rollback {name}")
+
+    @rule(k=st.integers(0, SNAP_SLOTS - 1), kind=st.integers(0, 9))
+    def rollback(self, k, kind):
+        self._rollback(k, kind)
+
+    @rule(k=st.integers(0, SNAP_SLOTS - 1), kind=st.integers(1, 9))
+    def rollback_again(self, k, kind):
+        self._rollback(k, kind)
+
+    @rule(k=st.integers(0, BRANCH_SLOTS - 1), src=st.integers(0, 6), s=st.integers(0, SNAP_SLOTS - 1))
+    def branch(self, k, src, s):
+        c = self.ctx
+        name = self.bname(k)
+        if src in (0, 1):                # from the live tree (no FROM, or FROM = main)
+            source = None if src == 0 else "main"
+        elif src in (2, 3, 4):
+            source = self.pick_snap(s, odd=src == 4)
+        elif src == 5:
+            source = f"{self.prefix}nosuch"
+        else:
+            source = next((b for b in self.branches if b != name), self.bname((k + 1) % BRANCH_SLOTS))
+        if name in self.snaps or name in self.branches:
+            expect = "EEXIST"
+        elif source is None or source == "main":
+            expect = None
+        elif source in self.snaps:
+            expect = None
+        elif source in self.branches:
+            expect = "EINVAL"
+        else:
+            expect = "ENOENT"
+        self.run_ctl(f"branch {name}" + (f" {source}" if source else ""), expect)
+        c.count("branch")
+        if expect is None:
+            copy = os.path.join(c.model_dir, "branches", name)
+            cp_a(c.root("ref") if source in (None, "main") else self.snaps[source], copy)
+            self.branches[name] = {"parent": source or "main", "copy": copy, "zombie": False}
+            self.check_list()
+
+    @rule(k=st.integers(0, SNAP_SLOTS + BRANCH_SLOTS))
+    def delete(self, k):
+        c = self.ctx
+        if k < SNAP_SLOTS:
+            name = self.pick_snap(k, odd=k == 0)
+            expect = None if name in self.snaps else "ENOENT"
+        elif k < SNAP_SLOTS + BRANCH_SLOTS:
+            name = self.bname(k - SNAP_SLOTS)
+            b = self.branches.get(name)
+            expect = None if b and not b["zombie"] else "ENOENT"
+            if KNOWN and b and not b["zombie"] and b["parent"] not in self.snaps and b["parent"] != "main":
+                expect = {None, "ENOENT"}   # branch of a deleted snapshot: undeletable (known bug)
+        else:
+            name, expect = "main", "EBUSY"
+        reply = self.run_ctl(f"delete {name}", expect)
+        c.count("delete")
+        if reply["ok"]:
+            if name in self.snaps:
+                shutil.rmtree(self.snaps.pop(name))
+            else:
+                shutil.rmtree(self.branches.pop(name)["copy"])
+            self.check_list()
+        elif name in self.branches:
+            self.branches[name]["zombie"] = True
+
+    # ---- clone --------------------------------------------------------------------------------
+    def _clone_src(self, src):
+        """(path for ctl, model path, model root, expected errno from the snapshot part)."""
+        c = self.ctx
+        if isinstance(src, tuple) and src[0] == "snap":
+            _, k, tok = src
+            name = self.pick_snap(k, odd=k == 0)
+            if name not in self.snaps:
+                rel = tok if isinstance(tok, str) else "a"
+                return f".cowfs/snapshots/{name}/{rel}", None, None, "ENOENT"
+            root = self.snaps[name]
+            if isinstance(tok, str):
+                rel = tok
+            else:
+                existing = c.admin.ok("list_paths", root)
+                rel = existing[tok[1] % len(existing)] if existing else pd.PATHS[tok[1] % len(pd.PATHS)]
+            return f".cowfs/snapshots/{name}/{rel}", rel, root, None
+        rel = self.resolve(src)
+        return rel, rel, c.root("ref"), None
+
+    def _clone(self, src, dst):
+        c = self.ctx
+        line_src, rel, root, expect = self._clone_src(src)
+        dst = self.resolve(dst)
+        ref = c.root("ref")
+        if expect is None:
+            expect = self._walk_expect(root, rel.split("/"))
+        if expect is None and not os.path.lexists(os.path.join(root, rel)):
+            expect = "ENOENT"
+        if expect is None:
+            expect = self._walk_expect(ref, dst.split("/"))
+        if expect is None and os.path.lexists(os.path.join(ref, dst)):
+            expect = "EEXIST"
+        src_path = os.path.join(root, rel) if root else None
+        if expect is None and root == ref and stat.S_ISDIR(os.lstat(src_path).st_mode):
+            dparent = dst.rpartition("/")[0]
+            if dparent == rel or dparent.startswith(rel + "/"):
+                expect = "EINVAL"
+        self.run_ctl(f"clone {line_src} {dst}", expect)
+        c.count("clone")
+        if expect is None:
+            cp_a(src_path, os.path.join(ref, dst))
+            if KNOWN:   # make the kernel drop its stale attributes of the target directory
+                tmp = c.abs("cowfs", os.path.join(dst.rpartition("/")[0], ".inval"))
+                c.admin.ok("os.mkdir", tmp)
+                c.admin.ok("os.rmdir", tmp)
+
+    @rule(src=CLONE_SRC, dst=pd.PATH)
+    def clone(self, src, dst):
+        self._clone(src, dst)
+
+    @rule(src=CLONE_SRC, dst=st.sampled_from(["n1", "a/n2", "a/b/n3", "d/n4", "clone_of_a"]))
+    def clone_to_new(self, src, dst):
+        self._clone(src, dst)
+
+    # ---- diff -----------------------------------------------------------------------------------
+    @rule(a=st.integers(0, SNAP_SLOTS + BRANCH_SLOTS), b=st.integers(-1, SNAP_SLOTS - 1))
+    def diff(self, a, b):
+        c = self.ctx
+        if a < SNAP_SLOTS:
+            na = self.pick_snap(a, odd=a == 0 and b == 0)
+            ma = self.snaps.get(na)
+        elif a < SNAP_SLOTS + BRANCH_SLOTS:
+            na = self.bname(a - SNAP_SLOTS)
+            br = self.branches.get(na)
+            ma = br["copy"] if br and not br["zombie"] else None
+            orphan = br and not br["zombie"] and br["parent"] not in self.snaps and br["parent"] != "main"
+        else:
+            na, ma, orphan = "main", c.root("ref"), False
+        if a < SNAP_SLOTS:
+            orphan = False
+        if b < 0:
+            nb, mb = None, c.root("ref")
+        else:
+            nb = self.pick_snap(b)
+            mb = self.snaps.get(nb)
+        expect = None if ma and mb else "ENOENT"
+        if KNOWN and expect is None and orphan:
+            expect = {None, "ENOENT"}   # branch of a deleted snapshot: invisible (known bug)
+        if nb is None:
+            os.sync()   # known bug: ctl diff does not sync the kernel's page cache itself
+        reply = self.run_ctl(f"diff {na}" + (f" {nb}" if nb else ""), expect)
+        c.count("diff")
+        if reply["ok"]:
+            self._check_diff(reply, na, nb or "(live)", ma, mb)
+
+    def _check_diff(self, reply, na, nb, ma, mb):
+        admin = self.ctx.admin
+        A = admin.ok("snapshot", ma, timeout=60)
+        B = admin.ok("snapshot", mb, timeout=60)
+        what = f"diff {na} {nb}"
+        mentioned = set()
+        problems = []
+        tolerated = []
+        for ch in reply["changes"]:
+            kind, path, frm, typ = ch["change"], ch["path"], ch.get("from"), ch["type"]
+            side = A if kind == "removed" else B
+            e = side.get(path)
+            # Known bug (test_diff_with_hard_links_names_existing_paths): a file's name in diff
+            # is the last hard link made, even once that link is gone.
+            missing = tolerated if KNOWN and typ == "file" else problems
+            if e is None or "lstat" in e:
+                missing.append(f"{ch}: {path!r} does not exist in {'A' if side is A else 'B'}")
+            elif _kind(e["mode"]) != typ:
+                problems.append(f"{ch}: {path!r} is a {_kind(e['mode'])}")
+            if kind == "renamed" and (frm not in A or "lstat" in A.get(frm, {})):
+                missing.append(f"{ch}: 'from' {frm!r} does not exist in A")
+            mentioned.add(path)
+            if frm is not None:
+                mentioned.add(frm)
+
+        def groups(snap):
+            by = {}
+            for rel, e in snap.items():
+                if e.get("type") not in (None, "dir"):
+                    by.setdefault(e["ino"], set()).add(rel)
+            return {rel: paths for paths in by.values() for rel in paths}
+        ga, gb = groups(A), groups(B)
+
+        def covered(rel):
+            for r in ga.get(rel, {rel}) | gb.get(rel, {rel}):
+                parts = r.split("/")
+                if any("/".join(parts[:i]) in mentioned for i in range(1, len(parts) + 1)):
+                    return True
+            return False
+
+        keys = ("type", "mode", "uid", "gid", "content", "target", "xattrs")
+        for rel in sorted(set(A) | set(B)):
+            if rel == "":
+                continue
+            ea, eb = A.get(rel), B.get(rel)
+            if ea is not None and eb is not None:
+                if all(ea.get(k) == eb.get(k) for k in keys) and \
+                        (ea.get("type") == "dir" or ea.get("size") == eb.get("size")):
+                    continue
+            if not covered(rel):
+                how = "only in A" if eb is None else "only in B" if ea is None else "changed"
+                # with stale hard-link names in the reply (known bug), the real name can be missing
+                stale = tolerated and (ea or eb).get("type") == "file"
+                (tolerated if stale else problems).append(f"{rel!r} {how} but not reported (nor an ancestor)")
+        if tolerated:
+            self.ctx.outcomes[("diff: tolerated stale hard-link names", "")] += len(tolerated)
+        if problems:
+            self.fail(f"{what}: wrong report:\n  " + "\n  ".join(problems[:30])
+                      + f"\n  reply: {reply['changes'][:40]}")
+
+    # ---- open files across rollback: the pre-rollback inode on both sides -----------------------
+    def _norm_stat(self, slot):
+        detached = slot in self.detached
+
+        def norm(r):
+            if r[0] != "ok":
+                return r
+            v = pd.stat_view(r[1])
+            if detached:      # ext4: the deleted file (nlink 0); cowfs: the detached inode
+                v.pop("nlink")
+            return ("ok", v)
+        return norm
+
+    @precondition(lambda self: self.fds)
+    @rule(data=st.data())
+    def fd_stat(self, data):
+        slot = self._slot(data)
+        self.both(f"fstat({self.fd_desc(slot)})", "fstat", self.fd_args(slot), slot=slot,
+                  norm=self._norm_stat(slot))
+
+    @precondition(lambda self: self.fds)
+    @rule(data=st.data())
+    def unlink_open_file(self, data):
+        slot = self._slot(data)
+        path = self.fds[slot]["path"]
+        self.both(f"unlink({path!r}) while {self.fd_desc(slot)} is open", "os.unlink",
+                  self.paths(path), watch=self.watch(path), slot=slot)
+        self.both(f"fstat({self.fd_desc(slot)}) after unlinking its name", "fstat",
+                  self.fd_args(slot), slot=slot, norm=self._norm_stat(slot))
+        self.both(f"read back ({self.fd_desc(slot)}) after unlinking its name", "read_fd_all",
+                  self.fd_args(slot), slot=slot, data_op=True)
+
+    @precondition(lambda self: self.fds)
+    @rule(data=st.data())
+    def close(self, data):
+        super().close(data)
+        self.detached &= set(self.fds)
+
+    # ---- end of a sequence ------------------------------------------------------------------------
+    def teardown(self):
+        super().teardown()
+        c = self.ctx
+        if self.broken or not c.mount.alive():
+            return
+        for name, copy in sorted(self.snaps.items()):
+            self.compare_dirs(os.path.join(self.mp, ".cowfs/snapshots", name), copy,
+                              f"snapshot {name} at the end of the sequence")
+        live = [n for n, b in self.branches.items() if not b["zombie"]]
+        if FORK_CHECK and live:
+            name = live[0]
+            mp = c.forks.mount(c.mount.store, name, name="check")
+            try:
+                self.compare_dirs(str(mp), self.branches[name]["copy"],
+                                  f"branch {name} (parent {self.branches[name]['parent']}) mounted as a fork")
+                c.fork_checks += 1
+            finally:
+                c.forks.umount(mp)
+
+
+def run_branch_machine(ctx: BCtx):
+    machine = type("BranchMachine_root", (BranchMachine,), {"ctx": ctx})
+    t0 = time.monotonic()
+    run_state_machine_as_test(machine, settings=settings(
+        max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+        suppress_health_check=list(HealthCheck), print_blob=True,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink]))
+    print(f"\n[branching] {ctx.examples} sequences, {ctx.steps} POSIX operations, "
+          f"{ctx.remounts} remounts, {ctx.fork_checks} fork checks, branching commands "
+          f"{dict(sorted(ctx.branch_ops.items()))} in {time.monotonic() - t0:.1f}s")
+    if os.environ.get("COWFS_DIFF_STATS"):
+        for key, n in sorted(ctx.outcomes.items()):
+            if key[0].startswith(("ctl", "diff")):
+                print(f"  {key[0]:14s} {key[1]:8s} {n}")
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_branching_differential(mount_factory, tmp_path, test_dir):
+    mount = mount_factory()
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    worker = Worker(umask=0o022)
+    forks = Forks(test_dir)
+    try:
+        ctx = BCtx("root", mount, ref, worker, worker, model_dir=tmp_path / "model", forks=forks)
+        worker.on_timeout = mount.abort
+        root_stat = worker.ok("stat", str(mount.path), True)
+        os.chmod(ref, stat.S_IMODE(root_stat["mode"]))
+        os.chown(ref, root_stat["uid"], root_stat["gid"])
+        ctx.calibrate()
+        run_branch_machine(ctx)
+    finally:
+        worker.close()
+        forks.close()
