@@ -84,4 +84,4 @@ class Control:
             return await br.delete(view, args[0], who, self.mounted())
         if verb == "list":
             return br.listing(view)
-        return br.diff(view, args[0], args[1] if len(args) > 1 else None)
+        return await br.diff(view, args[0], args[1] if len(args) > 1 else None)

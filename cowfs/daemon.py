@@ -185,8 +185,8 @@ class Daemon:
             return
         fd = os.open(mps[0][0], os.O_RDONLY | os.O_DIRECTORY)
         try:
-            if _libc.syncfs(fd) != 0:
-                log.warning("syncfs: %s", os.strerror(ctypes.get_errno()))
+            if _libc.syncfs(fd) != 0:  # FUSE answers ENOENT here (no SYNCFS op); the writeback is done
+                log.debug("syncfs: %s", os.strerror(ctypes.get_errno()))
         finally:
             os.close(fd)
 

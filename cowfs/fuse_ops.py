@@ -95,6 +95,7 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.ctl_group = ctl_group
         self.branching = Branching(fs, ctl_group)
+        self.branching.invalidate_attrs = self._invalidate_attrs
         self.control = Control(self.branching, self._after_rollback, mounted or (lambda: set()))
         self.stats = stats or (lambda view: {})
         self.requests: Counter[str] = Counter()
@@ -235,9 +236,22 @@ class Operations(pyfuse3.Operations):
         """Make the kernel forget the old tree's names under the root, and the root's attributes."""
         root = self.fs.node(view, ROOT_INO)
         rino = self.fuse_ino(root)
-        for name in old_names:
-            pyfuse3.invalidate_entry_async(rino, name, ignore_enoent=True)
+        # Synchronous invalidations, in a thread (the kernel may call back into us): when
+        # the rollback command returns, no old name is left in the kernel's cache.
+        await trio.to_thread.run_sync(self._inval_entries, rino, old_names)
         await trio.to_thread.run_sync(self._inval_inode, rino)
+
+    async def _invalidate_attrs(self, node: Node) -> None:
+        await trio.to_thread.run_sync(self._inval_inode, self.fuse_ino(node))
+
+    @staticmethod
+    def _inval_entries(parent: int, names: list[bytes]) -> None:
+        for name in names:
+            try:
+                pyfuse3.invalidate_entry(parent, name)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("invalidate_entry(%d, %r): %s", parent, name, exc)
 
     @staticmethod
     def _inval_inode(fino: int) -> None:

@@ -13,7 +13,7 @@ import re
 import stat
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 import trio
 
@@ -24,7 +24,7 @@ from cowfs.fs.view import View
 from cowfs.meta import gc
 from cowfs.meta.layers import Branch, Snapshot
 from cowfs.meta.records import Attrs
-from cowfs.meta.versioned import CF_INODES, CF_XATTRS, LayerView, ino_key, name_key
+from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_XATTRS, LayerView, ino_key, name_key
 from cowfs.store import ROOT_INO
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
@@ -33,7 +33,7 @@ SNAPSHOTS_DIR = b"snapshots"
 
 
 def check_name(name: str) -> None:
-    if not name or len(name.encode()) > 128 or not NAME_RE.fullmatch(name):
+    if not name or not NAME_RE.fullmatch(name) or len(name) > 128:  # the pattern is ASCII-only
         raise FSError(errno.EINVAL, f"bad name {name!r}: use letters, digits, '.', '_', '-', "
                                     "at most 128 bytes, not starting with a dot")
 
@@ -63,6 +63,8 @@ class Branching:
         self.fs = fs
         self.cat = fs.store.catalog
         self.admin_group = admin_group  # members may snapshot/branch/rollback/delete too
+        # Set by the FUSE layer: make the kernel drop a node's cached attributes.
+        self.invalidate_attrs: Callable[[Node], Awaitable[None]] = _no_invalidation
 
     # -- lineage ---------------------------------------------------------------------------
     def _branch(self, view: View) -> Branch:
@@ -78,11 +80,19 @@ class Branching:
         return sorted((s for s in self.cat.snapshots.values() if self.snapshot_visible(view, s)),
                       key=lambda s: s.created)
 
+    def _forks_of(self, name: str) -> list[str]:
+        """name, the branch it forked from, that one's, ... (its line of ancestors)."""
+        line = []
+        while name is not None and name not in line:
+            line.append(name)
+            b = self.cat.branches.get(name)
+            name = b.parent_branch if b is not None else None  # type: ignore[assignment]
+        return line
+
     def _branch_visible(self, view: View, b: Branch) -> bool:
-        if b.name == view.name:
-            return True
-        visible = {view.name} | {s.name for s in self.visible_snapshots(view)}
-        return b.parent in visible
+        """A mount sees its branch, the branches it descends from, and those forked from it
+        (directly or not); sibling forks stay invisible to each other."""
+        return view.name in self._forks_of(b.name) or b.name in self._forks_of(view.name)
 
     def _snapshot(self, view: View, name: str) -> Snapshot:
         s = self.cat.snapshots.get(name)
@@ -143,6 +153,7 @@ class Branching:
         async with self.fs.mutate(view) as m:
             self._name_free(name)
             src_branch = self._branch(view)
+            parent_branch = view.name
             if source is None or source == view.name:
                 parent_layer = self._freeze(m, view, src_branch)
                 parent_name = view.name
@@ -153,13 +164,15 @@ class Branching:
                 parent_name = source
                 usage = self._usage(snap.layer)
                 src_branch = self.cat.branches.get(snap.branch, src_branch)
+                parent_branch = snap.branch
             elif source in self.cat.branches:
                 raise FSError(errno.EINVAL, f"branch from another branch ({source!r}) is done through its own mount")
             else:
                 raise FSError(errno.ENOENT, f"no snapshot or branch named {source!r}")
             head = self.cat.new_layer(parent_layer, m.batch)
             self.cat.save_branch(Branch(name, head, self.cat.new_view(m.batch), parent=parent_name,
-                                        quota_bytes=src_branch.quota_bytes, quota_inodes=src_branch.quota_inodes),
+                                        parent_branch=parent_branch, quota_bytes=src_branch.quota_bytes,
+                                        quota_inodes=src_branch.quota_inodes),
                                  m.batch)
             self.cat.save_usage(head, usage[0], usage[1], m.batch)
         return {"branch": name, "from": parent_name, "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
@@ -280,6 +293,7 @@ class Branching:
             if snode.attrs.is_dir:
                 dparent.attrs.nlink += 1
             m.save(dparent)
+        await self.invalidate_attrs(dparent)  # its nlink and times changed behind the kernel
         return {"cloned": src, "to": dst, "entries": count,
                 "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
@@ -366,49 +380,91 @@ class Branching:
             a = Attrs.unpack(found[1])
             parent = self._path(lv, a.parent, cache) if a.parent else None
             if parent is not None:
-                name = a.name.decode("utf-8", "surrogateescape")
-                path = f"{parent}/{name}" if parent else name
+                path = _join(parent, a.name)
         cache[ino] = path
         return path
 
-    def diff(self, view: View, a: str, b: str | None) -> dict[str, Any]:
-        """Paths added, removed, modified or renamed from A to B, from the changed keys only."""
-        la, lb = self._side(view, a), self._side(view, b)
-        layers = la.ancestors ^ lb.ancestors
-        inos: set[int] = set()
+    def _names(self, lv: LayerView, ino: int, value: bytes, cache: dict[int, str | None]) -> set[str]:
+        """Path of an inode from its parent/name hint, if the hint still names it; else the
+        names it has in that parent directory (a hard link's hint may be a removed name)."""
+        a = Attrs.unpack(value)
+        parent = self._path(lv, a.parent, cache) if a.parent else None
+        if parent is None:
+            return set()
         meta = self.fs.store.meta
-        for layer in layers:
+        found = meta.get(CF_DIRENTS, name_key(a.parent, a.name), lv)
+        if found and found[1] and int.from_bytes(found[1][:8], "big") == ino:
+            return {_join(parent, a.name)}
+        return {_join(parent, n) for n, v in meta.scan_names(CF_DIRENTS, a.parent, lv)
+                if int.from_bytes(v[:8], "big") == ino}
+
+    async def diff(self, view: View, a: str, b: str | None) -> dict[str, Any]:
+        """Paths added, removed, modified or renamed from A to B, from the changed keys only."""
+        if b is None:  # against the live tree: include what the kernel and we still buffer
+            await self.fs.sync_kernel()
+            await self.fs.flush()
+        la, lb = self._side(view, a), self._side(view, b)
+        meta = self.fs.store.meta
+        inos: set[int] = set()
+        entries: set[bytes] = set()
+        for layer in la.ancestors ^ lb.ancestors:
             for cf, base in meta.changed(layer):
-                if cf == CF_INODES or cf == CF_XATTRS:
+                if cf == CF_DIRENTS:
+                    entries.add(base)
+                else:
                     inos.add(int.from_bytes(base[:8], "big"))
-        pa: dict[int, str | None] = {}
-        pb: dict[int, str | None] = {}
-        changes = []
-        for ino in sorted(inos):
+        caches: tuple[dict[int, str | None], dict[int, str | None]] = ({}, {})
+        names: tuple[dict[int, set[str]], dict[int, set[str]]] = ({}, {})
+        for base in entries:  # every name that appeared, vanished or changed target
+            parent, name = int.from_bytes(base[:8], "big"), base[8:-1]
+            for lv, side_names, cache in ((la, names[0], caches[0]), (lb, names[1], caches[1])):
+                found = meta.get(CF_DIRENTS, base, lv)
+                if found and found[1]:
+                    ppath = self._path(lv, parent, cache)
+                    if ppath is not None:
+                        side_names.setdefault(int.from_bytes(found[1][:8], "big"), set()).add(_join(ppath, name))
+        changes: list[dict[str, Any]] = []
+        for ino in sorted(inos | names[0].keys() | names[1].keys()):
             if ino == ROOT_INO:
                 continue
             ra, rb = meta.get(CF_INODES, ino_key(ino), la), meta.get(CF_INODES, ino_key(ino), lb)
-            va = ra[1] if ra else b""
-            vb = rb[1] if rb else b""
-            if va == vb:
+            va, vb = (ra[1] if ra else b""), (rb[1] if rb else b"")
+            if not va and not vb:
                 continue
-            pth_a = self._path(la, ino, pa) if va else None
-            pth_b = self._path(lb, ino, pb) if vb else None
-            if va and vb:
-                aa, ab = Attrs.unpack(va), Attrs.unpack(vb)
-                if pth_a != pth_b:
-                    changes.append({"change": "renamed", "path": pth_b, "from": pth_a, "type": _kind(ab.mode)})
-                same = (aa.root, aa.size, aa.mode, aa.uid, aa.gid, aa.mtime_ns, aa.target) == \
-                       (ab.root, ab.size, ab.mode, ab.uid, ab.gid, ab.mtime_ns, ab.target)
-                if not same or pth_a == pth_b:
-                    changes.append({"change": "modified", "path": pth_b, "type": _kind(ab.mode)})
-            elif vb:
-                if pth_b is not None:
-                    changes.append({"change": "added", "path": pth_b, "type": _kind(Attrs.unpack(vb).mode)})
-            elif pth_a is not None:
-                changes.append({"change": "removed", "path": pth_a, "type": _kind(Attrs.unpack(va).mode)})
-        changes.sort(key=lambda c: (c["path"] or "", c["change"]))
+            na = (names[0].get(ino, set()) | self._names(la, ino, va, caches[0])) if va else set()
+            nb = (names[1].get(ino, set()) | self._names(lb, ino, vb, caches[1])) if vb else set()
+            if va == vb and na == nb:
+                continue
+            kind = _kind(Attrs.unpack(vb or va).mode)
+            if not va:
+                changes += [{"change": "added", "path": p, "type": kind} for p in sorted(nb)]
+                continue
+            if not vb:
+                changes += [{"change": "removed", "path": p, "type": kind} for p in sorted(na)]
+                continue
+            if na != nb:
+                if len(na) == 1 and len(nb) == 1:
+                    changes.append({"change": "renamed", "path": next(iter(nb)), "from": next(iter(na)),
+                                    "type": kind})
+                else:
+                    changes += [{"change": "added", "path": p, "type": kind} for p in sorted(nb - na)]
+                    changes += [{"change": "removed", "path": p, "type": kind} for p in sorted(na - nb)]
+            aa, ab = Attrs.unpack(va), Attrs.unpack(vb)
+            same = (aa.root, aa.size, aa.mode, aa.uid, aa.gid, aa.mtime_ns, aa.target) == \
+                   (ab.root, ab.size, ab.mode, ab.uid, ab.gid, ab.mtime_ns, ab.target)
+            if (not same or na == nb) and nb:
+                changes.append({"change": "modified", "path": sorted(nb & na or nb)[0], "type": kind})
+        changes.sort(key=lambda c: (c["path"], c["change"]))
         return {"from": a, "to": b if b is not None else "(live)", "changes": changes}
+
+
+def _join(parent: str, name: bytes) -> str:
+    n = name.decode("utf-8", "surrogateescape")
+    return f"{parent}/{n}" if parent else n
+
+
+async def _no_invalidation(node: Node) -> None:
+    return None
 
 
 def _kind(mode: int) -> str:
@@ -426,7 +482,7 @@ async def run_gc(fs: Filesystem) -> int:
     removed = 0
     async with fs.lock:
         await fs._flush_locked()
-        tops = fs.store.catalog.leaves() | {v.lv.top for v in fs.detached.values()}
+        tops = fs.live_tops()
         chunks = list(gc.collect(fs.store.meta, fs.store.catalog, tops))
     for batch, txn, n in chunks:
         async with fs.lock:

@@ -253,10 +253,19 @@ class Filesystem:
         return view
 
     def drop_views(self, name: str) -> None:
-        """A snapshot or branch was deleted: its inode numbers become stale."""
+        """A snapshot or branch was deleted.  Its view stays (and garbage collection spares
+        its layer) while the kernel still holds inodes of it, as for unlinked files; then it
+        goes and its inode numbers become stale."""
         for vid, v in list(self.views.items()):
             if v.name == name and v.kind != "detached" and v is not self.primary:
-                del self.views[vid]
+                v.retired = True
+                if not any(n.lookups > 0 or n.opens > 0 for n in v.nodes.values()):
+                    del self.views[vid]
+
+    def live_tops(self) -> set[int]:
+        """Layers someone can still read from: the catalog's, and views the kernel still uses."""
+        return (self.store.catalog.leaves() | {v.lv.top for v in self.detached.values()}
+                | {v.lv.top for v in self.views.values()})
 
     def detach(self, view: View, new_lv: LayerView, epoch: int) -> None:
         """After a rollback: move the cached tree aside (open handles keep it), restore the root."""
@@ -306,6 +315,9 @@ class Filesystem:
                 del view.nodes[node.ino]
             if view.kind == "detached" and not view.nodes:
                 self.detached.pop((view.vid, view.epoch % EPOCHS), None)
+                self.schedule_gc()
+            elif view.retired and not any(n.lookups > 0 or n.opens > 0 for n in view.nodes.values()):
+                self.views.pop(view.vid, None)
                 self.schedule_gc()
 
     evict_if_unused = _maybe_evict
@@ -477,6 +489,8 @@ class Filesystem:
 
     async def link(self, node: Node, parent: Node, name: bytes) -> None:
         _check_name(name)
+        if node.view is not parent.view:
+            raise FSError(errno.EROFS if not parent.view.writable else errno.EXDEV)
         async with self.mutate(parent.view) as m:
             if node.attrs.is_dir:
                 raise FSError(errno.EPERM)
@@ -496,6 +510,8 @@ class Filesystem:
         _check_name(nname)
         noreplace = bool(flags & 1)  # RENAME_NOREPLACE
         exchange = bool(flags & 2)  # RENAME_EXCHANGE
+        if np.view is not op.view:  # e.g. into a snapshot view: another filesystem, as far as rename goes
+            raise FSError(errno.EROFS if not np.view.writable else errno.EXDEV)
         async with self.mutate(op.view) as m:
             sino = self.child_ino(op, oname)
             if sino is None:

@@ -26,6 +26,7 @@ class View:
     usage_inodes: int = 0
     quota_bytes: int = 0  # 0: no quota
     quota_inodes: int = 0
+    retired: bool = False  # its snapshot or branch was deleted; kept while the kernel uses it
 
     def check_quota(self, more_bytes: int = 0, more_inodes: int = 0) -> None:
         if more_bytes > 0 and self.quota_bytes and self.usage_bytes + more_bytes > self.quota_bytes:

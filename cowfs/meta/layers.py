@@ -35,6 +35,9 @@ class Branch:
     view: int
     created: float = field(default_factory=time.time)
     parent: str | None = None  # snapshot or branch it was made from
+    # The branch it forked from (directly, or through one of that branch's snapshots):
+    # lineage for visibility, which survives the deletion of the snapshot in between.
+    parent_branch: str | None = None
     epoch: int = 0  # bumped by rollback: inode numbers of the restored tree are new to the kernel
     quota_bytes: int = 0  # 0: no quota
     quota_inodes: int = 0
