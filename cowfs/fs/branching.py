@@ -384,63 +384,66 @@ class Branching:
         cache[ino] = path
         return path
 
-    def _names(self, lv: LayerView, ino: int, value: bytes, cache: dict[int, str | None]) -> set[str]:
-        """Path of an inode from its parent/name hint, if the hint still names it; else the
-        names it has in that parent directory (a hard link's hint may be a removed name)."""
-        a = Attrs.unpack(value)
-        parent = self._path(lv, a.parent, cache) if a.parent else None
-        if parent is None:
-            return set()
+    def _resolve(self, lv: LayerView, ino: int, links: set[tuple[int, bytes]],
+                 cache: dict[int, str | None]) -> set[str]:
+        """Paths, among the candidate (parent, name) links, that name ino in this view."""
         meta = self.fs.store.meta
-        found = meta.get(CF_DIRENTS, name_key(a.parent, a.name), lv)
-        if found and found[1] and int.from_bytes(found[1][:8], "big") == ino:
-            return {_join(parent, a.name)}
-        return {_join(parent, n) for n, v in meta.scan_names(CF_DIRENTS, a.parent, lv)
-                if int.from_bytes(v[:8], "big") == ino}
+        out = set()
+        for parent, name in links:
+            found = meta.get(CF_DIRENTS, name_key(parent, name), lv)
+            if found and found[1] and int.from_bytes(found[1][:8], "big") == ino:
+                ppath = self._path(lv, parent, cache)
+                if ppath is not None:
+                    out.add(_join(ppath, name))
+        return out
 
     async def diff(self, view: View, a: str, b: str | None) -> dict[str, Any]:
-        """Paths added, removed, modified or renamed from A to B, from the changed keys only."""
+        """Paths added, removed, modified or renamed from A to B, from the changed keys only.
+
+        Candidate names of an inode are the entries that changed between the sides plus its
+        parent/name hint on each side; each side keeps those that name the inode there, so a
+        hard link's unchanged names show on both sides and only real changes are reported.
+        """
         if b is None:  # against the live tree: include what the kernel and we still buffer
             await self.fs.sync_kernel()
             await self.fs.flush()
         la, lb = self._side(view, a), self._side(view, b)
         meta = self.fs.store.meta
         inos: set[int] = set()
-        entries: set[bytes] = set()
+        links: dict[int, set[tuple[int, bytes]]] = {}
         for layer in la.ancestors ^ lb.ancestors:
             for cf, base in meta.changed(layer):
-                if cf == CF_DIRENTS:
-                    entries.add(base)
-                else:
+                if cf != CF_DIRENTS:
                     inos.add(int.from_bytes(base[:8], "big"))
-        caches: tuple[dict[int, str | None], dict[int, str | None]] = ({}, {})
-        names: tuple[dict[int, set[str]], dict[int, set[str]]] = ({}, {})
-        for base in entries:  # every name that appeared, vanished or changed target
-            parent, name = int.from_bytes(base[:8], "big"), base[8:-1]
-            for lv, side_names, cache in ((la, names[0], caches[0]), (lb, names[1], caches[1])):
-                found = meta.get(CF_DIRENTS, base, lv)
-                if found and found[1]:
-                    ppath = self._path(lv, parent, cache)
-                    if ppath is not None:
-                        side_names.setdefault(int.from_bytes(found[1][:8], "big"), set()).add(_join(ppath, name))
+                    continue
+                for lv in (la, lb):
+                    found = meta.get(CF_DIRENTS, base, lv)
+                    if found and found[1]:
+                        child = int.from_bytes(found[1][:8], "big")
+                        links.setdefault(child, set()).add((int.from_bytes(base[:8], "big"), base[8:-1]))
+        ca: dict[int, str | None] = {}
+        cb: dict[int, str | None] = {}
         changes: list[dict[str, Any]] = []
-        for ino in sorted(inos | names[0].keys() | names[1].keys()):
+        for ino in sorted(inos | links.keys()):
             if ino == ROOT_INO:
                 continue
             ra, rb = meta.get(CF_INODES, ino_key(ino), la), meta.get(CF_INODES, ino_key(ino), lb)
             va, vb = (ra[1] if ra else b""), (rb[1] if rb else b"")
             if not va and not vb:
                 continue
-            na = (names[0].get(ino, set()) | self._names(la, ino, va, caches[0])) if va else set()
-            nb = (names[1].get(ino, set()) | self._names(lb, ino, vb, caches[1])) if vb else set()
+            cand = set(links.get(ino, ()))
+            for v in (va, vb):
+                if v:
+                    h = Attrs.unpack(v)
+                    cand.add((h.parent, h.name))
+            na = self._resolve(la, ino, cand, ca) if va else set()
+            nb = self._resolve(lb, ino, cand, cb) if vb else set()
             if va == vb and na == nb:
                 continue
             kind = _kind(Attrs.unpack(vb or va).mode)
-            if not va:
-                changes += [{"change": "added", "path": p, "type": kind} for p in sorted(nb)]
-                continue
-            if not vb:
-                changes += [{"change": "removed", "path": p, "type": kind} for p in sorted(na)]
+            if not va or not vb:
+                change, paths = ("added", nb) if not va else ("removed", na)
+                changes += [{"change": change, "path": p, "type": kind} for p in sorted(paths)]
                 continue
             if na != nb:
                 if len(na) == 1 and len(nb) == 1:

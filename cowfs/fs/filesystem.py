@@ -510,8 +510,10 @@ class Filesystem:
         _check_name(nname)
         noreplace = bool(flags & 1)  # RENAME_NOREPLACE
         exchange = bool(flags & 2)  # RENAME_EXCHANGE
-        if np.view is not op.view:  # e.g. into a snapshot view: another filesystem, as far as rename goes
-            raise FSError(errno.EROFS if not np.view.writable else errno.EXDEV)
+        if not op.view.writable or not np.view.writable:
+            raise FSError(errno.EROFS)
+        if np.view is not op.view:  # another branch's tree: another filesystem, as far as rename goes
+            raise FSError(errno.EXDEV)
         async with self.mutate(op.view) as m:
             sino = self.child_ino(op, oname)
             if sino is None:
