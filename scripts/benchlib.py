@@ -388,6 +388,10 @@ class Target:
                 p.kill()
                 p.wait(timeout=5)
             self.proc = None
+        logf = getattr(self, "_logf", None)
+        if logf is not None:
+            logf.close()
+            self._logf = None
 
     def cold(self) -> None:
         """Make the next read cold: unmount, drop the page cache, mount again."""
@@ -458,6 +462,7 @@ class _DaemonTarget(Target):
                 self.proc.wait(timeout=10)
             self.proc = None
         self.pid = None
+        self._reap()
 
 
 class OverlayTarget(_DaemonTarget):
