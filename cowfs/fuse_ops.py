@@ -32,6 +32,7 @@ from cowfs.fs.view import EPOCHS, View
 from cowfs.store import ROOT_INO
 
 log = logging.getLogger(__name__)
+trace = logging.getLogger("cowfs.requests")
 
 VIEW_SHIFT = 48
 EPOCH_SHIFT = 36
@@ -661,11 +662,25 @@ class Operations(pyfuse3.Operations):
         return True  # default_permissions: the kernel has checked already
 
 
+def _show(arg: Any) -> Any:
+    if isinstance(arg, (bytes, memoryview)) and len(arg) > 64:
+        return f"<{len(arg)} bytes>"
+    if isinstance(arg, pyfuse3.RequestContext):
+        return f"uid={arg.uid},pid={arg.pid}"
+    if isinstance(arg, (pyfuse3.ReaddirToken, pyfuse3.EntryAttributes, pyfuse3.SetattrFields)):
+        return type(arg).__name__
+    return arg
+
+
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn any unexpected exception into EIO for the caller: pyfuse3 would end the whole
     session (every sandbox on this daemon) on an exception that is not a FUSEError."""
 
+    name = fn.__name__
+
     async def handler(self: Operations, *args: Any) -> Any:
+        if trace.isEnabledFor(logging.DEBUG):  # --debug: one line per request
+            trace.debug("%s%r", name, tuple(_show(a) for a in args))
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -673,7 +688,7 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except FSError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception:
-            log.exception("%s failed", fn.__name__)
+            log.exception("%s failed", name)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     handler.__name__ = fn.__name__
