@@ -1,0 +1,201 @@
+"""Bad input on .cowfs/ctl: every input gets a clean errno and one JSON reply, the daemon never
+dies, and its memory does not grow with the number of commands.
+
+Hypothesis writes random bytes, huge lines, unicode, NUL, path traversal and colliding names;
+then many processes race commands at once.  After each phase: the daemon's pid is alive, the
+mount still works, and (at the end) fsck is clean.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mounting
+
+# Every errno a command may fail with (a reply with another one is a bug).
+CLEAN_ERRNOS = {"EINVAL", "ENOENT", "EEXIST", "EPERM", "EACCES", "EROFS", "EBUSY", "ENOTDIR",
+                "EISDIR", "ENAMETOOLONG", "ENOTEMPTY", "EDQUOT", "ENOSPC", "EXDEV"}
+WORDS = ["snapshot", "branch", "rollback", "clone", "delete", "list", "diff", "", "..", "../..",
+         "/etc/passwd", "/", ".", ".cowfs", ".cowfs/snapshots", ".cowfs/snapshots/s0/x", "s0", "s1",
+         "main", "a/../..", "x" * 200, "é", "日本", "\udcff", "'", '"', "\\", "-", "--", "*", "$HOME",
+         "f", "d/f", "d", "missing/x", "f\tg", "#", ";", "|", "s0 s1"]
+
+
+def vmrss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def send(mp, data: bytes) -> tuple[int, bytes]:
+    """One session: write data (all of it, in one write), read the whole reply."""
+    fd = os.open(os.path.join(str(mp), ".cowfs", "ctl"), os.O_RDWR)
+    try:
+        err = 0
+        try:
+            os.write(fd, data)
+        except OSError as e:
+            err = e.errno
+        out = b""
+        while True:
+            b = os.read(fd, 1 << 16)
+            if not b:
+                break
+            out += b
+        return err, out
+    finally:
+        os.close(fd)
+
+
+def check_reply(data: bytes, err: int, out: bytes) -> None:
+    ran = b"\n" in data or (len(data) > 4096)
+    if not ran:
+        assert err == 0 and out == b"", f"{data[:100]!r}: no command line yet, got {err} {out[:200]!r}"
+        return
+    assert out.endswith(b"\n") and out.count(b"\n") == 1, f"{data[:100]!r}: reply not one line: {out[:300]!r}"
+    reply = json.loads(out)
+    assert isinstance(reply, dict) and isinstance(reply.get("ok"), bool), reply
+    if reply["ok"]:
+        assert err == 0, f"{data[:100]!r}: ok reply but write failed with {errno.errorcode.get(err)}"
+    else:
+        assert reply.get("errno") in CLEAN_ERRNOS, f"{data[:100]!r}: unexpected errno in {reply}"
+        assert errno.errorcode.get(err) == reply["errno"], f"{data[:100]!r}: write errno {err} vs {reply}"
+        assert reply.get("error"), reply
+
+
+def alive(m) -> None:
+    assert m.alive(), f"the daemon died (exit {m.proc.poll()})\n{m.describe()}"
+    os.stat(m.path)
+    (m.path / "probe").write_bytes(b"still works")
+    assert (m.path / "probe").read_bytes() == b"still works"
+
+
+line_st = st.one_of(
+    st.binary(max_size=300),
+    st.lists(st.sampled_from(WORDS), max_size=5).map(lambda ws: " ".join(ws).encode("utf-8", "surrogateescape")),
+    st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogateescape")),
+    st.builds(lambda w, n: (w + " " + "a" * n).encode(), st.sampled_from(["snapshot", "clone f", "delete"]),
+              st.integers(100, 9000)),
+)
+
+
+@pytest.mark.timeout(300)
+def test_fuzz_ctl_inputs(cowfs_mount):
+    m = cowfs_mount
+    os.mkdir(m.path / "d")
+    (m.path / "f").write_bytes(b"file")
+    (m.path / "d" / "f").write_bytes(b"file in d")
+    os.symlink("/etc", m.path / "out")
+    assert send(m.path, b"snapshot s0\n")[0] == 0
+    pid = m.proc.pid
+
+    @settings(max_examples=int(os.environ.get("COWFS_FUZZ_EXAMPLES", "300")), deadline=None,
+              suppress_health_check=list(HealthCheck), database=None)
+    @given(lines=st.lists(line_st, min_size=1, max_size=3), newline=st.booleans())
+    def one(lines, newline):
+        for line in lines:
+            data = line + (b"\n" if newline else b"")
+            err, out = send(m.path, data)
+            check_reply(data, err, out)
+        assert m.alive(), f"the daemon died after {lines!r}\n{m.describe()}"
+
+    one()
+    alive(m)
+    # Nothing escaped the mount: path traversal cannot have created files outside.
+    assert not os.path.exists("/etc/cowfs-fuzz") and sorted(os.listdir(m.path / "d"))[:1] == ["f"]
+    assert m.proc.pid == pid
+
+
+@pytest.mark.timeout(300)
+def test_huge_writes_and_partial_lines(cowfs_mount):
+    m = cowfs_mount
+    for size in (4097, 65536, 1 << 20, 8 << 20):
+        err, out = send(m.path, b"s" * size)  # no newline, longer than a line may be
+        assert err == errno.EINVAL, (size, err, out[:200])
+        assert json.loads(out)["errno"] == "EINVAL"
+    # A line split over many writes is one command.
+    fd = os.open(m.path / ".cowfs" / "ctl", os.O_RDWR)
+    try:
+        for ch in b"snapshot sp":
+            os.write(fd, bytes([ch]))
+        os.write(fd, b"lit\n")
+        assert json.loads(os.read(fd, 65536))["ok"]
+    finally:
+        os.close(fd)
+    assert os.path.isdir(m.path / ".cowfs/snapshots/split")
+    alive(m)
+
+
+def _racer(mp: str, k: int, rounds: int, q) -> None:
+    bad = []
+    for i in range(rounds):
+        for line in (f"snapshot race{i % 7}", f"clone f c{i % 5}", f"delete race{(i + k) % 7}",
+                     f"branch b{i % 3}", f"delete b{(i + 1) % 3}", "list", f"diff race{i % 7}",
+                     f"rollback race{(i * k) % 7}", f"clone ../x y{k}", "bogus"):
+            data = (line + "\n").encode()
+            try:
+                err, out = send(mp, data)
+                check_reply(data, err, out)
+            except Exception as e:  # noqa: BLE001 - reported to the parent
+                bad.append(f"{line}: {type(e).__name__}: {e}")
+    q.put(bad)
+
+
+@pytest.mark.timeout(300)
+def test_commands_racing_from_many_processes(cowfs_mount):
+    m = cowfs_mount
+    (m.path / "f").write_bytes(b"x" * 100_000)
+    pid = m.proc.pid
+    q = multiprocessing.get_context("fork").Queue()
+    procs = [multiprocessing.get_context("fork").Process(target=_racer, args=(str(m.path), k, 15, q))
+             for k in range(8)]
+    for p in procs:
+        p.start()
+    bad = []
+    for _ in procs:
+        bad += q.get(timeout=240)
+    for p in procs:
+        p.join(timeout=30)
+    assert not bad, "\n".join(bad[:20])
+    assert m.proc.pid == pid
+    alive(m)
+    m.stop()
+    r = mounting.run_cowfs("fsck", m.store, "--json", check=False, timeout=120)
+    assert r.returncode == 0, f"fsck after racing commands: {r.stdout[-3000:]!r}"
+    m.start()
+
+
+@pytest.mark.timeout(300)
+def test_memory_does_not_grow_with_commands(cowfs_mount):
+    m = cowfs_mount
+    (m.path / "f").write_bytes(b"x" * 10_000)
+    assert send(m.path, b"snapshot base\n")[0] == 0
+    batch = [b"bogus command\n", b"clone ../../etc/passwd x\n", b"snapshot ..\n", b"list\n",
+             b"diff base\n", b"rollback nosuch\n", b"\xff\xfe\x00\n", b"x" * 5000,
+             b"clone f g\n", b"delete nosuch\n"]
+
+    def run(n):
+        for _ in range(n):
+            for data in batch:
+                send(m.path, data)
+            # keep the tree the same: remove the clone
+            try:
+                os.unlink(m.path / "g")
+            except FileNotFoundError:
+                pass
+
+    run(100)  # warm up caches and allocator pools
+    before = vmrss(m.proc.pid)
+    run(400)
+    after = vmrss(m.proc.pid)
+    print(f"daemon VmRSS {before >> 10} KiB -> {after >> 10} KiB after 4000 more commands")
+    assert after - before < 16 << 20, f"VmRSS grew by {(after - before) >> 20} MiB over 4000 commands"
+    alive(m)

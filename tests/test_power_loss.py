@@ -1,0 +1,198 @@
+"""Power loss: the store lives on tests/lazyfs.py, which keeps unsynced data in memory and
+drops it on a simulated power cut; the durability rules must hold for what was synced.
+
+SIGKILL (tests/test_crash_workload.py) leaves data that the daemon wrote but did not fsync
+in the kernel's page cache, so it cannot catch a missing fsync.  Here every byte that RocksDB
+wrote without fsync/fdatasync is gone after the cut.  A cut: SIGSTOP the cowfs daemon (it can
+acknowledge nothing more), tell lazyfs to drop unsynced data (SIGUSR1), SIGKILL the daemon,
+unmount both, start a fresh lazyfs on the same backing directory ("the disk"), require a clean
+``cowfs fsck``, mount, and check with tests/workload.py (mode "power"): the tree is a prefix of
+the operations that includes everything up to the last fsync/fsyncdir that returned, and each
+snapshot of that prefix is exact.  What lazyfs does not model is in its docstring (namespace
+changes are durable at once).
+
+COWFS_POWER_ROUNDS sets the number of cuts (default 5).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import mounting
+import workload
+
+ROUNDS = int(os.environ.get("COWFS_POWER_ROUNDS", "5"))
+LAZYFS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lazyfs.py")
+
+
+class Lazy:
+    """One lazyfs process over a backing directory (restartable: the backing dir persists)."""
+
+    def __init__(self, backing, mp, logfile):
+        self.backing, self.mp, self.logfile = str(backing), str(mp), str(logfile)
+        os.makedirs(self.backing, exist_ok=True)
+        os.makedirs(self.mp, exist_ok=True)
+        self.report = self.logfile + ".cut.json"
+        self.proc = None
+
+    def start(self):
+        with open(self.logfile, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, LAZYFS, self.backing, self.mp, "--report", self.report],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, cwd="/")
+        deadline = time.monotonic() + 20
+        while not mounting.is_mounted(self.mp):
+            assert self.proc.poll() is None, f"lazyfs exited with {self.proc.returncode}: {self.log()}"
+            assert time.monotonic() < deadline, f"lazyfs did not mount: {self.log()}"
+            time.sleep(0.02)
+
+    def log(self) -> str:
+        with open(self.logfile, errors="replace") as f:
+            return f.read()[-3000:]
+
+    def cut(self) -> dict:
+        """The power cut: unsynced data is gone, the "disk" accepts nothing more."""
+        try:
+            os.unlink(self.report)
+        except FileNotFoundError:
+            pass
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.report):
+            assert time.monotonic() < deadline, f"lazyfs did not report the cut: {self.log()}"
+            time.sleep(0.01)
+        with open(self.report) as f:
+            return json.load(f)
+
+    def stop(self):
+        if self.proc is None:
+            return
+        if mounting.is_mounted(self.mp):
+            r = subprocess.run(["fusermount3", "-u", self.mp], capture_output=True, timeout=30)
+            if r.returncode != 0:
+                mounting.lazy_unmount(self.mp)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def sync_tree(root: str) -> None:
+    """fsync every file and directory below root (what a careful setup step would do)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.isfile(p) and not os.path.islink(p):
+                fd = os.open(p, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+@pytest.fixture
+def lazy(tmp_path, test_dir):
+    lz = Lazy(tmp_path / "disk", test_dir / "lazy", tmp_path / "lazyfs.log")
+    lz.start()
+    yield lz
+    lz.stop()
+    assert not mounting.is_mounted(lz.mp)
+
+
+def power_cut(m: mounting.Mount, lz: Lazy) -> tuple[float, dict]:
+    """SIGSTOP the daemon, cut the power, SIGKILL it, unmount both; returns (cut time, figures)."""
+    t = time.time()
+    os.kill(m.proc.pid, signal.SIGSTOP)
+    figures = lz.cut()
+    workload.kill_daemon(m)  # SIGKILL works on a stopped process; then the lazy unmount
+    lz.stop()
+    return t, figures
+
+
+@pytest.mark.timeout(120 + 60 * ROUNDS)
+def test_power_cut_during_mixed_workload(lazy, mount_factory, tmp_path):
+    store = os.path.join(lazy.mp, "store")
+    mounting.init_store(store)
+    sync_tree(store)  # see test_init_survives_power_cut: init itself does not sync everything
+    m = mount_factory(store=store, init=False)
+    rnd = random.Random(int(os.environ.get("COWFS_POWER_SEED", "4242")))
+    lost_total = 0
+    for r in range(ROUNDS):
+        rel = tag = f"p{r}"
+        log = str(tmp_path / f"{rel}.log")
+        seed = rnd.randrange(1 << 30)
+        w = workload.start_workload(str(m.path), rel, log, seed, tag, "--fsync-p", "0.3")
+        try:
+            workload.wait_acked(log, 3, w, timeout=60)
+            time.sleep(rnd.uniform(0.2, 2.0))
+            cut_time, figures = power_cut(m, lazy)
+            w.wait(timeout=60)
+        finally:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+        w.stderr.close()
+        lost_total += figures["lost_bytes"]
+        lazy.start()
+        workload.fsck_clean(store)
+        m.start()
+        k, how, probs = workload.check(str(m.path), rel, log, "power", tag + "-", cut_time)
+        assert not probs, f"round {r} (seed {seed}, log {log}, lazyfs: {figures}):\n" + "\n".join(probs)
+        ops, outcome = workload.read_log(log, cut_time)
+        print(f"round {r}: {len(ops)} ops begun, {outcome.count('ok')} acknowledged, state = first {k} "
+              f"({how}); lazyfs dropped {figures['lost_bytes']} unsynced bytes in {figures['lost_files']} files")
+    assert lost_total > 0, "no cut dropped any data: the test did not test anything"
+    m.stop()
+    workload.fsck_clean(store)
+
+
+@pytest.mark.timeout(120)
+def test_fsynced_data_survives_and_unsynced_is_prefix(lazy, mount_factory):
+    """The simplest case, by hand: fsynced files are there after the cut, later ones may not be."""
+    store = os.path.join(lazy.mp, "store")
+    mounting.init_store(store)
+    sync_tree(store)
+    m = mount_factory(store=store, init=False)
+    for i in range(3):
+        with open(m.path / f"synced{i}", "wb") as f:
+            f.write(bytes([i]) * 300_000)
+            f.flush()
+            os.fsync(f.fileno())
+    for i in range(3):
+        (m.path / f"later{i}").write_bytes(bytes([i]) * 100_000)  # closed, not fsynced
+    power_cut(m, lazy)
+    lazy.start()
+    workload.fsck_clean(store)
+    m.start()
+    for i in range(3):
+        assert (m.path / f"synced{i}").read_bytes() == bytes([i]) * 300_000
+    later = [(m.path / f"later{i}").exists() for i in range(3)]
+    assert later in ([False] * 3, [True, False, False], [True, True, False], [True] * 3), later
+    for i, present in enumerate(later):
+        if present:
+            assert (m.path / f"later{i}").read_bytes() == bytes([i]) * 100_000
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(strict=True, reason="cowfs init writes STORE/cowfs-store.json without fsync: after a "
+                   "power cut right after init the store is refused ('cowfs-store.json is damaged')")
+def test_init_survives_power_cut(lazy, tmp_path):
+    """A store that `cowfs init` reported as created must still be a store after a power cut."""
+    store = os.path.join(lazy.mp, "store")
+    mounting.init_store(store)
+    lazy.cut()
+    lazy.stop()
+    lazy.start()
+    r = mounting.run_cowfs("fsck", store, "--json", check=False)
+    assert r.returncode == 0, (f"after a power cut right after `cowfs init`: fsck exit {r.returncode}: "
+                               f"{r.stderr.decode(errors='replace').strip()}")
