@@ -33,7 +33,7 @@ def test_sigkill_during_mixed_workload(cowfs_mount, tmp_path):
     previous: dict = {}
     stats = []
     for r in range(ROUNDS):
-        stats.append(workload.sigkill_round(m, r, str(tmp_path), rnd, previous=previous))
+        stats.append(workload.sigkill_round(m, r, str(tmp_path), rnd, previous=previous, rollback=True))
     # The last state also survives a clean unmount and checks clean.
     m.stop()
     workload.fsck_clean(m.store)

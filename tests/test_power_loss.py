@@ -113,9 +113,11 @@ def power_cut(m: mounting.Mount, lz: Lazy) -> tuple[float, dict]:
     """SIGSTOP the daemon, cut the power, SIGKILL it, unmount both; returns (cut time, figures)."""
     t = time.time()
     os.kill(m.proc.pid, signal.SIGSTOP)
-    figures = lz.cut()
-    workload.kill_daemon(m)  # SIGKILL works on a stopped process; then the lazy unmount
-    lz.stop()
+    try:
+        figures = lz.cut()
+    finally:
+        workload.kill_daemon(m)  # SIGKILL works on a stopped process; then the lazy unmount
+        lz.stop()
     return t, figures
 
 
