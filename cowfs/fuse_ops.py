@@ -97,6 +97,7 @@ class Operations(pyfuse3.Operations):
         self.ctl_group = ctl_group
         self.branching = Branching(fs, ctl_group)
         self.branching.invalidate_attrs = self._invalidate_attrs
+        fs.writers_sync = self._writeback_writers
         self.control = Control(self.branching, self._after_rollback, mounted or (lambda: set()))
         self.stats = stats or (lambda view: {})
         self.requests: Counter[str] = Counter()
@@ -217,7 +218,9 @@ class Operations(pyfuse3.Operations):
             except ValueError:
                 target = None
             if target is not None and target.kind == "branch":
-                return self._looked_up(self.fs.node(target, ROOT_INO))
+                e = self._looked_up(self.fs.node(target, ROOT_INO))
+                e.entry_timeout = 0  # revalidated at each use: only the daemon resolves it
+                return e
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     def _control_listing(self, fino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes, Node | None]]:
@@ -464,6 +467,13 @@ class Operations(pyfuse3.Operations):
             self._write_fhs.add(fh)
         return pyfuse3.FileInfo(fh=fh, keep_cache=not direct, direct_io=direct)
 
+    async def _writeback_writers(self) -> None:
+        """Pull the kernel's dirty pages of every file open for writing (invalidate_inode
+        writes them back to us first, synchronously)."""
+        finos = [self.fuse_ino(n) for n in self._writers if n.attrs.is_reg and not n.deleted]
+        if finos:
+            await trio.to_thread.run_sync(lambda: [_pull_pages(f) for f in finos])
+
     async def _writeback(self, parent: Node, name: bytes) -> None:
         """Before publishing a file still open for writing (rename, link), make the kernel
         send us the dirty pages it holds for it, so the data commits no later than the name.
@@ -660,6 +670,14 @@ class Operations(pyfuse3.Operations):
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         self.requests["access"] += 1
         return True  # default_permissions: the kernel has checked already
+
+
+def _pull_pages(fino: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(fino, attr_only=False)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("writeback of inode %d: %s", fino, exc)
 
 
 def _show(arg: Any) -> Any:

@@ -85,6 +85,13 @@ def init_store(path: str) -> None:
     with open(os.path.join(path, MARKER), "w") as f:
         json.dump({"format": FORMAT_VERSION, "created": time.time()}, f)
         f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # the marker's name is durable too
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Store:
@@ -161,7 +168,13 @@ class Store:
         return low
 
     def recover(self) -> None:
-        """After a failed write, get RocksDB out of its read-only error state (best effort)."""
+        """After a failed write, get RocksDB out of its read-only error state (best effort).
+
+        Not while a WAL sync runs in a thread: the backend reopens at its next write instead.
+        """
+        if self._sync_running is not None:
+            self.kv.mark_failed()
+            return
         try:
             self.kv.recover()
         except Exception as exc:

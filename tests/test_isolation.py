@@ -237,9 +237,6 @@ def test_diff_and_list_from_another_sandbox(cowfs_mount, test_dir):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(strict=True, reason="the daemon's own lookup of .cowfs/by-view/N (for the bind mount "
-                   "of a second branch) is cached by the kernel for 60 s (entry timeout): meanwhile root "
-                   "in the first mount reads and writes the other branch through it")
 def test_by_view_is_not_resolvable_after_attach(cowfs_mount, test_dir):
     m = cowfs_mount
     mp1 = m.path

@@ -186,8 +186,6 @@ def test_fsynced_data_survives_and_unsynced_is_prefix(lazy, mount_factory):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="cowfs init writes STORE/cowfs-store.json without fsync: after a "
-                   "power cut right after init the store is refused ('cowfs-store.json is damaged')")
 def test_init_survives_power_cut(lazy, tmp_path):
     """A store that `cowfs init` reported as created must still be a store after a power cut."""
     store = os.path.join(lazy.mp, "store")

@@ -192,6 +192,8 @@ class Filesystem:
         self.gc_wanted = trio.Event()
         # Set by the daemon: makes the kernel write its dirty pages back to us (syncfs).
         self.kernel_sync: Callable[[], Awaitable[None]] | None = None
+        # Set by the FUSE layer: pull the dirty pages of files open for writing.
+        self.writers_sync: Callable[[], Awaitable[None]] | None = None
         self.primary = self.branch_view(b.name)
 
     def _add_view(self, vid: int, name: str, kind: str, top: int, epoch: int = 0) -> View:
@@ -291,8 +293,13 @@ class Filesystem:
         self.gc_wanted.set()
 
     async def sync_kernel(self) -> None:
+        """Have the kernel send us every write it has acknowledged (before a snapshot, clone
+        or diff of the live tree): syncfs on the mount, then, since syncfs has been seen to
+        return before a file still open for writing was written back, each such file."""
         if self.kernel_sync is not None:
             await self.kernel_sync()
+        if self.writers_sync is not None:
+            await self.writers_sync()
 
     # -- node table ------------------------------------------------------------------------
     def node(self, view: View, ino: int) -> Node:

@@ -82,6 +82,9 @@ class RocksKV(KV):
             total += cf.property_int_value("rocksdb.cur-size-all-mem-tables") or 0
         return total
 
+    def mark_failed(self) -> None:
+        self.read_only = True
+
     def recover(self) -> None:
         """RocksDB stays read-only after a write error; reopening clears that.  If it cannot
         reopen for writing (still no space), it reopens read-only so reads go on."""
