@@ -130,6 +130,8 @@ class Operations(pyfuse3.Operations):
                 node = old.nodes.get(ino) if old is not None else None
                 if node is None:
                     raise FSError(errno.ESTALE)
+                if node.deleted:  # unlinked before the rollback, only the kernel still knows it
+                    raise FSError(errno.ENOENT)
                 return node
             return self.fs.node(view, ino)
         except FSError as exc:

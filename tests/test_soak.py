@@ -34,9 +34,6 @@ def test_soak_mixed_io_with_snapshots_and_clones():
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.xfail(strict=True, reason="writes racing rollbacks: commits fail with 'reference to unknown "
-                   "object' (data refused, EIO), and the recovery that follows reopens RocksDB under a "
-                   "running WAL sync ('Already mutably borrowed': fsync EIO)")
 def test_soak_with_rollbacks():
     f = soak()
     assert f["by_kind"].get("rollback"), f["text"]

@@ -96,6 +96,8 @@ class Mutation:
         head = node.view.lv.top
         if node.stored_layer == head and node.stored_root is not None:
             self.txn.decref(node.stored_root.hash)
+        if node.deleted:  # its data may be freed already: never resurrect the record
+            raise FSError(errno.ENOENT)
         if node.attrs.root is not None:
             self.txn.incref(node.attrs.root.hash)
         self.fs.store.meta.put(self.batch, CF_INODES, ino_key(node.ino), head, node.attrs.pack())
