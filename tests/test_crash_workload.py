@@ -1,8 +1,8 @@
 """Crash consistency under a mixed workload: SIGKILL of the daemon at a random moment.
 
 Each round runs tests/workload.py in a child process (creates, overwrites, in-place writes,
-renames of files and directories, unlinks, fsync/fsyncdir, and snapshot / clone / delete /
-rollback through .cowfs/ctl) in its own directory, kills the daemon with SIGKILL at a random
+renames of files and directories, unlinks, fsync/fsyncdir, and snapshot / clone / delete
+through .cowfs/ctl; rollback too with COWFS_CRASH_ROLLBACK=1) in its own directory, kills the daemon with SIGKILL at a random
 moment, clears the dead mount (lazy unmount), requires a clean ``cowfs fsck`` and mounts the
 store again.  Then the tree must be exactly a state the durability rules allow: every
 acknowledged operation is there (SIGKILL loses only what the daemon's memory held, and cowfs
@@ -15,6 +15,7 @@ COWFS_CRASH_ROUNDS sets the number of rounds (default 20); scripts/soak_crash.py
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -33,7 +34,11 @@ def test_sigkill_during_mixed_workload(cowfs_mount, tmp_path):
     previous: dict = {}
     stats = []
     for r in range(ROUNDS):
-        stats.append(workload.sigkill_round(m, r, str(tmp_path), rnd, previous=previous, rollback=True))
+        # Rollbacks leave dead layers whose GC a kill can interrupt: see
+        # test_gc_interrupted_between_batches_leaves_fsck_clean (then fsck is not clean, ~1 round
+        # in 60).  Until that is fixed, rollbacks run in scripts/soak_crash.py --rollback only.
+        stats.append(workload.sigkill_round(m, r, str(tmp_path), rnd, previous=previous,
+                                            rollback=os.environ.get("COWFS_CRASH_ROLLBACK") == "1"))
     # The last state also survives a clean unmount and checks clean.
     m.stop()
     workload.fsck_clean(m.store)
@@ -75,3 +80,63 @@ def test_create_right_after_rollback_is_not_lost(cowfs_mount):
         if not (mp / names[-1] / f"f{i}").exists():
             lost.append(i)
     assert not lost, f"{len(lost)} of 20 files created right after `rollback` vanished: {lost}"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.xfail(strict=True, reason="garbage collection commits in several batches and forgets a dead "
+                   "layer before its dead descendants: a crash in between leaves layers whose ancestry "
+                   "is broken, which fsck reports (exit 4) and --repair does not fix (the next GC pass does)")
+def test_gc_interrupted_between_batches_leaves_fsck_clean(cowfs_mount, tmp_path):
+    """Found by scripts/soak_crash.py --rollback (round 61 of 100): a SIGKILL during a GC pass.
+
+    Built deterministically: a chain of snapshots with many changes each, a rollback to the
+    first and deletes of the rest make a chain of dead layers; the daemon is SIGKILLed before
+    its GC pass starts (it waits 0.5 s); then the pass is run offline, stopping after each of
+    its batches in turn (a crash can fall between any two), and fsck must be clean each time."""
+    import shutil
+
+    import mounting
+    from cowfs.meta import gc
+    from cowfs.store import Store
+
+    m = cowfs_mount
+    os.mkdir(m.path / "d")
+    for n in range(1200):
+        (m.path / "d" / f"f{n}").write_bytes(b"v0")
+    _ctl(m.path, "snapshot g0")
+    for s in range(1, 5):
+        for n in range(0, 1200, 1):
+            (m.path / "d" / f"f{n}").write_bytes(f"v{s}".encode())
+        _ctl(m.path, f"snapshot g{s}")
+    _ctl(m.path, "rollback g0")
+    for s in range(1, 5):
+        _ctl(m.path, f"delete g{s}")
+    workload.kill_daemon(m)  # before the GC pass the deletes scheduled
+    pristine = tmp_path / "pristine"
+    shutil.copytree(m.store, pristine, symlinks=True, ignore=shutil.ignore_patterns("daemon.sock", "daemon.pid"))
+    st = Store(str(pristine))
+    try:
+        batches = len(list(gc.collect(st.meta, st.catalog, st.catalog.leaves())))
+    finally:
+        st.close()
+    assert batches > 2, f"the GC pass has only {batches} batches: nothing to interrupt"
+    problems = {}
+    for k in range(1, batches):
+        trial = tmp_path / f"after-{k}"
+        shutil.copytree(pristine, trial, symlinks=True)
+        st = Store(str(trial))
+        try:
+            for i, (batch, txn, _n) in enumerate(gc.collect(st.meta, st.catalog, st.catalog.leaves())):
+                if i == k:
+                    break
+                st.commit(batch, txn)
+            st.kv.sync()
+        finally:
+            st.close()
+        r = mounting.run_cowfs("fsck", trial, "--json", check=False, timeout=120)
+        rep = json.loads(r.stdout)
+        if not rep["clean"]:
+            problems[k] = rep["problems"][:3]
+        shutil.rmtree(trial)
+    m.start()
+    assert not problems, f"fsck after a crash between GC batches ({batches} batches): {problems}"
