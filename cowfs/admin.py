@@ -5,9 +5,11 @@ second time (which RocksDB's lock forbids).  Protocol: one JSON object per line 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
+import tempfile
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -17,7 +19,15 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def socket_path(store: str) -> str:
-    return os.path.join(store, SOCKET_NAME)
+    """STORE/daemon.sock, or, when that path is too long for AF_UNIX (107 bytes), a name
+    derived from the store's path in /run/cowfs (both ends compute the same one)."""
+    path = os.path.join(store, SOCKET_NAME)
+    if len(os.fsencode(path)) < 100:
+        return path
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(store))).hexdigest()[:24]
+    base = "/run/cowfs" if os.access("/run", os.W_OK) else os.path.join(tempfile.gettempdir(), "cowfs")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return os.path.join(base, f"{digest}.sock")
 
 
 async def serve(path: str, handle: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

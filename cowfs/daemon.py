@@ -363,10 +363,13 @@ class Daemon:
                 if fields[4] == cfg.mountpoint and " fuse.cowfs " in line:
                     self.dev = fields[2]
         log.info("serving %s branch %s at %s (pid %d)", cfg.store, cfg.branch, cfg.mountpoint, os.getpid())
+        clean = False
         try:
             trio.run(self.main, ready)
+            clean = True
         finally:
-            pyfuse3.close(unmount=False)
+            # After a failure the mount is still there: take it away rather than leave it dead.
+            pyfuse3.close(unmount=not clean)
             self.store.close()
             for p in (pid_file(cfg.store), admin.socket_path(cfg.store)):
                 try:

@@ -83,9 +83,6 @@ def test_create_right_after_rollback_is_not_lost(cowfs_mount):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="garbage collection commits in several batches and forgets a dead "
-                   "layer before its dead descendants: a crash in between leaves layers whose ancestry "
-                   "is broken, which fsck reports (exit 4) and --repair does not fix (the next GC pass does)")
 def test_gc_interrupted_between_batches_leaves_fsck_clean(cowfs_mount, tmp_path):
     """Found by scripts/soak_crash.py --rollback (round 61 of 100): a SIGKILL during a GC pass.
 

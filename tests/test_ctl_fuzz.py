@@ -207,9 +207,6 @@ def test_memory_does_not_grow_with_commands(cowfs_mount):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="a store path whose daemon.sock exceeds the AF_UNIX limit (107 "
-                   "bytes): `cowfs mount` fails with 'daemon failed: Exceptions from Trio nursery' and "
-                   "leaves a dead FUSE mount behind")
 def test_long_store_path_mounts_or_fails_cleanly(tmp_path):
     """Bad input on the command line: a long but valid store path."""
     import subprocess

@@ -23,7 +23,9 @@ def plan(catalog: Catalog, live_tops: set[int]) -> tuple[list[int], dict[int, se
     for top in live_tops:
         for layer in catalog.ancestry(top):
             below.setdefault(layer, set()).add(top)
-    dead = [l for l in catalog.parents if l not in below]
+    # Children before parents (a child's id is larger): a crash between batches never leaves
+    # a remaining layer whose parent record is already gone.
+    dead = sorted((l for l in catalog.parents if l not in below), reverse=True)
     interior = {l: tops for l, tops in below.items() if l not in live_tops}
     return dead, interior
 
