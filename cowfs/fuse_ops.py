@@ -82,10 +82,6 @@ class _Dir:
         self.entries: list[tuple[bytes, int]] | None = None
 
 
-def _err(exc: FSError) -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(exc.errno)
-
-
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = False
@@ -116,26 +112,23 @@ class Operations(pyfuse3.Operations):
         return (view.vid << VIEW_SHIFT) | ((view.epoch % EPOCHS) << EPOCH_SHIFT) | node.ino
 
     def _node(self, fino: int) -> Node:
-        try:
-            if fino == pyfuse3.ROOT_INODE:
-                return self.fs.node(self.fs.primary, ROOT_INO)
-            vid = fino >> VIEW_SHIFT
-            view = self.fs.views.get(vid)
-            if view is None:
+        if fino == pyfuse3.ROOT_INODE:
+            return self.fs.node(self.fs.primary, ROOT_INO)
+        vid = fino >> VIEW_SHIFT
+        view = self.fs.views.get(vid)
+        if view is None:
+            raise FSError(errno.ESTALE)
+        ino = fino & INO_MASK
+        epoch = (fino >> EPOCH_SHIFT) & (EPOCHS - 1)
+        if ino != ROOT_INO and epoch != view.epoch % EPOCHS:
+            old = self.fs.detached.get((vid, epoch))
+            node = old.nodes.get(ino) if old is not None else None
+            if node is None:
                 raise FSError(errno.ESTALE)
-            ino = fino & INO_MASK
-            epoch = (fino >> EPOCH_SHIFT) & (EPOCHS - 1)
-            if ino != ROOT_INO and epoch != view.epoch % EPOCHS:
-                old = self.fs.detached.get((vid, epoch))
-                node = old.nodes.get(ino) if old is not None else None
-                if node is None:
-                    raise FSError(errno.ESTALE)
-                if node.deleted:  # unlinked before the rollback, only the kernel still knows it
-                    raise FSError(errno.ENOENT)
-                return node
-            return self.fs.node(view, ino)
-        except FSError as exc:
-            raise _err(exc) from None
+            if node.deleted:  # unlinked before the rollback, only the kernel still knows it
+                raise FSError(errno.ENOENT)
+            return node
+        return self.fs.node(view, ino)
 
     @staticmethod
     def _is_control(fino: int) -> bool:
@@ -297,10 +290,7 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if self._reserved(parent, name):
             return self._control_entry((parent.view.vid << 8) | K_DIR)
-        try:
-            return self._looked_up(self.fs.lookup(parent, name))
-        except FSError as exc:
-            raise _err(exc) from None
+        return self._looked_up(self.fs.lookup(parent, name))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         self.requests["forget"] += 1
@@ -309,7 +299,7 @@ class Operations(pyfuse3.Operations):
                 continue
             try:
                 node = self._node(fino)
-            except pyfuse3.FUSEError:
+            except FSError:
                 continue
             self.fs.forget(node, n)
 
@@ -327,19 +317,16 @@ class Operations(pyfuse3.Operations):
                 return self._control_entry(inode)  # O_TRUNC from a shell's ">": nothing to cut
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self._node(inode)
-        try:
-            await self.fs.setattr(
-                node,
-                mode=attr.st_mode if fields.update_mode else None,
-                uid=attr.st_uid if fields.update_uid else None,
-                gid=attr.st_gid if fields.update_gid else None,
-                size=attr.st_size if fields.update_size else None,
-                atime_ns=attr.st_atime_ns if fields.update_atime else None,
-                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-                ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
-            )
-        except FSError as exc:
-            raise _err(exc) from None
+        await self.fs.setattr(
+            node,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None,
+        )
         return self._entry(node)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -366,10 +353,7 @@ class Operations(pyfuse3.Operations):
         groups: set[int] = set()
         if mode & stat.S_ISGID and ctx.uid != 0:
             groups = pyfuse3.get_sup_groups(ctx.pid)
-        try:
-            return await self.fs.make(parent, name, mode, ctx.uid, ctx.gid, rdev, target, groups)
-        except FSError as exc:
-            raise _err(exc) from None
+        return await self.fs.make(parent, name, mode, ctx.uid, ctx.gid, rdev, target, groups)
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -390,17 +374,11 @@ class Operations(pyfuse3.Operations):
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.requests["unlink"] += 1
-        try:
-            await self.fs.unlink(self._parent(parent_inode, name, errno.EPERM), name, want_dir=False)
-        except FSError as exc:
-            raise _err(exc) from None
+        await self.fs.unlink(self._parent(parent_inode, name, errno.EPERM), name, want_dir=False)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.requests["rmdir"] += 1
-        try:
-            await self.fs.unlink(self._parent(parent_inode, name, errno.EPERM), name, want_dir=True)
-        except FSError as exc:
-            raise _err(exc) from None
+        await self.fs.unlink(self._parent(parent_inode, name, errno.EPERM), name, want_dir=True)
 
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
@@ -411,10 +389,7 @@ class Operations(pyfuse3.Operations):
             await self._writeback(op, name_old)
             if flags & pyfuse3.RENAME_EXCHANGE:
                 await self._writeback(np, name_new)
-        try:
-            await self.fs.rename(op, name_old, np, name_new, flags)
-        except FSError as exc:
-            raise _err(exc) from None
+        await self.fs.rename(op, name_old, np, name_new, flags)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -422,10 +397,7 @@ class Operations(pyfuse3.Operations):
         if self._is_control(inode):
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self._node(inode)
-        try:
-            await self.fs.link(node, self._parent(new_parent_inode, new_name, errno.EEXIST), new_name)
-        except FSError as exc:
-            raise _err(exc) from None
+        await self.fs.link(node, self._parent(new_parent_inode, new_name, errno.EEXIST), new_name)
         return self._looked_up(node)
 
     # -- files -----------------------------------------------------------------------------
@@ -437,10 +409,7 @@ class Operations(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR) and not node.view.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
         if flags & os.O_TRUNC and (node.attrs.size or (ctx.uid and node.attrs.mode & (stat.S_ISUID | stat.S_ISGID))):
-            try:
-                await self.fs.setattr(node, size=0, kill_suid=ctx.uid != 0)
-            except FSError as exc:
-                raise _err(exc) from None
+            await self.fs.setattr(node, size=0, kill_suid=ctx.uid != 0)
         return self._opened(node, bool(flags & (os.O_WRONLY | os.O_RDWR)))
 
     def _control_open(self, fino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -497,27 +466,18 @@ class Operations(pyfuse3.Operations):
         sess = self._sessions.get(fh)
         if sess is not None:
             return sess.read(off, size)
-        try:
-            return self.fs.read(self._files[fh], off, size)  # type: ignore[return-value]
-        except FSError as exc:
-            raise _err(exc) from None
+        return self.fs.read(self._files[fh], off, size)  # type: ignore[return-value]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self.requests["write"] += 1
         if fh in self._sessions:
             return await self._control_write(fh, buf)
-        try:
-            return await self.fs.write(self._files[fh], off, buf)
-        except FSError as exc:
-            raise _err(exc) from None
+        return await self.fs.write(self._files[fh], off, buf)
 
     async def flush(self, fh: int) -> None:
         self.requests["flush"] += 1
         if fh in self._files and self._files[fh] in self.fs.dirty_nodes:
-            try:
-                await self.fs.flush()
-            except FSError as exc:
-                raise _err(exc) from None
+            await self.fs.flush()
 
     async def release(self, fh: int) -> None:
         self.requests["release"] += 1
@@ -529,19 +489,13 @@ class Operations(pyfuse3.Operations):
             self._writers[node] -= 1
             if self._writers[node] <= 0:
                 del self._writers[node]
-        try:
-            await self.fs.released(node)
-        except FSError as exc:
-            raise _err(exc) from None
+        await self.fs.released(node)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         self.requests["fsync"] += 1
         if fh in self._sessions:
             return
-        try:
-            await self.fs.fsync()
-        except FSError as exc:
-            raise _err(exc) from None
+        await self.fs.fsync()
 
     # -- directories -----------------------------------------------------------------------
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
@@ -573,10 +527,7 @@ class Operations(pyfuse3.Operations):
         if start_id == 0 or d.entries is None:
             # Offsets index a listing taken when reading starts (again), so they stay valid
             # while entries are added or removed, and each page costs O(entries in it).
-            try:
-                d.entries = self.fs.list_dir(d.node)
-            except FSError as exc:
-                raise _err(exc) from None
+            d.entries = self.fs.list_dir(d.node)
         entries = d.entries
         fs, view = self.fs, d.node.view
         # Offsets 0 and 1 are "." and ".." (the kernel takes no lookup reference for them).
@@ -617,29 +568,20 @@ class Operations(pyfuse3.Operations):
         self.requests["fsyncdir"] += 1
         if self._dirs[fh].node is None:
             return
-        try:
-            await self.fs.fsync()
-        except FSError as exc:
-            raise _err(exc) from None
+        await self.fs.fsync()
 
     # -- xattrs, statfs, access ------------------------------------------------------------
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.requests["setxattr"] += 1
         if self._is_control(inode):
             raise pyfuse3.FUSEError(errno.EPERM)
-        try:
-            await self.fs.setxattr(self._node(inode), name, value)
-        except FSError as exc:
-            raise _err(exc) from None
+        await self.fs.setxattr(self._node(inode), name, value)
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         self.requests["getxattr"] += 1
         if self._is_control(inode):
             raise pyfuse3.FUSEError(errno.ENODATA)
-        try:
-            return self.fs.getxattr(self._node(inode), name)
-        except FSError as exc:
-            raise _err(exc) from None
+        return self.fs.getxattr(self._node(inode), name)
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         self.requests["listxattr"] += 1
@@ -651,10 +593,7 @@ class Operations(pyfuse3.Operations):
         self.requests["removexattr"] += 1
         if self._is_control(inode):
             raise pyfuse3.FUSEError(errno.EPERM)
-        try:
-            await self.fs.removexattr(self._node(inode), name)
-        except FSError as exc:
-            raise _err(exc) from None
+        await self.fs.removexattr(self._node(inode), name)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         self.requests["statfs"] += 1
