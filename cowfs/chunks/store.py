@@ -7,8 +7,6 @@ free cascades to the children of a freed node in the same batch.
 """
 from __future__ import annotations
 
-from collections import deque
-
 from cowfs.cache import ByteLRU
 from cowfs.chunks import codec
 from cowfs.kv.base import KV, Batch
@@ -88,7 +86,15 @@ class ObjectStore:
 
     # -- the one writer of reference counts ----------------------------------------------
     def apply(self, txn: RefTxn, batch: Batch) -> tuple[int, int]:
-        """Fold txn into batch; return (objects created, objects freed)."""
+        """Fold txn into batch; return (objects created, objects freed).
+
+        Changes are netted per object before any count is read: rewriting one chunk of a big
+        file replaces a 512-child node, and its 511 unchanged children gain a reference from
+        the new node and lose one from the old, so they are neither read nor written.
+        Every increment is known before any free is decided, so nothing this batch still
+        references can be freed.
+        """
+        delta = dict(txn.delta)
         counts: dict[bytes, int] = {}
 
         def current(h: bytes) -> int:
@@ -97,39 +103,57 @@ class ObjectStore:
                 c = counts[h] = _count(self.kv.get(CF_REFS, h))
             return c
 
-        created = freed = 0
-        incs = deque((h, d) for h, d in txn.delta.items() if d > 0)
-        decs = deque((h, -d) for h, d in txn.delta.items() if d < 0)
-        while incs:
-            h, d = incs.popleft()
-            cur = current(h)
-            if cur == 0:
-                new = txn.new.get(h)
-                if new is None:
-                    raise MissingObject(f"reference to unknown object {h.hex()}")
-                value, children = new
-                batch.put(CF_OBJECTS, h, value)
-                created += 1
-                incs.extend((c, 1) for c in children)
-            counts[h] = cur + d
-        while decs:
-            h, d = decs.popleft()
-            cur = current(h)
-            if cur < d:
+        # 1. Increments: only objects this transaction brings can be new, and a new object's
+        #    children gain a reference (which can make them new in turn).
+        created: set[bytes] = set()
+        todo = [h for h, d in delta.items() if d > 0 and h in txn.new]
+        while todo:
+            h = todo.pop()
+            if h in created or current(h):
+                continue
+            created.add(h)
+            value, children = txn.new[h]
+            batch.put(CF_OBJECTS, h, value)
+            for c in children:
+                delta[c] = delta.get(c, 0) + 1
+                if c in txn.new:
+                    todo.append(c)
+        # 2. Decrements, cascading to the children of freed objects.
+        freed: dict[bytes, int] = {}  # hash -> its net change when it was freed
+        todo = [h for h, d in delta.items() if d < 0]
+        while todo:
+            h = todo.pop()
+            d = delta[h]
+            if h in freed:
+                if d != freed[h]:
+                    raise codec.CorruptObject(f"reference count of {h.hex()} would drop below zero")
+                continue
+            if not d:  # as many references gained as lost: the count stays, unread
+                continue
+            left = current(h) + d
+            if left < 0:
                 raise codec.CorruptObject(f"reference count of {h.hex()} would drop below zero")
-            counts[h] = cur - d
-            if cur == d:
-                raw = self.kv.get(CF_OBJECTS, h)
-                if raw is None and h in txn.new:  # created and dropped within this txn
-                    raw = txn.new[h][0]
-                if raw is not None and raw[0] == codec.KIND_NODE:
-                    decs.extend((c, 1) for c in codec.node_children(raw[1:]))
-                batch.delete(CF_OBJECTS, h)
-                self.cache.discard(h)
-                freed += 1
-        for h, c in counts.items():
+            if left:
+                continue
+            freed[h] = d
+            raw = txn.new[h][0] if h in created else self.kv.get(CF_OBJECTS, h)
+            if raw is not None and raw[0] == codec.KIND_NODE:
+                for c in codec.node_children(raw[1:]):
+                    delta[c] = delta.get(c, 0) - 1
+                    todo.append(c)
+            batch.delete(CF_OBJECTS, h)
+            self.cache.discard(h)
+        # 3. Write every count that changed.
+        for h, d in delta.items():
+            if not d and h not in created:
+                continue
+            c = current(h) + d
+            if c < 0:
+                raise codec.CorruptObject(f"reference count of {h.hex()} would drop below zero")
+            if c and h not in created and counts[h] == 0:
+                raise MissingObject(f"reference to unknown object {h.hex()}")
             if c:
                 batch.put(CF_REFS, h, c.to_bytes(8, "little"))
             else:
                 batch.delete(CF_REFS, h)
-        return created, freed
+        return len(created), len(freed)

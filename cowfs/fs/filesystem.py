@@ -35,6 +35,10 @@ NAME_MAX = 255
 MAX_FILE_SIZE = (1 << 63) - 1
 DIRTY_LIMIT = 64 << 20  # acknowledged-but-unflushed bytes before writers wait for a flush
 DIRTY_AGE = 1.0  # seconds before the background flusher commits dirty data
+# Dirty bytes that wake the background flusher at once: a streaming writer's next chunks
+# are copied in while the previous ones are hashed, compressed and committed.
+EARLY_FLUSH_BYTES = 8 << 20
+_ZEROS = bytes(CHUNK)
 THREAD_FLUSH_BYTES = 512 << 10  # flushes larger than this hash/compress in a worker thread
 XATTR_SIZE_MAX = 65536
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
@@ -192,6 +196,7 @@ class Filesystem:
         self.dirty_bytes = 0
         self.flush_count = 0
         self.gc_wanted = trio.Event()
+        self.flush_wanted = trio.Event()
         # Set by the daemon: makes the kernel write its dirty pages back to us (syncfs).
         self.kernel_sync: Callable[[], Awaitable[None]] | None = None
         # Set by the FUSE layer: pull the dirty pages of files open for writing.
@@ -681,6 +686,8 @@ class Filesystem:
             self.dirty_nodes.setdefault(node, time.monotonic())
         if self.dirty_bytes > DIRTY_LIMIT:
             await self.flush()
+        elif self.dirty_bytes > EARLY_FLUSH_BYTES:
+            self.flush_wanted.set()
         return len(data)
 
     async def flush(self) -> None:
@@ -698,7 +705,8 @@ class Filesystem:
         out: dict[int, tuple[bytes, bytes | None] | None] = {}
         objects = self.store.objects
         for i, data in chunks.items():
-            if data.count(0) == len(data):
+            # Comparing with a zero chunk stops at the first nonzero byte (count(0) reads all).
+            if data == _ZEROS[: len(data)]:
                 out[i] = None
                 continue
             h = codec.chunk_hash(data)
@@ -770,10 +778,14 @@ class Filesystem:
             self.flush_count += 1
 
     async def background_flusher(self) -> None:
-        """Commit dirty data that has waited DIRTY_AGE seconds."""
+        """Commit dirty data that has waited DIRTY_AGE seconds, or once EARLY_FLUSH_BYTES pile up."""
         while True:
-            await trio.sleep(DIRTY_AGE / 2)
-            if self.dirty_nodes and time.monotonic() - min(self.dirty_nodes.values()) >= DIRTY_AGE:
+            with trio.move_on_after(DIRTY_AGE / 2):
+                await self.flush_wanted.wait()
+            early = self.flush_wanted.is_set()
+            if early:
+                self.flush_wanted = trio.Event()
+            if self.dirty_nodes and (early or time.monotonic() - min(self.dirty_nodes.values()) >= DIRTY_AGE):
                 try:
                     await self.flush()
                 except FSError as exc:
