@@ -794,10 +794,15 @@ def _w_rm_contents(root, keep=()):
         except FileNotFoundError:
             return
         if stat.S_ISDIR(st.st_mode):
-            if stat.S_IMODE(st.st_mode) & 0o700 != 0o700:
+            mode = stat.S_IMODE(st.st_mode)
+            if mode & 0o700 != 0o700:
                 os.chmod(p, 0o700)
             for n in os.listdir(p):
                 rm(os.path.join(p, n))
+            if mode & 0o700 != 0o700:
+                # An fd may still refer to this directory (a model of a pre-rollback handle):
+                # it must keep the mode it had, as the removed directory would.
+                os.chmod(p, mode)
             os.rmdir(p)
         else:
             os.unlink(p)
