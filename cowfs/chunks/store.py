@@ -3,11 +3,20 @@
 Every reference-count change goes through a `RefTxn`, applied inside the single commit of
 the caller's batch (see cowfs.store.Store.commit), so a dedup hit can never race a free:
 increments are applied before decrements, creations store their data exactly once, and a
-free cascades to the children of a freed node in the same batch.
+free cascades to the children of a freed node, and to the base of a freed delta, in the
+same batch.
+
+A reference count has two parts: references from files (inode-record versions and tree
+node slots) and *pins* from delta objects on their base.  Both keep an object alive; only
+the first counts as logical data.  The same batches keep the space accounting (`Space`),
+the background queue (`pending`: chunks not yet looked at for delta encoding) and its
+length up to date, so the figures are exact without walking the store.
 """
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import astuple, dataclass
+from typing import NamedTuple
 
 from cowfs.cache import ByteLRU
 from cowfs.chunks import codec
@@ -15,25 +24,151 @@ from cowfs.kv.base import KV, Batch
 
 CF_OBJECTS = "objects"
 CF_REFS = "refs"
+CF_PENDING = "pending"  # chunk hash -> b"": created, not yet considered for delta encoding
+CF_SIMILAR = "similar"  # super-feature -> hash of a whole chunk that had it (checked on use)
+CF_SPACE = "space"  # SPACE_KEY -> packed Space
+SPACE_KEY = b"space"
+FAMILIES = (CF_OBJECTS, CF_REFS, CF_PENDING, CF_SIMILAR, CF_SPACE)
+
+
+ROOT, SLOT, PIN = 0, 1, 2  # where a reference comes from
 
 
 class MissingObject(codec.CorruptObject):
     """A referenced object is not in the store."""
 
 
-def _count(value: bytes | None) -> int:
-    return int.from_bytes(value, "little") if value else 0
+@dataclass
+class Space:
+    """Store-wide figures, kept exact by the commits that change them.
+
+    Identities: logical = unique + dedup saved; unique = chunk_bytes + compression saved +
+    delta saved, with compression saved = unique - plain_bytes and delta saved =
+    plain_bytes - chunk_bytes (plain_bytes: what the chunks would take encoded whole).
+    """
+
+    chunks: int = 0
+    delta_chunks: int = 0
+    unique_bytes: int = 0  # raw content of distinct chunks
+    plain_bytes: int = 0  # their whole (R/Z) encodings
+    chunk_bytes: int = 0  # their stored encodings (deltas included)
+    logical_bytes: int = 0  # raw content times references from files
+    nodes: int = 0
+    node_bytes: int = 0
+    queue: int = 0  # entries in CF_PENDING
+
+    def pack(self) -> bytes:
+        return b"".join(v.to_bytes(8, "little", signed=True) for v in astuple(self))
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "Space":
+        return cls(*(int.from_bytes(raw[i : i + 8], "little", signed=True) for i in range(0, len(raw), 8)))
+
+    def add_object(self, value: bytes, sign: int) -> None:
+        """Count (sign 1) or uncount (sign -1) one stored object."""
+        if value[0] == codec.KIND_NODE:
+            self.nodes += sign
+            self.node_bytes += sign * len(value)
+            return
+        raw, plain = codec.chunk_sizes(value)
+        self.chunks += sign
+        self.delta_chunks += sign * (value[0] == codec.KIND_DELTA)
+        self.unique_bytes += sign * raw
+        self.plain_bytes += sign * plain
+        self.chunk_bytes += sign * len(value)
+
+    def figures(self) -> dict[str, int]:
+        return {
+            "logical_bytes": self.logical_bytes,
+            "unique_bytes": self.unique_bytes,
+            "chunk_bytes": self.chunk_bytes,
+            "dedup_saved_bytes": self.logical_bytes - self.unique_bytes,
+            "delta_saved_bytes": self.plain_bytes - self.chunk_bytes,
+            "compression_saved_bytes": self.unique_bytes - self.plain_bytes,
+            "chunks": self.chunks,
+            "delta_chunks": self.delta_chunks,
+            "whole_chunks": self.chunks - self.delta_chunks,
+            "tree_nodes": self.nodes,
+            "tree_node_bytes": self.node_bytes,
+            "background_queue": self.queue,
+        }
+
+
+class Ref(NamedTuple):
+    """A reference-count record.
+
+    count: all references (file roots + node slots + delta pins); pins: from deltas on this
+    base; roots: from inode-record versions (the file's tree root is this object); size:
+    the content bytes under the object (a chunk's raw size, a node's sum over its slots).
+    size -1 marks a record of the old 8-byte format (count only).
+    """
+
+    count: int
+    pins: int = 0
+    roots: int = 0
+    size: int = 0
+
+    def pack(self) -> bytes:
+        return (self.count.to_bytes(8, "little") + self.pins.to_bytes(4, "little")
+                + self.roots.to_bytes(4, "little") + self.size.to_bytes(8, "little"))
+
+
+def parse_ref(value: bytes | None) -> Ref:
+    if not value:
+        return Ref(0)
+    if len(value) < 24:
+        return Ref(int.from_bytes(value[:8], "little"), 0, 0, -1)
+    return Ref(int.from_bytes(value[:8], "little"), int.from_bytes(value[8:12], "little"),
+               int.from_bytes(value[12:16], "little"), int.from_bytes(value[16:24], "little"))
+
+
+def scan_space(kv: KV) -> Space:
+    """The accounting recounted from a full walk of objects, refs and the queue (fsck)."""
+    space = Space()
+    for h, value in kv.scan(CF_OBJECTS, b""):
+        space.add_object(value, 1)
+    for h, v in kv.scan(CF_REFS, b""):
+        r = parse_ref(v)
+        space.logical_bytes += r.roots * r.size
+    space.queue = sum(1 for _ in kv.scan(CF_PENDING, b""))
+    return space
+
+
+def tree_sizes(kv: KV, hashes: list[bytes]) -> dict[bytes, int]:
+    """Content bytes under each object, from the objects themselves (memoized walk)."""
+    sizes: dict[bytes, int] = {}
+
+    def size(h: bytes) -> int:
+        n = sizes.get(h)
+        if n is None:
+            raw = kv.get(CF_OBJECTS, h)
+            if raw is None:
+                n = 0
+            elif raw[0] == codec.KIND_NODE:
+                n = sum(size(c) for c in codec.node_children(raw[1:]))
+            else:
+                n = codec.chunk_sizes(raw)[0]
+            sizes[h] = n
+        return n
+
+    for h in hashes:
+        size(h)
+    return sizes
 
 
 class RefTxn:
     """Reference deltas and new objects gathered by one filesystem operation."""
 
-    __slots__ = ("delta", "new")
+    __slots__ = ("delta", "new", "recode", "done")
 
     def __init__(self) -> None:
         self.delta: dict[bytes, int] = {}
         # hash -> (encoded value, child hashes): only needed if the object turns out to be new.
         self.new: dict[bytes, tuple[bytes, list[bytes]]] = {}
+        # Background work: hash -> new encoding of an existing chunk (a D object); hashes to
+        # take off the queue.
+        self.recode: dict[bytes, bytes] = {}
+        self.done: list[bytes] = []
 
     def incref(self, h: bytes | None, n: int = 1) -> None:
         if h is not None:
@@ -47,7 +182,7 @@ class RefTxn:
         self.new[h] = (value, children)
 
     def empty(self) -> bool:
-        return not self.new and not any(self.delta.values())
+        return not self.new and not self.recode and not self.done and not any(self.delta.values())
 
 
 class ObjectStore:
@@ -56,17 +191,44 @@ class ObjectStore:
     def __init__(self, kv: KV, cache: ByteLRU) -> None:
         self.kv = kv
         self.cache = cache
+        raw = kv.get(CF_SPACE, SPACE_KEY)
+        # None: a store from before the accounting (the caller runs `rebuild`).
+        self.space: Space | None = Space.unpack(raw) if raw is not None else None
+        self._staged: Space | None = None
+
+    def rebuild(self, roots: dict[bytes, int]) -> None:
+        """Rewrite every refs record in full (roots: references from inode-record versions)
+        and count the accounting once; from then on commits keep both exact."""
+        pins: dict[bytes, int] = {}
+        for _h, value in self.kv.scan(CF_OBJECTS, b""):
+            base = codec.delta_base(value) if value[0] != codec.KIND_NODE else None
+            if base is not None:
+                pins[base] = pins.get(base, 0) + 1
+        refs = [(h, parse_ref(v).count) for h, v in self.kv.scan(CF_REFS, b"")]
+        sizes = tree_sizes(self.kv, [h for h, _ in refs])
+        batch = Batch()
+        for h, count in refs:
+            batch.put(CF_REFS, h, Ref(count, pins.get(h, 0), roots.get(h, 0), sizes[h]).pack())
+        self.kv.write(batch)
+        self.space = scan_space(self.kv)
+        batch = Batch()
+        batch.put(CF_SPACE, SPACE_KEY, self.space.pack())
+        self.kv.write(batch)
 
     # -- reads ---------------------------------------------------------------------------
     def chunk(self, h: bytes) -> bytes:
         data = self.cache.get(h)
         if data is None:
-            raw = self.kv.get(CF_OBJECTS, h)
-            if raw is None:
-                raise MissingObject(f"chunk {h.hex()} is missing")
-            data = codec.decode_chunk(raw, h)
+            data = self._load_chunk(h)
             self.cache.put(h, data)
         return data
+
+    def _load_chunk(self, h: bytes) -> bytes:
+        """Decode a chunk from the store; a delta's base is read through chunk() (one hop)."""
+        raw = self.kv.get(CF_OBJECTS, h)
+        if raw is None:
+            raise MissingObject(f"chunk {h.hex()} is missing")
+        return codec.decode_chunk(raw, h, self.chunk)
 
     def node(self, h: bytes) -> bytes:
         data = self.cache.get(h)
@@ -80,56 +242,118 @@ class ObjectStore:
             self.cache.put(h, data)
         return data
 
+    def ref(self, h: bytes) -> Ref:
+        return parse_ref(self.kv.get(CF_REFS, h))
+
     def refcount(self, h: bytes) -> int:
-        return _count(self.kv.get(CF_REFS, h))
+        return self.ref(h).count
 
     def exists(self, h: bytes) -> bool:
         return self.kv.get(CF_REFS, h) is not None
 
     # -- the one writer of reference counts ----------------------------------------------
     def apply(self, txn: RefTxn, batch: Batch) -> tuple[int, int]:
-        """Fold txn into batch; return (objects created, objects freed)."""
-        counts: dict[bytes, int] = {}
+        """Fold txn into batch; return (objects created, objects freed).
 
-        def current(h: bytes) -> int:
-            c = counts.get(h)
-            if c is None:
-                c = counts[h] = _count(self.kv.get(CF_REFS, h))
-            return c
+        txn.delta holds file-root references; node slots and delta pins follow from objects
+        created and freed.  The new accounting is staged: `settle` makes it current once
+        the batch is written.
+        """
+        assert self.space is not None
+        refs: dict[bytes, Ref] = {}
+        space = Space(*astuple(self.space))
+        created_here: set[bytes] = set()
+
+        def current(h: bytes) -> Ref:
+            r = refs.get(h)
+            if r is None:
+                r = refs[h] = self.ref(h)
+            return r
+
+        def size_of(h: bytes) -> int:
+            r = current(h)
+            if r.count:
+                return r.size
+            new = txn.new.get(h)
+            if new is None:
+                raise MissingObject(f"reference to unknown object {h.hex()}")
+            value, children = new
+            return sum(size_of(c) for c in children) if value[0] == codec.KIND_NODE else codec.chunk_sizes(value)[0]
 
         created = freed = 0
-        incs = deque((h, d) for h, d in txn.delta.items() if d > 0)
-        decs = deque((h, -d) for h, d in txn.delta.items() if d < 0)
+        # (hash, amount, source): ROOT from a file, SLOT from a node, PIN from a delta.
+        incs = deque((h, d, ROOT) for h, d in txn.delta.items() if d > 0)
+        decs = deque((h, -d, ROOT) for h, d in txn.delta.items() if d < 0)
+        for h, value in txn.recode.items():
+            old = self.kv.get(CF_OBJECTS, h)
+            if old is None or current(h).count == 0:
+                raise MissingObject(f"re-encoding unknown object {h.hex()}")
+            batch.put(CF_OBJECTS, h, value)
+            space.add_object(old, -1)
+            space.add_object(value, 1)
+            base = codec.delta_base(value)
+            if base is not None:
+                incs.append((base, 1, PIN))
+        dequeued: set[bytes] = set()
+        for h in txn.done:
+            if self.kv.get(CF_PENDING, h) is not None:
+                batch.delete(CF_PENDING, h)
+                space.queue -= 1
+                dequeued.add(h)
         while incs:
-            h, d = incs.popleft()
-            cur = current(h)
-            if cur == 0:
+            h, d, src = incs.popleft()
+            r = current(h)
+            if r.count == 0:
                 new = txn.new.get(h)
                 if new is None:
                     raise MissingObject(f"reference to unknown object {h.hex()}")
                 value, children = new
+                r = Ref(0, 0, 0, size_of(h))
                 batch.put(CF_OBJECTS, h, value)
+                space.add_object(value, 1)
                 created += 1
-                incs.extend((c, 1) for c in children)
-            counts[h] = cur + d
+                incs.extend((c, 1, SLOT) for c in children)
+                if value[0] != codec.KIND_NODE:
+                    batch.put(CF_PENDING, h, b"")
+                    space.queue += 1
+                    created_here.add(h)
+            refs[h] = Ref(r.count + d, r.pins + d * (src == PIN), r.roots + d * (src == ROOT), r.size)
+            space.logical_bytes += d * r.size * (src == ROOT)
         while decs:
-            h, d = decs.popleft()
-            cur = current(h)
-            if cur < d:
+            h, d, src = decs.popleft()
+            r = current(h)
+            if r.count < d or (src == PIN and r.pins < d) or (src == ROOT and r.roots < d):
                 raise codec.CorruptObject(f"reference count of {h.hex()} would drop below zero")
-            counts[h] = cur - d
-            if cur == d:
-                raw = self.kv.get(CF_OBJECTS, h)
+            refs[h] = Ref(r.count - d, r.pins - d * (src == PIN), r.roots - d * (src == ROOT), r.size)
+            space.logical_bytes -= d * r.size * (src == ROOT)
+            if r.count == d:
+                raw = txn.recode.get(h) or self.kv.get(CF_OBJECTS, h)
                 if raw is None and h in txn.new:  # created and dropped within this txn
                     raw = txn.new[h][0]
-                if raw is not None and raw[0] == codec.KIND_NODE:
-                    decs.extend((c, 1) for c in codec.node_children(raw[1:]))
+                if raw is not None:
+                    space.add_object(raw, -1)
+                    if raw[0] == codec.KIND_NODE:
+                        decs.extend((c, 1, SLOT) for c in codec.node_children(raw[1:]))
+                    else:
+                        base = codec.delta_base(raw)
+                        if base is not None:
+                            decs.append((base, 1, PIN))
+                        if h in created_here or (h not in dequeued and self.kv.get(CF_PENDING, h) is not None):
+                            batch.delete(CF_PENDING, h)
+                            space.queue -= 1
                 batch.delete(CF_OBJECTS, h)
                 self.cache.discard(h)
                 freed += 1
-        for h, c in counts.items():
-            if c:
-                batch.put(CF_REFS, h, c.to_bytes(8, "little"))
+        for h, r in refs.items():
+            if r.count:
+                batch.put(CF_REFS, h, r.pack())
             else:
                 batch.delete(CF_REFS, h)
+        batch.put(CF_SPACE, SPACE_KEY, space.pack())
+        self._staged = space
         return created, freed
+
+    def settle(self) -> None:
+        """The batch of the last apply is written: its accounting is now the store's."""
+        if self._staged is not None:
+            self.space, self._staged = self._staged, None
