@@ -70,10 +70,11 @@ def encode_chunk(data: bytes | bytearray, level: int) -> bytes:
     return bytes((KIND_RAW,)) + bytes(data)
 
 
-def encode_delta(data: bytes, base_hash: bytes, base: bytes, plain_len: int) -> bytes:
-    """A D object of data against base; plain_len is the size of data's whole encoding."""
+def encode_delta(data: bytes, base_hash: bytes, comp: zstandard.ZstdCompressor, plain_len: int) -> bytes:
+    """A D object of data against a base (comp: `delta.compressor(base)`); plain_len is the
+    size of data's whole encoding."""
     head = base_hash + len(data).to_bytes(4, "little") + plain_len.to_bytes(4, "little")
-    return bytes((KIND_DELTA,)) + head + delta.compress(data, base)
+    return bytes((KIND_DELTA,)) + head + comp.compress(data)
 
 
 def delta_base(value: bytes) -> bytes | None:

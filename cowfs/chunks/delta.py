@@ -10,6 +10,11 @@ super-feature with high probability, unrelated chunks almost never.
 
 Delta: zstd with the base chunk as raw-content dictionary (zstd's patch-from idea). The
 caller keeps a delta only when it is clearly smaller than the plain encoding.
+
+Dictionary: small files that have no near-copy still share a lot with other files (Python
+source, .pyc headers and constants, locale catalogues).  A dictionary trained on a sample of
+the store's chunks is stored as an ordinary whole chunk and used as a delta base like any
+other, so reads and reference counting need nothing new.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ SUPER = 3  # super-features per chunk
 MIN_PIECES = 4  # fewer pieces than this: too little structure to trust a match
 MIN_DELTA_SIZE = 256  # smaller chunks cost less to store than to look up
 DELTA_LEVEL = 3
+DICT_LEVEL = 6  # measured on Django source + .pyc: 21.5 -> 17.3 MB (level 3: 18.9 MB), ~50 MB/s
+DICT_SIZE = 64 * 1024
 
 
 def super_features(data: bytes) -> list[bytes]:
@@ -49,11 +56,16 @@ def _dict(base: bytes) -> zstandard.ZstdCompressionDict:
     return zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
 
-def compress(data: bytes, base: bytes) -> bytes:
-    """A zstd frame of data that needs base (as raw-content dictionary) to decode."""
-    c = zstandard.ZstdCompressor(level=DELTA_LEVEL, dict_data=_dict(base), write_content_size=True,
-                                 write_dict_id=False)
-    return c.compress(data)
+def compressor(base: bytes, level: int = DELTA_LEVEL) -> zstandard.ZstdCompressor:
+    """Compresses into frames that need base (as raw-content dictionary) to decode; reusable
+    for many chunks against one base, one thread at a time."""
+    return zstandard.ZstdCompressor(level=level, dict_data=_dict(base), write_content_size=True,
+                                    write_dict_id=False)
+
+
+def train(samples: list[bytes]) -> bytes:
+    """A DICT_SIZE dictionary for the kind of content in samples (raises zstandard.ZstdError)."""
+    return zstandard.train_dictionary(DICT_SIZE, samples, level=DELTA_LEVEL).as_bytes()
 
 
 def decompress(frame: bytes, base: bytes, size: int) -> bytes:
