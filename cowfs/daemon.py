@@ -56,7 +56,7 @@ class MountConfig:
     quota_bytes: int | None = None
     quota_inodes: int | None = None
     dedup: bool = True
-    dedup_cpu: float = 0.5
+    dedup_cpu: float = 0.25
 
 
 def fusermount() -> str:

@@ -59,7 +59,7 @@ def _whole(raw: bytes | None) -> bool:
 
 
 class DedupWorker:
-    def __init__(self, fs: Filesystem, cpu_share: float = 0.5, enabled: bool = True) -> None:
+    def __init__(self, fs: Filesystem, cpu_share: float = 0.25, enabled: bool = True) -> None:
         self.fs = fs
         self.kv = fs.store.kv
         self.cpu_share = min(1.0, max(0.01, cpu_share))
