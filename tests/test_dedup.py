@@ -290,3 +290,30 @@ def test_dictionary_is_pinned_while_used_and_freed_after(mount_factory):
     assert s["chunks"] == 0 and s["logical_bytes"] == 0 and s["unique_bytes"] == 0, s
     m.stop()
     fsck(m.store)
+
+
+@pytest.mark.timeout(120)
+def test_store_from_before_the_accounting_is_counted_at_first_open(mount_factory):
+    from cowfs.chunks.store import CF_REFS, CF_SPACE, SPACE_KEY, parse_ref
+    from cowfs.kv.base import Batch
+    from cowfs.store import Store
+
+    rnd = random.Random(4)
+    m = mount_factory(options=("dedup_cpu=1",))
+    for i in range(30):
+        (m.path / f"f{i}").write_bytes(text(rnd, rnd.randint(1 * KiB, 200 * KiB)))
+    shutil.copy(m.path / "f1", m.path / "copy")
+    settle(m.path)
+    m.stop()
+    st = Store(str(m.store))
+    before = st.objects.space
+    b = Batch()  # what an older cowfs left: no accounting, 8-byte counts
+    b.delete(CF_SPACE, SPACE_KEY)
+    for h, v in st.kv.scan(CF_REFS, b""):
+        b.put(CF_REFS, h, parse_ref(v).count.to_bytes(8, "little"))
+    st.kv.write(b)
+    st.close()
+    st = Store(str(m.store))
+    assert st.objects.space == before
+    st.close()
+    fsck(m.store)
