@@ -54,7 +54,8 @@ def init(store: str) -> None:
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (for systemd); exit when unmounted.")
 @click.option("-o", "options", multiple=True, metavar="OPTION",
               help="Mount option: allow_other, suid, dev, cache_size=SIZE, quota_bytes=SIZE, quota_inodes=N, "
-                   "ctl_group=GID (repeatable, or comma-separated).")
+                   "ctl_group=GID, dedup=on|off (background delta encoding), dedup_cpu=SHARE (its CPU cap, "
+                   "0-1, default 0.25) (repeatable, or comma-separated).")
 @click.option("--debug", is_flag=True, help="Log every operation.")
 def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: tuple[str, ...], debug: bool) -> None:
     """Mount branch BRANCH of STORE at MOUNTPOINT; returns once the mount is ready."""
@@ -71,13 +72,19 @@ def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: t
                 cfg.quota_bytes = _parse_size(value)
             elif key == "quota_inodes":
                 cfg.quota_inodes = int(value)
+            elif key == "dedup" and value in ("on", "off"):
+                cfg.dedup = value == "on"
+            elif key == "dedup_cpu":
+                cfg.dedup_cpu = float(value)
+                if not 0 < cfg.dedup_cpu <= 1:
+                    raise ValueError(value)
             elif key == "ctl_group":
                 cfg.ctl_group = int(value) if value.isdigit() else grp.getgrnam(value).gr_gid
             elif o in ("allow_other", "suid", "dev", "nosuid", "nodev"):
                 cfg.options.append(o)
             else:
                 _fail(f"unknown mount option {o!r} (known: allow_other, suid, dev, cache_size=SIZE, "
-                      "quota_bytes=SIZE, quota_inodes=N, ctl_group=GROUP)")
+                      "quota_bytes=SIZE, quota_inodes=N, ctl_group=GROUP, dedup=on|off, dedup_cpu=SHARE)")
         except (ValueError, KeyError):
             _fail(f"bad value in -o {o}")
     try:
@@ -113,14 +120,27 @@ def _resolve_store(target: str) -> str:
 @click.argument("target", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def stats(target: str, as_json: bool) -> None:
-    """Figures of a store, or of the store behind a mount point TARGET."""
+    """Figures of a store, or of the store behind a mount point TARGET.
+
+    Without a daemon, the store's space figures are read from the store itself.
+    """
+    from cowfs.store import Store, daemon_pid
+
     store = _resolve_store(target)
-    if not os.path.exists(admin.socket_path(store)):
-        _fail(f"{target}: no running daemon serves this store (mount it first)")
-    try:
-        data: dict[str, Any] = admin.request(store, {"cmd": "stats"})
-    except OSError as exc:
-        _fail(f"cannot reach the daemon of {store}: {exc}")
+    if daemon_pid(store) is None:  # not served (a socket left by a killed daemon does not count)
+        try:
+            st = Store(store)
+        except StoreError as exc:
+            _fail(str(exc))
+        try:
+            data: dict[str, Any] = {"ok": True, "store": store, **st.space()}
+        finally:
+            st.close()
+    else:
+        try:
+            data = admin.request(store, {"cmd": "stats"})
+        except OSError as exc:
+            _fail(f"cannot reach the daemon of {store}: {exc}")
     if as_json:
         click.echo(json.dumps(data))
         return
@@ -280,6 +300,26 @@ def gc(target: str) -> None:
     if not reply.get("ok"):
         _fail(str(reply.get("error")))
     click.echo(f"removed {reply['versions_removed']} metadata versions")
+
+
+@main.command()
+@click.argument("target", type=click.Path())
+@click.option("--wait", is_flag=True, help="Return once the background queue is empty.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait at most.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def dedup(target: str, wait: bool, timeout: float, as_json: bool) -> None:
+    """Background delta encoding of the store (or the store behind mount point TARGET): figures, or wait."""
+    store = _resolve_store(target)
+    if not os.path.exists(admin.socket_path(store)):
+        _fail(f"{target}: no running daemon serves this store (mount it first)")
+    reply = admin.request(store, {"cmd": "dedup", "wait": wait, "timeout": timeout}, timeout=timeout + 30)
+    if as_json:
+        click.echo(json.dumps(reply))
+    if not reply.get("ok"):
+        _fail(str(reply.get("error")))
+    if not as_json:
+        click.echo(f"queue {reply['background_queue']} chunks; {reply['delta_chunks']} of {reply['chunks']} "
+                   f"chunks are deltas, saving {reply['delta_saved_bytes']} bytes")
 
 
 @main.command()

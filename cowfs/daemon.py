@@ -27,6 +27,7 @@ import trio
 from cowfs import admin, notify
 from cowfs.errors import FSError, StoreError
 from cowfs.fs.branching import run_gc
+from cowfs.fs.dedup import DedupWorker
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.view import View
 from cowfs.fuse_ops import Operations
@@ -54,6 +55,8 @@ class MountConfig:
     ctl_group: int | None = None
     quota_bytes: int | None = None
     quota_inodes: int | None = None
+    dedup: bool = True
+    dedup_cpu: float = 0.25
 
 
 def fusermount() -> str:
@@ -152,6 +155,7 @@ class Daemon:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
         self.ops = Operations(self.fs, stats=self.stats, mounted=self.mounted_branches, ctl_group=cfg.ctl_group)
         self.fs.kernel_sync = self.kernel_sync
+        self.dedup = DedupWorker(self.fs, cfg.dedup_cpu, cfg.dedup)
         self.started = time.time()
         self._stopping = False
         self.dev = ""  # the FUSE connection's device number "major:minor", known once mounted
@@ -258,6 +262,8 @@ class Daemon:
             "objects_freed": store.objects_freed,
             "cache": store.cache.stats(),
             "disk_bytes": store.kv.disk_usage(),
+            **store.space(),
+            "dedup": self.dedup.figures(),
         }
 
     async def handle_admin(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -277,6 +283,14 @@ class Daemon:
             removed = await run_gc(self.fs)
             await trio.to_thread.run_sync(self.store.kv.compact)
             return {"ok": True, "versions_removed": removed, "disk_bytes": self.store.kv.disk_usage()}
+        if cmd == "dedup":
+            if req.get("wait"):
+                if not self.dedup.enabled:
+                    return {"ok": False, "error": "the background worker is off (-o dedup=off)"}
+                await self.fs.flush()
+                if not await self.dedup.settle(float(req.get("timeout") or 600)):
+                    return {"ok": False, "error": "the background queue did not empty in time"}
+            return {"ok": True, **self.store.space(), "dedup": self.dedup.figures()}
         return {"ok": False, "error": f"unknown admin command {cmd!r}"}
 
     async def _watch_signals(self) -> None:
@@ -337,6 +351,7 @@ class Daemon:
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._tune_readahead)
             nursery.start_soon(self._gc_loop)
+            nursery.start_soon(self.dedup.run)
             nursery.start_soon(self._watchdog)
             ready(None)
             notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.cfg.mountpoint}")

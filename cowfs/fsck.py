@@ -8,10 +8,12 @@ What is checked, in order:
      record is unreachable (an orphan) unless it is an open-but-unlinked file of the
      orphans list;
   3. references: the count stored for every object equals the references to it (one per
-     inode-record version holding a tree root, one per child slot of each node); every
-     referenced object exists; no object is stored without references;
-  4. every stored object decodes and matches its BLAKE3 hash;
-  5. every versioned key has its changelog entry (garbage collection relies on it).
+     inode-record version holding a tree root, one per child slot of each node, one pin per
+     delta object on its base); every referenced object exists; no object is stored without
+     references; delta bases are whole chunks;
+  4. every stored object decodes (a delta through its base) and matches its BLAKE3 hash;
+  5. every versioned key has its changelog entry (garbage collection relies on it);
+  6. the space accounting equals a recount, the background queue names stored chunks only.
 --repair rewrites wrong reference counts and link counts, deletes unreferenced objects,
 dangling directory entries and missing changelog entries, and links orphaned inodes into
 /lost+found of the branch they belong to. It reports what it could not fix (a missing or
@@ -25,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from cowfs.chunks import codec
-from cowfs.chunks.store import CF_OBJECTS, CF_REFS
+from cowfs.chunks.store import (CF_OBJECTS, CF_PENDING, CF_REFS, CF_SPACE, SPACE_KEY, Ref, Space, parse_ref,
+                                scan_space, tree_sizes)
 from cowfs.kv.base import Batch
 from cowfs.meta.layers import Catalog, suffix_layer
 from cowfs.meta.records import Attrs
@@ -77,9 +80,11 @@ class Fsck:
             self.check_tree(name, top)
         self.check_references()
         self.check_changelog()
+        self.check_queue()
         if self.repair and len(self.batch):
             self.store.kv.write(self.batch)
             self.store.kv.sync()
+        self.check_space()
         return self.report
 
     # -- 1. catalog ------------------------------------------------------------------------
@@ -223,8 +228,11 @@ class Fsck:
                 if a.root is not None:
                     expected[a.root.hash] += 1
                     users[a.root.hash].append(f"inode {int.from_bytes(base, 'big')} (layer {layer})")
-        # Walk nodes from the roots: each node object contributes its children once.
+        # Walk nodes from the roots: each node object contributes its children once, each
+        # delta object one pin on its base.
         kinds: dict[bytes, int] = {}
+        pins: Counter[bytes] = Counter()
+        roots = Counter(expected)
         pending = list(expected)
         seen: set[bytes] = set()
         damaged: set[bytes] = set()
@@ -246,12 +254,28 @@ class Fsck:
                     expected[c] += 1
                     users[c].extend(users[h][:3])
                     pending.append(c)
+            base = codec.delta_base(raw)
+            if base is not None:
+                expected[base] += 1
+                pins[base] += 1
+                users[base].extend(users[h][:3])
+                pending.append(base)
             self.progress("objects", 1)
-        stored: dict[bytes, int] = {}
+        stored: dict[bytes, Ref] = {}
         for h, v in self.store.kv.scan(CF_REFS, b""):
-            stored[h] = int.from_bytes(v, "little")
+            stored[h] = parse_ref(v)
+        for base in pins:
+            if kinds.get(base) not in (codec.KIND_RAW, codec.KIND_ZSTD, None):
+                damaged.add(base)
+                self.report.problem(f"object {base.hex()} is a delta base but not a whole chunk")
         present = {h for h, _ in self.store.kv.scan(CF_OBJECTS, b"")} if not self.verify_data else set()
         if self.verify_data:
+            def load_base(b: bytes) -> bytes:
+                raw = self.store.kv.get(CF_OBJECTS, b)
+                if raw is None or raw[0] == codec.KIND_DELTA:
+                    raise codec.CorruptObject(f"delta base {b.hex()} is missing or not whole")
+                return codec.decode_chunk(raw, b)
+
             for h, raw in self.store.kv.scan(CF_OBJECTS, b""):
                 present.add(h)
                 try:
@@ -259,7 +283,7 @@ class Fsck:
                         if codec.node_hash(raw[1:]) != h:
                             raise codec.CorruptObject("node does not match its hash")
                     else:
-                        codec.decode_chunk(raw, h)
+                        codec.decode_chunk(raw, h, load_base)
                 except (codec.CorruptObject, IndexError) as exc:
                     damaged.add(h)
                     self.report.counts["damaged_objects"] += 1
@@ -271,16 +295,22 @@ class Fsck:
             if h not in present:
                 self.report.problem(f"object {h.hex()} is referenced but missing; used by {files}")
             self.report.unrepairable.append(f"data of {files} is lost (object {h.hex()[:16]}…)")
+        sizes = tree_sizes(self.store.kv, list(set(expected) | set(stored)))
+        self.logical = sum(n * sizes[h] for h, n in roots.items())
         for h in set(expected) | set(stored):
-            want, have = expected.get(h, 0), stored.get(h, 0)
-            if want != have:
-                self.report.problem(f"object {h.hex()}: reference count {have}, expected {want}")
+            want, have = expected.get(h, 0), stored.get(h, Ref(0))
+            right = Ref(want, pins[h], roots[h], sizes[h])
+            if want and have != right:
+                self.report.problem(f"object {h.hex()}: reference count {have.count}, expected {want} "
+                                    f"(stored {have}, expected {right})")
                 if self.repair:
-                    if want:
-                        self.batch.put(CF_REFS, h, want.to_bytes(8, "little"))
-                    else:
-                        self.batch.delete(CF_REFS, h)
+                    self.batch.put(CF_REFS, h, right.pack())
                     self.report.repaired.append(f"reference count of {h.hex()[:16]}… set to {want}")
+            elif have.count and not want:
+                self.report.problem(f"object {h.hex()}: reference count {have.count}, expected 0")
+                if self.repair:
+                    self.batch.delete(CF_REFS, h)
+                    self.report.repaired.append(f"reference count of {h.hex()[:16]}… set to 0")
         for h in present - set(expected):
             self.report.problem(f"object {h.hex()} is stored but nothing references it")
             if self.repair:
@@ -306,3 +336,31 @@ class Fsck:
             if self.repair:
                 self.batch.delete(CF_CHANGES, key)
                 self.report.repaired.append("removed a stale changelog entry")
+
+    # -- 6. queue and accounting -----------------------------------------------------------
+    def check_queue(self) -> None:
+        for h, _ in self.store.kv.scan(CF_PENDING, b""):
+            if self.store.kv.get(CF_OBJECTS, h) is None:
+                self.report.problem(f"background queue names missing object {h.hex()}")
+                if self.repair:
+                    self.batch.delete(CF_PENDING, h)
+                    self.report.repaired.append(f"removed {h.hex()[:16]}… from the background queue")
+
+    def check_space(self) -> None:
+        """Stored figures against a recount (after repairs, which change them)."""
+        counted = scan_space(self.store.kv)
+        raw = self.store.kv.get(CF_SPACE, SPACE_KEY)
+        stored = Space.unpack(raw) if raw is not None else None
+        if counted.logical_bytes != self.logical and not self.repair:
+            self.report.problem(f"logical bytes by reference records {counted.logical_bytes} differ from "
+                                f"the file walk's {self.logical}")
+        if stored != counted:
+            self.report.problem(f"space accounting {stored} differs from a recount {counted}")
+            if self.repair:
+                b = Batch()
+                b.put(CF_SPACE, SPACE_KEY, counted.pack())
+                self.store.kv.write(b)
+                self.store.kv.sync()
+                self.store.objects.space = counted
+                self.report.repaired.append("space accounting recounted")
+        self.report.counts["logical_bytes"] = self.logical

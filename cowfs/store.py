@@ -14,7 +14,7 @@ import time
 import trio
 
 from cowfs.cache import ByteLRU
-from cowfs.chunks.store import CF_OBJECTS, CF_REFS, ObjectStore, RefTxn
+from cowfs.chunks.store import CF_OBJECTS, FAMILIES as OBJECT_FAMILIES, ObjectStore, RefTxn
 from cowfs.errors import StoreError
 from cowfs.kv.base import Batch, StoreLockedError
 from cowfs.kv.rocks import RocksKV
@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 MARKER = "cowfs-store.json"
 DB_DIR = "db"
 CF_ORPHANS = "orphans"
-FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_CHANGES, CF_OBJECTS, CF_REFS, CF_ORPHANS)
+FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
 ROOT_INO = 1
 INO_BLOCK = 4096
 
@@ -119,6 +119,8 @@ class Store:
         self.path = path
         self.cache = ByteLRU(cache_bytes)
         self.objects = ObjectStore(self.kv, self.cache)
+        if self.objects.space is None:
+            self.objects.rebuild(self._root_refs())
         self.meta = Versioned(self.kv)
         self.catalog = Catalog(self.kv)
         raw = self.kv.get(CF_META, b"counter/ino")
@@ -135,6 +137,16 @@ class Store:
         self.reserve = min(256 << 20, max(4 << 20, size // 4))
         self._free = st.f_bavail * st.f_frsize
         self._free_at = time.monotonic()
+
+    def _root_refs(self) -> dict[bytes, int]:
+        """References from inode-record versions to tree roots (a walk of every version)."""
+        roots: dict[bytes, int] = {}
+        for _key, value in self.kv.scan(CF_INODES, b""):
+            if value:
+                root = Attrs.unpack(value).root
+                if root is not None:
+                    roots[root.hash] = roots.get(root.hash, 0) + 1
+        return roots
 
     def alloc_ino(self) -> int:
         """A never-used inode number (persisted in blocks, so a crash only skips numbers)."""
@@ -181,6 +193,10 @@ class Store:
             log.error("store could not recover from a write error: %s", exc)
         self._free_at = 0.0
 
+    def space(self) -> dict[str, int]:
+        """The space accounting (see chunks.store.Space) plus the bytes the database takes on disk."""
+        return {**self.objects.space.figures(), "stored_bytes": self.kv.disk_usage()}
+
     def inodes_used(self) -> int:
         """Inode numbers handed out so far (an upper bound on live inodes)."""
         return self._next_ino - 1
@@ -197,6 +213,7 @@ class Store:
             self.objects_freed += f
         if len(batch):
             self.kv.write(batch)
+            self.objects.settle()
             self.write_seq += 1
 
     async def sync(self) -> None:

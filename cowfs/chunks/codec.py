@@ -3,16 +3,22 @@
 An object value is one kind byte followed by its payload:
   b"R" raw chunk bytes (compression did not pay),
   b"Z" a zstd frame of the chunk,
-  b"N" a tree node: concatenated 32-byte child hashes (incompressible, stored raw).
+  b"N" a tree node: concatenated 32-byte child hashes (incompressible, stored raw),
+  b"D" a delta chunk: base hash(32) + raw size(u32) + size of its plain encoding(u32) + a
+       zstd frame that decodes only with the base chunk's content as dictionary
+       (cowfs.chunks.delta).  A base is always a whole (R or Z) chunk: one hop at most.
 Chunks are addressed by BLAKE3 of their content; nodes by BLAKE3 of a domain-separated
 encoding so a node can never collide with a chunk of the same bytes.
 """
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import blake3
 import zstandard
+
+from cowfs.chunks import delta
 
 HASH_LEN = 32
 ZERO_HASH = bytes(HASH_LEN)
@@ -20,6 +26,8 @@ ZERO_HASH = bytes(HASH_LEN)
 KIND_RAW = 0x52  # "R"
 KIND_ZSTD = 0x5A  # "Z"
 KIND_NODE = 0x4E  # "N"
+KIND_DELTA = 0x44  # "D"
+_DELTA_HEAD = 1 + HASH_LEN + 8
 
 _NODE_DOMAIN = b"cowfs-tree-node\x00"
 _tls = threading.local()
@@ -62,7 +70,37 @@ def encode_chunk(data: bytes | bytearray, level: int) -> bytes:
     return bytes((KIND_RAW,)) + bytes(data)
 
 
-def decode_chunk(value: bytes, expect_hash: bytes | None = None) -> bytes:
+def encode_delta(data: bytes, base_hash: bytes, comp: zstandard.ZstdCompressor, plain_len: int) -> bytes:
+    """A D object of data against a base (comp: `delta.compressor(base)`); plain_len is the
+    size of data's whole encoding."""
+    head = base_hash + len(data).to_bytes(4, "little") + plain_len.to_bytes(4, "little")
+    return bytes((KIND_DELTA,)) + head + comp.compress(data)
+
+
+def delta_base(value: bytes) -> bytes | None:
+    """The base hash a D object depends on (None for other kinds)."""
+    return value[1 : 1 + HASH_LEN] if value[0] == KIND_DELTA else None
+
+
+def chunk_sizes(value: bytes) -> tuple[int, int]:
+    """(raw content size, size of the whole, non-delta encoding) of a chunk object, without decoding."""
+    kind = value[0]
+    if kind == KIND_RAW:
+        return len(value) - 1, len(value)
+    if kind == KIND_ZSTD:
+        size = zstandard.frame_content_size(value[1:])
+        if size < 0:
+            raise CorruptObject("zstd frame without content size")
+        return size, len(value)
+    if kind == KIND_DELTA:
+        h = value[1 + HASH_LEN : _DELTA_HEAD]
+        return int.from_bytes(h[:4], "little"), int.from_bytes(h[4:], "little")
+    raise CorruptObject(f"object kind {kind:#x} is not a chunk")
+
+
+def decode_chunk(value: bytes, expect_hash: bytes | None = None,
+                 load_base: Callable[[bytes], bytes] | None = None) -> bytes:
+    """Content of a chunk object; a D object needs load_base(hash) -> the base's content."""
     kind = value[0]
     if kind == KIND_RAW:
         data = value[1:]
@@ -71,6 +109,12 @@ def decode_chunk(value: bytes, expect_hash: bytes | None = None) -> bytes:
             data = _decompressor().decompress(value[1:])
         except zstandard.ZstdError as exc:
             raise CorruptObject(f"zstd frame does not decode: {exc}") from exc
+    elif kind == KIND_DELTA and load_base is not None:
+        size = chunk_sizes(value)[0]
+        try:
+            data = delta.decompress(value[_DELTA_HEAD:], load_base(value[1 : 1 + HASH_LEN]), size)
+        except zstandard.ZstdError as exc:
+            raise CorruptObject(f"delta frame does not decode: {exc}") from exc
     else:
         raise CorruptObject(f"object kind {kind:#x} is not a chunk")
     if expect_hash is not None and chunk_hash(data) != expect_hash:

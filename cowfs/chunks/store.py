@@ -3,9 +3,19 @@
 Every reference-count change goes through a `RefTxn`, applied inside the single commit of
 the caller's batch (see cowfs.store.Store.commit), so a dedup hit can never race a free:
 increments are applied before decrements, creations store their data exactly once, and a
-free cascades to the children of a freed node in the same batch.
+free cascades to the children of a freed node, and to the base of a freed delta, in the
+same batch.
+
+A reference count has two parts: references from files (inode-record versions and tree
+node slots) and *pins* from delta objects on their base.  Both keep an object alive; only
+the first counts as logical data.  The same batches keep the space accounting (`Space`),
+the background queue (`pending`: chunks not yet looked at for delta encoding) and its
+length up to date, so the figures are exact without walking the store.
 """
 from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+from typing import NamedTuple
 
 from cowfs.cache import ByteLRU
 from cowfs.chunks import codec
@@ -13,25 +23,152 @@ from cowfs.kv.base import KV, Batch
 
 CF_OBJECTS = "objects"
 CF_REFS = "refs"
+CF_PENDING = "pending"  # chunk hash -> b"": created, not yet considered for delta encoding
+CF_SIMILAR = "similar"  # super-feature -> hash of a whole chunk that had it (checked on use)
+CF_SPACE = "space"  # SPACE_KEY -> packed Space
+SPACE_KEY = b"space"
+FAMILIES = (CF_OBJECTS, CF_REFS, CF_PENDING, CF_SIMILAR, CF_SPACE)
+
+
+ROOT, SLOT, PIN = 0, 1, 2  # where a reference comes from
+SIZES_MAX = 1 << 15  # remembered content sizes (~5 MiB), see ObjectStore._remember_size
 
 
 class MissingObject(codec.CorruptObject):
     """A referenced object is not in the store."""
 
 
-def _count(value: bytes | None) -> int:
-    return int.from_bytes(value, "little") if value else 0
+@dataclass
+class Space:
+    """Store-wide figures, kept exact by the commits that change them.
+
+    Identities: logical = unique + dedup saved; unique = chunk_bytes + compression saved +
+    delta saved, with compression saved = unique - plain_bytes and delta saved =
+    plain_bytes - chunk_bytes (plain_bytes: what the chunks would take encoded whole).
+    """
+
+    chunks: int = 0
+    delta_chunks: int = 0
+    unique_bytes: int = 0  # raw content of distinct chunks
+    plain_bytes: int = 0  # their whole (R/Z) encodings
+    chunk_bytes: int = 0  # their stored encodings (deltas included)
+    logical_bytes: int = 0  # raw content times references from files
+    nodes: int = 0
+    node_bytes: int = 0
+    queue: int = 0  # entries in CF_PENDING
+
+    def pack(self) -> bytes:
+        return b"".join(v.to_bytes(8, "little", signed=True) for v in astuple(self))
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "Space":
+        return cls(*(int.from_bytes(raw[i : i + 8], "little", signed=True) for i in range(0, len(raw), 8)))
+
+    def add_object(self, value: bytes, sign: int) -> None:
+        """Count (sign 1) or uncount (sign -1) one stored object."""
+        if value[0] == codec.KIND_NODE:
+            self.nodes += sign
+            self.node_bytes += sign * len(value)
+            return
+        raw, plain = codec.chunk_sizes(value)
+        self.chunks += sign
+        self.delta_chunks += sign * (value[0] == codec.KIND_DELTA)
+        self.unique_bytes += sign * raw
+        self.plain_bytes += sign * plain
+        self.chunk_bytes += sign * len(value)
+
+    def figures(self) -> dict[str, int]:
+        return {
+            "logical_bytes": self.logical_bytes,
+            "unique_bytes": self.unique_bytes,
+            "chunk_bytes": self.chunk_bytes,
+            "dedup_saved_bytes": self.logical_bytes - self.unique_bytes,
+            "delta_saved_bytes": self.plain_bytes - self.chunk_bytes,
+            "compression_saved_bytes": self.unique_bytes - self.plain_bytes,
+            "chunks": self.chunks,
+            "delta_chunks": self.delta_chunks,
+            "whole_chunks": self.chunks - self.delta_chunks,
+            "tree_nodes": self.nodes,
+            "tree_node_bytes": self.node_bytes,
+            "background_queue": self.queue,
+        }
+
+
+class Ref(NamedTuple):
+    """A reference-count record.
+
+    count: all references (file roots + node slots + delta pins); pins: from deltas on this
+    base; roots: from inode-record versions (the file's tree root is this object); size:
+    the content bytes under the object (a chunk's raw size, a node's sum over its slots).
+    size -1 marks a record of the old 8-byte format (count only).
+    """
+
+    count: int
+    pins: int = 0
+    roots: int = 0
+    size: int = 0
+
+    def pack(self) -> bytes:
+        return (self.count.to_bytes(8, "little") + self.pins.to_bytes(4, "little")
+                + self.roots.to_bytes(4, "little") + self.size.to_bytes(8, "little"))
+
+
+def parse_ref(value: bytes | None) -> Ref:
+    if not value:
+        return Ref(0)
+    if len(value) < 24:
+        return Ref(int.from_bytes(value[:8], "little"), 0, 0, -1)
+    return Ref(int.from_bytes(value[:8], "little"), int.from_bytes(value[8:12], "little"),
+               int.from_bytes(value[12:16], "little"), int.from_bytes(value[16:24], "little"))
+
+
+def scan_space(kv: KV) -> Space:
+    """The accounting recounted from a full walk of objects, refs and the queue (fsck)."""
+    space = Space()
+    for h, value in kv.scan(CF_OBJECTS, b""):
+        space.add_object(value, 1)
+    for h, v in kv.scan(CF_REFS, b""):
+        r = parse_ref(v)
+        space.logical_bytes += r.roots * r.size
+    space.queue = sum(1 for _ in kv.scan(CF_PENDING, b""))
+    return space
+
+
+def tree_sizes(kv: KV, hashes: list[bytes]) -> dict[bytes, int]:
+    """Content bytes under each object, from the objects themselves (memoized walk)."""
+    sizes: dict[bytes, int] = {}
+
+    def size(h: bytes) -> int:
+        n = sizes.get(h)
+        if n is None:
+            raw = kv.get(CF_OBJECTS, h)
+            if raw is None:
+                n = 0
+            elif raw[0] == codec.KIND_NODE:
+                n = sum(size(c) for c in codec.node_children(raw[1:]))
+            else:
+                n = codec.chunk_sizes(raw)[0]
+            sizes[h] = n
+        return n
+
+    for h in hashes:
+        size(h)
+    return sizes
 
 
 class RefTxn:
     """Reference deltas and new objects gathered by one filesystem operation."""
 
-    __slots__ = ("delta", "new")
+    __slots__ = ("delta", "new", "recode", "done")
 
     def __init__(self) -> None:
         self.delta: dict[bytes, int] = {}
         # hash -> (encoded value, child hashes): only needed if the object turns out to be new.
         self.new: dict[bytes, tuple[bytes, list[bytes]]] = {}
+        # Background work: hash -> new encoding of an existing chunk (a D object); hashes to
+        # take off the queue.
+        self.recode: dict[bytes, bytes] = {}
+        self.done: list[bytes] = []
 
     def incref(self, h: bytes | None, n: int = 1) -> None:
         if h is not None:
@@ -45,7 +182,7 @@ class RefTxn:
         self.new[h] = (value, children)
 
     def empty(self) -> bool:
-        return not self.new and not any(self.delta.values())
+        return not self.new and not self.recode and not self.done and not any(self.delta.values())
 
 
 class ObjectStore:
@@ -54,17 +191,45 @@ class ObjectStore:
     def __init__(self, kv: KV, cache: ByteLRU) -> None:
         self.kv = kv
         self.cache = cache
+        raw = kv.get(CF_SPACE, SPACE_KEY)
+        # None: a store from before the accounting (the caller runs `rebuild`).
+        self.space: Space | None = Space.unpack(raw) if raw is not None else None
+        self._staged: Space | None = None
+        self._sizes: dict[bytes, int] = {}
+
+    def rebuild(self, roots: dict[bytes, int]) -> None:
+        """Rewrite every refs record in full (roots: references from inode-record versions)
+        and count the accounting once; from then on commits keep both exact."""
+        pins: dict[bytes, int] = {}
+        for _h, value in self.kv.scan(CF_OBJECTS, b""):
+            base = codec.delta_base(value) if value[0] != codec.KIND_NODE else None
+            if base is not None:
+                pins[base] = pins.get(base, 0) + 1
+        refs = [(h, parse_ref(v).count) for h, v in self.kv.scan(CF_REFS, b"")]
+        sizes = tree_sizes(self.kv, [h for h, _ in refs])
+        batch = Batch()
+        for h, count in refs:
+            batch.put(CF_REFS, h, Ref(count, pins.get(h, 0), roots.get(h, 0), sizes[h]).pack())
+        self.kv.write(batch)
+        self.space = scan_space(self.kv)
+        batch = Batch()
+        batch.put(CF_SPACE, SPACE_KEY, self.space.pack())
+        self.kv.write(batch)
 
     # -- reads ---------------------------------------------------------------------------
     def chunk(self, h: bytes) -> bytes:
         data = self.cache.get(h)
         if data is None:
-            raw = self.kv.get(CF_OBJECTS, h)
-            if raw is None:
-                raise MissingObject(f"chunk {h.hex()} is missing")
-            data = codec.decode_chunk(raw, h)
+            data = self._load_chunk(h)
             self.cache.put(h, data)
         return data
+
+    def _load_chunk(self, h: bytes) -> bytes:
+        """Decode a chunk from the store; a delta's base is read through chunk() (one hop)."""
+        raw = self.kv.get(CF_OBJECTS, h)
+        if raw is None:
+            raise MissingObject(f"chunk {h.hex()} is missing")
+        return codec.decode_chunk(raw, h, self.chunk)
 
     def node(self, h: bytes) -> bytes:
         data = self.cache.get(h)
@@ -78,8 +243,11 @@ class ObjectStore:
             self.cache.put(h, data)
         return data
 
+    def ref(self, h: bytes) -> Ref:
+        return parse_ref(self.kv.get(CF_REFS, h))
+
     def refcount(self, h: bytes) -> int:
-        return _count(self.kv.get(CF_REFS, h))
+        return self.ref(h).count
 
     def exists(self, h: bytes) -> bool:
         return self.kv.get(CF_REFS, h) is not None
@@ -88,72 +256,153 @@ class ObjectStore:
     def apply(self, txn: RefTxn, batch: Batch) -> tuple[int, int]:
         """Fold txn into batch; return (objects created, objects freed).
 
-        Changes are netted per object before any count is read: rewriting one chunk of a big
-        file replaces a 512-child node, and its 511 unchanged children gain a reference from
-        the new node and lose one from the old, so they are neither read nor written.
-        Every increment is known before any free is decided, so nothing this batch still
-        references can be freed.
+        txn.delta holds file-root references; node slots and delta pins follow from objects
+        created and freed.  Changes are netted per object before a count is read: rewriting
+        one chunk of a big file replaces a 512-slot node, and its 511 unchanged children gain
+        a slot reference from the new node and lose one from the old, so they are neither
+        read nor written.  Every increment is known before any free is decided, so nothing
+        this batch still references can be freed.  The new accounting is staged: `settle`
+        makes it current once the batch is written.
         """
-        delta = dict(txn.delta)
-        counts: dict[bytes, int] = {}
+        assert self.space is not None
+        refs: dict[bytes, Ref] = {}
+        space = Space(*astuple(self.space))
+        d_count: dict[bytes, int] = {}
+        d_pins: dict[bytes, int] = {}
+        d_roots: dict[bytes, int] = {}
 
-        def current(h: bytes) -> int:
-            c = counts.get(h)
-            if c is None:
-                c = counts[h] = _count(self.kv.get(CF_REFS, h))
-            return c
+        def bump(h: bytes, d: int, src: int) -> None:
+            d_count[h] = d_count.get(h, 0) + d
+            if src == PIN:
+                d_pins[h] = d_pins.get(h, 0) + d
+            elif src == ROOT:
+                d_roots[h] = d_roots.get(h, 0) + d
 
-        # 1. Increments: only objects this transaction brings can be new, and a new object's
-        #    children gain a reference (which can make them new in turn).
-        created: set[bytes] = set()
-        todo = [h for h, d in delta.items() if d > 0 and h in txn.new]
+        def current(h: bytes) -> Ref:
+            r = refs.get(h)
+            if r is None:
+                r = refs[h] = self.ref(h)
+                self._remember_size(h, r.size)
+            return r
+
+        created: dict[bytes, int] = {}  # new object -> its content size (-1: not summed yet)
+
+        def size_of(h: bytes) -> int:
+            n = created.get(h)
+            if n is None:
+                n = self._sizes.get(h)
+                return current(h).size if n is None else n
+            if n < 0:
+                n = created[h] = sum(size_of(c) for c in txn.new[h][1])
+            return n
+
+        for h, d in txn.delta.items():
+            if d:
+                bump(h, d, ROOT)
+        for h, value in txn.recode.items():
+            old = self.kv.get(CF_OBJECTS, h)
+            if old is None or current(h).count == 0:
+                raise MissingObject(f"re-encoding unknown object {h.hex()}")
+            batch.put(CF_OBJECTS, h, value)
+            space.add_object(old, -1)
+            space.add_object(value, 1)
+            base = codec.delta_base(value)
+            if base is not None:
+                bump(base, 1, PIN)
+        dequeued: set[bytes] = set()
+        for h in txn.done:
+            if self.kv.get(CF_PENDING, h) is not None:
+                batch.delete(CF_PENDING, h)
+                space.queue -= 1
+                dequeued.add(h)
+        # 1. Creations: only objects this transaction brings can be new; a new object's
+        #    children gain a slot reference (which can make them new in turn).
+        todo = [h for h, d in d_count.items() if d > 0 and h in txn.new]
         while todo:
             h = todo.pop()
-            if h in created or current(h):
+            if h in created or current(h).count:
                 continue
-            created.add(h)
             value, children = txn.new[h]
+            created[h] = -1
             batch.put(CF_OBJECTS, h, value)
+            space.add_object(value, 1)
             for c in children:
-                delta[c] = delta.get(c, 0) + 1
+                bump(c, 1, SLOT)
                 if c in txn.new:
                     todo.append(c)
-        # 2. Decrements, cascading to the children of freed objects.
-        freed: dict[bytes, int] = {}  # hash -> its net change when it was freed
-        todo = [h for h, d in delta.items() if d < 0]
+            if value[0] != codec.KIND_NODE:
+                created[h] = codec.chunk_sizes(value)[0]
+                batch.put(CF_PENDING, h, b"")
+                space.queue += 1
+        for h in list(created):
+            self._remember_size(h, size_of(h))
+        # 2. Decrements, cascading to the children of freed nodes and the bases of freed deltas.
+        freed: dict[bytes, int] = {}  # hash -> its net count change when it was freed
+        todo = [h for h, d in d_count.items() if d < 0]
         while todo:
             h = todo.pop()
-            d = delta[h]
+            d = d_count[h]
             if h in freed:
                 if d != freed[h]:
                     raise codec.CorruptObject(f"reference count of {h.hex()} would drop below zero")
                 continue
             if not d:  # as many references gained as lost: the count stays, unread
                 continue
-            left = current(h) + d
+            left = (0 if h in created else current(h).count) + d
             if left < 0:
                 raise codec.CorruptObject(f"reference count of {h.hex()} would drop below zero")
             if left:
                 continue
             freed[h] = d
-            raw = txn.new[h][0] if h in created else self.kv.get(CF_OBJECTS, h)
-            if raw is not None and raw[0] == codec.KIND_NODE:
-                for c in codec.node_children(raw[1:]):
-                    delta[c] = delta.get(c, 0) - 1
-                    todo.append(c)
+            raw = txn.recode.get(h) or (txn.new[h][0] if h in created else self.kv.get(CF_OBJECTS, h))
+            if raw is not None:
+                space.add_object(raw, -1)
+                if raw[0] == codec.KIND_NODE:
+                    for c in codec.node_children(raw[1:]):
+                        bump(c, -1, SLOT)
+                        todo.append(c)
+                else:
+                    base = codec.delta_base(raw)
+                    if base is not None:
+                        bump(base, -1, PIN)
+                        todo.append(base)
+                    if h in created or (h not in dequeued and self.kv.get(CF_PENDING, h) is not None):
+                        batch.delete(CF_PENDING, h)
+                        space.queue -= 1
             batch.delete(CF_OBJECTS, h)
             self.cache.discard(h)
-        # 3. Write every count that changed.
-        for h, d in delta.items():
-            if not d and h not in created:
+        # 3. Write every record that changed, and the logical bytes of file references.
+        for h in d_count.keys() | created.keys():
+            dc, dp, dr = d_count.get(h, 0), d_pins.get(h, 0), d_roots.get(h, 0)
+            if not (dc or dp or dr) and h not in created:
                 continue
-            c = current(h) + d
-            if c < 0:
+            r = Ref(0, 0, 0, created[h]) if h in created else current(h)
+            new = Ref(r.count + dc, r.pins + dp, r.roots + dr, r.size)
+            if new.count < 0 or new.pins < 0 or new.roots < 0:
                 raise codec.CorruptObject(f"reference count of {h.hex()} would drop below zero")
-            if c and h not in created and counts[h] == 0:
+            if new.count and not r.count and h not in created:
                 raise MissingObject(f"reference to unknown object {h.hex()}")
-            if c:
-                batch.put(CF_REFS, h, c.to_bytes(8, "little"))
+            space.logical_bytes += dr * r.size
+            if new.count:
+                batch.put(CF_REFS, h, new.pack())
             else:
                 batch.delete(CF_REFS, h)
+                self._sizes.pop(h, None)
+        batch.put(CF_SPACE, SPACE_KEY, space.pack())
+        self._staged = space
         return len(created), len(freed)
+
+    def _remember_size(self, h: bytes, size: int) -> None:
+        """Content sizes never change for a hash: keep recent ones so a new node's size is a
+        sum of cached figures, not hundreds of refs reads (FIFO-bounded)."""
+        if size < 0:
+            return
+        sizes = self._sizes
+        if len(sizes) >= SIZES_MAX:
+            del sizes[next(iter(sizes))]
+        sizes[h] = size
+
+    def settle(self) -> None:
+        """The batch of the last apply is written: its accounting is now the store's."""
+        if self._staged is not None:
+            self.space, self._staged = self._staged, None
