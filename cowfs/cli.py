@@ -53,7 +53,8 @@ def init(store: str) -> None:
 @click.option("--branch", default="main", show_default=True, help="Branch to mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (for systemd); exit when unmounted.")
 @click.option("-o", "options", multiple=True, metavar="OPTION",
-              help="Mount option: allow_other, suid, dev, cache_size=SIZE, quota_bytes=SIZE, quota_inodes=N, "
+              help="Mount option: allow_other, suid, dev, cache_l1=SIZE (alias cache_size), cache_l2=SIZE, "
+                   "prefetch=0|1, prefetch_learn=0|1, quota_bytes=SIZE, quota_inodes=N, "
                    "ctl_group=GID (repeatable, or comma-separated).")
 @click.option("--debug", is_flag=True, help="Log every operation.")
 def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: tuple[str, ...], debug: bool) -> None:
@@ -65,9 +66,9 @@ def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: t
     for o in flat:
         key, _, value = o.partition("=")
         try:
-            if key == "cache_size":
-                cfg.cache_bytes = _parse_size(value)
-            elif key == "quota_bytes":
+            if daemon.set_cache_option(cfg, key, value, _parse_size):
+                continue
+            if key == "quota_bytes":
                 cfg.quota_bytes = _parse_size(value)
             elif key == "quota_inodes":
                 cfg.quota_inodes = int(value)
@@ -76,8 +77,8 @@ def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: t
             elif o in ("allow_other", "suid", "dev", "nosuid", "nodev"):
                 cfg.options.append(o)
             else:
-                _fail(f"unknown mount option {o!r} (known: allow_other, suid, dev, cache_size=SIZE, "
-                      "quota_bytes=SIZE, quota_inodes=N, ctl_group=GROUP)")
+                _fail(f"unknown mount option {o!r} (known: allow_other, suid, dev, {daemon.CACHE_OPTIONS}, "
+                      "cache_size=SIZE, quota_bytes=SIZE, quota_inodes=N, ctl_group=GROUP)")
         except (ValueError, KeyError):
             _fail(f"bad value in -o {o}")
     try:
