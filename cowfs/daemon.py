@@ -281,6 +281,8 @@ class Daemon:
             "cache": store.cache.stats(),
             "prefetch_enabled": fs.fetcher is not None,
             "prefetch_learning": fs.learner is not None and fs.learner.learn,
+            "prefetch_model": (fs.learner.describe(view.name) if fs.learner is not None and view.kind == "branch"
+                               else {"files": 0, "transitions": 0}),
             "disk_bytes": store.kv.disk_usage(),
         }
 

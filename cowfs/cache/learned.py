@@ -152,6 +152,10 @@ class Learner:
     def chunks_of(self, branch: str, ino: int) -> list[int]:
         return sorted(self.model(branch).chunks.get(ino, ()))
 
+    def describe(self, branch: str) -> dict[str, int]:
+        m = self.model(branch)
+        return {"files": len(m.chunks), "transitions": sum(sum(s.values()) for s in m.next.values())}
+
     def forget(self, branch: str, batch: Batch) -> None:
         """A deleted branch's model goes with it (in the deleting batch)."""
         self.models.pop(branch, None)

@@ -17,9 +17,15 @@ ENTRY_OVERHEAD = 256
 
 
 class ByteLRU(Generic[V]):
-    def __init__(self, max_bytes: int, size: Callable[[V], int] = len) -> None:  # type: ignore[assignment]
+    """on_evict(key, value) is called for evicted entries that were hit since their insertion
+    (reused: worth keeping in a lower level), not for ones read once."""
+
+    def __init__(self, max_bytes: int, size: Callable[[V], int] = len,  # type: ignore[assignment]
+                 on_evict: Callable[[bytes, V], None] | None = None) -> None:
         self.max_bytes = max_bytes
         self._size = size
+        self._on_evict = on_evict
+        self._reused: set[bytes] = set()
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -38,6 +44,7 @@ class ByteLRU(Generic[V]):
             self.misses += 1
             return None
         self._d.move_to_end(key)
+        self._reused.add(key)
         self.hits += 1
         return v
 
@@ -53,14 +60,19 @@ class ByteLRU(Generic[V]):
         self._d[key] = value
         self.bytes += cost
         while self.bytes > self.max_bytes:
-            _, v = self._d.popitem(last=False)
+            k, v = self._d.popitem(last=False)
             self.bytes -= self._size(v) + ENTRY_OVERHEAD
             self.evictions += 1
+            if k in self._reused:
+                self._reused.discard(k)
+                if self._on_evict is not None:
+                    self._on_evict(k, v)
 
     def discard(self, key: bytes) -> None:
         v = self._d.pop(key, None)
         if v is not None:
             self.bytes -= self._size(v) + ENTRY_OVERHEAD
+            self._reused.discard(key)
 
     def stats(self) -> dict[str, int | float]:
         looked = self.hits + self.misses

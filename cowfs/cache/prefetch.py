@@ -1,7 +1,7 @@
 """Background loading of chunks into the cache (for readahead and learned prefetch).
 
 Requests queue up on the trio thread; WORKERS trio tasks take BATCH of them at a time and run
-the KV reads, zstd decoding and L2 packing in `trio.to_thread` (RocksDB reads, zstd and lz4
+the KV reads and zstd decoding in `trio.to_thread` (RocksDB reads and zstd
 release the GIL), so loads overlap each other, disk waits and the FUSE request loop.  Results
 are inserted into the cache back on the trio thread.  A job is a chunk hash, or a callable
 that resolves a file's chunk hashes in the worker thread (pure KV reads).  Memory is bounded:
@@ -16,7 +16,6 @@ from typing import Callable, Iterable, Union
 
 import trio
 
-from cowfs.cache.l2 import Packed
 from cowfs.chunks import codec
 from cowfs.chunks.store import ObjectStore
 
@@ -56,7 +55,7 @@ class Fetcher:
             ev, self._event = self._event, trio.Event()
             ev.set()
 
-    def _load(self, jobs: list[tuple[Job, int]]) -> list[tuple[bytes, bytes, Packed | None, int]]:
+    def _load(self, jobs: list[tuple[Job, int]]) -> list[tuple[bytes, bytes, int]]:
         """Worker thread: resolve and load; skip what is cached, freed or unreadable."""
         out = []
         for job, source in jobs:
@@ -64,8 +63,7 @@ class Fetcher:
                 hashes = [job] if isinstance(job, bytes) else job()
                 for h in hashes:
                     if not self.cache.cached(h):
-                        data, packed = self.objects.fetch(h)
-                        out.append((h, data, packed, source))
+                        out.append((h, self.objects.load(h), source))
             except codec.CorruptObject as exc:  # freed since it was queued, or damaged
                 log.debug("prefetch skipped: %s", exc)
         return out
@@ -86,5 +84,5 @@ class Fetcher:
                 for job, _ in jobs:
                     if isinstance(job, bytes):
                         self._pending.discard(job)
-            for h, data, packed, source in loaded:
-                self.cache.put_prefetched(h, data, packed, source)
+            for h, data, source in loaded:
+                self.cache.put_prefetched(h, data, source)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import deque
 
 from cowfs.cache import ChunkCache
-from cowfs.cache.l2 import Packed, pack
 from cowfs.chunks import codec
 from cowfs.kv.base import KV, Batch
 
@@ -67,14 +66,9 @@ class ObjectStore:
             raise MissingObject(f"chunk {h.hex()} is missing")
         return codec.decode_chunk(raw, h)
 
-    def fetch(self, h: bytes) -> tuple[bytes, Packed | None]:
-        """load() plus the L2 encoding, for a worker thread to hand to put_prefetched."""
-        data = self.load(h)
-        return data, pack(data) if self.cache.packs else None
-
     def _loaded(self, h: bytes) -> bytes:
         data = self.load(h)
-        self.cache.put(h, data, pack(data) if self.cache.packs else None)
+        self.cache.put(h, data)
         return data
 
     def chunk(self, h: bytes) -> bytes:
@@ -98,7 +92,7 @@ class ObjectStore:
 
     def peek_node(self, h: bytes) -> bytes:
         """node() for worker threads: uses L1 without touching its order, never inserts."""
-        data = self.cache.l1.peek(h)
+        data = self.cache.peek_node(h)
         return data if data is not None else self.load_node(h)
 
     def node(self, h: bytes) -> bytes:
