@@ -125,8 +125,20 @@ def stats(target: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data))
         return
+    cache = data.pop("cache", {})
     for k, v in data.items():
         click.echo(f"{k:>18}: {v}")
+    for level in ("l1", "l2"):
+        c = cache.get(level, {})
+        click.echo(f"{'cache ' + level:>18}: {c.get('bytes', 0)} of {c.get('max_bytes', 0)} bytes, "
+                   f"{c.get('entries', 0)} entries, hit rate {c.get('hit_rate', 0)}, hits {c.get('hits', 0)}, "
+                   f"misses {c.get('misses', 0)}, evictions {c.get('evictions', 0)}")
+    pf = cache.get("prefetch", {})
+    for source in ("readahead", "learned"):
+        p = pf.get(source, {})
+        click.echo(f"{source:>18}: {p.get('prefetched', 0)} chunks prefetched, {p.get('used', 0)} of them read "
+                   f"(precision {p.get('precision', 0)}), {p.get('served_reads', 0)} reads served")
+    click.echo(f"{'prefetch recall':>18}: {pf.get('recall', 0)} of {pf.get('chunk_reads', 0)} chunk reads")
 
 
 # -- control-file wrappers: they work from inside a sandbox that only has the mount -------

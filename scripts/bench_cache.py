@@ -11,8 +11,12 @@ Parts:
            4 KiB reads that hit L1, 4 KiB reads that hit L2 (a 256 MiB L2 behind a 1 MiB L1), and
            4 KiB reads that miss both (RocksDB get + zstd decode + L2 packing), p10/p50/p90/p99.
   pread    4 KiB preads at random offsets of a 32 MiB file through a real mount, with O_DIRECT
-           (so the kernel page cache never answers): L1 hits, L2 hits (mounted with cache_l1=1M)
-           and store reads (cache_l1=1M,cache_l2=0; the store's files are in the OS page cache).
+           (so the kernel page cache never answers), after touching every chunk twice: L1 hits,
+           L2 hits (mounted with cache_l1=1M: reused chunks go to L2) and store reads
+           (cache_l1=1M,cache_l2=0; the store's files are in the OS page cache).
+  memory   peak daemon RSS (sampled every 50 ms) with cache_l1=64M,cache_l2=64M during a
+           streaming read of a 4 GiB file (1 GiB with --quick) and a walk that opens and reads
+           every file of a 100,000-file tree (20,000; 1,000 files cloned into 100 directories).
   replay   a cold start on the mount: `import django; django.setup()` plus more imports
            (Django 5.1.4 untarred into the mount, asgiref and sqlparse pip-installed into it) and
            `git status` in the Django tree (a git repo inside the mount).  One run learns (prefetch
@@ -22,7 +26,9 @@ Parts:
            running the same workload on a copy of the tree on the local disk, so what differs is
            the mount.  precision = prefetched chunks later read / prefetched chunks; recall = chunk
            reads served by prefetched chunks / chunk reads (readahead and learned separately and
-           together); speedup = median wall time off / median wall time on.
+           together); speedup = median wall time off / median wall time on.  Each round also times
+           prefetch off with the store's files read back into the OS page cache: how much of the
+           cold run is waiting for the store's disk at all (speedup_bound).
 
 Needs root and /dev/fuse; every mount is unmounted at the end, even after an error.
 """
@@ -38,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -172,8 +179,9 @@ def pread_part(base: str, samples: int) -> dict[str, object]:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
             buf = mmap.mmap(-1, PAGE)
             rnd = random.Random(7)
-            for off in range(0, size, CHUNK):  # load every chunk once: L1 or L2 holds it now
+            for off in range(0, size, CHUNK):  # use every chunk twice: L1 holds it, or L2 once evicted
                 os.preadv(fd, [buf], off)
+                os.preadv(fd, [buf], off + PAGE)
             ns = []
             for _ in range(samples):
                 off = rnd.randrange(size // PAGE) * PAGE
@@ -189,6 +197,82 @@ def pread_part(base: str, samples: int) -> dict[str, object]:
                          f"L2 hits {c.get('l2', {}).get('hits')} misses {c.get('l2', {}).get('misses')}")
             out[name + "_ns"] = d
             t.unmount()
+    finally:
+        t.teardown()
+    return out
+
+
+# -- bounded memory ---------------------------------------------------------------------------
+class RssSampler:
+    """Peak VmRSS of the daemon, sampled every 50 ms in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0, False
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop:
+            self.peak = max(self.peak, benchlib.proc_status_kb(self.pid, "VmRSS") or 0)
+            time.sleep(0.05)
+
+    def __enter__(self) -> "RssSampler":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._t.join(5)
+
+
+def memory_part(base: str, stream_gib: int, walk_files: int) -> dict[str, object]:
+    """Daemon RSS against the configured cache sizes during a streaming read and a tree walk."""
+    l1, l2 = 64 << 20, 64 << 20
+    benchlib.log(f"memory: cache_l1=64M,cache_l2=64M; {stream_gib} GiB streaming read, {walk_files}-file walk")
+    t = benchlib.CowfsTarget(os.path.join(base, "memory"))
+    t.setup()
+    out: dict[str, object] = {"cache_bytes": l1 + l2}
+    try:
+        t.mount_opts = ["cache_l1=64M", "cache_l2=64M"]
+        t.mount()
+        big = os.path.join(t.path, "big")
+        benchlib.run(["dd", "if=/dev/urandom", f"of={big}", "bs=4M", f"count={stream_gib * 256}"], timeout=1800)
+        per_dir = 1000
+        os.makedirs(os.path.join(t.path, "tree", "d0"))
+        for i in range(per_dir):
+            with open(os.path.join(t.path, "tree", "d0", f"f{i}"), "wb") as f:
+                f.write(b"%d\n" % i * 50)
+        for d in range(1, walk_files // per_dir):  # O(1) clones: the same files under new inodes
+            with open(os.path.join(t.path, ".cowfs", "ctl"), "wb", buffering=0) as f:
+                f.write(f"clone tree/d0 tree/d{d}\n".encode())
+        t.unmount()
+        t.mount()
+        base_rss = benchlib.proc_status_kb(t.pid, "VmRSS") or 0
+        with RssSampler(t.pid) as s:
+            t0 = time.perf_counter()
+            benchlib.run(["dd", f"if={big}", "of=/dev/null", "bs=1M"], timeout=1800)
+            stream_s = time.perf_counter() - t0
+        stream_peak = s.peak
+        with RssSampler(t.pid) as s:
+            t0 = time.perf_counter()
+            n = 0
+            for root, _dirs, files in os.walk(os.path.join(t.path, "tree")):
+                for name in files:
+                    with open(os.path.join(root, name), "rb") as f:
+                        f.read()
+                    n += 1
+            walk_s = time.perf_counter() - t0
+        walk_peak = s.peak
+        st = t.stats() or {}
+        c = st.get("cache", {})
+        out.update({"baseline_rss_kb": base_rss, "stream_peak_rss_kb": stream_peak, "stream_s": round(stream_s, 2),
+                    "walk_files": n, "walk_peak_rss_kb": walk_peak, "walk_s": round(walk_s, 2),
+                    "l1_bytes": c.get("l1", {}).get("bytes"), "l2_bytes": c.get("l2", {}).get("bytes")})
+        for what, peak in (("stream", stream_peak), ("walk", walk_peak)):
+            over = peak * 1024 - (l1 + l2)
+            benchlib.log(f"  {what}: peak RSS {peak / 1024:.0f} MiB = caches {(l1 + l2) >> 20} MiB + {over / 2**20:.0f} MiB "
+                         f"(RSS right after mount: {base_rss / 1024:.0f} MiB)")
+        benchlib.log(f"  stream {stream_gib} GiB in {stream_s:.1f} s; walk of {n} files in {walk_s:.1f} s")
+        t.unmount()
     finally:
         t.teardown()
     return out
@@ -234,11 +318,16 @@ class Replay:
         self.workload(t.path)  # git refreshes its index stat data for the new inodes
         t.unmount()
 
-    def run(self, opts: list[str]) -> tuple[float, dict]:
+    def run(self, opts: list[str], warm_store: bool = False) -> tuple[float, dict]:
+        """One timed workload after a remount and a drop of the kernel's caches; warm_store reads
+        the store's files back into the OS page cache first (a bound: no store read waits for
+        the disk, which is all that prefetch can hide)."""
         t = self.target
         t.mount_opts = opts
         t.mount()
         benchlib.drop_caches()
+        if warm_store:
+            benchlib.run(f"cat {t.store}/db/* > /dev/null", shell=True, timeout=300)
         self.workload(self.local)  # Python's and git's own files back in the page cache
         secs = self.workload(t.path)
         st = t.stats() or {}
@@ -252,7 +341,7 @@ def replay_part(base: str, rounds: int) -> dict[str, object]:
         r.setup()
         secs, c = r.run(["prefetch=1", "prefetch_learn=1"])
         benchlib.log(f"  learning run: {secs:.2f} s")
-        on, off, stats = [], [], []
+        on, off, bound, stats = [], [], [], []
         for i in range(rounds):
             order = [True, False] if i % 2 == 0 else [False, True]
             for pf in order:
@@ -262,6 +351,8 @@ def replay_part(base: str, rounds: int) -> dict[str, object]:
                     stats.append(c["prefetch"])
                 benchlib.log(f"  round {i + 1} prefetch {'on ' if pf else 'off'}: {secs:.2f} s"
                              + (f"  {json.dumps(c['prefetch'])}" if pf else ""))
+            bound.append(r.run(["prefetch=0"], warm_store=True)[0])
+            benchlib.log(f"  round {i + 1} prefetch off, store files in the page cache: {bound[-1]:.2f} s")
     finally:
         r.target.teardown()
     ra = [sum(s["readahead"][k] for s in stats) for k in ("prefetched", "used", "served_reads")]
@@ -269,7 +360,8 @@ def replay_part(base: str, rounds: int) -> dict[str, object]:
     reads = sum(s["chunk_reads"] for s in stats)
     pre = ra[0] + le[0]
     res = {
-        "on_s": on, "off_s": off,
+        "on_s": on, "off_s": off, "store_warm_s": bound,
+        "speedup_bound": round(statistics.median(off) / statistics.median(bound), 3),
         "readahead": {"prefetched": ra[0], "used": ra[1], "served_reads": ra[2],
                       "precision": round(ra[1] / ra[0], 4) if ra[0] else None,
                       "recall": round(ra[2] / reads, 4) if reads else None},
@@ -286,6 +378,8 @@ def replay_part(base: str, rounds: int) -> dict[str, object]:
     benchlib.log(f"  precision {res['prefetch_precision']}  recall {res['prefetch_recall']}  "
                  f"median on {statistics.median(on):.2f} s  off {statistics.median(off):.2f} s  "
                  f"speedup {res['cold_replay_speedup']}x")
+    benchlib.log(f"  bound: with the store's files in the page cache (no disk wait at all) "
+                 f"{statistics.median(bound):.2f} s: {res['speedup_bound']}x")
     return res
 
 
@@ -294,7 +388,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--base", default="/var/tmp/cowfs-bench-cache")
-    ap.add_argument("--parts", default="micro,pread,replay")
+    ap.add_argument("--parts", default="micro,pread,memory,replay")
     args = ap.parse_args()
     parts = args.parts.split(",")
     if os.path.exists(args.base):
@@ -306,6 +400,8 @@ def main() -> int:
             res["micro"] = micro(20_000 if args.quick else 200_000)
         if "pread" in parts:
             res["pread"] = pread_part(args.base, 2_000 if args.quick else 20_000)
+        if "memory" in parts:
+            res["memory"] = memory_part(args.base, 1 if args.quick else 4, 20_000 if args.quick else 100_000)
         if "replay" in parts:
             res["replay"] = replay_part(args.base, 3 if args.quick else 5)
     finally:

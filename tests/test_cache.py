@@ -253,3 +253,21 @@ def test_reads_never_stale_under_writes_truncates_clones_rollbacks(mount_factory
     for level in ("l1", "l2"):
         assert c[level]["bytes"] <= c[level]["max_bytes"] == 1 << 20, c[level]
     assert c["l2"]["hits"] > 0 and c["l1"]["evictions"] > 0, c
+
+
+def test_unreadable_model_starts_afresh():
+    from cowfs.cache.learned import Learner, model_key
+    from cowfs.meta.layers import CF_META
+
+    class KV:
+        def __init__(self) -> None:
+            self.d = {(CF_META, model_key("main")): b"not zlib"}
+
+        def get(self, cf: str, key: bytes) -> bytes | None:
+            return self.d.get((cf, key))
+
+    class Catalog:
+        branches: dict = {}
+
+    learner = Learner(KV(), Catalog(), learn=True)  # type: ignore[arg-type]
+    assert learner.opened("main", 5) == [] and learner.model("main").dirty

@@ -13,17 +13,20 @@ only predictions.  A branch without a model of its own starts from its parent br
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from collections import OrderedDict
 
 from cowfs.kv.base import KV, Batch
 from cowfs.meta.layers import CF_META, Catalog
 
+log = logging.getLogger(__name__)
+
 THRESHOLD = 0.5
 DEPTH = 64
-MAX_FILES = 100_000  # files with recorded successors / chunks (bounds memory: ~30 MB at most)
+MAX_FILES = 20_000  # files with recorded successors / chunks: ~0.3 KiB each, ~6 MiB at most
 MAX_NEXT = 8  # successors kept per file
-MAX_CHUNKS = 64  # chunk indices kept per file (4 MiB)
+MAX_CHUNKS = 64  # chunks 0-63 (the first 4 MiB) of a file are recorded
 RECENT = 4096  # files prefetched recently: not asked for again
 SAVE_INTERVAL = 10.0
 
@@ -35,7 +38,7 @@ def model_key(branch: str) -> bytes:
 class OpenModel:
     def __init__(self) -> None:
         self.next: dict[int, dict[int, int]] = {}
-        self.chunks: dict[int, set[int]] = {}
+        self.chunks: dict[int, int] = {}  # ino -> bitmask of chunk indices read (< MAX_CHUNKS)
         self.last: int | None = None
         self.dirty = False
         self.recent: OrderedDict[int, None] = OrderedDict()
@@ -55,15 +58,20 @@ class OpenModel:
         self.dirty = True
 
     def read(self, ino: int, first: int, last: int) -> None:
-        s = self.chunks.get(ino)
-        if s is None:
-            if len(self.chunks) >= MAX_FILES:
-                return
-            s = self.chunks[ino] = set()
-        if len(s) >= MAX_CHUNKS or (first in s and last in s):
+        if first >= MAX_CHUNKS:
             return
-        s.update(range(first, min(last, first + MAX_CHUNKS) + 1))
-        self.dirty = True
+        old = self.chunks.get(ino)
+        if old is None and len(self.chunks) >= MAX_FILES:
+            return
+        last = min(last, MAX_CHUNKS - 1)
+        new = (old or 0) | (((1 << (last - first + 1)) - 1) << first)
+        if new != old:
+            self.chunks[ino] = new
+            self.dirty = True
+
+    def chunks_of(self, ino: int) -> list[int]:
+        bits = self.chunks.get(ino, 0)
+        return [i for i in range(bits.bit_length()) if bits >> i & 1]
 
     def chain(self, ino: int) -> list[int]:
         """The likely next files after ino, most likely path first."""
@@ -98,7 +106,7 @@ class OpenModel:
 
     def dumps(self) -> bytes:
         doc = {"next": {str(k): [[n, c] for n, c in v.items()] for k, v in self.next.items()},
-               "chunks": {str(k): sorted(v) for k, v in self.chunks.items()}}
+               "chunks": {str(k): v for k, v in self.chunks.items()}}
         return zlib.compress(json.dumps(doc, separators=(",", ":")).encode())
 
     @classmethod
@@ -106,7 +114,7 @@ class OpenModel:
         doc = json.loads(zlib.decompress(raw))
         m = cls()
         m.next = {int(k): {n: c for n, c in v} for k, v in doc["next"].items()}
-        m.chunks = {int(k): set(v) for k, v in doc["chunks"].items()}
+        m.chunks = {int(k): int(v) for k, v in doc["chunks"].items()}
         return m
 
 
@@ -132,7 +140,14 @@ class Learner:
             seen.add(name)
             raw = self.kv.get(CF_META, model_key(name))
             if raw is not None:
-                m = OpenModel.loads(raw)
+                try:
+                    m = OpenModel.loads(raw)
+                except (ValueError, TypeError, KeyError, AttributeError, zlib.error) as exc:
+                    # Only predictions are lost: the model is rebuilt and rewritten.
+                    log.warning("prefetch model of branch %s is unreadable (%s): starting afresh", name, exc)
+                    m = OpenModel()
+                    m.dirty = True
+                    return m
                 m.dirty = name != branch  # a fork's inherited model becomes its own
                 return m
             b = self.catalog.branches.get(name)
@@ -150,7 +165,7 @@ class Learner:
             self.model(branch).read(ino, first, last)
 
     def chunks_of(self, branch: str, ino: int) -> list[int]:
-        return sorted(self.model(branch).chunks.get(ino, ()))
+        return self.model(branch).chunks_of(ino)
 
     def describe(self, branch: str) -> dict[str, int]:
         m = self.model(branch)

@@ -816,6 +816,8 @@ class Filesystem:
             if found is None or not found[1]:
                 return []
             attrs = Attrs.unpack(found[1])
+            if attrs.parent:  # the coming LOOKUP reads this entry: its block is then in memory
+                self.store.meta.get(CF_DIRENTS, name_key(attrs.parent, attrs.name), lv)
             out = []
             for i in indices:
                 if i * CHUNK >= attrs.size:
