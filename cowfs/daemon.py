@@ -376,7 +376,7 @@ class Daemon:
             log.info("unmounted: committing and syncing")
             notify.notify("STOPPING=1")
             await self.fs.flush()
-            await self.fs.save_model()
+            self.fs.save_model()
             await self.store.sync()
             nursery.cancel_scope.cancel()
 

@@ -829,15 +829,20 @@ class Filesystem:
         return resolve
 
     async def save_model_loop(self) -> None:
-        """Write the learned models every SAVE_INTERVAL s (in a thread: never holds up requests)."""
+        """Write the learned models every SAVE_INTERVAL s, when they changed."""
         while True:
             await trio.sleep(SAVE_INTERVAL)
-            await self.save_model()
+            self.save_model()
 
-    async def save_model(self) -> None:
+    def save_model(self) -> None:
+        """One small batch of its own on the loop thread (a few KiB: ~0.1 ms), so it never races
+        the store's commits or its disk-full handling; a failure costs only learning."""
         batch = self.learner.batch() if self.learner is not None else None
         if batch is not None:
-            await trio.to_thread.run_sync(self.store.kv.write, batch)
+            try:
+                self.store.kv.write(batch)
+            except Exception as exc:  # noqa: BLE001 - e.g. the disk is full: writes matter more
+                log.warning("prefetch model not saved: %s", exc)
 
     async def released(self, node: Node) -> None:
         node.opens -= 1
