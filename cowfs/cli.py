@@ -53,9 +53,10 @@ def init(store: str) -> None:
 @click.option("--branch", default="main", show_default=True, help="Branch to mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (for systemd); exit when unmounted.")
 @click.option("-o", "options", multiple=True, metavar="OPTION",
-              help="Mount option: allow_other, suid, dev, cache_size=SIZE, quota_bytes=SIZE, quota_inodes=N, "
-                   "ctl_group=GID, dedup=on|off (background delta encoding), dedup_cpu=SHARE (its CPU cap, "
-                   "0-1, default 0.25) (repeatable, or comma-separated).")
+              help="Mount option: allow_other, suid, dev, cache_l1=SIZE (alias cache_size), cache_l2=SIZE, "
+                   "prefetch=0|1, prefetch_learn=0|1, quota_bytes=SIZE, quota_inodes=N, ctl_group=GID, "
+                   "dedup=on|off (background delta encoding), dedup_cpu=SHARE (its CPU cap, 0-1, "
+                   "default 0.25) (repeatable, or comma-separated).")
 @click.option("--debug", is_flag=True, help="Log every operation.")
 def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: tuple[str, ...], debug: bool) -> None:
     """Mount branch BRANCH of STORE at MOUNTPOINT; returns once the mount is ready."""
@@ -66,25 +67,19 @@ def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: t
     for o in flat:
         key, _, value = o.partition("=")
         try:
-            if key == "cache_size":
-                cfg.cache_bytes = _parse_size(value)
-            elif key == "quota_bytes":
+            if daemon.set_cache_option(cfg, key, value, _parse_size):
+                continue
+            if key == "quota_bytes":
                 cfg.quota_bytes = _parse_size(value)
             elif key == "quota_inodes":
                 cfg.quota_inodes = int(value)
-            elif key == "dedup" and value in ("on", "off"):
-                cfg.dedup = value == "on"
-            elif key == "dedup_cpu":
-                cfg.dedup_cpu = float(value)
-                if not 0 < cfg.dedup_cpu <= 1:
-                    raise ValueError(value)
             elif key == "ctl_group":
                 cfg.ctl_group = int(value) if value.isdigit() else grp.getgrnam(value).gr_gid
             elif o in ("allow_other", "suid", "dev", "nosuid", "nodev"):
                 cfg.options.append(o)
             else:
-                _fail(f"unknown mount option {o!r} (known: allow_other, suid, dev, cache_size=SIZE, "
-                      "quota_bytes=SIZE, quota_inodes=N, ctl_group=GROUP, dedup=on|off, dedup_cpu=SHARE)")
+                _fail(f"unknown mount option {o!r} (known: allow_other, suid, dev, {daemon.CACHE_OPTIONS}, "
+                      "cache_size=SIZE, quota_bytes=SIZE, quota_inodes=N, ctl_group=GROUP)")
         except (ValueError, KeyError):
             _fail(f"bad value in -o {o}")
     try:
@@ -144,8 +139,20 @@ def stats(target: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data))
         return
+    cache = data.pop("cache", {})
     for k, v in data.items():
         click.echo(f"{k:>18}: {v}")
+    for level in ("l1", "l2"):
+        c = cache.get(level, {})
+        click.echo(f"{'cache ' + level:>18}: {c.get('bytes', 0)} of {c.get('max_bytes', 0)} bytes, "
+                   f"{c.get('entries', 0)} entries, hit rate {c.get('hit_rate', 0)}, hits {c.get('hits', 0)}, "
+                   f"misses {c.get('misses', 0)}, evictions {c.get('evictions', 0)}")
+    pf = cache.get("prefetch", {})
+    for source in ("readahead", "learned"):
+        p = pf.get(source, {})
+        click.echo(f"{source:>18}: {p.get('prefetched', 0)} chunks prefetched, {p.get('used', 0)} of them read "
+                   f"(precision {p.get('precision', 0)}), {p.get('served_reads', 0)} reads served")
+    click.echo(f"{'prefetch recall':>18}: {pf.get('recall', 0)} of {pf.get('chunk_reads', 0)} chunk reads")
 
 
 # -- control-file wrappers: they work from inside a sandbox that only has the mount -------

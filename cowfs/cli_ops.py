@@ -279,11 +279,11 @@ def status(targets: tuple[str, ...], as_json: bool) -> None:
                 line += "  " + click.style(m["error"], fg="red")
             click.echo(line)
         if st:
-            c = st.get("cache") or {}
-            looks = c.get("hits", 0) + c.get("misses", 0)
-            hit = f", {100.0 * c.get('hits', 0) / looks:.1f}% hits" if looks else ""
-            click.echo(f"  cache   {_human(c.get('bytes', 0))} of {_human(c.get('max_bytes', 0))}, "
-                       f"{c.get('entries', 0)} entries{hit}, {c.get('evictions', 0)} evictions")
+            for level, c in (st.get("cache") or {}).items():
+                if level in ("l1", "l2"):
+                    click.echo(f"  {'cache ' + level:<7} {_human(c.get('bytes', 0))} of {_human(c.get('max_bytes', 0))}, "
+                               f"{c.get('entries', 0)} entries, {100.0 * c.get('hit_rate', 0):.1f}% hits, "
+                               f"{c.get('evictions', 0)} evictions")
             unsynced = max(0, st.get("commits", 0) - st.get("syncs_done", 0))
             click.echo(f"  queues  {_human(st.get('dirty_bytes', 0))} dirty, {st.get('commits', 0)} commits "
                        f"({unsynced} since the last disk sync), {st.get('flushes', 0)} flushes, "

@@ -51,12 +51,44 @@ class MountConfig:
     branch: str = "main"
     options: list[str] = field(default_factory=list)
     debug: bool = False
-    cache_bytes: int = 256 << 20
+    cache_l1: int = 256 << 20
+    cache_l2: int = 256 << 20
+    prefetch: bool = True
+    prefetch_learn: bool = True
     ctl_group: int | None = None
     quota_bytes: int | None = None
     quota_inodes: int | None = None
     dedup: bool = True
     dedup_cpu: float = 0.25
+
+
+CACHE_OPTIONS = ("cache_l1=SIZE, cache_l2=SIZE, prefetch=0|1, prefetch_learn=0|1, dedup=on|off, "
+                 "dedup_cpu=SHARE")
+
+
+def set_cache_option(cfg: MountConfig, key: str, value: str, parse_size: Callable[[str], int]) -> bool:
+    """Apply one cache, prefetch or dedup mount option to cfg; False if key is not one
+    (ValueError: bad value).  cache_size is the older name of cache_l1.  Shared by
+    `cowfs mount -o` and mount.fuse.cowfs, so both accept the same options."""
+    if key in ("cache_l1", "cache_size"):
+        cfg.cache_l1 = parse_size(value)
+    elif key == "cache_l2":
+        cfg.cache_l2 = parse_size(value)
+    elif key in ("prefetch", "prefetch_learn"):
+        if value not in ("0", "1"):
+            raise ValueError(value)
+        setattr(cfg, key, value == "1")
+    elif key == "dedup":
+        if value not in ("on", "off"):
+            raise ValueError(value)
+        cfg.dedup = value == "on"
+    elif key == "dedup_cpu":
+        cfg.dedup_cpu = float(value)
+        if not 0 < cfg.dedup_cpu <= 1:
+            raise ValueError(value)
+    else:
+        return False
+    return True
 
 
 def fusermount() -> str:
@@ -145,9 +177,9 @@ def _raise_readahead(mountpoint: str) -> None:
 class Daemon:
     def __init__(self, cfg: MountConfig) -> None:
         self.cfg = cfg
-        self.store = Store(cfg.store, cache_bytes=cfg.cache_bytes)
+        self.store = Store(cfg.store, cache_l1=cfg.cache_l1, cache_l2=cfg.cache_l2)
         try:
-            self.fs = Filesystem(self.store, cfg.branch)
+            self.fs = Filesystem(self.store, cfg.branch, prefetch=cfg.prefetch, learn=cfg.prefetch_learn)
         except FSError as exc:
             self.store.close()
             raise StoreError(str(exc)) from None
@@ -261,6 +293,10 @@ class Daemon:
             "objects_created": store.objects_created,
             "objects_freed": store.objects_freed,
             "cache": store.cache.stats(),
+            "prefetch_enabled": fs.fetcher is not None,
+            "prefetch_learning": fs.learner is not None and fs.learner.learn,
+            "prefetch_model": (fs.learner.describe(view.name) if fs.learner is not None and view.kind == "branch"
+                               else {"files": 0, "transitions": 0}),
             "disk_bytes": store.kv.disk_usage(),
             **store.space(),
             "dedup": self.dedup.figures(),
@@ -353,12 +389,19 @@ class Daemon:
             nursery.start_soon(self._gc_loop)
             nursery.start_soon(self.dedup.run)
             nursery.start_soon(self._watchdog)
+            if self.fs.fetcher is not None:
+                # Prefetch threads hand results back through the GIL; at the default 5 ms switch
+                # interval a busy request loop starves them until the reader has overtaken them.
+                sys.setswitchinterval(0.001)
+                nursery.start_soon(self.fs.fetcher.run)
+            nursery.start_soon(self.fs.save_model_loop)
             ready(None)
             notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.cfg.mountpoint}")
             await pyfuse3.main(min_tasks=1, max_tasks=8)
             log.info("unmounted: committing and syncing")
             notify.notify("STOPPING=1")
             await self.fs.flush()
+            self.fs.save_model()
             await self.store.sync()
             nursery.cancel_scope.cancel()
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import pyfuse3
 import trio
 
+from cowfs.cache.readahead import Readahead
 from cowfs.chunks.tree import CHUNK
 from cowfs.control import MAX_LINE, Control, encode
 from cowfs.errors import FSError
@@ -98,6 +99,7 @@ class Operations(pyfuse3.Operations):
         self.stats = stats or (lambda view: {})
         self.requests: Counter[str] = Counter()
         self._files: dict[int, Node] = {}
+        self._streams: dict[int, Readahead] = {}  # per open handle: its read pattern
         self._dirs: dict[int, _Dir] = {}
         self._sessions: dict[int, _Session] = {}
         self._write_fhs: set[int] = set()
@@ -429,6 +431,7 @@ class Operations(pyfuse3.Operations):
     def _opened(self, node: Node, writing: bool) -> pyfuse3.FileInfo:
         fh = self._new_fh()
         self._files[fh] = node
+        self._streams[fh] = Readahead()
         self.fs.opened(node)
         # Under a byte quota, writers bypass the page cache: the kernel's writeback would
         # report EDQUOT late, as EIO; direct writes make write(2) itself fail with EDQUOT.
@@ -466,7 +469,7 @@ class Operations(pyfuse3.Operations):
         sess = self._sessions.get(fh)
         if sess is not None:
             return sess.read(off, size)
-        return self.fs.read(self._files[fh], off, size)  # type: ignore[return-value]
+        return self.fs.read(self._files[fh], off, size, self._streams[fh])  # type: ignore[return-value]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self.requests["write"] += 1
@@ -484,6 +487,7 @@ class Operations(pyfuse3.Operations):
         if self._sessions.pop(fh, None) is not None:
             return
         node = self._files.pop(fh)
+        del self._streams[fh]
         if fh in self._write_fhs:
             self._write_fhs.discard(fh)
             self._writers[node] -= 1

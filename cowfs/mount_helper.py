@@ -12,7 +12,9 @@ mount(8) calls ``/sbin/mount.fuse.cowfs SOURCE MOUNTPOINT [-sfnvw] [-o OPTIONS] 
 
 Options:
   branch=NAME                  the branch to mount (default main)
-  cache_size=SIZE, quota_bytes=SIZE, quota_inodes=N, ctl_group=GROUP, allow_other, suid,
+  cache_l1=SIZE (alias cache_size), cache_l2=SIZE, prefetch=0|1, prefetch_learn=0|1,
+  dedup=on|off, dedup_cpu=SHARE,
+  quota_bytes=SIZE, quota_inodes=N, ctl_group=GROUP, allow_other, suid,
   nosuid, dev, nodev, debug    as ``cowfs mount -o`` / ``--debug``
   ro, noexec, exec, noatime, sync, async, dirsync
                                kernel mount flags, passed to the FUSE mount
@@ -47,7 +49,7 @@ class Request:
     mountpoint: str
     branch: str = "main"
     options: list[str] = field(default_factory=list)      # for the FUSE mount (MountConfig.options)
-    cache_bytes: int | None = None
+    cache: list[tuple[str, str]] = field(default_factory=list)  # cache/prefetch/dedup options, checked
     quota_bytes: int | None = None
     quota_inodes: int | None = None
     ctl_group: int | None = None
@@ -91,6 +93,8 @@ def split_options(text: str) -> list[str]:
 
 def parse_args(argv: list[str]) -> Request:
     """Parse mount(8)'s helper arguments (SOURCE MOUNTPOINT then flags, in any order)."""
+    from cowfs import daemon
+
     positional: list[str] = []
     opts: list[str] = []
     sloppy = fake = verbose = False
@@ -142,8 +146,8 @@ def parse_args(argv: list[str]) -> Request:
                 if not value:
                     raise ValueError(o)
                 req.branch = value
-            elif key == "cache_size" and eq:
-                req.cache_bytes = parse_size(value)
+            elif eq and daemon.set_cache_option(daemon.MountConfig("", ""), key, value, parse_size):
+                req.cache.append((key, value))
             elif key == "quota_bytes" and eq:
                 req.quota_bytes = parse_size(value)
             elif key == "quota_inodes" and eq:
@@ -160,7 +164,7 @@ def parse_args(argv: list[str]) -> Request:
             elif sloppy:
                 req.warnings.append(f"ignoring unknown option {o!r}")
             else:
-                raise HelperError(f"unknown mount option {o!r} (known: branch=NAME, cache_size=SIZE, "
+                raise HelperError(f"unknown mount option {o!r} (known: branch=NAME, {daemon.CACHE_OPTIONS}, "
                                   "quota_bytes=SIZE, quota_inodes=N, ctl_group=GROUP, allow_other, suid, dev, "
                                   "debug, and kernel flags such as ro, noexec, noatime)")
         except (ValueError, KeyError):
@@ -173,8 +177,8 @@ def mount(req: Request) -> int:
     from cowfs import daemon
 
     cfg = daemon.MountConfig(req.store, req.mountpoint, req.branch, options=list(req.options), debug=req.debug)
-    if req.cache_bytes is not None:
-        cfg.cache_bytes = req.cache_bytes
+    for key, value in req.cache:
+        daemon.set_cache_option(cfg, key, value, parse_size)
     cfg.quota_bytes = req.quota_bytes
     cfg.quota_inodes = req.quota_inodes
     cfg.ctl_group = req.ctl_group

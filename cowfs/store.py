@@ -13,7 +13,7 @@ import time
 
 import trio
 
-from cowfs.cache import ByteLRU
+from cowfs.cache import ChunkCache
 from cowfs.chunks.store import CF_OBJECTS, FAMILIES as OBJECT_FAMILIES, ObjectStore, RefTxn
 from cowfs.errors import StoreError
 from cowfs.kv.base import Batch, StoreLockedError
@@ -95,7 +95,7 @@ def init_store(path: str) -> None:
 
 
 class Store:
-    def __init__(self, path: str, cache_bytes: int = 256 << 20) -> None:
+    def __init__(self, path: str, cache_l1: int = 256 << 20, cache_l2: int = 256 << 20) -> None:
         marker = os.path.join(path, MARKER)
         if not os.path.isdir(path):
             raise StoreError(f"{path}: no such store directory (create one with 'cowfs init {path}')")
@@ -117,7 +117,7 @@ class Store:
         except Exception as exc:
             raise StoreError(f"{path}: cannot open the database: {exc}") from exc
         self.path = path
-        self.cache = ByteLRU(cache_bytes)
+        self.cache = ChunkCache(cache_l1, cache_l2)
         self.objects = ObjectStore(self.kv, self.cache)
         if self.objects.space is None:
             self.objects.rebuild(self._root_refs())

@@ -87,7 +87,9 @@ def test_status_lists_stores_branches_daemons_and_figures(stores, tmp_path):
         assert by_mp[str(side_mp)]["branch"] == "side" and by_mp[str(side_mp)]["bind"]
         st = rec["stats"]
         assert st["daemon_pid"] == pid and st["quota_inodes"] == 500
-        assert {"bytes", "max_bytes", "hits", "misses"} <= set(st["cache"])
+        for level in ("l1", "l2"):
+            assert {"bytes", "max_bytes", "hits", "misses", "evictions", "hit_rate"} <= set(st["cache"][level])
+        assert {"readahead", "learned", "recall"} <= set(st["cache"]["prefetch"])
         assert "dirty_bytes" in st and "commits" in st
 
         text = cowfs("status", store).stdout

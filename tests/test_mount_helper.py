@@ -29,7 +29,7 @@ def test_parse_translates_options():
                     "x-systemd.requires=network.target,comment=hi,debug", "-n", "-t", "fuse.cowfs"])
     assert r.store == "/var/lib/cowfs/a" and r.mountpoint == "/srv/a" and r.branch == "feature"
     assert r.options == ["allow_other", "suid", "dev", "noatime", "noexec"]
-    assert (r.cache_bytes, r.quota_bytes, r.quota_inodes, r.ctl_group) == (64 << 20, 1 << 30, 5000, 0)
+    assert (r.cache, r.quota_bytes, r.quota_inodes, r.ctl_group) == ([("cache_size", "64M")], 1 << 30, 5000, 0)
     assert r.debug and not r.fake
     assert set(r.ignored) == {"rw", "defaults", "noauto", "_netdev", "nofail", "x-systemd.automount",
                               "x-systemd.requires=network.target", "comment=hi"}

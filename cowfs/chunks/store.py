@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import astuple, dataclass
 from typing import NamedTuple
 
-from cowfs.cache import ByteLRU
+from cowfs.cache import ChunkCache
 from cowfs.chunks import codec
 from cowfs.kv.base import KV, Batch
 
@@ -186,9 +186,9 @@ class RefTxn:
 
 
 class ObjectStore:
-    """Reads objects through a byte-bounded cache of decoded content; writes via RefTxn."""
+    """Reads objects through the chunk cache (L1 decoded, L2 lz4 pages); writes via RefTxn."""
 
-    def __init__(self, kv: KV, cache: ByteLRU) -> None:
+    def __init__(self, kv: KV, cache: ChunkCache) -> None:
         self.kv = kv
         self.cache = cache
         raw = kv.get(CF_SPACE, SPACE_KEY)
@@ -217,30 +217,54 @@ class ObjectStore:
         self.kv.write(batch)
 
     # -- reads ---------------------------------------------------------------------------
-    def chunk(self, h: bytes) -> bytes:
-        data = self.cache.get(h)
-        if data is None:
-            data = self._load_chunk(h)
-            self.cache.put(h, data)
-        return data
-
-    def _load_chunk(self, h: bytes) -> bytes:
-        """Decode a chunk from the store; a delta's base is read through chunk() (one hop)."""
+    def load(self, h: bytes) -> bytes:
+        """Load and decode chunk h from the store, bypassing the cache.  Thread-safe: the
+        readahead and prefetch workers call it from threads."""
         raw = self.kv.get(CF_OBJECTS, h)
         if raw is None:
             raise MissingObject(f"chunk {h.hex()} is missing")
-        return codec.decode_chunk(raw, h, self.chunk)
+        return codec.decode_chunk(raw, h, self._base)
+
+    def _base(self, h: bytes) -> bytes:
+        """A delta's base (always stored whole: one hop): from L1 if there, without touching
+        its order (thread-safe), else from the store."""
+        data = self.cache.l1.peek(h)
+        return data if data is not None else self.load(h)
+
+    def _loaded(self, h: bytes) -> bytes:
+        data = self.load(h)
+        self.cache.put(h, data)
+        return data
+
+    def chunk(self, h: bytes) -> bytes:
+        data = self.cache.get(h)
+        return data if data is not None else self._loaded(h)
+
+    def read(self, h: bytes, a: int, b: int) -> bytes | memoryview:
+        """Bytes [a, b) of chunk h for a file read (fewer if the chunk ends before b)."""
+        got = self.cache.read(h, a, b)
+        return got if got is not None else memoryview(self._loaded(h))[a:b]
+
+    def load_node(self, h: bytes) -> bytes:
+        """Load, decode and verify tree node h, bypassing the cache (thread-safe)."""
+        raw = self.kv.get(CF_OBJECTS, h)
+        if raw is None:
+            raise MissingObject(f"tree node {h.hex()} is missing")
+        data = codec.decode_node(raw)
+        if codec.node_hash(data) != h:
+            raise codec.CorruptObject(f"tree node {h.hex()} does not match its hash")
+        return data
+
+    def peek_node(self, h: bytes) -> bytes:
+        """node() for worker threads: uses L1 without touching its order, never inserts."""
+        data = self.cache.peek_node(h)
+        return data if data is not None else self.load_node(h)
 
     def node(self, h: bytes) -> bytes:
-        data = self.cache.get(h)
+        data = self.cache.node(h)
         if data is None:
-            raw = self.kv.get(CF_OBJECTS, h)
-            if raw is None:
-                raise MissingObject(f"tree node {h.hex()} is missing")
-            data = codec.decode_node(raw)
-            if codec.node_hash(data) != h:
-                raise codec.CorruptObject(f"tree node {h.hex()} does not match its hash")
-            self.cache.put(h, data)
+            data = self.load_node(h)
+            self.cache.put_node(h, data)
         return data
 
     def ref(self, h: bytes) -> Ref:

@@ -214,6 +214,8 @@ class Branching:
             else:
                 raise FSError(errno.ENOENT, f"no snapshot or branch named {name!r}")
             self.cat.remove(name, m.batch)
+            if kind == "branch" and self.fs.learner is not None:
+                self.fs.learner.forget(name, m.batch)
         self.fs.drop_views(name)
         self.fs.schedule_gc()
         return {"deleted": name, "kind": kind}

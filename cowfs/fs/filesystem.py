@@ -18,7 +18,10 @@ from typing import Awaitable, Callable, Iterable
 
 import trio
 
-from cowfs.chunks import codec
+from cowfs.cache.learned import SAVE_INTERVAL, Learner
+from cowfs.cache.prefetch import LEARNED, READAHEAD, Fetcher
+from cowfs.cache.readahead import Readahead
+from cowfs.chunks import codec, tree
 from cowfs.chunks.store import RefTxn
 from cowfs.chunks.tree import CHUNK, TreeWriter
 from cowfs.errors import FSError
@@ -182,7 +185,8 @@ class _Scope:
 
 
 class Filesystem:
-    def __init__(self, store: Store, branch: str = "main", compression_level: int = 3) -> None:
+    def __init__(self, store: Store, branch: str = "main", compression_level: int = 3,
+                 prefetch: bool = False, learn: bool = False) -> None:
         self.store = store
         self.level = compression_level
         self.lock = trio.Lock()
@@ -201,6 +205,9 @@ class Filesystem:
         self.kernel_sync: Callable[[], Awaitable[None]] | None = None
         # Set by the FUSE layer: pull the dirty pages of files open for writing.
         self.writers_sync: Callable[[], Awaitable[None]] | None = None
+        # Background chunk loading (readahead, learned prefetch); run by the daemon's nursery.
+        self.fetcher = Fetcher(store.objects) if prefetch else None
+        self.learner = Learner(store.kv, store.catalog, learn) if prefetch or learn else None
         self.primary = self.branch_view(b.name)
 
     def _add_view(self, vid: int, name: str, kind: str, top: int, epoch: int = 0) -> View:
@@ -657,12 +664,22 @@ class Filesystem:
             m.save(node)
 
     # -- data ------------------------------------------------------------------------------
-    def read(self, node: Node, off: int, size: int) -> bytes | memoryview:
+    def read(self, node: Node, off: int, size: int, stream: Readahead | None = None) -> bytes | memoryview:
+        """Serve a read; tell the learned model and the handle's readahead about it."""
+        objects = self.store.objects
         try:
-            return node.read(off, size, self.store.objects)
+            data = node.read(off, size, objects)
+            if len(data) and self.learner is not None and node.view.kind == "branch":
+                self.learner.read(node.view.name, node.ino, off // CHUNK, (off + len(data) - 1) // CHUNK)
+            if stream is not None and self.fetcher is not None:
+                want = stream.observe(off, size, node.attrs.size)
+                if want:
+                    self.fetcher.want([h for i in want if (h := node.stored_hash(i, objects)) is not None],
+                                      READAHEAD)
         except codec.CorruptObject as exc:
             log.error("read of inode %d at %d: %s", node.ino, off, exc)
             raise FSError(errno.EIO) from exc
+        return data
 
     async def write(self, node: Node, off: int, data: bytes) -> int:
         if not node.view.writable:
@@ -794,6 +811,50 @@ class Filesystem:
     # -- open files ------------------------------------------------------------------------
     def opened(self, node: Node) -> None:
         node.opens += 1
+        if self.learner is not None and node.view.kind == "branch" and node.attrs.is_reg:
+            files = self.learner.opened(node.view.name, node.ino)
+            if self.fetcher is not None and files:
+                name, lv = node.view.name, node.view.lv
+                self.fetcher.want([self._resolver(lv, ino, self.learner.chunks_of(name, ino)) for ino in files],
+                                  LEARNED)
+
+    def _resolver(self, lv: LayerView, ino: int, indices: list[int]) -> Callable[[], list[bytes]]:
+        """A job for a prefetch thread: the committed chunk hashes of file ino (pure KV reads;
+        a stale answer costs a useless fetch, never a wrong read: reads go by hash)."""
+        objects = self.store.objects
+
+        def resolve() -> list[bytes]:
+            found = self.store.meta.get(CF_INODES, ino_key(ino), lv)
+            if found is None or not found[1]:
+                return []
+            attrs = Attrs.unpack(found[1])
+            if attrs.parent:  # the coming LOOKUP reads this entry: its block is then in memory
+                self.store.meta.get(CF_DIRENTS, name_key(attrs.parent, attrs.name), lv)
+            out = []
+            for i in indices:
+                if i * CHUNK >= attrs.size:
+                    break
+                h = tree.lookup(attrs.root, i, objects.peek_node)
+                if h is not None:
+                    out.append(h)
+            return out
+        return resolve
+
+    async def save_model_loop(self) -> None:
+        """Write the learned models every SAVE_INTERVAL s, when they changed."""
+        while True:
+            await trio.sleep(SAVE_INTERVAL)
+            self.save_model()
+
+    def save_model(self) -> None:
+        """One small batch of its own on the loop thread (a few KiB: ~0.1 ms), so it never races
+        the store's commits or its disk-full handling; a failure costs only learning."""
+        batch = self.learner.batch() if self.learner is not None else None
+        if batch is not None:
+            try:
+                self.store.kv.write(batch)
+            except Exception as exc:  # noqa: BLE001 - e.g. the disk is full: writes matter more
+                log.warning("prefetch model not saved: %s", exc)
 
     async def released(self, node: Node) -> None:
         node.opens -= 1

@@ -40,16 +40,34 @@ class Node:
         self.counted_bytes = attrs.size if self.counted and attrs.is_reg else 0
 
     # -- reads ---------------------------------------------------------------------------
+    def _buffer(self, i: int) -> bytearray | None:
+        data = self.dirty.get(i)
+        return data if data is not None else self.flushing.get(i)
+
+    def stored_hash(self, i: int, objects: "ObjectStore") -> bytes | None:
+        """Hash of committed chunk i if a read of it would come from the store (not from a
+        write buffer, not a hole): what readahead may fetch."""
+        if i in self.dirty or i in self.flushing:
+            return None
+        return tree.lookup(self.attrs.root, i, objects.node)
+
     def chunk(self, index: int, objects: "ObjectStore") -> bytes | bytearray | None:
         """Current content of chunk `index` (may be shorter than CHUNK), or None for a hole."""
-        data = self.dirty.get(index)
-        if data is not None:
-            return data
-        data = self.flushing.get(index)
+        data = self._buffer(index)
         if data is not None:
             return data
         h = tree.lookup(self.attrs.root, index, objects.node)
         return None if h is None else objects.chunk(h)
+
+    def _read_chunk(self, i: int, a: int, b: int, objects: "ObjectStore") -> bytes | memoryview | None:
+        """Bytes [a, b) of chunk i (fewer if it ends early), None for a hole.  Stored chunks
+        are read through the page-granular cache API: an L2 hit decodes only these pages."""
+        data = self._buffer(i)
+        if data is not None:
+            # Dirty buffers are bytearrays that later writes resize: never export a view of them.
+            return bytes(data[a:b])
+        h = tree.lookup(self.attrs.root, i, objects.node)
+        return None if h is None else objects.read(h, a, b)
 
     def read(self, off: int, size: int, objects: "ObjectStore") -> bytes | memoryview:
         end = min(off + size, self.attrs.size)
@@ -61,12 +79,10 @@ class Node:
             base = i * CHUNK
             a = max(off, base) - base
             b = min(end, base + CHUNK) - base
-            data = self.chunk(i, objects)
-            if data is None:
+            piece = self._read_chunk(i, a, b, objects)
+            if piece is None:
                 parts.append(bytes(b - a))
                 continue
-            # Dirty buffers are bytearrays that later writes resize: never export a view of them.
-            piece = memoryview(data)[a:b] if isinstance(data, bytes) else bytes(data[a:b])
             if len(piece) < b - a:  # stored chunk ends before EOF: the rest reads as zeros
                 piece = bytes(piece) + bytes(b - a - len(piece))
             parts.append(piece)

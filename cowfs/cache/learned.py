@@ -1,0 +1,188 @@
+"""Learned prefetch: a first-order Markov model over one branch's file opens.
+
+For each file (inode number; a fork keeps its parent's inode numbers) the model counts which
+file was opened next, and remembers which chunks of each file were read.  When a file is
+opened, the model follows the most likely successor while its transition probability is at
+least THRESHOLD, up to DEPTH files ahead, and those files' chunks are prefetched.
+
+The model is persisted per branch under meta key ``prefetch/<branch>`` (zlib'd JSON), written
+every SAVE_INTERVAL seconds when it changed and at unmount, in a batch of its own: no file
+system operation reads that key, so losing the last seconds of learning on a crash costs
+only predictions.  A branch without a model of its own starts from its parent branch's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections import OrderedDict
+
+from cowfs.kv.base import KV, Batch
+from cowfs.meta.layers import CF_META, Catalog
+
+log = logging.getLogger(__name__)
+
+THRESHOLD = 0.5
+DEPTH = 64
+MAX_FILES = 20_000  # files with recorded successors / chunks: ~0.3 KiB each, ~6 MiB at most
+MAX_NEXT = 8  # successors kept per file
+MAX_CHUNKS = 64  # chunks 0-63 (the first 4 MiB) of a file are recorded
+RECENT = 4096  # files prefetched recently: not asked for again
+SAVE_INTERVAL = 10.0
+
+
+def model_key(branch: str) -> bytes:
+    return b"prefetch/" + branch.encode()
+
+
+class OpenModel:
+    def __init__(self) -> None:
+        self.next: dict[int, dict[int, int]] = {}
+        self.chunks: dict[int, int] = {}  # ino -> bitmask of chunk indices read (< MAX_CHUNKS)
+        self.last: int | None = None
+        self.dirty = False
+        self.recent: OrderedDict[int, None] = OrderedDict()
+
+    def opened(self, ino: int) -> None:
+        prev, self.last = self.last, ino
+        if prev is None or prev == ino:
+            return
+        succ = self.next.get(prev)
+        if succ is None:
+            if len(self.next) >= MAX_FILES:
+                return
+            succ = self.next[prev] = {}
+        succ[ino] = succ.get(ino, 0) + 1
+        if len(succ) > MAX_NEXT:
+            del succ[min((k for k in succ if k != ino), key=succ.__getitem__)]
+        self.dirty = True
+
+    def read(self, ino: int, first: int, last: int) -> None:
+        if first >= MAX_CHUNKS:
+            return
+        old = self.chunks.get(ino)
+        if old is None and len(self.chunks) >= MAX_FILES:
+            return
+        last = min(last, MAX_CHUNKS - 1)
+        new = (old or 0) | (((1 << (last - first + 1)) - 1) << first)
+        if new != old:
+            self.chunks[ino] = new
+            self.dirty = True
+
+    def chunks_of(self, ino: int) -> list[int]:
+        bits = self.chunks.get(ino, 0)
+        return [i for i in range(bits.bit_length()) if bits >> i & 1]
+
+    def chain(self, ino: int) -> list[int]:
+        """The likely next files after ino, most likely path first."""
+        out: list[int] = []
+        seen = {ino}
+        cur = ino
+        while len(out) < DEPTH:
+            succ = self.next.get(cur)
+            if not succ:
+                break
+            nxt, count = max(succ.items(), key=lambda kv: kv[1])
+            if count < THRESHOLD * sum(succ.values()) or nxt in seen:
+                break
+            out.append(nxt)
+            seen.add(nxt)
+            cur = nxt
+        return out
+
+    def to_prefetch(self, ino: int) -> list[int]:
+        """Files (with recorded chunks) to prefetch now that ino is open; each file once per RECENT."""
+        out = []
+        for f in [ino, *self.chain(ino)]:
+            if f in self.recent:
+                self.recent.move_to_end(f)
+                continue
+            self.recent[f] = None
+            if len(self.recent) > RECENT:
+                self.recent.popitem(last=False)
+            if f in self.chunks:
+                out.append(f)
+        return out
+
+    def dumps(self) -> bytes:
+        doc = {"next": {str(k): [[n, c] for n, c in v.items()] for k, v in self.next.items()},
+               "chunks": {str(k): v for k, v in self.chunks.items()}}
+        return zlib.compress(json.dumps(doc, separators=(",", ":")).encode())
+
+    @classmethod
+    def loads(cls, raw: bytes) -> "OpenModel":
+        doc = json.loads(zlib.decompress(raw))
+        m = cls()
+        m.next = {int(k): {n: c for n, c in v} for k, v in doc["next"].items()}
+        m.chunks = {int(k): int(v) for k, v in doc["chunks"].items()}
+        return m
+
+
+class Learner:
+    """The models of the branches this daemon serves, loaded on first use."""
+
+    def __init__(self, kv: KV, catalog: Catalog, learn: bool) -> None:
+        self.kv = kv
+        self.catalog = catalog
+        self.learn = learn
+        self.models: dict[str, OpenModel] = {}
+
+    def model(self, branch: str) -> OpenModel:
+        m = self.models.get(branch)
+        if m is None:
+            m = self.models[branch] = self._load(branch)
+        return m
+
+    def _load(self, branch: str) -> OpenModel:
+        name: str | None = branch
+        seen = set()
+        while name is not None and name not in seen:
+            seen.add(name)
+            raw = self.kv.get(CF_META, model_key(name))
+            if raw is not None:
+                try:
+                    m = OpenModel.loads(raw)
+                except (ValueError, TypeError, KeyError, AttributeError, zlib.error) as exc:
+                    # Only predictions are lost: the model is rebuilt and rewritten.
+                    log.warning("prefetch model of branch %s is unreadable (%s): starting afresh", name, exc)
+                    m = OpenModel()
+                    m.dirty = True
+                    return m
+                m.dirty = name != branch  # a fork's inherited model becomes its own
+                return m
+            b = self.catalog.branches.get(name)
+            name = b.parent_branch if b is not None else None
+        return OpenModel()
+
+    def opened(self, branch: str, ino: int) -> list[int]:
+        m = self.model(branch)
+        if self.learn:
+            m.opened(ino)
+        return m.to_prefetch(ino)
+
+    def read(self, branch: str, ino: int, first: int, last: int) -> None:
+        if self.learn:
+            self.model(branch).read(ino, first, last)
+
+    def chunks_of(self, branch: str, ino: int) -> list[int]:
+        return self.model(branch).chunks_of(ino)
+
+    def describe(self, branch: str) -> dict[str, int]:
+        m = self.model(branch)
+        return {"files": len(m.chunks), "transitions": sum(sum(s.values()) for s in m.next.values())}
+
+    def forget(self, branch: str, batch: Batch) -> None:
+        """A deleted branch's model goes with it (in the deleting batch)."""
+        self.models.pop(branch, None)
+        batch.delete(CF_META, model_key(branch))
+
+    def batch(self) -> Batch | None:
+        """The changed models, serialized, in one batch (None: nothing to write)."""
+        if not self.learn:
+            return None
+        out = Batch()
+        for name, m in self.models.items():
+            if m.dirty and name in self.catalog.branches:
+                out.put(CF_META, model_key(name), m.dumps())
+                m.dirty = False
+        return out if len(out) else None
