@@ -113,7 +113,9 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.ROOT_INODE if view is self.fs.primary else (view.vid << VIEW_SHIFT) | ROOT_INO
         return (view.vid << VIEW_SHIFT) | ((view.epoch % EPOCHS) << EPOCH_SHIFT) | node.ino
 
-    def _node(self, fino: int) -> Node:
+    def _node(self, fino: int, unlinked_ok: bool = False) -> Node:
+        """The node behind a kernel inode number.  unlinked_ok: also one whose last name is
+        gone while the kernel still holds it (fstat of an open FIFO, socket or directory)."""
         if fino == pyfuse3.ROOT_INODE:
             return self.fs.node(self.fs.primary, ROOT_INO)
         vid = fino >> VIEW_SHIFT
@@ -127,10 +129,10 @@ class Operations(pyfuse3.Operations):
             node = old.nodes.get(ino) if old is not None else None
             if node is None:
                 raise FSError(errno.ESTALE)
-            if node.deleted:  # unlinked before the rollback, only the kernel still knows it
+            if node.deleted and not unlinked_ok:  # unlinked before the rollback, only the kernel knows it
                 raise FSError(errno.ENOENT)
             return node
-        return self.fs.node(view, ino)
+        return self.fs.node(view, ino, unlinked_ok)
 
     @staticmethod
     def _is_control(fino: int) -> bool:
@@ -309,7 +311,7 @@ class Operations(pyfuse3.Operations):
         self.requests["getattr"] += 1
         if self._is_control(inode):
             return self._control_entry(inode)
-        return self._entry(self._node(inode))
+        return self._entry(self._node(inode, unlinked_ok=True))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -318,7 +320,7 @@ class Operations(pyfuse3.Operations):
             if fields.update_size and inode & 0xFF == K_CTL:
                 return self._control_entry(inode)  # O_TRUNC from a shell's ">": nothing to cut
             raise pyfuse3.FUSEError(errno.EPERM)
-        node = self._node(inode)
+        node = self._node(inode, unlinked_ok=True)
         await self.fs.setattr(
             node,
             mode=attr.st_mode if fields.update_mode else None,

@@ -230,6 +230,33 @@ def test_unlinked_open_file_stays_usable(cowfs_mount):
 
 
 @pytest.mark.timeout(60)
+def test_unlinked_fifo_and_directory_keep_their_attributes(cowfs_mount):
+    """The kernel sends no OPEN for a FIFO (nor keeps one for a removed directory): after the
+    last name goes, fstat and fchmod on the open fd still work, as on ext4 (found by the
+    differential test)."""
+    mp = cowfs_mount.path
+    os.mkfifo(mp / "p", 0o600)
+    fd = os.open(mp / "p", os.O_RDONLY | os.O_NONBLOCK)
+    os.mkdir(mp / "d", 0o750)
+    dfd = os.open(mp / "d", os.O_RDONLY)
+    try:
+        os.unlink(mp / "p")
+        os.rmdir(mp / "d")
+        st = os.fstat(fd)
+        assert stat.S_ISFIFO(st.st_mode) and st.st_nlink == 0
+        os.fchmod(fd, 0o644)
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o644
+        st = os.fstat(dfd)
+        assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o750 and st.st_nlink == 0
+        os.fchmod(dfd, 0o700)
+        assert stat.S_IMODE(os.fstat(dfd).st_mode) == 0o700
+    finally:
+        os.close(fd)
+        os.close(dfd)
+    assert sorted(os.listdir(mp)) == []
+
+
+@pytest.mark.timeout(60)
 def test_unlinked_open_file_survives_rename_over(cowfs_mount):
     """rename() over a file that is still open must not lose the open file's data."""
     mp = cowfs_mount.path

@@ -316,9 +316,10 @@ class Filesystem:
             await self.writers_sync()
 
     # -- node table ------------------------------------------------------------------------
-    def node(self, view: View, ino: int) -> Node:
+    def node(self, view: View, ino: int, unlinked_ok: bool = False) -> Node:
+        """Node ino of view; unlinked_ok: also a dropped one still in memory (its last attributes)."""
         n = view.nodes.get(ino)
-        if n is not None and not n.deleted:
+        if n is not None and (not n.deleted or unlinked_ok):
             return n
         if n is not None:
             raise FSError(errno.ENOENT)
@@ -634,7 +635,8 @@ class Filesystem:
                 # A truncate to the current size changes nothing; the kernel (which owns a
                 # written file's times) does not show a new ctime for it either.
                 a.ctime_ns = m.now
-            m.save(node)
+            if not node.deleted:  # else an unlinked FIFO or socket still open: nothing stored
+                m.save(node)
 
     # -- xattrs ----------------------------------------------------------------------------
     def getxattr(self, node: Node, name: bytes) -> bytes:
