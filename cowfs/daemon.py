@@ -155,7 +155,7 @@ class Daemon:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
         self.ops = Operations(self.fs, stats=self.stats, mounted=self.mounted_branches, ctl_group=cfg.ctl_group)
         self.fs.kernel_sync = self.kernel_sync
-        self.dedup = DedupWorker(self.fs, cfg.dedup_cpu, cfg.dedup)
+        self.dedup = DedupWorker(self.fs, cfg.dedup_cpu, cfg.dedup, lambda: sum(self.ops.requests.values()))
         self.started = time.time()
         self._stopping = False
         self.dev = ""  # the FUSE connection's device number "major:minor", known once mounted
