@@ -287,6 +287,7 @@ class Daemon:
             if req.get("wait"):
                 if not self.dedup.enabled:
                     return {"ok": False, "error": "the background worker is off (-o dedup=off)"}
+                await self.kernel_sync()  # everything written so far, page cache included
                 await self.fs.flush()
                 if not await self.dedup.settle(float(req.get("timeout") or 600)):
                     return {"ok": False, "error": "the background queue did not empty in time"}
