@@ -187,7 +187,7 @@ class Daemon:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
         self.ops = Operations(self.fs, stats=self.stats, mounted=self.mounted_branches, ctl_group=cfg.ctl_group)
         self.fs.kernel_sync = self.kernel_sync
-        self.dedup = DedupWorker(self.fs, cfg.dedup_cpu, cfg.dedup)
+        self.dedup = DedupWorker(self.fs, cfg.dedup_cpu, cfg.dedup, lambda: sum(self.ops.requests.values()))
         self.started = time.time()
         self._stopping = False
         self.dev = ""  # the FUSE connection's device number "major:minor", known once mounted
@@ -323,6 +323,7 @@ class Daemon:
             if req.get("wait"):
                 if not self.dedup.enabled:
                     return {"ok": False, "error": "the background worker is off (-o dedup=off)"}
+                await self.kernel_sync()  # everything written so far, page cache included
                 await self.fs.flush()
                 if not await self.dedup.settle(float(req.get("timeout") or 600)):
                     return {"ok": False, "error": "the background queue did not empty in time"}

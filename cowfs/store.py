@@ -23,7 +23,10 @@ from cowfs.meta.records import Attrs
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_XATTRS, Versioned, ino_key
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+# 2: delta objects, 24-byte reference records, the pending/similar/space families.  A
+# format-1 store is upgraded when first opened (ObjectStore.rebuild); older cowfs refuse 2.
+FORMAT_VERSION = 2
+UPGRADABLE = (1,)
 MARKER = "cowfs-store.json"
 DB_DIR = "db"
 CF_ORPHANS = "orphans"
@@ -82,11 +85,18 @@ def init_store(path: str) -> None:
         kv.sync()
     finally:
         kv.close()
-    with open(os.path.join(path, MARKER), "w") as f:
-        json.dump({"format": FORMAT_VERSION, "created": time.time()}, f)
+    _write_marker(path, time.time())
+
+
+def _write_marker(path: str, created: float) -> None:
+    """Write the marker atomically (temporary file, fsync, rename, fsync of the directory)."""
+    tmp = os.path.join(path, MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format": FORMAT_VERSION, "created": created}, f)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(path, MARKER))
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # the marker's name is durable too
     try:
         os.fsync(fd)
@@ -102,10 +112,11 @@ class Store:
         if not os.path.exists(marker):
             raise StoreError(f"{path} is not a cowfs store (no {MARKER})")
         try:
-            fmt = json.load(open(marker))["format"]
+            info = json.load(open(marker))
+            fmt = info["format"]
         except (ValueError, KeyError) as exc:
             raise StoreError(f"{marker} is damaged: {exc}") from exc
-        if fmt != FORMAT_VERSION:
+        if fmt != FORMAT_VERSION and fmt not in UPGRADABLE:
             raise StoreError(f"{path} has store format {fmt}; this cowfs reads format {FORMAT_VERSION}")
         try:
             self.kv = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,),
@@ -121,6 +132,13 @@ class Store:
         self.objects = ObjectStore(self.kv, self.cache)
         if self.objects.space is None:
             self.objects.rebuild(self._root_refs())
+        if fmt != FORMAT_VERSION:
+            b = Batch()
+            b.put(CF_META, b"format", str(FORMAT_VERSION).encode())
+            self.kv.write(b)
+            self.kv.sync()
+            _write_marker(path, info.get("created", time.time()))
+            log.info("%s upgraded from store format %s to %d", path, fmt, FORMAT_VERSION)
         self.meta = Versioned(self.kv)
         self.catalog = Catalog(self.kv)
         raw = self.kv.get(CF_META, b"counter/ino")

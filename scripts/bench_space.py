@@ -13,7 +13,7 @@ cowfs is measured as the bytes of STORE/db on disk after `cowfs dedup --wait` an
 write throughput with the worker busy (CPU cap) against the worker off, and cold read
 throughput of a delta-compressed store against the same data stored without deltas.
 
-Usage: scripts/bench_space.py [--work DIR] [--quick] [--json] [--no-git]
+Usage: scripts/bench_space.py [--work DIR] [--quick] [--json] [--no-git] [--throughput-only]
 Needs: the sdists in DIR/sdists (downloaded with pip if missing), borg, git, zstd, root (FUSE).
 """
 from __future__ import annotations
@@ -273,6 +273,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two releases, two copies, two forks, 32 MiB random")
     ap.add_argument("--no-git", action="store_true", help="skip git gc --aggressive (slow)")
     ap.add_argument("--json", action="store_true", help="end with one JSON object on the last line")
+    ap.add_argument("--throughput-only", action="store_true", help="only the worker/write/read throughput part")
     a = ap.parse_args()
     releases = RELEASES[-2:] if a.quick else RELEASES
     copies, forks, rmib = (2, 2, 32) if a.quick else (5, 8, 256)
@@ -284,6 +285,12 @@ def main() -> None:
         n, size = tree_bytes(d)
         res["items"][k] = {"files": n, "bytes": size}
     log("data:", res["items"])
+    if a.throughput_only:
+        res["throughput"] = throughput(work, item["1"], a.quick)
+        print("throughput:", json.dumps(res["throughput"]))
+        if a.json:
+            print(json.dumps(res))
+        return
 
     it2, it3 = item["2"], item["3"]
     cow: dict = {}

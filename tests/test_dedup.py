@@ -167,7 +167,8 @@ def test_copies_cost_one_copy_and_gc_gives_space_back(mount_factory, tmp_path):
     mounting.run_cowfs("gc", m.path, timeout=300)
     back = stats(m.path)
     assert back["logical_bytes"] == one["logical_bytes"] and back["chunks"] == one["chunks"]
-    assert back["stored_bytes"] <= one["stored_bytes"] + 256 * KiB, (one, back)
+    # Margin: RocksDB's info log (in the database directory) grows with each compaction.
+    assert back["stored_bytes"] <= one["stored_bytes"] + 768 * KiB, (one, back)
     m.stop()
     report = fsck(m.store)
     offline = stats(m.store)
@@ -293,7 +294,7 @@ def test_dictionary_is_pinned_while_used_and_freed_after(mount_factory):
 
 
 @pytest.mark.timeout(120)
-def test_store_from_before_the_accounting_is_counted_at_first_open(mount_factory):
+def test_format_1_store_is_upgraded_and_counted_at_first_open(mount_factory):
     from cowfs.chunks.store import CF_REFS, CF_SPACE, SPACE_KEY, parse_ref
     from cowfs.kv.base import Batch
     from cowfs.store import Store
@@ -313,7 +314,10 @@ def test_store_from_before_the_accounting_is_counted_at_first_open(mount_factory
         b.put(CF_REFS, h, parse_ref(v).count.to_bytes(8, "little"))
     st.kv.write(b)
     st.close()
+    marker = m.store / "cowfs-store.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "format": 1}))
     st = Store(str(m.store))
     assert st.objects.space == before
     st.close()
+    assert json.loads(marker.read_text())["format"] == 2
     fsck(m.store)

@@ -9,7 +9,10 @@ the thread assumed (the chunk still exists, is whole and no delta's base; the ba
 exists and is whole) and commits {new encodings, base pins, index entries, queue removals}
 in one batch through `Store.commit`, the single writer of reference counts.  Writes never
 wait for it: it takes the lock only for that short commit, and sleeps after each batch so
-its threads use at most its CPU share.
+that it uses at most its share of wall time: `cpu_share` while the mount is quiet, at most
+BUSY_SHARE while FUSE requests keep arriving (the worker's Python code competes with the
+request handlers for the GIL, so a share taken from it comes straight off foreground
+throughput).
 
 Chunks with no near-copy are tried against the store's trained dictionary (see
 cowfs.chunks.delta): trained once from a sample of the chunks the worker has seen, stored
@@ -22,6 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Callable
 
 import trio
 import zstandard
@@ -37,6 +41,8 @@ BATCH = 64  # chunks per thread call (at most 4 MiB: tens of milliseconds)
 IDLE_POLL = 0.2
 MAX_DELTA_RATIO = 0.5  # keep a delta only at most half the size of the whole encoding ...
 MIN_DELTA_SAVING = 64  # ... and saving at least this many bytes
+BUSY_SHARE = 0.05  # share of wall time while the mount is busy ...
+QUIET_AFTER = 0.5  # ... i.e. served a request within this many seconds
 MAX_DICT_RATIO = 0.97  # against the dictionary (a hot object: the extra hop is cheap): 3% smaller ...
 MIN_DICT_SAVING = 32  # ... and this many bytes
 DICT_KEY = b"dict"
@@ -59,8 +65,14 @@ def _whole(raw: bytes | None) -> bool:
 
 
 class DedupWorker:
-    def __init__(self, fs: Filesystem, cpu_share: float = 0.25, enabled: bool = True) -> None:
+    def __init__(self, fs: Filesystem, cpu_share: float = 0.25, enabled: bool = True,
+                 activity: Callable[[], int] = lambda: 0) -> None:
+        """activity: a count that grows with every foreground (FUSE) request."""
         self.fs = fs
+        self.activity = activity
+        self._seen = activity()
+        self._active_at = 0.0
+        self._cursor = b""  # where the next batch starts in CF_PENDING
         self.kv = fs.store.kv
         self.cpu_share = min(1.0, max(0.01, cpu_share))
         self.enabled = enabled
@@ -121,6 +133,17 @@ class DedupWorker:
             self.samples.append(data[:MAX_SAMPLE])
         return plan
 
+    def _next_batch(self) -> list[bytes]:
+        """Up to BATCH queued hashes after the cursor, wrapping around.  Always starting at
+        the front would step over every tombstone of the entries taken before (until
+        RocksDB compacts them): quadratic in the queue's length."""
+        hashes = [k for k, _ in islice(self.kv.scan(CF_PENDING, self._cursor), BATCH)]
+        if len(hashes) < BATCH and self._cursor:
+            hashes += [k for k, _ in islice(self.kv.scan(CF_PENDING, b""), BATCH - len(hashes))
+                       if k < self._cursor]
+        self._cursor = hashes[-1] + b"\x00" if hashes else b""
+        return hashes
+
     def _plan(self, hashes: list[bytes]) -> list[Plan]:
         local: dict[bytes, bytes] = {}  # index entries of this batch, not committed yet
         plans = []
@@ -177,9 +200,8 @@ class DedupWorker:
             if not self.enabled or self.fs.store.objects.space.queue <= 0:
                 await trio.sleep(IDLE_POLL)
                 continue
-            hashes = [k for k, _ in islice(self.kv.scan(CF_PENDING, b""), BATCH)]
             t0 = time.perf_counter()
-            plans = await trio.to_thread.run_sync(self._plan, hashes)
+            plans = await trio.to_thread.run_sync(lambda: self._plan(self._next_batch()))
             try:
                 async with self.fs.lock:
                     self._commit(plans)
@@ -189,7 +211,15 @@ class DedupWorker:
                 await trio.sleep(1.0)
             busy = time.perf_counter() - t0
             self.busy_s += busy
-            await trio.sleep(busy * (1 - self.cpu_share) / self.cpu_share)
+            share = self.cpu_share if self._quiet() else min(self.cpu_share, BUSY_SHARE)
+            await trio.sleep(busy * (1 - share) / share)
+
+    def _quiet(self) -> bool:
+        """No foreground request for QUIET_AFTER seconds."""
+        n, now = self.activity(), time.monotonic()
+        if n != self._seen:
+            self._seen, self._active_at = n, now
+        return now - self._active_at >= QUIET_AFTER
 
     async def settle(self, timeout: float) -> bool:
         """Wait until the queue is empty (True) or timeout passes (False)."""

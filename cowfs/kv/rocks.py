@@ -24,8 +24,10 @@ def _options(small: bool = False) -> rd.Options:
     # files, which RocksDB does not compress (blob_compression_type stays none).
     opt.set_compression_type(rd.DBCompressionType.lz4())
     opt.set_bottommost_compression_type(rd.DBCompressionType.zstd())
-    # RocksDB's info log is kept per open otherwise: a store mounted often piles them up.
+    # RocksDB's info log is kept per open otherwise (a store mounted often piles them up), and
+    # grows with every compaction: two of at most 256 KiB.
     opt.set_keep_log_file_num(2)
+    opt.set_max_log_file_size(256 << 10)
     return opt
 
 
