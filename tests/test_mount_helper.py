@@ -24,12 +24,13 @@ COWFS = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "cowfs")
 # -- option translation (no mount) ----------------------------------------------------------------
 def test_parse_translates_options():
     r = parse_args(["cowfs:/var/lib/cowfs/a", "/srv/a", "-o",
-                    "rw,branch=feature,allow_other,suid,dev,cache_size=64M,quota_bytes=1G,quota_inodes=5000,"
+                    "rw,branch=feature,allow_other,suid,dev,cache_size=64M,dedup=off,dedup_cpu=0.5,quota_bytes=1G,quota_inodes=5000,"
                     "ctl_group=0,noatime,noexec,defaults,noauto,_netdev,nofail,x-systemd.automount,"
                     "x-systemd.requires=network.target,comment=hi,debug", "-n", "-t", "fuse.cowfs"])
     assert r.store == "/var/lib/cowfs/a" and r.mountpoint == "/srv/a" and r.branch == "feature"
     assert r.options == ["allow_other", "suid", "dev", "noatime", "noexec"]
-    assert (r.cache, r.quota_bytes, r.quota_inodes, r.ctl_group) == ([("cache_size", "64M")], 1 << 30, 5000, 0)
+    assert (r.cache, r.quota_bytes, r.quota_inodes, r.ctl_group) == (
+        [("cache_size", "64M"), ("dedup", "off"), ("dedup_cpu", "0.5")], 1 << 30, 5000, 0)
     assert r.debug and not r.fake
     assert set(r.ignored) == {"rw", "defaults", "noauto", "_netdev", "nofail", "x-systemd.automount",
                               "x-systemd.requires=network.target", "comment=hi"}
@@ -42,6 +43,8 @@ def test_parse_flags_and_errors():
     for argv, msg in ((["store", "mp", "-o", "frobnicate"], "unknown mount option 'frobnicate'"),
                       (["store", "mp", "-o", "quota_bytes=lots"], "bad value"),
                       (["store", "mp", "-o", "branch="], "bad value"),
+                      (["store", "mp", "-o", "dedup=maybe"], "bad value"),
+                      (["store", "mp", "-o", "dedup_cpu=2"], "bad value"),
                       (["store"], "usage"),
                       (["store", "mp", "-t", "ext4"], "not ext4")):
         with pytest.raises(HelperError, match=msg):
