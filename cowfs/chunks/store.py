@@ -14,7 +14,9 @@ length up to date, so the figures are exact without walking the store.
 """
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+import copy
+import struct
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 from cowfs.cache import ChunkCache
@@ -58,7 +60,9 @@ class Space:
     queue: int = 0  # entries in CF_PENDING
 
     def pack(self) -> bytes:
-        return b"".join(v.to_bytes(8, "little", signed=True) for v in astuple(self))
+        # Every commit that changes a count packs this: struct over the instance dict, not
+        # dataclasses.astuple (a deep copy, ~10% of the daemon's busy time in rm -rf).
+        return _SPACE.pack(*self.__dict__.values())
 
     @classmethod
     def unpack(cls, raw: bytes) -> "Space":
@@ -92,6 +96,9 @@ class Space:
             "tree_node_bytes": self.node_bytes,
             "background_queue": self.queue,
         }
+
+
+_SPACE = struct.Struct("<" + "q" * len(fields(Space)))
 
 
 class Ref(NamedTuple):
@@ -290,7 +297,7 @@ class ObjectStore:
         """
         assert self.space is not None
         refs: dict[bytes, Ref] = {}
-        space = Space(*astuple(self.space))
+        space = copy.copy(self.space)
         d_count: dict[bytes, int] = {}
         d_pins: dict[bytes, int] = {}
         d_roots: dict[bytes, int] = {}
