@@ -228,8 +228,9 @@ def _syncfs(path: Path) -> None:
         os.close(fd)
 
 
-def control(mountpoint: PathLike, *words: str) -> dict[str, Any]:
-    """Run one control-file command at a mount; return the JSON reply or raise CowfsError."""
+def control_reply(mountpoint: PathLike, *words: str) -> dict[str, Any]:
+    """Run one control-file command at a mount; return the daemon's JSON reply, whether the
+    command succeeded or not (CowfsError only when there is no reply: no mount, no access)."""
     path = os.path.join(os.fspath(mountpoint), ".cowfs", "ctl")
     line = " ".join(shlex.quote(w) for w in words) + "\n"
     try:
@@ -254,11 +255,16 @@ def control(mountpoint: PathLike, *words: str) -> dict[str, Any]:
         os.close(fd)
     raw = b"".join(chunks)
     try:
-        reply = json.loads(raw)
+        return json.loads(raw)
     except ValueError:
         if write_error is not None:
             raise error_for(write_error.errno, f"{words[0]}: {write_error.strerror}") from None
         raise CowfsError(f"unreadable reply from the control file: {raw[:200]!r}") from None
+
+
+def control(mountpoint: PathLike, *words: str) -> dict[str, Any]:
+    """Run one control-file command at a mount; return the JSON reply or raise CowfsError."""
+    reply = control_reply(mountpoint, *words)
     if not reply.get("ok"):
         name = reply.get("errno")
         err = getattr(_errno, name, None) if isinstance(name, str) else None

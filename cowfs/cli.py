@@ -4,14 +4,13 @@ from __future__ import annotations
 import grp
 import json
 import os
-import shlex
 import sys
 import time
 from typing import Any
 
 import click
 
-from cowfs import admin
+from cowfs import admin, api
 from cowfs.daemon import MountConfig, MountError, mounted_store
 from cowfs.errors import StoreError
 
@@ -158,29 +157,10 @@ def stats(target: str, as_json: bool) -> None:
 # -- control-file wrappers: they work from inside a sandbox that only has the mount -------
 def _ctl(mount: str, *words: str) -> dict[str, Any]:
     """Write one command line to MOUNT/.cowfs/ctl and return the daemon's JSON reply."""
-    path = os.path.join(mount, ".cowfs", "ctl")
-    line = " ".join(shlex.quote(w) for w in words) + "\n"
     try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError as exc:
-        _fail(f"{mount}: not a cowfs mount or no access to its control file ({exc.strerror})")
-    try:
-        try:
-            os.write(fd, line.encode("utf-8", "surrogateescape"))
-        except OSError:
-            pass  # the reply says why
-        reply = b""
-        while True:
-            data = os.read(fd, 1 << 20)
-            if not data:
-                break
-            reply += data
-    finally:
-        os.close(fd)
-    try:
-        return json.loads(reply)
-    except ValueError:
-        _fail(f"unreadable reply from the control file: {reply[:200]!r}")
+        return api.control_reply(mount, *words)
+    except api.CowfsError as exc:
+        _fail(str(exc))
     raise AssertionError("unreachable")
 
 

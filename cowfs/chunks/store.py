@@ -397,7 +397,8 @@ class ObjectStore:
                     if base is not None:
                         bump(base, -1, PIN)
                         todo.append(base)
-                    if h in created or (h not in dequeued and self.kv.get(CF_PENDING, h) is not None):
+                    if h in created or (space.queue > 0 and h not in dequeued
+                                        and self.kv.get(CF_PENDING, h) is not None):
                         batch.delete(CF_PENDING, h)
                         space.queue -= 1
             batch.delete(CF_OBJECTS, h)
