@@ -26,7 +26,7 @@ import trio
 
 from cowfs import admin, notify
 from cowfs.errors import FSError, StoreError
-from cowfs.fs.branching import run_gc
+from cowfs.fs.branching import run_gc, sweep_packs
 from cowfs.fs.dedup import DedupWorker
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.view import View
@@ -297,7 +297,7 @@ class Daemon:
             "prefetch_learning": fs.learner is not None and fs.learner.learn,
             "prefetch_model": (fs.learner.describe(view.name) if fs.learner is not None and view.kind == "branch"
                                else {"files": 0, "transitions": 0}),
-            "disk_bytes": store.kv.disk_usage(),
+            "disk_bytes": store.disk_usage(),
             **store.space(),
             "dedup": self.dedup.figures(),
         }
@@ -317,8 +317,9 @@ class Daemon:
             async with self.fs.lock:
                 await self.fs._flush_locked()
             removed = await run_gc(self.fs)
+            await sweep_packs(self.fs)
             await trio.to_thread.run_sync(self.store.kv.compact)
-            return {"ok": True, "versions_removed": removed, "disk_bytes": self.store.kv.disk_usage()}
+            return {"ok": True, "versions_removed": removed, "disk_bytes": self.store.disk_usage()}
         if cmd == "dedup":
             if req.get("wait"):
                 if not self.dedup.enabled:

@@ -21,6 +21,7 @@ damaged chunk: the files that use it are named).
 """
 from __future__ import annotations
 
+import os
 import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class Fsck:
         self.report = Report()
         self.batch = Batch()
         self.cat: Catalog = store.catalog
+        self._pack_sizes: dict[int, int] = {}
 
     def run(self) -> Report:
         self.check_catalog()
@@ -245,6 +247,11 @@ class Fsck:
             if raw is None:
                 continue
             kinds[h] = raw[0]
+            ext = codec.packed_extent(raw)
+            if ext is not None and not self._in_pack(ext):
+                damaged.add(h)
+                self.report.problem(f"object {h.hex()} points past the end of pack {ext[0]}")
+                continue
             if raw[0] == codec.KIND_NODE:
                 node = raw[1:]
                 if codec.node_hash(node) != h:
@@ -265,7 +272,7 @@ class Fsck:
         for h, v in self.store.kv.scan(CF_REFS, b""):
             stored[h] = parse_ref(v)
         for base in pins:
-            if kinds.get(base) not in (codec.KIND_RAW, codec.KIND_ZSTD, None):
+            if kinds.get(base) not in (*codec.WHOLE, None):
                 damaged.add(base)
                 self.report.problem(f"object {base.hex()} is a delta base but not a whole chunk")
         present = {h for h, _ in self.store.kv.scan(CF_OBJECTS, b"")} if not self.verify_data else set()
@@ -274,7 +281,7 @@ class Fsck:
                 raw = self.store.kv.get(CF_OBJECTS, b)
                 if raw is None or raw[0] == codec.KIND_DELTA:
                     raise codec.CorruptObject(f"delta base {b.hex()} is missing or not whole")
-                return codec.decode_chunk(raw, b)
+                return codec.decode_chunk(self.store.objects.resolve(raw), b)
 
             for h, raw in self.store.kv.scan(CF_OBJECTS, b""):
                 present.add(h)
@@ -283,8 +290,8 @@ class Fsck:
                         if codec.node_hash(raw[1:]) != h:
                             raise codec.CorruptObject("node does not match its hash")
                     else:
-                        codec.decode_chunk(raw, h, load_base)
-                except (codec.CorruptObject, IndexError) as exc:
+                        codec.decode_chunk(self.store.objects.resolve(raw), h, load_base)
+                except (codec.CorruptObject, IndexError, OSError) as exc:
                     damaged.add(h)
                     self.report.counts["damaged_objects"] += 1
                     self.report.problem(f"object {h.hex()} is damaged ({exc})")
@@ -317,6 +324,17 @@ class Fsck:
                 self.batch.delete(CF_OBJECTS, h)
                 self.batch.delete(CF_REFS, h)
                 self.report.repaired.append(f"deleted unreferenced object {h.hex()[:16]}…")
+
+    def _in_pack(self, ext: tuple[int, int, int]) -> bool:
+        pack, off, length = ext
+        size = self._pack_sizes.get(pack)
+        if size is None:
+            try:
+                size = os.path.getsize(os.path.join(self.store.packs.dir, f"{pack:08d}.pack"))
+            except OSError:
+                size = -1
+            self._pack_sizes[pack] = size
+        return off + length <= size
 
     # -- 5. changelog ----------------------------------------------------------------------
     def check_changelog(self) -> None:

@@ -14,6 +14,8 @@ import time
 import trio
 
 from cowfs.cache import ChunkCache
+from cowfs.chunks import codec
+from cowfs.chunks.packs import PackStore
 from cowfs.chunks.store import CF_OBJECTS, FAMILIES as OBJECT_FAMILIES, ObjectStore, RefTxn
 from cowfs.errors import StoreError
 from cowfs.kv.base import Batch, StoreLockedError
@@ -25,8 +27,10 @@ from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_XATTRS, V
 log = logging.getLogger(__name__)
 # 2: delta objects, 24-byte reference records, the pending/similar/space families.  A
 # format-1 store is upgraded when first opened (ObjectStore.rebuild); older cowfs refuse 2.
-FORMAT_VERSION = 2
-UPGRADABLE = (1,)
+# 3: pack files (STORE/packs) and P objects pointing into them; a format-2 store needs no
+# rewrite (it has no P objects yet), only the new number, so that older cowfs refuse it.
+FORMAT_VERSION = 3
+UPGRADABLE = (1, 2)
 MARKER = "cowfs-store.json"
 DB_DIR = "db"
 CF_ORPHANS = "orphans"
@@ -129,7 +133,12 @@ class Store:
             raise StoreError(f"{path}: cannot open the database: {exc}") from exc
         self.path = path
         self.cache = ChunkCache(cache_l1, cache_l2)
-        self.objects = ObjectStore(self.kv, self.cache)
+        try:
+            self.packs = PackStore(path)
+        except OSError as exc:
+            self.kv.close()
+            raise StoreError(f"{path}: cannot open the pack files: {exc}") from exc
+        self.objects = ObjectStore(self.kv, self.cache, self.packs)
         if self.objects.space is None:
             self.objects.rebuild(self._root_refs())
         if fmt != FORMAT_VERSION:
@@ -213,7 +222,22 @@ class Store:
 
     def space(self) -> dict[str, int]:
         """The space accounting (see chunks.store.Space) plus the bytes the database takes on disk."""
-        return {**self.objects.space.figures(), "stored_bytes": self.kv.disk_usage()}
+        return {**self.objects.space.figures(), "stored_bytes": self.disk_usage()}
+
+    def sweep_packs(self) -> int:
+        """Punch pack bytes no object points at (left by a crash between a pack append and its
+        commit) and delete empty packs; returns packs deleted.  The caller holds the
+        filesystem lock, so no flush is appending (blocking: call in a thread)."""
+        live: dict[int, list[tuple[int, int]]] = {}
+        for _h, raw in self.kv.scan(CF_OBJECTS, b""):
+            ext = codec.packed_extent(raw)
+            if ext is not None:
+                live.setdefault(ext[0], []).append((ext[1], ext[2]))
+        return self.packs.sweep(live)
+
+    def disk_usage(self) -> int:
+        """Bytes the store's database and pack files occupy on disk."""
+        return self.kv.disk_usage() + self.packs.disk_usage()
 
     def inodes_used(self) -> int:
         """Inode numbers handed out so far (an upper bound on live inodes)."""
@@ -225,12 +249,21 @@ class Store:
         Synchronous on purpose: no trio checkpoint between reading reference counts and
         writing them, so the daemon's single event loop is the single writer.
         """
-        if txn is not None and not txn.empty():
-            c, f = self.objects.apply(txn, batch)
-            self.objects_created += c
-            self.objects_freed += f
+        if txn is not None and txn.staged and txn.empty():
+            self.objects.discard_staged(txn)  # what was packed belonged to files deleted meanwhile
+        try:
+            if txn is not None and not txn.empty():
+                c, f = self.objects.apply(txn, batch)
+                self.objects_created += c
+                self.objects_freed += f
+            if len(batch):
+                self.kv.write(batch)
+        except BaseException:
+            self.objects.abort(txn)
+            raise
+        if txn is not None:
+            txn.staged = []  # written: the kept extents are referenced now
         if len(batch):
-            self.kv.write(batch)
             self.objects.settle()
             self.write_seq += 1
 
@@ -252,4 +285,7 @@ class Store:
                 ev.set()
 
     def close(self) -> None:
-        self.kv.close()
+        try:
+            self.kv.close()
+        finally:
+            self.packs.close()

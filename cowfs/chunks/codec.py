@@ -7,11 +7,15 @@ An object value is one kind byte followed by its payload:
   b"D" a delta chunk: base hash(32) + raw size(u32) + size of its plain encoding(u32) + a
        zstd frame that decodes only with the base chunk's content as dictionary
        (cowfs.chunks.delta).  A base is always a whole (R or Z) chunk: one hop at most.
+  b"P" a pointer to a whole (R or Z) encoding in a pack file (cowfs.chunks.packs): the
+       inner kind(1) + pack(u32) + offset(u64) + length(u32) + raw size(u32).  Only chunks
+       are packed; accounting counts the encoding's length, as if it were inline.
 Chunks are addressed by BLAKE3 of their content; nodes by BLAKE3 of a domain-separated
 encoding so a node can never collide with a chunk of the same bytes.
 """
 from __future__ import annotations
 
+import struct
 import threading
 from typing import Callable
 
@@ -27,6 +31,9 @@ KIND_RAW = 0x52  # "R"
 KIND_ZSTD = 0x5A  # "Z"
 KIND_NODE = 0x4E  # "N"
 KIND_DELTA = 0x44  # "D"
+KIND_PACKED = 0x50  # "P"
+WHOLE = (KIND_RAW, KIND_ZSTD, KIND_PACKED)
+_PACKED = struct.Struct("<BBIQII")
 _DELTA_HEAD = 1 + HASH_LEN + 8
 
 _NODE_DOMAIN = b"cowfs-tree-node\x00"
@@ -82,9 +89,29 @@ def delta_base(value: bytes) -> bytes | None:
     return value[1 : 1 + HASH_LEN] if value[0] == KIND_DELTA else None
 
 
+def encode_packed(kind: int, pack: int, off: int, length: int, raw_size: int) -> bytes:
+    return _PACKED.pack(KIND_PACKED, kind, pack, off, length, raw_size)
+
+
+def packed_extent(value: bytes) -> tuple[int, int, int] | None:
+    """(pack, offset, length) of a P object (None for other kinds)."""
+    if value[0] != KIND_PACKED:
+        return None
+    _p, _k, pack, off, length, _r = _PACKED.unpack(value)
+    return pack, off, length
+
+
+def stored_len(value: bytes) -> int:
+    """Bytes the object's encoding takes (a P object's encoding lives in its pack)."""
+    return _PACKED.unpack(value)[4] if value[0] == KIND_PACKED else len(value)
+
+
 def chunk_sizes(value: bytes) -> tuple[int, int]:
     """(raw content size, size of the whole, non-delta encoding) of a chunk object, without decoding."""
     kind = value[0]
+    if kind == KIND_PACKED:
+        _p, _k, _pack, _off, length, raw = _PACKED.unpack(value)
+        return raw, length
     if kind == KIND_RAW:
         return len(value) - 1, len(value)
     if kind == KIND_ZSTD:

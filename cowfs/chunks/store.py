@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 from cowfs.cache import ChunkCache
 from cowfs.chunks import codec
+from cowfs.chunks.packs import PackStore
 from cowfs.kv.base import KV, Batch
 
 CF_OBJECTS = "objects"
@@ -79,7 +80,7 @@ class Space:
         self.delta_chunks += sign * (value[0] == codec.KIND_DELTA)
         self.unique_bytes += sign * raw
         self.plain_bytes += sign * plain
-        self.chunk_bytes += sign * len(value)
+        self.chunk_bytes += sign * codec.stored_len(value)
 
     def figures(self) -> dict[str, int]:
         return {
@@ -166,7 +167,7 @@ def tree_sizes(kv: KV, hashes: list[bytes]) -> dict[bytes, int]:
 class RefTxn:
     """Reference deltas and new objects gathered by one filesystem operation."""
 
-    __slots__ = ("delta", "new", "recode", "done")
+    __slots__ = ("delta", "new", "recode", "done", "staged")
 
     def __init__(self) -> None:
         self.delta: dict[bytes, int] = {}
@@ -176,6 +177,9 @@ class RefTxn:
         # take off the queue.
         self.recode: dict[bytes, bytes] = {}
         self.done: list[bytes] = []
+        # Pack extents written for this transaction's new objects (P values in `new`):
+        # whatever the commit does not store is punched out again.
+        self.staged: list[tuple[int, int, int]] = []
 
     def incref(self, h: bytes | None, n: int = 1) -> None:
         if h is not None:
@@ -195,9 +199,11 @@ class RefTxn:
 class ObjectStore:
     """Reads objects through the chunk cache (L1 decoded, L2 lz4 pages); writes via RefTxn."""
 
-    def __init__(self, kv: KV, cache: ChunkCache) -> None:
+    def __init__(self, kv: KV, cache: ChunkCache, packs: PackStore | None = None) -> None:
         self.kv = kv
         self.cache = cache
+        self.packs = packs
+        self._punch: list[tuple[int, int, int]] = []  # extents to free once the batch is written
         raw = kv.get(CF_SPACE, SPACE_KEY)
         # None: a store from before the accounting (the caller runs `rebuild`).
         self.space: Space | None = Space.unpack(raw) if raw is not None else None
@@ -224,13 +230,49 @@ class ObjectStore:
         self.kv.write(batch)
 
     # -- reads ---------------------------------------------------------------------------
+    def resolve(self, raw: bytes) -> bytes:
+        """The encoding an object value stands for (a P pointer's bytes come from its pack)."""
+        ext = codec.packed_extent(raw)
+        if ext is None:
+            return raw
+        if self.packs is None:
+            raise codec.CorruptObject("packed object in a store opened without its packs")
+        return self.packs.read(*ext)
+
+    def stored(self, h: bytes) -> bytes | None:
+        """Object h's encoding (pointers resolved), or None."""
+        raw = self.kv.get(CF_OBJECTS, h)
+        return None if raw is None else self.resolve(raw)
+
     def load(self, h: bytes) -> bytes:
         """Load and decode chunk h from the store, bypassing the cache.  Thread-safe: the
         readahead and prefetch workers call it from threads."""
         raw = self.kv.get(CF_OBJECTS, h)
         if raw is None:
             raise MissingObject(f"chunk {h.hex()} is missing")
-        return codec.decode_chunk(raw, h, self._base)
+        try:
+            return codec.decode_chunk(self.resolve(raw), h, self._base)
+        except (codec.CorruptObject, OSError):
+            # A thread can read a pointer just before a commit re-encodes the chunk and
+            # punches its extent: read the record again before calling it damaged.
+            again = self.kv.get(CF_OBJECTS, h)
+            if again is None or again == raw:
+                raise
+            return codec.decode_chunk(self.resolve(again), h, self._base)
+
+    def pack(self, items: list[tuple[bytes, bytes]]) -> list[bytes]:
+        """Append whole encodings (R/Z values) to a pack, durably; return their P pointers.
+        Runs in the flush thread; the caller puts the extents in txn.staged."""
+        assert self.packs is not None
+        exts = self.packs.append([v for _h, v in items])
+        return [codec.encode_packed(v[0], pack, off, length, codec.chunk_sizes(v)[0])
+                for (_h, v), (pack, off, length) in zip(items, exts)]
+
+    def discard_staged(self, txn: RefTxn) -> None:
+        """The commit of txn did not happen: its pack extents hold nothing."""
+        if txn.staged and self.packs is not None:
+            self.packs.punch(txn.staged)
+        txn.staged = []
 
     def _base(self, h: bytes) -> bytes:
         """A delta's base (always stored whole: one hop): from L1 if there, without touching
@@ -335,6 +377,7 @@ class ObjectStore:
             if old is None or current(h).count == 0:
                 raise MissingObject(f"re-encoding unknown object {h.hex()}")
             batch.put(CF_OBJECTS, h, value)
+            self._free_extent(old)
             space.add_object(old, -1)
             space.add_object(value, 1)
             base = codec.delta_base(value)
@@ -401,6 +444,8 @@ class ObjectStore:
                                         and self.kv.get(CF_PENDING, h) is not None):
                         batch.delete(CF_PENDING, h)
                         space.queue -= 1
+            if raw is not None and h not in created:
+                self._free_extent(raw)
             batch.delete(CF_OBJECTS, h)
             self.cache.discard(h)
         # 3. Write every record that changed, and the logical bytes of file references.
@@ -420,6 +465,11 @@ class ObjectStore:
             else:
                 batch.delete(CF_REFS, h)
                 self._sizes.pop(h, None)
+        # Staged pack extents whose object this batch does not store (it existed already, or
+        # was created and freed at once) are garbage once the batch is written.
+        if txn.staged:
+            kept = {codec.packed_extent(txn.new[h][0]) for h in created if h not in freed}
+            self._punch.extend(ext for ext in txn.staged if ext not in kept)
         batch.put(CF_SPACE, SPACE_KEY, space.pack())
         self._staged = space
         return len(created), len(freed)
@@ -434,7 +484,24 @@ class ObjectStore:
             del sizes[next(iter(sizes))]
         sizes[h] = size
 
+    def _free_extent(self, raw: bytes) -> None:
+        ext = codec.packed_extent(raw)
+        if ext is not None:
+            self._punch.append(ext)
+
     def settle(self) -> None:
-        """The batch of the last apply is written: its accounting is now the store's."""
+        """The batch of the last apply is written: its accounting is now the store's, and
+        the pack extents it freed can go."""
         if self._staged is not None:
             self.space, self._staged = self._staged, None
+        if self._punch:
+            punch, self._punch = self._punch, []
+            if self.packs is not None:
+                self.packs.punch(punch)
+
+    def abort(self, txn: RefTxn | None) -> None:
+        """The batch of the last apply was not written: forget what it would have freed."""
+        self._staged = None
+        self._punch = []
+        if txn is not None:
+            self.discard_staged(txn)

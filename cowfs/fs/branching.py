@@ -495,3 +495,9 @@ async def run_gc(fs: Filesystem) -> int:
         removed += n
         await trio.sleep(0)
     return removed
+
+
+async def sweep_packs(fs: Filesystem) -> int:
+    """Give back pack space nothing points at; under the lock, so no flush appends meanwhile."""
+    async with fs.lock:
+        return await trio.to_thread.run_sync(fs.store.sweep_packs)

@@ -61,7 +61,7 @@ class Plan:
 
 
 def _whole(raw: bytes | None) -> bool:
-    return raw is not None and raw[0] in (codec.KIND_RAW, codec.KIND_ZSTD)
+    return raw is not None and raw[0] in codec.WHOLE
 
 
 class DedupWorker:
@@ -83,7 +83,7 @@ class DedupWorker:
         self.samples: list[bytes] = []
         self.dict_hash: bytes | None = self.kv.get(CF_SPACE, DICT_KEY)
         self.dict_data: bytes | None = None
-        raw = self.kv.get(CF_OBJECTS, self.dict_hash) if self.dict_hash else None
+        raw = fs.store.objects.stored(self.dict_hash) if self.dict_hash else None
         if _whole(raw):
             assert raw is not None
             self.dict_data = codec.decode_chunk(raw)
@@ -100,11 +100,15 @@ class DedupWorker:
     # -- in a thread: reads only -------------------------------------------------------------
     def _plan_one(self, h: bytes, local: dict[bytes, bytes]) -> Plan:
         plan = Plan(h)
-        raw = self.kv.get(CF_OBJECTS, h)
-        if not _whole(raw):
-            return plan
-        assert raw is not None
-        data = codec.decode_chunk(raw)
+        objects = self.fs.store.objects
+        try:
+            raw = objects.stored(h)  # a packed chunk's encoding is read from its pack
+            if not _whole(raw):
+                return plan
+            assert raw is not None
+            data = codec.decode_chunk(raw)
+        except (OSError, codec.CorruptObject):
+            return plan  # freed (its extent punched) while we looked: the commit re-checks
         self.bytes_done += len(data)
         if len(data) < delta.MIN_DELTA_SIZE:
             return plan
@@ -115,16 +119,22 @@ class DedupWorker:
             if b is None or b in tried:
                 continue
             tried.add(b)
-            braw = self.kv.get(CF_OBJECTS, b)
-            if not _whole(braw):
-                continue  # freed, or (re-created as) a delta since it was indexed
-            assert braw is not None
-            value = codec.encode_delta(data, b, delta.compressor(codec.decode_chunk(braw)), len(raw))
+            try:
+                braw = objects.stored(b)
+                if not _whole(braw):
+                    continue  # freed, or (re-created as) a delta since it was indexed
+                assert braw is not None
+                bdata = codec.decode_chunk(braw)
+            except (OSError, codec.CorruptObject):
+                continue
+            value = codec.encode_delta(data, b, delta.compressor(bdata), len(raw))
             if len(value) <= len(raw) * MAX_DELTA_RATIO and len(raw) - len(value) >= MIN_DELTA_SAVING:
                 plan.value, plan.base = value, b
                 return plan
         for f in plan.features:
             local[f] = h
+        if raw[0] == codec.KIND_RAW:
+            return plan  # incompressible: a dictionary of typical content cannot help, nor learn from it
         if self._dict_comp is not None and h != self.dict_hash:
             value = codec.encode_delta(data, self.dict_hash, self._dict_comp, len(raw))  # type: ignore[arg-type]
             if len(value) <= len(raw) * MAX_DICT_RATIO and len(raw) - len(value) >= MIN_DICT_SAVING:

@@ -43,6 +43,11 @@ DIRTY_AGE = 1.0  # seconds before the background flusher commits dirty data
 EARLY_FLUSH_BYTES = 8 << 20
 _ZEROS = bytes(CHUNK)
 THREAD_FLUSH_BYTES = 512 << 10  # flushes larger than this hash/compress in a worker thread
+# Flushes of at least this much write their chunk encodings (those of PACK_MIN_VALUE bytes or
+# more) to a pack file, fdatasync'd in the thread, and commit only pointers (chunks/packs.py).
+# Smaller flushes (small files, fsync'd rewrites) stay inline: a pack append costs an fdatasync.
+PACK_FLUSH_BYTES = 4 << 20
+PACK_MIN_VALUE = 8 << 10
 XATTR_SIZE_MAX = 65536
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
@@ -732,6 +737,28 @@ class Filesystem:
             out[i] = (h, None if objects.exists(h) else codec.encode_chunk(data, self.level))
         return out
 
+    def _encode_all(self, work: list[tuple[Node, dict[int, bytes | bytearray], int]],
+                    pack: bool) -> tuple[list[dict[int, tuple[bytes, bytes | None] | None]], list[tuple[int, int, int]]]:
+        """_encode every node's chunks; with pack, move the large new encodings to a pack file
+        (in this thread: the write and fdatasync release the GIL).  Returns the encodings and
+        the pack extents written, which the commit must either keep or punch."""
+        encoded = [self._encode(ch) for _n, ch, _ in work]
+        if not pack:
+            return encoded, []
+        items: dict[bytes, bytes] = {}
+        for enc in encoded:
+            for e in enc.values():
+                if e is not None and e[1] is not None and len(e[1]) >= PACK_MIN_VALUE:
+                    items.setdefault(e[0], e[1])
+        if not items:
+            return encoded, []
+        pointers = dict(zip(items, self.store.objects.pack(list(items.items()))))
+        for enc in encoded:
+            for i, e in enc.items():
+                if e is not None and e[0] in pointers:
+                    enc[i] = (e[0], pointers[e[0]])
+        return encoded, [codec.packed_extent(p) for p in pointers.values()]  # type: ignore[misc]
+
     def _flush_node_into(self, m: Mutation, node: Node, encoded: dict[int, tuple[bytes, bytes | None] | None],
                          size: int) -> None:
         """Turn encoded chunks into a new tree for node and save it in m."""
@@ -770,19 +797,20 @@ class Filesystem:
                 node.dirty = {}
                 total += len(node.flushing) * CHUNK
                 work.append((node, node.flushing, node.attrs.size))
+            m = Mutation(self)
             try:
                 if total > THREAD_FLUSH_BYTES:
-                    encoded = await trio.to_thread.run_sync(
-                        lambda: [self._encode(ch) for _n, ch, _ in work])
+                    encoded, m.txn.staged = await trio.to_thread.run_sync(
+                        lambda: self._encode_all(work, total >= PACK_FLUSH_BYTES))
                 else:
                     encoded = [self._encode(ch) for _n, ch, _ in work]
-                m = Mutation(self)
                 for (node, _ch, size), enc in zip(work, encoded):
                     if not node.deleted:
                         self._flush_node_into(m, node, enc, size)
                 self._commit(m)
             except BaseException:
                 # Nothing was committed: put the data back under any newer writes.
+                self.store.objects.discard_staged(m.txn)
                 for node, ch, _ in work:
                     for i, data in ch.items():
                         node.dirty.setdefault(i, bytearray(data))

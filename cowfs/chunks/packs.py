@@ -1,0 +1,193 @@
+"""Pack files: where the encodings of streamed chunks live, in the order they were written.
+
+Why not RocksDB blob files: a value put through RocksDB is written twice (WAL, then blob
+file), `db.write` holds the GIL for the whole copy (60-100 ms per 64 MiB batch, during which
+no FUSE request is served), and blob files are ordered by key, i.e. by hash, so a cold
+sequential read becomes random reads.  A pack is an append-only file in STORE/packs; large
+flushes append their chunk encodings to it from the encoding thread (os.write and
+fdatasync release the GIL), and the objects family stores only a small pointer record
+(codec.KIND_PACKED).  Small flushes (small files, 4 KiB fsync'd rewrites) stay inline.
+
+Durability: an append is fdatasync'd before the commit that stores its pointers, so a
+pointer never reaches the WAL ahead of its bytes (a power loss cannot leave a record that
+points at nothing).  Space: a freed extent is punched out of its file (FALLOC_FL_PUNCH_HOLE)
+after the commit that freed it; an extent whose commit never happened (a crash, a dedup
+hit, a failed commit) is punched then, or by `sweep` at the next full GC.  A pack whose
+extents are all gone is deleted by `sweep`.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import re
+import threading
+
+PACK_DIR = "packs"
+PACK_MAX = 1 << 30  # start a new pack beyond this size
+_NAME = re.compile(r"^(\d{8})\.pack$")
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+
+
+def _punch_hole(fd: int, off: int, length: int) -> None:
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, off, length) != 0:
+        e = ctypes.get_errno()
+        if e not in (errno.EOPNOTSUPP, errno.ENOSYS):  # a filesystem without holes keeps the bytes
+            raise OSError(e, os.strerror(e))
+
+
+class PackStore:
+    """Append, read and punch extents of the pack files of one store.
+
+    Thread-safety: `append` runs in the flush thread while reads run on the event loop and
+    in prefetch threads: reads use pread on per-pack descriptors (opened under the lock);
+    appends are serialized by the lock and only ever write past every committed extent.
+    """
+
+    def __init__(self, store_path: str) -> None:
+        self.dir = os.path.join(store_path, PACK_DIR)
+        os.makedirs(self.dir, exist_ok=True)
+        self._lock = threading.Lock()
+        self._fds: dict[int, int] = {}
+        ids = self.pack_ids()
+        self._cur = ids[-1] if ids else 1
+        self._cur_fd = self._fd(self._cur, create=not ids)
+        self._end = os.fstat(self._cur_fd).st_size
+
+    def pack_ids(self) -> list[int]:
+        return sorted(int(m.group(1)) for n in os.listdir(self.dir) if (m := _NAME.match(n)))
+
+    def _path(self, pack: int) -> str:
+        return os.path.join(self.dir, f"{pack:08d}.pack")
+
+    def _fd(self, pack: int, create: bool = False) -> int:
+        fd = self._fds.get(pack)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(pack)
+                if fd is None:
+                    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+                    fd = self._fds[pack] = os.open(self._path(pack), flags, 0o600)
+                    if create:
+                        self._sync_dir()
+        return fd
+
+    def _sync_dir(self) -> None:
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def append(self, values: list[bytes]) -> list[tuple[int, int, int]]:
+        """Write values one after another, durably; return their (pack, offset, length)."""
+        with self._lock:
+            if self._end >= PACK_MAX:
+                self._cur += 1
+                self._cur_fd = os.open(self._path(self._cur), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._fds[self._cur] = self._cur_fd
+                self._end = 0
+                self._sync_dir()
+            pack, fd, off = self._cur, self._cur_fd, self._end
+            out = []
+            pos = off
+            for v in values:
+                out.append((pack, pos, len(v)))
+                pos += len(v)
+            written = 0
+            try:
+                total = pos - off
+                while written < total:  # pwritev may write less than asked
+                    bufs = _tail(values, written)
+                    written += os.pwritev(fd, bufs, off + written)
+                os.fdatasync(fd)
+            except BaseException:
+                self._end = max(self._end, off + written)  # keep appending past what reached the file
+                raise
+            self._end = pos
+        return out
+
+    def read(self, pack: int, off: int, length: int) -> bytes:
+        data = os.pread(self._fd(pack), length, off)
+        if len(data) != length:
+            raise OSError(errno.EIO, f"pack {pack} ends before {off}+{length}")
+        return data
+
+    def punch(self, extents: list[tuple[int, int, int]]) -> None:
+        """Give the space of committed-away extents back to the filesystem (adjacent ones merged)."""
+        for pack, off, length in _merge(extents):
+            try:
+                _punch_hole(self._fd(pack), off, length)
+            except FileNotFoundError:
+                pass
+
+    def sweep(self, live: dict[int, list[tuple[int, int]]]) -> int:
+        """Punch every byte no live extent covers (live: pack -> [(offset, length)]) and delete
+        packs with nothing live, except the one being appended to.  Returns packs deleted.
+
+        Called with the filesystem lock held, so no append is in flight."""
+        removed = 0
+        for pack in self.pack_ids():
+            extents = sorted(live.get(pack, ()))
+            if not extents and pack != self._cur:
+                with self._lock:
+                    fd = self._fds.pop(pack, None)
+                if fd is not None:
+                    os.close(fd)
+                os.unlink(self._path(pack))
+                removed += 1
+                continue
+            pos, holes = 0, []
+            for off, length in extents:
+                if off > pos:
+                    holes.append((pack, pos, off - pos))
+                pos = max(pos, off + length)
+            end = os.fstat(self._fd(pack)).st_size
+            if end > pos:
+                holes.append((pack, pos, end - pos))
+            self.punch(holes)
+        if removed:
+            self._sync_dir()
+        return removed
+
+    def disk_usage(self) -> int:
+        total = 0
+        for pack in self.pack_ids():
+            try:
+                total += os.stat(self._path(pack)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+        return total
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def _tail(values: list[bytes], skip: int) -> list[bytes | memoryview]:
+    """The buffers of values after the first `skip` bytes (for a short pwritev)."""
+    out: list[bytes | memoryview] = []
+    for v in values:
+        if skip >= len(v):
+            skip -= len(v)
+            continue
+        out.append(memoryview(v)[skip:] if skip else v)
+        skip = 0
+    return out[:1024]  # IOV_MAX
+
+
+def _merge(extents: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    out: list[tuple[int, int, int]] = []
+    for pack, off, length in sorted(extents):
+        if out and out[-1][0] == pack and out[-1][1] + out[-1][2] == off:
+            out[-1] = (pack, out[-1][1], out[-1][2] + length)
+        else:
+            out.append((pack, off, length))
+    return out
