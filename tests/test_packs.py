@@ -8,6 +8,7 @@ next `cowfs gc` punches out.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import random
 import signal
@@ -54,8 +55,9 @@ def test_pack_append_read_punch_sweep(tmp_path):
     ps.close()
 
 
-def _stream(path, total: int, seed: int) -> str:
-    """Write `total` bytes (text and random blocks) with 1 MiB writes; return the sha256."""
+def _stream(path, total: int, seed: int, tail: int = 0) -> str:
+    """Write `total` bytes (text and random blocks) with 1 MiB writes, then `tail` random
+    bytes (a short last chunk); return the sha256."""
     rnd = random.Random(seed)
     h = hashlib.sha256()
     with open(path, "wb") as f:
@@ -63,6 +65,9 @@ def _stream(path, total: int, seed: int) -> str:
             block = text(rnd, MiB) if i % 2 else rnd.randbytes(MiB)
             f.write(block)
             h.update(block)
+        block = rnd.randbytes(tail)
+        f.write(block)
+        h.update(block)
     return h.hexdigest()
 
 
@@ -77,7 +82,7 @@ def _sha(path) -> str:
 @pytest.mark.timeout(300)
 def test_streamed_file_lives_in_packs_and_space_comes_back(mount_factory):
     m = mount_factory(options=("dedup=off",))
-    want = _stream(m.path / "big", 48 * MiB, 1)
+    want = _stream(m.path / "big", 48 * MiB, 1, tail=1000)
     os.sync()
     packs = m.store / "packs"
     assert du(packs) >= 24 * MiB, "a 48 MiB stream should be packed, not inline"
@@ -85,6 +90,21 @@ def test_streamed_file_lives_in_packs_and_space_comes_back(mount_factory):
     assert s["stored_bytes"] >= du(packs)
     m.remount()
     assert _sha(m.path / "big") == want
+    # Reads that start and end inside chunks, past the daemon's page cache (O_DIRECT): runs
+    # of raw chunks come from one pread, the compressed ones chunk by chunk.
+    rnd = random.Random(9)
+    with open(m.path / "big", "rb") as f:
+        whole = f.read()
+    fd = os.open(m.path / "big", os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, 3 * MiB)
+    try:
+        for _ in range(40):
+            off = rnd.randrange(0, len(whole) // 4096) * 4096
+            size = rnd.choice([8 * KiB, 68 * KiB, 1 * MiB, 3 * MiB])
+            n = os.preadv(fd, [memoryview(buf)[:size]], off)
+            assert buf[:n] == whole[off : off + size], (off, size)
+    finally:
+        os.close(fd)
     # Rewrite a few chunks in the middle (small flushes: inline), then delete the file.
     with open(m.path / "big", "r+b") as f:
         f.seek(5 * MiB)

@@ -7,9 +7,10 @@ An object value is one kind byte followed by its payload:
   b"D" a delta chunk: base hash(32) + raw size(u32) + size of its plain encoding(u32) + a
        zstd frame that decodes only with the base chunk's content as dictionary
        (cowfs.chunks.delta).  A base is always a whole (R or Z) chunk: one hop at most.
-  b"P" a pointer to a whole (R or Z) encoding in a pack file (cowfs.chunks.packs): the
-       inner kind(1) + pack(u32) + offset(u64) + length(u32) + raw size(u32).  Only chunks
-       are packed; accounting counts the encoding's length, as if it were inline.
+  b"P" a pointer to a whole (R or Z) chunk in a pack file (cowfs.chunks.packs): its kind(1) +
+       pack(u32) + offset(u64) + length(u32) + raw size(u32); the pack holds the payload
+       without the kind byte, so consecutive raw chunks are one contiguous run of content.
+       Accounting counts the encoding's length (payload + kind byte), as if it were inline.
 Chunks are addressed by BLAKE3 of their content; nodes by BLAKE3 of a domain-separated
 encoding so a node can never collide with a chunk of the same bytes.
 """
@@ -25,6 +26,7 @@ import zstandard
 from cowfs.chunks import delta
 
 HASH_LEN = 32
+CHUNK = 64 * 1024  # files are cut into chunks of this size at fixed offsets
 ZERO_HASH = bytes(HASH_LEN)
 
 KIND_RAW = 0x52  # "R"
@@ -94,16 +96,20 @@ def encode_packed(kind: int, pack: int, off: int, length: int, raw_size: int) ->
 
 
 def packed_extent(value: bytes) -> tuple[int, int, int] | None:
-    """(pack, offset, length) of a P object (None for other kinds)."""
+    """(pack, offset, length) of a P object's payload (None for other kinds)."""
     if value[0] != KIND_PACKED:
         return None
     _p, _k, pack, off, length, _r = _PACKED.unpack(value)
     return pack, off, length
 
 
+def packed_kind(value: bytes) -> int:
+    return value[1]
+
+
 def stored_len(value: bytes) -> int:
-    """Bytes the object's encoding takes (a P object's encoding lives in its pack)."""
-    return _PACKED.unpack(value)[4] if value[0] == KIND_PACKED else len(value)
+    """Bytes the object's encoding takes (a P object's payload lives in its pack)."""
+    return _PACKED.unpack(value)[4] + 1 if value[0] == KIND_PACKED else len(value)
 
 
 def chunk_sizes(value: bytes) -> tuple[int, int]:
@@ -111,7 +117,7 @@ def chunk_sizes(value: bytes) -> tuple[int, int]:
     kind = value[0]
     if kind == KIND_PACKED:
         _p, _k, _pack, _off, length, raw = _PACKED.unpack(value)
-        return raw, length
+        return raw, length + 1
     if kind == KIND_RAW:
         return len(value) - 1, len(value)
     if kind == KIND_ZSTD:
@@ -125,18 +131,30 @@ def chunk_sizes(value: bytes) -> tuple[int, int]:
     raise CorruptObject(f"object kind {kind:#x} is not a chunk")
 
 
+def decode_payload(kind: int, payload: bytes, expect_hash: bytes | None = None) -> bytes:
+    """Content of a whole chunk given its kind and payload (an inline value without its kind
+    byte, or a packed chunk's bytes)."""
+    if kind == KIND_RAW:
+        data = payload
+    elif kind == KIND_ZSTD:
+        try:
+            data = _decompressor().decompress(payload)
+        except zstandard.ZstdError as exc:
+            raise CorruptObject(f"zstd frame does not decode: {exc}") from exc
+    else:
+        raise CorruptObject(f"object kind {kind:#x} is not a whole chunk")
+    if expect_hash is not None and chunk_hash(data) != expect_hash:
+        raise CorruptObject("chunk content does not match its hash")
+    return data
+
+
 def decode_chunk(value: bytes, expect_hash: bytes | None = None,
                  load_base: Callable[[bytes], bytes] | None = None) -> bytes:
     """Content of a chunk object; a D object needs load_base(hash) -> the base's content."""
     kind = value[0]
-    if kind == KIND_RAW:
-        data = value[1:]
-    elif kind == KIND_ZSTD:
-        try:
-            data = _decompressor().decompress(value[1:])
-        except zstandard.ZstdError as exc:
-            raise CorruptObject(f"zstd frame does not decode: {exc}") from exc
-    elif kind == KIND_DELTA and load_base is not None:
+    if kind in (KIND_RAW, KIND_ZSTD):
+        return decode_payload(kind, value[1:], expect_hash)
+    if kind == KIND_DELTA and load_base is not None:
         size = chunk_sizes(value)[0]
         try:
             data = delta.decompress(value[_DELTA_HEAD:], load_base(value[1 : 1 + HASH_LEN]), size)

@@ -231,13 +231,42 @@ class ObjectStore:
 
     # -- reads ---------------------------------------------------------------------------
     def resolve(self, raw: bytes) -> bytes:
-        """The encoding an object value stands for (a P pointer's bytes come from its pack)."""
+        """The encoding an object value stands for (a P pointer's payload comes from its pack)."""
         ext = codec.packed_extent(raw)
         if ext is None:
             return raw
         if self.packs is None:
             raise codec.CorruptObject("packed object in a store opened without its packs")
-        return self.packs.read(*ext)
+        return bytes((codec.packed_kind(raw),)) + self.packs.read(*ext)
+
+    def read_run(self, hashes: list[bytes], need: int) -> bytes | None:
+        """The content of consecutive chunks as one pread, when they are raw chunks stored
+        back to back in one pack (a file streamed in): at least `need` bytes, every chunk
+        but the last whole.  None when they are not (the caller reads chunk by chunk).
+
+        Streaming reads take this path without the per-chunk decode, hash check and cache
+        insert (fsck verifies every chunk; the kernel's page cache and readahead on the pack
+        do the caching).  On the event loop only: no commit can run between the pointer
+        lookups and the pread."""
+        if self.packs is None:
+            return None
+        first = None
+        pos = 0
+        for n, h in enumerate(hashes, 1):
+            raw = self.kv.get(CF_OBJECTS, h)
+            if raw is None or raw[0] != codec.KIND_PACKED or codec.packed_kind(raw) != codec.KIND_RAW:
+                return None
+            pack, off, length = codec.packed_extent(raw)  # type: ignore[misc]
+            if first is None:
+                first = (pack, off)
+            elif pack != first[0] or off != first[1] + pos:
+                return None
+            pos += length
+            if length != codec.CHUNK and n < len(hashes):
+                return None
+        if first is None or pos < need:
+            return None
+        return self.packs.read(first[0], first[1], need)
 
     def stored(self, h: bytes) -> bytes | None:
         """Object h's encoding (pointers resolved), or None."""
@@ -251,20 +280,29 @@ class ObjectStore:
         if raw is None:
             raise MissingObject(f"chunk {h.hex()} is missing")
         try:
-            return codec.decode_chunk(self.resolve(raw), h, self._base)
+            return self._decode(raw, h)
         except (codec.CorruptObject, OSError):
             # A thread can read a pointer just before a commit re-encodes the chunk and
             # punches its extent: read the record again before calling it damaged.
             again = self.kv.get(CF_OBJECTS, h)
             if again is None or again == raw:
                 raise
-            return codec.decode_chunk(self.resolve(again), h, self._base)
+            return self._decode(again, h)
+
+    def _decode(self, raw: bytes, h: bytes) -> bytes:
+        ext = codec.packed_extent(raw)
+        if ext is None:
+            return codec.decode_chunk(raw, h, self._base)
+        if self.packs is None:
+            raise codec.CorruptObject("packed object in a store opened without its packs")
+        return codec.decode_payload(codec.packed_kind(raw), self.packs.read(*ext), h)
 
     def pack(self, items: list[tuple[bytes, bytes]]) -> list[bytes]:
-        """Append whole encodings (R/Z values) to a pack, durably; return their P pointers.
-        Runs in the flush thread; the caller puts the extents in txn.staged."""
+        """Append whole encodings (R/Z values, without their kind byte) to a pack, durably;
+        return their P pointers.  Runs in the flush thread; the caller puts the extents in
+        txn.staged."""
         assert self.packs is not None
-        exts = self.packs.append([v for _h, v in items])
+        exts = self.packs.append([memoryview(v)[1:] for _h, v in items])
         return [codec.encode_packed(v[0], pack, off, length, codec.chunk_sizes(v)[0])
                 for (_h, v), (pack, off, length) in zip(items, exts)]
 

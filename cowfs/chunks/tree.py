@@ -17,7 +17,7 @@ from cowfs.chunks import codec
 from cowfs.chunks.codec import HASH_LEN, ZERO_HASH
 from cowfs.chunks.store import RefTxn
 
-CHUNK = 64 * 1024
+CHUNK = codec.CHUNK
 FANOUT = 512
 
 

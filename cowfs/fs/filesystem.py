@@ -675,10 +675,14 @@ class Filesystem:
         """Serve a read; tell the learned model and the handle's readahead about it."""
         objects = self.store.objects
         try:
-            data = node.read(off, size, objects)
+            data = node.read_run(off, size, objects)
+            run = data is not None
+            if data is None:
+                data = node.read(off, size, objects)
             if len(data) and self.learner is not None and node.view.kind == "branch":
                 self.learner.read(node.view.name, node.ino, off // CHUNK, (off + len(data) - 1) // CHUNK)
-            if stream is not None and self.fetcher is not None:
+            # A run read from a pack needs no chunk readahead: the kernel reads ahead in the pack.
+            if stream is not None and self.fetcher is not None and not run:
                 want = stream.observe(off, size, node.attrs.size)
                 if want:
                     self.fetcher.want([h for i in want if (h := node.stored_hash(i, objects)) is not None],

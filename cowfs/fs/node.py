@@ -69,6 +69,27 @@ class Node:
         h = tree.lookup(self.attrs.root, i, objects.node)
         return None if h is None else objects.read(h, a, b)
 
+    def read_run(self, off: int, size: int, objects: "ObjectStore") -> bytes | memoryview | None:
+        """A read across two or more committed chunks that a pack holds back to back, served
+        by one pread (ObjectStore.read_run); None when that does not apply."""
+        end = min(off + size, self.attrs.size)
+        first, last = off // CHUNK, (end - 1) // CHUNK
+        if off >= end or last == first:
+            return None
+        hashes = []
+        for i in range(first, last + 1):
+            if i in self.dirty or i in self.flushing:
+                return None
+            h = tree.lookup(self.attrs.root, i, objects.node)
+            if h is None:
+                return None
+            hashes.append(h)
+        a = off - first * CHUNK
+        data = objects.read_run(hashes, a + end - off)
+        if data is None:
+            return None
+        return memoryview(data)[a:] if a else data
+
     def read(self, off: int, size: int, objects: "ObjectStore") -> bytes | memoryview:
         end = min(off + size, self.attrs.size)
         if off >= end:
