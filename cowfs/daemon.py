@@ -440,8 +440,29 @@ class Daemon:
         return 0
 
 
+def _keep_freed_memory() -> None:
+    """Let glibc reuse freed request buffers instead of unmapping them.
+
+    Every 1 MiB write request and every 64 KiB chunk buffer is a large allocation, which
+    glibc serves from fresh mmap()s and gives back on free; touching fresh pages costs a page
+    fault each, ~2 ms per MiB on this VM kind.  Serving them from the heap and keeping up to
+    256 MiB of freed heap mapped makes them reuse warm pages (bounded: the dirty limit and
+    the caches bound what is live)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: its defaults stand
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
 def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: bool) -> int:
     _setup_logging(cfg.store, cfg.debug, to_stderr)
+    _keep_freed_memory()
     try:
         daemon = Daemon(cfg)
     except StoreError as exc:
