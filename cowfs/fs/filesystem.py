@@ -36,11 +36,11 @@ log = logging.getLogger(__name__)
 
 NAME_MAX = 255
 MAX_FILE_SIZE = (1 << 63) - 1
-DIRTY_LIMIT = 128 << 20  # acknowledged-but-unflushed bytes before writers wait for a flush
+DIRTY_LIMIT = 64 << 20  # acknowledged-but-unflushed bytes before writers wait for a flush
 DIRTY_AGE = 1.0  # seconds before the background flusher commits dirty data
 # Dirty bytes that wake the background flusher at once: a streaming writer's next chunks
 # are copied in while the previous ones are hashed, compressed and committed.
-EARLY_FLUSH_BYTES = 32 << 20
+EARLY_FLUSH_BYTES = 8 << 20
 _ZEROS = bytes(CHUNK)
 THREAD_FLUSH_BYTES = 512 << 10  # flushes larger than this hash/compress in a worker thread
 # Flushes of at least this much write their chunk encodings (those of PACK_MIN_VALUE bytes or
