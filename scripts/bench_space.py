@@ -8,7 +8,7 @@ Items (one run):
      fork is a branch of the sandbox's branch, mounted beside it and edited there; the other
      tools get nine directories);
   4. one 256 MiB file of random data.
-cowfs is measured as the bytes of STORE/db on disk after `cowfs dedup --wait` and
+cowfs is measured as the bytes of STORE/db and STORE/packs on disk after `cowfs dedup --wait` and
 `cowfs gc` (which compacts RocksDB).  Also measured: the worker's throughput alone, foreground
 write throughput with the worker busy (CPU cap) against the worker off, and cold read
 throughput of a delta-compressed store against the same data stored without deltas.
@@ -123,11 +123,13 @@ class Cow:
         run([COWFS, "umount", self.mp], timeout=300)
 
     def settle(self) -> dict:
-        """Worker done, garbage collected, RocksDB compacted: bytes of STORE/db and the figures."""
+        """Worker done, garbage collected, RocksDB compacted: bytes of STORE/db + STORE/packs and the figures."""
         run([COWFS, "dedup", self.mp, "--wait"], timeout=3600)
         run([COWFS, "gc", self.mp], timeout=3600)
         s = json.loads(run([COWFS, "stats", self.mp, "--json"]).stdout)
-        s["du_db"] = du(os.path.join(self.store, "db"))
+        # Bytes on disk: the database and the pack files (chunks of large flushes).
+        packs = os.path.join(self.store, "packs")
+        s["du_db"] = du(os.path.join(self.store, "db")) + (du(packs) if os.path.isdir(packs) else 0)
         return s
 
     def put(self, src: str, name: str) -> float:

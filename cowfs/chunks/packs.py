@@ -177,6 +177,14 @@ class PackStore:
             raise OSError(errno.EIO, f"pack {pack} ends before {off}+{length}")
         return data
 
+    def read_ahead(self, pack: int, off: int, length: int) -> None:
+        """Ask the kernel to start reading [off, off+length) of a pack (asynchronous): a
+        streaming reader's next requests then find their bytes in the page cache."""
+        try:
+            os.posix_fadvise(self._fd(pack), off, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
     def punch(self, extents: list[tuple[int, int, int]]) -> None:
         """Give the space of committed-away extents back to the filesystem (adjacent ones merged)."""
         for pack, off, length in _merge(extents):

@@ -25,6 +25,7 @@ from cowfs.chunks.packs import PackStore
 from cowfs.kv.base import KV, Batch
 
 CF_OBJECTS = "objects"
+RUN_READ_AHEAD = 4 << 20  # bytes of a pack read ahead after a run read (ObjectStore.read_run)
 CF_REFS = "refs"
 CF_PENDING = "pending"  # chunk hash -> b"": created, not yet considered for delta encoding
 CF_SIMILAR = "similar"  # super-feature -> hash of a whole chunk that had it (checked on use)
@@ -266,7 +267,10 @@ class ObjectStore:
                 return None
         if first is None or pos < need:
             return None
-        return self.packs.read(first[0], first[1], need)
+        data = self.packs.read(first[0], first[1], need)
+        # Chunks streamed in together lie together: have the next requests' bytes read ahead.
+        self.packs.read_ahead(first[0], first[1] + pos, RUN_READ_AHEAD)
+        return data
 
     def stored(self, h: bytes) -> bytes | None:
         """Object h's encoding (pointers resolved), or None."""
