@@ -605,6 +605,20 @@ class Filesystem:
         """chmod, chown, truncate, utimens.  kill_suid: clear set-user-ID (and set-group-ID
         with group-exec) as the kernel does for a truncating open by a non-root caller,
         which FUSE's atomic O_TRUNC leaves to the filesystem."""
+        if (mode is None and uid is None and gid is None and size is None and not kill_suid
+                and node in self.dirty_nodes and node.view.writable):
+            # Only times, of a file with data waiting to be committed: in writeback mode that
+            # is the kernel passing on the times of a file it is still writing.  They go with
+            # the data, in the node's next flush (any later operation commits all dirty data
+            # first, so the prefix rule holds), instead of making the kernel's writeback wait
+            # for a flush of everything dirty.
+            a = node.attrs
+            if atime_ns is not None:
+                a.atime_ns = atime_ns
+            if mtime_ns is not None:
+                a.mtime_ns = mtime_ns
+            a.ctime_ns = ctime_ns if ctime_ns is not None else now_ns()
+            return
         async with self.mutate(node.view) as m:
             a = node.attrs
             if kill_suid and a.is_reg:
@@ -733,8 +747,11 @@ class Filesystem:
         out: dict[int, tuple[bytes, bytes | None] | None] = {}
         objects = self.store.objects
         for i, data in chunks.items():
-            # Comparing with a zero chunk stops at the first nonzero byte (count(0) reads all).
-            if data == _ZEROS[: len(data)]:
+            # Comparing with a zero chunk stops at the first nonzero byte (count(0) reads all);
+            # a memoryview compares slowly (~50 us), so only one that starts with a zero byte
+            # is copied and compared.
+            if not len(data) or (not data[0] and (data if type(data) is bytearray else bytes(data))
+                                 == _ZEROS[: len(data)]):
                 out[i] = None
                 continue
             h = codec.chunk_hash(data)

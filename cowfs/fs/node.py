@@ -32,15 +32,17 @@ class Node:
         self.stored_root: Root | None = attrs.root
         self.lookups = 0
         self.opens = 0
-        self.dirty: dict[int, bytearray] = {}
-        self.flushing: dict[int, bytearray] = {}
+        # Chunk buffers: bytearrays, or read-only views of a write request's bytes for a chunk
+        # written whole (never mutated: a partial write replaces the view by a copy).
+        self.dirty: dict[int, bytearray | memoryview] = {}
+        self.flushing: dict[int, bytearray | memoryview] = {}
         self.deleted = False
         # What this inode contributes to its view's usage (inode count, logical bytes).
         self.counted = stored_layer is not None
         self.counted_bytes = attrs.size if self.counted and attrs.is_reg else 0
 
     # -- reads ---------------------------------------------------------------------------
-    def _buffer(self, i: int) -> bytearray | None:
+    def _buffer(self, i: int) -> bytearray | memoryview | None:
         data = self.dirty.get(i)
         return data if data is not None else self.flushing.get(i)
 
@@ -118,10 +120,21 @@ class Node:
         new_chunks = 0
         pos, total = 0, len(data)
         mv = memoryview(data)
+        whole_ok = type(data) is bytes  # immutable: a whole chunk can be kept as a view of it
         while pos < total:
             i, co = divmod(off + pos, CHUNK)
             n = min(CHUNK - co, total - pos)
             buf = self.dirty.get(i)
+            if whole_ok and co == 0 and n == CHUNK:
+                # A whole chunk (a streaming writer's case): keep a view of the request's
+                # bytes instead of copying them; a later partial write copies it first.
+                if buf is None:
+                    new_chunks += 1
+                self.dirty[i] = mv[pos : pos + n]
+                pos += n
+                continue
+            if buf is not None and type(buf) is not bytearray:
+                buf = self.dirty[i] = bytearray(buf)
             if buf is None:
                 if co == 0 and (n == CHUNK or (i * CHUNK + n >= self.attrs.size)):
                     buf = bytearray()  # whole chunk, or everything up to EOF, is overwritten
