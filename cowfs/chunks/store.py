@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 from cowfs.cache import ChunkCache
 from cowfs.chunks import codec
-from cowfs.chunks.packs import PackStore
+from cowfs.chunks.packs import PackStore, merge_extents
 from cowfs.kv.base import KV, Batch
 
 CF_OBJECTS = "objects"
@@ -300,6 +300,19 @@ class ObjectStore:
         if self.packs is None:
             raise codec.CorruptObject("packed object in a store opened without its packs")
         return codec.decode_payload(codec.packed_kind(raw), self.packs.read(*ext), h)
+
+    def read_ahead(self, hashes: list[bytes]) -> None:
+        """Have the kernel read the pack extents of these chunks in the background (pack
+        files are read without kernel readahead, see PackStore._fd)."""
+        if self.packs is None:
+            return
+        extents = []
+        for h in hashes:
+            raw = self.kv.get(CF_OBJECTS, h)
+            if raw is not None and raw[0] == codec.KIND_PACKED:
+                extents.append(codec.packed_extent(raw))
+        for pack, off, length in merge_extents(extents):  # type: ignore[arg-type]
+            self.packs.read_ahead(pack, off, length)
 
     def pack(self, items: list[tuple[bytes, bytes]]) -> list[bytes]:
         """Append whole encodings (R/Z values, without their kind byte) to a pack, durably;

@@ -695,12 +695,14 @@ class Filesystem:
                 data = node.read(off, size, objects)
             if len(data) and self.learner is not None and node.view.kind == "branch":
                 self.learner.read(node.view.name, node.ino, off // CHUNK, (off + len(data) - 1) // CHUNK)
-            # A run read from a pack needs no chunk readahead: the kernel reads ahead in the pack.
-            if stream is not None and self.fetcher is not None and not run:
+            # A run read from a pack reads the pack ahead itself (ObjectStore.read_run).
+            if stream is not None and not run:
                 want = stream.observe(off, size, node.attrs.size)
                 if want:
-                    self.fetcher.want([h for i in want if (h := node.stored_hash(i, objects)) is not None],
-                                      READAHEAD)
+                    hashes = [h for i in want if (h := node.stored_hash(i, objects)) is not None]
+                    objects.read_ahead(hashes)  # packed ones: the kernel starts reading them now
+                    if self.fetcher is not None:
+                        self.fetcher.want(hashes, READAHEAD)
         except codec.CorruptObject as exc:
             log.error("read of inode %d at %d: %s", node.ino, off, exc)
             raise FSError(errno.EIO) from exc
