@@ -25,7 +25,7 @@ from cowfs.chunks.packs import PackStore, merge_extents
 from cowfs.kv.base import KV, Batch
 
 CF_OBJECTS = "objects"
-RUN_READ_AHEAD = 4 << 20  # bytes of a pack read ahead after a run read (ObjectStore.read_run)
+RUN_READ_AHEAD = 16 << 20  # bytes of a pack read ahead after a run read (ObjectStore.read_run)
 CF_REFS = "refs"
 CF_PENDING = "pending"  # chunk hash -> b"": created, not yet considered for delta encoding
 CF_SIMILAR = "similar"  # super-feature -> hash of a whole chunk that had it (checked on use)
