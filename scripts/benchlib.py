@@ -605,6 +605,8 @@ class CowfsTarget(Target):
         return req
 
     def _force_cleanup(self) -> None:
+        if not hasattr(self, "mp"):
+            return  # never set up (an earlier target failed): nothing to clean
         if not self.pid:
             self.pid = self._find_pid()
         super()._force_cleanup()

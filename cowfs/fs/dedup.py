@@ -58,6 +58,7 @@ class Plan:
     features: list[bytes] = field(default_factory=list)
     value: bytes | None = None  # a D encoding, if one pays
     base: bytes | None = None
+    later: bool = False  # left in the queue for a quiet moment
 
 
 def _whole(raw: bytes | None) -> bool:
@@ -154,10 +155,17 @@ class DedupWorker:
         self._cursor = hashes[-1] + b"\x00" if hashes else b""
         return hashes
 
-    def _plan(self, hashes: list[bytes]) -> list[Plan]:
+    def _plan(self, hashes: list[bytes], busy: bool = False) -> list[Plan]:
+        """busy: the mount is serving requests; chunks in pack files wait for a quiet moment
+        (reading them back competes with the foreground's reads of the same disk)."""
         local: dict[bytes, bytes] = {}  # index entries of this batch, not committed yet
         plans = []
         for h in hashes:
+            if busy:
+                raw = self.kv.get(CF_OBJECTS, h)
+                if raw is not None and raw[0] == codec.KIND_PACKED:
+                    plans.append(Plan(h, later=True))
+                    continue
             try:
                 plans.append(self._plan_one(h, local))
             except codec.CorruptObject as exc:  # fsck's business; just take it off the queue
@@ -184,6 +192,8 @@ class DedupWorker:
         txn, batch = RefTxn(), Batch()
         bases: set[bytes] = set()
         for p in plans:
+            if p.later:
+                continue
             txn.done.append(p.hash)
             raw = self.kv.get(CF_OBJECTS, p.hash)
             if not _whole(raw):
@@ -202,7 +212,7 @@ class DedupWorker:
             for f in p.features:
                 batch.put(CF_SIMILAR, f, p.hash)
         self.fs.store.commit(batch, txn)
-        self.chunks_done += len(plans)
+        self.chunks_done += sum(not p.later for p in plans)
 
     async def run(self) -> None:
         """Work through the queue forever; sleep while it is empty or the worker is off."""
@@ -211,7 +221,8 @@ class DedupWorker:
                 await trio.sleep(IDLE_POLL)
                 continue
             t0 = time.perf_counter()
-            plans = await trio.to_thread.run_sync(lambda: self._plan(self._next_batch()))
+            serving = not self._quiet()
+            plans = await trio.to_thread.run_sync(lambda: self._plan(self._next_batch(), serving))
             try:
                 async with self.fs.lock:
                     self._commit(plans)
