@@ -440,6 +440,10 @@ class Daemon:
         return 0
 
 
+_M_TRIM_THRESHOLD = -1  # mallopt parameters (glibc malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+
 def _keep_freed_memory() -> None:
     """Let glibc reuse freed request buffers instead of unmapping them.
 
@@ -454,10 +458,6 @@ def _keep_freed_memory() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
     except (OSError, AttributeError):
         pass  # not glibc: its defaults stand
-
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
 
 
 def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: bool) -> int:

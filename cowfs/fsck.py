@@ -330,7 +330,7 @@ class Fsck:
         size = self._pack_sizes.get(pack)
         if size is None:
             try:
-                size = os.path.getsize(os.path.join(self.store.packs.dir, f"{pack:08d}.pack"))
+                size = os.path.getsize(self.store.packs.path(pack))
             except OSError:
                 size = -1
             self._pack_sizes[pack] = size

@@ -74,7 +74,7 @@ class PackStore:
     def pack_ids(self) -> list[int]:
         return sorted(int(m.group(1)) for n in os.listdir(self.dir) if (m := _NAME.match(n)))
 
-    def _path(self, pack: int) -> str:
+    def path(self, pack: int) -> str:
         return os.path.join(self.dir, f"{pack:08d}.pack")
 
     def _fd(self, pack: int, create: bool = False) -> int:
@@ -84,7 +84,7 @@ class PackStore:
                 fd = self._fds.get(pack)
                 if fd is None:
                     flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-                    fd = self._fds[pack] = os.open(self._path(pack), flags, 0o600)
+                    fd = self._fds[pack] = os.open(self.path(pack), flags, 0o600)
                     # Reads are chunk lookups: no kernel readahead around each (a 4 KiB random
                     # read would pull in far more); runs read ahead explicitly (read_ahead).
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
@@ -105,7 +105,7 @@ class PackStore:
             if self._end >= PACK_MAX:
                 self._close_writer()
                 self._cur += 1
-                self._cur_fd = os.open(self._path(self._cur), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self._cur_fd = os.open(self.path(self._cur), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
                 self._fds[self._cur] = self._cur_fd
                 self._end = 0
                 self._sync_dir()
@@ -141,7 +141,7 @@ class PackStore:
     def _writer(self) -> int | None:
         if self._wfd is None and self._direct:
             try:
-                self._wfd = os.open(self._path(self._cur), os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                self._wfd = os.open(self.path(self._cur), os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
             except OSError:
                 self._direct = False
         return self._wfd
@@ -209,7 +209,7 @@ class PackStore:
                     fd = self._fds.pop(pack, None)
                 if fd is not None:
                     os.close(fd)
-                os.unlink(self._path(pack))
+                os.unlink(self.path(pack))
                 removed += 1
                 continue
             pos, holes = 0, []
@@ -229,7 +229,7 @@ class PackStore:
         total = 0
         for pack in self.pack_ids():
             try:
-                total += os.stat(self._path(pack)).st_blocks * 512
+                total += os.stat(self.path(pack)).st_blocks * 512
             except FileNotFoundError:
                 pass
         return total

@@ -200,7 +200,7 @@ class RefTxn:
 class ObjectStore:
     """Reads objects through the chunk cache (L1 decoded, L2 lz4 pages); writes via RefTxn."""
 
-    def __init__(self, kv: KV, cache: ChunkCache, packs: PackStore | None = None) -> None:
+    def __init__(self, kv: KV, cache: ChunkCache, packs: PackStore) -> None:
         self.kv = kv
         self.cache = cache
         self.packs = packs
@@ -236,8 +236,6 @@ class ObjectStore:
         ext = codec.packed_extent(raw)
         if ext is None:
             return raw
-        if self.packs is None:
-            raise codec.CorruptObject("packed object in a store opened without its packs")
         return bytes((codec.packed_kind(raw),)) + self.packs.read(*ext)
 
     def read_run(self, hashes: list[bytes], need: int) -> bytes | None:
@@ -249,8 +247,6 @@ class ObjectStore:
         insert (fsck verifies every chunk; the kernel's page cache and readahead on the pack
         do the caching).  On the event loop only: no commit can run between the pointer
         lookups and the pread."""
-        if self.packs is None:
-            return None
         first = None
         pos = 0
         for n, h in enumerate(hashes, 1):
@@ -297,15 +293,11 @@ class ObjectStore:
         ext = codec.packed_extent(raw)
         if ext is None:
             return codec.decode_chunk(raw, h, self._base)
-        if self.packs is None:
-            raise codec.CorruptObject("packed object in a store opened without its packs")
         return codec.decode_payload(codec.packed_kind(raw), self.packs.read(*ext), h)
 
     def read_ahead(self, hashes: list[bytes]) -> None:
         """Have the kernel read the pack extents of these chunks in the background (pack
         files are read without kernel readahead, see PackStore._fd)."""
-        if self.packs is None:
-            return
         extents = []
         for h in hashes:
             raw = self.kv.get(CF_OBJECTS, h)
@@ -318,14 +310,13 @@ class ObjectStore:
         """Append whole encodings (R/Z values, without their kind byte) to a pack, durably;
         return their P pointers.  Runs in the flush thread; the caller puts the extents in
         txn.staged."""
-        assert self.packs is not None
         exts = self.packs.append([memoryview(v)[1:] for _h, v in items])
         return [codec.encode_packed(v[0], pack, off, length, codec.chunk_sizes(v)[0])
                 for (_h, v), (pack, off, length) in zip(items, exts)]
 
     def discard_staged(self, txn: RefTxn) -> None:
         """The commit of txn did not happen: its pack extents hold nothing."""
-        if txn.staged and self.packs is not None:
+        if txn.staged:
             self.packs.punch(txn.staged)
         txn.staged = []
 
@@ -551,8 +542,7 @@ class ObjectStore:
             self.space, self._staged = self._staged, None
         if self._punch:
             punch, self._punch = self._punch, []
-            if self.packs is not None:
-                self.packs.punch(punch)
+            self.packs.punch(punch)
 
     def abort(self, txn: RefTxn | None) -> None:
         """The batch of the last apply was not written: forget what it would have freed."""

@@ -99,11 +99,12 @@ class DedupWorker:
                 "mb_per_busy_s": round(self.bytes_done / 1e6 / self.busy_s, 1) if self.busy_s else None}
 
     # -- in a thread: reads only -------------------------------------------------------------
-    def _plan_one(self, h: bytes, local: dict[bytes, bytes]) -> Plan:
+    def _plan_one(self, h: bytes, stored: bytes | None, local: dict[bytes, bytes]) -> Plan:
+        """stored: h's record in the objects family (a P pointer is resolved here)."""
         plan = Plan(h)
         objects = self.fs.store.objects
         try:
-            raw = objects.stored(h)  # a packed chunk's encoding is read from its pack
+            raw = None if stored is None else objects.resolve(stored)  # packed: read from its pack
             if not _whole(raw):
                 return plan
             assert raw is not None
@@ -161,13 +162,12 @@ class DedupWorker:
         local: dict[bytes, bytes] = {}  # index entries of this batch, not committed yet
         plans = []
         for h in hashes:
-            if busy:
-                raw = self.kv.get(CF_OBJECTS, h)
-                if raw is not None and raw[0] == codec.KIND_PACKED:
-                    plans.append(Plan(h, later=True))
-                    continue
+            stored = self.kv.get(CF_OBJECTS, h)
+            if busy and stored is not None and stored[0] == codec.KIND_PACKED:
+                plans.append(Plan(h, later=True))
+                continue
             try:
-                plans.append(self._plan_one(h, local))
+                plans.append(self._plan_one(h, stored, local))
             except codec.CorruptObject as exc:  # fsck's business; just take it off the queue
                 log.error("background worker skips chunk %s: %s", h.hex(), exc)
                 plans.append(Plan(h))
