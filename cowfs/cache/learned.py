@@ -28,6 +28,7 @@ MAX_FILES = 20_000  # files with recorded successors / chunks: ~0.3 KiB each, ~6
 MAX_NEXT = 8  # successors kept per file
 MAX_CHUNKS = 64  # chunks 0-63 (the first 4 MiB) of a file are recorded
 RECENT = 4096  # files prefetched recently: not asked for again
+FOLLOW = 8  # an open this close to the head of the last prediction continues it
 SAVE_INTERVAL = 10.0
 
 
@@ -42,6 +43,7 @@ class OpenModel:
         self.last: int | None = None
         self.dirty = False
         self.recent: OrderedDict[int, None] = OrderedDict()
+        self._ahead: list[int] = []  # the files predicted to follow the last open, in order
 
     def opened(self, ino: int) -> None:
         prev, self.last = self.last, ino
@@ -73,27 +75,49 @@ class OpenModel:
         bits = self.chunks.get(ino, 0)
         return [i for i in range(bits.bit_length()) if bits >> i & 1]
 
-    def chain(self, ino: int) -> list[int]:
-        """The likely next files after ino, most likely path first."""
-        out: list[int] = []
-        seen = {ino}
-        cur = ino
-        while len(out) < DEPTH:
-            succ = self.next.get(cur)
-            if not succ:
-                break
-            nxt, count = max(succ.items(), key=lambda kv: kv[1])
-            if count < THRESHOLD * sum(succ.values()) or nxt in seen:
-                break
-            out.append(nxt)
+    def _successor(self, cur: int) -> int | None:
+        """cur's most frequent successor, if at least THRESHOLD of cur's transitions go to it."""
+        succ = self.next.get(cur)
+        if not succ:
+            return None
+        nxt, count = max(succ.items(), key=lambda kv: kv[1])
+        return nxt if count >= THRESHOLD * sum(succ.values()) else None
+
+    def _extend(self, ahead: list[int], ino: int) -> None:
+        """Follow likely successors from the end of ahead (or from ino) until DEPTH files are
+        predicted, a file repeats or no successor is likely enough."""
+        seen = set(ahead)
+        seen.add(ino)
+        cur = ahead[-1] if ahead else ino
+        while len(ahead) < DEPTH:
+            nxt = self._successor(cur)
+            if nxt is None or nxt in seen:
+                return
+            ahead.append(nxt)
             seen.add(nxt)
             cur = nxt
-        return out
 
     def to_prefetch(self, ino: int) -> list[int]:
-        """Files (with recorded chunks) to prefetch now that ino is open; each file once per RECENT."""
+        """Files (with recorded chunks) to prefetch now that ino is open; each file once per RECENT.
+
+        An open that follows the prediction made at an earlier open (ino is among the next
+        FOLLOW predicted files) advances that prediction and extends it at its far end, so it
+        costs O(1) instead of a walk of DEPTH files (measured: 92 us per open for a
+        9,000-file sequence, the cost of a whole FUSE request); any other open starts afresh."""
+        ahead = self._ahead
+        try:
+            k = ahead.index(ino, 0, FOLLOW)
+        except ValueError:
+            ahead.clear()
+            self._extend(ahead, ino)
+            fresh = [ino, *ahead]
+        else:
+            del ahead[: k + 1]
+            known = len(ahead)
+            self._extend(ahead, ino)
+            fresh = ahead[known:]
         out = []
-        for f in [ino, *self.chain(ino)]:
+        for f in fresh:
             if f in self.recent:
                 self.recent.move_to_end(f)
                 continue
