@@ -92,6 +92,28 @@ def init_store(store: os.PathLike) -> Path:
     return Path(store)
 
 
+def ctl_exchange(mp, line: bytes) -> tuple[int, bytes]:
+    """Open MP/.cowfs/ctl, write ``line`` as is and read the reply to its end: (errno of the
+    write, 0 if it succeeded; the reply).  The tests' control-file helpers all go through it."""
+    fd = os.open(os.path.join(str(mp), ".cowfs", "ctl"), os.O_RDWR)
+    try:
+        err = 0
+        try:
+            n = os.write(fd, line)
+            assert n == len(line), f"short write to ctl: {n} of {len(line)}"
+        except OSError as e:
+            err = e.errno
+        out = b""
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                break
+            out += b
+        return err, out
+    finally:
+        os.close(fd)
+
+
 def call_with_timeout(fn, *args, timeout: float = 30, what: str | None = None, **kw):
     """Run ``fn(*args, **kw)`` in a daemon thread; raise OpTimeout if it does not return in time.
 

@@ -27,7 +27,7 @@ import pytest
 
 import mounting
 from conftest import UNPRIV_GID, UNPRIV_UID
-from mounting import Worker, call_with_timeout, compare_snapshots, run_cowfs, snapshot
+from mounting import Worker, call_with_timeout, compare_snapshots, ctl_exchange, run_cowfs, snapshot
 
 MiB = 1 << 20
 CHUNK = 64 << 10
@@ -39,29 +39,9 @@ BIG_MIB = int(os.environ.get("COWFS_CLONE_BIG_MIB", "1024"))
 # helpers (shared with test_branching_differential.py and test_forks.py)
 # ============================================================================================
 
-def _ctl_call(mp, line: bytes) -> tuple[int, bytes]:
-    fd = os.open(os.path.join(str(mp), ".cowfs", "ctl"), os.O_RDWR)
-    try:
-        err = 0
-        try:
-            n = os.write(fd, line)
-            assert n == len(line), f"short write to ctl: {n} of {len(line)}"
-        except OSError as e:
-            err = e.errno
-        out = b""
-        while True:
-            b = os.read(fd, 1 << 20)
-            if not b:
-                break
-            out += b
-        return err, out
-    finally:
-        os.close(fd)
-
-
 def ctl_raw(mp, line: bytes, timeout: float = CTL_TIMEOUT) -> tuple[int, bytes]:
     """Open MP/.cowfs/ctl, write ``line`` (as is), read the reply: (errno of the write, reply)."""
-    return call_with_timeout(_ctl_call, mp, line, timeout=timeout, what=f"ctl {line[:80]!r}")
+    return call_with_timeout(ctl_exchange, mp, line, timeout=timeout, what=f"ctl {line[:80]!r}")
 
 
 def ctl(mp, line, timeout: float = CTL_TIMEOUT) -> tuple[int, dict]:

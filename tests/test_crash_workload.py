@@ -50,14 +50,6 @@ def test_sigkill_during_mixed_workload(cowfs_mount, tmp_path):
     assert total > ROUNDS * 3
 
 
-def _ctl(mp, line: str) -> None:
-    fd = os.open(os.path.join(str(mp), ".cowfs", "ctl"), os.O_RDWR)
-    try:
-        os.write(fd, line.encode() + b"\n")
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.timeout(120)
 def test_create_right_after_rollback_is_not_lost(cowfs_mount):
     """Found by the workload with rollbacks (scripts/soak_crash.py --rollback): after `rollback`
@@ -69,12 +61,12 @@ def test_create_right_after_rollback_is_not_lost(cowfs_mount):
     names = [f"d{j}" for j in range(1000)]
     for n in names:
         os.mkdir(mp / n)
-    _ctl(mp, "snapshot base")
+    workload.ctl(mp, "snapshot base")
     lost = []
     for i in range(20):
         for n in names:
             os.stat(mp / n)  # the kernel caches every name
-        _ctl(mp, "rollback base")
+        workload.ctl(mp, "rollback base")
         (mp / names[-1] / f"f{i}").write_bytes(b"created after the rollback returned")
         time.sleep(0.01)
         if not (mp / names[-1] / f"f{i}").exists():
@@ -100,14 +92,14 @@ def test_gc_interrupted_between_batches_leaves_fsck_clean(cowfs_mount, tmp_path)
     os.mkdir(m.path / "d")
     for n in range(1200):
         (m.path / "d" / f"f{n}").write_bytes(b"v0")
-    _ctl(m.path, "snapshot g0")
+    workload.ctl(m.path, "snapshot g0")
     for s in range(1, 5):
         for n in range(0, 1200, 1):
             (m.path / "d" / f"f{n}").write_bytes(f"v{s}".encode())
-        _ctl(m.path, f"snapshot g{s}")
-    _ctl(m.path, "rollback g0")
+        workload.ctl(m.path, f"snapshot g{s}")
+    workload.ctl(m.path, "rollback g0")
     for s in range(1, 5):
-        _ctl(m.path, f"delete g{s}")
+        workload.ctl(m.path, f"delete g{s}")
     workload.kill_daemon(m)  # before the GC pass the deletes scheduled
     pristine = tmp_path / "pristine"
     shutil.copytree(m.store, pristine, symlinks=True, ignore=shutil.ignore_patterns("daemon.sock", "daemon.pid"))

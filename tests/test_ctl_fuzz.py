@@ -37,22 +37,7 @@ def vmrss(pid: int) -> int:
 
 def send(mp, data: bytes) -> tuple[int, bytes]:
     """One session: write data (all of it, in one write), read the whole reply."""
-    fd = os.open(os.path.join(str(mp), ".cowfs", "ctl"), os.O_RDWR)
-    try:
-        err = 0
-        try:
-            os.write(fd, data)
-        except OSError as e:
-            err = e.errno
-        out = b""
-        while True:
-            b = os.read(fd, 1 << 16)
-            if not b:
-                break
-            out += b
-        return err, out
-    finally:
-        os.close(fd)
+    return mounting.ctl_exchange(mp, data)
 
 
 def check_reply(data: bytes, err: int, out: bytes) -> None:

@@ -47,16 +47,7 @@ def small_disk():
 
 
 def ctl(mp, line: str) -> tuple[int, bytes]:
-    fd = os.open(os.path.join(str(mp), ".cowfs", "ctl"), os.O_RDWR)
-    try:
-        err = 0
-        try:
-            os.write(fd, line.encode() + b"\n")
-        except OSError as e:
-            err = e.errno
-        return err, os.read(fd, 65536)
-    finally:
-        os.close(fd)
+    return mounting.ctl_exchange(mp, line.encode() + b"\n")
 
 
 def write_file(path, data: bytes) -> tuple[str, int] | None:

@@ -24,16 +24,8 @@ CTL_GID = 4242
 
 
 def ctl(mp, line: str) -> tuple[int, dict]:
-    fd = os.open(os.path.join(str(mp), ".cowfs", "ctl"), os.O_RDWR)
-    try:
-        err = 0
-        try:
-            os.write(fd, line.encode("utf-8", "surrogateescape") + b"\n")
-        except OSError as e:
-            err = e.errno
-        return err, json.loads(os.read(fd, 1 << 20))
-    finally:
-        os.close(fd)
+    err, out = mounting.ctl_exchange(mp, line.encode("utf-8", "surrogateescape") + b"\n")
+    return err, json.loads(out)
 
 
 def wctl(w: Worker, mp, line: str) -> tuple[int, str | None]:

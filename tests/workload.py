@@ -207,7 +207,9 @@ class Model:
 # running one operation on the mount
 # --------------------------------------------------------------------------------------------
 
-def _ctl(mount: str, line: str) -> None:
+def ctl(mount: str, line: str) -> None:
+    """One control-file command that must succeed (OSError with the reply otherwise).  Kept
+    free of mounting.py: this module also runs as the workload's child process."""
     fd = os.open(os.path.join(mount, ".cowfs", "ctl"), os.O_RDWR)
     try:
         try:
@@ -264,11 +266,11 @@ def execute(mount: str, rel: str, op: dict) -> None:
         finally:
             os.close(fd)
     elif kind == "snapshot":
-        _ctl(mount, f"snapshot {op['name']}")
+        ctl(mount, f"snapshot {op['name']}")
     elif kind in ("delete", "rollback"):
-        _ctl(mount, f"{kind} {op['name']}")
+        ctl(mount, f"{kind} {op['name']}")
     elif kind == "clone":
-        _ctl(mount, f"clone {os.path.join(rel, op['path'])} {os.path.join(rel, op['dst'])}")
+        ctl(mount, f"clone {os.path.join(rel, op['path'])} {os.path.join(rel, op['dst'])}")
     else:
         raise ValueError(kind)
 
@@ -544,7 +546,7 @@ def sigkill_round(m, round_no: int, logdir: str, rnd: random.Random, max_delay: 
     # Keep fsck's work (it walks every snapshot's tree) from growing round after round.
     for name in os.listdir(os.path.join(m.path, ".cowfs", "snapshots")):
         if name.startswith(tag + "-"):
-            _ctl(str(m.path), f"delete {name}")
+            ctl(str(m.path), f"delete {name}")
     if previous is not None:
         for d, listing in previous.items():
             now = shape(os.path.join(m.path, d))
