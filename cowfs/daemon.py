@@ -215,21 +215,20 @@ class Daemon:
                     names.add(view.name)
         return names
 
-    def _sync_mount(self) -> None:
+    async def kernel_sync(self) -> None:
+        """Have the kernel write its dirty pages back to us: syncfs on the mount, from a child
+        process (`sync -f`).  Not from a thread of ours: the open and the syncfs are requests
+        to this daemon, and if it were SIGKILLed meanwhile that thread would wait for them
+        forever, keeping the daemon's /dev/fuse descriptor open, so the kernel would never
+        abort the connection and the mount would hang.  A child holds no such descriptor:
+        the kernel aborts its requests when we die.  Its exit status does not matter (FUSE
+        has no SYNCFS request and answers ENOENT; the writeback has happened by then)."""
         mps = self.mounts()
         if not mps:
             return
-        fd = os.open(mps[0][0], os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            if _libc.syncfs(fd) != 0:  # FUSE answers ENOENT here (no SYNCFS op); the writeback is done
-                log.debug("syncfs: %s", os.strerror(ctypes.get_errno()))
-        finally:
-            os.close(fd)
-
-    async def kernel_sync(self) -> None:
-        """Have the kernel write its dirty pages back to us (a thread waits in syncfs)."""
         with trio.move_on_after(KERNEL_SYNC_TIMEOUT) as scope:
-            await trio.to_thread.run_sync(self._sync_mount, abandon_on_cancel=True)
+            await trio.run_process(["sync", "-f", mps[0][0]], check=False,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if scope.cancelled_caught:
             log.warning("syncfs on the mount did not finish within %.0f s", KERNEL_SYNC_TIMEOUT)
 
