@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Union
 
+from cowfs import mounts as _mounts
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = [
@@ -182,43 +184,6 @@ def _cli_message(r: subprocess.CompletedProcess[str]) -> str:
     return msg[len("cowfs: "):] if msg.startswith("cowfs: ") else msg
 
 
-def _mountinfo() -> list[tuple[str, str, str, str]]:
-    """(mount point, root, fstype, source) of every mount, unescaped."""
-    unesc = lambda t: t.encode().decode("unicode_escape")  # noqa: E731
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.rstrip("\n").partition(" - ")
-            lf, rf = left.split(), right.split()
-            out.append((unesc(lf[4]), unesc(lf[3]), rf[0], unesc(rf[1]) if len(rf) > 1 else ""))
-    return out
-
-
-def _store_of(mountpoint: str) -> str | None:
-    for mp, _root, fstype, source in _mountinfo():
-        if mp == mountpoint and fstype == "fuse.cowfs" and source.startswith("cowfs:"):
-            return source[len("cowfs:"):]
-    return None
-
-
-def _pid_alive(pid: int) -> bool:
-    """A zombie (exited, not yet reaped) counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _daemon_pid(store: str) -> int | None:
-    try:
-        with open(os.path.join(store, "daemon.pid")) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if _pid_alive(pid) else None
-
-
 def _syncfs(path: Path) -> None:
     """Make the kernel hand its dirty pages for this mount to the daemon."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -311,39 +276,29 @@ class Mount:
             self.umount()
 
     def is_mounted(self) -> bool:
-        return _store_of(str(self.path)) is not None
+        return _mounts.mounted_store(str(self.path)) is not None
 
     def umount(self, timeout: float = 60.0) -> None:
         """Flush, unmount and (if no other branch of the store is mounted) wait for the daemon.
 
-        As ``cowfs umount`` does it, without starting a Python process: ``fusermount3 -u``
-        (the kernel writes its dirty pages back first), then wait until the daemon has
-        committed, synced and exited.
+        As ``cowfs umount`` does it (cowfs.mounts, which imports neither pyfuse3 nor trio):
+        ``fusermount3 -u`` (the kernel writes its dirty pages back first), then wait until the
+        daemon has committed, synced and exited.  A dead daemon's mount is cleared.
         """
         mp = str(self.path)
-        store = _store_of(mp)
-        if self._umounted or store is None:
-            self._umounted = True
-            return
-        pid = _daemon_pid(store)
         deadline = time.monotonic() + timeout
-        while True:
-            r = subprocess.run(["fusermount3", "-u", "--", mp], stdin=subprocess.DEVNULL, capture_output=True,
-                               text=True, timeout=timeout)
-            if r.returncode == 0 or _store_of(mp) is None:
-                break
-            msg = r.stderr.strip() or f"fusermount3 -u {mp} failed"
-            # a process that just left the sandbox may keep it busy for a moment
-            if "busy" not in msg.lower() or time.monotonic() > deadline:
-                raise MountError(f"umount {mp}: {msg}", _errno.EBUSY if "busy" in msg.lower() else None)
-            time.sleep(0.1)
+        while not self._umounted and _mounts.mounted_store(mp) is not None:
+            try:
+                _mounts.umount(mp, timeout=max(1.0, deadline - time.monotonic()))
+            except _mounts.MountError as exc:
+                busy = "busy" in str(exc).lower()
+                # a process that just left the sandbox may keep it busy for a moment
+                if not busy or time.monotonic() > deadline:
+                    raise MountError(f"umount {mp}: {exc}", _errno.EBUSY if busy else None) from None
+                time.sleep(0.1)
+                continue
+            break
         self._umounted = True
-        if pid is None or any(src == f"cowfs:{store}" for _mp, _r, _t, src in _mountinfo()):
-            return          # other branches of the store stay mounted: the daemon goes on
-        while _pid_alive(pid):
-            if time.monotonic() > deadline:
-                raise MountError(f"daemon pid {pid} did not exit within {timeout:.0f} s after unmount")
-            time.sleep(0.01)
 
     def attach(self, branch: str, mountpoint: PathLike, mkdir: bool = True) -> "Mount":
         """Mount another branch of the same store (served by the same daemon; needs root)."""
@@ -424,7 +379,7 @@ def mount(store: PathLike, mountpoint: PathLike, branch: str = "main", options: 
 def open_mount(mountpoint: PathLike) -> Mount:
     """A Mount for an existing cowfs mount (not unmounted by the context manager)."""
     mp = Path(mountpoint).absolute()
-    store = _store_of(str(mp))
+    store = _mounts.mounted_store(str(mp))
     if store is None:
         raise NotMounted(f"{mp} is not a cowfs mount")
     listing = control(mp, "list")

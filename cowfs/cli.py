@@ -11,8 +11,9 @@ from typing import Any
 import click
 
 from cowfs import admin, api
-from cowfs.daemon import MountConfig, MountError, mounted_store
-from cowfs.errors import StoreError
+from cowfs.daemon import MountConfig
+from cowfs.errors import MountError, StoreError
+from cowfs.mounts import mounted_store
 
 
 def _fail(msg: str) -> None:
@@ -48,7 +49,7 @@ def init(store: str) -> None:
 
 @main.command()
 @click.argument("store", type=click.Path())
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint", metavar="MOUNTPOINT")  # not click.Path: its stat would hang on a hung mount
 @click.option("--branch", default="main", show_default=True, help="Branch to mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (for systemd); exit when unmounted.")
 @click.option("-o", "options", multiple=True, metavar="OPTION",
@@ -93,21 +94,26 @@ def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: t
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path())
+@click.argument("mountpoint", metavar="MOUNTPOINT")  # not click.Path: its stat would hang on a hung mount
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the daemon to exit.")
-def umount(mountpoint: str, timeout: float) -> None:
-    """Flush everything, unmount MOUNTPOINT and wait for its daemon to exit."""
-    from cowfs import daemon
+@click.option("--force", is_flag=True,
+              help="For a daemon that hangs: abort its FUSE connection (every mount of its store) and kill it. "
+                   "Unacknowledged writes are lost, as in a crash.")
+def umount(mountpoint: str, timeout: float, force: bool) -> None:
+    """Flush everything, unmount MOUNTPOINT and wait for its daemon to exit.
+
+    The mount of a daemon that died (killed, crashed) is cleared, even when processes
+    hang in it: its FUSE connection is aborted."""
+    from cowfs import mounts
 
     try:
-        daemon.umount(mountpoint, timeout)
+        click.echo(mounts.umount(mountpoint, timeout, force))
     except MountError as exc:
         _fail(str(exc))
 
 
 def _resolve_store(target: str) -> str:
-    store = mounted_store(target) if os.path.ismount(target) else None
-    return store or os.path.abspath(target)
+    return mounted_store(target) or os.path.abspath(target)
 
 
 @main.command()
@@ -118,7 +124,8 @@ def stats(target: str, as_json: bool) -> None:
 
     Without a daemon, the store's space figures are read from the store itself.
     """
-    from cowfs.store import Store, daemon_pid
+    from cowfs.mounts import daemon_pid
+    from cowfs.store import Store
 
     store = _resolve_store(target)
     if daemon_pid(store) is None:  # not served (a socket left by a killed daemon does not count)

@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator
 import click
 
 from cowfs.cli import _fail, main
+from cowfs.errors import MountError
+from cowfs.mounts import MountEntry, cowfs_mounts
 
 PROBE_TIMEOUT = 5.0
 
@@ -72,28 +74,6 @@ def _with_timeout(fn: Callable[[], Any], timeout: float = PROBE_TIMEOUT) -> Any:
     if "e" in box:
         raise box["e"]
     return box.get("v")
-
-
-@dataclass
-class MountEntry:
-    mountpoint: str
-    root: str          # "/" for the daemon's own FUSE mount, "/.cowfs/by-view/N" for a bind mount
-    store: str
-    options: list[str]
-
-
-def cowfs_mounts() -> list[MountEntry]:
-    """cowfs mounts of this mount namespace, from /proc/self/mountinfo (never touching them)."""
-    unesc = lambda t: t.encode().decode("unicode_escape")  # noqa: E731
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.rstrip("\n").partition(" - ")
-            lf, rf = left.split(), right.split()
-            if len(rf) >= 2 and rf[0] == "fuse.cowfs" and rf[1].startswith("cowfs:"):
-                out.append(MountEntry(unesc(lf[4]), unesc(lf[3]), unesc(rf[1])[len("cowfs:"):],
-                                      lf[5].split(",") + (rf[2].split(",") if len(rf) > 2 else [])))
-    return out
 
 
 def _branch_here(mountpoint: str) -> str | None:
@@ -139,20 +119,20 @@ def find_branch_mount(store: str, branch: str) -> str | None:
 
 def _unmount(mountpoint: str, quiet: bool = False) -> None:
     """cowfs umount, retrying while a process that just left keeps it busy; lazy as a last resort."""
-    from cowfs import daemon
+    from cowfs import mounts
 
     deadline = time.monotonic() + 15
     while True:
         try:
-            daemon.umount(mountpoint, timeout=60)
+            mounts.umount(mountpoint, timeout=60)
             return
-        except daemon.MountError as exc:
+        except MountError as exc:
             if "busy" not in str(exc).lower():
                 raise
             if time.monotonic() > deadline:
                 if not quiet:
                     click.echo(f"cowfs: {mountpoint} is still busy; unmounting lazily", err=True)
-                daemon.unmount(mountpoint, lazy=True)
+                mounts.unmount(mountpoint, lazy=True)
                 return
             time.sleep(0.2)
 
@@ -161,7 +141,6 @@ def _unmount(mountpoint: str, quiet: bool = False) -> None:
 def branch_mounted(store: str, branch: str, options: tuple[str, ...] = (), purpose: str = "run") -> Iterator[tuple[str, bool]]:
     """Yield (mount point, mounted by us) for BRANCH of STORE, mounting it at a temporary
     directory if it is not mounted; unmount (and remove the directory) on the way out."""
-    from cowfs import daemon
     from cowfs.mount_helper import HelperError, mount as helper_mount, parse_args
 
     store = os.path.abspath(store)
@@ -175,7 +154,7 @@ def branch_mounted(store: str, branch: str, options: tuple[str, ...] = (), purpo
         try:
             req = parse_args([store, mp, "-o", f"branch={branch}"] + opts)
             helper_mount(req)
-        except (HelperError, daemon.MountError) as exc:
+        except (HelperError, MountError) as exc:
             _fail(str(exc))
         try:
             yield mp, True
@@ -192,7 +171,7 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
     named, in ONLY).  Mounts are probed in parallel, each with a time limit."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from cowfs.store import daemon_pid
+    from cowfs.mounts import daemon_pid
 
     wanted = None
     if only:

@@ -24,24 +24,21 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from cowfs import admin, notify
-from cowfs.errors import FSError, StoreError
+from cowfs import admin, mounts, notify
+from cowfs.errors import FSError, MountError, StoreError
 from cowfs.fs.branching import run_gc, sweep_packs
 from cowfs.fs.dedup import DedupWorker
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.view import View
 from cowfs.fuse_ops import Operations
-from cowfs.store import Store, daemon_pid, pid_alive, pid_file
+from cowfs.mounts import daemon_pid, pid_file
+from cowfs.store import Store
 
 log = logging.getLogger("cowfs.daemon")
 LOG_NAME = "daemon.log"
 KERNEL_SYNC_TIMEOUT = 30.0
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 MS_BIND = 4096
-
-
-class MountError(Exception):
-    """The mount cannot be made; the message says why."""
 
 
 @dataclass
@@ -91,37 +88,24 @@ def set_cache_option(cfg: MountConfig, key: str, value: str, parse_size: Callabl
     return True
 
 
-def fusermount() -> str:
-    for d in os.environ.get("PATH", "/usr/bin:/bin").split(":") + ["/usr/bin", "/bin"]:
-        p = os.path.join(d, "fusermount3")
-        if os.access(p, os.X_OK):
-            return p
-    raise MountError("fusermount3 not found: install the Debian package fuse3")
-
-
-def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
-    args = [fusermount(), "-u"] + (["-z"] if lazy else []) + ["--", mountpoint]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise MountError(r.stderr.strip() or f"fusermount3 -u {mountpoint} failed")
-
-
 def check_mountpoint(mountpoint: str) -> None:
-    """Refuse missing, non-empty or already mounted mountpoints; clear dead mounts of a crashed daemon."""
+    """Refuse missing, non-empty or already mounted mountpoints; clear the mount a dead
+    daemon of a cowfs store left there.  The mount table is read before the mountpoint is
+    touched: a stat of a hung FUSE mount would block."""
+    entry = mounts.entry_at(mountpoint)
+    if entry is not None:
+        if entry.store is None or daemon_pid(entry.store) is not None:
+            raise MountError(f"{mountpoint} is already a mount point ({entry.fstype} {entry.source})")
+        log.warning("clearing the mount a dead daemon of %s left at %s", entry.store, mountpoint)
+        mounts.clear_connection(entry.dev)
     try:
         os.stat(mountpoint)
     except OSError as exc:
-        if exc.errno == errno.ENOTCONN:  # a FUSE mount whose daemon died
-            log.warning("clearing stale mount at %s", mountpoint)
-            unmount(mountpoint, lazy=True)
-        elif exc.errno == errno.ENOENT:
+        if exc.errno == errno.ENOENT:
             raise MountError(f"mountpoint {mountpoint} does not exist") from None
-        else:
-            raise MountError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+        raise MountError(f"mountpoint {mountpoint}: {exc.strerror}") from None
     if not os.path.isdir(mountpoint):
         raise MountError(f"mountpoint {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise MountError(f"{mountpoint} is already a mount point")
     if os.listdir(mountpoint):
         raise MountError(f"mountpoint {mountpoint} is not empty")
 
@@ -129,7 +113,7 @@ def check_mountpoint(mountpoint: str) -> None:
 def check_environment() -> None:
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse does not exist: this machine or container has no FUSE")
-    fusermount()
+    mounts.fusermount()
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
@@ -163,13 +147,12 @@ def _raise_readahead(mountpoint: str) -> None:
 
     The device number comes from mountinfo: stat() on our own mount would wait for us.
     """
+    entry = mounts.entry_at(mountpoint)
+    if entry is None or entry.fstype != "fuse.cowfs":
+        return
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == mountpoint and " fuse.cowfs " in line:
-                    with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as out:
-                        out.write("1024")
+        with open(f"/sys/class/bdi/{entry.dev}/read_ahead_kb", "w") as out:
+            out.write("1024")
     except OSError as exc:
         log.debug("read_ahead_kb unchanged: %s", exc)
 
@@ -195,14 +178,7 @@ class Daemon:
     # -- our mounts ------------------------------------------------------------------------
     def mounts(self) -> list[tuple[str, str]]:
         """(mount point, root inside our filesystem) of every mount of our FUSE connection."""
-        out = []
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[2] == self.dev:
-                    unesc = lambda t: t.encode().decode("unicode_escape")  # noqa: E731
-                    out.append((unesc(fields[4]), unesc(fields[3])))
-        return out
+        return [(e.mountpoint, e.root) for e in mounts.connection_mounts(self.dev)] if self.dev else []
 
     def mounted_branches(self) -> set[str]:
         names = set()
@@ -345,7 +321,7 @@ class Daemon:
         # Bind mounts (other branches) first, the FUSE mount itself last.
         for mp, _root in sorted(self.mounts(), key=lambda m: m[1] == "/"):
             for lazy in (False, True):
-                r = await trio.run_process([fusermount(), "-u"] + (["-z"] if lazy else []) + ["--", mp],
+                r = await trio.run_process([mounts.fusermount(), "-u"] + (["-z"] if lazy else []) + ["--", mp],
                                            check=False, capture_stderr=True)
                 if r.returncode == 0:
                     break
@@ -416,11 +392,9 @@ class Daemon:
             return 1
         with open(pid_file(cfg.store), "w") as f:
             f.write(f"{os.getpid()}\n")
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == cfg.mountpoint and " fuse.cowfs " in line:
-                    self.dev = fields[2]
+        entry = mounts.entry_at(cfg.mountpoint)
+        if entry is not None and entry.fstype == "fuse.cowfs":
+            self.dev = entry.dev
         log.info("serving %s branch %s at %s (pid %d)", cfg.store, cfg.branch, cfg.mountpoint, os.getpid())
         clean = False
         try:
@@ -536,38 +510,3 @@ def mount(cfg: MountConfig, foreground: bool) -> int:
         raise MountError(line[4:])
     os.waitpid(child, 0)
     raise MountError(f"the daemon exited before mounting; see {os.path.join(cfg.store, LOG_NAME)}")
-
-
-def _store_mounted(store: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(f" cowfs:{store} " in line for line in f)
-
-
-def mounted_store(mountpoint: str) -> str | None:
-    """The store behind a cowfs mount point, from /proc/self/mountinfo."""
-    mp = os.path.abspath(mountpoint)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            target = fields[4].encode().decode("unicode_escape")
-            rf = right.split()
-            if target == mp and len(rf) >= 2 and rf[0] == "fuse.cowfs" and rf[1].startswith("cowfs:"):
-                return rf[1][len("cowfs:"):].encode().decode("unicode_escape")
-    return None
-
-
-def umount(mountpoint: str, timeout: float = 60.0) -> None:
-    store = mounted_store(mountpoint)
-    if store is None:
-        raise MountError(f"{mountpoint} is not a cowfs mount")
-    pid = daemon_pid(store)
-    unmount(os.path.abspath(mountpoint))
-    if pid is None or _store_mounted(store):
-        return  # other branches of the store stay mounted: the daemon goes on
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            return
-        time.sleep(0.02)
-    raise MountError(f"daemon pid {pid} did not exit within {timeout:.0f} s after unmount")

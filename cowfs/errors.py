@@ -14,3 +14,7 @@ class FSError(Exception):
 
 class StoreError(Exception):
     """The store cannot be used: missing, not a store, wrong format, locked or damaged."""
+
+
+class MountError(Exception):
+    """The mount cannot be made or taken away; the message says why."""

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     if req.fake:
         return 0
-    from cowfs.daemon import MountError
+    from cowfs.errors import MountError
 
     try:
         code = mount(req)

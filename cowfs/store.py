@@ -23,6 +23,7 @@ from cowfs.kv.rocks import RocksKV
 from cowfs.meta.layers import CF_META, Branch, Catalog
 from cowfs.meta.records import Attrs
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_XATTRS, Versioned, ino_key
+from cowfs.mounts import daemon_pid
 
 log = logging.getLogger(__name__)
 # 2: delta objects, 24-byte reference records, the pending/similar/space families.  A
@@ -37,28 +38,6 @@ CF_ORPHANS = "orphans"
 FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
 ROOT_INO = 1
 INO_BLOCK = 4096
-
-
-def pid_file(path: str) -> str:
-    return os.path.join(path, "daemon.pid")
-
-
-def pid_alive(pid: int) -> bool:
-    """True for a running process; a zombie (exited, not yet reaped) counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def daemon_pid(path: str) -> int | None:
-    """Pid of the live daemon serving this store, if any."""
-    try:
-        pid = int(open(pid_file(path)).read().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid_alive(pid) else None
 
 
 def _small_disk(path: str) -> bool:
