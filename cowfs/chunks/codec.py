@@ -198,3 +198,46 @@ def node_children(node: bytes) -> list[bytes]:
         if h != ZERO_HASH:
             out.append(h)
     return out
+
+
+def node_diff(new: bytes, old: bytes, limit: int) -> tuple[list[bytes], list[bytes]] | None:
+    """(children gained, children lost) going from node body old to new, with multiplicity,
+    or None if more than `limit` slots differ.  Bisects with slice comparisons (memcmp), so
+    one changed slot of 512 costs ~4 us where listing the children costs ~30 us."""
+    plus: list[bytes] = []
+    minus: list[bytes] = []
+    n = min(len(new), len(old))
+    changed = 0
+    stack = [(0, n)] if n else []
+    while stack:
+        lo, hi = stack.pop()
+        if new[lo:hi] == old[lo:hi]:
+            continue
+        if hi - lo > HASH_LEN:
+            mid = lo + (hi - lo) // HASH_LEN // 2 * HASH_LEN
+            stack.append((mid, hi))
+            stack.append((lo, mid))
+            continue
+        changed += 1
+        if changed > limit:
+            return None
+        if new[lo:hi] != ZERO_HASH:
+            plus.append(new[lo:hi])
+        if old[lo:hi] != ZERO_HASH:
+            minus.append(old[lo:hi])
+    if (len(new) - n) // HASH_LEN + (len(old) - n) // HASH_LEN + changed > limit:
+        return None
+    plus += node_children(new[n:])
+    minus += node_children(old[n:])
+    return plus, minus
+
+
+def slot_count(node: bytes, h: bytes) -> int:
+    """How many slots of node body `node` hold h (a C-level search, no list of children)."""
+    count = 0
+    i = node.find(h)
+    while i >= 0:
+        if i % HASH_LEN == 0:
+            count += 1
+        i = node.find(h, i + 1)
+    return count

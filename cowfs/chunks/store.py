@@ -36,6 +36,10 @@ FAMILIES = (CF_OBJECTS, CF_REFS, CF_PENDING, CF_SIMILAR, CF_SPACE)
 
 ROOT, SLOT, PIN = 0, 1, 2  # where a reference comes from
 SIZES_MAX = 1 << 15  # remembered content sizes (~5 MiB), see ObjectStore._remember_size
+# Node pairs netted by slot difference (ObjectStore.apply): at most this many per batch, and
+# only nodes that differ from their pair in at most PAIR_SLOTS slots (else listing is cheaper).
+PAIRS_MAX = 8
+PAIR_SLOTS = 16
 
 
 class MissingObject(codec.CorruptObject):
@@ -168,12 +172,15 @@ def tree_sizes(kv: KV, hashes: list[bytes]) -> dict[bytes, int]:
 class RefTxn:
     """Reference deltas and new objects gathered by one filesystem operation."""
 
-    __slots__ = ("delta", "new", "recode", "done", "staged")
+    __slots__ = ("delta", "new", "pairs", "recode", "done", "staged")
 
     def __init__(self) -> None:
         self.delta: dict[bytes, int] = {}
         # hash -> (encoded value, child hashes): only needed if the object turns out to be new.
         self.new: dict[bytes, tuple[bytes, list[bytes]]] = {}
+        # new node -> the stored node it was made from by changing a few slots (a hint that
+        # lets apply net their children's references without touching the common ones).
+        self.pairs: dict[bytes, bytes] = {}
         # Background work: hash -> new encoding of an existing chunk (a D object); hashes to
         # take off the queue.
         self.recode: dict[bytes, bytes] = {}
@@ -382,6 +389,15 @@ class ObjectStore:
         read nor written.  Every increment is known before any free is decided, so nothing
         this batch still references can be freed.  The new accounting is staged: `settle`
         makes it current once the batch is written.
+
+        A new node X that txn.pairs says was made from a stored node Y is not expanded child by
+        child: X's children are Y's, minus the few slots that differ (found by bisecting the
+        two bodies) plus X's own there.  So X's creation bumps only the differing slots and
+        adds one to group[Y], a pending "+1 to every child of Y".  If Y is freed, its "-1 to
+        every child" cancels one group increment instead of being expanded; a group still
+        pending after the decrements is expanded then.  While a group is pending, a decision
+        about any object counts the group's contribution (eff), so nothing Y holds is freed
+        early, and an object looked at meanwhile is looked at again when the group shrinks.
         """
         assert self.space is not None
         refs: dict[bytes, Ref] = {}
@@ -405,6 +421,10 @@ class ObjectStore:
             return r
 
         created: dict[bytes, int] = {}  # new object -> its content size (-1: not summed yet)
+        group: dict[bytes, int] = {}  # stored node Y -> pending "+n to each child of Y"
+        bodies: dict[bytes, bytes] = {}  # Y -> its node body
+        looked: dict[bytes, set[bytes]] = {}  # Y -> objects decided while group[Y] was pending
+        made_from: dict[bytes, tuple[bytes, list[bytes], list[bytes]]] = {}  # X -> (Y, gained, lost)
 
         def size_of(h: bytes) -> int:
             n = created.get(h)
@@ -412,8 +432,44 @@ class ObjectStore:
                 n = self._sizes.get(h)
                 return current(h).size if n is None else n
             if n < 0:
-                n = created[h] = sum(size_of(c) for c in txn.new[h][1])
+                pair = made_from.get(h)
+                if pair is None:
+                    n = sum(size_of(c) for c in txn.new[h][1])
+                else:
+                    y, gained, lost = pair
+                    n = size_of(y) + sum(map(size_of, gained)) - sum(map(size_of, lost))
+                created[h] = n
             return n
+
+        def eff(h: bytes) -> int:
+            """h's net count change, pending groups included."""
+            d = d_count.get(h, 0)
+            for y, g in group.items():
+                if g:
+                    k = codec.slot_count(bodies[y], h)
+                    if k:
+                        d += g * k
+                        looked[y].add(h)
+            return d
+
+        def pair_of(h: bytes, value: bytes) -> tuple[bytes, list[bytes], list[bytes]] | None:
+            y = txn.pairs.get(h)
+            if y is None or (y not in bodies and len(bodies) >= PAIRS_MAX):
+                return None
+            body = bodies.get(y)
+            if body is None:
+                body = self.cache.node(y)
+                if body is None:
+                    raw = self.kv.get(CF_OBJECTS, y)
+                    if raw is None or raw[0] != codec.KIND_NODE:
+                        return None
+                    body = raw[1:]
+            diff = codec.node_diff(value[1:], body, PAIR_SLOTS)
+            if diff is None:
+                return None
+            bodies[y] = body
+            looked.setdefault(y, set())
+            return y, diff[0], diff[1]
 
         for h, d in txn.delta.items():
             if d:
@@ -446,6 +502,13 @@ class ObjectStore:
             created[h] = -1
             batch.put(CF_OBJECTS, h, value)
             space.add_object(value, 1)
+            pair = pair_of(h, value) if h in txn.pairs else None
+            if pair is not None:
+                made_from[h] = pair
+                y, children, lost = pair
+                group[y] = group.get(y, 0) + 1
+                for c in lost:
+                    bump(c, -1, SLOT)
             for c in children:
                 bump(c, 1, SLOT)
                 if c in txn.new:
@@ -461,7 +524,7 @@ class ObjectStore:
         todo = [h for h, d in d_count.items() if d < 0]
         while todo:
             h = todo.pop()
-            d = d_count[h]
+            d = eff(h)
             if h in freed:
                 if d != freed[h]:
                     raise codec.CorruptObject(f"reference count of {h.hex()} would drop below zero")
@@ -478,9 +541,13 @@ class ObjectStore:
             if raw is not None:
                 space.add_object(raw, -1)
                 if raw[0] == codec.KIND_NODE:
-                    for c in codec.node_children(raw[1:]):
-                        bump(c, -1, SLOT)
-                        todo.append(c)
+                    if group.get(h):
+                        group[h] -= 1  # "-1 to each child" meets a pending "+1 to each child"
+                        todo.extend(looked[h])
+                    else:
+                        for c in codec.node_children(raw[1:]):
+                            bump(c, -1, SLOT)
+                            todo.append(c)
                 else:
                     base = codec.delta_base(raw)
                     if base is not None:
@@ -494,6 +561,10 @@ class ObjectStore:
                 self._free_extent(raw)
             batch.delete(CF_OBJECTS, h)
             self.cache.discard(h)
+        for y, g in group.items():
+            if g:  # Y stays: the nodes made from it really do add a reference to its children
+                for c in codec.node_children(bodies[y]):
+                    bump(c, g, SLOT)
         # 3. Write every record that changed, and the logical bytes of file references.
         for h in d_count.keys() | created.keys():
             dc, dp, dr = d_count.get(h, 0), d_pins.get(h, 0), d_roots.get(h, 0)

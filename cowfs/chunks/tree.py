@@ -140,7 +140,10 @@ class TreeWriter:
             else:
                 new = self._update(None if old == ZERO_HASH else old, level - 1, groups[j], sub_keep)
             entries[j] = new if new is not None else ZERO_HASH
-        return self._make_node(entries)
+        made = self._make_node(entries)
+        if h is not None and made is not None and made != h and h not in self.txn.new:
+            self.txn.pairs[made] = h
+        return made
 
     def update(self, root: Root | None, changes: dict[int, bytes | None], n_chunks: int) -> Root | None:
         """Apply changes (index -> chunk hash, None = hole) and cut the file to n_chunks."""
