@@ -481,7 +481,9 @@ class Operations(pyfuse3.Operations):
 
     async def flush(self, fh: int) -> None:
         self.requests["flush"] += 1
-        if fh in self._files and self._files[fh] in self.fs.dirty_nodes:
+        node = self._files.get(fh)
+        # Also when another task's flush holds this file's data: close promises it committed.
+        if node is not None and (node in self.fs.dirty_nodes or node.flushing):
             await self.fs.flush()
 
     async def release(self, fh: int) -> None:

@@ -202,6 +202,7 @@ class Filesystem:
         # Pre-rollback trees still referenced by open handles, by (view id, epoch % EPOCHS).
         self.detached: dict[tuple[int, int], View] = {}
         self.dirty_nodes: dict[Node, float] = {}  # node -> time it first became dirty
+        self.flushing: list[Node] = []  # the nodes of the flush in progress (under the lock)
         self.dirty_bytes = 0
         self.flush_count = 0
         self.gc_wanted = trio.Event()
@@ -336,7 +337,11 @@ class Filesystem:
         return n
 
     def _maybe_evict(self, node: Node) -> None:
-        if node.lookups <= 0 and node.opens <= 0 and node not in self.dirty_nodes and node.ino != ROOT_INO:
+        # Not while a flush holds its data: a second Node for the inode, loaded from the store
+        # meanwhile, would not know the flush's commit (its stale root would be released
+        # twice, the new one never).  The flush calls us again when it is done.
+        if (node.lookups <= 0 and node.opens <= 0 and node not in self.dirty_nodes and not node.flushing
+                and node.ino != ROOT_INO):
             view = node.view
             if view.nodes.get(node.ino) is node:
                 del view.nodes[node.ino]
@@ -735,8 +740,12 @@ class Filesystem:
         return len(data)
 
     async def flush(self) -> None:
-        """Commit every acknowledged write (not yet durable: see sync)."""
-        if self.dirty_nodes:
+        """Commit every acknowledged write (not yet durable: see sync).
+
+        Acknowledged writes are dirty, or flushing in another task's flush, which holds the
+        lock while it encodes in a thread: that flush must be waited for too, or an fsync
+        could return (and a sync cover nothing) before the data it covers is committed."""
+        if self.dirty_nodes or self.flushing:
             async with self.lock:
                 await self._flush_locked()
 
@@ -810,6 +819,7 @@ class Filesystem:
         while self.dirty_nodes:
             nodes = list(self.dirty_nodes)
             self.dirty_nodes.clear()
+            self.flushing = nodes
             self.dirty_bytes = 0
             work = []
             total = 0
@@ -842,6 +852,8 @@ class Filesystem:
                         self.dirty_nodes.setdefault(node, time.monotonic())
                         self.dirty_bytes += len(node.dirty) * CHUNK
                 raise
+            finally:
+                self.flushing = []
             for node, _ch, _ in work:
                 node.flushing = {}
                 self._maybe_evict(node)
