@@ -194,6 +194,9 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
             return m
         try:
             m["branch"] = _branch_here(e.mountpoint)
+        except TimeoutError as exc:
+            m["branch"] = None
+            m["error"] = f"{exc} (a hung daemon: `cowfs umount --force {e.mountpoint}` ends it)"
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
             m["branch"] = None
             m["error"] = str(exc) or type(exc).__name__
@@ -222,7 +225,7 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 @main.command()
-@click.argument("targets", nargs=-1, type=click.Path())
+@click.argument("targets", nargs=-1, metavar="[TARGET]...")  # not click.Path: its stat would hang on a hung mount
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(targets: tuple[str, ...], as_json: bool) -> None:
     """Mounted stores: mount points, branches, daemon pids, cache and queue figures.

@@ -143,6 +143,8 @@ def test_umount_force_ends_a_hung_daemon(tmp_path, test_dir):
         s.procs.append(waiting)
         r = mounting.run_cowfs("umount", "--timeout", "5", s.mp, timeout=30, check=False)
         assert r.returncode != 0 and b"--force" in r.stderr, r.stderr
+        r = mounting.run_cowfs("status", s.mp, timeout=60)  # answers, and says what to do
+        assert b"umount --force" in r.stdout, r.stdout
         assert mounting.is_mounted(s.mp)
         r = mounting.run_cowfs("umount", "--force", s.mp, timeout=30)
         assert b"killed it" in r.stdout, r.stdout
