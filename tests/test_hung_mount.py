@@ -118,6 +118,27 @@ def test_umount_clears_the_hung_mount_of_a_dead_daemon(tmp_path, test_dir):
 
 
 @pytest.mark.timeout(120)
+def test_umount_clears_every_branch_mount_of_a_dead_daemon(tmp_path, test_dir):
+    """All mounts of a store share the daemon's one FUSE connection: when it is dead, the
+    umount of one clears the bind mounts of the other branches too."""
+    with Scenario(tmp_path, test_dir) as s:
+        err, reply = mounting.ctl_exchange(s.mp, b"branch other\n")
+        assert err == 0, reply
+        mp2 = test_dir / "mnt2"
+        mp2.mkdir()
+        try:
+            mounting.run_cowfs("mount", s.store, mp2, "--branch", "other", timeout=60)
+            s.hold_and_kill()
+            r = mounting.run_cowfs("umount", s.mp, timeout=30)
+            assert str(mp2).encode() in r.stdout, r.stdout
+            assert not mounting.is_mounted(mp2) and not mounting.is_mounted(s.mp)
+        finally:
+            if mounting.is_mounted(mp2):
+                mounting.lazy_unmount(mp2)
+        s.check_remount()
+
+
+@pytest.mark.timeout(120)
 def test_mount_over_the_hung_mount_of_a_dead_daemon(tmp_path, test_dir):
     """`cowfs mount` reads the mount table before touching the mount point: it clears the
     dead daemon's mount instead of hanging in a stat of it."""
