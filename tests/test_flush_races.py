@@ -97,3 +97,42 @@ async def test_a_flushing_node_is_not_forgotten(tmp_path):
     finally:
         h.gate.set()
         h.store.close()
+
+
+async def test_times_deferred_during_a_flush_go_with_the_later_data(tmp_path):
+    """A times-only SETATTR of a file with dirty data is kept in memory until that data's
+    flush.  If it arrives while an earlier flush of the file is encoding, it describes the
+    newer writes: that earlier commit must not carry it (the store would hold an operation
+    without the writes acknowledged before it)."""
+    h = Held(str(tmp_path / "s"))
+    try:
+        node = await h.dirty_file(b"f")
+
+        def committed_mtime() -> int:
+            found = h.store.meta.get(CF_INODES, ino_key(node.ino), h.fs.primary.lv)
+            return Attrs.unpack(found[1]).mtime_ns
+
+        seen: list[tuple[int, int]] = []  # (committed size, mtime) after each commit
+        commit = h.fs._commit
+
+        def watched(m) -> None:
+            commit(m)
+            found = h.store.meta.get(CF_INODES, ino_key(node.ino), h.fs.primary.lv)
+            a = Attrs.unpack(found[1])
+            seen.append((a.size, a.mtime_ns))
+
+        h.fs._commit = watched  # type: ignore[method-assign]
+        before = node.attrs.mtime_ns
+        late = before + 123_456_789
+        async with trio.open_nursery() as n:
+            await h.flush_started(n)
+            await h.fs.write(node, 1 << 20, b"later data")  # dirty again, behind the flush
+            await h.fs.setattr(node, mtime_ns=late)  # deferred: node has dirty data
+            assert node.attrs.mtime_ns == late
+            h.gate.set()
+        # The flush commits the first megabyte, then (still dirty) the later data.
+        assert seen == [(1 << 20, before), ((1 << 20) + 10, late)], seen
+        assert committed_mtime() == late
+    finally:
+        h.gate.set()
+        h.store.close()

@@ -769,12 +769,12 @@ class Filesystem:
             out[i] = (h, None if objects.exists(h) else codec.encode_chunk(data, self.level))
         return out
 
-    def _encode_all(self, work: list[tuple[Node, dict[int, bytes | bytearray], int]],
+    def _encode_all(self, work: list[tuple[Node, dict[int, bytes | bytearray], int, tuple[int, int, int]]],
                     pack: bool) -> tuple[list[dict[int, tuple[bytes, bytes | None] | None]], list[tuple[int, int, int]]]:
         """_encode every node's chunks; with pack, move the large new encodings to a pack file
         (in this thread: the write and fdatasync release the GIL).  Returns the encodings and
         the pack extents written, which the commit must either keep or punch."""
-        encoded = [self._encode(ch) for _n, ch, _ in work]
+        encoded = [self._encode(ch) for _n, ch, _s, _t in work]
         if not pack:
             return encoded, []
         items: dict[bytes, bytes] = {}
@@ -792,8 +792,9 @@ class Filesystem:
         return encoded, [codec.packed_extent(p) for p in pointers.values()]  # type: ignore[misc]
 
     def _flush_node_into(self, m: Mutation, node: Node, encoded: dict[int, tuple[bytes, bytes | None] | None],
-                         size: int) -> None:
-        """Turn encoded chunks into a new tree for node and save it in m."""
+                         size: int, times: tuple[int, int, int] | None = None) -> None:
+        """Turn encoded chunks into a new tree for node and save it in m, with the size (and
+        times: atime, mtime, ctime) the file had when these chunks were taken."""
         changes: dict[int, bytes | None] = {}
         for i, enc in encoded.items():
             if enc is None:
@@ -808,11 +809,14 @@ class Filesystem:
         writer = TreeWriter(self.store.objects.node, m.txn)
         n_chunks = (size + CHUNK - 1) // CHUNK
         new_root = writer.update(node.attrs.root, changes, n_chunks)
-        saved_size = node.attrs.size
-        node.attrs.root = new_root
-        node.attrs.size = size
+        a = node.attrs
+        now = (a.size, a.atime_ns, a.mtime_ns, a.ctime_ns)
+        a.root = new_root
+        a.size = size
+        if times is not None:
+            a.atime_ns, a.mtime_ns, a.ctime_ns = times
         m.save(node)
-        node.attrs.size = saved_size
+        a.size, a.atime_ns, a.mtime_ns, a.ctime_ns = now
 
     async def _flush_locked(self) -> None:
         """Commit all dirty data (caller holds the lock). Large flushes encode in a thread."""
@@ -829,22 +833,25 @@ class Filesystem:
                 node.flushing = node.dirty
                 node.dirty = {}
                 total += len(node.flushing) * CHUNK
-                work.append((node, node.flushing, node.attrs.size))
+                # Size and times as of these chunks: a times-only SETATTR deferred while we
+                # encode describes later writes, and goes with them in the next flush.
+                a = node.attrs
+                work.append((node, node.flushing, a.size, (a.atime_ns, a.mtime_ns, a.ctime_ns)))
             m = Mutation(self)
             try:
                 if total > THREAD_FLUSH_BYTES:
                     encoded, m.txn.staged = await trio.to_thread.run_sync(
                         lambda: self._encode_all(work, total >= PACK_FLUSH_BYTES))
                 else:
-                    encoded = [self._encode(ch) for _n, ch, _ in work]
-                for (node, _ch, size), enc in zip(work, encoded):
+                    encoded = [self._encode(ch) for _n, ch, _s, _t in work]
+                for (node, _ch, size, times), enc in zip(work, encoded):
                     if not node.deleted:
-                        self._flush_node_into(m, node, enc, size)
+                        self._flush_node_into(m, node, enc, size, times)
                 self._commit(m)
             except BaseException:
                 # Nothing was committed: put the data back under any newer writes.
                 self.store.objects.discard_staged(m.txn)
-                for node, ch, _ in work:
+                for node, ch, _size, _times in work:
                     for i, data in ch.items():
                         node.dirty.setdefault(i, bytearray(data))
                     node.flushing = {}
@@ -854,7 +861,7 @@ class Filesystem:
                 raise
             finally:
                 self.flushing = []
-            for node, _ch, _ in work:
+            for node, _ch, _size, _times in work:
                 node.flushing = {}
                 self._maybe_evict(node)
             self.flush_count += 1
