@@ -98,7 +98,7 @@ def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: t
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the daemon to exit.")
 @click.option("--force", is_flag=True,
               help="For a daemon that hangs: abort its FUSE connection (every mount of its store) and kill it. "
-                   "Unacknowledged writes are lost, as in a crash.")
+                   "As in a crash, writes not yet fsynced may be lost.")
 def umount(mountpoint: str, timeout: float, force: bool) -> None:
     """Flush everything, unmount MOUNTPOINT and wait for its daemon to exit.
 

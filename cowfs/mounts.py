@@ -160,7 +160,7 @@ def umount(mountpoint: str, timeout: float = 60.0, force: bool = False) -> str:
     A live daemon flushes everything first (the kernel writes its dirty pages back, the
     daemon commits and syncs).  A dead one has nothing left to flush: its connection is
     aborted and its mounts are cleared.  force ends a live daemon the same way, as a crash
-    would: the store keeps every operation acknowledged before it, in order."""
+    would: the store keeps a prefix of the operations, every fsynced one included."""
     mp = os.path.abspath(mountpoint)
     entry = entry_at(mp)
     if entry is None or entry.store is None:
@@ -170,7 +170,7 @@ def umount(mountpoint: str, timeout: float = 60.0, force: bool = False) -> str:
     if pid is None:
         cleared = clear_connection(entry.dev)
         return (f"the daemon of {store} had already died; cleared its mount(s) {', '.join(cleared)}; "
-                "the store holds every operation acknowledged before it died")
+                "as after any crash, the store holds a prefix of the operations, all fsynced ones included")
     if force:
         cleared = clear_connection(entry.dev)
         try:
@@ -179,7 +179,7 @@ def umount(mountpoint: str, timeout: float = 60.0, force: bool = False) -> str:
             pass
         _wait_exit(pid, timeout)
         return (f"aborted the FUSE connection of daemon pid {pid} and killed it; cleared {', '.join(cleared)}; "
-                "writes not yet acknowledged by fsync or close are lost, as in a crash")
+                "as after a crash, the store holds a prefix of the operations, all fsynced ones included")
     try:
         unmount(mp, timeout=timeout)
     except MountError as exc:
@@ -195,6 +195,6 @@ def _wait_exit(pid: int, timeout: float) -> None:
     while pid_alive(pid):
         if time.monotonic() > deadline:
             raise MountError(f"daemon pid {pid} did not exit within {timeout:.0f} s after unmount (stopped or "
-                             f"hung?); `kill -9 {pid}` ends it, and the store keeps every operation "
-                             "acknowledged before that, as after a crash")
+                             f"hung?); `kill -9 {pid}` ends it, and the store then holds a prefix of the "
+                             "operations, all fsynced ones included, as after a crash")
         time.sleep(0.02)
