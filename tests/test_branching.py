@@ -561,6 +561,12 @@ def _objects(mp) -> tuple[int, int]:
     return s["objects_created"], s["objects_freed"]
 
 
+def stored(mp) -> int:
+    """Bytes of stored chunk encodings and tree nodes (the store's own exact accounting)."""
+    s = stats(mp)
+    return s["chunk_bytes"] + s["tree_node_bytes"]
+
+
 @pytest.mark.timeout(240)
 def test_clone_big_file_is_o1_and_shares_chunks(cowfs_mount):
     mp = cowfs_mount.path
@@ -595,6 +601,7 @@ def test_clone_big_file_is_o1_and_shares_chunks(cowfs_mount):
             b.seek(off)
             assert a.read(CHUNK) == b.read(CHUNK), f"clone differs at {off}"
     # change one byte of the clone: about one chunk (and its tree path) more
+    stored_before = stored(mp)
     off = size // 2 + 12345
     with open(mp / "big", "rb") as f:
         f.seek(off)
@@ -608,7 +615,11 @@ def test_clone_big_file_is_o1_and_shares_chunks(cowfs_mount):
     d2 = disk_bytes(mp)
     o2, _ = _objects(mp)
     assert 1 <= o2 - o1 <= 4, f"changing one byte created {o2 - o1} objects (1 chunk + tree nodes expected)"
-    assert d2 - d1 < 2 * MiB, f"changing one byte grew the store by {(d2 - d1) / MiB:.2f} MiB"
+    # Exact: one chunk and the nodes on its path.  On disk: the same, give or take RocksDB's
+    # own file churn (a memtable flush, a new WAL), which once came to 2.3 MiB in CI.
+    grown = stored(mp) - stored_before
+    assert grown <= CHUNK + 3 * 16 * 1024, f"changing one byte stored {grown} more bytes of chunks and nodes"
+    assert d2 - d1 < 4 * MiB, f"changing one byte grew the store by {(d2 - d1) / MiB:.2f} MiB"
     print(f"one byte changed: {o2 - o1} new objects, store {d1} -> {d2} ({(d2 - d1) / 1024:.0f} KiB)")
     with open(mp / "big", "rb") as a, open(mp / "big.clone", "rb") as b:
         a.seek(off)
