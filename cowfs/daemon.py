@@ -321,8 +321,7 @@ class Daemon:
         # Bind mounts (other branches) first, the FUSE mount itself last.
         for mp, _root in sorted(self.mounts(), key=lambda m: m[1] == "/"):
             for lazy in (False, True):
-                r = await trio.run_process([mounts.fusermount(), "-u"] + (["-z"] if lazy else []) + ["--", mp],
-                                           check=False, capture_stderr=True)
+                r = await trio.run_process(mounts.unmount_command(mp, lazy), check=False, capture_stderr=True)
                 if r.returncode == 0:
                     break
                 log.warning("fusermount3 -u%s %s: %s", "z" if lazy else "", mp, r.stderr.decode().strip())

@@ -116,28 +116,31 @@ def fusermount() -> str:
     raise MountError("fusermount3 not found: install the Debian package fuse3")
 
 
+def unmount_command(mountpoint: str, lazy: bool = False) -> list[str]:
+    return [fusermount(), "-u"] + (["-z"] if lazy else []) + ["--", mountpoint]
+
+
 def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
-    args = [fusermount(), "-u"] + (["-z"] if lazy else []) + ["--", mountpoint]
     try:
-        r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(unmount_command(mountpoint, lazy), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise MountError(f"fusermount3 -u {mountpoint} did not return within {timeout:.0f} s") from None
     if r.returncode != 0:
         raise MountError(r.stderr.strip() or f"fusermount3 -u {mountpoint} failed")
 
 
-def abort_connection(dev: str) -> bool:
+def abort_connection(dev: str) -> None:
     """Abort the kernel side of a FUSE connection: every request waiting on it fails, every
-    later one gets ENOTCONN.  Mounts fusectl if it is not mounted.  False if it cannot."""
+    later one gets ENOTCONN.  Mounts fusectl if it is not mounted.  Best effort: a connection
+    already gone (the daemon's descriptor closed) has nothing to abort."""
     minor = dev.split(":")[1]
     if not os.path.isdir(os.path.join(FUSECTL, minor)) and not os.path.ismount(FUSECTL):
         subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], capture_output=True, timeout=30)
     try:
         with open(os.path.join(FUSECTL, minor, "abort"), "w") as f:
             f.write("1")
-        return True
     except OSError:
-        return False
+        pass
 
 
 def clear_connection(dev: str) -> list[str]:

@@ -50,9 +50,10 @@ class Held:
             while not self.entered.is_set():
                 await trio.sleep(0.01)
 
-    def committed_root(self, node):
+    def committed(self, node) -> Attrs:
+        """node's record as stored."""
         found = self.store.meta.get(CF_INODES, ino_key(node.ino), self.fs.primary.lv)
-        return Attrs.unpack(found[1]).root
+        return Attrs.unpack(found[1])
 
 
 async def test_fsync_waits_for_a_flush_in_progress(tmp_path):
@@ -70,9 +71,9 @@ async def test_fsync_waits_for_a_flush_in_progress(tmp_path):
             n.start_soon(fsync)
             await trio.sleep(0.3)
             assert not synced.is_set(), "fsync returned while the flush holding its data was still encoding"
-            assert h.committed_root(node) is None
+            assert h.committed(node).root is None
             h.gate.set()
-        assert synced.is_set() and h.committed_root(node) is not None
+        assert synced.is_set() and h.committed(node).root is not None
     finally:
         h.gate.set()
         h.store.close()
@@ -93,7 +94,7 @@ async def test_a_flushing_node_is_not_forgotten(tmp_path):
             h.gate.set()
         assert node.ino not in view.nodes, "not evicted once the flush was done"
         again = h.fs.node(view, node.ino)
-        assert again.attrs.root == h.committed_root(node) is not None
+        assert again.attrs.root == h.committed(node).root is not None
     finally:
         h.gate.set()
         h.store.close()
@@ -108,17 +109,12 @@ async def test_times_deferred_during_a_flush_go_with_the_later_data(tmp_path):
     try:
         node = await h.dirty_file(b"f")
 
-        def committed_mtime() -> int:
-            found = h.store.meta.get(CF_INODES, ino_key(node.ino), h.fs.primary.lv)
-            return Attrs.unpack(found[1]).mtime_ns
-
         seen: list[tuple[int, int]] = []  # (committed size, mtime) after each commit
         commit = h.fs._commit
 
         def watched(m) -> None:
             commit(m)
-            found = h.store.meta.get(CF_INODES, ino_key(node.ino), h.fs.primary.lv)
-            a = Attrs.unpack(found[1])
+            a = h.committed(node)
             seen.append((a.size, a.mtime_ns))
 
         h.fs._commit = watched  # type: ignore[method-assign]
@@ -132,7 +128,7 @@ async def test_times_deferred_during_a_flush_go_with_the_later_data(tmp_path):
             h.gate.set()
         # The flush commits the first megabyte, then (still dirty) the later data.
         assert seen == [(1 << 20, before), ((1 << 20) + 10, late)], seen
-        assert committed_mtime() == late
+        assert h.committed(node).mtime_ns == late
     finally:
         h.gate.set()
         h.store.close()

@@ -14,7 +14,7 @@ import logging
 import os
 import stat
 import time
-from typing import Awaitable, Callable, Iterable
+from typing import Awaitable, Callable, Iterable, NamedTuple
 
 import trio
 
@@ -78,6 +78,16 @@ def _check_xattr_name(name: bytes) -> None:
 def _check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise FSError(errno.ENAMETOOLONG)
+
+
+class _Taken(NamedTuple):
+    """A node's dirty chunks taken by a flush, with the size and times (atime, mtime, ctime)
+    the file had then: a times-only SETATTR deferred while the flush encodes describes later
+    writes, and goes with them in the next flush."""
+    node: Node
+    chunks: dict[int, bytes | bytearray]
+    size: int
+    times: tuple[int, int, int]
 
 
 class Mutation:
@@ -202,7 +212,7 @@ class Filesystem:
         # Pre-rollback trees still referenced by open handles, by (view id, epoch % EPOCHS).
         self.detached: dict[tuple[int, int], View] = {}
         self.dirty_nodes: dict[Node, float] = {}  # node -> time it first became dirty
-        self.flushing: list[Node] = []  # the nodes of the flush in progress (under the lock)
+        self.flush_running = False  # a flush holds taken chunks (under the lock, maybe in a thread)
         self.dirty_bytes = 0
         self.flush_count = 0
         self.gc_wanted = trio.Event()
@@ -745,7 +755,7 @@ class Filesystem:
         Acknowledged writes are dirty, or flushing in another task's flush, which holds the
         lock while it encodes in a thread: that flush must be waited for too, or an fsync
         could return (and a sync cover nothing) before the data it covers is committed."""
-        if self.dirty_nodes or self.flushing:
+        if self.dirty_nodes or self.flush_running:
             async with self.lock:
                 await self._flush_locked()
 
@@ -769,12 +779,12 @@ class Filesystem:
             out[i] = (h, None if objects.exists(h) else codec.encode_chunk(data, self.level))
         return out
 
-    def _encode_all(self, work: list[tuple[Node, dict[int, bytes | bytearray], int, tuple[int, int, int]]],
+    def _encode_all(self, work: list[_Taken],
                     pack: bool) -> tuple[list[dict[int, tuple[bytes, bytes | None] | None]], list[tuple[int, int, int]]]:
         """_encode every node's chunks; with pack, move the large new encodings to a pack file
         (in this thread: the write and fdatasync release the GIL).  Returns the encodings and
         the pack extents written, which the commit must either keep or punch."""
-        encoded = [self._encode(ch) for _n, ch, _s, _t in work]
+        encoded = [self._encode(t.chunks) for t in work]
         if not pack:
             return encoded, []
         items: dict[bytes, bytes] = {}
@@ -823,7 +833,7 @@ class Filesystem:
         while self.dirty_nodes:
             nodes = list(self.dirty_nodes)
             self.dirty_nodes.clear()
-            self.flushing = nodes
+            self.flush_running = True
             self.dirty_bytes = 0
             work = []
             total = 0
@@ -833,25 +843,23 @@ class Filesystem:
                 node.flushing = node.dirty
                 node.dirty = {}
                 total += len(node.flushing) * CHUNK
-                # Size and times as of these chunks: a times-only SETATTR deferred while we
-                # encode describes later writes, and goes with them in the next flush.
                 a = node.attrs
-                work.append((node, node.flushing, a.size, (a.atime_ns, a.mtime_ns, a.ctime_ns)))
+                work.append(_Taken(node, node.flushing, a.size, (a.atime_ns, a.mtime_ns, a.ctime_ns)))
             m = Mutation(self)
             try:
                 if total > THREAD_FLUSH_BYTES:
                     encoded, m.txn.staged = await trio.to_thread.run_sync(
                         lambda: self._encode_all(work, total >= PACK_FLUSH_BYTES))
                 else:
-                    encoded = [self._encode(ch) for _n, ch, _s, _t in work]
-                for (node, _ch, size, times), enc in zip(work, encoded):
-                    if not node.deleted:
-                        self._flush_node_into(m, node, enc, size, times)
+                    encoded = [self._encode(t.chunks) for t in work]
+                for t, enc in zip(work, encoded):
+                    if not t.node.deleted:
+                        self._flush_node_into(m, t.node, enc, t.size, t.times)
                 self._commit(m)
             except BaseException:
                 # Nothing was committed: put the data back under any newer writes.
                 self.store.objects.discard_staged(m.txn)
-                for node, ch, _size, _times in work:
+                for node, ch, *_ in work:
                     for i, data in ch.items():
                         node.dirty.setdefault(i, bytearray(data))
                     node.flushing = {}
@@ -860,8 +868,8 @@ class Filesystem:
                         self.dirty_bytes += len(node.dirty) * CHUNK
                 raise
             finally:
-                self.flushing = []
-            for node, _ch, _size, _times in work:
+                self.flush_running = False
+            for node in nodes:
                 node.flushing = {}
                 self._maybe_evict(node)
             self.flush_count += 1
