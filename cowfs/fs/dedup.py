@@ -84,13 +84,14 @@ class DedupWorker:
         self.samples: list[bytes] = []
         self.dict_hash: bytes | None = self.kv.get(CF_SPACE, DICT_KEY)
         self.dict_data: bytes | None = None
+        self._dict_value = b""  # its whole encoding, for the commit that (re-)creates it
+        self._dict_comp: zstandard.ZstdCompressor | None = None
         raw = fs.store.objects.stored(self.dict_hash) if self.dict_hash else None
         if _whole(raw):
             assert raw is not None
-            self.dict_data = codec.decode_chunk(raw)
+            self._use_dict(codec.decode_chunk(raw), raw)
         else:
             self.dict_hash = None  # no delta uses it any more: it was freed; train anew
-        self._dict_comp = delta.compressor(self.dict_data, delta.DICT_LEVEL) if self.dict_data else None
 
     def figures(self) -> dict[str, object]:
         return {"enabled": self.enabled, "cpu_share": self.cpu_share, "chunks_done": self.chunks_done,
@@ -182,9 +183,15 @@ class DedupWorker:
         except zstandard.ZstdError as exc:  # e.g. samples too uniform: sample again later
             log.info("no dictionary from %d samples: %s", len(samples), exc)
             return
-        self.dict_data, self.dict_hash = data, codec.chunk_hash(data)
-        self._dict_comp = delta.compressor(data, delta.DICT_LEVEL)
+        self.dict_hash = codec.chunk_hash(data)
+        self._use_dict(data, codec.encode_chunk(data, self.fs.level))
         log.info("trained a %d-byte dictionary from %d chunks", len(data), len(samples))
+
+    def _use_dict(self, data: bytes, value: bytes) -> None:
+        # Encoded once here: the commits that use it may each have to (re-)create it, and
+        # encoding 64 KiB per commit was a third of the worker's time.
+        self.dict_data, self._dict_value = data, value
+        self._dict_comp = delta.compressor(data, delta.DICT_LEVEL)
 
     # -- on the event loop, under the lock: re-check and commit ------------------------------
     def _commit(self, plans: list[Plan]) -> None:
@@ -201,9 +208,9 @@ class DedupWorker:
             if (p.value is not None and p.base is not None and p.hash not in bases
                     and p.base not in txn.recode and objects.ref(p.hash).pins == 0
                     and (_whole(self.kv.get(CF_OBJECTS, p.base)) or p.base == self.dict_hash)):
-                if p.base == self.dict_hash and self.dict_data is not None:
+                if p.base == self.dict_hash and p.base not in txn.new:
                     # Created by this commit if no delta pins it yet (or any more).
-                    txn.add_object(p.base, codec.encode_chunk(self.dict_data, self.fs.level), [])
+                    txn.add_object(p.base, self._dict_value, [])
                     batch.put(CF_SPACE, DICT_KEY, p.base)
                 txn.recode[p.hash] = p.value
                 bases.add(p.base)
