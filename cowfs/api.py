@@ -28,18 +28,23 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Callable, Iterable, TypeVar, Union
 
 from cowfs import mounts as _mounts
 
 PathLike = Union[str, "os.PathLike[str]"]
+T = TypeVar("T")
+
+CONTROL_TIMEOUT = 600.0
+"""Seconds a control-file command (or the syncfs before it) may take before NotResponding."""
 
 __all__ = [
     "CowfsError", "AlreadyExists", "SnapshotExists", "NotFound", "InvalidArgument", "Busy", "ReadOnly",
-    "QuotaExceeded", "PermissionDenied", "MountError", "NotMounted", "StoreError",
+    "QuotaExceeded", "PermissionDenied", "MountError", "NotMounted", "NotResponding", "StoreError",
     "Ref", "Listing", "Change", "Mount", "init_store", "mount", "open_mount",
 ]
 
@@ -101,6 +106,11 @@ class MountError(CowfsError):
 
 class NotMounted(CowfsError):
     """The path is not a cowfs mount (no control file)."""
+
+
+class NotResponding(CowfsError):
+    """ETIMEDOUT: the mount did not answer in time (a hung daemon: ``cowfs umount --force``)."""
+    errnos = (_errno.ETIMEDOUT,)
 
 
 class StoreError(CowfsError):
@@ -184,18 +194,55 @@ def _cli_message(r: subprocess.CompletedProcess[str]) -> str:
     return msg[len("cowfs: "):] if msg.startswith("cowfs: ") else msg
 
 
-def _syncfs(path: Path) -> None:
-    """Make the kernel hand its dirty pages for this mount to the daemon."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).syncfs(fd)
-    finally:
-        os.close(fd)
+def bounded(mountpoint: PathLike, what: str, timeout: float | None, fn: Callable[[], T]) -> T:
+    """fn() in a thread of its own, waited for at most timeout seconds.
+
+    A request to a hung FUSE daemon blocks the calling thread in the kernel, where no signal
+    but SIGKILL reaches it; the caller gets NotResponding instead, and the abandoned thread
+    ends when the mount is aborted (``cowfs umount --force``) or the process exits."""
+    if timeout is None:
+        return fn()
+    out: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            out.append((True, fn()))
+        except BaseException as exc:  # handed to the caller below
+            out.append((False, exc))
+
+    t = threading.Thread(target=run, name=f"cowfs {what}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if not out:
+        raise NotResponding(f"{mountpoint}: no answer to {what} within {timeout:g} s; if its daemon hangs, "
+                            f"`cowfs umount --force {mountpoint}` ends it", _errno.ETIMEDOUT)
+    ok, value = out[0]
+    if ok:
+        return value  # type: ignore[no-any-return]
+    raise value
 
 
-def control_reply(mountpoint: PathLike, *words: str) -> dict[str, Any]:
+def syncfs(mountpoint: PathLike, timeout: float | None = CONTROL_TIMEOUT) -> None:
+    """Make the kernel hand its dirty pages for this mount to the daemon (so a snapshot,
+    clone or diff that follows sees every write made before)."""
+    def run() -> None:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).syncfs(fd)
+        finally:
+            os.close(fd)
+
+    bounded(mountpoint, "syncfs", timeout, run)
+
+
+def control_reply(mountpoint: PathLike, *words: str, timeout: float | None = CONTROL_TIMEOUT) -> dict[str, Any]:
     """Run one control-file command at a mount; return the daemon's JSON reply, whether the
-    command succeeded or not (CowfsError only when there is no reply: no mount, no access)."""
+    command succeeded or not (CowfsError only when there is no reply: no mount, no access,
+    NotResponding after timeout seconds)."""
+    return bounded(mountpoint, f"`{words[0] if words else ''}`", timeout, lambda: _exchange(mountpoint, words))
+
+
+def _exchange(mountpoint: PathLike, words: tuple[str, ...]) -> dict[str, Any]:
     path = os.path.join(os.fspath(mountpoint), ".cowfs", "ctl")
     line = " ".join(shlex.quote(w) for w in words) + "\n"
     try:
@@ -227,9 +274,9 @@ def control_reply(mountpoint: PathLike, *words: str) -> dict[str, Any]:
         raise CowfsError(f"unreadable reply from the control file: {raw[:200]!r}") from None
 
 
-def control(mountpoint: PathLike, *words: str) -> dict[str, Any]:
+def control(mountpoint: PathLike, *words: str, timeout: float | None = CONTROL_TIMEOUT) -> dict[str, Any]:
     """Run one control-file command at a mount; return the JSON reply or raise CowfsError."""
-    reply = control_reply(mountpoint, *words)
+    reply = control_reply(mountpoint, *words, timeout=timeout)
     if not reply.get("ok"):
         name = reply.get("errno")
         err = getattr(_errno, name, None) if isinstance(name, str) else None
@@ -261,6 +308,7 @@ class Mount:
     store: Path
     branch_name: str
     owned: bool = True            # made by mount(): the context manager unmounts it
+    timeout: float | None = CONTROL_TIMEOUT  # per control-file command, then NotResponding
     _umounted: bool = field(default=False, repr=False)
 
     @property
@@ -307,17 +355,17 @@ class Mount:
     # -- control-file commands ---------------------------------------------------------------
     def control(self, *words: str) -> dict[str, Any]:
         """Run a raw control-file command; return the daemon's JSON reply."""
-        return control(self.path, *words)
+        return control(self.path, *words, timeout=self.timeout)
 
     def snapshot(self, name: str) -> dict[str, Any]:
         """Freeze the branch's current state as the read-only snapshot NAME (O(1))."""
-        _syncfs(self.path)
+        syncfs(self.path, self.timeout)
         return self.control("snapshot", name)
 
     def branch(self, name: str, source: str | None = None) -> dict[str, Any]:
         """Create branch NAME from this branch's current state, or from snapshot SOURCE."""
         if source is None:
-            _syncfs(self.path)
+            syncfs(self.path, self.timeout)
         return self.control("branch", name, *([source] if source else []))
 
     def rollback(self, name: str) -> dict[str, Any]:
@@ -327,7 +375,7 @@ class Mount:
     def clone(self, src: str, dst: str) -> dict[str, Any]:
         """Copy SRC to DST in O(1) per entry, sharing data (paths relative to the mount root;
         SRC may be ``.cowfs/snapshots/NAME/...``)."""
-        _syncfs(self.path)
+        syncfs(self.path, self.timeout)
         return self.control("clone", src, dst)
 
     def delete(self, name: str) -> dict[str, Any]:
@@ -342,14 +390,17 @@ class Mount:
     def diff(self, a: str, b: str | None = None) -> list[Change]:
         """Paths changed from snapshot/branch A to B (default: this branch's live state)."""
         if b is None:
-            _syncfs(self.path)
+            syncfs(self.path, self.timeout)
         reply = self.control("diff", a, *([b] if b else []))
         return [Change(c["change"], c["path"], c.get("type"), c.get("from")) for c in reply["changes"]]
 
     def stats(self) -> dict[str, Any]:
         """The daemon's figures (usage, quota, cache, requests ...) from ``.cowfs/stats``."""
-        with open(self.path / ".cowfs" / "stats", "rb") as f:
-            return json.loads(f.read())
+        def read() -> dict[str, Any]:
+            with open(self.path / ".cowfs" / "stats", "rb") as f:
+                return json.loads(f.read())  # type: ignore[no-any-return]
+
+        return bounded(self.path, "stats", self.timeout, read)
 
     def snapshot_path(self, name: str) -> Path:
         """Where snapshot NAME is readable (read-only) inside this mount."""

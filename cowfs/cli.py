@@ -29,6 +29,11 @@ def _parse_size(text: str) -> int:
     return int(t)
 
 
+# Mount points are plain strings, not click.Path: its stat would hang on a hung mount.
+mount_arg = click.argument("mount")
+target_arg = click.argument("target")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """cowfs: copy-on-write sandbox filesystems with snapshots, branches and O(1) clones."""
@@ -117,7 +122,7 @@ def _resolve_store(target: str) -> str:
 
 
 @main.command()
-@click.argument("target", type=click.Path())
+@target_arg
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def stats(target: str, as_json: bool) -> None:
     """Figures of a store, or of the store behind a mount point TARGET.
@@ -162,13 +167,23 @@ def stats(target: str, as_json: bool) -> None:
 
 
 # -- control-file wrappers: they work from inside a sandbox that only has the mount -------
-def _ctl(mount: str, *words: str) -> dict[str, Any]:
+def _ctl(mount: str, timeout: float, *words: str) -> dict[str, Any]:
     """Write one command line to MOUNT/.cowfs/ctl and return the daemon's JSON reply."""
     try:
-        return api.control_reply(mount, *words)
+        return api.control_reply(mount, *words, timeout=timeout)
     except api.CowfsError as exc:
         _fail(str(exc))
     raise AssertionError("unreachable")
+
+
+def _syncfs(mount: str, timeout: float) -> None:
+    """Push data still dirty in the kernel's page cache to the daemon first."""
+    try:
+        api.syncfs(mount, timeout)
+    except api.CowfsError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"{mount}: {exc.strerror}")
 
 
 def _show(reply: dict[str, Any], as_json: bool, text: str | None = None) -> None:
@@ -182,79 +197,71 @@ def _show(reply: dict[str, Any], as_json: bool, text: str | None = None) -> None
         click.echo(text)
 
 
-def _syncfs(mount: str) -> None:
-    """Push data still dirty in the kernel's page cache to the daemon first."""
-    import ctypes
-    import ctypes.util
-
-    fd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).syncfs(fd)
-    finally:
-        os.close(fd)
-
-
-json_opt = click.option("--json", "as_json", is_flag=True, help="Print the daemon's JSON reply.")
+def ctl_opts(fn: Any) -> Any:
+    """--json and --timeout of the control-file commands."""
+    fn = click.option("--timeout", default=api.CONTROL_TIMEOUT, show_default=True, type=float,
+                      help="Seconds to wait for the daemon's answer (a hung mount fails instead of hanging).")(fn)
+    return click.option("--json", "as_json", is_flag=True, help="Print the daemon's JSON reply.")(fn)
 
 
 @main.command()
-@click.argument("mount", type=click.Path())
+@mount_arg
 @click.argument("name")
-@json_opt
-def snapshot(mount: str, name: str, as_json: bool) -> None:
+@ctl_opts
+def snapshot(mount: str, name: str, as_json: bool, timeout: float) -> None:
     """Take an immutable snapshot NAME of the branch mounted at MOUNT."""
-    _syncfs(mount)
-    _show(_ctl(mount, "snapshot", name), as_json, f"snapshot {name} taken")
+    _syncfs(mount, timeout)
+    _show(_ctl(mount, timeout, "snapshot", name), as_json, f"snapshot {name} taken")
 
 
 @main.command()
-@click.argument("mount", type=click.Path())
+@mount_arg
 @click.argument("name")
 @click.option("--from", "source", help="Snapshot (or the mounted branch) to start from.")
-@json_opt
-def branch(mount: str, name: str, source: str | None, as_json: bool) -> None:
+@ctl_opts
+def branch(mount: str, name: str, source: str | None, as_json: bool, timeout: float) -> None:
     """Create a writable branch NAME from the mounted branch's current state (or --from)."""
     if source is None:
-        _syncfs(mount)
+        _syncfs(mount, timeout)
     words = ["branch", name] + ([source] if source else [])
-    _show(_ctl(mount, *words), as_json, f"branch {name} created")
+    _show(_ctl(mount, timeout, *words), as_json, f"branch {name} created")
 
 
 @main.command()
-@click.argument("mount", type=click.Path())
+@mount_arg
 @click.argument("name")
-@json_opt
-def rollback(mount: str, name: str, as_json: bool) -> None:
+@ctl_opts
+def rollback(mount: str, name: str, as_json: bool, timeout: float) -> None:
     """Return the branch mounted at MOUNT exactly to snapshot NAME."""
-    _show(_ctl(mount, "rollback", name), as_json, f"rolled back to {name}")
+    _show(_ctl(mount, timeout, "rollback", name), as_json, f"rolled back to {name}")
 
 
 @main.command()
-@click.argument("mount", type=click.Path())
+@mount_arg
 @click.argument("src")
 @click.argument("dst")
-@json_opt
-def clone(mount: str, src: str, dst: str, as_json: bool) -> None:
+@ctl_opts
+def clone(mount: str, src: str, dst: str, as_json: bool, timeout: float) -> None:
     """Copy SRC to DST inside MOUNT in O(1), sharing data (paths relative to MOUNT)."""
-    _syncfs(mount)
-    _show(_ctl(mount, "clone", src, dst), as_json, f"cloned {src} to {dst}")
+    _syncfs(mount, timeout)
+    _show(_ctl(mount, timeout, "clone", src, dst), as_json, f"cloned {src} to {dst}")
 
 
 @main.command()
-@click.argument("mount", type=click.Path())
+@mount_arg
 @click.argument("name")
-@json_opt
-def delete(mount: str, name: str, as_json: bool) -> None:
+@ctl_opts
+def delete(mount: str, name: str, as_json: bool, timeout: float) -> None:
     """Delete snapshot NAME, or branch NAME if it is not mounted."""
-    _show(_ctl(mount, "delete", name), as_json, f"deleted {name}")
+    _show(_ctl(mount, timeout, "delete", name), as_json, f"deleted {name}")
 
 
 @main.command(name="list")
-@click.argument("mount", type=click.Path())
-@json_opt
-def list_(mount: str, as_json: bool) -> None:
+@mount_arg
+@ctl_opts
+def list_(mount: str, as_json: bool, timeout: float) -> None:
     """Snapshots and branches of the lineage mounted at MOUNT."""
-    reply = _ctl(mount, "list")
+    reply = _ctl(mount, timeout, "list")
     _show(reply, as_json)
     if not as_json:
         rows = reply["snapshots"] + reply["branches"]
@@ -266,15 +273,15 @@ def list_(mount: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("mount", type=click.Path())
+@mount_arg
 @click.argument("a")
 @click.argument("b", required=False)
-@json_opt
-def diff(mount: str, a: str, b: str | None, as_json: bool) -> None:
+@ctl_opts
+def diff(mount: str, a: str, b: str | None, as_json: bool, timeout: float) -> None:
     """Paths added, removed, modified or renamed from snapshot/branch A to B (default: live)."""
     if b is None:
-        _syncfs(mount)
-    reply = _ctl(mount, "diff", a, *([b] if b else []))
+        _syncfs(mount, timeout)
+    reply = _ctl(mount, timeout, "diff", a, *([b] if b else []))
     _show(reply, as_json)
     if not as_json:
         marks = {"added": "+", "removed": "-", "modified": "M", "renamed": "R"}
@@ -284,7 +291,7 @@ def diff(mount: str, a: str, b: str | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("target", type=click.Path())
+@target_arg
 def gc(target: str) -> None:
     """Collect garbage now in the store (or the store behind mount point TARGET)."""
     store = _resolve_store(target)
@@ -297,7 +304,7 @@ def gc(target: str) -> None:
 
 
 @main.command()
-@click.argument("target", type=click.Path())
+@target_arg
 @click.option("--wait", is_flag=True, help="Return once the background queue is empty.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait at most.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

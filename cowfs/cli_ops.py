@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import click
 
-from cowfs.cli import _fail, main
+from cowfs.cli import _fail, main, mount_arg
 from cowfs.errors import MountError
 from cowfs.mounts import MountEntry, cowfs_mounts
 
@@ -56,30 +56,10 @@ def _duration(s: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def _with_timeout(fn: Callable[[], Any], timeout: float = PROBE_TIMEOUT) -> Any:
-    """Run fn in a thread: a hung mount must not hang `cowfs status`.  Raises TimeoutError."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["v"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            box["e"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise TimeoutError(f"no answer within {timeout:.0f} s")
-    if "e" in box:
-        raise box["e"]
-    return box.get("v")
-
-
 def _branch_here(mountpoint: str) -> str | None:
     from cowfs import api
 
-    reply = _with_timeout(lambda: api.control(mountpoint, "list"))
+    reply = api.control(mountpoint, "list", timeout=PROBE_TIMEOUT)
     for b in reply["branches"]:
         if b.get("mounted_here"):
             return str(b["name"])
@@ -88,19 +68,19 @@ def _branch_here(mountpoint: str) -> str | None:
 
 def _daemon_stats(store: str, mountpoint: str | None) -> dict[str, Any]:
     """The daemon's figures: admin socket (root), else the mount's world-readable .cowfs/stats."""
-    from cowfs import admin
+    from cowfs import admin, api
 
     try:
-        return _with_timeout(lambda: admin.request(store, {"cmd": "stats"}, timeout=PROBE_TIMEOUT))
-    except (OSError, ValueError, TimeoutError) as first:
+        return admin.request(store, {"cmd": "stats"}, timeout=PROBE_TIMEOUT)  # type: ignore[no-any-return]
+    except (OSError, ValueError) as first:
         if mountpoint is None:
             raise
         try:
             def read_stats() -> dict[str, Any]:
                 with open(os.path.join(mountpoint, ".cowfs", "stats"), "rb") as f:
-                    return json.loads(f.read())
-            return _with_timeout(read_stats)
-        except (OSError, ValueError, TimeoutError):
+                    return json.loads(f.read())  # type: ignore[no-any-return]
+            return api.bounded(mountpoint, "stats", PROBE_TIMEOUT, read_stats)
+        except (OSError, ValueError, api.NotResponding):
             raise first from None
 
 
@@ -171,6 +151,7 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
     named, in ONLY).  Mounts are probed in parallel, each with a time limit."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from cowfs import api
     from cowfs.mounts import daemon_pid
 
     wanted = None
@@ -194,9 +175,9 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
             return m
         try:
             m["branch"] = _branch_here(e.mountpoint)
-        except TimeoutError as exc:
+        except api.NotResponding as exc:
             m["branch"] = None
-            m["error"] = f"{exc} (a hung daemon: `cowfs umount --force {e.mountpoint}` ends it)"
+            m["error"] = str(exc)
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
             m["branch"] = None
             m["error"] = str(exc) or type(exc).__name__
@@ -225,7 +206,7 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 @main.command()
-@click.argument("targets", nargs=-1, metavar="[TARGET]...")  # not click.Path: its stat would hang on a hung mount
+@click.argument("targets", nargs=-1, metavar="[TARGET]...")  # not click.Path (see cli.mount_arg)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(targets: tuple[str, ...], as_json: bool) -> None:
     """Mounted stores: mount points, branches, daemon pids, cache and queue figures.
@@ -425,7 +406,7 @@ def _when(t: float, same_day: bool) -> str:
 
 
 @main.command()
-@click.argument("mount", type=click.Path())
+@mount_arg
 @click.option("--json", "as_json", is_flag=True, help="Print the history as JSON (nodes in display order).")
 def log(mount: str, as_json: bool) -> None:
     """The snapshot/branch history of the lineage mounted at MOUNT, as a graph.
@@ -908,7 +889,7 @@ def import_(store: str, src_dir: str, branch: str, dest: str, snapshot_after: st
 
 
 @main.command()
-@click.argument("mount", type=click.Path())
+@mount_arg
 @click.argument("snapshot")
 @click.argument("dest")
 def export(mount: str, snapshot: str, dest: str) -> None:

@@ -172,3 +172,32 @@ def test_umount_force_ends_a_hung_daemon(tmp_path, test_dir):
         assert s.released(waiting) != 0
         assert mounting.wait_pid_gone(s.pid, 10), "the daemon still runs after --force"
         s.check_remount()
+
+
+@pytest.mark.timeout(120)
+def test_control_commands_time_out_on_a_hung_daemon(tmp_path, test_dir):
+    """A control-file command (CLI or Python API) to a stopped daemon fails after its timeout
+    with a message naming `umount --force`, instead of hanging; once the daemon resumes, the
+    mount works (what was asked may then still happen: the answer was never seen)."""
+    from cowfs import api
+
+    with Scenario(tmp_path, test_dir) as s:
+        os.kill(s.pid, signal.SIGSTOP)
+        try:
+            for cmd in (("snapshot", s.mp, "s1"), ("list", s.mp), ("diff", s.mp, "s1")):
+                t = time.monotonic()
+                r = mounting.run_cowfs(*cmd, "--timeout", "2", timeout=30, check=False)
+                assert r.returncode == 1 and b"no answer" in r.stderr and b"umount --force" in r.stderr, r.stderr
+                assert time.monotonic() - t < 15
+            m = api.Mount(path=s.mp, store=s.store, branch_name="main", owned=False, timeout=2)
+            with pytest.raises(api.NotResponding, match="umount --force"):
+                m.list()
+            with pytest.raises(api.NotResponding):
+                m.stats()
+        finally:
+            os.kill(s.pid, signal.SIGCONT)
+        r = mounting.run_cowfs("snapshot", s.mp, "after", "--timeout", "30", timeout=60)
+        assert b"snapshot after taken" in r.stdout
+        mounting.run_cowfs("umount", s.mp, timeout=90)
+        assert mounting.wait_pid_gone(s.pid, 30)
+        s.check_remount()
