@@ -10,9 +10,10 @@ import json
 import os
 import socket
 import tempfile
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-import trio
+if TYPE_CHECKING:  # the CLI's client side must not pay for importing trio
+    import trio
 
 SOCKET_NAME = "daemon.sock"
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -30,7 +31,10 @@ def socket_path(store: str) -> str:
     return os.path.join(base, f"{digest}.sock")
 
 
-async def serve(path: str, handle: Handler, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(path: str, handle: Handler, *, task_status: "trio.TaskStatus[None] | None" = None) -> None:
+    """Answer requests on a Unix socket at path until cancelled (start it with nursery.start)."""
+    import trio
+
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -40,7 +44,8 @@ async def serve(path: str, handle: Handler, *, task_status: trio.TaskStatus[None
     os.chmod(path, 0o600)
     sock.listen(16)
     listener = trio.SocketListener(sock)
-    task_status.started()
+    if task_status is not None:
+        task_status.started()
 
     async def one(stream: trio.SocketStream) -> None:
         async with stream:

@@ -11,7 +11,6 @@ from typing import Any
 import click
 
 from cowfs import admin, api
-from cowfs.daemon import MountConfig
 from cowfs.errors import MountError, StoreError
 from cowfs.mounts import mounted_store
 
@@ -68,7 +67,7 @@ def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: t
     from cowfs import daemon
 
     flat = [o.strip() for opt in options for o in opt.split(",") if o.strip()]
-    cfg = MountConfig(store, mountpoint, branch, debug=debug)
+    cfg = daemon.MountConfig(store, mountpoint, branch, debug=debug)
     for o in flat:
         key, _, value = o.partition("=")
         try:
