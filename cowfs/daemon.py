@@ -24,7 +24,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from cowfs import admin, mounts, notify
+from cowfs import admin, dircache, mounts, notify
 from cowfs.errors import FSError, MountError, StoreError
 from cowfs.fs.branching import run_gc, sweep_packs
 from cowfs.fs.dedup import DedupWorker
@@ -52,6 +52,7 @@ class MountConfig:
     cache_l2: int = 256 << 20
     prefetch: bool = True
     prefetch_learn: bool = True
+    dir_cache: bool = True  # the kernel caches directory listings (cowfs.dircache)
     ctl_group: int | None = None
     quota_bytes: int | None = None
     quota_inodes: int | None = None
@@ -59,8 +60,8 @@ class MountConfig:
     dedup_cpu: float = 0.25
 
 
-CACHE_OPTIONS = ("cache_l1=SIZE, cache_l2=SIZE, prefetch=0|1, prefetch_learn=0|1, dedup=on|off, "
-                 "dedup_cpu=SHARE")
+CACHE_OPTIONS = ("cache_l1=SIZE, cache_l2=SIZE, prefetch=0|1, prefetch_learn=0|1, dir_cache=0|1, "
+                 "dedup=on|off, dedup_cpu=SHARE")
 
 
 def set_cache_option(cfg: MountConfig, key: str, value: str, parse_size: Callable[[str], int]) -> bool:
@@ -71,7 +72,7 @@ def set_cache_option(cfg: MountConfig, key: str, value: str, parse_size: Callabl
         cfg.cache_l1 = parse_size(value)
     elif key == "cache_l2":
         cfg.cache_l2 = parse_size(value)
-    elif key in ("prefetch", "prefetch_learn"):
+    elif key in ("prefetch", "prefetch_learn", "dir_cache"):
         if value not in ("0", "1"):
             raise ValueError(value)
         setattr(cfg, key, value == "1")
@@ -169,6 +170,8 @@ class Daemon:
         if cfg.quota_bytes is not None or cfg.quota_inodes is not None:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
         self.ops = Operations(self.fs, stats=self.stats, mounted=self.mounted_branches, ctl_group=cfg.ctl_group)
+        # The control directories' listings change behind the kernel (snapshots come and go).
+        self.dir_cache = cfg.dir_cache and dircache.install(lambda fino: not Operations._is_control(fino))
         self.fs.kernel_sync = self.kernel_sync
         self.dedup = DedupWorker(self.fs, cfg.dedup_cpu, cfg.dedup, lambda: sum(self.ops.requests.values()))
         self.started = time.time()
@@ -256,6 +259,7 @@ class Daemon:
             "rss_bytes": rss,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "requests": dict(self.ops.requests),
+            "kernel_dir_cache": self.dir_cache,
             "usage_bytes": view.usage_bytes,
             "usage_inodes": view.usage_inodes,
             "quota_bytes": view.quota_bytes,

@@ -258,8 +258,10 @@ class Operations(pyfuse3.Operations):
 
     @staticmethod
     def _inval_inode(fino: int) -> None:
+        """Attributes and cached pages: for a directory, the listing the kernel caches
+        (cowfs.dircache), which must not outlive a change made behind its back."""
         try:
-            pyfuse3.invalidate_inode(fino, attr_only=True)
+            pyfuse3.invalidate_inode(fino, attr_only=False)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 log.warning("invalidate_inode(%d): %s", fino, exc)

@@ -1,0 +1,60 @@
+"""The kernel caches directory listings (cowfs.dircache: FOPEN_CACHE_DIR) and never shows a
+stale one: not after changes through the mount, nor after changes the daemon makes behind
+the kernel's back (a clone into a listed directory, a rollback), nor in `.cowfs/snapshots`."""
+from __future__ import annotations
+
+import os
+
+import mounting
+from test_branching import ok, stats
+
+
+def readdirs(mp) -> int:
+    return stats(mp)["requests"].get("readdir", 0)
+
+
+def names(path) -> list[str]:
+    return mounting.call_with_timeout(lambda: sorted(os.listdir(path)), timeout=20)
+
+
+def test_listings_are_cached_and_never_stale(cowfs_mount):
+    mp = cowfs_mount.path
+    d = mp / "d"
+    d.mkdir()
+    (d / "sub").mkdir()
+    for i in range(40):
+        (d / f"f{i}").write_bytes(b"x")
+        (d / "sub" / f"g{i}").write_bytes(b"y")
+    assert stats(mp)["kernel_dir_cache"] is True
+    want = sorted([f"f{i}" for i in range(40)] + ["sub"])
+    assert names(d) == want
+    before = readdirs(mp)
+    for _ in range(3):
+        assert names(d) == want
+    assert readdirs(mp) == before, "a listing that did not change was read from the daemon again"
+
+    # Changes through the mount: the kernel drops its own cache.
+    (d / "new").write_bytes(b"n")
+    os.unlink(d / "f0")
+    os.rename(d / "f1", d / "sub" / "f1")
+    want = sorted(set(want) - {"f0", "f1"} | {"new"})
+    assert names(d) == want
+    assert "f1" in names(d / "sub")
+
+    # Behind the kernel's back: a snapshot shows up in .cowfs/snapshots ...
+    assert "s1" not in names(mp / ".cowfs" / "snapshots")
+    ok(mp, b"snapshot s1\n")
+    assert "s1" in names(mp / ".cowfs" / "snapshots")
+    assert names(mp / ".cowfs" / "snapshots" / "s1" / "d") == want
+    # ... a clone into a listed directory shows up in it ...
+    ok(mp, b"clone d/f2 d/cloned\n")
+    assert "cloned" in names(d)
+    # ... and a rollback shows the snapshot's listings, at the root and below it.
+    names(mp)
+    (mp / "later").mkdir()
+    os.unlink(d / "f3")
+    assert "later" in names(mp) and "f3" not in names(d)
+    ok(mp, b"rollback s1\n")
+    assert "later" not in names(mp)
+    assert names(mp / "d") == want
+    assert "f1" in names(mp / "d" / "sub")
