@@ -52,7 +52,7 @@ class MountConfig:
     cache_l2: int = 256 << 20
     prefetch: bool = True
     prefetch_learn: bool = True
-    dir_cache: bool = True  # the kernel caches directory listings (cowfs.dircache)
+    dir_cache: bool = True  # the kernel caches directory listings (cowfs.dircache) and absent names
     ctl_group: int | None = None
     quota_bytes: int | None = None
     quota_inodes: int | None = None
@@ -169,7 +169,8 @@ class Daemon:
             raise StoreError(str(exc)) from None
         if cfg.quota_bytes is not None or cfg.quota_inodes is not None:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
-        self.ops = Operations(self.fs, stats=self.stats, mounted=self.mounted_branches, ctl_group=cfg.ctl_group)
+        self.ops = Operations(self.fs, stats=self.stats, mounted=self.mounted_branches, ctl_group=cfg.ctl_group,
+                              cache_absent=cfg.dir_cache)
         # The control directories' listings change behind the kernel (snapshots come and go).
         self.dir_cache = cfg.dir_cache and dircache.install(lambda fino: not Operations._is_control(fino))
         self.fs.kernel_sync = self.kernel_sync

@@ -88,12 +88,13 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
     def __init__(self, fs: Filesystem, stats: Callable[[View], dict[str, Any]] | None = None,
-                 mounted: Callable[[], set[str]] | None = None, ctl_group: int | None = None) -> None:
+                 mounted: Callable[[], set[str]] | None = None, ctl_group: int | None = None,
+                 cache_absent: bool = True) -> None:
         super().__init__()
         self.fs = fs
         self.ctl_group = ctl_group
         self.branching = Branching(fs, ctl_group)
-        self.branching.invalidate_attrs = self._invalidate_attrs
+        self.branching.invalidate_dir = self._invalidate_dir
         fs.writers_sync = self._writeback_writers
         self.control = Control(self.branching, self._after_rollback, mounted or (lambda: set()))
         self.stats = stats or (lambda view: {})
@@ -105,6 +106,12 @@ class Operations(pyfuse3.Operations):
         self._write_fhs: set[int] = set()
         self._writers: Counter[Node] = Counter()  # open handles that may write, per node
         self._next_fh = 1
+        # The reply to a LOOKUP of an absent name: cached as absent (None: ENOENT, not cached).
+        self._negative: pyfuse3.EntryAttributes | None = None
+        if cache_absent:
+            self._negative = pyfuse3.EntryAttributes()
+            self._negative.st_ino = 0
+            self._negative.entry_timeout = ATTR_TIMEOUT
 
     # -- inode numbers ---------------------------------------------------------------------
     def fuse_ino(self, node: Node) -> int:
@@ -236,16 +243,19 @@ class Operations(pyfuse3.Operations):
         return []
 
     async def _after_rollback(self, view: View, old_names: list[bytes]) -> None:
-        """Make the kernel forget the old tree's names under the root, and the root's attributes."""
+        """Make the kernel forget the root's names before and after (the new ones may be
+        cached as absent), its listing and its attributes.  Every other directory of the
+        restored tree has a new kernel inode number."""
         root = self.fs.node(view, ROOT_INO)
-        rino = self.fuse_ino(root)
-        # Synchronous invalidations, in a thread (the kernel may call back into us): when
-        # the rollback command returns, no old name is left in the kernel's cache.
-        await trio.to_thread.run_sync(self._inval_entries, rino, old_names)
-        await trio.to_thread.run_sync(self._inval_inode, rino)
+        names = set(old_names).union(n for n, _ in self.fs.list_dir(root))
+        await self._invalidate_dir(root, sorted(names))
 
-    async def _invalidate_attrs(self, node: Node) -> None:
-        await trio.to_thread.run_sync(self._inval_inode, self.fuse_ino(node))
+    async def _invalidate_dir(self, node: Node, names: list[bytes]) -> None:
+        # Synchronous invalidations, in a thread (the kernel may call back into us): when
+        # the command that changed the directory returns, nothing stale is left.
+        fino = self.fuse_ino(node)
+        await trio.to_thread.run_sync(self._inval_entries, fino, names)
+        await trio.to_thread.run_sync(self._inval_inode, fino)
 
     @staticmethod
     def _inval_entries(parent: int, names: list[bytes]) -> None:
@@ -296,7 +306,15 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if self._reserved(parent, name):
             return self._control_entry((parent.view.vid << 8) | K_DIR)
-        return self._looked_up(self.fs.lookup(parent, name))
+        try:
+            return self._looked_up(self.fs.lookup(parent, name))
+        except FSError as exc:
+            if exc.errno != errno.ENOENT or self._negative is None:
+                raise
+            # Cached as absent for ATTR_TIMEOUT (a compiler probing include paths, a shell
+            # probing PATH): names appear behind the kernel's back only by clone and
+            # rollback, which invalidate them (_invalidate_dir).
+            return self._negative
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         self.requests["forget"] += 1

@@ -1,6 +1,8 @@
-"""The kernel caches directory listings (cowfs.dircache: FOPEN_CACHE_DIR) and never shows a
-stale one: not after changes through the mount, nor after changes the daemon makes behind
-the kernel's back (a clone into a listed directory, a rollback), nor in `.cowfs/snapshots`."""
+"""The kernel caches directory listings (cowfs.dircache: FOPEN_CACHE_DIR) and absent names
+(negative entries), and never shows a stale one: not after changes through the mount, nor
+after changes the daemon makes behind the kernel's back (a clone into a listed directory or
+onto a name looked up before, a rollback), nor in `.cowfs/snapshots`; `-o dir_cache=0`
+turns both off."""
 from __future__ import annotations
 
 import os
@@ -11,6 +13,14 @@ from test_branching import ok, stats
 
 def readdirs(mp) -> int:
     return stats(mp)["requests"].get("readdir", 0)
+
+
+def lookups(mp) -> int:
+    return stats(mp)["requests"].get("lookup", 0)
+
+
+def exists(path) -> bool:
+    return mounting.call_with_timeout(os.path.lexists, path, timeout=20)
 
 
 def names(path) -> list[str]:
@@ -58,3 +68,51 @@ def test_listings_are_cached_and_never_stale(cowfs_mount):
     assert "later" not in names(mp)
     assert names(mp / "d") == want
     assert "f1" in names(mp / "d" / "sub")
+
+
+def test_absent_names_are_cached_and_never_stale(cowfs_mount):
+    mp = cowfs_mount.path
+    (mp / "d").mkdir()
+    (mp / "d" / "src").write_bytes(b"source")
+    assert not exists(mp / "d" / "absent")
+    before = lookups(mp)
+    for _ in range(3):
+        assert not exists(mp / "d" / "absent")
+    assert lookups(mp) == before, "an absent name was looked up in the daemon again"
+
+    # Created through the mount: the kernel replaces its own negative entry.
+    (mp / "d" / "absent").write_bytes(b"now here")
+    assert (mp / "d" / "absent").read_bytes() == b"now here"
+
+    # Created behind the kernel's back: a clone onto a name looked up as absent ...
+    assert not exists(mp / "d" / "copy")
+    ok(mp, b"clone d/src d/copy\n")
+    assert mounting.call_with_timeout((mp / "d" / "copy").read_bytes, timeout=20) == b"source"
+
+    # ... and a rollback that brings back names looked up as absent, at the root and below.
+    ok(mp, b"snapshot with\n")
+    os.rename(mp / "d", mp / "gone")
+    (mp / "gone" / "src").unlink()
+    assert not exists(mp / "d") and not exists(mp / "gone" / "src")
+    ok(mp, b"snapshot without\n")
+    ok(mp, b"rollback with\n")
+    assert exists(mp / "d") and not exists(mp / "gone")
+    assert (mp / "d" / "src").read_bytes() == b"source"
+    ok(mp, b"rollback without\n")
+    assert not exists(mp / "d") and exists(mp / "gone") and not exists(mp / "gone" / "src")
+    ok(mp, b"rollback with\n")
+    assert exists(mp / "d" / "src") and not exists(mp / "gone")
+
+
+def test_dir_cache_off(mount_factory):
+    m = mount_factory(options=("dir_cache=0",))
+    mp = m.path
+    (mp / "d").mkdir()
+    (mp / "d" / "f").write_bytes(b"x")
+    assert stats(mp)["kernel_dir_cache"] is False
+    names(mp / "d")
+    assert not exists(mp / "d" / "absent")
+    r, lk = readdirs(mp), lookups(mp)
+    names(mp / "d")
+    assert not exists(mp / "d" / "absent")
+    assert readdirs(mp) > r and lookups(mp) > lk

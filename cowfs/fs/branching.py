@@ -63,8 +63,9 @@ class Branching:
         self.fs = fs
         self.cat = fs.store.catalog
         self.admin_group = admin_group  # members may snapshot/branch/rollback/delete too
-        # Set by the FUSE layer: make the kernel drop a node's cached attributes.
-        self.invalidate_attrs: Callable[[Node], Awaitable[None]] = _no_invalidation
+        # Set by the FUSE layer: make the kernel drop what it caches of a directory (its
+        # attributes and listing) and of some of its names (dentries, negative ones too).
+        self.invalidate_dir: Callable[[Node, list[bytes]], Awaitable[None]] = _no_invalidation
 
     # -- lineage ---------------------------------------------------------------------------
     def _branch(self, view: View) -> Branch:
@@ -295,7 +296,7 @@ class Branching:
             if snode.attrs.is_dir:
                 dparent.attrs.nlink += 1
             m.save(dparent)
-        await self.invalidate_attrs(dparent)  # its nlink and times changed behind the kernel
+        await self.invalidate_dir(dparent, [dname])  # a new name, nlink and times, behind the kernel
         return {"cloned": src, "to": dst, "entries": count,
                 "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
@@ -468,7 +469,7 @@ def _join(parent: str, name: bytes) -> str:
     return f"{parent}/{n}" if parent else n
 
 
-async def _no_invalidation(node: Node) -> None:
+async def _no_invalidation(node: Node, names: list[bytes]) -> None:
     return None
 
 
