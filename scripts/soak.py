@@ -82,22 +82,27 @@ def worker(mount: str, k: int, seconds: float, seed: int, brancher: bool, q) -> 
                 gen = rollbacks.value if rollbacks.value == finished.value else -1  # -1: one in flight
                 with open(p, "wb") as f:
                     f.write(data)
-                files[name] = (data, gen)
+                    ino = os.fstat(f.fileno()).st_ino  # cowfs: view, rollback epoch and inode
+                files[name] = (data, gen, ino)
             elif kind == "append":
                 with open(p, "ab") as f:
                     more = rnd.randbytes(rnd.randrange(1, 9000))
                     f.write(more)
                 if name in files:
-                    files[name] = (files[name][0] + more, files[name][1])
+                    files[name] = (files[name][0] + more, *files[name][1:])
             elif kind == "read":
                 with open(p, "rb") as f:
                     got = f.read()
+                    got_ino = os.fstat(f.fileno()).st_ino
                 want = files.get(name)
                 if want is not None and got != want[0]:
                     files.pop(name, None)
                     if rollbacks.value == want[1]:  # only a rollback may change what we wrote
+                        # The inode numbers tell a write into another tree (a different
+                        # rollback epoch in bits 36-47) from one lost in the same inode.
                         unexpected.append(f"w{k}: {name} read {len(got)} bytes, wrote {len(want[0])} "
-                                          f"and no rollback started since")
+                                          f"and no rollback started since (inode written {want[2]:#x}, "
+                                          f"read {got_ino:#x}, at {time.time():.3f})")
             elif kind == "rename":
                 dst = f"f{rnd.randrange(40)}"
                 os.rename(p, os.path.join(home, dst))

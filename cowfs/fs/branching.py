@@ -8,6 +8,7 @@ on its ancestry or taken from it, and branches made from those.
 from __future__ import annotations
 
 import errno
+import logging
 import posixpath
 import re
 import stat
@@ -26,6 +27,8 @@ from cowfs.meta.layers import Branch, Snapshot
 from cowfs.meta.records import Attrs
 from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_XATTRS, LayerView, ino_key, name_key
 from cowfs.store import ROOT_INO
+
+log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 CONTROL_DIR = b".cowfs"
@@ -193,6 +196,8 @@ class Branching:
             usage = self._usage(s.layer)
             self.cat.save_usage(b.head, usage[0], usage[1], m.batch)
         self.fs.detach(view, new_lv, b.epoch)
+        # Logged so that what a process saw can be matched with the epoch in its inode numbers.
+        log.info("branch %s rolled back to snapshot %s: layer %d, epoch %d", b.name, name, b.head, b.epoch)
         view.usage_bytes, view.usage_inodes = usage
         self.fs.schedule_gc()
         return ({"rollback": name, "branch": b.name, "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)},
