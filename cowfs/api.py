@@ -274,6 +274,15 @@ def _exchange(mountpoint: PathLike, words: tuple[str, ...]) -> dict[str, Any]:
         raise CowfsError(f"unreadable reply from the control file: {raw[:200]!r}") from None
 
 
+def stats(mountpoint: PathLike, timeout: float | None = CONTROL_TIMEOUT) -> dict[str, Any]:
+    """The daemon's figures, as the mount's world-readable ``.cowfs/stats`` shows them."""
+    def read() -> dict[str, Any]:
+        with open(os.path.join(os.fspath(mountpoint), ".cowfs", "stats"), "rb") as f:
+            return json.loads(f.read())  # type: ignore[no-any-return]
+
+    return bounded(mountpoint, "stats", timeout, read)
+
+
 def control(mountpoint: PathLike, *words: str, timeout: float | None = CONTROL_TIMEOUT) -> dict[str, Any]:
     """Run one control-file command at a mount; return the JSON reply or raise CowfsError."""
     reply = control_reply(mountpoint, *words, timeout=timeout)
@@ -396,11 +405,7 @@ class Mount:
 
     def stats(self) -> dict[str, Any]:
         """The daemon's figures (usage, quota, cache, requests ...) from ``.cowfs/stats``."""
-        def read() -> dict[str, Any]:
-            with open(self.path / ".cowfs" / "stats", "rb") as f:
-                return json.loads(f.read())  # type: ignore[no-any-return]
-
-        return bounded(self.path, "stats", self.timeout, read)
+        return stats(self.path, self.timeout)
 
     def snapshot_path(self, name: str) -> Path:
         """Where snapshot NAME is readable (read-only) inside this mount."""

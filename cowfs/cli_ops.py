@@ -76,10 +76,7 @@ def _daemon_stats(store: str, mountpoint: str | None) -> dict[str, Any]:
         if mountpoint is None:
             raise
         try:
-            def read_stats() -> dict[str, Any]:
-                with open(os.path.join(mountpoint, ".cowfs", "stats"), "rb") as f:
-                    return json.loads(f.read())  # type: ignore[no-any-return]
-            return api.bounded(mountpoint, "stats", PROBE_TIMEOUT, read_stats)
+            return api.stats(mountpoint, PROBE_TIMEOUT)
         except (OSError, ValueError, api.NotResponding):
             raise first from None
 

@@ -76,15 +76,14 @@ def layout_matches() -> bool:
 
 
 def install(cacheable: Callable[[int], bool]) -> bool:
-    """Reply to OPENDIR of every inode for which cacheable(inode) holds with FOPEN_CACHE_DIR
+    """Once per process (the daemon's): reply to OPENDIR of every inode for which cacheable(inode) holds with FOPEN_CACHE_DIR
     and FOPEN_KEEP_CACHE.  Returns False (and changes nothing) if pyfuse3's layout is not
     the one known here."""
     if not layout_matches():
         log.warning("pyfuse3 %s: unknown request layout; directory listings are not cached by the kernel",
                     getattr(pyfuse3, "__version__", "?"))
         return False
-    original: Callable[[Any], Awaitable[None]] = getattr(pyfuse3, "_cowfs_opendir_original", None) \
-        or pyfuse3.fuse_opendir_async
+    original: Callable[[Any], Awaitable[None]] = pyfuse3.fuse_opendir_async
 
     async def fuse_opendir_async(c: Any) -> None:
         fields = _Container.from_address(id(c))
@@ -93,6 +92,5 @@ def install(cacheable: Callable[[int], bool]) -> bool:
             fields.fi.keep_cache = 1
         await original(c)
 
-    pyfuse3._cowfs_opendir_original = original  # type: ignore[attr-defined]
     pyfuse3.fuse_opendir_async = fuse_opendir_async  # type: ignore[attr-defined]
     return True

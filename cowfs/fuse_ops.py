@@ -254,8 +254,12 @@ class Operations(pyfuse3.Operations):
         # Synchronous invalidations, in a thread (the kernel may call back into us): when
         # the command that changed the directory returns, nothing stale is left.
         fino = self.fuse_ino(node)
-        await trio.to_thread.run_sync(self._inval_entries, fino, names)
-        await trio.to_thread.run_sync(self._inval_inode, fino)
+
+        def invalidate() -> None:
+            self._inval_entries(fino, names)
+            self._inval_inode(fino)
+
+        await trio.to_thread.run_sync(invalidate)
 
     @staticmethod
     def _inval_entries(parent: int, names: list[bytes]) -> None:

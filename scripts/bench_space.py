@@ -282,6 +282,7 @@ def main() -> None:
     ap.add_argument("--write-rounds", type=int, default=None,
                     help="alternating rounds of the foreground-write comparison (3; --quick 1)")
     a = ap.parse_args()
+    write_rounds = a.write_rounds or (1 if a.quick else 3)
     releases = RELEASES[-2:] if a.quick else RELEASES
     copies, forks, rmib = (2, 2, 32) if a.quick else (5, 8, 256)
     work = os.path.join(a.work, "quick" if a.quick else "full")
@@ -293,7 +294,7 @@ def main() -> None:
         res["items"][k] = {"files": n, "bytes": size}
     log("data:", res["items"])
     if a.throughput_only:
-        res["throughput"] = throughput(work, item["1"], a.write_rounds or (1 if a.quick else 3))
+        res["throughput"] = throughput(work, item["1"], write_rounds)
         print("throughput:", json.dumps(res["throughput"]))
         if a.json:
             print(json.dumps(res))
@@ -322,7 +323,7 @@ def main() -> None:
         res["git"] = {k: git_size(work, d) for k, d in sets.items() if k != "4"}
     log("others:", res["borg"], res["tar_zstd3"], res.get("git"))
 
-    res["throughput"] = throughput(work, item["1"], a.write_rounds or (1 if a.quick else 3))
+    res["throughput"] = throughput(work, item["1"], write_rounds)
 
     one12 = cow["1+2"]["du_db"]
     goals = {
