@@ -33,6 +33,7 @@ from cowfs.fs.view import View
 from cowfs.fuse_ops import Operations
 from cowfs.mounts import daemon_pid, pid_file
 from cowfs.store import Store
+from cowfs.warming import Warmer
 
 log = logging.getLogger("cowfs.daemon")
 LOG_NAME = "daemon.log"
@@ -53,6 +54,7 @@ class MountConfig:
     prefetch: bool = True
     prefetch_learn: bool = True
     dir_cache: bool = True  # the kernel caches directory listings (cowfs.dircache) and absent names
+    warm: bool = True  # list a branch's learned cold-start directories at its first touch (cowfs.warming)
     ctl_group: int | None = None
     quota_bytes: int | None = None
     quota_inodes: int | None = None
@@ -60,7 +62,7 @@ class MountConfig:
     dedup_cpu: float = 0.25
 
 
-CACHE_OPTIONS = ("cache_l1=SIZE, cache_l2=SIZE, prefetch=0|1, prefetch_learn=0|1, dir_cache=0|1, "
+CACHE_OPTIONS = ("cache_l1=SIZE, cache_l2=SIZE, prefetch=0|1, prefetch_learn=0|1, dir_cache=0|1, warm=0|1, "
                  "dedup=on|off, dedup_cpu=SHARE")
 
 
@@ -72,7 +74,7 @@ def set_cache_option(cfg: MountConfig, key: str, value: str, parse_size: Callabl
         cfg.cache_l1 = parse_size(value)
     elif key == "cache_l2":
         cfg.cache_l2 = parse_size(value)
-    elif key in ("prefetch", "prefetch_learn", "dir_cache"):
+    elif key in ("prefetch", "prefetch_learn", "dir_cache", "warm"):
         if value not in ("0", "1"):
             raise ValueError(value)
         setattr(cfg, key, value == "1")
@@ -169,8 +171,9 @@ class Daemon:
             raise StoreError(str(exc)) from None
         if cfg.quota_bytes is not None or cfg.quota_inodes is not None:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
+        self.warmer = Warmer(self.fs, self._view_root, cfg.store, cfg.prefetch and cfg.warm)
         self.ops = Operations(self.fs, stats=self.stats, mounted=self.mounted_branches, ctl_group=cfg.ctl_group,
-                              cache_absent=cfg.dir_cache)
+                              cache_absent=cfg.dir_cache, warm=self.warmer)
         # The control directories' listings change behind the kernel (snapshots come and go).
         self.dir_cache = cfg.dir_cache and dircache.install(lambda fino: not Operations._is_control(fino))
         self.fs.kernel_sync = self.kernel_sync
@@ -180,6 +183,13 @@ class Daemon:
         self.dev = ""  # the FUSE connection's device number "major:minor", known once mounted
 
     # -- our mounts ------------------------------------------------------------------------
+    def _view_root(self, view: View) -> str:
+        """Where a view's root is in our mount namespace (the cold-start helper lists there;
+        a branch's bind mount shows the same dentries)."""
+        if view is self.fs.primary:
+            return self.cfg.mountpoint
+        return f"{self.cfg.mountpoint}/.cowfs/by-view/{view.vid}"
+
     def mounts(self) -> list[tuple[str, str]]:
         """(mount point, root inside our filesystem) of every mount of our FUSE connection."""
         return [(e.mountpoint, e.root) for e in mounts.connection_mounts(self.dev)] if self.dev else []
@@ -276,7 +286,8 @@ class Daemon:
             "prefetch_enabled": fs.fetcher is not None,
             "prefetch_learning": fs.learner is not None and fs.learner.learn,
             "prefetch_model": (fs.learner.describe(view.name) if fs.learner is not None and view.kind == "branch"
-                               else {"files": 0, "transitions": 0}),
+                               else {"files": 0, "transitions": 0, "cold_start_dirs": 0}),
+            "warm": self.warmer.figures(),
             "disk_bytes": store.disk_usage(),
             **store.space(),
             "dedup": self.dedup.figures(),
@@ -322,6 +333,7 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
+        self.warmer.kill()  # a process listing the mount would make it busy
         await self.fs.flush()
         # Bind mounts (other branches) first, the FUSE mount itself last.
         for mp, _root in sorted(self.mounts(), key=lambda m: m[1] == "/"):
@@ -376,6 +388,7 @@ class Daemon:
                 # files: 2.28 s against 1.62 s) and still did not let readahead get ahead.
                 nursery.start_soon(self.fs.fetcher.run)
             nursery.start_soon(self.fs.save_model_loop)
+            nursery.start_soon(self.warmer.run)
             ready(None)
             notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.cfg.mountpoint}")
             await pyfuse3.main(min_tasks=1, max_tasks=8)

@@ -31,6 +31,7 @@ from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.node import Node
 from cowfs.fs.view import EPOCHS, View
 from cowfs.store import ROOT_INO
+from cowfs.warming import Warmer
 
 log = logging.getLogger(__name__)
 trace = logging.getLogger("cowfs.requests")
@@ -89,9 +90,10 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, fs: Filesystem, stats: Callable[[View], dict[str, Any]] | None = None,
                  mounted: Callable[[], set[str]] | None = None, ctl_group: int | None = None,
-                 cache_absent: bool = True) -> None:
+                 cache_absent: bool = True, warm: Warmer | None = None) -> None:
         super().__init__()
         self.fs = fs
+        self.warm = warm  # learns cold starts from lookups and listings, and warms them
         self.ctl_group = ctl_group
         self.branching = Branching(fs, ctl_group)
         self.branching.invalidate_dir = self._invalidate_dir
@@ -310,6 +312,8 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if self._reserved(parent, name):
             return self._control_entry((parent.view.vid << 8) | K_DIR)
+        if self.warm is not None:
+            self.warm.touch(parent, ctx.pid)
         try:
             return self._looked_up(self.fs.lookup(parent, name))
         except FSError as exc:
@@ -539,6 +543,8 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not node.attrs.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if self.warm is not None:
+            self.warm.opened_dir(node, ctx.pid)
         fh = self._new_fh()
         self._dirs[fh] = _Dir(node)
         node.opens += 1

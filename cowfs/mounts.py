@@ -55,6 +55,28 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def warmer_pid_file(store: str) -> str:
+    """Holds the pid of the daemon's cold-start helper (cowfs.warming) while it runs."""
+    return os.path.join(store, "warmer.pid")
+
+
+def stop_warmer(store: str) -> None:
+    """End the daemon's cold-start helper, if it runs: a process listing directories in the
+    mount makes an unmount fail with EBUSY, and what it does is only speculative."""
+    try:
+        with open(warmer_pid_file(store)) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"warm_child.py" not in f.read():
+                return
+        os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + 5
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def daemon_pid(store: str) -> int | None:
     """Pid of the live daemon serving this store, if any."""
     try:
@@ -183,6 +205,7 @@ def umount(mountpoint: str, timeout: float = 60.0, force: bool = False) -> str:
         _wait_exit(pid, timeout)
         return (f"aborted the FUSE connection of daemon pid {pid} and killed it; cleared {', '.join(cleared)}; "
                 "as after a crash, the store holds a prefix of the operations, all fsynced ones included")
+    stop_warmer(store)
     try:
         unmount(mp, timeout=timeout)
     except MountError as exc:

@@ -9,6 +9,12 @@ The model is persisted per branch under meta key ``prefetch/<branch>`` (zlib'd J
 every SAVE_INTERVAL seconds when it changed and at unmount, in a batch of its own: no file
 system operation reads that key, so losing the last seconds of learning on a crash costs
 only predictions.  A branch without a model of its own starts from its parent branch's.
+
+The model also keeps a branch's *cold start*: the directories clients touched (listed, or
+looked a name up in) in the first WARM_WINDOW seconds of a mount, in first-touch order.  At the
+next mount's first touch, cowfs.warming lists them from a helper process so that the kernel
+caches their entries before the clients ask (what `git status` or `import django` need first).
+A directory stays in the list until MAX_MISSED mounts in a row went without touching it.
 """
 from __future__ import annotations
 
@@ -30,6 +36,9 @@ MAX_CHUNKS = 64  # chunks 0-63 (the first 4 MiB) of a file are recorded
 RECENT = 4096  # files prefetched recently: not asked for again
 FOLLOW = 8  # an open this close to the head of the last prediction continues it
 SAVE_INTERVAL = 10.0
+WARM_WINDOW = 30.0  # seconds after a mount's first touch that count as its cold start
+MAX_WARM = 8192  # directories in a cold-start list
+MAX_MISSED = 4  # mounts in a row without a touch that drop a directory from the list
 
 
 def model_key(branch: str) -> bytes:
@@ -44,6 +53,11 @@ class OpenModel:
         self.dirty = False
         self.recent: OrderedDict[int, None] = OrderedDict()
         self._ahead: list[int] = []  # the files predicted to follow the last open, in order
+        # Cold start: directory -> earlier mounts in a row that did not touch it (in order), as
+        # loaded; and this mount's first touches, in order, since session_t0.
+        self.startup: dict[int, int] = {}
+        self.session: dict[int, None] = {}
+        self.session_t0: float | None = None
 
     def opened(self, ino: int) -> None:
         prev, self.last = self.last, ino
@@ -70,6 +84,32 @@ class OpenModel:
         if new != old:
             self.chunks[ino] = new
             self.dirty = True
+
+    def touched(self, ino: int, now: float) -> None:
+        """A client touched directory ino (listed it, or looked a name up in it)."""
+        if ino in self.session:
+            return
+        if self.session_t0 is None:
+            self.session_t0 = now
+        elif now - self.session_t0 > WARM_WINDOW or len(self.session) >= MAX_WARM:
+            return
+        self.session[ino] = None
+        self.dirty = True
+
+    def cold_start(self) -> dict[int, int]:
+        """The list to save: this mount's touches first, then the loaded list's other
+        directories with one more miss each (dropped at MAX_MISSED).
+
+        Touches the warming answered from the kernel's cache never reach the daemon, so a
+        directory only looked up in (not listed) can drop out after MAX_MISSED warmed mounts
+        and come back after the next cold one; a listing always reaches it (OPENDIR)."""
+        out = dict.fromkeys(self.session, 0)
+        for ino, missed in self.startup.items():
+            if len(out) >= MAX_WARM:
+                break
+            if ino not in out and missed + 1 < MAX_MISSED:
+                out[ino] = missed + 1
+        return out
 
     def chunks_of(self, ino: int) -> list[int]:
         bits = self.chunks.get(ino, 0)
@@ -130,7 +170,8 @@ class OpenModel:
 
     def dumps(self) -> bytes:
         doc = {"next": {str(k): [[n, c] for n, c in v.items()] for k, v in self.next.items()},
-               "chunks": {str(k): v for k, v in self.chunks.items()}}
+               "chunks": {str(k): v for k, v in self.chunks.items()},
+               "startup": [[k, v] for k, v in self.cold_start().items()]}
         return zlib.compress(json.dumps(doc, separators=(",", ":")).encode())
 
     @classmethod
@@ -139,6 +180,7 @@ class OpenModel:
         m = cls()
         m.next = {int(k): {n: c for n, c in v} for k, v in doc["next"].items()}
         m.chunks = {int(k): int(v) for k, v in doc["chunks"].items()}
+        m.startup = {int(k): int(v) for k, v in doc.get("startup", [])}  # absent before the cold-start list
         return m
 
 
@@ -191,9 +233,18 @@ class Learner:
     def chunks_of(self, branch: str, ino: int) -> list[int]:
         return self.model(branch).chunks_of(ino)
 
+    def touched(self, branch: str, ino: int, now: float) -> None:
+        if self.learn:
+            self.model(branch).touched(ino, now)
+
+    def cold_start(self, branch: str) -> list[int]:
+        """The directories of the branch's last cold starts, in the order they were touched."""
+        return list(self.model(branch).startup)
+
     def describe(self, branch: str) -> dict[str, int]:
         m = self.model(branch)
-        return {"files": len(m.chunks), "transitions": sum(sum(s.values()) for s in m.next.values())}
+        return {"files": len(m.chunks), "transitions": sum(sum(s.values()) for s in m.next.values()),
+                "cold_start_dirs": len(m.cold_start())}
 
     def forget(self, branch: str, batch: Batch) -> None:
         """A deleted branch's model goes with it (in the deleting batch)."""

@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable, Iterable
 import trio
 
 from cowfs.errors import FSError
-from cowfs.fs.filesystem import Filesystem, Mutation
+from cowfs.fs.filesystem import Filesystem, Mutation, join_path
 from cowfs.fs.node import Node
 from cowfs.fs.view import View
 from cowfs.meta import gc
@@ -377,21 +377,6 @@ class Branching:
             return LayerView(b.head, frozenset(self.cat.ancestry(b.head)))
         raise FSError(errno.ENOENT, f"no snapshot or branch named {name!r}")
 
-    def _path(self, lv: LayerView, ino: int, cache: dict[int, str | None]) -> str | None:
-        if ino == ROOT_INO:
-            return ""
-        if ino in cache:
-            return cache[ino]
-        found = self.fs.store.meta.get(CF_INODES, ino_key(ino), lv)
-        path = None
-        if found and found[1]:
-            a = Attrs.unpack(found[1])
-            parent = self._path(lv, a.parent, cache) if a.parent else None
-            if parent is not None:
-                path = _join(parent, a.name)
-        cache[ino] = path
-        return path
-
     def _resolve(self, lv: LayerView, ino: int, links: set[tuple[int, bytes]],
                  cache: dict[int, str | None]) -> set[str]:
         """Paths, among the candidate (parent, name) links, that name ino in this view."""
@@ -400,9 +385,9 @@ class Branching:
         for parent, name in links:
             found = meta.get(CF_DIRENTS, name_key(parent, name), lv)
             if found and found[1] and int.from_bytes(found[1][:8], "big") == ino:
-                ppath = self._path(lv, parent, cache)
+                ppath = self.fs.path_of(lv, parent, cache)
                 if ppath is not None:
-                    out.add(_join(ppath, name))
+                    out.add(join_path(ppath, name))
         return out
 
     async def diff(self, view: View, a: str, b: str | None) -> dict[str, Any]:
@@ -467,11 +452,6 @@ class Branching:
                 changes.append({"change": "modified", "path": sorted(nb & na or nb)[0], "type": kind})
         changes.sort(key=lambda c: (c["path"], c["change"]))
         return {"from": a, "to": b if b is not None else "(live)", "changes": changes}
-
-
-def _join(parent: str, name: bytes) -> str:
-    n = name.decode("utf-8", "surrogateescape")
-    return f"{parent}/{n}" if parent else n
 
 
 async def _no_invalidation(node: Node, names: list[bytes]) -> None:

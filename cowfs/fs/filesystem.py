@@ -159,6 +159,12 @@ class Mutation:
                 n.attrs.mtime_ns = self.now
 
 
+def join_path(parent: str, name: bytes) -> str:
+    """A view-relative path ("" is the root) and a name: the child's path."""
+    n = name.decode("utf-8", "surrogateescape")
+    return f"{parent}/{n}" if parent else n
+
+
 class _Scope:
     """The context of one mutation.
 
@@ -332,6 +338,24 @@ class Filesystem:
             await self.writers_sync()
 
     # -- node table ------------------------------------------------------------------------
+    def path_of(self, lv: LayerView, ino: int, cache: dict[int, str | None]) -> str | None:
+        """Path of inode ino in the layer view ("" for the root; None if it has no name there),
+        from the (parent, name) each inode record keeps; cache memoizes the ancestors.  Pure KV
+        reads: safe in a thread."""
+        if ino == ROOT_INO:
+            return ""
+        if ino in cache:
+            return cache[ino]
+        found = self.store.meta.get(CF_INODES, ino_key(ino), lv)
+        path = None
+        if found and found[1]:
+            a = Attrs.unpack(found[1])
+            parent = self.path_of(lv, a.parent, cache) if a.parent else None
+            if parent is not None:
+                path = join_path(parent, a.name)
+        cache[ino] = path
+        return path
+
     def node(self, view: View, ino: int, unlinked_ok: bool = False) -> Node:
         """Node ino of view; unlinked_ok: also a dropped one still in memory (its last attributes)."""
         n = view.nodes.get(ino)

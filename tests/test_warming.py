@@ -1,0 +1,140 @@
+"""Learned cold-start warming (issue #5, cowfs.warming): the directories a mount's clients
+touch first are learned per branch, listed by a helper at the next mount's first touch, and
+then answered by the kernel without requests; `cowfs umount` ends a running helper."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+
+from cowfs.cache.learned import MAX_MISSED, WARM_WINDOW, OpenModel
+from cowfs.warming import CHILD
+from test_branching import forks, ok, stats  # noqa: F401
+from test_cache import _wait
+
+DIRS = [f"d{i}/s{j}" for i in range(10) for j in range(5)]
+
+
+def _make_tree(root) -> None:
+    for d in DIRS:
+        os.makedirs(root / d)
+        for k in range(3):
+            (root / d / f"f{k}").write_bytes(b"x")
+
+
+def _touch_all(root) -> None:
+    """What `git status` does: stat every file, list every directory."""
+    for d in DIRS:
+        for k in range(3):
+            os.lstat(root / d / f"f{k}")
+    for dirpath, _dirs, _files in os.walk(root):
+        pass
+
+
+def _helpers() -> list[str]:
+    r = subprocess.run(["pgrep", "-af", "warm_child.py"], capture_output=True, text=True, timeout=10)
+    return [ln for ln in r.stdout.splitlines() if "pgrep" not in ln]
+
+
+def test_cold_start_model_keeps_order_window_and_misses():
+    m = OpenModel()
+    for ino in (5, 3, 5, 9):
+        m.touched(ino, 100.0)
+    m.touched(11, 100.0 + WARM_WINDOW + 1)  # after the cold start: not part of it
+    assert list(m.cold_start()) == [5, 3, 9]
+    m2 = OpenModel.loads(m.dumps())
+    assert m2.startup == {5: 0, 3: 0, 9: 0}
+    m2.touched(9, 0.0)
+    m2.touched(7, 0.0)
+    assert m2.cold_start() == {9: 0, 7: 0, 5: 1, 3: 1}  # this mount's touches first
+    m3 = OpenModel()
+    m3.startup = {1: MAX_MISSED - 2, 2: MAX_MISSED - 1}
+    assert m3.cold_start() == {1: MAX_MISSED - 1}  # untouched too often: dropped
+    legacy = zlib.compress(json.dumps({"next": {}, "chunks": {"4": 1}}).encode())  # saved before the list
+    assert OpenModel.loads(legacy).startup == {} and OpenModel.loads(legacy).chunks == {4: 1}
+
+
+@pytest.mark.timeout(180)
+def test_cold_start_is_learned_and_warmed_after_a_remount(mount_factory, forks):  # noqa: F811
+    m = mount_factory()
+    _make_tree(m.path)
+    m.remount()
+    _touch_all(m.path)  # the cold start to learn
+    assert stats(m.path)["prefetch_model"]["cold_start_dirs"] >= len(DIRS)
+    m.remount()
+    os.listdir(m.path / "d0")  # the first touch starts the helper
+    w = _wait(lambda: (lambda w: w if w["runs"] >= 1 else None)(stats(m.path)["warm"]), "the cold-start helper", timeout=20)
+    assert w["dirs_warmed"] >= len(DIRS) + 10, w
+    before = stats(m.path)["requests"]
+    _touch_all(m.path)
+    after = stats(m.path)
+    req = after["requests"]
+    # Every name and every listing was answered by the kernel's caches.
+    assert req.get("lookup", 0) == before.get("lookup", 0), (before, req)
+    assert req.get("readdir", 0) == before.get("readdir", 0), (before, req)
+    assert after["warm"]["dirs_used"] >= len(DIRS), after["warm"]
+    assert _helpers() == []
+    ok(m.path, "branch feat")  # a fork starts from its parent's model
+    fork = forks.mount(m.store, "feat")
+    assert stats(fork)["prefetch_model"]["cold_start_dirs"] >= len(DIRS)
+    forks.umount(fork)
+
+
+@pytest.mark.timeout(180)
+def test_no_warming_when_turned_off_or_not_learned(mount_factory):
+    m = mount_factory(options=["warm=0"])
+    _make_tree(m.path)
+    m.remount()
+    _touch_all(m.path)
+    m.remount()
+    os.listdir(m.path / "d0")
+    time.sleep(0.5)
+    st = stats(m.path)
+    assert not st["warm"]["enabled"] and st["warm"]["runs"] == 0 and st["warm"]["dirs_warmed"] == 0
+    assert st["prefetch_model"]["cold_start_dirs"] >= len(DIRS)  # still learned
+    m.options = ["prefetch_learn=0"]
+    m.remount()
+    _touch_all(m.path)
+    assert stats(m.path)["prefetch_model"]["cold_start_dirs"] >= len(DIRS)  # kept, not relearned
+
+
+@pytest.mark.timeout(180)
+def test_cowfs_umount_ends_a_running_helper(mount_factory):
+    m = mount_factory()
+    for i in range(1500):
+        os.mkdir(m.path / f"e{i}")
+    m.remount()
+    for i in range(1500):
+        os.listdir(m.path / f"e{i}")
+    m.remount()
+    os.listdir(m.path / "e0")
+    m.stop("cowfs")  # while the helper may still be listing: it must not make the mount busy
+    assert not os.path.ismount(m.path)
+    assert _helpers() == []
+    assert not os.path.exists(os.path.join(m.store, "warmer.pid"))
+
+
+@pytest.mark.timeout(60)
+def test_helper_lists_nothing_outside_the_mount(mount_factory, tmp_path):
+    """A sandbox may swap a learned directory for a symlink out of the mount between the
+    daemon's path resolution and the helper's listing: the helper must not list there."""
+    outside, control = tmp_path / "outside", tmp_path / "control"
+    for d in (outside / "sub", control):
+        d.mkdir(parents=True)
+    old = time.time() - 3 * 86400  # relatime updates an atime this old at the next listing
+    for d in (outside, outside / "sub", control):
+        os.utime(d, (old, old))
+    os.listdir(control)
+    assert os.stat(control).st_atime != old  # the check below can see a listing
+    m = mount_factory()
+    (m.path / "in").mkdir()
+    os.symlink(outside, m.path / "link")
+    paths = [m.path / "link", m.path / "link" / "sub", m.path / "in"]
+    subprocess.run([sys.executable, "-I", "-S", CHILD, str(m.path)], check=True, timeout=30,
+                   input=b"".join(os.fsencode(p) + b"\0" for p in paths))
+    assert os.stat(outside).st_atime == old and os.stat(outside / "sub").st_atime == old
