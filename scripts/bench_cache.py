@@ -331,7 +331,7 @@ class Replay:
         secs = self.workload(t.path)
         st = t.stats() or {}
         t.unmount()
-        return secs, st.get("cache", {})
+        return secs, {**st.get("cache", {}), "warm": st.get("warm", {})}
 
 
 def replay_part(base: str, rounds: int) -> dict[str, object]:
@@ -340,7 +340,7 @@ def replay_part(base: str, rounds: int) -> dict[str, object]:
         r.setup()
         secs, c = r.run(["prefetch=1", "prefetch_learn=1"])
         benchlib.log(f"  learning run: {secs:.2f} s")
-        on, off, bound, stats = [], [], [], []
+        on, off, chunks_only, bound, stats, warm = [], [], [], [], [], []
         for i in range(rounds):
             order = [True, False] if i % 2 == 0 else [False, True]
             for pf in order:
@@ -348,8 +348,11 @@ def replay_part(base: str, rounds: int) -> dict[str, object]:
                 (on if pf else off).append(secs)
                 if pf:
                     stats.append(c["prefetch"])
+                    warm.append(c["warm"])
                 benchlib.log(f"  round {i + 1} prefetch {'on ' if pf else 'off'}: {secs:.2f} s"
-                             + (f"  {json.dumps(c['prefetch'])}" if pf else ""))
+                             + (f"  {json.dumps(c['prefetch'])}  warm {json.dumps(c['warm'])}" if pf else ""))
+            chunks_only.append(r.run(["prefetch=1", "prefetch_learn=0", "warm=0"])[0])
+            benchlib.log(f"  round {i + 1} prefetch on, no cold-start warming (warm=0): {chunks_only[-1]:.2f} s")
             bound.append(r.run(["prefetch=0"], warm_store=True)[0])
             benchlib.log(f"  round {i + 1} prefetch off, store files in the page cache: {bound[-1]:.2f} s")
     finally:
@@ -359,7 +362,9 @@ def replay_part(base: str, rounds: int) -> dict[str, object]:
     reads = sum(s["chunk_reads"] for s in stats)
     pre = ra[0] + le[0]
     res = {
-        "on_s": on, "off_s": off, "store_warm_s": bound,
+        "on_s": on, "off_s": off, "chunks_only_s": chunks_only, "store_warm_s": bound,
+        "warm": {k: sum(w.get(k, 0) for w in warm) for k in ("dirs_warmed", "dirs_used", "dirs_listed")},
+        "chunks_only_speedup": round(statistics.median(off) / statistics.median(chunks_only), 3),
         "speedup_bound": round(statistics.median(off) / statistics.median(bound), 3),
         "readahead": {"prefetched": ra[0], "used": ra[1], "served_reads": ra[2],
                       "precision": round(ra[1] / ra[0], 4) if ra[0] else None,
@@ -374,6 +379,10 @@ def replay_part(base: str, rounds: int) -> dict[str, object]:
     }
     benchlib.log(f"  readahead: {res['readahead']}")
     benchlib.log(f"  learned:   {res['learned']}")
+    w = res["warm"]
+    benchlib.log(f"  cold-start warming: {w['dirs_warmed']} directories listed ahead, {w['dirs_used']} of them "
+                 f"listed by the workload afterwards, of {w['dirs_listed']} it listed; "
+                 f"chunk prefetch alone (warm=0): {res['chunks_only_speedup']}x")
     benchlib.log(f"  precision {res['prefetch_precision']}  recall {res['prefetch_recall']}  "
                  f"median on {statistics.median(on):.2f} s  off {statistics.median(off):.2f} s  "
                  f"speedup {res['cold_replay_speedup']}x")
