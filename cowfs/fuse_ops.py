@@ -309,7 +309,7 @@ class Operations(pyfuse3.Operations):
         self.requests["lookup"] += 1
         if self._is_control(parent_inode):
             return self._control_lookup(parent_inode, name, ctx)
-        parent = self._node(parent_inode)
+        parent = self._live(parent_inode)
         if self._reserved(parent, name):
             return self._control_entry((parent.view.vid << 8) | K_DIR)
         if self.warm is not None:
@@ -370,11 +370,23 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return node.attrs.target
 
+    def _live(self, fino: int) -> Node:
+        """The node behind fino, for a lookup, open or change through it: not one of a tree a
+        rollback replaced.  Open handles keep working in such a tree, but a name resolved in
+        it can only come from a dentry the kernel kept by mistake: a LOOKUP answered just
+        before the rollback and spliced into the dcache just after its invalidation.  ESTALE
+        makes the kernel redo the path walk with LOOKUP_REVAL, which revalidates each dentry
+        and lands in the restored tree (an fd-relative walk from inside the old tree fails)."""
+        node = self._node(fino)
+        if node.view.kind == "detached":
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
     def _parent(self, fino: int, name: bytes, reserved_errno: int) -> Node:
         """The parent of a namespace change; changes to .cowfs (or inside it) fail."""
         if self._is_control(fino):
             raise pyfuse3.FUSEError(errno.EPERM)
-        parent = self._node(fino)
+        parent = self._live(fino)
         if self._reserved(parent, name):
             raise pyfuse3.FUSEError(reserved_errno)
         return parent
@@ -428,7 +440,7 @@ class Operations(pyfuse3.Operations):
         self.requests["link"] += 1
         if self._is_control(inode):
             raise pyfuse3.FUSEError(errno.EPERM)
-        node = self._node(inode)
+        node = self._live(inode)
         await self.fs.link(node, self._parent(new_parent_inode, new_name, errno.EEXIST), new_name)
         return self._looked_up(node)
 
@@ -437,7 +449,7 @@ class Operations(pyfuse3.Operations):
         self.requests["open"] += 1
         if self._is_control(inode):
             return self._control_open(inode, flags, ctx)
-        node = self._node(inode)
+        node = self._live(inode)
         if flags & (os.O_WRONLY | os.O_RDWR) and not node.view.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
         if flags & os.O_TRUNC and (node.attrs.size or (ctx.uid and node.attrs.mode & (stat.S_ISUID | stat.S_ISGID))):
@@ -540,7 +552,7 @@ class Operations(pyfuse3.Operations):
             fh = self._new_fh()
             self._dirs[fh] = _Dir(None, inode)
             return fh
-        node = self._node(inode)
+        node = self._live(inode)
         if not node.attrs.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         if self.warm is not None:

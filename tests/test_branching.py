@@ -552,6 +552,45 @@ def test_rollback_new_lookups_never_see_pre_rollback_inode(cowfs_mount):
                      f"write through the old handle): {bad[:5]}")
 
 
+@pytest.mark.timeout(120)
+def test_no_name_resolves_inside_a_tree_a_rollback_replaced(cowfs_mount):
+    """A name looked up in a pre-rollback directory would put new files into a tree no path
+    reaches any more (their data lost at once).  The kernel can keep such a directory's dentry
+    by mistake (a LOOKUP answered just before the rollback, spliced into the dcache just after
+    its invalidation): lookups, creates, opens and changes through it fail with ESTALE, which
+    makes the kernel redo a path walk with revalidation.  A directory fd opened before the
+    rollback reaches the old tree the same way, deterministically."""
+    mp = cowfs_mount.path
+    os.mkdir(mp / "d")
+    write(mp / "d/f", b"old")
+    ok(mp, "snapshot s")
+    write(mp / "d/f", b"newer")
+    dfd = os.open(mp / "d", os.O_RDONLY | os.O_DIRECTORY)
+    ffd = os.open(mp / "d/f", os.O_RDWR)
+    try:
+        ok(mp, "rollback s")
+        for what, fn in [("stat", lambda: os.stat("never-seen", dir_fd=dfd)),
+                         ("create", lambda: os.open("g", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=dfd)),
+                         ("mkdir", lambda: os.mkdir("e", dir_fd=dfd)),
+                         ("unlink", lambda: os.unlink("f", dir_fd=dfd)),
+                         ("rename", lambda: os.rename("f", "h", src_dir_fd=dfd, dst_dir_fd=dfd)),
+                         ("symlink", lambda: os.symlink("t", "l", dir_fd=dfd))]:
+            with pytest.raises(OSError) as e:
+                fn()
+            assert e.value.errno == errno.ESTALE, (what, e.value)
+        # Handles opened before the rollback keep working on the old tree.
+        assert os.pread(ffd, 10, 0) == b"newer"
+        os.pwrite(ffd, b"N", 0)
+        os.fchmod(ffd, 0o600)
+        assert os.fstat(ffd).st_size == 5
+        # Paths from the mount root resolve in the restored tree, which nothing above touched.
+        assert read(mp / "d/f") == b"old"
+        assert sorted(os.listdir(mp / "d")) == ["f"]
+    finally:
+        os.close(ffd)
+        os.close(dfd)
+
+
 # ============================================================================================
 # clone
 # ============================================================================================
