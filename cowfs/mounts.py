@@ -87,6 +87,15 @@ def daemon_pid(store: str) -> int | None:
     return pid if pid_alive(pid) else None
 
 
+def _root(field: bytes) -> str:
+    """A mount's root inside its filesystem.  The kernel appends "//deleted" when that dentry
+    is unhashed, as a branch's bind-mount root `/.cowfs/by-view/N` is once anyone but the
+    daemon looks the name up again (the daemon answers only its own threads); the mount is
+    still there and still serves the branch."""
+    root = _unescape(field)
+    return root[: -len("//deleted")] if root.endswith("//deleted") else root
+
+
 def mount_table() -> list[MountEntry]:
     """Every mount this process sees, in mount order (a later entry covers an earlier one)."""
     out = []
@@ -97,7 +106,7 @@ def mount_table() -> list[MountEntry]:
             if len(fields) < 5 or len(rf) < 2:
                 continue
             opts = fields[5].split(b",") + (rf[2].split(b",") if len(rf) > 2 else [])
-            out.append(MountEntry(_unescape(fields[4]), _unescape(fields[3]), fields[2].decode(),
+            out.append(MountEntry(_unescape(fields[4]), _root(fields[3]), fields[2].decode(),
                                   _unescape(rf[0]), _unescape(rf[1]), tuple(_unescape(o) for o in opts)))
     return out
 

@@ -247,6 +247,13 @@ def test_by_view_is_not_resolvable_after_attach(cowfs_mount, test_dir):
             except OSError as e:
                 assert e.errno in (errno.ENOENT, errno.EACCES, errno.ENOTDIR), (p, e)
         assert not reached, f"root in the first sandbox lists other branches through by-view: {reached}"
+        # The probe made the kernel drop the bind mount's root dentry (mountinfo then shows
+        # ".../by-view/N//deleted"): the daemon must still know B is mounted there.
+        r = run_cowfs("stats", mp2, "--json", timeout=60)
+        assert json.loads(r.stdout)["mounted_branches"] == ["B", "main"], r.stdout[:300]
+        err, reply = ctl(mp1, "delete B")
+        assert err != 0 and reply.get("errno") == "EBUSY", reply
+        assert (mp2 / "secret-of-B").read_bytes() == b"B only"
     finally:
         run_cowfs("umount", mp2, timeout=60, check=False)
         if mounting.is_mounted(mp2):
