@@ -183,12 +183,11 @@ class Daemon:
         self.dev = ""  # the FUSE connection's device number "major:minor", known once mounted
 
     # -- our mounts ------------------------------------------------------------------------
-    def _view_root(self, view: View) -> str:
-        """Where a view's root is in our mount namespace (the cold-start helper lists there;
-        a branch's bind mount shows the same dentries)."""
-        if view is self.fs.primary:
-            return self.cfg.mountpoint
-        return f"{self.cfg.mountpoint}/.cowfs/by-view/{view.vid}"
+    def _view_root(self, view: View) -> str | None:
+        """Where a view's root is mounted in our namespace, for the cold-start helper (a
+        process of its own: `.cowfs/by-view/N` answers only the daemon's threads)."""
+        want = "/" if view is self.fs.primary else f"/.cowfs/by-view/{view.vid}"
+        return next((mp for mp, root in self.mounts() if root == want), None)
 
     def mounts(self) -> list[tuple[str, str]]:
         """(mount point, root inside our filesystem) of every mount of our FUSE connection."""

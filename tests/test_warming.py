@@ -79,9 +79,17 @@ def test_cold_start_is_learned_and_warmed_after_a_remount(mount_factory, forks):
     assert req.get("readdir", 0) == before.get("readdir", 0), (before, req)
     assert after["warm"]["dirs_used"] >= len(DIRS), after["warm"]
     assert _helpers() == []
-    ok(m.path, "branch feat")  # a fork starts from its parent's model
+    ok(m.path, "branch feat")  # a fork starts from its parent's model, and is warmed at its own mount point
     fork = forks.mount(m.store, "feat")
     assert stats(fork)["prefetch_model"]["cold_start_dirs"] >= len(DIRS)
+    runs = stats(fork)["warm"]["runs"]
+    os.listdir(fork / "d1")
+    w = _wait(lambda: (lambda w: w if w["runs"] > runs else None)(stats(fork)["warm"]), "warming the fork",
+              timeout=20)
+    assert w["dirs_warmed"] >= 2 * len(DIRS), w
+    before = stats(fork)["requests"]
+    _touch_all(fork)
+    assert stats(fork)["requests"].get("lookup", 0) == before.get("lookup", 0)
     forks.umount(fork)
 
 
