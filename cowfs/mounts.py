@@ -61,8 +61,9 @@ def warmer_pid_file(store: str) -> str:
 
 
 def stop_warmer(store: str) -> None:
-    """End the daemon's cold-start helper, if it runs: a process listing directories in the
-    mount makes an unmount fail with EBUSY, and what it does is only speculative."""
+    """End the daemon's cold-start helper, if it runs: the daemon serves it until it is done
+    (its private copy of the mount keeps the connection alive), and what it does is only
+    speculative."""
     try:
         with open(warmer_pid_file(store)) as f:
             pid = int(f.read().strip())

@@ -10,9 +10,11 @@ lists them in that order.  Its READDIRPLUS replies fill the kernel's dentry, att
 answered by the kernel while the helper runs ahead of it on the other core.
 
 The helper's requests are recognised by its pid: they are neither learned nor counted as a
-client's.  Its pid is written to STORE/warmer.pid while it runs, so that `cowfs umount` can
-end it first (a process inside a mount makes `umount` fail with EBUSY); the daemon also ends it
-before it unmounts itself.  Figures: the directories the helper listed (`dirs_warmed`), those
+client's.  It works in a mount namespace of its own (private propagation), so it never makes
+the users' mount busy: a plain `umount` succeeds while it runs, and the daemon serves it until
+it exits.  That needs root; a daemon running as another user does not warm.  Its pid is in
+STORE/warmer.pid while it runs, so that `cowfs umount` ends it at once instead of waiting for
+it; the daemon also ends it before it unmounts itself.  Figures: the directories the helper listed (`dirs_warmed`), those
 a client listed afterwards (`dirs_used`, the precision's numerator) and the directories clients
 listed (`dirs_listed`).  A client's lookups that the warming answered never reach the daemon,
 so only listings can be scored.
@@ -48,7 +50,7 @@ class Warmer:
         self.learner = fs.learner
         self.root_path = root_path  # where a view's root is in the daemon's mount namespace
         self.pid_path = warmer_pid_file(store)
-        self.enabled = enabled and self.learner is not None
+        self.enabled = enabled and self.learner is not None and os.geteuid() == 0  # see the module doc
         self.pid = 0  # the helper's, while it runs
         self._proc: trio.Process | None = None
         self._started: set[int] = set()  # views whose cold start began in this mount
@@ -147,7 +149,7 @@ class Warmer:
         return out
 
     def kill(self) -> None:
-        """End the helper now (before an unmount: it would make the mount busy)."""
+        """End the helper now (before an unmount: the daemon would serve it until it is done)."""
         if self._proc is not None and self._proc.returncode is None:
             self._proc.kill()
 

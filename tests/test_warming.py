@@ -146,3 +146,22 @@ def test_helper_lists_nothing_outside_the_mount(mount_factory, tmp_path):
     subprocess.run([sys.executable, "-I", "-S", CHILD, str(m.path)], check=True, timeout=30,
                    input=b"".join(os.fsencode(p) + b"\0" for p in paths))
     assert os.stat(outside).st_atime == old and os.stat(outside / "sub").st_atime == old
+
+
+@pytest.mark.timeout(120)
+def test_plain_umount_is_never_busy_because_of_the_helper(mount_factory):
+    """The helper lists in a mount namespace of its own: `fusermount3 -u` (what systemd and
+    mount(8) users run) succeeds while it works, and the daemon exits once it is done."""
+    m = mount_factory()
+    for i in range(3000):
+        os.mkdir(m.path / f"e{i}")
+    m.remount()
+    for i in range(3000):
+        os.listdir(m.path / f"e{i}")
+    m.remount()
+    os.listdir(m.path / "e0")
+    _wait(lambda: stats(m.path)["warm"]["running"], "the helper to start")
+    r = subprocess.run(["fusermount3", "-u", str(m.path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert m.stop() == 0  # the daemon exits (after the helper): nothing left to unmount
+    assert _helpers() == []
