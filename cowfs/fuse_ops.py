@@ -373,10 +373,10 @@ class Operations(pyfuse3.Operations):
     def _live(self, fino: int) -> Node:
         """The node behind fino, for a lookup, open or change through it: not one of a tree a
         rollback replaced.  Open handles keep working in such a tree, but a name resolved in
-        it can only come from a dentry the kernel kept by mistake: a LOOKUP answered just
-        before the rollback and spliced into the dcache just after its invalidation.  ESTALE
-        makes the kernel redo the path walk with LOOKUP_REVAL, which revalidates each dentry
-        and lands in the restored tree (an fd-relative walk from inside the old tree fails)."""
+        it would put new files where no path reaches them.  Walks reach it from a directory
+        fd or a current directory inside the old tree; should a path walk from the mount
+        root ever meet a dentry of it, ESTALE makes the kernel redo the walk with
+        LOOKUP_REVAL, which revalidates each dentry and lands in the restored tree."""
         node = self._node(fino)
         if node.view.kind == "detached":
             raise pyfuse3.FUSEError(errno.ESTALE)

@@ -555,11 +555,9 @@ def test_rollback_new_lookups_never_see_pre_rollback_inode(cowfs_mount):
 @pytest.mark.timeout(120)
 def test_no_name_resolves_inside_a_tree_a_rollback_replaced(cowfs_mount):
     """A name looked up in a pre-rollback directory would put new files into a tree no path
-    reaches any more (their data lost at once).  The kernel can keep such a directory's dentry
-    by mistake (a LOOKUP answered just before the rollback, spliced into the dcache just after
-    its invalidation): lookups, creates, opens and changes through it fail with ESTALE, which
-    makes the kernel redo a path walk with revalidation.  A directory fd opened before the
-    rollback reaches the old tree the same way, deterministically."""
+    reaches any more (their data lost at once).  A directory fd opened before the rollback
+    (or a current directory there) reaches that tree: lookups, creates, opens and changes
+    through it fail with ESTALE, while handles opened before keep working."""
     mp = cowfs_mount.path
     os.mkdir(mp / "d")
     write(mp / "d/f", b"old")
