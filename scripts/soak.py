@@ -79,7 +79,12 @@ def worker(mount: str, k: int, seconds: float, seed: int, brancher: bool, q) -> 
             if kind == "create":
                 os.makedirs(home, exist_ok=True)
                 data = rnd.randbytes(rnd.choice([10, 4096, 70_000, 300_000]))
-                gen = rollbacks.value if rollbacks.value == finished.value else -1  # -1: one in flight
+                # rollbacks is read once, before finished: equal means every rollback started
+                # by then has finished; one that starts later shows at the read check.  (Read
+                # twice, a rollback starting in between was taken for finished, and a write
+                # it raced into the pre-rollback tree was reported as a stale read.)
+                started_now = rollbacks.value
+                gen = started_now if started_now == finished.value else -1  # -1: one in flight
                 with open(p, "wb") as f:
                     f.write(data)
                     ino = os.fstat(f.fileno()).st_ino  # cowfs: view, rollback epoch and inode
