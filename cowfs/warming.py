@@ -14,9 +14,10 @@ client's.  It works in a mount namespace of its own (private propagation), so it
 the users' mount busy: a plain `umount` succeeds while it runs, and the daemon serves it until
 it exits.  That needs root; a daemon running as another user does not warm.  Its pid is in
 STORE/warmer.pid while it runs, so that `cowfs umount` ends it at once instead of waiting for
-it; the daemon also ends it before it unmounts itself.  Figures: the directories the helper listed (`dirs_warmed`), those
-a client listed afterwards (`dirs_used`, the precision's numerator) and the directories clients
-listed (`dirs_listed`).  A client's lookups that the warming answered never reach the daemon,
+it; the daemon also ends it before it unmounts itself.
+
+Figures: the directories the helper listed (`dirs_warmed`), those a client listed afterwards
+(`dirs_used`, the precision's numerator) and the directories clients listed (`dirs_listed`).  A client's lookups that the warming answered never reach the daemon,
 so only listings can be scored.
 """
 from __future__ import annotations
