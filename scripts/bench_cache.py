@@ -26,9 +26,12 @@ Parts:
            running the same workload on a copy of the tree on the local disk, so what differs is
            the mount.  precision = prefetched chunks later read / prefetched chunks; recall = chunk
            reads served by prefetched chunks / chunk reads (readahead and learned separately and
-           together); speedup = median wall time off / median wall time on.  Each round also times
-           prefetch off with the store's files read back into the OS page cache: how much of the
-           cold run is waiting for the store's disk at all (speedup_bound).
+           together); speedup = median wall time off / median wall time on.  Cold-start warming
+           (cowfs.warming) is scored apart: directories its helper listed, how many of them the
+           workload listed afterwards, and how many the workload listed.  Each round also times
+           prefetch on without warming (warm=0: chunk prefetch alone, chunks_only_speedup) and
+           prefetch off with the store's files read back into the OS page cache: how much of
+           the cold run is waiting for the store's disk at all (speedup_bound).
 
 Needs root and /dev/fuse; every mount is unmounted at the end, even after an error.
 """
