@@ -332,7 +332,7 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
-        self.warmer.kill()  # a process listing the mount would make it busy
+        self.warmer.kill()  # else the kernel keeps the connection (and us) until it is done
         await self.fs.flush()
         # Bind mounts (other branches) first, the FUSE mount itself last.
         for mp, _root in sorted(self.mounts(), key=lambda m: m[1] == "/"):

@@ -76,9 +76,9 @@ def layout_matches() -> bool:
 
 
 def install(cacheable: Callable[[int], bool]) -> bool:
-    """Once per process (the daemon's): reply to OPENDIR of every inode for which cacheable(inode) holds with FOPEN_CACHE_DIR
-    and FOPEN_KEEP_CACHE.  Returns False (and changes nothing) if pyfuse3's layout is not
-    the one known here."""
+    """Once per process (the daemon's): reply to OPENDIR of every inode for which
+    cacheable(inode) holds with FOPEN_CACHE_DIR and FOPEN_KEEP_CACHE.  Returns False (and
+    changes nothing) if pyfuse3's layout is not the one known here."""
     if not layout_matches():
         log.warning("pyfuse3 %s: unknown request layout; directory listings are not cached by the kernel",
                     getattr(pyfuse3, "__version__", "?"))

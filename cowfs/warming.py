@@ -67,12 +67,12 @@ class Warmer:
     def touch(self, node: Node, pid: int) -> None:
         """A client looked a name up in directory node (or lists it)."""
         view = node.view
-        if pid == self.pid or view.kind != "branch":
+        if (pid and pid == self.pid) or view.kind != "branch":
             return
         if view.vid not in self._started:
             self._start(view)
         if self.learner is not None:
-            self.learner.touched(view.name, node.ino, time.monotonic())
+            self.learner.touched(view.name, node.ino)
 
     def opened_dir(self, node: Node, pid: int) -> None:
         key = (node.view.vid, node.ino)

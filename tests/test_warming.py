@@ -36,6 +36,17 @@ def _touch_all(root) -> None:
         pass
 
 
+def _start_warming(m, n: int) -> None:
+    """Learn a cold start of n directories, remount, and touch the mount: the helper starts."""
+    for i in range(n):
+        os.mkdir(m.path / f"e{i}")
+    m.remount()
+    for i in range(n):
+        os.listdir(m.path / f"e{i}")
+    m.remount()
+    os.listdir(m.path / "e0")
+
+
 def _helpers() -> list[str]:
     r = subprocess.run(["pgrep", "-af", "warm_child.py"], capture_output=True, text=True, timeout=10)
     return [ln for ln in r.stdout.splitlines() if "pgrep" not in ln]
@@ -114,14 +125,8 @@ def test_no_warming_when_turned_off_or_not_learned(mount_factory):
 @pytest.mark.timeout(180)
 def test_cowfs_umount_ends_a_running_helper(mount_factory):
     m = mount_factory()
-    for i in range(1500):
-        os.mkdir(m.path / f"e{i}")
-    m.remount()
-    for i in range(1500):
-        os.listdir(m.path / f"e{i}")
-    m.remount()
-    os.listdir(m.path / "e0")
-    m.stop("cowfs")  # while the helper may still be listing: it must not make the mount busy
+    _start_warming(m, 1500)
+    m.stop("cowfs")  # while the helper may still be listing: it is ended, not waited for
     assert not os.path.ismount(m.path)
     assert _helpers() == []
     assert not os.path.exists(os.path.join(m.store, "warmer.pid"))
@@ -153,13 +158,7 @@ def test_plain_umount_is_never_busy_because_of_the_helper(mount_factory):
     """The helper lists in a mount namespace of its own: `fusermount3 -u` (what systemd and
     mount(8) users run) succeeds while it works, and the daemon exits once it is done."""
     m = mount_factory()
-    for i in range(3000):
-        os.mkdir(m.path / f"e{i}")
-    m.remount()
-    for i in range(3000):
-        os.listdir(m.path / f"e{i}")
-    m.remount()
-    os.listdir(m.path / "e0")
+    _start_warming(m, 3000)
     _wait(lambda: stats(m.path)["warm"]["running"], "the helper to start")
     r = subprocess.run(["fusermount3", "-u", str(m.path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr

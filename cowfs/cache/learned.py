@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import zlib
 from collections import OrderedDict
 
@@ -58,6 +59,7 @@ class OpenModel:
         self.startup: dict[int, int] = {}
         self.session: dict[int, None] = {}
         self.session_t0: float | None = None
+        self.session_closed = False  # past WARM_WINDOW or MAX_WARM: touches cost one test
 
     def opened(self, ino: int) -> None:
         prev, self.last = self.last, ino
@@ -85,13 +87,17 @@ class OpenModel:
             self.chunks[ino] = new
             self.dirty = True
 
-    def touched(self, ino: int, now: float) -> None:
-        """A client touched directory ino (listed it, or looked a name up in it)."""
-        if ino in self.session:
+    def touched(self, ino: int, now: float | None = None) -> None:
+        """A client touched directory ino (listed it, or looked a name up in it).  On every
+        LOOKUP: the clock is read only for a directory new to this mount's cold start."""
+        if self.session_closed or ino in self.session:
             return
+        if now is None:
+            now = time.monotonic()
         if self.session_t0 is None:
             self.session_t0 = now
         elif now - self.session_t0 > WARM_WINDOW or len(self.session) >= MAX_WARM:
+            self.session_closed = True
             return
         self.session[ino] = None
         self.dirty = True
@@ -233,9 +239,9 @@ class Learner:
     def chunks_of(self, branch: str, ino: int) -> list[int]:
         return self.model(branch).chunks_of(ino)
 
-    def touched(self, branch: str, ino: int, now: float) -> None:
+    def touched(self, branch: str, ino: int) -> None:
         if self.learn:
-            self.model(branch).touched(ino, now)
+            self.model(branch).touched(ino)
 
     def cold_start(self, branch: str) -> list[int]:
         """The directories of the branch's last cold starts, in the order they were touched."""
