@@ -24,7 +24,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from cowfs import admin, dircache, mounts, notify
+from cowfs import admin, dircache, fuse_loop, mounts, notify
 from cowfs.errors import FSError, MountError, StoreError
 from cowfs.fs.branching import run_gc, sweep_packs
 from cowfs.fs.dedup import DedupWorker
@@ -60,10 +60,11 @@ class MountConfig:
     quota_inodes: int | None = None
     dedup: bool = True
     dedup_cpu: float = 0.25
+    spin_us: int = 50  # cowfs.fuse_loop: poll the FUSE fd this long before parking (0: pyfuse3's own wait)
 
 
 CACHE_OPTIONS = ("cache_l1=SIZE, cache_l2=SIZE, prefetch=0|1, prefetch_learn=0|1, dir_cache=0|1, warm=0|1, "
-                 "dedup=on|off, dedup_cpu=SHARE")
+                 "dedup=on|off, dedup_cpu=SHARE, spin_us=N")
 
 
 def set_cache_option(cfg: MountConfig, key: str, value: str, parse_size: Callable[[str], int]) -> bool:
@@ -85,6 +86,10 @@ def set_cache_option(cfg: MountConfig, key: str, value: str, parse_size: Callabl
     elif key == "dedup_cpu":
         cfg.dedup_cpu = float(value)
         if not 0 < cfg.dedup_cpu <= 1:
+            raise ValueError(value)
+    elif key == "spin_us":
+        cfg.spin_us = int(value)
+        if not 0 <= cfg.spin_us <= 1000:
             raise ValueError(value)
     else:
         return False
@@ -178,6 +183,7 @@ class Daemon:
         self.dir_cache = cfg.dir_cache and dircache.install(lambda fino: not Operations._is_control(fino))
         self.fs.kernel_sync = self.kernel_sync
         self.dedup = DedupWorker(self.fs, cfg.dedup_cpu, cfg.dedup, lambda: sum(self.ops.requests.values()))
+        self.waiter = fuse_loop.install(cfg.spin_us) if cfg.spin_us else None
         self.started = time.time()
         self._stopping = False
         self.dev = ""  # the FUSE connection's device number "major:minor", known once mounted
@@ -287,6 +293,7 @@ class Daemon:
             "prefetch_model": (fs.learner.describe(view.name) if fs.learner is not None and view.kind == "branch"
                                else {"files": 0, "transitions": 0, "cold_start_dirs": 0}),
             "warm": self.warmer.figures(),
+            "fuse_loop": self.waiter.figures() if self.waiter is not None else {"spin_us": 0},
             "disk_bytes": store.disk_usage(),
             **store.space(),
             "dedup": self.dedup.figures(),

@@ -45,6 +45,8 @@ def test_parse_flags_and_errors():
                       (["store", "mp", "-o", "branch="], "bad value"),
                       (["store", "mp", "-o", "dedup=maybe"], "bad value"),
                       (["store", "mp", "-o", "dedup_cpu=2"], "bad value"),
+                      (["store", "mp", "-o", "spin_us=5000"], "bad value"),
+                      (["store", "mp", "-o", "spin_us=fast"], "bad value"),
                       (["store"], "usage"),
                       (["store", "mp", "-t", "ext4"], "not ext4")):
         with pytest.raises(HelperError, match=msg):

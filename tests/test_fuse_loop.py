@@ -1,0 +1,121 @@
+"""The FUSE request loop (cowfs.fuse_loop): a request that follows the last reply closely is
+taken without parking in trio's event loop, the daemon's other tasks still run while a client
+keeps the mount busy, and `-o spin_us=0` leaves pyfuse3's own wait in place."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import trio
+
+from cowfs.fuse_loop import YIELD_NS, Waiter
+from test_branching import stats
+
+
+def _burst(path, n: int) -> None:
+    """n requests back to back: a GETXATTR of an absent name is never cached by the kernel."""
+    for _ in range(n):
+        try:
+            os.getxattr(path, "user.absent")
+        except OSError:
+            pass
+
+
+def test_requests_in_a_burst_are_taken_without_parking(cowfs_mount):
+    f = cowfs_mount.path / "f"
+    f.write_bytes(b"x")
+    before = stats(cowfs_mount.path)["fuse_loop"]
+    _burst(f, 3000)
+    after = stats(cowfs_mount.path)["fuse_loop"]
+    assert after["spin_us"] == 50
+    fast = after["ready"] + after["spun"] - before["ready"] - before["spun"]
+    assert fast >= 1500, (before, after)
+    # Even in a burst the loop parks in trio now and then, so the other tasks get to run.
+    assert after["parked"] > before["parked"]
+
+
+def test_the_daemon_serves_other_work_while_a_client_keeps_it_busy(cowfs_mount):
+    f = cowfs_mount.path / "f"
+    f.write_bytes(b"x")
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            _burst(f, 200)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        time.sleep(0.5)
+        for i in range(3):
+            t0 = time.monotonic()
+            stats(cowfs_mount.path)  # the admin socket: a trio task of its own
+            # fsync waits for a commit in a worker thread, whose completion trio delivers.
+            with open(cowfs_mount.path / f"g{i}", "wb") as g:
+                g.write(os.urandom(200_000))
+                os.fsync(g.fileno())
+            assert time.monotonic() - t0 < 5.0
+    finally:
+        stop.set()
+        t.join(timeout=30)
+    assert not t.is_alive()
+    s = stats(cowfs_mount.path)["fuse_loop"]
+    assert s["ready"] + s["spun"] > 0 and s["parked"] > 0
+
+
+def test_spin_off_serves_requests_through_pyfuse3s_wait(mount_factory):
+    m = mount_factory(options=("spin_us=0",))
+    f = m.path / "f"
+    f.write_bytes(b"data")
+    _burst(f, 200)
+    assert f.read_bytes() == b"data"
+    assert stats(m.path)["fuse_loop"] == {"spin_us": 0}
+
+
+async def test_a_fd_that_stays_readable_still_lets_other_tasks_run():
+    """The invariant behind YIELD_NS, without a mount: however many requests are queued, the
+    loop takes trio's real (yielding) wait every YIELD_NS, so other tasks keep running."""
+    r, w = os.pipe()
+    os.write(w, b"x")  # readable from now on
+    waiter = Waiter(spin_us=50)
+    ran = 0
+
+    async def other() -> None:
+        nonlocal ran
+        while True:
+            ran += 1
+            await trio.sleep(0)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            t0 = time.perf_counter_ns()
+            while time.perf_counter_ns() - t0 < 100 * YIELD_NS:  # 25 ms of "requests"
+                await waiter.wait_readable(r)
+            nursery.cancel_scope.cancel()
+    finally:
+        os.close(r)
+        os.close(w)
+    assert waiter.ready > 10 * waiter.parked > 0
+    assert ran >= 50  # about one turn per YIELD_NS
+
+
+async def test_a_spin_that_finds_nothing_gives_up_and_stops_spinning():
+    r, w = os.pipe()
+    waiter = Waiter(spin_us=200)
+    try:
+        os.write(w, b"x")
+        await waiter.wait_readable(r)  # the first wait parks (nothing measured yet)
+        os.read(r, 1)
+        for _ in range(20):
+            with trio.move_on_after(0.002):
+                # As if the previous request had just been answered: within YIELD_NS.
+                waiter._parked_at = time.perf_counter_ns()
+                await waiter.wait_readable(r)
+    finally:
+        os.close(r)
+        os.close(w)
+    # Each miss costs 4 points of a score of at most 16: at most 4 spins in a row miss.
+    assert 0 < waiter.spin_miss_ns <= 4 * 200_000 + 2_000_000
+    assert waiter.spun == waiter.ready == 0
