@@ -100,11 +100,11 @@ async def test_a_flushing_node_is_not_forgotten(tmp_path):
         h.store.close()
 
 
-async def test_times_deferred_during_a_flush_go_with_the_later_data(tmp_path):
-    """A times-only SETATTR of a file with dirty data is kept in memory until that data's
-    flush.  If it arrives while an earlier flush of the file is encoding, it describes the
-    newer writes: that earlier commit must not carry it (the store would hold an operation
-    without the writes acknowledged before it)."""
+async def test_attributes_deferred_during_a_flush_go_with_the_later_data(tmp_path):
+    """A SETATTR (times, chmod, chown) of a file with dirty data is kept in memory until
+    that data's flush.  If it arrives while an earlier flush of the file is encoding, it
+    follows the newer writes: that earlier commit must not carry it (the store would hold an
+    operation without the writes acknowledged before it)."""
     h = Held(str(tmp_path / "s"))
     try:
         node = await h.dirty_file(b"f")
@@ -115,20 +115,58 @@ async def test_times_deferred_during_a_flush_go_with_the_later_data(tmp_path):
         def watched(m) -> None:
             commit(m)
             a = h.committed(node)
-            seen.append((a.size, a.mtime_ns))
+            seen.append((a.size, a.mtime_ns, stat.S_IMODE(a.mode), a.uid))
 
         h.fs._commit = watched  # type: ignore[method-assign]
         before = node.attrs.mtime_ns
         late = before + 123_456_789
+        commits = h.store.write_seq
         async with trio.open_nursery() as n:
             await h.flush_started(n)
             await h.fs.write(node, 1 << 20, b"later data")  # dirty again, behind the flush
             await h.fs.setattr(node, mtime_ns=late)  # deferred: node has dirty data
-            assert node.attrs.mtime_ns == late
+            await h.fs.setattr(node, mode=0o600, uid=1234)  # deferred too (tar: chown, chmod)
+            assert node.attrs.mtime_ns == late and stat.S_IMODE(node.attrs.mode) == 0o600
             h.gate.set()
-        # The flush commits the first megabyte, then (still dirty) the later data.
-        assert seen == [(1 << 20, before), ((1 << 20) + 10, late)], seen
-        assert h.committed(node).mtime_ns == late
+        # The flush commits the first megabyte, then (still dirty) the later data: the
+        # SETATTRs have no commit of their own.
+        assert seen == [(1 << 20, before, 0o644, 0), ((1 << 20) + 10, late, 0o600, 1234)], seen
+        assert h.store.write_seq - commits == 2
+        a = h.committed(node)
+        assert (a.mtime_ns, stat.S_IMODE(a.mode), a.uid) == (late, 0o600, 1234)
     finally:
         h.gate.set()
         h.store.close()
+
+
+async def test_deferred_attributes_survive_a_failed_flush(tmp_path):
+    """A chmod deferred with a file's dirty data was acknowledged: a flush whose commit fails
+    (a full disk) puts the data back, and must keep the chmod too, not revert it to the
+    stored record."""
+    init_store(str(tmp_path / "s"))
+    store = Store(str(tmp_path / "s"), cache_l1=1 << 20, cache_l2=1 << 20)
+    fs = Filesystem(store, "main")
+    try:
+        root = fs.node(fs.primary, ROOT_INO)
+        node = await fs.make(root, b"f", stat.S_IFREG | 0o644, 0, 0)
+        await fs.write(node, 0, b"data")
+        await fs.setattr(node, mode=0o600)  # deferred
+        write = store.kv.write
+
+        def full(batch) -> None:
+            raise OSError("IO error: No space left on device")
+
+        store.kv.write = full  # type: ignore[method-assign]
+        try:
+            await fs.flush()
+        except Exception:
+            pass
+        else:
+            raise AssertionError("the flush should have failed")
+        store.kv.write = write  # type: ignore[method-assign]
+        assert stat.S_IMODE(node.attrs.mode) == 0o600 and node in fs.dirty_nodes
+        await fs.flush()
+        found = store.meta.get(CF_INODES, ino_key(node.ino), fs.primary.lv)
+        assert stat.S_IMODE(Attrs.unpack(found[1]).mode) == 0o600
+    finally:
+        store.close()
