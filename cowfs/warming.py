@@ -32,6 +32,7 @@ from typing import Callable
 
 import trio
 
+from cowfs import threads
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.node import Node
 from cowfs.fs.view import View
@@ -111,7 +112,7 @@ class Warmer:
         if root is None:
             return
         t0 = time.perf_counter()
-        paths = await trio.to_thread.run_sync(self._paths, os.fsencode(root), view.lv, inos)
+        paths = await threads.run_in_thread(self._paths, os.fsencode(root), view.lv, inos)
         if not paths:
             return
         proc = await trio.lowlevel.open_process([sys.executable, "-I", "-S", CHILD, root], stdin=subprocess.PIPE,

@@ -9,6 +9,7 @@ import time
 
 import trio
 
+from cowfs import threads
 from cowfs.fuse_loop import YIELD_NS, Waiter
 from test_branching import stats
 
@@ -119,3 +120,27 @@ async def test_a_spin_that_finds_nothing_gives_up_and_stops_spinning():
     # Each miss costs 4 points of a score of at most 16: at most 4 spins in a row miss.
     assert 0 < waiter.spin_miss_ns <= 4 * 200_000 + 2_000_000
     assert waiter.spun == waiter.ready == 0
+
+
+async def test_no_spin_while_thread_work_needs_the_gil():
+    """While a `threads.run_in_thread` job runs, the loop parks instead of spinning (a
+    spinning loop holds the GIL the job needs)."""
+    r, w = os.pipe()
+    waiter = Waiter(spin_us=200)
+    release = threading.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(threads.run_in_thread, lambda: release.wait(10))
+            await trio.sleep(0.01)
+            assert threads.busy == 1
+            for _ in range(5):
+                with trio.move_on_after(0.002):
+                    waiter._parked_at = time.perf_counter_ns()
+                    await waiter.wait_readable(r)
+            release.set()
+        assert threads.busy == 0
+    finally:
+        release.set()
+        os.close(r)
+        os.close(w)
+    assert waiter.spin_miss_ns == 0 and waiter.parked == 5

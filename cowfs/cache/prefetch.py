@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Union
 
 import trio
 
+from cowfs import threads
 from cowfs.chunks import codec
 from cowfs.chunks.store import ObjectStore
 
@@ -79,7 +80,7 @@ class Fetcher:
                 await self._event.wait()
             jobs = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
             try:
-                loaded = await trio.to_thread.run_sync(self._load, jobs)
+                loaded = await threads.run_in_thread(self._load, jobs)
             finally:
                 for job, _ in jobs:
                     if isinstance(job, bytes):

@@ -30,6 +30,7 @@ from typing import Callable
 import trio
 import zstandard
 
+from cowfs import threads
 from cowfs.chunks import codec, delta
 from cowfs.chunks.store import CF_OBJECTS, CF_PENDING, CF_SIMILAR, CF_SPACE, RefTxn
 from cowfs.fs.filesystem import Filesystem
@@ -229,7 +230,7 @@ class DedupWorker:
                 continue
             t0 = time.perf_counter()
             serving = not self._quiet()
-            plans = await trio.to_thread.run_sync(lambda: self._plan(self._next_batch(), serving))
+            plans = await threads.run_in_thread(lambda: self._plan(self._next_batch(), serving))
             try:
                 async with self.fs.lock:
                     self._commit(plans)

@@ -18,6 +18,7 @@ from typing import Awaitable, Callable, Iterable, NamedTuple
 
 import trio
 
+from cowfs import threads
 from cowfs.cache.learned import SAVE_INTERVAL, Learner
 from cowfs.cache.prefetch import LEARNED, READAHEAD, Fetcher
 from cowfs.cache.readahead import Readahead
@@ -880,7 +881,7 @@ class Filesystem:
             stamps: list[tuple[int, int, int, int, int, int]] = []
             try:
                 if total > THREAD_FLUSH_BYTES:
-                    encoded, m.txn.staged = await trio.to_thread.run_sync(
+                    encoded, m.txn.staged = await threads.run_in_thread(
                         lambda: self._encode_all(work, total >= PACK_FLUSH_BYTES))
                 else:
                     encoded = [self._encode(t.chunks) for t in work]
