@@ -322,3 +322,28 @@ def test_format_1_store_is_upgraded_and_counted_at_first_open(mount_factory):
     st.close()
     assert json.loads(marker.read_text())["format"] == FORMAT_VERSION
     fsck(m.store)
+
+
+@pytest.mark.timeout(120)
+def test_worker_waits_while_requests_keep_arriving(mount_factory):
+    """With a small queue, the worker leaves the CPU (and the GIL) to a busy mount and does
+    its work at the next quiet moment."""
+    m = mount_factory(options=("dedup_cpu=1",))
+    rnd = random.Random(5)
+    base = text(rnd, 256 * KiB)
+    for i in range(8):
+        (m.path / f"f{i}").write_bytes(edit(base, [("insert", rnd.random(), b"copy %d" % i)]))
+    before = stats(m.path)  # close committed the files: their chunks are queued
+    assert before["background_queue"] > 0
+    # 2 s of requests back to back (a GETXATTR of an absent name reaches the daemon each time).
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end:
+        try:
+            os.getxattr(m.path / "f0", "user.absent")
+        except OSError:
+            pass
+    during = stats(m.path)
+    assert during["dedup"]["chunks_done"] == before["dedup"]["chunks_done"], (before["dedup"], during["dedup"])
+    s = settle(m.path)
+    assert s["background_queue"] == 0
+    assert stats(m.path)["dedup"]["chunks_done"] > before["dedup"]["chunks_done"]
