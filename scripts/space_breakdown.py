@@ -81,7 +81,7 @@ def main() -> None:
         db = (last[f][0] - first[f][0]) / n
         dk = (last[f][1] - first[f][1]) / n
         if db or dk:
-            per = f", {db / dk:.1f} bytes per key" if dk > 0 else ""
+            per = f", {db / dk:.1f} bytes per key" if dk >= 1 else ""
             print(f"  {f:<10} {db:>12,.0f} bytes  {dk:>9,.0f} keys{per}")
     shutil.rmtree(a.work, ignore_errors=True)
 
