@@ -183,7 +183,7 @@ class Daemon:
         self.dir_cache = cfg.dir_cache and dircache.install(lambda fino: not Operations._is_control(fino))
         self.fs.kernel_sync = self.kernel_sync
         self.dedup = DedupWorker(self.fs, cfg.dedup_cpu, cfg.dedup,
-                                 lambda: sum(self.ops.requests.values()) - self.ops.warming_requests)
+                                 lambda: sum(self.ops.requests.values()) - self.warmer.requests)
         self.waiter = fuse_loop.install(cfg.spin_us) if cfg.spin_us else None
         self.started = time.time()
         self._stopping = False
@@ -293,7 +293,7 @@ class Daemon:
             "prefetch_learning": fs.learner is not None and fs.learner.learn,
             "prefetch_model": (fs.learner.describe(view.name) if fs.learner is not None and view.kind == "branch"
                                else {"files": 0, "transitions": 0, "cold_start_dirs": 0}),
-            "warm": {**self.warmer.figures(), "requests": self.ops.warming_requests},
+            "warm": self.warmer.figures(),
             "fuse_loop": self.waiter.figures() if self.waiter is not None else {"spin_us": 0},
             "disk_bytes": store.disk_usage(),
             **store.space(),

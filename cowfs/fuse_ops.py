@@ -82,7 +82,7 @@ class _Dir:
         self.node = node
         self.control = control  # a control directory's inode number instead of a node
         self.entries: list[tuple[bytes, int]] | None = None
-        self.warming = warming  # opened by the warming helper
+        self.warming = warming  # opened by the warming helper (counted in Warmer.requests)
 
 
 class Operations(pyfuse3.Operations):
@@ -102,9 +102,6 @@ class Operations(pyfuse3.Operations):
         self.control = Control(self.branching, self._after_rollback, mounted or (lambda: set()))
         self.stats = stats or (lambda view: {})
         self.requests: Counter[str] = Counter()
-        # Of those, the warming helper's (cowfs.warming): background work, which the dedup
-        # worker does not take for a busy mount.
-        self.warming_requests = 0
         self._files: dict[int, Node] = {}
         self._streams: dict[int, Readahead] = {}  # per open handle: its read pattern
         self._dirs: dict[int, _Dir] = {}
@@ -317,8 +314,6 @@ class Operations(pyfuse3.Operations):
         if self._reserved(parent, name):
             return self._control_entry((parent.view.vid << 8) | K_DIR)
         if self.warm is not None:
-            if ctx.pid and ctx.pid == self.warm.pid:
-                self.warming_requests += 1
             self.warm.touch(parent, ctx.pid)
         try:
             return self._looked_up(self.fs.lookup(parent, name))
@@ -561,11 +556,7 @@ class Operations(pyfuse3.Operations):
         node = self._live(inode)
         if not node.attrs.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        warming = False
-        if self.warm is not None:
-            warming = bool(ctx.pid) and ctx.pid == self.warm.pid
-            self.warming_requests += warming
-            self.warm.opened_dir(node, ctx.pid)
+        warming = self.warm is not None and self.warm.opened_dir(node, ctx.pid)
         fh = self._new_fh()
         self._dirs[fh] = _Dir(node, warming=warming)
         node.opens += 1
@@ -574,7 +565,8 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self.requests["readdir"] += 1
         d = self._dirs[fh]
-        self.warming_requests += d.warming
+        if d.warming:
+            self.warm.requests += 1  # type: ignore[union-attr]
         if d.node is None:
             listing = self._control_listing(d.control)
             for i in range(start_id, len(listing)):
@@ -621,7 +613,8 @@ class Operations(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         self.requests["releasedir"] += 1
         d = self._dirs.pop(fh)
-        self.warming_requests += d.warming
+        if d.warming:
+            self.warm.requests += 1  # type: ignore[union-attr]
         if d.node is not None:
             d.node.opens -= 1
 

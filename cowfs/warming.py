@@ -55,6 +55,10 @@ class Warmer:
         self.pid_path = warmer_pid_file(store)
         self.enabled = enabled and self.learner is not None and os.geteuid() == 0  # see the module doc
         self.pid = 0  # the helper's, while it runs
+        # The helper's requests (background work: the dedup worker does not count them as
+        # a busy mount).  LOOKUP and OPENDIR are counted here, READDIR and RELEASEDIR of the
+        # handles opened_dir said were the helper's by the request handlers.
+        self.requests = 0
         self._proc: trio.Process | None = None
         self._started: set[int] = set()  # views whose cold start began in this mount
         self._jobs: deque[tuple[View, list[int]]] = deque()
@@ -69,23 +73,29 @@ class Warmer:
     def touch(self, node: Node, pid: int) -> None:
         """A client looked a name up in directory node (or lists it)."""
         view = node.view
-        if (pid and pid == self.pid) or view.kind != "branch":
+        if pid and pid == self.pid:
+            self.requests += 1
+            return
+        if view.kind != "branch":
             return
         if view.vid not in self._started:
             self._start(view)
         if self.learner is not None:
             self.learner.touched(view.name, node.ino)
 
-    def opened_dir(self, node: Node, pid: int) -> None:
+    def opened_dir(self, node: Node, pid: int) -> bool:
+        """A directory was opened; True if by the helper."""
         key = (node.view.vid, node.ino)
         if pid and pid == self.pid:
+            self.requests += 1
             self.warmed.add(key)
-            return
+            return True
         if key not in self.listed and len(self.listed) < MAX_LISTED:
             self.listed.add(key)
             if key in self.warmed:
                 self.used.add(key)
         self.touch(node, pid)
+        return False
 
     def _start(self, view: View) -> None:
         self._started.add(view.vid)
@@ -159,4 +169,4 @@ class Warmer:
     def figures(self) -> dict[str, object]:
         return {"enabled": self.enabled, "running": self.pid != 0, "runs": self.runs,
                 "last_run_ms": round(self.last_run_ms, 1), "dirs_warmed": len(self.warmed),
-                "dirs_used": len(self.used), "dirs_listed": len(self.listed)}
+                "dirs_used": len(self.used), "dirs_listed": len(self.listed), "requests": self.requests}

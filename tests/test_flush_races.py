@@ -12,6 +12,7 @@ import os
 import stat
 import threading
 
+import pytest
 import trio
 
 from cowfs.fs.filesystem import Filesystem
@@ -143,30 +144,22 @@ async def test_deferred_attributes_survive_a_failed_flush(tmp_path):
     """A chmod deferred with a file's dirty data was acknowledged: a flush whose commit fails
     (a full disk) puts the data back, and must keep the chmod too, not revert it to the
     stored record."""
-    init_store(str(tmp_path / "s"))
-    store = Store(str(tmp_path / "s"), cache_l1=1 << 20, cache_l2=1 << 20)
-    fs = Filesystem(store, "main")
+    h = Held(str(tmp_path / "s"))
     try:
-        root = fs.node(fs.primary, ROOT_INO)
-        node = await fs.make(root, b"f", stat.S_IFREG | 0o644, 0, 0)
-        await fs.write(node, 0, b"data")
-        await fs.setattr(node, mode=0o600)  # deferred
-        write = store.kv.write
+        node = await h.dirty_file(b"f", size=4)  # small: encoded on the loop, not held
+        await h.fs.setattr(node, mode=0o600)  # deferred
+        write = h.store.kv.write
 
         def full(batch) -> None:
             raise OSError("IO error: No space left on device")
 
-        store.kv.write = full  # type: ignore[method-assign]
-        try:
-            await fs.flush()
-        except Exception:
-            pass
-        else:
-            raise AssertionError("the flush should have failed")
-        store.kv.write = write  # type: ignore[method-assign]
-        assert stat.S_IMODE(node.attrs.mode) == 0o600 and node in fs.dirty_nodes
-        await fs.flush()
-        found = store.meta.get(CF_INODES, ino_key(node.ino), fs.primary.lv)
-        assert stat.S_IMODE(Attrs.unpack(found[1]).mode) == 0o600
+        h.store.kv.write = full  # type: ignore[method-assign]
+        with pytest.raises(Exception):
+            await h.fs.flush()
+        h.store.kv.write = write  # type: ignore[method-assign]
+        assert stat.S_IMODE(node.attrs.mode) == 0o600 and node in h.fs.dirty_nodes
+        await h.fs.flush()
+        assert stat.S_IMODE(h.committed(node).mode) == 0o600
     finally:
-        store.close()
+        h.gate.set()
+        h.store.close()

@@ -96,6 +96,10 @@ def _stamp(a: Attrs) -> tuple[int, int, int, int, int, int]:
     return a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, a.ctime_ns
 
 
+def _restamp(a: Attrs, stamp: tuple[int, int, int, int, int, int]) -> None:
+    a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, a.ctime_ns = stamp
+
+
 class Mutation:
     """One atomic change: a batch, its reference deltas and the nodes it saved."""
 
@@ -856,10 +860,10 @@ class Filesystem:
         a.root = new_root
         a.size = size
         if stamp is not None:
-            a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, a.ctime_ns = stamp
+            _restamp(a, stamp)
         m.save(node)
         a.size = size_now
-        a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, a.ctime_ns = stamp_now
+        _restamp(a, stamp_now)
 
     async def _flush_locked(self) -> None:
         """Commit all dirty data (caller holds the lock). Large flushes encode in a thread."""
@@ -878,7 +882,6 @@ class Filesystem:
                 total += len(node.flushing) * CHUNK
                 work.append(_Taken(node, node.flushing, node.attrs.size, _stamp(node.attrs)))
             m = Mutation(self)
-            stamps: list[tuple[int, int, int, int, int, int]] = []
             try:
                 if total > THREAD_FLUSH_BYTES:
                     encoded, m.txn.staged = await threads.run_in_thread(
@@ -891,14 +894,15 @@ class Filesystem:
                 # The attributes of deferred SETATTRs, which a failed commit's revert would
                 # take back to what is stored: they were acknowledged, so they stay.
                 stamps = [_stamp(t.node.attrs) for t in work]
-                self._commit(m)
+                try:
+                    self._commit(m)
+                except BaseException:
+                    for t, st in zip(work, stamps):
+                        _restamp(t.node.attrs, st)
+                    raise
             except BaseException:
                 # Nothing was committed: put the data back under any newer writes.
                 self.store.objects.discard_staged(m.txn)
-                if len(stamps) == len(work):
-                    for t, st in zip(work, stamps):
-                        a = t.node.attrs
-                        a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, a.ctime_ns = st
                 for node, ch, *_ in work:
                     for i, data in ch.items():
                         node.dirty.setdefault(i, bytearray(data))
