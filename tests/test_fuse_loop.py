@@ -8,9 +8,10 @@ import threading
 import time
 
 import trio
+import trio.testing
 
 from cowfs import threads
-from cowfs.fuse_loop import YIELD_NS, Waiter
+from cowfs.fuse_loop import YIELD_NS, ReadLock, Waiter
 from test_branching import stats
 
 
@@ -34,6 +35,9 @@ def test_requests_in_a_burst_are_taken_without_parking(cowfs_mount):
     assert fast >= 1500, (before, after)
     # Even in a burst the loop parks in trio now and then, so the other tasks get to run.
     assert after["parked"] > before["parked"]
+    # pyfuse3's spare worker wakes (and parks again) only when the loop parks, not at every
+    # request as with trio's Lock, which hands the read lock over at each release.
+    assert after["reader_parks"] - before["reader_parks"] <= after["parked"] - before["parked"] + 5
 
 
 def test_the_daemon_serves_other_work_while_a_client_keeps_it_busy(cowfs_mount):
@@ -63,6 +67,38 @@ def test_the_daemon_serves_other_work_while_a_client_keeps_it_busy(cowfs_mount):
     assert not t.is_alive()
     s = stats(cowfs_mount.path)["fuse_loop"]
     assert s["ready"] + s["spun"] > 0 and s["parked"] > 0
+
+
+async def test_read_lock_stays_with_the_worker_that_answered_until_it_waits():
+    """The pattern of pyfuse3's workers: take the lock, wait for the fd, release, handle.  The
+    spare worker gets the lock only when the holder really waits (here, in its handler)."""
+    lock = ReadLock()
+    log: list[str] = []
+
+    async def worker(name: str, requests: int, handler_waits: bool) -> None:
+        for _ in range(requests):
+            async with lock:
+                log.append(name)
+            if handler_waits:
+                await trio.sleep(0.01)
+
+    with trio.testing.assert_no_checkpoints():
+        async with lock:  # a free lock: no checkpoint
+            pass
+    async with trio.open_nursery() as nursery:
+        async with lock:
+            nursery.start_soon(worker, "spare", 1, False)
+            await trio.sleep(0.01)  # the spare worker runs and parks on the lock
+            assert log == [] and lock.parks == 1
+        # Released: the spare is woken, but the worker that answered takes the lock back
+        # at once, as often as it likes, while it does not checkpoint.
+        with trio.testing.assert_no_checkpoints():
+            for _ in range(3):
+                async with lock:
+                    log.append("first")
+        await worker("first", 1, True)  # now the handler waits: the spare gets the lock
+    assert log == ["first"] * 4 + ["spare"], log
+    assert lock.parks == 1
 
 
 def test_spin_off_serves_requests_through_pyfuse3s_wait(mount_factory):

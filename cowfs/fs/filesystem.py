@@ -792,8 +792,16 @@ class Filesystem:
         lock while it encodes in a thread: that flush must be waited for too, or an fsync
         could return (and a sync cover nothing) before the data it covers is committed."""
         if self.dirty_nodes or self.flush_running:
-            async with self.lock:
+            # A free lock is taken without a checkpoint, as in _Scope: a small flush then
+            # runs to its commit without one.
+            if self.lock.locked():
+                await self.lock.acquire()
+            else:
+                self.lock.acquire_nowait()
+            try:
                 await self._flush_locked()
+            finally:
+                self.lock.release()
 
     async def fsync(self) -> None:
         await self.flush()
