@@ -303,6 +303,7 @@ class Daemon:
     async def handle_admin(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
         if cmd == "stats":
+            await self.fs.flush()  # as the stats file does: every acknowledged write counted
             return self.stats()
         if cmd == "sync":
             await self.kernel_sync()

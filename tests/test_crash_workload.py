@@ -6,8 +6,11 @@ and rollback through .cowfs/ctl; COWFS_CRASH_ROLLBACK=0 leaves rollbacks out) in
 moment, clears the dead mount (lazy unmount), requires a clean ``cowfs fsck`` and mounts the
 store again.  Then the tree must be exactly a state the durability rules allow: every
 acknowledged operation is there (SIGKILL loses only what the daemon's memory held, and cowfs
-commits every operation before acknowledging it; data at the latest on close/fsync), the one in
-flight is either absent or complete (a data write may be partly done), renames and clones are
+commits every metadata operation before acknowledging it, after the file data acknowledged
+before it; file data at the latest when its handle is released, at fsync or at the next
+metadata operation, so only the data written since the last of those may be missing,
+workload.check's process mode), the one in flight is either absent or complete (a data write
+may be partly done), renames and clones are
 atomic, every fsynced file has its content, and every snapshot has exactly the content it had
 when taken.  Earlier rounds' directories must not change.
 

@@ -130,7 +130,7 @@ def test_worker_recodes_packed_chunks_and_punches_them(mount_factory):
         near[p : p + 5] = b"EDIT!"
     with open(m.path / "b", "wb") as f:
         f.write(near)
-    os.sync()
+        os.fsync(f.fileno())  # committed now, not at the release after close
     packed = du(m.store / "packs")
     assert packed > 2 * MiB
     m.stop()

@@ -382,6 +382,18 @@ def differences(seen: dict, want: dict[str, tuple], fuzzy: dict[str, bool] | Non
     return out
 
 
+def _committed_before(op: dict, i: int) -> int:
+    """How many operations a killed daemon must keep once op i was acknowledged (process
+    mode).  Every metadata operation commits before it is acknowledged, and commits all
+    file data acknowledged before it first; file data itself is committed at the latest
+    when its handle is released, which close(2) does not wait for.  So: all ops up to a
+    metadata op; the ops before a create (its CREATE commits); none for overwrite and patch
+    (their data may go, and an overwrite of an empty file commits nothing)."""
+    if op["op"] == "create":
+        return i
+    return 0 if op["op"] in FUZZY else i + 1
+
+
 def check(mount: str, rel: str, log: str, mode: str, snap_prefix: str,
           crash_time: float | None = None) -> tuple[int, str, list[str]]:
     """Compare the mount with the states the log allows; returns (prefix length k, how, problems).
@@ -401,7 +413,7 @@ def check(mount: str, rel: str, log: str, mode: str, snap_prefix: str,
         m.apply(op)
         models.append(m)
     synced = max([i + 1 for i in range(acked) if ops[i].get("sync")], default=0)
-    lo = acked if mode == "process" else synced
+    lo = synced if mode == "power" else max([synced] + [_committed_before(ops[i], i) for i in range(acked)])
     hi = len(ops)  # every begun operation may have completed
     seen = observe(os.path.join(mount, rel))
     snaps_dir = os.path.join(mount, ".cowfs", "snapshots")
