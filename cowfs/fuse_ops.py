@@ -547,13 +547,17 @@ class Operations(pyfuse3.Operations):
             return
         node = self._files.pop(fh)
         del self._streams[fh]
-        if fh in self._write_fhs:
-            self._write_fhs.discard(fh)
-            self._writers[node] -= 1
-            if self._writers[node] <= 0:
-                del self._writers[node]
-            await self._commit_closed(node)
-        await self.fs.released(node)
+        try:
+            if fh in self._write_fhs:
+                self._write_fhs.discard(fh)
+                self._writers[node] -= 1
+                if self._writers[node] <= 0:
+                    del self._writers[node]
+                # A failed commit (the disk full under RocksDB) leaves the data dirty, to be
+                # retried; the handle is gone all the same.
+                await self._commit_closed(node)
+        finally:
+            await self.fs.released(node)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         self.requests["fsync"] += 1
