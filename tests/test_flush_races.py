@@ -12,10 +12,12 @@ import os
 import stat
 import threading
 
+import pyfuse3
 import pytest
 import trio
 
 from cowfs.fs.filesystem import Filesystem
+from cowfs.fuse_ops import Operations
 from cowfs.meta.records import Attrs
 from cowfs.meta.versioned import CF_INODES, ino_key
 from cowfs.store import ROOT_INO, Store, init_store
@@ -160,6 +162,32 @@ async def test_deferred_attributes_survive_a_failed_flush(tmp_path):
         assert stat.S_IMODE(node.attrs.mode) == 0o600 and node in h.fs.dirty_nodes
         await h.fs.flush()
         assert stat.S_IMODE(h.committed(node).mode) == 0o600
+    finally:
+        h.gate.set()
+        h.store.close()
+
+
+async def test_release_whose_commit_fails_lets_the_handle_go_and_keeps_the_data(tmp_path):
+    """The release after a close commits the file's data; if that commit fails (a full disk),
+    the data stays dirty for a later commit and the handle is let go all the same."""
+    h = Held(str(tmp_path / "s"))
+    try:
+        ops = Operations(h.fs)
+        node = await h.dirty_file(b"f", size=4)
+        fh = ops._opened(node, True).fh
+        assert node.opens == 1
+        write = h.store.kv.write
+
+        def full(batch) -> None:
+            raise OSError("IO error: No space left on device")
+
+        h.store.kv.write = full  # type: ignore[method-assign]
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.release(fh)
+        h.store.kv.write = write  # type: ignore[method-assign]
+        assert node.opens == 0 and node in h.fs.dirty_nodes
+        await h.fs.flush()
+        assert h.committed(node).size == 4
     finally:
         h.gate.set()
         h.store.close()
