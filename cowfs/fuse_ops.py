@@ -449,11 +449,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         self.requests["open"] += 1
         if self._is_control(inode):
-            if inode & 0xFF == K_STATS:
-                # The figures cover every acknowledged write, also one whose commit at the
-                # release after its close is still running.
-                await self.fs.flush()
-            return self._control_open(inode, flags, ctx)
+            return await self._control_open(inode, flags, ctx)
         node = self._live(inode)
         if flags & (os.O_WRONLY | os.O_RDWR) and not node.view.writable:
             raise pyfuse3.FUSEError(errno.EROFS)
@@ -461,7 +457,7 @@ class Operations(pyfuse3.Operations):
             await self.fs.setattr(node, size=0, kill_suid=ctx.uid != 0)
         return self._opened(node, bool(flags & (os.O_WRONLY | os.O_RDWR)))
 
-    def _control_open(self, fino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    async def _control_open(self, fino: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         kind = fino & 0xFF
         if kind not in (K_CTL, K_STATS):
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -469,6 +465,9 @@ class Operations(pyfuse3.Operations):
         who = Caller(ctx.uid, ctx.gid, frozenset(pyfuse3.get_sup_groups(ctx.pid)) if ctx.uid else frozenset())
         reply = b""
         if kind == K_STATS:
+            # The figures cover every acknowledged write, also one whose commit at the
+            # release after its close is still running.
+            await self.fs.flush()
             reply = (json.dumps(self.stats(view), ensure_ascii=True) + "\n").encode()
         fh = self._new_fh()
         self._sessions[fh] = _Session(view, who, kind, reply)

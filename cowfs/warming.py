@@ -11,9 +11,9 @@ answered by the kernel while the helper runs ahead of it on the other core.
 
 The helper's requests are recognised by its pid (and its directory handles): they are
 neither learned nor counted as a client's, and the dedup worker, which waits while clients
-keep the mount busy, does not wait for them.  It works in a mount namespace of its own (private propagation), so it never makes
-the users' mount busy: a plain `umount` succeeds while it runs, and the daemon serves it until
-it exits.  That needs root; a daemon running as another user does not warm.  Its pid is in
+keep the mount busy, does not wait for them.  It works in a mount namespace of its own
+(private propagation), so it never makes the users' mount busy: a plain `umount` succeeds
+while it runs, and the daemon serves it until it exits.  That needs root; a daemon running as another user does not warm.  Its pid is in
 STORE/warmer.pid while it runs, so that `cowfs umount` ends it at once instead of waiting for
 it; the daemon also ends it before it unmounts itself.
 

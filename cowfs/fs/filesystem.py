@@ -195,7 +195,7 @@ class _Scope:
         if not self.view.writable:
             raise FSError(errno.EROFS)
         if fs.lock.locked() or fs.dirty_nodes:
-            await fs.lock.acquire()
+            await fs.acquire_lock()
             self.locked = True
             try:
                 await fs._flush_locked()
@@ -792,16 +792,19 @@ class Filesystem:
         lock while it encodes in a thread: that flush must be waited for too, or an fsync
         could return (and a sync cover nothing) before the data it covers is committed."""
         if self.dirty_nodes or self.flush_running:
-            # A free lock is taken without a checkpoint, as in _Scope: a small flush then
-            # runs to its commit without one.
-            if self.lock.locked():
-                await self.lock.acquire()
-            else:
-                self.lock.acquire_nowait()
+            await self.acquire_lock()
             try:
                 await self._flush_locked()
             finally:
                 self.lock.release()
+
+    async def acquire_lock(self) -> None:
+        """Take `lock`; a free one without a checkpoint (trio's acquire always yields), so a
+        small flush or mutation runs to its commit without a pass of the scheduler."""
+        if self.lock.locked():
+            await self.lock.acquire()
+        else:
+            self.lock.acquire_nowait()
 
     async def fsync(self) -> None:
         await self.flush()
