@@ -634,7 +634,9 @@ class Operations(pyfuse3.Operations):
         if d.warming:
             self.warm.requests += 1  # type: ignore[union-attr]
         if d.node is not None:
-            d.node.opens -= 1
+            # A directory removed while open (rmdir may overtake the RELEASEDIR of a closed
+            # handle) is an orphan until now, as a file is until its RELEASE.
+            await self.fs.released(d.node)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.requests["fsyncdir"] += 1

@@ -257,6 +257,32 @@ def test_unlinked_fifo_and_directory_keep_their_attributes(cowfs_mount):
 
 
 @pytest.mark.timeout(60)
+def test_directory_removed_while_open_goes_when_closed(cowfs_mount):
+    """rmdir of a directory someone has open keeps it (an orphan) until its handle closes;
+    then it must go (RELEASEDIR once only decremented the open count, so the orphan stayed
+    counted until the next mount: `shutil.rmtree` hits this when rmdir overtakes the
+    RELEASEDIR of the fd it just closed)."""
+    import json
+    mp = cowfs_mount.path
+
+    def inodes() -> int:
+        return json.loads(mounting.run_cowfs("stats", mp, "--json").stdout)["usage_inodes"]
+
+    base = inodes()
+    os.mkdir(mp / "d")
+    dfd = os.open(mp / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(mp / "d")
+        assert inodes() == base + 1  # still open: still counted, like an open unlinked file
+    finally:
+        os.close(dfd)
+    deadline = time.monotonic() + 10
+    while inodes() != base and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert inodes() == base
+
+
+@pytest.mark.timeout(60)
 def test_unlinked_open_file_survives_rename_over(cowfs_mount):
     """rename() over a file that is still open must not lose the open file's data."""
     mp = cowfs_mount.path
