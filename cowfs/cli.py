@@ -138,7 +138,7 @@ def stats(target: str, as_json: bool) -> None:
         except StoreError as exc:
             _fail(str(exc))
         try:
-            data: dict[str, Any] = {"ok": True, "store": store, **st.space()}
+            data: dict[str, Any] = {"ok": True, "store": store, **st.space(), "shared": st.meta.shared.figures()}
         finally:
             st.close()
     else:

@@ -28,6 +28,7 @@ from cowfs import admin, dircache, fuse_loop, mounts, notify
 from cowfs.errors import FSError, MountError, StoreError
 from cowfs.fs.branching import run_gc, sweep_packs
 from cowfs.fs.dedup import DedupWorker
+from cowfs.fs.sharing import Sharer
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.view import View
 from cowfs.fuse_ops import Operations
@@ -184,6 +185,9 @@ class Daemon:
         self.fs.kernel_sync = self.kernel_sync
         self.dedup = DedupWorker(self.fs, cfg.dedup_cpu, cfg.dedup,
                                  lambda: sum(self.ops.requests.values()) - self.warmer.requests)
+        # Copies of directory trees share their originals' records; part of the background
+        # worker (off with it), and like it, it waits for a quiet mount.
+        self.sharer = Sharer(self.fs, cfg.dedup, self.dedup.quiet)
         self.waiter = fuse_loop.install(cfg.spin_us) if cfg.spin_us else None
         self.started = time.time()
         self._stopping = False
@@ -298,6 +302,7 @@ class Daemon:
             "disk_bytes": store.disk_usage(),
             **store.space(),
             "dedup": self.dedup.figures(),
+            "shared": self.sharer.figures(),
         }
 
     async def handle_admin(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -327,7 +332,9 @@ class Daemon:
                 await self.fs.flush()
                 if not await self.dedup.settle(float(req.get("timeout") or 600)):
                     return {"ok": False, "error": "the background queue did not empty in time"}
-            return {"ok": True, **self.store.space(), "dedup": self.dedup.figures()}
+                await self.sharer.settle()
+            return {"ok": True, **self.store.space(), "dedup": self.dedup.figures(),
+                    "shared": self.sharer.figures()}
         return {"ok": False, "error": f"unknown admin command {cmd!r}"}
 
     async def _watch_signals(self) -> None:
@@ -389,6 +396,7 @@ class Daemon:
             nursery.start_soon(self._tune_readahead)
             nursery.start_soon(self._gc_loop)
             nursery.start_soon(self.dedup.run)
+            nursery.start_soon(self.sharer.run)
             nursery.start_soon(self._watchdog)
             if self.fs.fetcher is not None:
                 # The interpreter's switch interval stays at its default: lowering it to 1 ms so

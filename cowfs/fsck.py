@@ -8,9 +8,9 @@ What is checked, in order:
      record is unreachable (an orphan) unless it is an open-but-unlinked file of the
      orphans list;
   3. references: the count stored for every object equals the references to it (one per
-     inode-record version holding a tree root, one per child slot of each node, one pin per
-     delta object on its base); every referenced object exists; no object is stored without
-     references; delta bases are whole chunks;
+     inode-record version or shared-copy range holding a tree root, one per child slot of
+     each node, one pin per delta object on its base); every referenced object exists; no
+     object is stored without references; delta bases are whole chunks;
   4. every stored object decodes (a delta through its base) and matches its BLAKE3 hash;
   5. every versioned key has its changelog entry (garbage collection relies on it);
   6. the space accounting equals a recount, the background queue names stored chunks only.
@@ -77,6 +77,7 @@ class Fsck:
 
     def run(self) -> Report:
         self.check_catalog()
+        self.check_shared()
         tops = self._tops()
         for name, top in tops:
             self.check_tree(name, top)
@@ -113,6 +114,25 @@ class Fsck:
                     break
                 seen.add(cur)
                 cur = self.cat.parents[cur]
+
+    def check_shared(self) -> None:
+        """Every range of shared copies reads from an existing layer, and no copy inode is
+        also an original (resolution must be one step)."""
+        shared = self.store.meta.shared
+        sources = shared.sources()
+        for r in list(shared.ranges.values()):
+            self.report.counts["shared_inodes"] += r.size
+            if r.layer not in self.cat.parents:
+                self.report.problem(f"shared range {r.key.hex()}: its layer {r.layer} does not exist")
+                if self.repair:
+                    shared.remove(r, self.batch)
+                    shared.committed(removed=[r])
+                    self.report.repaired.append(f"removed shared range {r.key.hex()} (its copies are lost)")
+                continue
+            for y, _x in r.pairs():
+                if y in sources:
+                    self.report.problem(f"shared range {r.key.hex()}: copy inode {y} is also an original")
+                    break
 
     # -- 2. trees --------------------------------------------------------------------------
     def check_tree(self, name: str, top: int) -> None:
@@ -230,6 +250,12 @@ class Fsck:
                 if a.root is not None:
                     expected[a.root.hash] += 1
                     users[a.root.hash].append(f"inode {int.from_bytes(base, 'big')} (layer {layer})")
+        meta = self.store.meta
+        for r in meta.shared.ranges.values():
+            if r.layer in self.cat.parents:
+                for h in meta.range_roots(r):
+                    expected[h] += 1
+                    users[h].append(f"shared copies of layer {r.layer}")
         # Walk nodes from the roots: each node object contributes its children once, each
         # delta object one pin on its base.
         kinds: dict[bytes, int] = {}

@@ -22,6 +22,7 @@ from cowfs.kv.base import Batch, StoreLockedError
 from cowfs.kv.rocks import RocksKV
 from cowfs.meta.layers import CF_META, Branch, Catalog
 from cowfs.meta.records import Attrs
+from cowfs.meta.shared import SharedTrees
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_XATTRS, Versioned, ino_key
 from cowfs.mounts import daemon_pid
 
@@ -30,8 +31,10 @@ log = logging.getLogger(__name__)
 # format-1 store is upgraded when first opened (ObjectStore.rebuild); older cowfs refuse 2.
 # 3: pack files (STORE/packs) and P objects pointing into them; a format-2 store needs no
 # rewrite (it has no P objects yet), only the new number, so that older cowfs refuse it.
-FORMAT_VERSION = 3
-UPGRADABLE = (1, 2)
+# 4: shared copies (cowfs.meta.shared): inode records and entries may be missing where a
+# range stands for them; a format-3 store needs no rewrite, but older cowfs must refuse 4.
+FORMAT_VERSION = 4
+UPGRADABLE = (1, 2, 3)
 MARKER = "cowfs-store.json"
 DB_DIR = "db"
 CF_ORPHANS = "orphans"
@@ -117,6 +120,8 @@ class Store:
         except OSError as exc:
             self.kv.close()
             raise StoreError(f"{path}: cannot open the pack files: {exc}") from exc
+        self.catalog = Catalog(self.kv)
+        self.meta = Versioned(self.kv, SharedTrees.load(self.kv), self.catalog.ancestry)
         self.objects = ObjectStore(self.kv, self.cache, self.packs)
         if self.objects.space is None:
             self.objects.rebuild(self._root_refs())
@@ -127,8 +132,6 @@ class Store:
             self.kv.sync()
             _write_marker(path, info.get("created", time.time()))
             log.info("%s upgraded from store format %s to %d", path, fmt, FORMAT_VERSION)
-        self.meta = Versioned(self.kv)
-        self.catalog = Catalog(self.kv)
         raw = self.kv.get(CF_META, b"counter/ino")
         self._next_ino = self._ino_hwm = int.from_bytes(raw, "big") if raw else ROOT_INO + 1
         self.write_seq = 0
@@ -145,14 +148,22 @@ class Store:
         self._free_at = time.monotonic()
 
     def _root_refs(self) -> dict[bytes, int]:
-        """References from inode-record versions to tree roots (a walk of every version)."""
+        """References from inode-record versions and shared-copy ranges to tree roots (a
+        walk of every version)."""
         roots: dict[bytes, int] = {}
         for _key, value in self.kv.scan(CF_INODES, b""):
             if value:
                 root = Attrs.unpack(value).root
                 if root is not None:
                     roots[root.hash] = roots.get(root.hash, 0) + 1
+        for r in self.meta.shared.ranges.values():
+            for h in self.meta.range_roots(r):
+                roots[h] = roots.get(h, 0) + 1
         return roots
+
+    @property
+    def next_ino(self) -> int:
+        return self._next_ino
 
     def alloc_ino(self) -> int:
         """A never-used inode number (persisted in blocks, so a crash only skips numbers)."""

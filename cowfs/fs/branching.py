@@ -122,14 +122,6 @@ class Branching:
             return
         raise FSError(errno.EPERM, "only the owner of the mount root (or root) may do this")
 
-    def _freeze(self, m: Mutation, view: View, b: Branch) -> int:
-        """Freeze the branch head (return it) and move the branch to a fresh child layer."""
-        frozen = b.head
-        b.head = self.cat.new_layer(frozen, m.batch)
-        self.cat.save_branch(b, m.batch)
-        view.lv = LayerView(b.head, view.lv.ancestors | {b.head})
-        m.views.add(view)  # the new head starts with the frozen layer's usage
-        return frozen
 
     def _usage(self, layer: int) -> tuple[int, int]:
         usage = self.cat.usage(layer)
@@ -145,7 +137,7 @@ class Branching:
         async with self.fs.mutate(view) as m:
             self._name_free(name)
             b = self._branch(view)
-            layer = self._freeze(m, view, b)
+            layer = self.fs.freeze_head(m, view)
             self.cat.save_snapshot(Snapshot(name, layer, self.cat.new_view(m.batch), b.name), m.batch)
         return {"snapshot": name, "branch": b.name, "layer": layer,
                 "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
@@ -160,7 +152,7 @@ class Branching:
             src_branch = self._branch(view)
             parent_branch = view.name
             if source is None or source == view.name:
-                parent_layer = self._freeze(m, view, src_branch)
+                parent_layer = self.fs.freeze_head(m, view)
                 parent_name = view.name
                 usage = (view.usage_bytes, view.usage_inodes)
             elif source in self.cat.snapshots:
@@ -472,15 +464,20 @@ def _kind(mode: int) -> str:
 async def run_gc(fs: Filesystem) -> int:
     """One full garbage-collection pass, in chunks, yielding to other work between them."""
     removed = 0
-    async with fs.lock:
-        await fs._flush_locked()
-        tops = fs.live_tops()
-        chunks = list(gc.collect(fs.store.meta, fs.store.catalog, tops))
-    for batch, txn, n in chunks:
+    async with fs.maintenance:
         async with fs.lock:
-            fs.store.commit(batch, txn)
-        removed += n
-        await trio.sleep(0)
+            await fs._flush_locked()
+            tops = fs.live_tops()
+            dead, batch, txn = gc.dead_ranges(fs.store.meta, fs.store.catalog, tops)
+            if dead:
+                fs.store.commit(batch, txn)
+                fs.store.meta.shared.committed(removed=dead)
+            chunks = list(gc.collect(fs.store.meta, fs.store.catalog, tops))
+        for batch, txn, n in chunks:
+            async with fs.lock:
+                fs.store.commit(batch, txn)
+            removed += n
+            await trio.sleep(0)
     return removed
 
 

@@ -230,7 +230,7 @@ class DedupWorker:
             if not self.enabled or self.fs.store.objects.space.queue <= 0:
                 await trio.sleep(IDLE_POLL)
                 continue
-            serving = not self._quiet()
+            serving = not self.quiet()
             if serving and self.fs.store.objects.space.queue < BUSY_QUEUE:
                 # The queue survives unmounts and crashes: it can wait for a quiet moment.
                 # Running beside requests, even at BUSY_SHARE, took 7% off an untar+grep+rm
@@ -248,10 +248,10 @@ class DedupWorker:
                 await trio.sleep(1.0)
             busy = time.perf_counter() - t0
             self.busy_s += busy
-            share = self.cpu_share if self._quiet() else min(self.cpu_share, BUSY_SHARE)
+            share = self.cpu_share if self.quiet() else min(self.cpu_share, BUSY_SHARE)
             await trio.sleep(busy * (1 - share) / share)
 
-    def _quiet(self) -> bool:
+    def quiet(self) -> bool:
         """No foreground request for QUIET_AFTER seconds."""
         n, now = self.activity(), time.monotonic()
         if n != self._seen:

@@ -221,6 +221,8 @@ class Filesystem:
         self.store = store
         self.level = compression_level
         self.lock = trio.Lock()
+        # Held by garbage collection and the sharer's passes: they never interleave.
+        self.maintenance = trio.Lock()
         self.views: dict[int, View] = {}
         b = store.catalog.branches.get(branch)
         if b is None:
@@ -282,16 +284,27 @@ class Filesystem:
         """(logical bytes, inodes) the view sees, by a walk of all inode records."""
         total = inodes = 0
         last = None
+        seen: set[bytes] = set()
         for key, value in self.store.kv.scan(CF_INODES, b""):
             ino = key[:8]
             if ino == last or (1 << 64) - 1 - int.from_bytes(key[8:], "big") not in lv.ancestors:
                 continue
             last = ino
+            seen.add(ino)
             if value:
                 a = Attrs.unpack(value)
                 inodes += 1
                 if stat.S_ISREG(a.mode):
                     total += a.size
+        for r in self.store.meta.shared.visible(lv.ancestors):  # copies reading through a range
+            for y, _x in r.pairs():
+                if ino_key(y) not in seen:
+                    found = self.store.meta.get(CF_INODES, ino_key(y), lv)
+                    if found is not None and found[1]:
+                        a = Attrs.unpack(found[1])
+                        inodes += 1
+                        if stat.S_ISREG(a.mode):
+                            total += a.size
         return total, inodes
 
     def snapshot_view(self, snap: "object") -> View:
@@ -334,6 +347,19 @@ class Filesystem:
             view.nodes[ROOT_INO] = root
         if old.nodes:
             self.detached[(old.vid, old.epoch % EPOCHS)] = old
+
+    def freeze_head(self, m: Mutation, view: View) -> int:
+        """Freeze the branch head (return it) and move the branch to a fresh child layer:
+        for a snapshot, a branch, or the sharer (whose ranges read from frozen layers)."""
+        b = self.store.catalog.branches.get(view.name)
+        if b is None or view.kind != "branch":
+            raise FSError(errno.EROFS, "this view is not a branch")
+        frozen = b.head
+        b.head = self.store.catalog.new_layer(frozen, m.batch)
+        self.store.catalog.save_branch(b, m.batch)
+        view.lv = LayerView(b.head, view.lv.ancestors | {b.head})
+        m.views.add(view)  # the new head starts with the frozen layer's usage
+        return frozen
 
     def schedule_gc(self) -> None:
         self.gc_wanted.set()
