@@ -304,11 +304,12 @@ def gc(target: str) -> None:
 
 @main.command()
 @target_arg
-@click.option("--wait", is_flag=True, help="Return once the background queue is empty.")
+@click.option("--wait", is_flag=True, help="Return once the background queue is empty and copied trees are shared.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait at most.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def dedup(target: str, wait: bool, timeout: float, as_json: bool) -> None:
-    """Background delta encoding of the store (or the store behind mount point TARGET): figures, or wait."""
+    """Background work on the store (or the store behind mount point TARGET): delta encoding
+    of chunks and sharing of copied trees' records; figures, or wait for both."""
     store = _resolve_store(target)
     if not os.path.exists(admin.socket_path(store)):
         _fail(f"{target}: no running daemon serves this store (mount it first)")
@@ -318,8 +319,10 @@ def dedup(target: str, wait: bool, timeout: float, as_json: bool) -> None:
     if not reply.get("ok"):
         _fail(str(reply.get("error")))
     if not as_json:
+        shared = reply.get("shared", {})
         click.echo(f"queue {reply['background_queue']} chunks; {reply['delta_chunks']} of {reply['chunks']} "
-                   f"chunks are deltas, saving {reply['delta_saved_bytes']} bytes")
+                   f"chunks are deltas, saving {reply['delta_saved_bytes']} bytes; {shared.get('inodes', 0)} "
+                   f"inodes of copied trees share their originals' records ({shared.get('ranges', 0)} ranges)")
 
 
 @main.command()

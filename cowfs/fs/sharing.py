@@ -20,6 +20,7 @@ import logging
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import blake3
 import trio
@@ -60,7 +61,7 @@ class Walk:
 
 
 class Sharer:
-    def __init__(self, fs: Filesystem, enabled: bool = True, quiet: "callable[[], bool] | None" = None) -> None:  # type: ignore[valid-type]
+    def __init__(self, fs: Filesystem, enabled: bool = True, quiet: Callable[[], bool] | None = None) -> None:
         self.fs = fs
         self.enabled = enabled
         self.quiet = quiet or (lambda: True)
@@ -73,6 +74,7 @@ class Sharer:
         self.walk_s = 0.0
         self.share_s = 0.0  # longest verification + commit (the event loop waits that long)
         self._sources: set[int] = set()  # originals of every range (never shared as copies)
+        self._interrupt = False  # set on the loop, read by the walk's thread
         self._failed: set[tuple[int, int, bytes]] = set()  # (copy, original, fingerprint) that did not verify
 
     def figures(self) -> dict[str, object]:
@@ -81,8 +83,9 @@ class Sharer:
                 "longest_share_s": round(self.share_s, 3)}
 
     # -- 1. in a thread: fingerprints ----------------------------------------------------------
-    def walk(self, lv: LayerView) -> Walk:
-        """Fingerprint every directory subtree visible in lv (pure KV reads: hints)."""
+    def walk(self, lv: LayerView, interruptible: bool = False) -> Walk | None:
+        """Fingerprint every directory subtree visible in lv (pure KV reads: hints); None if
+        interruptible and requests arrived meanwhile (the walk holds the GIL most of the time)."""
         meta = self.fs.store.meta
         shared = meta.shared
         out = Walk(top=lv.top)
@@ -93,7 +96,11 @@ class Sharer:
             return out
         stack.append((ROOT_INO, 0, None, Attrs.unpack(found[1])))
         files: dict[int, tuple[bytes, bool]] = {}
+        steps = 0
         while stack:
+            steps += 1
+            if interruptible and steps % 512 == 0 and self._interrupt:
+                return None
             ino, parent, entries, a = stack[-1]
             if entries is None:
                 entries = [(n, int.from_bytes(v[:8], "big")) for n, v in meta.scan_names(CF_DIRENTS, ino, lv)]
@@ -151,17 +158,25 @@ class Sharer:
             ino = t.parent if t is not None else 0
         return False
 
-    async def run_pass(self) -> int:
+    async def run_pass(self, interruptible: bool = False) -> int:
         """One pass; returns the number of copies shared."""
         fs = self.fs
         view = fs.primary
         if not view.writable:
             return 0
         t0 = time.perf_counter()
-        self._walked_ino = fs.store.next_ino
-        w = await threads.run_in_thread(lambda: self.walk(view.lv))
+        walked = fs.store.next_ino
+        self._interrupt = False
+        async with trio.open_nursery() as nursery:
+            if interruptible:
+                nursery.start_soon(self._watch)
+            w = await threads.run_in_thread(lambda: self.walk(view.lv, interruptible))
+            nursery.cancel_scope.cancel()
         self.walk_s = time.perf_counter() - t0
         self._pause, self._walked_at = 10 * self.walk_s, time.monotonic()
+        if w is None:
+            return 0  # requests came: again at the next quiet moment
+        self._walked_ino = walked
         self.passes += 1
         pairs = [p for p in self.candidates(w) if (p[0], p[1], w.dirs[p[0]].fp) not in self._failed]
         if not pairs:
@@ -273,6 +288,15 @@ class Sharer:
         return True
 
     # -- scheduling ------------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        """While a background walk runs: stop it (through a flag its thread polls) when
+        requests arrive."""
+        while True:
+            await trio.sleep(0.05)
+            if not self.quiet():
+                self._interrupt = True
+                return
+
     def due(self) -> bool:
         return (self.enabled and self.fs.store.next_ino - self._walked_ino >= MIN_NEW
                 and time.monotonic() - self._walked_at >= self._pause)
@@ -282,7 +306,7 @@ class Sharer:
             await trio.sleep(POLL)
             if self.due() and self.quiet():
                 try:
-                    await self.run_pass()
+                    await self.run_pass(interruptible=True)
                 except Exception as exc:  # e.g. a full disk: nothing was half-applied; try later
                     log.error("sharer pass failed: %s", exc)
                     self.fs.store.recover()
