@@ -282,6 +282,10 @@ def main() -> None:
     ap.add_argument("--write-rounds", type=int, default=None,
                     help="alternating rounds of the foreground-write comparison (3; --quick 1)")
     a = ap.parse_args()
+    if not a.throughput_only:
+        missing = [t for t in ("borg", "zstd") + (() if a.no_git else ("git",)) if shutil.which(t) is None]
+        if missing:
+            sys.exit(f"bench_space: {', '.join(missing)} not found (apt-get install borgbackup zstd git)")
     write_rounds = a.write_rounds or (1 if a.quick else 3)
     releases = RELEASES[-2:] if a.quick else RELEASES
     copies, forks, rmib = (2, 2, 32) if a.quick else (5, 8, 256)
