@@ -59,8 +59,9 @@ def init(store: str) -> None:
 @click.option("-o", "options", multiple=True, metavar="OPTION",
               help="Mount option: allow_other, suid, dev, cache_l1=SIZE (alias cache_size), cache_l2=SIZE, "
                    "prefetch=0|1, prefetch_learn=0|1, dir_cache=0|1, quota_bytes=SIZE, quota_inodes=N, ctl_group=GID, "
-                   "dedup=on|off (background delta encoding), dedup_cpu=SHARE (its CPU cap, 0-1, "
-                   "default 0.25) (repeatable, or comma-separated).")
+                   "dedup=on|off (background delta encoding and sharing), dedup_cpu=SHARE (its CPU cap, 0-1, "
+                   "default 0.25), share=on|off (copied trees share their originals' records) "
+                   "(repeatable, or comma-separated).")
 @click.option("--debug", is_flag=True, help="Log every operation.")
 def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: tuple[str, ...], debug: bool) -> None:
     """Mount branch BRANCH of STORE at MOUNTPOINT; returns once the mount is ready."""

@@ -61,11 +61,12 @@ class MountConfig:
     quota_inodes: int | None = None
     dedup: bool = True
     dedup_cpu: float = 0.25
+    share: bool = True  # the sharer (cowfs.fs.sharing) runs; with dedup off it does not either
     spin_us: int = 50  # cowfs.fuse_loop: poll the FUSE fd this long before parking (0: pyfuse3's own wait)
 
 
 CACHE_OPTIONS = ("cache_l1=SIZE, cache_l2=SIZE, prefetch=0|1, prefetch_learn=0|1, dir_cache=0|1, warm=0|1, "
-                 "dedup=on|off, dedup_cpu=SHARE, spin_us=N")
+                 "dedup=on|off, dedup_cpu=SHARE, share=on|off, spin_us=N")
 
 
 def set_cache_option(cfg: MountConfig, key: str, value: str, parse_size: Callable[[str], int]) -> bool:
@@ -80,10 +81,10 @@ def set_cache_option(cfg: MountConfig, key: str, value: str, parse_size: Callabl
         if value not in ("0", "1"):
             raise ValueError(value)
         setattr(cfg, key, value == "1")
-    elif key == "dedup":
+    elif key in ("dedup", "share"):
         if value not in ("on", "off"):
             raise ValueError(value)
-        cfg.dedup = value == "on"
+        setattr(cfg, key, value == "on")
     elif key == "dedup_cpu":
         cfg.dedup_cpu = float(value)
         if not 0 < cfg.dedup_cpu <= 1:
@@ -185,9 +186,9 @@ class Daemon:
         self.fs.kernel_sync = self.kernel_sync
         self.dedup = DedupWorker(self.fs, cfg.dedup_cpu, cfg.dedup,
                                  lambda: sum(self.ops.requests.values()) - self.warmer.requests)
-        # Copies of directory trees share their originals' records; part of the background
-        # worker (off with it), and like it, it waits for a quiet mount.
-        self.sharer = Sharer(self.fs, cfg.dedup, self.dedup.quiet)
+        # Copies of directory trees share their originals' records (-o share=off: not); off
+        # with the background worker too, and like it, it waits for a quiet mount.
+        self.sharer = Sharer(self.fs, cfg.dedup and cfg.share, self.dedup.quiet)
         self.waiter = fuse_loop.install(cfg.spin_us) if cfg.spin_us else None
         self.started = time.time()
         self._stopping = False

@@ -13,7 +13,7 @@ mount(8) calls ``/sbin/mount.fuse.cowfs SOURCE MOUNTPOINT [-sfnvw] [-o OPTIONS] 
 Options:
   branch=NAME                  the branch to mount (default main)
   cache_l1=SIZE (alias cache_size), cache_l2=SIZE, prefetch=0|1, prefetch_learn=0|1, dir_cache=0|1,
-  dedup=on|off, dedup_cpu=SHARE,
+  dedup=on|off, dedup_cpu=SHARE, share=on|off,
   quota_bytes=SIZE, quota_inodes=N, ctl_group=GROUP, allow_other, suid,
   nosuid, dev, nodev, debug    as ``cowfs mount -o`` / ``--debug``
   ro, noexec, exec, noatime, sync, async, dirsync

@@ -296,3 +296,19 @@ def test_the_daemon_shares_copies_on_its_own_when_the_mount_is_quiet(mount_facto
         time.sleep(0.2)
     m.stop()
     fsck(m.store)
+
+
+@pytest.mark.timeout(120)
+def test_share_off_keeps_copies_records_of_their_own(mount_factory, tmp_path):
+    src = tmp_path / "src"
+    make_tree(src, random.Random(6))
+    m = mount_factory(options=("share=off",))
+    for i in range(2):
+        os.system(f"cp -a {src} {m.path}/c{i}")  # noqa: S605
+    assert settle(m.path)["shared"]["ranges"] == 0
+    m.stop()
+    m.options = []
+    m.start()
+    assert settle(m.path)["shared"]["ranges"] == 1
+    m.stop()
+    fsck(m.store)
