@@ -26,19 +26,19 @@ import blake3
 import trio
 
 from cowfs import threads
-from cowfs.fs.filesystem import Filesystem, Mutation
+from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.view import View
 from cowfs.kv.base import Batch
 from cowfs.meta.layers import layer_suffix, suffix_layer
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import Range, runs_of
-from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, TAGS, LayerView, ino_key, name_key
+from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, TAGS, LayerView, ino_key
 from cowfs.store import ROOT_INO
 
 log = logging.getLogger(__name__)
 
 MIN_INODES = 16  # smaller copies are not worth a range (it costs a key and a pin)
-MAX_INODES = 100_000  # one verification blocks the loop ~10 us per inode: larger copies share by parts
+MAX_INODES = 100_000  # a verification blocks the loop ~20 us per inode: larger copies share by parts
 MIN_NEW = 64  # inodes created since the last pass before another walk
 POLL = 1.0
 _FILE = struct.Struct("<IIIIQQqB")
@@ -56,6 +56,8 @@ class _Tree:
 
 @dataclass
 class Walk:
+    """A walk's result: every directory of the branch by inode number."""
+
     dirs: dict[int, _Tree] = field(default_factory=dict)
     top: int = 0  # the view's top layer when the walk began
 
@@ -70,7 +72,6 @@ class Sharer:
         self._walked_at = 0.0
         self.passes = 0
         self.copies_shared = 0
-        self.inodes_shared = 0
         self.walk_s = 0.0
         self.share_s = 0.0  # longest verification + commit (the event loop waits that long)
         self._sources: set[int] = set()  # originals of every range (never shared as copies)
@@ -268,21 +269,20 @@ class Sharer:
         pairs.sort()
         atimes = [] if all(p[4] for p in pairs) else [p[3] for p in pairs]
         r = Range(layer, runs_of([(p[0], p[1]) for p in pairs]), [p[2] for p in pairs], atimes)
-        m = Mutation(fs)
+        batch = Batch()
         for y, *_rest in pairs:
             if y != top:
-                _drop_key(m.batch, CF_INODES, ino_key(y), layer)
+                _drop_key(batch, CF_INODES, ino_key(y), layer)
         for y in dirs:
             for key, _v in kv.scan(CF_DIRENTS, ino_key(y), ino_key(y)):
-                _drop_key(m.batch, CF_DIRENTS, key[:-8], layer)
+                _drop_key(batch, CF_DIRENTS, key[:-8], layer)
         # The copies' references to their data pass to the range (it holds one per copy
         # inode with data, as their records did): no reference count changes.
-        shared.add(r, m.batch)
-        fs.store.commit(m.batch, m.txn)
+        shared.add(r, batch)
+        fs.store.commit(batch)
         shared.committed(added=[r])
         self._sources.update(p[1] for p in pairs)
         self.copies_shared += 1
-        self.inodes_shared += r.size
         log.info("shared a copy of %d inodes (inode %d reads as %d of layer %d, %d runs)",
                  r.size, top, src, layer, len(r.runs))
         return True

@@ -25,7 +25,7 @@ from typing import Iterator
 import zstandard
 
 from cowfs.kv.base import KV, Batch
-from cowfs.meta.layers import CF_META, Catalog
+from cowfs.meta.layers import CF_META
 
 PREFIX = b"share/"
 
@@ -218,7 +218,3 @@ class SharedTrees:
 
     def visible(self, ancestors: frozenset[int]) -> list[Range]:
         return [r for r in self.ranges.values() if r.layer in ancestors]
-
-    def dead(self, catalog: Catalog) -> list[Range]:
-        """Ranges whose layer no longer exists (its views are gone)."""
-        return [r for r in self.ranges.values() if r.layer not in catalog.parents]
