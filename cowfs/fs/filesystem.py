@@ -284,19 +284,21 @@ class Filesystem:
         """(logical bytes, inodes) the view sees, by a walk of all inode records."""
         total = inodes = 0
         last = None
-        seen: set[bytes] = set()
+        ranges = self.store.meta.shared.visible(lv.ancestors)  # copies reading through a range
+        seen: set[bytes] = set()  # inodes with a real version (only needed beside ranges)
         for key, value in self.store.kv.scan(CF_INODES, b""):
             ino = key[:8]
             if ino == last or (1 << 64) - 1 - int.from_bytes(key[8:], "big") not in lv.ancestors:
                 continue
             last = ino
-            seen.add(ino)
+            if ranges:
+                seen.add(ino)
             if value:
                 a = Attrs.unpack(value)
                 inodes += 1
                 if stat.S_ISREG(a.mode):
                     total += a.size
-        for r in self.store.meta.shared.visible(lv.ancestors):  # copies reading through a range
+        for r in ranges:
             for y, _x in r.pairs():
                 if ino_key(y) not in seen:
                     found = self.store.meta.get(CF_INODES, ino_key(y), lv)
