@@ -19,6 +19,7 @@ are never themselves copies (resolution is one step), and a copy inode is never 
 from __future__ import annotations
 
 import bisect
+from array import array
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -65,6 +66,9 @@ class Range:
     _offsets: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
+        # 8 bytes a time (a list of ints costs ~36): a store may hold millions of copy inodes.
+        self.ctimes = array("q", self.ctimes)  # type: ignore[assignment]
+        self.atimes = array("q", self.atimes)  # type: ignore[assignment]
         self.runs.sort()
         self._xruns = sorted((x0, y0, n) for y0, x0, n in self.runs)
         total, self._offsets = 0, []
