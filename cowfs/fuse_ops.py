@@ -633,10 +633,16 @@ class Operations(pyfuse3.Operations):
         d = self._dirs.pop(fh)
         if d.warming:
             self.warm.requests += 1  # type: ignore[union-attr]
-        if d.node is not None:
+        if d.node is None:
+            return
+        if d.node.attrs.nlink <= 0:
             # A directory removed while open (rmdir may overtake the RELEASEDIR of a closed
             # handle) is an orphan until now, as a file is until its RELEASE.
             await self.fs.released(d.node)
+        else:
+            # Only the count: a live directory's node stays until the kernel forgets it (its
+            # in-memory state backs the kernel's cached listing).
+            d.node.opens -= 1
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.requests["fsyncdir"] += 1

@@ -403,7 +403,7 @@ def test_timestamps_change_as_posix_says(cowfs_mount):
 
     def check(label, op, expect):
         before = {p: _times(p) for p in expect}
-        time.sleep(0.005)
+        time.sleep(0.02)
         op()
         for p, (want_m, want_c) in expect.items():
             after = _times(p)
