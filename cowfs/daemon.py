@@ -28,8 +28,8 @@ from cowfs import admin, dircache, fuse_loop, mounts, notify
 from cowfs.errors import FSError, MountError, StoreError
 from cowfs.fs.branching import run_gc, sweep_packs
 from cowfs.fs.dedup import DedupWorker
-from cowfs.fs.sharing import Sharer
 from cowfs.fs.filesystem import Filesystem
+from cowfs.fs.sharing import Sharer
 from cowfs.fs.view import View
 from cowfs.fuse_ops import Operations
 from cowfs.mounts import daemon_pid, pid_file

@@ -19,23 +19,15 @@ import time
 import pytest
 
 import mounting
+from test_dedup import fsck, settle, stats
 
 KiB = 1 << 10
 
 
-def settle(mp) -> dict:
-    return json.loads(mounting.run_cowfs("dedup", mp, "--wait", "--json", "--timeout", "120", timeout=180).stdout)
-
-
-def stats(target) -> dict:
-    return json.loads(mounting.run_cowfs("stats", target, "--json").stdout)
-
-
-def fsck(store) -> dict:
-    r = mounting.run_cowfs("fsck", store, "--json", check=False, timeout=300)
-    report = json.loads(r.stdout)
-    assert report["clean"], report["problems"][:20]
-    return report
+def copies(src, root, names) -> None:
+    """`cp -a src root/name` for each name (cp -a keeps mtimes and atimes, as sharing needs)."""
+    for name in names:
+        subprocess.run(["cp", "-a", str(src), os.path.join(root, name)], check=True, timeout=120)
 
 
 def make_tree(root, rnd: random.Random, dirs: int = 6, files: int = 8) -> None:
@@ -95,10 +87,9 @@ def test_copies_share_records_and_nothing_observable_changes(mount_factory, tmp_
     src = tmp_path / "src"
     make_tree(src, random.Random(1))
     mounting.run_cowfs("snapshot", m.path, "empty")
-    os.system(f"cp -a {src} {m.path}/c0")  # noqa: S605
+    copies(src, m.path, ["c0"])
     settle(m.path)
-    for i in (1, 2, 3):
-        os.system(f"cp -a {src} {m.path}/c{i}")  # noqa: S605
+    copies(src, m.path, ["c1", "c2", "c3"])
     # Atimes are kept per copy (like ctimes): a copy whose files were read still shares.
     for dirpath, _dirs, files in os.walk(m.path / "c2"):
         for f in files:
@@ -188,8 +179,8 @@ def test_copy_and_original_stay_apart_like_a_plain_directory(mount_factory, tmp_
     make_tree(src, rnd)
     plain = tmp_path / "plain"
     plain.mkdir()
-    for name in ("orig", "copy"):
-        os.system(f"cp -a {src} {m.path}/{name} && cp -a {src} {plain}/{name}")  # noqa: S605
+    copies(src, m.path, ["orig", "copy"])
+    copies(src, plain, ["orig", "copy"])
     assert settle(m.path)["shared"]["copies_shared"] == 1
     mounting.run_cowfs("snapshot", m.path, "before")
     old = {n: snapshot_tree(plain / n, False, True) for n in ("orig", "copy")}
@@ -214,8 +205,7 @@ def test_originals_stay_for_their_copies_and_everything_goes_with_them(mount_fac
     m = mount_factory()
     src = tmp_path / "src"
     make_tree(src, random.Random(3), dirs=10)
-    for name in ("orig", "c1", "c2"):
-        os.system(f"cp -a {src} {m.path}/{name}")  # noqa: S605
+    copies(src, m.path, ["orig", "c1", "c2"])
     mounting.run_cowfs("snapshot", m.path, "unshared")
     settle(m.path)
     assert stats(m.path)["shared"]["ranges"] == 2
@@ -256,8 +246,7 @@ def test_kill9_while_sharing_loses_nothing_and_the_work_resumes(mount_factory, t
     src = tmp_path / "src"
     make_tree(src, random.Random(4), dirs=12, files=10)
     m = mount_factory(options=("dedup=off",))
-    for i in range(10):
-        os.system(f"cp -a {src} {m.path}/c{i}")  # noqa: S605
+    copies(src, m.path, [f"c{i}" for i in range(10)])
     want = snapshot_tree(m.path / "c0", full=False)
     m.stop()
     for delay in (0.0, 0.05, 0.15, 0.3):
@@ -288,8 +277,7 @@ def test_the_daemon_shares_copies_on_its_own_when_the_mount_is_quiet(mount_facto
     src = tmp_path / "src"
     make_tree(src, random.Random(5))
     m = mount_factory()
-    for i in range(3):
-        os.system(f"cp -a {src} {m.path}/c{i}")  # noqa: S605
+    copies(src, m.path, ["c0", "c1", "c2"])
     deadline = time.monotonic() + 60
     while stats(m.path)["shared"]["ranges"] < 2:  # admin requests do not count as activity
         assert time.monotonic() < deadline, stats(m.path)["shared"]
@@ -303,8 +291,7 @@ def test_share_off_keeps_copies_records_of_their_own(mount_factory, tmp_path):
     src = tmp_path / "src"
     make_tree(src, random.Random(6))
     m = mount_factory(options=("share=off",))
-    for i in range(2):
-        os.system(f"cp -a {src} {m.path}/c{i}")  # noqa: S605
+    copies(src, m.path, ["c0", "c1"])
     assert settle(m.path)["shared"]["ranges"] == 0
     m.stop()
     m.options = []

@@ -122,7 +122,6 @@ class Branching:
             return
         raise FSError(errno.EPERM, "only the owner of the mount root (or root) may do this")
 
-
     def _usage(self, layer: int) -> tuple[int, int]:
         usage = self.cat.usage(layer)
         if usage is None:

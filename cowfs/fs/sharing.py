@@ -28,11 +28,11 @@ import trio
 from cowfs import threads
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.view import View
-from cowfs.kv.base import Batch
-from cowfs.meta.layers import layer_suffix, suffix_layer
+from cowfs.kv.base import KV, Batch
+from cowfs.meta.layers import suffix_layer
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import Range, runs_of
-from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, TAGS, LayerView, ino_key
+from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, LayerView, Versioned, ino_key
 from cowfs.store import ROOT_INO
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ class Walk:
     """A walk's result: every directory of the branch by inode number."""
 
     dirs: dict[int, _Tree] = field(default_factory=dict)
-    top: int = 0  # the view's top layer when the walk began
 
 
 class Sharer:
@@ -89,7 +88,7 @@ class Sharer:
         interruptible and requests arrived meanwhile (the walk holds the GIL most of the time)."""
         meta = self.fs.store.meta
         shared = meta.shared
-        out = Walk(top=lv.top)
+        out = Walk()
         # Post-order without recursion: a directory is finished when its children are.
         stack: list[tuple[int, int, list[tuple[bytes, int]] | None, Attrs]] = []
         found = meta.get(CF_INODES, ino_key(ROOT_INO), lv)
@@ -187,7 +186,7 @@ class Sharer:
         originals: set[int] = set()
         kv = fs.store.kv
         async with fs.maintenance:
-            self._sources = {x for r in fs.store.meta.shared.ranges.values() for _y, x in r.pairs()}
+            self._sources = set(fs.store.meta.shared.sources())
             if any((_only_version(kv, CF_INODES, ino_key(y)) or (0,))[0] == view.lv.top for y, _x in pairs):
                 # Copies' records in the head: freeze it, so that their originals stay put.
                 async with fs.mutate(view) as m:
@@ -272,10 +271,10 @@ class Sharer:
         batch = Batch()
         for y, *_rest in pairs:
             if y != top:
-                _drop_key(batch, CF_INODES, ino_key(y), layer)
+                Versioned.remove(batch, CF_INODES, ino_key(y), layer)
         for y in dirs:
             for key, _v in kv.scan(CF_DIRENTS, ino_key(y), ino_key(y)):
-                _drop_key(batch, CF_DIRENTS, key[:-8], layer)
+                Versioned.remove(batch, CF_DIRENTS, key[:-8], layer)
         # The copies' references to their data pass to the range (it holds one per copy
         # inode with data, as their records did): no reference count changes.
         shared.add(r, batch)
@@ -333,16 +332,11 @@ def _same(a: Attrs, b: Attrs) -> bool:
            (b.mode, b.uid, b.gid, b.nlink, b.rdev, b.size, b.mtime_ns, b.root, b.target)
 
 
-def _only_version(kv: object, cf: str, base: bytes) -> tuple[int, bytes] | None:
+def _only_version(kv: KV, cf: str, base: bytes) -> tuple[int, bytes] | None:
     """(layer, value) of base's single live version; None if it has none, or several."""
     found = None
-    for key, value in kv.scan(cf, base, base):  # type: ignore[attr-defined]
+    for key, value in kv.scan(cf, base, base):
         if found is not None or not value or len(key) != len(base) + 8:
             return None
         found = (suffix_layer(key[-8:]), value)
     return found
-
-
-def _drop_key(batch: Batch, cf: str, base: bytes, layer: int) -> None:
-    batch.delete(cf, base + layer_suffix(layer))
-    batch.delete(CF_CHANGES, layer.to_bytes(8, "big") + TAGS[cf] + base)

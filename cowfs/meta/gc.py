@@ -17,10 +17,10 @@ from typing import Iterator
 
 from cowfs.chunks.store import RefTxn
 from cowfs.kv.base import Batch
-from cowfs.meta.layers import Catalog, layer_suffix
+from cowfs.meta.layers import Catalog
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import Range
-from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, TAGS, LayerView, Versioned, ino_key
+from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, LayerView, Versioned, ino_key
 
 
 def plan(catalog: Catalog, live_tops: set[int]) -> tuple[list[int], dict[int, set[int]]]:
@@ -72,8 +72,7 @@ def _drop_tombstones(meta: Versioned, batch: Batch, cf: str, base: bytes) -> Non
     versions = meta.versions(cf, base)
     if versions and not any(v for _l, v in versions):
         for layer, _v in versions:
-            batch.delete(cf, base + layer_suffix(layer))
-            batch.delete(CF_CHANGES, layer.to_bytes(8, "big") + TAGS[cf] + base)
+            Versioned.remove(batch, cf, base, layer)
 
 
 def collect(meta: Versioned, catalog: Catalog, live_tops: set[int],
@@ -90,8 +89,7 @@ def collect(meta: Versioned, catalog: Catalog, live_tops: set[int],
     batch, txn, n = Batch(), RefTxn(), 0
 
     def drop(cf: str, base: bytes, layer: int, value: bytes) -> None:
-        batch.delete(cf, base + layer_suffix(layer))
-        batch.delete(CF_CHANGES, layer.to_bytes(8, "big") + TAGS[cf] + base)
+        Versioned.remove(batch, cf, base, layer)
         if cf == CF_INODES and value:
             root = Attrs.unpack(value).root
             if root is not None:

@@ -145,8 +145,13 @@ class Versioned:
         if self.has_older(cf, base, lv):
             self.put(batch, cf, base, lv.top, b"")
         else:
-            batch.delete(cf, base + layer_suffix(lv.top))
-            batch.delete(CF_CHANGES, lv.top.to_bytes(8, "big") + TAGS[cf] + base)
+            self.remove(batch, cf, base, lv.top)
+
+    @staticmethod
+    def remove(batch: Batch, cf: str, base: bytes, layer: int) -> None:
+        """Remove base's version in layer and its changelog entry (no tombstone)."""
+        batch.delete(cf, base + layer_suffix(layer))
+        batch.delete(CF_CHANGES, layer.to_bytes(8, "big") + TAGS[cf] + base)
 
     def changed(self, layer: int, shared: bool = True) -> Iterator[tuple[str, bytes]]:
         """(family, base key) of every key that has a version in layer; shared: also the
