@@ -225,7 +225,7 @@ class Sharer:
         xmap: dict[int, int] = {}  # original -> copy
         ys: set[int] = set()
         pairs: list[tuple[int, int, int, int, bool]] = []  # (copy, original, its ctime, atime, same atime)
-        dirs: list[int] = []
+        entries: list[bytes] = []  # the copy's entry keys, deleted if it verifies
         stack = [(top, src)]
         while stack:
             y, x = stack.pop()
@@ -256,7 +256,6 @@ class Sharer:
             pairs.append((y, x, ya.ctime_ns, ya.atime_ns, ya.atime_ns == xa.atime_ns))
             if not ya.is_dir:
                 continue
-            dirs.append(y)
             ykeys = list(kv.scan(CF_DIRENTS, ino_key(y), ino_key(y)))
             xents = list(meta.scan_names(CF_DIRENTS, x, plv))
             if len(ykeys) != len(xents):
@@ -265,6 +264,7 @@ class Sharer:
                 if suffix_layer(key[-8:]) != layer or key[8:-9] != xname or not yval or yval[8:] != xval[8:]:
                     return False
                 stack.append((int.from_bytes(yval[:8], "big"), int.from_bytes(xval[:8], "big")))
+                entries.append(key[:-8])
         pairs.sort()
         atimes = [] if all(p[4] for p in pairs) else [p[3] for p in pairs]
         r = Range(layer, runs_of([(p[0], p[1]) for p in pairs]), [p[2] for p in pairs], atimes)
@@ -272,9 +272,8 @@ class Sharer:
         for y, *_rest in pairs:
             if y != top:
                 Versioned.remove(batch, CF_INODES, ino_key(y), layer)
-        for y in dirs:
-            for key, _v in kv.scan(CF_DIRENTS, ino_key(y), ino_key(y)):
-                Versioned.remove(batch, CF_DIRENTS, key[:-8], layer)
+        for base in entries:
+            Versioned.remove(batch, CF_DIRENTS, base, layer)
         # The copies' references to their data pass to the range (it holds one per copy
         # inode with data, as their records did): no reference count changes.
         shared.add(r, batch)
