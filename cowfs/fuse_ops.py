@@ -24,7 +24,7 @@ import trio
 
 from cowfs.cache.readahead import Readahead
 from cowfs.chunks.tree import CHUNK
-from cowfs.control import MAX_LINE, Control, encode
+from cowfs.control import Control, encode
 from cowfs.errors import FSError
 from cowfs.fs.branching import CONTROL_DIR, SNAPSHOTS_DIR, Branching, Caller
 from cowfs.fs.filesystem import Filesystem
@@ -49,15 +49,14 @@ LISTED = (b"ctl", b"stats", b"snapshots")
 
 
 class _Session:
-    """One open handle of .cowfs/ctl or .cowfs/stats: its own pending input and reply."""
+    """One open handle of .cowfs/ctl or .cowfs/stats: its caller and its own reply."""
 
-    __slots__ = ("view", "who", "kind", "inbuf", "reply", "cursor")
+    __slots__ = ("view", "who", "kind", "reply", "cursor")
 
     def __init__(self, view: View, who: Caller, kind: int, reply: bytes = b"") -> None:
         self.view = view
         self.who = who
         self.kind = kind
-        self.inbuf = b""
         self.reply = reply
         # Reads follow their own cursor, reset by each new reply: the file position has
         # moved past what the caller wrote, yet the reply must be readable from its start.
@@ -284,24 +283,21 @@ class Operations(pyfuse3.Operations):
                 log.warning("invalidate_inode(%d): %s", fino, exc)
 
     async def _control_write(self, fh: int, buf: bytes) -> int:
+        """Run the lines of one write.  A write must end with a newline: a fragment kept for
+        later would be dropped with success when the handle closes (the kernel sends us no
+        FLUSH, so close(2) cannot report an error), so it is refused before any line runs."""
         sess = self._sessions[fh]
         if sess.kind != K_CTL:
             raise pyfuse3.FUSEError(errno.EBADF)
-        data = sess.inbuf + buf
-        if b"\n" not in data:
-            if len(data) > MAX_LINE:
-                sess.inbuf = b""
-                sess.set_reply(encode({"ok": False, "errno": "EINVAL",
-                                       "error": f"command line longer than {MAX_LINE} bytes"}))
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            sess.inbuf = data
-            return len(buf)
-        *lines, sess.inbuf = data.split(b"\n")
-        for line in lines:
+        if not buf.endswith(b"\n"):
+            sess.set_reply(encode({"ok": False, "errno": "EINVAL",
+                                   "error": "a write to the control file must end with a newline "
+                                            "(whole command lines only; nothing of it ran)"}))
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        for line in buf.split(b"\n")[:-1]:
             reply, err = await self.control.run_line(sess.view, line, sess.who)
             sess.set_reply(encode(reply))
             if err:
-                sess.inbuf = b""
                 raise pyfuse3.FUSEError(err)
         return len(buf)
 

@@ -11,6 +11,8 @@ import errno
 import json
 import multiprocessing
 import os
+import shlex
+import subprocess
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -41,9 +43,8 @@ def send(mp, data: bytes) -> tuple[int, bytes]:
 
 
 def check_reply(data: bytes, err: int, out: bytes) -> None:
-    ran = b"\n" in data or (len(data) > 4096)
-    if not ran:
-        assert err == 0 and out == b"", f"{data[:100]!r}: no command line yet, got {err} {out[:200]!r}"
+    if not data:  # write(2) of nothing sends no request
+        assert err == 0 and out == b"", f"empty write: got {err} {out[:200]!r}"
         return
     assert out.endswith(b"\n") and out.count(b"\n") == 1, f"{data[:100]!r}: reply not one line: {out[:300]!r}"
     reply = json.loads(out)
@@ -54,6 +55,9 @@ def check_reply(data: bytes, err: int, out: bytes) -> None:
         assert reply.get("errno") in CLEAN_ERRNOS, f"{data[:100]!r}: unexpected errno in {reply}"
         assert errno.errorcode.get(err) == reply["errno"], f"{data[:100]!r}: write errno {err} vs {reply}"
         assert reply.get("error"), reply
+    if not data.endswith(b"\n"):
+        assert err == errno.EINVAL and "newline" in reply["error"], \
+            f"{data[:100]!r}: a write without a trailing newline must fail with EINVAL: {reply}"
 
 
 def alive(m) -> None:
@@ -111,16 +115,45 @@ def test_huge_writes_and_partial_lines(cowfs_mount):
         err, out = send(m.path, b"s" * size)  # no newline, longer than a line may be
         assert err == errno.EINVAL, (size, err, out[:200])
         assert json.loads(out)["errno"] == "EINVAL"
-    # A line split over many writes is one command.
+    # Every write must end with a newline: a line in pieces is refused piece by piece and
+    # never runs; a whole line on the same handle afterwards does.
     fd = os.open(m.path / ".cowfs" / "ctl", os.O_RDWR)
     try:
-        for ch in b"snapshot sp":
-            os.write(fd, bytes([ch]))
-        os.write(fd, b"lit\n")
+        for piece in (b"snapshot sp", b"lit"):
+            with pytest.raises(OSError) as exc:
+                os.write(fd, piece)
+            assert exc.value.errno == errno.EINVAL
+            assert "newline" in json.loads(os.read(fd, 65536))["error"]
+        os.write(fd, b"snapshot whole\n")
         assert json.loads(os.read(fd, 65536))["ok"]
     finally:
         os.close(fd)
-    assert os.path.isdir(m.path / ".cowfs/snapshots/split")
+    assert sorted(os.listdir(m.path / ".cowfs/snapshots")) == ["whole"]
+    alive(m)
+
+
+@pytest.mark.timeout(120)
+def test_write_without_newline_fails_and_runs_nothing(cowfs_mount):
+    """`printf 'snapshot nonl' > .cowfs/ctl` used to exit 0 with no snapshot (the fragment was
+    kept and dropped at close); now the write fails with EINVAL and none of its lines runs."""
+    m = cowfs_mount
+    ctl = shlex.quote(str(m.path / ".cowfs" / "ctl"))
+
+    def sh(script: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+
+    r = sh(f"printf 'snapshot nonl' > {ctl}")
+    assert r.returncode != 0 and "Invalid argument" in r.stderr, (r.returncode, r.stderr)
+    err, out = send(m.path, b"snapshot first\nsnapshot second")  # one write: whole lines, then a fragment
+    assert err == errno.EINVAL and "newline" in json.loads(out)["error"], (err, out)
+    assert os.listdir(m.path / ".cowfs/snapshots") == [], "a refused write ran some of its lines"
+    r = sh(f"printf 'snapshot nl\\n' > {ctl}")
+    assert r.returncode == 0, r.stderr
+    err, out = send(m.path, b"snapshot one\nsnapshot two\nbranch three\n")  # one write, three lines
+    assert err == 0 and json.loads(out)["ok"] and json.loads(out)["branch"] == "three", (err, out)
+    assert sorted(os.listdir(m.path / ".cowfs/snapshots")) == ["nl", "one", "two"]
+    listing = json.loads(send(m.path, b"list\n")[1])
+    assert "three" in [b["name"] for b in listing["branches"]], listing
     alive(m)
 
 
