@@ -133,7 +133,13 @@ def stats(target: str, as_json: bool) -> None:
     from cowfs.store import Store
 
     store = _resolve_store(target)
-    if daemon_pid(store) is None:  # not served (a socket left by a killed daemon does not count)
+    if mounted_store(target) is not None and not os.access(store, os.R_OK | os.X_OK):
+        # A store is private to its owner (cowfs.private): others see what the mount shows them.
+        try:
+            data = api.stats(target)
+        except (api.CowfsError, OSError, ValueError) as exc:
+            _fail(f"{target}: {exc}")
+    elif daemon_pid(store) is None:  # not served (a socket left by a killed daemon does not count)
         try:
             st = Store(store)
         except StoreError as exc:

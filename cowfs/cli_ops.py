@@ -182,10 +182,12 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
 
     def probe_store(store: str, entries: list[MountEntry]) -> dict[str, Any]:
         pid = daemon_pid(store)
-        rec: dict[str, Any] = {"store": store, "daemon_pid": pid, "alive": pid is not None}
-        rec["mounts"] = [probe_mount(e, pid is not None)
+        # A store private to another user (cowfs.private) hides its daemon's pid: its mounts answer.
+        alive = pid is not None or not os.access(store, os.X_OK)
+        rec: dict[str, Any] = {"store": store, "daemon_pid": pid, "alive": alive}
+        rec["mounts"] = [probe_mount(e, alive)
                          for e in sorted(entries, key=lambda e: (e.root != "/", e.mountpoint))]
-        if pid is not None:
+        if alive:
             first = next((m["mountpoint"] for m in rec["mounts"] if not m["bind"]), None)
             try:
                 stats = _daemon_stats(store, first)
@@ -222,7 +224,7 @@ def status(targets: tuple[str, ...], as_json: bool) -> None:
             click.echo()
         st = rec.get("stats") or {}
         if rec["alive"]:
-            head = f"daemon pid {rec['daemon_pid']}"
+            head = f"daemon pid {rec['daemon_pid']}" if rec["daemon_pid"] else "daemon of another user"
             if st:
                 head += f", up {_duration(st.get('uptime_s', 0))}, rss {_human(st.get('rss_bytes', 0))}"
         else:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from cowfs import admin, dircache, fuse_loop, mounts, notify
+from cowfs import admin, dircache, fuse_loop, mounts, notify, private
 from cowfs.errors import FSError, MountError, StoreError
 from cowfs.fs.branching import run_gc, sweep_packs
 from cowfs.fs.dedup import DedupWorker
@@ -142,7 +142,9 @@ def _setup_logging(store: str, debug: bool, to_stderr: bool) -> None:
     root = logging.getLogger()
     root.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    fh = logging.FileHandler(os.path.join(store, LOG_NAME))
+    path = os.path.join(store, LOG_NAME)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, private.FILE_MODE))
+    fh = logging.FileHandler(path)
     fh.setFormatter(fmt)
     root.addHandler(fh)
     if to_stderr:
@@ -424,8 +426,7 @@ class Daemon:
             self.store.close()
             ready(f"cannot mount {cfg.mountpoint}: {exc}")
             return 1
-        with open(pid_file(cfg.store), "w") as f:
-            f.write(f"{os.getpid()}\n")
+        private.write_file(pid_file(cfg.store), f"{os.getpid()}\n")
         entry = mounts.entry_at(cfg.mountpoint)
         if entry is not None and entry.fstype == "fuse.cowfs":
             self.dev = entry.dev
@@ -468,6 +469,9 @@ def _keep_freed_memory() -> None:
 
 
 def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: bool) -> int:
+    # Every file the daemon, RocksDB's threads or the store create is the owner's alone
+    # (cowfs.private); for the daemon's whole life, so never given back.
+    os.umask(private.UMASK)
     _setup_logging(cfg.store, cfg.debug, to_stderr)
     _keep_freed_memory()
     try:

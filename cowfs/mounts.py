@@ -201,6 +201,9 @@ def umount(mountpoint: str, timeout: float = 60.0, force: bool = False) -> str:
     if entry is None or entry.store is None:
         raise MountError(f"{mountpoint} is not a cowfs mount")
     store = entry.store
+    if not os.access(store, os.X_OK):  # its daemon.pid is out of reach: do not take it for dead
+        raise MountError(f"{mountpoint} is a mount of the store {store}, which is private to its owner: "
+                         "only its owner or root can unmount it")
     pid = daemon_pid(store)
     if pid is None:
         cleared = clear_connection(entry.dev)

@@ -14,6 +14,7 @@ import time
 import trio
 
 from cowfs.cache import ChunkCache
+from cowfs import private
 from cowfs.chunks import codec
 from cowfs.chunks.packs import PackStore
 from cowfs.chunks.store import CF_OBJECTS, FAMILIES as OBJECT_FAMILIES, ObjectStore, RefTxn
@@ -49,35 +50,43 @@ def _small_disk(path: str) -> bool:
 
 
 def init_store(path: str) -> None:
-    """Create an empty store with branch 'main' whose root directory is owned by the caller."""
+    """Create an empty store with branch 'main' whose root directory is owned by the caller.
+
+    The store is private to the caller (0700, files 0600) whatever the umask: see cowfs.private."""
     if os.path.exists(os.path.join(path, MARKER)):
         raise StoreError(f"{path} is already a cowfs store")
     if os.path.exists(path) and os.listdir(path):
         raise StoreError(f"{path} exists and is not empty")
-    os.makedirs(path, exist_ok=True)
-    kv = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,))
+    private.hold_umask()
     try:
-        batch = Batch()
-        batch.put(CF_META, b"format", str(FORMAT_VERSION).encode())
-        cat = Catalog(kv)
-        layer = cat.new_layer(0, batch)
-        cat.save_branch(Branch("main", layer, cat.new_view(batch)), batch)
-        now = time.time_ns()
-        root = Attrs(0o40755, os.getuid(), os.getgid(), 2, 0, 0, now, now, now)
-        Versioned.put(batch, CF_INODES, ino_key(ROOT_INO), layer, root.pack())
-        cat.save_usage(layer, 0, 1, batch)
-        batch.put(CF_META, b"counter/ino", (ROOT_INO + 1).to_bytes(8, "big"))
-        kv.write(batch)
-        kv.sync()
+        private.make_dir(path)
+        kv = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,))
+        try:
+            batch = Batch()
+            batch.put(CF_META, b"format", str(FORMAT_VERSION).encode())
+            cat = Catalog(kv)
+            layer = cat.new_layer(0, batch)
+            cat.save_branch(Branch("main", layer, cat.new_view(batch)), batch)
+            now = time.time_ns()
+            root = Attrs(0o40755, os.getuid(), os.getgid(), 2, 0, 0, now, now, now)
+            Versioned.put(batch, CF_INODES, ino_key(ROOT_INO), layer, root.pack())
+            cat.save_usage(layer, 0, 1, batch)
+            batch.put(CF_META, b"counter/ino", (ROOT_INO + 1).to_bytes(8, "big"))
+            kv.write(batch)
+            kv.sync()
+        finally:
+            kv.close()
+        _write_marker(path, time.time())
     finally:
-        kv.close()
-    _write_marker(path, time.time())
+        private.release_umask()
 
 
 def _write_marker(path: str, created: float) -> None:
     """Write the marker atomically (temporary file, fsync, rename, fsync of the directory)."""
     tmp = os.path.join(path, MARKER + ".tmp")
-    with open(tmp, "w") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, private.FILE_MODE)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, private.FILE_MODE)
         json.dump({"format": FORMAT_VERSION, "created": created}, f)
         f.write("\n")
         f.flush()
@@ -104,14 +113,28 @@ class Store:
             raise StoreError(f"{marker} is damaged: {exc}") from exc
         if fmt != FORMAT_VERSION and fmt not in UPGRADABLE:
             raise StoreError(f"{path} has store format {fmt}; this cowfs reads format {FORMAT_VERSION}")
+        # Private while open: RocksDB creates files from its threads (cowfs.private).
+        private.hold_umask()
+        self._umask_held = True
+        try:
+            loose = private.tighten(path)
+        except OSError as exc:
+            log.warning("%s: could not make the store private to its owner: %s", path, exc)
+        else:
+            if loose:
+                log.warning("%s: took group and other permissions off %d paths other users could reach "
+                            "(%s); a store is private to its owner", path, len(loose), ", ".join(loose[:8])
+                            + (", ..." if len(loose) > 8 else ""))
         try:
             self.kv = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,),
                               small=_small_disk(path))
         except StoreLockedError as exc:
+            self._release_umask()
             pid = daemon_pid(path)
             who = f" by daemon pid {pid}" if pid else ""
             raise StoreError(f"{path} is in use{who}") from exc
         except Exception as exc:
+            self._release_umask()
             raise StoreError(f"{path}: cannot open the database: {exc}") from exc
         self.path = path
         self.cache = ChunkCache(cache_l1, cache_l2)
@@ -119,6 +142,7 @@ class Store:
             self.packs = PackStore(path)
         except OSError as exc:
             self.kv.close()
+            self._release_umask()
             raise StoreError(f"{path}: cannot open the pack files: {exc}") from exc
         self.catalog = Catalog(self.kv)
         self.meta = Versioned(self.kv, SharedTrees.load(self.kv), self.catalog.ancestry)
@@ -274,8 +298,14 @@ class Store:
                 self._sync_running = None
                 ev.set()
 
+    def _release_umask(self) -> None:
+        if self._umask_held:
+            self._umask_held = False
+            private.release_umask()
+
     def close(self) -> None:
         try:
             self.kv.close()
         finally:
             self.packs.close()
+            self._release_umask()

@@ -33,7 +33,7 @@ from typing import Callable
 
 import trio
 
-from cowfs import threads
+from cowfs import private, threads
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.node import Node
 from cowfs.fs.view import View
@@ -130,8 +130,7 @@ class Warmer:
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
         self._proc, self.pid = proc, proc.pid
         try:
-            with open(self.pid_path, "w") as f:
-                f.write(f"{proc.pid}\n")
+            private.write_file(self.pid_path, f"{proc.pid}\n")
             assert proc.stdin is not None
             await proc.stdin.send_all(b"\0".join(paths) + b"\0")
             await proc.stdin.aclose()

@@ -87,6 +87,41 @@ def run_cowfs(*args, timeout: float = 60, check: bool = True, **kw) -> subproces
     return r
 
 
+# The CLI as another user: the interpreter may live where that user cannot reach it (pyenv
+# under /root), so a root process imports the CLI and what its commands import later, then
+# drops to the user and runs it.
+_AS_USER = """
+import importlib, os, sys
+for m in ("cowfs.cli", "cowfs.cli_ops", "cowfs.api", "cowfs.admin", "cowfs.mounts", "cowfs.store",
+          "cowfs.daemon", "cowfs.mount_helper", "concurrent.futures", "concurrent.futures.thread",
+          "shlex", "socket", "tempfile", "hashlib", "encodings.idna", "json.decoder"):
+    importlib.import_module(m)
+uid, gid = int(sys.argv[1]), int(sys.argv[2])
+os.setgroups([])
+os.setresgid(gid, gid, gid)
+os.setresuid(uid, uid, uid)
+sys.argv = ["cowfs"] + sys.argv[3:]
+from cowfs.cli import main
+main()
+"""
+
+
+def run_cowfs_as(uid: int, gid: int, *args, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    """run_cowfs as uid/gid (no supplementary groups); cwd /."""
+    cmd = [sys.executable, "-c", _AS_USER, str(uid), str(gid)] + [str(a) for a in args]
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=timeout, cwd="/")
+    except subprocess.TimeoutExpired as e:
+        raise MountError(f"`cowfs {shlex.join(map(str, args))}` as uid {uid} did not finish within {timeout}s\n"
+                         f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}") from None
+    if check and r.returncode != 0:
+        raise MountError(f"`cowfs {shlex.join(map(str, args))}` as uid {uid} exited with {r.returncode}\n"
+                         f"stdout:\n{r.stdout.decode(errors='replace')}\n"
+                         f"stderr:\n{r.stderr.decode(errors='replace')}")
+    return r
+
+
 def init_store(store: os.PathLike) -> Path:
     run_cowfs("init", store)
     return Path(store)

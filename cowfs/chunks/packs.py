@@ -60,7 +60,7 @@ class PackStore:
 
     def __init__(self, store_path: str) -> None:
         self.dir = os.path.join(store_path, PACK_DIR)
-        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}
         ids = self.pack_ids()
