@@ -181,7 +181,7 @@ class Daemon:
         if cfg.quota_bytes is not None or cfg.quota_inodes is not None:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
         self.warmer = Warmer(self.fs, self._view_root, cfg.store, cfg.prefetch and cfg.warm)
-        self.ops = Operations(self.fs, stats=self.stats, mounted=self.mounted_branches, ctl_group=cfg.ctl_group,
+        self.ops = Operations(self.fs, stats=self.sandbox_stats, mounted=self.mounted_branches, ctl_group=cfg.ctl_group,
                               cache_absent=cfg.dir_cache, warm=self.warmer)
         # The control directories' listings change behind the kernel (snapshots come and go).
         self.dir_cache = cfg.dir_cache and dircache.install(lambda fino: not Operations._is_control(fino))
@@ -264,8 +264,15 @@ class Daemon:
         log.info("attached branch %s at %s", branch, mountpoint)
         return {"ok": True, "branch": branch, "mountpoint": mountpoint}
 
-    def stats(self, view: View | None = None) -> dict[str, Any]:
-        """Daemon-wide figures, and the usage and quotas of one branch (default: the first)."""
+    def sandbox_stats(self, view: View) -> dict[str, Any]:
+        """What `.cowfs/stats` shows inside a mount (world-readable there): the figures of
+        `stats` without anything about the host or the other sandboxes (the store's and the
+        mount's paths, the daemon's pid, the branches mounted elsewhere)."""
+        return self.stats(view, host=False)
+
+    def stats(self, view: View | None = None, host: bool = True) -> dict[str, Any]:
+        """Daemon-wide figures, and the usage and quotas of one branch (default: the first);
+        host: with the host's side too (for the admin socket only, see sandbox_stats)."""
         fs, store = self.fs, self.store
         view = view or fs.primary
         rss = 0
@@ -273,12 +280,12 @@ class Daemon:
             for line in f:
                 if line.startswith("VmRSS:"):
                     rss = int(line.split()[1]) * 1024
+        where = ({"store": store.path, "mountpoint": self.cfg.mountpoint, "daemon_pid": os.getpid(),
+                  "mounted_branches": sorted(self.mounted_branches())} if host else {})
         return {
             "ok": True,
-            "store": store.path,
-            "mountpoint": self.cfg.mountpoint,
+            **where,
             "branch": view.name,
-            "daemon_pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3),
             "rss_bytes": rss,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -288,7 +295,6 @@ class Daemon:
             "usage_inodes": view.usage_inodes,
             "quota_bytes": view.quota_bytes,
             "quota_inodes": view.quota_inodes,
-            "mounted_branches": sorted(self.mounted_branches()),
             "dirty_bytes": fs.dirty_bytes,
             "flushes": fs.flush_count,
             "commits": store.write_seq,

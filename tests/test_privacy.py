@@ -160,3 +160,32 @@ def test_what_other_users_may_do_still_works(mount_factory, test_dir):
     r = run_cowfs_as(*nobody, "umount", m.path, check=False)
     assert r.returncode != 0 and b"private to its owner" in r.stderr, r
     assert mounting.is_mounted(m.path)
+
+
+@pytest.mark.timeout(180)
+def test_stats_in_the_mount_tell_nothing_of_the_host(mount_factory, test_dir, nobody):
+    """`.cowfs/stats` is world-readable inside a sandbox: no host path, no daemon pid, no
+    other sandbox's branch.  `cowfs stats` from outside (the admin socket) keeps them."""
+    m = mount_factory(options=["allow_other"])
+    other = "other-sandbox-b7"
+    run_cowfs("branch", m.path, other)
+    fork = test_dir / "fork"
+    fork.mkdir()
+    run_cowfs("mount", m.store, fork, "--branch", other)
+    try:
+        host = [str(m.store), str(m.path), str(fork), str(test_dir)]
+        for mp, mine, theirs in ((m.path, "main", other), (fork, other, "main")):
+            text = nobody.ok("read_file", str(mp / ".cowfs/stats")).decode()
+            st = json.loads(text)
+            assert st["branch"] == mine and st["ok"], st
+            leaked = {"store", "mountpoint", "daemon_pid", "mounted_branches"} & set(st)
+            assert not leaked, f"{mp}/.cowfs/stats shows {leaked}"
+            assert not [h for h in host if h in text], f"a host path in {mp}/.cowfs/stats: {text[:400]}"
+            assert f'"{theirs}"' not in text, f"{mp}/.cowfs/stats names the branch {theirs!r}"
+        outside = json.loads(run_cowfs("stats", m.path, "--json").stdout)
+        assert outside["store"] == str(m.store) and outside["mountpoint"] == str(m.path)
+        assert outside["daemon_pid"] == m.pid and outside["mounted_branches"] == sorted(["main", other])
+    finally:
+        run_cowfs("umount", fork, check=False)
+        if mounting.is_mounted(fork):
+            mounting.lazy_unmount(fork)
