@@ -63,10 +63,19 @@ class MountConfig:
     dedup_cpu: float = 0.25
     share: bool = True  # the sharer (cowfs.fs.sharing) runs; with dedup off it does not either
     spin_us: int = 50  # cowfs.fuse_loop: poll the FUSE fd this long before parking (0: pyfuse3's own wait)
+    given: set[str] = field(default_factory=set)  # the cache options above set explicitly (set_cache_option)
 
 
 CACHE_OPTIONS = ("cache_l1=SIZE, cache_l2=SIZE, prefetch=0|1, prefetch_learn=0|1, dir_cache=0|1, warm=0|1, "
                  "dedup=on|off, dedup_cpu=SHARE, share=on|off, spin_us=N")
+CACHE_KEYS = ("cache_l1", "cache_l2", "prefetch", "prefetch_learn", "dir_cache", "warm", "dedup", "dedup_cpu",
+              "share", "spin_us")
+# Mount flags (MountConfig.options) by word: the flag each sets, and to what.  Like the cache
+# options, ctl_group and debug, they hold for every branch one daemon serves.
+FLAG_WORDS = {"allow_other": ("allow_other", True), "suid": ("suid", True), "nosuid": ("suid", False),
+              "dev": ("dev", True), "nodev": ("dev", False), "ro": ("ro", True), "noexec": ("noexec", True),
+              "exec": ("noexec", False), "noatime": ("noatime", True), "sync": ("sync", True),
+              "async": ("sync", False), "dirsync": ("dirsync", True), "rw": ("ro", False), "atime": ("noatime", False)}
 
 
 def set_cache_option(cfg: MountConfig, key: str, value: str, parse_size: Callable[[str], int]) -> bool:
@@ -95,7 +104,52 @@ def set_cache_option(cfg: MountConfig, key: str, value: str, parse_size: Callabl
             raise ValueError(value)
     else:
         return False
+    cfg.given.add("cache_l1" if key == "cache_size" else key)
     return True
+
+
+def options_in_force(cfg: MountConfig) -> dict[str, Any]:
+    """The daemon-wide options of a daemon started with cfg, by name."""
+    out: dict[str, Any] = {name: False for name, _value in FLAG_WORDS.values()}
+    for word in cfg.options:
+        if word in FLAG_WORDS:
+            name, value = FLAG_WORDS[word]
+            out[name] = value
+    out.update(ctl_group=cfg.ctl_group, debug=cfg.debug)
+    out.update((key, getattr(cfg, key)) for key in CACHE_KEYS)
+    return out
+
+
+def options_asked(cfg: MountConfig) -> dict[str, Any]:
+    """The daemon-wide options cfg sets explicitly (a mount of another branch asks for these)."""
+    out: dict[str, Any] = {}
+    for word in cfg.options:
+        if word in FLAG_WORDS:
+            name, value = FLAG_WORDS[word]
+            out[name] = value
+    if cfg.ctl_group is not None:
+        out["ctl_group"] = cfg.ctl_group
+    if cfg.debug:
+        out["debug"] = True
+    out.update((key, getattr(cfg, key)) for key in sorted(cfg.given))
+    return out
+
+
+def _option_word(name: str, value: Any) -> str:
+    """How -o spells the option name set to value."""
+    if name == "debug":
+        return "debug" if value else "no debug"
+    if name in CACHE_KEYS or name == "ctl_group":
+        if isinstance(value, bool):
+            value = int(value) if name in ("prefetch", "prefetch_learn", "dir_cache", "warm") else "on" if value else "off"
+        return f"{name}={'none' if value is None else value}"
+    return next((w for w, nv in FLAG_WORDS.items() if nv == (name, value)), name if value else f"no {name}")
+
+
+def option_conflicts(asked: dict[str, Any], in_force: dict[str, Any]) -> list[str]:
+    """'asked (in force: value)' for each asked option that differs from the one in force."""
+    return [f"-o {_option_word(k, v)} (in force: {_option_word(k, in_force.get(k))})"
+            for k, v in asked.items() if in_force.get(k) != v]
 
 
 def check_mountpoint(mountpoint: str) -> None:
@@ -323,6 +377,8 @@ class Daemon:
             await self.kernel_sync()
             await self.fs.fsync()
             return {"ok": True}
+        if cmd == "options":
+            return {"ok": True, "options": options_in_force(self.cfg)}
         if cmd == "attach":
             return await self.attach(str(req.get("branch")), str(req.get("mountpoint")),
                                      req.get("quota_bytes"), req.get("quota_inodes"))
@@ -502,10 +558,23 @@ def mount(cfg: MountConfig, foreground: bool) -> int:
         if foreground:
             raise MountError(f"store {cfg.store} is already served by daemon pid {pid}; "
                              "mount further branches without --foreground")
-        if cfg.options or cfg.ctl_group is not None or cfg.debug:
-            raise MountError(f"store {cfg.store} is already served by daemon pid {pid}, whose mount options "
-                             "(allow_other, suid, dev, ctl_group, debug) hold for every branch it serves; "
-                             "only quota_bytes and quota_inodes may be given for another branch")
+        asked = options_asked(cfg)
+        if asked:
+            # Options the daemon already has are fine; any other value cannot hold for this
+            # branch only (they are the FUSE connection's, or the daemon's).
+            try:
+                resp = admin.request(cfg.store, {"cmd": "options"})
+            except OSError as exc:
+                raise MountError(f"cannot reach daemon pid {pid} of {cfg.store}: {exc}") from None
+            if not resp.get("ok"):  # a daemon from before this command: it cannot tell
+                raise MountError(f"store {cfg.store} is already served by daemon pid {pid}, whose mount options "
+                                 "hold for every branch it serves; only quota_bytes and quota_inodes may be "
+                                 "given for another branch")
+            conflicts = option_conflicts(asked, resp["options"])
+            if conflicts:
+                raise MountError(f"store {cfg.store} is already served by daemon pid {pid}, whose mount options "
+                                 f"hold for every branch it serves: {'; '.join(conflicts)}; give the options "
+                                 "in force or leave them out (quota_bytes and quota_inodes are per branch)")
         try:
             resp = admin.request(cfg.store, {"cmd": "attach", "branch": cfg.branch, "mountpoint": cfg.mountpoint,
                                              "quota_bytes": cfg.quota_bytes, "quota_inodes": cfg.quota_inodes})
