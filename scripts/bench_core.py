@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -269,37 +268,22 @@ class Bench:
         # random 4 KiB reads, cold-ish: fresh mount, empty page cache
         t.cold()
         fn = os.path.join(t.path, "seq.bin")
-        rng = random.Random(42)
-        blocks = size // 4096
-        offs = [rng.randrange(blocks) * 4096 for _ in range(a.rand_reads)]
-        lat = []
+        offs = bl.random_offsets(size, a.rand_reads, seed=42)
         bl.log(f"[{t.name}] random read x{len(offs)}")
         fd = os.open(fn, os.O_RDONLY)
         try:
             with self.phase(t, "rand_read", len(offs)) as ph:
-                for o in offs:
-                    s = time.perf_counter_ns()
-                    got = os.pread(fd, 4096, o)
-                    lat.append(time.perf_counter_ns() - s)
-                    if len(got) != 4096:
-                        raise RuntimeError(f"short read at {o}")
+                lat = bl.timed_preads(fd, offs)
         finally:
             os.close(fd)
         self._record_lat("rand_read", t, lat, ph)
 
-        rng = random.Random(43)
-        offs = [rng.randrange(blocks) * 4096 for _ in range(a.rand_writes)]
-        lat = []
+        offs = bl.random_offsets(size, a.rand_writes, seed=43)
         bl.log(f"[{t.name}] random write+fsync x{len(offs)}")
         fd = os.open(fn, os.O_RDWR)
         try:
             with self.phase(t, "rand_write", len(offs)) as ph:
-                for i, o in enumerate(offs):
-                    src = (i * 4096 * 7) % (size - 4096)
-                    s = time.perf_counter_ns()
-                    os.pwrite(fd, mv[src:src + 4096], o)
-                    os.fsync(fd)
-                    lat.append(time.perf_counter_ns() - s)
+                lat = bl.timed_pwrites_fsync(fd, offs, mv)
         finally:
             os.close(fd)
         self._record_lat("rand_write", t, lat, ph)
@@ -307,11 +291,9 @@ class Bench:
         t.record_rss()
 
     def _record_lat(self, metric, t, lat_ns, ph):
-        lat = sorted(lat_ns)
-        n = len(lat)
-        self.record(metric, t, n / ph.elapsed, seconds=ph.elapsed, **ph.info)
-        self.record(metric + "_p50", t, lat[n // 2] / 1000)
-        self.record(metric + "_p99", t, lat[min(n - 1, int(n * 0.99))] / 1000)
+        self.record(metric, t, len(lat_ns) / ph.elapsed, seconds=ph.elapsed, **ph.info)
+        self.record(metric + "_p50", t, bl.percentile_us(lat_ns, 0.5))
+        self.record(metric + "_p99", t, bl.percentile_us(lat_ns, 0.99))
 
     def files(self, t: bl.Target, rnd: int) -> None:
         n = self.args.files

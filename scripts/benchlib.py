@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -126,6 +127,45 @@ def proc_status_kb(pid: int | None, key: str) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         pass
     return None
+
+
+def random_offsets(size: int, n: int, seed: int, block: int = 4096) -> list[int]:
+    """`n` block-aligned offsets into a file of `size` bytes, the same for every target (seeded)."""
+    rng = random.Random(seed)
+    blocks = size // block
+    return [rng.randrange(blocks) * block for _ in range(n)]
+
+
+def timed_preads(fd: int, offsets: list[int], block: int = 4096) -> list[int]:
+    """One `block`-byte pread at each offset; -> each call's latency, ns. A short read raises."""
+    lat = []
+    for o in offsets:
+        s = time.perf_counter_ns()
+        got = os.pread(fd, block, o)
+        lat.append(time.perf_counter_ns() - s)
+        if len(got) != block:
+            raise RuntimeError(f"short read at {o}: {len(got)} bytes")
+    return lat
+
+
+def timed_pwrites_fsync(fd: int, offsets: list[int], data: memoryview, block: int = 4096) -> list[int]:
+    """A `block`-byte pwrite at each offset, each followed by fsync (what SQLite and package
+    managers do); the bytes come from `data` at a stride, so they are not all the same block.
+    -> each write+fsync's latency, ns."""
+    lat = []
+    for i, o in enumerate(offsets):
+        src = (i * block * 7) % (len(data) - block)
+        s = time.perf_counter_ns()
+        os.pwrite(fd, data[src:src + block], o)
+        os.fsync(fd)
+        lat.append(time.perf_counter_ns() - s)
+    return lat
+
+
+def percentile_us(lat_ns: list[int], q: float) -> float:
+    """The q-quantile (0..1) of latencies in ns, in µs (nearest rank, as bench_core has always printed)."""
+    lat = sorted(lat_ns)
+    return lat[min(len(lat) - 1, int(len(lat) * q))] / 1000
 
 
 def drop_caches() -> None:

@@ -1,0 +1,75 @@
+"""Smoke test of scripts/bench_agent.py (the agent-workload benchmark of issue 24): a quick run of
+two cheap workloads (SQLite commits, git clone of the generated repository) on the plain directory
+and a real cowfs mount, and the JSON it prints; and the clear refusals (a missing prerequisite, an
+unknown workload). The full benchmark is run by hand (docs/benchmarks.md)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import mounting  # noqa: E402
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "bench_agent.py")
+
+
+def bench_agent(*args, env=None, timeout=150) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.timeout(200)
+def test_quick_run_prints_medians_ratios_and_cowfs_requests(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("bench_agent mounts fuse filesystems: needs root")
+    work = tmp_path / "work"
+    r = bench_agent("--quick", "--only", "sqlite,git", "--targets", "plain,cowfs", "--json",
+                    "--cache", str(tmp_path / "cache"), "--workdir", str(work))
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    out = json.loads(r.stdout)   # --json: stdout is the JSON object alone; the table goes to stderr
+    assert "building the git repository" in r.stderr and str(tmp_path / "cache") in r.stderr
+    assert "| sqlite: " in r.stderr and "Geometric mean" in r.stderr
+    assert out["config"]["rounds"] == 1 and out["config"]["targets"] == ["plain", "cowfs"]
+    assert out["errors"] == {} and out["commit"]
+    assert list(out["workloads"]) == ["sqlite", "git"]
+    for name, w in out["workloads"].items():
+        assert w["kind"] == "workload"
+        p, c = w["targets"]["plain"], w["targets"]["cowfs"]
+        for s in (p, c):
+            assert s["median_s"] > 0 and len(s["rounds_s"]) == 1 and s["rounds"][0]["round"] == 0
+            assert s["rounds"][0]["seconds"] == s["median_s"]
+        assert w["ratio_cowfs_plain"] == pytest.approx(c["median_s"] / p["median_s"])
+        assert w["ratio_cowfs_overlay"] is None          # no overlay target in this run
+        assert p["requests"] is None                      # the plain directory has no daemon
+        assert c["daemon_cpu_s"] is not None and c["daemon_cpu_s"] >= 0
+        assert c["requests_total"] == sum(c["requests"].values()) > 0
+    sq = out["workloads"]["sqlite"]["targets"]["cowfs"]["requests"]
+    commits = out["config"]["sqlite_commits"]
+    # each autocommit INSERT is one WAL append and one fsync of it (synchronous=FULL)
+    assert commits <= sq["fsync"] <= commits + 20 and sq["write"] >= commits
+    assert out["workloads"]["git"]["targets"]["cowfs"]["requests"]["create"] > 300  # the clone's files
+    g = out["geomean"]
+    assert g["n_cowfs_plain"] == 2 and g["cowfs_plain"] == pytest.approx(
+        (out["workloads"]["sqlite"]["ratio_cowfs_plain"] * out["workloads"]["git"]["ratio_cowfs_plain"]) ** 0.5)
+    assert not mounting.fuse_mounts_under(str(tmp_path)) and not work.exists()
+
+
+def test_missing_prerequisite_is_named_before_anything_runs(tmp_path):
+    env = dict(os.environ, PATH=str(tmp_path))   # no git (nor anything else) on the PATH
+    r = bench_agent("--only", "git", "--targets", "plain", "--cache", str(tmp_path / "cache"),
+                    "--workdir", str(tmp_path / "work"), env=env, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "missing prerequisites" in r.stderr and "git for the git workload" in r.stderr, r.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "work").exists()
+
+
+def test_unknown_workload_or_target_is_refused(tmp_path):
+    r = bench_agent("--only", "sqlite,tar", "--workdir", str(tmp_path / "work"), timeout=60)
+    assert r.returncode == 2 and "unknown workload(s) tar" in r.stderr and "cold_import" in r.stderr, r.stderr
+    r = bench_agent("--targets", "plain,btrfs", "--workdir", str(tmp_path / "work"), timeout=60)
+    assert r.returncode == 2 and "--targets" in r.stderr, r.stderr
+    assert not (tmp_path / "work").exists()
