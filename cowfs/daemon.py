@@ -24,7 +24,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from cowfs import admin, dircache, fuse_loop, mounts, notify, private
+from cowfs import admin, dircache, faults, fuse_loop, mounts, notify, private
 from cowfs.errors import FSError, MountError, StoreError
 from cowfs.fs.branching import run_gc, sweep_packs
 from cowfs.fs.dedup import DedupWorker
@@ -34,6 +34,7 @@ from cowfs.fs.view import View
 from cowfs.fuse_ops import Operations
 from cowfs.mounts import daemon_pid, pid_file
 from cowfs.store import Store
+from cowfs.supervise import Supervisor
 from cowfs.warming import Warmer
 
 log = logging.getLogger("cowfs.daemon")
@@ -246,6 +247,7 @@ class Daemon:
         # with the background worker too, and like it, it waits for a quiet mount.
         self.sharer = Sharer(self.fs, cfg.dedup and cfg.share, self.dedup.quiet)
         self.waiter = fuse_loop.install(cfg.spin_us) if cfg.spin_us else None
+        self.supervisor = Supervisor()
         self.started = time.time()
         self._stopping = False
         self.dev = ""  # the FUSE connection's device number "major:minor", known once mounted
@@ -366,6 +368,7 @@ class Daemon:
             **store.space(),
             "dedup": self.dedup.figures(),
             "shared": self.sharer.figures(),
+            "background": self.supervisor.figures(detail=host),
         }
 
     async def handle_admin(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -414,7 +417,10 @@ class Daemon:
             return
         self._stopping = True
         self.warmer.kill()  # else the kernel keeps the connection (and us) until it is done
-        await self.fs.flush()
+        try:
+            await self.fs.flush()
+        except FSError as exc:  # e.g. a full disk: unmount all the same (what is dirty is lost)
+            log.error("flush before unmounting failed: %s", exc)
         # Bind mounts (other branches) first, the FUSE mount itself last.
         for mp, _root in sorted(self.mounts(), key=lambda m: m[1] == "/"):
             for lazy in (False, True):
@@ -442,10 +448,15 @@ class Daemon:
             self.fs.gc_wanted = trio.Event()
             await trio.sleep(0.5)  # let a burst of deletes settle into one pass
             try:
+                faults.point("gc")
                 n = await run_gc(self.fs)
-                log.info("garbage collection removed %d metadata versions", n)
             except Exception:
-                log.exception("garbage collection failed")
+                self.fs.gc_wanted.set()  # the pass is still owed: the supervisor restarts us
+                raise
+            log.info("garbage collection removed %d metadata versions", n)
+
+    def _prefetch_stopped(self) -> None:
+        self.fs.fetcher = None  # reads stop queueing work nobody takes
 
     async def _tune_readahead(self) -> None:
         # The kernel sets the mount's readahead when it gets our INIT reply; a stat() that
@@ -456,20 +467,23 @@ class Daemon:
     async def main(self, ready: Callable[[str | None], None]) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(admin.serve, admin.socket_path(self.cfg.store), self.handle_admin)
-            nursery.start_soon(self.fs.background_flusher)
-            nursery.start_soon(self._watch_signals)
-            nursery.start_soon(self._tune_readahead)
-            nursery.start_soon(self._gc_loop)
-            nursery.start_soon(self.dedup.run)
-            nursery.start_soon(self.sharer.run)
-            nursery.start_soon(self._watchdog)
+            # Background work under supervision (cowfs.supervise): its errors never reach this
+            # nursery, which pyfuse3's request loop shares.
+            sup = self.supervisor
+            sup.start(nursery, "flusher", self.fs.background_flusher)
+            sup.start(nursery, "signals", self._watch_signals)
+            sup.start(nursery, "readahead_tuning", self._tune_readahead, speculative=True)
+            sup.start(nursery, "gc", self._gc_loop)
+            sup.start(nursery, "dedup", self.dedup.run)
+            sup.start(nursery, "sharer", self.sharer.run)
+            sup.start(nursery, "watchdog", self._watchdog)
             if self.fs.fetcher is not None:
                 # The interpreter's switch interval stays at its default: lowering it to 1 ms so
                 # that prefetch threads get the GIL sooner made creates 40% slower (bench_core
                 # files: 2.28 s against 1.62 s) and still did not let readahead get ahead.
-                nursery.start_soon(self.fs.fetcher.run)
-            nursery.start_soon(self.fs.save_model_loop)
-            nursery.start_soon(self.warmer.run)
+                sup.start(nursery, "prefetch", self.fs.fetcher.run, speculative=True, on_stop=self._prefetch_stopped)
+            sup.start(nursery, "model_saver", self.fs.save_model_loop)
+            sup.start(nursery, "warmer", self.warmer.run, speculative=True, on_stop=self.warmer.disable)
             ready(None)
             notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.cfg.mountpoint}")
             await pyfuse3.main(min_tasks=1, max_tasks=8)
@@ -535,6 +549,11 @@ def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: boo
     # (cowfs.private); for the daemon's whole life, so never given back.
     os.umask(private.UMASK)
     _setup_logging(cfg.store, cfg.debug, to_stderr)
+    try:
+        faults.load(os.environ.get(faults.ENV))  # a test hook (cowfs.faults)
+    except ValueError as exc:
+        ready(str(exc))
+        return 1
     _keep_freed_memory()
     try:
         daemon = Daemon(cfg)

@@ -33,7 +33,7 @@ from typing import Callable
 
 import trio
 
-from cowfs import private, threads
+from cowfs import faults, private, threads
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.node import Node
 from cowfs.fs.view import View
@@ -113,19 +113,20 @@ class Warmer:
                 await self._event.wait()
                 self._event = trio.Event()
             view, inos = self._jobs.popleft()
+            root = self.root_path(view)
+            if root is None:
+                continue
+            t0 = time.perf_counter()
+            paths = await threads.run_in_thread(self._paths, os.fsencode(root), view.lv, inos)
+            if not paths:
+                continue
             try:
-                await self._warm(view, inos)
-            except (OSError, trio.BrokenResourceError) as exc:
+                await self._list(view, root, paths, t0)
+            except (OSError, trio.BrokenResourceError) as exc:  # the helper could not run or died
                 log.warning("cold-start warming of branch %s stopped: %s", view.name, exc)
 
-    async def _warm(self, view: View, inos: list[int]) -> None:
-        root = self.root_path(view)
-        if root is None:
-            return
-        t0 = time.perf_counter()
-        paths = await threads.run_in_thread(self._paths, os.fsencode(root), view.lv, inos)
-        if not paths:
-            return
+    async def _list(self, view: View, root: str, paths: list[bytes], t0: float) -> None:
+        """Have the helper process list paths (in this order) under root."""
         proc = await trio.lowlevel.open_process([sys.executable, "-I", "-S", CHILD, root], stdin=subprocess.PIPE,
                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
         self._proc, self.pid = proc, proc.pid
@@ -152,6 +153,7 @@ class Warmer:
 
     def _paths(self, root: bytes, lv: LayerView, inos: list[int]) -> list[bytes]:
         """Worker thread: the learned directories' paths in the mount (pure KV reads)."""
+        faults.point("warm_paths")
         cache: dict[int, str | None] = {}
         out = []
         for ino in inos:
@@ -159,6 +161,11 @@ class Warmer:
             if p is not None:
                 out.append(root + b"/" + os.fsencode(p) if p else root)
         return out
+
+    def disable(self) -> None:
+        """No more warming in this mount (its task stopped after an error)."""
+        self.enabled = False
+        self._jobs.clear()
 
     def kill(self) -> None:
         """End the helper now (before an unmount: the daemon would serve it until it is done)."""

@@ -67,14 +67,15 @@ def test_dir(request, shared_tmp):
 
 @pytest.fixture
 def mount_factory(request, tmp_path, test_dir):
-    """``make(options=(), store=None, init=True, name=None, branch=None, start=True)``."""
+    """``make(options=(), store=None, init=True, name=None, branch=None, start=True, env=None)``
+    (env: extra environment of the daemon, e.g. COWFS_FAULTS)."""
     mounts: list[mounting.Mount] = []
     request.node._cowfs_mounts = mounts
     watchdog = max(10.0, _test_timeout(request.node) - 20.0)
     counter = iter(range(1, 1000))
 
     def make(options=(), store=None, init=True, name=None, branch=None, start=True,
-             extra_args=()):
+             extra_args=(), env=None):
         i = next(counter)
         name = name or f"m{i}"
         if store is None:
@@ -83,7 +84,7 @@ def mount_factory(request, tmp_path, test_dir):
                 mounting.init_store(store)
         mp = test_dir / f"mnt-{name}"
         m = mounting.Mount(store, mp, tmp_path / f"daemon-{name}.log", options=options,
-                           branch=branch, extra_args=extra_args)
+                           branch=branch, extra_args=extra_args, env=env)
         mounts.append(m)
         if start:
             m.start()

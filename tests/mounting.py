@@ -282,7 +282,7 @@ class Mount:
     """
 
     def __init__(self, store, path, log_path, options=(), branch=None, extra_args=(),
-                 ready_timeout=READY_TIMEOUT):
+                 ready_timeout=READY_TIMEOUT, env=None):
         self.store = Path(store)
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -292,6 +292,7 @@ class Mount:
         self.branch = branch
         self.extra_args = list(extra_args)
         self.ready_timeout = ready_timeout
+        self.env = dict(env or {})  # for the daemon, e.g. COWFS_FAULTS (cowfs/faults.py)
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.exit_codes: list[int] = []
@@ -340,7 +341,7 @@ class Mount:
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== start #{self.starts}: {shlex.join(self.command())}\n".encode())
             log.flush()
-            env = dict(os.environ, PYTHONFAULTHANDLER="1", PYTHONUNBUFFERED="1")
+            env = dict(os.environ, PYTHONFAULTHANDLER="1", PYTHONUNBUFFERED="1", **self.env)
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True,
                                          env=env, cwd="/")

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Union
 
 import trio
 
-from cowfs import threads
+from cowfs import faults, threads
 from cowfs.chunks import codec
 from cowfs.chunks.store import ObjectStore
 
@@ -57,7 +57,8 @@ class Fetcher:
             ev.set()
 
     def _load(self, jobs: list[tuple[Job, int]]) -> list[tuple[bytes, bytes, int]]:
-        """Worker thread: resolve and load; skip what is cached, freed or unreadable."""
+        """Worker thread: resolve and load; skip what is cached, freed or damaged."""
+        faults.point("prefetch_load")
         out = []
         for job, source in jobs:
             try:

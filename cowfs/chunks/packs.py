@@ -25,6 +25,8 @@ import os
 import re
 import threading
 
+from cowfs import faults
+
 PACK_DIR = "packs"
 PACK_MAX = 1 << 30  # start a new pack beyond this size
 ALIGN = 4096  # appends start at multiples of this (direct I/O)
@@ -101,6 +103,7 @@ class PackStore:
 
     def append(self, values: list[bytes | memoryview]) -> list[tuple[int, int, int]]:
         """Write values one after another, durably; return their (pack, offset, length)."""
+        faults.point("pack_append")
         with self._lock:
             if self._end >= PACK_MAX:
                 self._close_writer()

@@ -31,7 +31,7 @@ from typing import Callable
 import trio
 import zstandard
 
-from cowfs import threads
+from cowfs import faults, threads
 from cowfs.chunks import codec, delta
 from cowfs.chunks.store import CF_OBJECTS, CF_PENDING, CF_SIMILAR, CF_SPACE, RefTxn
 from cowfs.fs.filesystem import Filesystem
@@ -163,6 +163,7 @@ class DedupWorker:
     def _plan(self, hashes: list[bytes], busy: bool = False) -> list[Plan]:
         """busy: the mount is serving requests; chunks in pack files wait for a quiet moment
         (reading them back competes with the foreground's reads of the same disk)."""
+        faults.point("dedup_plan")
         local: dict[bytes, bytes] = {}  # index entries of this batch, not committed yet
         plans = []
         for h in hashes:

@@ -18,7 +18,7 @@ from typing import Awaitable, Callable, Iterable, NamedTuple
 
 import trio
 
-from cowfs import threads
+from cowfs import faults, threads
 from cowfs.cache.learned import SAVE_INTERVAL, Learner
 from cowfs.cache.prefetch import LEARNED, READAHEAD, Fetcher
 from cowfs.cache.readahead import Readahead
@@ -859,6 +859,7 @@ class Filesystem:
         """_encode every node's chunks; with pack, move the large new encodings to a pack file
         (in this thread: the write and fdatasync release the GIL).  Returns the encodings and
         the pack extents written, which the commit must either keep or punch."""
+        faults.point("flush_encode")
         encoded = [self._encode(t.chunks) for t in work]
         if not pack:
             return encoded, []
@@ -1007,6 +1008,7 @@ class Filesystem:
         """Write the learned models every SAVE_INTERVAL s, when they changed."""
         while True:
             await trio.sleep(SAVE_INTERVAL)
+            faults.point("model_save")
             self.save_model()
 
     def save_model(self) -> None:

@@ -16,6 +16,7 @@ Garbage collection (`run_gc`) and a pass never overlap (`Filesystem.maintenance`
 """
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 import time
@@ -25,7 +26,8 @@ from typing import Callable
 import blake3
 import trio
 
-from cowfs import threads
+from cowfs import faults, threads
+from cowfs.errors import FSError
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.view import View
 from cowfs.kv.base import KV, Batch
@@ -86,6 +88,7 @@ class Sharer:
     def walk(self, lv: LayerView, interruptible: bool = False) -> Walk | None:
         """Fingerprint every directory subtree visible in lv (pure KV reads: hints); None if
         interruptible and requests arrived meanwhile (the walk holds the GIL most of the time)."""
+        faults.point("share_walk")
         meta = self.fs.store.meta
         shared = meta.shared
         out = Walk()
@@ -277,7 +280,14 @@ class Sharer:
         # The copies' references to their data pass to the range (it holds one per copy
         # inode with data, as their records did): no reference count changes.
         shared.add(r, batch)
-        fs.store.commit(batch)
+        try:
+            fs.store.commit(batch)
+            error = ""
+        except Exception as exc:  # noqa: BLE001 - a failed write (a full disk): nothing was applied
+            error = str(exc) or type(exc).__name__
+        if error:
+            fs.store.recover()  # outside the except block: no frame of it holds a database iterator
+            raise FSError(errno.EIO, f"sharing a copied tree failed: {error}")
         shared.committed(added=[r])
         self._sources.update(p[1] for p in pairs)
         self.copies_shared += 1
@@ -305,9 +315,8 @@ class Sharer:
             if self.due() and self.quiet():
                 try:
                     await self.run_pass(interruptible=True)
-                except Exception as exc:  # e.g. a full disk: nothing was half-applied; try later
+                except FSError as exc:  # a commit failed (a full disk): nothing was half-applied; later
                     log.error("sharer pass failed: %s", exc)
-                    self.fs.store.recover()
 
     async def settle(self) -> int:
         """A pass now if anything was created since the last one (for `cowfs dedup --wait`)."""

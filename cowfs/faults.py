@@ -1,0 +1,74 @@
+"""Fault injection: a TEST HOOK that makes chosen points of the daemon's work fail or stall.
+
+The tests need a daemon whose background work meets an I/O error (or is held in a thread)
+at a place they choose, on a real mount.  The daemon reads the environment variable
+COWFS_FAULTS once at start (`load`); nothing else does, and without it (in production)
+every `point()` returns after one test of an empty dict.  Syntax: comma-separated
+POINT:ACTION[:TIMES]; ACTION is `eio` (raise OSError(EIO), as a failing disk would) or
+`sleepS` (wait S seconds: only at points that run in a worker thread); TIMES is how many
+hits act (default 1; `*` for all of them).  Example: COWFS_FAULTS=pack_append:eio:2,warm_paths:eio
+
+Points (where each sits, and which background task meets it):
+  pack_append    PackStore.append, in a flush's encoding thread (the flusher, or whoever flushes)
+  flush_encode   Filesystem._encode_all, the same thread, before anything is encoded
+  prefetch_load  Fetcher._load, a prefetch thread
+  dedup_plan     DedupWorker._plan, the background worker's planning thread
+  share_walk     Sharer.walk, the sharer's thread
+  gc             the garbage-collection loop, before a pass, on the event loop (eio only)
+  model_save     the learned-model saver's loop, on the event loop (eio only)
+  warm_paths     Warmer._paths, the warming helper's path resolution thread
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+ENV = "COWFS_FAULTS"
+POINTS = frozenset({"pack_append", "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "gc",
+                    "model_save", "warm_paths"})
+LOOP_POINTS = frozenset({"gc", "model_save"})  # on the event loop: a sleep would stall every request
+
+_lock = threading.Lock()
+_armed: dict[str, list] = {}  # point -> [action, seconds, hits left (-1: every hit)]
+
+
+def load(spec: str | None) -> None:
+    """Arm the faults spec names (ValueError: a malformed spec or an unknown point)."""
+    _armed.clear()
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        parts = item.strip().split(":")
+        if len(parts) not in (2, 3) or parts[0] not in POINTS:
+            raise ValueError(f"{ENV}: bad fault {item!r} (POINT:eio|sleepS[:TIMES], points: {', '.join(sorted(POINTS))})")
+        name, action = parts[0], parts[1]
+        times = -1 if len(parts) == 3 and parts[2] == "*" else int(parts[2]) if len(parts) == 3 else 1
+        if action == "eio":
+            _armed[name] = ["eio", 0.0, times]
+        elif action.startswith("sleep") and name not in LOOP_POINTS:
+            _armed[name] = ["sleep", float(action[5:]), times]
+        else:
+            raise ValueError(f"{ENV}: bad action in {item!r} (eio, or sleepS at a thread's point)")
+    if _armed:
+        log.warning("test hook %s armed: %s", ENV, spec)
+
+
+def point(name: str) -> None:
+    """Act on the fault armed at this point, if any."""
+    if not _armed:
+        return
+    with _lock:
+        fault = _armed.get(name)
+        if fault is None or fault[2] == 0:
+            return
+        if fault[2] > 0:
+            fault[2] -= 1
+        action, seconds = fault[0], fault[1]
+    log.warning("injected fault at %s: %s", name, action if action == "eio" else f"sleep {seconds} s")
+    if action == "eio":
+        raise OSError(errno.EIO, f"injected fault at {name} ({ENV})")
+    time.sleep(seconds)
