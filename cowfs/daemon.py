@@ -302,7 +302,7 @@ class Daemon:
         if os.geteuid() != 0:
             return {"ok": False, "error": "a second mount of one store needs root (it is a bind mount)"}
         try:
-            view = self.fs.branch_view(branch)
+            view = await self.fs.attach_branch(branch)
         except FSError as exc:
             return {"ok": False, "error": str(exc)}
         if quota_bytes is not None or quota_inodes is not None:
@@ -390,7 +390,7 @@ class Daemon:
                 await self.fs._flush_locked()
             removed = await run_gc(self.fs)
             await sweep_packs(self.fs)
-            await trio.to_thread.run_sync(self.store.kv.compact)
+            await self.store.in_thread(self.store.kv.compact, python=False)
             return {"ok": True, "versions_removed": removed, "disk_bytes": self.store.disk_usage()}
         if cmd == "dedup":
             if req.get("wait"):

@@ -10,13 +10,16 @@ hits act (default 1; `*` for all of them).  Example: COWFS_FAULTS=pack_append:ei
 
 Points (where each sits, and which background task meets it):
   pack_append    PackStore.append, in a flush's encoding thread (the flusher, or whoever flushes)
-  flush_encode   Filesystem._encode_all, the same thread, before anything is encoded
+  flush_encode   Filesystem._encode_all, the same thread, once every chunk is hashed and
+                 judged already stored or new (before any pack append)
   prefetch_load  Fetcher._load, a prefetch thread
   dedup_plan     DedupWorker._plan, the background worker's planning thread
   share_walk     Sharer.walk, the sharer's thread
   gc             the garbage-collection loop, before a pass, on the event loop (eio only)
   model_save     the learned-model saver's loop, on the event loop (eio only)
   warm_paths     Warmer._paths, the warming helper's path resolution thread
+  commit         Store.commit, on the event loop, as the batch is written (eio only): a failed
+                 write, after which the store reopens the database (Store.recover)
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ log = logging.getLogger(__name__)
 
 ENV = "COWFS_FAULTS"
 POINTS = frozenset({"pack_append", "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "gc",
-                    "model_save", "warm_paths"})
-LOOP_POINTS = frozenset({"gc", "model_save"})  # on the event loop: a sleep would stall every request
+                    "model_save", "warm_paths", "commit"})
+LOOP_POINTS = frozenset({"gc", "model_save", "commit"})  # on the event loop: a sleep would stall every request
 
 _lock = threading.Lock()
 _armed: dict[str, list] = {}  # point -> [action, seconds, hits left (-1: every hit)]

@@ -6,15 +6,17 @@ place that commits batches and makes them durable (group commit).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import time
+from typing import Any, Callable, TypeVar
 
 import trio
 
+from cowfs import faults, private, threads
 from cowfs.cache import ChunkCache
-from cowfs import private
 from cowfs.chunks import codec
 from cowfs.chunks.packs import PackStore
 from cowfs.chunks.store import CF_OBJECTS, FAMILIES as OBJECT_FAMILIES, ObjectStore, RefTxn
@@ -42,6 +44,7 @@ CF_ORPHANS = "orphans"
 FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
 ROOT_INO = 1
 INO_BLOCK = 4096
+T = TypeVar("T")
 
 
 def _small_disk(path: str) -> bool:
@@ -161,6 +164,12 @@ class Store:
         self.write_seq = 0
         self.synced_seq = 0
         self._sync_running: trio.Event | None = None
+        # Jobs in worker threads that may use the database handle (`in_thread`), and a reopen
+        # waiting for them to end (`recover`); both changed on the event loop only.
+        self.kv_users = 0
+        self._reopen_wanted = False
+        self._drained = trio.Event()
+        self._reopen_error = ""  # why the last reopen could open the database read-only only
         self.objects_created = 0
         self.objects_freed = 0
         st = os.statvfs(path)
@@ -195,7 +204,7 @@ class Store:
             self._ino_hwm = self._next_ino + INO_BLOCK
             b = Batch()
             b.put(CF_META, b"counter/ino", self._ino_hwm.to_bytes(8, "big"))
-            self.kv.write(b)
+            self.write(b)
         ino = self._next_ino
         self._next_ino += 1
         return ino
@@ -220,19 +229,64 @@ class Store:
             self._free -= 2 * pending  # until the next look at the disk
         return low
 
-    def recover(self) -> None:
-        """After a failed write, get RocksDB out of its read-only error state (best effort).
+    async def in_thread(self, fn: Callable[..., T], *args: Any, python: bool = True) -> T:
+        """fn(*args) in a worker thread that may use the database (python: it runs Python code,
+        see cowfs.threads).  Every such job goes through here, so that a reopen (`recover`)
+        never replaces the handle under one: none starts while a reopen waits."""
+        while self._reopen_wanted:
+            if self.kv_users:
+                await self._drained.wait()
+            else:
+                self._reopen()
+        self.kv_users += 1
+        try:
+            if python:
+                return await threads.run_in_thread(fn, *args)
+            return await trio.to_thread.run_sync(fn, *args)
+        finally:
+            self.kv_users -= 1
+            if not self.kv_users and self._reopen_wanted:
+                self._drained.set()  # the reopen is done by whoever runs next (a job or a write)
 
-        Not while a WAL sync runs in a thread: the backend reopens at its next write instead.
-        """
-        if self._sync_running is not None:
-            self.kv.mark_failed()
+    def recover(self) -> None:
+        """After a failed write, get RocksDB out of its read-only error state by reopening it
+        (best effort): at once, or, while worker threads may be using the handle, as soon as
+        the last of them is done (before the next write or thread job)."""
+        if self.kv_users:
+            if not self._reopen_wanted:
+                log.info("reopening the database once %d worker threads are done with it", self.kv_users)
+            self._want_reopen()
             return
+        self._reopen()
+
+    def _want_reopen(self) -> None:
+        if not self._reopen_wanted:
+            self._reopen_wanted = True
+            self._drained = trio.Event()
+
+    def _reopen(self) -> None:
+        self._reopen_wanted = False
         try:
             self.kv.recover()
+            self._reopen_error = ""
         except Exception as exc:
+            self._reopen_error = str(exc)
             log.error("store could not recover from a write error: %s", exc)
         self._free_at = 0.0
+
+    def _before_write(self) -> None:
+        """A reopen still owed (a failed write, or a reopen that could only open read-only)
+        happens before the next write, if no thread uses the handle; a database still
+        read-only refuses the write, saying why (a full disk: the caller answers ENOSPC)."""
+        if self._reopen_wanted or self.kv.read_only:
+            self.recover()
+            if self.kv.read_only:
+                raise OSError(errno.EIO, f"the database is read-only after a write error: {self._reopen_error}")
+
+    def write(self, batch: Batch) -> None:
+        """A batch without reference changes (the learned model, a counter), on the loop."""
+        self._before_write()
+        self.kv.write(batch)
 
     def space(self) -> dict[str, int]:
         """The space accounting (see chunks.store.Space) plus the bytes the database takes on disk."""
@@ -266,12 +320,18 @@ class Store:
         if txn is not None and txn.staged and txn.empty():
             self.objects.discard_staged(txn)  # what was packed belonged to files deleted meanwhile
         try:
+            self._before_write()
             if txn is not None and not txn.empty():
                 c, f = self.objects.apply(txn, batch)
                 self.objects_created += c
                 self.objects_freed += f
             if len(batch):
-                self.kv.write(batch)
+                try:
+                    faults.point("commit")  # a test hook: a write refused, as by a full disk
+                    self.kv.write(batch)
+                except BaseException:
+                    self._want_reopen()  # RocksDB is read-only after a failed write: reopen first
+                    raise
         except BaseException:
             self.objects.abort(txn)
             raise
@@ -292,7 +352,7 @@ class Store:
             ev = self._sync_running = trio.Event()
             seq = self.write_seq
             try:
-                await trio.to_thread.run_sync(self.kv.sync)
+                await self.in_thread(self.kv.sync, python=False)
                 self.synced_seq = max(self.synced_seq, seq)
             finally:
                 self._sync_running = None

@@ -33,7 +33,7 @@ from typing import Callable
 
 import trio
 
-from cowfs import faults, private, threads
+from cowfs import faults, private
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.node import Node
 from cowfs.fs.view import View
@@ -117,7 +117,7 @@ class Warmer:
             if root is None:
                 continue
             t0 = time.perf_counter()
-            paths = await threads.run_in_thread(self._paths, os.fsencode(root), view.lv, inos)
+            paths = await self.fs.store.in_thread(self._paths, os.fsencode(root), view.lv, inos)
             if not paths:
                 continue
             try:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Callable, Iterable, Union
+from typing import Awaitable, Callable, Iterable, Union
 
 import trio
 
-from cowfs import faults, threads
+from cowfs import faults
 from cowfs.chunks import codec
 from cowfs.chunks.store import ObjectStore
 
@@ -31,8 +31,12 @@ Job = Union[bytes, Callable[[], list[bytes]]]
 
 
 class Fetcher:
-    def __init__(self, objects: ObjectStore) -> None:
+    def __init__(self, objects: ObjectStore,
+                 in_thread: Callable[..., Awaitable[list[tuple[bytes, bytes, int]]]]) -> None:
+        """in_thread: how loads run in worker threads (cowfs.store.Store.in_thread: database
+        users are counted, so that a reopen never happens under one)."""
         self.objects = objects
+        self._in_thread = in_thread
         self.cache = objects.cache
         self._queue: deque[tuple[Job, int]] = deque()
         self._pending: set[bytes] = set()
@@ -81,7 +85,7 @@ class Fetcher:
                 await self._event.wait()
             jobs = [self._queue.popleft() for _ in range(min(BATCH, len(self._queue)))]
             try:
-                loaded = await threads.run_in_thread(self._load, jobs)
+                loaded = await self._in_thread(self._load, jobs)
             finally:
                 for job, _ in jobs:
                     if isinstance(job, bytes):

@@ -18,7 +18,6 @@ from typing import Any, Awaitable, Callable, Iterable
 
 import trio
 
-from cowfs import threads
 from cowfs.errors import FSError
 from cowfs.fs.filesystem import Filesystem, Mutation, join_path
 from cowfs.fs.node import Node
@@ -483,4 +482,4 @@ async def run_gc(fs: Filesystem) -> int:
 async def sweep_packs(fs: Filesystem) -> int:
     """Give back pack space nothing points at; under the lock, so no flush appends meanwhile."""
     async with fs.lock:
-        return await threads.run_in_thread(fs.store.sweep_packs)
+        return await fs.store.in_thread(fs.store.sweep_packs)

@@ -31,7 +31,7 @@ from typing import Callable
 import trio
 import zstandard
 
-from cowfs import faults, threads
+from cowfs import faults
 from cowfs.chunks import codec, delta
 from cowfs.chunks.store import CF_OBJECTS, CF_PENDING, CF_SIMILAR, CF_SPACE, RefTxn
 from cowfs.fs.filesystem import Filesystem
@@ -239,7 +239,7 @@ class DedupWorker:
                 await trio.sleep(IDLE_POLL)
                 continue
             t0 = time.perf_counter()
-            plans = await threads.run_in_thread(lambda: self._plan(self._next_batch(), serving))
+            plans = await self.fs.store.in_thread(lambda: self._plan(self._next_batch(), serving))
             try:
                 async with self.fs.lock:
                     self._commit(plans)

@@ -18,7 +18,7 @@ from typing import Awaitable, Callable, Iterable, NamedTuple
 
 import trio
 
-from cowfs import faults, threads
+from cowfs import faults
 from cowfs.cache.learned import SAVE_INTERVAL, Learner
 from cowfs.cache.prefetch import LEARNED, READAHEAD, Fetcher
 from cowfs.cache.readahead import Readahead
@@ -240,9 +240,14 @@ class Filesystem:
         # Set by the FUSE layer: pull the dirty pages of files open for writing.
         self.writers_sync: Callable[[], Awaitable[None]] | None = None
         # Background chunk loading (readahead, learned prefetch); run by the daemon's nursery.
-        self.fetcher = Fetcher(store.objects) if prefetch else None
+        self.fetcher = Fetcher(store.objects, store.in_thread) if prefetch else None
         self.learner = Learner(store.kv, store.catalog, learn) if prefetch or learn else None
         self.primary = self.branch_view(b.name)
+        # Before any task or thread exists, nothing can race this commit; other branches'
+        # orphans go under the lock (attach_branch).
+        m = Mutation(self)
+        if self._orphans(self.primary, m):
+            self._commit(m)
 
     def _add_view(self, vid: int, name: str, kind: str, top: int, epoch: int = 0) -> View:
         lv = LayerView(top, frozenset(self.store.catalog.ancestry(top)))
@@ -251,7 +256,8 @@ class Filesystem:
         return view
 
     def branch_view(self, name: str) -> View:
-        """The view of a branch (created once; orphans of a previous daemon are removed)."""
+        """The view of a branch (created once).  Its orphans of a previous daemon are not
+        removed here: see attach_branch."""
         b = self.store.catalog.branches.get(name)
         if b is None:
             raise FSError(errno.ENOENT, f"no branch named {name!r}")
@@ -260,7 +266,19 @@ class Filesystem:
             view = self._add_view(b.view, b.name, "branch", b.head, b.epoch)
             view.quota_bytes, view.quota_inodes = b.quota_bytes, b.quota_inodes
             self.load_usage(view)
-            self._recover_orphans(view)
+        return view
+
+    async def attach_branch(self, name: str) -> View:
+        """The view of a branch about to be served, its orphans of a previous daemon removed
+        first, as an ordinary mutation: under the lock whenever a flush holds it (a threaded
+        flush has judged chunks present that freeing an orphan could otherwise take away
+        before its commit)."""
+        b = self.store.catalog.branches.get(name)
+        fresh = b is not None and b.view not in self.views
+        view = self.branch_view(name)
+        if fresh:
+            async with self.mutate(view) as m:
+                self._orphans(view, m)
         return view
 
     def set_quota(self, view: View, quota_bytes: int | None, quota_inodes: int | None) -> None:
@@ -859,8 +877,8 @@ class Filesystem:
         """_encode every node's chunks; with pack, move the large new encodings to a pack file
         (in this thread: the write and fdatasync release the GIL).  Returns the encodings and
         the pack extents written, which the commit must either keep or punch."""
-        faults.point("flush_encode")
         encoded = [self._encode(t.chunks) for t in work]
+        faults.point("flush_encode")  # a test hook: chunks already judged stored or new
         if not pack:
             return encoded, []
         items: dict[bytes, bytes] = {}
@@ -924,7 +942,7 @@ class Filesystem:
             m = Mutation(self)
             try:
                 if total > THREAD_FLUSH_BYTES:
-                    encoded, m.txn.staged = await threads.run_in_thread(
+                    encoded, m.txn.staged = await self.store.in_thread(
                         lambda: self._encode_all(work, total >= PACK_FLUSH_BYTES))
                 else:
                     encoded = [self._encode(t.chunks) for t in work]
@@ -1017,7 +1035,7 @@ class Filesystem:
         batch = self.learner.batch() if self.learner is not None else None
         if batch is not None:
             try:
-                self.store.kv.write(batch)
+                self.store.write(batch)
             except Exception as exc:  # noqa: BLE001 - e.g. the disk is full: writes matter more
                 log.warning("prefetch model not saved: %s", exc)
 
@@ -1030,13 +1048,11 @@ class Filesystem:
                 m.drop(node)
         self._maybe_evict(node)
 
-    def _recover_orphans(self, view: View) -> None:
-        """Inodes unlinked while open when the daemon last stopped: delete them now."""
+    def _orphans(self, view: View, m: Mutation) -> int:
+        """Put into m the deletion of view's inodes left unlinked-but-open when the daemon last
+        stopped; how many.  The caller commits m with nothing racing it (see attach_branch)."""
         prefix = view.lv.top.to_bytes(8, "big")
         keys = [k for k, _ in self.store.kv.scan(CF_ORPHANS, prefix, prefix)]
-        if not keys:
-            return
-        m = Mutation(self)
         for k in keys:
             ino = int.from_bytes(k[8:16], "big")
             m.batch.delete(CF_ORPHANS, k)
@@ -1047,8 +1063,10 @@ class Filesystem:
             if node.attrs.nlink <= 0:
                 m.drop(node)
                 del view.nodes[ino]
-        self.store.commit(m.batch, m.txn)
-        log.info("removed %d inodes left open-but-unlinked by the previous daemon", len(keys))
+        if keys:
+            log.info("branch %s: removing %d inodes left open-but-unlinked by the previous daemon", view.name,
+                     len(keys))
+        return len(keys)
 
     # -- statfs ----------------------------------------------------------------------------
     def statfs(self) -> os.statvfs_result:

@@ -26,7 +26,7 @@ from typing import Callable
 import blake3
 import trio
 
-from cowfs import faults, threads
+from cowfs import faults
 from cowfs.errors import FSError
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.view import View
@@ -173,7 +173,7 @@ class Sharer:
         async with trio.open_nursery() as nursery:
             if interruptible:
                 nursery.start_soon(self._watch)
-            w = await threads.run_in_thread(lambda: self.walk(view.lv, interruptible))
+            w = await fs.store.in_thread(lambda: self.walk(view.lv, interruptible))
             nursery.cancel_scope.cancel()
         self.walk_s = time.perf_counter() - t0
         self._pause, self._walked_at = 10 * self.walk_s, time.monotonic()

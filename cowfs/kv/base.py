@@ -55,12 +55,9 @@ class KV(ABC):
         """Bytes accepted but not yet in the backend's final files (memtables)."""
 
     @abstractmethod
-    def mark_failed(self) -> None:
-        """Recover before the next write (when recovering now is not safe)."""
-
-    @abstractmethod
     def recover(self) -> None:
-        """Resume writing after an I/O error (for example a full disk that has space again)."""
+        """Resume writing after an I/O error (for example a full disk that has space again).
+        May replace the backend's handles: no other thread may use this KV meanwhile."""
 
     @abstractmethod
     def compact(self) -> None:

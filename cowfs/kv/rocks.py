@@ -89,12 +89,12 @@ class RocksKV(KV):
             total += cf.property_int_value("rocksdb.cur-size-all-mem-tables") or 0
         return total
 
-    def mark_failed(self) -> None:
-        self.read_only = True
-
     def recover(self) -> None:
         """RocksDB stays read-only after a write error; reopening clears that.  If it cannot
-        reopen for writing (still no space), it reopens read-only so reads go on."""
+        reopen for writing (still no space), it reopens read-only so reads go on; the owner
+        (cowfs.store.Store) calls this again before its next write.  No other thread may use
+        the database meanwhile: the handles are closed and replaced (rocksdict has no call
+        that resumes a database in place)."""
         try:
             self._close()
         except Exception:
@@ -120,8 +120,6 @@ class RocksKV(KV):
             it.next()
 
     def write(self, batch: Batch) -> None:
-        if self.read_only:
-            self.recover()
         wb = rd.WriteBatch(raw_mode=True)
         handles = self._handles
         for cf, key, value in batch.ops:
