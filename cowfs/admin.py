@@ -48,19 +48,22 @@ async def serve(path: str, handle: Handler, *, task_status: "trio.TaskStatus[Non
         task_status.started()
 
     async def one(stream: trio.SocketStream) -> None:
-        async with stream:
-            buf = b""
-            while b"\n" not in buf:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                buf += data
-            try:
-                req = json.loads(buf.split(b"\n", 1)[0])
-                resp = await handle(req)
-            except Exception as exc:  # a bad request must never take the daemon down
-                resp = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            await stream.send_all(json.dumps(resp).encode() + b"\n")
+        try:
+            async with stream:
+                buf = b""
+                while b"\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                try:
+                    req = json.loads(buf.split(b"\n", 1)[0])
+                    resp = await handle(req)
+                except Exception as exc:  # a bad request must never take the daemon down
+                    resp = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                await stream.send_all(json.dumps(resp).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away (a `cowfs stats` interrupted): nor must that
 
     await trio.serve_listeners(one, [listener])
 

@@ -466,10 +466,12 @@ class Daemon:
 
     async def main(self, ready: Callable[[str | None], None]) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(admin.serve, admin.socket_path(self.cfg.store), self.handle_admin)
             # Background work under supervision (cowfs.supervise): its errors never reach this
             # nursery, which pyfuse3's request loop shares.
             sup = self.supervisor
+            sock = admin.socket_path(self.cfg.store)
+            await sup.serve(nursery, "admin", lambda task_status: admin.serve(sock, self.handle_admin,
+                                                                              task_status=task_status))
             sup.start(nursery, "flusher", self.fs.background_flusher)
             sup.start(nursery, "signals", self._watch_signals)
             sup.start(nursery, "readahead_tuning", self._tune_readahead, speculative=True)

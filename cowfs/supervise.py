@@ -46,6 +46,19 @@ class Task:
         return out
 
 
+class _Once:
+    """A task status that passes on only the first `started` (a restarted server calls it again)."""
+
+    def __init__(self, status: "trio.TaskStatus[None]") -> None:
+        self.status = status
+        self.done = False
+
+    def started(self, value: None = None) -> None:
+        if not self.done:
+            self.done = True
+            self.status.started(value)
+
+
 def _describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -60,17 +73,30 @@ class Supervisor:
               speculative: bool = False, on_stop: Callable[[], None] | None = None) -> None:
         """Run fn() in nursery under supervision; on_stop: called when speculative work stops."""
         task = self.tasks[name] = Task(name, speculative)
-        nursery.start_soon(self._run, task, fn, on_stop, name=f"supervised {name}")
+        nursery.start_soon(self._run, task, fn, on_stop, None, name=f"supervised {name}")
 
-    async def _run(self, task: Task, fn: Callable[[], Awaitable[object]], on_stop: Callable[[], None] | None) -> None:
+    async def serve(self, nursery: trio.Nursery, name: str, fn: Callable[..., Awaitable[object]]) -> None:
+        """As `nursery.start(fn)` (fn(task_status=...) says when it serves), then supervised;
+        a failure before it first served is the caller's (the daemon cannot start)."""
+        task = self.tasks[name] = Task(name, False)
+        await nursery.start(self._run_started, task, fn, name=f"supervised {name}")
+
+    async def _run_started(self, task: Task, fn: Callable[..., Awaitable[object]],
+                           task_status: "trio.TaskStatus[None]" = trio.TASK_STATUS_IGNORED) -> None:
+        await self._run(task, fn, None, _Once(task_status))
+
+    async def _run(self, task: Task, fn: Callable[..., Awaitable[object]], on_stop: Callable[[], None] | None,
+                   status: "_Once | None") -> None:
         delay = BACKOFF_FIRST
         while True:
             started = time.monotonic()
             task.running = True
             try:
-                await fn()
+                await (fn() if status is None else fn(task_status=status))
                 return  # done (a one-shot task)
             except Exception as exc:  # noqa: BLE001 - cancellation (a BaseException) passes
+                if status is not None and not status.done:
+                    raise
                 task.failures += 1
                 task.last_error = _describe(exc)
                 log.error("background task %s failed (failure %d)", task.name, task.failures, exc_info=exc)

@@ -12,11 +12,14 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import struct
 import time
 
 import pytest
 
 import mounting
+from cowfs import admin
 from mounting import run_cowfs
 
 MiB = 1 << 20
@@ -143,3 +146,22 @@ def test_speculative_work_stops_after_an_error(mount_factory):
     with open(m.path / "f", "rb") as f:  # reads go on without prefetch
         assert f.read() == data
     assert mounting.is_mounted(m.path)
+
+
+@pytest.mark.timeout(120)
+def test_admin_clients_that_go_away_do_not_end_the_mount(mount_factory):
+    """A `cowfs stats` interrupted before the daemon's reply (the connection reset under it)
+    used to end the daemon's session: every branch unmounted."""
+    m = mount_factory()
+    (m.path / "f").write_bytes(b"still here")
+    for _ in range(20):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(admin.socket_path(str(m.store)))
+        s.sendall(b'{"cmd": "stats"}\n')
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+        s.close()
+    time.sleep(0.5)
+    assert mounting.is_mounted(m.path) and m.alive()
+    assert (m.path / "f").read_bytes() == b"still here"
+    st = admin_stats(m)["background"]["admin"]
+    assert st["running"] and st["failures"] == 0, st
