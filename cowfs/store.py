@@ -107,6 +107,9 @@ class Store:
         marker = os.path.join(path, MARKER)
         if not os.path.isdir(path):
             raise StoreError(f"{path}: no such store directory (create one with 'cowfs init {path}')")
+        if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+            raise StoreError(f"{path}: permission denied: a store is private to its owner "
+                             f"(uid {os.stat(path).st_uid}) and root")
         if not os.path.exists(marker):
             raise StoreError(f"{path} is not a cowfs store (no {MARKER})")
         try:

@@ -157,6 +157,8 @@ def test_what_other_users_may_do_still_works(mount_factory, test_dir):
     status = json.loads(run_cowfs_as(*nobody, "status", "--json").stdout)
     rec = next(r for r in status["stores"] if r["store"] == str(store))
     assert rec["alive"] and rec["mounts"][0]["branch"] == "main", rec
+    r = run_cowfs_as(*nobody, "stats", store, check=False)  # the store, not the mount
+    assert r.returncode != 0 and b"private to its owner" in r.stderr, r
     r = run_cowfs_as(*nobody, "umount", m.path, check=False)
     assert r.returncode != 0 and b"private to its owner" in r.stderr, r
     assert mounting.is_mounted(m.path)
