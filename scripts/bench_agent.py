@@ -25,6 +25,8 @@ same inputs and the same commands on every target; "needs" run untimed first whe
                synchronous=FULL, then a count(*) check (--quick: 300)
   git          git clone --no-local of a generated repository: 200 commits, ~350 files, fixed seed;
                the clone's HEAD is checked against the source's
+  git_status   git status --porcelain in that clone, warm: after a first, untimed one (which
+               rewrites the index for the racily clean files); must print nothing    needs git
   make         make -j2 of generated C sources: 300 .c files in 10 modules (--quick: 2 x 15), 20
                shared headers and one API header per module; every module is an -I directory, so
                the preprocessor probes several directories per #include; -MMD dependency files, one
@@ -488,6 +490,7 @@ WORKLOADS = [
     Workload("pytest", "Pygments' test suite", ("pip",)),
     Workload("sqlite", "SQLite WAL, synchronous=FULL, single-row commits"),
     Workload("git", f"git clone --no-local ({GIT_COMMITS} commits)", tools=("git",)),
+    Workload("git_status", "git status in the clone (warm)", ("git",), tools=("git",)),
     Workload("make", "make -j2 of generated C sources", tools=("make", "gcc", "ar")),
     Workload("npm", "npm install --offline from a primed cache", tools=("node", "npm")),
     Workload("cold_import", "import after remount + drop_caches", ("pip",)),
@@ -523,7 +526,7 @@ class AgentBench:
             self.wheelhouse = self.inputs.wheelhouse()
         if "pytest" in names:
             self.pygments = self.inputs.pygments_src()
-        if "git" in names:
+        if names & {"git", "git_status"}:
             self.repo, self.repo_head = self.inputs.git_repo()
         if "make" in names:
             self.csrc, self.c_expected = self.inputs.c_sources()
@@ -616,6 +619,17 @@ class AgentBench:
         head = self.run(["git", "rev-parse", "HEAD"], cwd=dst).stdout.strip()
         if head != self.repo_head:
             raise RuntimeError(f"clone's HEAD {head} is not the source's {self.repo_head}")
+
+    def w_git_status(self, t, st, timed):
+        clone = os.path.join(st.dir, "clone")
+        cmd = ["git", "status", "--porcelain"]
+        # the first status after a clone re-reads the racily clean files and rewrites the index;
+        # the measured one is what an agent's repeated `git status` costs: lstat and readdir only
+        self.run(cmd, cwd=clone)
+        out = []
+        self._maybe_timed(t, "git_status", timed, lambda: out.append(self.run(cmd, cwd=clone).stdout))
+        if out[0].strip():
+            raise RuntimeError(f"git status of a fresh clone is not clean: {out[0][:500]}")
 
     def w_make(self, t, st, timed):
         dst = os.path.join(st.dir, "csrc")

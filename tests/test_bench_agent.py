@@ -1,5 +1,5 @@
 """Smoke test of scripts/bench_agent.py (the agent-workload benchmark of issue 24): a quick run of
-two cheap workloads (SQLite commits, git clone of the generated repository) on the plain directory
+three cheap workloads (SQLite commits, git clone of the generated repository, git status) on the plain directory
 and a real cowfs mount, and the JSON it prints; and the clear refusals (a missing prerequisite, an
 unknown workload). The full benchmark is run by hand (docs/benchmarks.md)."""
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_quick_run_prints_medians_ratios_and_cowfs_requests(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("bench_agent mounts fuse filesystems: needs root")
     work = tmp_path / "work"
-    r = bench_agent("--quick", "--only", "sqlite,git", "--targets", "plain,cowfs", "--json",
+    r = bench_agent("--quick", "--only", "git_status,sqlite,git", "--targets", "plain,cowfs", "--json",
                     "--cache", str(tmp_path / "cache"), "--workdir", str(work))
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     out = json.loads(r.stdout)   # --json: stdout is the JSON object alone; the table goes to stderr
@@ -35,7 +35,7 @@ def test_quick_run_prints_medians_ratios_and_cowfs_requests(tmp_path):
     assert "| sqlite: " in r.stderr and "Geometric mean" in r.stderr
     assert out["config"]["rounds"] == 1 and out["config"]["targets"] == ["plain", "cowfs"]
     assert out["errors"] == {} and out["commit"]
-    assert list(out["workloads"]) == ["sqlite", "git"]
+    assert list(out["workloads"]) == ["sqlite", "git", "git_status"]   # the run's order, not --only's
     for name, w in out["workloads"].items():
         assert w["kind"] == "workload"
         p, c = w["targets"]["plain"], w["targets"]["cowfs"]
@@ -52,9 +52,11 @@ def test_quick_run_prints_medians_ratios_and_cowfs_requests(tmp_path):
     # each autocommit INSERT is one WAL append and one fsync of it (synchronous=FULL)
     assert commits <= sq["fsync"] <= commits + 20 and sq["write"] >= commits
     assert out["workloads"]["git"]["targets"]["cowfs"]["requests"]["create"] > 300  # the clone's files
+    st = out["workloads"]["git_status"]["targets"]["cowfs"]["requests"]
+    assert st.get("opendir", 0) >= 12 and st.get("write", 0) == 0    # reads the tree, writes no file
     g = out["geomean"]
-    assert g["n_cowfs_plain"] == 2 and g["cowfs_plain"] == pytest.approx(
-        (out["workloads"]["sqlite"]["ratio_cowfs_plain"] * out["workloads"]["git"]["ratio_cowfs_plain"]) ** 0.5)
+    ratios = [w["ratio_cowfs_plain"] for w in out["workloads"].values()]
+    assert g["n_cowfs_plain"] == 3 and g["cowfs_plain"] == pytest.approx((ratios[0] * ratios[1] * ratios[2]) ** (1 / 3))
     assert not mounting.fuse_mounts_under(str(tmp_path)) and not work.exists()
 
 
