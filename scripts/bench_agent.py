@@ -541,17 +541,14 @@ class AgentBench:
         kw.setdefault("env", self.env)
         return bl.run(cmd, timeout=self.a.cmd_timeout, **kw)
 
-    def timed(self, t: bl.Target, w: Workload, fn, ops=None, **extra) -> dict:
+    def timed(self, t: bl.Target, w: Workload, fn, ops=None) -> dict:
         """Run `fn` inside a measured phase; record seconds, requests, daemon CPU. The page cache's
         dirty data goes to the disk (or the daemon) first, so that the previous workload's writeback
         does not land in this one's time."""
         os.sync()
         with self.bench.phase(t, w.name, ops) as ph:
-            out = fn()
-        rec = self.bench.record(w.name, t, ph.elapsed, seconds=ph.elapsed, round=self.rnd, **ph.info, **extra)
-        if isinstance(out, dict):
-            rec.update(out)
-        return rec
+            fn()
+        return self.bench.record(w.name, t, ph.elapsed, seconds=ph.elapsed, round=self.rnd, **ph.info)
 
     def check_same(self, w: Workload, t: bl.Target, outcome: str) -> None:
         """Outcomes that must not depend on the target (test summaries, checksums, package counts)."""

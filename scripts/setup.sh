@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(fuse3 libfuse3-dev pkg-config python3-venv fuse-overlayfs git sqlite3 attr acl systemd)
+debs=(fuse3 libfuse3-dev pkg-config python3-venv fuse-overlayfs git sqlite3 attr acl systemd gcc make)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
