@@ -882,7 +882,7 @@ def render(out: dict, names: list[str]) -> str:
              for k, v in g.items() if not k.startswith("n_") and v is not None]
     L.append("Geometric mean over the workloads (not the microbenchmarks): " + (", ".join(parts) or "n/a"))
     L.append("")
-    L.append("cowfs requests by op (median round), worst cowfs / overlay ratio first:")
+    L.append("cowfs requests by op (median round), worst ratio first (to fuse-overlayfs, else to plain):")
     order = sorted(res.items(), key=lambda kv: -(kv[1]["ratio_cowfs_overlay"] or kv[1]["ratio_cowfs_plain"] or 0))
     for wn, r in order:
         c = r["targets"].get("cowfs", {})
