@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar, Union
 
 from cowfs import mounts as _mounts
+from cowfs import protocol
 
 PathLike = Union[str, "os.PathLike[str]"]
 T = TypeVar("T")
@@ -244,11 +245,13 @@ def control_reply(mountpoint: PathLike, *words: str, timeout: float | None = CON
 
 def _exchange(mountpoint: PathLike, words: tuple[str, ...]) -> dict[str, Any]:
     path = os.path.join(os.fspath(mountpoint), ".cowfs", "ctl")
-    line = " ".join(shlex.quote(w) for w in words) + "\n"
+    line = protocol.join(words) + "\n"
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
         raise NotMounted(f"{mountpoint} is not a cowfs mount (no .cowfs/ctl)", _errno.ENOENT) from None
+    except PermissionError as exc:
+        raise error_for(exc.errno, refused(mountpoint)) from None
     except OSError as exc:
         raise error_for(exc.errno, f"{mountpoint}: cannot open the control file: {exc.strerror}") from None
     write_error: OSError | None = None
@@ -272,6 +275,34 @@ def _exchange(mountpoint: PathLike, words: tuple[str, ...]) -> dict[str, Any]:
         if write_error is not None:
             raise error_for(write_error.errno, f"{words[0]}: {write_error.strerror}") from None
         raise CowfsError(f"unreadable reply from the control file: {raw[:200]!r}") from None
+
+
+def refused(mountpoint: PathLike) -> str:
+    """Why opening MOUNT/.cowfs/ctl was refused, and who may use it."""
+    from cowfs.mounts import user_name
+
+    mp = os.fspath(mountpoint)
+    try:
+        st = os.stat(os.path.join(mp, ".cowfs", "ctl"))
+    except PermissionError:
+        return (f"{mp}: permission denied: this mount was made without -o allow_other, so only the user who "
+                "mounted it may use it")
+    except OSError as exc:
+        return f"{mp}: cannot open the control file: {exc.strerror}"
+    owner = "root" if st.st_uid == 0 else f"{user_name(st.st_uid)}, the owner of the mount root, and for root"
+    if st.st_uid == 0:
+        owner += " (the owner of the mount root)"
+    if st.st_mode & 0o060:
+        import grp
+
+        try:
+            group = f"group {grp.getgrgid(st.st_gid).gr_name} (gid {st.st_gid})"
+        except KeyError:
+            group = f"gid {st.st_gid}"
+        also = f"members of {group}, named with -o ctl_group="
+    else:
+        also = "members of a group named with -o ctl_group= (this mount names none)"
+    return f"{mp}: permission denied: .cowfs/ctl is for {owner}, and for {also}"
 
 
 def stats(mountpoint: PathLike, timeout: float | None = CONTROL_TIMEOUT) -> dict[str, Any]:

@@ -1,41 +1,102 @@
-"""The `cowfs` command.  Every failure is one clear line on stderr and a non-zero exit."""
+"""The `cowfs` command: click commands, thin over cowfs.cliutil, cowfs.report and the API.
+
+Every failure is one clear message on stderr (what was refused and who may do it) and a
+non-zero exit status; a traceback only with `cowfs --debug` (or COWFS_DEBUG=1).
+"""
 from __future__ import annotations
 
-import grp
 import json
 import os
 import sys
-import time
-from typing import Any
+import traceback
+from typing import Any, NoReturn
 
 import click
 
-from cowfs import admin, api
+from cowfs import __version__, api, cliutil, mount_options, progress, report
+from cowfs.cliutil import CliError
 from cowfs.errors import MountError, StoreError
-from cowfs.mounts import mounted_store
+
+EXIT_CODES = """\b
+Exit status: 0 success; 1 failure (the message on stderr says why); 2 bad usage.
+fsck has its own codes (cowfs help exit-codes); run passes its command's on."""
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str, code: int = 1) -> NoReturn:
     click.echo(f"cowfs: {msg}", err=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
-def _parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().rstrip("ib")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    return bool(os.environ.get("COWFS_DEBUG")) or bool(root is not None and (root.obj or {}).get("debug"))
+
+
+class CowfsGroup(click.Group):
+    """Turns whatever a command did not catch into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except BrokenPipeError:
+            sys.stderr.close()  # `cowfs ... | head`: the reader left; nothing to say
+            sys.exit(1)
+        except Exception as exc:  # noqa: BLE001 - the point: no traceback without --debug
+            if _debug():
+                traceback.print_exc()
+            else:
+                click.echo(f"cowfs: {cliutil.describe(exc)} (cowfs --debug shows the traceback)", err=True)
+            sys.exit(1)
+
+
+def complete_mounts(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Mount points of cowfs (then directories, as a shell would)."""
+    from click.shell_completion import CompletionItem
+
+    from cowfs.mounts import cowfs_mounts
+
+    out = [CompletionItem(e.mountpoint) for e in cowfs_mounts() if e.mountpoint.startswith(incomplete)]
+    return out + [CompletionItem(incomplete, type="dir")]
+
+
+def complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Snapshot and branch names of the mount given before."""
+    from click.shell_completion import CompletionItem
+
+    target = ctx.params.get("mount") or ctx.params.get("target")
+    if not target:
+        return []
+    try:
+        listing = api.control(target, "list", timeout=3)
+    except Exception:  # noqa: BLE001 - completion offers nothing rather than fail
+        return []
+    names = [r["name"] for r in listing.get("snapshots", []) + listing.get("branches", [])]
+    return [CompletionItem(n) for n in names if n.startswith(incomplete)]
 
 
 # Mount points are plain strings, not click.Path: its stat would hang on a hung mount.
-mount_arg = click.argument("mount")
-target_arg = click.argument("target")
+mount_arg = click.argument("mount", shell_complete=complete_mounts)
+target_arg = click.argument("target", shell_complete=complete_mounts)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """cowfs: copy-on-write sandbox filesystems with snapshots, branches and O(1) clones."""
+def json_opt(fn: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object (raw numbers).")(fn)
+
+
+@click.group(cls=CowfsGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
+@click.version_option(__version__, "--version", "-V", prog_name="cowfs", message="%(prog)s %(version)s")
+@click.option("--debug", is_flag=True, help="Show a traceback when a command fails unexpectedly (also COWFS_DEBUG=1).")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """cowfs: copy-on-write sandbox filesystems with snapshots, branches and O(1) clones.
+
+    `cowfs help TOPIC` explains a command or a topic (mount-options, control-file,
+    exit-codes, completion); `cowfs help --man` prints all of it as a man page.
+    """
+    ctx.obj = {"debug": debug}
 
 
 @main.command()
@@ -51,42 +112,24 @@ def init(store: str) -> None:
     click.echo(f"created store {os.path.abspath(store)} (branch main)")
 
 
-@main.command()
+@main.command(epilog="\b\nMount options (-o NAME or -o NAME=VALUE, repeatable or comma-separated):\n"
+              + "\n".join(mount_options.help_lines()))
 @click.argument("store", type=click.Path())
-@click.argument("mountpoint", metavar="MOUNTPOINT")  # not click.Path: its stat would hang on a hung mount
+@click.argument("mountpoint", metavar="MOUNTPOINT", shell_complete=complete_mounts)
 @click.option("--branch", default="main", show_default=True, help="Branch to mount.")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (for systemd); exit when unmounted.")
-@click.option("-o", "options", multiple=True, metavar="OPTION",
-              help="Mount option: allow_other, suid, dev, cache_l1=SIZE (alias cache_size), cache_l2=SIZE, "
-                   "prefetch=0|1, prefetch_learn=0|1, dir_cache=0|1, quota_bytes=SIZE, quota_inodes=N, ctl_group=GID, "
-                   "dedup=on|off (background delta encoding and sharing), dedup_cpu=SHARE (its CPU cap, 0-1, "
-                   "default 0.25), share=on|off (copied trees share their originals' records) "
-                   "(repeatable, or comma-separated).")
-@click.option("--debug", is_flag=True, help="Log every operation.")
+@click.option("-o", "options", multiple=True, metavar="OPTION", help="Mount option (listed below).")
+@click.option("--debug", is_flag=True, help="The daemon logs every operation (STORE/daemon.log).")
 def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: tuple[str, ...], debug: bool) -> None:
     """Mount branch BRANCH of STORE at MOUNTPOINT; returns once the mount is ready."""
     from cowfs import daemon
 
-    flat = [o.strip() for opt in options for o in opt.split(",") if o.strip()]
     cfg = daemon.MountConfig(store, mountpoint, branch, debug=debug)
-    for o in flat:
-        key, _, value = o.partition("=")
+    for o in mount_options.split(options):
         try:
-            if daemon.set_cache_option(cfg, key, value, _parse_size):
-                continue
-            if key == "quota_bytes":
-                cfg.quota_bytes = _parse_size(value)
-            elif key == "quota_inodes":
-                cfg.quota_inodes = int(value)
-            elif key == "ctl_group":
-                cfg.ctl_group = int(value) if value.isdigit() else grp.getgrnam(value).gr_gid
-            elif o in ("allow_other", "suid", "dev", "nosuid", "nodev"):
-                cfg.options.append(o)
-            else:
-                _fail(f"unknown mount option {o!r} (known: allow_other, suid, dev, {daemon.CACHE_OPTIONS}, "
-                      "cache_size=SIZE, quota_bytes=SIZE, quota_inodes=N, ctl_group=GROUP)")
-        except (ValueError, KeyError):
-            _fail(f"bad value in -o {o}")
+            mount_options.apply(cfg, o)
+        except mount_options.OptionError as exc:
+            _fail(str(exc))
     try:
         code = daemon.mount(cfg, foreground)
     except MountError as exc:
@@ -99,16 +142,18 @@ def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: t
 
 
 @main.command()
-@click.argument("mountpoint", metavar="MOUNTPOINT")  # not click.Path: its stat would hang on a hung mount
+@click.argument("mountpoint", metavar="MOUNTPOINT", shell_complete=complete_mounts)
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the daemon to exit.")
 @click.option("--force", is_flag=True,
-              help="For a daemon that hangs: abort its FUSE connection (every mount of its store) and kill it. "
-                   "As in a crash, writes not yet fsynced may be lost.")
+              help="Only for a daemon that does not answer: abort its FUSE connection (every mount of its store) "
+                   "and kill it (root only). As in a crash, writes not yet fsynced may be lost.")
 def umount(mountpoint: str, timeout: float, force: bool) -> None:
     """Flush everything, unmount MOUNTPOINT and wait for its daemon to exit.
 
-    The mount of a daemon that died (killed, crashed) is cleared, even when processes
-    hang in it: its FUSE connection is aborted."""
+    A mount that processes still use is left alone, and they are named.  The mount of a
+    daemon that died (killed, crashed) is cleared, even when processes hang in it: its
+    FUSE connection is aborted.  Only root and the user who mounted it may unmount it.
+    """
     from cowfs import mounts
 
     try:
@@ -117,69 +162,34 @@ def umount(mountpoint: str, timeout: float, force: bool) -> None:
         _fail(str(exc))
 
 
-def _resolve_store(target: str) -> str:
-    return mounted_store(target) or os.path.abspath(target)
-
-
 @main.command()
 @target_arg
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_opt
 def stats(target: str, as_json: bool) -> None:
     """Figures of a store, or of the store behind a mount point TARGET.
 
-    Without a daemon, the store's space figures are read from the store itself.
+    Served by its daemon when the store is mounted (for a user who may not talk to the
+    daemon, from the mount's .cowfs/stats), else read from the store itself.
     """
-    from cowfs.mounts import daemon_pid
-    from cowfs.store import Store
-
-    store = _resolve_store(target)
-    if mounted_store(target) is not None and not os.access(store, os.R_OK | os.X_OK):
-        # A store is private to its owner (cowfs.private): others see what the mount shows them.
-        try:
-            data = api.stats(target)
-        except (api.CowfsError, OSError, ValueError) as exc:
-            _fail(f"{target}: {exc}")
-    elif daemon_pid(store) is None:  # not served (a socket left by a killed daemon does not count)
-        try:
-            st = Store(store)
-        except StoreError as exc:
-            _fail(str(exc))
-        try:
-            data: dict[str, Any] = {"ok": True, "store": store, **st.space(), "shared": st.meta.shared.figures()}
-        finally:
-            st.close()
-    else:
-        try:
-            data = admin.request(store, {"cmd": "stats"})
-        except OSError as exc:
-            _fail(f"cannot reach the daemon of {store}: {exc}")
+    try:
+        data = cliutil.store_stats(target)
+    except CliError as exc:
+        _fail(str(exc))
     if as_json:
         click.echo(json.dumps(data))
         return
-    cache = data.pop("cache", {})
-    for k, v in data.items():
-        click.echo(f"{k:>18}: {v}")
-    for level in ("l1", "l2"):
-        c = cache.get(level, {})
-        click.echo(f"{'cache ' + level:>18}: {c.get('bytes', 0)} of {c.get('max_bytes', 0)} bytes, "
-                   f"{c.get('entries', 0)} entries, hit rate {c.get('hit_rate', 0)}, hits {c.get('hits', 0)}, "
-                   f"misses {c.get('misses', 0)}, evictions {c.get('evictions', 0)}")
-    pf = cache.get("prefetch", {})
-    for source in ("readahead", "learned"):
-        p = pf.get(source, {})
-        click.echo(f"{source:>18}: {p.get('prefetched', 0)} chunks prefetched, {p.get('used', 0)} of them read "
-                   f"(precision {p.get('precision', 0)}), {p.get('served_reads', 0)} reads served")
-    click.echo(f"{'prefetch recall':>18}: {pf.get('recall', 0)} of {pf.get('chunk_reads', 0)} chunk reads")
+    for line in report.stats_lines(data):
+        click.echo(line)
 
 
 # -- control-file wrappers: they work from inside a sandbox that only has the mount -------
-def _ctl(mount: str, timeout: float, *words: str) -> dict[str, Any]:
+def _ctl(mount: str, timeout: float, *words: str, label: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Write one command line to MOUNT/.cowfs/ctl and return the daemon's JSON reply."""
     try:
-        return api.control_reply(mount, *words, timeout=timeout)
+        with progress.waiting(label or words[0], quiet=quiet):
+            return api.control_reply(mount, *words, timeout=timeout)
     except api.CowfsError as exc:
         _fail(str(exc))
-    raise AssertionError("unreachable")
 
 
 def _syncfs(mount: str, timeout: float) -> None:
@@ -223,7 +233,8 @@ def snapshot(mount: str, name: str, as_json: bool, timeout: float) -> None:
 @main.command()
 @mount_arg
 @click.argument("name")
-@click.option("--from", "source", help="Snapshot (or the mounted branch) to start from.")
+@click.option("--from", "source", help="Snapshot (or the mounted branch) to start from.",
+              shell_complete=complete_names)
 @ctl_opts
 def branch(mount: str, name: str, source: str | None, as_json: bool, timeout: float) -> None:
     """Create a writable branch NAME from the mounted branch's current state (or --from)."""
@@ -235,11 +246,11 @@ def branch(mount: str, name: str, source: str | None, as_json: bool, timeout: fl
 
 @main.command()
 @mount_arg
-@click.argument("name")
+@click.argument("name", shell_complete=complete_names)
 @ctl_opts
 def rollback(mount: str, name: str, as_json: bool, timeout: float) -> None:
     """Return the branch mounted at MOUNT exactly to snapshot NAME."""
-    _show(_ctl(mount, timeout, "rollback", name), as_json, f"rolled back to {name}")
+    _show(_ctl(mount, timeout, "rollback", name, quiet=as_json), as_json, f"rolled back to {name}")
 
 
 @main.command()
@@ -250,12 +261,13 @@ def rollback(mount: str, name: str, as_json: bool, timeout: float) -> None:
 def clone(mount: str, src: str, dst: str, as_json: bool, timeout: float) -> None:
     """Copy SRC to DST inside MOUNT in O(1), sharing data (paths relative to MOUNT)."""
     _syncfs(mount, timeout)
-    _show(_ctl(mount, timeout, "clone", src, dst), as_json, f"cloned {src} to {dst}")
+    reply = _ctl(mount, timeout, "clone", src, dst, label=f"cloning {src}", quiet=as_json)
+    _show(reply, as_json, f"cloned {src} to {dst}")
 
 
 @main.command()
 @mount_arg
-@click.argument("name")
+@click.argument("name", shell_complete=complete_names)
 @ctl_opts
 def delete(mount: str, name: str, as_json: bool, timeout: float) -> None:
     """Delete snapshot NAME, or branch NAME if it is not mounted."""
@@ -270,120 +282,104 @@ def list_(mount: str, as_json: bool, timeout: float) -> None:
     reply = _ctl(mount, timeout, "list")
     _show(reply, as_json)
     if not as_json:
-        rows = reply["snapshots"] + reply["branches"]
-        click.echo(f"{'NAME':<24} {'KIND':<9} {'PARENT':<20} {'CREATED':<20} {'LOGICAL':>12}")
-        for r in rows:
-            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"]))
-            click.echo(f"{r['name']:<24} {r['kind']:<9} {str(r['parent'] or '-'):<20} {created:<20} "
-                       f"{r['logical_bytes']:>12}")
+        for line in report.list_lines(reply):
+            click.echo(line)
 
 
 @main.command()
 @mount_arg
-@click.argument("a")
-@click.argument("b", required=False)
+@click.argument("a", shell_complete=complete_names)
+@click.argument("b", required=False, shell_complete=complete_names)
+@click.option("-z", "nul", is_flag=True, help="Records end with NUL and paths are not quoted (for scripts).")
 @ctl_opts
-def diff(mount: str, a: str, b: str | None, as_json: bool, timeout: float) -> None:
-    """Paths added, removed, modified or renamed from snapshot/branch A to B (default: live)."""
+def diff(mount: str, a: str, b: str | None, nul: bool, as_json: bool, timeout: float) -> None:
+    """Paths added (+), removed (-), modified (M) or renamed (R) from snapshot/branch A to B
+    (default: the live branch).
+
+    Paths with unusual characters are quoted as git quotes them ("a\\nb"), except with -z
+    (MARK NUL PATH NUL; a rename: R NUL FROM NUL PATH NUL) and --json.
+    """
     if b is None:
         _syncfs(mount, timeout)
-    reply = _ctl(mount, timeout, "diff", a, *([b] if b else []))
+    reply = _ctl(mount, timeout, "diff", a, *([b] if b else []), quiet=as_json or nul)
     _show(reply, as_json)
-    if not as_json:
-        marks = {"added": "+", "removed": "-", "modified": "M", "renamed": "R"}
-        for c in reply["changes"]:
-            extra = f" (from {c['from']})" if c.get("from") is not None else ""
-            click.echo(f"{marks[c['change']]}\t{c['path']}{extra}")
+    if as_json:
+        return
+    if nul:
+        sys.stdout.buffer.write(report.diff_nul(reply["changes"]))
+        return
+    for line in report.diff_lines(reply["changes"]):
+        click.echo(line)
 
 
 @main.command()
 @target_arg
-def gc(target: str) -> None:
-    """Collect garbage now in the store (or the store behind mount point TARGET)."""
-    store = _resolve_store(target)
-    if not os.path.exists(admin.socket_path(store)):
-        _fail(f"{target}: no running daemon serves this store (mount it first)")
-    reply = admin.request(store, {"cmd": "gc"}, timeout=600)
-    if not reply.get("ok"):
-        _fail(str(reply.get("error")))
-    click.echo(f"removed {reply['versions_removed']} metadata versions")
+@json_opt
+def gc(target: str, as_json: bool) -> None:
+    """Collect garbage now in the store (or the store behind mount point TARGET).
+
+    Through its daemon when the store is mounted (root or the store's owner), else on the
+    store itself.  Shows progress on a terminal.
+    """
+    try:
+        data = cliutil.gc(target, quiet=as_json)
+    except CliError as exc:
+        _fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(data))
+    else:
+        click.echo(report.gc_line(data))
 
 
 @main.command()
 @target_arg
 @click.option("--wait", is_flag=True, help="Return once the background queue is empty and copied trees are shared.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait at most.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_opt
 def dedup(target: str, wait: bool, timeout: float, as_json: bool) -> None:
     """Background work on the store (or the store behind mount point TARGET): delta encoding
-    of chunks and sharing of copied trees' records; figures, or wait for both."""
-    store = _resolve_store(target)
-    if not os.path.exists(admin.socket_path(store)):
-        _fail(f"{target}: no running daemon serves this store (mount it first)")
-    reply = admin.request(store, {"cmd": "dedup", "wait": wait, "timeout": timeout}, timeout=timeout + 30)
+    of chunks and sharing of copied trees' records; figures, or wait for both.
+
+    Through its daemon when the store is mounted (root or the store's owner); with --wait
+    on an unmounted store, the work is done here and now.
+    """
+    try:
+        data = cliutil.dedup(target, wait, timeout, quiet=as_json)
+    except CliError as exc:
+        _fail(str(exc))
     if as_json:
-        click.echo(json.dumps(reply))
-    if not reply.get("ok"):
-        _fail(str(reply.get("error")))
-    if not as_json:
-        shared = reply.get("shared", {})
-        click.echo(f"queue {reply['background_queue']} chunks; {reply['delta_chunks']} of {reply['chunks']} "
-                   f"chunks are deltas, saving {reply['delta_saved_bytes']} bytes; {shared.get('inodes', 0)} "
-                   f"inodes of copied trees share their originals' records ({shared.get('ranges', 0)} ranges)")
+        click.echo(json.dumps(data))
+    else:
+        for line in report.dedup_lines(data):
+            click.echo(line)
 
 
-@main.command()
+@main.command(epilog="\b\nExit status (as fsck(8)):\n" + "\n".join(f"  {c}  {t}" for c, t in cliutil.FSCK_CODES))
 @click.argument("store", type=click.Path())
 @click.option("--repair", is_flag=True, help="Fix what can be fixed without losing data.")
 @click.option("--no-verify-data", is_flag=True, help="Skip decoding and hashing every stored chunk.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_opt
 def fsck(store: str, repair: bool, no_verify_data: bool, as_json: bool) -> None:
-    """Check STORE for consistency (exit 0 clean, 1 all problems repaired, 4 problems left).
+    """Check STORE for consistency (and --repair it).
 
-    The store must not be mounted: its daemon would change it under the check.
+    The store must not be mounted: its daemon would change it under the check (exit
+    status 8, "could not check").  Shows progress on a terminal.
     """
-    from cowfs.fsck import Fsck
-    from cowfs.store import Store
-
     try:
-        st = Store(store)
-    except StoreError as exc:
-        _fail(f"{exc}; unmount it first (cowfs umount)" if "in use" in str(exc) else str(exc))
-    tty = sys.stderr.isatty() and not as_json
-    done: dict[str, int] = {}
-
-    def progress(stage: str, n: int) -> None:
-        done[stage] = done.get(stage, 0) + n
-        if tty and done[stage] % 500 == 0:
-            click.echo(f"\rfsck: {stage}: {done[stage]}", err=True, nl=False)
-
-    try:
-        report = Fsck(st, repair=repair, progress=progress, verify_data=not no_verify_data).run()
-    finally:
-        st.close()
-    if tty:
-        click.echo("\r" + " " * 40 + "\r", err=True, nl=False)
-    left = bool(report.problems) and (not repair or bool(report.unrepairable))
-    code = 0 if not report.problems else (4 if left else 1)
+        code, data = cliutil.fsck(store, repair, not no_verify_data, quiet=as_json)
+    except CliError as exc:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "error": str(exc), "exit_code": cliutil.FSCK_NOT_CHECKED}))
+        _fail(str(exc), cliutil.FSCK_NOT_CHECKED)
     if as_json:
-        click.echo(json.dumps({"clean": report.clean, "problems": report.problems, "repaired": report.repaired,
-                               "unrepairable": report.unrepairable, "counts": dict(report.counts),
-                               "exit_code": code}))
+        click.echo(json.dumps(data))
     else:
-        for p in report.problems:
-            click.echo(f"problem: {p}")
-        for r in report.repaired:
-            click.echo(f"repaired: {r}")
-        for u in report.unrepairable:
-            click.echo(f"cannot repair: {u}")
-        c = report.counts
-        click.echo(f"{st.path}: {c['inodes']} inodes in all views, {c['entries']} entries, "
-                   f"{c['objects']} objects checked: "
-                   + ("clean" if report.clean else f"{len(report.problems)} problems"))
+        for line in report.fsck_lines(data):
+            click.echo(line)
     sys.exit(code)
 
 
-from cowfs import cli_ops  # noqa: E402,F401  (status, log, run, import, export)
+from cowfs import cli_ops, help_cmd  # noqa: E402,F401  (status, log, run, import, export; help)
 
 if __name__ == "__main__":
     main()

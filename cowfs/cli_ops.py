@@ -29,33 +29,16 @@ from typing import Any, Callable, Iterator
 
 import click
 
-from cowfs.cli import _fail, main, mount_arg
+from cowfs import progress
+from cowfs.cli import _fail, json_opt, main, mount_arg
 from cowfs.errors import MountError
 from cowfs.mounts import MountEntry, cowfs_mounts
+from cowfs.textfmt import duration, human
 
 PROBE_TIMEOUT = 5.0
 
 
 # -- small helpers ----------------------------------------------------------------------------------
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _duration(s: float) -> str:
-    s = int(s)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
 def _branch_here(mountpoint: str) -> str | None:
     from cowfs import api
 
@@ -226,7 +209,7 @@ def status(targets: tuple[str, ...], as_json: bool) -> None:
         if rec["alive"]:
             head = f"daemon pid {rec['daemon_pid']}" if rec["daemon_pid"] else "daemon of another user"
             if st:
-                head += f", up {_duration(st.get('uptime_s', 0))}, rss {_human(st.get('rss_bytes', 0))}"
+                head += f", up {duration(st.get('uptime_s', 0))}, rss {human(st.get('rss_bytes', 0))}"
         else:
             head = click.style("no daemon", fg="red")
         click.echo(f"{click.style(rec['store'], bold=True)}  ({head})")
@@ -243,19 +226,19 @@ def status(targets: tuple[str, ...], as_json: bool) -> None:
         if st:
             for level, c in (st.get("cache") or {}).items():
                 if level in ("l1", "l2"):
-                    click.echo(f"  {'cache ' + level:<7} {_human(c.get('bytes', 0))} of {_human(c.get('max_bytes', 0))}, "
+                    click.echo(f"  {'cache ' + level:<7} {human(c.get('bytes', 0))} of {human(c.get('max_bytes', 0))}, "
                                f"{c.get('entries', 0)} entries, {100.0 * c.get('hit_rate', 0):.1f}% hits, "
                                f"{c.get('evictions', 0)} evictions")
             unsynced = max(0, st.get("commits", 0) - st.get("syncs_done", 0))
-            click.echo(f"  queues  {_human(st.get('dirty_bytes', 0))} dirty, {st.get('commits', 0)} commits "
+            click.echo(f"  queues  {human(st.get('dirty_bytes', 0))} dirty, {st.get('commits', 0)} commits "
                        f"({unsynced} since the last disk sync), {st.get('flushes', 0)} flushes, "
                        f"{sum((st.get('requests') or {}).values())} requests")
             quota = ""
             if st.get("quota_bytes") or st.get("quota_inodes"):
-                quota = (f" (quota {_human(st['quota_bytes']) if st.get('quota_bytes') else '-'}, "
+                quota = (f" (quota {human(st['quota_bytes']) if st.get('quota_bytes') else '-'}, "
                          f"{st.get('quota_inodes') or '-'} inodes)")
-            click.echo(f"  usage   {_human(st.get('usage_bytes', 0))}, {st.get('usage_inodes', 0)} inodes{quota}; "
-                       f"store on disk {_human(st.get('disk_bytes', 0))}")
+            click.echo(f"  usage   {human(st.get('usage_bytes', 0))}, {st.get('usage_inodes', 0)} inodes{quota}; "
+                       f"store on disk {human(st.get('disk_bytes', 0))}")
         elif rec.get("stats_error"):
             click.echo("  " + click.style(f"figures unavailable: {rec['stats_error']}", fg="yellow"))
 
@@ -419,10 +402,8 @@ def log(mount: str, as_json: bool) -> None:
 
     try:
         listing = api.control(mount, "list")
-    except api.NotMounted:
-        _fail(f"{mount}: not a cowfs mount")
     except api.CowfsError as exc:
-        _fail(f"{mount}: {exc}")
+        _fail(str(exc))
     order = build_history(listing)
     if as_json:
         click.echo(json.dumps({"mount": os.path.abspath(mount), "nodes": [
@@ -454,7 +435,7 @@ def log(mount: str, as_json: bool) -> None:
             click.echo(f"{graph}{pad}" + click.style(f"(branch {n.name} made from {n.line})", dim=True))
             continue
         created = _when(n.row["created"], same_day)
-        size = f"{_human(n.row.get('logical_bytes', 0)):>10}  {n.row.get('inodes', 0):>7} inodes"
+        size = f"{human(n.row.get('logical_bytes', 0)):>10}  {n.row.get('inodes', 0):>7} inodes"
         if n.kind == "branch":
             name = click.style(f"{n.name:<{nw}}", fg="green", bold=True)
             extra = []
@@ -812,18 +793,6 @@ class TreeCopier:
                 self._count("skipped_xattrs")   # e.g. security.* or ACLs the target refuses
 
 
-@contextlib.contextmanager
-def _progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A click progress bar on a terminal (stderr); nothing in scripts."""
-    if not sys.stderr.isatty():
-        yield lambda n: None
-        return
-    with click.progressbar(length=max(total, 1), label=label, file=sys.stderr, show_pos=False,
-                           show_percent=True, show_eta=True,
-                           item_show_func=None) as bar:
-        yield bar.update
-
-
 def _summary(verb: str, s: CopyStats, seconds: float) -> str:
     rate = s.bytes / seconds if seconds > 0 else 0
     parts = [f"{s.files} files", f"{s.dirs} directories"]
@@ -833,10 +802,17 @@ def _summary(verb: str, s: CopyStats, seconds: float) -> str:
         parts.append(f"{s.hardlinks} hard links")
     if s.special:
         parts.append(f"{s.special} special files")
-    return f"{verb} {', '.join(parts)}, {_human(s.bytes)} in {seconds:.1f} s ({_human(rate)}/s)"
+    return f"{verb} {', '.join(parts)}, {human(s.bytes)} in {seconds:.1f} s ({human(rate)}/s)"
 
 
 # -- cowfs import / export ----------------------------------------------------------------------------
+def _copy_json(verb: str, s: CopyStats, seconds: float) -> str:
+    return json.dumps({"ok": True, verb: {"files": s.files, "dirs": s.dirs, "symlinks": s.symlinks,
+                                          "hardlinks": s.hardlinks, "special": s.special, "bytes": s.bytes,
+                                          "seconds": round(seconds, 3), "warnings": s.warnings,
+                                          "skipped_xattrs": s.skipped_xattrs}})
+
+
 @main.command(name="import")
 @click.argument("store", type=click.Path())
 @click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
@@ -844,13 +820,15 @@ def _summary(verb: str, s: CopyStats, seconds: float) -> str:
 @click.option("--to", "dest", default="", metavar="PATH", help="Directory inside the branch (default: its root).")
 @click.option("--snapshot", "snapshot_after", metavar="NAME", help="Take snapshot NAME once loaded.")
 @click.option("-o", "options", multiple=True, metavar="OPTION", help="Mount options if the branch has to be mounted.")
-def import_(store: str, src_dir: str, branch: str, dest: str, snapshot_after: str | None, options: tuple[str, ...]) -> None:
+@json_opt
+def import_(store: str, src_dir: str, branch: str, dest: str, snapshot_after: str | None, options: tuple[str, ...],
+            as_json: bool) -> None:
     """Bulk-load the directory tree SRC_DIR into branch BRANCH of STORE.
 
     Copies everything with its metadata (modes, owners when run as root, nanosecond times,
     xattrs, symlinks, hard links, special files, holes); files already there are replaced.
-    The branch is mounted for the copy if it is not mounted.  A progress bar is shown on a
-    terminal only.
+    The branch is mounted for the copy if it is not mounted.  A progress bar and a summary
+    are shown on a terminal only; --json prints the figures.
     """
     from cowfs import api
 
@@ -867,7 +845,7 @@ def import_(store: str, src_dir: str, branch: str, dest: str, snapshot_after: st
         if os.path.realpath(src) == os.path.realpath(mp) or os.path.realpath(src).startswith(os.path.realpath(mp) + "/"):
             _fail(f"{src_dir} is inside the branch itself")
         t0 = time.monotonic()
-        with _progress(f"importing {entries} entries", total) as update:
+        with progress.bar(f"importing {entries} entries", total, quiet=as_json) as update:
             copier = TreeCopier(update)
             try:
                 s = copier.copy(src, target)
@@ -883,30 +861,68 @@ def import_(store: str, src_dir: str, branch: str, dest: str, snapshot_after: st
         click.echo(f"cowfs: warning: {w}", err=True)
     if s.skipped_xattrs:
         click.echo(f"cowfs: warning: {s.skipped_xattrs} extended attributes were refused by cowfs (kept out)", err=True)
-    if sys.stderr.isatty():
+    if as_json:
+        click.echo(_copy_json("imported", s, seconds))
+    elif progress.shown():
         click.echo(_summary("imported", s, seconds), err=True)
+
+
+def _tar_out(src: str, total: int, quiet: bool) -> None:
+    """GNU tar of src to stdout, passed through us so that a terminal sees its progress."""
+    tar = shutil.which("tar")
+    if tar is None:
+        _fail("GNU tar is needed for export to -")
+    sys.stdout.flush()
+    proc = subprocess.Popen([tar, "--create", "--file=-", "--directory", src, "--format=posix", "--numeric-owner",
+                             "--xattrs", "--xattrs-include=*", "--sparse", "--one-file-system", "."],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    errors: list[bytes] = []
+    reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    out = sys.stdout.fileno()
+    try:
+        with progress.bar("exporting", total, quiet=quiet) as update:
+            while True:
+                data = proc.stdout.read1(1 << 20)
+                if not data:
+                    break
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(out, view):]
+                update(len(data))
+    except BrokenPipeError:
+        proc.kill()
+        proc.wait()
+        _fail("the reader of the tar stream went away")
+    code = proc.wait()
+    reader.join()
+    if code != 0:
+        _fail(f"tar failed: {b''.join(errors).decode(errors='replace').strip()}")
 
 
 @main.command()
 @mount_arg
 @click.argument("snapshot")
 @click.argument("dest")
-def export(mount: str, snapshot: str, dest: str) -> None:
+@json_opt
+def export(mount: str, snapshot: str, dest: str, as_json: bool) -> None:
     """Write snapshot SNAPSHOT of the lineage mounted at MOUNT to DEST.
 
     DEST is a directory (created; it must be empty if it exists), or `-` for a tar stream
     on stdout (GNU tar, POSIX format with xattrs, numeric owners, holes kept):
 
         cowfs export /srv/sandbox/agent1 before-upgrade - | zstd > before-upgrade.tar.zst
+
+    A progress bar (and for a directory, a summary) is shown on a terminal only; --json
+    prints the figures of a directory export.
     """
     from cowfs import api
 
     try:
         listing = api.control(mount, "list")
-    except api.NotMounted:
-        _fail(f"{mount}: not a cowfs mount")
     except api.CowfsError as exc:
-        _fail(f"{mount}: {exc}")
+        _fail(str(exc))
     names = {s["name"] for s in listing["snapshots"]}
     if snapshot not in names:
         if any(b["name"] == snapshot for b in listing["branches"]):
@@ -916,21 +932,14 @@ def export(mount: str, snapshot: str, dest: str) -> None:
     if dest == "-":
         if sys.stdout.isatty():
             _fail("refusing to write a tar stream to a terminal; redirect stdout or give a directory")
-        sys.stdout.flush()
-        tar = shutil.which("tar")
-        if tar is None:
-            _fail("GNU tar is needed for export to -")
-        r = subprocess.run([tar, "--create", "--file=-", "--directory", src, "--format=posix", "--numeric-owner",
-                            "--xattrs", "--xattrs-include=*", "--sparse", "--one-file-system", "."],
-                           stdout=sys.stdout.fileno(), stderr=subprocess.PIPE)
-        if r.returncode != 0:
-            _fail(f"tar failed: {r.stderr.decode(errors='replace').strip()}")
+        entries, nbytes = scan(src)
+        _tar_out(src, nbytes + 1536 * entries + 10240, quiet=as_json)  # + a header and a pax record each
         return
     if os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         _fail(f"{dest} exists and is not an empty directory")
     entries, total = scan(src)
     t0 = time.monotonic()
-    with _progress(f"exporting {entries} entries", total) as update:
+    with progress.bar(f"exporting {entries} entries", total, quiet=as_json) as update:
         copier = TreeCopier(update)
         try:
             s = copier.copy(src, dest)
@@ -938,5 +947,7 @@ def export(mount: str, snapshot: str, dest: str) -> None:
             _fail(f"export failed: {exc}")
     for w in s.warnings[:20]:
         click.echo(f"cowfs: warning: {w}", err=True)
-    if sys.stderr.isatty():
+    if as_json:
+        click.echo(_copy_json("exported", s, time.monotonic() - t0))
+    elif progress.shown():
         click.echo(_summary("exported", s, time.monotonic() - t0), err=True)

@@ -1,32 +1,22 @@
 """The control-file protocol: one command line in, one JSON object out.
 
-Arguments are words quoted as in a POSIX shell.  Names that are not UTF-8 travel in JSON
-losslessly: each byte that does not decode becomes a lone surrogate U+DC80..U+DCFF
-(Python's "surrogateescape"), which JSON writes as "\\udcXX".
+The commands and how words are quoted on a line are in cowfs.protocol.  Names that are not
+UTF-8 travel in JSON losslessly: each byte that does not decode becomes a lone surrogate
+U+DC80..U+DCFF (Python's "surrogateescape"), which JSON writes as "\\udcXX".
 """
 from __future__ import annotations
 
 import errno
 import json
-import shlex
 from typing import Any, Awaitable, Callable
 
+from cowfs import protocol
 from cowfs.errors import FSError
 from cowfs.fs.branching import Branching, Caller
 from cowfs.fs.view import View
 
 MAX_LINE = 4096
-USAGE = {
-    "snapshot": "snapshot NAME",
-    "branch": "branch NAME [FROM]",
-    "rollback": "rollback SNAPSHOT",
-    "clone": "clone SRC DST",
-    "delete": "delete NAME",
-    "list": "list",
-    "diff": "diff A [B]",
-}
-ARITY = {"snapshot": (1, 1), "branch": (1, 2), "rollback": (1, 1), "clone": (2, 2),
-         "delete": (1, 1), "list": (0, 0), "diff": (1, 2)}
+KNOWN = ", ".join(c.usage for c in protocol.COMMANDS.values())
 
 RollbackHook = Callable[[View, list[bytes]], Awaitable[None]]
 
@@ -58,17 +48,19 @@ class Control:
         if "\0" in text:
             raise FSError(errno.EINVAL, "command line contains a NUL byte")
         try:
-            words = shlex.split(text, comments=False, posix=True)
+            words = protocol.split(text)
         except ValueError as exc:
             raise FSError(errno.EINVAL, f"cannot parse command line: {exc}") from None
         if not words:
-            raise FSError(errno.EINVAL, "empty command; known: " + ", ".join(USAGE.values()))
+            raise FSError(errno.EINVAL, f"empty command; known: {KNOWN}")
         verb, args = words[0], words[1:]
-        if verb not in ARITY:
-            raise FSError(errno.EINVAL, f"unknown command {verb!r}; known: " + ", ".join(USAGE.values()))
-        lo, hi = ARITY[verb]
-        if not lo <= len(args) <= hi:
-            raise FSError(errno.EINVAL, f"usage: {USAGE[verb]}")
+        cmd = protocol.COMMANDS.get(verb)
+        if cmd is None:
+            raise FSError(errno.EINVAL, f"unknown command {verb!r}; known: {KNOWN} (`help` describes them)")
+        if not cmd.least <= len(args) <= cmd.most:
+            raise FSError(errno.EINVAL, f"usage: {cmd.usage}")
+        if verb == "help":
+            return protocol.help_reply()
         br = self.br
         if verb == "snapshot":
             return await br.snapshot(view, args[0], who)

@@ -13,7 +13,6 @@ import ctypes.util
 import errno
 import logging
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from cowfs import admin, dircache, faults, fuse_loop, mounts, notify, private
+from cowfs import admin, dircache, faults, fuse_loop, mount_options, mounts, notify, private
 from cowfs.errors import FSError, MountError, StoreError
 from cowfs.fs.branching import run_gc, sweep_packs
 from cowfs.fs.dedup import DedupWorker
@@ -64,49 +63,16 @@ class MountConfig:
     dedup_cpu: float = 0.25
     share: bool = True  # the sharer (cowfs.fs.sharing) runs; with dedup off it does not either
     spin_us: int = 50  # cowfs.fuse_loop: poll the FUSE fd this long before parking (0: pyfuse3's own wait)
-    given: set[str] = field(default_factory=set)  # the cache options above set explicitly (set_cache_option)
+    given: set[str] = field(default_factory=set)  # the daemon-wide options above set explicitly (mount_options.apply)
 
 
-CACHE_OPTIONS = ("cache_l1=SIZE, cache_l2=SIZE, prefetch=0|1, prefetch_learn=0|1, dir_cache=0|1, warm=0|1, "
-                 "dedup=on|off, dedup_cpu=SHARE, share=on|off, spin_us=N")
-CACHE_KEYS = ("cache_l1", "cache_l2", "prefetch", "prefetch_learn", "dir_cache", "warm", "dedup", "dedup_cpu",
-              "share", "spin_us")
+CACHE_KEYS = mount_options.DAEMON_WIDE
 # Mount flags (MountConfig.options) by word: the flag each sets, and to what.  Like the cache
 # options, ctl_group and debug, they hold for every branch one daemon serves.
 FLAG_WORDS = {"allow_other": ("allow_other", True), "suid": ("suid", True), "nosuid": ("suid", False),
               "dev": ("dev", True), "nodev": ("dev", False), "ro": ("ro", True), "noexec": ("noexec", True),
               "exec": ("noexec", False), "noatime": ("noatime", True), "sync": ("sync", True),
               "async": ("sync", False), "dirsync": ("dirsync", True), "rw": ("ro", False), "atime": ("noatime", False)}
-
-
-def set_cache_option(cfg: MountConfig, key: str, value: str, parse_size: Callable[[str], int]) -> bool:
-    """Apply one cache, prefetch or dedup mount option to cfg; False if key is not one
-    (ValueError: bad value).  cache_size is the older name of cache_l1.  Shared by
-    `cowfs mount -o` and mount.fuse.cowfs, so both accept the same options."""
-    if key in ("cache_l1", "cache_size"):
-        cfg.cache_l1 = parse_size(value)
-    elif key == "cache_l2":
-        cfg.cache_l2 = parse_size(value)
-    elif key in ("prefetch", "prefetch_learn", "dir_cache", "warm"):
-        if value not in ("0", "1"):
-            raise ValueError(value)
-        setattr(cfg, key, value == "1")
-    elif key in ("dedup", "share"):
-        if value not in ("on", "off"):
-            raise ValueError(value)
-        setattr(cfg, key, value == "on")
-    elif key == "dedup_cpu":
-        cfg.dedup_cpu = float(value)
-        if not 0 < cfg.dedup_cpu <= 1:
-            raise ValueError(value)
-    elif key == "spin_us":
-        cfg.spin_us = int(value)
-        if not 0 <= cfg.spin_us <= 1000:
-            raise ValueError(value)
-    else:
-        return False
-    cfg.given.add("cache_l1" if key == "cache_size" else key)
-    return True
 
 
 def options_in_force(cfg: MountConfig) -> dict[str, Any]:
@@ -249,6 +215,7 @@ class Daemon:
         self.waiter = fuse_loop.install(cfg.spin_us) if cfg.spin_us else None
         self.supervisor = Supervisor()
         self.started = time.time()
+        self.gc_progress: dict[str, Any] | None = None  # while `cowfs gc` runs: its stage and count
         self._stopping = False
         self.dev = ""  # the FUSE connection's device number "major:minor", known once mounted
 
@@ -331,11 +298,13 @@ class Daemon:
         host: with the host's side too (for the admin socket only, see sandbox_stats)."""
         fs, store = self.fs, self.store
         view = view or fs.primary
-        rss = 0
+        # Both from one read of /proc/self/status: VmHWM is at least VmRSS there, while
+        # getrusage's ru_maxrss is only brought up to date when memory is given back.
+        mem = {}
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    mem[line[:5]] = int(line.split()[1]) * 1024
         where = ({"store": store.path, "mountpoint": self.cfg.mountpoint, "daemon_pid": os.getpid(),
                   "mounted_branches": sorted(self.mounted_branches())} if host else {})
         return {
@@ -343,8 +312,8 @@ class Daemon:
             **where,
             "branch": view.name,
             "uptime_s": round(time.time() - self.started, 3),
-            "rss_bytes": rss,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_bytes": mem.get("VmRSS", 0),
+            "peak_rss_bytes": mem.get("VmHWM", 0),
             "requests": dict(self.ops.requests),
             "kernel_dir_cache": self.dir_cache,
             "usage_bytes": view.usage_bytes,
@@ -385,13 +354,26 @@ class Daemon:
         if cmd == "attach":
             return await self.attach(str(req.get("branch")), str(req.get("mountpoint")),
                                      req.get("quota_bytes"), req.get("quota_inodes"))
+        if cmd == "progress":  # asked on a second connection while a gc or dedup --wait runs
+            return {"ok": True, "gc": self.gc_progress, "background_queue": self.store.objects.space.queue}
         if cmd == "gc":
             async with self.fs.lock:
                 await self.fs._flush_locked()
-            removed = await run_gc(self.fs)
-            await sweep_packs(self.fs)
-            await self.store.in_thread(self.store.kv.compact, python=False)
-            return {"ok": True, "versions_removed": removed, "disk_bytes": self.store.disk_usage()}
+
+            def note(n: int, stage: str = "metadata versions removed") -> None:
+                self.gc_progress = {"stage": stage, "done": n}
+
+            try:
+                note(0)
+                removed = await run_gc(self.fs, note)
+                note(0, "sweeping packs")
+                await sweep_packs(self.fs)
+                note(0, "compacting")
+                await self.store.in_thread(self.store.kv.compact, python=False)
+            finally:
+                self.gc_progress = None
+            return {"ok": True, "store": self.store.path, "daemon": True, "versions_removed": removed,
+                    "disk_bytes": self.store.disk_usage()}
         if cmd == "dedup":
             if req.get("wait"):
                 if not self.dedup.enabled:
@@ -401,8 +383,8 @@ class Daemon:
                 if not await self.dedup.settle(float(req.get("timeout") or 600)):
                     return {"ok": False, "error": "the background queue did not empty in time"}
                 await self.sharer.settle()
-            return {"ok": True, **self.store.space(), "dedup": self.dedup.figures(),
-                    "shared": self.sharer.figures()}
+            return {"ok": True, "store": self.store.path, "daemon": True, **self.store.space(),
+                    "dedup": self.dedup.figures(), "shared": self.sharer.figures()}
         return {"ok": False, "error": f"unknown admin command {cmd!r}"}
 
     async def _watch_signals(self) -> None:

@@ -12,10 +12,8 @@ mount(8) calls ``/sbin/mount.fuse.cowfs SOURCE MOUNTPOINT [-sfnvw] [-o OPTIONS] 
 
 Options:
   branch=NAME                  the branch to mount (default main)
-  cache_l1=SIZE (alias cache_size), cache_l2=SIZE, prefetch=0|1, prefetch_learn=0|1, dir_cache=0|1,
-  dedup=on|off, dedup_cpu=SHARE, share=on|off,
-  quota_bytes=SIZE, quota_inodes=N, ctl_group=GROUP, allow_other, suid,
-  nosuid, dev, nodev, debug    as ``cowfs mount -o`` / ``--debug``
+  every ``cowfs mount -o`` option (cowfs/mount_options.py; ``cowfs help mount-options``)
+  debug                        as ``cowfs mount --debug``
   ro, noexec, exec, noatime, sync, async, dirsync
                                kernel mount flags, passed to the FUSE mount
   rw, defaults, auto, noauto, user, nouser, users, owner, group, _netdev, nofail, loop,
@@ -25,10 +23,11 @@ Anything else is an error (with ``-s``, mount(8)'s "sloppy" flag: a warning).
 """
 from __future__ import annotations
 
-import grp
 import os
 import sys
 from dataclasses import dataclass, field
+
+from cowfs import mount_options
 
 USAGE = ("usage: mount.fuse.cowfs STORE MOUNTPOINT [-o OPTION[,OPTION...]] [-s] [-f] [-n] [-v]\n"
          "       (normally run by mount(8): mount -t fuse.cowfs STORE MOUNTPOINT -o branch=NAME)")
@@ -60,22 +59,6 @@ class Request:
     warnings: list[str] = field(default_factory=list)
 
 
-def parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower()
-    if t.endswith("ib"):
-        t = t[:-2]
-    elif t.endswith("b"):
-        t = t[:-1]
-    if t and t[-1] in units:
-        value = int(float(t[:-1]) * units[t[-1]])
-    else:
-        value = int(t)
-    if value < 0:
-        raise ValueError(text)
-    return value
-
-
 def split_options(text: str) -> list[str]:
     """Split a mount option string at commas, keeping quoted values ("a,b") together."""
     out, cur, quote = [], "", False
@@ -93,7 +76,7 @@ def split_options(text: str) -> list[str]:
 
 def parse_args(argv: list[str]) -> Request:
     """Parse mount(8)'s helper arguments (SOURCE MOUNTPOINT then flags, in any order)."""
-    from cowfs import daemon
+    from cowfs.daemon import MountConfig
 
     positional: list[str] = []
     opts: list[str] = []
@@ -139,36 +122,35 @@ def parse_args(argv: list[str]) -> Request:
         source = source[len("cowfs:"):]
     req = Request(store=os.path.abspath(source), mountpoint=os.path.abspath(mountpoint),
                   fake=fake, verbose=verbose)
+    scratch = MountConfig("", "")
     for o in opts:
         key, eq, value = o.partition("=")
-        try:
-            if key == "branch" and eq:
-                if not value:
-                    raise ValueError(o)
-                req.branch = value
-            elif eq and daemon.set_cache_option(daemon.MountConfig("", ""), key, value, parse_size):
-                req.cache.append((key, value))
-            elif key == "quota_bytes" and eq:
-                req.quota_bytes = parse_size(value)
-            elif key == "quota_inodes" and eq:
-                req.quota_inodes = int(value)
-            elif key == "ctl_group" and eq:
-                req.ctl_group = int(value) if value.isdigit() else grp.getgrnam(value).gr_gid
-            elif o == "debug":
-                req.debug = True
-            elif o in PASS_OPTIONS or o in KERNEL_FLAGS:
-                if o not in req.options:
-                    req.options.append(o)
-            elif o in IGNORED or o.startswith(IGNORED_PREFIXES):
-                req.ignored.append(o)
-            elif sloppy:
-                req.warnings.append(f"ignoring unknown option {o!r}")
+        opt = mount_options.lookup(o)
+        if key == "branch" and eq:
+            if not value:
+                raise HelperError(f"bad value in mount option {o!r}: branch=NAME")
+            req.branch = value
+        elif opt is not None and opt.value is not None and eq:
+            try:
+                mount_options.apply(scratch, o)
+            except mount_options.OptionError as exc:
+                raise HelperError(str(exc)) from None
+            if opt.attr in ("quota_bytes", "quota_inodes", "ctl_group"):
+                setattr(req, opt.attr, getattr(scratch, opt.attr))
             else:
-                raise HelperError(f"unknown mount option {o!r} (known: branch=NAME, {daemon.CACHE_OPTIONS}, "
-                                  "quota_bytes=SIZE, quota_inodes=N, ctl_group=GROUP, allow_other, suid, dev, "
-                                  "debug, and kernel flags such as ro, noexec, noatime)")
-        except (ValueError, KeyError):
-            raise HelperError(f"bad value in mount option {o!r}") from None
+                req.cache.append((key, value))
+        elif o == "debug":
+            req.debug = True
+        elif o in PASS_OPTIONS or o in KERNEL_FLAGS:
+            if o not in req.options:
+                req.options.append(o)
+        elif o in IGNORED or o.startswith(IGNORED_PREFIXES):
+            req.ignored.append(o)
+        elif sloppy:
+            req.warnings.append(f"ignoring unknown option {o!r}")
+        else:
+            raise HelperError(f"unknown mount option {o!r} (known: branch=NAME, {mount_options.known()}, debug, "
+                              "and kernel flags such as ro, noexec, noatime; see cowfs help mount-options)")
     return req
 
 
@@ -178,7 +160,7 @@ def mount(req: Request) -> int:
 
     cfg = daemon.MountConfig(req.store, req.mountpoint, req.branch, options=list(req.options), debug=req.debug)
     for key, value in req.cache:
-        daemon.set_cache_option(cfg, key, value, parse_size)
+        mount_options.apply(cfg, f"{key}={value}")
     cfg.quota_bytes = req.quota_bytes
     cfg.quota_inodes = req.quota_inodes
     cfg.ctl_group = req.ctl_group

@@ -29,6 +29,16 @@ class MountEntry:
     fstype: str
     source: str
     options: tuple[str, ...]  # per-mount and superblock options
+    mount_id: int = 0  # mountinfo's first field: what /proc/PID/fdinfo/FD's mnt_id refers to
+
+    @property
+    def owner_uid(self) -> int | None:
+        """The user who made a FUSE mount (its user_id= option): fusermount3 lets only that
+        user (and root) unmount it."""
+        for o in self.options:
+            if o.startswith("user_id="):
+                return int(o[len("user_id="):])
+        return None
 
     @property
     def store(self) -> str | None:
@@ -108,7 +118,8 @@ def mount_table() -> list[MountEntry]:
                 continue
             opts = fields[5].split(b",") + (rf[2].split(b",") if len(rf) > 2 else [])
             out.append(MountEntry(_unescape(fields[4]), _root(fields[3]), fields[2].decode(),
-                                  _unescape(rf[0]), _unescape(rf[1]), tuple(_unescape(o) for o in opts)))
+                                  _unescape(rf[0]), _unescape(rf[1]), tuple(_unescape(o) for o in opts),
+                                  int(fields[0])))
     return out
 
 
@@ -189,18 +200,145 @@ def clear_connection(dev: str) -> list[str]:
     return cleared
 
 
+@dataclass
+class Holder:
+    """A process that keeps a mount busy, and how (as `fuser -vm` reports it)."""
+    pid: int
+    uid: int
+    command: str
+    uses: list[str]
+
+    def describe(self) -> str:
+        return f"pid {self.pid} ({self.command}, uid {self.uid}): {'; '.join(self.uses)}"
+
+
+def _under(path: str, mountpoint: str) -> bool:
+    path = path.removesuffix(" (deleted)")
+    return path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/")
+
+
+def holders(entry: MountEntry) -> tuple[list[Holder], int]:
+    """The processes using one mount (current or root directory, executable, open files,
+    mapped files) and how many processes could not be looked at (other users' processes,
+    for anyone but root).  Reads /proc only: nothing here touches the mount itself, which
+    may hang."""
+    major, minor = (int(x) for x in entry.dev.split(":"))
+    maps_dev = f"{major:02x}:{minor:02x}"
+    found: list[Holder] = []
+    hidden = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        base = f"/proc/{name}"
+        uses: list[str] = []
+        denied = False
+        for link, what in (("cwd", "current directory"), ("root", "root directory"), ("exe", "executable")):
+            try:
+                if _under(os.readlink(f"{base}/{link}"), entry.mountpoint):
+                    uses.append(what)
+            except PermissionError:
+                denied = True
+            except OSError:
+                pass
+        try:
+            fds = os.listdir(f"{base}/fd")
+        except PermissionError:
+            denied, fds = True, []
+        except OSError:
+            fds = []
+        for fd in fds:
+            try:
+                with open(f"{base}/fdinfo/{fd}") as f:
+                    info = f.read()
+                mnt = next((int(ln.split()[1]) for ln in info.splitlines() if ln.startswith("mnt_id:")), None)
+                if mnt == entry.mount_id:
+                    uses.append(f"open file {os.readlink(f'{base}/fd/{fd}')}")
+            except OSError:
+                continue
+        try:
+            with open(f"{base}/maps") as f:
+                mapped = sorted({ln.split(None, 5)[5].strip() for ln in f
+                                 if ln.split(None, 5)[3:4] == [maps_dev] and len(ln.split(None, 5)) > 5})
+            uses += [f"mapped file {m}" for m in mapped]
+        except PermissionError:
+            denied = True
+        except OSError:
+            pass
+        if not uses:
+            hidden += denied
+            continue
+        try:
+            with open(f"{base}/comm") as f:
+                command = f.read().strip()
+            uid = os.stat(base).st_uid
+        except OSError:
+            continue  # gone meanwhile
+        found.append(Holder(int(name), uid, command, uses))
+    return sorted(found, key=lambda h: h.pid), hidden
+
+
+def process_uid(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def _answers(mountpoint: str, timeout: float = 3.0) -> bool | None:
+    """Whether the daemon behind a mount answers a request within timeout seconds (a read
+    of .cowfs/stats); None when we may not ask (no access to the mount)."""
+    from cowfs import api
+
+    try:
+        api.stats(mountpoint, timeout)
+        return True
+    except api.NotResponding:
+        return False
+    except (OSError, ValueError, api.CowfsError):
+        return None
+
+
+def busy_message(entry: MountEntry, pid: int) -> str:
+    """Why an unmount failed with EBUSY: who holds the mount, and --force only if the daemon
+    does not answer."""
+    mp = entry.mountpoint
+    found, hidden = holders(entry)
+    if found:
+        lines = [f"{mp} is busy: in use by"] + [f"  {h.describe()}" for h in found]
+        if hidden:
+            lines.append(f"  (and maybe by some of the {hidden} processes of other users that uid {os.geteuid()} "
+                         "cannot look at)")
+        lines.append("let them finish or leave it, then unmount again")
+    elif hidden:
+        lines = [f"{mp} is busy, but no process that uid {os.geteuid()} may look at uses it ({hidden} processes of "
+                 "other users could not be looked at: as root, cowfs umount names them)"]
+    else:
+        lines = [f"{mp} is busy, but no process uses it (a mount below it, or a process in another mount namespace?)"]
+    answers = _answers(mp)
+    if answers is False:
+        lines.append(f"its daemon (pid {pid}) does not answer: `cowfs umount --force {mp}` aborts it (writes not "
+                     "yet fsynced may be lost)")
+    return "\n".join(lines)
+
+
 def umount(mountpoint: str, timeout: float = 60.0, force: bool = False) -> str:
     """Unmount a cowfs mount point and wait for its daemon to exit; what was done, in words.
 
     A live daemon flushes everything first (the kernel writes its dirty pages back, the
     daemon commits and syncs).  A dead one has nothing left to flush: its connection is
     aborted and its mounts are cleared.  force ends a live daemon the same way, as a crash
-    would: the store keeps a prefix of the operations, every fsynced one included."""
+    would: the store keeps a prefix of the operations, every fsynced one included.
+    What the caller may not do (unmount another user's mount, kill another user's daemon)
+    is refused up front with who may."""
     mp = os.path.abspath(mountpoint)
     entry = entry_at(mp)
     if entry is None or entry.store is None:
         raise MountError(f"{mountpoint} is not a cowfs mount")
     store = entry.store
+    euid = os.geteuid()
+    owner = entry.owner_uid
+    if euid != 0 and owner is not None and owner != euid:
+        raise MountError(f"{mp} was mounted by {user_name(owner)}: only that user or root may unmount it")
     if not os.access(store, os.X_OK):  # its daemon.pid is out of reach: do not take it for dead
         raise MountError(f"{mountpoint} is a mount of the store {store}, which is private to its owner: "
                          "only its owner or root can unmount it")
@@ -210,6 +348,9 @@ def umount(mountpoint: str, timeout: float = 60.0, force: bool = False) -> str:
         return (f"the daemon of {store} had already died; cleared its mount(s) {', '.join(cleared)}; "
                 "as after any crash, the store holds a prefix of the operations, all fsynced ones included")
     if force:
+        if euid != 0:
+            raise MountError(f"cowfs umount --force aborts the FUSE connection of daemon pid {pid} (run by "
+                             f"{user_name(process_uid(pid))}) and kills it: only root may")
         cleared = clear_connection(entry.dev)
         try:
             os.kill(pid, signal.SIGKILL)
@@ -222,11 +363,27 @@ def umount(mountpoint: str, timeout: float = 60.0, force: bool = False) -> str:
     try:
         unmount(mp, timeout=timeout)
     except MountError as exc:
-        raise MountError(f"{exc}; if the daemon (pid {pid}) hangs, `cowfs umount --force {mp}` aborts it") from None
+        if "busy" in str(exc).lower():
+            raise MountError(busy_message(entry, pid)) from None
+        if "did not return" in str(exc):
+            raise MountError(f"{exc}; if its daemon (pid {pid}) hangs, `cowfs umount --force {mp}` aborts it") from None
+        raise
     if store_mounted(store):
         return f"unmounted {mp}; the daemon goes on serving the other mounts of {store}"
     _wait_exit(pid, timeout)
     return f"unmounted {mp}; the daemon flushed {store} and exited"
+
+
+def user_name(uid: int | None) -> str:
+    """"root (uid 0)", "nobody (uid 65534)", "uid 1234" (no such user), "an unknown user"."""
+    if uid is None:
+        return "an unknown user"
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _wait_exit(pid: int, timeout: float) -> None:

@@ -292,8 +292,14 @@ class Store:
         self.kv.write(batch)
 
     def space(self) -> dict[str, int]:
-        """The space accounting (see chunks.store.Space) plus the bytes the database takes on disk."""
-        return {**self.objects.space.figures(), "stored_bytes": self.disk_usage()}
+        """The space accounting (see chunks.store.Space) plus the bytes on disk, told apart:
+        stored_bytes is what the store keeps (the database without its write-ahead log,
+        plus the packs); wal_bytes the log, which RocksDB keeps until every column family with
+        data in it has flushed (tens of MB that come and go, gone at unmount); unflushed_bytes
+        the recent writes held in memtables, on disk only in the log until they are flushed."""
+        db, wal = self.kv.disk_usage()
+        return {**self.objects.space.figures(), "stored_bytes": db + self.packs.disk_usage(), "wal_bytes": wal,
+                "unflushed_bytes": self.kv.unflushed_bytes()}
 
     def sweep_packs(self) -> int:
         """Punch pack bytes no object points at (left by a crash between a pack append and its
@@ -307,8 +313,8 @@ class Store:
         return self.packs.sweep(live)
 
     def disk_usage(self) -> int:
-        """Bytes the store's database and pack files occupy on disk."""
-        return self.kv.disk_usage() + self.packs.disk_usage()
+        """Bytes the store's database (its write-ahead log included) and pack files occupy on disk."""
+        return sum(self.kv.disk_usage()) + self.packs.disk_usage()
 
     def inodes_used(self) -> int:
         """Inode numbers handed out so far (an upper bound on live inodes)."""

@@ -38,6 +38,7 @@ Needs root and /dev/fuse; every mount is unmounted at the end, even after an err
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import mmap
 import os
@@ -56,7 +57,6 @@ sys.path.insert(0, benchlib.REPO)
 from cowfs.cache.tiers import ChunkCache  # noqa: E402
 from cowfs.chunks.tree import CHUNK  # noqa: E402
 
-DJANGO_TAR = "/var/tmp/cowfs-test-cache/Django-5.1.4.tar"
 PAGE = 4096
 IMPORT_SCRIPT = """
 import django
@@ -82,10 +82,16 @@ def show(name: str, d: dict[str, float], unit: str = "ns") -> None:
                  f"p99 {d['p99']:>9.0f} {unit}  (n={d['n']})")
 
 
+@functools.lru_cache(maxsize=None)
+def django_tar() -> str:
+    """The Django 5.1.4 sdist as a .tar, downloaded into benchlib.DJANGO_CACHE on first use."""
+    return benchlib.django_tar()[0]
+
+
 def source_text(limit: int) -> bytes:
     """Real file content for the cache to hold: Django's .py files, concatenated."""
     out, n = [], 0
-    with tarfile.open(DJANGO_TAR) as tf:
+    with tarfile.open(django_tar()) as tf:
         for m in tf:
             if m.isfile() and m.name.endswith(".py"):
                 data = tf.extractfile(m).read()  # type: ignore[union-attr]
@@ -304,7 +310,7 @@ class Replay:
         with open(self.script, "w") as f:
             f.write(IMPORT_SCRIPT)
         os.makedirs(self.local, exist_ok=True)
-        benchlib.run(["tar", "xf", DJANGO_TAR, "--no-same-owner", "-C", self.local], timeout=600)
+        benchlib.run(["tar", "xf", django_tar(), "--no-same-owner", "-C", self.local], timeout=600)
         benchlib.run([sys.executable, "-m", "pip", "install", "-q", "--target", os.path.join(self.local, "site"),
                       "asgiref", "sqlparse"], timeout=600)
         git = ["git", "-c", "safe.directory=*", "-C", self.tree(self.local)]

@@ -52,7 +52,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import traceback
@@ -62,7 +61,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib as bl  # noqa: E402
 
 MiB = 1 << 20
-DJANGO = "django==5.1.4"
 GREP_PATTERN = "cowfs-bench-no-such-string-4242"
 
 # key: (workload, metric, unit, better, what one "op" is)
@@ -380,29 +378,6 @@ class Bench:
 # ---------------------------------------------------------------------------------------------
 # setup helpers
 
-def django_tar(cache: str, limit: int | None) -> tuple[str, int]:
-    """The Django sdist as an uncompressed .tar (optionally its first `limit` entries) -> (path, entries)."""
-    os.makedirs(cache, exist_ok=True)
-    name, ver = DJANGO.split("==")
-    gz = os.path.join(cache, f"Django-{ver}.tar.gz")
-    if not os.path.exists(gz):
-        bl.log(f"downloading the {DJANGO} sdist into {cache}")
-        bl.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                DJANGO, "-d", cache], timeout=600)
-    out = os.path.join(cache, f"Django-{ver}" + (f"-first{limit}" if limit else "") + ".tar")
-    if not os.path.exists(out):
-        tmp = out + ".tmp"
-        with tarfile.open(gz, "r:gz") as src, tarfile.open(tmp, "w") as dst:
-            for i, m in enumerate(src):
-                if limit and i >= limit:
-                    break
-                dst.addfile(m, src.extractfile(m) if m.isfile() else None)
-        os.replace(tmp, out)
-    with tarfile.open(out) as tf:
-        entries = sum(1 for _ in tf)
-    return out, entries
-
-
 def fmt_num(v) -> str:
     if v is None:
         return "n/a"
@@ -598,7 +573,7 @@ def main(argv=None) -> int:
           f"; write amplification from /sys/block/{disk.name}/stat", flush=True)
     tar, entries = (None, 0)
     if workloads & {"tree", "git"}:
-        tar, entries = django_tar(a.cache, a.tree_limit)
+        tar, entries = bl.django_tar(a.cache, a.tree_limit)
     home = os.path.join(a.workdir, "home")
     os.makedirs(home)
     # no background `git gc --auto` (the tree has more loose objects than gc.auto's 6700): it would

@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections import Counter
 
@@ -698,3 +699,32 @@ def machine_info() -> dict:
     return {"nproc": os.cpu_count(), "kernel": u.release, "cpu": cpu,
             "mem_gib": round(memtotal / 2**20, 1), "python": sys.version.split()[0],
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+# -- inputs: fetched on first use, kept in a cache directory ---------------------------------------------
+DJANGO = "django==5.1.4"
+DJANGO_CACHE = os.environ.get("COWFS_BENCH_CACHE", "/var/tmp/cowfs-test-cache")  # tests/test_real_tools.py downloads there too
+
+
+def django_tar(cache: str = DJANGO_CACHE, limit: int | None = None) -> tuple[str, int]:
+    """The Django sdist as an uncompressed .tar (optionally its first `limit` entries) -> (path, entries),
+    downloaded with pip into `cache` the first time: every benchmark fetches its own inputs."""
+    os.makedirs(cache, exist_ok=True)
+    name, ver = DJANGO.split("==")
+    gz = os.path.join(cache, f"Django-{ver}.tar.gz")
+    if not os.path.exists(gz):
+        log(f"downloading the {DJANGO} sdist into {cache}")
+        run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+             DJANGO, "-d", cache], timeout=600)
+    out = os.path.join(cache, f"Django-{ver}" + (f"-first{limit}" if limit else "") + ".tar")
+    if not os.path.exists(out):
+        tmp = out + ".tmp"
+        with tarfile.open(gz, "r:gz") as src, tarfile.open(tmp, "w") as dst:
+            for i, m in enumerate(src):
+                if limit and i >= limit:
+                    break
+                dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+        os.replace(tmp, out)
+    with tarfile.open(out) as tf:
+        entries = sum(1 for _ in tf)
+    return out, entries

@@ -9,7 +9,8 @@ mount, lets the background worker settle and RocksDB compact (`cowfs dedup --wai
 
     .venv/bin/python scripts/space_breakdown.py SRC [--copies 3] [--work /var/tmp/cowfs-space-breakdown]
 
-SRC defaults to bench_space.py's item 2 copy (/var/tmp/cowfs-bench-space/full/src/copies/c0).
+Without SRC, the Django 5.1.4 source tree is used (its sdist is downloaded with pip into
+/var/tmp/cowfs-test-cache on first use, as the other benchmarks do).
 Chunk payloads live in blob files and pack files, which are not in these figures.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ import sys
 import rocksdict as rd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
 from cowfs.store import DB_DIR, FAMILIES  # noqa: E402
 
 COWFS = os.path.join(os.path.dirname(sys.executable), "cowfs")
@@ -50,7 +53,7 @@ def families(store: str) -> dict[str, tuple[int, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src", nargs="?", default="/var/tmp/cowfs-bench-space/full/src/copies/c0")
+    ap.add_argument("src", nargs="?", help="the tree to copy (default: the Django 5.1.4 sources)")
     ap.add_argument("--copies", type=int, default=3)
     ap.add_argument("--work", default="/var/tmp/cowfs-space-breakdown")
     a = ap.parse_args()
@@ -59,6 +62,10 @@ def main() -> None:
     store, mp = os.path.join(a.work, "store"), os.path.join(a.work, "mnt")
     shutil.rmtree(a.work, ignore_errors=True)
     os.makedirs(mp)
+    if a.src is None:
+        a.src = os.path.join(a.work, "src")
+        os.makedirs(a.src)
+        run("tar", "xf", benchlib.django_tar()[0], "--no-same-owner", "-C", a.src)
     run(COWFS, "init", store)
     rows = []
     for i in range(a.copies):

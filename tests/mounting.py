@@ -27,6 +27,7 @@ import stat
 import struct
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import traceback
@@ -70,6 +71,18 @@ def cowfs_command() -> list[str]:
     if found:
         return [found]
     raise MountError("cowfs CLI not found: run `bash scripts/setup.sh` or set COWFS_BIN")
+
+
+def cowfs_command_for_others() -> tuple[list[str], dict[str, str]]:
+    """(command, environment) with which another uid runs this checkout's CLI: the venv's
+    interpreter may live where that uid cannot reach (pyenv under /root), so the system
+    Python 3 runs it, with this checkout and the venv's packages on its path (same ABI)."""
+    py = "/usr/bin/python3"
+    if not os.access(py, os.X_OK):
+        py = sys.executable
+    site = sysconfig.get_paths()["purelib"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), site]), PYTHONDONTWRITEBYTECODE="1")
+    return [py, "-m", "cowfs"], env
 
 
 def run_cowfs(*args, timeout: float = 60, check: bool = True, **kw) -> subprocess.CompletedProcess:

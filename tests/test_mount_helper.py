@@ -1,6 +1,6 @@
 """mount.fuse.cowfs: `mount -t fuse.cowfs STORE MP -o ...` and fstab lines, with the real mount(8).
 
-mount(8) finds the helper as /sbin/mount.fuse.cowfs (scripts/setup.sh links it from
+mount(8) finds the helper as /sbin/mount.fuse.cowfs (scripts/setup.sh --system links it from
 .venv/bin); `umount MP` needs no helper: the daemon exits when its mount goes away.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _pid_gone(pid: int, timeout: float) -> bool:
 @pytest.fixture
 def env(tmp_path):
     if not os.access(HELPER, os.X_OK):
-        pytest.fail(f"{HELPER} is missing: run `bash scripts/setup.sh` (it links the helper there)")
+        pytest.fail(f"{HELPER} is missing: run `bash scripts/setup.sh --system` (it links the helper there)")
     store, mp = tmp_path / "store", tmp_path / "mnt"
     subprocess.run([COWFS, "init", str(store)], check=True, capture_output=True)
     mp.mkdir()
@@ -180,7 +180,7 @@ def test_mount_t_cowfs_short_type(env):
     """`-t cowfs` runs /sbin/mount.cowfs (the same helper); the mount is fuse.cowfs."""
     store, mp = env
     if not os.access("/sbin/mount.cowfs", os.X_OK):
-        pytest.fail("/sbin/mount.cowfs is missing: run `bash scripts/setup.sh`")
+        pytest.fail("/sbin/mount.cowfs is missing: run `bash scripts/setup.sh --system`")
     r = _mount("-t", "cowfs", str(store), str(mp), "-o", "branch=main")
     assert r.returncode == 0, r.stderr
     assert _mounts(mp)[0]["fstype"] == "fuse.cowfs"

@@ -32,7 +32,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "cowfs@.service"
 INSTALLED_COWFS = "/usr/local/bin/cowfs"
-SETUP_HINT = "run `bash scripts/setup.sh` (it installs systemd's tools and links /usr/local/bin/cowfs)"
+SETUP_HINT = "run `bash scripts/setup.sh --system` (it installs systemd's tools and links /usr/local/bin/cowfs)"
 
 # Settings that put the service in its own mount namespace, from which mounts do not
 # propagate to the host (systemd.exec(5), PrivateMounts=; exec_needs_mount_namespace()):

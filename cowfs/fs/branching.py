@@ -459,8 +459,9 @@ def _kind(mode: int) -> str:
     return "special"
 
 
-async def run_gc(fs: Filesystem) -> int:
-    """One full garbage-collection pass, in chunks, yielding to other work between them."""
+async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None) -> int:
+    """One full garbage-collection pass, in chunks, yielding to other work between them;
+    progress(versions removed so far) after each chunk."""
     removed = 0
     async with fs.maintenance:
         async with fs.lock:
@@ -475,6 +476,8 @@ async def run_gc(fs: Filesystem) -> int:
             async with fs.lock:
                 fs.store.commit(batch, txn)
             removed += n
+            if progress is not None:
+                progress(removed)
             await trio.sleep(0)
     return removed
 

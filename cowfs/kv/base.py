@@ -64,8 +64,8 @@ class KV(ABC):
         """Reclaim the space of deleted keys now (blocking: call in a thread)."""
 
     @abstractmethod
-    def disk_usage(self) -> int:
-        """Bytes the backend occupies on disk."""
+    def disk_usage(self) -> tuple[int, int]:
+        """(bytes the backend occupies on disk without its write-ahead log, bytes of the log)."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -147,15 +147,20 @@ class RocksKV(KV):
                     cf.set_options({"blob_garbage_collection_age_cutoff": "0.25",
                                     "blob_garbage_collection_force_threshold": "1.0"})
 
-    def disk_usage(self) -> int:
-        total = 0
+    def disk_usage(self) -> tuple[int, int]:
+        """(bytes of the database without its write-ahead log, bytes of the log)."""
+        total = wal = 0
         for root, _dirs, files in os.walk(self.path):
             for f in files:
                 try:
-                    total += os.stat(os.path.join(root, f)).st_blocks * 512
+                    n = os.stat(os.path.join(root, f)).st_blocks * 512
                 except FileNotFoundError:
-                    pass
-        return total
+                    continue
+                if root == self.path and f.endswith(".log") and f[:-4].isdigit():
+                    wal += n
+                else:
+                    total += n
+        return total, wal
 
     def close(self) -> None:
         if not self.read_only:

@@ -1,0 +1,176 @@
+"""The `-o` options of `cowfs mount` and mount.fuse.cowfs: one table that both parse and
+that `cowfs mount --help` lists, so the help can never miss an option the daemon takes.
+
+Light on purpose (no pyfuse3, no trio): the CLI's help reads it.
+"""
+from __future__ import annotations
+
+import grp
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class OptionError(ValueError):
+    """An unknown option or a bad value; the message says which and what is allowed."""
+
+
+def parse_size(text: str) -> int:
+    """"10G", "256M", "4k", "1GiB", "512" (bytes) -> bytes; negative sizes are refused."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower()
+    if t.endswith("ib"):
+        t = t[:-2]
+    elif t.endswith("b"):
+        t = t[:-1]
+    value = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _bool01(v: str) -> bool:
+    if v not in ("0", "1"):
+        raise ValueError(v)
+    return v == "1"
+
+
+def _onoff(v: str) -> bool:
+    if v not in ("on", "off"):
+        raise ValueError(v)
+    return v == "on"
+
+
+def _share(v: str) -> float:
+    f = float(v)
+    if not 0 < f <= 1:
+        raise ValueError(v)
+    return f
+
+
+def _spin(v: str) -> int:
+    n = int(v)
+    if not 0 <= n <= 1000:
+        raise ValueError(v)
+    return n
+
+
+def _count(v: str) -> int:
+    n = int(v)
+    if n < 0:
+        raise ValueError(v)
+    return n
+
+
+def _group(v: str) -> int:
+    if v.isdigit():
+        return int(v)
+    try:
+        return grp.getgrnam(v).gr_gid
+    except KeyError:
+        raise ValueError(f"no group named {v!r}") from None
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    value: str | None          # what follows "=" ("SIZE", "0|1"); None for a flag
+    default: str | None        # as shown by --help
+    help: str
+    attr: str = ""             # the MountConfig field it sets ("" for a flag: appended to cfg.options)
+    parse: Callable[[str], Any] = str
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def syntax(self) -> str:
+        return self.name if self.value is None else f"{self.name}={self.value}"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("allow_other", None, None, "let other users (such as an unprivileged sandbox user) use the mount"),
+    Option("suid", None, None, "honour set-user-ID bits (mounts are nosuid by default: sandboxes run untrusted code)"),
+    Option("dev", None, None, "honour device nodes (mounts are nodev by default)"),
+    Option("nosuid", None, None, "the default"),
+    Option("nodev", None, None, "the default"),
+    Option("cache_l1", "SIZE", "256M", "decoded chunks kept in memory (cache_size is its older name)",
+           "cache_l1", parse_size, aliases=("cache_size",)),
+    Option("cache_l2", "SIZE", "256M", "reused chunks kept as 4 KiB lz4 pages; 0 turns it off", "cache_l2", parse_size),
+    Option("prefetch", "0|1", "1", "readahead and learned prefetch; 0 turns both off", "prefetch", _bool01),
+    Option("prefetch_learn", "0|1", "1", "0: keep using the branch's learned model but stop updating it",
+           "prefetch_learn", _bool01),
+    Option("dir_cache", "0|1", "1", "the kernel caches directory listings and absent names; 0 turns both off",
+           "dir_cache", _bool01),
+    Option("warm", "0|1", "1", "at a mount's first touch of a branch, a helper lists the directories its last cold "
+           "starts touched, so the kernel answers them (root only)", "warm", _bool01),
+    Option("quota_bytes", "SIZE", "none", "per-branch byte quota; beyond it writes fail with EDQUOT",
+           "quota_bytes", parse_size),
+    Option("quota_inodes", "N", "none", "per-branch inode quota; beyond it creates fail with EDQUOT",
+           "quota_inodes", _count),
+    Option("ctl_group", "GROUP", "none", "members of GROUP (a name or a gid) may snapshot, branch, roll back and "
+           "delete, besides the mount root's owner and root", "ctl_group", _group),
+    Option("dedup", "on|off", "on", "background delta encoding (and sharing of copied trees); off: its queue waits "
+           "for a later mount", "dedup", _onoff),
+    Option("dedup_cpu", "SHARE", "0.25", "the background worker's share of wall time (0 < SHARE <= 1)",
+           "dedup_cpu", _share),
+    Option("share", "on|off", "on", "copied directory trees come to share their originals' records", "share", _onoff),
+    Option("spin_us", "N", "50", "microseconds the daemon polls for the next FUSE request before it sleeps "
+           "(0-1000; 0 leaves pyfuse3's own wait)", "spin_us", _spin),
+)
+BY_NAME: dict[str, Option] = {n: o for o in OPTIONS for n in (o.name, *o.aliases)}
+# The options that hold for the whole daemon (every branch it serves); set explicitly, they
+# are recorded in MountConfig.given, so that a mount of another branch may repeat them.
+DAEMON_WIDE = ("cache_l1", "cache_l2", "prefetch", "prefetch_learn", "dir_cache", "warm", "dedup", "dedup_cpu",
+               "share", "spin_us")
+
+
+def lookup(text: str) -> Option | None:
+    """The option an "-o" word names (with or without its value), or None."""
+    return BY_NAME.get(text.partition("=")[0])
+
+
+def split(values: tuple[str, ...] | list[str]) -> list[str]:
+    """The words of repeated and comma-separated -o values."""
+    return [o.strip() for opt in values for o in opt.split(",") if o.strip()]
+
+
+def known() -> str:
+    return ", ".join(o.syntax for o in OPTIONS)
+
+
+def apply(cfg: Any, text: str) -> Option:
+    """Set one "-o" word on a MountConfig; OptionError names the option and what it takes."""
+    key, eq, value = text.partition("=")
+    opt = BY_NAME.get(key)
+    if opt is None:
+        raise OptionError(f"unknown mount option {text!r} (known: {known()}; see cowfs help mount-options)")
+    if opt.value is None:
+        if eq:
+            raise OptionError(f"mount option {key} takes no value (got {text!r})")
+        if text not in cfg.options:
+            cfg.options.append(text)
+        return opt
+    if not eq:
+        raise OptionError(f"mount option {key} needs a value: {opt.syntax}")
+    try:
+        setattr(cfg, opt.attr, opt.parse(value))
+    except (ValueError, OverflowError) as exc:
+        why = f": {exc}" if "no group" in str(exc) else ""
+        raise OptionError(f"bad value in mount option {text!r}{why} (expected {opt.syntax})") from None
+    if opt.attr in DAEMON_WIDE and hasattr(cfg, "given"):
+        cfg.given.add(opt.attr)
+    return opt
+
+
+def help_lines(width: int = 78) -> list[str]:
+    """The table as `cowfs mount --help` and `cowfs help mount-options` show it."""
+    import textwrap
+
+    col = max(len(o.syntax) for o in OPTIONS) + 2
+    out = []
+    for o in OPTIONS:
+        text = o.help + (f" (default {o.default})" if o.default is not None else "")
+        if o.aliases:
+            text += f"; also {', '.join(o.aliases)}"
+        wrapped = textwrap.wrap(text, max(30, width - col - 2))
+        out.append(f"  {o.syntax:<{col}}{wrapped[0]}")
+        out += [" " * (col + 2) + w for w in wrapped[1:]]
+    return out

@@ -1,0 +1,122 @@
+"""Maintenance on a store that no daemon serves: what `cowfs gc`, `cowfs dedup --wait` and
+`cowfs stats` do to an unmounted store, in the calling process.
+
+The store's RocksDB lock keeps a daemon from starting meanwhile (its mount fails with "in
+use"), as a daemon's lock keeps these from running on a mounted store.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from cowfs.errors import StoreError
+from cowfs.store import Store
+
+Progress = Callable[[str, int, "int | None"], None]
+
+
+def open_store(path: str) -> Store:
+    """The store at path, or StoreError saying what is wrong and who may open it."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path) and not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        from cowfs.mounts import user_name
+
+        owner = user_name(os.stat(path).st_uid)
+        raise StoreError(f"{path}: permission denied: the store belongs to {owner}; only that user and root "
+                         "may open it")
+    return Store(path)
+
+
+def _first_branch(store: Store) -> str:
+    """A branch to anchor the filesystem on (main if there is one)."""
+    names = sorted(store.catalog.branches, key=lambda n: (n != "main", n))
+    if not names:
+        raise StoreError(f"{store.path} has no branch")
+    return names[0]
+
+
+def gc(path: str, progress: Progress | None = None) -> dict[str, Any]:
+    """Garbage collection, pack sweep and compaction, as the daemon's `gc` does them."""
+    import trio
+
+    from cowfs.fs.branching import run_gc, sweep_packs
+    from cowfs.fs.filesystem import Filesystem
+
+    report = progress or (lambda stage, done, total: None)
+    store = open_store(path)
+    try:
+        async def work() -> dict[str, Any]:
+            fs = Filesystem(store, _first_branch(store))
+            removed = await run_gc(fs, lambda n: report("metadata versions removed", n, None))
+            report("sweeping packs", 0, None)
+            await sweep_packs(fs)
+            report("compacting", 0, None)
+            await store.in_thread(store.kv.compact, python=False)
+            return {"ok": True, "store": store.path, "daemon": False, "versions_removed": removed,
+                    "disk_bytes": store.disk_usage()}
+
+        return trio.run(work)
+    finally:
+        store.close()
+
+
+def dedup(path: str, wait: bool, timeout: float, progress: Progress | None = None) -> dict[str, Any]:
+    """The background work's figures; with wait, do all of it now (delta encoding of the
+    queue at full speed, then sharing of copied trees) and return once done."""
+    import trio
+
+    from cowfs.fs.dedup import DedupWorker
+    from cowfs.fs.filesystem import Filesystem
+    from cowfs.fs.sharing import Sharer
+
+    report = progress or (lambda stage, done, total: None)
+    store = open_store(path)
+    try:
+        async def work() -> dict[str, Any]:
+            fs = Filesystem(store, _first_branch(store))
+            worker = DedupWorker(fs, cpu_share=1.0)
+            sharer = Sharer(fs, True, lambda: True)
+            if wait:
+                queue = store.objects.space.queue
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(worker.run)
+                    with trio.move_on_after(timeout) as scope:
+                        while store.objects.space.queue > 0:
+                            report("delta encoding", queue - store.objects.space.queue, queue)
+                            await trio.sleep(0.2)
+                    nursery.cancel_scope.cancel()
+                if scope.cancelled_caught:
+                    raise StoreError(f"the background queue of {store.path} did not empty within {timeout:g} s "
+                                     f"({store.objects.space.queue} chunks left)")
+                report("sharing copied trees", 0, None)
+                await sharer.settle()
+            return {"ok": True, "store": store.path, "daemon": False, **store.space(), "dedup": worker.figures(),
+                    "shared": sharer.figures()}
+
+        return trio.run(work)
+    finally:
+        store.close()
+
+
+def stats(path: str) -> dict[str, Any]:
+    """The space figures of an unmounted store."""
+    store = open_store(path)
+    try:
+        return {"ok": True, "store": store.path, "daemon": False, **store.space(),
+                "disk_bytes": store.disk_usage(), "shared": store.meta.shared.figures()}
+    finally:
+        store.close()
+
+
+def is_store(path: str) -> bool:
+    """Whether path looks like a store (True also when we may not look: open_store then
+    says whose it is)."""
+    from cowfs.store import MARKER
+
+    try:
+        os.stat(os.path.join(path, MARKER))
+        return True
+    except PermissionError:
+        return True
+    except OSError:
+        return False

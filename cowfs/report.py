@@ -1,0 +1,136 @@
+"""The CLI's human output: data (the JSON that --json prints) in, lines out.
+
+One style everywhere: sizes in binary units, counts with separators, times local, file
+names quoted as git quotes them.  Pure functions, so each format is tested without a mount.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from cowfs.textfmt import count, duration, human, percent, quote_path, table, when
+
+MARKS = {"added": "+", "removed": "-", "modified": "M", "renamed": "R"}
+
+
+def _row(label: str, text: str) -> str:
+    return f"{label:<12}{text}"
+
+
+def stats_lines(d: dict[str, Any]) -> list[str]:
+    out = []
+    if d.get("store"):
+        out.append(_row("store", d["store"] + ("" if d.get("daemon_pid") else "  (not mounted)")))
+    if d.get("daemon_pid"):
+        out.append(_row("daemon", f"pid {d['daemon_pid']}, up {duration(d.get('uptime_s', 0))}, "
+                                  f"memory {human(d.get('rss_bytes'))} (peak {human(d.get('peak_rss_bytes'))})"))
+    if d.get("branch"):
+        where = f" at {d['mountpoint']}" if d.get("mountpoint") else ""
+        quota = ""
+        if d.get("quota_bytes") or d.get("quota_inodes"):
+            quota = (f" of quota {human(d['quota_bytes']) if d.get('quota_bytes') else 'none'}, "
+                     f"{count(d['quota_inodes']) if d.get('quota_inodes') else 'none'} inodes")
+        out.append(_row("branch", f"{d['branch']}{where}: {human(d.get('usage_bytes'))}, "
+                                  f"{count(d.get('usage_inodes'))} inodes{quota}"))
+        others = [b for b in d.get("mounted_branches", []) if b != d["branch"]]
+        if others:
+            out.append(_row("also mounted", ", ".join(others)))
+    if "logical_bytes" in d:
+        out.append(_row("data", f"{human(d['logical_bytes'])} in files, {human(d.get('unique_bytes'))} unique, "
+                                f"{human(d.get('chunk_bytes'))} stored in {count(d.get('chunks'))} chunks"))
+        out.append(_row("saved", f"{human(d.get('dedup_saved_bytes'))} by dedup, "
+                                 f"{human(d.get('delta_saved_bytes'))} by delta encoding, "
+                                 f"{human(d.get('compression_saved_bytes'))} by compression"))
+    if "stored_bytes" in d:
+        out.append(_row("on disk", f"{human(d['stored_bytes'])} stored, and a write-ahead log of "
+                                   f"{human(d.get('wal_bytes'))} ({human(d.get('unflushed_bytes'))} of recent "
+                                   "writes not yet flushed out of it)"))
+    if "background_queue" in d:
+        dd = d.get("dedup") or {}
+        state = "" if dd.get("enabled", True) else " (off: -o dedup=off)"
+        out.append(_row("background", f"{count(d['background_queue'])} chunks queued{state}; "
+                                      f"{count(d.get('delta_chunks'))} of {count(d.get('chunks'))} chunks are deltas"))
+    shared = d.get("shared") or {}
+    if shared:
+        out.append(_row("shared", f"{count(shared.get('inodes', 0))} inodes of copied trees share their "
+                                  f"originals' records ({count(shared.get('ranges', 0))} ranges)"))
+    cache = d.get("cache") or {}
+    for level in ("l1", "l2"):
+        c = cache.get(level)
+        if c:
+            out.append(_row(f"cache {level}", f"{human(c.get('bytes'))} of {human(c.get('max_bytes'))}, "
+                                              f"{count(c.get('entries'))} entries, {percent(c.get('hit_rate'))} hits "
+                                              f"({count(c.get('hits'))} hits, {count(c.get('misses'))} misses, "
+                                              f"{count(c.get('evictions'))} evictions)"))
+    pf = cache.get("prefetch") or {}
+    for source in ("readahead", "learned"):
+        p = pf.get(source)
+        if p:
+            out.append(_row(source, f"{count(p.get('prefetched'))} chunks prefetched, {count(p.get('used'))} "
+                                    f"read (precision {percent(p.get('precision'))}), "
+                                    f"{count(p.get('served_reads'))} reads served"))
+    if pf:
+        out.append(_row("recall", f"{percent(pf.get('recall'))} of {count(pf.get('chunk_reads'))} chunk reads"))
+    reqs = d.get("requests") or {}
+    if reqs:
+        top = sorted(reqs.items(), key=lambda kv: -kv[1])[:6]
+        out.append(_row("requests", f"{count(sum(reqs.values()))} ("
+                                    + ", ".join(f"{k} {count(v)}" for k, v in top) + ")"))
+    if "commits" in d:
+        out.append(_row("commits", f"{count(d['commits'])} ({count(max(0, d['commits'] - d.get('syncs_done', 0)))} "
+                                   f"since the last disk sync), {human(d.get('dirty_bytes'))} dirty, "
+                                   f"{count(d.get('flushes'))} flushes"))
+    return out
+
+
+def list_lines(listing: dict[str, Any]) -> list[str]:
+    rows = []
+    for r in listing.get("snapshots", []) + listing.get("branches", []):
+        note = "mounted here" if r.get("mounted_here") else ""
+        rows.append([r["name"], r["kind"], str(r.get("parent") or "-"), when(r["created"]),
+                     human(r.get("logical_bytes")), count(r.get("inodes")), note])
+    return table(["NAME", "KIND", "PARENT", "CREATED", "LOGICAL", "INODES", ""], rows, right={4, 5})
+
+
+def diff_lines(changes: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for c in changes:
+        extra = f" (from {quote_path(c['from'])})" if c.get("from") is not None else ""
+        out.append(f"{MARKS[c['change']]}\t{quote_path(c['path'])}{extra}")
+    return out
+
+
+def diff_nul(changes: list[dict[str, Any]]) -> bytes:
+    """MARK NUL PATH NUL per change; a rename: R NUL FROM NUL PATH NUL (names as their bytes)."""
+    out = bytearray()
+    for c in changes:
+        out += MARKS[c["change"]].encode() + b"\0"
+        if c.get("from") is not None:
+            out += c["from"].encode("utf-8", "surrogateescape") + b"\0"
+        out += c["path"].encode("utf-8", "surrogateescape") + b"\0"
+    return bytes(out)
+
+
+def gc_line(d: dict[str, Any]) -> str:
+    where = "by its daemon" if d.get("daemon") else "offline"
+    return (f"removed {count(d.get('versions_removed'))} metadata versions ({where}); "
+            f"the store takes {human(d.get('disk_bytes'))} on disk")
+
+
+def dedup_lines(d: dict[str, Any]) -> list[str]:
+    shared = d.get("shared") or {}
+    return [f"queue {count(d.get('background_queue'))} chunks; {count(d.get('delta_chunks'))} of "
+            f"{count(d.get('chunks'))} chunks are deltas, saving {human(d.get('delta_saved_bytes'))}",
+            f"{count(shared.get('inodes', 0))} inodes of copied trees share their originals' records "
+            f"({count(shared.get('ranges', 0))} ranges)"]
+
+
+def fsck_lines(d: dict[str, Any]) -> list[str]:
+    out = [f"problem: {p}" for p in d["problems"]]
+    out += [f"repaired: {r}" for r in d["repaired"]]
+    out += [f"cannot repair: {u}" for u in d["unrepairable"]]
+    c = d["counts"]
+    verdict = "clean" if d["clean"] else f"{len(d['problems'])} problems"
+    out.append(f"{d['store']}: {count(c.get('inodes', 0))} inodes in all views, {count(c.get('entries', 0))} "
+               f"entries, {count(c.get('objects', 0))} objects checked: {verdict}")
+    return out
+
