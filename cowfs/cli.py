@@ -16,6 +16,7 @@ import click
 from cowfs import __version__, api, cliutil, mount_options, progress, report
 from cowfs.cliutil import CliError
 from cowfs.errors import MountError, StoreError
+from cowfs.textfmt import quote_path
 
 EXIT_CODES = """\b
 Exit status: 0 success; 1 failure (the message on stderr says why); 2 bad usage.
@@ -66,11 +67,14 @@ def complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) 
     """Snapshot and branch names of the mount given before."""
     from click.shell_completion import CompletionItem
 
-    target = ctx.params.get("mount") or ctx.params.get("target")
-    if not target:
+    from cowfs import targets
+
+    given = ctx.params.get("mount") or ctx.params.get("target")
+    found = targets.place(given) if given else None
+    if found is None:
         return []
     try:
-        listing = api.control(target, "list", timeout=3)
+        listing = api.control(found.mountpoint, "list", timeout=3)
     except Exception:  # noqa: BLE001 - completion offers nothing rather than fail
         return []
     names = [r["name"] for r in listing.get("snapshots", []) + listing.get("branches", [])]
@@ -183,6 +187,28 @@ def stats(target: str, as_json: bool) -> None:
 
 
 # -- control-file wrappers: they work from inside a sandbox that only has the mount -------
+def _mount(path: str) -> str:
+    """The mount point of the cowfs mount holding path (any path inside it, relative to the
+    current directory)."""
+    from cowfs import targets
+
+    try:
+        return targets.mount_of(path).mountpoint
+    except targets.TargetError as exc:
+        _fail(str(exc))
+
+
+def _in_mount(mount: str, path: str) -> str:
+    """path (relative to the current directory inside the mount, else to its root) as the
+    control file takes it: relative to the mount root."""
+    from cowfs import targets
+
+    try:
+        return targets.in_mount(targets.mount_of(mount), path)
+    except targets.TargetError as exc:
+        _fail(str(exc))
+
+
 def _ctl(mount: str, timeout: float, *words: str, label: str | None = None, quiet: bool = False) -> dict[str, Any]:
     """Write one command line to MOUNT/.cowfs/ctl and return the daemon's JSON reply."""
     try:
@@ -225,7 +251,8 @@ def ctl_opts(fn: Any) -> Any:
 @click.argument("name")
 @ctl_opts
 def snapshot(mount: str, name: str, as_json: bool, timeout: float) -> None:
-    """Take an immutable snapshot NAME of the branch mounted at MOUNT."""
+    """Take an immutable snapshot NAME of the branch mounted at MOUNT (any path inside it)."""
+    mount = _mount(mount)
     _syncfs(mount, timeout)
     _show(_ctl(mount, timeout, "snapshot", name), as_json, f"snapshot {name} taken")
 
@@ -238,6 +265,7 @@ def snapshot(mount: str, name: str, as_json: bool, timeout: float) -> None:
 @ctl_opts
 def branch(mount: str, name: str, source: str | None, as_json: bool, timeout: float) -> None:
     """Create a writable branch NAME from the mounted branch's current state (or --from)."""
+    mount = _mount(mount)
     if source is None:
         _syncfs(mount, timeout)
     words = ["branch", name] + ([source] if source else [])
@@ -250,6 +278,7 @@ def branch(mount: str, name: str, source: str | None, as_json: bool, timeout: fl
 @ctl_opts
 def rollback(mount: str, name: str, as_json: bool, timeout: float) -> None:
     """Return the branch mounted at MOUNT exactly to snapshot NAME."""
+    mount = _mount(mount)
     _show(_ctl(mount, timeout, "rollback", name, quiet=as_json), as_json, f"rolled back to {name}")
 
 
@@ -259,10 +288,17 @@ def rollback(mount: str, name: str, as_json: bool, timeout: float) -> None:
 @click.argument("dst")
 @ctl_opts
 def clone(mount: str, src: str, dst: str, as_json: bool, timeout: float) -> None:
-    """Copy SRC to DST inside MOUNT in O(1), sharing data (paths relative to MOUNT)."""
+    """Copy SRC to DST inside MOUNT in O(1), sharing data.
+
+    MOUNT is any path inside the mount.  SRC and DST are taken from the current directory
+    when it is inside the mount (`cd MNT/repo && cowfs clone . README.md R2`), else from the
+    mount root; SRC may be inside .cowfs/snapshots/NAME/ (a file or tree of a snapshot).
+    """
+    mount = _mount(mount)
+    words = ("clone", _in_mount(mount, src), _in_mount(mount, dst))
     _syncfs(mount, timeout)
-    reply = _ctl(mount, timeout, "clone", src, dst, label=f"cloning {src}", quiet=as_json)
-    _show(reply, as_json, f"cloned {src} to {dst}")
+    reply = _ctl(mount, timeout, *words, label=f"cloning {quote_path(src)}", quiet=as_json)
+    _show(reply, as_json, f"cloned {quote_path(src)} to {quote_path(dst)}")
 
 
 @main.command()
@@ -271,6 +307,7 @@ def clone(mount: str, src: str, dst: str, as_json: bool, timeout: float) -> None
 @ctl_opts
 def delete(mount: str, name: str, as_json: bool, timeout: float) -> None:
     """Delete snapshot NAME, or branch NAME if it is not mounted."""
+    mount = _mount(mount)
     _show(_ctl(mount, timeout, "delete", name), as_json, f"deleted {name}")
 
 
@@ -279,7 +316,7 @@ def delete(mount: str, name: str, as_json: bool, timeout: float) -> None:
 @ctl_opts
 def list_(mount: str, as_json: bool, timeout: float) -> None:
     """Snapshots and branches of the lineage mounted at MOUNT."""
-    reply = _ctl(mount, timeout, "list")
+    reply = _ctl(_mount(mount), timeout, "list")
     _show(reply, as_json)
     if not as_json:
         for line in report.list_lines(reply):
@@ -299,6 +336,7 @@ def diff(mount: str, a: str, b: str | None, nul: bool, as_json: bool, timeout: f
     Paths with unusual characters are quoted as git quotes them ("a\\nb"), except with -z
     (MARK NUL PATH NUL; a rename: R NUL FROM NUL PATH NUL) and --json.
     """
+    mount = _mount(mount)
     if b is None:
         _syncfs(mount, timeout)
     reply = _ctl(mount, timeout, "diff", a, *([b] if b else []), quiet=as_json or nul)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from cowfs import progress
-from cowfs.cli import _fail, json_opt, main, mount_arg
+from cowfs.cli import _fail, _mount, json_opt, main, mount_arg
 from cowfs.errors import MountError
 from cowfs.mounts import MountEntry, cowfs_mounts
 from cowfs.textfmt import duration, human
@@ -400,13 +400,14 @@ def log(mount: str, as_json: bool) -> None:
     """
     from cowfs import api
 
+    mount = _mount(mount)
     try:
         listing = api.control(mount, "list")
     except api.CowfsError as exc:
         _fail(str(exc))
     order = build_history(listing)
     if as_json:
-        click.echo(json.dumps({"mount": os.path.abspath(mount), "nodes": [
+        click.echo(json.dumps({"mount": mount, "nodes": [
             {"id": n.id, "kind": n.kind, "name": n.name, "branch": n.line, "parent": n.parent, "time": n.time,
              "created": n.row.get("created"), "logical_bytes": n.row.get("logical_bytes"),
              "inodes": n.row.get("inodes"), "mounted_here": bool(n.row.get("mounted_here")) if n.kind == "branch" else None,
@@ -919,6 +920,7 @@ def export(mount: str, snapshot: str, dest: str, as_json: bool) -> None:
     """
     from cowfs import api
 
+    mount = _mount(mount)
     try:
         listing = api.control(mount, "list")
     except api.CowfsError as exc:

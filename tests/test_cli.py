@@ -361,3 +361,86 @@ def test_bench_cache_fetches_its_own_inputs(tmp_path):
     assert (cache / "Django-5.1.4.tar").exists()
     assert json.loads(r.stdout.splitlines()[-1])["l1_hit_median_ns"] > 0
     print(f"bench_cache --quick --parts micro from an empty cache: {time.monotonic() - t0:.0f} s")
+
+
+# -- 7: paths as a user means them -------------------------------------------------------------------
+@pytest.mark.timeout(180)
+def test_paths_are_taken_from_the_current_directory(cowfs_mount, tmp_path):
+    mp = cowfs_mount.path
+    (mp / "repo" / "sub").mkdir(parents=True)
+    (mp / "repo" / "README.md").write_text("hello\n")
+    assert mounting.ctl_exchange(mp, b"snapshot s\n")[0] == 0
+    cowfs("clone", ".", "README.md", "R2", cwd=mp / "repo", check=True)
+    assert (mp / "repo" / "R2").read_text() == "hello\n"
+    cowfs("clone", ".", "../README.md", "R3", cwd=mp / "repo" / "sub", check=True)
+    assert (mp / "repo" / "sub" / "R3").read_text() == "hello\n"
+    cowfs("clone", mp / "repo", "../.cowfs/snapshots/s/repo/README.md", "from-snapshot", cwd=mp / "repo", check=True)
+    assert (mp / "repo" / "from-snapshot").read_text() == "hello\n"
+    cowfs("clone", mp / "repo" / "sub", mp / "repo" / "README.md", mp / "absolute", check=True)
+    assert (mp / "absolute").read_text() == "hello\n"
+    cowfs("clone", mp, "repo/README.md", "from-root", check=True)        # from outside: the mount root
+    assert (mp / "from-root").read_text() == "hello\n"
+    # every command about a mount takes any path inside it
+    cowfs("snapshot", mp / "repo" / "sub", "s2", check=True)
+    assert "s2" in cowfs("list", ".", cwd=mp / "repo", check=True).stdout
+    assert "s2" in cowfs("log", "sub", cwd=mp / "repo", check=True).stdout
+    assert "+\trepo/R2" in cowfs("diff", ".", "s", cwd=mp / "repo" / "sub", check=True).stdout
+    r = cowfs("clone", ".", "../../x", "y", cwd=mp / "repo")
+    assert r.returncode == 1 and "../../x is outside the mount" in one_clear_line(r)
+    r = cowfs("snapshot", tmp_path, "x")
+    assert r.returncode == 1 and "is not inside a cowfs mount" in one_clear_line(r)
+    r = cowfs("snapshot", cowfs_mount.store, "x")
+    assert r.returncode == 1 and "is a store, not a mount" in one_clear_line(r)
+
+
+# -- 8: any name travels; names print as git prints them ---------------------------------------------
+ODD = 'new\nline "q" \\ é\t'
+NOT_UTF8 = os.fsdecode(b"bad\xff")
+
+
+def test_names_are_quoted_as_git_quotes_them(tmp_path):
+    from cowfs.textfmt import quote_path
+
+    names = [ODD, NOT_UTF8, "plain.txt", "sp ace", "tab\there", "ü"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    subprocess.run(["git", "-C", str(tmp_path), "add", "-A"], check=True)
+    out = subprocess.run(["git", "-C", str(tmp_path), "-c", "core.quotePath=true", "diff", "--cached", "--name-only"],
+                         capture_output=True, check=True).stdout
+    theirs = sorted(os.fsdecode(ln) for ln in out.splitlines())
+    assert sorted(quote_path(n) for n in names) == theirs
+
+
+def test_control_lines_carry_every_name():
+    from hypothesis import given, settings, strategies as st
+
+    from cowfs import protocol
+
+    byte_names = st.binary(min_size=0, max_size=20).filter(lambda b: b"\0" not in b)
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.lists(byte_names.map(os.fsdecode), min_size=1, max_size=4))
+    def round_trip(words):
+        line = protocol.join(words)
+        assert "\n" not in line and line.isascii()
+        assert protocol.split(line) == words
+
+    round_trip()
+
+
+@pytest.mark.timeout(180)
+def test_odd_names_clone_and_diff(cowfs_mount):
+    mp = cowfs_mount.path
+    for n in (ODD, NOT_UTF8):
+        (mp / n).write_bytes(b"content")
+    assert mounting.ctl_exchange(mp, b"snapshot s\n")[0] == 0
+    for n in (ODD, NOT_UTF8):
+        cowfs("clone", mp, n, n + "2", check=True)
+        assert (mp / (n + "2")).read_bytes() == b"content"
+    out = cowfs("diff", mp, "s", check=True).stdout
+    assert out.splitlines() == ['+\t"bad\\3772"', '+\t"new\\nline \\"q\\" \\\\ \\303\\251\\t2"'], out
+    raw = subprocess.run(COWFS + ["diff", str(mp), "s", "-z"], capture_output=True, check=True, timeout=60).stdout
+    assert raw == b"+\0bad\xff2\0+\0" + os.fsencode(ODD) + b"2\0"
+    changes = json.loads(cowfs("diff", mp, "s", "--json", check=True).stdout)["changes"]
+    assert sorted(c["path"] for c in changes) == sorted([NOT_UTF8 + "2", ODD + "2"])

@@ -218,7 +218,7 @@ def test_log_draws_a_dozen_snapshots_and_branches(stores, tmp_path):
 
 def test_log_errors(tmp_path):
     r = cowfs("log", tmp_path, check=False)
-    assert r.returncode == 1 and "not a cowfs mount" in r.stderr
+    assert r.returncode == 1 and "is not inside a cowfs mount" in r.stderr
 
 
 # -- run ------------------------------------------------------------------------------------------
