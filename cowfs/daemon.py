@@ -230,16 +230,20 @@ class Daemon:
         """(mount point, root inside our filesystem) of every mount of our FUSE connection."""
         return [(e.mountpoint, e.root) for e in mounts.connection_mounts(self.dev)] if self.dev else []
 
-    def mounted_branches(self) -> set[str]:
-        names = set()
-        for _mp, root in self.mounts():
+    def branch_mounts(self) -> list[tuple[str, str]]:
+        """(branch, mount point) of every mount of our FUSE connection."""
+        out = []
+        for mp, root in self.mounts():
             if root == "/":
-                names.add(self.fs.primary.name)
+                out.append((self.fs.primary.name, mp))
             elif root.startswith("/.cowfs/by-view/"):
                 view = self.fs.views.get(int(root.rsplit("/", 1)[1]))
                 if view is not None:
-                    names.add(view.name)
-        return names
+                    out.append((view.name, mp))
+        return out
+
+    def mounted_branches(self) -> set[str]:
+        return {name for name, _mp in self.branch_mounts()}
 
     async def kernel_sync(self) -> None:
         """Have the kernel write its dirty pages back to us: syncfs on the mount, from a child
@@ -275,7 +279,9 @@ class Daemon:
         if quota_bytes is not None or quota_inodes is not None:
             self.fs.set_quota(view, quota_bytes, quota_inodes)
         if branch in self.mounted_branches():
-            return {"ok": False, "error": f"branch {branch!r} is already mounted"}
+            where = ", ".join(mp for name, mp in self.branch_mounts() if name == branch)
+            return {"ok": False, "error": f"branch {branch!r} is already mounted at {where} (a branch is mounted "
+                                          "once: use that mount, or mount another branch)"}
         mps = self.mounts()
         if not mps:
             return {"ok": False, "error": "the daemon has no mount left"}

@@ -42,10 +42,11 @@ INO_MASK = (1 << EPOCH_SHIFT) - 1
 ATTR_TIMEOUT = 60.0  # the daemon is the only writer; content changed behind the kernel is invalidated
 
 # Control nodes (kinds); ".cowfs/by-view/VID" is resolvable by the daemon's own threads only
-# (it is how the daemon bind-mounts further branches) and is never listed.
+# (it is how the daemon bind-mounts further branches).  Like .cowfs itself in the mount root,
+# what .cowfs holds is found by name and never listed: so `rm -rf .cowfs` (or find, du, tar
+# given it) stops at one refusal instead of walking every snapshot, thousands of EROFS lines.
 K_DIR, K_CTL, K_STATS, K_SNAPS, K_BYVIEW = 1, 2, 3, 4, 5
 CONTROL_NAMES = {b"ctl": K_CTL, b"stats": K_STATS, b"snapshots": K_SNAPS, b"by-view": K_BYVIEW}
-LISTED = (b"ctl", b"stats", b"snapshots")
 
 
 class _Session:
@@ -234,8 +235,6 @@ class Operations(pyfuse3.Operations):
     def _control_listing(self, fino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes, Node | None]]:
         view = self._control_view(fino)
         kind = fino & 0xFF
-        if kind == K_DIR:
-            return [(n, self._control_entry((view.vid << 8) | CONTROL_NAMES[n]), None) for n in LISTED]
         if kind == K_SNAPS:
             out = []
             for snap in self.branching.visible_snapshots(view):

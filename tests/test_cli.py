@@ -444,3 +444,31 @@ def test_odd_names_clone_and_diff(cowfs_mount):
     assert raw == b"+\0bad\xff2\0+\0" + os.fsencode(ODD) + b"2\0"
     changes = json.loads(cowfs("diff", mp, "s", "--json", check=True).stdout)["changes"]
     assert sorted(c["path"] for c in changes) == sorted([NOT_UTF8 + "2", ODD + "2"])
+
+
+# -- 5: messages about mounted branches ---------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_mounting_a_mounted_branch_says_where(mount_factory, test_dir):
+    m = mount_factory()
+    second = test_dir / "second"
+    second.mkdir()
+    r = cowfs("mount", m.store, second)
+    assert r.returncode == 1 and f"branch 'main' is already mounted at {m.path}" in one_clear_line(r), r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_rm_rf_of_the_control_directory_is_one_refusal(mount_factory):
+    m = mount_factory(options=["allow_other"])
+    mp = m.path
+    for i in range(3):
+        (mp / f"d{i}").mkdir()
+        for j in range(20):
+            (mp / f"d{i}" / f"f{j}").write_bytes(b"x")
+        assert mounting.ctl_exchange(mp, f"snapshot s{i}\n".encode())[0] == 0
+    for kw, err in (({}, "Operation not permitted"),
+                    ({"user": UNPRIV_UID, "group": UNPRIV_GID, "extra_groups": []}, "Permission denied")):
+        r = subprocess.run(["rm", "-rf", ".cowfs"], cwd=mp, capture_output=True, text=True, timeout=60, **kw)
+        assert r.returncode == 1 and r.stderr.splitlines() == [f"rm: cannot remove '.cowfs': {err}"], r.stderr
+    assert sorted(os.listdir(mp / ".cowfs" / "snapshots")) == ["s0", "s1", "s2"]
+    assert len(os.listdir(mp / ".cowfs" / "snapshots" / "s2" / "d2")) == 20
+    assert json.loads((mp / ".cowfs" / "stats").read_text())["branch"] == "main"
