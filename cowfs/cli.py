@@ -97,6 +97,9 @@ def json_opt(fn: Any) -> Any:
 def main(ctx: click.Context, debug: bool) -> None:
     """cowfs: copy-on-write sandbox filesystems with snapshots, branches and O(1) clones.
 
+    MOUNT (and TARGET) is any path inside a cowfs mount, relative to the current directory;
+    a TARGET may also be a store directory.
+
     `cowfs help TOPIC` explains a command or a topic (mount-options, control-file,
     exit-codes, completion); `cowfs help --man` prints all of it as a man page.
     """
@@ -170,7 +173,7 @@ def umount(mountpoint: str, timeout: float, force: bool) -> None:
 @target_arg
 @json_opt
 def stats(target: str, as_json: bool) -> None:
-    """Figures of a store, or of the store behind a mount point TARGET.
+    """Figures of a store, or of the store behind the mount holding TARGET.
 
     Served by its daemon when the store is mounted (for a user who may not talk to the
     daemon, from the mount's .cowfs/stats), else read from the store itself.
@@ -354,7 +357,7 @@ def diff(mount: str, a: str, b: str | None, nul: bool, as_json: bool, timeout: f
 @target_arg
 @json_opt
 def gc(target: str, as_json: bool) -> None:
-    """Collect garbage now in the store (or the store behind mount point TARGET).
+    """Collect garbage now in the store TARGET (or the store behind the mount holding TARGET).
 
     Through its daemon when the store is mounted (root or the store's owner), else on the
     store itself.  Shows progress on a terminal.
@@ -375,8 +378,8 @@ def gc(target: str, as_json: bool) -> None:
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait at most.")
 @json_opt
 def dedup(target: str, wait: bool, timeout: float, as_json: bool) -> None:
-    """Background work on the store (or the store behind mount point TARGET): delta encoding
-    of chunks and sharing of copied trees' records; figures, or wait for both.
+    """Background work on the store TARGET (or the store behind the mount holding TARGET):
+    delta encoding of chunks and sharing of copied trees' records; figures, or wait for both.
 
     Through its daemon when the store is mounted (root or the store's owner); with --wait
     on an unmounted store, the work is done here and now.

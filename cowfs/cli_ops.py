@@ -137,10 +137,11 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
     wanted = None
     if only:
         wanted = set()
-        mounts = cowfs_mounts()
+        from cowfs.targets import place
+
         for t in only:
-            t = os.path.abspath(t)
-            wanted |= {e.store for e in mounts if e.mountpoint == t} or {t}
+            found = place(t)  # any path inside a mount stands for its store
+            wanted.add(found.store if found is not None else os.path.abspath(t))
     stores: dict[str, list[MountEntry]] = {}
     for e in cowfs_mounts():
         if wanted is None or e.store in wanted:
@@ -193,7 +194,7 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
 def status(targets: tuple[str, ...], as_json: bool) -> None:
     """Mounted stores: mount points, branches, daemon pids, cache and queue figures.
 
-    With TARGETS (stores or mount points), only the stores they name.
+    With TARGETs (stores, or paths inside mounts), only the stores they name.
     """
     stores = gather_status(list(targets) or None)
     if as_json:

@@ -12,7 +12,7 @@ from typing import Any
 
 from cowfs import admin, api, progress
 from cowfs.errors import MountError, StoreError
-from cowfs.mounts import daemon_pid, mounted_store, user_name
+from cowfs.mounts import daemon_pid, user_name
 
 
 class CliError(Exception):
@@ -44,8 +44,19 @@ def describe(exc: BaseException) -> str:
 
 
 def store_of(target: str) -> str:
-    """The store behind a mount point, or the target itself (a store directory)."""
-    return mounted_store(target) or os.path.abspath(target)
+    """The store behind the mount holding target (any path inside it), or the target itself
+    (a store directory)."""
+    from cowfs.targets import place
+
+    found = place(target)
+    return found.store if found is not None else os.path.abspath(target)
+
+
+def _mountpoint(target: str) -> str | None:
+    from cowfs.targets import place
+
+    found = place(target)
+    return found.mountpoint if found is not None else None
 
 
 def admin_refused(store: str) -> str:
@@ -88,7 +99,7 @@ def _served(target: str, store: str) -> bool:
     """Whether a daemon is to be asked: target is a mount (whose store this user may not be
     able to look into), or the store has a live daemon (a socket left by a killed daemon
     does not count)."""
-    return mounted_store(target) is not None or daemon_pid(store) is not None
+    return _mountpoint(target) is not None or daemon_pid(store) is not None
 
 
 def _offline_store(target: str) -> str:
@@ -106,7 +117,7 @@ def store_stats(target: str) -> dict[str, Any]:
     space figures when no daemon serves it."""
     from cowfs import offline
 
-    mp = os.path.abspath(target) if mounted_store(target) else None
+    mp = _mountpoint(target)
     store = store_of(target)
     if not _served(target, store):
         try:
@@ -188,7 +199,7 @@ def dedup(target: str, wait: bool, timeout: float, quiet: bool = False) -> dict[
 def fsck(path: str, repair: bool, verify_data: bool, quiet: bool = False) -> tuple[int, dict[str, Any]]:
     """(exit status, report) of a check; CliError when the store could not be checked."""
     from cowfs.fsck import Fsck
-    from cowfs.offline import open_store
+    from cowfs.store import Store
 
     store = os.path.abspath(path)
     pid = daemon_pid(store)
@@ -196,7 +207,7 @@ def fsck(path: str, repair: bool, verify_data: bool, quiet: bool = False) -> tup
         raise CliError(f"{store} is mounted (in use by daemon pid {pid}), so it was not checked: unmount it "
                        "first (cowfs umount MOUNTPOINT)")
     try:
-        st = open_store(store)
+        st = Store(store)
     except StoreError as exc:
         hint = "; unmount it first (cowfs umount MOUNTPOINT)" if "in use" in str(exc) else ""
         raise CliError(f"{exc}{hint}; not checked") from None

@@ -385,6 +385,10 @@ def test_paths_are_taken_from_the_current_directory(cowfs_mount, tmp_path):
     assert "s2" in cowfs("list", ".", cwd=mp / "repo", check=True).stdout
     assert "s2" in cowfs("log", "sub", cwd=mp / "repo", check=True).stdout
     assert "+\trepo/R2" in cowfs("diff", ".", "s", cwd=mp / "repo" / "sub", check=True).stdout
+    assert json.loads(cowfs("stats", "sub", "--json", cwd=mp / "repo", check=True).stdout)["branch"] == "main"
+    assert "removed" in cowfs("gc", mp / "repo", check=True).stdout
+    (rec,) = json.loads(cowfs("status", "sub", "--json", cwd=mp / "repo", check=True).stdout)["stores"]
+    assert rec["store"] == str(cowfs_mount.store)
     r = cowfs("clone", ".", "../../x", "y", cwd=mp / "repo")
     assert r.returncode == 1 and "../../x is outside the mount" in one_clear_line(r)
     r = cowfs("snapshot", tmp_path, "x")
