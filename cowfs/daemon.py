@@ -375,7 +375,7 @@ class Daemon:
                 note(0, "sweeping packs")
                 await sweep_packs(self.fs)
                 note(0, "compacting")
-                await self.store.in_thread(self.store.kv.compact, python=False)
+                await self.store.in_thread(self.store.compact, python=False)
             finally:
                 self.gc_progress = None
             return {"ok": True, "store": self.store.path, "daemon": True, "versions_removed": removed,

@@ -39,7 +39,7 @@ def gc(path: str, progress: Progress | None = None) -> dict[str, Any]:
             report("sweeping packs", 0, None)
             await sweep_packs(fs)
             report("compacting", 0, None)
-            await store.in_thread(store.kv.compact, python=False)
+            await store.in_thread(store.compact, python=False)
             return {"ok": True, "store": store.path, "daemon": False, "versions_removed": removed,
                     "disk_bytes": store.disk_usage()}
 

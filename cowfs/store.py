@@ -21,7 +21,7 @@ from cowfs.chunks import codec
 from cowfs.chunks.packs import PackStore
 from cowfs.chunks.store import CF_OBJECTS, FAMILIES as OBJECT_FAMILIES, ObjectStore, RefTxn
 from cowfs.errors import StoreError
-from cowfs.kv.base import Batch, StoreLockedError
+from cowfs.kv.base import KV, Batch, LocalEngine, StoreLockedError
 from cowfs.kv.rocks import RocksKV
 from cowfs.meta.layers import CF_META, Branch, Catalog
 from cowfs.meta.records import Attrs
@@ -132,8 +132,8 @@ class Store:
                             "(%s); a store is private to its owner", path, len(loose), ", ".join(loose[:8])
                             + (", ..." if len(loose) > 8 else ""))
         try:
-            self.kv = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,),
-                              small=_small_disk(path))
+            rocks = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,),
+                            small=_small_disk(path))
         except StoreLockedError as exc:
             self._release_umask()
             pid = daemon_pid(path)
@@ -142,6 +142,10 @@ class Store:
         except Exception as exc:
             self._release_umask()
             raise StoreError(f"{path}: cannot open the database: {exc}") from exc
+        self.kv: KV = rocks
+        # The same object seen as the embedded engine it is: disk-space checks, recovery
+        # from write errors, compaction (the layers above know only `kv`).
+        self.engine: LocalEngine = rocks
         self.path = path
         self.cache = ChunkCache(cache_l1, cache_l2)
         try:
@@ -223,7 +227,7 @@ class Store:
         if now - self._free_at > 0.25:
             st = os.statvfs(self.path)
             # Data in memtables is in the WAL already and will be written once more.
-            self._free = st.f_bavail * st.f_frsize - self.kv.unflushed_bytes()
+            self._free = st.f_bavail * st.f_frsize - self.engine.unflushed_bytes()
             self._free_at = now
         reserve = self.reserve // 2 if metadata else self.reserve
         # Data passes through the WAL and then a blob file: count it twice until flushed.
@@ -270,7 +274,7 @@ class Store:
     def _reopen(self) -> None:
         self._reopen_wanted = False
         try:
-            self.kv.recover()
+            self.engine.recover()
             self._reopen_error = ""
         except Exception as exc:
             self._reopen_error = str(exc)
@@ -281,9 +285,9 @@ class Store:
         """A reopen still owed (a failed write, or a reopen that could only open read-only)
         happens before the next write, if no thread uses the handle; a database still
         read-only refuses the write, saying why (a full disk: the caller answers ENOSPC)."""
-        if self._reopen_wanted or self.kv.read_only:
+        if self._reopen_wanted or self.engine.read_only:
             self.recover()
-            if self.kv.read_only:
+            if self.engine.read_only:
                 raise OSError(errno.EIO, f"the database is read-only after a write error: {self._reopen_error}")
 
     def write(self, batch: Batch) -> None:
@@ -297,9 +301,9 @@ class Store:
         plus the packs); wal_bytes the log, which RocksDB keeps until every column family with
         data in it has flushed (tens of MB that come and go, gone at unmount); unflushed_bytes
         the recent writes held in memtables, on disk only in the log until they are flushed."""
-        db, wal = self.kv.disk_usage()
+        db, wal = self.engine.disk_usage()
         return {**self.objects.space.figures(), "stored_bytes": db + self.packs.disk_usage(), "wal_bytes": wal,
-                "unflushed_bytes": self.kv.unflushed_bytes()}
+                "unflushed_bytes": self.engine.unflushed_bytes()}
 
     def sweep_packs(self) -> int:
         """Punch pack bytes no object points at (left by a crash between a pack append and its
@@ -314,7 +318,11 @@ class Store:
 
     def disk_usage(self) -> int:
         """Bytes the store's database (its write-ahead log included) and pack files occupy on disk."""
-        return sum(self.kv.disk_usage()) + self.packs.disk_usage()
+        return sum(self.engine.disk_usage()) + self.packs.disk_usage()
+
+    def compact(self) -> None:
+        """Reclaim the database space of deleted keys now (blocking: call in a thread)."""
+        self.engine.compact()
 
     def inodes_used(self) -> int:
         """Inode numbers handed out so far (an upper bound on live inodes)."""

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import gc
 import os
-from typing import Iterator
+import threading
+from typing import Iterator, Sequence
 
 import rocksdict as rd
 
-from cowfs.kv.base import KV, Batch, StoreLockedError
+from cowfs.kv.base import KV, Batch, Conflict, Expect, LocalEngine, StoreLockedError
 
 
 def _options(small: bool = False) -> rd.Options:
@@ -46,7 +47,20 @@ def _blob_options(small: bool = False) -> rd.Options:
     return opt
 
 
-class RocksKV(KV):
+class RocksKV(KV, LocalEngine):
+    """RocksDB, opened by one process (its LOCK file), and a LocalEngine.
+
+    Compare-and-set: `write` holds `_write_lock` from the reads of the expected keys to the
+    end of `db.write` of one WriteBatch, and every write takes it, so no write of this
+    process lands between the check and the batch.  That is enough because RocksDB lets one
+    process open the database for writing and every write of that process goes through
+    here; readers need no lock (a WriteBatch is applied atomically, and iterators read a
+    snapshot).  Several processes writing one store would need more than this lock: one
+    process owning the database and serving the others' batches (the lock then lives in
+    it), or RocksDB's TransactionDB (rocksdict does not expose it), or a distributed engine
+    whose transactions do the check (see KV.write).
+    """
+
     def __init__(self, path: str, families: tuple[str, ...], blob_families: tuple[str, ...] = (),
                  small: bool = False) -> None:
         self.path = path
@@ -55,6 +69,9 @@ class RocksKV(KV):
         self._small = small
         self._wo = rd.WriteOptions()
         self._wo.sync = False
+        # Writes come from the event loop; the lock makes a check-and-write atomic against
+        # writes from any other thread as well, and keeps a reopen (recover) out of a write.
+        self._write_lock = threading.Lock()
         self._open()
 
     def _open(self, read_only: bool = False) -> None:
@@ -95,15 +112,16 @@ class RocksKV(KV):
         (cowfs.store.Store) calls this again before its next write.  No other thread may use
         the database meanwhile: the handles are closed and replaced (rocksdict has no call
         that resumes a database in place)."""
-        try:
-            self._close()
-        except Exception:
-            pass
-        try:
-            self._open()
-        except Exception:
-            self._open(read_only=True)
-            raise
+        with self._write_lock:
+            try:
+                self._close()
+            except Exception:
+                pass
+            try:
+                self._open()
+            except Exception:
+                self._open(read_only=True)
+                raise
 
     def get(self, cf: str, key: bytes) -> bytes | None:
         return self._cf[cf].get(key)
@@ -119,15 +137,20 @@ class RocksKV(KV):
             yield key, it.value()
             it.next()
 
-    def write(self, batch: Batch) -> None:
-        wb = rd.WriteBatch(raw_mode=True)
-        handles = self._handles
-        for cf, key, value in batch.ops:
-            if value is None:
-                wb.delete(key, handles[cf])
-            else:
-                wb.put(key, value, handles[cf])
-        self.db.write(wb, self._wo)
+    def write(self, batch: Batch, expect: Sequence[Expect] = ()) -> None:
+        with self._write_lock:
+            for cf, key, value in expect:
+                found = self._cf[cf].get(key)
+                if found != value:
+                    raise Conflict(cf, key, value, found)
+            wb = rd.WriteBatch(raw_mode=True)
+            handles = self._handles
+            for cf, key, value in batch.ops:
+                if value is None:
+                    wb.delete(key, handles[cf])
+                else:
+                    wb.put(key, value, handles[cf])
+            self.db.write(wb, self._wo)
 
     def sync(self) -> None:
         self.db.flush_wal(True)

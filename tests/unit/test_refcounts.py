@@ -1,7 +1,8 @@
-"""Reference counting of ObjectStore.apply, in process: the node-pair shortcut (a new tree
-node netted against the stored node it was made from, slot by changed slot) must leave the
-store exactly as expanding every child does, and both must match a recount from the live
-roots.  The mount-level check of the same code is
+"""Reference counting of ObjectStore.apply (RefTxn), on MemoryKV: the node-pair shortcut (a
+new tree node netted against the stored node it was made from, slot by changed slot) must
+leave the store exactly as expanding every child does, both must match a recount from the
+live roots, and the space accounting must match a recount from the records.  The
+mount-level check of the same code is
 test_fsck.py::test_rewrites_in_a_two_level_tree_keep_counts_exact (fsck's full walk).
 """
 from __future__ import annotations
@@ -11,17 +12,13 @@ import random
 import pytest
 
 from cowfs.chunks import codec
-from cowfs.chunks.store import CF_OBJECTS, CF_REFS, RefTxn, parse_ref
+from cowfs.chunks.store import CF_OBJECTS, CF_PENDING, CF_REFS, MissingObject, RefTxn, scan_space
 from cowfs.chunks.tree import FANOUT, Root, TreeWriter, iter_chunks
 from cowfs.kv.base import Batch
-from cowfs.store import Store, init_store
 
-POOL = [bytes([k]) * (100 + k) for k in range(1, 7)]  # few chunks: files share and repeat them
+from unit.helpers import POOL, Objects, chunk, recount
+
 SIZES = (1, 2, 40, FANOUT, FANOUT + 1, 700, 1100)  # across the one- and two-level boundaries
-
-
-def chunk(k: int) -> tuple[bytes, bytes]:
-    return codec.chunk_hash(POOL[k]), codec.encode_chunk(POOL[k], 1)
 
 
 class Model:
@@ -51,7 +48,7 @@ class Model:
                 ops.append(("delete", self.rnd.choice(live)))
         return ops
 
-    def apply(self, st: Store, ops: list[tuple], pairs: bool) -> dict[int, tuple[Root | None, int]]:
+    def apply(self, st: Objects, ops: list[tuple], pairs: bool) -> dict[int, tuple[Root | None, int]]:
         """Run ops as one transaction on st; return the files afterwards (st is not the model's)."""
         files = dict(self.files)
         content = {f: dict(c) for f, c in self.content.items()}
@@ -107,39 +104,14 @@ class Model:
         self.next = max(self.next, max(files, default=-1) + 1)
 
 
-def dump(st: Store) -> tuple[list, list, bytes]:
-    return (list(st.kv.scan(CF_REFS, b"")), list(st.kv.scan(CF_OBJECTS, b"")), st.objects.space.pack())
-
-
-def recount(st: Store, files: dict[int, tuple[Root | None, int]]) -> dict[bytes, tuple[int, int]]:
-    """(count, roots) of every object, from the live roots: one reference per file root, one
-    per slot of every distinct live node."""
-    want: dict[bytes, list[int]] = {}
-    seen: set[bytes] = set()
-
-    def visit(h: bytes, level: int) -> None:
-        if level == 0 or h in seen:
-            return
-        seen.add(h)
-        for c in codec.node_children(st.objects.node(h)):
-            want.setdefault(c, [0, 0])[0] += 1
-            visit(c, level - 1)
-
-    for root, _n in files.values():
-        if root is not None:
-            w = want.setdefault(root.hash, [0, 0])
-            w[0] += 1
-            w[1] += 1
-            visit(root.hash, root.depth)
-    return {h: (c, r) for h, (c, r) in want.items()}
+def dump(st: Objects) -> tuple[list, list, list, bytes]:
+    return (list(st.kv.scan(CF_REFS, b"")), list(st.kv.scan(CF_OBJECTS, b"")),
+            list(st.kv.scan(CF_PENDING, b"")), st.objects.space.pack())
 
 
 @pytest.mark.parametrize("seed", range(10))
 def test_node_pairs_count_exactly_as_expanding_every_child(tmp_path, seed):
-    stores = []
-    for name in ("paired", "expanded"):
-        init_store(str(tmp_path / name))
-        stores.append(Store(str(tmp_path / name), cache_l1=1 << 20, cache_l2=1 << 20))
+    stores = [Objects(tmp_path / name) for name in ("paired", "expanded")]
     paired, expanded = stores
     model = Model(random.Random(seed))
     try:
@@ -149,9 +121,9 @@ def test_node_pairs_count_exactly_as_expanding_every_child(tmp_path, seed):
             assert model.apply(expanded, ops, pairs=False) == files
             model.adopt(files)
             assert dump(paired) == dump(expanded), f"seed {seed}, step {step}: {ops}"
-        got = {h: (r.count, r.roots) for h, r in ((h, parse_ref(v)) for h, v in paired.kv.scan(CF_REFS, b""))}
-        assert got == recount(paired, model.files)
-        assert {h for h, _ in paired.kv.scan(CF_OBJECTS, b"")} == set(got)
+            assert paired.objects.space == scan_space(paired.kv), f"seed {seed}, step {step}: {ops}"
+            assert paired.refs() == recount(model.files, paired.objects.node), f"seed {seed}, step {step}"
+        assert paired.stored() == set(paired.refs())
     finally:
         for st in stores:
             st.close()
@@ -160,8 +132,7 @@ def test_node_pairs_count_exactly_as_expanding_every_child(tmp_path, seed):
 def test_a_pair_whose_old_node_stays_keeps_its_children(tmp_path):
     """The old node is shared (a clone holds it): the new node's group of "+1 to each child"
     must be expanded, and nothing either node holds may be freed."""
-    init_store(str(tmp_path / "s"))
-    st = Store(str(tmp_path / "s"))
+    st = Objects(tmp_path / "s")
     try:
         txn = RefTxn()
         h0, v0 = chunk(0)
@@ -178,7 +149,63 @@ def test_a_pair_whose_old_node_stays_keeps_its_children(tmp_path):
         txn.incref(b.hash)
         txn.decref(a.hash)
         st.commit(Batch(), txn)
-        got = {h: (parse_ref(v).count, parse_ref(v).roots) for h, v in st.kv.scan(CF_REFS, b"")}
-        assert got == recount(st, {0: (a, 600), 1: (b, 600)})
+        assert st.refs() == recount({0: (a, 600), 1: (b, 600)}, st.objects.node)
+    finally:
+        st.close()
+
+
+def test_a_dedup_hit_only_counts_and_the_last_reference_frees_the_tree(tmp_path):
+    st = Objects(tmp_path / "s")
+    try:
+        h0, v0 = chunk(0)
+        h1, v1 = chunk(1)
+
+        def file_txn() -> tuple[RefTxn, Root]:
+            txn = RefTxn()
+            txn.add_object(h0, v0, [])
+            txn.add_object(h1, v1, [])
+            root = TreeWriter(st.objects.node, txn).update(None, {0: h0, 1: h1, 2: h0}, 3)
+            txn.incref(root.hash)
+            return txn, root
+
+        txn, a = file_txn()
+        assert st.commit(Batch(), txn) == (3, 0)  # the node and both chunks
+        stored = dict(st.kv.scan(CF_OBJECTS, b""))
+        txn, b = file_txn()
+        assert b == a and st.commit(Batch(), txn) == (0, 0)  # the same content: nothing stored again
+        assert dict(st.kv.scan(CF_OBJECTS, b"")) == stored
+        assert st.refs() == {a.hash: (2, 2), h0: (2, 0), h1: (1, 0)}
+        assert st.objects.space.logical_bytes == 2 * (2 * len(POOL[0]) + len(POOL[1]))
+        for expect_freed, refs in ((0, {a.hash: (1, 1), h0: (2, 0), h1: (1, 0)}), (3, {})):
+            txn = RefTxn()
+            txn.decref(a.hash)
+            assert st.commit(Batch(), txn) == (0, expect_freed)
+            assert st.refs() == refs and st.objects.space == scan_space(st.kv)
+        assert st.stored() == set() and list(st.kv.scan(CF_PENDING, b"")) == []
+    finally:
+        st.close()
+
+
+def test_a_count_below_zero_or_an_unknown_reference_is_refused_and_writes_nothing(tmp_path):
+    st = Objects(tmp_path / "s")
+    try:
+        h0, v0 = chunk(0)
+        txn = RefTxn()
+        txn.add_object(h0, v0, [])
+        txn.incref(h0)
+        st.commit(Batch(), txn)
+        before = dump(st)
+        txn = RefTxn()
+        txn.decref(h0, 2)
+        b = Batch()
+        b.put(CF_OBJECTS, b"unrelated", b"x")
+        with pytest.raises(codec.CorruptObject, match="below zero"):
+            st.commit(b, txn)
+        assert dump(st) == before and st.objects.space == scan_space(st.kv)
+        txn = RefTxn()
+        txn.incref(chunk(1)[0])  # never added: not in the store
+        with pytest.raises(MissingObject, match="unknown object"):
+            st.commit(Batch(), txn)
+        assert dump(st) == before
     finally:
         st.close()
