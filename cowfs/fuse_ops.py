@@ -429,7 +429,7 @@ class Operations(pyfuse3.Operations):
             await self._writeback(op, name_old)
             if flags & pyfuse3.RENAME_EXCHANGE:
                 await self._writeback(np, name_new)
-        await self.fs.rename(op, name_old, np, name_new, flags)
+        await self.fs.rename(op, name_old, np, name_new, flags, ctx.uid, ctx.gid)
 
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

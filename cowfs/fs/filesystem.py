@@ -51,6 +51,10 @@ PACK_FLUSH_BYTES = 4 << 20
 PACK_MIN_VALUE = 8 << 10
 XATTR_SIZE_MAX = 65536
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+# renameat2 flags (linux/fs.h): the kernel filters unknown ones and the EXCHANGE combinations
+# itself, but FUSE carries the raw value, so the core checks them again.
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
+RENAME_FLAGS = RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
 
 
 CLOCK_REALTIME_COARSE = 5  # Linux; not exported by Python's time module
@@ -627,15 +631,25 @@ class Filesystem:
             m.save(node)
             m.save(parent)
 
-    async def rename(self, op: Node, oname: bytes, np: Node, nname: bytes, flags: int) -> None:
+    async def rename(self, op: Node, oname: bytes, np: Node, nname: bytes, flags: int,
+                     uid: int = 0, gid: int = 0) -> None:
+        """rename and renameat2.  RENAME_WHITEOUT (overlayfs's upper directories use it) puts
+        a whiteout at the old name in the same commit: a character device 0/0 with no
+        permission bits, owned by the caller (uid, gid), as the kernel's own filesystems do."""
         _check_name(oname)
         _check_name(nname)
-        noreplace = bool(flags & 1)  # RENAME_NOREPLACE
-        exchange = bool(flags & 2)  # RENAME_EXCHANGE
+        if flags & ~RENAME_FLAGS:
+            raise FSError(errno.EINVAL, f"unknown rename flags {flags & ~RENAME_FLAGS:#x}")
+        noreplace = bool(flags & RENAME_NOREPLACE)
+        exchange = bool(flags & RENAME_EXCHANGE)
+        whiteout = bool(flags & RENAME_WHITEOUT)
+        if exchange and (noreplace or whiteout):
+            raise FSError(errno.EINVAL)
         if not op.view.writable or not np.view.writable:
             raise FSError(errno.EROFS)
         if np.view is not op.view:  # another branch's tree: another filesystem, as far as rename goes
             raise FSError(errno.EXDEV)
+        wo: Node | None = None
         async with self.mutate(op.view) as m:
             sino = self.child_ino(op, oname)
             if sino is None:
@@ -669,7 +683,15 @@ class Filesystem:
                         raise FSError(errno.ENOTEMPTY)
                 elif dst.attrs.is_dir:
                     raise FSError(errno.EISDIR)
-            m.unlink(op, oname)
+            if whiteout:
+                op.view.check_quota(more_inodes=1)
+                if self.store.space_low(0, metadata=True):
+                    raise FSError(errno.ENOSPC, "the store's disk is (nearly) full")
+                wo = self._new_node(m, op, stat.S_IFCHR, uid, gid)
+                m.link(op, oname, wo)  # replaces the old entry in the same batch
+                m.save(wo)
+            else:
+                m.unlink(op, oname)
             m.link(np, nname, src)
             if dst is not None:
                 if dst.attrs.is_dir:
@@ -692,6 +714,8 @@ class Filesystem:
                     self._release_inode(m, dst)
                 else:
                     m.save(dst)
+        if wo is not None:
+            self._maybe_evict(wo)  # the kernel learns of it by a lookup, if ever
 
     async def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
