@@ -138,11 +138,12 @@ class Ref:
     kind: str                     # "snapshot" or "branch"
     parent: str | None            # snapshot: the branch it was taken on; branch: what it was made from
     created: float                # Unix time
-    logical_bytes: int
+    logical_bytes: int            # the sizes of its files (holes included)
     inodes: int
     mounted_here: bool = False    # branch: it is the branch of the mount that was asked
     quota_bytes: int | None = None
     quota_inodes: int | None = None
+    allocated_bytes: int = 0      # what its files' data takes (holes excluded): what quota_bytes charges
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def _ref(row: dict[str, Any]) -> Ref:
     return Ref(name=row["name"], kind=row["kind"], parent=row.get("parent"), created=row["created"],
                logical_bytes=row.get("logical_bytes", 0), inodes=row.get("inodes", 0),
                mounted_here=bool(row.get("mounted_here", False)), quota_bytes=row.get("quota_bytes"),
-               quota_inodes=row.get("quota_inodes"))
+               quota_inodes=row.get("quota_inodes"), allocated_bytes=row.get("allocated_bytes", 0))
 
 
 # -- helpers ------------------------------------------------------------------------------------

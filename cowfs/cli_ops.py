@@ -238,7 +238,8 @@ def status(targets: tuple[str, ...], as_json: bool) -> None:
             if st.get("quota_bytes") or st.get("quota_inodes"):
                 quota = (f" (quota {human(st['quota_bytes']) if st.get('quota_bytes') else '-'}, "
                          f"{st.get('quota_inodes') or '-'} inodes)")
-            click.echo(f"  usage   {human(st.get('usage_bytes', 0))}, {st.get('usage_inodes', 0)} inodes{quota}; "
+            click.echo(f"  usage   {human(st.get('usage_bytes', 0))} logical, "
+                       f"{human(st.get('usage_allocated_bytes', 0))} allocated, {st.get('usage_inodes', 0)} inodes{quota}; "
                        f"store on disk {human(st.get('disk_bytes', 0))}")
         elif rec.get("stats_error"):
             click.echo("  " + click.style(f"figures unavailable: {rec['stats_error']}", fg="yellow"))

@@ -322,7 +322,8 @@ class Daemon:
             "peak_rss_bytes": mem.get("VmHWM", 0),
             "requests": dict(self.ops.requests),
             "kernel_dir_cache": self.dir_cache,
-            "usage_bytes": view.usage_bytes,
+            "usage_bytes": view.usage_bytes,  # logical: the sizes of its files, holes included
+            "usage_allocated_bytes": view.allocated,  # what its files' data takes: the byte quota's measure
             "usage_inodes": view.usage_inodes,
             "quota_bytes": view.quota_bytes,
             "quota_inodes": view.quota_inodes,

@@ -13,8 +13,10 @@ What is checked, in order:
      object is stored without references; delta bases are whole chunks;
   4. every stored object decodes (a delta through its base) and matches its BLAKE3 hash;
   5. every versioned key has its changelog entry (garbage collection relies on it);
-  6. the space accounting equals a recount, the background queue names stored chunks only.
---repair rewrites wrong reference counts and link counts, deletes unreferenced objects,
+  6. the space accounting equals a recount, the background queue names stored chunks only;
+  7. the usage recorded for every branch head and snapshot (logical bytes, inodes, allocated
+     bytes: what `list` shows and quotas charge) equals a recount of what it sees.
+--repair rewrites wrong reference counts, link counts and usage records, deletes unreferenced objects,
 dangling directory entries and missing changelog entries, and links orphaned inodes into
 /lost+found of the branch they belong to. It reports what it could not fix (a missing or
 damaged chunk: the files that use it are named).
@@ -88,6 +90,7 @@ class Fsck:
             self.store.kv.write(self.batch)
             self.store.kv.sync()
         self.check_space()
+        self.check_usage(tops)
         return self.report
 
     # -- 1. catalog ------------------------------------------------------------------------
@@ -389,6 +392,22 @@ class Fsck:
                 if self.repair:
                     self.batch.delete(CF_PENDING, h)
                     self.report.repaired.append(f"removed {h.hex()[:16]}… from the background queue")
+
+    def check_usage(self, tops: list[tuple[str, int]]) -> None:
+        """Recorded usage against a recount (after repairs, which may change what is seen)."""
+        batch = Batch()
+        for name, top in tops:
+            counted = self.store.count_usage(LayerView(top, frozenset(self.cat.ancestry(top))))
+            stored = self.cat.usage(top)
+            if stored is not None and stored != counted:
+                self.report.problem(f"{name}: recorded usage {tuple(stored)} (logical bytes, inodes, allocated "
+                                    f"bytes) differs from a recount {tuple(counted)}")
+                if self.repair:
+                    self.cat.save_usage(top, counted, batch)
+                    self.report.repaired.append(f"{name}: usage recounted")
+        if len(batch):
+            self.store.kv.write(batch)
+            self.store.kv.sync()
 
     def check_space(self) -> None:
         """Stored figures against a recount (after repairs, which change them)."""

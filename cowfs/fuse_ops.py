@@ -192,7 +192,7 @@ class Operations(pyfuse3.Operations):
         e.st_rdev = a.rdev
         e.st_size = a.size
         e.st_blksize = CHUNK
-        e.st_blocks = node.blocks()
+        e.st_blocks = self.fs.blocks(node)
         e.st_atime_ns = a.atime_ns
         e.st_mtime_ns = a.mtime_ns
         e.st_ctime_ns = a.ctime_ns
@@ -671,17 +671,32 @@ class Operations(pyfuse3.Operations):
         await self.fs.removexattr(self._node(inode), name)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        """pyfuse3 does not pass the inode on: this answers for the first branch mounted."""
         self.requests["statfs"] += 1
-        host = self.fs.statfs()
+        f = self.statvfs(self.fs.primary)
         s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = host.f_frsize
-        s.f_blocks = host.f_blocks
-        s.f_bfree = host.f_bfree
-        s.f_bavail = host.f_bavail
-        s.f_files = 1 << 32
-        s.f_ffree = s.f_favail = max(0, (1 << 32) - self.fs.store.inodes_used())
-        s.f_namemax = 255
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+                     "f_favail", "f_namemax"):
+            setattr(s, name, f[name])
         return s
+
+    def statvfs(self, view: View) -> dict[str, int]:
+        """What `df` shows for a branch: the store's disk, or, under a quota, the quota as
+        the size and the branch's allocated bytes (inodes) as what is used."""
+        host = self.fs.statfs()
+        bsize = host.f_frsize
+        blocks, bfree, bavail = host.f_blocks, host.f_bfree, host.f_bavail
+        if view.quota_bytes:
+            blocks = view.quota_bytes // bsize
+            left = max(0, view.quota_bytes - view.allocated) // bsize
+            bfree, bavail = min(left, bfree), min(left, bavail)
+        files = 1 << 32
+        ffree = max(0, files - self.fs.store.inodes_used())
+        if view.quota_inodes:
+            files = view.quota_inodes
+            ffree = min(ffree, max(0, view.quota_inodes - view.usage_inodes))
+        return {"f_bsize": bsize, "f_frsize": bsize, "f_blocks": blocks, "f_bfree": bfree, "f_bavail": bavail,
+                "f_files": files, "f_ffree": ffree, "f_favail": ffree, "f_namemax": 255}
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         self.requests["access"] += 1

@@ -29,7 +29,8 @@ def stats_lines(d: dict[str, Any]) -> list[str]:
         if d.get("quota_bytes") or d.get("quota_inodes"):
             quota = (f" of quota {human(d['quota_bytes']) if d.get('quota_bytes') else 'none'}, "
                      f"{count(d['quota_inodes']) if d.get('quota_inodes') else 'none'} inodes")
-        out.append(_row("branch", f"{d['branch']}{where}: {human(d.get('usage_bytes'))}, "
+        out.append(_row("branch", f"{d['branch']}{where}: {human(d.get('usage_bytes'))} logical, "
+                                  f"{human(d.get('usage_allocated_bytes'))} allocated, "
                                   f"{count(d.get('usage_inodes'))} inodes{quota}"))
         others = [b for b in d.get("mounted_branches", []) if b != d["branch"]]
         if others:
@@ -87,8 +88,8 @@ def list_lines(listing: dict[str, Any]) -> list[str]:
     for r in listing.get("snapshots", []) + listing.get("branches", []):
         note = "mounted here" if r.get("mounted_here") else ""
         rows.append([r["name"], r["kind"], str(r.get("parent") or "-"), when(r["created"]),
-                     human(r.get("logical_bytes")), count(r.get("inodes")), note])
-    return table(["NAME", "KIND", "PARENT", "CREATED", "LOGICAL", "INODES", ""], rows, right={4, 5})
+                     human(r.get("logical_bytes")), human(r.get("allocated_bytes")), count(r.get("inodes")), note])
+    return table(["NAME", "KIND", "PARENT", "CREATED", "LOGICAL", "ALLOCATED", "INODES", ""], rows, right={4, 5, 6})
 
 
 def diff_lines(changes: list[dict[str, Any]]) -> list[str]:

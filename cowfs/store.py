@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import stat
 import time
 from typing import Any, Callable, TypeVar
 
@@ -23,10 +24,10 @@ from cowfs.chunks.store import CF_OBJECTS, FAMILIES as OBJECT_FAMILIES, ObjectSt
 from cowfs.errors import StoreError
 from cowfs.kv.base import KV, Batch, LocalEngine, StoreLockedError
 from cowfs.kv.rocks import RocksKV
-from cowfs.meta.layers import CF_META, Branch, Catalog
+from cowfs.meta.layers import CF_META, Branch, Catalog, Usage
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import SharedTrees
-from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_XATTRS, Versioned, ino_key
+from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_XATTRS, LayerView, Versioned, ino_key
 from cowfs.mounts import daemon_pid
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,10 @@ log = logging.getLogger(__name__)
 # rewrite (it has no P objects yet), only the new number, so that older cowfs refuse it.
 # 4: shared copies (cowfs.meta.shared): inode records and entries may be missing where a
 # range stands for them; a format-3 store needs no rewrite, but older cowfs must refuse 4.
-FORMAT_VERSION = 4
-UPGRADABLE = (1, 2, 3)
+# 5: usage records hold allocated bytes too (24 bytes: logical, inodes, allocated); a
+# format-4 store's records are counted once when it is first opened (Store._count_allocated).
+FORMAT_VERSION = 5
+UPGRADABLE = (1, 2, 3, 4)
 MARKER = "cowfs-store.json"
 DB_DIR = "db"
 CF_ORPHANS = "orphans"
@@ -73,7 +76,7 @@ def init_store(path: str) -> None:
             now = time.time_ns()
             root = Attrs(0o40755, os.getuid(), os.getgid(), 2, 0, 0, now, now, now)
             Versioned.put(batch, CF_INODES, ino_key(ROOT_INO), layer, root.pack())
-            cat.save_usage(layer, 0, 1, batch)
+            cat.save_usage(layer, Usage(0, 1, 0), batch)
             batch.put(CF_META, b"counter/ino", (ROOT_INO + 1).to_bytes(8, "big"))
             kv.write(batch)
             kv.sync()
@@ -159,6 +162,8 @@ class Store:
         self.objects = ObjectStore(self.kv, self.cache, self.packs)
         if self.objects.space is None:
             self.objects.rebuild(self._root_refs())
+        if fmt < 5:
+            self._count_allocated()
         if fmt != FORMAT_VERSION:
             b = Batch()
             b.put(CF_META, b"format", str(FORMAT_VERSION).encode())
@@ -200,6 +205,53 @@ class Store:
             for h in self.meta.range_roots(r):
                 roots[h] = roots.get(h, 0) + 1
         return roots
+
+    def count_usage(self, lv: LayerView) -> Usage:
+        """What a view sees (logical bytes, inodes, allocated bytes), by a walk of all inode
+        records: for a view that never recorded its usage, and the format-5 upgrade."""
+        logical = inodes = allocated = 0
+        last = None
+        ranges = self.meta.shared.visible(lv.ancestors)  # copies reading through a range
+        seen: set[bytes] = set()  # inodes with a real version (only needed beside ranges)
+
+        def count(a: Attrs) -> None:
+            nonlocal logical, inodes, allocated
+            inodes += 1
+            if stat.S_ISREG(a.mode):
+                logical += a.size
+                allocated += self.objects.content_size(a.root.hash if a.root is not None else None)
+
+        for key, value in self.kv.scan(CF_INODES, b""):
+            ino = key[:8]
+            if ino == last or (1 << 64) - 1 - int.from_bytes(key[8:], "big") not in lv.ancestors:
+                continue
+            last = ino
+            if ranges:
+                seen.add(ino)
+            if value:
+                count(Attrs.unpack(value))
+        for r in ranges:
+            for y, _x in r.pairs():
+                if ino_key(y) not in seen:
+                    found = self.meta.get(CF_INODES, ino_key(y), lv)
+                    if found is not None and found[1]:
+                        count(Attrs.unpack(found[1]))
+        return Usage(logical, inodes, allocated)
+
+    def _count_allocated(self) -> None:
+        """Format 4 to 5: give every recorded usage its allocated bytes (one walk per layer
+        with a record; the usage is kept incrementally from then on)."""
+        batch = Batch()
+        for key, _value in self.kv.scan(CF_META, b"usage/", b"usage/"):
+            layer = int.from_bytes(key[6:], "big")
+            if layer not in self.catalog.parents:
+                batch.delete(CF_META, key)
+                continue
+            lv = LayerView(layer, frozenset(self.catalog.ancestry(layer)))
+            self.catalog.save_usage(layer, self.count_usage(lv), batch)
+        if len(batch):
+            self.kv.write(batch)
+        log.info("%s: allocated bytes counted for %d recorded usages", self.path, len(batch))
 
     @property
     def next_ino(self) -> int:
@@ -328,11 +380,14 @@ class Store:
         """Inode numbers handed out so far (an upper bound on live inodes)."""
         return self._next_ino - 1
 
-    def commit(self, batch: Batch, txn: RefTxn | None = None) -> None:
+    def commit(self, batch: Batch, txn: RefTxn | None = None,
+               before_write: Callable[[], None] | None = None) -> None:
         """Apply reference changes and write everything in one atomic batch.
 
         Synchronous on purpose: no trio checkpoint between reading reference counts and
-        writing them, so the daemon's single event loop is the single writer.
+        writing them, so the daemon's single event loop is the single writer.  before_write
+        runs once the reference changes are in the batch (the new trees' sizes are known:
+        `ObjectStore.content_size`), and may add to the batch or raise to abandon it.
         """
         if txn is not None and txn.staged and txn.empty():
             self.objects.discard_staged(txn)  # what was packed belonged to files deleted meanwhile
@@ -342,6 +397,8 @@ class Store:
                 c, f = self.objects.apply(txn, batch)
                 self.objects_created += c
                 self.objects_freed += f
+            if before_write is not None:
+                before_write()
             if len(batch):
                 try:
                     faults.point("commit")  # a test hook: a write refused, as by a full disk

@@ -177,7 +177,7 @@ def test_human_output_formats():
                "branches": [{"name": "main", "kind": "branch", "parent": None, "created": 1.7e9,
                              "logical_bytes": 1536, "inodes": 2, "mounted_here": True}]}
     lines = report.list_lines(listing)
-    assert lines[0].split() == ["NAME", "KIND", "PARENT", "CREATED", "LOGICAL", "INODES"]
+    assert lines[0].split() == ["NAME", "KIND", "PARENT", "CREATED", "LOGICAL", "ALLOCATED", "INODES"]
     assert "3.0 GiB" in lines[1] and "12,345" in lines[1] and "1.5 KiB" in lines[2] and "mounted here" in lines[2]
     assert "3221225472" not in "\n".join(lines)
     text = "\n".join(report.stats_lines({"store": "/s", "daemon_pid": 5, "uptime_s": 61, "rss_bytes": 1 << 20,

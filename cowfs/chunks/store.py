@@ -175,7 +175,7 @@ def tree_sizes(kv: KV, hashes: list[bytes]) -> dict[bytes, int]:
 class RefTxn:
     """Reference deltas and new objects gathered by one filesystem operation."""
 
-    __slots__ = ("delta", "new", "pairs", "recode", "done", "staged")
+    __slots__ = ("delta", "new", "pairs", "recode", "done", "staged", "root_sizes")
 
     def __init__(self) -> None:
         self.delta: dict[bytes, int] = {}
@@ -191,6 +191,9 @@ class RefTxn:
         # Pack extents written for this transaction's new objects (P values in `new`):
         # whatever the commit does not store is punched out again.
         self.staged: list[tuple[int, int, int]] = []
+        # Filled by apply: content bytes under each tree root whose file references changed
+        # (what a file's allocation is once the batch is written; see ObjectStore.content_size).
+        self.root_sizes: dict[bytes, int] = {}
 
     def incref(self, h: bytes | None, n: int = 1) -> None:
         if h is not None:
@@ -580,6 +583,8 @@ class ObjectStore:
             if new.count and not r.count and h not in created:
                 raise MissingObject(f"reference to unknown object {h.hex()}")
             space.logical_bytes += dr * r.size
+            if dr and new.count:
+                txn.root_sizes[h] = r.size
             if new.count:
                 batch.put(CF_REFS, h, new.pack())
             else:
@@ -593,6 +598,22 @@ class ObjectStore:
         batch.put(CF_SPACE, SPACE_KEY, space.pack())
         self._staged = space
         return len(created), len(freed)
+
+    def content_size(self, h: bytes | None, txn: RefTxn | None = None) -> int:
+        """Content bytes under object h (a chunk's length, a node's sum over its slots): the
+        bytes a file whose tree root is h has allocated.  txn: one being committed, whose new
+        roots are not in the refs family yet."""
+        if h is None:
+            return 0
+        if txn is not None:
+            n = txn.root_sizes.get(h)
+            if n is not None:
+                return n
+        n = self._sizes.get(h)
+        if n is None:
+            n = max(self.ref(h).size, 0)
+            self._remember_size(h, n)
+        return n
 
     def _remember_size(self, h: bytes, size: int) -> None:
         """Content sizes never change for a hash: keep recent ones so a new node's size is a

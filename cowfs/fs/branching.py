@@ -23,7 +23,7 @@ from cowfs.fs.filesystem import Filesystem, Mutation, join_path
 from cowfs.fs.node import Node
 from cowfs.fs.view import View
 from cowfs.meta import gc
-from cowfs.meta.layers import Branch, Snapshot
+from cowfs.meta.layers import Branch, Snapshot, Usage
 from cowfs.meta.records import Attrs
 from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_XATTRS, LayerView, ino_key, name_key
 from cowfs.store import ROOT_INO
@@ -121,10 +121,10 @@ class Branching:
             return
         raise FSError(errno.EPERM, "only the owner of the mount root (or root) may do this")
 
-    def _usage(self, layer: int) -> tuple[int, int]:
+    def _usage(self, layer: int) -> Usage:
         usage = self.cat.usage(layer)
         if usage is None:
-            usage = self.fs.count_usage(LayerView(layer, frozenset(self.cat.ancestry(layer))))
+            usage = self.fs.store.count_usage(LayerView(layer, frozenset(self.cat.ancestry(layer))))
         return usage
 
     # -- commands --------------------------------------------------------------------------
@@ -152,7 +152,7 @@ class Branching:
             if source is None or source == view.name:
                 parent_layer = self.fs.freeze_head(m, view)
                 parent_name = view.name
-                usage = (view.usage_bytes, view.usage_inodes)
+                usage = Usage(view.usage_bytes, view.usage_inodes, view.alloc_bytes)
             elif source in self.cat.snapshots:
                 snap = self._snapshot(view, source)
                 parent_layer = snap.layer
@@ -169,7 +169,7 @@ class Branching:
                                         parent_branch=parent_branch, quota_bytes=src_branch.quota_bytes,
                                         quota_inodes=src_branch.quota_inodes),
                                  m.batch)
-            self.cat.save_usage(head, usage[0], usage[1], m.batch)
+            self.cat.save_usage(head, usage, m.batch)
         return {"branch": name, "from": parent_name, "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     async def rollback(self, view: View, name: str, who: Caller) -> tuple[dict[str, Any], list[bytes]]:
@@ -185,11 +185,11 @@ class Branching:
             self.cat.save_branch(b, m.batch)
             new_lv = LayerView(b.head, frozenset(self.cat.ancestry(b.head)))
             usage = self._usage(s.layer)
-            self.cat.save_usage(b.head, usage[0], usage[1], m.batch)
+            self.cat.save_usage(b.head, usage, m.batch)
         self.fs.detach(view, new_lv, b.epoch)
         # Logged so that what a process saw can be matched with the epoch in its inode numbers.
         log.info("branch %s rolled back to snapshot %s: layer %d, epoch %d", b.name, name, b.head, b.epoch)
-        view.usage_bytes, view.usage_inodes = usage
+        view.usage_bytes, view.usage_inodes, view.alloc_bytes = usage
         self.fs.schedule_gc()
         return ({"rollback": name, "branch": b.name, "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)},
                 old_names)
@@ -220,11 +220,11 @@ class Branching:
     def listing(self, view: View) -> dict[str, Any]:
         def row(name: str, kind: str, parent: str | None, created: float, layer: int) -> dict[str, Any]:
             if kind == "branch" and name == view.name:
-                size, inodes = view.usage_bytes, view.usage_inodes
+                usage = Usage(view.usage_bytes, view.usage_inodes, view.allocated)
             else:
-                size, inodes = self._usage(layer)
+                usage = self._usage(layer)
             return {"name": name, "kind": kind, "parent": parent, "created": created,
-                    "logical_bytes": size, "inodes": inodes}
+                    "logical_bytes": usage.logical, "allocated_bytes": usage.allocated, "inodes": usage.inodes}
 
         snaps = [row(s.name, "snapshot", s.branch, s.created, s.layer) for s in self.visible_snapshots(view)]
         branches = [{**row(b.name, "branch", b.parent, b.created, b.head), "mounted_here": b.name == view.name,
@@ -297,9 +297,9 @@ class Branching:
                 "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     def _measure(self, src: Node) -> tuple[int, int]:
-        """(logical bytes, inodes) a clone of src adds."""
+        """(allocated bytes, inodes) a clone of src adds."""
         if not src.attrs.is_dir:
-            return (src.attrs.size if src.attrs.is_reg else 0), 1
+            return (self.fs.allocated(src) if src.attrs.is_reg else 0), 1
         total, count = 0, 1
         for _name, cino in self.fs.list_dir(src):
             child = self.fs.node(src.view, cino)

@@ -29,6 +29,7 @@ from cowfs.errors import FSError
 from cowfs.fs.node import Node
 from cowfs.fs.view import EPOCHS, View
 from cowfs.kv.base import Batch
+from cowfs.meta.layers import Usage
 from cowfs.meta.records import Attrs
 from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_XATTRS, LayerView, ino_key, name_key
 from cowfs.store import CF_ORPHANS, ROOT_INO, Store
@@ -129,6 +130,7 @@ class Mutation:
 
     def save(self, node: Node) -> None:
         """Write node's current attributes as its version in the view's head layer."""
+        self.fs.allocated(node)  # what is committed for it now: the commit settles the change
         head = node.view.lv.top
         if node.stored_layer == head and node.stored_root is not None:
             self.txn.decref(node.stored_root.hash)
@@ -145,6 +147,7 @@ class Mutation:
     def drop(self, node: Node) -> None:
         """Delete node's record, xattrs and its reference to the data."""
         fs = self.fs
+        fs.allocated(node)
         lv = node.view.lv
         if node.stored_layer == lv.top and node.stored_root is not None:
             self.txn.decref(node.stored_root.hash)
@@ -297,39 +300,11 @@ class Filesystem:
         self.store.commit(batch)
 
     def load_usage(self, view: View) -> None:
+        """The committed usage of a view (what buffered writes add is kept in alloc_pending)."""
         usage = self.store.catalog.usage(view.lv.top)
         if usage is None:  # never recorded (a snapshot's first view): count once
-            usage = self.count_usage(view.lv)
-        view.usage_bytes, view.usage_inodes = usage
-
-    def count_usage(self, lv: LayerView) -> tuple[int, int]:
-        """(logical bytes, inodes) the view sees, by a walk of all inode records."""
-        total = inodes = 0
-        last = None
-        ranges = self.store.meta.shared.visible(lv.ancestors)  # copies reading through a range
-        seen: set[bytes] = set()  # inodes with a real version (only needed beside ranges)
-        for key, value in self.store.kv.scan(CF_INODES, b""):
-            ino = key[:8]
-            if ino == last or (1 << 64) - 1 - int.from_bytes(key[8:], "big") not in lv.ancestors:
-                continue
-            last = ino
-            if ranges:
-                seen.add(ino)
-            if value:
-                a = Attrs.unpack(value)
-                inodes += 1
-                if stat.S_ISREG(a.mode):
-                    total += a.size
-        for r in ranges:
-            for y, _x in r.pairs():
-                if ino_key(y) not in seen:
-                    found = self.store.meta.get(CF_INODES, ino_key(y), lv)
-                    if found is not None and found[1]:
-                        a = Attrs.unpack(found[1])
-                        inodes += 1
-                        if stat.S_ISREG(a.mode):
-                            total += a.size
-        return total, inodes
+            usage = self.store.count_usage(view.lv)
+        view.usage_bytes, view.usage_inodes, view.alloc_bytes = usage
 
     def snapshot_view(self, snap: "object") -> View:
         view = self.views.get(snap.view)  # type: ignore[attr-defined]
@@ -355,6 +330,7 @@ class Filesystem:
     def detach(self, view: View, new_lv: LayerView, epoch: int) -> None:
         """After a rollback: move the cached tree aside (open handles keep it), restore the root."""
         old = View(view.vid, view.name, "detached", view.lv, view.epoch)
+        old.alloc_pending, view.alloc_pending = view.alloc_pending, 0  # it goes with the nodes
         root = view.nodes.pop(ROOT_INO, None)
         for ino, node in view.nodes.items():
             node.view = old
@@ -484,20 +460,66 @@ class Filesystem:
         return _Scope(self, view)
 
     def _commit(self, m: Mutation) -> None:
-        for view in m.views:
-            if view.kind == "branch":
-                self.store.catalog.save_usage(view.lv.top, view.usage_bytes, view.usage_inodes, m.batch)
+        settled: list[tuple[Node, int]] = []
+
+        def settle() -> None:
+            """The reference changes are in the batch: the new trees' sizes are known.  Each
+            saved file's committed allocation becomes its new root's content size; the
+            views' usage records go in the batch with it."""
+            objects = self.store.objects
+            grown: dict[View, int] = {}
+            for node in {id(n): n for n in m.saved}.values():
+                root = None if node.deleted or node.stored_root is None else node.stored_root.hash
+                new = objects.content_size(root, m.txn) if node.attrs.is_reg else 0
+                settled.append((node, new))
+                grown[node.view] = grown.get(node.view, 0) + new - node.stored_alloc  # type: ignore[operator]
+            for view in m.views | grown.keys():
+                if view.kind == "branch":
+                    self.store.catalog.save_usage(view.lv.top, Usage(view.usage_bytes, view.usage_inodes,
+                                                                     view.alloc_bytes + grown.get(view, 0)), m.batch)
+
         try:
-            self.store.commit(m.batch, m.txn)
-            return
+            self.store.commit(m.batch, m.txn, settle)
         except Exception as exc:
             error = str(exc)
+        else:
+            for node, new in settled:
+                d = new - node.stored_alloc  # type: ignore[operator]
+                node.stored_alloc = new
+                node.view.alloc_bytes += d
+                node.view.alloc_pending -= d
+                if not node.dirty and not node.flushing:
+                    self._settle_alloc(node)
+            return
         # Outside the except block: the traceback (and the iterators its frames hold, which
         # keep the database open) is gone before the store reopens.
         log.error("commit failed: %s", error)
         self._revert(m)
         self.store.recover()
         raise FSError(errno.ENOSPC if "space" in error.lower() else errno.EIO, error)
+
+    def allocated(self, node: Node) -> int:
+        """node.alloc, loaded on first use: its committed tree's content size (one refs read)."""
+        if node.alloc is None:
+            objects = self.store.objects
+            committed = node.stored_root if node.stored_layer is not None else None
+            node.stored_alloc = objects.content_size(committed.hash) if committed is not None else 0
+            # A node made by clone has a tree before it has a record: it is pending until its commit.
+            node.alloc = objects.content_size(node.attrs.root.hash) if node.attrs.root is not None else 0
+            node.view.alloc_pending += node.alloc - node.stored_alloc
+        return node.alloc
+
+    @staticmethod
+    def _settle_alloc(node: Node) -> None:
+        """A node without buffers has allocated what its committed tree holds."""
+        node.view.alloc_pending -= node.alloc - node.stored_alloc  # type: ignore[operator]
+        node.alloc = node.stored_alloc
+
+    def blocks(self, node: Node) -> int:
+        """st_blocks: a regular file's allocated bytes in 512-byte units (holes do not count)."""
+        if node.attrs.is_reg:
+            return (self.allocated(node) + 511) // 512
+        return (node.attrs.size + 511) // 512
 
     def _revert(self, m: Mutation) -> None:
         """Memory ran ahead of a commit that failed: return the touched nodes to what is stored.
@@ -511,12 +533,18 @@ class Filesystem:
             if found is None or not found[1]:
                 node.deleted = True  # created by the failed mutation: it never existed
                 node.stored_layer = node.stored_root = None
+                node.counted, node.counted_bytes = False, 0
+                if node.alloc is not None:
+                    node.view.alloc_pending -= node.alloc - node.stored_alloc  # type: ignore[operator]
+                    node.alloc = node.stored_alloc = 0
                 node.view.nodes.pop(node.ino, None)
                 continue
             size = node.attrs.size
             node.attrs = Attrs.unpack(found[1])
             node.stored_layer, node.stored_root = found[0], node.attrs.root
             node.deleted = False
+            # What the reloaded usage counts for it (a flush adds its buffers' growth later).
+            node.counted, node.counted_bytes = True, node.attrs.size if node.attrs.is_reg else 0
             if node.dirty or node.flushing:
                 node.attrs.size = max(node.attrs.size, size)
             node.view.nodes.setdefault(node.ino, node)
@@ -743,8 +771,7 @@ class Filesystem:
                     raise FSError(errno.EISDIR)
                 if size > MAX_FILE_SIZE or size < 0:
                     raise FSError(errno.EFBIG)
-                node.view.check_quota(more_bytes=size - a.size)
-                if size != a.size:
+                if size != a.size:  # allocates nothing: no quota to check
                     node.truncate_buffers(size, self.store.objects)
                     self._flush_node_into(m, node, self._encode(node.dirty), size)
                     node.dirty.clear()
@@ -836,18 +863,26 @@ class Filesystem:
             raise FSError(errno.EFBIG)
         if self.store.space_low(len(data)):
             raise FSError(errno.ENOSPC, "the store's disk is (nearly) full")
-        growth = off + len(data) - node.attrs.size
-        if growth > 0:
-            node.view.check_quota(more_bytes=growth)
-            node.view.usage_bytes += growth
-            node.counted_bytes += growth
+        view = node.view
+        before = self.allocated(node)
+
+        def charge(growth: int) -> None:
+            view.check_quota(more_bytes=growth)
+
+        size = node.attrs.size
         try:
-            new = node.write(off, data, self.store.objects)
+            new = node.write(off, data, self.store.objects, charge)
         except codec.CorruptObject as exc:
             log.error("write of inode %d at %d: %s", node.ino, off, exc)
             raise FSError(errno.EIO) from exc
+        finally:
+            view.alloc_pending += node.alloc - before  # type: ignore[operator]
+        if node.attrs.size > size:  # logical bytes: the file size
+            view.usage_bytes += node.attrs.size - size
+            node.counted_bytes += node.attrs.size - size
         if new:
             self.dirty_bytes += new * CHUNK
+        if new or node.attrs.size > size:  # zeros over holes buffer nothing, but the size must commit
             self.dirty_nodes.setdefault(node, time.monotonic())
         if self.dirty_bytes > DIRTY_LIMIT:
             await self.flush()
@@ -995,8 +1030,18 @@ class Filesystem:
                 raise
             finally:
                 self.flush_running = False
+            objects = self.store.objects
             for node in nodes:
                 node.flushing = {}
+                if node.alloc is not None:
+                    if not node.dirty:
+                        self._settle_alloc(node)
+                    else:  # written again meanwhile: the committed tree plus what the buffers change
+                        alloc = node.stored_alloc + sum(  # type: ignore[operator]
+                            len(b) - objects.content_size(tree.lookup(node.attrs.root, i, objects.node))
+                            for i, b in node.dirty.items())
+                        node.view.alloc_pending += alloc - node.alloc
+                        node.alloc = alloc
                 self._maybe_evict(node)
             self.flush_count += 1
 

@@ -7,7 +7,7 @@ ever misses data that a write already acknowledged.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from cowfs.chunks import tree
 from cowfs.chunks.tree import CHUNK, Root
@@ -18,9 +18,23 @@ if TYPE_CHECKING:
     from cowfs.fs.view import View
 
 
+_ZEROS = bytes(CHUNK)
+
+
+def _zeros(data: bytes | bytearray | memoryview, pos: int, n: int) -> bool:
+    """Whether data[pos:pos+n] (n <= CHUNK) is all zeros: a C comparison that stops at the
+    first nonzero byte, and for most data at the first byte."""
+    if data[pos]:
+        return False
+    if type(data) is bytes:
+        return data.startswith(_ZEROS if n == CHUNK else _ZEROS[:n], pos)
+    return bytes(data[pos : pos + n]) == _ZEROS[:n]
+
+
 class Node:
     __slots__ = ("view", "ino", "attrs", "stored_layer", "stored_root", "lookups", "opens",
-                 "dirty", "flushing", "deleted", "counted", "counted_bytes", "__weakref__")
+                 "dirty", "flushing", "deleted", "counted", "counted_bytes", "alloc", "stored_alloc",
+                 "__weakref__")
 
     def __init__(self, view: "View", ino: int, attrs: Attrs, stored_layer: int | None) -> None:
         self.view = view
@@ -40,6 +54,12 @@ class Node:
         # What this inode contributes to its view's usage (inode count, logical bytes).
         self.counted = stored_layer is not None
         self.counted_bytes = attrs.size if self.counted and attrs.is_reg else 0
+        # Allocated bytes: the lengths of the file's chunks as they are now (buffers
+        # included; holes are 0), and as committed (stored_root's content size, what the
+        # view's committed usage counts for it).  None until first needed
+        # (Filesystem.allocated): a lookup must not cost a refs read for nothing.
+        self.alloc: int | None = None
+        self.stored_alloc: int | None = None
 
     # -- reads ---------------------------------------------------------------------------
     def _buffer(self, i: int) -> bytearray | memoryview | None:
@@ -112,18 +132,37 @@ class Node:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     # -- writes --------------------------------------------------------------------------
-    def write(self, off: int, data: bytes, objects: "ObjectStore") -> int:
+    def chunk_len(self, i: int, objects: "ObjectStore") -> int:
+        """Length of chunk i as it is now (what it has allocated; 0 for a hole)."""
+        data = self._buffer(i)
+        if data is not None:
+            return len(data)
+        return objects.content_size(tree.lookup(self.attrs.root, i, objects.node))
+
+    def write(self, off: int, data: bytes, objects: "ObjectStore",
+              charge: Callable[[int], None]) -> int:
         """Apply a write to the dirty buffers; return how many new dirty chunks it created.
 
-        The caller has checked quotas and accounts the growth of the file size.
+        A write makes chunks longer, never shorter: charge(growth) is called first with the
+        allocated bytes it adds (0 for a rewrite) and may raise to refuse it.  `alloc`
+        follows each chunk as it changes.  The caller accounts the growth of the file size.
         """
         new_chunks = 0
         pos, total = 0, len(data)
         mv = memoryview(data)
         whole_ok = type(data) is bytes  # immutable: a whole chunk can be kept as a view of it
+        plan = []
+        growth = 0
         while pos < total:
             i, co = divmod(off + pos, CHUNK)
             n = min(CHUNK - co, total - pos)
+            cur = self.chunk_len(i, objects)
+            if cur or not _zeros(data, pos, n):  # zeros written over a hole change nothing
+                growth += max(0, co + n - cur)
+                plan.append((i, co, n, cur, pos))
+            pos += n
+        charge(growth)
+        for i, co, n, cur, pos in plan:
             buf = self.dirty.get(i)
             if whole_ok and co == 0 and n == CHUNK:
                 # A whole chunk (a streaming writer's case): keep a view of the request's
@@ -131,22 +170,22 @@ class Node:
                 if buf is None:
                     new_chunks += 1
                 self.dirty[i] = mv[pos : pos + n]
-                pos += n
+                self.alloc += CHUNK - cur  # type: ignore[operator]
                 continue
             if buf is not None and type(buf) is not bytearray:
                 buf = self.dirty[i] = bytearray(buf)
             if buf is None:
-                if co == 0 and (n == CHUNK or (i * CHUNK + n >= self.attrs.size)):
+                if co == 0 and (n == CHUNK or (i * CHUNK + n >= self.attrs.size and cur <= n)):
                     buf = bytearray()  # whole chunk, or everything up to EOF, is overwritten
                 else:
-                    base = self.chunk(i, objects) if i * CHUNK < self.attrs.size else None
+                    base = self.chunk(i, objects) if cur else None
                     buf = bytearray(base) if base is not None else bytearray()
                 self.dirty[i] = buf
                 new_chunks += 1
             if len(buf) < co:
                 buf.extend(bytes(co - len(buf)))
             buf[co : co + n] = mv[pos : pos + n]
-            pos += n
+            self.alloc += len(buf) - cur  # type: ignore[operator]
         if off + total > self.attrs.size:
             self.attrs.size = off + total
         # No time update here: with the writeback cache the kernel owns mtime/ctime of
@@ -170,6 +209,3 @@ class Node:
             if data is not None and len(data) > rem:
                 self.dirty[i] = bytearray(data[:rem])
         self.attrs.size = size
-
-    def blocks(self) -> int:
-        return (self.attrs.size + 511) // 512

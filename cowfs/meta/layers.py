@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 from cowfs.kv.base import KV, Batch
 
@@ -26,6 +27,15 @@ def layer_suffix(layer: int) -> bytes:
 
 def suffix_layer(suffix: bytes) -> int:
     return MAX_U64 - int.from_bytes(suffix, "big")
+
+
+class Usage(NamedTuple):
+    """A view's usage: logical bytes (file sizes), inodes, allocated bytes (stored chunks'
+    lengths: what a sparse file's holes do not take, and what the byte quota charges)."""
+
+    logical: int
+    inodes: int
+    allocated: int
 
 
 @dataclass
@@ -117,16 +127,18 @@ class Catalog:
         batch.delete(CF_META, b"layer/" + layer.to_bytes(8, "big"))
         batch.delete(CF_META, usage_key(layer))
 
-    def usage(self, layer: int) -> tuple[int, int] | None:
-        """(logical bytes, inodes) of what the layer's view sees, recorded at its last change."""
+    def usage(self, layer: int) -> Usage | None:
+        """What the layer's view sees, recorded at its last change (None: never recorded, or
+        a record of format 4 or older, without allocated bytes)."""
         raw = self.kv.get(CF_META, usage_key(layer))
-        if raw is None:
+        if raw is None or len(raw) < 24:
             return None
-        return int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:16], "big")
+        return Usage(int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:16], "big"),
+                     int.from_bytes(raw[16:24], "big"))
 
     @staticmethod
-    def save_usage(layer: int, usage_bytes: int, usage_inodes: int, batch: Batch) -> None:
-        batch.put(CF_META, usage_key(layer), max(usage_bytes, 0).to_bytes(8, "big") + max(usage_inodes, 0).to_bytes(8, "big"))
+    def save_usage(layer: int, usage: Usage, batch: Batch) -> None:
+        batch.put(CF_META, usage_key(layer), b"".join(max(n, 0).to_bytes(8, "big") for n in usage))
 
 
 def usage_key(layer: int) -> bytes:

@@ -3,7 +3,7 @@ through batches and read back by a new Catalog on the same KV."""
 from __future__ import annotations
 
 from cowfs.kv.base import Batch
-from cowfs.meta.layers import CF_META, MAX_U64, Branch, Catalog, Snapshot, layer_suffix, suffix_layer
+from cowfs.meta.layers import CF_META, MAX_U64, Branch, Catalog, Snapshot, Usage, layer_suffix, suffix_layer
 
 from unit.helpers import memory_kv
 
@@ -77,11 +77,15 @@ def test_usage_and_forget_layer():
     b = Batch()
     root = cat.new_layer(0, b)
     child = cat.new_layer(root, b)
-    Catalog.save_usage(child, 1 << 40, 7, b)
-    Catalog.save_usage(root, -5, -1, b)  # clamped: figures never go negative
+    Catalog.save_usage(child, Usage(1 << 40, 7, 1 << 20), b)
+    Catalog.save_usage(root, Usage(-5, -1, -3), b)  # clamped: figures never go negative
     kv.write(b)
-    assert cat.usage(child) == (1 << 40, 7) and cat.usage(root) == (0, 0)
+    assert cat.usage(child) == (1 << 40, 7, 1 << 20) and cat.usage(root) == (0, 0, 0)
     assert cat.usage(99) is None
+    b = Batch()
+    b.put(CF_META, b"usage/" + child.to_bytes(8, "big"), (5).to_bytes(8, "big") * 2)  # format 4: no allocated bytes
+    kv.write(b)
+    assert cat.usage(child) is None  # counted again (and rewritten) by whoever needs it
     b = Batch()
     cat.forget_layer(child, b)
     kv.write(b)
