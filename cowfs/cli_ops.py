@@ -870,14 +870,17 @@ def import_(store: str, src_dir: str, branch: str, dest: str, snapshot_after: st
         click.echo(_summary("imported", s, seconds), err=True)
 
 
-def _tar_out(src: str, total: int, quiet: bool) -> None:
-    """GNU tar of src to stdout, passed through us so that a terminal sees its progress."""
+def _tar_out(src: str, total: int, quiet: bool, seek: bool) -> None:
+    """GNU tar of src to stdout, passed through us so that a terminal sees its progress.
+    seek: tar finds holes with SEEK_DATA/SEEK_HOLE; a daemon without them (cowfs.fuse_ext)
+    reports every file as data, so tar must then look for runs of zeros itself."""
     tar = shutil.which("tar")
     if tar is None:
         _fail("GNU tar is needed for export to -")
     sys.stdout.flush()
+    holes = f"--hole-detection={'seek' if seek else 'raw'}"
     proc = subprocess.Popen([tar, "--create", "--file=-", "--directory", src, "--format=posix", "--numeric-owner",
-                             "--xattrs", "--xattrs-include=*", "--sparse", "--one-file-system", "."],
+                             "--xattrs", "--xattrs-include=*", "--sparse", holes, "--one-file-system", "."],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     errors: list[bytes] = []
@@ -937,7 +940,8 @@ def export(mount: str, snapshot: str, dest: str, as_json: bool) -> None:
         if sys.stdout.isatty():
             _fail("refusing to write a tar stream to a terminal; redirect stdout or give a directory")
         entries, nbytes = scan(src)
-        _tar_out(src, nbytes + 1536 * entries + 10240, quiet=as_json)  # + a header and a pax record each
+        seek = api.stats(mount).get("fuse_ext", {}).get("installed", False)
+        _tar_out(src, nbytes + 1536 * entries + 10240, quiet=as_json, seek=seek)  # + a header and a pax record each
         return
     if os.path.lexists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         _fail(f"{dest} exists and is not an empty directory")

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from cowfs import admin, dircache, faults, fuse_loop, mount_options, mounts, notify, private
+from cowfs import admin, dircache, faults, fuse_ext, fuse_loop, mount_options, mounts, notify, private
 from cowfs.errors import FSError, MountError, StoreError
 from cowfs.fs.branching import run_gc, sweep_packs
 from cowfs.fs.dedup import DedupWorker
@@ -63,6 +63,7 @@ class MountConfig:
     dedup_cpu: float = 0.25
     share: bool = True  # the sharer (cowfs.fs.sharing) runs; with dedup off it does not either
     spin_us: int = 50  # cowfs.fuse_loop: poll the FUSE fd this long before parking (0: pyfuse3's own wait)
+    fuse_ext: bool = True  # cowfs.fuse_ext: SEEK_DATA/SEEK_HOLE, fallocate, statfs per branch
     given: set[str] = field(default_factory=set)  # the daemon-wide options above set explicitly (mount_options.apply)
 
 
@@ -108,7 +109,8 @@ def _option_word(name: str, value: Any) -> str:
         return "debug" if value else "no debug"
     if name in CACHE_KEYS or name == "ctl_group":
         if isinstance(value, bool):
-            value = int(value) if name in ("prefetch", "prefetch_learn", "dir_cache", "warm") else "on" if value else "off"
+            zero_one = ("prefetch", "prefetch_learn", "dir_cache", "warm", "fuse_ext")
+            value = int(value) if name in zero_one else "on" if value else "off"
         return f"{name}={'none' if value is None else value}"
     return next((w for w, nv in FLAG_WORDS.items() if nv == (name, value)), name if value else f"no {name}")
 
@@ -206,6 +208,12 @@ class Daemon:
                               cache_absent=cfg.dir_cache, warm=self.warmer)
         # The control directories' listings change behind the kernel (snapshots come and go).
         self.dir_cache = cfg.dir_cache and dircache.install(lambda fino: not Operations._is_control(fino))
+        # LSEEK, FALLOCATE and STATFS's inode, which pyfuse3 does not hand on.
+        self.ext = fuse_ext.Extensions(cfg.mountpoint, self.ops.lseek, self.ops.fallocate, self.ops.statfs_of)
+        if cfg.fuse_ext:
+            self.ext.arm()
+        else:
+            self.ext.reason = "turned off (-o fuse_ext=0)"
         self.fs.kernel_sync = self.kernel_sync
         self.dedup = DedupWorker(self.fs, cfg.dedup_cpu, cfg.dedup,
                                  lambda: sum(self.ops.requests.values()) - self.warmer.requests)
@@ -322,6 +330,7 @@ class Daemon:
             "peak_rss_bytes": mem.get("VmHWM", 0),
             "requests": dict(self.ops.requests),
             "kernel_dir_cache": self.dir_cache,
+            "fuse_ext": self.ext.figures(),
             "usage_bytes": view.usage_bytes,  # logical: the sizes of its files, holes included
             "usage_allocated_bytes": view.allocated,  # what its files' data takes: the byte quota's measure
             "usage_inodes": view.usage_inodes,
@@ -475,6 +484,7 @@ class Daemon:
                 sup.start(nursery, "prefetch", self.fs.fetcher.run, speculative=True, on_stop=self._prefetch_stopped)
             sup.start(nursery, "model_saver", self.fs.save_model_loop)
             sup.start(nursery, "warmer", self.warmer.run, speculative=True, on_stop=self.warmer.disable)
+            self.ext.nursery = nursery
             ready(None)
             notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.cfg.mountpoint}")
             await pyfuse3.main(min_tasks=1, max_tasks=8)

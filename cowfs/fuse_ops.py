@@ -553,6 +553,36 @@ class Operations(pyfuse3.Operations):
         finally:
             await self.fs.released(node)
 
+    async def lseek(self, fino: int, fh: int, off: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE (cowfs.fuse_ext; the kernel answers the other whences)."""
+        self.requests["lseek"] += 1
+        node = self._files.get(fh)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESPIPE if fh in self._sessions else errno.EBADF)
+        if self._writers[node] > 0:
+            # The kernel asks without writing back first: pages written but not yet sent
+            # to us would read as holes.
+            await trio.to_thread.run_sync(_pull_pages, self.fuse_ino(node))
+        return self.fs.seek(node, off, whence)
+
+    async def fallocate(self, fino: int, fh: int, mode: int, off: int, length: int) -> None:
+        """fallocate(2) (cowfs.fuse_ext); the kernel has checked the handle is writable."""
+        self.requests["fallocate"] += 1
+        node = self._files.get(fh)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP if fh in self._sessions else errno.EBADF)
+        await self.fs.fallocate(node, mode, off, length)
+
+    def statfs_of(self, fino: int) -> dict[str, int]:
+        """STATFS with its inode (cowfs.fuse_ext): the figures of the branch it is in (a
+        snapshot's: the disk's)."""
+        self.requests["statfs"] += 1
+        try:
+            view = self._control_view(fino) if self._is_control(fino) else self._node(fino, unlinked_ok=True).view
+        except (FSError, pyfuse3.FUSEError):
+            view = self.fs.primary
+        return self.statvfs(view)
+
     async def fsync(self, fh: int, datasync: bool) -> None:
         self.requests["fsync"] += 1
         if fh in self._sessions:
@@ -671,7 +701,8 @@ class Operations(pyfuse3.Operations):
         await self.fs.removexattr(self._node(inode), name)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        """pyfuse3 does not pass the inode on: this answers for the first branch mounted."""
+        """pyfuse3 does not pass the inode on, so this answers for the first branch mounted;
+        cowfs.fuse_ext answers STATFS of every branch's mount with that branch's figures."""
         self.requests["statfs"] += 1
         f = self.statvfs(self.fs.primary)
         s = pyfuse3.StatvfsData()
@@ -748,5 +779,5 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 for _name in ("lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir", "symlink", "unlink",
               "rmdir", "rename", "link", "open", "create", "read", "write", "flush", "release", "fsync",
               "opendir", "readdir", "releasedir", "fsyncdir", "setxattr", "getxattr", "listxattr",
-              "removexattr", "statfs", "access"):
+              "removexattr", "statfs", "access", "lseek", "fallocate"):
     setattr(Operations, _name, _guarded(getattr(Operations, _name)))

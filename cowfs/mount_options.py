@@ -114,12 +114,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("share", "on|off", "on", "copied directory trees come to share their originals' records", "share", _onoff),
     Option("spin_us", "N", "50", "microseconds the daemon polls for the next FUSE request before it sleeps "
            "(0-1000; 0 leaves pyfuse3's own wait)", "spin_us", _spin),
+    Option("fuse_ext", "0|1", "1", "SEEK_DATA/SEEK_HOLE, fallocate and each branch's own df, served through "
+           "libfuse's session (cowfs/fuse_ext.py); 0 turns them off", "fuse_ext", _bool01),
 )
 BY_NAME: dict[str, Option] = {n: o for o in OPTIONS for n in (o.name, *o.aliases)}
 # The options that hold for the whole daemon (every branch it serves); set explicitly, they
 # are recorded in MountConfig.given, so that a mount of another branch may repeat them.
 DAEMON_WIDE = ("cache_l1", "cache_l2", "prefetch", "prefetch_learn", "dir_cache", "warm", "dedup", "dedup_cpu",
-               "share", "spin_us")
+               "share", "spin_us", "fuse_ext")
 
 
 def lookup(text: str) -> Option | None:

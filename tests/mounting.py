@@ -648,6 +648,17 @@ def renameat2(src, dst, flags=0):
         raise OSError(e, os.strerror(e), src, None, dst)
 
 
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x08, 0x10
+
+
+def fallocate(fd, mode, offset, length):
+    """fallocate(2) with any mode (os.posix_fallocate has mode 0 only, and glibc emulates it)."""
+    r = _libc.fallocate(fd, ctypes.c_int(mode), ctypes.c_int64(offset), ctypes.c_int64(length))
+    if r != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 class _Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
@@ -930,6 +941,7 @@ WORKER_OPS = {
     "read_file": _w_read_file,
     "read_fd_all": _w_read_fd_all,
     "renameat2": renameat2,
+    "fallocate": fallocate,
     "utimensat": utimensat,
     "futimens": futimens,
     "stat": _w_stat,

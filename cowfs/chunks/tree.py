@@ -19,6 +19,10 @@ from cowfs.chunks.store import RefTxn
 
 CHUNK = codec.CHUNK
 FANOUT = 512
+# The all-zero chunk.  Writes never store it (zeros are holes), so a tree slot holding it is
+# space reserved by fallocate: it reads as zeros, counts as allocated, and is a hole to
+# SEEK_DATA/SEEK_HOLE, as ext4's unwritten extents are.
+RESERVED = codec.chunk_hash(bytes(CHUNK))
 
 
 class Root(NamedTuple):
@@ -59,18 +63,20 @@ def lookup(root: Root | None, index: int, load_node: Callable[[bytes], bytes]) -
     return h
 
 
-def iter_chunks(root: Root | None, load_node: Callable[[bytes], bytes]) -> Iterator[tuple[int, bytes]]:
-    """(index, hash) of every stored chunk, in order."""
+def iter_chunks(root: Root | None, load_node: Callable[[bytes], bytes], start: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(index, hash) of every stored chunk from index `start` on, in order (holes, and
+    subtrees wholly before `start`, are skipped without being loaded)."""
     if root is None:
         return
     if root.depth == 0:
-        yield 0, root.hash
+        if start == 0:
+            yield 0, root.hash
         return
 
     def walk(h: bytes, level: int, base: int) -> Iterator[tuple[int, bytes]]:
         node = load_node(h)
         span = capacity(level - 1)
-        for j in range(len(node) // HASH_LEN):
+        for j in range(max(0, (start - base) // span), len(node) // HASH_LEN):
             c = node[j * HASH_LEN : (j + 1) * HASH_LEN]
             if c == ZERO_HASH:
                 continue
@@ -80,6 +86,20 @@ def iter_chunks(root: Root | None, load_node: Callable[[bytes], bytes]) -> Itera
                 yield from walk(c, level - 1, base + j * span)
 
     yield from walk(root.hash, root.depth, 0)
+
+
+def extent(root: Root | None, load_node: Callable[[bytes], bytes]) -> int:
+    """One past the index of the last stored chunk (0 for an empty tree): the rightmost path,
+    since nodes never end with a hole."""
+    if root is None:
+        return 0
+    h, base = root.hash, 0
+    for level in range(root.depth, 0, -1):
+        node = load_node(h)
+        j = len(node) // HASH_LEN - 1
+        base += j * capacity(level - 1)
+        h = node[j * HASH_LEN :]
+    return base + 1
 
 
 class TreeWriter:
@@ -144,6 +164,70 @@ class TreeWriter:
         if h is not None and made is not None and made != h and h not in self.txn.new:
             self.txn.pairs[made] = h
         return made
+
+    def fill(self, root: Root | None, first: int, last: int, value: bytes | None, only_holes: bool,
+             size_of: Callable[[bytes], int]) -> tuple[Root | None, list[int]]:
+        """Set chunks [first, last) to `value` (a chunk hash, or None: holes), whole subtrees
+        at a time: a subtree the range covers becomes a hole, or a subtree of `value` only
+        (built once per level, so filling a terabyte costs a few nodes).  only_holes: only
+        holes take `value` (subtrees whose content size says they are full are not even
+        loaded); returns the new root and the indices of stored chunks in the range that are
+        shorter than a chunk (the caller lengthens them)."""
+        short: list[int] = []
+        if last <= first:
+            return root, short
+        depth = max(depth_for(last), root.depth if root is not None else 0)
+        h: bytes | None
+        if root is None:
+            h = None
+        elif root.depth == 0:
+            h = root.hash
+            for _ in range(depth):
+                h = self._make_node([h])  # type: ignore[list-item]
+        else:
+            h = root.hash
+            for _ in range(depth - root.depth):
+                h = self._make_node([h])  # type: ignore[list-item]
+        full: dict[int, bytes | None] = {0: value}
+
+        def whole(level: int) -> bytes | None:
+            """A subtree of `level` holding `value` in every slot."""
+            if level not in full:
+                child = whole(level - 1)
+                full[level] = None if child is None else self._make_node([child] * FANOUT)
+            return full[level]
+
+        def walk(h: bytes | None, level: int, base: int, lo: int, hi: int) -> bytes | None:
+            """New hash of subtree h (covering [base, base + capacity(level))) with its
+            chunks [lo, hi) (absolute, within it) filled."""
+            if level == 0:
+                if h is None or not only_holes:
+                    return value
+                if size_of(h) < CHUNK:
+                    short.append(base)
+                return h
+            if lo == base and hi == base + capacity(level) and (not only_holes or h is None):
+                return whole(level)
+            if h is not None and only_holes and h not in self.txn.new and size_of(h) == capacity(level) * CHUNK:
+                return h  # every chunk there is stored and whole (a node made just now has no size yet)
+            entries = self._entries(h)
+            span = capacity(level - 1)
+            for j in range((lo - base) // span, (hi - base + span - 1) // span):
+                if j >= len(entries):
+                    if value is None:
+                        break
+                    entries.extend([ZERO_HASH] * (j + 1 - len(entries)))
+                old = entries[j]
+                b = base + j * span
+                new = walk(None if old == ZERO_HASH else old, level - 1, b, max(lo, b), min(hi, b + span))
+                entries[j] = new if new is not None else ZERO_HASH
+            made = self._make_node(entries)
+            if h is not None and made is not None and made != h and h not in self.txn.new:
+                self.txn.pairs[made] = h
+            return made
+
+        new = walk(h, depth, 0, first, last)
+        return (Root(depth, new) if new is not None else None), short
 
     def update(self, root: Root | None, changes: dict[int, bytes | None], n_chunks: int) -> Root | None:
         """Apply changes (index -> chunk hash, None = hole) and cut the file to n_chunks."""

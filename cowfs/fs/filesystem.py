@@ -24,7 +24,7 @@ from cowfs.cache.prefetch import LEARNED, READAHEAD, Fetcher
 from cowfs.cache.readahead import Readahead
 from cowfs.chunks import codec, tree
 from cowfs.chunks.store import RefTxn
-from cowfs.chunks.tree import CHUNK, TreeWriter
+from cowfs.chunks.tree import CHUNK, RESERVED, TreeWriter
 from cowfs.errors import FSError
 from cowfs.fs.node import Node
 from cowfs.fs.view import EPOCHS, View
@@ -51,6 +51,8 @@ THREAD_FLUSH_BYTES = 512 << 10  # flushes larger than this hash/compress in a wo
 PACK_FLUSH_BYTES = 4 << 20
 PACK_MIN_VALUE = 8 << 10
 XATTR_SIZE_MAX = 65536
+SEEK_DATA, SEEK_HOLE = 3, 4  # Linux lseek whence values
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 # renameat2 flags (linux/fs.h): the kernel filters unknown ones and the EXCHANGE combinations
 # itself, but FUSE carries the raw value, so the core checks them again.
@@ -108,7 +110,7 @@ def _restamp(a: Attrs, stamp: tuple[int, int, int, int, int, int]) -> None:
 class Mutation:
     """One atomic change: a batch, its reference deltas and the nodes it saved."""
 
-    __slots__ = ("fs", "batch", "txn", "saved", "views", "now")
+    __slots__ = ("fs", "batch", "txn", "saved", "views", "now", "charge")
 
     def __init__(self, fs: "Filesystem") -> None:
         self.fs = fs
@@ -117,6 +119,9 @@ class Mutation:
         self.saved: list[Node] = []
         self.views: set[View] = set()  # views whose usage changed: their head's usage is rewritten
         self.now = now_ns()
+        # Check the byte quota at commit against what the new trees allocate (fallocate:
+        # known only once the reference changes are applied).
+        self.charge = False
 
     def _account(self, node: Node, present: bool) -> None:
         view = node.view
@@ -249,6 +254,7 @@ class Filesystem:
         # Background chunk loading (readahead, learned prefetch); run by the daemon's nursery.
         self.fetcher = Fetcher(store.objects, store.in_thread) if prefetch else None
         self.learner = Learner(store.kv, store.catalog, learn) if prefetch or learn else None
+        self._reserved: bytes | None = None  # the encoding of the reserved (all-zero) chunk
         self.primary = self.branch_view(b.name)
         # Before any task or thread exists, nothing can race this commit; other branches'
         # orphans go under the lock (attach_branch).
@@ -473,6 +479,10 @@ class Filesystem:
                 new = objects.content_size(root, m.txn) if node.attrs.is_reg else 0
                 settled.append((node, new))
                 grown[node.view] = grown.get(node.view, 0) + new - node.stored_alloc  # type: ignore[operator]
+                if m.charge and new > node.alloc:  # type: ignore[operator]
+                    node.view.check_quota(more_bytes=new - node.alloc)  # type: ignore[operator]
+                    if self.store.space_low(new - node.alloc):  # type: ignore[operator]
+                        raise FSError(errno.ENOSPC, "the store's disk has no room for the reservation")
             for view in m.views | grown.keys():
                 if view.kind == "branch":
                     self.store.catalog.save_usage(view.lv.top, Usage(view.usage_bytes, view.usage_inodes,
@@ -480,6 +490,9 @@ class Filesystem:
 
         try:
             self.store.commit(m.batch, m.txn, settle)
+        except FSError:  # refused by settle (a quota): nothing was written
+            self._revert(m)
+            raise
         except Exception as exc:
             error = str(exc)
         else:
@@ -772,8 +785,9 @@ class Filesystem:
                 if size > MAX_FILE_SIZE or size < 0:
                     raise FSError(errno.EFBIG)
                 if size != a.size:  # allocates nothing: no quota to check
+                    shrink = size < a.size
                     node.truncate_buffers(size, self.store.objects)
-                    self._flush_node_into(m, node, self._encode(node.dirty), size)
+                    self._flush_node_into(m, node, self._encode(node.dirty), size, cut=shrink)
                     node.dirty.clear()
                     a.mtime_ns = m.now
             self._set_attrs(a, mode, uid, gid, atime_ns, mtime_ns, kill_suid)
@@ -890,6 +904,112 @@ class Filesystem:
             self.flush_wanted.set()
         return len(data)
 
+    def seek(self, node: Node, off: int, whence: int) -> int:
+        """lseek(SEEK_DATA / SEEK_HOLE): the first data (or hole) at or after off, in chunk
+        lengths (a chunk's data runs from its start to its length; reserved chunks and EOF
+        are holes).  ENXIO at or beyond EOF, and when no data follows."""
+        size = node.attrs.size
+        if whence not in (SEEK_DATA, SEEK_HOLE):
+            raise FSError(errno.EINVAL)
+        if off < 0 or off >= size:
+            raise FSError(errno.ENXIO)
+        try:
+            chunks = node.data_chunks(off // CHUNK, self.store.objects)
+            if whence == SEEK_DATA:
+                for i, length in chunks:
+                    if off < i * CHUNK + length:
+                        return max(off, i * CHUNK)
+                raise FSError(errno.ENXIO)
+            pos = off
+            for i, length in chunks:
+                if i * CHUNK > pos:
+                    break
+                pos = max(pos, i * CHUNK + length)
+                if length < CHUNK:
+                    break
+            return min(pos, size)
+        except codec.CorruptObject as exc:
+            log.error("seek in inode %d at %d: %s", node.ino, off, exc)
+            raise FSError(errno.EIO) from exc
+
+    async def fallocate(self, node: Node, mode: int, off: int, length: int) -> None:
+        """fallocate(2): mode 0 and KEEP_SIZE reserve (holes in the range become reserved
+        chunks: zeros that count as allocated, so the byte quota is charged now and later
+        writes there are not; reservations beyond EOF stay until a truncate cuts them);
+        PUNCH_HOLE frees whole chunks and zeroes partial ones; ZERO_RANGE zeroes, keeping
+        the range allocated (whole chunks become reserved).  Other modes: EOPNOTSUPP."""
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) or (
+                mode & FALLOC_FL_PUNCH_HOLE and (mode & FALLOC_FL_ZERO_RANGE or not mode & FALLOC_FL_KEEP_SIZE)):
+            raise FSError(errno.EOPNOTSUPP)
+        if off < 0 or length <= 0:
+            raise FSError(errno.EINVAL)
+        if off + length > MAX_FILE_SIZE:
+            raise FSError(errno.EFBIG)
+        if not node.attrs.is_reg:
+            raise FSError(errno.ENODEV)
+        end = off + length
+        objects = self.store.objects
+        async with self.mutate(node.view) as m:
+            if node.deleted:
+                raise FSError(errno.ENOENT)
+            self.allocated(node)
+            writer = TreeWriter(objects.node, m.txn)
+            root, size = node.attrs.root, node.attrs.size
+            encoded: dict[int, tuple[bytes, bytes | None] | None] = {}
+            first, last = -(-off // CHUNK), end // CHUNK  # the chunks the range covers whole
+            edges = sorted({j for j in (off // CHUNK, (end - 1) // CHUNK) if not first <= j < last})
+            try:
+                if mode & FALLOC_FL_PUNCH_HOLE:
+                    root, _ = writer.fill(root, first, last, None, False, objects.content_size)
+                elif mode & FALLOC_FL_ZERO_RANGE:
+                    root, _ = writer.fill(root, first, last, RESERVED, False, objects.content_size)
+                else:
+                    root, short = writer.fill(root, off // CHUNK, -(-end // CHUNK), RESERVED, True,
+                                              objects.content_size)
+                    for j in short:  # data that ends early: lengthened with zeros over the range
+                        data = node.chunk(j, objects)
+                        need = min(CHUNK, end - j * CHUNK)
+                        if data is not None and len(data) < need:
+                            node.dirty[j] = bytearray(data) + bytes(need - len(data))
+                    edges = []
+                for j in edges:  # chunks the range covers in part
+                    if tree.lookup(node.attrs.root, j, objects.node) == RESERVED:
+                        continue  # reserved zeros stay reserved
+                    data = node.chunk(j, objects)
+                    a, b = max(off, j * CHUNK) - j * CHUNK, min(end, (j + 1) * CHUNK) - j * CHUNK
+                    buf = bytearray(data) if data is not None else bytearray()
+                    if mode & FALLOC_FL_PUNCH_HOLE:
+                        b = min(b, len(buf))
+                    elif len(buf) < b:
+                        buf.extend(bytes(b - len(buf)))
+                    if a >= b:
+                        continue
+                    buf[a:b] = bytes(b - a)
+                    if mode & FALLOC_FL_ZERO_RANGE and buf == bytes(len(buf)):
+                        encoded[j] = (RESERVED, None)  # zeroed, and still allocated
+                    else:
+                        node.dirty[j] = buf  # all zeros after a punch: a hole once encoded
+            except codec.CorruptObject as exc:
+                node.dirty.clear()
+                log.error("fallocate of inode %d: %s", node.ino, exc)
+                raise FSError(errno.EIO) from exc
+            if not mode & FALLOC_FL_PUNCH_HOLE:
+                m.txn.add_object(RESERVED, self._reserved_value(), [])
+                if not mode & FALLOC_FL_KEEP_SIZE:
+                    size = max(size, end)
+            node.attrs.root = root
+            encoded.update(self._encode(node.dirty))
+            node.dirty.clear()
+            m.touch(node)  # as file_modified() does in the kernel
+            self._flush_node_into(m, node, encoded, size)
+            node.attrs.size = size
+            m.charge = True
+
+    def _reserved_value(self) -> bytes:
+        if self._reserved is None:
+            self._reserved = codec.encode_chunk(bytes(CHUNK), self.level)
+        return self._reserved
+
     async def flush(self) -> None:
         """Commit every acknowledged write (not yet durable: see sync).
 
@@ -955,13 +1075,19 @@ class Filesystem:
         return encoded, [codec.packed_extent(p) for p in pointers.values()]  # type: ignore[misc]
 
     def _flush_node_into(self, m: Mutation, node: Node, encoded: dict[int, tuple[bytes, bytes | None] | None],
-                         size: int, stamp: tuple[int, int, int, int, int, int] | None = None) -> None:
+                         size: int, stamp: tuple[int, int, int, int, int, int] | None = None,
+                         cut: bool = False) -> None:
         """Turn encoded chunks into a new tree for node and save it in m, with the size (and
-        the `_stamp` attributes) the file had when these chunks were taken."""
+        the `_stamp` attributes) the file had when these chunks were taken.  The tree keeps
+        chunks reserved beyond EOF (fallocate with KEEP_SIZE) unless `cut` (a truncate
+        that shrinks the file gives them back, as ext4's does)."""
+        writer = TreeWriter(self.store.objects.node, m.txn)
         changes: dict[int, bytes | None] = {}
         for i, enc in encoded.items():
             if enc is None:
-                changes[i] = None
+                # Zeros written over reserved space: it stays reserved (allocated zeros).
+                if tree.lookup(node.attrs.root, i, writer.load_node) != RESERVED:
+                    changes[i] = None
                 continue
             h, value = enc
             # value is None for chunks the store already had when encoded: nothing can free
@@ -969,8 +1095,9 @@ class Filesystem:
             if value is not None:
                 m.txn.add_object(h, value, [])
             changes[i] = h
-        writer = TreeWriter(self.store.objects.node, m.txn)
         n_chunks = (size + CHUNK - 1) // CHUNK
+        if not cut:
+            n_chunks = max(n_chunks, tree.extent(node.attrs.root, writer.load_node))
         new_root = writer.update(node.attrs.root, changes, n_chunks)
         a = node.attrs
         size_now, stamp_now = a.size, _stamp(a)

@@ -7,10 +7,10 @@ ever misses data that a write already acknowledged.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from cowfs.chunks import tree
-from cowfs.chunks.tree import CHUNK, Root
+from cowfs.chunks.tree import CHUNK, RESERVED, Root
 from cowfs.meta.records import Attrs
 
 if TYPE_CHECKING:
@@ -71,7 +71,8 @@ class Node:
         write buffer, not a hole): what readahead may fetch."""
         if i in self.dirty or i in self.flushing:
             return None
-        return tree.lookup(self.attrs.root, i, objects.node)
+        h = tree.lookup(self.attrs.root, i, objects.node)
+        return None if h == RESERVED else h
 
     def chunk(self, index: int, objects: "ObjectStore") -> bytes | bytearray | None:
         """Current content of chunk `index` (may be shorter than CHUNK), or None for a hole."""
@@ -79,7 +80,35 @@ class Node:
         if data is not None:
             return data
         h = tree.lookup(self.attrs.root, index, objects.node)
+        if h == RESERVED:
+            return _ZEROS
         return None if h is None else objects.chunk(h)
+
+    def data_chunks(self, first: int, objects: "ObjectStore") -> Iterator[tuple[int, int]]:
+        """(index, data length) of the chunks from `first` to EOF that hold data, in order,
+        for SEEK_DATA/SEEK_HOLE: buffers as they are (one of zeros is a hole: its flush makes
+        it one), stored chunks but reserved ones; holes are skipped a subtree at a time."""
+        end = (self.attrs.size + CHUNK - 1) // CHUNK
+        buffered = sorted(i for i in self.dirty.keys() | self.flushing.keys() if i >= first)
+        stored = tree.iter_chunks(self.attrs.root, objects.node, first)
+        nxt = next(stored, None)
+        k = 0
+        while k < len(buffered) or nxt is not None:
+            if nxt is None or (k < len(buffered) and buffered[k] <= nxt[0]):
+                i = buffered[k]
+                k += 1
+                if nxt is not None and nxt[0] == i:
+                    nxt = next(stored, None)
+                data = self._buffer(i)
+                length = len(data) if data and not _zeros(data, 0, len(data)) else 0  # type: ignore[arg-type]
+            else:
+                i, h = nxt
+                nxt = next(stored, None)
+                length = 0 if h == RESERVED else objects.content_size(h)
+            if i >= end:
+                return
+            if length:
+                yield i, length
 
     def _read_chunk(self, i: int, a: int, b: int, objects: "ObjectStore") -> bytes | memoryview | None:
         """Bytes [a, b) of chunk i (fewer if it ends early), None for a hole.  Stored chunks
@@ -89,7 +118,7 @@ class Node:
             # Dirty buffers are bytearrays that later writes resize: never export a view of them.
             return bytes(data[a:b])
         h = tree.lookup(self.attrs.root, i, objects.node)
-        return None if h is None else objects.read(h, a, b)
+        return None if h is None or h == RESERVED else objects.read(h, a, b)
 
     def read_run(self, off: int, size: int, objects: "ObjectStore") -> bytes | memoryview | None:
         """A read across two or more committed chunks that a pack holds back to back, served

@@ -9,7 +9,7 @@ import pytest
 
 from cowfs.chunks import codec
 from cowfs.chunks.store import RefTxn
-from cowfs.chunks.tree import FANOUT, Root, TreeWriter, capacity, depth_for, iter_chunks, lookup
+from cowfs.chunks.tree import FANOUT, Root, TreeWriter, capacity, depth_for, extent, iter_chunks, lookup
 
 C = [codec.chunk_hash(b"chunk %d" % k) for k in range(8)]
 
@@ -124,3 +124,60 @@ def test_random_updates_read_as_the_model_and_are_canonical(seed):
             assert root.depth == (0 if n == 1 else depth_for(n))
         # The same content built at once gives the same root: equal files share their tree.
         assert Nodes().update(None, dict(model), n)[0] == root
+
+
+def test_iter_chunks_from_an_index_and_extent():
+    t = Nodes()
+    model = {0: C[0], 5: C[1], FANOUT + 3: C[2], 2 * FANOUT: C[3]}
+    root, _ = t.update(None, model, 3 * FANOUT)
+    for start in (0, 1, 5, 6, FANOUT, FANOUT + 4, 2 * FANOUT, 2 * FANOUT + 1):
+        assert list(iter_chunks(root, t.load, start)) == sorted((i, h) for i, h in model.items() if i >= start)
+    assert extent(root, t.load) == 2 * FANOUT + 1 and extent(None, t.load) == 0
+    assert extent(Root(0, C[0]), t.load) == 1 and list(iter_chunks(Root(0, C[0]), t.load, 1)) == []
+
+
+class Sizes:
+    """Content sizes as refs records keep them: a chunk's is its length, a node's the sum."""
+
+    def __init__(self, t: Nodes, lengths: dict[bytes, int]) -> None:
+        self.t, self.lengths = t, lengths
+
+    def __call__(self, h: bytes) -> int:
+        if h in self.lengths:
+            return self.lengths[h]
+        return sum(self(c) for c in codec.node_children(self.t.body[h]))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fill_sets_ranges_like_the_model(seed):
+    """fill(value) over [first, last): every chunk (or, only_holes, every hole) takes value,
+    whole subtrees at once; with only_holes, the stored chunks shorter than a chunk are named."""
+    rnd = random.Random(100 + seed)
+    t = Nodes()
+    short_chunk = codec.chunk_hash(b"short")
+    lengths = {h: codec.CHUNK for h in C} | {short_chunk: 100}
+    size_of = Sizes(t, lengths)
+    n = rnd.choice((3, FANOUT + 9, 2 * FANOUT + 5))
+    model = {i: rnd.choice(C + [short_chunk]) for i in rnd.sample(range(n), n // 3)}
+    root, _ = t.update(None, model, n)
+    fill = C[7]
+    for _ in range(6):
+        first = rnd.randrange(n + FANOUT)
+        last = first + rnd.choice((1, 2, FANOUT, FANOUT * 3 + 7, rnd.randrange(1, 3 * FANOUT)))
+        value = rnd.choice((None, fill))
+        only_holes = value is not None and rnd.random() < 0.5
+        txn = RefTxn()
+        new, short = TreeWriter(t.load, txn).fill(root, first, last, value, only_holes, size_of)
+        for h, (body, children) in txn.new.items():
+            t.body[h] = body[1:]
+        want_short = sorted(i for i, h in model.items() if first <= i < last and h == short_chunk) if only_holes else []
+        for i in range(first, last):
+            if value is None:
+                model.pop(i, None)
+            elif not only_holes or i not in model:
+                model[i] = value
+        assert t.read(new) == model and sorted(short) == want_short
+        assert extent(new, t.load) == (max(model) + 1 if model else 0)
+        # a subtree's worth of fill takes a few nodes, not one per chunk
+        assert len(txn.new) <= 4 * (new.depth if new else 1) + 4
+        root = new
