@@ -21,7 +21,7 @@ for arg in "$@"; do
 done
 root=${COWFS_SYSTEM_ROOT:-}
 
-debs=(fuse3 libfuse3-dev pkg-config python3-venv fuse-overlayfs git sqlite3 attr acl systemd gcc make)
+debs=(fuse3 libfuse3-dev pkg-config python3-venv fuse-overlayfs git sqlite3 attr acl systemd gcc make etcd-server)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -5,6 +5,10 @@
 * ``mount_factory(options=(), store=None, ...)``: make more mounts (e.g. ``-o allow_other``).
 * ``shared_tmp``: a world-traversable temporary directory (pytest's own tmp dirs are 0700 and
   unreachable for the unprivileged test user); mount points live there.
+* Real storage engines (tests/engines.py): ``seaweedfs`` and ``etcd`` (one each for the
+  session: tests keep to their own key prefix, ``engine_prefix``), ``seaweedfs_private`` and
+  ``etcd_private`` (a test's own, to kill and restart), ``etcd_cluster`` (three members);
+  ``aws_env`` points boto3's usual environment variables at the session's SeaweedFS.
 
 Every mount is unmounted at teardown, even when the test failed; the daemon log is attached to
 failure reports.  A session-level safety net lazily unmounts any FUSE mount left below the
@@ -16,11 +20,13 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+import engines  # noqa: E402
 import mounting  # noqa: E402
 
 UNPRIV_UID = int(os.environ.get("COWFS_TEST_UID", "65534"))
@@ -111,6 +117,86 @@ def unpriv_ids():
     return UNPRIV_UID, UNPRIV_GID
 
 
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """SeaweedFS (S3 at ``.endpoint``, bucket ``.BUCKET``) shared by the session: never kill it."""
+    sw = engines.SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        sw.start()
+        yield sw
+    finally:
+        sw.stop()
+
+
+@pytest.fixture
+def seaweedfs_private(tmp_path, monkeypatch):
+    """A SeaweedFS of the test's own, to kill (``.kill()``) and restart (``.start()``); the
+    AWS environment variables point at it."""
+    sw = engines.SeaweedFS(tmp_path / "seaweedfs")
+    try:
+        sw.start()
+        set_aws_env(monkeypatch, sw, tmp_path)
+        yield sw
+    finally:
+        sw.stop()
+
+
+def set_aws_env(monkeypatch, sw: engines.SeaweedFS, scratch: Path) -> None:
+    for name, value in sw.environment(scratch).items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path, seaweedfs):
+    """boto3's usual environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_ENDPOINT_URL_S3 ...) pointing at the session's SeaweedFS; returns it."""
+    set_aws_env(monkeypatch, seaweedfs, tmp_path)
+    return seaweedfs
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory):
+    """One etcd member shared by the session (``.endpoint``): never kill it."""
+    e = engines.Etcd(tmp_path_factory.mktemp("etcd"))
+    try:
+        e.start()
+        yield e
+    finally:
+        e.stop()
+
+
+@pytest.fixture
+def etcd_private(tmp_path):
+    """An etcd member of the test's own, to kill (``.kill()``) and restart (``.restart()``)."""
+    e = engines.Etcd(tmp_path / "etcd")
+    try:
+        e.start()
+        yield e
+    finally:
+        e.stop()
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path):
+    """Three etcd members on loopback ports (``.endpoints``, ``.kill(i)``, ``.restart(i)``)."""
+    c = engines.EtcdCluster(tmp_path / "etcd-cluster")
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def engine_prefix(request) -> str:
+    """A key prefix no other test uses (the session's engines are shared)."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60].strip("-")
+    return f"t-{name}-{uuid.uuid4().hex[:8]}"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
@@ -126,8 +212,9 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Safety net: never leave a FUSE mount behind."""
+    """Safety net: never leave a FUSE mount or an engine process behind."""
     msgs = mounting.cleanup_all_mounts()
+    msgs += [f"stopped leftover engine {e}" for e in engines.stop_all()]
     # Only this session's directories: other pytest sessions may run concurrently.
     roots = [r.rstrip("/") + "/" for r in _SESSION_DIRS]
     try:
@@ -144,3 +231,10 @@ def pytest_sessionfinish(session, exitstatus):
         tr = session.config.pluginmanager.get_plugin("terminalreporter")
         if tr is not None:
             tr.write_line("cowfs safety net: " + "; ".join(msgs), yellow=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How long the real engines took to start (seconds until they served)."""
+    if engines.STARTUPS:
+        terminalreporter.write_line("engine start-up: " + ", ".join(
+            f"{name} {took:.1f} s" for name, took in engines.STARTUPS))
