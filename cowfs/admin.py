@@ -2,6 +2,9 @@
 
 CLI commands given a mounted store talk to the daemon here instead of opening RocksDB a
 second time (which RocksDB's lock forbids).  Protocol: one JSON object per line each way.
+The daemon learns who is asking from the kernel (SO_PEERCRED), not from the socket's mode:
+only root, the daemon's own user and the owner of the store directory are served
+(docs/architecture.md, "Authorization").
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import tempfile
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -16,7 +20,8 @@ if TYPE_CHECKING:  # the CLI's client side must not pay for importing trio
     import trio
 
 SOCKET_NAME = "daemon.sock"
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+# (request, uid of the peer process as the kernel tells it) -> reply
+Handler = Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]]
 
 
 def socket_path(store: str) -> str:
@@ -31,8 +36,19 @@ def socket_path(store: str) -> str:
     return os.path.join(base, f"{digest}.sock")
 
 
-async def serve(path: str, handle: Handler, *, task_status: "trio.TaskStatus[None] | None" = None) -> None:
-    """Answer requests on a Unix socket at path until cancelled (start it with nursery.start)."""
+def peer_uid(sock: Any) -> int:
+    """The uid of the process at the other end of a connected Unix socket."""
+    fmt = "3i"  # struct ucred: pid, uid, gid
+    _pid, uid, _gid = struct.unpack(fmt, sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt)))
+    return int(uid)
+
+
+async def serve(path: str, handle: Handler, *, owner: int | None = None,
+                task_status: "trio.TaskStatus[None] | None" = None) -> None:
+    """Answer requests on a Unix socket at path until cancelled (start it with nursery.start).
+
+    owner: a uid that may reach the socket besides ours (the store's owner when the daemon
+    runs as root); handle still decides, from the peer's uid, what each request may do."""
     import trio
 
     try:
@@ -42,6 +58,8 @@ async def serve(path: str, handle: Handler, *, task_status: "trio.TaskStatus[Non
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(path)
     os.chmod(path, 0o600)
+    if owner is not None and owner != os.geteuid() and os.geteuid() == 0:
+        os.chown(path, owner, -1)
     sock.listen(16)
     listener = trio.SocketListener(sock)
     if task_status is not None:
@@ -58,7 +76,7 @@ async def serve(path: str, handle: Handler, *, task_status: "trio.TaskStatus[Non
                     buf += data
                 try:
                     req = json.loads(buf.split(b"\n", 1)[0])
-                    resp = await handle(req)
+                    resp = await handle(req, peer_uid(stream.socket))
                 except Exception as exc:  # a bad request must never take the daemon down
                     resp = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 await stream.send_all(json.dumps(resp).encode() + b"\n")
@@ -81,3 +99,4 @@ def request(store: str, req: dict[str, Any], timeout: float = 30.0) -> dict[str,
                 break
             buf += data
     return json.loads(buf)
+

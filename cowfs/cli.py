@@ -236,7 +236,8 @@ def _show(reply: dict[str, Any], as_json: bool, text: str | None = None) -> None
         click.echo(json.dumps(reply))
     if not reply.get("ok"):
         if not as_json:
-            click.echo(f"cowfs: {reply.get('error')} ({reply.get('errno')})", err=True)
+            code = f" ({reply['errno']})" if reply.get("errno") else ""
+            click.echo(f"cowfs: {reply.get('error')}{code}", err=True)
         sys.exit(1)
     if not as_json and text:
         click.echo(text)
@@ -304,22 +305,46 @@ def clone(mount: str, src: str, dst: str, as_json: bool, timeout: float) -> None
     _show(reply, as_json, f"cloned {quote_path(src)} to {quote_path(dst)}")
 
 
+def _store_wide(target: str, req: dict[str, Any]) -> dict[str, Any] | None:
+    """The reply to a store-wide command when TARGET is a store directory (None: a path in
+    a mount, whose control file answers)."""
+    from cowfs import targets
+    from cowfs.offline import is_store
+
+    if targets.place(target) is not None or not is_store(os.path.abspath(target)):
+        return None
+    try:
+        return cliutil.administer(target, req)
+    except CliError as exc:
+        _fail(str(exc))
+
+
 @main.command()
-@mount_arg
+@target_arg
 @click.argument("name", shell_complete=complete_names)
 @ctl_opts
-def delete(mount: str, name: str, as_json: bool, timeout: float) -> None:
-    """Delete snapshot NAME, or branch NAME if it is not mounted."""
-    mount = _mount(mount)
-    _show(_ctl(mount, timeout, "delete", name), as_json, f"deleted {name}")
+def delete(target: str, name: str, as_json: bool, timeout: float) -> None:
+    """Delete snapshot NAME, or branch NAME if it is not mounted.
+
+    TARGET inside a mount: what the branch mounted there owns (its snapshots, the branches
+    made from it and theirs).  TARGET a store directory: any snapshot or unmounted branch,
+    for root or the store's owner (through its daemon when it is mounted)."""
+    reply = _store_wide(target, {"cmd": "delete", "name": name})
+    if reply is None:
+        reply = _ctl(_mount(target), timeout, "delete", name)
+    _show(reply, as_json, f"deleted {name}")
 
 
 @main.command(name="list")
-@mount_arg
+@target_arg
 @ctl_opts
-def list_(mount: str, as_json: bool, timeout: float) -> None:
-    """Snapshots and branches of the lineage mounted at MOUNT."""
-    reply = _ctl(_mount(mount), timeout, "list")
+def list_(target: str, as_json: bool, timeout: float) -> None:
+    """Snapshots and branches the branch mounted at TARGET owns (any path inside the mount),
+    or all of a store's (TARGET a store directory; root or its owner), with where each
+    branch is mounted."""
+    reply = _store_wide(target, {"cmd": "list"})
+    if reply is None:
+        reply = _ctl(_mount(target), timeout, "list")
     _show(reply, as_json)
     if not as_json:
         for line in report.list_lines(reply):

@@ -111,6 +111,37 @@ def _offline_store(target: str) -> str:
     return store
 
 
+# -- store-wide delete and list ----------------------------------------------------------------------
+def administer(target: str, req: dict[str, Any]) -> dict[str, Any]:
+    """The reply to a store-wide `delete` or `list` (root or the store's owner): through the
+    daemon when one serves the store (it checks the caller, SO_PEERCRED), else on the store
+    itself.  A daemon is known by its socket: its pid file may be unreadable to the store's
+    owner (it is root's).  Refusals of the command itself come back as replies (errno)."""
+    from cowfs import offline
+
+    store = _offline_store(target)
+    if daemon_pid(store) is not None or os.path.exists(admin.socket_path(store)):
+        try:
+            return admin.request(store, req, timeout=120)
+        except PermissionError:
+            raise CliError(admin_refused(store)) from None
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass  # a socket left by a daemon that died: nothing serves the store
+        except socket.timeout:
+            raise CliError(f"the daemon of {store} did not answer within 120 s; if it hangs, "
+                           "`cowfs umount --force MOUNTPOINT` ends it") from None
+        except OSError as exc:
+            raise CliError(f"cannot reach the daemon of {store}: {exc.strerror or exc}") from None
+        except ValueError:
+            raise CliError(f"the daemon of {store} gave an unreadable answer") from None
+    try:
+        if req["cmd"] == "list":
+            return offline.listing(store)
+        return offline.delete(store, str(req["name"]))
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+
+
 # -- stats -------------------------------------------------------------------------------------------
 def store_stats(target: str) -> dict[str, Any]:
     """The daemon's figures (admin channel, else the mount's .cowfs/stats), or the store's own

@@ -12,6 +12,7 @@ from typing import Any, Awaitable, Callable
 
 from cowfs import protocol
 from cowfs.errors import FSError
+from cowfs.fs.authz import Mounted
 from cowfs.fs.branching import Branching, Caller
 from cowfs.fs.view import View
 
@@ -27,7 +28,7 @@ def encode(obj: dict[str, Any]) -> bytes:
 
 class Control:
     def __init__(self, branching: Branching, on_rollback: RollbackHook,
-                 mounted: Callable[[], set[str]]) -> None:
+                 mounted: Callable[[], Mounted]) -> None:
         self.br = branching
         self.on_rollback = on_rollback
         self.mounted = mounted
@@ -73,7 +74,7 @@ class Control:
         if verb == "clone":
             return await br.clone(view, args[0], args[1], who)
         if verb == "delete":
-            return await br.delete(view, args[0], who, self.mounted())
+            return await br.delete(view, args[0], who, self.mounted)
         if verb == "list":
-            return br.listing(view)
+            return br.listing(view, self.mounted())
         return await br.diff(view, args[0], args[1] if len(args) > 1 else None)

@@ -204,7 +204,7 @@ class Daemon:
         if cfg.quota_bytes is not None or cfg.quota_inodes is not None:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
         self.warmer = Warmer(self.fs, self._view_root, cfg.store, cfg.prefetch and cfg.warm)
-        self.ops = Operations(self.fs, stats=self.sandbox_stats, mounted=self.mounted_branches, ctl_group=cfg.ctl_group,
+        self.ops = Operations(self.fs, stats=self.sandbox_stats, mounted=self.branch_mounts, ctl_group=cfg.ctl_group,
                               cache_absent=cfg.dir_cache, warm=self.warmer)
         # The control directories' listings change behind the kernel (snapshots come and go).
         self.dir_cache = cfg.dir_cache and dircache.install(lambda fino: not Operations._is_control(fino))
@@ -226,6 +226,7 @@ class Daemon:
         self.gc_progress: dict[str, Any] | None = None  # while `cowfs gc` runs: its stage and count
         self._stopping = False
         self.dev = ""  # the FUSE connection's device number "major:minor", known once mounted
+        self.attaching: dict[str, str] = {}  # branch -> mount point, while its bind mount is made
 
     # -- our mounts ------------------------------------------------------------------------
     def _view_root(self, view: View) -> str | None:
@@ -238,20 +239,22 @@ class Daemon:
         """(mount point, root inside our filesystem) of every mount of our FUSE connection."""
         return [(e.mountpoint, e.root) for e in mounts.connection_mounts(self.dev)] if self.dev else []
 
-    def branch_mounts(self) -> list[tuple[str, str]]:
-        """(branch, mount point) of every mount of our FUSE connection."""
-        out = []
+    def branch_mounts(self) -> dict[str, list[str]]:
+        """Where each mounted branch is mounted (mount points of our connection), a branch
+        being attached included (its bind mount is not in the table yet)."""
+        where: dict[str, list[str]] = {b: [mp] for b, mp in self.attaching.items()}
         for mp, root in self.mounts():
+            view = None
             if root == "/":
-                out.append((self.fs.primary.name, mp))
+                view = self.fs.primary
             elif root.startswith("/.cowfs/by-view/"):
                 view = self.fs.views.get(int(root.rsplit("/", 1)[1]))
-                if view is not None:
-                    out.append((view.name, mp))
-        return out
+            if view is not None:
+                where.setdefault(view.name, []).append(mp)
+        return where
 
     def mounted_branches(self) -> set[str]:
-        return {name for name, _mp in self.branch_mounts()}
+        return set(self.branch_mounts())
 
     async def kernel_sync(self) -> None:
         """Have the kernel write its dirty pages back to us: syncfs on the mount, from a child
@@ -271,6 +274,7 @@ class Daemon:
             log.warning("syncfs on the mount did not finish within %.0f s", KERNEL_SYNC_TIMEOUT)
 
     def _bind(self, source: str, target: str) -> None:
+        faults.point("attach_bind")
         if _libc.mount(source.encode(), target.encode(), None, MS_BIND, None) != 0:
             err = ctypes.get_errno()
             raise MountError(f"bind mount of {source} on {target} failed: {os.strerror(err)}")
@@ -280,24 +284,30 @@ class Daemon:
         """Serve another branch of this store at mountpoint (a bind mount of its root)."""
         if os.geteuid() != 0:
             return {"ok": False, "error": "a second mount of one store needs root (it is a bind mount)"}
-        try:
-            view = await self.fs.attach_branch(branch)
-        except FSError as exc:
-            return {"ok": False, "error": str(exc)}
-        if quota_bytes is not None or quota_inodes is not None:
-            self.fs.set_quota(view, quota_bytes, quota_inodes)
         if branch in self.mounted_branches():
-            where = ", ".join(mp for name, mp in self.branch_mounts() if name == branch)
+            where = ", ".join(self.branch_mounts()[branch])
             return {"ok": False, "error": f"branch {branch!r} is already mounted at {where} (a branch is mounted "
                                           "once: use that mount, or mount another branch)"}
-        mps = self.mounts()
-        if not mps:
-            return {"ok": False, "error": "the daemon has no mount left"}
-        source = f"{mps[0][0]}/.cowfs/by-view/{view.vid}"
+        # Mounted from now on: a delete while the branch is prepared and bind-mounted (it is
+        # not in the mount table yet) must refuse it.
+        self.attaching[branch] = mountpoint
         try:
-            await trio.to_thread.run_sync(self._bind, source, mountpoint)
-        except MountError as exc:
-            return {"ok": False, "error": str(exc)}
+            try:
+                view = await self.fs.attach_branch(branch)
+            except FSError as exc:
+                return {"ok": False, "error": str(exc)}
+            if quota_bytes is not None or quota_inodes is not None:
+                self.fs.set_quota(view, quota_bytes, quota_inodes)
+            mps = self.mounts()
+            if not mps:
+                return {"ok": False, "error": "the daemon has no mount left"}
+            source = f"{mps[0][0]}/.cowfs/by-view/{view.vid}"
+            try:
+                await trio.to_thread.run_sync(self._bind, source, mountpoint)
+            except MountError as exc:
+                return {"ok": False, "error": str(exc)}
+        finally:
+            del self.attaching[branch]
         log.info("attached branch %s at %s", branch, mountpoint)
         return {"ok": True, "branch": branch, "mountpoint": mountpoint}
 
@@ -356,8 +366,38 @@ class Daemon:
             "background": self.supervisor.figures(detail=host),
         }
 
-    async def handle_admin(self, req: dict[str, Any]) -> dict[str, Any]:
+    def _admin_refusal(self, uid: int, cmd: Any) -> str | None:
+        """Who may use the admin socket, by the peer's uid (SO_PEERCRED): root, the daemon's
+        user, and the owner of the store directory; attach (a bind mount made as root on a
+        path the caller names) only the first two."""
+        if uid in (0, os.geteuid()):
+            return None
+        try:
+            owner = os.stat(self.cfg.store).st_uid
+        except OSError:
+            owner = None
+        if uid == owner and cmd != "attach":
+            return None
+        if uid == owner:
+            return "attaching a branch needs root"
+        return "only root or the owner of the store may use its admin socket"
+
+    async def handle_admin(self, req: dict[str, Any], uid: int) -> dict[str, Any]:
         cmd = req.get("cmd")
+        refusal = self._admin_refusal(uid, cmd)
+        if refusal is not None:
+            log.warning("admin socket: refused %r from uid %d", cmd, uid)
+            return {"ok": False, "errno": "EPERM", "error": refusal}
+        if cmd == "delete":  # store-wide administration: anything not mounted
+            name = req.get("name")
+            if not isinstance(name, str):
+                return {"ok": False, "errno": "EINVAL", "error": "delete needs the name of a snapshot or branch"}
+            try:
+                return {"ok": True, **await self.ops.branching.delete(None, name, None, self.branch_mounts)}
+            except FSError as exc:
+                return {"ok": False, "errno": errno.errorcode.get(exc.errno, str(exc.errno)), "error": str(exc)}
+        if cmd == "list":
+            return {"ok": True, **self.ops.branching.listing(None, self.branch_mounts())}
         if cmd == "stats":
             await self.fs.flush()  # as the stats file does: every acknowledged write counted
             return self.stats()
@@ -467,8 +507,8 @@ class Daemon:
             # Background work under supervision (cowfs.supervise): its errors never reach this
             # nursery, which pyfuse3's request loop shares.
             sup = self.supervisor
-            sock = admin.socket_path(self.cfg.store)
-            await sup.serve(nursery, "admin", lambda task_status: admin.serve(sock, self.handle_admin,
+            sock, owner = admin.socket_path(self.cfg.store), os.stat(self.cfg.store).st_uid
+            await sup.serve(nursery, "admin", lambda task_status: admin.serve(sock, self.handle_admin, owner=owner,
                                                                               task_status=task_status))
             sup.start(nursery, "flusher", self.fs.background_flusher)
             sup.start(nursery, "signals", self._watch_signals)

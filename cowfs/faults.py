@@ -20,6 +20,7 @@ Points (where each sits, and which background task meets it):
   warm_paths     Warmer._paths, the warming helper's path resolution thread
   commit         Store.commit, on the event loop, as the batch is written (eio only): a failed
                  write, after which the store reopens the database (Store.recover)
+  attach_bind    Daemon._bind, the thread that bind-mounts a fork (sleep: an attach in progress)
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 ENV = "COWFS_FAULTS"
 POINTS = frozenset({"pack_append", "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "gc",
-                    "model_save", "warm_paths", "commit"})
+                    "model_save", "warm_paths", "commit", "attach_bind"})
 LOOP_POINTS = frozenset({"gc", "model_save", "commit"})  # on the event loop: a sleep would stall every request
 
 _lock = threading.Lock()

@@ -26,6 +26,7 @@ from cowfs.cache.readahead import Readahead
 from cowfs.chunks.tree import CHUNK
 from cowfs.control import Control, encode
 from cowfs.errors import FSError
+from cowfs.fs.authz import Mounted
 from cowfs.fs.branching import CONTROL_DIR, SNAPSHOTS_DIR, Branching, Caller
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.node import Node
@@ -90,7 +91,7 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
     def __init__(self, fs: Filesystem, stats: Callable[[View], dict[str, Any]] | None = None,
-                 mounted: Callable[[], set[str]] | None = None, ctl_group: int | None = None,
+                 mounted: Callable[[], Mounted] | None = None, ctl_group: int | None = None,
                  cache_absent: bool = True, warm: Warmer | None = None) -> None:
         super().__init__()
         self.fs = fs
@@ -99,7 +100,7 @@ class Operations(pyfuse3.Operations):
         self.branching = Branching(fs, ctl_group)
         self.branching.invalidate_dir = self._invalidate_dir
         fs.writers_sync = self._writeback_writers
-        self.control = Control(self.branching, self._after_rollback, mounted or (lambda: set()))
+        self.control = Control(self.branching, self._after_rollback, mounted or (lambda: {}))
         self.stats = stats or (lambda view: {})
         self.requests: Counter[str] = Counter()
         self._files: dict[int, Node] = {}
@@ -215,7 +216,7 @@ class Operations(pyfuse3.Operations):
             return self._control_entry((view.vid << 8) | CONTROL_NAMES[name])
         if kind == K_SNAPS:
             snap = self.fs.store.catalog.snapshots.get(name.decode("utf-8", "surrogateescape"))
-            if snap is not None and self.branching.snapshot_visible(view, snap):
+            if snap is not None and self.branching.owns_snapshot(view, snap):
                 root = self.fs.node(self.fs.snapshot_view(snap), ROOT_INO)
                 e = self._looked_up(root)
                 e.entry_timeout = 0  # snapshots come and go: never cache the name
@@ -237,7 +238,7 @@ class Operations(pyfuse3.Operations):
         kind = fino & 0xFF
         if kind == K_SNAPS:
             out = []
-            for snap in self.branching.visible_snapshots(view):
+            for snap in self.branching.owned_snapshots(view):
                 root = self.fs.node(self.fs.snapshot_view(snap), ROOT_INO)
                 out.append((snap.name.encode("utf-8", "surrogateescape"), self._entry(root), root))
             return out

@@ -108,3 +108,78 @@ def is_store(path: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def _administered(path: str) -> Store:
+    """The store opened for store-wide administration: root's or its owner's alone, whatever
+    its file modes say (docs/architecture.md, "Authorization")."""
+    path = os.path.abspath(path)
+    try:
+        owner = os.stat(path).st_uid
+    except OSError as exc:
+        raise StoreError(f"{path}: {exc.strerror}") from None
+    if os.geteuid() not in (0, owner):
+        raise StoreError(f"{path}: only root or the owner of the store may administer it")
+    try:
+        return Store(path)
+    except OSError as exc:  # files of another user's (root's) in a store its owner may not open
+        raise StoreError(f"{path}: cannot open the store: {exc.strerror}") from None
+
+
+def listing(path: str) -> dict[str, Any]:
+    """Every snapshot and branch of an unmounted store (none is mounted)."""
+    from cowfs.fs.authz import Owners
+    from cowfs.meta.layers import Branch, Usage
+    from cowfs.meta.versioned import LayerView
+
+    store = _administered(path)
+    try:
+        def usage(item: Any) -> Usage:
+            layer = item.head if isinstance(item, Branch) else item.layer
+            found = store.catalog.usage(layer)  # recorded at every change; else counted
+            return found if found is not None else store.count_usage(
+                LayerView(layer, frozenset(store.catalog.ancestry(layer))))
+
+        return {"ok": True, "daemon": False, **Owners(store.catalog).listing(None, usage, {})}
+    finally:
+        store.close()
+
+
+def delete(path: str, name: str) -> dict[str, Any]:
+    """Delete any snapshot or branch of an unmounted store, as the daemon's administrator
+    delete does (a branch's snapshots and forks pass to its parent; its learned model goes),
+    then collect the garbage it leaves; durable on return.  A refusal is a reply with its
+    errno (ENOENT, EINVAL), as the daemon gives it."""
+    import errno
+
+    from cowfs.cache.learned import model_key
+    from cowfs.errors import FSError
+    from cowfs.fs.authz import Owners
+    from cowfs.kv.base import Batch
+    from cowfs.meta import gc
+    from cowfs.meta.layers import CF_META
+
+    store = _administered(path)
+    try:
+        try:
+            kind = Owners(store.catalog).check_delete(None, name, {})  # we hold the store: nothing is mounted
+        except FSError as exc:
+            return {"ok": False, "errno": errno.errorcode.get(exc.errno, str(exc.errno)), "error": str(exc)}
+        batch = Batch()
+        store.catalog.remove(name, batch)
+        if kind == "branch":
+            batch.delete(CF_META, model_key(name))
+        store.commit(batch)
+        tops = store.catalog.leaves()
+        dead, batch, txn = gc.dead_ranges(store.meta, store.catalog, tops)
+        if dead:
+            store.commit(batch, txn)
+            store.meta.shared.committed(removed=dead)
+        removed = 0
+        for batch, txn, n in gc.collect(store.meta, store.catalog, tops):
+            store.commit(batch, txn)
+            removed += n
+        store.kv.sync()
+        return {"ok": True, "daemon": False, "deleted": name, "kind": kind, "versions_removed": removed}
+    finally:
+        store.close()

@@ -86,7 +86,8 @@ def stats_lines(d: dict[str, Any]) -> list[str]:
 def list_lines(listing: dict[str, Any]) -> list[str]:
     rows = []
     for r in listing.get("snapshots", []) + listing.get("branches", []):
-        note = "mounted here" if r.get("mounted_here") else ""
+        # a mount's listing says which branch is its own; a store's, where each is mounted
+        note = "mounted here" if r.get("mounted_here") else ", ".join(r.get("mounted_at") or [])
         rows.append([r["name"], r["kind"], str(r.get("parent") or "-"), when(r["created"]),
                      human(r.get("logical_bytes")), human(r.get("allocated_bytes")), count(r.get("inodes")), note])
     return table(["NAME", "KIND", "PARENT", "CREATED", "LOGICAL", "ALLOCATED", "INODES", ""], rows, right={4, 5, 6})

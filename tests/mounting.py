@@ -107,7 +107,7 @@ def run_cowfs(*args, timeout: float = 60, check: bool = True, **kw) -> subproces
 _AS_USER = """
 import importlib, os, sys
 for m in ("cowfs.cli", "cowfs.cli_ops", "cowfs.api", "cowfs.admin", "cowfs.mounts", "cowfs.store",
-          "cowfs.daemon", "cowfs.mount_helper", "concurrent.futures", "concurrent.futures.thread",
+          "cowfs.daemon", "cowfs.mount_helper", "cowfs.fs.authz", "concurrent.futures", "concurrent.futures.thread",
           "shlex", "socket", "tempfile", "hashlib", "encodings.idna", "json.decoder"):
     importlib.import_module(m)
 uid, gid = int(sys.argv[1]), int(sys.argv[2])
@@ -527,6 +527,47 @@ class Mount:
                 problems.append("teardown unmount failed: "
                                 + str(e).split("\n--- cowfs daemon log")[0])
         self.force_cleanup()
+        return problems
+
+
+class Forks:
+    """Further mounts of a store's branches (``cowfs mount STORE MP --branch NAME`` while the
+    store is mounted: bind mounts served by the same daemon).  ``close()`` unmounts whatever
+    is left (cleanly if possible, lazily otherwise)."""
+
+    def __init__(self, base: Path):
+        self.base = Path(base)
+        self.mps: list[Path] = []
+
+    def path(self, name: str) -> Path:
+        p = self.base / f"fork-{name}"
+        p.mkdir(exist_ok=True)
+        return Path(os.path.realpath(p))
+
+    def mount(self, store, branch: str, name: str | None = None, check: bool = True):
+        mp = self.path(name or branch)
+        if mp not in self.mps:
+            self.mps.append(mp)
+        r = run_cowfs("mount", store, mp, "--branch", branch, timeout=60, check=check)
+        return mp if check else r
+
+    def umount(self, mp, check: bool = True):
+        return run_cowfs("umount", mp, timeout=60, check=check)
+
+    def close(self) -> list[str]:
+        problems = []
+        for mp in reversed(self.mps):
+            if not is_mounted(mp):
+                continue
+            problems.append(f"fork mount {mp} was still mounted at teardown")
+            for _ in range(10):
+                r = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True,
+                                   timeout=30, stdin=subprocess.DEVNULL)
+                if r.returncode == 0 or not is_mounted(mp):
+                    break
+                time.sleep(0.3)
+            if is_mounted(mp):
+                lazy_unmount(mp)
         return problems
 
 
@@ -954,6 +995,7 @@ WORKER_OPS = {
     "list_paths": _w_list_paths,
     "scandir_names": _w_scandir_names,
     "ids": lambda: (os.getuid(), os.geteuid(), os.getgid(), os.getegid(), os.getgroups()),
+    "ctl_exchange": ctl_exchange,
 }
 
 

@@ -6,8 +6,8 @@ is always unmounted, and its watchdog aborts a hung daemon (which unblocks any c
 FUSE request) before pytest's own timeout.  Control-file calls run in a thread with a timeout;
 subprocesses have timeouts; the unprivileged checks run in a ``Worker`` (timeouts per call).
 
-The helpers at the top (``ctl``, ``ok``, ``fails``, ``stats``, ``disk_bytes``, ``Forks`` and
-the ``forks`` fixture) are shared with test_branching_differential.py and test_forks.py.
+The helpers at the top (``ctl``, ``ok``, ``fails``, ``stats``, ``disk_bytes`` and the ``forks``
+fixture, over ``mounting.Forks``) are shared with test_branching_differential.py and test_forks.py.
 
 Scale: ``COWFS_CLONE_BIG_MIB`` (size of the file cloned in the O(1) clone test, default 1024).
 """
@@ -21,13 +21,11 @@ import shutil
 import stat
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-import mounting
 from conftest import UNPRIV_GID, UNPRIV_UID
-from mounting import Worker, call_with_timeout, compare_snapshots, ctl_exchange, run_cowfs, snapshot
+from mounting import Forks, Worker, call_with_timeout, compare_snapshots, ctl_exchange, run_cowfs, snapshot
 
 MiB = 1 << 20
 CHUNK = 64 << 10
@@ -125,47 +123,6 @@ def sh(cmd: str, cwd=None, timeout: float = 60) -> subprocess.CompletedProcess:
 
 def names(reply: dict, key: str) -> dict:
     return {r["name"]: r for r in reply[key]}
-
-
-class Forks:
-    """Further mounts of a store's branches (``cowfs mount STORE MP --branch NAME`` while the
-    store is mounted: bind mounts served by the same daemon).  ``close()`` unmounts whatever
-    is left (cleanly if possible, lazily otherwise)."""
-
-    def __init__(self, base: Path):
-        self.base = Path(base)
-        self.mps: list[Path] = []
-
-    def path(self, name: str) -> Path:
-        p = self.base / f"fork-{name}"
-        p.mkdir(exist_ok=True)
-        return Path(os.path.realpath(p))
-
-    def mount(self, store, branch: str, name: str | None = None, check: bool = True):
-        mp = self.path(name or branch)
-        if mp not in self.mps:
-            self.mps.append(mp)
-        r = run_cowfs("mount", store, mp, "--branch", branch, timeout=60, check=check)
-        return mp if check else r
-
-    def umount(self, mp, check: bool = True):
-        return run_cowfs("umount", mp, timeout=60, check=check)
-
-    def close(self) -> list[str]:
-        problems = []
-        for mp in reversed(self.mps):
-            if not mounting.is_mounted(mp):
-                continue
-            problems.append(f"fork mount {mp} was still mounted at teardown")
-            for _ in range(10):
-                r = subprocess.run(["fusermount3", "-u", str(mp)], capture_output=True,
-                                   timeout=30, stdin=subprocess.DEVNULL)
-                if r.returncode == 0 or not mounting.is_mounted(mp):
-                    break
-                time.sleep(0.3)
-            if mounting.is_mounted(mp):
-                mounting.lazy_unmount(mp)
-        return problems
 
 
 @pytest.fixture

@@ -43,7 +43,8 @@ from hypothesis.stateful import precondition, rule, run_state_machine_as_test
 import mounting
 import test_posix_differential as pd
 from mounting import Worker, compare_snapshots
-from test_branching import Forks, ctl
+from mounting import Forks
+from test_branching import ctl
 
 EXAMPLES = int(os.environ.get("COWFS_BRANCH_EXAMPLES", "40"))
 STEPS = int(os.environ.get("COWFS_BRANCH_STEPS", "40"))

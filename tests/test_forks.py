@@ -141,6 +141,7 @@ def test_four_forks_concurrent_isolated_and_sharing_chunks(cowfs_mount, forks):
     for fp in fps:
         assert mounting.is_mounted(fp)
         assert tree_sums(fp) == base
+    ok(fps[2], "snapshot start-2")  # a fork rolls back only to its own snapshots
     # a branch cannot be mounted twice; unknown branches are refused
     r = forks.mount(store, "f1", name="again", check=False)
     assert r.returncode != 0 and b"already mounted" in r.stderr, r
@@ -160,19 +161,24 @@ def test_four_forks_concurrent_isolated_and_sharing_chunks(cowfs_mount, forks):
         assert got == want, (f"fork f{i}: missing {sorted(set(want) - set(got))[:5]}, "
                              f"unexpected {sorted(set(got) - set(want))[:5]}, "
                              f"different {[k for k in want if k in got and got[k] != want[k]][:5]}")
+        # a fork sees its own snapshots only: not main's base, not its siblings'
         snaps = set(names(ok(fp, "list"), "snapshots"))
-        assert snaps == {"base", f"done-{i}"}, (i, snaps)
+        assert snaps == {f"done-{i}"} | ({"start-2"} if i == 2 else set()), (i, snaps)
         assert sorted(os.listdir(fp / ".cowfs/snapshots")) == sorted(snaps)
+        fails(fp, "rollback base", "ENOENT")
     assert tree_sums(mp) == base, "the fork writes leaked into main"
-    assert set(names(ok(mp, "list"), "snapshots")) == {"base"}
+    # main owns the forks made from it: it sees their snapshots, deletes neither them nor the forks
+    assert set(names(ok(mp, "list"), "snapshots")) == {"base", "start-2"} | {f"done-{i}" for i in range(4)}
     fails(mp, "delete f1", "EBUSY")             # mounted as a fork
+    fails(mp, "delete done-1", "EBUSY")         # a snapshot of a mounted fork
     fails(fps[1], "delete f1", "EBUSY")
+    fails(fps[1], "delete f2", "ENOENT")        # a sibling
 
     # a rollback in one fork touches no other
-    ok(fps[2], "rollback base")
+    ok(fps[2], "rollback start-2")
     assert tree_sums(fps[2]) == base
     assert tree_sums(fps[3]) == expected_sums(base, 3) and tree_sums(mp) == base
-    assert set(names(ok(fps[2], "list"), "snapshots")) == {"base", "done-2"}
+    assert set(names(ok(fps[2], "list"), "snapshots")) == {"start-2", "done-2"}
     ok(fps[2], "rollback done-2")
     assert tree_sums(fps[2]) == expected_sums(base, 2)
 

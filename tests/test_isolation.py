@@ -4,7 +4,8 @@
 * .cowfs/ctl is for the mount root's owner and root only, unless -o ctl_group=GID;
 * snapshot views are read-only even for root, and nothing moves or links out of or into them;
 * clone and rollback cannot reach outside the mount (.., absolute paths, symlinks);
-* a branch mounted for one sandbox cannot be reached or changed from another sandbox's mount.
+* a branch mounted for one sandbox cannot be reached or changed from another sandbox's mount
+  (the authorization model as the agent user sees it: test_authz.py).
 """
 from __future__ import annotations
 
@@ -165,42 +166,67 @@ def test_clone_and_rollback_cannot_leave_the_mount(cowfs_mount, tmp_path):
 
 @pytest.mark.timeout(180)
 def test_other_sandbox_branch_is_unreachable(cowfs_mount, test_dir, workers):
+    """Sibling sandboxes B and C (both made from main's snapshot base): nothing of one is
+    reachable from the other, not even its names.  main, which B was made from, may read B
+    (list, diff, its snapshots: see test_diff_and_list_from_another_sandbox) but change
+    nothing of it while it is mounted; B cannot touch main."""
     m = cowfs_mount
     mp1 = m.path
     (mp1 / "shared").write_bytes(b"before the fork")
     assert ctl(mp1, "snapshot base")[0] == 0
     assert ctl(mp1, "branch B base")[0] == 0
-    mp2 = test_dir / "sandbox-B"
+    assert ctl(mp1, "branch C base")[0] == 0
+    mp2, mp3 = test_dir / "sandbox-B", test_dir / "sandbox-C"
     mp2.mkdir()
+    mp3.mkdir()
     run_cowfs("mount", m.store, mp2, "--branch", "B", timeout=60)
     try:
+        run_cowfs("mount", m.store, mp3, "--branch", "C", timeout=60)
         (mp2 / "secret-of-B").write_bytes(b"B only")
         assert ctl(mp2, "snapshot B-snap")[0] == 0
-        # No path from MP1 names B's files.
-        assert not (mp1 / "secret-of-B").exists()
-        assert "by-view" not in os.listdir(mp1 / ".cowfs")
-        assert "B-snap" not in os.listdir(mp1 / ".cowfs/snapshots")
         nobody = workers(UNPRIV_UID, UNPRIV_GID)
-        for vid in range(0, 64):  # (root: see test_by_view_is_not_resolvable_after_attach)
-            assert nobody.call("os.stat", str(mp1 / ".cowfs/by-view" / str(vid)))[0] == "err"
-        # Nor do the control commands reach into B.
-        for line, want in (("clone .cowfs/snapshots/B-snap/secret-of-B stolen", "ENOENT"),
-                           ("rollback B-snap", "ENOENT"), ("delete B-snap", "ENOENT"),
+        for other in (mp1, mp3):
+            # No path from another sandbox names B's files.
+            assert not (other / "secret-of-B").exists()
+            assert "by-view" not in os.listdir(other / ".cowfs")
+            for vid in range(0, 64):  # (root: see test_by_view_is_not_resolvable_after_attach)
+                assert nobody.call("os.stat", str(other / ".cowfs/by-view" / str(vid)))[0] == "err"
+        assert "B-snap" not in os.listdir(mp3 / ".cowfs/snapshots")
+        # Nor do the sibling's control commands reach into B, or even tell B's names from
+        # names that do not exist.
+        for line in ("clone .cowfs/snapshots/B-snap/secret-of-B stolen", "rollback B-snap", "delete B-snap",
+                     "delete B", "branch B2 B", "branch B2 B-snap", "diff B-snap", "diff B"):
+            err, reply = ctl(mp3, line)
+            assert reply.get("errno") == "ENOENT", (line, reply)
+        assert {"B", "B-snap"}.isdisjoint(json.dumps(ctl(mp3, "list")[1]).split('"'))
+        assert not (mp3 / "stolen").exists()
+        # main made B: it reads B, changes nothing of it while B is mounted.
+        assert "B-snap" in os.listdir(mp1 / ".cowfs/snapshots")
+        for line, want in (("rollback B-snap", "EINVAL"), ("delete B-snap", "EBUSY"),
                            ("delete B", "EBUSY"), ("branch B2 B", "EINVAL")):
             err, reply = ctl(mp1, line)
             assert reply.get("errno") == want, (line, reply)
-        assert not (mp1 / "stolen").exists()
         assert (mp2 / "secret-of-B").read_bytes() == b"B only"
-        # And the other way round: B cannot see main's later files or change main.
+        assert "B-snap" in os.listdir(mp2 / ".cowfs/snapshots")
+        # And the other way round: B cannot see main's later files, its snapshots, or change main.
         (mp1 / "main-only").write_bytes(b"main")
         assert not (mp2 / "main-only").exists()
-        assert ctl(mp2, "delete main")[1].get("errno") in ("EBUSY", "ENOENT")
+        assert os.listdir(mp2 / ".cowfs/snapshots") == ["B-snap"]
+        for line in ("delete main", "delete base", "rollback base", "delete C"):
+            assert ctl(mp2, line)[1].get("errno") == "ENOENT", line
         assert (mp1 / "main-only").read_bytes() == b"main"
+        assert "base" in os.listdir(mp1 / ".cowfs/snapshots")
     finally:
-        r = run_cowfs("umount", mp2, timeout=60, check=False)
-        if mounting.is_mounted(mp2):
-            subprocess.run(["fusermount3", "-uz", str(mp2)])
-        assert r.returncode == 0, r.stderr
+        failed = []
+        for mp in (mp3, mp2):
+            if not mounting.is_mounted(mp):
+                continue
+            r = run_cowfs("umount", mp, timeout=60, check=False)
+            if mounting.is_mounted(mp):
+                subprocess.run(["fusermount3", "-uz", str(mp)])
+            if r.returncode != 0:
+                failed.append(r.stderr)
+        assert not failed, failed
 
 
 @pytest.mark.timeout(180)

@@ -2,23 +2,23 @@
 
 Each command is O(1) in the size of the tree except clone of a directory (O(entries copied))
 and diff (O(keys changed between the two sides)); see docs/architecture.md for the layer
-model.  Commands act on the lineage of the view they are given: its branch, the snapshots
-on its ancestry or taken from it, and branches made from those.
+model.  Commands act for the branch mounted where they are given and reach only what it
+owns (cowfs.fs.authz; docs/architecture.md, "Authorization").
 """
 from __future__ import annotations
 
 import errno
 import logging
 import posixpath
-import re
 import stat
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable
 
 import trio
 
 from cowfs.errors import FSError
+from cowfs.fs.authz import Mounted, Owners, absent
 from cowfs.fs.filesystem import Filesystem, Mutation, join_path
 from cowfs.fs.node import Node
 from cowfs.fs.view import View
@@ -30,15 +30,8 @@ from cowfs.store import ROOT_INO
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 CONTROL_DIR = b".cowfs"
 SNAPSHOTS_DIR = b"snapshots"
-
-
-def check_name(name: str) -> None:
-    if not name or not NAME_RE.fullmatch(name) or len(name) > 128:  # the pattern is ASCII-only
-        raise FSError(errno.EINVAL, f"bad name {name!r}: use letters, digits, '.', '_', '-', "
-                                    "at most 128 bytes, not starting with a dot")
 
 
 @dataclass
@@ -62,56 +55,31 @@ def may(attrs: Attrs, who: Caller, want: int) -> bool:
 
 
 class Branching:
+    """The commands, for the branch mounted where they are given (a view) or, for delete
+    and list, for the store's administrator (view None); what each may reach is decided
+    by cowfs.fs.authz."""
+
     def __init__(self, fs: Filesystem, admin_group: int | None = None) -> None:
         self.fs = fs
         self.cat = fs.store.catalog
+        self.owners = Owners(self.cat)
         self.admin_group = admin_group  # members may snapshot/branch/rollback/delete too
         # Set by the FUSE layer: make the kernel drop what it caches of a directory (its
         # attributes and listing) and of some of its names (dentries, negative ones too).
         self.invalidate_dir: Callable[[Node, list[bytes]], Awaitable[None]] = _no_invalidation
 
-    # -- lineage ---------------------------------------------------------------------------
+    # -- what a mount may reach ------------------------------------------------------------
     def _branch(self, view: View) -> Branch:
         b = self.cat.branches.get(view.name)
         if b is None or view.kind != "branch":
             raise FSError(errno.EROFS, "this view is not a branch")
         return b
 
-    def snapshot_visible(self, view: View, s: Snapshot) -> bool:
-        return s.layer in view.lv.ancestors or s.branch == view.name
+    def owns_snapshot(self, view: View, s: Snapshot) -> bool:
+        return self.owners.owns_snapshot(view.name, s)
 
-    def visible_snapshots(self, view: View) -> list[Snapshot]:
-        return sorted((s for s in self.cat.snapshots.values() if self.snapshot_visible(view, s)),
-                      key=lambda s: s.created)
-
-    def _forks_of(self, name: str) -> list[str]:
-        """name, the branch it forked from, that one's, ... (its line of ancestors)."""
-        line = []
-        while name is not None and name not in line:
-            line.append(name)
-            b = self.cat.branches.get(name)
-            name = b.parent_branch if b is not None else None  # type: ignore[assignment]
-        return line
-
-    def _branch_visible(self, view: View, b: Branch) -> bool:
-        """A mount sees its branch, the branches it descends from, and those forked from it
-        (directly or not); sibling forks stay invisible to each other."""
-        return view.name in self._forks_of(b.name) or b.name in self._forks_of(view.name)
-
-    def _snapshot(self, view: View, name: str) -> Snapshot:
-        s = self.cat.snapshots.get(name)
-        if s is None or not self.snapshot_visible(view, s):
-            if name in self.cat.branches:
-                raise FSError(errno.EINVAL, f"{name!r} is a branch, not a snapshot")
-            raise FSError(errno.ENOENT, f"no snapshot named {name!r}")
-        return s
-
-    def _name_free(self, name: str) -> None:
-        check_name(name)
-        if name in self.cat.snapshots:
-            raise FSError(errno.EEXIST, f"snapshot {name!r} already exists")
-        if name in self.cat.branches:
-            raise FSError(errno.EEXIST, f"branch {name!r} already exists")
+    def owned_snapshots(self, view: View) -> list[Snapshot]:
+        return self.owners.snapshots(view.name)
 
     def _require_owner(self, view: View, who: Caller) -> None:
         root = self.fs.node(view, ROOT_INO)
@@ -127,13 +95,22 @@ class Branching:
             usage = self.fs.store.count_usage(LayerView(layer, frozenset(self.cat.ancestry(layer))))
         return usage
 
+    def _usage_of(self, item: Snapshot | Branch) -> Usage:
+        """A branch served here counts its live usage; anything else its recorded one."""
+        if isinstance(item, Branch):
+            view = self.fs.views.get(item.view)
+            if view is not None and view.kind == "branch" and not view.retired:
+                return Usage(view.usage_bytes, view.usage_inodes, view.allocated)
+            return self._usage(item.head)
+        return self._usage(item.layer)
+
     # -- commands --------------------------------------------------------------------------
     async def snapshot(self, view: View, name: str, who: Caller) -> dict[str, Any]:
         self._require_owner(view, who)
         await self.fs.sync_kernel()
         t0 = time.perf_counter()
         async with self.fs.mutate(view) as m:
-            self._name_free(name)
+            self.owners.name_free(view.name, name)
             b = self._branch(view)
             layer = self.fs.freeze_head(m, view)
             self.cat.save_snapshot(Snapshot(name, layer, self.cat.new_view(m.batch), b.name), m.batch)
@@ -141,29 +118,34 @@ class Branching:
                 "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     async def branch(self, view: View, name: str, source: str | None, who: Caller) -> dict[str, Any]:
+        """From the mounted branch's current state or from a snapshot it owns."""
         self._require_owner(view, who)
-        if source is None or source == view.name:
+        current = source is None or source == view.name
+        if current:
             await self.fs.sync_kernel()
         t0 = time.perf_counter()
         async with self.fs.mutate(view) as m:
-            self._name_free(name)
+            self.owners.name_free(view.name, name)
             src_branch = self._branch(view)
             parent_branch = view.name
-            if source is None or source == view.name:
+            if current:
                 parent_layer = self.fs.freeze_head(m, view)
                 parent_name = view.name
                 usage = Usage(view.usage_bytes, view.usage_inodes, view.alloc_bytes)
-            elif source in self.cat.snapshots:
-                snap = self._snapshot(view, source)
-                parent_layer = snap.layer
-                parent_name = source
-                usage = self._usage(snap.layer)
-                src_branch = self.cat.branches.get(snap.branch, src_branch)
-                parent_branch = snap.branch
-            elif source in self.cat.branches:
-                raise FSError(errno.EINVAL, f"branch from another branch ({source!r}) is done through its own mount")
             else:
-                raise FSError(errno.ENOENT, f"no snapshot or branch named {source!r}")
+                assert source is not None
+                found = self.owners.owned(view.name, source)
+                if isinstance(found, Branch):
+                    raise FSError(errno.EINVAL, f"branch from another branch ({source!r}) is done through its "
+                                                "own mount, or from one of its snapshots")
+                if found is None:
+                    raise absent(source)
+                owner = self.cat.branches.get(found.branch) if found.branch is not None else None
+                assert owner is not None, "an owned snapshot belongs to a live branch"
+                parent_layer = found.layer
+                parent_name = source
+                usage = self._usage(found.layer)
+                src_branch, parent_branch = owner, owner.name
             head = self.cat.new_layer(parent_layer, m.batch)
             self.cat.save_branch(Branch(name, head, self.cat.new_view(m.batch), parent=parent_name,
                                         parent_branch=parent_branch, quota_bytes=src_branch.quota_bytes,
@@ -173,11 +155,15 @@ class Branching:
         return {"branch": name, "from": parent_name, "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     async def rollback(self, view: View, name: str, who: Caller) -> tuple[dict[str, Any], list[bytes]]:
-        """Return the result and the root's old names, whose kernel dentries must be invalidated."""
+        """Only to a snapshot of the mounted branch itself.  Return the result and the root's
+        old names, whose kernel dentries must be invalidated."""
         self._require_owner(view, who)
         t0 = time.perf_counter()
         async with self.fs.mutate(view) as m:
-            s = self._snapshot(view, name)
+            s = self.owners.snapshot(view.name, name)
+            if s.branch != view.name:
+                raise FSError(errno.EINVAL, f"snapshot {name!r} belongs to branch {s.branch!r}: a branch rolls back "
+                                            f"only to its own snapshots (make a branch from {name!r} instead)")
             b = self._branch(view)
             old_names = [n for n, _ in self.fs.list_dir(self.fs.node(view, ROOT_INO))]
             b.head = self.cat.new_layer(s.layer, m.batch)
@@ -194,50 +180,35 @@ class Branching:
         return ({"rollback": name, "branch": b.name, "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)},
                 old_names)
 
-    async def delete(self, view: View, name: str, who: Caller, mounted: Iterable[str]) -> dict[str, Any]:
-        self._require_owner(view, who)
-        async with self.fs.mutate(view) as m:
-            check_name(name)
-            if name in self.cat.snapshots:
-                self._snapshot(view, name)
-                kind = "snapshot"
-            elif name in self.cat.branches:
-                b = self.cat.branches[name]
-                if name == view.name or name in mounted:
-                    raise FSError(errno.EBUSY, f"branch {name!r} is mounted")
-                if not self._branch_visible(view, b):
-                    raise FSError(errno.ENOENT, f"no snapshot or branch named {name!r}")
-                kind = "branch"
-            else:
-                raise FSError(errno.ENOENT, f"no snapshot or branch named {name!r}")
+    async def delete(self, view: View | None, name: str, who: Caller | None,
+                     mounted: Callable[[], Mounted]) -> dict[str, Any]:
+        """Through a mount (view): what its branch owns, never a mounted branch.  view None:
+        the store's administrator (the admin socket checked who it is): any snapshot, any
+        branch that is not mounted.  The mounts are read inside the mutation, where nothing
+        else runs until the commit."""
+        if view is not None:
+            assert who is not None
+            self._require_owner(view, who)
+        # The scope of a catalog-only change: no node of the view is touched.
+        async with self.fs.mutate(view or self.fs.primary) as m:
+            kind = self.owners.check_delete(view.name if view is not None else None, name, mounted())
             self.cat.remove(name, m.batch)
             if kind == "branch" and self.fs.learner is not None:
                 self.fs.learner.forget(name, m.batch)
         self.fs.drop_views(name)
         self.fs.schedule_gc()
+        log.info("%s %s deleted %s", kind, name,
+                 f"through the mount of {view.name}" if view is not None else "by the administrator")
         return {"deleted": name, "kind": kind}
 
-    def listing(self, view: View) -> dict[str, Any]:
-        def row(name: str, kind: str, parent: str | None, created: float, layer: int) -> dict[str, Any]:
-            if kind == "branch" and name == view.name:
-                usage = Usage(view.usage_bytes, view.usage_inodes, view.allocated)
-            else:
-                usage = self._usage(layer)
-            return {"name": name, "kind": kind, "parent": parent, "created": created,
-                    "logical_bytes": usage.logical, "allocated_bytes": usage.allocated, "inodes": usage.inodes}
-
-        snaps = [row(s.name, "snapshot", s.branch, s.created, s.layer) for s in self.visible_snapshots(view)]
-        branches = [{**row(b.name, "branch", b.parent, b.created, b.head), "mounted_here": b.name == view.name,
-                     "rollbacks": b.epoch, "quota_bytes": b.quota_bytes, "quota_inodes": b.quota_inodes}
-                    for b in sorted(self.cat.branches.values(), key=lambda b: b.created)
-                    if self._branch_visible(view, b)]
-        return {"snapshots": snaps, "branches": branches}
+    def listing(self, view: View | None, mounted: Mounted) -> dict[str, Any]:
+        return self.owners.listing(view.name if view is not None else None, self._usage_of, mounted)
 
     # -- clone -----------------------------------------------------------------------------
     def resolve(self, view: View, path: str, who: Caller) -> tuple[Node, Node | None, bytes]:
         """(parent node, node or None, last name) of a path relative to the mount root.
 
-        The path may go through .cowfs/snapshots/NAME/ into a snapshot of this lineage;
+        The path may go through .cowfs/snapshots/NAME/ into a snapshot the branch owns;
         it may not escape the mount, and symlinks are not followed.
         """
         norm = posixpath.normpath(path)
@@ -250,7 +221,7 @@ class Branching:
         if parts[0] == CONTROL_DIR:
             if len(parts) < 4 or parts[1] != SNAPSHOTS_DIR:
                 raise FSError(errno.EINVAL, "inside .cowfs only snapshots/NAME/PATH can be named")
-            snap = self._snapshot(view, parts[2].decode("utf-8", "surrogateescape"))
+            snap = self.owners.snapshot(view.name, parts[2].decode("utf-8", "surrogateescape"))
             node = self.fs.node(self.fs.snapshot_view(snap), ROOT_INO)
             parts = parts[3:]
         for p in parts[:-1]:
@@ -356,17 +327,14 @@ class Branching:
 
     # -- diff ------------------------------------------------------------------------------
     def _side(self, view: View, name: str | None) -> LayerView:
-        if name is None:
+        if name is None or name == view.name:
             return view.lv
-        if name in self.cat.snapshots:
-            s = self._snapshot(view, name)
-            return LayerView(s.layer, frozenset(self.cat.ancestry(s.layer)))
-        b = self.cat.branches.get(name)
-        if b is not None and self._branch_visible(view, b):
-            if b.name == view.name:
-                return view.lv
-            return LayerView(b.head, frozenset(self.cat.ancestry(b.head)))
-        raise FSError(errno.ENOENT, f"no snapshot or branch named {name!r}")
+        found = self.owners.owned(view.name, name)
+        if isinstance(found, Snapshot):
+            return LayerView(found.layer, frozenset(self.cat.ancestry(found.layer)))
+        if isinstance(found, Branch):
+            return LayerView(found.head, frozenset(self.cat.ancestry(found.head)))
+        raise absent(name)
 
     def _resolve(self, lv: LayerView, ino: int, links: set[tuple[int, bytes]],
                  cache: dict[int, str | None]) -> set[str]:

@@ -44,9 +44,10 @@ class Branch:
     head: int
     view: int
     created: float = field(default_factory=time.time)
-    parent: str | None = None  # snapshot or branch it was made from
+    parent: str | None = None  # snapshot or branch it was made from (shown, never trusted)
     # The branch it forked from (directly, or through one of that branch's snapshots):
-    # lineage for visibility, which survives the deletion of the snapshot in between.
+    # ownership (docs/architecture.md, "Authorization"), which survives the deletion of the
+    # snapshot in between.  Never names a deleted branch (Catalog.remove re-parents).
     parent_branch: str | None = None
     epoch: int = 0  # bumped by rollback: inode numbers of the restored tree are new to the kernel
     quota_bytes: int = 0  # 0: no quota
@@ -58,7 +59,9 @@ class Snapshot:
     name: str
     layer: int
     view: int
-    branch: str
+    # The branch that owns it: the one it was taken from, or, once that branch is deleted,
+    # the nearest live branch that branch was made from; None: the store's administrator's.
+    branch: str | None
     created: float = field(default_factory=time.time)
 
 
@@ -78,10 +81,27 @@ class Catalog:
         for key, value in kv.scan(CF_META, b"snap/", b"snap/"):
             s = Snapshot(**json.loads(value))
             self.snapshots[s.name] = s
+        self._settle_owners()
         self.next_layer = max(self.parents, default=0) + 1
         # View ids become inode-number prefixes: never reuse one, even after a delete.
         raw = kv.get(CF_META, b"counter/view")
         self.next_view = int.from_bytes(raw, "big") if raw else 1
+
+    def _settle_owners(self) -> None:
+        """Older cowfs deleted branches without re-parenting: references to a branch that no
+        longer exists are cleared (the store's administrator's), once, so that a new branch
+        given that name never inherits another's snapshots or forks."""
+        batch = Batch()
+        for s in self.snapshots.values():
+            if s.branch is not None and s.branch not in self.branches:
+                s.branch = None
+                self.save_snapshot(s, batch)
+        for b in self.branches.values():
+            if b.parent_branch is not None and b.parent_branch not in self.branches:
+                b.parent_branch = None
+                self.save_branch(b, batch)
+        if len(batch):
+            self.kv.write(batch)
 
     def ancestry(self, layer: int) -> list[int]:
         """layer, its parent, ... up to the root layer."""
@@ -113,8 +133,21 @@ class Catalog:
         batch.put(CF_META, b"snap/" + s.name.encode(), json.dumps(asdict(s)).encode())
 
     def remove(self, name: str, batch: Batch) -> None:
-        if self.branches.pop(name, None) is not None:
+        """Delete a snapshot or a branch.  A branch's snapshots and the branches made from it
+        pass to the branch it was made from (None at the top of the line): who owns what
+        stays as it was for every live branch, and no entry names the deleted branch, whose
+        name may be given to a new branch of someone else."""
+        b = self.branches.pop(name, None)
+        if b is not None:
             batch.delete(CF_META, b"branch/" + name.encode())
+            for s in self.snapshots.values():
+                if s.branch == name:
+                    s.branch = b.parent_branch
+                    self.save_snapshot(s, batch)
+            for c in self.branches.values():
+                if c.parent_branch == name:
+                    c.parent_branch = b.parent_branch
+                    self.save_branch(c, batch)
         if self.snapshots.pop(name, None) is not None:
             batch.delete(CF_META, b"snap/" + name.encode())
 
