@@ -346,6 +346,7 @@ class Daemon:
             "usage_inodes": view.usage_inodes,
             "quota_bytes": view.quota_bytes,
             "quota_inodes": view.quota_inodes,
+            "memory": {**fs.memory_figures(), **store.engine.memory()},
             "dirty_bytes": fs.dirty_bytes,
             "flushes": fs.flush_count,
             "commits": store.write_seq,

@@ -200,7 +200,7 @@ class Operations(pyfuse3.Operations):
         return e
 
     def _looked_up(self, node: Node) -> pyfuse3.EntryAttributes:
-        node.lookups += 1
+        self.fs.looked_up(node)
         return self._entry(node)
 
     def _new_fh(self) -> int:
@@ -321,16 +321,26 @@ class Operations(pyfuse3.Operations):
             # rollback, which invalidate them (_invalidate_dir).
             return self._negative
 
+    def _held(self, fino: int) -> Node | None:
+        """The node in memory behind a kernel inode number, whatever its state: deleted, in
+        a detached tree, in a retired view.  None if there is none (nothing to forget)."""
+        if fino == pyfuse3.ROOT_INODE:
+            return self.fs.primary.nodes.get(ROOT_INO)
+        vid, ino = fino >> VIEW_SHIFT, fino & INO_MASK
+        epoch = (fino >> EPOCH_SHIFT) & (EPOCHS - 1)
+        view = self.fs.views.get(vid)
+        if view is None or (ino != ROOT_INO and epoch != view.epoch % EPOCHS):
+            view = self.fs.detached.get((vid, epoch))
+        return view.nodes.get(ino) if view is not None else None
+
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         self.requests["forget"] += 1
         for fino, n in inode_list:
             if self._is_control(fino):
                 continue
-            try:
-                node = self._node(fino)
-            except FSError:
-                continue
-            self.fs.forget(node, n)
+            node = self._held(fino)
+            if node is not None:
+                self.fs.forget(node, n)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         self.requests["getattr"] += 1
@@ -603,7 +613,7 @@ class Operations(pyfuse3.Operations):
         warming = self.warm is not None and self.warm.opened_dir(node, ctx.pid)
         fh = self._new_fh()
         self._dirs[fh] = _Dir(node, warming=warming)
-        node.opens += 1
+        self.fs.opened_dir(node)
         return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -618,7 +628,7 @@ class Operations(pyfuse3.Operations):
                 if not pyfuse3.readdir_reply(token, name, entry, i + 1):
                     break
                 if node is not None:
-                    node.lookups += 1
+                    self.fs.looked_up(node)
             return
         if start_id == 0 or d.entries is None:
             # Offsets index a listing taken when reading starts (again), so they stay valid
@@ -651,24 +661,17 @@ class Operations(pyfuse3.Operations):
             except FSError:
                 continue  # removed since the listing was taken
             if not pyfuse3.readdir_reply(token, name, self._entry(child), i + 3):
+                fs.evict_if_unused(child)  # not sent: the kernel holds no reference to it
                 break
-            child.lookups += 1
+            fs.looked_up(child)
 
     async def releasedir(self, fh: int) -> None:
         self.requests["releasedir"] += 1
         d = self._dirs.pop(fh)
         if d.warming:
             self.warm.requests += 1  # type: ignore[union-attr]
-        if d.node is None:
-            return
-        if d.node.attrs.nlink <= 0:
-            # A directory removed while open (rmdir may overtake the RELEASEDIR of a closed
-            # handle) is an orphan until now, as a file is until its RELEASE.
-            await self.fs.released(d.node)
-        else:
-            # Only the count: a live directory's node stays until the kernel forgets it (its
-            # in-memory state backs the kernel's cached listing).
-            d.node.opens -= 1
+        if d.node is not None:
+            await self.fs.released_dir(d.node)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.requests["fsyncdir"] += 1

@@ -227,7 +227,8 @@ class Branching:
         for p in parts[:-1]:
             if not may(node.attrs, who, 1):
                 raise FSError(errno.EACCES, f"no search permission on a directory of {path!r}")
-            node = self.fs.lookup(node, p)
+            prev, node = node, self.fs.lookup(node, p)
+            self.fs.evict_if_unused(prev)  # a node only this walk loaded goes again
             if not node.attrs.is_dir:
                 raise FSError(errno.ENOTDIR, f"a component of {path!r} is not a directory")
         if not may(node.attrs, who, 1):
@@ -263,6 +264,8 @@ class Branching:
             if snode.attrs.is_dir:
                 dparent.attrs.nlink += 1
             m.save(dparent)
+        for n in (snode, dparent):
+            self.fs.evict_if_unused(n)
         await self.invalidate_dir(dparent, [dname])  # a new name, nlink and times, behind the kernel
         return {"cloned": src, "to": dst, "entries": count,
                 "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}

@@ -181,6 +181,10 @@ class Mutation:
                 n.attrs.mtime_ns = self.now
 
 
+def _held(node: Node) -> bool:
+    return node.lookups > 0 or node.opens > 0
+
+
 def join_path(parent: str, name: bytes) -> str:
     """A view-relative path ("" is the root) and a name: the child's path."""
     n = name.decode("utf-8", "surrogateescape")
@@ -325,7 +329,7 @@ class Filesystem:
         for vid, v in list(self.views.items()):
             if v.name == name and v.kind != "detached" and v is not self.primary:
                 v.retired = True
-                if not any(n.lookups > 0 or n.opens > 0 for n in v.nodes.values()):
+                if v.held <= 0:
                     del self.views[vid]
 
     def live_tops(self) -> set[int]:
@@ -340,8 +344,13 @@ class Filesystem:
         root = view.nodes.pop(ROOT_INO, None)
         for ino, node in view.nodes.items():
             node.view = old
+            if _held(node):
+                old.held += 1
+            elif node not in self.dirty_nodes and not node.flushing:
+                continue  # nothing needs it: it goes now, not kept with the old tree
             old.nodes[ino] = node
         view.nodes = {}
+        view.held = 1 if root is not None and _held(root) else 0
         view.lv = new_lv
         view.epoch = epoch
         if root is not None:
@@ -412,27 +421,59 @@ class Filesystem:
         view.nodes[ino] = n
         return n
 
+    # -- the node lifecycle ------------------------------------------------------------------
+    # A Node stays in memory while the kernel holds its inode number (`lookups`: the entries
+    # we replied with, less what FORGET gave back), while handles are open on it (`opens`),
+    # while its data is dirty or flushing, and as its view's root; nothing else keeps it.
+    # Every change of `lookups` and `opens` goes through the methods below, which keep each
+    # view's count of held nodes (`View.held`): a detached tree or a retired view goes with
+    # its last held node, at no scan.  (When the FUSE layer changed the counts itself, its
+    # FORGET looked nodes up as live ones: a deleted node was never forgotten, and every
+    # `rm -rf` leaked its nodes.)
+    def _refs(self, node: Node, lookups: int = 0, opens: int = 0) -> None:
+        was = _held(node)
+        node.lookups += lookups
+        node.opens += opens
+        now = _held(node)
+        if was != now:
+            node.view.held += 1 if now else -1
+
+    def looked_up(self, node: Node) -> None:
+        """The kernel got node in an entry reply (LOOKUP, CREATE, MKDIR, LINK, READDIRPLUS...)."""
+        self._refs(node, lookups=1)
+
+    def forget(self, node: Node, n: int) -> None:
+        """FORGET: the kernel gives back n of its references."""
+        self._refs(node, lookups=-n)
+        self._maybe_evict(node)
+
     def _maybe_evict(self, node: Node) -> None:
-        # Not while a flush holds its data: a second Node for the inode, loaded from the store
-        # meanwhile, would not know the flush's commit (its stale root would be released
-        # twice, the new one never).  The flush calls us again when it is done.
-        if (node.lookups <= 0 and node.opens <= 0 and node not in self.dirty_nodes and not node.flushing
-                and node.ino != ROOT_INO):
-            view = node.view
-            if view.nodes.get(node.ino) is node:
-                del view.nodes[node.ino]
-            if view.kind == "detached" and not view.nodes:
+        """Drop node from memory if nothing needs it, and its view if that was its last held
+        node and the view is a detached tree or retired (a view's root stays with the view).
+        Not while a flush holds its data: a second Node for the inode, loaded from the store
+        meanwhile, would not know the flush's commit (its stale root would be released
+        twice, the new one never).  The flush calls us again when it is done."""
+        if _held(node) or node in self.dirty_nodes or node.flushing:
+            return
+        view = node.view
+        if node.ino != ROOT_INO and view.nodes.get(node.ino) is node:
+            del view.nodes[node.ino]
+        if view.kind == "detached":
+            if not view.nodes:
                 self.detached.pop((view.vid, view.epoch % EPOCHS), None)
                 self.schedule_gc()
-            elif view.retired and not any(n.lookups > 0 or n.opens > 0 for n in view.nodes.values()):
-                self.views.pop(view.vid, None)
+        elif view.retired and view.held <= 0:
+            if self.views.pop(view.vid, None) is not None:
                 self.schedule_gc()
 
     evict_if_unused = _maybe_evict
 
-    def forget(self, node: Node, n: int) -> None:
-        node.lookups -= n
-        self._maybe_evict(node)
+    def memory_figures(self) -> dict[str, int]:
+        """In-memory nodes (the part of the daemon's memory that follows the kernel's inode
+        cache) and the views that hold them."""
+        views = list(self.views.values()) + list(self.detached.values())
+        return {"nodes": sum(len(v.nodes) for v in views), "held": sum(v.held for v in views),
+                "views": len(self.views), "detached_views": len(self.detached)}
 
     def child_ino(self, parent: Node, name: bytes) -> int | None:
         found = self.store.meta.get(CF_DIRENTS, name_key(parent.ino, name), parent.view.lv)
@@ -1188,7 +1229,7 @@ class Filesystem:
 
     # -- open files ------------------------------------------------------------------------
     def opened(self, node: Node) -> None:
-        node.opens += 1
+        self._refs(node, opens=1)
         if self.learner is not None and node.view.kind == "branch" and node.attrs.is_reg:
             files = self.learner.opened(node.view.name, node.ino)
             if self.fetcher is not None and files:
@@ -1235,8 +1276,20 @@ class Filesystem:
             except Exception as exc:  # noqa: BLE001 - e.g. the disk is full: writes matter more
                 log.warning("prefetch model not saved: %s", exc)
 
+    def opened_dir(self, node: Node) -> None:
+        self._refs(node, opens=1)
+
+    async def released_dir(self, node: Node) -> None:
+        """RELEASEDIR.  A directory removed while open (rmdir may overtake the RELEASEDIR of
+        a closed handle) is an orphan until now, as a file is until its last RELEASE.  A live
+        directory's node stays until the kernel forgets it."""
+        if node.attrs.nlink <= 0:
+            await self.released(node)
+        else:
+            self._refs(node, opens=-1)
+
     async def released(self, node: Node) -> None:
-        node.opens -= 1
+        self._refs(node, opens=-1)
         if node.opens <= 0 and node.attrs.nlink <= 0 and not node.deleted and node.view.writable:
             async with self.mutate(node.view) as m:
                 m.batch.delete(CF_ORPHANS, self._orphan_key(node))

@@ -32,6 +32,9 @@ class View:
     quota_bytes: int = 0  # 0: no quota
     quota_inodes: int = 0
     retired: bool = False  # its snapshot or branch was deleted; kept while the kernel uses it
+    # Nodes the kernel holds (lookups) or that have open handles: kept by Filesystem's node
+    # lifecycle methods, so a retired or detached view knows when it can go without a scan.
+    held: int = 0
 
     @property
     def allocated(self) -> int:

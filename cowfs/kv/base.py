@@ -122,6 +122,9 @@ class LocalEngine(Protocol):
     def unflushed_bytes(self) -> int:
         """Bytes accepted but not yet in the engine's final files (memtables)."""
 
+    def memory(self) -> dict[str, int]:
+        """Bytes the engine holds in memory, by kind (memtables, caches, table readers)."""
+
     def recover(self) -> None:
         """Resume writing after an I/O error (for example a full disk that has space again).
         May replace the engine's handles: no other thread may use it meanwhile."""
