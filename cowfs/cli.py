@@ -273,7 +273,9 @@ def branch(mount: str, name: str, source: str | None, as_json: bool, timeout: fl
     if source is None:
         _syncfs(mount, timeout)
     words = ["branch", name] + ([source] if source else [])
-    _show(_ctl(mount, timeout, *words), as_json, f"branch {name} created")
+    reply = _ctl(mount, timeout, *words)
+    _hint_foreign(mount, reply, [source] if source else [])
+    _show(reply, as_json, f"branch {name} created")
 
 
 @main.command()
@@ -283,7 +285,9 @@ def branch(mount: str, name: str, source: str | None, as_json: bool, timeout: fl
 def rollback(mount: str, name: str, as_json: bool, timeout: float) -> None:
     """Return the branch mounted at MOUNT exactly to snapshot NAME."""
     mount = _mount(mount)
-    _show(_ctl(mount, timeout, "rollback", name, quiet=as_json), as_json, f"rolled back to {name}")
+    reply = _ctl(mount, timeout, "rollback", name, quiet=as_json)
+    _hint_foreign(mount, reply, [name])
+    _show(reply, as_json, f"rolled back to {name}")
 
 
 @main.command()
@@ -303,6 +307,29 @@ def clone(mount: str, src: str, dst: str, as_json: bool, timeout: float) -> None
     _syncfs(mount, timeout)
     reply = _ctl(mount, timeout, *words, label=f"cloning {quote_path(src)}", quiet=as_json)
     _show(reply, as_json, f"cloned {quote_path(src)} to {quote_path(dst)}")
+
+
+def _place(target: str) -> Any:
+    from cowfs import targets
+
+    return targets.place(target)
+
+
+def _is_store(target: str) -> bool:
+    from cowfs.offline import is_store
+
+    return is_store(os.path.abspath(target))
+
+
+def _hint_foreign(mount: str, reply: dict[str, Any], names: list[str]) -> None:
+    """To the store's administrator only: a name a mount answered as absent that the store
+    has, belongs to another lineage (through a mount, an unknown and a foreign name must
+    look the same to a sandbox; root and the store's owner may see the whole store)."""
+    if reply.get("ok") or reply.get("errno") != "ENOENT":
+        return
+    hint = cliutil.foreign_hint(mount, names)
+    if hint:
+        reply["error"] = f"{reply.get('error')}; {hint}"
 
 
 def _store_wide(target: str, req: dict[str, Any]) -> dict[str, Any] | None:
@@ -331,7 +358,9 @@ def delete(target: str, name: str, as_json: bool, timeout: float) -> None:
     for root or the store's owner (through its daemon when it is mounted)."""
     reply = _store_wide(target, {"cmd": "delete", "name": name})
     if reply is None:
-        reply = _ctl(_mount(target), timeout, "delete", name)
+        mount = _mount(target)
+        reply = _ctl(mount, timeout, "delete", name)
+        _hint_foreign(mount, reply, [name])
     _show(reply, as_json, f"deleted {name}")
 
 
@@ -352,22 +381,30 @@ def list_(target: str, as_json: bool, timeout: float) -> None:
 
 
 @main.command()
-@mount_arg
+@target_arg
 @click.argument("a", shell_complete=complete_names)
 @click.argument("b", required=False, shell_complete=complete_names)
 @click.option("-z", "nul", is_flag=True, help="Records end with NUL and paths are not quoted (for scripts).")
 @ctl_opts
-def diff(mount: str, a: str, b: str | None, nul: bool, as_json: bool, timeout: float) -> None:
-    """Paths added (+), removed (-), modified (M) or renamed (R) from snapshot/branch A to B
-    (default: the live branch).
+def diff(target: str, a: str, b: str | None, nul: bool, as_json: bool, timeout: float) -> None:
+    """Paths added (+), removed (-), modified (M) or renamed (R) from snapshot/branch A to B.
+
+    TARGET inside a mount: A and B are what the branch mounted there owns; B defaults to
+    that branch as it is now.  TARGET a store directory: any two snapshots or branches of
+    the store (root or its owner; through its daemon when it is mounted).
 
     Paths with unusual characters are quoted as git quotes them ("a\\nb"), except with -z
     (MARK NUL PATH NUL; a rename: R NUL FROM NUL PATH NUL) and --json.
     """
-    mount = _mount(mount)
-    if b is None:
-        _syncfs(mount, timeout)
-    reply = _ctl(mount, timeout, "diff", a, *([b] if b else []), quiet=as_json or nul)
+    if b is None and _place(target) is None and _is_store(target):
+        _fail(f"{target} is a store: name both sides, A and B (a mount's diff defaults B to its branch)", code=2)
+    reply = _store_wide(target, {"cmd": "diff", "a": a, "b": b}) if b is not None else None
+    if reply is None:
+        mount = _mount(target)
+        if b is None:
+            _syncfs(mount, timeout)
+        reply = _ctl(mount, timeout, "diff", a, *([b] if b else []), quiet=as_json or nul)
+        _hint_foreign(mount, reply, [a] + ([b] if b else []))
     _show(reply, as_json)
     if as_json:
         return

@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterator
 import click
 
 from cowfs import progress
-from cowfs.cli import _fail, _mount, json_opt, main, mount_arg
+from cowfs.cli import _fail, _mount, json_opt, main, target_arg
 from cowfs.errors import MountError
 from cowfs.mounts import MountEntry, cowfs_mounts
-from cowfs.textfmt import duration, human
+from cowfs.textfmt import count, duration, human
 
 PROBE_TIMEOUT = 5.0
 
@@ -389,30 +389,49 @@ def _when(t: float, same_day: bool) -> str:
     return time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M", time.localtime(t))
 
 
+def _listing(target: str) -> tuple[dict[str, Any], str, str | None]:
+    """(listing, where, mount point) for a mount's lineage (any path inside it) or a whole
+    store (root or its owner: through its daemon when mounted, else offline)."""
+    from cowfs import api
+    from cowfs.cli import _store_wide
+
+    whole = _store_wide(target, {"cmd": "list"})
+    if whole is not None:
+        if not whole.get("ok"):
+            _fail(str(whole.get("error")))
+        return whole, os.path.abspath(target), None
+    mount = _mount(target)
+    try:
+        return api.control(mount, "list"), mount, mount
+    except api.CowfsError as exc:
+        _fail(str(exc))
+
+
+def _mounted(row: dict[str, Any]) -> bool:
+    return bool(row.get("mounted_here") or row.get("mounted_at"))
+
+
 @main.command()
-@mount_arg
+@target_arg
 @click.option("--json", "as_json", is_flag=True, help="Print the history as JSON (nodes in display order).")
-def log(mount: str, as_json: bool) -> None:
-    """The snapshot/branch history of the lineage mounted at MOUNT, as a graph.
+def log(target: str, as_json: bool) -> None:
+    """The snapshot/branch history of the lineage mounted at TARGET (any path inside a
+    mount), or of a whole store (TARGET a store directory; root or its owner), as a graph.
 
     \b
-    @ the branch mounted at MOUNT     o another branch (its live state)
+    @ the branch mounted at TARGET    o another branch (its live state)
+      (of a store: a mounted branch)
     * a snapshot                      . where a branch was made from a branch
     Newest first; each line of the graph is one branch.
     """
-    from cowfs import api
-
-    mount = _mount(mount)
-    try:
-        listing = api.control(mount, "list")
-    except api.CowfsError as exc:
-        _fail(str(exc))
+    listing, where, mount = _listing(target)
     order = build_history(listing)
     if as_json:
-        click.echo(json.dumps({"mount": mount, "nodes": [
+        click.echo(json.dumps({"mount" if mount else "store": where, "nodes": [
             {"id": n.id, "kind": n.kind, "name": n.name, "branch": n.line, "parent": n.parent, "time": n.time,
              "created": n.row.get("created"), "logical_bytes": n.row.get("logical_bytes"),
              "inodes": n.row.get("inodes"), "mounted_here": bool(n.row.get("mounted_here")) if n.kind == "branch" else None,
+             "mounted_at": n.row.get("mounted_at") if n.kind == "branch" else None,
              "note": n.note or None} for n in order]}))
         return
     if not order:
@@ -421,7 +440,7 @@ def log(mount: str, as_json: bool) -> None:
 
     def mark(n: Node) -> str:
         if n.kind == "branch":
-            return "@" if n.row.get("mounted_here") else "o"
+            return "@" if _mounted(n.row) else "o"
         return "*" if n.kind == "snapshot" else "."
 
     rows = render_graph(order, mark)
@@ -438,12 +457,14 @@ def log(mount: str, as_json: bool) -> None:
             click.echo(f"{graph}{pad}" + click.style(f"(branch {n.name} made from {n.line})", dim=True))
             continue
         created = _when(n.row["created"], same_day)
-        size = f"{human(n.row.get('logical_bytes', 0)):>10}  {n.row.get('inodes', 0):>7} inodes"
+        size = f"{human(n.row.get('logical_bytes')):>10}  {count(n.row.get('inodes')):>7} inodes"
         if n.kind == "branch":
             name = click.style(f"{n.name:<{nw}}", fg="green", bold=True)
             extra = []
             if n.row.get("mounted_here"):
                 extra.append("mounted here")
+            if n.row.get("mounted_at"):
+                extra.append(f"mounted at {', '.join(n.row['mounted_at'])}")
             if n.row.get("parent"):
                 extra.append(f"from {n.row['parent']}")
             if n.note:
@@ -908,12 +929,14 @@ def _tar_out(src: str, total: int, quiet: bool, seek: bool) -> None:
 
 
 @main.command()
-@mount_arg
+@target_arg
 @click.argument("snapshot")
 @click.argument("dest")
 @json_opt
-def export(mount: str, snapshot: str, dest: str, as_json: bool) -> None:
-    """Write snapshot SNAPSHOT of the lineage mounted at MOUNT to DEST.
+def export(target: str, snapshot: str, dest: str, as_json: bool) -> None:
+    """Write snapshot SNAPSHOT to DEST: one of the lineage mounted at TARGET (any path inside
+    a mount), or any of a store's (TARGET a store directory; root or its owner: its branch
+    is mounted for the copy if it is not mounted).
 
     DEST is a directory (created; it must be empty if it exists), or `-` for a tar stream
     on stdout (GNU tar, POSIX format with xattrs, numeric owners, holes kept):
@@ -923,19 +946,31 @@ def export(mount: str, snapshot: str, dest: str, as_json: bool) -> None:
     A progress bar (and for a directory, a summary) is shown on a terminal only; --json
     prints the figures of a directory export.
     """
-    from cowfs import api
+    from cowfs import cliutil
 
-    mount = _mount(mount)
-    try:
-        listing = api.control(mount, "list")
-    except api.CowfsError as exc:
-        _fail(str(exc))
-    names = {s["name"] for s in listing["snapshots"]}
-    if snapshot not in names:
+    listing, where, mount = _listing(target)
+    snaps = {s["name"]: s for s in listing["snapshots"]}
+    if snapshot not in snaps:
         if any(b["name"] == snapshot for b in listing["branches"]):
             _fail(f"{snapshot} is a branch; take a snapshot of it first (cowfs snapshot MOUNT NAME)")
-        _fail(f"no snapshot named {snapshot!r} in the lineage of {mount}")
-    src = os.path.join(os.path.abspath(mount), ".cowfs", "snapshots", snapshot)
+        if mount is None:
+            _fail(f"no snapshot named {snapshot!r} in the store {where}")
+        hint = cliutil.foreign_hint(mount, [snapshot])
+        _fail(f"no snapshot named {snapshot!r} in the lineage of {mount}" + (f"; {hint}" if hint else ""))
+    if mount is not None:
+        _export(mount, snapshot, dest, as_json)
+        return
+    branch = snaps[snapshot].get("parent")
+    if branch is None:
+        _fail(f"snapshot {snapshot!r} belongs to no branch; export it through a mount whose lineage holds it")
+    with branch_mounted(where, branch, purpose="export") as (mp, _ours):
+        _export(mp, snapshot, dest, as_json)
+
+
+def _export(mount: str, snapshot: str, dest: str, as_json: bool) -> None:
+    from cowfs import api
+
+    src = os.path.join(mount, ".cowfs", "snapshots", snapshot)
     if dest == "-":
         if sys.stdout.isatty():
             _fail("refusing to write a tar stream to a terminal; redirect stdout or give a directory")

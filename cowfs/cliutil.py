@@ -111,9 +111,9 @@ def _offline_store(target: str) -> str:
     return store
 
 
-# -- store-wide delete and list ----------------------------------------------------------------------
+# -- store-wide delete, list and diff --------------------------------------------------------------
 def administer(target: str, req: dict[str, Any]) -> dict[str, Any]:
-    """The reply to a store-wide `delete` or `list` (root or the store's owner): through the
+    """The reply to a store-wide `delete`, `list` or `diff` (root or the store's owner): through the
     daemon when one serves the store (it checks the caller, SO_PEERCRED), else on the store
     itself.  A daemon is known by its socket: its pid file may be unreadable to the store's
     owner (it is root's).  Refusals of the command itself come back as replies (errno)."""
@@ -137,9 +137,41 @@ def administer(target: str, req: dict[str, Any]) -> dict[str, Any]:
     try:
         if req["cmd"] == "list":
             return offline.listing(store)
+        if req["cmd"] == "diff":
+            return offline.diff(store, str(req["a"]), str(req["b"]))
         return offline.delete(store, str(req["name"]))
     except StoreError as exc:
         raise CliError(str(exc)) from None
+
+
+def foreign_hint(mountpoint: str, names: list[str]) -> str | None:
+    """For root or the store's owner: which of names the store has although the branch
+    mounted at mountpoint does not own them ("it belongs to another lineage"); None for
+    anyone else, or when the store has none of them."""
+    from cowfs.targets import place
+
+    found = place(mountpoint)
+    if found is None:
+        return None
+    try:
+        owner = os.stat(found.store).st_uid
+    except OSError:
+        return None
+    if os.geteuid() not in (0, owner):
+        return None
+    try:
+        listing = administer(found.store, {"cmd": "list"})
+    except CliError:
+        return None
+    where = {r["name"]: r for r in listing.get("snapshots", []) + listing.get("branches", [])}
+    for name in names:
+        row = where.get(name)
+        if row is None:
+            continue
+        what = f"a snapshot of branch {row.get('parent')}" if row["kind"] == "snapshot" else "a branch"
+        return (f"{name!r} exists in this store ({what}) but belongs to another lineage, which the branch "
+                f"mounted at {found.mountpoint} does not own (cowfs list {found.store} shows the whole store)")
+    return None
 
 
 # -- stats -------------------------------------------------------------------------------------------

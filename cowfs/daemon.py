@@ -399,6 +399,11 @@ class Daemon:
                 return {"ok": False, "errno": errno.errorcode.get(exc.errno, str(exc.errno)), "error": str(exc)}
         if cmd == "list":
             return {"ok": True, **self.ops.branching.listing(None, self.branch_mounts())}
+        if cmd == "diff":  # store-wide: any two snapshots or branches
+            try:
+                return {"ok": True, **await self.ops.branching.diff(None, str(req.get("a")), str(req.get("b")))}
+            except FSError as exc:
+                return {"ok": False, "errno": errno.errorcode.get(exc.errno, str(exc.errno)), "error": str(exc)}
         if cmd == "stats":
             await self.fs.flush()  # as the stats file does: every acknowledged write counted
             return self.stats()

@@ -116,6 +116,8 @@ def _administered(path: str) -> Store:
     path = os.path.abspath(path)
     try:
         owner = os.stat(path).st_uid
+    except PermissionError as exc:
+        raise StoreError(f"{path}: {exc.strerror}: a store is private to its owner and root") from None
     except OSError as exc:
         raise StoreError(f"{path}: {exc.strerror}") from None
     if os.geteuid() not in (0, owner):
@@ -181,5 +183,30 @@ def delete(path: str, name: str) -> dict[str, Any]:
             removed += n
         store.kv.sync()
         return {"ok": True, "daemon": False, "deleted": name, "kind": kind, "versions_removed": removed}
+    finally:
+        store.close()
+
+
+def diff(path: str, a: str, b: str) -> dict[str, Any]:
+    """What changed from snapshot or branch A to B of an unmounted store, as the daemon's
+    store-wide diff says it.  A refusal (no such name) is a reply with its errno."""
+    import errno
+
+    import trio
+
+    from cowfs.errors import FSError
+    from cowfs.fs.branching import Branching
+    from cowfs.fs.filesystem import Filesystem
+
+    store = _administered(path)
+    try:
+        async def work() -> dict[str, Any]:
+            br = Branching(Filesystem(store, _first_branch(store)))
+            return {"ok": True, "daemon": False, **await br.diff(None, a, b)}
+
+        try:
+            return trio.run(work)
+        except FSError as exc:
+            return {"ok": False, "errno": errno.errorcode.get(exc.errno, str(exc.errno)), "error": str(exc)}
     finally:
         store.close()

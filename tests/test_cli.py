@@ -3,6 +3,7 @@ output style everywhere, help, completion and progress; as root and as the unpri
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -476,3 +477,100 @@ def test_rm_rf_of_the_control_directory_is_one_refusal(mount_factory):
     assert sorted(os.listdir(mp / ".cowfs" / "snapshots")) == ["s0", "s1", "s2"]
     assert len(os.listdir(mp / ".cowfs" / "snapshots" / "s2" / "d2")) == 20
     assert json.loads((mp / ".cowfs" / "stats").read_text())["branch"] == "main"
+
+
+# -- 6: read commands take a store too (its daemon when mounted, else the store itself) ---------------
+def _check_store_commands(store: Path, out: Path, fork_at: Path | None) -> None:
+    text = cowfs("log", store, check=True).stdout
+    for name in ("main", "fork", "s1", "s2", "fs1"):
+        assert re.search(rf"\s{name}\s", text), text
+    assert (f"mounted at {fork_at}" in text) == (fork_at is not None), text
+    nodes = {n["name"]: n for n in json.loads(cowfs("log", store, "--json", check=True).stdout)["nodes"]}
+    assert nodes["fs1"]["branch"] == "fork" and nodes["s2"]["branch"] == "main"
+    assert cowfs("diff", store, "s1", "s2", check=True).stdout == "M\tf\n"
+    assert cowfs("diff", store, "s1", "fork", check=True).stdout == "+\tg\n"
+    r = cowfs("diff", store, "s1")
+    assert r.returncode == 2 and "name both sides" in one_clear_line(r)
+    r = cowfs("diff", store, "s1", "nope")
+    assert r.returncode == 1 and "no snapshot or branch named 'nope'" in one_clear_line(r)
+    cowfs("export", store, "fs1", out, check=True)
+    assert (out / "f").read_text() == "one\n" and (out / "g").read_text() == "forked\n"
+    assert {r["name"] for r in json.loads(cowfs("list", store, "--json", check=True).stdout)["snapshots"]} == \
+        {"s1", "s2", "fs1"}
+    assert json.loads(cowfs("stats", store, "--json", check=True).stdout)["logical_bytes"] > 0
+    assert "removed" in cowfs("gc", store, check=True).stdout
+    assert "queue" in cowfs("dedup", store, "--wait", check=True).stdout
+
+
+@pytest.mark.timeout(300)
+def test_read_commands_take_a_store_mounted_or_not(mount_factory, test_dir, tmp_path):
+    m = mount_factory(store=mounting.init_store(test_dir / "store"))   # where other users can reach it
+    a = m.path
+    (a / "f").write_text("one\n")
+    cowfs("snapshot", a, "s1", check=True)
+    (a / "f").write_text("two\n")
+    cowfs("snapshot", a, "s2", check=True)
+    cowfs("branch", a, "fork", "--from", "s1", check=True)
+    b = test_dir / "fork"
+    b.mkdir()
+    cowfs("mount", m.store, b, "--branch", "fork", check=True)
+    try:
+        (b / "g").write_text("forked\n")
+        cowfs("snapshot", b, "fs1", check=True)
+        _check_store_commands(m.store, tmp_path / "online", fork_at=b)
+    finally:
+        cowfs("umount", b, check=True)
+    m.stop()
+    _check_store_commands(m.store, tmp_path / "offline", fork_at=None)
+    assert not mounting.fuse_mounts_under(str(test_dir))
+    # a store is its owner's: another user is told so, without a traceback
+    for args in (("log", m.store), ("diff", m.store, "s1", "s2"), ("export", m.store, "s1", "/tmp/x")):
+        r = cowfs(*args, uid=UNPRIV_UID)
+        err = one_clear_line(r)
+        assert r.returncode == 1 and "only root or the owner of the store may administer it" in err, (args, err)
+
+
+# -- 5: another lineage's snapshot: named to the store's administrator, absent to a sandbox ---------
+@pytest.mark.timeout(240)
+def test_another_lineages_snapshot_is_named_only_to_the_administrator(mount_factory, test_dir):
+    m = mount_factory(options=["allow_other"])
+    (m.path / "f").write_text("x\n")
+    cowfs("snapshot", m.path, "main-snap", check=True)
+    cowfs("branch", m.path, "agent", check=True)
+    b = test_dir / "agent"
+    b.mkdir()
+    cowfs("mount", m.store, b, "--branch", "agent", check=True)
+    try:
+        os.chown(b, UNPRIV_UID, UNPRIV_GID)                # the sandbox user owns its mount root
+        for args in (("rollback", b, "main-snap"), ("branch", b, "x", "--from", "main-snap"),
+                     ("diff", b, "main-snap"), ("export", b, "main-snap", test_dir / "out")):
+            r = cowfs(*args)                                   # root: the store's administrator
+            err = one_clear_line(r)
+            assert r.returncode == 1 and "'main-snap' exists in this store (a snapshot of branch main) but " \
+                "belongs to another lineage" in err, (args, err)
+            # the sandbox user: exactly what a name that does not exist gets
+            mine = one_clear_line(cowfs(*args, uid=UNPRIV_UID))
+            unknown = one_clear_line(cowfs(*[a if a != "main-snap" else "no-such" for a in args], uid=UNPRIV_UID))
+            assert mine == unknown.replace("no-such", "main-snap"), (args, mine, unknown)
+            assert "another lineage" not in mine and "main" not in mine.replace("main-snap", ""), mine
+    finally:
+        cowfs("umount", b, check=True)
+
+
+@pytest.mark.timeout(120)
+def test_daemon_refusal_names_who_may(mount_factory):
+    """A handle opened while the caller owned the mount root, used after it changed hands:
+    the daemon refuses and says who may."""
+    m = mount_factory(options=["allow_other"])
+    os.chown(m.path, UNPRIV_UID, UNPRIV_GID)
+    w = mounting.Worker(uid=UNPRIV_UID, gid=UNPRIV_GID)
+    try:
+        fd = w.ok("os.open", str(m.path / ".cowfs" / "ctl"), os.O_RDWR)
+        os.chown(m.path, 0, 0)
+        assert w.call("os.write", fd, b"snapshot late\n") == ("err", errno.EPERM)
+        reply = json.loads(w.ok("os.read", fd, 1 << 20))
+        assert reply["errno"] == "EPERM" and "owner of the mount root (uid 0)" in reply["error"], reply
+        assert "-o ctl_group=" in reply["error"], reply
+        w.call("os.close", fd)
+    finally:
+        w.close()

@@ -87,7 +87,10 @@ class Branching:
             return
         if self.admin_group is not None and (who.gid == self.admin_group or self.admin_group in who.groups):
             return
-        raise FSError(errno.EPERM, "only the owner of the mount root (or root) may do this")
+        group = (f"members of gid {self.admin_group} (-o ctl_group)" if self.admin_group is not None
+                 else "members of a group named with -o ctl_group= (this mount names none)")
+        raise FSError(errno.EPERM, f"only the owner of the mount root (uid {root.attrs.uid}), root and {group} "
+                                   "may do this")
 
     def _usage(self, layer: int) -> Usage:
         usage = self.cat.usage(layer)
@@ -329,10 +332,14 @@ class Branching:
         return count
 
     # -- diff ------------------------------------------------------------------------------
-    def _side(self, view: View, name: str | None) -> LayerView:
-        if name is None or name == view.name:
+    def _side(self, view: View | None, name: str | None) -> LayerView:
+        """A side of a diff: the live view (name None or the view's branch), or a snapshot or
+        branch the caller owns (view None: the store's administrator owns all)."""
+        if view is not None and (name is None or name == view.name):
             return view.lv
-        found = self.owners.owned(view.name, name)
+        if name is None:
+            raise FSError(errno.EINVAL, "a store-wide diff needs two names: A and B")
+        found = self.owners.owned(view.name if view is not None else None, name)
         if isinstance(found, Snapshot):
             return LayerView(found.layer, frozenset(self.cat.ancestry(found.layer)))
         if isinstance(found, Branch):
@@ -352,14 +359,14 @@ class Branching:
                     out.add(join_path(ppath, name))
         return out
 
-    async def diff(self, view: View, a: str, b: str | None) -> dict[str, Any]:
+    async def diff(self, view: View | None, a: str, b: str | None) -> dict[str, Any]:
         """Paths added, removed, modified or renamed from A to B, from the changed keys only.
 
         Candidate names of an inode are the entries that changed between the sides plus its
         parent/name hint on each side; each side keeps those that name the inode there, so a
         hard link's unchanged names show on both sides and only real changes are reported.
         """
-        if b is None:  # against the live tree: include what the kernel and we still buffer
+        if b is None or view is None:  # a live tree: include what the kernel and we still buffer
             await self.fs.sync_kernel()
             await self.fs.flush()
         la, lb = self._side(view, a), self._side(view, b)
