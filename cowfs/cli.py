@@ -310,12 +310,14 @@ def clone(mount: str, src: str, dst: str, as_json: bool, timeout: float) -> None
 
 
 def _place(target: str) -> Any:
+    """The cowfs mount holding target (cowfs.targets.Place), or None."""
     from cowfs import targets
 
     return targets.place(target)
 
 
 def _is_store(target: str) -> bool:
+    """target is (or, unreadable to us, may be) a store directory."""
     from cowfs.offline import is_store
 
     return is_store(os.path.abspath(target))
@@ -335,10 +337,7 @@ def _hint_foreign(mount: str, reply: dict[str, Any], names: list[str]) -> None:
 def _store_wide(target: str, req: dict[str, Any]) -> dict[str, Any] | None:
     """The reply to a store-wide command when TARGET is a store directory (None: a path in
     a mount, whose control file answers)."""
-    from cowfs import targets
-    from cowfs.offline import is_store
-
-    if targets.place(target) is not None or not is_store(os.path.abspath(target)):
+    if _place(target) is not None or not _is_store(target):
         return None
     try:
         return cliutil.administer(target, req)
