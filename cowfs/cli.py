@@ -64,17 +64,25 @@ def complete_mounts(ctx: click.Context, param: click.Parameter, incomplete: str)
 
 
 def complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
-    """Snapshot and branch names of the mount given before."""
+    """Snapshot and branch names of the mount given before (what its branch owns), or of
+    the store given before when its daemon serves it (completion never opens a store: that
+    would hold its lock against a mount starting meanwhile)."""
     from click.shell_completion import CompletionItem
 
-    from cowfs import targets
+    from cowfs import admin, targets
+    from cowfs.mounts import daemon_pid
 
     given = ctx.params.get("mount") or ctx.params.get("target")
-    found = targets.place(given) if given else None
-    if found is None:
+    if not given:
         return []
+    found = targets.place(given)
     try:
-        listing = api.control(found.mountpoint, "list", timeout=3)
+        if found is not None:
+            listing = api.control(found.mountpoint, "list", timeout=3)
+        elif daemon_pid(os.path.abspath(given)) is not None:
+            listing = admin.request(os.path.abspath(given), {"cmd": "list"}, timeout=3)
+        else:
+            return []
     except Exception:  # noqa: BLE001 - completion offers nothing rather than fail
         return []
     names = [r["name"] for r in listing.get("snapshots", []) + listing.get("branches", [])]

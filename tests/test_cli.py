@@ -290,6 +290,7 @@ def test_shell_completion(cowfs_mount):
     for name in ("before-tests", "before-upgrade"):
         assert mounting.ctl_exchange(cowfs_mount.path, f"snapshot {name}\n".encode())[0] == 0
     assert _complete(f"cowfs rollback {mp} before-") == ["before-tests", "before-upgrade"]
+    assert _complete(f"cowfs diff {cowfs_mount.store} before-") == ["before-tests", "before-upgrade"]
     assert "main" in _complete(f"cowfs diff {mp} ")
     assert "mount-options" in _complete("cowfs help mo")
     r = subprocess.run(COWFS, capture_output=True, text=True, timeout=60,
