@@ -163,6 +163,19 @@ def ctl_exchange(mp, line: bytes) -> tuple[int, bytes]:
         os.close(fd)
 
 
+def run_as(uid: int | None, gid: int | None, argv, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run a command (as uid/gid with no supplementary groups, through setpriv(1), if uid
+    is given) with a timeout; output captured as text."""
+    prefix = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={gid if gid is not None else uid}",
+                                     "--clear-groups", "--"]
+    try:
+        return subprocess.run(prefix + [str(a) for a in argv], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout, cwd="/", **kw)
+    except subprocess.TimeoutExpired as e:
+        raise OpTimeout(f"`{shlex.join(prefix + [str(a) for a in argv])}` did not finish within {timeout}s "
+                        f"(FUSE daemon hung?)\nstderr: {e.stderr!r}") from None
+
+
 def call_with_timeout(fn, *args, timeout: float = 30, what: str | None = None, **kw):
     """Run ``fn(*args, **kw)`` in a daemon thread; raise OpTimeout if it does not return in time.
 

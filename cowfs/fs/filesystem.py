@@ -107,6 +107,17 @@ def _restamp(a: Attrs, stamp: tuple[int, int, int, int, int, int]) -> None:
     a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, a.ctime_ns = stamp
 
 
+def account(node: Node, present: bool) -> None:
+    """Bring node's contribution to its view's usage (inodes, logical bytes) up to date."""
+    view = node.view
+    size = node.attrs.size if present and node.attrs.is_reg else 0
+    if present != node.counted:
+        view.usage_inodes += 1 if present else -1
+        node.counted = present
+    view.usage_bytes += size - node.counted_bytes
+    node.counted_bytes = size
+
+
 class Mutation:
     """One atomic change: a batch, its reference deltas and the nodes it saved."""
 
@@ -123,15 +134,13 @@ class Mutation:
         # known only once the reference changes are applied).
         self.charge = False
 
+    def account(self, node: Node) -> None:
+        """Count node's in-memory size (its dirty data included) in its view's usage."""
+        self._account(node, not node.deleted)
+
     def _account(self, node: Node, present: bool) -> None:
-        view = node.view
-        size = node.attrs.size if present and node.attrs.is_reg else 0
-        if present != node.counted:
-            view.usage_inodes += 1 if present else -1
-            node.counted = present
-        view.usage_bytes += size - node.counted_bytes
-        node.counted_bytes = size
-        self.views.add(view)
+        account(node, present)
+        self.views.add(node.view)
 
     def save(self, node: Node) -> None:
         """Write node's current attributes as its version in the view's head layer."""
@@ -341,6 +350,10 @@ class Filesystem:
         """After a rollback: move the cached tree aside (open handles keep it), restore the root."""
         old = View(view.vid, view.name, "detached", view.lv, view.epoch)
         old.alloc_pending, view.alloc_pending = view.alloc_pending, 0  # it goes with the nodes
+        # Writes through handles opened before go on counting against the branch's quota
+        # (from what the branch had), as they did.
+        old.quota_bytes, old.quota_inodes = view.quota_bytes, view.quota_inodes
+        old.usage_bytes, old.usage_inodes, old.alloc_bytes = view.usage_bytes, view.usage_inodes, view.alloc_bytes
         root = view.nodes.pop(ROOT_INO, None)
         for ino, node in view.nodes.items():
             node.view = old
@@ -1149,6 +1162,10 @@ class Filesystem:
         m.save(node)
         a.size = size_now
         _restamp(a, stamp_now)
+        # Usage keeps counting what writes acknowledged since these chunks were taken (the
+        # record's size is older): counting only the record let a writer streaming during a
+        # threaded flush pass the byte quota by what it wrote meanwhile.
+        m.account(node)
 
     async def _flush_locked(self) -> None:
         """Commit all dirty data (caller holds the lock). Large flushes encode in a thread."""
