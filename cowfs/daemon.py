@@ -192,6 +192,17 @@ def _raise_readahead(mountpoint: str) -> None:
         log.debug("read_ahead_kb unchanged: %s", exc)
 
 
+def _kernel_dirty_limit(dev: str) -> int | None:
+    """How many bytes of dirty pages the kernel lets our mount hold (FUSE mounts have a
+    strict per-device limit, 1% of the dirty threshold by default): what it may have
+    acknowledged to writers before we see it."""
+    try:
+        with open(f"/sys/class/bdi/{dev}/max_bytes") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 class Daemon:
     def __init__(self, cfg: MountConfig) -> None:
         self.cfg = cfg
@@ -205,7 +216,8 @@ class Daemon:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
         self.warmer = Warmer(self.fs, self._view_root, cfg.store, cfg.prefetch and cfg.warm)
         self.ops = Operations(self.fs, stats=self.sandbox_stats, mounted=self.branch_mounts, ctl_group=cfg.ctl_group,
-                              cache_absent=cfg.dir_cache, warm=self.warmer)
+                              cache_absent=cfg.dir_cache, warm=self.warmer,
+                              view_root=self._view_root)
         # The control directories' listings change behind the kernel (snapshots come and go).
         self.dir_cache = cfg.dir_cache and dircache.install(lambda fino: not Operations._is_control(fino))
         # LSEEK, FALLOCATE and STATFS's inode, which pyfuse3 does not hand on.
@@ -517,6 +529,7 @@ class Daemon:
             await sup.serve(nursery, "admin", lambda task_status: admin.serve(sock, self.handle_admin, owner=owner,
                                                                               task_status=task_status))
             sup.start(nursery, "flusher", self.fs.background_flusher)
+            sup.start(nursery, "kernel_syncer", self.ops.kernel_syncer)
             sup.start(nursery, "signals", self._watch_signals)
             sup.start(nursery, "readahead_tuning", self._tune_readahead, speculative=True)
             sup.start(nursery, "gc", self._gc_loop)
@@ -553,6 +566,7 @@ class Daemon:
         entry = mounts.entry_at(cfg.mountpoint)
         if entry is not None and entry.fstype == "fuse.cowfs":
             self.dev = entry.dev
+            self.fs.kernel_dirty = _kernel_dirty_limit(entry.dev) or self.fs.kernel_dirty
         log.info("serving %s branch %s at %s (pid %d)", cfg.store, cfg.branch, cfg.mountpoint, os.getpid())
         clean = False
         try:

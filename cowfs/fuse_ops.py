@@ -92,9 +92,11 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, fs: Filesystem, stats: Callable[[View], dict[str, Any]] | None = None,
                  mounted: Callable[[], Mounted] | None = None, ctl_group: int | None = None,
-                 cache_absent: bool = True, warm: Warmer | None = None) -> None:
+                 cache_absent: bool = True, warm: Warmer | None = None,
+                 view_root: Callable[[View], str | None] | None = None) -> None:
         super().__init__()
         self.fs = fs
+        self.view_root = view_root or (lambda view: None)  # where a view is mounted, for our own calls
         self.warm = warm  # learns cold starts from lookups and listings, and warms them
         self.ctl_group = ctl_group
         self.branching = Branching(fs, ctl_group)
@@ -108,6 +110,7 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, _Dir] = {}
         self._sessions: dict[int, _Session] = {}
         self._write_fhs: set[int] = set()
+        self._cached_fhs: set[int] = set()  # write handles through the page cache (not direct_io)
         self._writers: Counter[Node] = Counter()  # open handles that may write, per node
         self._next_fh = 1
         # The reply to a LOOKUP of an absent name: cached as absent (None: ENOENT, not cached).
@@ -358,6 +361,8 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode, unlinked_ok=True)
         await self.fs.setattr(
             node,
+            # our own truncate (_sync_kernel_view) keeps a cut file's cut; a user's ends it
+            user=node.cap is None or not fields.update_size or not os.path.exists(f"/proc/self/task/{ctx.pid}"),
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
@@ -485,13 +490,61 @@ class Operations(pyfuse3.Operations):
         self._files[fh] = node
         self._streams[fh] = Readahead()
         self.fs.opened(node)
-        # Under a byte quota, writers bypass the page cache: the kernel's writeback would
-        # report EDQUOT late, as EIO; direct writes make write(2) itself fail with EDQUOT.
-        direct = writing and node.view.quota_bytes > 0
+        # Writers bypass the page cache under a byte quota, or when the store's disk is
+        # nearly full: the kernel acknowledges a cached write before we see it, so refusing
+        # it at writeback loses acknowledged data and reports EDQUOT/ENOSPC late (at fsync
+        # or close); a direct write(2) fails itself, in order.  (The price: such a handle
+        # cannot be mmap'ed MAP_SHARED, see docs/architecture.md, "Quotas".)
+        direct = writing and (node.view.quota_bytes > 0 or self.fs.space_tight())
         if writing:
             self._writers[node] += 1
             self._write_fhs.add(fh)
+            if not direct:
+                self._cached_fhs.add(fh)
+                node.cached_writers += 1
         return pyfuse3.FileInfo(fh=fh, keep_cache=not direct, direct_io=direct)
+
+    async def kernel_syncer(self) -> None:
+        """Bring the kernel's view of a file back to ours after a write it acknowledged was
+        refused (Filesystem._refuse), while writers still have it open; the last release
+        does it once more."""
+        fs = self.fs
+        while True:
+            await fs.kernel_sync_wanted.wait()
+            fs.kernel_sync_wanted = trio.Event()
+            while fs.kernel_unsynced:
+                await self._sync_kernel_view(fs.kernel_unsynced.pop())
+            await trio.sleep(0.05)  # a writer that goes on writing into a full disk: in rounds
+
+    async def _sync_kernel_view(self, node: Node) -> None:
+        """Make the kernel's size and pages of node ours.  With the writeback cache the kernel
+        trusts its own size over any attributes we send, so the one way to set it is a
+        truncate through the mount: the kernel takes the size from our SETATTR reply and
+        drops its pages beyond; then the remaining pages (refused overwrites) are
+        invalidated.  The path is walked one name at a time without following symlinks and
+        the inode checked, so a rename meanwhile cannot make us truncate another file; a
+        file without a name gets the invalidation only."""
+        fino = self.fuse_ino(node)
+        root = self.view_root(node.view) if node.view.kind == "branch" and node.attrs.nlink > 0 else None
+        # The path from the records in a database job (pure reads), the kernel calls in a
+        # thread of their own: they wait for requests that may commit.
+        rel = await self.fs.store.in_thread(self.fs.path_of, node.view.lv, node.ino, {}) if root else None
+
+        def run() -> None:
+            if root is not None and rel:
+                try:
+                    fd = _open_beneath(root, rel)
+                    try:
+                        st = os.fstat(fd)
+                        if st.st_ino == fino and stat.S_ISREG(st.st_mode):
+                            os.truncate(f"/proc/self/fd/{fd}", node.attrs.size if node.cap is None else node.cap)
+                    finally:
+                        os.close(fd)
+                except OSError as exc:
+                    log.warning("inode %d: the kernel's size could not be set back: %s", node.ino, exc)
+            _pull_pages(fino)
+
+        await trio.to_thread.run_sync(run)
 
     async def _writeback_writers(self) -> None:
         """Pull the kernel's dirty pages of every file open for writing (invalidate_inode
@@ -558,10 +611,19 @@ class Operations(pyfuse3.Operations):
                 self._writers[node] -= 1
                 if self._writers[node] <= 0:
                     del self._writers[node]
+                if fh in self._cached_fhs:
+                    self._cached_fhs.discard(fh)
+                    node.cached_writers -= 1
                 # A failed commit (the disk full under RocksDB) leaves the data dirty, to be
                 # retried; the handle is gone all the same.
                 await self._commit_closed(node)
         finally:
+            if node.cached_writers <= 0 and (node.cap is not None or node in self.fs.kernel_unsynced):
+                # The last writer that could have data refused behind its back is gone (the
+                # close reported the error): the kernel's view becomes ours, and the cut ends.
+                self.fs.kernel_unsynced.discard(node)
+                await self._sync_kernel_view(node)
+                node.cap = None
             await self.fs.released(node)
 
     async def lseek(self, fino: int, fh: int, off: int, whence: int) -> int:
@@ -736,6 +798,24 @@ class Operations(pyfuse3.Operations):
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         self.requests["access"] += 1
         return True  # default_permissions: the kernel has checked already
+
+
+def _open_beneath(root: str, rel: str) -> int:
+    """An O_PATH descriptor of root/rel, walked one name at a time without following a
+    symlink (nor leaving root's filesystem)."""
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    dev = os.fstat(fd).st_dev
+    try:
+        for name in rel.split("/"):
+            nfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+            if os.fstat(fd).st_dev != dev:
+                raise OSError(errno.EXDEV, f"{root}/{rel} leaves the mount")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _pull_pages(fino: int) -> None:

@@ -191,6 +191,8 @@ class Store:
         self.reserve = min(256 << 20, max(4 << 20, size // 4))
         self._free = st.f_bavail * st.f_frsize
         self._free_at = time.monotonic()
+        # Disk bytes that data acknowledged to writers but not committed yet will take.
+        self.held: Callable[[], int] = lambda: 0
 
     def _root_refs(self) -> dict[bytes, int]:
         """References from inode-record versions and shared-copy ranges to tree roots (a
@@ -268,6 +270,30 @@ class Store:
         self._next_ino += 1
         return ino
 
+    def _free_now(self) -> int:
+        """Free bytes on the store's disk (looked at every 0.25 s at most), less what
+        memtables hold (in the WAL already, written once more when flushed) and what
+        commits wrote since the last look (counted twice: WAL, then blob file)."""
+        now = time.monotonic()
+        if now - self._free_at > 0.25:
+            st = os.statvfs(self.path)
+            self._free = st.f_bavail * st.f_frsize - self.engine.unflushed_bytes()
+            self._free_at = now
+        return self._free
+
+    def look(self) -> None:
+        """Look at the disk again at the next question (a commit just changed it)."""
+        self._free_at = 0.0
+
+    def spent(self, nbytes: int) -> None:
+        """A commit took nbytes of disk: count them until the next look at the disk."""
+        self._free -= nbytes
+
+    def headroom(self) -> int:
+        """Bytes new data may still take before the reserve: free space less what data
+        acknowledged but not committed yet will take (`held`, set by the filesystem)."""
+        return self._free_now() - self.held() - self.reserve
+
     def space_low(self, pending: int, metadata: bool = False) -> bool:
         """Whether accepting `pending` more bytes would eat the headroom kept for deletes.
 
@@ -275,18 +301,9 @@ class Store:
         stops writing altogether.  New data is refused (ENOSPC) while free space is below
         the reserve, new inodes only below half of it, deletes never.
         """
-        now = time.monotonic()
-        if now - self._free_at > 0.25:
-            st = os.statvfs(self.path)
-            # Data in memtables is in the WAL already and will be written once more.
-            self._free = st.f_bavail * st.f_frsize - self.engine.unflushed_bytes()
-            self._free_at = now
-        reserve = self.reserve // 2 if metadata else self.reserve
-        # Data passes through the WAL and then a blob file: count it twice until flushed.
-        low = self._free - 2 * pending < reserve
-        if not low and not metadata:
-            self._free -= 2 * pending  # until the next look at the disk
-        return low
+        if metadata:
+            return self._free_now() - self.held() < self.reserve // 2
+        return self.headroom() < 2 * pending
 
     async def in_thread(self, fn: Callable[..., T], *args: Any, python: bool = True) -> T:
         """fn(*args) in a worker thread that may use the database (python: it runs Python code,
@@ -331,7 +348,7 @@ class Store:
         except Exception as exc:
             self._reopen_error = str(exc)
             log.error("store could not recover from a write error: %s", exc)
-        self._free_at = 0.0
+        self.look()
 
     def _before_write(self) -> None:
         """A reopen still owed (a failed write, or a reopen that could only open read-only)

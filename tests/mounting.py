@@ -14,6 +14,7 @@ The module has no pytest dependency; it is also the worker's entry point
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -28,6 +29,7 @@ import struct
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 import traceback
@@ -174,6 +176,26 @@ def run_as(uid: int | None, gid: int | None, argv, timeout: float = 120, **kw) -
     except subprocess.TimeoutExpired as e:
         raise OpTimeout(f"`{shlex.join(prefix + [str(a) for a in argv])}` did not finish within {timeout}s "
                         f"(FUSE daemon hung?)\nstderr: {e.stderr!r}") from None
+
+
+@contextlib.contextmanager
+def tmpfs(size_mb: int, prefix: str = "cowfs-tmpfs-"):
+    """A tmpfs of size_mb MiB mounted on a fresh directory under /tmp (a short path: a
+    store's admin socket lives in it); unmounted and removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(d, 0o755)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs", str(d)], check=True)
+    try:
+        yield d
+    finally:
+        for _ in range(50):
+            if subprocess.run(["umount", str(d)], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.2)
+        else:
+            subprocess.run(["umount", "-l", str(d)])
+        if not os.path.ismount(d):
+            os.rmdir(d)
 
 
 def call_with_timeout(fn, *args, timeout: float = 30, what: str | None = None, **kw):

@@ -1,24 +1,27 @@
-"""Disk full: the store on a 64 MiB tmpfs, filled by a writer until it fails.
+"""Disk full: the store on a small tmpfs, filled by writers until they fail.
 
 What must hold: writers get ENOSPC (never EIO, never a hang); nothing already stored is
 damaged (reads keep working and are exact, fsck is clean after unmount); unlink and `delete`
-of a snapshot still work while the disk is full; the daemon keeps serving; and once space is
-freed (unlink, delete, `cowfs gc`) writes succeed again.
+of a snapshot still work while the disk is full; the daemon keeps serving; once space is
+freed (unlink, delete, `cowfs gc`) writes succeed again; and each file holds a prefix of its
+writes whose size, as stat shows it, stays (issue 19, item 8).
 
-With the kernel's writeback cache, write(2) into the page cache succeeds; the daemon sees the
-data at writeback and refuses it, and the caller gets ENOSPC from fsync(2) or close(2) (the
-kernel keeps a writeback error for the next fsync/close).  The test records exactly where each
-failure showed.
+On a disk this small, writers bypass the page cache (direct_io) and write(2) itself fails
+with ENOSPC.  A writer that opened while there was room writes through the kernel's page
+cache: its write(2) succeeds, the daemon refuses the data at writeback, and it gets ENOSPC
+from fsync(2) or close(2) (the kernel keeps a writeback error for the next fsync/close).
+The tests record exactly where each failure showed.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import random
 import subprocess
-import tempfile
+import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -29,21 +32,16 @@ MiB = 1 << 20
 
 @pytest.fixture
 def small_disk():
-    # A short path: the daemon's admin socket lives in the store (AF_UNIX paths are short).
-    d = Path(tempfile.mkdtemp(prefix="cowfs-df-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", str(d)], check=True)
-    try:
+    with mounting.tmpfs(64, prefix="cowfs-df-") as d:
         yield d
-    finally:
-        for _ in range(50):
-            if subprocess.run(["umount", str(d)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.2)
-        else:
-            subprocess.run(["umount", "-l", str(d)])
-        if not os.path.ismount(d):
-            os.rmdir(d)
+
+
+@pytest.fixture
+def disk():
+    """disk(size_mb): a tmpfs of that size (request it before mount_factory: the mounts on
+    it must go first)."""
+    with contextlib.ExitStack() as stack:
+        yield lambda size_mb: stack.enter_context(mounting.tmpfs(size_mb, prefix="cowfs-df-"))
 
 
 def ctl(mp, line: str) -> tuple[int, bytes]:
@@ -192,3 +190,141 @@ def test_disk_filled_behind_cowfs_back_rocksdb_resumes(small_disk, mount_factory
     r = mounting.run_cowfs("fsck", store, "--json", check=False, timeout=120)
     assert r.returncode == 0, f"fsck after the disk-full episode: {r.stdout[-3000:]!r}"
     print("writers saw:", failures)
+
+
+# A writer process: seeded random data written 1 MiB at a time, then fsync and close; it
+# reports where it failed, the size fstat showed right after the failure, and the close.
+WRITER = r"""
+import errno, json, os, random, sys
+path, seed, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+out = {"failed": None, "errno": None, "written": 0}
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # all open before any writes
+data = random.Random(seed).randbytes(size)
+try:
+    while out["written"] < size:  # a write may be short: the next one says why
+        out["written"] += os.write(fd, data[out["written"]:out["written"] + (1 << 20)])
+    os.fsync(fd)
+except OSError as e:
+    out["failed"] = "fsync" if out["written"] == size else "write"
+    out["errno"] = errno.errorcode.get(e.errno, e.errno)
+out["fstat"] = os.fstat(fd).st_size
+try:
+    os.close(fd)
+except OSError as e:
+    out["close"] = errno.errorcode.get(e.errno, e.errno)
+    out["failed"] = out["failed"] or "close"
+out["stat"] = os.stat(path).st_size
+print(json.dumps(out))
+"""
+
+
+def run_writers(mp, n: int, size: int) -> list[dict]:
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(mp / f"w{i}"), str(i), str(size)],
+                              stdout=subprocess.PIPE, text=True) for i in range(n)]
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, f"writer exited with {p.returncode}"
+        out.append(json.loads(stdout))
+    return out
+
+
+def expected(i: int, size: int) -> bytes:
+    return random.Random(i).randbytes(size)
+
+
+def settled_sizes(mp, n: int, timeout: float = 10) -> list[int]:
+    """The files' sizes once they stop changing (a release's kernel fix is asynchronous)."""
+    last, stable_since, deadline = None, time.monotonic(), time.monotonic() + timeout
+    while True:
+        sizes = [os.stat(mp / f"w{i}").st_size for i in range(n)]
+        if sizes != last:
+            last, stable_since = sizes, time.monotonic()
+        elif time.monotonic() - stable_since >= 1.0 or time.monotonic() > deadline:
+            return sizes
+        time.sleep(0.1)
+
+
+def check_prefixes(mp, n: int, size: int, sizes: list[int], when: str) -> None:
+    for i in range(n):
+        got = (mp / f"w{i}").read_bytes()
+        assert os.stat(mp / f"w{i}").st_size == sizes[i] == len(got), \
+            f"{when}: w{i} is {len(got)} bytes (stat {os.stat(mp / f'w{i}').st_size}), expected {sizes[i]}"
+        want = expected(i, size)[: len(got)]
+        if got != want:
+            bad = next(k for k in range(0, len(got), 4096) if got[k:k + 4096] != want[k:k + 4096])
+            zeros = got[bad:bad + 4096] == bytes(len(got[bad:bad + 4096]))
+            pytest.fail(f"{when}: w{i} ({len(got)} bytes) is not a prefix of what was written: it differs "
+                        f"at {bad}{' (zeros)' if zeros else ''}")
+
+
+def usage_matches(m, n: int) -> None:
+    st = json.loads((m.path / ".cowfs" / "stats").read_text())
+    total = sum(os.stat(m.path / f"w{i}").st_size for i in range(n))
+    assert st["usage_bytes"] == total, f"usage {st['usage_bytes']} != the files' {total} bytes"
+
+
+@pytest.mark.timeout(300)
+def test_full_disk_leaves_each_writer_a_prefix_stat_shows(disk, mount_factory):
+    """Five writers of 64 MiB on a 200 MiB store (issue 19, item 8): with so little room the
+    writers get direct_io, so the refusal reaches write(2) itself, in order; the size fstat
+    shows right after the error is the size that stays, with no further write, after a
+    wait and after a remount, and each file is a prefix of its writes (no zeros, no lost
+    tail behind a shown size)."""
+    n, size = 5, 64 * MiB
+    root = disk(200)
+    store = root / "store"
+    mounting.init_store(store)
+    m = mount_factory(store=store, init=False)
+    seen = run_writers(m.path, n, size)
+    daemon_alive(m)
+    assert any(s["failed"] for s in seen), f"200 MiB took 5 x 64 MiB: {seen}"
+    for i, s in enumerate(seen):
+        assert s["failed"] in (None, "write"), f"w{i}: the error must reach write(2) itself: {s}"
+        assert s["errno"] in (None, "ENOSPC"), f"w{i}: {s}"
+        assert s["fstat"] == s["stat"] == (s["written"] if s["failed"] else size), f"w{i}: {s}"
+    shown = [s["fstat"] for s in seen]
+    time.sleep(3)
+    check_prefixes(m.path, n, size, shown, "3 s after the writers")
+    usage_matches(m, n)
+    m.remount()
+    check_prefixes(m.path, n, size, shown, "after a remount")
+    usage_matches(m, n)
+    m.stop()
+    r = mounting.run_cowfs("fsck", store, "--json", check=False, timeout=120)
+    assert r.returncode == 0, f"fsck after the disk-full episode: {r.stdout[-3000:]!r}"
+    print("writers saw:", seen)
+
+
+@pytest.mark.timeout(300)
+def test_full_disk_behind_cached_writers_cuts_back_to_a_prefix(disk, mount_factory):
+    """Writers that opened while the disk had room write through the kernel's page cache:
+    write(2) is acknowledged before the daemon sees the data, so a refusal at writeback
+    loses acknowledged data.  Then the error reaches fsync or close, each file is cut back
+    to a prefix of its writes (data the kernel wrote back beyond a refused range is dropped,
+    never left behind a gap of zeros), and once the writers closed the size stat shows is
+    the one that stays, also after a remount."""
+    n, size = 4, 200 * MiB
+    root = disk(768)
+    store = root / "store"
+    mounting.init_store(store)
+    m = mount_factory(store=store, init=False)
+    seen = run_writers(m.path, n, size)
+    daemon_alive(m)
+    failed = [s for s in seen if s["failed"]]
+    assert failed, f"768 MiB took {n} x 200 MiB: {seen}"
+    assert all(s["errno"] == "ENOSPC" or s.get("close") == "ENOSPC" for s in failed), seen
+    assert any(s["failed"] in ("fsync", "close") for s in failed), \
+        f"no writer wrote through the page cache (all saw the error at write): {seen}"
+    sizes = settled_sizes(m.path, n)
+    check_prefixes(m.path, n, size, sizes, "once the writers closed")
+    usage_matches(m, n)
+    time.sleep(2)
+    check_prefixes(m.path, n, size, sizes, "2 s later")
+    m.remount()
+    check_prefixes(m.path, n, size, sizes, "after a remount")
+    usage_matches(m, n)
+    m.stop()
+    r = mounting.run_cowfs("fsck", store, "--json", check=False, timeout=120)
+    assert r.returncode == 0, f"fsck after the disk-full episode: {r.stdout[-3000:]!r}"
+    print("writers saw:", seen, "sizes:", sizes)

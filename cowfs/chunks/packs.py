@@ -112,33 +112,47 @@ class PackStore:
                 self._fds[self._cur] = self._cur_fd
                 self._end = 0
                 self._sync_dir()
-            pack, off = self._cur, self._end
-            out = []
-            pos = off
-            for v in values:
-                out.append((pack, pos, len(v)))
-                pos += len(v)
+            off = self._end
+            pos = off + sum(len(v) for v in values)
             # Whatever happens, later appends start past this region: a failed append
-            # leaves garbage there (swept by gc), never a place a later value could be.
+            # leaves nothing a later value could meet there.
             self._end = _align(pos)
-            wfd = self._writer()
-            if wfd is not None:
+            try:
+                return self._write(values, off, pos)
+            except OSError:
+                # A full disk: give back what part of the region was written at once (gc's
+                # sweep would, but a full disk needs the room now).
                 try:
-                    self._write_direct(wfd, values, off)
-                    os.fdatasync(wfd)
-                    return out
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    self._direct = False  # the filesystem takes no direct I/O after all
-                    self._close_writer()
-            fd = self._cur_fd
-            written, total = 0, pos - off
-            while written < total:  # pwritev may write less than asked
-                written += os.pwritev(fd, _tail(values, written), off + written)
-            os.fdatasync(fd)
-            # The mounted file's page cache holds this content already: drop the pack's copy.
-            os.posix_fadvise(fd, off, total, os.POSIX_FADV_DONTNEED)
+                    _punch_hole(self._cur_fd, off, self._end - off)
+                except OSError:
+                    pass
+                raise
+
+    def _write(self, values: list[bytes | memoryview], off: int, pos: int) -> list[tuple[int, int, int]]:
+        """Write values from off to pos of the current pack and fdatasync (caller holds _lock)."""
+        out = []
+        p = off
+        for v in values:
+            out.append((self._cur, p, len(v)))
+            p += len(v)
+        wfd = self._writer()
+        if wfd is not None:
+            try:
+                self._write_direct(wfd, values, off)
+                os.fdatasync(wfd)
+                return out
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._direct = False  # the filesystem takes no direct I/O after all
+                self._close_writer()
+        fd = self._cur_fd
+        written, total = 0, pos - off
+        while written < total:  # pwritev may write less than asked
+            written += os.pwritev(fd, _tail(values, written), off + written)
+        os.fdatasync(fd)
+        # The mounted file's page cache holds this content already: drop the pack's copy.
+        os.posix_fadvise(fd, off, total, os.POSIX_FADV_DONTNEED)
         return out
 
     def _writer(self) -> int | None:

@@ -14,7 +14,7 @@ import logging
 import os
 import stat
 import time
-from typing import Awaitable, Callable, Iterable, NamedTuple
+from typing import Awaitable, Callable, Iterable, NamedTuple, NoReturn
 
 import trio
 
@@ -43,6 +43,7 @@ DIRTY_AGE = 1.0  # seconds before the background flusher commits dirty data
 # Dirty bytes that wake the background flusher at once: a streaming writer's next chunks
 # are copied in while the previous ones are hashed, compressed and committed.
 EARLY_FLUSH_BYTES = 8 << 20
+KERNEL_DIRTY = 64 << 20  # the kernel's dirty limit for a mount, until read from sysfs
 _ZEROS = bytes(CHUNK)
 THREAD_FLUSH_BYTES = 512 << 10  # flushes larger than this hash/compress in a worker thread
 # Flushes of at least this much write their chunk encodings (those of PACK_MIN_VALUE bytes or
@@ -68,6 +69,12 @@ def now_ns() -> int:
     (in writeback mode the kernel owns their mtime), so ours must not run ahead of it, or a
     later write could carry an earlier time than an earlier chmod."""
     return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+
+
+def disk_cost(nbytes: int) -> int:
+    """Disk bytes a flush of nbytes of new data takes at most: once in a pack file when the
+    flush is large enough for one, else twice (RocksDB's WAL, then a blob file)."""
+    return nbytes if nbytes >= PACK_FLUSH_BYTES else 2 * nbytes
 
 
 def _dirent(ino: int, mode: int) -> bytes:
@@ -257,6 +264,16 @@ class Filesystem:
         self.dirty_nodes: dict[Node, float] = {}  # node -> time it first became dirty
         self.flush_running = False  # a flush holds taken chunks (under the lock, maybe in a thread)
         self.dirty_bytes = 0
+        self.flushing_bytes = 0  # what the flush in progress took
+        # Acknowledged but not committed: the store counts it against its free space.
+        store.held = lambda: disk_cost(self.dirty_bytes + self.flushing_bytes)
+        # What the kernel may hold acknowledged (dirty pages) before we see it: its dirty
+        # limit for this mount (the daemon reads it from sysfs once mounted).
+        self.kernel_dirty = KERNEL_DIRTY
+        # Nodes whose kernel view (size, pages) ran ahead of ours after a refused write;
+        # the FUSE layer brings it back (Operations.kernel_syncer).
+        self.kernel_unsynced: set[Node] = set()
+        self.kernel_sync_wanted = trio.Event()
         self.flush_count = 0
         self.gc_wanted = trio.Event()
         self.flush_wanted = trio.Event()
@@ -815,10 +832,12 @@ class Filesystem:
     async def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                       mtime_ns: int | None = None, ctime_ns: int | None = None,
-                      kill_suid: bool = False) -> None:
+                      kill_suid: bool = False, user: bool = True) -> None:
         """chmod, chown, truncate, utimens.  kill_suid: clear set-user-ID (and set-group-ID
         with group-exec) as the kernel does for a truncating open by a non-root caller,
-        which FUSE's atomic O_TRUNC leaves to the filesystem."""
+        which FUSE's atomic O_TRUNC leaves to the filesystem.  A truncate by a user (not
+        the daemon itself) ends the cut of a file whose acknowledged writes were refused:
+        the kernel takes the size we reply and drops its pages, so the views agree."""
         if size is None and node in self.dirty_nodes and node.view.writable:
             # A file with data waiting to be committed: in writeback mode that is the kernel
             # passing on the times of a file it is still writing, or a chmod/chown right after
@@ -854,6 +873,9 @@ class Filesystem:
                 a.ctime_ns = m.now
             if not node.deleted:  # else an unlinked FIFO or socket still open: nothing stored
                 m.save(node)
+        if size is not None and user and node.cap is not None:
+            node.cap = None
+            self.kernel_unsynced.discard(node)
 
     @staticmethod
     def _set_attrs(a: Attrs, mode: int | None, uid: int | None, gid: int | None, atime_ns: int | None,
@@ -927,10 +949,13 @@ class Filesystem:
     async def write(self, node: Node, off: int, data: bytes) -> int:
         if not node.view.writable:
             raise FSError(errno.EROFS)
-        if off + len(data) > MAX_FILE_SIZE:
+        end = off + len(data)
+        if end > MAX_FILE_SIZE:
             raise FSError(errno.EFBIG)
-        if self.store.space_low(len(data)):
-            raise FSError(errno.ENOSPC, "the store's disk is (nearly) full")
+        if node.cap is not None and end > node.cap:
+            self._refuse(node, off, end, node.cap_errno, "beyond what an earlier refused write left")
+        if self.store.space_low(len(data)) and not await self._room_after_flush(len(data)):
+            self._refuse(node, off, end, errno.ENOSPC, "the store's disk is (nearly) full")
         view = node.view
         before = self.allocated(node)
 
@@ -938,13 +963,18 @@ class Filesystem:
             view.check_quota(more_bytes=growth)
 
         size = node.attrs.size
+        refused: FSError | None = None
         try:
             new = node.write(off, data, self.store.objects, charge)
         except codec.CorruptObject as exc:
             log.error("write of inode %d at %d: %s", node.ino, off, exc)
             raise FSError(errno.EIO) from exc
+        except FSError as exc:  # the quota (charge), before any buffer changed
+            refused = exc
         finally:
             view.alloc_pending += node.alloc - before  # type: ignore[operator]
+        if refused is not None:
+            self._refuse(node, off, end, refused.errno, str(refused))
         if node.attrs.size > size:  # logical bytes: the file size
             view.usage_bytes += node.attrs.size - size
             node.counted_bytes += node.attrs.size - size
@@ -953,7 +983,12 @@ class Filesystem:
         if new or node.attrs.size > size:  # zeros over holes buffer nothing, but the size must commit
             self.dirty_nodes.setdefault(node, time.monotonic())
         if self.dirty_bytes > DIRTY_LIMIT:
-            await self.flush()
+            try:
+                await self.flush()
+            except FSError as exc:
+                # This write is in the dirty buffers: it succeeded.  The flush is retried, and
+                # fsync reports it if it keeps failing.
+                log.error("flush at the dirty limit failed: %s", exc)
         elif self.dirty_bytes > EARLY_FLUSH_BYTES:
             self.flush_wanted.set()
         return len(data)
@@ -1063,6 +1098,61 @@ class Filesystem:
         if self._reserved is None:
             self._reserved = codec.encode_chunk(bytes(CHUNK), self.level)
         return self._reserved
+
+    def _recount_alloc(self, node: Node) -> None:
+        """node.alloc after its buffers changed outside a write: the committed tree's plus what
+        each buffer (dirty over flushing) changes in its chunk."""
+        if node.alloc is None:
+            return
+        objects = self.store.objects
+        alloc = node.stored_alloc + sum(  # type: ignore[operator]
+            len(b) - objects.content_size(tree.lookup(node.attrs.root, i, objects.node))
+            for i, b in {**node.flushing, **node.dirty}.items())
+        node.view.alloc_pending += alloc - node.alloc
+        node.alloc = alloc
+
+    async def _room_after_flush(self, pending: int) -> bool:
+        """Whether there is room once what is held is committed: the estimate counts held
+        data at its most (twice, as if inline), and a file streamed into packs takes once."""
+        if not (self.dirty_nodes or self.flush_running):
+            return False
+        try:
+            await self.flush()
+        except FSError:
+            return False
+        self.store.look()
+        return not self.store.space_low(pending)
+
+    def _refuse(self, node: Node, off: int, end: int, err: int, why: str) -> NoReturn:
+        """Fail a write.  Through direct_io the writer gets the error and nothing else
+        changes; but a write the kernel's page cache acknowledged is lost now.  Where it
+        overwrote bytes the committed file holds, those stay; where it leaves a gap
+        (`Node.gap_in`), the file is cut
+        back to a prefix there (data after a gap is no prefix of what was written, even when
+        the kernel wrote it back first), and further writes beyond are refused.  Either way
+        the kernel's view (size, pages) is brought back to ours (`kernel_unsynced`): a
+        truncate to the cut, which also cuts what is committed beyond it."""
+        if node.cached_writers > 0 and node.attrs.is_reg:
+            if node.cap is None or off < node.cap:
+                found = self.store.meta.get(CF_INODES, ino_key(node.ino), node.view.lv)
+                stored = Attrs.unpack(found[1]) if found is not None and found[1] else None
+                committed = stored.size if stored is not None else 0
+                gap = node.gap_in(off, end, stored.root if stored is not None else None, committed,
+                                  self.store.objects)
+                if gap is not None and (node.cap is None or gap < node.cap):  # else old bytes stay
+                    node.cap, node.cap_errno = gap, err
+                    before = len(node.dirty)
+                    node.cut(gap, max(gap, committed))
+                    self.dirty_bytes -= (before - len(node.dirty)) * CHUNK
+                    if not node.dirty:
+                        self.dirty_nodes.pop(node, None)
+                    account(node, not node.deleted)  # the view's next commit writes its usage
+                    self._recount_alloc(node)
+                    log.warning("inode %d: a write the page cache acknowledged was refused (%s, at %d); "
+                                "the file is cut to %d bytes", node.ino, errno.errorcode.get(err, err), off, gap)
+            self.kernel_unsynced.add(node)
+            self.kernel_sync_wanted.set()
+        raise FSError(err, why)
 
     async def flush(self) -> None:
         """Commit every acknowledged write (not yet durable: see sync).
@@ -1183,16 +1273,25 @@ class Filesystem:
                 node.dirty = {}
                 total += len(node.flushing) * CHUNK
                 work.append(_Taken(node, node.flushing, node.attrs.size, _stamp(node.attrs)))
+            self.flushing_bytes = total
             m = Mutation(self)
             try:
                 if total > THREAD_FLUSH_BYTES:
-                    encoded, m.txn.staged = await self.store.in_thread(
-                        lambda: self._encode_all(work, total >= PACK_FLUSH_BYTES))
+                    try:
+                        encoded, m.txn.staged = await self.store.in_thread(
+                            lambda: self._encode_all(work, total >= PACK_FLUSH_BYTES))
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        raise FSError(errno.ENOSPC, f"pack append failed: {exc}") from exc  # a full disk
                 else:
                     encoded = [self._encode(t.chunks) for t in work]
                 for t, enc in zip(work, encoded):
                     if not t.node.deleted:
-                        self._flush_node_into(m, t.node, enc, t.size, t.stamp)
+                        size = t.size
+                        if t.node.cap is not None and size > t.node.cap:
+                            size, enc = self._cut_taken(t, enc)
+                        self._flush_node_into(m, t.node, enc, size, t.stamp)
                 # The attributes of deferred SETATTRs, which a failed commit's revert would
                 # take back to what is stored: they were acknowledged, so they stay.
                 stamps = [_stamp(t.node.attrs) for t in work]
@@ -1215,6 +1314,8 @@ class Filesystem:
                 raise
             finally:
                 self.flush_running = False
+                self.flushing_bytes = 0
+            self.store.spent(disk_cost(total))
             objects = self.store.objects
             for node in nodes:
                 node.flushing = {}
@@ -1229,6 +1330,20 @@ class Filesystem:
                         node.alloc = alloc
                 self._maybe_evict(node)
             self.flush_count += 1
+
+    def _cut_taken(self, t: _Taken, enc: dict[int, tuple[bytes, bytes | None] | None]
+                   ) -> tuple[int, dict[int, tuple[bytes, bytes | None] | None]]:
+        """Chunks a flush took before a refused write cut their file (`_refuse`): keep what
+        lies below the cut, the chunk across it trimmed (no stored chunk holds bytes beyond
+        EOF).  A packed encoding left out is punched by the commit (`ObjectStore.apply`)."""
+        cap = t.node.cap
+        assert cap is not None
+        keep = {i: e for i, e in enc.items() if i * CHUNK < cap}
+        i, rem = divmod(cap, CHUNK)
+        data = t.chunks.get(i) if rem else None
+        if data is not None and len(data) > rem:
+            keep.update(self._encode({i: bytes(data[:rem])}))
+        return cap, keep
 
     async def background_flusher(self) -> None:
         """Commit dirty data that has waited DIRTY_AGE seconds, or once EARLY_FLUSH_BYTES pile up."""
@@ -1333,6 +1448,14 @@ class Filesystem:
             log.info("branch %s: removing %d inodes left open-but-unlinked by the previous daemon", view.name,
                      len(keys))
         return len(keys)
+
+    def space_tight(self) -> bool:
+        """Whether the store's free space (above its reserve) is within what the kernel and
+        the daemon may hold acknowledged but unwritten (their dirty limits, counted twice as
+        inline data is: WAL, then blob file).  Then writers get direct_io: a write the page
+        cache acknowledged could no longer be stored for sure, and a direct write(2) fails
+        with ENOSPC itself, in order."""
+        return self.store.headroom() < 2 * (self.kernel_dirty + DIRTY_LIMIT)
 
     # -- statfs ----------------------------------------------------------------------------
     def statfs(self) -> os.statvfs_result:

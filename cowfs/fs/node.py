@@ -34,7 +34,7 @@ def _zeros(data: bytes | bytearray | memoryview, pos: int, n: int) -> bool:
 class Node:
     __slots__ = ("view", "ino", "attrs", "stored_layer", "stored_root", "lookups", "opens",
                  "dirty", "flushing", "deleted", "counted", "counted_bytes", "alloc", "stored_alloc",
-                 "__weakref__")
+                 "cached_writers", "cap", "cap_errno", "__weakref__")
 
     def __init__(self, view: "View", ino: int, attrs: Attrs, stored_layer: int | None) -> None:
         self.view = view
@@ -60,6 +60,13 @@ class Node:
         # (Filesystem.allocated): a lookup must not cost a refs read for nothing.
         self.alloc: int | None = None
         self.stored_alloc: int | None = None
+        # Open handles writing through the kernel's page cache (not direct_io): their writes
+        # are acknowledged before we see them, so a refusal loses acknowledged data.
+        self.cached_writers = 0
+        # After such a loss: the size the file is cut back to (a prefix of what the kernel
+        # acknowledged), refused beyond with cap_errno until the kernel's view agrees again.
+        self.cap: int | None = None
+        self.cap_errno = 0
 
     # -- reads ---------------------------------------------------------------------------
     def _buffer(self, i: int) -> bytearray | memoryview | None:
@@ -221,6 +228,37 @@ class Node:
         # written files (it stamps them at write(2) time) and sends them in a SETATTR when
         # it writes the inode back; data may reach us later than that.
         return new_chunks
+
+    def cut(self, cap: int, size: int) -> None:
+        """Forget uncommitted data at and beyond `cap` (a refused write left a gap there:
+        what follows a gap is no prefix) and shrink to `size` (>= cap: committed bytes
+        beyond the gap stay until a truncate cuts them).  A flush in progress is cut when
+        it commits."""
+        n_chunks = (cap + CHUNK - 1) // CHUNK
+        for i in [i for i in self.dirty if i >= n_chunks]:
+            del self.dirty[i]
+        rem = cap % CHUNK
+        buf = self.dirty.get(cap // CHUNK) if rem else None
+        if buf is not None and len(buf) > rem:
+            self.dirty[cap // CHUNK] = bytearray(buf[:rem])
+        if self.attrs.size > size:
+            self.attrs.size = size
+
+    @staticmethod
+    def gap_in(off: int, end: int, root: Root | None, committed: int, objects: "ObjectStore") -> int | None:
+        """The first offset in [off, end) that the committed file (root, size `committed`)
+        does not hold - a hole, or beyond its size - or None: where a refused write leaves a
+        gap.  Write buffers do not count: a chunk written out of order is zero-filled below
+        what was written, and those zeros are no data."""
+        p = off
+        while p < end:
+            i = p // CHUNK
+            h = tree.lookup(root, i, objects.node) if p < committed else None
+            held = min(committed, i * CHUNK + objects.content_size(h)) if h is not None else p
+            if held <= p:
+                return p
+            p = held
+        return None
 
     def truncate_buffers(self, size: int, objects: "ObjectStore") -> None:
         """Cut dirty buffers to `size` and make the chunk straddling it dirty, trimmed.
