@@ -4,7 +4,8 @@ What is checked, in order:
   1. the catalog: branch heads and snapshots name known layers; every layer's ancestry ends
      at the root layer;
   2. every visible tree (each branch head and snapshot): the directory tree is connected,
-     entries point at live inodes of the type they claim, link counts are right, no inode
+     entries point at live inodes of the type they claim, link counts are right, every name
+     of a file with more than one is in the index of names (cowfs.meta.links), no inode
      record is unreachable (an orphan) unless it is an open-but-unlinked file of the
      orphans list;
   3. references: the count stored for every object equals the references to it (one per
@@ -16,7 +17,8 @@ What is checked, in order:
   6. the space accounting equals a recount, the background queue names stored chunks only;
   7. the usage recorded for every branch head and snapshot (logical bytes, inodes, allocated
      bytes: what `list` shows and quotas charge) equals a recount of what it sees.
---repair rewrites wrong reference counts, link counts and usage records, deletes unreferenced objects,
+--repair rewrites wrong reference counts, link counts and usage records, indexes missing names
+of hard-linked files, deletes unreferenced objects,
 dangling directory entries and missing changelog entries, and links orphaned inodes into
 /lost+found of the branch they belong to. It reports what it could not fix (a missing or
 damaged chunk: the files that use it are named).
@@ -35,7 +37,8 @@ from cowfs.chunks.store import (CF_OBJECTS, CF_PENDING, CF_REFS, CF_SPACE, SPACE
 from cowfs.kv.base import Batch
 from cowfs.meta.layers import Catalog, suffix_layer
 from cowfs.meta.records import Attrs
-from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_XATTRS, TAGS, LayerView, name_key
+from cowfs.meta import links as link_index
+from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, TAGS, LayerView, name_key
 from cowfs.store import CF_ORPHANS, ROOT_INO, Store
 
 LOST_FOUND = b"lost+found"
@@ -145,6 +148,7 @@ class Fsck:
         links: Counter[int] = Counter()
         subdirs: Counter[int] = Counter()
         where: dict[int, tuple[int, bytes]] = {}
+        names: dict[int, list[tuple[int, bytes]]] = {}  # of files with more than one name
         found = meta.get(CF_INODES, ROOT_INO.to_bytes(8, "big"), lv)
         if not found or not found[1]:
             self.report.problem(f"{name}: the root directory is missing")
@@ -178,9 +182,12 @@ class Fsck:
                 links[child] += 1
                 if stat.S_ISDIR(a.mode) and links[child] > 1:
                     self.report.problem(f"{name}: directory inode {child} has {links[child]} names")
+                elif links[child] > 1:
+                    names.setdefault(child, [where[child]]).append((d, entry))
             self.progress("trees", 1)
         self.report.counts["inodes"] += len(records)
         self._check_links(name, top, lv, records, links, subdirs)
+        self._check_link_index(name, top, lv, names, where)
         self._check_orphans(name, top, lv, records)
 
     def _path(self, where: dict[int, tuple[int, bytes]], parent: int, name: bytes) -> str:
@@ -204,6 +211,22 @@ class Fsck:
                     a.nlink = want
                     self.store.meta.put(self.batch, CF_INODES, ino.to_bytes(8, "big"), top, a.pack())
                     self.report.repaired.append(f"{name}: link count of inode {ino} set to {want}")
+
+    def _check_link_index(self, name: str, top: int, lv: LayerView, names: dict[int, list[tuple[int, bytes]]],
+                          where: dict[int, tuple[int, bytes]]) -> None:
+        """Every name of a file with more than one name is in the index of names (diff relies
+        on it to report every path of a changed file)."""
+        for ino, found in names.items():
+            have = set(link_index.names(self.store.meta, ino, lv))
+            for parent, entry in found:
+                if (parent, entry) in have:
+                    continue
+                self.report.problem(f"{name}: {self._path(where, parent, entry)!r} (inode {ino}) is missing "
+                                    f"from the index of hard-linked files' names")
+                if self.repair and self._writable(top):
+                    self.store.meta.put(self.batch, CF_LINKS, link_index.key(ino, parent, entry), top,
+                                        link_index.PRESENT)
+                    self.report.repaired.append(f"{name}: indexed a name of inode {ino}")
 
     def _check_orphans(self, name: str, top: int, lv: LayerView, records: dict[int, Attrs]) -> None:
         listed = {int.from_bytes(k[8:16], "big") for k, _ in self.store.kv.scan(CF_ORPHANS, b"")}
@@ -368,7 +391,7 @@ class Fsck:
     # -- 5. changelog ----------------------------------------------------------------------
     def check_changelog(self) -> None:
         logged = {k for k, _ in self.store.kv.scan(CF_CHANGES, b"")}
-        for cf in (CF_INODES, CF_DIRENTS, CF_XATTRS):
+        for cf in (CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS):
             for base, layer, _value in _versions(self.store, cf):
                 key = layer.to_bytes(8, "big") + TAGS[cf] + base
                 if key not in logged:

@@ -27,7 +27,8 @@ from cowfs.kv.rocks import RocksKV
 from cowfs.meta.layers import CF_META, Branch, Catalog, Usage
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import SharedTrees
-from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_XATTRS, LayerView, Versioned, ino_key
+from cowfs.meta import links
+from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, LayerView, Versioned, ino_key
 from cowfs.mounts import daemon_pid
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,15 @@ log = logging.getLogger(__name__)
 # range stands for them; a format-3 store needs no rewrite, but older cowfs must refuse 4.
 # 5: usage records hold allocated bytes too (24 bytes: logical, inodes, allocated); a
 # format-4 store's records are counted once when it is first opened (Store._count_allocated).
-FORMAT_VERSION = 5
-UPGRADABLE = (1, 2, 3, 4)
+# 6: the index of hard-linked files' names (family `links`, cowfs.meta.links), which older
+# cowfs would not keep up to date; built from a scan of records and entries when a store of
+# an older format is first opened.
+FORMAT_VERSION = 6
+UPGRADABLE = (1, 2, 3, 4, 5)
 MARKER = "cowfs-store.json"
 DB_DIR = "db"
 CF_ORPHANS = "orphans"
-FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
+FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
 ROOT_INO = 1
 INO_BLOCK = 4096
 T = TypeVar("T")
@@ -166,6 +170,8 @@ class Store:
             self._count_allocated()
         if fmt != FORMAT_VERSION:
             b = Batch()
+            if fmt < 6:
+                log.info("%s: %d keys written for the names of hard-linked files", path, links.rebuild(self.kv, b))
             b.put(CF_META, b"format", str(FORMAT_VERSION).encode())
             self.kv.write(b)
             self.kv.sync()

@@ -942,6 +942,99 @@ def test_diff_with_hard_links_names_existing_paths(cowfs_mount):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.timeout(120)
+def test_diff_reports_every_path_of_a_changed_hard_linked_file(cowfs_mount):
+    """A change to a hard-linked file shows at each of its paths, whichever name was made
+    last and whichever names are gone (before: `M hl/b` only, and after `rm hl/b` nothing
+    about hl/a at all, while `diff -r` shows it)."""
+    mp = cowfs_mount.path
+    os.mkdir(mp / "hl")
+    write(mp / "hl/a", b"1\n")
+    os.link(mp / "hl/a", mp / "hl/b")
+    ok(mp, "snapshot s1")
+    with open(mp / "hl/a", "ab") as f:
+        f.write(b"2\n")
+    want = {("modified", "hl/a", None, "file"), ("modified", "hl/b", None, "file")}
+    assert _changes(ok(mp, "diff s1")) == want
+    os.unlink(mp / "hl/b")                  # the name the record kept goes
+    want = {("modified", "hl/a", None, "file"), ("removed", "hl/b", None, "file"),
+            ("modified", "hl", None, "dir")}
+    assert _changes(ok(mp, "diff s1")) == want
+    ok(mp, "snapshot s2")
+    # three names, one renamed, back to one: each step names what is there
+    os.link(mp / "hl/a", mp / "hl/c")
+    os.mkdir(mp / "sub")
+    os.link(mp / "hl/a", mp / "sub/d")
+    os.rename(mp / "hl/c", mp / "sub/e")
+    ok(mp, "snapshot s3")
+    with open(mp / "sub/d", "ab") as f:
+        f.write(b"3\n")
+    want = {("modified", p, None, "file") for p in ("hl/a", "sub/d", "sub/e")}
+    assert _changes(ok(mp, "diff s3")) == want
+    os.unlink(mp / "hl/a")
+    os.unlink(mp / "sub/e")                 # one name left: sub/d, not the last one made
+    ok(mp, "snapshot s4")
+    os.chmod(mp / "sub/d", 0o600)
+    assert _changes(ok(mp, "diff s4")) == {("modified", "sub/d", None, "file")}
+    assert _changes(ok(mp, "diff s2 s4")) == {
+        ("renamed", "sub/d", "hl/a", "file"), ("modified", "sub/d", None, "file"),
+        ("added", "sub", None, "dir"), ("modified", "hl", None, "dir")}
+    # a clone keeps the links inside the cloned tree: both names of the copy
+    write(mp / "sub/f", b"f")
+    os.link(mp / "sub/f", mp / "sub/g")
+    ok(mp, "clone sub sub2")
+    ok(mp, "snapshot s5")
+    write(mp / "sub2/f", b"changed")
+    assert _changes(ok(mp, "diff s5")) == {("modified", "sub2/f", None, "file"),
+                                           ("modified", "sub2/g", None, "file")}
+    # the same through a remount, and fsck finds the index of names complete
+    cowfs_mount.remount()
+    assert _changes(ok(mp, "diff s5")) == {("modified", "sub2/f", None, "file"),
+                                           ("modified", "sub2/g", None, "file")}
+    cowfs_mount.stop()
+    r = run_cowfs("fsck", cowfs_mount.store, check=False, timeout=120)
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
+
+@pytest.mark.timeout(120)
+def test_format_5_store_gets_its_hard_link_names_indexed(cowfs_mount):
+    """A store from before format 6 has hard links without index keys: the upgrade at the
+    first open writes them, and diff then names every path as in a new store."""
+    from cowfs.kv.base import Batch
+    from cowfs.meta.versioned import CF_CHANGES, CF_LINKS, TAGS
+    from cowfs.store import Store
+
+    mp = cowfs_mount.path
+    os.mkdir(mp / "hl")
+    write(mp / "hl/a", b"1")
+    os.link(mp / "hl/a", mp / "hl/b")
+    os.link(mp / "hl/a", mp / "hl/c")
+    ok(mp, "snapshot s1")
+    os.unlink(mp / "hl/c")
+    cowfs_mount.stop()
+    st = Store(str(cowfs_mount.store))
+    b = Batch()  # what cowfs before format 6 left: no index, no changelog entries for it
+    for k, _ in st.kv.scan(CF_LINKS, b""):
+        b.delete(CF_LINKS, k)
+    for k, _ in st.kv.scan(CF_CHANGES, b""):
+        if k[8:9] == TAGS[CF_LINKS]:
+            b.delete(CF_CHANGES, k)
+    assert len(b), "hard links made no index keys"
+    st.kv.write(b)
+    st.close()
+    marker = cowfs_mount.store / "cowfs-store.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "format": 5}))
+    cowfs_mount.start()
+    assert json.loads(marker.read_text())["format"] == 6
+    with open(mp / "hl/b", "ab") as f:
+        f.write(b"2")
+    assert _changes(ok(mp, "diff s1")) == {("modified", "hl/a", None, "file"), ("modified", "hl/b", None, "file"),
+                                           ("removed", "hl/c", None, "file"), ("modified", "hl", None, "dir")}
+    cowfs_mount.stop()
+    r = run_cowfs("fsck", cowfs_mount.store, check=False, timeout=120)
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
+
 @pytest.mark.timeout(60)
 def test_diff_against_live_sees_writes_still_in_page_cache(cowfs_mount):
     """``diff A`` compares with the live tree: a write(2) that returned is part of it, even

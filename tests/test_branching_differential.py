@@ -16,8 +16,9 @@ made of plain directories:
   the reference tree;
 * ``delete NAME``    - model: the copy is dropped;
 * ``diff A [B]``     - every reported path must exist on its side with the reported type, and
-  every path that differs between the two model copies must be covered by a reported path (or
-  one of its ancestors, or another hard link of it).
+  the reported paths must be exactly those that differ between the two model copies
+  (``diff_oracle``: ``diff -rq`` plus modes, owners, mtimes, xattrs and which inode each path
+  names, hard links included).
 
 At the end of each sequence every snapshot view must equal its model copy and the live tree
 the reference tree; one branch (if any) is mounted as a fork and compared with its copy.
@@ -29,9 +30,11 @@ by dedicated tests in test_branching.py (see the comments at ``KNOWN``).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import time
 
@@ -59,8 +62,6 @@ ERR = errno.errorcode
 #   deleted (test_branch_of_deleted_snapshot_stays_manageable);
 # * `diff` against the live tree does not sync the kernel's page cache first
 #   (test_diff_against_live_sees_writes_still_in_page_cache): the machine calls sync() before;
-# * diff names a file by the last hard link made to it, even once that link is gone
-#   (test_diff_with_hard_links_names_existing_paths): such paths are not checked for files;
 # * clone leaves the kernel's cached attributes of the target directory stale (nlink, mtime)
 #   (test_clone_updates_target_directory_attributes_at_once): the machine creates and removes
 #   an entry there afterwards, which makes the kernel fetch them again.
@@ -84,6 +85,83 @@ def _kind(mode: int) -> str:
 def cp_a(src, dst) -> None:
     r = subprocess.run(["cp", "-a", "--", str(src), str(dst)], capture_output=True, timeout=120)
     assert r.returncode == 0, f"model: cp -a {src} {dst} failed: {r.stderr!r}"
+
+
+FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long): the inode's generation (ext4 and others)
+
+
+def ident_map(root, alias=None) -> dict:
+    """{relative path: which inode it is} for the tree under root (not following symlinks):
+    (st_ino, generation), since ext4 reuses a freed inode number for the next new inode (with
+    a new generation); the generation is None where the filesystem has none (tmpfs, whose
+    numbers are not reused) or the file cannot be opened (symlinks, sockets, FIFOs)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st_ = os.lstat(p)
+            gen = None
+            if stat.S_ISREG(st_.st_mode) or stat.S_ISDIR(st_.st_mode):
+                try:
+                    fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOATIME)
+                    try:
+                        gen = struct.unpack("l", fcntl.ioctl(fd, FS_IOC_GETVERSION, b"\0" * 8))[0]
+                    finally:
+                        os.close(fd)
+                except OSError:
+                    pass
+            ident = (st_.st_ino, gen)
+            out[os.path.relpath(p, root)] = alias.get(ident, ident) if alias else ident
+    return out
+
+
+def diff_oracle(ma, mb, A, B, ia, ib) -> tuple[set, set]:
+    """(paths that differ between the trees ma and mb, paths below which diff -r does not go).
+
+    `diff -rq --no-dereference` for existence and content (its "X is a fifo while Y is a fifo"
+    for two FIFOs or sockets is no difference), then what it does not compare, from the
+    snapshots A and B: type, mode, owner, mtime, device number, xattrs, symlink target, and
+    the inode (ia, ib from ident_map) - a path that names another inode changed even with
+    equal content."""
+    r = subprocess.run(["diff", "-rq", "--no-dereference", ma, mb], capture_output=True, timeout=120)
+    assert r.returncode in (0, 1), f"diff -rq {ma} {mb}: {r.stderr.decode(errors='replace')}"
+    changed, covering = set(), set()
+
+    def rel(path):
+        for root in (ma, mb):
+            if path == root:
+                return ""
+            if path.startswith(root + "/"):
+                return path[len(root) + 1:]
+        raise AssertionError(f"diff -rq printed a path outside both trees: {path!r}")
+    for line in r.stdout.decode("utf-8", "surrogateescape").splitlines():
+        if line.startswith("Only in "):
+            d, _, name = line[len("Only in "):].rpartition(": ")
+            p = os.path.join(rel(d), name) if rel(d) else name
+            changed.add(p)
+            covering.add(p)
+        elif line.startswith(("Files ", "Symbolic links ")):
+            p = rel(line.split(" and ", 1)[0].split(" ", 2 if line[0] == "S" else 1)[-1])
+            changed.add(p)
+        elif line.startswith("File "):
+            first, _, second = line[len("File "):].partition(" while file ")
+            p1, _, t1 = first.rpartition(" is a ")
+            t2 = second.rpartition(" is a ")[2]
+            if t1 != t2:
+                changed.add(rel(p1))
+                covering.add(rel(p1))
+        else:
+            raise AssertionError(f"diff -rq: unexpected line {line!r}")
+    keys = ("type", "mode", "uid", "gid", "mtime", "rdev", "xattrs", "target")
+    for p in set(A) & set(B):
+        if p == "":
+            continue
+        ea, eb = A[p], B[p]
+        if any(ea.get(k) != eb.get(k) for k in keys) or ia.get(p) != ib.get(p):
+            changed.add(p)
+            if ea.get("type") != eb.get("type"):
+                covering.add(p)
+    return changed, covering
 
 
 class BCtx(pd.Ctx):
@@ -111,6 +189,11 @@ class BranchMachine(pd.PosixMachine):
         self.snaps: dict[str, str] = {}          # name -> model copy
         self.branches: dict[str, dict] = {}      # name -> {"parent", "copy", "zombie"}
         self.detached: set[int] = set()          # fd slots opened before a rollback
+        # Which inode each path of the reference tree is (ident_map), per snapshot and branch
+        # as when it was taken; alias: the reference inodes a rollback's copy made -> the
+        # snapshot's own (cowfs restores the snapshot's inodes).
+        self.idents: dict[str, dict] = {}
+        self.alias: dict = {}
         self._clear_previous()
         self._snapshot(0, 1)                     # every sequence starts with one snapshot
 
@@ -125,6 +208,8 @@ class BranchMachine(pd.PosixMachine):
         for s in reply["snapshots"]:
             ctl(self.mp, f"delete {s['name']}")
         shutil.rmtree(self.ctx.model_dir, ignore_errors=True)
+        self.idents.clear()
+        self.alias.clear()
         os.makedirs(os.path.join(self.ctx.model_dir, "snaps"))
         os.makedirs(os.path.join(self.ctx.model_dir, "branches"))
 
@@ -217,6 +302,7 @@ class BranchMachine(pd.PosixMachine):
         if expect is None:
             cp_a(c.root("ref"), self.model_snap(name))
             self.snaps[name] = self.model_snap(name)
+            self.idents[name] = ident_map(c.root("ref"), self.alias)
             self.compare_dirs(os.path.join(self.mp, ".cowfs/snapshots", name), self.snaps[name],
                               f"snapshot {name} right after it was taken")
             self.check_list()
@@ -248,6 +334,8 @@ class BranchMachine(pd.PosixMachine):
             st_ = os.lstat(src)
             os.chmod(ref, stat.S_IMODE(st_.st_mode))
             os.chown(ref, st_.st_uid, st_.st_gid)
+            for rel, ident in ident_map(ref).items():
+                self.alias[ident] = self.idents[name][rel]
             self.detached |= set(self.fds)
             self.check_tree(f"right after rollback {name}")
 
@@ -286,7 +374,8 @@ class BranchMachine(pd.PosixMachine):
         if expect is None:
             copy = os.path.join(c.model_dir, "branches", name)
             cp_a(c.root("ref") if source in (None, "main") else self.snaps[source], copy)
-            self.branches[name] = {"parent": source or "main", "copy": copy, "zombie": False}
+            idents = ident_map(c.root("ref"), self.alias) if source in (None, "main") else self.idents[source]
+            self.branches[name] = {"parent": source or "main", "copy": copy, "zombie": False, "idents": idents}
             self.check_list()
 
     @rule(k=st.integers(0, SNAP_SLOTS + BRANCH_SLOTS))
@@ -308,6 +397,7 @@ class BranchMachine(pd.PosixMachine):
         if reply["ok"]:
             if name in self.snaps:
                 shutil.rmtree(self.snaps.pop(name))
+                del self.idents[name]
             else:
                 shutil.rmtree(self.branches.pop(name)["copy"])
             self.check_list()
@@ -372,24 +462,29 @@ class BranchMachine(pd.PosixMachine):
     # ---- diff -----------------------------------------------------------------------------------
     @rule(a=st.integers(0, SNAP_SLOTS + BRANCH_SLOTS), b=st.integers(-1, SNAP_SLOTS - 1))
     def diff(self, a, b):
+        self._diff(a, b)
+
+    def _diff(self, a, b):
         c = self.ctx
+        live = lambda: ident_map(c.root("ref"), self.alias)  # noqa: E731
         if a < SNAP_SLOTS:
             na = self.pick_snap(a, odd=a == 0 and b == 0)
-            ma = self.snaps.get(na)
+            ma, ia = self.snaps.get(na), self.idents.get(na)
         elif a < SNAP_SLOTS + BRANCH_SLOTS:
             na = self.bname(a - SNAP_SLOTS)
             br = self.branches.get(na)
             ma = br["copy"] if br and not br["zombie"] else None
+            ia = br["idents"] if br else None
             orphan = br and not br["zombie"] and br["parent"] not in self.snaps and br["parent"] != "main"
         else:
-            na, ma, orphan = "main", c.root("ref"), False
+            na, ma, ia, orphan = "main", c.root("ref"), live(), False
         if a < SNAP_SLOTS:
             orphan = False
         if b < 0:
-            nb, mb = None, c.root("ref")
+            nb, mb, ib = None, c.root("ref"), live()
         else:
             nb = self.pick_snap(b)
-            mb = self.snaps.get(nb)
+            mb, ib = self.snaps.get(nb), self.idents.get(nb)
         expect = None if ma and mb else "ENOENT"
         if KNOWN and expect is None and orphan:
             expect = {None, "ENOENT"}   # branch of a deleted snapshot: invisible (known bug)
@@ -398,64 +493,54 @@ class BranchMachine(pd.PosixMachine):
         reply = self.run_ctl(f"diff {na}" + (f" {nb}" if nb else ""), expect)
         c.count("diff")
         if reply["ok"]:
-            self._check_diff(reply, na, nb or "(live)", ma, mb)
+            self._check_diff(reply, na, nb or "(live)", ma, mb, ia, ib)
 
-    def _check_diff(self, reply, na, nb, ma, mb):
+    @rule(a=st.integers(0, SNAP_SLOTS + BRANCH_SLOTS))
+    def diff_live(self, a):
+        """diff against the live tree, the most frequent use (a rule of its own: more often)."""
+        self._diff(a, -1)
+
+    @rule(a=st.integers(0, SNAP_SLOTS - 1), b=st.integers(0, SNAP_SLOTS - 1))
+    def diff_snapshots(self, a, b):
+        self._diff(a, b)
+
+    def _check_diff(self, reply, na, nb, ma, mb, ia, ib):
+        """The paths the reply names (path and from) must be exactly those that differ between
+        the two model trees: what `diff -rq` reports, plus what it does not compare (type,
+        mode, owner, mtime, device, xattrs) and which inode a path names (ia, ib: identities
+        from the reference filesystem) - below a path that exists on one side only or changed
+        type, neither side's paths count (diff -r does not descend there)."""
         admin = self.ctx.admin
-        A = admin.ok("snapshot", ma, timeout=60)
-        B = admin.ok("snapshot", mb, timeout=60)
+        every = ("user.", "trusted.", "security.")
+        A = admin.ok("snapshot", ma, timeout=60, read_contents=False, xattr_prefixes=every)
+        B = admin.ok("snapshot", mb, timeout=60, read_contents=False, xattr_prefixes=every)
         what = f"diff {na} {nb}"
-        mentioned = set()
         problems = []
-        tolerated = []
+        reported = set()
         for ch in reply["changes"]:
             kind, path, frm, typ = ch["change"], ch["path"], ch.get("from"), ch["type"]
             side = A if kind == "removed" else B
             e = side.get(path)
-            # Known bug (test_diff_with_hard_links_names_existing_paths): a file's name in diff
-            # is the last hard link made, even once that link is gone.
-            missing = tolerated if KNOWN and typ == "file" else problems
             if e is None or "lstat" in e:
-                missing.append(f"{ch}: {path!r} does not exist in {'A' if side is A else 'B'}")
+                problems.append(f"{ch}: {path!r} does not exist in {'A' if side is A else 'B'}")
             elif _kind(e["mode"]) != typ:
                 problems.append(f"{ch}: {path!r} is a {_kind(e['mode'])}")
             if kind == "renamed" and (frm not in A or "lstat" in A.get(frm, {})):
-                missing.append(f"{ch}: 'from' {frm!r} does not exist in A")
-            mentioned.add(path)
+                problems.append(f"{ch}: 'from' {frm!r} does not exist in A")
+            reported.add(path)
             if frm is not None:
-                mentioned.add(frm)
+                reported.add(frm)
+        changed, covering = diff_oracle(ma, mb, A, B, ia, ib)
+        if any(e.get("nlink", 1) > 1 and e.get("type") != "dir" for e in list(A.values()) + list(B.values())):
+            self.ctx.outcomes[("diff: hard links", "ok")] += 1
 
-        def groups(snap):
-            by = {}
-            for rel, e in snap.items():
-                if e.get("type") not in (None, "dir"):
-                    by.setdefault(e["ino"], set()).add(rel)
-            return {rel: paths for paths in by.values() for rel in paths}
-        ga, gb = groups(A), groups(B)
-
-        def covered(rel):
-            for r in ga.get(rel, {rel}) | gb.get(rel, {rel}):
-                parts = r.split("/")
-                if any("/".join(parts[:i]) in mentioned for i in range(1, len(parts) + 1)):
-                    return True
-            return False
-
-        keys = ("type", "mode", "uid", "gid", "content", "target", "xattrs")
-        for rel in sorted(set(A) | set(B)):
-            if rel == "":
-                continue
-            ea, eb = A.get(rel), B.get(rel)
-            if ea is not None and eb is not None:
-                if all(ea.get(k) == eb.get(k) for k in keys) and \
-                        (ea.get("type") == "dir" or ea.get("size") == eb.get("size")):
-                    continue
-            if not covered(rel):
-                how = "only in A" if eb is None else "only in B" if ea is None else "changed"
-                # with stale hard-link names in the reply (known bug), the real name can be missing
-                stale = tolerated and (ea or eb).get("type") == "file"
-                (tolerated if stale else problems).append(f"{rel!r} {how} but not reported (nor an ancestor)")
-        if tolerated:
-            self.ctx.outcomes[("diff: tolerated stale hard-link names", "")] += len(tolerated)
+        def visible(paths):
+            return {p for p in paths if not any(p.startswith(c + "/") for c in covering)}
+        got, want = visible(reported), visible(changed)
+        if got - want:
+            problems.append(f"reported but unchanged: {sorted(got - want)}")
+        if want - got:
+            problems.append(f"changed but not reported: {sorted(want - got)}")
         if problems:
             self.fail(f"{what}: wrong report:\n  " + "\n  ".join(problems[:30])
                       + f"\n  reply: {reply['changes'][:40]}")

@@ -25,7 +25,8 @@ from cowfs.fs.view import View
 from cowfs.meta import gc
 from cowfs.meta.layers import Branch, Snapshot, Usage
 from cowfs.meta.records import Attrs
-from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_XATTRS, LayerView, ino_key, name_key
+from cowfs.meta import links
+from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, LayerView, ino_key, name_key
 from cowfs.store import ROOT_INO
 
 log = logging.getLogger(__name__)
@@ -296,13 +297,14 @@ class Branching:
             node = self.fs.node(node.view, node.attrs.parent)
 
     def _copy_tree(self, m: Mutation, src: Node, parent: Node, name: bytes, who: Caller,
-                   links: dict[int, Node]) -> int:
+                   copies: dict[int, Node]) -> int:
         """Copy src's record (sharing its data tree) under parent/name; recurse into directories."""
         if not may(src.attrs, who, 4 | (1 if src.attrs.is_dir else 0)):
             raise FSError(errno.EACCES, f"no read permission on {name.decode(errors='replace')!r}")
-        if src.ino in links:  # a second hard link inside the copied tree
-            node = links[src.ino]
+        if src.ino in copies:  # a second hard link inside the copied tree
+            node = copies[src.ino]
             node.attrs.nlink += 1
+            self.fs.more_names(m, node, parent, name, new=True)
             m.link(parent, name, node)
             m.save(node)
             return 1
@@ -321,12 +323,12 @@ class Branching:
         if attrs.is_dir:
             for cname, cino in self.fs.list_dir(src):
                 child = self.fs.node(src.view, cino)
-                count += self._copy_tree(m, child, node, cname, who, links)
+                count += self._copy_tree(m, child, node, cname, who, copies)
                 if child.attrs.is_dir:
                     node.attrs.nlink += 1
                 self.fs.evict_if_unused(child)
         elif attrs.nlink and src.attrs.nlink > 1:
-            links[src.ino] = node
+            copies[src.ino] = node
         m.save(node)
         self.fs.evict_if_unused(node)
         return count
@@ -346,12 +348,12 @@ class Branching:
             return LayerView(found.head, frozenset(self.cat.ancestry(found.head)))
         raise absent(name)
 
-    def _resolve(self, lv: LayerView, ino: int, links: set[tuple[int, bytes]],
+    def _resolve(self, lv: LayerView, ino: int, cand: Iterable[tuple[int, bytes]],
                  cache: dict[int, str | None]) -> set[str]:
-        """Paths, among the candidate (parent, name) links, that name ino in this view."""
+        """Paths, among the candidate (parent, name) entries, that name ino in this view."""
         meta = self.fs.store.meta
         out = set()
-        for parent, name in links:
+        for parent, name in cand:
             found = meta.get(CF_DIRENTS, name_key(parent, name), lv)
             if found and found[1] and int.from_bytes(found[1][:8], "big") == ino:
                 ppath = self.fs.path_of(lv, parent, cache)
@@ -359,12 +361,27 @@ class Branching:
                     out.add(join_path(ppath, name))
         return out
 
+    def _paths(self, lv: LayerView, ino: int, a: Attrs, cand: set[tuple[int, bytes]],
+               cache: dict[int, str | None]) -> set[str]:
+        """Every path of ino in this view: the changed entries that name it, its record's
+        (parent, name) and, for a file with more than one name (or whose record names an
+        entry that is gone: a store from before format 6), the index of its names."""
+        found = self._resolve(lv, ino, cand | {(a.parent, a.name)}, cache)
+        if a.is_dir:
+            return found
+        ppath = self.fs.path_of(lv, a.parent, cache) if a.parent else None
+        if a.nlink > 1 or ppath is None or join_path(ppath, a.name) not in found:
+            found |= self._resolve(lv, ino, links.names(self.fs.store.meta, ino, lv), cache)
+        return found
+
     async def diff(self, view: View | None, a: str, b: str | None) -> dict[str, Any]:
         """Paths added, removed, modified or renamed from A to B, from the changed keys only.
 
-        Candidate names of an inode are the entries that changed between the sides plus its
-        parent/name hint on each side; each side keeps those that name the inode there, so a
-        hard link's unchanged names show on both sides and only real changes are reported.
+        The inodes to look at are those whose record, entries or xattrs changed between the
+        sides; each side names every path of such an inode (`_paths`), so a hard link's
+        unchanged names show on both sides, a change of a hard-linked file is reported at
+        each of its paths, and only real changes are reported.  "modified": content, size,
+        mode, owner, mtime, symlink target or xattrs differ (not ctime, atime, link count).
         """
         if b is None or view is None:  # a live tree: include what the kernel and we still buffer
             await self.fs.sync_kernel()
@@ -372,39 +389,39 @@ class Branching:
         la, lb = self._side(view, a), self._side(view, b)
         meta = self.fs.store.meta
         inos: set[int] = set()
-        links: dict[int, set[tuple[int, bytes]]] = {}
+        xinos: set[int] = set()
+        entries: dict[int, set[tuple[int, bytes]]] = {}
         for layer in la.ancestors ^ lb.ancestors:
             for cf, base in meta.changed(layer):
+                if cf == CF_LINKS:  # a name's key changes with its entry, which is here too
+                    continue
                 if cf != CF_DIRENTS:
                     inos.add(int.from_bytes(base[:8], "big"))
+                    if cf == CF_XATTRS:
+                        xinos.add(int.from_bytes(base[:8], "big"))
                     continue
                 for lv in (la, lb):
                     found = meta.get(CF_DIRENTS, base, lv)
                     if found and found[1]:
                         child = int.from_bytes(found[1][:8], "big")
-                        links.setdefault(child, set()).add((int.from_bytes(base[:8], "big"), base[8:-1]))
+                        entries.setdefault(child, set()).add((int.from_bytes(base[:8], "big"), base[8:-1]))
         ca: dict[int, str | None] = {}
         cb: dict[int, str | None] = {}
         changes: list[dict[str, Any]] = []
-        for ino in sorted(inos | links.keys()):
+        for ino in sorted(inos | entries.keys()):
             if ino == ROOT_INO:
                 continue
             ra, rb = meta.get(CF_INODES, ino_key(ino), la), meta.get(CF_INODES, ino_key(ino), lb)
             va, vb = (ra[1] if ra else b""), (rb[1] if rb else b"")
             if not va and not vb:
                 continue
-            cand = set(links.get(ino, ()))
-            for v in (va, vb):
-                if v:
-                    h = Attrs.unpack(v)
-                    cand.add((h.parent, h.name))
-            na = self._resolve(la, ino, cand, ca) if va else set()
-            nb = self._resolve(lb, ino, cand, cb) if vb else set()
-            if va == vb and na == nb:
-                continue
-            kind = _kind(Attrs.unpack(vb or va).mode)
-            if not va or not vb:
-                change, paths = ("added", nb) if not va else ("removed", na)
+            aa, ab = (Attrs.unpack(va) if va else None), (Attrs.unpack(vb) if vb else None)
+            cand = entries.get(ino, set())
+            na = self._paths(la, ino, aa, cand, ca) if aa else set()
+            nb = self._paths(lb, ino, ab, cand, cb) if ab else set()
+            kind = _kind((ab or aa).mode)  # type: ignore[union-attr]
+            if aa is None or ab is None:
+                change, paths = ("added", nb) if aa is None else ("removed", na)
                 changes += [{"change": change, "path": p, "type": kind} for p in sorted(paths)]
                 continue
             if na != nb:
@@ -414,11 +431,12 @@ class Branching:
                 else:
                     changes += [{"change": "added", "path": p, "type": kind} for p in sorted(nb - na)]
                     changes += [{"change": "removed", "path": p, "type": kind} for p in sorted(na - nb)]
-            aa, ab = Attrs.unpack(va), Attrs.unpack(vb)
             same = (aa.root, aa.size, aa.mode, aa.uid, aa.gid, aa.mtime_ns, aa.target) == \
                    (ab.root, ab.size, ab.mode, ab.uid, ab.gid, ab.mtime_ns, ab.target)
-            if (not same or na == nb) and nb:
-                changes.append({"change": "modified", "path": sorted(nb & na or nb)[0], "type": kind})
+            if same and ino in xinos:
+                same = dict(meta.scan_names(CF_XATTRS, ino, la)) == dict(meta.scan_names(CF_XATTRS, ino, lb))
+            if not same:
+                changes += [{"change": "modified", "path": p, "type": kind} for p in sorted(nb)]
         changes.sort(key=lambda c: (c["path"], c["change"]))
         return {"from": a, "to": b if b is not None else "(live)", "changes": changes}
 

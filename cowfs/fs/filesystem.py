@@ -29,9 +29,10 @@ from cowfs.errors import FSError
 from cowfs.fs.node import Node
 from cowfs.fs.view import EPOCHS, View
 from cowfs.kv.base import Batch
+from cowfs.meta import links
 from cowfs.meta.layers import Usage
 from cowfs.meta.records import Attrs
-from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_XATTRS, LayerView, ino_key, name_key
+from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, LayerView, ino_key, name_key
 from cowfs.store import CF_ORPHANS, ROOT_INO, Store
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,14 @@ class Mutation:
 
     def unlink(self, parent: Node, name: bytes) -> None:
         self.fs.store.meta.delete(self.batch, CF_DIRENTS, name_key(parent.ino, name), parent.view.lv)
+
+    def index_name(self, node: Node, parent: int, name: bytes) -> None:
+        """Record (parent, name) as a name of hard-linked node (cowfs.meta.links)."""
+        self.fs.store.meta.put(self.batch, CF_LINKS, links.key(node.ino, parent, name), node.view.lv.top,
+                               links.PRESENT)
+
+    def unindex_name(self, node: Node, parent: int, name: bytes) -> None:
+        self.fs.store.meta.delete(self.batch, CF_LINKS, links.key(node.ino, parent, name), node.view.lv)
 
     def touch(self, *nodes: Node, mtime: bool = True) -> None:
         for n in nodes:
@@ -718,12 +727,52 @@ class Filesystem:
                 node.attrs.nlink = 0
             else:
                 node.attrs.nlink -= 1
+                self._name_gone(m, node, parent.ino, name)
             m.touch(node, mtime=False)
             m.save(parent)
             if node.attrs.nlink <= 0:
                 self._release_inode(m, node)
             else:
                 m.save(node)
+
+    # -- the names of hard-linked files (cowfs.meta.links) ------------------------------------
+    def _names_of(self, node: Node) -> list[tuple[int, bytes]]:
+        """node's names as committed: its record's (parent, name) and its index keys, each
+        checked against the entry (a store from before format 6 may have kept a stale one)."""
+        a, lv = node.attrs, node.view.lv
+        out = links.names_of(self.store.meta, node.ino, lv)
+        if a.parent and (a.parent, a.name) not in out:
+            found = self.store.meta.get(CF_DIRENTS, name_key(a.parent, a.name), lv)
+            if found and found[1] and int.from_bytes(found[1][:8], "big") == node.ino:
+                out.append((a.parent, a.name))
+        return out
+
+    def more_names(self, m: Mutation, node: Node, parent: Node, name: bytes, new: bool = False) -> None:
+        """node, not a directory, gets the name (parent, name) (its link count counts it
+        already): index it, and when the count just became 2, the name it had (new: that
+        name was made in this mutation, so the record's (parent, name) is it)."""
+        a = node.attrs
+        if a.is_dir or a.nlink < 2:
+            return
+        if a.nlink == 2:
+            for first in ([(a.parent, a.name)] if new else self._names_of(node)):
+                m.index_name(node, *first)
+        m.index_name(node, parent.ino, name)
+
+    def _name_gone(self, m: Mutation, node: Node, parent: int, name: bytes) -> None:
+        """node, not a directory, lost the name (parent, name) and its link count is already
+        lowered.  Down to one name: the record says which, and the index forgets the inode."""
+        if node.attrs.nlink < 1:
+            return
+        m.unindex_name(node, parent, name)
+        if node.attrs.nlink > 1:
+            return
+        left = [n for n in self._names_of(node) if n != (parent, name)]
+        if left:
+            node.attrs.parent, node.attrs.name = left[0]
+        for p, n in links.names(self.store.meta, node.ino, node.view.lv):
+            if (p, n) != (parent, name):
+                m.unindex_name(node, p, n)
 
     async def link(self, node: Node, parent: Node, name: bytes) -> None:
         _check_name(name)
@@ -737,6 +786,7 @@ class Filesystem:
             if self.child_ino(parent, name) is not None:
                 raise FSError(errno.EEXIST)
             node.attrs.nlink += 1
+            self.more_names(m, node, parent, name)
             m.link(parent, name, node)
             m.touch(parent)
             m.touch(node, mtime=False)
@@ -774,6 +824,10 @@ class Filesystem:
             if exchange:
                 if dst is None:
                     raise FSError(errno.ENOENT)
+                for n, old, new in ((src, (op.ino, oname), (np.ino, nname)), (dst, (np.ino, nname), (op.ino, oname))):
+                    if n.attrs.nlink > 1 and not n.attrs.is_dir:
+                        m.unindex_name(n, *old)
+                        m.index_name(n, *new)
                 m.link(np, nname, src)
                 m.link(op, oname, dst)
                 if op is not np and src.attrs.is_dir != dst.attrs.is_dir:
@@ -804,6 +858,9 @@ class Filesystem:
                 m.save(wo)
             else:
                 m.unlink(op, oname)
+            if src.attrs.nlink > 1 and not src.attrs.is_dir:
+                m.unindex_name(src, op.ino, oname)
+                m.index_name(src, np.ino, nname)
             m.link(np, nname, src)
             if dst is not None:
                 if dst.attrs.is_dir:
@@ -811,6 +868,7 @@ class Filesystem:
                     dst.attrs.nlink = 0
                 else:
                     dst.attrs.nlink -= 1
+                    self._name_gone(m, dst, np.ino, nname)
                 m.touch(dst, mtime=False)
             if src.attrs.is_dir and op is not np:
                 op.attrs.nlink -= 1

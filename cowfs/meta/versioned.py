@@ -17,10 +17,13 @@ from cowfs.meta.shared import Range, SharedTrees
 CF_INODES = "inodes"
 CF_DIRENTS = "dirents"
 CF_XATTRS = "xattrs"
+# ino(8) + parent(8) + name + b"\0" + layer suffix -> b"l": the names of hard-linked files
+# (cowfs.meta.links).
+CF_LINKS = "links"
 # layer(8) + family tag(1) + base key -> b"": every key written in a layer, so that diff and
 # garbage collection cost time proportional to what changed, not to the whole store.
 CF_CHANGES = "changes"
-TAGS = {CF_INODES: b"i", CF_DIRENTS: b"d", CF_XATTRS: b"x"}
+TAGS = {CF_INODES: b"i", CF_DIRENTS: b"d", CF_XATTRS: b"x", CF_LINKS: b"l"}
 FAMILY = {v: k for k, v in TAGS.items()}
 
 
