@@ -23,7 +23,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from cowfs import admin, dircache, faults, fuse_ext, fuse_loop, mount_options, mounts, notify, private
+from cowfs import admin, dircache, faults, fuse_ext, fuse_loop, fuse_replies, mount_options, mounts, notify, private
 from cowfs.errors import FSError, MountError, StoreError
 from cowfs.fs.branching import run_gc, sweep_packs
 from cowfs.fs.dedup import DedupWorker
@@ -556,12 +556,15 @@ class Daemon:
 
     def run(self, ready: Callable[[str | None], None]) -> int:
         cfg = self.cfg
+        before = fuse_replies.fuse_fds()
         try:
             pyfuse3.init(self.ops, cfg.mountpoint, fuse_options(cfg))
         except RuntimeError as exc:
             self.store.close()
             ready(f"cannot mount {cfg.mountpoint}: {exc}")
             return 1
+        # A reply refused at unmount is logged as what it is (cowfs.fuse_replies).
+        fuse_replies.install(before)
         private.write_file(pid_file(cfg.store), f"{os.getpid()}\n")
         entry = mounts.entry_at(cfg.mountpoint)
         if entry is not None and entry.fstype == "fuse.cowfs":
@@ -575,6 +578,7 @@ class Daemon:
         finally:
             # After a failure the mount is still there: take it away rather than leave it dead.
             pyfuse3.close(unmount=not clean)
+            fuse_replies.uninstall()
             self.store.close()
             for p in (pid_file(cfg.store), admin.socket_path(cfg.store)):
                 try:

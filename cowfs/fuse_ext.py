@@ -17,7 +17,8 @@ into the session's table: `lseek`, `fallocate` and `statfs`.  libfuse then calls
 STATFS callback replies at once (`fuse_reply_statfs`); LSEEK and FALLOCATE start a trio task
 in the daemon's nursery, which awaits the handler and replies with `fuse_reply_lseek` or
 `fuse_reply_err`.  Exactly one reply per request, always (an error is EIO, a cancellation
-at unmount EINTR).  After installing, the wrappers put pyfuse3's own coroutines back, so
+at unmount EINTR); a reply the kernel refuses is logged by cowfs.fuse_replies, as pyfuse3's
+own are.  After installing, the wrappers put pyfuse3's own coroutines back, so
 no request pays for this afterwards.
 
 The layout is libfuse 3.14's `lib/fuse_i.h`, checked against the installed library's
@@ -47,6 +48,8 @@ from typing import Any, Awaitable, Callable
 
 import pyfuse3
 import trio
+
+from cowfs import fuse_replies
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,8 @@ def _libfuse() -> ctypes.CDLL | None:
     lib.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.fuse_reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.fuse_reply_statfs.argtypes = [ctypes.c_void_p, ctypes.POINTER(Statvfs)]
+    for reply in (lib.fuse_reply_err, lib.fuse_reply_lseek, lib.fuse_reply_statfs):
+        reply.restype = ctypes.c_int  # 0, or -errno when the kernel refuses the reply
     return lib
 
 
@@ -244,10 +249,19 @@ class Extensions:
     def _on_statfs(self, req: int, ino: int) -> None:
         try:
             st = Statvfs(**self._statfs(ino))
-            self._lib.fuse_reply_statfs(req, ctypes.byref(st))
         except BaseException:  # noqa: BLE001 - a reply is owed whatever happened
             log.exception("statfs failed")
-            self._lib.fuse_reply_err(req, errno.EIO)
+            self._reply_err("statfs", req, errno.EIO)
+            return
+        self._check("statfs", self._lib.fuse_reply_statfs(req, ctypes.byref(st)))
+
+    @staticmethod
+    def _check(what: str, ret: int) -> None:
+        if ret < 0:  # the kernel refused the reply (see cowfs.fuse_replies)
+            fuse_replies.failed(what, -ret)
+
+    def _reply_err(self, what: str, req: int, err: int) -> None:
+        self._check(what, self._lib.fuse_reply_err(req, err))
 
     def _spawn(self, req: int, handler: Callable[..., Awaitable[Any]], *args: Any) -> None:
         try:
@@ -256,23 +270,24 @@ class Extensions:
             self.nursery.start_soon(self._serve, req, handler, args)
         except BaseException:  # noqa: BLE001
             log.exception("%s could not be started", handler.__name__)
-            self._lib.fuse_reply_err(req, errno.EIO)
+            self._reply_err(handler.__name__, req, errno.EIO)
 
     async def _serve(self, req: int, handler: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
         err = errno.EIO
+        name = handler.__name__
         try:
             result = await handler(*args)
         except pyfuse3.FUSEError as exc:
             err = exc.errno
         except trio.Cancelled:
-            self._lib.fuse_reply_err(req, errno.EINTR)
+            self._reply_err(name, req, errno.EINTR)
             raise
         except Exception:
-            log.exception("%s failed", handler.__name__)
+            log.exception("%s failed", name)
         else:
             if handler is self._lseek:
-                self._lib.fuse_reply_lseek(req, result)
+                self._check(name, self._lib.fuse_reply_lseek(req, result))
             else:
-                self._lib.fuse_reply_err(req, 0)
+                self._reply_err(name, req, 0)
             return
-        self._lib.fuse_reply_err(req, err)
+        self._reply_err(name, req, err)
