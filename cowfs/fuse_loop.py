@@ -72,7 +72,8 @@ class Waiter:
         self.ready = 0  # the next request was already queued
         self.spun = 0  # ... arrived while spinning
         self.parked = 0  # waited in trio
-        self.spin_miss_ns = 0  # time spent in spins that found nothing
+        self.missed = 0  # spins that found nothing
+        self.spin_miss_ns = 0  # time spent in them
         self.locks: list[ReadLock] = []
 
     def new_lock(self) -> ReadLock:
@@ -81,7 +82,7 @@ class Waiter:
 
     def figures(self) -> dict[str, Any]:
         return {"spin_us": self.spin_ns // 1000, "ready": self.ready, "spun": self.spun,
-                "parked": self.parked, "spin_missed_ms": round(self.spin_miss_ns / 1e6, 1),
+                "parked": self.parked, "spin_misses": self.missed, "spin_missed_ms": round(self.spin_miss_ns / 1e6, 1),
                 "reader_parks": sum(lock.parks for lock in self.locks)}
 
     async def wait_readable(self, fd: int) -> None:
@@ -105,6 +106,7 @@ class Waiter:
                         self._score = min(self._score + 1, SCORE_MAX)
                         return
                     now = time.perf_counter_ns()
+                self.missed += 1
                 self.spin_miss_ns += now - t0
                 self._score -= SCORE_MISS
         self.parked += 1
