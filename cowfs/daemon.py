@@ -24,17 +24,17 @@ import pyfuse3
 import trio
 
 from cowfs import admin, dircache, faults, fuse_ext, fuse_loop, fuse_replies, mount_options, mounts, notify, private
+from cowfs.background.dedup import DedupWorker
+from cowfs.background.gc import collect_when_wanted, run_gc, sweep_packs
+from cowfs.background.sharing import Sharer
+from cowfs.background.supervise import Supervisor
+from cowfs.background.warming import Warmer
 from cowfs.errors import FSError, MountError, StoreError
-from cowfs.fs.branching import run_gc, sweep_packs
-from cowfs.fs.dedup import DedupWorker
 from cowfs.fs.filesystem import Filesystem
-from cowfs.fs.sharing import Sharer
 from cowfs.fs.view import View
 from cowfs.fuse_ops import Operations
 from cowfs.mounts import daemon_pid, pid_file
 from cowfs.store import Store
-from cowfs.supervise import Supervisor
-from cowfs.warming import Warmer
 
 log = logging.getLogger("cowfs.daemon")
 LOG_NAME = "daemon.log"
@@ -55,13 +55,13 @@ class MountConfig:
     prefetch: bool = True
     prefetch_learn: bool = True
     dir_cache: bool = True  # the kernel caches directory listings (cowfs.dircache) and absent names
-    warm: bool = True  # list a branch's learned cold-start directories at its first touch (cowfs.warming)
+    warm: bool = True  # list a branch's learned cold-start directories at its first touch (cowfs.background.warming)
     ctl_group: int | None = None
     quota_bytes: int | None = None
     quota_inodes: int | None = None
     dedup: bool = True
     dedup_cpu: float = 0.25
-    share: bool = True  # the sharer (cowfs.fs.sharing) runs; with dedup off it does not either
+    share: bool = True  # the sharer (cowfs.background.sharing) runs; with dedup off it does not either
     spin_us: int = 50  # cowfs.fuse_loop: poll the FUSE fd this long before parking (0: pyfuse3's own wait)
     fuse_ext: bool = True  # cowfs.fuse_ext: SEEK_DATA/SEEK_HOLE, fallocate, statfs per branch
     given: set[str] = field(default_factory=set)  # the daemon-wide options above set explicitly (mount_options.apply)
@@ -431,9 +431,6 @@ class Daemon:
         if cmd == "progress":  # asked on a second connection while a gc or dedup --wait runs
             return {"ok": True, "gc": self.gc_progress, "background_queue": self.store.objects.space.queue}
         if cmd == "gc":
-            async with self.fs.lock:
-                await self.fs._flush_locked()
-
             def note(n: int, stage: str = "metadata versions removed") -> None:
                 self.gc_progress = {"stage": stage, "done": n}
 
@@ -498,19 +495,6 @@ class Daemon:
             notify.notify("WATCHDOG=1")
             await trio.sleep(interval)
 
-    async def _gc_loop(self) -> None:
-        while True:
-            await self.fs.gc_wanted.wait()
-            self.fs.gc_wanted = trio.Event()
-            await trio.sleep(0.5)  # let a burst of deletes settle into one pass
-            try:
-                faults.point("gc")
-                n = await run_gc(self.fs)
-            except Exception:
-                self.fs.gc_wanted.set()  # the pass is still owed: the supervisor restarts us
-                raise
-            log.info("garbage collection removed %d metadata versions", n)
-
     def _prefetch_stopped(self) -> None:
         self.fs.fetcher = None  # reads stop queueing work nobody takes
 
@@ -522,7 +506,7 @@ class Daemon:
 
     async def main(self, ready: Callable[[str | None], None]) -> None:
         async with trio.open_nursery() as nursery:
-            # Background work under supervision (cowfs.supervise): its errors never reach this
+            # Background work under supervision (cowfs.background.supervise): its errors never reach this
             # nursery, which pyfuse3's request loop shares.
             sup = self.supervisor
             sock, owner = admin.socket_path(self.cfg.store), os.stat(self.cfg.store).st_uid
@@ -532,7 +516,7 @@ class Daemon:
             sup.start(nursery, "kernel_syncer", self.ops.kernel_syncer)
             sup.start(nursery, "signals", self._watch_signals)
             sup.start(nursery, "readahead_tuning", self._tune_readahead, speculative=True)
-            sup.start(nursery, "gc", self._gc_loop)
+            sup.start(nursery, "gc", lambda: collect_when_wanted(self.fs))
             sup.start(nursery, "dedup", self.dedup.run)
             sup.start(nursery, "sharer", self.sharer.run)
             sup.start(nursery, "watchdog", self._watchdog)

@@ -32,7 +32,7 @@ from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.node import Node
 from cowfs.fs.view import EPOCHS, View
 from cowfs.store import ROOT_INO
-from cowfs.warming import Warmer
+from cowfs.background.warming import Warmer
 
 log = logging.getLogger(__name__)
 trace = logging.getLogger("cowfs.requests")

@@ -66,7 +66,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def warmer_pid_file(store: str) -> str:
-    """Holds the pid of the daemon's cold-start helper (cowfs.warming) while it runs."""
+    """Holds the pid of the daemon's cold-start helper (cowfs.background.warming) while it runs."""
     return os.path.join(store, "warmer.pid")
 
 

@@ -27,7 +27,7 @@ def gc(path: str, progress: Progress | None = None) -> dict[str, Any]:
     """Garbage collection, pack sweep and compaction, as the daemon's `gc` does them."""
     import trio
 
-    from cowfs.fs.branching import run_gc, sweep_packs
+    from cowfs.background.gc import run_gc, sweep_packs
     from cowfs.fs.filesystem import Filesystem
 
     report = progress or (lambda stage, done, total: None)
@@ -53,9 +53,9 @@ def dedup(path: str, wait: bool, timeout: float, progress: Progress | None = Non
     queue at full speed, then sharing of copied trees) and return once done."""
     import trio
 
-    from cowfs.fs.dedup import DedupWorker
+    from cowfs.background.dedup import DedupWorker
     from cowfs.fs.filesystem import Filesystem
-    from cowfs.fs.sharing import Sharer
+    from cowfs.background.sharing import Sharer
 
     report = progress or (lambda stage, done, total: None)
     store = Store(os.path.abspath(path))

@@ -27,7 +27,7 @@ Parts:
            the mount.  precision = prefetched chunks later read / prefetched chunks; recall = chunk
            reads served by prefetched chunks / chunk reads (readahead and learned separately and
            together); speedup = median wall time off / median wall time on.  Cold-start warming
-           (cowfs.warming) is scored apart: directories its helper listed, how many of them the
+           (cowfs.background.warming) is scored apart: directories its helper listed, how many of them the
            workload listed afterwards, and how many the workload listed.  Each round also times
            prefetch on without warming (warm=0: chunk prefetch alone, chunks_only_speedup) and
            prefetch off with the store's files read back into the OS page cache: how much of

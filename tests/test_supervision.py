@@ -1,4 +1,4 @@
-"""An error in background work never takes the mount down (cowfs/supervise.py).
+"""An error in background work never takes the mount down (cowfs/background/supervise.py).
 
 Each background task meets an injected EIO (the COWFS_FAULTS test hook, cowfs/faults.py)
 on a real mount: the mount keeps serving reads and writes, the stats count the failure for

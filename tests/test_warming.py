@@ -1,4 +1,4 @@
-"""Learned cold-start warming (issue #5, cowfs.warming): the directories a mount's clients
+"""Learned cold-start warming (issue #5, cowfs.background.warming): the directories a mount's clients
 touch first are learned per branch, listed by a helper at the next mount's first touch, and
 then answered by the kernel without requests; `cowfs umount` ends a running helper."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import zlib
 import pytest
 
 from cowfs.cache.learned import MAX_MISSED, WARM_WINDOW, OpenModel
-from cowfs.warming import CHILD
+from cowfs.background.warming import CHILD
 from test_branching import forks, ok, stats  # noqa: F401
 from test_cache import _wait
 

@@ -12,7 +12,7 @@ only predictions.  A branch without a model of its own starts from its parent br
 
 The model also keeps a branch's *cold start*: the directories clients touched (listed, or
 looked a name up in) in the first WARM_WINDOW seconds of a mount, in first-touch order.  At the
-next mount's first touch, cowfs.warming lists them from a helper process so that the kernel
+next mount's first touch, cowfs.background.warming lists them from a helper process so that the kernel
 caches their entries before the clients ask (what `git status` or `import django` need first).
 A directory stays in the list until MAX_MISSED mounts in a row went without touching it.
 """

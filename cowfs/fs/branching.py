@@ -13,16 +13,14 @@ import posixpath
 import stat
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
-import trio
 
 from cowfs.errors import FSError
 from cowfs.fs.authz import Mounted, Owners, absent
 from cowfs.fs.filesystem import Filesystem, Mutation, join_path
 from cowfs.fs.node import Node
 from cowfs.fs.view import View
-from cowfs.meta import gc
 from cowfs.meta.layers import Branch, Snapshot, Usage
 from cowfs.meta.records import Attrs
 from cowfs.meta import links
@@ -453,32 +451,3 @@ def _kind(mode: int) -> str:
     if stat.S_ISREG(mode):
         return "file"
     return "special"
-
-
-async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None) -> int:
-    """One full garbage-collection pass, in chunks, yielding to other work between them;
-    progress(versions removed so far) after each chunk."""
-    removed = 0
-    async with fs.maintenance:
-        async with fs.lock:
-            await fs._flush_locked()
-            tops = fs.live_tops()
-            dead, batch, txn = gc.dead_ranges(fs.store.meta, fs.store.catalog, tops)
-            if dead:
-                fs.store.commit(batch, txn)
-                fs.store.meta.shared.committed(removed=dead)
-            chunks = list(gc.collect(fs.store.meta, fs.store.catalog, tops))
-        for batch, txn, n in chunks:
-            async with fs.lock:
-                fs.store.commit(batch, txn)
-            removed += n
-            if progress is not None:
-                progress(removed)
-            await trio.sleep(0)
-    return removed
-
-
-async def sweep_packs(fs: Filesystem) -> int:
-    """Give back pack space nothing points at; under the lock, so no flush appends meanwhile."""
-    async with fs.lock:
-        return await fs.store.in_thread(fs.store.sweep_packs)

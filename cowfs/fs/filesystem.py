@@ -14,7 +14,8 @@ import logging
 import os
 import stat
 import time
-from typing import Awaitable, Callable, Iterable, NamedTuple, NoReturn
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Awaitable, Callable, Iterable, NamedTuple, NoReturn
 
 import trio
 
@@ -1224,6 +1225,17 @@ class Filesystem:
                 await self._flush_locked()
             finally:
                 self.lock.release()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold the lock with every acknowledged write committed: for work that reads the
+        store as committed and must not race a commit (garbage collection, the sharer)."""
+        await self.acquire_lock()
+        try:
+            await self._flush_locked()
+            yield
+        finally:
+            self.lock.release()
 
     async def acquire_lock(self) -> None:
         """Take `lock`; a free one without a checkpoint (trio's acquire always yields), so a

@@ -3,7 +3,7 @@
 `cp -a` of a tree stores every file's data once (chunks are content-addressed), but each
 copied inode still costs an inode record, a directory entry and their changelog keys:
 about 65 bytes per inode on disk, whose 32-byte content hashes do not compress.  When the
-background sharer (cowfs.fs.sharing) finds that a tree Y is an exact copy of a tree X, it
+background sharer (cowfs.background.sharing) finds that a tree Y is an exact copy of a tree X, it
 deletes Y's inode records and entries and writes one *range* instead: "copy inode y reads
 as source inode x, seen from layer P", for every pair, where P is a frozen layer (the
 branch head of the time, frozen as a snapshot's would be) that keeps X as it was.  Y keeps

@@ -1,6 +1,6 @@
 """The warming helper: list each directory named on stdin (NUL-terminated paths in the mount).
 
-Run by cowfs.warming as `python -I -S warm_child.py ROOT`, so it imports nothing but the
+Run by cowfs.background.warming as `python -I -S warm_child.py ROOT`, so it imports nothing but the
 standard library.  A listing through the mount is a READDIRPLUS: the kernel caches the
 directory's pages and every entry's dentry and attributes, so a client that lists the
 directory or stats a name in it afterwards is answered without a request.  It runs in a

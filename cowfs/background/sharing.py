@@ -197,8 +197,7 @@ class Sharer:
             for y, x in pairs:
                 if self._inside(w, y, copies) or self._inside(w, y, originals) or self._inside(w, x, copies):
                     continue
-                async with fs.lock:
-                    await fs._flush_locked()
+                async with fs.exclusive():
                     t1 = time.perf_counter()
                     ok = self._share(view, y, x)
                     self.share_s = max(self.share_s, time.perf_counter() - t1)

@@ -4,7 +4,7 @@ A cold start after a mount (`import django`, `git status`, a compiler probing in
 is bound by FUSE requests, not by loading content: every directory it lists and every name it
 stats is a round trip through the daemon while the client waits.  The learned model
 (cowfs.cache.learned) keeps, per branch, the directories clients touched in a mount's first
-seconds.  At the first touch after the next mount, a helper process (cowfs/warm_child.py)
+seconds.  At the first touch after the next mount, a helper process (cowfs/background/warm_child.py)
 lists them in that order.  Its READDIRPLUS replies fill the kernel's dentry, attribute and
 (FOPEN_CACHE_DIR, cowfs.dircache) listing caches, so the client's own lstats and listings are
 answered by the kernel while the helper runs ahead of it on the other core.
