@@ -108,7 +108,7 @@ def run_cowfs(*args, timeout: float = 60, check: bool = True, **kw) -> subproces
 # drops to the user and runs it.
 _AS_USER = """
 import importlib, os, sys
-for m in ("cowfs.cli", "cowfs.cli_ops", "cowfs.api", "cowfs.admin", "cowfs.mounts", "cowfs.store",
+for m in ("cowfs.cli", "cowfs.api", "cowfs.admin", "cowfs.mounts", "cowfs.store",
           "cowfs.daemon", "cowfs.mount_helper", "cowfs.fs.authz", "concurrent.futures", "concurrent.futures.thread",
           "shlex", "socket", "tempfile", "hashlib", "encodings.idna", "json.decoder"):
     importlib.import_module(m)

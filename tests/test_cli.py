@@ -90,12 +90,13 @@ def test_ctl_refusal_names_the_ctl_group(mount_factory):
 
 
 def test_unexpected_errors_are_one_line_unless_debug(monkeypatch):
-    from cowfs import cli, cliutil
+    from cowfs import cli
+    from cowfs.cli import maintenance
 
     def boom(target):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(cliutil, "store_stats", boom)
+    monkeypatch.setattr(maintenance, "store_stats", boom)
     r = CliRunner().invoke(cli.main, ["stats", "/nowhere"])
     assert r.exit_code == 1
     assert r.stderr == "cowfs: internal error: RuntimeError: disk on fire (cowfs --debug shows the traceback)\n"
@@ -171,7 +172,7 @@ def test_every_data_command_has_json():
 
 
 def test_human_output_formats():
-    from cowfs import report
+    from cowfs.cli import report
 
     listing = {"snapshots": [{"name": "s", "kind": "snapshot", "parent": "main", "created": 1.7e9,
                               "logical_bytes": 3 << 30, "inodes": 12345}],
@@ -405,7 +406,7 @@ NOT_UTF8 = os.fsdecode(b"bad\xff")
 
 
 def test_names_are_quoted_as_git_quotes_them(tmp_path):
-    from cowfs.textfmt import quote_path
+    from cowfs.cli.textfmt import quote_path
 
     names = [ODD, NOT_UTF8, "plain.txt", "sp ace", "tab\there", "ü"]
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)

@@ -1,4 +1,5 @@
-"""cowfs status / log / run / import / export (cowfs/cli_ops.py), on real mounts."""
+"""cowfs status / log / run / import / export (cowfs/cli/status.py, history.py, run.py, transfer.py),
+on real mounts."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import mounting
-from cowfs.cli_ops import build_history, render_graph
+from cowfs.cli.history import build_history, render_graph
 
 COWFS = mounting.cowfs_command()
 NS = 10**9

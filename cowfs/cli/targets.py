@@ -11,10 +11,11 @@ import os
 import posixpath
 from dataclasses import dataclass
 
+from cowfs.cli.errors import CliError
 from cowfs.mounts import MountEntry, mount_table
 
 
-class TargetError(ValueError):
+class TargetError(CliError):
     """The path is not where the command needs it; the message says why."""
 
 
@@ -55,13 +56,38 @@ def mount_of(path: str) -> Place:
     """The mount a command is about, from any path inside it."""
     p = place(path)
     if p is None:
-        from cowfs.offline import is_store
-
-        if is_store(os.path.abspath(path)):
+        if is_store(path):
             raise TargetError(f"{path} is a store, not a mount: this command works inside a mount "
                               f"(mount it with cowfs mount {path} MOUNTPOINT)")
         raise TargetError(f"{path} is not inside a cowfs mount")
     return p
+
+
+def store_of(target: str) -> str:
+    """The store behind the mount holding target (any path inside it), or the target itself
+    (a store directory)."""
+    found = place(target)
+    return found.store if found is not None else os.path.abspath(target)
+
+
+def mountpoint_of(target: str) -> str | None:
+    """The mount point of the cowfs mount holding target, or None."""
+    found = place(target)
+    return found.mountpoint if found is not None else None
+
+
+def is_store(target: str) -> bool:
+    """target is (or, unreadable to us, may be) a store directory."""
+    from cowfs.offline import is_store as looks_like_store
+
+    return looks_like_store(os.path.abspath(target))
+
+
+def store_dir(target: str) -> str:
+    """target as a store directory, for a command that opens the store itself."""
+    if not is_store(target):
+        raise TargetError(f"{target} is neither a cowfs mount nor a store")
+    return os.path.abspath(target)
 
 
 def in_mount(mount: Place, path: str, cwd: str | None = None) -> str:

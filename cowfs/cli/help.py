@@ -2,7 +2,9 @@
 plus topics that belong to no single command, and all of it as a man page (roff).
 
 Nothing here is written twice: a command's text is click's own help for it, the mount
-options come from cowfs.mount_options, the control-file commands from cowfs.protocol.
+options come from cowfs.mount_options, the control-file commands from cowfs.protocol.  The
+group is the one the help command was invoked from (click's root), so this module does
+not import cowfs.cli.main, which registers it.
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from typing import Callable
 import click
 
 from cowfs import __version__, mount_options, protocol
-from cowfs.cli import EXIT_CODES, _fail, main
-from cowfs.cliutil import FSCK_CODES
+from cowfs.cli.errors import EXIT_CODES, CliError
+from cowfs.cli.maintenance import FSCK_CODES
 
 
 def _control_file() -> list[str]:
@@ -59,7 +61,14 @@ TOPICS: dict[str, tuple[str, Callable[[], list[str]]]] = {
 }
 
 
-def command_help(name: str) -> str:
+def _group() -> click.Group:
+    """The `cowfs` group this command runs under."""
+    group = click.get_current_context().find_root().command
+    assert isinstance(group, click.Group)
+    return group
+
+
+def command_help(main: click.Group, name: str) -> str:
     """Exactly what `cowfs NAME --help` prints."""
     cmd = main.commands[name]
     with click.Context(main, info_name="cowfs", **main.context_settings) as parent:
@@ -67,7 +76,7 @@ def command_help(name: str) -> str:
             return cmd.get_help(ctx)
 
 
-def group_help() -> str:
+def group_help(main: click.Group) -> str:
     with click.Context(main, info_name="cowfs", **main.context_settings) as ctx:
         return main.get_help(ctx)
 
@@ -83,41 +92,46 @@ def _roff(text: str) -> str:
     return "\n".join(out)
 
 
-def man_page() -> str:
+def man_page(main: click.Group) -> str:
     """cowfs(1): the group's help, every command's help and every topic."""
     parts = [f'.TH COWFS 1 "" "cowfs {__version__}" "User Commands"',
              ".SH NAME", "cowfs \\- copy-on-write sandbox filesystems with snapshots, branches and O(1) clones",
              ".SH SYNOPSIS", ".B cowfs", "[\\-\\-debug] COMMAND [ARGS]...",
-             ".SH DESCRIPTION", ".nf", _roff(group_help()), ".fi", ".SH COMMANDS"]
+             ".SH DESCRIPTION", ".nf", _roff(group_help(main)), ".fi", ".SH COMMANDS"]
     for name in sorted(main.commands):
-        parts += [f".SS {name}", ".nf", _roff(command_help(name)), ".fi"]
+        parts += [f".SS {name}", ".nf", _roff(command_help(main, name)), ".fi"]
     for topic, (summary, lines) in TOPICS.items():
         parts += [f".SH {topic.upper().replace('-', ' ')}", ".nf", _roff("\n".join(lines())), ".fi"]
     return "\n".join(parts) + "\n"
 
 
-@main.command(name="help")
-@click.argument("topic", required=False, shell_complete=lambda ctx, param, incomplete: [
-    t for t in sorted(main.commands) + sorted(TOPICS) if t.startswith(incomplete)])
+def _complete_topics(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    commands = getattr(ctx.find_root().command, "commands", {})
+    return [t for t in sorted(commands) + sorted(TOPICS) if t.startswith(incomplete)]
+
+
+@click.command(name="help")
+@click.argument("topic", required=False, shell_complete=_complete_topics)
 @click.option("--man", is_flag=True, help="Print everything as a man page (cowfs help --man | man -l -).")
 def help_(topic: str | None, man: bool) -> None:
     """Help on a command or a topic; without TOPIC, the commands and topics.
 
     Topics: mount-options, control-file, exit-codes, completion.
     """
+    main = _group()
     if man:
-        sys.stdout.write(man_page())
+        sys.stdout.write(man_page(main))
         return
     if topic is None:
-        click.echo(group_help())
+        click.echo(group_help(main))
         click.echo("\nTopics (cowfs help TOPIC):")
         for name, (summary, _lines) in TOPICS.items():
             click.echo(f"  {name:<15}{summary}")
         return
     if topic in main.commands:
-        click.echo(command_help(topic))
+        click.echo(command_help(main, topic))
     elif topic in TOPICS:
         click.echo("\n".join(TOPICS[topic][1]()))
     else:
-        _fail(f"no help topic {topic!r}; commands: {', '.join(sorted(main.commands))}; "
-              f"topics: {', '.join(TOPICS)}", code=2)
+        raise CliError(f"no help topic {topic!r}; commands: {', '.join(sorted(main.commands))}; "
+                       f"topics: {', '.join(TOPICS)}", code=2)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cowfs.textfmt import count, duration, human, percent, quote_path, table, when
+from cowfs.cli.textfmt import count, duration, human, percent, quote_path, table, when
 
 MARKS = {"added": "+", "removed": "-", "modified": "M", "renamed": "R"}
 

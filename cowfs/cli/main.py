@@ -1,0 +1,143 @@
+"""The `cowfs` command: the click group, the commands that make and end mounts (init,
+mount, umount), and every other command from the module of its concern:
+
+    control      snapshot, branch, rollback, clone, delete, list, diff
+    maintenance  stats, gc, dedup, fsck
+    status       status              history   log
+    run          run                 transfer  import, export
+    help         help (and the man page)
+
+Commands are thin: parse, call, print.  Every failure is one clear message on stderr (what
+was refused and who may do it) and a non-zero exit status; a traceback only with
+`cowfs --debug` (or COWFS_DEBUG=1).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from cowfs import __version__, mount_options
+from cowfs.cli import control, history, maintenance, run, status, transfer
+from cowfs.cli.errors import EXIT_CODES, CliError, describe
+from cowfs.cli.help import help_
+from cowfs.cli.params import complete_mounts
+from cowfs.errors import MountError, StoreError
+
+
+def _debug() -> bool:
+    ctx = click.get_current_context(silent=True)
+    root = ctx.find_root() if ctx is not None else None
+    return bool(os.environ.get("COWFS_DEBUG")) or bool(root is not None and (root.obj or {}).get("debug"))
+
+
+class CowfsGroup(click.Group):
+    """Turns whatever a command did not catch into one line on stderr and an exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except CliError as exc:
+            click.echo(f"cowfs: {exc}", err=True)
+            sys.exit(exc.code)
+        except BrokenPipeError:
+            sys.stderr.close()  # `cowfs ... | head`: the reader left; nothing to say
+            sys.exit(1)
+        except Exception as exc:  # noqa: BLE001 - the point: no traceback without --debug
+            if _debug():
+                traceback.print_exc()
+            else:
+                click.echo(f"cowfs: {describe(exc)} (cowfs --debug shows the traceback)", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=CowfsGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
+@click.version_option(__version__, "--version", "-V", prog_name="cowfs", message="%(prog)s %(version)s")
+@click.option("--debug", is_flag=True, help="Show a traceback when a command fails unexpectedly (also COWFS_DEBUG=1).")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """cowfs: copy-on-write sandbox filesystems with snapshots, branches and O(1) clones.
+
+    MOUNT (and TARGET) is any path inside a cowfs mount, relative to the current directory;
+    a TARGET may also be a store directory.
+
+    `cowfs help TOPIC` explains a command or a topic (mount-options, control-file,
+    exit-codes, completion); `cowfs help --man` prints all of it as a man page.
+    """
+    ctx.obj = {"debug": debug}
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+def init(store: str) -> None:
+    """Create a new, empty store directory STORE (with one branch, 'main')."""
+    from cowfs.store import init_store
+
+    try:
+        init_store(store)
+    except StoreError as exc:
+        raise CliError(str(exc)) from None
+    click.echo(f"created store {os.path.abspath(store)} (branch main)")
+
+
+@main.command(epilog="\b\nMount options (-o NAME or -o NAME=VALUE, repeatable or comma-separated):\n"
+              + "\n".join(mount_options.help_lines()))
+@click.argument("store", type=click.Path())
+@click.argument("mountpoint", metavar="MOUNTPOINT", shell_complete=complete_mounts)
+@click.option("--branch", default="main", show_default=True, help="Branch to mount.")
+@click.option("--foreground", "-f", is_flag=True, help="Stay attached (for systemd); exit when unmounted.")
+@click.option("-o", "options", multiple=True, metavar="OPTION", help="Mount option (listed below).")
+@click.option("--debug", is_flag=True, help="The daemon logs every operation (STORE/daemon.log).")
+def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: tuple[str, ...], debug: bool) -> None:
+    """Mount branch BRANCH of STORE at MOUNTPOINT; returns once the mount is ready."""
+    from cowfs import daemon
+
+    cfg = daemon.MountConfig(store, mountpoint, branch, debug=debug)
+    for o in mount_options.split(options):
+        try:
+            mount_options.apply(cfg, o)
+        except mount_options.OptionError as exc:
+            raise CliError(str(exc)) from None
+    try:
+        code = daemon.mount(cfg, foreground)
+    except MountError as exc:
+        raise CliError(str(exc)) from None
+    if code:
+        sys.exit(code)
+    if not foreground:
+        click.echo(f"mounted branch {branch} of {cfg.store} at {cfg.mountpoint}")
+        click.echo(f"unmount with: cowfs umount {cfg.mountpoint}")
+
+
+@main.command()
+@click.argument("mountpoint", metavar="MOUNTPOINT", shell_complete=complete_mounts)
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for the daemon to exit.")
+@click.option("--force", is_flag=True,
+              help="Only for a daemon that does not answer: abort its FUSE connection (every mount of its store) "
+                   "and kill it (root only). As in a crash, writes not yet fsynced may be lost.")
+def umount(mountpoint: str, timeout: float, force: bool) -> None:
+    """Flush everything, unmount MOUNTPOINT and wait for its daemon to exit.
+
+    A mount that processes still use is left alone, and they are named.  The mount of a
+    daemon that died (killed, crashed) is cleared, even when processes hang in it: its
+    FUSE connection is aborted.  Only root and the user who mounted it may unmount it.
+    """
+    from cowfs import mounts
+
+    try:
+        click.echo(mounts.umount(mountpoint, timeout, force))
+    except MountError as exc:
+        raise CliError(str(exc)) from None
+
+
+for _command in (*control.COMMANDS, *maintenance.COMMANDS, status.status, history.log, run.run,
+                 *transfer.COMMANDS, help_):
+    main.add_command(_command)
+
+if __name__ == "__main__":
+    main()

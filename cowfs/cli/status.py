@@ -1,0 +1,153 @@
+"""cowfs status: every mounted store with its mount points, branches, daemon and figures.
+
+Decided from the mount table; each mount is probed through its control file and each
+daemon asked for its figures, in parallel and each with a time limit, so that one hung
+mount shows as an error on its line instead of hanging the command.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import click
+
+from cowfs.cli.admin import PROBE_TIMEOUT, branch_here
+from cowfs.cli.textfmt import duration, human
+from cowfs.mounts import MountEntry, cowfs_mounts
+
+
+def _daemon_stats(store: str, mountpoint: str | None) -> dict[str, Any]:
+    """The daemon's figures: admin socket (root), else the mount's world-readable .cowfs/stats."""
+    from cowfs import admin, api
+
+    try:
+        return admin.request(store, {"cmd": "stats"}, timeout=PROBE_TIMEOUT)  # type: ignore[no-any-return]
+    except (OSError, ValueError) as first:
+        if mountpoint is None:
+            raise
+        try:
+            return api.stats(mountpoint, PROBE_TIMEOUT)
+        except (OSError, ValueError, api.NotResponding):
+            raise first from None
+
+
+def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
+    """One record per mounted store (restricted to stores named, or stores behind mount points
+    named, in ONLY).  Mounts are probed in parallel, each with a time limit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cowfs import api
+    from cowfs.cli.targets import store_of
+    from cowfs.mounts import daemon_pid
+
+    wanted = None if not only else {store_of(t) for t in only}  # any path inside a mount stands for its store
+    stores: dict[str, list[MountEntry]] = {}
+    for e in cowfs_mounts():
+        if wanted is None or e.store in wanted:
+            stores.setdefault(e.store, []).append(e)
+
+    def probe_mount(e: MountEntry, alive: bool) -> dict[str, Any]:
+        m: dict[str, Any] = {"mountpoint": e.mountpoint, "bind": e.root != "/",
+                             "options": [o for o in e.options if o in ("ro", "allow_other", "suid", "dev", "noexec")]}
+        if not alive:
+            m["branch"] = None
+            m["error"] = "daemon gone (stale mount: cowfs umount it)"
+            return m
+        try:
+            m["branch"] = branch_here(e.mountpoint)
+        except api.NotResponding as exc:
+            m["branch"] = None
+            m["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            m["branch"] = None
+            m["error"] = str(exc) or type(exc).__name__
+        return m
+
+    def probe_store(store: str, entries: list[MountEntry]) -> dict[str, Any]:
+        pid = daemon_pid(store)
+        # A store private to another user (cowfs.private) hides its daemon's pid: its mounts answer.
+        alive = pid is not None or not os.access(store, os.X_OK)
+        rec: dict[str, Any] = {"store": store, "daemon_pid": pid, "alive": alive}
+        rec["mounts"] = [probe_mount(e, alive)
+                         for e in sorted(entries, key=lambda e: (e.root != "/", e.mountpoint))]
+        if alive:
+            first = next((m["mountpoint"] for m in rec["mounts"] if not m["bind"]), None)
+            try:
+                stats = _daemon_stats(store, first)
+                rec["stats"] = stats
+                if rec["mounts"] and not rec["mounts"][0]["bind"] and rec["mounts"][0]["branch"] is None:
+                    rec["mounts"][0]["branch"] = stats.get("branch")
+            except Exception as exc:  # noqa: BLE001
+                rec["stats_error"] = str(exc) or type(exc).__name__
+        return rec
+
+    if not stores:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(stores))) as pool:
+        return list(pool.map(lambda item: probe_store(*item), sorted(stores.items())))
+
+
+def status_lines(rec: dict[str, Any]) -> list[str]:
+    """One store's record as lines for a terminal (styled; click drops the styles elsewhere)."""
+    out = []
+    st = rec.get("stats") or {}
+    if rec["alive"]:
+        head = f"daemon pid {rec['daemon_pid']}" if rec["daemon_pid"] else "daemon of another user"
+        if st:
+            head += f", up {duration(st.get('uptime_s', 0))}, rss {human(st.get('rss_bytes', 0))}"
+    else:
+        head = click.style("no daemon", fg="red")
+    out.append(f"{click.style(rec['store'], bold=True)}  ({head})")
+    width = max(len(m["mountpoint"]) for m in rec["mounts"])
+    for m in rec["mounts"]:
+        branch = m["branch"] or "?"
+        notes = (["bind"] if m["bind"] else []) + m["options"]
+        line = f"  {m['mountpoint']:<{width}}  {click.style(branch, fg='green')}"
+        if notes:
+            line += f"  ({', '.join(notes)})"
+        if m.get("error"):
+            line += "  " + click.style(m["error"], fg="red")
+        out.append(line)
+    if st:
+        for level, c in (st.get("cache") or {}).items():
+            if level in ("l1", "l2"):
+                out.append(f"  {'cache ' + level:<7} {human(c.get('bytes', 0))} of {human(c.get('max_bytes', 0))}, "
+                           f"{c.get('entries', 0)} entries, {100.0 * c.get('hit_rate', 0):.1f}% hits, "
+                           f"{c.get('evictions', 0)} evictions")
+        unsynced = max(0, st.get("commits", 0) - st.get("syncs_done", 0))
+        out.append(f"  queues  {human(st.get('dirty_bytes', 0))} dirty, {st.get('commits', 0)} commits "
+                   f"({unsynced} since the last disk sync), {st.get('flushes', 0)} flushes, "
+                   f"{sum((st.get('requests') or {}).values())} requests")
+        quota = ""
+        if st.get("quota_bytes") or st.get("quota_inodes"):
+            quota = (f" (quota {human(st['quota_bytes']) if st.get('quota_bytes') else '-'}, "
+                     f"{st.get('quota_inodes') or '-'} inodes)")
+        out.append(f"  usage   {human(st.get('usage_bytes', 0))} logical, "
+                   f"{human(st.get('usage_allocated_bytes', 0))} allocated, {st.get('usage_inodes', 0)} inodes{quota}; "
+                   f"store on disk {human(st.get('disk_bytes', 0))}")
+    elif rec.get("stats_error"):
+        out.append("  " + click.style(f"figures unavailable: {rec['stats_error']}", fg="yellow"))
+    return out
+
+
+@click.command()
+@click.argument("targets", nargs=-1, metavar="[TARGET]...")  # not click.Path (see cowfs.cli.params)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(targets: tuple[str, ...], as_json: bool) -> None:
+    """Mounted stores: mount points, branches, daemon pids, cache and queue figures.
+
+    With TARGETs (stores, or paths inside mounts), only the stores they name.
+    """
+    stores = gather_status(list(targets) or None)
+    if as_json:
+        click.echo(json.dumps({"stores": stores}))
+        return
+    if not stores:
+        click.echo("no cowfs mounts")
+        return
+    for i, rec in enumerate(stores):
+        if i:
+            click.echo()
+        for line in status_lines(rec):
+            click.echo(line)
