@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar, Union
 
 from cowfs import mounts as _mounts
-from cowfs import protocol
+from cowfs.commands import protocol
 
 PathLike = Union[str, "os.PathLike[str]"]
 T = TypeVar("T")

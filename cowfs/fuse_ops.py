@@ -24,10 +24,12 @@ import trio
 
 from cowfs.cache.readahead import Readahead
 from cowfs.chunks.tree import CHUNK
-from cowfs.control import Control, encode
+from cowfs.commands.control import Control, encode
 from cowfs.errors import FSError
-from cowfs.fs.authz import Mounted
-from cowfs.fs.branching import CONTROL_DIR, SNAPSHOTS_DIR, Branching, Caller
+from cowfs.commands.authz import Mounted
+from cowfs.commands.authz import Caller
+from cowfs.commands.branching import Branching
+from cowfs.commands.protocol import CONTROL_DIR
 from cowfs.fs.filesystem import Filesystem
 from cowfs.fs.node import Node
 from cowfs.fs.view import EPOCHS, View
@@ -100,7 +102,7 @@ class Operations(pyfuse3.Operations):
         self.warm = warm  # learns cold starts from lookups and listings, and warms them
         self.ctl_group = ctl_group
         self.branching = Branching(fs, ctl_group)
-        self.branching.invalidate_dir = self._invalidate_dir
+        self.branching.set_invalidate_dir(self._invalidate_dir)
         fs.writers_sync = self._writeback_writers
         self.control = Control(self.branching, self._after_rollback, mounted or (lambda: {}))
         self.stats = stats or (lambda view: {})

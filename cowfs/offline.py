@@ -130,7 +130,7 @@ def _administered(path: str) -> Store:
 
 def listing(path: str) -> dict[str, Any]:
     """Every snapshot and branch of an unmounted store (none is mounted)."""
-    from cowfs.fs.authz import Owners
+    from cowfs.commands.authz import Owners
     from cowfs.meta.layers import Branch, Usage
     from cowfs.meta.versioned import LayerView
 
@@ -156,7 +156,7 @@ def delete(path: str, name: str) -> dict[str, Any]:
 
     from cowfs.cache.learned import model_key
     from cowfs.errors import FSError
-    from cowfs.fs.authz import Owners
+    from cowfs.commands.authz import Owners
     from cowfs.kv.base import Batch
     from cowfs.meta import gc
     from cowfs.meta.layers import CF_META
@@ -195,7 +195,7 @@ def diff(path: str, a: str, b: str) -> dict[str, Any]:
     import trio
 
     from cowfs.errors import FSError
-    from cowfs.fs.branching import Branching
+    from cowfs.commands.branching import Branching
     from cowfs.fs.filesystem import Filesystem
 
     store = _administered(path)

@@ -109,7 +109,7 @@ def run_cowfs(*args, timeout: float = 60, check: bool = True, **kw) -> subproces
 _AS_USER = """
 import importlib, os, sys
 for m in ("cowfs.cli", "cowfs.api", "cowfs.admin", "cowfs.mounts", "cowfs.store",
-          "cowfs.daemon", "cowfs.mount_helper", "cowfs.fs.authz", "concurrent.futures", "concurrent.futures.thread",
+          "cowfs.daemon", "cowfs.mount_helper", "cowfs.commands.authz", "concurrent.futures", "concurrent.futures.thread",
           "shlex", "socket", "tempfile", "hashlib", "encodings.idna", "json.decoder"):
     importlib.import_module(m)
 uid, gid = int(sys.argv[1]), int(sys.argv[2])

@@ -735,6 +735,68 @@ def test_clone_sees_data_not_yet_flushed(cowfs_mount):
     assert read(mp / "hot.copy") == b"A" * 100_000
 
 
+DEEP = 3000
+
+
+def _walk_down(top_fd: int, levels: int) -> int:
+    """An O_RDONLY descriptor of the directory `levels` "d" entries below top_fd (closed)."""
+    fd = top_fd
+    for _ in range(levels):
+        nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    return fd
+
+
+@pytest.mark.timeout(240)
+def test_clone_and_diff_of_a_tree_3000_levels_deep(mount_factory):
+    """Commands walk trees with explicit stacks, not by recursion: clone of a tree 3,000
+    levels deep failed with RecursionError (issue 20), and so did a diff naming a path that
+    deep.  The inode quota makes clone measure the tree first (another walk)."""
+    m = mount_factory(options=("quota_inodes=100000",))
+    mp = m.path
+    os.mkdir(mp / "deep")
+    fd = os.open(mp / "deep", os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(DEEP):
+        os.mkdir("d", dir_fd=fd)
+        nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    try:
+        for name in ("f", "g"):
+            f = os.open(name, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)
+            os.write(f, b"at the bottom\n")
+            os.close(f)
+        os.link("f", "f.link", src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)
+    ok(mp, "snapshot before")
+    fd = _walk_down(os.open(mp / "deep", os.O_RDONLY | os.O_DIRECTORY), DEEP)
+    try:
+        f = os.open("g", os.O_WRONLY | os.O_APPEND, dir_fd=fd)
+        os.write(f, b"changed\n")
+        os.close(f)
+    finally:
+        os.close(fd)
+    bottom = "deep/" + "d/" * DEEP
+    assert _changes(ok(mp, "diff before")) == {("modified", bottom + "g", None, "file")}
+    r = ok(mp, "clone deep deep2", timeout=120)
+    assert r["entries"] == DEEP + 4, r  # deep, DEEP directories, f, g and f's second name
+    fd = _walk_down(os.open(mp / "deep2", os.O_RDONLY | os.O_DIRECTORY), DEEP)
+    try:
+        assert sorted(os.listdir(fd)) == ["f", "f.link", "g"]
+        st = [os.stat(n, dir_fd=fd) for n in ("f", "f.link", "g")]
+        assert st[0].st_ino == st[1].st_ino and st[0].st_nlink == 2 and st[2].st_nlink == 1
+        f = os.open("g", os.O_RDONLY, dir_fd=fd)
+        assert os.read(f, 100) == b"at the bottom\nchanged\n"
+        os.close(f)
+        assert os.stat(".", dir_fd=fd).st_nlink == 2  # the bottom directory has no subdirectory
+    finally:
+        os.close(fd)
+    assert os.stat(mp / "deep2").st_nlink == 3
+    assert stats(mp)["usage_inodes"] == 1 + 2 * (DEEP + 3)  # the root; each tree: DEEP + 1 directories, 2 files
+
+
 # ============================================================================================
 # list, diff, branches
 # ============================================================================================

@@ -259,7 +259,7 @@ def test_mount_help_lists_every_option_the_daemon_parses():
 
 @pytest.mark.timeout(120)
 def test_control_file_help_lists_its_commands(cowfs_mount):
-    from cowfs import protocol
+    from cowfs.commands import protocol
 
     err, out = mounting.ctl_exchange(cowfs_mount.path, b"help\n")
     reply = json.loads(out)
@@ -422,7 +422,7 @@ def test_names_are_quoted_as_git_quotes_them(tmp_path):
 def test_control_lines_carry_every_name():
     from hypothesis import given, settings, strategies as st
 
-    from cowfs import protocol
+    from cowfs.commands import protocol
 
     byte_names = st.binary(min_size=0, max_size=20).filter(lambda b: b"\0" not in b)
 

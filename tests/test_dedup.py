@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import mounting
 from cowfs.chunks import codec, delta
-from cowfs.fs.dedup import QUIET_AFTER
+from cowfs.background.dedup import QUIET_AFTER
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -14,9 +14,10 @@ from typing import Callable
 
 import click
 
-from cowfs import __version__, mount_options, protocol
+from cowfs import __version__, mount_options
 from cowfs.cli.errors import EXIT_CODES, CliError
 from cowfs.cli.maintenance import FSCK_CODES
+from cowfs.commands import protocol
 
 
 def _control_file() -> list[str]:

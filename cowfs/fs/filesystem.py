@@ -432,19 +432,33 @@ class Filesystem:
     def path_of(self, lv: LayerView, ino: int, cache: dict[int, str | None]) -> str | None:
         """Path of inode ino in the layer view ("" for the root; None if it has no name there),
         from the (parent, name) each inode record keeps; cache memoizes the ancestors.  Pure KV
-        reads: safe in a thread."""
-        if ino == ROOT_INO:
-            return ""
-        if ino in cache:
-            return cache[ino]
-        found = self.store.meta.get(CF_INODES, ino_key(ino), lv)
-        path = None
-        if found and found[1]:
+        reads: safe in a thread.  Walks up without recursion (any depth), and a parent chain
+        that loops (a damaged store) has no path."""
+        chain: list[tuple[int, bytes]] = []  # (inode, its name) from ino upwards
+        seen: set[int] = set()
+        cur = ino
+        while True:
+            if cur == ROOT_INO:
+                path: str | None = ""
+                break
+            if cur in cache:
+                path = cache[cur]
+                break
+            found = self.store.meta.get(CF_INODES, ino_key(cur), lv)
+            if not found or not found[1] or cur in seen:
+                path = None
+                chain.append((cur, b""))
+                break
+            seen.add(cur)
             a = Attrs.unpack(found[1])
-            parent = self.path_of(lv, a.parent, cache) if a.parent else None
-            if parent is not None:
-                path = join_path(parent, a.name)
-        cache[ino] = path
+            chain.append((cur, a.name))
+            if not a.parent:
+                path = None
+                break
+            cur = a.parent
+        for node_ino, name in reversed(chain):
+            path = join_path(path, name) if path is not None and name else None
+            cache[node_ino] = path
         return path
 
     def node(self, view: View, ino: int, unlinked_ok: bool = False) -> Node:
@@ -460,6 +474,13 @@ class Filesystem:
         n = Node(view, ino, Attrs.unpack(found[1]), found[0])
         view.nodes[ino] = n
         return n
+
+    def new_copy(self, parent: Node, attrs: Attrs) -> Node:
+        """A new inode in parent's view with attrs (a clone's copy of another), kept in the
+        node table: the caller's mutation saves it."""
+        node = Node(parent.view, self.store.alloc_ino(), attrs, None)
+        parent.view.nodes[node.ino] = node
+        return node
 
     # -- the node lifecycle ------------------------------------------------------------------
     # A Node stays in memory while the kernel holds its inode number (`lookups`: the entries
@@ -964,6 +985,11 @@ class Filesystem:
 
     def listxattr(self, node: Node) -> list[bytes]:
         return [name for name, _ in self.store.meta.scan_names(CF_XATTRS, node.ino, node.view.lv)]
+
+    def copy_xattrs(self, m: Mutation, src: Node, dst: Node) -> None:
+        """Give dst (a clone's copy) src's xattrs, in m."""
+        for name, value in self.store.meta.scan_names(CF_XATTRS, src.ino, src.view.lv):
+            self.store.meta.put(m.batch, CF_XATTRS, name_key(dst.ino, name), dst.view.lv.top, value)
 
     async def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
         _check_xattr_name(name)

@@ -7,21 +7,46 @@ branches made from it, directly or not (``Branch.parent_branch``), and the snaps
 those (``Snapshot.branch``).  A name V does not own is answered exactly as a name that does
 not exist, so a sandbox cannot probe another's snapshots and branches.
 
-Pure catalog logic, no I/O: the daemon (``fs/branching.py``) and the CLI on an unmounted store
+Pure catalog logic, no I/O: the daemon (``commands/branching.py``) and the CLI on an unmounted store
 (``admin.py``) both decide through it.
 """
 from __future__ import annotations
 
 import errno
 import re
+import stat
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from cowfs.errors import FSError
 from cowfs.meta.layers import Branch, Catalog, Snapshot, Usage
+from cowfs.meta.records import Attrs
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 # Where each mounted branch is mounted (mount points), as the daemon's mount table says.
 Mounted = Mapping[str, list[str]]
+
+
+@dataclass
+class Caller:
+    """Who gives a command through a mount's control file, as the kernel tells it."""
+
+    uid: int
+    gid: int
+    groups: frozenset[int] = frozenset()
+
+
+def may(attrs: Attrs, who: Caller, want: int) -> bool:
+    """Mode-bit check (want: 4 read, 2 write, 1 exec/search), as the kernel does it."""
+    if who.uid == 0:
+        return not (want & 1) or stat.S_ISDIR(attrs.mode) or bool(attrs.mode & 0o111)
+    if who.uid == attrs.uid:
+        bits = (attrs.mode >> 6) & 7
+    elif attrs.gid == who.gid or attrs.gid in who.groups:
+        bits = (attrs.mode >> 3) & 7
+    else:
+        bits = attrs.mode & 7
+    return bits & want == want
 
 
 def check_name(name: str) -> None:

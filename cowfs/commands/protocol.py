@@ -14,6 +14,12 @@ import re
 from dataclasses import dataclass
 
 
+# The control namespace at the root of every branch's mount (served by cowfs.fuse): command
+# paths may go through `.cowfs/snapshots/NAME/` into a snapshot.
+CONTROL_DIR = b".cowfs"
+SNAPSHOTS_DIR = b"snapshots"
+
+
 @dataclass(frozen=True)
 class Command:
     usage: str

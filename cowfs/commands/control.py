@@ -1,6 +1,6 @@
 """The control-file protocol: one command line in, one JSON object out.
 
-The commands and how words are quoted on a line are in cowfs.protocol.  Names that are not
+The commands and how words are quoted on a line are in cowfs.commands.protocol.  Names that are not
 UTF-8 travel in JSON losslessly: each byte that does not decode becomes a lone surrogate
 U+DC80..U+DCFF (Python's "surrogateescape"), which JSON writes as "\\udcXX".
 """
@@ -10,10 +10,10 @@ import errno
 import json
 from typing import Any, Awaitable, Callable
 
-from cowfs import protocol
+from cowfs.commands import protocol
 from cowfs.errors import FSError
-from cowfs.fs.authz import Mounted
-from cowfs.fs.branching import Branching, Caller
+from cowfs.commands.authz import Caller, Mounted
+from cowfs.commands.branching import Branching
 from cowfs.fs.view import View
 
 MAX_LINE = 4096

@@ -1,0 +1,189 @@
+"""The control file's commands: snapshot, branch, rollback, delete and list here; clone
+(cowfs.commands.clone) and diff (cowfs.commands.diff) through the same facade.
+
+Each command is O(1) in the size of the tree except clone of a directory (O(entries copied))
+and diff (O(keys changed between the two sides)); see docs/architecture.md for the layer
+model.  Commands act for the branch mounted where they are given and reach only what it
+owns (cowfs.commands.authz; docs/architecture.md, "Authorization").
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from typing import Any, Callable
+
+from cowfs.commands.authz import Caller, Mounted, Owners, absent
+from cowfs.commands.clone import Cloner, InvalidateDir
+from cowfs.commands.diff import Differ
+from cowfs.errors import FSError
+from cowfs.fs.filesystem import Filesystem
+from cowfs.fs.view import View
+from cowfs.meta.layers import Branch, Snapshot, Usage
+from cowfs.meta.versioned import LayerView
+from cowfs.store import ROOT_INO
+
+log = logging.getLogger(__name__)
+
+
+class Branching:
+    """The commands, for the branch mounted where they are given (a view) or, for delete
+    and list, for the store's administrator (view None); what each may reach is decided
+    by cowfs.commands.authz."""
+
+    def __init__(self, fs: Filesystem, admin_group: int | None = None) -> None:
+        self.fs = fs
+        self.cat = fs.store.catalog
+        self.owners = Owners(self.cat)
+        self.admin_group = admin_group  # members may snapshot/branch/rollback/delete too
+        self.cloner = Cloner(fs, self.owners)
+        self.differ = Differ(fs, self.owners)
+
+    def set_invalidate_dir(self, hook: InvalidateDir) -> None:
+        """The FUSE layer's: make the kernel forget what it caches of a directory a clone changed."""
+        self.cloner.invalidate_dir = hook
+
+    # -- what a mount may reach ------------------------------------------------------------
+    def _branch(self, view: View) -> Branch:
+        b = self.cat.branches.get(view.name)
+        if b is None or view.kind != "branch":
+            raise FSError(errno.EROFS, "this view is not a branch")
+        return b
+
+    def owns_snapshot(self, view: View, s: Snapshot) -> bool:
+        return self.owners.owns_snapshot(view.name, s)
+
+    def owned_snapshots(self, view: View) -> list[Snapshot]:
+        return self.owners.snapshots(view.name)
+
+    def _require_owner(self, view: View, who: Caller) -> None:
+        root = self.fs.node(view, ROOT_INO)
+        if who.uid in (0, root.attrs.uid):
+            return
+        if self.admin_group is not None and (who.gid == self.admin_group or self.admin_group in who.groups):
+            return
+        group = (f"members of gid {self.admin_group} (-o ctl_group)" if self.admin_group is not None
+                 else "members of a group named with -o ctl_group= (this mount names none)")
+        raise FSError(errno.EPERM, f"only the owner of the mount root (uid {root.attrs.uid}), root and {group} "
+                                   "may do this")
+
+    def _usage(self, layer: int) -> Usage:
+        usage = self.cat.usage(layer)
+        if usage is None:
+            usage = self.fs.store.count_usage(LayerView(layer, frozenset(self.cat.ancestry(layer))))
+        return usage
+
+    def _usage_of(self, item: Snapshot | Branch) -> Usage:
+        """A branch served here counts its live usage; anything else its recorded one."""
+        if isinstance(item, Branch):
+            view = self.fs.views.get(item.view)
+            if view is not None and view.kind == "branch" and not view.retired:
+                return Usage(view.usage_bytes, view.usage_inodes, view.allocated)
+            return self._usage(item.head)
+        return self._usage(item.layer)
+
+    # -- commands --------------------------------------------------------------------------
+    async def snapshot(self, view: View, name: str, who: Caller) -> dict[str, Any]:
+        self._require_owner(view, who)
+        await self.fs.sync_kernel()
+        t0 = time.perf_counter()
+        async with self.fs.mutate(view) as m:
+            self.owners.name_free(view.name, name)
+            b = self._branch(view)
+            layer = self.fs.freeze_head(m, view)
+            self.cat.save_snapshot(Snapshot(name, layer, self.cat.new_view(m.batch), b.name), m.batch)
+        return {"snapshot": name, "branch": b.name, "layer": layer,
+                "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+    async def branch(self, view: View, name: str, source: str | None, who: Caller) -> dict[str, Any]:
+        """From the mounted branch's current state or from a snapshot it owns."""
+        self._require_owner(view, who)
+        current = source is None or source == view.name
+        if current:
+            await self.fs.sync_kernel()
+        t0 = time.perf_counter()
+        async with self.fs.mutate(view) as m:
+            self.owners.name_free(view.name, name)
+            src_branch = self._branch(view)
+            parent_branch = view.name
+            if current:
+                parent_layer = self.fs.freeze_head(m, view)
+                parent_name = view.name
+                usage = Usage(view.usage_bytes, view.usage_inodes, view.alloc_bytes)
+            else:
+                assert source is not None
+                found = self.owners.owned(view.name, source)
+                if isinstance(found, Branch):
+                    raise FSError(errno.EINVAL, f"branch from another branch ({source!r}) is done through its "
+                                                "own mount, or from one of its snapshots")
+                if found is None:
+                    raise absent(source)
+                owner = self.cat.branches.get(found.branch) if found.branch is not None else None
+                assert owner is not None, "an owned snapshot belongs to a live branch"
+                parent_layer = found.layer
+                parent_name = source
+                usage = self._usage(found.layer)
+                src_branch, parent_branch = owner, owner.name
+            head = self.cat.new_layer(parent_layer, m.batch)
+            self.cat.save_branch(Branch(name, head, self.cat.new_view(m.batch), parent=parent_name,
+                                        parent_branch=parent_branch, quota_bytes=src_branch.quota_bytes,
+                                        quota_inodes=src_branch.quota_inodes),
+                                 m.batch)
+            self.cat.save_usage(head, usage, m.batch)
+        return {"branch": name, "from": parent_name, "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+    async def rollback(self, view: View, name: str, who: Caller) -> tuple[dict[str, Any], list[bytes]]:
+        """Only to a snapshot of the mounted branch itself.  Return the result and the root's
+        old names, whose kernel dentries must be invalidated."""
+        self._require_owner(view, who)
+        t0 = time.perf_counter()
+        async with self.fs.mutate(view) as m:
+            s = self.owners.snapshot(view.name, name)
+            if s.branch != view.name:
+                raise FSError(errno.EINVAL, f"snapshot {name!r} belongs to branch {s.branch!r}: a branch rolls back "
+                                            f"only to its own snapshots (make a branch from {name!r} instead)")
+            b = self._branch(view)
+            old_names = [n for n, _ in self.fs.list_dir(self.fs.node(view, ROOT_INO))]
+            b.head = self.cat.new_layer(s.layer, m.batch)
+            b.epoch += 1
+            self.cat.save_branch(b, m.batch)
+            new_lv = LayerView(b.head, frozenset(self.cat.ancestry(b.head)))
+            usage = self._usage(s.layer)
+            self.cat.save_usage(b.head, usage, m.batch)
+        self.fs.detach(view, new_lv, b.epoch)
+        # Logged so that what a process saw can be matched with the epoch in its inode numbers.
+        log.info("branch %s rolled back to snapshot %s: layer %d, epoch %d", b.name, name, b.head, b.epoch)
+        view.usage_bytes, view.usage_inodes, view.alloc_bytes = usage
+        self.fs.schedule_gc()
+        return ({"rollback": name, "branch": b.name, "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)},
+                old_names)
+
+    async def delete(self, view: View | None, name: str, who: Caller | None,
+                     mounted: Callable[[], Mounted]) -> dict[str, Any]:
+        """Through a mount (view): what its branch owns, never a mounted branch.  view None:
+        the store's administrator (the admin socket checked who it is): any snapshot, any
+        branch that is not mounted.  The mounts are read inside the mutation, where nothing
+        else runs until the commit."""
+        if view is not None:
+            assert who is not None
+            self._require_owner(view, who)
+        # The scope of a catalog-only change: no node of the view is touched.
+        async with self.fs.mutate(view or self.fs.primary) as m:
+            kind = self.owners.check_delete(view.name if view is not None else None, name, mounted())
+            self.cat.remove(name, m.batch)
+            if kind == "branch" and self.fs.learner is not None:
+                self.fs.learner.forget(name, m.batch)
+        self.fs.drop_views(name)
+        self.fs.schedule_gc()
+        log.info("%s %s deleted %s", kind, name,
+                 f"through the mount of {view.name}" if view is not None else "by the administrator")
+        return {"deleted": name, "kind": kind}
+
+    def listing(self, view: View | None, mounted: Mounted) -> dict[str, Any]:
+        return self.owners.listing(view.name if view is not None else None, self._usage_of, mounted)
+
+    async def clone(self, view: View, src: str, dst: str, who: Caller) -> dict[str, Any]:
+        return await self.cloner.clone(view, src, dst, who)
+
+    async def diff(self, view: View | None, a: str, b: str | None) -> dict[str, Any]:
+        return await self.differ.diff(view, a, b)
