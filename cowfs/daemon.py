@@ -30,8 +30,8 @@ from cowfs.background.sharing import Sharer
 from cowfs.background.supervise import Supervisor
 from cowfs.background.warming import Warmer
 from cowfs.errors import FSError, MountError, StoreError
-from cowfs.fs.filesystem import Filesystem
-from cowfs.fs.view import View
+from cowfs.core.filesystem import Filesystem
+from cowfs.core.view import View
 from cowfs.fuse_ops import Operations
 from cowfs.mounts import daemon_pid, pid_file
 from cowfs.store import Store

@@ -30,9 +30,9 @@ from cowfs.commands.authz import Mounted
 from cowfs.commands.authz import Caller
 from cowfs.commands.branching import Branching
 from cowfs.commands.protocol import CONTROL_DIR
-from cowfs.fs.filesystem import Filesystem
-from cowfs.fs.node import Node
-from cowfs.fs.view import EPOCHS, View
+from cowfs.core.filesystem import Filesystem
+from cowfs.core.node import Node
+from cowfs.core.view import EPOCHS, View
 from cowfs.store import ROOT_INO
 from cowfs.background.warming import Warmer
 

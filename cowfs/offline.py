@@ -28,7 +28,7 @@ def gc(path: str, progress: Progress | None = None) -> dict[str, Any]:
     import trio
 
     from cowfs.background.gc import run_gc, sweep_packs
-    from cowfs.fs.filesystem import Filesystem
+    from cowfs.core.filesystem import Filesystem
 
     report = progress or (lambda stage, done, total: None)
     store = Store(os.path.abspath(path))
@@ -54,7 +54,7 @@ def dedup(path: str, wait: bool, timeout: float, progress: Progress | None = Non
     import trio
 
     from cowfs.background.dedup import DedupWorker
-    from cowfs.fs.filesystem import Filesystem
+    from cowfs.core.filesystem import Filesystem
     from cowfs.background.sharing import Sharer
 
     report = progress or (lambda stage, done, total: None)
@@ -196,7 +196,7 @@ def diff(path: str, a: str, b: str) -> dict[str, Any]:
 
     from cowfs.errors import FSError
     from cowfs.commands.branching import Branching
-    from cowfs.fs.filesystem import Filesystem
+    from cowfs.core.filesystem import Filesystem
 
     store = _administered(path)
     try:

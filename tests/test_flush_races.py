@@ -16,7 +16,7 @@ import pyfuse3
 import pytest
 import trio
 
-from cowfs.fs.filesystem import Filesystem
+from cowfs.core.filesystem import Filesystem
 from cowfs.fuse_ops import Operations
 from cowfs.meta.records import Attrs
 from cowfs.meta.versioned import CF_INODES, ino_key

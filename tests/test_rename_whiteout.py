@@ -22,7 +22,7 @@ from conftest import UNPRIV_GID, UNPRIV_UID
 from mounting import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, Worker, renameat2
 
 from cowfs.errors import FSError
-from cowfs.fs.filesystem import Filesystem
+from cowfs.core.filesystem import Filesystem
 from cowfs.store import ROOT_INO, Store, init_store
 
 

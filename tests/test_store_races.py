@@ -22,7 +22,7 @@ import trio
 
 import mounting
 from cowfs import admin
-from cowfs.fs.filesystem import Filesystem
+from cowfs.core.filesystem import Filesystem
 from cowfs.kv.base import Batch
 from cowfs.store import ROOT_INO, Store, init_store
 from mounting import run_cowfs

@@ -34,7 +34,7 @@ import zstandard
 from cowfs import faults
 from cowfs.chunks import codec, delta
 from cowfs.chunks.store import CF_OBJECTS, CF_PENDING, CF_SIMILAR, CF_SPACE, RefTxn
-from cowfs.fs.filesystem import Filesystem
+from cowfs.core.filesystem import Filesystem
 from cowfs.kv.base import Batch
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from typing import Callable
 import trio
 
 from cowfs import faults
-from cowfs.fs.filesystem import Filesystem
+from cowfs.core.filesystem import Filesystem
 from cowfs.meta import gc
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,8 @@ import trio
 
 from cowfs import faults
 from cowfs.errors import FSError
-from cowfs.fs.filesystem import Filesystem
-from cowfs.fs.view import View
+from cowfs.core.filesystem import Filesystem
+from cowfs.core.view import View
 from cowfs.kv.base import KV, Batch
 from cowfs.meta.layers import suffix_layer
 from cowfs.meta.records import Attrs

@@ -34,9 +34,9 @@ from typing import Callable
 import trio
 
 from cowfs import faults, private
-from cowfs.fs.filesystem import Filesystem
-from cowfs.fs.node import Node
-from cowfs.fs.view import View
+from cowfs.core.filesystem import Filesystem
+from cowfs.core.node import Node
+from cowfs.core.view import View
 from cowfs.meta.versioned import LayerView
 from cowfs.mounts import warmer_pid_file
 

@@ -17,8 +17,8 @@ from cowfs.commands.authz import Caller, Mounted, Owners, absent
 from cowfs.commands.clone import Cloner, InvalidateDir
 from cowfs.commands.diff import Differ
 from cowfs.errors import FSError
-from cowfs.fs.filesystem import Filesystem
-from cowfs.fs.view import View
+from cowfs.core.filesystem import Filesystem
+from cowfs.core.view import View
 from cowfs.meta.layers import Branch, Snapshot, Usage
 from cowfs.meta.versioned import LayerView
 from cowfs.store import ROOT_INO

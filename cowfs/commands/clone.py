@@ -19,9 +19,9 @@ from typing import Any, Awaitable, Callable, Iterator
 from cowfs.commands.authz import Caller, Owners, may
 from cowfs.commands.protocol import CONTROL_DIR, SNAPSHOTS_DIR
 from cowfs.errors import FSError
-from cowfs.fs.filesystem import Filesystem, Mutation
-from cowfs.fs.node import Node
-from cowfs.fs.view import View
+from cowfs.core.filesystem import Filesystem, Mutation
+from cowfs.core.node import Node
+from cowfs.core.view import View
 from cowfs.store import ROOT_INO
 
 # Make the kernel drop what it caches of a directory (its attributes and listing) and of

@@ -14,7 +14,7 @@ from cowfs.commands import protocol
 from cowfs.errors import FSError
 from cowfs.commands.authz import Caller, Mounted
 from cowfs.commands.branching import Branching
-from cowfs.fs.view import View
+from cowfs.core.view import View
 
 MAX_LINE = 4096
 KNOWN = ", ".join(c.usage for c in protocol.COMMANDS.values())

@@ -15,8 +15,8 @@ from typing import Any, Iterable
 
 from cowfs.commands.authz import Owners, absent
 from cowfs.errors import FSError
-from cowfs.fs.filesystem import Filesystem, join_path
-from cowfs.fs.view import View
+from cowfs.core.filesystem import Filesystem, join_path
+from cowfs.core.view import View
 from cowfs.meta import links
 from cowfs.meta.layers import Branch, Snapshot
 from cowfs.meta.records import Attrs

@@ -5,7 +5,7 @@ An inode record keeps the (parent, name) of the last link made to it: exact for 
 one name, one of the names of a hard-linked one.  For a non-directory inode whose link count
 is above 1, each of its names (parent, name) has a key `ino + parent + name` in the
 layer-versioned family `links`, written in the batch that makes the name and deleted in the
-batch that removes it (cowfs.fs.filesystem: link, unlink, rename, clone).  When the count
+batch that removes it (cowfs.core.filesystem: link, unlink, rename, clone).  When the count
 falls back to 1, the record's (parent, name) is set to the one name left and the inode's keys
 are deleted, so files that are never hard-linked cost nothing here.  Readers check every name
 against the directory entry before using it: keys that name an entry that is gone (written

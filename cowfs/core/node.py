@@ -15,7 +15,7 @@ from cowfs.meta.records import Attrs
 
 if TYPE_CHECKING:
     from cowfs.chunks.store import ObjectStore
-    from cowfs.fs.view import View
+    from cowfs.core.view import View
 
 
 _ZEROS = bytes(CHUNK)

@@ -9,7 +9,7 @@ from cowfs.errors import FSError
 from cowfs.meta.versioned import LayerView
 
 if TYPE_CHECKING:
-    from cowfs.fs.node import Node
+    from cowfs.core.node import Node
 
 EPOCHS = 1 << 12  # rollback epochs are told apart modulo this in inode numbers
 

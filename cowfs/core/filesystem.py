@@ -27,8 +27,8 @@ from cowfs.chunks import codec, tree
 from cowfs.chunks.store import RefTxn
 from cowfs.chunks.tree import CHUNK, RESERVED, TreeWriter
 from cowfs.errors import FSError
-from cowfs.fs.node import Node
-from cowfs.fs.view import EPOCHS, View
+from cowfs.core.node import Node
+from cowfs.core.view import EPOCHS, View
 from cowfs.kv.base import Batch
 from cowfs.meta import links
 from cowfs.meta.layers import Usage
