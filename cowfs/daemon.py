@@ -30,6 +30,7 @@ from cowfs.background.sharing import Sharer
 from cowfs.background.supervise import Supervisor
 from cowfs.background.warming import Warmer
 from cowfs.errors import FSError, MountError, StoreError
+from cowfs.chunks.repack import REPACK_BELOW
 from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
 from cowfs.fuse_ops import Operations
@@ -431,20 +432,26 @@ class Daemon:
         if cmd == "progress":  # asked on a second connection while a gc or dedup --wait runs
             return {"ok": True, "gc": self.gc_progress, "background_queue": self.store.objects.space.queue}
         if cmd == "gc":
+            below = req.get("repack_below")
+            if below is not None and (isinstance(below, bool) or not isinstance(below, (int, float))
+                                      or not 0 <= below <= 1):
+                return {"ok": False, "error": f"repack_below {below!r}: a share from 0 to 1"}
+
             def note(n: int, stage: str = "metadata versions removed") -> None:
                 self.gc_progress = {"stage": stage, "done": n}
 
             try:
                 note(0)
                 removed = await run_gc(self.fs, note)
-                note(0, "sweeping packs")
-                await sweep_packs(self.fs)
+                note(0, "repacking")
+                packs = await sweep_packs(self.fs, REPACK_BELOW if below is None else float(below),
+                                          lambda n: note(n, "repacking"))
                 note(0, "compacting")
                 await self.store.in_thread(self.store.compact, python=False)
             finally:
                 self.gc_progress = None
             return {"ok": True, "store": self.store.path, "daemon": True, "versions_removed": removed,
-                    "disk_bytes": self.store.disk_usage()}
+                    **packs, "disk_bytes": self.store.disk_usage()}
         if cmd == "dedup":
             if req.get("wait"):
                 if not self.dedup.enabled:

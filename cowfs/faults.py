@@ -6,10 +6,16 @@ COWFS_FAULTS once at start (`load`); nothing else does, and without it (in produ
 every `point()` returns after one test of an empty dict.  Syntax: comma-separated
 POINT:ACTION[:TIMES]; ACTION is `eio` (raise OSError(EIO), as a failing disk would) or
 `sleepS` (wait S seconds: only at points that run in a worker thread); TIMES is how many
-hits act (default 1; `*` for all of them).  Example: COWFS_FAULTS=pack_append:eio:2,warm_paths:eio
+hits act (default 1; `*` for all of them).  Example: COWFS_FAULTS=pack_put:eio:2,warm_paths:eio
 
 Points (where each sits, and which background task meets it):
-  pack_append    PackStore.append, in a flush's encoding thread (the flusher, or whoever flushes)
+  pack_put       Packs.write, before a flush's pack is put, in its encoding thread (the
+                 flusher, or whoever flushes)
+  pack_written   Packs.write, once the pack is put (durable, not yet committed), same thread
+  repack_copied  chunks.repack.copy, once a repack's new pack is put, before its pointers
+                 are committed (a `cowfs gc` thread)
+  repack_moved   Store.retire_packs, once a repack's moves are committed and durable, before
+                 its old packs are deleted (a `cowfs gc` thread)
   flush_encode   Filesystem._encode_all, the same thread, once every chunk is hashed and
                  judged already stored or new (before any pack append)
   prefetch_load  Fetcher._load, a prefetch thread
@@ -32,7 +38,7 @@ import time
 log = logging.getLogger(__name__)
 
 ENV = "COWFS_FAULTS"
-POINTS = frozenset({"pack_append", "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "gc",
+POINTS = frozenset({"pack_put", "pack_written", "repack_copied", "repack_moved", "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "gc",
                     "model_save", "warm_paths", "commit", "attach_bind"})
 LOOP_POINTS = frozenset({"gc", "model_save", "commit"})  # on the event loop: a sleep would stall every request
 

@@ -25,15 +25,16 @@ damaged chunk: the files that use it are named).
 """
 from __future__ import annotations
 
-import os
 import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from cowfs.chunks import codec
-from cowfs.chunks.store import (CF_OBJECTS, CF_PENDING, CF_REFS, CF_SPACE, SPACE_KEY, Ref, Space, parse_ref,
-                                scan_space, tree_sizes)
+from cowfs.chunks.families import CF_OBJECTS, CF_PENDING, CF_REFS, CF_SPACE, SPACE_KEY
+from cowfs.chunks.packs import pack_name
+from cowfs.chunks.refs import Ref, parse_ref, scan_space, tree_sizes
+from cowfs.chunks.space import Space
 from cowfs.kv.base import Batch
 from cowfs.meta.layers import Catalog, suffix_layer
 from cowfs.meta.records import Attrs
@@ -302,7 +303,7 @@ class Fsck:
             ext = codec.packed_extent(raw)
             if ext is not None and not self._in_pack(ext):
                 damaged.add(h)
-                self.report.problem(f"object {h.hex()} points past the end of pack {ext[0]}")
+                self.report.problem(f"object {h.hex()} points past the end of pack {pack_name(ext[0])}")
                 continue
             if raw[0] == codec.KIND_NODE:
                 node = raw[1:]
@@ -381,11 +382,8 @@ class Fsck:
         pack, off, length = ext
         size = self._pack_sizes.get(pack)
         if size is None:
-            try:
-                size = os.path.getsize(self.store.packs.path(pack))
-            except OSError:
-                size = -1
-            self._pack_sizes[pack] = size
+            found = self.store.packs.size(pack)
+            size = self._pack_sizes[pack] = -1 if found is None else found
         return off + length <= size
 
     # -- 5. changelog ----------------------------------------------------------------------

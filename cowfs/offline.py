@@ -23,11 +23,12 @@ def _first_branch(store: Store) -> str:
     return names[0]
 
 
-def gc(path: str, progress: Progress | None = None) -> dict[str, Any]:
-    """Garbage collection, pack sweep and compaction, as the daemon's `gc` does them."""
+def gc(path: str, progress: Progress | None = None, repack_below: float | None = None) -> dict[str, Any]:
+    """Garbage collection, pack repacking and compaction, as the daemon's `gc` does them."""
     import trio
 
     from cowfs.background.gc import run_gc, sweep_packs
+    from cowfs.chunks.repack import REPACK_BELOW
     from cowfs.core.filesystem import Filesystem
 
     report = progress or (lambda stage, done, total: None)
@@ -36,12 +37,13 @@ def gc(path: str, progress: Progress | None = None) -> dict[str, Any]:
         async def work() -> dict[str, Any]:
             fs = Filesystem(store, _first_branch(store))
             removed = await run_gc(fs, lambda n: report("metadata versions removed", n, None))
-            report("sweeping packs", 0, None)
-            await sweep_packs(fs)
+            report("repacking", 0, None)
+            packs = await sweep_packs(fs, REPACK_BELOW if repack_below is None else repack_below,
+                                      lambda n: report("repacking", n, None))
             report("compacting", 0, None)
             await store.in_thread(store.compact, python=False)
             return {"ok": True, "store": store.path, "daemon": False, "versions_removed": removed,
-                    "disk_bytes": store.disk_usage()}
+                    **packs, "disk_bytes": store.disk_usage()}
 
         return trio.run(work)
     finally:

@@ -18,9 +18,12 @@ import trio
 
 from cowfs import faults, private, threads
 from cowfs.cache import ChunkCache
-from cowfs.chunks import codec
-from cowfs.chunks.packs import PackStore
-from cowfs.chunks.store import CF_OBJECTS, FAMILIES as OBJECT_FAMILIES, ObjectStore, RefTxn
+from cowfs.blob.base import BlobStore
+from cowfs.blob.local import LocalBlobStore
+from cowfs.chunks import repack, upgrade
+from cowfs.chunks.families import CF_OBJECTS, FAMILIES as OBJECT_FAMILIES
+from cowfs.chunks.objects import ObjectStore, RefTxn
+from cowfs.chunks.packs import Packs
 from cowfs.errors import StoreError
 from cowfs.kv.base import KV, Batch, LocalEngine, StoreLockedError
 from cowfs.kv.rocks import RocksKV
@@ -33,7 +36,7 @@ from cowfs.mounts import daemon_pid
 
 log = logging.getLogger(__name__)
 # 2: delta objects, 24-byte reference records, the pending/similar/space families.  A
-# format-1 store is upgraded when first opened (ObjectStore.rebuild); older cowfs refuse 2.
+# format-1 store is upgraded when first opened (chunks.upgrade.rebuild); older cowfs refuse 2.
 # 3: pack files (STORE/packs) and P objects pointing into them; a format-2 store needs no
 # rewrite (it has no P objects yet), only the new number, so that older cowfs refuse it.
 # 4: shared copies (cowfs.meta.shared): inode records and entries may be missing where a
@@ -43,10 +46,14 @@ log = logging.getLogger(__name__)
 # 6: the index of hard-linked files' names (family `links`, cowfs.meta.links), which older
 # cowfs would not keep up to date; built from a scan of records and entries when a store of
 # an older format is first opened.
-FORMAT_VERSION = 6
-UPGRADABLE = (1, 2, 3, 4, 5)
+# 7: packs are immutable objects of a BlobStore named by a u64 id (P pointers 26 bytes);
+# a format-3..6 store's pack files are renamed and its pointers rewritten at first open
+# (chunks.upgrade.convert_packs); their punched holes are dead ranges for repacking.
+FORMAT_VERSION = 7
+UPGRADABLE = (1, 2, 3, 4, 5, 6)
 MARKER = "cowfs-store.json"
 DB_DIR = "db"
+PACK_DIR = "packs"  # the local blob store of the packs
 CF_ORPHANS = "orphans"
 FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
 ROOT_INO = 1
@@ -110,7 +117,10 @@ def _write_marker(path: str, created: float) -> None:
 
 
 class Store:
-    def __init__(self, path: str, cache_l1: int = 256 << 20, cache_l2: int = 256 << 20) -> None:
+    def __init__(self, path: str, cache_l1: int = 256 << 20, cache_l2: int = 256 << 20,
+                 blobs: BlobStore | None = None) -> None:
+        """Open the store at path; its packs live in blobs (default: a LocalBlobStore in
+        STORE/packs), which the store closes with itself."""
         marker = os.path.join(path, MARKER)
         if not os.path.isdir(path):
             raise StoreError(f"{path}: no such store directory (create one with 'cowfs init {path}')")
@@ -156,16 +166,18 @@ class Store:
         self.path = path
         self.cache = ChunkCache(cache_l1, cache_l2)
         try:
-            self.packs = PackStore(path)
-        except OSError as exc:
+            if 3 <= fmt < 7:
+                upgrade.convert_packs(self.kv, os.path.join(path, PACK_DIR))
+            self.packs = Packs(blobs if blobs is not None else LocalBlobStore(os.path.join(path, PACK_DIR)))
+        except Exception as exc:
             self.kv.close()
             self._release_umask()
-            raise StoreError(f"{path}: cannot open the pack files: {exc}") from exc
+            raise StoreError(f"{path}: cannot open the packs: {exc}") from exc
         self.catalog = Catalog(self.kv)
         self.meta = Versioned(self.kv, SharedTrees.load(self.kv), self.catalog.ancestry)
         self.objects = ObjectStore(self.kv, self.cache, self.packs)
         if self.objects.space is None:
-            self.objects.rebuild(self._root_refs())
+            self.objects.space = upgrade.rebuild(self.kv, self._root_refs())
         if fmt < 5:
             self._count_allocated()
         if fmt != FORMAT_VERSION:
@@ -371,7 +383,7 @@ class Store:
         self.kv.write(batch)
 
     def space(self) -> dict[str, int]:
-        """The space accounting (see chunks.store.Space) plus the bytes on disk, told apart:
+        """The space accounting (see chunks.space.Space) plus the bytes on disk, told apart:
         stored_bytes is what the store keeps (the database without its write-ahead log,
         plus the packs); wal_bytes the log, which RocksDB keeps until every column family with
         data in it has flushed (tens of MB that come and go, gone at unmount); unflushed_bytes
@@ -380,16 +392,34 @@ class Store:
         return {**self.objects.space.figures(), "stored_bytes": db + self.packs.disk_usage(), "wal_bytes": wal,
                 "unflushed_bytes": self.engine.unflushed_bytes()}
 
-    def sweep_packs(self) -> int:
-        """Punch pack bytes no object points at (left by a crash between a pack append and its
-        commit) and delete empty packs; returns packs deleted.  The caller holds the
-        filesystem lock, so no flush is appending (blocking: call in a thread)."""
-        live: dict[int, list[tuple[int, int]]] = {}
-        for _h, raw in self.kv.scan(CF_OBJECTS, b""):
-            ext = codec.packed_extent(raw)
-            if ext is not None:
-                live.setdefault(ext[0], []).append((ext[1], ext[2]))
-        return self.packs.sweep(live)
+    def survey_packs(self, listed: dict[int, int]) -> repack.Survey:
+        """Live bytes of the listed packs (`Packs.listing`, taken while no flush had a pack
+        in flight), from a scan that starts now (blocking: call in a thread)."""
+        return repack.survey(self.kv, listed)
+
+    def delete_packs(self, packs: list[int]) -> None:
+        """Delete packs nothing points at (blocking: call in a thread)."""
+        for pack in packs:
+            self.packs.delete(pack)
+
+    def retire_packs(self, c: repack.Copy, moved: int) -> None:
+        """After a repack's moves are committed and durable: its old packs go, and its new
+        pack too if nothing was moved there (blocking: call in a thread)."""
+        faults.point("repack_moved")
+        self.delete_packs(c.old + ([c.new] if c.new is not None and not moved else []))
+
+    def copy_packs(self, group: list[int]) -> repack.Copy:
+        """The live encodings of a group of packs, put as one new pack (blocking: in a thread)."""
+        return repack.copy(self.kv, self.packs, group)
+
+    def commit_moves(self, c: repack.Copy) -> int:
+        """Point what still points where the copy saw it at the new pack, in one commit;
+        returns the pointers moved.  Under Filesystem.lock, on the loop."""
+        batch = Batch()
+        n = repack.moves(self.kv, c, batch)
+        if n:
+            self.commit(batch)
+        return n
 
     def disk_usage(self) -> int:
         """Bytes the store's database (its write-ahead log included) and pack files occupy on disk."""

@@ -1164,3 +1164,15 @@ def compare_snapshots(a: dict, b: dict, names=("cowfs", "reference"), ignore=DEF
 if __name__ == "__main__":
     if "--worker" in sys.argv:
         sys.exit(_worker_main(sys.argv[1:]))
+
+
+def du(path) -> int:
+    """Bytes `path` takes on the disk (du -s -B1)."""
+    return int(subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, check=True,
+                              text=True).stdout.split()[0])
+
+
+def cowfs_json(*args, timeout: float = 300) -> dict:
+    """`cowfs ARGS --json`, parsed (the command must succeed)."""
+    import json
+    return json.loads(run_cowfs(*args, "--json", timeout=timeout).stdout)

@@ -1064,7 +1064,7 @@ def test_format_5_store_gets_its_hard_link_names_indexed(cowfs_mount):
     first open writes them, and diff then names every path as in a new store."""
     from cowfs.kv.base import Batch
     from cowfs.meta.versioned import CF_CHANGES, CF_LINKS, TAGS
-    from cowfs.store import Store
+    from cowfs.store import FORMAT_VERSION, Store
 
     mp = cowfs_mount.path
     os.mkdir(mp / "hl")
@@ -1087,7 +1087,7 @@ def test_format_5_store_gets_its_hard_link_names_indexed(cowfs_mount):
     marker = cowfs_mount.store / "cowfs-store.json"
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "format": 5}))
     cowfs_mount.start()
-    assert json.loads(marker.read_text())["format"] == 6
+    assert json.loads(marker.read_text())["format"] == FORMAT_VERSION
     with open(mp / "hl/b", "ab") as f:
         f.write(b"2")
     assert _changes(ok(mp, "diff s1")) == {("modified", "hl/a", None, "file"), ("modified", "hl/b", None, "file"),

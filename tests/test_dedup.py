@@ -299,7 +299,8 @@ def test_dictionary_is_pinned_while_used_and_freed_after(mount_factory):
 
 @pytest.mark.timeout(120)
 def test_format_1_store_is_upgraded_and_counted_at_first_open(mount_factory):
-    from cowfs.chunks.store import CF_REFS, CF_SPACE, SPACE_KEY, parse_ref
+    from cowfs.chunks.families import CF_REFS, CF_SPACE, SPACE_KEY
+    from cowfs.chunks.refs import parse_ref
     from cowfs.kv.base import Batch
     from cowfs.store import FORMAT_VERSION, Store
 

@@ -10,7 +10,7 @@ import pytest
 
 import mounting
 from cowfs.chunks import codec
-from cowfs.chunks.store import CF_OBJECTS, CF_REFS
+from cowfs.chunks.families import CF_OBJECTS, CF_REFS
 from cowfs.kv.base import Batch
 from cowfs.meta.layers import layer_suffix
 from cowfs.meta.records import Attrs

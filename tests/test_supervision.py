@@ -67,14 +67,14 @@ def write_open(path, data: bytes):
 
 @pytest.mark.timeout(240)
 def test_failing_background_tasks_restart_and_the_mount_serves_on(mount_factory):
-    faults = "pack_append:eio:1,gc:eio:1,dedup_plan:eio:1,share_walk:eio:1,model_save:eio:1"
+    faults = "pack_put:eio:1,gc:eio:1,dedup_plan:eio:1,share_walk:eio:1,model_save:eio:1"
     m = mount_factory(env={"COWFS_FAULTS": faults})
     # flusher: a pack append fails in its encoding thread (an OSError, not an FSError)
     big = os.urandom(16 * MiB)
     fd = write_open(m.path / "big", big)
     try:
         t = wait_for("the flusher's failure and restart", lambda: restarted(m, "flusher"), m=m)
-        assert "injected fault at pack_append" in task(m, "flusher")["last_error"]
+        assert "injected fault at pack_put" in task(m, "flusher")["last_error"]
         wait_for("the restarted flusher's commit", lambda: admin_stats(m)["dirty_bytes"] == 0, m=m)
     finally:
         os.close(fd)

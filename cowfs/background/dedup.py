@@ -33,7 +33,8 @@ import zstandard
 
 from cowfs import faults
 from cowfs.chunks import codec, delta
-from cowfs.chunks.store import CF_OBJECTS, CF_PENDING, CF_SIMILAR, CF_SPACE, RefTxn
+from cowfs.chunks.families import CF_OBJECTS, CF_PENDING, CF_SIMILAR, CF_SPACE
+from cowfs.chunks.refs import RefTxn
 from cowfs.core.filesystem import Filesystem
 from cowfs.kv.base import Batch
 

@@ -1,8 +1,9 @@
 """Garbage collection: metadata versions no live view can see (cowfs.meta.gc decides which),
-their references to data, and the pack bytes nothing points at any more.
+their references to data, and the pack bytes nothing points at any more (chunks.repack).
 
 The daemon runs a pass after each rollback and delete (`Filesystem.schedule_gc`); `cowfs gc`
-runs one, sweeps the packs and compacts the database.  A pass plans under the lock and
+runs one, collects the packs (deletes those nothing points at, repacks those mostly
+dead) and compacts the database.  A pass plans under the lock and
 commits chunk by chunk, taking the lock for each (docs/architecture.md, "Concurrency
 invariants"); it never overlaps a pass of the sharer (`Filesystem.maintenance`).
 """
@@ -14,6 +15,7 @@ from typing import Callable
 import trio
 
 from cowfs import faults
+from cowfs.chunks.repack import REPACK_BELOW
 from cowfs.core.filesystem import Filesystem
 from cowfs.meta import gc
 
@@ -44,10 +46,31 @@ async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None) 
     return removed
 
 
-async def sweep_packs(fs: Filesystem) -> int:
-    """Give back pack space nothing points at; under the lock, so no flush appends meanwhile."""
-    async with fs.lock:
-        return await fs.store.in_thread(fs.store.sweep_packs)
+async def sweep_packs(fs: Filesystem, below: float = REPACK_BELOW,
+                      progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Give back the space of dead pack bytes (chunks.repack): delete the packs nothing
+    points at, repack those whose live share is under `below`.  Returns figures of the pass;
+    progress(packs done) after each group."""
+    store = fs.store
+    async with fs.maintenance:
+        async with fs.lock:  # no flush has a pack put but not committed
+            listed = await store.in_thread(store.packs.listing)
+        survey = await store.in_thread(store.survey_packs, listed)
+        garbage = survey.garbage()
+        await store.in_thread(store.delete_packs, garbage)
+        out = {"packs": len(listed), "packs_deleted": len(garbage), "packs_repacked": 0,
+               "pack_bytes_copied": 0, "pack_bytes_dead": survey.dead_bytes()}
+        for group in survey.groups(below):
+            c = await store.in_thread(store.copy_packs, group)
+            async with fs.lock:
+                moved = store.commit_moves(c)
+            await store.sync()  # the moves are durable before their old packs go
+            await store.in_thread(store.retire_packs, c, moved)
+            out["packs_repacked"] += len(c.old)
+            out["pack_bytes_copied"] += c.copied
+            if progress is not None:
+                progress(out["packs_repacked"])
+    return out
 
 
 async def collect_when_wanted(fs: Filesystem) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 # A name is '/'-separated segments of [A-Za-z0-9._=-], none empty or starting with '.':
 # the same string is a valid S3 key and a safe relative path ('.'-prefixed files are the
@@ -67,6 +67,11 @@ class BlobStore(ABC):
         """Store data under name, atomically: visible whole once put returns, never in part.
         Putting the same bytes again is a no-op (so an interrupted upload can simply be
         redone); other bytes under an existing name raise BlobConflict and change nothing."""
+
+    def put_parts(self, name: str, parts: Sequence[bytes | memoryview]) -> None:
+        """put(name, the parts back to back): the same write-once object, for callers that
+        hold their data in pieces (a backend may write them without joining them first)."""
+        self.put(name, b"".join(parts))
 
     @abstractmethod
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:

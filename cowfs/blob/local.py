@@ -7,6 +7,12 @@ therefore leaves either no object or the whole one, never a prefix of it; the te
 it may leave ('.tmp-*', invisible to get and list) are removed when a store is opened an
 hour or more after they were last written (a live writer's temporary is younger).
 
+Large objects (1 MiB and more) are written with O_DIRECT through a reused aligned buffer
+where the filesystem allows it (buffered, with their pages dropped after the fsync, where
+it does not).  Ranged gets ask the kernel for no read-around; two local-only capabilities
+that object storage has no use for sit beside the interface: `read_ahead` (posix_fadvise
+WILLNEED, for streaming readers) and `disk_usage` (allocated blocks).
+
 Layout: name "a/b/c" is the file ROOT/a~/b~/c.  Directories carry a '~' (not a name
 character) so that "a" and "a/b" can both exist, as on object storage.  Modes are 0700 and
 0600 whatever the umask: objects hold sandbox data.
@@ -14,11 +20,13 @@ character) so that "a" and "a/b" can both exist, as on object storage.  Modes ar
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+import threading
 import secrets
 import stat
 import time
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from cowfs.blob.base import (BlobConflict, BlobEntry, BlobError, BlobNotFound, BlobStore,
                              check_name, check_range)
@@ -27,6 +35,9 @@ TEMP_PREFIX = ".tmp-"
 DIR_SUFFIX = "~"
 STALE_TEMP_SECONDS = 3600.0
 _COMPARE_STEP = 1 << 20
+DIRECT_MIN = 1 << 20  # objects of this size and more are written with O_DIRECT where possible
+ALIGN = 4096  # direct writes: offsets and lengths are multiples of this
+STAGE = 8 << 20  # bytes gathered in the aligned staging buffer per direct write
 
 
 class LocalBlobStore(BlobStore):
@@ -41,15 +52,22 @@ class LocalBlobStore(BlobStore):
         if not os.path.isdir(self.root):
             raise BlobError(f"blob store {self.root}: not a directory")
         self._sweep_temps(stale_temp_seconds)
+        self._direct = True  # until the filesystem refuses O_DIRECT
+        self._stage = mmap.mmap(-1, STAGE)  # aligned (mmap is page-aligned), reused by puts
+        self._stage_lock = threading.Lock()
 
     def _path(self, name: str) -> str:
         *dirs, last = check_name(name).split("/")
         return os.path.join(self.root, *(d + DIR_SUFFIX for d in dirs), last)
 
     def put(self, name: str, data: bytes) -> None:
+        self.put_parts(name, [data])
+
+    def put_parts(self, name: str, parts: Sequence[bytes | memoryview]) -> None:
         path = self._path(name)
-        view = memoryview(data).cast("B")
-        if self._matches(name, path, view):
+        views = [memoryview(p).cast("B") for p in parts]
+        total = sum(len(v) for v in views)
+        if self._matches(name, path, views, total):
             return
         directory = os.path.dirname(path)
         self._make_dirs(directory)
@@ -57,10 +75,11 @@ class LocalBlobStore(BlobStore):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             try:
-                done = 0
-                while done < len(view):
-                    done += os.write(fd, view[done:])
-                os.fsync(fd)
+                if not (total >= DIRECT_MIN and self._write_direct(tmp, views, total)):
+                    _pwrite_parts(fd, views)
+                    os.fsync(fd)
+                    if total >= DIRECT_MIN:  # written once, read rarely: give the cache back
+                        os.posix_fadvise(fd, 0, total, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
             while True:
@@ -68,7 +87,7 @@ class LocalBlobStore(BlobStore):
                     os.link(tmp, path)
                     break
                 except FileExistsError:
-                    if self._matches(name, path, view):  # a concurrent put of the same bytes
+                    if self._matches(name, path, views, total):  # a concurrent put of the same bytes
                         return
                     # deleted again since the link failed: link once more
             _fsync_dir(directory)
@@ -78,23 +97,71 @@ class LocalBlobStore(BlobStore):
             except FileNotFoundError:
                 pass
 
-    def _matches(self, name: str, path: str, data: memoryview) -> bool:
-        """True if the object exists with exactly data; False if absent; BlobConflict if it
-        exists with other bytes."""
+    def _write_direct(self, tmp: str, views: list[memoryview], total: int) -> bool:
+        """Write the parts to tmp with O_DIRECT through an aligned staging buffer, then cut the
+        padding off and fsync; False (nothing lasting done) where the filesystem takes no
+        direct I/O.  Why: fresh page-cache pages cost a fault each on some VMs (buffered
+        writes ran at ~0.4 GB/s where direct ones ran at 1.6 GB/s)."""
+        if not self._direct:
+            return False
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError:
+            self._direct = False
+            return False
+        mine = self._stage_lock.acquire(blocking=False)
+        stage = self._stage if mine else mmap.mmap(-1, STAGE)
+        try:
+            fill = off = 0
+            for v in views:
+                while len(v):
+                    n = min(len(v), STAGE - fill)
+                    stage[fill : fill + n] = v[:n]
+                    fill += n
+                    v = v[n:]
+                    if fill == STAGE:
+                        _pwrite_all(fd, memoryview(stage)[:STAGE], off)
+                        off += STAGE
+                        fill = 0
+            if fill:
+                padded = (fill + ALIGN - 1) // ALIGN * ALIGN
+                stage[fill:padded] = bytes(padded - fill)
+                _pwrite_all(fd, memoryview(stage)[:padded], off)
+            os.ftruncate(fd, total)
+            os.fsync(fd)
+            return True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._direct = False  # the filesystem takes no direct I/O after all
+            return False
+        finally:
+            os.close(fd)
+            if mine:
+                self._stage_lock.release()
+            else:
+                stage.close()
+
+    def _matches(self, name: str, path: str, views: list[memoryview], total: int) -> bool:
+        """True if the object exists with exactly these bytes; False if absent; BlobConflict
+        if it exists with other bytes."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
         try:
             size = os.fstat(fd).st_size
-            if size != len(data):
+            if size != total:
                 raise BlobConflict(f"{name}: exists with other content ({size} bytes, put of "
-                                   f"{len(data)})")
-            for pos in range(0, size, _COMPARE_STEP):
-                part = data[pos:pos + _COMPARE_STEP]
-                if os.pread(fd, len(part), pos) != part:
-                    raise BlobConflict(f"{name}: exists with other content (differs from "
-                                       f"byte {pos} on)")
+                                   f"{total})")
+            pos = 0
+            for v in views:
+                for start in range(0, len(v), _COMPARE_STEP):
+                    part = v[start:start + _COMPARE_STEP]
+                    if os.pread(fd, len(part), pos) != part:
+                        raise BlobConflict(f"{name}: exists with other content (differs from "
+                                           f"byte {pos} on)")
+                    pos += len(part)
             return True
         finally:
             os.close(fd)
@@ -124,6 +191,9 @@ class LocalBlobStore(BlobStore):
             end = os.fstat(fd).st_size
             if length is not None:
                 end = min(end, offset + length)
+                # A ranged read wants its range: no kernel read-around (a 4 KiB read would
+                # pull in far more); sequential readers ask for read-ahead (read_ahead).
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
             parts = []
             pos = offset
             while pos < end:
@@ -135,6 +205,30 @@ class LocalBlobStore(BlobStore):
             return b"".join(parts)
         finally:
             os.close(fd)
+
+    def read_ahead(self, name: str, offset: int, length: int) -> None:
+        """Local only: have the kernel start reading [offset, offset + length) of the object
+        into the page cache (asynchronous), so a streaming reader's next gets find it there.
+        No error if the object is gone."""
+        try:
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+    def disk_usage(self) -> int:
+        """Local only: bytes the directory's files take on the disk (allocated blocks)."""
+        total = 0
+        for directory, _dirs, files in os.walk(self.root):
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(directory, f)).st_blocks * 512
+                except FileNotFoundError:
+                    pass
+        return total
 
     def size(self, name: str) -> int:
         try:
@@ -183,6 +277,10 @@ class LocalBlobStore(BlobStore):
                     continue  # deleted since the scan
                 yield BlobEntry(key, size)
 
+    def close(self) -> None:
+        with self._stage_lock:
+            self._stage.close()
+
     def _sweep_temps(self, older_than: float) -> None:
         limit = time.time() - older_than
         for directory, _dirs, files in os.walk(self.root):
@@ -196,6 +294,19 @@ class LocalBlobStore(BlobStore):
                         os.unlink(path)
                 except FileNotFoundError:
                     pass
+
+
+def _pwrite_all(fd: int, buf: memoryview, off: int) -> None:
+    while len(buf):
+        n = os.pwrite(fd, buf, off)
+        buf, off = buf[n:], off + n
+
+
+def _pwrite_parts(fd: int, views: list[memoryview]) -> None:
+    off = 0
+    for v in views:
+        _pwrite_all(fd, v, off)
+        off += len(v)
 
 
 def _fsync_dir(path: str) -> None:

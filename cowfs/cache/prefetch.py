@@ -18,7 +18,7 @@ import trio
 
 from cowfs import faults
 from cowfs.chunks import codec
-from cowfs.chunks.store import ObjectStore
+from cowfs.chunks.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 

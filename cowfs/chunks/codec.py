@@ -7,10 +7,11 @@ An object value is one kind byte followed by its payload:
   b"D" a delta chunk: base hash(32) + raw size(u32) + size of its plain encoding(u32) + a
        zstd frame that decodes only with the base chunk's content as dictionary
        (cowfs.chunks.delta).  A base is always a whole (R or Z) chunk: one hop at most.
-  b"P" a pointer to a whole (R or Z) chunk in a pack file (cowfs.chunks.packs): its kind(1) +
-       pack(u32) + offset(u64) + length(u32) + raw size(u32); the pack holds the payload
+  b"P" a pointer to a whole (R or Z) chunk in a pack (cowfs.chunks.packs): its kind(1) +
+       pack id(u64) + offset(u64) + length(u32) + raw size(u32); the pack holds the payload
        without the kind byte, so consecutive raw chunks are one contiguous run of content.
        Accounting counts the encoding's length (payload + kind byte), as if it were inline.
+       (Stores of format 5 and older had a u32 pack number: chunks.upgrade converts them.)
 Chunks are addressed by BLAKE3 of their content; nodes by BLAKE3 of a domain-separated
 encoding so a node can never collide with a chunk of the same bytes.
 """
@@ -35,7 +36,8 @@ KIND_NODE = 0x4E  # "N"
 KIND_DELTA = 0x44  # "D"
 KIND_PACKED = 0x50  # "P"
 WHOLE = (KIND_RAW, KIND_ZSTD, KIND_PACKED)
-_PACKED = struct.Struct("<BBIQII")
+_PACKED = struct.Struct("<BBQQII")
+PACKED_LEN = _PACKED.size
 _DELTA_HEAD = 1 + HASH_LEN + 8
 
 _NODE_DOMAIN = b"cowfs-tree-node\x00"

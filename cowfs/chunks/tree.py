@@ -15,7 +15,7 @@ from typing import Callable, Iterator, NamedTuple
 
 from cowfs.chunks import codec
 from cowfs.chunks.codec import HASH_LEN, ZERO_HASH
-from cowfs.chunks.store import RefTxn
+from cowfs.chunks.refs import RefTxn
 
 CHUNK = codec.CHUNK
 FANOUT = 512

@@ -83,15 +83,18 @@ def _with_progress(store: str, label: str, req: dict[str, Any], timeout: float, 
             poller.join()
 
 
-def run_gc(target: str, quiet: bool = False) -> dict[str, Any]:
+def run_gc(target: str, quiet: bool = False, repack_below: float | None = None) -> dict[str, Any]:
     from cowfs import offline
 
     store = targets.store_of(target)
     if served(target, store):
-        return _with_progress(store, "gc", {"cmd": "gc"}, 3600, quiet)
+        req: dict[str, Any] = {"cmd": "gc"}
+        if repack_below is not None:
+            req["repack_below"] = repack_below
+        return _with_progress(store, "gc", req, 3600, quiet)
     with progress.stages("gc", quiet=quiet) as show:
         try:
-            return offline.gc(targets.store_dir(target), show)
+            return offline.gc(targets.store_dir(target), show, repack_below)
         except StoreError as exc:
             raise CliError(str(exc)) from None
 
@@ -167,14 +170,19 @@ def stats(target: str, as_json: bool) -> None:
 
 @click.command()
 @target_arg
+@click.option("--repack-below", type=click.FloatRange(0.0, 1.0), default=None, metavar="SHARE",
+              help="Repack packs whose live bytes are under this share of their size "
+                   "(default 0.5; 0: only delete packs nothing uses; 1: repack every pack with dead bytes).")
 @json_opt
-def gc(target: str, as_json: bool) -> None:
-    """Collect garbage now in the store TARGET (or the store behind the mount holding TARGET).
+def gc(target: str, repack_below: float | None, as_json: bool) -> None:
+    """Collect garbage now in the store TARGET (or the store behind the mount holding TARGET):
+    old metadata versions, then the packs (the space of deleted large files comes back
+    here), then the database's own space.
 
     Through its daemon when the store is mounted (root or the store's owner), else on the
     store itself.  Shows progress on a terminal.
     """
-    data = run_gc(target, quiet=as_json)
+    data = run_gc(target, quiet=as_json, repack_below=repack_below)
     if as_json:
         click.echo(json.dumps(data))
     else:

@@ -114,7 +114,11 @@ def diff_nul(changes: list[dict[str, Any]]) -> bytes:
 
 def gc_line(d: dict[str, Any]) -> str:
     where = "by its daemon" if d.get("daemon") else "offline"
-    return (f"removed {count(d.get('versions_removed'))} metadata versions ({where}); "
+    packs = ""
+    if d.get("packs_deleted") or d.get("packs_repacked"):
+        packs = (f"; packs: {count(d.get('packs_deleted'))} deleted, {count(d.get('packs_repacked'))} "
+                 f"repacked ({human(d.get('pack_bytes_copied'))} copied)")
+    return (f"removed {count(d.get('versions_removed'))} metadata versions ({where}){packs}; "
             f"the store takes {human(d.get('disk_bytes'))} on disk")
 
 

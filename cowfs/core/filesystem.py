@@ -24,7 +24,7 @@ from cowfs.cache.learned import SAVE_INTERVAL, Learner
 from cowfs.cache.prefetch import LEARNED, READAHEAD, Fetcher
 from cowfs.cache.readahead import Readahead
 from cowfs.chunks import codec, tree
-from cowfs.chunks.store import RefTxn
+from cowfs.chunks.refs import RefTxn
 from cowfs.chunks.tree import CHUNK, RESERVED, TreeWriter
 from cowfs.errors import FSError
 from cowfs.core.node import Node
@@ -49,8 +49,9 @@ KERNEL_DIRTY = 64 << 20  # the kernel's dirty limit for a mount, until read from
 _ZEROS = bytes(CHUNK)
 THREAD_FLUSH_BYTES = 512 << 10  # flushes larger than this hash/compress in a worker thread
 # Flushes of at least this much write their chunk encodings (those of PACK_MIN_VALUE bytes or
-# more) to a pack file, fdatasync'd in the thread, and commit only pointers (chunks/packs.py).
-# Smaller flushes (small files, fsync'd rewrites) stay inline: a pack append costs an fdatasync.
+# more) as one new pack, durable before the commit, in the thread, and commit only pointers
+# (chunks/packs.py).  Smaller flushes (small files, fsync'd rewrites) stay inline: a pack put
+# costs an fsync of the pack and of its directory.
 PACK_FLUSH_BYTES = 4 << 20
 PACK_MIN_VALUE = 8 << 10
 XATTR_SIZE_MAX = 65536
@@ -1292,10 +1293,10 @@ class Filesystem:
         return out
 
     def _encode_all(self, work: list[_Taken],
-                    pack: bool) -> tuple[list[dict[int, tuple[bytes, bytes | None] | None]], list[tuple[int, int, int]]]:
-        """_encode every node's chunks; with pack, move the large new encodings to a pack file
-        (in this thread: the write and fdatasync release the GIL).  Returns the encodings and
-        the pack extents written, which the commit must either keep or punch."""
+                    pack: bool) -> tuple[list[dict[int, tuple[bytes, bytes | None] | None]], list[int]]:
+        """_encode every node's chunks; with pack, move the large new encodings to a new pack
+        (in this thread: the write and fsync release the GIL).  Returns the encodings and
+        the packs written, which the commit keeps if it stores a pointer into them, else deletes."""
         encoded = [self._encode(t.chunks) for t in work]
         faults.point("flush_encode")  # a test hook: chunks already judged stored or new
         if not pack:
@@ -1312,7 +1313,7 @@ class Filesystem:
             for i, e in enc.items():
                 if e is not None and e[0] in pointers:
                     enc[i] = (e[0], pointers[e[0]])
-        return encoded, [codec.packed_extent(p) for p in pointers.values()]  # type: ignore[misc]
+        return encoded, sorted({codec.packed_extent(p)[0] for p in pointers.values()})  # type: ignore[index]
 
     def _flush_node_into(self, m: Mutation, node: Node, encoded: dict[int, tuple[bytes, bytes | None] | None],
                          size: int, stamp: tuple[int, int, int, int, int, int] | None = None,
@@ -1379,7 +1380,7 @@ class Filesystem:
                     except OSError as exc:
                         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                             raise
-                        raise FSError(errno.ENOSPC, f"pack append failed: {exc}") from exc  # a full disk
+                        raise FSError(errno.ENOSPC, f"pack put failed: {exc}") from exc  # a full disk
                 else:
                     encoded = [self._encode(t.chunks) for t in work]
                 for t, enc in zip(work, encoded):
@@ -1431,7 +1432,8 @@ class Filesystem:
                    ) -> tuple[int, dict[int, tuple[bytes, bytes | None] | None]]:
         """Chunks a flush took before a refused write cut their file (`_refuse`): keep what
         lies below the cut, the chunk across it trimmed (no stored chunk holds bytes beyond
-        EOF).  A packed encoding left out is punched by the commit (`ObjectStore.apply`)."""
+        EOF).  A packed encoding left out stays dead in its pack until `cowfs gc` repacks it (a
+        pack the commit stores nothing from is deleted by the commit: `ObjectStore.apply`)."""
         cap = t.node.cap
         assert cap is not None
         keep = {i: e for i, e in enc.items() if i * CHUNK < cap}

@@ -14,7 +14,7 @@ from cowfs.chunks.tree import CHUNK, RESERVED, Root
 from cowfs.meta.records import Attrs
 
 if TYPE_CHECKING:
-    from cowfs.chunks.store import ObjectStore
+    from cowfs.chunks.objects import ObjectStore
     from cowfs.core.view import View
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from cowfs.chunks.store import RefTxn
+from cowfs.chunks.refs import RefTxn
 from cowfs.kv.base import Batch
 from cowfs.meta.layers import Catalog
 from cowfs.meta.records import Attrs

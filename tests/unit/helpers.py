@@ -1,16 +1,19 @@
 """Shared helpers of the unit tests: stores built on MemoryKV, and brute-force models.
 
-Everything here runs in process without FUSE or RocksDB (the object store still needs a
-PackStore in a temporary directory: it has no blob interface to swap yet).
+Everything here runs in process without FUSE, RocksDB or the disk: the object store's packs
+live in a MemoryBlobStore.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from cowfs.blob.memory import MemoryBlobStore
 from cowfs.cache import ChunkCache
-from cowfs.chunks import codec
-from cowfs.chunks.packs import PackStore
-from cowfs.chunks.store import CF_OBJECTS, CF_REFS, ObjectStore, RefTxn, parse_ref
+from cowfs.chunks import codec, upgrade
+from cowfs.chunks.families import CF_OBJECTS, CF_REFS
+from cowfs.chunks.objects import ObjectStore
+from cowfs.chunks.packs import Packs
+from cowfs.chunks.refs import RefTxn, parse_ref
 from cowfs.chunks.tree import Root
 from cowfs.kv.base import Batch
 from cowfs.kv.memory import MemoryKV
@@ -65,11 +68,13 @@ class Objects:
     """An ObjectStore on a MemoryKV, committed as cowfs.store.Store.commit does (apply the
     RefTxn into the batch, write it, settle the accounting; abort if the write fails)."""
 
-    def __init__(self, pack_dir: Path) -> None:
+    def __init__(self, pack_dir: Path | None = None) -> None:
         self.kv = memory_kv()
-        self.packs = PackStore(str(pack_dir))
+        self.blobs = MemoryBlobStore()
+        self.packs = Packs(self.blobs)
         self.objects = ObjectStore(self.kv, ChunkCache(1 << 20, 1 << 20), self.packs)
-        self.objects.rebuild({})  # an empty store's accounting, as init_store's first open does
+        # an empty store's accounting, as init_store's first open does
+        self.objects.space = upgrade.rebuild(self.kv, {})
 
     def commit(self, batch: Batch, txn: RefTxn) -> tuple[int, int]:
         try:

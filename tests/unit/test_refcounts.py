@@ -12,7 +12,8 @@ import random
 import pytest
 
 from cowfs.chunks import codec
-from cowfs.chunks.store import CF_OBJECTS, CF_PENDING, CF_REFS, MissingObject, RefTxn, scan_space
+from cowfs.chunks.families import CF_OBJECTS, CF_PENDING, CF_REFS
+from cowfs.chunks.refs import MissingObject, RefTxn, scan_space
 from cowfs.chunks.tree import FANOUT, Root, TreeWriter, iter_chunks
 from cowfs.kv.base import Batch
 

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from cowfs.chunks import codec
-from cowfs.chunks.store import RefTxn
+from cowfs.chunks.refs import RefTxn
 from cowfs.chunks.tree import FANOUT, Root, TreeWriter, capacity, depth_for, extent, iter_chunks, lookup
 
 C = [codec.chunk_hash(b"chunk %d" % k) for k in range(8)]

@@ -1,0 +1,255 @@
+"""The content-addressed object store (chunks and tree nodes): reads through the chunk
+cache and the packs, and the commit-side bookkeeping around reference counting
+(chunks.refs does the counting itself).
+
+Objects live in the objects family: small ones inline, the chunks of large flushes in packs
+(chunks.packs) behind a pointer.  Whatever a commit changes is staged by `apply` and made
+current by `settle` once the batch is written, or forgotten by `abort` if it is not.
+"""
+from __future__ import annotations
+
+from cowfs.cache import ChunkCache
+from cowfs.chunks import codec
+from cowfs.chunks.families import CF_OBJECTS, CF_REFS, CF_SPACE, SPACE_KEY
+from cowfs.chunks.packs import MissingPack, Packs, merge_extents
+from cowfs.chunks.refs import MissingObject, Ref, RefApply, RefTxn, parse_ref
+from cowfs.chunks.space import Space
+from cowfs.kv.base import KV, Batch
+
+RUN_READ_AHEAD = 16 << 20  # bytes of a pack read ahead after a run read (ObjectStore.read_run)
+RUN_SEGMENTS = 4  # a run read serves chunks from at most this many contiguous pack ranges
+SIZES_MAX = 1 << 15  # remembered content sizes (~5 MiB), see ObjectStore.remember_size
+
+
+class ObjectStore:
+    """Reads objects through the chunk cache (L1 decoded, L2 lz4 pages); writes via RefTxn."""
+
+    def __init__(self, kv: KV, cache: ChunkCache, packs: Packs) -> None:
+        self.kv = kv
+        self.cache = cache
+        self.packs = packs
+        raw = kv.get(CF_SPACE, SPACE_KEY)
+        # None: a store from before the accounting (the caller runs chunks.upgrade.rebuild).
+        self.space: Space | None = Space.unpack(raw) if raw is not None else None
+        self._staged: Space | None = None
+        self._drop: list[int] = []  # packs to delete once the batch is written (nothing points there)
+        self._sizes: dict[bytes, int] = {}
+
+    # -- reads ---------------------------------------------------------------------------
+    def resolve(self, raw: bytes) -> bytes:
+        """The encoding an object value stands for (a P pointer's payload comes from its pack)."""
+        ext = codec.packed_extent(raw)
+        if ext is None:
+            return raw
+        return bytes((codec.packed_kind(raw),)) + self.packs.read(*ext)
+
+    def read_run(self, hashes: list[bytes], need: int) -> bytes | None:
+        """The content of consecutive chunks read straight from their packs, when they are
+        raw packed chunks lying in at most RUN_SEGMENTS contiguous ranges (a file streamed
+        in: one range per flush that wrote it): at least `need` bytes, every chunk but the
+        last whole, one ranged read per range.  None when they are not (the caller reads
+        chunk by chunk).
+
+        Streaming reads take this path without the per-chunk decode, hash check and cache
+        insert (fsck verifies every chunk; the kernel's page cache and read-ahead on the pack
+        do the caching).  On the event loop only: no commit can run between the pointer
+        lookups and the reads, and a pack is deleted only after the commit that moved every
+        pointer away from it."""
+        segments: list[list[int]] = []  # [pack, offset, length]
+        pos = 0
+        for n, h in enumerate(hashes, 1):
+            raw = self.kv.get(CF_OBJECTS, h)
+            if raw is None or raw[0] != codec.KIND_PACKED or codec.packed_kind(raw) != codec.KIND_RAW:
+                return None
+            pack, off, length = codec.packed_extent(raw)  # type: ignore[misc]
+            last = segments[-1] if segments else None
+            if last is not None and last[0] == pack and last[1] + last[2] == off:
+                last[2] += length
+            elif len(segments) == RUN_SEGMENTS:
+                return None
+            else:
+                segments.append([pack, off, length])
+            pos += length
+            if length != codec.CHUNK and n < len(hashes):
+                return None
+        if not segments or pos < need:
+            return None
+        parts = []
+        for pack, off, length in segments:
+            take = min(length, need)
+            parts.append(self.packs.read(pack, off, take))
+            need -= take
+            if not need:
+                break
+        # Chunks streamed in together lie together: have the next requests' bytes read ahead.
+        pack, off, length = segments[-1]
+        self.packs.read_ahead(pack, off + length, RUN_READ_AHEAD)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def stored(self, h: bytes) -> bytes | None:
+        """Object h's encoding (pointers resolved), or None."""
+        raw = self.kv.get(CF_OBJECTS, h)
+        return None if raw is None else self.resolve(raw)
+
+    def load(self, h: bytes) -> bytes:
+        """Load and decode chunk h from the store, bypassing the cache.  Thread-safe: the
+        readahead and prefetch workers call it from threads."""
+        raw = self.kv.get(CF_OBJECTS, h)
+        if raw is None:
+            raise MissingObject(f"chunk {h.hex()} is missing")
+        try:
+            return self._decode(raw, h)
+        except (codec.CorruptObject, OSError):
+            # A thread can read a pointer just before a commit moves the chunk (a repack, a
+            # re-encoding) and its old pack is deleted: read the record again before calling
+            # it damaged.
+            again = self.kv.get(CF_OBJECTS, h)
+            if again is None or again == raw:
+                raise
+            return self._decode(again, h)
+
+    def _decode(self, raw: bytes, h: bytes) -> bytes:
+        ext = codec.packed_extent(raw)
+        if ext is None:
+            return codec.decode_chunk(raw, h, self._base)
+        return codec.decode_payload(codec.packed_kind(raw), self.packs.read(*ext), h)
+
+    def read_ahead(self, hashes: list[bytes]) -> None:
+        """Have the pack ranges of these chunks read ahead, where the blob store can (packs
+        on the local disk are read without kernel read-around, see blob.local)."""
+        extents = []
+        for h in hashes:
+            raw = self.kv.get(CF_OBJECTS, h)
+            if raw is not None and raw[0] == codec.KIND_PACKED:
+                extents.append(codec.packed_extent(raw))
+        for pack, off, length in merge_extents(extents):  # type: ignore[arg-type]
+            self.packs.read_ahead(pack, off, length)
+
+    def pack(self, items: list[tuple[bytes, bytes]]) -> list[bytes]:
+        """Write whole encodings (R/Z values, without their kind byte) as one new pack,
+        durably; return their P pointers.  Runs in the flush thread; the caller puts the
+        pack's id in txn.staged."""
+        pack, exts = self.packs.write([memoryview(v)[1:] for _h, v in items])
+        return [codec.encode_packed(v[0], pack, off, length, codec.chunk_sizes(v)[0])
+                for (_h, v), (off, length) in zip(items, exts)]
+
+    def discard_staged(self, txn: RefTxn) -> None:
+        """The commit of txn did not happen (or stores nothing): its packs hold nothing
+        anything points at."""
+        for pack in txn.staged:
+            self.packs.delete(pack)
+        txn.staged = []
+
+    def _base(self, h: bytes) -> bytes:
+        """A delta's base (always stored whole: one hop): from L1 if there, without touching
+        its order (thread-safe), else from the store."""
+        data = self.cache.l1.peek(h)
+        return data if data is not None else self.load(h)
+
+    def _loaded(self, h: bytes) -> bytes:
+        data = self.load(h)
+        self.cache.put(h, data)
+        return data
+
+    def chunk(self, h: bytes) -> bytes:
+        data = self.cache.get(h)
+        return data if data is not None else self._loaded(h)
+
+    def read(self, h: bytes, a: int, b: int) -> bytes | memoryview:
+        """Bytes [a, b) of chunk h for a file read (fewer if the chunk ends before b)."""
+        got = self.cache.read(h, a, b)
+        return got if got is not None else memoryview(self._loaded(h))[a:b]
+
+    def load_node(self, h: bytes) -> bytes:
+        """Load, decode and verify tree node h, bypassing the cache (thread-safe)."""
+        raw = self.kv.get(CF_OBJECTS, h)
+        if raw is None:
+            raise MissingObject(f"tree node {h.hex()} is missing")
+        data = codec.decode_node(raw)
+        if codec.node_hash(data) != h:
+            raise codec.CorruptObject(f"tree node {h.hex()} does not match its hash")
+        return data
+
+    def peek_node(self, h: bytes) -> bytes:
+        """node() for worker threads: uses L1 without touching its order, never inserts."""
+        data = self.cache.peek_node(h)
+        return data if data is not None else self.load_node(h)
+
+    def node(self, h: bytes) -> bytes:
+        data = self.cache.node(h)
+        if data is None:
+            data = self.load_node(h)
+            self.cache.put_node(h, data)
+        return data
+
+    def ref(self, h: bytes) -> Ref:
+        return parse_ref(self.kv.get(CF_REFS, h))
+
+    def exists(self, h: bytes) -> bool:
+        return self.kv.get(CF_REFS, h) is not None
+
+    # -- commits -------------------------------------------------------------------------
+    def apply(self, txn: RefTxn, batch: Batch) -> tuple[int, int]:
+        """Fold txn into batch (chunks.refs.RefApply); return (objects created, objects
+        freed).  The new accounting is staged until `settle`; a staged pack that no stored
+        object points into is deleted once the batch is written."""
+        run = RefApply(self, txn, batch)
+        counts = run.run()
+        if txn.staged:
+            kept = run.kept_packs()
+            self._drop.extend(p for p in txn.staged if p not in kept)
+        self._staged = run.space
+        return counts
+
+    def settle(self) -> None:
+        """The batch of the last apply is written: its accounting is now the store's, and
+        the packs it left unreferenced can go."""
+        if self._staged is not None:
+            self.space, self._staged = self._staged, None
+        if self._drop:
+            drop, self._drop = self._drop, []
+            for pack in drop:
+                self.packs.delete(pack)
+
+    def abort(self, txn: RefTxn | None) -> None:
+        """The batch of the last apply was not written: forget what it staged."""
+        self._staged = None
+        self._drop = []
+        if txn is not None:
+            self.discard_staged(txn)
+
+    def content_size(self, h: bytes | None, txn: RefTxn | None = None) -> int:
+        """Content bytes under object h (a chunk's length, a node's sum over its slots): the
+        bytes a file whose tree root is h has allocated.  txn: one being committed, whose new
+        roots are not in the refs family yet."""
+        if h is None:
+            return 0
+        if txn is not None:
+            n = txn.root_sizes.get(h)
+            if n is not None:
+                return n
+        n = self._sizes.get(h)
+        if n is None:
+            n = max(self.ref(h).size, 0)
+            self.remember_size(h, n)
+        return n
+
+    def known_size(self, h: bytes) -> int | None:
+        """h's content size if remembered (see remember_size)."""
+        return self._sizes.get(h)
+
+    def remember_size(self, h: bytes, size: int) -> None:
+        """Content sizes never change for a hash: keep recent ones so a new node's size is a
+        sum of cached figures, not hundreds of refs reads (FIFO-bounded)."""
+        if size < 0:
+            return
+        sizes = self._sizes
+        if len(sizes) >= SIZES_MAX:
+            del sizes[next(iter(sizes))]
+        sizes[h] = size
+
+    def forget_size(self, h: bytes) -> None:
+        self._sizes.pop(h, None)
+
+
+__all__ = ["ObjectStore", "MissingObject", "MissingPack", "RefTxn"]

@@ -1,0 +1,239 @@
+"""ObjectStore and the pack layer on MemoryKV + MemoryBlobStore (no FUSE, no disk): packed
+chunks read back chunk by chunk and as runs, frees only drop pointers, a commit that stores
+nothing from a pack (or fails) deletes it, and repacking (chunks.repack) moves the live
+encodings of mostly-dead packs, leaves alone pointers that changed meanwhile, and deletes
+what nothing points at.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cowfs.chunks import codec, repack
+from cowfs.chunks.families import CF_OBJECTS
+from cowfs.chunks.packs import MissingPack, pack_id, pack_name
+from cowfs.chunks.refs import RefTxn
+from cowfs.kv.base import Batch
+
+from unit.helpers import Objects
+
+CHUNK = codec.CHUNK
+
+
+def raw_chunks(n: int, seed: int = 0) -> list[tuple[bytes, bytes, bytes]]:
+    """n random (incompressible: stored raw) full chunks: (content, hash, encoding)."""
+    out = []
+    for i in range(n):
+        data = os.urandom(CHUNK)
+        out.append((data, codec.chunk_hash(data), codec.encode_chunk(data, 1)))
+    assert all(e[0] == codec.KIND_RAW for _d, _h, e in out)
+    return out
+
+
+def flush(st: Objects, chunks: list[tuple[bytes, bytes, bytes]]) -> list[bytes]:
+    """What a large flush does: one pack for the encodings, then a commit of the pointers
+    (each chunk referenced once, as a file root would)."""
+    pointers = st.objects.pack([(h, e) for _d, h, e in chunks])
+    txn = RefTxn()
+    txn.staged = sorted({codec.packed_extent(p)[0] for p in pointers})
+    for (_d, h, _e), p in zip(chunks, pointers):
+        txn.add_object(h, p, [])
+        txn.incref(h)
+    st.commit(Batch(), txn)
+    return pointers
+
+
+def free(st: Objects, hashes: list[bytes]) -> None:
+    txn = RefTxn()
+    for h in hashes:
+        txn.decref(h)
+    st.commit(Batch(), txn)
+
+
+def packs_of(st: Objects) -> dict[int, int]:
+    return st.objects.packs.listing()
+
+
+def test_a_flush_is_one_pack_read_back_by_chunk_and_by_run():
+    st = Objects()
+    chunks = raw_chunks(6)
+    pointers = flush(st, chunks)
+    assert len(packs_of(st)) == 1
+    assert all(pack_id(n) is not None for n in (e.name for e in st.blobs.list()))
+    offs = [codec.packed_extent(p)[1] for p in pointers]
+    assert offs == [i * CHUNK for i in range(6)]  # back to back, in write order
+    for data, h, _e in chunks:
+        assert st.objects.load(h) == data
+    hashes = [h for _d, h, _e in chunks]
+    whole = b"".join(d for d, _h, _e in chunks)
+    assert st.objects.read_run(hashes, len(whole)) == whole
+    assert st.objects.read_run(hashes[1:4], 2 * CHUNK + 100) == whole[CHUNK:3 * CHUNK + 100]
+    # A second flush is a second pack: a run across both is two ranged reads.
+    more = raw_chunks(3)
+    flush(st, more)
+    assert len(packs_of(st)) == 2
+    both = hashes + [h for _d, h, _e in more]
+    assert st.objects.read_run(both, 9 * CHUNK) == whole + b"".join(d for d, _h, _e in more)
+    st.close()
+
+
+def test_run_reads_decline_what_is_not_a_raw_packed_run():
+    st = Objects()
+    chunks = raw_chunks(2)
+    flush(st, chunks)
+    text = b"compressible line\n" * 4000
+    h = codec.chunk_hash(text)
+    enc = codec.encode_chunk(text, 1)
+    assert enc[0] == codec.KIND_ZSTD
+    txn = RefTxn()
+    txn.add_object(h, enc, [])  # inline
+    txn.incref(h)
+    st.commit(Batch(), txn)
+    assert st.objects.read_run([chunks[0][1], h], CHUNK + 10) is None
+    assert st.objects.read_run([chunks[0][1], chunks[1][1]], 2 * CHUNK + 1) is None  # more than there is
+    st.close()
+
+
+def test_freeing_drops_the_pointer_and_leaves_the_pack():
+    st = Objects()
+    chunks = raw_chunks(4)
+    flush(st, chunks)
+    before = packs_of(st)
+    free(st, [chunks[0][1], chunks[1][1]])
+    assert packs_of(st) == before, "no hole punching, no rewrite: the pack stays as it is"
+    assert st.kv.get(CF_OBJECTS, chunks[0][1]) is None
+    assert st.objects.load(chunks[2][1]) == chunks[2][0]
+    assert st.objects.space.chunks == 2 and st.objects.space.chunk_bytes == 2 * (CHUNK + 1)
+    st.close()
+
+
+def test_a_pack_nothing_is_stored_from_is_deleted():
+    st = Objects()
+    chunks = raw_chunks(2)
+    flush(st, chunks)
+    # The same chunks packed again (as by a flush of a file deleted meanwhile, whose commit
+    # brings no reference): the commit stores nothing from the new pack, which goes.
+    pointers = st.objects.pack([(h, e) for _d, h, e in chunks])
+    txn = RefTxn()
+    txn.staged = [codec.packed_extent(pointers[0])[0]]
+    for (_d, h, _e), p in zip(chunks, pointers):
+        txn.add_object(h, p, [])
+        txn.incref(h)  # they exist: a dedup hit, the stored pointers stay
+    assert len(packs_of(st)) == 2
+    st.commit(Batch(), txn)
+    assert len(packs_of(st)) == 1
+    # A commit that fails deletes what it staged.
+    pointers = st.objects.pack([(h, e) for _d, h, e in raw_chunks(1)])
+    txn = RefTxn()
+    txn.staged = [codec.packed_extent(pointers[0])[0]]
+    txn.decref(chunks[0][1], 5)  # below zero: refused
+    with pytest.raises(codec.CorruptObject):
+        st.commit(Batch(), txn)
+    assert len(packs_of(st)) == 1
+    st.close()
+
+
+def test_a_reader_of_a_moved_pointer_reads_again():
+    st = Objects()
+    chunks = raw_chunks(2)
+    p = flush(st, chunks)
+    h = chunks[0][1]
+    # The pointer moves (a repack) and the old pack goes, between a thread's read of the
+    # pointer and its read of the pack: load reads the record again.
+    new, exts = st.objects.packs.write([chunks[0][2][1:]])
+    moved = codec.encode_packed(codec.KIND_RAW, new, exts[0][0], exts[0][1], CHUNK)
+    stale = st.kv.get(CF_OBJECTS, h)
+    b = Batch()
+    b.put(CF_OBJECTS, h, moved)
+    st.kv.write(b)
+    st.objects.packs.delete(codec.packed_extent(p[0])[0])
+    with pytest.raises(MissingPack):
+        st.objects.resolve(stale)
+    assert st.objects.load(h) == chunks[0][0]
+    st.close()
+
+
+def run_repack(st: Objects, below: float = repack.REPACK_BELOW, target: int = repack.REPACK_TARGET,
+               between=None) -> dict:
+    """A gc pass as background.gc.sweep_packs drives it (without the locks: one thread)."""
+    listed = st.objects.packs.listing()
+    s = repack.survey(st.kv, listed)
+    for p in s.garbage():
+        st.objects.packs.delete(p)
+    moved = 0
+    groups = s.groups(below, target)
+    for group in groups:
+        c = repack.copy(st.kv, st.objects.packs, group)
+        if between is not None:
+            between(c)
+        b = Batch()
+        n = repack.moves(st.kv, c, b)
+        if n:
+            st.commit(b, RefTxn())
+        for p in c.old + ([c.new] if c.new is not None and not n else []):
+            st.objects.packs.delete(p)
+        moved += n
+    return {"garbage": len(s.garbage()), "groups": len(groups), "moved": moved}
+
+
+def test_repack_moves_live_encodings_and_gives_the_space_back():
+    st = Objects()
+    a, b, c = raw_chunks(8), raw_chunks(8), raw_chunks(8)
+    for part in (a, b, c):
+        flush(st, part)
+    free(st, [h for _d, h, _e in a[:6]])  # a's pack: 25% live -> repacked
+    free(st, [h for _d, h, _e in b[:2]])  # b's pack: 75% live -> stays
+    free(st, [h for _d, h, _e in c])  # c's pack: nothing live -> deleted
+    space = st.objects.space
+    got = run_repack(st)
+    assert got == {"garbage": 1, "groups": 1, "moved": 2}, got
+    sizes = sorted(packs_of(st).values())
+    assert sizes == [2 * CHUNK, 8 * CHUNK], sizes  # a's live pair copied, b's pack as it was
+    assert st.objects.space == space, "moving bytes changes no figure"
+    for data, h, _e in a[6:] + b[2:]:
+        assert st.objects.load(h) == data
+    # The moved pair is still one run.
+    assert st.objects.read_run([a[6][1], a[7][1]], 2 * CHUNK) == a[6][0] + a[7][0]
+    # below=1: every pack with a dead byte is repacked (b's).
+    assert run_repack(st, below=1.0)["moved"] == 6
+    assert sorted(packs_of(st).values()) == [2 * CHUNK, 6 * CHUNK]
+    st.close()
+
+
+def test_repack_leaves_pointers_that_changed_meanwhile():
+    st = Objects()
+    a = raw_chunks(6)
+    flush(st, a)
+    free(st, [h for _d, h, _e in a[:4]])
+    keep, gone = a[4], a[5]
+
+    def meanwhile(c: repack.Copy) -> None:
+        # Between the copy and the commit: one chunk freed, the other re-encoded inline.
+        free(st, [gone[1]])
+        txn = RefTxn()
+        txn.recode[keep[1]] = keep[2]  # its R encoding, inline now
+        st.commit(Batch(), txn)
+
+    got = run_repack(st, between=meanwhile)
+    assert got["moved"] == 0
+    assert packs_of(st) == {}, "the new pack got no pointer and went with the old one"
+    assert st.kv.get(CF_OBJECTS, keep[1]) == keep[2]
+    assert st.objects.load(keep[1]) == keep[0]
+    st.close()
+
+
+def test_groups_fit_the_target_and_take_the_emptiest_first():
+    s = repack.Survey({1: 100, 2: 100, 3: 100, 4: 100}, {1: 10, 2: 40, 3: 45, 4: 90})
+    assert s.garbage() == []
+    assert s.groups(0.5, target=50) == [[1, 2], [3]]
+    assert s.groups(0.05, target=50) == []
+    assert s.dead_bytes() == 90 + 60 + 55 + 10
+    assert repack.Survey({7: 10}, {}).garbage() == [7]
+
+
+def test_pack_names():
+    assert pack_name(1) == "0000000000000001.pack"
+    assert pack_id(pack_name(0xDEADBEEF12345678)) == 0xDEADBEEF12345678
+    assert pack_id("00000001.pack") is None  # the old layout's names are not packs
+    assert pack_id("other/object") is None
