@@ -23,7 +23,8 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from cowfs import admin, dircache, faults, fuse_ext, fuse_loop, fuse_replies, mount_options, mounts, notify, private
+from cowfs import admin, faults, mount_options, mounts, notify, private
+from cowfs.fuse import dircache, ext as fuse_ext, loop as fuse_loop, replies as fuse_replies
 from cowfs.background.dedup import DedupWorker
 from cowfs.background.gc import collect_when_wanted, run_gc, sweep_packs
 from cowfs.background.sharing import Sharer
@@ -33,7 +34,8 @@ from cowfs.errors import FSError, MountError, StoreError
 from cowfs.chunks.repack import REPACK_BELOW
 from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
-from cowfs.fuse_ops import Operations
+from cowfs.fuse.inodes import is_control
+from cowfs.fuse.ops import Operations
 from cowfs.mounts import daemon_pid, pid_file
 from cowfs.store import Store
 
@@ -55,7 +57,7 @@ class MountConfig:
     cache_l2: int = 256 << 20
     prefetch: bool = True
     prefetch_learn: bool = True
-    dir_cache: bool = True  # the kernel caches directory listings (cowfs.dircache) and absent names
+    dir_cache: bool = True  # the kernel caches directory listings (cowfs.fuse.dircache) and absent names
     warm: bool = True  # list a branch's learned cold-start directories at its first touch (cowfs.background.warming)
     ctl_group: int | None = None
     quota_bytes: int | None = None
@@ -63,8 +65,8 @@ class MountConfig:
     dedup: bool = True
     dedup_cpu: float = 0.25
     share: bool = True  # the sharer (cowfs.background.sharing) runs; with dedup off it does not either
-    spin_us: int = 50  # cowfs.fuse_loop: poll the FUSE fd this long before parking (0: pyfuse3's own wait)
-    fuse_ext: bool = True  # cowfs.fuse_ext: SEEK_DATA/SEEK_HOLE, fallocate, statfs per branch
+    spin_us: int = 50  # cowfs.fuse.loop: poll the FUSE fd this long before parking (0: pyfuse3's own wait)
+    fuse_ext: bool = True  # cowfs.fuse.ext: SEEK_DATA/SEEK_HOLE, fallocate, statfs per branch
     given: set[str] = field(default_factory=set)  # the daemon-wide options above set explicitly (mount_options.apply)
 
 
@@ -220,7 +222,7 @@ class Daemon:
                               cache_absent=cfg.dir_cache, warm=self.warmer,
                               view_root=self._view_root)
         # The control directories' listings change behind the kernel (snapshots come and go).
-        self.dir_cache = cfg.dir_cache and dircache.install(lambda fino: not Operations._is_control(fino))
+        self.dir_cache = cfg.dir_cache and dircache.install(lambda fino: not is_control(fino))
         # LSEEK, FALLOCATE and STATFS's inode, which pyfuse3 does not hand on.
         self.ext = fuse_ext.Extensions(cfg.mountpoint, self.ops.lseek, self.ops.fallocate, self.ops.statfs_of)
         if cfg.fuse_ext:
@@ -520,7 +522,7 @@ class Daemon:
             await sup.serve(nursery, "admin", lambda task_status: admin.serve(sock, self.handle_admin, owner=owner,
                                                                               task_status=task_status))
             sup.start(nursery, "flusher", self.fs.background_flusher)
-            sup.start(nursery, "kernel_syncer", self.ops.kernel_syncer)
+            sup.start(nursery, "kernel_syncer", self.ops.kernel.syncer)
             sup.start(nursery, "signals", self._watch_signals)
             sup.start(nursery, "readahead_tuning", self._tune_readahead, speculative=True)
             sup.start(nursery, "gc", lambda: collect_when_wanted(self.fs))
@@ -554,7 +556,7 @@ class Daemon:
             self.store.close()
             ready(f"cannot mount {cfg.mountpoint}: {exc}")
             return 1
-        # A reply refused at unmount is logged as what it is (cowfs.fuse_replies).
+        # A reply refused at unmount is logged as what it is (cowfs.fuse.replies).
         fuse_replies.install(before)
         private.write_file(pid_file(cfg.store), f"{os.getpid()}\n")
         entry = mounts.entry_at(cfg.mountpoint)

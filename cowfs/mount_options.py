@@ -115,7 +115,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("spin_us", "N", "50", "microseconds the daemon polls for the next FUSE request before it sleeps "
            "(0-1000; 0 leaves pyfuse3's own wait)", "spin_us", _spin),
     Option("fuse_ext", "0|1", "1", "SEEK_DATA/SEEK_HOLE, fallocate and each branch's own df, served through "
-           "libfuse's session (cowfs/fuse_ext.py); 0 turns them off", "fuse_ext", _bool01),
+           "libfuse's session (cowfs/fuse/ext.py); 0 turns them off", "fuse_ext", _bool01),
 )
 BY_NAME: dict[str, Option] = {n: o for o in OPTIONS for n in (o.name, *o.aliases)}
 # The options that hold for the whole daemon (every branch it serves); set explicitly, they

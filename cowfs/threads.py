@@ -1,6 +1,6 @@
 """Thread work that runs Python code, i.e. needs the GIL while it runs.
 
-The request loop (cowfs.fuse_loop) may spin between FUSE requests, holding the GIL; it does
+The request loop (cowfs.fuse.loop) may spin between FUSE requests, holding the GIL; it does
 not while any job started here is in flight, so the job gets the GIL whenever the loop waits.
 Work that mostly waits in C with the GIL released (a WAL fsync, the kernel calls on our own
 mount) does not need this and uses `trio.to_thread.run_sync` directly.

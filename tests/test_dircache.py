@@ -1,4 +1,4 @@
-"""The kernel caches directory listings (cowfs.dircache: FOPEN_CACHE_DIR) and absent names
+"""The kernel caches directory listings (cowfs.fuse.dircache: FOPEN_CACHE_DIR) and absent names
 (negative entries), and never shows a stale one: not after changes through the mount, nor
 after changes the daemon makes behind the kernel's back (a clone into a listed directory or
 onto a name looked up before, a rollback), nor in `.cowfs/snapshots`; `-o dir_cache=0`

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from cowfs.core.filesystem import Filesystem
-from cowfs.fuse_ops import Operations
+from cowfs.fuse.ops import Operations
 from cowfs.meta.records import Attrs
 from cowfs.meta.versioned import CF_INODES, ino_key
 from cowfs.store import ROOT_INO, Store, init_store

@@ -1,4 +1,4 @@
-"""The FUSE request loop (cowfs.fuse_loop): a request that follows the last reply closely is
+"""The FUSE request loop (cowfs.fuse.loop): a request that follows the last reply closely is
 taken without parking in trio's event loop, the daemon's other tasks still run while a client
 keeps the mount busy, and `-o spin_us=0` leaves pyfuse3's own wait in place."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from cowfs import threads
-from cowfs.fuse_loop import YIELD_NS, ReadLock, Waiter
+from cowfs.fuse.loop import YIELD_NS, ReadLock, Waiter
 from test_branching import stats
 
 

@@ -566,8 +566,8 @@ def test_without_the_fuse_extensions_the_kernel_fallbacks_hold(mount_factory, te
 
 
 def test_session_layout_check_refuses_what_it_does_not_know():
-    """cowfs.fuse_ext writes into libfuse's session only when every check passes."""
-    from cowfs import fuse_ext
+    """cowfs.fuse.ext writes into libfuse's session only when every check passes."""
+    from cowfs.fuse import ext as fuse_ext
 
     class Lib:
         def __init__(self, version: int, fd: int) -> None:

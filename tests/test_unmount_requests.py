@@ -5,7 +5,7 @@ close(2) returns before the kernel sends the file's RELEASE (in the background),
 unmount ends the FUSE connection without waiting for the requests it sent: one the daemon is
 still serving has its reply refused with ENOENT, one still queued never arrives.  Any FUSE
 daemon sees this; cowfs serves the first to the end and logs the refused reply at INFO
-(cowfs.fuse_replies), and loses nothing to the second.  A reply refused while the
+(cowfs.fuse.replies), and loses nothing to the second.  A reply refused while the
 connection is up is a real bug (a request answered twice) and stays an ERROR.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def fsck_clean(store) -> None:
 def test_releases_outstanding_at_unmount(mount_factory):
     # 1. A RELEASE still being served when the mount goes: its commit (held in its encoding
     # thread by the test hook) finishes, the kernel refuses the reply.  Before
-    # cowfs.fuse_replies: 'ERROR pyfuse3: fuse_release(): fuse_reply_* failed with No such
+    # cowfs.fuse.replies: 'ERROR pyfuse3: fuse_release(): fuse_reply_* failed with No such
     # file or directory', the soak test's failure.
     m = mount_factory(env={"COWFS_FAULTS": f"flush_encode:sleep{HOLD_S}:1"})
     with open(m.path / "warm", "wb"):  # the first close's FLUSH is declined: later closes send none
@@ -74,7 +74,7 @@ def test_releases_outstanding_at_unmount(mount_factory):
     assert m.stop() == 0
     log = m.log_text()
     assert " ERROR " not in log, m.describe()
-    assert ("INFO cowfs.fuse_replies: fuse_release(): reply not delivered: the kernel had ended the FUSE "
+    assert ("INFO cowfs.fuse.replies: fuse_release(): reply not delivered: the kernel had ended the FUSE "
             "connection (unmount or abort)") in log, m.describe()
 
     # 2. RELEASEs the kernel never delivers: the daemon is stopped when the files are closed,
@@ -119,7 +119,7 @@ def test_releases_outstanding_at_unmount(mount_factory):
 # and a stat of its mount point by anyone else would wait for it.
 _KERNEL_CHECK = textwrap.dedent("""
     import ctypes, errno, json, logging, os, struct, sys, tempfile
-    from cowfs import fuse_replies
+    from cowfs.fuse import replies as fuse_replies
 
     records = []
     class Keep(logging.Handler):
@@ -171,7 +171,7 @@ _KERNEL_CHECK = textwrap.dedent("""
 
 @pytest.mark.timeout(60)
 def test_a_refused_reply_is_an_error_while_the_connection_is_up(tmp_path):
-    """What cowfs.fuse_replies tells apart, on a real FUSE connection: the kernel refuses a
+    """What cowfs.fuse.replies tells apart, on a real FUSE connection: the kernel refuses a
     reply with ENOENT both while the connection is up (an unknown request: a bug, ERROR) and
     after it ended (the unmount dropped the request: INFO)."""
     script = tmp_path / "check.py"
@@ -185,9 +185,9 @@ def test_a_refused_reply_is_an_error_while_the_connection_is_up(tmp_path):
     assert out["read_after"] == 19  # ENODEV: the unmount ended the connection
     assert out["live_ended"] is False and out["ended"] is True
     [(name, level, msg)] = out["live_records"]
-    assert (name, level) == ("cowfs.fuse_replies", "ERROR"), out
+    assert (name, level) == ("cowfs.fuse.replies", "ERROR"), out
     assert "while the FUSE connection is up" in msg and "answered twice" in msg, msg
     [(name, level, msg), other] = out["ended_records"]
-    assert (name, level) == ("cowfs.fuse_replies", "INFO"), out
+    assert (name, level) == ("cowfs.fuse.replies", "INFO"), out
     assert msg.startswith("fuse_release(): reply not delivered: the kernel had ended the FUSE connection"), msg
     assert other == ["pyfuse3", "ERROR", "fuse_release(): fuse_reply_* failed with Invalid argument"]

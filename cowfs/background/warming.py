@@ -6,7 +6,7 @@ stats is a round trip through the daemon while the client waits.  The learned mo
 (cowfs.cache.learned) keeps, per branch, the directories clients touched in a mount's first
 seconds.  At the first touch after the next mount, a helper process (cowfs/background/warm_child.py)
 lists them in that order.  Its READDIRPLUS replies fill the kernel's dentry, attribute and
-(FOPEN_CACHE_DIR, cowfs.dircache) listing caches, so the client's own lstats and listings are
+(FOPEN_CACHE_DIR, cowfs.fuse.dircache) listing caches, so the client's own lstats and listings are
 answered by the kernel while the helper runs ahead of it on the other core.
 
 The helper's requests are recognised by its pid (and its directory handles): they are

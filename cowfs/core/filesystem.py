@@ -1547,6 +1547,41 @@ class Filesystem:
                      len(keys))
         return len(keys)
 
+    # -- writers through the kernel's page cache, and the kernel's view after a refusal ------
+    def writer_opened(self, node: Node, cached: bool) -> None:
+        """A handle that may write was opened; cached: through the kernel's page cache, whose
+        acknowledged writes a refusal loses (`_refuse` cuts the file then)."""
+        if cached:
+            node.cached_writers += 1
+
+    def writer_closed(self, node: Node, cached: bool) -> None:
+        if cached:
+            node.cached_writers -= 1
+
+    def kernel_view_owed(self, node: Node) -> bool:
+        """Whether the kernel's view of node (size, pages) must be brought back to ours now:
+        a refused write left it ahead, and the last writer through the page cache is gone
+        (its close reported the error).  It is then taken off the list of `wait_unsynced`;
+        the caller syncs the kernel's view and then calls `end_cut`."""
+        if node.cached_writers > 0 or (node.cap is None and node not in self.kernel_unsynced):
+            return False
+        self.kernel_unsynced.discard(node)
+        return True
+
+    @staticmethod
+    def end_cut(node: Node) -> None:
+        """The kernel's view of node is ours again: writes beyond the cut are no longer refused."""
+        node.cap = None
+
+    async def wait_unsynced(self) -> list[Node]:
+        """Wait until refused writes left the kernel's view of files ahead of ours (while
+        writers still have them open); take those files."""
+        await self.kernel_sync_wanted.wait()
+        self.kernel_sync_wanted = trio.Event()
+        nodes = list(self.kernel_unsynced)
+        self.kernel_unsynced.clear()
+        return nodes
+
     def space_tight(self) -> bool:
         """Whether the store's free space (above its reserve) is within what the kernel and
         the daemon may hold acknowledged but unwritten (their dirty limits, counted twice as

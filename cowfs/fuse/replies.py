@@ -19,7 +19,7 @@ session's /dev/fuse descriptor reports POLLERR exactly when the connection's inp
 disconnected (`fuse_dev_poll`), which `fuse_abort_conn` does in the same locked section as the
 processing queues.  An ended connection is logged at INFO with the reason; a live one at
 ERROR, saying what it means.  Other errors (EINVAL: a malformed reply) pass unchanged.
-cowfs.fuse_ext, which replies itself, reports its failed replies through `failed`.
+cowfs.fuse.ext, which replies itself, reports its failed replies through `failed`.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ into the session's table: `lseek`, `fallocate` and `statfs`.  libfuse then calls
 STATFS callback replies at once (`fuse_reply_statfs`); LSEEK and FALLOCATE start a trio task
 in the daemon's nursery, which awaits the handler and replies with `fuse_reply_lseek` or
 `fuse_reply_err`.  Exactly one reply per request, always (an error is EIO, a cancellation
-at unmount EINTR); a reply the kernel refuses is logged by cowfs.fuse_replies, as pyfuse3's
+at unmount EINTR); a reply the kernel refuses is logged by cowfs.fuse.replies, as pyfuse3's
 own are.  After installing, the wrappers put pyfuse3's own coroutines back, so
 no request pays for this afterwards.
 
@@ -49,7 +49,7 @@ from typing import Any, Awaitable, Callable
 import pyfuse3
 import trio
 
-from cowfs import fuse_replies
+from cowfs.fuse import replies as fuse_replies
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class _Session(ctypes.Structure):
 
 
 class _FileInfo(ctypes.Structure):
-    """The head of `struct fuse_file_info` up to `fh` (see cowfs.dircache)."""
+    """The head of `struct fuse_file_info` up to `fh` (see cowfs.fuse.dircache)."""
 
     _fields_ = [("flags", ctypes.c_int), ("bits", ctypes.c_uint32), ("padding2", ctypes.c_uint32),
                 ("fh", ctypes.c_uint64)]
@@ -179,7 +179,7 @@ class Extensions:
 
     def arm(self) -> None:
         """Wrap pyfuse3's entry points so that the first request installs the callbacks."""
-        from cowfs import dircache
+        from cowfs.fuse import dircache
 
         if not dircache.layout_matches():
             self.reason = f"pyfuse3 {getattr(pyfuse3, '__version__', '?')}: unknown request layout"
@@ -196,7 +196,7 @@ class Extensions:
             setattr(pyfuse3, name, self._first(original))
 
     def _first(self, original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-        from cowfs.dircache import _Container
+        from cowfs.fuse.dircache import _Container
 
         async def first_request(c: Any, *args: Any) -> None:
             if self._originals:
@@ -257,7 +257,7 @@ class Extensions:
 
     @staticmethod
     def _check(what: str, ret: int) -> None:
-        if ret < 0:  # the kernel refused the reply (see cowfs.fuse_replies)
+        if ret < 0:  # the kernel refused the reply (see cowfs.fuse.replies)
             fuse_replies.failed(what, -ret)
 
     def _reply_err(self, what: str, req: int, err: int) -> None:
