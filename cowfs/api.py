@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar, Union
 
-from cowfs import mounts as _mounts
+from cowfs.daemon import mounts as _mounts
 from cowfs.commands import protocol
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -280,7 +280,7 @@ def _exchange(mountpoint: PathLike, words: tuple[str, ...]) -> dict[str, Any]:
 
 def refused(mountpoint: PathLike) -> str:
     """Why opening MOUNT/.cowfs/ctl was refused, and who may use it."""
-    from cowfs.mounts import user_name
+    from cowfs.daemon.mounts import user_name
 
     mp = os.fspath(mountpoint)
     try:
@@ -370,7 +370,7 @@ class Mount:
     def umount(self, timeout: float = 60.0) -> None:
         """Flush, unmount and (if no other branch of the store is mounted) wait for the daemon.
 
-        As ``cowfs umount`` does it (cowfs.mounts, which imports neither pyfuse3 nor trio):
+        As ``cowfs umount`` does it (cowfs.daemon.mounts, which imports neither pyfuse3 nor trio):
         ``fusermount3 -u`` (the kernel writes its dirty pages back first), then wait until the
         daemon has committed, synced and exited.  A dead daemon's mount is cleared.
         """

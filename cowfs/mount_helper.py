@@ -12,7 +12,7 @@ mount(8) calls ``/sbin/mount.fuse.cowfs SOURCE MOUNTPOINT [-sfnvw] [-o OPTIONS] 
 
 Options:
   branch=NAME                  the branch to mount (default main)
-  every ``cowfs mount -o`` option (cowfs/mount_options.py; ``cowfs help mount-options``)
+  every ``cowfs mount -o`` option (cowfs/daemon/options.py; ``cowfs help mount-options``)
   debug                        as ``cowfs mount --debug``
   ro, noexec, exec, noatime, sync, async, dirsync
                                kernel mount flags, passed to the FUSE mount
@@ -27,7 +27,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from cowfs import mount_options
+from cowfs.daemon import options as mount_options
 
 USAGE = ("usage: mount.fuse.cowfs STORE MOUNTPOINT [-o OPTION[,OPTION...]] [-s] [-f] [-n] [-v]\n"
          "       (normally run by mount(8): mount -t fuse.cowfs STORE MOUNTPOINT -o branch=NAME)")
@@ -76,7 +76,7 @@ def split_options(text: str) -> list[str]:
 
 def parse_args(argv: list[str]) -> Request:
     """Parse mount(8)'s helper arguments (SOURCE MOUNTPOINT then flags, in any order)."""
-    from cowfs.daemon import MountConfig
+    from cowfs.daemon.config import MountConfig
 
     positional: list[str] = []
     opts: list[str] = []
@@ -156,7 +156,7 @@ def parse_args(argv: list[str]) -> Request:
 
 def mount(req: Request) -> int:
     """Mount as `cowfs mount` does (fork the daemon, return once the mount is usable)."""
-    from cowfs import daemon
+    from cowfs.daemon import process as daemon
 
     cfg = daemon.MountConfig(req.store, req.mountpoint, req.branch, options=list(req.options), debug=req.debug)
     for key, value in req.cache:

@@ -32,7 +32,7 @@ from cowfs.meta.records import Attrs
 from cowfs.meta.shared import SharedTrees
 from cowfs.meta import links
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, LayerView, Versioned, ino_key
-from cowfs.mounts import daemon_pid
+from cowfs.daemon.mounts import daemon_pid
 
 log = logging.getLogger(__name__)
 # 2: delta objects, 24-byte reference records, the pending/similar/space families.  A

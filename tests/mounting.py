@@ -108,8 +108,8 @@ def run_cowfs(*args, timeout: float = 60, check: bool = True, **kw) -> subproces
 # drops to the user and runs it.
 _AS_USER = """
 import importlib, os, sys
-for m in ("cowfs.cli", "cowfs.api", "cowfs.admin", "cowfs.mounts", "cowfs.store",
-          "cowfs.daemon", "cowfs.mount_helper", "cowfs.commands.authz", "concurrent.futures", "concurrent.futures.thread",
+for m in ("cowfs.cli", "cowfs.api", "cowfs.daemon.admin", "cowfs.daemon.mounts", "cowfs.store",
+          "cowfs.daemon.process", "cowfs.mount_helper", "cowfs.commands.authz", "concurrent.futures", "concurrent.futures.thread",
           "shlex", "socket", "tempfile", "hashlib", "encodings.idna", "json.decoder"):
     importlib.import_module(m)
 uid, gid = int(sys.argv[1]), int(sys.argv[2])

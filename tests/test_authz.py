@@ -311,7 +311,7 @@ def test_store_administration(sbx):
     # kernel who is connecting (SO_PEERCRED) and refuses.
     os.chmod(store, 0o755)
     os.chmod(os.path.join(store, "daemon.sock"), 0o666)
-    code = ("import json, sys\nfrom cowfs import admin\n"
+    code = ("import json, sys\nfrom cowfs.daemon import admin\n"
             "print(json.dumps(admin.request(sys.argv[1], {'cmd': sys.argv[2], 'name': 'before-step'})))")
     for cmd in ("delete", "list", "stats", "gc"):
         r = subprocess.run(["/usr/bin/python3", "-c", code, str(store), cmd], capture_output=True, text=True,
@@ -429,7 +429,7 @@ def test_store_owner_administers_through_the_socket(mount_factory, shared_tmp):
     r = mounting.run_cowfs_as(owner, owner, "delete", store, "s1", check=False)
     assert r.returncode == 0, r.stderr
     assert names(ok(a.path, "list"), "snapshots") == set()
-    code = ("import json, sys\nfrom cowfs import admin\n"
+    code = ("import json, sys\nfrom cowfs.daemon import admin\n"
             "print(json.dumps(admin.request(sys.argv[1], {'cmd': 'attach', 'branch': 'main', 'mountpoint': '/'})))")
     r = subprocess.run(["/usr/bin/python3", "-c", code, str(store)], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(mounting.REPO)), user=owner, group=owner,

@@ -240,7 +240,8 @@ def test_help_topics_and_man_page_come_from_the_same_text():
 
 
 def test_mount_help_lists_every_option_the_daemon_parses():
-    from cowfs import daemon, mount_helper, mount_options
+    from cowfs import mount_helper
+    from cowfs.daemon import config as daemon, options as mount_options
 
     text = cowfs("mount", "--help", check=True).stdout
     for o in mount_options.OPTIONS:

@@ -163,7 +163,7 @@ def test_without_the_remote_extra_the_embedded_store_still_works(tmp_path):
                 if name.split(".")[0] in ("boto3", "botocore", "etcd3gw", "requests"):
                     raise ImportError(f"No module named {name!r} (blocked by the test)")
         sys.meta_path.insert(0, Block())
-        import cowfs.cli, cowfs.daemon, cowfs.store, cowfs.blob, cowfs.blob.local
+        import cowfs.cli, cowfs.daemon.server, cowfs.store, cowfs.blob, cowfs.blob.local
         import cowfs.kv.etcd, cowfs.blob.s3
         from cowfs.remote import MissingDependency
         for make in (lambda: cowfs.kv.etcd.EtcdKV("http://127.0.0.1:1", ("a",)),

@@ -22,7 +22,7 @@ import pytest
 
 import mounting
 from conftest import UNPRIV_GID, UNPRIV_UID
-from cowfs import admin
+from cowfs.daemon import admin
 from mounting import Worker, run_cowfs, run_cowfs_as
 
 SECRET = b"cowfs-privacy-canary-" + b"0123456789abcdef" * 4

@@ -21,7 +21,7 @@ import pytest
 import trio
 
 import mounting
-from cowfs import admin
+from cowfs.daemon import admin
 from cowfs.core.filesystem import Filesystem
 from cowfs.kv.base import Batch
 from cowfs.store import ROOT_INO, Store, init_store

@@ -19,7 +19,7 @@ import time
 import pytest
 
 import mounting
-from cowfs import admin
+from cowfs.daemon import admin
 from mounting import run_cowfs
 
 MiB = 1 << 20

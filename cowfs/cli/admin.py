@@ -11,11 +11,12 @@ import os
 import socket
 from typing import Any
 
-from cowfs import admin, api
+from cowfs import api
+from cowfs.daemon import admin
 from cowfs.cli import targets
 from cowfs.cli.errors import CliError
 from cowfs.errors import StoreError
-from cowfs.mounts import daemon_pid, user_name
+from cowfs.daemon.mounts import daemon_pid, user_name
 
 PROBE_TIMEOUT = 5.0
 

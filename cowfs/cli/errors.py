@@ -27,7 +27,7 @@ def describe(exc: BaseException) -> str:
     """One line for an exception nothing else caught."""
     from cowfs import api
     from cowfs.errors import MountError, StoreError
-    from cowfs.mounts import user_name
+    from cowfs.daemon.mounts import user_name
 
     if isinstance(exc, (CliError, MountError, StoreError, api.CowfsError)):
         return str(exc)

@@ -14,7 +14,8 @@ from typing import Callable
 
 import click
 
-from cowfs import __version__, mount_options
+from cowfs import __version__
+from cowfs.daemon import options as mount_options
 from cowfs.cli.errors import EXIT_CODES, CliError
 from cowfs.cli.maintenance import FSCK_CODES
 from cowfs.commands import protocol

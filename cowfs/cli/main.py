@@ -20,7 +20,8 @@ from typing import Any
 
 import click
 
-from cowfs import __version__, mount_options
+from cowfs import __version__
+from cowfs.daemon import options as mount_options
 from cowfs.cli import control, history, maintenance, run, status, transfer
 from cowfs.cli.errors import EXIT_CODES, CliError, describe
 from cowfs.cli.help import help_
@@ -95,7 +96,7 @@ def init(store: str) -> None:
 @click.option("--debug", is_flag=True, help="The daemon logs every operation (STORE/daemon.log).")
 def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: tuple[str, ...], debug: bool) -> None:
     """Mount branch BRANCH of STORE at MOUNTPOINT; returns once the mount is ready."""
-    from cowfs import daemon
+    from cowfs.daemon import process as daemon
 
     cfg = daemon.MountConfig(store, mountpoint, branch, debug=debug)
     for o in mount_options.split(options):
@@ -127,7 +128,7 @@ def umount(mountpoint: str, timeout: float, force: bool) -> None:
     daemon that died (killed, crashed) is cleared, even when processes hang in it: its
     FUSE connection is aborted.  Only root and the user who mounted it may unmount it.
     """
-    from cowfs import mounts
+    from cowfs.daemon import mounts
 
     try:
         click.echo(mounts.umount(mountpoint, timeout, force))

@@ -11,13 +11,14 @@ from typing import Any
 
 import click
 
-from cowfs import admin, api
+from cowfs import api
+from cowfs.daemon import admin
 from cowfs.cli import progress, report, targets
 from cowfs.cli.admin import admin_call, served
 from cowfs.cli.errors import CliError
 from cowfs.cli.params import json_opt, target_arg
 from cowfs.errors import StoreError
-from cowfs.mounts import daemon_pid
+from cowfs.daemon.mounts import daemon_pid
 
 FSCK_CLEAN, FSCK_REPAIRED, FSCK_LEFT, FSCK_NOT_CHECKED = 0, 1, 4, 8
 FSCK_CODES = (

@@ -14,7 +14,7 @@ def complete_mounts(ctx: click.Context, param: click.Parameter, incomplete: str)
     """Mount points of cowfs (then directories, as a shell would)."""
     from click.shell_completion import CompletionItem
 
-    from cowfs.mounts import cowfs_mounts
+    from cowfs.daemon.mounts import cowfs_mounts
 
     out = [CompletionItem(e.mountpoint) for e in cowfs_mounts() if e.mountpoint.startswith(incomplete)]
     return out + [CompletionItem(incomplete, type="dir")]
@@ -26,9 +26,10 @@ def complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) 
     would hold its lock against a mount starting meanwhile)."""
     from click.shell_completion import CompletionItem
 
-    from cowfs import admin, api
+    from cowfs import api
+    from cowfs.daemon import admin
     from cowfs.cli import targets
-    from cowfs.mounts import daemon_pid
+    from cowfs.daemon.mounts import daemon_pid
 
     given = ctx.params.get("mount") or ctx.params.get("target")
     if not given:

@@ -14,12 +14,13 @@ import click
 
 from cowfs.cli.admin import PROBE_TIMEOUT, branch_here
 from cowfs.cli.textfmt import duration, human
-from cowfs.mounts import MountEntry, cowfs_mounts
+from cowfs.daemon.mounts import MountEntry, cowfs_mounts
 
 
 def _daemon_stats(store: str, mountpoint: str | None) -> dict[str, Any]:
     """The daemon's figures: admin socket (root), else the mount's world-readable .cowfs/stats."""
-    from cowfs import admin, api
+    from cowfs import api
+    from cowfs.daemon import admin
 
     try:
         return admin.request(store, {"cmd": "stats"}, timeout=PROBE_TIMEOUT)  # type: ignore[no-any-return]
@@ -39,7 +40,7 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
 
     from cowfs import api
     from cowfs.cli.targets import store_of
-    from cowfs.mounts import daemon_pid
+    from cowfs.daemon.mounts import daemon_pid
 
     wanted = None if not only else {store_of(t) for t in only}  # any path inside a mount stands for its store
     stores: dict[str, list[MountEntry]] = {}

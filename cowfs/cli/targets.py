@@ -12,7 +12,7 @@ import posixpath
 from dataclasses import dataclass
 
 from cowfs.cli.errors import CliError
-from cowfs.mounts import MountEntry, mount_table
+from cowfs.daemon.mounts import MountEntry, mount_table
 
 
 class TargetError(CliError):

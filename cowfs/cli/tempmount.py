@@ -14,7 +14,7 @@ import click
 from cowfs.cli.admin import branch_here
 from cowfs.cli.errors import CliError
 from cowfs.errors import MountError
-from cowfs.mounts import cowfs_mounts
+from cowfs.daemon.mounts import cowfs_mounts
 
 
 def require_store(store: str) -> str:
@@ -39,7 +39,7 @@ def find_branch_mount(store: str, branch: str) -> str | None:
 
 def _unmount(mountpoint: str) -> None:
     """cowfs umount, retrying while a process that just left keeps it busy; lazy as a last resort."""
-    from cowfs import mounts
+    from cowfs.daemon import mounts
 
     deadline = time.monotonic() + 15
     while True:

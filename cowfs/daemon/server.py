@@ -1,10 +1,7 @@
-"""The daemon: one process per store owns the RocksDB database and the FUSE session.
-
-`cowfs mount` checks everything it can in the calling process (clear errors, no
-traceback), then forks the daemon, which reports back on a pipe once the kernel has the
-mount, so `cowfs mount` returns only when the mount is usable.  The daemon exits when the
-mount goes away, however that happens (`cowfs umount`, `umount`, `fusermount3 -u`,
-SIGTERM/SIGINT): it flushes, syncs and closes the store first.
+"""The daemon at work: one process per store owns the database and the FUSE session, serves
+every branch mounted from the store (the first mount, and others attached as bind mounts),
+runs the background work under supervision, answers the admin socket, and exits when its
+last mount goes, after committing and syncing (docs/architecture.md, "Process model").
 """
 from __future__ import annotations
 
@@ -15,169 +12,34 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pyfuse3
 import trio
 
-from cowfs import admin, faults, mount_options, mounts, notify, private
-from cowfs.fuse import dircache, ext as fuse_ext, loop as fuse_loop, replies as fuse_replies
+from cowfs import faults, private
 from cowfs.background.dedup import DedupWorker
 from cowfs.background.gc import collect_when_wanted, run_gc, sweep_packs
 from cowfs.background.sharing import Sharer
 from cowfs.background.supervise import Supervisor
 from cowfs.background.warming import Warmer
-from cowfs.errors import FSError, MountError, StoreError
 from cowfs.chunks.repack import REPACK_BELOW
 from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
+from cowfs.daemon import admin, mounts, notify
+from cowfs.daemon.config import MountConfig, fuse_options, options_in_force
+from cowfs.daemon.mounts import pid_file
+from cowfs.errors import FSError, MountError, StoreError
+from cowfs.fuse import dircache, ext as fuse_ext, loop as fuse_loop, replies as fuse_replies
 from cowfs.fuse.inodes import is_control
 from cowfs.fuse.ops import Operations
-from cowfs.mounts import daemon_pid, pid_file
 from cowfs.store import Store
 
 log = logging.getLogger("cowfs.daemon")
-LOG_NAME = "daemon.log"
 KERNEL_SYNC_TIMEOUT = 30.0
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 MS_BIND = 4096
-
-
-@dataclass
-class MountConfig:
-    store: str
-    mountpoint: str
-    branch: str = "main"
-    options: list[str] = field(default_factory=list)
-    debug: bool = False
-    cache_l1: int = 256 << 20
-    cache_l2: int = 256 << 20
-    prefetch: bool = True
-    prefetch_learn: bool = True
-    dir_cache: bool = True  # the kernel caches directory listings (cowfs.fuse.dircache) and absent names
-    warm: bool = True  # list a branch's learned cold-start directories at its first touch (cowfs.background.warming)
-    ctl_group: int | None = None
-    quota_bytes: int | None = None
-    quota_inodes: int | None = None
-    dedup: bool = True
-    dedup_cpu: float = 0.25
-    share: bool = True  # the sharer (cowfs.background.sharing) runs; with dedup off it does not either
-    spin_us: int = 50  # cowfs.fuse.loop: poll the FUSE fd this long before parking (0: pyfuse3's own wait)
-    fuse_ext: bool = True  # cowfs.fuse.ext: SEEK_DATA/SEEK_HOLE, fallocate, statfs per branch
-    given: set[str] = field(default_factory=set)  # the daemon-wide options above set explicitly (mount_options.apply)
-
-
-CACHE_KEYS = mount_options.DAEMON_WIDE
-# Mount flags (MountConfig.options) by word: the flag each sets, and to what.  Like the cache
-# options, ctl_group and debug, they hold for every branch one daemon serves.
-FLAG_WORDS = {"allow_other": ("allow_other", True), "suid": ("suid", True), "nosuid": ("suid", False),
-              "dev": ("dev", True), "nodev": ("dev", False), "ro": ("ro", True), "noexec": ("noexec", True),
-              "exec": ("noexec", False), "noatime": ("noatime", True), "sync": ("sync", True),
-              "async": ("sync", False), "dirsync": ("dirsync", True), "rw": ("ro", False), "atime": ("noatime", False)}
-
-
-def options_in_force(cfg: MountConfig) -> dict[str, Any]:
-    """The daemon-wide options of a daemon started with cfg, by name."""
-    out: dict[str, Any] = {name: False for name, _value in FLAG_WORDS.values()}
-    for word in cfg.options:
-        if word in FLAG_WORDS:
-            name, value = FLAG_WORDS[word]
-            out[name] = value
-    out.update(ctl_group=cfg.ctl_group, debug=cfg.debug)
-    out.update((key, getattr(cfg, key)) for key in CACHE_KEYS)
-    return out
-
-
-def options_asked(cfg: MountConfig) -> dict[str, Any]:
-    """The daemon-wide options cfg sets explicitly (a mount of another branch asks for these)."""
-    out: dict[str, Any] = {}
-    for word in cfg.options:
-        if word in FLAG_WORDS:
-            name, value = FLAG_WORDS[word]
-            out[name] = value
-    if cfg.ctl_group is not None:
-        out["ctl_group"] = cfg.ctl_group
-    if cfg.debug:
-        out["debug"] = True
-    out.update((key, getattr(cfg, key)) for key in sorted(cfg.given))
-    return out
-
-
-def _option_word(name: str, value: Any) -> str:
-    """How -o spells the option name set to value."""
-    if name == "debug":
-        return "debug" if value else "no debug"
-    if name in CACHE_KEYS or name == "ctl_group":
-        if isinstance(value, bool):
-            zero_one = ("prefetch", "prefetch_learn", "dir_cache", "warm", "fuse_ext")
-            value = int(value) if name in zero_one else "on" if value else "off"
-        return f"{name}={'none' if value is None else value}"
-    return next((w for w, nv in FLAG_WORDS.items() if nv == (name, value)), name if value else f"no {name}")
-
-
-def option_conflicts(asked: dict[str, Any], in_force: dict[str, Any]) -> list[str]:
-    """'asked (in force: value)' for each asked option that differs from the one in force."""
-    return [f"-o {_option_word(k, v)} (in force: {_option_word(k, in_force.get(k))})"
-            for k, v in asked.items() if in_force.get(k) != v]
-
-
-def check_mountpoint(mountpoint: str) -> None:
-    """Refuse missing, non-empty or already mounted mountpoints; clear the mount a dead
-    daemon of a cowfs store left there.  The mount table is read before the mountpoint is
-    touched: a stat of a hung FUSE mount would block."""
-    entry = mounts.entry_at(mountpoint)
-    if entry is not None:
-        if entry.store is None or daemon_pid(entry.store) is not None:
-            raise MountError(f"{mountpoint} is already a mount point ({entry.fstype} {entry.source})")
-        log.warning("clearing the mount a dead daemon of %s left at %s", entry.store, mountpoint)
-        mounts.clear_connection(entry.dev)
-    try:
-        os.stat(mountpoint)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            raise MountError(f"mountpoint {mountpoint} does not exist") from None
-        raise MountError(f"mountpoint {mountpoint}: {exc.strerror}") from None
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"mountpoint {mountpoint} is not a directory")
-    if os.listdir(mountpoint):
-        raise MountError(f"mountpoint {mountpoint} is not empty")
-
-
-def check_environment() -> None:
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("/dev/fuse does not exist: this machine or container has no FUSE")
-    mounts.fusermount()
-
-
-def fuse_options(cfg: MountConfig) -> set[str]:
-    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
-    opts |= {f"fsname=cowfs:{cfg.store}", "subtype=cowfs"}
-    user = set(cfg.options)
-    # Sandboxes run untrusted code: no set-user-ID binaries or device nodes unless asked.
-    if "suid" not in user:
-        opts.add("nosuid")
-    if "dev" not in user:
-        opts.add("nodev")
-    return opts | user
-
-
-def _setup_logging(store: str, debug: bool, to_stderr: bool) -> None:
-    root = logging.getLogger()
-    root.handlers.clear()
-    fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    path = os.path.join(store, LOG_NAME)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, private.FILE_MODE))
-    fh = logging.FileHandler(path)
-    fh.setFormatter(fmt)
-    root.addHandler(fh)
-    if to_stderr:
-        sh = logging.StreamHandler(sys.stderr)
-        sh.setFormatter(fmt)
-        root.addHandler(sh)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 def _raise_readahead(mountpoint: str) -> None:
@@ -580,123 +442,3 @@ class Daemon:
                     pass
             log.info("daemon exiting")
         return 0
-
-
-_M_TRIM_THRESHOLD = -1  # mallopt parameters (glibc malloc.h)
-_M_MMAP_THRESHOLD = -3
-
-
-def _keep_freed_memory() -> None:
-    """Let glibc reuse freed request buffers instead of unmapping them.
-
-    Every 1 MiB write request and every 64 KiB chunk buffer is a large allocation, which
-    glibc serves from fresh mmap()s and gives back on free; touching fresh pages costs a page
-    fault each, ~2 ms per MiB on this VM kind.  Serving them from the heap and keeping up to
-    256 MiB of freed heap mapped makes them reuse warm pages (bounded: the dirty limit and
-    the caches bound what is live)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
-    except (OSError, AttributeError):
-        pass  # not glibc: its defaults stand
-
-
-def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: bool) -> int:
-    # Every file the daemon, RocksDB's threads or the store create is the owner's alone
-    # (cowfs.private); for the daemon's whole life, so never given back.
-    os.umask(private.UMASK)
-    _setup_logging(cfg.store, cfg.debug, to_stderr)
-    try:
-        faults.load(os.environ.get(faults.ENV))  # a test hook (cowfs.faults)
-    except ValueError as exc:
-        ready(str(exc))
-        return 1
-    _keep_freed_memory()
-    try:
-        daemon = Daemon(cfg)
-    except StoreError as exc:
-        ready(str(exc))
-        return 1
-    return daemon.run(ready)
-
-
-def mount(cfg: MountConfig, foreground: bool) -> int:
-    """Check, then serve (foreground) or fork a daemon and wait until it is ready."""
-    cfg.store = os.path.abspath(cfg.store)
-    cfg.mountpoint = os.path.abspath(cfg.mountpoint)
-    check_environment()
-    if not os.path.isdir(cfg.store):
-        raise MountError(f"{cfg.store}: no such store directory (create one with 'cowfs init {cfg.store}')")
-    check_mountpoint(cfg.mountpoint)
-    pid = daemon_pid(cfg.store)
-    if pid is not None:
-        # One daemon per store: ask it to serve this branch here too.
-        if foreground:
-            raise MountError(f"store {cfg.store} is already served by daemon pid {pid}; "
-                             "mount further branches without --foreground")
-        asked = options_asked(cfg)
-        if asked:
-            # Options the daemon already has are fine; any other value cannot hold for this
-            # branch only (they are the FUSE connection's, or the daemon's).
-            try:
-                resp = admin.request(cfg.store, {"cmd": "options"})
-            except OSError as exc:
-                raise MountError(f"cannot reach daemon pid {pid} of {cfg.store}: {exc}") from None
-            if not resp.get("ok"):  # a daemon from before this command: it cannot tell
-                raise MountError(f"store {cfg.store} is already served by daemon pid {pid}, whose mount options "
-                                 "hold for every branch it serves; only quota_bytes and quota_inodes may be "
-                                 "given for another branch")
-            conflicts = option_conflicts(asked, resp["options"])
-            if conflicts:
-                raise MountError(f"store {cfg.store} is already served by daemon pid {pid}, whose mount options "
-                                 f"hold for every branch it serves: {'; '.join(conflicts)}; give the options "
-                                 "in force or leave them out (quota_bytes and quota_inodes are per branch)")
-        try:
-            resp = admin.request(cfg.store, {"cmd": "attach", "branch": cfg.branch, "mountpoint": cfg.mountpoint,
-                                             "quota_bytes": cfg.quota_bytes, "quota_inodes": cfg.quota_inodes})
-        except OSError as exc:
-            raise MountError(f"cannot reach daemon pid {pid} of {cfg.store}: {exc}") from None
-        if not resp.get("ok"):
-            raise MountError(resp.get("error", "the daemon refused"))
-        return 0
-
-    if foreground:
-        def say(err: str | None) -> None:
-            if err:
-                print(f"cowfs: {err}", file=sys.stderr)
-        return _start(cfg, say, to_stderr=True)
-
-    rfd, wfd = os.pipe()
-    child = os.fork()
-    if child == 0:  # the daemon
-        os.close(rfd)
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-
-        def report(err: str | None) -> None:
-            try:
-                os.write(wfd, (f"ERR {err}" if err else "OK").encode() + b"\n")
-                os.close(wfd)
-            except OSError:
-                pass
-
-        code = 1
-        try:
-            code = _start(cfg, report, to_stderr=False)
-        except BaseException as exc:
-            logging.getLogger("cowfs.daemon").exception("daemon failed")
-            report(f"daemon failed: {exc}")
-        finally:
-            os._exit(code)
-    os.close(wfd)
-    with os.fdopen(rfd) as r:
-        line = r.readline().strip()
-    if line == "OK":
-        return 0
-    if line.startswith("ERR "):
-        raise MountError(line[4:])
-    os.waitpid(child, 0)
-    raise MountError(f"the daemon exited before mounting; see {os.path.join(cfg.store, LOG_NAME)}")

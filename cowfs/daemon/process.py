@@ -1,0 +1,193 @@
+"""The daemon process: `cowfs mount` checks everything it can in the calling process (clear
+errors, no traceback), then forks the daemon, which reports back on a pipe once the kernel
+has the mount, so `cowfs mount` returns only when the mount is usable (`--foreground`: the
+daemon runs in the calling process, for systemd).  A store already served by a daemon gets
+the branch attached by that daemon instead (the admin socket's `attach`).  The daemon's
+work once it runs is cowfs.daemon.server's.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import sys
+from typing import Callable
+
+from cowfs import faults, private
+from cowfs.daemon import admin, mounts
+from cowfs.daemon.config import MountConfig, option_conflicts, options_asked
+from cowfs.daemon.mounts import daemon_pid
+from cowfs.errors import MountError, StoreError
+
+log = logging.getLogger("cowfs.daemon")
+LOG_NAME = "daemon.log"
+
+__all__ = ["MountConfig", "mount"]
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """Refuse missing, non-empty or already mounted mountpoints; clear the mount a dead
+    daemon of a cowfs store left there.  The mount table is read before the mountpoint is
+    touched: a stat of a hung FUSE mount would block."""
+    entry = mounts.entry_at(mountpoint)
+    if entry is not None:
+        if entry.store is None or daemon_pid(entry.store) is not None:
+            raise MountError(f"{mountpoint} is already a mount point ({entry.fstype} {entry.source})")
+        log.warning("clearing the mount a dead daemon of %s left at %s", entry.store, mountpoint)
+        mounts.clear_connection(entry.dev)
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise MountError(f"mountpoint {mountpoint} does not exist") from None
+        raise MountError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if os.listdir(mountpoint):
+        raise MountError(f"mountpoint {mountpoint} is not empty")
+
+
+def check_environment() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse does not exist: this machine or container has no FUSE")
+    mounts.fusermount()
+
+
+def _setup_logging(store: str, debug: bool, to_stderr: bool) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    path = os.path.join(store, LOG_NAME)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, private.FILE_MODE))
+    fh = logging.FileHandler(path)
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    if to_stderr:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameters (glibc malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc reuse freed request buffers instead of unmapping them.
+
+    Every 1 MiB write request and every 64 KiB chunk buffer is a large allocation, which
+    glibc serves from fresh mmap()s and gives back on free; touching fresh pages costs a page
+    fault each, ~2 ms per MiB on this VM kind.  Serving them from the heap and keeping up to
+    256 MiB of freed heap mapped makes them reuse warm pages (bounded: the dirty limit and
+    the caches bound what is live)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: its defaults stand
+
+
+def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: bool) -> int:
+    # Every file the daemon, RocksDB's threads or the store create is the owner's alone
+    # (cowfs.private); for the daemon's whole life, so never given back.
+    os.umask(private.UMASK)
+    _setup_logging(cfg.store, cfg.debug, to_stderr)
+    try:
+        faults.load(os.environ.get(faults.ENV))  # a test hook (cowfs.faults)
+    except ValueError as exc:
+        ready(str(exc))
+        return 1
+    _keep_freed_memory()
+    from cowfs.daemon.server import Daemon  # pyfuse3, trio and the store: only in the daemon
+
+    try:
+        daemon = Daemon(cfg)
+    except StoreError as exc:
+        ready(str(exc))
+        return 1
+    return daemon.run(ready)
+
+
+def mount(cfg: MountConfig, foreground: bool) -> int:
+    """Check, then serve (foreground) or fork a daemon and wait until it is ready."""
+    cfg.store = os.path.abspath(cfg.store)
+    cfg.mountpoint = os.path.abspath(cfg.mountpoint)
+    check_environment()
+    if not os.path.isdir(cfg.store):
+        raise MountError(f"{cfg.store}: no such store directory (create one with 'cowfs init {cfg.store}')")
+    check_mountpoint(cfg.mountpoint)
+    pid = daemon_pid(cfg.store)
+    if pid is not None:
+        # One daemon per store: ask it to serve this branch here too.
+        if foreground:
+            raise MountError(f"store {cfg.store} is already served by daemon pid {pid}; "
+                             "mount further branches without --foreground")
+        asked = options_asked(cfg)
+        if asked:
+            # Options the daemon already has are fine; any other value cannot hold for this
+            # branch only (they are the FUSE connection's, or the daemon's).
+            try:
+                resp = admin.request(cfg.store, {"cmd": "options"})
+            except OSError as exc:
+                raise MountError(f"cannot reach daemon pid {pid} of {cfg.store}: {exc}") from None
+            if not resp.get("ok"):  # a daemon from before this command: it cannot tell
+                raise MountError(f"store {cfg.store} is already served by daemon pid {pid}, whose mount options "
+                                 "hold for every branch it serves; only quota_bytes and quota_inodes may be "
+                                 "given for another branch")
+            conflicts = option_conflicts(asked, resp["options"])
+            if conflicts:
+                raise MountError(f"store {cfg.store} is already served by daemon pid {pid}, whose mount options "
+                                 f"hold for every branch it serves: {'; '.join(conflicts)}; give the options "
+                                 "in force or leave them out (quota_bytes and quota_inodes are per branch)")
+        try:
+            resp = admin.request(cfg.store, {"cmd": "attach", "branch": cfg.branch, "mountpoint": cfg.mountpoint,
+                                             "quota_bytes": cfg.quota_bytes, "quota_inodes": cfg.quota_inodes})
+        except OSError as exc:
+            raise MountError(f"cannot reach daemon pid {pid} of {cfg.store}: {exc}") from None
+        if not resp.get("ok"):
+            raise MountError(resp.get("error", "the daemon refused"))
+        return 0
+
+    if foreground:
+        def say(err: str | None) -> None:
+            if err:
+                print(f"cowfs: {err}", file=sys.stderr)
+        return _start(cfg, say, to_stderr=True)
+
+    rfd, wfd = os.pipe()
+    child = os.fork()
+    if child == 0:  # the daemon
+        os.close(rfd)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+
+        def report(err: str | None) -> None:
+            try:
+                os.write(wfd, (f"ERR {err}" if err else "OK").encode() + b"\n")
+                os.close(wfd)
+            except OSError:
+                pass
+
+        code = 1
+        try:
+            code = _start(cfg, report, to_stderr=False)
+        except BaseException as exc:
+            logging.getLogger("cowfs.daemon").exception("daemon failed")
+            report(f"daemon failed: {exc}")
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd) as r:
+        line = r.readline().strip()
+    if line == "OK":
+        return 0
+    if line.startswith("ERR "):
+        raise MountError(line[4:])
+    os.waitpid(child, 0)
+    raise MountError(f"the daemon exited before mounting; see {os.path.join(cfg.store, LOG_NAME)}")
