@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""Scale benchmark (issue 20): what a store with a long history costs.  Prints the issue's
+table, one row per measure with its goal and PASS / MISS; `--json` prints one JSON object on
+stdout (the table then goes to stderr).
+
+    .venv/bin/python scripts/bench_scale.py --json           # full sizes (see ROWS below)
+    .venv/bin/python scripts/bench_scale.py --quick --json   # small sizes: the CI smoke test
+    .venv/bin/python scripts/bench_scale.py --only gc,layers # some rows
+
+Large stores are built through the store's own API (scripts/bulkstore.py: the base tree by
+the filesystem core in process, snapshots and branches as the catalog writes them, thousands
+per batch), never by FUSE creates; each row says how long its stores took to build
+(`build_s`).  Everything else goes through a real mount: the control file for snapshots and
+deletes, `cowfs gc` (CLI, through the daemon's admin socket) for collection, reads through
+`.cowfs/snapshots/NAME/`.
+
+Rows are functions registered with `@row(name)`, each building its own stores under the
+work directory and returning a list of `Row`s: add a row by adding a function.
+
+Needs root and /dev/fuse; every mount is unmounted at the end, even after an error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+import benchlib  # noqa: E402
+import bulkstore  # noqa: E402
+
+COWFS = os.path.join(REPO, ".venv", "bin", "cowfs")
+if not os.path.exists(COWFS):
+    COWFS = shutil.which("cowfs") or COWFS
+
+
+@dataclass
+class Config:
+    quick: bool
+    workdir: str
+    # snapshot p50 after `snap_big` snapshots / after `snap_small`
+    snap_small: int = 1000
+    snap_big: int = 1_000_000
+    snap_takes: int = 100  # snapshots taken (and timed) on each store
+    # gc after deleting `gc_deleted` snapshots of `gc_big` (and of `gc_small`)
+    gc_big: int = 100_000
+    gc_small: int = 10_000
+    gc_deleted: int = 1000
+    # layers a read visits after `layers_total` snapshots of which all but `layers_live` deleted
+    layers_total: int = 100_000
+    layers_live: int = 1000
+    # a store past 65,536 snapshots + branches (2 * ids_forks + 1 of them) mounts and reads
+    ids_forks: int = 33_000
+
+    @classmethod
+    def make(cls, quick: bool, workdir: str) -> "Config":
+        if not quick:
+            return cls(False, workdir)
+        return cls(True, workdir, snap_small=200, snap_big=2000, snap_takes=15, gc_big=2000, gc_small=400,
+                   gc_deleted=100, layers_total=1000, layers_live=20, ids_forks=150)
+
+
+@dataclass
+class Row:
+    row: str  # the registered row function's name
+    measure: str
+    value: float | None
+    unit: str
+    goal: str
+    ok: bool | None  # None: no goal for this line (a figure shown for context)
+    build_s: float | None = None  # seconds the stores of this line took to build
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+ROWS: dict[str, Callable[[Config], list[Row]]] = {}
+
+
+def row(name: str) -> Callable[[Callable[[Config], list[Row]]], Callable[[Config], list[Row]]]:
+    def register(fn: Callable[[Config], list[Row]]) -> Callable[[Config], list[Row]]:
+        ROWS[name] = fn
+        return fn
+    return register
+
+
+# -- mounts ------------------------------------------------------------------------------------
+MOUNTED: list[str] = []
+
+
+def cowfs(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return benchlib.run([COWFS, *args], timeout=timeout)
+
+
+def mount(store: str, mp: str) -> str:
+    os.makedirs(mp, exist_ok=True)
+    cowfs("mount", store, mp, timeout=300)
+    MOUNTED.append(mp)
+    return mp
+
+
+def umount(mp: str) -> None:
+    if mp in MOUNTED:
+        MOUNTED.remove(mp)
+    cowfs("umount", mp, timeout=300)
+
+
+def umount_all() -> None:
+    for mp in list(MOUNTED):
+        try:
+            umount(mp)
+        except Exception as exc:  # keep going: every mount must go
+            benchlib.log(f"umount {mp}: {exc}")
+            subprocess.run(["umount", "-l", mp], capture_output=True)
+
+
+def ctl(mp: str, *words: str) -> dict[str, Any]:
+    """One control-file command; its JSON reply (an error reply raises)."""
+    from cowfs import api
+    return api.control(mp, *words, timeout=600)
+
+
+def p50(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def store_dir(cfg: Config, name: str) -> str:
+    path = os.path.join(cfg.workdir, name)
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def mp_dir(cfg: Config, name: str) -> str:
+    return os.path.join(cfg.workdir, "mnt-" + name)
+
+
+def spread(names: list[str], n: int) -> list[str]:
+    """n names taken evenly from the interior of names (never the first or the last)."""
+    inner = names[1:-1]
+    if n >= len(inner):
+        return list(inner)
+    step = len(inner) / n
+    return [inner[int(i * step)] for i in range(n)]
+
+
+# -- the history rows (H18) --------------------------------------------------------------------
+@row("snapshot")
+def snapshot_rows(cfg: Config) -> list[Row]:
+    """Snapshot cost in the daemon (`daemon_ms` of the reply) on a store whose branch already
+    has snap_big snapshots, against one with snap_small: the two mounted side by side and
+    the snapshots taken alternately, so that the machine's load hits both alike."""
+    built = {}
+    for n in (cfg.snap_small, cfg.snap_big):
+        benchlib.log(f"building a store with {n:,} snapshots")
+        built[n] = bulkstore.chain(store_dir(cfg, f"snap{n}"), n)
+        benchlib.log(f"  built in {built[n].seconds:.1f} s")
+    mps = {n: mount(built[n].path, mp_dir(cfg, f"snap{n}")) for n in built}
+    times: dict[int, list[float]] = {n: [] for n in built}
+    try:
+        for i in range(cfg.snap_takes):
+            for n in built:
+                with open(os.path.join(mps[n], "d", f"t{i}"), "w") as f:  # each freezes a non-empty layer
+                    f.write("x")
+                times[n].append(ctl(mps[n], "snapshot", f"bench{i}")["daemon_ms"])
+    finally:
+        for n in built:
+            umount(mps[n])
+    small, big = p50(times[cfg.snap_small]), p50(times[cfg.snap_big])
+    return [Row("snapshot", f"snapshot p50 in-daemon after {cfg.snap_big:,} snapshots / after {cfg.snap_small:,}",
+                round(big / small, 3), "ratio", "<= 1.2", big / small <= 1.2,
+                build_s=round(sum(b.seconds for b in built.values()), 1),
+                details={"p50_ms_small": small, "p50_ms_big": big, "taken": cfg.snap_takes})]
+
+
+def _gc_after_deletes(cfg: Config, total: int) -> tuple[float, float, float, dict[str, Any]]:
+    """(seconds of `cowfs gc` right after deleting cfg.gc_deleted interior snapshots of a
+    store with `total`, through the mount; seconds of the deletes; build seconds; gc's reply)."""
+    built = bulkstore.chain(store_dir(cfg, f"gc{total}"), total)
+    benchlib.log(f"  {total:,} snapshots built in {built.seconds:.1f} s")
+    mp = mount(built.path, mp_dir(cfg, f"gc{total}"))
+    try:
+        victims = spread(built.snapshots, cfg.gc_deleted)
+        t0 = time.perf_counter()
+        for name in victims:
+            ctl(mp, "delete", name)
+        deletes = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        reply = json.loads(cowfs("gc", built.path, "--json").stdout)
+        gc_s = time.perf_counter() - t0
+        # every surviving snapshot around a deleted one still reads what it froze
+        gone = set(victims)
+        for i, name in enumerate(built.snapshots):
+            if name in gone and i + 1 < len(built.snapshots):
+                after = built.snapshots[i + 1]
+                if after not in gone:
+                    got = os.readlink(os.path.join(mp, ".cowfs", "snapshots", after, "d", "link"))
+                    assert got == after, f"snapshot {after} reads link -> {got!r}"
+    finally:
+        umount(mp)
+    return gc_s, deletes, built.seconds, reply
+
+
+@row("gc")
+def gc_rows(cfg: Config) -> list[Row]:
+    """`cowfs gc` (end to end: the CLI, the daemon's pass, pack sweep and compaction) right
+    after deleting gc_deleted snapshots of gc_big, and of gc_small, through the mount."""
+    out = {}
+    for total in (cfg.gc_small, cfg.gc_big):
+        benchlib.log(f"gc after deleting {cfg.gc_deleted:,} of {total:,} snapshots")
+        out[total] = _gc_after_deletes(cfg, total)
+    big, small = out[cfg.gc_big][0], out[cfg.gc_small][0]
+    build = round(out[cfg.gc_big][2] + out[cfg.gc_small][2], 1)
+    return [
+        Row("gc", f"cowfs gc after deleting {cfg.gc_deleted:,} of {cfg.gc_big:,} snapshots", round(big, 3), "s",
+            "<= 2 s", big <= 2.0, build_s=build,
+            details={"deletes_s": round(out[cfg.gc_big][1], 3), "reply": out[cfg.gc_big][3]}),
+        Row("gc", f"  the same / with {cfg.gc_small:,} snapshots ({small:.3f} s)", round(big / small, 3), "ratio",
+            "<= 1.2", big / small <= 1.2, details={"deletes_s": round(out[cfg.gc_small][1], 3),
+                                                   "reply": out[cfg.gc_small][3]}),
+    ]
+
+
+@row("layers")
+def layer_rows(cfg: Config) -> list[Row]:
+    """Layers a read of the branch head can visit (its ancestry) after layers_total snapshots
+    of which all but layers_live were deleted and `cowfs gc` ran, against the live snapshots
+    in that ancestry; every live snapshot is read back through the mount."""
+    from cowfs.meta.versioned import CF_INODES, ino_key
+    from cowfs.store import Store
+
+    path = store_dir(cfg, "layers")
+    built = bulkstore.chain(path, cfg.layers_total)
+    keep = set(spread(built.snapshots, cfg.layers_live - 2)) | {built.snapshots[0], built.snapshots[-1]}
+    dead = [n for n in built.snapshots if n not in keep]
+    build_s = built.seconds + bulkstore.delete(path, dead)
+    benchlib.log(f"  {cfg.layers_total:,} snapshots built and {len(dead):,} deleted in {build_s:.1f} s")
+    mp = mount(path, mp_dir(cfg, "layers"))
+    try:
+        t0 = time.perf_counter()
+        cowfs("gc", path, "--json")
+        gc_s = time.perf_counter() - t0
+        for name in sorted(keep):
+            got = os.readlink(os.path.join(mp, ".cowfs", "snapshots", name, "d", "link"))
+            assert got == name, f"snapshot {name} reads link -> {got!r}"
+    finally:
+        umount(mp)
+    store = Store(path)
+    try:
+        head = store.catalog.branches["main"].head
+        ancestry = store.catalog.ancestry(head)
+        live = sum(1 for s in store.catalog.snapshots.values() if s.layer in set(ancestry))
+        versions = len(store.meta.versions(CF_INODES, ino_key(built.link_ino)))
+    finally:
+        store.close()
+    return [Row("layers", f"layers a read visits after {cfg.layers_total:,} snapshots, {len(dead):,} deleted "
+                          f"(live snapshots in its ancestry: {live:,})",
+                len(ancestry), "layers", f"<= {2 * live:,} (2x live)", len(ancestry) <= 2 * live, build_s=round(build_s, 1),
+                details={"live_snapshots": live, "versions_of_the_changed_key": versions, "gc_s": round(gc_s, 3)})]
+
+
+@row("ids")
+def id_rows(cfg: Config) -> list[Row]:
+    """A store with 2*ids_forks+1 snapshots and branches besides main mounts, and every
+    snapshot reads right through .cowfs/snapshots/NAME/."""
+    path = store_dir(cfg, "ids")
+    built = bulkstore.fan(path, cfg.ids_forks)
+    made = len(built.snapshots) + len(built.branches) + 1
+    benchlib.log(f"  {made:,} snapshots and branches built in {built.seconds:.1f} s")
+    t0 = time.perf_counter()
+    mp = mount(path, mp_dir(cfg, "ids"))
+    mount_s = time.perf_counter() - t0
+    wrong = []
+    try:
+        t0 = time.perf_counter()
+        for name in built.snapshots:
+            want = "base" if name == "base" else name
+            got = os.readlink(os.path.join(mp, ".cowfs", "snapshots", name, "d", "link"))
+            if got != want:
+                wrong.append(name)
+        read_s = time.perf_counter() - t0
+    finally:
+        umount(mp)
+    return [Row("ids", f"store with {made:,} snapshots + branches: mounts, every snapshot reads right",
+                len(built.snapshots) - len(wrong), "snapshots read right", f"= {len(built.snapshots):,}",
+                not wrong, build_s=round(built.seconds, 1),
+                details={"mount_s": round(mount_s, 3), "read_all_s": round(read_s, 3), "wrong": wrong[:10]})]
+
+
+# -- running -----------------------------------------------------------------------------------
+def table(rows: list[Row]) -> str:
+    lines = ["| measure | value | goal | result | build |", "|---|---|---|---|---|"]
+    for r in rows:
+        res = "-" if r.ok is None else ("PASS" if r.ok else "MISS")
+        build = "" if r.build_s is None else f"{r.build_s} s"
+        lines.append(f"| {r.measure} | {r.value} {r.unit} | {r.goal} | {res} | {build} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (seconds, not hours): the CI smoke test")
+    ap.add_argument("--json", action="store_true", help="one JSON object on stdout; the table goes to stderr")
+    ap.add_argument("--only", default="", help=f"comma-separated rows (of {', '.join(ROWS)})")
+    ap.add_argument("--workdir", default="", help="where stores and mount points go (default: a new "
+                                                  "directory under /var/tmp, removed at the end)")
+    args = ap.parse_args()
+    only = [r for r in args.only.split(",") if r] or list(ROWS)
+    unknown = [r for r in only if r not in ROWS]
+    if unknown:
+        print(f"bench_scale: unknown row(s) {', '.join(unknown)}; rows: {', '.join(ROWS)}", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0:
+        print("bench_scale: mounts FUSE filesystems: run it as root", file=sys.stderr)
+        return 2
+    own = not args.workdir
+    workdir = args.workdir or tempfile.mkdtemp(prefix="cowfs-bench-scale-", dir="/var/tmp")
+    os.makedirs(workdir, exist_ok=True)
+    cfg = Config.make(args.quick, workdir)
+    rows: list[Row] = []
+    errors: dict[str, str] = {}
+    t0 = time.perf_counter()
+    try:
+        for name in only:
+            benchlib.log(f"== {name}")
+            try:
+                rows += ROWS[name](cfg)
+            except Exception as exc:
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                benchlib.log(f"{name} failed: {errors[name]}")
+            finally:
+                umount_all()
+    finally:
+        umount_all()
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+    text = table(rows)
+    out = sys.stderr if args.json else sys.stdout
+    print(text, file=out)
+    for name, err in errors.items():
+        print(f"{name}: ERROR {err}", file=out)
+    if args.json:
+        commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        print(json.dumps({"config": asdict(cfg), "commit": commit, "machine": benchlib.machine_info(),
+                          "seconds": round(time.perf_counter() - t0, 1), "rows": [asdict(r) for r in rows],
+                          "errors": errors}))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
