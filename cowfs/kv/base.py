@@ -8,8 +8,9 @@ manual compaction, files on a local disk) is the separate `LocalEngine` interfac
 the store layer (cowfs.store) uses explicitly when its backend has it.
 
 Backends: cowfs.kv.rocks.RocksKV (RocksDB, the store's engine, also a LocalEngine),
-cowfs.kv.memory.MemoryKV (sorted in-memory maps, for tests of the core without a disk) and
-cowfs.kv.etcd.EtcdKV (etcd, for the fleet's small named references; needs cowfs[remote]).
+cowfs.kv.memory.MemoryKV (sorted in-memory maps, for tests of the core without a disk),
+cowfs.kv.sqlite.SQLiteKV (one SQLite file several processes share: the local reference store)
+and cowfs.kv.etcd.EtcdKV (etcd, for the fleet's small named references; needs cowfs[remote]).
 """
 from __future__ import annotations
 

@@ -1,32 +1,42 @@
-"""The KV interface on every backend (RocksKV in a temporary directory, MemoryKV, EtcdKV on a
-real etcd): ordered scans, atomic multi-family batches, and the compare-and-set of
-`write(batch, expect)`."""
+"""The KV interface on every backend (RocksKV in a temporary directory, MemoryKV, SQLiteKV,
+EtcdKV on a real etcd): ordered scans, atomic multi-family batches, and the compare-and-set of
+`write(batch, expect)`; SQLiteKV also across processes (the local reference store of several
+daemons of one store)."""
 from __future__ import annotations
 
+import json
+import os
+import signal
+import stat
+import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
 from cowfs.kv.base import KV, Batch, Conflict, LocalEngine
 from cowfs.kv.memory import MemoryKV
 from cowfs.kv.rocks import RocksKV
+from cowfs.kv.sqlite import SQLiteKV
 
 FAMS = ("a", "b")
 
 
-@pytest.fixture(params=["memory", "rocks", "etcd"])
+@pytest.fixture(params=["memory", "rocks", "sqlite", "etcd"])
 def kv(request, tmp_path):
     if request.param == "memory":
         db = MemoryKV(FAMS)
     elif request.param == "rocks":
         db = RocksKV(str(tmp_path / "db"), FAMS)
+    elif request.param == "sqlite":
+        db = SQLiteKV(str(tmp_path / "refs.sqlite"), FAMS, page_size=2)  # scans cross pages
     else:
         from cowfs.kv.etcd import EtcdKV
         prefix = request.getfixturevalue("engine_prefix").encode() + b"/"
         db = EtcdKV(request.getfixturevalue("etcd").endpoint, FAMS, prefix, page_size=2)
     yield db
-    if request.param == "rocks" or not db.closed:
+    if request.param in ("rocks", "sqlite") or not db.closed:
         db.close()
 
 
@@ -175,3 +185,110 @@ def test_memory_kv_refuses_use_after_close():
         db.get("a", b"x")
     with pytest.raises(ValueError, match="closed"):
         put(db, ("a", b"x", b"1"))
+
+
+# --- SQLiteKV across processes -----------------------------------------------------------------
+
+CHILD = r"""
+import json, os, sys
+from cowfs.kv.base import Batch, Conflict
+from cowfs.kv.sqlite import SQLiteKV
+path, who, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+db = SQLiteKV(path, ("a", "b"))
+if who == "hold":  # take the write lock, write, and wait to be killed before committing
+    db._conn.execute("BEGIN IMMEDIATE")
+    db._conn.execute("INSERT INTO kv VALUES ('a', x'6c6f7374', x'31')")
+    print("holding", flush=True)
+    sys.stdin.read()
+print("ready", flush=True)
+sys.stdin.readline()  # all start at once
+done = conflicts = 0
+while done < rounds:
+    old = db.get("a", b"n")
+    b = Batch()
+    b.put("a", b"n", (int.from_bytes(old, "big") + 1).to_bytes(8, "big"))
+    b.put("b", old, who.encode())  # the value this increment replaced, and who made it
+    try:
+        db.write(b, expect=[("a", b"n", old)])
+    except Conflict:
+        conflicts += 1
+        continue
+    done += 1
+db.close()
+print(json.dumps({"conflicts": conflicts}))
+"""
+
+
+def test_sqlite_cas_is_atomic_across_processes(tmp_path):
+    """Four processes increment one key by compare-and-set: no increment is lost and each
+    replaced a different value (several daemons changing one reference)."""
+    path = str(tmp_path / "refs.sqlite")
+    db = SQLiteKV(path, FAMS)
+    put(db, ("a", b"n", (0).to_bytes(8, "big")))
+    procs, rounds = 4, 150
+    ps = [subprocess.Popen([sys.executable, "-c", CHILD, path, f"p{i}", str(rounds)], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True) for i in range(procs)]
+    assert [p.stdout.readline().strip() for p in ps] == ["ready"] * procs
+    for p in ps:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [p.communicate(timeout=120)[0] for p in ps]
+    assert [p.returncode for p in ps] == [0] * procs
+    conflicts = sum(json.loads(o)["conflicts"] for o in outs)
+    assert int.from_bytes(db.get("a", b"n"), "big") == procs * rounds
+    replaced = [(int.from_bytes(k, "big"), v) for k, v in db.scan("b", b"")]
+    assert [k for k, _v in replaced] == list(range(procs * rounds))
+    assert {v for _k, v in replaced} == {f"p{i}".encode() for i in range(procs)}  # all took part
+    assert conflicts > 0  # they did race
+    db.close()
+
+
+def test_sqlite_a_writer_killed_holding_the_lock_leaves_nothing_and_blocks_no_one(tmp_path):
+    """kill -9 of a process in the middle of a write: its batch is not there, and the next
+    writer gets the lock at once (the lock is the kernel's, gone with the process)."""
+    path = str(tmp_path / "refs.sqlite")
+    db = SQLiteKV(path, FAMS)
+    put(db, ("a", b"n", (0).to_bytes(8, "big")))
+    p = subprocess.Popen([sys.executable, "-c", CHILD, path, "hold", "0"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "holding"
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    t0 = time.monotonic()
+    put(db, ("a", b"n", (1).to_bytes(8, "big")), expect=[("a", b"n", (0).to_bytes(8, "big"))])
+    assert time.monotonic() - t0 < 2  # not the 10 s busy timeout
+    assert db.get("a", b"lost") is None
+    db.close()
+    db = SQLiteKV(path, FAMS)
+    assert list(db.scan("a", b"")) == [(b"n", (1).to_bytes(8, "big"))]
+    db.close()
+
+
+def test_sqlite_store_is_private_and_refuses_a_foreign_file(tmp_path):
+    path = str(tmp_path / "refs.sqlite")
+    old = os.umask(0)
+    try:
+        db = SQLiteKV(path, FAMS)
+        put(db, ("a", b"x", b"1"))
+        db.sync()
+        files = [f for f in os.listdir(tmp_path) if f.startswith("refs.sqlite")]
+        assert {"refs.sqlite", "refs.sqlite-wal", "refs.sqlite-shm"} <= set(files)
+        assert {f: stat.S_IMODE(os.stat(tmp_path / f).st_mode) for f in files} == {f: 0o600 for f in files}
+        db.close()
+    finally:
+        os.umask(old)
+    bad = tmp_path / "not-sqlite"
+    bad.write_bytes(b"x" * 4096)
+    with pytest.raises(ValueError, match="not a cowfs reference store"):
+        SQLiteKV(str(bad), FAMS)
+    db = SQLiteKV(path, FAMS)
+    db.close()
+    with pytest.raises(ValueError, match="closed"):
+        db.get("a", b"x")
+    with pytest.raises(ValueError, match="closed"):
+        put(db, ("a", b"x", b"2"))
