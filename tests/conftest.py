@@ -113,6 +113,15 @@ def cowfs_mount(mount_factory):
 
 
 @pytest.fixture
+def forks(mount_factory, test_dir):
+    """Fork mounts of the test's stores (mounting.Forks); torn down before the mounts of
+    ``mount_factory``."""
+    f = mounting.Forks(test_dir)
+    yield f
+    f.close()
+
+
+@pytest.fixture
 def unpriv_ids():
     return UNPRIV_UID, UNPRIV_GID
 

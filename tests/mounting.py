@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
+import json
 import os
 import pickle
+import pty
 import re
 import select
 import shlex
@@ -36,7 +39,10 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+KiB = 1 << 10
+MiB = 1 << 20
 READY_TIMEOUT = 20.0
+CTL_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 HIDDEN = ".cowfs"
 
@@ -76,18 +82,6 @@ def cowfs_command() -> list[str]:
     raise MountError("cowfs CLI not found: run `bash scripts/setup.sh` or set COWFS_BIN")
 
 
-def cowfs_command_for_others() -> tuple[list[str], dict[str, str]]:
-    """(command, environment) with which another uid runs this checkout's CLI: the venv's
-    interpreter may live where that uid cannot reach (pyenv under /root), so the system
-    Python 3 runs it, with this checkout and the venv's packages on its path (same ABI)."""
-    py = "/usr/bin/python3"
-    if not os.access(py, os.X_OK):
-        py = sys.executable
-    site = sysconfig.get_paths()["purelib"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), site]), PYTHONDONTWRITEBYTECODE="1")
-    return [py, "-m", "cowfs"], env
-
-
 def run_cowfs(*args, timeout: float = 60, check: bool = True, **kw) -> subprocess.CompletedProcess:
     cmd = cowfs_command() + [str(a) for a in args]
     try:
@@ -103,38 +97,27 @@ def run_cowfs(*args, timeout: float = 60, check: bool = True, **kw) -> subproces
     return r
 
 
-# The CLI as another user: the interpreter may live where that user cannot reach it (pyenv
-# under /root), so a root process imports the CLI and what its commands import later, then
-# drops to the user and runs it.
-_AS_USER = """
-import importlib, os, sys
-for m in ("cowfs.cli", "cowfs.api", "cowfs.daemon.admin", "cowfs.daemon.mounts", "cowfs.store",
-          "cowfs.daemon.process", "cowfs.mount_helper", "cowfs.commands.authz", "concurrent.futures", "concurrent.futures.thread",
-          "shlex", "socket", "tempfile", "hashlib", "encodings.idna", "json.decoder"):
-    importlib.import_module(m)
-uid, gid = int(sys.argv[1]), int(sys.argv[2])
-os.setgroups([])
-os.setresgid(gid, gid, gid)
-os.setresuid(uid, uid, uid)
-sys.argv = ["cowfs"] + sys.argv[3:]
-from cowfs.cli import main
-main()
-"""
+def run_cowfs_as(uid: int, gid: int, *args, groups=(), cwd="/", text: bool = False, timeout: float = 60,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """This checkout's CLI run by uid/gid with only the supplementary groups given, as a
+    fresh process of that user (it imports everything itself, as a real user's would).
 
-
-def run_cowfs_as(uid: int, gid: int, *args, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    """run_cowfs as uid/gid (no supplementary groups); cwd /."""
-    cmd = [sys.executable, "-c", _AS_USER, str(uid), str(gid)] + [str(a) for a in args]
+    The venv's interpreter may live where that user cannot reach it (pyenv under /root), so
+    the system Python 3 runs it, with this checkout and the venv's packages on its path
+    (same ABI)."""
+    py = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+    path = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]])
+    env = dict(os.environ, PYTHONPATH=path, PYTHONDONTWRITEBYTECODE="1")
+    cmd = [py, "-m", "cowfs"] + [str(a) for a in args]
+    what = f"`cowfs {shlex.join(map(str, args))}` as uid {uid}"
     try:
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           timeout=timeout, cwd="/")
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=text, timeout=timeout, cwd=cwd,
+                           env=env, user=uid, group=gid, extra_groups=list(groups))
     except subprocess.TimeoutExpired as e:
-        raise MountError(f"`cowfs {shlex.join(map(str, args))}` as uid {uid} did not finish within {timeout}s\n"
-                         f"stdout: {e.stdout!r}\nstderr: {e.stderr!r}") from None
+        raise MountError(f"{what} did not finish within {timeout}s\nstdout: {e.stdout!r}\nstderr: {e.stderr!r}") from None
     if check and r.returncode != 0:
-        raise MountError(f"`cowfs {shlex.join(map(str, args))}` as uid {uid} exited with {r.returncode}\n"
-                         f"stdout:\n{r.stdout.decode(errors='replace')}\n"
-                         f"stderr:\n{r.stderr.decode(errors='replace')}")
+        out, err = (r.stdout, r.stderr) if text else (r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace"))
+        raise MountError(f"{what} exited with {r.returncode}\nstdout:\n{out}\nstderr:\n{err}")
     return r
 
 
@@ -176,6 +159,29 @@ def run_as(uid: int | None, gid: int | None, argv, timeout: float = 120, **kw) -
     except subprocess.TimeoutExpired as e:
         raise OpTimeout(f"`{shlex.join(prefix + [str(a) for a in argv])}` did not finish within {timeout}s "
                         f"(FUSE daemon hung?)\nstderr: {e.stderr!r}") from None
+
+
+def run_on_tty(args: list[str], timeout: float = 120) -> tuple[int, str]:
+    """Run with stderr (and stdout) on a pseudo-terminal; return (status, what the terminal got)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.1)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    return proc.wait(timeout=10), out.decode(errors="replace")
 
 
 @contextlib.contextmanager
@@ -314,6 +320,125 @@ def wait_pid_gone(pid: int, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return not pid_alive(pid)
+
+
+# --------------------------------------------------------------------------------------------
+# control file, CLI and data helpers the test modules share
+# --------------------------------------------------------------------------------------------
+
+def ctl_raw(mp, line: bytes, timeout: float = CTL_TIMEOUT) -> tuple[int, bytes]:
+    """Open MP/.cowfs/ctl, write ``line`` (as is), read the reply: (errno of the write, reply)."""
+    return call_with_timeout(ctl_exchange, mp, line, timeout=timeout, what=f"ctl {line[:80]!r}")
+
+
+def ctl(mp, line, timeout: float = CTL_TIMEOUT) -> tuple[int, dict]:
+    """One command (str: a newline is added; bytes: sent as is): (errno, parsed JSON reply).
+
+    Checks the protocol invariants on the way: the reply is one JSON object ending in a
+    newline, and the write fails exactly when the reply says ok: false, with its errno."""
+    if isinstance(line, str):
+        line = line.encode("utf-8", "surrogateescape")
+        if not line.endswith(b"\n"):
+            line += b"\n"
+    err, out = ctl_raw(mp, line, timeout)
+    assert out.endswith(b"\n") and out.count(b"\n") == 1, f"reply to {line!r} is not one line: {out!r}"
+    reply = json.loads(out)
+    assert isinstance(reply, dict) and "ok" in reply, reply
+    if reply["ok"]:
+        assert err == 0, f"{line!r}: reply ok but the write failed with {errno.errorcode.get(err)}"
+    else:
+        assert err != 0, f"{line!r}: reply {reply} but the write succeeded"
+        assert reply.get("errno") == errno.errorcode.get(err), \
+            f"{line!r}: write failed with {errno.errorcode.get(err)} but the reply says {reply}"
+        assert reply.get("error"), f"{line!r}: failure without a message: {reply}"
+    return err, reply
+
+
+def ok(mp, line, timeout: float = CTL_TIMEOUT) -> dict:
+    err, reply = ctl(mp, line, timeout)
+    assert err == 0 and reply["ok"], f"{line!r} failed: {reply}"
+    return reply
+
+
+def fails(mp, line, errname: str, timeout: float = CTL_TIMEOUT) -> dict:
+    err, reply = ctl(mp, line, timeout)
+    assert not reply["ok"], f"{line!r} should fail with {errname} but succeeded: {reply}"
+    assert reply["errno"] == errname, f"{line!r}: expected {errname}, got {reply}"
+    return reply
+
+
+def names(reply: dict, key: str) -> dict:
+    """The rows of a `list` reply's snapshots or branches, by name."""
+    return {r["name"]: r for r in reply[key]}
+
+
+def stats(target) -> dict:
+    """``cowfs stats --json`` of a mount (or a store)."""
+    return json.loads(run_cowfs("stats", target, "--json", timeout=60).stdout)
+
+
+def disk_bytes(mp, settle: float = 0.3, timeout: float = 20.0) -> int:
+    """The store's disk usage (``cowfs stats --json`` disk_bytes), once it stops moving
+    (RocksDB flushes memtables in the background)."""
+    deadline = time.monotonic() + timeout
+    prev = stats(mp)["disk_bytes"]
+    while time.monotonic() < deadline:
+        time.sleep(settle)
+        cur = stats(mp)["disk_bytes"]
+        if cur == prev:
+            return cur
+        prev = cur
+    return prev
+
+
+def settle(mp) -> dict:
+    """``cowfs dedup --wait``: the background queue emptied and copied trees shared."""
+    return json.loads(run_cowfs("dedup", mp, "--wait", "--json", "--timeout", "120", timeout=180).stdout)
+
+
+def fsck(store) -> dict:
+    """``cowfs fsck --json`` of an unmounted store, which must be clean."""
+    r = run_cowfs("fsck", store, "--json", check=False, timeout=300)
+    report = json.loads(r.stdout)
+    assert report["clean"], report["problems"][:20]
+    return report
+
+
+def du(path) -> int:
+    """Bytes `path` takes on the disk (du -s -B1)."""
+    return int(subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, check=True,
+                              text=True).stdout.split()[0])
+
+
+def cowfs_json(*args, timeout: float = 300) -> dict:
+    """`cowfs ARGS --json`, parsed (the command must succeed)."""
+    return json.loads(run_cowfs(*args, "--json", timeout=timeout).stdout)
+
+
+def write(path, data: bytes = b"", mode: int = 0o644, sync: bool = False) -> None:
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def wait_until(cond, what: str, timeout: float = 10.0):
+    """cond()'s first true value, polled until timeout (then an assertion naming what)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1164,15 +1289,3 @@ def compare_snapshots(a: dict, b: dict, names=("cowfs", "reference"), ignore=DEF
 if __name__ == "__main__":
     if "--worker" in sys.argv:
         sys.exit(_worker_main(sys.argv[1:]))
-
-
-def du(path) -> int:
-    """Bytes `path` takes on the disk (du -s -B1)."""
-    return int(subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, check=True,
-                              text=True).stdout.split()[0])
-
-
-def cowfs_json(*args, timeout: float = 300) -> dict:
-    """`cowfs ARGS --json`, parsed (the command must succeed)."""
-    import json
-    return json.loads(run_cowfs(*args, "--json", timeout=timeout).stdout)

@@ -345,13 +345,6 @@ def test_store_administration(sbx):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.fixture
-def forks(mount_factory, test_dir):
-    f = Forks(test_dir)
-    yield f
-    f.close()
-
-
 @pytest.mark.timeout(180)
 def test_references_to_branches_deleted_before_are_cleared(mount_factory, forks):
     """Older cowfs deleted a branch without re-parenting what named it: a new branch given

@@ -6,8 +6,8 @@ is always unmounted, and its watchdog aborts a hung daemon (which unblocks any c
 FUSE request) before pytest's own timeout.  Control-file calls run in a thread with a timeout;
 subprocesses have timeouts; the unprivileged checks run in a ``Worker`` (timeouts per call).
 
-The helpers at the top (``ctl``, ``ok``, ``fails``, ``stats``, ``disk_bytes`` and the ``forks``
-fixture, over ``mounting.Forks``) are shared with test_branching_differential.py and test_forks.py.
+The control-file helpers (``ctl``, ``ok``, ``fails``, ``stats``, ``disk_bytes``) are
+tests/mounting.py's, shared with the other test modules.
 
 Scale: ``COWFS_CLONE_BIG_MIB`` (size of the file cloned in the O(1) clone test, default 1024).
 """
@@ -25,112 +25,20 @@ import time
 import pytest
 
 from conftest import UNPRIV_GID, UNPRIV_UID
-from mounting import Forks, Worker, call_with_timeout, compare_snapshots, ctl_exchange, run_cowfs, snapshot
+from mounting import (CTL_TIMEOUT, MiB, Worker, call_with_timeout, compare_snapshots, ctl, ctl_raw, disk_bytes, fails,
+                      names, ok, read, run_cowfs, snapshot, stats, write)
 
-MiB = 1 << 20
 CHUNK = 64 << 10
-CTL_TIMEOUT = 60.0
 BIG_MIB = int(os.environ.get("COWFS_CLONE_BIG_MIB", "1024"))
-
-
-# ============================================================================================
-# helpers (shared with test_branching_differential.py and test_forks.py)
-# ============================================================================================
-
-def ctl_raw(mp, line: bytes, timeout: float = CTL_TIMEOUT) -> tuple[int, bytes]:
-    """Open MP/.cowfs/ctl, write ``line`` (as is), read the reply: (errno of the write, reply)."""
-    return call_with_timeout(ctl_exchange, mp, line, timeout=timeout, what=f"ctl {line[:80]!r}")
-
-
-def ctl(mp, line, timeout: float = CTL_TIMEOUT) -> tuple[int, dict]:
-    """One command (str: a newline is added; bytes: sent as is): (errno, parsed JSON reply).
-
-    Checks the protocol invariants on the way: the reply is one JSON object ending in a
-    newline, and the write fails exactly when the reply says ok: false, with its errno."""
-    if isinstance(line, str):
-        line = line.encode("utf-8", "surrogateescape")
-        if not line.endswith(b"\n"):
-            line += b"\n"
-    err, out = ctl_raw(mp, line, timeout)
-    assert out.endswith(b"\n") and out.count(b"\n") == 1, f"reply to {line!r} is not one line: {out!r}"
-    reply = json.loads(out)
-    assert isinstance(reply, dict) and "ok" in reply, reply
-    if reply["ok"]:
-        assert err == 0, f"{line!r}: reply ok but the write failed with {errno.errorcode.get(err)}"
-    else:
-        assert err != 0, f"{line!r}: reply {reply} but the write succeeded"
-        assert reply.get("errno") == errno.errorcode.get(err), \
-            f"{line!r}: write failed with {errno.errorcode.get(err)} but the reply says {reply}"
-        assert reply.get("error"), f"{line!r}: failure without a message: {reply}"
-    return err, reply
-
-
-def ok(mp, line, timeout: float = CTL_TIMEOUT) -> dict:
-    err, reply = ctl(mp, line, timeout)
-    assert err == 0 and reply["ok"], f"{line!r} failed: {reply}"
-    return reply
-
-
-def fails(mp, line, errname: str, timeout: float = CTL_TIMEOUT) -> dict:
-    err, reply = ctl(mp, line, timeout)
-    assert not reply["ok"], f"{line!r} should fail with {errname} but succeeded: {reply}"
-    assert reply["errno"] == errname, f"{line!r}: expected {errname}, got {reply}"
-    return reply
-
-
-def stats(mp) -> dict:
-    r = run_cowfs("stats", mp, "--json", timeout=60)
-    return json.loads(r.stdout)
-
-
-def disk_bytes(mp, settle: float = 0.3, timeout: float = 20.0) -> int:
-    """The store's disk usage (``cowfs stats --json`` disk_bytes), once it stops moving
-    (RocksDB flushes memtables in the background)."""
-    deadline = time.monotonic() + timeout
-    prev = stats(mp)["disk_bytes"]
-    while time.monotonic() < deadline:
-        time.sleep(settle)
-        cur = stats(mp)["disk_bytes"]
-        if cur == prev:
-            return cur
-        prev = cur
-    return prev
 
 
 def cli(*args, check=True, timeout=60):
     return run_cowfs(*args, timeout=timeout, check=check)
 
 
-def write(path, data: bytes = b"", mode: int = 0o644, sync: bool = False) -> None:
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read(path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def sh(cmd: str, cwd=None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(["sh", "-c", cmd], cwd=cwd, capture_output=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
-
-
-def names(reply: dict, key: str) -> dict:
-    return {r["name"]: r for r in reply[key]}
-
-
-@pytest.fixture
-def forks(mount_factory, test_dir):
-    """Fork mounts of the test's stores; torn down before the mounts of ``mount_factory``."""
-    f = Forks(test_dir)
-    yield f
-    f.close()
 
 
 def make_tree(root) -> None:

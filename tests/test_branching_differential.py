@@ -1,6 +1,6 @@
 """Differential test of snapshots, rollback, branches, clone, delete and diff.
 
-The POSIX state machine of test_posix_differential.py (every operation run on the cowfs mount
+The POSIX state machine of posix_machine.py (every operation run on the cowfs mount
 and on a plain ext4 directory, results and trees compared) gets branching rules, with a model
 made of plain directories:
 
@@ -44,10 +44,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule, run_state_machine_as_test
 
 import mounting
-import test_posix_differential as pd
-from mounting import Worker, compare_snapshots
-from mounting import Forks
-from test_branching import ctl
+import posix_machine as pd
+from mounting import Forks, Worker, compare_snapshots, ctl
 
 EXAMPLES = int(os.environ.get("COWFS_BRANCH_EXAMPLES", "40"))
 STEPS = int(os.environ.get("COWFS_BRANCH_STEPS", "40"))

@@ -19,7 +19,7 @@ from cowfs.cache.learned import OpenModel
 from cowfs.cache.lru import ENTRY_OVERHEAD
 from cowfs.cache.readahead import Readahead
 from cowfs.chunks.tree import CHUNK
-from test_branching import forks, ok, stats  # noqa: F401
+from mounting import ok, stats, wait_until
 
 KiB = 1024
 
@@ -109,16 +109,6 @@ def _read(path) -> bytes:
         return f.read()
 
 
-def _wait(cond, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def _pf(mp) -> dict:
     return stats(mp)["cache"]["prefetch"]
 
@@ -153,7 +143,7 @@ def _train(mp, names: list[str], rounds: int = 3) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_learned_model_persists_across_remounts_and_into_forks(mount_factory, forks):  # noqa: F811
+def test_learned_model_persists_across_remounts_and_into_forks(mount_factory, forks):
     m = mount_factory()
     names = [f"f{i}" for i in range(6)]
     for i, n in enumerate(names):
@@ -165,7 +155,7 @@ def test_learned_model_persists_across_remounts_and_into_forks(mount_factory, fo
     m.remount()  # the model is written at unmount, read back on first use
     assert stats(m.path)["prefetch_model"] == st0["prefetch_model"]
     _read(m.path / names[0])  # a known sequence starts: the next files' chunks are fetched
-    le = _wait(lambda: (lambda p: p if p["prefetched"] >= 4 * 4 else None)(_pf(m.path)["learned"]),
+    le = wait_until(lambda: (lambda p: p if p["prefetched"] >= 4 * 4 else None)(_pf(m.path)["learned"]),
                "learned prefetch after a remount")
     for n in names[1:]:
         assert _read(m.path / n) == (m.path / n).read_bytes()

@@ -26,13 +26,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 def cowfs(*args, check=False, timeout=120, uid=None, groups=(), cwd=None) -> subprocess.CompletedProcess:
     """Run the CLI (as uid, with only the supplementary groups given, when uid is given)."""
-    cmd, kw = COWFS, {}
     if uid is not None:
-        cmd, env = mounting.cowfs_command_for_others()
-        kw = {"user": uid, "group": UNPRIV_GID if uid == UNPRIV_UID else uid, "extra_groups": list(groups),
-              "env": env}
-    r = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                       stdin=subprocess.DEVNULL, cwd=cwd or "/", **kw)
+        r = mounting.run_cowfs_as(uid, UNPRIV_GID if uid == UNPRIV_UID else uid, *args, groups=groups,
+                                  cwd=cwd or "/", text=True, timeout=timeout, check=False)
+    else:
+        r = subprocess.run(COWFS + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL, cwd=cwd or "/")
     if check and r.returncode != 0:
         raise AssertionError(f"cowfs {args} -> {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r
@@ -303,25 +302,23 @@ def test_shell_completion(cowfs_mount):
 # -- 12: progress on a terminal, quiet otherwise ----------------------------------------------------
 @pytest.mark.timeout(240)
 def test_long_commands_show_progress_on_a_terminal_only(mount_factory, tmp_path):
-    from test_cli_ops import _run_on_tty
-
     m = mount_factory()
     for i in range(300):
         (m.path / f"f{i}").write_bytes(os.urandom(4000) * 2)
     assert mounting.ctl_exchange(m.path, b"snapshot s\n")[0] == 0
     # export to a tar stream: stdout is a pipe, stderr the terminal
-    code, out = _run_on_tty(["sh", "-c", f"{' '.join(COWFS)} export {m.path} s - | wc -c"])
+    code, out = mounting.run_on_tty(["sh", "-c", f"{' '.join(COWFS)} export {m.path} s - | wc -c"])
     assert code == 0 and "exporting" in out and "100%" in out, out
     r = subprocess.run(COWFS + ["export", str(m.path), "s", "-"], capture_output=True, timeout=120)
     assert r.returncode == 0 and r.stderr == b"" and len(r.stdout) > 2_400_000
-    code, out = _run_on_tty(COWFS + ["gc", str(m.path)])
+    code, out = mounting.run_on_tty(COWFS + ["gc", str(m.path)])
     assert code == 0 and "removed" in out, out
     m.stop()
-    code, out = _run_on_tty(COWFS + ["fsck", str(m.store)])
+    code, out = mounting.run_on_tty(COWFS + ["fsck", str(m.store)])
     assert code == 0 and "fsck: " in out and "clean" in out, out
-    code, out = _run_on_tty(COWFS + ["fsck", str(m.store), "--json"])
+    code, out = mounting.run_on_tty(COWFS + ["fsck", str(m.store), "--json"])
     assert code == 0 and "fsck: " not in out and json.loads(out)["clean"]
-    code, out = _run_on_tty(COWFS + ["gc", str(m.store)])
+    code, out = mounting.run_on_tty(COWFS + ["gc", str(m.store)])
     assert code == 0 and "offline" in out, out
     r = cowfs("fsck", m.store)
     assert r.returncode == 0 and r.stderr == ""

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
-import select
 import signal
 import stat
 import subprocess
@@ -384,45 +382,22 @@ def test_import_into_a_mounted_branch_subdirectory(stores, tmp_path):
         cowfs("umount", mp)
 
 
-def _run_on_tty(args: list[str], timeout: float = 120) -> tuple[int, str]:
-    """Run with stderr (and stdout) on a pseudo-terminal; return (status, what the terminal got)."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
-    os.close(slave)
-    out = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.1)
-        if ready:
-            try:
-                data = os.read(master, 65536)
-            except OSError:
-                break
-            if not data:
-                break
-            out += data
-        elif proc.poll() is not None:
-            break
-    os.close(master)
-    return proc.wait(timeout=10), out.decode(errors="replace")
-
-
 def test_import_and_export_show_progress_on_a_terminal(stores, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     for i in range(50):
         (src / f"f{i}").write_bytes(os.urandom(20_000))
     store = stores()
-    code, out = _run_on_tty(COWFS + ["import", str(store), str(src), "--snapshot", "s"])
+    code, out = mounting.run_on_tty(COWFS + ["import", str(store), str(src), "--snapshot", "s"])
     assert code == 0, out
     assert "importing 50 entries" in out and "100%" in out and "imported 50 files" in out
     mp = tmp_path / "mnt"
     mp.mkdir()
     cowfs("mount", store, mp)
     try:
-        code, out = _run_on_tty(COWFS + ["export", str(mp), "s", str(tmp_path / "out")])
+        code, out = mounting.run_on_tty(COWFS + ["export", str(mp), "s", str(tmp_path / "out")])
         assert code == 0 and "exported 50 files" in out, out
-        code, out = _run_on_tty(COWFS + ["export", str(mp), "s", "-"])
+        code, out = mounting.run_on_tty(COWFS + ["export", str(mp), "s", "-"])
         assert code == 1 and "refusing to write a tar stream to a terminal" in out
     finally:
         cowfs("umount", mp)

@@ -18,11 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mounting
-from cowfs.chunks import codec, delta
 from cowfs.background.dedup import QUIET_AFTER
+from cowfs.chunks import codec, delta
+from mounting import KiB, MiB, du, fsck, settle, stats
 
-KiB = 1 << 10
-MiB = 1 << 20
 WORDS = [b"alpha", b"beta", b"gamma", b"delta", b"import os", b"return x", b"def f(a):", b"self.x = 1",
          b"# comment", b"class Foo:", b"for i in range(10):", b"print(i)", b"    pass", b"}", b"{"]
 
@@ -54,31 +53,11 @@ edits_st = st.lists(st.tuples(st.sampled_from(["overwrite", "insert", "delete"])
                     min_size=1, max_size=12)
 
 
-def stats(target) -> dict:
-    return json.loads(mounting.run_cowfs("stats", target, "--json").stdout)
-
-
-def settle(mp) -> dict:
-    return json.loads(mounting.run_cowfs("dedup", mp, "--wait", "--json", "--timeout", "120", timeout=180).stdout)
-
-
-def fsck(store) -> dict:
-    r = mounting.run_cowfs("fsck", store, "--json", check=False, timeout=300)
-    report = json.loads(r.stdout)
-    assert report["clean"], report["problems"][:20]
-    return report
-
-
 def check_identities(s: dict) -> None:
     assert s["logical_bytes"] == s["unique_bytes"] + s["dedup_saved_bytes"]
     assert s["unique_bytes"] == (s["chunk_bytes"] + s["compression_saved_bytes"] + s["delta_saved_bytes"])
     assert s["chunks"] == s["delta_chunks"] + s["whole_chunks"]
     assert s["delta_saved_bytes"] >= 0
-
-
-def du(path) -> int:
-    return int(subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, check=True,
-                              text=True).stdout.split()[0])
 
 
 # -- unit: codec and features -------------------------------------------------------------------

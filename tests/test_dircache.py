@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 import mounting
-from test_branching import ok, stats
+from mounting import ok, stats
 
 
 def readdirs(mp) -> int:

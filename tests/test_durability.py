@@ -18,7 +18,7 @@ import time
 import pytest
 
 import mounting
-from test_branching import stats
+from mounting import stats
 
 
 def crash(m: mounting.Mount) -> None:

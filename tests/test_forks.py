@@ -2,7 +2,7 @@
 while the store is mounted: bind mounts served by the one daemon).
 
 The first mount is the ``cowfs_mount`` fixture (a foreground daemon); forks come from the
-``forks`` fixture (test_branching.py), which unmounts whatever is left at teardown, before the
+``forks`` fixture (conftest.py), which unmounts whatever is left at teardown, before the
 fixture's own mount goes.  Threads are joined with timeouts; the mount's watchdog aborts a hung
 daemon (releasing every fork, since they share its FUSE connection).
 """
@@ -18,8 +18,7 @@ import time
 import pytest
 
 import mounting
-from mounting import run_cowfs
-from test_branching import MiB, disk_bytes, fails, forks, names, ok, read, stats, write  # noqa: F401
+from mounting import MiB, disk_bytes, fails, names, ok, read, run_cowfs, stats, write
 
 TREE_FILES = 20          # 20 x 1 MiB of random data ...
 SMALL_FILES = 100        # ... plus small files: a ~20 MiB tree

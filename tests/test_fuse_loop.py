@@ -12,7 +12,7 @@ import trio.testing
 
 from cowfs import threads
 from cowfs.fuse.loop import YIELD_NS, ReadLock, Waiter
-from test_branching import stats
+from mounting import stats
 
 
 def _burst(path, n: int) -> None:

@@ -19,7 +19,7 @@ import time
 import pytest
 
 import mounting
-from test_dedup import fsck, settle, stats
+from mounting import fsck, settle, stats
 
 KiB = 1 << 10
 

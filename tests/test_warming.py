@@ -14,8 +14,7 @@ import pytest
 
 from cowfs.cache.learned import MAX_MISSED, WARM_WINDOW, OpenModel
 from cowfs.background.warming import CHILD
-from test_branching import forks, ok, stats  # noqa: F401
-from test_cache import _wait
+from mounting import ok, stats, wait_until
 
 DIRS = [f"d{i}/s{j}" for i in range(10) for j in range(5)]
 
@@ -71,7 +70,7 @@ def test_cold_start_model_keeps_order_window_and_misses():
 
 
 @pytest.mark.timeout(180)
-def test_cold_start_is_learned_and_warmed_after_a_remount(mount_factory, forks):  # noqa: F811
+def test_cold_start_is_learned_and_warmed_after_a_remount(mount_factory, forks):
     m = mount_factory()
     _make_tree(m.path)
     m.remount()
@@ -79,7 +78,7 @@ def test_cold_start_is_learned_and_warmed_after_a_remount(mount_factory, forks):
     assert stats(m.path)["prefetch_model"]["cold_start_dirs"] >= len(DIRS)
     m.remount()
     os.listdir(m.path / "d0")  # the first touch starts the helper
-    w = _wait(lambda: (lambda w: w if w["runs"] >= 1 else None)(stats(m.path)["warm"]), "the cold-start helper", timeout=20)
+    w = wait_until(lambda: (lambda w: w if w["runs"] >= 1 else None)(stats(m.path)["warm"]), "the cold-start helper", timeout=20)
     assert w["dirs_warmed"] >= len(DIRS) + 10, w
     # The helper's requests are told apart (the dedup worker does not take them for a busy
     # mount): an OPENDIR, at least one READDIR and a RELEASEDIR per directory it listed.
@@ -98,7 +97,7 @@ def test_cold_start_is_learned_and_warmed_after_a_remount(mount_factory, forks):
     assert stats(fork)["prefetch_model"]["cold_start_dirs"] >= len(DIRS)
     runs = stats(fork)["warm"]["runs"]
     os.listdir(fork / "d1")
-    w = _wait(lambda: (lambda w: w if w["runs"] > runs else None)(stats(fork)["warm"]), "warming the fork",
+    w = wait_until(lambda: (lambda w: w if w["runs"] > runs else None)(stats(fork)["warm"]), "warming the fork",
               timeout=20)
     assert w["dirs_warmed"] >= 2 * len(DIRS), w
     before = stats(fork)["requests"]
@@ -162,7 +161,7 @@ def test_plain_umount_is_never_busy_because_of_the_helper(mount_factory):
     mount(8) users run) succeeds while it works, and the daemon exits once it is done."""
     m = mount_factory()
     _start_warming(m, 3000)
-    _wait(lambda: stats(m.path)["warm"]["running"], "the helper to start")
+    wait_until(lambda: stats(m.path)["warm"]["running"], "the helper to start")
     r = subprocess.run(["fusermount3", "-u", str(m.path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert m.stop() == 0  # the daemon exits (after the helper): nothing left to unmount
