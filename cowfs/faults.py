@@ -16,7 +16,7 @@ Points (where each sits, and which background task meets it):
                  are committed (a `cowfs gc` thread)
   repack_moved   Store.retire_packs, once a repack's moves are committed and durable, before
                  its old packs are deleted (a `cowfs gc` thread)
-  flush_encode   Filesystem._encode_all, the same thread, once every chunk is hashed and
+  flush_encode   Flusher.encode_all, the same thread, once every chunk is hashed and
                  judged already stored or new (before any pack append)
   prefetch_load  Fetcher._load, a prefetch thread
   dedup_plan     DedupWorker._plan, the background worker's planning thread

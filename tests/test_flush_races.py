@@ -32,14 +32,14 @@ class Held:
         self.fs = Filesystem(self.store, "main")
         self.gate = threading.Event()
         self.entered = threading.Event()
-        encode_all = self.fs._encode_all
+        encode_all = self.fs.flusher.encode_all
 
         def held(*args):
             self.entered.set()
             self.gate.wait(30)
             return encode_all(*args)
 
-        self.fs._encode_all = held  # type: ignore[method-assign]
+        self.fs.flusher.encode_all = held  # type: ignore[method-assign]
 
     async def dirty_file(self, name: bytes, size: int = 1 << 20):
         root = self.fs.node(self.fs.primary, ROOT_INO)
@@ -113,14 +113,14 @@ async def test_attributes_deferred_during_a_flush_go_with_the_later_data(tmp_pat
         node = await h.dirty_file(b"f")
 
         seen: list[tuple[int, int]] = []  # (committed size, mtime) after each commit
-        commit = h.fs._commit
+        commit = h.fs.txn.commit
 
         def watched(m) -> None:
             commit(m)
             a = h.committed(node)
             seen.append((a.size, a.mtime_ns, stat.S_IMODE(a.mode), a.uid))
 
-        h.fs._commit = watched  # type: ignore[method-assign]
+        h.fs.txn.commit = watched  # type: ignore[method-assign]
         before = node.attrs.mtime_ns
         late = before + 123_456_789
         commits = h.store.write_seq
@@ -159,7 +159,7 @@ async def test_deferred_attributes_survive_a_failed_flush(tmp_path):
         with pytest.raises(Exception):
             await h.fs.flush()
         h.store.kv.write = write  # type: ignore[method-assign]
-        assert stat.S_IMODE(node.attrs.mode) == 0o600 and node in h.fs.dirty_nodes
+        assert stat.S_IMODE(node.attrs.mode) == 0o600 and node in h.fs.flusher.dirty_nodes
         await h.fs.flush()
         assert stat.S_IMODE(h.committed(node).mode) == 0o600
     finally:
@@ -185,7 +185,7 @@ async def test_release_whose_commit_fails_lets_the_handle_go_and_keeps_the_data(
         with pytest.raises(pyfuse3.FUSEError):
             await ops.release(fh)
         h.store.kv.write = write  # type: ignore[method-assign]
-        assert node.opens == 0 and node in h.fs.dirty_nodes
+        assert node.opens == 0 and node in h.fs.flusher.dirty_nodes
         await h.fs.flush()
         assert h.committed(node).size == 4
     finally:

@@ -50,7 +50,7 @@ class Warmer:
     def __init__(self, fs: Filesystem, root_path: Callable[[View], str | None], store: str,
                  enabled: bool) -> None:
         self.fs = fs
-        self.learner = fs.learner
+        self.learner = fs.prefetch.learner
         self.root_path = root_path  # where a view's root is in the daemon's mount namespace
         self.pid_path = warmer_pid_file(store)
         self.enabled = enabled and self.learner is not None and os.geteuid() == 0  # see the module doc

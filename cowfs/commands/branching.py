@@ -171,8 +171,9 @@ class Branching:
         async with self.fs.mutate(view or self.fs.primary) as m:
             kind = self.owners.check_delete(view.name if view is not None else None, name, mounted())
             self.cat.remove(name, m.batch)
-            if kind == "branch" and self.fs.learner is not None:
-                self.fs.learner.forget(name, m.batch)
+            learner = self.fs.prefetch.learner
+            if kind == "branch" and learner is not None:
+                learner.forget(name, m.batch)
         self.fs.drop_views(name)
         self.fs.schedule_gc()
         log.info("%s %s deleted %s", kind, name,

@@ -199,6 +199,7 @@ class Daemon:
         host: with the host's side too (for the admin socket only, see sandbox_stats)."""
         fs, store = self.fs, self.store
         view = view or fs.primary
+        learner = fs.prefetch.learner
         # Both from one read of /proc/self/status: VmHWM is at least VmRSS there, while
         # getrusage's ru_maxrss is only brought up to date when memory is given back.
         mem = {}
@@ -224,16 +225,16 @@ class Daemon:
             "quota_bytes": view.quota_bytes,
             "quota_inodes": view.quota_inodes,
             "memory": {**fs.memory_figures(), **store.engine.memory()},
-            "dirty_bytes": fs.dirty_bytes,
-            "flushes": fs.flush_count,
+            "dirty_bytes": fs.flusher.dirty_bytes,
+            "flushes": fs.flusher.flush_count,
             "commits": store.write_seq,
             "syncs_done": store.synced_seq,
             "objects_created": store.objects_created,
             "objects_freed": store.objects_freed,
             "cache": store.cache.stats(),
-            "prefetch_enabled": fs.fetcher is not None,
-            "prefetch_learning": fs.learner is not None and fs.learner.learn,
-            "prefetch_model": (fs.learner.describe(view.name) if fs.learner is not None and view.kind == "branch"
+            "prefetch_enabled": fs.prefetch.fetcher is not None,
+            "prefetch_learning": learner is not None and learner.learn,
+            "prefetch_model": (learner.describe(view.name) if learner is not None and view.kind == "branch"
                                else {"files": 0, "transitions": 0, "cold_start_dirs": 0}),
             "warm": self.warmer.figures(),
             "fuse_loop": self.waiter.figures() if self.waiter is not None else {"spin_us": 0},
@@ -366,9 +367,6 @@ class Daemon:
             notify.notify("WATCHDOG=1")
             await trio.sleep(interval)
 
-    def _prefetch_stopped(self) -> None:
-        self.fs.fetcher = None  # reads stop queueing work nobody takes
-
     async def _tune_readahead(self) -> None:
         # The kernel sets the mount's readahead when it gets our INIT reply; a stat() that
         # returns proves INIT is done, so our setting sticks.
@@ -391,12 +389,13 @@ class Daemon:
             sup.start(nursery, "dedup", self.dedup.run)
             sup.start(nursery, "sharer", self.sharer.run)
             sup.start(nursery, "watchdog", self._watchdog)
-            if self.fs.fetcher is not None:
+            fetcher = self.fs.prefetch.fetcher
+            if fetcher is not None:
                 # The interpreter's switch interval stays at its default: lowering it to 1 ms so
                 # that prefetch threads get the GIL sooner made creates 40% slower (bench_core
                 # files: 2.28 s against 1.62 s) and still did not let readahead get ahead.
-                sup.start(nursery, "prefetch", self.fs.fetcher.run, speculative=True, on_stop=self._prefetch_stopped)
-            sup.start(nursery, "model_saver", self.fs.save_model_loop)
+                sup.start(nursery, "prefetch", fetcher.run, speculative=True, on_stop=self.fs.prefetch.stop_fetching)
+            sup.start(nursery, "model_saver", self.fs.prefetch.save_model_loop)
             sup.start(nursery, "warmer", self.warmer.run, speculative=True, on_stop=self.warmer.disable)
             self.ext.nursery = nursery
             ready(None)
@@ -405,7 +404,7 @@ class Daemon:
             log.info("unmounted: committing and syncing")
             notify.notify("STOPPING=1")
             await self.fs.flush()
-            self.fs.save_model()
+            self.fs.prefetch.save_model()
             await self.store.sync()
             nursery.cancel_scope.cancel()
 
@@ -424,7 +423,7 @@ class Daemon:
         entry = mounts.entry_at(cfg.mountpoint)
         if entry is not None and entry.fstype == "fuse.cowfs":
             self.dev = entry.dev
-            self.fs.kernel_dirty = _kernel_dirty_limit(entry.dev) or self.fs.kernel_dirty
+            self.fs.full.kernel_dirty = _kernel_dirty_limit(entry.dev) or self.fs.full.kernel_dirty
         log.info("serving %s branch %s at %s (pid %d)", cfg.store, cfg.branch, cfg.mountpoint, os.getpid())
         clean = False
         try:

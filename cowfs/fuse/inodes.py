@@ -65,7 +65,7 @@ class Inodes:
         ino = fino & INO_MASK
         epoch = (fino >> EPOCH_SHIFT) & (EPOCHS - 1)
         if ino != ROOT_INO and epoch != view.epoch % EPOCHS:
-            old = fs.detached.get((vid, epoch))
+            old = fs.views.detached.get((vid, epoch))
             node = old.nodes.get(ino) if old is not None else None
             if node is None:
                 raise FSError(errno.ESTALE)
@@ -96,5 +96,5 @@ class Inodes:
         epoch = (fino >> EPOCH_SHIFT) & (EPOCHS - 1)
         view = fs.views.get(vid)
         if view is None or (ino != ROOT_INO and epoch != view.epoch % EPOCHS):
-            view = fs.detached.get((vid, epoch))
+            view = fs.views.detached.get((vid, epoch))
         return view.nodes.get(ino) if view is not None else None

@@ -78,8 +78,8 @@ class Kernel:
 
     async def syncer(self) -> None:
         """Bring the kernel's view of a file back to ours after a write it acknowledged was
-        refused (Filesystem._refuse), while writers still have it open; the last release
-        does it once more."""
+        refused (cowfs.core.diskfull.DiskFull.refuse), while writers still have it open; the
+        last release does it once more."""
         while True:
             for node in await self.fs.wait_unsynced():
                 await self.sync_view(node)

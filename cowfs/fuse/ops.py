@@ -276,7 +276,7 @@ class Operations(pyfuse3.Operations):
 
     async def _commit_closed(self, node: Node) -> None:
         # Also when another task's flush holds this file's data, like fsync.
-        if node.attrs.nlink > 0 and (node in self.fs.dirty_nodes or node.flushing):
+        if node.attrs.nlink > 0 and self.fs.flusher.holds(node):
             await self.fs.flush()
 
     async def release(self, fh: int) -> None:

@@ -1,0 +1,324 @@
+"""The flush pipeline: acknowledged writes wait in per-node dirty chunk buffers until a flush
+hashes and compresses them (in a thread when large, into a pack when larger still) and
+commits them as new chunk trees, one batch for every node taken.
+
+A flush *moves* `node.dirty` to `node.flushing` (no copy): later writes start new buffers,
+so nothing mutates a buffer once it is flushing; reads look in dirty, then flushing, then
+the committed tree.  If the commit fails, the taken buffers go back under newer writes.
+Acknowledged data is in `dirty_nodes` or in the flush in progress (`flush_running`), and
+`flush()` waits for both (docs/architecture.md, "Concurrency invariants";
+tests/test_flush_races.py).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from typing import TYPE_CHECKING, NamedTuple
+
+import trio
+
+from cowfs import faults
+from cowfs.chunks import codec, tree
+from cowfs.chunks.tree import CHUNK, RESERVED, TreeWriter
+from cowfs.core.node import Node
+from cowfs.core.txn import Mutation
+from cowfs.errors import FSError
+from cowfs.meta.records import Attrs
+
+if TYPE_CHECKING:
+    from cowfs.core.filesystem import Filesystem
+
+log = logging.getLogger(__name__)
+
+DIRTY_LIMIT = 64 << 20  # acknowledged-but-unflushed bytes before writers wait for a flush
+DIRTY_AGE = 1.0  # seconds before the background flusher commits dirty data
+# Dirty bytes that wake the background flusher at once: a streaming writer's next chunks
+# are copied in while the previous ones are hashed, compressed and committed.
+EARLY_FLUSH_BYTES = 8 << 20
+THREAD_FLUSH_BYTES = 512 << 10  # flushes larger than this hash/compress in a worker thread
+# Flushes of at least this much write their chunk encodings (those of PACK_MIN_VALUE bytes or
+# more) as one new pack, durable before the commit, in the thread, and commit only pointers
+# (chunks/packs.py).  Smaller flushes (small files, fsync'd rewrites) stay inline: a pack put
+# costs an fsync of the pack and of its directory.
+PACK_FLUSH_BYTES = 4 << 20
+PACK_MIN_VALUE = 8 << 10
+_ZEROS = bytes(CHUNK)
+
+Encoded = dict[int, "tuple[bytes, bytes | None] | None"]
+
+
+def disk_cost(nbytes: int) -> int:
+    """Disk bytes a flush of nbytes of new data takes at most: once in a pack file when the
+    flush is large enough for one, else twice (RocksDB's WAL, then a blob file)."""
+    return nbytes if nbytes >= PACK_FLUSH_BYTES else 2 * nbytes
+
+
+class _Taken(NamedTuple):
+    """A node's dirty chunks taken by a flush, with the size and the attributes (see
+    `_stamp`) the file had then: a SETATTR deferred while the flush encodes follows later
+    writes, and goes with them in the next flush."""
+    node: Node
+    chunks: dict[int, bytes | bytearray]
+    size: int
+    stamp: tuple[int, int, int, int, int, int]
+
+
+def _stamp(a: Attrs) -> tuple[int, int, int, int, int, int]:
+    """The attributes a deferred SETATTR may change: mode, uid, gid, atime, mtime, ctime."""
+    return a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, a.ctime_ns
+
+
+def _restamp(a: Attrs, stamp: tuple[int, int, int, int, int, int]) -> None:
+    a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, a.ctime_ns = stamp
+
+
+class Flusher:
+    def __init__(self, fs: "Filesystem") -> None:
+        self.fs = fs
+        self.dirty_nodes: dict[Node, float] = {}  # node -> time it first became dirty
+        self.dirty_bytes = 0
+        self.flush_running = False  # a flush holds taken chunks (under the lock, maybe in a thread)
+        self.flushing_bytes = 0  # what the flush in progress took
+        self.flush_count = 0
+        self.flush_wanted = trio.Event()
+
+    def held_bytes(self) -> int:
+        """Disk bytes acknowledged data not committed yet will take at most."""
+        return disk_cost(self.dirty_bytes + self.flushing_bytes)
+
+    def is_dirty(self, node: Node) -> bool:
+        return node in self.dirty_nodes
+
+    def holds(self, node: Node) -> bool:
+        """Whether node's data is dirty or being flushed (then it stays in memory)."""
+        return node in self.dirty_nodes or bool(node.flushing)
+
+    def pending(self) -> bool:
+        """Whether acknowledged writes wait to be committed (dirty, or in a flush)."""
+        return bool(self.dirty_nodes) or self.flush_running
+
+    def written(self, node: Node, new_chunks: int, grew: bool) -> bool:
+        """A write buffered new_chunks more chunks of node (grew: its size grew): node is
+        dirty.  Past EARLY_FLUSH_BYTES the background flusher is woken; past DIRTY_LIMIT
+        the writer must wait for a flush (True: call `flush_at_limit`)."""
+        if new_chunks:
+            self.dirty_bytes += new_chunks * CHUNK
+        if new_chunks or grew:  # zeros over holes buffer nothing, but the size must commit
+            self.dirty_nodes.setdefault(node, time.monotonic())
+        if self.dirty_bytes > DIRTY_LIMIT:
+            return True
+        if self.dirty_bytes > EARLY_FLUSH_BYTES:
+            self.flush_wanted.set()
+        return False
+
+    async def flush_at_limit(self) -> None:
+        try:
+            await self.flush()
+        except FSError as exc:
+            # The write is in the dirty buffers: it succeeded.  The flush is retried, and
+            # fsync reports it if it keeps failing.
+            log.error("flush at the dirty limit failed: %s", exc)
+
+    def dropped(self, node: Node, before: int) -> None:
+        """node's dirty buffers went from `before` chunks to what they are (a cut)."""
+        self.dirty_bytes -= (before - len(node.dirty)) * CHUNK
+        if not node.dirty:
+            self.dirty_nodes.pop(node, None)
+
+    def discard(self, node: Node) -> None:
+        """node's dirty data is of no use any more (its inode is dropped)."""
+        if node in self.dirty_nodes:
+            del self.dirty_nodes[node]
+            self.dirty_bytes -= len(node.dirty) * CHUNK
+        node.dirty.clear()
+
+    async def flush(self) -> None:
+        """Commit every acknowledged write (not yet durable: see sync).
+
+        Acknowledged writes are dirty, or flushing in another task's flush, which holds the
+        lock while it encodes in a thread: that flush must be waited for too, or an fsync
+        could return (and a sync cover nothing) before the data it covers is committed."""
+        if self.dirty_nodes or self.flush_running:
+            txn = self.fs.txn
+            await txn.acquire_lock()
+            try:
+                await self.flush_locked()
+            finally:
+                txn.lock.release()
+
+    async def fsync(self) -> None:
+        await self.flush()
+        await self.fs.store.sync()
+
+    def encode(self, chunks: dict[int, bytes | bytearray]) -> Encoded:
+        """Hash and (for chunks new to the store) compress; None marks an all-zero chunk (hole)."""
+        out: Encoded = {}
+        objects = self.fs.store.objects
+        for i, data in chunks.items():
+            # Comparing with a zero chunk stops at the first nonzero byte (count(0) reads all);
+            # a memoryview compares slowly (~50 us), so only one that starts with a zero byte
+            # is copied and compared.
+            if not len(data) or (not data[0] and (data if type(data) is bytearray else bytes(data))
+                                 == _ZEROS[: len(data)]):
+                out[i] = None
+                continue
+            h = codec.chunk_hash(data)
+            out[i] = (h, None if objects.exists(h) else codec.encode_chunk(data, self.fs.level))
+        return out
+
+    def encode_all(self, work: list[_Taken], pack: bool) -> tuple[list[Encoded], list[int]]:
+        """Encode every node's chunks; with pack, move the large new encodings to a new pack
+        (in this thread: the write and fsync release the GIL).  Returns the encodings and
+        the packs written, which the commit keeps if it stores a pointer into them, else deletes."""
+        encoded = [self.encode(t.chunks) for t in work]
+        faults.point("flush_encode")  # a test hook: chunks already judged stored or new
+        if not pack:
+            return encoded, []
+        items: dict[bytes, bytes] = {}
+        for enc in encoded:
+            for e in enc.values():
+                if e is not None and e[1] is not None and len(e[1]) >= PACK_MIN_VALUE:
+                    items.setdefault(e[0], e[1])
+        if not items:
+            return encoded, []
+        pointers = dict(zip(items, self.fs.store.objects.pack(list(items.items()))))
+        for enc in encoded:
+            for i, e in enc.items():
+                if e is not None and e[0] in pointers:
+                    enc[i] = (e[0], pointers[e[0]])
+        return encoded, sorted({codec.packed_extent(p)[0] for p in pointers.values()})  # type: ignore[index]
+
+    def flush_node_into(self, m: "Mutation", node: Node, encoded: Encoded,
+                        size: int, stamp: tuple[int, int, int, int, int, int] | None = None,
+                        cut: bool = False) -> None:
+        """Turn encoded chunks into a new tree for node and save it in m, with the size (and
+        the `_stamp` attributes) the file had when these chunks were taken.  The tree keeps
+        chunks reserved beyond EOF (fallocate with KEEP_SIZE) unless `cut` (a truncate
+        that shrinks the file gives them back, as ext4's does)."""
+        writer = TreeWriter(self.fs.store.objects.node, m.txn)
+        changes: dict[int, bytes | None] = {}
+        for i, enc in encoded.items():
+            if enc is None:
+                # Zeros written over reserved space: it stays reserved (allocated zeros).
+                if tree.lookup(node.attrs.root, i, writer.load_node) != RESERVED:
+                    changes[i] = None
+                continue
+            h, value = enc
+            # value is None for chunks the store already had when encoded: nothing can free
+            # them since, as frees only happen in commits and we hold the lock.
+            if value is not None:
+                m.txn.add_object(h, value, [])
+            changes[i] = h
+        n_chunks = (size + CHUNK - 1) // CHUNK
+        if not cut:
+            n_chunks = max(n_chunks, tree.extent(node.attrs.root, writer.load_node))
+        new_root = writer.update(node.attrs.root, changes, n_chunks)
+        a = node.attrs
+        size_now, stamp_now = a.size, _stamp(a)
+        a.root = new_root
+        a.size = size
+        if stamp is not None:
+            _restamp(a, stamp)
+        m.save(node)
+        a.size = size_now
+        _restamp(a, stamp_now)
+        # Usage keeps counting what writes acknowledged since these chunks were taken (the
+        # record's size is older): counting only the record let a writer streaming during a
+        # threaded flush pass the byte quota by what it wrote meanwhile.
+        m.account(node)
+
+    async def flush_locked(self) -> None:
+        """Commit all dirty data (caller holds the lock). Large flushes encode in a thread."""
+        fs = self.fs
+        while self.dirty_nodes:
+            nodes = list(self.dirty_nodes)
+            self.dirty_nodes.clear()
+            self.flush_running = True
+            self.dirty_bytes = 0
+            work = []
+            total = 0
+            for node in nodes:
+                # Hand the buffers over without copying: later writes start new buffers
+                # (copying from these), so nothing mutates a buffer once it is flushing.
+                node.flushing = node.dirty
+                node.dirty = {}
+                total += len(node.flushing) * CHUNK
+                work.append(_Taken(node, node.flushing, node.attrs.size, _stamp(node.attrs)))
+            self.flushing_bytes = total
+            m = Mutation(fs)
+            try:
+                if total > THREAD_FLUSH_BYTES:
+                    try:
+                        encoded, m.txn.staged = await fs.store.in_thread(
+                            lambda: self.encode_all(work, total >= PACK_FLUSH_BYTES))
+                    except OSError as exc:
+                        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        raise FSError(errno.ENOSPC, f"pack put failed: {exc}") from exc  # a full disk
+                else:
+                    encoded = [self.encode(t.chunks) for t in work]
+                for t, enc in zip(work, encoded):
+                    if not t.node.deleted:
+                        size = t.size
+                        if t.node.cap is not None and size > t.node.cap:
+                            size, enc = self.cut_taken(t, enc)
+                        self.flush_node_into(m, t.node, enc, size, t.stamp)
+                # The attributes of deferred SETATTRs, which a failed commit's revert would
+                # take back to what is stored: they were acknowledged, so they stay.
+                stamps = [_stamp(t.node.attrs) for t in work]
+                try:
+                    fs.txn.commit(m)
+                except BaseException:
+                    for t, st in zip(work, stamps):
+                        _restamp(t.node.attrs, st)
+                    raise
+            except BaseException:
+                # Nothing was committed: put the data back under any newer writes.
+                fs.store.objects.discard_staged(m.txn)
+                for node, ch, *_ in work:
+                    for i, data in ch.items():
+                        node.dirty.setdefault(i, bytearray(data))
+                    node.flushing = {}
+                    if node.dirty:
+                        self.dirty_nodes.setdefault(node, time.monotonic())
+                        self.dirty_bytes += len(node.dirty) * CHUNK
+                raise
+            finally:
+                self.flush_running = False
+                self.flushing_bytes = 0
+            fs.store.spent(disk_cost(total))
+            for node in nodes:
+                node.flushing = {}
+                fs.usage.after_flush(node)
+                fs.nodes.evict_if_unused(node)
+            self.flush_count += 1
+
+    def cut_taken(self, t: _Taken, enc: Encoded) -> tuple[int, Encoded]:
+        """Chunks a flush took before a refused write cut their file (`DiskFull.refuse`):
+        keep what lies below the cut, the chunk across it trimmed (no stored chunk holds
+        bytes beyond EOF).  A packed encoding left out stays dead in its pack until `cowfs gc`
+        repacks it (a pack the commit stores nothing from is deleted by the commit:
+        `ObjectStore.apply`)."""
+        cap = t.node.cap
+        assert cap is not None
+        keep = {i: e for i, e in enc.items() if i * CHUNK < cap}
+        i, rem = divmod(cap, CHUNK)
+        data = t.chunks.get(i) if rem else None
+        if data is not None and len(data) > rem:
+            keep.update(self.encode({i: bytes(data[:rem])}))
+        return cap, keep
+
+    async def background_flusher(self) -> None:
+        """Commit dirty data that has waited DIRTY_AGE seconds, or once EARLY_FLUSH_BYTES pile up."""
+        while True:
+            with trio.move_on_after(DIRTY_AGE / 2):
+                await self.flush_wanted.wait()
+            early = self.flush_wanted.is_set()
+            if early:
+                self.flush_wanted = trio.Event()
+            if self.dirty_nodes and (early or time.monotonic() - min(self.dirty_nodes.values()) >= DIRTY_AGE):
+                try:
+                    await self.flush()
+                except FSError as exc:
+                    log.error("background flush failed: %s", exc)
