@@ -32,7 +32,7 @@ from typing import Callable, Iterator
 
 from cowfs.chunks import codec
 from cowfs.chunks.families import CF_OBJECTS, CF_PENDING, CF_REFS, CF_SPACE, SPACE_KEY
-from cowfs.chunks.packs import pack_name
+from cowfs.chunks.packs import IndexEntry, pack_name
 from cowfs.chunks.refs import Ref, parse_ref, scan_space, tree_sizes
 from cowfs.chunks.space import Space
 from cowfs.kv.base import Batch
@@ -80,6 +80,7 @@ class Fsck:
         self.batch = Batch()
         self.cat: Catalog = store.catalog
         self._pack_sizes: dict[int, int] = {}
+        self._pack_index: dict[int, dict[bytes, IndexEntry] | None] = {}  # None: no index (or damaged)
 
     def run(self) -> Report:
         self.check_catalog()
@@ -305,6 +306,9 @@ class Fsck:
                 damaged.add(h)
                 self.report.problem(f"object {h.hex()} points past the end of pack {pack_name(ext[0])}")
                 continue
+            if ext is not None and not self._indexed(h, raw, ext[0]):
+                self.report.problem(f"object {h.hex()} points into pack {pack_name(ext[0])}, whose index "
+                                    "does not list it there")
             if raw[0] == codec.KIND_NODE:
                 node = raw[1:]
                 if codec.node_hash(node) != h:
@@ -377,6 +381,28 @@ class Fsck:
                 self.batch.delete(CF_OBJECTS, h)
                 self.batch.delete(CF_REFS, h)
                 self.report.repaired.append(f"deleted unreferenced object {h.hex()[:16]}…")
+
+    def _indexed(self, h: bytes, raw: bytes, pack: int) -> bool:
+        """Whether the pack's index lists the pointer's encoding where it points (a pack
+        without an index, written before indexes existed, lists nothing and is not checked;
+        one whose index is damaged is reported once)."""
+        if pack not in self._pack_index:
+            try:
+                entries = self.store.packs.index(pack, self._pack_sizes.get(pack))
+            except codec.CorruptObject as exc:
+                self.report.problem(str(exc))
+                self.report.unrepairable.append(f"pack {pack_name(pack)}: its index is damaged")
+                entries = None
+            if entries is None:
+                self.report.counts["packs_without_index"] += 1
+            self._pack_index[pack] = None if entries is None else {e.hash: e for e in entries}
+        index = self._pack_index[pack]
+        if index is None:
+            return True
+        _p, off, length = codec.packed_extent(raw)  # type: ignore[misc]
+        e = index.get(h)
+        return e is not None and (e.kind, e.offset, e.length, e.raw_size) == (
+            codec.packed_kind(raw), off, length, codec.chunk_sizes(raw)[0])
 
     def _in_pack(self, ext: tuple[int, int, int]) -> bool:
         pack, off, length = ext

@@ -395,7 +395,7 @@ class Store:
     def survey_packs(self, listed: dict[int, int]) -> repack.Survey:
         """Live bytes of the listed packs (`Packs.listing`, taken while no flush had a pack
         in flight), from a scan that starts now (blocking: call in a thread)."""
-        return repack.survey(self.kv, listed)
+        return repack.survey(self.kv, self.packs.encoding_sizes(listed))
 
     def delete_packs(self, packs: list[int]) -> None:
         """Delete packs nothing points at (blocking: call in a thread)."""

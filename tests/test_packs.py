@@ -27,7 +27,7 @@ import mounting
 import workload
 from cowfs.blob.local import LocalBlobStore
 from cowfs.chunks import codec
-from cowfs.chunks.packs import MissingPack, Packs, pack_id
+from cowfs.chunks.packs import ENTRY, FOOTER, MissingPack, Packs, pack_id
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -87,17 +87,22 @@ def test_packs_on_a_local_blob_store(tmp_path, where):
     try:
         ps = Packs(LocalBlobStore(root))
         values = [os.urandom(n) for n in (100 * KiB, 64 * KiB, 3 * MiB + 5)]
-        pack, exts = ps.write(values)
+        keys = [(codec.chunk_hash(v), codec.KIND_RAW, len(v)) for v in values]
+        pack, exts = ps.write(values, keys)
         assert [e[1] for e in exts] == [len(v) for v in values]
         assert exts[1][0] == exts[0][0] + exts[0][1]  # back to back, in order
-        assert os.path.getsize(os.path.join(root, f"{pack:016x}.pack")) == sum(map(len, values))
+        index = 3 * ENTRY.size + FOOTER.size
+        assert os.path.getsize(os.path.join(root, f"{pack:016x}.pack")) == sum(map(len, values)) + index
+        assert [(e.hash, e.kind, e.raw_size, e.offset, e.length) for e in ps.index(pack)] == [
+            k + x for k, x in zip(keys, exts)]
         for v, (off, length) in zip(values, exts):
             assert ps.read(pack, off, length) == v
         ps.read_ahead(pack, 0, 1 * MiB)
         with pytest.raises(MissingPack):
-            ps.read(pack, exts[2][0], exts[2][1] + 1)  # past the end
-        other, _ = ps.write([b"x" * 10])
-        assert ps.listing() == {pack: sum(map(len, values)), other: 10}
+            ps.read(pack, exts[2][0], exts[2][1] + index + 1)  # past the end (of the index)
+        other, _ = ps.write([b"x" * 10], [(codec.chunk_hash(b"x" * 10), codec.KIND_RAW, 10)])
+        assert ps.listing() == {pack: sum(map(len, values)) + index, other: 10 + ENTRY.size + FOOTER.size}
+        assert ps.encoding_sizes(ps.listing()) == {pack: sum(map(len, values)), other: 10}
         assert ps.disk_usage() >= sum(map(len, values))
         ps.delete(pack)
         with pytest.raises(MissingPack):
@@ -318,6 +323,69 @@ def _side_by_side(m, rnd: random.Random) -> bytes:
     os.unlink(m.path / "gone")
     os.sync()
     return bytes(keep)
+
+
+def _unindexed_pointers(store) -> tuple[int, list[str]]:
+    """(packed pointers, those their pack's index does not list at their place), read offline."""
+    from cowfs.chunks.families import CF_OBJECTS
+    from cowfs.store import Store
+
+    st = Store(str(store))
+    try:
+        indexes: dict[int, dict] = {}
+        n, missing = 0, []
+        for h, raw in st.kv.scan(CF_OBJECTS, b""):
+            ext = codec.packed_extent(raw)
+            if ext is None:
+                continue
+            n += 1
+            if ext[0] not in indexes:
+                indexes[ext[0]] = {e.hash: e for e in st.packs.index(ext[0])}
+            e = indexes[ext[0]].get(h)
+            if e is None or (e.kind, e.offset, e.length, e.raw_size) != (
+                    codec.packed_kind(raw), ext[1], ext[2], codec.chunk_sizes(raw)[0]):
+                missing.append(h.hex())
+        return n, missing
+    finally:
+        st.close()
+
+
+@pytest.mark.timeout(300)
+def test_every_pack_lists_its_encodings_and_fsck_checks_the_lists(mount_factory):
+    """Each pack ends with the index of its encodings, what a process without the store's
+    database (another branch's daemon, a remote's reader) reads to learn what a pack holds:
+    every pointer is listed in its pack's index at its place, after writes and after a repack;
+    gc counts the index as neither live nor dead; fsck reports a damaged index (the data
+    still reads: pointers do not go through the index)."""
+    m = mount_factory(options=("dedup=off",))
+    keep = _side_by_side(m, random.Random(7))
+    m.stop()
+    n, missing = _unindexed_pointers(m.store)
+    assert n >= 200 and missing == [], (n, missing[:5])  # keep's 256 chunks, most packed
+    m.start()
+    r = gc(m.path, "--repack-below", "1")
+    assert r["packs_repacked"] >= 1 and r["pack_bytes_copied"] <= 16 * MiB + 64 * KiB, r
+    # Another pass finds nothing dead: the indexes at the ends of the new packs are not dead bytes.
+    r = gc(m.path, "--repack-below", "1")
+    assert r["pack_bytes_copied"] == 0 and r["pack_bytes_dead"] == 0, r
+    m.stop()
+    n, missing = _unindexed_pointers(m.store)
+    assert n >= 200 and missing == [], (n, missing[:5])
+    workload.fsck_clean(m.store)
+    # One byte of one pack's index damaged: fsck says which pack.
+    victim = os.path.join(m.store, "packs", packs(m.store)[0])
+    with open(victim, "r+b") as f:
+        f.seek(os.path.getsize(victim) - FOOTER.size - ENTRY.size + 40)  # the last entry's offset
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x10]))
+    res = mounting.run_cowfs("fsck", m.store, "--json", check=False, timeout=300)
+    report = json.loads(res.stdout)
+    assert res.returncode != 0 and not report["clean"], report
+    assert any(os.path.basename(victim) in p and "index" in p for p in report["problems"]), report["problems"]
+    m.start()
+    assert (m.path / "keep").read_bytes() == keep
+    m.stop()
 
 
 @pytest.mark.timeout(300)

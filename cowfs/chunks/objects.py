@@ -129,7 +129,8 @@ class ObjectStore:
         """Write whole encodings (R/Z values, without their kind byte) as one new pack,
         durably; return their P pointers.  Runs in the flush thread; the caller puts the
         pack's id in txn.staged."""
-        pack, exts = self.packs.write([memoryview(v)[1:] for _h, v in items])
+        pack, exts = self.packs.write([memoryview(v)[1:] for _h, v in items],
+                                      [(h, v[0], codec.chunk_sizes(v)[0]) for h, v in items])
         return [codec.encode_packed(v[0], pack, off, length, codec.chunk_sizes(v)[0])
                 for (_h, v), (off, length) in zip(items, exts)]
 

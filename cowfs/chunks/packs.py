@@ -20,13 +20,28 @@ Names: "<id as 16 hex digits>.pack", the id a random 64-bit number drawn for eac
 put that meets an existing name draws again), never reused while anything may point at it:
 so a pointer can only ever name the pack its bytes were written to (see chunks.repack for
 why a name derived from the content would not do).
+
+Every pack ends with its index (restic's layout): one entry per encoding in it (hash, kind,
+offset, length, raw size), then a footer (entry count, the BLAKE3 of the entries, a magic).
+It is written in the same put as the encodings, so it costs no extra object or fsync, and
+it makes a pack self-describing: a process that does not hold the store's database (another
+branch's daemon, a remote's reader: docs/design-many-processes.md) can learn what a pack
+holds from the pack alone.  Entries are facts about the pack's bytes, not about liveness: a
+repack's copy lists encodings whose pointer moved elsewhere meanwhile.  An entry is a hint
+to whoever did not write it: before a pointer is made from one, the chunk it names is
+checked against its hash.  Packs written before indexes existed (or by an older cowfs) have
+no footer: `index` says None for them, and they get one when a repack copies them.
 """
 from __future__ import annotations
 
 import errno
 import re
 import secrets
+import struct
+from dataclasses import dataclass
 from typing import Sequence
+
+from blake3 import blake3
 
 from cowfs import faults
 from cowfs.blob.base import BlobConflict, BlobNotFound, BlobStore
@@ -34,11 +49,33 @@ from cowfs.chunks import codec
 
 SUFFIX = ".pack"
 _NAME = re.compile(r"^([0-9a-f]{16})\.pack$")
+ENTRY = struct.Struct(">32sBQII")  # hash, kind (R/Z/N/D), offset, length, raw size
+FOOTER = struct.Struct(">I32s8s")  # entries, BLAKE3 of the entries, magic
+MAGIC = b"cowfsIX1"
 
 
 class MissingPack(codec.CorruptObject):
     """A pointer's pack, or the range it names, is not in the blob store (deleted by a repack
     after the pointer was read, or damage)."""
+
+
+class BadIndex(codec.CorruptObject):
+    """A pack's footer is there but its index does not check out (damage)."""
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    hash: bytes
+    kind: int
+    offset: int
+    length: int
+    raw_size: int
+
+
+def encode_index(entries: Sequence[IndexEntry]) -> bytes:
+    """The index and footer that end a pack holding these encodings."""
+    body = b"".join(ENTRY.pack(e.hash, e.kind, e.offset, e.length, e.raw_size) for e in entries)
+    return body + FOOTER.pack(len(entries), blake3(body).digest(), MAGIC)
 
 
 def pack_name(pack: int) -> str:
@@ -62,23 +99,63 @@ class Packs:
         self._read_ahead = getattr(blobs, "read_ahead", None)
         self._disk_usage = getattr(blobs, "disk_usage", None)
 
-    def write(self, values: Sequence[bytes | memoryview]) -> tuple[int, list[tuple[int, int]]]:
-        """Store values back to back as one new pack, durably; return its id and each
-        value's (offset, length) in it."""
+    def write(self, values: Sequence[bytes | memoryview],
+              keys: Sequence[tuple[bytes, int, int]]) -> tuple[int, list[tuple[int, int]]]:
+        """Store values back to back as one new pack, durably, followed by their index
+        (keys: each value's hash, kind and raw size); return its id and each value's
+        (offset, length) in it."""
         faults.point("pack_put")
-        while True:
-            pack = secrets.randbits(64)
-            try:
-                self.blobs.put_parts(pack_name(pack), values)
-                break
-            except BlobConflict:  # the id is taken: draw another
-                continue
-        faults.point("pack_written")
         out, pos = [], 0
         for v in values:
             out.append((pos, len(v)))
             pos += len(v)
+        trailer = encode_index([IndexEntry(h, kind, off, length, raw)
+                                for (h, kind, raw), (off, length) in zip(keys, out, strict=True)])
+        while True:
+            pack = secrets.randbits(64)
+            try:
+                self.blobs.put_parts(pack_name(pack), [*values, trailer])
+                break
+            except BlobConflict:  # the id is taken: draw another
+                continue
+        faults.point("pack_written")
         return pack, out
+
+    def index(self, pack: int, size: int | None = None) -> list[IndexEntry] | None:
+        """The entries of the pack's index (None: the pack predates indexes).  MissingPack if
+        the pack is not there, BadIndex if its footer is there and its index is damaged."""
+        name = pack_name(pack)
+        try:
+            size = self.blobs.size(name) if size is None else size
+            foot = self.blobs.get(name, max(0, size - FOOTER.size), FOOTER.size) if size >= FOOTER.size else b""
+            if len(foot) != FOOTER.size or foot[-len(MAGIC):] != MAGIC:
+                return None
+            count, digest, _magic = FOOTER.unpack(foot)
+            start = size - FOOTER.size - count * ENTRY.size
+            if start < 0:
+                raise BadIndex(f"pack {name}: its index claims {count} entries, more than the pack holds")
+            body = self.blobs.get(name, start, count * ENTRY.size) if count else b""
+        except BlobNotFound:
+            raise MissingPack(f"pack {name} is missing") from None
+        if len(body) != count * ENTRY.size or blake3(body).digest() != digest:
+            raise BadIndex(f"pack {name}: its index does not match its checksum")
+        entries = [IndexEntry(*ENTRY.unpack_from(body, i * ENTRY.size)) for i in range(count)]
+        if any(e.offset + e.length > start for e in entries):
+            raise BadIndex(f"pack {name}: its index names bytes beyond the pack's encodings")
+        return entries
+
+    def encoding_sizes(self, listed: dict[int, int]) -> dict[int, int]:
+        """Bytes of encodings per listed pack (`listing`'s sizes without the index at each
+        end: the index is neither live nor dead data).  A pack gone or damaged meanwhile
+        keeps its listed size."""
+        out = {}
+        for pack, size in listed.items():
+            try:
+                entries = self.index(pack, size)
+            except codec.CorruptObject:
+                entries = None
+            out[pack] = size - (0 if entries is None else len(entries) * ENTRY.size + FOOTER.size)
+        return out
 
     def read(self, pack: int, off: int, length: int) -> bytes:
         try:

@@ -116,7 +116,8 @@ def copy(kv: KV, packs: Packs, group: list[int]) -> Copy:
         i = j + 1
     if not parts:
         return Copy(group, None, [])
-    new, exts = packs.write(parts)
+    new, exts = packs.write(parts, [(h, codec.packed_kind(raw), codec.chunk_sizes(raw)[0])
+                                    for _p, _off, _len, h, raw in found])
     moves = []
     for (_p, _off, length, h, raw), (off, _n) in zip(found, exts):
         moves.append((h, raw, codec.encode_packed(codec.packed_kind(raw), new, off, length,

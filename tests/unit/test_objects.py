@@ -2,7 +2,7 @@
 chunks read back chunk by chunk and as runs, frees only drop pointers, a commit that stores
 nothing from a pack (or fails) deletes it, and repacking (chunks.repack) moves the live
 encodings of mostly-dead packs, leaves alone pointers that changed meanwhile, and deletes
-what nothing points at.
+what nothing points at; every pack ends with an index of its encodings.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from cowfs.chunks import codec, repack
 from cowfs.chunks.families import CF_OBJECTS
-from cowfs.chunks.packs import MissingPack, pack_id, pack_name
+from cowfs.chunks.packs import ENTRY, FOOTER, BadIndex, IndexEntry, MissingPack, pack_id, pack_name
 from cowfs.chunks.refs import RefTxn
 from cowfs.kv.base import Batch
 
@@ -52,7 +52,8 @@ def free(st: Objects, hashes: list[bytes]) -> None:
 
 
 def packs_of(st: Objects) -> dict[int, int]:
-    return st.objects.packs.listing()
+    """Bytes of encodings per pack (without the index at its end)."""
+    return st.objects.packs.encoding_sizes(st.objects.packs.listing())
 
 
 def test_a_flush_is_one_pack_read_back_by_chunk_and_by_run():
@@ -141,7 +142,7 @@ def test_a_reader_of_a_moved_pointer_reads_again():
     h = chunks[0][1]
     # The pointer moves (a repack) and the old pack goes, between a thread's read of the
     # pointer and its read of the pack: load reads the record again.
-    new, exts = st.objects.packs.write([chunks[0][2][1:]])
+    new, exts = st.objects.packs.write([chunks[0][2][1:]], [(h, codec.KIND_RAW, CHUNK)])
     moved = codec.encode_packed(codec.KIND_RAW, new, exts[0][0], exts[0][1], CHUNK)
     stale = st.kv.get(CF_OBJECTS, h)
     b = Batch()
@@ -157,8 +158,7 @@ def test_a_reader_of_a_moved_pointer_reads_again():
 def run_repack(st: Objects, below: float = repack.REPACK_BELOW, target: int = repack.REPACK_TARGET,
                between=None) -> dict:
     """A gc pass as background.gc.sweep_packs drives it (without the locks: one thread)."""
-    listed = st.objects.packs.listing()
-    s = repack.survey(st.kv, listed)
+    s = repack.survey(st.kv, packs_of(st))
     for p in s.garbage():
         st.objects.packs.delete(p)
     moved = 0
@@ -237,3 +237,64 @@ def test_pack_names():
     assert pack_id(pack_name(0xDEADBEEF12345678)) == 0xDEADBEEF12345678
     assert pack_id("00000001.pack") is None  # the old layout's names are not packs
     assert pack_id("other/object") is None
+
+
+# -- the index at the end of every pack -----------------------------------------------------------
+def index_of_pointers(pointers: list[tuple[bytes, bytes]]) -> list[IndexEntry]:
+    """What a pack's index must say: (hash, pointer) -> the pointed encoding's entry."""
+    out = []
+    for h, p in pointers:
+        _pack, off, length = codec.packed_extent(p)
+        out.append(IndexEntry(h, codec.packed_kind(p), off, length, codec.chunk_sizes(p)[0]))
+    return out
+
+
+def test_a_pack_ends_with_the_index_of_its_encodings():
+    st = Objects()
+    chunks = raw_chunks(5)
+    pointers = flush(st, chunks)
+    pack = codec.packed_extent(pointers[0])[0]
+    entries = st.objects.packs.index(pack)
+    assert entries == index_of_pointers([(h, p) for (_d, h, _e), p in zip(chunks, pointers)])
+    assert entries[-1].offset + entries[-1].length == 5 * CHUNK
+    listed = st.objects.packs.listing()
+    assert listed[pack] == 5 * CHUNK + 5 * ENTRY.size + FOOTER.size  # in the same object
+    assert packs_of(st) == {pack: 5 * CHUNK}
+    st.close()
+
+
+def test_a_repacked_pack_has_the_index_of_its_copies():
+    st = Objects()
+    a = raw_chunks(8)
+    flush(st, a)
+    free(st, [h for _d, h, _e in a[:6]])
+    assert run_repack(st)["moved"] == 2
+    (new,) = st.objects.packs.listing()
+    assert st.objects.packs.index(new) == index_of_pointers([(h, st.kv.get(CF_OBJECTS, h)) for _d, h, _e in a[6:]])
+    st.close()
+
+
+def test_a_pack_without_an_index_and_a_damaged_index():
+    st = Objects()
+    ps = st.objects.packs
+    ps.blobs.put(pack_name(7), os.urandom(3 * CHUNK))  # written before indexes existed
+    assert ps.index(7) is None
+    assert ps.encoding_sizes(ps.listing()) == {7: 3 * CHUNK}
+    ps.blobs.put(pack_name(8), b"")
+    assert ps.index(8) is None
+    chunks = raw_chunks(3)
+    pointers = flush(st, chunks)
+    pack = codec.packed_extent(pointers[0])[0]
+    good = ps.blobs.get(pack_name(pack))
+    entry_at = len(good) - FOOTER.size - 3 * ENTRY.size
+    for bad in (good[:entry_at + 40] + bytes([good[entry_at + 40] ^ 1]) + good[entry_at + 41:],  # an offset
+                good[:-FOOTER.size] + FOOTER.pack(10**6, bytes(32), b"cowfsIX1")):  # too many entries
+        ps.blobs.delete(pack_name(pack))
+        ps.blobs.put(pack_name(pack), bad)
+        with pytest.raises(BadIndex):
+            ps.index(pack)
+        assert ps.encoding_sizes({pack: len(bad)}) == {pack: len(bad)}
+    ps.blobs.delete(pack_name(pack))
+    with pytest.raises(MissingPack):
+        ps.index(pack)
+    st.close()
