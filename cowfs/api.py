@@ -414,7 +414,7 @@ class Mount:
         return self.control("rollback", name)
 
     def clone(self, src: str, dst: str) -> dict[str, Any]:
-        """Copy SRC to DST in O(1) per entry, sharing data (paths relative to the mount root;
+        """Copy SRC (a file or a whole tree) to DST in O(1), sharing data (paths relative to the mount root;
         SRC may be ``.cowfs/snapshots/NAME/...``)."""
         syncfs(self.path, self.timeout)
         return self.control("clone", src, dst)

@@ -21,6 +21,9 @@ Points (where each sits, and which background task meets it):
   prefetch_load  Fetcher._load, a prefetch thread
   dedup_plan     DedupWorker._plan, the background worker's planning thread
   share_walk     Sharer.walk, the sharer's thread
+  clone_walk     Store.measure_clone: a directory clone's walk of its original (the clone
+                 command's thread for an unprivileged caller or a quota, else the clone
+                 measurer's)
   gc             the garbage-collection loop, before a pass, on the event loop (eio only)
   model_save     the learned-model saver's loop, on the event loop (eio only)
   warm_paths     Warmer._paths, the warming helper's path resolution thread
@@ -38,7 +41,7 @@ import time
 log = logging.getLogger(__name__)
 
 ENV = "COWFS_FAULTS"
-POINTS = frozenset({"pack_put", "pack_written", "repack_copied", "repack_moved", "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "gc",
+POINTS = frozenset({"pack_put", "pack_written", "repack_copied", "repack_moved", "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "clone_walk", "gc",
                     "model_save", "warm_paths", "commit", "attach_bind"})
 LOOP_POINTS = frozenset({"gc", "model_save", "commit"})  # on the event loop: a sleep would stall every request
 

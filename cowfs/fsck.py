@@ -36,7 +36,7 @@ from cowfs.chunks.packs import IndexEntry, pack_name
 from cowfs.chunks.refs import Ref, parse_ref, scan_space, tree_sizes
 from cowfs.chunks.space import Space
 from cowfs.kv.base import Batch
-from cowfs.meta.layers import Catalog, suffix_layer
+from cowfs.meta.layers import Catalog, Usage, suffix_layer
 from cowfs.meta.records import Attrs
 from cowfs.meta import links as link_index
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, TAGS, LayerView, name_key
@@ -140,6 +140,16 @@ class Fsck:
             for y, _x in r.pairs():
                 if y in sources:
                     self.report.problem(f"shared range {r.key.hex()}: copy inode {y} is also an original")
+                    break
+        for c in list(shared.clones.values()):
+            self.report.counts["clones"] += 1
+            for what, layer in (("frozen layer", c.layer), ("layer", c.seen)):
+                if layer not in self.cat.parents:
+                    self.report.problem(f"clone of inode {c.top_x} at inode {c.top_y}: its {what} {layer} does not exist")
+                    if self.repair:
+                        shared.remove_clone(c, self.batch)
+                        shared.clones_committed(removed=[c])
+                        self.report.repaired.append(f"removed the clone at inode {c.top_y} (its copies are lost)")
                     break
 
     # -- 2. trees --------------------------------------------------------------------------
@@ -443,14 +453,21 @@ class Fsck:
     def check_usage(self, tops: list[tuple[str, int]]) -> None:
         """Recorded usage against a recount (after repairs, which may change what is seen)."""
         batch = Batch()
+        unmeasured = {c.top_y: self.store.measure_clone(c) for c in self.store.meta.shared.clones.values()
+                      if not c.measured and c.layer in self.cat.parents}
         for name, top in tops:
-            counted = self.store.count_usage(LayerView(top, frozenset(self.cat.ancestry(top))))
+            lv = LayerView(top, frozenset(self.cat.ancestry(top)))
+            counted = self.store.count_usage(lv)
             stored = self.cat.usage(top)
-            if stored is not None and stored != counted:
+            # What the clone measurer will add to the record (cowfs.background.cloning).
+            pending = [unmeasured[c.top_y] for c in self.store.meta.shared.visible_clones(lv.ancestors)
+                       if c.top_y in unmeasured]
+            expected = Usage(*(n - sum(u[i] for u in pending) for i, n in enumerate(counted)))
+            if stored is not None and stored != expected:
                 self.report.problem(f"{name}: recorded usage {tuple(stored)} (logical bytes, inodes, allocated "
-                                    f"bytes) differs from a recount {tuple(counted)}")
+                                    f"bytes) differs from a recount {tuple(expected)}")
                 if self.repair:
-                    self.cat.save_usage(top, counted, batch)
+                    self.cat.save_usage(top, expected, batch)
                     self.report.repaired.append(f"{name}: usage recounted")
         if len(batch):
             self.store.kv.write(batch)

@@ -179,6 +179,10 @@ def delete(path: str, name: str) -> dict[str, Any]:
         if dead:
             store.commit(batch, txn)
             store.meta.shared.committed(removed=dead)
+        gone, batch = gc.dead_clones(store.meta, store.catalog, tops)
+        if gone:
+            store.commit(batch)
+            store.meta.shared.clones_committed(removed=gone)
         removed = 0
         for batch, txn, n in gc.collect(store.meta, store.catalog, tops):
             store.commit(batch, txn)

@@ -12,7 +12,7 @@ import logging
 import os
 import stat
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import trio
 
@@ -29,7 +29,7 @@ from cowfs.kv.base import KV, Batch, LocalEngine, StoreLockedError
 from cowfs.kv.rocks import RocksKV
 from cowfs.meta.layers import CF_META, Branch, Catalog, Usage
 from cowfs.meta.records import Attrs
-from cowfs.meta.shared import SharedTrees
+from cowfs.meta.shared import Clone, SharedTrees
 from cowfs.meta import links
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, LayerView, Versioned, ino_key
 from cowfs.daemon.mounts import daemon_pid
@@ -256,7 +256,88 @@ class Store:
                     found = self.meta.get(CF_INODES, ino_key(y), lv)
                     if found is not None and found[1]:
                         count(Attrs.unpack(found[1]))
+        if self.meta.shared.visible_clones(lv.ancestors):
+            for a in self._clone_copies(lv):
+                count(a)
         return Usage(logical, inodes, allocated)
+
+    def _clone_copies(self, lv: LayerView) -> Iterator[Attrs]:
+        """Records of the copies of clones that lv sees and that have no version of their own
+        (the scan of records counted the others): a walk of lv's tree, explicit stack."""
+        meta = self.meta
+        pending, linked = [ROOT_INO], set()
+        while pending:
+            d = pending.pop()
+            for _name, v in meta.scan_names(CF_DIRENTS, d, lv):
+                ino = int.from_bytes(v[:8], "big")
+                is_dir = v[8:9] == bytes((stat.S_IFDIR >> 12,))
+                if is_dir:
+                    pending.append(ino)
+                if meta.shared.find(ino) is None or meta._real(CF_INODES, ino_key(ino), lv) is not None:
+                    continue
+                found = meta.get(CF_INODES, ino_key(ino), lv)
+                if found is None or not found[1]:
+                    continue
+                a = Attrs.unpack(found[1])
+                if not is_dir and a.nlink > 1:
+                    if ino in linked:
+                        continue
+                    linked.add(ino)
+                yield a
+
+    def measure_clone(self, c: Clone, check: Callable[[Attrs, bytes], None] | None = None,
+                      stop: Callable[[], bool] | None = None) -> Usage | None:
+        """What the copies of clone c add to a view's usage (its top excluded): a walk of the
+        original tree in c's frozen layer, safe in a thread; check(attrs, name) may raise to
+        refuse an entry; None if stop() said so meanwhile."""
+        faults.point("clone_walk")
+        meta = self.meta
+        lv = meta.range_view(c)
+        logical = inodes = allocated = steps = 0
+        pending, linked = [c.top_x], set()
+        while pending:
+            d = pending.pop()
+            for name, v in meta.scan_names(CF_DIRENTS, d, lv):
+                steps += 1
+                if stop is not None and steps % 1024 == 0 and stop():
+                    return None
+                x = int.from_bytes(v[:8], "big")
+                found = meta.get(CF_INODES, ino_key(x), lv)
+                if found is None or not found[1]:
+                    continue
+                a = Attrs.unpack(found[1])
+                if check is not None:
+                    check(a, name)
+                if a.is_dir:
+                    pending.append(x)
+                elif a.nlink > 1:
+                    if x in linked:
+                        continue
+                    linked.add(x)
+                inodes += 1
+                if stat.S_ISREG(a.mode):
+                    logical += a.size
+                    allocated += self.objects.content_size(a.root.hash if a.root is not None else None)
+        return Usage(logical, inodes, allocated)
+
+    def clone_measured(self, c: Clone, usage: Usage, batch: Batch) -> list[int]:
+        """Record c's measured usage in batch: added to the usage record of every layer that
+        descends from the one the clone was written in (the views that see its copies, whose
+        records left them out).  Returns the layers whose record changed."""
+        children: dict[int, list[int]] = {}
+        for layer, parent in self.catalog.parents.items():
+            children.setdefault(parent, []).append(layer)
+        layers, pending = [], [c.seen]
+        while pending:
+            layer = pending.pop()
+            pending += children.get(layer, ())
+            old = self.catalog.usage(layer)
+            if old is not None:
+                layers.append(layer)
+                self.catalog.save_usage(layer, Usage(*(a + b for a, b in zip(old, usage))), batch)
+        c.measured, c.usage = True, tuple(usage)  # type: ignore[assignment]
+        self.meta.shared.add_clone(c, batch)
+        return layers
 
     def _count_allocated(self) -> None:
         """Format 4 to 5: give every recorded usage its allocated bytes (one walk per layer

@@ -35,6 +35,10 @@ async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None) 
             if dead:
                 fs.store.commit(batch, txn)
                 fs.store.meta.shared.committed(removed=dead)
+            gone, batch = gc.dead_clones(fs.store.meta, fs.store.catalog, tops)
+            if gone:
+                fs.store.commit(batch)
+                fs.store.meta.shared.clones_committed(removed=gone)
             chunks = list(gc.collect(fs.store.meta, fs.store.catalog, tops))
         for batch, txn, n in chunks:
             async with fs.lock:

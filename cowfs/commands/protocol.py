@@ -33,7 +33,7 @@ COMMANDS: dict[str, Command] = {
     "branch": Command("branch NAME [FROM]", 1, 2, "make the writable branch NAME from this branch's current "
                       "state, or from its snapshot FROM"),
     "rollback": Command("rollback SNAPSHOT", 1, 1, "return this branch exactly to snapshot SNAPSHOT"),
-    "clone": Command("clone SRC DST", 2, 2, "copy SRC to DST in O(1) per entry, sharing data; paths are "
+    "clone": Command("clone SRC DST", 2, 2, "copy SRC (a file or a whole tree) to DST in O(1), sharing data; paths are "
                      "relative to the mount root, and SRC may be inside .cowfs/snapshots/NAME/"),
     "delete": Command("delete NAME", 1, 1, "delete snapshot NAME, or branch NAME if it is not mounted"),
     "list": Command("list", 0, 0, "the snapshots and branches this mount may see"),

@@ -21,6 +21,7 @@ import trio
 from cowfs import faults, private
 from cowfs.background.dedup import DedupWorker
 from cowfs.background.gc import collect_when_wanted, run_gc, sweep_packs
+from cowfs.background.cloning import Measurer
 from cowfs.background.sharing import Sharer
 from cowfs.background.supervise import Supervisor
 from cowfs.background.warming import Warmer
@@ -97,6 +98,8 @@ class Daemon:
         # Copies of directory trees share their originals' records (-o share=off: not); off
         # with the background worker too, and like it, it waits for a quiet mount.
         self.sharer = Sharer(self.fs, cfg.dedup and cfg.share, self.dedup.quiet)
+        self.measurer = Measurer(self.fs)  # the usage of directory clones (cowfs.background.cloning)
+        self.ops.branching.cloner.measure_wanted = self.measurer.wake
         self.waiter = fuse_loop.install(cfg.spin_us) if cfg.spin_us else None
         self.supervisor = Supervisor()
         self.started = time.time()
@@ -242,6 +245,7 @@ class Daemon:
             **store.space(),
             "dedup": self.dedup.figures(),
             "shared": self.sharer.figures(),
+            "clones": self.measurer.figures(),
             "background": self.supervisor.figures(detail=host),
         }
 
@@ -326,6 +330,7 @@ class Daemon:
                 if not await self.dedup.settle(float(req.get("timeout") or 600)):
                     return {"ok": False, "error": "the background queue did not empty in time"}
                 await self.sharer.settle()
+                await self.measurer.measure_all()
             return {"ok": True, "store": self.store.path, "daemon": True, **self.store.space(),
                     "dedup": self.dedup.figures(), "shared": self.sharer.figures()}
         return {"ok": False, "error": f"unknown admin command {cmd!r}"}
@@ -388,6 +393,7 @@ class Daemon:
             sup.start(nursery, "gc", lambda: collect_when_wanted(self.fs))
             sup.start(nursery, "dedup", self.dedup.run)
             sup.start(nursery, "sharer", self.sharer.run)
+            sup.start(nursery, "clone_measurer", self.measurer.run)
             sup.start(nursery, "watchdog", self._watchdog)
             fetcher = self.fs.prefetch.fetcher
             if fetcher is not None:

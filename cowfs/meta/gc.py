@@ -9,7 +9,10 @@ their keys, so a pass costs time proportional to the keys in those layers.
 Shared copies (cowfs.meta.shared): a range's layer acts as one more top for the keys of
 its originals, which stay as that layer sees them while the range lives.  A range dies
 when no live top sees it or every copy inode is deleted in every top that does; then it
-goes, with the tombstones that only hid it.
+goes, with the tombstones that only hid it.  A clone (cowfs.meta.shared.Clone) keeps its
+whole frozen layer as one more live top while it lives; it dies the same way (its top and
+every copy given a number deleted in every live top that sees it, or no live top seeing it),
+and goes with its copy numbers and the tombstones that only hid its copies.
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ from cowfs.chunks.refs import RefTxn
 from cowfs.kv.base import Batch
 from cowfs.meta.layers import Catalog
 from cowfs.meta.records import Attrs
-from cowfs.meta.shared import Range
-from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, LayerView, Versioned, ino_key
+from cowfs.meta.shared import Clone, Range
+from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, LayerView, Versioned, ino_key
 
 
 def plan(catalog: Catalog, live_tops: set[int]) -> tuple[list[int], dict[int, set[int]]]:
@@ -34,6 +37,35 @@ def plan(catalog: Catalog, live_tops: set[int]) -> tuple[list[int], dict[int, se
     dead = sorted((l for l in catalog.parents if l not in below), reverse=True)
     interior = {l: tops for l, tops in below.items() if l not in live_tops}
     return dead, interior
+
+
+def dead_clones(meta: Versioned, catalog: Catalog, live_tops: set[int]) -> tuple[list[Clone], Batch]:
+    """Clones no live view needs, and a batch removing them, their copy numbers and the
+    tombstones that only hid their copies (the caller commits it, then tells meta.shared)."""
+    views = [LayerView(t, frozenset(catalog.ancestry(t))) for t in live_tops if t in catalog.parents]
+    batch = Batch()
+    dead = []
+    for c in list(meta.shared.clones.values()):
+        given = [y for _x, y in meta.shared.map.given(c)] if meta.shared.map is not None else []
+        if c.layer in catalog.parents and any(_alive(meta, lv, [c.top_y] + given)
+                                              for lv in views if c.seen in lv.ancestors):
+            continue
+        dead.append(c)
+        for y in given:
+            _drop_tombstones(meta, batch, CF_INODES, ino_key(y))
+            for cf in (CF_DIRENTS, CF_XATTRS, CF_LINKS):
+                for key, _ in meta.kv.scan(cf, ino_key(y), ino_key(y)):
+                    _drop_tombstones(meta, batch, cf, key[:-8])
+        meta.shared.remove_clone(c, batch)
+    return dead, batch
+
+
+def _alive(meta: Versioned, lv: LayerView, inos: list[int]) -> bool:
+    for ino in inos:
+        found = meta.get(CF_INODES, ino_key(ino), lv)
+        if found is not None and found[1]:
+            return True
+    return False
 
 
 def dead_ranges(meta: Versioned, catalog: Catalog, live_tops: set[int]) -> tuple[list[Range], Batch, RefTxn]:
@@ -77,7 +109,9 @@ def _drop_tombstones(meta: Versioned, batch: Batch, cf: str, base: bytes) -> Non
 
 def collect(meta: Versioned, catalog: Catalog, live_tops: set[int],
             chunk: int = 2000) -> Iterator[tuple[Batch, RefTxn, int]]:
-    """Yield (batch, txn, versions removed) in chunks; the caller commits each under its lock."""
+    """Yield (batch, txn, versions removed) in chunks; the caller commits each under its lock.
+    The layers of live clones count as live tops."""
+    live_tops = live_tops | {c.layer for c in meta.shared.clones.values() if c.layer in catalog.parents}
     dead, interior = plan(catalog, live_tops)
     anc = {top: set(catalog.ancestry(top)) for top in live_tops}
     # Originals of live ranges: their range's layer is one more top for their keys.

@@ -166,12 +166,13 @@ class Catalog:
         raw = self.kv.get(CF_META, usage_key(layer))
         if raw is None or len(raw) < 24:
             return None
-        return Usage(int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:16], "big"),
-                     int.from_bytes(raw[16:24], "big"))
+        return Usage(*(int.from_bytes(raw[i:i + 8], "big", signed=True) for i in (0, 8, 16)))
 
     @staticmethod
     def save_usage(layer: int, usage: Usage, batch: Batch) -> None:
-        batch.put(CF_META, usage_key(layer), b"".join(max(n, 0).to_bytes(8, "big") for n in usage))
+        """Signed: a view's record may fall below zero for a while, when copies of a clone not
+        measured yet are deleted (cowfs.meta.shared.Clone.measured)."""
+        batch.put(CF_META, usage_key(layer), b"".join(n.to_bytes(8, "big", signed=True) for n in usage))
 
 
 def usage_key(layer: int) -> bytes:

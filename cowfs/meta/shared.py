@@ -15,10 +15,24 @@ records and directory entries; xattrs stay ordinary keys): any real version of s
 in a view's ancestry wins over it, so writes into the copy land as ordinary records and
 deletes as tombstones, and a view without P in its ancestry never sees the range.  Sources
 are never themselves copies (resolution is one step), and a copy inode is never a source.
+
+A *clone* (`Clone`, made by the `clone` command of a directory) is the same idea made at
+once, without enumerating the tree: "the tree under copy directory `top_y` reads as the tree
+under `top_x` of the frozen layer `layer`, for every view that has layer `seen` (the head the
+clone was written in) in its ancestry".  Its copy inodes get numbers lazily, the first time
+a reader translates an original's number (`CloneMap`): from a space of their own
+(`COPY_INO_BASE` and up), persisted as two keys per number before any record can name it.
+The clone's top has a real record; records, entries, xattrs and the names of hard-linked
+files of its other copies read through the clone until written.  A clone holds no reference
+to data: it keeps its layer alive as a top for garbage collection (the whole layer, as a
+snapshot would), so the originals' versions and their references stay while it lives.
+Resolution may take several steps (a clone of a clone), never through the same clone twice.
 """
 from __future__ import annotations
 
 import bisect
+import json
+import threading
 from array import array
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -29,6 +43,13 @@ from cowfs.kv.base import KV, Batch
 from cowfs.meta.layers import CF_META
 
 PREFIX = b"share/"
+CLONE_PREFIX = b"clone/"  # + top_y(8) -> the clone (JSON)
+MAP_PREFIX = b"cmap/"  # + top_y(8) + x(8) -> y(8): an original's copy in one clone
+INO_PREFIX = b"cino/"  # + y(8) -> top_y(8) + x(8): what a copy inode reads as
+COUNTER = b"counter/copyino"
+# Copy inodes of clones are numbered from here (ordinary inode numbers stay below: the FUSE
+# layer's inode numbers hold 36 bits of store inode number, cowfs.fuse.inodes).
+COPY_INO_BASE = 1 << 35
 
 
 def _varints(values: list[int]) -> bytes:
@@ -77,6 +98,11 @@ class Range:
             total += n
         if total != len(self.ctimes) or (self.atimes and total != len(self.atimes)):
             raise ValueError(f"range of {total} inodes has {len(self.ctimes)} ctimes, {len(self.atimes)} atimes")
+
+    @property
+    def seen(self) -> int:
+        """The layer whose descendants see the copies (for a range: the layer it reads from)."""
+        return self.layer
 
     @property
     def key(self) -> bytes:
@@ -158,36 +184,178 @@ def runs_of(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     return runs
 
 
+@dataclass
+class Clone:
+    """A directory clone made at once: copy top_y's tree reads as top_x's of view(layer), for
+    every view with `seen` in its ancestry."""
+
+    top_y: int
+    top_x: int
+    layer: int  # frozen: the originals as they were when the clone was made
+    seen: int  # the layer the clone's top was written in
+    ctime: int  # every copy's ctime (the clone's time)
+    uid: int = -1  # every copy's owner (-1: the originals'): a clone by an unprivileged user
+    gid: int = -1
+    measured: bool = False  # the copies' usage is in the usage records of the views that see them
+    usage: tuple[int, int, int] = (0, 0, 0)  # (logical, inodes, allocated) of the copies, once measured
+
+    @property
+    def key(self) -> bytes:
+        return CLONE_PREFIX + self.top_y.to_bytes(8, "big")
+
+    def pack(self) -> bytes:
+        return json.dumps({"top_y": self.top_y, "top_x": self.top_x, "layer": self.layer, "seen": self.seen,
+                           "ctime": self.ctime, "uid": self.uid, "gid": self.gid, "measured": self.measured,
+                           "usage": list(self.usage)}).encode()
+
+    @classmethod
+    def unpack(cls, value: bytes) -> "Clone":
+        d = json.loads(value)
+        d["usage"] = tuple(d["usage"])
+        return cls(**d)
+
+
+class CloneMap:
+    """Copy inode numbers of clones, given on first use and persisted at once (a small
+    write, not synced: it is in the log before any commit that could name the number), so
+    that a number is the same for every reader, thread and view, across restarts.  Safe to
+    call from worker threads."""
+
+    CACHE = 1 << 16
+
+    def __init__(self, kv: KV) -> None:
+        self.kv = kv
+        self._lock = threading.Lock()
+        raw = kv.get(CF_META, COUNTER)
+        self._next = int.from_bytes(raw, "big") if raw else COPY_INO_BASE
+        self._fwd: dict[tuple[int, int], int] = {}
+        self._back: dict[int, tuple[int, int]] = {}
+
+    def _remember(self, top: int, x: int, y: int) -> None:
+        if len(self._fwd) >= self.CACHE:
+            self._fwd.clear()
+            self._back.clear()
+        self._fwd[(top, x)] = y
+        self._back[y] = (top, x)
+
+    def _stored(self, top: int, x: int) -> int | None:
+        y = self._fwd.get((top, x))
+        if y is None:
+            raw = self.kv.get(CF_META, MAP_PREFIX + top.to_bytes(8, "big") + x.to_bytes(8, "big"))
+            if raw is not None:
+                y = int.from_bytes(raw, "big")
+                self._remember(top, x, y)
+        return y
+
+    def copies(self, c: Clone, xs: list[int]) -> list[int]:
+        """The copy inode of each original in xs (numbers given to those that had none)."""
+        out: list[int] = []
+        missing: list[int] = []
+        for x in xs:
+            y = c.top_y if x == c.top_x else self._stored(c.top_y, x)
+            out.append(-1 if y is None else y)
+            if y is None:
+                missing.append(len(out) - 1)
+        if not missing:
+            return out
+        with self._lock:
+            batch, given, mem = Batch(), {}, []
+            for i in missing:
+                x = xs[i]
+                y = given.get(x) or self._stored(c.top_y, x)
+                if y is None:
+                    y = given[x] = self._next
+                    self._next += 1
+                    top8, x8, y8 = c.top_y.to_bytes(8, "big"), x.to_bytes(8, "big"), y.to_bytes(8, "big")
+                    batch.put(CF_META, MAP_PREFIX + top8 + x8, y8)
+                    batch.put(CF_META, INO_PREFIX + y8, top8 + x8)
+                    mem.append((x, y))
+                out[i] = y
+            if mem:
+                batch.put(CF_META, COUNTER, self._next.to_bytes(8, "big"))
+                try:
+                    self.kv.write(batch)
+                except BaseException:
+                    self._next -= len(mem)
+                    raise
+                for x, y in mem:
+                    self._remember(c.top_y, x, y)
+        return out
+
+    def origin(self, y: int) -> tuple[int, int] | None:
+        """(clone top, original) of copy inode y, if it was given."""
+        hit = self._back.get(y)
+        if hit is None:
+            raw = self.kv.get(CF_META, INO_PREFIX + y.to_bytes(8, "big"))
+            if raw is None:
+                return None
+            hit = (int.from_bytes(raw[:8], "big"), int.from_bytes(raw[8:16], "big"))
+            self._remember(hit[0], hit[1], y)
+        return hit
+
+    def given(self, c: Clone) -> Iterator[tuple[int, int]]:
+        """(original, copy inode) of every number given for c."""
+        prefix = MAP_PREFIX + c.top_y.to_bytes(8, "big")
+        for key, value in self.kv.scan(CF_META, prefix, prefix):
+            yield int.from_bytes(key[len(prefix):], "big"), int.from_bytes(value, "big")
+
+    def forget(self, c: Clone, batch: Batch) -> None:
+        """Delete c's numbers (in batch; the caches are cleared by `forgotten`)."""
+        for x, y in list(self.given(c)):
+            batch.delete(CF_META, MAP_PREFIX + c.top_y.to_bytes(8, "big") + x.to_bytes(8, "big"))
+            batch.delete(CF_META, INO_PREFIX + y.to_bytes(8, "big"))
+
+    def forgotten(self) -> None:
+        with self._lock:
+            self._fwd.clear()
+            self._back.clear()
+
+
 class SharedTrees:
     """Every range of the store, indexed by copy inode.  `ranges` and `_index` are replaced,
     never changed in place (only on the event loop, after the commit that wrote the change),
     so a thread that reads records meanwhile sees one consistent table."""
 
-    def __init__(self, ranges: list[Range] | None = None) -> None:
+    def __init__(self, ranges: list[Range] | None = None, clones: list[Clone] | None = None,
+                 kv: KV | None = None) -> None:
         self.ranges: dict[bytes, Range] = {}
         self._index: tuple[list[int], list[tuple[int, int, Range]]] = ([], [])
         for r in ranges or ():
             self.ranges[r.key] = r
         self._reindex()
+        self.clones: dict[int, Clone] = {c.top_y: c for c in clones or ()}  # by copy top
+        self.map = CloneMap(kv) if kv is not None else None
 
     @classmethod
     def load(cls, kv: KV) -> "SharedTrees":
         return cls([Range.unpack(int.from_bytes(k[len(PREFIX):len(PREFIX) + 8], "big"), v)
-                    for k, v in kv.scan(CF_META, PREFIX, PREFIX)])
+                    for k, v in kv.scan(CF_META, PREFIX, PREFIX)],
+                   [Clone.unpack(v) for _k, v in kv.scan(CF_META, CLONE_PREFIX, CLONE_PREFIX)], kv)
 
     def _reindex(self) -> None:
         spans = sorted((y0, y0 + n, r) for r in self.ranges.values() for y0, _x0, n in r.runs)
         self._index = ([s[0] for s in spans], spans)
 
     def __bool__(self) -> bool:
-        return bool(self.ranges)
+        return bool(self.ranges) or bool(self.clones)
 
     def figures(self) -> dict[str, int]:
-        """Ranges, and copy inodes that read through them."""
-        return {"ranges": len(self.ranges), "inodes": sum(r.size for r in self.ranges.values())}
+        """Ranges, copy inodes that read through them, and clones."""
+        return {"ranges": len(self.ranges), "inodes": sum(r.size for r in self.ranges.values()),
+                "clones": len(self.clones)}
 
-    def find(self, y: int) -> tuple[Range, int] | None:
-        """(range, source inode) of copy inode y, whatever views see the range."""
+    def find(self, y: int) -> tuple[Range | Clone, int] | None:
+        """(range or clone, source inode) of copy inode y, whatever views see it."""
+        clones = self.clones
+        if clones:
+            c = clones.get(y)
+            if c is not None:
+                return c, c.top_x
+            if y >= COPY_INO_BASE and self.map is not None:
+                o = self.map.origin(y)
+                c = clones.get(o[0]) if o is not None else None
+                if c is not None:
+                    return c, o[1]  # type: ignore[index]
         starts, spans = self._index
         i = bisect.bisect_right(starts, y) - 1
         if i < 0 or y >= spans[i][1]:
@@ -222,3 +390,25 @@ class SharedTrees:
 
     def visible(self, ancestors: frozenset[int]) -> list[Range]:
         return [r for r in self.ranges.values() if r.layer in ancestors]
+
+    def visible_clones(self, ancestors: frozenset[int]) -> list[Clone]:
+        return [c for c in self.clones.values() if c.seen in ancestors]
+
+    def add_clone(self, c: Clone, batch: Batch) -> None:
+        batch.put(CF_META, c.key, c.pack())
+
+    def remove_clone(self, c: Clone, batch: Batch) -> None:
+        """Delete c and its copy numbers (in batch; then `clones_committed`)."""
+        batch.delete(CF_META, c.key)
+        if self.map is not None:
+            self.map.forget(c, batch)
+
+    def clones_committed(self, added: list[Clone] = (), removed: list[Clone] = ()) -> None:  # type: ignore[assignment]
+        clones = dict(self.clones)
+        for c in removed:
+            clones.pop(c.top_y, None)
+        for c in added:
+            clones[c.top_y] = c
+        self.clones = clones
+        if removed and self.map is not None:
+            self.map.forgotten()

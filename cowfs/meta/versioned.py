@@ -6,13 +6,14 @@ versions of one name are adjacent and no other name shares the prefix).
 """
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from cowfs.kv.base import KV, Batch
 from cowfs.meta.layers import layer_suffix, suffix_layer
 from cowfs.meta.records import Attrs
-from cowfs.meta.shared import Range, SharedTrees
+from cowfs.meta.shared import Clone, Range, SharedTrees
 
 CF_INODES = "inodes"
 CF_DIRENTS = "dirents"
@@ -25,6 +26,10 @@ CF_LINKS = "links"
 CF_CHANGES = "changes"
 TAGS = {CF_INODES: b"i", CF_DIRENTS: b"d", CF_XATTRS: b"x", CF_LINKS: b"l"}
 FAMILY = {v: k for k, v in TAGS.items()}
+RANGED = (CF_INODES, CF_DIRENTS)  # the families a range of the sharer stands for
+CLONED = (CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS)  # ... and a clone
+LINKED = b"l"  # a names-index key's value (cowfs.meta.links.PRESENT)
+TRANSLATE = 256  # entries of a cloned directory given copy numbers at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,37 +80,115 @@ class Versioned:
                 return layer, value
         return None
 
+    def _aliased(self, cf: str) -> bool:
+        return bool(self.shared) and (cf in RANGED or (cf in CLONED and bool(self.shared.clones)))
+
     def get(self, cf: str, base: bytes, lv: LayerView) -> tuple[int, bytes] | None:
         """(layer, value) of the version lv sees (value may be a tombstone b""), or None."""
         found = self._real(cf, base, lv)
-        if found is None and self.shared and (cf == CF_INODES or cf == CF_DIRENTS):
+        if found is None and self._aliased(cf):
             return self._shared_get(cf, base, lv)
         return found
 
-    def _alias(self, ino: int, lv: LayerView) -> tuple[Range, int] | None:
+    def _alias(self, ino: int, lv: LayerView) -> tuple[Range | Clone, int] | None:
         hit = self.shared.find(ino)
-        if hit is None or hit[0].layer not in lv.ancestors:
+        if hit is None or hit[0].seen not in lv.ancestors:
             return None
         return hit
 
     def _shared_get(self, cf: str, base: bytes, lv: LayerView) -> tuple[int, bytes] | None:
-        hit = self._alias(int.from_bytes(base[:8], "big"), lv)
-        if hit is None:
+        """The version of a copy's key, read through its range or clone (through each clone
+        of a clone in turn: a loop, not a recursion), then made the copy's."""
+        chain: list[tuple[Range | Clone, int, int]] = []
+        ino, rest = int.from_bytes(base[:8], "big"), base[8:]
+        while True:
+            hit = self._alias(ino, lv)
+            if hit is None or any(r is hit[0] for r, _y, _x in chain):
+                return None
+            r, x = hit
+            if isinstance(r, Range) and cf not in RANGED:
+                return None
+            if isinstance(r, Clone) and ino == r.top_y and cf in (CF_INODES, CF_XATTRS):
+                return None  # a clone's top has a record and xattrs of its own, never the original's
+            chain.append((r, ino, x))
+            lv = self.range_view(r)
+            if cf == CF_LINKS:  # a clone's names of a hard-linked copy: computed, never stored
+                names = self.clone_names(r, ino, x)  # type: ignore[arg-type]
+                return (r.layer, LINKED) if (int.from_bytes(rest[:8], "big"), rest[8:-1]) in names else None
+            found = self._real(cf, x.to_bytes(8, "big") + rest, lv)
+            if found is not None:
+                break
+            if isinstance(r, Range):
+                return None  # a range's sources are never copies: one step
+            ino = x
+        if not found[1]:
             return None
-        r, x = hit
-        found = self._real(cf, x.to_bytes(8, "big") + base[8:], self.range_view(r))
-        if found is None or not found[1]:
-            return None
+        value = found[1]
+        for r, y, x in reversed(chain):
+            value = self._as_copy(cf, r, y, x, value)
+        return chain[0][0].layer, value
+
+    def _as_copy(self, cf: str, r: Range | Clone, y: int, x: int, value: bytes) -> bytes:
+        """An original's version of a key made copy y's."""
+        if cf == CF_XATTRS:
+            return value
         if cf == CF_DIRENTS:
-            return r.layer, self._entry(r, found[1])
-        a = Attrs.unpack(found[1])
-        y = int.from_bytes(base[:8], "big")
-        atime, a.ctime_ns = r.times(y)
-        if atime is not None:
-            a.atime_ns = atime
-        if a.parent:
-            a.parent = r.y_of(a.parent) or a.parent
-        return r.layer, a.pack()
+            if isinstance(r, Range):
+                return self._entry(r, value)
+            return self.copy_numbers(r, [int.from_bytes(value[:8], "big")])[0].to_bytes(8, "big") + value[8:]
+        a = Attrs.unpack(value)
+        if isinstance(r, Range):
+            atime, a.ctime_ns = r.times(y)
+            if atime is not None:
+                a.atime_ns = atime
+            if a.parent:
+                a.parent = r.y_of(a.parent) or a.parent
+            return a.pack()
+        a.ctime_ns = r.ctime
+        if r.uid >= 0:
+            a.uid, a.gid = r.uid, r.gid
+            if not a.is_dir:
+                a.mode &= ~(stat.S_ISUID | stat.S_ISGID)
+        if not a.is_dir and a.nlink > 1:
+            names = self.clone_names(r, y, x)
+            a.nlink = max(len(names), 1)
+            if names:
+                a.parent, a.name = names[0]
+        elif a.parent:
+            a.parent = self.copy_numbers(r, [a.parent])[0]
+        return a.pack()
+
+    def copy_numbers(self, c: Clone, xs: list[int]) -> list[int]:
+        assert self.shared.map is not None, "clones need a store's copy numbers"
+        return self.shared.map.copies(c, xs)
+
+    def inside(self, c: Clone, ino: int, lv: LayerView, limit: int = 1 << 20) -> bool:
+        """Whether directory ino of lv (a clone's source view) is in the clone's original
+        tree: a walk up its parents (no recursion), at most `limit` steps."""
+        for _ in range(limit):
+            if ino == c.top_x:
+                return True
+            found = self.get(CF_INODES, ino_key(ino), lv)
+            if not found or not found[1]:
+                return False
+            parent = Attrs.unpack(found[1]).parent
+            if not parent or parent == ino:
+                return False
+            ino = parent
+        return False
+
+    def clone_names(self, c: Clone, y: int, x: int) -> list[tuple[int, bytes]]:
+        """(parent, name) of the copy y of a hard-linked file x: x's names inside the clone's
+        original tree, as copies, sorted as the names index sorts them."""
+        lv = self.range_view(c)
+        inner = []
+        for rest, _ in self.scan_names(CF_LINKS, x, lv):
+            parent, name = int.from_bytes(rest[:8], "big"), rest[8:]
+            found = self.get(CF_DIRENTS, name_key(parent, name), lv)
+            if found and found[1] and int.from_bytes(found[1][:8], "big") == x and self.inside(c, parent, lv):
+                inner.append((parent, name))
+        ys = self.copy_numbers(c, [p for p, _n in inner])
+        return sorted(zip(ys, (n for _p, n in inner)))
 
     def range_roots(self, r: Range) -> list[bytes]:
         """Tree roots of r's originals as its layer sees them: a range holds one reference to
@@ -127,7 +210,7 @@ class Versioned:
 
     def has_older(self, cf: str, base: bytes, lv: LayerView) -> bool:
         """Whether an ancestor below the top layer holds a version (then deletes need a tombstone)."""
-        if self.shared and (cf == CF_INODES or cf == CF_DIRENTS):
+        if self._aliased(cf):
             found = self._shared_get(cf, base, lv)
             if found is not None:
                 return True
@@ -170,6 +253,34 @@ class Versioned:
                 yield CF_INODES, ino_key(y)
                 for name, _ in self.scan_names(CF_DIRENTS, x, lv):
                     yield CF_DIRENTS, name_key(y, name)
+        for c in [c for c in self.shared.clones.values() if c.seen == layer]:
+            yield from self.clone_keys(c)
+
+    def clone_keys(self, c: Clone) -> Iterator[tuple[str, bytes]]:
+        """(family, base key) of every key of c's copies, as the clone made them: a walk of
+        the original tree with an explicit stack (any depth); copies get their numbers."""
+        lv = self.range_view(c)
+        pending, done = [(c.top_x, c.top_y)], {c.top_x}
+        while pending:
+            x, y = pending.pop()
+            if y != c.top_y:
+                yield CF_INODES, ino_key(y)
+            for name, _ in self.scan_names(CF_XATTRS, x, lv):
+                if y != c.top_y:
+                    yield CF_XATTRS, name_key(y, name)
+            entries = [(name, int.from_bytes(v[:8], "big"), v[8:9]) for name, v in self.scan_names(CF_DIRENTS, x, lv)]
+            ys = self.copy_numbers(c, [e[1] for e in entries])
+            for (name, cx, kind), cy in zip(entries, ys):
+                yield CF_DIRENTS, name_key(y, name)
+                if cx in done:
+                    continue
+                done.add(cx)
+                if kind == bytes((stat.S_IFDIR >> 12,)):
+                    pending.append((cx, cy))
+                else:
+                    yield CF_INODES, ino_key(cy)
+                    for xname, _ in self.scan_names(CF_XATTRS, cx, lv):
+                        yield CF_XATTRS, name_key(cy, xname)
 
     def versions(self, cf: str, base: bytes) -> list[tuple[int, bytes]]:
         """Every (layer, value) of base, newest layer first."""
@@ -177,7 +288,9 @@ class Versioned:
 
     def scan_names(self, cf: str, ino: int, lv: LayerView, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
         """(name, value) of every live name under ino visible in lv, in name order."""
-        hit = self._alias(ino, lv) if self.shared and cf == CF_DIRENTS else None
+        hit = self._alias(ino, lv) if self._aliased(cf) and cf != CF_INODES else None
+        if hit is not None and isinstance(hit[0], Range) and cf != CF_DIRENTS:
+            hit = None
         if hit is None:
             for name, value in self._scan_real(cf, ino, lv, start):
                 if value:
@@ -186,7 +299,15 @@ class Versioned:
         r, x = hit
         # Merge the real versions (tombstones included: they hide names) over the range's.
         own = self._scan_real(cf, ino, lv, start)
-        shared = self.scan_names(cf, x, self.range_view(r), start)
+        if isinstance(r, Clone) and cf == CF_LINKS:
+            shared: Iterator[tuple[bytes, bytes]] = iter(
+                [(k, LINKED) for k in (p.to_bytes(8, "big") + n for p, n in self.clone_names(r, ino, x)) if k >= start])
+        elif isinstance(r, Clone) and cf == CF_DIRENTS:
+            shared = self._copied_entries(r, self.scan_names(cf, x, self.range_view(r), start))
+        elif isinstance(r, Clone):
+            shared = self.scan_names(cf, x, self.range_view(r), start)
+        else:
+            shared = ((n, self._entry(r, v)) for n, v in self.scan_names(cf, x, self.range_view(r), start))
         a, b = next(own, None), next(shared, None)
         while a is not None or b is not None:
             if b is None or (a is not None and a[0] <= b[0]):
@@ -196,8 +317,22 @@ class Versioned:
                     b = next(shared, None)
                 a = next(own, None)
             else:
-                yield b[0], self._entry(r, b[1])
+                yield b
                 b = next(shared, None)
+
+    def _copied_entries(self, c: Clone, entries: Iterator[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
+        """An original directory's entries as the copy's: numbers given TRANSLATE at a time."""
+        while True:
+            part = []
+            for item in entries:
+                part.append(item)
+                if len(part) == TRANSLATE:
+                    break
+            if not part:
+                return
+            ys = self.copy_numbers(c, [int.from_bytes(v[:8], "big") for _n, v in part])
+            for (name, value), y in zip(part, ys):
+                yield name, y.to_bytes(8, "big") + value[8:]
 
     def _scan_real(self, cf: str, ino: int, lv: LayerView, start: bytes) -> Iterator[tuple[bytes, bytes]]:
         """(name, value) of the version lv sees of every name under ino, tombstones included."""

@@ -70,7 +70,7 @@ def test_shared_trees_find_sources_and_replace_their_table():
     assert t.find(105) == (b, 50) and t.find(106) is None and t.find(201) == (b, 11)
     assert t.sources()[10] == {3, 4} and t.sources()[50] == {4}
     assert t.visible(frozenset({4, 9})) == [b]
-    assert t.figures() == {"ranges": 2, "inodes": 8}
+    assert t.figures() == {"ranges": 2, "inodes": 8, "clones": 0}
     t.committed(removed=[a])
     assert t.find(100) is None and t.find(105) == (b, 50)
 
