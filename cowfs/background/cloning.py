@@ -64,7 +64,7 @@ class Measurer:
             batch = Batch()
             layers = set(store.clone_measured(done, usage, batch))
             store.commit(batch)
-            for view in list(fs.views.values()) + list(fs.detached.values()):
+            for view in fs.views.all():
                 if view.lv.top in layers:
                     view.usage_bytes += usage.logical
                     view.usage_inodes += usage.inodes
