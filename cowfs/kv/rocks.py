@@ -77,7 +77,9 @@ class RocksKV(KV, LocalEngine):
     """
 
     def __init__(self, path: str, families: tuple[str, ...], blob_families: tuple[str, ...] = (),
-                 small: bool = False) -> None:
+                 small: bool = False, read_only: bool = False) -> None:
+        """read_only: open without the writer's lock (several processes may, beside one writer):
+        a frozen member of an OverlayKV; writes are refused."""
         self.path = path
         self._families = families
         self._blob_families = blob_families
@@ -88,7 +90,7 @@ class RocksKV(KV, LocalEngine):
         # writes from any other thread as well, and keeps a reopen (recover) out of a write.
         self._write_lock = threading.Lock()
         self._cache = rd.Cache((BLOCK_CACHE // 4) if small else BLOCK_CACHE)
-        self._open()
+        self._open(read_only)
 
     def _open(self, read_only: bool = False) -> None:
         small = self._small

@@ -17,16 +17,19 @@ import pytest
 
 from cowfs.kv.base import KV, Batch, Conflict, LocalEngine
 from cowfs.kv.memory import MemoryKV
+from cowfs.kv.overlay import OverlayKV
 from cowfs.kv.rocks import RocksKV
 from cowfs.kv.sqlite import SQLiteKV
 
 FAMS = ("a", "b")
 
 
-@pytest.fixture(params=["memory", "rocks", "sqlite", "etcd"])
+@pytest.fixture(params=["memory", "rocks", "sqlite", "overlay", "etcd"])
 def kv(request, tmp_path):
     if request.param == "memory":
         db = MemoryKV(FAMS)
+    elif request.param == "overlay":  # over an empty frozen member: every scan is a merge
+        db = OverlayKV(MemoryKV(FAMS), [MemoryKV(FAMS)], through=FAMS)
     elif request.param == "rocks":
         db = RocksKV(str(tmp_path / "db"), FAMS)
     elif request.param == "sqlite":
@@ -36,7 +39,7 @@ def kv(request, tmp_path):
         prefix = request.getfixturevalue("engine_prefix").encode() + b"/"
         db = EtcdKV(request.getfixturevalue("etcd").endpoint, FAMS, prefix, page_size=2)
     yield db
-    if request.param in ("rocks", "sqlite") or not db.closed:
+    if request.param in ("rocks", "sqlite", "overlay") or not db.closed:
         db.close()
 
 
@@ -292,3 +295,23 @@ def test_sqlite_store_is_private_and_refuses_a_foreign_file(tmp_path):
         db.get("a", b"x")
     with pytest.raises(ValueError, match="closed"):
         put(db, ("a", b"x", b"2"))
+
+
+def test_rocks_read_only_beside_the_writer(tmp_path):
+    """A frozen member of an OverlayKV: a second handle opened read-only while the writer has the
+    database open reads what was written before it opened, and refuses writes."""
+    db = RocksKV(str(tmp_path / "db"), FAMS)
+    try:
+        put(db, ("a", b"x", b"1"), ("b", b"y", b"2"))
+        ro = RocksKV(str(tmp_path / "db"), FAMS, read_only=True)
+        try:
+            assert ro.get("a", b"x") == b"1" and list(ro.scan("b", b"")) == [(b"y", b"2")]
+            with pytest.raises(Exception, match="read only"):
+                put(ro, ("a", b"x", b"changed"))
+            assert db.get("a", b"x") == b"1"
+        finally:
+            ro.close()
+        put(db, ("a", b"x", b"3"))  # the writer is unaffected by the reader's close
+        assert db.get("a", b"x") == b"3"
+    finally:
+        db.close()
