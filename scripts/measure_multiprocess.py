@@ -39,6 +39,9 @@ Subcommands (several may be given; `all` runs every one):
              at once, against daemons that own their databases
   scaling    daemons that own their databases (B/C), 1, 2 and 8 untars at once: unpinned or each
              fork's tar and daemon on one CPU, with and without the request loop's spin
+  overlay    design B's read path in a real daemon: a fork's head in a private RocksDB, the store's
+             database read-only below it (cowfs.kv.overlay.OverlayKV), against one database:
+             a full read of the fork's base tree (Django) and an untar into the fork
 
 Usage: .venv/bin/python scripts/measure_multiprocess.py [--rounds N] [--quick] [--json] SUBCMD...
        .venv/bin/python scripts/measure_multiprocess.py render RESULTS.json...   (Markdown tables)
@@ -1423,6 +1426,43 @@ if mode == "count":
         with open(os.environ["H15_OUT"], "w") as f:
             json.dump(counts, f)
     atexit.register(dump)
+elif mode == "overlay":
+    # Design B's read path in a real daemon: the branch head in a private database
+    # (STORE/db-head), the store's database opened read-only below it, read as one through
+    # cowfs.kv.overlay.OverlayKV (every family read through; writes go to the head).  Only
+    # for measuring: a delete in the head of a key that lives below lets the old value show.
+    import threading
+    from cowfs.kv.base import KV
+    from cowfs.kv.overlay import OverlayKV
+    Base = rocks.RocksKV
+
+    class _Own(KV):
+        def __init__(self, db):
+            self.db = db
+        def get(self, cf, key):
+            return Base.get(self.db, cf, key)
+        def scan(self, cf, start, prefix=b""):
+            return Base.scan(self.db, cf, start, prefix)
+        def write(self, batch, expect=()):
+            Base.write(self.db, batch, expect)
+        def sync(self):
+            Base.sync(self.db)
+        def close(self):
+            Base.close(self.db)
+
+    class OverlayRocks(Base):
+        def __init__(self, path, families, blob_families=(), small=False):
+            super().__init__(path + "-head", families, blob_families, small)
+            self.below = Base(path, families, blob_families, small, read_only=True)
+            self.ov = OverlayKV(_Own(self), [self.below], through=families)
+        def get(self, cf, key):
+            return self.ov.get(cf, key)
+        def scan(self, cf, start, prefix=b""):
+            return self.ov.scan(cf, start, prefix)
+        def close(self):
+            Base.close(self)
+            self.below.close()
+    store.RocksKV = OverlayRocks
 elif mode == "remote":
     sys.path.insert(0, os.environ["H15_SCRIPTS"])
     import measure_multiprocess as mm
@@ -1580,9 +1620,13 @@ def child_store_server(a: dict[str, Any]) -> None:
     reply({"cpu": cpu_s() - t0, "calls": calls})
 
 
+_BRANCH: str | None = None  # the branch _daemon mounts (None: the store's default)
+
+
 def _daemon(mode: str, store: str, mnt: str, out: str, server: str | None, cpu: int | None,
             opts: str = "") -> subprocess.Popen:
-    args = ["mount", store, mnt, "--foreground"] + (["-o", opts] if opts else [])
+    args = ["mount", store, mnt, "--foreground"] + (["-o", opts] if opts else []) + \
+        (["--branch", _BRANCH] if _BRANCH else [])
     env = dict(os.environ, H15_ARGS=json.dumps(args), H15_MODE=mode,
                H15_OUT=out, H15_SCRIPTS=os.path.join(REPO, "scripts"), H15_SERVER=server or "")
     pre = (lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None
@@ -1718,6 +1762,80 @@ def measure_proxy(rounds: int) -> None:
                     record("proxy", f"  store server calls", res["server_calls"], "count", loads=loads)
 
 
+def _overlay_round(base: str, mode: str, tar: str) -> dict[str, float]:
+    """A copy of the base store (Django in main, branch f1 of it); a daemon serving f1 in mode
+    'local' (today: one database) or 'overlay' (f1's head in its own database, the store's
+    read-only below): a full read of the base tree (tar to a pipe), then an untar of Django."""
+    d = tmpdir("overlay")
+    st, mnt = os.path.join(d, "store"), os.path.join(d, "mnt")
+    os.mkdir(mnt)
+    p = None
+    out: dict[str, float] = {}
+    try:
+        subprocess.run(["cp", "-a", base, st], check=True, timeout=300)
+        p = _daemon("overlay" if mode == "overlay" else "local", st, mnt, "", None, None, "")
+        cpu0 = _proc_cpu(p.pid)
+        t0 = time.perf_counter()
+        r = subprocess.run(f"tar -cf - -C {mnt} Django-5.1.4 | wc -c", shell=True, capture_output=True, text=True,
+                           timeout=1200, check=True)
+        out["read_s"] = time.perf_counter() - t0
+        out["read_bytes"] = float(r.stdout.split()[0])
+        cpu1 = _proc_cpu(p.pid)
+        out["read_cpu_s"] = cpu1 - cpu0
+        os.mkdir(os.path.join(mnt, "new"))
+        t0 = time.perf_counter()
+        subprocess.run(["tar", "-xf", tar, "-C", os.path.join(mnt, "new")], check=True, timeout=1200)
+        out["untar_s"] = time.perf_counter() - t0
+        out["untar_cpu_s"] = _proc_cpu(p.pid) - cpu1
+        if mode == "overlay":
+            head = sum(os.path.getsize(os.path.join(dp, f)) for dp, _dn, fs in os.walk(os.path.join(st, "db-head"))
+                       for f in fs)
+            out["head_db_mib"] = head / (1 << 20)
+    finally:
+        if p is not None:
+            _unmount(mnt, p)
+        shutil.rmtree(d, ignore_errors=True)
+    return out
+
+
+def measure_overlay(rounds: int) -> None:
+    """Design B's read path in a real daemon (see WRAPPER's 'overlay' mode): what reading a
+    branch's lineage from the store's database below a private head database costs, against
+    today's one database, on a fork of a Django tree."""
+    tar = _django_tar()
+    d = tmpdir("overlay-base")
+    base, mnt = os.path.join(d, "store"), os.path.join(d, "mnt")
+    os.mkdir(mnt)
+    try:
+        _cowfs("init", base)
+        _cowfs("mount", base, mnt)
+        try:
+            subprocess.run(["tar", "-xf", tar, "-C", mnt], check=True, timeout=1200)
+            _cowfs("branch", mnt, "f1")
+        finally:
+            _cowfs("umount", mnt, timeout=300)
+        global _BRANCH
+        _BRANCH = "f1"
+        res: dict[str, dict[str, list[float]]] = {"local": {}, "overlay": {}}
+        loads: list[float] = []
+        for _ in range(rounds):
+            for mode in ("local", "overlay"):
+                loads.append(load1())
+                for k, v in _overlay_round(base, mode, tar).items():
+                    res[mode].setdefault(k, []).append(v)
+        _BRANCH = None
+        for mode, who in (("local", "one database (today)"), ("overlay", "head database + store's read-only below")):
+            r = res[mode]
+            record("overlay", f"read the fork's base tree (tar -cf - to a pipe), {who}: wall", r["read_s"], "s", loads=loads)
+            record("overlay", "  daemon CPU", r["read_cpu_s"], "s", loads=loads)
+            record("overlay", f"untar Django into the fork, {who}: wall", r["untar_s"], "s", loads=loads)
+            record("overlay", "  daemon CPU", r["untar_cpu_s"], "s", loads=loads)
+            if "head_db_mib" in r:
+                record("overlay", "  head database size after both", r["head_db_mib"], "MiB", loads=loads)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def measure_scaling(rounds: int) -> None:
     """Daemons that own their databases (what B and C give each fork), 2 and 8 at once: where the
     per-fork CPU goes when forks outnumber cores (the request loop's spin, CPU placement)."""
@@ -1739,7 +1857,7 @@ def measure_scaling(rounds: int) -> None:
 SECTIONS = {"ipc": measure_ipc, "marshal": measure_marshal, "secondary": measure_secondary, "sst": measure_sst,
             "sqlite": measure_sqlite, "startup": measure_startup, "dedup": measure_dedup, "disk": measure_disk,
             "layers": measure_layers, "kvtrace": measure_kvtrace, "proxy": measure_proxy,
-            "scaling": measure_scaling}
+            "scaling": measure_scaling, "overlay": measure_overlay}
 CHILDREN = {"call": child_call, "ipc_server": child_ipc_server, "ipc_trio_server": child_ipc_trio_server,
             "rocks_primary": child_rocks_primary, "sqlite_worker": child_sqlite_worker,
             "index_primary": child_index_primary,
