@@ -40,7 +40,8 @@ from cowfs.meta.layers import Catalog, Usage, suffix_layer
 from cowfs.meta.records import Attrs
 from cowfs.meta import links as link_index
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, TAGS, LayerView, name_key
-from cowfs.store import CF_ORPHANS, ROOT_INO, Store
+from cowfs.meta import orphans as orphan_records
+from cowfs.store import ROOT_INO, Store
 
 LOST_FOUND = b"lost+found"
 
@@ -241,7 +242,7 @@ class Fsck:
                     self.report.repaired.append(f"{name}: indexed a name of inode {ino}")
 
     def _check_orphans(self, name: str, top: int, lv: LayerView, records: dict[int, Attrs]) -> None:
-        listed = {int.from_bytes(k[8:16], "big") for k, _ in self.store.kv.scan(CF_ORPHANS, b"")}
+        listed = orphan_records.every(self.store.kv)
         last = None
         orphans = []
         for base, layer, value in _versions(self.store, CF_INODES):

@@ -101,7 +101,7 @@ def stats(path: str) -> dict[str, Any]:
 def is_store(path: str) -> bool:
     """Whether path looks like a store (True also when we may not look: opening it then says
     whose it is)."""
-    from cowfs.store import MARKER
+    from cowfs.storedir import MARKER
 
     try:
         os.stat(os.path.join(path, MARKER))
@@ -156,12 +156,11 @@ def delete(path: str, name: str) -> dict[str, Any]:
     errno (ENOENT, EINVAL), as the daemon gives it."""
     import errno
 
-    from cowfs.cache.learned import model_key
     from cowfs.errors import FSError
     from cowfs.commands.authz import Owners
     from cowfs.kv.base import Batch
     from cowfs.meta import gc
-    from cowfs.meta.layers import CF_META
+    from cowfs.meta.layers import drop_model
 
     store = _administered(path)
     try:
@@ -172,7 +171,7 @@ def delete(path: str, name: str) -> dict[str, Any]:
         batch = Batch()
         store.catalog.remove(name, batch)
         if kind == "branch":
-            batch.delete(CF_META, model_key(name))
+            drop_model(batch, name)
         store.commit(batch)
         tops = store.catalog.leaves()
         dead, batch, txn = gc.dead_ranges(store.meta, store.catalog, tops)

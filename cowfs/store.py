@@ -31,8 +31,9 @@ from cowfs.meta.layers import CF_META, Branch, Catalog, Usage
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import Clone, SharedTrees
 from cowfs.meta import links
+from cowfs.meta.orphans import CF_ORPHANS
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, LayerView, Versioned, ino_key
-from cowfs.daemon.mounts import daemon_pid
+from cowfs.storedir import DB_DIR, MARKER, PACK_DIR, daemon_pid
 
 log = logging.getLogger(__name__)
 # 2: delta objects, 24-byte reference records, the pending/similar/space families.  A
@@ -51,10 +52,6 @@ log = logging.getLogger(__name__)
 # (chunks.upgrade.convert_packs); their punched holes are dead ranges for repacking.
 FORMAT_VERSION = 7
 UPGRADABLE = (1, 2, 3, 4, 5, 6)
-MARKER = "cowfs-store.json"
-DB_DIR = "db"
-PACK_DIR = "packs"  # the local blob store of the packs
-CF_ORPHANS = "orphans"
 FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
 ROOT_INO = 1
 INO_BLOCK = 4096

@@ -26,7 +26,8 @@ import rocksdict as rd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
-from cowfs.store import DB_DIR, FAMILIES  # noqa: E402
+from cowfs.store import FAMILIES  # noqa: E402
+from cowfs.storedir import DB_DIR  # noqa: E402
 
 COWFS = os.path.join(os.path.dirname(sys.executable), "cowfs")
 

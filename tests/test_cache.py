@@ -254,7 +254,8 @@ def test_reads_never_stale_under_writes_truncates_clones_rollbacks(mount_factory
 
 
 def test_unreadable_model_starts_afresh():
-    from cowfs.cache.learned import Learner, model_key
+    from cowfs.cache.learned import Learner
+    from cowfs.meta.layers import model_key
     from cowfs.meta.layers import CF_META
 
     class KV:

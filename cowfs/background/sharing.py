@@ -30,11 +30,10 @@ from cowfs import faults
 from cowfs.errors import FSError
 from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
-from cowfs.kv.base import KV, Batch
-from cowfs.meta.layers import suffix_layer
-from cowfs.meta.records import Attrs
+from cowfs.kv.base import Batch
+from cowfs.meta.records import Attrs, dirent_ino
 from cowfs.meta.shared import Range, runs_of
-from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, LayerView, Versioned, ino_key
+from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, LayerView, Versioned, ino_key, name_key
 from cowfs.store import ROOT_INO
 
 log = logging.getLogger(__name__)
@@ -106,7 +105,7 @@ class Sharer:
                 return None
             ino, parent, entries, a = stack[-1]
             if entries is None:
-                entries = [(n, int.from_bytes(v[:8], "big")) for n, v in meta.scan_names(CF_DIRENTS, ino, lv)]
+                entries = [(n, dirent_ino(v)) for n, v in meta.scan_names(CF_DIRENTS, ino, lv)]
                 stack[-1] = (ino, parent, entries, a)
                 for name, child in entries:
                     if child in out.dirs or child in files:
@@ -187,10 +186,10 @@ class Sharer:
         done = 0
         copies: set[int] = set()
         originals: set[int] = set()
-        kv = fs.store.kv
+        meta = fs.store.meta
         async with fs.maintenance:
             self._sources = set(fs.store.meta.shared.sources())
-            if any((_only_version(kv, CF_INODES, ino_key(y)) or (0,))[0] == view.lv.top for y, _x in pairs):
+            if any((meta.only_version(CF_INODES, ino_key(y)) or (0,))[0] == view.lv.top for y, _x in pairs):
                 # Copies' records in the head: freeze it, so that their originals stay put.
                 async with fs.mutate(view) as m:
                     fs.freeze_head(m, view)
@@ -214,9 +213,8 @@ class Sharer:
         """Verify that tree `top` is a copy of tree `src` as stored, and share it (one commit)."""
         fs = self.fs
         meta = fs.store.meta
-        kv = fs.store.kv
         shared = meta.shared
-        found = _only_version(kv, CF_INODES, ino_key(top))
+        found = meta.only_version(CF_INODES, ino_key(top))
         if found is None:
             return False
         layer = found[0]
@@ -238,7 +236,7 @@ class Sharer:
             if y == top:
                 ya = Attrs.unpack(found[1])
             else:
-                yv = _only_version(kv, CF_INODES, ino_key(y))
+                yv = meta.only_version(CF_INODES, ino_key(y))
                 if yv is None or yv[0] != layer:
                     return False
                 ya = Attrs.unpack(yv[1])
@@ -258,15 +256,15 @@ class Sharer:
             pairs.append((y, x, ya.ctime_ns, ya.atime_ns, ya.atime_ns == xa.atime_ns))
             if not ya.is_dir:
                 continue
-            ykeys = list(kv.scan(CF_DIRENTS, ino_key(y), ino_key(y)))
+            yents = list(meta.name_versions(CF_DIRENTS, y))
             xents = list(meta.scan_names(CF_DIRENTS, x, plv))
-            if len(ykeys) != len(xents):
+            if len(yents) != len(xents):
                 return False
-            for (key, yval), (xname, xval) in zip(ykeys, xents):
-                if suffix_layer(key[-8:]) != layer or key[8:-9] != xname or not yval or yval[8:] != xval[8:]:
+            for (yname, ylayer, yval), (xname, xval) in zip(yents, xents):
+                if ylayer != layer or yname != xname or not yval or yval[8:] != xval[8:]:
                     return False
-                stack.append((int.from_bytes(yval[:8], "big"), int.from_bytes(xval[:8], "big")))
-                entries.append(key[:-8])
+                stack.append((dirent_ino(yval), dirent_ino(xval)))
+                entries.append(name_key(y, yname))
         pairs.sort()
         atimes = [] if all(p[4] for p in pairs) else [p[3] for p in pairs]
         r = Range(layer, runs_of([(p[0], p[1]) for p in pairs]), [p[2] for p in pairs], atimes)
@@ -337,13 +335,3 @@ def _same(a: Attrs, b: Attrs) -> bool:
     """Equal but for the times a range keeps per copy (ctime, atime) and where they are linked."""
     return (a.mode, a.uid, a.gid, a.nlink, a.rdev, a.size, a.mtime_ns, a.root, a.target) == \
            (b.mode, b.uid, b.gid, b.nlink, b.rdev, b.size, b.mtime_ns, b.root, b.target)
-
-
-def _only_version(kv: KV, cf: str, base: bytes) -> tuple[int, bytes] | None:
-    """(layer, value) of base's single live version; None if it has none, or several."""
-    found = None
-    for key, value in kv.scan(cf, base, base):
-        if found is not None or not value or len(key) != len(base) + 8:
-            return None
-        found = (suffix_layer(key[-8:]), value)
-    return found

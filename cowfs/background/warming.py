@@ -38,7 +38,7 @@ from cowfs.core.filesystem import Filesystem
 from cowfs.core.node import Node
 from cowfs.core.view import View
 from cowfs.meta.versioned import LayerView
-from cowfs.daemon.mounts import warmer_pid_file
+from cowfs.storedir import warmer_pid_file
 
 log = logging.getLogger(__name__)
 

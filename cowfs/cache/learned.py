@@ -25,7 +25,8 @@ import zlib
 from collections import OrderedDict
 
 from cowfs.kv.base import KV, Batch
-from cowfs.meta.layers import CF_META, Catalog
+from cowfs.meta import layers
+from cowfs.meta.layers import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,6 @@ SAVE_INTERVAL = 10.0
 WARM_WINDOW = 30.0  # seconds after a mount's first touch that count as its cold start
 MAX_WARM = 8192  # directories in a cold-start list
 MAX_MISSED = 4  # mounts in a row without a touch that drop a directory from the list
-
-
-def model_key(branch: str) -> bytes:
-    return b"prefetch/" + branch.encode()
 
 
 class OpenModel:
@@ -210,7 +207,7 @@ class Learner:
         seen = set()
         while name is not None and name not in seen:
             seen.add(name)
-            raw = self.kv.get(CF_META, model_key(name))
+            raw = layers.load_model(self.kv, name)
             if raw is not None:
                 try:
                     m = OpenModel.loads(raw)
@@ -255,7 +252,7 @@ class Learner:
     def forget(self, branch: str, batch: Batch) -> None:
         """A deleted branch's model goes with it (in the deleting batch)."""
         self.models.pop(branch, None)
-        batch.delete(CF_META, model_key(branch))
+        layers.drop_model(batch, branch)
 
     def batch(self) -> Batch | None:
         """The changed models, serialized, in one batch (None: nothing to write)."""
@@ -264,6 +261,6 @@ class Learner:
         out = Batch()
         for name, m in self.models.items():
             if m.dirty and name in self.catalog.branches:
-                out.put(CF_META, model_key(name), m.dumps())
+                layers.save_model(out, name, m.dumps())
                 m.dirty = False
         return out if len(out) else None

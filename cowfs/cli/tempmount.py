@@ -15,12 +15,13 @@ from cowfs.cli.admin import branch_here
 from cowfs.cli.errors import CliError
 from cowfs.errors import MountError
 from cowfs.daemon.mounts import cowfs_mounts
+from cowfs.storedir import MARKER
 
 
 def require_store(store: str) -> str:
     """store as an absolute path, if it is a store directory."""
     store = os.path.abspath(store)
-    if not os.path.isfile(os.path.join(store, "cowfs-store.json")):
+    if not os.path.isfile(os.path.join(store, MARKER)):
         raise CliError(f"{store}: not a cowfs store (create one with 'cowfs init {store}')")
     return store
 

@@ -19,8 +19,8 @@ from cowfs.core.filesystem import Filesystem, join_path
 from cowfs.core.view import View
 from cowfs.meta import links
 from cowfs.meta.layers import Branch, Snapshot
-from cowfs.meta.records import Attrs
-from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, LayerView, ino_key, name_key
+from cowfs.meta.records import Attrs, dirent_ino
+from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, LayerView, ino_key, key_ino, key_name, name_key
 from cowfs.store import ROOT_INO
 
 
@@ -50,7 +50,7 @@ class Differ:
         out = set()
         for parent, name in cand:
             found = meta.get(CF_DIRENTS, name_key(parent, name), lv)
-            if found and found[1] and int.from_bytes(found[1][:8], "big") == ino:
+            if found and found[1] and dirent_ino(found[1]) == ino:
                 ppath = self.fs.path_of(lv, parent, cache)
                 if ppath is not None:
                     out.add(join_path(ppath, name))
@@ -91,15 +91,15 @@ class Differ:
                 if cf == CF_LINKS:  # a name's key changes with its entry, which is here too
                     continue
                 if cf != CF_DIRENTS:
-                    inos.add(int.from_bytes(base[:8], "big"))
+                    inos.add(key_ino(base))
                     if cf == CF_XATTRS:
-                        xinos.add(int.from_bytes(base[:8], "big"))
+                        xinos.add(key_ino(base))
                     continue
                 for lv in (la, lb):
                     found = meta.get(CF_DIRENTS, base, lv)
                     if found and found[1]:
-                        child = int.from_bytes(found[1][:8], "big")
-                        entries.setdefault(child, set()).add((int.from_bytes(base[:8], "big"), base[8:-1]))
+                        child = dirent_ino(found[1])
+                        entries.setdefault(child, set()).add((key_ino(base), key_name(base)))
         ca: dict[int, str | None] = {}
         cb: dict[int, str | None] = {}
         changes: list[dict[str, Any]] = []

@@ -11,6 +11,7 @@ from cowfs.core.node import Node
 from cowfs.core.nodes import check_name
 from cowfs.errors import FSError
 from cowfs.meta import links
+from cowfs.meta.records import dirent_ino
 from cowfs.meta.versioned import CF_DIRENTS, name_key
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ class Namespace:
         out = links.names_of(fs.store.meta, node.ino, lv)
         if a.parent and (a.parent, a.name) not in out:
             found = fs.store.meta.get(CF_DIRENTS, name_key(a.parent, a.name), lv)
-            if found and found[1] and int.from_bytes(found[1][:8], "big") == node.ino:
+            if found and found[1] and dirent_ino(found[1]) == node.ino:
                 out.append((a.parent, a.name))
         return out
 

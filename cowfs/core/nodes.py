@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterable
 from cowfs.core.node import Node
 from cowfs.core.view import View
 from cowfs.errors import FSError
-from cowfs.meta.records import Attrs
+from cowfs.meta.records import Attrs, dirent_ino
 from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, LayerView, ino_key, name_key
 from cowfs.store import ROOT_INO
 
@@ -190,7 +190,7 @@ class NodeTable:
         found = self.fs.store.meta.get(CF_DIRENTS, name_key(parent.ino, name), parent.view.lv)
         if found is None or not found[1]:
             return None
-        return int.from_bytes(found[1][:8], "big")
+        return dirent_ino(found[1])
 
     def lookup(self, parent: Node, name: bytes) -> Node:
         check_name(name)
@@ -204,7 +204,7 @@ class NodeTable:
     def list_dir(self, node: Node) -> list[tuple[bytes, int]]:
         if not node.attrs.is_dir:
             raise FSError(errno.ENOTDIR)
-        return [(name, int.from_bytes(v[:8], "big"))
+        return [(name, dirent_ino(v))
                 for name, v in self.fs.store.meta.scan_names(CF_DIRENTS, node.ino, node.view.lv)]
 
     def dir_empty(self, node: Node) -> bool:

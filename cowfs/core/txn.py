@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import stat
 import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, AsyncIterator
@@ -25,7 +24,7 @@ from cowfs.core.view import View
 from cowfs.errors import FSError
 from cowfs.kv.base import Batch
 from cowfs.meta import links
-from cowfs.meta.records import Attrs
+from cowfs.meta.records import Attrs, dirent
 from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, ino_key, name_key
 
 if TYPE_CHECKING:
@@ -41,10 +40,6 @@ def now_ns() -> int:
     (in writeback mode the kernel owns their mtime), so ours must not run ahead of it, or a
     later write could carry an earlier time than an earlier chmod."""
     return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
-
-
-def _dirent(ino: int, mode: int) -> bytes:
-    return ino.to_bytes(8, "big") + bytes((stat.S_IFMT(mode) >> 12,))
 
 
 class Mutation:
@@ -105,7 +100,7 @@ class Mutation:
 
     def link(self, parent: Node, name: bytes, child: Node) -> None:
         self.fs.store.meta.put(self.batch, CF_DIRENTS, name_key(parent.ino, name), parent.view.lv.top,
-                               _dirent(child.ino, child.attrs.mode))
+                               dirent(child.ino, child.attrs.mode))
         child.attrs.parent = parent.ino
         child.attrs.name = name
 

@@ -16,10 +16,11 @@ import struct
 import tempfile
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
+from cowfs.storedir import SOCKET_NAME
+
 if TYPE_CHECKING:  # the CLI's client side must not pay for importing trio
     import trio
 
-SOCKET_NAME = "daemon.sock"
 # (request, uid of the peer process as the kernel tells it) -> reply
 Handler = Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]]
 

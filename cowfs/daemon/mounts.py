@@ -12,10 +12,12 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 
 from cowfs.errors import MountError
+from cowfs.storedir import daemon_pid, pid_alive, warmer_pid_file
 
 FUSECTL = "/sys/fs/fuse/connections"
 _OCTAL = re.compile(rb"\\([0-7]{3})")
@@ -52,24 +54,6 @@ def _unescape(field: bytes) -> str:
     return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), field))
 
 
-def pid_file(store: str) -> str:
-    return os.path.join(store, "daemon.pid")
-
-
-def pid_alive(pid: int) -> bool:
-    """True for a running process; a zombie (exited, not yet reaped) counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def warmer_pid_file(store: str) -> str:
-    """Holds the pid of the daemon's cold-start helper (cowfs.background.warming) while it runs."""
-    return os.path.join(store, "warmer.pid")
-
-
 def stop_warmer(store: str) -> None:
     """End the daemon's cold-start helper, if it runs: the daemon serves it until it is done
     (its private copy of the mount keeps the connection alive), and what it does is only
@@ -86,16 +70,6 @@ def stop_warmer(store: str) -> None:
     deadline = time.monotonic() + 5
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
-
-
-def daemon_pid(store: str) -> int | None:
-    """Pid of the live daemon serving this store, if any."""
-    try:
-        with open(pid_file(store)) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if pid_alive(pid) else None
 
 
 def _root(field: bytes) -> str:
@@ -286,16 +260,23 @@ def process_uid(pid: int) -> int | None:
 
 def _answers(mountpoint: str, timeout: float = 3.0) -> bool | None:
     """Whether the daemon behind a mount answers a request within timeout seconds (a read
-    of .cowfs/stats); None when we may not ask (no access to the mount)."""
-    from cowfs import api
+    of .cowfs/stats); None when we may not ask (no access to the mount).  The read runs in
+    a thread of its own: a request to a hung daemon blocks its caller in the kernel, and
+    the abandoned thread ends when the mount is aborted or the process exits."""
+    out: list[bool | None] = []
 
-    try:
-        api.stats(mountpoint, timeout)
-        return True
-    except api.NotResponding:
-        return False
-    except (OSError, ValueError, api.CowfsError):
-        return None
+    def read() -> None:
+        try:
+            with open(os.path.join(mountpoint, ".cowfs", "stats"), "rb") as f:
+                f.read()
+            out.append(True)
+        except OSError:
+            out.append(None)
+
+    t = threading.Thread(target=read, name="cowfs stats", daemon=True)
+    t.start()
+    t.join(timeout)
+    return out[0] if out else False
 
 
 def busy_message(entry: MountEntry, pid: int) -> str:

@@ -30,7 +30,7 @@ from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
 from cowfs.daemon import admin, mounts, notify
 from cowfs.daemon.config import MountConfig, fuse_options, options_in_force
-from cowfs.daemon.mounts import pid_file
+from cowfs.storedir import pid_file
 from cowfs.errors import FSError, MountError, StoreError
 from cowfs.fuse import dircache, ext as fuse_ext, loop as fuse_loop, replies as fuse_replies
 from cowfs.fuse.inodes import is_control

@@ -177,3 +177,20 @@ class Catalog:
 
 def usage_key(layer: int) -> bytes:
     return b"usage/" + layer.to_bytes(8, "big")
+
+
+# -- the learned prefetch models (cowfs.cache.learned), one serialized blob per branch --------
+def model_key(branch: str) -> bytes:
+    return b"prefetch/" + branch.encode()
+
+
+def load_model(kv: KV, branch: str) -> bytes | None:
+    return kv.get(CF_META, model_key(branch))
+
+
+def save_model(batch: Batch, branch: str, blob: bytes) -> None:
+    batch.put(CF_META, model_key(branch), blob)
+
+
+def drop_model(batch: Batch, branch: str) -> None:
+    batch.delete(CF_META, model_key(branch))

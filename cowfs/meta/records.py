@@ -66,3 +66,13 @@ class Attrs:
 
 
 TOMBSTONE = b""
+
+
+def dirent(ino: int, mode: int) -> bytes:
+    """A directory entry's value: the inode it names (8 bytes) and its file type (S_IFMT >> 12)."""
+    return ino.to_bytes(8, "big") + bytes((stat.S_IFMT(mode) >> 12,))
+
+
+def dirent_ino(value: bytes) -> int:
+    """The inode a directory entry's value names."""
+    return int.from_bytes(value[:8], "big")

@@ -48,6 +48,16 @@ def name_key(ino: int, name: bytes) -> bytes:
     return ino.to_bytes(8, "big") + name + b"\x00"
 
 
+def key_ino(base: bytes) -> int:
+    """The inode of an ino_key or a name_key."""
+    return int.from_bytes(base[:8], "big")
+
+
+def key_name(base: bytes) -> bytes:
+    """The name of a name_key."""
+    return base[8:-1]
+
+
 class Versioned:
     """Layer-versioned keys; inode records and entries of shared copies (cowfs.meta.shared)
     resolve through their range when no real layer of the view has a version."""
@@ -281,6 +291,22 @@ class Versioned:
                     yield CF_INODES, ino_key(cy)
                     for xname, _ in self.scan_names(CF_XATTRS, cx, lv):
                         yield CF_XATTRS, name_key(cy, xname)
+
+    def name_versions(self, cf: str, ino: int) -> Iterator[tuple[bytes, int, bytes]]:
+        """(name, layer, value) of every stored version of every name under ino, in key order
+        (by name, newest layer first), tombstones included: what one layer holds, unmerged."""
+        prefix = ino_key(ino)
+        for key, value in self.kv.scan(cf, prefix, prefix):
+            yield key[8:-9], suffix_layer(key[-8:]), value
+
+    def only_version(self, cf: str, base: bytes) -> tuple[int, bytes] | None:
+        """(layer, value) of base's single live version; None if it has none, or several."""
+        found = None
+        for key, value in self.kv.scan(cf, base, base):
+            if found is not None or not value or len(key) != len(base) + 8:
+                return None
+            found = (suffix_layer(key[-8:]), value)
+        return found
 
     def versions(self, cf: str, base: bytes) -> list[tuple[int, bytes]]:
         """Every (layer, value) of base, newest layer first."""

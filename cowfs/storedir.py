@@ -1,0 +1,49 @@
+"""The store directory's file layout: the names of what a store directory holds, in one place.
+
+    cowfs-store.json   the marker: format version and creation time (cowfs.store)
+    db/                the KV engine's files (cowfs.kv.rocks)
+    packs/             the local blob store of the packs (cowfs.blob.local)
+    daemon.pid         the pid of the daemon serving the store, while it runs (cowfs.daemon)
+    warmer.pid         the pid of the daemon's cold-start helper, while it runs
+                       (cowfs.background.warming)
+    daemon.sock        the daemon's admin socket (cowfs.daemon.admin; in /run/cowfs when the
+                       store's path is too long for AF_UNIX)
+
+Nothing else names these entries (tests/unit/test_layers.py).
+"""
+from __future__ import annotations
+
+import os
+
+MARKER = "cowfs-store.json"
+DB_DIR = "db"
+PACK_DIR = "packs"
+SOCKET_NAME = "daemon.sock"
+
+
+def pid_file(store: str) -> str:
+    return os.path.join(store, "daemon.pid")
+
+
+def warmer_pid_file(store: str) -> str:
+    """Holds the pid of the daemon's cold-start helper (cowfs.background.warming) while it runs."""
+    return os.path.join(store, "warmer.pid")
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def daemon_pid(store: str) -> int | None:
+    """Pid of the live daemon serving this store, if any."""
+    try:
+        with open(pid_file(store)) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
