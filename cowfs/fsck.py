@@ -155,7 +155,7 @@ class Fsck:
 
     # -- 2. trees --------------------------------------------------------------------------
     def check_tree(self, name: str, top: int) -> None:
-        lv = LayerView(top, frozenset(self.cat.ancestry(top)))
+        lv = self.cat.layer_view(top)
         meta = self.store.meta
         records: dict[int, Attrs] = {}
         links: Counter[int] = Counter()
@@ -457,8 +457,7 @@ class Fsck:
         unmeasured = {c.top_y: self.store.measure_clone(c) for c in self.store.meta.shared.clones.values()
                       if not c.measured and c.layer in self.cat.parents}
         for name, top in tops:
-            lv = LayerView(top, frozenset(self.cat.ancestry(top)))
-            counted = self.store.count_usage(lv)
+            counted = self.store.count_usage(self.cat.layer_view(top))
             stored = self.cat.usage(top)
             # What the clone measurer will add to the record (cowfs.background.cloning).
             pending = [unmeasured[c.top_y] for c in self.store.meta.shared.visible_clones(lv.ancestors)

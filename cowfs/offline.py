@@ -134,7 +134,6 @@ def listing(path: str) -> dict[str, Any]:
     """Every snapshot and branch of an unmounted store (none is mounted)."""
     from cowfs.commands.authz import Owners
     from cowfs.meta.layers import Branch, Usage
-    from cowfs.meta.versioned import LayerView
 
     store = _administered(path)
     try:
@@ -142,7 +141,7 @@ def listing(path: str) -> dict[str, Any]:
             layer = item.head if isinstance(item, Branch) else item.layer
             found = store.catalog.usage(layer)  # recorded at every change; else counted
             return found if found is not None else store.count_usage(
-                LayerView(layer, frozenset(store.catalog.ancestry(layer))))
+                store.catalog.layer_view(layer))
 
         return {"ok": True, "daemon": False, **Owners(store.catalog).listing(None, usage, {})}
     finally:
@@ -182,10 +181,7 @@ def delete(path: str, name: str) -> dict[str, Any]:
         if gone:
             store.commit(batch)
             store.meta.shared.clones_committed(removed=gone)
-        removed = 0
-        for batch, txn, n in gc.collect(store.meta, store.catalog, tops):
-            store.commit(batch, txn)
-            removed += n
+        removed = gc.collect_now(store.meta, store.catalog, tops, store.commit, forks=False)
         store.kv.sync()
         return {"ok": True, "daemon": False, "deleted": name, "kind": kind, "versions_removed": removed}
     finally:

@@ -175,7 +175,7 @@ class Store:
             self._release_umask()
             raise StoreError(f"{path}: cannot open the packs: {exc}") from exc
         self.catalog = Catalog(self.kv)
-        self.meta = Versioned(self.kv, SharedTrees.load(self.kv), self.catalog.ancestry)
+        self.meta = Versioned(self.kv, SharedTrees.load(self.kv), self.catalog.layer_view)
         self.objects = ObjectStore(self.kv, self.cache, self.packs)
         if self.objects.space is None:
             self.objects.space = upgrade.rebuild(self.kv, self._root_refs())
@@ -349,7 +349,7 @@ class Store:
             if layer not in self.catalog.parents:
                 batch.delete(CF_META, key)
                 continue
-            lv = LayerView(layer, frozenset(self.catalog.ancestry(layer)))
+            lv = self.catalog.layer_view(layer)
             self.catalog.save_usage(layer, self.count_usage(lv), batch)
         if len(batch):
             self.kv.write(batch)

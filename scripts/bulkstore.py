@@ -23,7 +23,7 @@ from cowfs.core.filesystem import Filesystem
 from cowfs.kv.base import Batch
 from cowfs.meta.layers import Branch, Snapshot, Usage
 from cowfs.meta.records import Attrs
-from cowfs.meta.versioned import CF_INODES, LayerView, Versioned, ino_key
+from cowfs.meta.versioned import CF_INODES, Versioned, ino_key
 from cowfs.store import ROOT_INO, Store, init_store
 
 BATCH = 5000  # snapshots or branches per committed batch
@@ -69,7 +69,7 @@ def _relink(store: Store, batch: Batch, ino: int, layer: int, attrs: Attrs, targ
 
 
 def _link_attrs(store: Store, ino: int, layer: int) -> Attrs:
-    found = store.meta.get(CF_INODES, ino_key(ino), LayerView(layer, frozenset(store.catalog.ancestry(layer))))
+    found = store.meta.get(CF_INODES, ino_key(ino), store.catalog.layer_view(layer))
     assert found is not None and found[1]
     return Attrs.unpack(found[1])
 

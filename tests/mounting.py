@@ -1286,6 +1286,29 @@ def compare_snapshots(a: dict, b: dict, names=("cowfs", "reference"), ignore=DEF
     return diffs
 
 
+def gc_batches(store, stop_after: int | None = None, chunk: int = 500) -> int:
+    """Run a garbage-collection pass (cowfs.meta.gc) offline on an unmounted store, committing
+    each batch, and stop after `stop_after` of them (None: the whole pass), as a daemon
+    killed between two batches would; the batches committed."""
+    from cowfs.meta import gc
+    from cowfs.store import Store
+
+    st = Store(str(store))
+    try:
+        col = gc.Collector(st.meta, st.catalog, forks=True)
+        n = 0
+        while stop_after is None or n < stop_after:
+            c = col.next(st.catalog.leaves(), chunk)
+            if c is None:
+                break
+            st.commit(c.batch, c.txn)
+            n += 1
+        st.kv.sync()
+        return n
+    finally:
+        st.close()
+
+
 if __name__ == "__main__":
     if "--worker" in sys.argv:
         sys.exit(_worker_main(sys.argv[1:]))

@@ -24,29 +24,46 @@ log = logging.getLogger(__name__)
 SETTLE = 0.5  # seconds a burst of deletes gets to settle into one pass
 
 
-async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None) -> int:
-    """One full garbage-collection pass, in chunks, yielding to other work between them;
-    progress(versions removed so far) after each chunk."""
+async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None, forks: bool = True) -> int:
+    """One garbage-collection pass (cowfs.meta.gc), a batch at a time, each planned and
+    committed under the lock with no checkpoint in between (a merge may move keys into a
+    branch head that is being written), yielding to other work between batches;
+    progress(versions removed so far) after each.  forks: also every fork of the layer
+    tree (`cowfs gc`), not only the queue (the daemon's pass after a delete)."""
     removed = 0
+    store = fs.store
+    reshaped = False
     async with fs.maintenance:
         async with fs.exclusive():
-            tops = fs.live_tops()
-            dead, batch, txn = gc.dead_ranges(fs.store.meta, fs.store.catalog, tops)
+            dead, batch, txn = gc.dead_ranges(store.meta, store.catalog, fs.live_tops())
             if dead:
-                fs.store.commit(batch, txn)
-                fs.store.meta.shared.committed(removed=dead)
-            gone, batch = gc.dead_clones(fs.store.meta, fs.store.catalog, tops)
+                store.commit(batch, txn)
+                store.meta.shared.committed(removed=dead)
+            gone, batch = gc.dead_clones(store.meta, store.catalog, fs.live_tops())
             if gone:
-                fs.store.commit(batch)
-                fs.store.meta.shared.clones_committed(removed=gone)
-            chunks = list(gc.collect(fs.store.meta, fs.store.catalog, tops))
-        for batch, txn, n in chunks:
-            async with fs.lock:
-                fs.store.commit(batch, txn)
-            removed += n
-            if progress is not None:
-                progress(removed)
-            await trio.sleep(0)
+                store.commit(batch)
+                store.meta.shared.clones_committed(removed=gone)
+        collector = gc.Collector(store.meta, store.catalog, forks)
+        try:
+            while True:
+                await fs.acquire_lock()
+                try:
+                    c = collector.next(fs.live_tops())
+                    if c is None:
+                        break
+                    store.commit(c.batch, c.txn)
+                    for src, dst, inos in c.moved:
+                        fs.views.records_moved(src, dst, inos)
+                finally:
+                    fs.lock.release()
+                reshaped |= c.reshaped
+                removed += c.removed
+                if progress is not None:
+                    progress(removed)
+                await trio.sleep(0)
+        finally:
+            if reshaped:
+                fs.views.layers_reshaped()
     return removed
 
 
@@ -85,7 +102,7 @@ async def collect_when_wanted(fs: Filesystem) -> None:
         await trio.sleep(SETTLE)
         try:
             faults.point("gc")
-            n = await run_gc(fs)
+            n = await run_gc(fs, forks=False)
         except Exception:
             fs.gc_wanted.set()  # the pass is still owed: the supervisor restarts us
             raise

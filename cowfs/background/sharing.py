@@ -220,7 +220,7 @@ class Sharer:
         layer = found[0]
         if layer == view.lv.top or layer not in view.lv.ancestors:
             return False  # not frozen (or not ours): the original could still change under it
-        plv = LayerView(layer, frozenset(fs.store.catalog.ancestry(layer)))
+        plv = fs.store.catalog.layer_view(layer)
         sources = self._sources
         xmap: dict[int, int] = {}  # original -> copy
         ys: set[int] = set()

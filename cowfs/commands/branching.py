@@ -20,7 +20,6 @@ from cowfs.errors import FSError
 from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
 from cowfs.meta.layers import Branch, Snapshot, Usage
-from cowfs.meta.versioned import LayerView
 from cowfs.store import ROOT_INO
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ class Branching:
     def _usage(self, layer: int) -> Usage:
         usage = self.cat.usage(layer)
         if usage is None:
-            usage = self.fs.store.count_usage(LayerView(layer, frozenset(self.cat.ancestry(layer))))
+            usage = self.fs.store.count_usage(self.cat.layer_view(layer))
         return usage
 
     def _usage_of(self, item: Snapshot | Branch) -> Usage:
@@ -144,10 +143,11 @@ class Branching:
                                             f"only to its own snapshots (make a branch from {name!r} instead)")
             b = self._branch(view)
             old_names = [n for n, _ in self.fs.list_dir(self.fs.node(view, ROOT_INO))]
+            self.cat.enqueue(b.head, m.batch)  # the old head: no one writes it any more
             b.head = self.cat.new_layer(s.layer, m.batch)
             b.epoch += 1
             self.cat.save_branch(b, m.batch)
-            new_lv = LayerView(b.head, frozenset(self.cat.ancestry(b.head)))
+            new_lv = self.cat.layer_view(b.head)
             usage = self._usage(s.layer)
             self.cat.save_usage(b.head, usage, m.batch)
         self.fs.detach(view, new_lv, b.epoch)

@@ -38,9 +38,9 @@ class Differ:
             raise FSError(errno.EINVAL, "a store-wide diff needs two names: A and B")
         found = self.owners.owned(view.name if view is not None else None, name)
         if isinstance(found, Snapshot):
-            return LayerView(found.layer, frozenset(self.fs.store.catalog.ancestry(found.layer)))
+            return self.fs.store.catalog.layer_view(found.layer)
         if isinstance(found, Branch):
-            return LayerView(found.head, frozenset(self.fs.store.catalog.ancestry(found.head)))
+            return self.fs.store.catalog.layer_view(found.head)
         raise absent(name)
 
     def _resolve(self, lv: LayerView, ino: int, cand: Iterable[tuple[int, bytes]],
@@ -86,7 +86,7 @@ class Differ:
         inos: set[int] = set()
         xinos: set[int] = set()
         entries: dict[int, set[tuple[int, bytes]]] = {}
-        for layer in la.ancestors ^ lb.ancestors:
+        for layer in set(la.ancestors) ^ set(lb.ancestors):  # type: ignore[call-overload]
             for cf, base in meta.changed(layer):
                 if cf == CF_LINKS:  # a name's key changes with its entry, which is here too
                     continue

@@ -139,6 +139,8 @@ class Filesystem:
         m = Mutation(self)
         if self.orphans.remove_left(self.primary, m):
             txn.commit(m)
+        if store.catalog.queued or not store.catalog.walked:
+            self.gc_wanted.set()  # left by deletes of an unmounted store, or a pass cut short
 
     def schedule_gc(self) -> None:
         self.gc_wanted.set()

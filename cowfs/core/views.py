@@ -12,12 +12,17 @@ from typing import TYPE_CHECKING, Iterator
 
 from cowfs.core.view import EPOCHS, View
 from cowfs.errors import FSError
-from cowfs.meta.layers import Snapshot
+from cowfs.meta.layers import Ancestry, Lineage, Snapshot
 from cowfs.meta.versioned import LayerView
 
 if TYPE_CHECKING:
     from cowfs.core.filesystem import Filesystem
     from cowfs.core.txn import Mutation
+
+
+def _extended(ancestors: Ancestry, layer: int) -> Lineage:
+    """ancestors and layer: O(1) for a Lineage (a snapshot costs the same after a million)."""
+    return ancestors.plus(layer) if isinstance(ancestors, Lineage) else Lineage.of(ancestors).plus(layer)
 
 
 class Views:
@@ -37,7 +42,7 @@ class Views:
         return len(self._live)
 
     def _add(self, vid: int, name: str, kind: str, top: int, epoch: int = 0) -> View:
-        lv = LayerView(top, frozenset(self.fs.store.catalog.ancestry(top)))
+        lv = self.fs.store.catalog.layer_view(top)
         view = View(vid, name, kind, lv, epoch)
         self._live[vid] = view
         return view
@@ -123,9 +128,31 @@ class Views:
         frozen = b.head
         b.head = catalog.new_layer(frozen, m.batch)
         catalog.save_branch(b, m.batch)
-        view.lv = LayerView(b.head, view.lv.ancestors | {b.head})
+        view.lv = LayerView(b.head, _extended(view.lv.ancestors, b.head))
         m.views.add(view)  # the new head starts with the frozen layer's usage
         return frozen
+
+    def records_moved(self, src: int, dst: int, inos: list[int]) -> None:
+        """Garbage collection merged layer src into dst, moving these inodes' records: nodes
+        in memory whose record was src's now have it in dst (where a save overwrites it and
+        must release its reference).  Only views whose top is dst compare the two."""
+        for view in [*self._live.values(), *self.detached.values()]:
+            if view.lv.top != dst:
+                continue
+            for ino in inos:
+                node = view.nodes.get(ino)
+                if node is not None and node.stored_layer == src:
+                    node.stored_layer = dst
+
+    def layers_reshaped(self) -> None:
+        """Layers went (merged or dead): views' ancestries are made again from the catalog,
+        so they do not keep layers that are no more (they would only cost memory: a layer
+        that went holds no key, and its id is never reused)."""
+        cat = self.fs.store.catalog
+        for view in [*self._live.values(), *self.detached.values()]:
+            if view.lv.top in cat.parents:
+                view.lv = cat.layer_view(view.lv.top)
+        self.fs.store.meta.forget_views()
 
     def figures(self) -> dict[str, int]:
         return {"views": len(self._live), "detached_views": len(self.detached)}

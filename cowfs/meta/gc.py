@@ -1,54 +1,122 @@
-"""Garbage collection of metadata versions no live view can see.
+"""Garbage collection of metadata: the layer tree compacts, and versions no live view can
+see go.
 
-A version (key, layer l) is garbage when every live top that has l in its ancestry has a
-newer version of the key on its path, or when no live top has l in its ancestry at all
-(a dead layer: the old head after a rollback, a deleted snapshot or branch).  Only layers
-that are not themselves live tops can hold garbage, and the per-layer changelog lists
-their keys, so a pass costs time proportional to the keys in those layers.
+A *top* is a layer someone reads from: a branch head, a snapshot's layer, a view the kernel
+still uses, and the layer of a live range of shared copies (cowfs.meta.shared: the range
+reads its originals as that layer sees them).  Work comes from a queue (`Catalog.queued`,
+kept in the KV): a layer is queued in the batch that makes it stop being a top (a delete,
+a rollback's old head) and when a child of it goes.  Each queued layer L that is not a
+top is, by its number of children:
 
-Shared copies (cowfs.meta.shared): a range's layer acts as one more top for the keys of
-its originals, which stay as that layer sees them while the range lives.  A range dies
-when no live top sees it or every copy inode is deleted in every top that does; then it
-goes, with the tombstones that only hid it.  A clone (cowfs.meta.shared.Clone) keeps its
-whole frozen layer as one more live top while it lives; it dies the same way (its top and
-every copy given a number deleted in every live top that sees it, or no live top seeing it),
-and goes with its copy numbers and the tombstones that only hid its copies.
+- none: *dead*, no view sees it.  Its versions go (their references released), then L,
+  and L's parent is queued.
+- one, C: L *merges into C*.  Every view that sees L sees C too (C is L's only child, and
+  L is no top), so for each key L has a version of: if C has one, L's is hidden from every
+  view and goes; else L's moves to C.  Then C's parent becomes L's parent and L goes.  So
+  deleting snapshots leaves no layer behind: the chain a read visits and the changelogs a
+  pass scans hold only what live tops need.
+- two or more: a *fork*.  Its versions that every top below it sees through a newer
+  version go (one walk of L's subtree numbers it in pre-order, so "is below" is O(1), and
+  the tops below it are a sorted list: a key costs the log of that per newer version).
+
+Costs: a pass works on the queued layers only, each in proportion to its own changelog
+(and a fork to its subtree), never on the whole history; a store that never had a pass of
+this code (`Catalog.walked` false) queues every non-top layer once.  `cowfs gc` also looks
+at every fork (their garbage comes from writes below them, which queue nothing).
+
+Every batch leaves a store whose every view reads what it read before: a merge moves or
+drops keys a chunk at a time (each chunk planned under the filesystem lock, since C may be
+a branch head being written), and only the last chunk reparents C and forgets L; a crash in
+between leaves L queued with fewer keys, and the next pass goes on.  The same holds for a
+dead layer, whose record goes in the batch of its last keys.
+
+Shared copies: a range's originals are read as its layer P sees them, so P is a top for
+the keys of its originals (`pins`) and for the tree's shape (never merged nor dead).  A
+range dies when no live top sees P or every copy inode is deleted in every top that
+does; `dead_ranges` removes it, with the tombstones that only hid it, before a pass.  A
+directory clone (cowfs.meta.shared.Clone) keeps its whole frozen layer as one more live top
+while it lives, and the layer its top was written in (`seen`: views see the clone when it
+is in their ancestry) as a top of the tree's shape; `dead_clones` removes a clone whose top
+and copies are deleted in every live top that sees it, or that no live top sees.
 """
 from __future__ import annotations
 
-from typing import Iterator
+import bisect
+import heapq
+from dataclasses import dataclass, field
 
 from cowfs.chunks.refs import RefTxn
 from cowfs.kv.base import Batch
-from cowfs.meta.layers import Catalog
+from cowfs.meta.layers import Catalog, LayerView, layer_suffix
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import Clone, Range
-from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, LayerView, Versioned, ino_key
+from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, FAMILY, Versioned, ino_key
+
+CHUNK = 2000  # keys per batch
 
 
-def plan(catalog: Catalog, live_tops: set[int]) -> tuple[list[int], dict[int, set[int]]]:
-    """(dead layers, {interior live layer: live tops below it})."""
-    below: dict[int, set[int]] = {}
-    for top in live_tops:
-        for layer in catalog.ancestry(top):
-            below.setdefault(layer, set()).add(top)
-    # Children before parents (a child's id is larger): a crash between batches never leaves
-    # a remaining layer whose parent record is already gone.
-    dead = sorted((l for l in catalog.parents if l not in below), reverse=True)
-    interior = {l: tops for l, tops in below.items() if l not in live_tops}
-    return dead, interior
+class Subtree:
+    """The layers at and below root, walked once without recursion: pre-order numbers and
+    the end of each layer's numbers, so `below(a, t)` (t is a or under it) is O(1)."""
+
+    def __init__(self, children: dict[int, set[int]], root: int) -> None:
+        self.pre: dict[int, int] = {}
+        self.end: dict[int, int] = {}
+        stack: list[tuple[int, bool]] = [(root, False)]
+        n = 0
+        while stack:
+            layer, done = stack.pop()
+            if done:
+                self.end[layer] = n
+                continue
+            self.pre[layer] = n
+            n += 1
+            stack.append((layer, True))
+            stack.extend((c, False) for c in children.get(layer, ()))
+
+    def below(self, a: int, t: int) -> bool:
+        pa, pt = self.pre.get(a), self.pre.get(t)
+        return pa is not None and pt is not None and pa <= pt < self.end[a]
+
+
+class _Under:
+    """The ancestry of top t in a Subtree holding the whole tree: membership in O(1)."""
+
+    __slots__ = ("tree", "top", "root")
+
+    def __init__(self, tree: Subtree, top: int, root: bool) -> None:
+        self.tree, self.top, self.root = tree, top, root
+
+    def __contains__(self, layer: object) -> bool:
+        return isinstance(layer, int) and self.tree.below(layer, self.top)
+
+    def __len__(self) -> int:
+        return 1 if self.root else 2  # only "one layer or more" matters (Versioned's point read)
+
+
+def forest(catalog: Catalog) -> Subtree:
+    """The whole layer tree under the virtual root 0."""
+    return Subtree(catalog.children, 0)
+
+
+def _views_of(catalog: Catalog, live_tops: set[int]) -> tuple[Subtree, list[LayerView]]:
+    """The whole tree walked once, and each live top's view with O(1) membership."""
+    tree = forest(catalog)
+    return tree, [LayerView(t, _Under(tree, t, catalog.parents[t] == 0)) for t in live_tops if t in catalog.parents]
 
 
 def dead_clones(meta: Versioned, catalog: Catalog, live_tops: set[int]) -> tuple[list[Clone], Batch]:
     """Clones no live view needs, and a batch removing them, their copy numbers and the
     tombstones that only hid their copies (the caller commits it, then tells meta.shared)."""
-    views = [LayerView(t, frozenset(catalog.ancestry(t))) for t in live_tops if t in catalog.parents]
     batch = Batch()
-    dead = []
+    dead: list[Clone] = []
+    if not meta.shared.clones:
+        return dead, batch
+    tree, views = _views_of(catalog, live_tops)
     for c in list(meta.shared.clones.values()):
         given = [y for _x, y in meta.shared.map.given(c)] if meta.shared.map is not None else []
         if c.layer in catalog.parents and any(_alive(meta, lv, [c.top_y] + given)
-                                              for lv in views if c.seen in lv.ancestors):
+                                              for lv in views if tree.below(c.seen, lv.top)):
             continue
         dead.append(c)
         for y in given:
@@ -57,6 +125,8 @@ def dead_clones(meta: Versioned, catalog: Catalog, live_tops: set[int]) -> tuple
                 for key, _ in meta.kv.scan(cf, ino_key(y), ino_key(y)):
                     _drop_tombstones(meta, batch, cf, key[:-8])
         meta.shared.remove_clone(c, batch)
+        catalog.enqueue(c.layer, batch)  # no longer tops: they may merge or die
+        catalog.enqueue(c.seen, batch)
     return dead, batch
 
 
@@ -71,16 +141,19 @@ def _alive(meta: Versioned, lv: LayerView, inos: list[int]) -> bool:
 def dead_ranges(meta: Versioned, catalog: Catalog, live_tops: set[int]) -> tuple[list[Range], Batch, RefTxn]:
     """Ranges no live view needs, and a batch removing them, their references and the
     tombstones that only hid them (the caller commits it, then tells meta.shared, before
-    `collect`)."""
-    views = [LayerView(t, frozenset(catalog.ancestry(t))) for t in live_tops if t in catalog.parents]
+    the pass)."""
     batch, txn = Batch(), RefTxn()
-    dead = []
+    dead: list[Range] = []
+    if not meta.shared:
+        return dead, batch, txn
+    tree, views = _views_of(catalog, live_tops)
     for r in list(meta.shared.ranges.values()):
-        seeing = [lv for lv in views if r.layer in lv.ancestors]
+        seeing = [lv for lv in views if tree.below(r.layer, lv.top)]
         if any(_needs(meta, lv, r) for lv in seeing):
             continue
         dead.append(r)
         meta.shared.remove(r, batch)
+        catalog.enqueue(r.layer, batch)  # no longer a top: it may merge or die
         if r.layer in catalog.parents:  # else its originals' versions are gone: nothing to read
             for h in meta.range_roots(r):
                 txn.decref(h)
@@ -107,52 +180,234 @@ def _drop_tombstones(meta: Versioned, batch: Batch, cf: str, base: bytes) -> Non
             Versioned.remove(batch, cf, base, layer)
 
 
-def collect(meta: Versioned, catalog: Catalog, live_tops: set[int],
-            chunk: int = 2000) -> Iterator[tuple[Batch, RefTxn, int]]:
-    """Yield (batch, txn, versions removed) in chunks; the caller commits each under its lock.
-    The layers of live clones count as live tops."""
-    live_tops = live_tops | {c.layer for c in meta.shared.clones.values() if c.layer in catalog.parents}
-    dead, interior = plan(catalog, live_tops)
-    anc = {top: set(catalog.ancestry(top)) for top in live_tops}
-    # Originals of live ranges: their range's layer is one more top for their keys.
-    pins = meta.shared.sources()
-    for layers in pins.values():
-        for layer in layers:
-            if layer not in anc:
-                anc[layer] = set(catalog.ancestry(layer))
-    batch, txn, n = Batch(), RefTxn(), 0
+@dataclass
+class Chunk:
+    """One batch of a pass, for the caller to commit."""
 
-    def drop(cf: str, base: bytes, layer: int, value: bytes) -> None:
-        Versioned.remove(batch, cf, base, layer)
+    batch: Batch = field(default_factory=Batch)
+    txn: RefTxn = field(default_factory=RefTxn)
+    removed: int = 0  # versions removed
+    # merges: (layer merged, the layer it merged into, inodes whose record moved between them)
+    moved: list[tuple[int, int, list[int]]] = field(default_factory=list)
+    reshaped: bool = False  # a layer went: views' ancestries hold a layer that is no more
+    touched: set[int] = field(default_factory=set)  # layers whose keys this batch changes
+    written: dict[tuple[str, bytes], bool] = field(default_factory=dict)  # merge targets' keys: present?
+
+
+@dataclass
+class _Fork:
+    layer: int
+    tree: Subtree
+    tops: list[int]  # pre-order numbers of the tops below, sorted
+    after: bytes = b""  # changelog position reached
+
+
+class Collector:
+    """One pass over the queue (and, for `cowfs gc`, every fork).  `next` plans one batch of
+    up to `chunk` keys, from as many layers as that takes; the caller holds the filesystem's
+    lock from `next` to its commit, with no checkpoint, and may yield between batches."""
+
+    def __init__(self, meta: Versioned, catalog: Catalog, forks: bool = False) -> None:
+        self.meta, self.cat = meta, catalog
+        self.walk = not catalog.walked
+        todo = set(catalog.queued)
+        if self.walk:
+            todo |= set(catalog.parents)  # tops are skipped when their turn comes
+        elif forks:
+            todo |= {l for l, kids in catalog.children.items() if len(kids) > 1 and l in catalog.parents}
+        self._heap = [-l for l in todo]
+        heapq.heapify(self._heap)
+        self._fork: _Fork | None = None
+
+    def next(self, live_tops: set[int], chunk: int = CHUNK) -> Chunk | None:
+        """The next batch (None: the pass is done).  live_tops: the layers read from now."""
+        cat = self.cat
+        shared = self.meta.shared
+        # A live clone's layer is read whole (a live top); the layer its top was written in
+        # decides which views see it, so it must stay as it is too.
+        live_tops = live_tops | {c.layer for c in shared.clones.values() if c.layer in cat.parents}
+        tops = (live_tops | {r.layer for r in shared.ranges.values()}
+                | {c.seen for c in shared.clones.values()})
+        leaves: set[int] | None = None
+        c = Chunk()
+        budget = chunk
+        while budget > 0 and (self._heap or self._fork is not None):
+            if self._fork is not None:
+                budget -= self._fork_keys(c, self._fork, budget)
+                continue
+            layer = -self._heap[0]
+            if layer not in cat.parents or layer in tops:
+                heapq.heappop(self._heap)
+                if layer in cat.queued:
+                    if leaves is None:
+                        leaves = cat.leaves()
+                    # A layer that is gone, or a snapshot's or branch's (queued again when
+                    # deleted), leaves the queue; one only a view the kernel holds keeps a
+                    # top stays in it, for a pass once the view goes.
+                    if layer not in cat.parents or layer in leaves:
+                        cat.dequeue(layer, c.batch)
+                continue
+            kids = cat.children.get(layer, ())
+            # Plans read the KV, which does not hold this batch yet: a layer whose changelog
+            # this batch changes, or a fork (its reads span layers), waits for the next one;
+            # merges into a child this batch wrote read it through `Chunk.written`.
+            if len(c.batch) and (layer in c.touched or len(kids) > 1):
+                break
+            if not kids:
+                budget -= self._dead_keys(c, layer, budget)
+            elif len(kids) == 1:
+                budget -= self._merge_keys(c, layer, next(iter(kids)), budget, tops)
+            else:
+                heapq.heappop(self._heap)
+                self._fork = self._start_fork(layer, live_tops)
+        if self.walk and not self._heap and self._fork is None:
+            self.walk = False
+            cat.mark_walked(c.batch)
+        return c if len(c.batch) or self._heap or self._fork is not None else None
+
+    # -- a dead layer ---------------------------------------------------------------------
+    def _dead_keys(self, c: Chunk, layer: int, budget: int) -> int:
+        c.touched.add(layer)
+        keys = self._changes(layer, budget)
+        for cf, base in keys:
+            value = self.meta.kv.get(cf, base + layer_suffix(layer))
+            Versioned.remove(c.batch, cf, base, layer)
+            if value is not None:
+                self._released(c, cf, value)
+        if len(keys) < budget:  # the last of it: the layer goes, its parent may be next
+            heapq.heappop(self._heap)
+            parent = self.cat.parents[layer]
+            self.cat.forget_layer(layer, c.batch)
+            c.reshaped = True
+            if parent and parent not in self.cat.queued:
+                self.cat.enqueue(parent, c.batch)
+                heapq.heappush(self._heap, -parent)
+            return len(keys) + 1
+        return len(keys)
+
+    # -- a merge --------------------------------------------------------------------------
+    def _merge_keys(self, c: Chunk, layer: int, child: int, budget: int, tops: set[int]) -> int:
+        kv = self.meta.kv
+        c.touched |= {layer, child}
+        keys = self._changes(layer, budget)
+        moved: list[int] = []
+        for cf, base in keys:
+            value = kv.get(cf, base + layer_suffix(layer))
+            Versioned.remove(c.batch, cf, base, layer)
+            if value is None:
+                continue  # a changelog key without its version: nothing to move
+            key = base + layer_suffix(child)
+            there = c.written.get((cf, key))
+            if there is None:
+                there = kv.get(cf, key) is not None
+            if there:
+                self._released(c, cf, value)  # the child's version hides it from every view
+            else:
+                Versioned.put(c.batch, cf, base, child, value)
+                c.written[(cf, key)] = True
+                if cf == CF_INODES:
+                    moved.append(int.from_bytes(base[:8], "big"))
+        if moved:
+            c.moved.append((layer, child, moved))
+        if len(keys) < budget:
+            heapq.heappop(self._heap)
+            self.cat.reparent(child, self.cat.parents[layer], c.batch)
+            self.cat.forget_layer(layer, c.batch)
+            c.reshaped = True
+            if child not in tops and child not in self.cat.queued:
+                # A fork got versions it may not need (or a layer that merges on): look again.
+                self.cat.enqueue(child, c.batch)
+                heapq.heappush(self._heap, -child)
+            return len(keys) + 1
+        return len(keys)
+
+    # -- a fork ---------------------------------------------------------------------------
+    def _start_fork(self, layer: int, tops: set[int]) -> _Fork:
+        """tops: the live ones (a range's layer reads only its originals: `pins`)."""
+        tree = Subtree(self.cat.children, layer)
+        return _Fork(layer, tree, sorted(tree.pre[t] for t in tops if t in tree.pre and t != layer))
+
+    def _fork_keys(self, c: Chunk, f: _Fork, budget: int) -> int:
+        """Up to budget keys of f's changelog looked at, its garbage into c; once read
+        through, f is done and leaves the queue."""
+        prefix = f.layer.to_bytes(8, "big")
+        pins = self.meta.shared.sources() if self.meta.shared else {}
+        rows = []
+        for key, _ in self.meta.kv.scan(CF_CHANGES, prefix + f.after, prefix):
+            if key[8:] != f.after:
+                rows.append(key[8:])
+                if len(rows) >= budget:
+                    break
+        for row in rows:
+            cf, base = FAMILY[row[:1]], row[1:]
+            versions = self.meta.versions(cf, base)
+            mine = [v for l, v in versions if l == f.layer]
+            if not mine:
+                continue
+            pinned = pins.get(int.from_bytes(base[:8], "big"), set()) if cf in (CF_INODES, CF_DIRENTS) else set()
+            if self._hidden(f, [l for l, _ in versions if l != f.layer], pinned):
+                Versioned.remove(c.batch, cf, base, f.layer)
+                self._released(c, cf, mine[0])
+        if rows:
+            f.after = rows[-1]
+        if len(rows) < budget:
+            self._fork = None
+            self.cat.dequeue(f.layer, c.batch)
+            return len(rows) + 1
+        return len(rows)
+
+    @staticmethod
+    def _hidden(f: _Fork, newer: list[int], pinned: set[int]) -> bool:
+        """Whether every top below f's layer (and every pin below it) sees one of `newer`."""
+        spans = sorted((f.tree.pre[l], f.tree.end[l]) for l in newer if l in f.tree.pre)
+        covered = 0
+        merged: list[tuple[int, int]] = []
+        for a, b in spans:
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        for a, b in merged:
+            covered += bisect.bisect_left(f.tops, b) - bisect.bisect_left(f.tops, a)
+        if covered != len(f.tops):
+            return False
+        for p in pinned:
+            pp = f.tree.pre.get(p)
+            if pp is None or p == f.layer:
+                continue
+            i = bisect.bisect_right(merged, (pp, 1 << 62)) - 1
+            if i < 0 or not (merged[i][0] <= pp < merged[i][1]):
+                return False
+        return True
+
+    # -- shared ---------------------------------------------------------------------------
+    def _changes(self, layer: int, limit: int) -> list[tuple[str, bytes]]:
+        """The first `limit` keys of layer's changelog (those done are gone from it)."""
+        prefix = layer.to_bytes(8, "big")
+        out = []
+        for key, _ in self.meta.kv.scan(CF_CHANGES, prefix, prefix):
+            out.append((FAMILY[key[8:9]], key[9:]))
+            if len(out) >= limit:
+                break
+        return out
+
+    @staticmethod
+    def _released(c: Chunk, cf: str, value: bytes) -> None:
+        """A version went: its reference to its file's data too."""
+        c.removed += 1
         if cf == CF_INODES and value:
             root = Attrs.unpack(value).root
             if root is not None:
-                txn.decref(root.hash)
+                c.txn.decref(root.hash)
 
-    for layer in dead:
-        for cf, base in list(meta.changed(layer, shared=False)):
-            for l, value in meta.versions(cf, base):
-                if l == layer:
-                    drop(cf, base, l, value)
-                    n += 1
-            if len(batch) >= chunk:
-                yield batch, txn, n
-                batch, txn, n = Batch(), RefTxn(), 0
-        catalog.forget_layer(layer, batch)
-    for layer, tops in interior.items():
-        for cf, base in list(meta.changed(layer, shared=False)):
-            versions = meta.versions(cf, base)
-            mine = [v for l, v in versions if l == layer]
-            if not mine:
-                continue
-            newer = [l for l, _ in versions if l > layer]
-            pinned = pins.get(int.from_bytes(base[:8], "big"), ()) if cf in (CF_INODES, CF_DIRENTS) else ()
-            keep_for = [p for p in pinned if layer in anc[p]]
-            if all(any(l in anc[t] for l in newer) for t in list(tops) + keep_for):
-                drop(cf, base, layer, mine[0])
-                n += 1
-            if len(batch) >= chunk:
-                yield batch, txn, n
-                batch, txn, n = Batch(), RefTxn(), 0
-    if len(batch):
-        yield batch, txn, n
+
+def collect_now(meta: Versioned, catalog: Catalog, live_tops: set[int], commit, forks: bool = True) -> int:
+    """A whole pass with nothing else running (offline, tests): commit(batch, txn) each
+    batch; the versions removed."""
+    removed = 0
+    col = Collector(meta, catalog, forks)
+    while (c := col.next(live_tops)) is not None:
+        commit(c.batch, c.txn)
+        removed += c.removed
+    meta.forget_views()
+    return removed

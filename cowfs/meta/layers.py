@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple
+from typing import Iterable, Iterator, NamedTuple, Protocol
 
 from cowfs.kv.base import KV, Batch
 
@@ -27,6 +27,62 @@ def layer_suffix(layer: int) -> bytes:
 
 def suffix_layer(suffix: bytes) -> int:
     return MAX_U64 - int.from_bytes(suffix, "big")
+
+
+class Ancestry(Protocol):
+    """The layers a view reads from: what `LayerView.ancestors` must answer."""
+
+    def __contains__(self, layer: object) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+
+class Lineage:
+    """A layer's ancestry as a set that one more layer extends in O(1) (amortized; most
+    extensions copy nothing), so a snapshot costs the same after a million others.  The
+    set is kept as a few frozensets, each more than twice the size of the next: a new
+    layer is a set of its own, merged into its neighbour while that is not more than twice
+    its size (binary-counter merging), so there are at most log2(n) + 1 of them and a miss
+    looks in each.  Never changed once made: views, threads and readers may share it."""
+
+    __slots__ = ("levels", "size")
+
+    def __init__(self, levels: tuple[frozenset[int], ...]) -> None:
+        self.levels = levels  # largest (oldest layers) first
+        self.size = sum(len(s) for s in levels)
+
+    @classmethod
+    def of(cls, layers: Iterable[int]) -> "Lineage":
+        return cls((frozenset(layers),))
+
+    def __contains__(self, layer: object) -> bool:
+        for s in self.levels:
+            if layer in s:
+                return True
+        return False
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        for s in self.levels:
+            yield from s
+
+    def plus(self, layer: int) -> "Lineage":
+        levels = list(self.levels)
+        last = frozenset((layer,))
+        while levels and len(levels[-1]) <= 2 * len(last):
+            last = levels.pop() | last
+        levels.append(last)
+        return Lineage(tuple(levels))
+
+
+@dataclass(frozen=True, slots=True)
+class LayerView:
+    """What one branch or snapshot sees: its top layer and that layer's ancestry."""
+
+    top: int
+    ancestors: Ancestry
 
 
 class Usage(NamedTuple):
@@ -71,10 +127,20 @@ class Catalog:
     def __init__(self, kv: KV) -> None:
         self.kv = kv
         self.parents: dict[int, int] = {}
+        self.children: dict[int, set[int]] = {}  # every layer with children: its children
         self.branches: dict[str, Branch] = {}
         self.snapshots: dict[str, Snapshot] = {}
         for key, value in kv.scan(CF_META, b"layer/", b"layer/"):
-            self.parents[int.from_bytes(key[6:], "big")] = int.from_bytes(value, "big")
+            lid, parent = int.from_bytes(key[6:], "big"), int.from_bytes(value, "big")
+            self.parents[lid] = parent
+            self.children.setdefault(parent, set()).add(lid)
+        # Layers garbage collection has to look at (cowfs.meta.gc): no longer a top, or a
+        # parent that lost a child; written in the batch of the change that made it so.
+        self.queued: set[int] = {int.from_bytes(k[len(GC_QUEUE):], "big")
+                                 for k, _ in kv.scan(CF_META, GC_QUEUE, GC_QUEUE)}
+        # Whether a pass has looked at every layer once (stores from before the queue had
+        # none, and deleted layers that were never compacted).
+        self.walked = kv.get(CF_META, GC_WALKED) is not None
         for key, value in kv.scan(CF_META, b"branch/", b"branch/"):
             b = Branch(**json.loads(value))
             self.branches[b.name] = b
@@ -82,7 +148,9 @@ class Catalog:
             s = Snapshot(**json.loads(value))
             self.snapshots[s.name] = s
         self._settle_owners()
-        self.next_layer = max(self.parents, default=0) + 1
+        # Layer ids are never reused, even once a layer is gone (views keep sets of them).
+        raw = kv.get(CF_META, b"counter/layer")
+        self.next_layer = max(max(self.parents, default=0) + 1, int.from_bytes(raw, "big") if raw else 0)
         # View ids become inode-number prefixes: never reuse one, even after a delete.
         raw = kv.get(CF_META, b"counter/view")
         self.next_view = int.from_bytes(raw, "big") if raw else 1
@@ -111,12 +179,39 @@ class Catalog:
             layer = self.parents[layer]
         return out
 
+    def layer_view(self, top: int) -> LayerView:
+        return LayerView(top, Lineage.of(self.ancestry(top)))
+
     def new_layer(self, parent: int, batch: Batch) -> int:
         lid = self.next_layer
         self.next_layer += 1
         self.parents[lid] = parent
+        self.children.setdefault(parent, set()).add(lid)
         batch.put(CF_META, b"layer/" + lid.to_bytes(8, "big"), parent.to_bytes(8, "big"))
+        batch.put(CF_META, b"counter/layer", self.next_layer.to_bytes(8, "big"))
         return lid
+
+    def reparent(self, layer: int, parent: int, batch: Batch) -> None:
+        """layer's parent becomes parent (its old parent is being merged into it)."""
+        old = self.parents[layer]
+        self.children.get(old, set()).discard(layer)
+        self.parents[layer] = parent
+        self.children.setdefault(parent, set()).add(layer)
+        batch.put(CF_META, b"layer/" + layer.to_bytes(8, "big"), parent.to_bytes(8, "big"))
+
+    def enqueue(self, layer: int, batch: Batch) -> None:
+        """Have garbage collection look at layer (see `queued`)."""
+        if layer and layer in self.parents:
+            self.queued.add(layer)
+            batch.put(CF_META, GC_QUEUE + layer.to_bytes(8, "big"), b"")
+
+    def dequeue(self, layer: int, batch: Batch) -> None:
+        self.queued.discard(layer)
+        batch.delete(CF_META, GC_QUEUE + layer.to_bytes(8, "big"))
+
+    def mark_walked(self, batch: Batch) -> None:
+        self.walked = True
+        batch.put(CF_META, GC_WALKED, b"")
 
     def new_view(self, batch: Batch) -> int:
         v = self.next_view
@@ -140,6 +235,7 @@ class Catalog:
         b = self.branches.pop(name, None)
         if b is not None:
             batch.delete(CF_META, b"branch/" + name.encode())
+            self.enqueue(b.head, batch)
             for s in self.snapshots.values():
                 if s.branch == name:
                     s.branch = b.parent_branch
@@ -148,15 +244,25 @@ class Catalog:
                 if c.parent_branch == name:
                     c.parent_branch = b.parent_branch
                     self.save_branch(c, batch)
-        if self.snapshots.pop(name, None) is not None:
+        s = self.snapshots.pop(name, None)
+        if s is not None:
             batch.delete(CF_META, b"snap/" + name.encode())
+            self.enqueue(s.layer, batch)
 
     def leaves(self) -> set[int]:
         """Layers someone can see from: branch heads and snapshot layers."""
         return {b.head for b in self.branches.values()} | {s.layer for s in self.snapshots.values()}
 
     def forget_layer(self, layer: int, batch: Batch) -> None:
-        self.parents.pop(layer, None)
+        parent = self.parents.pop(layer, None)
+        if parent is not None:
+            kids = self.children.get(parent)
+            if kids is not None:
+                kids.discard(layer)
+                if not kids:
+                    del self.children[parent]
+        self.children.pop(layer, None)
+        self.dequeue(layer, batch)
         batch.delete(CF_META, b"layer/" + layer.to_bytes(8, "big"))
         batch.delete(CF_META, usage_key(layer))
 
@@ -173,6 +279,10 @@ class Catalog:
         """Signed: a view's record may fall below zero for a while, when copies of a clone not
         measured yet are deleted (cowfs.meta.shared.Clone.measured)."""
         batch.put(CF_META, usage_key(layer), b"".join(n.to_bytes(8, "big", signed=True) for n in usage))
+
+
+GC_QUEUE = b"gcq/"
+GC_WALKED = b"gc/walked"
 
 
 def usage_key(layer: int) -> bytes:

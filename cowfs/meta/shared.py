@@ -40,7 +40,7 @@ from typing import Iterator
 import zstandard
 
 from cowfs.kv.base import KV, Batch
-from cowfs.meta.layers import CF_META
+from cowfs.meta.layers import CF_META, Ancestry
 
 PREFIX = b"share/"
 CLONE_PREFIX = b"clone/"  # + top_y(8) -> the clone (JSON)
@@ -388,7 +388,7 @@ class SharedTrees:
         self.ranges = ranges
         self._reindex()
 
-    def visible(self, ancestors: frozenset[int]) -> list[Range]:
+    def visible(self, ancestors: Ancestry) -> list[Range]:
         return [r for r in self.ranges.values() if r.layer in ancestors]
 
     def visible_clones(self, ancestors: frozenset[int]) -> list[Clone]:

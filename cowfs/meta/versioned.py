@@ -7,11 +7,10 @@ versions of one name are adjacent and no other name shares the prefix).
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from cowfs.kv.base import KV, Batch
-from cowfs.meta.layers import layer_suffix, suffix_layer
+from cowfs.meta.layers import LayerView, layer_suffix, suffix_layer
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import Clone, Range, SharedTrees
 
@@ -30,14 +29,6 @@ RANGED = (CF_INODES, CF_DIRENTS)  # the families a range of the sharer stands fo
 CLONED = (CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS)  # ... and a clone
 LINKED = b"l"  # a names-index key's value (cowfs.meta.links.PRESENT)
 TRANSLATE = 256  # entries of a cloned directory given copy numbers at a time
-
-
-@dataclass(frozen=True, slots=True)
-class LayerView:
-    """What one branch or snapshot sees: its top layer and that layer's ancestry."""
-
-    top: int
-    ancestors: frozenset[int]
 
 
 def ino_key(ino: int) -> bytes:
@@ -63,20 +54,24 @@ class Versioned:
     resolve through their range when no real layer of the view has a version."""
 
     def __init__(self, kv: KV, shared: SharedTrees | None = None,
-                 ancestry: Callable[[int], list[int]] | None = None) -> None:
-        """ancestry: the catalog's, for the views ranges read their sources from."""
+                 layer_view: Callable[[int], LayerView] | None = None) -> None:
+        """layer_view: the catalog's, for the views ranges read their sources from."""
         self.kv = kv
         self.shared = shared if shared is not None else SharedTrees()
-        self._ancestry = ancestry
+        self._layer_view = layer_view
         self._views: dict[int, LayerView] = {}  # a range's layer -> its view (layers are frozen)
 
     def range_view(self, r: Range) -> LayerView:
         """The view range r reads its sources from: its frozen layer's."""
         lv = self._views.get(r.layer)
         if lv is None:
-            assert self._ancestry is not None, "ranges need the catalog's ancestry"
-            lv = self._views[r.layer] = LayerView(r.layer, frozenset(self._ancestry(r.layer)))
+            assert self._layer_view is not None, "ranges need the catalog's ancestry"
+            lv = self._views[r.layer] = self._layer_view(r.layer)
         return lv
+
+    def forget_views(self) -> None:
+        """The layer tree changed (garbage collection merged layers): ranges' views are made again."""
+        self._views = {}
 
     def _real(self, cf: str, base: bytes, lv: LayerView) -> tuple[int, bytes] | None:
         if len(lv.ancestors) == 1:

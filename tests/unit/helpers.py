@@ -35,7 +35,7 @@ class Meta:
     def __init__(self, kv: MemoryKV | None = None) -> None:
         self.kv = kv if kv is not None else memory_kv()
         self.catalog = Catalog(self.kv)
-        self.meta = Versioned(self.kv, SharedTrees.load(self.kv), self.catalog.ancestry)
+        self.meta = Versioned(self.kv, SharedTrees.load(self.kv), self.catalog.layer_view)
 
     def layer(self, parent: int = 0) -> int:
         """A new layer under parent (0: a root layer), committed."""
@@ -45,7 +45,7 @@ class Meta:
         return lid
 
     def view(self, top: int) -> LayerView:
-        return LayerView(top, frozenset(self.catalog.ancestry(top)))
+        return self.catalog.layer_view(top)
 
 
 def visible(versions: dict[int, bytes], ancestry: list[int]) -> tuple[int, bytes] | None:

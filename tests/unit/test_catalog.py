@@ -51,7 +51,8 @@ def test_branches_snapshots_leaves_and_removal_persist():
     again.remove("s1", b)
     again.remove("nothing", b)  # neither: nothing to write
     kv.write(b)
-    assert len(b) == 2
+    assert len(b) == 4  # two catalog entries, and their layers queued for garbage collection
+    assert Catalog(kv).queued == {side, root}
     third = Catalog(kv)
     assert set(third.branches) == {"main"} and third.snapshots == {} and third.leaves() == {head}
 
