@@ -46,7 +46,7 @@ async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None, 
         collector = gc.Collector(store.meta, store.catalog, forks)
         try:
             while True:
-                await fs.acquire_lock()
+                await fs.txn.acquire_lock()
                 try:
                     c = collector.next(fs.live_tops())
                     if c is None:
