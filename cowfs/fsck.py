@@ -457,7 +457,8 @@ class Fsck:
         unmeasured = {c.top_y: self.store.measure_clone(c) for c in self.store.meta.shared.clones.values()
                       if not c.measured and c.layer in self.cat.parents}
         for name, top in tops:
-            counted = self.store.count_usage(self.cat.layer_view(top))
+            lv = self.cat.layer_view(top)
+            counted = self.store.count_usage(lv)
             stored = self.cat.usage(top)
             # What the clone measurer will add to the record (cowfs.background.cloning).
             pending = [unmeasured[c.top_y] for c in self.store.meta.shared.visible_clones(lv.ancestors)
