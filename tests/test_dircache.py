@@ -116,3 +116,61 @@ def test_dir_cache_off(mount_factory):
     names(mp / "d")
     assert not exists(mp / "d" / "absent")
     assert readdirs(mp) > r and lookups(mp) > lk
+
+
+def test_listings_come_without_opendir_and_stay_stable(cowfs_mount):
+    """OPENDIR is declined (cowfs.fuse.ops): the kernel sends no OPENDIR nor RELEASEDIR, every
+    READDIR names its directory by inode, and a listing of many pages keeps its offsets while
+    entries come and go (each name present throughout is listed exactly once); a directory
+    removed while open lists nothing; the warming's and snapshots' listings stay right
+    (test_warming, test_listings_are_cached_and_never_stale)."""
+    mp = cowfs_mount.path
+    d = mp / "big"
+    d.mkdir()
+    want = [f"{'n' * 120}{i:04d}" for i in range(1200)]  # ~200 KiB of READDIRPLUS: many pages
+    for n in want:
+        os.mknod(d / n)
+    st = stats(mp)
+    assert st["fuse_ext"]["readdir_by_inode"] is True
+    before = st["requests"]
+    assert names(d) == sorted(want)
+    after = stats(mp)["requests"]
+    assert after.get("opendir", 0) <= 1, (before, after)  # the mount's first, declined once for all
+    assert "releasedir" not in after, after
+    assert after["readdir"] - before.get("readdir", 0) >= 4, (before, after)  # several pages, by inode
+
+    # A listing read part way while names are removed and added: the kernel's cache of it
+    # is dropped by the changes, and the next READDIR continues the daemon's listing at its
+    # offset.
+    def partial() -> tuple[list[str], set[str]]:
+        seen: list[str] = []
+        with os.scandir(d) as it:
+            for entry in it:
+                seen.append(entry.name)
+                if len(seen) == 100:
+                    unseen = [n for n in want if n not in set(seen)]
+                    gone = set(unseen[::7])
+                    for n in gone:
+                        os.unlink(d / n)
+                    for i in range(50):
+                        os.mknod(d / f"added{i}")
+            return seen, gone
+
+    seen, gone = mounting.call_with_timeout(partial, timeout=60)
+    kept = set(want) - gone
+    assert len(seen) == len(set(seen)), "a name was listed twice"
+    assert kept <= set(seen), f"{len(kept - set(seen))} names present throughout were not listed"
+    assert set(seen) <= set(want) | {f"added{i}" for i in range(50)}
+    assert names(d) == sorted(kept | {f"added{i}" for i in range(50)})
+
+    assert stats(mp)["requests"].get("opendir", 0) <= 1 and "releasedir" not in stats(mp)["requests"]
+
+    # A directory removed while a listing of it is open lists nothing more.
+    e = mp / "empty"
+    e.mkdir()
+    fd = os.open(e, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(e)
+        assert mounting.call_with_timeout(lambda: os.listdir(fd), timeout=20) == []
+    finally:
+        os.close(fd)

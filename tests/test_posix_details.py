@@ -257,13 +257,16 @@ def test_unlinked_fifo_and_directory_keep_their_attributes(cowfs_mount):
 
 
 @pytest.mark.timeout(60)
-def test_directory_removed_while_open_goes_when_closed(cowfs_mount):
-    """rmdir of a directory someone has open keeps it (an orphan) until its handle closes;
-    then it must go (RELEASEDIR once only decremented the open count, so the orphan stayed
-    counted until the next mount: `shutil.rmtree` hits this when rmdir overtakes the
-    RELEASEDIR of the fd it just closed)."""
+@pytest.mark.parametrize("dir_cache", ["1", "0"])
+def test_directory_removed_while_open_goes_when_closed(mount_factory, dir_cache):
+    """With OPENDIR served (-o dir_cache=0), rmdir of a directory someone has open keeps it
+    (an orphan) until its handle closes; then it must go (RELEASEDIR once only decremented
+    the open count, so the orphan stayed counted until the next mount: `shutil.rmtree` hits
+    this when rmdir overtakes the RELEASEDIR of the fd it just closed).  With OPENDIR
+    declined (the default: cowfs.fuse.ops) the daemon does not know the directory is open,
+    and it goes at once; the open descriptor still stats and lists it (empty)."""
     import json
-    mp = cowfs_mount.path
+    mp = mount_factory(options=(f"dir_cache={dir_cache}",)).path
 
     def inodes() -> int:
         return json.loads(mounting.run_cowfs("stats", mp, "--json").stdout)["usage_inodes"]
@@ -273,7 +276,11 @@ def test_directory_removed_while_open_goes_when_closed(cowfs_mount):
     dfd = os.open(mp / "d", os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.rmdir(mp / "d")
-        assert inodes() == base + 1  # still open: still counted, like an open unlinked file
+        if dir_cache == "0":
+            assert inodes() == base + 1  # still open: still counted, like an open unlinked file
+        else:
+            assert inodes() == base
+        assert os.listdir(dfd) == [] and stat.S_ISDIR(os.fstat(dfd).st_mode)
     finally:
         os.close(dfd)
     deadline = time.monotonic() + 10

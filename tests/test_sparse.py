@@ -334,7 +334,7 @@ def test_seek_data_and_hole_match_ext4(cowfs_mount, test_dir, fds):
     assert data_map(fd)[1] == (5 * MiB, 5 * MiB + 3 * CHUNK)
     fd = fds(mp / "unaligned", os.O_RDONLY)
     assert check_map(fd, bytes(content))[0][0] == 0
-    assert stats(mp)["fuse_ext"] == {"installed": True, "reason": None}
+    assert stats(mp)["fuse_ext"] == {"installed": True, "reason": None, "readdir_by_inode": True}
 
 
 # -- fallocate ------------------------------------------------------------------------------------

@@ -81,8 +81,10 @@ def test_cold_start_is_learned_and_warmed_after_a_remount(mount_factory, forks):
     w = wait_until(lambda: (lambda w: w if w["runs"] >= 1 else None)(stats(m.path)["warm"]), "the cold-start helper", timeout=20)
     assert w["dirs_warmed"] >= len(DIRS) + 10, w
     # The helper's requests are told apart (the dedup worker does not take them for a busy
-    # mount): an OPENDIR, at least one READDIR and a RELEASEDIR per directory it listed.
-    assert w["requests"] >= 3 * w["dirs_warmed"], w
+    # mount): per directory it listed, a READDIR with the entries and the empty one that ends
+    # the listing (no OPENDIR nor RELEASEDIR: cowfs.fuse.ops declines them), and no other.
+    assert w["requests"] >= 2 * w["dirs_warmed"], w
+    assert stats(m.path)["requests"].get("opendir", 0) <= 1 and "releasedir" not in stats(m.path)["requests"]
     before = stats(m.path)["requests"]
     _touch_all(m.path)
     after = stats(m.path)
@@ -90,7 +92,8 @@ def test_cold_start_is_learned_and_warmed_after_a_remount(mount_factory, forks):
     # Every name and every listing was answered by the kernel's caches.
     assert req.get("lookup", 0) == before.get("lookup", 0), (before, req)
     assert req.get("readdir", 0) == before.get("readdir", 0), (before, req)
-    assert after["warm"]["dirs_used"] >= len(DIRS), after["warm"]
+    # (Which warmed directories the client listed is not seen any more: without OPENDIR a
+    # listing the kernel answers never reaches the daemon; docs/architecture.md, "Warming".)
     assert _helpers() == []
     ok(m.path, "branch feat")  # a fork starts from its parent's model, and is warmed at its own mount point
     fork = forks.mount(m.store, "feat")
@@ -160,7 +163,9 @@ def test_plain_umount_is_never_busy_because_of_the_helper(mount_factory):
     """The helper lists in a mount namespace of its own: `fusermount3 -u` (what systemd and
     mount(8) users run) succeeds while it works, and the daemon exits once it is done."""
     m = mount_factory()
-    _start_warming(m, 3000)
+    # Enough directories that the helper (two READDIRs per directory) is still at work when
+    # the unmount comes.
+    _start_warming(m, 10000)
     wait_until(lambda: stats(m.path)["warm"]["running"], "the helper to start")
     r = subprocess.run(["fusermount3", "-u", str(m.path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr

@@ -87,7 +87,10 @@ class Daemon:
         # The control directories' listings change behind the kernel (snapshots come and go).
         self.dir_cache = cfg.dir_cache and dircache.install(lambda fino: not is_control(fino))
         # LSEEK, FALLOCATE and STATFS's inode, which pyfuse3 does not hand on.
-        self.ext = fuse_ext.Extensions(cfg.mountpoint, self.ops.lseek, self.ops.fallocate, self.ops.statfs_of)
+        # READDIR by inode, without OPENDIR/RELEASEDIR, when the kernel may cache listings.
+        self.ext = fuse_ext.Extensions(cfg.mountpoint, self.ops.lseek, self.ops.fallocate, self.ops.statfs_of,
+                                       readdir_by_inode=cfg.dir_cache)
+        self.ops.dirs_by_inode = self.ext
         if cfg.fuse_ext:
             self.ext.arm()
         else:

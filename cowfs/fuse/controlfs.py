@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import stat
+import time
 from typing import Any, Callable
 
 import pyfuse3
@@ -73,6 +74,7 @@ class ControlFS:
         self.looked_up = looked_up
         self.stats = stats
         self.ctl_group = ctl_group
+        self._snapshots_seen: dict[int, tuple[tuple[str, ...], int]] = {}  # view id -> (names, when changed)
 
     def view(self, fino: int) -> View:
         view = self.fs.views.get(control_parts(fino)[0])
@@ -105,7 +107,21 @@ class ControlFS:
             e.st_gid = self.ctl_group
         e.st_blksize = 4096
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = root.ctime_ns
+        if kind == K_SNAPS:
+            e.st_mtime_ns = e.st_ctime_ns = self._snapshots_changed(view, root.ctime_ns)
         return e
+
+    def _snapshots_changed(self, view: View, first: int) -> int:
+        """When the daemon last saw `snapshots/`'s names change: its mtime.  The kernel keeps
+        directory listings (without OPENDIR, every directory's: cowfs.fuse.ops) and drops one
+        when a listing starts and the directory's mtime differs from when it was cached; the
+        attributes here are never cached (timeout 0), so that check sees every change."""
+        names = tuple(sorted(s.name for s in self.branching.owned_snapshots(view)))
+        seen = self._snapshots_seen.get(view.vid)
+        if seen is None or seen[0] != names:
+            seen = (names, first if seen is None else max(time.time_ns(), seen[1] + 1))
+            self._snapshots_seen[view.vid] = seen
+        return seen[1]
 
     @staticmethod
     def truncatable(fino: int) -> bool:

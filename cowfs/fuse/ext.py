@@ -105,6 +105,19 @@ _LSEEK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64
 _FALLOCATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int64,
                               ctypes.c_int64, ctypes.POINTER(_FileInfo))
 _STATFS = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64)
+# readdirplus(req, ino, size, off, fi): ours, and pyfuse3's (called with the GIL held, as
+# libfuse calls it: PYFUNCTYPE does not release it around the call).
+_READDIRPLUS = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int64,
+                                ctypes.POINTER(_FileInfo))
+_READDIRPLUS_PY = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int64,
+                                    ctypes.POINTER(_FileInfo))
+
+
+class _Ctx(ctypes.Structure):
+    """libfuse's `struct fuse_ctx` (what fuse_req_ctx returns)."""
+
+    _fields_ = [("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("pid", ctypes.c_int32),
+                ("umask", ctypes.c_uint32)]
 
 
 def _libfuse() -> ctypes.CDLL | None:
@@ -120,6 +133,8 @@ def _libfuse() -> ctypes.CDLL | None:
     lib.fuse_reply_err.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.fuse_reply_lseek.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.fuse_reply_statfs.argtypes = [ctypes.c_void_p, ctypes.POINTER(Statvfs)]
+    lib.fuse_req_ctx.argtypes = [ctypes.c_void_p]
+    lib.fuse_req_ctx.restype = ctypes.POINTER(_Ctx)
     for reply in (lib.fuse_reply_err, lib.fuse_reply_lseek, lib.fuse_reply_statfs):
         reply.restype = ctypes.c_int  # 0, or -errno when the kernel refuses the reply
     return lib
@@ -162,11 +177,16 @@ class Extensions:
 
     def __init__(self, mountpoint: str, lseek: Callable[[int, int, int, int], Awaitable[int]],
                  fallocate: Callable[[int, int, int, int, int], Awaitable[None]],
-                 statfs: Callable[[int], dict[str, int]]) -> None:
+                 statfs: Callable[[int], dict[str, int]], readdir_by_inode: bool = False) -> None:
         self.mountpoint = os.fsencode(mountpoint)
         self._lseek = lseek
         self._fallocate = fallocate
         self._statfs = statfs
+        # Wanted: READDIR hands pyfuse3 its inode as the handle (cowfs.fuse.ops declines
+        # OPENDIR then, see Operations.opendir); and which process sent it, by inode.
+        self.readdir_by_inode = readdir_by_inode
+        self.readdir_pids: dict[int, int] = {}
+        self._readdirplus: Any = None  # pyfuse3's own handler
         self.nursery: trio.Nursery | None = None  # set by the daemon before serving
         self.installed = False
         self.reason = "no request seen yet"
@@ -175,7 +195,13 @@ class Extensions:
         self._originals: dict[str, Any] = {}
 
     def figures(self) -> dict[str, Any]:
-        return {"installed": self.installed, "reason": None if self.installed else self.reason}
+        return {"installed": self.installed, "reason": None if self.installed else self.reason,
+                "readdir_by_inode": self.by_inode}
+
+    @property
+    def by_inode(self) -> bool:
+        """Whether READDIR comes with its inode as the handle (then OPENDIR is declined)."""
+        return self.installed and self.readdir_by_inode
 
     def arm(self) -> None:
         """Wrap pyfuse3's entry points so that the first request installs the callbacks."""
@@ -226,14 +252,20 @@ class Extensions:
                     ops = _Session.from_address(se).op
                     callbacks = {"lseek": _LSEEK(self._on_lseek), "fallocate": _FALLOCATE(self._on_fallocate),
                                  "statfs": _STATFS(self._on_statfs)}
+                    if self.readdir_by_inode:
+                        self._readdirplus = _READDIRPLUS_PY(ops[OPS.index("readdirplus")])
+                        callbacks["readdirplus"] = _READDIRPLUS(self._on_readdirplus)
                     self._callbacks = list(callbacks.values())
                     for name, cb in callbacks.items():
                         ops[OPS.index(name)] = ctypes.cast(cb, ctypes.c_void_p).value
                     self.installed = True
         except (OSError, AttributeError, ValueError) as exc:
             self.reason = f"{type(exc).__name__}: {exc}"
+        if not self.installed:
+            self.readdir_by_inode = False
         if self.installed:
-            log.info("FUSE extensions installed: lseek (SEEK_DATA/SEEK_HOLE), fallocate, statfs per branch")
+            log.info("FUSE extensions installed: lseek (SEEK_DATA/SEEK_HOLE), fallocate, statfs per branch%s",
+                     ", READDIR by inode (no OPENDIR)" if self.readdir_by_inode else "")
         else:
             log.warning("FUSE extensions not installed (%s): SEEK_DATA/SEEK_HOLE see files as all data, "
                         "fallocate fails with EOPNOTSUPP, df shows the first branch", self.reason)
@@ -245,6 +277,16 @@ class Extensions:
 
     def _on_fallocate(self, req: int, ino: int, mode: int, off: int, length: int, fi: Any) -> None:
         self._spawn(req, self._fallocate, ino, fi.contents.fh, mode, off, length)
+
+    def _on_readdirplus(self, req: int, ino: int, size: int, off: int, fi: Any) -> None:
+        """READDIRPLUS without an OPENDIR before it (its handle is 0): pyfuse3 hands its
+        handler only the handle, so the handle becomes the inode."""
+        try:
+            fi.contents.fh = ino
+            self.readdir_pids[ino] = self._lib.fuse_req_ctx(req).contents.pid
+        except BaseException:  # noqa: BLE001 - pyfuse3 answers the request in any case
+            log.exception("readdirplus: the inode could not be passed on")
+        self._readdirplus(req, ino, size, off, fi)
 
     def _on_statfs(self, req: int, ino: int) -> None:
         try:

@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import stat
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any, Callable, Sequence
 
 import pyfuse3
@@ -30,6 +30,7 @@ from cowfs.core.node import Node
 from cowfs.core.view import View
 from cowfs.errors import FSError
 from cowfs.fuse.controlfs import ControlFS
+from cowfs.fuse.ext import Extensions
 from cowfs.fuse.handles import Handles
 from cowfs.fuse.inodes import Inodes, is_control
 from cowfs.fuse.kernel import Kernel
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 trace = logging.getLogger("cowfs.requests")
 
 ATTR_TIMEOUT = 60.0  # the daemon is the only writer; content changed behind the kernel is invalidated
+MAX_LISTINGS = 256  # listings read part way without OPENDIR (see Operations.readdir), the oldest dropped
+LISTING_BITS = 32  # a directory offset without OPENDIR: (listing id << LISTING_BITS) | position
 
 
 class Operations(pyfuse3.Operations):
@@ -62,6 +65,11 @@ class Operations(pyfuse3.Operations):
         self.ctlfs = ControlFS(fs, self.branching, control, self.handles, self._entry, self._looked_up,
                                stats or (lambda view: {}), ctl_group)
         self.requests: Counter[str] = Counter()
+        # Set by the daemon when cowfs.fuse.ext passes READDIR's inode as its handle: then
+        # OPENDIR is declined (see opendir), and listings in progress are kept here.
+        self.dirs_by_inode: Extensions | None = None
+        self._listings: OrderedDict[int, list[tuple[bytes, int]]] = OrderedDict()
+        self._listing_ids = 0
         # The reply to a LOOKUP of an absent name: cached as absent (None: ENOENT, not cached).
         self._negative: pyfuse3.EntryAttributes | None = None
         if cache_absent:
@@ -340,7 +348,16 @@ class Operations(pyfuse3.Operations):
 
     # -- directories -----------------------------------------------------------------------
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        """Declined when READDIR comes with its inode (cowfs.fuse.ext): ENOSYS makes the
+        kernel stop sending OPENDIR and RELEASEDIR for this mount (two requests fewer per
+        listing, as `compileall`, `rm -r`, `git status` list every directory), and open every
+        directory with FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR, the flags cowfs.fuse.dircache
+        sets: the kernel keeps the listing, which it drops when the directory changes through
+        the mount, when its mtime changes (checked at each listing's start: libfuse asks for
+        FUSE_AUTO_INVAL_DATA), and when the daemon invalidates it (Kernel.invalidate_dir)."""
         self.requests["opendir"] += 1
+        if self.dirs_by_inode is not None and self.dirs_by_inode.by_inode:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         if is_control(inode):
             return self.handles.open_dir(None, inode)
         node = self.inodes.live(inode)
@@ -353,52 +370,98 @@ class Operations(pyfuse3.Operations):
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         self.requests["readdir"] += 1
+        if self.dirs_by_inode is not None and self.dirs_by_inode.by_inode:
+            self._readdir_of_inode(fh, start_id, token)
+            return
         d = self.handles.dirs[fh]
         if d.warming:
             self.warm.requests += 1  # type: ignore[union-attr]
         if d.node is None:
-            listing = self.ctlfs.listing(d.control)
-            for i in range(start_id, len(listing)):
-                name, entry, node = listing[i]
-                if not pyfuse3.readdir_reply(token, name, entry, i + 1):
-                    break
-                if node is not None:
-                    self.fs.looked_up(node)
+            self._control_listing(d.control, start_id, token)
             return
         if start_id == 0 or d.entries is None:
             # Offsets index a listing taken when reading starts (again), so they stay valid
             # while entries are added or removed, and each page costs O(entries in it).
             d.entries = self.fs.list_dir(d.node)
-        entries = d.entries
-        fs, view = self.fs, d.node.view
+        self._reply_listing(d.node, d.entries, start_id, 0, token)
+
+    def _readdir_of_inode(self, fino: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """READDIR without OPENDIR: fino is the directory's inode.  A listing is taken when
+        reading starts at offset 0, and kept under an id carried in the offsets of its
+        entries, so the pages after the first index the same listing (stable while entries
+        are added or removed, as with a handle); it is dropped at the end (the empty reply)
+        or, when MAX_LISTINGS newer ones are read part way, the oldest; a later page of a
+        dropped listing indexes a new one."""
+        pid = self.dirs_by_inode.readdir_pids.pop(fino, 0)  # type: ignore[union-attr]
+        if is_control(fino):
+            self._control_listing(fino, start_id, token)
+            return
+        node = self.inodes.node(fino, unlinked_ok=True)
+        if not node.attrs.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if self.warm is not None:
+            if start_id == 0:
+                self.warm.opened_dir(node, pid)
+            elif pid and pid == self.warm.pid:
+                self.warm.requests += 1
+        lid, pos = start_id >> LISTING_BITS, start_id & ((1 << LISTING_BITS) - 1)
+        entries = self._listings.get(lid) if start_id else None
+        if entries is None:
+            if start_id == 0:
+                self._listing_ids = self._listing_ids % ((1 << 30) - 1) + 1
+                lid = self._listing_ids
+            entries = self.fs.list_dir(node)
+            self._listings[lid] = entries
+            while len(self._listings) > MAX_LISTINGS:
+                self._listings.popitem(last=False)
+        if self._reply_listing(node, entries, pos, lid << LISTING_BITS, token):
+            self._listings.pop(lid, None)
+
+    def _control_listing(self, fino: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        listing = self.ctlfs.listing(fino)
+        for i in range(start_id, len(listing)):
+            name, entry, node = listing[i]
+            if not pyfuse3.readdir_reply(token, name, entry, i + 1):
+                break
+            if node is not None:
+                self.fs.looked_up(node)
+
+    def _reply_listing(self, dnode: Node, entries: list[tuple[bytes, int]], pos: int, base: int,
+                       token: pyfuse3.ReaddirToken) -> bool:
+        """Reply with dnode's entries from position pos (0 ".", 1 "..", then entries[pos-2:]),
+        each with offset base | its next position; True if nothing was left to send."""
+        fs, view = self.fs, dnode.view
+        sent = False
         # Offsets 0 and 1 are "." and ".." (the kernel takes no lookup reference for them).
-        if start_id == 0:
-            if not pyfuse3.readdir_reply(token, b".", self._entry(d.node), 1):
-                return
-            start_id = 1
-        if start_id == 1:
-            parent = d.node
-            if d.node.ino != ROOT_INO and d.node.attrs.parent:
+        if pos == 0:
+            if not pyfuse3.readdir_reply(token, b".", self._entry(dnode), base | 1):
+                return False
+            pos, sent = 1, True
+        if pos == 1:
+            parent = dnode
+            if dnode.ino != ROOT_INO and dnode.attrs.parent:
                 try:
-                    parent = fs.node(view, d.node.attrs.parent)
+                    parent = fs.node(view, dnode.attrs.parent)
                 except FSError:
-                    parent = d.node
+                    parent = dnode
             entry = self._entry(parent)
-            if parent is not d.node:
+            if parent is not dnode:
                 fs.evict_if_unused(parent)
-            if not pyfuse3.readdir_reply(token, b"..", entry, 2):
-                return
-            start_id = 2
-        for i in range(start_id - 2, len(entries)):
+            if not pyfuse3.readdir_reply(token, b"..", entry, base | 2):
+                return False
+            pos, sent = 2, True
+        for i in range(pos - 2, len(entries)):
             name, ino = entries[i]
             try:
                 child = fs.node(view, ino)
             except FSError:
                 continue  # removed since the listing was taken
-            if not pyfuse3.readdir_reply(token, name, self._entry(child), i + 3):
+            if not pyfuse3.readdir_reply(token, name, self._entry(child), base | (i + 3)):
                 fs.evict_if_unused(child)  # not sent: the kernel holds no reference to it
-                break
+                return False
+            sent = True
             fs.looked_up(child)
+        return not sent
 
     async def releasedir(self, fh: int) -> None:
         self.requests["releasedir"] += 1
@@ -410,7 +473,8 @@ class Operations(pyfuse3.Operations):
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         self.requests["fsyncdir"] += 1
-        if self.handles.dirs[fh].node is None:
+        d = self.handles.dirs.get(fh)  # none without OPENDIR: a commit of everything, as for any directory
+        if d is not None and d.node is None:
             return
         await self.fs.fsync()
 
