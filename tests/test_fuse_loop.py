@@ -12,6 +12,7 @@ import trio.testing
 
 from cowfs import threads
 from cowfs.fuse.loop import YIELD_NS, ReadLock, Waiter
+import mounting
 from mounting import stats
 
 
@@ -196,3 +197,40 @@ async def test_no_spin_while_thread_work_needs_the_gil():
         os.close(r)
         os.close(w)
     assert waiter.spin_miss_ns == 0 and waiter.parked == 5
+
+
+def _allowed(pid: int) -> dict[int, str]:
+    """Cpus_allowed_list of every thread of pid."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                out[int(tid)] = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("Cpus_allowed_list"))
+        except (OSError, StopIteration):
+            pass
+    return out
+
+
+def test_cpus_pins_every_daemon_thread(mount_factory, test_dir):
+    """-o cpus=: the daemon's threads (RocksDB's, trio's, prefetch's) all run on the CPUs
+    named, those started before the pinning and after; a CPU this process may not use, or a
+    list spelled wrong, is refused before anything is mounted."""
+    cpu = max(os.sched_getaffinity(0))
+    m = mount_factory(options=(f"cpus={cpu}",))
+    f = m.path / "f"
+    f.write_bytes(os.urandom(1 << 20))  # a flush, reads: threads start after the pinning
+    assert f.read_bytes()
+    pid = stats(m.path)["daemon_pid"]
+    allowed = _allowed(pid)
+    assert len(allowed) >= 3 and set(allowed.values()) == {str(cpu)}, allowed
+    assert stats(m.path)["daemon_cpus"] == [cpu]
+
+    mp = test_dir / "other"
+    mp.mkdir()
+    store = test_dir / "s2"
+    mounting.run_cowfs("init", store)
+    for bad, why in ((f"cpus={cpu + 4000}", b"is not one this process may run on"),
+                     ("cpus=1-0", b"bad value in mount option 'cpus=1-0'")):
+        r = mounting.run_cowfs("mount", store, mp, "-o", bad, check=False)
+        assert r.returncode != 0 and why in r.stderr, r
+        assert not mounting.fuse_mounts_under(str(mp))

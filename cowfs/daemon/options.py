@@ -61,6 +61,36 @@ def _count(v: str) -> int:
     return n
 
 
+def parse_cpus(v: str) -> str:
+    """"0", "0-1", "0+2-3" (CPU numbers and ranges joined by "+": commas separate -o
+    options) -> the same set, normalized ("0-1+3"); the set itself is cpu_set()'s."""
+    cpus: set[int] = set()
+    for part in v.split("+"):
+        lo, dash, hi = part.partition("-")
+        first, last = int(lo), int(hi) if dash else int(lo)
+        if first < 0 or last < first or last >= 4096:
+            raise ValueError(v)
+        cpus.update(range(first, last + 1))
+    runs: list[str] = []
+    for c in sorted(cpus):
+        if runs and "-" not in runs[-1] and int(runs[-1]) == c - 1:
+            runs[-1] = f"{c - 1}-{c}"
+        elif runs and "-" in runs[-1] and int(runs[-1].split("-")[1]) == c - 1:
+            runs[-1] = f"{runs[-1].split('-')[0]}-{c}"
+        else:
+            runs.append(str(c))
+    return "+".join(runs)
+
+
+def cpu_set(text: str) -> set[int]:
+    """The CPUs of a normalized `cpus=` value."""
+    out: set[int] = set()
+    for part in text.split("+"):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def _group(v: str) -> int:
     if v.isdigit():
         return int(v)
@@ -114,6 +144,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("share", "on|off", "on", "copied directory trees come to share their originals' records", "share", _onoff),
     Option("spin_us", "N", "50", "microseconds the daemon polls for the next FUSE request before it sleeps "
            "(0-1000; 0 leaves pyfuse3's own wait)", "spin_us", _spin),
+    Option("cpus", "LIST", "none", "pin the daemon's threads to these CPUs (\"0\", \"0-1\", \"0+2\"): with the "
+           "sandbox's processes on the same CPUs, a request and its reply need no wake-up on another CPU "
+           "(docs/benchmarks.md, CPU placement)", "cpus", parse_cpus),
     Option("fuse_ext", "0|1", "1", "SEEK_DATA/SEEK_HOLE, fallocate and each branch's own df, served through "
            "libfuse's session (cowfs/fuse/ext.py); 0 turns them off", "fuse_ext", _bool01),
 )
@@ -121,7 +154,7 @@ BY_NAME: dict[str, Option] = {n: o for o in OPTIONS for n in (o.name, *o.aliases
 # The options that hold for the whole daemon (every branch it serves); set explicitly, they
 # are recorded in MountConfig.given, so that a mount of another branch may repeat them.
 DAEMON_WIDE = ("cache_l1", "cache_l2", "prefetch", "prefetch_learn", "dir_cache", "warm", "dedup", "dedup_cpu",
-               "share", "spin_us", "fuse_ext")
+               "share", "spin_us", "fuse_ext", "cpus")
 
 
 def lookup(text: str) -> Option | None:

@@ -16,7 +16,7 @@ import sys
 from typing import Callable
 
 from cowfs import faults, private
-from cowfs.daemon import admin, mounts
+from cowfs.daemon import admin, mounts, options as mount_options
 from cowfs.daemon.config import MountConfig, option_conflicts, options_asked
 from cowfs.daemon.mounts import daemon_pid
 from cowfs.errors import MountError, StoreError
@@ -120,6 +120,12 @@ def mount(cfg: MountConfig, foreground: bool) -> int:
     if not os.path.isdir(cfg.store):
         raise MountError(f"{cfg.store}: no such store directory (create one with 'cowfs init {cfg.store}')")
     check_mountpoint(cfg.mountpoint)
+    if cfg.cpus is not None:
+        allowed = os.sched_getaffinity(0)
+        missing = sorted(mount_options.cpu_set(cfg.cpus) - allowed)
+        if missing:
+            raise MountError(f"-o cpus={cfg.cpus}: CPU {missing[0]} is not one this process may run on "
+                             f"(allowed: {mount_options.parse_cpus('+'.join(map(str, sorted(allowed))))})")
     pid = daemon_pid(cfg.store)
     if pid is not None:
         # One daemon per store: ask it to serve this branch here too.

@@ -28,7 +28,7 @@ from cowfs.background.warming import Warmer
 from cowfs.chunks.repack import REPACK_BELOW
 from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
-from cowfs.daemon import admin, mounts, notify
+from cowfs.daemon import admin, mounts, notify, options as mount_options
 from cowfs.daemon.config import MountConfig, fuse_options, options_in_force
 from cowfs.storedir import pid_file
 from cowfs.errors import FSError, MountError, StoreError
@@ -67,6 +67,19 @@ def _kernel_dirty_limit(dev: str) -> int | None:
             return int(f.read())
     except (OSError, ValueError):
         return None
+
+
+def pin_threads(cpus: set[int]) -> None:
+    """-o cpus=: every thread of this process (RocksDB's, started when the store opened,
+    included) runs on cpus only; threads started later inherit it.  A FUSE request wakes the
+    daemon and its reply wakes the client: on the same CPU each wake-up is a switch, on
+    another an inter-processor interrupt and a cold cache (docs/benchmarks.md)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:
+            pass  # a thread that ended meanwhile
+    log.info("threads pinned to CPUs %s", ",".join(map(str, sorted(cpus))))
 
 
 class Daemon:
@@ -224,6 +237,7 @@ class Daemon:
             "peak_rss_bytes": mem.get("VmHWM", 0),
             "requests": dict(self.ops.requests),
             "kernel_dir_cache": self.dir_cache,
+            "daemon_cpus": sorted(os.sched_getaffinity(0)),  # -o cpus=, else where it may run
             "fuse_ext": self.ext.figures(),
             "usage_bytes": view.usage_bytes,  # logical: the sizes of its files, holes included
             "usage_allocated_bytes": view.allocated,  # what its files' data takes: the byte quota's measure
@@ -419,6 +433,8 @@ class Daemon:
 
     def run(self, ready: Callable[[str | None], None]) -> int:
         cfg = self.cfg
+        if cfg.cpus is not None:
+            pin_threads(mount_options.cpu_set(cfg.cpus))
         before = fuse_replies.fuse_fds()
         try:
             pyfuse3.init(self.ops, cfg.mountpoint, fuse_options(cfg))
