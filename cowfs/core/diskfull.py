@@ -25,6 +25,7 @@ from cowfs.meta.versioned import CF_INODES, ino_key
 
 if TYPE_CHECKING:
     from cowfs.core.filesystem import Filesystem
+    from cowfs.core.view import View
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,16 @@ class DiskFull:
         cache acknowledged could no longer be stored for sure, and a direct write(2) fails
         with ENOSPC itself, in order."""
         return self.fs.store.headroom() < 2 * (self.kernel_dirty + DIRTY_LIMIT)
+
+    def quota_tight(self, view: "View") -> bool:
+        """Whether view's byte quota is within what the kernel may hold acknowledged but not
+        yet sent to us (twice its dirty limit, the margin space_tight keeps for the disk;
+        the daemon's own dirty data is charged when it arrives).  Then writers get
+        direct_io, so write(2) fails with EDQUOT itself, in order; further away they use
+        the page cache (and SQLite's WAL its shared mapping), and one that reaches the quota
+        anyway is refused at writeback as on a full disk (`refuse`: the file is cut where
+        the refusal left a gap, the writer gets EDQUOT at fsync or close)."""
+        return view.quota_bytes > 0 and view.quota_bytes - view.allocated < 2 * self.kernel_dirty
 
     async def room_after_flush(self, pending: int) -> bool:
         """Whether there is room once what is held is committed: the estimate counts held

@@ -127,6 +127,7 @@ class Filesystem:
         self.blocks = usage.blocks
         self.set_quota = usage.set_quota
         self.space_tight = self.full.space_tight
+        self.quota_tight = self.full.quota_tight
         self.writer_opened = self.full.writer_opened
         self.writer_closed = self.full.writer_closed
         self.kernel_view_owed = self.full.kernel_view_owed

@@ -243,12 +243,12 @@ class Operations(pyfuse3.Operations):
 
     def _opened(self, node: Node, writing: bool) -> pyfuse3.FileInfo:
         self.fs.opened(node)
-        # Writers bypass the page cache under a byte quota, or when the store's disk is
+        # Writers bypass the page cache near a byte quota, or when the store's disk is
         # nearly full: the kernel acknowledges a cached write before we see it, so refusing
         # it at writeback loses acknowledged data and reports EDQUOT/ENOSPC late (at fsync
         # or close); a direct write(2) fails itself, in order.  (The price: such a handle
         # cannot be mmap'ed MAP_SHARED, see docs/architecture.md, "Quotas".)
-        direct = writing and (node.view.quota_bytes > 0 or self.fs.space_tight())
+        direct = writing and (self.fs.quota_tight(node.view) or self.fs.space_tight())
         fh = self.handles.open_file(node, writing, cached=writing and not direct)
         if writing:
             self.fs.writer_opened(node, cached=not direct)
