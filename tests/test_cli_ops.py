@@ -267,6 +267,31 @@ def test_run_uses_an_existing_mount_and_leaves_it(stores, tmp_path):
         cowfs("umount", mp)
 
 
+def test_run_places_the_command_on_the_daemons_cpus(stores, tmp_path):
+    """-o cpus=LIST pins the daemon; `cowfs run` runs the command on the same CPUs, whether
+    it mounts the branch itself or finds it mounted; an unpinned daemon leaves the command
+    where it may run."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to tell placements apart")
+    store = stores()
+    cpu = max(os.sched_getaffinity(0))
+    show = ["python3", "-c", "import os; print(sorted(os.sched_getaffinity(0)))"]
+    r = cowfs("run", store, "-o", f"cpus={cpu}", "--", *show)
+    assert r.stdout.strip() == f"[{cpu}]", r
+    _wait_no_daemon(store)
+    r = cowfs("run", store, "--", *show)
+    assert r.stdout.strip() == str(sorted(os.sched_getaffinity(0))), r
+    _wait_no_daemon(store)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    cowfs("mount", store, mp, "-o", f"cpus={cpu}")
+    try:
+        r = cowfs("run", store, "--", *show)
+        assert r.stdout.strip() == f"[{cpu}]", r
+    finally:
+        cowfs("umount", mp)
+
+
 # -- import / export ------------------------------------------------------------------------------
 def _make_tree(root: Path) -> None:
     root.mkdir()

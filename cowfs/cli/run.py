@@ -2,6 +2,7 @@
 its length if it is not mounted, and the command's exit status passed on."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,20 @@ def _wait(proc: subprocess.Popen[bytes]) -> int:
     return rc if rc >= 0 else 128 - rc
 
 
+def _daemon_cpus(mp: str) -> set[int] | None:
+    """The CPUs the command should run on: those of a daemon pinned with -o cpus= (a
+    request and its reply then wake no other CPU: docs/benchmarks.md, "CPU placement"),
+    as far as this process may use them; None when the daemon is not pinned."""
+    try:
+        with open(os.path.join(mp, ".cowfs", "stats")) as f:
+            daemon = set(json.load(f).get("daemon_cpus") or ())
+    except (OSError, ValueError):
+        return None
+    mine = os.sched_getaffinity(0)
+    cpus = daemon & mine
+    return cpus if cpus and cpus != mine else None
+
+
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("store", type=click.Path())
 @click.option("--branch", default="main", show_default=True, help="Branch to work in.")
@@ -43,7 +58,8 @@ def run(store: str, branch: str, snapshot_before: str | None, options: tuple[str
 
     The branch is mounted at a temporary directory if it is not mounted yet, and unmounted
     afterwards; COMMAND's exit status is passed through (128+N if killed by signal N).
-    COMMAND sees COWFS_STORE, COWFS_BRANCH and COWFS_MOUNT.  Put `--` before COMMAND:
+    COMMAND sees COWFS_STORE, COWFS_BRANCH and COWFS_MOUNT.  If the daemon is pinned to
+    some CPUs (-o cpus=LIST), COMMAND runs on them too.  Put `--` before COMMAND:
 
         cowfs run /var/lib/cowfs/agent1 --snapshot-before pre-test -- make test
     """
@@ -57,8 +73,10 @@ def run(store: str, branch: str, snapshot_before: str | None, options: tuple[str
             except api.CowfsError as exc:
                 raise CliError(f"snapshot {snapshot_before}: {exc}") from None
         env = dict(os.environ, COWFS_STORE=store, COWFS_BRANCH=branch, COWFS_MOUNT=mp, PWD=mp)
+        cpus = _daemon_cpus(mp)
         try:
-            proc = subprocess.Popen(list(command), cwd=mp, env=env)
+            proc = subprocess.Popen(list(command), cwd=mp, env=env,
+                                    preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         except FileNotFoundError:
             click.echo(f"cowfs: {command[0]}: command not found", err=True)
             code = 127
