@@ -6,6 +6,7 @@ side by side, in one run on one machine.
     sudo .venv/bin/python scripts/bench_core.py --quick    # ~2-3 min
     ... --targets plain,overlay,passthrough                # without cowfs
     ... --json                                             # one JSON object as the last line
+    ... --baseline-cowfs /other/checkout/.venv/bin/cowfs   # also target cowfs_base: that build, same run
 
 Needs root (drop_caches, mounts), /dev/fuse, fuse3, fuse-overlayfs, git, tar, grep.
 
@@ -102,7 +103,7 @@ def workload_of(metric: str) -> str:
 
 
 TARGET_LABEL = {"plain": "plain dir", "overlay": "fuse-overlayfs", "passthrough": "passthrough",
-                "cowfs": "cowfs"}
+                "cowfs": "cowfs", "cowfs_base": "cowfs (baseline)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,6 +509,9 @@ def main(argv=None) -> int:
                          "sectors-written counter sees only this benchmark; 0: use the disk directly")
     ap.add_argument("--cache", default="/var/tmp/cowfs-test-cache", help="where the Django sdist is kept")
     ap.add_argument("--cowfs", default=None, help="cowfs executable (.venv/bin/cowfs)")
+    ap.add_argument("--baseline-cowfs", default=None,
+                    help="a second cowfs executable (another checkout's venv), benchmarked in the same run as "
+                         "target cowfs_base, interleaved with the others: before/after within one run")
     ap.add_argument("-o", "--cowfs-option", action="append", default=[], help="passed to cowfs mount -o")
     ap.add_argument("--cmd-timeout", type=int, default=1200, help="timeout of each tar/grep/rm/git call, s")
     ap.add_argument("--hang-timeout", type=int, default=600,
@@ -530,11 +534,14 @@ def main(argv=None) -> int:
     names = [n.strip() for n in a.targets.split(",") if n.strip()]
     workloads = {w.strip() for w in a.workloads.split(",")}
     notes = []
-    if "cowfs" in names:
-        ok, why = bl.CowfsTarget.available(a.cowfs)
-        if not ok:
-            notes.append(f"cowfs skipped: {why}")
-            names.remove("cowfs")
+    if a.baseline_cowfs and "cowfs_base" not in names:
+        names.append("cowfs_base")
+    for n, exe in (("cowfs", a.cowfs), ("cowfs_base", a.baseline_cowfs)):
+        if n in names:
+            ok, why = bl.CowfsTarget.available(exe) if n == "cowfs" or exe else (False, "no --baseline-cowfs")
+            if not ok:
+                notes.append(f"{n} skipped: {why}")
+                names.remove(n)
 
     info = bl.machine_info()
     info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
@@ -549,7 +556,7 @@ def main(argv=None) -> int:
           f"entries; targets {','.join(names)}", flush=True)
 
     if os.path.exists(a.workdir):
-        for n in ("plain", "overlay", "passthrough", "cowfs"):  # leftovers of an interrupted run
+        for n in ("plain", "overlay", "passthrough", "cowfs", "cowfs_base"):  # leftovers of an interrupted run
             mp = os.path.join(a.workdir, n, "mnt")
             if bl.is_mounted(mp):
                 bl.run(["fusermount3", "-uz", mp], timeout=30, check=False)
@@ -594,8 +601,8 @@ def main(argv=None) -> int:
     targets = []
     for n in names:
         kw = {}
-        if n == "cowfs":
-            kw = {"cowfs_bin": a.cowfs, "mount_opts": a.cowfs_option}
+        if n in ("cowfs", "cowfs_base"):
+            kw = {"cowfs_bin": a.cowfs if n == "cowfs" else a.baseline_cowfs, "mount_opts": a.cowfs_option}
         targets.append(bl.make_target(n, a.workdir, **kw))
     bench = Bench(a, targets, tracer, disk)
     t_start = time.monotonic()
@@ -627,7 +634,7 @@ def main(argv=None) -> int:
                     bench.guarded(t, "git", bench.git, rnd, tar, entries, genv)
         for t in targets:
             t.record_rss()
-            if t.name == "cowfs" and t.stats_missing:
+            if t.name in ("cowfs", "cowfs_base") and t.stats_missing:
                 notes.append(t.stats_missing)
     finally:
         for t in targets:

@@ -665,9 +665,15 @@ class CowfsTarget(Target):
         self.pid = None
 
 
+class BaselineCowfsTarget(CowfsTarget):
+    """Another build of cowfs (--baseline-cowfs: the executable of another checkout's venv), in the
+    same run and the same rotation as `cowfs`: a before/after comparison within one run."""
+    name = "cowfs_base"
+
+
 def make_target(name: str, base: str, **kw) -> Target:
     return {"plain": PlainTarget, "overlay": OverlayTarget, "passthrough": PassthroughTarget,
-            "cowfs": CowfsTarget}[name](base, **kw)
+            "cowfs": CowfsTarget, "cowfs_base": BaselineCowfsTarget}[name](base, **kw)
 
 
 def counter_delta(after: dict | None, before: dict | None, overhead: dict | None = None) -> Counter | None:
