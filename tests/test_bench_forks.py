@@ -1,0 +1,48 @@
+"""Smoke test of scripts/bench_forks.py (issue 22's benchmark: forks of one store at once): a quick run
+of the branch + mount latency, idle RSS and same-data sections on real mounts, the JSON it prints, that
+it leaves no mount behind, and its refusal of an unknown section. The full benchmark (with the Django
+untars) is run by hand (docs/benchmarks.md "Parallel forks")."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "bench_forks.py")
+
+
+def bench_forks(*args: str, work: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, COWFS_BENCH_FORKS_DIR=work), stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.timeout(450)
+def test_quick_run_measures_branch_mount_idle_rss_and_same_data(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("bench_forks mounts branches as bind mounts of one daemon today: needs root")
+    work = str(tmp_path / "work")
+    r = bench_forks("--quick", "--many", "2", "--only", "branch,idle,same_data", "--json", work=work)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    res = out["results"]
+    assert 0 < res["branch"]["branch_mount_s"] < 60 and len(res["branch"]["branch_mount_all_s"]) == 5
+    assert res["branch"]["branch_daemon_ms"] > 0
+    assert res["idle"]["daemons"] >= 1 and all(10 < x < 1000 for x in res["idle"]["rss_mib"])
+    assert sum(res["idle"]["mounts_per_daemon"]) == 3  # the base and 2 forks
+    s = res["same_data"]
+    assert s["forks"] == 2 and s["size_mib"] == 32
+    assert 0.9 <= s["chunk_growth_after_gc"] <= 1.05, s  # the same 32 MiB twice is stored once
+    names = [g[0] for g in out["goals"]]
+    assert any("branch + cowfs mount" in n for n in names) and any("same 32 MiB" in n for n in names)
+    assert "| measure | figure | goal | met |" in r.stdout
+    with open("/proc/self/mountinfo") as f:
+        assert work not in f.read(), "a mount was left behind"
+    assert not os.path.exists(work)
+
+
+def test_unknown_section_is_refused(tmp_path):
+    r = bench_forks("--only", "untar,nope", work=str(tmp_path / "work"), timeout=60)
+    assert r.returncode != 0 and "--only takes untar,branch,idle,same_data" in r.stderr
