@@ -244,7 +244,20 @@ def control_reply(mountpoint: PathLike, *words: str, timeout: float | None = CON
     return bounded(mountpoint, f"`{words[0] if words else ''}`", timeout, lambda: _exchange(mountpoint, words))
 
 
-def _exchange(mountpoint: PathLike, words: tuple[str, ...]) -> dict[str, Any]:
+def control_streamed(mountpoint: PathLike, *words: str, item: Callable[[str, Any], None],
+                     raw: Callable[[bytes], None] | None = None,
+                     timeout: float | None = CONTROL_TIMEOUT) -> dict[str, Any]:
+    """Like control_reply, for a reply that may be long (`list`, `diff`): item(key, value) is
+    called for each item of its lists as it is read, raw(bytes) with the reply's text as it
+    comes; returns the other keys (each list as its length).  Never holds the whole reply."""
+    return bounded(mountpoint, f"`{words[0] if words else ''}`", timeout,
+                   lambda: _exchange(mountpoint, words, item, raw))
+
+
+def _exchange(mountpoint: PathLike, words: tuple[str, ...], item: Callable[[str, Any], None] | None = None,
+              raw: Callable[[bytes], None] | None = None) -> dict[str, Any]:
+    from cowfs.commands.reply import read_streamed
+
     path = os.path.join(os.fspath(mountpoint), ".cowfs", "ctl")
     line = protocol.join(words) + "\n"
     try:
@@ -261,6 +274,18 @@ def _exchange(mountpoint: PathLike, words: tuple[str, ...]) -> dict[str, Any]:
             os.write(fd, line.encode("utf-8", "surrogateescape"))
         except OSError as exc:
             write_error = exc      # the reply says why
+        if item is not None:
+            def read(n: int) -> bytes:
+                data = os.read(fd, max(n, 1 << 20))
+                if raw is not None and data:
+                    raw(data)
+                return data
+            try:
+                return read_streamed(read, item)
+            except ValueError:
+                if write_error is not None:
+                    raise error_for(write_error.errno, f"{words[0]}: {write_error.strerror}") from None
+                raise CowfsError("unreadable reply from the control file") from None
         chunks = []
         while True:
             data = os.read(fd, 1 << 20)

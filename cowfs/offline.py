@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+from cowfs.commands.reply import plain
 from cowfs.errors import StoreError
 from cowfs.store import Store
 
@@ -143,7 +144,7 @@ def listing(path: str) -> dict[str, Any]:
             return found if found is not None else store.count_usage(
                 store.catalog.layer_view(layer))
 
-        return {"ok": True, "daemon": False, **Owners(store.catalog).listing(None, usage, {})}
+        return plain({"ok": True, "daemon": False, **Owners(store.catalog).listing(None, usage, {})})
     finally:
         store.close()
 
@@ -203,7 +204,7 @@ def diff(path: str, a: str, b: str) -> dict[str, Any]:
     try:
         async def work() -> dict[str, Any]:
             br = Branching(Filesystem(store, _first_branch(store)))
-            return {"ok": True, "daemon": False, **await br.diff(None, a, b)}
+            return plain({"ok": True, "daemon": False, **await br.diff(None, a, b)})
 
         try:
             return trio.run(work)

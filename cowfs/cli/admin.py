@@ -7,9 +7,10 @@ process (cowfs.offline).  Everything here raises CliError with the message for t
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
-from typing import Any
+from typing import Any, Callable
 
 from cowfs import api
 from cowfs.daemon import admin
@@ -26,6 +27,16 @@ def control(mount: str, *words: str, timeout: float = api.CONTROL_TIMEOUT) -> di
     """The daemon's reply to one control-file command, refusals included (ok false, errno)."""
     try:
         return api.control_reply(mount, *words, timeout=timeout)
+    except api.CowfsError as exc:
+        raise CliError(str(exc)) from None
+
+
+def control_streamed(mount: str, *words: str, item: Callable[[str, Any], None], raw: Callable[[bytes], None] | None,
+                     timeout: float = api.CONTROL_TIMEOUT) -> dict[str, Any]:
+    """control() for a long reply (list, diff): its lists' items to item() as they are read
+    (cowfs.commands.reply.read_streamed), its text to raw()."""
+    try:
+        return api.control_streamed(mount, *words, item=item, raw=raw, timeout=timeout)
     except api.CowfsError as exc:
         raise CliError(str(exc)) from None
 
@@ -65,10 +76,18 @@ def admin_refused(store: str) -> str:
             f"{sock}); inside a mount, .cowfs/stats shows its figures")
 
 
-def _request(store: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One request on the admin socket; CliError saying who may, or why it failed.  A socket
-    that nothing listens on (its daemon died) raises FileNotFoundError/ConnectionRefusedError."""
+Item = Callable[[str, Any], None]
+Raw = Callable[[bytes], None]
+
+
+def _request(store: str, req: dict[str, Any], timeout: float, item: Item | None = None,
+             raw: Raw | None = None) -> dict[str, Any]:
+    """One request on the admin socket (item: its reply streamed, see control_streamed);
+    CliError saying who may, or why it failed.  A socket that nothing listens on (its daemon
+    died) raises FileNotFoundError/ConnectionRefusedError."""
     try:
+        if item is not None:
+            return admin.request_streamed(store, req, item, raw, timeout=timeout)
         return admin.request(store, req, timeout=timeout)  # type: ignore[no-any-return]
     except PermissionError:
         raise CliError(admin_refused(store)) from None
@@ -103,50 +122,74 @@ def served(target: str, store: str) -> bool:
 
 
 # -- store-wide delete, list and diff -----------------------------------------------------------
-def administer(target: str, req: dict[str, Any]) -> dict[str, Any]:
+def fed(reply: dict[str, Any], item: Item | None, raw: Raw | None) -> dict[str, Any]:
+    """A whole reply handed over as a streamed one would be (item per list item, raw text)."""
+    if item is None:
+        return reply
+    if raw is not None:
+        raw((json.dumps(reply, ensure_ascii=True) + "\n").encode())
+    head = {}
+    for key, value in reply.items():
+        if isinstance(value, list):
+            for x in value:
+                item(key, x)
+            head[key] = len(value)
+        else:
+            head[key] = value
+    return head
+
+
+def administer(target: str, req: dict[str, Any], item: Item | None = None, raw: Raw | None = None) -> dict[str, Any]:
     """The reply to a store-wide `delete`, `list` or `diff` (root or the store's owner): through the
     daemon when one serves the store (it checks the caller, SO_PEERCRED), else on the store
     itself.  A daemon is known by its socket: its pid file may be unreadable to the store's
-    owner (it is root's).  Refusals of the command itself come back as replies (errno)."""
+    owner (it is root's).  Refusals of the command itself come back as replies (errno).
+    item/raw: the reply streamed (see control_streamed)."""
     from cowfs import offline
 
     store = targets.store_dir(target)
     if daemon_pid(store) is not None or os.path.exists(admin.socket_path(store)):
         try:
-            return _request(store, req, timeout=120)
+            return _request(store, req, timeout=api.CONTROL_TIMEOUT, item=item, raw=raw)
         except (FileNotFoundError, ConnectionRefusedError):
             pass  # a socket left by a daemon that died: nothing serves the store
     try:
         if req["cmd"] == "list":
-            return offline.listing(store)
+            return fed(offline.listing(store), item, raw)
         if req["cmd"] == "diff":
-            return offline.diff(store, str(req["a"]), str(req["b"]))
+            return fed(offline.diff(store, str(req["a"]), str(req["b"])), item, raw)
         return offline.delete(store, str(req["name"]))
     except StoreError as exc:
         raise CliError(str(exc)) from None
 
 
-def store_wide(target: str, req: dict[str, Any]) -> dict[str, Any] | None:
+def store_wide(target: str, req: dict[str, Any], item: Item | None = None,
+               raw: Raw | None = None) -> dict[str, Any] | None:
     """The reply to a store-wide command when TARGET is a store directory (None: a path in
     a mount, whose control file answers)."""
     if targets.place(target) is not None or not targets.is_store(target):
         return None
-    return administer(target, req)
+    return administer(target, req, item, raw)
 
 
 def listing_of(target: str) -> tuple[dict[str, Any], str, str | None]:
     """(listing, where, mount point) for a mount's lineage (any path inside it) or a whole
     store (root or its owner: through its daemon when mounted, else offline)."""
-    whole = store_wide(target, {"cmd": "list"})
+    rows: dict[str, list[dict[str, Any]]] = {"snapshots": [], "branches": []}
+
+    def item(key: str, row: dict[str, Any]) -> None:  # read as the reply arrives, never its whole text
+        rows.setdefault(key, []).append(row)
+
+    whole = store_wide(target, {"cmd": "list"}, item=item)
     if whole is not None:
         if not whole.get("ok"):
             raise CliError(str(whole.get("error")))
-        return whole, os.path.abspath(target), None
+        return {**whole, **rows}, os.path.abspath(target), None
     mount = targets.mount_of(target).mountpoint
-    try:
-        return api.control(mount, "list"), mount, mount
-    except api.CowfsError as exc:
-        raise CliError(str(exc)) from None
+    head = control_streamed(mount, "list", item=item, raw=None)
+    if not head.get("ok"):
+        raise CliError(str(head.get("error")))
+    return {**head, **rows}, mount, mount
 
 
 def foreign_hint(mountpoint: str, names: list[str]) -> str | None:

@@ -38,6 +38,41 @@ def _ctl(mount: str, timeout: float, *words: str, label: str | None = None, quie
         return admin.control(mount, *words, timeout=timeout)
 
 
+class _Streamed:
+    """Output of a reply read as it arrives (list, diff): with --json its text is copied to
+    stdout as it comes (the daemon's JSON, valid whole), held back only until the first item
+    shows the command succeeded (a refusal is printed by _show, with any hint added);
+    otherwise each item goes to `line` at once."""
+
+    def __init__(self, as_json: bool, line: Any = None) -> None:
+        self.as_json = as_json
+        self.line = line
+        self.held: list[bytes] | None = []  # text before the first item; None once flowing
+
+    def raw(self, data: bytes) -> None:
+        if not self.as_json:
+            return
+        if self.held is None:
+            sys.stdout.buffer.write(data)
+        else:
+            self.held.append(data)
+
+    def item(self, key: str, value: Any) -> None:
+        if self.as_json:
+            if self.held is not None:
+                sys.stdout.buffer.write(b"".join(self.held))
+                self.held = None
+        elif self.line is not None:
+            self.line(key, value)
+
+    def done(self, head: dict[str, Any]) -> None:
+        """After the reply: what was held back, if it was a success (a refusal: _show)."""
+        if self.as_json and self.held is not None and head.get("ok"):
+            sys.stdout.buffer.write(b"".join(self.held))
+            self.held = None
+        sys.stdout.flush()
+
+
 def _show(reply: dict[str, Any], as_json: bool, text: str | None = None) -> None:
     if as_json:
         click.echo(json.dumps(reply))
@@ -134,13 +169,19 @@ def list_(target: str, as_json: bool, timeout: float) -> None:
     """Snapshots and branches the branch mounted at TARGET owns (any path inside the mount),
     or all of a store's (TARGET a store directory; root or its owner), with where each
     branch is mounted."""
-    reply = admin.store_wide(target, {"cmd": "list"})
+    rows: dict[str, list[dict[str, Any]]] = {"snapshots": [], "branches": []}
+    out = _Streamed(as_json, lambda key, row: rows.setdefault(key, []).append(row))
+    reply = admin.store_wide(target, {"cmd": "list"}, item=out.item, raw=out.raw)
     if reply is None:
-        reply = _ctl(_mount(target), timeout, "list")
-    _show(reply, as_json)
-    if not as_json:
-        for line in report.list_lines(reply):
-            click.echo(line)
+        with progress.waiting("list", quiet=as_json):
+            reply = admin.control_streamed(_mount(target), "list", item=out.item, raw=out.raw, timeout=timeout)
+    out.done(reply)
+    if not reply.get("ok"):
+        _show(reply, as_json)
+    if as_json:
+        return
+    for line in report.list_lines({**reply, **rows}):  # a table: its columns need every row
+        click.echo(line)
 
 
 @click.command()
@@ -162,21 +203,26 @@ def diff(target: str, a: str, b: str | None, nul: bool, as_json: bool, timeout: 
     if b is None and targets.place(target) is None and targets.is_store(target):
         raise CliError(f"{target} is a store: name both sides, A and B (a mount's diff defaults B to its branch)",
                        code=2)
-    reply = admin.store_wide(target, {"cmd": "diff", "a": a, "b": b}) if b is not None else None
+    def line(_key: str, change: dict[str, Any]) -> None:  # printed as it arrives
+        if nul:
+            sys.stdout.buffer.write(report.diff_nul([change]))
+        else:
+            click.echo(report.diff_lines([change])[0])
+
+    out = _Streamed(as_json, line)
+    req = {"cmd": "diff", "a": a, "b": b}
+    reply = admin.store_wide(target, req, item=out.item, raw=out.raw) if b is not None else None
     if reply is None:
         mount = _mount(target)
         if b is None:
             admin.syncfs(mount, timeout)
-        reply = _ctl(mount, timeout, "diff", a, *([b] if b else []), quiet=as_json or nul)
+        # no progress line: changes are printed as they arrive
+        reply = admin.control_streamed(mount, "diff", a, *([b] if b else []), item=out.item, raw=out.raw,
+                                       timeout=timeout)
         admin.hint_foreign(mount, reply, [a] + ([b] if b else []))
-    _show(reply, as_json)
-    if as_json:
-        return
-    if nul:
-        sys.stdout.buffer.write(report.diff_nul(reply["changes"]))
-        return
-    for line in report.diff_lines(reply["changes"]):
-        click.echo(line)
+    out.done(reply)
+    if not reply.get("ok"):
+        _show(reply, as_json)
 
 
 COMMANDS = (snapshot, branch, rollback, clone, delete, list_, diff)

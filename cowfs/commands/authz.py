@@ -18,6 +18,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from cowfs.commands.reply import Rows
 from cowfs.errors import FSError
 from cowfs.meta.layers import Branch, Catalog, Snapshot, Usage
 from cowfs.meta.records import Attrs
@@ -153,14 +154,18 @@ class Owners:
             u = usage(item)
             return {"logical_bytes": u.logical, "allocated_bytes": u.allocated, "inodes": u.inodes}
 
-        snaps = [{"name": s.name, "kind": "snapshot", "parent": s.branch, "created": s.created, **figures(s)}
-                 for s in self.snapshots(v)]
-        branches = []
-        for b in self.branches(v):
+        def snap_row(s: Snapshot) -> dict[str, Any]:
+            return {"name": s.name, "kind": "snapshot", "parent": s.branch, "created": s.created, **figures(s)}
+
+        def branch_row(b: Branch) -> dict[str, Any]:
             row = {"name": b.name, "kind": "branch", "parent": self.parent_of(v, b), "created": b.created,
                    **figures(b), "mounted_here": b.name == v,
                    "rollbacks": b.epoch, "quota_bytes": b.quota_bytes, "quota_inodes": b.quota_inodes}
             if v is None:
                 row["mounted_at"] = sorted(mounted.get(b.name) or [])
-            branches.append(row)
-        return {"snapshots": snaps, "branches": branches}
+            return row
+
+        # Rows made as the reply is read (cowfs.commands.reply): a million snapshots are a
+        # list of the catalog's own objects here, not a million dicts.
+        snaps, branches = self.snapshots(v), self.branches(v)
+        return {"snapshots": Rows(snaps, snap_row, len(snaps)), "branches": Rows(branches, branch_row, len(branches))}

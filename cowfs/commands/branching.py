@@ -73,13 +73,18 @@ class Branching:
         return usage
 
     def _usage_of(self, item: Snapshot | Branch) -> Usage:
-        """A branch served here counts its live usage; anything else its recorded one."""
+        """A branch served here counts its live usage; anything else its recorded one (none
+        for what was deleted, and its layer collected, while a listing was being read)."""
         if isinstance(item, Branch):
             view = self.fs.views.get(item.view)
             if view is not None and view.kind == "branch" and not view.retired:
                 return Usage(view.usage_bytes, view.usage_inodes, view.allocated)
-            return self._usage(item.head)
-        return self._usage(item.layer)
+            layer = item.head
+        else:
+            layer = item.layer
+        if layer not in self.cat.parents:
+            return Usage(0, 0, 0)
+        return self._usage(layer)
 
     # -- commands --------------------------------------------------------------------------
     async def snapshot(self, view: View, name: str, who: Caller) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The control-file protocol: one command line in, one JSON object out.
+"""The control-file protocol: one command line in, one JSON object out (a long list in it,
+of `list` or `diff`, made as it is read: cowfs.commands.reply).
 
 The commands and how words are quoted on a line are in cowfs.commands.protocol.  Names that are not
 UTF-8 travel in JSON losslessly: each byte that does not decode becomes a lone surrogate
@@ -7,7 +8,6 @@ U+DC80..U+DCFF (Python's "surrogateescape"), which JSON writes as "\\udcXX".
 from __future__ import annotations
 
 import errno
-import json
 from typing import Any, Awaitable, Callable
 
 from cowfs.commands import protocol
@@ -20,10 +20,6 @@ MAX_LINE = 4096
 KNOWN = ", ".join(c.usage for c in protocol.COMMANDS.values())
 
 RollbackHook = Callable[[View, list[bytes]], Awaitable[None]]
-
-
-def encode(obj: dict[str, Any]) -> bytes:
-    return (json.dumps(obj, ensure_ascii=True) + "\n").encode()
 
 
 class Control:

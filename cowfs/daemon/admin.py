@@ -52,6 +52,8 @@ async def serve(path: str, handle: Handler, *, owner: int | None = None,
     runs as root); handle still decides, from the peer's uid, what each request may do."""
     import trio
 
+    from cowfs.commands.reply import pieces
+
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -80,11 +82,35 @@ async def serve(path: str, handle: Handler, *, owner: int | None = None,
                     resp = await handle(req, peer_uid(stream.socket))
                 except Exception as exc:  # a bad request must never take the daemon down
                     resp = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-                await stream.send_all(json.dumps(resp).encode() + b"\n")
+                # A long reply (a store-wide list or diff) goes out piece by piece as the
+                # client takes it: never whole in memory (cowfs.commands.reply).
+                for piece in pieces(resp):
+                    await stream.send_all(piece)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away (a `cowfs stats` interrupted): nor must that
 
     await trio.serve_listeners(one, [listener])
+
+
+def request_streamed(store: str, req: dict[str, Any], item: Callable[[str, Any], None],
+                     raw: Callable[[bytes], None] | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    """Blocking client for a reply that may be long: item(key, value) for each item of its
+    lists as it arrives, raw(bytes) with its text; returns the other keys (lists as lengths).
+    timeout bounds each wait for more of the reply, not the whole."""
+    from cowfs.commands.reply import read_streamed
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(socket_path(store))
+        s.sendall(json.dumps(req).encode() + b"\n")
+
+        def read(n: int) -> bytes:
+            data = s.recv(max(n, 1 << 16))
+            if raw is not None and data:
+                raw(data)
+            return data
+
+        return read_streamed(read, item)
 
 
 def request(store: str, req: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:

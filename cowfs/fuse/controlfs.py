@@ -21,7 +21,8 @@ import pyfuse3
 
 from cowfs.commands.authz import Caller
 from cowfs.commands.branching import Branching
-from cowfs.commands.control import Control, encode
+from cowfs.commands.control import Control
+from cowfs.commands.reply import Reader
 from cowfs.commands.protocol import CONTROL_DIR
 from cowfs.core.filesystem import Filesystem
 from cowfs.core.node import Node
@@ -37,7 +38,8 @@ Entry = Callable[[Node], pyfuse3.EntryAttributes]
 
 
 class Session:
-    """One open handle of .cowfs/ctl or .cowfs/stats: its caller and its own reply."""
+    """One open handle of .cowfs/ctl or .cowfs/stats: its caller and its own reply, made as it
+    is read (cowfs.commands.reply: a long listing or diff is never held whole as text)."""
 
     __slots__ = ("view", "who", "kind", "reply", "cursor")
 
@@ -45,7 +47,7 @@ class Session:
         self.view = view
         self.who = who
         self.kind = kind
-        self.reply = reply
+        self.reply = Reader(reply)
         # Reads follow their own cursor, reset by each new reply: the file position has
         # moved past what the caller wrote, yet the reply must be readable from its start.
         self.cursor = 0
@@ -53,12 +55,12 @@ class Session:
     def read(self, off: int, size: int) -> bytes:
         if off == 0:
             self.cursor = 0
-        data = self.reply[self.cursor : self.cursor + size]
+        data = self.reply.read(self.cursor, size)
         self.cursor += len(data)
         return data
 
-    def set_reply(self, reply: bytes) -> None:
-        self.reply = reply
+    def set_reply(self, reply: dict[str, Any] | bytes) -> None:
+        self.reply = Reader(reply)
         self.cursor = 0
 
 
@@ -187,13 +189,13 @@ class ControlFS:
         if sess.kind != K_CTL:
             raise pyfuse3.FUSEError(errno.EBADF)
         if not buf.endswith(b"\n"):
-            sess.set_reply(encode({"ok": False, "errno": "EINVAL",
-                                   "error": "a write to the control file must end with a newline "
-                                            "(whole command lines only; nothing of it ran)"}))
+            sess.set_reply({"ok": False, "errno": "EINVAL",
+                            "error": "a write to the control file must end with a newline "
+                                     "(whole command lines only; nothing of it ran)"})
             raise pyfuse3.FUSEError(errno.EINVAL)
         for line in buf.split(b"\n")[:-1]:
             reply, err = await self.control.run_line(sess.view, line, sess.who)
-            sess.set_reply(encode(reply))
+            sess.set_reply(reply)
             if err:
                 raise pyfuse3.FUSEError(err)
         return len(buf)

@@ -6,6 +6,7 @@ versions of one name are adjacent and no other name shares the prefix).
 """
 from __future__ import annotations
 
+import heapq
 import stat
 from typing import Callable, Iterator
 
@@ -47,6 +48,11 @@ def key_ino(base: bytes) -> int:
 def key_name(base: bytes) -> bytes:
     """The name of a name_key."""
     return base[8:-1]
+
+
+def _tagged(items: Iterator[tuple[bytes, bytes]], level: int) -> Iterator[tuple[bytes, int, bytes]]:
+    for name, value in items:
+        yield name, level, value
 
 
 class Versioned:
@@ -308,52 +314,74 @@ class Versioned:
         return [(suffix_layer(k[-8:]), v) for k, v in self.kv.scan(cf, base, base)]
 
     def scan_names(self, cf: str, ino: int, lv: LayerView, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-        """(name, value) of every live name under ino visible in lv, in name order."""
-        hit = self._alias(ino, lv) if self._aliased(cf) and cf != CF_INODES else None
-        if hit is not None and isinstance(hit[0], Range) and cf != CF_DIRENTS:
-            hit = None
-        if hit is None:
+        """(name, value) of every live name under ino visible in lv, in name order.
+
+        A copy directory's listing is its own versions over its original's, and the
+        original's over its own original's for a clone of a clone: one merge of every level's
+        versions (the nearest level's version of a name wins; a tombstone hides it), built in
+        a loop, so nesting costs no recursion."""
+        levels: list[tuple[Range | Clone | None, int, LayerView]] = [(None, ino, lv)]
+        computed: Iterator[tuple[bytes, bytes]] | None = None  # a clone's names of a hard-linked copy
+        if self._aliased(cf) and cf != CF_INODES:
+            while True:
+                hit = self._alias(levels[-1][1], levels[-1][2])
+                if hit is None or (isinstance(hit[0], Range) and cf != CF_DIRENTS) \
+                        or any(r is hit[0] for r, _i, _lv in levels):
+                    break
+                r, x = hit
+                if isinstance(r, Clone) and cf == CF_LINKS:
+                    computed = iter([(k, LINKED) for k in (p.to_bytes(8, "big") + n
+                                                           for p, n in self.clone_names(r, levels[-1][1], x))
+                                     if k >= start])
+                    break
+                levels.append((r, x, self.range_view(r)))
+                if isinstance(r, Range):
+                    break  # a range's sources are never copies: one step
+        if len(levels) == 1 and computed is None:
             for name, value in self._scan_real(cf, ino, lv, start):
                 if value:
                     yield name, value
             return
-        r, x = hit
-        # Merge the real versions (tombstones included: they hide names) over the range's.
-        own = self._scan_real(cf, ino, lv, start)
-        if isinstance(r, Clone) and cf == CF_LINKS:
-            shared: Iterator[tuple[bytes, bytes]] = iter(
-                [(k, LINKED) for k in (p.to_bytes(8, "big") + n for p, n in self.clone_names(r, ino, x)) if k >= start])
-        elif isinstance(r, Clone) and cf == CF_DIRENTS:
-            shared = self._copied_entries(r, self.scan_names(cf, x, self.range_view(r), start))
-        elif isinstance(r, Clone):
-            shared = self.scan_names(cf, x, self.range_view(r), start)
-        else:
-            shared = ((n, self._entry(r, v)) for n, v in self.scan_names(cf, x, self.range_view(r), start))
-        a, b = next(own, None), next(shared, None)
-        while a is not None or b is not None:
-            if b is None or (a is not None and a[0] <= b[0]):
-                if a[1]:  # type: ignore[index]
-                    yield a  # type: ignore[misc]
-                if b is not None and a[0] == b[0]:  # type: ignore[index]
-                    b = next(shared, None)
-                a = next(own, None)
-            else:
-                yield b
-                b = next(shared, None)
-
-    def _copied_entries(self, c: Clone, entries: Iterator[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
-        """An original directory's entries as the copy's: numbers given TRANSLATE at a time."""
-        while True:
-            part = []
-            for item in entries:
-                part.append(item)
+        # computed names are the last level's own original's, already as that level's copies.
+        sources = [_tagged(self._scan_real(cf, i, v, start), k) for k, (_r, i, v) in enumerate(levels)]
+        if computed is not None:
+            sources.append(_tagged(computed, len(levels)))
+        merged = heapq.merge(*sources, key=lambda item: (item[0], item[1]))
+        part: list[tuple[bytes, int, bytes]] = []
+        last = None
+        for name, k, value in merged:
+            if name == last:
+                continue  # a deeper level's version of a name a nearer level decided
+            last = name
+            if value:
+                part.append((name, k, value))
                 if len(part) == TRANSLATE:
-                    break
-            if not part:
-                return
-            ys = self.copy_numbers(c, [int.from_bytes(v[:8], "big") for _n, v in part])
-            for (name, value), y in zip(part, ys):
-                yield name, y.to_bytes(8, "big") + value[8:]
+                    yield from self._lifted(cf, levels, part, computed is not None)
+                    part = []
+        if part:
+            yield from self._lifted(cf, levels, part, computed is not None)
+
+    def _lifted(self, cf: str, levels: list[tuple[Range | Clone | None, int, LayerView]],
+                part: list[tuple[bytes, int, bytes]], computed: bool) -> Iterator[tuple[bytes, bytes]]:
+        """Values found at deeper levels made the top level's: each level's translation in
+        turn, a batch at a time (copy numbers are given TRANSLATE at a time)."""
+        values = [value for _n, _k, value in part]
+        if cf == CF_DIRENTS:
+            for lvl in range(len(levels) - 1, 0, -1):
+                r = levels[lvl][0]
+                idx = [j for j, (_n, k, _v) in enumerate(part) if k >= lvl]
+                if not idx:
+                    continue
+                if isinstance(r, Range):
+                    for j in idx:
+                        values[j] = self._entry(r, values[j])
+                else:
+                    assert isinstance(r, Clone)
+                    ys = self.copy_numbers(r, [int.from_bytes(values[j][:8], "big") for j in idx])
+                    for j, y in zip(idx, ys):
+                        values[j] = y.to_bytes(8, "big") + values[j][8:]
+        for (name, _k, _v), value in zip(part, values):
+            yield name, value
 
     def _scan_real(self, cf: str, ino: int, lv: LayerView, start: bytes) -> Iterator[tuple[bytes, bytes]]:
         """(name, value) of the version lv sees of every name under ino, tombstones included."""
