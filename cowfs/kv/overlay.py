@@ -44,13 +44,34 @@ class OverlayKV(KV):
 
     @staticmethod
     def _merged(cf: str, start: bytes, prefix: bytes, members: list[KV]) -> Iterator[tuple[bytes, bytes]]:
-        # Every member's scan starts at the first step (each sees its member as of then);
-        # (key, rank) orders equal keys by member, so the first member's comes first and
-        # the others' copies of that key are skipped.  The members scan without the prefix
-        # and the union stops at its first key outside it, as one database's scan would.
-        its = [_ranked(kv.scan(cf, start), rank) for rank, kv in enumerate(members)]
-        last, n = None, len(prefix)
-        for key, _rank, value in heapq.merge(*its):
+        # Every member's scan starts at the first step (each sees its member as of then).  The
+        # members scan without the prefix and the union stops at its first key outside it, as
+        # one database's scan would.  A member whose first key is outside the prefix while the
+        # union's is inside has nothing in it (the prefix's keys are one contiguous range), so
+        # the usual case, one member holding the range (a lookup of base data, or of what the
+        # head just wrote), is read straight through, without a merge.
+        n = len(prefix)
+        firsts: list[tuple[bytes, int, bytes, Iterator[tuple[bytes, bytes]]]] = []
+        for rank, kv in enumerate(members):
+            it = iter(kv.scan(cf, start))
+            for key, value in it:
+                firsts.append((key, rank, value, it))
+                break
+        if not firsts or min(firsts)[0][:n] != prefix:  # (key, rank) is unique: the iterators are never compared
+            return
+        live = [f for f in firsts if f[0][:n] == prefix]
+        if len(live) == 1:
+            key, _rank, value, it = live[0]
+            yield key, value
+            for key, value in it:
+                if key[:n] != prefix:
+                    return
+                yield key, value
+            return
+        # (key, rank) orders equal keys by member, so the first member's comes first and the
+        # others' copies of that key are skipped.
+        last = None
+        for key, _rank, value in heapq.merge(*(_ranked(k, r, v, it) for k, r, v, it in live)):
             if key[:n] != prefix:
                 return
             if key != last:
@@ -68,6 +89,9 @@ class OverlayKV(KV):
         self.top.close()
 
 
-def _ranked(scan: Iterator[tuple[bytes, bytes]], rank: int) -> Iterator[tuple[bytes, int, bytes]]:
-    for key, value in scan:
+def _ranked(key: bytes, rank: int, value: bytes,
+            rest: Iterator[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, int, bytes]]:
+    """A member's scan whose first item was already taken, as (key, rank, value)."""
+    yield key, rank, value
+    for key, value in rest:
         yield key, rank, value
