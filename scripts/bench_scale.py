@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -61,13 +62,23 @@ class Config:
     layers_live: int = 1000
     # a store past 65,536 snapshots + branches (2 * ids_forks + 1 of them) mounts and reads
     ids_forks: int = 33_000
+    # clone of a directory tree of `clone_entries` entries
+    clone_entries: int = 1_000_000
+    # mount of a store with `mount_entries` files and `mount_snapshots` snapshots
+    mount_entries: int = 1_000_000
+    mount_snapshots: int = 100_000
+    # stat+open in another branch while a tree of `busy_entries` entries is diffed
+    busy_entries: int = 1_000_000
+    # clone and diff of a tree `deep_depth` directories deep
+    deep_depth: int = 10_000
 
     @classmethod
     def make(cls, quick: bool, workdir: str) -> "Config":
         if not quick:
             return cls(False, workdir)
         return cls(True, workdir, snap_small=200, snap_big=2000, snap_takes=15, gc_big=2000, gc_small=400,
-                   gc_deleted=100, layers_total=1000, layers_live=20, ids_forks=150)
+                   gc_deleted=100, layers_total=1000, layers_live=20, ids_forks=150,
+                   clone_entries=20_000, mount_entries=20_000, mount_snapshots=2000, busy_entries=20_000)
 
 
 @dataclass
@@ -292,6 +303,217 @@ def id_rows(cfg: Config) -> list[Row]:
                 len(built.snapshots) - len(wrong), "snapshots read right", f"= {len(built.snapshots):,}",
                 not wrong, build_s=round(built.seconds, 1),
                 details={"mount_s": round(mount_s, 3), "read_all_s": round(read_s, 3), "wrong": wrong[:10]})]
+
+
+# -- the tree rows (H23) -----------------------------------------------------------------------
+@row("clone")
+def clone_tree_rows(cfg: Config) -> list[Row]:
+    """`clone t t<k>` through the control file of a tree of clone_entries entries (built by
+    the bulk loader), CLONE_TAKES times: the wall time of each whole exchange (value: the
+    median; the first and the daemon's own share in details), and what the store's directory
+    grew by over the first clone (measured mounted, right after it, and after unmounting)."""
+    path = store_dir(cfg, "clone")
+    built = bulkstore.chain(path, 0, entries=cfg.clone_entries)
+    benchlib.log(f"  a tree of {cfg.clone_entries:,} entries built in {built.seconds:.1f} s")
+    mp = mount(path, mp_dir(cfg, "clone"))
+    walls: list[float] = []
+    daemon: list[float] = []
+    try:
+        ctl(mp, "snapshot", "warm")  # the control exchange's imports and first open, not timed
+        before = bulkstore.store_bytes(path)
+        for k in range(2, 2 + CLONE_TAKES):
+            t0 = time.perf_counter()
+            reply = ctl(mp, "clone", "t", f"t{k}")
+            walls.append(time.perf_counter() - t0)
+            daemon.append(reply["daemon_ms"])
+            if k == 2:
+                grown = bulkstore.store_bytes(path) - before
+        # the floor under any command that syncs the kernel's writes first: snapshots, timed alike
+        snaps = []
+        for k in range(CLONE_TAKES):
+            t0 = time.perf_counter()
+            ctl(mp, "snapshot", f"floor{k}")
+            snaps.append(time.perf_counter() - t0)
+        # the copies are there and read like their original
+        sub = sorted(os.listdir(os.path.join(mp, "t")))
+        assert sorted(os.listdir(os.path.join(mp, "t2"))) == sub
+        assert sorted(os.listdir(os.path.join(mp, "t2", sub[-1]))) == sorted(os.listdir(os.path.join(mp, "t", sub[-1])))
+    finally:
+        umount(mp)
+    grown_after = bulkstore.store_bytes(path) - before
+    took = p50(walls)
+    return [
+        Row("clone", f"clone of a {cfg.clone_entries:,}-entry directory tree, end to end (control file; "
+                     f"p50 of {CLONE_TAKES})", round(took * 1000, 3), "ms", "<= 10 ms", took <= 0.010,
+            build_s=round(built.seconds, 1),
+            details={"wall_ms": [round(w * 1000, 3) for w in walls], "daemon_ms": daemon,
+                     "snapshot_wall_ms_p50": round(p50(snaps) * 1000, 3)}),
+        Row("clone", "  store growth of the first clone (mounted, right after it)", grown, "bytes", "< 1 MiB",
+            grown < 1 << 20, details={"after_all_clones_and_umount_bytes": grown_after}),
+    ]
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _timed_mount(cfg: Config, path: str, name: str) -> tuple[str, float, int]:
+    """(mount point, seconds `cowfs mount` took until the mount served a listing of its root,
+    the daemon's RSS in KiB right then)."""
+    from cowfs.storedir import daemon_pid
+    mp = mp_dir(cfg, name)
+    os.makedirs(mp, exist_ok=True)
+    t0 = time.perf_counter()
+    mount(path, mp)
+    os.listdir(mp)
+    took = time.perf_counter() - t0
+    pid = daemon_pid(path)
+    assert pid is not None, f"no daemon pid for {path}"
+    return mp, took, _rss_kib(pid)
+
+
+CLONE_TAKES = 5  # clones of the same tree timed by the clone row
+CACHE_LIMITS = (256 + 256) << 20  # cache_l1 + cache_l2 at their defaults (`cowfs mount --help`)
+
+
+@row("mount")
+def mount_rows(cfg: Config) -> list[Row]:
+    """`cowfs mount` (the CLI, until the mount lists its root) of a store with mount_entries
+    files and mount_snapshots snapshots, and the daemon's RSS (/proc/PID/status) right then,
+    against the same for an empty store."""
+    empty = store_dir(cfg, "mount-empty")
+    t0 = time.perf_counter()
+    from cowfs.store import init_store
+    init_store(empty)
+    empty_build = time.perf_counter() - t0
+    path = store_dir(cfg, "mount-big")
+    built = bulkstore.chain(path, cfg.mount_snapshots, entries=cfg.mount_entries)
+    benchlib.log(f"  {cfg.mount_entries:,} files and {cfg.mount_snapshots:,} snapshots built in {built.seconds:.1f} s")
+    mp, empty_s, empty_rss = _timed_mount(cfg, empty, "mount-empty")
+    umount(mp)
+    mp, big_s, big_rss = _timed_mount(cfg, path, "mount-big")
+    try:
+        snaps = len(os.listdir(os.path.join(mp, ".cowfs", "snapshots")))
+        assert snaps == cfg.mount_snapshots, snaps
+        last = built.snapshots[-1]
+        assert os.readlink(os.path.join(mp, ".cowfs", "snapshots", last, "d", "link")) == last
+    finally:
+        umount(mp)
+    limit_kib = 1.3 * empty_rss + CACHE_LIMITS / 1024
+    what = f"{cfg.mount_entries:,} files and {cfg.mount_snapshots:,} snapshots"
+    note = ("the catalog loads every branch, snapshot and layer record when the store opens "
+            "(Catalog.__init__): O(snapshots) at mount") if big_s > 1.0 else ""
+    return [
+        Row("mount", f"cowfs mount of a store with {what} (empty store: {empty_s:.3f} s)", round(big_s, 3), "s",
+            "<= 1 s", big_s <= 1.0, build_s=round(built.seconds + empty_build, 1),
+            details={"empty_s": round(empty_s, 3), "note": note}),
+        Row("mount", f"  daemon RSS there (empty store: {empty_rss / 1024:.0f} MiB)", round(big_rss / 1024, 1), "MiB",
+            f"<= {limit_kib / 1024:.0f} MiB (1.3x empty + cache limits)", big_rss <= limit_kib,
+            details={"empty_rss_mib": round(empty_rss / 1024, 1), "ratio_to_empty": round(big_rss / empty_rss, 2),
+                     "cache_limits_mib": CACHE_LIMITS >> 20}),
+    ]
+
+
+def _probe(path: str, stop: threading.Event, out: list[float]) -> None:
+    """stat+open+read of the files of path in turn until stop, each timed (tests/test_walks.py)."""
+    names = sorted(os.listdir(path))
+    i = 0
+    while not stop.is_set():
+        p = os.path.join(path, names[i % len(names)])
+        t0 = time.perf_counter()
+        os.stat(p)
+        with open(p, "rb") as f:
+            f.read(1)
+        out.append(time.perf_counter() - t0)
+        i += 1
+        time.sleep(0.002)
+
+
+@row("busy")
+def busy_rows(cfg: Config) -> list[Row]:
+    """p99 of stat+open in another branch of the same daemon (a second mount, `--branch`)
+    while `cowfs diff` of a tree of busy_entries entries runs: the tree is cloned after
+    snapshot `before` (O(1)), so the diff expands the whole copy into added paths."""
+    path = store_dir(cfg, "busy")
+    built = bulkstore.chain(path, 0, entries=cfg.busy_entries)
+    benchlib.log(f"  a tree of {cfg.busy_entries:,} entries built in {built.seconds:.1f} s")
+    mp = mount(path, mp_dir(cfg, "busy"))
+    ctl(mp, "snapshot", "before")
+    ctl(mp, "clone", "t", "t2")
+    ctl(mp, "branch", "other", "before")
+    fork = mp_dir(cfg, "busy-other")
+    os.makedirs(fork, exist_ok=True)
+    cowfs("mount", path, fork, "--branch", "other", timeout=300)
+    MOUNTED.append(fork)
+    probe = os.path.join(fork, "w")
+    os.mkdir(probe)
+    for n in range(200):
+        with open(os.path.join(probe, f"f{n}"), "wb") as f:
+            f.write(b"x")
+    stop = threading.Event()
+    lat: list[float] = []
+    t = threading.Thread(target=_probe, args=(probe, stop, lat))
+    t.start()
+    try:
+        time.sleep(0.3)
+        start = len(lat)
+        t0 = time.perf_counter()
+        r = cowfs("diff", mp, "before", "--json", timeout=3600)
+        took = time.perf_counter() - t0
+        during = sorted(lat[start:])
+    finally:
+        stop.set()
+        t.join(60)
+        umount(fork)
+        umount(mp)
+    changes = len(json.loads(r.stdout)["changes"])
+    assert changes == cfg.busy_entries + 1, changes  # t2 and every entry below it
+    assert during, "no stat+open finished during the diff"
+    p99 = during[min(len(during) - 1, int(len(during) * 0.99))]
+    return [Row("busy", f"p99 stat+open in another branch while {changes:,} added paths are diffed "
+                        f"(diff: {took:.1f} s)", round(p99 * 1000, 2), "ms", "<= 50 ms", p99 <= 0.050,
+                build_s=round(built.seconds, 1),
+                details={"samples": len(during), "median_ms": round(statistics.median(during) * 1000, 2),
+                         "max_ms": round(during[-1] * 1000, 2), "diff_s": round(took, 2)})]
+
+
+@row("deep")
+def deep_rows(cfg: Config) -> list[Row]:
+    """`clone deep deep2` and `diff before after` of a tree deep_depth directories deep (built
+    by the bulk loader), through the control file; the copy read to its bottom through the
+    mount with relative chdir steps (its paths are far longer than PATH_MAX)."""
+    path = store_dir(cfg, "deep")
+    depth = cfg.deep_depth
+    built = bulkstore.deep(path, depth)
+    benchlib.log(f"  a tree {depth:,} levels deep built in {built.seconds:.1f} s")
+    mp = mount(path, mp_dir(cfg, "deep"))
+    try:
+        ctl(mp, "snapshot", "before")
+        t0 = time.perf_counter()
+        cloned = ctl(mp, "clone", "deep", "deep2")["cloned"] == "deep"
+        clone_s = time.perf_counter() - t0
+        code = ("import os, sys\nos.chdir(os.path.join(sys.argv[1], 'deep2'))\n"
+                f"for i in range({depth - 1}):\n    os.chdir('d')\n"
+                "print(open('leaf').read())\n")
+        bottom = subprocess.run([sys.executable, "-c", code, mp], timeout=600, capture_output=True,
+                                text=True).stdout.strip()
+        ctl(mp, "snapshot", "after")
+        t0 = time.perf_counter()
+        d = ctl(mp, "diff", "before", "after")
+        diff_s = time.perf_counter() - t0
+    finally:
+        umount(mp)
+    added = [c["path"] for c in d["changes"] if c["change"] == "added"]
+    deepest = "deep2/" + "/".join(["d"] * (depth - 1)) + "/leaf"
+    good = cloned and bottom == "bottom" and len(added) == depth + 1 and deepest in added
+    return [Row("deep", f"clone and diff of a {depth:,}-level-deep tree (clone {clone_s * 1000:.0f} ms, "
+                        f"diff {diff_s:.2f} s)", len(added), "paths added", f"succeed: = {depth + 1:,}, copy reads "
+                        "to its bottom", good, build_s=round(built.seconds, 1),
+                details={"clone_s": round(clone_s, 3), "diff_s": round(diff_s, 3), "bottom": bottom})]
 
 
 # -- running -----------------------------------------------------------------------------------

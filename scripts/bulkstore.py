@@ -28,6 +28,8 @@ from cowfs.store import ROOT_INO, Store, init_store
 
 BATCH = 5000  # snapshots or branches per committed batch
 FILES = 10  # regular files in the base tree (d/f0 .. d/f9, content b"file <n>\n")
+DIR_FILES = 1000  # files per directory of a wide tree (`_wide_tree`)
+FLUSH_EVERY = 20_000  # entries made by the filesystem core between two flushes
 
 
 @dataclass
@@ -74,14 +76,70 @@ def _link_attrs(store: Store, ino: int, layer: int) -> Attrs:
     return Attrs.unpack(found[1])
 
 
-def chain(path: str, snapshots: int, prefix: str = "s") -> Built:
-    """A store whose branch main has `snapshots` snapshots in one line (<prefix>0, ...):
-    before snapshot i, d/link's target is rewritten to "<prefix><i>"."""
+def _wide_tree(store: Store, entries: int) -> None:
+    """t/ in branch main with `entries` entries below it: directories t/d<k> of up to
+    DIR_FILES empty files each (the directories count as entries), through the filesystem
+    core, flushed every FLUSH_EVERY entries so a million entries stay within memory."""
+    async def build() -> None:
+        fs = Filesystem(store, "main")
+        root = fs.node(fs.primary, ROOT_INO)
+        top = await fs.make(root, b"t", 0o40755, 0, 0)
+        d, made, k = top, 0, 0
+        while made < entries:
+            if made % (DIR_FILES + 1) == 0:
+                d = await fs.make(top, f"d{k}".encode(), 0o40755, 0, 0)
+                k += 1
+            else:
+                await fs.make(d, f"f{made}".encode(), 0o100644, 0, 0)
+            made += 1
+            if made % FLUSH_EVERY == 0:
+                await fs.flush()
+        await fs.flush()
+    trio.run(build)
+
+
+def _deep_tree(store: Store, depth: int) -> None:
+    """deep/d/d/.../leaf in branch main: `depth` directories one in the other (deep and
+    depth - 1 levels of d) and a file `leaf` (content b"bottom") at the bottom."""
+    async def build() -> None:
+        fs = Filesystem(store, "main")
+        d = await fs.make(fs.node(fs.primary, ROOT_INO), b"deep", 0o40755, 0, 0)
+        for i in range(depth - 1):
+            d = await fs.make(d, b"d", 0o40755, 0, 0)
+            if i % FLUSH_EVERY == 0:
+                await fs.flush()
+        leaf = await fs.make(d, b"leaf", 0o100644, 0, 0)
+        await fs.write(leaf, 0, b"bottom")
+        await fs.flush()
+    trio.run(build)
+
+
+def deep(path: str, depth: int) -> Built:
+    """A store whose branch main holds d/ (the base tree) and a tree `depth` directories
+    deep (`_deep_tree`)."""
     t0 = time.perf_counter()
     init_store(path)
     store = Store(path)
     try:
         ino = _base_tree(store)
+        _deep_tree(store, depth)
+        store.kv.sync()
+    finally:
+        store.close()
+    return Built(path, time.perf_counter() - t0, link_ino=ino)
+
+
+def chain(path: str, snapshots: int, prefix: str = "s", entries: int = 0) -> Built:
+    """A store whose branch main has `snapshots` snapshots in one line (<prefix>0, ...):
+    before snapshot i, d/link's target is rewritten to "<prefix><i>".  With `entries`, the
+    tree t/ of that many entries (`_wide_tree`) is made first, before every snapshot."""
+    t0 = time.perf_counter()
+    init_store(path)
+    store = Store(path)
+    try:
+        ino = _base_tree(store)
+        if entries:
+            _wide_tree(store, entries)
         cat = store.catalog
         b = cat.branches["main"]
         attrs = _link_attrs(store, ino, b.head)
