@@ -361,7 +361,9 @@ def test_every_pack_lists_its_encodings_and_fsck_checks_the_lists(mount_factory)
     keep = _side_by_side(m, random.Random(7))
     m.stop()
     n, missing = _unindexed_pointers(m.store)
-    assert n >= 200 and missing == [], (n, missing[:5])  # keep's 256 chunks, most packed
+    # keep's 256 chunks: those of flushes of 4 MiB or more are packed (how the writeback splits
+    # the writes into flushes depends on timing: 191-256 seen); enough to make the check real
+    assert n >= 100 and missing == [], (n, missing[:5])
     m.start()
     r = gc(m.path, "--repack-below", "1")
     assert r["packs_repacked"] >= 1 and r["pack_bytes_copied"] <= 16 * MiB + 64 * KiB, r
@@ -370,7 +372,7 @@ def test_every_pack_lists_its_encodings_and_fsck_checks_the_lists(mount_factory)
     assert r["pack_bytes_copied"] == 0 and r["pack_bytes_dead"] == 0, r
     m.stop()
     n, missing = _unindexed_pointers(m.store)
-    assert n >= 200 and missing == [], (n, missing[:5])
+    assert n >= 100 and missing == [], (n, missing[:5])
     workload.fsck_clean(m.store)
     # One byte of one pack's index damaged: fsck says which pack.
     victim = os.path.join(m.store, "packs", packs(m.store)[0])
