@@ -89,6 +89,7 @@ def init_store(path: str) -> None:
             root = Attrs(0o40755, os.getuid(), os.getgid(), 2, 0, 0, now, now, now)
             Versioned.put(batch, CF_INODES, ino_key(ROOT_INO), layer, root.pack())
             cat.save_usage(layer, Usage(0, 1, 0), batch)
+            cat.mark_walked(batch)  # no history yet: the first gc pass has no old layers to look at
             batch.put(CF_META, b"counter/ino", (ROOT_INO + 1).to_bytes(8, "big"))
             kv.write(batch)
             kv.sync()
