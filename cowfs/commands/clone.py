@@ -15,6 +15,7 @@ clone, in the background (cowfs.background.cloning).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import posixpath
 import stat
@@ -109,27 +110,32 @@ class Cloner:
         t0 = time.perf_counter()
         walk = who.uid != 0 or bool(view.quota_bytes or view.quota_inodes)
         c: Clone | None = None
+        # A walked clone awaits between freezing the original's layer and the commit that
+        # pins it (the Clone record): garbage collection must not merge that layer away
+        # meanwhile (it is no snapshot's), so the walk holds `maintenance`, as diff does.
+        held = self.fs.maintenance if walk else contextlib.nullcontext()
         try:
-            async with self.fs.mutate(view) as m:
-                snode, dparent, dname = self._checked(view, src, dst, who)
-                top, is_dir = snode.ino, snode.attrs.is_dir
-                if not is_dir:
-                    if view.quota_bytes or view.quota_inodes:
-                        view.check_quota(self.fs.allocated(snode) if snode.attrs.is_reg else 0, 1)
-                    self._copy_file(m, snode, dparent, dname, who)
-                else:
-                    # The original as it is now, frozen: a snapshot's layer, or the branch head's.
-                    layer = snode.view.lv.top if not snode.view.writable else self.fs.freeze_head(m, view)
-                    if not walk:
-                        c = self._clone_dir(m, view, top, dparent, dname, who, layer, None)
-            if is_dir and walk:
-                usage = await self._walk(top, layer, who)
+            async with held:
                 async with self.fs.mutate(view) as m:
-                    # The target is checked again (the tree may have changed meanwhile); the
-                    # original is the frozen one the walk read.
-                    _, dparent, dname = self._checked(view, src, dst, who)
-                    view.check_quota(usage.allocated, usage.inodes + 1)
-                    c = self._clone_dir(m, view, top, dparent, dname, who, layer, usage)
+                    snode, dparent, dname = self._checked(view, src, dst, who)
+                    top, is_dir = snode.ino, snode.attrs.is_dir
+                    if not is_dir:
+                        if view.quota_bytes or view.quota_inodes:
+                            view.check_quota(self.fs.allocated(snode) if snode.attrs.is_reg else 0, 1)
+                        self._copy_file(m, snode, dparent, dname, who)
+                    else:
+                        # The original as it is now, frozen: a snapshot's layer, or the branch head's.
+                        layer = snode.view.lv.top if not snode.view.writable else self.fs.freeze_head(m, view)
+                        if not walk:
+                            c = self._clone_dir(m, view, top, dparent, dname, who, layer, None)
+                if is_dir and walk:
+                    usage = await self._walk(top, layer, who)
+                    async with self.fs.mutate(view) as m:
+                        # The target is checked again (the tree may have changed meanwhile);
+                        # the original is the frozen one the walk read.
+                        _, dparent, dname = self._checked(view, src, dst, who)
+                        view.check_quota(usage.allocated, usage.inodes + 1)
+                        c = self._clone_dir(m, view, top, dparent, dname, who, layer, usage)
         except BaseException:
             if c is not None:  # its commit failed: the clone was never there
                 self.fs.store.meta.shared.clones_committed(removed=[c])
