@@ -190,7 +190,9 @@ def test_deleted_packed_data_comes_back_at_gc_exactly(mount_factory):
     m = mount_factory(options=("dedup=off",))
     keep = _side_by_side(m, random.Random(5))
     packed = mounting.du(m.store / "packs")
-    assert packed >= 40 * MiB, packed
+    # most of the 48 MiB: flushes under 4 MiB stay inline, and how writeback splits the writes
+    # into flushes depends on timing (36-39 MiB packed seen on a loaded machine)
+    assert packed >= 30 * MiB, packed
     m.remount()  # nothing is given back at unmount either
     assert mounting.du(m.store / "packs") == packed, "a free only drops pointers"
     s = mounting.cowfs_json("stats", m.path)
@@ -401,7 +403,7 @@ def test_kill9_in_the_middle_of_a_repack(mount_factory, point):
     keep = _side_by_side(m, random.Random(7))
     old = packs(m.store)
     packed = mounting.du(m.store / "packs")
-    assert packed >= 40 * MiB
+    assert packed >= 30 * MiB, packed  # most of the 48 MiB (see above)
     gc_run = subprocess.Popen(mounting.cowfs_command() + ["gc", str(m.path), "--repack-below", "1", "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
