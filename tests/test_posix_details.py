@@ -24,6 +24,8 @@ import mounting
 from conftest import UNPRIV_GID, UNPRIV_UID
 from mounting import Worker, utimensat
 
+CLOCK_REALTIME_COARSE = 5  # Linux; not in Python's time module
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -519,6 +521,41 @@ def test_timestamps_never_go_back_and_persist(cowfs_mount):
         prev = cur
     remount_and_compare(steps[-1][0])
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.timeout(120)
+def test_truncating_open_keeps_the_kernels_mtime(cowfs_mount, tmp_path):
+    """An append then, in the same tick, a truncating open and a write: the kernel's clock
+    (Linux >= 6.13: coarse, raised to the last fine-grained time handed out, here by
+    chmods of a stat'ed file on tmp_path's filesystem) runs ahead of the daemon's coarse one,
+    so the kernel keeps the append's mtime and ctime and sends none; a snapshot must show
+    the times the live mount shows (the daemon stamped its own, earlier, time: a CI failure of
+    tests/test_history.py)."""
+    from cowfs import api
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"x")
+    f = cowfs_mount.path / "f"
+    f.write_bytes(b"a")
+    ahead, wrong = 0, []
+    for i in range(300):
+        time.sleep(0.005)
+        os.chmod(probe, 0o600)  # a new ctime; stat'ed; changed again in the same tick: a
+        os.stat(probe)  # fine-grained ctime, which raises the kernel's clock of every file
+        os.chmod(probe, 0o644)
+        _append(f, b"more\n")
+        ahead += os.stat(f).st_mtime_ns > time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
+        with open(f, "wb") as h:
+            h.write(b"new %d" % i)
+        api.control(cowfs_mount.path, "snapshot", f"s{i}")
+        st, ss = os.stat(f), os.stat(cowfs_mount.path / ".cowfs" / "snapshots" / f"s{i}" / "f")
+        live, snap = (st.st_mtime_ns, st.st_ctime_ns), (ss.st_mtime_ns, ss.st_ctime_ns)
+        if live != snap:
+            wrong.append((i, live, snap))
+        if ahead >= 20:
+            break
+    if not ahead:
+        pytest.skip("the kernel's file clock never ran ahead of the coarse clock (Linux < 6.13?)")
+    assert not wrong, f"{len(wrong)} of {i + 1} snapshots (the kernel ahead {ahead} times): {wrong[:5]}"
 
 
 @pytest.mark.timeout(60)

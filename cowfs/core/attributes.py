@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import stat
+import time
 from typing import TYPE_CHECKING
 
 from cowfs.core.node import Node
@@ -35,6 +36,19 @@ def check_xattr_name(name: bytes) -> None:
         raise FSError(errno.EINVAL)
     if len(name) > 255:
         raise FSError(errno.ERANGE)
+
+
+def cut_time(current: int, now: int) -> int:
+    """A file's mtime (or ctime) after we cut it (a truncating open: FUSE's atomic O_TRUNC
+    leaves the times to us).  The current time may be the kernel's, sent at the last close,
+    and the kernel's file clock runs ahead of our coarse one: since Linux 6.13 it is raised
+    to the last fine-grained time any filesystem handed out (multigrain timestamps).  When
+    that clock still reads the file's time, the kernel keeps it and sends none, so a stamp of
+    ours (now) would make the file older, in a snapshot or once the kernel forgets it, than
+    the live mount showed: keep the current time when it lies between our clock and the
+    fine-grained one (a time set ahead by utime is not the kernel's clock: the kernel then
+    stamps its own and sends it at close)."""
+    return current if now < current <= time.time_ns() else now
 
 
 class Attributes:
@@ -65,6 +79,7 @@ class Attributes:
         async with fs.txn.mutate(node.view) as m:
             a = node.attrs
             same_size = size is not None and size == a.size
+            cut = False
             if size is not None:
                 if a.is_dir:
                     raise FSError(errno.EISDIR)
@@ -75,10 +90,13 @@ class Attributes:
                     node.truncate_buffers(size, fs.store.objects)
                     fs.flusher.flush_node_into(m, node, fs.flusher.encode(node.dirty), size, cut=shrink)
                     node.dirty.clear()
-                    a.mtime_ns = m.now
+                    a.mtime_ns = cut_time(a.mtime_ns, m.now)
+                    cut = True
             self._set_attrs(a, mode, uid, gid, atime_ns, mtime_ns, kill_suid)
             if ctime_ns is not None:
                 a.ctime_ns = ctime_ns
+            elif cut:
+                a.ctime_ns = cut_time(a.ctime_ns, m.now)
             elif not (a.is_reg and same_size and mode is None and uid is None and gid is None
                       and atime_ns is None and mtime_ns is None):
                 # A truncate to the current size changes nothing; the kernel (which owns a
