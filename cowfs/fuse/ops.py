@@ -66,9 +66,10 @@ class Operations(pyfuse3.Operations):
                                stats or (lambda view: {}), ctl_group)
         self.requests: Counter[str] = Counter()
         # Set by the daemon when cowfs.fuse.ext passes READDIR's inode as its handle: then
-        # OPENDIR is declined (see opendir), and listings in progress are kept here.
+        # OPENDIR is declined (see opendir), and listings in progress are kept here: listing
+        # id -> (the directory's inode, its entries).
         self.dirs_by_inode: Extensions | None = None
-        self._listings: OrderedDict[int, list[tuple[bytes, int]]] = OrderedDict()
+        self._listings: OrderedDict[int, tuple[int, list[tuple[bytes, int]]]] = OrderedDict()
         self._listing_ids = 0
         # The reply to a LOOKUP of an absent name: cached as absent (None: ENOENT, not cached).
         self._negative: pyfuse3.EntryAttributes | None = None
@@ -129,6 +130,16 @@ class Operations(pyfuse3.Operations):
             node = self.inodes.held(fino)
             if node is not None:
                 self.fs.forget(node, n)
+                if node.lookups <= 0 and self._listings and node.attrs.is_dir:
+                    self._drop_listings(fino)
+
+    def _drop_listings(self, fino: int) -> None:
+        """The kernel forgot directory fino: no READDIR can continue its listings (a reader
+        holds the inode), so those it left part way go now.  `rm -rf` starts reading each
+        directory twice and leaves one listing at its first page: kept until MAX_LISTINGS
+        newer ones, that was the whole directory's entries per directory removed."""
+        for lid in [lid for lid, (ino, _) in self._listings.items() if ino == fino]:
+            del self._listings[lid]
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         self.requests["getattr"] += 1
@@ -390,8 +401,8 @@ class Operations(pyfuse3.Operations):
         reading starts at offset 0, and kept under an id carried in the offsets of its
         entries, so the pages after the first index the same listing (stable while entries
         are added or removed, as with a handle); it is dropped at the end (the empty reply)
-        or, when MAX_LISTINGS newer ones are read part way, the oldest; a later page of a
-        dropped listing indexes a new one."""
+        or, when MAX_LISTINGS newer ones are read part way, the oldest, or when the kernel
+        forgets the directory (see forget); a later page of a dropped listing indexes a new one."""
         pid = self.dirs_by_inode.readdir_pids.pop(fino, 0)  # type: ignore[union-attr]
         if is_control(fino):
             self._control_listing(fino, start_id, token)
@@ -405,13 +416,14 @@ class Operations(pyfuse3.Operations):
             elif pid and pid == self.warm.pid:
                 self.warm.requests += 1
         lid, pos = start_id >> LISTING_BITS, start_id & ((1 << LISTING_BITS) - 1)
-        entries = self._listings.get(lid) if start_id else None
+        kept = self._listings.get(lid) if start_id else None
+        entries = kept[1] if kept is not None and kept[0] == fino else None
         if entries is None:
             if start_id == 0:
                 self._listing_ids = self._listing_ids % ((1 << 30) - 1) + 1
                 lid = self._listing_ids
             entries = self.fs.list_dir(node)
-            self._listings[lid] = entries
+            self._listings[lid] = (fino, entries)
             while len(self._listings) > MAX_LISTINGS:
                 self._listings.popitem(last=False)
         if self._reply_listing(node, entries, pos, lid << LISTING_BITS, token):
