@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from cowfs.commands.authz import Caller, Mounted, Owners, absent
 from cowfs.commands.clone import Cloner, InvalidateDir
@@ -37,6 +37,8 @@ class Branching:
         self.admin_group = admin_group  # members may snapshot/branch/rollback/delete too
         self.cloner = Cloner(fs, self.owners)
         self.differ = Differ(fs, self.owners)
+        # The FUSE layer's: make the kernel drop snapshots' names (cowfs.fuse.kernel).
+        self.drop_snapshots: Callable[[list[str]], Awaitable[None]] | None = None
 
     def set_invalidate_dir(self, hook: InvalidateDir) -> None:
         """The FUSE layer's: make the kernel forget what it caches of a directory a clone changed."""
@@ -181,6 +183,12 @@ class Branching:
                 learner.forget(name, m.batch)
         self.fs.drop_views(name)
         self.fs.schedule_gc()
+        if kind == "snapshot" and self.drop_snapshots is not None and any(v.name == name for v in self.fs.views):
+            # The kernel still holds the deleted snapshot's view (its name under .cowfs/snapshots
+            # stays in its cache until dropped): make it forget it, so the view goes and the
+            # next garbage-collection pass compacts its layer.  After the commit, outside the
+            # lock: the kernel sends its FORGETs meanwhile.
+            await self.drop_snapshots([name])
         log.info("%s %s deleted %s", kind, name,
                  f"through the mount of {view.name}" if view is not None else "by the administrator")
         return {"deleted": name, "kind": kind}

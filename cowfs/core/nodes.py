@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 import stat
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from cowfs.core.node import Node
 from cowfs.core.view import View
@@ -48,6 +48,13 @@ def _held(node: Node) -> bool:
 class NodeTable:
     def __init__(self, fs: "Filesystem") -> None:
         self.fs = fs
+        # By view id: held nodes other than the view's root, in the live tree and in detached
+        # pre-rollback trees of the same view id alike.  Their kernel inode numbers carry the
+        # view's slot (cowfs.fuse.inodes), which may go to another view once this is 0.
+        self.inner_held: dict[int, int] = {}
+        # Told (view id, busy) when a count leaves or reaches 0 (the FUSE layer: a view whose
+        # count is 0 may give its slot to another view).
+        self.on_inner: Callable[[int, bool], None] | None = None
 
     # -- in memory ---------------------------------------------------------------------------
     def node(self, view: View, ino: int, unlinked_ok: bool = False) -> Node:
@@ -124,14 +131,22 @@ class NodeTable:
             view.nodes[ROOT_INO] = root
 
     # -- the lifecycle -----------------------------------------------------------------------
-    @staticmethod
-    def _refs(node: Node, lookups: int = 0, opens: int = 0) -> None:
+    def _refs(self, node: Node, lookups: int = 0, opens: int = 0) -> None:
         was = _held(node)
         node.lookups += lookups
         node.opens += opens
         now = _held(node)
         if was != now:
             node.view.held += 1 if now else -1
+            if node.ino != ROOT_INO:
+                vid = node.view.vid
+                left = self.inner_held.get(vid, 0) + (1 if now else -1)
+                if left > 0:
+                    self.inner_held[vid] = left
+                else:
+                    self.inner_held.pop(vid, None)
+                if (left == 1 and now or left <= 0) and self.on_inner is not None:
+                    self.on_inner(vid, left > 0)
 
     def looked_up(self, node: Node) -> None:
         """The kernel got node in an entry reply (LOOKUP, CREATE, MKDIR, LINK, READDIRPLUS...)."""

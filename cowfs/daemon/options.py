@@ -54,6 +54,13 @@ def _spin(v: str) -> int:
     return n
 
 
+def _slots(v: str) -> int:
+    n = int(v)
+    if not 1 <= n <= 65535:
+        raise ValueError(v)
+    return n
+
+
 def _count(v: str) -> int:
     n = int(v)
     if n < 0:
@@ -147,6 +154,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("cpus", "LIST", "none", "pin the daemon's threads to these CPUs (\"0\", \"0-1\", \"0+2\"): with the "
            "sandbox's processes on the same CPUs, a request and its reply need no wake-up on another CPU "
            "(docs/benchmarks.md, CPU placement)", "cpus", parse_cpus),
+    Option("view_slots", "N", "65535", "views whose inodes (besides roots) the kernel may hold at once, each "
+           "with a slot of the inode numbers (1-65535; fewer only to test slot recycling)", "view_slots", _slots),
     Option("fuse_ext", "0|1", "1", "SEEK_DATA/SEEK_HOLE, fallocate and each branch's own df, served through "
            "libfuse's session (cowfs/fuse/ext.py); 0 turns them off", "fuse_ext", _bool01),
 )
@@ -154,7 +163,7 @@ BY_NAME: dict[str, Option] = {n: o for o in OPTIONS for n in (o.name, *o.aliases
 # The options that hold for the whole daemon (every branch it serves); set explicitly, they
 # are recorded in MountConfig.given, so that a mount of another branch may repeat them.
 DAEMON_WIDE = ("cache_l1", "cache_l2", "prefetch", "prefetch_learn", "dir_cache", "warm", "dedup", "dedup_cpu",
-               "share", "spin_us", "fuse_ext", "cpus")
+               "share", "spin_us", "fuse_ext", "cpus", "view_slots")
 
 
 def lookup(text: str) -> Option | None:

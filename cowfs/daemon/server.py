@@ -96,7 +96,7 @@ class Daemon:
         self.warmer = Warmer(self.fs, self._view_root, cfg.store, cfg.prefetch and cfg.warm)
         self.ops = Operations(self.fs, stats=self.sandbox_stats, mounted=self.branch_mounts, ctl_group=cfg.ctl_group,
                               cache_absent=cfg.dir_cache, warm=self.warmer,
-                              view_root=self._view_root)
+                              view_root=self._view_root, slots=cfg.view_slots)
         # The control directories' listings change behind the kernel (snapshots come and go).
         self.dir_cache = cfg.dir_cache and dircache.install(lambda fino: not is_control(fino))
         # LSEEK, FALLOCATE and STATFS's inode, which pyfuse3 does not hand on.
@@ -239,6 +239,7 @@ class Daemon:
             "kernel_dir_cache": self.dir_cache,
             "daemon_cpus": sorted(os.sched_getaffinity(0)),  # -o cpus=, else where it may run
             "fuse_ext": self.ext.figures(),
+            "inode_slots": self.ops.inodes.slots.figures(),
             "usage_bytes": view.usage_bytes,  # logical: the sizes of its files, holes included
             "usage_allocated_bytes": view.allocated,  # what its files' data takes: the byte quota's measure
             "usage_inodes": view.usage_inodes,
@@ -405,6 +406,7 @@ class Daemon:
                                                                               task_status=task_status))
             sup.start(nursery, "flusher", self.fs.background_flusher)
             sup.start(nursery, "kernel_syncer", self.ops.kernel.syncer)
+            sup.start(nursery, "slot_reclaimer", self.ops.kernel.slot_reclaimer)
             sup.start(nursery, "signals", self._watch_signals)
             sup.start(nursery, "readahead_tuning", self._tune_readahead, speculative=True)
             sup.start(nursery, "gc", lambda: collect_when_wanted(self.fs))

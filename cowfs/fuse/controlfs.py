@@ -28,10 +28,9 @@ from cowfs.core.filesystem import Filesystem
 from cowfs.core.node import Node
 from cowfs.core.view import View
 from cowfs.fuse.handles import Handles
-from cowfs.fuse.inodes import control_ino, control_parts
+from cowfs.fuse.inodes import K_BYVIEW, K_CTL, K_DIR, K_SNAPS, K_STATS, control_ino, control_parts
 from cowfs.store import ROOT_INO
 
-K_DIR, K_CTL, K_STATS, K_SNAPS, K_BYVIEW = 1, 2, 3, 4, 5
 CONTROL_NAMES = {b"ctl": K_CTL, b"stats": K_STATS, b"snapshots": K_SNAPS, b"by-view": K_BYVIEW}
 
 Entry = Callable[[Node], pyfuse3.EntryAttributes]

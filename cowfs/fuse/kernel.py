@@ -40,7 +40,9 @@ class Kernel:
         """Make the kernel forget node's attributes and listing and the given names (negative
         dentries too).  Synchronous, in a thread (the kernel may call back into us): when the
         command that changed the directory returns, nothing stale is left."""
-        fino = self.inodes.fuse_ino(node)
+        fino = self.inodes.known(node)
+        if fino is None:
+            return  # the kernel holds nothing of the directory's view: nothing to forget
 
         def invalidate() -> None:
             inval_entries(fino, names)
@@ -59,7 +61,8 @@ class Kernel:
     async def writeback_writers(self) -> None:
         """Pull the kernel's dirty pages of every file open for writing (invalidate_inode
         writes them back to us first, synchronously)."""
-        finos = [self.inodes.fuse_ino(n) for n in self.handles.writers if n.attrs.is_reg and not n.deleted]
+        finos = [f for n in self.handles.writers if n.attrs.is_reg and not n.deleted
+                 if (f := self.inodes.known(n)) is not None]
         if finos:
             await trio.to_thread.run_sync(lambda: [pull_pages(f) for f in finos])
 
@@ -74,7 +77,45 @@ class Kernel:
 
     async def pull(self, node: Node) -> None:
         """The kernel's dirty pages of node, written back to us now."""
-        await trio.to_thread.run_sync(pull_pages, self.inodes.fuse_ino(node))
+        fino = self.inodes.known(node)
+        if fino is not None:
+            await trio.to_thread.run_sync(pull_pages, fino)
+
+    async def drop_snapshots(self, names: list[str]) -> None:
+        """Have the kernel drop these snapshots' views (Inodes.snapshot_entries), so it forgets
+        their inodes but those in use, and the rest once they are no longer: a deleted
+        snapshot's view goes, and garbage collection compacts its layer, once the kernel has
+        forgotten it.  Call it outside `Filesystem.lock` (the kernel sends FORGETs meanwhile)."""
+        views = [v for v in self.fs.views if v.kind == "snapshot" and v.name in names]
+        entries = self.inodes.snapshot_entries(views)
+        if entries:
+            await trio.to_thread.run_sync(lambda: [inval_entries(d, [n]) for d, n in entries])
+
+    async def slot_reclaimer(self) -> None:
+        """When inode-number slots run short (cowfs.fuse.inodes), have the kernel drop the
+        names of snapshot views that hold slots, least recently given first, a few at a
+        time, until a quarter of the slots could be taken or every such view was asked
+        once: the kernel forgets those not in use, and their slots go idle, for other
+        views.  A request finding no slot waits for this."""
+        inodes = self.inodes
+        slots = inodes.slots
+        while True:
+            await inodes.short.wait()
+            inodes.short = trio.Event()
+            target = max(2, slots.limit // 4)
+            asked: set[int] = set()
+            while slots.available() < target:
+                vids = slots.to_drop(target - slots.available(),
+                                     lambda vid: vid not in asked and inodes.droppable(vid))
+                if not vids:
+                    break
+                asked.update(vids)
+                views = [v for vid in vids if (v := self.fs.views.get(vid)) is not None]
+                log.debug("inode-number slots short (%d of %d free or idle): dropping %d snapshot views",
+                          slots.available(), slots.limit, len(views))
+                entries = inodes.snapshot_entries(views)
+                await trio.to_thread.run_sync(lambda: [inval_entries(d, [n]) for d, n in entries])
+                await trio.sleep(0.02)  # the FORGETs come; then look again
 
     async def syncer(self) -> None:
         """Bring the kernel's view of a file back to ours after a write it acknowledged was
@@ -93,7 +134,9 @@ class Kernel:
         invalidated.  The path is walked one name at a time without following symlinks and
         the inode checked, so a rename meanwhile cannot make us truncate another file; a
         file without a name gets the invalidation only."""
-        fino = self.inodes.fuse_ino(node)
+        fino = self.inodes.known(node)
+        if fino is None:
+            return  # the kernel holds nothing of the file's view: it has no pages of it
         root = self.view_root(node.view) if node.view.kind == "branch" and node.attrs.nlink > 0 else None
         # The path from the records in a database job (pure reads), the kernel calls in a
         # thread of their own: they wait for requests that may commit.

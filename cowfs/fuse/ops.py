@@ -32,7 +32,7 @@ from cowfs.errors import FSError
 from cowfs.fuse.controlfs import ControlFS
 from cowfs.fuse.ext import Extensions
 from cowfs.fuse.handles import Handles
-from cowfs.fuse.inodes import Inodes, is_control
+from cowfs.fuse.inodes import SLOTS, Inodes, is_control
 from cowfs.fuse.kernel import Kernel
 from cowfs.store import ROOT_INO
 
@@ -51,15 +51,16 @@ class Operations(pyfuse3.Operations):
     def __init__(self, fs: Filesystem, stats: Callable[[View], dict[str, Any]] | None = None,
                  mounted: Callable[[], Mounted] | None = None, ctl_group: int | None = None,
                  cache_absent: bool = True, warm: Warmer | None = None,
-                 view_root: Callable[[View], str | None] | None = None) -> None:
+                 view_root: Callable[[View], str | None] | None = None, slots: int = SLOTS) -> None:
         super().__init__()
         self.fs = fs
         self.warm = warm  # learns cold starts from lookups and listings, and warms them
-        self.inodes = Inodes(fs)
+        self.inodes = Inodes(fs, slots)
         self.handles = Handles()
         self.kernel = Kernel(fs, self.inodes, self.handles, view_root or (lambda view: None))
         self.branching = Branching(fs, ctl_group)
         self.branching.set_invalidate_dir(self.kernel.invalidate_dir)
+        self.branching.drop_snapshots = self.kernel.drop_snapshots
         fs.writers_sync = self.kernel.writeback_writers
         control = Control(self.branching, self.kernel.after_rollback, mounted or (lambda: {}))
         self.ctlfs = ControlFS(fs, self.branching, control, self.handles, self._entry, self._looked_up,
@@ -112,6 +113,7 @@ class Operations(pyfuse3.Operations):
             return self.ctlfs.dir_entry(parent.view)
         if self.warm is not None:
             self.warm.touch(parent, ctx.pid)
+        await self.inodes.ready(parent.view)
         try:
             return self._looked_up(self.fs.lookup(parent, name))
         except FSError as exc:
@@ -190,6 +192,7 @@ class Operations(pyfuse3.Operations):
     async def _make(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext,
                     rdev: int = 0, target: bytes = b"") -> Node:
         parent = self._parent(parent_inode, name, errno.EEXIST)
+        await self.inodes.ready(parent.view)
         groups: set[int] = set()
         if mode & stat.S_ISGID and ctx.uid != 0:
             groups = pyfuse3.get_sup_groups(ctx.pid)
@@ -237,6 +240,7 @@ class Operations(pyfuse3.Operations):
         if is_control(inode):
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self.inodes.live(inode)
+        await self.inodes.ready(node.view)
         await self.fs.link(node, self._parent(new_parent_inode, new_name, errno.EEXIST), new_name)
         return self._looked_up(node)
 
@@ -390,6 +394,7 @@ class Operations(pyfuse3.Operations):
         if d.node is None:
             self._control_listing(d.control, start_id, token)
             return
+        await self.inodes.ready(d.node.view)
         if start_id == 0 or d.entries is None:
             # Offsets index a listing taken when reading starts (again), so they stay valid
             # while entries are added or removed, and each page costs O(entries in it).
