@@ -57,13 +57,15 @@ def test_store_past_65536_snapshots_and_branches_mounts_and_reads(mount_factory,
     newest = [n for n in built.snapshots if vids[n] > 65_535]  # view ids past 16 bits
     assert len(newest) > 200
     m = mount_factory(store=store, options=["allow_other"])
-    sample = built.snapshots[: -len(newest) : 16] + newest
+    # every snapshot past 16 bits, and one in 256 of the others (a first read of a snapshot
+    # costs ~70 ms in a store this size: the full sweep is bench_scale's ids row)
+    sample = built.snapshots[: -len(newest) : 256] + newest
     inos: dict[int, str] = {}
     for name in sample:
         st = _snapshot_reads_right(m.path, name)
         assert st.st_ino not in inos, f"{name} and {inos.get(st.st_ino)}: one st_ino"
         inos[st.st_ino] = name
-    assert len(sample) > 2200
+    assert len(sample) > 300
     # As the sandbox user too (the snapshots are the branch's: its owner may read them).
     names = " ".join(newest[-5:])
     r = mounting.run_as(*unpriv_ids, ["sh", "-c", f"cd {m.path}/.cowfs/snapshots && for n in {names}; do readlink $n/d/link; done"])
