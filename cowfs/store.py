@@ -326,13 +326,10 @@ class Store:
         """Record c's measured usage in batch: added to the usage record of every layer that
         descends from the one the clone was written in (the views that see its copies, whose
         records left them out).  Returns the layers whose record changed."""
-        children: dict[int, list[int]] = {}
-        for layer, parent in self.catalog.parents.items():
-            children.setdefault(parent, []).append(layer)
         layers, pending = [], [c.seen]
         while pending:
             layer = pending.pop()
-            pending += children.get(layer, ())
+            pending += self.catalog.children.get(layer, ())
             old = self.catalog.usage(layer)
             if old is not None:
                 layers.append(layer)
