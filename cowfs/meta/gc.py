@@ -44,6 +44,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from cowfs.chunks.refs import RefTxn
 from cowfs.kv.base import Batch
@@ -130,7 +131,8 @@ def dead_clones(meta: Versioned, catalog: Catalog, live_tops: set[int]) -> tuple
     return dead, batch
 
 
-def _alive(meta: Versioned, lv: LayerView, inos: list[int]) -> bool:
+def _alive(meta: Versioned, lv: LayerView, inos: Iterable[int]) -> bool:
+    """Whether some inode of inos is alive in lv."""
     for ino in inos:
         found = meta.get(CF_INODES, ino_key(ino), lv)
         if found is not None and found[1]:
@@ -148,8 +150,7 @@ def dead_ranges(meta: Versioned, catalog: Catalog, live_tops: set[int]) -> tuple
         return dead, batch, txn
     tree, views = _views_of(catalog, live_tops)
     for r in list(meta.shared.ranges.values()):
-        seeing = [lv for lv in views if tree.below(r.layer, lv.top)]
-        if any(_needs(meta, lv, r) for lv in seeing):
+        if any(_alive(meta, lv, (y for y, _x in r.pairs())) for lv in views if tree.below(r.layer, lv.top)):
             continue
         dead.append(r)
         meta.shared.remove(r, batch)
@@ -162,15 +163,6 @@ def dead_ranges(meta: Versioned, catalog: Catalog, live_tops: set[int]) -> tuple
             for key, _ in meta.kv.scan(CF_DIRENTS, ino_key(y), ino_key(y)):
                 _drop_tombstones(meta, batch, CF_DIRENTS, key[:-8])
     return dead, batch, txn
-
-
-def _needs(meta: Versioned, lv: LayerView, r: Range) -> bool:
-    """Whether some copy inode of r is still alive in lv."""
-    for y, _x in r.pairs():
-        found = meta.get(CF_INODES, ino_key(y), lv)
-        if found is not None and found[1]:
-            return True
-    return False
 
 
 def _drop_tombstones(meta: Versioned, batch: Batch, cf: str, base: bytes) -> None:
