@@ -192,6 +192,10 @@ class _Fork:
     tree: Subtree
     tops: list[int]  # pre-order numbers of the tops below, sorted
     after: bytes = b""  # changelog position reached
+    # Source inode -> the layers ranges see it from (`SharedTrees.sources`), computed from
+    # `ranges`, a table SharedTrees replaces (never changes) when ranges come or go.
+    pins: dict[int, set[int]] = field(default_factory=dict)
+    ranges: dict[bytes, Range] | None = None
 
 
 class Collector:
@@ -323,7 +327,10 @@ class Collector:
         """Up to budget keys of f's changelog looked at, its garbage into c; once read
         through, f is done and leaves the queue."""
         prefix = f.layer.to_bytes(8, "big")
-        pins = self.meta.shared.sources() if self.meta.shared else {}
+        shared = self.meta.shared
+        if f.ranges is not shared.ranges:  # once per fork, not per batch: a walk of every range
+            f.ranges, f.pins = shared.ranges, shared.sources()
+        pins = f.pins
         rows = []
         for key, _ in self.meta.kv.scan(CF_CHANGES, prefix + f.after, prefix):
             if key[8:] != f.after:
