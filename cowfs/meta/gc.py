@@ -146,7 +146,7 @@ def dead_ranges(meta: Versioned, catalog: Catalog, live_tops: set[int]) -> tuple
     the pass)."""
     batch, txn = Batch(), RefTxn()
     dead: list[Range] = []
-    if not meta.shared:
+    if not meta.shared.ranges:  # clones only (dead_clones looks at them): no walk of the layer tree
         return dead, batch, txn
     tree, views = _views_of(catalog, live_tops)
     for r in list(meta.shared.ranges.values()):
