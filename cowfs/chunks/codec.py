@@ -37,7 +37,6 @@ KIND_DELTA = 0x44  # "D"
 KIND_PACKED = 0x50  # "P"
 WHOLE = (KIND_RAW, KIND_ZSTD, KIND_PACKED)
 _PACKED = struct.Struct("<BBQQII")
-PACKED_LEN = _PACKED.size
 _DELTA_HEAD = 1 + HASH_LEN + 8
 
 _NODE_DOMAIN = b"cowfs-tree-node\x00"
