@@ -1309,6 +1309,34 @@ def gc_batches(store, stop_after: int | None = None, chunk: int = 500) -> int:
         st.close()
 
 
+def gc_batches_of_copy(store, work) -> int:
+    """The batches a whole GC pass of the unmounted store commits (gc_batches), counted on a
+    copy in `work` that is removed after: the store stays as it was, to be crashed into."""
+    scratch = Path(work) / "scratch"
+    shutil.copytree(store, scratch, symlinks=True)
+    try:
+        return gc_batches(scratch)
+    finally:
+        shutil.rmtree(scratch)
+
+
+def fsck_after_gc_stops(store, work, stops) -> dict[int, list]:
+    """For each k of `stops`, a copy (in `work`) of the unmounted store whose GC pass stopped
+    after k batches, as a daemon killed there leaves it, checked by `cowfs fsck`: the first
+    three problems of each copy fsck does not find clean, by k."""
+    problems = {}
+    for k in stops:
+        trial = Path(work) / f"after-{k}"
+        shutil.copytree(store, trial, symlinks=True)
+        gc_batches(trial, stop_after=k)
+        r = run_cowfs("fsck", trial, "--json", check=False, timeout=120)
+        rep = json.loads(r.stdout)
+        if not rep["clean"]:
+            problems[k] = rep["problems"][:3]
+        shutil.rmtree(trial)
+    return problems
+
+
 if __name__ == "__main__":
     if "--worker" in sys.argv:
         sys.exit(_worker_main(sys.argv[1:]))

@@ -18,7 +18,6 @@ COWFS_CRASH_ROUNDS sets the number of rounds (default 20); scripts/soak_crash.py
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -104,20 +103,8 @@ def test_gc_interrupted_between_batches_leaves_fsck_clean(cowfs_mount, tmp_path)
     workload.kill_daemon(m)  # before the GC pass the deletes scheduled
     pristine = tmp_path / "pristine"
     shutil.copytree(m.store, pristine, symlinks=True, ignore=shutil.ignore_patterns("daemon.sock", "daemon.pid"))
-    scratch = tmp_path / "scratch"
-    shutil.copytree(pristine, scratch, symlinks=True)
-    batches = mounting.gc_batches(scratch)
-    shutil.rmtree(scratch)
+    batches = mounting.gc_batches_of_copy(pristine, tmp_path)
     assert batches > 2, f"the GC pass has only {batches} batches: nothing to interrupt"
-    problems = {}
-    for k in range(1, batches):
-        trial = tmp_path / f"after-{k}"
-        shutil.copytree(pristine, trial, symlinks=True)
-        mounting.gc_batches(trial, stop_after=k)
-        r = mounting.run_cowfs("fsck", trial, "--json", check=False, timeout=120)
-        rep = json.loads(r.stdout)
-        if not rep["clean"]:
-            problems[k] = rep["problems"][:3]
-        shutil.rmtree(trial)
+    problems = mounting.fsck_after_gc_stops(pristine, tmp_path, range(1, batches))
     m.start()
     assert not problems, f"fsck after a crash between GC batches ({batches} batches): {problems}"

@@ -179,21 +179,9 @@ def test_a_merge_stopped_after_any_batch_leaves_fsck_clean(cowfs_mount, tmp_path
         assert len(st.catalog.queued) == 4
     finally:
         st.close()
-    scratch = tmp_path / "scratch"
-    shutil.copytree(pristine, scratch, symlinks=True)
-    batches = mounting.gc_batches(scratch)
-    shutil.rmtree(scratch)
+    batches = mounting.gc_batches_of_copy(pristine, tmp_path)
     assert batches > 4, f"the pass has only {batches} batches: nothing to interrupt"
-    problems = {}
-    for k in range(1, batches, 2):
-        trial = tmp_path / f"after-{k}"
-        shutil.copytree(pristine, trial, symlinks=True)
-        mounting.gc_batches(trial, stop_after=k)
-        r = mounting.run_cowfs("fsck", trial, "--json", check=False, timeout=120)
-        rep = json.loads(r.stdout)
-        if not rep["clean"]:
-            problems[k] = rep["problems"][:3]
-        shutil.rmtree(trial)
+    problems = mounting.fsck_after_gc_stops(pristine, tmp_path, range(1, batches, 2))
     assert not problems, f"fsck after a crash between merge batches ({batches} batches): {problems}"
     m.start()
     _reads_right(m.path, [names[0], names[-1]], 600)
