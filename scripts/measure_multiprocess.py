@@ -163,6 +163,24 @@ def expect_line(p: subprocess.Popen) -> dict[str, Any]:
     return json.loads(line)
 
 
+def run_together(ps: list[subprocess.Popen]) -> tuple[list[dict[str, Any]], float]:
+    """Wait until every helper is ready, start them at once ("go"), collect each one's reply:
+    (replies, seconds from the start to the last reply).  The helpers are killed after."""
+    try:
+        for p in ps:
+            expect_line(p)
+        t0 = time.perf_counter()
+        for p in ps:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        res = [expect_line(p) for p in ps]
+        return res, time.perf_counter() - t0
+    finally:
+        for p in ps:
+            p.kill()
+            p.wait()
+
+
 def reply(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -499,19 +517,8 @@ def child_rocks_primary(a: dict[str, Any]) -> None:
             db.flush()
             reply({"ok": True})
         elif cmd == "read":
-            n, top = int(rest[0]), int(rest[1])
-            keys = [_meta_key(random.randrange(top)) for _ in range(n)]
-            t0 = time.perf_counter()
-            for k in keys:
-                db.get(k)
-            get_us = (time.perf_counter() - t0) / n * 1e6
-            t0 = time.perf_counter()
-            for k in keys:
-                it = db.iter()
-                it.seek(k)
-                it.key()
-                it.value()
-            reply({"get_us": get_us, "seek_us": (time.perf_counter() - t0) / n * 1e6})
+            get_us, seek_us = _reads(db, int(rest[0]), int(rest[1]))
+            reply({"get_us": get_us, "seek_us": seek_us})
         elif cmd == "quit":
             break
     db.close()
@@ -519,6 +526,8 @@ def child_rocks_primary(a: dict[str, Any]) -> None:
 
 
 def _reads(db, n: int, top: int) -> tuple[float, float]:
+    """Microseconds per get and per seek of n random keys below top (all there), the same
+    reads through the primary, a read-only and a secondary instance."""
     keys = [_meta_key(random.randrange(top)) for _ in range(n)]
     t0 = time.perf_counter()
     for k in keys:
@@ -736,19 +745,7 @@ def _sqlite_round(procs: int, sync: str, shared_key: bool) -> dict[str, float]:
     n = {"NORMAL": 2000, "FULL": 300}[sync] // (4 if QUICK else 1)
     ps = [child("sqlite_worker", {"path": path, "sync": sync, "n": n,
                                    "key": "shared" if shared_key else f"k{i}"}) for i in range(procs)]
-    try:
-        for p in ps:
-            expect_line(p)
-        t0 = time.perf_counter()
-        for p in ps:
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        res = [expect_line(p) for p in ps]
-        wall = time.perf_counter() - t0
-    finally:
-        for p in ps:
-            p.kill()
-            p.wait()
+    res, wall = run_together(ps)
     con = sqlite3.connect(path)
     total = con.execute("SELECT sum(v) FROM refs").fetchone()[0]
     con.close()
@@ -1239,18 +1236,8 @@ def _disk_round(procs: int, mib: int, commits: int) -> dict[str, float]:
     ps = [child("writer", {"dir": os.path.join(d, str(i)), "mib": mib, "commits": commits, "seed": i})
           for i in range(procs)]
     try:
-        for p in ps:
-            expect_line(p)
-        t0 = time.perf_counter()
-        for p in ps:
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        res = [expect_line(p) for p in ps]
-        wall = time.perf_counter() - t0
+        res, wall = run_together(ps)
     finally:
-        for p in ps:
-            p.kill()
-            p.wait()
         shutil.rmtree(d)
     data = max(r["data_s"] for r in res)
     meta = max(r["meta_s"] for r in res)
