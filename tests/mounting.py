@@ -1070,6 +1070,37 @@ def snapshot(root, content_limit=1 << 22, xattr_prefixes=("user.",), exclude_roo
     return out
 
 
+def snapshot_tree(root, full: bool = True, loose: bool = False) -> dict[str, tuple]:
+    """path -> everything lstat says (full: inode number, ctime and atime too; without them it
+    compares a copy with its original) and the content; loose: not mtimes nor directory sizes
+    (to compare with another filesystem)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in [""] + sorted(dirnames + filenames):
+            p = os.path.join(dirpath, name) if name else dirpath
+            if name == "" and dirpath != str(root):
+                continue
+            st = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            key = (st.st_mode, st.st_uid, st.st_gid, st.st_nlink)
+            if not loose:
+                key += (st.st_size, st.st_mtime_ns)
+            elif not stat.S_ISDIR(st.st_mode):
+                key += (st.st_size,)
+            if full:
+                key += (st.st_ino, st.st_ctime_ns, st.st_atime_ns)
+            if stat.S_ISLNK(st.st_mode):
+                key += (os.readlink(p),)
+            elif stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    key += (f.read(),)
+            elif stat.S_ISDIR(st.st_mode):
+                key += (tuple(sorted(os.listdir(p))),)
+            out[rel] = key
+    return out
+
+
 def _w_rm_contents(root, keep=()):
     """Remove everything below root (making directories writable/searchable first)."""
     def rm(p):

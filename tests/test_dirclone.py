@@ -14,42 +14,15 @@ import os
 import random
 import shutil
 import signal
-import stat
 import subprocess
 import time
 
 import pytest
 
 import mounting
-from mounting import fails, fsck, ok, settle, stats
+from mounting import fails, fsck, ok, settle, snapshot_tree, stats
 
 KiB = 1 << 10
-
-
-def snapshot_tree(root, loose: bool = False) -> dict[str, tuple]:
-    """path -> what lstat says (no inode numbers, ctimes, atimes) and the content; loose: no
-    mtimes nor directory sizes either."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [""] + sorted(dirnames + filenames):
-            p = os.path.join(dirpath, name) if name else dirpath
-            if name == "" and dirpath != str(root):
-                continue
-            st = os.lstat(p)
-            key = (st.st_mode, st.st_uid, st.st_gid, st.st_nlink)
-            if not loose:
-                key += (st.st_size, st.st_mtime_ns)
-            elif not stat.S_ISDIR(st.st_mode):
-                key += (st.st_size,)
-            if stat.S_ISLNK(st.st_mode):
-                key += (os.readlink(p),)
-            elif stat.S_ISREG(st.st_mode):
-                with open(p, "rb") as f:
-                    key += (f.read(),)
-            elif stat.S_ISDIR(st.st_mode):
-                key += (tuple(sorted(os.listdir(p))),)
-            out[os.path.relpath(p, root)] = key
-    return out
 
 
 def make_tree(root, rnd: random.Random, dirs: int = 8, files: int = 6) -> None:
@@ -77,7 +50,7 @@ def make_tree(root, rnd: random.Random, dirs: int = 8, files: int = 6) -> None:
 def tree(root, loose: bool = False) -> dict:
     """snapshot_tree without inode numbers and times a copy changes, plus every xattr;
     loose: without mtimes either (trees changed by the same operations at other times)."""
-    out = snapshot_tree(root, loose=loose)
+    out = snapshot_tree(root, full=False, loose=loose)
     for rel in out:
         p = os.path.join(root, rel)
         if not os.path.islink(p):

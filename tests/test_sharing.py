@@ -12,14 +12,13 @@ import os
 import random
 import shutil
 import signal
-import stat
 import subprocess
 import time
 
 import pytest
 
 import mounting
-from mounting import fsck, settle, stats
+from mounting import fsck, settle, snapshot_tree, stats
 
 KiB = 1 << 10
 
@@ -49,36 +48,6 @@ def make_tree(root, rnd: random.Random, dirs: int = 6, files: int = 8) -> None:
         for name in dirnames + filenames + [""]:
             p = os.path.join(dirpath, name)
             os.utime(p, ns=(future, os.lstat(p).st_mtime_ns), follow_symlinks=False)
-
-
-def snapshot_tree(root, full: bool = True, loose: bool = False) -> dict[str, tuple]:
-    """path -> everything lstat says (full: inode number and ctime too) and the content;
-    loose: not mtimes nor directory sizes (to compare with another filesystem)."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in [""] + sorted(dirnames + filenames):
-            p = os.path.join(dirpath, name) if name else dirpath
-            if name == "" and dirpath != str(root):
-                continue
-            st = os.lstat(p)
-            rel = os.path.relpath(p, root)
-            key = (st.st_mode, st.st_uid, st.st_gid, st.st_nlink)
-            if not loose:
-                key += (st.st_size, st.st_mtime_ns)
-            elif not stat.S_ISDIR(st.st_mode):
-                key += (st.st_size,)
-            if full:
-                key += (st.st_ino, st.st_ctime_ns, st.st_atime_ns)
-            if stat.S_ISLNK(st.st_mode):
-                key += (os.readlink(p),)
-            elif stat.S_ISREG(st.st_mode):
-                with open(p, "rb") as f:
-                    key += (f.read(),)
-            elif stat.S_ISDIR(st.st_mode):
-                key += (tuple(sorted(os.listdir(p))),)
-            out[rel] = key
-    return out
 
 
 @pytest.mark.timeout(240)
