@@ -544,7 +544,7 @@ class BranchMachine(pd.PosixMachine):
                       + f"\n  reply: {reply['changes'][:40]}")
 
     # ---- open files across rollback: the pre-rollback inode on both sides -----------------------
-    def _norm_stat(self, slot):
+    def fd_stat_norm(self, slot):
         detached = slot in self.detached
 
         def norm(r):
@@ -555,25 +555,6 @@ class BranchMachine(pd.PosixMachine):
                 v.pop("nlink")
             return ("ok", v)
         return norm
-
-    @precondition(lambda self: self.fds)
-    @rule(data=st.data())
-    def fd_stat(self, data):
-        slot = self._slot(data)
-        self.both(f"fstat({self.fd_desc(slot)})", "fstat", self.fd_args(slot), slot=slot,
-                  norm=self._norm_stat(slot))
-
-    @precondition(lambda self: self.fds)
-    @rule(data=st.data())
-    def unlink_open_file(self, data):
-        slot = self._slot(data)
-        path = self.fds[slot]["path"]
-        self.both(f"unlink({path!r}) while {self.fd_desc(slot)} is open", "os.unlink",
-                  self.paths(path), watch=self.watch(path), slot=slot)
-        self.both(f"fstat({self.fd_desc(slot)}) after unlinking its name", "fstat",
-                  self.fd_args(slot), slot=slot, norm=self._norm_stat(slot))
-        self.both(f"read back ({self.fd_desc(slot)}) after unlinking its name", "read_fd_all",
-                  self.fd_args(slot), slot=slot, data_op=True)
 
     @precondition(lambda self: self.fds)
     @rule(data=st.data())
