@@ -174,14 +174,7 @@ def delete(path: str, name: str) -> dict[str, Any]:
             drop_model(batch, name)
         store.commit(batch)
         tops = store.catalog.leaves()
-        dead, batch, txn = gc.dead_ranges(store.meta, store.catalog, tops)
-        if dead:
-            store.commit(batch, txn)
-            store.meta.shared.committed(removed=dead)
-        gone, batch = gc.dead_clones(store.meta, store.catalog, tops)
-        if gone:
-            store.commit(batch)
-            store.meta.shared.clones_committed(removed=gone)
+        gc.drop_dead_shared(store.meta, store.catalog, tops, store.commit)
         removed = gc.collect_now(store.meta, store.catalog, tops, store.commit, forks=False)
         store.kv.sync()
         return {"ok": True, "daemon": False, "deleted": name, "kind": kind, "versions_removed": removed}

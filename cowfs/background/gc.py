@@ -35,14 +35,7 @@ async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None, 
     reshaped = False
     async with fs.maintenance:
         async with fs.exclusive():
-            dead, batch, txn = gc.dead_ranges(store.meta, store.catalog, fs.live_tops())
-            if dead:
-                store.commit(batch, txn)
-                store.meta.shared.committed(removed=dead)
-            gone, batch = gc.dead_clones(store.meta, store.catalog, fs.live_tops())
-            if gone:
-                store.commit(batch)
-                store.meta.shared.clones_committed(removed=gone)
+            gc.drop_dead_shared(store.meta, store.catalog, fs.live_tops(), store.commit)
         collector = gc.Collector(store.meta, store.catalog, forks)
         try:
             while True:

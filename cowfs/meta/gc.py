@@ -44,7 +44,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from cowfs.chunks.refs import RefTxn
 from cowfs.kv.base import Batch
@@ -106,14 +106,34 @@ def _views_of(catalog: Catalog, live_tops: set[int]) -> tuple[Subtree, list[Laye
     return tree, [LayerView(t, _Under(tree, t, catalog.parents[t] == 0)) for t in live_tops if t in catalog.parents]
 
 
-def dead_clones(meta: Versioned, catalog: Catalog, live_tops: set[int]) -> tuple[list[Clone], Batch]:
+def drop_dead_shared(meta: Versioned, catalog: Catalog, live_tops: set[int],
+                     commit: Callable[[Batch, RefTxn | None], None]) -> None:
+    """What comes before a pass: the ranges (`dead_ranges`), then the clones (`dead_clones`)
+    no live view needs, each removed in a commit(batch, txn) of its own and then from
+    meta.shared, with one walk of the layer tree for both (removing them changes no layer)."""
+    if not meta.shared:
+        return
+    walked = _views_of(catalog, live_tops)
+    dead, batch, txn = dead_ranges(meta, catalog, live_tops, walked)
+    if dead:
+        commit(batch, txn)
+        meta.shared.committed(removed=dead)
+    gone, batch = dead_clones(meta, catalog, live_tops, walked)
+    if gone:
+        commit(batch, None)
+        meta.shared.clones_committed(removed=gone)
+
+
+def dead_clones(meta: Versioned, catalog: Catalog, live_tops: set[int],
+                walked: tuple[Subtree, list[LayerView]] | None = None) -> tuple[list[Clone], Batch]:
     """Clones no live view needs, and a batch removing them, their copy numbers and the
-    tombstones that only hid their copies (the caller commits it, then tells meta.shared)."""
+    tombstones that only hid their copies (the caller commits it, then tells meta.shared).
+    walked: `_views_of(catalog, live_tops)`, if the caller has it."""
     batch = Batch()
     dead: list[Clone] = []
     if not meta.shared.clones:
         return dead, batch
-    tree, views = _views_of(catalog, live_tops)
+    tree, views = walked or _views_of(catalog, live_tops)
     for c in list(meta.shared.clones.values()):
         given = [y for _x, y in meta.shared.map.given(c)] if meta.shared.map is not None else []
         if c.layer in catalog.parents and any(_alive(meta, lv, [c.top_y] + given)
@@ -140,15 +160,16 @@ def _alive(meta: Versioned, lv: LayerView, inos: Iterable[int]) -> bool:
     return False
 
 
-def dead_ranges(meta: Versioned, catalog: Catalog, live_tops: set[int]) -> tuple[list[Range], Batch, RefTxn]:
+def dead_ranges(meta: Versioned, catalog: Catalog, live_tops: set[int],
+                walked: tuple[Subtree, list[LayerView]] | None = None) -> tuple[list[Range], Batch, RefTxn]:
     """Ranges no live view needs, and a batch removing them, their references and the
     tombstones that only hid them (the caller commits it, then tells meta.shared, before
-    the pass)."""
+    the pass).  walked: as for `dead_clones`."""
     batch, txn = Batch(), RefTxn()
     dead: list[Range] = []
     if not meta.shared.ranges:  # clones only (dead_clones looks at them): no walk of the layer tree
         return dead, batch, txn
-    tree, views = _views_of(catalog, live_tops)
+    tree, views = walked or _views_of(catalog, live_tops)
     for r in list(meta.shared.ranges.values()):
         if any(_alive(meta, lv, (y for y, _x in r.pairs())) for lv in views if tree.below(r.layer, lv.top)):
             continue
