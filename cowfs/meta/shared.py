@@ -391,7 +391,7 @@ class SharedTrees:
     def visible(self, ancestors: Ancestry) -> list[Range]:
         return [r for r in self.ranges.values() if r.layer in ancestors]
 
-    def visible_clones(self, ancestors: frozenset[int]) -> list[Clone]:
+    def visible_clones(self, ancestors: Ancestry) -> list[Clone]:
         return [c for c in self.clones.values() if c.seen in ancestors]
 
     def add_clone(self, c: Clone, batch: Batch) -> None:
