@@ -77,6 +77,11 @@ def root_ino(vid: int) -> int:
     return ROOT_BIT | vid
 
 
+def _inner_ino(slot: int, view: View, ino: int) -> int:
+    """The number of inode ino (not the root) of view, which has the slot."""
+    return (slot << SLOT_SHIFT) | ((view.epoch % EPOCHS) << EPOCH_SHIFT) | ino
+
+
 class SlotsFull(FSError):
     def __init__(self, held: int) -> None:
         super().__init__(errno.ENFILE, f"all {held} inode-number slots belong to views whose inodes the "
@@ -172,11 +177,15 @@ class Inodes:
         self.short = trio.Event()  # slots are running short: the Reclaimer drops idle views
         self._warned = 0.0
 
+    def _root(self, view: View) -> int:
+        """The number of view's root."""
+        return pyfuse3.ROOT_INODE if view is self.fs.primary else root_ino(view.vid)
+
     def fuse_ino(self, node: Node) -> int:
         """node's number, for a reply that gives it to the kernel (its view gets a slot)."""
         view = node.view
         if node.ino == ROOT_INO:
-            return pyfuse3.ROOT_INODE if view is self.fs.primary else root_ino(view.vid)
+            return self._root(view)
         if node.ino > INO_MASK:
             raise FSError(errno.EOVERFLOW, f"inode {node.ino} is beyond what kernel inode numbers hold")
         try:
@@ -187,7 +196,7 @@ class Inodes:
             raise
         if self.slots.available() * 8 < self.slots.limit:
             self.short.set()
-        return (slot << SLOT_SHIFT) | ((view.epoch % EPOCHS) << EPOCH_SHIFT) | node.ino
+        return _inner_ino(slot, view, node.ino)
 
     def known(self, node: Node) -> int | None:
         """node's number if the kernel can hold it (for an invalidation), else None."""
@@ -195,11 +204,9 @@ class Inodes:
 
     def known_ino(self, view: View, ino: int) -> int | None:
         if ino == ROOT_INO:
-            return pyfuse3.ROOT_INODE if view is self.fs.primary else root_ino(view.vid)
+            return self._root(view)
         slot = self.slots.of_vid.get(view.vid)
-        if slot is None:
-            return None
-        return (slot << SLOT_SHIFT) | ((view.epoch % EPOCHS) << EPOCH_SHIFT) | ino
+        return _inner_ino(slot, view, ino) if slot is not None else None
 
     async def ready(self, view: View) -> None:
         """Before a reply that may give the kernel inner inodes of view: when every slot is
@@ -228,32 +235,37 @@ class Inodes:
                         "with ENFILE (the kernel forgets views once nothing of them is in use)",
                         self.slots.limit)
 
-    def _view_of_slot(self, fino: int) -> tuple[int | None, int, int]:
-        """(view id, epoch % EPOCHS, inode) of a real inode's number."""
-        return (self.slots.vid_of.get(fino >> SLOT_SHIFT), (fino >> EPOCH_SHIFT) & (EPOCHS - 1), fino & INO_MASK)
+    def _view_of(self, fino: int) -> tuple[View | None, int]:
+        """(view, inode) behind a kernel inode number: the view live or, for a number of an
+        earlier epoch, the detached pre-rollback tree; None if there is no such view."""
+        fs = self.fs
+        if fino == pyfuse3.ROOT_INODE:
+            return fs.primary, ROOT_INO
+        if fino >> SLOT_SHIFT == 0:
+            return (fs.views.get(fino & MAX_ROOT_VID) if fino & ROOT_BIT else None), ROOT_INO
+        vid = self.slots.vid_of.get(fino >> SLOT_SHIFT)
+        if vid is None:
+            return None, 0
+        epoch = (fino >> EPOCH_SHIFT) & (EPOCHS - 1)
+        view = fs.views.get(vid)
+        if view is None or epoch != view.epoch % EPOCHS:
+            view = fs.views.detached.get((vid, epoch))
+        return view, fino & INO_MASK
 
     def node(self, fino: int, unlinked_ok: bool = False) -> Node:
         """The node behind a kernel inode number.  unlinked_ok: also one whose last name is
         gone while the kernel still holds it (fstat of an open FIFO, socket or directory)."""
-        fs = self.fs
-        if fino == pyfuse3.ROOT_INODE:
-            return fs.node(fs.primary, ROOT_INO)
-        if fino >> SLOT_SHIFT == 0:
-            view = fs.views.get(fino & MAX_ROOT_VID) if fino & ROOT_BIT else None
-            if view is None:
-                raise FSError(errno.ESTALE)
-            return fs.node(view, ROOT_INO)
-        vid, epoch, ino = self._view_of_slot(fino)
-        view = fs.views.get(vid) if vid is not None else None
-        if view is None or epoch != view.epoch % EPOCHS:
-            old = fs.views.detached.get((vid, epoch)) if vid is not None else None
-            node = old.nodes.get(ino) if old is not None else None
-            if node is None:
-                raise FSError(errno.ESTALE)
-            if node.deleted and not unlinked_ok:  # unlinked before the rollback, only the kernel knows it
-                raise FSError(errno.ENOENT)
-            return node
-        return fs.node(view, ino, unlinked_ok)
+        view, ino = self._view_of(fino)
+        if view is None:
+            raise FSError(errno.ESTALE)
+        if view.kind != "detached":
+            return self.fs.node(view, ino, unlinked_ok)
+        node = view.nodes.get(ino)  # a detached tree is what memory holds of it
+        if node is None:
+            raise FSError(errno.ESTALE)
+        if node.deleted and not unlinked_ok:  # unlinked before the rollback, only the kernel knows it
+            raise FSError(errno.ENOENT)
+        return node
 
     def live(self, fino: int) -> Node:
         """The node behind fino, for a lookup, open or change through it: not one of a tree a
@@ -270,18 +282,7 @@ class Inodes:
     def held(self, fino: int) -> Node | None:
         """The node in memory behind a kernel inode number, whatever its state: deleted, in
         a detached tree, in a retired view.  None if there is none (nothing to forget)."""
-        fs = self.fs
-        if fino == pyfuse3.ROOT_INODE:
-            return fs.primary.nodes.get(ROOT_INO)
-        if fino >> SLOT_SHIFT == 0:
-            view = fs.views.get(fino & MAX_ROOT_VID) if fino & ROOT_BIT else None
-            return view.nodes.get(ROOT_INO) if view is not None else None
-        vid, epoch, ino = self._view_of_slot(fino)
-        if vid is None:
-            return None
-        view = fs.views.get(vid)
-        if view is None or epoch != view.epoch % EPOCHS:
-            view = fs.views.detached.get((vid, epoch))
+        view, ino = self._view_of(fino)
         return view.nodes.get(ino) if view is not None else None
 
     def droppable(self, vid: int) -> bool:
