@@ -69,13 +69,7 @@ class Namespace:
                 raise FSError(errno.EISDIR)
             m.unlink(parent, name)
             m.touch(parent)
-            if node.attrs.is_dir:
-                parent.attrs.nlink -= 1
-                node.attrs.nlink = 0
-            else:
-                node.attrs.nlink -= 1
-                self._name_gone(m, node, parent.ino, name)
-            m.touch(node, mtime=False)
+            self._unnamed(m, node, parent, name)
             m.save(parent)
             if node.attrs.nlink <= 0:
                 fs.orphans.release_inode(m, node)
@@ -121,6 +115,17 @@ class Namespace:
         for p, n in links.names(self.fs.store.meta, node.ino, node.view.lv):
             if (p, n) != (parent, name):
                 m.unindex_name(node, p, n)
+
+    def _unnamed(self, m: "Mutation", node: Node, parent: Node, name: bytes) -> None:
+        """node lost its name in parent (unlink, rmdir, replaced by a rename): its link
+        count, and its parent's for a directory, the index of names, its ctime."""
+        if node.attrs.is_dir:
+            parent.attrs.nlink -= 1
+            node.attrs.nlink = 0
+        else:
+            node.attrs.nlink -= 1
+            self._name_gone(m, node, parent.ino, name)
+        m.touch(node, mtime=False)
 
     async def link(self, node: Node, parent: Node, name: bytes) -> None:
         fs = self.fs
@@ -213,13 +218,7 @@ class Namespace:
                 m.index_name(src, np.ino, nname)
             m.link(np, nname, src)
             if dst is not None:
-                if dst.attrs.is_dir:
-                    np.attrs.nlink -= 1
-                    dst.attrs.nlink = 0
-                else:
-                    dst.attrs.nlink -= 1
-                    self._name_gone(m, dst, np.ino, nname)
-                m.touch(dst, mtime=False)
+                self._unnamed(m, dst, np, nname)
             if src.attrs.is_dir and op is not np:
                 op.attrs.nlink -= 1
                 np.attrs.nlink += 1
