@@ -107,7 +107,6 @@ class Filesystem:
         self.unlink = self.namespace.unlink
         self.link = self.namespace.link
         self.rename = self.namespace.rename
-        self.more_names = self.namespace.more_names
         self.setattr = self.attributes.setattr
         self.getxattr = self.attributes.getxattr
         self.listxattr = self.attributes.listxattr

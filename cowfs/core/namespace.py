@@ -89,15 +89,14 @@ class Namespace:
                 out.append((a.parent, a.name))
         return out
 
-    def more_names(self, m: "Mutation", node: Node, parent: Node, name: bytes, new: bool = False) -> None:
+    def more_names(self, m: "Mutation", node: Node, parent: Node, name: bytes) -> None:
         """node, not a directory, gets the name (parent, name) (its link count counts it
-        already): index it, and when the count just became 2, the name it had (new: that
-        name was made in this mutation, so the record's (parent, name) is it)."""
+        already): index it, and when the count just became 2, the name it had."""
         a = node.attrs
         if a.is_dir or a.nlink < 2:
             return
         if a.nlink == 2:
-            for first in ([(a.parent, a.name)] if new else self._names_of(node)):
+            for first in self._names_of(node):
                 m.index_name(node, *first)
         m.index_name(node, parent.ino, name)
 
