@@ -31,7 +31,7 @@ from cowfs.core.view import View
 from cowfs.meta.layers import Usage
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import Clone
-from cowfs.meta.versioned import CF_INODES, CF_XATTRS, LayerView, ino_key, name_key
+from cowfs.meta.versioned import CF_INODES, CF_XATTRS, ino_key, name_key
 from cowfs.store import ROOT_INO
 
 # Make the kernel drop what it caches of a directory (its attributes and listing) and of
@@ -173,7 +173,7 @@ class Cloner:
         fs = self.fs
         meta = fs.store.meta
         shared = meta.shared
-        lv = LayerView(layer, frozenset(fs.store.catalog.ancestry(layer)))
+        lv = fs.store.catalog.layer_view(layer)
         found = meta.get(CF_INODES, ino_key(top), lv)
         if found is None or not found[1]:
             raise FSError(errno.ENOENT, "the clone's source is gone")
