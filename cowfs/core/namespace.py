@@ -60,13 +60,7 @@ class Namespace:
             if ino is None:
                 raise FSError(errno.ENOENT)
             node = fs.nodes.node(parent.view, ino)
-            if want_dir:
-                if not node.attrs.is_dir:
-                    raise FSError(errno.ENOTDIR)
-                if not fs.nodes.dir_empty(node):
-                    raise FSError(errno.ENOTEMPTY)
-            elif node.attrs.is_dir:
-                raise FSError(errno.EISDIR)
+            self._check_replaceable(node, want_dir)
             m.unlink(parent, name)
             m.touch(parent)
             self._unnamed(m, node, parent, name)
@@ -114,6 +108,17 @@ class Namespace:
         for p, n in links.names(self.fs.store.meta, node.ino, node.view.lv):
             if (p, n) != (parent, name):
                 m.unindex_name(node, p, n)
+
+    def _check_replaceable(self, node: Node, as_dir: bool) -> None:
+        """node may lose its name to rmdir (as_dir), unlink, or a rename of a directory
+        (as_dir) or of anything else over it: the errno POSIX gives when it may not."""
+        if as_dir:
+            if not node.attrs.is_dir:
+                raise FSError(errno.ENOTDIR)
+            if not self.fs.nodes.dir_empty(node):
+                raise FSError(errno.ENOTEMPTY)
+        elif node.attrs.is_dir:
+            raise FSError(errno.EISDIR)
 
     def _unnamed(self, m: "Mutation", node: Node, parent: Node, name: bytes) -> None:
         """node lost its name in parent (unlink, rmdir, replaced by a rename): its link
@@ -196,13 +201,7 @@ class Namespace:
             if dst is src:
                 return
             if dst is not None:
-                if src.attrs.is_dir:
-                    if not dst.attrs.is_dir:
-                        raise FSError(errno.ENOTDIR)
-                    if not fs.nodes.dir_empty(dst):
-                        raise FSError(errno.ENOTEMPTY)
-                elif dst.attrs.is_dir:
-                    raise FSError(errno.EISDIR)
+                self._check_replaceable(dst, src.attrs.is_dir)
             if whiteout:
                 op.view.check_quota(more_inodes=1)
                 if fs.store.space_low(0, metadata=True):
