@@ -57,8 +57,8 @@ def test_store_past_65536_snapshots_and_branches_mounts_and_reads(mount_factory,
     newest = [n for n in built.snapshots if vids[n] > 65_535]  # view ids past 16 bits
     assert len(newest) > 200
     m = mount_factory(store=store, options=["allow_other"])
-    # every snapshot past 16 bits, and one in 256 of the others (a first read of a snapshot
-    # costs ~70 ms in a store this size: the full sweep is bench_scale's ids row)
+    # every snapshot past 16 bits, and one in 256 of the others (the full sweep is
+    # bench_scale's ids row)
     sample = built.snapshots[: -len(newest) : 256] + newest
     inos: dict[int, str] = {}
     for name in sample:

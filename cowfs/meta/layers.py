@@ -130,6 +130,9 @@ class Catalog:
         self.children: dict[int, set[int]] = {}  # every layer with children: its children
         self.branches: dict[str, Branch] = {}
         self.snapshots: dict[str, Snapshot] = {}
+        # Bumped by every change to a branch or snapshot record: what a cache of something
+        # derived from them (the names `.cowfs/snapshots` lists) compares, in O(1).
+        self.changes = 0
         for key, value in kv.scan(CF_META, b"layer/", b"layer/"):
             lid, parent = int.from_bytes(key[6:], "big"), int.from_bytes(value, "big")
             self.parents[lid] = parent
@@ -221,10 +224,12 @@ class Catalog:
 
     def save_branch(self, b: Branch, batch: Batch) -> None:
         self.branches[b.name] = b
+        self.changes += 1
         batch.put(CF_META, b"branch/" + b.name.encode(), json.dumps(asdict(b)).encode())
 
     def save_snapshot(self, s: Snapshot, batch: Batch) -> None:
         self.snapshots[s.name] = s
+        self.changes += 1
         batch.put(CF_META, b"snap/" + s.name.encode(), json.dumps(asdict(s)).encode())
 
     def remove(self, name: str, batch: Batch) -> None:
@@ -232,6 +237,7 @@ class Catalog:
         pass to the branch it was made from (None at the top of the line): who owns what
         stays as it was for every live branch, and no entry names the deleted branch, whose
         name may be given to a new branch of someone else."""
+        self.changes += 1
         b = self.branches.pop(name, None)
         if b is not None:
             batch.delete(CF_META, b"branch/" + name.encode())
