@@ -98,7 +98,7 @@ def run_cowfs(*args, timeout: float = 60, check: bool = True, **kw) -> subproces
 
 
 def run_cowfs_as(uid: int, gid: int, *args, groups=(), cwd="/", text: bool = False, timeout: float = 60,
-                 check: bool = True) -> subprocess.CompletedProcess:
+                 check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """This checkout's CLI run by uid/gid with only the supplementary groups given, as a
     fresh process of that user (it imports everything itself, as a real user's would).
 
@@ -107,7 +107,7 @@ def run_cowfs_as(uid: int, gid: int, *args, groups=(), cwd="/", text: bool = Fal
     (same ABI)."""
     py = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
     path = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]])
-    env = dict(os.environ, PYTHONPATH=path, PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, PYTHONPATH=path, PYTHONDONTWRITEBYTECODE="1", **(env or {}))
     cmd = [py, "-m", "cowfs"] + [str(a) for a in args]
     what = f"`cowfs {shlex.join(map(str, args))}` as uid {uid}"
     try:

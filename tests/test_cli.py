@@ -159,7 +159,7 @@ def test_umount_of_a_busy_mount_names_the_processes(mount_factory):
 
 # -- 9: one output style; --json on every command that prints data -----------------------------------
 DATA_COMMANDS = ("stats", "list", "log", "diff", "status", "gc", "dedup", "fsck", "snapshot", "branch", "rollback",
-                 "clone", "delete", "import", "export")
+                 "clone", "delete", "import", "export", "push", "pull")
 
 
 def test_every_data_command_has_json():

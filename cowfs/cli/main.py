@@ -5,6 +5,7 @@ mount, umount), and every other command from the module of its concern:
     maintenance  stats, gc, dedup, fsck
     status       status              history   log
     run          run                 transfer  import, export
+    fleet        remote, push, pull
     help         help (and the man page)
 
 Commands are thin: parse, call, print.  Every failure is one clear message on stderr (what
@@ -22,7 +23,7 @@ import click
 
 from cowfs import __version__
 from cowfs.daemon import options as mount_options
-from cowfs.cli import control, history, maintenance, run, status, transfer
+from cowfs.cli import control, fleet, history, maintenance, run, status, transfer
 from cowfs.cli.errors import EXIT_CODES, CliError, describe
 from cowfs.cli.help import help_
 from cowfs.cli.params import complete_mounts
@@ -137,7 +138,7 @@ def umount(mountpoint: str, timeout: float, force: bool) -> None:
 
 
 for _command in (*control.COMMANDS, *maintenance.COMMANDS, status.status, history.log, run.run,
-                 *transfer.COMMANDS, help_):
+                 *transfer.COMMANDS, *fleet.COMMANDS, help_):
     main.add_command(_command)
 
 if __name__ == "__main__":

@@ -1,0 +1,303 @@
+"""The fleet's commands: `cowfs remote add|list|remove|check`, `cowfs push`, `cowfs pull`.
+
+A push reads a snapshot through its mount (MOUNT/.cowfs/snapshots/NAME); a pull writes into a
+new branch of a store through a mount of it (the one that serves it, or a temporary one, as
+`cowfs import` does).  The work is cowfs.fleet's; here: arguments, the branch made for a pull,
+progress, and one line for every failure (an engine down after the retries included).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Any, Iterator
+
+import click
+
+from cowfs import api
+from cowfs.cli import admin, progress, targets
+from cowfs.cli.errors import CliError
+from cowfs.cli.params import json_opt
+from cowfs.cli.tempmount import branch_mounted, require_store
+from cowfs.cli.textfmt import human
+
+_REF = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def _ref_name(name: str, what: str) -> str:
+    if not _REF.fullmatch(name):
+        raise CliError(f"bad {what} name {name!r}: letters, digits, '.', '_', '-', at most 128, not starting with '.'")
+    return name
+
+
+@contextlib.contextmanager
+def _fleet_errors(what: str) -> Iterator[None]:
+    """Whatever the fleet, the engines or their clients raise, as one line."""
+    from cowfs.blob.base import BlobError
+    from cowfs.fleet import FleetError, RefConflict
+    from cowfs.remote import EngineUnavailable, MissingDependency, one_line
+
+    try:
+        yield
+    except RefConflict as e:
+        raise CliError(f"{what}: conflict: {e}") from None
+    except (FleetError, EngineUnavailable, MissingDependency, BlobError) as e:
+        raise CliError(f"{what}: {one_line(e)}") from None
+    except Exception as e:
+        if type(e).__module__.startswith("cowfs.kv"):      # KVReplyError, BatchTooLarge, ScanExpired
+            raise CliError(f"{what}: {one_line(e)}") from None
+        raise
+
+
+def _open(name: str) -> Any:
+    from cowfs.fleet import config
+    from cowfs.fleet.remote import Remote
+
+    return Remote(config.get(name))
+
+
+# --- cowfs remote ------------------------------------------------------------------------------
+
+@click.group()
+def remote() -> None:
+    """The remotes snapshots are pushed to and pulled from: S3-compatible object storage for
+    the data, etcd for the references.  Kept per user in $XDG_CONFIG_HOME/cowfs/remotes.json
+    (default ~/.config/cowfs); credentials are never stored there: boto3 reads them from
+    AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE and ~/.aws/."""
+
+
+@remote.command(name="add")
+@click.argument("name")
+@click.argument("url")
+@click.option("--refs", required=True, metavar="http://HOST:PORT[,...]", help="The etcd endpoints of the references.")
+@click.option("--endpoint", metavar="URL", help="The S3 endpoint (SeaweedFS, Ceph; default: AWS_ENDPOINT_URL_S3, else AWS).")
+def remote_add(name: str, url: str, refs: str, endpoint: str | None) -> None:
+    """Add the remote NAME: objects at URL (s3://BUCKET/PREFIX), references in etcd at --refs."""
+    from cowfs.fleet import config
+
+    with _fleet_errors("remote add"):
+        r = config.add(name, url, refs, endpoint)
+    click.echo(f"added remote {r.name}: {r.url} (references in etcd at {r.refs})")
+
+
+@remote.command(name="list")
+@json_opt
+def remote_list(as_json: bool) -> None:
+    """The remotes of this user."""
+    from cowfs.fleet import config
+
+    with _fleet_errors("remote list"):
+        remotes = config.load()
+    if as_json:
+        click.echo(json.dumps({"ok": True, "remotes": [
+            {"name": r.name, "url": r.url, "refs": r.refs, "endpoint": r.endpoint} for r in remotes.values()]}))
+        return
+    for r in remotes.values():
+        extra = f" (S3 endpoint {r.endpoint})" if r.endpoint else ""
+        click.echo(f"{r.name}\t{r.url}\t{r.refs}{extra}")
+
+
+@remote.command(name="remove")
+@click.argument("name")
+def remote_remove(name: str) -> None:
+    """Forget the remote NAME (nothing on the remote is touched)."""
+    from cowfs.fleet import config
+
+    with _fleet_errors("remote remove"):
+        r = config.remove(name)
+    click.echo(f"removed remote {r.name} ({r.url})")
+
+
+@remote.command(name="check")
+@click.argument("name")
+@click.option("--verify", is_flag=True, help="Also fetch every chunk and check its hash.")
+@json_opt
+def remote_check(name: str, verify: bool, as_json: bool) -> None:
+    """Check that every reference of the remote NAME names objects that exist: commits, trees,
+    chunks, packs (with --verify, that every chunk hashes right).  One line per problem on
+    stdout and exit status 1 if there is any."""
+    from cowfs.fleet.check import check
+
+    with _fleet_errors(f"remote check {name}"), _open(name) as r:
+        problems, figures = check(r, verify)
+    if as_json:
+        click.echo(json.dumps({"ok": not problems, "problems": problems, **figures}))
+    else:
+        for p in problems:
+            click.echo(p)
+        if progress.shown():
+            click.echo(f"{figures['references']} references, {figures['commits']} commits, {figures['trees']} trees, "
+                       f"{figures['chunks']} chunks in {figures['packs']} packs: "
+                       f"{len(problems) or 'no'} problems", err=True)
+    if problems:
+        raise SystemExit(1)
+
+
+# --- cowfs push ----------------------------------------------------------------------------------
+
+@click.command()
+@click.argument("mount")
+@click.argument("snapshot")
+@click.argument("remote_name", metavar="REMOTE")
+@click.option("--as", "as_name", metavar="NAME", help="The snapshot's name on the remote (default: SNAPSHOT).")
+@click.option("--branch", "remote_branch", metavar="B",
+              help="Also move the remote's branch B to this snapshot, only if it is still where this branch last "
+                   "saw it (pulled or pushed); a conflict otherwise, never an overwrite.")
+@json_opt
+def push(mount: str, snapshot: str, remote_name: str, as_name: str | None, remote_branch: str | None,
+         as_json: bool) -> None:
+    """Push snapshot SNAPSHOT of the branch mounted at MOUNT to the remote REMOTE.
+
+    Uploads only what the remote lacks (chunks packed with an index, one object per changed
+    directory, a commit), then sets the remote's snapshot reference by compare-and-set.  An
+    interrupted push changes no reference; pushing again uploads only what is missing.
+    """
+    from cowfs.fleet.push import push as do_push
+    from cowfs.fleet.state import State
+    from cowfs.treecopy import scan
+
+    place = targets.mount_of(mount)
+    ref = _ref_name(as_name or snapshot, "snapshot")
+    if remote_branch is not None:
+        _ref_name(remote_branch, "branch")
+    listing, _where, mp = admin.listing_of(place.mountpoint)
+    if snapshot not in {s["name"] for s in listing["snapshots"]}:
+        raise CliError(f"no snapshot named {snapshot!r} in the lineage of {place.mountpoint} "
+                       f"(take one with cowfs snapshot {place.mountpoint} {snapshot})")
+    branch = admin.branch_here(place.mountpoint) or ""
+    root = os.path.join(place.mountpoint, ".cowfs", "snapshots", snapshot)
+    _entries, total = scan(root)
+    state = State()
+    try:
+        with _fleet_errors(f"push of {snapshot} to {remote_name}"), _open(remote_name) as r, \
+                progress.bar(f"pushing {snapshot}", total, quiet=as_json) as update:
+            s = do_push(r, state, place.store, branch, snapshot, root, ref, remote_branch, update)
+    finally:
+        state.close()
+    if as_json:
+        click.echo(json.dumps({"ok": True, "pushed": s.as_dict()}))
+    elif progress.shown():
+        click.echo(f"pushed {snapshot} to {remote_name} as {ref}{f' (branch {remote_branch})' if remote_branch else ''}: "
+                   f"{s.objects_uploaded} objects, {human(s.bytes_uploaded)} uploaded "
+                   f"({s.chunks_new} new chunks and trees, {s.chunks_skipped + s.trees_skipped} already there), "
+                   f"commit {s.commit[:12]}, in {s.seconds:.1f} s", err=True)
+
+
+# --- cowfs pull ----------------------------------------------------------------------------------
+
+@click.command()
+@click.argument("remote_name", metavar="REMOTE")
+@click.argument("name")
+@click.argument("store", type=click.Path())
+@click.option("--branch", "is_branch", is_flag=True, help="NAME is a branch of the remote (its head), not a snapshot.")
+@click.option("--into", metavar="B", help="The new branch of STORE (default: NAME).")
+@click.option("--snapshot", "snap_name", metavar="S", help="The snapshot taken of it (default: B.<commit>).")
+@json_opt
+def pull(remote_name: str, name: str, store: str, is_branch: bool, into: str | None, snap_name: str | None,
+         as_json: bool) -> None:
+    """Pull the remote's snapshot NAME (with --branch: the head of its branch NAME) into STORE
+    as the new branch B, and take its snapshot S.
+
+    Every fetched object is checked against its hash.  When STORE has a snapshot that holds
+    an ancestor of it (pulled or pushed before), B is made from that snapshot and only what
+    differs is fetched and written; else everything is.  With --branch, a later
+    `cowfs push MOUNT SNAP REMOTE --branch NAME` from B succeeds only if nobody moved the
+    remote branch meanwhile.
+    """
+    from cowfs.fleet.pull import Puller
+    from cowfs.fleet.state import State
+
+    store = require_store(store)
+    into = _ref_name(into or name, "branch")
+    kind = "branch" if is_branch else "snap"
+    listing = _store_listing(store)
+    snaps = {s["name"]: s for s in listing["snapshots"]}
+    branches = [b["name"] for b in listing["branches"]]
+    if into in branches or into in snaps:
+        raise CliError(f"{store} has a {'branch' if into in branches else 'snapshot'} named {into!r} already; "
+                       "pull into a new branch with --into NAME")
+    state = State()
+    try:
+        with _fleet_errors(f"pull of {name} from {remote_name}"), _open(remote_name) as r:
+            cid = r.get_ref(kind, name)
+            if cid is None:
+                have = ", ".join(n for n, _c in r.list_refs(kind)) or "none"
+                raise CliError(f"the remote {remote_name} has no {'branch' if is_branch else 'snapshot'} named "
+                               f"{name!r} (it has: {have})")
+            snap = _ref_name(snap_name or f"{into}.{cid[:12]}", "snapshot")
+            if snap in snaps or snap in branches:
+                raise CliError(f"{store} has a snapshot or branch named {snap!r} already; choose another with --snapshot")
+            commit = r.commit(cid)
+            r.load_index()
+            base = _base(r, state, store, cid, snaps)
+            _make_branch(store, into, base[1] if base else None, snaps, branches)
+            base_root = r.commit(base[0])["root"] if base else None
+            with branch_mounted(store, into, purpose="pull") as mp, \
+                    progress.bar(f"pulling {name}", None, quiet=as_json) as update:
+                s = Puller(r, update).sync(mp, commit["root"], base_root, str(r.cache / "spool"))
+                try:
+                    api.control(mp, "snapshot", snap)
+                except api.CowfsError as e:
+                    raise CliError(f"snapshot {snap}: {e}") from None
+            s.commit = cid
+            state.set_synced(store, snap, r.key, cid)
+            state.set_origin(store, into, r.key, cid)
+            if is_branch:
+                state.set_base(store, into, r.key, name, cid)
+    finally:
+        state.close()
+    if as_json:
+        click.echo(json.dumps({"ok": True, "pulled": {**s.as_dict(), "branch": into, "snapshot": snap,
+                                                      "base": base[1] if base else None}}))
+    elif progress.shown():
+        click.echo(f"pulled {name} from {remote_name} into branch {into} (snapshot {snap}"
+                   f"{f', based on {base[1]}' if base else ''}): {s.chunks_fetched} chunks, "
+                   f"{human(s.bytes_fetched)} fetched, {s.files_written} files written in {s.seconds:.1f} s", err=True)
+
+
+def _store_listing(store: str) -> dict[str, Any]:
+    """`cowfs list STORE --json`, in a child process: offline, the listing opens the store's
+    RocksDB, and a process that did cannot fork a daemon afterwards (RocksDB's background
+    threads do not survive the fork: the daemon's first flush would wait forever)."""
+    r = subprocess.run([sys.executable, "-m", "cowfs", "list", store, "--json"], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=120)
+    try:
+        reply = json.loads(r.stdout)
+    except ValueError:
+        raise CliError(r.stderr.strip().removeprefix("cowfs: ") or f"cowfs list {store} failed") from None
+    if not reply.get("ok"):
+        raise CliError(str(reply.get("error")))
+    return reply
+
+
+def _base(r: Any, state: Any, store: str, cid: str, snaps: dict[str, Any]) -> tuple[str, str] | None:
+    """(commit, local snapshot) of the nearest ancestor of cid (itself included) that a snapshot
+    of the store holds, or None."""
+    synced = state.synced(store, r.key)
+    todo: str | None = cid
+    for _ in range(1000):
+        if todo is None:
+            return None
+        if todo in synced and synced[todo] in snaps:
+            return todo, synced[todo]
+        todo = r.commit(todo).get("parent")
+    return None
+
+
+def _make_branch(store: str, into: str, base_snap: str | None, snaps: dict[str, Any], branches: list[str]) -> None:
+    """Create branch `into`: from the base snapshot (through a mount of the branch it belongs
+    to), else from a branch's current state (the pull then rewrites all of it)."""
+    owner = snaps[base_snap].get("parent") if base_snap else None
+    if owner is None:
+        owner = "main" if "main" in branches else branches[0]
+    with branch_mounted(store, owner, purpose="pull") as mp:
+        try:
+            api.control(mp, "branch", into, *([base_snap] if base_snap else []))
+        except api.CowfsError as e:
+            raise CliError(f"branch {into}: {e}") from None
+
+
+COMMANDS = (remote, push, pull)

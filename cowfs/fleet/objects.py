@@ -1,0 +1,181 @@
+"""The remote's object formats.  Every object is immutable and named by a hash of its bytes,
+so an upload can always be repeated and two hosts pushing the same content write the same
+names (stored once for the whole fleet).
+
+Layout under the remote's bucket and prefix:
+
+    data/<pack id>     a pack: blob payloads back to back (each zstd-compressed, or raw when
+                       compression does not pay); pack id = BLAKE3 of the pack's bytes
+    index/<pack id>    the pack's index (uploaded after its pack): for each blob its hash,
+                       type, encoding, offset, stored and raw length
+    commit/<commit id> a commit (JSON): the root tree, the parent commit, where it came from;
+                       commit id = BLAKE3 of its bytes
+
+Blobs are of two types.  A chunk ('c') is 64 KiB of file content at a fixed offset, hashed
+exactly as cowfs hashes its own chunks (cowfs.chunks.codec: BLAKE3 of the bytes, CHUNK
+bytes), so a chunk id here is the local store's id of the same content.  A tree ('t') is
+one directory: its entries with their metadata, a file's entry listing its chunk ids (None
+for a hole: all-zero chunks are never stored), a directory's entry naming its tree, so an
+unchanged subtree keeps its id and is neither uploaded nor fetched again (git's and
+restic's Merkle tree).  A tree's id is BLAKE3 of a domain prefix and its canonical JSON.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+import zstandard
+
+from cowfs.chunks.codec import CHUNK, HASH_LEN, chunk_hash
+from cowfs.fleet import FleetError
+
+CHUNK_SIZE = CHUNK
+TYPE_CHUNK = b"c"
+TYPE_TREE = b"t"
+ENC_RAW = b"R"
+ENC_ZSTD = b"Z"
+PACK_TARGET = 16 << 20      # a pack is sealed once its payloads reach this many bytes
+_TREE_DOMAIN = b"cowfs-fleet-tree\x00"
+_INDEX_MAGIC = b"cowfs-fleet-index-1\n"
+_ENTRY = struct.Struct("<32sccQII")   # hash, type, encoding, offset, stored length, raw length
+_ZSTD_LEVEL = 3
+
+
+class CorruptObject(FleetError):
+    """An object of the remote does not decode, or does not hash to its name."""
+
+
+def hexid(h: bytes) -> str:
+    return h.hex()
+
+
+def tree_hash(data: bytes) -> bytes:
+    return blake3.blake3(_TREE_DOMAIN + data).digest()
+
+
+def blob_hash(kind: bytes, raw: bytes) -> bytes:
+    return chunk_hash(raw) if kind == TYPE_CHUNK else tree_hash(raw)
+
+
+def encode_blob(raw: bytes) -> tuple[bytes, bytes]:
+    """(encoding, stored bytes): zstd when it saves at least 1/16, else raw."""
+    z = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw)
+    if len(z) < len(raw) - len(raw) // 16:
+        return ENC_ZSTD, z
+    return ENC_RAW, raw
+
+
+def decode_blob(loc: "Loc", stored: bytes, h: bytes) -> bytes:
+    """The raw bytes of a stored blob, checked against its hash (CorruptObject if not)."""
+    what = "chunk" if loc.kind == TYPE_CHUNK else "tree"
+    if len(stored) != loc.length:
+        raise CorruptObject(f"{what} {h.hex()}: {len(stored)} bytes in pack {loc.pack}, "
+                            f"expected {loc.length}")
+    try:
+        raw = (zstandard.ZstdDecompressor().decompress(stored, max_output_size=max(loc.raw, 1))
+               if loc.enc == ENC_ZSTD else stored)
+    except zstandard.ZstdError as e:
+        raise CorruptObject(f"{what} {h.hex()} in pack {loc.pack}: {e}") from None
+    if len(raw) != loc.raw or blob_hash(loc.kind, raw) != h:
+        raise CorruptObject(f"{what} {h.hex()} in pack {loc.pack}: its content does not "
+                            "hash to its id")
+    return raw
+
+
+@dataclass(frozen=True)
+class Loc:
+    """Where a blob is: pack id (hex), type, encoding, offset, stored and raw length."""
+    pack: str
+    kind: bytes
+    enc: bytes
+    offset: int
+    length: int
+    raw: int
+
+
+def encode_index(entries: list[tuple[bytes, Loc]]) -> bytes:
+    return _INDEX_MAGIC + b"".join(_ENTRY.pack(h, loc.kind, loc.enc, loc.offset, loc.length, loc.raw)
+                                   for h, loc in entries)
+
+
+def decode_index(pack: str, data: bytes) -> dict[bytes, Loc]:
+    if not data.startswith(_INDEX_MAGIC) or (len(data) - len(_INDEX_MAGIC)) % _ENTRY.size:
+        raise CorruptObject(f"index/{pack}: not a pack index")
+    out = {}
+    for h, kind, enc, offset, length, raw in _ENTRY.iter_unpack(memoryview(data)[len(_INDEX_MAGIC):]):
+        if kind not in (TYPE_CHUNK, TYPE_TREE) or enc not in (ENC_RAW, ENC_ZSTD):
+            raise CorruptObject(f"index/{pack}: bad entry for {h.hex()}")
+        out[h] = Loc(pack, kind, enc, offset, length, raw)
+    return out
+
+
+class PackBuilder:
+    """Blobs collected into one pack (not thread-safe: the caller serializes adds)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.entries: list[tuple[bytes, bytes, bytes, int, int, int]] = []
+        self.size = 0
+
+    def add(self, h: bytes, kind: bytes, enc: bytes, stored: bytes, raw_len: int) -> None:
+        """A blob encoded by encode_blob (outside the caller's lock: compression is the cost)."""
+        self.entries.append((h, kind, enc, self.size, len(stored), raw_len))
+        self.parts.append(stored)
+        self.size += len(stored)
+
+    def seal(self) -> tuple[str, bytes, bytes, list[bytes]]:
+        """(pack id, pack bytes, index bytes, the hashes it holds)."""
+        data = b"".join(self.parts)
+        pack = blake3.blake3(data).hexdigest()
+        locs = [(h, Loc(pack, k, e, o, n, r)) for h, k, e, o, n, r in self.entries]
+        return pack, data, encode_index(locs), [h for h, *_ in self.entries]
+
+
+# --- trees ------------------------------------------------------------------------------------
+
+def encode_tree(entries: list[dict[str, Any]]) -> bytes:
+    """One directory's entries (sorted by name) as canonical JSON."""
+    return json.dumps({"v": 1, "entries": entries}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True).encode()
+
+
+def decode_tree(h: bytes, raw: bytes) -> list[dict[str, Any]]:
+    try:
+        doc = json.loads(raw)
+        entries = doc["entries"]
+        if doc.get("v") != 1 or not isinstance(entries, list):
+            raise ValueError("unknown version")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptObject(f"tree {h.hex()}: {e}") from None
+    return entries
+
+
+def entry_chunks(entry: dict[str, Any]) -> list[bytes | None]:
+    return [None if c is None else bytes.fromhex(c) for c in entry.get("chunks", [])]
+
+
+def chunk_count(size: int) -> int:
+    return (size + CHUNK_SIZE - 1) // CHUNK_SIZE
+
+
+# --- commits ----------------------------------------------------------------------------------
+
+def encode_commit(doc: dict[str, Any]) -> tuple[str, bytes]:
+    data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return blake3.blake3(data).hexdigest(), data
+
+
+def decode_commit(cid: str, data: bytes) -> dict[str, Any]:
+    if blake3.blake3(data).hexdigest() != cid:
+        raise CorruptObject(f"commit/{cid}: its content does not hash to its name")
+    try:
+        doc = json.loads(data)
+        bytes.fromhex(doc["tree"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptObject(f"commit/{cid}: {e}") from None
+    if len(bytes.fromhex(doc["tree"])) != HASH_LEN:
+        raise CorruptObject(f"commit/{cid}: bad tree id")
+    return doc

@@ -1,0 +1,175 @@
+"""One opened remote: its objects (an S3BlobStore on BUCKET/PREFIX), its references (an EtcdKV
+with the families `snap` and `branch`, under the etcd key prefix `cowfs-fleet/BUCKET/PREFIX/`,
+so one etcd can serve several remotes) and the union of its pack indexes.
+
+References are the only mutable state of a remote and change only by compare-and-set
+(`set_ref`); a reference's value is a commit id.  Indexes are immutable, so each is fetched
+once and kept in the local cache ($XDG_CACHE_HOME/cowfs/fleet/<remote id>/index/).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
+
+from cowfs.fleet import FleetError, RefConflict
+from cowfs.fleet.config import RemoteConfig, cache_dir
+from cowfs.fleet.objects import Loc, decode_blob, decode_commit, decode_index
+from cowfs.remote import OutcomeUnknown
+
+FAMILIES = ("snap", "branch")
+_RANGE_GAP = 256 << 10       # blobs of a pack closer than this are fetched in one ranged GET
+_RANGE_MAX = 16 << 20
+
+
+class Remote:
+    def __init__(self, cfg: RemoteConfig, workers: int = 4) -> None:
+        from cowfs.blob.s3 import S3BlobStore
+        from cowfs.kv.etcd import EtcdKV
+
+        self.cfg = cfg
+        self.workers = workers
+        self.blobs = S3BlobStore(cfg.bucket, cfg.prefix, endpoint_url=cfg.endpoint)
+        where = f"{cfg.bucket}/{cfg.prefix}".rstrip("/")
+        self.refs = EtcdKV(cfg.refs, FAMILIES, f"cowfs-fleet/{where}/".encode())
+        # What identifies the remote in the local state (not its name: names can be re-added).
+        self.key = f"{self.blobs.endpoint}/{where}"
+        ident = hashlib.sha256(self.key.encode()).hexdigest()[:16]
+        self.cache = cache_dir() / "fleet" / ident
+        self.index: dict[bytes, Loc] = {}
+        self.packs: set[str] = set()
+
+    def close(self) -> None:
+        self.blobs.close()
+        self.refs.close()
+
+    def __enter__(self) -> "Remote":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- indexes ----------------------------------------------------------------------------
+
+    def load_index(self, progress: Callable[[int], None] = lambda n: None) -> int:
+        """Read every pack index of the remote (from the local cache when there); how many."""
+        d = self.cache / "index"
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        names = [e.name[len("index/"):] for e in self.blobs.list("index/")]
+        missing = [p for p in names if p not in self.packs and not (d / p).exists()]
+
+        def fetch(pack: str) -> None:
+            data = self.blobs.get("index/" + pack)
+            decode_index(pack, data)
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, d / pack)
+        with ThreadPoolExecutor(self.workers) as pool:
+            list(pool.map(fetch, missing))
+        for pack in names:
+            if pack not in self.packs:
+                self.add_index(pack, decode_index(pack, (d / pack).read_bytes()))
+                progress(1)
+        return len(names)
+
+    def add_index(self, pack: str, entries: dict[bytes, Loc]) -> None:
+        for h, loc in entries.items():
+            self.index.setdefault(h, loc)
+        self.packs.add(pack)
+
+    def remember_index(self, pack: str, data: bytes) -> None:
+        """An index this process uploaded: into the cache and the union without a fetch."""
+        d = self.cache / "index"
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, d / pack)
+        self.add_index(pack, decode_index(pack, data))
+
+    # --- blobs ------------------------------------------------------------------------------
+
+    def locate(self, h: bytes, what: str) -> Loc:
+        loc = self.index.get(h)
+        if loc is None:
+            raise FleetError(f"the remote {self.cfg.name} lacks the {what} {h.hex()} (no pack index "
+                             f"names it): run cowfs remote check {self.cfg.name}")
+        return loc
+
+    def fetch(self, hashes: list[bytes], what: str) -> Iterator[tuple[bytes, bytes]]:
+        """(hash, raw bytes) of each blob, verified, fetched with ranged GETs that cover
+        neighbouring blobs of one pack together, several at a time."""
+        by_pack: dict[str, list[tuple[Loc, bytes]]] = {}
+        for h in dict.fromkeys(hashes):
+            loc = self.locate(h, what)
+            by_pack.setdefault(loc.pack, []).append((loc, h))
+        ranges: list[list[tuple[Loc, bytes]]] = []
+        for items in by_pack.values():
+            items.sort(key=lambda x: x[0].offset)
+            cur: list[tuple[Loc, bytes]] = []
+            for loc, h in items:
+                if cur and (loc.offset - (cur[-1][0].offset + cur[-1][0].length) > _RANGE_GAP
+                            or loc.offset + loc.length - cur[0][0].offset > _RANGE_MAX):
+                    ranges.append(cur)
+                    cur = []
+                cur.append((loc, h))
+            ranges.append(cur)
+
+        def get(run: list[tuple[Loc, bytes]]) -> list[tuple[bytes, bytes]]:
+            start = run[0][0].offset
+            end = run[-1][0].offset + run[-1][0].length
+            data = self.blobs.get("data/" + run[0][0].pack, start, end - start)
+            return [(h, decode_blob(loc, data[loc.offset - start:loc.offset - start + loc.length], h))
+                    for loc, h in run]
+        with ThreadPoolExecutor(self.workers) as pool:
+            for out in pool.map(get, ranges):
+                yield from out
+
+    def commit(self, cid: str) -> dict[str, Any]:
+        from cowfs.blob.base import BlobNotFound
+        try:
+            return decode_commit(cid, self.blobs.get("commit/" + cid))
+        except BlobNotFound:
+            raise FleetError(f"the remote {self.cfg.name} lacks the commit {cid}: run cowfs remote "
+                             f"check {self.cfg.name}") from None
+
+    # --- references -------------------------------------------------------------------------
+
+    def get_ref(self, family: str, name: str) -> str | None:
+        v = self.refs.get(family, name.encode())
+        return None if v is None else v.decode()
+
+    def list_refs(self, family: str) -> list[tuple[str, str]]:
+        return [(k.decode(errors="replace"), v.decode(errors="replace"))
+                for k, v in self.refs.scan(family, b"")]
+
+    def set_ref(self, family: str, name: str, new: str, expected: str | None,
+                also: tuple[str, str, str, str | None] | None = None) -> None:
+        """Set family/name to commit `new` if it holds `expected` (None: absent), and
+        `also` (family, name, new, expected) in the same transaction; RefConflict naming
+        what was found otherwise.  A lost reply is settled by reading the references back."""
+        from cowfs.kv.base import Batch, Conflict
+
+        batch = Batch()
+        expect = []
+        for fam, key, value, exp in [(family, name, new, expected)] + ([also] if also else []):
+            batch.put(fam, key.encode(), value.encode())
+            expect.append((fam, key.encode(), None if exp is None else exp.encode()))
+        try:
+            self.refs.write(batch, expect)
+        except Conflict as e:
+            found = None if e.found is None else e.found.decode(errors="replace")
+            fam, key = e.cf, e.key.decode(errors="replace")
+            want = next(x for f, k, _v, x in [(family, name, new, expected)] + ([also] if also else [])
+                        if f == fam and k == key)
+            raise RefConflict(
+                f"{fam}/{key} on the remote {self.cfg.name} is at commit {found or '(absent)'}, "
+                f"but this push expected {want or '(absent)'}: someone else pushed meanwhile; "
+                "nothing was overwritten") from None
+        except OutcomeUnknown:
+            if self.get_ref(family, name) == new and (also is None or self.get_ref(also[0], also[1]) == also[2]):
+                return
+            raise

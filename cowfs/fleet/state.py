@@ -1,0 +1,88 @@
+"""What this machine remembers about its pushes and pulls, in one SQLite file per user
+($XDG_CACHE_HOME/cowfs/fleet/state.sqlite; WAL, so several pushes at once may share it):
+
+- stat cache: (store, path in the snapshot) -> size, mtime_ns, ctime_ns, chunk ids.  No inode
+  number: a snapshot's inode numbers carry the snapshot in their high bits, so the same file
+  has another number in every snapshot (a content change moves mtime and ctime anyway).
+  A push finds an unchanged file's chunk ids here instead of reading it again (restic's
+  parent-snapshot idea); a file whose stat changed, or whose chunks the remote lacks, is read.
+- synced: (store, local snapshot) -> (remote, commit): that snapshot holds exactly that
+  commit's tree, so a later pull into the store can branch from it and fetch only what differs.
+- bases: (store, local branch, remote, remote branch) -> the remote branch's commit this local
+  branch was last pulled from or pushed to: the compare-and-set expectation of its next push.
+- origins: (store, local branch) -> (remote, commit) it was last synced with: a new commit's
+  parent, which lets a pull elsewhere find a base it already has.
+
+Losing the file costs re-reading files and a conflict on the next branch push (then pull
+and push again), never an overwrite.
+"""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from cowfs.fleet.config import cache_dir
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS stat (store TEXT, path BLOB, size INTEGER, mtime INTEGER, ctime INTEGER,
+    chunks BLOB, PRIMARY KEY (store, path));
+CREATE TABLE IF NOT EXISTS synced (store TEXT, snapshot TEXT, remote TEXT, commit_id TEXT,
+    PRIMARY KEY (store, snapshot, remote));
+CREATE TABLE IF NOT EXISTS bases (store TEXT, branch TEXT, remote TEXT, remote_branch TEXT, commit_id TEXT,
+    PRIMARY KEY (store, branch, remote, remote_branch));
+CREATE TABLE IF NOT EXISTS origins (store TEXT, branch TEXT, remote TEXT, commit_id TEXT,
+    PRIMARY KEY (store, branch, remote));
+"""
+
+
+class State:
+    def __init__(self, path: Path | None = None) -> None:
+        path = path or cache_dir() / "fleet" / "state.sqlite"
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.db = sqlite3.connect(path, timeout=30, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # stat cache
+    def cached_chunks(self, store: str, path: bytes, st_key: tuple[int, int, int]) -> bytes | None:
+        """The packed chunk ids of the file, if its (size, mtime_ns, ctime_ns) are st_key."""
+        row = self.db.execute("SELECT size, mtime, ctime, chunks FROM stat WHERE store=? AND path=?",
+                              (store, path)).fetchone()
+        return row[3] if row is not None and tuple(row[:3]) == st_key else None
+
+    def remember_chunks(self, rows: list[tuple[str, bytes, int, int, int, bytes]]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO stat VALUES (?,?,?,?,?,?)", rows)
+
+    # snapshots and branches
+    def set_synced(self, store: str, snapshot: str, remote: str, commit: str) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO synced VALUES (?,?,?,?)", (store, snapshot, remote, commit))
+
+    def synced(self, store: str, remote: str) -> dict[str, str]:
+        """commit -> local snapshot, for the store's snapshots known to hold a remote commit."""
+        rows = self.db.execute("SELECT snapshot, commit_id FROM synced WHERE store=? AND remote=?",
+                               (store, remote)).fetchall()
+        return {c: s for s, c in rows}
+
+    def base(self, store: str, branch: str, remote: str, remote_branch: str) -> str | None:
+        row = self.db.execute("SELECT commit_id FROM bases WHERE store=? AND branch=? AND remote=? "
+                              "AND remote_branch=?", (store, branch, remote, remote_branch)).fetchone()
+        return row[0] if row else None
+
+    def set_base(self, store: str, branch: str, remote: str, remote_branch: str, commit: str) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO bases VALUES (?,?,?,?,?)",
+                            (store, branch, remote, remote_branch, commit))
+
+    def origin(self, store: str, branch: str, remote: str) -> str | None:
+        row = self.db.execute("SELECT commit_id FROM origins WHERE store=? AND branch=? AND remote=?",
+                              (store, branch, remote)).fetchone()
+        return row[0] if row else None
+
+    def set_origin(self, store: str, branch: str, remote: str, commit: str) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO origins VALUES (?,?,?,?)", (store, branch, remote, commit))

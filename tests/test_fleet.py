@@ -1,0 +1,307 @@
+"""The fleet on real engines: `cowfs remote`, `cowfs push`, `cowfs pull` and `cowfs remote check`
+against SeaweedFS (S3) and etcd started by the fixtures, with real mounts on both sides.
+
+Each "host" is a store with its own user configuration and cache directories (XDG_CONFIG_HOME,
+XDG_CACHE_HOME), as two machines would have; the remote is the session's SeaweedFS bucket
+under a prefix of the test's own, and the session's etcd (references under that prefix).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import mounting
+from conftest import UNPRIV_GID, UNPRIV_UID
+
+NS = 1_000_000_000
+IGNORE = ("ino", "ctime", "blocks", "blksize", "dir_size")
+
+
+class Host:
+    """One machine of the fleet: its environment (config, cache, AWS variables) and stores."""
+
+    def __init__(self, name: str, base: Path, aws: dict[str, str | None]) -> None:
+        self.name = name
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        for k, v in aws.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        env["XDG_CONFIG_HOME"] = str(base / "config")
+        env["XDG_CACHE_HOME"] = str(base / "cache")
+        self.env = env
+
+    def cowfs(self, *args, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+        r = mounting.run_cowfs(*args, check=False, timeout=timeout, env=self.env)
+        r.stdout, r.stderr = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+        if check and r.returncode != 0:
+            raise AssertionError(f"cowfs {' '.join(map(str, args))} on {self.name} exited {r.returncode}:\n"
+                                 f"{r.stdout}\n{r.stderr}")
+        return r
+
+    def json(self, *args, timeout: float = 180) -> dict:
+        r = self.cowfs(*args, "--json", timeout=timeout)
+        return json.loads(r.stdout)
+
+    def popen(self, *args) -> subprocess.Popen:
+        return subprocess.Popen(mounting.cowfs_command() + [str(a) for a in args], env=self.env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.fixture
+def fleet(request, tmp_path, engine_prefix):
+    """make(name, s3=None, etcd=None) -> Host with the remote 'origin' configured (the session's
+    engines unless private ones are given)."""
+    def make(name: str, s3=None, etcd=None, remote: str = "origin") -> Host:
+        s3 = s3 or request.getfixturevalue("seaweedfs")
+        etcd = etcd or request.getfixturevalue("etcd")
+        h = Host(name, tmp_path / f"host-{name}", s3.environment(tmp_path))
+        h.cowfs("remote", "add", remote, f"s3://{s3.BUCKET}/{engine_prefix}", "--refs", etcd.endpoint)
+        return h
+    return make
+
+
+def make_tree(root: Path) -> None:
+    """Every kind of entry and metadata a snapshot can hold."""
+    (root / "dir" / "sub").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "text").write_text("hello\n" * 1000)
+    (root / "zero-length").write_bytes(b"")
+    (root / "big").write_bytes(os.urandom(3 << 20) + bytes(1 << 20) + os.urandom(100))
+    with open(root / "sparse", "wb") as f:
+        f.write(b"head")
+        f.seek(20 << 20)
+        f.write(b"middle")
+        f.truncate(24 << 20)
+    for i in range(40):
+        (root / "dir" / f"small-{i:03d}").write_bytes(os.urandom(i * 37))
+    (root / "dir" / "sub" / "deep").write_text("deep")
+    os.link(root / "text", root / "dir" / "hardlink-to-text")
+    os.symlink("../text", root / "dir" / "link")
+    os.symlink("/nowhere", root / "dangling")
+    os.mkfifo(root / "fifo")
+    os.mknod(root / "null-dev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.setxattr(root / "text", "user.origin", b"test")
+    os.setxattr(root / "dir", "user.dir", b"\x00binary\xff")
+    os.chmod(root / "dir" / "small-001", 0o4755)
+    os.chown(root / "dir" / "small-002", 1234, 5678)
+    os.chown(root / "dir" / "link", 4321, 8765, follow_symlinks=False)
+    os.chmod(root / "empty", 0o1777)
+    for i, p in enumerate(sorted(root.rglob("*"))):
+        os.utime(p, ns=(1_600_000_000 * NS + i, 1_500_000_000 * NS + i * 1001), follow_symlinks=False)
+    os.chmod(root / "dir" / "sub", 0o555)
+    os.utime(root, ns=(1_600_000_000 * NS, 1_400_000_000 * NS))
+
+
+def same_tree(a: Path, b: Path, names=("pushed", "pulled")) -> None:
+    diffs = mounting.compare_snapshots(mounting.snapshot(str(a)), mounting.snapshot(str(b)), names=names,
+                                       ignore=IGNORE)
+    assert not diffs, "\n".join(diffs[:30])
+
+
+def snap(m, name: str) -> Path:
+    mounting.ok(m.path, f"snapshot {name}")
+    return m.path / ".cowfs" / "snapshots" / name
+
+
+# --- cowfs remote ------------------------------------------------------------------------------
+
+def test_remote_add_list_remove_and_their_errors(tmp_path):
+    h = Host("a", tmp_path / "a", {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret"})
+    h.cowfs("remote", "add", "origin", "s3://my-bucket/fleet/one", "--refs", "http://127.0.0.1:2379")
+    h.cowfs("remote", "add", "backup", "s3://other.bucket", "--refs", "http://10.0.0.1:2379,http://10.0.0.2:2379",
+            "--endpoint", "http://127.0.0.1:8333")
+    listed = h.json("remote", "list")["remotes"]
+    assert [(r["name"], r["url"], r["refs"]) for r in listed] == [
+        ("backup", "s3://other.bucket", "http://10.0.0.1:2379,http://10.0.0.2:2379"),
+        ("origin", "s3://my-bucket/fleet/one", "http://127.0.0.1:2379")]
+    text = h.cowfs("remote", "list").stdout
+    assert "origin\ts3://my-bucket/fleet/one\thttp://127.0.0.1:2379" in text
+    cfg = tmp_path / "a" / "config" / "cowfs" / "remotes.json"
+    assert stat.S_IMODE(cfg.stat().st_mode) == 0o600
+    assert "secret" not in cfg.read_text() and "AKID" not in cfg.read_text(), "credentials are never stored"
+
+    def fails(*args: str, says: str) -> None:
+        r = h.cowfs(*args, check=False)
+        assert r.returncode != 0 and says in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    fails("remote", "add", "origin", "s3://b2b/x", "--refs", "http://h:1", says="a remote named 'origin' exists already")
+    fails("remote", "add", "x", "http://bucket/x", "--refs", "http://h:1", says="expected s3://BUCKET/PREFIX")
+    fails("remote", "add", "x", "s3://Bad_Bucket/x", "--refs", "http://h:1", says="bad bucket name")
+    fails("remote", "add", "x", "s3://bucket/.hidden", "--refs", "http://h:1", says="bad prefix")
+    fails("remote", "add", "x", "s3://bucket/p", "--refs", "etcd-host", says="bad --refs endpoint")
+    fails("remote", "add", "x", "s3://bucket/p", "--refs", "http://h", says="bad --refs endpoint")
+    fails("remote", "add", ".x", "s3://bucket/p", "--refs", "http://h:1", says="bad remote name")
+    fails("remote", "remove", "nope", says="no remote named 'nope' (known: backup, origin")
+    fails("remote", "check", "nope", says="no remote named 'nope'")
+    h.cowfs("remote", "remove", "backup")
+    assert [r["name"] for r in h.json("remote", "list")["remotes"]] == ["origin"]
+    # Per user, and private: a sandbox user pointed at our file (our HOME) cannot read it.
+    os.chmod(tmp_path, 0o755)
+    os.chmod(tmp_path / "a", 0o755)
+    other = mounting.run_cowfs_as(UNPRIV_UID, UNPRIV_GID, "remote", "list", text=True, check=False,
+                                  env={"XDG_CONFIG_HOME": str(tmp_path / "a" / "config")})
+    assert other.returncode == 1 and "remotes.json: Permission denied" in other.stderr, other.stderr
+
+
+# --- push and pull -------------------------------------------------------------------------------
+
+def test_push_then_pull_gives_the_same_tree_metadata_included(fleet, mount_factory):
+    a, b = fleet("a"), fleet("b")
+    src = mount_factory()
+    make_tree(src.path)
+    pushed = snap(src, "base")
+    first = a.json("push", src.path, "base", "origin")["pushed"]
+    assert first["objects_uploaded"] >= 3 and first["files_read"] == first["files"] - 1 > 40  # a hard link: read once
+    assert first["bytes_uploaded"] < 6 << 20, "compressed packs, holes not stored"
+
+    store_b = mounting.init_store(b.base / "store")
+    pulled = b.json("pull", "origin", "base", store_b)["pulled"]
+    assert pulled["branch"] == "base" and pulled["chunks_fetched"] > 0 and pulled["base"] is None
+    dst = mount_factory(store=store_b, branch="base")
+    same_tree(pushed, dst.path)
+    same_tree(pushed, dst.path / ".cowfs" / "snapshots" / pulled["snapshot"])
+    assert os.stat(dst.path / "sparse").st_blocks * 512 < 1 << 20, "holes were written out as data"
+    dst.stop()
+
+    # A fork changes 10 files: its push reads and uploads only those.
+    for i in range(10):
+        (src.path / "dir" / f"small-{i + 10:03d}").write_bytes(os.urandom(5000))
+    os.utime(src.path / "big", ns=(1, 2))                       # metadata only
+    fork = snap(src, "fork")
+    second = a.json("push", src.path, "fork", "origin")["pushed"]
+    # read: the 10, and big whose mtime moved (its chunks are on the remote: not uploaded)
+    assert second["files_read"] == 11 and second["files_cached"] == first["files"] - 12
+    assert second["chunks_new"] == 10 and second["trees_new"] == 2     # dir/ and the root
+    assert second["bytes_uploaded"] < 50_000 + (1 << 20)
+    # ... and its pull, based on the one already pulled, fetches only those.
+    again = b.json("pull", "origin", "fork", store_b, "--into", "fork-b")["pulled"]
+    assert again["base"] == pulled["snapshot"] and again["chunks_fetched"] == 10 and again["files_written"] == 10 and again["meta_only"] == 1
+    dst2 = mount_factory(store=store_b, branch="fork-b")
+    same_tree(fork, dst2.path)
+
+    # Errors: one line each.
+    r = a.cowfs("push", src.path, "nope", "origin", check=False)
+    assert r.returncode == 1 and "no snapshot named 'nope'" in r.stderr
+    r = b.cowfs("pull", "origin", "nope", store_b, check=False)
+    assert r.returncode == 1 and "the remote origin has no snapshot named 'nope' (it has: base, fork)" in r.stderr
+    r = b.cowfs("pull", "origin", "base", store_b, check=False)
+    assert r.returncode == 1 and "has a branch named 'base' already" in r.stderr
+    mounting.write(src.path / "text", b"changed")
+    snap(src, "other")
+    r = a.cowfs("push", src.path, "other", "origin", "--as", "base", check=False)
+    assert r.returncode == 1 and "conflict" in r.stderr and "has a snapshot base already" in r.stderr
+    assert a.json("remote", "check", "origin", "--verify")["ok"]
+
+
+# --- branches: compare-and-set ---------------------------------------------------------------------
+
+def test_two_stores_pushing_one_branch_at_once_one_wins_the_other_conflicts(fleet, mount_factory):
+    a, b = fleet("a"), fleet("b")
+    ma = mount_factory()
+    (ma.path / "who").write_text("base")
+    snap(ma, "c0")
+    first = a.json("push", ma.path, "c0", "origin", "--branch", "dev")["pushed"]
+    store_b = mounting.init_store(b.base / "store")
+    b.json("pull", "origin", "dev", store_b, "--branch", "--into", "dev")
+    mb = mount_factory(store=store_b, branch="dev")
+    assert (mb.path / "who").read_text() == "base"
+    (ma.path / "who").write_text("a")
+    (mb.path / "who").write_text("b")
+    snap(ma, "a1")
+    snap(mb, "b1")
+    procs = {"a": a.popen("push", ma.path, "a1", "origin", "--branch", "dev", "--json"),
+             "b": b.popen("push", mb.path, "b1", "origin", "--branch", "dev", "--json")}
+    out = {k: (p.wait(120), *[s.decode() for s in p.communicate()]) for k, p in procs.items()}
+    winners = [k for k, (rc, _o, _e) in out.items() if rc == 0]
+    assert len(winners) == 1, out
+    (win,) = winners
+    lose = "b" if win == "a" else "a"
+    won = json.loads(out[win][1])["pushed"]["commit"]
+    rc, _o, err = out[lose]
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "conflict" in err and f"branch/dev on the remote origin is at commit {won}" in err, err
+    assert f"expected {first['commit']}" in err and "nothing was overwritten" in err
+    # Pushing again without pulling is still refused; the loser's work is not lost: it is
+    # still its snapshot, which it can push under its own name.
+    loser, lm, ls = (a, ma, "a1") if lose == "a" else (b, mb, "b1")
+    r = loser.cowfs("push", lm.path, ls, "origin", "--branch", "dev", check=False)
+    assert r.returncode == 1 and f"is at commit {won}" in r.stderr
+    loser.json("push", lm.path, ls, "origin")
+    # The remote holds both; dev is the winner's.
+    store_c = mounting.init_store(b.base / "store-c")
+    c = fleet("c")
+    c.json("pull", "origin", "dev", store_c, "--branch", "--into", "dev")
+    c.json("pull", "origin", ls, store_c, "--into", "theirs")
+    mc = mount_factory(store=store_c, branch="dev")
+    assert (mc.path / "who").read_text() == win
+    assert mounting.ok(mc.path, "list")
+    assert a.json("remote", "check", "origin")["ok"]
+    # A pull of the new head, then a push on top of it, succeeds.
+    d = fleet("d")
+    store_d = mounting.init_store(d.base / "store")
+    d.json("pull", "origin", "dev", store_d, "--branch", "--into", "work")
+    mc.stop()
+    md = mount_factory(store=store_d, branch="work")
+    (md.path / "who").write_text("d")
+    snap(md, "d1")
+    pushed = d.json("push", md.path, "d1", "origin", "--branch", "dev")["pushed"]
+    assert pushed["commit"] and pushed["chunks_new"] == 1
+
+
+# --- remote check ------------------------------------------------------------------------------------
+
+def test_remote_check_names_every_missing_or_corrupt_object(fleet, mount_factory, seaweedfs, engine_prefix):
+    from cowfs.fleet.objects import ENC_RAW, TYPE_CHUNK, decode_index
+    a = fleet("a")
+    m = mount_factory()
+    (m.path / "data").write_bytes(os.urandom(300_000))
+    (m.path / "d").mkdir()
+    (m.path / "d" / "f").write_bytes(b"x" * 1000)
+    snap(m, "one")
+    a.json("push", m.path, "one", "origin")
+    (m.path / "d" / "g").write_bytes(os.urandom(70_000))
+    snap(m, "two")
+    a.json("push", m.path, "two", "origin")
+    r = a.cowfs("remote", "check", "origin", "--verify")
+    assert r.returncode == 0 and r.stdout == "", r.stdout
+    s3 = seaweedfs.client()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=seaweedfs.BUCKET, Prefix=engine_prefix + "/")["Contents"]]
+    indexes = {k.rsplit("/", 1)[1]: decode_index(k.rsplit("/", 1)[1], s3.get_object(
+        Bucket=seaweedfs.BUCKET, Key=k)["Body"].read()) for k in keys if "/index/" in k}
+    # the first push's pack: corrupt one raw chunk's bytes (same length: only --verify sees it)
+    first = max(indexes, key=lambda p: len(indexes[p]))
+    h, loc = next((h, loc) for h, loc in indexes[first].items() if loc.kind == TYPE_CHUNK and loc.enc == ENC_RAW)
+    key = f"{engine_prefix}/data/{first}"
+    data = bytearray(s3.get_object(Bucket=seaweedfs.BUCKET, Key=key)["Body"].read())
+    data[loc.offset + 10] ^= 0xFF
+    s3.put_object(Bucket=seaweedfs.BUCKET, Key=key, Body=bytes(data))
+    r = a.cowfs("remote", "check", "origin", check=False)
+    assert r.returncode == 0 and r.stdout == ""
+    r = a.cowfs("remote", "check", "origin", "--verify", check=False)
+    assert r.returncode == 1 and r.stdout == f"chunk {h.hex()} in pack {first}: its content does not hash to its id\n"
+    # the second push's pack goes, and the first push's commit
+    (second,) = set(indexes) - {first}
+    s3.delete_object(Bucket=seaweedfs.BUCKET, Key=f"{engine_prefix}/data/{second}")
+    one = next(k for k in keys if "/commit/" in k and json.loads(
+        s3.get_object(Bucket=seaweedfs.BUCKET, Key=k)["Body"].read())["snapshot"] == "one")
+    s3.delete_object(Bucket=seaweedfs.BUCKET, Key=one)
+    r = a.cowfs("remote", "check", "origin", check=False)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 1
+    assert f"pack data/{second} is missing" in lines[0]
+    assert f"snap/one: commit/{one.rsplit('/', 1)[1]} is missing" in lines
+    # (the trees of "two" are in that pack: its chunks cannot be reached, hence not named)
+    assert any(line.startswith("tree ") and f"damaged pack {second}" in line for line in lines), lines
+    r = a.cowfs("pull", "origin", "one", mounting.init_store(a.base / "s"), check=False)
+    assert r.returncode == 1 and "lacks the commit" in r.stderr and r.stderr.count("\n") == 1
