@@ -305,3 +305,89 @@ def test_remote_check_names_every_missing_or_corrupt_object(fleet, mount_factory
     assert any(line.startswith("tree ") and f"damaged pack {second}" in line for line in lines), lines
     r = a.cowfs("pull", "origin", "one", mounting.init_store(a.base / "s"), check=False)
     assert r.returncode == 1 and "lacks the commit" in r.stderr and r.stderr.count("\n") == 1
+
+
+# --- faults --------------------------------------------------------------------------------------
+
+def _big_tree(root: Path, files: int = 5, size: int = 8 << 20) -> None:
+    for i in range(files):
+        (root / f"blob-{i}").write_bytes(os.urandom(size))
+
+
+def _wait_for_objects(s3, bucket: str, prefix: str, proc: subprocess.Popen, at_least: int = 1) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        got = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount", 0)
+        if got >= at_least:
+            return
+        assert proc.poll() is None, f"the push ended before it was interrupted: {proc.communicate()}"
+        time.sleep(0.05)
+    raise AssertionError("no index object appeared")
+
+
+def test_a_push_killed_midway_leaves_the_remote_consistent_and_resumes(fleet, mount_factory, seaweedfs,
+                                                                        engine_prefix):
+    a, b = fleet("a"), fleet("b")
+    m = mount_factory()
+    _big_tree(m.path)
+    pushed = snap(m, "big")
+    p = a.popen("push", m.path, "big", "origin", "--json")
+    s3 = seaweedfs.client()
+    _wait_for_objects(s3, seaweedfs.BUCKET, f"{engine_prefix}/index/", p)
+    p.send_signal(signal.SIGKILL)
+    p.wait(30)
+    # Nothing is visible: no reference; what was uploaded is whole (check passes).
+    r = b.cowfs("pull", "origin", "big", mounting.init_store(b.base / "s0"), check=False)
+    assert r.returncode == 1 and "has no snapshot named 'big'" in r.stderr
+    assert a.json("remote", "check", "origin", "--verify")["ok"]
+    resumed = a.json("push", m.path, "big", "origin")["pushed"]
+    assert resumed["chunks_skipped"] >= 128, resumed      # a whole pack (16 MiB) was there already
+    assert resumed["bytes_uploaded"] <= (40 << 20) - (16 << 20) + (1 << 20), resumed
+    assert a.json("remote", "check", "origin", "--verify")["ok"]
+    store_b = mounting.init_store(b.base / "store")
+    b.json("pull", "origin", "big", store_b)
+    same_tree(pushed, mount_factory(store=store_b, branch="big").path)
+
+
+def test_engines_down_fail_push_and_pull_in_one_line_and_a_killed_s3_resumes(
+        fleet, mount_factory, seaweedfs_private, etcd_private):
+    sw, etcd = seaweedfs_private, etcd_private
+    a = fleet("a", s3=sw, etcd=etcd)
+    m = mount_factory()
+    (m.path / "f").write_text("one")
+    snap(m, "one")
+    a.json("push", m.path, "one", "origin")
+    store = mounting.init_store(a.base / "store")
+
+    def one_line(r, engine: str) -> None:
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert engine in r.stderr and "unavailable after 5 attempts" in r.stderr, r.stderr
+
+    # S3 killed in the middle of a push: it fails in one line; once S3 is back the remote is
+    # consistent and the push resumes.
+    _big_tree(m.path, files=3)
+    snap(m, "two")
+    p = a.popen("push", m.path, "two", "origin")
+    _wait_for_objects(sw.client(), sw.BUCKET, "", p, at_least=6)     # past one's 3 objects and the next pack
+    sw.kill()
+    rc = p.wait(120)
+    err = p.communicate()[1].decode()
+    one_line(subprocess.CompletedProcess([], rc, "", err), f"S3 endpoint {sw.endpoint}")
+    t0 = time.monotonic()
+    one_line(a.cowfs("pull", "origin", "one", store, "--into", "x", check=False), f"S3 endpoint {sw.endpoint}")
+    assert time.monotonic() - t0 < 60
+    sw.start()
+    assert a.json("remote", "check", "origin", "--verify")["ok"]
+    resumed = a.json("push", m.path, "two", "origin")["pushed"]
+    assert resumed["chunks_skipped"] > 0 or resumed["objects_skipped"] > 0, resumed
+    # etcd down: the references cannot be read or set.
+    etcd.kill()
+    (m.path / "f").write_text("three")
+    snap(m, "three")
+    one_line(a.cowfs("push", m.path, "three", "origin", check=False), f"etcd at {etcd.endpoint}")
+    one_line(a.cowfs("pull", "origin", "one", store, "--into", "y", check=False), f"etcd at {etcd.endpoint}")
+    etcd.restart()
+    a.json("push", m.path, "three", "origin")
+    assert a.json("remote", "check", "origin", "--verify")["ok"]
+    a.json("pull", "origin", "three", store)
+    assert (mount_factory(store=store, branch="three").path / "f").read_text() == "three"
