@@ -234,14 +234,18 @@ def pull(remote_name: str, name: str, store: str, is_branch: bool, into: str | N
             r.load_index()
             base = _base(r, state, store, cid, snaps)
             _make_branch(store, into, base[1] if base else None, snaps, branches)
-            base_root = r.commit(base[0])["root"] if base else None
-            with branch_mounted(store, into, purpose="pull") as mp, \
-                    progress.bar(f"pulling {name}", None, quiet=as_json) as update:
-                s = Puller(r, update).sync(mp, commit["root"], base_root, str(r.cache / "spool"))
-                try:
-                    api.control(mp, "snapshot", snap)
-                except api.CowfsError as e:
-                    raise CliError(f"snapshot {snap}: {e}") from None
+            try:
+                base_root = r.commit(base[0])["root"] if base else None
+                with branch_mounted(store, into, purpose="pull") as mp, \
+                        progress.bar(f"pulling {name}", None, quiet=as_json) as update:
+                    s = Puller(r, update).sync(mp, commit["root"], base_root, str(r.cache / "spool"))
+                    try:
+                        api.control(mp, "snapshot", snap)
+                    except api.CowfsError as e:
+                        raise CliError(f"snapshot {snap}: {e}") from None
+            except BaseException:
+                _drop_branch(store, into)
+                raise
             s.commit = cid
             state.set_synced(store, snap, r.key, cid)
             state.set_origin(store, into, r.key, cid)
@@ -273,9 +277,21 @@ def _store_listing(store: str) -> dict[str, Any]:
     return reply
 
 
+def _drop_branch(store: str, branch: str) -> None:
+    """Delete the branch a failed pull made (half written), so that the same pull can be run
+    again; store-wide, in a child process (see _store_listing).  If that fails, it says so."""
+    r = subprocess.run([sys.executable, "-m", "cowfs", "delete", store, branch], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode:
+        click.echo(f"cowfs: the half-pulled branch {branch} remains in {store} ({r.stderr.strip()}); "
+                   f"cowfs delete {store} {branch} removes it", err=True)
+
+
 def _base(r: Any, state: Any, store: str, cid: str, snaps: dict[str, Any]) -> tuple[str, str] | None:
     """(commit, local snapshot) of the nearest ancestor of cid (itself included) that a snapshot
     of the store holds, or None."""
+    from cowfs.fleet import FleetError
+
     synced = state.synced(store, r.key)
     todo: str | None = cid
     for _ in range(1000):
@@ -283,7 +299,10 @@ def _base(r: Any, state: Any, store: str, cid: str, snaps: dict[str, Any]) -> tu
             return None
         if todo in synced and synced[todo] in snaps:
             return todo, synced[todo]
-        todo = r.commit(todo).get("parent")
+        try:
+            todo = r.commit(todo).get("parent")
+        except FleetError:      # an ancestor the remote lost: no base, the pull writes everything
+            return None
     return None
 
 

@@ -119,9 +119,15 @@ class Remote:
             ranges.append(cur)
 
         def get(run: list[tuple[Loc, bytes]]) -> list[tuple[bytes, bytes]]:
+            from cowfs.blob.base import BlobNotFound
+
             start = run[0][0].offset
             end = run[-1][0].offset + run[-1][0].length
-            data = self.blobs.get("data/" + run[0][0].pack, start, end - start)
+            try:
+                data = self.blobs.get("data/" + run[0][0].pack, start, end - start)
+            except BlobNotFound:
+                raise FleetError(f"the remote {self.cfg.name} lacks the pack data/{run[0][0].pack} that holds "
+                                 f"the {what} {run[0][1].hex()}: run cowfs remote check {self.cfg.name}") from None
             return [(h, decode_blob(loc, data[loc.offset - start:loc.offset - start + loc.length], h))
                     for loc, h in run]
         with ThreadPoolExecutor(self.workers) as pool:
