@@ -348,9 +348,10 @@ def test_store_administration(sbx):
 @pytest.mark.timeout(180)
 def test_references_to_branches_deleted_before_are_cleared(mount_factory, forks):
     """Older cowfs deleted a branch without re-parenting what named it: a new branch given
-    that name would have inherited the old one's snapshots."""
+    that name would have inherited the old one's snapshots.  (Such a store was never marked
+    settled: a store is settled once, when a cowfs that re-parents first opens it.)"""
     from cowfs.kv.base import Batch
-    from cowfs.meta.layers import CF_META
+    from cowfs.meta.layers import CF_META, OWNERS_SETTLED
     from cowfs.store import Store
 
     a = mount_factory()
@@ -363,6 +364,7 @@ def test_references_to_branches_deleted_before_are_cleared(mount_factory, forks)
     try:
         batch = Batch()
         batch.delete(CF_META, b"branch/gone")  # what an older cowfs's delete left behind
+        batch.delete(CF_META, OWNERS_SETTLED)  # in a store it alone had written
         st.kv.write(batch)
     finally:
         st.close()

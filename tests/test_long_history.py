@@ -5,9 +5,14 @@ with the number of snapshots and branches the store holds.
   never cached) costs the same in a store of 10,001 snapshots as in one of 41; its mtime
   still changes when a snapshot comes or goes, and only then, so that the kernel's cached
   listing is dropped exactly when it may be stale.
+* A mount parses none of the catalog's snapshot records (Catalog.Records): a store of 3,000
+  snapshots mounts with one record parsed (its branch), reads its snapshots right as each
+  is first looked up, lists them all right, takes and deletes snapshots, collects garbage,
+  and mounts lazily again.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -65,3 +70,46 @@ def test_snapshots_directory_getattr_does_not_grow_with_the_snapshots(mount_fact
     m3 = os.stat(sdir).st_mtime_ns
     assert m3 > m2 and small.snapshots[3] not in os.listdir(sdir)
     assert len(os.listdir(sdir)) == len(small.snapshots)
+
+
+def _catalog_figures(mp) -> dict:
+    memory = json.loads((mp / ".cowfs" / "stats").read_text())["memory"]
+    return {k: v for k, v in memory.items() if k.startswith("catalog_")}
+
+
+@pytest.mark.timeout(300)
+def test_a_mount_parses_snapshot_records_only_as_they_are_used(mount_factory, tmp_path):
+    store = tmp_path / "store"
+    built = bulkstore.chain(str(store), 3000)
+    m = mount_factory(store=store)
+    snaps = m.path / ".cowfs" / "snapshots"
+    assert _catalog_figures(m.path) == {"catalog_records": 3001, "catalog_records_parsed": 1}  # main
+    for name in ("s0", "s2999", "s1500"):
+        assert os.readlink(snaps / name / "d" / "link") == name
+    assert _catalog_figures(m.path)["catalog_records_parsed"] <= 4
+    assert not os.path.exists(snaps / "s3000")
+    # A listing walks them all: every name, each reading what it froze.
+    assert sorted(os.listdir(snaps)) == sorted(built.snapshots)
+    assert _catalog_figures(m.path) == {"catalog_records": 3001, "catalog_records_parsed": 3001}
+    for name in built.snapshots[::97]:
+        assert os.readlink(snaps / name / "d" / "link") == name
+    # Changes on top, then garbage collection after deletes of interior snapshots.
+    (m.path / "d" / "new").write_bytes(b"new")
+    workload.ctl(m.path, "snapshot after")
+    for name in built.snapshots[1:2999:3]:
+        workload.ctl(m.path, f"delete {name}")
+    gone = set(built.snapshots[1:2999:3])
+    r = mounting.run_cowfs("gc", m.store, "--json", timeout=120)
+    assert json.loads(r.stdout)["ok"]
+    left = [n for n in built.snapshots if n not in gone]
+    assert (snaps / "after" / "d" / "new").read_bytes() == b"new"
+
+    m.remount()
+    assert _catalog_figures(m.path) == {"catalog_records": 2002, "catalog_records_parsed": 1}
+    assert os.readlink(snaps / "s2999" / "d" / "link") == "s2999"
+    assert not os.path.exists(snaps / built.snapshots[1])
+    assert sorted(os.listdir(snaps)) == sorted(left + ["after"])
+    for name in left[::50]:
+        assert os.readlink(snaps / name / "d" / "link") == name
+    m.stop()
+    workload.fsck_clean(m.store)

@@ -156,8 +156,8 @@ class Filesystem:
 
     def memory_figures(self) -> dict[str, int]:
         """In-memory nodes (the part of the daemon's memory that follows the kernel's inode
-        cache) and the views that hold them."""
-        return {**self.nodes.figures(), **self.views.figures()}
+        cache), the views that hold them, and the catalog's records (parsed at first use)."""
+        return {**self.nodes.figures(), **self.views.figures(), **self.store.catalog.figures()}
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.store.path)

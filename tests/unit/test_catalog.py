@@ -3,7 +3,8 @@ through batches and read back by a new Catalog on the same KV."""
 from __future__ import annotations
 
 from cowfs.kv.base import Batch
-from cowfs.meta.layers import CF_META, MAX_U64, Branch, Catalog, Snapshot, Usage, layer_suffix, suffix_layer
+from cowfs.meta.layers import (CF_META, MAX_U64, OWNERS_SETTLED, Branch, Catalog, Snapshot, Usage, layer_suffix,
+                               suffix_layer)
 
 from unit.helpers import memory_kv
 
@@ -95,3 +96,89 @@ def test_usage_and_forget_layer():
     assert cat.usage(child) is None and child not in cat.parents
     assert Catalog(kv).parents == {root: 0}
     assert [k for k, _ in kv.scan(CF_META, b"layer/", b"layer/")] == [b"layer/" + root.to_bytes(8, "big")]
+
+
+def _history(kv, n: int) -> list[str]:
+    """Branch main with n snapshots in one line, s0 .. s<n-1>, written to kv."""
+    cat = Catalog(kv)
+    b = Batch()
+    head = cat.new_layer(0, b)
+    main = Branch("main", head, cat.new_view(b))
+    for i in range(n):
+        frozen, main.head = main.head, cat.new_layer(main.head, b)
+        cat.save_snapshot(Snapshot(f"s{i}", frozen, cat.new_view(b), "main", created=float(i)), b)
+    cat.save_branch(main, b)
+    kv.write(b)
+    return [f"s{i}" for i in range(n)]
+
+
+def test_records_are_parsed_at_first_use_and_read_as_written():
+    kv = memory_kv()
+    names = _history(kv, 50)
+    written = Catalog(kv)  # the reference: every record parsed by a walk
+    want = {s.name: (s.layer, s.view, s.branch, s.created) for s in written.snapshots.values()}
+    cat = Catalog(kv)
+    assert cat.figures() == {"catalog_records": 51, "catalog_records_parsed": 0}
+    assert len(cat.snapshots) == 50 and "s7" in cat.snapshots and "nope" not in cat.snapshots
+    assert sorted(cat.snapshots) == sorted(names)  # names without parsing
+    assert cat.snapshots.unparsed() == 50
+    s7 = cat.snapshots["s7"]
+    assert (s7.layer, s7.view, s7.branch, s7.created) == want["s7"]
+    assert cat.snapshots.get("s8").name == "s8" and cat.snapshots.get("nope") is None
+    assert cat.snapshots.unparsed() == 48 and cat.snapshots["s7"] is s7  # one object, kept
+    # A change of an unparsed record, a delete of another: counted right.
+    b = Batch()
+    cat.save_snapshot(Snapshot("s9", 999, 999, None), b)
+    cat.remove("s10", b)
+    kv.write(b)
+    assert cat.snapshots.unparsed() == 46 and len(cat.snapshots) == 49
+    # A walk parses the rest at once; the records read as written.
+    got = {s.name: (s.layer, s.view, s.branch, s.created) for s in cat.snapshots.values()}
+    assert cat.snapshots.unparsed() == 0 and cat.figures()["catalog_records_parsed"] == 49  # main: not yet
+    del want["s10"]
+    want["s9"] = (999, 999, None, got["s9"][3])
+    assert got == want
+    assert cat.snapshots == Catalog(kv).snapshots and cat.branches == Catalog(kv).branches
+    assert cat.leaves() == Catalog(kv).leaves()
+    assert dict(cat.snapshots.items())["s0"] is cat.snapshots["s0"]
+
+
+def test_owners_are_settled_once_per_store():
+    kv = memory_kv()
+    _history(kv, 3)
+    cat = Catalog(kv)
+    assert kv.get(CF_META, OWNERS_SETTLED) is not None  # a new catalog: nothing to settle, marked
+    # An older cowfs deleted branch "gone" without re-parenting, and this store was never settled.
+    b = Batch()
+    cat.save_snapshot(Snapshot("orphan", cat.snapshots["s1"].layer, cat.new_view(b), "gone"), b)
+    cat.save_branch(Branch("fork", cat.new_layer(cat.snapshots["s1"].layer, b), cat.new_view(b),
+                           parent="s1", parent_branch="gone"), b)
+    b.delete(CF_META, OWNERS_SETTLED)
+    kv.write(b)
+    settled = Catalog(kv)
+    assert settled.snapshots["orphan"].branch is None and settled.branches["fork"].parent_branch is None
+    assert kv.get(CF_META, OWNERS_SETTLED) is not None
+    again = Catalog(kv)  # settled for good: nothing parsed at open
+    assert again.snapshots.unparsed() == 4 and again.branches.unparsed() == 2
+    assert again.snapshots["orphan"].branch is None and again.branches["fork"].parent_branch is None
+
+
+def test_children_index_is_made_at_first_use_and_kept_up_to_date():
+    kv = memory_kv()
+    cat = Catalog(kv)
+    b = Batch()
+    root = cat.new_layer(0, b)
+    a = cat.new_layer(root, b)
+    kv.write(b)
+    fresh = Catalog(kv)
+    b = Batch()
+    c = fresh.new_layer(a, b)  # before the index exists
+    assert fresh.children == {0: {root}, root: {a}, a: {c}}
+    d = fresh.new_layer(a, b)  # after
+    e = fresh.new_layer(d, b)
+    fresh.reparent(e, a, b)  # d merged away, as garbage collection does
+    fresh.forget_layer(d, b)
+    fresh.reparent(c, root, b)
+    kv.write(b)
+    assert fresh.children == {0: {root}, root: {a, c}, a: {e}}
+    assert Catalog(kv).children == fresh.children

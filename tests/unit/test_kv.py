@@ -69,6 +69,8 @@ def test_scan_is_ordered_from_start_within_prefix(kv):
     assert list(kv.scan("a", b"b1", b"b")) == [(b"b1", b"B1"), (b"b2", b"B2"), (b"ba", b"BA"),
                                               (b"b\xff", b"B\xff")]
     assert list(kv.scan("a", b"b1x", b"b1")) == []
+    assert list(kv.scan("a", b"b\xff", b"b\xff")) == [(b"b\xff", b"B\xff")]  # no key above it
+    assert list(kv.scan("a", b"c", b"c")) == [(b"c", b"C")] and list(kv.scan("a", b"b", b"a")) == []
     assert list(kv.scan("a", b"d")) == []
     assert list(kv.scan("b", b"")) == []
 
@@ -92,6 +94,12 @@ def test_a_scan_sees_the_family_as_of_its_first_step(kv):
     put(kv, ("a", b"\x01", b"new"), ("a", b"\x02", None), ("a", b"\x03\x00", b"added"))
     assert list(it) == [(bytes([k]), b"old") for k in range(1, 5)]
     assert [v for _k, v in kv.scan("a", b"")] == [b"old", b"new", b"old", b"added", b"old"]
+    # the same within a prefix
+    put(kv, *[("b", b"p" + bytes([k]), b"old") for k in range(5)], ("b", b"q", b"after"))
+    it = kv.scan("b", b"p", b"p")
+    assert next(it) == (b"p\x00", b"old")
+    put(kv, ("b", b"p\x01", b"new"), ("b", b"p\x02", None), ("b", b"p\x03\x00", b"added"))
+    assert list(it) == [(b"p" + bytes([k]), b"old") for k in range(1, 5)]
 
 
 def test_cas_applies_the_batch_when_every_expectation_holds(kv):
