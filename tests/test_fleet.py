@@ -54,6 +54,11 @@ class Host:
         r = self.cowfs(*args, "--json", timeout=timeout)
         return json.loads(r.stdout)
 
+    def tty(self, *args) -> tuple[int, str]:
+        """Run with stdout and stderr on a pseudo-terminal: (status, what it showed)."""
+        env = [f"{k}={v}" for k, v in self.env.items() if k.startswith(("AWS_", "XDG_"))]
+        return mounting.run_on_tty(["env", *env, *mounting.cowfs_command(), *map(str, args)], timeout=180)
+
     def popen(self, *args) -> subprocess.Popen:
         return subprocess.Popen(mounting.cowfs_command() + [str(a) for a in args], env=self.env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -201,6 +206,12 @@ def test_push_then_pull_gives_the_same_tree_metadata_included(fleet, mount_facto
     snap(src, "other")
     r = a.cowfs("push", src.path, "other", "origin", "--as", "base", check=False)
     assert r.returncode == 1 and "conflict" in r.stderr and "has a snapshot base already" in r.stderr
+    # On a terminal: a progress bar and a summary (never in scripts: the runs above printed
+    # nothing but their JSON).
+    code, out = a.tty("push", src.path, "other", "origin")
+    assert code == 0 and "pushing other" in out and "100%" in out and "pushed other to origin as other" in out, out
+    code, out = b.tty("pull", "origin", "other", store_b)
+    assert code == 0 and "pulled other from origin into branch other" in out and "based on" in out, out
     assert a.json("remote", "check", "origin", "--verify")["ok"]
 
 
@@ -397,3 +408,36 @@ def test_engines_down_fail_push_and_pull_in_one_line_and_a_killed_s3_resumes(
     assert a.json("remote", "check", "origin", "--verify")["ok"]
     a.json("pull", "origin", "three", store)
     assert (mount_factory(store=store, branch="three").path / "f").read_text() == "three"
+
+
+def test_a_sandbox_user_pushes_only_what_it_can_read(fleet, mount_factory, aws_env, etcd, engine_prefix, test_dir):
+    """uid 65534 owns the mount's root (a sandbox): it may push its snapshot with its own remote
+    configuration and credentials, reading through the mount as itself; a file it cannot read
+    fails the push in one line and nothing is named on the remote."""
+    a = fleet("a")
+    m = mount_factory(options=("allow_other",))
+    os.chown(m.path, UNPRIV_UID, UNPRIV_GID)
+    (m.path / "mine").write_text("sandbox data")
+    os.chown(m.path / "mine", UNPRIV_UID, UNPRIV_GID)
+    snap(m, "ok")
+    (m.path / "root-only").write_text("secret")
+    os.chmod(m.path / "root-only", 0o600)
+    snap(m, "mixed")
+    home = test_dir / "sandbox-home"                   # test_dir: reachable by the sandbox user
+    home.mkdir()
+    os.chown(home, UNPRIV_UID, UNPRIV_GID)
+    env = {k: v for k, v in aws_env.environment(test_dir).items() if v is not None}
+    env.update(XDG_CONFIG_HOME=str(home / "config"), XDG_CACHE_HOME=str(home / "cache"))
+
+    def as_sandbox(*args, check=True):
+        return mounting.run_cowfs_as(UNPRIV_UID, UNPRIV_GID, *args, text=True, check=check, env=env, timeout=120)
+    as_sandbox("remote", "add", "origin", f"s3://{aws_env.BUCKET}/{engine_prefix}", "--refs", etcd.endpoint)
+    r = as_sandbox("push", m.path, "mixed", "origin", check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "Permission denied" in r.stderr and "root-only" in r.stderr, r.stderr
+    pushed = json.loads(as_sandbox("push", m.path, "ok", "origin", "--json").stdout)["pushed"]
+    assert pushed["files"] == 1
+    r = a.cowfs("pull", "origin", "nope", mounting.init_store(a.base / "s"), check=False)
+    assert "the remote origin has no snapshot named 'nope' (it has: ok)" in r.stderr, r.stderr   # not mixed
+    assert stat.S_IMODE(os.stat(home / "config" / "cowfs" / "remotes.json").st_mode) == 0o600
+    assert os.stat(home / "cache" / "cowfs" / "fleet" / "state.sqlite").st_uid == UNPRIV_UID
