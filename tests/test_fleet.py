@@ -441,3 +441,68 @@ def test_a_sandbox_user_pushes_only_what_it_can_read(fleet, mount_factory, aws_e
     assert "the remote origin has no snapshot named 'nope' (it has: ok)" in r.stderr, r.stderr   # not mixed
     assert stat.S_IMODE(os.stat(home / "config" / "cowfs" / "remotes.json").st_mode) == 0o600
     assert os.stat(home / "cache" / "cowfs" / "fleet" / "state.sqlite").st_uid == UNPRIV_UID
+
+
+# --- fleet gc ----------------------------------------------------------------------------------------
+
+def test_fleet_gc_removes_the_unreachable_after_the_grace_and_never_beside_a_push(
+        fleet, mount_factory, seaweedfs, etcd, engine_prefix):
+    from cowfs.kv.etcd import EtcdKV
+    a, b = fleet("a"), fleet("b")
+    m = mount_factory()
+    (m.path / "keep").write_bytes(os.urandom(200_000))
+    kept = snap(m, "keep")
+    a.json("push", m.path, "keep", "origin")
+    (m.path / "tmp").write_bytes(os.urandom(300_000))
+    snap(m, "tmp")
+    a.json("push", m.path, "tmp", "origin")
+    s3 = seaweedfs.client()
+
+    def objects() -> dict[str, int]:
+        got = s3.list_objects_v2(Bucket=seaweedfs.BUCKET, Prefix=engine_prefix + "/").get("Contents", [])
+        return {o["Key"][len(engine_prefix) + 1:]: o["Size"] for o in got}
+    before = objects()
+    assert a.json("remote", "gc", "origin", "--grace", "0")["garbage_objects"] == 0
+    r = a.cowfs("remote", "delete", "origin", "tmp")
+    assert "deleted snapshot tmp of origin" in r.stdout
+    r = a.cowfs("remote", "delete", "origin", "tmp", check=False)
+    assert r.returncode == 1 and "has no snapshot named 'tmp' (it has: keep)" in r.stderr
+    # First run: condemned, nothing deleted (the grace starts now); with a long grace, still nothing.
+    first = a.json("remote", "gc", "origin", "--grace", "0")
+    assert first["garbage_objects"] == 3 and first["condemned"] == 3 and first["deleted"] == 0, first
+    assert a.json("remote", "gc", "origin", "--grace", "3600")["deleted"] == 0
+    assert objects() == before
+    dry = a.json("remote", "gc", "origin", "--grace", "0", "--dry-run")
+    assert dry["deleted"] == 3 and objects() == before
+    second = a.json("remote", "gc", "origin", "--grace", "0")
+    assert second["deleted"] == 3 and second["deleted_bytes"] > 300_000, second
+    gone = set(before) - set(objects())
+    assert len(gone) == 3 and {n.split("/")[0] for n in gone} == {"data", "index", "commit"}, gone
+    assert a.json("remote", "check", "origin", "--verify")["ok"]
+    store = mounting.init_store(b.base / "store")
+    b.json("pull", "origin", "keep", store)
+    same_tree(kept, mount_factory(store=store, branch="keep").path)
+    # A push in flight: gc refuses; a gc running: push refuses.  (Their locks are taken here as a
+    # push and a gc take them: under an etcd lease, in the remote's key space.)
+    kv = EtcdKV(etcd.endpoint, ("lock",), f"cowfs-fleet/{seaweedfs.BUCKET}/{engine_prefix}/".encode())
+    lease = kv.acquire("lock", b"push/x", "a test pushing", 10)
+    try:
+        r = a.cowfs("remote", "gc", "origin", "--grace", "0", check=False)
+        assert r.returncode == 1 and "1 pushes in flight on the remote origin (a test pushing): gc not run" \
+            in r.stderr, r.stderr
+    finally:
+        lease.release()
+    lease = kv.acquire("lock", b"gc", "a test holding the gc lock", 10)
+    try:
+        (m.path / "more").write_text("more")
+        snap(m, "more")
+        r = a.cowfs("push", m.path, "more", "origin", check=False)
+        assert r.returncode == 1 and "a fleet gc is running on the remote origin (a test holding the gc lock)" \
+            in r.stderr, r.stderr
+        r = a.cowfs("remote", "gc", "origin", check=False)
+        assert r.returncode == 1 and "already (a test holding the gc lock)" in r.stderr
+    finally:
+        lease.release()
+        kv.close()
+    a.json("push", m.path, "more", "origin")
+    assert a.json("remote", "gc", "origin", "--grace", "0")["garbage_objects"] == 0

@@ -136,6 +136,44 @@ def remote_check(name: str, verify: bool, as_json: bool) -> None:
         raise SystemExit(1)
 
 
+@remote.command(name="delete")
+@click.argument("name")
+@click.argument("ref")
+@click.option("--branch", "is_branch", is_flag=True, help="REF is a branch of the remote, not a snapshot.")
+def remote_delete(name: str, ref: str, is_branch: bool) -> None:
+    """Delete the snapshot (or with --branch, the branch) REF of the remote NAME: the name
+    only; what no other name reaches goes at a later `cowfs remote gc`."""
+    with _fleet_errors(f"remote delete {ref}"), _open(name) as r:
+        cid = r.delete_ref("branch" if is_branch else "snap", ref)
+    click.echo(f"deleted {'branch' if is_branch else 'snapshot'} {ref} of {name} (it named commit {cid[:12]})")
+
+
+@remote.command(name="gc")
+@click.argument("name")
+@click.option("--grace", default=3600.0, show_default=True, type=float,
+              help="Seconds an object must stay unreachable (since a gc first found it so) before it is deleted.")
+@click.option("--dry-run", is_flag=True, help="Say what would be condemned and deleted; change nothing.")
+@json_opt
+def remote_gc(name: str, grace: float, dry_run: bool, as_json: bool) -> None:
+    """Remove the objects of the remote NAME that no reference reaches: found unreachable by
+    one run, deleted by a run at least --grace seconds later if still so.  Never runs beside
+    a push (either one is refused, at once), and deletes nothing if `cowfs remote check`
+    would report a problem."""
+    from cowfs.fleet.gc import gc
+
+    if grace < 0:
+        raise CliError("--grace must be 0 or more seconds")
+    with _fleet_errors(f"remote gc {name}"), _open(name) as r:
+        f = gc(r, grace, dry_run)
+    if as_json:
+        click.echo(json.dumps({"ok": True, **f}))
+    else:
+        verb = "would delete" if dry_run else "deleted"
+        click.echo(f"{name}: {verb} {f['deleted']} objects ({human(f['deleted_bytes'])}); {f['condemned']} newly "
+                   f"unreachable, {f['waiting']} waiting for the grace period; {f['live_packs']} packs in use "
+                   f"({human(f['unreachable_bytes_in_live_packs'])} unreachable inside them)")
+
+
 # --- cowfs push ----------------------------------------------------------------------------------
 
 @click.command()

@@ -1,79 +1,89 @@
-"""`cowfs remote check`: is everything a reference reaches on the remote?
+"""`cowfs remote check`: is everything a reference reaches on the remote?  And the mark that
+`cowfs remote gc` shares with it.
 
-From every reference (snap/*, branch/*): its commit object exists and decodes, so does each
-parent; every tree reachable from those commits is in a pack index and decodes; every chunk
+From every reference (snap/*, branch/*): its commit object exists and decodes; every tree reachable from those commits is in a pack index and decodes; every chunk
 a file lists is in a pack index; every pack an index names exists and is long enough for the
 index's entries.  With verify, every reachable blob is also fetched and hashed.  Objects
 no reference reaches (a push killed before its references were set) are not problems: they
-are garbage for a fleet gc.
+are garbage for `cowfs remote gc`.  A commit's parent is not followed: it says what the commit
+was made from (a pull's hint for a base it may already have), and it may have been deleted.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 from cowfs.blob.base import BlobNotFound
 from cowfs.fleet.objects import CorruptObject, decode_commit, decode_tree, entry_chunks
-from cowfs.fleet.remote import FAMILIES, Remote
+from cowfs.fleet.remote import REF_FAMILIES, Remote
 
 
-def check(remote: Remote, verify: bool = False, progress: Callable[[int], None] = lambda n: None) -> tuple[list[str], dict[str, int]]:
-    """(one line per problem, figures)."""
-    problems: list[str] = []
+@dataclass
+class Mark:
+    """What the references reach, and what is wrong on the way."""
+    problems: list[str] = field(default_factory=list)
+    refs: int = 0
+    commits: dict[str, dict | None] = field(default_factory=dict)
+    trees: set[bytes] = field(default_factory=set)
+    chunks: dict[bytes, str] = field(default_factory=dict)      # id -> where it was named
+    sizes: dict[str, int] = field(default_factory=dict)         # pack id -> bytes of data/<id>
+    bad_packs: set[str] = field(default_factory=set)
+
+
+def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Mark:
+    m = Mark()
     remote.load_index()
-    sizes = {e.name[len("data/"):]: e.size for e in remote.blobs.list("data/")}
+    m.sizes = {e.name[len("data/"):]: e.size for e in remote.blobs.list("data/")}
     ends: dict[str, int] = {}
     for loc in remote.index.values():
         ends[loc.pack] = max(ends.get(loc.pack, 0), loc.offset + loc.length)
     for pack, end in sorted(ends.items()):
-        if pack not in sizes:
-            problems.append(f"pack data/{pack} is missing (its index names {end} bytes of blobs)")
-        elif sizes[pack] < end:
-            problems.append(f"pack data/{pack} has {sizes[pack]} bytes, its index needs {end}")
-    bad_packs = {p for p in ends if p not in sizes or sizes[p] < ends[p]}
+        if pack not in m.sizes:
+            m.problems.append(f"pack data/{pack} is missing (its index names {end} bytes of blobs)")
+        elif m.sizes[pack] < end:
+            m.problems.append(f"pack data/{pack} has {m.sizes[pack]} bytes, its index needs {end}")
+    m.bad_packs = {p for p in ends if p not in m.sizes or m.sizes[p] < ends[p]}
 
-    commits: dict[str, dict | None] = {}
     trees: list[bytes] = []
-    for family in FAMILIES:
+    for family in REF_FAMILIES:
         for name, cid in remote.list_refs(family):
-            todo, where = cid, f"{family}/{name}"
-            while todo and todo not in commits:
-                try:
-                    doc = decode_commit(todo, remote.blobs.get("commit/" + todo))
-                except BlobNotFound:
-                    problems.append(f"{where}: commit/{todo} is missing")
-                    commits[todo] = None
-                    break
-                except CorruptObject as e:
-                    problems.append(f"{where}: {e}")
-                    commits[todo] = None
-                    break
-                commits[todo] = doc
-                trees.append(bytes.fromhex(doc["tree"]))
-                where, todo = f"{where} (parent of {todo})", doc.get("parent")
-    seen: set[bytes] = set()
-    chunks: dict[bytes, str] = {}
+            m.refs += 1
+            if cid in m.commits:
+                continue
+            try:
+                doc = decode_commit(cid, remote.blobs.get("commit/" + cid))
+            except BlobNotFound:
+                m.problems.append(f"{family}/{name}: commit/{cid} is missing")
+                m.commits[cid] = None
+                continue
+            except CorruptObject as e:
+                m.problems.append(f"{family}/{name}: {e}")
+                m.commits[cid] = None
+                continue
+            m.commits[cid] = doc
+            trees.append(bytes.fromhex(doc["tree"]))
     while trees:
-        level, trees = [h for h in dict.fromkeys(trees) if h not in seen], []
-        seen.update(level)
+        level, trees = [h for h in dict.fromkeys(trees) if h not in m.trees], []
+        m.trees.update(level)
         present = []
         for h in level:
             loc = remote.index.get(h)
             if loc is None:
-                problems.append(f"tree {h.hex()} is in no pack index")
-            elif loc.pack in bad_packs:
-                problems.append(f"tree {h.hex()} is in the damaged pack {loc.pack}")
+                m.problems.append(f"tree {h.hex()} is in no pack index")
+            elif loc.pack in m.bad_packs:
+                m.problems.append(f"tree {h.hex()} is in the damaged pack {loc.pack}")
             else:
                 present.append(h)
         try:
             fetched = list(remote.fetch(present, "tree"))
         except CorruptObject as e:
-            problems.append(str(e))
+            m.problems.append(str(e))
             fetched = []
         for h, raw in fetched:
             try:
                 entries = decode_tree(h, raw)
             except CorruptObject as e:
-                problems.append(str(e))
+                m.problems.append(str(e))
                 continue
             for e in entries:
                 if e.get("type") == "dir":
@@ -81,17 +91,23 @@ def check(remote: Remote, verify: bool = False, progress: Callable[[int], None] 
                 elif e.get("type") == "file":
                     for c in entry_chunks(e):
                         if c is not None:
-                            chunks.setdefault(c, f"{e['name']} in tree {h.hex()}")
+                            m.chunks.setdefault(c, f"{e['name']} in tree {h.hex()}")
             progress(1)
-    for c, where in chunks.items():
+    for c, where in m.chunks.items():
         loc = remote.index.get(c)
         if loc is None:
-            problems.append(f"chunk {c.hex()} ({where}) is in no pack index")
-        elif loc.pack in bad_packs:
-            problems.append(f"chunk {c.hex()} ({where}) is in the damaged pack {loc.pack}")
+            m.problems.append(f"chunk {c.hex()} ({where}) is in no pack index")
+        elif loc.pack in m.bad_packs:
+            m.problems.append(f"chunk {c.hex()} ({where}) is in the damaged pack {loc.pack}")
+    return m
+
+
+def check(remote: Remote, verify: bool = False, progress: Callable[[int], None] = lambda n: None) -> tuple[list[str], dict[str, int]]:
+    """(one line per problem, figures)."""
+    m = mark(remote, progress)
     verified = 0
     if verify:
-        good = [c for c in chunks if c in remote.index and remote.index[c].pack not in bad_packs]
+        good = [c for c in m.chunks if c in remote.index and remote.index[c].pack not in m.bad_packs]
         for i in range(0, len(good), 256):     # one bad blob must not hide the others
             part = good[i:i + 256]
             try:
@@ -103,8 +119,7 @@ def check(remote: Remote, verify: bool = False, progress: Callable[[int], None] 
                         list(remote.fetch([c], "chunk"))
                         verified += 1
                     except CorruptObject as e:
-                        problems.append(str(e))
-    figures = {"references": sum(len(remote.list_refs(f)) for f in FAMILIES), "commits": len(commits),
-               "trees": len(seen), "chunks": len(chunks), "packs": len(sizes), "verified": verified}
-    return problems, figures
-
+                        m.problems.append(str(e))
+    figures = {"references": m.refs, "commits": len(m.commits), "trees": len(m.trees), "chunks": len(m.chunks),
+               "packs": len(m.sizes), "verified": verified}
+    return m.problems, figures

@@ -292,7 +292,14 @@ def push(remote: Remote, state: State, store: str, branch: str, snapshot: str, r
          remote_branch: str | None, progress: Callable[[int], None] = lambda n: None) -> PushStats:
     """Push the tree at root (snapshot `snapshot` of local branch `branch` of store) as the
     remote's snapshot ref_name and, with remote_branch, move that remote branch to it: by
-    compare-and-set from the commit this local branch last saw there (RefConflict if it moved)."""
+    compare-and-set from the commit this local branch last saw there (RefConflict if it moved).
+    Registered as a push in flight for its whole length (no gc meanwhile)."""
+    with remote.pushing() as lease:
+        return _push(remote, state, store, branch, snapshot, root, ref_name, remote_branch, progress, lease.fence)
+
+
+def _push(remote: Remote, state: State, store: str, branch: str, snapshot: str, root: str, ref_name: str,
+          remote_branch: str | None, progress: Callable[[int], None], fence: Any) -> PushStats:
     from cowfs.fleet import RefConflict
 
     remote.load_index()
@@ -301,6 +308,8 @@ def push(remote: Remote, state: State, store: str, branch: str, snapshot: str, r
     t0 = time.monotonic()
     base = state.base(store, branch, remote.key, remote_branch) if remote_branch else None
     parent = base if remote_branch else state.origin(store, branch, remote.key)
+    if parent is not None and not remote.blobs.exists("commit/" + parent):
+        parent = None         # deleted since (remote delete + gc): a parent is only a hint
     cid, data = make_commit(tree, root_entry, parent, snapshot, remote_branch)
     existing = remote.get_ref("snap", ref_name)
     if existing is not None and remote.commit(existing)["tree"] != tree.hex():
@@ -312,9 +321,9 @@ def push(remote: Remote, state: State, store: str, branch: str, snapshot: str, r
         pusher.put("commit/" + cid, data)
         snap = None if existing is not None else ("snap", ref_name, cid, None)
         if remote_branch:
-            remote.set_ref("branch", remote_branch, cid, base, also=snap)
+            remote.set_ref("branch", remote_branch, cid, base, also=snap, fence=fence)
         else:
-            remote.set_ref("snap", ref_name, cid, None)
+            remote.set_ref("snap", ref_name, cid, None, fence=fence)
         state.set_origin(store, branch, remote.key, cid)
     if remote_branch:
         state.set_base(store, branch, remote.key, remote_branch, cid)

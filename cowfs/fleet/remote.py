@@ -1,6 +1,7 @@
 """One opened remote: its objects (an S3BlobStore on BUCKET/PREFIX), its references (an EtcdKV
 with the families `snap` and `branch`, under the etcd key prefix `cowfs-fleet/BUCKET/PREFIX/`,
-so one etcd can serve several remotes) and the union of its pack indexes.
+so one etcd can serve several remotes; `lock` and `condemned` are the gc's) and the union of
+its pack indexes.
 
 References are the only mutable state of a remote and change only by compare-and-set
 (`set_ref`); a reference's value is a commit id.  Indexes are immutable, so each is fetched
@@ -8,8 +9,10 @@ once and kept in the local cache ($XDG_CACHE_HOME/cowfs/fleet/<remote id>/index/
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import socket
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
@@ -19,7 +22,11 @@ from cowfs.fleet.config import RemoteConfig, cache_dir
 from cowfs.fleet.objects import Loc, decode_blob, decode_commit, decode_index
 from cowfs.remote import OutcomeUnknown
 
-FAMILIES = ("snap", "branch")
+REF_FAMILIES = ("snap", "branch")        # the names: each value a commit id
+# lock: push/<id> per push in flight and gc while a gc runs, each under an etcd lease (gone
+# with its process); condemned: <object name> -> when a gc found it unreachable.
+FAMILIES = REF_FAMILIES + ("lock", "condemned")
+PUSH_TTL = 20
 _RANGE_GAP = 256 << 10       # blobs of a pack closer than this are fetched in one ranged GET
 _RANGE_MAX = 16 << 20
 
@@ -152,21 +159,65 @@ class Remote:
         return [(k.decode(errors="replace"), v.decode(errors="replace"))
                 for k, v in self.refs.scan(family, b"")]
 
+    def delete_ref(self, family: str, name: str) -> str:
+        """Remove family/name (by compare-and-set on the value read); the commit it named."""
+        from cowfs.kv.base import Batch, Conflict
+
+        current = self.get_ref(family, name)
+        if current is None:
+            have = ", ".join(n for n, _c in self.list_refs(family)) or "none"
+            raise FleetError(f"the remote {self.cfg.name} has no {'branch' if family == 'branch' else 'snapshot'} "
+                             f"named {name!r} (it has: {have})")
+        batch = Batch()
+        batch.delete(family, name.encode())
+        try:
+            self.refs.write(batch, [(family, name.encode(), current.encode())])
+        except Conflict as e:
+            raise RefConflict(f"{family}/{name} on the remote {self.cfg.name} moved while it was being deleted "
+                              f"(now {e.found.decode() if e.found else 'absent'}); nothing was deleted") from None
+        return current
+
+    @contextlib.contextmanager
+    def pushing(self) -> Iterator[Any]:
+        """A push in flight, registered under an etcd lease (kept alive while it runs) so that
+        a gc does not start meanwhile; refused while a gc runs.  Yields the lease, whose fence
+        the push's final compare-and-set names: if the lease was lost (and a gc may have run),
+        the references are not set."""
+        import uuid
+
+        holder = f"{socket.gethostname()} pid {os.getpid()}"
+        lease = self.refs.acquire("lock", b"push/" + uuid.uuid4().hex.encode(), holder, PUSH_TTL)
+        lease.start_keepalive()
+        try:
+            gc = self.refs.get("lock", b"gc")
+            if gc is not None:
+                who = gc.split(b"\n")[0].decode(errors="replace")
+                raise FleetError(f"a fleet gc is running on the remote {self.cfg.name} ({who}): "
+                                 "push again once it ends")
+            yield lease
+        finally:
+            lease.release()
+
     def set_ref(self, family: str, name: str, new: str, expected: str | None,
-                also: tuple[str, str, str, str | None] | None = None) -> None:
+                also: tuple[str, str, str, str | None] | None = None, fence: Any = None) -> None:
         """Set family/name to commit `new` if it holds `expected` (None: absent), and
-        `also` (family, name, new, expected) in the same transaction; RefConflict naming
-        what was found otherwise.  A lost reply is settled by reading the references back."""
+        `also` (family, name, new, expected) in the same transaction, and only while `fence`
+        (a Lease's fence) holds; RefConflict naming what was found otherwise.  A lost reply is
+        settled by reading the references back."""
         from cowfs.kv.base import Batch, Conflict
 
         batch = Batch()
-        expect = []
+        expect = [fence] if fence is not None else []
         for fam, key, value, exp in [(family, name, new, expected)] + ([also] if also else []):
             batch.put(fam, key.encode(), value.encode())
             expect.append((fam, key.encode(), None if exp is None else exp.encode()))
         try:
             self.refs.write(batch, expect)
         except Conflict as e:
+            if fence is not None and (e.cf, e.key) == (fence[0], fence[1]):
+                raise FleetError(f"this push's registration on the remote {self.cfg.name} expired (etcd "
+                                 "unreachable for longer than its lease?): a gc may have run; nothing was set, "
+                                 "push again") from None
             found = None if e.found is None else e.found.decode(errors="replace")
             fam, key = e.cf, e.key.decode(errors="replace")
             want = next(x for f, k, _v, x in [(family, name, new, expected)] + ([also] if also else [])
