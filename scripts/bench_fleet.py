@@ -6,7 +6,7 @@ stores and mounts, the `cowfs` CLI of this checkout, each "host" with its own co
 cache directories.
 
 Rows:
-  base_push    Django 5.1.4 (the sdist untarred into a store: ~2,900 entries, ~45 MiB) snapshotted
+  base_push    Django 5.1.4 (the sdist untarred into a store: 6,809 files, 3,234 directories, 44 MB) snapshotted
                and pushed: objects and bytes uploaded, seconds
   fork_push    10 of its files changed, snapshotted, pushed again from the same store
                goal: uploads <= 1 MiB + the changed bytes

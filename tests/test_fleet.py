@@ -66,13 +66,13 @@ class Host:
 
 @pytest.fixture
 def fleet(request, tmp_path, engine_prefix):
-    """make(name, s3=None, etcd=None) -> Host with the remote 'origin' configured (the session's
-    engines unless private ones are given)."""
-    def make(name: str, s3=None, etcd=None, remote: str = "origin") -> Host:
+    """make(name, s3=None, etcd=None, refs=None) -> Host with the remote 'origin' configured (the
+    session's engines unless private ones, or etcd endpoints `refs`, are given)."""
+    def make(name: str, s3=None, etcd=None, refs: str | None = None, remote: str = "origin") -> Host:
         s3 = s3 or request.getfixturevalue("seaweedfs")
-        etcd = etcd or request.getfixturevalue("etcd")
+        refs = refs or (etcd or request.getfixturevalue("etcd")).endpoint
         h = Host(name, tmp_path / f"host-{name}", s3.environment(tmp_path))
-        h.cowfs("remote", "add", remote, f"s3://{s3.BUCKET}/{engine_prefix}", "--refs", etcd.endpoint)
+        h.cowfs("remote", "add", remote, f"s3://{s3.BUCKET}/{engine_prefix}", "--refs", refs)
         return h
     return make
 
@@ -506,3 +506,33 @@ def test_fleet_gc_removes_the_unreachable_after_the_grace_and_never_beside_a_pus
         kv.close()
     a.json("push", m.path, "more", "origin")
     assert a.json("remote", "gc", "origin", "--grace", "0")["garbage_objects"] == 0
+
+
+def test_a_branch_pushed_while_the_etcd_leader_dies_loses_no_reference(fleet, mount_factory, etcd_cluster):
+    """Six pushes moving one branch (each by compare-and-set from the last), through a remote
+    that knows the three members; the leader is killed -9 after the second and restarted
+    after the fourth.  Every push succeeds, every name is there, the branch is at the last."""
+    import requests
+    eps = etcd_cluster.endpoints
+    leader_id = requests.post(eps[0] + "/v3/maintenance/status", json={}, timeout=5).json()["leader"]
+    leader = next(i for i, e in enumerate(eps) if requests.post(
+        e + "/v3/maintenance/status", json={}, timeout=5).json()["header"]["member_id"] == leader_id)
+    order = [leader] + [i for i in range(3) if i != leader]
+    a = fleet("a", refs=",".join(eps[i] for i in order))      # the leader first: the kill hits it
+    m = mount_factory()
+    commits = []
+    for n in range(6):
+        if n == 2:
+            etcd_cluster.kill(leader)
+        if n == 4:
+            etcd_cluster.restart(leader)
+        (m.path / "n").write_text(str(n))
+        snap(m, f"s{n}")
+        commits.append(a.json("push", m.path, f"s{n}", "origin", "--branch", "line")["pushed"]["commit"])
+    assert len(set(commits)) == 6
+    store = mounting.init_store(a.base / "store")
+    r = a.cowfs("pull", "origin", "nope", store, check=False)
+    assert "(it has: s0, s1, s2, s3, s4, s5)" in r.stderr, r.stderr
+    a.json("pull", "origin", "line", store, "--branch")
+    assert (mount_factory(store=store, branch="line").path / "n").read_text() == "5"
+    assert a.json("remote", "check", "origin")["ok"]

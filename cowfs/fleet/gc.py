@@ -26,7 +26,7 @@ from typing import Any
 
 from cowfs.fleet import FleetError
 from cowfs.fleet.check import mark
-from cowfs.fleet.remote import Remote
+from cowfs.fleet.remote import Remote, release
 
 GC_TTL = 30
 _BATCH = 100
@@ -104,4 +104,4 @@ def gc(remote: Remote, grace: float, dry_run: bool = False) -> dict[str, Any]:
             remote.refs.write(batch, [lease.fence])
         return figures
     finally:
-        lease.release()
+        release(lease)

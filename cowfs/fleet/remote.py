@@ -196,7 +196,7 @@ class Remote:
                                  "push again once it ends")
             yield lease
         finally:
-            lease.release()
+            release(lease)
 
     def set_ref(self, family: str, name: str, new: str, expected: str | None,
                 also: tuple[str, str, str, str | None] | None = None, fence: Any = None) -> None:
@@ -230,3 +230,15 @@ class Remote:
             if self.get_ref(family, name) == new and (also is None or self.get_ref(also[0], also[1]) == also[2]):
                 return
             raise
+
+
+def release(lease: Any) -> None:
+    """Give a lock back; if etcd cannot be told now, its lease expires by itself (its TTL), and
+    what was done under it stands."""
+    from cowfs.kv.etcd import KVReplyError
+    from cowfs.remote import EngineUnavailable
+
+    try:
+        lease.release()
+    except (EngineUnavailable, KVReplyError):
+        pass
