@@ -59,6 +59,7 @@ UPGRADABLE = (1, 2, 3, 4, 5, 6)
 FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
 ROOT_INO = 1
 INO_BLOCK = 4096
+PACE_STEPS = 256  # entries a clone's measuring walk takes between two calls of its pace (~1-3 ms)
 T = TypeVar("T")
 
 
@@ -288,10 +289,12 @@ class Store:
                 yield a
 
     def measure_clone(self, c: Clone, check: Callable[[Attrs, bytes], None] | None = None,
-                      stop: Callable[[], bool] | None = None) -> Usage | None:
+                      stop: Callable[[], bool] | None = None,
+                      pace: Callable[[], None] | None = None) -> Usage | None:
         """What the copies of clone c add to a view's usage (its top excluded): a walk of the
         original tree in c's frozen layer, safe in a thread; check(attrs, name) may raise to
-        refuse an entry; None if stop() said so meanwhile."""
+        refuse an entry; None if stop() said so meanwhile; pace() is called every PACE_STEPS
+        entries (a background walk sleeps there, so that it leaves the GIL to the requests)."""
         faults.point("clone_walk")
         meta = self.meta
         lv = meta.range_view(c)
@@ -303,6 +306,8 @@ class Store:
                 steps += 1
                 if stop is not None and steps % 1024 == 0 and stop():
                     return None
+                if pace is not None and steps % PACE_STEPS == 0:
+                    pace()
                 x = int.from_bytes(v[:8], "big")
                 found = meta.get(CF_INODES, ino_key(x), lv)
                 if found is None or not found[1]:

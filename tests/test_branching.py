@@ -1510,3 +1510,56 @@ def test_unprivileged_ctl_and_clone_permissions(mount_factory):
     finally:
         w.close()
         other.close()
+
+
+@pytest.mark.timeout(120)
+def test_snapshot_and_clone_sync_the_kernel_only_while_a_file_is_open_for_writing(cowfs_mount):
+    """The syncfs before a snapshot or clone (a `sync -f` child: most of the command's time
+    end to end) runs only while a handle that may write is open: a close, and the last
+    release of an mmap, write the kernel's dirty pages and times back first.  The data is in
+    the snapshot either way."""
+    import mmap
+    mp = cowfs_mount.path
+
+    def syncs() -> dict:
+        return json.loads((mp / ".cowfs/stats").read_text())["kernel_syncs"]
+
+    (mp / "d").mkdir()
+    s0 = syncs()
+    with open(mp / "d/closed", "wb") as f:  # through the page cache, closed just before
+        f.write(b"closed data" * 1000)
+    ok(mp, "snapshot s1")
+    fd = os.open(mp / "d/mapped", os.O_RDWR | os.O_CREAT, 0o644)
+    os.ftruncate(fd, 8192)
+    mm = mmap.mmap(fd, 8192)
+    mm[:6] = b"mapped"
+    os.close(fd)  # the mapping keeps the file open for writing: still a writer
+    ok(mp, "snapshot s2")
+    mm[6:12] = b"-later"
+    mm.close()  # the last reference: released, its pages written back first
+    deadline = time.monotonic() + 10  # the kernel sends RELEASE after the last close returns
+    while syncs()["files_open_for_writing"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert syncs()["files_open_for_writing"] == 0
+    ok(mp, "snapshot s3")
+    ok(mp, "clone d d2")
+    with open(mp / "d/open", "wb") as f:  # open for writing, its data still in the kernel
+        f.write(b"still open")
+        f.flush()  # to the kernel, which keeps it in its page cache
+        ok(mp, "snapshot s4")
+        after = syncs()
+        assert read(mp / ".cowfs/snapshots/s4/d/open") == b"still open"
+    assert after["run"] == s0["run"] + 2, (s0, after)  # s2 and s4
+    assert after["skipped"] == s0["skipped"] + 3, (s0, after)  # s1, s3 and the clone
+    snaps = mp / ".cowfs/snapshots"
+    assert read(snaps / "s1/d/closed") == b"closed data" * 1000
+    assert read(snaps / "s2/d/mapped")[:6] == b"mapped"
+    assert read(snaps / "s3/d/mapped")[:12] == b"mapped-later"
+    assert read(mp / "d2/mapped")[:12] == b"mapped-later" and read(mp / "d2/closed") == b"closed data" * 1000
+    # The control file through a shell's ">" (O_TRUNC): the close reports no error (the
+    # times the kernel kept for it were refused at the close, when no syncfs had sent them).
+    for line in ("help", "snapshot s5"):
+        r = sh(f"echo '{line}' > {mp}/.cowfs/ctl")
+        assert r.returncode == 0, (line, r.stderr)
+    assert "s5" in os.listdir(snaps)
+

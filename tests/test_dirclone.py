@@ -319,3 +319,41 @@ def test_gc_gives_everything_back_once_clone_and_original_are_deleted(mount_fact
     assert report["counts"]["inodes"] == 1 and not report["counts"].get("clones")
     r = mounting.run_cowfs("stats", m.store, "--json")
     assert json.loads(r.stdout)["shared"]["clones"] == 0
+
+
+@pytest.mark.timeout(600)
+def test_the_measure_of_a_big_clone_neither_slows_commands_nor_holds_up_the_exit(mount_factory, tmp_path):
+    """A clone's usage is measured by a walk of its original in a thread, paced so that the
+    requests keep the GIL (cowfs.background.cloning.Pace): commands taken while a 40,000-entry
+    clone is measured stay fast; an unmount does not wait for the walk, which the next
+    daemon does over, counting the copies right."""
+    import sys
+    sys.path.insert(0, str(mounting.REPO / "scripts"))
+    import bulkstore
+    store = tmp_path / "store"
+    entries = 40_000
+    bulkstore.chain(str(store), 0, entries=entries)
+    m = mount_factory(store=store)
+    mp = m.path
+    inodes0 = stats(mp)["usage_inodes"]
+    ok(mp, "clone t t2")  # its measure starts: seconds of walking
+    walls = []
+    for k in range(10):
+        t0 = time.perf_counter()
+        ok(mp, f"snapshot during{k}")
+        walls.append(time.perf_counter() - t0)
+    assert stats(mp)["clones"]["unmeasured"] == 1, "the walk ended before the commands: too small to tell"
+    # Unpaced, the walk held the GIL and each command waited for it (tens of ms on a loaded
+    # machine); the bound leaves room for the load, not for the walk.
+    assert sorted(walls)[len(walls) // 2] < 0.1, walls
+    t0 = time.monotonic()
+    m.stop()
+    assert time.monotonic() - t0 < 15, "the daemon's exit waited for the clone's walk"
+    assert "clone of inode" not in m.log_text()  # given up, not measured
+    m.start()
+    settle(mp)  # measures it
+    s = stats(mp)
+    assert s["clones"]["unmeasured"] == 0
+    assert s["usage_inodes"] == inodes0 + entries + 1  # t2 and every entry below it
+    m.stop()
+    fsck(m.store)

@@ -140,11 +140,11 @@ class Cloner:
             if c is not None:  # its commit failed: the clone was never there
                 self.fs.store.meta.shared.clones_committed(removed=[c])
             raise
-        if c is not None and not c.measured:
-            self.measure_wanted()
         for n in (snode, dparent):
             self.fs.evict_if_unused(n)
         await self.invalidate_dir(dparent, [dname])  # a new name, nlink and times, behind the kernel
+        if c is not None and not c.measured:
+            self.measure_wanted()  # after the invalidation: its walk's thread competes for the GIL
         out: dict[str, Any] = {"cloned": src, "to": dst}
         if c is None:
             out["entries"] = 1

@@ -153,8 +153,11 @@ class Operations(pyfuse3.Operations):
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self.requests["setattr"] += 1
         if is_control(inode):
-            if fields.update_size and self.ctlfs.truncatable(inode):
-                return self.ctlfs.entry(inode)  # O_TRUNC from a shell's ">": nothing to cut
+            if self.ctlfs.truncatable(inode) and not (fields.update_mode or fields.update_uid or fields.update_gid):
+                # O_TRUNC from a shell's ">": nothing to cut; and the times the kernel keeps
+                # for a file written through it and sends back at its close (or at a syncfs):
+                # the control file's times are its root's.  Refused, they failed the close.
+                return self.ctlfs.entry(inode)
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self.inodes.node(inode, unlinked_ok=True)
         await self.fs.setattr(
