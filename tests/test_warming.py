@@ -46,9 +46,11 @@ def _start_warming(m, n: int) -> None:
     os.listdir(m.path / "e0")
 
 
-def _helpers() -> list[str]:
+def _helpers(mp) -> list[str]:
+    """The warming helpers still running for the mount at mp (its last argument): other
+    mounts' helpers on the machine are not this test's."""
     r = subprocess.run(["pgrep", "-af", "warm_child.py"], capture_output=True, text=True, timeout=10)
-    return [ln for ln in r.stdout.splitlines() if "pgrep" not in ln]
+    return [ln for ln in r.stdout.splitlines() if "pgrep" not in ln and ln.split()[-1:] == [str(mp)]]
 
 
 def test_cold_start_model_keeps_order_window_and_misses():
@@ -94,7 +96,7 @@ def test_cold_start_is_learned_and_warmed_after_a_remount(mount_factory, forks):
     assert req.get("readdir", 0) == before.get("readdir", 0), (before, req)
     # (Which warmed directories the client listed is not seen any more: without OPENDIR a
     # listing the kernel answers never reaches the daemon; docs/architecture.md, "Warming".)
-    assert _helpers() == []
+    assert _helpers(m.path) == []
     ok(m.path, "branch feat")  # a fork starts from its parent's model, and is warmed at its own mount point
     fork = forks.mount(m.store, "feat")
     assert stats(fork)["prefetch_model"]["cold_start_dirs"] >= len(DIRS)
@@ -133,7 +135,7 @@ def test_cowfs_umount_ends_a_running_helper(mount_factory):
     _start_warming(m, 1500)
     m.stop("cowfs")  # while the helper may still be listing: it is ended, not waited for
     assert not os.path.ismount(m.path)
-    assert _helpers() == []
+    assert _helpers(m.path) == []
     assert not os.path.exists(os.path.join(m.store, "warmer.pid"))
 
 
@@ -170,4 +172,4 @@ def test_plain_umount_is_never_busy_because_of_the_helper(mount_factory):
     r = subprocess.run(["fusermount3", "-u", str(m.path)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert m.stop() == 0  # the daemon exits (after the helper): nothing left to unmount
-    assert _helpers() == []
+    assert _helpers(m.path) == []
