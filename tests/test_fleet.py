@@ -536,3 +536,58 @@ def test_a_branch_pushed_while_the_etcd_leader_dies_loses_no_reference(fleet, mo
     a.json("pull", "origin", "line", store, "--branch")
     assert (mount_factory(store=store, branch="line").path / "n").read_text() == "5"
     assert a.json("remote", "check", "origin")["ok"]
+
+
+def test_a_pull_over_an_earlier_pull_applies_every_kind_of_change(fleet, mount_factory):
+    """The incremental pull (a branch made from the snapshot of the base, then only the
+    difference written) against a fork that changes every kind of thing: content in the
+    middle of a big file, a file grown and one shrunk, data turned to a hole and a hole to
+    data, hard-link groups changed, a directory replaced by a file and a file by a
+    directory, a symlink retargeted, xattrs removed and added, modes and owners changed."""
+    a, b = fleet("a"), fleet("b")
+    src = mount_factory()
+    make_tree(src.path)
+    (src.path / "grow").write_bytes(os.urandom(100_000))
+    (src.path / "shrink").write_bytes(os.urandom(300_000))
+    (src.path / "become-file").mkdir()
+    (src.path / "become-file" / "x").write_text("x")
+    (src.path / "become-dir").write_text("file")
+    snap(src, "base")
+    a.json("push", src.path, "base", "origin")
+    with open(src.path / "big", "r+b") as f:                  # one chunk in the middle
+        f.seek(2 << 20)
+        f.write(os.urandom(1000))
+    with open(src.path / "grow", "ab") as f:
+        f.write(os.urandom(200_000))
+    os.truncate(src.path / "shrink", 70_000)
+    with open(src.path / "sparse", "r+b") as f:               # the head to zeros, a hole to data
+        f.write(bytes(4))
+        f.seek(10 << 20)
+        f.write(b"filled")
+    os.unlink(src.path / "dir" / "hardlink-to-text")          # the group loses a name ...
+    os.link(src.path / "dir" / "small-003", src.path / "dir" / "sub2-link")   # ... a new one forms
+    import shutil
+    shutil.rmtree(src.path / "become-file")
+    (src.path / "become-file").write_text("now a file")
+    os.unlink(src.path / "become-dir")
+    (src.path / "become-dir").mkdir()
+    (src.path / "become-dir" / "inside").write_text("inside")
+    os.unlink(src.path / "dir" / "link")
+    os.symlink("sub/deep", src.path / "dir" / "link")
+    os.removexattr(src.path / "text", "user.origin")
+    os.setxattr(src.path / "dir" / "small-005", "user.new", b"1")
+    os.chmod(src.path / "dir" / "small-006", 0o600)
+    os.chown(src.path / "dir" / "small-007", 777, 888)
+    os.chmod(src.path / "dir" / "sub", 0o755)
+    (src.path / "dir" / "sub" / "added").write_text("added")
+    os.chmod(src.path / "dir" / "sub", 0o555)
+    fork = snap(src, "fork")
+    pushed = a.json("push", src.path, "fork", "origin")["pushed"]
+    assert pushed["chunks_new"] <= 12, pushed
+    store = mounting.init_store(b.base / "store")
+    b.json("pull", "origin", "base", store)
+    got = b.json("pull", "origin", "fork", store)["pulled"]
+    assert got["base"] and got["chunks_fetched"] <= 12 and got["chunks_reused"] > 40, got   # big: 1 of 65 chunks
+    dst = mount_factory(store=store, branch="fork")
+    same_tree(fork, dst.path)
+    assert os.stat(dst.path / "sparse").st_blocks * 512 < 1 << 20
