@@ -258,6 +258,11 @@ def test_two_stores_pushing_one_branch_at_once_one_wins_the_other_conflicts(flee
     assert (mc.path / "who").read_text() == win
     assert mounting.ok(mc.path, "list")
     assert a.json("remote", "check", "origin")["ok"]
+    shown = {(x["kind"], x["name"]): x for x in a.json("remote", "show", "origin")["refs"]}
+    assert set(shown) == {("snapshot", "c0"), ("snapshot", win + "1"), ("snapshot", ls), ("branch", "dev")}
+    assert shown[("branch", "dev")]["commit"] == won and shown[("snapshot", "c0")]["commit"] == first["commit"]
+    text = a.cowfs("remote", "show", "origin").stdout
+    assert f"branch    dev  {won[:12]}" in text, text
     # A pull of the new head, then a push on top of it, succeeds.
     d = fleet("d")
     store_d = mounting.init_store(d.base / "store")

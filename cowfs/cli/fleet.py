@@ -136,6 +136,30 @@ def remote_check(name: str, verify: bool, as_json: bool) -> None:
         raise SystemExit(1)
 
 
+@remote.command(name="show")
+@click.argument("name")
+@json_opt
+def remote_show(name: str, as_json: bool) -> None:
+    """The snapshots and branches of the remote NAME: the commit each names, the host and
+    the time it was pushed from."""
+    import datetime
+
+    rows = []
+    with _fleet_errors(f"remote show {name}"), _open(name) as r:
+        for family in ("snap", "branch"):
+            for ref, cid in r.list_refs(family):
+                doc = r.commit(cid)
+                rows.append({"kind": "snapshot" if family == "snap" else "branch", "name": ref, "commit": cid,
+                             "host": doc.get("host"), "created": doc.get("created_ns", 0) / 1e9,
+                             "parent": doc.get("parent")})
+    if as_json:
+        click.echo(json.dumps({"ok": True, "refs": rows}))
+        return
+    for row in rows:
+        when = datetime.datetime.fromtimestamp(row["created"]).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"{row['kind']:<8}  {row['name']}  {row['commit'][:12]}  {when}  {row['host']}")
+
+
 @remote.command(name="delete")
 @click.argument("name")
 @click.argument("ref")
