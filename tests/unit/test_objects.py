@@ -96,6 +96,37 @@ def test_run_reads_decline_what_is_not_a_raw_packed_run():
     st.close()
 
 
+def test_a_small_cold_read_of_a_raw_packed_chunk_reads_only_its_range():
+    """A read of at most 16 KiB of a raw packed chunk not in the cache reads its range
+    from the pack and nothing else (no whole-chunk read, hash or cache insert); larger
+    reads, and compressed chunks, are decoded whole and cached as before."""
+    st = Objects()
+    chunks = raw_chunks(2)
+    flush(st, chunks)
+    (data, h, _e), (data2, h2, _e2) = chunks
+    gets = []
+    real_get = st.blobs.get
+
+    def get(name, offset=0, length=None):
+        gets.append(length)
+        return real_get(name, offset, length)
+
+    st.blobs.get = get
+    assert bytes(st.objects.read(h, 4096, 8192)) == data[4096:8192]
+    assert bytes(st.objects.read(h, CHUNK - 100, CHUNK + 4000)) == data[CHUNK - 100:]  # past its end
+    assert gets == [4096, 100] and not st.objects.cache.cached(h)
+    assert bytes(st.objects.read(h2, 0, 32768)) == data2[:32768]
+    assert gets[-1] == CHUNK and st.objects.cache.cached(h2)
+    text = b"compressible line\n" * 4000
+    ht = codec.chunk_hash(text)
+    txn = RefTxn()
+    txn.add_object(ht, codec.encode_chunk(text, 1), [])  # inline, zstd
+    txn.incref(ht)
+    st.commit(Batch(), txn)
+    assert bytes(st.objects.read(ht, 100, 200)) == text[100:200] and st.objects.cache.cached(ht)
+    st.close()
+
+
 def test_freeing_drops_the_pointer_and_leaves_the_pack():
     st = Objects()
     chunks = raw_chunks(4)
