@@ -30,6 +30,9 @@ Points (where each sits, and which background task meets it):
   commit         Store.commit, on the event loop, as the batch is written (eio only): a failed
                  write, after which the store reopens the database (Store.recover)
   attach_bind    Daemon._bind, the thread that bind-mounts a fork (sleep: an attach in progress)
+  timer_flush    Flusher.background_flusher, before the flush of data older than 1 s or past
+                 8 MiB, on the event loop (eio only: that flush is skipped, so what fsync put
+                 in the small-write log stays there until a release or an operation folds it)
 """
 from __future__ import annotations
 
@@ -42,8 +45,8 @@ log = logging.getLogger(__name__)
 
 ENV = "COWFS_FAULTS"
 POINTS = frozenset({"pack_put", "pack_written", "repack_copied", "repack_moved", "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "clone_walk", "gc",
-                    "model_save", "warm_paths", "commit", "attach_bind"})
-LOOP_POINTS = frozenset({"gc", "model_save", "commit"})  # on the event loop: a sleep would stall every request
+                    "model_save", "warm_paths", "commit", "attach_bind", "timer_flush"})
+LOOP_POINTS = frozenset({"gc", "model_save", "commit", "timer_flush"})  # on the event loop: a sleep would stall every request
 
 _lock = threading.Lock()
 _armed: dict[str, list] = {}  # point -> [action, seconds, hits left (-1: every hit)]

@@ -1371,3 +1371,14 @@ def fsck_after_gc_stops(store, work, stops) -> dict[int, list]:
 if __name__ == "__main__":
     if "--worker" in sys.argv:
         sys.exit(_worker_main(sys.argv[1:]))
+
+
+def sigkill_fsck_start(m: "Mount") -> None:
+    """SIGKILL the daemon, clear the dead mount, require a clean fsck, mount again."""
+    os.kill(m.proc.pid, signal.SIGKILL)
+    m.proc.wait(timeout=10)
+    lazy_unmount(m.path)
+    r = run_cowfs("fsck", m.store, "--json", check=False, timeout=120)
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["clean"], f"fsck after SIGKILL: {report['problems'][:20]}"
+    m.start()

@@ -185,6 +185,43 @@ def test_fsynced_data_survives_and_unsynced_is_prefix(lazy, mount_factory):
             assert (m.path / f"later{i}").read_bytes() == bytes([i]) * 100_000
 
 
+@pytest.mark.timeout(120)
+def test_fsynced_small_writes_survive_a_power_cut_through_the_log(lazy, mount_factory):
+    """Small fsync'd writes are made durable as small-write log records (cowfs/core/smallwrites.py),
+    held there by the `timer_flush` hook: after the cut the next daemon replays every one, and
+    what was written after the last fsync is gone."""
+    store = os.path.join(lazy.mp, "store")
+    mounting.init_store(store)
+    sync_tree(store)
+    m = mount_factory(store=store, init=False, env={"COWFS_FAULTS": "timer_flush:eio:*"})
+    rnd = random.Random(9)
+    model = bytearray(rnd.randbytes(1 << 20))
+    path = m.path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, model, 0)
+        os.fsync(fd)  # a flush: more than the log takes
+        for _ in range(30):
+            off = rnd.randrange(len(model) - 5000)
+            data = rnd.randbytes(rnd.choice([10, 4096, 5000]))
+            os.pwrite(fd, data, off)
+            model[off : off + len(data)] = data
+            os.fsync(fd)
+        for _ in range(5):  # not fsync'd: only in the daemon's memory
+            os.pwrite(fd, b"x" * 4096, rnd.randrange(len(model) - 4096))
+        power_cut(m, lazy)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # a handle of the dead daemon's connection
+    lazy.start()
+    workload.fsck_clean(store)
+    m.start()
+    assert "30 small-write log records of a previous daemon replayed" in m.log_text()
+    assert path.read_bytes() == model
+
+
 @pytest.mark.timeout(180)
 def test_packed_chunks_survive_a_power_cut(lazy, mount_factory):
     """Files large enough for pack files (chunks/packs.py): a pack append is made durable

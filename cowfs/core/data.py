@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from cowfs.cache.prefetch import READAHEAD
 from cowfs.cache.readahead import Readahead
@@ -68,9 +68,9 @@ class Data:
             raise FSError(errno.EFBIG)
         full = fs.full
         if node.cap is not None and end > node.cap:
-            full.refuse(node, off, end, node.cap_errno, "beyond what an earlier refused write left")
+            await self._refuse(node, off, end, node.cap_errno, "beyond what an earlier refused write left")
         if fs.store.space_low(len(data)) and not await full.room_after_flush(len(data)):
-            full.refuse(node, off, end, errno.ENOSPC, "the store's disk is (nearly) full")
+            await self._refuse(node, off, end, errno.ENOSPC, "the store's disk is (nearly) full")
         view = node.view
         usage = fs.usage
         before = usage.allocated(node)
@@ -90,11 +90,22 @@ class Data:
         finally:
             usage.buffered(node, before)
         if refused is not None:
-            full.refuse(node, off, end, refused.errno, str(refused))
+            await self._refuse(node, off, end, refused.errno, str(refused))
         usage.grew(node, size)
         if fs.flusher.written(node, new, node.attrs.size > size):
             await fs.flusher.flush_at_limit()
         return len(data)
+
+    async def _refuse(self, node: Node, off: int, end: int, err: int, why: str) -> NoReturn:
+        """DiskFull.refuse, once what fsync logged of node is committed: the cut it may make
+        is judged against the committed file, which must hold every fsync'd byte
+        (cowfs.core.smallwrites; if this flush fails, refuse keeps what was logged)."""
+        if node.logged is not None:
+            try:
+                await self.fs.flusher.flush()
+            except FSError as exc:
+                log.error("flush before a refused write failed: %s", exc)
+        self.fs.full.refuse(node, off, end, err, why)
 
     def seek(self, node: Node, off: int, whence: int) -> int:
         """lseek(SEEK_DATA / SEEK_HOLE): the first data (or hole) at or after off, in chunk

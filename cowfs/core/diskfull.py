@@ -91,6 +91,11 @@ class DiskFull:
                 committed = stored.size if stored is not None else 0
                 gap = node.gap_in(off, end, stored.root if stored is not None else None, committed,
                                   fs.store.objects)
+                logged = node.logged_size()
+                if gap is not None and logged is not None and gap < logged:
+                    # Log records hold fsync'd bytes up to `logged` that are not committed yet
+                    # (the flush before this failed): never cut below them.
+                    gap = logged if end > logged else None
                 if gap is not None and (node.cap is None or gap < node.cap):  # else old bytes stay
                     node.cap, node.cap_errno = gap, err
                     before = len(node.dirty)

@@ -9,6 +9,7 @@ that own its state, one owner per piece of state.
     attributes  setattr (the deferred SETATTR rule), xattrs               cowfs.core.attributes
     data        read, write, seek, fallocate                              cowfs.core.data
     flusher     dirty buffers and the flush/pack pipeline                 cowfs.core.flush
+    smallwrites the small-write log: fsync of a few pages, replay         cowfs.core.smallwrites
     usage       usage, allocated bytes and quotas                         cowfs.core.usage
     full        a full disk: refusals, cuts, the kernel's view            cowfs.core.diskfull
     orphans     inodes unlinked while open                                cowfs.core.orphans
@@ -38,6 +39,7 @@ from cowfs.core.namespace import Namespace
 from cowfs.core.nodes import NodeTable, join_path
 from cowfs.core.orphans import Orphans
 from cowfs.core.prefetch import Prefetch
+from cowfs.core.smallwrites import SmallWrites
 from cowfs.core.txn import Mutation, Transactions
 from cowfs.core.usage import Accounting
 from cowfs.core.view import View
@@ -66,6 +68,7 @@ class Filesystem:
         self.views = Views(self)
         self.nodes = NodeTable(self)
         self.flusher = Flusher(self)
+        self.smallwrites = SmallWrites(self)
         self.full = DiskFull(self)
         self.orphans = Orphans(self)
         self.namespace = Namespace(self)
@@ -134,10 +137,16 @@ class Filesystem:
         self.wait_unsynced = self.full.wait_unsynced
 
         self.primary: View = views.branch_view(branch)
-        # Before any task or thread exists, nothing can race this commit; other branches'
+        # Before any task or thread exists, nothing can race these commits.  What fsync
+        # logged before a crash is committed first (cowfs.core.smallwrites); then the
+        # orphans of the first branch, and of those the replay attached; other branches'
         # orphans go under the lock (Views.attach_branch).
+        attached = self.smallwrites.replay()
         m = Mutation(self)
-        if self.orphans.remove_left(self.primary, m):
+        removed = False
+        for view in {id(v): v for v in (self.primary, *attached)}.values():
+            removed = self.orphans.remove_left(view, m) or removed
+        if removed:
             txn.commit(m)
         if store.catalog.queued or not store.catalog.walked:
             self.gc_wanted.set()  # left by deletes of an unmounted store, or a pass cut short

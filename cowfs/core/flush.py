@@ -62,6 +62,8 @@ class _Taken(NamedTuple):
     chunks: dict[int, bytes | bytearray]
     size: int
     stamp: tuple[int, int, int, int, int, int]
+    unlogged: set[int] | None  # its pages not in a log record (given back if the commit fails)
+    unloggable: bool
 
 
 def _stamp(a: Attrs) -> tuple[int, int, int, int, int, int]:
@@ -123,7 +125,7 @@ class Flusher:
     def dropped(self, node: Node, before: int) -> None:
         """node's dirty buffers went from `before` chunks to what they are (a cut)."""
         self.dirty_bytes -= (before - len(node.dirty)) * CHUNK
-        if not node.dirty:
+        if not node.dirty and node.logged is None:  # a logged size stays to be committed
             self.dirty_nodes.pop(node, None)
 
     def discard(self, node: Node) -> None:
@@ -148,7 +150,16 @@ class Flusher:
                 txn.lock.release()
 
     async def fsync(self) -> None:
-        await self.flush()
+        """Make every acknowledged write durable: as small-write log records when little
+        is unlogged (cowfs.core.smallwrites), else by a flush; then a WAL sync."""
+        if self.dirty_nodes or self.flush_running:
+            txn = self.fs.txn
+            await txn.acquire_lock()
+            try:
+                if not self.fs.smallwrites.log_locked():
+                    await self.flush_locked()
+            finally:
+                txn.lock.release()
         await self.fs.store.sync()
 
     def encode(self, chunks: dict[int, bytes | bytearray]) -> Encoded:
@@ -228,24 +239,77 @@ class Flusher:
         # threaded flush pass the byte quota by what it wrote meanwhile.
         m.account(node)
 
+    def _take(self) -> tuple[list[_Taken], int]:
+        """Move every dirty node's buffers to `flushing` (no copy: later writes start new
+        buffers, copying from these, so nothing mutates a buffer once it is flushing)."""
+        nodes = list(self.dirty_nodes)
+        self.dirty_nodes.clear()
+        self.flush_running = True
+        self.dirty_bytes = 0
+        work = []
+        total = 0
+        for node in nodes:
+            node.flushing = node.dirty
+            node.dirty = {}
+            total += len(node.flushing) * CHUNK
+            work.append(_Taken(node, node.flushing, node.attrs.size, _stamp(node.attrs), node.unlogged,
+                               node.unloggable))
+            node.unlogged, node.unloggable = None, False  # what is written from now on: the next record
+        self.flushing_bytes = total
+        return work, total
+
+    def _commit(self, m: Mutation, work: list[_Taken], encoded: list[Encoded]) -> None:
+        """Commit the taken chunks, and delete every small-write log record: all of them
+        describe data of dirty nodes, all taken here (cowfs.core.smallwrites)."""
+        fs = self.fs
+        for t, enc in zip(work, encoded):
+            if not t.node.deleted:
+                size = t.size
+                if t.node.cap is not None and size > t.node.cap:
+                    size, enc = self.cut_taken(t, enc)
+                self.flush_node_into(m, t.node, enc, size, t.stamp)
+        folded = fs.smallwrites.delete_into(m.batch)
+        # The attributes of deferred SETATTRs, which a failed commit's revert would
+        # take back to what is stored: they were acknowledged, so they stay.
+        stamps = [_stamp(t.node.attrs) for t in work]
+        try:
+            fs.txn.commit(m)
+        except BaseException:
+            for t, st in zip(work, stamps):
+                _restamp(t.node.attrs, st)
+            raise
+        fs.smallwrites.folded(folded, (t.node for t in work))
+
+    def _put_back(self, m: Mutation, work: list[_Taken]) -> None:
+        """Nothing was committed: put the data back under any newer writes."""
+        self.fs.store.objects.discard_staged(m.txn)
+        for t in work:
+            node = t.node
+            for i, data in t.chunks.items():
+                node.dirty.setdefault(i, bytearray(data))
+            node.flushing = {}
+            if t.unloggable or node.unloggable:
+                node.unlogged, node.unloggable = None, True
+            elif t.unlogged:
+                node.unlogged = t.unlogged | (node.unlogged or set())
+            if node.dirty or node.logged is not None:
+                self.dirty_nodes.setdefault(node, time.monotonic())
+                self.dirty_bytes += len(node.dirty) * CHUNK
+
+    def _done(self, work: list[_Taken], total: int) -> None:
+        fs = self.fs
+        fs.store.spent(disk_cost(total))
+        for t in work:
+            t.node.flushing = {}
+            fs.usage.after_flush(t.node)
+            fs.nodes.evict_if_unused(t.node)
+        self.flush_count += 1
+
     async def flush_locked(self) -> None:
         """Commit all dirty data (caller holds the lock). Large flushes encode in a thread."""
         fs = self.fs
         while self.dirty_nodes:
-            nodes = list(self.dirty_nodes)
-            self.dirty_nodes.clear()
-            self.flush_running = True
-            self.dirty_bytes = 0
-            work = []
-            total = 0
-            for node in nodes:
-                # Hand the buffers over without copying: later writes start new buffers
-                # (copying from these), so nothing mutates a buffer once it is flushing.
-                node.flushing = node.dirty
-                node.dirty = {}
-                total += len(node.flushing) * CHUNK
-                work.append(_Taken(node, node.flushing, node.attrs.size, _stamp(node.attrs)))
-            self.flushing_bytes = total
+            work, total = self._take()
             m = Mutation(fs)
             try:
                 if total > THREAD_FLUSH_BYTES:
@@ -258,41 +322,30 @@ class Flusher:
                         raise FSError(errno.ENOSPC, f"pack put failed: {exc}") from exc  # a full disk
                 else:
                     encoded = [self.encode(t.chunks) for t in work]
-                for t, enc in zip(work, encoded):
-                    if not t.node.deleted:
-                        size = t.size
-                        if t.node.cap is not None and size > t.node.cap:
-                            size, enc = self.cut_taken(t, enc)
-                        self.flush_node_into(m, t.node, enc, size, t.stamp)
-                # The attributes of deferred SETATTRs, which a failed commit's revert would
-                # take back to what is stored: they were acknowledged, so they stay.
-                stamps = [_stamp(t.node.attrs) for t in work]
-                try:
-                    fs.txn.commit(m)
-                except BaseException:
-                    for t, st in zip(work, stamps):
-                        _restamp(t.node.attrs, st)
-                    raise
+                self._commit(m, work, encoded)
             except BaseException:
-                # Nothing was committed: put the data back under any newer writes.
-                fs.store.objects.discard_staged(m.txn)
-                for node, ch, *_ in work:
-                    for i, data in ch.items():
-                        node.dirty.setdefault(i, bytearray(data))
-                    node.flushing = {}
-                    if node.dirty:
-                        self.dirty_nodes.setdefault(node, time.monotonic())
-                        self.dirty_bytes += len(node.dirty) * CHUNK
+                self._put_back(m, work)
                 raise
             finally:
                 self.flush_running = False
                 self.flushing_bytes = 0
-            fs.store.spent(disk_cost(total))
-            for node in nodes:
-                node.flushing = {}
-                fs.usage.after_flush(node)
-                fs.nodes.evict_if_unused(node)
-            self.flush_count += 1
+            self._done(work, total)
+
+    def flush_inline(self) -> None:
+        """flush_locked without a thread or a checkpoint: for the small-write log's replay,
+        which runs before the event loop serves anything."""
+        while self.dirty_nodes:
+            work, total = self._take()
+            m = Mutation(self.fs)
+            try:
+                self._commit(m, work, [self.encode(t.chunks) for t in work])
+            except BaseException:
+                self._put_back(m, work)
+                raise
+            finally:
+                self.flush_running = False
+                self.flushing_bytes = 0
+            self._done(work, total)
 
     def cut_taken(self, t: _Taken, enc: Encoded) -> tuple[int, Encoded]:
         """Chunks a flush took before a refused write cut their file (`DiskFull.refuse`):
@@ -319,6 +372,7 @@ class Flusher:
                 self.flush_wanted = trio.Event()
             if self.dirty_nodes and (early or time.monotonic() - min(self.dirty_nodes.values()) >= DIRTY_AGE):
                 try:
+                    faults.point("timer_flush")  # a test hook: this flush skipped
                     await self.flush()
-                except FSError as exc:
+                except (FSError, OSError) as exc:
                     log.error("background flush failed: %s", exc)

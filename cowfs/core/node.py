@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 
 _ZEROS = bytes(CHUNK)
+PAGE = 4096  # the small-write log's unit (cowfs.core.smallwrites)
+# Unlogged pages a node tracks; beyond, it stops (its next fsync flushes, as a large one would).
+UNLOGGED_MAX = (256 << 10) // PAGE
 
 
 def _zeros(data: bytes | bytearray | memoryview, pos: int, n: int) -> bool:
@@ -34,7 +37,7 @@ def _zeros(data: bytes | bytearray | memoryview, pos: int, n: int) -> bool:
 class Node:
     __slots__ = ("view", "ino", "attrs", "stored_layer", "stored_root", "lookups", "opens",
                  "dirty", "flushing", "deleted", "counted", "counted_bytes", "alloc", "stored_alloc",
-                 "cached_writers", "cap", "cap_errno", "__weakref__")
+                 "cached_writers", "cap", "cap_errno", "unlogged", "unloggable", "logged", "__weakref__")
 
     def __init__(self, view: "View", ino: int, attrs: Attrs, stored_layer: int | None) -> None:
         self.view = view
@@ -67,6 +70,22 @@ class Node:
         # acknowledged), refused beyond with cap_errno until the kernel's view agrees again.
         self.cap: int | None = None
         self.cap_errno = 0
+        # The small-write log (cowfs.core.smallwrites): the pages written since the node's
+        # last log record or flush (None: none; made at the first, as most nodes are never
+        # written), whether they went past UNLOGGED_MAX (then no record: a flush), and
+        # what its last record said of it (`log_mark`; None: no record since its last flush).
+        self.unlogged: set[int] | None = None
+        self.unloggable = False
+        self.logged: tuple[int, ...] | None = None
+
+    def log_mark(self) -> tuple[int, ...]:
+        """What a log record says of the node besides its bytes: size, mode, owner, times."""
+        a = self.attrs
+        return a.size, a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, a.ctime_ns
+
+    def logged_size(self) -> int | None:
+        """The size its last log record made durable (None: no record since its last flush)."""
+        return self.logged[0] if self.logged is not None else None
 
     # -- reads ---------------------------------------------------------------------------
     def _buffer(self, i: int) -> bytearray | memoryview | None:
@@ -199,6 +218,13 @@ class Node:
             pos += n
         charge(growth)
         for i, co, n, cur, pos in plan:
+            if not self.unloggable:
+                if self.unlogged is None:
+                    self.unlogged = set()
+                start = i * CHUNK + co
+                self.unlogged.update(range(start // PAGE, (start + n + PAGE - 1) // PAGE))
+                if len(self.unlogged) > UNLOGGED_MAX:
+                    self.unlogged, self.unloggable = None, True
             buf = self.dirty.get(i)
             if whole_ok and co == 0 and n == CHUNK:
                 # A whole chunk (a streaming writer's case): keep a view of the request's

@@ -266,6 +266,10 @@ class Daemon:
             "memory": {**fs.memory_figures(), **store.engine.memory()},
             "dirty_bytes": fs.flusher.dirty_bytes,
             "flushes": fs.flusher.flush_count,
+            # fsyncs made durable as small-write log records, and flushes that folded them
+            "small_write_log": {"records": fs.smallwrites.records, "folds": fs.smallwrites.folds,
+                                "pending_records": len(fs.smallwrites.keys),
+                                "pending_bytes": fs.smallwrites.bytes},
             "commits": store.write_seq,
             "syncs_done": store.synced_seq,
             "objects_created": store.objects_created,

@@ -1,0 +1,199 @@
+"""The small-write log: an fsync of a few dirty pages makes them durable as log records
+instead of re-encoding their chunks.
+
+Without it, every fsync committed each dirty 64 KiB chunk as a new chunk object (a copy of
+the stored chunk read back, hashed, compressed, a new tree path, reference counts): ~1 ms of
+daemon CPU and ~80 KiB of WAL per fsync'd 4 KiB page (docs/benchmarks.md, issue 24).  Now,
+when what is dirty and not yet logged is small (`FSYNC_LOG_MAX`), fsync writes one record per
+dirty file into the `meta` family (keys `wlog/<seq>`): the file's branch head layer, inode
+number, size, mode, owner and times, and the exact bytes of its dirty buffers in the pages
+written since its last record.  The record is committed like any batch and made durable by
+the same WAL sync.  The data stays in the dirty buffers (reads are served from them as
+before) and the file stays dirty; the next flush (the timer of rule 5, a release, any
+metadata operation, `LOG_LIMIT` logged bytes) commits it as chunks and deletes every log
+record in the same batch ("folding" the log).
+
+Why the records are always valid where they are replayed: every commit that changes a
+file's tree or attributes, or a branch's head layer, is a mutation or runs under
+`Filesystem.exclusive`, so it first flushes all dirty nodes, and every logged node is dirty:
+the first such commit after a record folds (and deletes) it.  So a record in the store always
+describes writes newer than every other committed change to its file, over the tree its
+inode record names, and the layer it names is still its branch's head (garbage collection
+moves records between layers without a flush, but keeps their content and the heads' ids).  After a crash, `replay` (at `Filesystem` construction, before anything reads the
+store through a filesystem) writes each record's bytes into the node's buffers again, in
+order, sets the size and attributes it names, and commits them with the deletion of the
+records: what fsync acknowledged is back (tests/test_small_writes.py).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from typing import TYPE_CHECKING, Iterable
+
+from cowfs.chunks.tree import CHUNK
+from cowfs.core.node import Node, PAGE
+from cowfs.errors import FSError
+from cowfs.kv.base import Batch
+from cowfs.meta import writelog
+
+if TYPE_CHECKING:
+    from cowfs.core.filesystem import Filesystem
+    from cowfs.core.view import View
+
+log = logging.getLogger(__name__)
+
+FSYNC_LOG_MAX = 256 << 10  # unlogged bytes one fsync may log; beyond, it flushes as before
+LOG_LIMIT = 8 << 20  # bytes logged since the last fold; beyond, an fsync folds instead
+
+
+def _ranges(node: Node) -> list[tuple[int, bytes | memoryview]]:
+    """(file offset, bytes) of node's buffers in its unlogged pages, adjacent pages merged;
+    each range ends where its chunk's buffer does (a page past a buffer's end is not data)."""
+    out: list[tuple[int, bytes | memoryview]] = []
+    pages = sorted(node.unlogged or ())
+    k = 0
+    while k < len(pages):
+        p = pages[k]
+        i = p * PAGE // CHUNK
+        buf = node.dirty.get(i)
+        q = p + 1
+        while k + 1 < len(pages) and pages[k + 1] == q and q * PAGE // CHUNK == i:
+            k += 1
+            q += 1
+        k += 1
+        if buf is None:
+            continue  # zeros written over a hole: nothing buffered, the size says it
+        a, b = p * PAGE - i * CHUNK, min(q * PAGE - i * CHUNK, len(buf))
+        if a < b:
+            out.append((i * CHUNK + a, bytes(buf[a:b])))
+    return out
+
+
+def _record(node: Node) -> writelog.Record:
+    a = node.attrs
+    return writelog.Record(node.view.lv.top, node.ino, a.size, a.mode, a.uid, a.gid, a.atime_ns,
+                           a.mtime_ns, a.ctime_ns, _ranges(node))
+
+
+class SmallWrites:
+    """The log records this daemon wrote and not yet folded (`Flusher` deletes them with
+    its next commit), and the fsync that writes them."""
+
+    def __init__(self, fs: "Filesystem") -> None:
+        self.fs = fs
+        self.keys: list[int] = []  # sequence numbers of the records in the store, in order
+        self.bytes = 0  # data bytes they hold
+        self.seq = 0  # the next record's
+        self.records = 0  # written since the mount (stats)
+        self.folds = 0  # flushes that deleted records
+
+    def log_locked(self) -> bool:
+        """Make every acknowledged write durable as log records, if it is small enough; the
+        caller holds the lock (no flush runs) and syncs the WAL after.  False: it is not
+        (too much unlogged data, a file with a refused write's cut): the caller flushes."""
+        fs = self.fs
+        nodes = [n for n in fs.flusher.dirty_nodes if not n.deleted]
+        if not nodes:
+            return False
+        total = 0
+        for n in nodes:
+            if n.unloggable or n.cap is not None:
+                return False
+            total += len(n.unlogged or ()) * PAGE
+        if total > FSYNC_LOG_MAX or self.bytes + total > LOG_LIMIT:
+            return False
+        batch = Batch()
+        written: list[tuple[Node, int]] = []
+        nbytes = 0
+        for n in nodes:
+            if not n.unlogged and n.log_mark() == n.logged:
+                continue  # nothing new since its last record
+            record = _record(n)
+            seq = self.seq + len(written)
+            writelog.put(batch, seq, record)
+            written.append((n, seq))
+            nbytes += sum(len(d) for _o, d in record.ranges)
+        if not written:
+            return True
+        try:
+            fs.store.commit(batch)
+        except Exception as exc:  # noqa: BLE001 - as Transactions.commit: a failed write
+            error = str(exc) or type(exc).__name__
+        else:
+            self.seq += len(written)
+            self.records += len(written)
+            self.bytes += nbytes
+            for n, k in written:
+                n.unlogged = None
+                n.logged = n.log_mark()
+                self.keys.append(k)
+            return True
+        log.error("log commit failed: %s", error)
+        fs.store.recover()
+        raise FSError(errno.ENOSPC if "space" in error.lower() else errno.EIO, error)
+
+    def delete_into(self, batch: Batch) -> list[int]:
+        """Delete every record in batch (a flush that commits every dirty node); returns
+        their sequence numbers, for `folded` once the batch is written."""
+        for seq in self.keys:
+            writelog.delete(batch, seq)
+        return list(self.keys)
+
+    def folded(self, keys: list[int], nodes: Iterable[Node]) -> None:
+        """The batch deleting keys is written: those records are gone, the nodes committed."""
+        if keys:
+            self.folds += 1
+            del self.keys[: len(keys)]
+            if not self.keys:
+                self.bytes = 0
+        for n in nodes:
+            n.logged = None
+
+    def replay(self) -> list["View"]:
+        """Commit the records a previous daemon left (it was killed, or the machine lost
+        power, after an fsync logged them): their bytes are written into the nodes' buffers
+        again in record order, with the size and attributes each names, and committed with
+        the deletion of every record, before anything else runs.  Returns the branch views
+        it attached (their orphans are still to be removed, as at `Views.attach_branch`)."""
+        fs = self.fs
+        store = fs.store
+        found = writelog.every(store.kv)
+        if not found:
+            return []
+        views: dict[str, "View"] = {}
+        heads = {b.head: name for name, b in store.catalog.branches.items()}
+        objects = store.objects
+        for seq, value in found:
+            self.keys.append(seq)
+            self.seq = seq + 1
+            try:
+                r = writelog.Record.unpack(value)
+            except writelog.DamagedRecord as exc:
+                raise FSError(errno.EIO, f"small-write log record {seq} is damaged: {exc}") from exc
+            name = heads.get(r.layer)
+            if name is None:
+                continue  # written through a view no branch shows any more (a pre-rollback tree)
+            if name not in views:
+                views[name] = fs.views.branch_view(name)
+            try:
+                node = fs.nodes.node(views[name], r.ino)
+            except FSError:
+                continue  # gone (an orphan removed at attach)
+            usage = fs.usage
+            usage.allocated(node)
+            for off, data in r.ranges:
+                before, old_size = node.alloc, node.attrs.size
+                new = node.write(off, bytes(data), objects, lambda _growth: None)
+                usage.buffered(node, before)  # type: ignore[arg-type]
+                usage.grew(node, old_size)
+                fs.flusher.written(node, new, False)
+            a = node.attrs
+            old_size = a.size
+            a.size, a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, a.ctime_ns = (
+                r.size, r.mode, r.uid, r.gid, r.atime_ns, r.mtime_ns, r.ctime_ns)
+            usage.grew(node, old_size)
+            fs.flusher.dirty_nodes.setdefault(node, time.monotonic())
+        fs.flusher.flush_inline()
+        log.info("%d small-write log records of a previous daemon replayed", len(found))
+        return list(views.values())

@@ -1,0 +1,169 @@
+"""The small-write log (cowfs/core/smallwrites.py): an fsync of a few dirty pages makes them
+durable as log records, folded into chunks later; after a crash the next daemon replays them.
+
+The daemons here run with the `timer_flush` test hook (cowfs/faults.py), which skips the
+1 s timer's flush: what fsync logged stays in the log until a release or an operation folds
+it, so the SIGKILLs below find records to replay, whatever the machine's load.  The next
+daemon's log says how many it replayed.  (Reading the stats commits every acknowledged
+write, which folds the log: the tests read them only where that is what they want.)
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+
+import pytest
+
+import mounting
+from mounting import ok, stats
+
+HOLD = {"COWFS_FAULTS": "timer_flush:eio:*"}
+BASE = 1 << 20
+
+
+def _log(mp) -> dict:
+    return stats(mp)["small_write_log"]
+
+
+def _replayed(m: mounting.Mount, n: int) -> None:
+    assert f"{n} small-write log records of a previous daemon replayed" in m.log_text(), m.log_text()[-2000:]
+
+
+def _pwrite(fd: int, model: bytearray, off: int, data: bytes) -> None:
+    assert os.pwrite(fd, data, off) == len(data)
+    if off > len(model):
+        model.extend(bytes(off - len(model)))
+    model[off : off + len(data)] = data
+
+
+def _small_writes(fd: int, model: bytearray, rnd: random.Random, n: int) -> None:
+    """n small pwrites, each fsync'd: within pages, across pages and chunk boundaries."""
+    for _ in range(n):
+        size = rnd.choice([1, 100, 4096, 5000, 8192])
+        off = rnd.choice([rnd.randrange(len(model)), 65536 * rnd.randrange(1, len(model) // 65536) - 7])
+        _pwrite(fd, model, off, rnd.randbytes(size))
+        os.fsync(fd)
+
+
+@pytest.mark.timeout(180)
+def test_fsynced_small_writes_survive_sigkill_through_the_log(mount_factory):
+    m = mount_factory(env=HOLD)
+    rnd = random.Random(24)
+    model = bytearray(rnd.randbytes(BASE))
+    path = m.path / "f"
+    path.write_bytes(model)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)  # the base is committed as chunks (more than an fsync logs)
+        _small_writes(fd, model, rnd, 40)
+        _pwrite(fd, model, len(model) + 70000, b"past the end, after a hole")  # grows the file
+        os.fsync(fd)
+        os.fchmod(fd, 0o600)  # a SETATTR deferred with the dirty data: in the next record
+        os.utime(fd, ns=(1_500_000_000_000_000_000, 1_600_000_000_000_000_000))
+        _pwrite(fd, model, 3, b"last")
+        os.fsync(fd)
+        assert os.pread(fd, len(model) + 10, 0) == model  # reads see the logged writes
+        live = os.fstat(fd)
+        mounting.sigkill_fsck_start(m)
+    finally:
+        with contextlib.suppress(OSError):  # a handle of the killed daemon's connection
+            os.close(fd)
+    _replayed(m, 42)  # every fsync was logged, none folded: the records were all the store had
+    assert path.read_bytes() == model
+    st = os.stat(path)
+    assert st.st_size == len(model) and st.st_mode & 0o777 == 0o600
+    # The times the kernel sent before the last fsync (the write after utime stamped mtime).
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_500_000_000_000_000_000, live.st_mtime_ns)
+    log = _log(m.path)
+    assert log["pending_records"] == 0 and log["folds"] == 1, log  # the replay's fold
+    # Replayed once: a second crash changes nothing.
+    mounting.sigkill_fsck_start(m)
+    assert path.read_bytes() == model
+
+
+@pytest.mark.timeout(240)
+def test_logged_pages_go_into_snapshots_clones_and_branches(mount_factory):
+    """A snapshot, a clone and a branch made while a file has logged pages hold those pages
+    (the operation folds the log first); the pages logged after them survive SIGKILL in the
+    live file only."""
+    m = mount_factory(env=HOLD)
+    rnd = random.Random(25)
+    model = bytearray(rnd.randbytes(BASE))
+    path = m.path / "f"
+    path.write_bytes(model)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        states = {}
+        for op in ("snapshot s1", "clone f f2", "branch b1"):
+            _small_writes(fd, model, rnd, 12)
+            ok(m.path, op)
+            states[op] = bytes(model)
+        _small_writes(fd, model, rnd, 12)
+        mounting.sigkill_fsck_start(m)
+    finally:
+        with contextlib.suppress(OSError):  # a handle of the killed daemon's connection
+            os.close(fd)
+    _replayed(m, 12)  # the operations folded the earlier ones
+    assert path.read_bytes() == model
+    assert (m.path / ".cowfs/snapshots/s1/f").read_bytes() == states["snapshot s1"]
+    assert (m.path / "f2").read_bytes() == states["clone f f2"]
+    m.stop()
+    b = mount_factory(store=m.store, init=False, branch="b1", name="b1")
+    assert (b.path / "f").read_bytes() == states["branch b1"]
+    assert (b.path / "f2").read_bytes() == states["clone f f2"]
+
+
+@pytest.mark.timeout(180)
+def test_records_replay_into_the_branch_they_were_written_in(mount_factory):
+    """A daemon serving another branch replays them: into their branch, not its own."""
+    m = mount_factory(env=HOLD)
+    rnd = random.Random(26)
+    model = bytearray(rnd.randbytes(BASE))
+    (m.path / "f").write_bytes(model)
+    ok(m.path, "branch side")
+    m.stop()
+    side = mount_factory(store=m.store, init=False, branch="side", name="side", env=HOLD)
+    side_model = bytearray(model)
+    fd = os.open(side.path / "f", os.O_RDWR)
+    try:
+        _small_writes(fd, side_model, rnd, 10)
+        os.kill(side.proc.pid, signal.SIGKILL)
+        side.proc.wait(timeout=10)
+        mounting.lazy_unmount(side.path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    m.start()  # main's daemon replays side's records
+    _replayed(m, 10)
+    assert (m.path / "f").read_bytes() == model
+    m.stop()
+    assert mounting.fsck(m.store)["clean"]
+    side.start()
+    assert "replayed" not in side.log_text().split("start #2")[-1]
+    assert (side.path / "f").read_bytes() == side_model
+
+
+@pytest.mark.timeout(180)
+def test_fsync_of_more_than_the_log_takes_flushes_as_before(mount_factory):
+    """An fsync of more than 256 KiB unlogged commits chunks, not records."""
+    m = mount_factory(env=HOLD)
+    rnd = random.Random(27)
+    model = rnd.randbytes(BASE)
+    path = m.path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        before = stats(m.path)
+        assert os.pwrite(fd, model, 0) == len(model)
+        os.fsync(fd)
+        after = stats(m.path)
+        mounting.sigkill_fsck_start(m)
+    finally:
+        with contextlib.suppress(OSError):  # a handle of the killed daemon's connection
+            os.close(fd)
+    assert after["small_write_log"]["records"] == before["small_write_log"]["records"] == 0
+    assert after["flushes"] > before["flushes"]
+    assert "replayed" not in m.log_text()
+    assert path.read_bytes() == model
