@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from cowfs.chunks import codec
+from cowfs.chunks import codec, refs
 from cowfs.chunks.families import CF_OBJECTS, CF_PENDING, CF_REFS
 from cowfs.chunks.refs import MissingObject, RefTxn, scan_space
 from cowfs.chunks.tree import FANOUT, Root, TreeWriter, iter_chunks
@@ -112,6 +112,27 @@ def dump(st: Objects) -> tuple[list, list, list, bytes]:
 
 @pytest.mark.parametrize("seed", range(10))
 def test_node_pairs_count_exactly_as_expanding_every_child(tmp_path, seed):
+    _pairs_count_as_expanding(tmp_path, seed)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_counted_slots_of_paired_nodes_count_as_searching_them(tmp_path, monkeypatch, seed):
+    """`RefApply._slots_of` counts a paired node's slots once it has been searched often (a
+    fold of many chunks): from the first search here, with the same results."""
+    asked = []
+    real = refs.RefApply._slots_of
+
+    def slots_of(self, y, h):
+        asked.append(y in self.slot_index)
+        return real(self, y, h)
+
+    monkeypatch.setattr(refs, "INDEX_AFTER", 1)
+    monkeypatch.setattr(refs.RefApply, "_slots_of", slots_of)
+    _pairs_count_as_expanding(tmp_path, seed)
+    assert any(asked), "no count of slots was used"
+
+
+def _pairs_count_as_expanding(tmp_path, seed) -> None:
     stores = [Objects(tmp_path / name) for name in ("paired", "expanded")]
     paired, expanded = stores
     model = Model(random.Random(seed))
