@@ -596,3 +596,56 @@ def test_a_pull_over_an_earlier_pull_applies_every_kind_of_change(fleet, mount_f
     dst = mount_factory(store=store, branch="fork")
     same_tree(fork, dst.path)
     assert os.stat(dst.path / "sparse").st_blocks * 512 < 1 << 20
+
+
+def test_a_held_branch_is_pushed_only_by_its_holder_and_taken_over_once_its_lease_expires(
+        fleet, mount_factory, tmp_path):
+    import shlex
+    a, b = fleet("a"), fleet("b")
+    ma = mount_factory()
+    (ma.path / "who").write_text("base")
+    snap(ma, "c0")
+    a.json("push", ma.path, "c0", "origin", "--branch", "dev")
+    store_b = mounting.init_store(b.base / "store")
+    b.json("pull", "origin", "dev", store_b, "--branch", "--into", "dev")
+    mb = mount_factory(store=store_b, branch="dev")
+    (ma.path / "who").write_text("a")
+    snap(ma, "a1")
+    (mb.path / "who").write_text("b")
+    snap(mb, "b1")
+    marker = tmp_path / "pushed"
+    inner = (f"{shlex.join(mounting.cowfs_command())} push {ma.path} a1 origin --branch dev && touch {marker} "
+             "&& exec sleep 60")
+    hold = subprocess.Popen(mounting.cowfs_command() + ["remote", "hold", "origin", "dev", "--ttl", "3", "--",
+                                                        "sh", "-c", inner],
+                            env=a.env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        mounting.wait_until(lambda: marker.exists() or hold.poll() is not None, "the push inside the hold", 120)
+        assert marker.exists(), hold.communicate()
+        # B may neither push the branch nor hold it; the messages name the holder.
+        r = b.cowfs("push", mb.path, "b1", "origin", "--branch", "dev", check=False)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"branch dev of the remote origin is held by {os.uname().nodename} pid {hold.pid}" in r.stderr
+        r = b.cowfs("remote", "hold", "origin", "dev", "--", "true", check=False)
+        assert r.returncode == 1 and f"is held by {os.uname().nodename} pid {hold.pid} (its lease expires in" \
+            in r.stderr, r.stderr
+        # A push of a snapshot (not the branch) is not held back.
+        b.json("push", mb.path, "b1", "origin")
+        # The holder dies: its hold lasts its TTL, then B takes over.
+        os.killpg(hold.pid, signal.SIGKILL)
+        hold.wait(30)
+        died = time.monotonic()
+        while True:
+            r = b.cowfs("remote", "hold", "origin", "dev", "--ttl", "3", "--", "true", check=False)
+            if r.returncode == 0:
+                break
+            assert "is held by" in r.stderr and time.monotonic() - died < 15, r.stderr
+            time.sleep(0.5)
+    finally:
+        if hold.poll() is None:
+            os.killpg(hold.pid, signal.SIGKILL)
+            hold.wait(30)
+    shown = {(x["kind"], x["name"]): x["commit"] for x in a.json("remote", "show", "origin")["refs"]}
+    assert shown[("branch", "dev")] == shown[("snapshot", "a1")]
+    r = b.cowfs("remote", "hold", "origin", "dev", "--", "sh", "-c", "exit 7", check=False)
+    assert r.returncode == 7, "the command's exit status is passed on"

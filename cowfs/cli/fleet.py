@@ -1,4 +1,5 @@
-"""The fleet's commands: `cowfs remote add|list|remove|check`, `cowfs push`, `cowfs pull`.
+"""The fleet's commands: `cowfs remote add|list|remove|show|check|delete|gc|hold`, `cowfs push`,
+`cowfs pull`.
 
 A push reads a snapshot through its mount (MOUNT/.cowfs/snapshots/NAME); a pull writes into a
 new branch of a store through a mount of it (the one that serves it, or a temporary one, as
@@ -158,6 +159,38 @@ def remote_show(name: str, as_json: bool) -> None:
     for row in rows:
         when = datetime.datetime.fromtimestamp(row["created"]).strftime("%Y-%m-%d %H:%M:%S")
         click.echo(f"{row['kind']:<8}  {row['name']}  {row['commit'][:12]}  {when}  {row['host']}")
+
+
+@remote.command(name="hold", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("branch")
+@click.option("--ttl", default=30, show_default=True, type=click.IntRange(2, 3600),
+              help="Seconds the hold outlives this process if it dies (renewed every ttl/3 while it runs).")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def remote_hold(name: str, branch: str, ttl: int, command: tuple[str, ...]) -> None:
+    """Run COMMAND holding the branch BRANCH of the remote NAME: while it runs, only pushes
+    from within it move the branch (`cowfs push ... --branch BRANCH`); another host's hold or
+    push is refused, naming this one.  A holder that dies keeps the branch --ttl seconds, then
+    anyone may take it.  Exit status: the command's.
+
+        cowfs remote hold origin dev -- agent-runner /srv/sandbox/dev
+    """
+    from cowfs.cli.run import _wait
+    from cowfs.fleet.remote import HOLD_ENV
+
+    _ref_name(branch, "branch")
+    with _fleet_errors(f"remote hold {branch}"), _open(name) as r, r.holding(branch, ttl) as lease:
+        env = dict(os.environ, **{HOLD_ENV: json.dumps({"remote": r.key, "branch": branch,
+                                                        "value": lease.fence[2].hex()})})
+        try:
+            proc = subprocess.Popen(list(command), env=env)
+        except OSError as e:
+            raise CliError(f"{command[0]}: {e.strerror}") from None
+        rc = _wait(proc)
+        if lease.lost.is_set():
+            click.echo(f"cowfs: the hold of branch {branch} on {name} was lost while the command ran (etcd "
+                       f"unreachable?); pushes after that were refused", err=True)
+    raise SystemExit(rc)
 
 
 @remote.command(name="delete")

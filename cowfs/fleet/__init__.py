@@ -9,6 +9,7 @@ immutable content-addressed objects, etcd for the named references that point at
     push     a snapshot read through its mount into packs, trees and a commit; then the CAS
     pull     a commit's tree written into a directory (a branch mounted for it)
     check    every reference names objects that exist (and, verified, hash right)
+    gc       what no reference reaches, removed after a grace period, never beside a push
 
 Nothing here touches a store's internals: a push reads the snapshot through the mount, a pull
 writes through a mount, as `cowfs import` and `cowfs export` do (docs/architecture.md "The

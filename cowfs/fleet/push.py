@@ -302,6 +302,7 @@ def _push(remote: Remote, state: State, store: str, branch: str, snapshot: str, 
           remote_branch: str | None, progress: Callable[[int], None], fence: Any) -> PushStats:
     from cowfs.fleet import RefConflict
 
+    hold = remote.hold_fence(remote_branch) if remote_branch else None     # refused early if held
     remote.load_index()
     pusher = Pusher(remote, state, store, progress)
     tree, root_entry = pusher.push_tree(root)
@@ -321,9 +322,9 @@ def _push(remote: Remote, state: State, store: str, branch: str, snapshot: str, 
         pusher.put("commit/" + cid, data)
         snap = None if existing is not None else ("snap", ref_name, cid, None)
         if remote_branch:
-            remote.set_ref("branch", remote_branch, cid, base, also=snap, fence=fence)
+            remote.set_ref("branch", remote_branch, cid, base, also=snap, fences=(fence, hold))
         else:
-            remote.set_ref("snap", ref_name, cid, None, fence=fence)
+            remote.set_ref("snap", ref_name, cid, None, fences=(fence,))
         state.set_origin(store, branch, remote.key, cid)
     if remote_branch:
         state.set_base(store, branch, remote.key, remote_branch, cid)

@@ -27,6 +27,11 @@ REF_FAMILIES = ("snap", "branch")        # the names: each value a commit id
 # with its process); condemned: <object name> -> when a gc found it unreachable.
 FAMILIES = REF_FAMILIES + ("lock", "condemned")
 PUSH_TTL = 20
+HOLD_ENV = "COWFS_FLEET_HOLD"     # set by `cowfs remote hold` for its command: the hold it has
+
+
+def hold_key(branch: str) -> bytes:
+    return b"branch/" + branch.encode()
 _RANGE_GAP = 256 << 10       # blobs of a pack closer than this are fetched in one ranged GET
 _RANGE_MAX = 16 << 20
 
@@ -198,26 +203,66 @@ class Remote:
         finally:
             release(lease)
 
+    @contextlib.contextmanager
+    def holding(self, branch: str, ttl: int) -> Iterator[Any]:
+        """Hold the remote branch: one holder at a time (an etcd lease, kept alive), the only
+        one whose pushes may move it.  FleetError naming the holder if someone has it; it is
+        taken over once that holder's lease expires (ttl seconds without renewal)."""
+        from cowfs.kv.etcd import LeaseHeld
+
+        holder = f"{socket.gethostname()} pid {os.getpid()}"
+        try:
+            lease = self.refs.acquire("lock", hold_key(branch), holder, ttl)
+        except LeaseHeld as e:
+            raise FleetError(f"branch {branch} of the remote {self.cfg.name} is held by {e.holder} (its lease "
+                             f"expires in {e.ttl} s unless renewed)") from None
+        lease.start_keepalive()
+        try:
+            yield lease
+        finally:
+            release(lease)
+
+    def hold_fence(self, branch: str) -> Any:
+        """The expectation a push of the remote branch must add: None if nobody holds it, the
+        hold's own value if this process runs under it (`cowfs remote hold`); FleetError naming
+        the holder otherwise."""
+        import json
+
+        held = self.refs.get("lock", hold_key(branch))
+        if held is None:
+            return None
+        try:
+            mine = json.loads(os.environ.get(HOLD_ENV, "{}"))
+        except ValueError:
+            mine = {}
+        if mine.get("remote") == self.key and mine.get("branch") == branch and mine.get("value") == held.hex():
+            return ("lock", hold_key(branch), held)
+        who = held.split(b"\n")[0].decode(errors="replace")
+        raise FleetError(f"branch {branch} of the remote {self.cfg.name} is held by {who}: only its holder pushes "
+                         "to it (cowfs remote hold); nothing was pushed")
+
     def set_ref(self, family: str, name: str, new: str, expected: str | None,
-                also: tuple[str, str, str, str | None] | None = None, fence: Any = None) -> None:
+                also: tuple[str, str, str, str | None] | None = None, fences: tuple[Any, ...] = ()) -> None:
         """Set family/name to commit `new` if it holds `expected` (None: absent), and
-        `also` (family, name, new, expected) in the same transaction, and only while `fence`
-        (a Lease's fence) holds; RefConflict naming what was found otherwise.  A lost reply is
-        settled by reading the references back."""
+        `also` (family, name, new, expected) in the same transaction, and only while every
+        fence (a lock's key and value) holds; RefConflict naming what was found otherwise.  A
+        lost reply is settled by reading the references back."""
         from cowfs.kv.base import Batch, Conflict
 
         batch = Batch()
-        expect = [fence] if fence is not None else []
+        fences = tuple(f for f in fences if f is not None)
+        expect = list(fences)
         for fam, key, value, exp in [(family, name, new, expected)] + ([also] if also else []):
             batch.put(fam, key.encode(), value.encode())
             expect.append((fam, key.encode(), None if exp is None else exp.encode()))
         try:
             self.refs.write(batch, expect)
         except Conflict as e:
-            if fence is not None and (e.cf, e.key) == (fence[0], fence[1]):
-                raise FleetError(f"this push's registration on the remote {self.cfg.name} expired (etcd "
-                                 "unreachable for longer than its lease?): a gc may have run; nothing was set, "
-                                 "push again") from None
+            if any((e.cf, e.key) == (f[0], f[1]) for f in fences):
+                what = ("the hold of this branch" if e.key.startswith(b"branch/")
+                        else "this push's registration (a gc may have run)")
+                raise FleetError(f"{what} on the remote {self.cfg.name} expired (etcd unreachable for longer than "
+                                 "its lease?): nothing was set, push again") from None
             found = None if e.found is None else e.found.decode(errors="replace")
             fam, key = e.cf, e.key.decode(errors="replace")
             want = next(x for f, k, _v, x in [(family, name, new, expected)] + ([also] if also else [])
