@@ -15,7 +15,7 @@ import json
 import os
 import stat
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pyfuse3
 
@@ -30,6 +30,9 @@ from cowfs.core.view import View
 from cowfs.fuse.handles import Handles
 from cowfs.fuse.inodes import K_BYVIEW, K_CTL, K_DIR, K_SNAPS, K_STATS, control_ino, control_parts
 from cowfs.store import ROOT_INO
+
+if TYPE_CHECKING:
+    from cowfs.meta.layers import Snapshot  # a listing's items: no run-time import below commands
 
 CONTROL_NAMES = {b"ctl": K_CTL, b"stats": K_STATS, b"snapshots": K_SNAPS, b"by-view": K_BYVIEW}
 
@@ -158,16 +161,20 @@ class ControlFS:
                 return e
         raise pyfuse3.FUSEError(errno.ENOENT)
 
-    def listing(self, fino: int) -> list[tuple[bytes, pyfuse3.EntryAttributes, Node | None]]:
-        """`snapshots/` lists the snapshots the branch owns; `.cowfs` itself lists nothing."""
+    def listing(self, fino: int) -> list[Snapshot]:
+        """`snapshots/` lists the snapshots the branch owns; `.cowfs` itself lists nothing.
+        Taken once per listing (O(snapshots)); each page makes its entries (`listed`)."""
         view = self.view(fino)
         if control_parts(fino)[1] != K_SNAPS:
             return []
-        out = []
-        for snap in self.branching.owned_snapshots(view):
-            root = self.fs.node(self.fs.snapshot_view(snap), ROOT_INO)
-            out.append((snap.name.encode("utf-8", "surrogateescape"), self.entry_of(root), root))
-        return out
+        return self.branching.owned_snapshots(view)
+
+    def listed(self, snap: Snapshot) -> tuple[bytes, pyfuse3.EntryAttributes, Node] | None:
+        """A listed snapshot's entry (None: deleted since the listing was taken)."""
+        if self.fs.store.catalog.snapshots.get(snap.name) is not snap:
+            return None
+        root = self.fs.node(self.fs.snapshot_view(snap), ROOT_INO)
+        return snap.name.encode("utf-8", "surrogateescape"), self.entry_of(root), root
 
     async def open(self, fino: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         kind = control_parts(fino)[1]

@@ -16,7 +16,7 @@ import logging
 import os
 import stat
 from collections import Counter, OrderedDict
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pyfuse3
 
@@ -35,6 +35,9 @@ from cowfs.fuse.handles import Handles
 from cowfs.fuse.inodes import SLOTS, Inodes, is_control
 from cowfs.fuse.kernel import Kernel
 from cowfs.store import ROOT_INO
+
+if TYPE_CHECKING:
+    from cowfs.meta.layers import Snapshot  # a listing's items: no run-time import below commands
 
 log = logging.getLogger(__name__)
 trace = logging.getLogger("cowfs.requests")
@@ -71,6 +74,7 @@ class Operations(pyfuse3.Operations):
         # id -> (the directory's inode, its entries).
         self.dirs_by_inode: Extensions | None = None
         self._listings: OrderedDict[int, tuple[int, list[tuple[bytes, int]]]] = OrderedDict()
+        self._control_listings: OrderedDict[int, tuple[int, list[Snapshot]]] = OrderedDict()  # the same, `snapshots/`
         self._listing_ids = 0
         # The reply to a LOOKUP of an absent name: cached as absent (None: ENOENT, not cached).
         self._negative: pyfuse3.EntryAttributes | None = None
@@ -438,13 +442,29 @@ class Operations(pyfuse3.Operations):
             self._listings.pop(lid, None)
 
     def _control_listing(self, fino: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        listing = self.ctlfs.listing(fino)
-        for i in range(start_id, len(listing)):
-            name, entry, node = listing[i]
-            if not pyfuse3.readdir_reply(token, name, entry, i + 1):
-                break
-            if node is not None:
-                self.fs.looked_up(node)
+        """A control directory's listing, kept under an id in its offsets as a directory's
+        is (`_readdir_of_inode`): made once when reading starts, not at each page (100,000
+        snapshots took 484 s to list, ~200 pages each making every entry)."""
+        lid, pos = start_id >> LISTING_BITS, start_id & ((1 << LISTING_BITS) - 1)
+        kept = self._control_listings.get(lid) if start_id else None
+        snaps = kept[1] if kept is not None and kept[0] == fino else None
+        if snaps is None:
+            if start_id == 0:
+                self._listing_ids = self._listing_ids % ((1 << 30) - 1) + 1
+                lid = self._listing_ids
+            snaps = self.ctlfs.listing(fino)
+            self._control_listings[lid] = (fino, snaps)
+            while len(self._control_listings) > MAX_LISTINGS:
+                self._control_listings.popitem(last=False)
+        for i in range(pos, len(snaps)):
+            found = self.ctlfs.listed(snaps[i])
+            if found is None:
+                continue  # deleted since the listing was taken
+            name, entry, node = found
+            if not pyfuse3.readdir_reply(token, name, entry, (lid << LISTING_BITS) | (i + 1)):
+                return
+            self.fs.looked_up(node)
+        self._control_listings.pop(lid, None)
 
     def _reply_listing(self, dnode: Node, entries: list[tuple[bytes, int]], pos: int, base: int,
                        token: pyfuse3.ReaddirToken) -> bool:

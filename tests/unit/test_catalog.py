@@ -182,3 +182,44 @@ def test_children_index_is_made_at_first_use_and_kept_up_to_date():
     kv.write(b)
     assert fresh.children == {0: {root}, root: {a, c}, a: {e}}
     assert Catalog(kv).children == fresh.children
+
+
+def test_layer_views_are_their_ancestry_and_share_blocks_along_a_line():
+    import random
+    rnd = random.Random(7)
+    kv = memory_kv()
+    cat = Catalog(kv)
+    b = Batch()
+    layers = [cat.new_layer(0, b)]
+    for _ in range(600):  # long lines, forks, forks of forks
+        layers.append(cat.new_layer(rnd.choice(layers[-30:]) if rnd.random() < 0.9 else rnd.choice(layers), b))
+    kv.write(b)
+    held = {}
+    for top in rnd.sample(layers, 300):
+        lv = cat.layer_view(top)
+        want = cat.ancestry(top)
+        assert lv.top == top and sorted(lv.ancestors) == sorted(want) and len(lv.ancestors) == len(want)
+        for x in rnd.sample(layers, 40):
+            assert (x in lv.ancestors) == (x in want)
+        held[top] = lv
+    # A line of 1,000 layers: every view on it holds the same blocks, O(n log n) ids in all.
+    b = Batch()
+    line = [layers[-1]]
+    for _ in range(1000):
+        line.append(cat.new_layer(line[-1], b))
+    kv.write(b)
+    views = [cat.layer_view(t) for t in reversed(line)]
+    blocks = {id(level): len(level) for v in views for level in v.ancestors.levels}
+    depth = len(views[0].ancestors)
+    assert sum(blocks.values()) < 2 * depth * 11  # ~n/2 log2 n, where a set per view is n^2/2
+    # the root-most block, shared (views[1] and views[5] are 1,023 and 1,019 layers deep)
+    assert len(views[1].ancestors) == 1023 and views[1].ancestors.levels[0] is views[5].ancestors.levels[0]
+    # Reshaped (a layer merged into its child, as garbage collection does): made again.
+    b = Batch()
+    mid = line[500]
+    cat.reparent(line[501], cat.parents[mid], b)
+    cat.forget_layer(mid, b)
+    kv.write(b)
+    for top in (line[-1], line[501], line[499]):
+        lv = cat.layer_view(top)
+        assert sorted(lv.ancestors) == sorted(cat.ancestry(top)) and mid not in lv.ancestors
