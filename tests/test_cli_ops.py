@@ -386,6 +386,28 @@ def test_import_then_export_round_trip(stores, tmp_path):
         cowfs("umount", mp)
 
 
+def test_export_of_an_unmounted_store_starts_a_daemon_that_exits(stores, tmp_path):
+    """`cowfs export STORE SNAP DIR` lists the unmounted store offline (RocksDB opened in the
+    command's own process), then mounts the snapshot's branch for the copy.  A daemon forked
+    from that process lacked RocksDB's background threads: its flush at unmount waited
+    forever and the command failed after 60 s (cowfs.kv.rocks.opened_in_this_process)."""
+    store = stores()
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    cowfs("mount", store, mp)
+    try:
+        (mp / "f").write_text("data\n")
+        cowfs("snapshot", mp, "s1")
+    finally:
+        cowfs("umount", mp)
+    t0 = time.monotonic()
+    cowfs("export", store, "s1", tmp_path / "out", timeout=45)
+    assert time.monotonic() - t0 < 30
+    assert (tmp_path / "out" / "f").read_text() == "data\n"
+    assert _mounts_of(store) == []
+    _wait_no_daemon(store)
+
+
 def test_import_into_a_mounted_branch_subdirectory(stores, tmp_path):
     src = tmp_path / "src"
     src.mkdir()

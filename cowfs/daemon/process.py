@@ -7,13 +7,15 @@ work once it runs is cowfs.daemon.server's.
 """
 from __future__ import annotations
 
+import base64
 import ctypes
 import ctypes.util
 import errno
 import logging
 import os
+import pickle
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from cowfs import faults, private
 from cowfs.daemon import admin, mounts, options as mount_options
@@ -23,6 +25,7 @@ from cowfs.errors import MountError, StoreError
 
 log = logging.getLogger("cowfs.daemon")
 LOG_NAME = "daemon.log"
+_FRESH_ENV = "COWFS_DAEMON_CONFIG"  # the configuration _exec_fresh hands to fresh_child
 
 __all__ = ["MountConfig", "mount"]
 
@@ -89,6 +92,45 @@ def _keep_freed_memory() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
     except (OSError, AttributeError):
         pass  # not glibc: its defaults stand
+
+
+def _run_daemon(cfg: MountConfig, wfd: int) -> NoReturn:
+    """The forked daemon's life: run, saying OK or the error on the pipe wfd once, then exit."""
+    def report(err: str | None) -> None:
+        try:
+            os.write(wfd, (f"ERR {err}" if err else "OK").encode() + b"\n")
+            os.close(wfd)
+        except OSError:
+            pass
+
+    code = 1
+    try:
+        code = _start(cfg, report, to_stderr=False)
+    except BaseException as exc:
+        logging.getLogger("cowfs.daemon").exception("daemon failed")
+        report(f"daemon failed: {exc}")
+    finally:
+        os._exit(code)
+
+
+def _exec_fresh(cfg: MountConfig, wfd: int) -> NoReturn:
+    """Become a fresh interpreter that runs the daemon (fresh_child): the calling process
+    opened RocksDB, whose threads a forked copy lacks (cowfs.kv.rocks.opened_in_this_process)."""
+    try:
+        os.set_inheritable(wfd, True)
+        env = dict(os.environ, **{_FRESH_ENV: base64.b64encode(pickle.dumps(cfg)).decode()})
+        os.execve(sys.executable, [sys.executable, "-I", "-c",
+                                   "from cowfs.daemon.process import fresh_child; fresh_child()", str(wfd)], env)
+    except OSError as exc:
+        os.write(wfd, f"ERR cannot start the daemon ({sys.executable}): {exc}\n".encode())
+    os._exit(1)
+
+
+def fresh_child() -> NoReturn:
+    """The daemon in the interpreter _exec_fresh started: its configuration from the
+    environment, the parent's pipe from argv."""
+    cfg = pickle.loads(base64.b64decode(os.environ.pop(_FRESH_ENV)))
+    _run_daemon(cfg, int(sys.argv[1]))
 
 
 def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: bool) -> int:
@@ -164,6 +206,8 @@ def mount(cfg: MountConfig, foreground: bool) -> int:
                 print(f"cowfs: {err}", file=sys.stderr)
         return _start(cfg, say, to_stderr=True)
 
+    from cowfs.kv.rocks import opened_in_this_process
+
     rfd, wfd = os.pipe()
     child = os.fork()
     if child == 0:  # the daemon
@@ -172,22 +216,9 @@ def mount(cfg: MountConfig, foreground: bool) -> int:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-
-        def report(err: str | None) -> None:
-            try:
-                os.write(wfd, (f"ERR {err}" if err else "OK").encode() + b"\n")
-                os.close(wfd)
-            except OSError:
-                pass
-
-        code = 1
-        try:
-            code = _start(cfg, report, to_stderr=False)
-        except BaseException as exc:
-            logging.getLogger("cowfs.daemon").exception("daemon failed")
-            report(f"daemon failed: {exc}")
-        finally:
-            os._exit(code)
+        if opened_in_this_process():  # e.g. `cowfs export STORE ...` listed the store offline first
+            _exec_fresh(cfg, wfd)
+        _run_daemon(cfg, wfd)
     os.close(wfd)
     with os.fdopen(rfd) as r:
         line = r.readline().strip()

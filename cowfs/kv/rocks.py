@@ -71,6 +71,17 @@ def _blob_options(cache: rd.Cache, small: bool = False) -> rd.Options:
     return opt
 
 
+_OPENED_HERE = False  # see opened_in_this_process
+
+
+def opened_in_this_process() -> bool:
+    """Whether this process has opened a database.  RocksDB's background threads (one pool
+    for the whole process, started at the first open and never stopped) do not survive
+    fork(): a process forked after an open that opens a database again waits forever for
+    its first flush.  cowfs.daemon.process starts its daemon afresh in that case."""
+    return _OPENED_HERE
+
+
 class RocksKV(KV, LocalEngine):
     """RocksDB, opened by one process (its LOCK file), and a LocalEngine.
 
@@ -113,6 +124,8 @@ class RocksKV(KV, LocalEngine):
             if "lock" in str(exc).lower():
                 raise StoreLockedError(str(exc)) from exc
             raise
+        global _OPENED_HERE
+        _OPENED_HERE = True
         self.read_only = read_only
         self._cf = {name: self.db.get_column_family(name) for name in self._families}
         self._handles = {name: self.db.get_column_family_handle(name) for name in self._families}
