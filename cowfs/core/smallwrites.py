@@ -164,6 +164,7 @@ class SmallWrites:
         views: dict[str, "View"] = {}
         heads = {b.head: name for name, b in store.catalog.branches.items()}
         objects = store.objects
+        dropped = 0
         for seq, value in found:
             self.keys.append(seq)
             self.seq = seq + 1
@@ -173,12 +174,16 @@ class SmallWrites:
                 raise FSError(errno.EIO, f"small-write log record {seq} is damaged: {exc}") from exc
             name = heads.get(r.layer)
             if name is None:
-                continue  # written through a view no branch shows any more (a pre-rollback tree)
+                # Written through a view no branch shows any more: a pre-rollback tree, or a
+                # branch deleted on the unmounted store after its daemon died.
+                dropped += 1
+                continue
             if name not in views:
                 views[name] = fs.views.branch_view(name)
             try:
                 node = fs.nodes.node(views[name], r.ino)
             except FSError:
+                dropped += 1
                 continue  # gone (an orphan removed at attach)
             usage = fs.usage
             usage.allocated(node)
@@ -194,6 +199,16 @@ class SmallWrites:
                 r.size, r.mode, r.uid, r.gid, r.atime_ns, r.mtime_ns, r.ctime_ns)
             usage.grew(node, old_size)
             fs.flusher.dirty_nodes.setdefault(node, time.monotonic())
-        fs.flusher.flush_inline()
+        if fs.flusher.dirty_nodes:
+            fs.flusher.flush_inline()  # deletes every record, those dropped too
+        else:
+            # None applies: deleted alone, or they would stay (and be read at every start)
+            # until some flush of dirty data.
+            batch = Batch()
+            keys = self.delete_into(batch)
+            store.commit(batch)
+            self.folded(keys, ())
         log.info("%d small-write log records of a previous daemon replayed", len(found))
+        if dropped:
+            log.info("%d of them dropped: their branch head or inode is gone", dropped)
         return list(views.values())
