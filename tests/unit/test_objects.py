@@ -127,6 +127,46 @@ def test_a_small_cold_read_of_a_raw_packed_chunk_reads_only_its_range():
     st.close()
 
 
+def test_small_cold_reads_follow_a_repack_and_decode_packed_compressed_and_delta_chunks():
+    """The ranged read of a raw packed chunk reads where its pointer points now (after a
+    repack moved it and deleted its old pack); a packed compressed chunk, and a chunk
+    re-encoded as a delta, never take that path (their pack bytes are not the content):
+    they decode whole, correctly."""
+    from cowfs.chunks import delta
+
+    st = Objects()
+    chunks = raw_chunks(4)
+    flush(st, chunks)
+    free(st, [h for _d, h, _e in chunks[:3]])
+    data, h, _e = chunks[3]
+    old = codec.packed_extent(st.kv.get(CF_OBJECTS, h))[0]
+    assert run_repack(st, below=1.0)["moved"] == 1
+    assert codec.packed_extent(st.kv.get(CF_OBJECTS, h))[0] != old and st.objects.packs.size(old) is None
+    assert bytes(st.objects.read(h, 8192, 12288)) == data[8192:12288] and not st.objects.cache.cached(h)
+    # Re-encoded as a delta against a near copy (what the dedup worker commits).
+    base = bytearray(data)
+    base[100:300] = bytes(200)
+    base = bytes(base)
+    hb = codec.chunk_hash(base)
+    txn = RefTxn()
+    txn.add_object(hb, codec.encode_chunk(base, 1), [])
+    txn.incref(hb)
+    st.commit(Batch(), txn)
+    txn = RefTxn()
+    txn.recode[h] = codec.encode_delta(data, hb, delta.compressor(base), CHUNK + 1)
+    st.commit(Batch(), txn)
+    assert st.kv.get(CF_OBJECTS, h)[0] == codec.KIND_DELTA
+    assert bytes(st.objects.read(h, 0, 4096)) == data[:4096] and st.objects.cache.cached(h)
+    # A compressible chunk in a pack: zstd, decoded whole.
+    text = b"compressible line\n" * 3640
+    ht = codec.chunk_hash(text)
+    flush(st, [(text, ht, codec.encode_chunk(text, 1))])
+    raw = st.kv.get(CF_OBJECTS, ht)
+    assert raw[0] == codec.KIND_PACKED and codec.packed_kind(raw) == codec.KIND_ZSTD
+    assert bytes(st.objects.read(ht, 5000, 9000)) == text[5000:9000] and st.objects.cache.cached(ht)
+    st.close()
+
+
 def test_freeing_drops_the_pointer_and_leaves_the_pack():
     st = Objects()
     chunks = raw_chunks(4)
