@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""docs/scaling.md's check: the S3 and etcd requests of each fleet operation, counted on the wire
+of a real run, beside what the model's formulas predict from the remote's state.
+
+Real engines on 127.0.0.1 (SeaweedFS `weed server -s3` and one etcd member, started by
+tests/engines.py as in scripts/bench_fleet.py), real stores and mounts, the `cowfs` CLI of this
+checkout; each "host" is a store with its own XDG_CONFIG_HOME / XDG_CACHE_HOME (its own pack
+index cache and push state).  The counting: a `sitecustomize` put on PYTHONPATH for the
+measured commands only wraps botocore's `Endpoint._send` (every S3 request sent, retries
+included) and requests' `Session.send` (every etcd gateway call: etcd3gw posts through
+requests), and writes its counts at exit; all processes of a command are summed.
+
+Run (root, from the repository; everything under /var/tmp/cowfs-fleet-model, removed afterwards):
+  .venv/bin/python scripts/fleet_model.py --hosts 8
+  .venv/bin/python scripts/fleet_model.py --hosts 4 --tree django
+The synthetic tree: 36 directories (root, 5, 30 under them) holding 300 text files of 1-8 KiB
+and two 10 MiB files of random bytes (20 MiB incompressible: two packs).  A fork changes one
+file in each of 10 directories.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+import engines  # noqa: E402
+
+BASE = "/var/tmp/cowfs-fleet-model"
+COWFS = os.path.join(os.path.dirname(HERE), ".venv", "bin", "cowfs")
+PREFIX = "fleet"
+PUSH_TTL = 20.0        # cowfs.fleet.remote.PUSH_TTL: a push's lease, renewed every TTL/3
+
+COUNTER = '''
+import atexit, json, os, threading, urllib.parse
+_OUT = os.environ.get("COWFS_COUNT_FILE")
+if _OUT:
+    _pid = os.getpid()          # a forked child (a daemon) has the parent's counts: not written again
+    _lock = threading.Lock()
+    _counts = {}
+
+    def _add(kind, nbytes):
+        with _lock:
+            c = _counts.setdefault(kind, [0, 0])
+            c[0] += 1
+            c[1] += nbytes
+
+    import botocore.endpoint as _ep
+    _send = _ep.Endpoint._send
+
+    def _s3(self, request):
+        r = _send(self, request)
+        u = urllib.parse.urlsplit(request.url)
+        q = urllib.parse.parse_qs(u.query)
+        if request.method == "GET" and "list-type" in q:
+            kind = "S3 LIST " + q.get("prefix", [""])[0].rstrip("/").rsplit("/", 1)[-1]
+        else:
+            key = u.path.lstrip("/").split("/", 1)[-1]
+            kind = f"S3 {request.method} " + (key.rsplit("/", 2)[-2] if key.count("/") else key)
+        sent = int(request.headers.get("Content-Length", 0) or 0) if request.method == "PUT" else 0
+        got = int(r.headers.get("Content-Length", 0) or 0) if request.method == "GET" else 0
+        _add(kind, sent + got)
+        return r
+    _ep.Endpoint._send = _s3
+
+    import requests
+    _rsend = requests.Session.send
+
+    def _etcd(self, request, **kw):
+        r = _rsend(self, request, **kw)
+        path = urllib.parse.urlsplit(request.url).path
+        if "/v3/" in path:
+            body = request.body or b""
+            _add("etcd " + path.split("/v3/", 1)[1], len(body) + len(r.content))
+        return r
+    requests.Session.send = _etcd
+
+    @atexit.register
+    def _write():
+        if _counts and os.getpid() == _pid:
+            with open(_OUT, "a") as f:
+                f.write(json.dumps(_counts) + "\\n")
+'''
+
+
+class Host:
+    def __init__(self, name: str, env: dict[str, str]) -> None:
+        self.name = name
+        self.dir = os.path.join(BASE, name)
+        os.makedirs(self.dir)
+        self.env = dict(env, XDG_CONFIG_HOME=os.path.join(self.dir, "config"),
+                        XDG_CACHE_HOME=os.path.join(self.dir, "cache"))
+        self.store = os.path.join(self.dir, "store")
+        self.mounted: list[str] = []
+
+    def cowfs(self, *args: str, count: bool = False) -> tuple[str, Counter, Counter]:
+        """stdout, and with count: requests and bytes by kind, summed over the command's processes."""
+        env = dict(self.env)
+        out = os.path.join(BASE, "count.jsonl")
+        if count:
+            env.update(PYTHONPATH=os.path.join(BASE, "counter"), COWFS_COUNT_FILE=out)
+            if os.path.exists(out):
+                os.unlink(out)
+        r = subprocess.run([COWFS, *args], env=env, capture_output=True, text=True, timeout=1800)
+        if r.returncode:
+            raise SystemExit(f"cowfs {' '.join(args)} on {self.name}: {r.stderr.strip()}")
+        n: Counter = Counter()
+        b: Counter = Counter()
+        if count and os.path.exists(out):
+            for line in open(out):
+                for kind, (k, nbytes) in json.loads(line).items():
+                    n[kind] += k
+                    b[kind] += nbytes
+        return r.stdout, n, b
+
+    def mount(self, branch: str) -> str:
+        mp = os.path.join(self.dir, f"mnt-{branch}")
+        os.makedirs(mp, exist_ok=True)
+        self.cowfs("mount", self.store, mp, "--branch", branch)
+        self.mounted.append(mp)
+        return mp
+
+    def cached_indexes(self) -> int:
+        d = os.path.join(self.dir, "cache", "cowfs", "fleet")
+        return sum(len([f for f in os.listdir(os.path.join(d, x, "index")) if not f.startswith(".")])
+                   for x in (os.listdir(d) if os.path.isdir(d) else []) if os.path.isdir(os.path.join(d, x, "index")))
+
+    def umount_all(self) -> None:
+        for mp in reversed(self.mounted):
+            subprocess.run([COWFS, "umount", mp], env=self.env, capture_output=True, timeout=300)
+        self.mounted.clear()
+
+
+def make_tree(root: str, seed: int = 1) -> None:
+    rnd = random.Random(seed)
+    words = ["fork", "base", "sandbox", "chunk", "pack", "index", "tree", "commit", "etcd", "lease"]
+    for d in range(5):
+        for e in range(6):
+            p = os.path.join(root, f"d{d}", f"e{e}")
+            os.makedirs(p)
+            for f in range(10):
+                with open(os.path.join(p, f"f{f}.txt"), "w") as fh:
+                    fh.write(" ".join(rnd.choice(words) for _ in range(rnd.randrange(200, 1600))))
+    for i in range(2):
+        with open(os.path.join(root, f"big{i}.bin"), "wb") as fh:
+            fh.write(rnd.randbytes(10 << 20))
+
+
+def change(root: str, n: int, tag: str, suffix: str) -> None:
+    """Append a line to the first file ending in suffix of each of the first n directories
+    (in sorted walk order) that have one: n files in n directories."""
+    done = 0
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        if "/.cowfs" in dirpath:
+            continue
+        names = sorted(f for f in filenames if f.endswith(suffix))
+        if names and done < n:
+            with open(os.path.join(dirpath, names[0]), "a") as fh:
+                fh.write(f"\n# changed by {tag}\n")
+            done += 1
+
+
+def remote_objects(sw: engines.SeaweedFS) -> Counter:
+    c: Counter = Counter()
+    for page in sw.client().get_paginator("list_objects_v2").paginate(Bucket=sw.BUCKET, Prefix=PREFIX + "/"):
+        for o in page.get("Contents", []):
+            c[o["Key"].split("/")[1]] += 1
+            c["bytes"] += o["Size"]
+    return c
+
+
+# --- the model (docs/scaling.md "Requests per operation") ---------------------------------------
+
+def model_push(P: int, U: int, N: int, parent: bool, branch: bool, seconds: float) -> Counter:
+    """A push: P packs on the remote, U of their indexes not in this host's cache, N new packs."""
+    return Counter({"S3 LIST index": max(1, math.ceil(P / 1000)), "S3 GET index": U,
+                    "S3 HEAD data": 2 * N, "S3 PUT data": N, "S3 HEAD index": 2 * N, "S3 PUT index": N,
+                    "S3 HEAD commit": 2 + parent, "S3 PUT commit": 1,
+                    "etcd lease/grant": 1, "etcd kv/txn": 2, "etcd kv/range": 2 + branch,
+                    "etcd lease/keepalive": int(seconds // (PUSH_TTL / 3)), "etcd lease/revoke": 1})
+
+
+def model_pull(P: int, U: int, walked: int, based: bool) -> Counter:
+    """A pull's fixed part: `walked` commits read while looking for a local base; the ranged
+    GETs of trees and chunks (S3 GET data) depend on the layout and are reported as measured."""
+    return Counter({"etcd kv/range": 1, "S3 GET commit": 1 + walked + based,
+                    "S3 LIST index": max(1, math.ceil(P / 1000)), "S3 GET index": U})
+
+
+def model_hold(seconds: float, ttl: float) -> Counter:
+    return Counter({"etcd lease/grant": 1, "etcd kv/txn": 1, "etcd lease/keepalive": int(seconds // (ttl / 3)),
+                    "etcd lease/revoke": 1})
+
+
+def model_gc(P: int, C: int, refs: Counter, commits: int, dead_packs: int, dead_commits: int,
+             sweep: bool) -> Counter:
+    """A gc: P packs (their indexes all in this host's cache), C commit objects, refs per
+    family naming `commits` distinct commits; garbage: dead_packs packs (data + index) and
+    dead_commits commits, condemned by a first run and deleted by a second (sweep) once the
+    grace is over.  The tree GETs (S3 GET data: every live tree is read) depend on the layout."""
+    def pages(n: int, per: int) -> int:
+        return max(1, math.ceil(n / per))
+    garbage = 2 * dead_packs + dead_commits
+    return Counter({"S3 LIST index": pages(P, 1000), "S3 LIST data": pages(P, 1000), "S3 LIST commit": pages(C, 1000),
+                    "S3 GET commit": commits, "S3 DELETE data": dead_packs * sweep,
+                    "S3 DELETE index": dead_packs * sweep, "S3 DELETE commit": dead_commits * sweep,
+                    "etcd lease/grant": 1, "etcd lease/revoke": 1,
+                    "etcd kv/range": 1 + pages(refs["snap"], 512) + pages(refs["branch"], 512) + 1,
+                    "etcd kv/txn": 1 + math.ceil(garbage / 100)})
+
+
+def compare(name: str, n: Counter, b: Counter, model: Counter, free: tuple[str, ...] = (),
+            slack: tuple[str, ...] = ("etcd lease/keepalive",)) -> dict:
+    """Measured against modelled, kind by kind; `free` kinds are reported, not modelled;
+    `slack` kinds (time-driven) may differ by one."""
+    rows, ok = [], True
+    for kind in sorted(set(n) | set(model)):
+        m = None if kind in free else model.get(kind, 0)
+        good = m is None or n[kind] == m or (kind in slack and abs(n[kind] - m) <= 1)
+        ok &= good
+        rows.append({"kind": kind, "measured": n[kind], "bytes": b[kind], "model": m, "ok": good})
+    return {"op": name, "ok": ok, "rows": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hosts", type=int, default=6, help="stores acting as hosts (>= 3)")
+    ap.add_argument("--tree", choices=("synthetic", "django"), default="synthetic",
+                    help="django: the Django 5.1.4 sdist untarred (scripts/benchlib.py), as bench_fleet.py")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.hosts < 3:
+        ap.error("--hosts: at least 3")
+    shutil.rmtree(BASE, ignore_errors=True)
+    os.makedirs(os.path.join(BASE, "counter"))
+    with open(os.path.join(BASE, "counter", "sitecustomize.py"), "w") as f:
+        f.write(textwrap.dedent(COUNTER))
+    sw = engines.SeaweedFS(os.path.join(BASE, "seaweedfs"))
+    etcd = engines.Etcd(os.path.join(BASE, "etcd"))
+    hosts: list[Host] = []
+    ops: list[dict] = []
+    try:
+        sw.start()
+        etcd.start()
+        env = dict(os.environ)
+        for k, v in sw.environment(BASE).items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+
+        def host(name: str) -> Host:
+            h = Host(name, env)
+            h.cowfs("init", h.store)
+            h.cowfs("remote", "add", "origin", f"s3://{sw.BUCKET}/{PREFIX}", "--refs", etcd.endpoint)
+            hosts.append(h)
+            return h
+
+        def push(h: Host, mp: str, snap: str, parent: bool, *extra: str) -> dict:
+            before, cached = remote_objects(sw), h.cached_indexes()
+            h.cowfs("snapshot", mp, snap)
+            out, n, b = h.cowfs("push", mp, snap, "origin", "--json", *extra, count=True)
+            s = json.loads(out.strip().splitlines()[-1])["pushed"]
+            after = remote_objects(sw)
+            P, N = before["index"], after["data"] - before["data"]
+            op = compare(f"push {snap} from {h.name} (P={P}, U={P - cached}, N={N}, {s['files_read']} files "
+                         f"read, {s['bytes_uploaded']} B uploaded)", n, b,
+                         model_push(P, P - cached, N, parent, bool(extra), s["seconds"]))
+            op.update(P=P, U=P - cached, N=N, uploaded=s["bytes_uploaded"])
+            ops.append(op)
+            return op
+
+        def pull(h: Host, name: str, walked: int, based: bool) -> dict:
+            P, cached = remote_objects(sw)["index"], h.cached_indexes()
+            out, n, b = h.cowfs("pull", "origin", name, h.store, "--json", count=True)
+            s = json.loads(out.strip().splitlines()[-1])["pulled"]
+            op = compare(f"pull {name} into {h.name} (P={P}, U={P - cached}; {s['trees_fetched']} trees, "
+                         f"{s['chunks_fetched']} chunks, {s['bytes_fetched']} B raw fetched)", n, b,
+                         model_pull(P, P - cached, walked, based), free=("S3 GET data",))
+            op.update(P=P, U=P - cached, trees=s["trees_fetched"], chunks=s["chunks_fetched"])
+            ops.append(op)
+            return op
+
+        a = host("a")
+        mp = a.mount("main")
+        suffix = ".txt"
+        if args.tree == "django":
+            import benchlib
+            tar, _entries = benchlib.django_tar()
+            subprocess.run(["tar", "-xf", tar, "-C", mp], check=True, timeout=1800)
+            suffix = ".py"
+        else:
+            make_tree(mp)
+        push(a, mp, "base", False)
+        change(mp, 10, "a", suffix)
+        push(a, mp, "fork", True)                     # the same host: its index cache is warm
+        b = host("b")
+        pull(b, "base", 1, False)
+        pull(b, "fork", 1, True)                      # walks fork -> base, which b holds
+        for i in range(args.hosts - 2):
+            h = host(f"h{i}")
+            pull(h, "base", 1, False)
+            fm = h.mount("base")
+            change(fm, 10, h.name, suffix)
+            push(h, fm, f"fork-{h.name}", True)
+            h.umount_all()
+        change(mp, 1, "a again", suffix)
+        # a branch push: one range more (the branch's hold); its parent is the branch's last
+        # commit seen by this host (none: never pushed to main), so no HEAD of a parent
+        push(a, mp, "head", False, "--branch", "main")
+        t0 = time.monotonic()
+        _out, n, bts = a.cowfs("remote", "hold", "origin", "main", "--ttl", "3", "--", "sleep", "4", count=True)
+        ops.append(compare("hold of branch main, --ttl 3, for `sleep 4`", n, bts, model_hold(4.0, 3.0)))
+        ops[-1]["wall_s"] = round(time.monotonic() - t0, 2)
+        a.cowfs("remote", "delete", "origin", "fork-h0")
+        shown = json.loads(a.cowfs("remote", "show", "origin", "--json")[0])["refs"]
+        refs = Counter("snap" if r["kind"] == "snapshot" else "branch" for r in shown)
+        commits = len({r["commit"] for r in shown})
+        for run in ("condemns", "deletes"):
+            objs = remote_objects(sw)
+            out, n, bts = a.cowfs("remote", "gc", "origin", "--grace", "0", "--json", count=True)
+            f = json.loads(out.strip().splitlines()[-1])
+            # garbage: the deleted fork's own pack (data + index) and its commit
+            ops.append(compare(f"gc that {run} (P={objs['index']}, C={objs['commit']}, {dict(refs)} refs naming "
+                               f"{commits} commits; condemned {f['condemned']}, deleted {f['deleted']})", n, bts,
+                               model_gc(objs["index"], objs["commit"], refs, commits, 1, 1, run == "deletes"),
+                               free=("S3 GET data",)))
+        final = remote_objects(sw)
+    finally:
+        for h in hosts:
+            h.umount_all()
+        sw.stop()
+        etcd.stop()
+        shutil.rmtree(BASE, ignore_errors=True)
+    if args.json:
+        print(json.dumps({"hosts": args.hosts, "ops": ops, "remote": dict(final)}))
+        return
+    for op in ops:
+        print(f"{'OK      ' if op['ok'] else 'MISMATCH'} {op['op']}")
+        for r in op["rows"]:
+            m = "-" if r["model"] is None else r["model"]
+            print(f"    {r['kind']:<22} measured {r['measured']:>4}  model {m!s:>4}  {r['bytes']:>10} B"
+                  f"{'' if r['ok'] else '   <-- differs'}")
+    print(f"remote afterwards: {dict(final)}")
+
+
+if __name__ == "__main__":
+    main()
