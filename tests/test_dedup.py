@@ -357,3 +357,43 @@ def test_worker_waits_while_requests_keep_arriving(mount_factory):
     s = settle(m.path)
     assert s["background_queue"] == 0
     assert stats(m.path)["dedup"]["chunks_done"] > before["dedup"]["chunks_done"]
+
+
+@pytest.mark.timeout(300)
+def test_cold_small_reads_of_raw_compressed_and_delta_chunks_after_a_repack(mount_factory):
+    """Reads of at most 16 KiB that reach a fresh daemon (nothing cached, kernel readahead
+    off) read a raw packed chunk's range alone from its pack (chunks/objects.py,
+    `_read_part`): they return the same bytes as the file holds for every kind of chunk,
+    raw, zstd and delta-encoded, after the dedup worker re-encoded some and after `cowfs gc`
+    repacked every pack with a dead byte (the pointers moved, the old packs deleted)."""
+    rnd = random.Random(31)
+    m = mount_factory(options=("dedup=off",))
+    rand = rnd.randbytes(6 * MiB)  # flushes of 4 MiB or more put their chunks in packs
+    files = {"random": rand, "text": text(rnd, 5 * MiB),
+             "near": edit(rand, [("overwrite", k / 8, rnd.randbytes(64)) for k in range(8)])}
+    for name, data in files.items():
+        (m.path / name).write_bytes(data)
+    (m.path / "scratch").write_bytes(rnd.randbytes(5 * MiB))
+    os.unlink(m.path / "scratch")
+    m.stop()
+    m.options = ["dedup=on", "dedup_cpu=1"]
+    m.start()
+    s = settle(m.path)
+    assert s["delta_chunks"] > 0, s
+    got = mounting.cowfs_json("gc", m.path, "--repack-below", "1.0")
+    assert got["packs_repacked"] > 0, got
+    for rounds in range(2):  # the second: after another start, now from the repacked packs
+        m.stop()
+        m.start()
+        for name, data in files.items():
+            fd = os.open(m.path / name, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # small reads reach the daemon
+                for _ in range(150):
+                    off = rnd.randrange(len(data))
+                    n = rnd.choice([1, 100, 4096, 5000, 16384])
+                    assert os.pread(fd, n, off) == data[off : off + n], (name, off, n, rounds)
+            finally:
+                os.close(fd)
+    m.stop()
+    fsck(m.store)
