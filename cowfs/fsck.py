@@ -16,8 +16,10 @@ What is checked, in order:
   5. every versioned key has its changelog entry (garbage collection relies on it);
   6. the space accounting equals a recount, the background queue names stored chunks only;
   7. the usage recorded for every branch head and snapshot (logical bytes, inodes, allocated
-     bytes: what `list` shows and quotas charge) equals a recount of what it sees.
---repair rewrites wrong reference counts, link counts and usage records, indexes missing names
+     bytes: what `list` shows and quotas charge) equals a recount of what it sees;
+  8. every small-write log record a daemon left (cowfs.core.smallwrites: fsync'd writes the
+     next daemon replays) parses: a damaged one keeps every daemon from starting.
+--repair deletes damaged small-write log records (the writes they held are lost), rewrites wrong reference counts, link counts and usage records, indexes missing names
 of hard-linked files, deletes unreferenced objects,
 dangling directory entries and missing changelog entries, and links orphaned inodes into
 /lost+found of the branch they belong to. It reports what it could not fix (a missing or
@@ -41,6 +43,7 @@ from cowfs.meta.records import Attrs
 from cowfs.meta import links as link_index
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, TAGS, LayerView, name_key
 from cowfs.meta import orphans as orphan_records
+from cowfs.meta import writelog
 from cowfs.store import ROOT_INO, Store
 
 LOST_FOUND = b"lost+found"
@@ -92,6 +95,7 @@ class Fsck:
         self.check_references()
         self.check_changelog()
         self.check_queue()
+        self.check_small_write_log()
         if self.repair and len(self.batch):
             self.store.kv.write(self.batch)
             self.store.kv.sync()
@@ -450,6 +454,19 @@ class Fsck:
                 if self.repair:
                     self.batch.delete(CF_PENDING, h)
                     self.report.repaired.append(f"removed {h.hex()[:16]}… from the background queue")
+
+    def check_small_write_log(self) -> None:
+        """Pending records are no problem (the next daemon replays them); one that does not
+        parse stops that replay, so no daemon could serve the store."""
+        for seq, value in writelog.every(self.store.kv):
+            try:
+                writelog.Record.unpack(value)
+            except writelog.DamagedRecord as exc:
+                self.report.problem(f"small-write log record {seq} is damaged: {exc}")
+                if self.repair:
+                    writelog.delete(self.batch, seq)
+                    self.report.repaired.append(f"deleted damaged small-write log record {seq} "
+                                                "(the fsync'd writes it held are lost)")
 
     def check_usage(self, tops: list[tuple[str, int]]) -> None:
         """Recorded usage against a recount (after repairs, which may change what is seen)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import mmap
 import os
 import random
@@ -308,3 +309,44 @@ def test_every_synchronous_write_survives_sigkill_through_the_log(mount_factory,
             os.close(fd)
     assert _replayed(m) >= 250, m.log_text()[-2000:]
     assert path.read_bytes() == model
+
+
+@pytest.mark.timeout(240)
+def test_a_damaged_log_record_is_found_by_fsck_and_its_repair_lets_the_store_mount(mount_factory):
+    """A record that does not parse stops the replay, so no daemon can start: fsck must
+    call the store damaged (it said clean), the mount's error names the repair, and
+    `fsck --repair` deletes that record alone: the next start replays the others."""
+    from cowfs.kv.base import Batch
+    from cowfs.meta import writelog
+    from cowfs.store import Store
+
+    m = mount_factory(env=HOLD)
+    rnd = random.Random(247)
+    f = Model(m.path / "f", rnd.randbytes(BASE))
+    try:
+        f.small(rnd, 3)
+        os.kill(m.proc.pid, signal.SIGKILL)
+        m.exit_codes.append(m.proc.wait(timeout=10))  # killed on purpose
+        mounting.lazy_unmount(m.path)
+    finally:
+        f.close()
+    st = Store(str(m.store))
+    try:
+        batch = Batch()
+        batch.put(writelog.CF_META, writelog.PREFIX + (1 << 40).to_bytes(8, "big"), b"not a record")
+        st.kv.write(batch)
+        st.kv.sync()
+    finally:
+        st.close()
+    r = mounting.run_cowfs("fsck", m.store, "--json", check=False, timeout=120)
+    report = json.loads(r.stdout)
+    assert r.returncode != 0 and not report["clean"] and any("small-write log record" in p for p in report["problems"]), report
+    with pytest.raises(mounting.MountError):
+        m.start()
+    assert "cowfs fsck --repair" in m.log_text().split("start #")[-1], m.log_text()[-2000:]
+    r = mounting.run_cowfs("fsck", m.store, "--repair", "--json", check=False, timeout=120)
+    assert b"deleted damaged small-write log record" in r.stdout, r.stdout
+    assert mounting.fsck(m.store)["clean"]
+    m.start()
+    assert _replayed(m) >= 3  # every record but the damaged one
+    assert (m.path / "f").read_bytes() == f.data

@@ -171,7 +171,8 @@ class SmallWrites:
             try:
                 r = writelog.Record.unpack(value)
             except writelog.DamagedRecord as exc:
-                raise FSError(errno.EIO, f"small-write log record {seq} is damaged: {exc}") from exc
+                raise FSError(errno.EIO, f"small-write log record {seq} is damaged: {exc}; `cowfs fsck --repair "
+                                         f"{store.path}` deletes it (the writes it held are lost)") from exc
             name = heads.get(r.layer)
             if name is None:
                 # Written through a view no branch shows any more: a pre-rollback tree, or a
