@@ -444,8 +444,8 @@ def mount_rows(cfg: Config) -> list[Row]:
         note = (f"an empty store mounts in {empty_s:.2f} s here (the daemon's start under this load); "
                 f"{big_s - empty_s:+.2f} s comes with the files and snapshots")
         if big_s - empty_s > 0.2:
-            note += (": the catalog reads every layer's parent and the bytes of every branch and snapshot "
-                     "record when the store opens (Catalog.__init__: key scans, O(snapshots))")
+            note += (": the catalog reads every layer's parent when the store opens (Catalog.__init__: "
+                     "a key scan, O(snapshots)), and the mounted branch's ancestry is made from them")
     if any(v != "right" for k, v in checks.items() if k.startswith("reads_")) or "snapshots_listing_error" in checks:
         note += ("; " if note else "") + "a snapshot of the mounted store did not read (reads_*, snapshots_listing_*)"
     return [

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import time
 import weakref
-from collections.abc import ItemsView, MutableMapping, ValuesView
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Generic, Iterable, Iterator, NamedTuple, Protocol, TypeVar, cast
+from typing import Iterable, Iterator, NamedTuple, Protocol
 
 from cowfs.kv.base import KV, Batch
+from cowfs.meta.named import Records, stored
 
 CF_META = "meta"
 MAX_U64 = (1 << 64) - 1
@@ -133,86 +133,14 @@ class Snapshot:
     created: float = field(default_factory=time.time)
 
 
-R = TypeVar("R")
-
-
-class Records(MutableMapping[str, R], Generic[R]):
-    """Branch or snapshot records by name, each kept as its stored JSON until first used, so
-    that opening a store with 100,000 snapshots costs a scan of their keys and values (~0.07
-    s), not the parse of every record (~0.5 s, most of a mount's time at that size).  A
-    lookup parses one record; a walk over all of them (values(), items(): listings, gc's
-    leaves, fsck) parses every one still unparsed in one json.loads of them all (~3x faster
-    than one by one).  Parsed records are the catalog's live objects, changed in place."""
-
-    __slots__ = ("_make", "_items", "_raw")
-
-    def __init__(self, make: Callable[..., R], raw: Iterable[tuple[str, bytes]] = ()) -> None:
-        self._make = make
-        self._items: dict[str, R | bytes] = dict(raw)
-        self._raw = len(self._items)  # how many of _items are still bytes
-
-    def _parsed(self, name: str, value: R | bytes) -> R:
-        if isinstance(value, bytes):
-            value = self._make(**json.loads(value))
-            self._items[name] = value
-            self._raw -= 1
-        return value
-
-    def _parse_all(self) -> None:
-        if not self._raw:
-            return
-        names = [n for n, v in self._items.items() if isinstance(v, bytes)]
-        fields = json.loads(b"[" + b",".join(cast(bytes, self._items[n]) for n in names) + b"]")
-        for n, f in zip(names, fields):
-            self._items[n] = self._make(**f)
-        self._raw = 0
-
-    def __getitem__(self, name: str) -> R:
-        return self._parsed(name, self._items[name])
-
-    def get(self, name: str, default: Any = None) -> Any:
-        value = self._items.get(name)
-        return default if value is None else self._parsed(name, value)
-
-    def __setitem__(self, name: str, record: R) -> None:
-        if isinstance(self._items.get(name), bytes):
-            self._raw -= 1
-        self._items[name] = record
-
-    def __delitem__(self, name: str) -> None:
-        if isinstance(self._items.pop(name), bytes):
-            self._raw -= 1
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def values(self) -> ValuesView[R]:
-        self._parse_all()
-        return cast(ValuesView[R], self._items.values())
-
-    def items(self) -> ItemsView[str, R]:
-        self._parse_all()
-        return cast(ItemsView[str, R], self._items.items())
-
-    def unparsed(self) -> int:
-        """How many records are still their stored JSON (for tests and figures)."""
-        return self._raw
-
-
 class Catalog:
     """Layers, branches and snapshots, kept in memory and written through the caller's batch.
 
-    Opening a store reads every layer's parent (a view's ancestry is made from them) and
-    every branch and snapshot record's bytes, but parses a record only when it is first
-    used (`Records`), and makes the children index only when something first walks the
-    tree downwards (garbage collection, a layer's subtree): a mount costs a scan of the
-    catalog's keys, not the decoding of its whole history."""
+    Opening a store reads every layer's parent (a view's ancestry is made from them), but
+    reads and parses a branch or snapshot record only when it is first used (`Records`),
+    and makes the children index only when something first walks the tree downwards
+    (garbage collection, a layer's subtree): a mount costs a scan of the layers' keys, not
+    the reading of the whole history."""
 
     def __init__(self, kv: KV) -> None:
         self.kv = kv
@@ -230,10 +158,8 @@ class Catalog:
         # Whether a pass has looked at every layer once (stores from before the queue had
         # none, and deleted layers that were never compacted).
         self.walked = kv.get(CF_META, GC_WALKED) is not None
-        self.branches: Records[Branch] = Records(
-            Branch, ((k[len(b"branch/"):].decode(), v) for k, v in kv.scan(CF_META, b"branch/", b"branch/")))
-        self.snapshots: Records[Snapshot] = Records(
-            Snapshot, ((k[len(b"snap/"):].decode(), v) for k, v in kv.scan(CF_META, b"snap/", b"snap/")))
+        self.branches: Records[Branch] = Records(Branch, *stored(kv, CF_META, b"branch/"))
+        self.snapshots: Records[Snapshot] = Records(Snapshot, *stored(kv, CF_META, b"snap/"))
         # Bumped by every change to a branch or snapshot record: what a cache of something
         # derived from them (the names `.cowfs/snapshots` lists) compares, in O(1).
         self.changes = 0
@@ -277,10 +203,10 @@ class Catalog:
         self.kv.write(batch)
 
     def figures(self) -> dict[str, int]:
-        """Branch and snapshot records, and how many of them have been parsed (`Records`)."""
-        n = len(self.branches) + len(self.snapshots)
-        return {"catalog_records": n,
-                "catalog_records_parsed": n - self.branches.unparsed() - self.snapshots.unparsed()}
+        """Branch and snapshot records read from the store so far, and how many of them have
+        been parsed (`Records`)."""
+        (rb, pb), (rs, ps) = self.branches.figures(), self.snapshots.figures()
+        return {"catalog_records_read": rb + rs, "catalog_records_parsed": pb + ps}
 
     def ancestry(self, layer: int) -> list[int]:
         """layer, its parent, ... up to the root layer."""

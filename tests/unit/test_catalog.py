@@ -2,6 +2,8 @@
 through batches and read back by a new Catalog on the same KV."""
 from __future__ import annotations
 
+import pytest
+
 from cowfs.kv.base import Batch
 from cowfs.meta.layers import (CF_META, MAX_U64, OWNERS_SETTLED, Branch, Catalog, Snapshot, Usage, layer_suffix,
                                suffix_layer)
@@ -112,35 +114,45 @@ def _history(kv, n: int) -> list[str]:
     return [f"s{i}" for i in range(n)]
 
 
-def test_records_are_parsed_at_first_use_and_read_as_written():
+def test_records_are_read_and_parsed_at_first_use_and_read_as_written():
     kv = memory_kv()
     names = _history(kv, 50)
     written = Catalog(kv)  # the reference: every record parsed by a walk
     want = {s.name: (s.layer, s.view, s.branch, s.created) for s in written.snapshots.values()}
     cat = Catalog(kv)
-    assert cat.figures() == {"catalog_records": 51, "catalog_records_parsed": 0}
-    assert len(cat.snapshots) == 50 and "s7" in cat.snapshots and "nope" not in cat.snapshots
-    assert sorted(cat.snapshots) == sorted(names)  # names without parsing
-    assert cat.snapshots.unparsed() == 50
+    assert cat.figures() == {"catalog_records_read": 0, "catalog_records_parsed": 0}  # none at open
+    assert "s7" in cat.snapshots and "nope" not in cat.snapshots and 7 not in cat.snapshots
+    assert cat.snapshots.get("\udcff") is None  # a name that is no UTF-8 matches none
+    assert cat.figures() == {"catalog_records_read": 1, "catalog_records_parsed": 0}  # s7's bytes
     s7 = cat.snapshots["s7"]
     assert (s7.layer, s7.view, s7.branch, s7.created) == want["s7"]
     assert cat.snapshots.get("s8").name == "s8" and cat.snapshots.get("nope") is None
-    assert cat.snapshots.unparsed() == 48 and cat.snapshots["s7"] is s7  # one object, kept
-    # A change of an unparsed record, a delete of another: counted right.
+    assert cat.snapshots["s7"] is s7  # one object, kept
+    assert cat.figures() == {"catalog_records_read": 2, "catalog_records_parsed": 2}
+    # Changes before the set is complete: a save, a delete of a record never read, a
+    # delete of a saved one; the store has them only once the batch commits.
     b = Batch()
     cat.save_snapshot(Snapshot("s9", 999, 999, None), b)
     cat.remove("s10", b)
+    cat.save_snapshot(Snapshot("new", 998, 998, None), b)
+    cat.remove("new", b)
+    assert "s10" not in cat.snapshots and "new" not in cat.snapshots
+    assert len(cat.snapshots) == 49  # a walk before the commit: the store still has s10
     kv.write(b)
-    assert cat.snapshots.unparsed() == 46 and len(cat.snapshots) == 49
+    assert sorted(cat.snapshots) == sorted(set(names) - {"s10"})
     # A walk parses the rest at once; the records read as written.
     got = {s.name: (s.layer, s.view, s.branch, s.created) for s in cat.snapshots.values()}
-    assert cat.snapshots.unparsed() == 0 and cat.figures()["catalog_records_parsed"] == 49  # main: not yet
+    assert cat.figures()["catalog_records_parsed"] == 49  # and main, never used: not read
     del want["s10"]
     want["s9"] = (999, 999, None, got["s9"][3])
     assert got == want
     assert cat.snapshots == Catalog(kv).snapshots and cat.branches == Catalog(kv).branches
     assert cat.leaves() == Catalog(kv).leaves()
     assert dict(cat.snapshots.items())["s0"] is cat.snapshots["s0"]
+    with pytest.raises(KeyError):
+        cat.snapshots["s10"]
+    with pytest.raises(KeyError):
+        del Catalog(kv).snapshots["nope"]
 
 
 def test_owners_are_settled_once_per_store():
@@ -158,8 +170,8 @@ def test_owners_are_settled_once_per_store():
     settled = Catalog(kv)
     assert settled.snapshots["orphan"].branch is None and settled.branches["fork"].parent_branch is None
     assert kv.get(CF_META, OWNERS_SETTLED) is not None
-    again = Catalog(kv)  # settled for good: nothing parsed at open
-    assert again.snapshots.unparsed() == 4 and again.branches.unparsed() == 2
+    again = Catalog(kv)  # settled for good: nothing read at open
+    assert again.figures() == {"catalog_records_read": 0, "catalog_records_parsed": 0}
     assert again.snapshots["orphan"].branch is None and again.branches["fork"].parent_branch is None
 
 
