@@ -19,11 +19,15 @@ What is checked, in order:
      bytes: what `list` shows and quotas charge) equals a recount of what it sees;
   8. every small-write log record a daemon left (cowfs.core.smallwrites: fsync'd writes the
      next daemon replays) parses: a damaged one keeps every daemon from starting.
---repair deletes damaged small-write log records (the writes they held are lost), rewrites wrong reference counts, link counts and usage records, indexes missing names
-of hard-linked files, deletes unreferenced objects,
-dangling directory entries and missing changelog entries, and links orphaned inodes into
-/lost+found of the branch they belong to. It reports what it could not fix (a missing or
-damaged chunk: the files that use it are named).
+--repair deletes damaged small-write log records (the writes they held are lost), rewrites
+wrong reference counts, link counts and usage records, indexes missing names of hard-linked
+files, deletes unreferenced objects, dangling directory entries and missing changelog
+entries, and links orphaned inodes into /lost+found of the branch they belong to. It reports
+what it could not fix (a missing or damaged chunk: the files that use it are named).
+
+Over 500 lines: one checker, a method per numbered check above, sharing what the tree walks
+gather (the references and link counts they find, the usage they recount); splitting it
+would pass that state between modules.
 """
 from __future__ import annotations
 
