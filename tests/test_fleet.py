@@ -194,12 +194,18 @@ def test_push_then_pull_gives_the_same_tree_metadata_included(fleet, mount_facto
     assert again["base"] == pulled["snapshot"] and again["chunks_fetched"] == 10 and again["files_written"] == 10 and again["meta_only"] == 1
     dst2 = mount_factory(store=store_b, branch="fork-b")
     same_tree(fork, dst2.path)
+    # Host b pushes its own change to the pulled tree: the pulls filled its stat cache, so
+    # only the changed file is read (before: every file of the tree, 45 here).
+    (dst2.path / "dir" / "small-030").write_bytes(b"changed on b")
+    snap(dst2, "b-change")
+    third = b.json("push", dst2.path, "b-change", "origin")["pushed"]
+    assert third["files_read"] == 1 and third["chunks_new"] == 1, third
 
     # Errors: one line each.
     r = a.cowfs("push", src.path, "nope", "origin", check=False)
     assert r.returncode == 1 and "no snapshot named 'nope'" in r.stderr
     r = b.cowfs("pull", "origin", "nope", store_b, check=False)
-    assert r.returncode == 1 and "the remote origin has no snapshot named 'nope' (it has: base, fork)" in r.stderr
+    assert r.returncode == 1 and "the remote origin has no snapshot named 'nope' (it has: b-change, base, fork)" in r.stderr
     r = b.cowfs("pull", "origin", "base", store_b, check=False)
     assert r.returncode == 1 and "has a branch named 'base' already" in r.stderr
     mounting.write(src.path / "text", b"changed")

@@ -333,11 +333,13 @@ def pull(remote_name: str, name: str, store: str, is_branch: bool, into: str | N
                 base_root = r.commit(base[0])["root"] if base else None
                 with branch_mounted(store, into, purpose="pull") as mp, \
                         progress.bar(f"pulling {name}", None, quiet=as_json) as update:
-                    s = Puller(r, update).sync(mp, commit["root"], base_root, str(r.cache / "spool"))
+                    puller = Puller(r, update)
+                    s = puller.sync(mp, commit["root"], base_root, str(r.cache / "spool"))
                     try:
                         api.control(mp, "snapshot", snap)
                     except api.CowfsError as e:
                         raise CliError(f"snapshot {snap}: {e}") from None
+                    state.remember_chunks(puller.cache_rows(store, os.path.join(mp, ".cowfs", "snapshots", snap)))
             except BaseException:
                 _drop_branch(store, into)
                 raise

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from cowfs.fleet.objects import CHUNK_SIZE, decode_tree, entry_chunks
 from cowfs.fleet.remote import Remote
+from cowfs.fleet.state import pack_chunks
 
 Entry = dict[str, Any]
 
@@ -64,6 +65,7 @@ class Puller:
         # the plan
         self._ops: list[tuple[str, str, Entry, Entry | None]] = []
         self._need: dict[bytes, None] = {}
+        self._files: list[tuple[str, Entry]] = []  # regular files written or given metadata
 
     # --- trees ------------------------------------------------------------------------------
 
@@ -175,6 +177,23 @@ class Puller:
         self.stats.seconds = time.monotonic() - t0
         return self.stats
 
+    def cache_rows(self, store: str, snapshot_root: str) -> list[tuple[str, bytes, int, int, int, bytes]]:
+        """Stat-cache rows (cowfs.fleet.state) for the files this pull wrote or set, as a push
+        of the snapshot taken right after it sees them at snapshot_root: a push of that snapshot,
+        or of a branch made from it, does not read them again.  Their stat is taken there, last,
+        since hard links and metadata set after the writes move ctime."""
+        rows = []
+        for p, e in self._files:
+            rel = self._rel(p)
+            try:
+                st = os.lstat(os.path.join(snapshot_root, rel))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_size == int(e["size"]):
+                rows.append((store, os.fsencode(rel), st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                             pack_chunks(entry_chunks(e))))
+        return rows
+
     def _apply(self, spool: str) -> None:
         old_umask = os.umask(0)
         later: list[tuple[str, str, Entry]] = []
@@ -194,9 +213,11 @@ class Puller:
                         later.append(("link", p, e))
                     elif op == "file":
                         futures.append(pool.submit(self._file, p, e, oe, spool))
+                        self._files.append((p, e))
                     elif op == "meta":
                         self._meta(p, e, "file")
                         self.stats.meta_only += 1
+                        self._files.append((p, e))
                     else:
                         self._other(p, e)
                 errors = [f.exception() for f in futures]

@@ -25,14 +25,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from cowfs.chunks.codec import HASH_LEN, chunk_hash
+from cowfs.chunks.codec import chunk_hash
 from cowfs.fleet.objects import (CHUNK_SIZE, PACK_TARGET, TYPE_CHUNK, TYPE_TREE, PackBuilder,
                                  encode_blob, encode_commit, encode_tree, tree_hash)
 from cowfs.fleet.remote import Remote
-from cowfs.fleet.state import State
+from cowfs.fleet.state import State, pack_chunks, unpack_chunks
 
 _READ = 1 << 20
-_NONE = bytes(HASH_LEN)            # a hole in the stat cache's packed chunk list
 _ZERO = bytes(CHUNK_SIZE)
 
 
@@ -186,8 +185,7 @@ class Pusher:
         key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         packed = self.state.cached_chunks(self.store, rel, key)
         if packed is not None:
-            cached = [None if packed[i:i + HASH_LEN] == _NONE else packed[i:i + HASH_LEN]
-                      for i in range(0, len(packed), HASH_LEN)]
+            cached = unpack_chunks(packed)
             with self._lock:
                 have = all(h is None or h in self.remote.index or h in self._queued for h in cached)
                 if have:
@@ -221,7 +219,7 @@ class Pusher:
         with self._lock:
             self.stats.files_read += 1
             self.stats.bytes_read += off
-            self._cache_rows.append((self.store, rel, *key, b"".join(_NONE if h is None else h for h in out)))
+            self._cache_rows.append((self.store, rel, *key, pack_chunks(out)))
         return out
 
     # --- packs --------------------------------------------------------------------------------

@@ -21,7 +21,20 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from cowfs.chunks.codec import HASH_LEN
 from cowfs.fleet.config import cache_dir
+
+_NONE = bytes(HASH_LEN)  # a hole (an all-zero chunk) in a packed chunk list
+
+
+def pack_chunks(chunks: list[bytes | None]) -> bytes:
+    """A file's chunk ids as the stat cache stores them (None: a hole)."""
+    return b"".join(_NONE if h is None else h for h in chunks)
+
+
+def unpack_chunks(packed: bytes) -> list[bytes | None]:
+    return [None if packed[i:i + HASH_LEN] == _NONE else packed[i:i + HASH_LEN]
+            for i in range(0, len(packed), HASH_LEN)]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS stat (store TEXT, path BLOB, size INTEGER, mtime INTEGER, ctime INTEGER,
