@@ -11,10 +11,11 @@ tests/test_flush_races.py).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import time
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Iterator, NamedTuple
 
 import trio
 
@@ -305,13 +306,27 @@ class Flusher:
             fs.nodes.evict_if_unused(t.node)
         self.flush_count += 1
 
+    @contextlib.contextmanager
+    def _settled(self, m: Mutation, work: list[_Taken], total: int) -> Iterator[None]:
+        """Around one flush's encoding and commit: what it took goes back to the dirty set if
+        they fail, its figures are reset either way, and it is done only once committed."""
+        try:
+            yield
+        except BaseException:
+            self._put_back(m, work)
+            raise
+        finally:
+            self.flush_running = False
+            self.flushing_bytes = 0
+        self._done(work, total)
+
     async def flush_locked(self) -> None:
         """Commit all dirty data (caller holds the lock). Large flushes encode in a thread."""
         fs = self.fs
         while self.dirty_nodes:
             work, total = self._take()
             m = Mutation(fs)
-            try:
+            with self._settled(m, work, total):
                 if total > THREAD_FLUSH_BYTES:
                     try:
                         encoded, m.txn.staged = await fs.store.in_thread(
@@ -323,13 +338,6 @@ class Flusher:
                 else:
                     encoded = [self.encode(t.chunks) for t in work]
                 self._commit(m, work, encoded)
-            except BaseException:
-                self._put_back(m, work)
-                raise
-            finally:
-                self.flush_running = False
-                self.flushing_bytes = 0
-            self._done(work, total)
 
     def flush_inline(self) -> None:
         """flush_locked without a thread or a checkpoint: for the small-write log's replay,
@@ -337,15 +345,8 @@ class Flusher:
         while self.dirty_nodes:
             work, total = self._take()
             m = Mutation(self.fs)
-            try:
+            with self._settled(m, work, total):
                 self._commit(m, work, [self.encode(t.chunks) for t in work])
-            except BaseException:
-                self._put_back(m, work)
-                raise
-            finally:
-                self.flush_running = False
-                self.flushing_bytes = 0
-            self._done(work, total)
 
     def cut_taken(self, t: _Taken, enc: Encoded) -> tuple[int, Encoded]:
         """Chunks a flush took before a refused write cut their file (`DiskFull.refuse`):
