@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The long forms of the tests (marked `slow`), which the suite's command leaves out to keep a
-# CI run short: the 100,000-entry directory, ten rounds of the memory test.  After
+# CI run short (the 100,000-entry directory, ten rounds of the memory test, the 66,001-view
+# store of test_ids, 700 nested clones and long control replies of test_walks).  After
 # `bash scripts/setup.sh --system`; extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."

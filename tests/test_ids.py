@@ -48,6 +48,7 @@ def _snapshot_reads_right(mp, name: str) -> os.stat_result:
     return os.lstat(os.path.join(d, "link"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_store_past_65536_snapshots_and_branches_mounts_and_reads(mount_factory, forks, tmp_path, unpriv_ids):
     store = tmp_path / "store"

@@ -29,6 +29,7 @@ def _tree(root: str, dirs: int, files: int) -> int:
     return 1 + dirs * (1 + files)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_clones_of_clones_700_deep_list_and_diff(cowfs_mount):
     """Each clone of the previous clone adds a level a listing reads through; 700 levels
@@ -163,6 +164,7 @@ def _read_small(mp: str, line: bytes, size: int) -> tuple[bytes, int]:
         os.close(fd)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_long_replies_read_whole_through_ctl_and_cli(cowfs_mount):
     """A diff reply of several MiB (made as it is read) reads back complete, byte for byte the

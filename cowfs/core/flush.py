@@ -374,6 +374,13 @@ class Flusher:
             if self.dirty_nodes and (early or time.monotonic() - min(self.dirty_nodes.values()) >= DIRTY_AGE):
                 try:
                     faults.point("timer_flush")  # a test hook: this flush skipped
+                except OSError as exc:
+                    log.info("timer flush skipped: %s", exc)
+                    continue
+                try:
                     await self.flush()
-                except (FSError, OSError) as exc:
+                except FSError as exc:
+                    # A refusal (disk full, quota) is the writers' to see; any other error
+                    # (an OSError of a pack put) ends this task for its supervisor to count
+                    # and restart (cowfs.background.supervise).
                     log.error("background flush failed: %s", exc)
