@@ -427,35 +427,34 @@ class Operations(pyfuse3.Operations):
                 self.warm.opened_dir(node, pid)
             elif pid and pid == self.warm.pid:
                 self.warm.requests += 1
-        lid, pos = start_id >> LISTING_BITS, start_id & ((1 << LISTING_BITS) - 1)
-        kept = self._listings.get(lid) if start_id else None
-        entries = kept[1] if kept is not None and kept[0] == fino else None
-        if entries is None:
-            if start_id == 0:
-                self._listing_ids = self._listing_ids % ((1 << 30) - 1) + 1
-                lid = self._listing_ids
-            entries = self.fs.list_dir(node)
-            self._listings[lid] = (fino, entries)
-            while len(self._listings) > MAX_LISTINGS:
-                self._listings.popitem(last=False)
+        lid, pos, entries = self._kept_listing(self._listings, fino, start_id, lambda: self.fs.list_dir(node))
         if self._reply_listing(node, entries, pos, lid << LISTING_BITS, token):
             self._listings.pop(lid, None)
+
+    def _kept_listing(self, kept: OrderedDict[int, tuple[int, list[Any]]], fino: int, start_id: int,
+                      make: Callable[[], list[Any]]) -> tuple[int, int, list[Any]]:
+        """(listing id, position, listing) for a READDIR of fino at start_id: the listing kept
+        under the id its offsets carry, else one made now (under a new id when reading starts
+        at 0), kept with at most MAX_LISTINGS others (the oldest dropped)."""
+        lid, pos = start_id >> LISTING_BITS, start_id & ((1 << LISTING_BITS) - 1)
+        found = kept.get(lid) if start_id else None
+        if found is not None and found[0] == fino:
+            return lid, pos, found[1]
+        if start_id == 0:
+            self._listing_ids = self._listing_ids % ((1 << 30) - 1) + 1
+            lid = self._listing_ids
+        listing = make()
+        kept[lid] = (fino, listing)
+        while len(kept) > MAX_LISTINGS:
+            kept.popitem(last=False)
+        return lid, pos, listing
 
     def _control_listing(self, fino: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """A control directory's listing, kept under an id in its offsets as a directory's
         is (`_readdir_of_inode`): made once when reading starts, not at each page (100,000
         snapshots took 484 s to list, ~200 pages each making every entry)."""
-        lid, pos = start_id >> LISTING_BITS, start_id & ((1 << LISTING_BITS) - 1)
-        kept = self._control_listings.get(lid) if start_id else None
-        snaps = kept[1] if kept is not None and kept[0] == fino else None
-        if snaps is None:
-            if start_id == 0:
-                self._listing_ids = self._listing_ids % ((1 << 30) - 1) + 1
-                lid = self._listing_ids
-            snaps = self.ctlfs.listing(fino)
-            self._control_listings[lid] = (fino, snaps)
-            while len(self._control_listings) > MAX_LISTINGS:
-                self._control_listings.popitem(last=False)
+        lid, pos, snaps = self._kept_listing(self._control_listings, fino, start_id,
+                                             lambda: self.ctlfs.listing(fino))
         for i in range(pos, len(snaps)):
             found = self.ctlfs.listed(snaps[i])
             if found is None:
