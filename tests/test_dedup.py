@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mounting
-from cowfs.background.dedup import QUIET_AFTER
+from cowfs.background.quiet import QUIET_AFTER
 from cowfs.chunks import codec, delta
 from mounting import KiB, MiB, du, fsck, settle, stats
 

@@ -16,7 +16,7 @@ GIL, and a request handler that wants the GIL back waits for the interpreter's s
 interval (5 ms) at each of its hand-offs between threads.  Clones taken back to back of a
 1,000,000-entry tree, each measured behind the next, took 20-64 ms end to end (their own
 work: under 1 ms to 19 ms); the walk now sleeps every PACE_STEPS entries, long enough to take
-at most QUIET_SHARE of wall time, and BUSY_SHARE while the mount serves requests.  When the
+at most QUIET_SHARE of wall time, and quiet.BUSY_SHARE while the mount serves requests.  When the
 daemon stops, a walk in progress is given up (`stopping`): the daemon's exit would wait for
 its thread; the clone stays unmeasured, for the next daemon.
 """
@@ -29,6 +29,7 @@ from typing import Callable
 
 import trio
 
+from cowfs.background.quiet import Quiet
 from cowfs.core.filesystem import Filesystem
 from cowfs.kv.base import Batch
 from cowfs.meta.shared import Clone
@@ -36,9 +37,7 @@ from cowfs.meta.shared import Clone
 log = logging.getLogger(__name__)
 
 
-QUIET_SHARE = 0.5  # of wall time the walk may take while the mount is quiet ...
-BUSY_SHARE = 0.05  # ... and while it serves requests,
-QUIET_AFTER = 0.5  # that is, served one within this many seconds
+QUIET_SHARE = 0.5  # of wall time the walk may take while the mount is quiet (busy: quiet.BUSY_SHARE)
 
 
 class Pace:
@@ -46,17 +45,12 @@ class Pace:
     the GIL) for as long as the walk ran since the last call, times (1 - share) / share."""
 
     def __init__(self, activity: Callable[[], int]) -> None:
-        self.activity = activity
-        self.seen = activity()
-        self.active_at = 0.0
+        self.quiet = Quiet(activity)
         self.since = time.monotonic()
 
     def __call__(self) -> None:
         now = time.monotonic()
-        n = self.activity()
-        if n != self.seen:
-            self.seen, self.active_at = n, now
-        share = QUIET_SHARE if now - self.active_at >= QUIET_AFTER else BUSY_SHARE
+        share = self.quiet.share(QUIET_SHARE)
         time.sleep((now - self.since) * (1 - share) / share)
         self.since = time.monotonic()
 

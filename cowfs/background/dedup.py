@@ -11,7 +11,7 @@ in one batch through `Store.commit`, the single writer of reference counts.  Wri
 wait for it: it takes the lock only for that short commit, and sleeps after each batch so
 that it uses at most its share of wall time: `cpu_share` while the mount is quiet; while
 FUSE requests keep arriving it waits for a quiet moment, unless BUSY_QUEUE chunks are
-queued, and then takes at most BUSY_SHARE (the worker's Python code competes with the
+queued, and then takes at most quiet.BUSY_SHARE (the worker's Python code competes with the
 request handlers for the GIL, so a share taken from it comes straight off foreground
 throughput).
 
@@ -32,6 +32,7 @@ import trio
 import zstandard
 
 from cowfs import faults
+from cowfs.background.quiet import Quiet
 from cowfs.chunks import codec, delta
 from cowfs.chunks.families import CF_OBJECTS, CF_PENDING, CF_SIMILAR, CF_SPACE
 from cowfs.chunks.refs import RefTxn
@@ -44,9 +45,8 @@ BATCH = 64  # chunks per thread call (at most 4 MiB: tens of milliseconds)
 IDLE_POLL = 0.2
 MAX_DELTA_RATIO = 0.5  # keep a delta only at most half the size of the whole encoding ...
 MIN_DELTA_SAVING = 64  # ... and saving at least this many bytes
-BUSY_SHARE = 0.05  # share of wall time while the mount is busy ...
-QUIET_AFTER = 0.5  # ... i.e. served a request within this many seconds ...
-BUSY_QUEUE = 1 << 16  # ... and only with this many chunks (4 GiB) queued; else it waits for quiet
+BUSY_QUEUE = 1 << 16  # on a busy mount (cowfs.background.quiet) it works only with this many chunks
+                      # (4 GiB) queued; else it waits for quiet
 MAX_DICT_RATIO = 0.97  # against the dictionary (a hot object: the extra hop is cheap): 3% smaller ...
 MIN_DICT_SAVING = 32  # ... and this many bytes
 DICT_KEY = b"dict"
@@ -74,9 +74,7 @@ class DedupWorker:
                  activity: Callable[[], int] = lambda: 0) -> None:
         """activity: a count that grows with every foreground (FUSE) request."""
         self.fs = fs
-        self.activity = activity
-        self._seen = activity()
-        self._active_at = 0.0
+        self.quiet = Quiet(activity)  # no foreground request for a while (the sharer asks it too)
         self._cursor = b""  # where the next batch starts in CF_PENDING
         self.kv = fs.store.kv
         self.cpu_share = min(1.0, max(0.01, cpu_share))
@@ -250,15 +248,8 @@ class DedupWorker:
                 await trio.sleep(1.0)
             busy = time.perf_counter() - t0
             self.busy_s += busy
-            share = self.cpu_share if self.quiet() else min(self.cpu_share, BUSY_SHARE)
+            share = self.quiet.share(self.cpu_share)
             await trio.sleep(busy * (1 - share) / share)
-
-    def quiet(self) -> bool:
-        """No foreground request for QUIET_AFTER seconds."""
-        n, now = self.activity(), time.monotonic()
-        if n != self._seen:
-            self._seen, self._active_at = n, now
-        return now - self._active_at >= QUIET_AFTER
 
     async def settle(self, timeout: float) -> bool:
         """Wait until the queue is empty (True) or timeout passes (False)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from cowfs.background import cloning
+from cowfs.background import cloning, quiet
 
 
 class Clock:
@@ -39,15 +39,15 @@ def test_a_walk_sleeps_for_its_share_quiet_and_busy(clock):
     requests[0] += 3  # requests arrive: the next slices leave them the GIL
     clock.now += 0.002
     pace()
-    b = cloning.BUSY_SHARE
+    b = quiet.BUSY_SHARE
     assert clock.slept[-1] == pytest.approx(0.002 * (1 - b) / b)
     # still busy within QUIET_AFTER of the last request, quiet again after it
     clock.now += 0.002
     pace()
     assert clock.slept[-1] == pytest.approx(0.002 * (1 - b) / b)
-    clock.now += cloning.QUIET_AFTER  # a slice that long: no request meanwhile
+    clock.now += quiet.QUIET_AFTER  # a slice that long: no request meanwhile
     pace()
-    assert clock.slept[-1] == pytest.approx(cloning.QUIET_AFTER * (1 - q) / q)
+    assert clock.slept[-1] == pytest.approx(quiet.QUIET_AFTER * (1 - q) / q)
 
 
 def test_over_many_slices_the_walk_takes_its_share_of_wall_time(clock):
