@@ -22,6 +22,14 @@ PART_MAX = 16 << 10  # reads of a cold raw packed chunk up to this size read onl
 SIZES_MAX = 1 << 15  # remembered content sizes (~5 MiB), see ObjectStore.remember_size
 
 
+def _raw_extent(raw: bytes | None) -> tuple[int, int, int] | None:
+    """(pack, offset, length) of a raw chunk's bytes in its pack, what a read may take
+    straight from the pack; None for a missing object or any other kind."""
+    if raw is None or raw[0] != codec.KIND_PACKED or codec.packed_kind(raw) != codec.KIND_RAW:
+        return None
+    return codec.packed_extent(raw)
+
+
 class ObjectStore:
     """Reads objects through the chunk cache (L1 decoded, L2 lz4 pages); writes via RefTxn."""
 
@@ -59,10 +67,10 @@ class ObjectStore:
         segments: list[list[int]] = []  # [pack, offset, length]
         pos = 0
         for n, h in enumerate(hashes, 1):
-            raw = self.kv.get(CF_OBJECTS, h)
-            if raw is None or raw[0] != codec.KIND_PACKED or codec.packed_kind(raw) != codec.KIND_RAW:
+            ext = _raw_extent(self.kv.get(CF_OBJECTS, h))
+            if ext is None:
                 return None
-            pack, off, length = codec.packed_extent(raw)  # type: ignore[misc]
+            pack, off, length = ext
             last = segments[-1] if segments else None
             if last is not None and last[0] == pack and last[1] + last[2] == off:
                 last[2] += length
@@ -92,10 +100,12 @@ class ObjectStore:
         raw = self.kv.get(CF_OBJECTS, h)
         return None if raw is None else self.resolve(raw)
 
-    def load(self, h: bytes) -> bytes:
-        """Load and decode chunk h from the store, bypassing the cache.  Thread-safe: the
-        readahead and prefetch workers call it from threads."""
-        raw = self.kv.get(CF_OBJECTS, h)
+    def load(self, h: bytes, raw: bytes | None = None) -> bytes:
+        """Load and decode chunk h from the store, bypassing the cache (raw: its object
+        record, if the caller has just read it).  Thread-safe: the readahead and prefetch
+        workers call it from threads."""
+        if raw is None:
+            raw = self.kv.get(CF_OBJECTS, h)
         if raw is None:
             raise MissingObject(f"chunk {h.hex()} is missing")
         try:
@@ -148,8 +158,8 @@ class ObjectStore:
         data = self.cache.l1.peek(h)
         return data if data is not None else self.load(h)
 
-    def _loaded(self, h: bytes) -> bytes:
-        data = self.load(h)
+    def _loaded(self, h: bytes, raw: bytes | None = None) -> bytes:
+        data = self.load(h, raw)
         self.cache.put(h, data)
         return data
 
@@ -158,28 +168,25 @@ class ObjectStore:
         return data if data is not None else self._loaded(h)
 
     def read(self, h: bytes, a: int, b: int) -> bytes | memoryview:
-        """Bytes [a, b) of chunk h for a file read (fewer if the chunk ends before b)."""
+        """Bytes [a, b) of chunk h for a file read (fewer if the chunk ends before b).
+
+        A read of at most PART_MAX bytes of a raw chunk in a pack that is not in the cache
+        (a cold random read) reads only its range from the pack, not the whole chunk, its
+        hash check and a cache insert (~4x the time): as for run reads (`read_run`), the
+        hash is not checked on this path (fsck verifies every chunk), and the kernel's page
+        cache keeps what was read.  Other kinds are decoded from the record read for that
+        check.  On the event loop only: no commit moves the pointer between the lookup and
+        the read."""
         got = self.cache.read(h, a, b)
         if got is not None:
             return got
-        if b - a <= PART_MAX:
-            got = self._read_part(h, a, b)
-            if got is not None:
-                return got
-        return memoryview(self._loaded(h))[a:b]
-
-    def _read_part(self, h: bytes, a: int, b: int) -> bytes | None:
-        """Bytes [a, b) of a raw chunk in a pack, read alone from the pack, or None for
-        other kinds.  A small read of a chunk not in the cache (a cold random read) then
-        costs one ranged read of its pages, not a read of the whole chunk, its hash check
-        and a cache insert (~4x the time): as for run reads (`read_run`), the hash is not
-        checked on this path (fsck verifies every chunk), and the kernel's page cache
-        keeps what was read.  On the event loop only: no commit moves the pointer between
-        the lookup and the read."""
+        if b - a > PART_MAX:
+            return memoryview(self._loaded(h))[a:b]
         raw = self.kv.get(CF_OBJECTS, h)
-        if raw is None or raw[0] != codec.KIND_PACKED or codec.packed_kind(raw) != codec.KIND_RAW:
-            return None
-        pack, off, length = codec.packed_extent(raw)  # type: ignore[misc]
+        ext = _raw_extent(raw)
+        if ext is None:
+            return memoryview(self._loaded(h, raw))[a:b]
+        pack, off, length = ext
         b = min(b, length)
         return self.packs.read(pack, off + a, b - a) if a < b else b""
 
