@@ -191,19 +191,9 @@ def decode_node(value: bytes) -> bytes:
     return value[1:]
 
 
-def node_slots(node: bytes) -> list[bytes]:
-    """Every slot of a node body, holes (ZERO_HASH) included."""
-    return [node[i : i + HASH_LEN] for i in range(0, len(node), HASH_LEN)]
-
-
 def node_children(node: bytes) -> list[bytes]:
     """Non-hole child hashes, with multiplicity (a node may list one chunk twice)."""
-    out = []
-    for i in range(0, len(node), HASH_LEN):
-        h = node[i : i + HASH_LEN]
-        if h != ZERO_HASH:
-            out.append(h)
-    return out
+    return [h for i in range(0, len(node), HASH_LEN) if (h := node[i : i + HASH_LEN]) != ZERO_HASH]
 
 
 def node_diff(new: bytes, old: bytes, limit: int) -> tuple[list[bytes], list[bytes]] | None:

@@ -247,7 +247,7 @@ class RefApply:
             asked = self.slot_asks[y] = self.slot_asks.get(y, 0) + 1
             if asked < INDEX_AFTER:
                 return codec.slot_count(self.bodies[y], h)
-            index = self.slot_index[y] = Counter(codec.node_slots(self.bodies[y]))
+            index = self.slot_index[y] = Counter(codec.node_children(self.bodies[y]))  # h is no hole
         return index.get(h, 0)
 
     def pair_of(self, h: bytes, value: bytes) -> tuple[bytes, list[bytes], list[bytes]] | None:
