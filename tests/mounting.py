@@ -1373,11 +1373,17 @@ if __name__ == "__main__":
         sys.exit(_worker_main(sys.argv[1:]))
 
 
+def sigkill(m: "Mount") -> None:
+    """SIGKILL the daemon (its exit recorded as intended) and clear the dead mount: the store
+    is left as the crash left it."""
+    os.kill(m.proc.pid, signal.SIGKILL)
+    m.exit_codes.append(m.proc.wait(timeout=10))
+    lazy_unmount(m.path)
+
+
 def sigkill_fsck_start(m: "Mount") -> None:
     """SIGKILL the daemon, clear the dead mount, require a clean fsck, mount again."""
-    os.kill(m.proc.pid, signal.SIGKILL)
-    m.proc.wait(timeout=10)
-    lazy_unmount(m.path)
+    sigkill(m)
     r = run_cowfs("fsck", m.store, "--json", check=False, timeout=120)
     report = json.loads(r.stdout)
     assert r.returncode == 0 and report["clean"], f"fsck after SIGKILL: {report['problems'][:20]}"

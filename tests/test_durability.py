@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import textwrap
@@ -18,18 +17,7 @@ import time
 import pytest
 
 import mounting
-from mounting import stats
-
-
-def crash(m: mounting.Mount) -> None:
-    """SIGKILL the daemon, clear the dead mount, check the store with fsck, mount again."""
-    os.kill(m.proc.pid, signal.SIGKILL)
-    m.proc.wait(timeout=10)
-    mounting.lazy_unmount(m.path)
-    r = mounting.run_cowfs("fsck", m.store, "--json", check=False, timeout=120)
-    report = json.loads(r.stdout)
-    assert r.returncode == 0 and report["clean"], f"fsck after SIGKILL: {report['problems'][:20]}"
-    m.start()
+from mounting import sigkill_fsck_start, stats
 
 
 @pytest.mark.timeout(120)
@@ -54,7 +42,7 @@ def test_fsynced_and_closed_files_survive_sigkill(cowfs_mount):
     # Committed at the release after the close (which close does not wait for), and at the
     # latest before the next metadata operation commits: this one.
     os.mkdir(m.path / "after")
-    crash(m)
+    sigkill_fsck_start(m)
     for name, data in expect.items():
         assert (m.path / name).read_bytes() == data, name
     assert (m.path / "d").is_dir()
@@ -70,7 +58,7 @@ def test_the_release_after_close_commits_and_no_flush_is_sent(cowfs_mount):
         (m.path / f"r{i}").write_bytes(b"%d" % i * 5000)
     time.sleep(0.2)  # the last release is handled; the timer has not fired
     assert stats(m.path)["requests"].get("flush", 0) - before <= 1
-    crash(m)
+    sigkill_fsck_start(m)
     for i in range(20):
         assert (m.path / f"r{i}").read_bytes() == b"%d" % i * 5000, i
 
@@ -93,7 +81,7 @@ def test_write_then_rename_over_is_never_empty(cowfs_mount):
     for round_ in range(3):
         p = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
         time.sleep(0.5 + 0.4 * round_)
-        crash(m)
+        sigkill_fsck_start(m)
         p.wait(timeout=30)
         target = m.path / "target"
         if target.exists():
@@ -117,7 +105,7 @@ def test_files_survive_in_creation_order(cowfs_mount):
     """)
     p = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
     time.sleep(1.5)
-    crash(m)
+    sigkill_fsck_start(m)
     p.wait(timeout=30)
     names = sorted(n for n in os.listdir(m.path))
     assert names, "nothing survived: at least the first files were committed long before"
@@ -137,7 +125,7 @@ def test_unlinked_open_file_is_removed_after_crash(cowfs_mount):
     os.unlink(path)
     assert os.fstat(f.fileno()).st_nlink == 0
     assert len(f.read()) == 1 << 20
-    crash(m)
+    sigkill_fsck_start(m)
     try:
         f.close()  # its daemon is gone: the close reports ENOTCONN
     except OSError:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import signal
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -38,6 +39,27 @@ def _pwrite(fd: int, model: bytearray, off: int, data: bytes) -> None:
     model[off : off + len(data)] = data
 
 
+def _base(m: mounting.Mount, seed: int) -> tuple[Path, bytearray, random.Random]:
+    """File f of BASE random bytes on m: (its path, the model of its bytes, the random
+    source of the writes to come)."""
+    rnd = random.Random(seed)
+    model = bytearray(rnd.randbytes(BASE))
+    path = m.path / "f"
+    path.write_bytes(model)
+    return path, model, rnd
+
+
+@contextlib.contextmanager
+def _opened(path, flags: int = os.O_RDWR) -> Iterator[int]:
+    """path opened; closed after, an error of a handle of a killed daemon's connection ignored."""
+    fd = os.open(path, flags, 0o644)
+    try:
+        yield fd
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def _small_writes(fd: int, model: bytearray, rnd: random.Random, n: int) -> None:
     """n small pwrites, each fsync'd: within pages, across pages and chunk boundaries."""
     for _ in range(n):
@@ -50,12 +72,8 @@ def _small_writes(fd: int, model: bytearray, rnd: random.Random, n: int) -> None
 @pytest.mark.timeout(180)
 def test_fsynced_small_writes_survive_sigkill_through_the_log(mount_factory):
     m = mount_factory(env=HOLD)
-    rnd = random.Random(24)
-    model = bytearray(rnd.randbytes(BASE))
-    path = m.path / "f"
-    path.write_bytes(model)
-    fd = os.open(path, os.O_RDWR)
-    try:
+    path, model, rnd = _base(m, 24)
+    with _opened(path) as fd:
         os.fsync(fd)  # the base is committed as chunks (more than an fsync logs)
         _small_writes(fd, model, rnd, 40)
         _pwrite(fd, model, len(model) + 70000, b"past the end, after a hole")  # grows the file
@@ -67,9 +85,6 @@ def test_fsynced_small_writes_survive_sigkill_through_the_log(mount_factory):
         assert os.pread(fd, len(model) + 10, 0) == model  # reads see the logged writes
         live = os.fstat(fd)
         mounting.sigkill_fsck_start(m)
-    finally:
-        with contextlib.suppress(OSError):  # a handle of the killed daemon's connection
-            os.close(fd)
     _replayed(m, 42)  # every fsync was logged, none folded: the records were all the store had
     assert path.read_bytes() == model
     st = os.stat(path)
@@ -89,12 +104,8 @@ def test_logged_pages_go_into_snapshots_clones_and_branches(mount_factory):
     (the operation folds the log first); the pages logged after them survive SIGKILL in the
     live file only."""
     m = mount_factory(env=HOLD)
-    rnd = random.Random(25)
-    model = bytearray(rnd.randbytes(BASE))
-    path = m.path / "f"
-    path.write_bytes(model)
-    fd = os.open(path, os.O_RDWR)
-    try:
+    path, model, rnd = _base(m, 25)
+    with _opened(path) as fd:
         os.fsync(fd)
         states = {}
         for op in ("snapshot s1", "clone f f2", "branch b1"):
@@ -103,9 +114,6 @@ def test_logged_pages_go_into_snapshots_clones_and_branches(mount_factory):
             states[op] = bytes(model)
         _small_writes(fd, model, rnd, 12)
         mounting.sigkill_fsck_start(m)
-    finally:
-        with contextlib.suppress(OSError):  # a handle of the killed daemon's connection
-            os.close(fd)
     _replayed(m, 12)  # the operations folded the earlier ones
     assert path.read_bytes() == model
     assert (m.path / ".cowfs/snapshots/s1/f").read_bytes() == states["snapshot s1"]
@@ -120,22 +128,14 @@ def test_logged_pages_go_into_snapshots_clones_and_branches(mount_factory):
 def test_records_replay_into_the_branch_they_were_written_in(mount_factory):
     """A daemon serving another branch replays them: into their branch, not its own."""
     m = mount_factory(env=HOLD)
-    rnd = random.Random(26)
-    model = bytearray(rnd.randbytes(BASE))
-    (m.path / "f").write_bytes(model)
+    _path, model, rnd = _base(m, 26)
     ok(m.path, "branch side")
     m.stop()
     side = mount_factory(store=m.store, init=False, branch="side", name="side", env=HOLD)
     side_model = bytearray(model)
-    fd = os.open(side.path / "f", os.O_RDWR)
-    try:
+    with _opened(side.path / "f") as fd:
         _small_writes(fd, side_model, rnd, 10)
-        os.kill(side.proc.pid, signal.SIGKILL)
-        side.proc.wait(timeout=10)
-        mounting.lazy_unmount(side.path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        mounting.sigkill(side)
     m.start()  # main's daemon replays side's records
     _replayed(m, 10)
     assert (m.path / "f").read_bytes() == model
@@ -153,16 +153,12 @@ def test_fsync_of_more_than_the_log_takes_flushes_as_before(mount_factory):
     rnd = random.Random(27)
     model = rnd.randbytes(BASE)
     path = m.path / "f"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    with _opened(path, os.O_RDWR | os.O_CREAT) as fd:
         before = stats(m.path)
         assert os.pwrite(fd, model, 0) == len(model)
         os.fsync(fd)
         after = stats(m.path)
         mounting.sigkill_fsck_start(m)
-    finally:
-        with contextlib.suppress(OSError):  # a handle of the killed daemon's connection
-            os.close(fd)
     assert after["small_write_log"]["records"] == before["small_write_log"]["records"] == 0
     assert after["flushes"] > before["flushes"]
     assert "replayed" not in m.log_text()

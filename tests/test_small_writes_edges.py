@@ -14,7 +14,6 @@ import json
 import mmap
 import os
 import random
-import signal
 
 import pytest
 
@@ -259,9 +258,7 @@ def test_records_of_a_branch_deleted_offline_after_the_crash_are_dropped(mount_f
     f.data = bytearray(base)
     try:
         f.small(rnd, 5)
-        os.kill(side.proc.pid, signal.SIGKILL)
-        side.exit_codes.append(side.proc.wait(timeout=10))  # killed on purpose
-        mounting.lazy_unmount(side.path)
+        mounting.sigkill(side)
     finally:
         f.close()
     mounting.run_cowfs("delete", m.store, "side", timeout=120)
@@ -325,9 +322,7 @@ def test_a_damaged_log_record_is_found_by_fsck_and_its_repair_lets_the_store_mou
     f = Model(m.path / "f", rnd.randbytes(BASE))
     try:
         f.small(rnd, 3)
-        os.kill(m.proc.pid, signal.SIGKILL)
-        m.exit_codes.append(m.proc.wait(timeout=10))  # killed on purpose
-        mounting.lazy_unmount(m.path)
+        mounting.sigkill(m)
     finally:
         f.close()
     st = Store(str(m.store))
@@ -378,9 +373,7 @@ def test_sqlite_commits_survive_sigkill_through_the_log(mount_factory, journal):
                 con.execute("UPDATE t SET v = ? WHERE k = ?", (b"updated", k // 2))
             con.execute("COMMIT")
             acked = k + 1
-        os.kill(m.proc.pid, signal.SIGKILL)
-        m.exit_codes.append(m.proc.wait(timeout=10))
-        mounting.lazy_unmount(m.path)
+        mounting.sigkill(m)
     finally:
         with contextlib.suppress(sqlite3.Error):
             con.close()
