@@ -70,6 +70,10 @@ def _ranges(node: Node) -> list[tuple[int, bytes | memoryview]]:
     return out
 
 
+def _unlimited(_growth: int) -> None:
+    """A replayed write's charge: fsync acknowledged it, so no quota refuses it now."""
+
+
 def _record(node: Node) -> writelog.Record:
     a = node.attrs
     return writelog.Record(node.view.lv.top, node.ino, a.size, a.mode, a.uid, a.gid, a.atime_ns,
@@ -186,20 +190,17 @@ class SmallWrites:
             except FSError:
                 dropped += 1
                 continue  # gone (an orphan removed at attach)
+            # Accounted once per record, as one write: its ranges end within its size.
             usage = fs.usage
-            usage.allocated(node)
-            for off, data in r.ranges:
-                before, old_size = node.alloc, node.attrs.size
-                new = node.write(off, bytes(data), objects, lambda _growth: None)
-                usage.buffered(node, before)  # type: ignore[arg-type]
-                usage.grew(node, old_size)
-                fs.flusher.written(node, new, False)
-            a = node.attrs
+            before, a = usage.allocated(node), node.attrs
             old_size = a.size
+            new = sum(node.write(off, bytes(data), objects, _unlimited) for off, data in r.ranges)
+            usage.buffered(node, before)
             a.size, a.mode, a.uid, a.gid, a.atime_ns, a.mtime_ns, a.ctime_ns = (
                 r.size, r.mode, r.uid, r.gid, r.atime_ns, r.mtime_ns, r.ctime_ns)
             usage.grew(node, old_size)
-            fs.flusher.dirty_nodes.setdefault(node, time.monotonic())
+            fs.flusher.written(node, new, False)
+            fs.flusher.dirty_nodes.setdefault(node, time.monotonic())  # attributes alone commit too
         if fs.flusher.dirty_nodes:
             fs.flusher.flush_inline()  # deletes every record, those dropped too
         else:
