@@ -133,9 +133,7 @@ class SmallWrites:
                 n.logged = n.log_mark()
                 self.keys.append(k)
             return True
-        log.error("log commit failed: %s", error)
-        fs.store.recover()
-        raise FSError(errno.ENOSPC if "space" in error.lower() else errno.EIO, error)
+        raise fs.txn.failed("log commit", error)
 
     def delete_into(self, batch: Batch) -> list[int]:
         """Delete every record in batch (a flush that commits every dirty node); returns

@@ -214,10 +214,15 @@ class Transactions:
             return
         # Outside the except block: the traceback (and the iterators its frames hold, which
         # keep the database open) is gone before the store reopens.
-        log.error("commit failed: %s", error)
         self.revert(m)
-        fs.store.recover()
-        raise FSError(errno.ENOSPC if "space" in error.lower() else errno.EIO, error)
+        raise self.failed("commit", error)
+
+    def failed(self, what: str, error: str) -> FSError:
+        """A write of the store failed with error (called outside the except block, as
+        above): the store reopened, and the error a request gets (ENOSPC for a full disk)."""
+        log.error("%s failed: %s", what, error)
+        self.fs.store.recover()
+        return FSError(errno.ENOSPC if "space" in error.lower() else errno.EIO, error)
 
     def revert(self, m: Mutation) -> None:
         """Memory ran ahead of a commit that failed: return the touched nodes to what is stored.
