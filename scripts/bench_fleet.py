@@ -27,51 +27,20 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import benchlib  # noqa: E402
-import engines  # noqa: E402
+import fleetlib  # noqa: E402
 
 BASE = "/var/tmp/cowfs-bench-fleet"
-COWFS = [os.path.join(os.path.dirname(HERE), ".venv", "bin", "cowfs")]
 
 
-class Host:
-    def __init__(self, name: str, env: dict[str, str]) -> None:
-        self.name = name
-        self.dir = os.path.join(BASE, name)
-        os.makedirs(self.dir)
-        self.env = dict(env, XDG_CONFIG_HOME=os.path.join(self.dir, "config"),
-                        XDG_CACHE_HOME=os.path.join(self.dir, "cache"))
-        self.store = os.path.join(self.dir, "store")
-        self.mnt = os.path.join(self.dir, "mnt")
-        self.mounted: list[str] = []
-
-    def cowfs(self, *args: str) -> str:
-        r = subprocess.run(COWFS + list(args), env=self.env, capture_output=True, text=True, timeout=1800)
-        if r.returncode:
-            raise SystemExit(f"cowfs {' '.join(args)} on {self.name}: {r.stderr.strip()}")
-        return r.stdout
-
+class Host(fleetlib.Host):
     def json(self, *args: str) -> dict:
-        return json.loads(self.cowfs(*args, "--json").strip().splitlines()[-1])
-
-    def mount(self, branch: str) -> str:
-        mp = os.path.join(self.dir, f"mnt-{branch}")
-        os.makedirs(mp, exist_ok=True)
-        self.cowfs("mount", self.store, mp, "--branch", branch)
-        self.mounted.append(mp)
-        return mp
-
-    def umount_all(self) -> None:
-        for mp in reversed(self.mounted):
-            subprocess.run(COWFS + ["umount", mp], env=self.env, capture_output=True, timeout=300)
-        self.mounted.clear()
+        return json.loads(self.run(*args, "--json").strip().splitlines()[-1])
 
 
 def change_files(root: str, n: int, tag: str) -> int:
@@ -90,14 +59,9 @@ def change_files(root: str, n: int, tag: str) -> int:
     return changed
 
 
-def remote_bytes(sw: engines.SeaweedFS) -> tuple[int, int]:
-    s3 = sw.client()
-    total = count = 0
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=sw.BUCKET, Prefix="fleet/"):
-        for o in page.get("Contents", []):
-            total += o["Size"]
-            count += 1
-    return count, total
+def remote_bytes(fl: fleetlib.Fleet[Host]) -> tuple[int, int]:
+    c = fl.remote_objects()
+    return sum(c.values()) - c["bytes"], c["bytes"]
 
 
 def changed_bytes(root: str, n: int) -> int:
@@ -120,41 +84,22 @@ def main() -> None:
     shutil.rmtree(BASE, ignore_errors=True)
     os.makedirs(BASE)
     tar, entries = benchlib.django_tar()
-    sw = engines.SeaweedFS(os.path.join(BASE, "seaweedfs"))
-    etcd = engines.Etcd(os.path.join(BASE, "etcd"))
-    hosts: list[Host] = []
     out: dict = {"machine": benchlib.machine_info(), "django_entries": entries}
-    try:
-        sw.start()
-        etcd.start()
-        env = dict(os.environ)
-        for k, v in sw.environment(BASE).items():
-            if v is None:
-                env.pop(k, None)
-            else:
-                env[k] = v
-
-        def host(name: str) -> Host:
-            h = Host(name, env)
-            h.cowfs("init", h.store)
-            h.cowfs("remote", "add", "origin", f"s3://{sw.BUCKET}/fleet", "--refs", etcd.endpoint)
-            hosts.append(h)
-            return h
-
-        a = host("a")
+    with fleetlib.fleet(BASE, "fleet", Host) as fleet:
+        a = fleet.host("a")
         mp = a.mount("main")
         benchlib.run(["tar", "-xf", tar, "-C", mp], timeout=1800)
-        a.cowfs("snapshot", mp, "base")
+        a.run("snapshot", mp, "base")
         t0 = time.monotonic()
         out["base_push"] = a.json("push", mp, "base", "origin")["pushed"]
         out["base_push"]["wall_s"] = round(time.monotonic() - t0, 2)
-        out["base_push"]["remote_objects"], out["base_push"]["remote_bytes"] = remote_bytes(sw)
+        out["base_push"]["remote_objects"], out["base_push"]["remote_bytes"] = remote_bytes(fleet)
         base_bytes = out["base_push"]["remote_bytes"]
         benchlib.log(f"base: {out['base_push']}")
 
         n = change_files(mp, 10, "a")
         changed = changed_bytes(mp, 10)
-        a.cowfs("snapshot", mp, "fork")
+        a.run("snapshot", mp, "fork")
         out["fork_push"] = a.json("push", mp, "fork", "origin")["pushed"]
         out["fork_push"]["changed_files"] = n
         out["fork_push"]["changed_bytes"] = changed
@@ -162,7 +107,7 @@ def main() -> None:
         out["fork_push"]["met"] = out["fork_push"]["bytes_uploaded"] <= (1 << 20) + changed
         benchlib.log(f"fork: {out['fork_push']}")
 
-        b = host("b")
+        b = fleet.host("b")
         t0 = time.monotonic()
         out["base_pull"] = b.json("pull", "origin", "base", b.store)["pulled"]
         out["base_pull"]["wall_s"] = round(time.monotonic() - t0, 2)
@@ -172,16 +117,16 @@ def main() -> None:
         fork_changes = 0
         pushes = []
         for i in range(args.hosts):
-            h = b if i == 0 else host(f"f{i}")
+            h = b if i == 0 else fleet.host(f"f{i}")
             if h is not b:
                 h.json("pull", "origin", "base", h.store)
             fm = h.mount("base")
             change_files(fm, 10, f"host {i}")
             fork_changes += changed_bytes(fm, 10)
-            h.cowfs("snapshot", fm, f"fork-{i}")
+            h.run("snapshot", fm, f"fork-{i}")
             pushes.append(h.json("push", fm, f"fork-{i}", "origin")["pushed"])
             h.umount_all()
-        count, total = remote_bytes(sw)
+        count, total = remote_bytes(fleet)
         out["fleet"] = {"hosts": args.hosts, "remote_objects": count, "remote_bytes": total,
                         "base_bytes": base_bytes, "forks_changed_bytes": fork_changes,
                         "ratio_to_base": round(total / base_bytes, 3),
@@ -191,12 +136,6 @@ def main() -> None:
         benchlib.log(f"fleet: {out['fleet']}")
         check = a.json("remote", "check", "origin")
         out["check_ok"] = check["ok"]
-    finally:
-        for h in hosts:
-            h.umount_all()
-        sw.stop()
-        etcd.stop()
-        shutil.rmtree(BASE, ignore_errors=True)
     if args.json:
         print(json.dumps(out))
     else:

@@ -3,8 +3,8 @@
 of a real run, beside what the model's formulas predict from the remote's state.
 
 Real engines on 127.0.0.1 (SeaweedFS `weed server -s3` and one etcd member, started by
-tests/engines.py as in scripts/bench_fleet.py), real stores and mounts, the `cowfs` CLI of this
-checkout; each "host" is a store with its own XDG_CONFIG_HOME / XDG_CACHE_HOME (its own pack
+scripts/fleetlib.py as for scripts/bench_fleet.py), real stores and mounts, the `cowfs` CLI of
+this checkout; each "host" is a store with its own XDG_CONFIG_HOME / XDG_CACHE_HOME (its own pack
 index cache and push state).  The counting: a `sitecustomize` put on PYTHONPATH for the
 measured commands only wraps botocore's `Endpoint._send` (every S3 request sent, retries
 included) and requests' `Session.send` (every etcd gateway call: etcd3gw posts through
@@ -33,11 +33,9 @@ from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-import engines  # noqa: E402
+import fleetlib  # noqa: E402
 
 BASE = "/var/tmp/cowfs-fleet-model"
-COWFS = os.path.join(os.path.dirname(HERE), ".venv", "bin", "cowfs")
 PREFIX = "fleet"
 PUSH_TTL = 20.0        # cowfs.fleet.remote.PUSH_TTL: a push's lease, renewed every TTL/3
 
@@ -93,16 +91,7 @@ if _OUT:
 '''
 
 
-class Host:
-    def __init__(self, name: str, env: dict[str, str]) -> None:
-        self.name = name
-        self.dir = os.path.join(BASE, name)
-        os.makedirs(self.dir)
-        self.env = dict(env, XDG_CONFIG_HOME=os.path.join(self.dir, "config"),
-                        XDG_CACHE_HOME=os.path.join(self.dir, "cache"))
-        self.store = os.path.join(self.dir, "store")
-        self.mounted: list[str] = []
-
+class Host(fleetlib.Host):
     def cowfs(self, *args: str, count: bool = False) -> tuple[str, Counter, Counter]:
         """stdout, and with count: requests and bytes by kind, summed over the command's processes."""
         env = dict(self.env)
@@ -111,9 +100,7 @@ class Host:
             env.update(PYTHONPATH=os.path.join(BASE, "counter"), COWFS_COUNT_FILE=out)
             if os.path.exists(out):
                 os.unlink(out)
-        r = subprocess.run([COWFS, *args], env=env, capture_output=True, text=True, timeout=1800)
-        if r.returncode:
-            raise SystemExit(f"cowfs {' '.join(args)} on {self.name}: {r.stderr.strip()}")
+        stdout = self.run(*args, env=env)
         n: Counter = Counter()
         b: Counter = Counter()
         if count and os.path.exists(out):
@@ -121,24 +108,12 @@ class Host:
                 for kind, (k, nbytes) in json.loads(line).items():
                     n[kind] += k
                     b[kind] += nbytes
-        return r.stdout, n, b
-
-    def mount(self, branch: str) -> str:
-        mp = os.path.join(self.dir, f"mnt-{branch}")
-        os.makedirs(mp, exist_ok=True)
-        self.cowfs("mount", self.store, mp, "--branch", branch)
-        self.mounted.append(mp)
-        return mp
+        return stdout, n, b
 
     def cached_indexes(self) -> int:
         d = os.path.join(self.dir, "cache", "cowfs", "fleet")
         return sum(len([f for f in os.listdir(os.path.join(d, x, "index")) if not f.startswith(".")])
                    for x in (os.listdir(d) if os.path.isdir(d) else []) if os.path.isdir(os.path.join(d, x, "index")))
-
-    def umount_all(self) -> None:
-        for mp in reversed(self.mounted):
-            subprocess.run([COWFS, "umount", mp], env=self.env, capture_output=True, timeout=300)
-        self.mounted.clear()
 
 
 def make_tree(root: str, seed: int = 1) -> None:
@@ -169,15 +144,6 @@ def change(root: str, n: int, tag: str, suffix: str) -> None:
             with open(os.path.join(dirpath, names[0]), "a") as fh:
                 fh.write(f"\n# changed by {tag}\n")
             done += 1
-
-
-def remote_objects(sw: engines.SeaweedFS) -> Counter:
-    c: Counter = Counter()
-    for page in sw.client().get_paginator("list_objects_v2").paginate(Bucket=sw.BUCKET, Prefix=PREFIX + "/"):
-        for o in page.get("Contents", []):
-            c[o["Key"].split("/")[1]] += 1
-            c["bytes"] += o["Size"]
-    return c
 
 
 # --- the model (docs/scaling.md "Requests per operation") ---------------------------------------
@@ -246,33 +212,14 @@ def main() -> None:
     os.makedirs(os.path.join(BASE, "counter"))
     with open(os.path.join(BASE, "counter", "sitecustomize.py"), "w") as f:
         f.write(textwrap.dedent(COUNTER))
-    sw = engines.SeaweedFS(os.path.join(BASE, "seaweedfs"))
-    etcd = engines.Etcd(os.path.join(BASE, "etcd"))
-    hosts: list[Host] = []
     ops: list[dict] = []
-    try:
-        sw.start()
-        etcd.start()
-        env = dict(os.environ)
-        for k, v in sw.environment(BASE).items():
-            if v is None:
-                env.pop(k, None)
-            else:
-                env[k] = v
-
-        def host(name: str) -> Host:
-            h = Host(name, env)
-            h.cowfs("init", h.store)
-            h.cowfs("remote", "add", "origin", f"s3://{sw.BUCKET}/{PREFIX}", "--refs", etcd.endpoint)
-            hosts.append(h)
-            return h
-
+    with fleetlib.fleet(BASE, PREFIX, Host) as fleet:
         def push(h: Host, mp: str, snap: str, parent: bool, *extra: str) -> dict:
-            before, cached = remote_objects(sw), h.cached_indexes()
+            before, cached = fleet.remote_objects(), h.cached_indexes()
             h.cowfs("snapshot", mp, snap)
             out, n, b = h.cowfs("push", mp, snap, "origin", "--json", *extra, count=True)
             s = json.loads(out.strip().splitlines()[-1])["pushed"]
-            after = remote_objects(sw)
+            after = fleet.remote_objects()
             P, N = before["index"], after["data"] - before["data"]
             op = compare(f"push {snap} from {h.name} (P={P}, U={P - cached}, N={N}, {s['files_read']} files "
                          f"read, {s['bytes_uploaded']} B uploaded)", n, b,
@@ -282,7 +229,7 @@ def main() -> None:
             return op
 
         def pull(h: Host, name: str, walked: int, based: bool) -> dict:
-            P, cached = remote_objects(sw)["index"], h.cached_indexes()
+            P, cached = fleet.remote_objects()["index"], h.cached_indexes()
             out, n, b = h.cowfs("pull", "origin", name, h.store, "--json", count=True)
             s = json.loads(out.strip().splitlines()[-1])["pulled"]
             op = compare(f"pull {name} into {h.name} (P={P}, U={P - cached}; {s['trees_fetched']} trees, "
@@ -292,7 +239,7 @@ def main() -> None:
             ops.append(op)
             return op
 
-        a = host("a")
+        a = fleet.host("a")
         mp = a.mount("main")
         suffix = ".txt"
         if args.tree == "django":
@@ -305,11 +252,11 @@ def main() -> None:
         push(a, mp, "base", False)
         change(mp, 10, "a", suffix)
         push(a, mp, "fork", True)                     # the same host: its index cache is warm
-        b = host("b")
+        b = fleet.host("b")
         pull(b, "base", 1, False)
         pull(b, "fork", 1, True)                      # walks fork -> base, which b holds
         for i in range(args.hosts - 2):
-            h = host(f"h{i}")
+            h = fleet.host(f"h{i}")
             pull(h, "base", 1, False)
             fm = h.mount("base")
             change(fm, 10, h.name, suffix)
@@ -328,7 +275,7 @@ def main() -> None:
         refs = Counter("snap" if r["kind"] == "snapshot" else "branch" for r in shown)
         commits = len({r["commit"] for r in shown})
         for run in ("condemns", "deletes"):
-            objs = remote_objects(sw)
+            objs = fleet.remote_objects()
             out, n, bts = a.cowfs("remote", "gc", "origin", "--grace", "0", "--json", count=True)
             f = json.loads(out.strip().splitlines()[-1])
             # garbage: the deleted fork's own pack (data + index) and its commit
@@ -336,13 +283,7 @@ def main() -> None:
                                f"{commits} commits; condemned {f['condemned']}, deleted {f['deleted']})", n, bts,
                                model_gc(objs["index"], objs["commit"], refs, commits, 1, 1, run == "deletes"),
                                free=("S3 GET data",)))
-        final = remote_objects(sw)
-    finally:
-        for h in hosts:
-            h.umount_all()
-        sw.stop()
-        etcd.stop()
-        shutil.rmtree(BASE, ignore_errors=True)
+        final = fleet.remote_objects()
     if args.json:
         print(json.dumps({"hosts": args.hosts, "ops": ops, "remote": dict(final)}))
         return
