@@ -1000,6 +1000,43 @@ def _w_step(op, args, kwargs, watch_paths=(), watch_fds=(), min_age_ns=0):
     return pre, res, post
 
 
+def make_full_tree(root: Path, small_files: int, sparse_size: int) -> None:
+    """Every kind of entry and metadata a snapshot can hold, in the existing directory root:
+    directories (one read-only, one sticky and empty), text, empty, big and sparse files (data
+    at 0 and sparse_size - 4 MiB, a hole between), small_files small files, a hard link,
+    symlinks (one dangling), a fifo, a device, xattrs (one binary), set-uid, owners, and
+    distinct nanosecond times on every entry."""
+    ns = 10**9
+    (root / "dir" / "sub").mkdir(parents=True)
+    (root / "empty").mkdir()
+    (root / "text").write_text("hello\n" * 1000)
+    (root / "zero-length").write_bytes(b"")
+    (root / "big").write_bytes(os.urandom(3 << 20) + bytes(1 << 20) + os.urandom(100))
+    with open(root / "sparse", "wb") as f:
+        f.write(b"head")
+        f.seek(sparse_size - (4 << 20))
+        f.write(b"middle")
+        f.truncate(sparse_size)
+    for i in range(small_files):
+        (root / "dir" / f"small-{i:03d}").write_bytes(os.urandom(i * 37))
+    (root / "dir" / "sub" / "deep").write_text("deep")
+    os.link(root / "text", root / "dir" / "hardlink-to-text")
+    os.symlink("../text", root / "dir" / "link")
+    os.symlink("/nowhere", root / "dangling")
+    os.mkfifo(root / "fifo")
+    os.mknod(root / "null-dev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    os.setxattr(root / "text", "user.origin", b"test")
+    os.setxattr(root / "dir", "user.dir", b"\x00binary\xff")
+    os.chmod(root / "dir" / "small-001", 0o4755)
+    os.chown(root / "dir" / "small-002", 1234, 5678)
+    os.chown(root / "dir" / "link", 4321, 8765, follow_symlinks=False)
+    os.chmod(root / "empty", 0o1777)
+    for i, p in enumerate(sorted(root.rglob("*"))):
+        os.utime(p, ns=(1_600_000_000 * ns + i, 1_500_000_000 * ns + i * 1001), follow_symlinks=False)
+    os.chmod(root / "dir" / "sub", 0o555)                          # read-only dir: filled before its mode is set
+    os.utime(root, ns=(1_600_000_000 * ns, 1_400_000_000 * ns))
+
+
 def snapshot(root, content_limit=1 << 22, xattr_prefixes=("user.",), exclude_root=(HIDDEN,),
              read_contents=True):
     """Everything observable about the tree under ``root`` (not following symlinks).

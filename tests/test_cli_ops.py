@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import stat
 import subprocess
 import tarfile
 import time
@@ -18,7 +17,6 @@ import mounting
 from cowfs.cli.history import build_history, render_graph
 
 COWFS = mounting.cowfs_command()
-NS = 10**9
 
 
 def cowfs(*args, check=True, timeout=120, **kw) -> subprocess.CompletedProcess:
@@ -293,37 +291,6 @@ def test_run_places_the_command_on_the_daemons_cpus(stores, tmp_path):
 
 
 # -- import / export ------------------------------------------------------------------------------
-def _make_tree(root: Path) -> None:
-    root.mkdir()
-    (root / "dir" / "sub").mkdir(parents=True)
-    (root / "empty").mkdir()
-    (root / "text").write_text("hello\n" * 1000)
-    (root / "big").write_bytes(os.urandom(3 << 20) + bytes(1 << 20) + os.urandom(100))
-    with open(root / "sparse", "wb") as f:                          # 64 MiB with two data islands
-        f.write(b"head")
-        f.seek(40 << 20)
-        f.write(b"middle")
-        f.truncate(64 << 20)
-    for i in range(200):
-        (root / "dir" / f"small-{i:03d}").write_bytes(os.urandom(i * 7))
-    (root / "dir" / "sub" / "deep").write_text("deep")
-    os.link(root / "text", root / "dir" / "hardlink-to-text")
-    os.symlink("../text", root / "dir" / "link")
-    os.symlink("/nowhere", root / "dangling")
-    os.mkfifo(root / "fifo")
-    os.mknod(root / "null-dev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
-    os.setxattr(root / "text", "user.origin", b"test")
-    os.setxattr(root / "dir", "user.dir", b"yes")
-    os.chmod(root / "dir" / "small-001", 0o4755)
-    os.chown(root / "dir" / "small-002", 1234, 5678)
-    os.chown(root / "dir" / "link", 4321, 8765, follow_symlinks=False)
-    os.chmod(root / "empty", 0o1777)
-    for i, p in enumerate(sorted(root.rglob("*"))):
-        os.utime(p, ns=(1_600_000_000 * NS + i, 1_500_000_000 * NS + i * 1001), follow_symlinks=False)
-    os.chmod(root / "dir" / "sub", 0o555)                          # read-only dir: filled before its mode is set
-    os.utime(root, ns=(1_600_000_000 * NS, 1_400_000_000 * NS))
-
-
 IGNORE = ("ino", "atime", "ctime", "blocks", "blksize", "dir_size")
 
 
@@ -335,7 +302,8 @@ def _compare(a: Path, b: Path, names) -> None:
 
 def test_import_then_export_round_trip(stores, tmp_path):
     src = tmp_path / "src"
-    _make_tree(src)
+    src.mkdir()
+    mounting.make_full_tree(src, small_files=200, sparse_size=64 << 20)
     store = stores()
     t0 = time.monotonic()
     r = cowfs("import", store, src, "--snapshot", "imported")

@@ -21,7 +21,6 @@ import pytest
 import mounting
 from conftest import UNPRIV_GID, UNPRIV_UID
 
-NS = 1_000_000_000
 IGNORE = ("ino", "ctime", "blocks", "blksize", "dir_size")
 
 
@@ -75,38 +74,6 @@ def fleet(request, tmp_path, engine_prefix):
         h.cowfs("remote", "add", remote, f"s3://{s3.BUCKET}/{engine_prefix}", "--refs", refs)
         return h
     return make
-
-
-def make_tree(root: Path) -> None:
-    """Every kind of entry and metadata a snapshot can hold."""
-    (root / "dir" / "sub").mkdir(parents=True)
-    (root / "empty").mkdir()
-    (root / "text").write_text("hello\n" * 1000)
-    (root / "zero-length").write_bytes(b"")
-    (root / "big").write_bytes(os.urandom(3 << 20) + bytes(1 << 20) + os.urandom(100))
-    with open(root / "sparse", "wb") as f:
-        f.write(b"head")
-        f.seek(20 << 20)
-        f.write(b"middle")
-        f.truncate(24 << 20)
-    for i in range(40):
-        (root / "dir" / f"small-{i:03d}").write_bytes(os.urandom(i * 37))
-    (root / "dir" / "sub" / "deep").write_text("deep")
-    os.link(root / "text", root / "dir" / "hardlink-to-text")
-    os.symlink("../text", root / "dir" / "link")
-    os.symlink("/nowhere", root / "dangling")
-    os.mkfifo(root / "fifo")
-    os.mknod(root / "null-dev", stat.S_IFCHR | 0o600, os.makedev(1, 3))
-    os.setxattr(root / "text", "user.origin", b"test")
-    os.setxattr(root / "dir", "user.dir", b"\x00binary\xff")
-    os.chmod(root / "dir" / "small-001", 0o4755)
-    os.chown(root / "dir" / "small-002", 1234, 5678)
-    os.chown(root / "dir" / "link", 4321, 8765, follow_symlinks=False)
-    os.chmod(root / "empty", 0o1777)
-    for i, p in enumerate(sorted(root.rglob("*"))):
-        os.utime(p, ns=(1_600_000_000 * NS + i, 1_500_000_000 * NS + i * 1001), follow_symlinks=False)
-    os.chmod(root / "dir" / "sub", 0o555)
-    os.utime(root, ns=(1_600_000_000 * NS, 1_400_000_000 * NS))
 
 
 def same_tree(a: Path, b: Path, names=("pushed", "pulled")) -> None:
@@ -164,7 +131,7 @@ def test_remote_add_list_remove_and_their_errors(tmp_path):
 def test_push_then_pull_gives_the_same_tree_metadata_included(fleet, mount_factory):
     a, b = fleet("a"), fleet("b")
     src = mount_factory()
-    make_tree(src.path)
+    mounting.make_full_tree(src.path, small_files=40, sparse_size=24 << 20)
     pushed = snap(src, "base")
     first = a.json("push", src.path, "base", "origin")["pushed"]
     assert first["objects_uploaded"] >= 3 and first["files_read"] == first["files"] - 1 > 40  # a hard link: read once
@@ -557,7 +524,7 @@ def test_a_pull_over_an_earlier_pull_applies_every_kind_of_change(fleet, mount_f
     directory, a symlink retargeted, xattrs removed and added, modes and owners changed."""
     a, b = fleet("a"), fleet("b")
     src = mount_factory()
-    make_tree(src.path)
+    mounting.make_full_tree(src.path, small_files=40, sparse_size=24 << 20)
     (src.path / "grow").write_bytes(os.urandom(100_000))
     (src.path / "shrink").write_bytes(os.urandom(300_000))
     (src.path / "become-file").mkdir()
