@@ -19,14 +19,12 @@ blobs is kept whole (repacking is not built): its unreachable bytes are reported
 """
 from __future__ import annotations
 
-import os
-import socket
 import time
 from typing import Any
 
 from cowfs.fleet import FleetError
 from cowfs.fleet.check import mark
-from cowfs.fleet.remote import Remote, release
+from cowfs.fleet.remote import Remote, release, this_holder
 
 GC_TTL = 30
 _BATCH = 100
@@ -34,16 +32,15 @@ _BATCH = 100
 
 def gc(remote: Remote, grace: float, dry_run: bool = False) -> dict[str, Any]:
     from cowfs.kv.base import Batch
-    from cowfs.kv.etcd import LeaseHeld
+    from cowfs.kv.etcd import LeaseHeld, lease_holder
 
-    holder = f"{socket.gethostname()} pid {os.getpid()}"
     try:
-        lease = remote.refs.acquire("lock", b"gc", holder, GC_TTL)
+        lease = remote.refs.acquire("lock", b"gc", this_holder(), GC_TTL)
     except LeaseHeld as e:
         raise FleetError(f"a fleet gc is running on the remote {remote.cfg.name} already ({e.holder})") from None
     lease.start_keepalive()
     try:
-        pushes = [v.split(b"\n")[0].decode(errors="replace") for _k, v in remote.refs.scan("lock", b"push/", b"push/")]
+        pushes = [lease_holder(v) for _k, v in remote.refs.scan("lock", b"push/", b"push/")]
         if pushes:
             raise FleetError(f"{len(pushes)} pushes in flight on the remote {remote.cfg.name} ({', '.join(pushes)}): "
                              "gc not run; run it again once they end")

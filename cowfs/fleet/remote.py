@@ -32,6 +32,13 @@ HOLD_ENV = "COWFS_FLEET_HOLD"     # set by `cowfs remote hold` for its command: 
 
 def hold_key(branch: str) -> bytes:
     return b"branch/" + branch.encode()
+
+
+def this_holder() -> str:
+    """How this process names itself as the holder of a lock (shown to whoever is refused)."""
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
 _RANGE_GAP = 256 << 10       # blobs of a pack closer than this are fetched in one ranged GET
 _RANGE_MAX = 16 << 20
 
@@ -190,14 +197,13 @@ class Remote:
         the references are not set."""
         import uuid
 
-        holder = f"{socket.gethostname()} pid {os.getpid()}"
-        lease = self.refs.acquire("lock", b"push/" + uuid.uuid4().hex.encode(), holder, PUSH_TTL)
+        lease = self.refs.acquire("lock", b"push/" + uuid.uuid4().hex.encode(), this_holder(), PUSH_TTL)
         lease.start_keepalive()
         try:
             gc = self.refs.get("lock", b"gc")
             if gc is not None:
-                who = gc.split(b"\n")[0].decode(errors="replace")
-                raise FleetError(f"a fleet gc is running on the remote {self.cfg.name} ({who}): "
+                from cowfs.kv.etcd import lease_holder
+                raise FleetError(f"a fleet gc is running on the remote {self.cfg.name} ({lease_holder(gc)}): "
                                  "push again once it ends")
             yield lease
         finally:
@@ -210,9 +216,8 @@ class Remote:
         taken over once that holder's lease expires (ttl seconds without renewal)."""
         from cowfs.kv.etcd import LeaseHeld
 
-        holder = f"{socket.gethostname()} pid {os.getpid()}"
         try:
-            lease = self.refs.acquire("lock", hold_key(branch), holder, ttl)
+            lease = self.refs.acquire("lock", hold_key(branch), this_holder(), ttl)
         except LeaseHeld as e:
             raise FleetError(f"branch {branch} of the remote {self.cfg.name} is held by {e.holder} (its lease "
                              f"expires in {e.ttl} s unless renewed)") from None
@@ -237,9 +242,9 @@ class Remote:
             mine = {}
         if mine.get("remote") == self.key and mine.get("branch") == branch and mine.get("value") == held.hex():
             return ("lock", hold_key(branch), held)
-        who = held.split(b"\n")[0].decode(errors="replace")
-        raise FleetError(f"branch {branch} of the remote {self.cfg.name} is held by {who}: only its holder pushes "
-                         "to it (cowfs remote hold); nothing was pushed")
+        from cowfs.kv.etcd import lease_holder
+        raise FleetError(f"branch {branch} of the remote {self.cfg.name} is held by {lease_holder(held)}: only its "
+                         "holder pushes to it (cowfs remote hold); nothing was pushed")
 
     def set_ref(self, family: str, name: str, new: str, expected: str | None,
                 also: tuple[str, str, str, str | None] | None = None, fences: tuple[Any, ...] = ()) -> None:

@@ -82,6 +82,11 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text)
 
 
+def lease_holder(value: bytes) -> str:
+    """Who holds a key acquired by `EtcdKV.acquire`, from its value (holder, newline, lease id)."""
+    return value.split(b"\n")[0].decode(errors="replace")
+
+
 def _prefix_end(prefix: bytes) -> bytes:
     """The first key after every key that starts with prefix (prefix non-empty, not all 0xff)."""
     p = prefix.rstrip(b"\xff")
@@ -317,7 +322,7 @@ class EtcdKV(KV):
         kvs = r["responses"][0]["response_range"].get("kvs", [])
         if not kvs:  # released between the compare and now: try again
             return self.acquire(cf, key, holder, ttl)
-        other = _unb64(kvs[0].get("value", "")).split(b"\n")[0].decode(errors="replace")
+        other = lease_holder(_unb64(kvs[0].get("value", "")))
         left = int(self._request("lease/timetolive",
                                  {"ID": int(kvs[0].get("lease", 0))}).get("TTL", 0))
         raise LeaseHeld(cf, bytes(key), other, max(left, 0))
