@@ -262,7 +262,7 @@ def push(mount: str, snapshot: str, remote_name: str, as_name: str | None, remot
     if snapshot not in {s["name"] for s in listing["snapshots"]}:
         raise CliError(f"no snapshot named {snapshot!r} in the lineage of {place.mountpoint} "
                        f"(take one with cowfs snapshot {place.mountpoint} {snapshot})")
-    branch = admin.branch_here(place.mountpoint) or ""
+    branch = next((b["name"] for b in listing["branches"] if b.get("mounted_here")), "")
     root = os.path.join(place.mountpoint, ".cowfs", "snapshots", snapshot)
     _entries, total = scan(root)
     state = State()
