@@ -158,8 +158,10 @@ def model_push(P: int, U: int, N: int, parent: bool, branch: bool, seconds: floa
 
 
 def model_pull(P: int, U: int, walked: int, based: bool) -> Counter:
-    """A pull's fixed part: `walked` commits read while looking for a local base; the ranged
-    GETs of trees and chunks (S3 GET data) depend on the layout and are reported as measured."""
+    """A pull's fixed part: each commit read once, the pulled one, `walked` parents read past
+    it while looking for a local base, and the base (based: one other than the pulled one was
+    found); the ranged GETs of trees and chunks (S3 GET data) depend on the layout and are
+    reported as measured."""
     return Counter({"etcd kv/range": 1, "S3 GET commit": 1 + walked + based,
                     "S3 LIST index": max(1, math.ceil(P / 1000)), "S3 GET index": U})
 
@@ -253,11 +255,11 @@ def main() -> None:
         change(mp, 10, "a", suffix)
         push(a, mp, "fork", True)                     # the same host: its index cache is warm
         b = fleet.host("b")
-        pull(b, "base", 1, False)
-        pull(b, "fork", 1, True)                      # walks fork -> base, which b holds
+        pull(b, "base", 0, False)
+        pull(b, "fork", 0, True)                      # fork's parent is base, which b holds
         for i in range(args.hosts - 2):
             h = fleet.host(f"h{i}")
-            pull(h, "base", 1, False)
+            pull(h, "base", 0, False)
             fm = h.mount("base")
             change(fm, 10, h.name, suffix)
             push(h, fm, f"fork-{h.name}", True)

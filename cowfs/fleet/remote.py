@@ -59,6 +59,7 @@ class Remote:
         self.cache = cache_dir() / "fleet" / ident
         self.index: dict[bytes, Loc] = {}
         self.packs: set[str] = set()
+        self._commits: dict[str, dict[str, Any]] = {}     # read already (immutable, named by their hash)
 
     def close(self) -> None:
         self.blobs.close()
@@ -154,12 +155,17 @@ class Remote:
                 yield from out
 
     def commit(self, cid: str) -> dict[str, Any]:
+        """The commit cid, fetched once per process (a pull reads the pulled one, its parents
+        walking to a local base and that base's root; refs may share one)."""
         from cowfs.blob.base import BlobNotFound
-        try:
-            return decode_commit(cid, self.blobs.get("commit/" + cid))
-        except BlobNotFound:
-            raise FleetError(f"the remote {self.cfg.name} lacks the commit {cid}: run cowfs remote "
-                             f"check {self.cfg.name}") from None
+
+        if cid not in self._commits:
+            try:
+                self._commits[cid] = decode_commit(cid, self.blobs.get("commit/" + cid))
+            except BlobNotFound:
+                raise FleetError(f"the remote {self.cfg.name} lacks the commit {cid}: run cowfs remote "
+                                 f"check {self.cfg.name}") from None
+        return self._commits[cid]
 
     # --- references -------------------------------------------------------------------------
 
