@@ -42,7 +42,9 @@ def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Ma
             m.problems.append(f"pack data/{pack} is missing (its index names {end} bytes of blobs)")
         elif m.sizes[pack] < end:
             m.problems.append(f"pack data/{pack} has {m.sizes[pack]} bytes, its index needs {end}")
-    m.bad_packs = {p for p in ends if p not in m.sizes or m.sizes[p] < ends[p]}
+        else:
+            continue
+        m.bad_packs.add(pack)
 
     trees: list[bytes] = []
     for family in REF_FAMILIES:

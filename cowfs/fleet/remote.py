@@ -80,18 +80,17 @@ class Remote:
         names = [e.name[len("index/"):] for e in self.blobs.list("index/")]
         missing = [p for p in names if p not in self.packs and not (d / p).exists()]
 
-        def fetch(pack: str) -> None:
+        def fetch(pack: str) -> dict[bytes, Loc]:
             data = self.blobs.get("index/" + pack)
-            decode_index(pack, data)
-            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, d / pack)
+            entries = decode_index(pack, data)       # checked before it is cached
+            self._cache_index(pack, data)
+            return entries
         with ThreadPoolExecutor(self.workers) as pool:
-            list(pool.map(fetch, missing))
+            fetched = dict(zip(missing, pool.map(fetch, missing)))
         for pack in names:
             if pack not in self.packs:
-                self.add_index(pack, decode_index(pack, (d / pack).read_bytes()))
+                entries = fetched.get(pack)
+                self.add_index(pack, entries if entries is not None else decode_index(pack, (d / pack).read_bytes()))
                 progress(1)
         return len(names)
 
@@ -102,13 +101,17 @@ class Remote:
 
     def remember_index(self, pack: str, data: bytes) -> None:
         """An index this process uploaded: into the cache and the union without a fetch."""
+        self._cache_index(pack, data)
+        self.add_index(pack, decode_index(pack, data))
+
+    def _cache_index(self, pack: str, data: bytes) -> None:
+        """Into the local cache, whole or not at all (a name there is a complete index)."""
         d = self.cache / "index"
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, d / pack)
-        self.add_index(pack, decode_index(pack, data))
 
     # --- blobs ------------------------------------------------------------------------------
 
