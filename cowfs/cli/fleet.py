@@ -258,7 +258,7 @@ def push(mount: str, snapshot: str, remote_name: str, as_name: str | None, remot
     ref = _ref_name(as_name or snapshot, "snapshot")
     if remote_branch is not None:
         _ref_name(remote_branch, "branch")
-    listing, _where, mp = admin.listing_of(place.mountpoint)
+    listing, _where, _mp = admin.listing_of(place.mountpoint)
     if snapshot not in {s["name"] for s in listing["snapshots"]}:
         raise CliError(f"no snapshot named {snapshot!r} in the lineage of {place.mountpoint} "
                        f"(take one with cowfs snapshot {place.mountpoint} {snapshot})")
