@@ -110,10 +110,11 @@ class Host(fleetlib.Host):
                     b[kind] += nbytes
         return stdout, n, b
 
-    def cached_indexes(self) -> int:
+    def cached_indexes(self) -> set[str]:
+        """The packs whose index this host's cache holds."""
         d = os.path.join(self.dir, "cache", "cowfs", "fleet")
-        return sum(len([f for f in os.listdir(os.path.join(d, x, "index")) if not f.startswith(".")])
-                   for x in (os.listdir(d) if os.path.isdir(d) else []) if os.path.isdir(os.path.join(d, x, "index")))
+        return {f for x in (os.listdir(d) if os.path.isdir(d) else []) if os.path.isdir(os.path.join(d, x, "index"))
+                for f in os.listdir(os.path.join(d, x, "index")) if not f.startswith(".")}
 
 
 def make_tree(root: str, seed: int = 1) -> None:
@@ -149,21 +150,24 @@ def change(root: str, n: int, tag: str, suffix: str) -> None:
 # --- the model (docs/scaling.md "Requests per operation") ---------------------------------------
 
 def model_push(P: int, U: int, N: int, parent: bool, branch: bool, seconds: float) -> Counter:
-    """A push: P packs on the remote, U of their indexes not in this host's cache, N new packs."""
-    return Counter({"S3 LIST index": max(1, math.ceil(P / 1000)), "S3 GET index": U,
+    """A push: P packs on the remote, N new packs; U indexes read that this host's cache lacks:
+    with a parent (whose commit names its packs), of the parent's packs, read after the parent
+    commit (one GET) and without a LIST; without one, of every pack, after a LIST of index/."""
+    return Counter({"S3 LIST index": 0 if parent else max(1, math.ceil(P / 1000)), "S3 GET index": U,
+                    "S3 GET commit": int(parent),
                     "S3 HEAD data": 2 * N, "S3 PUT data": N, "S3 HEAD index": 2 * N, "S3 PUT index": N,
-                    "S3 HEAD commit": 2 + parent, "S3 PUT commit": 1,
+                    "S3 HEAD commit": 2, "S3 PUT commit": 1,
                     "etcd lease/grant": 1, "etcd kv/txn": 2, "etcd kv/range": 2 + branch,
                     "etcd lease/keepalive": int(seconds // (PUSH_TTL / 3)), "etcd lease/revoke": 1})
 
 
-def model_pull(P: int, U: int, walked: int, based: bool) -> Counter:
+def model_pull(U: int, walked: int, based: bool) -> Counter:
     """A pull's fixed part: each commit read once, the pulled one, `walked` parents read past
     it while looking for a local base, and the base (based: one other than the pulled one was
-    found); the ranged GETs of trees and chunks (S3 GET data) depend on the layout and are
+    found); U indexes this host's cache lacks of the packs the pulled commit and the base name
+    (no LIST); the ranged GETs of trees and chunks (S3 GET data) depend on the layout and are
     reported as measured."""
-    return Counter({"etcd kv/range": 1, "S3 GET commit": 1 + walked + based,
-                    "S3 LIST index": max(1, math.ceil(P / 1000)), "S3 GET index": U})
+    return Counter({"etcd kv/range": 1, "S3 GET commit": 1 + walked + based, "S3 GET index": U})
 
 
 def model_hold(seconds: float, ttl: float) -> Counter:
@@ -216,28 +220,44 @@ def main() -> None:
         f.write(textwrap.dedent(COUNTER))
     ops: list[dict] = []
     with fleetlib.fleet(BASE, PREFIX, Host) as fleet:
-        def push(h: Host, mp: str, snap: str, parent: bool, *extra: str) -> dict:
+        s3 = fleet.sw.client()
+
+        def packs(name: str) -> set[str]:
+            """The packs the commit of the remote's snapshot `name` names."""
+            cid = {r["name"]: r["commit"] for r in json.loads(a.cowfs("remote", "show", "origin", "--json")[0])["refs"]
+                   if r["kind"] == "snapshot"}[name]
+            return set(json.loads(s3.get_object(Bucket=fleet.sw.BUCKET, Key=f"{PREFIX}/commit/{cid}")["Body"].read())
+                       ["packs"])
+
+        def push(h: Host, mp: str, snap: str, parent: str | None, *extra: str) -> dict:
+            """parent: the remote snapshot the pushed tree was made from (its packs' indexes are read)."""
             before, cached = fleet.remote_objects(), h.cached_indexes()
+            read = packs(parent) if parent else None
             h.cowfs("snapshot", mp, snap)
             out, n, b = h.cowfs("push", mp, snap, "origin", "--json", *extra, count=True)
             s = json.loads(out.strip().splitlines()[-1])["pushed"]
             after = fleet.remote_objects()
             P, N = before["index"], after["data"] - before["data"]
-            op = compare(f"push {snap} from {h.name} (P={P}, U={P - cached}, N={N}, {s['files_read']} files "
+            U = len(read - cached) if read is not None else P - len(cached)
+            op = compare(f"push {snap} from {h.name} (P={P}, U={U}, N={N}, {s['files_read']} files "
                          f"read, {s['bytes_uploaded']} B uploaded)", n, b,
-                         model_push(P, P - cached, N, parent, bool(extra), s["seconds"]))
-            op.update(P=P, U=P - cached, N=N, uploaded=s["bytes_uploaded"])
+                         model_push(P, U, N, parent is not None, bool(extra), s["seconds"]))
+            op.update(P=P, U=U, N=N, uploaded=s["bytes_uploaded"], packs=len(packs(snap)))
             ops.append(op)
             return op
 
-        def pull(h: Host, name: str, walked: int, based: bool) -> dict:
+        def pull(h: Host, name: str, walked: int, base: str | None) -> dict:
+            """base: the remote snapshot this host holds already that the pull diffs against."""
             P, cached = fleet.remote_objects()["index"], h.cached_indexes()
+            read = packs(name) | (packs(base) if base else set())
             out, n, b = h.cowfs("pull", "origin", name, h.store, "--json", count=True)
             s = json.loads(out.strip().splitlines()[-1])["pulled"]
-            op = compare(f"pull {name} into {h.name} (P={P}, U={P - cached}; {s['trees_fetched']} trees, "
+            U = len(read - cached)
+            op = compare(f"pull {name} into {h.name} (P={P}, U={U}; {s['trees_fetched']} trees, "
                          f"{s['chunks_fetched']} chunks, {s['bytes_fetched']} B raw fetched)", n, b,
-                         model_pull(P, P - cached, walked, based), free=("S3 GET data",))
-            op.update(P=P, U=P - cached, trees=s["trees_fetched"], chunks=s["chunks_fetched"])
+                         model_pull(U, walked, base is not None), free=("S3 GET data",))
+            op.update(P=P, U=U, trees=s["trees_fetched"], chunks=s["chunks_fetched"], bytes_fetched=s["bytes_fetched"],
+                      get_data_bytes=b["S3 GET data"])
             ops.append(op)
             return op
 
@@ -251,23 +271,23 @@ def main() -> None:
             suffix = ".py"
         else:
             make_tree(mp)
-        push(a, mp, "base", False)
+        push(a, mp, "base", None)
         change(mp, 10, "a", suffix)
-        push(a, mp, "fork", True)                     # the same host: its index cache is warm
+        push(a, mp, "fork", "base")                   # the same host: its index cache is warm
         b = fleet.host("b")
-        pull(b, "base", 0, False)
-        pull(b, "fork", 0, True)                      # fork's parent is base, which b holds
+        pull(b, "base", 0, None)
+        pull(b, "fork", 0, "base")                    # fork's parent is base, which b holds
         for i in range(args.hosts - 2):
             h = fleet.host(f"h{i}")
-            pull(h, "base", 0, False)
+            pull(h, "base", 0, None)
             fm = h.mount("base")
             change(fm, 10, h.name, suffix)
-            push(h, fm, f"fork-{h.name}", True)
+            push(h, fm, f"fork-{h.name}", "base")
             h.umount_all()
         change(mp, 1, "a again", suffix)
         # a branch push: one range more (the branch's hold); its parent is the branch's last
-        # commit seen by this host (none: never pushed to main), so no HEAD of a parent
-        push(a, mp, "head", False, "--branch", "main")
+        # commit seen by this host (none: never pushed to main), so it reads every index
+        push(a, mp, "head", None, "--branch", "main")
         t0 = time.monotonic()
         _out, n, bts = a.cowfs("remote", "hold", "origin", "main", "--ttl", "3", "--", "sleep", "4", count=True)
         ops.append(compare("hold of branch main, --ttl 3, for `sleep 4`", n, bts, model_hold(4.0, 3.0)))

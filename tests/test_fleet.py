@@ -516,6 +516,82 @@ def test_a_branch_pushed_while_the_etcd_leader_dies_loses_no_reference(fleet, mo
     assert a.json("remote", "check", "origin")["ok"]
 
 
+def _commit(seaweedfs, prefix: str, cid: str) -> dict:
+    body = seaweedfs.client().get_object(Bucket=seaweedfs.BUCKET, Key=f"{prefix}/commit/{cid}")["Body"].read()
+    return json.loads(body)
+
+
+def _cached_indexes(h: Host) -> set[str]:
+    d = h.base / "cache" / "cowfs" / "fleet"
+    return {f.name for f in d.glob("*/index/*") if not f.name.startswith(".")}
+
+
+def test_a_commit_names_its_packs_and_pulls_and_fork_pushes_read_only_their_indexes(
+        fleet, mount_factory, seaweedfs, etcd, engine_prefix):
+    from cowfs.fleet.objects import encode_commit
+    from cowfs.kv.base import Batch
+    from cowfs.kv.etcd import EtcdKV
+
+    a, b, c, d = fleet("a"), fleet("b"), fleet("c"), fleet("d")
+    m = mount_factory()
+    for i in range(5):
+        (m.path / f"d{i}").mkdir()
+        for j in range(4):
+            (m.path / f"d{i}" / f"f{j}").write_bytes(os.urandom(70_000))
+    snap(m, "base")
+    a.json("push", m.path, "base", "origin")
+    (m.path / "d0" / "f0").write_bytes(b"fork")
+    fork = snap(m, "fork")
+    a.json("push", m.path, "fork", "origin")
+    other = mount_factory()
+    (other.path / "unrelated").write_bytes(os.urandom(100_000))
+    snap(other, "other")
+    c.json("push", other.path, "other", "origin")                     # a pack nobody else needs
+    refs = {r["name"]: r["commit"] for r in a.json("remote", "show", "origin")["refs"]}
+    base_c, fork_c, other_c = (_commit(seaweedfs, engine_prefix, refs[n]) for n in ("base", "fork", "other"))
+    base_p, fork_p, other_p = set(base_c["packs"]), set(fork_c["packs"]), set(other_c["packs"])
+    assert len(base_p) == 1 and len(fork_p) == 2 and base_p < fork_p and len(other_p) == 1, (base_p, fork_p)
+    assert not other_p & fork_p
+
+    # A pull reads the indexes of the commit's packs only (no LIST of index/: the other pack's
+    # index never reaches b), and they locate every blob of its tree.
+    store_b = mounting.init_store(b.base / "store")
+    b.json("pull", "origin", "fork", store_b)
+    assert _cached_indexes(b) == fork_p
+    fb = mount_factory(store=store_b, branch="fork")
+    same_tree(fork, fb.path)
+    # A fork pushed from there reads its parent's packs' indexes only, uploads only the change,
+    # and its commit names the packs it shares with its parent.
+    (fb.path / "d1" / "f1").write_bytes(b"b's change")
+    snap(fb, "b-fork")
+    pushed = b.json("push", fb.path, "b-fork", "origin")["pushed"]
+    assert pushed["files_read"] == 1 and pushed["chunks_new"] == 1 and pushed["bytes_uploaded"] < 20_000, pushed
+    assert not _cached_indexes(b) & other_p
+    b_c = _commit(seaweedfs, engine_prefix, pushed["commit"])
+    assert set(b_c["packs"]) - fork_p and fork_p <= set(b_c["packs"]) and len(b_c["packs"]) == 3
+
+    # A commit pushed before commits named their packs: a pull reads every index instead.
+    old = {k: v for k, v in base_c.items() if k != "packs"}
+    cid, data = encode_commit(old)
+    seaweedfs.client().put_object(Bucket=seaweedfs.BUCKET, Key=f"{engine_prefix}/commit/{cid}", Body=data)
+    kv = EtcdKV(etcd.endpoint, ("snap",), f"cowfs-fleet/{seaweedfs.BUCKET}/{engine_prefix}/".encode())
+    batch = Batch()
+    batch.put("snap", b"old", cid.encode())
+    kv.write(batch, [])
+    kv.close()
+    store_d = mounting.init_store(d.base / "store")
+    d.json("pull", "origin", "old", store_d)
+    assert _cached_indexes(d) == fork_p | other_p | set(b_c["packs"])
+    same_tree(m.path / ".cowfs" / "snapshots" / "base", mount_factory(store=store_d, branch="old").path)
+    assert a.json("remote", "check", "origin", "--verify")["ok"]
+
+    # check names a commit whose pack's index is gone.
+    seaweedfs.client().delete_object(Bucket=seaweedfs.BUCKET, Key=f"{engine_prefix}/index/{sorted(other_p)[0]}")
+    r = a.cowfs("remote", "check", "origin", check=False)
+    assert r.returncode == 1 and f"commit/{refs['other']} names the pack {sorted(other_p)[0]}, which has no index" \
+        in r.stdout + r.stderr, r.stdout + r.stderr
+
+
 def test_a_pull_over_an_earlier_pull_applies_every_kind_of_change(fleet, mount_factory):
     """The incremental pull (a branch made from the snapshot of the base, then only the
     difference written) against a fork that changes every kind of thing: content in the

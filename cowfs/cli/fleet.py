@@ -326,8 +326,10 @@ def pull(remote_name: str, name: str, store: str, is_branch: bool, into: str | N
             if snap in snaps or snap in branches:
                 raise CliError(f"{store} has a snapshot or branch named {snap!r} already; choose another with --snapshot")
             commit = r.commit(cid)
-            r.load_index()
             base = _base(r, state, store, cid, snaps)
+            r.index_commit(commit)                # the packs of its tree (and of the base's: the
+            if base:                              # old trees diffed against)
+                r.index_commit(r.commit(base[0]))
             _make_branch(store, into, base[1] if base else None, snaps, branches)
             try:
                 base_root = r.commit(base[0])["root"] if base else None

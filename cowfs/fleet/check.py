@@ -1,7 +1,8 @@
 """`cowfs remote check`: is everything a reference reaches on the remote?  And the mark that
 `cowfs remote gc` shares with it.
 
-From every reference (snap/*, branch/*): its commit object exists and decodes; every tree reachable from those commits is in a pack index and decodes; every chunk
+From every reference (snap/*, branch/*): its commit object exists and decodes, and every
+pack it names has an index; every tree reachable from those commits is in a pack index and decodes; every chunk
 a file lists is in a pack index; every pack an index names exists and is long enough for the
 index's entries.  With verify, every reachable blob is also fetched and hashed.  Objects
 no reference reaches (a push killed before its references were set) are not problems: they
@@ -64,6 +65,11 @@ def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Ma
                 continue
             m.commits[cid] = doc
             trees.append(bytes.fromhex(doc["tree"]))
+            for pack in doc.get("packs") or ():
+                if pack not in remote.packs:
+                    m.problems.append(f"{family}/{name}: commit/{cid} names the pack {pack}, which has no index")
+                elif pack in m.bad_packs:
+                    m.problems.append(f"{family}/{name}: commit/{cid} names the damaged pack {pack}")
     while trees:
         level, trees = [h for h in dict.fromkeys(trees) if h not in m.trees], []
         m.trees.update(level)

@@ -8,8 +8,11 @@ Layout under the remote's bucket and prefix:
                        compression does not pay); pack id = BLAKE3 of the pack's bytes
     index/<pack id>    the pack's index (uploaded after its pack): for each blob its hash,
                        type, encoding, offset, stored and raw length
-    commit/<commit id> a commit (JSON): the root tree, the parent commit, where it came from;
-                       commit id = BLAKE3 of its bytes
+    commit/<commit id> a commit (JSON): the root tree, the parent commit, where it came from,
+                       and `packs`: every pack that holds a chunk or tree of its tree (one
+                       pack per blob, so a pull or a lazy mount reads those indexes only, not
+                       all of `index/`; commits pushed before it existed lack it: readers
+                       then read every index); commit id = BLAKE3 of its bytes
 
 Blobs are of two types.  A chunk ('c') is 64 KiB of file content at a fixed offset, hashed
 exactly as cowfs hashes its own chunks (cowfs.chunks.codec: BLAKE3 of the bytes, CHUNK
@@ -178,4 +181,9 @@ def decode_commit(cid: str, data: bytes) -> dict[str, Any]:
         raise CorruptObject(f"commit/{cid}: {e}") from None
     if len(bytes.fromhex(doc["tree"])) != HASH_LEN:
         raise CorruptObject(f"commit/{cid}: bad tree id")
+    packs = doc.get("packs")
+    if packs is not None and not (isinstance(packs, list) and all(
+            isinstance(p, str) and len(p) == 2 * HASH_LEN and p == p.lower()
+            and all(c in "0123456789abcdef" for c in p) for p in packs)):
+        raise CorruptObject(f"commit/{cid}: bad pack list")
     return doc

@@ -2,16 +2,20 @@
 trees and a commit; then one compare-and-set of the references that name it.
 
 Order (what makes an interrupted push harmless and resumable):
-1. read every pack index of the remote (what it has: chunk and tree ids);
+1. read the pack indexes of the parent commit's packs (what the remote has of the tree this
+   one was made from: chunk and tree ids), or every pack index of the remote when there is no
+   parent or it names no packs (a first push: whatever the remote has is found);
 2. walk the snapshot depth-first in name order; a file's chunk ids come from the stat cache
    when its stat is unchanged and the remote has them all, else from reading it; every chunk
    and tree the remote lacks goes into a pack;
 3. each sealed pack is uploaded, then its index (write-once names: an object already there
    is skipped, a repeated upload of the same bytes is a no-op);
-4. the commit object; 5. the references, by compare-and-set.
+4. the commit object, naming its packs: for each chunk and tree of the tree, the pack it was
+   put in or found in; 5. the references, by compare-and-set.
 Until 5 nothing names the new objects: a push killed anywhere before leaves the references as
-they were, and the packs it completed (with their indexes) are found by the next push, which
-uploads only the rest.
+they were, and the packs it completed (with their indexes) are found by the next push that
+reads every index (a first push), which uploads only the rest; a fork's push (one with a
+parent) does not see them and uploads its few new blobs again.
 """
 from __future__ import annotations
 
@@ -112,6 +116,7 @@ class Pusher:
         self._uploads: list[Future[None]] = []
         self._links: dict[tuple[int, int], tuple[str, Future[list[bytes | None]]]] = {}
         self._cache_rows: list[tuple[str, bytes, int, int, int, bytes]] = []
+        self.packs: set[str] = set()      # the packs holding the tree's blobs: the commit names them
 
     # --- the walk ---------------------------------------------------------------------------
 
@@ -189,6 +194,7 @@ class Pusher:
             with self._lock:
                 have = all(h is None or h in self.remote.index or h in self._queued for h in cached)
                 if have:
+                    self._found(cached)
                     self.stats.files_cached += 1
                     self.stats.chunks_skipped += sum(h is not None for h in cached)
             if have:
@@ -228,6 +234,7 @@ class Pusher:
         new = kind == TYPE_TREE
         with self._lock:
             if h in self.remote.index or h in self._queued:
+                self._found([h])
                 if new:
                     self.stats.trees_skipped += 1
                 else:
@@ -246,12 +253,22 @@ class Pusher:
         if full:
             self._seal()
 
+    def _found(self, hashes: list[bytes | None]) -> None:
+        """Blobs the remote has (or this push's packs will): their packs are the commit's
+        (under the lock; a blob queued but not sealed yet is in a pack of this push)."""
+        for h in hashes:
+            loc = self.remote.index.get(h) if h is not None else None
+            if loc is not None:
+                self.packs.add(loc.pack)
+
     def _seal(self) -> None:
         with self._lock:
             if not self._builder.entries:
                 return
             builder, self._builder = self._builder, PackBuilder()
         pack, data, index, _hashes = builder.seal()
+        with self._lock:
+            self.packs.add(pack)
         for f in self._uploads:          # fail the push at the first failed upload
             if f.done() and f.exception() is not None:
                 raise f.exception()  # type: ignore[misc]
@@ -281,9 +298,32 @@ class Pusher:
 
 
 def make_commit(tree: bytes, root: dict[str, Any], parent: str | None, snapshot: str,
-                branch: str | None) -> tuple[str, bytes]:
+                branch: str | None, packs: set[str]) -> tuple[str, bytes]:
     return encode_commit({"v": 1, "tree": tree.hex(), "root": root, "parent": parent, "snapshot": snapshot,
-                          "branch": branch, "host": socket.gethostname(), "created_ns": time.time_ns()})
+                          "branch": branch, "host": socket.gethostname(), "created_ns": time.time_ns(),
+                          "packs": sorted(packs)})
+
+
+def read_parent(remote: Remote, parent: str | None) -> str | None:
+    """Read what the remote has for a push whose tree was made from commit `parent`: that
+    commit's packs' indexes, or every index when it has none or names none.  The parent, or
+    None when the remote no longer has it (deleted and gc'd: a parent is only a hint)."""
+    from cowfs.fleet import FleetError
+
+    doc = None
+    if parent is not None:
+        try:
+            doc = remote.commit(parent)
+        except FleetError:
+            parent = None
+    if doc is not None and doc.get("packs") is not None:
+        try:
+            remote.load_packs(doc["packs"])
+            return parent
+        except FleetError:      # a pack of it gc'd meanwhile: the parent is gone too
+            parent = None
+    remote.load_index()
+    return parent
 
 
 def push(remote: Remote, state: State, store: str, branch: str, snapshot: str, root: str, ref_name: str,
@@ -301,15 +341,12 @@ def _push(remote: Remote, state: State, store: str, branch: str, snapshot: str, 
     from cowfs.fleet import RefConflict
 
     hold = remote.hold_fence(remote_branch) if remote_branch else None     # refused early if held
-    remote.load_index()
+    base = state.base(store, branch, remote.key, remote_branch) if remote_branch else None
+    parent = read_parent(remote, base if remote_branch else state.origin(store, branch, remote.key))
     pusher = Pusher(remote, state, store, progress)
     tree, root_entry = pusher.push_tree(root)
     t0 = time.monotonic()
-    base = state.base(store, branch, remote.key, remote_branch) if remote_branch else None
-    parent = base if remote_branch else state.origin(store, branch, remote.key)
-    if parent is not None and not remote.blobs.exists("commit/" + parent):
-        parent = None         # deleted since (remote delete + gc): a parent is only a hint
-    cid, data = make_commit(tree, root_entry, parent, snapshot, remote_branch)
+    cid, data = make_commit(tree, root_entry, parent, snapshot, remote_branch, pusher.packs)
     existing = remote.get_ref("snap", ref_name)
     if existing is not None and remote.commit(existing)["tree"] != tree.hex():
         raise RefConflict(f"the remote {remote.cfg.name} has a snapshot {ref_name} already, of other content "

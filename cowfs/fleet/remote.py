@@ -1,7 +1,8 @@
 """One opened remote: its objects (an S3BlobStore on BUCKET/PREFIX), its references (an EtcdKV
 with the families `snap` and `branch`, under the etcd key prefix `cowfs-fleet/BUCKET/PREFIX/`,
 so one etcd can serve several remotes; `lock` and `condemned` are the gc's) and the union of
-its pack indexes.
+the pack indexes read so far: a commit's own packs for push, pull and a lazy mount
+(`index_commit`: a commit names the packs its tree's blobs are in), all of them for check and gc.
 
 References are the only mutable state of a remote and change only by compare-and-set
 (`set_ref`); a reference's value is a commit id.  Indexes are immutable, so each is fetched
@@ -15,7 +16,7 @@ import os
 import socket
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from cowfs.fleet import FleetError, RefConflict
 from cowfs.fleet.config import RemoteConfig, cache_dir
@@ -59,6 +60,7 @@ class Remote:
         self.cache = cache_dir() / "fleet" / ident
         self.index: dict[bytes, Loc] = {}
         self.packs: set[str] = set()
+        self._listed = False         # every index of the remote read (load_index)
         self._commits: dict[str, dict[str, Any]] = {}     # read already (immutable, named by their hash)
 
     def close(self) -> None:
@@ -74,25 +76,49 @@ class Remote:
     # --- indexes ----------------------------------------------------------------------------
 
     def load_index(self, progress: Callable[[int], None] = lambda n: None) -> int:
-        """Read every pack index of the remote (from the local cache when there); how many."""
+        """Read every pack index of the remote (LIST `index/`; each fetched unless cached); how
+        many.  What check and gc need, and the fallback for a commit that names no packs."""
+        names = [e.name[len("index/"):] for e in self.blobs.list("index/")]
+        self.load_packs(names, progress)
+        self._listed = True
+        return len(names)
+
+    def load_packs(self, packs: Iterable[str], progress: Callable[[int], None] = lambda n: None) -> None:
+        """Read the indexes of these packs (from the local cache when there, no LIST): the
+        union index then locates every blob they hold.  FleetError if one is missing."""
+        from cowfs.blob.base import BlobNotFound
+
         d = self.cache / "index"
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        names = [e.name[len("index/"):] for e in self.blobs.list("index/")]
-        missing = [p for p in names if p not in self.packs and not (d / p).exists()]
+        names = [p for p in dict.fromkeys(packs) if p not in self.packs]
+        missing = [p for p in names if not (d / p).exists()]
 
         def fetch(pack: str) -> dict[bytes, Loc]:
-            data = self.blobs.get("index/" + pack)
+            try:
+                data = self.blobs.get("index/" + pack)
+            except BlobNotFound:
+                raise FleetError(f"the remote {self.cfg.name} lacks the pack index index/{pack}: run cowfs remote "
+                                 f"check {self.cfg.name}") from None
             entries = decode_index(pack, data)       # checked before it is cached
             self._cache_index(pack, data)
             return entries
         with ThreadPoolExecutor(self.workers) as pool:
             fetched = dict(zip(missing, pool.map(fetch, missing)))
         for pack in names:
-            if pack not in self.packs:
-                entries = fetched.get(pack)
-                self.add_index(pack, entries if entries is not None else decode_index(pack, (d / pack).read_bytes()))
-                progress(1)
-        return len(names)
+            entries = fetched.get(pack)
+            self.add_index(pack, entries if entries is not None else decode_index(pack, (d / pack).read_bytes()))
+            progress(1)
+
+    def index_commit(self, doc: dict[str, Any]) -> None:
+        """Make every blob of a commit's tree locatable (`locate`, `fetch`): the indexes of the
+        packs the commit names (its push recorded them), or, for a commit made before pushes
+        recorded them, every index of the remote."""
+        packs = doc.get("packs")
+        if packs is None:
+            if not self._listed:
+                self.load_index()
+        else:
+            self.load_packs(packs)
 
     def add_index(self, pack: str, entries: dict[bytes, Loc]) -> None:
         for h, loc in entries.items():
