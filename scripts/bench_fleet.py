@@ -80,7 +80,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hosts", type=int, default=5, help="fleet hosts pushing forks of the base (issue: 20)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cowfs", default=fleetlib.COWFS, help="the cowfs CLI of every host (default: this checkout's)")
     args = ap.parse_args()
+    fleetlib.COWFS = args.cowfs
     shutil.rmtree(BASE, ignore_errors=True)
     os.makedirs(BASE)
     tar, entries = benchlib.django_tar()
@@ -132,7 +134,10 @@ def main() -> None:
                         "ratio_to_base": round(total / base_bytes, 3),
                         "goal_bytes": int(1.1 * base_bytes) + fork_changes,
                         "met": total <= 1.1 * base_bytes + fork_changes,
-                        "uploaded_per_fork": [p["bytes_uploaded"] for p in pushes]}
+                        "uploaded_per_fork": [p["bytes_uploaded"] for p in pushes],
+                        # a host's first push after its pull: files read again, and its time
+                        "files_read_per_fork": [p["files_read"] for p in pushes],
+                        "push_s_per_fork": [p["seconds"] for p in pushes]}
         benchlib.log(f"fleet: {out['fleet']}")
         check = a.json("remote", "check", "origin")
         out["check_ok"] = check["ok"]
@@ -149,6 +154,8 @@ def main() -> None:
         fl = out["fleet"]
         print(f"{fl['hosts']} hosts pushing forks: remote {fl['remote_bytes']} bytes = {fl['ratio_to_base']}x the base "
               f"(goal <= {fl['goal_bytes']}: {'met' if fl['met'] else 'MISSED'})")
+        print(f"each host's push of its fork after pulling the base: files read {fl['files_read_per_fork']} "
+              f"of {bp['files']}, seconds {fl['push_s_per_fork']}")
 
 
 if __name__ == "__main__":
