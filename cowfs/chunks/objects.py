@@ -122,7 +122,7 @@ class ObjectStore:
     def _decode(self, raw: bytes, h: bytes) -> bytes:
         ext = codec.packed_extent(raw)
         if ext is None:
-            return codec.decode_chunk(raw, h, self._base)
+            return codec.decode_chunk(raw, h, self.peek_chunk)
         return codec.decode_payload(codec.packed_kind(raw), self.packs.read(*ext), h)
 
     def read_ahead(self, hashes: list[bytes]) -> None:
@@ -152,9 +152,10 @@ class ObjectStore:
             self.packs.delete(pack)
         txn.staged = []
 
-    def _base(self, h: bytes) -> bytes:
-        """A delta's base (always stored whole: one hop): from L1 if there, without touching
-        its order (thread-safe), else from the store."""
+    def peek_chunk(self, h: bytes) -> bytes:
+        """Chunk h from L1 if there, without touching its order, else from the store, never
+        inserted (thread-safe): a delta's base (always stored whole: one hop), a flush's merge of
+        a sparse buffer (core.node.Sparse)."""
         data = self.cache.l1.peek(h)
         return data if data is not None else self.load(h)
 

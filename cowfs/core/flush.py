@@ -22,7 +22,7 @@ import trio
 from cowfs import faults
 from cowfs.chunks import codec, tree
 from cowfs.chunks.tree import CHUNK, RESERVED, TreeWriter
-from cowfs.core.node import Node
+from cowfs.core.node import Node, Sparse
 from cowfs.core.txn import Mutation
 from cowfs.errors import FSError
 from cowfs.meta.records import Attrs
@@ -60,7 +60,7 @@ class _Taken(NamedTuple):
     `_stamp`) the file had then: a SETATTR deferred while the flush encodes follows later
     writes, and goes with them in the next flush."""
     node: Node
-    chunks: dict[int, bytes | bytearray]
+    chunks: dict[int, bytearray | memoryview | Sparse]
     size: int
     stamp: tuple[int, int, int, int, int, int]
     unlogged: set[int] | None  # its pages not in a log record (given back if the commit fails)
@@ -163,11 +163,14 @@ class Flusher:
                 txn.lock.release()
         await self.fs.store.sync()
 
-    def encode(self, chunks: dict[int, bytes | bytearray]) -> Encoded:
-        """Hash and (for chunks new to the store) compress; None marks an all-zero chunk (hole)."""
+    def encode(self, chunks: dict[int, bytearray | memoryview | Sparse]) -> Encoded:
+        """Hash and (for chunks new to the store) compress; None marks an all-zero chunk (hole).
+        A sparse buffer is merged with its stored chunk here, so in a large flush's thread."""
         out: Encoded = {}
         objects = self.fs.store.objects
         for i, data in chunks.items():
+            if type(data) is Sparse:
+                data = data.merge(objects.peek_chunk(data.base))
             # Comparing with a zero chunk stops at the first nonzero byte (count(0) reads all);
             # a memoryview compares slowly (~50 us), so only one that starts with a zero byte
             # is copied and compared.
@@ -287,7 +290,8 @@ class Flusher:
         for t in work:
             node = t.node
             for i, data in t.chunks.items():
-                node.dirty.setdefault(i, bytearray(data))
+                # A Sparse is not changed while flushing (writes start new buffers): it goes back as it is.
+                node.dirty.setdefault(i, data if type(data) is Sparse else bytearray(data))
             node.flushing = {}
             if t.unloggable or node.unloggable:
                 node.unlogged, node.unloggable = None, True
@@ -360,7 +364,9 @@ class Flusher:
         i, rem = divmod(cap, CHUNK)
         data = t.chunks.get(i) if rem else None
         if data is not None and len(data) > rem:
-            keep.update(self.encode({i: bytes(data[:rem])}))
+            if type(data) is Sparse:
+                data = data.merge(self.fs.store.objects.chunk(data.base))
+            keep.update(self.encode({i: bytearray(data[:rem])}))
         return cap, keep
 
     async def background_flusher(self) -> None:

@@ -4,6 +4,12 @@ Data written by the kernel lands in per-chunk dirty buffers (`dirty`); a flush m
 `flushing` while they are hashed and compressed (possibly in a thread), then commits them as
 a new chunk tree.  Reads look in dirty, then flushing, then the committed tree, so no read
 ever misses data that a write already acknowledged.
+
+A write into part of a stored chunk that is in no buffer does not read that chunk: its
+buffer is a `Sparse` (the written bytes and where they are, over the stored chunk named by
+its hash), merged with the stored chunk only when the whole chunk is needed - a read of
+bytes it was not written, a truncate or fallocate of it, or the flush that encodes it (in
+the flush's thread when the flush is large: `Flusher.encode`).
 """
 from __future__ import annotations
 
@@ -22,6 +28,74 @@ _ZEROS = bytes(CHUNK)
 PAGE = 4096  # the small-write log's unit (cowfs.core.smallwrites)
 # Unlogged pages a node tracks; beyond, it stops (its next fsync flushes, as a large one would).
 UNLOGGED_MAX = (256 << 10) // PAGE
+
+
+class Sparse:
+    """A dirty chunk written in part over stored chunk `base` (`base_len` bytes) that was not
+    read: `data` holds the written bytes at their offsets (zeros elsewhere), `spans` the
+    written [start, end) ranges, sorted, disjoint and not adjacent.  Its length is the
+    chunk's as written: max(base_len, len(data)).  The stored chunk stays referenced by the
+    committed tree until the flush that encodes this buffer commits (frees happen only in
+    commits, and every commit that changes the file's tree flushes its buffers first)."""
+
+    __slots__ = ("base", "base_len", "data", "spans")
+
+    def __init__(self, base: bytes, base_len: int) -> None:
+        self.base = base
+        self.base_len = base_len
+        self.data = bytearray()
+        self.spans: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        return max(self.base_len, len(self.data))
+
+    def put(self, co: int, piece: memoryview) -> None:
+        """Write piece at chunk offset co."""
+        end = co + len(piece)
+        if len(self.data) < co:
+            self.data.extend(bytes(co - len(self.data)))
+        self.data[co:end] = piece
+        a, b = co, end
+        kept = []
+        for s, e in self.spans:
+            if e < a or s > b:
+                kept.append((s, e))
+            else:
+                a, b = min(a, s), max(b, e)
+        kept.append((a, b))
+        kept.sort()
+        self.spans = kept
+
+    def whole(self) -> bool:
+        """Whether the writes cover every byte of the stored chunk (then `data` is the chunk)."""
+        return len(self.spans) == 1 and self.spans[0][0] == 0 and self.spans[0][1] >= self.base_len
+
+    def covered(self, a: int, b: int) -> bool:
+        """Whether bytes [a, b) of the chunk (b clipped to its length) were all written."""
+        b = min(b, len(self))
+        return a >= b or any(s <= a and b <= e for s, e in self.spans)
+
+    def trim(self, n: int) -> None:
+        """Cut the chunk to n bytes (n < its length): the stored bytes beyond too."""
+        self.base_len = min(self.base_len, n)
+        del self.data[n:]
+        self.spans = [(s, min(e, n)) for s, e in self.spans if s < n]
+
+    def merge(self, stored: bytes | bytearray) -> bytearray:
+        """The whole chunk: stored (the content of `base`) under the written bytes."""
+        out = bytearray(memoryview(stored)[: self.base_len])
+        if len(out) < len(self.data):
+            out.extend(bytes(len(self.data) - len(out)))
+        data = self.data
+        for s, e in self.spans:
+            out[s:e] = data[s:e]
+        return out
+
+    def written(self, a: int, b: int) -> Iterator[tuple[int, int]]:
+        """The written ranges within [a, b)."""
+        for s, e in self.spans:
+            if s < b and e > a:
+                yield max(s, a), min(e, b)
 
 
 def _zeros(data: bytes | bytearray | memoryview, pos: int, n: int) -> bool:
@@ -49,10 +123,11 @@ class Node:
         self.stored_root: Root | None = attrs.root
         self.lookups = 0
         self.opens = 0
-        # Chunk buffers: bytearrays, or read-only views of a write request's bytes for a chunk
-        # written whole (never mutated: a partial write replaces the view by a copy).
-        self.dirty: dict[int, bytearray | memoryview] = {}
-        self.flushing: dict[int, bytearray | memoryview] = {}
+        # Chunk buffers: bytearrays, read-only views of a write request's bytes for a chunk
+        # written whole (never mutated: a partial write replaces the view by a copy), or
+        # `Sparse` writes over a stored chunk not read (merged where the chunk is needed).
+        self.dirty: dict[int, bytearray | memoryview | Sparse] = {}
+        self.flushing: dict[int, bytearray | memoryview | Sparse] = {}
         self.deleted = False
         # What this inode contributes to its view's usage (inode count, logical bytes).
         self.counted = stored_layer is not None
@@ -88,9 +163,23 @@ class Node:
         return self.logged[0] if self.logged is not None else None
 
     # -- reads ---------------------------------------------------------------------------
-    def _buffer(self, i: int) -> bytearray | memoryview | None:
+    def _entry(self, i: int) -> bytearray | memoryview | Sparse | None:
+        """Chunk i's buffer as it is (a Sparse one unmerged)."""
         data = self.dirty.get(i)
         return data if data is not None else self.flushing.get(i)
+
+    def _buffer(self, i: int, objects: "ObjectStore") -> bytearray | memoryview | None:
+        """Chunk i's buffer whole: a Sparse one is merged with its stored chunk (the merge
+        replaces a dirty one; a flushing one is left to its flush, which encodes it)."""
+        data = self.dirty.get(i)
+        if data is not None:
+            if type(data) is Sparse:
+                data = self.dirty[i] = data.merge(objects.chunk(data.base))
+            return data
+        data = self.flushing.get(i)
+        if type(data) is Sparse:
+            return data.merge(objects.chunk(data.base))
+        return data
 
     def stored_hash(self, i: int, objects: "ObjectStore") -> bytes | None:
         """Hash of committed chunk i if a read of it would come from the store (not from a
@@ -102,7 +191,7 @@ class Node:
 
     def chunk(self, index: int, objects: "ObjectStore") -> bytes | bytearray | None:
         """Current content of chunk `index` (may be shorter than CHUNK), or None for a hole."""
-        data = self._buffer(index)
+        data = self._buffer(index, objects)
         if data is not None:
             return data
         h = tree.lookup(self.attrs.root, index, objects.node)
@@ -125,7 +214,7 @@ class Node:
                 k += 1
                 if nxt is not None and nxt[0] == i:
                     nxt = next(stored, None)
-                data = self._buffer(i)
+                data = self._buffer(i, objects)
                 length = len(data) if data and not _zeros(data, 0, len(data)) else 0  # type: ignore[arg-type]
             else:
                 i, h = nxt
@@ -139,8 +228,13 @@ class Node:
     def _read_chunk(self, i: int, a: int, b: int, objects: "ObjectStore") -> bytes | memoryview | None:
         """Bytes [a, b) of chunk i (fewer if it ends early), None for a hole.  Stored chunks
         are read through the page-granular cache API: an L2 hit decodes only these pages."""
-        data = self._buffer(i)
+        data = self._entry(i)
         if data is not None:
+            if type(data) is Sparse:
+                if data.covered(a, b):  # only written bytes: no need of the stored chunk
+                    return bytes(data.data[a:min(b, len(data))])
+                data = self._buffer(i, objects)
+                assert data is not None
             # Dirty buffers are bytearrays that later writes resize: never export a view of them.
             return bytes(data[a:b])
         h = tree.lookup(self.attrs.root, i, objects.node)
@@ -189,7 +283,7 @@ class Node:
     # -- writes --------------------------------------------------------------------------
     def chunk_len(self, i: int, objects: "ObjectStore") -> int:
         """Length of chunk i as it is now (what it has allocated; 0 for a hole)."""
-        data = self._buffer(i)
+        data = self._entry(i)
         if data is not None:
             return len(data)
         return objects.content_size(tree.lookup(self.attrs.root, i, objects.node))
@@ -234,16 +328,25 @@ class Node:
                 self.dirty[i] = mv[pos : pos + n]
                 self.alloc += CHUNK - cur  # type: ignore[operator]
                 continue
-            if buf is not None and type(buf) is not bytearray:
-                buf = self.dirty[i] = bytearray(buf)
             if buf is None:
+                new_chunks += 1
                 if co == 0 and (n == CHUNK or (i * CHUNK + n >= self.attrs.size and cur <= n)):
                     buf = bytearray()  # whole chunk, or everything up to EOF, is overwritten
+                elif cur and i not in self.flushing and (h := tree.lookup(self.attrs.root, i, objects.node)) \
+                        not in (None, RESERVED):
+                    buf = Sparse(h, cur)  # the stored chunk is read when needed, not here
                 else:
                     base = self.chunk(i, objects) if cur else None
                     buf = bytearray(base) if base is not None else bytearray()
                 self.dirty[i] = buf
-                new_chunks += 1
+            if type(buf) is Sparse:
+                buf.put(co, mv[pos : pos + n])
+                if buf.whole():
+                    self.dirty[i] = buf.data
+                self.alloc += len(buf) - cur  # type: ignore[operator]
+                continue
+            if type(buf) is not bytearray:
+                buf = self.dirty[i] = bytearray(buf)
             if len(buf) < co:
                 buf.extend(bytes(co - len(buf)))
             buf[co : co + n] = mv[pos : pos + n]
@@ -265,7 +368,10 @@ class Node:
             del self.dirty[i]
         rem = cap % CHUNK
         buf = self.dirty.get(cap // CHUNK) if rem else None
-        if buf is not None and len(buf) > rem:
+        if type(buf) is Sparse:
+            if len(buf) > rem:
+                buf.trim(rem)
+        elif buf is not None and len(buf) > rem:
             self.dirty[cap // CHUNK] = bytearray(buf[:rem])
         if self.attrs.size > size:
             self.attrs.size = size

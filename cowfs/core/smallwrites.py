@@ -32,7 +32,7 @@ import time
 from typing import TYPE_CHECKING, Iterable
 
 from cowfs.chunks.tree import CHUNK
-from cowfs.core.node import Node, PAGE
+from cowfs.core.node import PAGE, Node, Sparse
 from cowfs.errors import FSError
 from cowfs.kv.base import Batch
 from cowfs.meta import writelog
@@ -49,7 +49,9 @@ LOG_LIMIT = 8 << 20  # bytes logged since the last fold; beyond, an fsync folds 
 
 def _ranges(node: Node) -> list[tuple[int, bytes | memoryview]]:
     """(file offset, bytes) of node's buffers in its unlogged pages, adjacent pages merged;
-    each range ends where its chunk's buffer does (a page past a buffer's end is not data)."""
+    each range ends where its chunk's buffer does (a page past a buffer's end is not data).
+    Of a sparse buffer, only the written bytes: the rest of its pages is the stored chunk,
+    which its replay writes over again."""
     out: list[tuple[int, bytes | memoryview]] = []
     pages = sorted(node.unlogged or ())
     k = 0
@@ -65,7 +67,9 @@ def _ranges(node: Node) -> list[tuple[int, bytes | memoryview]]:
         if buf is None:
             continue  # zeros written over a hole: nothing buffered, the size says it
         a, b = p * PAGE - i * CHUNK, min(q * PAGE - i * CHUNK, len(buf))
-        if a < b:
+        if type(buf) is Sparse:
+            out.extend((i * CHUNK + s, bytes(buf.data[s:e])) for s, e in buf.written(a, b))
+        elif a < b:
             out.append((i * CHUNK + a, bytes(buf[a:b])))
     return out
 
