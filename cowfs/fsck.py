@@ -320,6 +320,8 @@ class Fsck:
             if raw is None:
                 continue
             kinds[h] = raw[0]
+            if raw[0] == codec.KIND_REMOTE:  # a lazy mount's chunk not fetched yet: not missing
+                self.report.counts["remote_chunks"] += 1
             ext = codec.packed_extent(raw)
             if ext is not None and not self._in_pack(ext):
                 damaged.add(h)
@@ -365,6 +367,8 @@ class Fsck:
                     if raw[0] == codec.KIND_NODE:
                         if codec.node_hash(raw[1:]) != h:
                             raise codec.CorruptObject("node does not match its hash")
+                    elif raw[0] == codec.KIND_REMOTE:
+                        codec.remote_loc(raw)  # still on the remote: its place must decode
                     else:
                         codec.decode_chunk(self.store.objects.resolve(raw), h, load_base)
                 except (codec.CorruptObject, IndexError, OSError) as exc:

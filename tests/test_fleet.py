@@ -7,6 +7,8 @@ under a prefix of the test's own, and the session's etcd (references under that 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -15,6 +17,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -698,3 +701,134 @@ def test_a_held_branch_is_pushed_only_by_its_holder_and_taken_over_once_its_leas
     assert shown[("branch", "dev")] == shown[("snapshot", "a1")]
     r = b.cowfs("remote", "hold", "origin", "dev", "--", "sh", "-c", "exit 7", check=False)
     assert r.returncode == 7, "the command's exit status is passed on"
+
+
+# --- lazy mounts: cowfs mount REMOTE:SNAPSHOT MNT --store STORE ----------------------------------
+
+
+@contextlib.contextmanager
+def lazy_mounted(h: Host, source: str, mp: Path, store: Path) -> Iterator[Path]:
+    """A lazy mount by host h, always unmounted afterwards."""
+    mp.mkdir(parents=True, exist_ok=True)
+    h.cowfs("mount", source, mp, "--store", store, timeout=300)
+    try:
+        yield mp
+    finally:
+        h.cowfs("umount", mp, check=False, timeout=120)
+        if mounting.is_mounted(mp):
+            mounting.lazy_unmount(mp)
+
+
+def fetched(mp: Path) -> dict:
+    return json.loads((mp / ".cowfs" / "stats").read_text())["lazy"]
+
+
+def test_a_lazy_mount_shows_the_pushed_tree_and_fetches_only_what_is_read(fleet, mount_factory):
+    a, b = fleet("a"), fleet("b")
+    src = mount_factory()
+    mounting.make_full_tree(src.path, small_files=40, sparse_size=24 << 20)
+    big = (src.path / "big").read_bytes()
+    pushed = snap(src, "base")
+    a.json("push", src.path, "base", "origin")
+    store = b.base / "lazy-store"
+    mp = b.base / "mnt"
+    with lazy_mounted(b, "origin:base", mp, store):
+        assert fetched(mp)["bytes_fetched"] == 0, "the mount fetched data before any read"
+        # Reading a file fetches its chunks only: 48 random ones and the 100-byte tail (its
+        # 1 MiB of zeros is a hole, never stored nor fetched).
+        assert (mp / "big").read_bytes() == big
+        f = fetched(mp)
+        assert f["bytes_fetched"] == (3 << 20) + 100 and f["chunks_fetched"] == 49, f
+        assert f["bytes_transferred"] < f["bytes_fetched"] * 1.3, f
+        assert (mp / "big").read_bytes() == big
+        assert fetched(mp)["bytes_fetched"] == (3 << 20) + 100, "the second read fetched again"
+        # The whole tree, metadata included (every file read: everything else fetched now).
+        same_tree(pushed, mp, names=("pushed", "lazy"))
+        assert (mp / "dir" / "hardlink-to-text").stat().st_ino == (mp / "text").stat().st_ino
+        assert os.stat(mp / "sparse").st_blocks * 512 < 1 << 20, "holes became data"
+    # Unmounted: the fetched chunks are in the store, which fsck finds clean.
+    report = mounting.fsck(store)
+    assert report["clean"], report["problems"]
+    assert not report["counts"].get("remote_chunks"), "every chunk was read: none is still remote"
+    # Mounted again (the same command): served from the store, nothing fetched.
+    with lazy_mounted(b, "origin:base", mp, store):
+        assert (mp / "big").read_bytes() == big
+        same_tree(pushed, mp, names=("pushed", "lazy again"))
+        assert fetched(mp)["bytes_fetched"] == 0
+    # Errors, one line each.
+    r = b.cowfs("mount", "origin:nope", b.base / "m2", "--store", b.base / "s2", check=False)
+    assert r.returncode == 1 and "the remote origin has no snapshot named 'nope'" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and not (b.base / "s2").exists(), "a failed build leaves no store"
+    r = b.cowfs("mount", "origin:base", b.base / "m2", "--store", src.store, check=False)
+    assert r.returncode == 1 and "is not the store of a lazy mount" in r.stderr, r.stderr
+    r = b.cowfs("mount", "nowhere:base", b.base / "m2", "--store", b.base / "s3", check=False)
+    assert r.returncode == 1 and "no remote named 'nowhere'" in r.stderr, r.stderr
+
+
+def test_lazy_writes_push_and_a_remote_down(fleet, mount_factory, seaweedfs_private, engine_prefix):
+    sw = seaweedfs_private
+    a, b = fleet("a", s3=sw), fleet("b", s3=sw)
+    src = mount_factory()
+    data = {f"f{i}": os.urandom(200_000) for i in range(5)}
+    for name, content in data.items():
+        (src.path / name).write_bytes(content)
+    snap(src, "base")
+    a.json("push", src.path, "base", "origin")
+    store, mp = b.base / "lazy-store", b.base / "mnt"
+    with lazy_mounted(b, "origin:base", mp, store):
+        # A write into a chunk never read: the chunk is fetched first, then changed (CoW).
+        with open(mp / "f0", "r+b") as f:
+            f.seek(70_000)
+            f.write(b"0123456789")
+        want = bytearray(data["f0"])
+        want[70_000:70_010] = b"0123456789"
+        # (the kernel reads the page it writes in part: that read fetches chunk 1 and the rest
+        # of the file ahead of it, never chunk 0)
+        assert 1 <= fetched(mp)["chunks_fetched"] <= 3, fetched(mp)
+        assert (mp / "f0").read_bytes() == want
+        assert (mp / "f1").read_bytes() == data["f1"]
+        # S3 down: fetched data keeps serving, an unfetched file fails with EIO (at once, in
+        # one log line naming the remote), writes go on.
+        sw.kill()
+        t0 = time.monotonic()
+        assert (mp / "f1").read_bytes() == data["f1"]
+        with pytest.raises(OSError) as e:
+            (mp / "f2").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert time.monotonic() - t0 < 30
+        log = (store / "daemon.log").read_text()
+        lines = [ln for ln in log.splitlines() if "could not be fetched from the remote origin" in ln]
+        assert len(lines) == 1, log[-3000:]
+        (mp / "f3").write_bytes(b"new while the remote is down")
+        os.sync()
+        sw.start()
+        # Back: the failed file reads (after the few seconds a failure makes reads fail fast).
+        mounting.wait_until(lambda: _reads(mp / "f2") == data["f2"], "f2 readable once S3 is back", timeout=30)
+    # f4 was never read: fsck counts its 4 chunks as remote, not missing.
+    report = mounting.fsck(store)
+    assert report["counts"]["remote_chunks"] == 4, report["counts"]
+    with lazy_mounted(b, "origin:base", mp, store):
+        assert (mp / "f0").read_bytes() == want, "a write to a lazy file did not survive the remount"
+        assert (mp / "f3").read_bytes() == b"new while the remote is down"
+        # A snapshot of the lazy branch is pushed (read through the mount: f4 is fetched now)
+        # and a lazy mount of it elsewhere is exactly it.
+        changed = snap(_At(mp), "changed")
+        b.json("push", mp, "changed", "origin")
+        with lazy_mounted(a, "origin:changed", a.base / "mnt2", a.base / "lazy2") as mp2:
+            same_tree(changed, mp2, names=("lazy snapshot", "its lazy mount"))
+            assert (mp2 / "f4").read_bytes() == data["f4"]
+    assert not mounting.fsck(store)["counts"].get("remote_chunks")
+
+
+class _At:
+    """What snap() needs of a mount: its path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+
+def _reads(p: Path) -> bytes | None:
+    try:
+        return p.read_bytes()
+    except OSError:
+        return None

@@ -69,8 +69,8 @@ class Fetcher:
                 hashes = [job] if isinstance(job, bytes) else job()
                 for h in hashes:
                     if not self.cache.cached(h):
-                        out.append((h, self.objects.load(h), source))
-            except codec.CorruptObject as exc:  # freed since it was queued, or damaged
+                        out.append((h, self.objects.load(h, fetch=False), source))
+            except codec.CorruptObject as exc:  # freed since it was queued, damaged, or remote
                 log.debug("prefetch skipped: %s", exc)
         return out
 

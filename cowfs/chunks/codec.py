@@ -12,6 +12,12 @@ An object value is one kind byte followed by its payload:
        without the kind byte, so consecutive raw chunks are one contiguous run of content.
        Accounting counts the encoding's length (payload + kind byte), as if it were inline.
        (Stores of format 5 and older had a u32 pack number: chunks.upgrade converts them.)
+  b"F" a chunk not fetched yet from the remote a lazy mount was made from (cowfs.fleet.lazy):
+       source(u8, the store's lazy.json lists the remotes) + the remote's encoding(1, b"R" or
+       b"Z") + raw size(u32) + offset(u64) + stored length(u32) + pack id(32): where a ranged
+       GET finds it.  A read fetches it, checks it against its hash and re-encodes it as an
+       R or Z object (`RefTxn.recode`).  It stores no content here: accounting counts its raw
+       size as unique bytes, and 0 bytes of encoding.
 Chunks are addressed by BLAKE3 of their content; nodes by BLAKE3 of a domain-separated
 encoding so a node can never collide with a chunk of the same bytes.
 """
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import blake3
 import zstandard
@@ -35,8 +41,10 @@ KIND_ZSTD = 0x5A  # "Z"
 KIND_NODE = 0x4E  # "N"
 KIND_DELTA = 0x44  # "D"
 KIND_PACKED = 0x50  # "P"
+KIND_REMOTE = 0x46  # "F"
 WHOLE = (KIND_RAW, KIND_ZSTD, KIND_PACKED)
 _PACKED = struct.Struct("<BBQQII")
+_REMOTE = struct.Struct("<BBcIQI32s")
 _DELTA_HEAD = 1 + HASH_LEN + 8
 
 _NODE_DOMAIN = b"cowfs-tree-node\x00"
@@ -45,6 +53,21 @@ _tls = threading.local()
 
 class CorruptObject(Exception):
     """Stored bytes that do not decode, or decode to content that does not match the hash."""
+
+
+class RemoteChunk(CorruptObject):
+    """A chunk of a lazy mount that is not fetched yet could not be fetched (no fetcher in
+    this process, the remote unreachable, or its bytes damaged): the read fails with EIO."""
+
+
+class RemoteLoc(NamedTuple):
+    """Where an F object's content is on the remote (see the module's docstring)."""
+    source: int
+    enc: bytes
+    raw: int
+    offset: int
+    length: int
+    pack: bytes
 
 
 def chunk_hash(data: bytes | bytearray | memoryview) -> bytes:
@@ -117,12 +140,29 @@ def packed_extent(value: bytes) -> tuple[int, int, int] | None:
     return pack, off, length
 
 
+def encode_remote(loc: RemoteLoc) -> bytes:
+    return _REMOTE.pack(KIND_REMOTE, loc.source, loc.enc, loc.raw, loc.offset, loc.length, loc.pack)
+
+
+def remote_loc(value: bytes) -> RemoteLoc | None:
+    """Where an F object's content is on the remote (None for other kinds)."""
+    if value[0] != KIND_REMOTE:
+        return None
+    try:
+        _k, source, enc, raw, off, length, pack = _REMOTE.unpack(value)
+    except struct.error:
+        raise CorruptObject(f"a remote chunk's record of {len(value)} bytes does not decode") from None
+    return RemoteLoc(source, enc, raw, off, length, pack)
+
+
 def packed_kind(value: bytes) -> int:
     return value[1]
 
 
 def stored_len(value: bytes) -> int:
     """Bytes the object's encoding takes (a P object's payload lives in its pack)."""
+    if value[0] == KIND_REMOTE:
+        return 0
     return _PACKED.unpack(value)[4] + 1 if value[0] == KIND_PACKED else len(value)
 
 
@@ -132,6 +172,8 @@ def chunk_sizes(value: bytes) -> tuple[int, int]:
     if kind == KIND_PACKED:
         _p, _k, _pack, _off, length, raw = _PACKED.unpack(value)
         return raw, length + 1
+    if kind == KIND_REMOTE:
+        return _REMOTE.unpack(value)[3], 0
     if kind == KIND_RAW:
         return len(value) - 1, len(value)
     if kind == KIND_ZSTD:
@@ -166,6 +208,8 @@ def decode_chunk(value: bytes, expect_hash: bytes | None = None,
                  load_base: Callable[[bytes], bytes] | None = None) -> bytes:
     """Content of a chunk object; a D object needs load_base(hash) -> the base's content."""
     kind = value[0]
+    if kind == KIND_REMOTE:
+        raise RemoteChunk("the chunk is not fetched from the remote yet")
     if kind in (KIND_RAW, KIND_ZSTD):
         return decode_payload(kind, value[1:], expect_hash)
     if kind == KIND_DELTA and load_base is not None:

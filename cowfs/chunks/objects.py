@@ -8,6 +8,8 @@ current by `settle` once the batch is written, or forgotten by `abort` if it is 
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 from cowfs.cache import ChunkCache
 from cowfs.chunks import codec
 from cowfs.chunks.families import CF_OBJECTS, CF_REFS, CF_SPACE, SPACE_KEY
@@ -15,6 +17,16 @@ from cowfs.chunks.packs import MissingPack, Packs, merge_extents
 from cowfs.chunks.refs import MissingObject, Ref, RefApply, RefTxn, parse_ref
 from cowfs.chunks.space import Space
 from cowfs.kv.base import KV, Batch
+
+
+class Fetcher(Protocol):
+    """Fetches the chunks of a lazy mount that are still on the remote (F objects, see
+    chunks.codec): cowfs.fleet.lazy.RemoteFetcher, set by the daemon of a store that has them."""
+
+    def fetch_one(self, h: bytes, raw: bytes) -> bytes:
+        """The content of F object h (its record raw), checked against h, blocking until it
+        is fetched; codec.RemoteChunk if it cannot be."""
+
 
 RUN_READ_AHEAD = 16 << 20  # bytes of a pack read ahead after a run read (ObjectStore.read_run)
 RUN_SEGMENTS = 4  # a run read serves chunks from at most this many contiguous pack ranges
@@ -43,6 +55,9 @@ class ObjectStore:
         self._staged: Space | None = None
         self._drop: list[int] = []  # packs to delete once the batch is written (nothing points there)
         self._sizes: dict[bytes, int] = {}
+        # Set by the daemon of a store with chunks still on a remote (a lazy mount): without
+        # it, reading one fails (codec.RemoteChunk), as in fsck and the offline commands.
+        self.fetcher: Fetcher | None = None
 
     # -- reads ---------------------------------------------------------------------------
     def resolve(self, raw: bytes) -> bytes:
@@ -95,19 +110,27 @@ class ObjectStore:
         self.packs.read_ahead(pack, off + length, RUN_READ_AHEAD)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def remote_record(self, h: bytes) -> bytes | None:
+        """Object h's record if it is a chunk still on a lazy mount's remote (F), else None."""
+        raw = self.kv.get(CF_OBJECTS, h)
+        return raw if raw is not None and raw[0] == codec.KIND_REMOTE else None
+
     def stored(self, h: bytes) -> bytes | None:
         """Object h's encoding (pointers resolved), or None."""
         raw = self.kv.get(CF_OBJECTS, h)
         return None if raw is None else self.resolve(raw)
 
-    def load(self, h: bytes, raw: bytes | None = None) -> bytes:
+    def load(self, h: bytes, raw: bytes | None = None, fetch: bool = True) -> bytes:
         """Load and decode chunk h from the store, bypassing the cache (raw: its object
         record, if the caller has just read it).  Thread-safe: the readahead and prefetch
-        workers call it from threads."""
+        workers call it from threads, with fetch False: a chunk still on a lazy mount's
+        remote is then codec.RemoteChunk (cowfs.core.lazy fetches ahead of reads itself)."""
         if raw is None:
             raw = self.kv.get(CF_OBJECTS, h)
         if raw is None:
             raise MissingObject(f"chunk {h.hex()} is missing")
+        if not fetch and raw[0] == codec.KIND_REMOTE:
+            raise codec.RemoteChunk(f"chunk {h.hex()} is still on the remote")
         try:
             return self._decode(raw, h)
         except (codec.CorruptObject, OSError):
@@ -120,6 +143,11 @@ class ObjectStore:
             return self._decode(again, h)
 
     def _decode(self, raw: bytes, h: bytes) -> bytes:
+        if raw[0] == codec.KIND_REMOTE:
+            if self.fetcher is None:
+                raise codec.RemoteChunk(f"chunk {h.hex()} is on the remote of a lazy mount, and this process "
+                                        "does not fetch")
+            return self.fetcher.fetch_one(h, raw)
         ext = codec.packed_extent(raw)
         if ext is None:
             return codec.decode_chunk(raw, h, self.peek_chunk)

@@ -418,4 +418,51 @@ def _make_branch(store: str, into: str, base_snap: str | None, snaps: dict[str, 
             raise CliError(f"branch {into}: {e}") from None
 
 
+def lazy_prepare(source: str, store: str, quiet: bool = False) -> str:
+    """For `cowfs mount REMOTE:SNAPSHOT MNT --store STORE`: the store to mount, built from the
+    snapshot's metadata (in a child process, see _store_listing) unless an earlier lazy mount
+    of the same snapshot built it."""
+    from cowfs.fleet import config, lazy
+
+    remote_name, sep, snapshot = source.partition(":")
+    if not sep or not remote_name or not snapshot:
+        raise CliError(f"a lazy mount takes REMOTE:SNAPSHOT (with --store), not {source!r}")
+    _ref_name(snapshot, "snapshot")
+    with _fleet_errors(f"lazy mount of {source}"):
+        cfg = config.get(remote_name)
+    store = os.path.abspath(store)
+    built = lazy.source_of(store) if os.path.isdir(store) else None
+    if built is not None:
+        if built["snapshot"] != snapshot or built["remotes"][0]["url"] != cfg.url:
+            raise CliError(f"{store} is the lazy mount of {built['remotes'][0]['name']}:{built['snapshot']}, "
+                           f"not of {source}: choose another --store")
+        return store
+    if os.path.exists(store) and (not os.path.isdir(store) or os.listdir(store)):
+        raise CliError(f"{store} exists and is not the store of a lazy mount: a lazy mount builds a new store "
+                       "(choose a path that does not exist, or an empty directory)")
+    existed = os.path.isdir(store)
+    remote_json = json.dumps({"name": cfg.name, "url": cfg.url, "refs": cfg.refs, "endpoint": cfg.endpoint})
+    r = subprocess.run([sys.executable, "-m", "cowfs.fleet.lazy", store, remote_json, snapshot],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=3600)
+    try:
+        reply = json.loads(r.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        reply = {"ok": False, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "no reply"}
+    if not reply.get("ok"):
+        import shutil
+
+        # made by this command, half built: nothing to keep
+        for p in ([os.path.join(store, n) for n in os.listdir(store)] if existed else [store]):
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.lexists(p):
+                os.unlink(p)
+        raise CliError(f"lazy mount of {source}: {reply.get('error')}")
+    if not quiet and progress.shown():
+        click.echo(f"built the tree of {source} (commit {reply['commit'][:12]}) in {store}: {reply['files']} files, "
+                   f"{reply['dirs']} directories, {human(reply['bytes'])} of data left on the remote "
+                   f"({reply['remote_chunks']} chunks), in {reply['seconds']:.1f} s", err=True)
+    return store
+
+
 COMMANDS = (remote, push, pull)

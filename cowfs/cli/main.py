@@ -89,16 +89,35 @@ def init(store: str) -> None:
 
 @main.command(epilog="\b\nMount options (-o NAME or -o NAME=VALUE, repeatable or comma-separated):\n"
               + "\n".join(mount_options.help_lines()))
-@click.argument("store", type=click.Path())
+@click.argument("store", metavar="STORE|REMOTE:SNAPSHOT", type=click.Path())
 @click.argument("mountpoint", metavar="MOUNTPOINT", shell_complete=complete_mounts)
 @click.option("--branch", default="main", show_default=True, help="Branch to mount.")
+@click.option("--store", "lazy_store", type=click.Path(), metavar="STORE",
+              help="Lazy mount: the first argument is REMOTE:SNAPSHOT, and STORE the new store its metadata "
+                   "is built in (or the store an earlier lazy mount of it built: mounted again).")
 @click.option("--foreground", "-f", is_flag=True, help="Stay attached (for systemd); exit when unmounted.")
 @click.option("-o", "options", multiple=True, metavar="OPTION", help="Mount option (listed below).")
 @click.option("--debug", is_flag=True, help="The daemon logs every operation (STORE/daemon.log).")
-def mount(store: str, mountpoint: str, branch: str, foreground: bool, options: tuple[str, ...], debug: bool) -> None:
-    """Mount branch BRANCH of STORE at MOUNTPOINT; returns once the mount is ready."""
+def mount(store: str, mountpoint: str, branch: str, lazy_store: str | None, foreground: bool,
+          options: tuple[str, ...], debug: bool) -> None:
+    """Mount branch BRANCH of STORE at MOUNTPOINT; returns once the mount is ready.
+
+    \b
+    Lazy mount of a pushed snapshot (cowfs push):
+      cowfs mount REMOTE:SNAPSHOT MOUNTPOINT --store STORE
+    fetches the snapshot's commit and directory trees only, builds its whole tree in branch
+    main of the new store STORE (files point at chunks still on the remote) and mounts it;
+    each chunk is fetched on its first read (checked against its id, then stored in STORE),
+    so the mount is ready before any data moves.  Writes go to STORE (copy-on-write).  Run
+    it again on the same STORE to mount it again; `cowfs stats` shows what was fetched."""
     from cowfs.daemon import process as daemon
 
+    if lazy_store is not None:
+        from cowfs.cli import fleet as fleet_cli
+
+        if branch != "main":
+            raise CliError("a lazy mount mounts branch main of its store: make other branches from it")
+        store = fleet_cli.lazy_prepare(store, lazy_store, quiet=foreground)
     cfg = daemon.MountConfig(store, mountpoint, branch, debug=debug)
     for o in mount_options.split(options):
         try:

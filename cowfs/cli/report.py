@@ -138,5 +138,7 @@ def fsck_lines(d: dict[str, Any]) -> list[str]:
     verdict = "clean" if d["clean"] else f"{len(d['problems'])} problems"
     out.append(f"{d['store']}: {count(c.get('inodes', 0))} inodes in all views, {count(c.get('entries', 0))} "
                f"entries, {count(c.get('objects', 0))} objects checked: {verdict}")
+    if c.get("remote_chunks"):
+        out.append(f"{count(c['remote_chunks'])} chunks are on the remote of a lazy mount (not fetched yet)")
     return out
 

@@ -35,6 +35,7 @@ from cowfs.core.attributes import Attributes
 from cowfs.core.data import Data
 from cowfs.core.diskfull import DiskFull
 from cowfs.core.flush import Flusher
+from cowfs.core.lazy import LazyReads
 from cowfs.core.namespace import Namespace
 from cowfs.core.nodes import NodeTable, join_path
 from cowfs.core.orphans import Orphans
@@ -74,6 +75,7 @@ class Filesystem:
         self.namespace = Namespace(self)
         self.attributes = Attributes(self)
         self.data = Data(self)
+        self.lazy = LazyReads(self)  # chunks of a lazy mount fetched before reads need them
         self.prefetch = Prefetch(self, prefetch, learn)
         # Acknowledged but not committed: the store counts it against its free space.
         store.held = self.flusher.held_bytes

@@ -32,6 +32,7 @@ from cowfs.daemon import admin, mounts, notify, options as mount_options
 from cowfs.daemon.config import MountConfig, fuse_options, options_in_force
 from cowfs.storedir import pid_file
 from cowfs.errors import FSError, MountError, StoreError
+from cowfs.fleet import lazy
 from cowfs.fuse import dircache, ext as fuse_ext, loop as fuse_loop, replies as fuse_replies
 from cowfs.fuse.inodes import is_control
 from cowfs.fuse.ops import Operations
@@ -86,6 +87,8 @@ class Daemon:
     def __init__(self, cfg: MountConfig) -> None:
         self.cfg = cfg
         self.store = Store(cfg.store, cache_l1=cfg.cache_l1, cache_l2=cfg.cache_l2)
+        if os.path.exists(os.path.join(cfg.store, lazy.LAZY_FILE)):  # a lazy mount's store: chunks on a remote
+            self.store.objects.fetcher = lazy.RemoteFetcher.for_store(cfg.store)
         try:
             self.fs = Filesystem(self.store, cfg.branch, prefetch=cfg.prefetch, learn=cfg.prefetch_learn)
         except FSError as exc:
@@ -265,6 +268,8 @@ class Daemon:
             "quota_inodes": view.quota_inodes,
             "memory": {**fs.memory_figures(), **store.engine.memory()},
             "dirty_bytes": fs.flusher.dirty_bytes,
+            **({"lazy": {**store.objects.fetcher.figures(), "read_waits": fs.lazy.waits}}  # type: ignore[attr-defined]
+               if store.objects.fetcher is not None else {}),
             "flushes": fs.flusher.flush_count,
             # fsyncs made durable as small-write log records, and flushes that folded them
             "small_write_log": {"records": fs.smallwrites.records, "folds": fs.smallwrites.folds,

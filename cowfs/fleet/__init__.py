@@ -10,10 +10,12 @@ immutable content-addressed objects, etcd for the named references that point at
     pull     a commit's tree written into a directory (a branch mounted for it)
     check    every reference names objects that exist (and, verified, hash right)
     gc       what no reference reaches, removed after a grace period, never beside a push
+    lazy     a lazy mount: a commit's tree written into a new store without its data (F objects
+             that name where each chunk is on the remote), and the fetcher its daemon reads with
 
-Nothing here touches a store's internals: a push reads the snapshot through the mount, a pull
+Push and pull touch no store internals: a push reads the snapshot through the mount, a pull
 writes through a mount, as `cowfs import` and `cowfs export` do (docs/architecture.md "The
-fleet").  The embedded store needs none of it (boto3 and etcd3gw load only when a remote opens).
+fleet").  A lazy mount is the exception: it builds its store's tree in process (lazy.py).  The embedded store needs none of it (boto3 and etcd3gw load only when a remote opens).
 """
 
 

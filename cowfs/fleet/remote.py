@@ -45,13 +45,14 @@ _RANGE_MAX = 16 << 20
 
 
 class Remote:
-    def __init__(self, cfg: RemoteConfig, workers: int = 4) -> None:
+    def __init__(self, cfg: RemoteConfig, workers: int = 4, **blob_options: Any) -> None:
+        """blob_options: for the S3BlobStore (a lazy mount's reads use a shorter retry)."""
         from cowfs.blob.s3 import S3BlobStore
         from cowfs.kv.etcd import EtcdKV
 
         self.cfg = cfg
         self.workers = workers
-        self.blobs = S3BlobStore(cfg.bucket, cfg.prefix, endpoint_url=cfg.endpoint)
+        self.blobs = S3BlobStore(cfg.bucket, cfg.prefix, endpoint_url=cfg.endpoint, **blob_options)
         where = f"{cfg.bucket}/{cfg.prefix}".rstrip("/")
         self.refs = EtcdKV(cfg.refs, FAMILIES, f"cowfs-fleet/{where}/".encode())
         # What identifies the remote in the local state (not its name: names can be re-added).
@@ -151,16 +152,22 @@ class Remote:
     def fetch(self, hashes: list[bytes], what: str) -> Iterator[tuple[bytes, bytes]]:
         """(hash, raw bytes) of each blob, verified, fetched with ranged GETs that cover
         neighbouring blobs of one pack together, several at a time."""
+        return self.fetch_located([(h, self.locate(h, what)) for h in dict.fromkeys(hashes)], what)
+
+    def fetch_located(self, located: list[tuple[bytes, Loc]], what: str,
+                      gap: int = _RANGE_GAP, on_get: Callable[[int], None] = lambda n: None
+                      ) -> Iterator[tuple[bytes, bytes]]:
+        """fetch() of blobs whose places are known (a lazy mount keeps each chunk's); one GET
+        covers blobs of a pack less than gap bytes apart; on_get(bytes) after each GET."""
         by_pack: dict[str, list[tuple[Loc, bytes]]] = {}
-        for h in dict.fromkeys(hashes):
-            loc = self.locate(h, what)
+        for h, loc in located:
             by_pack.setdefault(loc.pack, []).append((loc, h))
         ranges: list[list[tuple[Loc, bytes]]] = []
         for items in by_pack.values():
             items.sort(key=lambda x: x[0].offset)
             cur: list[tuple[Loc, bytes]] = []
             for loc, h in items:
-                if cur and (loc.offset - (cur[-1][0].offset + cur[-1][0].length) > _RANGE_GAP
+                if cur and (loc.offset - (cur[-1][0].offset + cur[-1][0].length) > gap
                             or loc.offset + loc.length - cur[0][0].offset > _RANGE_MAX):
                     ranges.append(cur)
                     cur = []
@@ -177,8 +184,12 @@ class Remote:
             except BlobNotFound:
                 raise FleetError(f"the remote {self.cfg.name} lacks the pack data/{run[0][0].pack} that holds "
                                  f"the {what} {run[0][1].hex()}: run cowfs remote check {self.cfg.name}") from None
+            on_get(len(data))
             return [(h, decode_blob(loc, data[loc.offset - start:loc.offset - start + loc.length], h))
                     for loc, h in run]
+        if len(ranges) == 1:        # a lazy mount's read: no pool to start
+            yield from get(ranges[0])
+            return
         with ThreadPoolExecutor(self.workers) as pool:
             for out in pool.map(get, ranges):
                 yield from out

@@ -287,14 +287,18 @@ class Operations(pyfuse3.Operations):
         sess = self.handles.sessions.get(fh)
         if sess is not None:
             return sess.read(off, size)
-        return self.fs.read(self.handles.files[fh], off, size, self.handles.streams[fh])  # type: ignore[return-value]
+        node = self.handles.files[fh]
+        await self.fs.lazy.ensure(node, off, size)
+        return self.fs.read(node, off, size, self.handles.streams[fh])  # type: ignore[return-value]
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         self.requests["write"] += 1
         sess = self.handles.sessions.get(fh)
         if sess is not None:
             return await self.ctlfs.write(sess, buf)
-        return await self.fs.write(self.handles.files[fh], off, buf)
+        node = self.handles.files[fh]
+        await self.fs.lazy.ensure(node, off, len(buf), edges_only=True)
+        return await self.fs.write(node, off, buf)
 
     async def flush(self, fh: int) -> None:
         """FLUSH, sent at every close: declined.  ENOSYS makes the kernel stop sending it for

@@ -1,0 +1,139 @@
+"""Chunks of a lazy mount fetched before a read (or a partial write) needs them.
+
+Read handlers never await (cowfs.core.data), so the FUSE layer calls `LazyReads.ensure`
+first: it finds the chunks of the range (and of up to AHEAD bytes after it in the same file)
+that are F objects (still on the remote, cowfs.chunks.codec), fetches them in a worker
+thread (ranged GETs, checked against their ids, re-encoded there), and commits their local
+encodings under the filesystem lock (`RefTxn.recode`, as the background worker's delta
+encodings): the read that follows, and every later one, is local.  Other requests keep
+being served meanwhile; a remote that is down fails only the reads that need it (EIO, one
+log line each), and for DOWN_FOR seconds it fails them at once (cowfs.fleet.lazy).
+
+Two reads of one unfetched chunk: the first marks it in flight, the second waits for it
+(`_inflight`) and then reads the committed chunk; if the first failed, the second tries
+itself.  Paths that read a chunk without this step (a truncate's last chunk, fallocate's
+edges, readahead and prefetch threads) fetch it blocking (`RemoteFetcher.fetch_one`); what
+they fetched is stored by the next commit here.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from cowfs import threads
+from cowfs.chunks import codec
+from cowfs.chunks.refs import RefTxn
+from cowfs.chunks.tree import CHUNK
+from cowfs.core.node import Node
+from cowfs.errors import FSError
+from cowfs.kv.base import Batch
+
+if TYPE_CHECKING:
+    from cowfs.core.filesystem import Filesystem
+
+log = logging.getLogger(__name__)
+
+AHEAD = 256 << 10  # fetched with a read's own chunks: the file's next chunks still remote
+
+
+class LazyReads:
+    def __init__(self, fs: "Filesystem") -> None:
+        self.fs = fs
+        self._inflight: dict[bytes, trio.Event] = {}
+        self.waits = 0  # reads that waited for another's fetch of the same chunk
+
+    def _remote(self, node: Node, first: int, last: int) -> list[tuple[bytes, bytes]]:
+        objects = self.fs.store.objects
+        out = []
+        for i in range(first, last + 1):
+            h = node.stored_hash(i, objects)
+            if h is None:
+                continue
+            raw = objects.remote_record(h)
+            if raw is not None:
+                out.append((h, raw))
+        return out
+
+    async def ensure(self, node: Node, off: int, size: int, edges_only: bool = False) -> None:
+        """Make the stored chunks a read of [off, off+size) needs local (edges_only: a write's,
+        which reads only the chunks it covers in part).  FSError(EIO) if the remote fails."""
+        fetcher = self.fs.store.objects.fetcher
+        if fetcher is None or size <= 0:
+            return
+        file_size = node.attrs.size
+        end = min(off + size, file_size)
+        if off >= end:
+            return
+        first, last = off // CHUNK, (end - 1) // CHUNK
+        try:
+            if edges_only:
+                want = []
+                if off % CHUNK:
+                    want += self._remote(node, first, first)
+                if end % CHUNK and end < file_size and (last != first or not off % CHUNK):
+                    want += self._remote(node, last, last)
+            else:
+                ahead = min((file_size - 1) // CHUNK, (end + AHEAD - 1) // CHUNK)
+                want = self._remote(node, first, ahead)
+        except codec.CorruptObject as exc:
+            log.error("lazy fetch for inode %d at %d: %s", node.ino, off, exc)
+            raise FSError(errno.EIO) from exc
+        if not want:
+            return
+        for attempt in (1, 2):
+            mine = [(h, raw) for h, raw in want if h not in self._inflight]
+            others = [self._inflight[h] for h, _raw in want if h in self._inflight]
+            if mine:
+                await self._fetch(node, off, mine)
+            for ev in others:
+                self.waits += 1
+                await ev.wait()
+            if not others:
+                return
+            # Those others fetched: still remote only if their fetch failed; then try once ourselves.
+            want = [(h, raw) for h, raw in want if self.fs.store.objects.remote_record(h) is not None]
+            if not want:
+                return
+        log.error("lazy fetch for inode %d at %d: %d chunks still on the remote", node.ino, off, len(want))
+        raise FSError(errno.EIO)
+
+    async def _fetch(self, node: Node, off: int, items: list[tuple[bytes, bytes]]) -> None:
+        fs = self.fs
+        fetcher = fs.store.objects.fetcher
+        assert fetcher is not None
+        events = {h: trio.Event() for h, _raw in items}
+        self._inflight.update(events)
+        try:
+            try:
+                got = await threads.run_in_thread(fetcher.fetch_many, items, fs.level)
+            except codec.CorruptObject as exc:
+                log.error("read of inode %d at %d: %s", node.ino, off, exc)
+                raise FSError(errno.EIO) from exc
+            got.update(fetcher.take_landed())
+            await self._store(got)
+        finally:
+            for h, ev in events.items():
+                del self._inflight[h]
+                ev.set()
+
+    async def _store(self, got: dict[bytes, tuple[bytes, bytes]]) -> None:
+        """Commit the local encodings of fetched chunks that are still F objects (one may
+        have been freed meanwhile: nothing to store then)."""
+        fs = self.fs
+        objects = fs.store.objects
+        async with fs.lock:
+            txn = RefTxn()
+            for h, (data, enc) in got.items():
+                if objects.remote_record(h) is not None:
+                    txn.recode[h] = enc
+                    objects.cache.put(h, data)
+            if not txn.recode:
+                return
+            try:
+                fs.store.commit(Batch(), txn)
+            except Exception as exc:  # e.g. a full disk: the chunks stay remote, this read is served
+                log.error("storing %d fetched chunks failed: %s", len(txn.recode), exc)
+                fs.store.recover()
