@@ -311,7 +311,8 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str) -> dict[str, Any]:
             have = ", ".join(n for n, _c in r.list_refs("snap")) or "none"
             raise FleetError(f"the remote {cfg.name} has no snapshot named {snapshot!r} (it has: {have})")
         commit = r.commit(cid)
-        indexes = r.load_index()
+        r.index_commit(commit)      # the indexes of the packs the commit names (all, for an old commit)
+        indexes = len(r.packs)
         trees = load_trees(r, bytes.fromhex(commit["root"]["tree"]))
         t_meta = time.monotonic() - t0
         init_store(store_path)
