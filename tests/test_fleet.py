@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -707,10 +708,10 @@ def test_a_held_branch_is_pushed_only_by_its_holder_and_taken_over_once_its_leas
 
 
 @contextlib.contextmanager
-def lazy_mounted(h: Host, source: str, mp: Path, store: Path) -> Iterator[Path]:
+def lazy_mounted(h: Host, source: str, mp: Path, store: Path, *options: str) -> Iterator[Path]:
     """A lazy mount by host h, always unmounted afterwards."""
     mp.mkdir(parents=True, exist_ok=True)
-    h.cowfs("mount", source, mp, "--store", store, timeout=300)
+    h.cowfs("mount", source, mp, "--store", store, *options, timeout=300)
     try:
         yield mp
     finally:
@@ -740,6 +741,7 @@ def test_a_lazy_mount_shows_the_pushed_tree_and_fetches_only_what_is_read(fleet,
         f = fetched(mp)
         assert f["bytes_fetched"] == (3 << 20) + 100 and f["chunks_fetched"] == 49, f
         assert f["bytes_transferred"] < f["bytes_fetched"] * 1.3, f
+        assert "lazy mount  of origin: 49 chunks fetched (3.0 MiB" in b.cowfs("stats", mp).stdout
         assert (mp / "big").read_bytes() == big
         assert fetched(mp)["bytes_fetched"] == (3 << 20) + 100, "the second read fetched again"
         # The whole tree, metadata included (every file read: everything else fetched now).
@@ -810,14 +812,38 @@ def test_lazy_writes_push_and_a_remote_down(fleet, mount_factory, seaweedfs_priv
     with lazy_mounted(b, "origin:base", mp, store):
         assert (mp / "f0").read_bytes() == want, "a write to a lazy file did not survive the remount"
         assert (mp / "f3").read_bytes() == b"new while the remote is down"
-        # A snapshot of the lazy branch is pushed (read through the mount: f4 is fetched now)
-        # and a lazy mount of it elsewhere is exactly it.
+        # A snapshot of the lazy branch is pushed: only the two files written are read (the
+        # build filled the stat cache), so f4 stays unfetched; a lazy mount of it elsewhere is
+        # exactly it.
         changed = snap(_At(mp), "changed")
-        b.json("push", mp, "changed", "origin")
+        before = fetched(mp)["bytes_fetched"]
+        pushed = b.json("push", mp, "changed", "origin")["pushed"]
+        assert pushed["files_read"] == 2 and pushed["files_cached"] == 3, pushed
+        assert fetched(mp)["bytes_fetched"] == before, "the push fetched unchanged files"
         with lazy_mounted(a, "origin:changed", a.base / "mnt2", a.base / "lazy2") as mp2:
             same_tree(changed, mp2, names=("lazy snapshot", "its lazy mount"))
             assert (mp2 / "f4").read_bytes() == data["f4"]
+    # (comparing the trees read f4 through the snapshot of store b too: nothing is remote now)
     assert not mounting.fsck(store)["counts"].get("remote_chunks")
+
+
+def test_a_sandbox_user_reads_a_lazy_mount_only_where_permissions_allow(fleet, mount_factory, test_dir):
+    a, b = fleet("a"), fleet("b")
+    src = mount_factory()
+    (src.path / "shared").write_bytes(os.urandom(100_000))
+    os.chmod(src.path / "shared", 0o644)
+    (src.path / "root-only").write_bytes(os.urandom(100_000))
+    os.chmod(src.path / "root-only", 0o600)
+    snap(src, "base")
+    a.json("push", src.path, "base", "origin")
+    with lazy_mounted(b, "origin:base", test_dir / "mnt", b.base / "store", "-o", "allow_other") as mp:
+        r = mounting.run_as(UNPRIV_UID, UNPRIV_GID, ["cat", str(mp / "root-only")])
+        assert r.returncode != 0 and "Permission denied" in r.stderr, r
+        assert fetched(mp)["bytes_fetched"] == 0, "a refused open fetched data"
+        r = mounting.run_as(UNPRIV_UID, UNPRIV_GID, ["sha256sum", str(mp / "shared")])
+        want = hashlib.sha256((src.path / "shared").read_bytes()).hexdigest()
+        assert r.returncode == 0 and r.stdout.split()[0] == want, r
+        assert fetched(mp)["bytes_fetched"] == 100_000
 
 
 class _At:

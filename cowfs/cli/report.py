@@ -50,6 +50,11 @@ def stats_lines(d: dict[str, Any]) -> list[str]:
         state = "" if dd.get("enabled", True) else " (off: -o dedup=off)"
         out.append(_row("background", f"{count(d['background_queue'])} chunks queued{state}; "
                                       f"{count(d.get('delta_chunks'))} of {count(d.get('chunks'))} chunks are deltas"))
+    lazy = d.get("lazy")
+    if lazy:
+        out.append(_row("lazy mount", f"of {lazy['remote']}: {count(lazy['chunks_fetched'])} chunks fetched "
+                                      f"({human(lazy['bytes_fetched'])}; {human(lazy['bytes_transferred'])} in "
+                                      f"{count(lazy['gets'])} GETs), {count(lazy['failures'])} failed fetches"))
     shared = d.get("shared") or {}
     if shared:
         out.append(_row("shared", f"{count(shared.get('inodes', 0))} inodes of copied trees share their "

@@ -29,6 +29,7 @@ from cowfs.chunks import codec
 from cowfs.fleet import FleetError
 from cowfs.fleet.config import RemoteConfig
 from cowfs.fleet.objects import CHUNK_SIZE, TYPE_CHUNK, Loc, decode_tree, entry_chunks
+from cowfs.fleet.state import State, pack_chunks
 
 if TYPE_CHECKING:
     from cowfs.core.filesystem import Filesystem
@@ -195,6 +196,9 @@ class Builder:
         self.trees = trees
         self.files = self.dirs = self.links = self.other = self.remote_chunks = 0
         self.bytes = 0
+        # stat-cache rows (cowfs.fleet.state) of the files as the mount shows them: a push of
+        # this tree (or of a fork of it) does not read, so does not fetch, what is unchanged
+        self.rows: list[tuple[str, bytes, int, int, int, bytes]] = []
 
     async def run(self, root_entry: dict[str, Any]) -> None:
         from cowfs.store import ROOT_INO
@@ -232,7 +236,7 @@ class Builder:
                         stack.append((node, bytes.fromhex(e["tree"]), p))
                         self.dirs += 1
                     elif t == "file":
-                        self._content(m, node, e)
+                        self._content(m, node, e, p)
                         if "link" in e:
                             firsts[p] = node
                         self.files += 1
@@ -270,12 +274,15 @@ class Builder:
             self.fs.store.meta.put(m.batch, CF_XATTRS, name_key(node.ino, os.fsencode(n)), node.view.lv.top,
                                    b"v" + base64.b64decode(v))
 
-    def _content(self, m: Any, node: "Node", e: dict[str, Any]) -> None:
+    def _content(self, m: Any, node: "Node", e: dict[str, Any], rel: str) -> None:
         """The file's chunk tree from its chunk ids; F objects for those the store lacks."""
         size = int(e["size"])
         encoded: dict[int, tuple[bytes, bytes | None] | None] = {}
         objects = self.fs.store.objects
-        for i, h in enumerate(entry_chunks(e)):
+        chunks = entry_chunks(e)
+        self.rows.append((self.fs.store.path, os.fsencode(rel), size, e["mtime"], node.attrs.ctime_ns,
+                          pack_chunks(chunks)))
+        for i, h in enumerate(chunks):
             if h is None:
                 continue
             if objects.exists(h):
@@ -325,6 +332,12 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str) -> dict[str, Any]:
             b = trio.run(work)
         finally:
             store.close()
+        state = State()
+        try:
+            state.remember_chunks(b.rows)
+            state.set_origin(os.path.abspath(store_path), "main", r.key, cid)   # a push's parent commit
+        finally:
+            state.close()
         doc = {"version": 1, "remotes": [{"name": cfg.name, "url": cfg.url, "refs": cfg.refs, "endpoint": cfg.endpoint}],
                "remote_key": r.key, "snapshot": snapshot, "commit": cid, "built": time.time()}
     tmp = Path(store_path) / (LAZY_FILE + ".tmp")
