@@ -596,6 +596,31 @@ def test_a_commit_names_its_packs_and_pulls_and_fork_pushes_read_only_their_inde
         in r.stdout + r.stderr, r.stdout + r.stderr
 
 
+def test_a_pull_downloads_each_pack_byte_about_once(fleet, mount_factory, seaweedfs, engine_prefix):
+    """Trees are fetched level by level: when they lay between the chunks, each level's ranges
+    (covering gaps under 256 KiB) read the chunks around them again (3.1x the pack for Django).
+    A pack keeps its trees together after its chunks, and trees a range covers are kept."""
+    a, b = fleet("a"), fleet("b")
+    m = mount_factory()
+    rnd = os.urandom
+    for i in range(6):
+        for j in range(6):
+            d = m.path / f"d{i}" / f"e{j}"
+            d.mkdir(parents=True)
+            for k in range(3):
+                (d / f"f{k}").write_bytes(rnd(20_000))
+    pushed = snap(m, "base")
+    a.json("push", m.path, "base", "origin")
+    s3 = seaweedfs.client()
+    packs = s3.list_objects_v2(Bucket=seaweedfs.BUCKET, Prefix=f"{engine_prefix}/data/")["Contents"]
+    pack_bytes = sum(o["Size"] for o in packs)
+    store_b = mounting.init_store(b.base / "store")
+    pulled = b.json("pull", "origin", "base", store_b)["pulled"]
+    assert pulled["trees_fetched"] == 43 and pulled["chunks_fetched"] == 108, pulled
+    assert pack_bytes <= pulled["bytes_downloaded"] <= 1.02 * pack_bytes, (pulled, pack_bytes)
+    same_tree(pushed, mount_factory(store=store_b, branch="base").path)
+
+
 def test_a_pull_over_an_earlier_pull_applies_every_kind_of_change(fleet, mount_factory):
     """The incremental pull (a branch made from the snapshot of the base, then only the
     difference written) against a fork that changes every kind of thing: content in the

@@ -5,7 +5,8 @@ names (stored once for the whole fleet).
 Layout under the remote's bucket and prefix:
 
     data/<pack id>     a pack: blob payloads back to back (each zstd-compressed, or raw when
-                       compression does not pay); pack id = BLAKE3 of the pack's bytes
+                       compression does not pay), its chunks first, then its trees; pack id
+                       = BLAKE3 of the pack's bytes
     index/<pack id>    the pack's index (uploaded after its pack): for each blob its hash,
                        type, encoding, offset, stored and raw length
     commit/<commit id> a commit (JSON): the root tree, the parent commit, where it came from,
@@ -116,25 +117,35 @@ def decode_index(pack: str, data: bytes) -> dict[bytes, Loc]:
 
 
 class PackBuilder:
-    """Blobs collected into one pack (not thread-safe: the caller serializes adds)."""
+    """Blobs collected into one pack (not thread-safe: the caller serializes adds).  Sealed,
+    the pack holds its chunks first, in the order added, then its trees: a reader of the
+    trees (a pull fetches them level by level before any chunk, a lazy mount before it is
+    ready) reads them from one region of the pack, not from between the chunks."""
 
     def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.entries: list[tuple[bytes, bytes, bytes, int, int, int]] = []
+        self.chunks: list[tuple[bytes, bytes, bytes, bytes, int]] = []
+        self.trees: list[tuple[bytes, bytes, bytes, bytes, int]] = []
         self.size = 0
+
+    @property
+    def entries(self) -> list[tuple[bytes, bytes, bytes, bytes, int]]:
+        return self.chunks + self.trees
 
     def add(self, h: bytes, kind: bytes, enc: bytes, stored: bytes, raw_len: int) -> None:
         """A blob encoded by encode_blob (outside the caller's lock: compression is the cost)."""
-        self.entries.append((h, kind, enc, self.size, len(stored), raw_len))
-        self.parts.append(stored)
+        (self.trees if kind == TYPE_TREE else self.chunks).append((h, kind, enc, stored, raw_len))
         self.size += len(stored)
 
     def seal(self) -> tuple[str, bytes, bytes, list[bytes]]:
         """(pack id, pack bytes, index bytes, the hashes it holds)."""
-        data = b"".join(self.parts)
+        blobs = self.entries
+        data = b"".join(stored for _h, _k, _e, stored, _r in blobs)
         pack = blake3.blake3(data).hexdigest()
-        locs = [(h, Loc(pack, k, e, o, n, r)) for h, k, e, o, n, r in self.entries]
-        return pack, data, encode_index(locs), [h for h, *_ in self.entries]
+        locs, off = [], 0
+        for h, k, e, stored, r in blobs:
+            locs.append((h, Loc(pack, k, e, off, len(stored), r)))
+            off += len(stored)
+        return pack, data, encode_index(locs), [h for h, *_ in blobs]
 
 
 # --- trees ------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class PullStats:
     trees_fetched: int = 0
     chunks_fetched: int = 0
     bytes_fetched: int = 0         # raw bytes of the chunks fetched
+    bytes_downloaded: int = 0      # bytes of the ranged GETs of packs: trees and chunks as stored, range gaps
     chunks_reused: int = 0         # already in place in a file updated in place
     seconds: float = 0.0
     commit: str = ""
@@ -155,6 +156,7 @@ class Puller:
     def sync(self, root: str, new_root: Entry, old_root: Entry | None, spool_parent: str) -> PullStats:
         """Make the directory root hold new_root's tree (root holds old_root's, or unknown)."""
         t0 = time.monotonic()
+        got = self.remote.bytes_got
         self._root = root
         new = bytes.fromhex(new_root["tree"])
         old = bytes.fromhex(old_root["tree"]) if old_root is not None else None
@@ -174,6 +176,7 @@ class Puller:
             shutil.rmtree(spool, ignore_errors=True)
         if not _same(new_root, old_root):
             self._meta(root, new_root, "dir")
+        self.stats.bytes_downloaded = self.remote.bytes_got - got
         self.stats.seconds = time.monotonic() - t0
         return self.stats
 

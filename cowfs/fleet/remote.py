@@ -15,12 +15,13 @@ import hashlib
 import os
 import socket
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
 from cowfs.fleet import FleetError, RefConflict
 from cowfs.fleet.config import RemoteConfig, cache_dir
-from cowfs.fleet.objects import Loc, decode_blob, decode_commit, decode_index
+from cowfs.fleet.objects import TYPE_TREE, Loc, decode_blob, decode_commit, decode_index
 from cowfs.remote import OutcomeUnknown
 
 REF_FAMILIES = ("snap", "branch")        # the names: each value a commit id
@@ -62,6 +63,12 @@ class Remote:
         self.index: dict[bytes, Loc] = {}
         self.packs: set[str] = set()
         self._listed = False         # every index of the remote read (load_index)
+        # Trees a ranged GET for other trees covered (a pack keeps its trees together): decoded
+        # and checked then, handed out once by fetch instead of fetched again.
+        self._passing: dict[bytes, bytes] = {}
+        self._tree_locs: dict[str, list[tuple[Loc, bytes]]] | None = None     # pack -> its trees by offset
+        self._passing_lock = threading.Lock()
+        self.bytes_got = 0           # bytes of the ranged GETs of packs (data/) made by fetch
         self._commits: dict[str, dict[str, Any]] = {}     # read already (immutable, named by their hash)
 
     def close(self) -> None:
@@ -125,6 +132,7 @@ class Remote:
         for h, loc in entries.items():
             self.index.setdefault(h, loc)
         self.packs.add(pack)
+        self._tree_locs = None
 
     def remember_index(self, pack: str, data: bytes) -> None:
         """An index this process uploaded: into the cache and the union without a fetch."""
@@ -151,8 +159,18 @@ class Remote:
 
     def fetch(self, hashes: list[bytes], what: str) -> Iterator[tuple[bytes, bytes]]:
         """(hash, raw bytes) of each blob, verified, fetched with ranged GETs that cover
-        neighbouring blobs of one pack together, several at a time."""
-        return self.fetch_located([(h, self.locate(h, what)) for h in dict.fromkeys(hashes)], what)
+        neighbouring blobs of one pack together, several at a time.  Fetching trees, the other
+        trees a range covers are kept (checked) and handed out by a later call without a GET:
+        a pull reads the trees level by level, and one level's ranges cover the next levels'."""
+        located = []
+        for h in dict.fromkeys(hashes):
+            with self._passing_lock:
+                raw = self._passing.pop(h, None)
+            if raw is not None:
+                yield h, raw
+            else:
+                located.append((h, self.locate(h, what)))
+        yield from self.fetch_located(located, what)
 
     def fetch_located(self, located: list[tuple[bytes, Loc]], what: str,
                       gap: int = _RANGE_GAP, on_get: Callable[[int], None] = lambda n: None
@@ -162,6 +180,7 @@ class Remote:
         by_pack: dict[str, list[tuple[Loc, bytes]]] = {}
         for h, loc in located:
             by_pack.setdefault(loc.pack, []).append((loc, h))
+        trees = self._trees_by_pack() if what == "tree" else {}
         ranges: list[list[tuple[Loc, bytes]]] = []
         for items in by_pack.values():
             items.sort(key=lambda x: x[0].offset)
@@ -185,14 +204,32 @@ class Remote:
                 raise FleetError(f"the remote {self.cfg.name} lacks the pack data/{run[0][0].pack} that holds "
                                  f"the {what} {run[0][1].hex()}: run cowfs remote check {self.cfg.name}") from None
             on_get(len(data))
-            return [(h, decode_blob(loc, data[loc.offset - start:loc.offset - start + loc.length], h))
-                    for loc, h in run]
+            with self._passing_lock:
+                self.bytes_got += len(data)
+            out = [(h, decode_blob(loc, data[loc.offset - start:loc.offset - start + loc.length], h))
+                   for loc, h in run]
+            wanted = {h for _loc, h in run}
+            for loc, h in trees.get(run[0][0].pack, ()):
+                if start <= loc.offset and loc.offset + loc.length <= end and h not in wanted:
+                    raw = decode_blob(loc, data[loc.offset - start:loc.offset - start + loc.length], h)
+                    with self._passing_lock:
+                        self._passing.setdefault(h, raw)
+            return out
         if len(ranges) == 1:        # a lazy mount's read: no pool to start
             yield from get(ranges[0])
             return
         with ThreadPoolExecutor(self.workers) as pool:
             for out in pool.map(get, ranges):
                 yield from out
+
+    def _trees_by_pack(self) -> dict[str, list[tuple[Loc, bytes]]]:
+        if self._tree_locs is None:
+            by: dict[str, list[tuple[Loc, bytes]]] = {}
+            for h, loc in self.index.items():
+                if loc.kind == TYPE_TREE:
+                    by.setdefault(loc.pack, []).append((loc, h))
+            self._tree_locs = by
+        return self._tree_locs
 
     def commit(self, cid: str) -> dict[str, Any]:
         """The commit cid, fetched once per process (a pull reads the pulled one, its parents
