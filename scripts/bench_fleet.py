@@ -15,19 +15,39 @@ Rows:
                their fork: the remote's bytes afterwards / after the base alone
                goal (20 hosts): <= 1.1x one base + the forks' changes
 
-Not measured yet (not built): lazy mounts, leases, fleet gc, a 3-member etcd cluster losing a member.
+--lazy: the lazy-mount rows (a sandbox: the Django tree, a git repository of it, a venv with
+Django installed offline from a local wheelhouse, data files to 1 GiB with at least 600 MiB;
+--quick: 32 MiB of data and Django alone in the venv, ~180 MiB in all):
+  push         host a pushes it
+  pull         host b pulls it whole (what a host without lazy mounts does)
+  cold_local   host b mounts its pulled copy cold (page cache dropped, new daemon) and runs the
+               workload: `git status` in the repository + `import django` with the venv's Python
+  lazy         host c (nothing cached) runs `cowfs mount origin:sandbox MNT`: seconds until ready
+               (goal <= 2 s), the workload's seconds / cold_local's (goal <= 3x), the bytes of S3
+               GETs of data/ during the workload (counted on the wire by a sitecustomize in its
+               processes, the daemon's included) / the bytes it read (the page cache of the
+               mount's files after it, fincore; goal <= 1.3)
+
+Not measured here: leases, fleet gc, a 3-member etcd cluster losing a member (tests/test_fleet.py).
 
 Usage (root, from the repository; everything under /var/tmp/cowfs-bench-fleet, removed afterwards):
   .venv/bin/python scripts/bench_fleet.py               # 5 fleet hosts
   .venv/bin/python scripts/bench_fleet.py --hosts 20 --json
+  .venv/bin/python scripts/bench_fleet.py --lazy --quick
+  .venv/bin/python scripts/bench_fleet.py --lazy --json
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import random
 import shutil
+import stat
+import subprocess
 import sys
+import textwrap
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,15 +96,298 @@ def changed_bytes(root: str, n: int) -> int:
     return total
 
 
+# --- the lazy-mount rows ---------------------------------------------------------------------------
+
+WHEELS = ("django==5.1.4", "numpy", "pytest", "rich", "requests")   # the venv (--quick: Django alone)
+
+# A `sitecustomize` (on PYTHONPATH for host C's commands only) that counts the S3 requests of
+# every process (the mount's daemon included) by kind, and after each one rewrites
+# COWFS_S3_COUNT_DIR/<pid>.json with its totals: a daemon that never exits normally still tells.
+S3_COUNTER = '''
+import json, os, threading, urllib.parse
+_DIR = os.environ.get("COWFS_S3_COUNT_DIR")
+if _DIR:
+    _lock = threading.Lock()
+    _counts = {}
+    os.register_at_fork(after_in_child=_counts.clear)
+    import botocore.endpoint as _ep
+    _send = _ep.Endpoint._send
+
+    def _s3(self, request):
+        r = _send(self, request)
+        u = urllib.parse.urlsplit(request.url)
+        key = u.path.lstrip("/").split("/", 1)[-1]
+        kind = f"{request.method} " + (key.rsplit("/", 2)[-2] if key.count("/") else key)
+        got = int(r.headers.get("Content-Length", 0) or 0) if request.method == "GET" else 0
+        with _lock:
+            c = _counts.setdefault(kind, [0, 0])
+            c[0] += 1
+            c[1] += got
+            tmp = os.path.join(_DIR, f".{os.getpid()}.tmp")
+            with open(tmp, "w") as f:
+                json.dump(_counts, f)
+            os.replace(tmp, os.path.join(_DIR, f"{os.getpid()}.json"))
+        return r
+    _ep.Endpoint._send = _s3
+'''
+
+
+def s3_counts(d: str) -> dict[str, list[int]]:
+    """Requests and bytes by kind ("GET data", ...) summed over every process that counted into d."""
+    out: dict[str, list[int]] = {}
+    for f in os.listdir(d):
+        if f.endswith(".json"):
+            with open(os.path.join(d, f)) as fh:
+                for kind, (n, b) in json.load(fh).items():
+                    c = out.setdefault(kind, [0, 0])
+                    c[0] += n
+                    c[1] += b
+    return out
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def find_wheelhouse(wanted: tuple[str, ...]) -> str | None:
+    """A directory of wheels holding Django 5.1.4 (bench_agent.py's wheelhouse, $PIP_FIND_LINKS,
+    /opt/wheels): pip installs offline from it."""
+    dirs = sorted(glob.glob("/var/tmp/cowfs-bench-agent-cache/wheelhouse-*")) + \
+        [d for d in os.environ.get("PIP_FIND_LINKS", "").split() if d] + ["/opt/wheels", "/opt/pypi/files"]
+    for d in dirs:
+        if glob.glob(os.path.join(d, "[Dd]jango-5.1.4-*.whl")):
+            return d
+    return None
+
+
+def dir_bytes(root: str) -> tuple[int, int]:
+    """(files, bytes) of the regular files under root."""
+    n = b = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            st = os.lstat(os.path.join(dirpath, f))
+            if stat.S_ISREG(st.st_mode):
+                n += 1
+                b += st.st_size
+    return n, b
+
+
+def build_sandbox(root: str, tar: str, total_mib: int, min_data_mib: int, quick: bool) -> dict:
+    """The issue's sandbox under root: django/ (the sdist), repo/ (a git repository of it: its
+    files added in 4 commits, 2 more changing files, packed by git gc as a clone's would be),
+    venv/ (python -m venv, Django and, but with quick, numpy, pytest, rich, requests installed
+    offline from a local wheelhouse), data/ (files of random bytes: at least min_data_mib, and
+    enough to bring the sandbox to total_mib)."""
+    t0 = time.monotonic()
+    parts: dict = {}
+    os.makedirs(os.path.join(root, "django"))
+    benchlib.run(["tar", "-xf", tar, "-C", os.path.join(root, "django"), "--strip-components=1"], timeout=1800)
+    repo = os.path.join(root, "repo")
+    os.makedirs(repo)
+    benchlib.run(["tar", "-xf", tar, "-C", repo, "--strip-components=1"], timeout=1800)
+    git = ["git", "-C", repo, "-c", "user.name=bench", "-c", "user.email=bench@example.invalid",
+           "-c", "gc.auto=0", "-c", "init.defaultBranch=main"]
+    benchlib.run(git + ["init", "-q"], timeout=300)
+    groups = [["docs"], ["django"], ["tests"], ["."]]
+    for i, g in enumerate(groups):
+        benchlib.run(git + ["add", "-A", "--", *g], timeout=1800)
+        benchlib.run(git + ["commit", "-q", "-m", f"import part {i + 1}"], timeout=1800)
+    for i in range(2):
+        changed = change_files(repo, 5, f"commit {i}")
+        benchlib.run(git + ["commit", "-q", "-am", f"change {changed} files"], timeout=600)
+    benchlib.run(git + ["gc", "-q"], timeout=1800)
+    parts["git_commits"] = len(groups) + 2
+    venv = os.path.join(root, "venv")
+    benchlib.run([sys.executable, "-m", "venv", venv], timeout=1800)
+    wheels = WHEELS[:1] if quick else WHEELS
+    wh = find_wheelhouse(wheels)
+    if wh is not None:
+        benchlib.run([os.path.join(venv, "bin", "pip"), "install", "-q", "--no-index", "--find-links", wh,
+                      "--no-cache-dir", *wheels], timeout=1800)
+        parts["venv_from"] = f"wheels in {wh}: {' '.join(wheels)}"
+    else:       # no wheel: Django from its sdist tree, without its dependencies
+        benchlib.run([os.path.join(venv, "bin", "pip"), "install", "-q", "--no-index", "--no-deps",
+                      "--no-build-isolation", "--no-cache-dir", os.path.join(root, "django")], timeout=1800)
+        parts["venv_from"] = "the Django sdist tree (no wheelhouse found), no dependencies"
+    for name in ("django", "repo", "venv"):
+        parts[name] = dir_bytes(os.path.join(root, name))
+    rest = sum(b for _n, b in (parts[k] for k in ("django", "repo", "venv")))
+    data_mib = max(min_data_mib, -(-(total_mib * 2**20 - rest) // 2**20))
+    data = os.path.join(root, "data")
+    os.makedirs(data)
+    rnd = random.Random(23)
+    left, i = data_mib << 20, 0
+    while left > 0:
+        n = min(left, 64 << 20)
+        with open(os.path.join(data, f"part-{i:03d}.bin"), "wb") as f:
+            for off in range(0, n, 4 << 20):
+                f.write(rnd.randbytes(min(4 << 20, n - off)))
+        left -= n
+        i += 1
+    parts["data"] = dir_bytes(data)
+    parts["total"] = [sum(parts[k][0] for k in ("django", "repo", "venv", "data")),
+                      sum(parts[k][1] for k in ("django", "repo", "venv", "data"))]
+    parts["build_s"] = round(time.monotonic() - t0, 1)
+    return parts
+
+
+def workload(mp: str) -> float:
+    """The issue's first commands in the sandbox: `git status` in the repository, then `import
+    django` with the venv's Python; seconds."""
+    t0 = time.monotonic()
+    benchlib.run(["git", "-C", os.path.join(mp, "repo"), "status", "--porcelain"], timeout=1800)
+    benchlib.run([os.path.join(mp, "venv", "bin", "python"), "-c", "import django"], timeout=1800)
+    return time.monotonic() - t0
+
+
+def resident_bytes(mp: str) -> int:
+    """Bytes of the mount's files in the page cache (fincore): after a workload that started
+    with the cache dropped, what it read through FUSE (kernel readahead included)."""
+    files = []
+    for dirpath, dirs, names in os.walk(mp):
+        if dirpath == mp and ".cowfs" in dirs:
+            dirs.remove(".cowfs")
+        files += [os.path.join(dirpath, f) for f in names if stat.S_ISREG(os.lstat(os.path.join(dirpath, f)).st_mode)]
+    total = 0
+    for i in range(0, len(files), 500):
+        r = benchlib.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *files[i:i + 500]],
+                         timeout=600)
+        total += sum(int(x) for x in r.stdout.split())
+    return total
+
+
+def lazy_rows(args: argparse.Namespace) -> dict:
+    """The lazy-mount rows: the sandbox built and pushed from host a; host b pulls it (the
+    pull-based figures) and runs the workload on a cold mount of its pulled copy (the local
+    baseline); host c (nothing cached) mounts it lazily from the remote and runs the same."""
+    quick = args.quick
+    total_mib, min_data = (0, 32) if quick else (1024, 600)
+    tar, _entries = benchlib.django_tar()
+    out: dict = {"machine": benchlib.machine_info(), "quick": quick}
+    with fleetlib.fleet(BASE, "fleet", Host) as fleet:
+        a = fleet.host("a")
+        mp = a.mount("main")
+        out["load_before"] = load()
+        out["sandbox"] = build_sandbox(mp, tar, total_mib, min_data, quick)
+        benchlib.log(f"sandbox: {out['sandbox']}")
+        a.run("snapshot", mp, "sandbox")
+        t0 = time.monotonic()
+        out["push"] = a.json("push", mp, "sandbox", "origin")["pushed"]
+        out["push"]["wall_s"] = round(time.monotonic() - t0, 2)
+        out["push"]["load"] = load()
+        out["push"]["remote_bytes"] = remote_bytes(fleet)[1]
+        benchlib.log(f"push: {out['push']}")
+        a.umount_all()
+
+        # Pull-based: host b gets the whole sandbox, then runs the workload on a cold mount.
+        b = fleet.host("b")
+        t0 = time.monotonic()
+        out["pull"] = b.json("pull", "origin", "sandbox", b.store)["pulled"]
+        out["pull"]["wall_s"] = round(time.monotonic() - t0, 2)
+        out["pull"]["load"] = load()
+        benchlib.log(f"pull: {out['pull']}")
+        cold = os.path.join(b.dir, "mnt-cold")
+        os.makedirs(cold)
+        benchlib.drop_caches()
+        t0 = time.monotonic()
+        b.run("mount", b.store, cold, "--branch", "sandbox")
+        b.mounted.append(cold)
+        mount_s = time.monotonic() - t0
+        out["cold_local"] = {"mount_s": round(mount_s, 3), "load": load()}
+        out["cold_local"]["workload_s"] = round(workload(cold), 3)
+        out["cold_local"]["read_bytes"] = resident_bytes(cold)
+        out["cold_local"]["load_after"] = load()
+        b.umount_all()
+        benchlib.log(f"cold local mount: {out['cold_local']}")
+
+        out["lazy"] = lazy_mount(fleet, out)
+    return out
+
+
+def lazy_mount(fleet: fleetlib.Fleet, out: dict) -> dict:
+    """Host c: `cowfs mount origin:sandbox MNT` (nothing of the sandbox local), the workload on it,
+    the S3 bytes its processes fetched (counted on the wire)."""
+    c = fleet.host("c")
+    counts = os.path.join(c.dir, "s3-counts")
+    site = os.path.join(c.dir, "site")
+    os.makedirs(counts)
+    os.makedirs(site)
+    with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+        f.write(textwrap.dedent(S3_COUNTER))
+    env = dict(c.env, PYTHONPATH=site, COWFS_S3_COUNT_DIR=counts)
+    mp = os.path.join(c.dir, "mnt-lazy")
+    os.makedirs(mp)
+    benchlib.drop_caches()
+    t0 = time.monotonic()
+    r = subprocess.run([fleetlib.COWFS, "mount", "origin:sandbox", mp], env=env, capture_output=True, text=True,
+                       timeout=600)
+    if r.returncode:
+        return {"available": False, "error": (r.stderr or r.stdout).strip()[-500:]}
+    c.mounted.append(mp)
+    os.listdir(mp)
+    row: dict = {"available": True, "ready_s": round(time.monotonic() - t0, 3), "load": load()}
+    row["ready_fetch"] = s3_counts(counts)
+    before = s3_counts(counts).get("GET data", [0, 0])
+    row["workload_s"] = round(workload(mp), 3)
+    after = s3_counts(counts).get("GET data", [0, 0])
+    row["load_after"] = load()
+    row["fetched_gets"], row["fetched_bytes"] = after[0] - before[0], after[1] - before[1]
+    row["read_bytes"] = resident_bytes(mp)
+    row["s3_total"] = s3_counts(counts)
+    cold = out["cold_local"]
+    read = row["read_bytes"] or cold["read_bytes"]
+    row["goals"] = {
+        "ready_le_2s": {"value": row["ready_s"], "met": row["ready_s"] <= 2.0},
+        "workload_ratio_le_3": {"value": round(row["workload_s"] / cold["workload_s"], 2),
+                                "met": row["workload_s"] <= 3 * cold["workload_s"]},
+        "fetched_over_read_le_1_3": {"value": round(row["fetched_bytes"] / read, 3) if read else None,
+                                     "met": bool(read) and row["fetched_bytes"] <= 1.3 * read}}
+    c.umount_all()
+    benchlib.log(f"lazy mount: {row}")
+    return row
+
+
+def print_lazy(out: dict) -> None:
+    sb, p, cl, lz = out["sandbox"], out["pull"], out["cold_local"], out["lazy"]
+    print(f"sandbox: {sb['total'][0]} files, {sb['total'][1] / 2**20:.0f} MiB (data {sb['data'][1] / 2**20:.0f} MiB), "
+          f"built in {sb['build_s']} s")
+    print(f"push: {out['push']['bytes_uploaded'] / 2**20:.1f} MiB uploaded in {out['push']['wall_s']} s "
+          f"(load {out['push']['load']})")
+    print(f"pull onto host b: {p['bytes_fetched'] / 2**20:.1f} MiB raw fetched, {p['files_written']} files, "
+          f"{p['wall_s']} s (load {p['load']})")
+    print(f"cold local mount on b: workload (git status + import django) {cl['workload_s']} s, "
+          f"{cl['read_bytes'] / 2**20:.1f} MiB read (load {cl['load']})")
+    if not lz.get("available"):
+        print(f"lazy mount: not available ({lz.get('error')})")
+        return
+    g = lz["goals"]
+    print(f"lazy mount on host c: ready in {lz['ready_s']} s (goal <= 2: {'met' if g['ready_le_2s']['met'] else 'MISSED'}); "
+          f"workload {lz['workload_s']} s = {g['workload_ratio_le_3']['value']}x the cold local mount "
+          f"(goal <= 3: {'met' if g['workload_ratio_le_3']['met'] else 'MISSED'}); fetched "
+          f"{lz['fetched_bytes'] / 2**20:.1f} MiB for {lz['read_bytes'] / 2**20:.1f} MiB read = "
+          f"{g['fetched_over_read_le_1_3']['value']} (goal <= 1.3: "
+          f"{'met' if g['fetched_over_read_le_1_3']['met'] else 'MISSED'}) (load {lz['load']})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hosts", type=int, default=5, help="fleet hosts pushing forks of the base (issue: 20)")
+    ap.add_argument("--lazy", action="store_true",
+                    help="the lazy-mount rows instead: a 1 GiB sandbox pushed, pulled, mounted cold and lazily")
+    ap.add_argument("--quick", action="store_true", help="with --lazy: a smaller sandbox (32 MiB of data, "
+                    "the venv with Django only: ~180 MiB)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--cowfs", default=fleetlib.COWFS, help="the cowfs CLI of every host (default: this checkout's)")
     args = ap.parse_args()
     fleetlib.COWFS = args.cowfs
+    if args.quick and not args.lazy:
+        ap.error("--quick goes with --lazy")
     shutil.rmtree(BASE, ignore_errors=True)
     os.makedirs(BASE)
+    if args.lazy:
+        out = lazy_rows(args)
+        print(json.dumps(out)) if args.json else print_lazy(out)
+        return
     tar, entries = benchlib.django_tar()
     out: dict = {"machine": benchlib.machine_info(), "django_entries": entries}
     with fleetlib.fleet(BASE, "fleet", Host) as fleet:
