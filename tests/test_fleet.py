@@ -11,7 +11,9 @@ import contextlib
 import errno
 import hashlib
 import json
+import mmap
 import os
+import random
 import signal
 import stat
 import subprocess
@@ -883,3 +885,163 @@ def _reads(p: Path) -> bytes | None:
         return p.read_bytes()
     except OSError:
         return None
+
+
+def _odirect_pwrite(path: Path, off: int, data: bytes) -> None:
+    """pwrite past the kernel's page cache (no read of the page first): the daemon sees it as is."""
+    buf = mmap.mmap(-1, len(data))
+    try:
+        buf[:] = data
+        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+        try:
+            assert os.pwritev(fd, [buf], off) == len(data)
+        finally:
+            os.close(fd)
+    finally:
+        buf.close()
+
+
+def _odirect_read(path: Path) -> bytes:
+    """The whole file, past the kernel's page cache (the daemon serves every byte)."""
+    n = -(-os.stat(path).st_size // 4096) * 4096 or 4096
+    buf = mmap.mmap(-1, n)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            got = os.preadv(fd, [buf], 0)
+        finally:
+            os.close(fd)
+        return bytes(buf[:got])
+    finally:
+        buf.close()
+
+
+def test_lazy_files_written_cut_cloned_and_read_at_once(fleet, mount_factory, test_dir):
+    """Files of a lazy mount whose chunks are all still remote: two threads read one chunk at
+    once; O_DIRECT writes into unfetched chunks (in part, and past EOF into the last chunk);
+    a truncate into an unfetched chunk and back out; a punched hole; a clone and a snapshot
+    of an unfetched file; what uid 65534 may read and write; fsck and gc on the store
+    afterwards, and a remount. The bytes match a model throughout."""
+    a, b = fleet("a"), fleet("b")
+    src = mount_factory()
+    rnd = random.Random(7)
+    model = {"big": bytearray(rnd.randbytes(20 * 65536 + 5000)), "tail": bytearray(rnd.randbytes(65536 + 3000)),
+             "cut": bytearray(rnd.randbytes(4 * 65536)), "hole": bytearray(rnd.randbytes(3 * 65536)),
+             "secret": bytearray(b"s" * 70000)}
+    model["dup"] = bytearray(model["big"][:8 * 65536])
+    for name, data in model.items():
+        (src.path / name).write_bytes(data)
+    os.chmod(src.path / "secret", 0o600)
+    snap(src, "base")
+    a.json("push", src.path, "base", "origin")
+    store, mp = b.base / "lazy-store", test_dir / "lazy-mnt"  # a path uid 65534 can reach
+    mp.mkdir(parents=True, exist_ok=True)
+    b.cowfs("mount", "origin:base", mp, "--store", store, "-o", "allow_other", timeout=300)
+    try:
+        # Two readers of one unfetched chunk at once (and of the chunks ahead of it).
+        outs: dict[int, bytes] = {}
+
+        def reader(k: int) -> None:
+            with open(mp / "big", "rb") as f:
+                f.seek(3 * 65536)
+                outs[k] = f.read(4 * 65536)
+        ts = [threading.Thread(target=reader, args=(k,)) for k in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert all(outs[k] == model["big"][3 * 65536:7 * 65536] for k in range(4))
+        # O_DIRECT writes: in part into an unfetched chunk; past EOF into the unfetched last chunk.
+        for name, off, n in (("big", 10 * 65536 + 8192, 4096), ("tail", 65536 + 8192, 8192),
+                             ("dup", 5 * 65536 + 4096, 4096)):
+            data = rnd.randbytes(n)
+            _odirect_pwrite(mp / name, off, data)
+            m = model[name]
+            if len(m) < off:
+                m.extend(bytes(off - len(m)))
+            m[off:off + n] = data
+        for name in ("big", "tail", "dup"):
+            assert _odirect_read(mp / name) == model[name], name
+        # A truncate into an unfetched chunk, then back out; a punched hole in part of one.
+        os.truncate(mp / "cut", 2 * 65536 + 100)
+        os.truncate(mp / "cut", 3 * 65536)
+        model["cut"] = model["cut"][:2 * 65536 + 100] + bytes(3 * 65536 - (2 * 65536 + 100))
+        fd = os.open(mp / "hole", os.O_RDWR)
+        try:
+            mounting.fallocate(fd, 0x03, 65536 + 1000, 3000)  # PUNCH_HOLE | KEEP_SIZE
+        finally:
+            os.close(fd)
+        model["hole"][65536 + 1000:65536 + 4000] = bytes(3000)
+        for name in ("cut", "hole"):
+            assert _odirect_read(mp / name) == model[name], name
+        # A clone and a snapshot of files never read.
+        mounting.ok(mp, "clone dup dup2")
+        mounting.ok(mp, "snapshot s1")
+        assert (mp / "dup2").read_bytes() == model["dup"]
+        assert (mp / ".cowfs/snapshots/s1/big").read_bytes() == model["big"]
+        # uid 65534: may read what the modes allow, not the 0600 file (nor fetch it).
+        r = mounting.run_as(UNPRIV_UID, UNPRIV_GID, ["cat", mp / "secret"])
+        assert r.returncode != 0 and "Permission denied" in r.stderr, r
+        r = mounting.run_as(UNPRIV_UID, UNPRIV_GID, ["sha256sum", mp / "tail", mp / "big"])
+        assert r.returncode == 0, r.stderr
+        r = mounting.run_as(UNPRIV_UID, UNPRIV_GID, ["sh", "-c", f"echo x > {mp}/big"])
+        assert r.returncode != 0, "uid 65534 wrote a file of root's (0644)"
+    finally:
+        b.cowfs("umount", mp, check=False, timeout=120)
+        if mounting.is_mounted(mp):
+            mounting.lazy_unmount(mp)
+    report = mounting.fsck(store)
+    assert report["clean"], report["problems"]
+    b.cowfs("gc", store, timeout=300)
+    report = mounting.fsck(store)
+    assert report["clean"], report["problems"]
+    with lazy_mounted(b, "origin:base", mp, store):
+        for name, data in model.items():
+            assert _odirect_read(mp / name) == data, f"{name} after gc and a remount"
+        assert (mp / "dup2").read_bytes() == model["dup"]
+    report = mounting.fsck(store)
+    assert report["clean"], report["problems"]
+
+
+def test_lazy_append_past_an_unfetched_chunk_while_the_remote_is_down(fleet, mount_factory, seaweedfs_private):
+    """An append to a lazy file whose last chunk (in part before EOF) is still remote, the
+    remote down: the kernel sends the write without reading the page (it starts at a page
+    boundary at EOF), so nothing fetched that chunk. The write must fail alone (EIO): acked,
+    it would leave a buffer no flush can merge, and every later commit of the mount failed."""
+    sw = seaweedfs_private
+    a, b = fleet("a", s3=sw), fleet("b", s3=sw)
+    src = mount_factory()
+    data = os.urandom(65536 + 8192)  # EOF at a page boundary inside chunk 1
+    (src.path / "f").write_bytes(data)
+    snap(src, "base")
+    a.json("push", src.path, "base", "origin")
+    store, mp = b.base / "lazy-store", b.base / "mnt"
+    with lazy_mounted(b, "origin:base", mp, store):
+        sw.kill()
+        try:
+            fd = os.open(mp / "f", os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, b"appended")
+                os.fsync(fd)
+                appended = True
+            except OSError as e:
+                assert e.errno == errno.EIO, e
+                appended = False
+            finally:
+                os.close(fd)
+            # The rest of the mount works: a new directory and file commit.
+            os.mkdir(mp / "d")
+            (mp / "d" / "g").write_bytes(b"new")
+            fd = os.open(mp / "d" / "g", os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            sw.start()
+        want = data + b"appended" if appended else data
+        mounting.wait_until(lambda: _reads(mp / "f") == want, "f readable once S3 is back", timeout=30)
+    with lazy_mounted(b, "origin:base", mp, store):
+        assert (mp / "f").read_bytes() == want
+        assert (mp / "d" / "g").read_bytes() == b"new"
+    assert mounting.fsck(store)["clean"]
