@@ -64,12 +64,16 @@ class LazyReads:
         if fetcher is None or size <= 0:
             return
         file_size = node.attrs.size
-        end = min(off + size, file_size)
-        if off >= end:
-            return
+        end = off + size if edges_only else min(off + size, file_size)
         first, last = off // CHUNK, (end - 1) // CHUNK
+        if off >= end or first * CHUNK >= file_size:
+            return
         try:
             if edges_only:
+                # A write that starts inside a chunk holding stored bytes needs that chunk even
+                # at or past EOF (the chunk EOF is in): left remote, it would be the base of a
+                # sparse buffer (core.node.Sparse) that only a flush fetches, and while the
+                # remote is down every flush of the mount would fail on it.
                 want = []
                 if off % CHUNK:
                     want += self._remote(node, first, first)
