@@ -165,12 +165,23 @@ class Flusher:
 
     def encode(self, chunks: dict[int, bytearray | memoryview | Sparse]) -> Encoded:
         """Hash and (for chunks new to the store) compress; None marks an all-zero chunk (hole).
-        A sparse buffer is merged with its stored chunk here, so in a large flush's thread."""
+        A sparse buffer is merged with its stored chunk here, so in a large flush's thread.
+        One whose stored chunk is damaged cannot be merged: its chunk is left as stored
+        (damaged, reading EIO, named by fsck), its writes dropped with an error line.  Raised,
+        the error failed every flush of the mount (all mutations with it) and the small-write
+        log's replay; the write itself no longer reads the chunk, so cannot fail instead."""
         out: Encoded = {}
         objects = self.fs.store.objects
         for i, data in chunks.items():
             if type(data) is Sparse:
-                data = data.merge(objects.peek_chunk(data.base))
+                try:
+                    data = data.merge(objects.peek_chunk(data.base))
+                except codec.RemoteChunk:
+                    raise  # a lazy mount's remote down: the flush is retried once it is back
+                except codec.CorruptObject as exc:
+                    log.error("writes into chunk %d (stored %s) dropped: the stored chunk is damaged (%s)",
+                              i, data.base.hex(), exc)
+                    continue
             # Comparing with a zero chunk stops at the first nonzero byte (count(0) reads all);
             # a memoryview compares slowly (~50 us), so only one that starts with a zero byte
             # is copied and compared.
