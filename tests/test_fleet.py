@@ -1045,3 +1045,43 @@ def test_lazy_append_past_an_unfetched_chunk_while_the_remote_is_down(fleet, mou
         assert (mp / "f").read_bytes() == want
         assert (mp / "d" / "g").read_bytes() == b"new"
     assert mounting.fsck(store)["clean"]
+
+
+def test_lazy_mount_killed_during_fetches_mounts_again_clean(fleet, mount_factory):
+    """SIGKILL of a lazy mount's daemon while a reader's fetches are in flight (chunks fetched,
+    some committed as local objects, some not): fsck finds the store clean, and the same
+    command mounts it again, where the file reads whole and right."""
+    a, b = fleet("a"), fleet("b")
+    src = mount_factory()
+    data = os.urandom(16 << 20)
+    (src.path / "big").write_bytes(data)
+    snap(src, "base")
+    a.json("push", src.path, "base", "origin")
+    store, mp = b.base / "lazy-store", b.base / "mnt"
+    with lazy_mounted(b, "origin:base", mp, store):
+        errors: list[BaseException] = []
+
+        def reader() -> None:
+            try:
+                with open(mp / "big", "rb") as f:
+                    while f.read(1 << 20):
+                        pass
+            except OSError as e:
+                errors.append(e)
+        t = threading.Thread(target=reader)
+        t.start()
+        mounting.wait_until(lambda: fetched(mp)["chunks_fetched"] >= 16, "some chunks fetched", timeout=60)
+        pids = mounting.pids_mentioning(mp)
+        assert pids, "no daemon found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        t.join(60)
+        assert not t.is_alive()
+        mounting.lazy_unmount(mp)
+    report = mounting.fsck(store)
+    assert report["clean"], report["problems"]
+    assert report["counts"].get("remote_chunks"), "the kill came after every chunk was fetched"
+    with lazy_mounted(b, "origin:base", mp, store):
+        assert (mp / "big").read_bytes() == data
+    report = mounting.fsck(store)
+    assert report["clean"] and not report["counts"].get("remote_chunks"), report
