@@ -67,7 +67,7 @@ def main() -> None:
                            env=c.env, capture_output=True, text=True, timeout=600)
         build = json.loads(r.stdout)
         out["build_alone"] = {k: build[k] for k in ("metadata_seconds", "build_seconds", "seconds", "files", "dirs",
-                                                    "trees", "indexes", "remote_chunks")}
+                                                    "trees", "indexes", "commits", "remote_chunks")}
         out["build_alone"]["process_s"] = round(time.monotonic() - t0, 3)
 
         top = os.path.join(mp, os.listdir(mp)[0])

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from cowfs.store import Store
 
 LAZY_FILE = "lazy.json"
+BATCH_ENTRIES = 4096    # entries the build writes per commit
 DOWN_FOR = 2.0          # seconds a failed fetch makes the next ones fail at once (no event-loop stall)
 RANGE_GAP = 16 << 10    # a read's GET covers blobs this close (a pull's: 256 KiB; reads want few extra bytes)
 LANDED_MAX = 64 << 20   # bytes fetched by blocking reads (fetch_one) kept until a commit stores them
@@ -194,7 +195,7 @@ class Builder:
         self.fs = fs
         self.remote = r
         self.trees = trees
-        self.files = self.dirs = self.links = self.other = self.remote_chunks = 0
+        self.files = self.dirs = self.links = self.other = self.remote_chunks = self.commits = 0
         self.bytes = 0
         # stat-cache rows (cowfs.fleet.state) of the files as the mount shows them: a push of
         # this tree (or of a fork of it) does not read, so does not fetch, what is unchanged
@@ -212,50 +213,60 @@ class Builder:
         firsts: dict[str, "Node"] = {}
         async with fs.mutate(view) as m:
             self._attrs(root, root_entry)
+            root.attrs.nlink = 2 + self._subdirs(root_entry)
             self._xattrs(m, root, root_entry)
             m.save(root)
+        # Every node is saved once, by the commit that makes it, with its final link count (a
+        # directory's: 2 + its subdirectories, known from its tree); a commit takes directories
+        # until it holds about BATCH_ENTRIES entries.
         stack = [(root, bytes.fromhex(root_entry["tree"]), "")]
         while stack:
-            parent, th, rel = stack.pop()
             async with fs.mutate(view) as m:
-                for e in self.trees[th]:
-                    p = f"{rel}/{e['name']}" if rel else e["name"]
-                    name = os.fsencode(e["name"])
-                    t = e["type"]
-                    if t == "file" and e.get("link") not in (None, p):
-                        links.append((parent, name, e))
-                        continue
-                    node = fs.nodes.new(m, parent, _FMT[t] | e["mode"], e["uid"], e["gid"], int(e.get("rdev", 0)),
-                                        os.fsencode(e["target"]) if t == "symlink" else b"")
-                    self._attrs(node, e)
-                    m.link(parent, name, node)
-                    self._xattrs(m, node, e)
-                    if t == "dir":
-                        parent.attrs.nlink += 1
-                        m.save(node)
-                        stack.append((node, bytes.fromhex(e["tree"]), p))
-                        self.dirs += 1
-                    elif t == "file":
-                        self._content(m, node, e, p)
-                        if "link" in e:
-                            firsts[p] = node
-                        self.files += 1
-                    else:
-                        m.save(node)
-                        self.other += 1
-                m.save(parent)
+                n = 0
+                while stack and n < BATCH_ENTRIES:
+                    parent, th, rel = stack.pop()
+                    n += len(self.trees[th])
+                    for e in self.trees[th]:
+                        p = f"{rel}/{e['name']}" if rel else e["name"]
+                        name = os.fsencode(e["name"])
+                        t = e["type"]
+                        if t == "file" and e.get("link") not in (None, p):
+                            links.append((parent, name, e))
+                            continue
+                        node = fs.nodes.new(m, parent, _FMT[t] | e["mode"], e["uid"], e["gid"],
+                                            int(e.get("rdev", 0)), os.fsencode(e["target"]) if t == "symlink" else b"")
+                        self._attrs(node, e)
+                        m.link(parent, name, node)
+                        self._xattrs(m, node, e)
+                        if t == "dir":
+                            node.attrs.nlink = 2 + self._subdirs(e)
+                            m.save(node)
+                            stack.append((node, bytes.fromhex(e["tree"]), p))
+                            self.dirs += 1
+                        elif t == "file":
+                            self._content(m, node, e, p)
+                            if "link" in e:
+                                firsts[p] = node
+                            self.files += 1
+                        else:
+                            m.save(node)
+                            self.other += 1
+                self.commits += 1
         if links:
             async with fs.mutate(view) as m:
                 for parent, name, e in links:
                     node = firsts.get(e["link"])
                     if node is None:
-                        raise FleetError(f"the tree's hard link {e['name']!r} names {e['link']!r}, which it does not hold")
+                        raise FleetError(f"the tree's hard link {e['name']!r} names {e['link']!r}, "
+                                         "which it does not hold")
                     node.attrs.nlink += 1
                     fs.namespace.more_names(m, node, parent, name)
                     m.link(parent, name, node)
                     m.save(node)
-                    m.save(parent)
                     self.links += 1
+
+    def _subdirs(self, e: dict[str, Any]) -> int:
+        return sum(c["type"] == "dir" for c in self.trees[bytes.fromhex(e["tree"])])
 
     @staticmethod
     def _attrs(node: "Node", e: dict[str, Any]) -> None:
@@ -340,13 +351,15 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str) -> dict[str, Any]:
             state.set_origin(os.path.abspath(store_path), "main", r.key, cid)   # a push's parent commit
         finally:
             state.close()
-        doc = {"version": 1, "remotes": [{"name": cfg.name, "url": cfg.url, "refs": cfg.refs, "endpoint": cfg.endpoint}],
+        doc = {"version": 1,
+               "remotes": [{"name": cfg.name, "url": cfg.url, "refs": cfg.refs, "endpoint": cfg.endpoint}],
                "remote_key": r.key, "snapshot": snapshot, "commit": cid, "built": time.time()}
     tmp = Path(store_path) / (LAZY_FILE + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, Path(store_path) / LAZY_FILE)
     return {"commit": cid, "trees": len(trees), "indexes": indexes, "files": b.files, "dirs": b.dirs,
-            "hard_links": b.links, "other": b.other, "remote_chunks": b.remote_chunks, "bytes": b.bytes,
+            "hard_links": b.links, "other": b.other, "commits": b.commits, "remote_chunks": b.remote_chunks,
+            "bytes": b.bytes,
             "metadata_seconds": round(t_meta, 3), "build_seconds": round(t_build, 3),
             "seconds": round(time.monotonic() - t0, 3)}
 
