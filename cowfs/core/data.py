@@ -71,6 +71,15 @@ class Data:
             await self._refuse(node, off, end, node.cap_errno, "beyond what an earlier refused write left")
         if fs.store.space_low(len(data)) and not await full.room_after_flush(len(data)):
             await self._refuse(node, off, end, errno.ENOSPC, "the store's disk is (nearly) full")
+        if fs.store.objects.fetcher is not None:
+            # A lazy mount: the chunks this write covers in part are fetched first.  If the
+            # remote fails, the write is refused as on a full disk: one the page cache
+            # acknowledged is lost, the file cut to a prefix, the kernel's view brought back.
+            try:
+                await fs.lazy.ensure(node, off, len(data), edges_only=True)
+            except FSError as exc:
+                await self._refuse(node, off, end, exc.errno, "a chunk it writes in part is still on the "
+                                   "remote, which failed")
         view = node.view
         usage = fs.usage
         before = usage.allocated(node)

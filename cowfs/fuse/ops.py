@@ -296,9 +296,7 @@ class Operations(pyfuse3.Operations):
         sess = self.handles.sessions.get(fh)
         if sess is not None:
             return await self.ctlfs.write(sess, buf)
-        node = self.handles.files[fh]
-        await self.fs.lazy.ensure(node, off, len(buf), edges_only=True)
-        return await self.fs.write(node, off, buf)
+        return await self.fs.write(self.handles.files[fh], off, buf)
 
     async def flush(self, fh: int) -> None:
         """FLUSH, sent at every close: declined.  ENOSYS makes the kernel stop sending it for
