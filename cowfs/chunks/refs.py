@@ -29,8 +29,12 @@ if TYPE_CHECKING:
 ROOT, SLOT, PIN = 0, 1, 2  # where a reference comes from
 # Node pairs netted by slot difference (RefApply): at most this many per batch, and only
 # nodes that differ from their pair in at most PAIR_SLOTS slots (else listing is cheaper).
-PAIRS_MAX = 8
-PAIR_SLOTS = 16
+# A fold of a few hundred chunks of a 1 GiB file changes all of its 32 leaves, ~8-16 slots
+# each: with 8 pairs of at most 16 slots, most leaves were listed child by child (512 slots
+# created, 512 freed); 64 of 64 take 2-3x less time for folds of 32-512 chunks there
+# (docs/benchmarks.md, "Sparse dirty buffers").
+PAIRS_MAX = 64
+PAIR_SLOTS = 64
 INDEX_AFTER = 16  # searches of a paired node's body before its slots are counted once
 
 

@@ -231,3 +231,50 @@ def test_a_count_below_zero_or_an_unknown_reference_is_refused_and_writes_nothin
         assert dump(st) == before
     finally:
         st.close()
+
+
+def test_a_fold_of_chunks_spread_over_every_leaf_of_a_big_file_pairs_every_new_node(monkeypatch):
+    """A fold of 256 random chunks of a 16,384-chunk file (1 GiB) rewrites all 32 leaves,
+    ~8 slots each: every new node is netted against the one it was made from, so no leaf's
+    512 children are listed (with 8 pairs of at most 16 slots, 24 leaves were)."""
+    applied = []
+    real = refs.RefApply.run
+
+    def run(self):
+        applied.append(self)
+        return real(self)
+
+    monkeypatch.setattr(refs.RefApply, "run", run)
+    st = Objects()
+    n, rnd = 16 * FANOUT * 2, random.Random(24)
+
+    def fresh(i: int) -> tuple[bytes, bytes]:
+        data = i.to_bytes(8, "big") * 8
+        return codec.chunk_hash(data), codec.encode_chunk(data, 1)
+
+    try:
+        txn, changes = RefTxn(), {}
+        for i in range(n):
+            h, v = fresh(i)
+            txn.add_object(h, v, [])
+            changes[i] = h
+        root = TreeWriter(st.objects.node, txn).update(None, changes, n)
+        txn.incref(root.hash)
+        st.commit(Batch(), txn)
+        txn, changes = RefTxn(), {}
+        for k in range(256):
+            h, v = fresh(n + k)
+            txn.add_object(h, v, [])
+            changes[rnd.randrange(n)] = h
+        new = TreeWriter(st.objects.node, txn).update(root, changes, n)
+        txn.incref(new.hash)
+        txn.decref(root.hash)
+        st.commit(Batch(), txn)
+        ra = applied[-1]
+        nodes = [h for h in ra.created if txn.new[h][0][0] == codec.KIND_NODE]
+        assert len(nodes) == 33  # 32 leaves and the root
+        assert set(nodes) <= set(ra.made_from), f"{len(nodes) - len(set(nodes) & set(ra.made_from))} listed"
+        assert len(ra.freed) == len(changes) + 33  # the chunks replaced, the old nodes: nothing else
+        assert dict(iter_chunks(new, st.objects.node)) == {**{i: fresh(i)[0] for i in range(n)}, **changes}
+    finally:
+        st.close()
