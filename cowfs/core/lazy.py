@@ -87,7 +87,7 @@ class LazyReads:
             raise FSError(errno.EIO) from exc
         if not want:
             return
-        for attempt in (1, 2):
+        for _try in range(2):  # a second round only after another read's fetch of a chunk failed
             mine = [(h, raw) for h, raw in want if h not in self._inflight]
             others = [self._inflight[h] for h, _raw in want if h in self._inflight]
             if mine:
