@@ -337,7 +337,13 @@ def lazy_mount(fleet: fleetlib.Fleet, out: dict) -> dict:
     row: dict = {"available": True, "ready_s": round(time.monotonic() - t0, 3), "load": load()}
     row["ready_fetch"] = s3_counts(counts)
     before = s3_counts(counts).get("GET data", [0, 0])
-    row["workload_s"] = round(workload(mp), 3)
+    try:
+        row["workload_s"] = round(workload(mp), 3)
+    except RuntimeError as e:          # reported, not hidden: the row then has no goals
+        row["workload_error"] = str(e)
+        unmount(c, mp)
+        benchlib.log(f"lazy mount: {row}")
+        return row
     after = s3_counts(counts).get("GET data", [0, 0])
     row["daemon_lazy_stats"] = lazy_stats(mp)
     row["load_after"] = load()
@@ -355,9 +361,16 @@ def lazy_mount(fleet: fleetlib.Fleet, out: dict) -> dict:
                                      "read_from": "lazy mount" if row["read_bytes"] else "cold local mount",
                                      "raw_value": round((row["daemon_lazy_stats"] or {}).get("bytes_fetched", 0) / read, 3)
                                      if read else None}}
-    c.umount_all()
+    unmount(c, mp)
     benchlib.log(f"lazy mount: {row}")
     return row
+
+
+def unmount(h: Host, mp: str) -> None:
+    """`cowfs umount`, then umount(8) if the mount is still there (a failed run must not leave it)."""
+    h.umount_all()
+    if benchlib.is_mounted(mp):
+        subprocess.run(["umount", mp], capture_output=True, timeout=300)
 
 
 def print_lazy(out: dict) -> None:
@@ -372,6 +385,9 @@ def print_lazy(out: dict) -> None:
           f"{cl['read_bytes'] / 2**20:.1f} MiB read (load {cl['load']})")
     if not lz.get("available"):
         print(f"lazy mount: not available ({lz.get('error')})")
+        return
+    if "workload_error" in lz:
+        print(f"lazy mount on host c: ready in {lz['ready_s']} s; the workload failed: {lz['workload_error']}")
         return
     g = lz["goals"]
     print(f"lazy mount on host c: ready in {lz['ready_s']} s (goal <= 2: {'met' if g['ready_le_2s']['met'] else 'MISSED'}); "

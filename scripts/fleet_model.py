@@ -151,8 +151,9 @@ def change(root: str, n: int, tag: str, suffix: str) -> None:
 
 def model_push(P: int, U: int, N: int, parent: bool, branch: bool, seconds: float) -> Counter:
     """A push: P packs on the remote, N new packs; U indexes read that this host's cache lacks:
-    with a parent (whose commit names its packs), of the parent's packs, read after the parent
-    commit (one GET) and without a LIST; without one, of every pack, after a LIST of index/."""
+    with a parent (whose commit names its packs; or, with none, the commit the local branch
+    was pulled from or last pushed as), of its packs, read after that commit (one GET) and
+    without a LIST; without either, of every pack, after a LIST of index/."""
     return Counter({"S3 LIST index": 0 if parent else max(1, math.ceil(P / 1000)), "S3 GET index": U,
                     "S3 GET commit": int(parent),
                     "S3 HEAD data": 2 * N, "S3 PUT data": N, "S3 HEAD index": 2 * N, "S3 PUT index": N,
@@ -175,16 +176,17 @@ def model_hold(seconds: float, ttl: float) -> Counter:
                     "etcd lease/revoke": 1})
 
 
-def model_gc(P: int, C: int, refs: Counter, commits: int, dead_packs: int, dead_commits: int,
+def model_gc(P: int, U: int, C: int, refs: Counter, commits: int, dead_packs: int, dead_commits: int,
              sweep: bool) -> Counter:
-    """A gc: P packs (their indexes all in this host's cache), C commit objects, refs per
+    """A gc: P packs (U of their indexes not in this host's cache), C commit objects, refs per
     family naming `commits` distinct commits; garbage: dead_packs packs (data + index) and
     dead_commits commits, condemned by a first run and deleted by a second (sweep) once the
     grace is over.  The tree GETs (S3 GET data: every live tree is read) depend on the layout."""
     def pages(n: int, per: int) -> int:
         return max(1, math.ceil(n / per))
     garbage = 2 * dead_packs + dead_commits
-    return Counter({"S3 LIST index": pages(P, 1000), "S3 LIST data": pages(P, 1000), "S3 LIST commit": pages(C, 1000),
+    return Counter({"S3 LIST index": pages(P, 1000), "S3 GET index": U, "S3 LIST data": pages(P, 1000),
+                    "S3 LIST commit": pages(C, 1000),
                     "S3 GET commit": commits, "S3 DELETE data": dead_packs * sweep,
                     "S3 DELETE index": dead_packs * sweep, "S3 DELETE commit": dead_commits * sweep,
                     "etcd lease/grant": 1, "etcd lease/revoke": 1,
@@ -286,8 +288,9 @@ def main() -> None:
             h.umount_all()
         change(mp, 1, "a again", suffix)
         # a branch push: one range more (the branch's hold); its parent is the branch's last
-        # commit seen by this host (none: never pushed to main), so it reads every index
-        push(a, mp, "head", None, "--branch", "main")
+        # commit seen by this host (none: never pushed to main), so it reads the indexes of the
+        # commit this local branch was last pushed as (fork's)
+        push(a, mp, "head", "fork", "--branch", "main")
         t0 = time.monotonic()
         _out, n, bts = a.cowfs("remote", "hold", "origin", "main", "--ttl", "3", "--", "sleep", "4", count=True)
         ops.append(compare("hold of branch main, --ttl 3, for `sleep 4`", n, bts, model_hold(4.0, 3.0)))
@@ -298,12 +301,14 @@ def main() -> None:
         commits = len({r["commit"] for r in shown})
         for run in ("condemns", "deletes"):
             objs = fleet.remote_objects()
+            listed = s3.list_objects_v2(Bucket=fleet.sw.BUCKET, Prefix=f"{PREFIX}/index/").get("Contents", [])
+            U = len({o["Key"].rsplit("/", 1)[1] for o in listed} - a.cached_indexes())
             out, n, bts = a.cowfs("remote", "gc", "origin", "--grace", "0", "--json", count=True)
             f = json.loads(out.strip().splitlines()[-1])
             # garbage: the deleted fork's own pack (data + index) and its commit
-            ops.append(compare(f"gc that {run} (P={objs['index']}, C={objs['commit']}, {dict(refs)} refs naming "
+            ops.append(compare(f"gc that {run} (P={objs['index']}, U={U}, C={objs['commit']}, {dict(refs)} refs naming "
                                f"{commits} commits; condemned {f['condemned']}, deleted {f['deleted']})", n, bts,
-                               model_gc(objs["index"], objs["commit"], refs, commits, 1, 1, run == "deletes"),
+                               model_gc(objs["index"], U, objs["commit"], refs, commits, 1, 1, run == "deletes"),
                                free=("S3 GET data",)))
         final = fleet.remote_objects()
     if args.json:

@@ -575,6 +575,13 @@ def test_a_commit_names_its_packs_and_pulls_and_fork_pushes_read_only_their_inde
     assert not _cached_indexes(b) & other_p
     b_c = _commit(seaweedfs, engine_prefix, pushed["commit"])
     assert set(b_c["packs"]) - fork_p and fork_p <= set(b_c["packs"]) and len(b_c["packs"]) == 3
+    # The first push of a remote branch from there (no head expected: no parent) reads the
+    # indexes of the commit the local branch was last pushed as, not every index either.
+    (fb.path / "d1" / "f2").write_bytes(b"on a branch")
+    snap(fb, "b-branch")
+    pushed = b.json("push", fb.path, "b-branch", "origin", "--branch", "b-work")["pushed"]
+    assert pushed["files_read"] == 1 and not _cached_indexes(b) & other_p, pushed
+    assert _commit(seaweedfs, engine_prefix, pushed["commit"])["parent"] is None
 
     # A commit pushed before commits named their packs: a pull reads every index instead.
     old = {k: v for k, v in base_c.items() if k != "packs"}
@@ -587,7 +594,8 @@ def test_a_commit_names_its_packs_and_pulls_and_fork_pushes_read_only_their_inde
     kv.close()
     store_d = mounting.init_store(d.base / "store")
     d.json("pull", "origin", "old", store_d)
-    assert _cached_indexes(d) == fork_p | other_p | set(b_c["packs"])
+    listed = seaweedfs.client().list_objects_v2(Bucket=seaweedfs.BUCKET, Prefix=f"{engine_prefix}/index/")
+    assert _cached_indexes(d) == {o["Key"].rsplit("/", 1)[1] for o in listed["Contents"]} > fork_p | other_p
     same_tree(m.path / ".cowfs" / "snapshots" / "base", mount_factory(store=store_d, branch="old").path)
     assert a.json("remote", "check", "origin", "--verify")["ok"]
 

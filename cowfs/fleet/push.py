@@ -3,8 +3,9 @@ trees and a commit; then one compare-and-set of the references that name it.
 
 Order (what makes an interrupted push harmless and resumable):
 1. read the pack indexes of the parent commit's packs (what the remote has of the tree this
-   one was made from: chunk and tree ids), or every pack index of the remote when there is no
-   parent or it names no packs (a first push: whatever the remote has is found);
+   one was made from: chunk and tree ids; with no parent, those of the commit the local branch
+   was pulled from or last pushed as), or every pack index of the remote when there is none
+   or it names no packs (a first push: whatever the remote has is found);
 2. walk the snapshot depth-first in name order; a file's chunk ids come from the stat cache
    when its stat is unchanged and the remote has them all, else from reading it; every chunk
    and tree the remote lacks goes into a pack;
@@ -304,24 +305,29 @@ def make_commit(tree: bytes, root: dict[str, Any], parent: str | None, snapshot:
                           "packs": sorted(packs)})
 
 
-def read_parent(remote: Remote, parent: str | None) -> str | None:
-    """Read what the remote has for a push whose tree was made from commit `parent`: that
-    commit's packs' indexes, or every index when it has none or names none.  The parent, or
-    None when the remote no longer has it (deleted and gc'd: a parent is only a hint)."""
+def read_parent(remote: Remote, parent: str | None, origin: str | None) -> str | None:
+    """Read what the remote has for a push whose tree was made from commit `parent` (or, when
+    the parent is unknown, from `origin`: the commit the local branch was pulled from or last
+    pushed as): that commit's packs' indexes, or every index when there is none or it names
+    none.  The parent, or None when the remote no longer has it (deleted and gc'd: a parent
+    is only a hint)."""
     from cowfs.fleet import FleetError
 
-    doc = None
-    if parent is not None:
+    def read(cid: str | None) -> dict[str, Any] | None:
         try:
-            doc = remote.commit(parent)
+            return remote.commit(cid) if cid else None
         except FleetError:
-            parent = None
+            return None
+    doc = read(parent)
+    if doc is None:
+        parent = None
+        doc = read(origin)
     if doc is not None and doc.get("packs") is not None:
         try:
             remote.load_packs(doc["packs"])
             return parent
-        except FleetError:      # a pack of it gc'd meanwhile: the parent is gone too
-            parent = None
+        except FleetError:      # a pack of it gc'd meanwhile: read everything
+            pass
     remote.load_index()
     return parent
 
@@ -342,7 +348,8 @@ def _push(remote: Remote, state: State, store: str, branch: str, snapshot: str, 
 
     hold = remote.hold_fence(remote_branch) if remote_branch else None     # refused early if held
     base = state.base(store, branch, remote.key, remote_branch) if remote_branch else None
-    parent = read_parent(remote, base if remote_branch else state.origin(store, branch, remote.key))
+    origin = state.origin(store, branch, remote.key)
+    parent = read_parent(remote, base if remote_branch else origin, origin)
     pusher = Pusher(remote, state, store, progress)
     tree, root_entry = pusher.push_tree(root)
     t0 = time.monotonic()
