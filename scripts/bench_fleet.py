@@ -264,7 +264,7 @@ def lazy_rows(args: argparse.Namespace) -> dict:
     total_mib, min_data = (0, 32) if quick else (1024, 600)
     tar, _entries = benchlib.django_tar()
     out: dict = {"machine": benchlib.machine_info(), "quick": quick}
-    with fleetlib.fleet(BASE, "fleet", Host) as fleet:
+    with fleetlib.fleet(args.dir, "fleet", Host) as fleet:
         a = fleet.host("a")
         mp = a.mount("main")
         out["load_before"] = load()
@@ -300,7 +300,9 @@ def lazy_rows(args: argparse.Namespace) -> dict:
         b.umount_all()
         benchlib.log(f"cold local mount: {out['cold_local']}")
 
-        out["lazy"] = lazy_mount(fleet, out)
+        out["lazy"] = lazy_mount(fleet, out, "c")
+        for i, size in enumerate(args.lazy_near):
+            out[f"lazy_near={size}"] = lazy_mount(fleet, out, f"c{i + 1}", "-o", f"lazy_near={size}")
     return out
 
 
@@ -313,10 +315,10 @@ def lazy_stats(mp: str) -> dict | None:
         return None
 
 
-def lazy_mount(fleet: fleetlib.Fleet, out: dict) -> dict:
-    """Host c: `cowfs mount origin:sandbox MNT` (nothing of the sandbox local), the workload on it,
-    the S3 bytes its processes fetched (counted on the wire)."""
-    c = fleet.host("c")
+def lazy_mount(fleet: fleetlib.Fleet, out: dict, host: str, *options: str) -> dict:
+    """Host `host`: `cowfs mount origin:sandbox MNT [options]` (nothing of the sandbox local), the
+    workload on it, the S3 bytes its processes fetched (counted on the wire)."""
+    c = fleet.host(host)
     counts = os.path.join(c.dir, "s3-counts")
     site = os.path.join(c.dir, "site")
     os.makedirs(counts)
@@ -328,7 +330,8 @@ def lazy_mount(fleet: fleetlib.Fleet, out: dict) -> dict:
     os.makedirs(mp)
     benchlib.drop_caches()
     t0 = time.monotonic()
-    r = subprocess.run([fleetlib.COWFS, "mount", "origin:sandbox", mp, "--store", os.path.join(c.dir, "store-lazy")],
+    r = subprocess.run([fleetlib.COWFS, "mount", "origin:sandbox", mp, "--store", os.path.join(c.dir, "store-lazy"),
+                        *options],
                        env=env, capture_output=True, text=True, timeout=600)
     if r.returncode:
         return {"available": False, "error": (r.stderr or r.stdout).strip()[-500:]}
@@ -406,20 +409,26 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="with --lazy: a smaller sandbox (32 MiB of data, "
                     "the venv with Django only: ~180 MiB)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--dir", default=BASE, help=f"the benchmark's directory, removed before and after (default {BASE}): "
+                    "runs at once need one each")
+    ap.add_argument("--lazy-near", action="append", default=[], metavar="SIZE",
+                    help="with --lazy: one more lazy mount (a host of its own) with -o lazy_near=SIZE, its row "
+                         "lazy_near=SIZE (repeatable: the same sandbox, pushed once)")
     ap.add_argument("--cowfs", default=fleetlib.COWFS, help="the cowfs CLI of every host (default: this checkout's)")
     args = ap.parse_args()
     fleetlib.COWFS = args.cowfs
     if args.quick and not args.lazy:
         ap.error("--quick goes with --lazy")
-    shutil.rmtree(BASE, ignore_errors=True)
-    os.makedirs(BASE)
+    base = args.dir
+    shutil.rmtree(base, ignore_errors=True)
+    os.makedirs(base)
     if args.lazy:
         out = lazy_rows(args)
         print(json.dumps(out)) if args.json else print_lazy(out)
         return
     tar, entries = benchlib.django_tar()
     out: dict = {"machine": benchlib.machine_info(), "django_entries": entries}
-    with fleetlib.fleet(BASE, "fleet", Host) as fleet:
+    with fleetlib.fleet(base, "fleet", Host) as fleet:
         a = fleet.host("a")
         mp = a.mount("main")
         benchlib.run(["tar", "-xf", tar, "-C", mp], timeout=1800)

@@ -108,7 +108,8 @@ def mount(store: str, mountpoint: str, branch: str, lazy_store: str | None, fore
     fetches the snapshot's commit and directory trees only, builds its whole tree in branch
     main of the new store STORE (files point at chunks still on the remote) and mounts it;
     each chunk is fetched on its first read (checked against its id, then stored in STORE),
-    so the mount is ready before any data moves.  Writes go to STORE (copy-on-write).  Run
+    with the unfetched chunks stored near it in the remote's pack (its directory's other
+    files: -o lazy_near), so the mount is ready before any data moves.  Writes go to STORE (copy-on-write).  Run
     it again on the same STORE to mount it again; `cowfs stats` shows what was fetched."""
     from cowfs.daemon import process as daemon
 

@@ -17,6 +17,7 @@ they fetched is stored by the next commit here.
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ import trio
 
 from cowfs import threads
 from cowfs.chunks import codec
+from cowfs.chunks.families import CF_OBJECTS
 from cowfs.chunks.refs import RefTxn
 from cowfs.chunks.tree import CHUNK
 from cowfs.core.node import Node
@@ -32,11 +34,17 @@ from cowfs.errors import FSError
 from cowfs.kv.base import Batch
 
 if TYPE_CHECKING:
+    from cowfs.chunks.objects import ObjectStore
     from cowfs.core.filesystem import Filesystem
 
 log = logging.getLogger(__name__)
 
 AHEAD = 256 << 10  # fetched with a read's own chunks: the file's next chunks still remote
+NEAR_GAP = 16 << 10  # neighbours this close (fleet.lazy.RANGE_GAP): one GET covers them and the read's chunk
+
+# (remote source, pack id) -> the offsets of its blobs that were F objects when the map was
+# made, sorted, and alongside them (offset, stored length, chunk id)
+PackMap = dict[tuple[int, bytes], tuple[list[int], list[tuple[int, int, bytes]]]]
 
 
 class LazyReads:
@@ -44,6 +52,12 @@ class LazyReads:
         self.fs = fs
         self._inflight: dict[bytes, trio.Event] = {}
         self.waits = 0  # reads that waited for another's fetch of the same chunk
+        # -o lazy_near (set by the daemon): the F chunks lying within this many bytes of a
+        # read's chunks in their remote pack are fetched in the same GET (0: none)
+        self.near = 0
+        self.near_fetched = 0  # chunks fetched as such neighbours
+        self._packs: PackMap | None = None
+        self._mapping: trio.Event | None = None
 
     def _remote(self, node: Node, first: int, last: int) -> list[tuple[bytes, bytes]]:
         objects = self.fs.store.objects
@@ -87,6 +101,8 @@ class LazyReads:
             raise FSError(errno.EIO) from exc
         if not want:
             return
+        if self.near > 0 and not edges_only:
+            await self._map_packs()
         for _try in range(2):  # a second round only after another read's fetch of a chunk failed
             mine = [(h, raw) for h, raw in want if h not in self._inflight]
             others = [self._inflight[h] for h, _raw in want if h in self._inflight]
@@ -104,18 +120,110 @@ class LazyReads:
         log.error("lazy fetch for inode %d at %d: %d chunks still on the remote", node.ino, off, len(want))
         raise FSError(errno.EIO)
 
+    async def _map_packs(self) -> None:
+        """Make the pack map of the store's F objects once (a scan of every object record,
+        in a worker thread; reads meanwhile wait for it).  Entries go stale as chunks are
+        fetched or freed: `_near` checks each against its record."""
+        if self._packs is not None:
+            return
+        if self._mapping is not None:
+            await self._mapping.wait()
+            return
+        self._mapping = trio.Event()
+        try:
+            self._packs = await threads.run_in_thread(self._scan)
+        finally:
+            self._mapping.set()
+
+    def _scan(self) -> PackMap:
+        by: dict[tuple[int, bytes], list[tuple[int, int, bytes]]] = {}
+        for h, raw in self.fs.store.objects.kv.scan(CF_OBJECTS, b""):
+            if raw[:1] != bytes((codec.KIND_REMOTE,)):
+                continue
+            loc = codec.remote_loc(raw)
+            assert loc is not None
+            by.setdefault((loc.source, loc.pack), []).append((loc.offset, loc.length, h))
+        out: PackMap = {}
+        for key, blobs in by.items():
+            blobs.sort()
+            out[key] = ([b[0] for b in blobs], blobs)
+        return out
+
+    def _near(self, items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The F chunks not in flight that lie within `near` bytes before or after each of
+        items in its pack, each less than NEAR_GAP from the last one taken (so the GET of the
+        item covers them too)."""
+        if self._packs is None:
+            return []
+        objects = self.fs.store.objects
+        taken = {h for h, _raw in items}
+        out: list[tuple[bytes, bytes]] = []
+        for _h, raw in items:
+            loc = codec.remote_loc(raw)
+            entry = None if loc is None else self._packs.get((loc.source, loc.pack))
+            if loc is None or entry is None:
+                continue
+            offsets, blobs = entry
+            start, end = loc.offset, loc.offset + loc.length
+            i = bisect.bisect_left(offsets, start)
+            # after the item: walk forward from its end
+            edge = end
+            for b_off, b_len, h in blobs[bisect.bisect_left(offsets, end, lo=i):]:
+                if b_off - edge > NEAR_GAP or b_off + b_len - end > self.near:
+                    break
+                got = self._take(objects, h, taken)
+                if got is not None:
+                    out.append(got)
+                    edge = b_off + b_len
+                elif h in taken:
+                    edge = max(edge, b_off + b_len)
+            # before it: walk back from its start
+            edge = start
+            for b_off, b_len, h in reversed(blobs[:i]):
+                if edge - (b_off + b_len) > NEAR_GAP or start - b_off > self.near:
+                    break
+                got = self._take(objects, h, taken)
+                if got is not None:
+                    out.append(got)
+                    edge = b_off
+                elif h in taken:
+                    edge = min(edge, b_off)
+        return out
+
+    def _take(self, objects: "ObjectStore", h: bytes, taken: set[bytes]) -> tuple[bytes, bytes] | None:
+        """(h, its F record) if h is still remote, not in flight and not taken yet (then taken)."""
+        if h in taken or h in self._inflight:
+            return None
+        raw = objects.remote_record(h)
+        if raw is None:
+            return None
+        taken.add(h)
+        return h, raw
+
     async def _fetch(self, node: Node, off: int, items: list[tuple[bytes, bytes]]) -> None:
         fs = self.fs
         fetcher = fs.store.objects.fetcher
         assert fetcher is not None
-        events = {h: trio.Event() for h, _raw in items}
+        near = self._near(items) if self.near > 0 else []
+        events = {h: trio.Event() for h, _raw in items + near}
         self._inflight.update(events)
         try:
             try:
-                got = await threads.run_in_thread(fetcher.fetch_many, items, fs.level)
+                got = await threads.run_in_thread(fetcher.fetch_many, items + near, fs.level)
+                self.near_fetched += len(near)
             except codec.CorruptObject as exc:
-                log.error("read of inode %d at %d: %s", node.ino, off, exc)
-                raise FSError(errno.EIO) from exc
+                if not near:
+                    log.error("read of inode %d at %d: %s", node.ino, off, exc)
+                    raise FSError(errno.EIO) from exc
+                # A neighbour may be what failed: the read's own chunks alone, once more (a
+                # remote that is down fails this at once: fleet.lazy.DOWN_FOR).
+                try:
+                    got = await threads.run_in_thread(fetcher.fetch_many, items, fs.level)
+                except codec.CorruptObject:
+                    log.error("read of inode %d at %d: %s", node.ino, off, exc)
+                    raise FSError(errno.EIO) from exc
+                log.warning("read of inode %d at %d: its %d neighbours were not fetched: %s",
+                            node.ino, off, len(near), exc)
             got.update(fetcher.take_landed())
             await self._store(got)
         finally:

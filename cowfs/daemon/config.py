@@ -34,6 +34,7 @@ class MountConfig:
     spin_us: int = 50  # cowfs.fuse.loop: poll the FUSE fd this long before parking (0: pyfuse3's own wait)
     fuse_ext: bool = True  # cowfs.fuse.ext: SEEK_DATA/SEEK_HOLE, fallocate, statfs per branch
     cpus: str | None = None  # -o cpus=: the CPUs the daemon's threads are pinned to (options.parse_cpus)
+    lazy_near: int = 256 << 10  # cowfs.core.lazy: a lazy mount's reads fetch the unfetched chunks this near in the pack
     view_slots: int = 65535  # cowfs.fuse.inodes: slots of the inode numbers for views in use at once
     given: set[str] = field(default_factory=set)  # the daemon-wide options above set explicitly (options.apply)
 

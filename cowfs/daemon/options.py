@@ -156,6 +156,10 @@ OPTIONS: tuple[Option, ...] = (
            "(docs/benchmarks.md, CPU placement)", "cpus", parse_cpus),
     Option("view_slots", "N", "65535", "views whose inodes (besides roots) the kernel may hold at once, each "
            "with a slot of the inode numbers (1-65535; fewer only to test slot recycling)", "view_slots", _slots),
+    Option("lazy_near", "SIZE", "256K", "a lazy mount's read of a chunk not fetched yet also fetches, in the same "
+           "GET, the unfetched chunks stored within SIZE bytes of it in its remote pack (a push packs a directory's "
+           "files together: they are fetched with the first one read); 0: only the file's own", "lazy_near",
+           parse_size),
     Option("fuse_ext", "0|1", "1", "SEEK_DATA/SEEK_HOLE, fallocate and each branch's own df, served through "
            "libfuse's session (cowfs/fuse/ext.py); 0 turns them off", "fuse_ext", _bool01),
 )
@@ -163,7 +167,7 @@ BY_NAME: dict[str, Option] = {n: o for o in OPTIONS for n in (o.name, *o.aliases
 # The options that hold for the whole daemon (every branch it serves); set explicitly, they
 # are recorded in MountConfig.given, so that a mount of another branch may repeat them.
 DAEMON_WIDE = ("cache_l1", "cache_l2", "prefetch", "prefetch_learn", "dir_cache", "warm", "dedup", "dedup_cpu",
-               "share", "spin_us", "fuse_ext", "cpus", "view_slots")
+               "share", "spin_us", "fuse_ext", "cpus", "view_slots", "lazy_near")
 
 
 def lookup(text: str) -> Option | None:

@@ -94,6 +94,7 @@ class Daemon:
         except FSError as exc:
             self.store.close()
             raise StoreError(str(exc)) from None
+        self.fs.lazy.near = cfg.lazy_near
         if cfg.quota_bytes is not None or cfg.quota_inodes is not None:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
         self.warmer = Warmer(self.fs, self._view_root, cfg.store, cfg.prefetch and cfg.warm)
@@ -268,7 +269,8 @@ class Daemon:
             "quota_inodes": view.quota_inodes,
             "memory": {**fs.memory_figures(), **store.engine.memory()},
             "dirty_bytes": fs.flusher.dirty_bytes,
-            **({"lazy": {**store.objects.fetcher.figures(), "read_waits": fs.lazy.waits}}  # type: ignore[attr-defined]
+            **({"lazy": {**store.objects.fetcher.figures(),  # type: ignore[attr-defined]
+                         "read_waits": fs.lazy.waits, "near_fetched": fs.lazy.near_fetched}}
                if store.objects.fetcher is not None else {}),
             "flushes": fs.flusher.flush_count,
             # fsyncs made durable as small-write log records, and flushes that folded them
