@@ -26,7 +26,7 @@ Django installed offline from a local wheelhouse, data files to 1 GiB with at le
                (goal <= 2 s), the workload's seconds / cold_local's (goal <= 3x), the bytes of S3
                GETs of data/ during the workload (counted on the wire by a sitecustomize in its
                processes, the daemon's included) / the bytes it read (the page cache of the
-               mount's files after it, fincore; goal <= 1.3)
+               cold local mount's files after the same workload, fincore; goal <= 1.3)
 
 Not measured here: leases, fleet gc, a 3-member etcd cluster losing a member (tests/test_fleet.py).
 
@@ -354,14 +354,16 @@ def lazy_mount(fleet: fleetlib.Fleet, out: dict, host: str, *options: str) -> di
     row["read_bytes"] = resident_bytes(mp)
     row["s3_total"] = s3_counts(counts)
     cold = out["cold_local"]
-    read = row["read_bytes"] or cold["read_bytes"]
+    # Bytes read: the cold local mount's page cache after the same workload on the same tree.
+    # The lazy mount's own (row["read_bytes"]) is reported, not used: as it stores what it
+    # fetched, its files' cached pages are dropped (0 B, 8.2 MB and 62.7 MB in three runs).
+    read = cold["read_bytes"]
     row["goals"] = {
         "ready_le_2s": {"value": row["ready_s"], "met": row["ready_s"] <= 2.0},
         "workload_ratio_le_3": {"value": round(row["workload_s"] / cold["workload_s"], 2),
                                 "met": row["workload_s"] <= 3 * cold["workload_s"]},
         "fetched_over_read_le_1_3": {"value": round(row["fetched_bytes"] / read, 3) if read else None,
                                      "met": bool(read) and row["fetched_bytes"] <= 1.3 * read,
-                                     "read_from": "lazy mount" if row["read_bytes"] else "cold local mount",
                                      "raw_value": round((row["daemon_lazy_stats"] or {}).get("bytes_fetched", 0) / read, 3)
                                      if read else None}}
     unmount(c, mp)
@@ -396,7 +398,7 @@ def print_lazy(out: dict) -> None:
     print(f"lazy mount on host c: ready in {lz['ready_s']} s (goal <= 2: {'met' if g['ready_le_2s']['met'] else 'MISSED'}); "
           f"workload {lz['workload_s']} s = {g['workload_ratio_le_3']['value']}x the cold local mount "
           f"(goal <= 3: {'met' if g['workload_ratio_le_3']['met'] else 'MISSED'}); fetched "
-          f"{lz['fetched_bytes'] / 2**20:.1f} MiB for {lz['read_bytes'] / 2**20:.1f} MiB read = "
+          f"{lz['fetched_bytes'] / 2**20:.1f} MiB for {cl['read_bytes'] / 2**20:.1f} MiB read = "
           f"{g['fetched_over_read_le_1_3']['value']} (goal <= 1.3: "
           f"{'met' if g['fetched_over_read_le_1_3']['met'] else 'MISSED'}) (load {lz['load']})")
 
