@@ -771,6 +771,10 @@ def test_a_lazy_mount_shows_the_pushed_tree_and_fetches_only_what_is_read(fleet,
     # lazy_near=0: a read fetches its file's chunks only (the neighbours in the pack: below)
     with lazy_mounted(b, "origin:base", mp, store, "-o", "lazy_near=0"):
         assert fetched(mp)["bytes_fetched"] == 0, "the mount fetched data before any read"
+        # The build (in the daemon, before it opened the store) left its figures in lazy.json.
+        built = json.loads((store / "lazy.json").read_text())["build"]
+        assert (built["files"], built["dirs"], built["hard_links"], built["commits"]) == (45, 3, 1, 1), built
+        assert built["remote_chunks"] == 92 and 0 < built["metadata_seconds"] <= built["seconds"], built
         # Reading a file fetches its chunks only: 48 random ones and the 100-byte tail (its
         # 1 MiB of zeros is a hole, never stored nor fetched); four readers at once (the
         # kernel's readahead reads of each run in parallel too) fetch each chunk once.
@@ -800,7 +804,12 @@ def test_a_lazy_mount_shows_the_pushed_tree_and_fetches_only_what_is_read(fleet,
         assert (mp / "big").read_bytes() == big
         same_tree(pushed, mp, names=("pushed", "lazy again"))
         assert fetched(mp)["bytes_fetched"] == 0
-    # Errors, one line each.
+    # Errors, one line each.  The mountpoint is checked before the build: a lazy mount that
+    # cannot mount builds nothing (it used to build the whole store first).
+    r = b.cowfs("mount", "origin:base", b.base / "m2", "--store", b.base / "s2", check=False)
+    assert r.returncode == 1 and "mountpoint" in r.stderr and "does not exist" in r.stderr, r.stderr
+    assert not (b.base / "s2").exists(), "a lazy mount that could not mount built its store"
+    (b.base / "m2").mkdir()
     r = b.cowfs("mount", "origin:nope", b.base / "m2", "--store", b.base / "s2", check=False)
     assert r.returncode == 1 and "the remote origin has no snapshot named 'nope'" in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and not (b.base / "s2").exists(), "a failed build leaves no store"

@@ -14,7 +14,7 @@ import os
 import re
 import subprocess
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -24,6 +24,7 @@ from cowfs.cli.errors import CliError
 from cowfs.cli.params import json_opt
 from cowfs.cli.tempmount import branch_mounted, require_store
 from cowfs.cli.textfmt import human
+from cowfs.errors import MountError
 
 _REF = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -418,10 +419,12 @@ def _make_branch(store: str, into: str, base_snap: str | None, snaps: dict[str, 
             raise CliError(f"branch {into}: {e}") from None
 
 
-def lazy_prepare(source: str, store: str, quiet: bool = False) -> str:
-    """For `cowfs mount REMOTE:SNAPSHOT MNT --store STORE`: the store to mount, built from the
-    snapshot's metadata (in a child process, see _store_listing) unless an earlier lazy mount
-    of the same snapshot built it."""
+def lazy_prepare(source: str, store: str) -> tuple[str, Callable[[], None] | None]:
+    """For `cowfs mount REMOTE:SNAPSHOT MNT --store STORE`: the store to mount, and the build
+    that creates it from the snapshot's metadata (None when an earlier lazy mount of the same
+    snapshot built it).  The daemon runs the build before it opens the store
+    (cowfs.daemon.process): no second interpreter; a failed build removes what it made and
+    raises MountError, one line."""
     from cowfs.fleet import config, lazy
 
     remote_name, sep, snapshot = source.partition(":")
@@ -436,33 +439,38 @@ def lazy_prepare(source: str, store: str, quiet: bool = False) -> str:
         if built["snapshot"] != snapshot or built["remotes"][0]["url"] != cfg.url:
             raise CliError(f"{store} is the lazy mount of {built['remotes'][0]['name']}:{built['snapshot']}, "
                            f"not of {source}: choose another --store")
-        return store
+        return store, None
     if os.path.exists(store) and (not os.path.isdir(store) or os.listdir(store)):
         raise CliError(f"{store} exists and is not the store of a lazy mount: a lazy mount builds a new store "
                        "(choose a path that does not exist, or an empty directory)")
     existed = os.path.isdir(store)
-    remote_json = json.dumps({"name": cfg.name, "url": cfg.url, "refs": cfg.refs, "endpoint": cfg.endpoint})
-    r = subprocess.run([sys.executable, "-m", "cowfs.fleet.lazy", store, remote_json, snapshot],
-                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=3600)
-    try:
-        reply = json.loads(r.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        reply = {"ok": False, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "no reply"}
-    if not reply.get("ok"):
-        import shutil
 
-        # made by this command, half built: nothing to keep
-        for p in ([os.path.join(store, n) for n in os.listdir(store)] if existed else [store]):
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, ignore_errors=True)
-            elif os.path.lexists(p):
-                os.unlink(p)
-        raise CliError(f"lazy mount of {source}: {reply.get('error')}")
-    if not quiet and progress.shown():
-        click.echo(f"built the tree of {source} (commit {reply['commit'][:12]}) in {store}: {reply['files']} files, "
-                   f"{reply['dirs']} directories, {human(reply['bytes'])} of data left on the remote "
-                   f"({reply['remote_chunks']} chunks), in {reply['seconds']:.1f} s", err=True)
-    return store
+    def build() -> None:
+        try:
+            lazy.build(store, cfg, snapshot)
+        except Exception as e:      # noqa: BLE001 - one line; made by this command, half built: nothing to keep
+            import shutil
+
+            from cowfs.remote import one_line
+
+            for p in ([os.path.join(store, n) for n in os.listdir(store)] if existed else [store]):
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p, ignore_errors=True)
+                elif os.path.lexists(p):
+                    os.unlink(p)
+            raise MountError(f"lazy mount of {source}: {one_line(e)}") from None
+    return store, build
+
+
+def lazy_built(source: str, store: str) -> None:
+    """What the build of a lazy mount made, from its lazy.json (when progress is shown)."""
+    from cowfs.fleet import lazy
+
+    b = (lazy.source_of(store) or {}).get("build")
+    if b and progress.shown():
+        click.echo(f"built the tree of {source} (commit {b['commit'][:12]}) in {store}: {b['files']} files, "
+                   f"{b['dirs']} directories, {human(b['bytes'])} of data left on the remote "
+                   f"({b['remote_chunks']} chunks), in {b['seconds']:.1f} s", err=True)
 
 
 COMMANDS = (remote, push, pull)

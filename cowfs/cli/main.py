@@ -113,12 +113,13 @@ def mount(store: str, mountpoint: str, branch: str, lazy_store: str | None, fore
     it again on the same STORE to mount it again; `cowfs stats` shows what was fetched."""
     from cowfs.daemon import process as daemon
 
+    source, build = store, None
     if lazy_store is not None:
         from cowfs.cli import fleet as fleet_cli
 
         if branch != "main":
             raise CliError("a lazy mount mounts branch main of its store: make other branches from it")
-        store = fleet_cli.lazy_prepare(store, lazy_store, quiet=foreground)
+        store, build = fleet_cli.lazy_prepare(source, lazy_store)
     cfg = daemon.MountConfig(store, mountpoint, branch, debug=debug)
     for o in mount_options.split(options):
         try:
@@ -126,12 +127,14 @@ def mount(store: str, mountpoint: str, branch: str, lazy_store: str | None, fore
         except mount_options.OptionError as exc:
             raise CliError(str(exc)) from None
     try:
-        code = daemon.mount(cfg, foreground)
+        code = daemon.mount(cfg, foreground, build)
     except MountError as exc:
         raise CliError(str(exc)) from None
     if code:
         sys.exit(code)
     if not foreground:
+        if build is not None:
+            fleet_cli.lazy_built(source, cfg.store)
         click.echo(f"mounted branch {branch} of {cfg.store} at {cfg.mountpoint}")
         click.echo(f"unmount with: cowfs umount {cfg.mountpoint}")
 

@@ -1,9 +1,10 @@
 """The daemon process: `cowfs mount` checks everything it can in the calling process (clear
 errors, no traceback), then forks the daemon, which reports back on a pipe once the kernel
 has the mount, so `cowfs mount` returns only when the mount is usable (`--foreground`: the
-daemon runs in the calling process, for systemd).  A store already served by a daemon gets
-the branch attached by that daemon instead (the admin socket's `attach`).  The daemon's
-work once it runs is cowfs.daemon.server's.
+daemon runs in the calling process, for systemd).  A lazy mount's build (`prepare`) runs in
+the daemon before it opens the store it builds: no second interpreter, imports made once.
+A store already served by a daemon gets the branch attached by that daemon instead (the
+admin socket's `attach`).  The daemon's work once it runs is cowfs.daemon.server's.
 """
 from __future__ import annotations
 
@@ -94,7 +95,10 @@ def _keep_freed_memory() -> None:
         pass  # not glibc: its defaults stand
 
 
-def _run_daemon(cfg: MountConfig, wfd: int) -> NoReturn:
+Prepare = Callable[[], None]  # creates the store before the daemon opens it; MountError: one line
+
+
+def _run_daemon(cfg: MountConfig, wfd: int, prepare: Prepare | None = None) -> NoReturn:
     """The forked daemon's life: run, saying OK or the error on the pipe wfd once, then exit."""
     def report(err: str | None) -> None:
         try:
@@ -105,7 +109,7 @@ def _run_daemon(cfg: MountConfig, wfd: int) -> NoReturn:
 
     code = 1
     try:
-        code = _start(cfg, report, to_stderr=False)
+        code = _start(cfg, report, to_stderr=False, prepare=prepare)
     except BaseException as exc:
         logging.getLogger("cowfs.daemon").exception("daemon failed")
         report(f"daemon failed: {exc}")
@@ -133,10 +137,17 @@ def fresh_child() -> NoReturn:
     _run_daemon(cfg, int(sys.argv[1]))
 
 
-def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: bool) -> int:
+def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: bool,
+           prepare: Prepare | None = None) -> int:
     # Every file the daemon, RocksDB's threads or the store create is the owner's alone
     # (cowfs.private); for the daemon's whole life, so never given back.
     os.umask(private.UMASK)
+    if prepare is not None:
+        try:
+            prepare()
+        except MountError as exc:
+            ready(str(exc))
+            return 1
     _setup_logging(cfg.store, cfg.debug, to_stderr)
     try:
         faults.load(os.environ.get(faults.ENV))  # a test hook (cowfs.faults)
@@ -154,12 +165,13 @@ def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: boo
     return daemon.run(ready)
 
 
-def mount(cfg: MountConfig, foreground: bool) -> int:
-    """Check, then serve (foreground) or fork a daemon and wait until it is ready."""
+def mount(cfg: MountConfig, foreground: bool, prepare: Prepare | None = None) -> int:
+    """Check, then serve (foreground) or fork a daemon and wait until it is ready.  prepare
+    (a lazy mount's build): run by the daemon first, it creates the store."""
     cfg.store = os.path.abspath(cfg.store)
     cfg.mountpoint = os.path.abspath(cfg.mountpoint)
     check_environment()
-    if not os.path.isdir(cfg.store):
+    if prepare is None and not os.path.isdir(cfg.store):
         raise MountError(f"{cfg.store}: no such store directory (create one with 'cowfs init {cfg.store}')")
     check_mountpoint(cfg.mountpoint)
     if cfg.cpus is not None:
@@ -168,7 +180,7 @@ def mount(cfg: MountConfig, foreground: bool) -> int:
         if missing:
             raise MountError(f"-o cpus={cfg.cpus}: CPU {missing[0]} is not one this process may run on "
                              f"(allowed: {mount_options.parse_cpus('+'.join(map(str, sorted(allowed))))})")
-    pid = daemon_pid(cfg.store)
+    pid = daemon_pid(cfg.store) if prepare is None else None
     if pid is not None:
         # One daemon per store: ask it to serve this branch here too.
         if foreground:
@@ -204,9 +216,12 @@ def mount(cfg: MountConfig, foreground: bool) -> int:
         def say(err: str | None) -> None:
             if err:
                 print(f"cowfs: {err}", file=sys.stderr)
-        return _start(cfg, say, to_stderr=True)
+        return _start(cfg, say, to_stderr=True, prepare=prepare)
 
     from cowfs.kv.rocks import opened_in_this_process
+
+    if prepare is not None and opened_in_this_process():
+        raise MountError("internal: a store's build cannot run in a daemon re-executed to drop RocksDB's state")
 
     rfd, wfd = os.pipe()
     child = os.fork()
@@ -218,7 +233,7 @@ def mount(cfg: MountConfig, foreground: bool) -> int:
             os.dup2(devnull, fd)
         if opened_in_this_process():  # e.g. `cowfs export STORE ...` listed the store offline first
             _exec_fresh(cfg, wfd)
-        _run_daemon(cfg, wfd)
+        _run_daemon(cfg, wfd, prepare)
     os.close(wfd)
     with os.fdopen(rfd) as r:
         line = r.readline().strip()
