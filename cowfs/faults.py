@@ -27,6 +27,8 @@ Points (where each sits, and which background task meets it):
   gc             the garbage-collection loop, before a pass, on the event loop (eio only)
   model_save     the learned-model saver's loop, on the event loop (eio only)
   warm_paths     Warmer._paths, the warming helper's path resolution thread
+  lazy_warming   LazyWarming._warm, before each batch of a lazy mount's pushed cold start is
+                 fetched, on the event loop (eio only: the warming stops as on a remote down)
   commit         Store.commit, on the event loop, as the batch is written (eio only): a failed
                  write, after which the store reopens the database (Store.recover)
   attach_bind    Daemon._bind, the thread that bind-mounts a fork (sleep: an attach in progress)
@@ -45,8 +47,8 @@ log = logging.getLogger(__name__)
 
 ENV = "COWFS_FAULTS"
 POINTS = frozenset({"pack_put", "pack_written", "repack_copied", "repack_moved", "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "clone_walk", "gc",
-                    "model_save", "warm_paths", "commit", "attach_bind", "timer_flush"})
-LOOP_POINTS = frozenset({"gc", "model_save", "commit", "timer_flush"})  # on the event loop: a sleep would stall every request
+                    "model_save", "warm_paths", "commit", "attach_bind", "timer_flush", "lazy_warming"})
+LOOP_POINTS = frozenset({"gc", "model_save", "commit", "timer_flush", "lazy_warming"})  # on the event loop: a sleep would stall every request
 
 _lock = threading.Lock()
 _armed: dict[str, list] = {}  # point -> [action, seconds, hits left (-1: every hit)]

@@ -1150,3 +1150,100 @@ def test_lazy_mount_killed_during_fetches_mounts_again_clean(fleet, mount_factor
         assert (mp / "big").read_bytes() == data
     report = mounting.fsck(store)
     assert report["clean"] and not report["counts"].get("remote_chunks"), report
+
+
+def _read_all(root: Path, rels: list[str]) -> dict[str, bytes]:
+    return {r: (root / r).read_bytes() for r in rels}
+
+
+def test_a_lazy_mount_fetches_the_pushed_cold_start_ahead_of_its_workload(
+        fleet, mount_factory, seaweedfs_private, engine_prefix):
+    """The source store learns which files its mounts read first; the push sends them (warm/<id>,
+    named by the commit); a lazy mount of the snapshot fetches exactly those chunks before any
+    read, and the same workload then fetches nothing more.  A commit without one (a store
+    that learned nothing: as every commit pushed before) warms nothing.  A remote down stops
+    the warming with one log line, the mount serving on."""
+    sw = seaweedfs_private
+    a, b = fleet("a", s3=sw), fleet("b", s3=sw)
+    src = mount_factory()
+    rng = random.Random(23)
+    work = [f"pkg/m{i}.py" for i in range(12)] + [f"pkg/sub/s{i}.py" for i in range(5)]
+    (src.path / "pkg" / "sub").mkdir(parents=True)
+    (src.path / "data").mkdir()
+    for r in work:
+        (src.path / r).write_bytes(rng.randbytes(rng.randrange(1_000, 200_000)))
+    for i in range(4):
+        (src.path / "data" / f"blob{i}").write_bytes(rng.randbytes(2 << 20))
+    src.remount()               # a cold start: the workload's reads are what the model learns
+    want = _read_all(src.path, work)
+    work_bytes = sum(map(len, want.values()))
+    work_chunks = sum((len(v) + (64 << 10) - 1) >> 16 for v in want.values())
+    snap(src, "base")
+    pushed = a.json("push", src.path, "base", "origin")["pushed"]
+    assert pushed["warm_files"] == len(work) and pushed["warm_chunks"] == work_chunks, pushed
+    commit = _commit(sw, engine_prefix, pushed["commit"])
+    assert commit["warm"], commit
+    assert a.json("remote", "check", "origin")["ok"]
+    # The same tree pushed again under its name: the same commit (the warm object is content-addressed).
+    assert a.json("push", src.path, "base", "origin")["pushed"]["commit"] == pushed["commit"]
+
+    store, mp = b.base / "lazy-store", b.base / "mnt"
+    with lazy_mounted(b, "origin:base", mp, store):
+        mounting.wait_until(lambda: fetched(mp)["warming"]["state"] == "done", "the warming to finish", timeout=60)
+        f = fetched(mp)
+        assert f["chunks_fetched"] == work_chunks and f["bytes_fetched"] == work_bytes, f
+        assert f["warming"]["fetched"] == work_chunks and f["warming"]["bytes"] == work_bytes, f
+        assert f["warming"]["gets"] <= f["gets"], f
+        # The workload: everything it reads is local already.
+        assert _read_all(mp, work) == want
+        assert fetched(mp)["chunks_fetched"] == work_chunks, "the workload fetched what the warming had not"
+        # What the cold start did not read stays remote until read.
+        assert (mp / "data" / "blob0").read_bytes() == (src.path / "data" / "blob0").read_bytes()
+        assert fetched(mp)["chunks_fetched"] == work_chunks + 32
+    report = mounting.fsck(store)
+    assert report["clean"], report["problems"]
+    assert report["counts"]["remote_chunks"] == 3 * 32, report["counts"]
+    # Mounted again: what is local is skipped without a GET.
+    with lazy_mounted(b, "origin:base", mp, store):
+        mounting.wait_until(lambda: fetched(mp)["warming"]["state"] == "done", "the warming to finish", timeout=60)
+        f = fetched(mp)
+        assert f["gets"] == 0 and f["warming"]["skipped"] == work_chunks, f
+
+    # A store that learned nothing (prefetch and learning off): its commit has no warm object,
+    # and a lazy mount of it fetches nothing before a read, as before.
+    plain = mount_factory(options=("prefetch=0", "prefetch_learn=0"))
+    for r in work[:3]:
+        (plain.path / r).parent.mkdir(parents=True, exist_ok=True)
+        (plain.path / r).write_bytes(want[r])
+    _read_all(plain.path, work[:3])
+    snap(plain, "plain")
+    p = a.json("push", plain.path, "plain", "origin")["pushed"]
+    assert p["warm_files"] == 0 and "warm" not in _commit(sw, engine_prefix, p["commit"])
+    with lazy_mounted(b, "origin:plain", b.base / "mnt2", b.base / "lazy2") as mp2:
+        time.sleep(1)
+        f = fetched(mp2)
+        assert f["chunks_fetched"] == 0 and f["warming"]["state"] == "none", f
+        assert _read_all(mp2, work[:3]) == {r: want[r] for r in work[:3]}
+
+    # The remote down: the warming stops with one log line; metadata keeps serving.
+    store3, mp3 = b.base / "lazy3", b.base / "mnt3"
+    b.env["COWFS_FAULTS"] = "lazy_warming:eio"     # the first mount (the build) warms nothing
+    with lazy_mounted(b, "origin:base", mp3, store3):
+        mounting.wait_until(lambda: fetched(mp3)["warming"]["state"] == "failed", "the fault", timeout=30)
+        assert fetched(mp3)["chunks_fetched"] == 0
+    del b.env["COWFS_FAULTS"]
+    sw.kill()
+    try:
+        with lazy_mounted(b, "origin:base", mp3, store3):
+            mounting.wait_until(lambda: fetched(mp3)["warming"]["state"] == "failed", "the warming to stop",
+                                timeout=30)
+            assert sorted(os.listdir(mp3 / "pkg")) == sorted(["sub", *(r[4:] for r in work[:12])])
+            assert fetched(mp3)["chunks_fetched"] == 0
+            with pytest.raises(OSError) as e:
+                (mp3 / work[0]).read_bytes()
+            assert e.value.errno == errno.EIO
+        log = (store3 / "daemon.log").read_text()
+        stopped = [ln for ln in log.splitlines() if "lazy warming stopped" in ln]
+        assert len(stopped) == 2 and "could not be fetched from the remote origin" in stopped[1], stopped
+    finally:
+        sw.start()

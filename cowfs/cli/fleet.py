@@ -265,17 +265,28 @@ def push(mount: str, snapshot: str, remote_name: str, as_name: str | None, remot
                        f"(take one with cowfs snapshot {place.mountpoint} {snapshot})")
     branch = next((b["name"] for b in listing["branches"] if b.get("mounted_here")), "")
     root = os.path.join(place.mountpoint, ".cowfs", "snapshots", snapshot)
+    # what this branch learned its mounts read first, sent with the snapshot (a lazy mount fetches it ahead)
+    try:
+        warm = api.control(place.mountpoint, "coldstart", snapshot)["files"]
+        no_warm = None
+    except api.CowfsError as e:        # e.g. no access to the control file: the push goes on without it
+        warm, no_warm = [], f"no learned cold start sent with the snapshot: {e}"
     _entries, total = scan(root)
     state = State()
     try:
         with _fleet_errors(f"push of {snapshot} to {remote_name}"), _open(remote_name) as r, \
                 progress.bar(f"pushing {snapshot}", total, quiet=as_json) as update:
-            s = do_push(r, state, place.store, branch, snapshot, root, ref, remote_branch, update)
+            s = do_push(r, state, place.store, branch, snapshot, root, ref, remote_branch, update, warm)
+            if no_warm:
+                s.warnings.append(no_warm)
     finally:
         state.close()
     if as_json:
         click.echo(json.dumps({"ok": True, "pushed": s.as_dict()}))
-    elif progress.shown():
+        return
+    for w in s.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if progress.shown():
         click.echo(f"pushed {snapshot} to {remote_name} as {ref}{f' (branch {remote_branch})' if remote_branch else ''}: "
                    f"{s.objects_uploaded} objects, {human(s.bytes_uploaded)} uploaded "
                    f"({s.chunks_new} new chunks and trees, {s.chunks_skipped + s.trees_skipped} already there), "

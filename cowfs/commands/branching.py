@@ -201,3 +201,35 @@ class Branching:
 
     async def diff(self, view: View | None, a: str, b: str | None) -> dict[str, Any]:
         return await self.differ.diff(view, a, b)
+
+    async def cold_start(self, view: View, snapshot: str) -> dict[str, Any]:
+        """What this branch learned its mounts read first (cowfs.cache.learned), for a push
+        of its snapshot (cowfs.fleet.push): the model's files, in the order they were first
+        read, that lie in the directories of its cold-start list, as their paths in the
+        snapshot (inode numbers mean nothing on another store) with the chunk numbers read.
+        A file the snapshot does not hold is left out; no model: no files."""
+        if view.kind != "branch":
+            raise FSError(errno.EROFS, "this view is not a branch")
+        found = self.owners.owned(view.name, snapshot)
+        if not isinstance(found, Snapshot):
+            raise absent(snapshot)
+        learner = self.fs.prefetch.learner
+        if learner is None:
+            return {"snapshot": snapshot, "dirs": 0, "files": []}
+        m = learner.model(view.name)
+        dirs = list(m.cold_start())
+        files = [(ino, m.chunks_of(ino)) for ino in m.chunks]
+        lv = self.cat.layer_view(found.layer)
+
+        def paths() -> list[list[Any]]:   # pure KV reads of a frozen layer: in a thread
+            cache: dict[int, str | None] = {}
+            where = {p for p in (self.fs.path_of(lv, d, cache) for d in dirs) if p is not None}
+            out: list[list[Any]] = []
+            for ino, chunks in files:
+                p = self.fs.path_of(lv, ino, cache)
+                if p and chunks and p.rpartition("/")[0] in where:
+                    out.append([p, chunks])
+            return out
+
+        async with self.fs.maintenance:     # the snapshot's layer stays while the thread reads it
+            return {"snapshot": snapshot, "dirs": len(dirs), "files": await self.fs.store.in_thread(paths)}

@@ -73,4 +73,6 @@ class Control:
             return await br.delete(view, args[0], who, self.mounted)
         if verb == "list":
             return br.listing(view, self.mounted())
+        if verb == "coldstart":
+            return await br.cold_start(view, args[0])
         return await br.diff(view, args[0], args[1] if len(args) > 1 else None)

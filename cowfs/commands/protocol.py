@@ -39,6 +39,9 @@ COMMANDS: dict[str, Command] = {
     "list": Command("list", 0, 0, "the snapshots and branches this mount may see"),
     "diff": Command("diff A [B]", 1, 2, "paths added, removed, modified or renamed from A to B (default: this "
                     "branch as it is now)"),
+    "coldstart": Command("coldstart SNAPSHOT", 1, 1, "the files this branch's learned cold start reads (the "
+                         "learned model's files in the directories its mounts touch first), in first-read order, "
+                         "as paths in snapshot SNAPSHOT with the chunk numbers read (what a push sends with it)"),
     "help": Command("help", 0, 0, "these commands"),
 }
 

@@ -231,6 +231,28 @@ class LazyReads:
                 del self._inflight[h]
                 ev.set()
 
+    async def fetch_ahead(self, items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """Fetch F chunks no read asked for yet (a lazy mount's pushed cold start,
+        cowfs.background.lazy_warming), the same way as a read's: marked in flight (a read of
+        one waits for this fetch instead of fetching it again), fetched in a thread, committed
+        by `_store`.  The items it fetched (not those a read was fetching already);
+        codec.CorruptObject (RemoteChunk) if the remote fails."""
+        fetcher = self.fs.store.objects.fetcher
+        mine = [(h, raw) for h, raw in items if h not in self._inflight]
+        if fetcher is None or not mine:
+            return []
+        events = {h: trio.Event() for h, _raw in mine}
+        self._inflight.update(events)
+        try:
+            got = await threads.run_in_thread(fetcher.fetch_many, mine, self.fs.level)
+            got.update(fetcher.take_landed())
+            await self._store(got)
+        finally:
+            for h, ev in events.items():
+                del self._inflight[h]
+                ev.set()
+        return mine
+
     async def _store(self, got: dict[bytes, tuple[bytes, bytes]]) -> None:
         """Commit the local encodings of fetched chunks that are still F objects (one may
         have been freed meanwhile: nothing to store then)."""

@@ -24,6 +24,7 @@ from cowfs.background.gc import collect_when_wanted, run_gc, sweep_packs
 from cowfs.background.cloning import Measurer
 from cowfs.background.sharing import Sharer
 from cowfs.background.supervise import Supervisor
+from cowfs.background.lazy_warming import LazyWarming
 from cowfs.background.warming import Warmer
 from cowfs.chunks.repack import REPACK_BELOW
 from cowfs.core.filesystem import Filesystem
@@ -98,6 +99,9 @@ class Daemon:
         if cfg.quota_bytes is not None or cfg.quota_inodes is not None:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
         self.warmer = Warmer(self.fs, self._view_root, cfg.store, cfg.prefetch and cfg.warm)
+        # a lazy mount's pushed cold start, fetched ahead of its workload
+        self.lazy_warming = (LazyWarming(self.fs, lazy.warm_chunks_of(cfg.store))
+                             if self.store.objects.fetcher is not None else None)
         self.ops = Operations(self.fs, stats=self.sandbox_stats, mounted=self.branch_mounts, ctl_group=cfg.ctl_group,
                               cache_absent=cfg.dir_cache, warm=self.warmer,
                               view_root=self._view_root, slots=cfg.view_slots)
@@ -270,7 +274,8 @@ class Daemon:
             "memory": {**fs.memory_figures(), **store.engine.memory()},
             "dirty_bytes": fs.flusher.dirty_bytes,
             **({"lazy": {**store.objects.fetcher.figures(),  # type: ignore[attr-defined]
-                         "read_waits": fs.lazy.waits, "near_fetched": fs.lazy.near_fetched}}
+                         "read_waits": fs.lazy.waits, "near_fetched": fs.lazy.near_fetched,
+                         **({"warming": self.lazy_warming.figures()} if self.lazy_warming is not None else {})}}
                if store.objects.fetcher is not None else {}),
             "flushes": fs.flusher.flush_count,
             # fsyncs made durable as small-write log records, and flushes that folded them
@@ -453,11 +458,16 @@ class Daemon:
                 sup.start(nursery, "prefetch", fetcher.run, speculative=True, on_stop=self.fs.prefetch.stop_fetching)
             sup.start(nursery, "model_saver", self.fs.prefetch.save_model_loop)
             sup.start(nursery, "warmer", self.warmer.run, speculative=True, on_stop=self.warmer.disable)
+            if self.lazy_warming is not None:
+                sup.start(nursery, "lazy_warming", self.lazy_warming.run, speculative=True,
+                          on_stop=self.lazy_warming.stop)
             self.ext.nursery = nursery
             ready(None)
             notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.cfg.mountpoint}")
             await pyfuse3.main(min_tasks=1, max_tasks=8)
             log.info("unmounted: committing and syncing")
+            if self.lazy_warming is not None:
+                self.lazy_warming.stop()
             notify.notify("STOPPING=1")
             self.measurer.stopping = True  # a clone's measuring walk would hold the exit up
             await self.fs.flush()

@@ -2,7 +2,8 @@
 `cowfs remote gc` shares with it.
 
 From every reference (snap/*, branch/*): its commit object exists and decodes, and every
-pack it names has an index; every tree reachable from those commits is in a pack index and decodes; every chunk
+pack it names has an index, its warm object (a learned cold start) exists and names only chunks
+of its tree; every tree reachable from those commits is in a pack index and decodes; every chunk
 a file lists is in a pack index; every pack an index names exists and is long enough for the
 index's entries.  With verify, every reachable blob is also fetched and hashed.  Objects
 no reference reaches (a push killed before its references were set) are not problems: they
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from cowfs.blob.base import BlobNotFound
-from cowfs.fleet.objects import CorruptObject, decode_commit, decode_tree, entry_chunks
+from cowfs.fleet.objects import CorruptObject, decode_commit, decode_tree, decode_warm, entry_chunks
 from cowfs.fleet.remote import REF_FAMILIES, Remote
 
 
@@ -29,6 +30,7 @@ class Mark:
     chunks: dict[bytes, str] = field(default_factory=dict)      # id -> where it was named
     sizes: dict[str, int] = field(default_factory=dict)         # pack id -> bytes of data/<id>
     bad_packs: set[str] = field(default_factory=set)
+    warm: set[str] = field(default_factory=set)                 # warm ids the commits name
 
 
 def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Mark:
@@ -48,6 +50,7 @@ def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Ma
         m.bad_packs.add(pack)
 
     trees: list[bytes] = []
+    warms: list[tuple[str, str]] = []
     for family in REF_FAMILIES:
         for name, cid in remote.list_refs(family):
             m.refs += 1
@@ -65,6 +68,9 @@ def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Ma
                 continue
             m.commits[cid] = doc
             trees.append(bytes.fromhex(doc["tree"]))
+            if doc.get("warm"):
+                m.warm.add(doc["warm"])
+                warms.append((f"{family}/{name}", doc["warm"]))
             for pack in doc.get("packs") or ():
                 if pack not in remote.packs:
                     m.problems.append(f"{family}/{name}: commit/{cid} names the pack {pack}, which has no index")
@@ -101,6 +107,18 @@ def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Ma
                         if c is not None:
                             m.chunks.setdefault(c, f"{e['name']} in tree {h.hex()}")
             progress(1)
+    for ref, wid in warms:
+        try:
+            chunks = decode_warm(wid, remote.blobs.get("warm/" + wid))
+        except BlobNotFound:
+            m.problems.append(f"{ref}: warm/{wid} is missing")
+            continue
+        except CorruptObject as e:
+            m.problems.append(f"{ref}: {e}")
+            continue
+        stray = [c for c in chunks if c not in m.chunks]
+        if stray:
+            m.problems.append(f"{ref}: warm/{wid} names {len(stray)} chunks no tree lists (first {stray[0].hex()})")
     for c, where in m.chunks.items():
         loc = remote.index.get(c)
         if loc is None:

@@ -11,7 +11,8 @@ for longer than its TTL) has its final compare-and-set fenced by that lease: it 
 Mark, condemn, sweep: the mark is `check.mark` (from every reference: its commit, trees and
 chunks; not the commit's parent, a hint that may go); a gc refuses to delete anything when the mark found problems (run `cowfs
 remote check`).  Garbage: a pack none of whose blobs is reachable (its index, then its data),
-a pack without an index (a push killed between the two), a commit no reference reaches.  A
+a pack without an index (a push killed between the two), a commit no reference reaches, a
+warm object (learned cold start) no reached commit names.  A
 gc run condemns new garbage (`condemned/<object>` = the time) and deletes what an earlier run
 condemned at least `grace` seconds before and is still garbage: a pull that read a reference
 just before it was deleted has that long to fetch its objects.  A pack with some reachable
@@ -67,6 +68,9 @@ def gc(remote: Remote, grace: float, dry_run: bool = False) -> dict[str, Any]:
                     garbage["data/" + pack] = m.sizes[pack]
         for e in remote.blobs.list("commit/"):
             if e.name[len("commit/"):] not in m.commits:
+                garbage[e.name] = e.size
+        for e in remote.blobs.list("warm/"):
+            if e.name[len("warm/"):] not in m.warm:
                 garbage[e.name] = e.size
         now = time.time()
         condemned = {k.decode(): float(v) for k, v in remote.refs.scan("condemned", b"")}

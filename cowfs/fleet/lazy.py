@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from cowfs.chunks import codec
 from cowfs.fleet import FleetError
 from cowfs.fleet.config import RemoteConfig
-from cowfs.fleet.objects import CHUNK_SIZE, TYPE_CHUNK, TYPE_TREE, Loc, decode_tree, entry_chunks
+from cowfs.fleet.objects import CHUNK_SIZE, TYPE_CHUNK, TYPE_TREE, Loc, decode_tree, decode_warm, entry_chunks
 from cowfs.fleet.state import State, pack_chunks
 
 if TYPE_CHECKING:
@@ -194,6 +194,27 @@ def load_trees(r: "Remote", root: bytes, packs: list[str]) -> dict[bytes, list[d
     return trees
 
 
+def load_warm(r: "Remote", commit: dict[str, Any]) -> list[bytes]:
+    """The chunk ids of the cold start pushed with the commit (none for a commit without one)."""
+    from cowfs.blob.base import BlobNotFound
+
+    wid = commit.get("warm")
+    if not wid:
+        return []
+    try:
+        return decode_warm(wid, r.blobs.get("warm/" + wid))
+    except BlobNotFound:
+        raise FleetError(f"the remote {r.cfg.name} lacks warm/{wid}, which the commit names: run cowfs remote "
+                         f"check {r.cfg.name}") from None
+
+
+def warm_chunks_of(store: str) -> list[bytes]:
+    """The pushed cold start a lazy mount's daemon fetches ahead (cowfs.background.lazy_warming)."""
+    src = source_of(store)
+    warm = (src or {}).get("warm") or {}
+    return [bytes.fromhex(h) for h in warm.get("chunks", [])]
+
+
 class Builder:
     """Writes a commit's tree into branch main of a store (in process, under trio.run)."""
 
@@ -349,6 +370,7 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str) -> dict[str, Any]:
         r.index_commit(commit)      # the indexes of the packs the commit names (all, for an old commit)
         indexes = len(r.packs)
         trees = load_trees(r, bytes.fromhex(commit["root"]["tree"]), commit.get("packs") or [])
+        warm = load_warm(r, commit)
         t_meta = time.monotonic() - t0
         t1 = time.monotonic()
         with _uncollected():
@@ -373,11 +395,13 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str) -> dict[str, Any]:
         key = r.key
     figures = {"commit": cid, "trees": len(trees), "indexes": indexes, "files": b.files, "dirs": b.dirs,
                "hard_links": b.links, "other": b.other, "commits": b.commits, "remote_chunks": b.remote_chunks,
-               "bytes": b.bytes, "metadata_seconds": round(t_meta, 3), "build_seconds": round(t_build, 3),
-               "seconds": round(time.monotonic() - t0, 3)}
+               "warm_chunks": len(warm), "bytes": b.bytes, "metadata_seconds": round(t_meta, 3),
+               "build_seconds": round(t_build, 3), "seconds": round(time.monotonic() - t0, 3)}
     doc = {"version": 1,
            "remotes": [{"name": cfg.name, "url": cfg.url, "refs": cfg.refs, "endpoint": cfg.endpoint}],
            "remote_key": key, "snapshot": snapshot, "commit": cid, "built": time.time(), "build": figures}
+    if warm:
+        doc["warm"] = {"object": commit["warm"], "chunks": [h.hex() for h in warm]}
     tmp = Path(store_path) / (LAZY_FILE + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, Path(store_path) / LAZY_FILE)

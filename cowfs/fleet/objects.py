@@ -13,7 +13,11 @@ Layout under the remote's bucket and prefix:
                        and `packs`: every pack that holds a chunk or tree of its tree (one
                        pack per blob, so a pull or a lazy mount reads those indexes only, not
                        all of `index/`; commits pushed before it existed lack it: readers
-                       then read every index); commit id = BLAKE3 of its bytes
+                       then read every index), and `warm` when the pushing store had learned
+                       its cold start; commit id = BLAKE3 of its bytes
+    warm/<warm id>     a cold start (JSON): the chunk ids the source store's mounts read first,
+                       in that order (cowfs.cache.learned's model mapped through the tree), for
+                       a lazy mount to fetch ahead; warm id = BLAKE3 of its bytes
 
 Blobs are of two types.  A chunk ('c') is 64 KiB of file content at a fixed offset, hashed
 exactly as cowfs hashes its own chunks (cowfs.chunks.codec: BLAKE3 of the bytes, CHUNK
@@ -192,9 +196,39 @@ def decode_commit(cid: str, data: bytes) -> dict[str, Any]:
         raise CorruptObject(f"commit/{cid}: {e}") from None
     if len(bytes.fromhex(doc["tree"])) != HASH_LEN:
         raise CorruptObject(f"commit/{cid}: bad tree id")
+    warm = doc.get("warm")
+    if warm is not None and not _is_hexid(warm):
+        raise CorruptObject(f"commit/{cid}: bad warm id")
     packs = doc.get("packs")
     if packs is not None and not (isinstance(packs, list) and all(
             isinstance(p, str) and len(p) == 2 * HASH_LEN and p == p.lower()
             and all(c in "0123456789abcdef" for c in p) for p in packs)):
         raise CorruptObject(f"commit/{cid}: bad pack list")
     return doc
+
+
+def _is_hexid(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == 2 * HASH_LEN and all(c in "0123456789abcdef" for c in v)
+
+
+# --- cold starts ------------------------------------------------------------------------------
+
+def encode_warm(chunks: list[bytes], files: int) -> tuple[str, bytes]:
+    """(warm id, bytes) of a cold start: chunk ids in the order to fetch, from `files` files."""
+    data = json.dumps({"v": 1, "files": files, "chunks": [h.hex() for h in chunks]},
+                      separators=(",", ":")).encode()
+    return blake3.blake3(data).hexdigest(), data
+
+
+def decode_warm(wid: str, data: bytes) -> list[bytes]:
+    """The chunk ids of the cold start warm/wid, checked against its name."""
+    if blake3.blake3(data).hexdigest() != wid:
+        raise CorruptObject(f"warm/{wid}: its content does not hash to its name")
+    try:
+        doc = json.loads(data)
+        chunks = doc["chunks"]
+        if doc.get("v") != 1 or not all(_is_hexid(c) for c in chunks):
+            raise ValueError("not a list of chunk ids")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptObject(f"warm/{wid}: {e}") from None
+    return [bytes.fromhex(c) for c in chunks]

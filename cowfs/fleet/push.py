@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from cowfs.chunks.codec import chunk_hash
 from cowfs.fleet.objects import (CHUNK_SIZE, PACK_TARGET, TYPE_CHUNK, TYPE_TREE, PackBuilder,
-                                 encode_blob, encode_commit, encode_tree, tree_hash)
+                                 encode_blob, encode_commit, encode_tree, encode_warm, tree_hash)
 from cowfs.fleet.remote import Remote
 from cowfs.fleet.state import State, pack_chunks, unpack_chunks
 
@@ -60,6 +60,8 @@ class PushStats:
     seconds: float = 0.0
     commit: str = ""
     tree: str = ""
+    warm_files: int = 0                 # files of the learned cold start sent with it (warm/<id>)
+    warm_chunks: int = 0
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -118,6 +120,9 @@ class Pusher:
         self._links: dict[tuple[int, int], tuple[str, Future[list[bytes | None]]]] = {}
         self._cache_rows: list[tuple[str, bytes, int, int, int, bytes]] = []
         self.packs: set[str] = set()      # the packs holding the tree's blobs: the commit names them
+        # The learned cold start's files (relative paths): their chunk ids, as the walk finds them
+        self.warm_want: set[bytes] = set()
+        self.warm_found: dict[bytes, list[bytes | None]] = {}
 
     # --- the walk ---------------------------------------------------------------------------
 
@@ -174,7 +179,12 @@ class Pusher:
                 self._links[(st.st_dev, st.st_ino)] = (os.fsdecode(r), fut)
             files.append((e, fut))
         for e, fut in files:
-            e["chunks"] = [None if h is None else h.hex() for h in fut.result()]
+            chunks = fut.result()
+            e["chunks"] = [None if h is None else h.hex() for h in chunks]
+            if self.warm_want:
+                r = rel + b"/" + os.fsencode(e["name"]) if rel else os.fsencode(e["name"])
+                if r in self.warm_want:
+                    self.warm_found[r] = chunks
         raw = encode_tree(entries)
         h = tree_hash(raw)
         self._add(h, TYPE_TREE, raw)
@@ -299,10 +309,28 @@ class Pusher:
 
 
 def make_commit(tree: bytes, root: dict[str, Any], parent: str | None, snapshot: str,
-                branch: str | None, packs: set[str]) -> tuple[str, bytes]:
-    return encode_commit({"v": 1, "tree": tree.hex(), "root": root, "parent": parent, "snapshot": snapshot,
-                          "branch": branch, "host": socket.gethostname(), "created_ns": time.time_ns(),
-                          "packs": sorted(packs)})
+                branch: str | None, packs: set[str], warm: str | None = None) -> tuple[str, bytes]:
+    doc = {"v": 1, "tree": tree.hex(), "root": root, "parent": parent, "snapshot": snapshot,
+           "branch": branch, "host": socket.gethostname(), "created_ns": time.time_ns(), "packs": sorted(packs)}
+    if warm is not None:
+        doc["warm"] = warm
+    return encode_commit(doc)
+
+
+def warm_chunks(pusher: Pusher, files: list[tuple[str, list[int]]]) -> tuple[list[bytes], int]:
+    """The learned cold start's chunk ids in its order (each once; holes and chunks past a
+    file's end left out), and how many of its files the tree holds."""
+    out: dict[bytes, None] = {}
+    n = 0
+    for path, numbers in files:
+        chunks = pusher.warm_found.get(os.fsencode(path))
+        if chunks is None:
+            continue
+        n += 1
+        for i in numbers:
+            if 0 <= i < len(chunks) and chunks[i] is not None:
+                out[chunks[i]] = None     # type: ignore[index]
+    return list(out), n
 
 
 def read_parent(remote: Remote, parent: str | None, origin: str | None) -> str | None:
@@ -333,17 +361,22 @@ def read_parent(remote: Remote, parent: str | None, origin: str | None) -> str |
 
 
 def push(remote: Remote, state: State, store: str, branch: str, snapshot: str, root: str, ref_name: str,
-         remote_branch: str | None, progress: Callable[[int], None] = lambda n: None) -> PushStats:
+         remote_branch: str | None, progress: Callable[[int], None] = lambda n: None,
+         warm: list[tuple[str, list[int]]] | None = None) -> PushStats:
     """Push the tree at root (snapshot `snapshot` of local branch `branch` of store) as the
     remote's snapshot ref_name and, with remote_branch, move that remote branch to it: by
     compare-and-set from the commit this local branch last saw there (RefConflict if it moved).
+    warm: the branch's learned cold start (the control file's `coldstart`: paths under root
+    with chunk numbers), sent as the commit's warm object.
     Registered as a push in flight for its whole length (no gc meanwhile)."""
     with remote.pushing() as lease:
-        return _push(remote, state, store, branch, snapshot, root, ref_name, remote_branch, progress, lease.fence)
+        return _push(remote, state, store, branch, snapshot, root, ref_name, remote_branch, progress, lease.fence,
+                     warm or [])
 
 
 def _push(remote: Remote, state: State, store: str, branch: str, snapshot: str, root: str, ref_name: str,
-          remote_branch: str | None, progress: Callable[[int], None], fence: Any) -> PushStats:
+          remote_branch: str | None, progress: Callable[[int], None], fence: Any,
+          warm: list[tuple[str, list[int]]]) -> PushStats:
     from cowfs.fleet import RefConflict
 
     hold = remote.hold_fence(remote_branch) if remote_branch else None     # refused early if held
@@ -351,9 +384,16 @@ def _push(remote: Remote, state: State, store: str, branch: str, snapshot: str, 
     origin = state.origin(store, branch, remote.key)
     parent = read_parent(remote, base if remote_branch else origin, origin)
     pusher = Pusher(remote, state, store, progress)
+    pusher.warm_want = {os.fsencode(p) for p, _n in warm}
     tree, root_entry = pusher.push_tree(root)
     t0 = time.monotonic()
-    cid, data = make_commit(tree, root_entry, parent, snapshot, remote_branch, pusher.packs)
+    wid = None
+    chunks, pusher.stats.warm_files = warm_chunks(pusher, warm)
+    if chunks:
+        wid, wdata = encode_warm(chunks, pusher.stats.warm_files)
+        pusher.put("warm/" + wid, wdata)
+        pusher.stats.warm_chunks = len(chunks)
+    cid, data = make_commit(tree, root_entry, parent, snapshot, remote_branch, pusher.packs, wid)
     existing = remote.get_ref("snap", ref_name)
     if existing is not None and remote.commit(existing)["tree"] != tree.hex():
         raise RefConflict(f"the remote {remote.cfg.name} has a snapshot {ref_name} already, of other content "
