@@ -18,6 +18,9 @@ Rows:
 --lazy: the lazy-mount rows (a sandbox: the Django tree, a git repository of it, a venv with
 Django installed offline from a local wheelhouse, data files to 1 GiB with at least 600 MiB;
 --quick: 32 MiB of data and Django alone in the venv, ~180 MiB in all):
+  learn        with --learn only: host a mounts the sandbox again (a cold start) and runs the
+               workload before the snapshot, so its store learns the cold start the push sends
+               with it (a lazy mount then fetches those chunks ahead, issue 23)
   push         host a pushes it
   pull         host b pulls it whole (what a host without lazy mounts does)
   cold_local   host b mounts its pulled copy cold (page cache dropped, new daemon) and runs the
@@ -35,6 +38,7 @@ Usage (root, from the repository; everything under /var/tmp/cowfs-bench-fleet, r
   .venv/bin/python scripts/bench_fleet.py --hosts 20 --json
   .venv/bin/python scripts/bench_fleet.py --lazy --quick
   .venv/bin/python scripts/bench_fleet.py --lazy --json
+  .venv/bin/python scripts/bench_fleet.py --lazy --learn --json
 """
 from __future__ import annotations
 
@@ -270,6 +274,12 @@ def lazy_rows(args: argparse.Namespace) -> dict:
         out["load_before"] = load()
         out["sandbox"] = build_sandbox(mp, tar, total_mib, min_data, quick)
         benchlib.log(f"sandbox: {out['sandbox']}")
+        if args.learn:
+            a.umount_all()
+            benchlib.drop_caches()
+            mp = a.mount("main")
+            out["learn"] = {"workload_s": round(workload(mp), 3), "load": load()}
+            benchlib.log(f"learn: {out['learn']}")
         a.run("snapshot", mp, "sandbox")
         t0 = time.monotonic()
         out["push"] = a.json("push", mp, "sandbox", "origin")["pushed"]
@@ -410,6 +420,8 @@ def main() -> None:
                     help="the lazy-mount rows instead: a 1 GiB sandbox pushed, pulled, mounted cold and lazily")
     ap.add_argument("--quick", action="store_true", help="with --lazy: a smaller sandbox (32 MiB of data, "
                     "the venv with Django only: ~180 MiB)")
+    ap.add_argument("--learn", action="store_true", help="with --lazy: host a runs the workload on a cold mount "
+                    "before the push, which then sends the cold start its store learned")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--dir", default=BASE, help=f"the benchmark's directory, removed before and after (default {BASE}): "
                     "runs at once need one each")
@@ -421,6 +433,8 @@ def main() -> None:
     fleetlib.COWFS = args.cowfs
     if args.quick and not args.lazy:
         ap.error("--quick goes with --lazy")
+    if args.learn and not args.lazy:
+        ap.error("--learn goes with --lazy")
     base = args.dir
     shutil.rmtree(base, ignore_errors=True)
     os.makedirs(base)

@@ -3,7 +3,7 @@
 
 From every reference (snap/*, branch/*): its commit object exists and decodes, and every
 pack it names has an index, its warm object (a learned cold start) exists and names only chunks
-of its tree; every tree reachable from those commits is in a pack index and decodes; every chunk
+that reachable trees list; every tree reachable from those commits is in a pack index and decodes; every chunk
 a file lists is in a pack index; every pack an index names exists and is long enough for the
 index's entries.  With verify, every reachable blob is also fetched and hashed.  Objects
 no reference reaches (a push killed before its references were set) are not problems: they
