@@ -1188,7 +1188,8 @@ def test_a_lazy_mount_fetches_the_pushed_cold_start_ahead_of_its_workload(
     assert a.json("push", src.path, "base", "origin")["pushed"]["commit"] == pushed["commit"]
 
     store, mp = b.base / "lazy-store", b.base / "mnt"
-    with lazy_mounted(b, "origin:base", mp, store):
+    # lazy_near=0: the data files lie next to the workload's in the pack (reading one must fetch it alone)
+    with lazy_mounted(b, "origin:base", mp, store, "-o", "lazy_near=0"):
         mounting.wait_until(lambda: fetched(mp)["warming"]["state"] == "done", "the warming to finish", timeout=60)
         f = fetched(mp)
         assert f["chunks_fetched"] == work_chunks and f["bytes_fetched"] == work_bytes, f
