@@ -18,9 +18,10 @@ they fetched is stored by the next commit here.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import trio
 
@@ -205,9 +206,7 @@ class LazyReads:
         fetcher = fs.store.objects.fetcher
         assert fetcher is not None
         near = self._near(items) if self.near > 0 else []
-        events = {h: trio.Event() for h, _raw in items + near}
-        self._inflight.update(events)
-        try:
+        with self._in_flight(items + near):
             try:
                 got = await threads.run_in_thread(fetcher.fetch_many, items + near, fs.level)
                 self.near_fetched += len(near)
@@ -226,6 +225,15 @@ class LazyReads:
                             node.ino, off, len(near), exc)
             got.update(fetcher.take_landed())
             await self._store(got)
+
+    @contextlib.contextmanager
+    def _in_flight(self, items: list[tuple[bytes, bytes]]) -> Iterator[None]:
+        """Mark items' chunks in flight while fetched: a read of one waits for the event
+        instead of fetching it again, and is woken whether the fetch worked or not."""
+        events = {h: trio.Event() for h, _raw in items}
+        self._inflight.update(events)
+        try:
+            yield
         finally:
             for h, ev in events.items():
                 del self._inflight[h]
@@ -241,16 +249,10 @@ class LazyReads:
         mine = [(h, raw) for h, raw in items if h not in self._inflight]
         if fetcher is None or not mine:
             return []
-        events = {h: trio.Event() for h, _raw in mine}
-        self._inflight.update(events)
-        try:
+        with self._in_flight(mine):
             got = await threads.run_in_thread(fetcher.fetch_many, mine, self.fs.level)
             got.update(fetcher.take_landed())
             await self._store(got)
-        finally:
-            for h, ev in events.items():
-                del self._inflight[h]
-                ev.set()
         return mine
 
     async def _store(self, got: dict[bytes, tuple[bytes, bytes]]) -> None:
