@@ -184,5 +184,5 @@ def test_without_the_remote_extra_the_embedded_store_still_works(tmp_path):
     lines = r.stdout.splitlines()
     assert lines[-1] == "store ok"
     assert "the etcd key-value backend needs the Python package 'etcd3gw'" in lines[0]
-    assert "the S3 blob store needs the Python package 'boto3'" in lines[1]
+    assert "the S3 blob store needs the Python package 'botocore'" in lines[1]
     assert all("pip install 'cowfs[remote]'" in line for line in lines[:2])
