@@ -5,8 +5,10 @@ round and per version a fresh host (its own index cache) runs
 ready), then unmounts.  A version is a directory holding a `cowfs/` package (e.g.
 `git archive COMMIT cowfs | tar -x -C DIR`), put first on PYTHONPATH for the CLI and so for
 the daemon it forks; compile it first (`python -m compileall -q DIR/cowfs`), as an install does.
+`--sandbox`: issue 23's 1 GiB sandbox instead (scripts/bench_fleet.py's: Django, a git
+repository of it, a venv, 600+ MiB of data; 32,226 entries), built and pushed first (~3 min).
 
-    .venv/bin/python scripts/bench_lazy_ready.py [--rounds N] DIR [DIR ...]
+    .venv/bin/python scripts/bench_lazy_ready.py [--rounds N] [--sandbox] DIR [DIR ...]
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import bench_fleet  # noqa: E402
 import benchlib  # noqa: E402
 import fleetlib  # noqa: E402
 
@@ -27,16 +30,21 @@ import fleetlib  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sandbox", action="store_true", help="issue 23's 1 GiB sandbox instead of the Django tree")
     ap.add_argument("versions", nargs="+", metavar="DIR", help="a directory holding a cowfs/ package")
     args = ap.parse_args()
     tar, _entries = benchlib.django_tar()
-    out: dict = {"machine": benchlib.machine_info(), "ready_s": {v: [] for v in args.versions},
-                 "load": {v: [] for v in args.versions}}
+    out: dict = {"machine": benchlib.machine_info(), "sandbox": None, "ready_s": {v: [] for v in args.versions},
+                 "load": {v: [] for v in args.versions},
+                 "build_metadata_s": {v: [] for v in args.versions}, "build_writing_s": {v: [] for v in args.versions}}
     base = tempfile.mkdtemp(prefix="cowfs-bench-ready-")
     with fleetlib.fleet(base, "bench-ready", fleetlib.Host) as fl:
         a = fl.host("a")
         src = a.mount("main")
-        subprocess.run(["tar", "-xf", tar, "-C", src], check=True, timeout=600)
+        if args.sandbox:
+            out["sandbox"] = bench_fleet.build_sandbox(src, tar, 1024, 600, False)
+        else:
+            subprocess.run(["tar", "-xf", tar, "-C", src], check=True, timeout=600)
         a.run("snapshot", src, "base")
         a.run("push", src, "base", "origin")
         n = 0
@@ -56,6 +64,10 @@ def main() -> None:
                     raise SystemExit(f"{v}: {r.stderr.strip()}")
                 subprocess.run([sys.executable, "-m", "cowfs", "umount", mp], env=env, cwd="/",
                                capture_output=True, timeout=300)
+                with open(os.path.join(store, "lazy.json")) as f:
+                    b = json.load(f)["build"]       # the build's own figures (cowfs.fleet.lazy)
+                out["build_metadata_s"][v].append(b["metadata_seconds"])
+                out["build_writing_s"][v].append(b["build_seconds"])
                 out["ready_s"][v].append(round(dt, 3))
                 out["load"][v].append(round(load, 1))
                 benchlib.log(f"{v}: ready in {dt:.2f} s (load {load:.1f})")
