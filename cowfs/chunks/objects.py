@@ -8,7 +8,7 @@ current by `settle` once the batch is written, or forgotten by `abort` if it is 
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Iterator, Protocol
 
 from cowfs.cache import ChunkCache
 from cowfs.chunks import codec
@@ -109,6 +109,13 @@ class ObjectStore:
         pack, off, length = segments[-1]
         self.packs.read_ahead(pack, off + length, RUN_READ_AHEAD)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def remote_records(self) -> Iterator[tuple[bytes, bytes]]:
+        """(id, record) of every chunk still on a lazy mount's remote (F): one scan of the
+        object records, for a lazy mount's pack map (cowfs.core.lazy)."""
+        for h, raw in self.kv.scan(CF_OBJECTS, b""):
+            if raw[0] == codec.KIND_REMOTE:
+                yield h, raw
 
     def remote_record(self, h: bytes) -> bytes | None:
         """Object h's record if it is a chunk still on a lazy mount's remote (F), else None."""

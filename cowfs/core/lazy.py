@@ -27,7 +27,6 @@ import trio
 
 from cowfs import threads
 from cowfs.chunks import codec
-from cowfs.chunks.families import CF_OBJECTS
 from cowfs.chunks.refs import RefTxn
 from cowfs.chunks.tree import CHUNK
 from cowfs.core.node import Node
@@ -138,9 +137,7 @@ class LazyReads:
 
     def _scan(self) -> PackMap:
         by: dict[tuple[int, bytes], list[tuple[int, int, bytes]]] = {}
-        for h, raw in self.fs.store.objects.kv.scan(CF_OBJECTS, b""):
-            if raw[:1] != bytes((codec.KIND_REMOTE,)):
-                continue
+        for h, raw in self.fs.store.objects.remote_records():
             loc = codec.remote_loc(raw)
             assert loc is not None
             by.setdefault((loc.source, loc.pack), []).append((loc.offset, loc.length, h))

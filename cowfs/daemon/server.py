@@ -29,7 +29,7 @@ from cowfs.background.warming import Warmer
 from cowfs.chunks.repack import REPACK_BELOW
 from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
-from cowfs.daemon import admin, mounts, notify, options as mount_options
+from cowfs.daemon import admin, mounts, notify, options as mount_options, tuning
 from cowfs.daemon.config import MountConfig, fuse_options, options_in_force
 from cowfs.storedir import pid_file
 from cowfs.errors import FSError, MountError, StoreError
@@ -43,45 +43,6 @@ log = logging.getLogger("cowfs.daemon")
 KERNEL_SYNC_TIMEOUT = 30.0
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 MS_BIND = 4096
-
-
-def _raise_readahead(mountpoint: str) -> None:
-    """Let the kernel read ahead 1 MiB per request instead of 128 KiB (root only; best effort).
-
-    The device number comes from mountinfo: stat() on our own mount would wait for us.
-    """
-    entry = mounts.entry_at(mountpoint)
-    if entry is None or entry.fstype != "fuse.cowfs":
-        return
-    try:
-        with open(f"/sys/class/bdi/{entry.dev}/read_ahead_kb", "w") as out:
-            out.write("1024")
-    except OSError as exc:
-        log.debug("read_ahead_kb unchanged: %s", exc)
-
-
-def _kernel_dirty_limit(dev: str) -> int | None:
-    """How many bytes of dirty pages the kernel lets our mount hold (FUSE mounts have a
-    strict per-device limit, 1% of the dirty threshold by default): what it may have
-    acknowledged to writers before we see it."""
-    try:
-        with open(f"/sys/class/bdi/{dev}/max_bytes") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
-
-
-def pin_threads(cpus: set[int]) -> None:
-    """-o cpus=: every thread of this process (RocksDB's, started when the store opened,
-    included) runs on cpus only; threads started later inherit it.  A FUSE request wakes the
-    daemon and its reply wakes the client: on the same CPU each wake-up is a switch, on
-    another an inter-processor interrupt and a cold cache (docs/benchmarks.md)."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except ProcessLookupError:
-            pass  # a thread that ended meanwhile
-    log.info("threads pinned to CPUs %s", ",".join(map(str, sorted(cpus))))
 
 
 class Daemon:
@@ -430,7 +391,7 @@ class Daemon:
         # The kernel sets the mount's readahead when it gets our INIT reply; a stat() that
         # returns proves INIT is done, so our setting sticks.
         await trio.to_thread.run_sync(os.stat, self.cfg.mountpoint)
-        _raise_readahead(self.cfg.mountpoint)
+        tuning.raise_readahead(self.cfg.mountpoint)
 
     async def main(self, ready: Callable[[str | None], None]) -> None:
         async with trio.open_nursery() as nursery:
@@ -478,7 +439,7 @@ class Daemon:
     def run(self, ready: Callable[[str | None], None]) -> int:
         cfg = self.cfg
         if cfg.cpus is not None:
-            pin_threads(mount_options.cpu_set(cfg.cpus))
+            tuning.pin_threads(mount_options.cpu_set(cfg.cpus))
         before = fuse_replies.fuse_fds()
         try:
             pyfuse3.init(self.ops, cfg.mountpoint, fuse_options(cfg))
@@ -492,7 +453,7 @@ class Daemon:
         entry = mounts.entry_at(cfg.mountpoint)
         if entry is not None and entry.fstype == "fuse.cowfs":
             self.dev = entry.dev
-            self.fs.full.kernel_dirty = _kernel_dirty_limit(entry.dev) or self.fs.full.kernel_dirty
+            self.fs.full.kernel_dirty = tuning.kernel_dirty_limit(entry.dev) or self.fs.full.kernel_dirty
         log.info("serving %s branch %s at %s (pid %d)", cfg.store, cfg.branch, cfg.mountpoint, os.getpid())
         clean = False
         try:
