@@ -209,9 +209,7 @@ def decode_commit(cid: str, data: bytes) -> dict[str, Any]:
     if warm is not None and not _is_hexid(warm):
         raise CorruptObject(f"commit/{cid}: bad warm id")
     packs = doc.get("packs")
-    if packs is not None and not (isinstance(packs, list) and all(
-            isinstance(p, str) and len(p) == 2 * HASH_LEN and p == p.lower()
-            and all(c in "0123456789abcdef" for c in p) for p in packs)):
+    if packs is not None and not (isinstance(packs, list) and all(_is_hexid(p) for p in packs)):
         raise CorruptObject(f"commit/{cid}: bad pack list")
     return doc
 
