@@ -19,6 +19,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import mmap
 import os
 import pickle
 import pty
@@ -858,6 +859,28 @@ def fallocate(fd, mode, offset, length):
     if r != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+def direct_pread(fd: int, off: int, n: int) -> bytes:
+    """Up to n bytes at off (page multiples) through an O_DIRECT fd, into an aligned buffer:
+    past the kernel's page cache, so the daemon serves every byte."""
+    buf = mmap.mmap(-1, max(n, 4096))
+    try:
+        got = os.preadv(fd, [buf], off)
+        return bytes(buf[:got])
+    finally:
+        buf.close()
+
+
+def direct_pwrite(fd: int, off: int, data: bytes) -> None:
+    """data at off (page multiples) through an O_DIRECT fd, from an aligned buffer: the kernel
+    reads no page first, the daemon sees the write as is."""
+    buf = mmap.mmap(-1, len(data))
+    try:
+        buf[:] = data
+        assert os.pwritev(fd, [buf], off) == len(data)
+    finally:
+        buf.close()
 
 
 class _Timespec(ctypes.Structure):

@@ -11,7 +11,6 @@ import contextlib
 import errno
 import hashlib
 import json
-import mmap
 import os
 import random
 import signal
@@ -954,31 +953,20 @@ def _reads(p: Path) -> bytes | None:
 
 def _odirect_pwrite(path: Path, off: int, data: bytes) -> None:
     """pwrite past the kernel's page cache (no read of the page first): the daemon sees it as is."""
-    buf = mmap.mmap(-1, len(data))
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
     try:
-        buf[:] = data
-        fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-        try:
-            assert os.pwritev(fd, [buf], off) == len(data)
-        finally:
-            os.close(fd)
+        mounting.direct_pwrite(fd, off, data)
     finally:
-        buf.close()
+        os.close(fd)
 
 
 def _odirect_read(path: Path) -> bytes:
     """The whole file, past the kernel's page cache (the daemon serves every byte)."""
-    n = -(-os.stat(path).st_size // 4096) * 4096 or 4096
-    buf = mmap.mmap(-1, n)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        try:
-            got = os.preadv(fd, [buf], 0)
-        finally:
-            os.close(fd)
-        return bytes(buf[:got])
+        return mounting.direct_pread(fd, 0, -(-os.fstat(fd).st_size // 4096) * 4096)
     finally:
-        buf.close()
+        os.close(fd)
 
 
 def test_lazy_files_written_cut_cloned_and_read_at_once(fleet, mount_factory, test_dir):

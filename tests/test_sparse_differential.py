@@ -40,21 +40,11 @@ def _bytes(rnd: random.Random, n: int) -> bytes:
     return bytes(out[:n])
 
 
-def _aligned(n: int) -> mmap.mmap:
-    return mmap.mmap(-1, max(n, PAGE))
-
-
 def _direct_read(path, off: int, n: int) -> bytes:
     """n bytes at page-aligned off, past the kernel's page cache."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
-        n = -(-n // PAGE) * PAGE
-        buf = _aligned(n)
-        try:
-            got = os.preadv(fd, [buf], off)
-            return bytes(buf[:got])
-        finally:
-            buf.close()
+        return mounting.direct_pread(fd, off, -(-n // PAGE) * PAGE)
     finally:
         os.close(fd)
 
@@ -97,14 +87,11 @@ def _step(rnd: random.Random, m: mounting.Mount, pairs: list[Pair], log: list[st
     log.append(f"{op} {pair.name} off={off} n={n} size={size}")
     if op == "pwrite_direct":
         data = _bytes(rnd, n)
-        buf = _aligned(n)
-        buf[:n] = data
         fd = os.open(mine, os.O_WRONLY | os.O_DIRECT)
         try:
-            assert os.pwritev(fd, [buf], off) == n
+            mounting.direct_pwrite(fd, off, data)
         finally:
             os.close(fd)
-            buf.close()
         with open(theirs, "r+b") as f:
             assert os.pwrite(f.fileno(), data, off) == n
     elif op in ("pwrite", "append"):

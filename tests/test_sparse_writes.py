@@ -10,7 +10,6 @@ stored chunks read (and the few tree nodes looked up).
 """
 from __future__ import annotations
 
-import mmap
 import os
 import random
 
@@ -38,16 +37,6 @@ def _cold_file(m: mounting.Mount, seed: int) -> tuple[bytearray, random.Random]:
 def _misses(m: mounting.Mount) -> int:
     """L1 misses so far (reading them folds the log: every write is committed after)."""
     return stats(m.path)["cache"]["l1"]["misses"]
-
-
-def _direct_read(fd: int, off: int, n: int) -> bytes:
-    """n bytes at off (both page multiples), past the kernel's page cache."""
-    buf = mmap.mmap(-1, n)
-    try:
-        got = os.preadv(fd, [buf], off)
-        return bytes(buf[:got])
-    finally:
-        buf.close()
 
 
 @pytest.mark.timeout(180)
@@ -86,12 +75,7 @@ def test_page_writes_into_cold_chunks_read_no_stored_chunk(mount_factory):
 
 def _pwrite(fd: int, model: bytearray, off: int, data: bytes) -> None:
     """Write data at off through an O_DIRECT handle (an aligned buffer), and into model."""
-    buf = mmap.mmap(-1, len(data))
-    try:
-        buf[:] = data
-        assert os.pwritev(fd, [buf], off) == len(data)
-    finally:
-        buf.close()
+    mounting.direct_pwrite(fd, off, data)
     model[off : off + len(data)] = data
 
 
@@ -111,8 +95,8 @@ def test_reads_of_sparse_buffers_merge_the_stored_chunk_only_for_bytes_not_writt
                 _pwrite(fd, model, c * CHUNK + first * PAGE, rnd.randbytes(n * PAGE))
         # Written bytes only: from the buffers.
         for c in (1, 2, 3, 4):
-            assert _direct_read(fd, c * CHUNK, 3 * PAGE) == model[c * CHUNK : c * CHUNK + 3 * PAGE]
-            assert _direct_read(fd, c * CHUNK + 6 * PAGE, PAGE) == model[c * CHUNK + 6 * PAGE : c * CHUNK + 7 * PAGE]
+            assert mounting.direct_pread(fd, c * CHUNK, 3 * PAGE) == model[c * CHUNK : c * CHUNK + 3 * PAGE]
+            assert mounting.direct_pread(fd, c * CHUNK + 6 * PAGE, PAGE) == model[c * CHUNK + 6 * PAGE : c * CHUNK + 7 * PAGE]
         # No chunk read: before sparse buffers, one miss per chunk written.  (This folds; the
         # fold reads the stored chunks outside the cache.)
         assert _misses(m) - base <= 2, base
@@ -121,9 +105,9 @@ def test_reads_of_sparse_buffers_merge_the_stored_chunk_only_for_bytes_not_writt
         _pwrite(fd, model, 4 * PAGE, rnd.randbytes(PAGE))
         _pwrite(fd, model, 3 * CHUNK + 9 * PAGE, rnd.randbytes(2 * PAGE))
         os.fsync(fd)
-        assert _direct_read(fd, 0, CHUNK) == model[:CHUNK]
-        assert _direct_read(fd, 3 * CHUNK + 8 * PAGE, 2 * PAGE) == model[3 * CHUNK + 8 * PAGE : 3 * CHUNK + 10 * PAGE]
-        assert _direct_read(fd, CHUNK, 3 * CHUNK) == model[CHUNK : 4 * CHUNK]
+        assert mounting.direct_pread(fd, 0, CHUNK) == model[:CHUNK]
+        assert mounting.direct_pread(fd, 3 * CHUNK + 8 * PAGE, 2 * PAGE) == model[3 * CHUNK + 8 * PAGE : 3 * CHUNK + 10 * PAGE]
+        assert mounting.direct_pread(fd, CHUNK, 3 * CHUNK) == model[CHUNK : 4 * CHUNK]
         # A sparse chunk truncated into (the truncate folds it first), then written sparse
         # again below the new end, and killed before the fold.
         _pwrite(fd, model, 2 * CHUNK + 12 * PAGE, rnd.randbytes(2 * PAGE))
@@ -131,7 +115,7 @@ def test_reads_of_sparse_buffers_merge_the_stored_chunk_only_for_bytes_not_writt
         del model[2 * CHUNK + 13 * PAGE + 100 :]
         _pwrite(fd, model, CHUNK + 9 * PAGE, rnd.randbytes(PAGE))
         os.fsync(fd)
-        assert _direct_read(fd, 0, (len(model) // PAGE + 1) * PAGE) == model
+        assert mounting.direct_pread(fd, 0, (len(model) // PAGE + 1) * PAGE) == model
         mounting.sigkill_fsck_start(m)
     finally:
         os.close(fd)
