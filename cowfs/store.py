@@ -54,8 +54,10 @@ log = logging.getLogger(__name__)
 # 7: packs are immutable objects of a BlobStore named by a u64 id (P pointers 26 bytes);
 # a format-3..6 store's pack files are renamed and its pointers rewritten at first open
 # (chunks.upgrade.convert_packs); their punched holes are dead ranges for repacking.
-FORMAT_VERSION = 7
-UPGRADABLE = (1, 2, 3, 4, 5, 6)
+# 8: the space accounting counts F objects (a lazy mount's chunks still on the remote: its
+# reads skip the look-up once there are none); counted once at a format-7 store's first open.
+FORMAT_VERSION = 8
+UPGRADABLE = (1, 2, 3, 4, 5, 6, 7)
 FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
 ROOT_INO = 1
 INO_BLOCK = 4096
@@ -185,6 +187,8 @@ class Store:
             self._count_allocated()
         if fmt != FORMAT_VERSION:
             b = Batch()
+            if fmt < 8:
+                upgrade.count_remote(self.kv, self.objects.space)
             if fmt < 6:
                 log.info("%s: %d keys written for the names of hard-linked files", path, links.rebuild(self.kv, b))
             b.put(CF_META, b"format", str(FORMAT_VERSION).encode())

@@ -794,6 +794,16 @@ def test_a_lazy_mount_shows_the_pushed_tree_and_fetches_only_what_is_read(fleet,
         same_tree(pushed, mp, names=("pushed", "lazy"))
         assert (mp / "dir" / "hardlink-to-text").stat().st_ino == (mp / "text").stat().st_ino
         assert os.stat(mp / "sparse").st_blocks * 512 < 1 << 20, "holes became data"
+        # No chunk left remote: reads no longer look their chunks up for one.
+        stats = json.loads((mp / ".cowfs" / "stats").read_text())
+        assert stats["remote_chunks"] == 0, stats
+        checks = stats["lazy"]["checks"]
+        fd = os.open(mp / "big", os.O_RDONLY | os.O_DIRECT)  # past the page cache: the daemon reads
+        try:
+            assert mounting.direct_pread(fd, 0, 1 << 20) == big[: 1 << 20]
+        finally:
+            os.close(fd)
+        assert fetched(mp)["checks"] == checks, "a read looked for remote chunks where none is left"
     # Unmounted: the fetched chunks are in the store, which fsck finds clean.
     report = mounting.fsck(store)
     assert report["clean"], report["problems"]
@@ -802,7 +812,7 @@ def test_a_lazy_mount_shows_the_pushed_tree_and_fetches_only_what_is_read(fleet,
     with lazy_mounted(b, "origin:base", mp, store):
         assert (mp / "big").read_bytes() == big
         same_tree(pushed, mp, names=("pushed", "lazy again"))
-        assert fetched(mp)["bytes_fetched"] == 0
+        assert fetched(mp)["bytes_fetched"] == 0 and fetched(mp)["checks"] == 0
     # Errors, one line each.  The mountpoint is checked before the build: a lazy mount that
     # cannot mount builds nothing (it used to build the whole store first).
     r = b.cowfs("mount", "origin:base", b.base / "m2", "--store", b.base / "s2", check=False)

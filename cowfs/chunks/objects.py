@@ -117,6 +117,12 @@ class ObjectStore:
             if raw[0] == codec.KIND_REMOTE:
                 yield h, raw
 
+    def remote_left(self) -> bool:
+        """Whether a read must look for chunks still on a lazy mount's remote: a fetcher is
+        set and the accounting counts F objects.  Once every one is fetched or freed (the count
+        is exact, and only a lazy build makes F objects), reads skip the look-ups."""
+        return self.fetcher is not None and self.space is not None and self.space.remote_chunks > 0
+
     def remote_record(self, h: bytes) -> bytes | None:
         """Object h's record if it is a chunk still on a lazy mount's remote (F), else None."""
         raw = self.kv.get(CF_OBJECTS, h)

@@ -25,6 +25,9 @@ class Space:
     nodes: int = 0
     node_bytes: int = 0
     queue: int = 0  # entries in CF_PENDING
+    # F objects: chunks of a lazy mount still on its remote (store format 8); at 0 its reads
+    # skip looking for them (ObjectStore.remote_left)
+    remote_chunks: int = 0
 
     def pack(self) -> bytes:
         # Every commit that changes a count packs this: struct over the instance dict, not
@@ -47,6 +50,7 @@ class Space:
             return
         raw, plain = codec.chunk_sizes(value)
         self.chunks += sign
+        self.remote_chunks += sign * (value[0] == codec.KIND_REMOTE)
         self.delta_chunks += sign * (value[0] == codec.KIND_DELTA)
         self.unique_bytes += sign * raw
         self.plain_bytes += sign * plain
@@ -66,6 +70,7 @@ class Space:
             "tree_nodes": self.nodes,
             "tree_node_bytes": self.node_bytes,
             "background_queue": self.queue,
+            "remote_chunks": self.remote_chunks,
         }
 
 

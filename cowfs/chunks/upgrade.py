@@ -10,6 +10,8 @@ decides when: at the first open by a newer cowfs).
                   rewritten, and the old names go.  An old pack may have punched holes
                   (freed extents): it is just a pack with dead ranges, which repacking
                   reclaims at the next `cowfs gc` (chunks.repack).
+  format <= 7 -> 8 `count_remote`: the space accounting counts the chunks still on a lazy
+                  mount's remote (F objects), once, from a scan of the object records.
 Each step can be interrupted by a crash and run again.
 """
 from __future__ import annotations
@@ -52,6 +54,14 @@ def rebuild(kv: KV, roots: dict[bytes, int]) -> Space:
     batch.put(CF_SPACE, SPACE_KEY, space.pack())
     kv.write(batch)
     return space
+
+
+def count_remote(kv: KV, space: Space) -> None:
+    """Format <= 7 -> 8: count space.remote_chunks from the object records and store it."""
+    space.remote_chunks = sum(1 for _h, v in kv.scan(CF_OBJECTS, b"") if v[0] == codec.KIND_REMOTE)
+    batch = Batch()
+    batch.put(CF_SPACE, SPACE_KEY, space.pack())
+    kv.write(batch)
 
 
 def convert_packs(kv: KV, pack_dir: str) -> int:

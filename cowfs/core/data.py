@@ -71,7 +71,7 @@ class Data:
             await self._refuse(node, off, end, node.cap_errno, "beyond what an earlier refused write left")
         if fs.store.space_low(len(data)) and not await full.room_after_flush(len(data)):
             await self._refuse(node, off, end, errno.ENOSPC, "the store's disk is (nearly) full")
-        if fs.store.objects.fetcher is not None:
+        if fs.store.objects.remote_left():
             # A lazy mount: the chunks this write covers in part are fetched first.  If the
             # remote fails, the write is refused as on a full disk: one the page cache
             # acknowledged is lost, the file cut to a prefix, the kernel's view brought back.

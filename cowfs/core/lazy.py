@@ -52,6 +52,9 @@ class LazyReads:
         self.fs = fs
         self._inflight: dict[bytes, trio.Event] = {}
         self.waits = 0  # reads that waited for another's fetch of the same chunk
+        # reads and writes that looked their chunks up for F objects (none once the store
+        # has no F object left: ObjectStore.remote_left)
+        self.checks = 0
         # -o lazy_near (set by the daemon): the F chunks lying within this many bytes of a
         # read's chunks in their remote pack are fetched in the same GET (0: none)
         self.near = 0
@@ -74,14 +77,14 @@ class LazyReads:
     async def ensure(self, node: Node, off: int, size: int, edges_only: bool = False) -> None:
         """Make the stored chunks a read of [off, off+size) needs local (edges_only: a write's,
         which reads only the chunks it covers in part).  FSError(EIO) if the remote fails."""
-        fetcher = self.fs.store.objects.fetcher
-        if fetcher is None or size <= 0:
+        if not self.fs.store.objects.remote_left() or size <= 0:
             return
         file_size = node.attrs.size
         end = off + size if edges_only else min(off + size, file_size)
         first, last = off // CHUNK, (end - 1) // CHUNK
         if off >= end or first * CHUNK >= file_size:
             return
+        self.checks += 1
         try:
             if edges_only:
                 # A write that starts inside a chunk holding stored bytes needs that chunk even
@@ -220,7 +223,6 @@ class LazyReads:
                     raise FSError(errno.EIO) from exc
                 log.warning("read of inode %d at %d: its %d neighbours were not fetched: %s",
                             node.ino, off, len(near), exc)
-            got.update(fetcher.take_landed())
             await self._store(got)
 
     @contextlib.contextmanager
@@ -247,16 +249,16 @@ class LazyReads:
         if fetcher is None or not mine:
             return []
         with self._in_flight(mine):
-            got = await threads.run_in_thread(fetcher.fetch_many, mine, self.fs.level)
-            got.update(fetcher.take_landed())
-            await self._store(got)
+            await self._store(await threads.run_in_thread(fetcher.fetch_many, mine, self.fs.level))
         return mine
 
     async def _store(self, got: dict[bytes, tuple[bytes, bytes]]) -> None:
-        """Commit the local encodings of fetched chunks that are still F objects (one may
+        """Commit the local encodings of fetched chunks, and of those the blocking paths
+        fetched meanwhile (`RemoteFetcher.take_landed`), that are still F objects (one may
         have been freed meanwhile: nothing to store then)."""
         fs = self.fs
         objects = fs.store.objects
+        got.update(objects.fetcher.take_landed())  # type: ignore[union-attr, attr-defined]
         async with fs.lock:
             txn = RefTxn()
             for h, (data, enc) in got.items():

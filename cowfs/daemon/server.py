@@ -236,6 +236,7 @@ class Daemon:
             "dirty_bytes": fs.flusher.dirty_bytes,
             **({"lazy": {**store.objects.fetcher.figures(),  # type: ignore[attr-defined]
                          "read_waits": fs.lazy.waits, "near_fetched": fs.lazy.near_fetched,
+                         "checks": fs.lazy.checks,
                          **({"warming": self.lazy_warming.figures()} if self.lazy_warming is not None else {})}}
                if store.objects.fetcher is not None else {}),
             "flushes": fs.flusher.flush_count,

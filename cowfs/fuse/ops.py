@@ -288,7 +288,7 @@ class Operations(pyfuse3.Operations):
         if sess is not None:
             return sess.read(off, size)
         node = self.handles.files[fh]
-        if self.fs.store.objects.fetcher is not None:  # a lazy mount: fetch what the read needs first
+        if self.fs.store.objects.remote_left():  # a lazy mount: fetch what the read needs first
             await self.fs.lazy.ensure(node, off, size)
         return self.fs.read(node, off, size, self.handles.streams[fh])  # type: ignore[return-value]
 

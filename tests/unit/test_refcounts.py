@@ -278,3 +278,68 @@ def test_a_fold_of_chunks_spread_over_every_leaf_of_a_big_file_pairs_every_new_n
         assert dict(iter_chunks(new, st.objects.node)) == {**{i: fresh(i)[0] for i in range(n)}, **changes}
     finally:
         st.close()
+
+
+def test_the_accounting_counts_remote_chunks_as_they_are_made_fetched_and_freed(tmp_path):
+    """A lazy mount's reads look for F objects only while the accounting counts some
+    (ObjectStore.remote_left): the count follows creation, re-encoding and freeing exactly."""
+    st = Objects(tmp_path / "s")
+    try:
+        chunks = [chunk(k) for k in range(3)]
+        remote = {h: codec.encode_remote(codec.RemoteLoc(0, b"R", len(POOL[k]), k << 20, len(v) - 1, bytes(32)))
+                  for k, (h, v) in enumerate(chunks)}
+        txn = RefTxn()
+        for h, _v in chunks:
+            txn.add_object(h, remote[h], [])
+        root = TreeWriter(st.objects.node, txn).update(None, {i: h for i, (h, _v) in enumerate(chunks)}, 3)
+        txn.incref(root.hash)
+        st.commit(Batch(), txn)
+        assert st.objects.space.remote_chunks == 3 and st.objects.space == scan_space(st.kv)
+        assert not st.objects.remote_left(), "no fetcher: nothing to look for"
+        st.objects.fetcher = object()  # type: ignore[assignment]
+        assert st.objects.remote_left()
+        txn = RefTxn()  # two fetched: re-encoded as local chunks
+        txn.recode = {h: v for h, v in chunks[:2]}
+        st.commit(Batch(), txn)
+        assert st.objects.space.remote_chunks == 1 and st.objects.space == scan_space(st.kv)
+        assert st.objects.remote_left()
+        txn = RefTxn()  # the file gone: the last F object freed with it
+        txn.decref(root.hash)
+        st.commit(Batch(), txn)
+        assert st.objects.space.remote_chunks == 0 and st.objects.space == scan_space(st.kv)
+        assert not st.objects.remote_left()
+    finally:
+        st.close()
+
+
+def test_a_format_7_store_gets_its_remote_chunks_counted_at_first_open(tmp_path):
+    """Format 7 kept no count of F objects (its space record is one field shorter): the first
+    open by this cowfs counts them, so a lazy mount of an older store still fetches ahead."""
+    import json
+
+    from cowfs.chunks.families import CF_SPACE, SPACE_KEY
+    from cowfs.meta.layers import CF_META
+    from cowfs.store import FORMAT_VERSION, Store, init_store
+
+    path = tmp_path / "store"
+    init_store(str(path))
+    st = Store(str(path))
+    h, v = chunk(0)
+    txn = RefTxn()
+    txn.add_object(h, codec.encode_remote(codec.RemoteLoc(0, b"R", len(POOL[0]), 0, len(v) - 1, bytes(32))), [])
+    txn.incref(h)
+    st.commit(Batch(), txn)
+    assert st.objects.space.remote_chunks == 1
+    b = Batch()  # what format 7 left: the record without the count, the old number
+    b.put(CF_SPACE, SPACE_KEY, st.objects.space.pack()[:-8])
+    b.put(CF_META, b"format", b"7")
+    st.kv.write(b)
+    st.close()
+    marker = path / "cowfs-store.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "format": 7}))
+    st = Store(str(path))
+    try:
+        assert st.objects.space.remote_chunks == 1 and st.objects.space == scan_space(st.kv)
+    finally:
+        st.close()
+    assert json.loads(marker.read_text())["format"] == FORMAT_VERSION == 8
