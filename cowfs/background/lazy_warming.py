@@ -35,11 +35,6 @@ BUDGET_BYTES = 512 << 20   # chunk content one mount's warming fetches at most
 BUDGET_GETS = 2048         # ranged GETs it lets the fetcher make at most
 
 
-def _raw_size(record: bytes) -> int:
-    loc = codec.remote_loc(record)
-    return loc.raw if loc is not None else 0
-
-
 class LazyWarming:
     def __init__(self, fs: "Filesystem", chunks: list[bytes], budget_bytes: int = BUDGET_BYTES,
                  budget_gets: int = BUDGET_GETS) -> None:
@@ -92,7 +87,7 @@ class LazyWarming:
                     self.skipped += 1
                     continue
                 batch.append((h, raw))
-                size += _raw_size(raw)
+                size += codec.chunk_sizes(raw)[0]
             if not batch:
                 continue
             faults.point("lazy_warming")
@@ -107,7 +102,7 @@ class LazyWarming:
             finally:
                 self.gets += fetcher.gets - gets0
             self.fetched += len(mine)
-            self.bytes += sum(_raw_size(raw) for _h, raw in mine)
+            self.bytes += sum(codec.chunk_sizes(raw)[0] for _h, raw in mine)
             self.skipped += len(batch) - len(mine)
         self.state = "done"
         log.info("lazy warming done: %d chunks (%d bytes) fetched ahead in %d GETs; %d already local",

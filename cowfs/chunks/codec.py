@@ -144,14 +144,19 @@ def encode_remote(loc: RemoteLoc) -> bytes:
     return _REMOTE.pack(KIND_REMOTE, loc.source, loc.enc, loc.raw, loc.offset, loc.length, loc.pack)
 
 
+def _fields(layout: struct.Struct, value: bytes, what: str) -> tuple:
+    """value unpacked by layout; CorruptObject if it is not that long (a truncated record)."""
+    try:
+        return layout.unpack(value)
+    except struct.error:
+        raise CorruptObject(f"{what} record of {len(value)} bytes does not decode") from None
+
+
 def remote_loc(value: bytes) -> RemoteLoc | None:
     """Where an F object's content is on the remote (None for other kinds)."""
     if value[0] != KIND_REMOTE:
         return None
-    try:
-        _k, source, enc, raw, off, length, pack = _REMOTE.unpack(value)
-    except struct.error:
-        raise CorruptObject(f"a remote chunk's record of {len(value)} bytes does not decode") from None
+    _k, source, enc, raw, off, length, pack = _fields(_REMOTE, value, "a remote chunk's")
     return RemoteLoc(source, enc, raw, off, length, pack)
 
 
@@ -170,10 +175,10 @@ def chunk_sizes(value: bytes) -> tuple[int, int]:
     """(raw content size, size of the whole, non-delta encoding) of a chunk object, without decoding."""
     kind = value[0]
     if kind == KIND_PACKED:
-        _p, _k, _pack, _off, length, raw = _PACKED.unpack(value)
+        _p, _k, _pack, _off, length, raw = _fields(_PACKED, value, "a packed chunk's")
         return raw, length + 1
     if kind == KIND_REMOTE:
-        return _REMOTE.unpack(value)[3], 0
+        return _fields(_REMOTE, value, "a remote chunk's")[3], 0
     if kind == KIND_RAW:
         return len(value) - 1, len(value)
     if kind == KIND_ZSTD:

@@ -369,3 +369,17 @@ def test_a_pack_without_an_index_and_a_damaged_index():
     with pytest.raises(MissingPack):
         ps.index(pack)
     st.close()
+
+
+def test_a_truncated_remote_or_packed_record_is_a_corrupt_object():
+    """chunk_sizes reads an F or P record's sizes without decoding it: a truncated one is
+    codec.CorruptObject (what fsck and the readers catch), not a struct.error."""
+    remote = codec.encode_remote(codec.RemoteLoc(0, b"Z", 1000, 5, 300, bytes(32)))
+    packed = codec.encode_packed(codec.KIND_ZSTD, 7, 0, 300, 1000)
+    assert codec.chunk_sizes(remote) == (1000, 0) and codec.chunk_sizes(packed) == (1000, 301)
+    for record in (remote, packed):
+        for cut in (record[:-1], record[:2]):
+            with pytest.raises(codec.CorruptObject, match="does not decode"):
+                codec.chunk_sizes(cut)
+    with pytest.raises(codec.CorruptObject, match="does not decode"):
+        codec.remote_loc(remote[:-1])
