@@ -852,7 +852,7 @@ def test_a_lazy_read_fetches_its_neighbours_in_the_pack_in_the_same_get(fleet, m
         assert f["bytes_fetched"] <= sum(map(len, small.values())) + (256 << 10) + (64 << 10), f
         for name, content in small.items():
             assert (mp / "d" / name).read_bytes() == content, name
-        assert fetched(mp) == f, "reading the neighbours fetched again"
+        assert {**fetched(mp), "checks": f["checks"]} == f, "reading the neighbours fetched again"
         assert (mp / "e" / "big").read_bytes() == big
         assert fetched(mp)["bytes_fetched"] == sum(map(len, small.values())) + len(big)
     report = mounting.fsck(b.base / "store")

@@ -49,8 +49,9 @@ class Daemon:
     def __init__(self, cfg: MountConfig) -> None:
         self.cfg = cfg
         self.store = Store(cfg.store, cache_l1=cfg.cache_l1, cache_l2=cfg.cache_l2)
-        if os.path.exists(os.path.join(cfg.store, lazy.LAZY_FILE)):  # a lazy mount's store: chunks on a remote
-            self.store.objects.fetcher = lazy.RemoteFetcher.for_store(cfg.store)
+        source = lazy.source_of(cfg.store)  # a lazy mount's store (its lazy.json): chunks on a remote
+        if source is not None:
+            self.store.objects.fetcher = lazy.RemoteFetcher.for_source(source)
         try:
             self.fs = Filesystem(self.store, cfg.branch, prefetch=cfg.prefetch, learn=cfg.prefetch_learn)
         except FSError as exc:
@@ -61,8 +62,7 @@ class Daemon:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
         self.warmer = Warmer(self.fs, self._view_root, cfg.store, cfg.prefetch and cfg.warm)
         # a lazy mount's pushed cold start, fetched ahead of its workload
-        self.lazy_warming = (LazyWarming(self.fs, lazy.warm_chunks_of(cfg.store))
-                             if self.store.objects.fetcher is not None else None)
+        self.lazy_warming = LazyWarming(self.fs, lazy.warm_chunks_of(source)) if source is not None else None
         self.ops = Operations(self.fs, stats=self.sandbox_stats, mounted=self.branch_mounts, ctl_group=cfg.ctl_group,
                               cache_absent=cfg.dir_cache, warm=self.warmer,
                               view_root=self._view_root, slots=cfg.view_slots)

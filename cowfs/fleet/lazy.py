@@ -78,9 +78,9 @@ class RemoteFetcher:
         self.failures = 0
 
     @classmethod
-    def for_store(cls, store: str) -> "RemoteFetcher | None":
-        src = source_of(store)
-        return None if src is None else cls([_remote_config(r) for r in src["remotes"]])
+    def for_source(cls, src: dict[str, Any]) -> "RemoteFetcher":
+        """The fetcher of a store whose lazy.json (`source_of`) is src."""
+        return cls([_remote_config(r) for r in src["remotes"]])
 
     def close(self) -> None:
         with self._lock:
@@ -208,10 +208,10 @@ def load_warm(r: "Remote", commit: dict[str, Any]) -> list[bytes]:
                          f"check {r.cfg.name}") from None
 
 
-def warm_chunks_of(store: str) -> list[bytes]:
-    """The pushed cold start a lazy mount's daemon fetches ahead (cowfs.background.lazy_warming)."""
-    src = source_of(store)
-    warm = (src or {}).get("warm") or {}
+def warm_chunks_of(src: dict[str, Any]) -> list[bytes]:
+    """The pushed cold start in a store's lazy.json (`source_of`), which its daemon fetches
+    ahead (cowfs.background.lazy_warming)."""
+    warm = src.get("warm") or {}
     return [bytes.fromhex(h) for h in warm.get("chunks", [])]
 
 
