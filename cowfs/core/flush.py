@@ -376,7 +376,7 @@ class Flusher:
         data = t.chunks.get(i) if rem else None
         if data is not None and len(data) > rem:
             if type(data) is Sparse:
-                data = data.merge(self.fs.store.objects.chunk(data.base))
+                data = data.merge(self.fs.store.objects.peek_chunk(data.base))
             keep.update(self.encode({i: bytearray(data[:rem])}))
         return cap, keep
 
