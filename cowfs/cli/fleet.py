@@ -460,15 +460,12 @@ def lazy_prepare(source: str, store: str) -> tuple[str, Callable[[], None] | Non
         try:
             lazy.build(store, cfg, snapshot)
         except Exception as e:      # noqa: BLE001 - one line; made by this command, half built: nothing to keep
-            import shutil
-
+            from cowfs.fleet.pull import remove_path
             from cowfs.remote import one_line
 
             for p in ([os.path.join(store, n) for n in os.listdir(store)] if existed else [store]):
-                if os.path.isdir(p) and not os.path.islink(p):
-                    shutil.rmtree(p, ignore_errors=True)
-                elif os.path.lexists(p):
-                    os.unlink(p)
+                with contextlib.suppress(OSError):  # what could not go must not hide why the build failed
+                    remove_path(p)
             raise MountError(f"lazy mount of {source}: {one_line(e)}") from None
     return store, build
 

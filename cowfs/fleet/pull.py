@@ -205,14 +205,14 @@ class Puller:
                 futures: list[Future[None]] = []
                 for op, p, e, oe in self._ops:
                     if op == "remove":
-                        _remove(p)
+                        remove_path(p)
                         self.stats.removed += 1
                     elif op == "mkdir":
                         self._mkdir(p)
                     elif op == "dirmeta":
                         later.append(("dirmeta", p, e))
                     elif op == "link":
-                        _remove(p)
+                        remove_path(p)
                         later.append(("link", p, e))
                     elif op == "file":
                         futures.append(pool.submit(self._file, p, e, oe, spool))
@@ -244,7 +244,7 @@ class Puller:
             os.mkdir(p, 0o700)
             return
         if not stat.S_ISDIR(st.st_mode):
-            _remove(p)
+            remove_path(p)
             os.mkdir(p, 0o700)
         else:
             os.chmod(p, 0o700)          # fill it whatever its mode; set at the end
@@ -265,7 +265,7 @@ class Puller:
         else:
             old_chunks = []
             if os.path.lexists(p):
-                _remove(p)
+                remove_path(p)
             fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             for i, h in enumerate(entry_chunks(e)):
@@ -292,7 +292,7 @@ class Puller:
 
     def _other(self, p: str, e: Entry) -> None:
         if os.path.lexists(p):
-            _remove(p)
+            remove_path(p)
         t = e["type"]
         if t == "symlink":
             os.symlink(e["target"], p)
@@ -330,7 +330,8 @@ class Puller:
         os.utime(p, ns=(e["atime"], e["mtime"]), follow_symlinks=False)
 
 
-def _remove(p: str) -> None:
+def remove_path(p: str) -> None:
+    """Remove p, whatever it is (a directory with all below it, read-only ones too); nothing if absent."""
     try:
         st = os.lstat(p)
     except FileNotFoundError:
