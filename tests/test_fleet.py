@@ -1184,6 +1184,20 @@ def test_a_lazy_mount_fetches_the_pushed_cold_start_ahead_of_its_workload(
     assert a.json("remote", "check", "origin")["ok"]
     # The same tree pushed again under its name: the same commit (the warm object is content-addressed).
     assert a.json("push", src.path, "base", "origin")["pushed"]["commit"] == pushed["commit"]
+    # Another commit naming the same warm object (a file outside the cold start changed):
+    # with the object gone, `remote check` names both references (it fetches the object once).
+    (src.path / "data" / "blob3").write_bytes(rng.randbytes(1 << 20))
+    snap(src, "other")
+    other = a.json("push", src.path, "other", "origin")["pushed"]
+    assert other["commit"] != pushed["commit"] and _commit(sw, engine_prefix, other["commit"])["warm"] == commit["warm"]
+    s3, key = sw.client(), f"{engine_prefix}/warm/{commit['warm']}"
+    body = s3.get_object(Bucket=sw.BUCKET, Key=key)["Body"].read()
+    s3.delete_object(Bucket=sw.BUCKET, Key=key)
+    r = a.cowfs("remote", "check", "origin", check=False)
+    assert r.returncode == 1 and sorted(r.stdout.splitlines()) == [
+        f"snap/{n}: warm/{commit['warm']} is missing" for n in ("base", "other")], r.stdout
+    s3.put_object(Bucket=sw.BUCKET, Key=key, Body=body)
+    a.cowfs("remote", "delete", "origin", "other")
 
     store, mp = b.base / "lazy-store", b.base / "mnt"
     # lazy_near=0: the data files lie next to the workload's in the pack (reading one must fetch it alone)

@@ -50,7 +50,7 @@ def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Ma
         m.bad_packs.add(pack)
 
     trees: list[bytes] = []
-    warms: list[tuple[str, str]] = []
+    warms: dict[str, list[str]] = {}   # warm id -> the references whose commits name it
     for family in REF_FAMILIES:
         for name, cid in remote.list_refs(family):
             m.refs += 1
@@ -70,7 +70,7 @@ def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Ma
             trees.append(bytes.fromhex(doc["tree"]))
             if doc.get("warm"):
                 m.warm.add(doc["warm"])
-                warms.append((f"{family}/{name}", doc["warm"]))
+                warms.setdefault(doc["warm"], []).append(f"{family}/{name}")
             for pack in doc.get("packs") or ():
                 if pack not in remote.packs:
                     m.problems.append(f"{family}/{name}: commit/{cid} names the pack {pack}, which has no index")
@@ -107,18 +107,19 @@ def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Ma
                         if c is not None:
                             m.chunks.setdefault(c, f"{e['name']} in tree {h.hex()}")
             progress(1)
-    for ref, wid in warms:
+    for wid, refs in warms.items():    # fetched and decoded once, however many commits name it
         try:
             chunks = decode_warm(wid, remote.blobs.get("warm/" + wid))
         except BlobNotFound:
-            m.problems.append(f"{ref}: warm/{wid} is missing")
-            continue
+            problem = f"warm/{wid} is missing"
         except CorruptObject as e:
-            m.problems.append(f"{ref}: {e}")
-            continue
-        stray = [c for c in chunks if c not in m.chunks]
-        if stray:
-            m.problems.append(f"{ref}: warm/{wid} names {len(stray)} chunks no tree lists (first {stray[0].hex()})")
+            problem = str(e)
+        else:
+            stray = [c for c in chunks if c not in m.chunks]
+            if not stray:
+                continue
+            problem = f"warm/{wid} names {len(stray)} chunks no tree lists (first {stray[0].hex()})"
+        m.problems += [f"{ref}: {problem}" for ref in refs]
     for c, where in m.chunks.items():
         loc = remote.index.get(c)
         if loc is None:
