@@ -738,6 +738,152 @@ def test_a_held_branch_is_pushed_only_by_its_holder_and_taken_over_once_its_leas
     assert r.returncode == 7, "the command's exit status is passed on"
 
 
+def branch_holder(kv, branch: str) -> str | None:
+    """Who holds the remote branch (the lock `cowfs remote hold` and mounts take), or None."""
+    from cowfs.kv.etcd import lease_holder
+    value = kv.get("lock", b"branch/" + branch.encode())
+    return None if value is None else lease_holder(value)
+
+
+def test_a_writable_mount_of_a_branch_that_follows_a_remote_branch_holds_it_one_host_at_a_time(
+        fleet, mount_factory, etcd, seaweedfs, engine_prefix, tmp_path):
+    from cowfs.kv.etcd import EtcdKV
+    kv = EtcdKV(etcd.endpoint, ("lock",), f"cowfs-fleet/{seaweedfs.BUCKET}/{engine_prefix}/".encode())
+    host = os.uname().nodename
+    a, b = fleet("a"), fleet("b")
+    store_a = mounting.init_store(a.base / "store")
+    ma = mount_factory(store=store_a, env={k: a.env[k] for k in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME")},
+                       options=("hold_ttl=3",))
+    (ma.path / "who").write_text("a0")
+    snap(ma, "c0")
+    assert branch_holder(kv, "dev") is None
+    # The push makes A's main follow dev: A's mount takes the hold at the keeper's next pass.
+    a.json("push", ma.path, "c0", "origin", "--branch", "dev")
+    a_holds = f"{host} pid {ma.pid} (a mount of branch main of {store_a})"
+    mounting.wait_until(lambda: branch_holder(kv, "dev") == a_holds, "A's mount holding dev", 20)
+    # Its own pushes of the branch go on (its hold is theirs).
+    (ma.path / "who").write_text("a1")
+    snap(ma, "c1")
+    a.json("push", ma.path, "c1", "origin", "--branch", "dev")
+    store_b = mounting.init_store(b.base / "store")
+    b.json("pull", "origin", "dev", store_b, "--branch", "--into", "dev")
+    mp = tmp_path / "mnt-b"
+    mp.mkdir()
+    # B's branch dev follows dev too: a writable mount of it is refused, one line naming A's mount.
+    r = b.cowfs("mount", store_b, mp, "--branch", "dev", check=False)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert (f"branch dev of {store_b} follows branch dev of the remote origin, which {a_holds} holds (its lease "
+            "expires in ") in r.stderr and "mount it with -o ro to read it" in r.stderr, r.stderr
+    assert not mounting.is_mounted(mp)
+    # Read-only, it mounts (no hold), and B can still pull the branch's new head (a second pull
+    # branches from the snapshot of dev through a mount of dev that takes no hold).
+    b.cowfs("mount", store_b, mp, "--branch", "dev", "-o", "ro")
+    try:
+        assert (mp / "who").read_text() == "a1"
+        with pytest.raises(OSError) as e:
+            (mp / "who").write_text("b")
+        assert e.value.errno == errno.EROFS
+    finally:
+        b.cowfs("umount", mp)
+    (ma.path / "who").write_text("a2")
+    snap(ma, "c2")
+    a.json("push", ma.path, "c2", "origin", "--branch", "dev")
+    got = b.json("pull", "origin", "dev", store_b, "--branch", "--into", "dev2")["pulled"]
+    assert got["base"], got
+    r = b.cowfs("mount", store_b, mp, "--branch", "dev2", check=False)
+    assert r.returncode != 0 and f"which {a_holds} holds" in r.stderr, r.stderr
+    assert branch_holder(kv, "dev") == a_holds
+    # A's daemon dies: its hold lasts its lease (3 s), then B's mount takes over.
+    os.killpg(ma.pid, signal.SIGKILL)
+    ma.proc.wait(timeout=30)
+    ma.exit_codes.append(ma.proc.returncode)
+    subprocess.run(["fusermount3", "-u", str(ma.path)], timeout=30)
+    if ma.mounted():
+        mounting.lazy_unmount(ma.path)
+    died = time.monotonic()
+    while True:
+        r = b.cowfs("mount", store_b, mp, "--branch", "dev2", check=False)
+        if r.returncode == 0:
+            break
+        assert f"which {a_holds} holds" in r.stderr and time.monotonic() - died < 15, r.stderr
+        time.sleep(0.5)
+    try:
+        pid = b.json("stats", mp)["daemon_pid"]
+        b_holds = f"{host} pid {pid} (a mount of branch dev2 of {store_b})"
+        assert branch_holder(kv, "dev") == b_holds
+        holds = b.json("stats", mp)["holds"]
+        assert [(h["remote"], h["branch"], h["state"]) for h in holds] == [("origin", "dev", "held")], holds
+        (mp / "who").write_text("b")          # writable: B is the writer now
+        mounting.ok(mp, "snapshot b1")
+        b.json("push", mp, "b1", "origin", "--branch", "dev")
+        # The lease is kept alive well past its TTL while the mount lives.
+        time.sleep(4)
+        assert branch_holder(kv, "dev") == b_holds
+    finally:
+        b.cowfs("umount", mp)
+    # Given back at the unmount: anyone may hold it at once.
+    assert branch_holder(kv, "dev") is None
+    shown = {(x["kind"], x["name"]): x["commit"] for x in a.json("remote", "show", "origin")["refs"]}
+    assert shown[("branch", "dev")] == shown[("snapshot", "b1")]
+
+
+def test_with_etcd_down_a_mount_of_a_following_branch_stays_writable_and_holds_once_etcd_is_back(
+        fleet, mount_factory, etcd_private, seaweedfs, engine_prefix, tmp_path):
+    from cowfs.kv.etcd import EtcdKV
+    kv = EtcdKV(etcd_private.endpoint, ("lock",), f"cowfs-fleet/{seaweedfs.BUCKET}/{engine_prefix}/".encode())
+    a, b = fleet("a", etcd=etcd_private), fleet("b", etcd=etcd_private)
+    store_a = mounting.init_store(a.base / "store")
+    ma = mount_factory(store=store_a, env={k: a.env[k] for k in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME")},
+                       options=("hold_ttl=3",))
+    (ma.path / "who").write_text("a0")
+    snap(ma, "c0")
+    a.json("push", ma.path, "c0", "origin", "--branch", "dev")
+    mounting.wait_until(lambda: branch_holder(kv, "dev") is not None, "A's mount holding dev", 20)
+    store_b = mounting.init_store(b.base / "store")
+    b.json("pull", "origin", "dev", store_b, "--branch", "--into", "dev")
+
+    def holds(h: Host, mp: Path) -> list[tuple[str, str]]:
+        return [(x["state"], x["detail"]) for x in h.json("stats", mp)["holds"]]
+
+    etcd_private.kill()
+    mp = tmp_path / "mnt-b"
+    mp.mkdir()
+    try:
+        # A's mount serves on: reads, writes, snapshots; past the lease's TTL its hold is lost.
+        (ma.path / "who").write_text("a1")
+        assert (ma.path / "who").read_text() == "a1"
+        snap(ma, "c1")
+        mounting.wait_until(lambda: holds(a, ma.path)[0][0] == "lost", "A's hold lost", 30)
+        # B mounts its branch dev writable: etcd is not reached, the hold is taken once it is.
+        t0 = time.monotonic()
+        b.cowfs("mount", store_b, mp, "--branch", "dev", "-o", "hold_ttl=3")
+        assert time.monotonic() - t0 < 30
+        (mp / "who").write_text("b1")
+        mounting.ok(mp, "snapshot b1")
+        state, detail = holds(b, mp)[0]
+        assert state == "waiting" and etcd_private.endpoint in detail, (state, detail)
+        assert "the hold of branch dev of the remote origin could not be taken" in (store_b / "daemon.log").read_text()
+        etcd_private.restart()
+        # Exactly one of the two takes the hold; the other says who has it.
+        def settled() -> bool:
+            got = dict(holds(a, ma.path) + holds(b, mp))
+            return sorted(got) == ["held", "taken"] and got["taken"] == branch_holder(kv, "dev")
+        mounting.wait_until(settled, "one hold taken again, the other naming it", 30)
+        winner, loser = (a, ma.path), (b, mp)
+        if holds(b, mp)[0][0] == "held":
+            winner, loser = loser, winner
+        # Both wrote during the outage: only the holder's push moves the branch.
+        r = loser[0].cowfs("push", loser[1], "c1" if loser[0] is a else "b1", "origin", "--branch", "dev",
+                           check=False)
+        assert r.returncode == 1 and "is held by" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        winner[0].json("push", winner[1], "c1" if winner[0] is a else "b1", "origin", "--branch", "dev")
+    finally:
+        if not etcd_private.healthy():
+            etcd_private.restart()
+        if mounting.is_mounted(mp):
+            b.cowfs("umount", mp, check=False)
+
+
 # --- lazy mounts: cowfs mount REMOTE:SNAPSHOT MNT --store STORE ----------------------------------
 
 

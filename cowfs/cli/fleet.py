@@ -170,8 +170,9 @@ def remote_show(name: str, as_json: bool) -> None:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def remote_hold(name: str, branch: str, ttl: int, command: tuple[str, ...]) -> None:
     """Run COMMAND holding the branch BRANCH of the remote NAME: while it runs, only pushes
-    from within it move the branch (`cowfs push ... --branch BRANCH`); another host's hold or
-    push is refused, naming this one.  A holder that dies keeps the branch --ttl seconds, then
+    from within it move the branch (`cowfs push ... --branch BRANCH`); another host's hold,
+    push or writable mount of a branch following it is refused, naming this one.  (A writable
+    mount of a branch that follows BRANCH holds it itself: -o hold_ttl.)  A holder that dies keeps the branch --ttl seconds, then
     anyone may take it.  Exit status: the command's.
 
         cowfs remote hold origin dev -- agent-runner /srv/sandbox/dev
@@ -251,6 +252,8 @@ def push(mount: str, snapshot: str, remote_name: str, as_name: str | None, remot
     directory, a commit), then sets the remote's snapshot reference by compare-and-set.  An
     interrupted push changes no reference; pushing again uploads only what is missing.
     """
+    from cowfs.daemon.mounts import daemon_pid
+    from cowfs.fleet.holds import holder_name
     from cowfs.fleet.push import push as do_push
     from cowfs.fleet.state import State
     from cowfs.treecopy import scan
@@ -276,7 +279,8 @@ def push(mount: str, snapshot: str, remote_name: str, as_name: str | None, remot
     try:
         with _fleet_errors(f"push of {snapshot} to {remote_name}"), _open(remote_name) as r, \
                 progress.bar(f"pushing {snapshot}", total, quiet=as_json) as update:
-            s = do_push(r, state, place.store, branch, snapshot, root, ref, remote_branch, update, warm)
+            s = do_push(r, state, place.store, branch, snapshot, root, ref, remote_branch, update, warm,
+                        holder_name(daemon_pid(place.store) or 0, place.store, branch))
             if no_warm:
                 s.warnings.append(no_warm)
     finally:
@@ -362,6 +366,7 @@ def pull(remote_name: str, name: str, store: str, is_branch: bool, into: str | N
             state.set_origin(store, into, r.key, cid)
             if is_branch:
                 state.set_base(store, into, r.key, name, cid)
+                state.set_tie(store, into, r.cfg, name)
     finally:
         state.close()
     if as_json:
@@ -423,7 +428,8 @@ def _make_branch(store: str, into: str, base_snap: str | None, snaps: dict[str, 
     owner = snaps[base_snap].get("parent") if base_snap else None
     if owner is None:
         owner = "main" if "main" in branches else branches[0]
-    with branch_mounted(store, owner, purpose="pull") as mp:
+    # hold_ttl=0: this mount only branches from a snapshot; a remote branch it follows may be held elsewhere
+    with branch_mounted(store, owner, ("hold_ttl=0",), purpose="pull") as mp:
         try:
             api.control(mp, "branch", into, *([base_snap] if base_snap else []))
         except api.CowfsError as e:

@@ -61,6 +61,13 @@ def _slots(v: str) -> int:
     return n
 
 
+def _hold_ttl(v: str) -> int:
+    n = int(v)
+    if n != 0 and not 2 <= n <= 3600:
+        raise ValueError(v)
+    return n
+
+
 def _count(v: str) -> int:
     n = int(v)
     if n < 0:
@@ -128,6 +135,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("dev", None, None, "honour device nodes (mounts are nodev by default)"),
     Option("nosuid", None, None, "the default"),
     Option("nodev", None, None, "the default"),
+    Option("ro", None, None, "read-only: writes fail with EROFS (and no hold of a remote branch is taken: hold_ttl)"),
     Option("cache_l1", "SIZE", "256M", "decoded chunks kept in memory (cache_size is its older name)",
            "cache_l1", parse_size, aliases=("cache_size",)),
     Option("cache_l2", "SIZE", "256M", "reused chunks kept as 4 KiB lz4 pages; 0 turns it off", "cache_l2", parse_size),
@@ -160,6 +168,9 @@ OPTIONS: tuple[Option, ...] = (
            "GET, the unfetched chunks stored within SIZE bytes of it in its remote pack (a push packs a directory's "
            "files together: they are fetched with the first one read); 0: only the file's own", "lazy_near",
            parse_size),
+    Option("hold_ttl", "N", "30", "a writable mount of a branch that follows a remote branch (pulled or pushed with "
+           "--branch) holds it, one host at a time: the seconds its etcd lease outlives a daemon that dies (2-3600; "
+           "0: take no hold; -o ro takes none)", "hold_ttl", _hold_ttl),
     Option("fuse_ext", "0|1", "1", "SEEK_DATA/SEEK_HOLE, fallocate and each branch's own df, served through "
            "libfuse's session (cowfs/fuse/ext.py); 0 turns them off", "fuse_ext", _bool01),
 )

@@ -196,16 +196,17 @@ def mount(cfg: MountConfig, foreground: bool, prepare: Prepare | None = None) ->
                 raise MountError(f"cannot reach daemon pid {pid} of {cfg.store}: {exc}") from None
             if not resp.get("ok"):  # a daemon from before this command: it cannot tell
                 raise MountError(f"store {cfg.store} is already served by daemon pid {pid}, whose mount options "
-                                 "hold for every branch it serves; only quota_bytes and quota_inodes may be "
+                                 "hold for every branch it serves; only quota_bytes, quota_inodes and hold_ttl may be "
                                  "given for another branch")
             conflicts = option_conflicts(asked, resp["options"])
             if conflicts:
                 raise MountError(f"store {cfg.store} is already served by daemon pid {pid}, whose mount options "
                                  f"hold for every branch it serves: {'; '.join(conflicts)}; give the options "
-                                 "in force or leave them out (quota_bytes and quota_inodes are per branch)")
+                                 "in force or leave them out (quota_bytes, quota_inodes and hold_ttl are per branch)")
         try:
             resp = admin.request(cfg.store, {"cmd": "attach", "branch": cfg.branch, "mountpoint": cfg.mountpoint,
-                                             "quota_bytes": cfg.quota_bytes, "quota_inodes": cfg.quota_inodes})
+                                             "quota_bytes": cfg.quota_bytes, "quota_inodes": cfg.quota_inodes,
+                                             "hold_ttl": cfg.hold_ttl})
         except OSError as exc:
             raise MountError(f"cannot reach daemon pid {pid} of {cfg.store}: {exc}") from None
         if not resp.get("ok"):

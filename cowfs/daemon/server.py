@@ -33,7 +33,7 @@ from cowfs.daemon import admin, mounts, notify, options as mount_options, tuning
 from cowfs.daemon.config import MountConfig, fuse_options, options_in_force
 from cowfs.storedir import pid_file
 from cowfs.errors import FSError, MountError, StoreError
-from cowfs.fleet import lazy
+from cowfs.fleet import FleetError, holds as fleet_holds, lazy
 from cowfs.fuse import dircache, ext as fuse_ext, loop as fuse_loop, replies as fuse_replies
 from cowfs.fuse.inodes import is_control
 from cowfs.fuse.ops import Operations
@@ -93,6 +93,7 @@ class Daemon:
         self._stopping = False
         self.dev = ""  # the FUSE connection's device number "major:minor", known once mounted
         self.attaching: dict[str, str] = {}  # branch -> mount point, while its bind mount is made
+        self.holds = fleet_holds.BranchHolds(cfg.store)  # of the remote branches our branches follow
 
     # -- our mounts ------------------------------------------------------------------------
     def _view_root(self, view: View) -> str | None:
@@ -163,7 +164,7 @@ class Daemon:
             raise MountError(f"bind mount of {source} on {target} failed: {os.strerror(err)}")
 
     async def attach(self, branch: str, mountpoint: str, quota_bytes: int | None = None,
-                     quota_inodes: int | None = None) -> dict[str, Any]:
+                     quota_inodes: int | None = None, hold_ttl: int = 30) -> dict[str, Any]:
         """Serve another branch of this store at mountpoint (a bind mount of its root)."""
         if os.geteuid() != 0:
             return {"ok": False, "error": "a second mount of one store needs root (it is a bind mount)"}
@@ -175,6 +176,10 @@ class Daemon:
         # not in the mount table yet) must refuse it.
         self.attaching[branch] = mountpoint
         try:
+            try:  # the remote branches it follows, held (given back by _keep_holds if the attach fails)
+                await trio.to_thread.run_sync(self.holds.take, branch, 0 if "ro" in self.cfg.options else hold_ttl)
+            except FleetError as exc:
+                return {"ok": False, "error": str(exc)}
             try:
                 view = await self.fs.attach_branch(branch)
             except FSError as exc:
@@ -214,7 +219,8 @@ class Daemon:
                 if line.startswith(("VmRSS:", "VmHWM:")):
                     mem[line[:5]] = int(line.split()[1]) * 1024
         where = ({"store": store.path, "mountpoint": self.cfg.mountpoint, "daemon_pid": os.getpid(),
-                  "mounted_branches": sorted(self.mounted_branches())} if host else {})
+                  "mounted_branches": sorted(self.mounted_branches()), "holds": self.holds.figures(view.name)}
+                 if host else {})
         return {
             "ok": True,
             **where,
@@ -313,7 +319,7 @@ class Daemon:
             return {"ok": True, "options": options_in_force(self.cfg)}
         if cmd == "attach":
             return await self.attach(str(req.get("branch")), str(req.get("mountpoint")),
-                                     req.get("quota_bytes"), req.get("quota_inodes"))
+                                     req.get("quota_bytes"), req.get("quota_inodes"), int(req.get("hold_ttl", 30)))
         if cmd == "progress":  # asked on a second connection while a gc or dedup --wait runs
             return {"ok": True, "gc": self.gc_progress, "background_queue": self.store.objects.space.queue}
         if cmd == "gc":
@@ -388,6 +394,12 @@ class Daemon:
             notify.notify("WATCHDOG=1")
             await trio.sleep(interval)
 
+    async def _keep_holds(self) -> None:
+        while True:
+            if self.dev:  # our mounts known: a branch no longer among them gives its holds back
+                await trio.to_thread.run_sync(self.holds.tick, self.mounted_branches())
+            await trio.sleep(fleet_holds.TICK)
+
     async def _tune_readahead(self) -> None:
         # The kernel sets the mount's readahead when it gets our INIT reply; a stat() that
         # returns proves INIT is done, so our setting sticks.
@@ -412,6 +424,7 @@ class Daemon:
             sup.start(nursery, "sharer", self.sharer.run)
             sup.start(nursery, "clone_measurer", self.measurer.run)
             sup.start(nursery, "watchdog", self._watchdog)
+            sup.start(nursery, "holds", self._keep_holds)
             fetcher = self.fs.prefetch.fetcher
             if fetcher is not None:
                 # The interpreter's switch interval stays at its default: lowering it to 1 ms so
@@ -443,10 +456,12 @@ class Daemon:
             tuning.pin_threads(mount_options.cpu_set(cfg.cpus))
         before = fuse_replies.fuse_fds()
         try:
+            self.holds.take(cfg.branch, 0 if "ro" in cfg.options else cfg.hold_ttl)
             pyfuse3.init(self.ops, cfg.mountpoint, fuse_options(cfg))
-        except RuntimeError as exc:
+        except (RuntimeError, FleetError) as exc:
+            self.holds.release_all()
             self.store.close()
-            ready(f"cannot mount {cfg.mountpoint}: {exc}")
+            ready(str(exc) if isinstance(exc, FleetError) else f"cannot mount {cfg.mountpoint}: {exc}")
             return 1
         # A reply refused at unmount is logged as what it is (cowfs.fuse.replies).
         fuse_replies.install(before)
@@ -464,6 +479,7 @@ class Daemon:
             # After a failure the mount is still there: take it away rather than leave it dead.
             pyfuse3.close(unmount=not clean)
             fuse_replies.uninstall()
+            self.holds.release_all()
             self.store.close()
             for p in (pid_file(cfg.store), admin.socket_path(cfg.store)):
                 try:

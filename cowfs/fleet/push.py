@@ -362,24 +362,27 @@ def read_parent(remote: Remote, parent: str | None, origin: str | None) -> str |
 
 def push(remote: Remote, state: State, store: str, branch: str, snapshot: str, root: str, ref_name: str,
          remote_branch: str | None, progress: Callable[[int], None] = lambda n: None,
-         warm: list[tuple[str, list[int]]] | None = None) -> PushStats:
+         warm: list[tuple[str, list[int]]] | None = None, mount_holder: str | None = None) -> PushStats:
     """Push the tree at root (snapshot `snapshot` of local branch `branch` of store) as the
     remote's snapshot ref_name and, with remote_branch, move that remote branch to it: by
     compare-and-set from the commit this local branch last saw there (RefConflict if it moved).
     warm: the branch's learned cold start (the control file's `coldstart`: paths under root
     with chunk numbers), sent as the commit's warm object.
+    mount_holder: how the daemon of the mount pushed from names itself as a holder
+    (fleet/holds.py): its hold of remote_branch counts as this push's.
     Registered as a push in flight for its whole length (no gc meanwhile)."""
     with remote.pushing() as lease:
-        return _push(remote, state, store, branch, snapshot, root, ref_name, remote_branch, progress, lease.fence,
-                     warm or [])
+        return _push(remote, state, store, branch, snapshot, root, ref_name, remote_branch, progress,
+                     (lease.fence, mount_holder), warm or [])
 
 
 def _push(remote: Remote, state: State, store: str, branch: str, snapshot: str, root: str, ref_name: str,
-          remote_branch: str | None, progress: Callable[[int], None], fence: Any,
+          remote_branch: str | None, progress: Callable[[int], None], fences: tuple[Any, str | None],
           warm: list[tuple[str, list[int]]]) -> PushStats:
     from cowfs.fleet import RefConflict
 
-    hold = remote.hold_fence(remote_branch) if remote_branch else None     # refused early if held
+    fence, mount_holder = fences
+    hold = remote.hold_fence(remote_branch, mount_holder) if remote_branch else None     # refused early if held
     base = state.base(store, branch, remote.key, remote_branch) if remote_branch else None
     origin = state.origin(store, branch, remote.key)
     parent = read_parent(remote, base if remote_branch else origin, origin)
@@ -410,6 +413,7 @@ def _push(remote: Remote, state: State, store: str, branch: str, snapshot: str, 
         state.set_origin(store, branch, remote.key, cid)
     if remote_branch:
         state.set_base(store, branch, remote.key, remote_branch, cid)
+        state.set_tie(store, branch, remote.cfg, remote_branch)
     state.set_synced(store, snapshot, remote.key, existing or cid)
     pusher.stats.commit = cid
     pusher.stats.seconds += time.monotonic() - t0

@@ -36,6 +36,11 @@ def hold_key(branch: str) -> bytes:
     return b"branch/" + branch.encode()
 
 
+def refs_prefix(cfg: RemoteConfig) -> bytes:
+    """The etcd key prefix of a remote's references (one etcd can serve several remotes)."""
+    return f"cowfs-fleet/{cfg.bucket}/{cfg.prefix}".rstrip("/").encode() + b"/"
+
+
 def this_holder() -> str:
     """How this process names itself as the holder of a lock (shown to whoever is refused)."""
     return f"{socket.gethostname()} pid {os.getpid()}"
@@ -55,7 +60,7 @@ class Remote:
         self.workers = workers
         self.blobs = S3BlobStore(cfg.bucket, cfg.prefix, endpoint_url=cfg.endpoint, **blob_options)
         where = f"{cfg.bucket}/{cfg.prefix}".rstrip("/")
-        self.refs = EtcdKV(cfg.refs, FAMILIES, f"cowfs-fleet/{where}/".encode())
+        self.refs = EtcdKV(cfg.refs, FAMILIES, refs_prefix(cfg))
         # What identifies the remote in the local state (not its name: names can be re-added).
         self.key = f"{self.blobs.endpoint}/{where}"
         ident = hashlib.sha256(self.key.encode()).hexdigest()[:16]
@@ -310,24 +315,29 @@ class Remote:
         finally:
             release(lease)
 
-    def hold_fence(self, branch: str) -> Any:
+    def hold_fence(self, branch: str, mount_holder: str | None = None) -> Any:
         """The expectation a push of the remote branch must add: None if nobody holds it, the
-        hold's own value if this process runs under it (`cowfs remote hold`); FleetError naming
-        the holder otherwise."""
+        hold's own value if this process runs under it (`cowfs remote hold`) or if the mount
+        pushed from holds it (its holder name is mount_holder: fleet/holds.py); FleetError
+        naming the holder otherwise."""
         import json
+
+        from cowfs.kv.etcd import lease_holder
 
         held = self.refs.get("lock", hold_key(branch))
         if held is None:
             return None
+        if mount_holder is not None and lease_holder(held) == mount_holder:
+            return ("lock", hold_key(branch), held)
         try:
             mine = json.loads(os.environ.get(HOLD_ENV, "{}"))
         except ValueError:
             mine = {}
         if mine.get("remote") == self.key and mine.get("branch") == branch and mine.get("value") == held.hex():
             return ("lock", hold_key(branch), held)
-        from cowfs.kv.etcd import lease_holder
         raise FleetError(f"branch {branch} of the remote {self.cfg.name} is held by {lease_holder(held)}: only its "
-                         "holder pushes to it (cowfs remote hold); nothing was pushed")
+                         "holder pushes to it (a mount of a branch that follows it, or cowfs remote hold); "
+                         "nothing was pushed")
 
     def set_ref(self, family: str, name: str, new: str, expected: str | None,
                 also: tuple[str, str, str, str | None] | None = None, fences: tuple[Any, ...] = ()) -> None:

@@ -12,6 +12,9 @@
   branch was last pulled from or pushed to: the compare-and-set expectation of its next push.
 - origins: (store, local branch) -> (remote, commit) it was last synced with: a new commit's
   parent, which lets a pull elsewhere find a base it already has.
+- ties: (store, local branch) -> the remote branches it follows (pulled with --branch or pushed
+  with --branch): the ones a mount of it holds (fleet/holds.py), with the remote's name, URL and
+  etcd endpoints, so the daemon reaches etcd without the user's remote configuration.
 
 Losing the file costs re-reading files and a conflict on the next branch push (then pull
 and push again), never an overwrite.
@@ -19,10 +22,11 @@ and push again), never an overwrite.
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 
 from cowfs.chunks.codec import HASH_LEN
-from cowfs.fleet.config import cache_dir
+from cowfs.fleet.config import RemoteConfig, cache_dir
 
 _NONE = bytes(HASH_LEN)  # a hole (an all-zero chunk) in a packed chunk list
 
@@ -45,12 +49,46 @@ CREATE TABLE IF NOT EXISTS bases (store TEXT, branch TEXT, remote TEXT, remote_b
     PRIMARY KEY (store, branch, remote, remote_branch));
 CREATE TABLE IF NOT EXISTS origins (store TEXT, branch TEXT, remote TEXT, commit_id TEXT,
     PRIMARY KEY (store, branch, remote));
+CREATE TABLE IF NOT EXISTS ties (store TEXT, branch TEXT, url TEXT, remote_branch TEXT, name TEXT, refs TEXT,
+    PRIMARY KEY (store, branch, url, remote_branch));
 """
+
+
+def state_file() -> Path:
+    return cache_dir() / "fleet" / "state.sqlite"
+
+
+@dataclass(frozen=True)
+class Tie:
+    """A local branch following the branch `remote_branch` of a remote (its name, s3:// URL and
+    etcd endpoints, as when the tie was made)."""
+    remote: str
+    url: str
+    refs: str
+    remote_branch: str
+
+
+def ties_of(store: str, branch: str, path: Path | None = None) -> list[Tie]:
+    """The remote branches the local branch follows; [] without a state file (a machine that
+    never pushed nor pulled: nothing is created) or one from before ties were kept."""
+    path = path or state_file()
+    if not path.exists():
+        return []
+    try:
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = db.execute("SELECT name, url, refs, remote_branch FROM ties WHERE store=? AND branch=? "
+                              "ORDER BY url, remote_branch", (store, branch)).fetchall()
+        finally:
+            db.close()
+    except sqlite3.OperationalError:      # no ties table yet
+        return []
+    return [Tie(*row) for row in rows]
 
 
 class State:
     def __init__(self, path: Path | None = None) -> None:
-        path = path or cache_dir() / "fleet" / "state.sqlite"
+        path = path or state_file()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db = sqlite3.connect(path, timeout=30, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -99,3 +137,9 @@ class State:
     def set_origin(self, store: str, branch: str, remote: str, commit: str) -> None:
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO origins VALUES (?,?,?,?)", (store, branch, remote, commit))
+
+    def set_tie(self, store: str, branch: str, remote: RemoteConfig, remote_branch: str) -> None:
+        """The local branch follows remote_branch of remote from now on: its mounts hold it."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO ties VALUES (?,?,?,?,?,?)",
+                            (store, branch, remote.url, remote_branch, remote.name, remote.refs))
