@@ -51,7 +51,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,11 +59,6 @@ import benchlib  # noqa: E402
 import fleetlib  # noqa: E402
 
 BASE = "/var/tmp/cowfs-bench-fleet"
-
-
-class Host(fleetlib.Host):
-    def json(self, *args: str) -> dict:
-        return json.loads(self.run(*args, "--json").strip().splitlines()[-1])
 
 
 def change_files(root: str, n: int, tag: str) -> int:
@@ -83,7 +77,7 @@ def change_files(root: str, n: int, tag: str) -> int:
     return changed
 
 
-def remote_bytes(fl: fleetlib.Fleet[Host]) -> tuple[int, int]:
+def remote_bytes(fl: fleetlib.Fleet[fleetlib.Host]) -> tuple[int, int]:
     c = fl.remote_objects()
     return sum(c.values()) - c["bytes"], c["bytes"]
 
@@ -103,51 +97,6 @@ def changed_bytes(root: str, n: int) -> int:
 # --- the lazy-mount rows ---------------------------------------------------------------------------
 
 WHEELS = ("django==5.1.4", "numpy", "pytest", "rich", "requests")   # the venv (--quick: Django alone)
-
-# A `sitecustomize` (on PYTHONPATH for host C's commands only) that counts the S3 requests of
-# every process (the mount's daemon included) by kind, and after each one rewrites
-# COWFS_S3_COUNT_DIR/<pid>.json with its totals: a daemon that never exits normally still tells.
-S3_COUNTER = '''
-import json, os, threading, urllib.parse
-_DIR = os.environ.get("COWFS_S3_COUNT_DIR")
-if _DIR:
-    _lock = threading.Lock()
-    _counts = {}
-    os.register_at_fork(after_in_child=_counts.clear)
-    import botocore.endpoint as _ep
-    _send = _ep.Endpoint._send
-
-    def _s3(self, request):
-        r = _send(self, request)
-        u = urllib.parse.urlsplit(request.url)
-        key = u.path.lstrip("/").split("/", 1)[-1]
-        kind = f"{request.method} " + (key.rsplit("/", 2)[-2] if key.count("/") else key)
-        got = int(r.headers.get("Content-Length", 0) or 0) if request.method == "GET" else 0
-        with _lock:
-            c = _counts.setdefault(kind, [0, 0])
-            c[0] += 1
-            c[1] += got
-            tmp = os.path.join(_DIR, f".{os.getpid()}.tmp")
-            with open(tmp, "w") as f:
-                json.dump(_counts, f)
-            os.replace(tmp, os.path.join(_DIR, f"{os.getpid()}.json"))
-        return r
-    _ep.Endpoint._send = _s3
-'''
-
-
-def s3_counts(d: str) -> dict[str, list[int]]:
-    """Requests and bytes by kind ("GET data", ...) summed over every process that counted into d."""
-    out: dict[str, list[int]] = {}
-    for f in os.listdir(d):
-        if f.endswith(".json"):
-            with open(os.path.join(d, f)) as fh:
-                for kind, (n, b) in json.load(fh).items():
-                    c = out.setdefault(kind, [0, 0])
-                    c[0] += n
-                    c[1] += b
-    return out
-
 
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -268,7 +217,7 @@ def lazy_rows(args: argparse.Namespace) -> dict:
     total_mib, min_data = (0, 32) if quick else (1024, 600)
     tar, _entries = benchlib.django_tar()
     out: dict = {"machine": benchlib.machine_info(), "quick": quick}
-    with fleetlib.fleet(args.dir, "fleet", Host) as fleet:
+    with fleetlib.fleet(args.dir, "fleet", fleetlib.Host) as fleet:
         a = fleet.host("a")
         mp = a.mount("main")
         out["load_before"] = load()
@@ -316,40 +265,21 @@ def lazy_rows(args: argparse.Namespace) -> dict:
     return out
 
 
-def lazy_stats(mp: str) -> dict | None:
-    """The lazy mount's own figures (`.cowfs/stats`, key "lazy")."""
-    try:
-        with open(os.path.join(mp, ".cowfs", "stats")) as f:
-            return json.load(f).get("lazy")
-    except (OSError, ValueError):
-        return None
-
-
 def lazy_mount(fleet: fleetlib.Fleet, out: dict, host: str, *options: str) -> dict:
     """Host `host`: `cowfs mount origin:sandbox MNT [options]` (nothing of the sandbox local), the
     workload on it, the S3 bytes its processes fetched (counted on the wire)."""
     c = fleet.host(host)
-    counts = os.path.join(c.dir, "s3-counts")
-    site = os.path.join(c.dir, "site")
-    os.makedirs(counts)
-    os.makedirs(site)
-    with open(os.path.join(site, "sitecustomize.py"), "w") as f:
-        f.write(textwrap.dedent(S3_COUNTER))
-    env = dict(c.env, PYTHONPATH=site, COWFS_S3_COUNT_DIR=counts)
-    mp = os.path.join(c.dir, "mnt-lazy")
-    os.makedirs(mp)
+    counts = os.path.join(c.dir, "counts")
+    env = fleetlib.counting(c.env, counts)
     benchlib.drop_caches()
-    t0 = time.monotonic()
-    r = subprocess.run([fleetlib.COWFS, "mount", "origin:sandbox", mp, "--store", os.path.join(c.dir, "store-lazy"),
-                        *options],
-                       env=env, capture_output=True, text=True, timeout=600)
-    if r.returncode:
-        return {"available": False, "error": (r.stderr or r.stdout).strip()[-500:]}
-    c.mounted.append(mp)
+    try:
+        mp, ready = c.lazy_mount("origin:sandbox", "lazy", *options, env=env)
+    except SystemExit as e:
+        return {"available": False, "error": str(e)[-500:]}
     os.listdir(mp)
-    row: dict = {"available": True, "ready_s": round(time.monotonic() - t0, 3), "load": load()}
-    row["ready_fetch"] = s3_counts(counts)
-    before = s3_counts(counts).get("GET data", [0, 0])
+    row: dict = {"available": True, "ready_s": round(ready, 3), "load": load()}
+    row["ready_fetch"] = fleetlib.counts(counts)
+    before = row["ready_fetch"].get("S3 GET data", [0, 0])
     try:
         row["workload_s"] = round(workload(mp), 3)
     except RuntimeError as e:          # reported, not hidden: the row then has no goals
@@ -357,12 +287,12 @@ def lazy_mount(fleet: fleetlib.Fleet, out: dict, host: str, *options: str) -> di
         unmount(c, mp)
         benchlib.log(f"lazy mount: {row}")
         return row
-    after = s3_counts(counts).get("GET data", [0, 0])
-    row["daemon_lazy_stats"] = lazy_stats(mp)
+    after = fleetlib.counts(counts).get("S3 GET data", [0, 0])
+    row["daemon_lazy_stats"] = fleetlib.lazy_stats(mp)
     row["load_after"] = load()
     row["fetched_gets"], row["fetched_bytes"] = after[0] - before[0], after[1] - before[1]
     row["read_bytes"] = resident_bytes(mp)
-    row["s3_total"] = s3_counts(counts)
+    row["s3_total"] = fleetlib.counts(counts)
     cold = out["cold_local"]
     # Bytes read: the cold local mount's page cache after the same workload on the same tree.
     # The lazy mount's own (row["read_bytes"]) is reported, not used: as it stores what it
@@ -381,7 +311,7 @@ def lazy_mount(fleet: fleetlib.Fleet, out: dict, host: str, *options: str) -> di
     return row
 
 
-def unmount(h: Host, mp: str) -> None:
+def unmount(h: fleetlib.Host, mp: str) -> None:
     """`cowfs umount`, then umount(8) if the mount is still there (a failed run must not leave it)."""
     h.umount_all()
     if benchlib.is_mounted(mp):
@@ -444,7 +374,7 @@ def main() -> None:
         return
     tar, entries = benchlib.django_tar()
     out: dict = {"machine": benchlib.machine_info(), "django_entries": entries}
-    with fleetlib.fleet(base, "fleet", Host) as fleet:
+    with fleetlib.fleet(base, "fleet", fleetlib.Host) as fleet:
         a = fleet.host("a")
         mp = a.mount("main")
         benchlib.run(["tar", "-xf", tar, "-C", mp], timeout=1800)

@@ -1,6 +1,7 @@
-"""A lazy mount against a pull, on real engines (SeaweedFS + etcd on 127.0.0.1, as
-scripts/bench_fleet.py starts them): host a pushes the Django source tree; host b pulls it
-(`cowfs pull` then a mount of the pulled branch), host c lazily mounts it
+"""A lazy mount against a pull, on real engines (SeaweedFS + etcd on 127.0.0.1; the engines,
+hosts, lazy mount and its figures are scripts/fleetlib.py's, as for bench_fleet.py): host a
+pushes the Django source tree; host b pulls it (`cowfs pull` then a mount of the pulled
+branch), host c lazily mounts it
 (`cowfs mount origin:base MNT --store STORE`).  Measured: the time until each mount is ready,
 then on the lazy mount the bytes fetched to read N files (their chunks and 256 KiB ahead)
 against their size, a second read of them (nothing fetched), and `import django` with the
@@ -25,8 +26,10 @@ import fleetlib  # noqa: E402
 
 
 def lazy_figures(mp: str) -> dict:
-    with open(os.path.join(mp, ".cowfs", "stats")) as f:
-        return json.load(f)["lazy"]
+    got = fleetlib.lazy_stats(mp)
+    if got is None:
+        raise SystemExit(f"{mp} shows no lazy-mount figures")
+    return got
 
 
 def main() -> None:
@@ -42,7 +45,7 @@ def main() -> None:
         src = a.mount("main")
         subprocess.run(["tar", "-xf", tar, "-C", src], check=True, timeout=600)
         a.run("snapshot", src, "base")
-        pushed = json.loads(a.run("push", src, "base", "origin", "--json"))["pushed"]
+        pushed = a.json("push", src, "base", "origin")["pushed"]
         out["pushed"] = {k: pushed[k] for k in ("files", "bytes_uploaded") if k in pushed}
 
         t0 = time.monotonic()
@@ -50,18 +53,12 @@ def main() -> None:
         b.mount("base")
         out["pull_then_mount_s"] = round(time.monotonic() - t0, 3)
 
-        lazy_store = os.path.join(c.dir, "lazy-store")
-        mp = os.path.join(c.dir, "mnt-lazy")
-        os.makedirs(mp)
-        t0 = time.monotonic()
-        c.run("mount", "origin:base", mp, "--store", lazy_store)
-        c.mounted.append(mp)
-        out["lazy_mount_ready_s"] = round(time.monotonic() - t0, 3)
+        mp, ready = c.lazy_mount("origin:base", "lazy")
+        out["lazy_mount_ready_s"] = round(ready, 3)
         out["lazy_fetched_at_mount"] = lazy_figures(mp)["bytes_fetched"]
         # Where the time goes: the build's own figures (fetching the commit, indexes and trees,
         # then writing the tree), which it keeps in the store's lazy.json.
-        with open(os.path.join(lazy_store, "lazy.json")) as f:
-            build = json.load(f)["build"]
+        build = fleetlib.lazy_build(os.path.join(c.dir, "store-lazy"))
         out["build"] = {k: build[k] for k in ("metadata_seconds", "build_seconds", "seconds", "files", "dirs",
                                               "trees", "indexes", "commits", "remote_chunks")}
 

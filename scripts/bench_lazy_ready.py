@@ -64,8 +64,7 @@ def main() -> None:
                     raise SystemExit(f"{v}: {r.stderr.strip()}")
                 subprocess.run([sys.executable, "-m", "cowfs", "umount", mp], env=env, cwd="/",
                                capture_output=True, timeout=300)
-                with open(os.path.join(store, "lazy.json")) as f:
-                    b = json.load(f)["build"]       # the build's own figures (cowfs.fleet.lazy)
+                b = fleetlib.lazy_build(store)
                 out["build_metadata_s"][v].append(b["metadata_seconds"])
                 out["build_writing_s"][v].append(b["build_seconds"])
                 out["ready_s"][v].append(round(dt, 3))

@@ -5,10 +5,9 @@ of a real run, beside what the model's formulas predict from the remote's state.
 Real engines on 127.0.0.1 (SeaweedFS `weed server -s3` and one etcd member, started by
 scripts/fleetlib.py as for scripts/bench_fleet.py), real stores and mounts, the `cowfs` CLI of
 this checkout; each "host" is a store with its own XDG_CONFIG_HOME / XDG_CACHE_HOME (its own pack
-index cache and push state).  The counting: a `sitecustomize` put on PYTHONPATH for the
-measured commands only wraps botocore's `Endpoint._send` (every S3 request sent, retries
-included) and requests' `Session.send` (every etcd gateway call: etcd3gw posts through
-requests), and writes its counts at exit; all processes of a command are summed.
+index cache and push state).  The counting: fleetlib's `sitecustomize` (`fleetlib.counting`),
+put on PYTHONPATH for the measured commands only, counts every S3 request sent (retries
+included) and every etcd gateway call; all processes of a command are summed.
 
 Run (root, from the repository; everything under /var/tmp/cowfs-fleet-model, removed afterwards):
   .venv/bin/python scripts/fleet_model.py --hosts 8
@@ -27,7 +26,6 @@ import random
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from collections import Counter
 
@@ -39,76 +37,14 @@ BASE = "/var/tmp/cowfs-fleet-model"
 PREFIX = "fleet"
 PUSH_TTL = 20.0        # cowfs.fleet.remote.PUSH_TTL: a push's lease, renewed every TTL/3
 
-COUNTER = '''
-import atexit, json, os, threading, urllib.parse
-_OUT = os.environ.get("COWFS_COUNT_FILE")
-if _OUT:
-    _pid = os.getpid()          # a forked child (a daemon) has the parent's counts: not written again
-    _lock = threading.Lock()
-    _counts = {}
-
-    def _add(kind, nbytes):
-        with _lock:
-            c = _counts.setdefault(kind, [0, 0])
-            c[0] += 1
-            c[1] += nbytes
-
-    import botocore.endpoint as _ep
-    _send = _ep.Endpoint._send
-
-    def _s3(self, request):
-        r = _send(self, request)
-        u = urllib.parse.urlsplit(request.url)
-        q = urllib.parse.parse_qs(u.query)
-        if request.method == "GET" and "list-type" in q:
-            kind = "S3 LIST " + q.get("prefix", [""])[0].rstrip("/").rsplit("/", 1)[-1]
-        else:
-            key = u.path.lstrip("/").split("/", 1)[-1]
-            kind = f"S3 {request.method} " + (key.rsplit("/", 2)[-2] if key.count("/") else key)
-        sent = int(request.headers.get("Content-Length", 0) or 0) if request.method == "PUT" else 0
-        got = int(r.headers.get("Content-Length", 0) or 0) if request.method == "GET" else 0
-        _add(kind, sent + got)
-        return r
-    _ep.Endpoint._send = _s3
-
-    import requests
-    _rsend = requests.Session.send
-
-    def _etcd(self, request, **kw):
-        r = _rsend(self, request, **kw)
-        path = urllib.parse.urlsplit(request.url).path
-        if "/v3/" in path:
-            body = request.body or b""
-            _add("etcd " + path.split("/v3/", 1)[1], len(body) + len(r.content))
-        return r
-    requests.Session.send = _etcd
-
-    @atexit.register
-    def _write():
-        if _counts and os.getpid() == _pid:
-            with open(_OUT, "a") as f:
-                f.write(json.dumps(_counts) + "\\n")
-'''
-
 
 class Host(fleetlib.Host):
     def cowfs(self, *args: str, count: bool = False) -> tuple[str, Counter, Counter]:
         """stdout, and with count: requests and bytes by kind, summed over the command's processes."""
-        env = dict(self.env)
-        out = os.path.join(BASE, "count.jsonl")
-        if count:
-            env.update(PYTHONPATH=os.path.join(BASE, "counter"), COWFS_COUNT_FILE=out)
-            if os.path.exists(out):
-                os.unlink(out)
-        stdout = self.run(*args, env=env)
-        n: Counter = Counter()
-        b: Counter = Counter()
-        if count and os.path.exists(out):
-            for line in open(out):
-                for kind, (k, nbytes) in json.loads(line).items():
-                    n[kind] += k
-                    b[kind] += nbytes
-        return stdout, n, b
+        d = os.path.join(BASE, "counts")
+        stdout = self.run(*args, env=fleetlib.counting(self.env, d) if count else self.env)
+        got = fleetlib.counts(d) if count else {}
+        return stdout, Counter({k: v[0] for k, v in got.items()}), Counter({k: v[1] for k, v in got.items()})
 
     def cached_indexes(self) -> set[str]:
         """The packs whose index this host's cache holds."""
@@ -217,9 +153,7 @@ def main() -> None:
     if args.hosts < 3:
         ap.error("--hosts: at least 3")
     shutil.rmtree(BASE, ignore_errors=True)
-    os.makedirs(os.path.join(BASE, "counter"))
-    with open(os.path.join(BASE, "counter", "sitecustomize.py"), "w") as f:
-        f.write(textwrap.dedent(COUNTER))
+    os.makedirs(BASE)
     ops: list[dict] = []
     with fleetlib.fleet(BASE, PREFIX, Host) as fleet:
         s3 = fleet.sw.client()

@@ -1,14 +1,18 @@
-"""What scripts/bench_fleet.py and scripts/fleet_model.py share: real engines on 127.0.0.1
-(SeaweedFS `weed server -s3` and one etcd member, tests/engines.py), and "hosts": stores of
-the `cowfs` CLI of this checkout, each with its own XDG_CONFIG_HOME / XDG_CACHE_HOME (its own
-pack index cache and push state) and the remote `origin` added."""
+"""What the fleet scripts (bench_fleet.py, bench_lazy.py, bench_lazy_ready.py, fleet_model.py)
+share: real engines on 127.0.0.1 (SeaweedFS `weed server -s3` and one etcd member,
+tests/engines.py); "hosts": stores of the `cowfs` CLI of this checkout, each with its own
+XDG_CONFIG_HOME / XDG_CACHE_HOME (its own pack index cache and push state) and the remote
+`origin` added; lazy mounts and their figures; and the request counter (`counting`)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import textwrap
+import time
 from collections import Counter
 from typing import Generic, Iterator, TypeVar
 
@@ -36,6 +40,20 @@ class Host:
             raise SystemExit(f"cowfs {' '.join(args)} on {self.name}: {r.stderr.strip()}")
         return r.stdout
 
+    def json(self, *args: str) -> dict:
+        """The JSON of `cowfs ARGS --json` on this host (its last line)."""
+        return json.loads(self.run(*args, "--json").strip().splitlines()[-1])
+
+    def lazy_mount(self, source: str, name: str, *options: str, env: dict[str, str] | None = None) -> tuple[str, float]:
+        """`cowfs mount SOURCE MNT --store STORE [OPTIONS]` (MNT and STORE: mnt-NAME and store-NAME
+        in the host's directory): the mountpoint, and the seconds until the mount was ready."""
+        mp = os.path.join(self.dir, f"mnt-{name}")
+        os.makedirs(mp)
+        t0 = time.monotonic()
+        self.run("mount", source, mp, "--store", os.path.join(self.dir, f"store-{name}"), *options, env=env)
+        self.mounted.append(mp)
+        return mp, time.monotonic() - t0
+
     def mount(self, branch: str) -> str:
         mp = os.path.join(self.dir, f"mnt-{branch}")
         os.makedirs(mp, exist_ok=True)
@@ -47,6 +65,100 @@ class Host:
         for mp in reversed(self.mounted):
             subprocess.run([COWFS, "umount", mp], env=self.env, capture_output=True, timeout=300)
         self.mounted.clear()
+
+
+def lazy_stats(mp: str) -> dict | None:
+    """A lazy mount's own figures (`.cowfs/stats`, key "lazy"); None if there are none."""
+    try:
+        with open(os.path.join(mp, ".cowfs", "stats")) as f:
+            return json.load(f).get("lazy")
+    except (OSError, ValueError):
+        return None
+
+
+def lazy_build(store: str) -> dict:
+    """The figures a lazy mount's build keeps in its store's lazy.json (cowfs.fleet.lazy)."""
+    with open(os.path.join(store, "lazy.json")) as f:
+        return json.load(f)["build"]
+
+
+# A `sitecustomize` put on PYTHONPATH for the measured commands only (`counting`): it wraps
+# botocore's `Endpoint._send` (every S3 request sent, retries included) and requests'
+# `Session.send` (every etcd gateway call: etcd3gw posts through requests), and after each
+# request rewrites COWFS_COUNT_DIR/<pid>.json with its process's requests and bytes (PUT: sent,
+# GET: received) by kind ("S3 GET data", "S3 LIST index", "etcd kv/range"): a daemon that never
+# exits normally still tells; a forked child counts from zero.
+COUNTER = '''
+import json, os, threading, urllib.parse
+_DIR = os.environ.get("COWFS_COUNT_DIR")
+if _DIR:
+    _lock = threading.Lock()
+    _counts = {}
+    os.register_at_fork(after_in_child=_counts.clear)
+
+    def _add(kind, nbytes):
+        with _lock:
+            c = _counts.setdefault(kind, [0, 0])
+            c[0] += 1
+            c[1] += nbytes
+            tmp = os.path.join(_DIR, f".{os.getpid()}.tmp")
+            with open(tmp, "w") as f:
+                json.dump(_counts, f)
+            os.replace(tmp, os.path.join(_DIR, f"{os.getpid()}.json"))
+
+    import botocore.endpoint as _ep
+    _send = _ep.Endpoint._send
+
+    def _s3(self, request):
+        r = _send(self, request)
+        u = urllib.parse.urlsplit(request.url)
+        q = urllib.parse.parse_qs(u.query)
+        if request.method == "GET" and "list-type" in q:
+            kind = "S3 LIST " + q.get("prefix", [""])[0].rstrip("/").rsplit("/", 1)[-1]
+        else:
+            key = u.path.lstrip("/").split("/", 1)[-1]
+            kind = f"S3 {request.method} " + (key.rsplit("/", 2)[-2] if key.count("/") else key)
+        sent = int(request.headers.get("Content-Length", 0) or 0) if request.method == "PUT" else 0
+        got = int(r.headers.get("Content-Length", 0) or 0) if request.method == "GET" else 0
+        _add(kind, sent + got)
+        return r
+    _ep.Endpoint._send = _s3
+
+    import requests
+    _rsend = requests.Session.send
+
+    def _etcd(self, request, **kw):
+        r = _rsend(self, request, **kw)
+        path = urllib.parse.urlsplit(request.url).path
+        if "/v3/" in path:
+            body = request.body or b""
+            _add("etcd " + path.split("/v3/", 1)[1], len(body) + len(r.content))
+        return r
+    requests.Session.send = _etcd
+'''
+
+
+def counting(env: dict[str, str], d: str) -> dict[str, str]:
+    """env with the request counter on, counting into d (made, or emptied: `counts` sums it)."""
+    site = os.path.join(d, "site")
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(site)
+    with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+        f.write(textwrap.dedent(COUNTER))
+    return dict(env, PYTHONPATH=site, COWFS_COUNT_DIR=d)
+
+
+def counts(d: str) -> dict[str, list[int]]:
+    """[requests, bytes] by kind, summed over every process that counted into d (`counting`)."""
+    out: dict[str, list[int]] = {}
+    for f in os.listdir(d):
+        if f.endswith(".json"):
+            with open(os.path.join(d, f)) as fh:
+                for kind, (n, b) in json.load(fh).items():
+                    c = out.setdefault(kind, [0, 0])
+                    c[0] += n
+                    c[1] += b
+    return out
 
 
 H = TypeVar("H", bound=Host)
