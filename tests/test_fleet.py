@@ -1406,3 +1406,72 @@ def test_a_lazy_mount_fetches_the_pushed_cold_start_ahead_of_its_workload(
         assert len(stopped) == 2 and "could not be fetched from the remote origin" in stopped[1], stopped
     finally:
         sw.start()
+
+
+def test_a_lazy_mount_prefetches_what_the_pushing_hosts_model_learned_and_survives_a_bad_model(
+        fleet, mount_factory, seaweedfs, engine_prefix):
+    """The source store's learned prefetch model (which file is opened after which, which
+    chunks of each are read) goes with the snapshot (model/<id>, named by the commit); a lazy
+    mount's build seeds its branch with it, so its first open fetches ahead the files the
+    source's workload read next, and the rest of the workload fetches nothing.  A model object
+    damaged or missing: the mount works, without predictions, and says why in one log line."""
+    a, b = fleet("a"), fleet("b")
+    src = mount_factory()
+    os.listdir(src.path)        # the mount's first touch: its cold start's window opens ...
+    time.sleep(31)              # ... and closes (30 s): what follows is learned as transitions only
+    (src.path / "pkg").mkdir()
+    names = [f"pkg/m{i:02d}" for i in range(12)]
+    rng = random.Random(42)
+    want = {n: rng.randbytes(3 << 16) for n in names}        # 3 chunks each
+    for n, data in want.items():
+        (src.path / n).write_bytes(data)
+    for _round in range(3):     # past the page cache: every read reaches the daemon's model
+        for n in names:
+            fd = os.open(src.path / n, os.O_RDONLY | os.O_DIRECT)
+            try:
+                assert mounting.direct_pread(fd, 0, 3 << 16) == want[n]
+            finally:
+                os.close(fd)
+    snap(src, "learned")
+    pushed = a.json("push", src.path, "learned", "origin")["pushed"]
+    assert pushed["model_files"] == 12 and pushed["model_transitions"] >= 2 * 11, pushed
+    assert pushed["warm_chunks"] == 0, "the files lie outside the cold start: only the model predicts them"
+    mid = _commit(seaweedfs, engine_prefix, pushed["commit"])["model"]
+    assert a.json("remote", "check", "origin")["ok"]
+
+    store, mp = b.base / "lazy-store", b.base / "mnt"
+    with lazy_mounted(b, "origin:learned", mp, store, "-o", "lazy_near=0"):
+        built = json.loads((store / "lazy.json").read_text())["build"]
+        assert built["model_files"] == 12 and built["model_transitions"] >= 22, built
+        assert fetched(mp)["chunks_fetched"] == 0
+        assert (mp / names[0]).read_bytes() == want[names[0]]      # the first open predicts the other 11
+        mounting.wait_until(lambda: fetched(mp)["chunks_fetched"] == 36, "the predicted files fetched ahead", 60)
+        f = fetched(mp)
+        assert f["prefetch"]["files"] >= 11 and f["prefetch"]["fetched"] >= 33, f
+        assert f["prefetch"]["gets"] < 33, "fetched ahead in runs of neighbouring blobs, not a GET per chunk"
+        gets = f["gets"]
+        assert _read_all(mp, names) == want
+        f = fetched(mp)
+        assert f["chunks_fetched"] == 36 and f["gets"] == gets, "the workload fetched what the model had predicted"
+    assert mounting.fsck(store)["clean"]
+
+    # The model object damaged, then missing: the mount works, learns afresh, and says why.
+    s3 = seaweedfs.client()
+    key = f"{engine_prefix}/model/{mid}"
+    for how, damage, says in [("damaged", lambda: s3.put_object(Bucket=seaweedfs.BUCKET, Key=key, Body=b"{}"),
+                               f"model/{mid}: its content does not hash to its name"),
+                              ("missing", lambda: s3.delete_object(Bucket=seaweedfs.BUCKET, Key=key),
+                               f"lacks model/{mid}, which the commit names")]:
+        damage()
+        store = b.base / f"lazy-{how}"
+        with lazy_mounted(b, "origin:learned", mp, store, "-o", "lazy_near=0"):
+            assert (mp / names[0]).read_bytes() == want[names[0]]
+            assert _read_all(mp, names) == want
+            f = fetched(mp)
+            assert f["prefetch"]["files"] == 0 and f["chunks_fetched"] == 36, f
+            lines = [ln for ln in (store / "daemon.log").read_text().splitlines()
+                     if "prefetch model pushed with the snapshot is not used" in ln]
+            assert len(lines) == 1 and says in lines[0], lines
+        assert json.loads((store / "lazy.json").read_text())["build"]["model_files"] == 0
+        r = a.cowfs("remote", "check", "origin", check=False)
+        assert r.returncode == 1 and f"model/{mid}" in r.stdout, r.stdout

@@ -270,17 +270,17 @@ def push(mount: str, snapshot: str, remote_name: str, as_name: str | None, remot
     root = os.path.join(place.mountpoint, ".cowfs", "snapshots", snapshot)
     # what this branch learned its mounts read first, sent with the snapshot (a lazy mount fetches it ahead)
     try:
-        warm = api.control(place.mountpoint, "coldstart", snapshot)["files"]
-        no_warm = None
+        learned = api.control(place.mountpoint, "coldstart", snapshot)
+        warm, model, no_warm = learned["files"], learned.get("model"), None
     except api.CowfsError as e:        # e.g. no access to the control file: the push goes on without it
-        warm, no_warm = [], f"no learned cold start sent with the snapshot: {e}"
+        warm, model, no_warm = [], None, f"no learned cold start or prefetch model sent with the snapshot: {e}"
     _entries, total = scan(root)
     state = State()
     try:
         with _fleet_errors(f"push of {snapshot} to {remote_name}"), _open(remote_name) as r, \
                 progress.bar(f"pushing {snapshot}", total, quiet=as_json) as update:
             s = do_push(r, state, place.store, branch, snapshot, root, ref, remote_branch, update, warm,
-                        holder_name(daemon_pid(place.store) or 0, place.store, branch))
+                        holder_name(daemon_pid(place.store) or 0, place.store, branch), model)
             if no_warm:
                 s.warnings.append(no_warm)
     finally:

@@ -207,7 +207,8 @@ class Branching:
         of its snapshot (cowfs.fleet.push): the model's files, in the order they were first
         read, that lie in the directories of its cold-start list, as their paths in the
         snapshot (inode numbers mean nothing on another store) with the chunk numbers read.
-        A file the snapshot does not hold is left out; no model: no files."""
+        A file the snapshot does not hold is left out; no model: no files.  `model`: the
+        whole prefetch model as paths in the snapshot (pushed as `model/<id>`, cowfs.fleet.model)."""
         if view.kind != "branch":
             raise FSError(errno.EROFS, "this view is not a branch")
         found = self.owners.owned(view.name, snapshot)
@@ -215,13 +216,14 @@ class Branching:
             raise absent(snapshot)
         learner = self.fs.prefetch.learner
         if learner is None:
-            return {"snapshot": snapshot, "dirs": 0, "files": []}
+            return {"snapshot": snapshot, "dirs": 0, "files": [], "model": {"files": [], "next": []}}
         m = learner.model(view.name)
         dirs = list(m.cold_start())
         files = [(ino, m.chunks_of(ino)) for ino in m.chunks]
+        bits, nxt = dict(m.chunks), {a: dict(s) for a, s in m.next.items()}
         lv = self.cat.layer_view(found.layer)
 
-        def paths() -> list[list[Any]]:   # pure KV reads of a frozen layer: in a thread
+        def paths() -> tuple[list[list[Any]], dict[str, Any]]:   # pure KV reads of a frozen layer: in a thread
             cache: dict[int, str | None] = {}
             where = {p for p in (self.fs.path_of(lv, d, cache) for d in dirs) if p is not None}
             out: list[list[Any]] = []
@@ -229,7 +231,19 @@ class Branching:
                 p = self.fs.path_of(lv, ino, cache)
                 if p and chunks and p.rpartition("/")[0] in where:
                     out.append([p, chunks])
-            return out
+            # The whole model as paths (cowfs.fleet.model): its files (chunk bitmask) and transitions.
+            index: dict[int, int | None] = {}
+            model: list[list[Any]] = []
+            for ino in [*bits, *(i for a, s in nxt.items() for i in (a, *s))]:
+                if ino not in index:
+                    p = self.fs.path_of(lv, ino, cache)
+                    index[ino] = len(model) if p else None
+                    if p:
+                        model.append([p, bits.get(ino, 0)])
+            trans = [[index[a], [[index[b], c] for b, c in s.items() if index.get(b) is not None]]
+                     for a, s in nxt.items() if index.get(a) is not None]
+            return out, {"files": model, "next": [t for t in trans if t[1]]}
 
         async with self.fs.maintenance:     # the snapshot's layer stays while the thread reads it
-            return {"snapshot": snapshot, "dirs": len(dirs), "files": await self.fs.store.in_thread(paths)}
+            out, model = await self.fs.store.in_thread(paths)
+            return {"snapshot": snapshot, "dirs": len(dirs), "files": out, "model": model}

@@ -41,7 +41,8 @@ COMMANDS: dict[str, Command] = {
                     "branch as it is now)"),
     "coldstart": Command("coldstart SNAPSHOT", 1, 1, "the files this branch's learned cold start reads (the "
                          "learned model's files in the directories its mounts touch first), in first-read order, "
-                         "as paths in snapshot SNAPSHOT with the chunk numbers read (what a push sends with it)"),
+                         "as paths in snapshot SNAPSHOT with the chunk numbers read, and the whole learned prefetch model as paths "
+                         "(what a push sends with it)"),
     "help": Command("help", 0, 0, "these commands"),
 }
 

@@ -35,6 +35,9 @@ class Prefetch:
         # Background chunk loading (readahead, learned prefetch); run by the daemon's nursery.
         self.fetcher = Fetcher(store.objects, store.in_thread) if prefetch else None
         self.learner = Learner(store.kv, store.catalog, learn) if prefetch or learn else None
+        # A lazy mount's: the predicted files' jobs, whose chunks still on the remote it fetches
+        # ahead (cowfs.background.lazy_warming.LazyPrefetch; the fetcher's threads never fetch).
+        self.lazy_ahead: Callable[[list[Callable[[], list[bytes]]]], None] | None = None
 
     def stop_fetching(self) -> None:
         """The fetcher stopped for good (speculative work that failed): reads stop queueing
@@ -51,9 +54,13 @@ class Prefetch:
         learner = self.learner
         if learner is not None and node.view.kind == "branch" and node.attrs.is_reg:
             files = learner.opened(node.view.name, node.ino)
-            if self.fetcher is not None and files:
+            if files and (self.fetcher is not None or self.lazy_ahead is not None):
                 name, lv = node.view.name, node.view.lv
-                self.fetcher.want([self._resolver(lv, ino, learner.chunks_of(name, ino)) for ino in files], LEARNED)
+                jobs = [self._resolver(lv, ino, learner.chunks_of(name, ino)) for ino in files]
+                if self.fetcher is not None:
+                    self.fetcher.want(jobs, LEARNED)
+                if self.lazy_ahead is not None:
+                    self.lazy_ahead(jobs)
 
     def _resolver(self, lv: LayerView, ino: int, indices: list[int]) -> Callable[[], list[bytes]]:
         """A job for a prefetch thread: the committed chunk hashes of file ino (pure KV reads;

@@ -24,7 +24,7 @@ from cowfs.background.gc import collect_when_wanted, run_gc, sweep_packs
 from cowfs.background.cloning import Measurer
 from cowfs.background.sharing import Sharer
 from cowfs.background.supervise import Supervisor
-from cowfs.background.lazy_warming import LazyWarming
+from cowfs.background.lazy_warming import LazyPrefetch, LazyWarming
 from cowfs.background.warming import Warmer
 from cowfs.chunks.repack import REPACK_BELOW
 from cowfs.core.filesystem import Filesystem
@@ -63,6 +63,9 @@ class Daemon:
         self.warmer = Warmer(self.fs, self._view_root, cfg.store, cfg.prefetch and cfg.warm)
         # a lazy mount's pushed cold start, fetched ahead of its workload
         self.lazy_warming = LazyWarming(self.fs, lazy.warm_chunks_of(source)) if source is not None else None
+        # ... and the pushed prefetch model's predictions (seeded by the build), fetched ahead
+        self.lazy_prefetch = LazyPrefetch(self.fs, source.get("model_error")) if source is not None else None
+        self.fs.prefetch.lazy_ahead = self.lazy_prefetch.want if self.lazy_prefetch is not None else None
         self.ops = Operations(self.fs, stats=self.sandbox_stats, mounted=self.branch_mounts, ctl_group=cfg.ctl_group,
                               cache_absent=cfg.dir_cache, warm=self.warmer,
                               view_root=self._view_root, slots=cfg.view_slots)
@@ -243,7 +246,8 @@ class Daemon:
             **({"lazy": {**store.objects.fetcher.figures(),  # type: ignore[attr-defined]
                          "read_waits": fs.lazy.waits, "near_fetched": fs.lazy.near_fetched,
                          "checks": fs.lazy.checks,
-                         **({"warming": self.lazy_warming.figures()} if self.lazy_warming is not None else {})}}
+                         **({"warming": self.lazy_warming.figures(), "prefetch": self.lazy_prefetch.figures()}
+                            if self.lazy_warming is not None and self.lazy_prefetch is not None else {})}}
                if store.objects.fetcher is not None else {}),
             "flushes": fs.flusher.flush_count,
             # fsyncs made durable as small-write log records, and flushes that folded them
@@ -433,16 +437,19 @@ class Daemon:
                 sup.start(nursery, "prefetch", fetcher.run, speculative=True, on_stop=self.fs.prefetch.stop_fetching)
             sup.start(nursery, "model_saver", self.fs.prefetch.save_model_loop)
             sup.start(nursery, "warmer", self.warmer.run, speculative=True, on_stop=self.warmer.disable)
-            if self.lazy_warming is not None:
+            if self.lazy_warming is not None and self.lazy_prefetch is not None:
                 sup.start(nursery, "lazy_warming", self.lazy_warming.run, speculative=True,
                           on_stop=self.lazy_warming.stop)
+                sup.start(nursery, "lazy_prefetch", self.lazy_prefetch.run, speculative=True,
+                          on_stop=self.lazy_prefetch.stop)
             self.ext.nursery = nursery
             ready(None)
             notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.cfg.mountpoint}")
             await pyfuse3.main(min_tasks=1, max_tasks=8)
             log.info("unmounted: committing and syncing")
-            if self.lazy_warming is not None:
+            if self.lazy_warming is not None and self.lazy_prefetch is not None:
                 self.lazy_warming.stop()
+                self.lazy_prefetch.stop()
             notify.notify("STOPPING=1")
             self.measurer.stopping = True  # a clone's measuring walk would hold the exit up
             await self.fs.flush()

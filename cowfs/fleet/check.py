@@ -3,7 +3,7 @@
 
 From every reference (snap/*, branch/*): its commit object exists and decodes, and every
 pack it names has an index, its warm object (a learned cold start) exists and names only chunks
-that reachable trees list; every tree reachable from those commits is in a pack index and decodes; every chunk
+that reachable trees list, its model object (a prefetch model) exists and decodes; every tree reachable from those commits is in a pack index and decodes; every chunk
 a file lists is in a pack index; every pack an index names exists and is long enough for the
 index's entries.  With verify, every reachable blob is also fetched and hashed.  Objects
 no reference reaches (a push killed before its references were set) are not problems: they
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from cowfs.blob.base import BlobNotFound
+from cowfs.fleet.model import decode_model
 from cowfs.fleet.objects import CorruptObject, decode_commit, decode_tree, decode_warm, entry_chunks
 from cowfs.fleet.remote import REF_FAMILIES, Remote
 
@@ -31,6 +32,7 @@ class Mark:
     sizes: dict[str, int] = field(default_factory=dict)         # pack id -> bytes of data/<id>
     bad_packs: set[str] = field(default_factory=set)
     warm: set[str] = field(default_factory=set)                 # warm ids the commits name
+    model: set[str] = field(default_factory=set)                # model ids (prefetch models) they name
 
 
 def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Mark:
@@ -51,6 +53,7 @@ def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Ma
 
     trees: list[bytes] = []
     warms: dict[str, list[str]] = {}   # warm id -> the references whose commits name it
+    models: dict[str, list[str]] = {}  # model id -> likewise
     for family in REF_FAMILIES:
         for name, cid in remote.list_refs(family):
             m.refs += 1
@@ -71,6 +74,9 @@ def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Ma
             if doc.get("warm"):
                 m.warm.add(doc["warm"])
                 warms.setdefault(doc["warm"], []).append(f"{family}/{name}")
+            if doc.get("model"):
+                m.model.add(doc["model"])
+                models.setdefault(doc["model"], []).append(f"{family}/{name}")
             for pack in doc.get("packs") or ():
                 if pack not in remote.packs:
                     m.problems.append(f"{family}/{name}: commit/{cid} names the pack {pack}, which has no index")
@@ -119,6 +125,15 @@ def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Ma
             if not stray:
                 continue
             problem = f"warm/{wid} names {len(stray)} chunks no tree lists (first {stray[0].hex()})"
+        m.problems += [f"{ref}: {problem}" for ref in refs]
+    for mid, refs in models.items():
+        try:
+            decode_model(mid, remote.blobs.get("model/" + mid))
+            continue
+        except BlobNotFound:
+            problem = f"model/{mid} is missing"
+        except CorruptObject as e:
+            problem = str(e)
         m.problems += [f"{ref}: {problem}" for ref in refs]
     for c, where in m.chunks.items():
         loc = remote.index.get(c)

@@ -12,7 +12,7 @@ Mark, condemn, sweep: the mark is `check.mark` (from every reference: its commit
 chunks; not the commit's parent, a hint that may go); a gc refuses to delete anything when the mark found problems (run `cowfs
 remote check`).  Garbage: a pack none of whose blobs is reachable (its index, then its data),
 a pack without an index (a push killed between the two), a commit no reference reaches, a
-warm object (learned cold start) no reached commit names.  A
+warm object (learned cold start) or model object (prefetch model) no reached commit names.  A
 gc run condemns new garbage (`condemned/<object>` = the time) and deletes what an earlier run
 condemned at least `grace` seconds before and is still garbage: a pull that read a reference
 just before it was deleted has that long to fetch its objects.  A pack with some reachable
@@ -69,9 +69,10 @@ def gc(remote: Remote, grace: float, dry_run: bool = False) -> dict[str, Any]:
         for e in remote.blobs.list("commit/"):
             if e.name[len("commit/"):] not in m.commits:
                 garbage[e.name] = e.size
-        for e in remote.blobs.list("warm/"):
-            if e.name[len("warm/"):] not in m.warm:
-                garbage[e.name] = e.size
+        for kind, named in (("warm/", m.warm), ("model/", m.model)):
+            for e in remote.blobs.list(kind):
+                if e.name[len(kind):] not in named:
+                    garbage[e.name] = e.size
         now = time.time()
         condemned = {k.decode(): float(v) for k, v in remote.refs.scan("condemned", b"")}
         delete = sorted((n for n in garbage if n in condemned and now - condemned[n] >= grace),

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from cowfs.chunks import codec
 from cowfs.fleet import FleetError
 from cowfs.fleet.config import RemoteConfig
+from cowfs.fleet.model import load_model, seed
 from cowfs.fleet.objects import CHUNK_SIZE, TYPE_CHUNK, TYPE_TREE, Loc, decode_tree, decode_warm, entry_chunks
 from cowfs.fleet.state import State, pack_chunks
 
@@ -224,6 +225,7 @@ class Builder:
         self.trees = trees
         self.files = self.dirs = self.links = self.other = self.remote_chunks = self.commits = 0
         self.bytes = 0
+        self.model: dict[str, int] = {}    # the pushed prefetch model kept (cowfs.fleet.model.seed)
         # stat-cache rows (cowfs.fleet.state) of the files as the mount shows them: a push of
         # this tree (or of a fork of it) does not read, so does not fetch, what is unchanged
         self.rows: list[tuple[str, bytes, int, int, int, bytes]] = []
@@ -232,6 +234,7 @@ class Builder:
         # chunk twice in one commit gets an F record each time, as it did before the set.
         self._stored: set[bytes] = set()
         self._new: set[bytes] = set()
+        self.inos: dict[str, int] = {}     # a file's path -> its inode (the pushed prefetch model's paths)
 
     async def run(self, root_entry: dict[str, Any]) -> None:
         from cowfs.store import ROOT_INO
@@ -277,6 +280,7 @@ class Builder:
                             self.dirs += 1
                         elif t == "file":
                             self._content(m, node, e, p)
+                            self.inos[p] = node.ino
                             if "link" in e:
                                 firsts[p] = node
                             self.files += 1
@@ -378,6 +382,10 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str) -> dict[str, Any]:
         indexes = len(r.packs)
         trees = load_trees(r, bytes.fromhex(commit["root"]["tree"]), commit.get("packs") or [])
         warm = load_warm(r, commit)
+        try:        # only predictions are lost without it: the build goes on, saying why
+            model, model_error = load_model(r, commit), None
+        except FleetError as e:
+            model, model_error = None, str(e)
         t_meta = time.monotonic() - t0
         t1 = time.monotonic()
         with _uncollected():
@@ -387,6 +395,7 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str) -> dict[str, Any]:
             async def work() -> Builder:
                 b = Builder(Filesystem(store, "main"), r, trees)
                 await b.run(commit["root"])
+                b.model = seed(b.fs, b.inos, model) if model else {}
                 return b
             b = trio.run(work)
         finally:
@@ -402,13 +411,16 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str) -> dict[str, Any]:
         key = r.key
     figures = {"commit": cid, "trees": len(trees), "indexes": indexes, "files": b.files, "dirs": b.dirs,
                "hard_links": b.links, "other": b.other, "commits": b.commits, "remote_chunks": b.remote_chunks,
-               "warm_chunks": len(warm), "bytes": b.bytes, "metadata_seconds": round(t_meta, 3),
+               "warm_chunks": len(warm), "model_files": b.model.get("files", 0),
+               "model_transitions": b.model.get("transitions", 0), "bytes": b.bytes, "metadata_seconds": round(t_meta, 3),
                "build_seconds": round(t_build, 3), "seconds": round(time.monotonic() - t0, 3)}
     doc = {"version": 1,
            "remotes": [{"name": cfg.name, "url": cfg.url, "refs": cfg.refs, "endpoint": cfg.endpoint}],
            "remote_key": key, "snapshot": snapshot, "commit": cid, "built": time.time(), "build": figures}
     if warm:
         doc["warm"] = {"object": commit["warm"], "chunks": [h.hex() for h in warm]}
+    if model_error:
+        doc["model_error"] = model_error
     tmp = Path(store_path) / (LAZY_FILE + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, Path(store_path) / LAZY_FILE)

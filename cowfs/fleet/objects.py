@@ -13,11 +13,13 @@ Layout under the remote's bucket and prefix:
                        and `packs`: every pack that holds a chunk or tree of its tree (one
                        pack per blob, so a pull or a lazy mount reads those indexes only, not
                        all of `index/`; commits pushed before it existed lack it: readers
-                       then read every index), and `warm` when the pushing store had learned
-                       its cold start; commit id = BLAKE3 of its bytes
+                       then read every index), `warm` when the pushing store had learned
+                       its cold start, `model` when it had learned a prefetch model; commit
+                       id = BLAKE3 of its bytes
     warm/<warm id>     a cold start (JSON): the chunk ids the source store's mounts read first,
                        in that order (cowfs.cache.learned's model mapped through the tree), for
                        a lazy mount to fetch ahead; warm id = BLAKE3 of its bytes
+    model/<model id>   the learned prefetch model as paths (cowfs.fleet.model); BLAKE3 named
 
 Blobs are of two types.  A chunk ('c') is 64 KiB of file content at a fixed offset, hashed
 exactly as cowfs hashes its own chunks (cowfs.chunks.codec: BLAKE3 of the bytes, CHUNK
@@ -205,9 +207,9 @@ def decode_commit(cid: str, data: bytes) -> dict[str, Any]:
         raise CorruptObject(f"commit/{cid}: {e}") from None
     if len(bytes.fromhex(doc["tree"])) != HASH_LEN:
         raise CorruptObject(f"commit/{cid}: bad tree id")
-    warm = doc.get("warm")
-    if warm is not None and not _is_hexid(warm):
-        raise CorruptObject(f"commit/{cid}: bad warm id")
+    for kind in ("warm", "model"):
+        if doc.get(kind) is not None and not _is_hexid(doc[kind]):
+            raise CorruptObject(f"commit/{cid}: bad {kind} id")
     packs = doc.get("packs")
     if packs is not None and not (isinstance(packs, list) and all(_is_hexid(p) for p in packs)):
         raise CorruptObject(f"commit/{cid}: bad pack list")

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from cowfs.chunks.codec import chunk_hash
+from cowfs.fleet.model import encode_model
 from cowfs.fleet.objects import (CHUNK_SIZE, PACK_TARGET, TYPE_CHUNK, TYPE_TREE, PackBuilder,
                                  encode_blob, encode_commit, encode_tree, encode_warm, tree_hash)
 from cowfs.fleet.remote import Remote
@@ -62,6 +63,8 @@ class PushStats:
     tree: str = ""
     warm_files: int = 0                 # files of the learned cold start sent with it (warm/<id>)
     warm_chunks: int = 0
+    model_files: int = 0                # files of the learned prefetch model sent with it (model/<id>)
+    model_transitions: int = 0
     warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -309,11 +312,14 @@ class Pusher:
 
 
 def make_commit(tree: bytes, root: dict[str, Any], parent: str | None, snapshot: str,
-                branch: str | None, packs: set[str], warm: str | None = None) -> tuple[str, bytes]:
+                branch: str | None, packs: set[str], warm: str | None = None,
+                model: str | None = None) -> tuple[str, bytes]:
     doc = {"v": 1, "tree": tree.hex(), "root": root, "parent": parent, "snapshot": snapshot,
            "branch": branch, "host": socket.gethostname(), "created_ns": time.time_ns(), "packs": sorted(packs)}
     if warm is not None:
         doc["warm"] = warm
+    if model is not None:
+        doc["model"] = model
     return encode_commit(doc)
 
 
@@ -362,23 +368,25 @@ def read_parent(remote: Remote, parent: str | None, origin: str | None) -> str |
 
 def push(remote: Remote, state: State, store: str, branch: str, snapshot: str, root: str, ref_name: str,
          remote_branch: str | None, progress: Callable[[int], None] = lambda n: None,
-         warm: list[tuple[str, list[int]]] | None = None, mount_holder: str | None = None) -> PushStats:
+         warm: list[tuple[str, list[int]]] | None = None, mount_holder: str | None = None,
+         model: dict[str, Any] | None = None) -> PushStats:
     """Push the tree at root (snapshot `snapshot` of local branch `branch` of store) as the
     remote's snapshot ref_name and, with remote_branch, move that remote branch to it: by
     compare-and-set from the commit this local branch last saw there (RefConflict if it moved).
     warm: the branch's learned cold start (the control file's `coldstart`: paths under root
     with chunk numbers), sent as the commit's warm object.
     mount_holder: how the daemon of the mount pushed from names itself as a holder
-    (fleet/holds.py): its hold of remote_branch counts as this push's.
+    (fleet/holds.py): its hold of remote_branch counts as this push's.  model: the branch's
+    learned prefetch model as paths under root (`coldstart`'s `model`), sent as `model/<id>`.
     Registered as a push in flight for its whole length (no gc meanwhile)."""
     with remote.pushing() as lease:
         return _push(remote, state, store, branch, snapshot, root, ref_name, remote_branch, progress,
-                     (lease.fence, mount_holder), warm or [])
+                     (lease.fence, mount_holder), warm or [], model)
 
 
 def _push(remote: Remote, state: State, store: str, branch: str, snapshot: str, root: str, ref_name: str,
           remote_branch: str | None, progress: Callable[[int], None], fences: tuple[Any, str | None],
-          warm: list[tuple[str, list[int]]]) -> PushStats:
+          warm: list[tuple[str, list[int]]], model: dict[str, Any] | None = None) -> PushStats:
     from cowfs.fleet import RefConflict
 
     fence, mount_holder = fences
@@ -396,7 +404,14 @@ def _push(remote: Remote, state: State, store: str, branch: str, snapshot: str, 
         wid, wdata = encode_warm(chunks, pusher.stats.warm_files)
         pusher.put("warm/" + wid, wdata)
         pusher.stats.warm_chunks = len(chunks)
-    cid, data = make_commit(tree, root_entry, parent, snapshot, remote_branch, pusher.packs, wid)
+    mid = None
+    if model and model.get("next") and any(bits for _p, bits in model["files"]):
+        # (without transitions, or without a file whose reads it recorded, it predicts nothing)
+        mid, mdata = encode_model(model["files"], model["next"])
+        pusher.put("model/" + mid, mdata)
+        pusher.stats.model_files = len(model["files"])
+        pusher.stats.model_transitions = sum(c for _i, succ in model["next"] for _j, c in succ)
+    cid, data = make_commit(tree, root_entry, parent, snapshot, remote_branch, pusher.packs, wid, mid)
     existing = remote.get_ref("snap", ref_name)
     if existing is not None and remote.commit(existing)["tree"] != tree.hex():
         raise RefConflict(f"the remote {remote.cfg.name} has a snapshot {ref_name} already, of other content "
