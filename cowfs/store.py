@@ -56,8 +56,10 @@ log = logging.getLogger(__name__)
 # (chunks.upgrade.convert_packs); their punched holes are dead ranges for repacking.
 # 8: the space accounting counts F objects (a lazy mount's chunks still on the remote: its
 # reads skip the look-up once there are none); counted once at a format-7 store's first open.
-FORMAT_VERSION = 8
-UPGRADABLE = (1, 2, 3, 4, 5, 6, 7)
+# 9: it counts their raw bytes too (remote_bytes: compression saves none of them); counted
+# once, with the F objects, at a format-7 or -8 store's first open.
+FORMAT_VERSION = 9
+UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8)
 FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
 ROOT_INO = 1
 INO_BLOCK = 4096
@@ -187,7 +189,7 @@ class Store:
             self._count_allocated()
         if fmt != FORMAT_VERSION:
             b = Batch()
-            if fmt < 8:
+            if fmt < 9:
                 upgrade.count_remote(self.kv, self.objects.space)
             if fmt < 6:
                 log.info("%s: %d keys written for the names of hard-linked files", path, links.rebuild(self.kv, b))

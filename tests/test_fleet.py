@@ -1475,3 +1475,37 @@ def test_a_lazy_mount_prefetches_what_the_pushing_hosts_model_learned_and_surviv
         assert json.loads((store / "lazy.json").read_text())["build"]["model_files"] == 0
         r = a.cowfs("remote", "check", "origin", check=False)
         assert r.returncode == 1 and f"model/{mid}" in r.stdout, r.stdout
+
+
+def test_a_lazy_mounts_space_figures_count_the_bytes_on_the_remote_apart_from_compression(fleet, mount_factory):
+    """Chunks still on the remote (F objects) take no encoding here: they are `remote_bytes`,
+    not bytes saved by compression; the identity unique = stored + compression saved + delta
+    saved + remote holds at every point, and fetching moves bytes from remote to stored."""
+    a, b = fleet("a"), fleet("b")
+    src = mount_factory(options=("dedup=off",))
+    rng = random.Random(3)
+    noise, text = rng.randbytes(5 << 16), b"".join(b"line %d of a text that compresses\n" % i for i in range(6000))
+    (src.path / "noise").write_bytes(noise)
+    (src.path / "text").write_bytes(text)
+    snap(src, "base")
+    a.json("push", src.path, "base", "origin")
+    store, mp = b.base / "lazy-store", b.base / "mnt"
+
+    def space() -> dict:
+        s = json.loads((mp / ".cowfs" / "stats").read_text())
+        assert s["unique_bytes"] == (s["chunk_bytes"] + s["compression_saved_bytes"] + s["delta_saved_bytes"]
+                                     + s["remote_bytes"]), s
+        return s
+    with lazy_mounted(b, "origin:base", mp, store, "-o", "lazy_near=0,dedup=off"):
+        s = space()
+        assert s["remote_bytes"] == len(noise) + len(text) == s["unique_bytes"], s
+        assert s["compression_saved_bytes"] == 0, "nothing is stored here yet: nothing was saved by compression"
+        assert "still on the remote of a lazy mount" in b.cowfs("stats", mp).stdout
+        assert (mp / "noise").read_bytes() == noise       # incompressible: stored raw, nothing saved
+        s = space()
+        assert s["remote_bytes"] == len(text) and s["compression_saved_bytes"] <= 0, s
+        assert (mp / "text").read_bytes() == text
+        s = space()
+        assert s["remote_bytes"] == 0 and s["compression_saved_bytes"] > len(text) // 2, s
+        assert "still on the remote" not in b.cowfs("stats", mp).stdout
+    assert mounting.fsck(store)["clean"]

@@ -474,7 +474,8 @@ def test_a_store_of_the_previous_format_is_upgraded(mount_factory, tmp_path):
     assert st.st_blocks * 512 < st.st_size - 32 * MiB, "the deleted file's extents were punched"
     m.env = {}
     m.start()
-    assert json.loads((store / "cowfs-store.json").read_text())["format"] == 8
+    from cowfs.store import FORMAT_VERSION
+    assert json.loads((store / "cowfs-store.json").read_text())["format"] == FORMAT_VERSION
     assert [pack_id(n) for n in os.listdir(store / "packs")] == [1]
     for name, data in files.items():
         assert (m.path / name).read_bytes() == data, name

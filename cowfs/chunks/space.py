@@ -12,8 +12,10 @@ class Space:
     """Store-wide figures, kept exact by the commits that change them.
 
     Identities: logical = unique + dedup saved; unique = chunk_bytes + compression saved +
-    delta saved, with compression saved = unique - plain_bytes and delta saved =
-    plain_bytes - chunk_bytes (plain_bytes: what the chunks would take encoded whole).
+    delta saved + remote_bytes, with compression saved = unique - remote_bytes - plain_bytes
+    and delta saved = plain_bytes - chunk_bytes (plain_bytes: what the chunks would take
+    encoded whole; remote_bytes: the raw content of F objects, a lazy mount's chunks still on
+    its remote, which take no encoding here and so save nothing by compression).
     """
 
     chunks: int = 0
@@ -28,6 +30,7 @@ class Space:
     # F objects: chunks of a lazy mount still on its remote (store format 8); at 0 its reads
     # skip looking for them (ObjectStore.remote_left)
     remote_chunks: int = 0
+    remote_bytes: int = 0  # their raw content (store format 9)
 
     def pack(self) -> bytes:
         # Every commit that changes a count packs this: struct over the instance dict, not
@@ -50,7 +53,9 @@ class Space:
             return
         raw, plain = codec.chunk_sizes(value)
         self.chunks += sign
-        self.remote_chunks += sign * (value[0] == codec.KIND_REMOTE)
+        if value[0] == codec.KIND_REMOTE:
+            self.remote_chunks += sign
+            self.remote_bytes += sign * raw
         self.delta_chunks += sign * (value[0] == codec.KIND_DELTA)
         self.unique_bytes += sign * raw
         self.plain_bytes += sign * plain
@@ -63,7 +68,7 @@ class Space:
             "chunk_bytes": self.chunk_bytes,
             "dedup_saved_bytes": self.logical_bytes - self.unique_bytes,
             "delta_saved_bytes": self.plain_bytes - self.chunk_bytes,
-            "compression_saved_bytes": self.unique_bytes - self.plain_bytes,
+            "compression_saved_bytes": self.unique_bytes - self.remote_bytes - self.plain_bytes,
             "chunks": self.chunks,
             "delta_chunks": self.delta_chunks,
             "whole_chunks": self.chunks - self.delta_chunks,
@@ -71,6 +76,7 @@ class Space:
             "tree_node_bytes": self.node_bytes,
             "background_queue": self.queue,
             "remote_chunks": self.remote_chunks,
+            "remote_bytes": self.remote_bytes,
         }
 
 

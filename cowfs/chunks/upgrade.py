@@ -57,8 +57,13 @@ def rebuild(kv: KV, roots: dict[bytes, int]) -> Space:
 
 
 def count_remote(kv: KV, space: Space) -> None:
-    """Format <= 7 -> 8: count space.remote_chunks from the object records and store it."""
-    space.remote_chunks = sum(1 for _h, v in kv.scan(CF_OBJECTS, b"") if v[0] == codec.KIND_REMOTE)
+    """Format <= 8 -> 9: count space.remote_chunks and remote_bytes (format 8 counted the
+    chunks only) from the object records and store them."""
+    space.remote_chunks = space.remote_bytes = 0
+    for _h, v in kv.scan(CF_OBJECTS, b""):
+        if v[0] == codec.KIND_REMOTE:
+            space.remote_chunks += 1
+            space.remote_bytes += codec.chunk_sizes(v)[0]
     batch = Batch()
     batch.put(CF_SPACE, SPACE_KEY, space.pack())
     kv.write(batch)

@@ -37,7 +37,9 @@ def stats_lines(d: dict[str, Any]) -> list[str]:
             out.append(_row("also mounted", ", ".join(others)))
     if "logical_bytes" in d:
         out.append(_row("data", f"{human(d['logical_bytes'])} in files, {human(d.get('unique_bytes'))} unique, "
-                                f"{human(d.get('chunk_bytes'))} stored in {count(d.get('chunks'))} chunks"))
+                                f"{human(d.get('chunk_bytes'))} stored in {count(d.get('chunks'))} chunks"
+                                + (f", {human(d['remote_bytes'])} still on the remote of a lazy mount"
+                                   if d.get("remote_bytes") else "")))
         out.append(_row("saved", f"{human(d.get('dedup_saved_bytes'))} by dedup, "
                                  f"{human(d.get('delta_saved_bytes'))} by delta encoding, "
                                  f"{human(d.get('compression_saved_bytes'))} by compression"))

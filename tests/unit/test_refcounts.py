@@ -295,6 +295,9 @@ def test_the_accounting_counts_remote_chunks_as_they_are_made_fetched_and_freed(
         txn.incref(root.hash)
         st.commit(Batch(), txn)
         assert st.objects.space.remote_chunks == 3 and st.objects.space == scan_space(st.kv)
+        f = st.objects.space.figures()
+        assert f["remote_bytes"] == sum(len(POOL[k]) for k in range(3)) == f["unique_bytes"], f
+        assert f["compression_saved_bytes"] == 0, "chunks on the remote are no bytes saved by compression"
         assert not st.objects.remote_left(), "no fetcher: nothing to look for"
         st.objects.fetcher = object()  # type: ignore[assignment]
         assert st.objects.remote_left()
@@ -302,19 +305,23 @@ def test_the_accounting_counts_remote_chunks_as_they_are_made_fetched_and_freed(
         txn.recode = {h: v for h, v in chunks[:2]}
         st.commit(Batch(), txn)
         assert st.objects.space.remote_chunks == 1 and st.objects.space == scan_space(st.kv)
+        assert st.objects.space.remote_bytes == len(POOL[2])
         assert st.objects.remote_left()
         txn = RefTxn()  # the file gone: the last F object freed with it
         txn.decref(root.hash)
         st.commit(Batch(), txn)
         assert st.objects.space.remote_chunks == 0 and st.objects.space == scan_space(st.kv)
+        assert st.objects.space.remote_bytes == 0
         assert not st.objects.remote_left()
     finally:
         st.close()
 
 
-def test_a_format_7_store_gets_its_remote_chunks_counted_at_first_open(tmp_path):
-    """Format 7 kept no count of F objects (its space record is one field shorter): the first
-    open by this cowfs counts them, so a lazy mount of an older store still fetches ahead."""
+@pytest.mark.parametrize("fmt,missing", [(7, 2), (8, 1)])
+def test_an_older_store_gets_its_remote_chunks_and_bytes_counted_at_first_open(tmp_path, fmt, missing):
+    """Format 7 kept no count of F objects, format 8 no count of their bytes (its space record
+    is `missing` fields shorter): the first open by this cowfs counts them, so a lazy mount of
+    an older store still fetches ahead, and its figures keep those bytes out of compression's."""
     import json
 
     from cowfs.chunks.families import CF_SPACE, SPACE_KEY
@@ -329,17 +336,19 @@ def test_a_format_7_store_gets_its_remote_chunks_counted_at_first_open(tmp_path)
     txn.add_object(h, codec.encode_remote(codec.RemoteLoc(0, b"R", len(POOL[0]), 0, len(v) - 1, bytes(32))), [])
     txn.incref(h)
     st.commit(Batch(), txn)
-    assert st.objects.space.remote_chunks == 1
-    b = Batch()  # what format 7 left: the record without the count, the old number
-    b.put(CF_SPACE, SPACE_KEY, st.objects.space.pack()[:-8])
-    b.put(CF_META, b"format", b"7")
+    assert st.objects.space.remote_chunks == 1 and st.objects.space.remote_bytes == len(POOL[0])
+    b = Batch()  # what the older format left: the record without the counts, the old number
+    b.put(CF_SPACE, SPACE_KEY, st.objects.space.pack()[:-8 * missing])
+    b.put(CF_META, b"format", str(fmt).encode())
     st.kv.write(b)
     st.close()
     marker = path / "cowfs-store.json"
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "format": 7}))
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "format": fmt}))
     st = Store(str(path))
     try:
-        assert st.objects.space.remote_chunks == 1 and st.objects.space == scan_space(st.kv)
+        space = st.objects.space
+        assert space.remote_chunks == 1 and space.remote_bytes == len(POOL[0]) and space == scan_space(st.kv)
+        assert space.figures()["compression_saved_bytes"] == 0, "a chunk on the remote saved nothing here"
     finally:
         st.close()
-    assert json.loads(marker.read_text())["format"] == FORMAT_VERSION == 8
+    assert json.loads(marker.read_text())["format"] == FORMAT_VERSION == 9
