@@ -350,8 +350,8 @@ def test_a_push_killed_midway_leaves_the_remote_consistent_and_resumes(fleet, mo
 
 
 def test_engines_down_fail_push_and_pull_in_one_line_and_a_killed_s3_resumes(
-        fleet, mount_factory, seaweedfs_private, etcd_private):
-    sw, etcd = seaweedfs_private, etcd_private
+        fleet, mount_factory, seaweedfs_killable, etcd_private, engine_prefix):
+    sw, etcd = seaweedfs_killable, etcd_private
     a = fleet("a", s3=sw, etcd=etcd)
     m = mount_factory()
     (m.path / "f").write_text("one")
@@ -368,7 +368,7 @@ def test_engines_down_fail_push_and_pull_in_one_line_and_a_killed_s3_resumes(
     _big_tree(m.path)                                     # 40 MiB: 3 packs
     snap(m, "two")
     p = a.popen("push", m.path, "two", "origin")
-    _wait_for_objects(sw.client(), sw.BUCKET, "", p, at_least=5)     # one's 3 objects, a pack and its index
+    _wait_for_objects(sw.client(), sw.BUCKET, engine_prefix, p, at_least=5)  # one's 3 objects, a pack and its index
     sw.kill()
     rc = p.wait(120)
     err = p.communicate()[1].decode()
@@ -1011,8 +1011,8 @@ def test_a_lazy_read_fetches_its_neighbours_in_the_pack_in_the_same_get(fleet, m
         assert "lazy_near" in b.cowfs("mount", "--help").stdout
 
 
-def test_lazy_writes_push_and_a_remote_down(fleet, mount_factory, seaweedfs_private, engine_prefix):
-    sw = seaweedfs_private
+def test_lazy_writes_push_and_a_remote_down(fleet, mount_factory, seaweedfs_killable, engine_prefix):
+    sw = seaweedfs_killable
     a, b = fleet("a", s3=sw), fleet("b", s3=sw)
     src = mount_factory()
     data = {f"f{i}": os.urandom(200_000) for i in range(5)}
@@ -1212,12 +1212,12 @@ def test_lazy_files_written_cut_cloned_and_read_at_once(fleet, mount_factory, te
     assert report["clean"], report["problems"]
 
 
-def test_lazy_append_past_an_unfetched_chunk_while_the_remote_is_down(fleet, mount_factory, seaweedfs_private):
+def test_lazy_append_past_an_unfetched_chunk_while_the_remote_is_down(fleet, mount_factory, seaweedfs_killable):
     """An append to a lazy file whose last chunk (in part before EOF) is still remote, the
     remote down: the kernel sends the write without reading the page (it starts at a page
     boundary at EOF), so nothing fetched that chunk. The write must fail alone (EIO): acked,
     it would leave a buffer no flush can merge, and every later commit of the mount failed."""
-    sw = seaweedfs_private
+    sw = seaweedfs_killable
     a, b = fleet("a", s3=sw), fleet("b", s3=sw)
     src = mount_factory()
     data = os.urandom(65536 + 8192)  # EOF at a page boundary inside chunk 1
@@ -1301,13 +1301,13 @@ def _read_all(root: Path, rels: list[str]) -> dict[str, bytes]:
 
 
 def test_a_lazy_mount_fetches_the_pushed_cold_start_ahead_of_its_workload(
-        fleet, mount_factory, seaweedfs_private, engine_prefix):
+        fleet, mount_factory, seaweedfs_killable, engine_prefix):
     """The source store learns which files its mounts read first; the push sends them (warm/<id>,
     named by the commit); a lazy mount of the snapshot fetches exactly those chunks before any
     read, and the same workload then fetches nothing more.  A commit without one (a store
     that learned nothing: as every commit pushed before) warms nothing.  A remote down stops
     the warming with one log line, the mount serving on."""
-    sw = seaweedfs_private
+    sw = seaweedfs_killable
     a, b = fleet("a", s3=sw), fleet("b", s3=sw)
     src = mount_factory()
     rng = random.Random(23)

@@ -22,15 +22,15 @@ def one_line_naming(e: BaseException, endpoint: str) -> None:
     assert "\n" not in text and endpoint in text and "unavailable after 3 attempts" in text, text
 
 
-def test_s3_kill_9_mid_uploads_leaves_whole_objects_and_recovers(seaweedfs_private):
+def test_s3_kill_9_mid_uploads_leaves_whole_objects_and_recovers(seaweedfs_killable, engine_prefix):
     """Writers upload objects named by the hash of their bytes; SeaweedFS is killed -9 under
     them.  Every writer then fails with one EngineUnavailable line within the retry bound,
     so does every other operation; once SeaweedFS is back (same data), every acknowledged
     object is there, every listed object is whole (its bytes match its name) and the same
     store object works again."""
     from cowfs.blob.s3 import S3BlobStore
-    sw = seaweedfs_private
-    store = S3BlobStore(sw.BUCKET, "crash", retry=FAST, connect_timeout=1, read_timeout=5)
+    sw = seaweedfs_killable
+    store = S3BlobStore(sw.BUCKET, engine_prefix, retry=FAST, connect_timeout=1, read_timeout=5)
     acked: list[str] = []
     errors: list[tuple[BaseException, float]] = []
     killed_at: list[float] = []
