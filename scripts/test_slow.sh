@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The long forms of the tests (marked `slow`), which the suite's command leaves out to keep a
-# CI run short (the 100,000-entry directory, ten rounds of the memory test, the 66,001-view
-# store of test_ids, 700 nested clones and long control replies of test_walks).  After
+# CI run short (the 100,000-entry directory, ten rounds of the memory test, 20 SIGKILL rounds
+# of test_crash_workload, 60 s soaks, the 66,001-view store of test_ids, 700 nested clones and
+# long control replies of test_walks); the suite keeps a shorter form of each.  After
 # `bash scripts/setup.sh --system`; extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
