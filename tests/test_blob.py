@@ -266,6 +266,41 @@ def test_local_refuses_a_file_as_root(tmp_path):
         LocalBlobStore(str(tmp_path / "f"))
 
 
+def _open_fds_on(directory) -> int:
+    return sum(1 for fd in os.listdir("/proc/self/fd")
+               if os.path.realpath(f"/proc/self/fd/{fd}").startswith(str(directory) + "/"))
+
+
+def test_local_pread_kept_reads_through_one_descriptor_closed_at_delete(tmp_path, monkeypatch):
+    """Small reads of the event loop (a cold random read of a pack) keep their descriptor
+    open: one pread each, not open + fstat + fadvise + pread + close; a delete closes it
+    (the space is freed at once), and at most KEPT_MAX stay open."""
+    from cowfs.blob import local
+    store = LocalBlobStore(str(tmp_path / "blobs"))
+    data = os.urandom(20000)
+    store.put("packs/a", data)
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(local.os, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    for off in range(0, 16384, 4096):
+        assert store.pread_kept("packs/a", off, 4096) == data[off:off + 4096]
+    assert store.pread_kept("packs/a", 19000, 4096) == data[19000:]  # short at the end
+    assert store.pread_kept("packs/a", 30000, 10) == b""
+    assert len(opened) == 1
+    assert _open_fds_on(tmp_path / "blobs") == 1
+    store.delete("packs/a")
+    assert _open_fds_on(tmp_path / "blobs") == 0
+    with pytest.raises(BlobNotFound):
+        store.pread_kept("packs/a", 0, 10)
+    monkeypatch.setattr(local, "KEPT_MAX", 3)
+    for i in range(5):
+        store.put(f"p{i}", bytes([i]) * 10)
+        assert store.pread_kept(f"p{i}", 2, 3) == bytes([i]) * 3
+    assert _open_fds_on(tmp_path / "blobs") == 3
+    store.close()
+    assert _open_fds_on(tmp_path / "blobs") == 0
+
+
 # --- the S3 backend -------------------------------------------------------------------------
 
 def test_s3_wrong_credentials_say_so_in_one_line(aws_env, monkeypatch, engine_prefix):

@@ -230,7 +230,7 @@ class ObjectStore:
             return memoryview(self._loaded(h, raw))[a:b]
         pack, off, length = ext
         b = min(b, length)
-        return self.packs.read(pack, off + a, b - a) if a < b else b""
+        return self.packs.read(pack, off + a, b - a, small=True) if a < b else b""
 
     def load_node(self, h: bytes) -> bytes:
         """Load, decode and verify tree node h, bypassing the cache (thread-safe)."""

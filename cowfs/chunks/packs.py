@@ -97,6 +97,7 @@ class Packs:
         # Optional capabilities of a local blob store (cowfs.blob.local): the page cache can
         # read ahead for a streaming reader, and the bytes on disk are the allocated blocks.
         self._read_ahead = getattr(blobs, "read_ahead", None)
+        self._pread_kept = getattr(blobs, "pread_kept", None)  # small reads: descriptors kept open
         self._disk_usage = getattr(blobs, "disk_usage", None)
 
     def write(self, values: Sequence[bytes | memoryview],
@@ -157,9 +158,14 @@ class Packs:
             out[pack] = size - (0 if entries is None else len(entries) * ENTRY.size + FOOTER.size)
         return out
 
-    def read(self, pack: int, off: int, length: int) -> bytes:
+    def read(self, pack: int, off: int, length: int, small: bool = False) -> bytes:
+        """small: a read of a few KiB on the event loop (a cold random read), served through
+        a descriptor kept open where the blob store keeps them (cowfs.blob.local)."""
         try:
-            data = self.blobs.get(pack_name(pack), off, length)
+            if small and self._pread_kept is not None:
+                data = self._pread_kept(pack_name(pack), off, length)
+            else:
+                data = self.blobs.get(pack_name(pack), off, length)
         except BlobNotFound:
             raise MissingPack(f"pack {pack_name(pack)} is missing") from None
         if len(data) != length:
