@@ -427,7 +427,7 @@ class Store:
         try:
             if python:
                 return await threads.run_in_thread(fn, *args)
-            return await trio.to_thread.run_sync(fn, *args)
+            return await threads.run_in_c_thread(fn, *args)
         finally:
             self.kv_users -= 1
             if not self.kv_users and self._reopen_wanted:
