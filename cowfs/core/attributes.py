@@ -127,11 +127,19 @@ class Attributes:
 
     # -- xattrs ------------------------------------------------------------------------------
     def getxattr(self, node: Node, name: bytes) -> bytes:
-        fs = self.fs
-        check_xattr_name(name)
-        found = fs.store.meta.get(CF_XATTRS, name_key(node.ino, name), node.view.lv)
-        if found is None or not found[1]:
+        value = self.xattr(node, name)
+        if value is None:
             raise FSError(errno.ENODATA)
+        return value
+
+    def xattr(self, node: Node, name: bytes) -> bytes | None:
+        """getxattr with None for an absent name: the kernel asks for `security.capability`
+        at every write(2) to a file, and the answer is almost always "absent" (the FUSE
+        adapter raises its ENODATA itself: one exception per request, not two)."""
+        check_xattr_name(name)
+        found = self.fs.store.meta.get(CF_XATTRS, name_key(node.ino, name), node.view.lv)
+        if found is None or not found[1]:
+            return None
         return found[1][1:]  # leading byte keeps empty values distinct from tombstones
 
     def listxattr(self, node: Node) -> list[bytes]:

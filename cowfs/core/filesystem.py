@@ -114,6 +114,7 @@ class Filesystem:
         self.rename = self.namespace.rename
         self.setattr = self.attributes.setattr
         self.getxattr = self.attributes.getxattr
+        self.xattr = self.attributes.xattr
         self.listxattr = self.attributes.listxattr
         self.setxattr = self.attributes.setxattr
         self.removexattr = self.attributes.removexattr

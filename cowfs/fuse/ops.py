@@ -531,7 +531,10 @@ class Operations(pyfuse3.Operations):
         self.requests["getxattr"] += 1
         if is_control(inode):
             raise pyfuse3.FUSEError(errno.ENODATA)
-        return self.fs.getxattr(self.inodes.node(inode), name)
+        value = self.fs.xattr(self.inodes.node(inode), name)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         self.requests["listxattr"] += 1
