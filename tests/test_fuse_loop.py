@@ -36,9 +36,10 @@ def test_requests_in_a_burst_are_taken_without_parking(cowfs_mount):
     assert fast >= 1500, (before, after)
     # Even in a burst the loop parks in trio now and then, so the other tasks get to run.
     assert after["parked"] > before["parked"]
-    # pyfuse3's spare worker wakes (and parks again) only when the loop parks, not at every
-    # request as with trio's Lock, which hands the read lock over at each release.
-    assert after["reader_parks"] - before["reader_parks"] <= after["parked"] - before["parked"] + 5
+    # pyfuse3's spare worker is not woken by the loop's own waits (it was at every request
+    # with trio's Lock, which hands the read lock over at each release, then at every real
+    # wait of the loop): only when a handler gives way, which a GETXATTR never does.
+    assert after["reader_parks"] - before["reader_parks"] <= 20, (before, after)
 
 
 def test_the_daemon_serves_other_work_while_a_client_keeps_it_busy(cowfs_mount):
@@ -91,12 +92,15 @@ async def test_read_lock_stays_with_the_worker_that_answered_until_it_waits():
             nursery.start_soon(worker, "spare", 1, False)
             await trio.sleep(0.01)  # the spare worker runs and parks on the lock
             assert log == [] and lock.parks == 1
-        # Released: the spare is woken, but the worker that answered takes the lock back
-        # at once, as often as it likes, while it does not checkpoint.
+        # Released: the worker that answered takes the lock back at once, as often as it
+        # likes, while it does not checkpoint; the spare is not even woken.
         with trio.testing.assert_no_checkpoints():
             for _ in range(3):
                 async with lock:
                     log.append("first")
+        async with lock:  # the loop's real wait for the fd, lock held: the spare sleeps on
+            await trio.sleep(0.01)
+        assert lock.parks == 1
         await worker("first", 1, True)  # now the handler waits: the spare gets the lock
     assert log == ["first"] * 4 + ["spare"], log
     assert lock.parks == 1

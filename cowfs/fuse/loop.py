@@ -37,12 +37,16 @@ read it starts another worker if none is waiting.  With trio's Lock every reques
 a pass of the scheduler: an uncontended acquire is a checkpoint, and once a second worker
 waits on the lock, the two hand the lock to each other at every request (the worker that
 has just answered parks, the other is woken).  `ReadLock` is the stand-in: a free lock is
-taken without a checkpoint, and a release wakes a parked worker without handing it the lock,
-so the worker that answered takes it straight back and the other runs (and parks again)
-only when the loop parks or a handler really waits.  A handler that waits (a thread, the
-filesystem lock, a sync) leaves the lock free, and the woken worker takes it and serves the
-next requests meanwhile, as before.  In an untar of the Django tree the daemon's CPU went
-from 5.2-5.3 s with trio's Lock to 4.2 s with this one (docs/benchmarks.md).
+taken without a checkpoint, and a release wakes no one, so the worker that answered takes
+it straight back.  A parked worker is woken when a trio task step ends with the lock free
+(`_WakeWaiting`, a trio instrument): the worker that released it has then given way inside
+its handler (a thread, the filesystem lock, a sync) or is gone, and the woken one takes the
+lock and serves the next requests meanwhile, as before.  A step that ends with the lock
+held is the loop parking in epoll with it: no one is woken.  In an untar of the Django tree
+the daemon's CPU went from 5.2-5.3 s with trio's Lock to 4.2 s with a lock whose release
+woke the spare worker; that worker then still ran and parked again at every real wait of
+the loop (about one request in three in a burst of GETXATTRs), ~6 µs of CPU each, which
+waking it only from the instrument saves (docs/benchmarks.md, issue 24).
 """
 from __future__ import annotations
 
@@ -125,6 +129,7 @@ class ReadLock:
         self._held = False
         self._lot = trio.lowlevel.ParkingLot()
         self.parks = 0  # a worker found the lock taken and parked
+        trio.lowlevel.add_instrument(_WakeWaiting(self))
 
     async def __aenter__(self) -> None:
         while self._held:
@@ -134,8 +139,20 @@ class ReadLock:
 
     async def __aexit__(self, *exc: object) -> None:
         self._held = False
-        if self._lot:
-            self._lot.unpark()
+
+
+class _WakeWaiting(trio.abc.Instrument):
+    """Wakes a worker parked on the read lock when a task step ends with the lock free: the
+    task that released it awaits in a handler, or has ended (see above).  Each release
+    happens inside a task step, so a free lock with waiters is always seen by this hook."""
+
+    def __init__(self, lock: ReadLock) -> None:
+        self.lock = lock
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        lock = self.lock
+        if not lock._held and lock._lot:
+            lock._lot.unpark()
 
 
 class _Lowlevel:
