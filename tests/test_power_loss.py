@@ -260,7 +260,7 @@ def test_packed_chunks_survive_a_power_cut(lazy, mount_factory):
 def test_init_survives_power_cut(lazy, tmp_path):
     """A store that `cowfs init` reported as created must still be a store after a power cut."""
     store = os.path.join(lazy.mp, "store")
-    mounting.init_store(store)
+    mounting.run_cowfs("init", store)  # the CLI itself: init_store copies a template
     lazy.cut()
     lazy.stop()
     lazy.start()
