@@ -85,17 +85,31 @@ def change(root: str, n: int, tag: str, suffix: str) -> None:
 
 # --- the model (docs/scaling.md "Requests per operation") ---------------------------------------
 
-def model_push(P: int, U: int, N: int, parent: bool, branch: bool, seconds: float) -> Counter:
+# The objects a commit names besides its packs, written once by id, as the push and gc of this
+# checkout handle them: warm/<id> (the learned cold start, 485a009).
+SIDE = ("warm",)
+
+
+def model_push(P: int, U: int, N: int, parent: bool, branch: bool, seconds: float,
+               side: dict[str, tuple[int, int]]) -> Counter:
     """A push: P packs on the remote, N new packs; U indexes read that this host's cache lacks:
     with a parent (whose commit names its packs; or, with none, the commit the local branch
     was pulled from or last pushed as), of its packs, read after that commit (one GET) and
-    without a LIST; without either, of every pack, after a LIST of index/."""
-    return Counter({"S3 LIST index": 0 if parent else max(1, math.ceil(P / 1000)), "S3 GET index": U,
-                    "S3 GET commit": int(parent),
-                    "S3 HEAD data": 2 * N, "S3 PUT data": N, "S3 HEAD index": 2 * N, "S3 PUT index": N,
-                    "S3 HEAD commit": 2, "S3 PUT commit": 1,
-                    "etcd lease/grant": 1, "etcd kv/txn": 2, "etcd kv/range": 2 + branch,
-                    "etcd lease/keepalive": int(seconds // (PUSH_TTL / 3)), "etcd lease/revoke": 1})
+    without a LIST; without either, of every pack, after a LIST of index/.  side: per object
+    the commit names besides its packs (warm/<id>: the learned cold start; model/<id>: the
+    prefetch model), (sent, new): the push sends one (the commit names it), and it was not on
+    the remote before; each goes through the pusher's put as a pack does (HEAD: "is it
+    there", then, if not, the store's write-once HEAD and the PUT)."""
+    c = Counter({"S3 LIST index": 0 if parent else max(1, math.ceil(P / 1000)), "S3 GET index": U,
+                 "S3 GET commit": int(parent),
+                 "S3 HEAD data": 2 * N, "S3 PUT data": N, "S3 HEAD index": 2 * N, "S3 PUT index": N,
+                 "S3 HEAD commit": 2, "S3 PUT commit": 1,
+                 "etcd lease/grant": 1, "etcd kv/txn": 2, "etcd kv/range": 2 + branch,
+                 "etcd lease/keepalive": int(seconds // (PUSH_TTL / 3)), "etcd lease/revoke": 1})
+    for kind, (sent, new) in side.items():
+        c[f"S3 HEAD {kind}"] += sent + new
+        c[f"S3 PUT {kind}"] += new
+    return c
 
 
 def model_pull(U: int, walked: int, based: bool) -> Counter:
@@ -113,21 +127,29 @@ def model_hold(seconds: float, ttl: float) -> Counter:
 
 
 def model_gc(P: int, U: int, C: int, refs: Counter, commits: int, dead_packs: int, dead_commits: int,
-             sweep: bool) -> Counter:
+             sweep: bool, side: dict[str, tuple[int, int, int]]) -> Counter:
     """A gc: P packs (U of their indexes not in this host's cache), C commit objects, refs per
     family naming `commits` distinct commits; garbage: dead_packs packs (data + index) and
     dead_commits commits, condemned by a first run and deleted by a second (sweep) once the
-    grace is over.  The tree GETs (S3 GET data: every live tree is read) depend on the layout."""
+    grace is over.  side: per kind of object a commit names besides its packs (warm, model),
+    (on the remote, distinct ids the reached commits name, dead): listed, each named one read
+    once (the mark checks it), the dead condemned and swept as the rest.  The tree GETs (S3
+    GET data: every live tree is read) depend on the layout."""
     def pages(n: int, per: int) -> int:
         return max(1, math.ceil(n / per))
-    garbage = 2 * dead_packs + dead_commits
-    return Counter({"S3 LIST index": pages(P, 1000), "S3 GET index": U, "S3 LIST data": pages(P, 1000),
-                    "S3 LIST commit": pages(C, 1000),
-                    "S3 GET commit": commits, "S3 DELETE data": dead_packs * sweep,
-                    "S3 DELETE index": dead_packs * sweep, "S3 DELETE commit": dead_commits * sweep,
-                    "etcd lease/grant": 1, "etcd lease/revoke": 1,
-                    "etcd kv/range": 1 + pages(refs["snap"], 512) + pages(refs["branch"], 512) + 1,
-                    "etcd kv/txn": 1 + math.ceil(garbage / 100)})
+    garbage = 2 * dead_packs + dead_commits + sum(d for _o, _n, d in side.values())
+    c = Counter({"S3 LIST index": pages(P, 1000), "S3 GET index": U, "S3 LIST data": pages(P, 1000),
+                 "S3 LIST commit": pages(C, 1000),
+                 "S3 GET commit": commits, "S3 DELETE data": dead_packs * sweep,
+                 "S3 DELETE index": dead_packs * sweep, "S3 DELETE commit": dead_commits * sweep,
+                 "etcd lease/grant": 1, "etcd lease/revoke": 1,
+                 "etcd kv/range": 1 + pages(refs["snap"], 512) + pages(refs["branch"], 512) + 1,
+                 "etcd kv/txn": 1 + math.ceil(garbage / 100)})
+    for kind, (objects, named, dead) in side.items():
+        c[f"S3 LIST {kind}"] += pages(objects, 1000)
+        c[f"S3 GET {kind}"] += named
+        c[f"S3 DELETE {kind}"] += dead * sweep
+    return c
 
 
 def compare(name: str, n: Counter, b: Counter, model: Counter, free: tuple[str, ...] = (),
@@ -158,12 +180,22 @@ def main() -> None:
     with fleetlib.fleet(BASE, PREFIX, Host) as fleet:
         s3 = fleet.sw.client()
 
+        def commit(cid: str) -> dict:
+            return json.loads(s3.get_object(Bucket=fleet.sw.BUCKET, Key=f"{PREFIX}/commit/{cid}")["Body"].read())
+
+        def snap_doc(name: str) -> dict:
+            """The commit of the remote's snapshot `name`."""
+            return commit({r["name"]: r["commit"] for r in json.loads(a.cowfs("remote", "show", "origin", "--json")[0])
+                           ["refs"] if r["kind"] == "snapshot"}[name])
+
         def packs(name: str) -> set[str]:
             """The packs the commit of the remote's snapshot `name` names."""
-            cid = {r["name"]: r["commit"] for r in json.loads(a.cowfs("remote", "show", "origin", "--json")[0])["refs"]
-                   if r["kind"] == "snapshot"}[name]
-            return set(json.loads(s3.get_object(Bucket=fleet.sw.BUCKET, Key=f"{PREFIX}/commit/{cid}")["Body"].read())
-                       ["packs"])
+            return set(snap_doc(name)["packs"])
+
+        def listed(kind: str) -> set[str]:
+            """The ids of the remote's objects of a kind (data, index, commit, warm...)."""
+            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=fleet.sw.BUCKET, Prefix=f"{PREFIX}/{kind}/")
+            return {o["Key"].rsplit("/", 1)[1] for page in pages for o in page.get("Contents", [])}
 
         def push(h: Host, mp: str, snap: str, parent: str | None, *extra: str) -> dict:
             """parent: the remote snapshot the pushed tree was made from (its packs' indexes are read)."""
@@ -175,10 +207,14 @@ def main() -> None:
             after = fleet.remote_objects()
             P, N = before["index"], after["data"] - before["data"]
             U = len(read - cached) if read is not None else P - len(cached)
-            op = compare(f"push {snap} from {h.name} (P={P}, U={U}, N={N}, {s['files_read']} files "
+            doc = snap_doc(snap)
+            side = {k: (int(bool(doc.get(k))), after[k] - before[k]) for k in SIDE}
+            said = ", ".join(f"{k} {'new' if new else 'sent, on the remote already' if sent else 'none'}"
+                             for k, (sent, new) in side.items())
+            op = compare(f"push {snap} from {h.name} (P={P}, U={U}, N={N}, {said}; {s['files_read']} files "
                          f"read, {s['bytes_uploaded']} B uploaded)", n, b,
-                         model_push(P, U, N, parent is not None, bool(extra), s["seconds"]))
-            op.update(P=P, U=U, N=N, uploaded=s["bytes_uploaded"], packs=len(packs(snap)))
+                         model_push(P, U, N, parent is not None, bool(extra), s["seconds"], side))
+            op.update(P=P, U=U, N=N, side=side, uploaded=s["bytes_uploaded"], packs=len(doc["packs"]))
             ops.append(op)
             return op
 
@@ -225,6 +261,9 @@ def main() -> None:
         # commit seen by this host (none: never pushed to main), so it reads the indexes of the
         # commit this local branch was last pushed as (fork's)
         push(a, mp, "head", "fork", "--branch", "main")
+        # a's writable mount of main now follows the remote branch main and holds it (cowfs/fleet/
+        # holds.py): unmounted (the hold given back) so that `remote hold` can take it
+        a.umount_all()
         t0 = time.monotonic()
         _out, n, bts = a.cowfs("remote", "hold", "origin", "main", "--ttl", "3", "--", "sleep", "4", count=True)
         ops.append(compare("hold of branch main, --ttl 3, for `sleep 4`", n, bts, model_hold(4.0, 3.0)))
@@ -232,17 +271,24 @@ def main() -> None:
         a.cowfs("remote", "delete", "origin", "fork-h0")
         shown = json.loads(a.cowfs("remote", "show", "origin", "--json")[0])["refs"]
         refs = Counter("snap" if r["kind"] == "snapshot" else "branch" for r in shown)
-        commits = len({r["commit"] for r in shown})
+        reached = [commit(c) for c in {r["commit"] for r in shown}]
+        commits = len(reached)
         for run in ("condemns", "deletes"):
             objs = fleet.remote_objects()
-            listed = s3.list_objects_v2(Bucket=fleet.sw.BUCKET, Prefix=f"{PREFIX}/index/").get("Contents", [])
-            U = len({o["Key"].rsplit("/", 1)[1] for o in listed} - a.cached_indexes())
+            U = len(listed("index") - a.cached_indexes())
+            # side objects: those the reached commits name are read; the others (the deleted
+            # fork's, unless another reached commit names the same) are garbage
+            side = {}
+            for k in SIDE:
+                named = {d[k] for d in reached if d.get(k)}
+                side[k] = (objs[k], len(named), len(listed(k) - named))
             out, n, bts = a.cowfs("remote", "gc", "origin", "--grace", "0", "--json", count=True)
             f = json.loads(out.strip().splitlines()[-1])
-            # garbage: the deleted fork's own pack (data + index) and its commit
+            # garbage: the deleted fork's own pack (data + index) and its commit, and side objects
             ops.append(compare(f"gc that {run} (P={objs['index']}, U={U}, C={objs['commit']}, {dict(refs)} refs naming "
-                               f"{commits} commits; condemned {f['condemned']}, deleted {f['deleted']})", n, bts,
-                               model_gc(objs["index"], U, objs["commit"], refs, commits, 1, 1, run == "deletes"),
+                               f"{commits} commits, side objects (on the remote, named, dead) {side}; "
+                               f"condemned {f['condemned']}, deleted {f['deleted']})", n, bts,
+                               model_gc(objs["index"], U, objs["commit"], refs, commits, 1, 1, run == "deletes", side),
                                free=("S3 GET data",)))
         final = fleet.remote_objects()
     if args.json:
