@@ -40,10 +40,12 @@ PUSH_TTL = 20.0        # cowfs.fleet.remote.PUSH_TTL: a push's lease, renewed ev
 
 class Host(fleetlib.Host):
     def cowfs(self, *args: str, count: bool = False) -> tuple[str, Counter, Counter]:
-        """stdout, and with count: requests and bytes by kind, summed over the command's processes."""
+        """stdout, and with count: S3 and etcd requests and bytes by kind, summed over the
+        command's processes (not the counter's "fuse read": a pull of a fork reads its base
+        through a mount)."""
         d = os.path.join(BASE, "counts")
         stdout = self.run(*args, env=fleetlib.counting(self.env, d) if count else self.env)
-        got = fleetlib.counts(d) if count else {}
+        got = {k: v for k, v in fleetlib.counts(d).items() if k.startswith(("S3 ", "etcd "))} if count else {}
         return stdout, Counter({k: v[0] for k, v in got.items()}), Counter({k: v[1] for k, v in got.items()})
 
     def cached_indexes(self) -> set[str]:
@@ -85,9 +87,10 @@ def change(root: str, n: int, tag: str, suffix: str) -> None:
 
 # --- the model (docs/scaling.md "Requests per operation") ---------------------------------------
 
-# The objects a commit names besides its packs, written once by id, as the push and gc of this
-# checkout handle them: warm/<id> (the learned cold start, 485a009).
-SIDE = ("warm",)
+# The objects a commit names besides its packs, written once by id (push.py `Pusher.put`), read
+# by gc's mark and collected when no reached commit names them: warm/<id> (the learned cold
+# start, 485a009) and model/<id> (the learned prefetch model, ddaab49).
+SIDE = ("warm", "model")
 
 
 def model_push(P: int, U: int, N: int, parent: bool, branch: bool, seconds: float,
