@@ -16,7 +16,7 @@ length up to date, so the figures are exact without walking the store.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, AbstractSet, NamedTuple
 
 from cowfs.chunks import codec
 from cowfs.chunks.families import CF_OBJECTS, CF_PENDING, CF_REFS, CF_SPACE, SPACE_KEY
@@ -107,7 +107,7 @@ def tree_sizes(kv: KV, hashes: list[bytes]) -> dict[bytes, int]:
 class RefTxn:
     """Reference deltas and new objects gathered by one filesystem operation."""
 
-    __slots__ = ("delta", "new", "pairs", "recode", "done", "staged", "root_sizes")
+    __slots__ = ("delta", "new", "pairs", "recode", "done", "staged", "root_sizes", "absent")
 
     def __init__(self) -> None:
         self.delta: dict[bytes, int] = {}
@@ -126,6 +126,9 @@ class RefTxn:
         # Filled by apply: content bytes under each tree root whose file references changed
         # (what a file's allocation is once the batch is written; see ObjectStore.content_size).
         self.root_sizes: dict[bytes, int] = {}
+        # Objects the caller knows the store has no record of (a new store's build, which
+        # made them in this transaction only): apply takes their count as 0 without a read.
+        self.absent: AbstractSet[bytes] = frozenset()
 
     def incref(self, h: bytes | None, n: int = 1) -> None:
         if h is not None:
@@ -212,7 +215,7 @@ class RefApply:
         """h's stored record (read once)."""
         r = self.refs.get(h)
         if r is None:
-            r = self.refs[h] = self.objects.ref(h)
+            r = self.refs[h] = Ref(0) if h in self.txn.absent else self.objects.ref(h)
             self.objects.remember_size(h, r.size)
         return r
 

@@ -9,6 +9,7 @@ progress, and one line for every failure (an engine down after the retries inclu
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import re
@@ -463,8 +464,11 @@ def lazy_prepare(source: str, store: str) -> tuple[str, Callable[[], None] | Non
     existed = os.path.isdir(store)
 
     def build() -> None:
+        from cowfs.fleet import lazybuild
+
         try:
-            lazy.build(store, cfg, snapshot)
+            # The daemon's own imports, made while the build's child fetches the metadata
+            lazybuild.build(store, cfg, snapshot, meanwhile=lambda: importlib.import_module("cowfs.daemon.server"))
         except Exception as e:      # noqa: BLE001 - one line; made by this command, half built: nothing to keep
             from cowfs.fleet.pull import remove_path
             from cowfs.remote import one_line

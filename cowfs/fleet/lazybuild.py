@@ -1,0 +1,413 @@
+"""The build of a lazy mount (cowfs.fleet.lazy): a pushed snapshot's whole tree written into
+branch main of a new store from its metadata alone, in process (no FUSE round trip):
+directories, files with their sizes, modes, owners, times and xattrs, symlinks, special files,
+hard links; each file's chunks F objects (where on the remote their bytes are).
+
+`build` runs in the forked daemon before it opens the store (cowfs.daemon.process).  The
+metadata (the commit, the pack indexes it names, every tree) is fetched by a child process
+forked at the build's start (`Fetch`), while the daemon imports what it needs and creates
+and opens the store: two cores for the two halves of the ready time, where threads would
+share one (the GIL); the child hands back what it fetched in an in-memory file.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import marshal
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
+
+from cowfs.chunks import codec
+from cowfs.fleet import FleetError
+from cowfs.fleet.config import RemoteConfig
+from cowfs.fleet.lazy import LAZY_FILE
+from cowfs.fleet.model import load_model, seed
+from cowfs.fleet.objects import CHUNK_SIZE, TYPE_CHUNK, TYPE_TREE, Loc, decode_tree, decode_warm, entry_chunks
+from cowfs.fleet.state import State, pack_chunks
+
+if TYPE_CHECKING:
+    from cowfs.core.filesystem import Filesystem
+    from cowfs.core.node import Node
+    from cowfs.fleet.remote import Remote
+    from cowfs.store import Store
+
+BATCH_ENTRIES = 4096    # entries the build writes per commit
+_PR_SET_PDEATHSIG = 1   # prctl(2)
+_FMT = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "fifo": stat.S_IFIFO,
+        "chr": stat.S_IFCHR, "blk": stat.S_IFBLK, "sock": stat.S_IFSOCK}
+
+
+def load_trees(r: "Remote", root: bytes, packs: list[str]) -> dict[bytes, list[dict[str, Any]]]:
+    """Every tree under root.  The trees the commit's packs hold come first, all at once: a
+    push writes a pack's trees together after its chunks, so a few ranged GETs in parallel
+    bring them (instead of one round trip per level of the tree); what they lack (trees of
+    packs the commit does not name: none for a push's own) is fetched level by level."""
+    named = set(packs)
+    held = dict(r.fetch([h for h, loc in r.index.items() if loc.kind == TYPE_TREE and loc.pack in named], "tree"))
+    trees: dict[bytes, list[dict[str, Any]]] = {}
+    level = [root]
+    while level:
+        want = [h for h in dict.fromkeys(level) if h not in trees]
+        held.update(r.fetch([h for h in want if h not in held], "tree"))
+        for h in want:
+            trees[h] = decode_tree(h, held[h])
+        level = [bytes.fromhex(e["tree"]) for h in want for e in trees[h] if e["type"] == "dir"]
+    return trees
+
+
+def load_warm(r: "Remote", commit: dict[str, Any]) -> list[bytes]:
+    """The chunk ids of the cold start pushed with the commit (none for a commit without one)."""
+    from cowfs.blob.base import BlobNotFound
+
+    wid = commit.get("warm")
+    if not wid:
+        return []
+    try:
+        return decode_warm(wid, r.blobs.get("warm/" + wid))
+    except BlobNotFound:
+        raise FleetError(f"the remote {r.cfg.name} lacks warm/{wid}, which the commit names: run cowfs remote "
+                         f"check {r.cfg.name}") from None
+
+
+class Metadata(NamedTuple):
+    """What the build needs from the remote, fetched by `fetch_metadata`."""
+    remote: str                                 # the remote's name (for errors)
+    key: str                                    # Remote.key: the machine state's name of it
+    commit_id: str
+    commit: dict[str, Any]
+    indexes: int                                # pack indexes read
+    trees: dict[bytes, list[dict[str, Any]]]
+    chunks: dict[bytes, tuple]                  # every chunk the indexes name -> where it is (a Loc's fields)
+    warm: list[bytes]
+    model: dict[str, Any] | None                # the pushed prefetch model (cowfs.fleet.model)
+    model_error: str | None                     # why it could not be had (the build goes on)
+    seconds: float
+
+
+def fetch_metadata(cfg: RemoteConfig, snapshot: str) -> Metadata:
+    """The snapshot's commit, the indexes of the packs it names and every tree."""
+    from cowfs.fleet.remote import Remote
+
+    t0 = time.monotonic()
+    with Remote(cfg) as r:
+        cid = r.get_ref("snap", snapshot)
+        if cid is None:
+            have = ", ".join(n for n, _c in r.list_refs("snap")) or "none"
+            raise FleetError(f"the remote {cfg.name} has no snapshot named {snapshot!r} (it has: {have})")
+        commit = r.commit(cid)
+        r.index_commit(commit)      # the indexes of the packs the commit names (all, for an old commit)
+        trees = load_trees(r, bytes.fromhex(commit["root"]["tree"]), commit.get("packs") or [])
+        warm = load_warm(r, commit)
+        try:        # only predictions are lost without it: the build goes on, saying why
+            model, model_error = load_model(r, commit), None
+        except FleetError as e:
+            model, model_error = None, str(e)
+        chunks = {h: tuple(loc) for h, loc in r.index.items() if loc.kind == TYPE_CHUNK}
+        return Metadata(cfg.name, r.key, cid, commit, len(r.packs), trees, chunks, warm, model, model_error,
+                        time.monotonic() - t0)
+
+
+def _die_with(parent: int) -> None:
+    """This process gets SIGKILL when its parent dies (a daemon killed during its build)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:      # it died before the prctl
+        os._exit(1)
+
+
+class Fetch:
+    """`fetch_metadata` in a child process forked now; `result` waits for it.  The child
+    answers once, marshalled (plain values: 3x faster than pickle here) into an in-memory file
+    made before the fork (a pipe would pass the ~9 MiB of issue 23's sandbox 64 KiB per
+    scheduling round), then exits; its status says whether it answered.  It never touches the
+    store: it is forked before the store is opened, and leaves by os._exit."""
+
+    def __init__(self, cfg: RemoteConfig, snapshot: str) -> None:
+        from cowfs.remote import one_line
+
+        self.fd = os.memfd_create("cowfs-lazy-metadata", os.MFD_CLOEXEC)
+        parent = os.getpid()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                _die_with(parent)
+                try:
+                    meta = fetch_metadata(cfg, snapshot)
+                    answer: tuple[str, Any] = ("ok", tuple(meta))
+                except Exception as e:      # noqa: BLE001 - the parent raises it, one line
+                    answer = ("error", one_line(e))
+                with open(self.fd, "wb", closefd=False) as f:
+                    marshal.dump(answer, f)
+                code = 0
+            finally:
+                os._exit(code)
+
+    def result(self) -> Metadata:
+        """The child's Metadata; FleetError with its error (or its death) otherwise."""
+        _pid, status = os.waitpid(self.pid, 0)
+        self.pid = 0
+        try:
+            with open(self.fd, "rb", closefd=False) as f:
+                f.seek(0)
+                data = f.read()
+        finally:
+            self.close()
+        if status or not data:
+            raise FleetError("the process fetching the snapshot's metadata died without an answer "
+                             f"(wait status {status})")
+        kind, value = marshal.loads(data)
+        if kind != "ok":
+            raise FleetError(value)
+        return Metadata._make(value)
+
+    def close(self) -> None:
+        """Stop the child if it still runs (the build failed first), reap it, drop the file."""
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.pid = 0
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Builder:
+    """Writes a commit's tree into branch main of a store (in process, under trio.run)."""
+
+    def __init__(self, fs: "Filesystem", meta: "Metadata") -> None:
+        self.fs = fs
+        self.meta = meta
+        self.trees = meta.trees
+        self.files = self.dirs = self.links = self.other = self.remote_chunks = self.commits = 0
+        self.bytes = 0
+        self.model: dict[str, int] = {}    # the pushed prefetch model kept (cowfs.fleet.model.seed)
+        # stat-cache rows (cowfs.fleet.state) of the files as the mount shows them: a push of
+        # this tree (or of a fork of it) does not read, so does not fetch, what is unchanged
+        self.rows: list[tuple[str, bytes, int, int, int, bytes]] = []
+        # The objects the store holds: those the build's earlier commits brought (the store is
+        # new: a set instead of a RocksDB read per chunk, 25,000 of them for issue 23's sandbox);
+        # a chunk twice in one commit gets an F record each time, as it did before the set.
+        # What a commit brings beyond them is known absent (RefTxn.absent): its count is not read.
+        self._stored: set[bytes] = set()
+        self.inos: dict[str, int] = {}     # a file's path -> its inode (the pushed prefetch model's paths)
+
+    async def run(self, root_entry: dict[str, Any]) -> None:
+        from cowfs.store import ROOT_INO
+
+        fs = self.fs
+        view = fs.primary
+        root = fs.node(view, ROOT_INO)
+        if fs.list_dir(root):
+            raise FleetError("the store's branch main is not empty: a lazy mount builds into a new store")
+        links: list[tuple["Node", bytes, dict[str, Any]]] = []
+        firsts: dict[str, "Node"] = {}
+        async with fs.mutate(view) as m:
+            self._attrs(root, root_entry)
+            root.attrs.nlink = 2 + self._subdirs(root_entry)
+            self._xattrs(m, root, root_entry)
+            m.save(root)
+        # Every node is saved once, by the commit that makes it, with its final link count (a
+        # directory's: 2 + its subdirectories, known from its tree); a commit takes directories
+        # until it holds about BATCH_ENTRIES entries.
+        stack = [(root, bytes.fromhex(root_entry["tree"]), "")]
+        while stack:
+            async with fs.mutate(view) as m:
+                n = 0
+                while stack and n < BATCH_ENTRIES:
+                    parent, th, rel = stack.pop()
+                    n += len(self.trees[th])
+                    for e in self.trees[th]:
+                        p = f"{rel}/{e['name']}" if rel else e["name"]
+                        name = os.fsencode(e["name"])
+                        t = e["type"]
+                        if t == "file" and e.get("link") not in (None, p):
+                            links.append((parent, name, e))
+                            continue
+                        node = fs.nodes.new(m, parent, _FMT[t] | e["mode"], e["uid"], e["gid"],
+                                            int(e.get("rdev", 0)), os.fsencode(e["target"]) if t == "symlink" else b"")
+                        self._attrs(node, e)
+                        m.link(parent, name, node)
+                        self._xattrs(m, node, e)
+                        if t == "dir":
+                            node.attrs.nlink = 2 + self._subdirs(e)
+                            m.save(node)
+                            stack.append((node, bytes.fromhex(e["tree"]), p))
+                            self.dirs += 1
+                        elif t == "file":
+                            self._content(m, node, e, p)
+                            self.inos[p] = node.ino
+                            if "link" in e:
+                                firsts[p] = node
+                            self.files += 1
+                        else:
+                            m.save(node)
+                            self.other += 1
+                self.commits += 1
+                m.txn.absent = m.txn.new.keys() - self._stored
+            self._stored.update(m.txn.new)
+        if links:
+            async with fs.mutate(view) as m:
+                for parent, name, e in links:
+                    node = firsts.get(e["link"])
+                    if node is None:
+                        raise FleetError(f"the tree's hard link {e['name']!r} names {e['link']!r}, "
+                                         "which it does not hold")
+                    node.attrs.nlink += 1
+                    fs.namespace.more_names(m, node, parent, name)
+                    m.link(parent, name, node)
+                    m.save(node)
+                    self.links += 1
+
+    def _subdirs(self, e: dict[str, Any]) -> int:
+        return sum(c["type"] == "dir" for c in self.trees[bytes.fromhex(e["tree"])])
+
+    @staticmethod
+    def _attrs(node: "Node", e: dict[str, Any]) -> None:
+        """Exactly the entry's owner, mode and times (nodes.new applies a setgid parent's rules)."""
+        a = node.attrs
+        a.mode = stat.S_IFMT(a.mode) | e["mode"]
+        a.uid, a.gid = e["uid"], e["gid"]
+        a.atime_ns, a.mtime_ns = e["atime"], e["mtime"]
+
+    def _xattrs(self, m: Any, node: "Node", e: dict[str, Any]) -> None:
+        if "xattrs" not in e:       # most entries: no imports run per entry
+            return
+        import base64
+
+        from cowfs.meta.versioned import CF_XATTRS, name_key
+
+        for n, v in e["xattrs"].items():
+            self.fs.store.meta.put(m.batch, CF_XATTRS, name_key(node.ino, os.fsencode(n)), node.view.lv.top,
+                                   b"v" + base64.b64decode(v))
+
+    def _content(self, m: Any, node: "Node", e: dict[str, Any], rel: str) -> None:
+        """The file's chunk tree from its chunk ids; F objects for those the store lacks."""
+        size = int(e["size"])
+        encoded: dict[int, tuple[bytes, bytes | None] | None] = {}
+        chunks = entry_chunks(e)
+        self.rows.append((self.fs.store.path, os.fsencode(rel), size, e["mtime"], node.attrs.ctime_ns,
+                          pack_chunks(chunks)))
+        for i, h in enumerate(chunks):
+            if h is None:
+                continue
+            if h in self._stored:
+                encoded[i] = (h, None)
+                continue
+            fields = self.meta.chunks.get(h)
+            if fields is None:
+                raise FleetError(f"the remote {self.meta.remote} lacks the chunk {h.hex()} (no pack index "
+                                 f"names it): run cowfs remote check {self.meta.remote}")
+            loc = Loc._make(fields)
+            raw = min(CHUNK_SIZE, size - i * CHUNK_SIZE)
+            if loc.raw != raw:
+                raise FleetError(f"chunk {h.hex()} of {e['name']!r} is {loc.raw} bytes on the remote, its file "
+                                 f"needs {raw} there")
+            value = codec.encode_remote(codec.RemoteLoc(0, loc.enc, loc.raw, loc.offset, loc.length,
+                                                        bytes.fromhex(loc.pack)))
+            encoded[i] = (h, value)
+            self.remote_chunks += 1
+        node.attrs.size = size  # flush_node_into saves this size but leaves the node's as it finds it
+        # A new node's allocation, loaded before it has a tree: 0 without a refs read of a root
+        # the store does not hold yet (which would find no record: 0 all the same)
+        self.fs.usage.allocated(node)
+        self.fs.flusher.flush_node_into(m, node, encoded, size)
+        self.bytes += size
+
+
+@contextlib.contextmanager
+def _uncollected() -> Iterator[None]:
+    """Closing a store collects garbage (cowfs.kv.rocks: the database's handles); the build's
+    trees and index are live, not garbage: kept out of that walk (0.15-0.45 s of 10,000 entries)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@contextlib.contextmanager
+def _collector_off() -> Iterator[None]:
+    """The build allocates ~10 objects per entry and frees almost none until it ends (trees,
+    index, nodes): every automatic collection walks that growing heap for nothing (the
+    sandbox's 32,226 entries: ~40% of the build's CPU).  Explicit collections (a store's
+    close) still run."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def build(store_path: str, cfg: RemoteConfig, snapshot: str, meanwhile: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Fetch the snapshot's commit and trees (a child process), create the store and write the
+    tree into it, and name the remote in the store's lazy.json.  `meanwhile` (the daemon's
+    imports) runs while the child fetches.  Figures of what it did (also in lazy.json)."""
+    t0 = time.monotonic()
+    with _collector_off():
+        fetch = Fetch(cfg, snapshot)
+        try:
+            import trio
+
+            from cowfs.core.filesystem import Filesystem
+            from cowfs.store import Store, init_store
+
+            if meanwhile is not None:
+                meanwhile()
+            with _uncollected():
+                init_store(store_path)
+            store: "Store" = Store(os.path.abspath(store_path))
+            try:
+                t_open = time.monotonic() - t0
+                meta = fetch.result()
+                t1 = time.monotonic()
+
+                async def work() -> Builder:
+                    b = Builder(Filesystem(store, "main"), meta)
+                    await b.run(meta.commit["root"])
+                    b.model = seed(b.fs, b.inos, meta.model) if meta.model else {}
+                    return b
+                b = trio.run(work)
+            finally:
+                with _uncollected():
+                    store.close()
+        finally:
+            fetch.close()
+        t_build = time.monotonic() - t1
+        state = State()
+        try:
+            state.remember_chunks(b.rows)
+            state.set_origin(os.path.abspath(store_path), "main", meta.key, meta.commit_id)   # a push's parent commit
+        finally:
+            state.close()
+    figures = {"commit": meta.commit_id, "trees": len(meta.trees), "indexes": meta.indexes, "files": b.files,
+               "dirs": b.dirs, "hard_links": b.links, "other": b.other, "commits": b.commits,
+               "remote_chunks": b.remote_chunks, "warm_chunks": len(meta.warm),
+               "model_files": b.model.get("files", 0), "model_transitions": b.model.get("transitions", 0), "bytes": b.bytes,
+               "metadata_seconds": round(meta.seconds, 3), "open_seconds": round(t_open, 3),
+               "waited_seconds": round(t1 - t0 - t_open, 3), "build_seconds": round(t_build, 3),
+               "seconds": round(time.monotonic() - t0, 3)}
+    doc = {"version": 1,
+           "remotes": [{"name": cfg.name, "url": cfg.url, "refs": cfg.refs, "endpoint": cfg.endpoint}],
+           "remote_key": meta.key, "snapshot": snapshot, "commit": meta.commit_id, "built": time.time(),
+           "build": figures}
+    if meta.warm:
+        doc["warm"] = {"object": meta.commit["warm"], "chunks": [h.hex() for h in meta.warm]}
+    if meta.model_error:
+        doc["model_error"] = meta.model_error
+    tmp = Path(store_path) / (LAZY_FILE + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, Path(store_path) / LAZY_FILE)
+    return figures
