@@ -1296,6 +1296,69 @@ def test_lazy_mount_killed_during_fetches_mounts_again_clean(fleet, mount_factor
     assert report["clean"] and not report["counts"].get("remote_chunks"), report
 
 
+def _procs(field: int, value: int) -> list[int]:
+    """The processes whose /proc/PID/stat field (1: ppid, 3: session) is value."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                fields = Path(f"/proc/{d}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[field]) == value:
+                out.append(int(d))
+    return out
+
+
+def test_a_lazy_build_killed_midway_is_built_again_by_the_next_mount(fleet, mount_factory):
+    """SIGKILL of the daemon while it builds a lazy mount's store: the mount fails in one
+    line, the process fetching the metadata dies with it, and the same command then finds the
+    half-built store (its lazy.building names a dead builder), empties it and builds it
+    again, clean.  A store whose builder still runs is refused in one line."""
+    a, b = fleet("a"), fleet("b")
+    src = mount_factory()
+    for d in range(20):
+        (src.path / f"d{d}").mkdir()
+        for f in range(100):
+            (src.path / f"d{d}" / f"f{f}").write_bytes(os.urandom(100 + f))
+    pushed = snap(src, "base")
+    a.json("push", src.path, "base", "origin")
+    store, mp = b.base / "lazy-store", b.base / "mnt"
+    mp.mkdir()
+    p = subprocess.Popen(mounting.cowfs_command() + ["mount", "origin:base", str(mp), "--store", str(store)],
+                         env=b.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # The daemon (the CLI's child) forks the metadata fetch: stopped, it holds the build
+        # where the store exists (made meanwhile) and the tree is not written yet.
+        daemon = mounting.wait_until(lambda: _procs(1, p.pid), "the daemon", timeout=60)[0]
+        fetch = mounting.wait_until(lambda: _procs(1, daemon), "the metadata fetch", timeout=60)[0]
+        os.kill(fetch, signal.SIGSTOP)
+        marker = store / "lazy.building"
+        building = mounting.wait_until(lambda: marker.exists() and json.loads(marker.read_text() or "null"),
+                                       "the build's marker", timeout=120)
+        assert building["pid"] == daemon
+        os.kill(daemon, signal.SIGKILL)
+        _out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1 and "the daemon exited before mounting" in err.decode(), err
+    assert not mounting.is_mounted(mp)
+    mounting.wait_until(lambda: not _procs(3, daemon), "the build's processes gone", timeout=20)
+    assert marker.exists() and not (store / "lazy.json").exists()
+    # Its builder alive (this process, for the test), the store is refused, left as it is.
+    marker.write_text(json.dumps(dict(building, pid=os.getpid())))
+    r = b.cowfs("mount", "origin:base", mp, "--store", store, check=False)
+    assert r.returncode == 1 and f"is being built by process {os.getpid()}" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and marker.exists()
+    marker.write_text(json.dumps(building))
+    with lazy_mounted(b, "origin:base", mp, store):
+        same_tree(pushed, mp, names=("pushed", "built again"))
+    assert not marker.exists()
+    report = mounting.fsck(store)
+    assert report["clean"], report["problems"]
+
+
 def _read_all(root: Path, rels: list[str]) -> dict[str, bytes]:
     return {r: (root / r).read_bytes() for r in rels}
 

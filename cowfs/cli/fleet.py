@@ -443,7 +443,7 @@ def lazy_prepare(source: str, store: str) -> tuple[str, Callable[[], None] | Non
     snapshot built it).  The daemon runs the build before it opens the store
     (cowfs.daemon.process): no second interpreter; a failed build removes what it made and
     raises MountError, one line."""
-    from cowfs.fleet import config, lazy
+    from cowfs.fleet import config, lazy, lazybuild
 
     remote_name, sep, snapshot = source.partition(":")
     if not sep or not remote_name or not snapshot:
@@ -458,24 +458,24 @@ def lazy_prepare(source: str, store: str) -> tuple[str, Callable[[], None] | Non
             raise CliError(f"{store} is the lazy mount of {built['remotes'][0]['name']}:{built['snapshot']}, "
                            f"not of {source}: choose another --store")
         return store, None
+    with _fleet_errors(f"lazy mount of {source}"):
+        if os.path.isdir(store) and lazybuild.clear_half_built(store) is not None:
+            click.echo(f"cowfs: {store} was left half built by a lazy mount killed during its build: "
+                       "building it again", err=True)
     if os.path.exists(store) and (not os.path.isdir(store) or os.listdir(store)):
         raise CliError(f"{store} exists and is not the store of a lazy mount: a lazy mount builds a new store "
                        "(choose a path that does not exist, or an empty directory)")
     existed = os.path.isdir(store)
 
     def build() -> None:
-        from cowfs.fleet import lazybuild
-
         try:
             # The daemon's own imports, made while the build's child fetches the metadata
             lazybuild.build(store, cfg, snapshot, meanwhile=lambda: importlib.import_module("cowfs.daemon.server"))
         except Exception as e:      # noqa: BLE001 - one line; made by this command, half built: nothing to keep
-            from cowfs.fleet.pull import remove_path
             from cowfs.remote import one_line
 
-            for p in ([os.path.join(store, n) for n in os.listdir(store)] if existed else [store]):
-                with contextlib.suppress(OSError):  # what could not go must not hide why the build failed
-                    remove_path(p)
+            if os.path.isdir(store):
+                lazybuild.remove_built(store, keep_dir=existed)
             raise MountError(f"lazy mount of {source}: {one_line(e)}") from None
     return store, build
 

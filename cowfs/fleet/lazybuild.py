@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from cowfs.fleet.remote import Remote
     from cowfs.store import Store
 
+BUILDING_FILE = "lazy.building"   # in a store while its build runs: the builder's pid, what it builds
 BATCH_ENTRIES = 4096    # entries the build writes per commit
 _PR_SET_PDEATHSIG = 1   # prctl(2)
 _FMT = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "fifo": stat.S_IFIFO,
@@ -368,6 +369,8 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str, meanwhile: Callable
                 meanwhile()
             with _uncollected():
                 init_store(store_path)
+            (Path(store_path) / BUILDING_FILE).write_text(json.dumps({"pid": os.getpid(), "remote": cfg.name,
+                                                                      "snapshot": snapshot}) + "\n")
             store: "Store" = Store(os.path.abspath(store_path))
             try:
                 t_open = time.monotonic() - t0
@@ -410,4 +413,36 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str, meanwhile: Callable
     tmp = Path(store_path) / (LAZY_FILE + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     os.replace(tmp, Path(store_path) / LAZY_FILE)
+    os.unlink(Path(store_path) / BUILDING_FILE)
     return figures
+
+
+def remove_built(store: str, keep_dir: bool) -> None:
+    """Remove what a build made in store (the directory too unless keep_dir: it was there
+    before); what cannot go stays (a failed build's error is the one to report)."""
+    from cowfs.fleet.pull import remove_path
+
+    for p in ([os.path.join(store, n) for n in os.listdir(store)] if keep_dir else [store]):
+        with contextlib.suppress(OSError):
+            remove_path(p)
+
+
+def clear_half_built(store: str) -> dict[str, Any] | None:
+    """A store that a build killed midway left (its BUILDING_FILE, no lazy.json) is emptied for
+    a new build: its BUILDING_FILE's contents, or None for any other store.  FleetError if
+    its builder still runs."""
+    try:
+        half = json.loads((Path(store) / BUILDING_FILE).read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if (Path(store) / LAZY_FILE).exists():
+        return None
+    try:
+        os.kill(half["pid"], 0)
+    except ProcessLookupError:
+        remove_built(store, keep_dir=True)
+        return half
+    except PermissionError:
+        pass
+    raise FleetError(f"{store} is being built by process {half['pid']} (a lazy mount of {half['remote']}:"
+                     f"{half['snapshot']}): wait for it, or choose another --store")
