@@ -352,7 +352,8 @@ def _collector_off() -> Iterator[None]:
             gc.enable()
 
 
-def build(store_path: str, cfg: RemoteConfig, snapshot: str, meanwhile: Callable[[], None] | None = None) -> dict[str, Any]:
+def build(store_path: str, cfg: RemoteConfig, snapshot: str,
+          meanwhile: Callable[[], None] | None = None) -> dict[str, Any]:
     """Fetch the snapshot's commit and trees (a child process), create the store and write the
     tree into it, and name the remote in the store's lazy.json.  `meanwhile` (the daemon's
     imports) runs while the child fetches.  Figures of what it did (also in lazy.json)."""
@@ -398,7 +399,8 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str, meanwhile: Callable
     figures = {"commit": meta.commit_id, "trees": len(meta.trees), "indexes": meta.indexes, "files": b.files,
                "dirs": b.dirs, "hard_links": b.links, "other": b.other, "commits": b.commits,
                "remote_chunks": b.remote_chunks, "warm_chunks": len(meta.warm),
-               "model_files": b.model.get("files", 0), "model_transitions": b.model.get("transitions", 0), "bytes": b.bytes,
+               "model_files": b.model.get("files", 0), "model_transitions": b.model.get("transitions", 0),
+               "bytes": b.bytes,
                "metadata_seconds": round(meta.seconds, 3), "open_seconds": round(t_open, 3),
                "waited_seconds": round(t1 - t0 - t_open, 3), "build_seconds": round(t_build, 3),
                "seconds": round(time.monotonic() - t0, 3)}
