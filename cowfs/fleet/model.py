@@ -19,9 +19,16 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import blake3
+import zstandard
 
 from cowfs.fleet import FleetError
-from cowfs.fleet.objects import CorruptObject, _is_hexid
+from cowfs.fleet.objects import _ZSTD_LEVEL, CorruptObject, _is_hexid
+
+# A model object is its JSON in one zstd frame (paths and small integers: the quick sandbox's
+# 1,041,357 B of JSON; see docs/benchmarks.md); one written before the frame (plain JSON) still
+# reads.  MODEL_MAX bounds what a damaged or hostile frame may inflate to.
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+MODEL_MAX = 256 << 20
 
 if TYPE_CHECKING:
     from cowfs.core.filesystem import Filesystem
@@ -31,7 +38,8 @@ if TYPE_CHECKING:
 def encode_model(files: list[list[Any]], nxt: list[list[Any]]) -> tuple[str, bytes]:
     """(model id, bytes) of a prefetch model: files as [path, chunk bitmask], transitions as
     [i, [[j, count], ...]] between indexes of files."""
-    data = json.dumps({"v": 1, "files": files, "next": nxt}, separators=(",", ":")).encode()
+    doc = json.dumps({"v": 1, "files": files, "next": nxt}, separators=(",", ":")).encode()
+    data = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(doc)
     return blake3.blake3(data).hexdigest(), data
 
 
@@ -40,7 +48,7 @@ def decode_model(mid: str, data: bytes) -> dict[str, Any]:
     if not _is_hexid(mid) or blake3.blake3(data).hexdigest() != mid:
         raise CorruptObject(f"model/{mid}: its content does not hash to its name")
     try:
-        doc = json.loads(data)
+        doc = json.loads(_inflate(data) if data[:4] == _ZSTD_MAGIC else data)
         files, nxt = doc["files"], doc["next"]
         n = len(files)
         if doc.get("v") != 1 or not all(isinstance(p, str) and isinstance(b, int) and b >= 0 for p, b in files):
@@ -49,9 +57,18 @@ def decode_model(mid: str, data: bytes) -> dict[str, Any]:
             if not (isinstance(i, int) and 0 <= i < n) or not all(
                     isinstance(j, int) and 0 <= j < n and isinstance(c, int) and c > 0 for j, c in succ):
                 raise ValueError("a transition names no file of the model")
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, zstandard.ZstdError) as e:
         raise CorruptObject(f"model/{mid}: {e}") from None
     return doc
+
+
+def _inflate(frame: bytes) -> bytes:
+    """The frame's content, refused when its header declares no size or one over MODEL_MAX
+    (decompress allocates what the header declares)."""
+    size = zstandard.frame_content_size(frame)
+    if not 0 <= size <= MODEL_MAX:
+        raise ValueError(f"a zstd frame declaring {size} bytes (at most {MODEL_MAX})")
+    return zstandard.ZstdDecompressor().decompress(frame)
 
 
 def load_model(r: "Remote", commit: dict[str, Any]) -> dict[str, Any] | None:
