@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 import sys
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import click
 
@@ -26,6 +26,10 @@ from cowfs.cli.params import json_opt
 from cowfs.cli.tempmount import branch_mounted, require_store
 from cowfs.cli.textfmt import human
 from cowfs.errors import MountError
+
+if TYPE_CHECKING:
+    from cowfs.daemon.config import MountConfig
+    from cowfs.store import Store
 
 _REF = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -437,12 +441,12 @@ def _make_branch(store: str, into: str, base_snap: str | None, snaps: dict[str, 
             raise CliError(f"branch {into}: {e}") from None
 
 
-def lazy_prepare(source: str, store: str) -> tuple[str, Callable[[], None] | None]:
+def lazy_prepare(source: str, store: str) -> tuple[str, "Callable[[MountConfig], Store] | None"]:
     """For `cowfs mount REMOTE:SNAPSHOT MNT --store STORE`: the store to mount, and the build
     that creates it from the snapshot's metadata (None when an earlier lazy mount of the same
-    snapshot built it).  The daemon runs the build before it opens the store
-    (cowfs.daemon.process): no second interpreter; a failed build removes what it made and
-    raises MountError, one line."""
+    snapshot built it).  The daemon runs the build and serves the store it returns open
+    (cowfs.daemon.process): no second interpreter, no reopen; a failed build removes what it
+    made and raises MountError, one line."""
     from cowfs.fleet import config, lazy, lazybuild
 
     remote_name, sep, snapshot = source.partition(":")
@@ -467,10 +471,11 @@ def lazy_prepare(source: str, store: str) -> tuple[str, Callable[[], None] | Non
                        "(choose a path that does not exist, or an empty directory)")
     existed = os.path.isdir(store)
 
-    def build() -> None:
+    def build(mount_cfg: "MountConfig") -> "Store":
         try:
             # The daemon's own imports, made while the build's child fetches the metadata
-            lazybuild.build(store, cfg, snapshot, meanwhile=lambda: importlib.import_module("cowfs.daemon.server"))
+            return lazybuild.build(store, cfg, snapshot, (mount_cfg.cache_l1, mount_cfg.cache_l2),
+                                   meanwhile=lambda: importlib.import_module("cowfs.daemon.server"))[0]
         except Exception as e:      # noqa: BLE001 - one line; made by this command, half built: nothing to keep
             from cowfs.remote import one_line
 

@@ -2,7 +2,8 @@
 errors, no traceback), then forks the daemon, which reports back on a pipe once the kernel
 has the mount, so `cowfs mount` returns only when the mount is usable (`--foreground`: the
 daemon runs in the calling process, for systemd).  A lazy mount's build (`prepare`) runs in
-the daemon before it opens the store it builds: no second interpreter, imports made once.
+the daemon and hands it the store it built, still open: no second interpreter, imports made
+once, no close and reopen of the new store.
 A store already served by a daemon gets the branch attached by that daemon instead (the
 admin socket's `attach`).  The daemon's work once it runs is cowfs.daemon.server's.
 """
@@ -16,13 +17,16 @@ import logging
 import os
 import pickle
 import sys
-from typing import Callable, NoReturn
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 from cowfs import faults, private
 from cowfs.daemon import admin, mounts, options as mount_options
 from cowfs.daemon.config import MountConfig, option_conflicts, options_asked
 from cowfs.daemon.mounts import daemon_pid
 from cowfs.errors import MountError, StoreError
+
+if TYPE_CHECKING:
+    from cowfs.store import Store
 
 log = logging.getLogger("cowfs.daemon")
 LOG_NAME = "daemon.log"
@@ -95,7 +99,9 @@ def _keep_freed_memory() -> None:
         pass  # not glibc: its defaults stand
 
 
-Prepare = Callable[[], None]  # creates the store before the daemon opens it; MountError: one line
+# A lazy mount's build: creates the store (the configuration's cache sizes) and returns it
+# open, for the daemon to serve; MountError: one line
+Prepare = Callable[[MountConfig], "Store"]
 
 
 def _run_daemon(cfg: MountConfig, wfd: int, prepare: Prepare | None = None) -> NoReturn:
@@ -142,9 +148,10 @@ def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: boo
     # Every file the daemon, RocksDB's threads or the store create is the owner's alone
     # (cowfs.private); for the daemon's whole life, so never given back.
     os.umask(private.UMASK)
+    built: "Store | None" = None
     if prepare is not None:
         try:
-            prepare()
+            built = prepare(cfg)
         except MountError as exc:
             ready(str(exc))
             return 1
@@ -152,13 +159,15 @@ def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: boo
     try:
         faults.load(os.environ.get(faults.ENV))  # a test hook (cowfs.faults)
     except ValueError as exc:
+        if built is not None:
+            built.close()
         ready(str(exc))
         return 1
     _keep_freed_memory()
     from cowfs.daemon.server import Daemon  # pyfuse3, trio and the store: only in the daemon
 
     try:
-        daemon = Daemon(cfg)
+        daemon = Daemon(cfg, built)
     except StoreError as exc:
         ready(str(exc))
         return 1

@@ -3,7 +3,8 @@ branch main of a new store from its metadata alone, in process (no FUSE round tr
 directories, files with their sizes, modes, owners, times and xattrs, symlinks, special files,
 hard links; each file's chunks F objects (where on the remote their bytes are).
 
-`build` runs in the forked daemon before it opens the store (cowfs.daemon.process).  The
+`build` runs in the forked daemon, which then serves the store the build leaves open
+(cowfs.daemon.process).  The
 metadata (the commit, the pack indexes it names, every tree) is fetched by a child process
 forked at the build's start (`Fetch`), while the daemon imports what it needs and creates
 and opens the store: two cores for the two halves of the ready time, where threads would
@@ -352,11 +353,15 @@ def _collector_off() -> Iterator[None]:
             gc.enable()
 
 
-def build(store_path: str, cfg: RemoteConfig, snapshot: str,
-          meanwhile: Callable[[], None] | None = None) -> dict[str, Any]:
+def build(store_path: str, cfg: RemoteConfig, snapshot: str, cache: tuple[int, int] = (256 << 20, 256 << 20),
+          meanwhile: Callable[[], None] | None = None) -> "tuple[Store, dict[str, Any]]":
     """Fetch the snapshot's commit and trees (a child process), create the store and write the
     tree into it, and name the remote in the store's lazy.json.  `meanwhile` (the daemon's
-    imports) runs while the child fetches.  Figures of what it did (also in lazy.json)."""
+    imports) runs while the child fetches; cache: the store's chunk cache sizes (the daemon's,
+    Store's cache_l1 and cache_l2).  The store stays open for the caller (the daemon serves
+    it: no close, whose memtable flush and reopen cost ~0.3 s of the ready time), its writes
+    durable (the WAL synced) before lazy.json says it is built.  Returns it with figures of
+    what the build did (also in lazy.json)."""
     t0 = time.monotonic()
     with _collector_off():
         fetch = Fetch(cfg, snapshot)
@@ -372,7 +377,7 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str,
                 init_store(store_path)
             (Path(store_path) / BUILDING_FILE).write_text(json.dumps({"pid": os.getpid(), "remote": cfg.name,
                                                                       "snapshot": snapshot}) + "\n")
-            store: "Store" = Store(os.path.abspath(store_path))
+            store = Store(os.path.abspath(store_path), cache_l1=cache[0], cache_l2=cache[1])
             try:
                 t_open = time.monotonic() - t0
                 meta = fetch.result()
@@ -382,41 +387,43 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str,
                     b = Builder(Filesystem(store, "main"), meta)
                     await b.run(meta.commit["root"])
                     b.model = seed(b.fs, b.inos, meta.model) if meta.model else {}
+                    await store.sync()      # durable before lazy.json names the store built
                     return b
                 b = trio.run(work)
-            finally:
+                t_build = time.monotonic() - t1
+                state = State()
+                try:
+                    state.remember_chunks(b.rows)
+                    state.set_origin(os.path.abspath(store_path), "main", meta.key, meta.commit_id)   # a push's parent
+                finally:
+                    state.close()
+                figures = {"commit": meta.commit_id, "trees": len(meta.trees), "indexes": meta.indexes,
+                           "files": b.files, "dirs": b.dirs, "hard_links": b.links, "other": b.other,
+                           "commits": b.commits, "remote_chunks": b.remote_chunks, "warm_chunks": len(meta.warm),
+                           "model_files": b.model.get("files", 0),
+                           "model_transitions": b.model.get("transitions", 0), "bytes": b.bytes,
+                           "metadata_seconds": round(meta.seconds, 3), "open_seconds": round(t_open, 3),
+                           "waited_seconds": round(t1 - t0 - t_open, 3), "build_seconds": round(t_build, 3),
+                           "seconds": round(time.monotonic() - t0, 3)}
+                doc = {"version": 1,
+                       "remotes": [{"name": cfg.name, "url": cfg.url, "refs": cfg.refs, "endpoint": cfg.endpoint}],
+                       "remote_key": meta.key, "snapshot": snapshot, "commit": meta.commit_id, "built": time.time(),
+                       "build": figures}
+                if meta.warm:
+                    doc["warm"] = {"object": meta.commit["warm"], "chunks": [h.hex() for h in meta.warm]}
+                if meta.model_error:
+                    doc["model_error"] = meta.model_error
+                tmp = Path(store_path) / (LAZY_FILE + ".tmp")
+                tmp.write_text(json.dumps(doc, indent=1) + "\n")
+                os.replace(tmp, Path(store_path) / LAZY_FILE)
+                os.unlink(Path(store_path) / BUILDING_FILE)
+            except BaseException:
                 with _uncollected():
                     store.close()
+                raise
         finally:
             fetch.close()
-        t_build = time.monotonic() - t1
-        state = State()
-        try:
-            state.remember_chunks(b.rows)
-            state.set_origin(os.path.abspath(store_path), "main", meta.key, meta.commit_id)   # a push's parent commit
-        finally:
-            state.close()
-    figures = {"commit": meta.commit_id, "trees": len(meta.trees), "indexes": meta.indexes, "files": b.files,
-               "dirs": b.dirs, "hard_links": b.links, "other": b.other, "commits": b.commits,
-               "remote_chunks": b.remote_chunks, "warm_chunks": len(meta.warm),
-               "model_files": b.model.get("files", 0), "model_transitions": b.model.get("transitions", 0),
-               "bytes": b.bytes,
-               "metadata_seconds": round(meta.seconds, 3), "open_seconds": round(t_open, 3),
-               "waited_seconds": round(t1 - t0 - t_open, 3), "build_seconds": round(t_build, 3),
-               "seconds": round(time.monotonic() - t0, 3)}
-    doc = {"version": 1,
-           "remotes": [{"name": cfg.name, "url": cfg.url, "refs": cfg.refs, "endpoint": cfg.endpoint}],
-           "remote_key": meta.key, "snapshot": snapshot, "commit": meta.commit_id, "built": time.time(),
-           "build": figures}
-    if meta.warm:
-        doc["warm"] = {"object": meta.commit["warm"], "chunks": [h.hex() for h in meta.warm]}
-    if meta.model_error:
-        doc["model_error"] = meta.model_error
-    tmp = Path(store_path) / (LAZY_FILE + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, Path(store_path) / LAZY_FILE)
-    os.unlink(Path(store_path) / BUILDING_FILE)
-    return figures
+    return store, figures
 
 
 def remove_built(store: str, keep_dir: bool) -> None:
