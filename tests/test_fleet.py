@@ -794,12 +794,7 @@ def test_a_writable_mount_of_a_branch_that_follows_a_remote_branch_holds_it_one_
     assert r.returncode != 0 and f"which {a_holds} holds" in r.stderr, r.stderr
     assert branch_holder(kv, "dev") == a_holds
     # A's daemon dies: its hold lasts its lease (3 s), then B's mount takes over.
-    os.killpg(ma.pid, signal.SIGKILL)
-    ma.proc.wait(timeout=30)
-    ma.exit_codes.append(ma.proc.returncode)
-    subprocess.run(["fusermount3", "-u", str(ma.path)], timeout=30)
-    if ma.mounted():
-        mounting.lazy_unmount(ma.path)
+    mounting.sigkill(ma)
     died = time.monotonic()
     while True:
         r = b.cowfs("mount", store_b, mp, "--branch", "dev2", check=False)
