@@ -1474,9 +1474,9 @@ def test_a_lazy_mount_prefetches_what_the_pushing_hosts_model_learned_and_surviv
     source's workload read next, and the rest of the workload fetches nothing.  A model object
     damaged or missing: the mount works, without predictions, and says why in one log line."""
     a, b = fleet("a"), fleet("b")
-    src = mount_factory()
+    src = mount_factory(options=("warm_window=2",))
     os.listdir(src.path)        # the mount's first touch: its cold start's window opens ...
-    time.sleep(31)              # ... and closes (30 s): what follows is learned as transitions only
+    time.sleep(2.5)             # ... and closes (2 s): what follows is learned as transitions only
     (src.path / "pkg").mkdir()
     names = [f"pkg/m{i:02d}" for i in range(12)]
     rng = random.Random(42)

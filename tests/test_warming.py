@@ -14,6 +14,8 @@ import pytest
 
 from cowfs.cache.learned import MAX_MISSED, WARM_WINDOW, OpenModel
 from cowfs.background.warming import CHILD
+from cowfs.daemon import options as mount_options
+from cowfs.daemon.config import MountConfig
 from mounting import ok, stats, wait_until
 
 DIRS = [f"d{i}/s{j}" for i in range(10) for j in range(5)]
@@ -173,3 +175,19 @@ def test_plain_umount_is_never_busy_because_of_the_helper(mount_factory):
     assert r.returncode == 0, r.stderr
     assert m.stop() == 0  # the daemon exits (after the helper): nothing left to unmount
     assert _helpers(m.path) == []
+
+
+def test_warm_window_sets_how_long_touches_make_the_cold_start(mount_factory):
+    """-o warm_window=SECONDS: directories touched later than that after the mount's first
+    touch are not part of its cold start (the default, 30 s, would have kept the second)."""
+    m = mount_factory(options=["warm_window=1"])
+    os.makedirs(m.path / "early")
+    os.makedirs(m.path / "late")
+    m.remount()
+    os.listdir(m.path / "early")  # the first touch (the root, looked up in) and early, listed
+    time.sleep(1.5)
+    os.listdir(m.path / "late")
+    assert stats(m.path)["prefetch_model"]["cold_start_dirs"] == 2
+    for bad in ("0", "-1", "3601", "x"):
+        with pytest.raises(mount_options.OptionError, match="warm_window"):
+            mount_options.apply(MountConfig("", ""), f"warm_window={bad}")

@@ -11,9 +11,9 @@ system operation reads that key, so losing the last seconds of learning on a cra
 only predictions.  A branch without a model of its own starts from its parent branch's.
 
 The model also keeps a branch's *cold start*: the directories clients touched (listed, or
-looked a name up in) in the first WARM_WINDOW seconds of a mount, in first-touch order.  At the
-next mount's first touch, cowfs.background.warming lists them from a helper process so that the kernel
-caches their entries before the clients ask (what `git status` or `import django` need first).
+looked a name up in) in the first WARM_WINDOW seconds (-o warm_window) of a mount, in first-touch
+order.  At the next mount's first touch, cowfs.background.warming lists them from a helper
+process so that the kernel caches their entries before the clients ask (what `git status` or `import django` need first).
 A directory stays in the list until MAX_MISSED mounts in a row went without touching it.
 """
 from __future__ import annotations
@@ -84,8 +84,9 @@ class OpenModel:
             self.chunks[ino] = new
             self.dirty = True
 
-    def touched(self, ino: int, now: float | None = None) -> None:
-        """A client touched directory ino (listed it, or looked a name up in it).  On every
+    def touched(self, ino: int, now: float | None = None, window: float = WARM_WINDOW) -> None:
+        """A client touched directory ino (listed it, or looked a name up in it): part of this
+        mount's cold start if no more than window seconds after its first touch.  On every
         LOOKUP: the clock is read only for a directory new to this mount's cold start."""
         if self.session_closed or ino in self.session:
             return
@@ -93,7 +94,7 @@ class OpenModel:
             now = time.monotonic()
         if self.session_t0 is None:
             self.session_t0 = now
-        elif now - self.session_t0 > WARM_WINDOW or len(self.session) >= MAX_WARM:
+        elif now - self.session_t0 > window or len(self.session) >= MAX_WARM:
             self.session_closed = True
             return
         self.session[ino] = None
@@ -194,6 +195,7 @@ class Learner:
         self.kv = kv
         self.catalog = catalog
         self.learn = learn
+        self.warm_window = WARM_WINDOW  # the daemon's -o warm_window
         self.models: dict[str, OpenModel] = {}
 
     def model(self, branch: str) -> OpenModel:
@@ -238,7 +240,7 @@ class Learner:
 
     def touched(self, branch: str, ino: int) -> None:
         if self.learn:
-            self.model(branch).touched(ino)
+            self.model(branch).touched(ino, window=self.warm_window)
 
     def cold_start(self, branch: str) -> list[int]:
         """The directories of the branch's last cold starts, in the order they were touched."""

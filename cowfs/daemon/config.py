@@ -25,6 +25,7 @@ class MountConfig:
     prefetch_learn: bool = True
     dir_cache: bool = True  # the kernel caches directory listings (cowfs.fuse.dircache) and absent names
     warm: bool = True  # list a branch's learned cold-start directories at its first touch (cowfs.background.warming)
+    warm_window: float = 30.0  # cowfs.cache.learned: the seconds after a mount's first touch that make its cold start
     ctl_group: int | None = None
     quota_bytes: int | None = None
     quota_inodes: int | None = None

@@ -68,6 +68,13 @@ def _hold_ttl(v: str) -> int:
     return n
 
 
+def _window(v: str) -> float:
+    f = float(v)
+    if not 0 < f <= 3600:
+        raise ValueError(v)
+    return f
+
+
 def _count(v: str) -> int:
     n = int(v)
     if n < 0:
@@ -146,6 +153,9 @@ OPTIONS: tuple[Option, ...] = (
            "dir_cache", _bool01),
     Option("warm", "0|1", "1", "at a mount's first touch of a branch, a helper lists the directories its last cold "
            "starts touched, so the kernel answers them (root only)", "warm", _bool01),
+    Option("warm_window", "SECONDS", "30", "the seconds after a mount's first touch of a branch whose directory "
+           "touches make its cold start, the list -o warm lists at the next mount (0 < SECONDS <= 3600)",
+           "warm_window", _window),
     Option("quota_bytes", "SIZE", "none", "per-branch byte quota; beyond it writes fail with EDQUOT",
            "quota_bytes", parse_size),
     Option("quota_inodes", "N", "none", "per-branch inode quota; beyond it creates fail with EDQUOT",
@@ -177,8 +187,8 @@ OPTIONS: tuple[Option, ...] = (
 BY_NAME: dict[str, Option] = {n: o for o in OPTIONS for n in (o.name, *o.aliases)}
 # The options that hold for the whole daemon (every branch it serves); set explicitly, they
 # are recorded in MountConfig.given, so that a mount of another branch may repeat them.
-DAEMON_WIDE = ("cache_l1", "cache_l2", "prefetch", "prefetch_learn", "dir_cache", "warm", "dedup", "dedup_cpu",
-               "share", "spin_us", "fuse_ext", "cpus", "view_slots", "lazy_near")
+DAEMON_WIDE = ("cache_l1", "cache_l2", "prefetch", "prefetch_learn", "dir_cache", "warm", "warm_window", "dedup",
+               "dedup_cpu", "share", "spin_us", "fuse_ext", "cpus", "view_slots", "lazy_near")
 
 
 def lookup(text: str) -> Option | None:

@@ -59,6 +59,8 @@ class Daemon:
             self.store.close()
             raise StoreError(str(exc)) from None
         self.fs.lazy.near = cfg.lazy_near
+        if self.fs.prefetch.learner is not None:
+            self.fs.prefetch.learner.warm_window = cfg.warm_window
         if cfg.quota_bytes is not None or cfg.quota_inodes is not None:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
         self.warmer = Warmer(self.fs, self._view_root, cfg.store, cfg.prefetch and cfg.warm)
