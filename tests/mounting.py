@@ -1454,11 +1454,6 @@ def fsck_after_gc_stops(store, work, stops) -> dict[int, list]:
     return problems
 
 
-if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        sys.exit(_worker_main(sys.argv[1:]))
-
-
 def sigkill(m: "Mount") -> None:
     """SIGKILL the daemon (its exit recorded as intended) and clear the dead mount: the store
     is left as the crash left it."""
@@ -1474,3 +1469,8 @@ def sigkill_fsck_start(m: "Mount") -> None:
     report = json.loads(r.stdout)
     assert r.returncode == 0 and report["clean"], f"fsck after SIGKILL: {report['problems'][:20]}"
     m.start()
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        sys.exit(_worker_main(sys.argv[1:]))

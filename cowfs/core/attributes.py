@@ -126,12 +126,6 @@ class Attributes:
             a.mtime_ns = mtime_ns
 
     # -- xattrs ------------------------------------------------------------------------------
-    def getxattr(self, node: Node, name: bytes) -> bytes:
-        value = self.xattr(node, name)
-        if value is None:
-            raise FSError(errno.ENODATA)
-        return value
-
     def xattr(self, node: Node, name: bytes) -> bytes | None:
         """getxattr with None for an absent name: the kernel asks for `security.capability`
         at every write(2) to a file, and the answer is almost always "absent" (the FUSE
@@ -165,7 +159,8 @@ class Attributes:
     async def removexattr(self, node: Node, name: bytes) -> None:
         fs = self.fs
         async with fs.txn.mutate(node.view) as m:
-            self.getxattr(node, name)
+            if self.xattr(node, name) is None:
+                raise FSError(errno.ENODATA)
             fs.store.meta.delete(m.batch, CF_XATTRS, name_key(node.ino, name), node.view.lv)
             m.touch(node, mtime=False)
             m.save(node)

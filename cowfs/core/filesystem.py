@@ -113,7 +113,6 @@ class Filesystem:
         self.link = self.namespace.link
         self.rename = self.namespace.rename
         self.setattr = self.attributes.setattr
-        self.getxattr = self.attributes.getxattr
         self.xattr = self.attributes.xattr
         self.listxattr = self.attributes.listxattr
         self.setxattr = self.attributes.setxattr
