@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyfuse3
-
 from cowfs.daemon import options as mount_options
 
 
@@ -96,6 +94,11 @@ def option_conflicts(asked: dict[str, Any], in_force: dict[str, Any]) -> list[st
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
+    # Imported here, in the daemon: pyfuse3 imports trio, which cost `cowfs mount` (whose
+    # process only checks and forks) ~0.15 s to import and ~0.1 s at its exit, before and
+    # after a lazy mount's build (docs/benchmarks.md, h49)
+    import pyfuse3
+
     opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     opts |= {f"fsname=cowfs:{cfg.store}", "subtype=cowfs"}
     user = set(cfg.options)
