@@ -457,6 +457,25 @@ def read(path) -> bytes:
         return f.read()
 
 
+# /proc/vmstat's counts of what the kernel took back: pages reclaimed (a directory's cached
+# listing is a page of its page cache), slab objects scanned and inodes reclaimed (dentries,
+# inodes), drop_caches runs.
+_RECLAIM_COUNTERS = ("pgsteal_kswapd", "pgsteal_direct", "pgsteal_khugepaged", "pgsteal_proactive",
+                     "slabs_scanned", "pginodesteal", "kswapd_inodesteal", "drop_pagecache", "drop_slab")
+
+
+def kernel_reclaims() -> int:
+    """The sum of _RECLAIM_COUNTERS so far: when it moved, the kernel may have dropped cached
+    pages, dentries or inodes of any file system, a FUSE mount's as well."""
+    total = 0
+    with open("/proc/vmstat") as f:
+        for line in f:
+            name, _, value = line.partition(" ")
+            if name in _RECLAIM_COUNTERS:
+                total += int(value)
+    return total
+
+
 def wait_until(cond, what: str, timeout: float = 10.0):
     """cond()'s first true value, polled until timeout (then an assertion naming what)."""
     deadline = time.monotonic() + timeout

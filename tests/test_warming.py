@@ -16,6 +16,7 @@ from cowfs.cache.learned import MAX_MISSED, WARM_WINDOW, OpenModel
 from cowfs.background.warming import CHILD
 from cowfs.daemon import options as mount_options
 from cowfs.daemon.config import MountConfig
+import mounting
 from mounting import ok, stats, wait_until
 
 DIRS = [f"d{i}/s{j}" for i in range(10) for j in range(5)]
@@ -80,19 +81,28 @@ def test_cold_start_is_learned_and_warmed_after_a_remount(mount_factory, forks):
     m.remount()
     _touch_all(m.path)  # the cold start to learn
     assert stats(m.path)["prefetch_model"]["cold_start_dirs"] >= len(DIRS)
-    m.remount()
-    os.listdir(m.path / "d0")  # the first touch starts the helper
-    w = wait_until(lambda: (lambda w: w if w["runs"] >= 1 else None)(stats(m.path)["warm"]), "the cold-start helper", timeout=20)
-    assert w["dirs_warmed"] >= len(DIRS) + 10, w
-    # The helper's requests are told apart (the dedup worker does not take them for a busy
-    # mount): per directory it listed, a READDIR with the entries and the empty one that ends
-    # the listing (no OPENDIR nor RELEASEDIR: cowfs.fuse.ops declines them), and no other.
-    assert w["requests"] >= 2 * w["dirs_warmed"], w
-    assert stats(m.path)["requests"].get("opendir", 0) <= 1 and "releasedir" not in stats(m.path)["requests"]
-    before = stats(m.path)["requests"]
-    _touch_all(m.path)
-    after = stats(m.path)
-    req = after["requests"]
+    for _attempt in range(3):
+        m.remount()
+        reclaims = mounting.kernel_reclaims()
+        os.listdir(m.path / "d0")  # the first touch starts the helper
+        w = wait_until(lambda: (lambda w: w if w["runs"] >= 1 else None)(stats(m.path)["warm"]),
+                       "the cold-start helper", timeout=20)
+        assert w["dirs_warmed"] >= len(DIRS) + 10, w
+        # The helper's requests are told apart (the dedup worker does not take them for a busy
+        # mount): per directory it listed, a READDIR with the entries and the empty one that ends
+        # the listing (no OPENDIR nor RELEASEDIR: cowfs.fuse.ops declines them), and no other.
+        assert w["requests"] >= 2 * w["dirs_warmed"], w
+        assert stats(m.path)["requests"].get("opendir", 0) <= 1 and "releasedir" not in stats(m.path)["requests"]
+        before = stats(m.path)["requests"]
+        _touch_all(m.path)
+        req = stats(m.path)["requests"]
+        if all(req.get(op, 0) == before.get(op, 0) for op in ("lookup", "readdir")) or \
+                mounting.kernel_reclaims() == reclaims:
+            break
+        # The kernel reclaimed memory meanwhile: it may drop a cached listing (a page of the
+        # directory's page cache, seen once in CI: READDIR 124 vs 122), a dentry or an inode
+        # of ours as of any file system's, and the client's touch then reaches the daemon.
+        # Only then is the round run again; without reclaim the assertions below decide.
     # Every name and every listing was answered by the kernel's caches.
     assert req.get("lookup", 0) == before.get("lookup", 0), (before, req)
     assert req.get("readdir", 0) == before.get("readdir", 0), (before, req)
