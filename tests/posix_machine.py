@@ -11,8 +11,9 @@ All operations run in worker processes with a timeout, so a hung daemon fails th
 of hanging it.  In a fraction of the examples the mount is remounted once (all metadata incl.
 inode numbers and timestamps must survive).
 
-Scale with ``COWFS_HYPOTHESIS_EXAMPLES`` (examples per variant, default 250) and
-``COWFS_HYPOTHESIS_STEPS`` (steps per example, default 30).
+The suite runs SUITE_EXAMPLES examples per variant; the long form (scripts/test_slow.sh)
+``COWFS_HYPOTHESIS_EXAMPLES`` (default 250).  ``COWFS_HYPOTHESIS_STEPS``: steps per example
+(default 30).
 """
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ import mounting
 from conftest import UNPRIV_GID, UNPRIV_UID
 from mounting import RENAME_EXCHANGE, RENAME_NOREPLACE, compare_snapshots
 
-EXAMPLES = int(os.environ.get("COWFS_HYPOTHESIS_EXAMPLES", "250"))
+SUITE_EXAMPLES = 100                  # per variant in the suite (15 s each on a quiet machine)
+EXAMPLES = int(os.environ.get("COWFS_HYPOTHESIS_EXAMPLES", "250"))  # the long form's
 STEPS = int(os.environ.get("COWFS_HYPOTHESIS_STEPS", "30"))
 CHECK_EVERY = 10                      # full tree comparison every N steps (and at the end)
 REMOUNT_ODDS = 10                     # the remount rule acts with probability ~1/10 ...
-MAX_REMOUNTS = max(4, EXAMPLES // 12)  # ... at most this many times per test function
+REMOUNTS_PER = 12                     # ... at most once per this many examples (and 4 times) per test
 OP_TIMEOUT = 30.0
 MAX_FDS = 6
 # Timestamps may legitimately come from a coarse clock (with FUSE writeback cache the kernel
@@ -145,14 +147,14 @@ def classify(pre, post, data_op=False):
 class Ctx:
     """Everything one test function shares between the examples of its state machine."""
 
-    def __init__(self, variant, mount, ref_top, worker, admin, sub=""):
+    def __init__(self, variant, mount, ref_top, worker, admin, sub="", examples=EXAMPLES):
         self.variant = variant
         self.mount = mount
         self.ref_top = str(ref_top)
         self.sub = sub
         self.worker = worker
         self.admin = admin
-        self.remounts_left = MAX_REMOUNTS
+        self.remounts_left = max(4, examples // REMOUNTS_PER)
         self.examples = 0
         self.steps = 0
         self.remounts = 0
@@ -634,7 +636,7 @@ class PosixMachine(RuleBasedStateMachine):
     @rule(go=st.integers(0, REMOUNT_ODDS - 1))
     def remount(self, go):
         """Unmount and mount again (rare: only when ``go`` hits one value, at most once per
-        sequence and MAX_REMOUNTS times per test; no precondition so that the choice does not
+        sequence and Ctx.remounts_left times per test; no precondition so that the choice does not
         depend on state outside the example)."""
         c = self.ctx
         if go != 0 or self.remounted or c.remounts_left <= 0:

@@ -16,8 +16,9 @@ of hanging it.  One mount per test function; the trees are emptied between examp
 fraction of the examples the mount is remounted once (all metadata incl. inode numbers and
 timestamps must survive).
 
-Scale with ``COWFS_HYPOTHESIS_EXAMPLES`` (examples per variant, default 250) and
-``COWFS_HYPOTHESIS_STEPS`` (steps per example, default 30).
+The suite runs 100 examples per variant (posix_machine.SUITE_EXAMPLES); the long form
+(``full``, scripts/test_slow.sh) ``COWFS_HYPOTHESIS_EXAMPLES`` (default 250).
+``COWFS_HYPOTHESIS_STEPS``: steps per example (default 30).
 """
 from __future__ import annotations
 
@@ -31,16 +32,17 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from conftest import UNPRIV_GID, UNPRIV_UID
 from mounting import Worker
-from posix_machine import EXAMPLES, STEPS, Ctx, PosixMachine, show
+from posix_machine import EXAMPLES, STEPS, SUITE_EXAMPLES, Ctx, PosixMachine, show
 
 TIMEOUT = max(300, int(EXAMPLES * 2.5) + 120)
+SCALES = [SUITE_EXAMPLES, pytest.param(EXAMPLES, marks=pytest.mark.slow, id="full")]
 
 
-def run_machine(ctx: Ctx):
+def run_machine(ctx: Ctx, examples: int):
     machine = type(f"PosixMachine_{ctx.variant}", (PosixMachine,), {"ctx": ctx})
     t0 = time.monotonic()
     run_state_machine_as_test(machine, settings=settings(
-        max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+        max_examples=examples, stateful_step_count=STEPS, deadline=None,
         suppress_health_check=list(HealthCheck), print_blob=True,
         phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink]))
     print(f"\n[{ctx.variant}] {ctx.examples} sequences, {ctx.steps} operations, "
@@ -53,25 +55,27 @@ def run_machine(ctx: Ctx):
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_differential_root(mount_factory, tmp_path):
+@pytest.mark.parametrize("examples", SCALES)
+def test_differential_root(mount_factory, tmp_path, examples):
     mount = mount_factory()
     ref = tmp_path / "ref"
     ref.mkdir()
     worker = Worker(umask=0o022)
     try:
-        ctx = Ctx("root", mount, ref, worker, worker)
+        ctx = Ctx("root", mount, ref, worker, worker, examples=examples)
         worker.on_timeout = mount.abort
         root_stat = worker.ok("stat", str(mount.path), True)
         os.chmod(ref, stat.S_IMODE(root_stat["mode"]))
         os.chown(ref, root_stat["uid"], root_stat["gid"])
         ctx.calibrate()
-        run_machine(ctx)
+        run_machine(ctx, examples)
     finally:
         worker.close()
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_differential_unprivileged(mount_factory, test_dir):
+@pytest.mark.parametrize("examples", SCALES)
+def test_differential_unprivileged(mount_factory, test_dir, examples):
     mount = mount_factory(options=["allow_other"])
     ref = test_dir / "ref"
     ref.mkdir()
@@ -80,14 +84,14 @@ def test_differential_unprivileged(mount_factory, test_dir):
     try:
         assert worker.ok("ids")[:4] == (UNPRIV_UID,) * 2 + (UNPRIV_GID,) * 2
         admin.on_timeout = worker.on_timeout = mount.abort
-        ctx = Ctx("unpriv", mount, ref, worker, admin, sub="work")
+        ctx = Ctx("unpriv", mount, ref, worker, admin, sub="work", examples=examples)
         # The unprivileged user must be able to reach the mount (allow_other) at all.
         ctx.reset()
         r = worker.call("os.listdir", ctx.root("cowfs"))
         assert r[0] == "ok", (f"uid {UNPRIV_UID} cannot list a directory it owns on a mount "
                               f"made with -o allow_other: {show(r)}")
         ctx.calibrate()
-        run_machine(ctx)
+        run_machine(ctx, examples)
     finally:
         worker.close()
         admin.close()
