@@ -23,7 +23,9 @@ made of plain directories:
 At the end of each sequence every snapshot view must equal its model copy and the live tree
 the reference tree; one branch (if any) is mounted as a fork and compared with its copy.
 
-Scale: ``COWFS_BRANCH_EXAMPLES`` (default 40) and ``COWFS_BRANCH_STEPS`` (default 40).
+Scale: the suite runs 20 examples (SUITE_EXAMPLES), the long form (``full``,
+scripts/test_slow.sh) ``COWFS_BRANCH_EXAMPLES`` (default 40); ``COWFS_BRANCH_STEPS`` steps
+each (default 40).
 Known bugs this machine would otherwise trip over all the time are tolerated here and covered
 by dedicated tests in test_branching.py (see the comments at ``KNOWN``).
 """
@@ -47,6 +49,7 @@ import mounting
 import posix_machine as pd
 from mounting import Forks, Worker, compare_snapshots, ctl
 
+SUITE_EXAMPLES = 20
 EXAMPLES = int(os.environ.get("COWFS_BRANCH_EXAMPLES", "40"))
 STEPS = int(os.environ.get("COWFS_BRANCH_STEPS", "40"))
 TIMEOUT = max(300, EXAMPLES * 8 + 120)
@@ -583,11 +586,11 @@ class BranchMachine(pd.PosixMachine):
                 c.forks.umount(mp)
 
 
-def run_branch_machine(ctx: BCtx):
+def run_branch_machine(ctx: BCtx, examples: int):
     machine = type("BranchMachine_root", (BranchMachine,), {"ctx": ctx})
     t0 = time.monotonic()
     run_state_machine_as_test(machine, settings=settings(
-        max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
+        max_examples=examples, stateful_step_count=STEPS, deadline=None,
         suppress_health_check=list(HealthCheck), print_blob=True,
         phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink]))
     print(f"\n[branching] {ctx.examples} sequences, {ctx.steps} POSIX operations, "
@@ -600,7 +603,8 @@ def run_branch_machine(ctx: BCtx):
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_branching_differential(mount_factory, tmp_path, test_dir):
+@pytest.mark.parametrize("examples", [SUITE_EXAMPLES, pytest.param(EXAMPLES, marks=pytest.mark.slow, id="full")])
+def test_branching_differential(mount_factory, tmp_path, test_dir, examples):
     mount = mount_factory()
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -613,7 +617,7 @@ def test_branching_differential(mount_factory, tmp_path, test_dir):
         os.chmod(ref, stat.S_IMODE(root_stat["mode"]))
         os.chown(ref, root_stat["uid"], root_stat["gid"])
         ctx.calibrate()
-        run_branch_machine(ctx)
+        run_branch_machine(ctx, examples)
     finally:
         worker.close()
         forks.close()
