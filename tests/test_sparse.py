@@ -28,7 +28,7 @@ CHUNK = 64 * KiB
 
 
 def stats(target) -> dict:
-    return json.loads(mounting.run_cowfs("stats", target, "--json").stdout)
+    return mounting.stats(target)
 
 
 def listing(target) -> dict:
