@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import mounting
 from cowfs.background.quiet import QUIET_AFTER
 from cowfs.chunks import codec, delta
-from mounting import KiB, MiB, du, fsck, settle, stats
+from mounting import KiB, MiB, du, fsck, ok, settle, stats
 
 WORDS = [b"alpha", b"beta", b"gamma", b"delta", b"import os", b"return x", b"def f(a):", b"self.x = 1",
          b"# comment", b"class Foo:", b"for i in range(10):", b"print(i)", b"    pass", b"}", b"{"]
@@ -181,7 +181,7 @@ def test_gc_never_frees_what_a_file_or_delta_needs(mount_factory, seed):
             (mp / name).write_bytes(model[name])
         elif op == "clone":
             name = rnd.choice(sorted(model))
-            mounting.run_cowfs("clone", mp, name, f"k{step}")
+            ok(mp, f"clone {name} k{step}")
             model[f"k{step}"] = model[name]
         elif op == "delete":
             name = rnd.choice(sorted(model))
@@ -189,16 +189,16 @@ def test_gc_never_frees_what_a_file_or_delta_needs(mount_factory, seed):
             del model[name]
         elif op == "snapshot":
             snaps.append(f"s{step}")
-            mounting.run_cowfs("snapshot", mp, snaps[-1])
+            ok(mp, f"snapshot {snaps[-1]}")
             if rnd.random() < 0.5:
-                mounting.run_cowfs("branch", mp, f"b{step}", "--from", snaps[-1])
+                ok(mp, f"branch b{step} {snaps[-1]}")
         elif op == "drop" and snaps:
-            mounting.run_cowfs("delete", mp, snaps.pop(rnd.randrange(len(snaps))))
+            ok(mp, f"delete {snaps.pop(rnd.randrange(len(snaps)))}")
         elif op == "settle":
             settle(mp)
     settle(mp)
     for name in snaps:
-        mounting.run_cowfs("delete", mp, name)
+        ok(mp, f"delete {name}")
     mounting.run_cowfs("gc", mp, timeout=300)
     s = stats(mp)
     check_identities(s)
