@@ -15,7 +15,11 @@ Points (where each sits, and which background task meets it):
   repack_copied  chunks.repack.copy, once a repack's new pack is put, before its pointers
                  are committed (a `cowfs gc` thread)
   repack_moved   Store.retire_packs, once a repack's moves are committed and durable, before
-                 its old packs are deleted (a `cowfs gc` thread)
+                 its old packs are condemned (a `cowfs gc` thread)
+  packs_condemned  Store.condemn_packs, once a round of condemned packs is recorded in the
+                 reference store, before anything is deleted (a `cowfs gc` thread)
+  packs_swept    Store.sweep_packs, once the due condemned packs are deleted, before they
+                 leave the condemned list (a `cowfs gc` thread)
   flush_encode   Flusher.encode_all, the same thread, once every chunk is hashed and
                  judged already stored or new (before any pack append)
   prefetch_load  Fetcher._load, a prefetch thread
@@ -46,8 +50,9 @@ import time
 log = logging.getLogger(__name__)
 
 ENV = "COWFS_FAULTS"
-POINTS = frozenset({"pack_put", "pack_written", "repack_copied", "repack_moved", "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "clone_walk", "gc",
-                    "model_save", "warm_paths", "commit", "attach_bind", "timer_flush", "lazy_warming"})
+POINTS = frozenset({"pack_put", "pack_written", "repack_copied", "repack_moved", "packs_condemned", "packs_swept",
+                    "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "clone_walk", "gc", "model_save",
+                    "warm_paths", "commit", "attach_bind", "timer_flush", "lazy_warming"})
 LOOP_POINTS = frozenset({"gc", "model_save", "commit", "timer_flush", "lazy_warming"})  # on the event loop: a sleep would stall every request
 
 _lock = threading.Lock()

@@ -18,8 +18,14 @@ What is checked, in order:
   7. the usage recorded for every branch head and snapshot (logical bytes, inodes, allocated
      bytes: what `list` shows and quotas charge) equals a recount of what it sees;
   8. every small-write log record a daemon left (cowfs.core.smallwrites: fsync'd writes the
-     next daemon replays) parses: a damaged one keeps every daemon from starting.
---repair deletes damaged small-write log records (the writes they held are lost), rewrites
+     next daemon replays) parses: a damaged one keeps every daemon from starting;
+  9. across databases (cowfs.chunks.liveness): every pointer of a member database names bytes
+     of an existing pack; the condemned list parses, and no pointer of any database names a
+     condemned pack that is due (every writer of its round acknowledged it: the next sweep
+     would delete live data).  A condemned pack already deleted is a sweep cut short, not a
+     problem; a marked one whose round is not acknowledged yet is the next sweep's to pardon.
+--repair deletes damaged small-write log records (the writes they held are lost), pardons
+condemned packs a pointer names, rewrites
 wrong reference counts, link counts and usage records, indexes missing names of hard-linked
 files, deletes unreferenced objects, dangling directory entries and missing changelog
 entries, and links orphaned inodes into /lost+found of the branch they belong to. It reports
@@ -37,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from cowfs.chunks import codec
+from cowfs.chunks.liveness import mark
 from cowfs.chunks.families import CF_OBJECTS, CF_PENDING, CF_REFS, CF_SPACE, SPACE_KEY
 from cowfs.chunks.packs import IndexEntry, pack_name
 from cowfs.chunks.refs import Ref, parse_ref, scan_space, tree_sizes
@@ -48,6 +55,7 @@ from cowfs.meta import links as link_index
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, TAGS, LayerView, name_key
 from cowfs.meta import orphans as orphan_records
 from cowfs.meta import writelog
+from cowfs.errors import StoreError
 from cowfs.store import ROOT_INO, Store
 
 LOST_FOUND = b"lost+found"
@@ -100,6 +108,7 @@ class Fsck:
         self.check_changelog()
         self.check_queue()
         self.check_small_write_log()
+        self.check_across_databases()
         if self.repair and len(self.batch):
             self.store.kv.write(self.batch)
             self.store.kv.sync()
@@ -434,6 +443,47 @@ class Fsck:
             found = self.store.packs.size(pack)
             size = self._pack_sizes[pack] = -1 if found is None else found
         return off + length <= size
+
+    # -- 9. across databases ------------------------------------------------------------
+    def check_across_databases(self) -> None:
+        liveness = self.store.liveness
+        try:
+            condemned = liveness.condemned()
+        except codec.CorruptObject as exc:
+            self.report.problem(str(exc))
+            if not self.repair:
+                return
+            liveness.reset_condemned()
+            self.report.repaired.append("dropped the damaged condemned list (the next gc condemns again)")
+            condemned = liveness.condemned()
+        try:
+            members = self.store.members()
+        except (codec.CorruptObject, StoreError) as exc:
+            self.report.problem(str(exc))
+            self.report.unrepairable.append(str(exc))
+            return
+        try:
+            live = mark([self.store.kv])
+            for name, kv in members:
+                for h, raw in kv.scan(CF_OBJECTS, b""):
+                    ext = codec.packed_extent(raw)
+                    if ext is not None and not self._in_pack(ext):
+                        self.report.problem(f"member {name}: object {h.hex()} points past the end of "
+                                            f"pack {pack_name(ext[0])} or into a missing pack")
+                mark([kv], live)
+        finally:
+            for _name, kv in members:
+                kv.close()
+        due = liveness.due(condemned)
+        self.report.counts["condemned_packs"] = len(condemned.packs)
+        bad = sorted(p for p in due if live.get(p))
+        for p in bad:
+            self.report.problem(f"pack {pack_name(p)} is condemned (round {condemned.packs[p]}, acknowledged "
+                                "by every writer) but a pointer names it")
+        self.report.counts["condemned_marked_waiting"] = sum(1 for p in condemned.packs if live.get(p) and p not in due)
+        if bad and self.repair:
+            liveness.forget(bad)
+            self.report.repaired.append(f"pardoned {len(bad)} condemned packs a pointer names")
 
     # -- 5. changelog ----------------------------------------------------------------------
     def check_changelog(self) -> None:

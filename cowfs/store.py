@@ -16,7 +16,7 @@ import logging
 import os
 import stat
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import trio
 
@@ -24,20 +24,21 @@ from cowfs import faults, private, threads
 from cowfs.cache import ChunkCache
 from cowfs.blob.base import BlobStore
 from cowfs.blob.local import LocalBlobStore
-from cowfs.chunks import repack, upgrade
+from cowfs.chunks import liveness, repack, upgrade
 from cowfs.chunks.families import CF_OBJECTS, FAMILIES as OBJECT_FAMILIES
 from cowfs.chunks.objects import ObjectStore, RefTxn
 from cowfs.chunks.packs import Packs
 from cowfs.errors import StoreError
 from cowfs.kv.base import KV, Batch, LocalEngine, StoreLockedError
 from cowfs.kv.rocks import RocksKV
+from cowfs.kv.sqlite import SQLiteKV
 from cowfs.meta.layers import CF_META, Branch, Catalog, Usage
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import Clone, SharedTrees
 from cowfs.meta import links
 from cowfs.meta.orphans import CF_ORPHANS
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, LayerView, Versioned, ino_key
-from cowfs.storedir import DB_DIR, MARKER, PACK_DIR, daemon_pid
+from cowfs.storedir import DB_DIR, MARKER, PACK_DIR, REFS_FILE, daemon_pid
 
 log = logging.getLogger(__name__)
 # 2: delta objects, 24-byte reference records, the pending/similar/space families.  A
@@ -180,6 +181,15 @@ class Store:
             self.kv.close()
             self._release_umask()
             raise StoreError(f"{path}: cannot open the packs: {exc}") from exc
+        try:  # the reference store, and this process in it as the writer of the store's database
+            self.refs: KV = SQLiteKV(os.path.join(path, REFS_FILE), liveness.REF_FAMILIES)
+            self.liveness = liveness.Liveness(self.refs)
+            self.liveness.register(DB_DIR)
+        except Exception as exc:
+            self.packs.close()
+            self.kv.close()
+            self._release_umask()
+            raise StoreError(f"{path}: cannot open the reference store {REFS_FILE}: {exc}") from exc
         self.catalog = Catalog(self.kv)
         self.meta = Versioned(self.kv, SharedTrees.load(self.kv), self.catalog.layer_view)
         self.objects = ObjectStore(self.kv, self.cache, self.packs)
@@ -483,21 +493,80 @@ class Store:
         return {**self.objects.space.figures(), "stored_bytes": db + self.packs.disk_usage(), "wal_bytes": wal,
                 "unflushed_bytes": self.engine.unflushed_bytes()}
 
+    def members(self) -> list[tuple[str, KV]]:
+        """The other databases a pack gc marks from (liveness.Liveness.members), each opened
+        read-only beside its writer; the caller closes them."""
+        out: list[tuple[str, KV]] = []
+        try:
+            for name, rel in sorted(self.liveness.members().items()):
+                where = os.path.join(self.path, rel)
+                if not os.path.isdir(where):
+                    raise StoreError(f"member database {name} ({rel}) is not in the store")
+                out.append((name, RocksKV(where, FAMILIES, blob_families=(CF_OBJECTS,), read_only=True)))
+        except BaseException:
+            for _name, kv in out:
+                kv.close()
+            raise
+        return out
+
+    def mark_packs(self) -> dict[int, int]:
+        """Live bytes per pack named by a pointer of the store's database or of any member
+        (blocking: call in a thread)."""
+        members = self.members()
+        try:
+            return liveness.mark([self.kv] + [kv for _n, kv in members])
+        finally:
+            for _name, kv in members:
+                kv.close()
+
     def survey_packs(self, listed: dict[int, int]) -> repack.Survey:
         """Live bytes of the listed packs (`Packs.listing`, taken while no flush had a pack
-        in flight), from a scan that starts now (blocking: call in a thread)."""
-        return repack.survey(self.kv, self.packs.encoding_sizes(listed))
+        in flight), from a mark that starts now: the store's pointers, and the members' (whose
+        packs a repack leaves alone: it moves the store's pointers only).  Blocking: in a thread."""
+        members = self.members()
+        try:
+            s = repack.survey(self.kv, self.packs.encoding_sizes(listed))
+            theirs = liveness.mark([kv for _n, kv in members])
+            s.foreign = set(theirs)
+            for p, n in theirs.items():
+                s.live[p] = s.live.get(p, 0) + n
+            return s
+        finally:
+            for _name, kv in members:
+                kv.close()
 
-    def delete_packs(self, packs: list[int]) -> None:
-        """Delete packs nothing points at (blocking: call in a thread)."""
-        for pack in packs:
+    def condemn_packs(self, packs: list[int], marked: Iterable[int] = ()) -> tuple[int, int]:
+        """Condemn packs found unmarked, pardon condemned packs found marked (one round of
+        liveness.Liveness.condemn); returns (condemned, pardoned).  Blocking: in a thread."""
+        out = self.liveness.condemn(packs, marked)
+        faults.point("packs_condemned")
+        return out
+
+    def sweep_packs(self) -> dict[str, int]:
+        """Delete the condemned packs that are due (every writer alive at their round has
+        acknowledged it or is gone) and that a mark taken now still finds unmarked; pardon
+        the due ones it finds marked.  Blocking: in a thread."""
+        self.liveness.prune()
+        c = self.liveness.condemned()
+        due = self.liveness.due(c)
+        out = {"packs_deleted": 0, "packs_pardoned": 0, "packs_waiting": len(c.packs) - len(due)}
+        if not due:
+            return out
+        live = self.mark_packs()
+        marked = {p for p in due if live.get(p)}
+        gone = sorted(due - marked)
+        for pack in gone:
             self.packs.delete(pack)
+        faults.point("packs_swept")
+        self.liveness.forget(set(gone) | marked)
+        out.update(packs_deleted=len(gone), packs_pardoned=len(marked))
+        return out
 
-    def retire_packs(self, c: repack.Copy, moved: int) -> None:
-        """After a repack's moves are committed and durable: its old packs go, and its new
-        pack too if nothing was moved there (blocking: call in a thread)."""
+    def retire_packs(self, c: repack.Copy, moved: int) -> int:
+        """After a repack's moves are committed and durable: its old packs are condemned, and
+        its new pack too if nothing was moved there (blocking: call in a thread)."""
         faults.point("repack_moved")
-        self.delete_packs(c.old + ([c.new] if c.new is not None and not moved else []))
+        return self.condemn_packs(c.old + ([c.new] if c.new is not None and not moved else []))[0]
 
     def copy_packs(self, group: list[int]) -> repack.Copy:
         """The live encodings of a group of packs, put as one new pack (blocking: in a thread)."""
@@ -583,7 +652,11 @@ class Store:
 
     def close(self) -> None:
         try:
-            self.kv.close()
+            try:
+                self.liveness.unregister()
+            finally:
+                self.refs.close()
+                self.kv.close()
         finally:
             self.packs.close()
             self._release_umask()

@@ -3,6 +3,9 @@
     cowfs-store.json   the marker: format version and creation time (cowfs.store)
     db/                the KV engine's files (cowfs.kv.rocks)
     packs/             the local blob store of the packs (cowfs.blob.local)
+    refs.sqlite        the reference store (cowfs.kv.sqlite): the writers of the store, the
+                       member databases and the condemned packs (cowfs.chunks.liveness); its
+                       -wal and -shm files beside it
     daemon.pid         the pid of the daemon serving the store, while it runs (cowfs.daemon)
     warmer.pid         the pid of the daemon's cold-start helper, while it runs
                        (cowfs.background.warming)
@@ -18,6 +21,7 @@ import os
 MARKER = "cowfs-store.json"
 DB_DIR = "db"
 PACK_DIR = "packs"
+REFS_FILE = "refs.sqlite"
 SOCKET_NAME = "daemon.sock"
 
 

@@ -511,6 +511,17 @@ def wait_until(cond, what: str, timeout: float = 10.0):
         time.sleep(0.05)
 
 
+def wait_log(m, text: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    """Wait until the daemon of Mount m logs text (proc: a command whose early end is a failure)."""
+    deadline = time.monotonic() + timeout
+    while text not in m.log_text():
+        assert time.monotonic() < deadline, f"never logged {text!r}:\n{m.log_tail()}"
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{proc.args} ended ({proc.returncode}) before the daemon logged "
+                                 f"{text!r}: {proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.05)
+
+
 # --------------------------------------------------------------------------------------------
 # Mount
 # --------------------------------------------------------------------------------------------

@@ -261,17 +261,6 @@ with open(sys.argv[1], "wb") as f:
 """
 
 
-def _wait_log(m, text: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
-    """Wait until the daemon logs text (proc: a command whose early end is a failure)."""
-    deadline = time.monotonic() + timeout
-    while text not in m.log_text():
-        assert time.monotonic() < deadline, f"never logged {text!r}:\n{m.log_tail()}"
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{proc.args} ended ({proc.returncode}) before the daemon logged "
-                                 f"{text!r}: {proc.stdout.read() if proc.stdout else ''}")
-        time.sleep(0.05)
-
-
 @pytest.mark.timeout(300)
 def test_kill9_between_a_pack_put_and_its_commit(mount_factory):
     """A flush's thread is held right after its pack is put (durable, not committed) and the
@@ -286,7 +275,7 @@ def test_kill9_between_a_pack_put_and_its_commit(mount_factory):
     assert not packs(m.store)
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(m.path / "partial"), "2", "16"])
     try:
-        _wait_log(m, "injected fault at pack_written")
+        mounting.wait_log(m, "injected fault at pack_written")
         stray = packs(m.store)
         assert len(stray) == 1, stray
         workload.kill_daemon(m)
@@ -407,7 +396,7 @@ def test_kill9_in_the_middle_of_a_repack(mount_factory, point):
     gc_run = subprocess.Popen(mounting.cowfs_command() + ["gc", str(m.path), "--repack-below", "1", "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        _wait_log(m, f"injected fault at {point}", gc_run)
+        mounting.wait_log(m, f"injected fault at {point}", gc_run)
         held = packs(m.store)
     finally:
         workload.kill_daemon(m)

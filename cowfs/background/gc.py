@@ -2,8 +2,9 @@
 their references to data, and the pack bytes nothing points at any more (chunks.repack).
 
 The daemon runs a pass after each rollback and delete (`Filesystem.schedule_gc`); `cowfs gc`
-runs one, collects the packs (deletes those nothing points at, repacks those mostly
-dead) and compacts the database.  A pass plans under the lock and
+runs one, collects the packs (condemns those nothing points at and deletes them once
+every writer has acknowledged that: chunks.liveness; repacks those mostly dead) and
+compacts the database.  A pass plans under the lock and
 commits chunk by chunk, taking the lock for each (docs/architecture.md, "Concurrency
 invariants"); it never overlaps a pass of the sharer (`Filesystem.maintenance`).
 """
@@ -62,28 +63,33 @@ async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None, 
 
 async def sweep_packs(fs: Filesystem, below: float = REPACK_BELOW,
                       progress: Callable[[int], None] | None = None) -> dict[str, int]:
-    """Give back the space of dead pack bytes (chunks.repack): delete the packs nothing
-    points at, repack those whose live share is under `below`.  Returns figures of the pass;
-    progress(packs done) after each group."""
+    """Give back the space of dead pack bytes (chunks.repack, chunks.liveness): condemn the
+    packs nothing points at, repack those whose live share is under `below` (condemning the
+    old ones), then sweep: delete the condemned packs that are due and still unmarked.  The
+    run's own rounds are due at once when this process is the only writer alive (it
+    acknowledges them as it condemns); a round another writer has not acknowledged waits for
+    a later run.  Returns figures of the pass; progress(packs done) after each group."""
     store = fs.store
     async with fs.maintenance:
         async with fs.lock:  # no flush has a pack put but not committed
             listed = await store.in_thread(store.packs.listing)
         survey = await store.in_thread(store.survey_packs, listed)
         garbage = survey.garbage()
-        await store.in_thread(store.delete_packs, garbage)
-        out = {"packs": len(listed), "packs_deleted": len(garbage), "packs_repacked": 0,
+        condemned, pardoned = await store.in_thread(store.condemn_packs, garbage, list(survey.live))
+        out = {"packs": len(listed), "packs_condemned": condemned, "packs_repacked": 0,
                "pack_bytes_copied": 0, "pack_bytes_dead": survey.dead_bytes()}
         for group in survey.groups(below):
             c = await store.in_thread(store.copy_packs, group)
             async with fs.lock:
                 moved = store.commit_moves(c)
-            await store.sync()  # the moves are durable before their old packs go
-            await store.in_thread(store.retire_packs, c, moved)
+            await store.sync()  # the moves are durable before their old packs are condemned
+            out["packs_condemned"] += await store.in_thread(store.retire_packs, c, moved)
             out["packs_repacked"] += len(c.old)
             out["pack_bytes_copied"] += c.copied
             if progress is not None:
                 progress(out["packs_repacked"])
+        swept = await store.in_thread(store.sweep_packs)
+        out.update(swept, packs_pardoned=swept["packs_pardoned"] + pardoned)
     return out
 
 

@@ -7,21 +7,25 @@ A pass (driven by background.gc.sweep_packs, under Filesystem.maintenance):
      done or abandoned at that moment (a flush holds the lock from its pack put to its
      commit);
   2. `survey` (a thread, no lock): one scan of the pointers, which starts after the
-     listing, gives each pack's live bytes.  A listed pack with none is garbage for good:
-     new pointers only ever name new packs (a flush's, a repack's), never an existing one;
-     so it is deleted at once.  Listed packs whose live share is below the threshold are
-     candidates, grouped into new packs of up to REPACK_TARGET live bytes;
+     listing, gives each pack's live bytes (Store.survey_packs adds the member databases'
+     pointers: chunks.liveness).  A listed pack with none is garbage for good: new
+     pointers only ever name new packs (a flush's, a repack's), never an existing one; so
+     it is condemned at once (chunks.liveness: deleted by the sweep that ends the pass once
+     every writer has acknowledged the condemnation).  Listed packs whose live share is
+     below the threshold, and that no member points into, are candidates, grouped into new
+     packs of up to REPACK_TARGET live bytes;
   3. per group, `copy` (a thread, no lock): the group's live encodings (from a second
      scan, which names the pointers) are read and put as one new pack;
   4. `moves` under Filesystem.lock, with no checkpoint up to the commit: each pointer
      that still holds the value the copy saw is rewritten to the new pack (a chunk freed,
      re-encoded or moved meanwhile is left alone, its copy dead in the new pack); the
      batch is committed and synced;
-  5. the group's old packs are deleted: no pointer names them any more (the commit moved
+  5. the group's old packs are condemned: no pointer names them any more (the commit moved
      every one the scan saw, and none can appear), and the commit is durable, so no crash
-     can bring back a pointer into them.  A new pack that received no pointer goes too.
+     can bring back a pointer into them.  A new pack that received no pointer too.
 A crash anywhere leaves packs nothing points at (a put not committed, an old pack not yet
-deleted), which the next pass deletes; never a pointer to bytes that are not there.
+condemned or deleted), which the next pass condemns and deletes; never a pointer to bytes
+that are not there.
 
 Names are random ids, never derived from the content: a content-derived name could be put
 again, identically, by a flush between the listing and the delete of a dead pack of the
@@ -48,6 +52,7 @@ class Survey:
 
     sizes: dict[int, int]  # listed pack -> size
     live: dict[int, int] = field(default_factory=dict)  # pack -> live bytes (unlisted ones too)
+    foreign: set[int] = field(default_factory=set)  # packs another database points into: never repacked
 
     def garbage(self) -> list[int]:
         return sorted(p for p in self.sizes if not self.live.get(p))
@@ -56,7 +61,7 @@ class Survey:
         """Candidate packs (live share below `below`, but some live), in groups whose live
         bytes fit one new pack; the emptiest first."""
         cands = sorted((self.live[p] / max(size, 1), p) for p, size in self.sizes.items()
-                       if self.live.get(p) and self.live[p] < below * size)
+                       if self.live.get(p) and self.live[p] < below * size and p not in self.foreign)
         groups: list[list[int]] = []
         total = 0
         for _share, p in cands:

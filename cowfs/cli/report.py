@@ -122,9 +122,11 @@ def diff_nul(changes: list[dict[str, Any]]) -> bytes:
 def gc_line(d: dict[str, Any]) -> str:
     where = "by its daemon" if d.get("daemon") else "offline"
     packs = ""
-    if d.get("packs_deleted") or d.get("packs_repacked"):
-        packs = (f"; packs: {count(d.get('packs_deleted'))} deleted, {count(d.get('packs_repacked'))} "
-                 f"repacked ({human(d.get('pack_bytes_copied'))} copied)")
+    if d.get("packs_deleted") or d.get("packs_repacked") or d.get("packs_condemned") or d.get("packs_waiting"):
+        packs = (f"; packs: {count(d.get('packs_condemned'))} condemned, {count(d.get('packs_deleted'))} deleted, "
+                 f"{count(d.get('packs_repacked'))} repacked ({human(d.get('pack_bytes_copied'))} copied)")
+        if d.get("packs_waiting"):
+            packs += f", {count(d.get('packs_waiting'))} condemned waiting for other writers"
     return (f"removed {count(d.get('versions_removed'))} metadata versions ({where}){packs}; "
             f"the store takes {human(d.get('disk_bytes'))} on disk")
 

@@ -58,7 +58,7 @@ LAYOUT_EXCEPTIONS = {
                       "to kv/ when the engine becomes configurable",
 }
 OWNERS = ("cowfs/kv/", "cowfs/blob/", "cowfs/meta/", "cowfs/chunks/")
-STORE_FILE_NAMES = {"db", "packs", "cowfs-store.json", "daemon.pid", "warmer.pid", "daemon.sock"}
+STORE_FILE_NAMES = {"db", "packs", "refs.sqlite", "cowfs-store.json", "daemon.pid", "warmer.pid", "daemon.sock"}
 
 
 def _modules() -> dict[str, Path]:

@@ -1,0 +1,278 @@
+"""Pack gc by mark, condemn and sweep over every database of a store (cowfs/chunks/liveness.py;
+docs/design-many-processes.md "Garbage collection", build order step 4).
+
+Real mounts: `cowfs gc` condemns the packs nothing points at and deletes them only once every
+writer alive at their condemnation has acknowledged it or is gone (a second writer is a real
+process holding a writer record in STORE/refs.sqlite through the same code a daemon uses); a
+database registered as a member keeps the packs it points into, and fsck checks its pointers;
+fsck finds a due condemned pack that a pointer names, and --repair pardons it; a kill -9 of
+the daemon after the condemnation or in the middle of the sweep leaves the store fsck-clean
+with every byte, and the next gc finishes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+import mounting
+import workload
+from cowfs.chunks.packs import pack_id
+
+MiB = 1 << 20
+
+WRITER = r"""
+import sys
+from cowfs.chunks.liveness import Liveness, REF_FAMILIES
+from cowfs.kv.sqlite import SQLiteKV
+lv = Liveness(SQLiteKV(sys.argv[1], REF_FAMILIES))
+print(lv.register(""), flush=True)
+for line in sys.stdin:
+    if line.startswith("ack"):
+        lv.ack(lv.condemned().gen)
+        print("acked", flush=True)
+"""
+
+
+def packs(store) -> set[str]:
+    return {n for n in os.listdir(os.path.join(store, "packs")) if pack_id(n) is not None}
+
+
+def gc(mp, *args) -> dict:
+    return mounting.cowfs_json("gc", mp, *args)
+
+
+def write_file(path, size: int, seed: int) -> bytes:
+    data = random.Random(seed).randbytes(size)
+    with open(path, "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    return data
+
+
+def condemned(store) -> dict:
+    from cowfs.chunks.liveness import Liveness, REF_FAMILIES
+    from cowfs.kv.sqlite import SQLiteKV
+
+    kv = SQLiteKV(os.path.join(store, "refs.sqlite"), REF_FAMILIES)
+    try:
+        c = Liveness(kv).condemned()
+        return {"gen": c.gen, "packs": {f"{p:016x}.pack" for p in c.packs}, "rounds": c.rounds}
+    finally:
+        kv.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_writer_alive_at_condemnation_holds_the_sweep_until_it_acknowledges_or_dies(mount_factory):
+    m = mount_factory(options=("dedup=off",))
+    keep = write_file(m.path / "keep", 8 * MiB, 1)
+    before = packs(m.store)
+    gone = write_file(m.path / "gone", 16 * MiB, 2)
+    garbage = packs(m.store) - before
+    assert garbage, "the 16 MiB file is packed"
+    os.unlink(m.path / "gone")
+    os.sync()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(m.store / "refs.sqlite")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        wid = writer.stdout.readline().strip()
+        assert len(wid) == 16, wid
+        r = gc(m.path)
+        assert r["packs_condemned"] == len(garbage) and r["packs_deleted"] == 0, r
+        assert r["packs_waiting"] == len(garbage), r
+        assert garbage <= packs(m.store), "nothing deleted while the other writer has not acknowledged"
+        c = condemned(m.store)
+        assert c["packs"] == garbage
+        (t, writers), = c["rounds"].values()
+        assert wid in writers and len(writers) == 2 and time.time() - t < 120, c  # the daemon and the helper
+        # Another run condemns nothing new and still waits.
+        r = gc(m.path)
+        assert (r["packs_condemned"], r["packs_deleted"], r["packs_waiting"]) == (0, 0, len(garbage)), r
+        writer.stdin.write("ack\n")
+        writer.stdin.flush()
+        assert writer.stdout.readline().strip() == "acked"
+        r = gc(m.path)
+        assert r["packs_deleted"] == len(garbage) and r["packs_waiting"] == 0, r
+        assert not garbage & packs(m.store)
+        assert condemned(m.store)["packs"] == set()
+        # A writer that dies without acknowledging: gone, so the sweep goes on.
+        before = packs(m.store)
+        write_file(m.path / "gone2", 16 * MiB, 3)
+        garbage = packs(m.store) - before
+        os.unlink(m.path / "gone2")
+        os.sync()
+        r = gc(m.path)
+        assert r["packs_condemned"] == len(garbage) and r["packs_deleted"] == 0, r
+        writer.kill()
+        writer.wait(timeout=30)
+        r = gc(m.path)
+        assert r["packs_deleted"] == len(garbage), r
+        assert not garbage & packs(m.store)
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+    assert (m.path / "keep").read_bytes() == keep
+    assert gone  # written and deleted: its bytes were garbage
+    m.stop()
+    report = workload.fsck_clean(m.store)
+    assert report["counts"].get("condemned_packs", 0) == 0, report["counts"]
+
+
+def _member_from_store(store, rel: str) -> int:
+    """Create a RocksDB database at STORE/rel holding a copy of every packed pointer of the
+    store's database (what a branch daemon's home database that read the same chunks would
+    hold) and register it as a member; returns the pointers copied."""
+    from cowfs.chunks import codec
+    from cowfs.chunks.families import CF_OBJECTS
+    from cowfs.chunks.liveness import Liveness, REF_FAMILIES
+    from cowfs.kv.base import Batch
+    from cowfs.kv.rocks import RocksKV
+    from cowfs.kv.sqlite import SQLiteKV
+    from cowfs.store import FAMILIES
+
+    src = RocksKV(os.path.join(store, "db"), FAMILIES, blob_families=(CF_OBJECTS,), read_only=True)
+    os.makedirs(os.path.join(store, os.path.dirname(rel)), mode=0o700)
+    dst = RocksKV(os.path.join(store, rel), FAMILIES, blob_families=(CF_OBJECTS,))
+    refs = SQLiteKV(os.path.join(store, "refs.sqlite"), REF_FAMILIES)
+    try:
+        b = Batch()
+        for h, raw in src.scan(CF_OBJECTS, b""):
+            if codec.packed_extent(raw) is not None:
+                b.put(CF_OBJECTS, h, raw)
+        dst.write(b)
+        dst.sync()
+        Liveness(refs).add_member("t", rel)
+        return len(b)
+    finally:
+        src.close()
+        dst.close()
+        refs.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_member_database_keeps_its_packs_and_fsck_checks_it(mount_factory):
+    m = mount_factory(options=("dedup=off",))
+    data = write_file(m.path / "shared", 16 * MiB, 4)
+    theirs = packs(m.store)
+    assert theirs
+    m.stop()
+    assert _member_from_store(m.store, "heads/t/db") >= 100
+    workload.fsck_clean(m.store)
+    m.start()
+    os.unlink(m.path / "shared")  # the store's database no longer points into them; the member does
+    os.sync()
+    r = gc(m.path, "--repack-below", "1")
+    assert r["packs_condemned"] == 0 and r["packs_deleted"] == 0 and r["packs_repacked"] == 0, r
+    assert theirs <= packs(m.store)
+    m.stop()
+    workload.fsck_clean(m.store)
+    # A pack the member points into, gone: fsck names the member.
+    victim = sorted(theirs)[0]
+    os.rename(m.store / "packs" / victim, m.store / victim)
+    res = mounting.run_cowfs("fsck", m.store, "--json", check=False, timeout=300)
+    report = json.loads(res.stdout)
+    assert res.returncode != 0 and any("member t" in p and victim in p for p in report["problems"]), report
+    os.rename(m.store / victim, m.store / "packs" / victim)
+    workload.fsck_clean(m.store)
+    # The member unregistered: its packs are garbage, condemned and (no other writer) swept.
+    import sqlite3
+    db = sqlite3.connect(m.store / "refs.sqlite")
+    db.execute("DELETE FROM kv WHERE cf='member'")
+    db.commit()
+    db.close()
+    m.start()
+    r = gc(m.path)
+    assert r["packs_condemned"] == len(theirs) and r["packs_deleted"] == len(theirs), r
+    assert not theirs & packs(m.store)
+    assert data  # written, then unlinked: nothing of the store names it
+    m.stop()
+    workload.fsck_clean(m.store)
+
+
+@pytest.mark.timeout(300)
+def test_fsck_finds_a_due_condemned_pack_that_a_pointer_names_and_repair_pardons_it(mount_factory):
+    m = mount_factory(options=("dedup=off",))
+    data = write_file(m.path / "live", 16 * MiB, 5)
+    live = packs(m.store)
+    m.stop()
+    from cowfs.chunks.liveness import Condemned
+    import sqlite3
+    c = Condemned(1, {1: (time.time(), [])}, {pack_id(n): 1 for n in live})  # a round no writer saw
+    db = sqlite3.connect(m.store / "refs.sqlite")
+    db.execute("INSERT OR REPLACE INTO kv VALUES ('gc', ?, ?)", (b"condemned", c.pack()))
+    db.commit()
+    db.close()
+    res = mounting.run_cowfs("fsck", m.store, "--json", check=False, timeout=300)
+    report = json.loads(res.stdout)
+    assert res.returncode != 0, report
+    assert sum("is condemned" in p for p in report["problems"]) == len(live), report["problems"]
+    res = mounting.run_cowfs("fsck", m.store, "--repair", "--json", check=False, timeout=300)
+    assert any("pardoned" in r for r in json.loads(res.stdout)["repaired"]), res.stdout
+    workload.fsck_clean(m.store)
+    assert condemned(m.store)["packs"] == set()
+    m.start()
+    assert gc(m.path)["packs_deleted"] == 0
+    assert (m.path / "live").read_bytes() == data
+    m.stop()
+    # A damaged list: gc refuses to touch packs and says why; fsck names it, --repair drops it.
+    db = sqlite3.connect(m.store / "refs.sqlite")
+    db.execute("INSERT OR REPLACE INTO kv VALUES ('gc', ?, ?)", (b"condemned", b"{not json"))
+    db.commit()
+    db.close()
+    m.start()
+    res = mounting.run_cowfs("gc", m.path, check=False, timeout=300)
+    assert res.returncode != 0 and b"gc/condemned is damaged" in res.stdout + res.stderr, res
+    m.stop()
+    res = mounting.run_cowfs("fsck", m.store, "--json", check=False, timeout=300)
+    assert res.returncode != 0 and any("gc/condemned is damaged" in p for p in json.loads(res.stdout)["problems"])
+    mounting.run_cowfs("fsck", m.store, "--repair", "--json", check=False, timeout=300)
+    workload.fsck_clean(m.store)
+    m.start()
+    assert gc(m.path)["packs_deleted"] == 0
+    assert (m.path / "live").read_bytes() == data
+    m.stop()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("point", ["packs_condemned", "packs_swept"])
+def test_kill9_at_each_step_of_pack_gc(mount_factory, point):
+    """The daemon is killed right after the condemnation (packs_condemned: nothing deleted yet)
+    or after the sweep deleted the packs but before it took them off the list (packs_swept):
+    fsck is clean, every byte reads back, and the next gc finishes (the dead daemon's writer
+    record is stale: it holds nothing back)."""
+    m = mount_factory(options=("dedup=off",), env={"COWFS_FAULTS": f"{point}:sleep60"})
+    keep = write_file(m.path / "keep", 8 * MiB, 6)
+    before = packs(m.store)
+    write_file(m.path / "gone", 16 * MiB, 7)
+    garbage = packs(m.store) - before
+    os.unlink(m.path / "gone")
+    os.sync()
+    gc_run = subprocess.Popen(mounting.cowfs_command() + ["gc", str(m.path), "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        mounting.wait_log(m, f"injected fault at {point}", gc_run)
+    finally:
+        workload.kill_daemon(m)
+        gc_run.communicate(timeout=60)
+    assert condemned(m.store)["packs"] == garbage, "the condemnation is durable"
+    if point == "packs_condemned":
+        assert garbage <= packs(m.store)
+    else:
+        assert not garbage & packs(m.store)
+    report = workload.fsck_clean(m.store)
+    assert report["counts"]["condemned_packs"] == len(garbage), report["counts"]
+    m.env = {}
+    m.start()
+    assert (m.path / "keep").read_bytes() == keep
+    r = gc(m.path)
+    assert r["packs_deleted"] == len(garbage) and r["packs_waiting"] == 0, r
+    assert not garbage & packs(m.store) and before <= packs(m.store)
+    assert condemned(m.store)["packs"] == set()
+    assert (m.path / "keep").read_bytes() == keep
+    m.stop()
+    workload.fsck_clean(m.store)
