@@ -4,199 +4,57 @@ directories, files with their sizes, modes, owners, times and xattrs, symlinks, 
 hard links; each file's chunks F objects (where on the remote their bytes are).
 
 `build` runs in the forked daemon, which then serves the store the build leaves open
-(cowfs.daemon.process).  The
-metadata (the commit, the pack indexes it names, every tree) is fetched by a child process
-forked at the build's start (`Fetch`), while the daemon imports what it needs and creates
-and opens the store: two cores for the two halves of the ready time, where threads would
-share one (the GIL); the child hands back what it fetched in an in-memory file.
+(cowfs.daemon.process).  The metadata (the commit, the pack indexes it names, every tree) is
+fetched by a child process forked at the build's start (cowfs.fleet.lazyfetch), while the
+daemon imports what it needs and creates and opens the store: two cores for the two halves
+of the ready time, where threads would share one (the GIL); the child hands back what it
+fetched in an in-memory file, then writes the files' stat-cache rows while the daemon writes
+the tree (every node the build makes has the build's start as its ctime, known to both).
 """
 from __future__ import annotations
 
 import contextlib
 import gc
 import json
-import marshal
 import os
-import signal
+import sqlite3
 import stat
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from cowfs.chunks import codec
 from cowfs.fleet import FleetError
 from cowfs.fleet.config import RemoteConfig
 from cowfs.fleet.lazy import LAZY_FILE
-from cowfs.fleet.model import load_model, seed
-from cowfs.fleet.objects import CHUNK_SIZE, TYPE_CHUNK, TYPE_TREE, Loc, decode_tree, decode_warm, entry_chunks
-from cowfs.fleet.state import State, pack_chunks
+from cowfs.fleet.lazyfetch import Fetch, Metadata
+from cowfs.fleet.model import seed
+from cowfs.fleet.objects import CHUNK_SIZE, Loc, entry_chunks
+from cowfs.fleet.state import State
 
 if TYPE_CHECKING:
     from cowfs.core.filesystem import Filesystem
     from cowfs.core.node import Node
-    from cowfs.fleet.remote import Remote
     from cowfs.store import Store
 
 BUILDING_FILE = "lazy.building"   # in a store while its build runs: the builder's pid, what it builds
 BATCH_ENTRIES = 4096    # entries the build writes per commit
-_PR_SET_PDEATHSIG = 1   # prctl(2)
+_CLOCK_REALTIME_COARSE = 5  # the clock of cowfs.core.txn.now_ns (not imported before the fork: it imports trio)
 _FMT = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "fifo": stat.S_IFIFO,
         "chr": stat.S_IFCHR, "blk": stat.S_IFBLK, "sock": stat.S_IFSOCK}
-
-
-def load_trees(r: "Remote", root: bytes, packs: list[str]) -> dict[bytes, list[dict[str, Any]]]:
-    """Every tree under root.  The trees the commit's packs hold come first, all at once: a
-    push writes a pack's trees together after its chunks, so a few ranged GETs in parallel
-    bring them (instead of one round trip per level of the tree); what they lack (trees of
-    packs the commit does not name: none for a push's own) is fetched level by level."""
-    named = set(packs)
-    held = dict(r.fetch([h for h, loc in r.index.items() if loc.kind == TYPE_TREE and loc.pack in named], "tree"))
-    trees: dict[bytes, list[dict[str, Any]]] = {}
-    level = [root]
-    while level:
-        want = [h for h in dict.fromkeys(level) if h not in trees]
-        held.update(r.fetch([h for h in want if h not in held], "tree"))
-        for h in want:
-            trees[h] = decode_tree(h, held[h])
-        level = [bytes.fromhex(e["tree"]) for h in want for e in trees[h] if e["type"] == "dir"]
-    return trees
-
-
-def load_warm(r: "Remote", commit: dict[str, Any]) -> list[bytes]:
-    """The chunk ids of the cold start pushed with the commit (none for a commit without one)."""
-    from cowfs.blob.base import BlobNotFound
-
-    wid = commit.get("warm")
-    if not wid:
-        return []
-    try:
-        return decode_warm(wid, r.blobs.get("warm/" + wid))
-    except BlobNotFound:
-        raise FleetError(f"the remote {r.cfg.name} lacks warm/{wid}, which the commit names: run cowfs remote "
-                         f"check {r.cfg.name}") from None
-
-
-class Metadata(NamedTuple):
-    """What the build needs from the remote, fetched by `fetch_metadata`."""
-    remote: str                                 # the remote's name (for errors)
-    key: str                                    # Remote.key: the machine state's name of it
-    commit_id: str
-    commit: dict[str, Any]
-    indexes: int                                # pack indexes read
-    trees: dict[bytes, list[dict[str, Any]]]
-    chunks: dict[bytes, tuple]                  # every chunk the indexes name -> where it is (a Loc's fields)
-    warm: list[bytes]
-    model: dict[str, Any] | None                # the pushed prefetch model (cowfs.fleet.model)
-    model_error: str | None                     # why it could not be had (the build goes on)
-    seconds: float
-
-
-def fetch_metadata(cfg: RemoteConfig, snapshot: str) -> Metadata:
-    """The snapshot's commit, the indexes of the packs it names and every tree."""
-    from cowfs.fleet.remote import Remote
-
-    t0 = time.monotonic()
-    with Remote(cfg) as r:
-        cid = r.get_ref("snap", snapshot)
-        if cid is None:
-            have = ", ".join(n for n, _c in r.list_refs("snap")) or "none"
-            raise FleetError(f"the remote {cfg.name} has no snapshot named {snapshot!r} (it has: {have})")
-        commit = r.commit(cid)
-        r.index_commit(commit)      # the indexes of the packs the commit names (all, for an old commit)
-        trees = load_trees(r, bytes.fromhex(commit["root"]["tree"]), commit.get("packs") or [])
-        warm = load_warm(r, commit)
-        try:        # only predictions are lost without it: the build goes on, saying why
-            model, model_error = load_model(r, commit), None
-        except FleetError as e:
-            model, model_error = None, str(e)
-        chunks = {h: tuple(loc) for h, loc in r.index.items() if loc.kind == TYPE_CHUNK}
-        return Metadata(cfg.name, r.key, cid, commit, len(r.packs), trees, chunks, warm, model, model_error,
-                        time.monotonic() - t0)
-
-
-def _die_with(parent: int) -> None:
-    """This process gets SIGKILL when its parent dies (a daemon killed during its build)."""
-    import ctypes
-    import ctypes.util
-
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:      # it died before the prctl
-        os._exit(1)
-
-
-class Fetch:
-    """`fetch_metadata` in a child process forked now; `result` waits for it.  The child
-    answers once, marshalled (plain values: 3x faster than pickle here) into an in-memory file
-    made before the fork (a pipe would pass the ~9 MiB of issue 23's sandbox 64 KiB per
-    scheduling round), then exits; its status says whether it answered.  It never touches the
-    store: it is forked before the store is opened, and leaves by os._exit."""
-
-    def __init__(self, cfg: RemoteConfig, snapshot: str) -> None:
-        from cowfs.remote import one_line
-
-        self.fd = os.memfd_create("cowfs-lazy-metadata", os.MFD_CLOEXEC)
-        parent = os.getpid()
-        self.pid = os.fork()
-        if self.pid == 0:
-            code = 1
-            try:
-                _die_with(parent)
-                try:
-                    meta = fetch_metadata(cfg, snapshot)
-                    answer: tuple[str, Any] = ("ok", tuple(meta))
-                except Exception as e:      # noqa: BLE001 - the parent raises it, one line
-                    answer = ("error", one_line(e))
-                with open(self.fd, "wb", closefd=False) as f:
-                    marshal.dump(answer, f)
-                code = 0
-            finally:
-                os._exit(code)
-
-    def result(self) -> Metadata:
-        """The child's Metadata; FleetError with its error (or its death) otherwise."""
-        _pid, status = os.waitpid(self.pid, 0)
-        self.pid = 0
-        try:
-            with open(self.fd, "rb", closefd=False) as f:
-                f.seek(0)
-                data = f.read()
-        finally:
-            self.close()
-        if status or not data:
-            raise FleetError("the process fetching the snapshot's metadata died without an answer "
-                             f"(wait status {status})")
-        kind, value = marshal.loads(data)
-        if kind != "ok":
-            raise FleetError(value)
-        return Metadata._make(value)
-
-    def close(self) -> None:
-        """Stop the child if it still runs (the build failed first), reap it, drop the file."""
-        if self.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.pid, 0)
-            self.pid = 0
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 class Builder:
     """Writes a commit's tree into branch main of a store (in process, under trio.run)."""
 
-    def __init__(self, fs: "Filesystem", meta: "Metadata") -> None:
+    def __init__(self, fs: "Filesystem", meta: Metadata, ctime: int) -> None:
         self.fs = fs
         self.meta = meta
+        self.ctime = ctime      # of every node made (stat_rows: the child's rows have it)
         self.trees = meta.trees
         self.files = self.dirs = self.links = self.other = self.remote_chunks = self.commits = 0
         self.bytes = 0
         self.model: dict[str, int] = {}    # the pushed prefetch model kept (cowfs.fleet.model.seed)
-        # stat-cache rows (cowfs.fleet.state) of the files as the mount shows them: a push of
-        # this tree (or of a fork of it) does not read, so does not fetch, what is unchanged
-        self.rows: list[tuple[str, bytes, int, int, int, bytes]] = []
         # The objects the store holds: those the build's earlier commits brought (the store is
         # new: a set instead of a RocksDB read per chunk, 25,000 of them for issue 23's sandbox);
         # a chunk twice in one commit gets an F record each time, as it did before the set.
@@ -215,6 +73,7 @@ class Builder:
         links: list[tuple["Node", bytes, dict[str, Any]]] = []
         firsts: dict[str, "Node"] = {}
         async with fs.mutate(view) as m:
+            m.now = self.ctime
             self._attrs(root, root_entry)
             root.attrs.nlink = 2 + self._subdirs(root_entry)
             self._xattrs(m, root, root_entry)
@@ -225,6 +84,7 @@ class Builder:
         stack = [(root, bytes.fromhex(root_entry["tree"]), "")]
         while stack:
             async with fs.mutate(view) as m:
+                m.now = self.ctime
                 n = 0
                 while stack and n < BATCH_ENTRIES:
                     parent, th, rel = stack.pop()
@@ -260,6 +120,7 @@ class Builder:
             self._stored.update(m.txn.new)
         if links:
             async with fs.mutate(view) as m:
+                m.now = self.ctime
                 for parent, name, e in links:
                     node = firsts.get(e["link"])
                     if node is None:
@@ -298,8 +159,6 @@ class Builder:
         size = int(e["size"])
         encoded: dict[int, tuple[bytes, bytes | None] | None] = {}
         chunks = entry_chunks(e)
-        self.rows.append((self.fs.store.path, os.fsencode(rel), size, e["mtime"], node.attrs.ctime_ns,
-                          pack_chunks(chunks)))
         for i, h in enumerate(chunks):
             if h is None:
                 continue
@@ -367,8 +226,10 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str, cache: tuple[int, i
     durable (the WAL synced) before lazy.json says it is built.  Returns it with figures of
     what the build did (also in lazy.json)."""
     t0 = time.monotonic()
+    ctime = time.clock_gettime_ns(_CLOCK_REALTIME_COARSE)
+    abs_store = os.path.abspath(store_path)
     with _collector_off():
-        fetch = Fetch(cfg, snapshot)
+        fetch = Fetch(cfg, snapshot, abs_store, ctime)
         try:
             import trio
 
@@ -381,24 +242,24 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str, cache: tuple[int, i
                 init_store(store_path)
             (Path(store_path) / BUILDING_FILE).write_text(json.dumps({"pid": os.getpid(), "remote": cfg.name,
                                                                       "snapshot": snapshot}) + "\n")
-            store = Store(os.path.abspath(store_path), cache_l1=cache[0], cache_l2=cache[1])
+            store = Store(abs_store, cache_l1=cache[0], cache_l2=cache[1])
             try:
                 t_open = time.monotonic() - t0
                 meta = fetch.result()
                 t1 = time.monotonic()
 
                 async def work() -> Builder:
-                    b = Builder(Filesystem(store, "main"), meta)
+                    b = Builder(Filesystem(store, "main"), meta, ctime)
                     await b.run(meta.commit["root"])
                     b.model = seed(b.fs, b.inos, meta.model) if meta.model else {}
                     await store.sync()      # durable before lazy.json names the store built
                     return b
                 b = trio.run(work)
                 t_build = time.monotonic() - t1
+                fetch.rows()
                 state = State()
                 try:
-                    state.remember_chunks(b.rows)
-                    state.set_origin(os.path.abspath(store_path), "main", meta.key, meta.commit_id)   # a push's parent
+                    state.set_origin(abs_store, "main", meta.key, meta.commit_id)   # a push's parent
                 finally:
                     state.close()
                 figures = {"commit": meta.commit_id, "trees": len(meta.trees), "indexes": meta.indexes,
@@ -424,10 +285,27 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str, cache: tuple[int, i
             except BaseException:
                 with _uncollected():
                     store.close()
+                if fetch.answered:      # its rows may be written: they go with the store
+                    fetch.close()
+                    _forget_rows(abs_store)
                 raise
         finally:
             fetch.close()
     return store, figures
+
+
+def _forget_rows(store: str) -> None:
+    """Drop the stat-cache rows of a store whose build failed (the child may have written
+    them); if that fails too, the build's own error is the one reported (rows of a store that
+    is gone match no file: their ctime is that build's)."""
+    try:
+        state = State()
+        try:
+            state.forget_store(store)
+        finally:
+            state.close()
+    except (OSError, sqlite3.Error):
+        pass
 
 
 def remove_built(store: str, keep_dir: bool) -> None:

@@ -108,6 +108,11 @@ class State:
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO stat VALUES (?,?,?,?,?,?)", rows)
 
+    def forget_store(self, store: str) -> None:
+        """The stat cache of a store that is no more (a lazy build that failed)."""
+        with self.db:
+            self.db.execute("DELETE FROM stat WHERE store=?", (store,))
+
     # snapshots and branches
     def set_synced(self, store: str, snapshot: str, remote: str, commit: str) -> None:
         with self.db:

@@ -1,0 +1,213 @@
+"""A lazy mount's metadata (cowfs.fleet.lazybuild): the snapshot's commit, the pack indexes it
+names and every tree, fetched by a child process (`Fetch`) forked at the build's start while
+the daemon imports what it needs and creates and opens the store; the child then writes the
+files' stat-cache rows (`stat_rows`) while the daemon writes the tree."""
+from __future__ import annotations
+
+import contextlib
+import marshal
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from cowfs.fleet import FleetError
+from cowfs.fleet.config import RemoteConfig
+from cowfs.fleet.model import load_model
+from cowfs.fleet.objects import TYPE_CHUNK, TYPE_TREE, decode_tree, decode_warm, entry_chunks
+from cowfs.fleet.state import State, pack_chunks
+
+if TYPE_CHECKING:
+    from cowfs.fleet.remote import Remote
+
+_PR_SET_PDEATHSIG = 1   # prctl(2)
+
+
+def load_trees(r: "Remote", root: bytes, packs: list[str]) -> dict[bytes, list[dict[str, Any]]]:
+    """Every tree under root.  The trees the commit's packs hold come first, all at once: a
+    push writes a pack's trees together after its chunks, so a few ranged GETs in parallel
+    bring them (instead of one round trip per level of the tree); what they lack (trees of
+    packs the commit does not name: none for a push's own) is fetched level by level."""
+    named = set(packs)
+    held = dict(r.fetch([h for h, loc in r.index.items() if loc.kind == TYPE_TREE and loc.pack in named], "tree"))
+    trees: dict[bytes, list[dict[str, Any]]] = {}
+    level = [root]
+    while level:
+        want = [h for h in dict.fromkeys(level) if h not in trees]
+        held.update(r.fetch([h for h in want if h not in held], "tree"))
+        for h in want:
+            trees[h] = decode_tree(h, held[h])
+        level = [bytes.fromhex(e["tree"]) for h in want for e in trees[h] if e["type"] == "dir"]
+    return trees
+
+
+def load_warm(r: "Remote", commit: dict[str, Any]) -> list[bytes]:
+    """The chunk ids of the cold start pushed with the commit (none for a commit without one)."""
+    from cowfs.blob.base import BlobNotFound
+
+    wid = commit.get("warm")
+    if not wid:
+        return []
+    try:
+        return decode_warm(wid, r.blobs.get("warm/" + wid))
+    except BlobNotFound:
+        raise FleetError(f"the remote {r.cfg.name} lacks warm/{wid}, which the commit names: run cowfs remote "
+                         f"check {r.cfg.name}") from None
+
+
+def stat_rows(store: str, trees: dict[bytes, list[dict[str, Any]]], root: bytes,
+              ctime: int) -> list[tuple[str, bytes, int, int, int, bytes]]:
+    """The stat-cache rows (cowfs.fleet.state) of the tree's files as its build makes them in
+    store (a hard-linked file's under its first name; ctime: the build's): a push of this
+    tree (or of a fork of it) does not read, so does not fetch, what is unchanged."""
+    rows = []
+    stack = [(root, "")]
+    while stack:
+        th, rel = stack.pop()
+        for e in trees[th]:
+            p = f"{rel}/{e['name']}" if rel else e["name"]
+            if e["type"] == "dir":
+                stack.append((bytes.fromhex(e["tree"]), p))
+            elif e["type"] == "file" and e.get("link") in (None, p):
+                rows.append((store, os.fsencode(p), int(e["size"]), e["mtime"], ctime, pack_chunks(entry_chunks(e))))
+    return rows
+
+
+class Metadata(NamedTuple):
+    """What the build needs from the remote, fetched by `fetch_metadata`."""
+    remote: str                                 # the remote's name (for errors)
+    key: str                                    # Remote.key: the machine state's name of it
+    commit_id: str
+    commit: dict[str, Any]
+    indexes: int                                # pack indexes read
+    trees: dict[bytes, list[dict[str, Any]]]
+    chunks: dict[bytes, tuple]                  # every chunk the indexes name -> where it is (a Loc's fields)
+    warm: list[bytes]
+    model: dict[str, Any] | None                # the pushed prefetch model (cowfs.fleet.model)
+    model_error: str | None                     # why it could not be had (the build goes on)
+    seconds: float
+
+
+def fetch_metadata(cfg: RemoteConfig, snapshot: str) -> Metadata:
+    """The snapshot's commit, the indexes of the packs it names and every tree."""
+    from cowfs.fleet.remote import Remote
+
+    t0 = time.monotonic()
+    with Remote(cfg) as r:
+        cid = r.get_ref("snap", snapshot)
+        if cid is None:
+            have = ", ".join(n for n, _c in r.list_refs("snap")) or "none"
+            raise FleetError(f"the remote {cfg.name} has no snapshot named {snapshot!r} (it has: {have})")
+        commit = r.commit(cid)
+        r.index_commit(commit)      # the indexes of the packs the commit names (all, for an old commit)
+        trees = load_trees(r, bytes.fromhex(commit["root"]["tree"]), commit.get("packs") or [])
+        warm = load_warm(r, commit)
+        try:        # only predictions are lost without it: the build goes on, saying why
+            model, model_error = load_model(r, commit), None
+        except FleetError as e:
+            model, model_error = None, str(e)
+        chunks = {h: tuple(loc) for h, loc in r.index.items() if loc.kind == TYPE_CHUNK}
+        return Metadata(cfg.name, r.key, cid, commit, len(r.packs), trees, chunks, warm, model, model_error,
+                        time.monotonic() - t0)
+
+
+def _die_with(parent: int) -> None:
+    """This process gets SIGKILL when its parent dies (a daemon killed during its build)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:      # it died before the prctl
+        os._exit(1)
+
+
+class Fetch:
+    """`fetch_metadata` in a child process forked now; `result` waits for its answer,
+    marshalled (plain values: 3x faster than pickle here) into an in-memory file made before
+    the fork (a pipe would pass the ~9 MiB of issue 23's sandbox 64 KiB per scheduling
+    round), then "M" on a pipe.  The child then writes the files' stat-cache rows
+    (`stat_rows`, ctime the build's) while the daemon writes the tree, says any error on the
+    pipe and exits (`rows` waits for that).  It never touches the store: it is forked before
+    the store is opened, and leaves by os._exit."""
+
+    def __init__(self, cfg: RemoteConfig, snapshot: str, store: str, ctime: int) -> None:
+        from cowfs.remote import one_line
+
+        self.fd = os.memfd_create("cowfs-lazy-metadata", os.MFD_CLOEXEC)
+        self.rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        self.answered = False      # the child's answer read: it may have written rows since
+        parent = os.getpid()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                _die_with(parent)
+                meta = None
+                try:
+                    meta = fetch_metadata(cfg, snapshot)
+                    answer: tuple[str, Any] = ("ok", tuple(meta))
+                except Exception as e:      # noqa: BLE001 - the parent raises it, one line
+                    answer = ("error", one_line(e))
+                with open(self.fd, "wb", closefd=False) as f:
+                    marshal.dump(answer, f)
+                os.write(wfd, b"M")
+                if meta is not None:
+                    try:
+                        state = State()
+                        try:
+                            state.remember_chunks(stat_rows(store, meta.trees, bytes.fromhex(meta.commit["root"]["tree"]),
+                                                            ctime))
+                        finally:
+                            state.close()
+                        code = 0
+                    except Exception as e:  # noqa: BLE001 - the parent raises it, one line
+                        os.write(wfd, one_line(e).encode())
+            finally:
+                os._exit(code)
+        os.close(wfd)
+
+    def result(self) -> Metadata:
+        """The child's Metadata; FleetError with its error (or its death) otherwise."""
+        said = os.read(self.rfd, 1)
+        try:
+            with open(self.fd, "rb", closefd=False) as f:
+                f.seek(0)
+                data = f.read()
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+        if said != b"M" or not data:
+            raise FleetError(f"the process fetching the snapshot's metadata died without an answer "
+                             f"(wait status {self._reap()})")
+        kind, value = marshal.loads(data)
+        if kind != "ok":
+            raise FleetError(value)
+        self.answered = True
+        return Metadata._make(value)
+
+    def rows(self) -> None:
+        """Wait for the child's stat-cache rows; FleetError with its error (or its death)."""
+        said = b"".join(iter(lambda: os.read(self.rfd, 4096), b""))
+        status = self._reap()
+        if status:
+            raise FleetError("the stat cache of the build's files could not be written: "
+                             f"{said.decode(errors='replace') or f'its process died (wait status {status})'}")
+
+    def _reap(self) -> int:
+        _pid, status = os.waitpid(self.pid, 0)
+        self.pid = 0
+        return status
+
+    def close(self) -> None:
+        """Stop the child if it still runs (the build failed first), reap it, drop the files."""
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.pid = 0
+        for fd in (self.fd, self.rfd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.rfd = -1
