@@ -352,3 +352,77 @@ def test_an_older_store_gets_its_remote_chunks_and_bytes_counted_at_first_open(t
     finally:
         st.close()
     assert json.loads(marker.read_text())["format"] == FORMAT_VERSION == 9
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_transaction_that_only_adds_counts_as_the_general_path(monkeypatch, seed):
+    """`RefApply._run_adding` (transactions that only add references, their new objects known
+    absent: a lazy mount's build) leaves the store exactly as the general path: files of one
+    chunk (the root is the chunk) and of one- and two-level trees, chunks new, stored by an
+    earlier commit, or brought again though stored, references to stored roots."""
+    rnd = random.Random(seed)
+    pool = [bytes([k % 251]) * (50 + k) for k in range(40)]
+    taken: list[str] = []
+    real = refs.RefApply._run_adding
+
+    def adding(self):
+        taken.append(path)
+        return self._run_general() if path == "general" else real(self)
+
+    monkeypatch.setattr(refs.RefApply, "_run_adding", adding)
+    stores = {"adding": Objects(), "general": Objects()}
+    files: dict[int, tuple[Root | None, int]] = {}
+    adding_steps = 0
+    try:
+        for step in range(8):
+            stored = stores["adding"].stored()
+            plan = []
+            for _ in range(rnd.choice((1, 5, 30))):
+                if files and rnd.random() < 0.15:
+                    plan.append(("again", rnd.choice(list(files))))
+                else:
+                    n = rnd.choice((1, 1, 1, 2, 40, FANOUT + 1, 1100))
+                    plan.append(("file", [rnd.randrange(len(pool)) for _ in range(n)], rnd.random()))
+            results = {}
+            for path, st in stores.items():
+                txn, made = RefTxn(), {}
+                for i, op in enumerate(plan):
+                    if op[0] == "again":     # another file of a stored root (a clone's)
+                        txn.incref(files[op[1]][0].hash)
+                        made[len(files) + i] = files[op[1]]
+                        continue
+                    ks, again = op[1], op[2]
+                    for k in set(ks):
+                        h, v = codec.chunk_hash(pool[k]), codec.encode_chunk(pool[k], 1)
+                        if h not in stored or again < 0.3:
+                            txn.add_object(h, v, [])
+                    root = TreeWriter(st.objects.node, txn).update(
+                        None, {j: codec.chunk_hash(pool[k]) for j, k in enumerate(ks)}, len(ks))
+                    txn.incref(root.hash)
+                    made[len(files) + i] = (root, len(ks))
+                txn.absent = txn.new.keys() - stored
+                taken.clear()
+                counts = st.commit(Batch(), txn)
+                # (nothing new, nothing absent: the general path, for both)
+                assert taken == ([path] if txn.absent else []), "the adding path was not taken"
+                adding_steps += bool(taken)
+                results[path] = (counts, txn.root_sizes, made)
+            assert results["adding"] == results["general"], f"seed {seed}, step {step}"
+            files.update(results["adding"][2])
+            a = stores["adding"]
+            assert dump(a) == dump(stores["general"]), f"seed {seed}, step {step}"
+            assert a.objects.space == scan_space(a.kv), f"seed {seed}, step {step}"
+            assert a.refs() == recount(files, a.objects.node), f"seed {seed}, step {step}"
+        assert adding_steps >= 8, adding_steps     # of 16 commits (8 steps, 2 stores)
+        # A reference to an object the store lacks is refused, and nothing is written.
+        before = dump(stores["adding"])
+        txn = RefTxn()
+        txn.incref(codec.chunk_hash(b"never stored"))
+        txn.absent = {codec.chunk_hash(b"never stored either")}
+        path = "adding"
+        with pytest.raises(MissingObject):
+            stores["adding"].commit(Batch(), txn)
+        assert dump(stores["adding"]) == before
+    finally:
+        for st in stores.values():
+            st.close()
