@@ -503,14 +503,9 @@ def wait_acked(log: str, n: int, proc, timeout: float = 30.0) -> None:
 
 def fsck_clean(store) -> dict:
     import mounting
-    r = mounting.run_cowfs("fsck", store, "--json", check=False, timeout=300)
-    try:
-        report = json.loads(r.stdout)
-    except ValueError:
-        raise AssertionError(f"cowfs fsck printed no JSON (exit {r.returncode}): "
-                             f"{r.stderr.decode(errors='replace')[-2000:]}") from None
-    assert r.returncode == 0 and report["clean"], \
-        f"fsck after the crash is not clean (exit {r.returncode}): {report['problems'][:20]}"
+    code, report = mounting.fsck_json(store)
+    assert code == 0 and report["clean"], \
+        f"fsck after the crash is not clean (exit {code}): {report['problems'][:20]}"
     return report
 
 
