@@ -220,13 +220,14 @@ def test_version_matches_the_package():
 def test_help_topics_and_man_page_come_from_the_same_text():
     from cowfs import cli
 
+    own = {}
     for name in cli.main.commands:
-        own = cowfs(name, "--help", check=True).stdout
-        assert cowfs("help", name, check=True).stdout == own, name
+        own[name] = cowfs(name, "--help", check=True).stdout
+        assert cowfs("help", name, check=True).stdout == own[name], name
     man = cowfs("help", "--man", check=True).stdout
     for name in cli.main.commands:
         assert f".SS {name}\n" in man
-        first = cowfs(name, "--help").stdout.splitlines()[2].strip()     # the first line of its text
+        first = own[name].splitlines()[2].strip()     # the first line of its text
         assert first.replace("\\", "\\e") in man, (name, first)
     rendered = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z"], input=man, capture_output=True, text=True,
                               timeout=60)

@@ -267,11 +267,10 @@ def test_directory_removed_while_open_goes_when_closed(mount_factory, dir_cache)
     this when rmdir overtakes the RELEASEDIR of the fd it just closed).  With OPENDIR
     declined (the default: cowfs.fuse.ops) the daemon does not know the directory is open,
     and it goes at once; the open descriptor still stats and lists it (empty)."""
-    import json
     mp = mount_factory(options=(f"dir_cache={dir_cache}",)).path
 
     def inodes() -> int:
-        return json.loads(mounting.run_cowfs("stats", mp, "--json").stdout)["usage_inodes"]
+        return mounting.stats(mp)["usage_inodes"]
 
     base = inodes()
     os.mkdir(mp / "d")
