@@ -90,9 +90,12 @@ def test_a_writer_alive_at_condemnation_holds_the_sweep_until_it_acknowledges_or
         assert c["packs"] == garbage
         (t, writers), = c["rounds"].values()
         assert wid in writers and len(writers) == 2 and time.time() - t < 120, c  # the daemon and the helper
-        # Another run condemns nothing new and still waits.
+        # Another run condemns nothing new and still waits, and says so.
         r = gc(m.path)
         assert (r["packs_condemned"], r["packs_deleted"], r["packs_waiting"]) == (0, 0, len(garbage)), r
+        line = mounting.run_cowfs("gc", m.path, timeout=300).stdout
+        line = line if isinstance(line, str) else line.decode()
+        assert f"{len(garbage)} condemned waiting for other writers" in line, line
         writer.stdin.write("ack\n")
         writer.stdin.flush()
         assert writer.stdout.readline().strip() == "acked"
