@@ -32,6 +32,7 @@ RUN_READ_AHEAD = 16 << 20  # bytes of a pack read ahead after a run read (Object
 RUN_SEGMENTS = 4  # a run read serves chunks from at most this many contiguous pack ranges
 PART_MAX = 16 << 10  # reads of a cold raw packed chunk up to this size read only their range
 SIZES_MAX = 1 << 15  # remembered content sizes (~5 MiB), see ObjectStore.remember_size
+WHOLE_LEAVES_MAX = 1 << 12  # remembered verdicts of ObjectStore.chunk_size (~0.5 MiB)
 
 
 def _raw_extent(raw: bytes | None) -> tuple[int, int, int] | None:
@@ -55,6 +56,7 @@ class ObjectStore:
         self._staged: Space | None = None
         self._drop: list[int] = []  # packs to delete once the batch is written (nothing points there)
         self._sizes: dict[bytes, int] = {}
+        self._whole_leaves: dict[bytes, bool] = {}  # tree node -> every chunk under it is CHUNK long
         # Set by the daemon of a store with chunks still on a remote (a lazy mount): without
         # it, reading one fails (codec.RemoteChunk), as in fsck and the offline commands.
         self.fetcher: Fetcher | None = None
@@ -305,6 +307,31 @@ class ObjectStore:
             n = max(self.ref(h).size, 0)
             self.remember_size(h, n)
         return n
+
+    def chunk_size(self, h: bytes | None, leaf: bytes | None) -> int:
+        """Content bytes of chunk h (0 for a hole) whose slot is in tree node `leaf` (None: a
+        depth-0 tree): CHUNK without a refs read when the leaf's content size is CHUNK times
+        the chunks it holds (no chunk is longer, so none is shorter), else content_size(h).
+        A write into a cold chunk of a big file needs its length (the allocation it adds)
+        and would otherwise read the refs record of every chunk it touches, ~5-20 µs each
+        (docs/benchmarks.md, issue 24).  A node's content never changes for its hash, so
+        the verdict is kept per leaf (FIFO-bounded)."""
+        if h is None:
+            return 0
+        n = self._sizes.get(h)
+        if n is not None:
+            return n
+        if leaf is not None:
+            whole = self._whole_leaves.get(leaf)
+            if whole is None:
+                chunks = len(codec.node_children(self.node(leaf)))
+                whole = chunks > 0 and self.content_size(leaf) == chunks * codec.CHUNK
+                if len(self._whole_leaves) >= WHOLE_LEAVES_MAX:
+                    del self._whole_leaves[next(iter(self._whole_leaves))]
+                self._whole_leaves[leaf] = whole
+            if whole:
+                return codec.CHUNK
+        return self.content_size(h)
 
     def known_size(self, h: bytes) -> int | None:
         """h's content size if remembered (see remember_size)."""

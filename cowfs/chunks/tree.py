@@ -63,6 +63,27 @@ def lookup(root: Root | None, index: int, load_node: Callable[[bytes], bytes]) -
     return h
 
 
+def lookup_leaf(root: Root | None, index: int, load_node: Callable[[bytes], bytes]) -> tuple[bytes | None, bytes | None]:
+    """(hash of chunk `index` or None for a hole, hash of the node whose slot holds it or
+    None for a depth-0 tree): `lookup` that also names the leaf (ObjectStore.chunk_size)."""
+    if root is None or (root.depth and index >= capacity(root.depth)):
+        return None, None
+    if root.depth == 0:
+        return (root.hash if index == 0 else None), None
+    h = root.hash
+    leaf = h
+    for level in range(root.depth, 0, -1):
+        node = load_node(h)
+        j, index = divmod(index, capacity(level - 1))
+        off = j * HASH_LEN
+        if off >= len(node):
+            return None, None
+        leaf, h = h, node[off : off + HASH_LEN]
+        if h == ZERO_HASH:
+            return None, None
+    return h, leaf
+
+
 def iter_chunks(root: Root | None, load_node: Callable[[bytes], bytes], start: int = 0) -> Iterator[tuple[int, bytes]]:
     """(index, hash) of every stored chunk from index `start` on, in order (holes, and
     subtrees wholly before `start`, are skipped without being loaded)."""

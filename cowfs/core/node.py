@@ -286,7 +286,7 @@ class Node:
         data = self._entry(i)
         if data is not None:
             return len(data)
-        return objects.content_size(tree.lookup(self.attrs.root, i, objects.node))
+        return objects.chunk_size(*tree.lookup_leaf(self.attrs.root, i, objects.node))
 
     def write(self, off: int, data: bytes, objects: "ObjectStore",
               charge: Callable[[int], None]) -> int:

@@ -103,7 +103,7 @@ class Accounting:
             return
         objects = self.fs.store.objects
         alloc = node.stored_alloc + sum(  # type: ignore[operator]
-            len(b) - objects.content_size(tree.lookup(node.attrs.root, i, objects.node))
+            len(b) - objects.chunk_size(*tree.lookup_leaf(node.attrs.root, i, objects.node))
             for i, b in buffers.items())
         node.view.alloc_pending += alloc - node.alloc
         node.alloc = alloc

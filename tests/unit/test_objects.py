@@ -10,10 +10,13 @@ import os
 
 import pytest
 
+from cowfs.cache import ChunkCache
 from cowfs.chunks import codec, repack
-from cowfs.chunks.families import CF_OBJECTS
+from cowfs.chunks.families import CF_OBJECTS, CF_REFS
+from cowfs.chunks.objects import ObjectStore
 from cowfs.chunks.packs import ENTRY, FOOTER, BadIndex, IndexEntry, MissingPack, pack_id, pack_name
 from cowfs.chunks.refs import RefTxn
+from cowfs.chunks.tree import FANOUT, Root, TreeWriter, lookup_leaf
 from cowfs.kv.base import Batch
 
 from unit.helpers import Objects
@@ -383,3 +386,38 @@ def test_a_truncated_remote_or_packed_record_is_a_corrupt_object():
                 codec.chunk_sizes(cut)
     with pytest.raises(codec.CorruptObject, match="does not decode"):
         codec.remote_loc(remote[:-1])
+
+
+def test_a_chunk_of_a_leaf_of_whole_chunks_is_sized_without_its_refs_record(monkeypatch):
+    """ObjectStore.chunk_size: a chunk whose tree leaf holds only CHUNK-long chunks (its
+    content size says so) is CHUNK long without a read of the chunk's refs record; in a leaf
+    holding a shorter chunk every size is read, and right.  A depth-2 file: leaf 0 is whole,
+    leaf 1 ends with a 100-byte chunk; a depth-0 file (no leaf) reads its record."""
+    st = Objects()
+    try:
+        whole = [os.urandom(CHUNK) for _ in range(3)]
+        short = b"s" * 100
+        contents = [whole[i % 3] for i in range(FANOUT)] + [whole[0], whole[1], short]
+        txn = RefTxn()
+        for data in whole + [short]:
+            txn.add_object(codec.chunk_hash(data), codec.encode_chunk(data, 1), [])
+        root = TreeWriter(st.objects.node, txn).update(
+            None, {i: codec.chunk_hash(d) for i, d in enumerate(contents)}, len(contents))
+        txn.incref(root.hash)
+        st.commit(Batch(), txn)
+        assert root.depth == 2
+        single = Root(0, codec.chunk_hash(short))
+        cold = ObjectStore(st.kv, ChunkCache(1 << 20, 1 << 20), st.packs)  # nothing remembered
+        chunk_hashes = {codec.chunk_hash(d) for d in whole + [short]}
+        reads: list[bytes] = []
+        get = st.kv.get
+        monkeypatch.setattr(st.kv, "get", lambda cf, key: (reads.append(key) if cf == CF_REFS and key in chunk_hashes
+                                                           else None) or get(cf, key))
+        assert [cold.chunk_size(*lookup_leaf(root, i, cold.node)) for i in range(FANOUT)] == [CHUNK] * FANOUT
+        assert reads == []
+        assert [cold.chunk_size(*lookup_leaf(root, FANOUT + i, cold.node)) for i in range(4)] == [CHUNK, CHUNK, 100, 0]
+        assert reads == [codec.chunk_hash(whole[0]), codec.chunk_hash(whole[1]), codec.chunk_hash(short)]
+        assert cold.chunk_size(*lookup_leaf(single, 0, cold.node)) == 100
+        assert lookup_leaf(single, 1, cold.node) == (None, None) and cold.chunk_size(None, None) == 0
+    finally:
+        st.close()
