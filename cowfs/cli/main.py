@@ -14,6 +14,8 @@ was refused and who may do it) and a non-zero exit status; a traceback only with
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import sys
 import traceback
@@ -28,6 +30,11 @@ from cowfs.cli.errors import EXIT_CODES, CliError, describe
 from cowfs.cli.help import help_
 from cowfs.cli.params import complete_mounts
 from cowfs.errors import MountError, StoreError
+
+# The interpreter's exit collects garbage over the whole heap (click's and the commands'
+# modules) of a process that is ending: frozen, that walk is skipped.  `cowfs mount`'s exit
+# took 0.05-0.2 s at load 5 with it, 0.02 s without (part of a lazy mount's ready time).
+atexit.register(gc.freeze)
 
 
 def _debug() -> bool:
