@@ -1532,6 +1532,17 @@ def sigkill(m: "Mount") -> None:
     lazy_unmount(m.path)
 
 
+def close_after_kill(fd: int) -> None:
+    """Close fd, opened on a mount whose daemon was then killed: the kernel sends the close's
+    FLUSH to the dead connection and answers ENOTCONN, unless the daemon had declined FLUSH
+    before it died (a close earlier on that connection), so either outcome is the kernel's."""
+    try:
+        os.close(fd)
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            raise
+
+
 def sigkill_fsck_start(m: "Mount") -> None:
     """SIGKILL the daemon, clear the dead mount, require a clean fsck, mount again."""
     sigkill(m)

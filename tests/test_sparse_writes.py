@@ -68,7 +68,7 @@ def test_page_writes_into_cold_chunks_read_no_stored_chunk(mount_factory):
             os.fsync(fd)
         mounting.sigkill_fsck_start(m)
     finally:
-        os.close(fd)
+        mounting.close_after_kill(fd)
     assert "16 small-write log records of a previous daemon replayed" in m.log_text()
     assert path.read_bytes() == model
 
@@ -118,6 +118,6 @@ def test_reads_of_sparse_buffers_merge_the_stored_chunk_only_for_bytes_not_writt
         assert mounting.direct_pread(fd, 0, (len(model) // PAGE + 1) * PAGE) == model
         mounting.sigkill_fsck_start(m)
     finally:
-        os.close(fd)
+        mounting.close_after_kill(fd)
     assert path.read_bytes() == model
     assert os.stat(path).st_size == len(model)
