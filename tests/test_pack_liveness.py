@@ -4,7 +4,9 @@ docs/design-many-processes.md "Garbage collection", build order step 4).
 Real mounts: `cowfs gc` condemns the packs nothing points at and deletes them only once every
 writer alive at their condemnation has acknowledged it or is gone (a second writer is a real
 process holding a writer record in STORE/refs.sqlite through the same code a daemon uses); a
-database registered as a member keeps the packs it points into, and fsck checks its pointers;
+gc run by another process, without the daemon's lock, waits for the daemon's acknowledgement,
+which comes only once a flush it caught between pack put and commit has committed, and then
+pardons that pack; a database registered as a member keeps the packs it points into, and fsck checks its pointers;
 fsck finds a due condemned pack that a pointer names, and --repair pardons it; a kill -9 of
 the daemon after the condemnation or in the middle of the sweep leaves the store fsck-clean
 with every byte, and the next gc finishes.
@@ -277,5 +279,123 @@ def test_kill9_at_each_step_of_pack_gc(mount_factory, point):
     assert not garbage & packs(m.store) and before <= packs(m.store)
     assert condemned(m.store)["packs"] == set()
     assert (m.path / "keep").read_bytes() == keep
+    m.stop()
+    workload.fsck_clean(m.store)
+
+
+FOREIGN_GC = r"""
+import json, os, sys
+from cowfs.blob.local import LocalBlobStore
+from cowfs.chunks.families import CF_OBJECTS
+from cowfs.chunks.liveness import Liveness, REF_FAMILIES, mark
+from cowfs.chunks.packs import Packs, pack_name
+from cowfs.kv.rocks import RocksKV
+from cowfs.kv.sqlite import SQLiteKV
+from cowfs.store import FAMILIES
+store = sys.argv[1]
+lv = Liveness(SQLiteKV(os.path.join(store, "refs.sqlite"), REF_FAMILIES))
+lv.register("")
+packs = Packs(LocalBlobStore(os.path.join(store, "packs"), create=False))
+
+def marked():  # the daemon's database, read-only beside it, as of now
+    kv = RocksKV(os.path.join(store, "db"), FAMILIES, blob_families=(CF_OBJECTS,), read_only=True)
+    try:
+        return mark([kv])
+    finally:
+        kv.close()
+
+for line in sys.stdin:
+    if line.startswith("condemn"):  # no lock: the daemon's flushes run on
+        listed = packs.listing()
+        live = marked()
+        garbage = [p for p in listed if not live.get(p)]
+        lv.condemn(garbage, list(live))
+        print(json.dumps({"condemned": [pack_name(p) for p in garbage], "gen": lv.condemned().gen}), flush=True)
+    elif line.startswith("sweep"):
+        c = lv.condemned()
+        due = lv.due(c)
+        live = marked() if due else {}
+        gone = sorted(p for p in due if not live.get(p))
+        for p in gone:
+            packs.delete(p)
+        lv.forget(due)
+        print(json.dumps({"deleted": [pack_name(p) for p in gone],
+                          "pardoned": [pack_name(p) for p in due if live.get(p)],
+                          "waiting": len(c.packs) - len(due)}), flush=True)
+"""
+
+
+def _ask(proc: subprocess.Popen, line: str) -> dict:
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    out = proc.stdout.readline()
+    assert out, f"the gc process ended ({proc.poll()})"
+    return json.loads(out)
+
+
+def _sweep_until_due(gc_proc: subprocess.Popen, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = _ask(gc_proc, "sweep")
+        if r["deleted"] or r["pardoned"]:
+            return r
+        assert time.monotonic() < deadline, f"the daemon never acknowledged the round: {r}"
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(300)
+def test_a_gc_in_another_process_waits_for_the_daemon_and_pardons_what_it_committed_meanwhile(mount_factory):
+    """A gc run by another process (what the store keeper will be) lists and marks without the
+    daemon's lock.  A flush held between its pack put and its commit: its pack is unmarked,
+    so condemned; the daemon acknowledges the round only once that flush committed, and the
+    sweep's second mark then finds the pack named: pardoned, the file whole.  Then garbage:
+    condemned, acknowledged by the daemon within its ACK_EVERY, deleted."""
+    m = mount_factory(options=("dedup=off",), env={"COWFS_FAULTS": "pack_written:sleep6"})
+    late = random.Random(8).randbytes(16 * MiB)
+    gc_proc = subprocess.Popen([sys.executable, "-c", FOREIGN_GC, str(m.store)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    writer = subprocess.Popen([sys.executable, "-c",
+                               "import os,sys\nwith open(sys.argv[1],'wb') as f:\n"
+                               " f.write(sys.stdin.buffer.read()); os.fsync(f.fileno())",
+                               str(m.path / "late")], stdin=subprocess.PIPE)
+    try:
+        writer.stdin.write(late)
+        writer.stdin.close()
+        mounting.wait_log(m, "injected fault at pack_written")
+        held = packs(m.store)
+        assert len(held) == 1, held
+        r = _ask(gc_proc, "condemn")
+        assert set(r["condemned"]) == held, r  # put, not committed: unmarked
+        # While the flush is held the daemon cannot acknowledge: the sweep waits (a daemon
+        # that acknowledged without its lock would let it delete the pack the flush commits).
+        end, r = time.monotonic() + 3, {"pardoned": []}
+        while time.monotonic() < end and not r["pardoned"]:
+            r = _ask(gc_proc, "sweep")
+            assert not r["deleted"], r
+            time.sleep(0.2)
+        assert writer.wait(timeout=120) == 0
+        if not r["pardoned"]:
+            r = _sweep_until_due(gc_proc)
+        assert held <= set(r["pardoned"]) and not r["deleted"], r
+        assert held <= packs(m.store)
+        assert "acknowledged gc round" in m.log_text()
+        assert (m.path / "late").read_bytes() == late
+        # Garbage: deleted once the daemon has acknowledged.
+        before = packs(m.store)
+        write_file(m.path / "gone", 16 * MiB, 9)
+        garbage = packs(m.store) - before
+        os.unlink(m.path / "gone")
+        os.sync()
+        r = _ask(gc_proc, "condemn")
+        assert set(r["condemned"]) == garbage, r
+        r = _sweep_until_due(gc_proc)
+        assert set(r["deleted"]) == garbage and not r["pardoned"], r
+        assert not garbage & packs(m.store) and before <= packs(m.store)
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+        gc_proc.kill()
+        gc_proc.wait(timeout=30)
+    assert (m.path / "late").read_bytes() == late
     m.stop()
     workload.fsck_clean(m.store)

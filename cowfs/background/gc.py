@@ -16,6 +16,7 @@ from typing import Callable
 import trio
 
 from cowfs import faults
+from cowfs.chunks.codec import CorruptObject
 from cowfs.chunks.repack import REPACK_BELOW
 from cowfs.core.filesystem import Filesystem
 from cowfs.meta import gc
@@ -23,6 +24,7 @@ from cowfs.meta import gc
 log = logging.getLogger(__name__)
 
 SETTLE = 0.5  # seconds a burst of deletes gets to settle into one pass
+ACK_EVERY = 1.0  # seconds between two looks for a gc round this daemon owes an acknowledgement
 
 
 async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None, forks: bool = True) -> int:
@@ -61,15 +63,17 @@ async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None, 
     return removed
 
 
-async def sweep_packs(fs: Filesystem, below: float = REPACK_BELOW,
+async def sweep_packs(fs: Filesystem, below: float | None = None,
                       progress: Callable[[int], None] | None = None) -> dict[str, int]:
     """Give back the space of dead pack bytes (chunks.repack, chunks.liveness): condemn the
     packs nothing points at, repack those whose live share is under `below` (condemning the
     old ones), then sweep: delete the condemned packs that are due and still unmarked.  The
     run's own rounds are due at once when this process is the only writer alive (it
     acknowledges them as it condemns); a round another writer has not acknowledged waits for
-    a later run.  Returns figures of the pass; progress(packs done) after each group."""
+    a later run.  below: None for REPACK_BELOW.  Returns figures of the pass; progress(packs
+    done) after each group."""
     store = fs.store
+    below = REPACK_BELOW if below is None else below
     async with fs.maintenance:
         async with fs.lock:  # no flush has a pack put but not committed
             listed = await store.in_thread(store.packs.listing)
@@ -106,3 +110,30 @@ async def collect_when_wanted(fs: Filesystem) -> None:
             fs.gc_wanted.set()  # the pass is still owed: the supervisor restarts us
             raise
         log.info("garbage collection removed %d metadata versions", n)
+
+
+async def acknowledge_rounds(fs: Filesystem) -> None:
+    """Acknowledge the gc rounds that list this daemon (chunks.liveness), as a gc run by
+    another process (the store keeper) needs before it deletes: once the lock is taken, no
+    flush is between its pack put and its commit (a flush holds the lock from one to the
+    other), and the sync after it makes every pointer committed so far durable; every later
+    pointer names a pack written later, never a condemned one."""
+    store = fs.store
+    damaged = False
+    while True:
+        await trio.sleep(ACK_EVERY)
+        try:
+            gen = await store.in_thread(store.liveness.owed)
+        except CorruptObject as exc:
+            if not damaged:
+                log.error("%s (cowfs fsck --repair drops it)", exc)
+            damaged = True
+            continue
+        damaged = False
+        if gen is None:
+            continue
+        async with fs.lock:
+            pass
+        await store.sync()
+        await store.in_thread(store.liveness.ack, gen)
+        log.info("acknowledged gc round %d", gen)

@@ -18,9 +18,9 @@ Acknowledging round g (`acked` >= g) means: the writer has loaded the condemned 
 (it makes no new pointer into one: it stores its own copy instead) and has durably committed
 every pointer it decided on before.  The process that runs the gc acknowledges its own round in
 the same compare-and-set: it listed the packs under the lock a flush holds from its pack put to
-its commit, and its database's new pointers only ever name packs written after that.  A writer
-with no database of its own in the round (today every other store process is such, since one
-database allows one writer) acknowledges by `ack` after its next durable commit.
+its commit, and its database's new pointers only ever name packs written after that.  A daemon
+listed in a round another process condemned finds it with `owed` and acknowledges it with `ack`
+once it has taken its flush lock and synced (cowfs.background.gc.acknowledge_rounds).
 
 Everything here is by compare-and-set on the reference store (cowfs.kv.sqlite locally, etcd in
 the fleet); a process killed at any point leaves either the old or the new value.
@@ -195,6 +195,17 @@ class Liveness:
             except Conflict:
                 continue
         raise RuntimeError("could not record the acknowledgement: the reference store kept changing")
+
+    def owed(self) -> int | None:
+        """The newest round that lists this writer and that it has not acknowledged (None:
+        none).  Two reads of the reference store."""
+        if self.me is None:
+            return None
+        c = self.condemned()
+        raw = self.refs.get(CF_WRITER, self.me.encode())
+        acked = WriterRecord.unpack(raw).acked if raw is not None else 0
+        owed = [g for g, (_t, ws) in c.rounds.items() if g > acked and self.me in ws]
+        return max(owed) if owed else None
 
     # -- members -------------------------------------------------------------------------
     def members(self) -> dict[str, str]:

@@ -20,13 +20,12 @@ import trio
 
 from cowfs import faults, private
 from cowfs.background.dedup import DedupWorker
-from cowfs.background.gc import collect_when_wanted, run_gc, sweep_packs
+from cowfs.background.gc import acknowledge_rounds, collect_when_wanted, run_gc, sweep_packs
 from cowfs.background.cloning import Measurer
 from cowfs.background.sharing import Sharer
 from cowfs.background.supervise import Supervisor
 from cowfs.background.lazy_warming import LazyPrefetch, LazyWarming
 from cowfs.background.warming import Warmer
-from cowfs.chunks.repack import REPACK_BELOW
 from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
 from cowfs.daemon import admin, mounts, notify, options as mount_options, tuning
@@ -342,7 +341,7 @@ class Daemon:
                 note(0)
                 removed = await run_gc(self.fs, note)
                 note(0, "repacking")
-                packs = await sweep_packs(self.fs, REPACK_BELOW if below is None else float(below),
+                packs = await sweep_packs(self.fs, None if below is None else float(below),
                                           lambda n: note(n, "repacking"))
                 note(0, "compacting")
                 await self.store.in_thread(self.store.compact, python=False)
@@ -427,6 +426,7 @@ class Daemon:
             sup.start(nursery, "signals", self._watch_signals)
             sup.start(nursery, "readahead_tuning", self._tune_readahead, speculative=True)
             sup.start(nursery, "gc", lambda: collect_when_wanted(self.fs))
+            sup.start(nursery, "gc_acknowledgements", lambda: acknowledge_rounds(self.fs))
             sup.start(nursery, "dedup", self.dedup.run)
             sup.start(nursery, "sharer", self.sharer.run)
             sup.start(nursery, "clone_measurer", self.measurer.run)
