@@ -48,10 +48,26 @@ def write_synced(path, data: bytes) -> None:
         os.close(fd)
 
 
+def _waits_in_fuse(pid: int) -> bool:
+    """The kernel shows pid asleep waiting for a FUSE request's answer."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read().strip() == "request_wait_answer"
+    except OSError:
+        return False
+
+
 def blocked_stat(path) -> subprocess.Popen:
-    """A process that looks a name up in the mount; asserts that it hangs there."""
+    """A process that looks a name up in the mount; asserts that it hangs there: still running
+    after 1 s, or sooner seen waiting in the lookup's FUSE request (/proc/PID/wchan) and still
+    there 0.2 s later."""
     p = subprocess.Popen(["stat", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and not _waits_in_fuse(p.pid):
+        time.sleep(0.02)
+    if time.monotonic() < deadline:
+        time.sleep(0.2)
+        assert _waits_in_fuse(p.pid), "the lookup did not stay in its FUSE request: the test's premise does not hold"
     assert p.poll() is None, "the lookup did not hang: the test's premise does not hold"
     return p
 
