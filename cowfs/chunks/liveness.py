@@ -198,10 +198,12 @@ class Liveness:
 
     def owed(self) -> int | None:
         """The newest round that lists this writer and that it has not acknowledged (None:
-        none).  Two reads of the reference store."""
+        none).  One read of the reference store, two while something is condemned."""
         if self.me is None:
             return None
         c = self.condemned()
+        if not c.rounds:
+            return None
         raw = self.refs.get(CF_WRITER, self.me.encode())
         acked = WriterRecord.unpack(raw).acked if raw is not None else 0
         owed = [g for g, (_t, ws) in c.rounds.items() if g > acked and self.me in ws]
