@@ -181,11 +181,14 @@ class Store:
             self.kv.close()
             self._release_umask()
             raise StoreError(f"{path}: cannot open the packs: {exc}") from exc
+        refs: KV | None = None
         try:  # the reference store, and this process in it as the writer of the store's database
-            self.refs: KV = SQLiteKV(os.path.join(path, REFS_FILE), liveness.REF_FAMILIES)
-            self.liveness = liveness.Liveness(self.refs)
+            self.refs = refs = SQLiteKV(os.path.join(path, REFS_FILE), liveness.REF_FAMILIES)
+            self.liveness = liveness.Liveness(refs)
             self.liveness.register(DB_DIR)
         except Exception as exc:
+            if refs is not None:
+                refs.close()
             self.packs.close()
             self.kv.close()
             self._release_umask()

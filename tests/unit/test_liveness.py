@@ -105,3 +105,25 @@ def test_mark_sums_the_pointers_of_every_database():
         batch.put(CF_OBJECTS, h, codec.encode_packed(codec.KIND_RAW, pack, 0, n, n))
         kv.write(batch)
     assert mark([a, b]) == {5: 150, 6: 10}
+
+
+def test_a_store_whose_writer_record_cannot_be_written_leaves_nothing_open(tmp_path, monkeypatch):
+    """A Store open that fails at the writer's registration is a StoreError that closes what it
+    opened, the reference store included: no handle of refs.sqlite stays in this process."""
+    from cowfs.errors import StoreError
+    from cowfs.store import Store, init_store
+
+    store = str(tmp_path / "s")
+    init_store(store)
+
+    def refuse(self, db: str) -> str:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Liveness, "register", refuse)
+    with pytest.raises(StoreError, match="cannot open the reference store refs.sqlite: disk full"):
+        Store(store)
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [p for p in held if "refs.sqlite" in p], held
+    monkeypatch.undo()
+    Store(store).close()  # the database's lock was released too
