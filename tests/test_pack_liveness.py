@@ -41,6 +41,12 @@ for line in sys.stdin:
 """
 
 
+def _line(proc: subprocess.Popen, timeout: float = 60) -> str:
+    """The helper process's next line ("" once it ended); OpTimeout if it gives none in time
+    (the caller's finally kills it, which ends the read)."""
+    return mounting.call_with_timeout(proc.stdout.readline, timeout=timeout, what=f"a line of {proc.args[:2]}")
+
+
 def packs(store) -> set[str]:
     return {n for n in os.listdir(os.path.join(store, "packs")) if pack_id(n) is not None}
 
@@ -82,7 +88,7 @@ def test_a_writer_alive_at_condemnation_holds_the_sweep_until_it_acknowledges_or
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(m.store / "refs.sqlite")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        wid = writer.stdout.readline().strip()
+        wid = _line(writer).strip()
         assert len(wid) == 16, wid
         r = gc(m.path)
         assert r["packs_condemned"] == len(garbage) and r["packs_deleted"] == 0, r
@@ -100,7 +106,7 @@ def test_a_writer_alive_at_condemnation_holds_the_sweep_until_it_acknowledges_or
         assert f"{len(garbage)} condemned waiting for other writers" in line, line
         writer.stdin.write("ack\n")
         writer.stdin.flush()
-        assert writer.stdout.readline().strip() == "acked"
+        assert _line(writer).strip() == "acked"
         r = gc(m.path)
         assert r["packs_deleted"] == len(garbage) and r["packs_waiting"] == 0, r
         assert not garbage & packs(m.store)
@@ -328,7 +334,7 @@ for line in sys.stdin:
 def _ask(proc: subprocess.Popen, line: str) -> dict:
     proc.stdin.write(line + "\n")
     proc.stdin.flush()
-    out = proc.stdout.readline()
+    out = _line(proc)
     assert out, f"the gc process ended ({proc.poll()})"
     return json.loads(out)
 
