@@ -67,7 +67,10 @@ def blocked_stat(path) -> subprocess.Popen:
         time.sleep(0.02)
     if time.monotonic() < deadline:
         time.sleep(0.2)
-        assert _waits_in_fuse(p.pid), "the lookup did not stay in its FUSE request: the test's premise does not hold"
+        if not _waits_in_fuse(p.pid):
+            p.kill()  # not left behind, blocked somewhere else in the mount
+            p.wait(timeout=30)
+            raise AssertionError("the lookup did not stay in its FUSE request: the test's premise does not hold")
     assert p.poll() is None, "the lookup did not hang: the test's premise does not hold"
     return p
 
