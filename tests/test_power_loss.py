@@ -211,10 +211,7 @@ def test_fsynced_small_writes_survive_a_power_cut_through_the_log(lazy, mount_fa
             os.pwrite(fd, b"x" * 4096, rnd.randrange(len(model) - 4096))
         power_cut(m, lazy)
     finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass  # a handle of the dead daemon's connection
+        mounting.close_after_kill(fd)  # a handle of the dead daemon's connection
     lazy.start()
     workload.fsck_clean(store)
     m.start()

@@ -302,8 +302,7 @@ def test_every_synchronous_write_survives_sigkill_through_the_log(mount_factory,
             model[off : off + len(data)] = data
         mounting.sigkill_fsck_start(m)
     finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
+        mounting.close_after_kill(fd)
     assert _replayed(m) >= 250, m.log_text()[-2000:]
     assert path.read_bytes() == model
 
