@@ -18,7 +18,9 @@ Acknowledging round g (`acked` >= g) means: the writer has loaded the condemned 
 (it makes no new pointer into one: it stores its own copy instead) and has durably committed
 every pointer it decided on before.  The process that runs the gc acknowledges its own round in
 the same compare-and-set: it listed the packs under the lock a flush holds from its pack put to
-its commit, and its database's new pointers only ever name packs written after that.  A daemon
+its commit, and its database's new pointers only ever name packs written after that.  It does
+not when it owes an earlier round (another process's, which its own listing may have preceded):
+`acked` is a high-water mark, so that waits for its acknowledgement task.  A daemon
 listed in a round another process condemned finds it with `owed` and acknowledges it with `ack`
 once it has taken its flush lock and synced (cowfs.background.gc.acknowledge_rounds).
 
@@ -238,17 +240,19 @@ class Liveness:
         for _ in range(CAS_TRIES):
             raw = self.refs.get(CF_GC, CONDEMNED)
             c = Condemned.unpack(raw)
+            gen = c.gen
             change(c)
             c._drop_empty_rounds()
             b = Batch()
             b.put(CF_GC, CONDEMNED, c.pack())
             expect = [(CF_GC, CONDEMNED, raw)]
-            if self.me is not None and c.gen and c.packs:
-                # the runner acknowledges its own round in the same step (module docstring)
+            if self.me is not None and c.gen > gen and c.gen in c.rounds:
+                # the runner acknowledges the round it made in the same step (module
+                # docstring), unless it owes an earlier one: `acked` is a high-water mark
                 mine = self.refs.get(CF_WRITER, self.me.encode())
                 if mine is not None:
                     rec = WriterRecord.unpack(mine)
-                    if rec.acked < c.gen:
+                    if not any(rec.acked < g < c.gen and self.me in ws for g, (_t, ws) in c.rounds.items()):
                         b.put(CF_WRITER, self.me.encode(), WriterRecord(**{**rec.__dict__, "acked": c.gen}).pack())
                         expect.append((CF_WRITER, self.me.encode(), mine))
             try:

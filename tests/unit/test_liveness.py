@@ -127,3 +127,27 @@ def test_a_store_whose_writer_record_cannot_be_written_leaves_nothing_open(tmp_p
     assert not [p for p in held if "refs.sqlite" in p], held
     monkeypatch.undo()
     Store(store).close()  # the database's lock was released too
+
+
+def test_a_gc_acknowledges_only_its_own_round_and_never_one_it_still_owes(tmp_path):
+    """The condemning process acknowledges the round it makes (it listed under the lock a flush
+    holds from pack put to commit), but an acknowledgement is a high-water mark: with an
+    earlier round of another process still owed, acknowledging its own would acknowledge that
+    one too, which only the lock-and-sync of its acknowledgement task may do
+    (background/gc.py:acknowledge_rounds).  Pardons and forgets acknowledge nothing."""
+    daemon = _open(tmp_path / "refs.sqlite")
+    keeper = _open(tmp_path / "refs.sqlite")  # a gc in another process
+    daemon.register("db")
+    keeper.register("")
+    keeper.condemn([5])  # round 1: the daemon may have a flush between its put into 5 and its commit
+    keeper.condemn([], marked=[9])  # a pardon of nothing condemned: no round, no acknowledgement
+    daemon.forget([77])  # forgets no pack of round 1: still owed
+    assert daemon.writers()[daemon.me].acked == 0 and daemon.owed() == 1
+    daemon.condemn([6])  # round 2, its own
+    c = daemon.condemned()
+    assert daemon.writers()[daemon.me].acked == 0, "round 1 acknowledged with the daemon's own round"
+    assert daemon.due(c) == set() and daemon.owed() == 2
+    daemon.ack(2)  # what acknowledge_rounds does after the lock and a sync
+    assert daemon.due(daemon.condemned()) == {5}, "round 2 waits for the keeper too"
+    daemon.condemn([7])  # nothing owed: its own round acknowledged at once
+    assert daemon.writers()[daemon.me].acked == 3 and daemon.owed() is None
