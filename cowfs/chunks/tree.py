@@ -43,24 +43,7 @@ def depth_for(n_chunks: int) -> int:
 
 def lookup(root: Root | None, index: int, load_node: Callable[[bytes], bytes]) -> bytes | None:
     """Hash of chunk `index`, or None for a hole."""
-    if root is None:
-        return None
-    if root.depth == 0:
-        return root.hash if index == 0 else None
-    if index >= capacity(root.depth):
-        return None
-    h = root.hash
-    for level in range(root.depth, 0, -1):
-        node = load_node(h)
-        span = capacity(level - 1)
-        j, index = divmod(index, span)
-        off = j * HASH_LEN
-        if off >= len(node):
-            return None
-        h = node[off : off + HASH_LEN]
-        if h == ZERO_HASH:
-            return None
-    return h
+    return lookup_leaf(root, index, load_node)[0]
 
 
 def lookup_leaf(root: Root | None, index: int, load_node: Callable[[bytes], bytes]) -> tuple[bytes | None, bytes | None]:
