@@ -658,8 +658,10 @@ class Store:
             try:
                 self.liveness.unregister()
             finally:
-                self.refs.close()
-                self.kv.close()
+                try:
+                    self.refs.close()
+                finally:
+                    self.kv.close()
         finally:
             self.packs.close()
             self._release_umask()

@@ -151,3 +151,24 @@ def test_a_gc_acknowledges_only_its_own_round_and_never_one_it_still_owes(tmp_pa
     assert daemon.due(daemon.condemned()) == {5}, "round 2 waits for the keeper too"
     daemon.condemn([7])  # nothing owed: its own round acknowledged at once
     assert daemon.writers()[daemon.me].acked == 3 and daemon.owed() is None
+
+
+def test_a_reference_store_that_fails_to_close_still_lets_the_database_close(tmp_path, monkeypatch):
+    """Store.close closes the database (its lock released: the store opens again) even when the
+    reference store's close fails; the failure is still raised."""
+    from cowfs.store import Store, init_store
+
+    store = str(tmp_path / "s")
+    init_store(store)
+    st = Store(store)
+    real = SQLiteKV.close
+
+    def failing(self) -> None:
+        real(self)
+        raise OSError("refs close failed")
+
+    monkeypatch.setattr(SQLiteKV, "close", failing)
+    with pytest.raises(OSError, match="refs close failed"):
+        st.close()
+    monkeypatch.undo()
+    Store(store).close()
