@@ -340,6 +340,27 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def _pidfd(proc: subprocess.Popen) -> int | None:
+    """A pidfd of proc (readable once it exits), or None: it is reaped, or the kernel has none."""
+    try:
+        return os.pidfd_open(proc.pid)
+    except (OSError, AttributeError):
+        return None
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
+    """proc.wait(timeout), woken by the child's exit (a pidfd) rather than by Popen.wait's
+    polling, whose sleeps grow to 50 ms: 0-50 ms after each daemon's exit, ~20 ms on
+    average, over a thousand unmounts a run."""
+    fd = _pidfd(proc)
+    if fd is not None:
+        try:
+            select.select([fd], [], [], max(0.0, timeout))
+        finally:
+            os.close(fd)
+    return proc.wait(timeout=0 if fd is not None else timeout)
+
+
 def wait_pid_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -620,17 +641,7 @@ class Mount:
         _LIVE_MOUNTS.add(self)
         t0 = time.monotonic()
         deadline = t0 + self.ready_timeout
-        while not self.mounted():
-            rc = self.proc.poll()
-            if rc is not None:
-                self.exit_codes.append(rc)
-                raise MountError(f"`cowfs mount --foreground` exited with {rc} before "
-                                 f"{self.path} was mounted\n{self.describe()}")
-            if time.monotonic() > deadline:
-                self.abort(f"mount not ready after {self.ready_timeout}s", record=False)
-                raise MountError(f"{self.path} was not mounted within {self.ready_timeout}s "
-                                 f"of starting the daemon\n{self.describe()}")
-            time.sleep(0.02)
+        self._wait_mounted(deadline)
         try:
             call_with_timeout(os.stat, self.path, what="stat(mount root)",
                               timeout=max(2.0, deadline - time.monotonic()))
@@ -641,6 +652,32 @@ class Mount:
             raise MountError(f"mount appeared but stat({self.path}) fails: {e}\n{self.describe()}")
         self.ready_seconds = time.monotonic() - t0
         return self
+
+    def _wait_mounted(self, deadline: float) -> None:
+        """Wait until the mount table has the mount, woken by its change (poll(2) on
+        /proc/self/mountinfo says POLLPRI at every mount or unmount) or the daemon's exit
+        (a pidfd) instead of looking every 20 ms; 0.1 s naps bound a missed wake-up."""
+        waiter = select.poll()
+        with open("/proc/self/mountinfo", "rb") as table:  # opened first: no change missed
+            waiter.register(table.fileno(), select.POLLPRI)
+            pidfd = _pidfd(self.proc)
+            if pidfd is not None:
+                waiter.register(pidfd, select.POLLIN)
+            try:
+                while not self.mounted():
+                    rc = self.proc.poll()
+                    if rc is not None:
+                        self.exit_codes.append(rc)
+                        raise MountError(f"`cowfs mount --foreground` exited with {rc} before "
+                                         f"{self.path} was mounted\n{self.describe()}")
+                    if time.monotonic() > deadline:
+                        self.abort(f"mount not ready after {self.ready_timeout}s", record=False)
+                        raise MountError(f"{self.path} was not mounted within {self.ready_timeout}s "
+                                         f"of starting the daemon\n{self.describe()}")
+                    waiter.poll(100)
+            finally:
+                if pidfd is not None:
+                    os.close(pidfd)
 
     def stop(self, method: str = "fusermount", timeout: float = STOP_TIMEOUT) -> int:
         """Clean unmount; returns the daemon exit code.  Raises MountError (after forcing the
@@ -672,7 +709,7 @@ class Mount:
             else:
                 raise ValueError(method)
             try:
-                rc = self.proc.wait(timeout=max(1, deadline - time.monotonic()))
+                rc = wait_exit(self.proc, max(1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 raise MountError(f"daemon (pid {self.proc.pid}) still running {timeout}s after "
                                  f"unmount via {method}") from None
