@@ -21,7 +21,6 @@ See docs/python-api.md for a worked example (fork a sandbox into N attempts, kee
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno as _errno
 import json
 import os
@@ -230,7 +229,7 @@ def syncfs(mountpoint: PathLike, timeout: float | None = CONTROL_TIMEOUT) -> Non
     def run() -> None:
         fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).syncfs(fd)
+            ctypes.CDLL(None, use_errno=True).syncfs(fd)
         finally:
             os.close(fd)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import ctypes.util
 import errno
 import gc
 import logging
@@ -93,7 +92,7 @@ def _keep_freed_memory() -> None:
     256 MiB of freed heap mapped makes them reuse warm pages (bounded: the dirty limit and
     the caches bound what is live)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's libc (find_library would run ldconfig)
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
     except (OSError, AttributeError):

@@ -6,7 +6,6 @@ last mount goes, after committing and syncing (docs/architecture.md, "Process mo
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -40,7 +39,7 @@ from cowfs.store import Store
 
 log = logging.getLogger("cowfs.daemon")
 KERNEL_SYNC_TIMEOUT = 30.0
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the process's libc: find_library runs `ldconfig -p`
 MS_BIND = 4096
 
 
