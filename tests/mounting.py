@@ -355,7 +355,9 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
     fd = _pidfd(proc)
     if fd is not None:
         try:
-            select.select([fd], [], [], max(0.0, timeout))
+            waiter = select.poll()  # not select(): a test may hold over 1,024 descriptors
+            waiter.register(fd, select.POLLIN)
+            waiter.poll(max(0, int(timeout * 1000)))
         finally:
             os.close(fd)
     return proc.wait(timeout=0 if fd is not None else timeout)
