@@ -9,7 +9,10 @@
   session: tests keep to their own key prefix, ``engine_prefix``), ``seaweedfs_killable`` (one
   the tests that kill and restart it share) and ``etcd_private`` (a test's own, to kill and
   restart), ``etcd_cluster`` (three members);
-  ``aws_env`` points boto3's usual environment variables at the session's SeaweedFS.
+  ``aws_env`` points boto3's usual environment variables at the session's SeaweedFS;
+  ``ceph_rgw``, a Ceph RADOS Gateway for the session (the tests marked ``ceph``, run by
+  scripts/test_ceph.sh; a skip when Ceph is not installed);
+  ``fleet``: hosts (mounting.Host) with a remote on those engines.
 
 Every mount is unmounted at teardown, even when the test failed; the daemon log is attached to
 failure reports.  A session-level safety net lazily unmounts any FUSE mount left below the
@@ -177,6 +180,21 @@ def aws_env(monkeypatch, tmp_path, seaweedfs):
 
 
 @pytest.fixture(scope="session")
+def ceph_rgw(tmp_path_factory):
+    """A one-host Ceph cluster's S3 gateway shared by the session (``.endpoint``, bucket
+    ``.BUCKET``: the interface of ``seaweedfs``); a skip when Ceph is not installed."""
+    missing = engines.CephRGW.missing()
+    if missing:
+        pytest.skip(f"Ceph not installed ({', '.join(missing)}): scripts/test_ceph.sh installs it")
+    rgw = engines.CephRGW(tmp_path_factory.mktemp("ceph"))
+    try:
+        rgw.start()
+        yield rgw
+    finally:
+        rgw.stop()
+
+
+@pytest.fixture(scope="session")
 def etcd(tmp_path_factory):
     """One etcd member shared by the session (``.endpoint``): never kill it."""
     e = engines.Etcd(tmp_path_factory.mktemp("etcd"))
@@ -207,6 +225,20 @@ def etcd_cluster(tmp_path):
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def fleet(request, tmp_path, engine_prefix):
+    """make(name, s3=None, etcd=None, refs=None) -> Host with the remote 'origin' configured (the
+    session's SeaweedFS and etcd unless other engines, e.g. ``s3=ceph_rgw``, or etcd endpoints
+    `refs`, are given)."""
+    def make(name: str, s3=None, etcd=None, refs: str | None = None, remote: str = "origin") -> mounting.Host:
+        s3 = s3 or request.getfixturevalue("seaweedfs")
+        refs = refs or (etcd or request.getfixturevalue("etcd")).endpoint
+        h = mounting.Host(name, tmp_path / f"host-{name}", s3.environment(tmp_path))
+        h.cowfs("remote", "add", remote, f"s3://{s3.BUCKET}/{engine_prefix}", "--refs", refs)
+        return h
+    return make
 
 
 @pytest.fixture

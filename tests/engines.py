@@ -8,6 +8,9 @@ will meet.
   ``SECRET_KEY`` (S3 signatures are checked).
 * :class:`Etcd` runs one etcd member (Debian ``etcd-server``, 3.4); :class:`EtcdCluster`
   three of them on loopback ports, with ``kill(i)`` / ``restart(i)`` of one member.
+* :class:`CephRGW` (the optional slower job, scripts/test_ceph.sh) creates a one-host Ceph
+  cluster (Debian ``ceph-mon``, ``ceph-osd``, ``radosgw``) and its S3 gateway; the same
+  interface as :class:`SeaweedFS` (:class:`S3Engine`), with the keys of a user it creates.
 * Every engine is stopped by its PID: SIGTERM, then SIGKILL after a grace period, also
   when the test failed (fixtures in conftest.py); ``stop_all`` is the session's safety
   net, and each child gets SIGKILL from the kernel if the test process dies first
@@ -18,6 +21,7 @@ The module has no pytest dependency.
 """
 from __future__ import annotations
 
+import abc
 import ctypes
 import json
 import os
@@ -29,6 +33,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -154,18 +159,55 @@ def _port_in_use(p: Process) -> bool:
     return "address already in use" in p.log_tail(200).lower()
 
 
+class S3Engine(abc.ABC):
+    """What the S3 engines share (SeaweedFS, Ceph RGW): boto3's environment and a client for
+    their endpoint, with the credentials ``ACCESS_KEY`` / ``SECRET_KEY``; the tests' objects
+    go to the bucket ``BUCKET``."""
+
+    BUCKET = "cowfs-tests"
+    ACCESS_KEY = ""
+    SECRET_KEY = ""
+
+    @property
+    @abc.abstractmethod
+    def endpoint(self) -> str:
+        """The S3 URL, http://127.0.0.1:PORT."""
+
+    def environment(self, scratch: Path) -> dict[str, str | None]:
+        """boto3's usual environment variables for this engine (None: unset): credentials,
+        endpoint and region, and empty AWS files so that no ~/.aws of the user interferes."""
+        empty = Path(scratch) / "aws-empty"
+        empty.write_text("")
+        return {"AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
+                "AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_CONFIG_FILE": str(empty), "AWS_SHARED_CREDENTIALS_FILE": str(empty),
+                "AWS_EC2_METADATA_DISABLED": "true", "AWS_PROFILE": None,
+                "AWS_SESSION_TOKEN": None, "AWS_ENDPOINT_URL": None}
+
+    def client(self, **config):
+        """A boto3 S3 client with the test credentials (no retries unless config says)."""
+        import boto3
+        from botocore.config import Config
+        config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        config.setdefault("connect_timeout", 2)
+        config.setdefault("read_timeout", 10)
+        return boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY,
+            config=Config(**config))
+
+
 # --------------------------------------------------------------------------------------------
 # SeaweedFS
 # --------------------------------------------------------------------------------------------
 
-class SeaweedFS:
+class SeaweedFS(S3Engine):
     """``weed server`` (master, volume, filer) with its S3 gateway, everything on 127.0.0.1.
 
     Stop: weed 4.48 does not exit on SIGTERM (its filer's gRPC server waits for the S3
     gateway's metadata subscription: measured >15 s), and its data is disposable, so the
     grace before SIGKILL is short."""
 
-    BUCKET = "cowfs-tests"
     ACCESS_KEY = "cowfs-test-key"
     SECRET_KEY = "cowfs-test-secret"
     STOP_GRACE = 1.0
@@ -208,29 +250,6 @@ class SeaweedFS:
                 # hashicorp raft: a restarted master leads again in ~1 s (the default raft
                 # waited ~19 s here before its volume server could rejoin)
                 "-master.raftHashicorp"]
-
-    def environment(self, scratch: Path) -> dict[str, str | None]:
-        """boto3's usual environment variables for this engine (None: unset): credentials,
-        endpoint and region, and empty AWS files so that no ~/.aws of the user interferes."""
-        empty = Path(scratch) / "aws-empty"
-        empty.write_text("")
-        return {"AWS_ACCESS_KEY_ID": self.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
-                "AWS_ENDPOINT_URL_S3": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_CONFIG_FILE": str(empty), "AWS_SHARED_CREDENTIALS_FILE": str(empty),
-                "AWS_EC2_METADATA_DISABLED": "true", "AWS_PROFILE": None,
-                "AWS_SESSION_TOKEN": None, "AWS_ENDPOINT_URL": None}
-
-    def client(self, **config):
-        """A boto3 S3 client with the test credentials (no retries unless config says)."""
-        import boto3
-        from botocore.config import Config
-        config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
-        config.setdefault("connect_timeout", 2)
-        config.setdefault("read_timeout", 10)
-        return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
-            aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY,
-            config=Config(**config))
 
     def start(self, timeout: float = START_TIMEOUT) -> float:
         """Start (on new ports the first time, the same ones on a restart); seconds until an
@@ -434,5 +453,215 @@ class EtcdCluster:
             p.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.STOP_GRACE
         for p in live:
+            p.stop_grace = max(0.0, deadline - time.monotonic())
+            p.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Ceph RADOS Gateway
+# --------------------------------------------------------------------------------------------
+
+class CephRGW(S3Engine):
+    """A throwaway one-host Ceph cluster (16 Pacific, Debian's packages) and its S3 gateway,
+    everything under ``base`` and on 127.0.0.1: one monitor, one OSD on memstore (objects in
+    its memory: nothing to format, the data is disposable), radosgw with the beast frontend
+    on a free port.  One config file (base/ceph.conf) names every path (data, run directory,
+    admin sockets, logs, keyring) and is passed to every command with ``-c``, so nothing in
+    /etc/ceph or /var/lib/ceph is read or written.  cephx stays on, with the keys of every
+    daemon and of the admin generated into base/keyring and imported by the monitor's mkfs.
+    No manager: radosgw does not need one (the monitor creates its pools); replication
+    size 1 and 8 placement groups a pool, for one OSD.
+
+    ``ACCESS_KEY`` / ``SECRET_KEY`` are the keys ``radosgw-admin user create`` made for the
+    test user; ``start`` creates ``BUCKET`` and is ready once an object can be put in it."""
+
+    BINARIES = {"ceph-authtool": "ceph-common", "ceph": "ceph-common", "monmaptool": "ceph-base",
+                "ceph-mon": "ceph-mon", "ceph-osd": "ceph-osd", "radosgw": "radosgw",
+                "radosgw-admin": "ceph-common"}
+    STOP_GRACE = 5.0
+    USER = "cowfs-tests"
+    MEMSTORE_BYTES = 4 << 30     # a bound, not an allocation: memstore takes what it stores
+
+    def __init__(self, base: Path) -> None:
+        self.base = Path(base)
+        self.conf = self.base / "ceph.conf"
+        self.ports: dict[str, int] = {}
+        self.processes: list[Process] = []
+        self.timings: dict[str, float] = {}   # seconds from the start to the end of each step
+        self.fsid = str(uuid.uuid4())
+
+    @classmethod
+    def missing(cls) -> list[str]:
+        """The commands not installed, each with its Debian package."""
+        return [f"{b} ({pkg})" for b, pkg in cls.BINARIES.items() if not shutil.which(b)]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.ports['rgw']}"
+
+    def _write_conf(self) -> None:
+        b, p = self.base, self.ports
+        self.conf.write_text(f"""\
+[global]
+fsid = {self.fsid}
+mon host = [v2:127.0.0.1:{p['mon.v2']},v1:127.0.0.1:{p['mon.v1']}]
+public addr = 127.0.0.1
+cluster addr = 127.0.0.1
+keyring = {b}/keyring
+run dir = {b}/run
+crash dir = {b}/crash
+log file = {b}/log/$name.log
+mon cluster log file = {b}/log/cluster.log
+pid file = {b}/run/$name.pid
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 8
+osd pool default pgp num = 8
+osd pool default pg autoscale mode = off
+osd crush chooseleaf type = 0
+mon allow pool size one = true
+mon warn on pool no redundancy = false
+mon max pg per osd = 1000
+mon data avail warn = 2
+mon data avail crit = 1
+
+[mon]
+mon data = {b}/mon
+admin socket = {b}/run/$name.asok
+
+[osd]
+osd data = {b}/osd
+osd objectstore = memstore
+memstore device bytes = {self.MEMSTORE_BYTES}
+admin socket = {b}/run/$name.asok
+
+[client.rgw]
+rgw frontends = beast endpoint=127.0.0.1:{p['rgw']}
+rgw data = {b}/rgw
+rgw thread pool size = 32
+admin socket = {b}/run/$name.asok
+""")
+
+    def _run(self, *args: str, timeout: float = 60.0) -> str:
+        """A Ceph command to its end (killed and reaped past the timeout); its output."""
+        argv = [str(a) for a in args]
+        try:
+            r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                               timeout=timeout, preexec_fn=_die_with_parent)
+        except subprocess.TimeoutExpired:
+            raise EngineError(f"{' '.join(argv)}: no answer in {timeout:.0f} s\n"
+                              + self.logs_tail()) from None
+        if r.returncode != 0:
+            raise EngineError(f"{' '.join(argv)} exited {r.returncode}:\n{r.stdout}{r.stderr}\n"
+                              + self.logs_tail())
+        return r.stdout
+
+    def _daemon(self, name: str, *argv: str) -> Process:
+        p = Process(name, [*argv, "-c", str(self.conf), "-f"], self.base / "log" / f"{name}.out",
+                    self.STOP_GRACE)
+        self.processes.append(p)
+        p.start()
+        return p
+
+    def logs_tail(self, lines: int = 15) -> str:
+        """The last lines of every daemon's log (what a failed start reports)."""
+        out = []
+        for log in sorted((self.base / "log").glob("*")):
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            out.append(f"--- {log.name}\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def start(self, timeout: float = 180.0) -> float:
+        """Create the cluster and start its daemons; seconds until an object can be put.
+        Every process it started is stopped again if it fails."""
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> float:
+        assert not self.processes, "a CephRGW starts once"
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+
+        def left() -> float:
+            return max(1.0, deadline - time.monotonic())
+
+        def step(name: str) -> None:
+            self.timings[name] = round(time.monotonic() - t0, 2)
+
+        b, c = self.base, ["-c", str(self.conf)]
+        for d in ("run", "crash", "log", "mon", "osd", "rgw"):
+            (b / d).mkdir(parents=True, exist_ok=True)
+        self.ports = {k: free_port() for k in ("mon.v2", "mon.v1", "rgw")}
+        self._write_conf()
+        keyring = str(b / "keyring")
+        self._run("ceph-authtool", "--create-keyring", keyring, "--gen-key", "-n", "mon.",
+                  "--cap", "mon", "allow *")
+        for name, caps in (("client.admin", ["mon", "allow *", "osd", "allow *", "mgr", "allow *"]),
+                           ("osd.0", ["mon", "allow profile osd", "osd", "allow *",
+                                      "mgr", "allow profile osd"]),
+                           ("client.rgw", ["mon", "allow rw", "osd", "allow rwx",
+                                           "mgr", "allow rw"])):
+            cap_args = [a for i in range(0, len(caps), 2) for a in ("--cap", caps[i], caps[i + 1])]
+            self._run("ceph-authtool", keyring, "--gen-key", "-n", name, *cap_args)
+        p = self.ports
+        self._run("monmaptool", "--create", "--clobber", "--fsid", self.fsid, "--addv", "a",
+                  f"[v2:127.0.0.1:{p['mon.v2']},v1:127.0.0.1:{p['mon.v1']}]", b / "monmap")
+        self._run("ceph-mon", *c, "--mkfs", "-i", "a", "--monmap", b / "monmap",
+                  "--keyring", keyring)
+        step("monitor made")
+        mon = self._daemon("mon.a", "ceph-mon", "-i", "a")
+        osd_uuid = str(uuid.uuid4())
+        # Answers once the monitor has formed its quorum of one.
+        osd_id = self._run("ceph", *c, "--connect-timeout", str(int(left())), "osd", "new",
+                           osd_uuid, timeout=left()).strip()
+        if osd_id != "0":
+            raise EngineError(f"ceph osd new gave the OSD id {osd_id!r}, not 0")
+        step("monitor serving")
+        self._run("ceph-osd", *c, "-i", "0", "--mkfs", "--osd-uuid", osd_uuid, timeout=left())
+        osd = self._daemon("osd.0", "ceph-osd", "-i", "0")
+        rgw = self._daemon("client.rgw", "radosgw", "-n", "client.rgw")
+
+        def answers() -> bool:   # radosgw listens once its pools exist (the OSD is up)
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=2).close()
+            except urllib.error.HTTPError:
+                pass
+            return True
+        wait_until(answers, [mon, osd, rgw], "starting radosgw", left())
+        step("radosgw serving")
+        user = json.loads(self._run("radosgw-admin", *c, "user", "create", "--uid", self.USER,
+                                    "--display-name", self.USER, timeout=left()))
+        self.ACCESS_KEY = user["keys"][0]["access_key"]
+        self.SECRET_KEY = user["keys"][0]["secret_key"]
+        step("user made")
+        client = self.client(read_timeout=10)
+
+        def ready() -> bool:
+            if self.BUCKET not in [x["Name"] for x in client.list_buckets().get("Buckets", [])]:
+                client.create_bucket(Bucket=self.BUCKET)
+            client.put_object(Bucket=self.BUCKET, Key="ready-probe", Body=b"ready")
+            client.delete_object(Bucket=self.BUCKET, Key="ready-probe")
+            return True
+        try:
+            wait_until(ready, [mon, osd, rgw], "creating the bucket on radosgw", left())
+        finally:
+            client.close()
+        took = time.monotonic() - t0
+        step("object put")
+        steps = ", ".join(f"{k} at {v:.1f} s" for k, v in self.timings.items())
+        STARTUPS.append((f"ceph rgw ({steps})", took))
+        return took
+
+    def stop(self) -> None:
+        """SIGTERM to every daemon at once, SIGKILL to those left after STOP_GRACE; returns
+        once all are reaped."""
+        live = [p for p in self.processes if p.alive()]
+        for p in live:
+            p.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.STOP_GRACE
+        for p in self.processes:
             p.stop_grace = max(0.0, deadline - time.monotonic())
             p.stop()

@@ -8,6 +8,8 @@
   optionally after dropping to another uid/gid.  Every call has a timeout, so a hung FUSE daemon
   can never hang the test process itself.
 * :func:`snapshot` / :func:`compare_snapshots` capture and compare whole trees.
+* The fleet's hosts (:class:`Host`: a store's user configuration, cache and AWS environment,
+  running the CLI) and what the fleet tests share (``same_tree``, ``snap``, ``lazy_mounted``).
 
 The module has no pytest dependency; it is also the worker's entry point
 (``python mounting.py --worker``).
@@ -39,6 +41,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 KiB = 1 << 10
@@ -1588,6 +1591,98 @@ def sigkill_fsck_start(m: "Mount") -> None:
     code, report = fsck_json(m.store, 120)
     assert code == 0 and report["clean"], f"fsck after SIGKILL: {report['problems'][:20]}"
     m.start()
+
+
+# --- the fleet: hosts of one remote (tests/test_fleet*.py) ---------------------------------
+
+FLEET_IGNORE = ("ino", "ctime", "blocks", "blksize", "dir_size")
+
+
+class Host:
+    """One machine of the fleet: its environment (config, cache, AWS variables) and stores."""
+
+    def __init__(self, name: str, base: Path, aws: dict[str, str | None]) -> None:
+        self.name = name
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        for k, v in aws.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        env["XDG_CONFIG_HOME"] = str(base / "config")
+        env["XDG_CACHE_HOME"] = str(base / "cache")
+        self.env = env
+
+    def cowfs(self, *args, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+        r = run_cowfs(*args, check=False, timeout=timeout, env=self.env)
+        r.stdout, r.stderr = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
+        if check and r.returncode != 0:
+            raise AssertionError(f"cowfs {' '.join(map(str, args))} on {self.name} exited {r.returncode}:\n"
+                                 f"{r.stdout}\n{r.stderr}")
+        return r
+
+    def json(self, *args, timeout: float = 180) -> dict:
+        r = self.cowfs(*args, "--json", timeout=timeout)
+        return json.loads(r.stdout)
+
+    def tty(self, *args) -> tuple[int, str]:
+        """Run with stdout and stderr on a pseudo-terminal: (status, what it showed)."""
+        env = [f"{k}={v}" for k, v in self.env.items() if k.startswith(("AWS_", "XDG_"))]
+        return run_on_tty(["env", *env, *cowfs_command(), *map(str, args)], timeout=180)
+
+    def popen(self, *args) -> subprocess.Popen:
+        return subprocess.Popen(cowfs_command() + [str(a) for a in args], env=self.env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def same_tree(a: Path, b: Path, names=("pushed", "pulled")) -> None:
+    """The two trees are equal, contents and metadata (inode numbers and ctimes aside)."""
+    diffs = compare_snapshots(snapshot(str(a)), snapshot(str(b)), names=names, ignore=FLEET_IGNORE)
+    assert not diffs, "\n".join(diffs[:30])
+
+
+def snap(m, name: str) -> Path:
+    """Snapshot mount m as `name`; the snapshot's directory."""
+    ok(m.path, f"snapshot {name}")
+    return m.path / ".cowfs" / "snapshots" / name
+
+
+def big_tree(root: Path, files: int = 5, size: int = 8 << 20) -> None:
+    """Incompressible files (40 MiB by default: a push of several packs, to kill midway)."""
+    for i in range(files):
+        (root / f"blob-{i}").write_bytes(os.urandom(size))
+
+
+def wait_for_objects(s3, bucket: str, prefix: str, proc: subprocess.Popen, at_least: int = 1) -> None:
+    """Until the bucket holds at_least objects under prefix (proc, a push, still running)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        got = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount", 0)
+        if got >= at_least:
+            return
+        assert proc.poll() is None, f"the push ended before it was interrupted: {proc.communicate()}"
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {at_least} objects under {prefix} after 120 s")
+
+
+@contextlib.contextmanager
+def lazy_mounted(h: Host, source: str, mp: Path, store: Path, *options: str) -> Iterator[Path]:
+    """A lazy mount by host h, always unmounted afterwards."""
+    mp.mkdir(parents=True, exist_ok=True)
+    h.cowfs("mount", source, mp, "--store", store, *options, timeout=300)
+    try:
+        yield mp
+    finally:
+        h.cowfs("umount", mp, check=False, timeout=120)
+        if is_mounted(mp):
+            lazy_unmount(mp)
+
+
+def fetched(mp: Path) -> dict:
+    """A lazy mount's fetch figures (its stats' "lazy")."""
+    return json.loads((mp / ".cowfs" / "stats").read_text())["lazy"]
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The BlobStore interface: one suite, run on every backend (in memory, a local directory,
-S3 on a real SeaweedFS).  Write-once puts, ranged gets, ordered paged listings, deletes,
-names; then what only one backend has to show (a killed local writer leaves nothing
-visible, S3 errors and credentials)."""
+S3 on a real SeaweedFS, and on Ceph RADOS Gateway: marked ceph, scripts/test_ceph.sh).
+Write-once puts, ranged gets, ordered paged listings, deletes, names; then what only one
+backend has to show (a killed local writer leaves nothing visible, S3 errors and
+credentials)."""
 from __future__ import annotations
 
 import hashlib
@@ -19,9 +20,10 @@ import pytest
 from cowfs.blob.base import BlobConflict, BlobEntry, BlobError, BlobNotFound, BlobStore
 from cowfs.blob.local import TEMP_PREFIX, LocalBlobStore
 from cowfs.blob.memory import MemoryBlobStore
+from conftest import set_aws_env
 
 
-@pytest.fixture(params=["memory", "local", "s3"])
+@pytest.fixture(params=["memory", "local", "s3", pytest.param("ceph", marks=pytest.mark.ceph)])
 def blobs(request, tmp_path):
     if request.param == "memory":
         store: BlobStore = MemoryBlobStore()
@@ -30,8 +32,11 @@ def blobs(request, tmp_path):
         store = LocalBlobStore(str(tmp_path / "blobs"))
     else:
         from cowfs.blob.s3 import S3BlobStore
-        request.getfixturevalue("aws_env")  # credentials and endpoint from the environment
-        sw = request.getfixturevalue("seaweedfs")
+        if request.param == "s3":
+            sw = request.getfixturevalue("aws_env")  # credentials and endpoint from the environment
+        else:  # Ceph RADOS Gateway (scripts/test_ceph.sh)
+            sw = request.getfixturevalue("ceph_rgw")
+            set_aws_env(request.getfixturevalue("monkeypatch"), sw, tmp_path)
         store = S3BlobStore(sw.BUCKET, request.getfixturevalue("engine_prefix"), page_size=3)
     yield store
     store.close()

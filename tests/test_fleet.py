@@ -4,10 +4,11 @@ against SeaweedFS (S3) and etcd started by the fixtures, with real mounts on bot
 Each "host" is a store with its own user configuration and cache directories (XDG_CONFIG_HOME,
 XDG_CACHE_HOME), as two machines would have; the remote is the session's SeaweedFS bucket
 under a prefix of the test's own, and the session's etcd (references under that prefix).
+The hosts and the ``fleet`` fixture are shared with tests/test_fleet_ceph.py (the same on
+Ceph RADOS Gateway): tests/mounting.py, tests/conftest.py.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -19,77 +20,12 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 import mounting
+from mounting import Host, big_tree, fetched, lazy_mounted, same_tree, snap, wait_for_objects
 from conftest import UNPRIV_GID, UNPRIV_UID
-
-IGNORE = ("ino", "ctime", "blocks", "blksize", "dir_size")
-
-
-class Host:
-    """One machine of the fleet: its environment (config, cache, AWS variables) and stores."""
-
-    def __init__(self, name: str, base: Path, aws: dict[str, str | None]) -> None:
-        self.name = name
-        self.base = base
-        base.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        for k, v in aws.items():
-            if v is None:
-                env.pop(k, None)
-            else:
-                env[k] = v
-        env["XDG_CONFIG_HOME"] = str(base / "config")
-        env["XDG_CACHE_HOME"] = str(base / "cache")
-        self.env = env
-
-    def cowfs(self, *args, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
-        r = mounting.run_cowfs(*args, check=False, timeout=timeout, env=self.env)
-        r.stdout, r.stderr = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
-        if check and r.returncode != 0:
-            raise AssertionError(f"cowfs {' '.join(map(str, args))} on {self.name} exited {r.returncode}:\n"
-                                 f"{r.stdout}\n{r.stderr}")
-        return r
-
-    def json(self, *args, timeout: float = 180) -> dict:
-        r = self.cowfs(*args, "--json", timeout=timeout)
-        return json.loads(r.stdout)
-
-    def tty(self, *args) -> tuple[int, str]:
-        """Run with stdout and stderr on a pseudo-terminal: (status, what it showed)."""
-        env = [f"{k}={v}" for k, v in self.env.items() if k.startswith(("AWS_", "XDG_"))]
-        return mounting.run_on_tty(["env", *env, *mounting.cowfs_command(), *map(str, args)], timeout=180)
-
-    def popen(self, *args) -> subprocess.Popen:
-        return subprocess.Popen(mounting.cowfs_command() + [str(a) for a in args], env=self.env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-@pytest.fixture
-def fleet(request, tmp_path, engine_prefix):
-    """make(name, s3=None, etcd=None, refs=None) -> Host with the remote 'origin' configured (the
-    session's engines unless private ones, or etcd endpoints `refs`, are given)."""
-    def make(name: str, s3=None, etcd=None, refs: str | None = None, remote: str = "origin") -> Host:
-        s3 = s3 or request.getfixturevalue("seaweedfs")
-        refs = refs or (etcd or request.getfixturevalue("etcd")).endpoint
-        h = Host(name, tmp_path / f"host-{name}", s3.environment(tmp_path))
-        h.cowfs("remote", "add", remote, f"s3://{s3.BUCKET}/{engine_prefix}", "--refs", refs)
-        return h
-    return make
-
-
-def same_tree(a: Path, b: Path, names=("pushed", "pulled")) -> None:
-    diffs = mounting.compare_snapshots(mounting.snapshot(str(a)), mounting.snapshot(str(b)), names=names,
-                                       ignore=IGNORE)
-    assert not diffs, "\n".join(diffs[:30])
-
-
-def snap(m, name: str) -> Path:
-    mounting.ok(m.path, f"snapshot {name}")
-    return m.path / ".cowfs" / "snapshots" / name
 
 
 # --- cowfs remote ------------------------------------------------------------------------------
@@ -309,31 +245,15 @@ def test_remote_check_names_every_missing_or_corrupt_object(fleet, mount_factory
 
 # --- faults --------------------------------------------------------------------------------------
 
-def _big_tree(root: Path, files: int = 5, size: int = 8 << 20) -> None:
-    for i in range(files):
-        (root / f"blob-{i}").write_bytes(os.urandom(size))
-
-
-def _wait_for_objects(s3, bucket: str, prefix: str, proc: subprocess.Popen, at_least: int = 1) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        got = s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount", 0)
-        if got >= at_least:
-            return
-        assert proc.poll() is None, f"the push ended before it was interrupted: {proc.communicate()}"
-        time.sleep(0.05)
-    raise AssertionError("no index object appeared")
-
-
 def test_a_push_killed_midway_leaves_the_remote_consistent_and_resumes(fleet, mount_factory, seaweedfs,
                                                                         engine_prefix):
     a, b = fleet("a"), fleet("b")
     m = mount_factory()
-    _big_tree(m.path)
+    big_tree(m.path)
     pushed = snap(m, "big")
     p = a.popen("push", m.path, "big", "origin", "--json")
     s3 = seaweedfs.client()
-    _wait_for_objects(s3, seaweedfs.BUCKET, f"{engine_prefix}/index/", p)
+    wait_for_objects(s3, seaweedfs.BUCKET, f"{engine_prefix}/index/", p)
     p.send_signal(signal.SIGKILL)
     p.wait(30)
     # Nothing is visible: no reference; what was uploaded is whole (check passes).
@@ -365,10 +285,10 @@ def test_engines_down_fail_push_and_pull_in_one_line_and_a_killed_s3_resumes(
 
     # S3 killed in the middle of a push: it fails in one line; once S3 is back the remote is
     # consistent and the push resumes.
-    _big_tree(m.path)                                     # 40 MiB: 3 packs
+    big_tree(m.path)                                     # 40 MiB: 3 packs
     snap(m, "two")
     p = a.popen("push", m.path, "two", "origin")
-    _wait_for_objects(sw.client(), sw.BUCKET, engine_prefix, p, at_least=5)  # one's 3 objects, a pack and its index
+    wait_for_objects(sw.client(), sw.BUCKET, engine_prefix, p, at_least=5)  # one's 3 objects, a pack and its index
     sw.kill()
     rc = p.wait(120)
     err = p.communicate()[1].decode()
@@ -880,23 +800,6 @@ def test_with_etcd_down_a_mount_of_a_following_branch_stays_writable_and_holds_o
 
 
 # --- lazy mounts: cowfs mount REMOTE:SNAPSHOT MNT --store STORE ----------------------------------
-
-
-@contextlib.contextmanager
-def lazy_mounted(h: Host, source: str, mp: Path, store: Path, *options: str) -> Iterator[Path]:
-    """A lazy mount by host h, always unmounted afterwards."""
-    mp.mkdir(parents=True, exist_ok=True)
-    h.cowfs("mount", source, mp, "--store", store, *options, timeout=300)
-    try:
-        yield mp
-    finally:
-        h.cowfs("umount", mp, check=False, timeout=120)
-        if mounting.is_mounted(mp):
-            mounting.lazy_unmount(mp)
-
-
-def fetched(mp: Path) -> dict:
-    return json.loads((mp / ".cowfs" / "stats").read_text())["lazy"]
 
 
 def test_a_lazy_mount_shows_the_pushed_tree_and_fetches_only_what_is_read(fleet, mount_factory):
