@@ -1667,6 +1667,31 @@ def wait_for_objects(s3, bucket: str, prefix: str, proc: subprocess.Popen, at_le
     raise AssertionError(f"fewer than {at_least} objects under {prefix} after 120 s")
 
 
+def check_a_killed_push_resumes(a: Host, b: Host, s3, prefix: str, mount_factory) -> None:
+    """A push of a 40 MiB tree by host a, killed -9 once its first pack index is on the S3
+    engine s3: nothing is visible (b cannot pull it), what was uploaded is whole (`remote check`
+    passes), the next push sends only what is missing, and b then pulls the same tree."""
+    m = mount_factory()
+    big_tree(m.path)                                      # 40 MiB: 3 packs
+    pushed = snap(m, "big")
+    p = a.popen("push", m.path, "big", "origin", "--json")
+    try:
+        wait_for_objects(s3.client(), s3.BUCKET, f"{prefix}/index/", p)
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=30)
+    r = b.cowfs("pull", "origin", "big", init_store(b.base / "s0"), check=False)
+    assert r.returncode == 1 and "has no snapshot named 'big'" in r.stderr, r.stderr
+    assert a.json("remote", "check", "origin", "--verify")["ok"]
+    resumed = a.json("push", m.path, "big", "origin")["pushed"]
+    assert resumed["chunks_skipped"] >= 128, resumed      # a whole pack (16 MiB) was there already
+    assert resumed["bytes_uploaded"] <= (40 << 20) - (16 << 20) + (1 << 20), resumed
+    assert a.json("remote", "check", "origin", "--verify")["ok"]
+    store_b = init_store(b.base / "store")
+    b.json("pull", "origin", "big", store_b)
+    same_tree(pushed, mount_factory(store=store_b, branch="big").path)
+
+
 @contextlib.contextmanager
 def lazy_mounted(h: Host, source: str, mp: Path, store: Path, *options: str) -> Iterator[Path]:
     """A lazy mount by host h, always unmounted afterwards."""

@@ -247,26 +247,7 @@ def test_remote_check_names_every_missing_or_corrupt_object(fleet, mount_factory
 
 def test_a_push_killed_midway_leaves_the_remote_consistent_and_resumes(fleet, mount_factory, seaweedfs,
                                                                         engine_prefix):
-    a, b = fleet("a"), fleet("b")
-    m = mount_factory()
-    big_tree(m.path)
-    pushed = snap(m, "big")
-    p = a.popen("push", m.path, "big", "origin", "--json")
-    s3 = seaweedfs.client()
-    wait_for_objects(s3, seaweedfs.BUCKET, f"{engine_prefix}/index/", p)
-    p.send_signal(signal.SIGKILL)
-    p.wait(30)
-    # Nothing is visible: no reference; what was uploaded is whole (check passes).
-    r = b.cowfs("pull", "origin", "big", mounting.init_store(b.base / "s0"), check=False)
-    assert r.returncode == 1 and "has no snapshot named 'big'" in r.stderr
-    assert a.json("remote", "check", "origin", "--verify")["ok"]
-    resumed = a.json("push", m.path, "big", "origin")["pushed"]
-    assert resumed["chunks_skipped"] >= 128, resumed      # a whole pack (16 MiB) was there already
-    assert resumed["bytes_uploaded"] <= (40 << 20) - (16 << 20) + (1 << 20), resumed
-    assert a.json("remote", "check", "origin", "--verify")["ok"]
-    store_b = mounting.init_store(b.base / "store")
-    b.json("pull", "origin", "big", store_b)
-    same_tree(pushed, mount_factory(store=store_b, branch="big").path)
+    mounting.check_a_killed_push_resumes(fleet("a"), fleet("b"), seaweedfs, engine_prefix, mount_factory)
 
 
 def test_engines_down_fail_push_and_pull_in_one_line_and_a_killed_s3_resumes(

@@ -8,12 +8,11 @@ its first read, a push killed midway leaves the remote consistent and resumes.
 from __future__ import annotations
 
 import os
-import signal
 
 import pytest
 
 import mounting
-from mounting import big_tree, fetched, lazy_mounted, same_tree, snap, wait_for_objects
+from mounting import fetched, lazy_mounted, same_tree, snap
 
 pytestmark = pytest.mark.ceph
 
@@ -72,24 +71,5 @@ def test_a_lazy_mount_through_rgw_fetches_each_chunk_on_its_first_read(fleet, mo
 
 def test_a_push_through_rgw_killed_midway_leaves_the_remote_consistent_and_resumes(
         fleet, mount_factory, ceph_rgw, engine_prefix):
-    a, b = fleet("a", s3=ceph_rgw), fleet("b", s3=ceph_rgw)
-    m = mount_factory()
-    big_tree(m.path)                                      # 40 MiB: 3 packs
-    pushed = snap(m, "big")
-    p = a.popen("push", m.path, "big", "origin", "--json")
-    try:
-        wait_for_objects(ceph_rgw.client(), ceph_rgw.BUCKET, f"{engine_prefix}/index/", p)
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.communicate(timeout=30)
-    # Nothing is visible: no reference; what was uploaded is whole (check passes).
-    r = b.cowfs("pull", "origin", "big", mounting.init_store(b.base / "s0"), check=False)
-    assert r.returncode == 1 and "has no snapshot named 'big'" in r.stderr, r.stderr
-    assert a.json("remote", "check", "origin", "--verify")["ok"]
-    resumed = a.json("push", m.path, "big", "origin")["pushed"]
-    assert resumed["chunks_skipped"] >= 128, resumed      # a whole pack (16 MiB) was there already
-    assert resumed["bytes_uploaded"] <= (40 << 20) - (16 << 20) + (1 << 20), resumed
-    assert a.json("remote", "check", "origin", "--verify")["ok"]
-    store_b = mounting.init_store(b.base / "store")
-    b.json("pull", "origin", "big", store_b)
-    same_tree(pushed, mount_factory(store=store_b, branch="big").path)
+    mounting.check_a_killed_push_resumes(fleet("a", s3=ceph_rgw), fleet("b", s3=ceph_rgw), ceph_rgw,
+                                         engine_prefix, mount_factory)
