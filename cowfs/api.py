@@ -20,7 +20,6 @@ See docs/python-api.md for a worked example (fork a sandbox into N attempts, kee
 """
 from __future__ import annotations
 
-import ctypes
 import errno as _errno
 import json
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar, Union
 
 from cowfs.daemon import mounts as _mounts
+from cowfs.libc import libc
 from cowfs.commands import protocol
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -229,7 +229,7 @@ def syncfs(mountpoint: PathLike, timeout: float | None = CONTROL_TIMEOUT) -> Non
     def run() -> None:
         fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            ctypes.CDLL(None, use_errno=True).syncfs(fd)
+            libc().syncfs(fd)
         finally:
             os.close(fd)
 

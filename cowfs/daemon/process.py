@@ -10,7 +10,6 @@ admin socket's `attach`).  The daemon's work once it runs is cowfs.daemon.server
 from __future__ import annotations
 
 import base64
-import ctypes
 import errno
 import gc
 import logging
@@ -20,6 +19,7 @@ import sys
 from typing import TYPE_CHECKING, Callable, NoReturn
 
 from cowfs import faults, private
+from cowfs.libc import libc
 from cowfs.daemon import admin, mounts, options as mount_options
 from cowfs.daemon.config import MountConfig, option_conflicts, options_asked
 from cowfs.daemon.mounts import daemon_pid
@@ -92,9 +92,9 @@ def _keep_freed_memory() -> None:
     256 MiB of freed heap mapped makes them reuse warm pages (bounded: the dirty limit and
     the caches bound what is live)."""
     try:
-        libc = ctypes.CDLL(None)  # the process's libc (find_library would run ldconfig)
-        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+        lib = libc()
+        lib.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        lib.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
     except (OSError, AttributeError):
         pass  # not glibc: its defaults stand
 

@@ -18,6 +18,7 @@ import pyfuse3
 import trio
 
 from cowfs import faults, private
+from cowfs.libc import libc
 from cowfs.background.dedup import DedupWorker
 from cowfs.background.gc import acknowledge_rounds, collect_when_wanted, run_gc, sweep_packs
 from cowfs.background.cloning import Measurer
@@ -39,7 +40,6 @@ from cowfs.store import Store
 
 log = logging.getLogger("cowfs.daemon")
 KERNEL_SYNC_TIMEOUT = 30.0
-_libc = ctypes.CDLL(None, use_errno=True)  # the process's libc: find_library runs `ldconfig -p`
 MS_BIND = 4096
 
 
@@ -163,7 +163,7 @@ class Daemon:
 
     def _bind(self, source: str, target: str) -> None:
         faults.point("attach_bind")
-        if _libc.mount(source.encode(), target.encode(), None, MS_BIND, None) != 0:
+        if libc().mount(source.encode(), target.encode(), None, MS_BIND, None) != 0:
             err = ctypes.get_errno()
             raise MountError(f"bind mount of {source} on {target} failed: {os.strerror(err)}")
 

@@ -113,10 +113,9 @@ def fetch_metadata(cfg: RemoteConfig, snapshot: str) -> Metadata:
 
 def _die_with(parent: int) -> None:
     """This process gets SIGKILL when its parent dies (a daemon killed during its build)."""
-    import ctypes
+    from cowfs.libc import libc
 
-    libc = ctypes.CDLL(None, use_errno=True)  # the process's libc (find_library would run ldconfig)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:      # it died before the prctl
         os._exit(1)
 

@@ -11,7 +11,7 @@
        meta, chunks, cache              versioned metadata, content-addressed chunks, the chunk cache
        kv, blob                         the storage engines (KV, blob store)
        errors, faults, threads,         leaves any layer may use; they import no cowfs module
-         private, remote
+         private, remote, libc
 
    Every import counts: at module level, inside functions, and under TYPE_CHECKING.
 2. No module is over MAX_LINES lines unless its docstring says why ("Over 500 lines: ...").
@@ -35,7 +35,7 @@ PKG = ROOT / "cowfs"
 MAX_LINES = 500
 
 LAYERS: list[tuple[str, ...]] = [  # bottom first
-    ("cowfs.errors", "cowfs.faults", "cowfs.threads", "cowfs.private", "cowfs.remote"),
+    ("cowfs.errors", "cowfs.faults", "cowfs.threads", "cowfs.private", "cowfs.remote", "cowfs.libc"),
     ("cowfs.kv", "cowfs.blob"),
     ("cowfs.meta", "cowfs.chunks", "cowfs.cache"),
     ("cowfs.store", "cowfs.storedir"),
