@@ -164,9 +164,10 @@ DATA_COMMANDS = ("stats", "list", "log", "diff", "status", "gc", "dedup", "fsck"
 
 def test_every_data_command_has_json():
     from cowfs import cli
+    from cowfs.cli.help import commands
 
     for name in DATA_COMMANDS:
-        opts = {o for p in cli.main.commands[name].params for o in getattr(p, "opts", [])}
+        opts = {o for p in commands(cli.main)[name].params for o in getattr(p, "opts", [])}
         assert "--json" in opts, name
 
 
@@ -217,15 +218,37 @@ def test_version_matches_the_package():
     assert r.stdout.strip() == f"cowfs {version}"
 
 
+def test_commands_load_lazily_from_the_modules_the_table_names():
+    """`cowfs.cli.main.LAZY_COMMANDS` names each command's module: every command a module
+    defines is in the table under that module, and a command imports only its own."""
+    import importlib
+
+    from cowfs.cli.main import LAZY_COMMANDS, main
+
+    for module in set(LAZY_COMMANDS.values()):
+        names = {c.name for c in importlib.import_module(f"cowfs.cli.{module}").COMMANDS}
+        assert names == {n for n, m in LAZY_COMMANDS.items() if m == module}, module
+    probe = ("import json, sys; from cowfs.cli.main import main; own = sorted(main.commands); "
+             "main.get_command(None, 'snapshot'); "
+             "print(json.dumps([own, sorted(m for m in sys.modules if m.startswith('cowfs.cli.'))]))")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd="/")
+    assert r.returncode == 0, r.stderr
+    own, loaded = json.loads(r.stdout)
+    assert own == ["init", "mount", "umount"] and not set(own) & set(LAZY_COMMANDS)
+    assert "cowfs.cli.control" in loaded
+    assert not {"cowfs.cli.fleet", "cowfs.cli.maintenance", "cowfs.cli.history"} & set(loaded), loaded
+
+
 def test_help_topics_and_man_page_come_from_the_same_text():
     from cowfs import cli
+    from cowfs.cli.help import commands
 
     own = {}
-    for name in cli.main.commands:
+    for name in commands(cli.main):
         own[name] = cowfs(name, "--help", check=True).stdout
         assert cowfs("help", name, check=True).stdout == own[name], name
     man = cowfs("help", "--man", check=True).stdout
-    for name in cli.main.commands:
+    for name in commands(cli.main):
         assert f".SS {name}\n" in man
         first = own[name].splitlines()[2].strip()     # the first line of its text
         assert first.replace("\\", "\\e") in man, (name, first)

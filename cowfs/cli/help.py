@@ -70,9 +70,16 @@ def _group() -> click.Group:
     return group
 
 
+def commands(main: click.Group) -> dict[str, click.Command]:
+    """Every command of the group, by name (the group loads its commands lazily)."""
+    with click.Context(main, info_name="cowfs", **main.context_settings) as ctx:
+        found = {name: main.get_command(ctx, name) for name in main.list_commands(ctx)}
+    return {name: cmd for name, cmd in found.items() if cmd is not None}
+
+
 def command_help(main: click.Group, name: str) -> str:
     """Exactly what `cowfs NAME --help` prints."""
-    cmd = main.commands[name]
+    cmd = commands(main)[name]
     with click.Context(main, info_name="cowfs", **main.context_settings) as parent:
         with click.Context(cmd, info_name=name, parent=parent, **cmd.context_settings) as ctx:
             return cmd.get_help(ctx)
@@ -100,7 +107,7 @@ def man_page(main: click.Group) -> str:
              ".SH NAME", "cowfs \\- copy-on-write sandbox filesystems with snapshots, branches and O(1) clones",
              ".SH SYNOPSIS", ".B cowfs", "[\\-\\-debug] COMMAND [ARGS]...",
              ".SH DESCRIPTION", ".nf", _roff(group_help(main)), ".fi", ".SH COMMANDS"]
-    for name in sorted(main.commands):
+    for name in sorted(commands(main)):
         parts += [f".SS {name}", ".nf", _roff(command_help(main, name)), ".fi"]
     for topic, (summary, lines) in TOPICS.items():
         parts += [f".SH {topic.upper().replace('-', ' ')}", ".nf", _roff("\n".join(lines())), ".fi"]
@@ -108,8 +115,9 @@ def man_page(main: click.Group) -> str:
 
 
 def _complete_topics(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
-    commands = getattr(ctx.find_root().command, "commands", {})
-    return [t for t in sorted(commands) + sorted(TOPICS) if t.startswith(incomplete)]
+    root = ctx.find_root().command
+    names = root.list_commands(ctx) if isinstance(root, click.Group) else []
+    return [t for t in sorted(names) + sorted(TOPICS) if t.startswith(incomplete)]
 
 
 @click.command(name="help")
@@ -130,10 +138,14 @@ def help_(topic: str | None, man: bool) -> None:
         for name, (summary, _lines) in TOPICS.items():
             click.echo(f"  {name:<15}{summary}")
         return
-    if topic in main.commands:
+    known = commands(main)
+    if topic in known:
         click.echo(command_help(main, topic))
     elif topic in TOPICS:
         click.echo("\n".join(TOPICS[topic][1]()))
     else:
-        raise CliError(f"no help topic {topic!r}; commands: {', '.join(sorted(main.commands))}; "
+        raise CliError(f"no help topic {topic!r}; commands: {', '.join(sorted(known))}; "
                        f"topics: {', '.join(TOPICS)}", code=2)
+
+
+COMMANDS = (help_,)

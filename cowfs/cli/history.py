@@ -242,3 +242,6 @@ def log(target: str, as_json: bool) -> None:
         return
     for line in history_lines(order):
         click.echo(line)
+
+
+COMMANDS = (log,)

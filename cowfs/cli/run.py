@@ -86,3 +86,6 @@ def run(store: str, branch: str, snapshot_before: str | None, options: tuple[str
         else:
             code = _wait(proc)
     sys.exit(code)
+
+
+COMMANDS = (run,)

@@ -152,3 +152,6 @@ def status(targets: tuple[str, ...], as_json: bool) -> None:
             click.echo()
         for line in status_lines(rec):
             click.echo(line)
+
+
+COMMANDS = (status,)
