@@ -35,7 +35,7 @@ Points (where each sits, and which background task meets it):
                  fetched, on the event loop (eio only: the warming stops as on a remote down)
   commit         Store.commit, on the event loop, as the batch is written (eio only): a failed
                  write, after which the store reopens the database (Store.recover)
-  attach_bind    Daemon._bind, the thread that bind-mounts a fork (sleep: an attach in progress)
+  attach_bind    daemon.branches.bind, the thread that bind-mounts a fork (sleep: an attach in progress)
   timer_flush    Flusher.background_flusher, before the flush of data older than 1 s or past
                  8 MiB, on the event loop (eio only: that flush is skipped, so what fsync put
                  in the small-write log stays there until a release or an operation folds it)

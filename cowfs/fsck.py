@@ -23,9 +23,11 @@ What is checked, in order:
      of an existing pack; the condemned list parses, and no pointer of any database names a
      condemned pack that is due (every writer of its round acknowledged it: the next sweep
      would delete live data).  A condemned pack already deleted is a sweep cut short, not a
-     problem; a marked one whose round is not acknowledged yet is the next sweep's to pardon.
+     problem; a marked one whose round is not acknowledged yet is the next sweep's to pardon;
+     every serve record (cowfs.meta.serving: who serves which branch) parses and names a
+     branch; stale ones (their process gone) are counted.
 --repair deletes damaged small-write log records (the writes they held are lost), pardons
-condemned packs a pointer names, rewrites
+condemned packs a pointer names, removes damaged, stale and dangling serve records, rewrites
 wrong reference counts, link counts and usage records, indexes missing names of hard-linked
 files, deletes unreferenced objects, dangling directory entries and missing changelog
 entries, and links orphaned inodes into /lost+found of the branch they belong to. It reports
@@ -109,6 +111,7 @@ class Fsck:
         self.check_queue()
         self.check_small_write_log()
         self.check_across_databases()
+        self.check_serve_records()
         if self.repair and len(self.batch):
             self.store.kv.write(self.batch)
             self.store.kv.sync()
@@ -484,6 +487,28 @@ class Fsck:
         if bad and self.repair:
             liveness.forget(bad)
             self.report.repaired.append(f"pardoned {len(bad)} condemned packs a pointer names")
+
+    def check_serve_records(self) -> None:
+        """Who serves which branch (cowfs.meta.serving): a damaged record, or a live one
+        naming no branch, is a problem; a stale one (its process gone) is only counted, the
+        next mount of its branch takes it over.  --repair removes all three."""
+        serving = self.store.serving
+        known = set(self.cat.branches)
+        stale = 0
+        for branch, rec in serving.all().items():
+            if isinstance(rec, codec.CorruptObject):
+                self.report.problem(str(rec))
+            elif not rec.alive(serving.boot):
+                stale += 1
+            elif branch not in known:
+                self.report.problem(f"serve/{branch} names a branch that does not exist (served by "
+                                    f"{rec.describe()})")
+        self.report.counts["stale_serve_records"] = stale
+        if self.repair:
+            gone = serving.prune(known)
+            if gone:
+                self.report.repaired.append(f"removed the serve records of {', '.join(sorted(gone))} (damaged, "
+                                            "stale, or naming no branch)")
 
     # -- 5. changelog ----------------------------------------------------------------------
     def check_changelog(self) -> None:

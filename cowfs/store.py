@@ -35,7 +35,7 @@ from cowfs.kv.sqlite import SQLiteKV
 from cowfs.meta.layers import CF_META, Branch, Catalog, Usage
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import Clone, SharedTrees
-from cowfs.meta import links
+from cowfs.meta import links, serving
 from cowfs.meta.orphans import CF_ORPHANS
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, LayerView, Versioned, ino_key
 from cowfs.storedir import DB_DIR, MARKER, PACK_DIR, REFS_FILE, daemon_pid
@@ -64,6 +64,7 @@ UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8)
 FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
 ROOT_INO = 1
 INO_BLOCK = 4096
+REF_FAMILIES = liveness.REF_FAMILIES + serving.REF_FAMILIES  # of the reference store
 PACE_STEPS = 256  # entries a clone's measuring walk takes between two calls of its pace (~1-3 ms)
 T = TypeVar("T")
 
@@ -183,9 +184,11 @@ class Store:
             raise StoreError(f"{path}: cannot open the packs: {exc}") from exc
         refs: KV | None = None
         try:  # the reference store, and this process in it as the writer of the store's database
-            self.refs = refs = SQLiteKV(os.path.join(path, REFS_FILE), liveness.REF_FAMILIES)
+            self.refs = refs = SQLiteKV(os.path.join(path, REFS_FILE), REF_FAMILIES)
             self.liveness = liveness.Liveness(refs)
             self.liveness.register(DB_DIR)
+            # the branches this process serves (a daemon takes them: cowfs.meta.serving)
+            self.serving = serving.Serving(refs, self.liveness.me, self.liveness.boot)
         except Exception as exc:
             if refs is not None:
                 refs.close()
@@ -656,7 +659,12 @@ class Store:
     def close(self) -> None:
         try:
             try:
-                self.liveness.unregister()
+                try:
+                    self.serving.release_all()
+                except Exception as exc:  # a record left behind is stale once this process exits
+                    log.warning("%s: could not remove the serve records of this process: %s", self.path, exc)
+                finally:
+                    self.liveness.unregister()
             finally:
                 try:
                     self.refs.close()

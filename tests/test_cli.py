@@ -483,7 +483,7 @@ def test_mounting_a_mounted_branch_says_where(mount_factory, test_dir):
     second = test_dir / "second"
     second.mkdir()
     r = cowfs("mount", m.store, second)
-    assert r.returncode == 1 and f"branch 'main' is already mounted at {m.path}" in one_clear_line(r), r.stderr
+    assert r.returncode == 1 and f"branch 'main' is already served by pid {m.pid} at {m.path}" in one_clear_line(r), r.stderr
 
 
 @pytest.mark.timeout(120)

@@ -143,7 +143,7 @@ def test_four_forks_concurrent_isolated_and_sharing_chunks(cowfs_mount, forks):
     ok(fps[2], "snapshot start-2")  # a fork rolls back only to its own snapshots
     # a branch cannot be mounted twice; unknown branches are refused
     r = forks.mount(store, "f1", name="again", check=False)
-    assert r.returncode != 0 and b"already mounted" in r.stderr, r
+    assert r.returncode != 0 and b"already served by pid" in r.stderr, r
     r = forks.mount(store, "nosuch", check=False)
     assert r.returncode != 0 and r.stderr.strip(), r
     # one file, five views: five inode numbers

@@ -197,7 +197,7 @@ def test_an_attach_of_a_mounted_branch_leaves_its_quota(quota_mount, test_dir):
     mp2 = test_dir / "again"
     mp2.mkdir()
     r = mounting.run_cowfs("mount", m.store, mp2, "--branch", "main", "-o", "quota_bytes=1G", check=False)
-    assert r.returncode != 0 and b"already mounted" in r.stderr, r
+    assert r.returncode != 0 and b"already served by pid" in r.stderr, r
     assert stats(m.path)["quota_bytes"] == QUOTA, "the refused attach changed the live quota"
     m.remount()
     assert stats(m.path)["quota_bytes"] == QUOTA, "the refused attach changed the stored quota"

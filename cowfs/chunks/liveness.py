@@ -48,7 +48,7 @@ CONDEMNED = b"condemned"
 CAS_TRIES = 64  # compare-and-set retries against other writers before giving up
 
 
-def _boot_id() -> str:
+def boot_id() -> str:
     with open("/proc/sys/kernel/random/boot_id") as f:
         return f.read().strip()
 
@@ -64,6 +64,22 @@ def _start_ticks(pid: int) -> int | None:
     return None if fields[0] == "Z" else int(fields[19])
 
 
+def process_alive(pid: int, start: int, boot: str, this_boot: str) -> bool:
+    """Whether the process a record names still runs: the same boot, and the pid's process
+    started when the record says (a reused pid has another start time).  The one staleness
+    rule of every record of a process in the reference store (writers here, the branches a
+    daemon serves: cowfs.meta.serving)."""
+    return boot == this_boot and _start_ticks(pid) == start
+
+
+def this_process() -> tuple[int, int]:
+    """(pid, start time) of the calling process, as records of it store them."""
+    pid = os.getpid()
+    start = _start_ticks(pid)
+    assert start is not None
+    return pid, start
+
+
 @dataclass(frozen=True)
 class WriterRecord:
     pid: int
@@ -74,7 +90,7 @@ class WriterRecord:
     acked: int = 0
 
     def alive(self, boot: str) -> bool:
-        return self.boot == boot and _start_ticks(self.pid) == self.start
+        return process_alive(self.pid, self.start, self.boot, boot)
 
     def pack(self) -> bytes:
         return json.dumps(self.__dict__, sort_keys=True).encode()
@@ -128,15 +144,13 @@ class Liveness:
         self.refs = refs
         self.me: str | None = None  # this process's writer id, once registered
         self._pid = 0
-        self.boot = _boot_id()
+        self.boot = boot_id()
 
     # -- writers -------------------------------------------------------------------------
     def register(self, db: str) -> str:
         """Record this process as a writer (of member db); returns its id.  Only the rounds
         condemned from now on list it, so it starts having acknowledged none."""
-        pid = os.getpid()
-        start = _start_ticks(pid)
-        assert start is not None
+        pid, start = this_process()
         while True:
             wid = f"{secrets.randbits(64):016x}"
             rec = WriterRecord(pid, start, self.boot, db, time.time())

@@ -2,12 +2,16 @@
 
 Decided from the mount table; each mount is probed through its control file and each
 daemon asked for its figures, in parallel and each with a time limit, so that one hung
-mount shows as an error on its line instead of hanging the command.
+mount shows as an error on its line instead of hanging the command.  Who serves which
+branch is read from each store's reference store (cowfs.meta.serving), by any process that
+may read the store, without asking a daemon: a daemon that does not answer, or one killed
+-9 (its records stale), shows there too.
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import click
@@ -31,6 +35,33 @@ def _daemon_stats(store: str, mountpoint: str | None) -> dict[str, Any]:
             return api.stats(mountpoint, PROBE_TIMEOUT)
         except (OSError, ValueError, api.NotResponding):
             raise first from None
+
+
+def serve_records(store: str) -> list[dict[str, Any]] | None:
+    """Who serves which branch of store, from its reference store (cowfs.meta.serving), so
+    that any process that may read the store sees it without asking its daemons; None when
+    the caller may not (another user's private store) or the store has no reference store."""
+    from cowfs.kv.sqlite import SQLiteKV
+    from cowfs.meta.serving import REF_FAMILIES, ServeRecord, Serving
+    from cowfs.storedir import REFS_FILE
+
+    path = os.path.join(store, REFS_FILE)
+    if not os.access(store, os.R_OK | os.X_OK) or not os.path.isfile(path):
+        return None
+    refs = SQLiteKV(path, REF_FAMILIES)
+    try:
+        serving = Serving(refs)
+        found = serving.all()
+    finally:
+        refs.close()
+    out: list[dict[str, Any]] = []
+    for branch, rec in sorted(found.items()):
+        if isinstance(rec, ServeRecord):
+            out.append({"branch": branch, "pid": rec.pid, "mountpoint": rec.mountpoint, "since": rec.since,
+                        "alive": rec.alive(serving.boot)})
+        else:
+            out.append({"branch": branch, "error": str(rec)})
+    return out
 
 
 def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
@@ -72,6 +103,14 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
         rec: dict[str, Any] = {"store": store, "daemon_pid": pid, "alive": alive}
         rec["mounts"] = [probe_mount(e, alive)
                          for e in sorted(entries, key=lambda e: (e.root != "/", e.mountpoint))]
+        try:
+            rec["serving"] = serve_records(store)
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            rec["serving_error"] = str(exc) or type(exc).__name__
+        served = {r["mountpoint"]: r["branch"] for r in rec.get("serving") or () if r.get("alive")}
+        for m in rec["mounts"]:  # what a mount that does not answer serves, as its record says
+            if m["branch"] is None and m["mountpoint"] in served:
+                m["branch"] = served[m["mountpoint"]]
         if alive:
             first = next((m["mountpoint"] for m in rec["mounts"] if not m["bind"]), None)
             try:
@@ -110,6 +149,18 @@ def status_lines(rec: dict[str, Any]) -> list[str]:
         if m.get("error"):
             line += "  " + click.style(m["error"], fg="red")
         out.append(line)
+    for r in rec.get("serving") or ():
+        if "error" in r:
+            out.append("  " + click.style(f"serving {r['branch']}: {r['error']}", fg="red"))
+        elif r["alive"]:
+            out.append(f"  serving {click.style(r['branch'], fg='green')} by pid {r['pid']} at {r['mountpoint']} "
+                       f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r['since']))}")
+        else:
+            out.append(f"  serving {r['branch']}: " + click.style(f"stale record of pid {r['pid']} (gone) at "
+                                                                  f"{r['mountpoint']}", fg="yellow")
+                       + f"; the next mount of {r['branch']} takes it")
+    if rec.get("serving_error"):
+        out.append("  " + click.style(f"serve records unavailable: {rec['serving_error']}", fg="yellow"))
     if st:
         for level, c in (st.get("cache") or {}).items():
             if level in ("l1", "l2"):

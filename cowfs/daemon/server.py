@@ -5,7 +5,6 @@ last mount goes, after committing and syncing (docs/architecture.md, "Process mo
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -17,8 +16,7 @@ from typing import Any, Callable
 import pyfuse3
 import trio
 
-from cowfs import faults, private
-from cowfs.libc import libc
+from cowfs import private
 from cowfs.background.dedup import DedupWorker
 from cowfs.background.gc import acknowledge_rounds, collect_when_wanted, run_gc, sweep_packs
 from cowfs.background.cloning import Measurer
@@ -28,7 +26,7 @@ from cowfs.background.lazy_warming import LazyPrefetch, LazyWarming
 from cowfs.background.warming import Warmer
 from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
-from cowfs.daemon import admin, mounts, notify, options as mount_options, tuning
+from cowfs.daemon import admin, branches, mounts, notify, options as mount_options, tuning
 from cowfs.daemon.config import MountConfig, fuse_options, options_in_force
 from cowfs.storedir import pid_file
 from cowfs.errors import FSError, MountError, StoreError
@@ -36,11 +34,12 @@ from cowfs.fleet import FleetError, holds as fleet_holds, lazy
 from cowfs.fuse import dircache, ext as fuse_ext, loop as fuse_loop, replies as fuse_replies
 from cowfs.fuse.inodes import is_control
 from cowfs.fuse.ops import Operations
+from cowfs.kv.sqlite import KVBusy
+from cowfs.meta.serving import BranchServed
 from cowfs.store import Store
 
 log = logging.getLogger("cowfs.daemon")
 KERNEL_SYNC_TIMEOUT = 30.0
-MS_BIND = 4096
 
 
 class Daemon:
@@ -161,47 +160,10 @@ class Daemon:
         if scope.cancelled_caught:
             log.warning("syncfs on the mount did not finish within %.0f s", KERNEL_SYNC_TIMEOUT)
 
-    def _bind(self, source: str, target: str) -> None:
-        faults.point("attach_bind")
-        if libc().mount(source.encode(), target.encode(), None, MS_BIND, None) != 0:
-            err = ctypes.get_errno()
-            raise MountError(f"bind mount of {source} on {target} failed: {os.strerror(err)}")
-
     async def attach(self, branch: str, mountpoint: str, quota_bytes: int | None = None,
                      quota_inodes: int | None = None, hold_ttl: int = 30) -> dict[str, Any]:
-        """Serve another branch of this store at mountpoint (a bind mount of its root)."""
-        if os.geteuid() != 0:
-            return {"ok": False, "error": "a second mount of one store needs root (it is a bind mount)"}
-        if branch in self.mounted_branches():
-            where = ", ".join(self.branch_mounts()[branch])
-            return {"ok": False, "error": f"branch {branch!r} is already mounted at {where} (a branch is mounted "
-                                          "once: use that mount, or mount another branch)"}
-        # Mounted from now on: a delete while the branch is prepared and bind-mounted (it is
-        # not in the mount table yet) must refuse it.
-        self.attaching[branch] = mountpoint
-        try:
-            try:  # the remote branches it follows, held (given back by _keep_holds if the attach fails)
-                await trio.to_thread.run_sync(self.holds.take, branch, 0 if "ro" in self.cfg.options else hold_ttl)
-            except FleetError as exc:
-                return {"ok": False, "error": str(exc)}
-            try:
-                view = await self.fs.attach_branch(branch)
-            except FSError as exc:
-                return {"ok": False, "error": str(exc)}
-            if quota_bytes is not None or quota_inodes is not None:
-                self.fs.set_quota(view, quota_bytes, quota_inodes)
-            mps = self.mounts()
-            if not mps:
-                return {"ok": False, "error": "the daemon has no mount left"}
-            source = f"{mps[0][0]}/.cowfs/by-view/{view.vid}"
-            try:
-                await trio.to_thread.run_sync(self._bind, source, mountpoint)
-            except MountError as exc:
-                return {"ok": False, "error": str(exc)}
-        finally:
-            del self.attaching[branch]
-        log.info("attached branch %s at %s", branch, mountpoint)
-        return {"ok": True, "branch": branch, "mountpoint": mountpoint}
+        """Serve another branch of this store at mountpoint (cowfs.daemon.branches)."""
+        return await branches.attach(self, branch, mountpoint, quota_bytes, quota_inodes, hold_ttl)
 
     def sandbox_stats(self, view: View) -> dict[str, Any]:
         """What `.cowfs/stats` shows inside a mount (world-readable there): the figures of
@@ -431,6 +393,7 @@ class Daemon:
             sup.start(nursery, "clone_measurer", self.measurer.run)
             sup.start(nursery, "watchdog", self._watchdog)
             sup.start(nursery, "holds", self._keep_holds)
+            sup.start(nursery, "serve_records", lambda: branches.keep_records(self))
             fetcher = self.fs.prefetch.fetcher
             if fetcher is not None:
                 # The interpreter's switch interval stays at its default: lowering it to 1 ms so
@@ -465,12 +428,13 @@ class Daemon:
             tuning.pin_threads(mount_options.cpu_set(cfg.cpus))
         before = fuse_replies.fuse_fds()
         try:
+            self.store.serving.take(cfg.branch, cfg.mountpoint)  # cowfs.meta.serving
             self.holds.take(cfg.branch, 0 if "ro" in cfg.options else cfg.hold_ttl)
             pyfuse3.init(self.ops, cfg.mountpoint, fuse_options(cfg))
-        except (RuntimeError, FleetError) as exc:
+        except (RuntimeError, FleetError, BranchServed, KVBusy) as exc:
             self.holds.release_all()
-            self.store.close()
-            ready(str(exc) if isinstance(exc, FleetError) else f"cannot mount {cfg.mountpoint}: {exc}")
+            self.store.close()  # gives the serve record back
+            ready(f"cannot mount {cfg.mountpoint}: {exc}" if isinstance(exc, RuntimeError) else str(exc))
             return 1
         # A reply refused at unmount is logged as what it is (cowfs.fuse.replies).
         fuse_replies.install(before)
