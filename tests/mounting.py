@@ -1710,6 +1710,79 @@ def fetched(mp: Path) -> dict:
     return json.loads((mp / ".cowfs" / "stats").read_text())["lazy"]
 
 
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """The process pid stopped (SIGSTOP) for the block, always continued (SIGCONT) after it: a
+    daemon or an engine that stalls.  Touch no mount of a stopped daemon meanwhile."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+# Every write-type request a sandbox makes, each on names of its own under a directory the
+# caller prepared with `prepare_writes` (so that the kernel's permission checks pass for the
+# uid that runs them): the errno name each one got ("ok" if it succeeded), and "read" / "list"
+# (reads, which must keep working) with what they got: "content" (f's) and "listed" (d's names).
+_WRITES_SCRIPT = r"""
+import errno, json, os, sys
+d = sys.argv[1]
+out = {}
+def p(*names): return os.path.join(d, *names)
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = "ok"
+    except OSError as e:
+        out[name] = errno.errorcode.get(e.errno, str(e.errno))
+attempt("open_write", lambda: os.close(os.open(p("f"), os.O_WRONLY)))
+attempt("open_append", lambda: os.close(os.open(p("f"), os.O_WRONLY | os.O_APPEND)))
+attempt("create", lambda: os.close(os.open(p("new"), os.O_WRONLY | os.O_CREAT, 0o644)))
+attempt("mkdir", lambda: os.mkdir(p("newdir")))
+attempt("mkfifo", lambda: os.mkfifo(p("fifo")))
+attempt("symlink", lambda: os.symlink("f", p("sym")))
+attempt("link", lambda: os.link(p("f"), p("hard")))
+attempt("unlink", lambda: os.unlink(p("victim")))
+attempt("rmdir", lambda: os.rmdir(p("empty")))
+attempt("rename", lambda: os.rename(p("victim"), p("renamed")))
+attempt("chmod", lambda: os.chmod(p("f"), 0o600))
+attempt("utime", lambda: os.utime(p("f"), (1, 1)))
+attempt("truncate", lambda: os.truncate(p("f"), 1))
+attempt("setxattr", lambda: os.setxattr(p("f"), "user.new", b"1"))
+attempt("removexattr", lambda: os.removexattr(p("f"), "user.x"))
+def read():
+    with open(p("f"), "rb") as f:
+        out["content"] = f.read().decode()
+attempt("read", read)
+attempt("list", lambda: out.update(listed=sorted(os.listdir(d))))
+out["mode"] = oct(os.stat(p("f")).st_mode)
+print(json.dumps(out))
+"""
+WRITE_OPS = ("open_write", "open_append", "create", "mkdir", "mkfifo", "symlink", "link", "unlink", "rmdir",
+             "rename", "chmod", "utime", "truncate", "setxattr", "removexattr")
+
+
+def prepare_writes(d: Path, uid: int, gid: int, content: str) -> None:
+    """The names `try_writes` works on, owned by uid: f (with content and an xattr), victim,
+    the empty directory empty."""
+    d.mkdir()
+    (d / "f").write_text(content)
+    os.setxattr(d / "f", "user.x", b"1")
+    (d / "victim").write_text("victim")
+    (d / "empty").mkdir()
+    for q in (d, d / "f", d / "victim", d / "empty"):
+        os.chown(q, uid, gid)
+
+
+def try_writes(d: Path, uid: int | None, gid: int | None) -> dict:
+    """Run every write-type request on d's names as uid (None: this process's, root): see
+    _WRITES_SCRIPT."""
+    r = run_as(uid, gid, [sys.executable, "-c", _WRITES_SCRIPT, str(d)], timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
 if __name__ == "__main__":
     if "--worker" in sys.argv:
         sys.exit(_worker_main(sys.argv[1:]))

@@ -639,6 +639,20 @@ def test_a_held_branch_is_pushed_only_by_its_holder_and_taken_over_once_its_leas
     assert r.returncode == 7, "the command's exit status is passed on"
 
 
+def hold_of(mp: Path) -> dict:
+    """The first hold of the mount mp's branch (`cowfs stats` holds)."""
+    return mounting.stats(mp)["holds"][0]
+
+
+def write_errno(path: Path, text: str) -> str:
+    """"ok" if path could be written (text), else the errno's name."""
+    try:
+        path.write_text(text)
+        return "ok"
+    except OSError as e:
+        return errno.errorcode[e.errno]
+
+
 def branch_holder(kv, branch: str) -> str | None:
     """Who holds the remote branch (the lock `cowfs remote hold` and mounts take), or None."""
     from cowfs.kv.etcd import lease_holder
@@ -739,17 +753,21 @@ def test_with_etcd_down_a_mount_of_a_following_branch_stays_writable_and_holds_o
     b.json("pull", "origin", "dev", store_b, "--branch", "--into", "dev")
 
     def holds(h: Host, mp: Path) -> list[tuple[str, str]]:
-        return [(x["state"], x["detail"]) for x in h.json("stats", mp)["holds"]]
+        return [(x["state"], x.get("holder") or x["detail"]) for x in h.json("stats", mp)["holds"]]
 
+    # Killed just after a renewal: A's lease bounds its writes 2.5 s later (its TTL, 3 s, less the margin).
+    mounting.wait_until(lambda: hold_of(ma.path)["renewed_s_ago"] < 0.3, "a fresh renewal of A's hold", 10)
     etcd_private.kill()
     mp = tmp_path / "mnt-b"
     mp.mkdir()
     try:
-        # A's mount serves on: reads, writes, snapshots; past the lease's TTL its hold is lost.
+        # A's mount serves on: reads, writes, snapshots; past its lease's bound it is read-only.
         (ma.path / "who").write_text("a1")
         assert (ma.path / "who").read_text() == "a1"
         snap(ma, "c1")
         mounting.wait_until(lambda: holds(a, ma.path)[0][0] == "lost", "A's hold lost", 30)
+        assert write_errno(ma.path / "who", "a2") == "EROFS" and (ma.path / "who").read_text() == "a1"
+        snap(ma, "c1b")     # a snapshot changes no tree: still taken
         # B mounts its branch dev writable: etcd is not reached, the hold is taken once it is.
         t0 = time.monotonic()
         b.cowfs("mount", store_b, mp, "--branch", "dev", "-o", "hold_ttl=3")
@@ -768,6 +786,9 @@ def test_with_etcd_down_a_mount_of_a_following_branch_stays_writable_and_holds_o
         winner, loser = (a, ma.path), (b, mp)
         if holds(b, mp)[0][0] == "held":
             winner, loser = loser, winner
+        # The holder writes (A again, if it won: it held the branch before); the other is read-only.
+        mounting.wait_until(lambda: write_errno(winner[1] / "who", "w") == "ok", "the holder writable", 10)
+        assert write_errno(loser[1] / "who", "l") == "EROFS"
         # Both wrote during the outage: only the holder's push moves the branch.
         r = loser[0].cowfs("push", loser[1], "c1" if loser[0] is a else "b1", "origin", "--branch", "dev",
                            check=False)
@@ -778,6 +799,168 @@ def test_with_etcd_down_a_mount_of_a_following_branch_stays_writable_and_holds_o
             etcd_private.restart()
         if mounting.is_mounted(mp):
             b.cowfs("umount", mp, check=False)
+
+
+def test_a_mount_whose_hold_another_host_took_over_turns_read_only_and_keeps_what_it_wrote(
+        fleet, mount_factory, etcd, seaweedfs, engine_prefix, tmp_path):
+    """A's daemon stalls (SIGSTOP) past its lease; B's mount takes the branch over.  A's mount
+    then refuses every write-type request with EROFS (root and the sandbox's uid alike), reads
+    go on, what it wrote before is all in its store (fsck clean), and its figures, log and
+    `cowfs status` name B and when the hold was lost; a snapshot of it pushed under a new name
+    keeps its work on the remote, while a push of the branch is refused naming B."""
+    from cowfs.kv.etcd import EtcdKV
+    kv = EtcdKV(etcd.endpoint, ("lock",), f"cowfs-fleet/{seaweedfs.BUCKET}/{engine_prefix}/".encode())
+    host = os.uname().nodename
+    a, b = fleet("a"), fleet("b")
+    store_a = mounting.init_store(a.base / "store")
+    ma = mount_factory(store=store_a, env={k: a.env[k] for k in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME")},
+                       options=("hold_ttl=3", "allow_other"))   # allow_other: the sandbox's uid reaches it
+    mounting.prepare_writes(ma.path / "root", 0, 0, "root's")
+    mounting.prepare_writes(ma.path / "user", UNPRIV_UID, UNPRIV_GID, "user's")
+    synced = os.urandom(300_000)
+    with open(ma.path / "synced", "wb") as f:
+        f.write(synced)
+        os.fsync(f.fileno())
+    snap(ma, "c0")
+    a.json("push", ma.path, "c0", "origin", "--branch", "dev")
+    a_holds = f"{host} pid {ma.pid} (a mount of branch main of {store_a})"
+    mounting.wait_until(lambda: branch_holder(kv, "dev") == a_holds, "A's mount holding dev", 20)
+    store_b = mounting.init_store(b.base / "store")
+    b.json("pull", "origin", "dev", store_b, "--branch", "--into", "dev")
+    # Written just before the stall, never fsynced: acknowledged, in the daemon's buffers.
+    late = os.urandom(200_000)
+    (ma.path / "late").write_bytes(late)
+    (ma.path / "open").write_bytes(b"before")
+    fd = os.open(ma.path / "open", os.O_RDWR)   # a handle open for writing across the loss
+    mp = tmp_path / "mnt-b"
+    mp.mkdir()
+    try:
+        with mounting.stopped(ma.pid):
+            stalled = time.time()
+            while True:     # refused while A's lease lives (3 s at most), then B holds dev
+                r = b.cowfs("mount", store_b, mp, "--branch", "dev", "-o", "hold_ttl=3", check=False)
+                if r.returncode == 0:
+                    break
+                assert f"which {a_holds} holds" in r.stderr and time.time() - stalled < 20, r.stderr
+                time.sleep(0.3)
+        b_holds = f"{host} pid {b.json('stats', mp)['daemon_pid']} (a mount of branch dev of {store_b})"
+        assert branch_holder(kv, "dev") == b_holds
+        (mp / "who").write_text("b")          # B is the writer now
+        # A's lease's bound passed while it was stopped: its writes fail at once, reads go on.
+        for d, uid, gid, content in ((ma.path / "root", None, None, "root's"),
+                                     (ma.path / "user", UNPRIV_UID, UNPRIV_GID, "user's")):
+            got = mounting.try_writes(d, uid, gid)
+            assert {op: got[op] for op in mounting.WRITE_OPS} == dict.fromkeys(mounting.WRITE_OPS, "EROFS"), got
+            assert got["read"] == got["list"] == "ok", got
+            assert got["content"] == content and got["listed"] == ["empty", "f", "victim"], got
+        with pytest.raises(OSError) as e:
+            mounting.fallocate(fd, 0, 0, 1 << 20)
+        assert e.value.errno == errno.EROFS
+        with pytest.raises(OSError) as e:
+            os.ftruncate(fd, 0)
+        assert e.value.errno == errno.EROFS
+        # A write the page cache took is refused when it reaches the daemon (fsync says so) and
+        # the kernel's view brought back, as on a full disk.
+        os.pwrite(fd, b"AFTER!", 0)
+        with pytest.raises(OSError) as e:
+            os.fsync(fd)
+        assert e.value.errno in (errno.EROFS, errno.EIO)
+        try:
+            os.close(fd)    # the close reports the refused write (or the kernel's own time update)
+        except OSError as exc:
+            assert exc.errno in (errno.EROFS, errno.EIO)
+        fd = -1
+        mounting.wait_until(lambda: (ma.path / "open").read_bytes() == b"before",   # the release's fix is
+                            "the kernel's view of the refused write brought back", 10)  # asynchronous
+        mounting.fails(ma.path, "rollback c0", "EROFS")
+        mounting.fails(ma.path, "clone synced synced2", "EROFS")
+        assert (ma.path / "synced").read_bytes() == synced
+        assert (ma.path / "late").read_bytes() == late
+        # The daemon names the new holder and when the hold was lost.
+        mounting.wait_until(lambda: a.json("stats", ma.path)["holds"][0]["state"] == "taken", "A's hold taken", 20)
+        st = a.json("stats", ma.path)
+        hold = st["holds"][0]
+        assert hold["holder"] == b_holds and stalled - 1 < hold["lost_at"] < stalled + 5, (hold, stalled)
+        assert st["read_only"]["read_only"] and b_holds in st["read_only"]["why"], st["read_only"]
+        inside = json.loads((ma.path / ".cowfs" / "stats").read_text())["read_only"]   # the sandbox's view
+        assert inside["read_only"] and "why" not in inside, inside
+        assert f"branch main is read-only (since " in ma.log_text() and f"is held by {b_holds}" in ma.log_text()
+        shown = a.cowfs("status", store_a).stdout
+        assert f"hold    branch dev of the remote origin: taken since " in shown and f"held by {b_holds}" in shown, shown
+        assert "read-only since " in shown, shown
+        # A's work is kept on the remote under a name of its own; the branch is B's.
+        snap(ma, "rescue")
+        r = a.cowfs("push", ma.path, "rescue", "origin", "--branch", "dev", check=False)
+        assert r.returncode == 1 and f"is held by {b_holds}" in r.stderr, r.stderr
+        a.json("push", ma.path, "rescue", "origin", "--as", "a-rescued")
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        b.cowfs("umount", mp, check=False)
+    ma.stop()
+    mounting.fsck(store_a)
+    kept = mount_factory(store=store_a, options=("ro",))   # read-only: takes no hold
+    assert (kept.path / "synced").read_bytes() == synced and (kept.path / "late").read_bytes() == late
+    assert (kept.path / "user" / "f").read_text() == "user's"
+
+
+def _holding_mount(a: Host, mount_factory) -> mounting.Mount:
+    """A mount of a branch that follows the remote branch dev, holding it under a 3 s lease."""
+    ma = mount_factory(store=mounting.init_store(a.base / "store"),
+                       env={k: a.env[k] for k in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME")}, options=("hold_ttl=3",))
+    (ma.path / "f").write_text("0")
+    snap(ma, "c0")
+    a.json("push", ma.path, "c0", "origin", "--branch", "dev")
+    mounting.wait_until(lambda: [h["state"] for h in mounting.stats(ma.path)["holds"]] == ["held"],
+                        "the mount holding dev", 20)
+    return ma
+
+
+def test_an_etcd_outage_shorter_than_the_lease_leaves_a_mount_writable(fleet, mount_factory, etcd_private):
+    """The other side of the rule (docs/architecture.md, "A mount whose hold is lost turns
+    read-only"): etcd stopped for less than the lease's TTL less the margin changes nothing;
+    the mount writes on, and its lease, renewed once etcd answers, outlives the bound it had
+    when etcd stopped."""
+    a = fleet("a", etcd=etcd_private)
+    ma = _holding_mount(a, mount_factory)
+    mounting.wait_until(lambda: hold_of(ma.path)["renewed_s_ago"] < 0.3, "a fresh renewal", 10)
+    with mounting.stopped(etcd_private.process.pid):
+        paused = time.monotonic()
+        i = 0
+        while time.monotonic() - paused < 1.5:      # the bound: 2.5 s after the last renewal
+            i += 1
+            assert write_errno(ma.path / "f", str(i)) == "ok"
+            (ma.path / f"d{i}").mkdir()
+            time.sleep(0.1)
+    time.sleep(max(0.0, 3.5 - (time.monotonic() - paused)))    # past that bound: renewed since
+    assert write_errno(ma.path / "f", "after") == "ok"
+    (ma.path / "after").mkdir()
+    h, st = hold_of(ma.path), mounting.stats(ma.path)
+    assert h["state"] == "held" and h["renewed_s_ago"] < 2.5 and not st["read_only"]["read_only"], (h, st["read_only"])
+    assert "read-only" not in ma.log_text()
+
+
+@pytest.mark.slow
+def test_a_mount_whose_lease_lapsed_while_etcd_was_stopped_is_writable_again_once_it_holds_the_branch_again(
+        fleet, mount_factory, etcd_private):
+    """etcd stopped past the lease: the mount turns read-only at its bound (before etcd can
+    expire the lease), says so, and once etcd answers and nobody took the branch, it holds
+    it again and is writable again."""
+    a = fleet("a", etcd=etcd_private)
+    ma = _holding_mount(a, mount_factory)
+    mounting.wait_until(lambda: hold_of(ma.path)["renewed_s_ago"] < 0.3, "a fresh renewal", 10)
+    with mounting.stopped(etcd_private.process.pid):
+        paused = time.monotonic()
+        mounting.wait_until(lambda: write_errno(ma.path / "f", "x") == "EROFS", "the mount read-only", 6)
+        assert time.monotonic() - paused < 3.0, "read-only no later than its bound, 2.5 s after the last renewal"
+        h = hold_of(ma.path)
+        assert h["state"] == "lost" and abs(h["lost_at"] - time.time()) < 3, h
+        assert mounting.stats(ma.path)["read_only"]["read_only"]
+        assert (ma.path / "f").read_text() == "x"     # the last write before the bound; reads go on
+        time.sleep(max(0.0, 4.5 - (time.monotonic() - paused)))   # past the TTL: etcd expires the lease
+    mounting.wait_until(lambda: write_errno(ma.path / "f", "again") == "ok", "writable again", 20)
+    assert hold_of(ma.path)["state"] == "held" and not mounting.stats(ma.path)["read_only"]["read_only"]
+    assert "branch main is writable again" in ma.log_text()
 
 
 # --- lazy mounts: cowfs mount REMOTE:SNAPSHOT MNT --store STORE ----------------------------------

@@ -191,7 +191,7 @@ class Sharer:
             self._sources = set(fs.store.meta.shared.sources())
             if any((meta.only_version(CF_INODES, ino_key(y)) or (0,))[0] == view.lv.top for y, _x in pairs):
                 # Copies' records in the head: freeze it, so that their originals stay put.
-                async with fs.mutate(view) as m:
+                async with fs.mutate(view, fenced_ok=True) as m:
                     fs.freeze_head(m, view)
             for y, x in pairs:
                 if self._inside(w, y, copies) or self._inside(w, y, originals) or self._inside(w, x, copies):

@@ -178,8 +178,30 @@ def status_lines(rec: dict[str, Any]) -> list[str]:
         out.append(f"  usage   {human(st.get('usage_bytes', 0))} logical, "
                    f"{human(st.get('usage_allocated_bytes', 0))} allocated, {st.get('usage_inodes', 0)} inodes{quota}; "
                    f"store on disk {human(st.get('disk_bytes', 0))}")
+        out += _hold_lines(st)
     elif rec.get("stats_error"):
         out.append("  " + click.style(f"figures unavailable: {rec['stats_error']}", fg="yellow"))
+    return out
+
+
+def _hold_lines(st: dict[str, Any]) -> list[str]:
+    """The remote branches the first branch holds (issue 23), and whether it is read-only
+    because a hold was lost: since when, and who holds it now."""
+    out = []
+    for h in st.get("holds") or []:
+        line = f"  hold    branch {h['branch']} of the remote {h['remote']}: {h['state']}"
+        if h.get("lost_at"):
+            line += f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h['lost_at']))}"
+        if h.get("holder"):
+            line += f", held by {h['holder']}"
+        elif h.get("detail"):
+            line += f" ({h['detail']})"
+        out.append(line)
+    ro = st.get("read_only") or {}
+    if ro.get("read_only"):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ro["since"]))
+        out.append("  " + click.style(f"read-only since {since}: {ro.get('why') or 'its remote hold was lost'}",
+                                      fg="red"))
     return out
 
 

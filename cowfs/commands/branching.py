@@ -93,7 +93,9 @@ class Branching:
         self._require_owner(view, who)
         await self.fs.sync_kernel()
         t0 = time.perf_counter()
-        async with self.fs.mutate(view) as m:
+        # A branch made read-only by a lost hold (cowfs.core.fence) still snapshots: its tree
+        # stays as it is, and the snapshot is what its user pushes under a name of their own.
+        async with self.fs.mutate(view, fenced_ok=True) as m:
             self.owners.name_free(view.name, name)
             b = self._branch(view)
             layer = self.fs.freeze_head(m, view)
@@ -108,7 +110,7 @@ class Branching:
         if current:
             await self.fs.sync_kernel()
         t0 = time.perf_counter()
-        async with self.fs.mutate(view) as m:
+        async with self.fs.mutate(view, fenced_ok=True) as m:  # the new branch is written, not this one
             self.owners.name_free(view.name, name)
             src_branch = self._branch(view)
             parent_branch = view.name
@@ -175,7 +177,7 @@ class Branching:
             assert who is not None
             self._require_owner(view, who)
         # The scope of a catalog-only change: no node of the view is touched.
-        async with self.fs.mutate(view or self.fs.primary) as m:
+        async with self.fs.mutate(view or self.fs.primary, fenced_ok=True) as m:
             kind = self.owners.check_delete(view.name if view is not None else None, name, mounted())
             self.cat.remove(name, m.batch)
             learner = self.fs.prefetch.learner

@@ -142,7 +142,7 @@ class Differ:
         fs = self.fs
         cat = fs.store.catalog
         out = []
-        async with fs.mutate(view or fs.primary) as m:
+        async with fs.mutate(view or fs.primary, fenced_ok=True) as m:  # freezes heads: changes no tree
             for name in (a, b):
                 lv = self.side(view, name)
                 branch = None

@@ -58,13 +58,16 @@ class Attributes:
     async def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                       mtime_ns: int | None = None, ctime_ns: int | None = None,
-                      kill_suid: bool = False, user: bool = True) -> None:
+                      kill_suid: bool = False, user: bool = True, fenced_ok: bool = False) -> None:
         """chmod, chown, truncate, utimens.  kill_suid: clear set-user-ID (and set-group-ID
         with group-exec) as the kernel does for a truncating open by a non-root caller,
         which FUSE's atomic O_TRUNC leaves to the filesystem.  A truncate by a user (not
         the daemon itself) ends the cut of a file whose acknowledged writes were refused:
-        the kernel takes the size we reply and drops its pages, so the views agree."""
+        the kernel takes the size we reply and drops its pages, so the views agree.  fenced_ok:
+        that truncate, which a branch made read-only by a lost hold still takes (cowfs.core.fence)."""
         fs = self.fs
+        if not fenced_ok and node.view.writable:
+            fs.fences.check(node.view)  # a lost hold (cowfs.core.fence)
         if size is None and fs.flusher.is_dirty(node) and node.view.writable:
             # A file with data waiting to be committed: in writeback mode that is the kernel
             # passing on the times of a file it is still writing, or a chmod/chown right after
@@ -76,7 +79,7 @@ class Attributes:
             self._set_attrs(a, mode, uid, gid, atime_ns, mtime_ns, kill_suid)
             a.ctime_ns = ctime_ns if ctime_ns is not None else now_ns()
             return
-        async with fs.txn.mutate(node.view) as m:
+        async with fs.txn.mutate(node.view, fenced_ok=fenced_ok) as m:
             a = node.attrs
             same_size = size is not None and size == a.size
             cut = False

@@ -66,6 +66,12 @@ class Data:
         end = off + len(data)
         if end > MAX_FILE_SIZE:
             raise FSError(errno.EFBIG)
+        try:
+            fs.fences.check(node.view)
+        except FSError as exc:  # a lost hold: refused as on a full disk, the kernel's view brought
+            if node.cap is None and node.cached_writers > 0:    # back to ours at the last writer's close
+                node.cap, node.cap_errno = node.attrs.size, errno.EROFS
+            await self._refuse(node, off, end, errno.EROFS, str(exc))
         full = fs.full
         if node.cap is not None and end > node.cap:
             await self._refuse(node, off, end, node.cap_errno, "beyond what an earlier refused write left")

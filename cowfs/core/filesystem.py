@@ -12,6 +12,7 @@ that own its state, one owner per piece of state.
     smallwrites the small-write log: fsync of a few pages, replay         cowfs.core.smallwrites
     usage       usage, allocated bytes and quotas                         cowfs.core.usage
     full        a full disk: refusals, cuts, the kernel's view            cowfs.core.diskfull
+    fences      branches read-only while their remote hold is lost        cowfs.core.fence
     orphans     inodes unlinked while open                                cowfs.core.orphans
     prefetch    the learned model and the fetcher, as the core uses them  cowfs.core.prefetch
 
@@ -34,6 +35,7 @@ import trio
 from cowfs.core.attributes import Attributes
 from cowfs.core.data import Data
 from cowfs.core.diskfull import DiskFull
+from cowfs.core.fence import Fences
 from cowfs.core.flush import Flusher
 from cowfs.core.lazy import LazyReads
 from cowfs.core.namespace import Namespace
@@ -71,6 +73,7 @@ class Filesystem:
         self.flusher = Flusher(self)
         self.smallwrites = SmallWrites(self)
         self.full = DiskFull(self)
+        self.fences = Fences()
         self.orphans = Orphans(self)
         self.namespace = Namespace(self)
         self.attributes = Attributes(self)

@@ -35,7 +35,7 @@ class Orphans:
     async def last_closed(self, node: Node) -> None:
         """The last handle of node closed: an orphan goes now."""
         if node.opens <= 0 and node.attrs.nlink <= 0 and not node.deleted and node.view.writable:
-            async with self.fs.txn.mutate(node.view) as m:
+            async with self.fs.txn.mutate(node.view, fenced_ok=True) as m:
                 records.remove(m.batch, node.view.lv.top, node.ino)
                 self.fs.flusher.discard(node)
                 m.drop(node)

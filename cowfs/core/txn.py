@@ -130,17 +130,20 @@ class Scope:
     otherwise it takes the lock and first commits the dirty data acknowledged before it.
     """
 
-    __slots__ = ("fs", "view", "m", "locked")
+    __slots__ = ("fs", "view", "m", "locked", "fenced_ok")
 
-    def __init__(self, fs: "Filesystem", view: View) -> None:
+    def __init__(self, fs: "Filesystem", view: View, fenced_ok: bool) -> None:
         self.fs = fs
         self.view = view
         self.locked = False
+        self.fenced_ok = fenced_ok
 
     async def __aenter__(self) -> Mutation:
         fs = self.fs
         if not self.view.writable:
             raise FSError(errno.EROFS)
+        if not self.fenced_ok:
+            fs.fences.check(self.view)
         txn = fs.txn
         if txn.lock.locked() or fs.flusher.dirty_nodes:
             await txn.acquire_lock()
@@ -182,9 +185,11 @@ class Transactions:
         else:
             self.lock.acquire_nowait()
 
-    def mutate(self, view: View) -> Scope:
-        """`async with fs.mutate(view) as m:` validate, change, and commit on exit."""
-        return Scope(self.fs, view)
+    def mutate(self, view: View, fenced_ok: bool = False) -> Scope:
+        """`async with fs.mutate(view) as m:` validate, change, and commit on exit.  A branch
+        made read-only by its fence (cowfs.core.fence) refuses it with EROFS unless fenced_ok:
+        work that leaves the branch's tree as it is (orphans, snapshots, the sharer)."""
+        return Scope(self.fs, view, fenced_ok)
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:

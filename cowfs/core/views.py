@@ -69,7 +69,7 @@ class Views:
         fresh = b is not None and b.view not in self._live
         view = self.branch_view(name)
         if fresh:
-            async with self.fs.txn.mutate(view) as m:
+            async with self.fs.txn.mutate(view, fenced_ok=True) as m:
                 self.fs.orphans.remove_left(view, m)
         return view
 

@@ -180,7 +180,8 @@ OPTIONS: tuple[Option, ...] = (
            parse_size),
     Option("hold_ttl", "N", "30", "a writable mount of a branch that follows a remote branch (pulled or pushed with "
            "--branch) holds it, one host at a time: the seconds its etcd lease outlives a daemon that dies (2-3600; "
-           "0: take no hold; -o ro takes none)", "hold_ttl", _hold_ttl),
+           "0: take no hold; -o ro takes none); not renewed for N less max(0.5, N/10) seconds, the mount turns "
+           "read-only (EROFS) until it holds it again", "hold_ttl", _hold_ttl),
     Option("fuse_ext", "0|1", "1", "SEEK_DATA/SEEK_HOLE, fallocate and each branch's own df, served through "
            "libfuse's session (cowfs/fuse/ext.py); 0 turns them off", "fuse_ext", _bool01),
 )

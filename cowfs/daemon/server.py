@@ -96,7 +96,7 @@ class Daemon:
         self._stopping = False
         self.dev = ""  # the FUSE connection's device number "major:minor", known once mounted
         self.attaching: dict[str, str] = {}  # branch -> mount point, while its bind mount is made
-        self.holds = fleet_holds.BranchHolds(cfg.store)  # of the remote branches our branches follow
+        self.holds = fleet_holds.BranchHolds(cfg.store, self.fs.fences)  # of the remote branches our branches follow
 
     # -- our mounts ------------------------------------------------------------------------
     def _view_root(self, view: View) -> str | None:
@@ -204,6 +204,7 @@ class Daemon:
             "usage_inodes": view.usage_inodes,
             "quota_bytes": view.quota_bytes,
             "quota_inodes": view.quota_inodes,
+            "read_only": {k: v for k, v in fs.fences.figures(view.name).items() if host or k != "why"},  # a lost hold
             "memory": {**fs.memory_figures(), **store.engine.memory()},
             "dirty_bytes": fs.flusher.dirty_bytes,
             **({"lazy": {**store.objects.fetcher.figures(),  # type: ignore[attr-defined]

@@ -1,20 +1,30 @@
 """A branch writable on one host at a time (issue 23): the holds a daemon takes of the remote
-branches its mounted branches follow.
+branches its mounted branches follow, and the read-only turn of a branch whose hold is lost.
 
 A local branch follows a remote branch once it was pulled from it with `--branch` or pushed
 to it with `--branch` (the machine's state: `ties`).  A writable mount of such a branch holds
 `lock/branch/B` of the remote (the key `cowfs remote hold` takes) under an etcd lease of
-`-o hold_ttl` seconds, renewed every ttl/3 by the lease's thread, and gives it back when the
-branch is unmounted.  A mount of a branch whose remote branch another holder has is refused
-with one line naming it (host, pid, which mount, the seconds its lease has left); once that
-lease expires (its holder died) or is given back (unmounted), the mount succeeds.
+`-o hold_ttl` seconds, renewed every ttl/3 by the lease's thread (every second after a failed
+renewal), and gives it back when the branch is unmounted.  A mount of a branch whose remote
+branch another holder has is refused with one line naming it (host, pid, which mount, the
+seconds its lease has left); once that lease expires (its holder died) or is given back
+(unmounted), the mount succeeds.
 
-etcd unreachable (the fault rule: local data keeps serving): the mount goes ahead without the
-hold, says so in its log and in `cowfs stats`, and the keeper (`tick`, every few seconds)
-takes it as soon as etcd answers; a hold lost while mounted (etcd unreachable past the TTL) is
-taken again the same way, or reported as taken by whoever has it now.  The mount stays
-writable meanwhile; pushes of the branch are fenced by the hold (a push needs it), so two
-hosts that both wrote during an outage meet the conflict rule at push, never an overwrite.
+The rule that keeps two hosts from writing one branch (docs/architecture.md, "A mount whose
+hold is lost turns read-only"): etcd cannot expire the lease, so no other host can take the
+branch, before `Lease.renewed + ttl` (renewed: this process's monotonic time just before the
+request etcd last answered).  The branch's fence (cowfs.core.fence) is kept at `renewed + ttl
+- margin(ttl)`: past it, write-type requests fail with EROFS, whether or not any thread
+noticed.  The keeper (`tick`, every 3 s) then gives the lapsed lease up and takes the hold
+again: got, the branch is writable again (a host that held it meanwhile and gave it back
+moved the remote branch only by pushes, which this mount's next push meets as a conflict);
+held by another host, the branch stays read-only until it is unmounted (`taken`: that host
+writes it now).
+
+etcd unreachable at mount time (the fault rule: local data keeps serving): the mount goes
+ahead writable without the hold (`waiting`), says so in its log and in `cowfs stats`, and the
+keeper takes the hold as soon as etcd answers, or turns the branch read-only if another
+holder has it.  An outage shorter than the lease's TTL minus the margin changes nothing.
 """
 from __future__ import annotations
 
@@ -22,9 +32,11 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from cowfs.core.fence import Fences
 from cowfs.fleet import FleetError
 from cowfs.fleet.config import RemoteConfig
 from cowfs.fleet.remote import FAMILIES, hold_key, refs_prefix
@@ -40,23 +52,59 @@ def holder_name(pid: int, store: str, branch: str) -> str:
     return f"{socket.gethostname()} pid {pid} (a mount of branch {branch} of {store})"
 
 
+def margin(ttl: int) -> float:
+    """How long before its lease could expire a holder stops writing: covers a request that
+    passed the check and commits a moment later, and the two clocks' rates.  Long enough
+    against those, short beside the ttl/3 renewal period (2 more tries at ttl/3, then one
+    a second)."""
+    return max(0.5, ttl / 10)
+
+
+def _clock(mono: float) -> float:
+    """The wall-clock time of a monotonic instant (for logs and figures)."""
+    return time.time() - (time.monotonic() - mono)
+
+
+def _when(mono: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(_clock(mono)))
+
+
 @dataclass
 class Hold:
     tie: Tie
     lease: Any = None       # kv.etcd.Lease while held
-    state: str = "waiting"  # held | waiting (etcd not reached yet) | lost (lease expired) | taken (by `note`)
+    # held | waiting (not taken since the mount: etcd not reached yet; writable) | lost (this
+    # mount's lease lapsed: read-only until taken again) | taken (by `holder`: read-only)
+    state: str = "waiting"
     note: str = ""
+    holder: str = ""
+    stopped: float | None = None   # monotonic time from which this mount no longer writes the branch
+    gate: threading.Lock = field(default_factory=threading.Lock)  # state against the lease's thread
+
+    def key(self) -> tuple[str, str]:
+        return (self.tie.url, self.tie.remote_branch)
 
     def figures(self) -> dict[str, Any]:
-        return {"remote": self.tie.remote, "url": self.tie.url, "branch": self.tie.remote_branch,
-                "state": self.state if self.lease is None or not self.lease.lost.is_set() else "lost",
-                "detail": self.note}
+        out = {"remote": self.tie.remote, "url": self.tie.url, "branch": self.tie.remote_branch,
+               "state": self.state, "detail": self.note}
+        stopped, lease = self.stopped, self.lease
+        if lease is not None:
+            out["renewed_s_ago"] = round(time.monotonic() - lease.renewed, 3)
+            if time.monotonic() >= lease.renewed + lease.ttl - margin(lease.ttl):  # before the keeper sees it
+                out["state"], stopped = "lost", lease.renewed + lease.ttl - margin(lease.ttl)
+        if stopped is not None:
+            out["lost_at"] = round(_clock(stopped), 3)
+        if self.holder:
+            out["holder"] = self.holder
+        return out
 
 
 @dataclass
 class BranchHolds:
-    """The holds of one daemon (store), per local branch it mounts."""
+    """The holds of one daemon (store), per local branch it mounts, and the fences (read-only
+    limits) they keep on those branches."""
     store: str
+    fences: Fences = field(default_factory=Fences)
     holds: dict[str, list[Hold]] = field(default_factory=dict)
     ttl: dict[str, int] = field(default_factory=dict)      # branch -> its mount's hold_ttl (0: holds none)
     _kvs: dict[tuple[str, str], Any] = field(default_factory=dict)
@@ -73,11 +121,23 @@ class BranchHolds:
         return self._kvs[key]
 
     def _acquire(self, branch: str, h: Hold) -> None:
-        """Take h's hold; LeaseHeld if someone has it, EngineUnavailable (etc.) if etcd is not reached."""
-        h.lease = self._kv(h.tie).acquire("lock", hold_key(h.tie.remote_branch),
-                                          holder_name(os.getpid(), self.store, branch), self.ttl[branch])
-        h.lease.start_keepalive()
-        h.state, h.note = "held", ""
+        """Take h's hold; LeaseHeld if someone has it, EngineUnavailable (etc.) if etcd is not reached.
+        Held, the branch may be written until its lease's bound (less the margin), moved on at
+        each renewal."""
+        ttl = self.ttl[branch]
+        lease = self._kv(h.tie).acquire("lock", hold_key(h.tie.remote_branch),
+                                        holder_name(os.getpid(), self.store, branch), ttl)
+        why = self._lapse_why(branch, h, ttl)
+
+        def renewed(at: float) -> None:
+            with h.gate:
+                if h.lease is lease:
+                    self.fences.limit(branch, h.key(), at + ttl - margin(ttl), why)
+        with h.gate:
+            h.lease, h.state, h.note, h.holder, h.stopped = lease, "held", "", "", None
+            lease.on_renew = renewed
+            self.fences.limit(branch, h.key(), lease.renewed + ttl - margin(ttl), why)
+        lease.start_keepalive()
 
     def take(self, branch: str, ttl: int) -> None:
         """Hold what branch follows, for its mount (ttl 0: a mount that takes no hold).
@@ -107,16 +167,57 @@ class BranchHolds:
     def _unreached(self, branch: str, h: Hold, e: BaseException) -> None:
         from cowfs.remote import one_line
 
-        if h.state != "waiting" or h.note == "":
+        if h.state == "waiting" and h.note == "":
             log.warning("branch %s: the hold of branch %s of the remote %s could not be taken (%s): writable "
                         "without it, taken once etcd answers (pushes of it are refused meanwhile)",
                         branch, h.tie.remote_branch, h.tie.remote, one_line(e))
-        h.lease, h.state, h.note = None, "waiting", one_line(e)
+        h.note = one_line(e)
+
+    @staticmethod
+    def _lapse_why(branch: str, h: Hold, ttl: int) -> str:
+        return (f"branch {branch} is read-only: the hold of branch {h.tie.remote_branch} of the remote "
+                f"{h.tie.remote} was not renewed within its {ttl} s lease (etcd unreachable, or this daemon "
+                "stalled), so another host may hold it now")
+
+    def _lapsed(self, branch: str, h: Hold) -> None:
+        """h's lease was not renewed in time (or etcd says it expired): the branch is read-only
+        from its bound on (the fence already says so); give the lease up."""
+        from cowfs.fleet.remote import release
+
+        lease = h.lease
+        with h.gate:
+            h.lease, h.state = None, "lost"
+            # etcd may also have ended it early (a lease revoked by hand): read-only from now then
+            h.stopped = min(lease.renewed + lease.ttl - margin(lease.ttl), time.monotonic())
+            self.fences.limit(branch, h.key(), h.stopped, self._lapse_why(branch, h, lease.ttl))
+        log.error("branch %s is read-only since %s: the hold of branch %s of the remote %s lapsed (not renewed "
+                  "for %.1f s of its %d s lease: etcd unreachable, or this daemon stalled). Writes fail with EROFS, "
+                  "reads go on, what was written before stays in this store; it becomes writable again if this "
+                  "daemon takes the hold again before another host does. To keep its changes otherwise: "
+                  "cowfs snapshot, then cowfs push MOUNT SNAPSHOT %s --as NEW-NAME (or --branch NEW-BRANCH)",
+                  branch, _when(h.stopped), h.tie.remote_branch, h.tie.remote,
+                  time.monotonic() - lease.renewed, lease.ttl, h.tie.remote)
+        release(lease)   # stops its thread; revoked if etcd answers (the hold is then taken again at once)
+
+    def _taken(self, branch: str, h: Hold, holder: str) -> None:
+        """Another holder has the branch: read-only for the rest of this mount."""
+        with h.gate:
+            if h.stopped is None:
+                h.stopped = time.monotonic()
+            h.lease, h.state, h.note, h.holder = None, "taken", "", holder
+            self.fences.limit(branch, h.key(), h.stopped,
+                              f"branch {branch} is read-only: branch {h.tie.remote_branch} of the remote "
+                              f"{h.tie.remote} is held by {holder} (seen at {_when(time.monotonic())})")
+        log.error("branch %s is read-only (since %s): branch %s of the remote %s is held by %s. Writes fail with "
+                  "EROFS until it is unmounted, reads go on, what was written before stays in this store: "
+                  "cowfs snapshot, then cowfs push MOUNT SNAPSHOT %s --as NEW-NAME (or --branch NEW-BRANCH) "
+                  "keeps it on the remote", branch, _when(h.stopped), h.tie.remote_branch, h.tie.remote, holder,
+                  h.tie.remote)
 
     def tick(self, mounted: set[str]) -> None:
         """One pass of the keeper: give back the holds of branches no longer mounted, hold the
-        remote branches mounted branches came to follow (a push --branch), take again holds
-        not taken or lost."""
+        remote branches mounted branches came to follow (a push --branch), give up lapsed
+        leases, take again holds not taken or lost."""
         from cowfs.kv.etcd import LeaseHeld
 
         with self._lock:
@@ -125,29 +226,31 @@ class BranchHolds:
             for branch, holds in self.holds.items():
                 if not self.ttl.get(branch):
                     continue
-                have = {(h.tie.url, h.tie.remote_branch) for h in holds}
+                have = {h.key() for h in holds}
                 holds += [Hold(t) for t in ties_of(self.store, branch) if (t.url, t.remote_branch) not in have]
                 for h in holds:
-                    if h.lease is not None and not h.lease.lost.is_set():
-                        continue
-                    if h.lease is not None and h.state == "held":
-                        log.error("branch %s: the hold of branch %s of the remote %s was lost (etcd unreachable "
-                                  "for longer than its lease)", branch, h.tie.remote_branch, h.tie.remote)
-                        h.state = "lost"
+                    lease = h.lease
+                    if lease is not None:
+                        if not lease.lost.is_set() and time.monotonic() < lease.renewed + lease.ttl - margin(lease.ttl):
+                            continue
+                        self._lapsed(branch, h)
+                    if h.state == "taken":
+                        continue        # read-only for the rest of this mount: the hold is not taken again
+                    was = h.state
                     try:
                         self._acquire(branch, h)
-                        log.info("branch %s: holding branch %s of the remote %s", branch, h.tie.remote_branch,
-                                 h.tie.remote)
+                        if was == "lost":
+                            log.info("branch %s is writable again: holding branch %s of the remote %s once more "
+                                     "(no other host took it)", branch, h.tie.remote_branch, h.tie.remote)
+                        else:
+                            log.info("branch %s: holding branch %s of the remote %s", branch, h.tie.remote_branch,
+                                     h.tie.remote)
                     except LeaseHeld as e:
                         if e.holder == holder_name(os.getpid(), self.store, branch):
-                            # our lease from before etcd was lost, restored by etcd: it expires in e.ttl s
-                            h.lease, h.state, h.note = None, "waiting", f"this mount's lost lease expires in {e.ttl} s"
+                            # our lapsed lease, not revoked (etcd was not reached): it expires in e.ttl s
+                            h.note = f"this mount's lapsed lease expires in {e.ttl} s"
                             continue
-                        if h.state != "taken" or h.note != e.holder:
-                            log.error("branch %s: branch %s of the remote %s is held by %s: this mount stays "
-                                      "writable, but its pushes to that branch are refused", branch,
-                                      h.tie.remote_branch, h.tie.remote, e.holder)
-                        h.lease, h.state, h.note = None, "taken", e.holder
+                        self._taken(branch, h, e.holder)
                     except Exception as e:      # noqa: BLE001 - etcd still not reached: next pass
                         self._unreached(branch, h, e)
 
@@ -155,11 +258,14 @@ class BranchHolds:
         from cowfs.fleet.remote import release
 
         for h in self.holds.pop(branch, []):
-            if h.lease is not None:
-                release(h.lease)
+            with h.gate:
+                lease, h.lease = h.lease, None
+            if lease is not None:
+                release(lease)
                 log.info("branch %s: gave back the hold of branch %s of the remote %s", branch,
                          h.tie.remote_branch, h.tie.remote)
         self.ttl.pop(branch, None)
+        self.fences.lift(branch)
 
     def release_all(self) -> None:
         with self._lock:

@@ -164,10 +164,11 @@ class Operations(pyfuse3.Operations):
                 return self.ctlfs.entry(inode)
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self.inodes.node(inode, unlinked_ok=True)
+        ours = fields.update_size and os.path.exists(f"/proc/self/task/{ctx.pid}")  # Kernel.sync_view's
         await self.fs.setattr(
             node,
-            # our own truncate (Kernel.sync_view) keeps a cut file's cut; a user's ends it
-            user=node.cap is None or not fields.update_size or not os.path.exists(f"/proc/self/task/{ctx.pid}"),
+            # our own truncate keeps a cut file's cut (a user's ends it), also on a fenced branch
+            user=node.cap is None or not ours, fenced_ok=ours,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
@@ -257,8 +258,10 @@ class Operations(pyfuse3.Operations):
         if is_control(inode):
             return await self.ctlfs.open(inode, ctx)
         node = self.inodes.live(inode)
-        if flags & (os.O_WRONLY | os.O_RDWR) and not node.view.writable:
-            raise pyfuse3.FUSEError(errno.EROFS)
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            if not node.view.writable:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            self.fs.fences.check(node.view)  # a branch whose remote hold was lost
         if flags & os.O_TRUNC and (node.attrs.size or (ctx.uid and node.attrs.mode & (stat.S_ISUID | stat.S_ISGID))):
             await self.fs.setattr(node, size=0, kill_suid=ctx.uid != 0)
         return self._opened(node, bool(flags & (os.O_WRONLY | os.O_RDWR)))

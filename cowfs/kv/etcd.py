@@ -35,10 +35,10 @@ import json
 import threading
 import time
 import urllib.parse
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from cowfs.kv.base import KV, Batch, Conflict, Expect
-from cowfs.remote import EngineUnavailable, OutcomeUnknown, Retry, one_line, optional
+from cowfs.remote import OutcomeUnknown, Retry, one_line, optional
 
 API_PATH = "/v3/"  # the gateway's path since etcd 3.4
 _SAFE_REFUSALS = ("etcdserver: no leader", "etcdserver: too many requests")
@@ -302,6 +302,7 @@ class EtcdKV(KV):
         if ttl < 2:
             raise ValueError("a lease lasts at least 2 s (etcd's minimum TTL)")
         k = self._key(cf, key)
+        asked = time.monotonic()   # etcd starts the lease's TTL after this (Lease.renewed)
         lease_id = int(self._request("lease/grant", {"TTL": ttl, "ID": 0})["ID"])
         value = holder.encode() + b"\n" + str(lease_id).encode()
         txn = {"compare": [{"key": _b64(k), "target": "VERSION", "result": "EQUAL",
@@ -314,10 +315,10 @@ class EtcdKV(KV):
         except OutcomeUnknown:
             # The value names our new lease: if it is there, the write was ours.
             if self.get(cf, key) == value:
-                return Lease(self, cf, bytes(key), holder, lease_id, ttl, value)
+                return Lease(self, cf, bytes(key), holder, lease_id, ttl, value, asked)
             raise
         if r.get("succeeded"):
-            return Lease(self, cf, bytes(key), holder, lease_id, ttl, value)
+            return Lease(self, cf, bytes(key), holder, lease_id, ttl, value, asked)
         self._request("lease/revoke", {"ID": lease_id})
         kvs = r["responses"][0]["response_range"].get("kvs", [])
         if not kvs:  # released between the compare and now: try again
@@ -329,10 +330,15 @@ class EtcdKV(KV):
 
 
 class Lease:
-    """One holder's hold on a key of an EtcdKV."""
+    """One holder's hold on a key of an EtcdKV.
+
+    `renewed` is this process's monotonic time just before it sent the grant or keep-alive
+    that etcd last answered: etcd restarts the lease's TTL when it handles that request, so
+    the lease cannot expire, nor anyone else take the key, before `renewed + ttl` (etcd only
+    ever extends leases, at a leader change).  That is the bound a holder stops at."""
 
     def __init__(self, kv: EtcdKV, cf: str, key: bytes, holder: str, lease_id: int, ttl: int,
-                 value: bytes) -> None:
+                 value: bytes, renewed: float | None = None) -> None:
         self.kv = kv
         self.cf = cf
         self.key = key
@@ -342,32 +348,40 @@ class Lease:
         # A write that names this in its expect commits only while the lease holds.
         self.fence: Expect = (cf, key, value)
         self.lost = threading.Event()
+        self.renewed = time.monotonic() if renewed is None else renewed
+        self.on_renew: Callable[[float], None] | None = None  # called with `renewed` after each renewal
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def keep_alive(self) -> int:
         """Renew the lease; the seconds it now has.  LeaseLost if it had expired."""
+        sent = time.monotonic()
         r = self.kv._request("lease/keepalive", {"ID": self.id})
         left = int(r.get("result", {}).get("TTL", -1))
         if left <= 0:
             self.lost.set()
             raise LeaseLost(f"{self.cf}/{self.key.decode(errors='backslashreplace')}: the "
                             f"lease of {self.holder!r} expired")
+        self.renewed = sent
+        if self.on_renew is not None:
+            self.on_renew(sent)
         return left
 
     def start_keepalive(self) -> None:
-        """Renew every ttl/3 seconds in a daemon thread until release(); `lost` is set when
-        the lease could not be renewed before it expired."""
+        """Renew every ttl/3 seconds in a daemon thread until release(), every second (at
+        most ttl/6) after a failed renewal; `lost` is set when the lease could not be renewed
+        before it expired, or etcd says it has."""
         def run() -> None:
-            renewed = time.monotonic()
-            while not self._stop.wait(self.ttl / 3):
+            wait = self.ttl / 3
+            while not self._stop.wait(wait):
                 try:
                     self.keep_alive()
-                    renewed = time.monotonic()
+                    wait = self.ttl / 3
                 except LeaseLost:
                     return
-                except EngineUnavailable:
-                    if time.monotonic() - renewed >= self.ttl:
+                except Exception:   # noqa: BLE001 - etcd not reached (or refusing): try again soon
+                    wait = min(1.0, self.ttl / 6)
+                    if time.monotonic() - self.renewed >= self.ttl:
                         self.lost.set()
                         return
         self._thread = threading.Thread(target=run, name=f"lease {self.holder}", daemon=True)
