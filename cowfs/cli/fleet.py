@@ -1,5 +1,4 @@
-"""The fleet's commands: `cowfs remote add|list|remove|show|check|delete|gc|hold`, `cowfs push`,
-`cowfs pull`.
+"""The fleet's commands: `cowfs remote add|list|remove|show|check|delete|gc|hold`, `cowfs push`, `cowfs pull`.
 
 A push reads a snapshot through its mount (MOUNT/.cowfs/snapshots/NAME); a pull writes into a
 new branch of a store through a mount of it (the one that serves it, or a temporary one, as
@@ -467,15 +466,10 @@ def lazy_prepare(source: str, store: str) -> tuple[str, "Callable[[MountConfig],
             click.echo(f"cowfs: {store} was left half built by a lazy mount killed during its build: "
                        "building it again", err=True)
     if os.path.exists(store) and (not os.path.isdir(store) or os.listdir(store)):
-        if targets.is_store(store):
-            # Its remote chunks (F objects) name their source in the store's own lazy.json, and
-            # its build takes every chunk as new to the store: docs/architecture.md, "Lazy mounts".
-            raise CliError(f"{store} is a cowfs store with branches of its own, not the store of a lazy mount: a "
-                           "lazy mount builds a store of its own (give --store a path that does not exist); to "
-                           f"have the snapshot as a branch of this store, pull it (its data fetched now): cowfs pull "
-                           f"{remote_name} {snapshot} {store} --into BRANCH")
+        pull = (f"; to have the snapshot as a branch of this cowfs store, pull it (its data fetched now): cowfs "
+                f"pull {remote_name} {snapshot} {store} --into BRANCH" if targets.is_store(store) else "")
         raise CliError(f"{store} exists and is not the store of a lazy mount: a lazy mount builds a new store "
-                       "(choose a path that does not exist, or an empty directory)")
+                       f"(choose a path that does not exist, or an empty directory){pull}")
     existed = os.path.isdir(store)
 
     def build(mount_cfg: "MountConfig") -> "Store":
