@@ -36,6 +36,10 @@ Points (where each sits, and which background task meets it):
   commit         Store.commit, on the event loop, as the batch is written (eio only): a failed
                  write, after which the store reopens the database (Store.recover)
   attach_bind    daemon.branches.bind, the thread that bind-mounts a fork (sleep: an attach in progress)
+  fleet_repack_packed  cowfs.fleet.repack.repack (`cowfs remote gc`, which loads this hook
+                 too), once the new packs and their indexes are put, before the forwards
+  fleet_repack_moved   cowfs.fleet.repack.publish, once the forwards are published (etcd
+                 gc/forwards set), before the old packs are condemned
   timer_flush    Flusher.background_flusher, before the flush of data older than 1 s or past
                  8 MiB, on the event loop (eio only: that flush is skipped, so what fsync put
                  in the small-write log stays there until a release or an operation folds it)
@@ -52,7 +56,8 @@ log = logging.getLogger(__name__)
 ENV = "COWFS_FAULTS"
 POINTS = frozenset({"pack_put", "pack_written", "repack_copied", "repack_moved", "packs_condemned", "packs_swept",
                     "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "clone_walk", "gc", "model_save",
-                    "warm_paths", "commit", "attach_bind", "timer_flush", "lazy_warming"})
+                    "warm_paths", "commit", "attach_bind", "timer_flush", "lazy_warming",
+                    "fleet_repack_packed", "fleet_repack_moved"})
 LOOP_POINTS = frozenset({"gc", "model_save", "commit", "timer_flush", "lazy_warming"})  # on the event loop: a sleep would stall every request
 
 _lock = threading.Lock()

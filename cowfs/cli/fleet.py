@@ -22,6 +22,7 @@ from cowfs import api
 from cowfs.cli import admin, progress, targets
 from cowfs.cli.errors import CliError
 from cowfs.cli.params import json_opt
+from cowfs.cli.report import remote_gc_line
 from cowfs.cli.tempmount import branch_mounted, require_store
 from cowfs.cli.textfmt import human
 from cowfs.errors import MountError
@@ -215,26 +216,25 @@ def remote_delete(name: str, ref: str, is_branch: bool) -> None:
 @click.argument("name")
 @click.option("--grace", default=3600.0, show_default=True, type=float,
               help="Seconds an object must stay unreachable (since a gc first found it so) before it is deleted.")
-@click.option("--dry-run", is_flag=True, help="Say what would be condemned and deleted; change nothing.")
+@click.option("--repack-below", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Repack the packs whose live bytes are under this share of their size (0: never).")
+@click.option("--dry-run", is_flag=True, help="Say what would be condemned, deleted and repacked; change nothing.")
 @json_opt
-def remote_gc(name: str, grace: float, dry_run: bool, as_json: bool) -> None:
+def remote_gc(name: str, grace: float, repack_below: float, dry_run: bool, as_json: bool) -> None:
     """Remove the objects of the remote NAME that no reference reaches: found unreachable by
-    one run, deleted by a run at least --grace seconds later if still so.  Never runs beside
-    a push (either one is refused, at once), and deletes nothing if `cowfs remote check`
-    would report a problem."""
+    one run, deleted by a run at least --grace seconds later if still so; and repack the
+    packs mostly dead (live blobs copied into new packs, the old ones deleted like garbage).
+    Never runs beside a push (either one is refused, at once), and deletes nothing if
+    `cowfs remote check` would report a problem."""
+    from cowfs import faults
     from cowfs.fleet.gc import gc
 
     if grace < 0:
         raise CliError("--grace must be 0 or more seconds")
+    faults.load(os.environ.get(faults.ENV))     # a test hook (cowfs.faults): where a test kills the gc
     with _fleet_errors(f"remote gc {name}"), _open(name) as r:
-        f = gc(r, grace, dry_run)
-    if as_json:
-        click.echo(json.dumps({"ok": True, **f}))
-    else:
-        verb = "would delete" if dry_run else "deleted"
-        click.echo(f"{name}: {verb} {f['deleted']} objects ({human(f['deleted_bytes'])}); {f['condemned']} newly "
-                   f"unreachable, {f['waiting']} waiting for the grace period; {f['live_packs']} packs in use "
-                   f"({human(f['unreachable_bytes_in_live_packs'])} unreachable inside them)")
+        f = gc(r, grace, dry_run, repack_below)
+    click.echo(json.dumps({"ok": True, **f}) if as_json else remote_gc_line(name, f))
 
 
 # --- cowfs push ----------------------------------------------------------------------------------

@@ -131,6 +131,15 @@ def gc_line(d: dict[str, Any]) -> str:
             f"the store takes {human(d.get('disk_bytes'))} on disk")
 
 
+def remote_gc_line(name: str, f: dict[str, Any]) -> str:
+    """`cowfs remote gc`'s one line (cowfs.fleet.gc's figures)."""
+    verb = "would" if f["dry_run"] else "did"
+    return (f"{name}: {verb} delete {f['deleted']} objects ({human(f['deleted_bytes'])}); {f['condemned']} newly "
+            f"unreachable, {f['waiting']} waiting for the grace period; {f['live_packs']} packs in use "
+            f"({human(f['unreachable_bytes_in_live_packs'])} unreachable inside them); {verb} repack "
+            f"{f['repacked_packs']} packs ({human(f['repacked_bytes'])}, {human(f['repack_copied_bytes'])} live copied)")
+
+
 def dedup_lines(d: dict[str, Any]) -> list[str]:
     shared = d.get("shared") or {}
     return [f"queue {count(d.get('background_queue'))} chunks; {count(d.get('delta_chunks'))} of "

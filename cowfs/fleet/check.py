@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from cowfs.blob.base import BlobNotFound
+from cowfs.fleet import FleetError
 from cowfs.fleet.model import decode_model
 from cowfs.fleet.objects import CorruptObject, decode_commit, decode_tree, decode_warm, entry_chunks
 from cowfs.fleet.remote import REF_FAMILIES, Remote
@@ -33,11 +34,17 @@ class Mark:
     bad_packs: set[str] = field(default_factory=set)
     warm: set[str] = field(default_factory=set)                 # warm ids the commits name
     model: set[str] = field(default_factory=set)                # model ids (prefetch models) they name
+    named: set[str] = field(default_factory=set)                # packs the commits name
 
 
 def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Mark:
     m = Mark()
-    remote.load_index()
+    try:
+        remote.forwards(again=True)          # the forwards of repacked packs (cowfs.fleet.repack)
+    except FleetError as e:
+        m.problems.append(str(e))
+        remote.forget_forwards()
+    remote.load_index(everything=True)
     m.sizes = {e.name[len("data/"):]: e.size for e in remote.blobs.list("data/")}
     ends: dict[str, int] = {}
     for loc in remote.index.values():
@@ -78,10 +85,13 @@ def mark(remote: Remote, progress: Callable[[int], None] = lambda n: None) -> Ma
                 m.model.add(doc["model"])
                 models.setdefault(doc["model"], []).append(f"{family}/{name}")
             for pack in doc.get("packs") or ():
-                if pack not in remote.packs:
-                    m.problems.append(f"{family}/{name}: commit/{cid} names the pack {pack}, which has no index")
-                elif pack in m.bad_packs:
-                    m.problems.append(f"{family}/{name}: commit/{cid} names the damaged pack {pack}")
+                m.named.add(pack)
+                for leaf in remote.leaves([pack]):     # a repacked pack: where its forwards lead
+                    via = "" if leaf == pack else f" (repacked into {leaf})"
+                    if leaf not in remote.packs:
+                        m.problems.append(f"{family}/{name}: commit/{cid} names the pack {pack}{via}, which has no index")
+                    elif leaf in m.bad_packs:
+                        m.problems.append(f"{family}/{name}: commit/{cid} names the damaged pack {pack}{via}")
     while trees:
         level, trees = [h for h in dict.fromkeys(trees) if h not in m.trees], []
         m.trees.update(level)
@@ -163,5 +173,5 @@ def check(remote: Remote, verify: bool = False, progress: Callable[[int], None] 
                     except CorruptObject as e:
                         m.problems.append(str(e))
     figures = {"references": m.refs, "commits": len(m.commits), "trees": len(m.trees), "chunks": len(m.chunks),
-               "packs": len(m.sizes), "verified": verified}
+               "packs": len(m.sizes), "verified": verified, "forwards": len(remote.forwards())}
     return m.problems, figures

@@ -28,7 +28,7 @@ def load_trees(r: "Remote", root: bytes, packs: list[str]) -> dict[bytes, list[d
     push writes a pack's trees together after its chunks, so a few ranged GETs in parallel
     bring them (instead of one round trip per level of the tree); what they lack (trees of
     packs the commit does not name: none for a push's own) is fetched level by level."""
-    named = set(packs)
+    named = set(r.leaves(packs))     # a repacked pack's blobs are where its forwards lead
     held = dict(r.fetch([h for h, loc in r.index.items() if loc.kind == TYPE_TREE and loc.pack in named], "tree"))
     trees: dict[bytes, list[dict[str, Any]]] = {}
     level = [root]

@@ -20,6 +20,9 @@ Layout under the remote's bucket and prefix:
                        in that order (cowfs.cache.learned's model mapped through the tree), for
                        a lazy mount to fetch ahead; warm id = BLAKE3 of its bytes
     model/<model id>   the learned prefetch model as paths (cowfs.fleet.model); BLAKE3 named
+    forwards/<id>      the forwards of the packs a gc repacked (JSON: pack -> the packs that
+                       hold its live blobs now); the current one is named by the etcd key
+                       gc/forwards (cowfs.fleet.repack); id = BLAKE3 of its bytes
 
 Blobs are of two types.  A chunk ('c') is 64 KiB of file content at a fixed offset, hashed
 exactly as cowfs hashes its own chunks (cowfs.chunks.codec: BLAKE3 of the bytes, CHUNK
@@ -218,6 +221,28 @@ def decode_commit(cid: str, data: bytes) -> dict[str, Any]:
 
 def _is_hexid(v: Any) -> bool:
     return isinstance(v, str) and len(v) == 2 * HASH_LEN and all(c in "0123456789abcdef" for c in v)
+
+
+# --- forwards of repacked packs ---------------------------------------------------------------
+
+def encode_forwards(moved: dict[str, list[str]]) -> tuple[str, bytes]:
+    data = json.dumps({"v": 1, "moved": {p: sorted(qs) for p, qs in sorted(moved.items())}},
+                      separators=(",", ":")).encode()
+    return blake3.blake3(data).hexdigest(), data
+
+
+def decode_forwards(fid: str, data: bytes) -> dict[str, list[str]]:
+    if blake3.blake3(data).hexdigest() != fid:
+        raise CorruptObject(f"forwards/{fid}: its content does not hash to its name")
+    try:
+        doc = json.loads(data)
+        moved = doc["moved"]
+        if doc.get("v") != 1 or not all(_is_hexid(p) and qs and all(_is_hexid(q) for q in qs)
+                                        for p, qs in moved.items()):
+            raise ValueError("not a map of pack ids")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptObject(f"forwards/{fid}: {e}") from None
+    return moved
 
 
 # --- cold starts ------------------------------------------------------------------------------

@@ -1,8 +1,14 @@
 """One opened remote: its objects (an S3BlobStore on BUCKET/PREFIX), its references (an EtcdKV
 with the families `snap` and `branch`, under the etcd key prefix `cowfs-fleet/BUCKET/PREFIX/`,
-so one etcd can serve several remotes; `lock` and `condemned` are the gc's) and the union of
+so one etcd can serve several remotes; `lock`, `condemned` and `gc` are the gc's) and the union of
 the pack indexes read so far: a commit's own packs for push, pull and a lazy mount
 (`index_commit`: a commit names the packs its tree's blobs are in), all of them for check and gc.
+
+A pack a gc repacked (cowfs.fleet.repack) has a forward: the packs that hold its live blobs
+now, in the remote's forwards object `forwards/<id>` that the etcd key `gc/forwards` names.
+Readers (`load_packs`, `load_index`) take those packs' indexes instead of the repacked one's,
+which the gc deletes after its grace period; a fetch from a pack found gone meanwhile (a lazy
+mount's chunk records name packs) follows them too.
 
 References are the only mutable state of a remote and change only by compare-and-set
 (`set_ref`); a reference's value is a commit id.  Indexes are immutable, so each is fetched
@@ -21,13 +27,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 from cowfs.fleet import FleetError, RefConflict
 from cowfs.fleet.config import RemoteConfig, cache_dir
-from cowfs.fleet.objects import TYPE_TREE, Loc, decode_blob, decode_commit, decode_index
+from cowfs.fleet.objects import TYPE_TREE, Loc, decode_blob, decode_commit, decode_forwards, decode_index
 from cowfs.remote import OutcomeUnknown
 
 REF_FAMILIES = ("snap", "branch")        # the names: each value a commit id
 # lock: push/<id> per push in flight and gc while a gc runs, each under an etcd lease (gone
-# with its process); condemned: <object name> -> when a gc found it unreachable.
-FAMILIES = REF_FAMILIES + ("lock", "condemned")
+# with its process); condemned: <object name> -> when a gc found it unreachable; gc: forwards
+# -> the id of the current forwards object (cowfs.fleet.repack).
+FAMILIES = REF_FAMILIES + ("lock", "condemned", "gc")
 PUSH_TTL = 20
 HOLD_ENV = "COWFS_FLEET_HOLD"     # set by `cowfs remote hold` for its command: the hold it has
 
@@ -68,6 +75,10 @@ class Remote:
         self.index: dict[bytes, Loc] = {}
         self.packs: set[str] = set()
         self._listed = False         # every index of the remote read (load_index)
+        self.by_pack: dict[str, dict[bytes, Loc]] | None = None     # per pack, when the gc asks (check.mark)
+        self._moved: dict[str, list[str]] | None = None   # forwards: repacked pack -> packs holding its blobs
+        self.forwards_id: str | None = None               # the forwards object they came from
+        self._relocated: dict[str, dict[bytes, Loc]] = {}  # a gone pack's blobs, where its forwards put them
         # Trees a ranged GET for other trees covered (a pack keeps its trees together): decoded
         # and checked then, handed out once by fetch instead of fetched again.
         self._passing: dict[bytes, bytes] = {}
@@ -88,39 +99,96 @@ class Remote:
 
     # --- indexes ----------------------------------------------------------------------------
 
-    def load_index(self, progress: Callable[[int], None] = lambda n: None) -> int:
+    def load_index(self, progress: Callable[[int], None] = lambda n: None, everything: bool = False) -> int:
         """Read every pack index of the remote (LIST `index/`; each fetched unless cached); how
-        many.  What check and gc need, and the fallback for a commit that names no packs."""
+        many.  What check and gc need (everything: repacked packs' too), and the fallback for a
+        commit that names no packs (not the repacked ones: their blobs may be gone by the time
+        they are read, and a push must not find there a blob the repack did not keep)."""
         names = [e.name[len("index/"):] for e in self.blobs.list("index/")]
-        self.load_packs(names, progress)
+        if not everything:
+            moved = self.forwards()
+            names = [n for n in names if n not in moved]
+        self._load(names, progress)
         self._listed = True
         return len(names)
 
-    def load_packs(self, packs: Iterable[str], progress: Callable[[int], None] = lambda n: None) -> None:
-        """Read the indexes of these packs (from the local cache when there, no LIST): the
-        union index then locates every blob they hold.  FleetError if one is missing."""
+    def forwards(self, again: bool = False) -> dict[str, list[str]]:
+        """Repacked pack -> the packs holding its live blobs now: the forwards object the etcd
+        key gc/forwards names (read once unless again; each object fetched once per host:
+        it is immutable).  FleetError if that object is missing or damaged."""
         from cowfs.blob.base import BlobNotFound
 
-        d = self.cache / "index"
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        names = [p for p in dict.fromkeys(packs) if p not in self.packs]
-        missing = [p for p in names if not (d / p).exists()]
+        if self._moved is None or again:
+            fid = self.refs.get("gc", b"forwards")
+            moved: dict[str, list[str]] = {}
+            if fid is not None:
+                fid_s = fid.decode(errors="replace")
+                if len(fid_s) != 64 or fid_s.strip("0123456789abcdef"):
+                    raise FleetError(f"the remote {self.cfg.name}'s key gc/forwards holds {fid_s!r}, not an object id: "
+                                     f"run cowfs remote check {self.cfg.name}")
+                f = self.cache / "forwards" / fid_s
+                try:
+                    data = f.read_bytes() if f.exists() else self.blobs.get("forwards/" + fid_s)
+                except BlobNotFound:
+                    raise FleetError(f"the remote {self.cfg.name} lacks forwards/{fid_s}, its current forwards of "
+                                     f"repacked packs: run cowfs remote check {self.cfg.name}") from None
+                moved = decode_forwards(fid_s, data)
+                if not f.exists():
+                    self._cache_file("forwards", fid_s, data)
+            self._moved, self.forwards_id = moved, None if fid is None else fid.decode()
+        return self._moved
 
-        def fetch(pack: str) -> dict[bytes, Loc]:
-            try:
-                data = self.blobs.get("index/" + pack)
-            except BlobNotFound:
-                raise FleetError(f"the remote {self.cfg.name} lacks the pack index index/{pack}: run cowfs remote "
-                                 f"check {self.cfg.name}") from None
-            entries = decode_index(pack, data)       # checked before it is cached
-            self._cache_index(pack, data)
-            return entries
+    def forget_forwards(self) -> None:
+        """Go on as if no pack were repacked (`remote check`, once it reported forwards it cannot read)."""
+        self._moved, self.forwards_id = {}, None
+
+    def leaves(self, packs: Iterable[str]) -> list[str]:
+        """The packs readers take for these: each repacked one replaced by its forwards' packs,
+        again while those were repacked too."""
+        moved = self.forwards()
+        out: dict[str, None] = {}
+        seen: set[str] = set()
+        todo = list(packs)
+        while todo:
+            p = todo.pop()
+            if p in seen:
+                continue
+            seen.add(p)
+            if p in moved:
+                todo.extend(moved[p])
+            else:
+                out[p] = None
+        return list(out)
+
+    def load_packs(self, packs: Iterable[str], progress: Callable[[int], None] = lambda n: None) -> None:
+        """Read the indexes of these packs, a repacked one's forwards instead of its own (from
+        the local cache when there, no LIST): the union index then locates every blob they
+        hold.  FleetError if one is missing."""
+        self._load(self.leaves(packs), progress)
+
+    def pack_index(self, pack: str) -> dict[bytes, Loc]:
+        """One pack's index, from the local cache or fetched (checked before it is cached);
+        FleetError if missing."""
+        from cowfs.blob.base import BlobNotFound
+
+        f = self.cache / "index" / pack
+        if f.exists():
+            return decode_index(pack, f.read_bytes())
+        try:
+            data = self.blobs.get("index/" + pack)
+        except BlobNotFound:
+            raise FleetError(f"the remote {self.cfg.name} lacks the pack index index/{pack}: run cowfs remote "
+                             f"check {self.cfg.name}") from None
+        entries = decode_index(pack, data)
+        self._cache_index(pack, data)
+        return entries
+
+    def _load(self, packs: Iterable[str], progress: Callable[[int], None]) -> None:
+        names = [p for p in dict.fromkeys(packs) if p not in self.packs]
         with ThreadPoolExecutor(self.workers) as pool:
-            fetched = dict(zip(missing, pool.map(fetch, missing)))
-        for pack in names:
-            entries = fetched.get(pack)
-            self.add_index(pack, entries if entries is not None else decode_index(pack, (d / pack).read_bytes()))
-            progress(1)
+            for pack, entries in zip(names, pool.map(self.pack_index, names)):
+                self.add_index(pack, entries)
+                progress(1)
 
     def index_commit(self, doc: dict[str, Any]) -> None:
         """Make every blob of a commit's tree locatable (`locate`, `fetch`): the indexes of the
@@ -136,6 +204,8 @@ class Remote:
     def add_index(self, pack: str, entries: dict[bytes, Loc]) -> None:
         for h, loc in entries.items():
             self.index.setdefault(h, loc)
+        if self.by_pack is not None:
+            self.by_pack[pack] = entries
         self.packs.add(pack)
         self._tree_locs = None
 
@@ -145,13 +215,16 @@ class Remote:
         self.add_index(pack, decode_index(pack, data))
 
     def _cache_index(self, pack: str, data: bytes) -> None:
-        """Into the local cache, whole or not at all (a name there is a complete index)."""
-        d = self.cache / "index"
+        self._cache_file("index", pack, data)
+
+    def _cache_file(self, kind: str, name: str, data: bytes) -> None:
+        """Into the local cache, whole or not at all (a name there is a complete object)."""
+        d = self.cache / kind
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, d / pack)
+        os.replace(tmp, d / name)
 
     # --- blobs ------------------------------------------------------------------------------
 
@@ -203,11 +276,13 @@ class Remote:
 
             start = run[0][0].offset
             end = run[-1][0].offset + run[-1][0].length
+            pack = run[0][0].pack
             try:
-                data = self.blobs.get("data/" + run[0][0].pack, start, end - start)
+                if pack in self._relocated:
+                    raise BlobNotFound("data/" + pack)
+                data = self.blobs.get("data/" + pack, start, end - start)
             except BlobNotFound:
-                raise FleetError(f"the remote {self.cfg.name} lacks the pack data/{run[0][0].pack} that holds "
-                                 f"the {what} {run[0][1].hex()}: run cowfs remote check {self.cfg.name}") from None
+                return self._moved_run(pack, run, what, on_get)
             on_get(len(data))
             with self._passing_lock:
                 self.bytes_got += len(data)
@@ -226,6 +301,31 @@ class Remote:
         with ThreadPoolExecutor(self.workers) as pool:
             for out in pool.map(get, ranges):
                 yield from out
+
+    def _moved_run(self, pack: str, run: list[tuple[Loc, bytes]], what: str,
+                   on_get: Callable[[int], None]) -> list[tuple[bytes, bytes]]:
+        """The blobs of a run whose pack is gone, fetched where the gc's forwards of it put
+        them (a lazy mount's chunk records, or an index read before the repack, name the old
+        pack); FleetError if the pack was not repacked or its forwards lack one."""
+        with self._passing_lock:
+            where = self._relocated.get(pack)
+        if where is None:
+            if pack not in self.forwards() and pack not in self.forwards(again=True):
+                raise FleetError(f"the remote {self.cfg.name} lacks the pack data/{pack} that holds the {what} "
+                                 f"{run[0][1].hex()}: run cowfs remote check {self.cfg.name}")
+            where = {}
+            for leaf in self.leaves([pack]):
+                for h, loc in self.pack_index(leaf).items():
+                    where.setdefault(h, loc)
+            with self._passing_lock:
+                self._relocated[pack] = where
+        located = []
+        for _loc, h in run:
+            if h not in where:
+                raise FleetError(f"the remote {self.cfg.name} lacks the {what} {h.hex()}: its pack {pack} is gone "
+                                 f"and the packs it was repacked into lack it: run cowfs remote check {self.cfg.name}")
+            located.append((h, where[h]))
+        return list(self.fetch_located(located, what, on_get=on_get))
 
     def _trees_by_pack(self) -> dict[str, list[tuple[Loc, bytes]]]:
         if self._tree_locs is None:
