@@ -160,6 +160,7 @@ def test_gc_repacks_partly_dead_packs_and_every_snapshot_still_reads(fleet, moun
     assert before > 4 * live, before
     dry = a.json("remote", "gc", "origin", "--grace", "0", "--dry-run")
     assert dry["repacked_packs"] == 1 and dry["repack_copied_bytes"] >= 4 * FILE, dry
+    assert "would repack 1 packs (5.0 MiB, 1.0 MiB live copied)" in a.cowfs("remote", "gc", "origin", "--dry-run").stdout
     # First run, repacking off: the two deleted commits and fork2's pack are condemned.
     first = a.json("remote", "gc", "origin", "--grace", "0", "--repack-below", "0")
     assert first["repacked_packs"] == 0 and first["condemned"] == 4 and first["deleted"] == 0, first

@@ -133,10 +133,10 @@ def gc_line(d: dict[str, Any]) -> str:
 
 def remote_gc_line(name: str, f: dict[str, Any]) -> str:
     """`cowfs remote gc`'s one line (cowfs.fleet.gc's figures)."""
-    verb = "would" if f["dry_run"] else "did"
-    return (f"{name}: {verb} delete {f['deleted']} objects ({human(f['deleted_bytes'])}); {f['condemned']} newly "
+    deleted, repacked = ("would delete", "would repack") if f["dry_run"] else ("deleted", "repacked")
+    return (f"{name}: {deleted} {f['deleted']} objects ({human(f['deleted_bytes'])}); {f['condemned']} newly "
             f"unreachable, {f['waiting']} waiting for the grace period; {f['live_packs']} packs in use "
-            f"({human(f['unreachable_bytes_in_live_packs'])} unreachable inside them); {verb} repack "
+            f"({human(f['unreachable_bytes_in_live_packs'])} unreachable inside them); {repacked} "
             f"{f['repacked_packs']} packs ({human(f['repacked_bytes'])}, {human(f['repack_copied_bytes'])} live copied)")
 
 
