@@ -2,8 +2,8 @@
 
 The tests need a daemon whose background work meets an I/O error (or is held in a thread)
 at a place they choose, on a real mount.  The daemon reads the environment variable
-COWFS_FAULTS once at start (`load`); nothing else does, and without it (in production)
-every `point()` returns after one test of an empty dict.  Syntax: comma-separated
+COWFS_FAULTS once at start (`load`), and so does `cowfs remote gc`; nothing else does, and
+without it (in production) every `point()` returns after one test of an empty dict.  Syntax: comma-separated
 POINT:ACTION[:TIMES]; ACTION is `eio` (raise OSError(EIO), as a failing disk would) or
 `sleepS` (wait S seconds: only at points that run in a worker thread); TIMES is how many
 hits act (default 1; `*` for all of them).  Example: COWFS_FAULTS=pack_put:eio:2,warm_paths:eio

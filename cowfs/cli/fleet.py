@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import click
 
-from cowfs import api
+from cowfs import api, faults
 from cowfs.cli import admin, progress, targets
 from cowfs.cli.errors import CliError
 from cowfs.cli.params import json_opt
@@ -214,23 +214,18 @@ def remote_delete(name: str, ref: str, is_branch: bool) -> None:
 
 @remote.command(name="gc")
 @click.argument("name")
-@click.option("--grace", default=3600.0, show_default=True, type=float,
+@click.option("--grace", default=3600.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds an object must stay unreachable (since a gc first found it so) before it is deleted.")
 @click.option("--repack-below", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Repack the packs whose live bytes are under this share of their size (0: never).")
 @click.option("--dry-run", is_flag=True, help="Say what would be condemned, deleted and repacked; change nothing.")
 @json_opt
 def remote_gc(name: str, grace: float, repack_below: float, dry_run: bool, as_json: bool) -> None:
-    """Remove the objects of the remote NAME that no reference reaches: found unreachable by
-    one run, deleted by a run at least --grace seconds later if still so; and repack the
-    packs mostly dead (live blobs copied into new packs, the old ones deleted like garbage).
-    Never runs beside a push (either one is refused, at once), and deletes nothing if
-    `cowfs remote check` would report a problem."""
-    from cowfs import faults
+    """Remove the objects of the remote NAME that no reference reaches (deleted by a run at
+    least --grace seconds after one found them so) and repack its mostly dead packs.  Never
+    beside a push; deletes nothing if `cowfs remote check` finds a problem."""
     from cowfs.fleet.gc import gc
 
-    if grace < 0:
-        raise CliError("--grace must be 0 or more seconds")
     faults.load(os.environ.get(faults.ENV))     # a test hook (cowfs.faults): where a test kills the gc
     with _fleet_errors(f"remote gc {name}"), _open(name) as r:
         f = gc(r, grace, dry_run, repack_below)
