@@ -59,8 +59,10 @@ log = logging.getLogger(__name__)
 # reads skip the look-up once there are none); counted once at a format-7 store's first open.
 # 9: it counts their raw bytes too (remote_bytes: compression saves none of them); counted
 # once, with the F objects, at a format-7 or -8 store's first open.
-FORMAT_VERSION = 9
-UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8)
+# 10: the family `fetched` (a lazy mount's fetched chunks in cache packs, evictable:
+# chunks.remotecache), which an older cowfs cannot open the database with; created empty.
+FORMAT_VERSION = 10
+UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
 ROOT_INO = 1
 INO_BLOCK = 4096

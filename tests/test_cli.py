@@ -273,7 +273,7 @@ def test_mount_help_lists_every_option_the_daemon_parses():
         assert f"{name}=" in text
     # each option is taken by cowfs mount and by mount.fuse.cowfs alike
     samples = {"SIZE": "1M", "0|1": "0", "on|off": "off", "N": "5", "SHARE": "0.5", "GROUP": "0", "LIST": "0-1",
-               "SECONDS": "2.5"}
+               "SECONDS": "2.5", "SIZE|auto": "auto"}
     for o in mount_options.OPTIONS:
         word = o.syntax if o.value is None else f"{o.name}={samples[o.value]}"
         mount_options.apply(daemon.MountConfig("", ""), word)

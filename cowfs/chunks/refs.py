@@ -466,11 +466,13 @@ class RefApply:
                 self.objects.forget_size(h)
 
     def kept_packs(self) -> set[int]:
-        """Packs that objects this application stores point into."""
+        """Packs that objects this application stores point into (new objects, and the
+        re-encodings of a lazy mount's fetched chunks into its cache pack: chunks.remotecache)."""
         out = set()
-        for h in self.created:
-            if h not in self.freed:
-                ext = codec.packed_extent(self.txn.new[h][0])
-                if ext is not None:
-                    out.add(ext[0])
+        values = [self.txn.new[h][0] for h in self.created if h not in self.freed]
+        values += [v for h, v in self.txn.recode.items() if h not in self.freed]
+        for value in values:
+            ext = codec.packed_extent(value)
+            if ext is not None:
+                out.add(ext[0])
         return out

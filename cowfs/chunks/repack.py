@@ -36,7 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cowfs import faults
-from cowfs.chunks import codec
+from cowfs.chunks import codec, remotecache
 from cowfs.chunks.families import CF_OBJECTS
 from cowfs.chunks.packs import Packs
 from cowfs.kv.base import KV, Batch
@@ -53,6 +53,9 @@ class Survey:
     sizes: dict[int, int]  # listed pack -> size
     live: dict[int, int] = field(default_factory=dict)  # pack -> live bytes (unlisted ones too)
     foreign: set[int] = field(default_factory=set)  # packs another database points into: never repacked
+    # a lazy mount's cache packs (chunks.remotecache): evicted whole, never repacked (a copy
+    # would make fetched chunks local for good, out of the cache's bound)
+    cached: set[int] = field(default_factory=set)
 
     def garbage(self) -> list[int]:
         return sorted(p for p in self.sizes if not self.live.get(p))
@@ -61,7 +64,8 @@ class Survey:
         """Candidate packs (live share below `below`, but some live), in groups whose live
         bytes fit one new pack; the emptiest first."""
         cands = sorted((self.live[p] / max(size, 1), p) for p, size in self.sizes.items()
-                       if self.live.get(p) and self.live[p] < below * size and p not in self.foreign)
+                       if self.live.get(p) and self.live[p] < below * size and p not in self.foreign
+                       and p not in self.cached)
         groups: list[list[int]] = []
         total = 0
         for _share, p in cands:
@@ -78,7 +82,7 @@ class Survey:
 
 def survey(kv: KV, sizes: dict[int, int]) -> Survey:
     """Live bytes per pack, from a scan of every pointer (blocking: call in a thread)."""
-    s = Survey(dict(sizes))
+    s = Survey(dict(sizes), cached=remotecache.cache_packs(kv))
     for _h, raw in kv.scan(CF_OBJECTS, b""):
         ext = codec.packed_extent(raw)
         if ext is not None:

@@ -139,7 +139,8 @@ def mount(store: str, mountpoint: str, branch: str, lazy_store: str | None, fore
     each chunk is fetched on its first read (checked against its id, then stored in STORE),
     with the unfetched chunks stored near it in the remote's pack (its directory's other
     files: -o lazy_near), so the mount is ready before any data moves.  Writes go to STORE (copy-on-write).  Run
-    it again on the same STORE to mount it again; `cowfs stats` shows what was fetched."""
+    it again on the same STORE to mount it again; `cowfs stats` shows what was fetched.  STORE keeps at most
+    -o remote_cache_bytes of fetched data: past it, the least recently read is evicted (fetched again when read)."""
     from cowfs.daemon import process as daemon
 
     source, build = store, None

@@ -57,6 +57,12 @@ def stats_lines(d: dict[str, Any]) -> list[str]:
         out.append(_row("lazy mount", f"of {lazy['remote']}: {count(lazy['chunks_fetched'])} chunks fetched "
                                       f"({human(lazy['bytes_fetched'])}; {human(lazy['bytes_transferred'])} in "
                                       f"{count(lazy['gets'])} GETs), {count(lazy['failures'])} failed fetches"))
+        rc = lazy.get("cache") or {}
+        if rc:
+            limit = human(rc["limit"]) if rc["limit"] else "no bound"
+            out.append(_row("remote cache", f"{human(rc['bytes'])} of {limit} in {count(rc['packs'])} packs; "
+                                            f"{count(rc['chunks_evicted'])} chunks evicted "
+                                            f"({human(rc['bytes_evicted'])}), {count(rc['refetches'])} fetched again"))
     shared = d.get("shared") or {}
     if shared:
         out.append(_row("shared", f"{count(shared.get('inodes', 0))} inodes of copied trees share their "

@@ -14,6 +14,12 @@ Two reads of one unfetched chunk: the first marks it in flight, the second waits
 itself.  Paths that read a chunk without this step (a truncate's last chunk, fallocate's
 edges, readahead and prefetch threads) fetch it blocking (`RemoteFetcher.fetch_one`); what
 they fetched is stored by the next commit here.
+
+With a cache (`LazyReads.cache`, set by the daemon of every lazy mount), the fetched chunks
+are stored as one cache pack per fetch and their pack counts towards -o remote_cache_bytes
+(cowfs.chunks.remotecache); a read touches the cache packs of its chunks (LRU), and looks
+at its range again after every await, since an eviction (cowfs.background.lazy_cache) may
+have turned a local chunk back into an F object meanwhile.
 """
 from __future__ import annotations
 
@@ -21,13 +27,15 @@ import bisect
 import contextlib
 import errno
 import logging
-from typing import TYPE_CHECKING, Iterator
+import time
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 import trio
 
 from cowfs import threads
 from cowfs.chunks import codec
 from cowfs.chunks.refs import RefTxn
+from cowfs.chunks.remotecache import RemoteCache
 from cowfs.chunks.tree import CHUNK
 from cowfs.core.node import Node
 from cowfs.errors import FSError
@@ -47,6 +55,13 @@ NEAR_GAP = 16 << 10  # neighbours this close (fleet.lazy.RANGE_GAP): one GET cov
 PackMap = dict[tuple[int, bytes], tuple[list[int], list[tuple[int, int, bytes]]]]
 
 
+class Packed(NamedTuple):
+    """A fetch's cache pack (chunks.remotecache): its id, bytes, and each chunk's pointer."""
+    pack: int
+    size: int
+    pointers: dict[bytes, bytes]
+
+
 class LazyReads:
     def __init__(self, fs: "Filesystem") -> None:
         self.fs = fs
@@ -61,6 +76,10 @@ class LazyReads:
         self.near_fetched = 0  # chunks fetched as such neighbours
         self._packs: PackMap | None = None
         self._mapping: trio.Event | None = None
+        # Set by the daemon of a lazy mount: its fetched chunks go into cache packs, evicted
+        # past -o remote_cache_bytes (cowfs.background.lazy_cache, woken by cache_over)
+        self.cache: RemoteCache | None = None
+        self.cache_over: Callable[[], None] | None = None
 
     def _remote(self, node: Node, first: int, last: int) -> list[tuple[bytes, bytes]]:
         objects = self.fs.store.objects
@@ -77,14 +96,48 @@ class LazyReads:
     async def ensure(self, node: Node, off: int, size: int, edges_only: bool = False) -> None:
         """Make the stored chunks a read of [off, off+size) needs local (edges_only: a write's,
         which reads only the chunks it covers in part).  FSError(EIO) if the remote fails."""
-        if not self.fs.store.objects.remote_left() or size <= 0:
+        objects = self.fs.store.objects
+        if objects.fetcher is None or size <= 0:
             return
         file_size = node.attrs.size
         end = off + size if edges_only else min(off + size, file_size)
         first, last = off // CHUNK, (end - 1) // CHUNK
         if off >= end or first * CHUNK >= file_size:
             return
+        if self.cache is not None and self.cache.packs and not edges_only:
+            for i in range(first, last + 1):  # the read's cache packs become the most recently used
+                h = node.stored_hash(i, objects)
+                if h is not None:
+                    self.cache.touch(h)
+        if not objects.remote_left():
+            return
         self.checks += 1
+        want = self._wanted(node, off, end, edges_only, ahead=not edges_only)
+        if not want:
+            return
+        if self.near > 0 and not edges_only:
+            await self._map_packs()
+        # A second round only if a chunk is still remote after this one: another read's fetch
+        # of it failed, or an eviction (a tight -o remote_cache_bytes) took it back meanwhile.
+        for _try in range(3):
+            mine = [(h, raw) for h, raw in want if h not in self._inflight]
+            others = [self._inflight[h] for h, _raw in want if h in self._inflight]
+            if mine:
+                await self._fetch(node, off, mine)
+            for ev in others:
+                self.waits += 1
+                await ev.wait()
+            want = self._wanted(node, off, end, edges_only, ahead=False)
+            if not want:
+                return
+        log.error("lazy fetch for inode %d at %d: %d chunks still on the remote", node.ino, off, len(want))
+        raise FSError(errno.EIO)
+
+    def _wanted(self, node: Node, off: int, end: int, edges_only: bool, ahead: bool) -> list[tuple[bytes, bytes]]:
+        """The F chunks (id, record) the range [off, end) needs (ahead: and the file's next
+        ones up to AHEAD bytes); FSError(EIO) for a damaged record."""
+        first, last = off // CHUNK, (end - 1) // CHUNK
+        file_size = node.attrs.size
         try:
             if edges_only:
                 # A write that starts inside a chunk holding stored bytes needs that chunk even
@@ -96,32 +149,12 @@ class LazyReads:
                     want += self._remote(node, first, first)
                 if end % CHUNK and end < file_size and (last != first or not off % CHUNK):
                     want += self._remote(node, last, last)
-            else:
-                ahead = min((file_size - 1) // CHUNK, (end + AHEAD - 1) // CHUNK)
-                want = self._remote(node, first, ahead)
+                return want
+            stop = min((file_size - 1) // CHUNK, (end + AHEAD - 1) // CHUNK) if ahead else last
+            return self._remote(node, first, stop)
         except codec.CorruptObject as exc:
             log.error("lazy fetch for inode %d at %d: %s", node.ino, off, exc)
             raise FSError(errno.EIO) from exc
-        if not want:
-            return
-        if self.near > 0 and not edges_only:
-            await self._map_packs()
-        for _try in range(2):  # a second round only after another read's fetch of a chunk failed
-            mine = [(h, raw) for h, raw in want if h not in self._inflight]
-            others = [self._inflight[h] for h, _raw in want if h in self._inflight]
-            if mine:
-                await self._fetch(node, off, mine)
-            for ev in others:
-                self.waits += 1
-                await ev.wait()
-            if not others:
-                return
-            # Those others fetched: still remote only if their fetch failed; then try once ourselves.
-            want = [(h, raw) for h, raw in want if self.fs.store.objects.remote_record(h) is not None]
-            if not want:
-                return
-        log.error("lazy fetch for inode %d at %d: %d chunks still on the remote", node.ino, off, len(want))
-        raise FSError(errno.EIO)
 
     async def _map_packs(self) -> None:
         """Make the pack map of the store's F objects once (a scan of every object record,
@@ -202,13 +235,10 @@ class LazyReads:
         return h, raw
 
     async def _fetch(self, node: Node, off: int, items: list[tuple[bytes, bytes]]) -> None:
-        fs = self.fs
-        fetcher = fs.store.objects.fetcher
-        assert fetcher is not None
         near = self._near(items) if self.near > 0 else []
         with self._in_flight(items + near):
             try:
-                got = await threads.run_in_thread(fetcher.fetch_many, items + near, fs.level)
+                got = await threads.run_in_thread(self._fetched, items + near)
                 self.near_fetched += len(near)
             except codec.CorruptObject as exc:
                 if not near:
@@ -217,13 +247,37 @@ class LazyReads:
                 # A neighbour may be what failed: the read's own chunks alone, once more (a
                 # remote that is down fails this at once: fleet.lazy.DOWN_FOR).
                 try:
-                    got = await threads.run_in_thread(fetcher.fetch_many, items, fs.level)
+                    got = await threads.run_in_thread(self._fetched, items)
                 except codec.CorruptObject:
                     log.error("read of inode %d at %d: %s", node.ino, off, exc)
                     raise FSError(errno.EIO) from exc
                 log.warning("read of inode %d at %d: its %d neighbours were not fetched: %s",
                             node.ino, off, len(near), exc)
             await self._store(got)
+
+    def _fetched(self, items: list[tuple[bytes, bytes]]) -> dict[bytes, tuple[bytes, bytes]]:
+        """In a worker thread: items fetched (checked, encoded at the mount's level), with what
+        the blocking paths fetched meanwhile (`RemoteFetcher.take_landed`)."""
+        fetcher = self.fs.store.objects.fetcher
+        assert fetcher is not None
+        got = fetcher.fetch_many(items, self.fs.level)
+        got.update(fetcher.take_landed())  # type: ignore[attr-defined]
+        return got
+
+    def _pack(self, got: dict[bytes, tuple[bytes, bytes]]) -> Packed | None:
+        """In a worker thread, under Filesystem.lock: fetched chunks written as one cache pack
+        (chunks.remotecache).  None if it cannot be written (a full disk): they are then
+        stored inline, as before caches, and not evictable."""
+        objects = self.fs.store.objects
+        order = list(got)
+        try:
+            pointers = objects.pack([(h, got[h][1]) for h in order])
+            pack = codec.packed_extent(pointers[0])[0]  # type: ignore[index]
+            size = objects.packs.size(pack) or 0
+        except OSError as exc:
+            log.warning("%d fetched chunks are stored inline, not in a cache pack: %s", len(order), exc)
+            return None
+        return Packed(pack, size, dict(zip(order, pointers)))
 
     @contextlib.contextmanager
     def _in_flight(self, items: list[tuple[bytes, bytes]]) -> Iterator[None]:
@@ -249,26 +303,43 @@ class LazyReads:
         if fetcher is None or not mine:
             return []
         with self._in_flight(mine):
-            await self._store(await threads.run_in_thread(fetcher.fetch_many, mine, self.fs.level))
+            await self._store(await threads.run_in_thread(self._fetched, mine))
         return mine
 
     async def _store(self, got: dict[bytes, tuple[bytes, bytes]]) -> None:
-        """Commit the local encodings of fetched chunks, and of those the blocking paths
-        fetched meanwhile (`RemoteFetcher.take_landed`), that are still F objects (one may
-        have been freed meanwhile: nothing to store then)."""
+        """Commit the local encodings of fetched chunks that are still F objects (one may have
+        been freed meanwhile: nothing to store then).  With a cache, they are first written as
+        one cache pack, in a thread, under Filesystem.lock as a flush's pack is (so a pack gc,
+        which lists packs under the lock, never condemns a pack whose commit is still to come),
+        and committed as pointers into it with their `fetched` entries."""
         fs = self.fs
         objects = fs.store.objects
-        got.update(objects.fetcher.take_landed())  # type: ignore[union-attr, attr-defined]
+        kept: list[tuple[bytes, bytes]] = []
+        packed: Packed | None = None
         async with fs.lock:
+            live = {h: got[h] for h in got if objects.remote_record(h) is not None}
+            if live and self.cache is not None:
+                packed = await threads.run_in_thread(self._pack, live)
             txn = RefTxn()
-            for h, (data, enc) in got.items():
-                if objects.remote_record(h) is not None:
-                    txn.recode[h] = enc
-                    objects.cache.put(h, data)
+            for h, (data, enc) in live.items():
+                pointer = packed.pointers[h] if packed is not None else None
+                txn.recode[h] = enc if pointer is None else pointer
+                if pointer is not None:
+                    kept.append((h, objects.remote_record(h)))  # type: ignore[arg-type]
+                objects.cache.put(h, data)
             if not txn.recode:
                 return
+            batch = Batch()
+            if packed is not None:
+                txn.staged = [packed.pack]  # deleted again if the commit fails
+                self.cache.record(batch, packed.pack, time.time_ns(), kept)  # type: ignore[union-attr]
             try:
-                fs.store.commit(Batch(), txn)
+                fs.store.commit(batch, txn)
             except Exception as exc:  # e.g. a full disk: the chunks stay remote, this read is served
                 log.error("storing %d fetched chunks failed: %s", len(txn.recode), exc)
                 fs.store.recover()
+                return
+        if packed is not None and self.cache is not None:
+            self.cache.added(packed.pack, packed.size, [h for h, _raw in kept])
+            if self.cache.over() and self.cache_over is not None:
+                self.cache_over()

@@ -34,6 +34,8 @@ class MountConfig:
     fuse_ext: bool = True  # cowfs.fuse.ext: SEEK_DATA/SEEK_HOLE, fallocate, statfs per branch
     cpus: str | None = None  # -o cpus=: the CPUs the daemon's threads are pinned to (options.parse_cpus)
     lazy_near: int = 256 << 10  # cowfs.core.lazy: a lazy mount's reads fetch the unfetched chunks this near in the pack
+    # cowfs.background.lazy_cache: a lazy mount's fetched chunks kept at most (None: auto, 0: no bound)
+    remote_cache_bytes: int | None = None
     view_slots: int = 65535  # cowfs.fuse.inodes: slots of the inode numbers for views in use at once
     hold_ttl: int = 30  # cowfs.fleet.holds: the lease of the remote branches the branch follows (0: none taken)
     given: set[str] = field(default_factory=set)  # the daemon-wide options above set explicitly (options.apply)

@@ -75,6 +75,11 @@ def _window(v: str) -> float:
     return f
 
 
+def _cache_bytes(v: str) -> int | None:
+    """-o remote_cache_bytes: "auto" (None), 0 (no bound) or a size."""
+    return None if v.strip().lower() == "auto" else parse_size(v)
+
+
 def _count(v: str) -> int:
     n = int(v)
     if n < 0:
@@ -178,6 +183,10 @@ OPTIONS: tuple[Option, ...] = (
            "GET, the unfetched chunks stored within SIZE bytes of it in its remote pack (a push packs a directory's "
            "files together: they are fetched with the first one read); 0: only the file's own", "lazy_near",
            parse_size),
+    Option("remote_cache_bytes", "SIZE|auto", "auto", "a lazy mount keeps at most SIZE bytes of the chunks it "
+           "fetched, evicting the least recently read that the remote holds (a later read fetches "
+           "them again; what is written locally is never evicted); auto: min(2G, a quarter of the disk space free "
+           "at mount); 0: no bound", "remote_cache_bytes", _cache_bytes),
     Option("hold_ttl", "N", "30", "a writable mount of a branch that follows a remote branch (pulled or pushed with "
            "--branch) holds it, one host at a time: the seconds its etcd lease outlives a daemon that dies (2-3600; "
            "0: take no hold; -o ro takes none); not renewed for N less max(0.5, N/10) seconds, the mount turns "
@@ -189,7 +198,8 @@ BY_NAME: dict[str, Option] = {n: o for o in OPTIONS for n in (o.name, *o.aliases
 # The options that hold for the whole daemon (every branch it serves); set explicitly, they
 # are recorded in MountConfig.given, so that a mount of another branch may repeat them.
 DAEMON_WIDE = ("cache_l1", "cache_l2", "prefetch", "prefetch_learn", "dir_cache", "warm", "warm_window", "dedup",
-               "dedup_cpu", "share", "spin_us", "fuse_ext", "cpus", "view_slots", "lazy_near")
+               "dedup_cpu", "share", "spin_us", "fuse_ext", "cpus", "view_slots", "lazy_near",
+               "remote_cache_bytes")
 
 
 def lookup(text: str) -> Option | None:

@@ -22,7 +22,7 @@ from cowfs.background.gc import acknowledge_rounds, collect_when_wanted, run_gc,
 from cowfs.background.cloning import Measurer
 from cowfs.background.sharing import Sharer
 from cowfs.background.supervise import Supervisor
-from cowfs.background.lazy_warming import LazyPrefetch, LazyWarming
+from cowfs.background import lazy_cache
 from cowfs.background.warming import Warmer
 from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
@@ -61,10 +61,10 @@ class Daemon:
         if cfg.quota_bytes is not None or cfg.quota_inodes is not None:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
         self.warmer = Warmer(self.fs, self._view_root, cfg.store, cfg.prefetch and cfg.warm)
-        # a lazy mount's pushed cold start, fetched ahead of its workload
-        self.lazy_warming = LazyWarming(self.fs, lazy.warm_chunks_of(source)) if source is not None else None
-        # ... and the pushed prefetch model's predictions (seeded by the build), fetched ahead
-        self.lazy_prefetch = LazyPrefetch(self.fs, source.get("model_error")) if source is not None else None
+        # a lazy mount's cache of the remote (-o remote_cache_bytes), and its pushed cold start and
+        # prefetch model's predictions fetched ahead of its workload (cowfs.background.lazy_cache)
+        self.evictor, self.lazy_warming, self.lazy_prefetch = lazy_cache.lazy_tasks(
+            self.fs, source, lazy.warm_chunks_of(source) if source is not None else [], cfg.remote_cache_bytes)
         self.fs.prefetch.lazy_ahead = self.lazy_prefetch.want if self.lazy_prefetch is not None else None
         self.ops = Operations(self.fs, stats=self.sandbox_stats, mounted=self.branch_mounts, ctl_group=cfg.ctl_group,
                               cache_absent=cfg.dir_cache, warm=self.warmer,
@@ -209,7 +209,7 @@ class Daemon:
             "dirty_bytes": fs.flusher.dirty_bytes,
             **({"lazy": {**store.objects.fetcher.figures(),  # type: ignore[attr-defined]
                          "read_waits": fs.lazy.waits, "near_fetched": fs.lazy.near_fetched,
-                         "checks": fs.lazy.checks,
+                         "checks": fs.lazy.checks, "cache": fs.lazy.cache.figures() if fs.lazy.cache else {},
                          **({"warming": self.lazy_warming.figures(), "prefetch": self.lazy_prefetch.figures()}
                             if self.lazy_warming is not None and self.lazy_prefetch is not None else {})}}
                if store.objects.fetcher is not None else {}),
@@ -403,11 +403,10 @@ class Daemon:
                 sup.start(nursery, "prefetch", fetcher.run, speculative=True, on_stop=self.fs.prefetch.stop_fetching)
             sup.start(nursery, "model_saver", self.fs.prefetch.save_model_loop)
             sup.start(nursery, "warmer", self.warmer.run, speculative=True, on_stop=self.warmer.disable)
-            if self.lazy_warming is not None and self.lazy_prefetch is not None:
-                sup.start(nursery, "lazy_warming", self.lazy_warming.run, speculative=True,
-                          on_stop=self.lazy_warming.stop)
-                sup.start(nursery, "lazy_prefetch", self.lazy_prefetch.run, speculative=True,
-                          on_stop=self.lazy_prefetch.stop)
+            if self.lazy_warming is not None and self.lazy_prefetch is not None and self.evictor is not None:
+                sup.start(nursery, "lazy_cache", self.evictor.run)
+                sup.start(nursery, "lazy_warming", self.lazy_warming.run, speculative=True, on_stop=self.lazy_warming.stop)
+                sup.start(nursery, "lazy_prefetch", self.lazy_prefetch.run, speculative=True, on_stop=self.lazy_prefetch.stop)
             self.ext.nursery = nursery
             ready(None)
             notify.notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving {self.cfg.mountpoint}")

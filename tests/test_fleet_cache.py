@@ -1,0 +1,94 @@
+"""A lazy mount's store as a bounded cache of its remote (-o remote_cache_bytes, issue 23), on
+real mounts against the SeaweedFS and etcd the fixtures start: the fetched chunks stay within
+the limit on disk, evicted ones are fetched again right, what is written locally is never
+evicted, and with the remote down only evicted data fails (EIO)."""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+import mounting
+from mounting import fetched, lazy_mounted, snap
+
+LIMIT = 4 << 20
+SLACK = 1 << 20  # the pack indexes, and one fetch's pack beyond the limit before its eviction
+
+
+def _direct_read(path: Path) -> bytes:
+    """The whole file past the kernel's page cache: the daemon serves (and fetches) every byte."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        return mounting.direct_pread(fd, 0, -(-os.fstat(fd).st_size // 4096) * 4096)
+    finally:
+        os.close(fd)
+
+
+def _cache(mp: Path) -> dict:
+    return fetched(mp)["cache"]
+
+
+def test_a_lazy_mount_keeps_its_fetched_chunks_under_the_limit_and_fetches_evicted_ones_again(
+        fleet, mount_factory, seaweedfs_killable):
+    sw = seaweedfs_killable
+    a, b = fleet("a", s3=sw), fleet("b", s3=sw)
+    src = mount_factory()
+    data = {f"f{i}": os.urandom(3 << 20) for i in range(4)}  # 12 MiB, incompressible: 3x the limit
+    for name, content in data.items():
+        (src.path / name).write_bytes(content)
+    snap(src, "base")
+    a.json("push", src.path, "base", "origin")
+    store, mp = b.base / "lazy-store", b.base / "mnt"
+    with lazy_mounted(b, "origin:base", mp, store, "-o", "remote_cache_bytes=4M,lazy_near=0"):
+        assert _cache(mp)["limit"] == LIMIT
+        local = os.urandom(1 << 20)  # written here: in no cache pack, never evicted
+        (mp / "local").write_bytes(local)
+        os.sync()
+        # Two readers at once read every file (past the page cache) while evictions run.
+        got: dict[str, bytes] = {}
+        readers = [threading.Thread(target=lambda names=names: got.update(
+            {n: _direct_read(mp / n) for n in names})) for names in (["f0", "f1"], ["f2", "f3"])]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(120)
+        assert all(got[n][: len(c)] == c for n, c in data.items()), "a read returned wrong bytes"
+        c = mounting.wait_until(lambda: (x := _cache(mp))["bytes"] <= LIMIT and x, "the cache back under its limit")
+        assert c["chunks_evicted"] >= 100 and c["packs_evicted"] > 0, c
+        assert fetched(mp)["bytes_fetched"] >= 12 << 20
+        # On the disk: the cache packs within the limit, beside the local file's own pack.
+        assert mounting.du(store / "packs") <= LIMIT + len(local) + SLACK, mounting.du(store / "packs")
+        # f0 was read first: evicted, so reading it again fetches it again, right.
+        before = fetched(mp)["bytes_fetched"]
+        assert _direct_read(mp / "f0")[: 3 << 20] == data["f0"]
+        assert fetched(mp)["bytes_fetched"] - before >= 2 << 20
+        assert _cache(mp)["refetches"] >= 32, _cache(mp)
+        assert _direct_read(mp / "local")[: len(local)] == local
+        assert "remote cache" in b.cowfs("stats", mp).stdout
+    report = mounting.fsck(store)
+    assert report["counts"].get("remote_chunks"), "nothing was evicted back to the remote"
+    # Mounted again with the remote down: the local file and the cached file (f0, read last)
+    # serve; an evicted file fails with EIO, never wrong bytes.
+    with lazy_mounted(b, "origin:base", mp, store, "-o", "remote_cache_bytes=4M,lazy_near=0"):
+        assert _cache(mp)["bytes"] <= LIMIT and _cache(mp)["packs"] > 0, "the cache was not found again"
+        sw.kill()
+        try:
+            assert _direct_read(mp / "local")[: len(local)] == local
+            assert _direct_read(mp / "f0")[: 3 << 20] == data["f0"]
+            with pytest.raises(OSError) as e:
+                _direct_read(mp / "f1")
+            assert e.value.errno == errno.EIO
+        finally:
+            sw.start()
+        mounting.wait_until(lambda: _reads(mp / "f1") == data["f1"], "f1 readable once S3 is back", timeout=30)
+    mounting.fsck(store)
+
+
+def _reads(p: Path) -> bytes | None:
+    try:
+        return _direct_read(p)[: p.stat().st_size]
+    except OSError:
+        return None
