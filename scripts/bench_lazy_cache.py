@@ -6,7 +6,7 @@ byte).  Per limit: each pass's time and MB/s, the bytes fetched, the cache's fig
 store's packs on disk at the end.  "none" mounts without the option (for a cowfs that has
 none: --cowfs /work/main/.venv/bin/cowfs measures the code before cache packs).
 
-    .venv/bin/python scripts/bench_lazy_cache.py [--mib 128] [--limits none,0,32M] [--cowfs PATH] [--json]
+    .venv/bin/python scripts/bench_lazy_cache.py [--mib 128] [--limits none,0,32M] [--cowfs PATH] [--options O] [--json]
 """
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=128, help="MiB pushed (16 MiB files)")
     ap.add_argument("--limits", default="none,0,32M", help="remote_cache_bytes values, comma-separated")
     ap.add_argument("--cowfs", default=fleetlib.COWFS, help="the cowfs command of the hosts")
+    ap.add_argument("--options", default="", help="more -o options of every lazy mount (e.g. prefetch=0)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     fleetlib.COWFS = args.cowfs
@@ -67,17 +68,22 @@ def main() -> None:
         a.run("snapshot", src, "base")
         a.json("push", src, "base", "origin")
         for i, limit in enumerate(args.limits.split(",")):
-            opts = () if limit == "none" else ("-o", f"remote_cache_bytes={limit}")
+            opts = (() if limit == "none" else ("-o", f"remote_cache_bytes={limit}")) + \
+                (("-o", args.options) if args.options else ())
             mp, _ready = b.lazy_mount("origin:base", f"l{i}", *opts)
             first = read_all(mp, names)
+            after_first = (fleetlib.lazy_stats(mp) or {}).get("bytes_fetched")
             second = read_all(mp, names)
             lazy = fleetlib.lazy_stats(mp) or {}
             store = os.path.join(b.dir, f"store-l{i}")
             mb = len(names) * FILE / 1e6
             out["runs"][limit] = {"first_s": round(first, 2), "first_MBps": round(mb / first, 1),
                                   "second_s": round(second, 2), "second_MBps": round(mb / second, 1),
+                                  "bytes_fetched_first": after_first,
                                   "bytes_fetched": lazy.get("bytes_fetched"), "gets": lazy.get("gets"),
-                                  "cache": lazy.get("cache"), "packs_du": du(os.path.join(store, "packs"))}
+                                  "cache": lazy.get("cache"), "packs_du": du(os.path.join(store, "packs")),
+                                  "warming_bytes": (lazy.get("warming") or {}).get("bytes"),
+                                  "prefetch_bytes": (lazy.get("prefetch") or {}).get("bytes")}
             b.umount_all()
     if args.json:
         print(json.dumps(out, indent=1))

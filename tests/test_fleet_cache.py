@@ -47,26 +47,36 @@ def test_a_lazy_mount_keeps_its_fetched_chunks_under_the_limit_and_fetches_evict
         local = os.urandom(1 << 20)  # written here: in no cache pack, never evicted
         (mp / "local").write_bytes(local)
         os.sync()
-        # Two readers at once read every file (past the page cache) while evictions run.
+        # Two readers at once read every file (past the page cache) while evictions run, and a
+        # writer appends to a new file, each append flushed (fsync) meanwhile.
         got: dict[str, bytes] = {}
-        readers = [threading.Thread(target=lambda names=names: got.update(
+        written = os.urandom(2 << 20)
+
+        def writer() -> None:
+            with open(mp / "written", "wb") as f:
+                for off in range(0, len(written), 256 << 10):
+                    f.write(written[off : off + (256 << 10)])
+                    os.fsync(f.fileno())
+        threads = [threading.Thread(target=lambda names=names: got.update(
             {n: _direct_read(mp / n) for n in names})) for names in (["f0", "f1"], ["f2", "f3"])]
-        for t in readers:
+        threads.append(threading.Thread(target=writer))
+        for t in threads:
             t.start()
-        for t in readers:
+        for t in threads:
             t.join(120)
         assert all(got[n][: len(c)] == c for n, c in data.items()), "a read returned wrong bytes"
         c = mounting.wait_until(lambda: (x := _cache(mp))["bytes"] <= LIMIT and x, "the cache back under its limit")
         assert c["chunks_evicted"] >= 100 and c["packs_evicted"] > 0, c
         assert fetched(mp)["bytes_fetched"] >= 12 << 20
         # On the disk: the cache packs within the limit, beside the local file's own pack.
-        assert mounting.du(store / "packs") <= LIMIT + len(local) + SLACK, mounting.du(store / "packs")
+        assert mounting.du(store / "packs") <= LIMIT + len(local) + len(written) + SLACK, mounting.du(store / "packs")
         # f0 was read first: evicted, so reading it again fetches it again, right.
         before = fetched(mp)["bytes_fetched"]
         assert _direct_read(mp / "f0")[: 3 << 20] == data["f0"]
         assert fetched(mp)["bytes_fetched"] - before >= 2 << 20
         assert _cache(mp)["refetches"] >= 32, _cache(mp)
         assert _direct_read(mp / "local")[: len(local)] == local
+        assert _direct_read(mp / "written")[: len(written)] == written
         assert "remote cache" in b.cowfs("stats", mp).stdout
     report = mounting.fsck(store)
     assert report["counts"].get("remote_chunks"), "nothing was evicted back to the remote"
@@ -77,6 +87,7 @@ def test_a_lazy_mount_keeps_its_fetched_chunks_under_the_limit_and_fetches_evict
         sw.kill()
         try:
             assert _direct_read(mp / "local")[: len(local)] == local
+            assert _direct_read(mp / "written")[: len(written)] == written
             assert _direct_read(mp / "f0")[: 3 << 20] == data["f0"]
             with pytest.raises(OSError) as e:
                 _direct_read(mp / "f1")
