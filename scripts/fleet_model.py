@@ -107,7 +107,7 @@ def model_push(P: int, U: int, N: int, parent: bool, branch: bool, seconds: floa
                  "S3 GET commit": int(parent),
                  "S3 HEAD data": 2 * N, "S3 PUT data": N, "S3 HEAD index": 2 * N, "S3 PUT index": N,
                  "S3 HEAD commit": 2, "S3 PUT commit": 1,
-                 "etcd lease/grant": 1, "etcd kv/txn": 2, "etcd kv/range": 2 + branch,
+                 "etcd lease/grant": 1, "etcd kv/txn": 2, "etcd kv/range": 3 + branch,     # + gc/forwards
                  "etcd lease/keepalive": int(seconds // (PUSH_TTL / 3)), "etcd lease/revoke": 1})
     for kind, (sent, new) in side.items():
         c[f"S3 HEAD {kind}"] += sent + new
@@ -121,7 +121,7 @@ def model_pull(U: int, walked: int, based: bool) -> Counter:
     found); U indexes this host's cache lacks of the packs the pulled commit and the base name
     (no LIST); the ranged GETs of trees and chunks (S3 GET data) depend on the layout and are
     reported as measured."""
-    return Counter({"etcd kv/range": 1, "S3 GET commit": 1 + walked + based, "S3 GET index": U})
+    return Counter({"etcd kv/range": 2, "S3 GET commit": 1 + walked + based, "S3 GET index": U})     # the name, gc/forwards
 
 
 def model_hold(seconds: float, ttl: float) -> Counter:
@@ -142,11 +142,11 @@ def model_gc(P: int, U: int, C: int, refs: Counter, commits: int, dead_packs: in
         return max(1, math.ceil(n / per))
     garbage = 2 * dead_packs + dead_commits + sum(d for _o, _n, d in side.values())
     c = Counter({"S3 LIST index": pages(P, 1000), "S3 GET index": U, "S3 LIST data": pages(P, 1000),
-                 "S3 LIST commit": pages(C, 1000),
+                 "S3 LIST commit": pages(C, 1000), "S3 LIST forwards": 1,
                  "S3 GET commit": commits, "S3 DELETE data": dead_packs * sweep,
                  "S3 DELETE index": dead_packs * sweep, "S3 DELETE commit": dead_commits * sweep,
                  "etcd lease/grant": 1, "etcd lease/revoke": 1,
-                 "etcd kv/range": 1 + pages(refs["snap"], 512) + pages(refs["branch"], 512) + 1,
+                 "etcd kv/range": 1 + pages(refs["snap"], 512) + pages(refs["branch"], 512) + 1 + 1,   # + gc/forwards
                  "etcd kv/txn": 1 + math.ceil(garbage / 100)})
     for kind, (objects, named, dead) in side.items():
         c[f"S3 LIST {kind}"] += pages(objects, 1000)

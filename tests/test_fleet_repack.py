@@ -69,6 +69,23 @@ def _partly_dead(a: Host, m) -> tuple[Path, Path, int]:
     return fork1, fork3, 5 * FILE + 1000
 
 
+def _set_forwards(etcd, seaweedfs, prefix: str, fid: bytes | None) -> None:
+    """Point the remote's etcd key gc/forwards at fid (None: remove it), as no gc would."""
+    from cowfs.kv.base import Batch
+    from cowfs.kv.etcd import EtcdKV
+
+    kv = EtcdKV(etcd.endpoint, ("gc",), f"cowfs-fleet/{seaweedfs.BUCKET}/{prefix}/".encode())
+    try:
+        batch = Batch()
+        if fid is None:
+            batch.delete("gc", b"forwards")
+        else:
+            batch.put("gc", b"forwards", fid)
+        kv.write(batch, [])
+    finally:
+        kv.close()
+
+
 def _drop_gc_lock(etcd, seaweedfs, prefix: str) -> None:
     """The lock of a gc killed -9 expires with its lease (30 s); the test removes it instead."""
     from cowfs.kv.base import Batch
@@ -152,7 +169,8 @@ def test_a_repack_killed_midway_then_completed_leaves_the_live_bytes_and_every_s
 
 
 @pytest.mark.slow
-def test_gc_repacks_partly_dead_packs_and_every_snapshot_still_reads(fleet, mount_factory, seaweedfs, engine_prefix):
+def test_gc_repacks_partly_dead_packs_and_every_snapshot_still_reads(fleet, mount_factory, seaweedfs, etcd,
+                                                                    engine_prefix):
     a, b, c = fleet("a"), fleet("b"), fleet("c")
     m = mount_factory()
     fork1, fork3, live = _partly_dead(a, m)
@@ -234,6 +252,14 @@ def test_gc_repacks_partly_dead_packs_and_every_snapshot_still_reads(fleet, moun
     store = mounting.init_store(c.base / "store-fork4-again")
     c.json("pull", "origin", "fork4", store)
     same_tree(fork4, mount_factory(store=store, branch="fork4").path)
+    # gc/forwards naming an object that is not there: check names it, a push fails in one line.
+    _set_forwards(etcd, seaweedfs, engine_prefix, b"f" * 64)
+    r = a.cowfs("remote", "check", "origin", check=False)
+    assert r.returncode == 1 and f"the remote origin lacks forwards/{'f' * 64}" in r.stdout, r.stdout + r.stderr
+    r = a.cowfs("push", m.path, "fork4", "origin", "--as", "fork4b", check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and f"lacks forwards/{'f' * 64}" in r.stderr, r.stderr
+    _set_forwards(etcd, seaweedfs, engine_prefix, None)
+    assert a.json("remote", "check", "origin")["ok"]
 
 
 @pytest.mark.slow
