@@ -35,6 +35,10 @@ def stats_lines(d: dict[str, Any]) -> list[str]:
         others = [b for b in d.get("mounted_branches", []) if b != d["branch"]]
         if others:
             out.append(_row("also mounted", ", ".join(others)))
+        ro = d.get("read_only") or {}
+        if ro.get("read_only"):     # its remote hold was lost (cowfs.fleet.holds)
+            out.append(_row("read-only", f"since {when(ro['since'])}: "
+                                         f"{ro.get('why') or 'the hold of its remote branch was lost'}"))
     if "logical_bytes" in d:
         out.append(_row("data", f"{human(d['logical_bytes'])} in files, {human(d.get('unique_bytes'))} unique, "
                                 f"{human(d.get('chunk_bytes'))} stored in {count(d.get('chunks'))} chunks"

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from cowfs.cli.admin import PROBE_TIMEOUT, branch_here
-from cowfs.cli.textfmt import duration, human
+from cowfs.cli.textfmt import duration, human, when
 from cowfs.daemon.mounts import MountEntry, cowfs_mounts
 
 
@@ -191,7 +191,7 @@ def _hold_lines(st: dict[str, Any]) -> list[str]:
     for h in st.get("holds") or []:
         line = f"  hold    branch {h['branch']} of the remote {h['remote']}: {h['state']}"
         if h.get("lost_at"):
-            line += f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h['lost_at']))}"
+            line += f" since {when(h['lost_at'])}"
         if h.get("holder"):
             line += f", held by {h['holder']}"
         elif h.get("detail"):
@@ -199,9 +199,8 @@ def _hold_lines(st: dict[str, Any]) -> list[str]:
         out.append(line)
     ro = st.get("read_only") or {}
     if ro.get("read_only"):
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ro["since"]))
-        out.append("  " + click.style(f"read-only since {since}: {ro.get('why') or 'its remote hold was lost'}",
-                                      fg="red"))
+        out.append("  " + click.style(f"read-only since {when(ro['since'])}: "
+                                      f"{ro.get('why') or 'its remote hold was lost'}", fg="red"))
     return out
 
 

@@ -54,9 +54,8 @@ def holder_name(pid: int, store: str, branch: str) -> str:
 
 def margin(ttl: int) -> float:
     """How long before its lease could expire a holder stops writing: covers a request that
-    passed the check and commits a moment later, and the two clocks' rates.  Long enough
-    against those, short beside the ttl/3 renewal period (2 more tries at ttl/3, then one
-    a second)."""
+    passed the check and commits a moment later, and the two clocks' rates; short beside
+    the TTL, so a failed renewal is tried again (every second) for most of the lease."""
     return max(0.5, ttl / 10)
 
 
