@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -103,3 +104,47 @@ def _reads(p: Path) -> bytes | None:
         return _direct_read(p)[: p.stat().st_size]
     except OSError:
         return None
+
+
+def test_a_lazy_daemon_killed_while_it_evicts_leaves_a_clean_store_that_mounts_again(fleet, mount_factory):
+    """SIGKILL of a lazy mount's daemon while a reader keeps its 4 MiB cache evicting: fsck
+    finds the store clean, and the same command mounts it again, where every file reads right
+    and the cache stays within its limit on disk."""
+    a, b = fleet("a"), fleet("b")
+    src = mount_factory()
+    data = {f"f{i}": os.urandom(3 << 20) for i in range(2)}
+    for name, content in data.items():
+        (src.path / name).write_bytes(content)
+    snap(src, "base")
+    a.json("push", src.path, "base", "origin")
+    store, mp = b.base / "lazy-store", b.base / "mnt"
+    opts = ("-o", "remote_cache_bytes=4M,lazy_near=0")
+    with lazy_mounted(b, "origin:base", mp, store, *opts):
+        stop = threading.Event()
+
+        def reader() -> None:
+            try:
+                while not stop.is_set():
+                    for name in data:
+                        _direct_read(mp / name)
+            except OSError:
+                pass  # the daemon is gone
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            mounting.wait_until(lambda: _cache(mp)["passes"] >= 2, "evictions under way", timeout=60)
+            for pid in mounting.pids_mentioning(mp):
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            stop.set()
+            t.join(60)
+        assert not t.is_alive()
+        mounting.lazy_unmount(mp)
+    mounting.fsck(store)
+    with lazy_mounted(b, "origin:base", mp, store, *opts):
+        for name, content in data.items():
+            assert _direct_read(mp / name)[: len(content)] == content, name
+        mounting.wait_until(lambda: _cache(mp)["bytes"] <= LIMIT and _cache(mp)["swept_at_start"] is not None,
+                            "the cache back under its limit, the packs a kill left deleted")
+    assert mounting.du(store / "packs") <= LIMIT + SLACK, mounting.du(store / "packs")
+    mounting.fsck(store)

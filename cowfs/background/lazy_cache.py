@@ -19,8 +19,9 @@ Reads meanwhile: a read on the loop looks a pointer up and reads its pack in one
 step, so it sees the chunk either in its pack (not deleted before step 4) or F again, which
 its `LazyReads.ensure` fetches (it looks again after every await); a worker thread that read
 a pointer before the commit reads the record again when the pack is gone
-(`ObjectStore.load`).  A crash after step 2 and before step 4 leaves packs nothing points
-at, which the next `cowfs gc` deletes.
+(`ObjectStore.load`).  A crash after step 2 and before step 4 (or in a fetch, between its
+pack put and its commit) leaves packs nothing points at: the next daemon's evictor deletes
+them first thing (`sweep_packs` with nothing to repack), when the store has a cache.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from cowfs.background.gc import sweep_packs
 from cowfs.background.lazy_warming import BUDGET_BYTES, LazyPrefetch, LazyWarming
 from cowfs.chunks.refs import RefTxn
 from cowfs.chunks.remotecache import Flip, RemoteCache
@@ -89,6 +91,12 @@ class CacheEvictor:
         self._wanted.set()
 
     async def run(self) -> None:
+        if self.cache.swept_at_start is None:
+            # Packs an earlier daemon's eviction or fetch left when it was killed (between the
+            # commit and the sweep, or the pack put and the commit) are outside the cache's
+            # count: delete them now (condemn and sweep only; below=0 repacks nothing).
+            swept = await sweep_packs(self.fs, below=0.0) if self.cache.packs else {"packs_deleted": 0}
+            self.cache.swept_at_start = swept["packs_deleted"]
         if self.cache.over():  # a smaller limit than the cache the store holds
             self._wanted.set()
         while True:

@@ -91,6 +91,9 @@ class RemoteCache:
         self.packs_repacked = 0  # partly evicted (delta bases kept): copied out
         self.refetches = 0  # chunks fetched again after an eviction
         self.failures = 0
+        # packs nothing pointed at that the evictor's first pass deleted (an eviction or a
+        # fetch cut short by a crash); None until that pass is done
+        self.swept_at_start: int | None = None
         self._evicted: OrderedDict[bytes, None] = OrderedDict()
 
     def load(self, kv: KV, packs: Packs) -> int:
@@ -207,4 +210,4 @@ class RemoteCache:
         return {"bytes": self.bytes, "limit": self.limit, "packs": len(self.packs), "passes": self.passes,
                 "chunks_evicted": self.chunks_evicted, "bytes_evicted": self.bytes_evicted,
                 "packs_evicted": self.packs_evicted, "packs_repacked": self.packs_repacked,
-                "refetches": self.refetches, "failures": self.failures}
+                "refetches": self.refetches, "failures": self.failures, "swept_at_start": self.swept_at_start}
