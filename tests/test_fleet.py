@@ -884,9 +884,9 @@ def test_a_mount_whose_hold_another_host_took_over_turns_read_only_and_keeps_wha
         assert st["read_only"]["read_only"] and b_holds in st["read_only"]["why"], st["read_only"]
         inside = json.loads((ma.path / ".cowfs" / "stats").read_text())["read_only"]   # the sandbox's view
         assert inside["read_only"] and "why" not in inside, inside
-        assert f"branch main is read-only (since " in ma.log_text() and f"is held by {b_holds}" in ma.log_text()
+        assert "branch main is read-only (since " in ma.log_text() and f"is held by {b_holds}" in ma.log_text()
         shown = a.cowfs("status", store_a).stdout
-        assert f"hold    branch dev of the remote origin: taken since " in shown and f"held by {b_holds}" in shown, shown
+        assert "hold    branch dev of the remote origin: taken since " in shown and f"held by {b_holds}" in shown, shown
         assert "read-only since " in shown, shown
         shown = a.cowfs("stats", ma.path).stdout
         assert "read-only   since " in shown and f"is held by {b_holds}" in shown, shown
@@ -1190,15 +1190,6 @@ def _odirect_pwrite(path: Path, off: int, data: bytes) -> None:
         os.close(fd)
 
 
-def _odirect_read(path: Path) -> bytes:
-    """The whole file, past the kernel's page cache (the daemon serves every byte)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        return mounting.direct_pread(fd, 0, -(-os.fstat(fd).st_size // 4096) * 4096)
-    finally:
-        os.close(fd)
-
-
 def test_lazy_files_written_cut_cloned_and_read_at_once(fleet, mount_factory, test_dir):
     """Files of a lazy mount whose chunks are all still remote: two threads read one chunk at
     once; O_DIRECT writes into unfetched chunks (in part, and past EOF into the last chunk);
@@ -1244,7 +1235,7 @@ def test_lazy_files_written_cut_cloned_and_read_at_once(fleet, mount_factory, te
                 m.extend(bytes(off - len(m)))
             m[off:off + n] = data
         for name in ("big", "tail", "dup"):
-            assert _odirect_read(mp / name) == model[name], name
+            assert mounting.direct_read_all(mp / name) == model[name], name
         # A truncate into an unfetched chunk, then back out; a punched hole in part of one.
         os.truncate(mp / "cut", 2 * 65536 + 100)
         os.truncate(mp / "cut", 3 * 65536)
@@ -1256,7 +1247,7 @@ def test_lazy_files_written_cut_cloned_and_read_at_once(fleet, mount_factory, te
             os.close(fd)
         model["hole"][65536 + 1000:65536 + 4000] = bytes(3000)
         for name in ("cut", "hole"):
-            assert _odirect_read(mp / name) == model[name], name
+            assert mounting.direct_read_all(mp / name) == model[name], name
         # A clone and a snapshot of files never read.
         mounting.ok(mp, "clone dup dup2")
         mounting.ok(mp, "snapshot s1")
@@ -1280,7 +1271,7 @@ def test_lazy_files_written_cut_cloned_and_read_at_once(fleet, mount_factory, te
     assert report["clean"], report["problems"]
     with lazy_mounted(b, "origin:base", mp, store):
         for name, data in model.items():
-            assert _odirect_read(mp / name) == data, f"{name} after gc and a remount"
+            assert mounting.direct_read_all(mp / name) == data, f"{name} after gc and a remount"
         assert (mp / "dup2").read_bytes() == model["dup"]
     report = mounting.fsck(store)
     assert report["clean"], report["problems"]

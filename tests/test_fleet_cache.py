@@ -13,19 +13,10 @@ from pathlib import Path
 import pytest
 
 import mounting
-from mounting import fetched, lazy_mounted, snap
+from mounting import direct_read_all, fetched, lazy_mounted, snap
 
 LIMIT = 4 << 20
 SLACK = 1 << 20  # the pack indexes, and one fetch's pack beyond the limit before its eviction
-
-
-def _direct_read(path: Path) -> bytes:
-    """The whole file past the kernel's page cache: the daemon serves (and fetches) every byte."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        return mounting.direct_pread(fd, 0, -(-os.fstat(fd).st_size // 4096) * 4096)
-    finally:
-        os.close(fd)
 
 
 def _cache(mp: Path) -> dict:
@@ -59,7 +50,7 @@ def test_a_lazy_mount_keeps_its_fetched_chunks_under_the_limit_and_fetches_evict
                     f.write(written[off : off + (256 << 10)])
                     os.fsync(f.fileno())
         threads = [threading.Thread(target=lambda names=names: got.update(
-            {n: _direct_read(mp / n) for n in names})) for names in (["f0", "f1"], ["f2", "f3"])]
+            {n: direct_read_all(mp / n) for n in names})) for names in (["f0", "f1"], ["f2", "f3"])]
         threads.append(threading.Thread(target=writer))
         for t in threads:
             t.start()
@@ -73,11 +64,11 @@ def test_a_lazy_mount_keeps_its_fetched_chunks_under_the_limit_and_fetches_evict
         assert mounting.du(store / "packs") <= LIMIT + len(local) + len(written) + SLACK, mounting.du(store / "packs")
         # f0 was read first: evicted, so reading it again fetches it again, right.
         before = fetched(mp)["bytes_fetched"]
-        assert _direct_read(mp / "f0")[: 3 << 20] == data["f0"]
+        assert direct_read_all(mp / "f0")[: 3 << 20] == data["f0"]
         assert fetched(mp)["bytes_fetched"] - before >= 2 << 20
         assert _cache(mp)["refetches"] >= 32, _cache(mp)
-        assert _direct_read(mp / "local")[: len(local)] == local
-        assert _direct_read(mp / "written")[: len(written)] == written
+        assert direct_read_all(mp / "local")[: len(local)] == local
+        assert direct_read_all(mp / "written")[: len(written)] == written
         assert "remote cache" in b.cowfs("stats", mp).stdout
     report = mounting.fsck(store)
     assert report["counts"].get("remote_chunks"), "nothing was evicted back to the remote"
@@ -87,11 +78,11 @@ def test_a_lazy_mount_keeps_its_fetched_chunks_under_the_limit_and_fetches_evict
         assert _cache(mp)["bytes"] <= LIMIT and _cache(mp)["packs"] > 0, "the cache was not found again"
         sw.kill()
         try:
-            assert _direct_read(mp / "local")[: len(local)] == local
-            assert _direct_read(mp / "written")[: len(written)] == written
-            assert _direct_read(mp / "f0")[: 3 << 20] == data["f0"]
+            assert direct_read_all(mp / "local")[: len(local)] == local
+            assert direct_read_all(mp / "written")[: len(written)] == written
+            assert direct_read_all(mp / "f0")[: 3 << 20] == data["f0"]
             with pytest.raises(OSError) as e:
-                _direct_read(mp / "f1")
+                direct_read_all(mp / "f1")
             assert e.value.errno == errno.EIO
         finally:
             sw.start()
@@ -101,7 +92,7 @@ def test_a_lazy_mount_keeps_its_fetched_chunks_under_the_limit_and_fetches_evict
 
 def _reads(p: Path) -> bytes | None:
     try:
-        return _direct_read(p)[: p.stat().st_size]
+        return direct_read_all(p)[: p.stat().st_size]
     except OSError:
         return None
 
@@ -126,7 +117,7 @@ def test_a_lazy_daemon_killed_while_it_evicts_leaves_a_clean_store_that_mounts_a
             try:
                 while not stop.is_set():
                     for name in data:
-                        _direct_read(mp / name)
+                        direct_read_all(mp / name)
             except OSError:
                 pass  # the daemon is gone
         t = threading.Thread(target=reader)
@@ -143,7 +134,7 @@ def test_a_lazy_daemon_killed_while_it_evicts_leaves_a_clean_store_that_mounts_a
     mounting.fsck(store)
     with lazy_mounted(b, "origin:base", mp, store, *opts):
         for name, content in data.items():
-            assert _direct_read(mp / name)[: len(content)] == content, name
+            assert direct_read_all(mp / name)[: len(content)] == content, name
         mounting.wait_until(lambda: _cache(mp)["bytes"] <= LIMIT and _cache(mp)["swept_at_start"] is not None,
                             "the cache back under its limit, the packs a kill left deleted")
     assert mounting.du(store / "packs") <= LIMIT + SLACK, mounting.du(store / "packs")
