@@ -11,7 +11,9 @@ st_blocks computed and read, three times; unlinked.  smallwrites (issue 24's ran
 fsync without FUSE): a file of MIB MiB of random data committed, the store reopened (no
 chunk, node or size cached in the process), then PAGES 4 KiB writes at seeded random page
 offsets, each followed by an fsync (a small-write log record and a WAL sync), and a flush
-every 200 writes (what the daemon's 1 s timer folds at ~200-300 such writes a second).
+every 200 writes (what the daemon's 1 s timer folded at ~200-300 such writes a second), or,
+in a build whose flusher has `due` (issue 24's fold policy: cowfs.core.smallwrites), the
+flushes and folds that policy asks for after each fsync; then a last flush.
 CPU seconds (time.process_time: every thread of the process, the fold's encoding and the
 WAL syncs included) per phase; the builds run
 interleaved, REPS times, and the medians and their ratios to the first build are printed.  CPU
@@ -90,14 +92,22 @@ async def main():
         rnd = random.Random(24)
         offs = [rnd.randrange(MIB << 8) << 12 for _ in range(PAGES)]
         page = os.urandom(4096)
+        due = getattr(fs.flusher, "due", None)  # the background task's policy, where a build has it
+        folds = 0
         t = time.process_time()
         for k, off in enumerate(offs):
             await fs.write(node, off, page)
             await fs.fsync()
-            if k % 200 == 199:
+            if due is not None:
+                nodes = due(False)
+                if nodes != []:
+                    folds += nodes is None
+                    await fs.flusher.flush(nodes)
+            elif k % 200 == 199:
+                folds += 1
                 await fs.flush()
         await fs.flush()
-        out = {"4K write+fsync": time.process_time() - t}
+        out = {"4K write+fsync": time.process_time() - t, "folds before the last": folds}
         store.close()
         print(json.dumps(out))
 
@@ -132,11 +142,12 @@ def main() -> None:
     first = a.pythons[0]
     for phase in runs[first][0]:
         base = statistics.median(r[phase] for r in runs[first])
-        print(f"{phase} ({sizes[phase]}, CPU s, median of {a.reps}; min-max; ratio to the first):")
+        unit = "count" if phase.startswith("folds") else "CPU s"
+        print(f"{phase} ({sizes[phase]}, {unit}, median of {a.reps}; min-max; ratio to the first):")
         for p in a.pythons:
             vals = [r[phase] for r in runs[p]]
             med = statistics.median(vals)
-            print(f"  {p}: {med:.3f} ({min(vals):.3f}-{max(vals):.3f}) x{med / base:.3f}")
+            print(f"  {p}: {med:.3f} ({min(vals):.3f}-{max(vals):.3f}) x{med / base if base else 0:.3f}")
 
 
 if __name__ == "__main__":

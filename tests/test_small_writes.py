@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 import mounting
+from cowfs.core.smallwrites import FOLD_IDLE
 from mounting import ok, stats
 
 HOLD = {"COWFS_FAULTS": "timer_flush:eio:*"}
@@ -162,4 +164,41 @@ def test_fsync_of_more_than_the_log_takes_flushes_as_before(mount_factory):
     assert after["small_write_log"]["records"] == before["small_write_log"]["records"] == 0
     assert after["flushes"] > before["flushes"]
     assert "replayed" not in m.log_text()
+    assert path.read_bytes() == model
+
+
+@pytest.mark.timeout(180)
+def test_a_page_fsynced_again_and_again_stays_in_the_log_until_an_idle_fold(mount_factory):
+    """With the 1 s timer running (the `log_fold` hook holding the background folds): 50
+    fsyncs of one page over ~2.5 s stay log records, so its chunk is not re-encoded every
+    second, while another file's write that no record holds is committed by the timer
+    alone.  Without the hook, once no record was written for FOLD_IDLE seconds, the
+    background task folds the log."""
+    m = mount_factory(env={"COWFS_FAULTS": "log_fold:eio:*"})
+    path, model, rnd = _base(m, 28)
+    other = m.path / "g"
+    other.write_bytes(bytes(8192))
+    with _opened(path) as fd, _opened(other, os.O_RDWR | os.O_DIRECT) as gfd:
+        os.fsync(fd)
+        for _ in range(50):
+            _pwrite(fd, model, 8192 + rnd.randrange(4096 - 100), rnd.randbytes(100))
+            os.fsync(fd)
+            time.sleep(0.05)
+        unlogged = rnd.randbytes(4096)
+        mounting.direct_pwrite(gfd, 4096, unlogged)  # reaches the daemon now, no fsync follows
+        time.sleep(2.5)
+        mounting.sigkill_fsck_start(m)
+    _replayed(m, 50)  # none folded by the timer (before: one fold a second, g's write in the next)
+    assert path.read_bytes() == model
+    assert other.read_bytes() == bytes(4096) + unlogged  # the timer committed it, unlogged
+    m.stop()
+    m.env = {}
+    m.start()
+    with _opened(path) as fd:
+        for _ in range(5):
+            _pwrite(fd, model, rnd.randrange(len(model) - 100), rnd.randbytes(100))
+            os.fsync(fd)
+        time.sleep(FOLD_IDLE + 2)
+        mounting.sigkill_fsck_start(m)
+    assert "replayed" not in m.log_text().split("start #4")[-1]  # folded while idle
     assert path.read_bytes() == model

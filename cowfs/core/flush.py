@@ -37,6 +37,9 @@ DIRTY_AGE = 1.0  # seconds before the background flusher commits dirty data
 # Dirty bytes that wake the background flusher at once: a streaming writer's next chunks
 # are copied in while the previous ones are hashed, compressed and committed.
 EARLY_FLUSH_BYTES = 8 << 20
+# Dirty bytes that make the background task fold the small-write log (cowfs.core.smallwrites:
+# logged buffers stay in memory until a fold), before writers would wait at DIRTY_LIMIT.
+FOLD_DIRTY_BYTES = DIRTY_LIMIT // 2
 THREAD_FLUSH_BYTES = 512 << 10  # flushes larger than this hash/compress in a worker thread
 # Flushes of at least this much write their chunk encodings (those of PACK_MIN_VALUE bytes or
 # more) as one new pack, durable before the commit, in the thread, and commit only pointers
@@ -85,6 +88,9 @@ class Flusher:
         self.flushing_bytes = 0  # what the flush in progress took
         self.flush_count = 0
         self.flush_wanted = trio.Event()
+        # dirty_bytes beyond which a write wakes the background task: EARLY_FLUSH_BYTES more
+        # than what the last flush left (buffers only log records wait for; see smallwrites).
+        self.early_at = EARLY_FLUSH_BYTES
 
     def held_bytes(self) -> int:
         """Disk bytes acknowledged data not committed yet will take at most."""
@@ -111,7 +117,7 @@ class Flusher:
             self.dirty_nodes.setdefault(node, time.monotonic())
         if self.dirty_bytes > DIRTY_LIMIT:
             return True
-        if self.dirty_bytes > EARLY_FLUSH_BYTES:
+        if self.dirty_bytes > self.early_at:
             self.flush_wanted.set()
         return False
 
@@ -136,8 +142,9 @@ class Flusher:
             self.dirty_bytes -= len(node.dirty) * CHUNK
         node.dirty.clear()
 
-    async def flush(self) -> None:
-        """Commit every acknowledged write (not yet durable: see sync).
+    async def flush(self, nodes: list[Node] | None = None) -> None:
+        """Commit every acknowledged write (not yet durable: see sync); with nodes, only
+        theirs (the timer's flush, which leaves the small-write log to its fold).
 
         Acknowledged writes are dirty, or flushing in another task's flush, which holds the
         lock while it encodes in a thread: that flush must be waited for too, or an fsync
@@ -146,7 +153,7 @@ class Flusher:
             txn = self.fs.txn
             await txn.acquire_lock()
             try:
-                await self.flush_locked()
+                await self.flush_locked(nodes)
             finally:
                 txn.lock.release()
 
@@ -254,13 +261,16 @@ class Flusher:
         # threaded flush pass the byte quota by what it wrote meanwhile.
         m.account(node)
 
-    def _take(self) -> tuple[list[_Taken], int]:
-        """Move every dirty node's buffers to `flushing` (no copy: later writes start new
-        buffers, copying from these, so nothing mutates a buffer once it is flushing)."""
-        nodes = list(self.dirty_nodes)
-        self.dirty_nodes.clear()
+    def _take(self, only: list[Node] | None = None) -> tuple[list[_Taken], int]:
+        """Move every dirty node's buffers (with only, those of only's dirty nodes) to
+        `flushing` (no copy: later writes start new buffers, copying from these, so nothing
+        mutates a buffer once it is flushing)."""
+        if only is None:
+            nodes = list(self.dirty_nodes)
+            self.dirty_nodes.clear()
+        else:
+            nodes = [n for n in only if self.dirty_nodes.pop(n, None) is not None]
         self.flush_running = True
-        self.dirty_bytes = 0
         work = []
         total = 0
         for node in nodes:
@@ -271,11 +281,14 @@ class Flusher:
                                node.unloggable))
             node.unlogged, node.unloggable = None, False  # what is written from now on: the next record
         self.flushing_bytes = total
+        self.dirty_bytes = max(0, self.dirty_bytes - total) if self.dirty_nodes else 0
+        self.early_at = self.dirty_bytes + EARLY_FLUSH_BYTES
         return work, total
 
-    def _commit(self, m: Mutation, work: list[_Taken], encoded: list[Encoded]) -> None:
-        """Commit the taken chunks, and delete every small-write log record: all of them
-        describe data of dirty nodes, all taken here (cowfs.core.smallwrites)."""
+    def _commit(self, m: Mutation, work: list[_Taken], encoded: list[Encoded], partial: bool = False) -> None:
+        """Commit the taken chunks, and delete the small-write log records of their nodes
+        (unless partial, every record: all of them describe data of dirty nodes, all taken
+        here; cowfs.core.smallwrites)."""
         fs = self.fs
         for t, enc in zip(work, encoded):
             if not t.node.deleted:
@@ -283,7 +296,7 @@ class Flusher:
                 if t.node.cap is not None and size > t.node.cap:
                     size, enc = self.cut_taken(t, enc)
                 self.flush_node_into(m, t.node, enc, size, t.stamp)
-        folded = fs.smallwrites.delete_into(m.batch)
+        folded = fs.smallwrites.delete_into(m.batch, {t.node for t in work} if partial else None)
         # The attributes of deferred SETATTRs, which a failed commit's revert would
         # take back to what is stored: they were acknowledged, so they stay.
         stamps = [_stamp(t.node.attrs) for t in work]
@@ -335,11 +348,14 @@ class Flusher:
             self.flushing_bytes = 0
         self._done(work, total)
 
-    async def flush_locked(self) -> None:
-        """Commit all dirty data (caller holds the lock). Large flushes encode in a thread."""
+    async def flush_locked(self, only: list[Node] | None = None) -> None:
+        """Commit all dirty data (with only, that of only's nodes, once; caller holds the
+        lock). Large flushes encode in a thread."""
         fs = self.fs
         while self.dirty_nodes:
-            work, total = self._take()
+            work, total = self._take(only)
+            if not work:
+                return
             m = Mutation(fs)
             with self._settled(m, work, total):
                 if total > THREAD_FLUSH_BYTES:
@@ -352,7 +368,9 @@ class Flusher:
                         raise FSError(errno.ENOSPC, f"pack put failed: {exc}") from exc  # a full disk
                 else:
                     encoded = [self.encode(t.chunks) for t in work]
-                self._commit(m, work, encoded)
+                self._commit(m, work, encoded, only is not None)
+            if only is not None:
+                return
 
     def flush_inline(self) -> None:
         """flush_locked without a thread or a checkpoint: for the small-write log's replay,
@@ -380,24 +398,47 @@ class Flusher:
             keep.update(self.encode({i: bytearray(data[:rem])}))
         return cap, keep
 
+    def due(self, early: bool) -> list[Node] | None:
+        """What the background task commits now: None, every dirty node (the small-write
+        log's fold is due: cowfs.core.smallwrites); else the nodes holding writes no log
+        record holds, if one has waited DIRTY_AGE seconds or early (EARLY_FLUSH_BYTES more
+        are dirty); [] nothing."""
+        now = time.monotonic()
+        sw = self.fs.smallwrites
+        if sw.fold_due(now) or self.dirty_bytes >= FOLD_DIRTY_BYTES:
+            return None
+        waiting = [n for n in self.dirty_nodes if not sw.log_only(n)]
+        if waiting and (early or now - min(self.dirty_nodes[n] for n in waiting) >= DIRTY_AGE):
+            return waiting
+        if early:  # only logged buffers: wake again EARLY_FLUSH_BYTES further
+            self.early_at = self.dirty_bytes + EARLY_FLUSH_BYTES
+        return []
+
     async def background_flusher(self) -> None:
-        """Commit dirty data that has waited DIRTY_AGE seconds, or once EARLY_FLUSH_BYTES pile up."""
+        """Commit dirty data that has waited DIRTY_AGE seconds, or once EARLY_FLUSH_BYTES pile
+        up; fold the small-write log when it is due (`due`)."""
         while True:
             with trio.move_on_after(DIRTY_AGE / 2):
                 await self.flush_wanted.wait()
             early = self.flush_wanted.is_set()
             if early:
                 self.flush_wanted = trio.Event()
-            if self.dirty_nodes and (early or time.monotonic() - min(self.dirty_nodes.values()) >= DIRTY_AGE):
-                try:
-                    faults.point("timer_flush")  # a test hook: this flush skipped
-                except OSError as exc:
-                    log.info("timer flush skipped: %s", exc)
-                    continue
-                try:
-                    await self.flush()
-                except FSError as exc:
-                    # A refusal (disk full, quota) is the writers' to see; any other error
-                    # (an OSError of a pack put) ends this task for its supervisor to count
-                    # and restart (cowfs.background.supervise).
-                    log.error("background flush failed: %s", exc)
+            if not self.dirty_nodes:
+                continue
+            nodes = self.due(early)
+            if nodes == []:
+                continue
+            try:
+                if nodes is None:
+                    faults.point("log_fold")  # a test hook: this fold skipped
+                faults.point("timer_flush")  # a test hook: this flush skipped
+            except OSError as exc:
+                log.info("timer flush skipped: %s", exc)
+                continue
+            try:
+                await self.flush(nodes)
+            except FSError as exc:
+                # A refusal (disk full, quota) is the writers' to see; any other error
+                # (an OSError of a pack put) ends this task for its supervisor to count
+                # and restart (cowfs.background.supervise).
+                log.error("background flush failed: %s", exc)

@@ -9,9 +9,8 @@ dirty file into the `meta` family (keys `wlog/<seq>`): the file's branch head la
 number, size, mode, owner and times, and the exact bytes of its dirty buffers in the pages
 written since its last record.  The record is committed like any batch and made durable by
 the same WAL sync.  The data stays in the dirty buffers (reads are served from them as
-before) and the file stays dirty; the next flush (the timer of rule 5, a release, any
-metadata operation, `LOG_LIMIT` logged bytes) commits it as chunks and deletes every log
-record in the same batch ("folding" the log).
+before) and the file stays dirty; a fold (see below for when) commits it as chunks and
+deletes its records in the same batch.
 
 Why the records are always valid where they are replayed: every commit that changes a
 file's tree or attributes, or a branch's head layer, is a mutation or runs under
@@ -23,6 +22,17 @@ moves records between layers without a flush, but keeps their content and the he
 store through a filesystem) writes each record's bytes into the node's buffers again, in
 order, sets the size and attributes it names, and commits them with the deletion of the
 records: what fsync acknowledged is back (tests/test_small_writes.py).
+
+When the log is folded (`fold_due`, issue 24): not by the 1 s timer, which commits only
+nodes holding writes no record holds (`log_only` nodes are skipped: what they hold is
+committed already, as records), but once the log holds `LOG_FOLD` bytes, once no record was
+written for `FOLD_IDLE` seconds, once its oldest record is `FOLD_AGE` seconds old, or when
+the dirty buffers take half of `DIRTY_LIMIT` (`Flusher.background_flusher`); and, as before,
+by a release, any metadata operation, and an fsync past `LOG_LIMIT`.  So a file whose pages
+are fsync'd again and again (a database's header and WAL frames, random page writes) has
+each of its chunks re-encoded once per fold instead of once a second, and the fold runs
+from the background task, not from the requests of the writer it would stall.  A partial
+flush (the timer's) deletes the records of the nodes it commits, and only those.
 """
 from __future__ import annotations
 
@@ -45,6 +55,9 @@ log = logging.getLogger(__name__)
 
 FSYNC_LOG_MAX = 256 << 10  # unlogged bytes one fsync may log; beyond, it flushes as before
 LOG_LIMIT = 8 << 20  # bytes logged since the last fold; beyond, an fsync folds instead
+LOG_FOLD = LOG_LIMIT // 2  # bytes logged that make the background task fold (before the fsync must)
+FOLD_IDLE = 2.0  # seconds without a new record after which the log is folded
+FOLD_AGE = 30.0  # seconds a record waits at most to be folded
 
 
 def _ranges(node: Node) -> list[tuple[int, bytes | memoryview]]:
@@ -90,8 +103,12 @@ class SmallWrites:
 
     def __init__(self, fs: "Filesystem") -> None:
         self.fs = fs
-        self.keys: list[int] = []  # sequence numbers of the records in the store, in order
+        # The records in the store, by sequence number (in order): the node each is of (None:
+        # a previous daemon's, replayed) and the data bytes it holds.
+        self.pending: dict[int, tuple[Node | None, int]] = {}
         self.bytes = 0  # data bytes they hold
+        self.first_at = 0.0  # time.monotonic() of the oldest pending record's write
+        self.last_at = 0.0  # and of the newest's
         self.seq = 0  # the next record's
         self.records = 0  # written since the mount (stats)
         self.folds = 0  # flushes that deleted records
@@ -112,7 +129,7 @@ class SmallWrites:
         if total > FSYNC_LOG_MAX or self.bytes + total > LOG_LIMIT:
             return False
         batch = Batch()
-        written: list[tuple[Node, int]] = []
+        written: list[tuple[Node, int, int]] = []  # node, sequence number, data bytes
         nbytes = 0
         for n in nodes:
             if not n.unlogged and n.log_mark() == n.logged:
@@ -120,8 +137,9 @@ class SmallWrites:
             record = _record(n)
             seq = self.seq + len(written)
             writelog.put(batch, seq, record)
-            written.append((n, seq))
-            nbytes += sum(len(d) for _o, d in record.ranges)
+            size = sum(len(d) for _o, d in record.ranges)
+            written.append((n, seq, size))
+            nbytes += size
         if not written:
             return True
         try:
@@ -129,29 +147,50 @@ class SmallWrites:
         except Exception as exc:  # noqa: BLE001 - as Transactions.commit: a failed write
             error = str(exc) or type(exc).__name__
         else:
+            now = time.monotonic()
+            if not self.pending:
+                self.first_at = now
+            self.last_at = now
             self.seq += len(written)
             self.records += len(written)
             self.bytes += nbytes
-            for n, k in written:
+            dirty = fs.flusher.dirty_nodes
+            for n, k, size in written:
                 n.unlogged = None
                 n.logged = n.log_mark()
-                self.keys.append(k)
+                self.pending[k] = (n, size)
+                # Nothing of it is uncommitted now: the timer's 1 s counts from here.
+                dirty[n] = now
             return True
         raise fs.txn.failed("log commit", error)
 
-    def delete_into(self, batch: Batch) -> list[int]:
-        """Delete every record in batch (a flush that commits every dirty node); returns
-        their sequence numbers, for `folded` once the batch is written."""
-        for seq in self.keys:
+    @staticmethod
+    def log_only(node: Node) -> bool:
+        """Whether every acknowledged write of node is in its log records (nothing written,
+        no attribute changed since its last record): the timer leaves it to the fold."""
+        return node.logged is not None and not node.unlogged and not node.unloggable and node.log_mark() == node.logged
+
+    def fold_due(self, now: float) -> bool:
+        """Whether the background task should fold the log now (see the module's docstring)."""
+        return bool(self.pending) and (self.bytes >= LOG_FOLD or now - self.last_at >= FOLD_IDLE
+                                       or now - self.first_at >= FOLD_AGE)
+
+    def delete_into(self, batch: Batch, nodes: set[Node] | None = None) -> list[int]:
+        """Delete in batch the records of nodes (None: every record; a flush that commits
+        every dirty node); returns their sequence numbers, for `folded` once it is written.
+        A previous daemon's records go with any flush (replay commits them at once)."""
+        keys = [seq for seq, (n, _b) in self.pending.items() if nodes is None or n is None or n in nodes]
+        for seq in keys:
             writelog.delete(batch, seq)
-        return list(self.keys)
+        return keys
 
     def folded(self, keys: list[int], nodes: Iterable[Node]) -> None:
         """The batch deleting keys is written: those records are gone, the nodes committed."""
         if keys:
             self.folds += 1
-            del self.keys[: len(keys)]
-            if not self.keys:
+            for k in keys:
+                self.bytes -= self.pending.pop(k)[1]
+            if not self.pending:
                 self.bytes = 0
         for n in nodes:
             n.logged = None
@@ -172,7 +211,7 @@ class SmallWrites:
         objects = store.objects
         dropped = 0
         for seq, value in found:
-            self.keys.append(seq)
+            self.pending[seq] = (None, 0)
             self.seq = seq + 1
             try:
                 r = writelog.Record.unpack(value)

@@ -216,7 +216,7 @@ class Daemon:
             "flushes": fs.flusher.flush_count,
             # fsyncs made durable as small-write log records, and flushes that folded them
             "small_write_log": {"records": fs.smallwrites.records, "folds": fs.smallwrites.folds,
-                                "pending_records": len(fs.smallwrites.keys),
+                                "pending_records": len(fs.smallwrites.pending),
                                 "pending_bytes": fs.smallwrites.bytes},
             "commits": store.write_seq,
             "syncs_done": store.synced_seq,
