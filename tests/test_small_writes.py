@@ -178,6 +178,9 @@ def test_a_page_fsynced_again_and_again_stays_in_the_log_until_an_idle_fold(moun
     path, model, rnd = _base(m, 28)
     other = m.path / "g"
     other.write_bytes(bytes(8192))
+    # The kernel sends RELEASE in the background: one arriving during the fsyncs below
+    # would fold the log (a release of a written handle commits every dirty node).
+    mounting.wait_until(lambda: stats(m.path)["requests"].get("release", 0) >= 2, "the releases of f and g", 20)
     with _opened(path) as fd, _opened(other, os.O_RDWR | os.O_DIRECT) as gfd:
         os.fsync(fd)
         for _ in range(50):
@@ -201,4 +204,33 @@ def test_a_page_fsynced_again_and_again_stays_in_the_log_until_an_idle_fold(moun
         time.sleep(FOLD_IDLE + 2)
         mounting.sigkill_fsck_start(m)
     assert "replayed" not in m.log_text().split("start #4")[-1]  # folded while idle
+    assert path.read_bytes() == model
+
+
+@pytest.mark.timeout(180)
+def test_fsyncs_during_a_fold_are_logged_without_waiting_and_outlive_its_commit(mount_factory):
+    """The idle fold of 1 MiB of logged pages encodes in a thread (held 5 s there by the
+    `flush_encode` hook): fsyncs meanwhile are logged and return without waiting for it,
+    its commit deletes only the records it took, and after SIGKILL the next daemon replays
+    exactly the records written during the fold, over the tree the fold committed."""
+    m = mount_factory(env={"COWFS_FAULTS": "flush_encode:sleep5"})
+    rnd = random.Random(29)
+    model = bytearray()
+    path = m.path / "f"
+    with _opened(path, os.O_RDWR | os.O_CREAT) as fd:
+        for i in range(16):  # 16 chunks, each logged: the fold's 1 MiB is encoded in a thread
+            _pwrite(fd, model, i * 65536, rnd.randbytes(65536))
+            os.fsync(fd)
+        time.sleep(FOLD_IDLE + 1.5)  # the fold took them and sleeps in its thread
+        waits = []
+        for _ in range(20):
+            _pwrite(fd, model, rnd.randrange(len(model) - 100), rnd.randbytes(100))
+            t = time.monotonic()
+            os.fsync(fd)
+            waits.append(time.monotonic() - t)
+            time.sleep(0.3)  # records keep coming: no idle fold of these
+        assert os.pread(fd, len(model), 0) == model
+        mounting.sigkill_fsck_start(m)
+    assert max(waits) < 2.5, waits  # before: the first waited for the fold's thread (5 s)
+    _replayed(m, 20)  # the fold committed the 16, and left the 20 written after its take
     assert path.read_bytes() == model

@@ -91,6 +91,10 @@ class Flusher:
         # dirty_bytes beyond which a write wakes the background task: EARLY_FLUSH_BYTES more
         # than what the last flush left (buffers only log records wait for; see smallwrites).
         self.early_at = EARLY_FLUSH_BYTES
+        # Of the flush in progress: the log records its commit deletes, and whether all it
+        # took is in log records (then fsyncs need not wait for it: `fsync`).
+        self.taken_keys: list[int] = []
+        self.covered = False
 
     def held_bytes(self) -> int:
         """Disk bytes acknowledged data not committed yet will take at most."""
@@ -159,7 +163,16 @@ class Flusher:
 
     async def fsync(self) -> None:
         """Make every acknowledged write durable: as small-write log records when little
-        is unlogged (cowfs.core.smallwrites), else by a flush; then a WAL sync."""
+        is unlogged (cowfs.core.smallwrites), else by a flush; then a WAL sync.
+
+        While a flush that took only data its log records hold encodes in a thread (a
+        fold; its task holds the lock), what it took is durable already, so the writes
+        made since are logged without waiting for it: its commit deletes only the records
+        it took (`SmallWrites.keys_of`), and a flush of every node takes the nodes logged
+        meanwhile in its next round, before anything it runs for commits."""
+        if self.flush_running and self.covered and (not self.dirty_nodes or self.fs.smallwrites.log_locked()):
+            await self.fs.store.sync()
+            return
         if self.dirty_nodes or self.flush_running:
             txn = self.fs.txn
             await txn.acquire_lock()
@@ -270,6 +283,9 @@ class Flusher:
             self.dirty_nodes.clear()
         else:
             nodes = [n for n in only if self.dirty_nodes.pop(n, None) is not None]
+        sw = self.fs.smallwrites
+        self.taken_keys = sw.keys_of(None if only is None else set(nodes))
+        self.covered = all(n.deleted or (sw.log_only(n) and n.cap is None) for n in nodes)
         self.flush_running = True
         work = []
         total = 0
@@ -285,10 +301,10 @@ class Flusher:
         self.early_at = self.dirty_bytes + EARLY_FLUSH_BYTES
         return work, total
 
-    def _commit(self, m: Mutation, work: list[_Taken], encoded: list[Encoded], partial: bool = False) -> None:
+    def _commit(self, m: Mutation, work: list[_Taken], encoded: list[Encoded]) -> None:
         """Commit the taken chunks, and delete the small-write log records of their nodes
-        (unless partial, every record: all of them describe data of dirty nodes, all taken
-        here; cowfs.core.smallwrites)."""
+        as of the take (of a flush of every node, every record then: all of them describe
+        data of dirty nodes, all taken here; cowfs.core.smallwrites)."""
         fs = self.fs
         for t, enc in zip(work, encoded):
             if not t.node.deleted:
@@ -296,7 +312,8 @@ class Flusher:
                 if t.node.cap is not None and size > t.node.cap:
                     size, enc = self.cut_taken(t, enc)
                 self.flush_node_into(m, t.node, enc, size, t.stamp)
-        folded = fs.smallwrites.delete_into(m.batch, {t.node for t in work} if partial else None)
+        folded = self.taken_keys
+        fs.smallwrites.delete_into(m.batch, folded)
         # The attributes of deferred SETATTRs, which a failed commit's revert would
         # take back to what is stored: they were acknowledged, so they stay.
         stamps = [_stamp(t.node.attrs) for t in work]
@@ -344,7 +361,7 @@ class Flusher:
             self._put_back(m, work)
             raise
         finally:
-            self.flush_running = False
+            self.flush_running = self.covered = False
             self.flushing_bytes = 0
         self._done(work, total)
 
@@ -368,7 +385,7 @@ class Flusher:
                         raise FSError(errno.ENOSPC, f"pack put failed: {exc}") from exc  # a full disk
                 else:
                     encoded = [self.encode(t.chunks) for t in work]
-                self._commit(m, work, encoded, only is not None)
+                self._commit(m, work, encoded)
             if only is not None:
                 return
 
@@ -436,7 +453,9 @@ class Flusher:
                 log.info("timer flush skipped: %s", exc)
                 continue
             try:
-                await self.flush(nodes)
+                # A fold is one round over the nodes dirty now: not the loop of a flush of
+                # every node, which would take again at once what fsyncs log meanwhile.
+                await self.flush(list(self.dirty_nodes) if nodes is None else nodes)
             except FSError as exc:
                 # A refusal (disk full, quota) is the writers' to see; any other error
                 # (an OSError of a pack put) ends this task for its supervisor to count

@@ -115,8 +115,9 @@ class SmallWrites:
 
     def log_locked(self) -> bool:
         """Make every acknowledged write durable as log records, if it is small enough; the
-        caller holds the lock (no flush runs) and syncs the WAL after.  False: it is not
-        (too much unlogged data, a file with a refused write's cut): the caller flushes."""
+        caller holds the lock, or a flush that took only logged data holds it while it
+        encodes (`Flusher.fsync`), and syncs the WAL after.  False: it is not (too much
+        unlogged data, a file with a refused write's cut): the caller flushes."""
         fs = self.fs
         nodes = [n for n in fs.flusher.dirty_nodes if not n.deleted]
         if not nodes:
@@ -175,25 +176,31 @@ class SmallWrites:
         return bool(self.pending) and (self.bytes >= LOG_FOLD or now - self.last_at >= FOLD_IDLE
                                        or now - self.first_at >= FOLD_AGE)
 
-    def delete_into(self, batch: Batch, nodes: set[Node] | None = None) -> list[int]:
-        """Delete in batch the records of nodes (None: every record; a flush that commits
-        every dirty node); returns their sequence numbers, for `folded` once it is written.
-        A previous daemon's records go with any flush (replay commits them at once)."""
-        keys = [seq for seq, (n, _b) in self.pending.items() if nodes is None or n is None or n in nodes]
+    def keys_of(self, nodes: set[Node] | None) -> list[int]:
+        """The records of nodes (None: every record), as a flush takes them: its commit
+        deletes these, not records an fsync writes while it encodes (those hold writes made
+        after the take).  A previous daemon's records go with any flush (replay commits
+        them at once)."""
+        return [seq for seq, (n, _b) in self.pending.items() if nodes is None or n is None or n in nodes]
+
+    @staticmethod
+    def delete_into(batch: Batch, keys: list[int]) -> None:
         for seq in keys:
             writelog.delete(batch, seq)
-        return keys
 
     def folded(self, keys: list[int], nodes: Iterable[Node]) -> None:
-        """The batch deleting keys is written: those records are gone, the nodes committed."""
+        """The batch deleting keys is written: those records are gone, the nodes committed
+        (a node with a record written since the take keeps what that record says)."""
         if keys:
             self.folds += 1
             for k in keys:
                 self.bytes -= self.pending.pop(k)[1]
             if not self.pending:
                 self.bytes = 0
+        newer = {n for n, _b in self.pending.values()}
         for n in nodes:
-            n.logged = None
+            if n not in newer:
+                n.logged = None
 
     def replay(self) -> list["View"]:
         """Commit the records a previous daemon left (it was killed, or the machine lost
@@ -248,7 +255,8 @@ class SmallWrites:
             # None applies: deleted alone, or they would stay (and be read at every start)
             # until some flush of dirty data.
             batch = Batch()
-            keys = self.delete_into(batch)
+            keys = self.keys_of(None)
+            self.delete_into(batch, keys)
             store.commit(batch)
             self.folded(keys, ())
         log.info("%d small-write log records of a previous daemon replayed", len(found))
