@@ -415,6 +415,19 @@ class Flusher:
             keep.update(self.encode({i: bytearray(data[:rem])}))
         return cap, keep
 
+    async def fold(self) -> None:
+        """The background fold of the small-write log: what is not logged yet (a write whose
+        fsync has not come) is logged first, so the flush took only logged data and fsyncs
+        during its encoding need not wait for it (`fsync`); then one round over every dirty
+        node, not the loop of `flush`, which would take again at once what they log."""
+        txn = self.fs.txn
+        await txn.acquire_lock()
+        try:
+            self.fs.smallwrites.log_locked()
+            await self.flush_locked(list(self.dirty_nodes))
+        finally:
+            txn.lock.release()
+
     def due(self, early: bool) -> list[Node] | None:
         """What the background task commits now: None, every dirty node (the small-write
         log's fold is due: cowfs.core.smallwrites); else the nodes holding writes no log
@@ -453,9 +466,7 @@ class Flusher:
                 log.info("timer flush skipped: %s", exc)
                 continue
             try:
-                # A fold is one round over the nodes dirty now: not the loop of a flush of
-                # every node, which would take again at once what fsyncs log meanwhile.
-                await self.flush(list(self.dirty_nodes) if nodes is None else nodes)
+                await (self.fold() if nodes is None else self.flush(nodes))
             except FSError as exc:
                 # A refusal (disk full, quota) is the writers' to see; any other error
                 # (an OSError of a pack put) ends this task for its supervisor to count
