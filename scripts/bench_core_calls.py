@@ -100,9 +100,11 @@ async def main():
             await fs.fsync()
             if due is not None:
                 nodes = due(False)
-                if nodes != []:
-                    folds += nodes is None
-                    await fs.flusher.flush(nodes)
+                if nodes is None:
+                    folds += 1
+                    await fs.flusher.fold()
+                elif nodes:
+                    await fs.flusher.commit_waiting(nodes)
             elif k % 200 == 199:
                 folds += 1
                 await fs.flush()

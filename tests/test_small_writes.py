@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +33,13 @@ def _log(mp) -> dict:
 
 def _replayed(m: mounting.Mount, n: int) -> None:
     assert f"{n} small-write log records of a previous daemon replayed" in m.log_text(), m.log_text()[-2000:]
+
+
+def _replayed_count(m: mounting.Mount) -> int:
+    """How many records the daemon's last start replayed (0: none)."""
+    found = re.findall(r"(\d+) small-write log records of a previous daemon replayed",
+                       m.log_text().split("===== start #")[-1])
+    return int(found[0]) if found else 0
 
 
 def _pwrite(fd: int, model: bytearray, off: int, data: bytes) -> None:
@@ -171,8 +179,8 @@ def test_fsync_of_more_than_the_log_takes_flushes_as_before(mount_factory):
 def test_a_page_fsynced_again_and_again_stays_in_the_log_until_an_idle_fold(mount_factory):
     """With the 1 s timer running (the `log_fold` hook holding the background folds): 50
     fsyncs of one page over ~2.5 s stay log records, so its chunk is not re-encoded every
-    second, while another file's write that no record holds is committed by the timer
-    alone.  Without the hook, once no record was written for FOLD_IDLE seconds, the
+    second, and another file's write that no record held is committed by the timer as one
+    more record.  Without the hook, once no record was written for FOLD_IDLE seconds, the
     background task folds the log."""
     m = mount_factory(env={"COWFS_FAULTS": "log_fold:eio:*"})
     path, model, rnd = _base(m, 28)
@@ -191,9 +199,11 @@ def test_a_page_fsynced_again_and_again_stays_in_the_log_until_an_idle_fold(moun
         mounting.direct_pwrite(gfd, 4096, unlogged)  # reaches the daemon now, no fsync follows
         time.sleep(2.5)
         mounting.sigkill_fsck_start(m)
-    _replayed(m, 50)  # none folded by the timer (before: one fold a second, g's write in the next)
+    # None folded by the timer (before: one fold a second); g's write is a 51st.  A SETATTR
+    # of f's times the kernel may send later (a sync(2) of another process) is one more.
+    assert 51 <= _replayed_count(m) <= 52, m.log_text()[-1500:]
     assert path.read_bytes() == model
-    assert other.read_bytes() == bytes(4096) + unlogged  # the timer committed it, unlogged
+    assert other.read_bytes() == bytes(4096) + unlogged  # the timer committed it
     m.stop()
     m.env = {}
     m.start()
@@ -232,5 +242,7 @@ def test_fsyncs_during_a_fold_are_logged_without_waiting_and_outlive_its_commit(
         assert os.pread(fd, len(model), 0) == model
         mounting.sigkill_fsck_start(m)
     assert max(waits) < 2.5, waits  # before: the first waited for the fold's thread (5 s)
-    _replayed(m, 20)  # the fold committed the 16, and left the 20 written after its take
+    # The fold committed the 16 and left the 20 written after its take (a late SETATTR of
+    # f's times, logged by the timer, may add one); a commit deleting every record left 7.
+    assert 20 <= _replayed_count(m) <= 21, m.log_text()[-1500:]
     assert path.read_bytes() == model

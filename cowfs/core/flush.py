@@ -148,7 +148,7 @@ class Flusher:
 
     async def flush(self, nodes: list[Node] | None = None) -> None:
         """Commit every acknowledged write (not yet durable: see sync); with nodes, only
-        theirs (the timer's flush, which leaves the small-write log to its fold).
+        theirs (the timer's, which leaves the small-write log to its fold).
 
         Acknowledged writes are dirty, or flushing in another task's flush, which holds the
         lock while it encodes in a thread: that flush must be waited for too, or an fsync
@@ -415,6 +415,20 @@ class Flusher:
             keep.update(self.encode({i: bytearray(data[:rem])}))
         return cap, keep
 
+    async def commit_waiting(self, nodes: list[Node]) -> None:
+        """The timer's commit of writes no log record holds: as log records when they are
+        small (a commit like a flush's, and the log keeps its pages until its fold: a late
+        SETATTR of a logged file's times, a shared mapping's pages), else a flush of nodes."""
+        txn = self.fs.txn
+        await txn.acquire_lock()
+        try:
+            if not self.fs.smallwrites.log_locked():
+                await self.flush_locked(nodes)
+            elif gone := [n for n in nodes if n.deleted]:  # no record is written for them
+                await self.flush_locked(gone)
+        finally:
+            txn.lock.release()
+
     async def fold(self) -> None:
         """The background fold of the small-write log: what is not logged yet (a write whose
         fsync has not come) is logged first, so the flush took only logged data and fsyncs
@@ -466,7 +480,7 @@ class Flusher:
                 log.info("timer flush skipped: %s", exc)
                 continue
             try:
-                await (self.fold() if nodes is None else self.flush(nodes))
+                await (self.fold() if nodes is None else self.commit_waiting(nodes))
             except FSError as exc:
                 # A refusal (disk full, quota) is the writers' to see; any other error
                 # (an OSError of a pack put) ends this task for its supervisor to count

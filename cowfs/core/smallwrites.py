@@ -24,15 +24,17 @@ order, sets the size and attributes it names, and commits them with the deletion
 records: what fsync acknowledged is back (tests/test_small_writes.py).
 
 When the log is folded (`fold_due`, issue 24): not by the 1 s timer, which commits only
-nodes holding writes no record holds (`log_only` nodes are skipped: what they hold is
-committed already, as records), but once the log holds `LOG_FOLD` bytes, once no record was
-written for `FOLD_IDLE` seconds, once its oldest record is `FOLD_AGE` seconds old, or when
-the dirty buffers take half of `DIRTY_LIMIT` (`Flusher.background_flusher`); and, as before,
-by a release, any metadata operation, and an fsync past `LOG_LIMIT`.  So a file whose pages
-are fsync'd again and again (a database's header and WAL frames, random page writes) has
-each of its chunks re-encoded once per fold instead of once a second, and the fold runs
-from the background task, not from the requests of the writer it would stall.  A partial
-flush (the timer's) deletes the records of the nodes it commits, and only those.
+writes no record holds (`log_only` nodes are skipped: what they hold is committed already,
+as records), as records themselves when small (`Flusher.commit_waiting`), but once the log
+holds `LOG_FOLD` bytes, once no record was written for `FOLD_IDLE` seconds, once its oldest
+record is `FOLD_AGE` seconds old, or when the dirty buffers take half of `DIRTY_LIMIT`
+(`Flusher.background_flusher`); and, as before, by a release, any metadata operation, and an
+fsync past `LOG_LIMIT`.  So a file whose pages are fsync'd again and again (a database's
+header, random pages of a file small against the log) has each of its chunks re-encoded
+once per fold instead of once a second, and the fold runs from the background task, not
+from the requests of the writer it would stall (fsyncs during its encoding are logged
+without waiting: `Flusher.fsync`).  A partial flush (the timer's, when what waits is too
+large to log) deletes the records of the nodes it commits, and only those.
 """
 from __future__ import annotations
 
