@@ -3,10 +3,12 @@
 The tests need a daemon whose background work meets an I/O error (or is held in a thread)
 at a place they choose, on a real mount.  The daemon reads the environment variable
 COWFS_FAULTS once at start (`load`), and so does `cowfs remote gc`; nothing else does, and
-without it (in production) every `point()` returns after one test of an empty dict.  Syntax: comma-separated
-POINT:ACTION[:TIMES]; ACTION is `eio` (raise OSError(EIO), as a failing disk would) or
-`sleepS` (wait S seconds: only at points that run in a worker thread); TIMES is how many
-hits act (default 1; `*` for all of them).  Example: COWFS_FAULTS=pack_put:eio:2,warm_paths:eio
+without it (in production) every `point()` returns after one test of an empty dict.  Syntax:
+comma-separated POINT:ACTION[:TIMES[:SKIP]]; ACTION is `eio` (raise OSError(EIO), as a
+failing disk would), `sleepS` (wait S seconds: only at points that run in a worker thread) or
+`kill` (the process sends itself SIGKILL there: a crash at exactly that point); TIMES is how
+many hits act (default 1; `*` for all of them), SKIP how many hits pass before (default 0).
+Example: COWFS_FAULTS=pack_put:eio:2,warm_paths:eio
 
 Points (where each sits, and which background task meets it):
   pack_put       Packs.write, before a flush's pack is put, in its encoding thread (the
@@ -40,6 +42,11 @@ Points (where each sits, and which background task meets it):
                  too), once the new packs and their indexes are put, before the forwards
   fleet_repack_moved   cowfs.fleet.repack.publish, once the forwards are published (etcd
                  gc/forwards set), before the old packs are condemned
+  catalog_publish   SplitKV.write, once a catalog change's home records are durable, before
+                 the compare-and-set that publishes it in the reference store (a change
+                 with home records: snapshot, branch, rollback, delete, a gc merge's end)
+  catalog_published SplitKV.write, just after that compare-and-set (both on the event loop
+                 in a daemon: eio or kill)
   timer_flush    Flusher.background_flusher, before the flush of data older than 1 s or past
                  8 MiB, on the event loop (eio only: that flush is skipped, so what fsync put
                  in the small-write log stays there until a release or an operation folds it)
@@ -51,6 +58,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import signal
 import threading
 import time
 
@@ -60,11 +69,12 @@ ENV = "COWFS_FAULTS"
 POINTS = frozenset({"pack_put", "pack_written", "repack_copied", "repack_moved", "packs_condemned", "packs_swept",
                     "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "clone_walk", "gc", "model_save",
                     "warm_paths", "commit", "attach_bind", "timer_flush", "lazy_warming",
-                    "fleet_repack_packed", "fleet_repack_moved", "log_fold"})
-LOOP_POINTS = frozenset({"gc", "model_save", "commit", "timer_flush", "lazy_warming", "log_fold"})  # on the event loop: a sleep would stall every request
+                    "fleet_repack_packed", "fleet_repack_moved", "log_fold", "catalog_publish", "catalog_published"})
+LOOP_POINTS = frozenset({"gc", "model_save", "commit", "timer_flush", "lazy_warming", "log_fold", "catalog_publish",
+                         "catalog_published"})  # on the event loop: a sleep would stall every request
 
 _lock = threading.Lock()
-_armed: dict[str, list] = {}  # point -> [action, seconds, hits left (-1: every hit)]
+_armed: dict[str, list] = {}  # point -> [action, seconds, hits left (-1: every hit), hits to pass first]
 
 
 def load(spec: str | None) -> None:
@@ -74,16 +84,18 @@ def load(spec: str | None) -> None:
         if not item.strip():
             continue
         parts = item.strip().split(":")
-        if len(parts) not in (2, 3) or parts[0] not in POINTS:
-            raise ValueError(f"{ENV}: bad fault {item!r} (POINT:eio|sleepS[:TIMES], points: {', '.join(sorted(POINTS))})")
+        if len(parts) not in (2, 3, 4) or parts[0] not in POINTS:
+            raise ValueError(f"{ENV}: bad fault {item!r} (POINT:eio|kill|sleepS[:TIMES[:SKIP]], points: "
+                             f"{', '.join(sorted(POINTS))})")
         name, action = parts[0], parts[1]
-        times = -1 if len(parts) == 3 and parts[2] == "*" else int(parts[2]) if len(parts) == 3 else 1
-        if action == "eio":
-            _armed[name] = ["eio", 0.0, times]
+        times = -1 if len(parts) >= 3 and parts[2] == "*" else int(parts[2]) if len(parts) >= 3 else 1
+        skip = int(parts[3]) if len(parts) == 4 else 0
+        if action in ("eio", "kill"):
+            _armed[name] = [action, 0.0, times, skip]
         elif action.startswith("sleep") and name not in LOOP_POINTS:
-            _armed[name] = ["sleep", float(action[5:]), times]
+            _armed[name] = ["sleep", float(action[5:]), times, skip]
         else:
-            raise ValueError(f"{ENV}: bad action in {item!r} (eio, or sleepS at a thread's point)")
+            raise ValueError(f"{ENV}: bad action in {item!r} (eio, kill, or sleepS at a thread's point)")
     if _armed:
         log.warning("test hook %s armed: %s", ENV, spec)
 
@@ -96,10 +108,15 @@ def point(name: str) -> None:
         fault = _armed.get(name)
         if fault is None or fault[2] == 0:
             return
+        if fault[3] > 0:
+            fault[3] -= 1
+            return
         if fault[2] > 0:
             fault[2] -= 1
         action, seconds = fault[0], fault[1]
-    log.warning("injected fault at %s: %s", name, action if action == "eio" else f"sleep {seconds} s")
+    log.warning("injected fault at %s: %s", name, action if action != "sleep" else f"sleep {seconds} s")
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
     if action == "eio":
         raise OSError(errno.EIO, f"injected fault at {name} ({ENV})")
     time.sleep(seconds)

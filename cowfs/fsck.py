@@ -1,8 +1,11 @@
 """Full consistency check of a store (and repair of what can be fixed without losing data).
 
 What is checked, in order:
-  1. the catalog: branch heads and snapshots name known layers; every layer's ancestry ends
-     at the root layer;
+  1. the catalog (in the reference store): branch heads and snapshots name known layers;
+     every layer's ancestry ends at the root layer; the counters exceed every layer id, view
+     id and inode number in use (a counter behind would hand out a used one); layers with
+     home keys that the catalog does not name (unpublished: a catalog change cut off by a
+     crash, cowfs.meta.gc.unpublished) are counted, not a problem (gc removes them);
   2. every visible tree (each branch head and snapshot): the directory tree is connected,
      entries point at live inodes of the type they claim, link counts are right, every name
      of a file with more than one is in the index of names (cowfs.meta.links), no inode
@@ -27,7 +30,8 @@ What is checked, in order:
      every serve record (cowfs.meta.serving: who serves which branch) parses and names a
      branch; stale ones (their process gone) are counted.
 --repair deletes damaged small-write log records (the writes they held are lost), pardons
-condemned packs a pointer names, removes damaged, stale and dangling serve records, rewrites
+condemned packs a pointer names, removes damaged, stale and dangling serve records, raises
+counters that are behind, rewrites
 wrong reference counts, link counts and usage records, indexes missing names of hard-linked
 files, deletes unreferenced objects, dangling directory entries and missing changelog
 entries, and links orphaned inodes into /lost+found of the branch they belong to. It reports
@@ -51,8 +55,10 @@ from cowfs.chunks.packs import IndexEntry, pack_name
 from cowfs.chunks.refs import Ref, parse_ref, scan_space, tree_sizes
 from cowfs.chunks.space import Space
 from cowfs.kv.base import Batch
-from cowfs.meta.layers import Catalog, Usage, suffix_layer
+from cowfs.meta.gc import unpublished
+from cowfs.meta.layers import CF_CATALOG, Catalog, Usage, suffix_layer
 from cowfs.meta.records import Attrs
+from cowfs.meta.shared import COPY_INO_BASE
 from cowfs.meta import links as link_index
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, TAGS, LayerView, name_key
 from cowfs.meta import orphans as orphan_records
@@ -98,6 +104,7 @@ class Fsck:
         self.batch = Batch()
         self.cat: Catalog = store.catalog
         self._pack_sizes: dict[int, int] = {}
+        self._max_ino = 0  # the largest inode number with a record (check_references)
         self._pack_index: dict[int, dict[bytes, IndexEntry] | None] = {}  # None: no index (or damaged)
 
     def run(self) -> Report:
@@ -107,6 +114,7 @@ class Fsck:
         for name, top in tops:
             self.check_tree(name, top)
         self.check_references()
+        self.check_counters()
         self.check_changelog()
         self.check_queue()
         self.check_small_write_log()
@@ -300,10 +308,30 @@ class Fsck:
         meta.put(self.batch, CF_INODES, ino.to_bytes(8, "big"), top, a.pack())
 
     # -- 3 and 4. references and objects ---------------------------------------------------
+    def check_counters(self) -> None:
+        """Each counter of the catalog is past every number in use; unpublished layers counted."""
+        cat = self.cat
+        views = [b.view for b in cat.branches.values()] + [s.view for s in cat.snapshots.values()]
+        for name, used in ((b"layer", max(cat.parents, default=0)), (b"view", max(views, default=0)),
+                           (b"ino", self._max_ino)):
+            key = b"counter/" + name
+            raw = self.store.kv.get(CF_CATALOG, key)
+            value = int.from_bytes(raw, "big") if raw else 0
+            if value <= used:
+                self.report.problem(f"counter/{name.decode()} is {value}, not past {used} in use")
+                if self.repair:
+                    self.batch.expects(CF_CATALOG, key, raw)
+                    self.batch.put(CF_CATALOG, key, (used + 1).to_bytes(8, "big"))
+                    self.report.repaired.append(f"counter/{name.decode()} raised to {used + 1}")
+        self.report.counts["unpublished_layers"] = len(unpublished(self.store.kv, cat))
+
     def check_references(self) -> None:
         expected: Counter[bytes] = Counter()
         users: dict[bytes, list[str]] = defaultdict(list)
         for base, layer, value in _versions(self.store, CF_INODES):
+            ino = int.from_bytes(base[:8], "big")
+            if ino < COPY_INO_BASE:  # copies of clones are numbered by a counter of their own
+                self._max_ino = max(self._max_ino, ino)
             if value:
                 a = Attrs.unpack(value)
                 if a.root is not None:

@@ -31,8 +31,9 @@ from cowfs.chunks.packs import Packs
 from cowfs.errors import StoreError
 from cowfs.kv.base import KV, Batch, LocalEngine, StoreLockedError
 from cowfs.kv.rocks import RocksKV
+from cowfs.kv.split import SplitKV, Unpublished
 from cowfs.kv.sqlite import SQLiteKV
-from cowfs.meta.layers import CF_META, Branch, Catalog, Usage
+from cowfs.meta.layers import CF_CATALOG, CF_META, Branch, Catalog, Usage
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import Clone, SharedTrees
 from cowfs.meta import links, serving
@@ -61,12 +62,16 @@ log = logging.getLogger(__name__)
 # once, with the F objects, at a format-7 or -8 store's first open.
 # 10: the family `fetched` (a lazy mount's fetched chunks in cache packs, evictable:
 # chunks.remotecache), which an older cowfs cannot open the database with; created empty.
-FORMAT_VERSION = 10
-UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+# 11: the catalog (branches, snapshots, layers, counters) lives in the reference store
+# (refs.sqlite, family `catalog`), where any process of the store changes it by compare-and-set
+# (docs/design-many-processes.md, "Step 5b"); moved at an older store's first open
+# (chunks.upgrade.move_catalog).
+FORMAT_VERSION = 11
+UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
 FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
 ROOT_INO = 1
 INO_BLOCK = 4096
-REF_FAMILIES = liveness.REF_FAMILIES + serving.REF_FAMILIES  # of the reference store
+REF_FAMILIES = liveness.REF_FAMILIES + serving.REF_FAMILIES + (CF_CATALOG,)  # of the reference store
 PACE_STEPS = 256  # entries a clone's measuring walk takes between two calls of its pace (~1-3 ms)
 T = TypeVar("T")
 
@@ -87,7 +92,13 @@ def init_store(path: str) -> None:
     private.hold_umask()
     try:
         private.make_dir(path)
-        kv = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,))
+        rocks = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,))
+        try:
+            refs = SQLiteKV(os.path.join(path, REFS_FILE), REF_FAMILIES)
+        except BaseException:
+            rocks.close()
+            raise
+        kv = SplitKV(rocks, refs, (CF_CATALOG,))
         try:
             batch = Batch()
             batch.put(CF_META, b"format", str(FORMAT_VERSION).encode())
@@ -99,8 +110,8 @@ def init_store(path: str) -> None:
             Versioned.put(batch, CF_INODES, ino_key(ROOT_INO), layer, root.pack())
             cat.save_usage(layer, Usage(0, 1, 0), batch)
             cat.mark_walked(batch)  # no history yet: the first gc pass has no old layers to look at
-            batch.put(CF_META, b"counter/ino", (ROOT_INO + 1).to_bytes(8, "big"))
-            kv.write(batch)
+            batch.put(CF_CATALOG, b"counter/ino", (ROOT_INO + 1).to_bytes(8, "big"))
+            kv.write(batch)  # the home records, durable, then the catalog's
             kv.sync()
         finally:
             kv.close()
@@ -188,6 +199,9 @@ class Store:
         try:  # the reference store, and this process in it as the writer of the store's database
             self.refs = refs = SQLiteKV(os.path.join(path, REFS_FILE), REF_FAMILIES)
             self.liveness = liveness.Liveness(refs)
+            # A writer of this database that died may have left unpublished layers
+            # (cowfs.meta.gc.unpublished): the first gc pass looks for them.
+            self.stray = self._writer_died()
             self.liveness.register(DB_DIR)
             # the branches this process serves (a daemon takes them: cowfs.meta.serving)
             self.serving = serving.Serving(refs, self.liveness.me, self.liveness.boot)
@@ -198,6 +212,12 @@ class Store:
             self.kv.close()
             self._release_umask()
             raise StoreError(f"{path}: cannot open the reference store {REFS_FILE}: {exc}") from exc
+        # The catalog's family goes to the reference store, the rest to the home database.
+        self.kv = SplitKV(rocks, refs, (CF_CATALOG,))
+        if fmt != FORMAT_VERSION:
+            moved = upgrade.move_catalog(rocks, refs, CF_META, CF_CATALOG, FORMAT_VERSION)
+            if moved:
+                log.info("%s: %d catalog records moved to the reference store", path, moved)
         self.catalog = Catalog(self.kv)
         self.meta = Versioned(self.kv, SharedTrees.load(self.kv), self.catalog.layer_view)
         self.objects = ObjectStore(self.kv, self.cache, self.packs)
@@ -211,12 +231,11 @@ class Store:
                 upgrade.count_remote(self.kv, self.objects.space)
             if fmt < 6:
                 log.info("%s: %d keys written for the names of hard-linked files", path, links.rebuild(self.kv, b))
-            b.put(CF_META, b"format", str(FORMAT_VERSION).encode())
             self.kv.write(b)
             self.kv.sync()
             _write_marker(path, info.get("created", time.time()))
             log.info("%s upgraded from store format %s to %d", path, fmt, FORMAT_VERSION)
-        raw = self.kv.get(CF_META, b"counter/ino")
+        raw = self.kv.get(CF_CATALOG, b"counter/ino")
         self._next_ino = self._ino_hwm = int.from_bytes(raw, "big") if raw else ROOT_INO + 1
         self.write_seq = 0
         self.synced_seq = 0
@@ -238,6 +257,14 @@ class Store:
         self._free_at = time.monotonic()
         # Disk bytes that data acknowledged to writers but not committed yet will take.
         self.held: Callable[[], int] = lambda: 0
+
+    def _writer_died(self) -> bool:
+        """Whether a writer record of this database names a process that is gone (or cannot
+        be read): it may have left unpublished layers (cowfs.meta.gc.unpublished)."""
+        try:
+            return any(r.db == DB_DIR and not r.alive(self.liveness.boot) for r in self.liveness.writers().values())
+        except (ValueError, KeyError, TypeError):
+            return True
 
     def _root_refs(self) -> dict[bytes, int]:
         """References from inode-record versions and shared-copy ranges to tree roots (a
@@ -389,10 +416,9 @@ class Store:
     def alloc_ino(self) -> int:
         """A never-used inode number (persisted in blocks, so a crash only skips numbers)."""
         if self._next_ino >= self._ino_hwm:
+            self._before_write()
+            self._next_ino = self.catalog.draw(b"ino", INO_BLOCK, self._next_ino)
             self._ino_hwm = self._next_ino + INO_BLOCK
-            b = Batch()
-            b.put(CF_META, b"counter/ino", self._ino_hwm.to_bytes(8, "big"))
-            self.write(b)
         ino = self._next_ino
         self._next_ino += 1
         return ino
@@ -624,9 +650,17 @@ class Store:
                 try:
                     faults.point("commit")  # a test hook: a write refused, as by a full disk
                     self.kv.write(batch)
+                except Unpublished:
+                    raise  # the home part is written: its references stand (below)
                 except BaseException:
                     self._want_reopen()  # RocksDB is read-only after a failed write: reopen first
                     raise
+        except Unpublished:
+            if txn is not None:
+                txn.staged = []
+            self.objects.settle()
+            self.write_seq += 1
+            raise
         except BaseException:
             self.objects.abort(txn)
             raise

@@ -39,7 +39,10 @@ async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None, 
     async with fs.maintenance:
         async with fs.exclusive():
             gc.drop_dead_shared(store.meta, store.catalog, fs.live_tops(), store.commit)
-        collector = gc.Collector(store.meta, store.catalog, forks)
+        # Unpublished layers (cowfs.meta.gc.unpublished) are looked for by `cowfs gc` and by
+        # the first pass of a daemon whose store's last writer died.
+        collector = gc.Collector(store.meta, store.catalog, forks, stray=forks or store.stray)
+        store.stray = False
         try:
             while True:
                 await fs.txn.acquire_lock()

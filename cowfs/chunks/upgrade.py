@@ -12,6 +12,8 @@ decides when: at the first open by a newer cowfs).
                   reclaims at the next `cowfs gc` (chunks.repack).
   format <= 7 -> 8 `count_remote`: the space accounting counts the chunks still on a lazy
                   mount's remote (F objects), once, from a scan of the object records.
+  format <= 10 -> 11 `move_catalog`: the catalog (branch/, snap/, layer/, counter/ records of
+                  the `meta` family) moves to the reference store's `catalog` family.
 Each step can be interrupted by a crash and run again.
 """
 from __future__ import annotations
@@ -118,3 +120,44 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# What of the home database's `meta` family is the catalog's (format <= 9), and the key that
+# says the catalog moved (the store's format, written by the move's own batch).
+# (counter/copyino, the shared copies' own counter, stays: cowfs.meta.shared keeps it at home)
+CATALOG_PREFIXES = (b"branch/", b"snap/", b"layer/", b"counter/layer", b"counter/view", b"counter/ino")
+OWNERS_SETTLED = b"catalog/owners-settled"
+
+
+def move_catalog(home: KV, refs: KV, meta: str, catalog: str, version: int) -> int:
+    """Format <= 10 -> 11: copy the catalog's records from home's family meta to refs's family
+    catalog, then delete them from home and write home's `format` key (version) in one
+    batch, synced.  While home's `format` is older, its copy is the truth (an older cowfs may
+    have changed it after a crash between the two steps), so the copy replaces whatever refs
+    holds; once it says version, the move is done and nothing happens.  Run before the
+    store's marker says version (so a crash anywhere repeats it or only the marker).
+    Returns the records moved (0: already moved)."""
+    raw = home.get(meta, b"format")
+    if raw is not None and int(raw) >= version:
+        return 0
+    copy, drop = Batch(), Batch()
+    n = 0
+    for prefix in CATALOG_PREFIXES:
+        for k, v in home.scan(meta, prefix, prefix):
+            copy.put(catalog, k, v)
+            drop.delete(meta, k)
+            n += 1
+    layers = [int.from_bytes(k[6:], "big") for _c, k, _v in copy.ops if k.startswith(b"layer/")]
+    if layers:  # every catalog has its root layer
+        # Older cowfs took the next layer id from the layers too, and may have left no counter.
+        counter = next((v for _c, k, v in copy.ops if k == b"counter/layer"), None)
+        floor = max(layers) + 1
+        if counter is None or int.from_bytes(counter, "big") < floor:
+            copy.put(catalog, b"counter/layer", floor.to_bytes(8, "big"))
+        copy.ops[:0] = [(catalog, k, None) for k, _v in refs.scan(catalog, b"")]
+        refs.write(copy)  # one transaction: the reference store holds all of it or none
+    drop.delete(meta, OWNERS_SETTLED)  # settled again at the first open (cowfs.meta.layers)
+    drop.put(meta, b"format", str(version).encode())
+    home.write(drop)
+    home.sync()
+    return n

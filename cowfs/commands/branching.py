@@ -130,6 +130,7 @@ class Branching:
                 assert owner is not None, "an owned snapshot belongs to a live branch"
                 parent_layer = found.layer
                 parent_name = source
+                self.cat.keep(source, m.batch)  # published only while the snapshot stands
                 usage = self._usage(found.layer)
                 src_branch, parent_branch = owner, owner.name
             head = self.cat.new_layer(parent_layer, m.batch)

@@ -110,10 +110,14 @@ class Cloner:
         t0 = time.perf_counter()
         walk = who.uid != 0 or bool(view.quota_bytes or view.quota_inodes)
         c: Clone | None = None
-        # A walked clone awaits between freezing the original's layer and the commit that
-        # pins it (the Clone record): garbage collection must not merge that layer away
-        # meanwhile (it is no snapshot's), so the walk holds `maintenance`, as diff does.
-        held = self.fs.maintenance if walk else contextlib.nullcontext()
+        # A directory's clone commits after the freeze of the original's layer, which is
+        # published alone (a catalog change carries no other write into the layer it makes:
+        # docs/architecture.md, "Branches and snapshots"), and a walked one awaits in
+        # between: garbage collection must not merge that layer away meanwhile (it is no
+        # snapshot's), so the clone holds `maintenance`, as diff does.
+        _, source, _ = self.resolve(view, src, who)
+        held = (self.fs.maintenance if walk or (source is not None and source.attrs.is_dir)
+                else contextlib.nullcontext())
         try:
             async with held:
                 async with self.fs.mutate(view) as m:
@@ -123,18 +127,20 @@ class Cloner:
                         if view.quota_bytes or view.quota_inodes:
                             view.check_quota(self.fs.allocated(snode) if snode.attrs.is_reg else 0, 1)
                         self._copy_file(m, snode, dparent, dname, who)
-                    else:
-                        # The original as it is now, frozen: a snapshot's layer, or the branch head's.
-                        layer = snode.view.lv.top if not snode.view.writable else self.fs.freeze_head(m, view)
+                    elif snode.view.writable:  # the original as it is now: the branch head, frozen
+                        layer = self.fs.freeze_head(m, view)
+                    else:  # a snapshot's layer
+                        layer = snode.view.lv.top
                         if not walk:
                             c = self._clone_dir(m, view, top, dparent, dname, who, layer, None)
-                if is_dir and walk:
-                    usage = await self._walk(top, layer, who)
+                if is_dir and c is None:
+                    usage = await self._walk(top, layer, who) if walk else None
                     async with self.fs.mutate(view) as m:
                         # The target is checked again (the tree may have changed meanwhile);
-                        # the original is the frozen one the walk read.
+                        # the original is the frozen one (the walk read it).
                         _, dparent, dname = self._checked(view, src, dst, who)
-                        view.check_quota(usage.allocated, usage.inodes + 1)
+                        if usage is not None:
+                            view.check_quota(usage.allocated, usage.inodes + 1)
                         c = self._clone_dir(m, view, top, dparent, dname, who, layer, usage)
         except BaseException:
             if c is not None:  # its commit failed: the clone was never there

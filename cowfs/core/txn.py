@@ -22,7 +22,8 @@ from cowfs.chunks.refs import RefTxn
 from cowfs.core.node import Node
 from cowfs.core.view import View
 from cowfs.errors import FSError
-from cowfs.kv.base import Batch
+from cowfs.kv.base import Batch, Conflict
+from cowfs.kv.split import Unpublished
 from cowfs.meta import links
 from cowfs.meta.records import Attrs, dirent
 from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, ino_key, name_key
@@ -212,6 +213,8 @@ class Transactions:
         except FSError:  # refused by settle (a quota): nothing was written
             self.revert(m)
             raise
+        except Unpublished as exc:
+            self.unpublished(m, exc)
         except Exception as exc:
             error = str(exc)
         else:
@@ -221,6 +224,28 @@ class Transactions:
         # keep the database open) is gone before the store reopens.
         self.revert(m)
         raise self.failed("commit", error)
+
+    def unpublished(self, m: Mutation, exc: Unpublished) -> None:
+        """The catalog change of m was refused by the reference store (its home records are
+        written, in layers nobody names: garbage for gc): the catalog and the branches' views
+        go back to what the reference store holds, the touched nodes to what they read there.
+        EEXIST when another process changed a record first (a name taken meanwhile), else EIO."""
+        fs = self.fs
+        cat = fs.store.catalog
+        cat.reload()
+        for view in fs.views.all():
+            b = cat.branches.get(view.name)
+            if view.kind == "branch" and b is not None and view.lv.top != b.head:
+                view.lv = cat.layer_view(b.head)
+        fs.store.meta.forget_views()
+        self.revert(m)
+        log.error("catalog change not published: %s", exc)
+        fs.store.stray = True  # the next gc pass removes what it wrote
+        fs.schedule_gc()
+        if isinstance(exc.cause, Conflict):
+            key = exc.cause.key.decode(errors="replace")
+            raise FSError(errno.EEXIST, f"{key} was changed by another process meanwhile (nothing was done)")
+        raise FSError(errno.EIO, str(exc))
 
     def failed(self, what: str, error: str) -> FSError:
         """A write of the store failed with error (called outside the except block, as

@@ -41,12 +41,23 @@ Expect = tuple[str, bytes, bytes | None]
 
 class Batch:
     """An ordered list of puts and deletes that a backend applies atomically (a later
-    operation on the same key wins)."""
+    operation on the same key wins).  `expect`: compare-and-set conditions that travel with
+    the batch to a backend that splits it (cowfs.kv.split.SplitKV: the reference store's
+    part is written only if they hold); a backend that does not split ignores them."""
 
-    __slots__ = ("ops",)
+    __slots__ = ("ops", "expect")
 
     def __init__(self) -> None:
         self.ops: list[tuple[str, bytes, bytes | None]] = []
+        self.expect: list[Expect] = []
+
+    def expects(self, cf: str, key: bytes, value: bytes | None) -> None:
+        """Write only if (cf, key) holds value (None: absent) when written; the first
+        condition on a key wins (it is what the key held before this batch)."""
+        for c, k, _v in self.expect:
+            if c == cf and k == key:
+                return
+        self.expect.append((cf, key, value))
 
     def put(self, cf: str, key: bytes, value: bytes) -> None:
         self.ops.append((cf, key, value))

@@ -38,6 +38,12 @@ directory clone (cowfs.meta.shared.Clone) keeps its whole frozen layer as one mo
 while it lives, and the layer its top was written in (`seen`: views see the clone when it
 is in their ancestry) as a top of the tree's shape; `dead_clones` removes a clone whose top
 and copies are deleted in every live top that sees it, or that no live top sees.
+
+Unpublished layers: a catalog change writes the home records of the layers it creates first,
+then publishes them in the reference store (cowfs.kv.split); a crash in between leaves home
+keys of a layer the catalog does not name (`unpublished`: found by one seek per layer in
+the changelog and the usage and queue records).  No view sees them; a pass asked to
+(`stray`) drops them as it drops a dead layer, with the references of their versions.
 """
 from __future__ import annotations
 
@@ -48,7 +54,8 @@ from typing import Callable, Iterable
 
 from cowfs.chunks.refs import RefTxn
 from cowfs.kv.base import Batch
-from cowfs.meta.layers import Catalog, LayerView, layer_suffix
+from cowfs.kv.base import KV
+from cowfs.meta.layers import CF_META, GC_QUEUE, Catalog, LayerView, layer_suffix, usage_key
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import Clone, Range
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, FAMILY, Versioned, ino_key
@@ -224,14 +231,18 @@ class Collector:
     up to `chunk` keys, from as many layers as that takes; the caller holds the filesystem's
     lock from `next` to its commit, with no checkpoint, and may yield between batches."""
 
-    def __init__(self, meta: Versioned, catalog: Catalog, forks: bool = False) -> None:
+    def __init__(self, meta: Versioned, catalog: Catalog, forks: bool = False, stray: bool = False) -> None:
+        """stray: drop unpublished layers first (a store whose last writer died)."""
         self.meta, self.cat = meta, catalog
         self.walk = not catalog.walked
+        self._stray = sorted(unpublished(meta.kv, catalog)) if stray else []
+        self.strays = len(self._stray)
         todo = set(catalog.queued)
         if self.walk:
             todo |= set(catalog.parents)  # tops are skipped when their turn comes
         elif forks:
             todo |= {l for l, kids in catalog.children.items() if len(kids) > 1 and l in catalog.parents}
+        self._gone: list[int] = []  # layers forgotten by a committed batch: their queue entries go next
         self._heap = [-l for l in todo]
         heapq.heapify(self._heap)
         self._fork: _Fork | None = None
@@ -248,6 +259,11 @@ class Collector:
         leaves: set[int] | None = None
         c = Chunk()
         budget = chunk
+        for layer in self._gone:  # published by the batch before: no longer needed queued
+            cat.dequeue(layer, c.batch)
+        self._gone.clear()
+        while budget > 0 and self._stray:
+            budget -= self._stray_keys(c, self._stray[-1], budget)
         while budget > 0 and (self._heap or self._fork is not None):
             if self._fork is not None:
                 budget -= self._fork_keys(c, self._fork, budget)
@@ -280,7 +296,25 @@ class Collector:
         if self.walk and not self._heap and self._fork is None:
             self.walk = False
             cat.mark_walked(c.batch)
-        return c if len(c.batch) or self._heap or self._fork is not None else None
+        return c if len(c.batch) or self._heap or self._fork is not None or self._stray or self._gone else None
+
+    # -- an unpublished layer -------------------------------------------------------------
+    def _stray_keys(self, c: Chunk, layer: int, budget: int) -> int:
+        """As a dead layer, but the catalog never named it: its queue and usage records go
+        with its last keys."""
+        c.touched.add(layer)
+        keys = self._changes(layer, budget)
+        for cf, base in keys:
+            value = self.meta.kv.get(cf, base + layer_suffix(layer))
+            Versioned.remove(c.batch, cf, base, layer)
+            if value is not None:
+                self._released(c, cf, value)
+        if len(keys) < budget:
+            self._stray.pop()
+            self.cat.dequeue(layer, c.batch)
+            c.batch.delete(CF_META, usage_key(layer))
+            return len(keys) + 1
+        return len(keys)
 
     # -- a dead layer ---------------------------------------------------------------------
     def _dead_keys(self, c: Chunk, layer: int, budget: int) -> int:
@@ -295,6 +329,7 @@ class Collector:
             heapq.heappop(self._heap)
             parent = self.cat.parents[layer]
             self.cat.forget_layer(layer, c.batch)
+            self._gone.append(layer)
             c.reshaped = True
             if parent and parent not in self.cat.queued:
                 self.cat.enqueue(parent, c.batch)
@@ -330,6 +365,7 @@ class Collector:
             heapq.heappop(self._heap)
             self.cat.reparent(child, self.cat.parents[layer], c.batch)
             self.cat.forget_layer(layer, c.batch)
+            self._gone.append(layer)
             c.reshaped = True
             if child not in tops and child not in self.cat.queued:
                 # A fork got versions it may not need (or a layer that merges on): look again.
@@ -421,13 +457,35 @@ class Collector:
                 c.txn.decref(root.hash)
 
 
-def collect_now(meta: Versioned, catalog: Catalog, live_tops: set[int], commit, forks: bool = True) -> int:
+def collect_now(meta: Versioned, catalog: Catalog, live_tops: set[int], commit, forks: bool = True,
+                stray: bool = True) -> int:
     """A whole pass with nothing else running (offline, tests): commit(batch, txn) each
     batch; the versions removed."""
     removed = 0
-    col = Collector(meta, catalog, forks)
+    col = Collector(meta, catalog, forks, stray)
     while (c := col.next(live_tops)) is not None:
         commit(c.batch, c.txn)
         removed += c.removed
     meta.forget_views()
     return removed
+
+
+def unpublished(kv: KV, catalog: Catalog) -> set[int]:
+    """Layers with keys in the home database (changelog, usage, queue) that the catalog does
+    not name: left by a catalog change whose publication a crash cut off.  One seek per layer
+    that has keys: a skip-scan of each prefix."""
+    out: set[int] = set()
+    for cf, prefix in ((CF_CHANGES, b""), (CF_META, b"usage/"), (CF_META, GC_QUEUE)):
+        start = prefix
+        while True:
+            found = next(iter(kv.scan(cf, start, prefix)), None)
+            if found is None:
+                break
+            raw = found[0][len(prefix):len(prefix) + 8]
+            layer = int.from_bytes(raw, "big")
+            if len(raw) == 8 and layer not in catalog.parents:
+                out.add(layer)
+            if len(raw) < 8 or layer == (1 << 64) - 1:
+                break
+            start = prefix + (layer + 1).to_bytes(8, "big")
+    return out

@@ -16,10 +16,17 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Iterator, NamedTuple, Protocol
 
-from cowfs.kv.base import KV, Batch
+from cowfs.kv.base import KV, Batch, Conflict
 from cowfs.meta.named import Records, stored
 
 CF_META = "meta"
+# The catalog's family: branch/, snap/, layer/ and the counters, in the store's reference store
+# (cowfs.kv.split.SplitKV routes it there), changed by compare-and-set only.
+CF_CATALOG = "catalog"
+# Ids drawn from the reference store's counters at once (one compare-and-set each block): a
+# crash skips what was left of a block, as it always has.
+LAYER_BLOCK = 64
+VIEW_BLOCK = 64
 MAX_U64 = (1 << 64) - 1
 
 
@@ -136,6 +143,12 @@ class Snapshot:
 class Catalog:
     """Layers, branches and snapshots, kept in memory and written through the caller's batch.
 
+    The records live in family CF_CATALOG (the reference store), the garbage-collection
+    queue and usage records in CF_META (the home database); every change of a record puts
+    in the batch what the record must still hold when the batch is published (`Batch.expect`:
+    absent for a new name or layer), so that a record changed by another process meanwhile
+    makes the change fail instead of overwriting it.
+
     Opening a store reads every layer's parent (a view's ancestry is made from them), but
     reads and parses a branch or snapshot record only when it is first used (`Records`),
     and makes the children index only when something first walks the tree downwards
@@ -149,7 +162,7 @@ class Catalog:
         # For `layer_view`: depths of the layers views were made of, and the blocks views hold.
         self._depths: dict[int, int] = {}
         self._blocks: weakref.WeakValueDictionary[tuple[int, int], Block] = weakref.WeakValueDictionary()
-        for key, value in kv.scan(CF_META, b"layer/", b"layer/"):
+        for key, value in kv.scan(CF_CATALOG, b"layer/", b"layer/"):
             self.parents[int.from_bytes(key[6:], "big")] = int.from_bytes(value, "big")
         # Layers garbage collection has to look at (cowfs.meta.gc): no longer a top, or a
         # parent that lost a child; written in the batch of the change that made it so.
@@ -158,19 +171,26 @@ class Catalog:
         # Whether a pass has looked at every layer once (stores from before the queue had
         # none, and deleted layers that were never compacted).
         self.walked = kv.get(CF_META, GC_WALKED) is not None
-        self.branches: Records[Branch] = Records(Branch, *stored(kv, CF_META, b"branch/"))
-        self.snapshots: Records[Snapshot] = Records(Snapshot, *stored(kv, CF_META, b"snap/"))
+        self.branches: Records[Branch] = Records(Branch, *stored(kv, CF_CATALOG, b"branch/"))
+        self.snapshots: Records[Snapshot] = Records(Snapshot, *stored(kv, CF_CATALOG, b"snap/"))
         # Bumped by every change to a branch or snapshot record: what a cache of something
         # derived from them (the names `.cowfs/snapshots` lists) compares, in O(1).
         self.changes = 0
-        if kv.get(CF_META, OWNERS_SETTLED) is None:
+        if kv.get(CF_CATALOG, OWNERS_SETTLED) is None:
             self._settle_owners()
-        # Layer ids are never reused, even once a layer is gone (views keep sets of them).
-        raw = kv.get(CF_META, b"counter/layer")
-        self.next_layer = max(max(self.parents, default=0) + 1, int.from_bytes(raw, "big") if raw else 0)
+        # Layer ids are never reused, even once a layer is gone (views keep sets of them):
+        # drawn in blocks from counter/layer (`draw`), the first at the first new layer.
+        self.next_layer = self.layer_end = 0
         # View ids become inode-number prefixes: never reuse one, even after a delete.
-        raw = kv.get(CF_META, b"counter/view")
-        self.next_view = int.from_bytes(raw, "big") if raw else 1
+        self.next_view = self.view_end = 0
+
+    def reload(self) -> None:
+        """Read everything again from the stores: after a change that was not published
+        (cowfs.kv.split.Unpublished), memory goes back to what the catalog holds.  Ids drawn
+        stay drawn: the next ones come from a new block."""
+        changes = self.changes
+        self.__init__(self.kv)  # type: ignore[misc]
+        self.changes = changes + 1
 
     @property
     def children(self) -> dict[int, set[int]]:
@@ -199,7 +219,7 @@ class Catalog:
             if b.parent_branch is not None and b.parent_branch not in self.branches:
                 b.parent_branch = None
                 self.save_branch(b, batch)
-        batch.put(CF_META, OWNERS_SETTLED, b"")
+        batch.put(CF_CATALOG, OWNERS_SETTLED, b"")
         self.kv.write(batch)
 
     def figures(self) -> dict[str, int]:
@@ -274,14 +294,39 @@ class Catalog:
         self._depths.clear()
         self._blocks.clear()
 
+    def draw(self, counter: bytes, count: int, floor: int = 0) -> int:
+        """The first of count numbers never handed out, from the reference store's counter
+        (its value: the first number not yet drawn; floor: at least this), taken at once by
+        compare-and-set against what was read (another process may draw meanwhile)."""
+        key = b"counter/" + counter
+        for _ in range(64):
+            raw = self.kv.get(CF_CATALOG, key)
+            start = max(int.from_bytes(raw, "big") if raw else 1, floor)
+            b = Batch()
+            b.put(CF_CATALOG, key, (start + count).to_bytes(8, "big"))
+            try:
+                self.kv.write(b, [(CF_CATALOG, key, raw)])
+            except Conflict:
+                continue
+            return start
+        raise RuntimeError(f"could not draw from counter/{counter.decode()}: the reference store kept changing")
+
     def new_layer(self, parent: int, batch: Batch) -> int:
+        """A new layer, child of parent: its id exceeds parent's (`Versioned` finds a key's
+        version with one seek because children sort first), drawn afresh if this process's
+        block cannot give one (every id was drawn from the counter, which only grows)."""
+        if self.next_layer >= self.layer_end or self.next_layer <= parent:
+            floor = max(self.parents, default=0) + 1
+            self.next_layer = self.draw(b"layer", LAYER_BLOCK, floor)
+            self.layer_end = self.next_layer + LAYER_BLOCK
         lid = self.next_layer
         self.next_layer += 1
         self.parents[lid] = parent
         if self._children is not None:
             self._children.setdefault(parent, set()).add(lid)
-        batch.put(CF_META, b"layer/" + lid.to_bytes(8, "big"), parent.to_bytes(8, "big"))
-        batch.put(CF_META, b"counter/layer", self.next_layer.to_bytes(8, "big"))
+        key = b"layer/" + lid.to_bytes(8, "big")
+        batch.expects(CF_CATALOG, key, None)
+        batch.put(CF_CATALOG, key, parent.to_bytes(8, "big"))
         return lid
 
     def reparent(self, layer: int, parent: int, batch: Batch) -> None:
@@ -292,7 +337,9 @@ class Catalog:
         if self._children is not None:
             self._children.get(old, set()).discard(layer)
             self._children.setdefault(parent, set()).add(layer)
-        batch.put(CF_META, b"layer/" + layer.to_bytes(8, "big"), parent.to_bytes(8, "big"))
+        key = b"layer/" + layer.to_bytes(8, "big")
+        batch.expects(CF_CATALOG, key, old.to_bytes(8, "big"))
+        batch.put(CF_CATALOG, key, parent.to_bytes(8, "big"))
 
     def enqueue(self, layer: int, batch: Batch) -> None:
         """Have garbage collection look at layer (see `queued`)."""
@@ -309,20 +356,44 @@ class Catalog:
         batch.put(CF_META, GC_WALKED, b"")
 
     def new_view(self, batch: Batch) -> int:
+        """A view id never handed out (batch: kept for the callers' symmetry; the id is drawn
+        from the reference store at once, in blocks)."""
+        if self.next_view >= self.view_end:
+            self.next_view = self.draw(b"view", VIEW_BLOCK)
+            self.view_end = self.next_view + VIEW_BLOCK
         v = self.next_view
         self.next_view += 1
-        batch.put(CF_META, b"counter/view", self.next_view.to_bytes(8, "big"))
         return v
 
+    def _expect(self, batch: Batch, key: bytes, existed: bool) -> None:
+        """What key must hold when batch is published: absent for a record this catalog did
+        not have, else the stored record (read once per batch: the first condition wins);
+        a record gone meanwhile (another process deleted it) expects b"", which no record
+        is, so that the publication fails."""
+        if not existed:
+            batch.expects(CF_CATALOG, key, None)
+        elif not any(c == CF_CATALOG and k == key for c, k, _v in batch.expect):
+            stored = self.kv.get(CF_CATALOG, key)
+            batch.expects(CF_CATALOG, key, b"" if stored is None else stored)
+
     def save_branch(self, b: Branch, batch: Batch) -> None:
+        key = b"branch/" + b.name.encode()
+        self._expect(batch, key, b.name in self.branches)
         self.branches[b.name] = b
         self.changes += 1
-        batch.put(CF_META, b"branch/" + b.name.encode(), json.dumps(asdict(b)).encode())
+        batch.put(CF_CATALOG, key, json.dumps(asdict(b)).encode())
 
     def save_snapshot(self, s: Snapshot, batch: Batch) -> None:
+        key = b"snap/" + s.name.encode()
+        self._expect(batch, key, s.name in self.snapshots)
         self.snapshots[s.name] = s
         self.changes += 1
-        batch.put(CF_META, b"snap/" + s.name.encode(), json.dumps(asdict(s)).encode())
+        batch.put(CF_CATALOG, key, json.dumps(asdict(s)).encode())
+
+    def keep(self, name: str, batch: Batch) -> None:
+        """Publish batch only if snapshot name's record is still what it is now (a branch
+        made from it must not survive its delete by another process)."""
+        self._expect(batch, b"snap/" + name.encode(), True)
 
     def remove(self, name: str, batch: Batch) -> None:
         """Delete a snapshot or a branch.  A branch's snapshots and the branches made from it
@@ -330,9 +401,12 @@ class Catalog:
         stays as it was for every live branch, and no entry names the deleted branch, whose
         name may be given to a new branch of someone else."""
         self.changes += 1
-        b = self.branches.pop(name, None)
+        b = self.branches.get(name)
         if b is not None:
-            batch.delete(CF_META, b"branch/" + name.encode())
+            key = b"branch/" + name.encode()
+            self._expect(batch, key, True)
+            del self.branches[name]
+            batch.delete(CF_CATALOG, key)
             self.enqueue(b.head, batch)
             for s in self.snapshots.values():
                 if s.branch == name:
@@ -342,9 +416,12 @@ class Catalog:
                 if c.parent_branch == name:
                     c.parent_branch = b.parent_branch
                     self.save_branch(c, batch)
-        s = self.snapshots.pop(name, None)
+        s = self.snapshots.get(name)
         if s is not None:
-            batch.delete(CF_META, b"snap/" + name.encode())
+            key = b"snap/" + name.encode()
+            self._expect(batch, key, True)
+            del self.snapshots[name]
+            batch.delete(CF_CATALOG, key)
             self.enqueue(s.layer, batch)
 
     def leaves(self) -> set[int]:
@@ -362,8 +439,13 @@ class Catalog:
                     if not kids:
                         del self._children[parent]
             self._children.pop(layer, None)
-        self.dequeue(layer, batch)
-        batch.delete(CF_META, b"layer/" + layer.to_bytes(8, "big"))
+        # Its queue entry stays in the store until a later batch (Collector): a crash before
+        # this batch is published leaves the layer named, and queued for the next pass.
+        self.queued.discard(layer)
+        key = b"layer/" + layer.to_bytes(8, "big")
+        if parent is not None:
+            batch.expects(CF_CATALOG, key, parent.to_bytes(8, "big"))
+        batch.delete(CF_CATALOG, key)
         batch.delete(CF_META, usage_key(layer))
 
     def usage(self, layer: int) -> Usage | None:

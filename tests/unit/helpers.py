@@ -22,11 +22,12 @@ from cowfs.meta.records import Attrs
 from cowfs.meta.shared import Range, SharedTrees, runs_of
 from cowfs.meta.versioned import LayerView, Versioned
 from cowfs.store import FAMILIES
+from cowfs.meta.layers import CF_CATALOG
 
 
 def memory_kv() -> MemoryKV:
     """An empty MemoryKV with every family of a store."""
-    return MemoryKV(FAMILIES)
+    return MemoryKV(FAMILIES + (CF_CATALOG,))
 
 
 class Meta:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cowfs.kv.base import Batch
-from cowfs.meta.layers import (CF_META, MAX_U64, OWNERS_SETTLED, Branch, Catalog, Snapshot, Usage, layer_suffix,
+from cowfs.meta.layers import (CF_CATALOG, CF_META, LAYER_BLOCK, MAX_U64, VIEW_BLOCK, OWNERS_SETTLED, Branch, Catalog, Snapshot, Usage, layer_suffix,
                                suffix_layer)
 
 from unit.helpers import memory_kv
@@ -31,7 +31,8 @@ def test_layers_ancestry_and_reload():
     assert cat.ancestry(other) == [other, snap, root]
     again = Catalog(kv)
     assert again.parents == cat.parents == {root: 0, snap: root, head: snap, other: snap}
-    assert again.next_layer == other + 1
+    # ids come in blocks from the counter: a new catalog skips the rest of the first one
+    assert again.new_layer(other, Batch()) == other + 1 + (LAYER_BLOCK - 4)
 
 
 def test_branches_snapshots_leaves_and_removal_persist():
@@ -72,7 +73,7 @@ def test_view_ids_are_never_reused():
     cat.remove("x", b)
     kv.write(b)
     again = Catalog(kv)
-    assert views == [1, 2, 3] and again.new_view(Batch()) == 4
+    assert views == [1, 2, 3] and again.new_view(Batch()) == 1 + VIEW_BLOCK  # the next block
 
 
 def test_usage_and_forget_layer():
@@ -97,7 +98,7 @@ def test_usage_and_forget_layer():
     kv.write(b)
     assert cat.usage(child) is None and child not in cat.parents
     assert Catalog(kv).parents == {root: 0}
-    assert [k for k, _ in kv.scan(CF_META, b"layer/", b"layer/")] == [b"layer/" + root.to_bytes(8, "big")]
+    assert [k for k, _ in kv.scan(CF_CATALOG, b"layer/", b"layer/")] == [b"layer/" + root.to_bytes(8, "big")]
 
 
 def _history(kv, n: int) -> list[str]:
@@ -159,17 +160,17 @@ def test_owners_are_settled_once_per_store():
     kv = memory_kv()
     _history(kv, 3)
     cat = Catalog(kv)
-    assert kv.get(CF_META, OWNERS_SETTLED) is not None  # a new catalog: nothing to settle, marked
+    assert kv.get(CF_CATALOG, OWNERS_SETTLED) is not None  # a new catalog: nothing to settle, marked
     # An older cowfs deleted branch "gone" without re-parenting, and this store was never settled.
     b = Batch()
     cat.save_snapshot(Snapshot("orphan", cat.snapshots["s1"].layer, cat.new_view(b), "gone"), b)
     cat.save_branch(Branch("fork", cat.new_layer(cat.snapshots["s1"].layer, b), cat.new_view(b),
                            parent="s1", parent_branch="gone"), b)
-    b.delete(CF_META, OWNERS_SETTLED)
+    b.delete(CF_CATALOG, OWNERS_SETTLED)
     kv.write(b)
     settled = Catalog(kv)
     assert settled.snapshots["orphan"].branch is None and settled.branches["fork"].parent_branch is None
-    assert kv.get(CF_META, OWNERS_SETTLED) is not None
+    assert kv.get(CF_CATALOG, OWNERS_SETTLED) is not None
     again = Catalog(kv)  # settled for good: nothing read at open
     assert again.figures() == {"catalog_records_read": 0, "catalog_records_parsed": 0}
     assert again.snapshots["orphan"].branch is None and again.branches["fork"].parent_branch is None

@@ -11,7 +11,7 @@ import pytest
 from cowfs.kv.base import Batch, Conflict
 from cowfs.kv.memory import MemoryKV
 from cowfs.kv.overlay import OverlayKV
-from cowfs.meta.layers import CF_META, Catalog, suffix_layer
+from cowfs.meta.layers import CF_CATALOG, CF_META, Catalog, suffix_layer
 from cowfs.meta.shared import SharedTrees
 from cowfs.meta.versioned import CF_DIRENTS, CF_INODES, CF_XATTRS, LayerView, Versioned, ino_key, name_key
 from cowfs.store import FAMILIES
@@ -85,7 +85,7 @@ def test_versioned_reads_a_layer_tree_split_across_databases_as_from_one(seed):
     layers of one branch's lineage below a cut stay in a 'shared' database, the rest go to a
     'home' one.  Every view reads (get, has_older, listings) the same through OverlayKV."""
     rnd = random.Random(seed)
-    one = MemoryKV(FAMILIES)
+    one = MemoryKV(FAMILIES + (CF_CATALOG,))
     cat = Catalog(one)
     layers: list[int] = []
     for _ in range(rnd.randrange(4, 10)):

@@ -1,0 +1,243 @@
+"""The catalog in the reference store (store format 11; docs/design-many-processes.md "Step
+5b"): a catalog change writes its home records, makes them durable, then publishes them by
+one compare-and-set in refs.sqlite.  A kill -9 of the daemon on either side of that
+compare-and-set leaves an fsck-clean store whose catalog is the one before or the one after,
+and a layer published by nobody, which gc removes.  A format-9 or -10 store (made by the code
+of OLD_FORMATS) is upgraded at its first open, also after an upgrade cut short; a name taken
+by another process through the reference store is refused."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sqlite3
+
+import pytest
+
+import mounting
+import workload
+
+# Commits of main whose code writes store format 9 and 10 (the catalog in RocksDB's meta).
+OLD_FORMATS = {9: "671288b0dd59a8cbe274fe0ecb14ee7267e2c500", 10: "c346dbc8ef0b7fdd047c11870fab9e378a15d998"}
+
+
+def catalog(store) -> dict[str, dict]:
+    """The reference store's catalog: {"branch": {name: record}, "snap": {...}, "layer": {id: parent}}."""
+    con = sqlite3.connect(f"file:{os.path.join(store, 'refs.sqlite')}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT key, value FROM kv WHERE cf='catalog'").fetchall()
+    finally:
+        con.close()
+    out: dict[str, dict] = {"branch": {}, "snap": {}, "layer": {}}
+    for key, value in rows:
+        kind, _, name = bytes(key).partition(b"/")
+        if kind in (b"branch", b"snap"):
+            out[kind.decode()][name.decode()] = json.loads(value)
+        elif kind == b"layer":
+            out["layer"][int.from_bytes(name, "big")] = int.from_bytes(value, "big")
+    return out
+
+
+def died(m, line: str) -> None:
+    """Send a control command the daemon dies in (an armed `kill` fault), and clear its mount."""
+    try:
+        err, out = mounting.ctl_raw(m.path, (line + "\n").encode(), timeout=30)
+    except OSError as exc:  # the connection went with the daemon
+        assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED), exc
+    else:
+        raise AssertionError(f"{line}: the daemon answered instead of dying: {err} {out!r}")
+    rc = m.proc.wait(timeout=30)
+    assert rc == -9, f"the daemon exited {rc}, not by its SIGKILL fault: {m.log_tail()}"
+    m.exit_codes.append(rc)  # on purpose
+    mounting.lazy_unmount(m.path)
+
+
+def _prepared(mount_factory):
+    """A store with main holding a and b, snapshot s0 taken between them; unmounted."""
+    m = mount_factory()
+    mounting.write(m.path / "a", b"a" * 5000, sync=True)
+    workload.ctl(m.path, "snapshot s0")
+    mounting.write(m.path / "b", b"b" * 7000, sync=True)
+    m.stop()
+    return m
+
+
+OPS = {  # command, and what the catalog says once it is done
+    "snapshot": ("snapshot s1", lambda c: "s1" in c["snap"]),
+    "branch": ("branch f1", lambda c: "f1" in c["branch"]),
+    "rollback": ("rollback s0", lambda c: c["branch"]["main"]["epoch"] == 1),
+    "delete": ("delete s0", lambda c: "s0" not in c["snap"]),
+}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("point", ["catalog_publish", pytest.param("catalog_published", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("op", list(OPS))
+def test_kill9_around_the_publish_leaves_the_catalog_before_or_after(mount_factory, op, point):
+    m = _prepared(mount_factory)
+    before = catalog(m.store)
+    line, done = OPS[op]
+    assert not done(before)
+    m.env = {"COWFS_FAULTS": f"{point}:kill"}
+    m.start()
+    died(m, line)
+    after = catalog(m.store)
+    if point == "catalog_publish":
+        assert after == before, "a change cut off before its compare-and-set left the catalog as it was"
+    else:
+        assert done(after) and after != before
+    report = workload.fsck_clean(m.store)
+    strays = report["counts"]["unpublished_layers"]
+    # The layers the change made: unpublished when cut off before its compare-and-set (a
+    # delete makes none); none once published.
+    made = {"snapshot": 1, "branch": 2, "rollback": 1, "delete": 0}[op]  # a branch of the live state: two
+    assert strays == (made if point == "catalog_publish" else 0), report["counts"]
+    m.env = {}
+    m.start()
+    names = sorted(os.listdir(m.path))
+    rolled = op == "rollback" and point == "catalog_published"
+    assert names == (["a"] if rolled else ["a", "b"]), names
+    assert mounting.read(m.path / "a") == b"a" * 5000
+    listing = mounting.ok(m.path, "list")
+    snaps = {s["name"] for s in listing["snapshots"]}
+    assert ("s0" in snaps) == (op != "delete" or point == "catalog_publish")
+    assert ("s1" in snaps) == (op == "snapshot" and point == "catalog_published")
+    r = mounting.run_cowfs("gc", m.store, "--json")
+    assert json.loads(r.stdout)["ok"]
+    m.stop()
+    assert workload.fsck_clean(m.store)["counts"]["unpublished_layers"] == 0, "gc removes unpublished layers"
+
+
+@pytest.mark.timeout(240)
+def test_kill9_at_the_publish_of_a_gc_merge(mount_factory):
+    """The last batch of a merge reparents the child and forgets the merged layer: killed
+    before it is published, the merged layer stays named (emptied), and the next pass ends it."""
+    m = mount_factory()
+    mounting.write(m.path / "a", b"a" * 3000, sync=True)
+    workload.ctl(m.path, "snapshot s0")
+    mounting.write(m.path / "b", b"b" * 3000, sync=True)
+    workload.ctl(m.path, "snapshot s1")
+    m.stop()
+    layers = set(catalog(m.store)["layer"])
+    m.env = {"COWFS_FAULTS": "catalog_publish:kill:1:1"}  # the delete passes, the merge dies
+    m.start()
+    workload.ctl(m.path, "delete s0")
+    rc = m.proc.wait(timeout=60)
+    assert rc == -9, m.log_tail()
+    m.exit_codes.append(rc)
+    mounting.lazy_unmount(m.path)
+    assert set(catalog(m.store)["layer"]) == layers, "the merge was not published"
+    workload.fsck_clean(m.store)
+    m.env = {}
+    m.start()
+    assert sorted(os.listdir(m.path)) == ["a", "b"]
+    r = mounting.run_cowfs("gc", m.store, "--json")
+    assert json.loads(r.stdout)["ok"]
+    m.stop()
+    assert len(catalog(m.store)["layer"]) < len(layers), "the next pass finished the merge"
+    workload.fsck_clean(m.store)
+
+
+def test_a_snapshot_name_taken_by_another_process_is_refused(mount_factory):
+    """A name another process published in the reference store (what a second daemon will
+    do) is refused by the compare-and-set even though this daemon's catalog has not seen it:
+    the snapshot fails whole, and the other's record stands."""
+    m = mount_factory()
+    mounting.write(m.path / "a", b"x" * 100, sync=True)
+    mounting.ok(m.path, "list")  # the catalog's records read (as a listing reads them all)
+    rec = {"name": "taken", "layer": 1, "view": 1, "branch": None, "created": 1.0}
+    con = sqlite3.connect(os.path.join(m.store, "refs.sqlite"))
+    try:
+        con.execute("INSERT INTO kv (cf, key, value) VALUES ('catalog', ?, ?)",
+                    (b"snap/taken", json.dumps(rec).encode()))
+        con.commit()
+    finally:
+        con.close()
+    reply = mounting.fails(m.path, "snapshot taken", "EEXIST")
+    assert "taken" in reply["error"]
+    assert catalog(m.store)["snap"]["taken"] == rec
+    mounting.ok(m.path, "snapshot other")  # the daemon goes on
+    assert sorted(os.listdir(m.path)) == ["a"]
+    r = mounting.run_cowfs("gc", m.store, "--json")  # what the refused snapshot wrote goes
+    assert json.loads(r.stdout)["ok"]
+    m.stop()
+    assert workload.fsck_clean(m.store)["counts"]["unpublished_layers"] == 0
+
+
+def _old_code(tmp_path, commit: str):
+    """The cowfs package of commit, extracted under tmp_path/old (skip if not in the history)."""
+    old = tmp_path / "old"
+    old.mkdir()
+    arch = subprocess.run(["git", "-C", str(mounting.REPO), "archive", commit, "cowfs"], capture_output=True)
+    if arch.returncode != 0:
+        pytest.skip(f"the code of {commit} is not in this checkout's history")
+    subprocess.run(["tar", "x", "-C", str(old)], input=arch.stdout, check=True)
+    return old
+
+
+@pytest.mark.parametrize("fmt", sorted(OLD_FORMATS))
+def test_an_older_store_is_upgraded_also_after_an_upgrade_cut_short(mount_factory, tmp_path, fmt):
+    """A store made and written by older code (main with files, a directory clone, snapshots,
+    a branch from one, a deleted snapshot) is upgraded at its first open, also when its copy
+    or its marker was cut short."""
+    old = _old_code(tmp_path, OLD_FORMATS[fmt])
+    env = {"PYTHONPATH": str(old)}
+    store = tmp_path / "store"
+    subprocess.run(mounting.cowfs_command() + ["init", str(store)], env=dict(os.environ, **env),
+                   check=True, capture_output=True)
+    m = mount_factory(store=store, init=False, env=env)
+    mounting.write(m.path / "a", b"a" * 4000, sync=True)
+    mounting.ok(m.path, "snapshot s0")
+    mounting.write(m.path / "b", b"b" * 4000, sync=True)
+    (m.path / "d").mkdir()
+    mounting.write(m.path / "d" / "f", b"f" * 100, sync=True)
+    mounting.ok(m.path, "clone d d2")  # copy inodes: a counter of their own, which stays at home
+    mounting.ok(m.path, "snapshot s1")
+    mounting.ok(m.path, "snapshot gone")
+    mounting.ok(m.path, "branch f s0")
+    mounting.ok(m.path, "delete gone")
+    m.stop()
+    assert json.loads((store / "cowfs-store.json").read_text())["format"] == fmt
+    assert catalog(store) == {"branch": {}, "snap": {}, "layer": {}}
+    # An upgrade cut short between its copy and the batch that ends it: the reference store
+    # holds a copy (here a wrong one), RocksDB still says 9; the next open copies again.
+    con = sqlite3.connect(os.path.join(store, "refs.sqlite"))
+    try:
+        con.execute("INSERT INTO kv (cf, key, value) VALUES ('catalog', ?, ?)",
+                    (b"snap/stale", json.dumps({"name": "stale", "layer": 1, "view": 1, "branch": None,
+                                                "created": 0.0}).encode()))
+        con.commit()
+    finally:
+        con.close()
+    m.env = {}
+    m.start()
+    from cowfs.store import FORMAT_VERSION
+    assert json.loads((store / "cowfs-store.json").read_text())["format"] == FORMAT_VERSION == 11
+    c = catalog(store)
+    assert set(c["snap"]) == {"s0", "s1"} and set(c["branch"]) == {"main", "f"}
+    assert sorted(os.listdir(m.path)) == ["a", "b", "d", "d2"]
+    mounting.ok(m.path, "clone d d3")
+    assert mounting.read(m.path / "d3" / "f") == mounting.read(m.path / "d2" / "f") == b"f" * 100
+    listing = mounting.ok(m.path, "list")
+    assert {s["name"] for s in listing["snapshots"]} == {"s0", "s1"}
+    mounting.ok(m.path, "snapshot s2")  # the catalog goes on in the reference store
+    m.stop()
+    workload.fsck_clean(store)
+    # Cut short after the batch, before the marker: RocksDB says 11, the marker the old one; the open
+    # only writes the marker (the catalog, now only in the reference store, stays).
+    marker = store / "cowfs-store.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "format": fmt}))
+    m.start()
+    assert json.loads(marker.read_text())["format"] == 11
+    assert set(catalog(store)["snap"]) == {"s0", "s1", "s2"}
+    assert sorted(os.listdir(m.path)) == ["a", "b", "d", "d2", "d3"]
+    m.stop()
+    fb = mount_factory(store=store, init=False, branch="f")
+    assert sorted(os.listdir(fb.path)) == ["a"]
+    fb.stop()
+    workload.fsck_clean(store)
+    # The older code refuses the store now.
+    r = subprocess.run(mounting.cowfs_command() + ["fsck", str(store)], env=dict(os.environ, **env),
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "format 11" in (r.stdout + r.stderr), r
