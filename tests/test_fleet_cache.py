@@ -139,3 +139,30 @@ def test_a_lazy_daemon_killed_while_it_evicts_leaves_a_clean_store_that_mounts_a
                             "the cache back under its limit, the packs a kill left deleted")
     assert mounting.du(store / "packs") <= LIMIT + SLACK, mounting.du(store / "packs")
     mounting.fsck(store)
+
+
+def test_an_unmount_while_the_cache_evicts_lets_the_pass_delete_its_packs_first(fleet, mount_factory):
+    """A clean unmount while an eviction pass is between condemning its victims and deleting
+    them (held there 5 s by a fault): the daemon ends that pass before it exits, so the store
+    it leaves holds no more than the limit on disk.  (It cancelled the pass there, leaving
+    the victims, 2 MiB here, for the next mount to delete: the killed-daemon test's bound
+    after its clean unmount failed when the unmount met a pass.)"""
+    a, b = fleet("a"), fleet("b")
+    src = mount_factory()
+    data = {f"f{i}": os.urandom(3 << 20) for i in range(2)}
+    for name, content in data.items():
+        (src.path / name).write_bytes(content)
+    snap(src, "base")
+    a.json("push", src.path, "base", "origin")
+    store, mp = b.base / "lazy-store", b.base / "mnt"
+    b.env["COWFS_FAULTS"] = "packs_condemned:sleep5"     # the first pass (a new store sweeps nothing at start)
+    try:
+        with lazy_mounted(b, "origin:base", mp, store, "-o", "remote_cache_bytes=4M,lazy_near=0"):
+            for name, content in data.items():
+                assert direct_read_all(mp / name)[: len(content)] == content, name
+            mounting.wait_until(lambda: (c := _cache(mp))["passes"] >= 1 and c["bytes"] <= LIMIT,
+                                "an eviction committed")
+    finally:
+        del b.env["COWFS_FAULTS"]
+    assert mounting.du(store / "packs") <= LIMIT + SLACK, mounting.du(store / "packs")
+    assert mounting.fsck(store)["clean"]

@@ -21,7 +21,9 @@ its `LazyReads.ensure` fetches (it looks again after every await); a worker thre
 a pointer before the commit reads the record again when the pack is gone
 (`ObjectStore.load`).  A crash after step 2 and before step 4 (or in a fetch, between its
 pack put and its commit) leaves packs nothing points at: the next daemon's evictor deletes
-them first thing (`sweep_packs` with nothing to repack), when the store has a cache.
+them first thing (`sweep_packs` with nothing to repack), when the store has a cache.  A
+clean unmount does not leave them: the daemon lets a pass under way reach its sweep
+(`CacheEvictor.finish`, before its last flush) and starts no other.
 """
 from __future__ import annotations
 
@@ -85,6 +87,16 @@ class CacheEvictor:
         self.fs = fs
         self.cache = cache
         self._wanted = trio.Event()
+        self._stopping = False
+        self._pass: trio.Event | None = None  # set when the pass under way (past its commit's lock) ends
+
+    async def finish(self) -> None:
+        """The mount ends (before its last flush): a pass under way runs to its sweep, and no
+        new one starts, so a clean unmount leaves no evicted pack on disk (cancelled between
+        its commit and its sweep, a pass left them, beyond the limit, to the next mount)."""
+        self._stopping = True
+        if self._pass is not None:
+            await self._pass.wait()
 
     def wake(self) -> None:
         """The cache passed its limit (called on the loop by the fetch's commit)."""
@@ -109,32 +121,43 @@ class CacheEvictor:
                 raise
 
     async def evict(self) -> None:
-        """One eviction pass (the module's steps)."""
+        """One eviction pass (the module's steps), none once the mount ends (`finish`)."""
+        async with self.fs.maintenance:
+            if self._stopping:
+                return
+            done = self._pass = trio.Event()
+            try:
+                await self._evict()
+            finally:
+                self._pass = None
+                done.set()
+
+    async def _evict(self) -> None:
+        """The pass's steps, under Filesystem.maintenance."""
         fs, cache = self.fs, self.cache
         store = fs.store
-        async with fs.maintenance:
+        async with fs.lock:
+            victims = cache.victims()
+            if not victims:
+                return
+            batch, txn = Batch(), RefTxn()
+            flips: dict[int, Flip] = {p: cache.flip(store.kv, p, batch, txn) for p in victims}
+            store.commit(batch, txn)
+            for pack, flip in flips.items():
+                for h in flip.evicted:
+                    store.objects.cache.discard(h)
+                cache.dropped(pack, flip)
+        cache.passes += 1
+        await store.sync()
+        partly = [p for p, f in flips.items() if f.kept]
+        for pack in partly:
+            c = await store.in_thread(store.copy_packs, [pack])
             async with fs.lock:
-                victims = cache.victims()
-                if not victims:
-                    return
-                batch, txn = Batch(), RefTxn()
-                flips: dict[int, Flip] = {p: cache.flip(store.kv, p, batch, txn) for p in victims}
-                store.commit(batch, txn)
-                for pack, flip in flips.items():
-                    for h in flip.evicted:
-                        store.objects.cache.discard(h)
-                    cache.dropped(pack, flip)
-            cache.passes += 1
+                moved = store.commit_moves(c)
             await store.sync()
-            partly = [p for p, f in flips.items() if f.kept]
-            for pack in partly:
-                c = await store.in_thread(store.copy_packs, [pack])
-                async with fs.lock:
-                    moved = store.commit_moves(c)
-                await store.sync()
-                await store.in_thread(store.retire_packs, c, moved)
-                cache.packs_repacked += 1
-            await store.in_thread(store.condemn_packs, victims)
-            swept = await store.in_thread(store.sweep_packs)
+            await store.in_thread(store.retire_packs, c, moved)
+            cache.packs_repacked += 1
+        await store.in_thread(store.condemn_packs, victims)
+        swept = await store.in_thread(store.sweep_packs)
         log.debug("remote cache: evicted %d packs (%d kept delta bases), %d packs deleted, %d waiting",
                   len(victims), sum(f.kept for f in flips.values()), swept["packs_deleted"], swept["packs_waiting"])

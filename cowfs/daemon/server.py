@@ -415,6 +415,8 @@ class Daemon:
             if self.lazy_warming is not None and self.lazy_prefetch is not None:
                 self.lazy_warming.stop()
                 self.lazy_prefetch.stop()
+            if self.evictor is not None:
+                await self.evictor.finish()  # an eviction under way deletes its packs before the exit
             notify.notify("STOPPING=1")
             self.measurer.stopping = True  # a clone's measuring walk would hold the exit up
             await self.fs.flush()
