@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import time
 from typing import Iterator, Sequence
 
 import rocksdict as rd
@@ -62,6 +63,20 @@ def _options(cache: rd.Cache, small: bool = False) -> rd.Options:
 # opens a few dozen files in a few milliseconds.  A database of many files keeps the default.
 FEW_TABLE_FILES = 64
 OPENING_THREADS = 16
+
+
+# A read-only open reads the files the writer's current version names (MANIFEST, table and
+# WAL files) one after the other, and a writer that flushes or compacts meanwhile deletes some
+# of them: the open then fails with ENOENT ("No such file or directory", RocksDB's IO error or
+# a Corruption wrapping it).  Measured with a writer flushing every 40 batches in another
+# process: 90 of 311 and 151 of 281 opens failed in 8-10 s; with these tries 0 of 129
+# (docs/design-many-processes.md, "Step 6").  Opening again reads the new version.
+READ_ONLY_TRIES = 20
+
+
+def _vanished(exc: Exception) -> bool:
+    """Whether a read-only open failed on a file its writer deleted meanwhile."""
+    return "No such file or directory" in str(exc)
 
 
 def _opening_threads(path: str) -> int:
@@ -137,12 +152,18 @@ class RocksKV(KV, LocalEngine):
         access = rd.AccessType.read_only() if read_only else rd.AccessType.read_write()
         db_options = _options(cache, small)
         db_options.set_max_file_opening_threads(_opening_threads(self.path))
-        try:
-            self.db = rd.Rdict(self.path, db_options, column_families=cfs, access_type=access)
-        except Exception as exc:  # rocksdict raises a plain Exception with RocksDB's status text
-            if "lock" in str(exc).lower():
-                raise StoreLockedError(str(exc)) from exc
-            raise
+        tries = READ_ONLY_TRIES if read_only else 1
+        for attempt in range(1, tries + 1):
+            try:
+                self.db = rd.Rdict(self.path, db_options, column_families=cfs, access_type=access)
+                break
+            except Exception as exc:  # rocksdict raises a plain Exception with RocksDB's status text
+                if attempt < tries and _vanished(exc):
+                    time.sleep(0.001 * attempt)
+                    continue
+                if "lock" in str(exc).lower():
+                    raise StoreLockedError(str(exc)) from exc
+                raise
         global _OPENED_HERE
         _OPENED_HERE = True
         self.read_only = read_only

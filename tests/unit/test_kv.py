@@ -323,3 +323,43 @@ def test_rocks_read_only_beside_the_writer(tmp_path):
         assert db.get("a", b"x") == b"3"
     finally:
         db.close()
+
+
+CHURN = r"""
+import sys
+from cowfs.kv.base import Batch
+from cowfs.kv.rocks import RocksKV
+db = RocksKV(sys.argv[1], ("a", "b"))
+print("ready", flush=True)
+n = 0
+while True:  # a writer that flushes every 40 batches: table and WAL files come and go
+    b = Batch()
+    for _ in range(50):
+        b.put("a", n.to_bytes(8, "big"), b"x" * 100)
+        n += 1
+    db.write(b)
+    if n % 2000 == 0:
+        db._cf["a"].flush()
+"""
+
+
+def test_rocks_read_only_open_beside_a_flushing_writer(tmp_path):
+    """A read-only open while the writer flushes and compacts in another process (how gc opens
+    a member database beside its daemon, and a fork daemon its base) succeeds every time: the
+    files a try found gone are deleted by the writer, and the next try reads its new version."""
+    path = str(tmp_path / "db")
+    writer = subprocess.Popen([sys.executable, "-c", CHURN, path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        opened, end = 0, time.monotonic() + 4
+        while time.monotonic() < end:
+            ro = RocksKV(path, FAMS, read_only=True)
+            try:
+                assert ro.get("a", (0).to_bytes(8, "big")) in (None, b"x" * 100)
+            finally:
+                ro.close()
+            opened += 1
+        assert writer.poll() is None and opened >= 20
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
