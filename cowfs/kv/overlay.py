@@ -5,45 +5,62 @@ Metadata keys carry their layer (`~layer` suffix), and each layer lives in exact
 member, so for the layer-versioned families the members' key sets are disjoint and the
 union read in key order is exactly the one database of today: `Versioned`'s one seek for
 the newest visible version works unchanged over it.  Families named `through` are read
-through every member (the first member's value wins where a key is in several); every
-other family is the top member's alone (what only the branch's own database holds).
+through every member (the first member's value wins where a key is in several); a family
+given in `through_keys` only its keys that begin with one of the prefixes named there (a
+fork reads its ancestors' `usage/` and `share/` records of `meta`, never their gc queue or
+prefetch model: docs/design-many-processes.md, "Step 6"); every other family and key is the
+top member's alone (what only the branch's own database holds).
 Writes, their compare-and-set checks, `sync` and `close` go to the top member only: the
 members below are frozen (opened read-only, or immutable layer objects).
 """
 from __future__ import annotations
 
 import heapq
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from cowfs.kv.base import KV, Batch, Expect
 
 
 class OverlayKV(KV):
-    def __init__(self, top: KV, below: Sequence[KV], through: Iterable[str]) -> None:
+    def __init__(self, top: KV, below: Sequence[KV], through: Iterable[str],
+                 through_keys: Mapping[str, Iterable[bytes]] | None = None) -> None:
         """top: the writable member; below: frozen members, nearest first; through: the
-        families read through all of them."""
+        families read through all of them; through_keys: family -> the key prefixes of it
+        read through them (the family's other keys are the top's alone)."""
         self.top = top
         self.below = list(below)
         self.through = frozenset(through)
+        self.through_keys = {cf: tuple(ps) for cf, ps in (through_keys or {}).items() if cf not in self.through}
+        if any(not p for ps in self.through_keys.values() for p in ps):
+            raise ValueError("an empty key prefix in through_keys: name the family in through instead")
 
-    def _members(self, cf: str) -> list[KV]:
-        return [self.top, *self.below] if cf in self.through else [self.top]
+    def _through(self, cf: str, key: bytes) -> bool:
+        return cf in self.through or (cf in self.through_keys and key.startswith(self.through_keys[cf]))
 
     def get(self, cf: str, key: bytes) -> bytes | None:
-        for kv in self._members(cf):
+        value = self.top.get(cf, key)
+        if value is not None or not self._through(cf, key):
+            return value
+        for kv in self.below:
             value = kv.get(cf, key)
             if value is not None:
                 return value
         return None
 
     def scan(self, cf: str, start: bytes, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-        members = self._members(cf)
-        if len(members) == 1:
-            return members[0].scan(cf, start, prefix)
-        return self._merged(cf, start, prefix, members)
+        inside = start.startswith(prefix)  # else the keys from start up to the prefix count too
+        if cf in self.through or (inside and cf in self.through_keys and prefix.startswith(self.through_keys[cf])):
+            return self._merged(cf, start, prefix, [self.top, *self.below])
+        crossing = [p for p in self.through_keys.get(cf, ()) if p.startswith(prefix) or not inside]
+        if not crossing:  # no key of the range is read through
+            return self.top.scan(cf, start, prefix)
+        # The range holds through-prefixes and other keys: the members below contribute only
+        # the former.
+        below = [_Only(kv, crossing) for kv in self.below]
+        return self._merged(cf, start, prefix, [self.top, *below])
 
     @staticmethod
-    def _merged(cf: str, start: bytes, prefix: bytes, members: list[KV]) -> Iterator[tuple[bytes, bytes]]:
+    def _merged(cf: str, start: bytes, prefix: bytes, members: Sequence[KV | _Only]) -> Iterator[tuple[bytes, bytes]]:
         # Every member's scan starts at the first step (each sees its member as of then).  The
         # members scan without the prefix and the union stops at its first key outside it, as
         # one database's scan would.  A member whose first key is outside the prefix while the
@@ -95,3 +112,19 @@ def _ranked(key: bytes, rank: int, value: bytes,
     yield key, rank, value
     for key, value in rest:
         yield key, rank, value
+
+
+class _Only:
+    """A member's scans restricted to the keys that begin with one of prefixes."""
+
+    def __init__(self, kv: KV, prefixes: list[bytes]) -> None:
+        self.kv = kv
+        # Each prefix's keys are one contiguous range; a prefix inside another's range adds
+        # nothing, and the rest are disjoint ranges in key order.
+        self.prefixes = [p for p in sorted(prefixes) if not any(p != q and p.startswith(q) for q in prefixes)]
+
+    def scan(self, cf: str, start: bytes) -> Iterator[tuple[bytes, bytes]]:
+        for p in self.prefixes:
+            if start > p and not start.startswith(p):
+                continue  # every key of p's range sorts before start
+            yield from self.kv.scan(cf, max(start, p), p)

@@ -120,3 +120,29 @@ def test_versioned_reads_a_layer_tree_split_across_databases_as_from_one(seed):
             for ino in (1, 2):
                 for start in (b"", b"ab"):
                     assert list(split.scan_names(cf, ino, lv, start)) == list(plain.scan_names(cf, ino, lv, start))
+
+
+def test_keys_read_through_by_prefix_equal_one_kv_holding_the_top_and_those_keys_below():
+    """through_keys: of a family only the keys under the given prefixes are read through (a
+    fork reads its ancestors' usage/ and share/ records of `meta`, not their gc queue); every
+    get and scan equals one KV holding the top's keys and the members' keys under them."""
+    rnd = random.Random(5)
+    alphabet = [b"", b"\x00", b"a", b"ab", b"b", b"b\xff", b"\xff", b"\xff\xff"]
+    for _ in range(300):
+        through = sorted({rnd.choice(alphabet[1:]) + rnd.choice(alphabet) for _ in range(rnd.randrange(1, 3))})
+        members = [{rnd.choice(alphabet) + rnd.choice(alphabet): b"%d" % (2 - i) for _ in range(rnd.randrange(0, 7))}
+                   for i in range(3)]
+        union: dict[bytes, bytes] = {}
+        for i, m in reversed(list(enumerate(members))):  # the first member's value wins
+            union.update({k: v for k, v in m.items() if i == 0 or k.startswith(tuple(through))})
+        one = kv_with(union)
+        ov = OverlayKV(kv_with(members[0]), [kv_with(members[1]), kv_with(members[2])], through=[],
+                       through_keys={"a": through})
+        for _ in range(12):
+            start, prefix = rnd.choice(alphabet) + rnd.choice(alphabet), rnd.choice(alphabet) + rnd.choice(alphabet)
+            assert list(ov.scan("a", start, prefix)) == list(one.scan("a", start, prefix)), \
+                (members, through, start, prefix)
+        for k in set().union(*members):
+            assert ov.get("a", k) == union.get(k), (members, through, k)
+    with pytest.raises(ValueError, match="empty key prefix"):
+        OverlayKV(MemoryKV(FAMS), [], through=[], through_keys={"a": [b""]})
