@@ -43,6 +43,11 @@ Subcommands (several may be given; `all` runs every one):
              database read-only below it (cowfs.kv.overlay.OverlayKV), against one database:
              a full read of the fork's base tree (Django) and an untar into the fork
 
+  roopen     step 6's fork opening its base: cowfs's RocksKV(read_only=True) of a store database
+             (the store's families and options) while its writer runs in another process at a
+             daemon's untar rate, by size and by the WAL the open replays; the writer's flush of
+             every family; and how many opens a writer flushing every 2,000 keys makes fail
+             (RocksKV opens again on a vanished file: the tries it took)
 Usage: .venv/bin/python scripts/measure_multiprocess.py [--rounds N] [--quick] [--json] SUBCMD...
        .venv/bin/python scripts/measure_multiprocess.py render RESULTS.json...   (Markdown tables)
 """
@@ -1840,15 +1845,147 @@ def measure_scaling(rounds: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# roopen: a read-only open of a store database beside its writer (step 6)
+
+def _store_key(i: int, layer: int = 7) -> bytes:
+    return i.to_bytes(8, "big") + b"~" + layer.to_bytes(8, "big")
+
+
+def child_store_writer(a: dict[str, Any]) -> None:
+    """Owns a RocksKV with the store's families: fills it, then writes at a daemon's untar rate
+    (~5,000 batches/s of 5 keys: kvtrace's 27,788 batches and 148,503 operations in ~6 s) while
+    `busy`, or flushes every 2,000 keys while `churn`, until stdin closes."""
+    sys.path.insert(0, REPO)
+    from cowfs.chunks.families import CF_OBJECTS
+    from cowfs.kv.base import Batch
+    from cowfs.kv.rocks import RocksKV
+    from cowfs.store import FAMILIES
+    kv = RocksKV(a["path"], FAMILIES, blob_families=(CF_OBJECTS,))
+    n = 0
+    while n < a["fill"]:
+        b = Batch()
+        for _ in range(1000):
+            b.put("inodes", _store_key(n), os.urandom(60) + b"x" * 60)
+            b.put("dirents", _store_key(n) + b"name", os.urandom(40))
+            n += 1
+        kv.write(b)
+    if a["flushed"]:
+        for cf in kv._cf.values():
+            cf.flush()
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    reply({"ready": True})
+    while not stop.is_set():
+        if a["mode"] == "idle":
+            time.sleep(0.05)
+            continue
+        if a["mode"] == "busy":
+            time.sleep(0.0002)
+        b = Batch()
+        for _ in range(5 if a["mode"] == "busy" else 50):
+            b.put("inodes", _store_key(n, 9), os.urandom(60) + b"x" * 60)
+            n += 1
+        kv.write(b)
+        if a["mode"] == "churn" and n % 2000 == 0:
+            kv._cf["inodes"].flush()
+    kv.close()
+
+
+def _wal_mib(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".log")) / 2**20
+
+
+def _roopen_round(fill: int, flushed: bool, mode: str) -> dict[str, float]:
+    sys.path.insert(0, REPO)
+    import cowfs.kv.rocks as rocks
+    from cowfs.chunks.families import CF_OBJECTS
+    from cowfs.store import FAMILIES
+    d = tmpdir("roopen")
+    path = os.path.join(d, "db")
+    p = child("store_writer", {"path": path, "fill": fill, "flushed": flushed, "mode": mode})
+    out: dict[str, float] = {}
+    try:
+        expect_line(p)
+        time.sleep(0.3)
+        out["wal_mib"] = _wal_mib(path)
+        rss0 = rss_kib()["rss"]
+        t0 = time.perf_counter()
+        kv = rocks.RocksKV(path, FAMILIES, blob_families=(CF_OBJECTS,), read_only=True)
+        out["open_ms"] = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        for i in range(1000):
+            kv.get("inodes", _store_key(i * 97 % max(fill, 1)))
+        out["get_us"] = (time.perf_counter() - t0) * 1e3
+        out["rss_mib"] = (rss_kib()["rss"] - rss0) / 1024
+        t0 = time.perf_counter()
+        kv.close()
+        out["close_ms"] = (time.perf_counter() - t0) * 1e3
+    finally:
+        p.stdin.close()
+        p.wait(timeout=60)
+        shutil.rmtree(d)
+    return out
+
+
+def _roopen_churn(seconds: float, tries: int) -> dict[str, float]:
+    """Opens of a database whose writer flushes every 2,000 keys, for `seconds`, with up to
+    `tries` opens each (1: RocksKV without its retries): opens made, opens failed."""
+    sys.path.insert(0, REPO)
+    import cowfs.kv.rocks as rocks
+    from cowfs.chunks.families import CF_OBJECTS
+    from cowfs.store import FAMILIES
+    d = tmpdir("rochurn")
+    path = os.path.join(d, "db")
+    p = child("store_writer", {"path": path, "fill": 0, "flushed": True, "mode": "churn"})
+    saved = rocks.READ_ONLY_TRIES
+    rocks.READ_ONLY_TRIES = tries
+    opens = failed = 0
+    try:
+        expect_line(p)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            opens += 1
+            try:
+                rocks.RocksKV(path, FAMILIES, blob_families=(CF_OBJECTS,), read_only=True).close()
+            except Exception:
+                failed += 1
+    finally:
+        rocks.READ_ONLY_TRIES = saved
+        p.stdin.close()
+        p.wait(timeout=60)
+        shutil.rmtree(d)
+    return {"opens": opens, "failed": failed}
+
+
+def measure_roopen(rounds: int) -> None:
+    big = 100_000 if QUICK else 1_000_000
+    for fill, flushed, mode in [(0, True, "idle"), (100_000, True, "idle"), (big, True, "idle"),
+                                (100_000, True, "busy"), (big, True, "busy"),
+                                (100_000, False, "busy"), (big, False, "busy")]:
+        res, loads = repeat(rounds, lambda: _roopen_round(fill, flushed, mode))
+        what = f"{fill:,} keys {'flushed' if flushed else 'unflushed'}, writer {mode}"
+        note = f"live WAL {min(res['wal_mib']):.1f}-{max(res['wal_mib']):.1f} MiB"
+        record("roopen", f"read-only open, {what}", res["open_ms"], "ms", note=note, loads=loads)
+        record("roopen", "  1,000 point gets through it", res["get_us"], "ms", loads=loads)
+        record("roopen", "  its RSS once open and read", res["rss_mib"], "MiB", loads=loads)
+        record("roopen", "  its close", res["close_ms"], "ms", loads=loads)
+    seconds = 3 if QUICK else 8
+    for tries, name in ((1, "without retries"), (20, "with RocksKV's retries")):
+        res, loads = repeat(1, lambda: _roopen_churn(seconds, tries))
+        record("roopen", f"opens failed beside a writer flushing every 2,000 keys, {name}", res["failed"],
+               "opens", note=f"of {res['opens'][0]} in {seconds} s", loads=loads)
+
+
+# ---------------------------------------------------------------------------------------------
 
 SECTIONS = {"ipc": measure_ipc, "marshal": measure_marshal, "secondary": measure_secondary, "sst": measure_sst,
             "sqlite": measure_sqlite, "startup": measure_startup, "dedup": measure_dedup, "disk": measure_disk,
             "layers": measure_layers, "kvtrace": measure_kvtrace, "proxy": measure_proxy,
-            "scaling": measure_scaling, "overlay": measure_overlay}
+            "scaling": measure_scaling, "overlay": measure_overlay, "roopen": measure_roopen}
 CHILDREN = {"call": child_call, "ipc_server": child_ipc_server, "ipc_trio_server": child_ipc_trio_server,
             "rocks_primary": child_rocks_primary, "sqlite_worker": child_sqlite_worker,
             "index_primary": child_index_primary,
-            "writer": child_writer, "store_server": child_store_server}
+            "writer": child_writer, "store_server": child_store_server, "store_writer": child_store_writer}
 
 
 def render(paths: list[str]) -> None:
