@@ -531,12 +531,14 @@ class Store:
         """The other databases a pack gc marks from (liveness.Liveness.members), each opened
         read-only beside its writer; the caller closes them."""
         out: list[tuple[str, KV]] = []
+        cache = self.engine.block_cache if isinstance(self.engine, RocksKV) else None  # one budget for all
         try:
             for name, rel in sorted(self.liveness.members().items()):
                 where = os.path.join(self.path, rel)
                 if not os.path.isdir(where):
                     raise StoreError(f"member database {name} ({rel}) is not in the store")
-                out.append((name, RocksKV(where, FAMILIES, blob_families=(CF_OBJECTS,), read_only=True)))
+                out.append((name, RocksKV(where, FAMILIES, blob_families=(CF_OBJECTS,), read_only=True,
+                                          cache=cache)))
         except BaseException:
             for _name, kv in out:
                 kv.close()

@@ -129,9 +129,11 @@ class RocksKV(KV, LocalEngine):
     """
 
     def __init__(self, path: str, families: tuple[str, ...], blob_families: tuple[str, ...] = (),
-                 small: bool = False, read_only: bool = False) -> None:
+                 small: bool = False, read_only: bool = False, cache: rd.Cache | None = None) -> None:
         """read_only: open without the writer's lock (several processes may, beside one writer):
-        a frozen member of an OverlayKV; writes are refused."""
+        a frozen member of an OverlayKV; writes are refused.  cache: another RocksKV's block
+        cache (`block_cache`), shared instead of a cache of this one's own: the members a
+        process opens beside its database stay within one BLOCK_CACHE."""
         self.path = path
         self._families = families
         self._blob_families = blob_families
@@ -141,7 +143,7 @@ class RocksKV(KV, LocalEngine):
         # Writes come from the event loop; the lock makes a check-and-write atomic against
         # writes from any other thread as well, and keeps a reopen (recover) out of a write.
         self._write_lock = threading.Lock()
-        self._cache = rd.Cache((BLOCK_CACHE // 4) if small else BLOCK_CACHE)
+        self._cache = cache if cache is not None else rd.Cache((BLOCK_CACHE // 4) if small else BLOCK_CACHE)
         self._open(read_only)
 
     def _open(self, read_only: bool = False) -> None:
@@ -180,6 +182,10 @@ class RocksKV(KV, LocalEngine):
         finally:
             del self.db
             gc.collect()
+
+    @property
+    def block_cache(self) -> rd.Cache:
+        return self._cache
 
     def unflushed_bytes(self) -> int:
         total = 0

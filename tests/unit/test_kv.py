@@ -363,3 +363,28 @@ def test_rocks_read_only_open_beside_a_flushing_writer(tmp_path):
     finally:
         writer.kill()
         writer.wait(timeout=30)
+
+
+def test_rocks_members_share_one_block_cache(tmp_path):
+    """A database opened with another's `block_cache` reads into that cache, not a cache of its
+    own: the members a daemon opens beside its home stay within one BLOCK_CACHE."""
+    db = RocksKV(str(tmp_path / "db"), FAMS)
+    other = RocksKV(str(tmp_path / "other"), FAMS)
+    try:
+        b = Batch()
+        for i in range(20000):
+            b.put("a", i.to_bytes(4, "big"), os.urandom(100))
+        other.write(b)
+        other._cf["a"].flush()
+        other.close()
+        ro = RocksKV(str(tmp_path / "other"), FAMS, read_only=True, cache=db.block_cache)
+        try:
+            assert ro.block_cache is db.block_cache
+            before = db.memory()["block_cache_bytes"]
+            assert sum(1 for _ in ro.scan("a", b"")) == 20000
+            assert db.memory()["block_cache_bytes"] > before + (1 << 20)
+            assert ro.memory()["block_cache_bytes"] == db.memory()["block_cache_bytes"]
+        finally:
+            ro.close()
+    finally:
+        db.close()
