@@ -351,7 +351,7 @@ def test_references_to_branches_deleted_before_are_cleared(mount_factory, forks)
     that name would have inherited the old one's snapshots.  (Such a store was never marked
     settled: a store is settled once, when a cowfs that re-parents first opens it.)"""
     from cowfs.kv.base import Batch
-    from cowfs.meta.layers import CF_META, OWNERS_SETTLED
+    from cowfs.meta.layers import CF_CATALOG, OWNERS_SETTLED
     from cowfs.store import Store
 
     a = mount_factory()
@@ -363,8 +363,8 @@ def test_references_to_branches_deleted_before_are_cleared(mount_factory, forks)
     st = Store(str(a.store))
     try:
         batch = Batch()
-        batch.delete(CF_META, b"branch/gone")  # what an older cowfs's delete left behind
-        batch.delete(CF_META, OWNERS_SETTLED)  # in a store it alone had written
+        batch.delete(CF_CATALOG, b"branch/gone")  # what an older cowfs's delete left behind
+        batch.delete(CF_CATALOG, OWNERS_SETTLED)  # in a store it alone had written
         st.kv.write(batch)
     finally:
         st.close()

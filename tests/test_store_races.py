@@ -154,7 +154,7 @@ async def test_a_reopen_waits_for_threads_that_use_the_database(tmp_path):
             with pytest.raises(Exception) as failed:
                 await fs.make(root, b"fails", stat.S_IFREG | 0o644, 0, 0)
             assert "No space" in str(failed.value)
-            assert not store.kv.read_only, "reopened under a thread's iterator (and fell back to read-only)"
+            assert not store.engine.read_only, "reopened under a thread's iterator (and fell back to read-only)"
             assert store._reopen_wanted and store.kv_users == 1
             # A thread job started now waits for the reopen; the reopen waits for the scan.
             ran: list[bool] = []
@@ -164,7 +164,7 @@ async def test_a_reopen_waits_for_threads_that_use_the_database(tmp_path):
             h.gate.set()
         assert ran == [False], "the later job ran before the reopen"
         assert results == [store_scan_len(store, "inodes")]
-        assert not store.kv.read_only and not store._reopen_wanted
+        assert not store.engine.read_only and not store._reopen_wanted
         node = await fs.make(root, b"works", stat.S_IFREG | 0o644, 0, 0)  # writes work again
         await fs.write(node, 0, b"after the reopen")
         await fs.flush()
