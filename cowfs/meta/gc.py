@@ -298,10 +298,9 @@ class Collector:
             cat.mark_walked(c.batch)
         return c if len(c.batch) or self._heap or self._fork is not None or self._stray or self._gone else None
 
-    # -- an unpublished layer -------------------------------------------------------------
-    def _stray_keys(self, c: Chunk, layer: int, budget: int) -> int:
-        """As a dead layer, but the catalog never named it: its queue and usage records go
-        with its last keys."""
+    def _remove_keys(self, c: Chunk, layer: int, budget: int) -> list[tuple[str, bytes]]:
+        """Up to budget of the versioned keys layer wrote, removed in c's batch, with what
+        their values referenced released; the keys (fewer than budget: the layer's last)."""
         c.touched.add(layer)
         keys = self._changes(layer, budget)
         for cf, base in keys:
@@ -309,6 +308,13 @@ class Collector:
             Versioned.remove(c.batch, cf, base, layer)
             if value is not None:
                 self._released(c, cf, value)
+        return keys
+
+    # -- an unpublished layer -------------------------------------------------------------
+    def _stray_keys(self, c: Chunk, layer: int, budget: int) -> int:
+        """As a dead layer, but the catalog never named it: its queue and usage records go
+        with its last keys."""
+        keys = self._remove_keys(c, layer, budget)
         if len(keys) < budget:
             self._stray.pop()
             self.cat.dequeue(layer, c.batch)
@@ -318,13 +324,7 @@ class Collector:
 
     # -- a dead layer ---------------------------------------------------------------------
     def _dead_keys(self, c: Chunk, layer: int, budget: int) -> int:
-        c.touched.add(layer)
-        keys = self._changes(layer, budget)
-        for cf, base in keys:
-            value = self.meta.kv.get(cf, base + layer_suffix(layer))
-            Versioned.remove(c.batch, cf, base, layer)
-            if value is not None:
-                self._released(c, cf, value)
+        keys = self._remove_keys(c, layer, budget)
         if len(keys) < budget:  # the last of it: the layer goes, its parent may be next
             heapq.heappop(self._heap)
             parent = self.cat.parents[layer]
