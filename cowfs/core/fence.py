@@ -68,10 +68,19 @@ class Fences:
         f.why = why
         f.until = until
 
+    def _closed(self, view: "View") -> Fence | None:
+        """The fence of view if it is a branch whose writes are refused now (one read of it:
+        a holds thread may lift it meanwhile)."""
+        f = self._by_branch.get(view.name)
+        return f if f is not None and view.kind != "snapshot" and time.monotonic() >= f.until else None
+
+    def closed(self, view: "View") -> bool:
+        return self._closed(view) is not None
+
     def check(self, view: "View") -> None:
         """EROFS if view is a branch whose writes are refused now."""
-        f = self._by_branch.get(view.name)
-        if f is not None and view.kind != "snapshot" and time.monotonic() >= f.until:
+        f = self._closed(view)
+        if f is not None:
             raise FSError(errno.EROFS, f.why)
 
     def figures(self, branch: str) -> dict[str, Any]:

@@ -164,7 +164,10 @@ class Operations(pyfuse3.Operations):
                 return self.ctlfs.entry(inode)
             raise pyfuse3.FUSEError(errno.EPERM)
         node = self.inodes.node(inode, unlinked_ok=True)
-        ours = fields.update_size and os.path.exists(f"/proc/self/task/{ctx.pid}")  # Kernel.sync_view's
+        # Kernel.sync_view's own truncate (of a file cut by refused writes, or on a branch its
+        # lost hold made read-only): the /proc look only then, not at every truncate.
+        ours = (fields.update_size and (node.cap is not None or self.fs.fences.closed(node.view))
+                and os.path.exists(f"/proc/self/task/{ctx.pid}"))
         await self.fs.setattr(
             node,
             # our own truncate keeps a cut file's cut (a user's ends it), also on a fenced branch
