@@ -1659,6 +1659,16 @@ def snap(m, name: str) -> Path:
     return m.path / ".cowfs" / "snapshots" / name
 
 
+def push_files(h: Host, m, files: dict[str, bytes], name: str = "base") -> Path:
+    """Write files into mount m, snapshot it as `name` and push that by host h to its
+    remote 'origin'; the snapshot's directory."""
+    for fname, content in files.items():
+        (m.path / fname).write_bytes(content)
+    pushed = snap(m, name)
+    h.json("push", m.path, name, "origin")
+    return pushed
+
+
 def big_tree(root: Path, files: int = 5, size: int = 8 << 20) -> None:
     """Incompressible files (40 MiB by default: a push of several packs, to kill midway)."""
     for i in range(files):

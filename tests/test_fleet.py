@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import mounting
-from mounting import Host, big_tree, fetched, lazy_mounted, same_tree, snap, wait_for_objects
+from mounting import Host, big_tree, fetched, lazy_mounted, push_files, same_tree, snap, wait_for_objects
 from conftest import UNPRIV_GID, UNPRIV_UID
 
 
@@ -1090,10 +1090,7 @@ def test_lazy_writes_push_and_a_remote_down(fleet, mount_factory, seaweedfs_kill
     a, b = fleet("a", s3=sw), fleet("b", s3=sw)
     src = mount_factory()
     data = {f"f{i}": os.urandom(200_000) for i in range(5)}
-    for name, content in data.items():
-        (src.path / name).write_bytes(content)
-    snap(src, "base")
-    a.json("push", src.path, "base", "origin")
+    push_files(a, src, data)
     store, mp = b.base / "lazy-store", b.base / "mnt"
     # lazy_near=0: the files lie next to each other in one pack, and f2 must stay unfetched
     with lazy_mounted(b, "origin:base", mp, store, "-o", "lazy_near=0"):

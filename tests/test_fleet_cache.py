@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import mounting
-from mounting import direct_read_all, fetched, lazy_mounted, snap
+from mounting import direct_read_all, fetched, lazy_mounted, push_files
 
 LIMIT = 4 << 20
 SLACK = 1 << 20  # the pack indexes, and one fetch's pack beyond the limit before its eviction
@@ -29,10 +29,7 @@ def test_a_lazy_mount_keeps_its_fetched_chunks_under_the_limit_and_fetches_evict
     a, b = fleet("a", s3=sw), fleet("b", s3=sw)
     src = mount_factory()
     data = {f"f{i}": os.urandom(3 << 20) for i in range(4)}  # 12 MiB, incompressible: 3x the limit
-    for name, content in data.items():
-        (src.path / name).write_bytes(content)
-    snap(src, "base")
-    a.json("push", src.path, "base", "origin")
+    push_files(a, src, data)
     store, mp = b.base / "lazy-store", b.base / "mnt"
     with lazy_mounted(b, "origin:base", mp, store, "-o", "remote_cache_bytes=4M,lazy_near=0"):
         assert _cache(mp)["limit"] == LIMIT
@@ -104,10 +101,7 @@ def test_a_lazy_daemon_killed_while_it_evicts_leaves_a_clean_store_that_mounts_a
     a, b = fleet("a"), fleet("b")
     src = mount_factory()
     data = {f"f{i}": os.urandom(3 << 20) for i in range(2)}
-    for name, content in data.items():
-        (src.path / name).write_bytes(content)
-    snap(src, "base")
-    a.json("push", src.path, "base", "origin")
+    push_files(a, src, data)
     store, mp = b.base / "lazy-store", b.base / "mnt"
     opts = ("-o", "remote_cache_bytes=4M,lazy_near=0")
     with lazy_mounted(b, "origin:base", mp, store, *opts):
@@ -150,10 +144,7 @@ def test_an_unmount_while_the_cache_evicts_lets_the_pass_delete_its_packs_first(
     a, b = fleet("a"), fleet("b")
     src = mount_factory()
     data = {f"f{i}": os.urandom(3 << 20) for i in range(2)}
-    for name, content in data.items():
-        (src.path / name).write_bytes(content)
-    snap(src, "base")
-    a.json("push", src.path, "base", "origin")
+    push_files(a, src, data)
     store, mp = b.base / "lazy-store", b.base / "mnt"
     b.env["COWFS_FAULTS"] = "packs_condemned:sleep5"     # the first pass (a new store sweeps nothing at start)
     try:

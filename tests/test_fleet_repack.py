@@ -6,15 +6,18 @@ middle of a repack leaves the remote consistent and is completed by the next run
 test is one pass over all of it; the long forms (slow) take each part further."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 import mounting
-from mounting import Host, lazy_mounted, same_tree, snap
+from mounting import Host, lazy_mounted, push_files, same_tree, snap
 
 FILE = 256 << 10        # 20 files of 256 KiB: one 5 MiB pack
 
@@ -47,10 +50,7 @@ def _partly_dead(a: Host, m) -> tuple[Path, Path, int]:
     """Push base (20 files, one pack), fork1 (5 of them kept, one new), fork2 (a new file) and
     fork3 (fork1 + a small file), then delete base and fork2: the base's pack is 1/4 live.
     (fork1's and fork3's snapshot directories, the live file bytes.)"""
-    for i in range(20):
-        (m.path / f"f{i:02}").write_bytes(os.urandom(FILE))
-    snap(m, "base")
-    a.json("push", m.path, "base", "origin")
+    push_files(a, m, {f"f{i:02}": os.urandom(FILE) for i in range(20)})
     for i in range(20):
         if i % 5:
             (m.path / f"f{i:02}").unlink()
@@ -100,18 +100,28 @@ def _drop_gc_lock(etcd, seaweedfs, prefix: str) -> None:
         kv.close()
 
 
-def _killed_at(a: Host, point: str) -> None:
-    """Run a gc of host a's remote, killed -9 once at the fault point."""
-    a.env["COWFS_FAULTS"] = f"{point}:sleep60"
+@contextlib.contextmanager
+def _gc_held(a: Host, fault: str) -> Iterator[subprocess.Popen]:
+    """A gc of host a's remote (`--json`) held at its fault point (COWFS_FAULTS `fault`, a
+    sleep) when the body starts; killed -9 afterwards unless the body waited for its end."""
+    a.env["COWFS_FAULTS"] = fault
     try:
         p = a.popen("remote", "gc", "origin", "--grace", "0", "--json")
     finally:
         del a.env["COWFS_FAULTS"]
     try:
         _held(p)
+        yield p
     finally:
-        p.send_signal(signal.SIGKILL)
-        p.communicate(timeout=30)
+        if p.returncode is None:
+            p.send_signal(signal.SIGKILL)
+            p.communicate(timeout=30)
+
+
+def _killed_at(a: Host, point: str) -> None:
+    """Run a gc of host a's remote, killed -9 once at the fault point."""
+    with _gc_held(a, f"{point}:sleep60"):
+        pass
 
 
 def test_a_repack_killed_midway_then_completed_leaves_the_live_bytes_and_every_snapshot_whole(
@@ -126,17 +136,8 @@ def test_a_repack_killed_midway_then_completed_leaves_the_live_bytes_and_every_s
     with lazy_mounted(b, "origin:fork1", lazy_mp, lazy_store, "-o", "lazy_near=0"):   # records name the old pack
         assert (lazy_mp / "f00").read_bytes() == (fork1 / "f00").read_bytes()
         # A gc held once its forward is put, read from meanwhile, then killed -9 there.
-        a.env["COWFS_FAULTS"] = "fleet_repack_moved:sleep60"
-        try:
-            p = a.popen("remote", "gc", "origin", "--grace", "0", "--json")
-        finally:
-            del a.env["COWFS_FAULTS"]
-        try:
-            _held(p)
+        with _gc_held(a, "fleet_repack_moved:sleep60"):
             assert (lazy_mp / "f05").read_bytes() == (fork1 / "f05").read_bytes()
-        finally:
-            p.send_signal(signal.SIGKILL)
-            p.communicate(timeout=30)
         checked = a.json("remote", "check", "origin", "--verify")
         assert checked["ok"] and checked["forwards"] == 1, checked
         r = a.cowfs("remote", "gc", "origin", check=False)
@@ -188,14 +189,9 @@ def test_gc_repacks_partly_dead_packs_and_every_snapshot_still_reads(fleet, moun
         assert (lazy_mp / "f00").read_bytes() == (fork1 / "f00").read_bytes()
         # The gc held right after its new pack is put (before the forward): the lazy mount
         # reads from the old pack meanwhile.
-        a.env["COWFS_FAULTS"] = "fleet_repack_packed:sleep3"
-        try:
-            p = a.popen("remote", "gc", "origin", "--grace", "0", "--json")
-        finally:
-            del a.env["COWFS_FAULTS"]
-        _held(p)
-        assert (lazy_mp / "f05").read_bytes() == (fork1 / "f05").read_bytes()
-        out, err = p.communicate(timeout=120)
+        with _gc_held(a, "fleet_repack_packed:sleep3") as p:
+            assert (lazy_mp / "f05").read_bytes() == (fork1 / "f05").read_bytes()
+            out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
         held = json.loads(out)
         assert held["deleted"] == 4 and held["repacked_packs"] == 1 and held["repack_new_packs"] == 1, held
