@@ -92,7 +92,7 @@ def test_a_mount_parses_snapshot_records_only_as_they_are_used(mount_factory, tm
     assert _catalog_figures(m.path) == {"catalog_records_read": 4, "catalog_records_parsed": 4}
     assert not os.path.exists(snaps / "s3000")
     # A listing walks them all: every name, each reading what it froze.  Each listed
-    # snapshot's view holds its ancestry: shared blocks of the line (meta.layers.Block),
+    # snapshot's view holds its ancestry: shared blocks of the line (meta.lineage.Block),
     # where a set per view held 4.5 million layer ids here (and 100,000 snapshots ran the
     # machine out of memory).
     rss = json.loads((m.path / ".cowfs" / "stats").read_text())["rss_bytes"]

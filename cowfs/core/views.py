@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Iterator
 
 from cowfs.core.view import EPOCHS, View
 from cowfs.errors import FSError
-from cowfs.meta.layers import Ancestry, Lineage, Snapshot
+from cowfs.meta.layers import Snapshot
+from cowfs.meta.lineage import Ancestry, Lineage
 from cowfs.meta.versioned import LayerView
 
 if TYPE_CHECKING:

@@ -40,7 +40,8 @@ from typing import Iterator
 import zstandard
 
 from cowfs.kv.base import KV, Batch
-from cowfs.meta.layers import CF_META, Ancestry
+from cowfs.meta.layers import CF_META
+from cowfs.meta.lineage import Ancestry
 
 PREFIX = b"share/"
 CLONE_PREFIX = b"clone/"  # + top_y(8) -> the clone (JSON)
