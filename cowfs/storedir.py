@@ -11,6 +11,9 @@
                        (cowfs.background.warming)
     daemon.sock        the daemon's admin socket (cowfs.daemon.admin; in /run/cowfs when the
                        store's path is too long for AF_UNIX)
+    daemon.log         the daemon's log (cowfs.daemon.process)
+    homes/<id>/        a branch's home database (db/) and its own daemon's daemon.pid,
+                       daemon.sock and daemon.log (docs/design-many-processes.md, "Step 6")
 
 Nothing else names these entries (tests/unit/test_layers.py).
 """
@@ -23,6 +26,19 @@ DB_DIR = "db"
 PACK_DIR = "packs"
 REFS_FILE = "refs.sqlite"
 SOCKET_NAME = "daemon.sock"
+LOG_NAME = "daemon.log"
+HOMES_DIR = "homes"
+
+
+def home_dir(store: str, home: str) -> str:
+    """The directory of home database `home` (its id, 16 hex digits) of store: where its
+    daemon's pid file, admin socket and log live, as the store's own daemon's live in STORE."""
+    return os.path.join(store, HOMES_DIR, home)
+
+
+def home_db(home: str) -> str:
+    """Home database `home`'s path relative to the store (its writer and member records)."""
+    return f"{HOMES_DIR}/{home}/{DB_DIR}"
 
 
 def pid_file(store: str) -> str:

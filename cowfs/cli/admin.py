@@ -103,7 +103,8 @@ def _request(store: str, req: dict[str, Any], timeout: float, item: Item | None 
 
 
 def admin_call(store: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One request to the daemon serving store; its refusal is a CliError too."""
+    """One request to the daemon whose files are in store (a store directory, or a home's
+    for a branch's own daemon: cowfs.cli.targets.daemon_of); its refusal is a CliError too."""
     try:
         reply = _request(store, req, timeout)
     except (FileNotFoundError, ConnectionRefusedError):

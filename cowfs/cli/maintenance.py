@@ -38,14 +38,14 @@ def store_stats(target: str) -> dict[str, Any]:
     from cowfs import offline
 
     mp = targets.mountpoint_of(target)
-    store = targets.store_of(target)
-    if not served(target, store):
+    daemon = targets.daemon_of(target)  # the store's daemon, or the mounted branch's own
+    if not served(target, daemon):
         try:
             return offline.stats(targets.store_dir(target))
         except StoreError as exc:
             raise CliError(str(exc)) from None
     try:
-        return admin_call(store, {"cmd": "stats"}, timeout=30)
+        return admin_call(daemon, {"cmd": "stats"}, timeout=30)
     except CliError:
         if mp is None:
             raise
@@ -56,12 +56,12 @@ def store_stats(target: str) -> dict[str, Any]:
         raise
 
 
-def _poll_progress(store: str, label: str, stop: threading.Event, quiet: bool, queue_from: int | None) -> None:
+def _poll_progress(daemon: str, label: str, stop: threading.Event, quiet: bool, queue_from: int | None) -> None:
     """Ask the daemon on a second connection how far a gc or dedup --wait is, for the bar."""
     with progress.stages(label, quiet=quiet) as show:
         while not stop.wait(0.3):
             try:
-                p = admin.request(store, {"cmd": "progress"}, timeout=5)
+                p = admin.request(daemon, {"cmd": "progress"}, timeout=5)
             except (OSError, ValueError):
                 return
             if queue_from is not None:
@@ -70,14 +70,16 @@ def _poll_progress(store: str, label: str, stop: threading.Event, quiet: bool, q
                 show(p["gc"]["stage"], int(p["gc"]["done"]), None)
 
 
-def _with_progress(store: str, label: str, req: dict[str, Any], timeout: float, quiet: bool,
+def _with_progress(daemon: str, label: str, req: dict[str, Any], timeout: float, quiet: bool,
                    queue_from: int | None = None) -> dict[str, Any]:
+    """req to the daemon whose files are in `daemon` (cowfs.cli.targets.daemon_of), its
+    progress shown meanwhile."""
     stop = threading.Event()
-    poller = threading.Thread(target=_poll_progress, args=(store, label, stop, quiet, queue_from), daemon=True)
+    poller = threading.Thread(target=_poll_progress, args=(daemon, label, stop, quiet, queue_from), daemon=True)
     if progress.shown(quiet):
         poller.start()
     try:
-        return admin_call(store, req, timeout)
+        return admin_call(daemon, req, timeout)
     finally:
         stop.set()
         if poller.is_alive():
@@ -87,12 +89,12 @@ def _with_progress(store: str, label: str, req: dict[str, Any], timeout: float, 
 def run_gc(target: str, quiet: bool = False, repack_below: float | None = None) -> dict[str, Any]:
     from cowfs import offline
 
-    store = targets.store_of(target)
-    if served(target, store):
+    daemon = targets.daemon_of(target)
+    if served(target, daemon):
         req: dict[str, Any] = {"cmd": "gc"}
         if repack_below is not None:
             req["repack_below"] = repack_below
-        return _with_progress(store, "gc", req, 3600, quiet)
+        return _with_progress(daemon, "gc", req, 3600, quiet)
     with progress.stages("gc", quiet=quiet) as show:
         try:
             return offline.gc(targets.store_dir(target), show, repack_below)
@@ -103,13 +105,13 @@ def run_gc(target: str, quiet: bool = False, repack_below: float | None = None) 
 def run_dedup(target: str, wait: bool, timeout: float, quiet: bool = False) -> dict[str, Any]:
     from cowfs import offline
 
-    store = targets.store_of(target)
-    if served(target, store):
+    daemon = targets.daemon_of(target)
+    if served(target, daemon):
         req = {"cmd": "dedup", "wait": wait, "timeout": timeout}
         if not wait:
-            return admin_call(store, req, 60)
-        queue = int(admin_call(store, {"cmd": "dedup"}, 60).get("background_queue") or 0)
-        return _with_progress(store, "dedup", req, timeout + 30, quiet, queue_from=queue)
+            return admin_call(daemon, req, 60)
+        queue = int(admin_call(daemon, {"cmd": "dedup"}, 60).get("background_queue") or 0)
+        return _with_progress(daemon, "dedup", req, timeout + 30, quiet, queue_from=queue)
     with progress.stages("dedup", quiet=quiet) as show:
         try:
             return offline.dedup(targets.store_dir(target), wait, timeout, show)

@@ -1,6 +1,7 @@
-"""cowfs status: every mounted store with its mount points, branches, daemon and figures.
+"""cowfs status: every daemon of every mounted store, with its mount points, branches and figures.
 
-Decided from the mount table; each mount is probed through its control file and each
+Decided from the mount table (one FUSE connection per daemon: the store's daemon with its
+bind mounts, and each branch's own daemon, docs/design-many-processes.md "Step 6"); each mount is probed through its control file and each
 daemon asked for its figures, in parallel and each with a time limit, so that one hung
 mount shows as an error on its line instead of hanging the command.  Who serves which
 branch is read from each store's reference store (cowfs.meta.serving), by any process that
@@ -21,13 +22,14 @@ from cowfs.cli.textfmt import duration, human, when
 from cowfs.daemon.mounts import MountEntry, cowfs_mounts
 
 
-def _daemon_stats(store: str, mountpoint: str | None) -> dict[str, Any]:
-    """The daemon's figures: admin socket (root), else the mount's world-readable .cowfs/stats."""
+def _daemon_stats(where: str, mountpoint: str | None) -> dict[str, Any]:
+    """The figures of the daemon whose files are in where (the store's directory or a
+    home's): its admin socket (root), else the mount's world-readable .cowfs/stats."""
     from cowfs import api
     from cowfs.daemon import admin
 
     try:
-        return admin.request(store, {"cmd": "stats"}, timeout=PROBE_TIMEOUT)  # type: ignore[no-any-return]
+        return admin.request(where, {"cmd": "stats"}, timeout=PROBE_TIMEOUT)  # type: ignore[no-any-return]
     except (OSError, ValueError) as first:
         if mountpoint is None:
             raise
@@ -58,26 +60,28 @@ def serve_records(store: str) -> list[dict[str, Any]] | None:
     for branch, rec in sorted(found.items()):
         if isinstance(rec, ServeRecord):
             out.append({"branch": branch, "pid": rec.pid, "mountpoint": rec.mountpoint, "since": rec.since,
-                        "alive": rec.alive(serving.boot)})
+                        "alive": rec.alive(serving.boot), "home": rec.home or None})
         else:
             out.append({"branch": branch, "error": str(rec)})
     return out
 
 
 def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
-    """One record per mounted store (restricted to stores named, or stores behind mount points
-    named, in ONLY).  Mounts are probed in parallel, each with a time limit."""
+    """One record per daemon of a mounted store (restricted to stores named, or stores behind
+    mount points named, in ONLY).  Mounts are probed in parallel, each with a time limit."""
     from concurrent.futures import ThreadPoolExecutor
 
     from cowfs import api
     from cowfs.cli.targets import store_of
+    from cowfs.daemon.homes import daemon_dir
     from cowfs.daemon.mounts import daemon_pid
 
     wanted = None if not only else {store_of(t) for t in only}  # any path inside a mount stands for its store
-    stores: dict[str, list[MountEntry]] = {}
+    # One daemon per FUSE connection: its own mount and the bind mounts of branches it attached.
+    daemons: dict[tuple[str, str], list[MountEntry]] = {}
     for e in cowfs_mounts():
         if wanted is None or e.store in wanted:
-            stores.setdefault(e.store, []).append(e)
+            daemons.setdefault((e.store, e.dev), []).append(e)
 
     def probe_mount(e: MountEntry, alive: bool) -> dict[str, Any]:
         m: dict[str, Any] = {"mountpoint": e.mountpoint, "bind": e.root != "/",
@@ -96,15 +100,23 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
             m["error"] = str(exc) or type(exc).__name__
         return m
 
-    def probe_store(store: str, entries: list[MountEntry]) -> dict[str, Any]:
-        pid = daemon_pid(store)
+    def probe_store(key: tuple[str, str], entries: list[MountEntry]) -> dict[str, Any]:
+        store = key[0]
+        entries = sorted(entries, key=lambda e: (e.root != "/", e.mountpoint))
+        try:  # the store's daemon, or a branch's own (its files in its home)
+            where = daemon_dir(store, entries[0].mountpoint)
+        except Exception:  # noqa: BLE001 - an unreadable reference store: the store's daemon
+            where = store
+        home = os.path.basename(where) if where != store else None
+        pid = daemon_pid(where)
         # A store private to another user (cowfs.private) hides its daemon's pid: its mounts answer.
         alive = pid is not None or not os.access(store, os.X_OK)
-        rec: dict[str, Any] = {"store": store, "daemon_pid": pid, "alive": alive}
-        rec["mounts"] = [probe_mount(e, alive)
-                         for e in sorted(entries, key=lambda e: (e.root != "/", e.mountpoint))]
+        rec: dict[str, Any] = {"store": store, "home": home, "daemon_pid": pid, "alive": alive}
+        rec["mounts"] = [probe_mount(e, alive) for e in entries]
         try:
-            rec["serving"] = serve_records(store)
+            found = serve_records(store)
+            # this daemon's records: the store's daemon's have no home, a branch daemon's its own
+            rec["serving"] = None if found is None else [r for r in found if r.get("home") == home]
         except Exception as exc:  # noqa: BLE001 - reported, not fatal
             rec["serving_error"] = str(exc) or type(exc).__name__
         served = {r["mountpoint"]: r["branch"] for r in rec.get("serving") or () if r.get("alive")}
@@ -114,7 +126,7 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
         if alive:
             first = next((m["mountpoint"] for m in rec["mounts"] if not m["bind"]), None)
             try:
-                stats = _daemon_stats(store, first)
+                stats = _daemon_stats(where, first)
                 rec["stats"] = stats
                 if rec["mounts"] and not rec["mounts"][0]["bind"] and rec["mounts"][0]["branch"] is None:
                     rec["mounts"][0]["branch"] = stats.get("branch")
@@ -122,10 +134,10 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
                 rec["stats_error"] = str(exc) or type(exc).__name__
         return rec
 
-    if not stores:
+    if not daemons:
         return []
-    with ThreadPoolExecutor(max_workers=min(16, len(stores))) as pool:
-        return list(pool.map(lambda item: probe_store(*item), sorted(stores.items())))
+    with ThreadPoolExecutor(max_workers=min(16, len(daemons))) as pool:
+        return list(pool.map(lambda item: probe_store(*item), sorted(daemons.items())))
 
 
 def status_lines(rec: dict[str, Any]) -> list[str]:
@@ -138,6 +150,8 @@ def status_lines(rec: dict[str, Any]) -> list[str]:
             head += f", up {duration(st.get('uptime_s', 0))}, rss {human(st.get('rss_bytes', 0))}"
     else:
         head = click.style("no daemon", fg="red")
+    if rec.get("home"):
+        head += f"; the branch's own daemon, home {rec['home']}"
     out.append(f"{click.style(rec['store'], bold=True)}  ({head})")
     width = max(len(m["mountpoint"]) for m in rec["mounts"])
     for m in rec["mounts"]:
@@ -208,7 +222,8 @@ def _hold_lines(st: dict[str, Any]) -> list[str]:
 @click.argument("targets", nargs=-1, metavar="[TARGET]...")  # not click.Path (see cowfs.cli.params)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(targets: tuple[str, ...], as_json: bool) -> None:
-    """Mounted stores: mount points, branches, daemon pids, cache and queue figures.
+    """Mounted stores, one entry per daemon: mount points, branches, daemon pids, cache and
+    queue figures (a branch with its own daemon is an entry of its own, with its home).
 
     With TARGETs (stores, or paths inside mounts), only the stores they name.
     """

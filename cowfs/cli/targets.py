@@ -70,6 +70,18 @@ def store_of(target: str) -> str:
     return found.store if found is not None else os.path.abspath(target)
 
 
+def daemon_of(target: str) -> str:
+    """Where the daemon behind target lives (its admin socket and pid file): for a path in
+    a mount, the daemon serving that mount, the store's or a branch's own, as the store's
+    serve records say (cowfs.daemon.homes); for a store directory, the store's daemon."""
+    from cowfs.daemon.homes import daemon_dir
+
+    found = place(target)
+    if found is None:
+        return os.path.abspath(target)
+    return daemon_dir(found.store, found.mountpoint)
+
+
 def mountpoint_of(target: str) -> str | None:
     """The mount point of the cowfs mount holding target, or None."""
     found = place(target)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cowfs.daemon import options as mount_options
+from cowfs.storedir import home_dir
 
 
 @dataclass
@@ -39,6 +40,14 @@ class MountConfig:
     view_slots: int = 65535  # cowfs.fuse.inodes: slots of the inode numbers for views in use at once
     hold_ttl: int = 30  # cowfs.fleet.holds: the lease of the remote branches the branch follows (0: none taken)
     given: set[str] = field(default_factory=set)  # the daemon-wide options above set explicitly (options.apply)
+    # the branch's home database (its id), set by cowfs.daemon.process.mount from the branch's
+    # record: its own daemon, whose files live in STORE/homes/<id>/; None: the store's daemon
+    home: str | None = None
+
+    @property
+    def daemon_dir(self) -> str:
+        """Where this daemon's pid file, admin socket and log live."""
+        return home_dir(self.store, self.home) if self.home else self.store
 
 
 CACHE_KEYS = mount_options.DAEMON_WIDE

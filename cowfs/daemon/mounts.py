@@ -54,12 +54,12 @@ def _unescape(field: bytes) -> str:
     return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), field))
 
 
-def stop_warmer(store: str) -> None:
+def stop_warmer(where: str) -> None:
     """End the daemon's cold-start helper, if it runs: the daemon serves it until it is done
     (its private copy of the mount keeps the connection alive), and what it does is only
     speculative."""
     try:
-        with open(warmer_pid_file(store)) as f:
+        with open(warmer_pid_file(where)) as f:
             pid = int(f.read().strip())
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             if b"warm_child.py" not in f.read():
@@ -114,10 +114,6 @@ def mounted_store(mountpoint: str) -> str | None:
     """The store behind a cowfs mount point."""
     e = entry_at(os.path.abspath(mountpoint))
     return e.store if e is not None else None
-
-
-def store_mounted(store: str) -> bool:
-    return any(e.store == store for e in mount_table())
 
 
 def connection_mounts(dev: str) -> list[MountEntry]:
@@ -323,7 +319,10 @@ def umount(mountpoint: str, timeout: float = 60.0, force: bool = False) -> str:
     if not os.access(store, os.X_OK):  # its daemon.pid is out of reach: do not take it for dead
         raise MountError(f"{mountpoint} is a mount of the store {store}, which is private to its owner: "
                          "only its owner or root can unmount it")
-    pid = daemon_pid(store)
+    from cowfs.daemon.homes import daemon_dir  # SQLite: only when unmounting
+
+    where = daemon_dir(store, mp)  # the store's daemon, or the branch's own (cowfs.daemon.homes)
+    pid = daemon_pid(where)
     if pid is None:
         cleared = clear_connection(entry.dev)
         return (f"the daemon of {store} had already died; cleared its mount(s) {', '.join(cleared)}; "
@@ -340,7 +339,7 @@ def umount(mountpoint: str, timeout: float = 60.0, force: bool = False) -> str:
         _wait_exit(pid, timeout)
         return (f"aborted the FUSE connection of daemon pid {pid} and killed it; cleared {', '.join(cleared)}; "
                 "as after a crash, the store holds a prefix of the operations, all fsynced ones included")
-    stop_warmer(store)
+    stop_warmer(where)
     try:
         unmount(mp, timeout=timeout)
     except MountError as exc:
@@ -349,7 +348,7 @@ def umount(mountpoint: str, timeout: float = 60.0, force: bool = False) -> str:
         if "did not return" in str(exc):
             raise MountError(f"{exc}; if its daemon (pid {pid}) hangs, `cowfs umount --force {mp}` aborts it") from None
         raise
-    if store_mounted(store):
+    if connection_mounts(entry.dev):
         return f"unmounted {mp}; the daemon goes on serving the other mounts of {store}"
     _wait_exit(pid, timeout)
     return f"unmounted {mp}; the daemon flushed {store} and exited"

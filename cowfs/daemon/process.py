@@ -5,7 +5,9 @@ daemon runs in the calling process, for systemd).  A lazy mount's build (`prepar
 the daemon and hands it the store it built, still open: no second interpreter, imports made
 once, no close and reopen of the new store.
 A store already served by a daemon gets the branch attached by that daemon instead (the
-admin socket's `attach`).  The daemon's work once it runs is cowfs.daemon.server's.
+admin socket's `attach`), except a branch with a home database of its own, which is always
+served by a daemon of its own (docs/design-many-processes.md, "Step 6"; its files in
+STORE/homes/<id>/, cowfs.daemon.homes).  The daemon's work once it runs is cowfs.daemon.server's.
 """
 from __future__ import annotations
 
@@ -24,12 +26,12 @@ from cowfs.daemon import admin, mounts, options as mount_options
 from cowfs.daemon.config import MountConfig, option_conflicts, options_asked
 from cowfs.daemon.mounts import daemon_pid
 from cowfs.errors import MountError, StoreError
+from cowfs.storedir import LOG_NAME
 
 if TYPE_CHECKING:
     from cowfs.store import Store
 
 log = logging.getLogger("cowfs.daemon")
-LOG_NAME = "daemon.log"
 _FRESH_ENV = "COWFS_DAEMON_CONFIG"  # the configuration _exec_fresh hands to fresh_child
 
 __all__ = ["MountConfig", "mount"]
@@ -41,7 +43,9 @@ def check_mountpoint(mountpoint: str) -> None:
     touched: a stat of a hung FUSE mount would block."""
     entry = mounts.entry_at(mountpoint)
     if entry is not None:
-        if entry.store is None or daemon_pid(entry.store) is not None:
+        from cowfs.daemon.homes import daemon_dir  # SQLite: imported only when needed
+
+        if entry.store is None or daemon_pid(daemon_dir(entry.store, mountpoint)) is not None:
             raise MountError(f"{mountpoint} is already a mount point ({entry.fstype} {entry.source})")
         log.warning("clearing the mount a dead daemon of %s left at %s", entry.store, mountpoint)
         mounts.clear_connection(entry.dev)
@@ -63,11 +67,12 @@ def check_environment() -> None:
     mounts.fusermount()
 
 
-def _setup_logging(store: str, debug: bool, to_stderr: bool) -> None:
+def _setup_logging(where: str, debug: bool, to_stderr: bool) -> None:
+    """Log to where/daemon.log (the store's directory, or a home's for a branch's own daemon)."""
     root = logging.getLogger()
     root.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    path = os.path.join(store, LOG_NAME)
+    path = os.path.join(where, LOG_NAME)
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, private.FILE_MODE))
     fh = logging.FileHandler(path)
     fh.setFormatter(fmt)
@@ -155,7 +160,7 @@ def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: boo
         except MountError as exc:
             ready(str(exc))
             return 1
-    _setup_logging(cfg.store, cfg.debug, to_stderr)
+    _setup_logging(cfg.daemon_dir, cfg.debug, to_stderr)
     try:
         faults.load(os.environ.get(faults.ENV))  # a test hook (cowfs.faults)
     except ValueError as exc:
@@ -198,7 +203,18 @@ def mount(cfg: MountConfig, foreground: bool, prepare: Prepare | None = None) ->
         if missing:
             raise MountError(f"-o cpus={cfg.cpus}: CPU {missing[0]} is not one this process may run on "
                              f"(allowed: {mount_options.parse_cpus('+'.join(map(str, sorted(allowed))))})")
-    pid = daemon_pid(cfg.store) if prepare is None else None
+    if prepare is None:
+        from cowfs.daemon.homes import branch_home
+
+        cfg.home = branch_home(cfg.store, cfg.branch)
+    if cfg.home is not None:
+        # A branch with a home database: a daemon of its own, whether or not the store's
+        # runs; one at a time (its serve record, checked again by the daemon under CAS).
+        pid = daemon_pid(cfg.daemon_dir)
+        if pid is not None:
+            raise MountError(f"branch {cfg.branch!r} is already served by its own daemon pid {pid} (a branch is "
+                             "served by one mount at a time: use that one, or mount another branch)")
+    pid = daemon_pid(cfg.store) if prepare is None and cfg.home is None else None
     if pid is not None:
         # One daemon per store: ask it to serve this branch here too.
         if foreground:
@@ -261,4 +277,4 @@ def mount(cfg: MountConfig, foreground: bool, prepare: Prepare | None = None) ->
     if line.startswith("ERR "):
         raise MountError(line[4:])
     os.waitpid(child, 0)
-    raise MountError(f"the daemon exited before mounting; see {os.path.join(cfg.store, LOG_NAME)}")
+    raise MountError(f"the daemon exited before mounting; see {os.path.join(cfg.daemon_dir, LOG_NAME)}")

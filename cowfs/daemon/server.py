@@ -2,6 +2,8 @@
 every branch mounted from the store (the first mount, and others attached as bind mounts),
 runs the background work under supervision, answers the admin socket, and exits when its
 last mount goes, after committing and syncing (docs/architecture.md, "Process model").
+A branch with a home database of its own gets a daemon of its own that serves it alone
+(cfg.home; its admin socket, pid file and log in STORE/homes/<id>/).
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ class Daemon:
             self.fs.prefetch.learner.warm_window = cfg.warm_window
         if cfg.quota_bytes is not None or cfg.quota_inodes is not None:
             self.fs.set_quota(self.fs.primary, cfg.quota_bytes, cfg.quota_inodes)
-        self.warmer = Warmer(self.fs, self._view_root, cfg.store, cfg.prefetch and cfg.warm)
+        self.warmer = Warmer(self.fs, self._view_root, cfg.daemon_dir, cfg.prefetch and cfg.warm)
         # a lazy mount's cache of the remote (-o remote_cache_bytes), and its pushed cold start and
         # prefetch model's predictions fetched ahead of its workload (cowfs.background.lazy_cache)
         self.evictor, self.lazy_warming, self.lazy_prefetch = lazy_cache.lazy_tasks(
@@ -184,7 +186,8 @@ class Daemon:
             for line in f:
                 if line.startswith(("VmRSS:", "VmHWM:")):
                     mem[line[:5]] = int(line.split()[1]) * 1024
-        where = ({"store": store.path, "mountpoint": self.cfg.mountpoint, "daemon_pid": os.getpid(),
+        where = ({"store": store.path, "home": self.cfg.home, "mountpoint": self.cfg.mountpoint,
+                  "daemon_pid": os.getpid(),
                   "mounted_branches": sorted(self.mounted_branches()), "holds": self.holds.figures(view.name)}
                  if host else {})
         return {
@@ -286,6 +289,10 @@ class Daemon:
         if cmd == "options":
             return {"ok": True, "options": options_in_force(self.cfg)}
         if cmd == "attach":
+            if self.cfg.home is not None:
+                return {"ok": False, "error": f"daemon pid {os.getpid()} serves branch {self.cfg.branch!r} from its own "
+                                             "home database alone: other branches are served by the store's daemon "
+                                             "or their own"}
             return await self.attach(str(req.get("branch")), str(req.get("mountpoint")),
                                      req.get("quota_bytes"), req.get("quota_inodes"), int(req.get("hold_ttl", 30)))
         if cmd == "progress":  # asked on a second connection while a gc or dedup --wait runs
@@ -379,7 +386,7 @@ class Daemon:
             # Background work under supervision (cowfs.background.supervise): its errors never reach this
             # nursery, which pyfuse3's request loop shares.
             sup = self.supervisor
-            sock, owner = admin.socket_path(self.cfg.store), os.stat(self.cfg.store).st_uid
+            sock, owner = admin.socket_path(self.cfg.daemon_dir), os.stat(self.cfg.store).st_uid
             await sup.serve(nursery, "admin", lambda task_status: admin.serve(sock, self.handle_admin, owner=owner,
                                                                               task_status=task_status))
             sup.start(nursery, "flusher", self.fs.background_flusher)
@@ -440,12 +447,13 @@ class Daemon:
             return 1
         # A reply refused at unmount is logged as what it is (cowfs.fuse.replies).
         fuse_replies.install(before)
-        private.write_file(pid_file(cfg.store), f"{os.getpid()}\n")
+        private.write_file(pid_file(cfg.daemon_dir), f"{os.getpid()}\n")
         entry = mounts.entry_at(cfg.mountpoint)
         if entry is not None and entry.fstype == "fuse.cowfs":
             self.dev = entry.dev
             self.fs.full.kernel_dirty = tuning.kernel_dirty_limit(entry.dev) or self.fs.full.kernel_dirty
-        log.info("serving %s branch %s at %s (pid %d)", cfg.store, cfg.branch, cfg.mountpoint, os.getpid())
+        log.info("serving %s branch %s at %s (pid %d%s)", cfg.store, cfg.branch, cfg.mountpoint, os.getpid(),
+                 f", home {cfg.home}" if cfg.home else "")
         clean = False
         try:
             trio.run(self.main, ready)
@@ -456,7 +464,7 @@ class Daemon:
             fuse_replies.uninstall()
             self.holds.release_all()
             self.store.close()
-            for p in (pid_file(cfg.store), admin.socket_path(cfg.store)):
+            for p in (pid_file(cfg.daemon_dir), admin.socket_path(cfg.daemon_dir)):
                 try:
                     os.unlink(p)
                 except FileNotFoundError:

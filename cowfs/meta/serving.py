@@ -34,6 +34,9 @@ class ServeRecord:
     boot: str
     mountpoint: str
     since: float
+    # the home database (its id) of the branch's own daemon; "": the store's daemon, which
+    # holds STORE/db (docs/design-many-processes.md, "Step 6")
+    home: str = ""
 
     def alive(self, boot: str) -> bool:
         return process_alive(self.pid, self.start, self.boot, boot)
@@ -46,7 +49,7 @@ class ServeRecord:
         try:
             d = json.loads(raw)
             return ServeRecord(str(d["writer"]), int(d["pid"]), int(d["start"]), str(d["boot"]),
-                               str(d["mountpoint"]), float(d["since"]))
+                               str(d["mountpoint"]), float(d["since"]), str(d.get("home", "")))
         except (ValueError, KeyError, TypeError) as exc:
             raise codec.CorruptObject(f"the reference serve/{branch} is damaged: {exc}") from None
 
@@ -64,12 +67,14 @@ class BranchServed(Exception):
 
 
 class Serving:
-    """The serve records of one store (refs: its reference store), and those this process holds."""
+    """The serve records of one store (refs: its reference store), and those this process
+    holds; home: the home database this process serves from ("" for the store's own)."""
 
-    def __init__(self, refs: KV, writer: str | None = None, boot: str | None = None) -> None:
+    def __init__(self, refs: KV, writer: str | None = None, boot: str | None = None, home: str = "") -> None:
         self.refs = refs
         self.writer = writer or ""
         self.boot = boot or boot_id()
+        self.home = home
         self.held: dict[str, bytes] = {}  # branch -> the record this process wrote
         self._lock = threading.Lock()  # takes and releases run in worker threads
 
@@ -105,7 +110,7 @@ class Serving:
                 if rec is not None and rec.alive(self.boot) and not (own_is_free and rec.pid == pid
                                                                      and rec.start == start):
                     raise BranchServed(branch, rec)
-            mine = ServeRecord(self.writer, pid, start, self.boot, mountpoint, time.time()).pack()
+            mine = ServeRecord(self.writer, pid, start, self.boot, mountpoint, time.time(), self.home).pack()
             b = Batch()
             b.put(CF_SERVE, key, mine)
             try:
@@ -143,6 +148,13 @@ class Serving:
                 self.refs.write(b, [(CF_SERVE, branch.encode(), held)])
             except Conflict:
                 pass
+
+    def at(self, mountpoint: str) -> tuple[str, ServeRecord] | None:
+        """The branch served at mountpoint and its record, if a live process serves one there."""
+        for branch, rec in self.all().items():
+            if isinstance(rec, ServeRecord) and rec.mountpoint == mountpoint and rec.alive(self.boot):
+                return branch, rec
+        return None
 
     def release_all(self) -> None:
         for branch in list(self.held):

@@ -84,3 +84,34 @@ def test_a_record_of_a_process_gone_is_free_and_a_live_one_in_another_process_is
     s.refs.write(b)
     assert s.prune(known={"main", "reused", "damaged"}) == ["dangling", "rebooted"]
     assert set(s.all()) == {"main", "reused", "damaged"}
+
+
+def test_a_branch_daemons_record_names_its_home_and_its_files_are_found_through_it(tmp_path):
+    """A branch's own daemon records its home (docs/design-many-processes.md, "Step 6"): the
+    CLI finds that daemon's files (STORE/homes/<id>/) from the mount point, and a record of
+    an older cowfs, without the field, reads as the store's daemon's."""
+    from cowfs.daemon.homes import branch_home, daemon_dir, record_at
+    from cowfs.meta.layers import CF_CATALOG
+    from cowfs.storedir import REFS_FILE, home_dir
+
+    store = str(tmp_path)
+    refs = SQLiteKV(os.path.join(store, REFS_FILE), REF_FAMILIES + (CF_CATALOG,))
+    fork = Serving(refs, "w", home="00000000000000ab")
+    fork.take("feat", "/mnt/feat")
+    assert fork.all()["feat"].home == "00000000000000ab"
+    b = Batch()
+    b.put(CF_CATALOG, b"branch/feat", b'{"name": "feat", "home": "00000000000000ab"}')
+    b.put(CF_CATALOG, b"branch/main", b'{"name": "main"}')
+    b.put(CF_SERVE, b"old", b'{"writer": "", "pid": 1, "start": 0, "boot": "x", "mountpoint": "/mnt/old", '
+                            b'"since": 0}')
+    refs.write(b)
+    assert branch_home(store, "feat") == "00000000000000ab"
+    assert branch_home(store, "main") is None and branch_home(store, "gone") is None
+    assert daemon_dir(store, "/mnt/feat") == home_dir(store, "00000000000000ab")
+    assert daemon_dir(store, "/mnt/old") == store == daemon_dir(store, "/mnt/none") == daemon_dir(store)
+    found = record_at(store, "/mnt/feat")
+    assert found is not None and found[0] == "feat" and fork.at("/mnt/feat") == found
+    assert fork.all()["old"].home == ""  # an older cowfs's record: the store's daemon's
+    fork.release_all()
+    assert daemon_dir(store, "/mnt/feat") == store
+    refs.close()
