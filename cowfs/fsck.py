@@ -2,8 +2,10 @@
 
 What is checked, in order:
   1. the catalog (in the reference store): branch heads and snapshots name known layers;
-     every layer's ancestry ends at the root layer; the counters exceed every layer id, view
-     id and inode number in use (a counter behind would hand out a used one); layers with
+     every layer's ancestry ends at the root layer; every home a layer lives in
+     (cowfs.homes) exists and is a liveness member, every branch's home is its head's, and
+     homes nothing names (a branch's publication cut short) are counted; the counters
+     exceed every layer id, view id and inode number in use (a counter behind would hand out a used one); layers with
      home keys that the catalog does not name (unpublished: a catalog change cut off by a
      crash, cowfs.meta.gc.unpublished) are counted, not a problem (gc removes them);
   2. every visible tree (each branch head and snapshot): the directory tree is connected,
@@ -29,13 +31,14 @@ What is checked, in order:
      problem; a marked one whose round is not acknowledged yet is the next sweep's to pardon;
      every serve record (cowfs.meta.serving: who serves which branch) parses and names a
      branch; stale ones (their process gone) are counted.
---repair deletes damaged small-write log records (the writes they held are lost), pardons
-condemned packs a pointer names, removes damaged, stale and dangling serve records, raises
-counters that are behind, rewrites
-wrong reference counts, link counts and usage records, indexes missing names of hard-linked
-files, deletes unreferenced objects, dangling directory entries and missing changelog
-entries, and links orphaned inodes into /lost+found of the branch they belong to. It reports
-what it could not fix (a missing or damaged chunk: the files that use it are named).
+--repair removes unnamed homes (older than homes.UNNAMED_GRACE) and registers named ones
+that are no liveness member, deletes damaged small-write log records (the writes they held
+are lost), pardons condemned packs a pointer names, removes damaged, stale and dangling serve
+records, raises counters that are behind, rewrites wrong reference counts, link counts and
+usage records, indexes missing names of hard-linked files, deletes unreferenced objects,
+dangling directory entries and missing changelog entries, and links orphaned inodes into
+/lost+found of the branch they belong to. It reports what it could not fix (a missing or
+damaged chunk: the files that use it are named).
 
 Over 500 lines: one checker, a method per numbered check above, sharing what the tree walks
 gather (the references and link counts they find, the usage they recount); splitting it
@@ -43,11 +46,13 @@ would pass that state between modules.
 """
 from __future__ import annotations
 
+import os
 import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from cowfs import homes
 from cowfs.chunks import codec
 from cowfs.chunks.liveness import mark
 from cowfs.chunks.families import CF_OBJECTS, CF_PENDING, CF_REFS, CF_SPACE, SPACE_KEY
@@ -65,6 +70,7 @@ from cowfs.meta import orphans as orphan_records
 from cowfs.meta import writelog
 from cowfs.errors import StoreError
 from cowfs.store import ROOT_INO, Store
+from cowfs.storedir import DB_DIR, home_db, home_dir
 
 LOST_FOUND = b"lost+found"
 
@@ -109,6 +115,7 @@ class Fsck:
 
     def run(self) -> Report:
         self.check_catalog()
+        self.check_homes()
         self.check_shared()
         tops = self._tops()
         for name, top in tops:
@@ -151,6 +158,41 @@ class Fsck:
                     break
                 seen.add(cur)
                 cur = self.cat.parents[cur]
+
+    def check_homes(self) -> None:
+        """Every home the catalog names (`home/<layer>`) exists and is a liveness member (else a
+        pack gc would not mark its pointers), every branch's home is its head's; a home nothing
+        names (a branch's publication cut short) is counted, and removed by --repair once older
+        than homes.UNNAMED_GRACE."""
+        store, cat = self.store, self.cat
+        try:
+            members = store.liveness.members()
+        except codec.CorruptObject:
+            members = {}  # reported by check_across_databases
+        named = set(cat.homes.values())
+        for home in sorted(named):
+            if not homes.HOME_ID.match(home):
+                self.report.problem(f"the catalog names a home {home!r}, which is no home id")
+            elif not os.path.isdir(os.path.join(home_dir(store.path, home), DB_DIR)):
+                self.report.problem(f"home {home}, which holds layers, does not exist")
+                self.report.unrepairable.append(f"the layers of home {home} are lost")
+            elif members.get(homes.member_name(home)) != home_db(home):
+                self.report.problem(f"home {home} is not registered as a liveness member")
+                if self.repair and homes.member_name(home) not in members:
+                    store.liveness.add_member(homes.member_name(home), home_db(home))
+                    self.report.repaired.append(f"registered home {home} as a liveness member")
+        for b in cat.branches.values():
+            if b.head in cat.parents and cat.member(b.head) != b.home:
+                self.report.problem(f"branch {b.name}: its record's home is {b.home}, its head's {cat.member(b.head)}")
+        for entry in homes.listed(store.path):
+            if not homes.HOME_ID.match(entry):
+                self.report.problem(f"{entry!r} in the homes directory is no home")
+        old, young = homes.unnamed(store.path, named)
+        self.report.counts["unnamed_homes"] = len(old) + len(young)
+        if self.repair:
+            for home in old:
+                if homes.remove(store.path, store.liveness, home):
+                    self.report.repaired.append(f"removed home {home}, which no branch names")
 
     def check_shared(self) -> None:
         """Every range of shared copies reads from an existing layer, and no copy inode is

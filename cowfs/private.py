@@ -12,6 +12,7 @@ store tightens whatever an older cowfs or an operator left looser (`tighten`).
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
@@ -58,6 +59,18 @@ def make_dir(path: str) -> None:
     """Create path (and missing parents) if needed; path itself ends up DIR_MODE."""
     os.makedirs(path, mode=DIR_MODE, exist_ok=True)
     os.chmod(path, DIR_MODE)
+
+
+def fsync_dir(path: str) -> None:
+    """Make the names in directory path durable (after a create, rename or unlink in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # a filesystem without directory fsync
+            raise
+    finally:
+        os.close(fd)
 
 
 def tighten(root: str) -> list[str]:

@@ -66,8 +66,13 @@ log = logging.getLogger(__name__)
 # (refs.sqlite, family `catalog`), where any process of the store changes it by compare-and-set
 # (docs/design-many-processes.md, "Step 5b"); moved at an older store's first open
 # (chunks.upgrade.move_catalog).
-FORMAT_VERSION = 11
-UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+# 12: the store may hold homes (cowfs.homes: databases of branches served by daemons of their
+# own) and the catalog `home/<layer>` records naming them, which an older cowfs would not see
+# (it would merge or drop layers whose children live in a home); a format-11 store needs only
+# the new number.
+FORMAT_VERSION = 12
+UPGRADABLE = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+CATALOG_MOVED = 11  # the format from which the catalog is in the reference store
 FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
 ROOT_INO = 1
 INO_BLOCK = 4096
@@ -214,8 +219,8 @@ class Store:
             raise StoreError(f"{path}: cannot open the reference store {REFS_FILE}: {exc}") from exc
         # The catalog's family goes to the reference store, the rest to the home database.
         self.kv = SplitKV(rocks, refs, (CF_CATALOG,))
-        if fmt != FORMAT_VERSION:
-            moved = upgrade.move_catalog(rocks, refs, CF_META, CF_CATALOG, FORMAT_VERSION)
+        if fmt < CATALOG_MOVED:
+            moved = upgrade.move_catalog(rocks, refs, CF_META, CF_CATALOG, CATALOG_MOVED)
             if moved:
                 log.info("%s: %d catalog records moved to the reference store", path, moved)
         self.catalog = Catalog(self.kv)

@@ -3,8 +3,9 @@
 one compare-and-set in refs.sqlite.  A kill -9 of the daemon on either side of that
 compare-and-set leaves an fsck-clean store whose catalog is the one before or the one after,
 and a layer published by nobody, which gc removes.  A format-9 or -10 store (made by the code
-of OLD_FORMATS) is upgraded at its first open, also after an upgrade cut short; a name taken
-by another process through the reference store is refused."""
+of OLD_FORMATS) is upgraded at its first open, also after an upgrade cut short, and a
+format-11 store to 12 (homes) by its marker alone; a name taken by another process through
+the reference store is refused."""
 from __future__ import annotations
 
 import errno
@@ -20,6 +21,7 @@ import workload
 
 # Commits of main whose code writes store format 9 and 10 (the catalog in RocksDB's meta).
 OLD_FORMATS = {9: "671288b0dd59a8cbe274fe0ecb14ee7267e2c500", 10: "c346dbc8ef0b7fdd047c11870fab9e378a15d998"}
+FORMAT_11 = "e74f5538cbeb455e2b3b3f745610b38b05e8e74b"  # main before format 12 (homes)
 
 
 def catalog(store) -> dict[str, dict]:
@@ -176,13 +178,10 @@ def _old_code(tmp_path, commit: str):
     return old
 
 
-@pytest.mark.parametrize("fmt", sorted(OLD_FORMATS))
-def test_an_older_store_is_upgraded_also_after_an_upgrade_cut_short(mount_factory, tmp_path, fmt):
-    """A store made and written by older code (main with files, a directory clone, snapshots,
-    a branch from one, a deleted snapshot) is upgraded at its first open, also when its copy
-    or its marker was cut short."""
-    old = _old_code(tmp_path, OLD_FORMATS[fmt])
-    env = {"PYTHONPATH": str(old)}
+def _old_store(mount_factory, tmp_path, commit: str):
+    """A store made by the code of commit and mounted by it (a, snapshot s0, b written):
+    (store, the environment that runs that code, the mount)."""
+    env = {"PYTHONPATH": str(_old_code(tmp_path, commit))}
     store = tmp_path / "store"
     subprocess.run(mounting.cowfs_command() + ["init", str(store)], env=dict(os.environ, **env),
                    check=True, capture_output=True)
@@ -190,6 +189,27 @@ def test_an_older_store_is_upgraded_also_after_an_upgrade_cut_short(mount_factor
     mounting.write(m.path / "a", b"a" * 4000, sync=True)
     mounting.ok(m.path, "snapshot s0")
     mounting.write(m.path / "b", b"b" * 4000, sync=True)
+    return store, env, m
+
+
+def _upgraded(mount_factory, store, env) -> None:
+    """Branch f (from s0) reads s0, the store is fsck-clean, and the older code refuses it."""
+    from cowfs.store import FORMAT_VERSION
+    fb = mount_factory(store=store, init=False, branch="f")
+    assert sorted(os.listdir(fb.path)) == ["a"]
+    fb.stop()
+    workload.fsck_clean(store)
+    r = subprocess.run(mounting.cowfs_command() + ["fsck", str(store)], env=dict(os.environ, **env),
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and f"format {FORMAT_VERSION}" in (r.stdout + r.stderr), r
+
+
+@pytest.mark.parametrize("fmt", sorted(OLD_FORMATS))
+def test_an_older_store_is_upgraded_also_after_an_upgrade_cut_short(mount_factory, tmp_path, fmt):
+    """A store made and written by older code (main with files, a directory clone, snapshots,
+    a branch from one, a deleted snapshot) is upgraded at its first open, also when its copy
+    or its marker was cut short."""
+    store, env, m = _old_store(mount_factory, tmp_path, OLD_FORMATS[fmt])
     (m.path / "d").mkdir()
     mounting.write(m.path / "d" / "f", b"f" * 100, sync=True)
     mounting.ok(m.path, "clone d d2")  # copy inodes: a counter of their own, which stays at home
@@ -213,7 +233,7 @@ def test_an_older_store_is_upgraded_also_after_an_upgrade_cut_short(mount_factor
     m.env = {}
     m.start()
     from cowfs.store import FORMAT_VERSION
-    assert json.loads((store / "cowfs-store.json").read_text())["format"] == FORMAT_VERSION == 11
+    assert json.loads((store / "cowfs-store.json").read_text())["format"] == FORMAT_VERSION
     c = catalog(store)
     assert set(c["snap"]) == {"s0", "s1"} and set(c["branch"]) == {"main", "f"}
     assert sorted(os.listdir(m.path)) == ["a", "b", "d", "d2"]
@@ -229,15 +249,26 @@ def test_an_older_store_is_upgraded_also_after_an_upgrade_cut_short(mount_factor
     marker = store / "cowfs-store.json"
     marker.write_text(json.dumps({**json.loads(marker.read_text()), "format": fmt}))
     m.start()
-    assert json.loads(marker.read_text())["format"] == 11
+    assert json.loads(marker.read_text())["format"] == FORMAT_VERSION
     assert set(catalog(store)["snap"]) == {"s0", "s1", "s2"}
     assert sorted(os.listdir(m.path)) == ["a", "b", "d", "d2", "d3"]
     m.stop()
-    fb = mount_factory(store=store, init=False, branch="f")
-    assert sorted(os.listdir(fb.path)) == ["a"]
-    fb.stop()
-    workload.fsck_clean(store)
-    # The older code refuses the store now.
-    r = subprocess.run(mounting.cowfs_command() + ["fsck", str(store)], env=dict(os.environ, **env),
-                       capture_output=True, text=True)
-    assert r.returncode != 0 and "format 11" in (r.stdout + r.stderr), r
+    _upgraded(mount_factory, store, env)
+
+
+def test_a_format_11_store_is_upgraded_by_its_marker_and_refused_by_older_code(mount_factory, tmp_path):
+    """Format 12 (homes) changes no record of a format-11 store: its first open writes the
+    marker; from then format-11 code refuses it (it would not see the homes' layers)."""
+    store, env, m = _old_store(mount_factory, tmp_path, FORMAT_11)
+    mounting.ok(m.path, "branch f s0")
+    m.stop()
+    assert json.loads((store / "cowfs-store.json").read_text())["format"] == 11
+    before = catalog(store)
+    m.env = {}
+    m.start()
+    from cowfs.store import FORMAT_VERSION
+    assert json.loads((store / "cowfs-store.json").read_text())["format"] == FORMAT_VERSION == 12
+    assert sorted(os.listdir(m.path)) == ["a", "b"]
+    m.stop()
+    assert catalog(store) == before, "no record changes"
+    _upgraded(mount_factory, store, env)

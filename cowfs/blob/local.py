@@ -30,6 +30,7 @@ import time
 from collections import OrderedDict
 from typing import Iterator, Sequence
 
+from cowfs import private
 from cowfs.blob.base import (BlobConflict, BlobEntry, BlobError, BlobNotFound, BlobStore,
                              check_name, check_range)
 
@@ -95,7 +96,7 @@ class LocalBlobStore(BlobStore):
                     if self._matches(name, path, views, total):  # a concurrent put of the same bytes
                         return
                     # deleted again since the link failed: link once more
-            _fsync_dir(directory)
+            private.fsync_dir(directory)
         finally:
             try:
                 os.unlink(tmp)
@@ -183,7 +184,7 @@ class LocalBlobStore(BlobStore):
                 os.mkdir(current, 0o700)
             except FileExistsError:
                 continue
-            _fsync_dir(parent)
+            private.fsync_dir(parent)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         check_range(offset, length)
@@ -300,7 +301,7 @@ class LocalBlobStore(BlobStore):
             os.unlink(path)
         except FileNotFoundError:
             return
-        _fsync_dir(os.path.dirname(path))
+        private.fsync_dir(os.path.dirname(path))
 
     def list(self, prefix: str = "") -> Iterator[BlobEntry]:
         return self._walk(self.root, "", prefix)
@@ -368,12 +369,3 @@ def _pwrite_parts(fd: int, views: list[memoryview]) -> None:
         off += len(v)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno != errno.EINVAL:  # a filesystem without directory fsync
-            raise
-    finally:
-        os.close(fd)

@@ -246,6 +246,12 @@ class Liveness:
         b.put(CF_MEMBER, name.encode(), json.dumps({"db": db}).encode())
         self.refs.write(b, [(CF_MEMBER, name.encode(), None)])
 
+    def remove_member(self, name: str) -> None:
+        """Unregister a member database (its directory is about to go: cowfs.homes.remove)."""
+        b = Batch()
+        b.delete(CF_MEMBER, name.encode())
+        self.refs.write(b)
+
     # -- condemned packs -----------------------------------------------------------------
     def condemned(self) -> Condemned:
         return Condemned.unpack(self.refs.get(CF_GC, CONDEMNED))

@@ -23,6 +23,7 @@ import os
 import re
 import struct
 
+from cowfs import private
 from cowfs.chunks import codec
 from cowfs.chunks.families import CF_OBJECTS, CF_REFS, CF_SPACE, SPACE_KEY
 from cowfs.chunks.packs import pack_name
@@ -89,7 +90,7 @@ def convert_packs(kv: KV, pack_dir: str) -> int:
             if not os.path.samefile(old, new):
                 raise OSError(f"{new} exists and is not {old}: cannot upgrade the packs") from None
     if legacy:
-        _fsync_dir(pack_dir)
+        private.fsync_dir(pack_dir)
     # 2. Every legacy pointer rewritten (a converted one is longer: left alone).
     converted = 0
     batch = Batch()
@@ -109,17 +110,9 @@ def convert_packs(kv: KV, pack_dir: str) -> int:
     for name in legacy.values():
         os.unlink(os.path.join(pack_dir, name))
     if legacy:
-        _fsync_dir(pack_dir)
+        private.fsync_dir(pack_dir)
         log.info("%s: %d pack files renamed, %d pointers converted", pack_dir, len(legacy), converted)
     return converted
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # What of the home database's `meta` family is the catalog's (format <= 9), and the key that

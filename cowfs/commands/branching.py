@@ -154,7 +154,7 @@ class Branching:
             b = self._branch(view)
             old_names = [n for n, _ in self.fs.list_dir(self.fs.node(view, ROOT_INO))]
             self.cat.enqueue(b.head, m.batch)  # the old head: no one writes it any more
-            b.head = self.cat.new_layer(s.layer, m.batch)
+            b.head = self.cat.new_layer(s.layer, m.batch, home=b.home)
             b.epoch += 1
             self.cat.save_branch(b, m.batch)
             new_lv = self.cat.layer_view(b.head)

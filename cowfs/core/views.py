@@ -127,7 +127,7 @@ class Views:
         if b is None or view.kind != "branch":
             raise FSError(errno.EROFS, "this view is not a branch")
         frozen = b.head
-        b.head = catalog.new_layer(frozen, m.batch)
+        b.head = catalog.new_layer(frozen, m.batch, home=b.home)  # a fork's head stays in its home
         catalog.save_branch(b, m.batch)
         view.lv = LayerView(b.head, _extended(view.lv.ancestors, b.head))
         m.views.add(view)  # the new head starts with the frozen layer's usage

@@ -70,6 +70,9 @@ class Branch:
     epoch: int = 0  # bumped by rollback: inode numbers of the restored tree are new to the kernel
     quota_bytes: int = 0  # 0: no quota
     quota_inodes: int = 0
+    # The id of the home (cowfs.homes) whose database holds its head, served by a daemon of its
+    # own; None (absent from the record): the store's database.
+    home: str | None = None
 
 
 @dataclass
@@ -107,6 +110,10 @@ class Catalog:
         self._blocks: weakref.WeakValueDictionary[tuple[int, int], Block] = weakref.WeakValueDictionary()
         for key, value in kv.scan(CF_CATALOG, b"layer/", b"layer/"):
             self.parents[int.from_bytes(key[6:], "big")] = int.from_bytes(value, "big")
+        # The layers that live in a home's database (format 12): layer -> home id; every other
+        # layer lives in the store's database.
+        self.homes: dict[int, str] = {int.from_bytes(k[len(HOME):], "big"): v.decode()
+                                      for k, v in kv.scan(CF_CATALOG, HOME, HOME)}
         # Layers garbage collection has to look at (cowfs.meta.gc): no longer a top, or a
         # parent that lost a child; written in the batch of the change that made it so.
         self.queued: set[int] = {int.from_bytes(k[len(GC_QUEUE):], "big")
@@ -170,6 +177,10 @@ class Catalog:
         been parsed (`Records`)."""
         (rb, pb), (rs, ps) = self.branches.figures(), self.snapshots.figures()
         return {"catalog_records_read": rb + rs, "catalog_records_parsed": pb + ps}
+
+    def member(self, layer: int) -> str | None:
+        """Which database holds layer's keys: the id of its home, or None for the store's."""
+        return self.homes.get(layer)
 
     def ancestry(self, layer: int) -> list[int]:
         """layer, its parent, ... up to the root layer."""
@@ -254,10 +265,12 @@ class Catalog:
             return start
         raise RuntimeError(f"could not draw from counter/{counter.decode()}: the reference store kept changing")
 
-    def new_layer(self, parent: int, batch: Batch) -> int:
+    def new_layer(self, parent: int, batch: Batch, home: str | None = None) -> int:
         """A new layer, child of parent: its id exceeds parent's (`Versioned` finds a key's
         version with one seek because children sort first), drawn afresh if this process's
-        block cannot give one (every id was drawn from the counter, which only grows)."""
+        block cannot give one (every id was drawn from the counter, which only grows).  home:
+        the home whose database will hold its keys (`home/<id>` published with `layer/<id>`,
+        so no process ever sees the layer without knowing where it lives)."""
         if self.next_layer >= self.layer_end or self.next_layer <= parent:
             floor = max(self.parents, default=0) + 1
             self.next_layer = self.draw(b"layer", LAYER_BLOCK, floor)
@@ -270,6 +283,10 @@ class Catalog:
         key = b"layer/" + lid.to_bytes(8, "big")
         batch.expects(CF_CATALOG, key, None)
         batch.put(CF_CATALOG, key, parent.to_bytes(8, "big"))
+        if home is not None:
+            self.homes[lid] = home
+            batch.expects(CF_CATALOG, HOME + lid.to_bytes(8, "big"), None)
+            batch.put(CF_CATALOG, HOME + lid.to_bytes(8, "big"), home.encode())
         return lid
 
     def reparent(self, layer: int, parent: int, batch: Batch) -> None:
@@ -324,7 +341,10 @@ class Catalog:
         self._expect(batch, key, b.name in self.branches)
         self.branches[b.name] = b
         self.changes += 1
-        batch.put(CF_CATALOG, key, json.dumps(asdict(b)).encode())
+        record = asdict(b)
+        if b.home is None:
+            del record["home"]  # a branch of the store's database: its record as before format 12
+        batch.put(CF_CATALOG, key, json.dumps(record).encode())
 
     def save_snapshot(self, s: Snapshot, batch: Batch) -> None:
         key = b"snap/" + s.name.encode()
@@ -389,6 +409,10 @@ class Catalog:
         if parent is not None:
             batch.expects(CF_CATALOG, key, parent.to_bytes(8, "big"))
         batch.delete(CF_CATALOG, key)
+        home = self.homes.pop(layer, None)
+        if home is not None:
+            batch.expects(CF_CATALOG, HOME + layer.to_bytes(8, "big"), home.encode())
+            batch.delete(CF_CATALOG, HOME + layer.to_bytes(8, "big"))
         batch.delete(CF_META, usage_key(layer))
 
     def usage(self, layer: int) -> Usage | None:
@@ -407,8 +431,14 @@ class Catalog:
 
 
 GC_QUEUE = b"gcq/"
+HOME = b"home/"  # home/<layer> -> the id of the home holding it (format 12; absent: the store's db)
 GC_WALKED = b"gc/walked"
 OWNERS_SETTLED = b"catalog/owners-settled"
+
+
+def save_format(batch: Batch, version: int) -> None:
+    """The database's `format` key: the store format its records are in (a new home's)."""
+    batch.put(CF_META, b"format", str(version).encode())
 
 
 def usage_key(layer: int) -> bytes:

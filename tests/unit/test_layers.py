@@ -7,7 +7,8 @@
        fuse                             the FUSE adapter
        core, commands, background,      the filesystem's semantics, the control-file commands,
          fsck, treecopy                 background work, the store checker, the tree copier
-       store, storedir                  the store: engines opened, layers composed; its file names
+       store, storedir, homes           the store: engines opened, layers composed; its file names;
+                                        the homes of branches with a daemon of their own
        meta, chunks, cache              versioned metadata, content-addressed chunks, the chunk cache
        kv, blob                         the storage engines (KV, blob store)
        errors, faults, threads,         leaves any layer may use; they import no cowfs module
@@ -38,7 +39,7 @@ LAYERS: list[tuple[str, ...]] = [  # bottom first
     ("cowfs.errors", "cowfs.faults", "cowfs.threads", "cowfs.private", "cowfs.remote", "cowfs.libc"),
     ("cowfs.kv", "cowfs.blob"),
     ("cowfs.meta", "cowfs.chunks", "cowfs.cache"),
-    ("cowfs.store", "cowfs.storedir"),
+    ("cowfs.store", "cowfs.storedir", "cowfs.homes"),
     ("cowfs.core", "cowfs.commands", "cowfs.background", "cowfs.fsck", "cowfs.treecopy",
      "cowfs.fleet"),
     ("cowfs.fuse",),
@@ -58,7 +59,8 @@ LAYOUT_EXCEPTIONS = {
                       "to kv/ when the engine becomes configurable",
 }
 OWNERS = ("cowfs/kv/", "cowfs/blob/", "cowfs/meta/", "cowfs/chunks/")
-STORE_FILE_NAMES = {"db", "packs", "refs.sqlite", "cowfs-store.json", "daemon.pid", "warmer.pid", "daemon.sock"}
+STORE_FILE_NAMES = {"db", "packs", "refs.sqlite", "cowfs-store.json", "daemon.pid", "warmer.pid", "daemon.sock",
+                    "homes"}
 
 
 def _modules() -> dict[str, Path]:

@@ -351,7 +351,7 @@ def test_an_older_store_gets_its_remote_chunks_and_bytes_counted_at_first_open(t
         assert space.figures()["compression_saved_bytes"] == 0, "a chunk on the remote saved nothing here"
     finally:
         st.close()
-    assert json.loads(marker.read_text())["format"] == FORMAT_VERSION == 11
+    assert json.loads(marker.read_text())["format"] == FORMAT_VERSION == 12
 
 
 @pytest.mark.parametrize("seed", range(6))
