@@ -11,7 +11,10 @@ fork reads its ancestors' `usage/` and `share/` records of `meta`, never their g
 prefetch model: docs/design-many-processes.md, "Step 6"); every other family and key is the
 top member's alone (what only the branch's own database holds).
 Writes, their compare-and-set checks, `sync` and `close` go to the top member only: the
-members below are frozen (opened read-only, or immutable layer objects).
+members below are frozen (opened read-only, or immutable layer objects).  A member that is a
+RocksDB opened read-only beside its writer refreshes itself when the writer's compaction
+deleted a blob file it reads (cowfs.kv.rocks.REFRESH_TRIES): a member's read never fails for
+that.
 """
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import threading
 import time
@@ -10,6 +11,8 @@ from typing import Iterator, Sequence
 import rocksdict as rd
 
 from cowfs.kv.base import KV, Batch, Conflict, Expect, LocalEngine, StoreLockedError
+
+log = logging.getLogger(__name__)
 
 
 # RocksDB's share of the daemon's memory, bounded by two figures (docs/architecture.md,
@@ -74,8 +77,18 @@ OPENING_THREADS = 16
 READ_ONLY_TRIES = 20
 
 
+# A read-only open reads blob files lazily, at the first read of a value in each, and the
+# writer's blob gc deletes them after a compaction: a read then fails with "IO error: No such
+# file or directory: while stat a file for size: ...blob" (measured: the 1,500 of 2,000 values
+# in the three blob files the reader had not opened yet; docs/design-many-processes.md, "A
+# further hazard").  Table files do not vanish under a reader (max_open_files -1 opens them all
+# at the open).  Reopening reads the writer's current version, where the values moved: a
+# frozen member (a fork's base, pack gc's mark of a member) reads on.
+REFRESH_TRIES = 5
+
+
 def _vanished(exc: Exception) -> bool:
-    """Whether a read-only open failed on a file its writer deleted meanwhile."""
+    """Whether a read-only open or read failed on a file its writer deleted meanwhile."""
     return "No such file or directory" in str(exc)
 
 
@@ -144,6 +157,11 @@ class RocksKV(KV, LocalEngine):
         # writes from any other thread as well, and keeps a reopen (recover) out of a write.
         self._write_lock = threading.Lock()
         self._cache = cache if cache is not None else rd.Cache((BLOCK_CACHE // 4) if small else BLOCK_CACHE)
+        # A database opened read-only is a frozen member: its reads reopen it when its writer
+        # deleted a file they need (`_refresh`).  (`read_only` also becomes true for a writer
+        # that could only reopen read-only after a write error: that one is not refreshed.)
+        self._frozen = read_only
+        self._refresh_lock = threading.Lock()  # one reopen at a time
         self._open(read_only)
 
     def _open(self, read_only: bool = False) -> None:
@@ -157,7 +175,7 @@ class RocksKV(KV, LocalEngine):
         tries = READ_ONLY_TRIES if read_only else 1
         for attempt in range(1, tries + 1):
             try:
-                self.db = rd.Rdict(self.path, db_options, column_families=cfs, access_type=access)
+                db = rd.Rdict(self.path, db_options, column_families=cfs, access_type=access)
                 break
             except Exception as exc:  # rocksdict raises a plain Exception with RocksDB's status text
                 if attempt < tries and _vanished(exc):
@@ -169,8 +187,9 @@ class RocksKV(KV, LocalEngine):
         global _OPENED_HERE
         _OPENED_HERE = True
         self.read_only = read_only
-        self._cf = {name: self.db.get_column_family(name) for name in self._families}
-        self._handles = {name: self.db.get_column_family_handle(name) for name in self._families}
+        self.db = db
+        self._cf = {name: db.get_column_family(name) for name in self._families}
+        self._handles = {name: db.get_column_family_handle(name) for name in self._families}
 
     def _close(self) -> None:
         # Column-family handles keep the database (and its LOCK) alive until dropped; clear
@@ -217,10 +236,61 @@ class RocksKV(KV, LocalEngine):
                 self._open(read_only=True)
                 raise
 
+    def _refresh(self, seen: dict[str, rd.Rdict]) -> None:
+        """Replace the open whose families are `seen` (a read on it found a file gone) by a new
+        read-only open sharing the block cache, unless another read did already.  The old open
+        is not closed here: its handles are dropped, and RocksDB closes it when the last read
+        still holding them (in another thread) lets go: no read loses its handle."""
+        with self._refresh_lock:
+            if self._cf is not seen:
+                return
+            self._open(read_only=True)  # new handle dicts: `seen` is left as it is to its readers
+        log.info("%s: reopened read-only, its writer deleted a file this open had not read yet", self.path)
+
     def get(self, cf: str, key: bytes) -> bytes | None:
-        return self._cf[cf].get(key)
+        if not self._frozen:
+            return self._cf[cf].get(key)
+        for attempt in range(REFRESH_TRIES + 1):
+            families = self._cf
+            try:
+                return families[cf].get(key)
+            except Exception as exc:
+                if attempt == REFRESH_TRIES or not _vanished(exc):
+                    raise
+            self._refresh(families)
+        raise AssertionError("unreachable")
+
+    def _frozen_scan(self, cf: str, start: bytes, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """A frozen member's scan: where a read finds a file gone, the member is reopened and
+        the scan goes on after the last key it gave.  The iterator's status is checked at the
+        end (an iterator that meets an error just stops)."""
+        n = len(prefix)
+        last: bytes | None = None
+        for attempt in range(REFRESH_TRIES + 1):
+            families = self._cf
+            try:
+                it = families[cf].iter()
+                it.seek(start if last is None else last + b"\0")
+                while it.valid():
+                    key = it.key()
+                    if key[:n] != prefix:
+                        return
+                    value = it.value()
+                    last = key
+                    yield key, value
+                    it.next()
+                it.status()
+                return
+            except Exception as exc:
+                if attempt == REFRESH_TRIES or not _vanished(exc):
+                    raise
+            it = None
+            self._refresh(families)
 
     def scan(self, cf: str, start: bytes, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        if self._frozen:
+            yield from self._frozen_scan(cf, start, prefix)
+            return
         end = _past(prefix) if start.startswith(prefix) else None
         if end is not None:
             # RocksDB stops at the bound and hands out (key, value) pairs itself: half the
