@@ -30,6 +30,7 @@ from cowfs.chunks.objects import ObjectStore, RefTxn
 from cowfs.chunks.packs import Packs
 from cowfs.errors import StoreError
 from cowfs.kv.base import KV, Batch, LocalEngine, StoreLockedError
+from cowfs.kv.overlay import OverlayKV
 from cowfs.kv.rocks import RocksKV
 from cowfs.kv.split import SplitKV, Unpublished
 from cowfs.kv.sqlite import SQLiteKV
@@ -39,7 +40,7 @@ from cowfs.meta.shared import Clone, SharedTrees
 from cowfs.meta import links, serving
 from cowfs.meta.orphans import CF_ORPHANS
 from cowfs.meta.versioned import CF_CHANGES, CF_DIRENTS, CF_INODES, CF_LINKS, CF_XATTRS, LayerView, Versioned, ino_key
-from cowfs.storedir import DB_DIR, MARKER, PACK_DIR, REFS_FILE, daemon_pid
+from cowfs.storedir import DB_DIR, MARKER, PACK_DIR, REFS_FILE, daemon_pid, home_db, home_dir
 
 log = logging.getLogger(__name__)
 # 2: delta objects, 24-byte reference records, the pending/similar/space families.  A
@@ -77,6 +78,12 @@ FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS, CF_CHANGES, CF_
 ROOT_INO = 1
 INO_BLOCK = 4096
 REF_FAMILIES = liveness.REF_FAMILIES + serving.REF_FAMILIES + (CF_CATALOG,)  # of the reference store
+# What a branch's own daemon reads through the members below its home (its lineage's other
+# databases): the layer-versioned families, and the objects to load what they name (counting
+# and "do we have H" read the home alone, `home_kv`); of `meta` only the usage and shared-copy
+# records of the ancestors (docs/design-many-processes.md, "Step 6").
+THROUGH = (CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS, CF_CHANGES, CF_OBJECTS)
+THROUGH_KEYS = {CF_META: (b"usage/", b"share/")}
 PACE_STEPS = 256  # entries a clone's measuring walk takes between two calls of its pace (~1-3 ms)
 T = TypeVar("T")
 
@@ -143,11 +150,32 @@ def _write_marker(path: str, created: float) -> None:
         os.close(fd)
 
 
+class NewHome:
+    """A home database just made for a new branch (`Store.new_home`), open for its first
+    records until the branch is published."""
+
+    def __init__(self, home: str, kv: RocksKV) -> None:
+        self.id = home
+        self.kv = kv
+
+    def seed(self, layer: int, usage: Usage) -> None:
+        """The branch head's usage record, durable in the home (before the catalog names it)."""
+        b = Batch()
+        Catalog.save_usage(layer, usage, b)
+        self.kv.write(b)
+        self.kv.sync()
+
+    def close(self) -> None:
+        self.kv.close()
+
+
 class Store:
     def __init__(self, path: str, cache_l1: int = 256 << 20, cache_l2: int = 256 << 20,
-                 blobs: BlobStore | None = None) -> None:
+                 blobs: BlobStore | None = None, home: str | None = None) -> None:
         """Open the store at path; its packs live in blobs (default: a LocalBlobStore in
-        STORE/packs), which the store closes with itself."""
+        STORE/packs), which the store closes with itself.  home: open the view of the branch
+        whose home database that is (STORE/homes/<home>/db, written by this process) over
+        the lineage's other databases, read-only (docs/design-many-processes.md, "Step 6")."""
         marker = os.path.join(path, MARKER)
         if not os.path.isdir(path):
             raise StoreError(f"{path}: no such store directory (create one with 'cowfs init {path}')")
@@ -163,6 +191,10 @@ class Store:
             raise StoreError(f"{marker} is damaged: {exc}") from exc
         if fmt != FORMAT_VERSION and fmt not in UPGRADABLE:
             raise StoreError(f"{path} has store format {fmt}; this cowfs reads format {FORMAT_VERSION}")
+        self.home = home
+        self.db = home_db(home) if home else DB_DIR  # this process's database, relative to path
+        if home and (fmt != FORMAT_VERSION or not os.path.isdir(os.path.join(path, self.db))):
+            raise StoreError(f"{path}: no home database {home} (homes/{home}) in this store")
         # Private while open: RocksDB creates files from its threads (cowfs.private).
         private.hold_umask()
         self._umask_held = True
@@ -176,13 +208,13 @@ class Store:
                             "(%s); a store is private to its owner", path, len(loose), ", ".join(loose[:8])
                             + (", ..." if len(loose) > 8 else ""))
         try:
-            rocks = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,),
+            rocks = RocksKV(os.path.join(path, self.db), FAMILIES, blob_families=(CF_OBJECTS,),
                             small=_small_disk(path))
         except StoreLockedError as exc:
             self._release_umask()
-            pid = daemon_pid(path)
+            pid = daemon_pid(home_dir(path, home) if home else path)
             who = f" by daemon pid {pid}" if pid else ""
-            raise StoreError(f"{path} is in use{who}") from exc
+            raise StoreError(f"{path}{f' (home {home})' if home else ''} is in use{who}") from exc
         except Exception as exc:
             self._release_umask()
             raise StoreError(f"{path}: cannot open the database: {exc}") from exc
@@ -207,9 +239,9 @@ class Store:
             # A writer of this database that died may have left unpublished layers
             # (cowfs.meta.gc.unpublished): the first gc pass looks for them.
             self.stray = self._writer_died()
-            self.liveness.register(DB_DIR)
+            self.liveness.register(self.db)
             # the branches this process serves (a daemon takes them: cowfs.meta.serving)
-            self.serving = serving.Serving(refs, self.liveness.me, self.liveness.boot)
+            self.serving = serving.Serving(refs, self.liveness.me, self.liveness.boot, home or "")
         except Exception as exc:
             if refs is not None:
                 refs.close()
@@ -217,17 +249,31 @@ class Store:
             self.kv.close()
             self._release_umask()
             raise StoreError(f"{path}: cannot open the reference store {REFS_FILE}: {exc}") from exc
-        # The catalog's family goes to the reference store, the rest to the home database.
-        self.kv = SplitKV(rocks, refs, (CF_CATALOG,))
+        # The catalog's family goes to the reference store, the rest to the home database:
+        # `home_kv` for what this process counts and looks up in its own database alone.
+        self.home_kv: KV = SplitKV(rocks, refs, (CF_CATALOG,))
+        self.kv = self.home_kv
+        # A home's view reads the lineage's other databases below it (`_open_below`), nearest first.
+        self.below: list[KV] = []
+        if home:
+            overlay = OverlayKV(rocks, (), THROUGH, THROUGH_KEYS)
+            self.below = overlay.below  # filled once the catalog says which databases hold the lineage
+            self.kv = SplitKV(overlay, refs, (CF_CATALOG,))
         if fmt < CATALOG_MOVED:
             moved = upgrade.move_catalog(rocks, refs, CF_META, CF_CATALOG, CATALOG_MOVED)
             if moved:
                 log.info("%s: %d catalog records moved to the reference store", path, moved)
         self.catalog = Catalog(self.kv)
+        if home:
+            try:
+                self._open_below(rocks, home)
+            except BaseException:
+                self.close()
+                raise
         self.meta = Versioned(self.kv, SharedTrees.load(self.kv), self.catalog.layer_view)
         self.objects = ObjectStore(self.kv, self.cache, self.packs)
-        if self.objects.space is None:
-            self.objects.space = upgrade.rebuild(self.kv, self._root_refs())
+        if self.objects.space is None:  # a home's accounting starts with it, empty
+            self.objects.space = upgrade.rebuild(rocks, {}) if home else upgrade.rebuild(self.kv, self._root_refs())
         if fmt < 5:
             self._count_allocated()
         if fmt != FORMAT_VERSION:
@@ -263,11 +309,84 @@ class Store:
         # Disk bytes that data acknowledged to writers but not committed yet will take.
         self.held: Callable[[], int] = lambda: 0
 
+    def new_home(self) -> NewHome:
+        """A home database for a new branch of its own daemon (cowfs.homes.create_home:
+        durable and registered as a liveness member before anything names it), opened for
+        its first records.  Blocking: in a thread."""
+        from cowfs.homes import create_home  # it builds on this module
+
+        home = create_home(self.path, self.liveness)
+        cache = self.engine.block_cache if isinstance(self.engine, RocksKV) else None
+        return NewHome(home, RocksKV(os.path.join(self.path, home_db(home)), FAMILIES, blob_families=(CF_OBJECTS,),
+                                     cache=cache))
+
+    def drop_dead_homes(self) -> list[str]:
+        """Delete the homes no live branch writes and none of whose layers anything still
+        reads (no snapshot or branch among them, no child in another database): their layers
+        leave the catalog (one compare-and-set), then the home goes whole, its member record
+        first (cowfs.homes.remove), unless a process holds its database; and the unnamed homes
+        old enough not to be a branch being made (cowfs.homes.unnamed).  What its database
+        counted goes with it: nothing outside it counted for it (docs/design-many-processes.md,
+        "Step 6").  The store's process only; blocking: in a thread, under the filesystem's lock."""
+        from cowfs import homes
+
+        cat = self.catalog
+        written = {b.home for b in cat.branches.values() if b.home}
+        leaves = cat.leaves()
+        dropped: list[str] = []
+        for home in sorted(set(cat.homes.values()) - written - {self.home}):
+            layers = {layer for layer, h in cat.homes.items() if h == home}
+            if layers & leaves or any(k not in layers for l in layers for k in cat.children.get(l, ())):
+                continue
+            try:  # held while its layers leave the catalog: no process writes it meanwhile
+                held = RocksKV(os.path.join(self.path, home_db(home)), FAMILIES, blob_families=(CF_OBJECTS,))
+            except StoreLockedError:
+                continue
+            try:
+                self._forget(layers)  # a crash after it leaves an unnamed home, removed by a later run
+            finally:
+                held.close()
+            if homes.remove(self.path, self.liveness, home):
+                dropped.append(home)
+        old, _young = homes.unnamed(self.path, set(cat.homes.values()) | written)
+        dropped += [home for home in old if homes.remove(self.path, self.liveness, home)]
+        return dropped
+
+    def _forget(self, layers: set[int]) -> None:
+        """The layers of a home about to be deleted leave the catalog, published at once."""
+        cat = self.catalog
+        batch = Batch()
+        above = {cat.parents[l] for l in layers} - layers
+        for layer in sorted(layers, reverse=True):  # children first (ids grow from parent to child)
+            cat.forget_layer(layer, batch)
+        for parent in above:  # lost a child: ours may merge or die now
+            if parent in cat.parents and cat.member(parent) == self.home:
+                cat.enqueue(parent, batch)
+        self.kv.write(batch)
+
+    def _open_below(self, rocks: RocksKV, home: str) -> None:
+        """Open the databases that hold the ancestor layers of home's branch, nearest first,
+        read-only and sharing the home's block cache (one budget: an idle branch daemon
+        stays small), as the members below its view."""
+        branch = next((b for b in self.catalog.branches.values() if b.home == home), None)
+        if branch is None:
+            raise StoreError(f"{self.path}: no branch has the home database {home}")
+        seen = {home}
+        for layer in self.catalog.ancestry(branch.head):
+            member = self.catalog.member(layer)
+            key = member or ""
+            if key in seen:
+                continue
+            seen.add(key)
+            where = os.path.join(self.path, home_db(member) if member else DB_DIR)
+            self.below.append(RocksKV(where, FAMILIES, blob_families=(CF_OBJECTS,), read_only=True,
+                                      cache=rocks.block_cache))
+
     def _writer_died(self) -> bool:
         """Whether a writer record of this database names a process that is gone (or cannot
         be read): it may have left unpublished layers (cowfs.meta.gc.unpublished)."""
         try:
-            return any(r.db == DB_DIR and not r.alive(self.liveness.boot) for r in self.liveness.writers().values())
+            return any(r.db == self.db and not r.alive(self.liveness.boot) for r in self.liveness.writers().values())
         except (ValueError, KeyError, TypeError):
             return True
 
@@ -533,12 +652,16 @@ class Store:
                 "unflushed_bytes": self.engine.unflushed_bytes()}
 
     def members(self) -> list[tuple[str, KV]]:
-        """The other databases a pack gc marks from (liveness.Liveness.members), each opened
-        read-only beside its writer; the caller closes them."""
+        """The other databases a pack gc marks from (liveness.Liveness.members, and for a
+        home's process the store's database), each opened read-only beside its writer; the
+        caller closes them."""
         out: list[tuple[str, KV]] = []
         cache = self.engine.block_cache if isinstance(self.engine, RocksKV) else None  # one budget for all
+        listed = {n: r for n, r in self.liveness.members().items() if r != self.db}
+        if self.home:
+            listed[DB_DIR] = DB_DIR
         try:
-            for name, rel in sorted(self.liveness.members().items()):
+            for name, rel in sorted(listed.items()):
                 where = os.path.join(self.path, rel)
                 if not os.path.isdir(where):
                     raise StoreError(f"member database {name} ({rel}) is not in the store")
@@ -555,7 +678,7 @@ class Store:
         (blocking: call in a thread)."""
         members = self.members()
         try:
-            return liveness.mark([self.kv] + [kv for _n, kv in members])
+            return liveness.mark([self.home_kv] + [kv for _n, kv in members])
         finally:
             for _name, kv in members:
                 kv.close()
@@ -566,7 +689,7 @@ class Store:
         packs a repack leaves alone: it moves the store's pointers only).  Blocking: in a thread."""
         members = self.members()
         try:
-            s = repack.survey(self.kv, self.packs.encoding_sizes(listed))
+            s = repack.survey(self.home_kv, self.packs.encoding_sizes(listed))
             theirs = liveness.mark([kv for _n, kv in members])
             s.foreign = set(theirs)
             for p, n in theirs.items():
@@ -611,13 +734,13 @@ class Store:
 
     def copy_packs(self, group: list[int]) -> repack.Copy:
         """The live encodings of a group of packs, put as one new pack (blocking: in a thread)."""
-        return repack.copy(self.kv, self.packs, group)
+        return repack.copy(self.home_kv, self.packs, group)
 
     def commit_moves(self, c: repack.Copy) -> int:
         """Point what still points where the copy saw it at the new pack, in one commit;
         returns the pointers moved.  Under Filesystem.lock, on the loop."""
         batch = Batch()
-        n = repack.moves(self.kv, c, batch)
+        n = repack.moves(self.home_kv, c, batch)
         if n:
             self.commit(batch)
         return n
@@ -712,7 +835,11 @@ class Store:
                 try:
                     self.refs.close()
                 finally:
-                    self.kv.close()
+                    try:
+                        self.kv.close()
+                    finally:
+                        for kv in self.below:  # the lineage's other databases (a home's view)
+                            kv.close()
         finally:
             self.packs.close()
             self._release_umask()

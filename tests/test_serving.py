@@ -62,6 +62,9 @@ def test_a_branch_is_served_once_and_a_killed_daemons_record_is_taken_over(mount
         assert holder.stdout.readline().strip() == "held"
         err = _refused(store, forks.path("feat"), "feat")
         assert f"branch 'feat' is already served by pid {holder.pid} at /elsewhere" in err, err
+        # nor is a branch another process serves deleted from under it
+        r = run_cowfs("delete", store, "feat", check=False)
+        assert r.returncode != 0 and f"served by pid {holder.pid} at /elsewhere" in r.stderr.decode(), r
     finally:
         holder.kill()
         holder.wait(timeout=30)

@@ -38,10 +38,12 @@ async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None, 
     reshaped = False
     async with fs.maintenance:
         async with fs.exclusive():
-            gc.drop_dead_shared(store.meta, store.catalog, fs.live_tops(), store.commit)
+            gc.drop_dead_shared(store.meta, store.catalog, fs.live_tops(), store.commit, store.home)
         # Unpublished layers (cowfs.meta.gc.unpublished) are looked for by `cowfs gc` and by
-        # the first pass of a daemon whose store's last writer died.
-        collector = gc.Collector(store.meta, store.catalog, forks, stray=forks or store.stray)
+        # the first pass of a daemon whose store's last writer died.  A branch's own daemon
+        # works on its home's layers only (cowfs.meta.gc, "Several databases").
+        collector = gc.Collector(store.meta, store.catalog, forks, stray=forks or store.stray, home=store.home,
+                                 own=store.home_kv)
         store.stray = False
         try:
             while True:
@@ -60,6 +62,12 @@ async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None, 
                 if progress is not None:
                     progress(removed)
                 await trio.sleep(0)
+            if forks and store.home is None:  # `cowfs gc` in the store's process: homes whose branch is gone
+                async with fs.lock:
+                    dropped = await store.in_thread(store.drop_dead_homes)
+                reshaped |= bool(dropped)
+                if dropped:
+                    log.info("deleted %d homes no branch writes any more: %s", len(dropped), ", ".join(dropped))
         finally:
             if reshaped:
                 fs.views.layers_reshaped()

@@ -20,6 +20,7 @@ from cowfs.errors import FSError
 from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
 from cowfs.meta.layers import Branch, Snapshot, Usage
+from cowfs.meta.serving import BranchServed
 from cowfs.store import ROOT_INO
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,11 @@ class Branching:
         # The scope of a catalog-only change: no node of the view is touched.
         async with self.fs.mutate(view or self.fs.primary, fenced_ok=True) as m:
             kind = self.owners.check_delete(view.name if view is not None else None, name, mounted())
+            if kind == "branch":
+                try:  # served by another process (a daemon of its own: design step 6)
+                    self.fs.store.serving.check(name)
+                except BranchServed as exc:
+                    raise FSError(errno.EBUSY, f"branch {name!r} is mounted: {exc}") from None
             self.cat.remove(name, m.batch)
             learner = self.fs.prefetch.learner
             if kind == "branch" and learner is not None:

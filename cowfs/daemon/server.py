@@ -48,7 +48,8 @@ class Daemon:
     def __init__(self, cfg: MountConfig, store: Store | None = None) -> None:
         """store: the one a lazy mount's build left open (cowfs.daemon.process), else opened here."""
         self.cfg = cfg
-        self.store = store if store is not None else Store(cfg.store, cache_l1=cfg.cache_l1, cache_l2=cfg.cache_l2)
+        self.store = store if store is not None else Store(cfg.store, cache_l1=cfg.cache_l1, cache_l2=cfg.cache_l2,
+                                                           home=cfg.home)
         source = lazy.source_of(cfg.store)  # a lazy mount's store (its lazy.json): chunks on a remote
         if source is not None:
             self.store.objects.fetcher = lazy.RemoteFetcher.for_source(source)

@@ -141,6 +141,9 @@ class LocalEngine(Protocol):
         """Resume writing after an I/O error (for example a full disk that has space again).
         May replace the engine's handles: no other thread may use it meanwhile."""
 
+    def flush(self) -> None:
+        """Write what memtables hold to the engine's final files (blocking: in a thread)."""
+
     def compact(self) -> None:
         """Reclaim the space of deleted keys now (blocking: call in a thread)."""
 

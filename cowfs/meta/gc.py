@@ -39,6 +39,17 @@ while it lives, and the layer its top was written in (`seen`: views see the clon
 is in their ancestry) as a top of the tree's shape; `dead_clones` removes a clone whose top
 and copies are deleted in every live top that sees it, or that no live top sees.
 
+Over 500 lines: the pass's cases, the shared copies' liveness and the rules for several
+databases below all decide on the same walk of the layer tree and the same queue.
+
+Several databases (docs/design-many-processes.md, "Step 6"): a branch with a home database of
+its own keeps its layers there, and the lineage's older layers stay in the databases that
+hold them (`Catalog.member`).  A pass works on the layers of its own database (`home`) only,
+and never merges or drops a layer one of whose children lives in another database (a merge
+into it would write into a database another process owns; dropping it would take from that
+child what it reads): such a layer stays as it is, queued, until its last child elsewhere
+goes.  Shared copies and clones are looked at only where their layer is one of ours.
+
 Unpublished layers: a catalog change writes the home records of the layers it creates first,
 then publishes them in the reference store (cowfs.kv.split); a crash in between leaves home
 keys of a layer the catalog does not name (`unpublished`: found by one seek per layer in
@@ -114,25 +125,27 @@ def _views_of(catalog: Catalog, live_tops: set[int]) -> tuple[Subtree, list[Laye
 
 
 def drop_dead_shared(meta: Versioned, catalog: Catalog, live_tops: set[int],
-                     commit: Callable[[Batch, RefTxn | None], None]) -> None:
+                     commit: Callable[[Batch, RefTxn | None], None], home: str | None = None) -> None:
     """What comes before a pass: the ranges (`dead_ranges`), then the clones (`dead_clones`)
     no live view needs, each removed in a commit(batch, txn) of its own and then from
-    meta.shared, with one walk of the layer tree for both (removing them changes no layer)."""
+    meta.shared, with one walk of the layer tree for both (removing them changes no layer).
+    home: the database this pass works on (None: the store's); others' are left alone."""
     if not meta.shared:
         return
     walked = _views_of(catalog, live_tops)
-    dead, batch, txn = dead_ranges(meta, catalog, live_tops, walked)
+    dead, batch, txn = dead_ranges(meta, catalog, live_tops, walked, home)
     if dead:
         commit(batch, txn)
         meta.shared.committed(removed=dead)
-    gone, batch = dead_clones(meta, catalog, live_tops, walked)
+    gone, batch = dead_clones(meta, catalog, live_tops, walked, home)
     if gone:
         commit(batch, None)
         meta.shared.clones_committed(removed=gone)
 
 
 def dead_clones(meta: Versioned, catalog: Catalog, live_tops: set[int],
-                walked: tuple[Subtree, list[LayerView]] | None = None) -> tuple[list[Clone], Batch]:
+                walked: tuple[Subtree, list[LayerView]] | None = None,
+                home: str | None = None) -> tuple[list[Clone], Batch]:
     """Clones no live view needs, and a batch removing them, their copy numbers and the
     tombstones that only hid their copies (the caller commits it, then tells meta.shared).
     walked: `_views_of(catalog, live_tops)`, if the caller has it."""
@@ -142,6 +155,8 @@ def dead_clones(meta: Versioned, catalog: Catalog, live_tops: set[int],
         return dead, batch
     tree, views = walked or _views_of(catalog, live_tops)
     for c in list(meta.shared.clones.values()):
+        if catalog.member(c.layer) != home:
+            continue  # another database's clone: its own pass looks at it
         given = [y for _x, y in meta.shared.map.given(c)] if meta.shared.map is not None else []
         if c.layer in catalog.parents and any(_alive(meta, lv, [c.top_y] + given)
                                               for lv in views if tree.below(c.seen, lv.top)):
@@ -168,7 +183,8 @@ def _alive(meta: Versioned, lv: LayerView, inos: Iterable[int]) -> bool:
 
 
 def dead_ranges(meta: Versioned, catalog: Catalog, live_tops: set[int],
-                walked: tuple[Subtree, list[LayerView]] | None = None) -> tuple[list[Range], Batch, RefTxn]:
+                walked: tuple[Subtree, list[LayerView]] | None = None,
+                home: str | None = None) -> tuple[list[Range], Batch, RefTxn]:
     """Ranges no live view needs, and a batch removing them, their references and the
     tombstones that only hid them (the caller commits it, then tells meta.shared, before
     the pass).  walked: as for `dead_clones`."""
@@ -178,6 +194,8 @@ def dead_ranges(meta: Versioned, catalog: Catalog, live_tops: set[int],
         return dead, batch, txn
     tree, views = walked or _views_of(catalog, live_tops)
     for r in list(meta.shared.ranges.values()):
+        if catalog.member(r.layer) != home:
+            continue  # another database's range: its own pass looks at it
         if any(_alive(meta, lv, (y for y, _x in r.pairs())) for lv in views if tree.below(r.layer, lv.top)):
             continue
         dead.append(r)
@@ -231,17 +249,22 @@ class Collector:
     up to `chunk` keys, from as many layers as that takes; the caller holds the filesystem's
     lock from `next` to its commit, with no checkpoint, and may yield between batches."""
 
-    def __init__(self, meta: Versioned, catalog: Catalog, forks: bool = False, stray: bool = False) -> None:
-        """stray: drop unpublished layers first (a store whose last writer died)."""
+    def __init__(self, meta: Versioned, catalog: Catalog, forks: bool = False, stray: bool = False,
+                 home: str | None = None, own: KV | None = None) -> None:
+        """stray: drop unpublished layers first (a store whose last writer died).  home: the
+        database this pass works on (None: the store's), own: that database alone, where
+        its unpublished layers are looked for (default meta.kv)."""
         self.meta, self.cat = meta, catalog
+        self.home = home
         self.walk = not catalog.walked
-        self._stray = sorted(unpublished(meta.kv, catalog)) if stray else []
+        self._stray = sorted(unpublished(own if own is not None else meta.kv, catalog)) if stray else []
         self.strays = len(self._stray)
-        todo = set(catalog.queued)
+        more: set[int] = set()
         if self.walk:
-            todo |= set(catalog.parents)  # tops are skipped when their turn comes
+            more = set(catalog.parents)  # tops are skipped when their turn comes
         elif forks:
-            todo |= {l for l, kids in catalog.children.items() if len(kids) > 1 and l in catalog.parents}
+            more = {l for l, kids in catalog.children.items() if len(kids) > 1 and l in catalog.parents}
+        todo = set(catalog.queued) | {l for l in more if catalog.member(l) == home}
         self._gone: list[int] = []  # layers forgotten by a committed batch: their queue entries go next
         self._heap = [-l for l in todo]
         heapq.heapify(self._heap)
@@ -269,6 +292,11 @@ class Collector:
                 budget -= self._fork_keys(c, self._fork, budget)
                 continue
             layer = -self._heap[0]
+            if layer in cat.parents and self._elsewhere(layer):
+                heapq.heappop(self._heap)
+                if cat.member(layer) != self.home and layer in cat.queued:
+                    cat.dequeue(layer, c.batch)  # another database's: its own passes (or its home's end)
+                continue  # one of ours with a child elsewhere stays queued, for when that child is gone
             if layer not in cat.parents or layer in tops:
                 heapq.heappop(self._heap)
                 if layer in cat.queued:
@@ -297,6 +325,12 @@ class Collector:
             self.walk = False
             cat.mark_walked(c.batch)
         return c if len(c.batch) or self._heap or self._fork is not None or self._stray or self._gone else None
+
+    def _elsewhere(self, layer: int) -> bool:
+        """Whether layer is not this pass's to touch: in another database, or with a child there."""
+        cat = self.cat
+        return (cat.member(layer) != self.home
+                or any(cat.member(k) != self.home for k in cat.children.get(layer, ())))
 
     def _remove_keys(self, c: Chunk, layer: int, budget: int) -> list[tuple[str, bytes]]:
         """Up to budget of the versioned keys layer wrote, removed in c's batch, with what
@@ -331,7 +365,7 @@ class Collector:
             self.cat.forget_layer(layer, c.batch)
             self._gone.append(layer)
             c.reshaped = True
-            if parent and parent not in self.cat.queued:
+            if parent and parent not in self.cat.queued and self.cat.member(parent) == self.home:
                 self.cat.enqueue(parent, c.batch)
                 heapq.heappush(self._heap, -parent)
             return len(keys) + 1
@@ -458,11 +492,11 @@ class Collector:
 
 
 def collect_now(meta: Versioned, catalog: Catalog, live_tops: set[int], commit, forks: bool = True,
-                stray: bool = True) -> int:
+                stray: bool = True, home: str | None = None, own: KV | None = None) -> int:
     """A whole pass with nothing else running (offline, tests): commit(batch, txn) each
-    batch; the versions removed."""
+    batch; the versions removed.  home, own: as for Collector."""
     removed = 0
-    col = Collector(meta, catalog, forks, stray)
+    col = Collector(meta, catalog, forks, stray, home, own)
     while (c := col.next(live_tops)) is not None:
         commit(c.batch, c.txn)
         removed += c.removed

@@ -1,0 +1,132 @@
+"""A branch's own view over several databases (docs/design-many-processes.md, "Step 6"):
+`Store(path, home=id)` writes its home alone and reads the lineage's other databases below it
+(read-only, one block cache); gc works on its own database's layers only, never merges or drops
+a layer with a child in another database, and deletes a home whose branch is gone whole."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cowfs import homes
+from cowfs.chunks.families import CF_OBJECTS
+from cowfs.kv.base import Batch
+from cowfs.kv.rocks import RocksKV
+from cowfs.meta import gc
+from cowfs.meta.layers import Branch, Snapshot, Usage
+from cowfs.meta.records import Attrs
+from cowfs.meta.versioned import CF_INODES, Versioned, ino_key
+from cowfs.store import FAMILIES, Store, init_store
+from cowfs.storedir import DB_DIR, home_dir
+
+INO = 77
+BASE = Attrs(0o100644, 0, 0, 1, 0, 1, 0, 0, 0).pack()  # sizes tell the versions apart
+FORK = Attrs(0o100644, 0, 0, 1, 0, 2, 0, 0, 0).pack()
+
+
+def _commit(st: Store, batch: Batch) -> None:
+    st.kv.write(batch)
+    st.kv.sync()
+
+
+def _forked(path: str, name: str = "fork", from_snapshot: str | None = None) -> tuple[str, Branch]:
+    """A branch of main whose head lives in a new home, made by the store's process as `cowfs
+    branch --own-daemon` does; main wrote ino INO first.  from_snapshot: the branch is made
+    from a snapshot of that name whose layer (in the store's database, holding ino INO + 1)
+    has the branch's head as its only child.  Returns (home, branch)."""
+    st = Store(path)
+    try:
+        cat = st.catalog
+        main = cat.branches["main"]
+        b = Batch()
+        Versioned.put(b, CF_INODES, ino_key(INO), main.head, BASE)
+        frozen = main.head
+        main.head = cat.new_layer(frozen, b)
+        cat.save_branch(main, b)
+        if from_snapshot:
+            frozen = cat.new_layer(frozen, b)
+            Versioned.put(b, CF_INODES, ino_key(INO + 1), frozen, BASE)
+            cat.save_snapshot(Snapshot(from_snapshot, frozen, cat.new_view(b), "main"), b)
+        _commit(st, b)
+        new = st.new_home()
+        try:
+            b = Batch()
+            head = cat.new_layer(frozen, b, home=new.id)
+            branch = Branch(name, head, cat.new_view(b), parent="main", parent_branch="main", home=new.id)
+            cat.save_branch(branch, b)
+            new.seed(head, Usage(0, 1, 0))
+            _commit(st, b)
+        finally:
+            new.close()
+        return new.id, branch
+    finally:
+        st.close()
+
+
+def test_a_home_view_reads_its_lineage_below_and_writes_its_home_alone(tmp_path):
+    path = str(tmp_path / "store")
+    init_store(path)
+    home, branch = _forked(path)
+    fork = Store(path, home=home)
+    try:
+        assert len(fork.below) == 1 and fork.below[0].block_cache is fork.engine.block_cache  # one budget
+        lv = fork.catalog.layer_view(branch.head)
+        assert fork.meta.get(CF_INODES, ino_key(INO), lv)[1] == BASE
+        assert fork.catalog.usage(branch.head) == Usage(0, 1, 0)  # seeded in the home before publication
+        b = Batch()
+        Versioned.put(b, CF_INODES, ino_key(INO), branch.head, FORK)
+        _commit(fork, b)
+        assert fork.meta.get(CF_INODES, ino_key(INO), lv)[1] == FORK
+        assert dict(fork.members()).keys() == {DB_DIR}  # its pack gc marks the store's db, not itself
+        for _n, kv in fork.members():
+            kv.close()
+        with pytest.raises(Exception, match="in use"):
+            Store(path, home=home)  # one writer per home
+    finally:
+        fork.close()
+    base = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,), read_only=True)
+    try:  # the store's database never saw the fork's write
+        assert [v for _k, v in base.scan(CF_INODES, ino_key(INO), ino_key(INO))] == [BASE]
+    finally:
+        base.close()
+
+
+def test_gc_leaves_a_layer_with_a_child_elsewhere_and_deletes_a_gone_branchs_home(tmp_path):
+    path = str(tmp_path / "store")
+    init_store(path)
+    home, branch = _forked(path, from_snapshot="s")
+    st = Store(path)
+    try:
+        cat = st.catalog
+        s_layer = cat.snapshots["s"].layer
+        b = Batch()
+        cat.remove("s", b)  # its only child is the fork's head, in the home
+        _commit(st, b)
+        gc.collect_now(st.meta, cat, {cat.branches["main"].head}, st.commit)
+        # neither merged into the home (a write into another process's database) nor dropped
+        assert s_layer in cat.parents and s_layer in cat.queued
+        assert [v for _k, v in st.kv.scan(CF_INODES, ino_key(INO + 1), ino_key(INO + 1))] == [BASE]
+        fork = Store(path, home=home)
+        try:  # the home's pass never touches the store's layers
+            fcat = fork.catalog
+            gc.collect_now(fork.meta, fcat, {branch.head}, fork.commit, home=home, own=fork.home_kv)
+            assert s_layer in fcat.parents
+        finally:
+            fork.close()
+        st.catalog.reload()
+        cat = st.catalog
+        assert st.drop_dead_homes() == []  # its branch still writes it
+        b = Batch()
+        cat.remove("fork", b)
+        _commit(st, b)
+        assert st.drop_dead_homes() == [home]
+        assert not os.path.exists(home_dir(path, home)) and branch.head not in cat.parents
+        assert st.liveness.members() == {}
+        gc.collect_now(st.meta, cat, {cat.branches["main"].head}, st.commit)
+        assert s_layer not in cat.parents  # its last child gone: dead
+        assert list(st.kv.scan(CF_INODES, ino_key(INO + 1), ino_key(INO + 1))) == []
+        lv = cat.layer_view(cat.branches["main"].head)
+        assert st.meta.get(CF_INODES, ino_key(INO), lv)[1] == BASE
+    finally:
+        st.close()
+    assert homes.listed(path) == []
