@@ -386,7 +386,12 @@ class Fsck:
                     expected[h] += 1
                     users[h].append(f"shared copies of layer {r.layer}")
         # Walk nodes from the roots: each node object contributes its children once, each
-        # delta object one pin on its base.
+        # delta object one pin on its base.  Counts are the home database's, of its own
+        # layers' records (a fork's home: docs/design-many-processes.md, "Step 6"): an object
+        # the home does not store is foreign, found through the lineage's lower members (the
+        # view), counted at home and not walked (its own database counts what is below it).
+        home, split = self.store.objects.home, self.store.objects.split
+        foreign: set[bytes] = set()
         kinds: dict[bytes, int] = {}
         pins: Counter[bytes] = Counter()
         roots = Counter(expected)
@@ -398,8 +403,10 @@ class Fsck:
             if h in seen:
                 continue
             seen.add(h)
-            raw = self.store.kv.get(CF_OBJECTS, h)
+            raw = home.get(CF_OBJECTS, h)
             if raw is None:
+                if split and self.store.kv.get(CF_OBJECTS, h) is not None:
+                    foreign.add(h)
                 continue
             kinds[h] = raw[0]
             if raw[0] == codec.KIND_REMOTE:  # a lazy mount's chunk not fetched yet: not missing
@@ -429,21 +436,23 @@ class Fsck:
                 pending.append(base)
             self.progress("objects", 1)
         stored: dict[bytes, Ref] = {}
-        for h, v in self.store.kv.scan(CF_REFS, b""):
+        for h, v in home.scan(CF_REFS, b""):
             stored[h] = parse_ref(v)
         for base in pins:
             if kinds.get(base) not in (*codec.WHOLE, None):
                 damaged.add(base)
                 self.report.problem(f"object {base.hex()} is a delta base but not a whole chunk")
-        present = {h for h, _ in self.store.kv.scan(CF_OBJECTS, b"")} if not self.verify_data else set()
+        if split:
+            self.report.counts["foreign_objects"] = len(foreign)
+        present = {h for h, _ in home.scan(CF_OBJECTS, b"")} if not self.verify_data else set()
         if self.verify_data:
             def load_base(b: bytes) -> bytes:
-                raw = self.store.kv.get(CF_OBJECTS, b)
+                raw = home.get(CF_OBJECTS, b)
                 if raw is None or raw[0] == codec.KIND_DELTA:
                     raise codec.CorruptObject(f"delta base {b.hex()} is missing or not whole")
                 return codec.decode_chunk(self.store.objects.resolve(raw), b)
 
-            for h, raw in self.store.kv.scan(CF_OBJECTS, b""):
+            for h, raw in home.scan(CF_OBJECTS, b""):
                 present.add(h)
                 try:
                     if raw[0] == codec.KIND_NODE:
@@ -459,7 +468,7 @@ class Fsck:
                     self.report.problem(f"object {h.hex()} is damaged ({exc})")
                 self.report.counts["objects"] += 1
                 self.progress("verify", 1)
-        for h in damaged | {h for h in expected if h not in present}:
+        for h in damaged | {h for h in expected if h not in present and h not in foreign}:
             files = ", ".join(sorted(set(users.get(h, [])))[:10]) or "no file"
             if h not in present:
                 self.report.problem(f"object {h.hex()} is referenced but missing; used by {files}")
@@ -646,8 +655,8 @@ class Fsck:
 
     def check_space(self) -> None:
         """Stored figures against a recount (after repairs, which change them)."""
-        counted = scan_space(self.store.kv)
-        raw = self.store.kv.get(CF_SPACE, SPACE_KEY)
+        counted = scan_space(self.store.objects.home)
+        raw = self.store.objects.home.get(CF_SPACE, SPACE_KEY)
         stored = Space.unpack(raw) if raw is not None else None
         if counted.logical_bytes != self.logical and not self.repair:
             self.report.problem(f"logical bytes by reference records {counted.logical_bytes} differ from "

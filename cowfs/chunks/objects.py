@@ -14,7 +14,7 @@ from cowfs.cache import ChunkCache
 from cowfs.chunks import codec
 from cowfs.chunks.families import CF_OBJECTS, CF_REFS, CF_SPACE, SPACE_KEY
 from cowfs.chunks.packs import MissingPack, Packs, merge_extents
-from cowfs.chunks.refs import MissingObject, Ref, RefApply, RefTxn, parse_ref
+from cowfs.chunks.refs import MissingObject, Ref, RefApply, RefTxn, parse_ref, tree_sizes
 from cowfs.chunks.space import Space
 from cowfs.kv.base import KV, Batch
 
@@ -44,13 +44,23 @@ def _raw_extent(raw: bytes | None) -> tuple[int, int, int] | None:
 
 
 class ObjectStore:
-    """Reads objects through the chunk cache (L1 decoded, L2 lz4 pages); writes via RefTxn."""
+    """Reads objects through the chunk cache (L1 decoded, L2 lz4 pages); writes via RefTxn.
 
-    def __init__(self, kv: KV, cache: ChunkCache, packs: Packs) -> None:
+    Two KVs (docs/design-many-processes.md, "Step 6"): `kv`, the view that loads read
+    through (a fork's home and its frozen ancestors' databases, an `OverlayKV`), and `home`,
+    the one database whose objects, counts, queue and accounting this store keeps and
+    writes (`stored`, `ref`, `exists` and every count read of `apply`).  A store of one
+    database passes only `kv` (home is kv).  A hash with no object record at home that a
+    commit does not create is *foreign*: the home counts it like any other, without
+    expanding what is below it (chunks.refs.RefApply)."""
+
+    def __init__(self, kv: KV, cache: ChunkCache, packs: Packs, home: KV | None = None) -> None:
         self.kv = kv
+        self.home = kv if home is None else home
+        self.split = self.home is not kv  # a fork's home: foreign hashes may be counted
         self.cache = cache
         self.packs = packs
-        raw = kv.get(CF_SPACE, SPACE_KEY)
+        raw = self.home.get(CF_SPACE, SPACE_KEY)
         # None: a store from before the accounting (the caller runs chunks.upgrade.rebuild).
         self.space: Space | None = Space.unpack(raw) if raw is not None else None
         self._staged: Space | None = None
@@ -131,8 +141,10 @@ class ObjectStore:
         return raw if raw is not None and raw[0] == codec.KIND_REMOTE else None
 
     def stored(self, h: bytes) -> bytes | None:
-        """Object h's encoding (pointers resolved), or None."""
-        raw = self.kv.get(CF_OBJECTS, h)
+        """Object h's encoding (pointers resolved) if the home stores it, else None: dedup's
+        "do we have h" never answers with a chunk of another database, which may be freed
+        (docs/design-many-processes.md, "Dedup, exact, and who does it")."""
+        raw = self.home.get(CF_OBJECTS, h)
         return None if raw is None else self.resolve(raw)
 
     def load(self, h: bytes, raw: bytes | None = None, fetch: bool = True) -> bytes:
@@ -257,10 +269,23 @@ class ObjectStore:
         return data
 
     def ref(self, h: bytes) -> Ref:
-        return parse_ref(self.kv.get(CF_REFS, h))
+        return parse_ref(self.home.get(CF_REFS, h))
 
     def exists(self, h: bytes) -> bool:
-        return self.kv.get(CF_REFS, h) is not None
+        return self.home.get(CF_REFS, h) is not None
+
+    def foreign_size(self, h: bytes) -> int:
+        """Content bytes under foreign object h (no record at home; see the class), summed
+        from the objects through the view, remembered; MissingObject if the view has no h
+        either, or if the home has its record (then it is no foreign object but one the
+        home lost count of)."""
+        n = self._sizes.get(h)
+        if n is None:
+            if self.home.get(CF_OBJECTS, h) is not None or self.kv.get(CF_OBJECTS, h) is None:
+                raise MissingObject(f"reference to unknown object {h.hex()}")
+            n = tree_sizes(self.kv, [h])[h]
+            self.remember_size(h, n)
+        return n
 
     # -- commits -------------------------------------------------------------------------
     def apply(self, txn: RefTxn, batch: Batch) -> tuple[int, int]:
@@ -304,7 +329,13 @@ class ObjectStore:
                 return n
         n = self._sizes.get(h)
         if n is None:
-            n = max(self.ref(h).size, 0)
+            r = self.ref(h)
+            if self.split and not r.count:  # a file of an ancestor layer the home does not count
+                try:
+                    return self.foreign_size(h)
+                except MissingObject:
+                    return 0  # as for an unknown object in a store of one database
+            n = max(r.size, 0)
             self.remember_size(h, n)
         return n
 

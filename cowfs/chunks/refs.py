@@ -12,6 +12,11 @@ node slots) and *pins* from delta objects on their base.  Both keep an object al
 the first counts as logical data.  The same batches keep the space accounting (`Space`),
 the background queue (`pending`: chunks not yet looked at for delta encoding) and its
 length up to date, so the figures are exact without walking the store.
+
+Counts, objects and the queue are read from the object store's `home`, content sizes and
+bodies through its view (`kv`).  A fork's home may count *foreign* objects, stored by an
+ancestor's database (docs/design-many-processes.md, "Step 6"): nothing below one is expanded
+when it is first counted or freed, only its home refs record changes (ObjectStore).
 """
 from __future__ import annotations
 
@@ -83,7 +88,8 @@ def scan_space(kv: KV) -> Space:
 
 
 def tree_sizes(kv: KV, hashes: list[bytes]) -> dict[bytes, int]:
-    """Content bytes under each object, from the objects themselves (memoized walk)."""
+    """Content bytes under each object, from the objects themselves (memoized walk), read
+    through kv (a fork's view, for its foreign objects)."""
     sizes: dict[bytes, int] = {}
 
     def size(h: bytes) -> int:
@@ -155,7 +161,8 @@ class RefApply:
     def __init__(self, objects: "ObjectStore", txn: RefTxn, batch: Batch) -> None:
         assert objects.space is not None
         self.objects = objects
-        self.kv = objects.kv
+        self.home = objects.home  # counts, objects and queue read here; the batch writes here
+        self.view = objects.kv  # object bodies read through (a pair's stored node may be foreign)
         self.txn = txn
         self.batch = batch
         self.space = objects.space.copy()
@@ -244,9 +251,13 @@ class RefApply:
             size = created.get(h)
             if size is None:
                 r = self.current(h)
-                if not r.count:
+                if r.count:
+                    count, pins, nroots, size = r
+                elif self.objects.split:
+                    count = pins = nroots = 0
+                    size = self.objects.foreign_size(h)
+                else:
                     raise MissingObject(f"reference to unknown object {h.hex()}")
-                count, pins, nroots, size = r
             else:
                 count = pins = nroots = 0
             dr = roots.get(h, 0)
@@ -269,14 +280,18 @@ class RefApply:
         r = self.refs.get(h)
         if r is None:
             r = self.refs[h] = Ref(0) if h in self.txn.absent else self.objects.ref(h)
-            self.objects.remember_size(h, r.size)
+            if r.count:  # no record: a new object (its size comes with it) or a foreign one
+                self.objects.remember_size(h, r.size)
         return r
 
     def size_of(self, h: bytes) -> int:
         n = self.created.get(h)
         if n is None:
             n = self.objects.known_size(h)
-            return self.current(h).size if n is None else n
+            if n is not None:
+                return n
+            r = self.current(h)
+            return self.objects.foreign_size(h) if self.objects.split and not r.count else r.size
         if n < 0:
             pair = self.made_from.get(h)
             if pair is None:
@@ -319,7 +334,7 @@ class RefApply:
         if body is None:
             body = self.objects.cache.node(y)
             if body is None:
-                raw = self.kv.get(CF_OBJECTS, y)
+                raw = self.view.get(CF_OBJECTS, y)
                 if raw is None or raw[0] != codec.KIND_NODE:
                     return None
                 body = raw[1:]
@@ -338,7 +353,7 @@ class RefApply:
 
     def _recodes(self) -> None:
         for h, value in self.txn.recode.items():
-            old = self.kv.get(CF_OBJECTS, h)
+            old = self.home.get(CF_OBJECTS, h)
             if old is None or self.current(h).count == 0:
                 raise MissingObject(f"re-encoding unknown object {h.hex()}")
             self.batch.put(CF_OBJECTS, h, value)
@@ -350,7 +365,7 @@ class RefApply:
 
     def _dequeue(self) -> None:
         for h in self.txn.done:
-            if self.kv.get(CF_PENDING, h) is not None:
+            if self.home.get(CF_PENDING, h) is not None:
                 self.batch.delete(CF_PENDING, h)
                 self.space.queue -= 1
                 self.dequeued.add(h)
@@ -411,7 +426,9 @@ class RefApply:
     def _free(self, h: bytes, todo: list[bytes]) -> None:
         """Drop object h (its count reached zero) and queue what it referenced."""
         txn, space = self.txn, self.space
-        raw = txn.recode.get(h) or (txn.new[h][0] if h in self.created else self.kv.get(CF_OBJECTS, h))
+        raw = txn.recode.get(h) or (txn.new[h][0] if h in self.created else self.home.get(CF_OBJECTS, h))
+        if raw is None and self.objects.split:
+            return  # foreign: its count is the home's whole part in it (a pending group of a pair stays)
         if raw is not None:
             space.add_object(raw, -1)
             if raw[0] == codec.KIND_NODE:
@@ -428,7 +445,7 @@ class RefApply:
                     self.bump(base, -1, PIN)
                     todo.append(base)
                 if h in self.created or (space.queue > 0 and h not in self.dequeued
-                                         and self.kv.get(CF_PENDING, h) is not None):
+                                         and self.home.get(CF_PENDING, h) is not None):
                     self.batch.delete(CF_PENDING, h)
                     space.queue -= 1
         # A packed chunk's bytes stay in their pack, dead, until garbage collection
@@ -451,10 +468,12 @@ class RefApply:
             if not (dc or dp or dr) and h not in created:
                 continue
             r = Ref(0, 0, 0, created[h]) if h in created else self.current(h)
+            if not r.count and dc > 0 and self.objects.split and h not in created:
+                r = Ref(0, 0, 0, self.objects.foreign_size(h))  # first counted at home: foreign
             new = Ref(r.count + dc, r.pins + dp, r.roots + dr, r.size)
             if new.count < 0 or new.pins < 0 or new.roots < 0:
                 raise codec.CorruptObject(f"reference count of {h.hex()} would drop below zero")
-            if new.count and not r.count and h not in created:
+            if new.count and not r.count and h not in created and not self.objects.split:
                 raise MissingObject(f"reference to unknown object {h.hex()}")
             self.space.logical_bytes += dr * r.size
             if dr and new.count:
