@@ -292,3 +292,51 @@ def test_fsck_of_a_home_reports_a_count_nothing_below_resolves(lineage):
     fork.home.write(b)
     problems = fork.fsck().report.problems
     assert any(lost.hash.hex() in p and "missing" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_batches_of_a_fork_keep_its_counts_exact(lineage, seed):
+    """Batches of 1-3 random operations on the fork's records (a new version of a base file, a
+    reflink of any file, a partial rewrite, a delete), pairs on or off per batch: after each,
+    the home's counts, sizes and accounting are exact and every file reads as the model says."""
+    below, _base, base_files, fork, written = lineage
+    rnd = random.Random(seed)
+    files: dict[int, Root] = {}  # the fork's records: inode -> root
+    model: dict[int, dict[int, bytes]] = {}  # inode -> index -> content
+    sizes: dict[int, int] = {}
+    nxt = 100
+    for step in range(40):
+        txn, records = RefTxn(), {}
+        for _ in range(rnd.choice((1, 1, 2, 3))):
+            kind = rnd.random()
+            if not files or kind < 0.25:  # a new version of a base file, or a reflink of one
+                src = rnd.choice(list(base_files))
+                ino = src if src not in files and rnd.random() < 0.5 else nxt
+                nxt += 1
+                root = base_files[src]
+                model[ino], sizes[ino] = content(fork.objects, root), SIZES[src]
+            elif kind < 0.4:  # a reflink of a fork file
+                src = rnd.choice(list(files))
+                ino, root = nxt, files[src]
+                nxt += 1
+                model[ino], sizes[ino] = dict(model[src]), sizes[src]
+            elif kind < 0.8:  # a partial rewrite: new chunks, or chunks the base has
+                ino = rnd.choice(list(files))
+                changes = {rnd.randrange(sizes[ino]): rnd.choice((rnd.randrange(400), 2000 + step))
+                           for _ in range(rnd.choice((1, 2, 5)))}
+                root = write_file(fork, txn, files[ino], sizes[ino], changes, rnd.random() < 0.7)
+                model[ino] = {**model[ino], **{i: data(k) for i, k in changes.items()}}
+            else:
+                ino = rnd.choice(list(files))
+                txn.decref(files.pop(ino).hash)
+                records[ino] = None
+                continue
+            if ino in files:
+                txn.decref(files[ino].hash)  # the fork's own version of it is replaced
+            txn.incref(root.hash)
+            files[ino] = records[ino] = root
+        fork.commit(txn, records)
+        check(fork)
+        for ino, root in files.items():
+            assert content(fork.objects, root) == model[ino], (step, ino)
+    assert everything(below) == written
