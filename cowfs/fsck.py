@@ -94,8 +94,9 @@ Progress = Callable[[str, int], None]
 
 
 def _versions(store: Store, cf: str) -> Iterator[tuple[bytes, int, bytes]]:
-    """(base key, layer, value) of every stored version in a versioned family."""
-    for key, value in store.kv.scan(cf, b""):
+    """(base key, layer, value) of every version stored in a versioned family of the store's
+    own database (a fork's home: not those of the lineage's databases below it)."""
+    for key, value in store.objects.home.scan(cf, b""):
         yield key[:-8], suffix_layer(key[-8:]), value
 
 
@@ -365,7 +366,7 @@ class Fsck:
                     self.batch.expects(CF_CATALOG, key, raw)
                     self.batch.put(CF_CATALOG, key, (used + 1).to_bytes(8, "big"))
                     self.report.repaired.append(f"counter/{name.decode()} raised to {used + 1}")
-        self.report.counts["unpublished_layers"] = len(unpublished(self.store.kv, cat))
+        self.report.counts["unpublished_layers"] = len(unpublished(self.store.objects.home, cat))
 
     def check_references(self) -> None:
         expected: Counter[bytes] = Counter()
@@ -381,7 +382,7 @@ class Fsck:
                     users[a.root.hash].append(f"inode {int.from_bytes(base, 'big')} (layer {layer})")
         meta = self.store.meta
         for r in meta.shared.ranges.values():
-            if r.layer in self.cat.parents:
+            if r.layer in self.cat.parents and self.cat.member(r.layer) == self.store.home:  # its own
                 for h in meta.range_roots(r):
                     expected[h] += 1
                     users[h].append(f"shared copies of layer {r.layer}")
@@ -545,7 +546,7 @@ class Fsck:
             self.report.unrepairable.append(str(exc))
             return
         try:
-            live = mark([self.store.kv])
+            live = mark([self.store.objects.home])
             for name, kv in members:
                 for h, raw in kv.scan(CF_OBJECTS, b""):
                     ext = codec.packed_extent(raw)
@@ -591,7 +592,7 @@ class Fsck:
 
     # -- 5. changelog ----------------------------------------------------------------------
     def check_changelog(self) -> None:
-        logged = {k for k, _ in self.store.kv.scan(CF_CHANGES, b"")}
+        logged = {k for k, _ in self.store.objects.home.scan(CF_CHANGES, b"")}
         for cf in (CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS):
             for base, layer, _value in _versions(self.store, cf):
                 key = layer.to_bytes(8, "big") + TAGS[cf] + base

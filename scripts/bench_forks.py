@@ -19,11 +19,16 @@ Measures (goals from the issue):
   same_data    8 forks each writing the same 256 MiB of random data at once (dd conv=fsync), then
                `cowfs dedup --wait` and `cowfs gc`: store growth / 256 MiB (goal <= 1.05)
 
+--own-daemon: every fork is made with `cowfs branch BASE fN --own-daemon` (a home database of its
+own, docs/design-many-processes.md "Step 6"), so its mount is served by a daemon of its own beside
+the store's; the JSON's `own_daemon` says which kind a run measured.
+
 Usage (root, from the repository; stores under /var/tmp/cowfs-bench-forks, removed afterwards):
   .venv/bin/python scripts/bench_forks.py                 # everything, 3 rounds (8 forks: 1 round)
   .venv/bin/python scripts/bench_forks.py --json          # the same, one JSON object as the last line
   .venv/bin/python scripts/bench_forks.py --quick         # 2,000 Django entries, 32 MiB, 1 round
   .venv/bin/python scripts/bench_forks.py --only untar,branch
+  .venv/bin/python scripts/bench_forks.py --own-daemon --only untar,branch,idle
 """
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ GIT_ENV = dict(os.environ, GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL=os.devnull
                GIT_COMMITTER_EMAIL="bench@example.invalid", GIT_CONFIG_COUNT="1",
                GIT_CONFIG_KEY_0="safe.directory", GIT_CONFIG_VALUE_0="*")  # tar as root keeps the tar's owners
 GIT_CMD = "git init -q -b main && git -c gc.auto=0 add -A && git -c gc.auto=0 commit -q -m base"
+OWN_DAEMON: list[str] = []  # ["--own-daemon"]: forks get daemons of their own (main's --own-daemon)
 
 
 def cowfs(*args: str, timeout: float = 600) -> str:
@@ -90,7 +96,7 @@ class Forks:
     def add_fork(self, name: str) -> str:
         mnt = os.path.join(self.dir, f"{name}-mnt")
         os.mkdir(mnt)
-        cowfs("branch", self.base, name)
+        cowfs("branch", self.base, name, *OWN_DAEMON)
         cowfs("mount", self.stores[0], mnt, "--branch", name)
         self.mounts.append(mnt)
         return mnt
@@ -185,7 +191,7 @@ def measure_branch(rounds: int) -> dict:
             mnt = os.path.join(f.dir, f"b{k}-mnt")
             os.mkdir(mnt)
             t0 = time.perf_counter()
-            daemon_ms.append(json.loads(cowfs("branch", f.base, f"b{k}", "--json"))["daemon_ms"])
+            daemon_ms.append(json.loads(cowfs("branch", f.base, f"b{k}", "--json", *OWN_DAEMON))["daemon_ms"])
             cowfs("mount", f.stores[0], mnt, "--branch", f"b{k}")
             e2e.append(time.perf_counter() - t0)
             f.mounts.append(mnt)
@@ -285,7 +291,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--many", type=int, default=8, help="forks of the 'many forks' runs (default 8)")
     ap.add_argument("--only", default=",".join(SECTIONS), help="some of " + ",".join(SECTIONS))
+    ap.add_argument("--own-daemon", action="store_true", help="forks made with `cowfs branch --own-daemon`: "
+                                                                 "each served by a daemon of its own")
     args = ap.parse_args()
+    if args.own_daemon:
+        OWN_DAEMON.append("--own-daemon")
     if os.geteuid() != 0:
         sys.exit("bench_forks.py: run as root (mounts of other branches of a served store are bind mounts today)")
     # A kill (or ^C of a run started in the background, where SIGINT is ignored) still unmounts
@@ -297,7 +307,7 @@ def main() -> None:
         sys.exit(f"bench_forks.py: --only takes {','.join(SECTIONS)} (got {args.only}); --many at least 2")
     rounds = 1 if args.quick else args.rounds
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "load_start": os.getloadavg(),
-            "machine": bl.machine_info(), "command": " ".join(sys.argv),
+            "machine": bl.machine_info(), "command": " ".join(sys.argv), "own_daemon": args.own_daemon,
             "cowfs": bl.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=bl.REPO).stdout.strip()}
     r: dict = {}
     t0 = time.time()

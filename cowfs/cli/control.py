@@ -101,13 +101,16 @@ def snapshot(mount: str, name: str, as_json: bool, timeout: float) -> None:
 @click.argument("name")
 @click.option("--from", "source", help="Snapshot (or the mounted branch) to start from.",
               shell_complete=complete_names)
+@click.option("--own-daemon", is_flag=True,
+              help="Give the branch a home database of its own: `cowfs mount STORE MNT --branch NAME` then "
+                   "serves it by a daemon of its own, beside the store's.")
 @ctl_opts
-def branch(mount: str, name: str, source: str | None, as_json: bool, timeout: float) -> None:
+def branch(mount: str, name: str, source: str | None, own_daemon: bool, as_json: bool, timeout: float) -> None:
     """Create a writable branch NAME from the mounted branch's current state (or --from)."""
     mount = _mount(mount)
     if source is None:
         admin.syncfs(mount, timeout)
-    words = ["branch", name] + ([source] if source else [])
+    words = ["branch-home" if own_daemon else "branch", name] + ([source] if source else [])
     reply = _ctl(mount, timeout, *words)
     admin.hint_foreign(mount, reply, [source] if source else [])
     _show(reply, as_json, f"branch {name} created")

@@ -21,7 +21,7 @@ from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
 from cowfs.meta.layers import Branch, Snapshot, Usage
 from cowfs.meta.serving import BranchServed
-from cowfs.store import ROOT_INO
+from cowfs.store import ROOT_INO, NewHome
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +104,38 @@ class Branching:
         return {"snapshot": name, "branch": b.name, "layer": layer,
                 "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
-    async def branch(self, view: View, name: str, source: str | None, who: Caller) -> dict[str, Any]:
-        """From the mounted branch's current state or from a snapshot it owns."""
+    async def branch(self, view: View, name: str, source: str | None, who: Caller,
+                     own_daemon: bool = False) -> dict[str, Any]:
+        """From the mounted branch's current state or from a snapshot it owns.  own_daemon:
+        the branch gets a home database of its own (docs/design-many-processes.md, "Step 6"),
+        made and durable before the catalog names it; this daemon's database, where its branch
+        point is, is flushed before the reply, so that the new daemon's read-only open of it
+        replays almost no WAL."""
         self._require_owner(view, who)
+        store = self.fs.store
+        if own_daemon and store.objects.fetcher is not None:
+            raise FSError(errno.EINVAL, "a lazy mount's store serves all its branches from its own daemon: "
+                                        "--own-daemon is not available there")
         current = source is None or source == view.name
         if current:
             await self.fs.sync_kernel()
         t0 = time.perf_counter()
+        if not own_daemon:
+            return await self._branch_in(view, name, source, current, t0, None)
+        self.owners.name_free(view.name, name)  # refused before a home is made for it
+        home = await store.in_thread(store.new_home)
+        try:
+            reply = await self._branch_in(view, name, source, current, t0, home)
+        finally:
+            await store.in_thread(home.close, python=False)
+        t1 = time.perf_counter()
+        await store.in_thread(store.engine.flush, python=False)
+        return {**reply, "home": home.id, "flush_ms": round((time.perf_counter() - t1) * 1000, 3)}
+
+    async def _branch_in(self, view: View, name: str, source: str | None, current: bool, t0: float,
+                         home: NewHome | None) -> dict[str, Any]:
+        """branch's mutation: the new branch's head in this database, or in home (its first
+        records written there, durable, before the publication)."""
         async with self.fs.mutate(view, fenced_ok=True) as m:  # the new branch is written, not this one
             self.owners.name_free(view.name, name)
             src_branch = self._branch(view)
@@ -134,12 +159,15 @@ class Branching:
                 self.cat.keep(source, m.batch)  # published only while the snapshot stands
                 usage = self._usage(found.layer)
                 src_branch, parent_branch = owner, owner.name
-            head = self.cat.new_layer(parent_layer, m.batch)
+            head = self.cat.new_layer(parent_layer, m.batch, home=None if home is None else home.id)
             self.cat.save_branch(Branch(name, head, self.cat.new_view(m.batch), parent=parent_name,
                                         parent_branch=parent_branch, quota_bytes=src_branch.quota_bytes,
-                                        quota_inodes=src_branch.quota_inodes),
+                                        quota_inodes=src_branch.quota_inodes, home=None if home is None else home.id),
                                  m.batch)
-            self.cat.save_usage(head, usage, m.batch)
+            if home is None:
+                self.cat.save_usage(head, usage, m.batch)
+            else:  # the layer's records live in its home: written and synced there, before the publication
+                home.seed(head, usage)
         return {"branch": name, "from": parent_name, "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     async def rollback(self, view: View, name: str, who: Caller) -> tuple[dict[str, Any], list[bytes]]:

@@ -61,8 +61,8 @@ class Control:
         br = self.br
         if verb == "snapshot":
             return await br.snapshot(view, args[0], who)
-        if verb == "branch":
-            return await br.branch(view, args[0], args[1] if len(args) > 1 else None, who)
+        if verb in ("branch", "branch-home"):
+            return await br.branch(view, args[0], args[1] if len(args) > 1 else None, who, verb == "branch-home")
         if verb == "rollback":
             result, old_names = await br.rollback(view, args[0], who)
             await self.on_rollback(view, old_names)

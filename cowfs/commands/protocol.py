@@ -32,6 +32,8 @@ COMMANDS: dict[str, Command] = {
     "snapshot": Command("snapshot NAME", 1, 1, "take the read-only snapshot NAME of this branch (O(1))"),
     "branch": Command("branch NAME [FROM]", 1, 2, "make the writable branch NAME from this branch's current "
                       "state, or from its snapshot FROM"),
+    "branch-home": Command("branch-home NAME [FROM]", 1, 2, "make the writable branch NAME as `branch` does, with "
+                           "a home database of its own: mounted, it is served by a daemon of its own"),
     "rollback": Command("rollback SNAPSHOT", 1, 1, "return this branch exactly to snapshot SNAPSHOT"),
     "clone": Command("clone SRC DST", 2, 2, "copy SRC (a file or a whole tree) to DST in O(1), sharing data; paths are "
                      "relative to the mount root, and SRC may be inside .cowfs/snapshots/NAME/"),

@@ -1,0 +1,232 @@
+"""Branches with daemons of their own, on real mounts (docs/design-many-processes.md, "Step 6"):
+`cowfs branch MNT NEW --own-daemon` gives NEW a home database (STORE/homes/<id>/), and
+`cowfs mount STORE MP --branch NEW` serves it by a daemon of its own beside the store's.
+Two daemons of one store write at once, each sees only its own writes and both read the
+shared base; a daemon killed -9 while both write leaves the other serving, and a remount
+takes its branch over; a snapshot in a branch's own daemon is the branch point of a third;
+gc deletes the home of a deleted branch; fsck is clean after each, with every byte compared.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import mounting
+from cowfs import homes
+from cowfs.fsck import Fsck
+from cowfs.store import Store
+from mounting import ok, read, run_cowfs, wait_until, write
+
+BASE = {f"base/f{i}.bin": os.urandom(200_000 + i * 7_001) for i in range(6)}
+BASE["base/small.txt"] = b"the base\n"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every regular file under root, by its path relative to root (the control dir skipped)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != ".cowfs"]
+        for f in files:
+            p = Path(dirpath) / f
+            out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+def _with_base(mount_factory):
+    """The store's daemon with the base tree written and synced."""
+    m = mount_factory()
+    for rel, data in BASE.items():
+        (m.path / rel).parent.mkdir(exist_ok=True)
+        write(m.path / rel, data, sync=True)
+    return m
+
+
+def _own_branch(m, name: str, source: str | None = None) -> dict:
+    args = ["branch", str(m.path), name, "--own-daemon", "--json"] + (["--from", source] if source else [])
+    reply = json.loads(run_cowfs(*args).stdout)
+    assert reply["ok"] and reply["home"], reply
+    assert (Path(m.store) / "homes" / reply["home"] / "db").is_dir()
+    return reply
+
+
+def _fsck(store) -> None:
+    """fsck of the unmounted store (its own database, the catalog, the homes' existence) and
+    of each home's database over its lineage (its counts against its own records, foreign
+    references resolved through the members below), every byte read."""
+    mounting.fsck(store)
+    for home in homes.listed(str(store)):
+        st = Store(str(store), home=home)
+        try:
+            report = Fsck(st).run()
+        finally:
+            st.close()
+        assert report.clean, "\n".join([home] + report.problems[:30])
+
+
+def _writer(root: Path, prefix: str, count: int, errors: list, stop: threading.Event | None = None) -> list[str]:
+    """Write count files (random bytes, each fsynced) named prefix-N under root; what was written."""
+    done = []
+    try:
+        for i in range(count):
+            if stop is not None and stop.is_set():
+                break
+            rel = f"{prefix}-{i}.bin"
+            write(root / rel, os.urandom(50_000 + 997 * i), sync=True)
+            done.append(rel)
+    except OSError as e:
+        errors.append(f"{prefix}: {e}")
+    return done
+
+
+def _run_writers(*jobs) -> list[str]:
+    errors: list[str] = []
+    threads = [threading.Thread(target=_writer, args=(*job, errors)) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return errors
+
+
+def test_two_daemons_of_one_store_write_at_once_isolated_and_both_read_the_base(mount_factory, tmp_path):
+    m = _with_base(mount_factory)
+    reply = _own_branch(m, "feat")
+    f = mount_factory(store=m.store, init=False, branch="feat", name="feat")
+    assert f.pid != m.pid and mounting.pid_alive(m.pid)
+    home = Path(m.store) / "homes" / reply["home"]
+    assert int((home / "daemon.pid").read_text()) == f.pid and (home / "daemon.log").exists()
+
+    # both read the shared base, as written
+    for rel, data in BASE.items():
+        assert read(f.path / rel) == data and read(m.path / rel) == data
+
+    assert _run_writers((m.path, "main", 20), (f.path, "feat", 20)) == []
+    # the fork changes base files: appends, rewrites, deletes, renames; main keeps them
+    with open(f.path / "base/f0.bin", "ab") as fh:
+        fh.write(b"appended in feat")
+    write(f.path / "base/f1.bin", b"rewritten in feat", sync=True)
+    os.unlink(f.path / "base/f2.bin")
+    os.rename(f.path / "base/f3.bin", f.path / "base/moved.bin")
+    os.chmod(f.path / "base/f4.bin", 0o600)
+
+    main_tree, feat_tree = _tree(m.path), _tree(f.path)
+    assert not any(k.startswith("feat-") for k in main_tree) and not any(k.startswith("main-") for k in feat_tree)
+    assert len([k for k in main_tree if k.startswith("main-")]) == 20
+    assert len([k for k in feat_tree if k.startswith("feat-")]) == 20
+    assert {k: v for k, v in main_tree.items() if k.startswith("base/")} == BASE
+    assert feat_tree["base/f0.bin"] == BASE["base/f0.bin"] + b"appended in feat"
+    assert feat_tree["base/f1.bin"] == b"rewritten in feat" and "base/f2.bin" not in feat_tree
+    assert feat_tree["base/moved.bin"] == BASE["base/f3.bin"] and feat_tree["base/f5.bin"] == BASE["base/f5.bin"]
+
+    # cowfs status: one entry per daemon, the fork's with its home; stats through the fork's own socket
+    recs = json.loads(run_cowfs("status", str(m.store), "--json").stdout)["stores"]
+    by_pid = {r["daemon_pid"]: r for r in recs}
+    assert set(by_pid) == {m.pid, f.pid}, recs
+    assert by_pid[f.pid]["home"] == reply["home"] and by_pid[m.pid]["home"] is None
+    assert [s["branch"] for s in by_pid[f.pid]["serving"]] == ["feat"]
+    st = mounting.stats(f.path)
+    assert st["daemon_pid"] == f.pid and st["branch"] == "feat" and st["home"] == reply["home"]
+
+    # a second mount of the branch is refused, naming its daemon
+    (tmp_path / "again").mkdir()
+    r = run_cowfs("mount", m.store, tmp_path / "again", "--branch", "feat", check=False)
+    assert r.returncode == 1 and "already served" in r.stderr.decode() and str(f.pid) in r.stderr.decode(), r
+
+    f.stop()
+    m.stop()
+    _fsck(m.store)
+    f.start()
+    m.start()
+    assert _tree(m.path) == main_tree and _tree(f.path) == feat_tree
+
+
+def test_kill9_of_a_branch_daemon_while_both_write(mount_factory):
+    m = _with_base(mount_factory)
+    _own_branch(m, "feat")
+    f = mount_factory(store=m.store, init=False, branch="feat", name="feat")
+    stop = threading.Event()
+    errors: list[str] = []
+    done: dict[str, list[str]] = {}
+    threads = [threading.Thread(target=lambda p=p, root=root: done.setdefault(p, _writer(root, p, 400, errors, stop)))
+               for p, root in (("main", m.path), ("feat", f.path))]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(list(f.path.glob("feat-*"))) >= 5, "the fork's writer to get going", timeout=60)
+    f.proc.send_signal(signal.SIGKILL)
+    f.proc.wait(30)
+    wait_until(lambda: not threads[1].is_alive(), "the fork's writer to fail", timeout=60)
+    # the store's daemon serves on: its writer still writes, and the base reads as it was
+    wait_until(lambda: len(list(m.path.glob("main-*"))) >= 10, "main's writer to go on", timeout=60)
+    stop.set()
+    threads[0].join(120)
+    assert not [e for e in errors if e.startswith("main")], errors
+    assert read(m.path / "base/f1.bin") == BASE["base/f1.bin"]
+    run_cowfs("umount", f.path)  # the dead daemon's mount cleared
+    f.start()  # its serve and writer records are stale: taken over
+    fork = _tree(f.path)
+    written = done["feat"]
+    assert all(fork.get(rel) is not None for rel in written[:-1])  # every fsynced file but a last one cut short
+    assert {k: v for k, v in fork.items() if k.startswith("base/")} == BASE
+    write(f.path / "after.bin", b"after the crash", sync=True)
+    f.stop()
+    m.stop()
+    _fsck(m.store)
+
+
+def test_kill9_of_the_store_daemon_while_a_branch_daemon_writes(mount_factory):
+    m = _with_base(mount_factory)
+    _own_branch(m, "feat")
+    f = mount_factory(store=m.store, init=False, branch="feat", name="feat")
+    m.proc.send_signal(signal.SIGKILL)
+    m.proc.wait(30)
+    assert _run_writers((f.path, "feat", 30)) == []
+    for rel, data in BASE.items():  # its base reads go on: the store's database, read-only
+        assert read(f.path / rel) == data
+    run_cowfs("umount", m.path)
+    f.stop()
+    _fsck(m.store)
+    m.start()
+    assert _tree(m.path) == BASE
+
+
+def test_a_snapshot_in_a_branch_daemon_is_the_branch_point_of_a_third(mount_factory):
+    m = _with_base(mount_factory)
+    _own_branch(m, "feat")
+    f = mount_factory(store=m.store, init=False, branch="feat", name="feat")
+    write(f.path / "in-feat.txt", b"feat's", sync=True)
+    ok(f.path, "snapshot s1")
+    write(f.path / "after-s1.txt", b"later", sync=True)
+    _own_branch(f, "feat2", source="s1")
+    g = mount_factory(store=m.store, init=False, branch="feat2", name="feat2")
+    assert len({m.pid, f.pid, g.pid}) == 3
+    tree = _tree(g.path)
+    assert tree == {**BASE, "in-feat.txt": b"feat's"}
+    write(g.path / "in-feat2.txt", b"feat2's", sync=True)
+    assert not (f.path / "in-feat2.txt").exists() and not (m.path / "in-feat.txt").exists()
+    g.stop()
+    f.stop()
+    m.stop()
+    _fsck(m.store)
+    f.start()
+    g.start()
+    assert read(g.path / "in-feat2.txt") == b"feat2's" and read(f.path / "after-s1.txt") == b"later"
+
+
+def test_gc_deletes_the_home_of_a_deleted_branch(mount_factory):
+    m = _with_base(mount_factory)
+    reply = _own_branch(m, "feat")
+    f = mount_factory(store=m.store, init=False, branch="feat", name="feat")
+    assert _run_writers((f.path, "feat", 10)) == []
+    f.stop()
+    home = Path(m.store) / "homes" / reply["home"]
+    run_cowfs("delete", str(m.store), "feat")
+    assert home.is_dir()  # until a gc
+    run_cowfs("gc", str(m.store))
+    assert not home.exists()
+    m.stop()
+    _fsck(m.store)
+    m.start()
+    assert _tree(m.path) == BASE
