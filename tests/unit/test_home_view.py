@@ -5,11 +5,16 @@ a layer with a child in another database, and deletes a home whose branch is gon
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 
 from cowfs import homes
-from cowfs.chunks.families import CF_OBJECTS
+from cowfs.chunks import codec
+from cowfs.chunks.families import CF_OBJECTS, CF_REFS
+from cowfs.chunks.refs import RefTxn
+from cowfs.chunks.tree import FANOUT, TreeWriter
+from cowfs.fsck import Fsck
 from cowfs.kv.base import Batch
 from cowfs.kv.rocks import RocksKV
 from cowfs.meta import gc
@@ -20,6 +25,7 @@ from cowfs.store import FAMILIES, Store, init_store
 from cowfs.storedir import DB_DIR, home_dir
 
 INO = 77
+FILE = 5  # a file with content, written by main below the branch point
 BASE = Attrs(0o100644, 0, 0, 1, 0, 1, 0, 0, 0).pack()  # sizes tell the versions apart
 FORK = Attrs(0o100644, 0, 0, 1, 0, 2, 0, 0, 0).pack()
 
@@ -130,3 +136,68 @@ def test_gc_leaves_a_layer_with_a_child_elsewhere_and_deletes_a_gone_branchs_hom
     finally:
         st.close()
     assert homes.listed(path) == []
+
+
+def test_a_home_view_counts_the_base_files_it_changes_as_foreign(tmp_path):
+    """The home's object store counts what the fork's own records reference (chunks.refs,
+    foreign objects): a chmod and a partial rewrite of a file main wrote below the branch point,
+    then its delete, each fsck-exact in the home, and the store's database unchanged."""
+    path = str(tmp_path / "store")
+    init_store(path)
+    st = Store(path)
+    try:
+        txn, b = RefTxn(), Batch()
+        chunks = {i: i.to_bytes(2, "big") * 150 for i in range(FANOUT + 3)}  # a two-level tree
+        for data in chunks.values():
+            txn.add_object(codec.chunk_hash(data), codec.encode_chunk(data, 1), [])
+        root = TreeWriter(st.objects.node, txn).update(None, {i: codec.chunk_hash(d) for i, d in chunks.items()},
+                                                       len(chunks))
+        txn.incref(root.hash)
+        file = Attrs(0o100644, 0, 0, 1, 0, 300 * len(chunks), 0, 0, 0, root)
+        Versioned.put(b, CF_INODES, ino_key(FILE), st.catalog.branches["main"].head, file.pack())
+        st.commit(b, txn)
+    finally:
+        st.close()
+    home, branch = _forked(path)
+    db = os.path.join(path, DB_DIR)
+    before = _every_key(db)
+    fork = Store(path, home=home)
+    try:
+        assert fork.objects.home is fork.home_kv and fork.objects.split
+
+        def commit(version: Attrs | None, txn: RefTxn) -> None:
+            b = Batch()
+            Versioned.put(b, CF_INODES, ino_key(FILE), branch.head, version.pack() if version else b"")
+            fork.commit(b, txn)
+            f = Fsck(fork)
+            f.check_references()
+            f.check_space()
+            assert f.report.clean, f.report.problems
+
+        txn = RefTxn()
+        txn.incref(root.hash)
+        commit(replace(file, mode=0o100600), txn)  # chmod: a new version in the home, same root
+        assert list(fork.home_kv.scan(CF_OBJECTS, b"")) == [], "nothing of the base stored again"
+        assert fork.objects.ref(root.hash).size == 300 * len(chunks)
+        txn = RefTxn()
+        new = codec.chunk_hash(b"new" * 100)
+        txn.add_object(new, codec.encode_chunk(b"new" * 100, 1), [])
+        rewritten = TreeWriter(fork.objects.node, txn).update(root, {FANOUT + 1: new}, len(chunks))
+        txn.incref(rewritten.hash)
+        txn.decref(root.hash)
+        commit(replace(file, mode=0o100600, root=rewritten), txn)
+        txn = RefTxn()
+        txn.decref(rewritten.hash)
+        commit(None, txn)  # deleted in the fork
+        assert list(fork.home_kv.scan(CF_REFS, b"")) == [] and list(fork.home_kv.scan(CF_OBJECTS, b"")) == []
+    finally:
+        fork.close()
+    assert _every_key(db) == before
+
+
+def _every_key(db: str) -> dict[str, list[tuple[bytes, bytes]]]:
+    kv = RocksKV(db, FAMILIES, blob_families=(CF_OBJECTS,), read_only=True)
+    try:
+        return {cf: list(kv.scan(cf, b"")) for cf in FAMILIES}
+    finally:
+        kv.close()
