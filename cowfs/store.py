@@ -272,7 +272,8 @@ class Store:
                 raise
         self.meta = Versioned(self.kv, SharedTrees.load(self.kv), self.catalog.layer_view)
         # A home's counts, queue and accounting are its own; loads read through (foreign references)
-        self.objects = ObjectStore(self.kv, self.cache, self.packs, home=self.home_kv if home else None)
+        self.objects = ObjectStore(self.kv, self.cache, self.packs, home=self.home_kv if home else None,
+                                   below=self.below)
         if self.objects.space is None:  # a home's accounting starts with it, empty
             self.objects.space = upgrade.rebuild(rocks, {}) if home else upgrade.rebuild(self.kv, self._root_refs())
         if fmt < 5:

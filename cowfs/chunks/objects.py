@@ -8,7 +8,7 @@ current by `settle` once the batch is written, or forgotten by `abort` if it is 
 """
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 from cowfs.cache import ChunkCache
 from cowfs.chunks import codec
@@ -52,11 +52,15 @@ class ObjectStore:
     writes (`stored`, `ref`, `exists` and every count read of `apply`).  A store of one
     database passes only `kv` (home is kv).  A hash with no object record at home that a
     commit does not create is *foreign*: the home counts it like any other, without
-    expanding what is below it (chunks.refs.RefApply)."""
+    expanding what is below it (chunks.refs.RefApply).  `below`: the lineage's other
+    databases (the view's members below the home), whose refs records give a foreign
+    object's size without walking its tree."""
 
-    def __init__(self, kv: KV, cache: ChunkCache, packs: Packs, home: KV | None = None) -> None:
+    def __init__(self, kv: KV, cache: ChunkCache, packs: Packs, home: KV | None = None,
+                 below: Sequence[KV] = ()) -> None:
         self.kv = kv
         self.home = kv if home is None else home
+        self.below = below
         self.split = self.home is not kv  # a fork's home: foreign hashes may be counted
         self.cache = cache
         self.packs = packs
@@ -275,15 +279,25 @@ class ObjectStore:
         return self.home.get(CF_REFS, h) is not None
 
     def foreign_size(self, h: bytes) -> int:
-        """Content bytes under foreign object h (no record at home; see the class), summed
-        from the objects through the view, remembered; MissingObject if the view has no h
-        either, or if the home has its record (then it is no foreign object but one the
+        """Content bytes under foreign object h (no record at home; see the class), remembered:
+        from the refs record of the database below that counts it (an ancestor layer's record
+        references it), else summed from the objects through the view (a walk of every chunk
+        record under it: 5-16 us each, 0.09-0.27 s for the 16,384 of a 1 GiB file); MissingObject if the view has
+        no h either, or if the home has its record (then it is no foreign object but one the
         home lost count of)."""
         n = self._sizes.get(h)
         if n is None:
-            if self.home.get(CF_OBJECTS, h) is not None or self.kv.get(CF_OBJECTS, h) is None:
+            if self.home.get(CF_OBJECTS, h) is not None:
                 raise MissingObject(f"reference to unknown object {h.hex()}")
-            n = tree_sizes(self.kv, [h])[h]
+            for kv in self.below:
+                r = parse_ref(kv.get(CF_REFS, h))
+                if r.count and r.size >= 0:
+                    n = r.size
+                    break
+            else:
+                if self.kv.get(CF_OBJECTS, h) is None:
+                    raise MissingObject(f"reference to unknown object {h.hex()}")
+                n = tree_sizes(self.kv, [h])[h]
             self.remember_size(h, n)
         return n
 

@@ -17,7 +17,7 @@ import pytest
 
 from cowfs.blob.memory import MemoryBlobStore
 from cowfs.cache import ChunkCache
-from cowfs.chunks import codec, refs, upgrade
+from cowfs.chunks import codec, objects, refs, upgrade
 from cowfs.chunks.families import CF_OBJECTS, CF_REFS
 from cowfs.chunks.objects import ObjectStore
 from cowfs.chunks.packs import Packs
@@ -54,9 +54,9 @@ class Db:
     """One database's object store, committed as cowfs.store.Store.commit does; its layer's
     inode records (root per inode) beside, for fsck's recount."""
 
-    def __init__(self, kv: KV, home: KV, packs: Packs, layer: int) -> None:
+    def __init__(self, kv: KV, home: KV, packs: Packs, layer: int, below: list[KV] | None = None) -> None:
         self.kv, self.home, self.layer = kv, home, layer
-        self.objects = ObjectStore(kv, ChunkCache(1 << 20, 1 << 20), packs, home=home)
+        self.objects = ObjectStore(kv, ChunkCache(1 << 20, 1 << 20), packs, home=home, below=below or [])
         self.objects.space = upgrade.rebuild(home, {})  # an empty database's accounting
         self.roots: dict[int, Root] = {}  # inode -> its root in this layer's record
 
@@ -140,9 +140,10 @@ class Lineage(NamedTuple):
 
 
 @pytest.fixture
-def lineage(tmp_path):
+def lineage(tmp_path, request):
     """The base's layer wrote SIZES' files and was closed; the fork's home is a new database
-    over it."""
+    over it.  Parameter "walk": the fork's object store is not told the database below, and
+    sums foreign sizes from the objects (else from the base's refs records)."""
     packs = Packs(MemoryBlobStore())
     base_kv = open_db(tmp_path / "base")
     base = Db(base_kv, base_kv, packs, BASE_LAYER)
@@ -158,7 +159,8 @@ def lineage(tmp_path):
     below = open_db(tmp_path / "base", read_only=True)
     written = everything(below)
     home = open_db(tmp_path / "home")
-    fork = Db(OverlayKV(home, [below], through=[CF_OBJECTS]), home, packs, FORK_LAYER)
+    sizes_below = None if getattr(request, "param", "refs") == "walk" else [below]
+    fork = Db(OverlayKV(home, [below], through=[CF_OBJECTS]), home, packs, FORK_LAYER, sizes_below)
     yield Lineage(below, ObjectStore(below, ChunkCache(1 << 20, 1 << 20), packs), files, fork, written)
     home.close()
     below.close()
@@ -180,6 +182,7 @@ def check(fork: Db) -> Fsck:
     return f
 
 
+@pytest.mark.parametrize("lineage", ["refs", "walk"], indirect=True)
 @pytest.mark.parametrize("pairs", [True, False], ids=["paired", "expanded"])
 def test_a_forks_home_counts_base_files_it_changes_exactly(lineage, pairs, monkeypatch):
     """Paired: a rewritten node is netted against the base's node it was made from (a pending
@@ -340,3 +343,14 @@ def test_random_batches_of_a_fork_keep_its_counts_exact(lineage, seed):
         for ino, root in files.items():
             assert content(fork.objects, root) == model[ino], (step, ino)
     assert everything(below) == written
+
+
+def test_a_foreign_size_is_the_base_records_not_a_walk(lineage, monkeypatch):
+    """The first count of a big base file in the fork reads its size from the base's refs
+    record (one get) instead of every chunk record under it."""
+    monkeypatch.setattr(objects, "tree_sizes", None)  # a walk would fail
+    root = lineage.files[4]
+    txn = RefTxn()
+    txn.incref(root.hash)
+    lineage.fork.commit(txn, {4: root})
+    assert lineage.fork.objects.ref(root.hash).size == sum(map(len, content(lineage.base, root).values()))
