@@ -26,6 +26,7 @@ targets, in an order that rotates from round to round:
                (every byte is compared with what was written)
   warm read    read it again right away                                               -> MiB/s
   rand read    unmount + remount + drop_caches, 4 KiB preads at seeded random offsets -> IOPS, p50, p99
+               (`--workloads randread`: this one alone, after an untimed write of the file)
   rand write   4 KiB pwrite + fsync at seeded random offsets of the same file         -> IOPS, p50, p99
   files        create (open O_CREAT|O_EXCL + close), stat, unlink N empty files in one directory;
                each phase timed; median of ROUNDS                                     -> s
@@ -97,9 +98,23 @@ GOALS = [
     ("seq_read_cold", ">=", 0.8),
 ]
 
-def workload_of(metric: str) -> str:
-    """The workload (as named in --workloads) a metric belongs to."""
-    return "seq" if metric.startswith(("seq_", "write_amp", "rand_")) else metric.split("_")[0]
+def workloads_of(metric: str) -> tuple[str, ...]:
+    """The workloads (as named in --workloads) that measure a metric."""
+    if metric.startswith("rand_read"):
+        return ("seq", "randread")
+    return ("seq",) if metric.startswith(("seq_", "write_amp", "rand_")) else (metric.split("_")[0],)
+
+
+def write_file(fn: str, data: memoryview) -> None:
+    """data written to fn in 1 MiB write()s, then fsync."""
+    fd = os.open(fn, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        off = 0
+        while off < len(data):
+            off += os.write(fd, data[off:off + MiB])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 TARGET_LABEL = {"plain": "plain dir", "overlay": "fuse-overlayfs", "passthrough": "passthrough",
@@ -222,14 +237,7 @@ class Bench:
         bl.log(f"[{t.name}] seq write {size // MiB} MiB")
         disk0 = self.disk.bytes_written()
         with self.phase(t, "seq_write", size / MiB) as ph:
-            fd = os.open(fn, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                off = 0
-                while off < size:
-                    off += os.write(fd, mv[off:off + MiB])
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_file(fn, mv)
         self.record("seq_write", t, size / MiB / ph.elapsed, seconds=ph.elapsed, **ph.info)
         t0 = time.perf_counter()
         t.settle()
@@ -264,19 +272,8 @@ class Bench:
                 raise RuntimeError(f"read back {off} bytes of {size}, first mismatch at {bad}")
             self.record(metric, t, size / MiB / ph.elapsed, seconds=ph.elapsed, **ph.info)
 
-        # random 4 KiB reads, cold-ish: fresh mount, empty page cache
-        t.cold()
+        self._random_reads(t, size)
         fn = os.path.join(t.path, "seq.bin")
-        offs = bl.random_offsets(size, a.rand_reads, seed=42)
-        bl.log(f"[{t.name}] random read x{len(offs)}")
-        fd = os.open(fn, os.O_RDONLY)
-        try:
-            with self.phase(t, "rand_read", len(offs)) as ph:
-                lat = bl.timed_preads(fd, offs)
-        finally:
-            os.close(fd)
-        self._record_lat("rand_read", t, lat, ph)
-
         offs = bl.random_offsets(size, a.rand_writes, seed=43)
         bl.log(f"[{t.name}] random write+fsync x{len(offs)}")
         fd = os.open(fn, os.O_RDWR)
@@ -288,6 +285,29 @@ class Bench:
         self._record_lat("rand_write", t, lat, ph)
         os.unlink(fn)
         t.record_rss()
+
+    def random_reads_only(self, t: bl.Target, data: bytes) -> None:
+        """The "randread" workload: the file written (not timed), then `_random_reads`."""
+        fn = os.path.join(t.path, "seq.bin")
+        bl.log(f"[{t.name}] write {len(data) // MiB} MiB (not timed)")
+        write_file(fn, memoryview(data))
+        self._random_reads(t, len(data))
+        os.unlink(os.path.join(t.path, "seq.bin"))
+        t.record_rss()
+
+    def _random_reads(self, t: bl.Target, size: int) -> None:
+        """4 KiB random reads of seq.bin, cold-ish: fresh mount, empty page cache."""
+        t.cold()
+        fn = os.path.join(t.path, "seq.bin")
+        offs = bl.random_offsets(size, self.args.rand_reads, seed=42)
+        bl.log(f"[{t.name}] random read x{len(offs)}")
+        fd = os.open(fn, os.O_RDONLY)
+        try:
+            with self.phase(t, "rand_read", len(offs)) as ph:
+                lat = bl.timed_preads(fd, offs)
+        finally:
+            os.close(fd)
+        self._record_lat("rand_read", t, lat, ph)
 
     def _record_lat(self, metric, t, lat_ns, ph):
         self.record(metric, t, len(lat_ns) / ph.elapsed, seconds=ph.elapsed, **ph.info)
@@ -442,7 +462,7 @@ def render(summary: dict, bench: Bench, target_names: list[str]) -> tuple[str, l
         ovl = per_t.get("overlay", {}).get("value")
         for tn in target_names:
             s = per_t.get(tn)
-            err = bench.errors.get((workload_of(metric), tn))
+            err = next((bench.errors[w, tn] for w in workloads_of(metric) if (w, tn) in bench.errors), None)
             if s is None:
                 if metric == "peak_rss" and tn in ("plain",):
                     continue
@@ -500,7 +520,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rand-reads", type=int, help="4 KiB random reads (5000)")
     ap.add_argument("--rand-writes", type=int, help="4 KiB random writes, each followed by fsync (2000)")
     ap.add_argument("--targets", default="plain,overlay,passthrough,cowfs")
-    ap.add_argument("--workloads", default="seq,files,tree,git")
+    ap.add_argument("--workloads", default="seq,files,tree,git",
+                    help="of seq,files,tree,git; or randread: only the cold 4 KiB random reads of seq "
+                         "(the file written, not timed; --seq-rounds rounds; ignored with seq)")
     ap.add_argument("--workdir", default="/var/tmp/cowfs-bench",
                     help="scratch directory (removed and recreated); must be on the disk to measure")
     ap.add_argument("--loop-gib", type=int, default=12,
@@ -617,12 +639,15 @@ def main(argv=None) -> int:
             k = rnd % len(targets)
             return targets[k:] + targets[:k]
 
-        if "seq" in workloads:
+        if workloads & {"seq", "randread"}:
             bl.log(f"generating {a.size_mib} MiB of random data")
             data = os.urandom(a.size_mib * MiB)
             for rnd in range(a.seq_rounds):
                 for t in order(rnd):
-                    bench.guarded(t, "seq", bench.seq_and_random, data)
+                    if "seq" in workloads:
+                        bench.guarded(t, "seq", bench.seq_and_random, data)
+                    else:
+                        bench.guarded(t, "randread", bench.random_reads_only, data)
             del data
         for rnd in range(a.rounds):
             for t in order(rnd):
