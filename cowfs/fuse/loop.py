@@ -18,8 +18,13 @@ polls; tests/test_fuse_loop.py checks that they do).
 Concurrency invariants:
 - The fast paths return without a trio checkpoint, so the other trio tasks (thread
   completions, timers, the background worker's commit) run only when the session loop
-  parks or a handler awaits.  The real wait is therefore taken at least every YIELD_NS,
-  however fast requests arrive.
+  yields or a handler awaits.  A wait that comes YIELD_NS or more after the last yield
+  therefore passes through trio's scheduler first (`trio.lowlevel.checkpoint`: the other
+  runnable tasks run, and its epoll_wait does not block, this task being runnable), however
+  fast requests arrive.  It does not park: after a request that took longer than YIELD_NS
+  (a cold read's disk wait) the next one is usually queued already or comes within the
+  spin, and parking made each of them a sleep and a wake-up (in a cold random read, 4 of
+  5 requests parked: docs/benchmarks.md, issue 24, h65).
 - A spin blocks the event loop for at most `spin_us`, and only while at least 4 of 5
   recent waits ended within `spin_us` (a `score` kept per wait), so a mount whose
   requests come slowly stops spinning after a few waits and costs nothing.
@@ -59,7 +64,7 @@ import trio
 
 from cowfs import threads
 
-YIELD_NS = 250_000  # take the real (yielding) wait at least this often
+YIELD_NS = 250_000  # pass through trio's scheduler at least this often
 SCORE_MAX = 16  # a wait that ended within spin_us: +1 (up to this) ...
 SCORE_MISS = 4  # ... a spin that found nothing: -4; spin while the score is above 0
 
@@ -71,11 +76,12 @@ class Waiter:
         self.spin_ns = spin_us * 1000
         self._fd = -1
         self._poll = select.poll()
-        self._parked_at = 0  # perf_counter_ns of the last real wait's return
+        self._yielded_at = 0  # perf_counter_ns of the last return from trio (a real wait or a checkpoint)
         self._score = SCORE_MAX
         self.ready = 0  # the next request was already queued
         self.spun = 0  # ... arrived while spinning
         self.parked = 0  # waited in trio
+        self.yielded = 0  # passed through trio's scheduler without waiting (every YIELD_NS)
         self.missed = 0  # spins that found nothing
         self.spin_miss_ns = 0  # time spent in them
         self.locks: list[ReadLock] = []
@@ -86,7 +92,7 @@ class Waiter:
 
     def figures(self) -> dict[str, Any]:
         return {"spin_us": self.spin_ns // 1000, "ready": self.ready, "spun": self.spun,
-                "parked": self.parked, "spin_misses": self.missed, "spin_missed_ms": round(self.spin_miss_ns / 1e6, 1),
+                "parked": self.parked, "yielded": self.yielded, "spin_misses": self.missed, "spin_missed_ms": round(self.spin_miss_ns / 1e6, 1),
                 "reader_parks": sum(lock.parks for lock in self.locks)}
 
     async def wait_readable(self, fd: int) -> None:
@@ -97,26 +103,31 @@ class Waiter:
             self._fd = fd
         poll = self._poll.poll
         t0 = time.perf_counter_ns()
-        if t0 - self._parked_at < YIELD_NS:
-            if poll(0):
-                self.ready += 1
-                return
-            if self._score > 0 and self.spin_ns and not threads.busy:
-                end = t0 + self.spin_ns
-                now = t0
-                while now < end:
-                    if poll(0):
-                        self.spun += 1
-                        self._score = min(self._score + 1, SCORE_MAX)
-                        return
-                    now = time.perf_counter_ns()
-                self.missed += 1
-                self.spin_miss_ns += now - t0
-                self._score -= SCORE_MISS
+        if t0 - self._yielded_at >= YIELD_NS:
+            # Let the other tasks run without going to sleep: a pass of trio's scheduler
+            # (its epoll_wait does not block while this task is runnable).
+            self.yielded += 1
+            await trio.lowlevel.checkpoint()
+            self._yielded_at = t0 = time.perf_counter_ns()
+        if poll(0):
+            self.ready += 1
+            return
+        if self._score > 0 and self.spin_ns and not threads.busy:
+            end = t0 + self.spin_ns
+            now = t0
+            while now < end:
+                if poll(0):
+                    self.spun += 1
+                    self._score = min(self._score + 1, SCORE_MAX)
+                    return
+                now = time.perf_counter_ns()
+            self.missed += 1
+            self.spin_miss_ns += now - t0
+            self._score -= SCORE_MISS
         self.parked += 1
         await trio.lowlevel.wait_readable(fd)
-        self._parked_at = time.perf_counter_ns()
-        if self._parked_at - t0 <= self.spin_ns:
+        self._yielded_at = end = time.perf_counter_ns()
+        if end - t0 <= self.spin_ns:
             # The request came within the spin window (the wake-up included): spinning
             # would have caught it.
             self._score = min(self._score + 1, SCORE_MAX)
