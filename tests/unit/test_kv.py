@@ -189,6 +189,25 @@ def test_rocks_cas_is_durable_and_checked_after_a_reopen(tmp_path):
         db.close()
 
 
+@pytest.mark.parametrize("blob", [False, True])
+def test_rocks_tables_carry_a_bloom_filter_for_point_reads(tmp_path, blob):
+    """Every table has a whole-key filter (what spares a point read, such as a cold file
+    read's chunk pointer, the data blocks of the overlapping L0 tables that do not hold its
+    key: docs/architecture.md, "Read cache"), in a blob family as well."""
+    db = RocksKV(str(tmp_path / "db"), FAMS, blob_families=("b",) if blob else ())
+    try:
+        b = Batch()
+        for i in range(1000):
+            b.put("b", i.to_bytes(4, "big") * 8, b"x" * 20)
+        db.write(b)
+        db.compact()
+        props = db._cf["b"].property_value("rocksdb.aggregated-table-properties")
+    finally:
+        db.close()
+    assert "# entries for filter=1000;" in props, props
+    assert "filter block size=0;" not in props, props
+
+
 def test_memory_kv_refuses_use_after_close():
     db = MemoryKV(FAMS)
     db.close()
