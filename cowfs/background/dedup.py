@@ -74,7 +74,11 @@ class DedupWorker:
                  activity: Callable[[], int] = lambda: 0) -> None:
         """activity: a count that grows with every foreground (FUSE) request."""
         self.fs = fs
-        self.quiet = Quiet(activity)  # no foreground request for a while (the sharer asks it too)
+        # No foreground request for a while (the sharer asks it too).  Made at mount: its
+        # first batch (64 chunks read and sketched in a thread, ~0.1-0.2 s, the request loop
+        # not spinning meanwhile) waits for the clients' first requests to stop, instead of
+        # running beside them (docs/benchmarks.md, issue 24, h65).
+        self.quiet = Quiet(activity, busy_now=True)
         self._cursor = b""  # where the next batch starts in CF_PENDING
         self.kv = fs.store.kv
         self.cpu_share = min(1.0, max(0.01, cpu_share))

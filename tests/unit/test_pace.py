@@ -58,3 +58,19 @@ def test_over_many_slices_the_walk_takes_its_share_of_wall_time(clock):
         walked += 0.001
         pace()
     assert walked / (clock.now - start) == pytest.approx(cloning.QUIET_SHARE)
+
+
+def test_a_worker_made_at_mount_waits_for_a_quiet_moment_first(monkeypatch):
+    """The dedup worker's Quiet counts its creation (the mount) as a request: its first batch
+    does not run beside the first requests of the clients that start with the mount."""
+    c = Clock()
+    monkeypatch.setattr(quiet.time, "monotonic", c.monotonic)
+    requests = [0]
+    at_mount = quiet.Quiet(lambda: requests[0], busy_now=True)
+    other = quiet.Quiet(lambda: requests[0])
+    assert not at_mount() and other()
+    c.now += quiet.QUIET_AFTER / 2
+    requests[0] += 1
+    assert not at_mount() and not other()
+    c.now += quiet.QUIET_AFTER
+    assert at_mount() and other()
