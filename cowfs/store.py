@@ -86,6 +86,11 @@ THROUGH = (CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS, CF_CHANGES, CF_OBJECTS)
 THROUGH_KEYS = {CF_META: (b"usage/", b"share/")}
 PACE_STEPS = 256  # entries a clone's measuring walk takes between two calls of its pace (~1-3 ms)
 T = TypeVar("T")
+SLOW_SYNC_NS = 10_000_000  # a WAL sync this slow sends the next one to a thread (`Store.sync`)
+
+
+def _never() -> bool:
+    return False
 
 
 def _small_disk(path: str) -> bool:
@@ -293,6 +298,11 @@ class Store:
         self.write_seq = 0
         self.synced_seq = 0
         self._sync_running: trio.Event | None = None
+        # Whether a WAL sync may run on the event loop itself (`sync`): the daemon sets it to
+        # its request loop's "nothing else is queued" (cowfs.fuse.loop.Waiter.idle).
+        self.direct_sync_ok: Callable[[], bool] = _never
+        self.direct_syncs = 0  # syncs made on the loop (stats)
+        self._slow_sync = False  # the last sync took longer than SLOW_SYNC_NS
         # Jobs in worker threads that may use the database handle (`in_thread`), and a reopen
         # waiting for them to end (`recover`); both changed on the event loop only.
         self.kv_users = 0
@@ -803,18 +813,36 @@ class Store:
             self.write_seq += 1
 
     async def sync(self) -> None:
-        """Return once every commit made before the call is durable; concurrent callers share one fsync."""
+        """Return once every commit made before the call is durable; concurrent callers share one fsync.
+
+        The WAL sync runs in a worker thread, so the loop serves other requests meanwhile and
+        fsyncs arriving then share the next sync (group commit).  When nothing else waits to
+        be served (`direct_sync_ok`: no request queued on /dev/fuse) and no sync is running,
+        it runs on the loop instead: the hand-off to a thread and back (futex and GIL
+        hand-overs, a wake-up through trio's wake-up socket, each possibly a cross-CPU
+        wake-up) cost 0.3-3 ms of latency per fsync on this loaded 2-CPU machine, more than
+        the sync itself (docs/benchmarks.md, issue 24).  A request that arrives meanwhile
+        waits for that one sync; after a sync slower than SLOW_SYNC_NS (a busy disk) the
+        next goes to a thread, so a slow disk never blocks the loop twice in a row."""
         target = self.write_seq
         while self.synced_seq < target:
             running = self._sync_running
             if running is not None:
                 await running.wait()
                 continue
-            ev = self._sync_running = trio.Event()
             seq = self.write_seq
+            t0 = time.perf_counter_ns()
+            if not self._slow_sync and not self._reopen_wanted and self.direct_sync_ok():
+                self.direct_syncs += 1
+                self.kv.sync()  # on the loop: no checkpoint, so no commit can come in between
+                self.synced_seq = max(self.synced_seq, seq)
+                self._slow_sync = time.perf_counter_ns() - t0 > SLOW_SYNC_NS
+                continue
+            ev = self._sync_running = trio.Event()
             try:
                 await self.in_thread(self.kv.sync, python=False)
                 self.synced_seq = max(self.synced_seq, seq)
+                self._slow_sync = time.perf_counter_ns() - t0 > SLOW_SYNC_NS
             finally:
                 self._sync_running = None
                 ev.set()

@@ -111,8 +111,54 @@ def test_spin_off_serves_requests_through_pyfuse3s_wait(mount_factory):
     f = m.path / "f"
     f.write_bytes(b"data")
     _burst(f, 200)
-    assert f.read_bytes() == b"data"
-    assert stats(m.path)["fuse_loop"] == {"spin_us": 0}
+    fd = os.open(f, os.O_RDWR)
+    try:
+        for i in range(5):
+            os.pwrite(fd, b"y", i)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == b"yyyyy"
+    s = stats(m.path)
+    assert s["fuse_loop"] == {"spin_us": 0}
+    assert s["direct_syncs"] == 0  # no Waiter to say the loop is idle: every sync in a thread
+
+
+def test_a_lone_fsync_syncs_on_the_loop_and_concurrent_ones_share_threaded_syncs(cowfs_mount):
+    """Store.sync: with no other request queued, the WAL sync runs on the event loop (no
+    hand-off to a thread and back); fsyncs from several threads at once still all return
+    with their data, most of them through the threaded, shared syncs."""
+    f = cowfs_mount.path / "f"
+    f.write_bytes(b"\0" * 65536)
+    before = stats(cowfs_mount.path)
+    fd = os.open(f, os.O_RDWR)
+    try:
+        for i in range(40):
+            os.pwrite(fd, bytes([i + 1]) * 4096, (i % 16) * 4096)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    after = stats(cowfs_mount.path)
+    assert after["syncs_done"] - before["syncs_done"] >= 40, (before, after)
+    # Nothing else runs on this mount: only a stats call or a timer's commit can be queued.
+    assert after["direct_syncs"] - before["direct_syncs"] >= 36, (before, after)
+
+    def writer(k: int) -> None:
+        fd = os.open(cowfs_mount.path / f"w{k}", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            for i in range(30):
+                os.pwrite(fd, bytes([k + 1]) * 4096, i * 4096)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    ts = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for k in range(4):
+        assert (cowfs_mount.path / f"w{k}").read_bytes() == bytes([k + 1]) * (30 * 4096)
 
 
 async def test_a_fd_that_stays_readable_still_lets_other_tasks_run():

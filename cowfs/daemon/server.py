@@ -93,6 +93,8 @@ class Daemon:
         self.measurer = Measurer(self.fs, self.activity)
         self.ops.branching.cloner.measure_wanted = self.measurer.wake
         self.waiter = fuse_loop.install(cfg.spin_us) if cfg.spin_us else None
+        if self.waiter is not None:
+            self.store.direct_sync_ok = self.waiter.idle
         self.supervisor = Supervisor()
         self.started = time.time()
         self.gc_progress: dict[str, Any] | None = None  # while `cowfs gc` runs: its stage and count
@@ -224,6 +226,7 @@ class Daemon:
                                 "pending_bytes": fs.smallwrites.bytes},
             "commits": store.write_seq,
             "syncs_done": store.synced_seq,
+            "direct_syncs": store.direct_syncs,  # WAL syncs made on the event loop (Store.sync)
             "objects_created": store.objects_created,
             "objects_freed": store.objects_freed,
             "cache": store.cache.stats(),

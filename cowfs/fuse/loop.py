@@ -95,6 +95,11 @@ class Waiter:
                 "parked": self.parked, "yielded": self.yielded, "spin_misses": self.missed, "spin_missed_ms": round(self.spin_miss_ns / 1e6, 1),
                 "reader_parks": sum(lock.parks for lock in self.locks)}
 
+    def idle(self) -> bool:
+        """Whether no request is queued on the FUSE fd (one poll(2)): then a WAL sync may
+        block the loop (`Store.sync`), as there is nothing for it to serve meanwhile."""
+        return self._fd >= 0 and not self._poll.poll(0)
+
     async def wait_readable(self, fd: int) -> None:
         if fd != self._fd:
             if self._fd >= 0:
