@@ -4,7 +4,8 @@ table, one row per measure with its goal and PASS / MISS; `--json` prints one JS
 stdout (the table then goes to stderr).
 
     .venv/bin/python scripts/bench_scale.py --json           # full sizes (see ROWS below)
-    .venv/bin/python scripts/bench_scale.py --quick --json   # small sizes: the CI smoke test
+    .venv/bin/python scripts/bench_scale.py --quick --json   # small sizes (~1 min)
+    .venv/bin/python scripts/bench_scale.py --smoke --json   # tiny sizes, figures meaningless: the CI test
     .venv/bin/python scripts/bench_scale.py --only gc,layers # some rows
 
 Large stores are built through the store's own API (scripts/bulkstore.py: the base tree by
@@ -75,7 +76,13 @@ class Config:
     deep_depth: int = 10_000
 
     @classmethod
-    def make(cls, quick: bool, workdir: str) -> "Config":
+    def make(cls, quick: bool, workdir: str, smoke: bool = False) -> "Config":
+        """smoke: sizes that only prove each row runs and prints (the CI test's form)."""
+        if smoke:
+            return cls(True, workdir, snap_small=20, snap_big=100, snap_takes=3, gc_big=100, gc_small=50,
+                       gc_deleted=10, layers_total=100, layers_live=5, ids_forks=50,
+                       clone_entries=1000, mount_entries=1000, mount_snapshots=100, busy_entries=2000,
+                       deep_depth=1000)
         if not quick:
             return cls(False, workdir)
         return cls(True, workdir, snap_small=200, snap_big=2000, snap_takes=15, gc_big=2000, gc_small=400,
@@ -569,7 +576,9 @@ def table(rows: list[Row]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes (seconds, not hours): the CI smoke test")
+    ap.add_argument("--quick", action="store_true", help="small sizes (a minute, not hours)")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes that only prove every row runs "
+                                                         "and prints (the CI test); implies --quick")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout; the table goes to stderr")
     ap.add_argument("--only", default="", help=f"comma-separated rows (of {', '.join(ROWS)})")
     ap.add_argument("--workdir", default="", help="where stores and mount points go (default: a new "
@@ -586,7 +595,7 @@ def main() -> int:
     own = not args.workdir
     workdir = args.workdir or tempfile.mkdtemp(prefix="cowfs-bench-scale-", dir="/var/tmp")
     os.makedirs(workdir, exist_ok=True)
-    cfg = Config.make(args.quick, workdir)
+    cfg = Config.make(args.quick, workdir, smoke=args.smoke)
     rows: list[Row] = []
     errors: dict[str, str] = {}
     t0 = time.perf_counter()

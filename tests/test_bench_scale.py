@@ -1,6 +1,6 @@
-"""Smoke test of scripts/bench_scale.py (issue 20's scale benchmark): the quick form builds its
-stores through the bulk loader, measures every row through real mounts and prints the table
-and the JSON; the full form is run by hand (docs/benchmarks.md)."""
+"""Smoke test of scripts/bench_scale.py (issue 20's scale benchmark): the smoke form (tiny
+sizes) builds its stores through the bulk loader, measures every row through real mounts and
+prints the table and the JSON; the quick and full forms are run by hand (docs/benchmarks.md)."""
 from __future__ import annotations
 
 import json
@@ -22,7 +22,7 @@ def bench_scale(*args: str, timeout: float = 400) -> subprocess.CompletedProcess
 def test_quick_run_prints_every_row_with_its_goal(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("bench_scale mounts fuse filesystems: needs root")
-    r = bench_scale("--quick", "--json", "--workdir", str(tmp_path / "work"))
+    r = bench_scale("--smoke", "--json", "--workdir", str(tmp_path / "work"))
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     out = json.loads(r.stdout)
     assert out["errors"] == {} and out["config"]["quick"] and out["commit"]
