@@ -74,11 +74,7 @@ class DedupWorker:
                  activity: Callable[[], int] = lambda: 0) -> None:
         """activity: a count that grows with every foreground (FUSE) request."""
         self.fs = fs
-        # No foreground request for a while (the sharer asks it too).  Made at mount: its
-        # first batch (64 chunks read and sketched in a thread, ~0.1-0.2 s, the request loop
-        # not spinning meanwhile) waits for the clients' first requests to stop, instead of
-        # running beside them (docs/benchmarks.md, issue 24, h65).
-        self.quiet = Quiet(activity, busy_now=True)
+        self.quiet = Quiet(activity)  # no foreground request for a while (the sharer asks it too)
         self._cursor = b""  # where the next batch starts in CF_PENDING
         self.kv = fs.store.kv
         self.cpu_share = min(1.0, max(0.01, cpu_share))
@@ -229,7 +225,13 @@ class DedupWorker:
         self.chunks_done += sum(not p.later for p in plans)
 
     async def run(self) -> None:
-        """Work through the queue forever; sleep while it is empty or the worker is off."""
+        """Work through the queue forever; sleep while it is empty or the worker is off.
+
+        Started as the mount is served, which counts as a request: the first batch (64
+        chunks read and sketched in a thread, ~0.1-0.2 s, the request loop not spinning
+        meanwhile) waits for the clients' first requests to stop instead of running beside
+        them (docs/benchmarks.md, issue 24, h65)."""
+        self.quiet.mark()
         while True:
             if not self.enabled or self.fs.store.objects.space.queue <= 0:
                 await trio.sleep(IDLE_POLL)

@@ -15,12 +15,15 @@ class Quiet:
     """Called: whether no foreground request came for QUIET_AFTER seconds, judged by
     activity, a count that grows with every one (safe to read from any thread)."""
 
-    def __init__(self, activity: Callable[[], int], busy_now: bool = False) -> None:
-        """busy_now: count the creation as a request (a worker made at mount, whose clients
-        start right after it: its first QUIET_AFTER seconds are not quiet)."""
+    def __init__(self, activity: Callable[[], int]) -> None:
         self.activity = activity
         self.seen = activity()
-        self.active_at = time.monotonic() if busy_now else 0.0
+        self.active_at = 0.0
+
+    def mark(self) -> None:
+        """Count a request now (the mount, whose clients start right after it: the next
+        QUIET_AFTER seconds are not quiet)."""
+        self.active_at = time.monotonic()
 
     def __call__(self) -> bool:
         n, now = self.activity(), time.monotonic()

@@ -61,12 +61,13 @@ def test_over_many_slices_the_walk_takes_its_share_of_wall_time(clock):
 
 
 def test_a_worker_made_at_mount_waits_for_a_quiet_moment_first(monkeypatch):
-    """The dedup worker's Quiet counts its creation (the mount) as a request: its first batch
-    does not run beside the first requests of the clients that start with the mount."""
+    """The dedup worker's Quiet counts the mount as a request (`mark`): its first batch does
+    not run beside the first requests of the clients that start with the mount."""
     c = Clock()
     monkeypatch.setattr(quiet.time, "monotonic", c.monotonic)
     requests = [0]
-    at_mount = quiet.Quiet(lambda: requests[0], busy_now=True)
+    at_mount = quiet.Quiet(lambda: requests[0])
+    at_mount.mark()
     other = quiet.Quiet(lambda: requests[0])
     assert not at_mount() and other()
     c.now += quiet.QUIET_AFTER / 2
