@@ -394,6 +394,14 @@ class Store:
             self.below.append(RocksKV(where, FAMILIES, blob_families=(CF_OBJECTS,), read_only=True,
                                       cache=rocks.block_cache))
 
+    def refresh_below(self) -> None:
+        """Reopen the lineage's databases below a home's view (RocksKV.refresh), so that no
+        read holds pointers a repack of theirs has moved since (before this process
+        acknowledges a gc round).  Blocking: in a thread."""
+        for kv in self.below:
+            if isinstance(kv, RocksKV):
+                kv.refresh()
+
     def _writer_died(self) -> bool:
         """Whether a writer record of this database names a process that is gone (or cannot
         be read): it may have left unpublished layers (cowfs.meta.gc.unpublished)."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import threading
+import time
 from pathlib import Path
 
 import mounting
@@ -230,3 +232,38 @@ def test_gc_deletes_the_home_of_a_deleted_branch(mount_factory):
     _fsck(m.store)
     m.start()
     assert _tree(m.path) == BASE
+
+
+def test_a_repack_of_the_store_database_waits_for_a_branch_daemon_that_then_reads_on(mount_factory):
+    """The base's packs repacked by `cowfs gc` of the store's daemon: the old packs are deleted
+    only once the branch daemon has acknowledged the round, and it does so after reopening
+    the store's database below its view, so its reads of base data it never read before
+    follow the moved pointers (without that reopen they fail on the deleted packs)."""
+    m = mount_factory(options=("dedup=off",))
+    rnd = random.Random(7)
+    keep = bytearray(rnd.randbytes(8 << 20))
+    write(m.path / "keep", bytes(keep), sync=True)  # its own packs
+    keep[4 << 20:] = rnd.randbytes(4 << 20)
+    with open(m.path / "keep", "r+b") as fh:  # its second half rewritten: those packs half dead
+        fh.seek(4 << 20)
+        fh.write(keep[4 << 20:])
+        os.fsync(fh.fileno())
+    _own_branch(m, "feat")
+    f = mount_factory(store=m.store, init=False, branch="feat", name="feat")
+    with open(f.path / "keep", "rb") as fh:  # its tree node read (and its blob file opened) now,
+        fh.seek(6 << 20)  # with data of the half no repack moves: what is left to read after
+        assert fh.read(4096) == keep[6 << 20:(6 << 20) + 4096]  # the gc are the moved pointers
+    first = mounting.cowfs_json("gc", str(m.store), "--repack-below", "1")
+    assert first["packs_repacked"] >= 1 and first["packs_deleted"] == 0, json.dumps(first)  # the branch daemon owes its ack
+    deadline = time.monotonic() + 60
+    while True:
+        r = mounting.cowfs_json("gc", str(m.store), "--repack-below", "1")
+        if r["packs_deleted"] >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert r["packs_deleted"] >= 1, r
+    assert read(f.path / "keep") == bytes(keep)  # its first half never read by the branch daemon before
+    assert read(m.path / "keep") == bytes(keep)
+    f.stop()
+    m.stop()
+    _fsck(m.store)

@@ -128,7 +128,10 @@ async def acknowledge_rounds(fs: Filesystem) -> None:
     another process (the store keeper) needs before it deletes: once the lock is taken, no
     flush is between its pack put and its commit (a flush holds the lock from one to the
     other), and the sync after it makes every pointer committed so far durable; every later
-    pointer names a pack written later, never a condemned one."""
+    pointer names a pack written later, never a condemned one.  A branch's own daemon first
+    reopens the databases below its view (`Store.refresh_below`): a repack of the store's
+    database moved pointers its reads of the base would otherwise still follow into the
+    condemned packs."""
     store = fs.store
     damaged = False
     while True:
@@ -145,6 +148,8 @@ async def acknowledge_rounds(fs: Filesystem) -> None:
             continue
         async with fs.lock:
             pass
+        if store.below:  # a branch's own view: its reads of the lineage below see moved pointers
+            await store.in_thread(store.refresh_below, python=False)
         await store.sync()
         await store.in_thread(store.liveness.ack, gen)
         log.info("acknowledged gc round %d", gen)

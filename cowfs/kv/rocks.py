@@ -253,6 +253,14 @@ class RocksKV(KV, LocalEngine):
             self._open(read_only=True)  # new handle dicts: `seen` is left as it is to its readers
         log.info("%s: reopened read-only, its writer deleted a file this open had not read yet", self.path)
 
+    def refresh(self) -> None:
+        """A frozen member reopened now (as `_refresh`: a new read-only open sharing the block
+        cache, the old one closed by its last reader), so that its reads see what its writer
+        wrote since: the pointers a repack of that database moved, before a branch daemon
+        acknowledges the gc round that condemned their old packs (cowfs.background.gc)."""
+        if self._frozen:
+            self._refresh(self._cf)
+
     def get(self, cf: str, key: bytes) -> bytes | None:
         if not self._frozen:
             return self._cf[cf].get(key)
