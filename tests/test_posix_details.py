@@ -1039,6 +1039,60 @@ def test_readdir_while_deleting(cowfs_mount):
     assert set(os.listdir(d)) == names - deleted
 
 
+def _read_evicting_cache(d, names, delete, after=100):
+    """scandir d, whose listing the kernel cached (FOPEN_CACHE_DIR) by reading it to the end;
+    after `after` entries delete those seen (delete(name)) and reclaim the cache's pages
+    (as memory pressure or `drop_caches` do; here fadvise DONTNEED), so the kernel continues
+    through the daemon at the offset of the last entry it returned.  Asserts that no entry is
+    returned twice and none that was never deleted is skipped."""
+    assert set(os.listdir(d)) == names  # read to the end: the kernel caches the listing
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    deleted: set[str] = set()
+    seen = []
+    try:
+        with os.scandir(d) as it:
+            for ent in it:
+                seen.append(ent.name)
+                if len(seen) == after:
+                    for name in seen:
+                        delete(name)
+                        deleted.add(name)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert len(seen) > after
+    dup = {x for x, k in collections.Counter(seen).items() if k > 1}
+    assert not dup, f"readdir returned {len(dup)} entries twice, e.g. {sorted(dup)[:5]}"
+    missing = names - deleted - set(seen)
+    assert not missing, (f"readdir skipped {len(missing)} entries that were never deleted, "
+                         f"e.g. {sorted(missing)[:5]}")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("options", [(), ("fuse_ext=0",)], ids=["by_inode", "opendir"])
+def test_readdir_continues_after_cached_listing_is_evicted(mount_factory, options):
+    """A listing the kernel serves from its cache continues through the daemon, after the
+    cache is reclaimed, exactly after the last entry returned, also when names before it
+    were removed since (offsets were positions in a listing: 100 names skipped here)."""
+    d = mount_factory(options=options).path / "evicted"
+    os.mkdir(d)
+    n = 3_000
+    _make_files(d, n)
+    _read_evicting_cache(d, {f"{i:06d}" for i in range(n)}, lambda name: os.unlink(d / name))
+
+
+@pytest.mark.timeout(240)
+def test_snapshots_listing_continues_after_cached_listing_is_evicted(cowfs_mount):
+    """The same for `.cowfs/snapshots`, whose entries come and go by the control file (long
+    names: a `getdents` of Python's 32 KiB returns ~240 of them, not the whole listing)."""
+    mp = cowfs_mount.path
+    names = {f"s{i:04d}-" + "x" * 110 for i in range(600)}
+    for name in sorted(names):
+        mounting.ok(mp, f"snapshot {name}\n".encode())
+    _read_evicting_cache(mp / ".cowfs" / "snapshots", names,
+                         lambda name: mounting.ok(mp, f"delete {name}\n".encode()), after=20)
+
+
 def _create_and_list(d, n):
     os.mkdir(d)
     t0 = time.perf_counter()

@@ -169,12 +169,17 @@ class ControlFS:
             return []
         return self.branching.owned_snapshots(view)
 
+    @staticmethod
+    def listed_name(snap: Snapshot) -> bytes:
+        """The name a snapshot is listed under."""
+        return snap.name.encode("utf-8", "surrogateescape")
+
     def listed(self, snap: Snapshot) -> tuple[bytes, pyfuse3.EntryAttributes, Node] | None:
         """A listed snapshot's entry (None: deleted since the listing was taken)."""
         if self.fs.store.catalog.snapshots.get(snap.name) is not snap:
             return None
         root = self.fs.node(self.fs.snapshot_view(snap), ROOT_INO)
-        return snap.name.encode("utf-8", "surrogateescape"), self.entry_of(root), root
+        return self.listed_name(snap), self.entry_of(root), root
 
     async def open(self, fino: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         kind = control_parts(fino)[1]

@@ -14,6 +14,7 @@ from cowfs.core.node import Node
 
 if TYPE_CHECKING:
     from cowfs.fuse.controlfs import Session
+    from cowfs.fuse.listings import Listing
 
 
 class DirHandle:
@@ -22,7 +23,7 @@ class DirHandle:
     def __init__(self, node: Node | None, control: int = 0, warming: bool = False) -> None:
         self.node = node
         self.control = control  # a control directory's inode number instead of a node
-        self.entries: list[tuple[bytes, int]] | None = None
+        self.entries: Listing[tuple[bytes, int]] | None = None  # taken when reading starts
         self.warming = warming  # opened by the warming helper (counted in Warmer.requests)
 
 

@@ -15,7 +15,7 @@ import errno
 import logging
 import os
 import stat
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pyfuse3
@@ -34,6 +34,7 @@ from cowfs.fuse.ext import Extensions
 from cowfs.fuse.handles import Handles
 from cowfs.fuse.inodes import SLOTS, Inodes, is_control
 from cowfs.fuse.kernel import Kernel
+from cowfs.fuse.listings import DOT_NEXT, DOTDOT_NEXT, Kept, Listing
 from cowfs.store import ROOT_INO
 
 if TYPE_CHECKING:
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 trace = logging.getLogger("cowfs.requests")
 
 ATTR_TIMEOUT = 60.0  # the daemon is the only writer; content changed behind the kernel is invalidated
-MAX_LISTINGS = 256  # listings read part way without OPENDIR (see Operations.readdir), the oldest dropped
-LISTING_BITS = 32  # a directory offset without OPENDIR: (listing id << LISTING_BITS) | position
 
 
 class Operations(pyfuse3.Operations):
@@ -70,12 +69,11 @@ class Operations(pyfuse3.Operations):
                                stats or (lambda view: {}), ctl_group)
         self.requests: Counter[str] = Counter()
         # Set by the daemon when cowfs.fuse.ext passes READDIR's inode as its handle: then
-        # OPENDIR is declined (see opendir), and listings in progress are kept here: listing
-        # id -> (the directory's inode, its entries).
+        # OPENDIR is declined (see opendir), and listings in progress are kept here by the
+        # directory's inode (cowfs.fuse.listings).
         self.dirs_by_inode: Extensions | None = None
-        self._listings: OrderedDict[int, tuple[int, list[tuple[bytes, int]]]] = OrderedDict()
-        self._control_listings: OrderedDict[int, tuple[int, list[Snapshot]]] = OrderedDict()  # the same, `snapshots/`
-        self._listing_ids = 0
+        self._listings: Kept[tuple[bytes, int]] = Kept()
+        self._control_listings: Kept[Snapshot] = Kept()  # `snapshots/`, also with OPENDIR
         # The reply to a LOOKUP of an absent name: cached as absent (None: ENOENT, not cached).
         self._negative: pyfuse3.EntryAttributes | None = None
         if cache_absent:
@@ -137,15 +135,9 @@ class Operations(pyfuse3.Operations):
             if node is not None:
                 self.fs.forget(node, n)
                 if node.lookups <= 0 and self._listings and node.attrs.is_dir:
-                    self._drop_listings(fino)
-
-    def _drop_listings(self, fino: int) -> None:
-        """The kernel forgot directory fino: no READDIR can continue its listings (a reader
-        holds the inode), so those it left part way go now.  `rm -rf` starts reading each
-        directory twice and leaves one listing at its first page: kept until MAX_LISTINGS
-        newer ones, that was the whole directory's entries per directory removed."""
-        for lid in [lid for lid, (ino, _) in self._listings.items() if ino == fino]:
-            del self._listings[lid]
+                    # No READDIR can continue its listing (a reader holds the inode): `rm -rf`
+                    # starts reading each directory twice and leaves one listing at its first page.
+                    self._listings.drop(fino)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         self.requests["getattr"] += 1
@@ -412,18 +404,17 @@ class Operations(pyfuse3.Operations):
             return
         await self.inodes.ready(d.node.view)
         if start_id == 0 or d.entries is None:
-            # Offsets index a listing taken when reading starts (again), so they stay valid
-            # while entries are added or removed, and each page costs O(entries in it).
-            d.entries = self.fs.list_dir(d.node)
-        self._reply_listing(d.node, d.entries, start_id, 0, token)
+            # Taken when reading starts (again), or when the kernel continues through this
+            # handle a listing it cached (name cookies resume it exactly, cowfs.fuse.listings).
+            d.entries = self._dir_listing(d.node)
+        self._reply_listing(d.node, d.entries, start_id, token)
 
     def _readdir_of_inode(self, fino: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """READDIR without OPENDIR: fino is the directory's inode.  A listing is taken when
-        reading starts at offset 0, and kept under an id carried in the offsets of its
-        entries, so the pages after the first index the same listing (stable while entries
-        are added or removed, as with a handle); it is dropped at the end (the empty reply)
-        or, when MAX_LISTINGS newer ones are read part way, the oldest, or when the kernel
-        forgets the directory (see forget); a later page of a dropped listing indexes a new one."""
+        reading starts at offset 0 and kept for the pages after it (cowfs.fuse.listings);
+        dropped at the end (the empty reply), when the kernel forgets the directory (see
+        forget) or when MAX_LISTINGS directories were read since; a page whose listing is
+        gone takes a new one and resumes after its offset's name."""
         pid = self.dirs_by_inode.readdir_pids.pop(fino, 0)  # type: ignore[union-attr]
         if is_control(fino):
             self._control_listing(fino, start_id, token)
@@ -436,56 +427,43 @@ class Operations(pyfuse3.Operations):
                 self.warm.opened_dir(node, pid)
             elif pid and pid == self.warm.pid:
                 self.warm.requests += 1
-        lid, pos, entries = self._kept_listing(self._listings, fino, start_id, lambda: self.fs.list_dir(node))
-        if self._reply_listing(node, entries, pos, lid << LISTING_BITS, token):
-            self._listings.pop(lid, None)
+        entries = self._listings.get(fino, start_id, lambda: self._dir_listing(node))
+        if self._reply_listing(node, entries, start_id, token):
+            self._listings.drop(fino)
 
-    def _kept_listing(self, kept: OrderedDict[int, tuple[int, list[Any]]], fino: int, start_id: int,
-                      make: Callable[[], list[Any]]) -> tuple[int, int, list[Any]]:
-        """(listing id, position, listing) for a READDIR of fino at start_id: the listing kept
-        under the id its offsets carry, else one made now (under a new id when reading starts
-        at 0), kept with at most MAX_LISTINGS others (the oldest dropped)."""
-        lid, pos = start_id >> LISTING_BITS, start_id & ((1 << LISTING_BITS) - 1)
-        found = kept.get(lid) if start_id else None
-        if found is not None and found[0] == fino:
-            return lid, pos, found[1]
-        if start_id == 0:
-            self._listing_ids = self._listing_ids % ((1 << 30) - 1) + 1
-            lid = self._listing_ids
-        listing = make()
-        kept[lid] = (fino, listing)
-        while len(kept) > MAX_LISTINGS:
-            kept.popitem(last=False)
-        return lid, pos, listing
+    def _dir_listing(self, node: Node) -> Listing[tuple[bytes, int]]:
+        """node's entries in cookie order, which the offsets READDIR gives resume in."""
+        return Listing(self.fs.list_dir(node), _name_of_entry)
 
     def _control_listing(self, fino: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        """A control directory's listing, kept under an id in its offsets as a directory's
-        is (`_readdir_of_inode`): made once when reading starts, not at each page (100,000
-        snapshots took 484 s to list, ~200 pages each making every entry)."""
-        lid, pos, snaps = self._kept_listing(self._control_listings, fino, start_id,
-                                             lambda: self.ctlfs.listing(fino))
-        for i in range(pos, len(snaps)):
-            found = self.ctlfs.listed(snaps[i])
+        """A control directory's listing, kept as a directory's is (`_readdir_of_inode`):
+        made once when reading starts, not at each page (100,000 snapshots took 484 s to
+        list, ~200 pages each making every entry)."""
+        snaps = self._control_listings.get(fino, start_id,
+                                           lambda: Listing(self.ctlfs.listing(fino), self.ctlfs.listed_name))
+        for i in range(snaps.after(start_id), len(snaps.items)):
+            found = self.ctlfs.listed(snaps.items[i])
             if found is None:
                 continue  # deleted since the listing was taken
             name, entry, node = found
-            if not pyfuse3.readdir_reply(token, name, entry, (lid << LISTING_BITS) | (i + 1)):
+            if not pyfuse3.readdir_reply(token, name, entry, snaps.cookies[i]):
                 return
             self.fs.looked_up(node)
-        self._control_listings.pop(lid, None)
+        self._control_listings.drop(fino)
 
-    def _reply_listing(self, dnode: Node, entries: list[tuple[bytes, int]], pos: int, base: int,
+    def _reply_listing(self, dnode: Node, entries: Listing[tuple[bytes, int]], start_id: int,
                        token: pyfuse3.ReaddirToken) -> bool:
-        """Reply with dnode's entries from position pos (0 ".", 1 "..", then entries[pos-2:]),
-        each with offset base | its next position; True if nothing was left to send."""
+        """Reply with dnode's entries after offset start_id (0: from ".", DOT_NEXT: from
+        "..", else those with greater cookies), each with its offset; True if nothing was
+        left to send."""
         fs, view = self.fs, dnode.view
         sent = False
-        # Offsets 0 and 1 are "." and ".." (the kernel takes no lookup reference for them).
-        if pos == 0:
-            if not pyfuse3.readdir_reply(token, b".", self._entry(dnode), base | 1):
+        # "." and ".." come first (the kernel takes no lookup reference for them).
+        if start_id == 0:
+            if not pyfuse3.readdir_reply(token, b".", self._entry(dnode), DOT_NEXT):
                 return False
-            pos, sent = 1, True
-        if pos == 1:
+            start_id, sent = DOT_NEXT, True
+        if start_id == DOT_NEXT:
             parent = dnode
             if dnode.ino != ROOT_INO and dnode.attrs.parent:
                 try:
@@ -495,16 +473,17 @@ class Operations(pyfuse3.Operations):
             entry = self._entry(parent)
             if parent is not dnode:
                 fs.evict_if_unused(parent)
-            if not pyfuse3.readdir_reply(token, b"..", entry, base | 2):
+            if not pyfuse3.readdir_reply(token, b"..", entry, DOTDOT_NEXT):
                 return False
-            pos, sent = 2, True
-        for i in range(pos - 2, len(entries)):
-            name, ino = entries[i]
+            start_id, sent = DOTDOT_NEXT, True
+        items, cookies = entries.items, entries.cookies
+        for i in range(entries.after(start_id), len(items)):
+            name, ino = items[i]
             try:
                 child = fs.node(view, ino)
             except FSError:
                 continue  # removed since the listing was taken
-            if not pyfuse3.readdir_reply(token, name, self._entry(child), base | (i + 3)):
+            if not pyfuse3.readdir_reply(token, name, self._entry(child), cookies[i]):
                 fs.evict_if_unused(child)  # not sent: the kernel holds no reference to it
                 return False
             sent = True
@@ -586,6 +565,10 @@ class Operations(pyfuse3.Operations):
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         self.requests["access"] += 1
         return True  # default_permissions: the kernel has checked already
+
+
+def _name_of_entry(entry: tuple[bytes, int]) -> bytes:
+    return entry[0]
 
 
 def _show(arg: Any) -> Any:
