@@ -198,9 +198,12 @@ def django_sdist() -> Path:
     return tgz
 
 
-def untar(tgz: Path, dest: Path) -> Path:
+def untar(tgz: Path, dest: Path, only: str | None = None) -> Path:
+    """The sdist unpacked under dest (only: one top-level directory of it, e.g. "django", the
+    package's 6,104 of the 10,042 entries, for the tests whose workload needs no more)."""
     dest.mkdir(parents=True, exist_ok=True)
-    sh(["tar", "xzf", str(tgz), "-C", str(dest)], timeout=300)
+    members = [f"Django-{DJANGO_VERSION}/{only}"] if only else []
+    sh(["tar", "xzf", str(tgz), "-C", str(dest), *members], timeout=300)
     return dest / f"Django-{DJANGO_VERSION}"
 
 
@@ -268,14 +271,14 @@ def test_git_init_add_commit_status_diff(mnt, django_sdist, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = git_env(home)
-    tree = untar(django_sdist, Path(mnt.path) / "g")
+    tree = untar(django_sdist, Path(mnt.path) / "g", only="django")  # the whole sdist: 40% more, no more kinds
     sh(["git", "init", "-q"], cwd=tree, env=env)
     sh(["git", "add", "-A"], cwd=tree, env=env, timeout=300)
     sh(["git", "commit", "-q", "-m", "import"], cwd=tree, env=env, timeout=300)
     st = sh(["git", "status", "--porcelain"], cwd=tree, env=env)
     assert st.stdout == "", f"status not clean right after commit:\n{st.stdout[:2000]}"
     n = sh(["git", "ls-files"], cwd=tree, env=env).stdout.count("\n")
-    assert n > 6000
+    assert n > 3500
     fsck = sh(["git", "fsck", "--no-dangling"], cwd=tree, env=env, timeout=300, check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
@@ -302,7 +305,7 @@ def test_venv_and_compileall(mnt, django_sdist):
     pipv = sh([str(py), "-m", "pip", "--version"], timeout=120)
     assert str(venv) in pipv.stdout
 
-    tree = untar(django_sdist, root / "c")
+    tree = untar(django_sdist, root / "c", only="django")  # what compileall and the imports read
     sh([str(py), "-m", "compileall", "-q", "django"], cwd=tree, timeout=300)
     pycs = list((tree / "django").rglob("*.pyc"))
     assert len(pycs) > 800
