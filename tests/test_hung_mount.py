@@ -181,7 +181,7 @@ def test_umount_force_ends_a_hung_daemon(tmp_path, test_dir):
         os.kill(s.pid, signal.SIGSTOP)
         waiting = blocked_stat(s.mp / "never-looked-up")
         s.procs.append(waiting)
-        r = mounting.run_cowfs("umount", "--timeout", "5", s.mp, timeout=30, check=False)
+        r = mounting.run_cowfs("umount", "--timeout", "2", s.mp, timeout=30, check=False)
         assert r.returncode != 0 and b"--force" in r.stderr, r.stderr
         r = mounting.run_cowfs("status", s.mp, timeout=60)  # answers, and says what to do
         assert b"umount --force" in r.stdout, r.stdout
@@ -205,10 +205,10 @@ def test_control_commands_time_out_on_a_hung_daemon(tmp_path, test_dir):
         try:
             for cmd in (("snapshot", s.mp, "s1"), ("list", s.mp), ("diff", s.mp, "s1")):
                 t = time.monotonic()
-                r = mounting.run_cowfs(*cmd, "--timeout", "2", timeout=30, check=False)
+                r = mounting.run_cowfs(*cmd, "--timeout", "1", timeout=30, check=False)
                 assert r.returncode == 1 and b"no answer" in r.stderr and b"umount --force" in r.stderr, r.stderr
                 assert time.monotonic() - t < 15
-            m = api.Mount(path=s.mp, store=s.store, branch_name="main", owned=False, timeout=2)
+            m = api.Mount(path=s.mp, store=s.store, branch_name="main", owned=False, timeout=1)
             with pytest.raises(api.NotResponding, match="umount --force"):
                 m.list()
             with pytest.raises(api.NotResponding):
