@@ -28,6 +28,8 @@ targets, in an order that rotates from round to round:
   rand read    unmount + remount + drop_caches, 4 KiB preads at seeded random offsets -> IOPS, p50, p99
                (`--workloads randread`: this one alone, after an untimed write of the file)
   rand write   4 KiB pwrite + fsync at seeded random offsets of the same file         -> IOPS, p50, p99
+               (`--workloads randwrite`: this one alone, after an untimed write of the file
+               and a remount with dropped caches, as in seq where it follows the cold reads)
   files        create (open O_CREAT|O_EXCL + close), stat, unlink N empty files in one directory;
                each phase timed; median of ROUNDS                                     -> s
   tree         untar the Django sdist (pre-decompressed .tar), `grep -r` a string that does not occur
@@ -102,6 +104,8 @@ def workloads_of(metric: str) -> tuple[str, ...]:
     """The workloads (as named in --workloads) that measure a metric."""
     if metric.startswith("rand_read"):
         return ("seq", "randread")
+    if metric.startswith("rand_write"):
+        return ("seq", "randwrite")
     return ("seq",) if metric.startswith(("seq_", "write_amp", "rand_")) else (metric.split("_")[0],)
 
 
@@ -273,17 +277,8 @@ class Bench:
             self.record(metric, t, size / MiB / ph.elapsed, seconds=ph.elapsed, **ph.info)
 
         self._random_reads(t, size)
-        fn = os.path.join(t.path, "seq.bin")
-        offs = bl.random_offsets(size, a.rand_writes, seed=43)
-        bl.log(f"[{t.name}] random write+fsync x{len(offs)}")
-        fd = os.open(fn, os.O_RDWR)
-        try:
-            with self.phase(t, "rand_write", len(offs)) as ph:
-                lat = bl.timed_pwrites_fsync(fd, offs, mv)
-        finally:
-            os.close(fd)
-        self._record_lat("rand_write", t, lat, ph)
-        os.unlink(fn)
+        self._random_writes(t, mv)
+        os.unlink(os.path.join(t.path, "seq.bin"))
         t.record_rss()
 
     def random_reads_only(self, t: bl.Target, data: bytes) -> None:
@@ -294,6 +289,30 @@ class Bench:
         self._random_reads(t, len(data))
         os.unlink(os.path.join(t.path, "seq.bin"))
         t.record_rss()
+
+    def random_writes_only(self, t: bl.Target, data: bytes) -> None:
+        """The "randwrite" workload: the file written and the mount made cold (not timed),
+        then `_random_writes`, so the store holds the file as seq leaves it before them."""
+        fn = os.path.join(t.path, "seq.bin")
+        bl.log(f"[{t.name}] write {len(data) // MiB} MiB (not timed)")
+        write_file(fn, memoryview(data))
+        t.cold()
+        self._random_writes(t, memoryview(data))
+        os.unlink(os.path.join(t.path, "seq.bin"))
+        t.record_rss()
+
+    def _random_writes(self, t: bl.Target, mv: memoryview) -> None:
+        """4 KiB pwrite + fsync at seeded random offsets of seq.bin."""
+        fn = os.path.join(t.path, "seq.bin")
+        offs = bl.random_offsets(len(mv), self.args.rand_writes, seed=43)
+        bl.log(f"[{t.name}] random write+fsync x{len(offs)}")
+        fd = os.open(fn, os.O_RDWR)
+        try:
+            with self.phase(t, "rand_write", len(offs)) as ph:
+                lat = bl.timed_pwrites_fsync(fd, offs, mv)
+        finally:
+            os.close(fd)
+        self._record_lat("rand_write", t, lat, ph)
 
     def _random_reads(self, t: bl.Target, size: int) -> None:
         """4 KiB random reads of seq.bin, cold-ish: fresh mount, empty page cache."""
@@ -521,8 +540,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rand-writes", type=int, help="4 KiB random writes, each followed by fsync (2000)")
     ap.add_argument("--targets", default="plain,overlay,passthrough,cowfs")
     ap.add_argument("--workloads", default="seq,files,tree,git",
-                    help="of seq,files,tree,git; or randread: only the cold 4 KiB random reads of seq "
-                         "(the file written, not timed; --seq-rounds rounds; ignored with seq)")
+                    help="of seq,files,tree,git; or randread / randwrite: only the cold 4 KiB random "
+                         "reads / the 4 KiB random write + fsync of seq (the file written, not timed; "
+                         "--seq-rounds rounds; ignored with seq)")
     ap.add_argument("--workdir", default="/var/tmp/cowfs-bench",
                     help="scratch directory (removed and recreated); must be on the disk to measure")
     ap.add_argument("--loop-gib", type=int, default=12,
@@ -639,15 +659,18 @@ def main(argv=None) -> int:
             k = rnd % len(targets)
             return targets[k:] + targets[:k]
 
-        if workloads & {"seq", "randread"}:
+        if workloads & {"seq", "randread", "randwrite"}:
             bl.log(f"generating {a.size_mib} MiB of random data")
             data = os.urandom(a.size_mib * MiB)
             for rnd in range(a.seq_rounds):
                 for t in order(rnd):
                     if "seq" in workloads:
                         bench.guarded(t, "seq", bench.seq_and_random, data)
-                    else:
+                        continue
+                    if "randread" in workloads:
                         bench.guarded(t, "randread", bench.random_reads_only, data)
+                    if "randwrite" in workloads:
+                        bench.guarded(t, "randwrite", bench.random_writes_only, data)
             del data
         for rnd in range(a.rounds):
             for t in order(rnd):
