@@ -87,6 +87,11 @@ THROUGH_KEYS = {CF_META: (b"usage/", b"share/")}
 PACE_STEPS = 256  # entries a clone's measuring walk takes between two calls of its pace (~1-3 ms)
 T = TypeVar("T")
 SLOW_SYNC_NS = 10_000_000  # a WAL sync this slow sends the next one to a thread (`Store.sync`)
+# Store.wal_keeper: after WAL_SYNCS syncs since the last rotation (an fsync-heavy writer),
+# the WAL is rotated to a recycled log, once WAL_ROTATE bytes were written to it (at once the
+# first time, after filling two logs of WAL_ROTATE bytes): RocksKV.rotate_wal.
+WAL_SYNCS = 64
+WAL_ROTATE = 4 << 20
 
 
 def _never() -> bool:
@@ -303,6 +308,9 @@ class Store:
         self.direct_sync_ok: Callable[[], bool] = _never
         self.direct_syncs = 0  # syncs made on the loop (stats)
         self._slow_sync = False  # the last sync took longer than SLOW_SYNC_NS
+        self.wal_rotations = 0  # RocksKV.rotate_wal calls made by wal_keeper (stats)
+        self._syncs_since_rotation = 0
+        self._rotation_wanted = trio.Event()
         # Jobs in worker threads that may use the database handle (`in_thread`), and a reopen
         # waiting for them to end (`recover`); both changed on the event loop only.
         self.kv_users = 0
@@ -844,16 +852,42 @@ class Store:
                 self.direct_syncs += 1
                 self.kv.sync()  # on the loop: no checkpoint, so no commit can come in between
                 self.synced_seq = max(self.synced_seq, seq)
-                self._slow_sync = time.perf_counter_ns() - t0 > SLOW_SYNC_NS
+                self._synced(t0)
                 continue
             ev = self._sync_running = trio.Event()
             try:
                 await self.in_thread(self.kv.sync, python=False)
                 self.synced_seq = max(self.synced_seq, seq)
-                self._slow_sync = time.perf_counter_ns() - t0 > SLOW_SYNC_NS
+                self._synced(t0)
             finally:
                 self._sync_running = None
                 ev.set()
+
+    def _synced(self, t0: int) -> None:
+        self._slow_sync = time.perf_counter_ns() - t0 > SLOW_SYNC_NS
+        self._syncs_since_rotation += 1
+        if self._syncs_since_rotation >= WAL_SYNCS and (not self.wal_rotations
+                                                        or self.engine.wal_bytes >= WAL_ROTATE):
+            self._rotation_wanted.set()
+
+    async def wal_keeper(self) -> None:
+        """Keep the WAL a recycled log while fsyncs come often (the daemon runs this task):
+        its syncs then overwrite blocks in place instead of growing the file
+        (`RocksKV.rotate_wal`).  The first rotation of the process fills two logs of
+        WAL_ROTATE bytes to recycle at once; later ones switch to the log the previous
+        rotation retired, so each log is about WAL_ROTATE bytes.  A writer that never
+        fsyncs often gets no rotation: its memtables are flushed as RocksDB decides."""
+        while True:
+            await self._rotation_wanted.wait()
+            fill = 0 if self.wal_rotations else WAL_ROTATE
+            if not self.engine.read_only:
+                try:
+                    await self.in_thread(self.engine.rotate_wal, fill, python=False)
+                    self.wal_rotations += 1
+                except Exception as exc:  # noqa: BLE001 - the log in use stays: syncs append, as before
+                    log.warning("%s: the write-ahead log was not rotated: %s", self.path, exc)
+            self._syncs_since_rotation = 0
+            self._rotation_wanted = trio.Event()
 
     def _release_umask(self) -> None:
         if self._umask_held:

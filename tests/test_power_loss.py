@@ -22,11 +22,14 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import pytest
 
 import mounting
 import workload
+from cowfs.store import WAL_SYNCS
+from mounting import stats
 
 ROUNDS = int(os.environ.get("COWFS_POWER_ROUNDS", "5"))
 LAZYFS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lazyfs.py")
@@ -185,29 +188,35 @@ def test_fsynced_data_survives_and_unsynced_is_prefix(lazy, mount_factory):
             assert (m.path / f"later{i}").read_bytes() == bytes([i]) * 100_000
 
 
-@pytest.mark.timeout(120)
-def test_fsynced_small_writes_survive_a_power_cut_through_the_log(lazy, mount_factory):
-    """Small fsync'd writes are made durable as small-write log records (cowfs/core/smallwrites.py),
-    held there by the `timer_flush` hook: after the cut the next daemon replays every one, and
-    what was written after the last fsync is gone."""
+def _fsynced_small_writes(fd: int, model: bytearray, rnd: random.Random, n: int) -> None:
+    """n small pwrites at random offsets of fd's file, each fsync'd; model follows them."""
+    for _ in range(n):
+        off = rnd.randrange(len(model) - 5000)
+        data = rnd.randbytes(rnd.choice([10, 4096, 5000]))
+        os.pwrite(fd, data, off)
+        model[off : off + len(data)] = data
+        os.fsync(fd)
+
+
+def _small_writes_and_a_cut(lazy, mount_factory, seed: int,
+                            writes: Callable[[mounting.Mount, int, bytearray, random.Random], None]):
+    """On a store in LazyFS, held by the `timer_flush` hook (what fsync logs stays logged): a
+    file of 1 MiB written and fsync'd (a flush: more than the log takes), then `writes`, then
+    5 writes not fsync'd (only in the daemon's memory) and the power cut; fsck after it, and
+    the next daemon started.  Returns that mount, the file and its model."""
     store = os.path.join(lazy.mp, "store")
     mounting.init_store(store)
     sync_tree(store)
     m = mount_factory(store=store, init=False, env={"COWFS_FAULTS": "timer_flush:eio:*"})
-    rnd = random.Random(9)
+    rnd = random.Random(seed)
     model = bytearray(rnd.randbytes(1 << 20))
     path = m.path / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         os.pwrite(fd, model, 0)
-        os.fsync(fd)  # a flush: more than the log takes
-        for _ in range(30):
-            off = rnd.randrange(len(model) - 5000)
-            data = rnd.randbytes(rnd.choice([10, 4096, 5000]))
-            os.pwrite(fd, data, off)
-            model[off : off + len(data)] = data
-            os.fsync(fd)
-        for _ in range(5):  # not fsync'd: only in the daemon's memory
+        os.fsync(fd)
+        writes(m, fd, model, rnd)
+        for _ in range(5):
             os.pwrite(fd, b"x" * 4096, rnd.randrange(len(model) - 4096))
         power_cut(m, lazy)
     finally:
@@ -215,7 +224,37 @@ def test_fsynced_small_writes_survive_a_power_cut_through_the_log(lazy, mount_fa
     lazy.start()
     workload.fsck_clean(store)
     m.start()
+    return m, path, model
+
+
+@pytest.mark.timeout(120)
+def test_fsynced_small_writes_survive_a_power_cut_through_the_log(lazy, mount_factory):
+    """Small fsync'd writes are made durable as small-write log records (cowfs/core/smallwrites.py):
+    after the cut the next daemon replays every one, and what was written after the last
+    fsync is gone."""
+    m, path, model = _small_writes_and_a_cut(
+        lazy, mount_factory, 9, lambda m, fd, model, rnd: _fsynced_small_writes(fd, model, rnd, 30))
     assert "30 small-write log records of a previous daemon replayed" in m.log_text()
+    assert path.read_bytes() == model
+
+
+@pytest.mark.timeout(180)
+def test_fsyncs_through_a_recycled_wal_survive_a_power_cut(lazy, mount_factory):
+    """After WAL_SYNCS fsyncs the daemon switches RocksDB to a recycled write-ahead log
+    (Store.wal_keeper, RocksKV.rotate_wal), which later syncs overwrite in place over the
+    records of its previous use: after a cut, every fsync'd write made through it is
+    replayed, nothing written after the last fsync or left in the log's tail comes back."""
+
+    def writes(m: mounting.Mount, fd: int, model: bytearray, rnd: random.Random) -> None:
+        _fsynced_small_writes(fd, model, rnd, WAL_SYNCS + 6)
+        deadline = time.monotonic() + 60
+        while stats(m.path)["wal_rotations"] < 1:  # (stats fold the log: nothing pending now)
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        _fsynced_small_writes(fd, model, rnd, 40)
+
+    m, path, model = _small_writes_and_a_cut(lazy, mount_factory, 11, writes)
+    assert "40 small-write log records of a previous daemon replayed" in m.log_text()
     assert path.read_bytes() == model
 
 

@@ -227,6 +227,7 @@ class Daemon:
             "commits": store.write_seq,
             "syncs_done": store.synced_seq,
             "direct_syncs": store.direct_syncs,  # WAL syncs made on the event loop (Store.sync)
+            "wal_rotations": store.wal_rotations,  # to a recycled WAL (Store.wal_keeper)
             "objects_created": store.objects_created,
             "objects_freed": store.objects_freed,
             "cache": store.cache.stats(),
@@ -394,6 +395,7 @@ class Daemon:
             await sup.serve(nursery, "admin", lambda task_status: admin.serve(sock, self.handle_admin, owner=owner,
                                                                               task_status=task_status))
             sup.start(nursery, "flusher", self.fs.background_flusher)
+            sup.start(nursery, "wal_keeper", self.store.wal_keeper)
             sup.start(nursery, "kernel_syncer", self.ops.kernel.syncer)
             sup.start(nursery, "slot_reclaimer", self.ops.kernel.slot_reclaimer)
             sup.start(nursery, "signals", self._watch_signals)

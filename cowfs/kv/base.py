@@ -147,5 +147,12 @@ class LocalEngine(Protocol):
     def compact(self) -> None:
         """Reclaim the space of deleted keys now (blocking: call in a thread)."""
 
+    # Bytes of keys and values written since the last rotate_wal (about the log's growth).
+    wal_bytes: int
+
+    def rotate_wal(self, fill: int = 0) -> None:
+        """Start a new write-ahead log, a recycled one if the engine has one, after filling
+        logs of `fill` bytes to recycle (blocking: call in a thread; see RocksKV)."""
+
     def disk_usage(self) -> tuple[int, int]:
         """(bytes the engine occupies on disk without its write-ahead log, bytes of the log)."""

@@ -470,3 +470,57 @@ def test_a_read_only_member_reads_on_after_its_writer_drops_its_blob_files(tmp_p
             assert dict(over.scan("b", b"")) == values
     finally:
         ro.close()
+
+
+ROTATED = r"""
+import os, sys
+from cowfs.kv.base import Batch
+from cowfs.kv.rocks import RocksKV
+
+kv = RocksKV(sys.argv[1], ("a", "b"))
+
+
+def logs():
+    return {f: os.path.getsize(os.path.join(sys.argv[1], f)) for f in os.listdir(sys.argv[1]) if f.endswith(".log")}
+
+
+def put(i, value):
+    b = Batch()
+    b.put("a", i.to_bytes(8, "big"), value)
+    kv.write(b)
+    kv.sync()
+
+
+kv.rotate_wal(1 << 20)
+before = logs()
+print(sorted(before.values()), flush=True)
+for r in range(3):
+    for i in range(300):
+        put(i, bytes([r]) * 3000)
+    if r == 0:
+        print(logs() == before, flush=True)  # 900 KB written in place: no log grew
+    kv.rotate_wal()
+for i in range(100):
+    put(i, b"last" * 750)
+os._exit(0)  # no close: the reopen recovers from the logs
+"""
+
+
+def test_rotate_wal_writes_in_place_into_recycled_logs_and_recovery_ignores_their_old_records(tmp_path):
+    """RocksKV.rotate_wal: after a fill, the log in use is a recycled one at least that large,
+    so synced writes overwrite it without growing it; after logs are reused again and again and
+    the process dies without closing, the reopen reads the last value of every key (the old
+    records left in a reused log's tail are not replayed)."""
+    path = str(tmp_path / "db")
+    out = subprocess.run([sys.executable, "-c", ROTATED, path], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    sizes, in_place = out.stdout.split("\n")[:2]
+    assert min(json.loads(sizes)) >= 1 << 20, sizes  # the two filled logs
+    assert in_place == "True"
+    kv = RocksKV(path, ("a", "b"))
+    try:
+        for i in range(300):
+            assert kv.get("a", i.to_bytes(8, "big")) == (b"last" * 750 if i < 100 else bytes([2]) * 3000), i
+        assert sum(1 for _ in kv.scan("a", b"")) == 300
+    finally:
+        kv.close()
