@@ -16,7 +16,7 @@ of hanging it.  One mount per test function; the trees are emptied between examp
 fraction of the examples the mount is remounted once (all metadata incl. inode numbers and
 timestamps must survive).
 
-The suite runs 100 examples per variant (posix_machine.SUITE_EXAMPLES); the long form
+The suite runs 60 examples per variant (posix_machine.SUITE_EXAMPLES); the long form
 (``full``, scripts/test_slow.sh) ``COWFS_HYPOTHESIS_EXAMPLES`` (default 250).
 ``COWFS_HYPOTHESIS_STEPS``: steps per example (default 30).
 """
