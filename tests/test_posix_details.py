@@ -997,9 +997,11 @@ def _make_files(d, n):
 
 @pytest.mark.timeout(240)
 def test_readdir_while_deleting(cowfs_mount):
+    """Entries deleted (seen and not yet seen) while a scandir reads the directory: none twice,
+    none that stayed skipped.  4,000 entries are ~30 READDIR pages of 4 KiB (10,000 took 3x as long)."""
     d = cowfs_mount.path / "big"
     os.mkdir(d)
-    n = 10_000
+    n = 4_000
     _make_files(d, n)
     names = {f"{i:06d}" for i in range(n)}
     assert set(os.listdir(d)) == names
