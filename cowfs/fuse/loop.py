@@ -23,8 +23,8 @@ Concurrency invariants:
   runnable tasks run, and its epoll_wait does not block, this task being runnable), however
   fast requests arrive.  It does not park: after a request that took longer than YIELD_NS
   (a cold read's disk wait) the next one is usually queued already or comes within the
-  spin, and parking made each of them a sleep and a wake-up (in a cold random read, 4 of
-  5 requests parked: docs/benchmarks.md, issue 24, h65).
+  spin, and parking made each of them a sleep and a wake-up (in cold random reads, half
+  to four fifths of the requests parked: docs/benchmarks.md, issue 24, h65).
 - A spin blocks the event loop for at most `spin_us`, and only while at least 4 of 5
   recent waits ended within `spin_us` (a `score` kept per wait), so a mount whose
   requests come slowly stops spinning after a few waits and costs nothing.
