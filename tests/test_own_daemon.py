@@ -4,7 +4,9 @@
 Two daemons of one store write at once, each sees only its own writes and both read the
 shared base; a daemon killed -9 while both write leaves the other serving, and a remount
 takes its branch over; a snapshot in a branch's own daemon is the branch point of a third;
-gc deletes the home of a deleted branch; fsck is clean after each, with every byte compared.
+gc deletes the home of a deleted branch; a repack of the base waits for the branch daemon, which
+reads on; kill -9 around the publication of a branch with its own home; fsck of the store and of
+every home is clean after each, with every byte compared.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import signal
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 import mounting
 from cowfs import homes
@@ -265,5 +269,41 @@ def test_a_repack_of_the_store_database_waits_for_a_branch_daemon_that_then_read
     assert read(f.path / "keep") == bytes(keep)  # its first half never read by the branch daemon before
     assert read(m.path / "keep") == bytes(keep)
     f.stop()
+    m.stop()
+    _fsck(m.store)
+
+
+@pytest.mark.parametrize("point", ["catalog_publish", "catalog_published"])
+def test_kill9_around_the_publish_of_a_branch_with_its_own_home(mount_factory, point):
+    """Killed just before the compare-and-set that names the new branch, its home is left
+    unnamed (fsck counts it, clean; gc removes it once old) and the catalog is as before;
+    killed just after, the branch is there, its own daemon serves it, and fsck is clean."""
+    m = _with_base(mount_factory)
+    m.stop()
+    m.env = {"COWFS_FAULTS": f"{point}:kill"}
+    m.start()
+    r = run_cowfs("branch", str(m.path), "feat", "--own-daemon", check=False)
+    assert r.returncode != 0, r
+    assert m.proc.wait(30) == -signal.SIGKILL
+    run_cowfs("umount", m.path)
+    m.env = {}
+    listed = homes.listed(str(m.store))
+    assert len(listed) == 1, listed  # made and registered before the publication
+    report = mounting.fsck(m.store)
+    assert report["counts"]["unnamed_homes"] == (1 if point == "catalog_publish" else 0), report["counts"]
+    m.start()
+    branches = {b["name"] for b in ok(m.path, "list")["branches"]}
+    if point == "catalog_publish":
+        assert branches == {"main"}
+        old = time.time() - homes.UNNAMED_GRACE - 1
+        os.utime(Path(m.store) / "homes" / listed[0], (old, old))
+        run_cowfs("gc", str(m.store))
+        assert homes.listed(str(m.store)) == []
+    else:
+        assert branches == {"main", "feat"}
+        f = mount_factory(store=m.store, init=False, branch="feat", name="feat")
+        assert _tree(f.path) == BASE
+        write(f.path / "new.txt", b"after the crash", sync=True)
+        f.stop()
     m.stop()
     _fsck(m.store)
