@@ -238,20 +238,27 @@ def test_gc_deletes_the_home_of_a_deleted_branch(mount_factory):
     assert _tree(m.path) == BASE
 
 
-def test_a_repack_of_the_store_database_waits_for_a_branch_daemon_that_then_reads_on(mount_factory):
-    """The base's packs repacked by `cowfs gc` of the store's daemon: the old packs are deleted
-    only once the branch daemon has acknowledged the round, and it does so after reopening
-    the store's database below its view, so its reads of base data it never read before
-    follow the moved pointers (without that reopen they fail on the deleted packs)."""
+def _half_dead(mount_factory) -> tuple[mounting.Mount, bytes]:
+    """The store's daemon with file keep (8 MiB) whose second half was rewritten: the packs of
+    its first write are half dead, so `cowfs gc --repack-below 1` moves its first half."""
     m = mount_factory(options=("dedup=off",))
     rnd = random.Random(7)
     keep = bytearray(rnd.randbytes(8 << 20))
     write(m.path / "keep", bytes(keep), sync=True)  # its own packs
     keep[4 << 20:] = rnd.randbytes(4 << 20)
-    with open(m.path / "keep", "r+b") as fh:  # its second half rewritten: those packs half dead
+    with open(m.path / "keep", "r+b") as fh:
         fh.seek(4 << 20)
         fh.write(keep[4 << 20:])
         os.fsync(fh.fileno())
+    return m, bytes(keep)
+
+
+def test_a_repack_of_the_store_database_waits_for_a_branch_daemon_that_then_reads_on(mount_factory):
+    """The base's packs repacked by `cowfs gc` of the store's daemon: the old packs are deleted
+    only once the branch daemon has acknowledged the round, and it does so after reopening
+    the store's database below its view, so its reads of base data it never read before
+    follow the moved pointers (without that reopen they fail on the deleted packs)."""
+    m, keep = _half_dead(mount_factory)
     _own_branch(m, "feat")
     f = mount_factory(store=m.store, init=False, branch="feat", name="feat")
     with open(f.path / "keep", "rb") as fh:  # its tree node read (and its blob file opened) now,
@@ -266,8 +273,8 @@ def test_a_repack_of_the_store_database_waits_for_a_branch_daemon_that_then_read
             break
         time.sleep(0.5)
     assert r["packs_deleted"] >= 1, r
-    assert read(f.path / "keep") == bytes(keep)  # its first half never read by the branch daemon before
-    assert read(m.path / "keep") == bytes(keep)
+    assert read(f.path / "keep") == keep  # its first half never read by the branch daemon before
+    assert read(m.path / "keep") == keep
     f.stop()
     m.stop()
     _fsck(m.store)
@@ -305,5 +312,32 @@ def test_kill9_around_the_publish_of_a_branch_with_its_own_home(mount_factory, p
         assert _tree(f.path) == BASE
         write(f.path / "new.txt", b"after the crash", sync=True)
         f.stop()
+    m.stop()
+    _fsck(m.store)
+
+
+def test_a_branch_daemon_killed_before_its_acknowledgement_holds_no_round_up(mount_factory):
+    """A round that waits for a branch daemon's acknowledgement is due once that daemon is
+    killed -9 (its writer record is stale); the remount reads the base through the moved
+    pointers."""
+    m, keep = _half_dead(mount_factory)
+    _own_branch(m, "feat")
+    f = mount_factory(store=m.store, init=False, branch="feat", name="feat")
+    f.proc.send_signal(signal.SIGSTOP)  # alive, and acknowledging nothing
+    try:
+        first = mounting.cowfs_json("gc", str(m.store), "--repack-below", "1")
+        assert first["packs_repacked"] >= 1 and first["packs_waiting"] >= 1, first
+        time.sleep(2)
+        again = mounting.cowfs_json("gc", str(m.store))
+        assert again["packs_deleted"] == 0 and again["packs_waiting"] >= 1, again
+    finally:
+        f.proc.send_signal(signal.SIGKILL)
+    f.proc.wait(30)
+    r = mounting.cowfs_json("gc", str(m.store))
+    assert r["packs_deleted"] >= 1 and r["packs_waiting"] == 0, r
+    run_cowfs("umount", f.path)
+    f.start()
+    assert read(f.path / "keep") == keep
+    f.stop()
     m.stop()
     _fsck(m.store)
