@@ -50,7 +50,7 @@ import os
 import stat
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 from cowfs import homes
 from cowfs.chunks import codec
@@ -59,9 +59,9 @@ from cowfs.chunks.families import CF_OBJECTS, CF_PENDING, CF_REFS, CF_SPACE, SPA
 from cowfs.chunks.packs import IndexEntry, pack_name
 from cowfs.chunks.refs import Ref, parse_ref, scan_space, tree_sizes
 from cowfs.chunks.space import Space
-from cowfs.kv.base import Batch
+from cowfs.kv.base import KV, Batch
 from cowfs.meta.gc import unpublished
-from cowfs.meta.layers import CF_CATALOG, Catalog, Usage, suffix_layer
+from cowfs.meta.layers import CF_CATALOG, Catalog, Usage, layer_suffix, suffix_layer
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import COPY_INO_BASE
 from cowfs.meta import links as link_index
@@ -100,6 +100,89 @@ def _versions(store: Store, cf: str) -> Iterator[tuple[bytes, int, bytes]]:
         yield key[:-8], suffix_layer(key[-8:]), value
 
 
+V = TypeVar("V")
+
+
+def _inode_versions(kv: KV, make: Callable[[int, bytes], V]) -> dict[int, list[tuple[bytes, V | None]]]:
+    """Every version of an inode record in kv, by its layer: (inode key, make(layer, value),
+    or None for a tombstone).  One scan for all the views `_per_top` then visits."""
+    out: dict[int, list[tuple[bytes, V | None]]] = defaultdict(list)
+    for key, value in kv.scan(CF_INODES, b""):
+        layer = suffix_layer(key[-8:])
+        out[layer].append((key[:-8], make(layer, value) if value else None))
+    return out
+
+
+def _per_top(parents: dict[int, int], tops: list[tuple[str, int]],
+             changes: dict[int, list[tuple[bytes, V | None]]]) -> Iterator[tuple[str, int, dict[bytes, V]]]:
+    """(name, top, what top sees) for every top whose ancestry reaches the root layer, in
+    the order of a depth-first walk of the layer tree: what a layer sees is its parent's
+    with its own versions applied (a tombstone removes the key), undone when the walk
+    leaves it.  Each version is applied once in all, where a scan of every version per
+    view made fsck quadratic in the number of snapshots (2,000: 27 s).  The mapping is
+    the walk's own: read it before the next item is taken."""
+    at: dict[int, list[str]] = defaultdict(list)
+    for name, top in tops:
+        at[top].append(name)
+    children: dict[int, list[int]] = defaultdict(list)
+    for layer, parent in parents.items():
+        children[parent].append(layer)
+    state: dict[bytes, V] = {}
+    absent = object()
+    undo: list[list[tuple[bytes, object]]] = []
+    stack = sorted(children.get(0, ()), reverse=True)
+    while stack:
+        layer = stack.pop()
+        if layer == 0:  # a sentinel: leave the layer entered last
+            for key, old in reversed(undo.pop()):
+                if old is absent:
+                    state.pop(key, None)
+                else:
+                    state[key] = old  # type: ignore[assignment]
+            continue
+        saved = []
+        for key, value in changes.get(layer, ()):
+            saved.append((key, state.get(key, absent)))
+            if value is None:
+                state.pop(key, None)
+            else:
+                state[key] = value
+        undo.append(saved)
+        for name in at.get(layer, ()):
+            yield name, layer, state
+        stack.append(0)
+        stack.extend(sorted(children.get(layer, ()), reverse=True))
+
+
+def _broken_ancestries(parents: dict[int, int]) -> dict[int, int]:
+    """Each layer whose ancestry does not end at the root layer, with the layer where it
+    breaks (a missing parent, or where it first meets a layer again: a cycle), each layer
+    walked once (remembered verdicts end the walks of its descendants)."""
+    good: set[int] = {0}
+    broken: dict[int, int] = {}
+    for start in parents:
+        path: list[int] = []
+        on_path: dict[int, int] = {}
+        cur = start
+        while cur not in good and cur not in broken:
+            if cur in on_path or cur not in parents:
+                break
+            on_path[cur] = len(path)
+            path.append(cur)
+            cur = parents[cur]
+        if cur in good:
+            good.update(path)
+        elif cur in broken:
+            broken.update((layer, broken[cur]) for layer in path)
+        elif cur in on_path:  # a cycle: from its members it breaks at each one itself
+            i = on_path[cur]
+            broken.update((layer, cur) for layer in path[:i])
+            broken.update((layer, layer) for layer in path[i:])
+        else:  # a missing parent
+            broken.update((layer, cur) for layer in path)
+    return broken
+
+
 class Fsck:
     def __init__(self, store: Store, repair: bool = False, progress: Progress | None = None,
                  verify_data: bool = True) -> None:
@@ -111,6 +194,8 @@ class Fsck:
         self.batch = Batch()
         self.cat: Catalog = store.catalog
         self._pack_sizes: dict[int, int] = {}
+        self._last_view: LayerView | None = None
+        self._listed_orphans: set[int] = set()  # open-but-unlinked inodes (cowfs.meta.orphans)
         self._max_ino = 0  # the largest inode number with a record (check_references)
         self._pack_index: dict[int, dict[bytes, IndexEntry] | None] = {}  # None: no index (or damaged)
 
@@ -119,8 +204,10 @@ class Fsck:
         self.check_homes()
         self.check_shared()
         tops = self._tops()
-        for name, top in tops:
-            self.check_tree(name, top)
+        self._listed_orphans = orphan_records.every(self.store.kv)
+        owned = _inode_versions(self.store.objects.home, lambda layer, _value: layer)
+        for name, top, visible in _per_top(self.cat.parents, tops, owned):
+            self.check_tree(name, top, visible)
         self.check_references()
         self.check_counters()
         self.check_changelog()
@@ -150,15 +237,8 @@ class Fsck:
             if s.layer not in self.cat.parents:
                 self.report.problem(f"snapshot {s.name}: layer {s.layer} does not exist")
                 self.report.unrepairable.append(f"snapshot {s.name} has no layer to read")
-        for layer in list(self.cat.parents):
-            seen = set()
-            cur = layer
-            while cur:
-                if cur in seen or cur not in self.cat.parents:
-                    self.report.problem(f"layer {layer}: its ancestry is broken at layer {cur}")
-                    break
-                seen.add(cur)
-                cur = self.cat.parents[cur]
+        for layer, cur in sorted(_broken_ancestries(self.cat.parents).items()):
+            self.report.problem(f"layer {layer}: its ancestry is broken at layer {cur}")
 
     def check_homes(self) -> None:
         """Every home the catalog names (`home/<layer>`) exists and is a liveness member (else a
@@ -225,8 +305,10 @@ class Fsck:
                     break
 
     # -- 2. trees --------------------------------------------------------------------------
-    def check_tree(self, name: str, top: int) -> None:
-        lv = self.cat.layer_view(top)
+    def check_tree(self, name: str, top: int, visible: dict[bytes, int]) -> None:
+        """visible: the inodes with a live version in the home database that top sees, by key,
+        each with that version's layer (the orphan check's candidates, `_per_top`)."""
+        lv = self._view(top)
         meta = self.store.meta
         records: dict[int, Attrs] = {}
         links: Counter[int] = Counter()
@@ -272,7 +354,14 @@ class Fsck:
         self.report.counts["inodes"] += len(records)
         self._check_links(name, top, lv, records, links, subdirs)
         self._check_link_index(name, top, lv, names, where)
-        self._check_orphans(name, top, lv, records)
+        self._check_orphans(name, top, lv, records, visible)
+
+    def _view(self, top: int) -> LayerView:
+        """top's view, kept until the next is made: the catalog keeps the blocks of an
+        ancestry only while a view holds them, and the next top of the walk (`_per_top`)
+        shares most of them, so each is made once, not once per view (quadratic)."""
+        self._last_view = self.cat.layer_view(top)
+        return self._last_view
 
     def _path(self, where: dict[int, tuple[int, bytes]], parent: int, name: bytes) -> str:
         parts = [name]
@@ -312,17 +401,15 @@ class Fsck:
                                         link_index.PRESENT)
                     self.report.repaired.append(f"{name}: indexed a name of inode {ino}")
 
-    def _check_orphans(self, name: str, top: int, lv: LayerView, records: dict[int, Attrs]) -> None:
-        listed = orphan_records.every(self.store.kv)
-        last = None
+    def _check_orphans(self, name: str, top: int, lv: LayerView, records: dict[int, Attrs],
+                       visible: dict[bytes, int]) -> None:
+        listed = self._listed_orphans
         orphans = []
-        for base, layer, value in _versions(self.store, CF_INODES):
-            ino = int.from_bytes(base, "big")
-            if ino == last or layer not in lv.ancestors:
-                continue
-            last = ino
-            if value and ino not in records and ino not in listed:
-                orphans.append((ino, Attrs.unpack(value)))
+        for key, layer in sorted(visible.items()):
+            ino = int.from_bytes(key, "big")
+            if ino not in records and ino not in listed:
+                value = self.store.objects.home.get(CF_INODES, key + layer_suffix(layer))
+                orphans.append((ino, Attrs.unpack(value)))  # type: ignore[arg-type]
         for ino, a in orphans:
             self.report.problem(f"{name}: inode {ino} is not reachable from the root (orphan)")
             if self.repair and self._writable(top):
@@ -636,9 +723,10 @@ class Fsck:
         batch = Batch()
         unmeasured = {c.top_y: self.store.measure_clone(c) for c in self.store.meta.shared.clones.values()
                       if not c.measured and c.layer in self.cat.parents}
-        for name, top in tops:
-            lv = self.cat.layer_view(top)
-            counted = self.store.count_usage(lv)
+        seen = _inode_versions(self.store.kv, lambda _layer, value: value)
+        for name, top, visible in _per_top(self.cat.parents, tops, seen):
+            lv = self._view(top)
+            counted = self.store.count_usage(lv, visible)
             stored = self.cat.usage(top)
             # What the clone measurer will add to the record (cowfs.background.cloning).
             pending = [unmeasured[c.top_y] for c in self.store.meta.shared.visible_clones(lv.ancestors)

@@ -16,7 +16,7 @@ import logging
 import os
 import stat
 import time
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import trio
 
@@ -34,7 +34,7 @@ from cowfs.kv.overlay import OverlayKV
 from cowfs.kv.rocks import RocksKV
 from cowfs.kv.split import SplitKV, Unpublished
 from cowfs.kv.sqlite import SQLiteKV
-from cowfs.meta.layers import CF_CATALOG, CF_META, Branch, Catalog, Usage
+from cowfs.meta.layers import CF_CATALOG, CF_META, Branch, Catalog, Usage, suffix_layer
 from cowfs.meta.records import Attrs
 from cowfs.meta.shared import Clone, SharedTrees
 from cowfs.meta import links, serving
@@ -432,13 +432,13 @@ class Store:
                 roots[h] = roots.get(h, 0) + 1
         return roots
 
-    def count_usage(self, lv: LayerView) -> Usage:
+    def count_usage(self, lv: LayerView, visible: Mapping[bytes, bytes] | None = None) -> Usage:
         """What a view sees (logical bytes, inodes, allocated bytes), by a walk of all inode
-        records: for a view that never recorded its usage, and the format-5 upgrade."""
+        records: for a view that never recorded its usage, and the format-5 upgrade.
+        visible: the live records lv sees by inode key, when the caller has them (fsck
+        makes them for every view in one pass: a scan per view is quadratic in views)."""
         logical = inodes = allocated = 0
-        last = None
         ranges = self.meta.shared.visible(lv.ancestors)  # copies reading through a range
-        seen: set[bytes] = set()  # inodes with a real version (only needed beside ranges)
 
         def count(a: Attrs) -> None:
             nonlocal logical, inodes, allocated
@@ -447,18 +447,13 @@ class Store:
                 logical += a.size
                 allocated += self.objects.content_size(a.root.hash if a.root is not None else None)
 
-        for key, value in self.kv.scan(CF_INODES, b""):
-            ino = key[:8]
-            if ino == last or (1 << 64) - 1 - int.from_bytes(key[8:], "big") not in lv.ancestors:
-                continue
-            last = ino
-            if ranges:
-                seen.add(ino)
-            if value:
-                count(Attrs.unpack(value))
+        if visible is None:
+            visible = self._visible_records(lv)
+        for value in visible.values():
+            count(Attrs.unpack(value))
         for r in ranges:
             for y, _x in r.pairs():
-                if ino_key(y) not in seen:
+                if ino_key(y) not in visible:
                     found = self.meta.get(CF_INODES, ino_key(y), lv)
                     if found is not None and found[1]:
                         count(Attrs.unpack(found[1]))
@@ -466,6 +461,19 @@ class Store:
             for a in self._clone_copies(lv):
                 count(a)
         return Usage(logical, inodes, allocated)
+
+    def _visible_records(self, lv: LayerView) -> dict[bytes, bytes]:
+        """The live inode records lv sees, by inode key: a scan of every version."""
+        out: dict[bytes, bytes] = {}
+        last = None
+        for key, value in self.kv.scan(CF_INODES, b""):
+            ino = key[:8]
+            if ino == last or suffix_layer(key[8:]) not in lv.ancestors:
+                continue
+            last = ino
+            if value:
+                out[ino] = value
+        return out
 
     def _clone_copies(self, lv: LayerView) -> Iterator[Attrs]:
         """Records of the copies of clones that lv sees and that have no version of their own
