@@ -90,7 +90,7 @@ def _catalog_figures(mp) -> dict:
 @pytest.mark.timeout(300)
 def test_a_mount_parses_snapshot_records_only_as_they_are_used(mount_factory, tmp_path):
     store = tmp_path / "store"
-    built = bulkstore.chain(str(store), 1500)  # 3,000: fsck alone took 62 s at load 7, 13 s here
+    built = bulkstore.chain(str(store), 1500)  # 3,000: fsck alone took 62 s at load 7 (quadratic then)
     m = mount_factory(store=store)
     snaps = m.path / ".cowfs" / "snapshots"
     assert _catalog_figures(m.path) == {"catalog_records_read": 1, "catalog_records_parsed": 1}  # main
