@@ -341,3 +341,41 @@ def test_a_branch_daemon_killed_before_its_acknowledgement_holds_no_round_up(mou
     f.stop()
     m.stop()
     _fsck(m.store)
+
+
+@pytest.mark.parametrize("point", ["catalog_publish", "catalog_published"])
+def test_kill9_around_the_publish_of_a_snapshot_in_a_branch_daemon(mount_factory, point):
+    """A snapshot taken in a branch's own daemon, killed on either side of its compare-and-set:
+    the catalog is as before or has the snapshot; the home's records of a layer left unnamed
+    are counted by its fsck and removed by its next gc; every file reads as written."""
+    m = _with_base(mount_factory)
+    _own_branch(m, "feat")
+    f = mount_factory(store=m.store, init=False, branch="feat", name="feat", env={"COWFS_FAULTS": f"{point}:kill"})
+    write(f.path / "mine.txt", b"the fork's", sync=True)
+    r = run_cowfs("snapshot", str(f.path), "s1", check=False)
+    assert r.returncode != 0, r
+    assert f.proc.wait(30) == -signal.SIGKILL
+    run_cowfs("umount", f.path)
+    f.env = {}
+    m.stop()
+    (home,) = homes.listed(str(m.store))
+    st = Store(str(m.store), home=home)
+    try:
+        report = Fsck(st).run()
+        assert report.clean, report.problems
+        assert ("s1" in st.catalog.snapshots) == (point == "catalog_published")
+        assert report.counts["unpublished_layers"] == (1 if point == "catalog_publish" else 0), report.counts
+    finally:
+        st.close()
+    m.start()
+    f.start()
+    assert _tree(f.path) == {**BASE, "mine.txt": b"the fork's"}
+    run_cowfs("gc", str(f.path))  # its own daemon's gc: the unnamed layer's records go
+    f.stop()
+    m.stop()
+    st = Store(str(m.store), home=home)
+    try:
+        assert Fsck(st).run().counts["unpublished_layers"] == 0
+    finally:
+        st.close()
+    _fsck(m.store)
