@@ -185,8 +185,11 @@ def _broken_ancestries(parents: dict[int, int]) -> dict[int, int]:
 
 class Fsck:
     def __init__(self, store: Store, repair: bool = False, progress: Progress | None = None,
-                 verify_data: bool = True) -> None:
+                 verify_data: bool = True, whole_store: bool = True) -> None:
+        """whole_store: also what the store shares (the catalog, the homes, the condemned packs,
+        the serve records); False for a home's database, checked after the store's."""
         self.store = store
+        self.whole_store = whole_store
         self.repair = repair
         self.progress = progress or (lambda _stage, _n: None)
         self.verify_data = verify_data
@@ -200,8 +203,9 @@ class Fsck:
         self._pack_index: dict[int, dict[bytes, IndexEntry] | None] = {}  # None: no index (or damaged)
 
     def run(self) -> Report:
-        self.check_catalog()
-        self.check_homes()
+        if self.whole_store:
+            self.check_catalog()
+            self.check_homes()
         self.check_shared()
         tops = self._tops()
         self._listed_orphans = orphan_records.every(self.store.kv)
@@ -213,8 +217,9 @@ class Fsck:
         self.check_changelog()
         self.check_queue()
         self.check_small_write_log()
-        self.check_across_databases()
-        self.check_serve_records()
+        if self.whole_store:
+            self.check_across_databases()
+            self.check_serve_records()
         if self.repair and len(self.batch):
             self.store.kv.write(self.batch)
             self.store.kv.sync()

@@ -120,33 +120,52 @@ def run_dedup(target: str, wait: bool, timeout: float, quiet: bool = False) -> d
 
 
 def run_fsck(path: str, repair: bool, verify_data: bool, quiet: bool = False) -> tuple[int, dict[str, Any]]:
-    """(exit status, report) of a check; CliError (code FSCK_NOT_CHECKED) when the store
-    could not be checked."""
+    """(exit status, report) of a check of the store's database and of every home's (its
+    problems prefixed with the home, its counts added); CliError (code FSCK_NOT_CHECKED) when
+    the store could not be checked."""
+    from cowfs import homes
     from cowfs.fsck import Fsck
     from cowfs.store import Store
+    from cowfs.storedir import home_dir
 
     store = os.path.abspath(path)
-    pid = daemon_pid(store)
-    if pid is not None:
-        raise CliError(f"{store} is mounted (in use by daemon pid {pid}), so it was not checked: unmount it "
-                       "first (cowfs umount MOUNTPOINT)", FSCK_NOT_CHECKED)
-    try:
-        st = Store(store)
-    except StoreError as exc:
-        hint = "; unmount it first (cowfs umount MOUNTPOINT)" if "in use" in str(exc) else ""
-        raise CliError(f"{exc}{hint}; not checked", FSCK_NOT_CHECKED) from None
+    for where in [store] + [home_dir(store, h) for h in homes.listed(store)]:  # the store's daemon, branches' own
+        pid = daemon_pid(where)
+        if pid is not None:
+            raise CliError(f"{store} is mounted (in use by daemon pid {pid}), so it was not checked: unmount it "
+                           "first (cowfs umount MOUNTPOINT)", FSCK_NOT_CHECKED)
+
+    def opened(home: str | None = None) -> Store:
+        try:
+            return Store(store, home=home)
+        except StoreError as exc:
+            hint = "; unmount it first (cowfs umount MOUNTPOINT)" if "in use" in str(exc) else ""
+            raise CliError(f"{exc}{hint}; not checked", FSCK_NOT_CHECKED) from None
+
+    st = opened()
     done: dict[str, int] = {}
     space = st.objects.space
     totals = {"objects": space.chunks + space.nodes, "verify": space.chunks + space.nodes}
-    try:
-        with progress.stages("fsck", quiet=quiet) as show:
-            def step(stage: str, n: int) -> None:
-                done[stage] = done.get(stage, 0) + n
-                show(stage, done[stage], totals.get(stage))
+    with progress.stages("fsck", quiet=quiet) as show:
+        def step(stage: str, n: int) -> None:
+            done[stage] = done.get(stage, 0) + n
+            show(stage, done[stage], totals.get(stage))
 
+        try:
             result = Fsck(st, repair=repair, progress=step, verify_data=verify_data).run()
-    finally:
-        st.close()
+            named = sorted(h for h in set(st.catalog.homes.values()) if os.path.isdir(home_dir(store, h)))
+        finally:
+            st.close()
+        for home in named:  # each home's database over its lineage (docs/design-many-processes.md, "Step 6")
+            hs = opened(home)
+            try:
+                part = Fsck(hs, repair=repair, progress=step, verify_data=verify_data, whole_store=False).run()
+            finally:
+                hs.close()
+            result.problems += [f"home {home}: {p}" for p in part.problems]
+            result.repaired += [f"home {home}: {p}" for p in part.repaired]
+            result.unrepairable += [f"home {home}: {p}" for p in part.unrepairable]
+            result.counts.update(part.counts)
     left = bool(result.problems) and (not repair or bool(result.unrepairable))
     code = FSCK_CLEAN if not result.problems else (FSCK_LEFT if left else FSCK_REPAIRED)
     return code, {"store": store, "clean": result.clean, "problems": result.problems, "repaired": result.repaired,

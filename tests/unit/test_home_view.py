@@ -201,3 +201,43 @@ def _every_key(db: str) -> dict[str, list[tuple[bytes, bytes]]]:
         return {cf: list(kv.scan(cf, b"")) for cf in FAMILIES}
     finally:
         kv.close()
+
+
+def test_cowfs_fsck_checks_every_homes_database_too(tmp_path):
+    """`cowfs fsck STORE` checks the store's database, then each home's over its lineage: a
+    count in a home that none of its records makes is reported with the home's id."""
+    from cowfs.chunks.families import CF_REFS
+    from cowfs.chunks.refs import Ref
+    from cowfs.cli.maintenance import FSCK_CLEAN, FSCK_LEFT, run_fsck
+
+    path = str(tmp_path / "store")
+    init_store(path)
+    st = Store(path)
+    try:  # a branch of main's root in a home, as `cowfs branch --own-daemon` makes it
+        cat = st.catalog
+        root = cat.branches["main"].head
+        new = st.new_home()
+        try:
+            b = Batch()
+            head = cat.new_layer(root, b, home=new.id)
+            cat.save_branch(Branch("fork", head, cat.new_view(b), parent="main", parent_branch="main", home=new.id), b)
+            new.seed(head, cat.usage(root))
+            _commit(st, b)
+        finally:
+            new.close()
+        home = new.id
+    finally:
+        st.close()
+    code, report = run_fsck(path, False, True, quiet=True)
+    assert code == FSCK_CLEAN and report["clean"], report["problems"]
+    db = RocksKV(os.path.join(path, "homes", home, "db"), FAMILIES, blob_families=(CF_OBJECTS,))
+    try:
+        b = Batch()
+        b.put(CF_REFS, b"\x07" * 32, Ref(1, 0, 1, 10).pack())
+        db.write(b)
+        db.sync()
+    finally:
+        db.close()
+    code, report = run_fsck(path, False, True, quiet=True)
+    assert code == FSCK_LEFT and report["problems"], report
+    assert all(p.startswith(f"home {home}: ") for p in report["problems"]), report["problems"]
