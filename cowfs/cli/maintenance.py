@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -129,7 +129,18 @@ def run_fsck(path: str, repair: bool, verify_data: bool, quiet: bool = False) ->
     from cowfs.storedir import home_dir
 
     store = os.path.abspath(path)
-    for where in [store] + [home_dir(store, h) for h in homes.listed(store)]:  # the store's daemon, branches' own
+
+    def served_from() -> Iterator[str]:
+        """The store's daemon, then the branches' own.  A user who may not list STORE/homes
+        (0700) gets the reason from the store's open below (in use: "not checked")."""
+        yield store
+        try:
+            listed = homes.listed(store)
+        except PermissionError:
+            return
+        yield from (home_dir(store, h) for h in listed)
+
+    for where in served_from():
         pid = daemon_pid(where)
         if pid is not None:
             raise CliError(f"{store} is mounted (in use by daemon pid {pid}), so it was not checked: unmount it "
