@@ -73,7 +73,7 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib as bl  # noqa: E402
-from bench_core import Bench, fmt_num  # noqa: E402
+from bench_core import Bench, fmt_num, write_file  # noqa: E402
 
 MiB = 1 << 20
 PACKAGES = {"requests": "2.32.3", "pytest": "8.3.4", "numpy": "2.1.3", "django": "5.1.4", "rich": "13.9.4"}
@@ -658,15 +658,7 @@ class AgentBench:
         if os.path.exists(fn):
             return fn
         os.makedirs(os.path.dirname(fn), exist_ok=True)
-        mv = memoryview(self.data)
-        fd = os.open(fn, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            off = 0
-            while off < len(mv):
-                off += os.write(fd, mv[off:off + MiB])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_file(fn, memoryview(self.data))
         return fn
 
     def w_randread(self, t, st, timed):
