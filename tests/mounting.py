@@ -1584,6 +1584,18 @@ def sigkill(m: "Mount") -> None:
     lazy_unmount(m.path)
 
 
+def died(m: "Mount", command: str, *args) -> None:
+    """Run `cowfs COMMAND MOUNT ARGS...`, which the daemon dies in (an armed `kill` fault in
+    COWFS_FAULTS): the command fails, the daemon's SIGKILL is recorded as intended, and the
+    dead mount is cleared, so the store is left as the crash left it."""
+    r = run_cowfs(command, m.path, *args, check=False)
+    assert r.returncode != 0, f"{command} {args}: the daemon answered instead of dying: {r.stdout!r}"
+    rc = m.proc.wait(timeout=30)
+    assert rc == -signal.SIGKILL, f"the daemon exited {rc}, not by its SIGKILL fault: {m.log_tail()}"
+    m.exit_codes.append(rc)
+    lazy_unmount(m.path)
+
+
 def close_after_kill(fd: int) -> None:
     """Close fd, opened on a mount whose daemon was then killed: the kernel sends the close's
     FLUSH to the dead connection and answers ENOTCONN, unless the daemon had declined FLUSH

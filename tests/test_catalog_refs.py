@@ -8,7 +8,6 @@ format-11 store to 12 (homes) by its marker alone; a name taken by another proce
 the reference store is refused."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
@@ -41,20 +40,6 @@ def catalog(store) -> dict[str, dict]:
     return out
 
 
-def died(m, line: str) -> None:
-    """Send a control command the daemon dies in (an armed `kill` fault), and clear its mount."""
-    try:
-        err, out = mounting.ctl_raw(m.path, (line + "\n").encode(), timeout=30)
-    except OSError as exc:  # the connection went with the daemon
-        assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED), exc
-    else:
-        raise AssertionError(f"{line}: the daemon answered instead of dying: {err} {out!r}")
-    rc = m.proc.wait(timeout=30)
-    assert rc == -9, f"the daemon exited {rc}, not by its SIGKILL fault: {m.log_tail()}"
-    m.exit_codes.append(rc)  # on purpose
-    mounting.lazy_unmount(m.path)
-
-
 def _prepared(mount_factory):
     """A store with main holding a and b, snapshot s0 taken between them; unmounted."""
     m = mount_factory()
@@ -65,11 +50,11 @@ def _prepared(mount_factory):
     return m
 
 
-OPS = {  # command, and what the catalog says once it is done
-    "snapshot": ("snapshot s1", lambda c: "s1" in c["snap"]),
-    "branch": ("branch f1", lambda c: "f1" in c["branch"]),
-    "rollback": ("rollback s0", lambda c: c["branch"]["main"]["epoch"] == 1),
-    "delete": ("delete s0", lambda c: "s0" not in c["snap"]),
+OPS = {  # the command's name argument, and what the catalog says once it is done
+    "snapshot": ("s1", lambda c: "s1" in c["snap"]),
+    "branch": ("f1", lambda c: "f1" in c["branch"]),
+    "rollback": ("s0", lambda c: c["branch"]["main"]["epoch"] == 1),
+    "delete": ("s0", lambda c: "s0" not in c["snap"]),
 }
 
 
@@ -79,11 +64,11 @@ OPS = {  # command, and what the catalog says once it is done
 def test_kill9_around_the_publish_leaves_the_catalog_before_or_after(mount_factory, op, point):
     m = _prepared(mount_factory)
     before = catalog(m.store)
-    line, done = OPS[op]
+    name, done = OPS[op]
     assert not done(before)
     m.env = {"COWFS_FAULTS": f"{point}:kill"}
     m.start()
-    died(m, line)
+    mounting.died(m, op, name)
     after = catalog(m.store)
     if point == "catalog_publish":
         assert after == before, "a change cut off before its compare-and-set left the catalog as it was"

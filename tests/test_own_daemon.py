@@ -282,10 +282,7 @@ def test_kill9_around_the_publish_of_a_branch_with_its_own_home(mount_factory, p
     m.stop()
     m.env = {"COWFS_FAULTS": f"{point}:kill"}
     m.start()
-    r = run_cowfs("branch", str(m.path), "feat", "--own-daemon", check=False)
-    assert r.returncode != 0, r
-    assert m.proc.wait(30) == -signal.SIGKILL
-    run_cowfs("umount", m.path)
+    mounting.died(m, "branch", "feat", "--own-daemon")
     m.env = {}
     listed = homes.listed(str(m.store))
     assert len(listed) == 1, listed  # made and registered before the publication
@@ -345,10 +342,7 @@ def test_kill9_around_the_publish_of_a_snapshot_in_a_branch_daemon(mount_factory
     _own_branch(m, "feat")
     f = mount_factory(store=m.store, init=False, branch="feat", name="feat", env={"COWFS_FAULTS": f"{point}:kill"})
     write(f.path / "mine.txt", b"the fork's", sync=True)
-    r = run_cowfs("snapshot", str(f.path), "s1", check=False)
-    assert r.returncode != 0, r
-    assert f.proc.wait(30) == -signal.SIGKILL
-    run_cowfs("umount", f.path)
+    mounting.died(f, "snapshot", "s1")
     f.env = {}
     m.stop()
     (home,) = homes.listed(str(m.store))
