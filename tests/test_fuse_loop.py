@@ -3,9 +3,11 @@ taken without parking in trio's event loop, the daemon's other tasks still run w
 keeps the mount busy, and `-o spin_us=0` leaves pyfuse3's own wait in place."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from typing import AsyncIterator
 
 import trio
 import trio.testing
@@ -161,6 +163,35 @@ def test_a_lone_fsync_syncs_on_the_loop_and_concurrent_ones_share_threaded_syncs
         assert (cowfs_mount.path / f"w{k}").read_bytes() == bytes([k + 1]) * (30 * 4096)
 
 
+class _Other:
+    """A task that only passes through trio's scheduler, counting its turns."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+
+    async def run(self) -> None:
+        while True:
+            self.turns += 1
+            await trio.sleep(0)
+
+
+@contextlib.asynccontextmanager
+async def _readable_pipe_and_other_task() -> AsyncIterator[tuple[int, _Other]]:
+    """The read end of a pipe that stays readable (a byte nobody reads), as /dev/fuse with
+    requests queued, and another task running beside the block (cancelled at its end)."""
+    r, w = os.pipe()
+    other = _Other()
+    try:
+        os.write(w, b"x")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other.run)
+            yield r, other
+            nursery.cancel_scope.cancel()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 async def test_a_fd_that_stays_readable_still_lets_other_tasks_run():
     """The invariant behind YIELD_NS, without a mount: however many requests are queued, the
     loop passes through trio's scheduler every YIELD_NS, so other tasks keep running.
@@ -168,39 +199,23 @@ async def test_a_fd_that_stays_readable_still_lets_other_tasks_run():
     Counted in events, not in turns per wall-clock window: the loop can only yield while it
     runs, and on a loaded machine the process is off the CPU for whole time slices (at load
     7 on 2 cores, a 25 ms window held 28 to 44 turns of the other task instead of ~100)."""
-    r, w = os.pipe()
-    os.write(w, b"x")  # readable from now on
     waiter = Waiter(spin_us=50)
-    turns = 0
     late: list[int] = []  # requests taken without a yield more than YIELD_NS after the last one
-
-    async def other() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await trio.sleep(0)
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(other)
-            last_wait = time.perf_counter_ns()
-            with trio.fail_after(20):
-                while waiter.yielded < 100:  # 100 yields, however long they take to come
-                    yielded = waiter.yielded + waiter.parked
-                    t = time.perf_counter_ns()
-                    await waiter.wait_readable(r)
-                    if waiter.yielded + waiter.parked > yielded:
-                        last_wait = time.perf_counter_ns()
-                    elif t - last_wait >= YIELD_NS:
-                        late.append(t - last_wait)
-            nursery.cancel_scope.cancel()
-    finally:
-        os.close(r)
-        os.close(w)
+    async with _readable_pipe_and_other_task() as (r, other):
+        last_wait = time.perf_counter_ns()
+        with trio.fail_after(20):
+            while waiter.yielded < 100:  # 100 yields, however long they take to come
+                yielded = waiter.yielded + waiter.parked
+                t = time.perf_counter_ns()
+                await waiter.wait_readable(r)
+                if waiter.yielded + waiter.parked > yielded:
+                    last_wait = time.perf_counter_ns()
+                elif t - last_wait >= YIELD_NS:
+                    late.append(t - last_wait)
     assert not late, late[:5]
     assert waiter.parked <= 1  # the fd never runs dry: no sleep in epoll (but maybe the first) ...
     assert waiter.ready > 10 * waiter.yielded  # ... most requests are taken without a yield ...
-    assert turns >= waiter.yielded - 1  # ... and at every yield the other task ran
+    assert other.turns >= waiter.yielded - 1  # ... and at every yield the other task ran
 
 
 async def test_a_request_that_comes_long_after_the_last_yield_is_taken_without_sleeping():
@@ -208,32 +223,16 @@ async def test_a_request_that_comes_long_after_the_last_yield_is_taken_without_s
     pass of trio's scheduler, not by a sleep in epoll: the next request, already queued or
     arriving within the spin, is taken at once (before: every such request slept and was
     woken, ~40 µs of CPU and a wake-up each; docs/benchmarks.md, issue 24, h65)."""
-    r, w = os.pipe()
     waiter = Waiter(spin_us=50)
-    turns = 0
-
-    async def other() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await trio.sleep(0)
-
-    try:
-        os.write(w, b"x")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(other)
-            await trio.sleep(0)
-            ran = turns
-            for _ in range(5):
-                waiter._yielded_at = time.perf_counter_ns() - 2 * YIELD_NS  # as if after a long request
-                await waiter.wait_readable(r)
-            # trio runs a batch's tasks in either order: the other task's turn in a yield's
-            # batch may come after this one resumed, so count it at the end.
-            assert turns >= ran + 4
-            nursery.cancel_scope.cancel()
-    finally:
-        os.close(r)
-        os.close(w)
+    async with _readable_pipe_and_other_task() as (r, other):
+        await trio.sleep(0)
+        ran = other.turns
+        for _ in range(5):
+            waiter._yielded_at = time.perf_counter_ns() - 2 * YIELD_NS  # as if after a long request
+            await waiter.wait_readable(r)
+        # trio runs a batch's tasks in either order: the other task's turn in a yield's
+        # batch may come after this one resumed, so count it at the end.
+        assert other.turns >= ran + 4
     assert waiter.parked == 0 and waiter.yielded == 5 and waiter.ready == 5
 
 
