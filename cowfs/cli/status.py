@@ -73,7 +73,7 @@ def gather_status(only: list[str] | None = None) -> list[dict[str, Any]]:
 
     from cowfs import api
     from cowfs.cli.targets import store_of
-    from cowfs.daemon.homes import daemon_dir
+    from cowfs.daemon.locate import daemon_dir
     from cowfs.daemon.mounts import daemon_pid
 
     wanted = None if not only else {store_of(t) for t in only}  # any path inside a mount stands for its store

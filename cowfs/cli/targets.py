@@ -73,8 +73,8 @@ def store_of(target: str) -> str:
 def daemon_of(target: str) -> str:
     """Where the daemon behind target lives (its admin socket and pid file): for a path in
     a mount, the daemon serving that mount, the store's or a branch's own, as the store's
-    serve records say (cowfs.daemon.homes); for a store directory, the store's daemon."""
-    from cowfs.daemon.homes import daemon_dir
+    serve records say (cowfs.daemon.locate); for a store directory, the store's daemon."""
+    from cowfs.daemon.locate import daemon_dir
 
     found = place(target)
     if found is None:

@@ -319,9 +319,9 @@ def umount(mountpoint: str, timeout: float = 60.0, force: bool = False) -> str:
     if not os.access(store, os.X_OK):  # its daemon.pid is out of reach: do not take it for dead
         raise MountError(f"{mountpoint} is a mount of the store {store}, which is private to its owner: "
                          "only its owner or root can unmount it")
-    from cowfs.daemon.homes import daemon_dir  # SQLite: only when unmounting
+    from cowfs.daemon.locate import daemon_dir  # SQLite: only when unmounting
 
-    where = daemon_dir(store, mp)  # the store's daemon, or the branch's own (cowfs.daemon.homes)
+    where = daemon_dir(store, mp)  # the store's daemon, or the branch's own (cowfs.daemon.locate)
     pid = daemon_pid(where)
     if pid is None:
         cleared = clear_connection(entry.dev)

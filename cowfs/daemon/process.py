@@ -7,7 +7,7 @@ once, no close and reopen of the new store.
 A store already served by a daemon gets the branch attached by that daemon instead (the
 admin socket's `attach`), except a branch with a home database of its own, which is always
 served by a daemon of its own (docs/design-many-processes.md, "Step 6"; its files in
-STORE/homes/<id>/, cowfs.daemon.homes).  The daemon's work once it runs is cowfs.daemon.server's.
+STORE/homes/<id>/, cowfs.daemon.locate).  The daemon's work once it runs is cowfs.daemon.server's.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def check_mountpoint(mountpoint: str) -> None:
     touched: a stat of a hung FUSE mount would block."""
     entry = mounts.entry_at(mountpoint)
     if entry is not None:
-        from cowfs.daemon.homes import daemon_dir  # SQLite: imported only when needed
+        from cowfs.daemon.locate import daemon_dir  # SQLite: imported only when needed
 
         if entry.store is None or daemon_pid(daemon_dir(entry.store, mountpoint)) is not None:
             raise MountError(f"{mountpoint} is already a mount point ({entry.fstype} {entry.source})")
@@ -204,7 +204,7 @@ def mount(cfg: MountConfig, foreground: bool, prepare: Prepare | None = None) ->
             raise MountError(f"-o cpus={cfg.cpus}: CPU {missing[0]} is not one this process may run on "
                              f"(allowed: {mount_options.parse_cpus('+'.join(map(str, sorted(allowed))))})")
     if prepare is None:
-        from cowfs.daemon.homes import branch_home
+        from cowfs.daemon.locate import branch_home
 
         cfg.home = branch_home(cfg.store, cfg.branch)
     if cfg.home is not None:

@@ -90,7 +90,7 @@ def test_a_branch_daemons_record_names_its_home_and_its_files_are_found_through_
     """A branch's own daemon records its home (docs/design-many-processes.md, "Step 6"): the
     CLI finds that daemon's files (STORE/homes/<id>/) from the mount point, and a record of
     an older cowfs, without the field, reads as the store's daemon's."""
-    from cowfs.daemon.homes import branch_home, daemon_dir, record_at
+    from cowfs.daemon.locate import branch_home, daemon_dir, record_at
     from cowfs.meta.layers import CF_CATALOG
     from cowfs.storedir import REFS_FILE, home_dir
 
