@@ -38,13 +38,20 @@ def member_name(home: str) -> str:
     return f"home-{home}"
 
 
-def create_home(store: str, live: Liveness, records: Batch | None = None) -> str:
+def new_id() -> str:
+    """A new home's id, 64 random bits, for a caller that names it in the catalog batch that
+    publishes it before the home is made (`create_home(..., home=)`)."""
+    return secrets.token_hex(8)
+
+
+def create_home(store: str, live: Liveness, records: Batch | None = None, home: str | None = None) -> str:
     """Make a new home in store, durable, and register it as a liveness member of live (the
-    store's reference store); returns its id.  records: what the home's database must hold
-    before its branch is published (the new head's usage record), written with the `format`
-    key in one synced batch.  The caller then publishes the branch (`Catalog.new_layer(...,
-    home=id)` and a `Branch` whose `home` is id, in one batch)."""
-    home = secrets.token_hex(8)
+    store's reference store); returns its id (home, or a new one).  records: what the home's
+    database must hold before its branch is published (the new head's usage record), written
+    with the `format` key in one synced batch: the database is opened, written and synced
+    once.  The caller then publishes the branch (`Catalog.new_layer(..., home=id)` and a
+    `Branch` whose `home` is id, in one batch).  Blocking: in a worker thread of a daemon."""
+    home = new_id() if home is None else home
     where = home_dir(store, home)
     private.hold_umask()  # RocksDB creates its files from its own threads
     try:

@@ -160,25 +160,6 @@ def _write_marker(path: str, created: float) -> None:
         os.close(fd)
 
 
-class NewHome:
-    """A home database just made for a new branch (`Store.new_home`), open for its first
-    records until the branch is published."""
-
-    def __init__(self, home: str, kv: RocksKV) -> None:
-        self.id = home
-        self.kv = kv
-
-    def seed(self, layer: int, usage: Usage) -> None:
-        """The branch head's usage record, durable in the home (before the catalog names it)."""
-        b = Batch()
-        Catalog.save_usage(layer, usage, b)
-        self.kv.write(b)
-        self.kv.sync()
-
-    def close(self) -> None:
-        self.kv.close()
-
-
 class Store:
     def __init__(self, path: str, cache_l1: int = 256 << 20, cache_l2: int = 256 << 20,
                  blobs: BlobStore | None = None, home: str | None = None) -> None:
@@ -328,17 +309,6 @@ class Store:
         self._free_at = time.monotonic()
         # Disk bytes that data acknowledged to writers but not committed yet will take.
         self.held: Callable[[], int] = lambda: 0
-
-    def new_home(self) -> NewHome:
-        """A home database for a new branch of its own daemon (cowfs.homes.create_home:
-        durable and registered as a liveness member before anything names it), opened for
-        its first records.  Blocking: in a thread."""
-        from cowfs.homes import create_home  # it builds on this module
-
-        home = create_home(self.path, self.liveness)
-        cache = self.engine.block_cache if isinstance(self.engine, RocksKV) else None
-        return NewHome(home, RocksKV(os.path.join(self.path, home_db(home)), FAMILIES, blob_families=(CF_OBJECTS,),
-                                     cache=cache))
 
     def drop_dead_homes(self) -> list[str]:
         """Delete the homes no live branch writes and none of whose layers anything still

@@ -13,15 +13,17 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
+from cowfs import homes
 from cowfs.commands.authz import Caller, Mounted, Owners, absent
 from cowfs.commands.clone import Cloner, InvalidateDir
 from cowfs.commands.diff import Differ
 from cowfs.errors import FSError
 from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
+from cowfs.kv.base import Batch
 from cowfs.meta.layers import Branch, Snapshot, Usage
 from cowfs.meta.serving import BranchServed
-from cowfs.store import ROOT_INO, NewHome
+from cowfs.store import ROOT_INO
 
 log = logging.getLogger(__name__)
 
@@ -122,21 +124,18 @@ class Branching:
         t0 = time.perf_counter()
         if not own_daemon:
             return await self._branch_in(view, name, source, current, t0, None)
-        self.owners.name_free(view.name, name)  # refused before a home is made for it
-        home = await store.in_thread(store.new_home)
-        try:
-            reply = await self._branch_in(view, name, source, current, t0, home)
-        finally:
-            await store.in_thread(home.close, python=False)
+        home = homes.new_id()
+        reply = await self._branch_in(view, name, source, current, t0, home)
         t1 = time.perf_counter()
         await store.in_thread(store.engine.flush, python=False)
-        return {**reply, "home": home.id, "flush_ms": round((time.perf_counter() - t1) * 1000, 3)}
+        return {**reply, "home": home, "flush_ms": round((time.perf_counter() - t1) * 1000, 3)}
 
     async def _branch_in(self, view: View, name: str, source: str | None, current: bool, t0: float,
-                         home: NewHome | None) -> dict[str, Any]:
-        """branch's mutation: the new branch's head in this database, or in home (its first
-        records written there, durable, before the publication)."""
-        async with self.fs.mutate(view, fenced_ok=True) as m:  # the new branch is written, not this one
+                         home: str | None) -> dict[str, Any]:
+        """branch's mutation: the new branch's head in this database, or in the home of that
+        id, which is made (its first records written and synced, a liveness member) in a
+        worker thread before the publication; the mutation holds the lock meanwhile."""
+        async with self.fs.mutate(view, fenced_ok=True, awaits=home is not None) as m:  # the new branch is written
             self.owners.name_free(view.name, name)
             src_branch = self._branch(view)
             parent_branch = view.name
@@ -159,15 +158,22 @@ class Branching:
                 self.cat.keep(source, m.batch)  # published only while the snapshot stands
                 usage = self._usage(found.layer)
                 src_branch, parent_branch = owner, owner.name
-            head = self.cat.new_layer(parent_layer, m.batch, home=None if home is None else home.id)
+            head = self.cat.new_layer(parent_layer, m.batch, home=home)
             self.cat.save_branch(Branch(name, head, self.cat.new_view(m.batch), parent=parent_name,
                                         parent_branch=parent_branch, quota_bytes=src_branch.quota_bytes,
-                                        quota_inodes=src_branch.quota_inodes, home=None if home is None else home.id),
+                                        quota_inodes=src_branch.quota_inodes, home=home),
                                  m.batch)
             if home is None:
                 self.cat.save_usage(head, usage, m.batch)
-            else:  # the layer's records live in its home: written and synced there, before the publication
-                home.seed(head, usage)
+            else:  # the layer's records live in its home: durable there, before the publication
+                records = Batch()
+                self.cat.save_usage(head, usage, records)
+                store = self.fs.store
+                try:
+                    await store.in_thread(homes.create_home, store.path, store.liveness, records, home)
+                except BaseException:
+                    self.fs.txn.abandon(m)
+                    raise
         return {"branch": name, "from": parent_name, "daemon_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
     async def rollback(self, view: View, name: str, who: Caller) -> tuple[dict[str, Any], list[bytes]]:

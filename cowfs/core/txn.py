@@ -128,16 +128,18 @@ class Scope:
 
     When the lock is free and nothing is dirty, the mutation runs from here to its commit
     without a single checkpoint, so it needs no lock (and skips two scheduler round trips);
-    otherwise it takes the lock and first commits the dirty data acknowledged before it.
+    otherwise, or when its body awaits (`awaits`), it takes the lock and first commits the
+    dirty data acknowledged before it.
     """
 
-    __slots__ = ("fs", "view", "m", "locked", "fenced_ok")
+    __slots__ = ("fs", "view", "m", "locked", "fenced_ok", "awaits")
 
-    def __init__(self, fs: "Filesystem", view: View, fenced_ok: bool) -> None:
+    def __init__(self, fs: "Filesystem", view: View, fenced_ok: bool, awaits: bool) -> None:
         self.fs = fs
         self.view = view
         self.locked = False
         self.fenced_ok = fenced_ok
+        self.awaits = awaits
 
     async def __aenter__(self) -> Mutation:
         fs = self.fs
@@ -146,7 +148,7 @@ class Scope:
         if not self.fenced_ok:
             fs.fences.check(self.view)
         txn = fs.txn
-        if txn.lock.locked() or fs.flusher.dirty_nodes:
+        if self.awaits or txn.lock.locked() or fs.flusher.dirty_nodes:
             await txn.acquire_lock()
             self.locked = True
             try:
@@ -186,11 +188,15 @@ class Transactions:
         else:
             self.lock.acquire_nowait()
 
-    def mutate(self, view: View, fenced_ok: bool = False) -> Scope:
+    def mutate(self, view: View, fenced_ok: bool = False, awaits: bool = False) -> Scope:
         """`async with fs.mutate(view) as m:` validate, change, and commit on exit.  A branch
         made read-only by its fence (cowfs.core.fence) refuses it with EROFS unless fenced_ok:
-        work that leaves the branch's tree as it is (orphans, snapshots, the sharer)."""
-        return Scope(self.fs, view, fenced_ok)
+        work that leaves the branch's tree as it is (orphans, snapshots, the sharer).  awaits:
+        the body waits (for a worker thread) between its changes and its commit, so the scope
+        always holds the lock: no other mutation or flush runs in between (data written
+        meanwhile stays dirty for the next flush, as during a flush's threaded work); a body
+        that fails after changing memory calls `abandon`."""
+        return Scope(self.fs, view, fenced_ok, awaits)
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
@@ -231,6 +237,19 @@ class Transactions:
         go back to what the reference store holds, the touched nodes to what they read there.
         EEXIST when another process changed a record first (a name taken meanwhile), else EIO."""
         fs = self.fs
+        self.abandon(m)
+        log.error("catalog change not published: %s", exc)
+        fs.store.stray = True  # the next gc pass removes what it wrote
+        fs.schedule_gc()
+        if isinstance(exc.cause, Conflict):
+            key = exc.cause.key.decode(errors="replace")
+            raise FSError(errno.EEXIST, f"{key} was changed by another process meanwhile (nothing was done)")
+        raise FSError(errno.EIO, str(exc))
+
+    def abandon(self, m: Mutation) -> None:
+        """m is not committed: the catalog and the branches' views go back to what the
+        reference store holds, the touched nodes to what is stored."""
+        fs = self.fs
         cat = fs.store.catalog
         cat.reload()
         for view in fs.views.all():
@@ -239,13 +258,6 @@ class Transactions:
                 view.lv = cat.layer_view(b.head)
         fs.store.meta.forget_views()
         self.revert(m)
-        log.error("catalog change not published: %s", exc)
-        fs.store.stray = True  # the next gc pass removes what it wrote
-        fs.schedule_gc()
-        if isinstance(exc.cause, Conflict):
-            key = exc.cause.key.decode(errors="replace")
-            raise FSError(errno.EEXIST, f"{key} was changed by another process meanwhile (nothing was done)")
-        raise FSError(errno.EIO, str(exc))
 
     def failed(self, what: str, error: str) -> FSError:
         """A write of the store failed with error (called outside the except block, as

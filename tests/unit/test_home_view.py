@@ -35,6 +35,14 @@ def _commit(st: Store, batch: Batch) -> None:
     st.kv.sync()
 
 
+def _seeded(st: Store, home: str, head: int, usage: Usage) -> None:
+    """The home of that id made, holding the new head's usage record, before the catalog
+    names it (as `cowfs branch --own-daemon` makes it: cowfs.commands.branching)."""
+    records = Batch()
+    st.catalog.save_usage(head, usage, records)
+    homes.create_home(st.path, st.liveness, records, home)
+
+
 def _forked(path: str, name: str = "fork", from_snapshot: str | None = None) -> tuple[str, Branch]:
     """A branch of main whose head lives in a new home, made by the store's process as `cowfs
     branch --own-daemon` does; main wrote ino INO first.  from_snapshot: the branch is made
@@ -54,17 +62,14 @@ def _forked(path: str, name: str = "fork", from_snapshot: str | None = None) -> 
             Versioned.put(b, CF_INODES, ino_key(INO + 1), frozen, BASE)
             cat.save_snapshot(Snapshot(from_snapshot, frozen, cat.new_view(b), "main"), b)
         _commit(st, b)
-        new = st.new_home()
-        try:
-            b = Batch()
-            head = cat.new_layer(frozen, b, home=new.id)
-            branch = Branch(name, head, cat.new_view(b), parent="main", parent_branch="main", home=new.id)
-            cat.save_branch(branch, b)
-            new.seed(head, Usage(0, 1, 0))
-            _commit(st, b)
-        finally:
-            new.close()
-        return new.id, branch
+        home = homes.new_id()
+        b = Batch()
+        head = cat.new_layer(frozen, b, home=home)
+        branch = Branch(name, head, cat.new_view(b), parent="main", parent_branch="main", home=home)
+        cat.save_branch(branch, b)
+        _seeded(st, home, head, Usage(0, 1, 0))
+        _commit(st, b)
+        return home, branch
     finally:
         st.close()
 
@@ -216,16 +221,12 @@ def test_cowfs_fsck_checks_every_homes_database_too(tmp_path):
     try:  # a branch of main's root in a home, as `cowfs branch --own-daemon` makes it
         cat = st.catalog
         root = cat.branches["main"].head
-        new = st.new_home()
-        try:
-            b = Batch()
-            head = cat.new_layer(root, b, home=new.id)
-            cat.save_branch(Branch("fork", head, cat.new_view(b), parent="main", parent_branch="main", home=new.id), b)
-            new.seed(head, cat.usage(root))
-            _commit(st, b)
-        finally:
-            new.close()
-        home = new.id
+        home = homes.new_id()
+        b = Batch()
+        head = cat.new_layer(root, b, home=home)
+        cat.save_branch(Branch("fork", head, cat.new_view(b), parent="main", parent_branch="main", home=home), b)
+        _seeded(st, home, head, cat.usage(root))
+        _commit(st, b)
     finally:
         st.close()
     code, report = run_fsck(path, False, True, quiet=True)
