@@ -35,6 +35,9 @@ Points (where each sits, and which background task meets it):
   warm_paths     Warmer._paths, the warming helper's path resolution thread
   lazy_warming   LazyWarming._warm, before each batch of a lazy mount's pushed cold start is
                  fetched, on the event loop (eio only: the warming stops as on a remote down)
+  dup_rewritten  cowfs.background.gc._rewrite, once a slice of a daemon's rewrites of its
+                 records to the store keeper's published places is committed (not synced),
+                 on the event loop under the lock (kill: a crash between two slices)
   commit         Store.commit, on the event loop, as the batch is written (eio only): a failed
                  write, after which the store reopens the database (Store.recover)
   attach_bind    daemon.branches.bind, the thread that bind-mounts a fork (sleep: an attach in progress)
@@ -69,9 +72,10 @@ ENV = "COWFS_FAULTS"
 POINTS = frozenset({"pack_put", "pack_written", "repack_copied", "repack_moved", "packs_condemned", "packs_swept",
                     "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "clone_walk", "gc", "model_save",
                     "warm_paths", "commit", "attach_bind", "timer_flush", "lazy_warming",
-                    "fleet_repack_packed", "fleet_repack_moved", "log_fold", "catalog_publish", "catalog_published"})
+                    "fleet_repack_packed", "fleet_repack_moved", "log_fold", "catalog_publish", "catalog_published",
+                    "dup_rewritten"})
 LOOP_POINTS = frozenset({"gc", "model_save", "commit", "timer_flush", "lazy_warming", "log_fold", "catalog_publish",
-                         "catalog_published"})  # on the event loop: a sleep would stall every request
+                         "catalog_published", "dup_rewritten"})  # on the event loop: a sleep would stall every request
 
 _lock = threading.Lock()
 _armed: dict[str, list] = {}  # point -> [action, seconds, hits left (-1: every hit), hits to pass first]

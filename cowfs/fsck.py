@@ -30,8 +30,10 @@ What is checked, in order:
      would delete live data).  A condemned pack already deleted is a sweep cut short, not a
      problem; a marked one whose round is not acknowledged yet is the next sweep's to pardon;
      every serve record (cowfs.meta.serving: who serves which branch) parses and names a
-     branch; stale ones (their process gone) are counted.
---repair removes unnamed homes (older than homes.UNNAMED_GRACE) and registers named ones
+     branch; stale ones (their process gone) are counted; the store keeper's dup records
+     (cowfs.chunks.dups) name a whole chunk where its pack's index lists it (ones naming a
+     pack gone are counted).
+--repair removes damaged dup records, removes unnamed homes (older than homes.UNNAMED_GRACE) and registers named ones
 that are no liveness member, deletes damaged small-write log records (the writes they held
 are lost), pardons condemned packs a pointer names, removes damaged, stale and dangling serve
 records, raises counters that are behind, rewrites wrong reference counts, link counts and
@@ -53,8 +55,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, TypeVar
 
 from cowfs import homes
-from cowfs.chunks import codec
-from cowfs.chunks.liveness import mark
+from cowfs.chunks import codec, dups
+from cowfs.chunks.liveness import CF_GC, mark
 from cowfs.chunks.families import CF_OBJECTS, CF_PENDING, CF_REFS, CF_SPACE, SPACE_KEY
 from cowfs.chunks.packs import IndexEntry, pack_name
 from cowfs.chunks.refs import Ref, parse_ref, scan_space, tree_sizes
@@ -659,6 +661,48 @@ class Fsck:
         if bad and self.repair:
             liveness.forget(bad)
             self.report.repaired.append(f"pardoned {len(bad)} condemned packs a pointer names")
+        self.check_dups()
+
+    def check_dups(self) -> None:
+        """The store keeper's records (chunks.dups): its scan state and generation parse, every
+        dup record is a whole P record whose pack's index lists the chunk there (and, with
+        verify_data, whose bytes there match its hash).  One naming a pack that is gone (every
+        copy there dropped and swept; the keeper's next pass drops the record, and no rewrite
+        follows it) is counted, not a problem."""
+        refs, drop = self.store.refs, Batch()
+        try:
+            dups.ScanState.unpack(refs.get(CF_GC, dups.SCAN_STATE))
+            dups.generation(refs)
+        except (codec.CorruptObject, ValueError) as exc:
+            self.report.problem(f"the store keeper's state is damaged: {exc}")
+            drop.delete(CF_GC, dups.SCAN_STATE)  # the next pass reads every pack index again
+            drop.delete(CF_GC, dups.GEN)
+        for h, raw in dups.records(refs):
+            self.report.counts["dup_records"] += 1
+            if len(h) != codec.HASH_LEN or not dups.valid_record(raw):
+                self.report.problem(f"dup record {h.hex()} is damaged")
+                drop.delete(dups.CF_DUP, h)
+                continue
+            ext = codec.packed_extent(raw)
+            assert ext is not None
+            in_pack = self._in_pack(ext)
+            if self._pack_sizes[ext[0]] < 0:
+                self.report.counts["dup_records_stale"] += 1
+                continue
+            if not in_pack or not self._indexed(h, raw, ext[0]):
+                self.report.problem(f"dup record {h.hex()} names a place in pack {pack_name(ext[0])} that does "
+                                    "not hold that chunk")
+                drop.delete(dups.CF_DUP, h)
+                continue
+            if self.verify_data:
+                try:
+                    codec.decode_payload(codec.packed_kind(raw), self.store.packs.read(*ext), h)
+                except (codec.CorruptObject, OSError) as exc:
+                    self.report.problem(f"dup record {h.hex()}: the chunk at its place is damaged ({exc})")
+                    drop.delete(dups.CF_DUP, h)
+        if self.repair and len(drop):
+            refs.write(drop)
+            self.report.repaired.append(f"removed {len(drop)} damaged store keeper records")
 
     def check_serve_records(self) -> None:
         """Who serves which branch (cowfs.meta.serving): a damaged record, or a live one

@@ -28,7 +28,7 @@ def gc(path: str, progress: Progress | None = None, repack_below: float | None =
     """Garbage collection, pack repacking and compaction, as the daemon's `gc` does them."""
     import trio
 
-    from cowfs.background.gc import run_gc, sweep_packs
+    from cowfs.background.gc import keep_dups, run_gc, sweep_packs
     from cowfs.chunks.repack import REPACK_BELOW
     from cowfs.core.filesystem import Filesystem
 
@@ -38,13 +38,15 @@ def gc(path: str, progress: Progress | None = None, repack_below: float | None =
         async def work() -> dict[str, Any]:
             fs = Filesystem(store, _first_branch(store))
             removed = await run_gc(fs, lambda n: report("metadata versions removed", n, None))
+            report("store keeper", 0, None)
+            kept = await keep_dups(fs)
             report("repacking", 0, None)
             packs = await sweep_packs(fs, REPACK_BELOW if repack_below is None else repack_below,
                                       lambda n: report("repacking", n, None))
             report("compacting", 0, None)
             await store.in_thread(store.compact, python=False)
             return {"ok": True, "store": store.path, "daemon": False, "versions_removed": removed,
-                    **packs, "disk_bytes": store.disk_usage()}
+                    **kept, **packs, "disk_bytes": store.disk_usage()}
 
         return trio.run(work)
     finally:

@@ -24,7 +24,7 @@ from cowfs import faults, private, threads
 from cowfs.cache import ChunkCache
 from cowfs.blob.base import BlobStore
 from cowfs.blob.local import LocalBlobStore
-from cowfs.chunks import liveness, repack, upgrade
+from cowfs.chunks import dups, liveness, remotecache, repack, upgrade
 from cowfs.chunks.families import CF_OBJECTS, FAMILIES as OBJECT_FAMILIES
 from cowfs.chunks.objects import ObjectStore, RefTxn
 from cowfs.chunks.packs import Packs
@@ -77,7 +77,7 @@ CATALOG_MOVED = 11  # the format from which the catalog is in the reference stor
 FAMILIES = (CF_META, CF_INODES, CF_DIRENTS, CF_XATTRS, CF_LINKS, CF_CHANGES, CF_ORPHANS) + OBJECT_FAMILIES
 ROOT_INO = 1
 INO_BLOCK = 4096
-REF_FAMILIES = liveness.REF_FAMILIES + serving.REF_FAMILIES + (CF_CATALOG,)  # of the reference store
+REF_FAMILIES = liveness.REF_FAMILIES + serving.REF_FAMILIES + (CF_CATALOG, dups.CF_DUP)  # of the reference store
 # What a branch's own daemon reads through the members below its home (its lineage's other
 # databases): the layer-versioned families, and the objects to load what they name (counting
 # and "do we have H" read the home alone, `home_kv`); of `meta` only the usage and shared-copy
@@ -697,13 +697,81 @@ class Store:
         try:
             s = repack.survey(self.home_kv, self.packs.encoding_sizes(listed))
             theirs = liveness.mark([kv for _n, kv in members])
-            s.foreign = set(theirs)
+            s.foreign = set(theirs) | dups.record_packs(self.refs)  # rewrites head for a dup record's pack
             for p, n in theirs.items():
                 s.live[p] = s.live.get(p, 0) + n
             return s
         finally:
             for _name, kv in members:
                 kv.close()
+
+    def keep_dups(self) -> dups.Figures:
+        """One pass of the store keeper (chunks.dups): the packs not settled yet scanned for
+        chunks packed in two places across this database and every member, the dup records
+        settled and published.  The store's process only; blocking: in a thread."""
+        members = self.members()
+        try:
+            dbs: list[tuple[str, KV]] = [(self.db, self.home_kv), *members]
+            cached: set[int] = set()
+            for _name, kv in dbs:
+                cached |= remotecache.cache_packs(kv)
+            keeper = dups.Keeper(self.refs, self.packs, dbs, self.db, set(self.liveness.condemned().packs), cached)
+            return keeper.run(self.packs.listing())
+        finally:
+            for _name, kv in members:
+                kv.close()
+
+    def _dup_plan(self, home: KV, found: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+        sizes: dict[int, bool] = {}
+
+        def exists(pack: int) -> bool:
+            if pack not in sizes:
+                sizes[pack] = self.packs.size(pack) is not None
+            return sizes[pack]
+        return dups.plan(home, found, set(self.liveness.condemned().packs), exists)
+
+    def rewrite_dups(self, found: list[tuple[bytes, bytes]]) -> int:
+        """Point this database's P records of the published dup records (chunks.dups) at the
+        published places, in one commit (re-encodings: the accounting follows); returns how
+        many.  Under Filesystem.lock on the loop, which no acknowledgement of a gc round
+        passes before the commit: the condemned list it reads stays true until then."""
+        recode = self._dup_plan(self.home_kv, found)
+        if recode:
+            txn = RefTxn()
+            txn.recode = recode
+            self.commit(Batch(), txn)
+        return len(recode)
+
+    def rewrite_idle_homes(self, found: list[tuple[bytes, bytes]]) -> int:
+        """The keeper's rewrites (as `rewrite_dups`) of the homes no process holds (their
+        database opens for writing), each committed and synced before it is closed; returns
+        how many records.  The store's process, under Filesystem.lock (its acknowledgement of
+        a round waits); blocking: in a thread."""
+        if not found:
+            return 0
+        done = 0
+        cache = self.engine.block_cache if isinstance(self.engine, RocksKV) else None
+        for _name, rel in sorted(self.liveness.members().items()):
+            if rel == self.db or not os.path.isdir(os.path.join(self.path, rel)):
+                continue
+            try:
+                kv = RocksKV(os.path.join(self.path, rel), FAMILIES, blob_families=(CF_OBJECTS,), cache=cache)
+            except StoreLockedError:
+                continue  # its daemon rewrites it (cowfs.background.gc.rewrite_dups)
+            try:
+                objects = ObjectStore(kv, ChunkCache(0, 0), self.packs)
+                recode = self._dup_plan(kv, found) if objects.space is not None else {}
+                if recode:
+                    txn, batch = RefTxn(), Batch()
+                    txn.recode = recode
+                    objects.apply(txn, batch)
+                    kv.write(batch)
+                    kv.sync()
+                    objects.settle()
+                    done += len(recode)
+            finally:
+                kv.close()
+        return done
 
     def condemn_packs(self, packs: list[int], marked: Iterable[int] = ()) -> tuple[int, int]:
         """Condemn packs found unmarked, pardon condemned packs found marked (one round of

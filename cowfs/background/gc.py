@@ -16,6 +16,7 @@ from typing import Callable
 import trio
 
 from cowfs import faults
+from cowfs.chunks import dups
 from cowfs.chunks.codec import CorruptObject
 from cowfs.chunks.repack import REPACK_BELOW
 from cowfs.core.filesystem import Filesystem
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 SETTLE = 0.5  # seconds a burst of deletes gets to settle into one pass
 ACK_EVERY = 1.0  # seconds between two looks for a gc round this daemon owes an acknowledgement
+REWRITE_EVERY = 1.0  # seconds between two looks at the keeper's generation of dup records
+REWRITE_SLICE = 512  # dup records planned and committed per hold of the lock (a few ms)
 
 
 async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None, forks: bool = True) -> int:
@@ -153,3 +156,62 @@ async def acknowledge_rounds(fs: Filesystem) -> None:
         await store.sync()
         await store.in_thread(store.liveness.ack, gen)
         log.info("acknowledged gc round %d", gen)
+
+
+async def _rewrite(fs: Filesystem, found: list[tuple[bytes, bytes]]) -> int:
+    """This daemon's records of the published duplicates pointed at their published places
+    (Store.rewrite_dups), a slice per hold of the lock; returns how many."""
+    done = 0
+    for i in range(0, len(found), REWRITE_SLICE):
+        async with fs.lock:
+            done += fs.store.rewrite_dups(found[i:i + REWRITE_SLICE])
+            faults.point("dup_rewritten")
+        await trio.sleep(0)
+    return done
+
+
+async def keep_dups(fs: Filesystem) -> dict[str, float]:
+    """The store keeper's pass (chunks.dups), run by the store's process in each `cowfs gc`
+    before its pack sweep: scan, settle and publish the dup records, then rewrite this
+    process's own database and the homes no daemon holds, synced, so the sweep that follows
+    finds their old copies dead.  Homes served by a daemon of their own are rewritten by it
+    (`rewrite_dups`); their old copies go in a later gc.  A branch's own daemon is no keeper:
+    nothing to do there."""
+    store = fs.store
+    if store.home is not None:
+        return {}
+    async with fs.maintenance:
+        figures = await store.in_thread(store.keep_dups)
+        found = await store.in_thread(dups.records, store.refs)
+        done = await _rewrite(fs, found)
+        await store.sync()
+        async with fs.lock:  # no acknowledgement of a round passes until these are synced
+            done += await store.in_thread(store.rewrite_idle_homes, found)
+    log.info("store keeper: %d pack indexes read, %d duplicates found, %d records rewritten here, %d left open",
+             figures.packs_read, figures.found, done, figures.open)
+    return {**figures.as_dict(), "dup_rewritten": done}
+
+
+async def rewrite_dups(fs: Filesystem) -> None:
+    """Every daemon's side of the keeper: once the generation of dup records moves (and once
+    at start), point this daemon's records of them at the published places (chunks.dups),
+    then collect its packs (`sweep_packs`): a pack of its own that the rewrites left mostly
+    dead is repacked by no other process (the store's gc never moves another database's
+    pointers), e.g. one that also holds chunks another database keeps inline."""
+    store = fs.store
+    seen: int | None = None
+    while True:
+        try:
+            gen = await store.in_thread(dups.generation, store.refs)
+        except ValueError:
+            gen = None
+        if gen is None or gen != seen:
+            found = await store.in_thread(dups.records, store.refs)
+            done = await _rewrite(fs, found)
+            if done:
+                log.info("pointed %d chunk records at the copies the store keeper chose", done)
+                swept = await sweep_packs(fs)
+                log.info("packs collected after the rewrites: %d repacked, %d condemned, %d deleted",
+                         swept["packs_repacked"], swept["packs_condemned"], swept["packs_deleted"])
+            seen = gen
+        await trio.sleep(REWRITE_EVERY)

@@ -44,6 +44,7 @@ KIND_PACKED = 0x50  # "P"
 KIND_REMOTE = 0x46  # "F"
 WHOLE = (KIND_RAW, KIND_ZSTD, KIND_PACKED)
 _PACKED = struct.Struct("<BBQQII")
+PACKED_LEN = _PACKED.size  # bytes of a P record
 _REMOTE = struct.Struct("<BBcIQI32s")
 _DELTA_HEAD = 1 + HASH_LEN + 8
 

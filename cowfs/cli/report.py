@@ -137,6 +137,9 @@ def gc_line(d: dict[str, Any]) -> str:
                  f"{count(d.get('packs_repacked'))} repacked ({human(d.get('pack_bytes_copied'))} copied)")
         if d.get("packs_waiting"):
             packs += f", {count(d.get('packs_waiting'))} condemned waiting for other writers"
+    if d.get("dup_published") or d.get("dup_open") or d.get("dup_rewritten"):
+        packs += (f"; chunks packed twice across databases: {count(d.get('dup_published'))} published, "
+                  f"{count(d.get('dup_rewritten'))} rewritten here, {count(d.get('dup_open'))} waiting for daemons")
     return (f"removed {count(d.get('versions_removed'))} metadata versions ({where}){packs}; "
             f"the store takes {human(d.get('disk_bytes'))} on disk")
 

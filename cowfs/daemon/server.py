@@ -20,7 +20,7 @@ import trio
 
 from cowfs import private
 from cowfs.background.dedup import DedupWorker
-from cowfs.background.gc import acknowledge_rounds, collect_when_wanted, run_gc, sweep_packs
+from cowfs.background.gc import acknowledge_rounds, collect_when_wanted, keep_dups, rewrite_dups, run_gc, sweep_packs
 from cowfs.background.cloning import Measurer
 from cowfs.background.sharing import Sharer
 from cowfs.background.supervise import Supervisor
@@ -314,6 +314,8 @@ class Daemon:
             try:
                 note(0)
                 removed = await run_gc(self.fs, note)
+                note(0, "store keeper")
+                kept = await keep_dups(self.fs)
                 note(0, "repacking")
                 packs = await sweep_packs(self.fs, None if below is None else float(below),
                                           lambda n: note(n, "repacking"))
@@ -322,7 +324,7 @@ class Daemon:
             finally:
                 self.gc_progress = None
             return {"ok": True, "store": self.store.path, "daemon": True, "versions_removed": removed,
-                    **packs, "disk_bytes": self.store.disk_usage()}
+                    **kept, **packs, "disk_bytes": self.store.disk_usage()}
         if cmd == "dedup":
             if req.get("wait"):
                 if not self.dedup.enabled:
@@ -402,6 +404,7 @@ class Daemon:
             sup.start(nursery, "readahead_tuning", self._tune_readahead, speculative=True)
             sup.start(nursery, "gc", lambda: collect_when_wanted(self.fs))
             sup.start(nursery, "gc_acknowledgements", lambda: acknowledge_rounds(self.fs))
+            sup.start(nursery, "dup_rewrites", lambda: rewrite_dups(self.fs))
             sup.start(nursery, "dedup", self.dedup.run)
             sup.start(nursery, "sharer", self.sharer.run)
             sup.start(nursery, "clone_measurer", self.measurer.run)

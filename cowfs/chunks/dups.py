@@ -1,0 +1,275 @@
+"""Duplicate chunks across the databases of one store, and their elimination by the store
+keeper (docs/design-many-processes.md, "Writing, dedup and the store keeper" and step 7).
+
+Within one database dedup is exact (its `objects` family answers "do we have H").  Across
+databases it cannot be at write time: a branch's own daemon never points at a chunk another
+database wrote after its branch point (ObjectStore.stored reads the home only), so two
+daemons that write the same new data both pack it.  The keeper (whoever runs the store-wide
+gc: the store daemon's `gc` and `cowfs gc STORE`) finds such chunks afterwards:
+
+  1. *scan*: the indexes at the end of the packs it has not settled yet (`ScanState`: the
+     packs of earlier passes are not read again), and for each hash listed there, its
+     record in every database of the store (one point read each).  A hash with packed (P)
+     records naming two or more different places is a duplicate.  Only P records take
+     part: an inline or delta record is small or depends on a base of its own database.
+  2. *publish*: `dup/<hash>` -> the P record every database is to hold, one compare-and-set
+     on the reference store with the new scan state and a bumped generation (`gc/dupgen`).
+     The record chosen is the one most databases already hold (the fewest rewrites); on a
+     tie the store's database's (the base: its packs are the oldest), then the database
+     first by name, the same for every chunk, so a loser's copies fill whole packs, which
+     pack gc deletes (a pack another database points into is never repacked).  "The oldest
+     copy" of the design is approximated so: a BlobStore lists names and sizes, no times.
+     The pack a record names must be there and not condemned, and the chunk at its place is
+     read and checked against its hash before it is published (a pack index is a hint).
+  3. *rewrite*: each database's own writer points its record at the published place
+     (`plan`, committed as a re-encoding, `RefTxn.recode`: the accounting follows), on its
+     own background pass after the generation moved (cowfs.background.gc.rewrite_dups);
+     one writer per database stays true.  A database no process holds, the keeper rewrites
+     itself.  Its old copy is then a dead range that the next pack gc condemns or repacks.
+  4. *settle*: a record every database now holds (or none still holds another copy of) is
+     deleted by a later pass; one whose pack went away or is condemned is chosen again.
+
+Safety against pack gc (chunks.liveness): a rewrite reads the condemned list under the
+writer's filesystem lock and refuses a place in a condemned or missing pack, and commits in
+the same hold.  A pack condemned after that read cannot be swept before the rewrite is
+durable: the sweep waits for this writer's acknowledgement, which takes the same lock and
+syncs first, and the sweep's second mark then sees the new pointer and pardons the pack.  A
+pack a dup record names is never repacked (Store.survey_packs counts it foreign).  A crash
+at any point leaves either record or pointer as it was: a P record naming another
+database's pack is kept alive by the mark over every member, and a dup record is a hint
+that no rewrite follows into a missing pack.
+"""
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from cowfs.chunks import codec
+from cowfs.chunks.families import CF_OBJECTS
+from cowfs.chunks.liveness import CF_GC, CAS_TRIES
+from cowfs.chunks.packs import Packs
+from cowfs.kv.base import KV, Batch, Conflict
+
+CF_DUP = "dup"  # chunk hash -> the P record every database is to hold for it
+SCAN_STATE = b"dupscan"  # in CF_GC: ScanState of the keeper's last pass
+GEN = b"dupgen"  # in CF_GC: bumped by every publication that adds or changes a dup record
+# A pack whose index lists a hash no database points into it for may be a flush between its
+# pack put and its commit: read again by later passes until it is this old (seconds).
+PENDING_GRACE = 600.0
+_STATE = struct.Struct(">Qd")  # pack id, first seen (0.0: settled)
+
+
+@dataclass
+class ScanState:
+    """The packs the keeper has read: settled (never read again) or pending since a time."""
+
+    packs: dict[int, float] = field(default_factory=dict)
+
+    def pack(self) -> bytes:
+        return b"".join(_STATE.pack(p, t) for p, t in sorted(self.packs.items()))
+
+    @staticmethod
+    def unpack(raw: bytes | None) -> "ScanState":
+        if raw is None:
+            return ScanState()
+        if len(raw) % _STATE.size:
+            raise codec.CorruptObject(f"the reference gc/dupscan is damaged ({len(raw)} bytes)")
+        return ScanState({p: t for p, t in _STATE.iter_unpack(raw)})
+
+    def to_read(self, listed: Iterable[int], now: float) -> list[int]:
+        """Listed packs not settled: new ones, and pending ones within their grace."""
+        return sorted(p for p in listed if (t := self.packs.get(p)) is None or (t and now - t < PENDING_GRACE))
+
+
+def generation(refs: KV) -> int:
+    raw = refs.get(CF_GC, GEN)
+    return int(raw) if raw else 0
+
+
+def records(refs: KV) -> list[tuple[bytes, bytes]]:
+    """Every published dup record (hash, P record)."""
+    return list(refs.scan(CF_DUP, b""))
+
+
+def record_packs(refs: KV) -> set[int]:
+    """The packs dup records name: never repacked while they do (rewrites are heading there)."""
+    out = set()
+    for _h, raw in refs.scan(CF_DUP, b""):
+        if valid_record(raw):
+            out.add(codec.packed_extent(raw)[0])  # type: ignore[index]
+    return out
+
+
+def valid_record(raw: bytes) -> bool:
+    """A dup record is a whole P record (fsck's check, and the rewrites')."""
+    try:
+        return len(raw) == codec.PACKED_LEN and raw[0] == codec.KIND_PACKED and codec.packed_kind(raw) in (codec.KIND_RAW, codec.KIND_ZSTD) \
+            and codec.chunk_sizes(raw)[0] >= 0
+    except (IndexError, codec.CorruptObject):
+        return False
+
+
+def packed_records(h: bytes, dbs: Sequence[tuple[str, KV]]) -> dict[str, bytes]:
+    """The P records of h in each database that has one (database name -> record)."""
+    out = {}
+    for name, kv in dbs:
+        raw = kv.get(CF_OBJECTS, h)
+        if raw is not None and raw[0] == codec.KIND_PACKED:
+            out[name] = raw
+    return out
+
+
+def plan(home: KV, found: Iterable[tuple[bytes, bytes]], condemned: set[int],
+         exists: Callable[[int], bool]) -> dict[bytes, bytes]:
+    """The re-encodings (hash -> published P record) that point this database's records at the
+    published places: only where it holds a P record elsewhere for the same content size,
+    and the published pack is there and not condemned (read by the caller under the lock it
+    commits in)."""
+    out = {}
+    for h, want in found:
+        if not valid_record(want):
+            continue
+        have = home.get(CF_OBJECTS, h)
+        if have is None or have[0] != codec.KIND_PACKED or have == want:
+            continue
+        if codec.chunk_sizes(have)[0] != codec.chunk_sizes(want)[0]:
+            continue
+        pack = codec.packed_extent(want)[0]  # type: ignore[index]
+        if pack in condemned or not exists(pack):
+            continue
+        out[h] = want
+    return out
+
+
+@dataclass
+class Figures:
+    """What one keeper pass did."""
+
+    packs_read: int = 0  # pack indexes read
+    hashes: int = 0  # distinct hashes looked up in every database
+    found: int = 0  # duplicates found in those packs
+    published: int = 0  # dup records added or changed
+    settled: int = 0  # dup records deleted (every database holds the published place, or no copy is left)
+    open: int = 0  # dup records left, waiting for rewrites
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {f"dup_{k}": v for k, v in self.__dict__.items()}
+
+
+class Keeper:
+    """One pass of the store keeper over the databases `dbs` (name -> KV, the store's own
+    named `own`), the packs and the reference store `refs`; `cached`: packs a lazy mount's
+    cache evicts whole (chunks.remotecache), never a published place."""
+
+    def __init__(self, refs: KV, packs: Packs, dbs: Sequence[tuple[str, KV]], own: str,
+                 condemned: set[int], cached: set[int]) -> None:
+        self.refs = refs
+        self.packs = packs
+        self.dbs = dbs
+        self.own = own
+        self.condemned = condemned
+        self.cached = cached
+        # Ties go to one database for every chunk, the store's own first, then by name: the
+        # other copies of data two databases wrote alike then fill whole packs, which a pack
+        # gc deletes (a pack some other database points into is never repacked).
+        self.rank = {name: i for i, name in enumerate(sorted(n for n, _kv in dbs if n != own))}
+        self.rank[own] = -1
+        self._sizes: dict[int, int | None] = {}
+
+    def _usable(self, raw: bytes) -> bool:
+        pack, off, length = codec.packed_extent(raw)  # type: ignore[misc]
+        if pack in self.condemned or pack in self.cached:
+            return False
+        if pack not in self._sizes:
+            self._sizes[pack] = self.packs.size(pack)
+        size = self._sizes[pack]
+        return size is not None and off + length <= size
+
+    def _checked(self, h: bytes, raw: bytes) -> bool:
+        """The chunk at raw's place decodes to content with hash h."""
+        try:
+            codec.decode_payload(codec.packed_kind(raw), self.packs.read(*codec.packed_extent(raw)), h)  # type: ignore[misc]
+            return True
+        except (codec.CorruptObject, OSError):
+            return False
+
+    def choose(self, h: bytes, held: dict[str, bytes], current: bytes | None = None) -> bytes | None:
+        """The place every database is to hold for h (None: no duplicate, or no usable place)."""
+        if len(set(held.values())) < 2:
+            return None
+        if current is not None and current in held.values() and self._usable(current):
+            return current
+        votes: dict[bytes, int] = {}
+        first: dict[bytes, int] = {}  # place -> the rank of the first database holding it
+        for name, raw in held.items():
+            if valid_record(raw) and self._usable(raw):
+                votes[raw] = votes.get(raw, 0) + 1
+                first[raw] = min(first.get(raw, len(self.rank)), self.rank[name])
+        ranked = sorted(votes, key=lambda r: (-votes[r], first[r], codec.packed_extent(r)))
+        for raw in ranked:
+            if self._checked(h, raw):
+                return raw
+        return None
+
+    def run(self, listed: dict[int, int], now: float | None = None) -> Figures:
+        """Scan the packs not settled, settle or re-choose the published records, publish."""
+        t0 = time.perf_counter()
+        now = time.time() if now is None else now
+        for _ in range(CAS_TRIES):
+            fig = Figures()
+            state_raw, gen_raw = self.refs.get(CF_GC, SCAN_STATE), self.refs.get(CF_GC, GEN)
+            state = ScanState.unpack(state_raw)
+            published = dict(records(self.refs))
+            batch = Batch()
+            new_state = ScanState({p: t for p, t in state.packs.items() if p in listed})
+            wanted: dict[bytes, bytes] = {}
+            seen: dict[bytes, dict[str, bytes]] = {}  # hash -> its P records, looked up once a pass
+            for pack in state.to_read(listed, now):
+                try:
+                    entries = self.packs.index(pack, listed[pack])
+                except codec.CorruptObject:  # gone meanwhile, or damaged (fsck says which)
+                    continue
+                fig.packs_read += 1
+                unresolved = False
+                for e in entries or ():
+                    held = seen.get(e.hash)
+                    fresh = held is None
+                    if held is None:
+                        held = seen[e.hash] = packed_records(e.hash, self.dbs)
+                    if not any(codec.packed_extent(r)[0] == pack for r in held.values()):  # type: ignore[index]
+                        unresolved = True
+                    if not fresh or e.hash in published:
+                        continue
+                    place = self.choose(e.hash, held)
+                    if place is not None:
+                        wanted[e.hash] = place
+                first = state.packs.get(pack) or now
+                new_state.packs[pack] = first if unresolved and now - first < PENDING_GRACE else 0.0
+            fig.hashes, fig.found = len(seen), len(wanted)
+            for h, raw in published.items():
+                held = packed_records(h, self.dbs)
+                place = self.choose(h, held, raw) if valid_record(raw) else None
+                if place is None:
+                    batch.delete(CF_DUP, h)
+                    fig.settled += 1
+                elif place != raw:
+                    wanted[h] = place
+            for h, raw in wanted.items():
+                batch.put(CF_DUP, h, raw)
+            fig.published = len(wanted)
+            fig.open = len(published) - fig.settled + sum(1 for h in wanted if h not in published)
+            batch.put(CF_GC, SCAN_STATE, new_state.pack())
+            expect = [(CF_GC, SCAN_STATE, state_raw), (CF_GC, GEN, gen_raw)]
+            if wanted:
+                batch.put(CF_GC, GEN, str((int(gen_raw) if gen_raw else 0) + 1).encode())
+            expect += [(CF_DUP, h, published.get(h)) for h in wanted.keys() | {h for h, _r in published.items()}]
+            try:
+                self.refs.write(batch, expect)
+            except Conflict:  # another keeper ran meanwhile: look again
+                continue
+            fig.seconds = time.perf_counter() - t0
+            return fig
+        raise RuntimeError("could not publish the dup records: the reference store kept changing")

@@ -1,0 +1,137 @@
+"""Dedup across the daemons of one store, on real mounts (docs/design-many-processes.md, step 7's
+store keeper; cowfs.chunks.dups): branches with daemons of their own that write the same new
+data each pack it (neither sees the other's records); `cowfs gc STORE` (the keeper) publishes
+one place per duplicate chunk, each daemon points its records there, and the next gc runs
+reclaim the other copies, until the packs hold the data once (<= 1.05x), every byte reads back
+and fsck is clean; also with a branch daemon killed -9 between two slices of its rewrites.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mounting
+from mounting import read, run_cowfs, write
+
+MiB = 1 << 20
+
+
+def _own_branch(m, name: str) -> None:
+    reply = json.loads(run_cowfs("branch", str(m.path), name, "--own-daemon", "--json").stdout)
+    assert reply["ok"] and reply["home"], reply
+
+
+def _pack_bytes(store) -> int:
+    """Bytes the store's packs hold (every database's chunks; what the store grows by)."""
+    packs = Path(store) / "packs"
+    return sum(p.stat().st_size for p in packs.rglob("*.pack"))
+
+
+def _write_at_once(paths: list[Path], data: bytes) -> None:
+    errors: list[str] = []
+
+    def one(p: Path) -> None:
+        try:
+            write(p, data, sync=True)
+        except OSError as e:
+            errors.append(f"{p}: {e}")
+    threads = [threading.Thread(target=one, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+
+
+def _settle(store, before: int, size: int, timeout: float = 90) -> tuple[float, list[dict]]:
+    """`cowfs gc STORE` until the packs grew by at most 1.05x size over `before` and nothing
+    waits (the daemons rewrite and acknowledge within a second or two between runs);
+    (growth / size, every run's report)."""
+    runs: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        runs.append(mounting.cowfs_json("gc", str(store)))
+        growth = (_pack_bytes(store) - before) / size
+        last = runs[-1]
+        if growth <= 1.05 and not last.get("packs_waiting") and not last.get("dup_open"):
+            return growth, runs
+        if time.monotonic() > deadline:
+            return growth, runs
+        time.sleep(1.5)
+
+
+def test_the_same_data_written_by_two_branch_daemons_is_stored_once_after_the_keeper(mount_factory):
+    m = mount_factory()
+    write(m.path / "base.txt", b"the base\n", sync=True)
+    _own_branch(m, "f1")
+    _own_branch(m, "f2")
+    f1 = mount_factory(store=m.store, init=False, branch="f1", name="f1")
+    f2 = mount_factory(store=m.store, init=False, branch="f2", name="f2")
+    size = 24 * MiB
+    data = os.urandom(size)
+    before = _pack_bytes(m.store)
+    _write_at_once([f1.path / "data.bin", f2.path / "data.bin"], data)
+    written = (_pack_bytes(m.store) - before) / size
+    assert written >= 1.9, written  # two daemons, two copies
+    growth, runs = _settle(m.store, before, size)
+    assert growth <= 1.05, (growth, json.dumps(runs, indent=1))
+    assert runs[0]["dup_found"] >= size // (64 << 10) * 0.95, runs[0]
+    assert any(r["packs_deleted"] for r in runs), runs
+    assert read(f1.path / "data.bin") == data and read(f2.path / "data.bin") == data
+    assert not (m.path / "data.bin").exists() and read(m.path / "base.txt") == b"the base\n"
+    # a third write of the same data by a branch daemon dedups against its own (rewritten) records
+    write(f1.path / "again.bin", data, sync=True)
+    assert (_pack_bytes(m.store) - before) / size <= 1.05
+    f2.stop()
+    f1.stop()
+    m.stop()
+    report = mounting.fsck(m.store)
+    assert report["counts"].get("dup_records", 0) == 0, report["counts"]  # settled: every record dropped
+    m.start()
+    f1.start()
+    f2.start()
+    assert read(f1.path / "data.bin") == data and read(f2.path / "data.bin") == data
+    assert read(f1.path / "again.bin") == data
+
+
+def test_a_branch_daemon_killed_between_two_slices_of_its_rewrites(mount_factory):
+    """The store's daemon and two branch daemons write the same data (the store's copy is the
+    one published); f2's daemon SIGKILLs itself once the first slice (512 records) of its
+    rewrites is committed, not synced: fsck is clean with every byte, and after its remount
+    the rest is rewritten and `cowfs gc STORE` with no daemon running (the keeper offline)
+    settles the store at one copy."""
+    m = mount_factory()
+    _own_branch(m, "f1")
+    _own_branch(m, "f2")
+    f1 = mount_factory(store=m.store, init=False, branch="f1", name="f1")
+    f2 = mount_factory(store=m.store, init=False, branch="f2", name="f2",
+                       env={"COWFS_FAULTS": "dup_rewritten:kill"})
+    size = 40 * MiB  # 640 chunks: two slices
+    data = os.urandom(size)
+    before = _pack_bytes(m.store)
+    _write_at_once([m.path / "data.bin", f1.path / "data.bin", f2.path / "data.bin"], data)
+    first = mounting.cowfs_json("gc", str(m.store))
+    assert first["dup_published"] >= 600 and first["dup_rewritten"] == 0, first  # the store's copy won
+    assert f2.proc.wait(60) == -signal.SIGKILL
+    run_cowfs("umount", f2.path)
+    f1.stop()
+    m.stop()
+    mounting.fsck(m.store)  # the half-rewritten home, the dup records, the condemned packs
+    f2.env = {}
+    f2.start()  # its rewriter runs at start: the second slice, then collects its packs
+    mounting.wait_log(f2, "packs collected after the rewrites", timeout=60)
+    assert read(f2.path / "data.bin") == data
+    f2.stop()
+    # every daemon down: the offline keeper rewrites what is left and reclaims the copies
+    growth, runs = _settle(m.store, before, size)
+    assert growth <= 1.05, (growth, runs)
+    mounting.fsck(m.store)
+    m.start()
+    f1.start()
+    f2.start()
+    assert read(m.path / "data.bin") == data
+    assert read(f1.path / "data.bin") == data and read(f2.path / "data.bin") == data

@@ -1,0 +1,164 @@
+"""The store keeper's duplicate elimination across databases (cowfs.chunks.dups), without a
+daemon: databases and reference store in memory, packs in a memory blob store."""
+from __future__ import annotations
+
+import os
+
+from cowfs.blob.memory import MemoryBlobStore
+from cowfs.chunks import codec, dups
+from cowfs.chunks.families import CF_OBJECTS
+from cowfs.chunks.liveness import CF_GC
+from cowfs.chunks.packs import Packs
+from cowfs.kv.base import Batch
+from cowfs.kv.memory import MemoryKV
+
+
+def _chunks(n: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
+    out = []
+    for i in range(n):
+        data = os.urandom(4096) if seed < 0 else bytes([seed, i]) * 2048
+        out.append((codec.chunk_hash(data), codec.encode_chunk(data, 1)))
+    return out
+
+
+def _pack(packs: Packs, db: MemoryKV, chunks: list[tuple[bytes, bytes]], commit: bool = True) -> int:
+    """One pack of the chunks, their P records committed in db (commit False: a pack put
+    whose commit has not come yet)."""
+    pack, exts = packs.write([v[1:] for _h, v in chunks], [(h, v[0], codec.chunk_sizes(v)[0]) for h, v in chunks])
+    if commit:
+        b = Batch()
+        for (h, v), (off, length) in zip(chunks, exts):
+            b.put(CF_OBJECTS, h, codec.encode_packed(v[0], pack, off, length, codec.chunk_sizes(v)[0]))
+        db.write(b)
+    return pack
+
+
+def _keeper(refs, packs, dbs, condemned=()) -> dups.Keeper:
+    return dups.Keeper(refs, packs, dbs, "db", set(condemned), set())
+
+
+def _rewrite(db: MemoryKV, refs: MemoryKV, packs: Packs, condemned=()) -> int:
+    recode = dups.plan(db, dups.records(refs), set(condemned), lambda p: packs.size(p) is not None)
+    b = Batch()
+    for h, raw in recode.items():
+        b.put(CF_OBJECTS, h, raw)
+    db.write(b)
+    return len(recode)
+
+
+def _setup():
+    refs = MemoryKV((CF_GC, dups.CF_DUP))
+    packs = Packs(MemoryBlobStore())
+    own, a, b = (MemoryKV((CF_OBJECTS,)) for _ in range(3))
+    return refs, packs, [("db", own), ("home-a", a), ("home-b", b)]
+
+
+def test_duplicates_are_published_rewritten_and_settled():
+    refs, packs, dbs = _setup()
+    (_, own), (_, a), (_, b) = dbs
+    same = _chunks(5)
+    p_own = _pack(packs, own, same[:3])
+    _pack(packs, a, same)
+    _pack(packs, b, same[3:] + _chunks(2, seed=9))  # two chunks only b has
+    inline = _chunks(1, seed=7)
+    a.write(_put(inline))  # an inline record is no copy in a pack
+    _pack(packs, b, inline)
+    fig = _keeper(refs, packs, dbs).run(packs.listing())
+    assert (fig.packs_read, fig.found, fig.published, fig.open) == (4, 5, 5, 5)
+    assert dups.generation(refs) == 1
+    published = dict(dups.records(refs))
+    for h, _v in same[:3]:  # the store's database's copy wins a tie
+        assert codec.packed_extent(published[h])[0] == p_own  # type: ignore[index]
+    assert inline[0][0] not in published
+    # a second pass reads no pack again and publishes nothing new
+    fig = _keeper(refs, packs, dbs).run(packs.listing())
+    assert (fig.packs_read, fig.published, fig.settled, fig.open) == (0, 0, 0, 5)
+    assert dups.generation(refs) == 1
+    assert _rewrite(own, refs, packs) == 0
+    assert _rewrite(a, refs, packs) == 3 and _rewrite(b, refs, packs) == 2  # a tie goes to the first by name
+    assert _rewrite(a, refs, packs) == 0
+    fig = _keeper(refs, packs, dbs).run(packs.listing())
+    assert (fig.settled, fig.open) == (5, 0) and dups.records(refs) == []
+    for h, _v in same:
+        assert len({kv.get(CF_OBJECTS, h) for _n, kv in dbs} - {None}) == 1
+
+
+def _put(chunks: list[tuple[bytes, bytes]]) -> Batch:
+    b = Batch()
+    for h, v in chunks:
+        b.put(CF_OBJECTS, h, v)
+    return b
+
+
+def test_a_condemned_or_missing_place_is_never_rewritten_to_and_is_chosen_again():
+    refs, packs, dbs = _setup()
+    (_, own), (_, a), _b = dbs
+    same = _chunks(3)
+    p_own = _pack(packs, own, same)
+    p_a = _pack(packs, a, same)
+    _keeper(refs, packs, dbs).run(packs.listing())
+    assert {codec.packed_extent(v)[0] for _h, v in dups.records(refs)} == {p_own}  # type: ignore[index]
+    assert _rewrite(a, refs, packs, condemned={p_own}) == 0  # condemned meanwhile: a keeps its own
+    # the store's copy dropped (its records freed) and its pack condemned: the keeper chooses a's
+    own.write(_delete(same))
+    fig = _keeper(refs, packs, dbs, condemned={p_own}).run(packs.listing())
+    assert fig.settled == 3 and dups.records(refs) == []  # one copy left: nothing to do
+    # a record naming a pack that is gone is not followed
+    b = Batch()
+    b.put(dups.CF_DUP, same[0][0], _place(p_own, same[0][1]))
+    refs.write(b)
+    packs.delete(p_own)
+    assert _rewrite(a, refs, packs) == 0
+    assert codec.packed_extent(a.get(CF_OBJECTS, same[0][0]))[0] == p_a  # type: ignore[index,arg-type]
+
+
+def _delete(chunks: list[tuple[bytes, bytes]]) -> Batch:
+    b = Batch()
+    for h, _v in chunks:
+        b.delete(CF_OBJECTS, h)
+    return b
+
+
+def _place(pack: int, value: bytes) -> bytes:
+    return codec.encode_packed(value[0], pack, 0, len(value) - 1, codec.chunk_sizes(value)[0])
+
+
+def test_a_pack_put_before_its_commit_is_read_again_until_its_grace_ends():
+    refs, packs, dbs = _setup()
+    (_, own), (_, a), _b = dbs
+    same = _chunks(2)
+    _pack(packs, own, same)
+    late = _pack(packs, a, same, commit=False)  # put, its commit not come yet
+    fig = _keeper(refs, packs, dbs).run(packs.listing(), now=1000.0)
+    assert fig.found == 0
+    state = dups.ScanState.unpack(refs.get(CF_GC, dups.SCAN_STATE))
+    assert state.packs[late] == 1000.0  # pending
+    # its commit comes: the next pass reads it again and finds the duplicates
+    b = Batch()
+    for (h, v), off in zip(same, (0, len(same[0][1]) - 1)):
+        b.put(CF_OBJECTS, h, codec.encode_packed(v[0], late, off, len(v) - 1, codec.chunk_sizes(v)[0]))
+    a.write(b)
+    fig = _keeper(refs, packs, dbs).run(packs.listing(), now=1001.0)
+    assert (fig.packs_read, fig.found) == (1, 2)
+    assert dups.ScanState.unpack(refs.get(CF_GC, dups.SCAN_STATE)).packs[late] == 0.0
+    # a pack whose entries nothing ever points into stops being read after the grace
+    _pack(packs, a, _chunks(1, seed=5), commit=False)
+    assert _keeper(refs, packs, dbs).run(packs.listing(), now=2000.0).packs_read == 1
+    assert _keeper(refs, packs, dbs).run(packs.listing(), now=2000.0 + dups.PENDING_GRACE - 1).packs_read == 1
+    assert _keeper(refs, packs, dbs).run(packs.listing(), now=2000.0 + dups.PENDING_GRACE + 1).packs_read == 0
+
+
+def test_a_damaged_place_is_not_published():
+    refs, packs, dbs = _setup()
+    (_, own), (_, a), _b = dbs
+    same = _chunks(1)
+    h, v = same[0]
+    p_own = _pack(packs, own, same)
+    _pack(packs, a, same)
+    wrong = codec.encode_packed(v[0], p_own, 1, len(v) - 2, codec.chunk_sizes(v)[0])  # a place off by one
+    b = Batch()
+    b.put(CF_OBJECTS, h, wrong)
+    own.write(b)
+    fig = _keeper(refs, packs, dbs).run(packs.listing())
+    assert fig.found == 1
+    assert dups.records(refs)[0][1] == a.get(CF_OBJECTS, h)  # the checked copy
