@@ -17,7 +17,9 @@ Measures (goals from the issue):
   idle         RSS of the daemon(s) serving an idle store with a base and 2 forks mounted (goal: a fork
                daemon <= 60 MiB plus its cache limits)
   same_data    8 forks each writing the same 256 MiB of random data at once (dd conv=fsync), then
-               `cowfs dedup --wait` and `cowfs gc`: store growth / 256 MiB (goal <= 1.05)
+               `cowfs dedup --wait` and `cowfs gc`: store growth / 256 MiB (goal <= 1.05); with
+               --own-daemon `cowfs gc STORE` is run again until the store keeper's duplicates are
+               rewritten by every fork's daemon and their copies deleted (cowfs.chunks.dups)
 
 --own-daemon: every fork is made with `cowfs branch BASE fN --own-daemon` (a home database of its
 own, docs/design-many-processes.md "Step 6"), so its mount is served by a daemon of its own beside
@@ -230,7 +232,18 @@ def measure_same_data(n: int, size: int) -> dict:
             written = f.stats(store)
             cowfs("dedup", store, "--wait", timeout=1800)
             settled = f.stats(store)
-            cowfs("gc", store, timeout=1800)
+            t0 = time.perf_counter()
+            runs = [json.loads(cowfs("gc", store, "--json", timeout=1800))]
+            if OWN_DAEMON:
+                # The store keeper (the first run) publishes one place per chunk packed by several
+                # daemons; each fork's daemon rewrites its records within a second or two, a later
+                # run condemns the dead copies and, once every daemon acknowledged, deletes them.
+                deadline = time.monotonic() + 600
+                while (runs[-1].get("dup_open") or runs[-1].get("packs_waiting")
+                       or runs[-1].get("packs_condemned")) and time.monotonic() < deadline:
+                    time.sleep(1.5)
+                    runs.append(json.loads(cowfs("gc", store, "--json", timeout=1800)))
+            gc_s = time.perf_counter() - t0
             collected = f.stats(store)
 
             def grown(s: dict, k: str) -> float:
@@ -240,7 +253,11 @@ def measure_same_data(n: int, size: int) -> dict:
                     "stored_growth_written": grown(written, "stored_bytes"),
                     "stored_growth_after_dedup": grown(settled, "stored_bytes"),
                     "stored_growth_after_gc": grown(collected, "stored_bytes"),
-                    "chunk_growth_after_gc": grown(collected, "chunk_bytes")}
+                    "chunk_growth_after_gc": grown(collected, "chunk_bytes"),
+                    "gc_runs": len(runs), "gc_s": gc_s,
+                    "keeper_scan_s": sum(r.get("dup_seconds", 0.0) for r in runs),
+                    "dup_published": sum(r.get("dup_published", 0) for r in runs),
+                    "packs_deleted": sum(r.get("packs_deleted", 0) for r in runs)}
         finally:
             f.close()
     finally:
@@ -280,7 +297,8 @@ def goals(r: dict) -> list[tuple[str, str, str, bool | None]]:
     if s:
         out.append((f"{s['forks']} forks writing the same {s['size_mib']} MiB: store growth / size",
                     f"{s['stored_growth_after_gc']:.3f}x after dedup + gc ({s['stored_growth_written']:.3f}x "
-                    f"as written)", "<= 1.05x", s["stored_growth_after_gc"] <= 1.05))
+                    f"as written; {s['gc_runs']} gc runs, {s['gc_s']:.1f} s)", "<= 1.05x",
+                    s["stored_growth_after_gc"] <= 1.05))
     return out
 
 

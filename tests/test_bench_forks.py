@@ -43,6 +43,24 @@ def test_quick_run_measures_branch_mount_idle_rss_and_same_data(tmp_path):
     assert not os.path.exists(work)
 
 
+@pytest.mark.timeout(300)
+def test_own_daemon_same_data_settles_at_one_copy(tmp_path):
+    """--own-daemon: 2 forks with daemons of their own write the same 32 MiB (two copies in the
+    packs); the store keeper's gc runs bring the store back to one copy."""
+    if os.geteuid() != 0:
+        pytest.skip("bench_forks mounts as root")
+    work = str(tmp_path / "work")
+    r = bench_forks("--quick", "--own-daemon", "--many", "2", "--only", "same_data", "--json", work=work)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    s = out["results"]["same_data"]
+    assert out["meta"]["own_daemon"] and s["daemons"] == 3, s
+    assert s["stored_growth_written"] >= 1.9 and s["stored_growth_after_gc"] <= 1.05, s
+    assert s["dup_published"] >= 400 and s["packs_deleted"] >= 1 and s["gc_runs"] >= 2, s
+    with open("/proc/self/mountinfo") as f:
+        assert work not in f.read(), "a mount was left behind"
+
+
 def test_unknown_section_is_refused(tmp_path):
     r = bench_forks("--only", "untar,nope", work=str(tmp_path / "work"), timeout=60)
     assert r.returncode != 0 and "--only takes untar,branch,idle,same_data" in r.stderr
