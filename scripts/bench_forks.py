@@ -236,11 +236,15 @@ def measure_same_data(n: int, size: int) -> dict:
             runs = [json.loads(cowfs("gc", store, "--json", timeout=1800))]
             if OWN_DAEMON:
                 # The store keeper (the first run) publishes one place per chunk packed by several
-                # daemons; each fork's daemon rewrites its records within a second or two, a later
-                # run condemns the dead copies and, once every daemon acknowledged, deletes them.
+                # daemons; each fork's daemon rewrites its records within a second or two and
+                # collects its own packs (repacking what the rewrites left mostly dead), a later run
+                # condemns the dead copies and, once every daemon acknowledged, deletes them: run
+                # again until two runs in a row find nothing open, waiting, condemned or deleted.
+                def quiet(r: dict) -> bool:
+                    return not any(r.get(k) for k in ("dup_open", "dup_published", "packs_waiting",
+                                                      "packs_condemned", "packs_deleted", "packs_repacked"))
                 deadline = time.monotonic() + 600
-                while (runs[-1].get("dup_open") or runs[-1].get("packs_waiting")
-                       or runs[-1].get("packs_condemned")) and time.monotonic() < deadline:
+                while not (len(runs) >= 2 and quiet(runs[-1]) and quiet(runs[-2])) and time.monotonic() < deadline:
                     time.sleep(1.5)
                     runs.append(json.loads(cowfs("gc", store, "--json", timeout=1800)))
             gc_s = time.perf_counter() - t0
