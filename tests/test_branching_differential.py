@@ -50,6 +50,7 @@ import posix_machine as pd
 from mounting import Forks, Worker, compare_snapshots, ctl
 
 SUITE_EXAMPLES = 20
+OWN_EXAMPLES = 8  # the branch-daemon form in the suite (its long form: EXAMPLES)
 EXAMPLES = int(os.environ.get("COWFS_BRANCH_EXAMPLES", "40"))
 STEPS = int(os.environ.get("COWFS_BRANCH_STEPS", "40"))
 TIMEOUT = max(300, EXAMPLES * 8 + 120)
@@ -181,6 +182,8 @@ class BCtx(pd.Ctx):
 
 class BranchMachine(pd.PosixMachine):
     ctx: BCtx = None
+    LIVE = "main"  # the branch mounted at ctx.mount
+    BRANCH = "branch"  # the control command that makes a branch (branch-home: with a daemon of its own)
 
     def __init__(self):
         super().__init__()   # empties both trees (PosixMachine.reset)
@@ -204,7 +207,7 @@ class BranchMachine(pd.PosixMachine):
         err, reply = ctl(self.mp, "list")
         assert reply["ok"], reply
         for b in reply["branches"]:
-            if b["name"] != "main":
+            if b["name"] != self.LIVE:
                 ctl(self.mp, f"delete {b['name']}")
         for s in reply["snapshots"]:
             ctl(self.mp, f"delete {s['name']}")
@@ -263,14 +266,14 @@ class BranchMachine(pd.PosixMachine):
     def check_list(self):
         reply = self.run_ctl("list", None)
         snaps = {s["name"]: s["parent"] for s in reply["snapshots"]}
-        want_snaps = {n: "main" for n in self.snaps}
+        want_snaps = {n: self.LIVE for n in self.snaps}
         if snaps != want_snaps:
             self.fail(f"list: snapshots {sorted(snaps)} but the model has {sorted(want_snaps)}")
-        brs = {b["name"]: b["parent"] for b in reply["branches"] if b["name"] != "main"}
+        brs = {b["name"]: b["parent"] for b in reply["branches"] if b["name"] != self.LIVE}
         want = {n: b["parent"] for n, b in self.branches.items() if not b["zombie"]}
         if KNOWN:  # branches of deleted snapshots vanish from the list (known bug)
             for n, b in self.branches.items():
-                if b["parent"] not in self.snaps and b["parent"] != "main" and n not in brs:
+                if b["parent"] not in self.snaps and b["parent"] != self.LIVE and n not in brs:
                     want.pop(n, None)
         if brs != want:
             self.fail(f"list: branches {brs} but the model has {want}")
@@ -319,7 +322,7 @@ class BranchMachine(pd.PosixMachine):
     def _rollback(self, k, kind):
         c = self.ctx
         if kind == 0:
-            name = next(iter(self.branches), "main")
+            name = next(iter(self.branches), self.LIVE)
             expect = "EINVAL"
         else:
             name = self.pick_snap(k, odd=kind == 1)
@@ -352,8 +355,8 @@ class BranchMachine(pd.PosixMachine):
     def branch(self, k, src, s):
         c = self.ctx
         name = self.bname(k)
-        if src in (0, 1):                # from the live tree (no FROM, or FROM = main)
-            source = None if src == 0 else "main"
+        if src in (0, 1):                # from the live tree (no FROM, or FROM = LIVE)
+            source = None if src == 0 else self.LIVE
         elif src in (2, 3, 4):
             source = self.pick_snap(s, odd=src == 4)
         elif src == 5:
@@ -362,7 +365,7 @@ class BranchMachine(pd.PosixMachine):
             source = next((b for b in self.branches if b != name), self.bname((k + 1) % BRANCH_SLOTS))
         if name in self.snaps or name in self.branches:
             expect = "EEXIST"
-        elif source is None or source == "main":
+        elif source is None or source == self.LIVE:
             expect = None
         elif source in self.snaps:
             expect = None
@@ -370,13 +373,13 @@ class BranchMachine(pd.PosixMachine):
             expect = "EINVAL"
         else:
             expect = "ENOENT"
-        self.run_ctl(f"branch {name}" + (f" {source}" if source else ""), expect)
+        self.run_ctl(f"{self.BRANCH} {name}" + (f" {source}" if source else ""), expect)
         c.count("branch")
         if expect is None:
             copy = os.path.join(c.model_dir, "branches", name)
-            cp_a(c.root("ref") if source in (None, "main") else self.snaps[source], copy)
-            idents = ident_map(c.root("ref"), self.alias) if source in (None, "main") else self.idents[source]
-            self.branches[name] = {"parent": source or "main", "copy": copy, "zombie": False, "idents": idents}
+            cp_a(c.root("ref") if source in (None, self.LIVE) else self.snaps[source], copy)
+            idents = ident_map(c.root("ref"), self.alias) if source in (None, self.LIVE) else self.idents[source]
+            self.branches[name] = {"parent": source or self.LIVE, "copy": copy, "zombie": False, "idents": idents}
             self.check_list()
 
     @rule(k=st.integers(0, SNAP_SLOTS + BRANCH_SLOTS))
@@ -389,10 +392,10 @@ class BranchMachine(pd.PosixMachine):
             name = self.bname(k - SNAP_SLOTS)
             b = self.branches.get(name)
             expect = None if b and not b["zombie"] else "ENOENT"
-            if KNOWN and b and not b["zombie"] and b["parent"] not in self.snaps and b["parent"] != "main":
+            if KNOWN and b and not b["zombie"] and b["parent"] not in self.snaps and b["parent"] != self.LIVE:
                 expect = {None, "ENOENT"}   # branch of a deleted snapshot: undeletable (known bug)
         else:
-            name, expect = "main", "EBUSY"
+            name, expect = self.LIVE, "EBUSY"
         reply = self.run_ctl(f"delete {name}", expect)
         c.count("delete")
         if reply["ok"]:
@@ -476,9 +479,9 @@ class BranchMachine(pd.PosixMachine):
             br = self.branches.get(na)
             ma = br["copy"] if br and not br["zombie"] else None
             ia = br["idents"] if br else None
-            orphan = br and not br["zombie"] and br["parent"] not in self.snaps and br["parent"] != "main"
+            orphan = br and not br["zombie"] and br["parent"] not in self.snaps and br["parent"] != self.LIVE
         else:
-            na, ma, ia, orphan = "main", c.root("ref"), live(), False
+            na, ma, ia, orphan = self.LIVE, c.root("ref"), live(), False
         if a < SNAP_SLOTS:
             orphan = False
         if b < 0:
@@ -586,8 +589,8 @@ class BranchMachine(pd.PosixMachine):
                 c.forks.umount(mp)
 
 
-def run_branch_machine(ctx: BCtx, examples: int):
-    machine = type("BranchMachine_root", (BranchMachine,), {"ctx": ctx})
+def run_branch_machine(ctx: BCtx, examples: int, live: str = "main", branch: str = "branch"):
+    machine = type("BranchMachine_root", (BranchMachine,), {"ctx": ctx, "LIVE": live, "BRANCH": branch})
     t0 = time.monotonic()
     run_state_machine_as_test(machine, settings=settings(
         max_examples=examples, stateful_step_count=STEPS, deadline=None,
@@ -602,10 +605,8 @@ def run_branch_machine(ctx: BCtx, examples: int):
                 print(f"  {key[0]:14s} {key[1]:8s} {n}")
 
 
-@pytest.mark.timeout(TIMEOUT)
-@pytest.mark.parametrize("examples", [SUITE_EXAMPLES, pytest.param(EXAMPLES, marks=pytest.mark.slow, id="full")])
-def test_branching_differential(mount_factory, tmp_path, test_dir, examples):
-    mount = mount_factory()
+def _run(mount, tmp_path, test_dir, examples: int, live: str = "main", branch: str = "branch") -> None:
+    """The machine on mount (serving branch live), its reference tree a plain directory."""
     ref = tmp_path / "ref"
     ref.mkdir()
     worker = Worker(umask=0o022)
@@ -617,7 +618,28 @@ def test_branching_differential(mount_factory, tmp_path, test_dir, examples):
         os.chmod(ref, stat.S_IMODE(root_stat["mode"]))
         os.chown(ref, root_stat["uid"], root_stat["gid"])
         ctx.calibrate()
-        run_branch_machine(ctx, examples)
+        run_branch_machine(ctx, examples, live, branch)
     finally:
         worker.close()
         forks.close()
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("examples", [SUITE_EXAMPLES, pytest.param(EXAMPLES, marks=pytest.mark.slow, id="full")])
+def test_branching_differential(mount_factory, tmp_path, test_dir, examples):
+    _run(mount_factory(), tmp_path, test_dir, examples)
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("examples", [OWN_EXAMPLES, pytest.param(EXAMPLES, marks=pytest.mark.slow, id="full")])
+def test_branching_differential_in_a_branch_daemon(mount_factory, tmp_path, test_dir, examples):
+    """The machine in a branch served by a daemon of its own (docs/design-many-processes.md,
+    "Step 6"), the store's daemon serving main beside it: its snapshots, rollbacks, clones,
+    diffs and deletes in its home, the branches it makes with daemons of their own
+    (`branch-home`), each fork check a third daemon."""
+    main = mount_factory()
+    reply = ctl(main.path, "branch-home sandbox")[1]
+    assert reply["ok"] and reply["home"], reply
+    fork = mount_factory(store=main.store, init=False, branch="sandbox", name="sandbox")
+    assert fork.pid != main.pid
+    _run(fork, tmp_path, test_dir, examples, live="sandbox", branch="branch-home")
