@@ -768,12 +768,16 @@ class Fsck:
                                                 "(the fsync'd writes it held are lost)")
 
     def check_usage(self, tops: list[tuple[str, int]]) -> None:
-        """Recorded usage against a recount (after repairs, which may change what is seen)."""
+        """Recorded usage against a recount (after repairs, which may change what is seen), of
+        the tops in this database: a top in another home is that home's fsck's to count (its
+        directory clones are measured there, with what only its own view holds)."""
         batch = Batch()
         unmeasured = {c.top_y: self.store.measure_clone(c) for c in self.store.meta.shared.clones.values()
                       if not c.measured and c.layer in self.cat.parents}
         seen = _inode_versions(self.store.kv, lambda _layer, value: value)
         for name, top, visible in _per_top(self.cat.parents, tops, seen):
+            if self.cat.member(top) != self.store.home:
+                continue
             lv = self._view(top)
             counted = self.store.count_usage(lv, visible)
             stored = self.cat.usage(top)

@@ -357,12 +357,16 @@ class Store:
     def _open_below(self, rocks: RocksKV, home: str) -> None:
         """Open the databases that hold the ancestor layers of home's branch, nearest first,
         read-only and sharing the home's block cache (one budget: an idle branch daemon
-        stays small), as the members below its view."""
+        stays small), as the members below its view.  A home whose branch was deleted and
+        that gc has not dropped yet is opened over the lineage of any layer of it (every
+        layer of a home descends from its first one, so all share the databases below it):
+        fsck checks it as it checks a live one."""
         branch = next((b for b in self.catalog.branches.values() if b.home == home), None)
-        if branch is None:
+        mine = [layer for layer, h in self.catalog.homes.items() if h == home]
+        if branch is None and not mine:
             raise StoreError(f"{self.path}: no branch has the home database {home}")
         seen = {home}
-        for layer in self.catalog.ancestry(branch.head):
+        for layer in self.catalog.ancestry(branch.head if branch is not None else min(mine)):
             member = self.catalog.member(layer)
             key = member or ""
             if key in seen:

@@ -76,6 +76,16 @@ def test_dir(request, shared_tmp):
 
 
 @pytest.fixture
+def lazy(tmp_path, test_dir):
+    """A lazyfs (tests/lazyfs.py) for a store that a power cut can hit (mounting.Lazy)."""
+    lz = mounting.Lazy(tmp_path / "disk", test_dir / "lazy", tmp_path / "lazyfs.log")
+    lz.start()
+    yield lz
+    lz.stop()
+    assert not mounting.is_mounted(lz.mp)
+
+
+@pytest.fixture
 def mount_factory(request, tmp_path, test_dir):
     """``make(options=(), store=None, init=True, name=None, branch=None, start=True, env=None)``
     (env: extra environment of the daemon, e.g. COWFS_FAULTS)."""

@@ -871,6 +871,90 @@ class Forks:
         return problems
 
 
+def file_tree(root: Path) -> dict[str, bytes]:
+    """Every regular file under root by its path relative to root, with its bytes (the control
+    directory skipped): a branch's whole content, to compare with a model."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != HIDDEN]
+        for f in files:
+            p = Path(dirpath) / f
+            out[str(p.relative_to(root))] = p.read_bytes()
+    return out
+
+
+# tests/lazyfs.py: a passthrough FUSE filesystem that drops unsynced data on a simulated power cut
+LAZYFS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lazyfs.py")
+
+
+class Lazy:
+    """One lazyfs process over a backing directory (restartable: the backing dir persists)."""
+
+    def __init__(self, backing, mp, logfile):
+        self.backing, self.mp, self.logfile = str(backing), str(mp), str(logfile)
+        os.makedirs(self.backing, exist_ok=True)
+        os.makedirs(self.mp, exist_ok=True)
+        self.report = self.logfile + ".cut.json"
+        self.proc = None
+
+    def start(self):
+        with open(self.logfile, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, LAZYFS, self.backing, self.mp, "--report", self.report],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, cwd="/")
+        deadline = time.monotonic() + 20
+        while not is_mounted(self.mp):
+            assert self.proc.poll() is None, f"lazyfs exited with {self.proc.returncode}: {self.log()}"
+            assert time.monotonic() < deadline, f"lazyfs did not mount: {self.log()}"
+            time.sleep(0.02)
+
+    def log(self) -> str:
+        with open(self.logfile, errors="replace") as f:
+            return f.read()[-3000:]
+
+    def cut(self) -> dict:
+        """The power cut: unsynced data is gone, the "disk" accepts nothing more."""
+        try:
+            os.unlink(self.report)
+        except FileNotFoundError:
+            pass
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.report):
+            assert time.monotonic() < deadline, f"lazyfs did not report the cut: {self.log()}"
+            time.sleep(0.01)
+        with open(self.report) as f:
+            return json.load(f)
+
+    def stop(self):
+        if self.proc is None:
+            return
+        if is_mounted(self.mp):
+            r = subprocess.run(["fusermount3", "-u", self.mp], capture_output=True, timeout=30)
+            if r.returncode != 0:
+                lazy_unmount(self.mp)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def sync_tree(root: str) -> None:
+    """fsync every file and directory below root (what a careful setup step would do)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.isfile(p) and not os.path.islink(p):
+                fd = os.open(p, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
 def cleanup_all_mounts() -> list[str]:
     """Close every Mount still alive (session safety net)."""
     msgs = []

@@ -30,17 +30,6 @@ BASE = {f"base/f{i}.bin": os.urandom(200_000 + i * 7_001) for i in range(6)}
 BASE["base/small.txt"] = b"the base\n"
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    """Every regular file under root, by its path relative to root (the control dir skipped)."""
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d != ".cowfs"]
-        for f in files:
-            p = Path(dirpath) / f
-            out[str(p.relative_to(root))] = p.read_bytes()
-    return out
-
-
 def _with_base(mount_factory):
     """The store's daemon with the base tree written and synced."""
     m = mount_factory()
@@ -111,7 +100,7 @@ def test_two_daemons_of_one_store_write_at_once_isolated_and_both_read_the_base(
     os.rename(f.path / "base/f3.bin", f.path / "base/moved.bin")
     os.chmod(f.path / "base/f4.bin", 0o600)
 
-    main_tree, feat_tree = _tree(m.path), _tree(f.path)
+    main_tree, feat_tree = mounting.file_tree(m.path), mounting.file_tree(f.path)
     assert not any(k.startswith("feat-") for k in main_tree) and not any(k.startswith("main-") for k in feat_tree)
     assert len([k for k in main_tree if k.startswith("main-")]) == 20
     assert len([k for k in feat_tree if k.startswith("feat-")]) == 20
@@ -139,7 +128,7 @@ def test_two_daemons_of_one_store_write_at_once_isolated_and_both_read_the_base(
     _fsck(m.store)
     f.start()
     m.start()
-    assert _tree(m.path) == main_tree and _tree(f.path) == feat_tree
+    assert mounting.file_tree(m.path) == main_tree and mounting.file_tree(f.path) == feat_tree
 
 
 def test_kill9_of_a_branch_daemon_while_both_write(mount_factory):
@@ -165,7 +154,7 @@ def test_kill9_of_a_branch_daemon_while_both_write(mount_factory):
     assert read(m.path / "base/f1.bin") == BASE["base/f1.bin"]
     run_cowfs("umount", f.path)  # the dead daemon's mount cleared
     f.start()  # its serve and writer records are stale: taken over
-    fork = _tree(f.path)
+    fork = mounting.file_tree(f.path)
     written = done["feat"]
     assert all(fork.get(rel) is not None for rel in written[:-1])  # every fsynced file but a last one cut short
     assert {k: v for k, v in fork.items() if k.startswith("base/")} == BASE
@@ -188,7 +177,7 @@ def test_kill9_of_the_store_daemon_while_a_branch_daemon_writes(mount_factory):
     f.stop()
     _fsck(m.store)
     m.start()
-    assert _tree(m.path) == BASE
+    assert mounting.file_tree(m.path) == BASE
 
 
 def test_a_snapshot_in_a_branch_daemon_is_the_branch_point_of_a_third(mount_factory):
@@ -201,7 +190,7 @@ def test_a_snapshot_in_a_branch_daemon_is_the_branch_point_of_a_third(mount_fact
     _own_branch(f, "feat2", source="s1")
     g = mount_factory(store=m.store, init=False, branch="feat2", name="feat2")
     assert len({m.pid, f.pid, g.pid}) == 3
-    tree = _tree(g.path)
+    tree = mounting.file_tree(g.path)
     assert tree == {**BASE, "in-feat.txt": b"feat's"}
     write(g.path / "in-feat2.txt", b"feat2's", sync=True)
     assert not (f.path / "in-feat2.txt").exists() and not (m.path / "in-feat.txt").exists()
@@ -228,7 +217,7 @@ def test_gc_deletes_the_home_of_a_deleted_branch(mount_factory):
     m.stop()
     _fsck(m.store)
     m.start()
-    assert _tree(m.path) == BASE
+    assert mounting.file_tree(m.path) == BASE
 
 
 def _half_dead(mount_factory) -> tuple[mounting.Mount, bytes]:
@@ -299,7 +288,7 @@ def test_kill9_around_the_publish_of_a_branch_with_its_own_home(mount_factory, p
     else:
         assert branches == {"main", "feat"}
         f = mount_factory(store=m.store, init=False, branch="feat", name="feat")
-        assert _tree(f.path) == BASE
+        assert mounting.file_tree(f.path) == BASE
         write(f.path / "new.txt", b"after the crash", sync=True)
         f.stop()
     m.stop()
@@ -356,7 +345,7 @@ def test_kill9_around_the_publish_of_a_snapshot_in_a_branch_daemon(mount_factory
         st.close()
     m.start()
     f.start()
-    assert _tree(f.path) == {**BASE, "mine.txt": b"the fork's"}
+    assert mounting.file_tree(f.path) == {**BASE, "mine.txt": b"the fork's"}
     run_cowfs("gc", str(f.path))  # its own daemon's gc: the unnamed layer's records go
     f.stop()
     m.stop()

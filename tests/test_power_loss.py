@@ -15,12 +15,9 @@ COWFS_POWER_ROUNDS sets the number of cuts (default 5).
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from typing import Callable
 
@@ -29,90 +26,12 @@ import pytest
 import mounting
 import workload
 from cowfs.store import WAL_SYNCS
-from mounting import stats
+from mounting import stats, sync_tree
 
 ROUNDS = int(os.environ.get("COWFS_POWER_ROUNDS", "5"))
-LAZYFS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lazyfs.py")
 
 
-class Lazy:
-    """One lazyfs process over a backing directory (restartable: the backing dir persists)."""
-
-    def __init__(self, backing, mp, logfile):
-        self.backing, self.mp, self.logfile = str(backing), str(mp), str(logfile)
-        os.makedirs(self.backing, exist_ok=True)
-        os.makedirs(self.mp, exist_ok=True)
-        self.report = self.logfile + ".cut.json"
-        self.proc = None
-
-    def start(self):
-        with open(self.logfile, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, LAZYFS, self.backing, self.mp, "--report", self.report],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, cwd="/")
-        deadline = time.monotonic() + 20
-        while not mounting.is_mounted(self.mp):
-            assert self.proc.poll() is None, f"lazyfs exited with {self.proc.returncode}: {self.log()}"
-            assert time.monotonic() < deadline, f"lazyfs did not mount: {self.log()}"
-            time.sleep(0.02)
-
-    def log(self) -> str:
-        with open(self.logfile, errors="replace") as f:
-            return f.read()[-3000:]
-
-    def cut(self) -> dict:
-        """The power cut: unsynced data is gone, the "disk" accepts nothing more."""
-        try:
-            os.unlink(self.report)
-        except FileNotFoundError:
-            pass
-        self.proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(self.report):
-            assert time.monotonic() < deadline, f"lazyfs did not report the cut: {self.log()}"
-            time.sleep(0.01)
-        with open(self.report) as f:
-            return json.load(f)
-
-    def stop(self):
-        if self.proc is None:
-            return
-        if mounting.is_mounted(self.mp):
-            r = subprocess.run(["fusermount3", "-u", self.mp], capture_output=True, timeout=30)
-            if r.returncode != 0:
-                mounting.lazy_unmount(self.mp)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-
-def sync_tree(root: str) -> None:
-    """fsync every file and directory below root (what a careful setup step would do)."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            p = os.path.join(dirpath, name)
-            if os.path.isfile(p) and not os.path.islink(p):
-                fd = os.open(p, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-
-
-@pytest.fixture
-def lazy(tmp_path, test_dir):
-    lz = Lazy(tmp_path / "disk", test_dir / "lazy", tmp_path / "lazyfs.log")
-    lz.start()
-    yield lz
-    lz.stop()
-    assert not mounting.is_mounted(lz.mp)
-
-
-def power_cut(m: mounting.Mount, lz: Lazy) -> tuple[float, dict]:
+def power_cut(m: mounting.Mount, lz: mounting.Lazy) -> tuple[float, dict]:
     """SIGSTOP the daemon, cut the power, SIGKILL it, unmount both; returns (cut time, figures)."""
     t = time.time()
     os.kill(m.proc.pid, signal.SIGSTOP)

@@ -118,6 +118,12 @@ class Branching:
         if own_daemon and store.objects.fetcher is not None:
             raise FSError(errno.EINVAL, "a lazy mount's store serves all its branches from its own daemon: "
                                         "--own-daemon is not available there")
+        if not own_daemon and store.home is not None:
+            # Its head would be a layer of the store's database (no home) over this home's:
+            # a database no daemon of that branch could read below it, written here.
+            raise FSError(errno.EINVAL, f"branch {view.name!r} is served by a daemon of its own: a branch made "
+                                        "from it has a daemon of its own too (branch-home, `cowfs branch "
+                                        "--own-daemon`)")
         current = source is None or source == view.name
         if current:
             await self.fs.sync_kernel()
