@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+import mounting
+
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "cowfs@.service"
 INSTALLED_COWFS = "/usr/local/bin/cowfs"
@@ -196,8 +198,12 @@ _CAP_BITS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "C
 class Service:
     """cowfs@INSTANCE run as systemd would run it (see the module docstring)."""
 
-    def __init__(self, instance: str, conf_dir: Path, notify: NotifySocket, watchdog_usec: int) -> None:
+    def __init__(self, instance: str, conf_dir: Path, notify: NotifySocket, watchdog_usec: int,
+                 cowfs: list[str] | None = None) -> None:
+        """cowfs: the CLI that replaces the unit's /usr/local/bin/cowfs (this checkout's, so a
+        change to it is what runs), else the unit's own."""
         self.instance = instance
+        self.cowfs = cowfs
         unit = parse_unit(UNIT.read_text())
         self.svc = settings(unit, "Service")
         self.env = environment(self.svc, instance, conf_dir)
@@ -245,10 +251,16 @@ class Service:
             prefix += [sys.executable, "-c", _MDWE_EXEC]
         return prefix
 
+    def argv(self, line: str) -> tuple[list[str], bool]:
+        argv, ignore = command(line, self.env, self.instance)
+        if self.cowfs is not None and argv[0] == INSTALLED_COWFS:
+            argv = self.cowfs + argv[1:]
+        return argv, ignore
+
     def run_control(self, key: str, extra_env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
         results = []
         for line in self.svc.get(key, []):
-            argv, ignore = command(line, self.env, self.instance)
+            argv, ignore = self.argv(line)
             env = dict(self._base_env(), **(extra_env or {}))
             r = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                timeout=120, preexec_fn=self._preexec)
@@ -258,7 +270,7 @@ class Service:
 
     def start_main(self) -> subprocess.Popen:
         (line,) = self.svc["ExecStart"]
-        argv, _ = command(line, self.env, self.instance)
+        argv, _ = self.argv(line)
         env = self._base_env()
         env["WATCHDOG_USEC"] = str(self.watchdog_usec)
         # WATCHDOG_PID is the main pid: the exec chain keeps the pid of this shell.
@@ -301,7 +313,7 @@ def service_env():
     services: list[Service] = []
     yield root, conf_dir, store, mnt, notify, services
     for svc in services:
-        svc.cleanup(mnt)
+        svc.cleanup(Path(svc.env["COWFS_MOUNT"]))
     notify.close()
     if not _mounted(mnt):
         shutil.rmtree(root, ignore_errors=True)
@@ -352,10 +364,11 @@ def test_unit_settings_keep_fuse_working():
 
 
 # -- the service's life cycle ---------------------------------------------------------------------
-def _write_conf(conf_dir: Path, instance: str, store: Path, mnt: Path, options: str = "") -> None:
+def _write_conf(conf_dir: Path, instance: str, store: Path, mnt: Path, options: str = "",
+                branch: str | None = None) -> None:
     (conf_dir / f"{instance}.conf").write_text(
         f"# cowfs@{instance}\nCOWFS_STORE={store}\nCOWFS_MOUNT={mnt}\n"
-        + (f"COWFS_OPTIONS={options}\n" if options else ""))
+        + (f"COWFS_OPTIONS={options}\n" if options else "") + (f"COWFS_BRANCH={branch}\n" if branch else ""))
 
 
 def _start(service: Service, notify: NotifySocket, mnt: Path) -> subprocess.Popen:
@@ -454,3 +467,132 @@ def test_service_restart_after_crash_and_sigterm(service_env):
         notify.receive(0.05)
     assert any(m[2].get("STOPPING") == "1" for m in notify.messages[n0:])
     assert not _mounted(mnt)
+
+
+# -- one instance per branch of one store ----------------------------------------------------------
+def _restarts(service: Service, returncode: int) -> bool:
+    """Whether systemd restarts the service after its main process ended so (Restart=, as
+    systemd.service(5) defines on-failure: an exit status not 0, or an unclean signal)."""
+    (restart,) = service.svc["Restart"]
+    clean_signals = {signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE}
+    failed = returncode > 0 or (returncode < 0 and -returncode not in clean_signals)
+    return restart == "always" or (restart == "on-failure" and failed)
+
+
+def test_unit_verifies_for_a_branch_instance(tmp_path):
+    """An instance named STORE:BRANCH (`cowfs@agent1:feat`: ':' is allowed in unit names,
+    systemd-escape leaves it as it is) loads as any other."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail(f"systemd-analyze is missing: {SETUP_HINT}")
+    if not os.access(INSTALLED_COWFS, os.X_OK):
+        pytest.fail(f"{INSTALLED_COWFS} is missing (the unit runs it): {SETUP_HINT}")
+    shutil.copy(UNIT, tmp_path / UNIT.name)
+    # FILE:NAME, since a ':' on the command line separates a unit file from the name it is loaded as
+    r = subprocess.run(["systemd-analyze", "verify", f"{tmp_path / UNIT.name}:cowfs@agent1:feat.service"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and not r.stderr.strip() and not r.stdout.strip(), r.stdout + r.stderr
+    r = subprocess.run(["systemd-escape", "agent1:feat"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.strip() == "agent1:feat", r
+
+
+def test_one_instance_per_branch_each_restarted_alone(service_env):
+    """cowfs@s1:main serves the store's main branch, cowfs@s1:feat the branch feat made with
+    `--own-daemon`, by a daemon of its own.  kill -9 of either instance's daemon: the service
+    manager restarts that one alone (Restart=on-failure), the other's daemon (same pid) serves
+    on, reads and writes, meanwhile; fsync'd data of both is there after each restart, and both
+    stop cleanly (ExecStop, exit 0), leaving the store fsck-clean.  Run with this checkout's CLI
+    in place of /usr/local/bin/cowfs (docs/design-many-processes.md, "Step 6", systemd)."""
+    root, conf_dir, store, _mnt, notify, services = service_env
+    mnts = {b: root / "srv" / f"s1-{b}" for b in ("main", "feat")}
+    for b, mp in mnts.items():
+        _write_conf(conf_dir, f"s1:{b}", store, mp, branch=b)
+    svcs = {b: Service(f"s1:{b}", conf_dir, notify, watchdog_usec=1_000_000, cowfs=mounting.cowfs_command())
+            for b in mnts}
+    services.extend(svcs.values())
+    procs = {"main": _start(svcs["main"], notify, mnts["main"])}
+    mounting.write(mnts["main"] / "base", b"main's, before feat", sync=True)
+    made = subprocess.run(mounting.cowfs_command() + ["branch", str(mnts["main"]), "feat", "--own-daemon", "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    procs["feat"] = _start(svcs["feat"], notify, mnts["feat"])
+    assert procs["feat"].pid != procs["main"].pid
+    assert (mnts["feat"] / "base").read_bytes() == b"main's, before feat"
+
+    for victim, other in (("feat", "main"), ("main", "feat")):
+        mounting.write(mnts[victim] / f"{victim}-durable", f"{victim} before its crash".encode(), sync=True)
+        procs[victim].kill()
+        code = procs[victim].wait(timeout=10)
+        assert code == -signal.SIGKILL and _restarts(svcs[victim], code)
+        # the other instance: not restarted (its main process is the same) and serving
+        assert procs[other].poll() is None
+        mounting.write(mnts[other] / f"{other}-while-{victim}-down", b"written meanwhile", sync=True)
+        assert (mnts[other] / f"{other}-while-{victim}-down").read_bytes() == b"written meanwhile"
+        time.sleep(float(svcs[victim].svc["RestartSec"][0]))
+        procs[victim] = _start(svcs[victim], notify, mnts[victim])
+        assert (mnts[victim] / f"{victim}-durable").read_bytes() == f"{victim} before its crash".encode()
+        assert procs[other].poll() is None
+
+    assert not (mnts["feat"] / "main-durable").exists() and not (mnts["main"] / "feat-durable").exists()
+    for b in ("feat", "main"):
+        (r,) = svcs[b].run_control("ExecStop", {"MAINPID": str(procs[b].pid)})
+        assert r.returncode == 0, f"ExecStop of {b}: {r.stderr}\n{svcs[b].journal()[-3000:]}"
+        assert procs[b].wait(timeout=30) == 0
+        assert not _mounted(mnts[b])
+    mounting.fsck(store)
+
+
+def test_one_instance_per_branch_under_the_running_systemd(tmp_path):
+    """The same with the machine's own systemd as PID 1 (skipped elsewhere, e.g. in CI's
+    container): the unit installed under a name of the test's own in /run/systemd/system,
+    cowfs@...:main and cowfs@...:feat started, feat's daemon killed -9; systemd restarts it
+    (a new MainPID) while main's MainPID stays, and both stop cleanly."""
+    if not os.path.isdir("/run/systemd/system") or os.geteuid() != 0 or shutil.which("systemctl") is None:
+        pytest.skip("systemd is not PID 1 here (or not root): the service manager is played by the test above")
+    tag = f"t{os.getpid()}x{time.monotonic_ns()}"  # names of this run's own: other runs may go on beside it
+    unit = Path("/run/systemd/system") / f"cowfs-{tag}@.service"
+    conf_dir = Path("/etc/cowfs")
+    conf_dir.mkdir(exist_ok=True)
+    store, srv = tmp_path / "store", tmp_path / "srv"
+    mounting.run_cowfs("init", store)
+    cli = mounting.cowfs_command()
+    text = UNIT.read_text().replace("RestartSec=2", "RestartSec=1")
+    unit.write_text(text.replace(INSTALLED_COWFS, cli[0]) if len(cli) == 1 else text)
+    instances = {b: f"cowfs-{tag}@{tag}:{b}.service" for b in ("main", "feat")}
+
+    def systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 or not check, f"systemctl {' '.join(args)}: {r.stderr}"
+        return r
+
+    def main_pid(inst: str) -> int:
+        return int(systemctl("show", "-p", "MainPID", "--value", inst).stdout.strip())
+
+    try:
+        for b in instances:  # %i is TAG:<branch>: the conf file is named after it
+            _write_conf(conf_dir, f"{tag}:{b}", store, srv / b, branch=b)
+        systemctl("daemon-reload")
+        systemctl("start", instances["main"])
+        mounting.run_cowfs("branch", srv / "main", "feat", "--own-daemon")
+        systemctl("start", instances["feat"])
+        pids = {b: main_pid(i) for b, i in instances.items()}
+        assert pids["main"] != pids["feat"] and 0 not in pids.values()
+        mounting.write(srv / "feat" / "durable", b"before the crash", sync=True)
+        os.kill(pids["feat"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while main_pid(instances["feat"]) in (0, pids["feat"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert main_pid(instances["feat"]) not in (0, pids["feat"]), systemctl("status", instances["feat"], check=False).stdout
+        assert systemctl("is-active", instances["feat"], check=False).stdout.strip() == "active"
+        assert main_pid(instances["main"]) == pids["main"]
+        assert (srv / "feat" / "durable").read_bytes() == b"before the crash"
+        mounting.write(srv / "main" / "after", b"main served throughout", sync=True)
+    finally:
+        for inst in reversed(list(instances.values())):
+            systemctl("stop", inst, check=False)
+        unit.unlink(missing_ok=True)
+        for b in instances:
+            (conf_dir / f"{tag}:{b}.conf").unlink(missing_ok=True)
+        systemctl("daemon-reload", check=False)
+    for b in instances:
+        assert not _mounted(srv / b)
+    mounting.fsck(store)
