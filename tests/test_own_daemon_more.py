@@ -25,8 +25,9 @@ from conftest import UNPRIV_GID, UNPRIV_UID
 from mounting import Worker, ok, read, run_cowfs, run_cowfs_as, sync_tree, write
 
 OTHER_UID = UNPRIV_UID - 1  # the user of the sibling sandbox
-GC_SECONDS = float(os.environ.get("COWFS_GC_WRITERS_SECONDS", "1"))
-POWER_ROUNDS = int(os.environ.get("COWFS_HOME_POWER_ROUNDS", "2"))
+# The long forms (marked slow): writers and gc for this many more seconds, this many power cuts
+GC_SECONDS = float(os.environ.get("COWFS_GC_WRITERS_SECONDS", "30"))
+POWER_ROUNDS = int(os.environ.get("COWFS_HOME_POWER_ROUNDS", "5"))
 
 
 def _own_branch(mp: Path, name: str, source: str | None = None) -> str:
@@ -105,8 +106,9 @@ class Writer(threading.Thread):
                 ok(self.root, f"delete {self.snapshots.pop(0)}")
 
 
-@pytest.mark.timeout(300)
-def test_gc_runs_again_and_again_while_three_daemons_write(mount_factory):
+@pytest.mark.timeout(300 + GC_SECONDS)
+@pytest.mark.parametrize("seconds", [1, pytest.param(GC_SECONDS, marks=pytest.mark.slow, id="long")])
+def test_gc_runs_again_and_again_while_three_daemons_write(mount_factory, seconds):
     """`cowfs gc STORE --repack-below` (the store's daemon: its layers, pack gc and repack with
     the branch daemons' acknowledgements, homes of deleted branches) and `cowfs gc` of each
     branch daemon, in a loop, while the store's daemon and two branch daemons write, delete and
@@ -165,7 +167,7 @@ def test_gc_runs_again_and_again_while_three_daemons_write(mount_factory):
         write(h.path / "h.bin", os.urandom(100_000), sync=True)
         h.stop()
         ok(m.path, "delete H")
-        deadline = time.monotonic() + max(GC_SECONDS, 30)
+        deadline = time.monotonic() + 30
         while (Path(m.store) / "homes" / home).exists() and time.monotonic() < deadline and not gc_errors:
             time.sleep(0.2)
         assert not (Path(m.store) / "homes" / home).exists(), "no gc dropped the deleted branch's home"
@@ -174,7 +176,7 @@ def test_gc_runs_again_and_again_while_three_daemons_write(mount_factory):
         while ((first_packs <= set(os.listdir(packs)) or figures["rounds"] < 2) and not gc_errors
                and time.monotonic() < deadline + 90):
             time.sleep(0.2)
-        time.sleep(GC_SECONDS)
+        time.sleep(seconds)
     finally:
         stop.set()
         for t in writers + [collector]:
@@ -255,7 +257,8 @@ def _synced_writer(root: Path, stop: threading.Event, done: list[tuple[str, byte
 
 
 @pytest.mark.timeout(120 + 60 * POWER_ROUNDS)
-def test_power_cut_under_a_branch_daemons_home_while_the_store_daemon_writes(lazy, mount_factory, tmp_path):
+@pytest.mark.parametrize("rounds", [1, pytest.param(POWER_ROUNDS, marks=pytest.mark.slow, id="long")])
+def test_power_cut_under_a_branch_daemons_home_while_the_store_daemon_writes(lazy, mount_factory, tmp_path, rounds):
     """The store on LazyFS (tests/test_power_loss.py): tests/workload.py in a branch daemon
     (mode "power": the branch is a prefix of its operations holding all it fsync'd, each of
     its snapshots exact) while the store's daemon writes fsync'd files; the power cut stops
@@ -270,7 +273,7 @@ def test_power_cut_under_a_branch_daemons_home_while_the_store_daemon_writes(laz
     f = mount_factory(store=store, init=False, branch="F", name="F")
     rnd = random.Random(int(os.environ.get("COWFS_POWER_SEED", "4243")))
     lost = 0
-    for r in range(POWER_ROUNDS):
+    for r in range(rounds):
         rel = tag = f"p{r}"
         log = str(tmp_path / f"{rel}.log")
         w = workload.start_workload(str(f.path), rel, log, rnd.randrange(1 << 30), tag, "--fsync-p", "0.3")
