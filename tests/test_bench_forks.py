@@ -1,7 +1,8 @@
 """Smoke test of scripts/bench_forks.py (issue 22's benchmark: forks of one store at once): a quick run
 of the branch + mount latency, idle RSS and same-data sections on real mounts, the JSON it prints, that
-it leaves no mount behind, and its refusal of an unknown section. The full benchmark (with the Django
-untars) is run by hand (docs/benchmarks.md "Parallel forks")."""
+it leaves no mount behind, and its refusal of an unknown section; a quick untar with --cpu-groups (each
+fork's daemon and tar in a cgroup of their own), which leaves no cgroup behind. The full benchmark (with
+the whole Django untars) is run by hand (docs/benchmarks.md "Parallel forks")."""
 from __future__ import annotations
 
 import json
@@ -64,3 +65,28 @@ def test_own_daemon_same_data_settles_at_one_copy(tmp_path):
 def test_unknown_section_is_refused(tmp_path):
     r = bench_forks("--only", "untar,nope", work=str(tmp_path / "work"), timeout=60)
     assert r.returncode != 0 and "--only takes untar,branch,idle,same_data" in r.stderr
+
+
+@pytest.mark.timeout(600)
+def test_cpu_groups_place_each_fork_daemon_with_its_commands_and_leave_no_group(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("bench_forks needs root")
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    import bench_forks as script
+    root = script.cpu_controller()
+    if root is None:
+        pytest.skip("no cgroup cpu controller on this machine")
+    work = str(tmp_path / "work")
+    r = bench_forks("--quick", "--own-daemon", "--cpu-groups", "--only", "untar", "--many", "2", "--json", work=work,
+                    timeout=550)
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["meta"]["cpu_groups"] is True
+    u = out["results"]["untar"]
+    for key, forks in (("1_forks", 1), ("2_forks", 2), ("2_separate_stores", 2), ("many_forks", 2)):
+        assert all(x["grouped_daemons"] == forks for x in u[key]["rounds"]), (key, u[key]["rounds"])
+        assert all(0 < x["untar_tar_cpu_s"] < x["untar_daemon_cpu_s"] for x in u[key]["rounds"]), (key, u[key]["rounds"])
+    assert any("CPU per fork" in g[1] for g in out["goals"])
+    assert not [d for d in os.listdir(root) if d.startswith("cowfs-bench-forks-")], "a cgroup was left behind"
+    with open("/proc/self/mountinfo") as f:
+        assert work not in f.read(), "a mount was left behind"
