@@ -39,18 +39,45 @@ def member_name(home: str) -> str:
 
 
 def new_id() -> str:
-    """A new home's id, 64 random bits, for a caller that names it in the catalog batch that
-    publishes it before the home is made (`create_home(..., home=)`)."""
+    """A new home's id, 64 random bits (`make`; or a caller's that names it in a catalog batch
+    before the home is made: `create_home(..., home=)`)."""
     return secrets.token_hex(8)
 
 
-def create_home(store: str, live: Liveness, records: Batch | None = None, home: str | None = None) -> str:
-    """Make a new home in store, durable, and register it as a liveness member of live (the
-    store's reference store); returns its id (home, or a new one).  records: what the home's
-    database must hold before its branch is published (the new head's usage record), written
-    with the `format` key in one synced batch: the database is opened, written and synced
-    once.  The caller then publishes the branch (`Catalog.new_layer(..., home=id)` and a
-    `Branch` whose `home` is id, in one batch).  Blocking: in a worker thread of a daemon."""
+class NewHome:
+    """A home being made (`make`): its directory durable, its database open holding the
+    `format` key (written, not yet synced), a liveness member.  `seal` writes the records that
+    must be there before the branch is published and syncs the database, once; then `close`,
+    or `discard` if the branch was not published."""
+
+    def __init__(self, store: str, live: Liveness, home: str, db: RocksKV) -> None:
+        self.store = store
+        self.live = live
+        self.id = home
+        self.db = db
+
+    def seal(self, records: Batch) -> None:
+        """records (the new head's usage) and the `format` key durable: the one sync, which
+        comes before the compare-and-set that names the home.  Blocking."""
+        self.db.write(records)
+        self.db.sync()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def discard(self) -> None:
+        """Closed and removed (member record, directory): its branch was not published, so
+        nothing names it.  Blocking."""
+        self.close()
+        remove(self.store, self.live, self.id)
+
+
+def make(store: str, live: Liveness, home: str | None = None) -> NewHome:
+    """Make a new home in store (home, or a new id), durable, and register it as a liveness
+    member of live (the store's reference store), its database left open for `NewHome.seal`.
+    The caller then publishes the branch (`Catalog.new_layer(..., home=id)` and a `Branch`
+    whose `home` is id, in one batch).  Blocking: in a worker thread of a daemon, before the
+    branch's mutation (it needs nothing the mutation decides, so no lock is held meanwhile)."""
     home = new_id() if home is None else home
     where = home_dir(store, home)
     private.hold_umask()  # RocksDB creates its files from its own threads
@@ -58,22 +85,30 @@ def create_home(store: str, live: Liveness, records: Batch | None = None, home: 
         private.make_dir(os.path.join(store, HOMES_DIR))
         os.mkdir(where, private.DIR_MODE)  # a collision of 64 random bits fails here
         db = RocksKV(os.path.join(where, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,))
-        try:
-            b = Batch()
-            save_format(b, FORMAT_VERSION)
-            if records is not None:
-                b.ops += records.ops
-            db.write(b)
-            db.sync()
-        finally:
-            db.close()
+    finally:
+        private.release_umask()
+    try:
+        b = Batch()
+        save_format(b, FORMAT_VERSION)
+        db.write(b)
         private.fsync_dir(where)
         private.fsync_dir(os.path.join(store, HOMES_DIR))
         private.fsync_dir(store)
+        live.add_member(member_name(home), home_db(home))
+    except BaseException:
+        db.close()
+        raise
+    return NewHome(store, live, home, db)
+
+
+def create_home(store: str, live: Liveness, records: Batch | None = None, home: str | None = None) -> str:
+    """`make`, `seal` with records and `close` at once; returns the home's id.  Blocking."""
+    made = make(store, live, home)
+    try:
+        made.seal(Batch() if records is None else records)
     finally:
-        private.release_umask()
-    live.add_member(member_name(home), home_db(home))
-    return home
+        made.close()
+    return made.id
 
 
 def listed(store: str) -> list[str]:

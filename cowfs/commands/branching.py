@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
+import trio
+
 from cowfs import homes
 from cowfs.commands.authz import Caller, Mounted, Owners, absent
 from cowfs.commands.clone import Cloner, InvalidateDir
@@ -130,17 +132,27 @@ class Branching:
         t0 = time.perf_counter()
         if not own_daemon:
             return await self._branch_in(view, name, source, current, t0, None)
-        home = homes.new_id()
-        reply = await self._branch_in(view, name, source, current, t0, home)
+        self.owners.name_free(view.name, name)  # refused before a home is made for it
+        # Made before the mutation, outside Filesystem.lock: other mutations and flushes of
+        # this daemon do not wait for it (issue 22: in-daemon branch cost unchanged).
+        home = await store.in_thread(homes.make, store.path, store.liveness)
+        try:
+            reply = await self._branch_in(view, name, source, current, t0, home)
+        except BaseException:
+            named = home.id in self.cat.homes.values()  # a compare-and-set that landed after all
+            with trio.CancelScope(shield=True):
+                await store.in_thread(home.close if named else home.discard)
+            raise
+        await store.in_thread(home.close)
         t1 = time.perf_counter()
         await store.in_thread(store.engine.flush, python=False)
-        return {**reply, "home": home, "flush_ms": round((time.perf_counter() - t1) * 1000, 3)}
+        return {**reply, "home": home.id, "flush_ms": round((time.perf_counter() - t1) * 1000, 3)}
 
     async def _branch_in(self, view: View, name: str, source: str | None, current: bool, t0: float,
-                         home: str | None) -> dict[str, Any]:
-        """branch's mutation: the new branch's head in this database, or in the home of that
-        id, which is made (its first records written and synced, a liveness member) in a
-        worker thread before the publication; the mutation holds the lock meanwhile."""
+                         home: homes.NewHome | None) -> dict[str, Any]:
+        """branch's mutation: the new branch's head in this database, or in home (made
+        before, open): the head's usage record written there and synced in a worker thread
+        before the publication, the mutation holding the lock meanwhile (a few ms)."""
         async with self.fs.mutate(view, fenced_ok=True, awaits=home is not None) as m:  # the new branch is written
             self.owners.name_free(view.name, name)
             src_branch = self._branch(view)
@@ -164,19 +176,19 @@ class Branching:
                 self.cat.keep(source, m.batch)  # published only while the snapshot stands
                 usage = self._usage(found.layer)
                 src_branch, parent_branch = owner, owner.name
-            head = self.cat.new_layer(parent_layer, m.batch, home=home)
+            home_id = None if home is None else home.id
+            head = self.cat.new_layer(parent_layer, m.batch, home=home_id)
             self.cat.save_branch(Branch(name, head, self.cat.new_view(m.batch), parent=parent_name,
                                         parent_branch=parent_branch, quota_bytes=src_branch.quota_bytes,
-                                        quota_inodes=src_branch.quota_inodes, home=home),
+                                        quota_inodes=src_branch.quota_inodes, home=home_id),
                                  m.batch)
             if home is None:
                 self.cat.save_usage(head, usage, m.batch)
             else:  # the layer's records live in its home: durable there, before the publication
                 records = Batch()
                 self.cat.save_usage(head, usage, records)
-                store = self.fs.store
                 try:
-                    await store.in_thread(homes.create_home, store.path, store.liveness, records, home)
+                    await self.fs.store.in_thread(home.seal, records)
                 except BaseException:
                     self.fs.txn.abandon(m)
                     raise
