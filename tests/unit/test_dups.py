@@ -162,3 +162,43 @@ def test_a_damaged_place_is_not_published():
     fig = _keeper(refs, packs, dbs).run(packs.listing())
     assert fig.found == 1
     assert dups.records(refs)[0][1] == a.get(CF_OBJECTS, h)  # the checked copy
+
+
+def test_fsck_checks_the_dup_records_and_repair_drops_the_damaged(tmp_path):
+    """A dup record naming the chunk where its pack's index lists it is clean; one naming a pack
+    that is gone is counted (stale), not a problem; a record that is no whole P record, or names
+    a place whose bytes are another chunk, or a damaged scan state, is a problem that --repair
+    removes."""
+    from cowfs.fsck import Fsck
+    from cowfs.store import Store, init_store
+
+    path = str(tmp_path / "s")
+    init_store(path)
+    st = Store(path)
+    try:
+        (h, v), (h2, v2) = _chunks(2, seed=3)
+        pack, exts = st.packs.write([v[1:], v2[1:]], [(h, v[0], codec.chunk_sizes(v)[0]),
+                                                      (h2, v2[0], codec.chunk_sizes(v2)[0])])
+        good = codec.encode_packed(v[0], pack, exts[0][0], exts[0][1], codec.chunk_sizes(v)[0])
+        gone = codec.encode_packed(v[0], pack + 1, 0, exts[0][1], codec.chunk_sizes(v)[0])
+        b = Batch()
+        b.put(dups.CF_DUP, h, good)
+        b.put(dups.CF_DUP, b"\x01" * 32, gone)
+        st.refs.write(b)
+        report = Fsck(st).run()
+        assert report.clean, report.problems
+        assert (report.counts["dup_records"], report.counts["dup_records_stale"]) == (2, 1)
+        b = Batch()
+        b.put(dups.CF_DUP, b"\x02" * 32, b"P" + bytes(5))  # no whole P record
+        b.put(dups.CF_DUP, h2, good)  # h's bytes named as h2's
+        b.put(CF_GC, dups.SCAN_STATE, b"123")  # not a whole number of entries
+        st.refs.write(b)
+        report = Fsck(st).run()
+        assert len(report.problems) == 3, report.problems
+        report = Fsck(st, repair=True).run()
+        assert {h for h, _v in dups.records(st.refs)} == {h, b"\x01" * 32}
+        assert st.refs.get(CF_GC, dups.SCAN_STATE) is None
+        assert Fsck(st).run().clean
+    finally:
+        st.close()
+
