@@ -92,6 +92,7 @@ SLOW_SYNC_NS = 10_000_000  # a WAL sync this slow sends the next one to a thread
 # first time, after filling two logs of WAL_ROTATE bytes): RocksKV.rotate_wal.
 WAL_SYNCS = 64
 WAL_ROTATE = 4 << 20
+HOME_OPEN_WAIT = 2.0  # seconds a home's open waits for a holder that is no daemon (`Store._open_database`)
 
 
 def _never() -> bool:
@@ -199,8 +200,7 @@ class Store:
                             "(%s); a store is private to its owner", path, len(loose), ", ".join(loose[:8])
                             + (", ..." if len(loose) > 8 else ""))
         try:
-            rocks = RocksKV(os.path.join(path, self.db), FAMILIES, blob_families=(CF_OBJECTS,),
-                            small=_small_disk(path))
+            rocks = self._open_database(path, home)
         except StoreLockedError as exc:
             self._release_umask()
             pid = daemon_pid(home_dir(path, home) if home else path)
@@ -309,6 +309,20 @@ class Store:
         self._free_at = time.monotonic()
         # Disk bytes that data acknowledged to writers but not committed yet will take.
         self.held: Callable[[], int] = lambda: 0
+
+    def _open_database(self, path: str, home: str | None) -> RocksKV:
+        """This process's database, for writing.  A home held by no daemon is held only for
+        moments (the store keeper's rewrite of an idle home, a gc's look at a home: tens of ms),
+        so its open is tried again for up to HOME_OPEN_WAIT seconds before it counts as in use."""
+        deadline = time.monotonic() + HOME_OPEN_WAIT
+        while True:
+            try:
+                return RocksKV(os.path.join(path, self.db), FAMILIES, blob_families=(CF_OBJECTS,),
+                               small=_small_disk(path))
+            except StoreLockedError:
+                if not home or daemon_pid(home_dir(path, home)) is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def drop_dead_homes(self) -> list[str]:
         """Delete the homes no live branch writes and none of whose layers anything still

@@ -5,6 +5,7 @@ a layer with a child in another database, and deletes a home whose branch is gon
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import replace
 
 import pytest
@@ -22,7 +23,7 @@ from cowfs.meta.layers import Branch, Snapshot, Usage
 from cowfs.meta.records import Attrs
 from cowfs.meta.versioned import CF_INODES, Versioned, ino_key
 from cowfs.store import FAMILIES, Store, init_store
-from cowfs.storedir import DB_DIR, home_dir
+from cowfs.storedir import DB_DIR, home_db, home_dir
 
 INO = 77
 FILE = 5  # a file with content, written by main below the branch point
@@ -92,7 +93,7 @@ def test_a_home_view_reads_its_lineage_below_and_writes_its_home_alone(tmp_path)
         for _n, kv in fork.members():
             kv.close()
         with pytest.raises(Exception, match="in use"):
-            Store(path, home=home)  # one writer per home
+            Store(path, home=home)  # one writer per home (after HOME_OPEN_WAIT: no daemon's pid file)
     finally:
         fork.close()
     base = RocksKV(os.path.join(path, DB_DIR), FAMILIES, blob_families=(CF_OBJECTS,), read_only=True)
@@ -242,3 +243,19 @@ def test_cowfs_fsck_checks_every_homes_database_too(tmp_path):
     code, report = run_fsck(path, False, True, quiet=True)
     assert code == FSCK_LEFT and report["problems"], report
     assert all(p.startswith(f"home {home}: ") for p in report["problems"]), report["problems"]
+
+
+def test_a_home_held_for_a_moment_by_no_daemon_opens_once_it_is_let_go(tmp_path):
+    """The store keeper holds an idle home's database for its rewrite (tens of ms,
+    cowfs.chunks.dups): a branch daemon opening that home meanwhile waits for it
+    (Store._open_database) instead of failing as "in use"."""
+    path = str(tmp_path / "s")
+    init_store(path)
+    home, _branch = _forked(path)
+    held = RocksKV(os.path.join(path, home_db(home)), FAMILIES, blob_families=(CF_OBJECTS,))
+    timer = threading.Timer(0.5, held.close)
+    timer.start()
+    try:
+        Store(path, home=home).close()
+    finally:
+        timer.join()
