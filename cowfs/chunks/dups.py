@@ -25,7 +25,9 @@ gc: the store daemon's `gc` and `cowfs gc STORE`) finds such chunks afterwards:
      (`plan`, committed as a re-encoding, `RefTxn.recode`: the accounting follows), on its
      own background pass after the generation moved (cowfs.background.gc.rewrite_dups);
      one writer per database stays true.  A database no process holds, the keeper rewrites
-     itself.  Its old copy is then a dead range that the next pack gc condemns or repacks.
+     itself.  Its old copy is then a dead range: a daemon that rewrote collects its own packs
+     at once (a pack another database points into is repacked by no one else), and the
+     store's next gc condemns the packs left wholly dead.
   4. *settle*: a record every database now holds (or none still holds another copy of) is
      deleted by a later pass; one whose pack went away or is condemned is chosen again.
 
