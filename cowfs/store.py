@@ -726,9 +726,13 @@ class Store:
     def keep_dups(self) -> dups.Figures:
         """One pass of the store keeper (chunks.dups): the packs not settled yet scanned for
         chunks packed in two places across this database and every member, the dup records
-        settled and published.  The store's process only; blocking: in a thread."""
+        settled and published; nothing at all for a store of one database (the first pass
+        after its first home is made reads every pack index once).  The store's process only;
+        blocking: in a thread."""
         members = self.members()
         try:
+            if not members and next(self.refs.scan(dups.CF_DUP, b""), None) is None:
+                return dups.Figures()  # one database: nothing is packed twice across databases
             dbs: list[tuple[str, KV]] = [(self.db, self.home_kv), *members]
             cached: set[int] = set()
             for _name, kv in dbs:

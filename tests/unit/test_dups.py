@@ -168,7 +168,7 @@ def test_fsck_checks_the_dup_records_and_repair_drops_the_damaged(tmp_path):
     """A dup record naming the chunk where its pack's index lists it is clean; one naming a pack
     that is gone is counted (stale), not a problem; a record that is no whole P record, or names
     a place whose bytes are another chunk, or a damaged scan state, is a problem that --repair
-    removes."""
+    removes.  The keeper of a store of one database reads nothing, and settles records left."""
     from cowfs.fsck import Fsck
     from cowfs.store import Store, init_store
 
@@ -176,6 +176,8 @@ def test_fsck_checks_the_dup_records_and_repair_drops_the_damaged(tmp_path):
     init_store(path)
     st = Store(path)
     try:
+        assert st.keep_dups() == dups.Figures()  # one database: the keeper reads nothing
+        assert st.refs.get(CF_GC, dups.SCAN_STATE) is None
         (h, v), (h2, v2) = _chunks(2, seed=3)
         pack, exts = st.packs.write([v[1:], v2[1:]], [(h, v[0], codec.chunk_sizes(v)[0]),
                                                       (h2, v2[0], codec.chunk_sizes(v2)[0])])
@@ -199,6 +201,8 @@ def test_fsck_checks_the_dup_records_and_repair_drops_the_damaged(tmp_path):
         assert {h for h, _v in dups.records(st.refs)} == {h, b"\x01" * 32}
         assert st.refs.get(CF_GC, dups.SCAN_STATE) is None
         assert Fsck(st).run().clean
+        fig = st.keep_dups()  # records left, one database: each has one copy at most, settled
+        assert fig.settled == 2 and dups.records(st.refs) == []
     finally:
         st.close()
 
