@@ -288,6 +288,7 @@ class Store:
         # its request loop's "nothing else is queued" (cowfs.fuse.loop.Waiter.idle).
         self.direct_sync_ok: Callable[[], bool] = _never
         self.direct_syncs = 0  # syncs made on the loop (stats)
+        self.syncs_after_slow = 0  # syncs sent to a thread only because the last one was slow (stats)
         self._slow_sync = False  # the last sync took longer than SLOW_SYNC_NS
         self.wal_rotations = 0  # RocksKV.rotate_wal calls made by wal_keeper (stats)
         self._syncs_since_rotation = 0
@@ -916,12 +917,14 @@ class Store:
                 continue
             seq = self.write_seq
             t0 = time.perf_counter_ns()
-            if not self._slow_sync and not self._reopen_wanted and self.direct_sync_ok():
-                self.direct_syncs += 1
-                self.kv.sync()  # on the loop: no checkpoint, so no commit can come in between
-                self.synced_seq = max(self.synced_seq, seq)
-                self._synced(t0)
-                continue
+            if not self._reopen_wanted and self.direct_sync_ok():
+                if not self._slow_sync:
+                    self.direct_syncs += 1
+                    self.kv.sync()  # on the loop: no checkpoint, so no commit can come in between
+                    self.synced_seq = max(self.synced_seq, seq)
+                    self._synced(t0)
+                    continue
+                self.syncs_after_slow += 1
             ev = self._sync_running = trio.Event()
             try:
                 await self.in_thread(self.kv.sync, python=False)

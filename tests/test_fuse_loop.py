@@ -27,16 +27,40 @@ def _burst(path, n: int) -> None:
             pass
 
 
+def _waiting(path) -> int:
+    """Requests of path's FUSE connection not answered yet (fusectl's `waiting`)."""
+    minor = mounting.mount_entry(path)["dev"].split(":")[1]
+    with open(f"/sys/fs/fuse/connections/{minor}/waiting") as f:
+        return int(f.read())
+
+
 def test_requests_in_a_burst_are_taken_without_parking(cowfs_mount):
+    """A request already queued when the loop asks for the next one is taken without parking
+    in trio.  The burst is made to be queued whatever the scheduler does: 32 requests at
+    once, sent while the daemon is stopped (SIGSTOP), so that when it continues the first
+    wakes it and every other is there at its next wait.  (A lone client's burst of 3,000
+    counted what the scheduler allowed: on a loaded machine the client is often off the CPU
+    for longer than the spin, and at load 12 only 1,480-1,650 were taken fast, 123 with four
+    clients beside four busy loops.)  Before the loop polled, none was."""
     f = cowfs_mount.path / "f"
     f.write_bytes(b"x")
+    clients, rounds = 32, 20
     before = stats(cowfs_mount.path)["fuse_loop"]
-    _burst(f, 3000)
+    for _ in range(rounds):
+        ts = [threading.Thread(target=_burst, args=(f, 1)) for _ in range(clients)]
+        with mounting.stopped(cowfs_mount.pid):
+            for t in ts:
+                t.start()
+            deadline = time.monotonic() + 30
+            while _waiting(cowfs_mount.path) < clients and time.monotonic() < deadline:
+                time.sleep(0.002)
+        for t in ts:
+            t.join()
     after = stats(cowfs_mount.path)["fuse_loop"]
     assert after["spin_us"] == 50
     fast = after["ready"] + after["spun"] - before["ready"] - before["spun"]
-    assert fast >= 1500, (before, after)
-    # Even in a burst the loop parks in trio now and then, so the other tasks get to run.
+    assert fast >= rounds * (clients - 1), (before, after)
+    # The loop parks in trio once the queue runs dry (each round here).
     assert after["parked"] > before["parked"]
     # pyfuse3's spare worker is not woken by the loop's own waits (it was at every request
     # with trio's Lock, which hands the read lock over at each release, then at every real
@@ -142,8 +166,13 @@ def test_a_lone_fsync_syncs_on_the_loop_and_concurrent_ones_share_threaded_syncs
         os.close(fd)
     after = stats(cowfs_mount.path)
     assert after["syncs_done"] - before["syncs_done"] >= 40, (before, after)
-    # Nothing else runs on this mount: only a stats call or a timer's commit can be queued.
-    assert after["direct_syncs"] - before["direct_syncs"] >= 36, (before, after)
+    # Nothing else runs on this mount: only a stats call or a timer's commit can be queued,
+    # so nearly every sync found the loop idle.  Such a sync runs on the loop unless the one
+    # before it was slow (a loaded disk: 2 to 11 of 40 under disk and CPU load 12-20):
+    # counted as the code decided, not as the disk allowed.  (Without the loop's own syncs,
+    # none of them counts.)
+    decided = sum(after[k] - before[k] for k in ("direct_syncs", "syncs_after_slow"))
+    assert decided >= 36, (before, after)
 
     def writer(k: int) -> None:
         fd = os.open(cowfs_mount.path / f"w{k}", os.O_RDWR | os.O_CREAT, 0o644)

@@ -227,6 +227,8 @@ class Daemon:
             "commits": store.write_seq,
             "syncs_done": store.synced_seq,
             "direct_syncs": store.direct_syncs,  # WAL syncs made on the event loop (Store.sync)
+            # ... and those the loop could have made but sent to a thread after a slow sync
+            "syncs_after_slow": store.syncs_after_slow,
             "wal_rotations": store.wal_rotations,  # to a recycled WAL (Store.wal_keeper)
             "objects_created": store.objects_created,
             "objects_freed": store.objects_freed,
