@@ -54,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib as bl  # noqa: E402
@@ -176,6 +177,8 @@ class CpuGroups:
 
     @staticmethod
     def add(path: str, pid: int) -> None:
+        """Move process pid, every thread of it, into the group (cgroup.procs, not tasks: a
+        daemon's RocksDB and worker threads go with it)."""
         with open(os.path.join(path, "cgroup.procs"), "w") as out:
             out.write(str(pid))
 
@@ -204,7 +207,7 @@ def at_once(cmds: list[tuple[list[str], str]], env: dict | None = None,
             groups: list[str] | None = None) -> list[float]:
     """Start every (argv, cwd) at the same moment (the i-th in cgroup groups[i] when given:
     it enters it before exec, so none of its work runs outside); each one's own elapsed seconds."""
-    def entering(i: int):
+    def entering(i: int) -> Callable[[], None] | None:
         return (lambda: CpuGroups.add(groups[i], os.getpid())) if groups else None
     t0 = time.perf_counter()
     procs = [subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
