@@ -15,6 +15,8 @@ FUSE requests are counted two ways where possible:
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import random
@@ -24,8 +26,10 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections import Counter
+from typing import Iterator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.join(REPO, ".venv", "bin")
@@ -712,25 +716,49 @@ DJANGO = "django==5.1.4"
 DJANGO_CACHE = os.environ.get("COWFS_BENCH_CACHE", "/var/tmp/cowfs-test-cache")  # tests/test_real_tools.py downloads there too
 
 
+def django_sdist(cache: str = DJANGO_CACHE) -> str:
+    """The Django sdist (.tar.gz) in `cache`, downloaded with pip the first time.  The cache is
+    shared by concurrent runs (benchmarks, the test suite's pytest-xdist workers): the download
+    is made under the cache's lock and renamed into place once whole, so a file that exists is
+    complete and no two runs download it at once."""
+    os.makedirs(cache, exist_ok=True)
+    gz = os.path.join(cache, f"Django-{DJANGO.split('==')[1]}.tar.gz")
+    with cache_lock(cache):
+        if not os.path.exists(gz):
+            log(f"downloading the {DJANGO} sdist into {cache}")
+            with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as tmp:
+                run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                     DJANGO, "-d", tmp], timeout=600)
+                os.replace(os.path.join(tmp, os.path.basename(gz)), gz)
+    return gz
+
+
+@contextlib.contextmanager
+def cache_lock(cache: str) -> Iterator[None]:
+    """An exclusive flock on cache/.lock while a cache file is made."""
+    fd = os.open(os.path.join(cache, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def django_tar(cache: str = DJANGO_CACHE, limit: int | None = None) -> tuple[str, int]:
     """The Django sdist as an uncompressed .tar (optionally its first `limit` entries) -> (path, entries),
-    downloaded with pip into `cache` the first time: every benchmark fetches its own inputs."""
-    os.makedirs(cache, exist_ok=True)
-    name, ver = DJANGO.split("==")
-    gz = os.path.join(cache, f"Django-{ver}.tar.gz")
-    if not os.path.exists(gz):
-        log(f"downloading the {DJANGO} sdist into {cache}")
-        run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-             DJANGO, "-d", cache], timeout=600)
-    out = os.path.join(cache, f"Django-{ver}" + (f"-first{limit}" if limit else "") + ".tar")
-    if not os.path.exists(out):
-        tmp = out + ".tmp"
-        with tarfile.open(gz, "r:gz") as src, tarfile.open(tmp, "w") as dst:
-            for i, m in enumerate(src):
-                if limit and i >= limit:
-                    break
-                dst.addfile(m, src.extractfile(m) if m.isfile() else None)
-        os.replace(tmp, out)
+    made from django_sdist(cache) the first time (under the cache's lock, renamed into place once
+    whole): every benchmark fetches its own inputs."""
+    gz = django_sdist(cache)
+    out = os.path.join(cache, f"Django-{DJANGO.split('==')[1]}" + (f"-first{limit}" if limit else "") + ".tar")
+    with cache_lock(cache):
+        if not os.path.exists(out):
+            tmp = out + ".tmp"
+            with tarfile.open(gz, "r:gz") as src, tarfile.open(tmp, "w") as dst:
+                for i, m in enumerate(src):
+                    if limit and i >= limit:
+                        break
+                    dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+            os.replace(tmp, out)
     with tarfile.open(out) as tf:
         entries = sum(1 for _ in tf)
     return out, entries

@@ -5,8 +5,9 @@ an object with .path, .store and .remount()) when it exists; otherwise from the 
 below, which mounts with `cowfs mount` and always unmounts in teardown (`cowfs umount`, then
 `fusermount3 -u`, then `-uz`).
 
-The Django sdist is downloaded once with pip into /var/tmp/cowfs-test-cache (tests that need it are
-skipped, with the reason, only if that download fails).
+The Django sdist is downloaded once with pip into /var/tmp/cowfs-test-cache ($COWFS_BENCH_CACHE; by
+scripts/benchlib.py, under the cache's lock; tests that need it are skipped, with the reason, only if
+that download fails).
 
 Debug aid: COWFS_RT_BACKEND=passthrough runs the same tests on scripts/passthroughfs.py instead of
 cowfs (to tell a broken test from a broken filesystem).
@@ -26,8 +27,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-CACHE = Path("/var/tmp/cowfs-test-cache")
-DJANGO_VERSION = "5.1.4"
+sys.path.insert(0, str(REPO / "scripts"))
+import benchlib  # noqa: E402
+
+CACHE = Path(benchlib.DJANGO_CACHE)
+DJANGO_VERSION = benchlib.DJANGO.split("==")[1]
 _COWFS_BIN = Path(sys.executable).parent / "cowfs"
 COWFS = [str(_COWFS_BIN)] if _COWFS_BIN.exists() else [
     sys.executable, "-c", "import sys; from cowfs.cli import main; sys.exit(main())"]
@@ -183,19 +187,14 @@ def mnt(request, tmp_path):
 
 @pytest.fixture(scope="session")
 def django_sdist() -> Path:
-    CACHE.mkdir(parents=True, exist_ok=True)
-    tgz = CACHE / f"Django-{DJANGO_VERSION}.tar.gz"
-    if not tgz.exists():
-        try:
-            p = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
-                                ":all:", f"django=={DJANGO_VERSION}", "-d", str(CACHE)],
-                               timeout=300, capture_output=True, text=True)
-        except subprocess.TimeoutExpired:
-            pytest.skip("pip download of the Django sdist timed out after 300 s")
-        if p.returncode != 0 or not tgz.exists():
-            pytest.skip(f"pip download of the Django sdist failed (rc {p.returncode}): "
-                        f"{(p.stderr or p.stdout).strip()[-500:]}")
-    return tgz
+    """The sdist in CACHE (scripts/benchlib.py downloads it there once, under the cache's lock:
+    the suite's pytest-xdist workers and benchmarks share it)."""
+    try:
+        return Path(benchlib.django_sdist(str(CACHE)))
+    except subprocess.TimeoutExpired:
+        pytest.skip("pip download of the Django sdist timed out after 600 s")
+    except RuntimeError as e:
+        pytest.skip(f"pip download of the Django sdist failed: {str(e)[-500:]}")
 
 
 def untar(tgz: Path, dest: Path, only: str | None = None) -> Path:
