@@ -1073,6 +1073,19 @@ def renameat2(src, dst, flags=0):
         raise OSError(e, os.strerror(e), src, None, dst)
 
 
+def syncfs(path) -> None:
+    """syncfs(2) of the file system holding path: its dirty pages reach its daemon.  Not
+    sync(2), which writes back every mount on the machine and so waits for any daemon a
+    test running meanwhile (another pytest-xdist worker's) has stopped."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), str(path))
+    finally:
+        os.close(fd)
+
+
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x08, 0x10
 
 

@@ -27,7 +27,7 @@ import pytest
 
 from conftest import UNPRIV_GID, UNPRIV_UID
 from mounting import (CTL_TIMEOUT, MiB, Worker, call_with_timeout, compare_snapshots, ctl, ctl_raw, disk_bytes, fails,
-                      names, ok, read, run_cowfs, snapshot, stats, write)
+                      names, ok, read, run_cowfs, snapshot, stats, syncfs, write)
 
 CHUNK = 64 << 10
 BIG_MIB = int(os.environ.get("COWFS_CLONE_BIG_MIB", "1024"))
@@ -825,7 +825,7 @@ def test_diff_reports_exact_changes(cowfs_mount):
     os.rename(mp / "mvdir", mp / "mvdir2")
     read(mp / "touched_read")                  # a read is not a change
     read(mp / "keep")
-    os.sync()
+    syncfs(mp)
     ok(mp, "snapshot B")
 
     expected = {
@@ -1057,7 +1057,7 @@ def test_branch_of_deleted_snapshot_stays_manageable(cowfs_mount):
 def test_delete_snapshot_and_gc_reclaim_space(cowfs_mount):
     mp = cowfs_mount.path
     make_tree(mp)
-    os.sync()
+    syncfs(mp)
     ok(mp, "snapshot before")
     base = disk_bytes(mp)
     _, freed0 = _objects(mp)

@@ -493,7 +493,7 @@ class BranchMachine(pd.PosixMachine):
         if KNOWN and expect is None and orphan:
             expect = {None, "ENOENT"}   # branch of a deleted snapshot: invisible (known bug)
         if nb is None:
-            os.sync()   # known bug: ctl diff does not sync the kernel's page cache itself
+            mounting.syncfs(self.mp)   # known bug: ctl diff does not sync the kernel's page cache itself
         reply = self.run_ctl(f"diff {na}" + (f" {nb}" if nb else ""), expect)
         c.count("diff")
         if reply["ok"]:

@@ -1118,7 +1118,7 @@ def test_lazy_writes_push_and_a_remote_down(fleet, mount_factory, seaweedfs_kill
         lines = [ln for ln in log.splitlines() if "could not be fetched from the remote origin" in ln]
         assert len(lines) == 1, log[-3000:]
         (mp / "f3").write_bytes(b"new while the remote is down")
-        os.sync()
+        mounting.syncfs(mp)
         sw.start()
         # Back: the failed file reads (after the few seconds a failure makes reads fail fast).
         mounting.wait_until(lambda: _reads(mp / "f2") == data["f2"], "f2 readable once S3 is back", timeout=30)

@@ -35,7 +35,7 @@ def test_a_lazy_mount_keeps_its_fetched_chunks_under_the_limit_and_fetches_evict
         assert _cache(mp)["limit"] == LIMIT
         local = os.urandom(1 << 20)  # written here: in no cache pack, never evicted
         (mp / "local").write_bytes(local)
-        os.sync()
+        mounting.syncfs(mp)
         # Two readers at once read every file (past the page cache) while evictions run, and a
         # writer appends to a new file, each append flushed (fsync) meanwhile.
         got: dict[str, bytes] = {}

@@ -127,7 +127,7 @@ def test_four_forks_concurrent_isolated_and_sharing_chunks(cowfs_mount, forks):
     mp, store = cowfs_mount.path, cowfs_mount.store
     empty = disk_bytes(mp)
     base = build_tree(mp)
-    os.sync()
+    mounting.syncfs(mp)
     ok(mp, "snapshot base")
     for i in range(4):
         assert ok(mp, f"branch f{i} base")["from"] == "base"

@@ -84,7 +84,7 @@ def test_a_writer_alive_at_condemnation_holds_the_sweep_until_it_acknowledges_or
     garbage = packs(m.store) - before
     assert garbage, "the 16 MiB file is packed"
     os.unlink(m.path / "gone")
-    os.sync()
+    mounting.syncfs(m.path)
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(m.store / "refs.sqlite")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -116,7 +116,7 @@ def test_a_writer_alive_at_condemnation_holds_the_sweep_until_it_acknowledges_or
         write_file(m.path / "gone2", 16 * MiB, 3)
         garbage = packs(m.store) - before
         os.unlink(m.path / "gone2")
-        os.sync()
+        mounting.syncfs(m.path)
         r = gc(m.path)
         assert r["packs_condemned"] == len(garbage) and r["packs_deleted"] == 0, r
         writer.kill()
@@ -176,7 +176,7 @@ def test_a_member_database_keeps_its_packs_and_fsck_checks_it(mount_factory):
     workload.fsck_clean(m.store)
     m.start()
     os.unlink(m.path / "shared")  # the store's database no longer points into them; the member does
-    os.sync()
+    mounting.syncfs(m.path)
     r = gc(m.path, "--repack-below", "1")
     assert r["packs_condemned"] == 0 and r["packs_deleted"] == 0 and r["packs_repacked"] == 0, r
     assert theirs <= packs(m.store)
@@ -262,7 +262,7 @@ def test_kill9_at_each_step_of_pack_gc(mount_factory, point):
     write_file(m.path / "gone", 16 * MiB, 7)
     garbage = packs(m.store) - before
     os.unlink(m.path / "gone")
-    os.sync()
+    mounting.syncfs(m.path)
     gc_run = subprocess.Popen(mounting.cowfs_command() + ["gc", str(m.path), "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -391,7 +391,7 @@ def test_a_gc_in_another_process_waits_for_the_daemon_and_pardons_what_it_commit
         write_file(m.path / "gone", 16 * MiB, 9)
         garbage = packs(m.store) - before
         os.unlink(m.path / "gone")
-        os.sync()
+        mounting.syncfs(m.path)
         r = _ask(gc_proc, "condemn")
         assert set(r["condemned"]) == garbage, r
         r = _sweep_until_due(gc_proc)

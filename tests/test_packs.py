@@ -136,7 +136,7 @@ def _file_hashes(store, name: bytes) -> list[bytes]:
 def test_streamed_file_lives_in_packs_and_reads_back_by_runs(mount_factory):
     m = mount_factory(options=("dedup=off",))
     want = _stream(m.path / "big", 48 * MiB, 1, tail=1000, texty=False)
-    os.sync()
+    mounting.syncfs(m.path)
     s = mounting.cowfs_json("stats", m.path)
     assert mounting.du(m.store / "packs") >= 40 * MiB, "a 48 MiB stream should be packed, not inline"
     assert s["stored_bytes"] >= mounting.du(m.store / "packs")
@@ -312,7 +312,7 @@ def _side_by_side(m, rnd: random.Random) -> bytes:
         os.fsync(fk.fileno())
         os.fsync(fg.fileno())
     os.unlink(m.path / "gone")
-    os.sync()
+    mounting.syncfs(m.path)
     return bytes(keep)
 
 
@@ -453,7 +453,7 @@ def test_a_store_of_the_previous_format_is_upgraded(mount_factory, tmp_path):
             os.fsync(f.fileno())
     os.unlink(m.path / "gone")
     del files["gone"]
-    os.sync()
+    mounting.syncfs(m.path)
     m.stop()
     marker = json.loads((store / "cowfs-store.json").read_text())
     assert marker["format"] == 6, marker

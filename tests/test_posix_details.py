@@ -1170,7 +1170,7 @@ def test_fsyncdir_and_fsync(cowfs_mount):
         os.fdatasync(fd)
     finally:
         os.close(fd)
-    os.sync()
+    mounting.syncfs(mp)
 
 
 # ---- mount options / statfs ------------------------------------------------------------------
