@@ -125,10 +125,14 @@ def test_readahead_counters_move_on_a_sequential_read(mount_factory):
     buf = mmap.mmap(-1, 1 << 20)
     out = bytearray()
     try:
-        for off in range(0, len(data), 1 << 20):  # a consumer that does some work per MiB
+        # A consumer that does some work per MiB: 50 ms, time for the prefetch threads to load
+        # the window ahead before the next read even on a loaded machine (a chunk the reader
+        # decoded first is not counted as prefetched; with 10 ms, at load ~12 with another
+        # pytest-xdist worker, the reader won every race once: prefetched 0).
+        for off in range(0, len(data), 1 << 20):
             n = os.preadv(fd, [buf], off)
             out += buf[:n]
-            time.sleep(0.01)
+            time.sleep(0.05)
     finally:
         os.close(fd)
     assert out == data
