@@ -17,6 +17,11 @@
 Every mount is unmounted at teardown, even when the test failed; the daemon log is attached to
 failure reports.  A session-level safety net lazily unmounts any FUSE mount left below the
 pytest temporary directories.
+
+Under pytest-xdist (`-n 2`: the README's and CI's command) each test runs while holding its
+run's machine lock (mounting.MachineTurns) shared; a test marked ``exclusive`` (it changes or measures
+something machine-wide, e.g. drop_caches) holds it exclusive, so no other worker's test runs
+meanwhile.
 """
 from __future__ import annotations
 
@@ -256,6 +261,32 @@ def engine_prefix(request) -> str:
     """A key prefix no other test uses (the session's engines are shared)."""
     name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:60].strip("-")
     return f"t-{name}-{uuid.uuid4().hex[:8]}"
+
+
+_TURNS: list[mounting.MachineTurns] = []   # this worker's, made at its first test
+
+
+def _machine_turns(config) -> mounting.MachineTurns | None:
+    """The run's lock, None outside pytest-xdist's workers.  Its files live in the run's base
+    temporary directory (a worker's own is <it>/gwN), which one run's workers share and no
+    other pytest session does."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not config.option.basetemp:
+        return None
+    if not _TURNS:
+        _TURNS.append(mounting.MachineTurns(Path(config.option.basetemp).parent))
+    return _TURNS[0]
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Setup, call and teardown of a test run within its turn (tryfirst: outside
+    pytest-timeout's, so waiting for the turn does not count against the test's timeout)."""
+    turns = _machine_turns(item.config)
+    if turns is None:
+        yield
+        return
+    with turns.turn(exclusive=item.get_closest_marker("exclusive") is not None):
+        yield
 
 
 @pytest.hookimpl(hookwrapper=True)

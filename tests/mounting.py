@@ -8,6 +8,8 @@
   optionally after dropping to another uid/gid.  Every call has a timeout, so a hung FUSE daemon
   can never hang the test process itself.
 * :func:`snapshot` / :func:`compare_snapshots` capture and compare whole trees.
+* :class:`MachineTurns`: the lock by which the tests of a pytest-xdist run share the machine
+  (tests/conftest.py).
 * The fleet's hosts (:class:`Host`: a store's user configuration, cache and AWS environment,
   running the CLI) and what the fleet tests share (``same_tree``, ``snap``, ``lazy_mounted``).
 
@@ -20,6 +22,7 @@ import atexit
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import mmap
@@ -963,6 +966,32 @@ def cleanup_all_mounts() -> list[str]:
         m.force_cleanup()
         _LIVE_MOUNTS.discard(m)
     return msgs
+
+
+class MachineTurns:
+    """A fair readers-writer lock between the worker processes of one pytest-xdist run.
+
+    Each test holds ``room`` shared; a test marked ``exclusive`` holds it exclusive.  Both
+    pass ``gate`` first, and an exclusive taker keeps ``gate`` until it has the room: a
+    worker's next test then queues behind it instead of taking the room shared again and
+    again (flock alone would let shared holders starve an exclusive waiter forever)."""
+
+    def __init__(self, directory: Path) -> None:
+        # O_CLOEXEC (Python's default): a daemon a test starts never inherits the lock.
+        self._gate = os.open(directory / "cowfs-machine-gate.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._room = os.open(directory / "cowfs-machine-room.lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+    @contextlib.contextmanager
+    def turn(self, exclusive: bool) -> Iterator[None]:
+        fcntl.flock(self._gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._room, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(self._gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._room, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ def bench_agent(*args, env=None, timeout=150) -> subprocess.CompletedProcess:
                           env=env, stdin=subprocess.DEVNULL)
 
 
+# Exclusive: before each measured phase the benchmark runs sync(2), which writes back every mount
+# on the machine and so waits for any daemon another pytest-xdist worker's test has stopped.
+@pytest.mark.exclusive
 @pytest.mark.timeout(200)
 def test_quick_run_prints_medians_ratios_and_cowfs_requests(tmp_path):
     if os.geteuid() != 0:

@@ -17,6 +17,12 @@ import pytest
 
 from mounting import call_with_timeout
 
+# drop_caches empties the kernel's dentry and inode caches of every mount, another worker's as
+# well (its tests count the requests those caches spare the daemon: tests/test_dircache.py,
+# tests/test_warming.py), and the RSS figures compared here are steadier with the machine to
+# themselves.
+pytestmark = pytest.mark.exclusive
+
 ROUNDS = int(os.environ.get("COWFS_MEMORY_ROUNDS", "10"))
 FILES = 20_000
 
