@@ -350,6 +350,9 @@ def test_long_commands_show_progress_on_a_terminal_only(mount_factory, tmp_path)
 
 
 # -- 13: setup.sh leaves the machine-wide links alone unless --system --------------------------------
+# Exclusive: setup.sh runs on this checkout's .venv, which every test's daemon runs from (it
+# reinstalls cowfs there when pyproject.toml is newer than the last install, and compiles).
+@pytest.mark.exclusive
 @pytest.mark.timeout(600)
 def test_setup_links_only_with_system(tmp_path):
     root = tmp_path / "root"
