@@ -36,7 +36,8 @@ Points (where each sits, and which background task meets it):
   lazy_warming   LazyWarming._warm, before each batch of a lazy mount's pushed cold start is
                  fetched, on the event loop (eio only: the warming stops as on a remote down)
   dup_rewritten  cowfs.background.gc._rewrite, once a slice of a daemon's rewrites of its
-                 records to the store keeper's published places is committed (not synced),
+                 records to the store keeper's published places is committed (not synced; a
+                 slice that rewrote none passes by),
                  on the event loop under the lock (kill: a crash between two slices)
   commit         Store.commit, on the event loop, as the batch is written (eio only): a failed
                  write, after which the store reopens the database (Store.recover)

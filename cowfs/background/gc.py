@@ -164,8 +164,10 @@ async def _rewrite(fs: Filesystem, found: list[tuple[bytes, bytes]]) -> int:
     done = 0
     for i in range(0, len(found), REWRITE_SLICE):
         async with fs.lock:
-            done += fs.store.rewrite_dups(found[i:i + REWRITE_SLICE])
-            faults.point("dup_rewritten")
+            n = fs.store.rewrite_dups(found[i:i + REWRITE_SLICE])
+            if n:
+                faults.point("dup_rewritten")
+        done += n
         await trio.sleep(0)
     return done
 
