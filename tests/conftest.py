@@ -13,6 +13,8 @@
   ``ceph_rgw``, a Ceph RADOS Gateway for the session (the tests marked ``ceph``, run by
   scripts/test_ceph.sh; a skip when Ceph is not installed);
   ``fleet``: hosts (mounting.Host) with a remote on those engines.
+* ``fs``: no mount: a fresh store's branch main as a cowfs.core.filesystem.Filesystem in
+  the test's own process (unit tests that drive the daemon's commands and passes directly).
 
 Every mount is unmounted at teardown, even when the test failed; the daemon log is attached to
 failure reports.  A session-level safety net lazily unmounts any FUSE mount left below the
@@ -78,6 +80,18 @@ def test_dir(request, shared_tmp):
     yield d
     if not mounting.fuse_mounts_under(str(d)):
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def fs(tmp_path):
+    """A fresh store's branch main, in this process (closed after the test)."""
+    from cowfs.core.filesystem import Filesystem
+    from cowfs.store import Store, init_store
+    path = str(tmp_path / "store")
+    init_store(path)
+    store = Store(path, cache_l1=1 << 20, cache_l2=1 << 20)
+    yield Filesystem(store, "main")
+    store.close()
 
 
 @pytest.fixture

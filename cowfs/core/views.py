@@ -135,11 +135,12 @@ class Views:
 
     def records_moved(self, src: int, dst: int, inos: list[int]) -> None:
         """Garbage collection merged layer src into dst, moving these inodes' records: nodes
-        in memory whose record was src's now have it in dst (where a save overwrites it and
-        must release its reference).  Only views whose top is dst compare the two."""
+        in memory whose record was src's now have it in dst, in every view (each sees dst
+        too: src was no top and dst its only child).  Not only views whose top is dst: a
+        later merge may carry the record on into another view's head (A into S, then S into
+        the head), where a save overwrites it and must release its reference; a node left
+        saying A released nothing, and the first data's count stayed one too high."""
         for view in [*self._live.values(), *self.detached.values()]:
-            if view.lv.top != dst:
-                continue
             for ino in inos:
                 node = view.nodes.get(ino)
                 if node is not None and node.stored_layer == src:

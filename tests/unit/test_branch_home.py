@@ -22,19 +22,10 @@ from cowfs.errors import FSError
 from cowfs.fsck import Fsck
 from cowfs.kv.rocks import RocksKV
 from cowfs.meta.layers import CF_META, usage_key
-from cowfs.store import FAMILIES, ROOT_INO, Store, init_store
+from cowfs.store import FAMILIES, ROOT_INO
 from cowfs.storedir import home_db
 
 ROOT = Caller(0, 0)
-
-
-@pytest.fixture
-def fs(tmp_path):
-    path = str(tmp_path / "store")
-    init_store(path)
-    store = Store(path, cache_l1=1 << 20, cache_l2=1 << 20)
-    yield Filesystem(store, "main")
-    store.close()
 
 
 async def _file(fs: Filesystem, name: bytes, data: bytes):
