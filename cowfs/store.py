@@ -24,7 +24,7 @@ from cowfs import faults, private, threads
 from cowfs.cache import ChunkCache
 from cowfs.blob.base import BlobStore
 from cowfs.blob.local import LocalBlobStore
-from cowfs.chunks import dups, liveness, remotecache, repack, upgrade
+from cowfs.chunks import codec, dups, liveness, remotecache, repack, upgrade
 from cowfs.chunks.families import CF_OBJECTS, FAMILIES as OBJECT_FAMILIES
 from cowfs.chunks.objects import ObjectStore, RefTxn
 from cowfs.chunks.packs import Packs
@@ -710,15 +710,14 @@ class Store:
 
     def survey_packs(self, listed: dict[int, int]) -> repack.Survey:
         """Live bytes of the listed packs (`Packs.listing`, taken while no flush had a pack
-        in flight), from a mark that starts now: the store's pointers, and the members' (whose
-        packs a repack leaves alone: it moves the store's pointers only).  Blocking: in a thread."""
+        in flight), from a mark that starts now: this database's pointers, and the members'
+        (which a repack never moves: it moves this database's pointers only).  Blocking: in a
+        thread."""
         members = self.members()
         try:
             s = repack.survey(self.home_kv, self.packs.encoding_sizes(listed))
-            theirs = liveness.mark([kv for _n, kv in members])
-            s.foreign = set(theirs) | dups.record_packs(self.refs)  # rewrites head for a dup record's pack
-            for p, n in theirs.items():
-                s.live[p] = s.live.get(p, 0) + n
+            s.theirs = liveness.mark([kv for _n, kv in members])
+            s.foreign = set(s.theirs) | dups.record_packs(self.refs)  # rewrites head for a dup record's pack
             return s
         finally:
             for _name, kv in members:
@@ -823,11 +822,20 @@ class Store:
         out.update(packs_deleted=len(gone), packs_pardoned=len(marked))
         return out
 
-    def retire_packs(self, c: repack.Copy, moved: int) -> int:
+    def retire_packs(self, c: repack.Copy, moved: int, foreign: set[int] = frozenset()) -> int:
         """After a repack's moves are committed and durable: its old packs are condemned, and
-        its new pack too if nothing was moved there (blocking: call in a thread)."""
+        its new pack too if nothing was moved there; not the old ones in `foreign` (other
+        databases point into them or a dup record names them), whose moved chunks' new places
+        are published instead (chunks.dups.follow_moves): the others follow, and a later gc
+        finds them unmarked (blocking: call in a thread)."""
         faults.point("repack_moved")
-        return self.condemn_packs(c.old + ([c.new] if c.new is not None and not moved else []))[0]
+        shared = set(c.old) & foreign
+        if shared and moved:
+            kept = [(h, new) for h, old, new in c.moves
+                    if codec.packed_extent(old)[0] in shared and self.home_kv.get(CF_OBJECTS, h) == new]  # type: ignore[index]
+            dups.follow_moves(self.refs, kept, shared)
+        return self.condemn_packs([p for p in c.old if p not in shared]
+                                  + ([c.new] if c.new is not None and not moved else []))[0]
 
     def copy_packs(self, group: list[int]) -> repack.Copy:
         """The live encodings of a group of packs, put as one new pack (blocking: in a thread)."""

@@ -177,3 +177,46 @@ def test_the_keeper_runs_again_and_again_while_two_branch_daemons_write_the_same
         f.stop()
     m.stop()
     mounting.fsck(m.store)
+
+
+def test_the_same_data_written_by_the_store_daemon_and_three_branch_daemons_is_stored_once(mount_factory):
+    """Four databases write the same 16 MiB: the store's daemon packs three chunks in four and
+    keeps every fourth inline (written after, in 1 MiB fsynced flushes), three branch daemons
+    pack all of it.  The first fork by name wins every fourth chunk against the other forks
+    and loses the rest to the store's database, so each of its packs ends a quarter live with
+    the other forks pointing into it: it must still be collected (its daemon repacks its share
+    and the others follow), until the packs hold the data once (<= 1.05x), every byte reads
+    back and fsck is clean."""
+    m = mount_factory()
+    names = ("f1", "f2", "f3")
+    for b in names:
+        _own_branch(m, b)
+    forks = [mount_factory(store=m.store, init=False, branch=b, name=b) for b in names]
+    size, chunk = 16 * MiB, 64 << 10
+    data = os.urandom(size)
+    stripes = range(3 * chunk, size, 4 * chunk)
+    before = _pack_bytes(m.store)
+    fd = os.open(m.path / "data.bin", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        holed = bytearray(data)
+        for off in stripes:
+            holed[off:off + chunk] = bytes(chunk)
+        os.pwrite(fd, holed, 0)
+        os.fsync(fd)
+        for i, off in enumerate(stripes):
+            os.pwrite(fd, data[off:off + chunk], off)
+            if i % 16 == 15:
+                os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert (_pack_bytes(m.store) - before) / size <= 0.8  # every fourth chunk inline
+    _write_at_once([f.path / "data.bin" for f in forks], data)
+    assert (_pack_bytes(m.store) - before) / size >= 3.5
+    growth, runs = _settle(m.store, before, size, timeout=120)
+    assert growth <= 1.05, (growth, json.dumps(runs, indent=1))
+    for mm in (m, *forks):
+        assert read(mm.path / "data.bin") == data
+    for f in reversed(forks):
+        f.stop()
+    m.stop()
+    mounting.fsck(m.store)

@@ -93,7 +93,7 @@ async def sweep_packs(fs: Filesystem, below: float | None = None,
             listed = await store.in_thread(store.packs.listing)
         survey = await store.in_thread(store.survey_packs, listed)
         garbage = survey.garbage()
-        condemned, pardoned = await store.in_thread(store.condemn_packs, garbage, list(survey.live))
+        condemned, pardoned = await store.in_thread(store.condemn_packs, garbage, survey.marked())
         out = {"packs": len(listed), "packs_condemned": condemned, "packs_repacked": 0,
                "pack_bytes_copied": 0, "pack_bytes_dead": survey.dead_bytes()}
         for group in survey.groups(below):
@@ -101,7 +101,7 @@ async def sweep_packs(fs: Filesystem, below: float | None = None,
             async with fs.lock:
                 moved = store.commit_moves(c)
             await store.sync()  # the moves are durable before their old packs are condemned
-            out["packs_condemned"] += await store.in_thread(store.retire_packs, c, moved)
+            out["packs_condemned"] += await store.in_thread(store.retire_packs, c, moved, survey.foreign)
             out["packs_repacked"] += len(c.old)
             out["pack_bytes_copied"] += c.copied
             if progress is not None:

@@ -17,7 +17,7 @@ gc: the store daemon's `gc` and `cowfs gc STORE`) finds such chunks afterwards:
      The record chosen is the one most databases already hold (the fewest rewrites); on a
      tie the store's database's (the base: its packs are the oldest), then the database
      first by name, the same for every chunk, so a loser's copies fill whole packs, which
-     pack gc deletes (a pack another database points into is never repacked).  "The oldest
+     pack gc deletes.  "The oldest
      copy" of the design is approximated so: a BlobStore lists names and sizes, no times.
      The pack a record names must be there and not condemned, and the chunk at its place is
      read and checked against its hash before it is published (a pack index is a hint).
@@ -26,8 +26,11 @@ gc: the store daemon's `gc` and `cowfs gc STORE`) finds such chunks afterwards:
      own background pass after the generation moved (cowfs.background.gc.rewrite_dups);
      one writer per database stays true.  A database no process holds, the keeper rewrites
      itself.  Its old copy is then a dead range: a daemon that rewrote collects its own packs
-     at once (a pack another database points into is repacked by no one else), and the
-     store's next gc condemns the packs left wholly dead.
+     at once (a repack moves its own database's pointers only), and the store's next gc
+     condemns the packs left wholly dead.  A pack left partly dead that others point into (a
+     place that won, in a pack that lost other chunks: three databases, one keeping some
+     chunks inline) is repacked by its owner all the same: `follow_moves` publishes the new
+     places so the others follow, and the old pack dies whole.
   4. *settle*: a record every database now holds (or none still holds another copy of) is
      deleted by a later pass; one whose pack went away or is condemned is chosen again.
 
@@ -36,7 +39,8 @@ writer's filesystem lock and refuses a place in a condemned or missing pack, and
 the same hold.  A pack condemned after that read cannot be swept before the rewrite is
 durable: the sweep waits for this writer's acknowledgement, which takes the same lock and
 syncs first, and the sweep's second mark then sees the new pointer and pardons the pack.  A
-pack a dup record names is never repacked (Store.survey_packs counts it foreign).  A crash
+repack of a pack others point into or a dup record names publishes its new places and never
+condemns it (Store.retire_packs): a later gc finds it unmarked.  A crash
 at any point leaves either record or pointer as it was: a P record naming another
 database's pack is kept alive by the mark over every member, and a dup record is a hint
 that no rewrite follows into a missing pack.
@@ -96,7 +100,8 @@ def records(refs: KV) -> list[tuple[bytes, bytes]]:
 
 
 def record_packs(refs: KV) -> set[int]:
-    """The packs dup records name: never repacked while they do (rewrites are heading there)."""
+    """The packs dup records name: a repack of one publishes the new places and leaves it to a
+    later gc (rewrites may be heading there)."""
     out = set()
     for _h, raw in refs.scan(CF_DUP, b""):
         if valid_record(raw):
@@ -121,6 +126,33 @@ def packed_records(h: bytes, dbs: Sequence[tuple[str, KV]]) -> dict[str, bytes]:
         if raw is not None and raw[0] == codec.KIND_PACKED:
             out[name] = raw
     return out
+
+
+def follow_moves(refs: KV, moved: Sequence[tuple[bytes, bytes]], old: set[int]) -> int:
+    """A repack moved this database's pointers (hash, new P record) out of packs `old` that
+    other databases point into (places of duplicates chosen earlier) or a dup record names:
+    publish each new place as the chunk's dup record, unless one names a place outside `old`
+    already (the keeper chose another copy: this database's rewrite follows it), so the other
+    databases follow too and the old packs die whole; no gc repacks what it does not own.  One
+    compare-and-set with a bumped generation; returns how many records."""
+    for _ in range(CAS_TRIES):
+        gen_raw = refs.get(CF_GC, GEN)
+        batch, expect = Batch(), [(CF_GC, GEN, gen_raw)]
+        for h, new in moved:
+            cur = refs.get(CF_DUP, h)
+            if cur is not None and valid_record(cur) and codec.packed_extent(cur)[0] not in old:  # type: ignore[index]
+                continue
+            batch.put(CF_DUP, h, new)
+            expect.append((CF_DUP, h, cur))
+        if len(expect) == 1:
+            return 0
+        batch.put(CF_GC, GEN, str((int(gen_raw) if gen_raw else 0) + 1).encode())
+        try:
+            refs.write(batch, expect)
+            return len(expect) - 1
+        except Conflict:  # the keeper published meanwhile: look again
+            continue
+    raise RuntimeError("could not publish the repacked places: the reference store kept changing")
 
 
 def plan(home: KV, found: Iterable[tuple[bytes, bytes]], condemned: set[int],
@@ -176,7 +208,7 @@ class Keeper:
         self.cached = cached
         # Ties go to one database for every chunk, the store's own first, then by name: the
         # other copies of data two databases wrote alike then fill whole packs, which a pack
-        # gc deletes (a pack some other database points into is never repacked).
+        # gc deletes.
         self.rank = {name: i for i, name in enumerate(sorted(n for n, _kv in dbs if n != own))}
         self.rank[own] = -1
         self._sizes: dict[int, int | None] = {}

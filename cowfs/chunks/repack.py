@@ -22,7 +22,10 @@ A pass (driven by background.gc.sweep_packs, under Filesystem.maintenance):
      batch is committed and synced;
   5. the group's old packs are condemned: no pointer names them any more (the commit moved
      every one the scan saw, and none can appear), and the commit is durable, so no crash
-     can bring back a pointer into them.  A new pack that received no pointer too.
+     can bring back a pointer into them.  A new pack that received no pointer too.  An old
+     pack another database points into (the place of a duplicate the store keeper chose,
+     chunks.dups) is not: its moved chunks' new places are published as dup records, the
+     other databases follow them, and a later gc finds the old pack unmarked.
 A crash anywhere leaves packs nothing points at (a put not committed, an old pack not yet
 condemned or deleted), which the next pass condemns and deletes; never a pointer to bytes
 that are not there.
@@ -51,21 +54,31 @@ class Survey:
     """What one scan of the pointers says about the listed packs."""
 
     sizes: dict[int, int]  # listed pack -> size
-    live: dict[int, int] = field(default_factory=dict)  # pack -> live bytes (unlisted ones too)
-    foreign: set[int] = field(default_factory=set)  # packs another database points into: never repacked
+    live: dict[int, int] = field(default_factory=dict)  # pack -> this database's live bytes (unlisted ones too)
+    theirs: dict[int, int] = field(default_factory=dict)  # pack -> the other databases' live bytes
+    # packs another database points into or a dup record names: a repack moves this
+    # database's pointers out and publishes the new places (chunks.dups.follow_moves), so the
+    # others follow; it never condemns them (a later gc finds them unmarked)
+    foreign: set[int] = field(default_factory=set)
     # a lazy mount's cache packs (chunks.remotecache): evicted whole, never repacked (a copy
     # would make fetched chunks local for good, out of the cache's bound)
     cached: set[int] = field(default_factory=set)
 
+    def used(self, p: int) -> int:
+        """Live bytes of pack p in any database."""
+        return self.live.get(p, 0) + self.theirs.get(p, 0)
+
+    def marked(self) -> list[int]:
+        return sorted(p for p in self.live.keys() | self.theirs.keys() if self.used(p))
+
     def garbage(self) -> list[int]:
-        return sorted(p for p in self.sizes if not self.live.get(p))
+        return sorted(p for p in self.sizes if not self.used(p))
 
     def groups(self, below: float, target: int = REPACK_TARGET) -> list[list[int]]:
-        """Candidate packs (live share below `below`, but some live), in groups whose live
-        bytes fit one new pack; the emptiest first."""
+        """Candidate packs (this database's live share below `below`, but some live), in
+        groups whose live bytes fit one new pack; the emptiest first."""
         cands = sorted((self.live[p] / max(size, 1), p) for p, size in self.sizes.items()
-                       if self.live.get(p) and self.live[p] < below * size and p not in self.foreign
-                       and p not in self.cached)
+                       if self.live.get(p) and self.live[p] < below * size and p not in self.cached)
         groups: list[list[int]] = []
         total = 0
         for _share, p in cands:
@@ -77,7 +90,7 @@ class Survey:
         return groups
 
     def dead_bytes(self) -> int:
-        return sum(size - min(self.live.get(p, 0), size) for p, size in self.sizes.items())
+        return sum(size - min(self.used(p), size) for p, size in self.sizes.items())
 
 
 def survey(kv: KV, sizes: dict[int, int]) -> Survey:
