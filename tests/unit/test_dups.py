@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from cowfs.blob.memory import MemoryBlobStore
-from cowfs.chunks import codec, dups
+from cowfs.chunks import codec, dups, repack
 from cowfs.chunks.families import CF_OBJECTS
 from cowfs.chunks.liveness import CF_GC
 from cowfs.chunks.packs import Packs
@@ -146,6 +146,44 @@ def test_a_pack_put_before_its_commit_is_read_again_until_its_grace_ends():
     assert _keeper(refs, packs, dbs).run(packs.listing(), now=2000.0).packs_read == 1
     assert _keeper(refs, packs, dbs).run(packs.listing(), now=2000.0 + dups.PENDING_GRACE - 1).packs_read == 1
     assert _keeper(refs, packs, dbs).run(packs.listing(), now=2000.0 + dups.PENDING_GRACE + 1).packs_read == 0
+
+
+def test_a_repacked_winning_place_is_published_and_the_others_follow_it():
+    """A pack others point into (a place that won) repacked by its owner: the new places are
+    published (dups.follow_moves) unless a record names a place elsewhere, and the keeper
+    keeps them until every database follows, then settles them."""
+    refs, packs, dbs = _setup()
+    (_, own), (_, a), (_, b) = dbs
+    same = _chunks(3)
+    p_a = _pack(packs, a, same)
+    _pack(packs, b, same)
+    _keeper(refs, packs, dbs).run(packs.listing())  # a wins the tie (own holds none)
+    assert _rewrite(b, refs, packs) == 3  # b points into a's pack now
+    # a's owner repacks its pack: its pointers move to a new pack
+    p_new = _pack(packs, a, same)
+    moved = [(h, a.get(CF_OBJECTS, h)) for h, _v in same]
+    elsewhere = _pack(packs, own, same[2:])  # the keeper chose another place for the third
+    rec = Batch()
+    rec.put(dups.CF_DUP, same[2][0], own.get(CF_OBJECTS, same[2][0]))
+    refs.write(rec)
+    gen = dups.generation(refs)
+    assert dups.follow_moves(refs, moved, {p_a}) == 2
+    assert dups.generation(refs) == gen + 1
+    published = dict(dups.records(refs))
+    assert [codec.packed_extent(published[h])[0] for h, _v in same] == [p_new, p_new, elsewhere]  # type: ignore[index]
+    assert dups.follow_moves(refs, moved, {p_a}) == 0  # done: nothing left to publish
+    fig = _keeper(refs, packs, dbs).run(packs.listing())
+    assert fig.open == 3  # b still points into the old pack
+    assert _rewrite(b, refs, packs) == 3 and _rewrite(a, refs, packs) == 1
+    assert all(codec.packed_extent(b.get(CF_OBJECTS, h))[0] != p_a for h, _v in same)  # type: ignore[index,arg-type]
+    assert _keeper(refs, packs, dbs).run(packs.listing()).settled == 3
+
+
+def test_a_repack_share_is_its_own_databases_and_a_pack_others_point_into_is_no_garbage():
+    s = repack.Survey({1: 100, 2: 100, 3: 100}, {1: 25, 2: 60}, theirs={1: 50, 3: 10}, foreign={1, 3})
+    assert s.groups(0.5) == [[1]]  # a quarter its own, whoever else points into it
+    assert s.garbage() == [] and s.marked() == [1, 2, 3]
+    assert s.dead_bytes() == 25 + 40 + 90
 
 
 def test_a_damaged_place_is_not_published():
