@@ -54,6 +54,8 @@ Points (where each sits, and which background task meets it):
   timer_flush    Flusher.background_flusher, before the flush of data older than 1 s or past
                  8 MiB, on the event loop (eio only: that flush is skipped, so what fsync put
                  in the small-write log stays there until a release or an operation folds it)
+  refs_inotify   RefsWatch.run, before its inotify instance is made, on the event loop (eio
+                 only: as if none could be had, the daemon looks at refs.sqlite every second)
   log_fold       Flusher.background_flusher, before it folds the small-write log (its records
                  idle, old or large enough, or the dirty buffers half the limit), on the event
                  loop (eio only: that fold is skipped; the timer's flushes of unlogged data go on)
@@ -74,9 +76,9 @@ POINTS = frozenset({"pack_put", "pack_written", "repack_copied", "repack_moved",
                     "flush_encode", "prefetch_load", "dedup_plan", "share_walk", "clone_walk", "gc", "model_save",
                     "warm_paths", "commit", "attach_bind", "timer_flush", "lazy_warming",
                     "fleet_repack_packed", "fleet_repack_moved", "log_fold", "catalog_publish", "catalog_published",
-                    "dup_rewritten"})
+                    "dup_rewritten", "refs_inotify"})
 LOOP_POINTS = frozenset({"gc", "model_save", "commit", "timer_flush", "lazy_warming", "log_fold", "catalog_publish",
-                         "catalog_published", "dup_rewritten"})  # on the event loop: a sleep would stall every request
+                         "catalog_published", "dup_rewritten", "refs_inotify"})  # on the event loop: a sleep would stall every request
 
 _lock = threading.Lock()
 _armed: dict[str, list] = {}  # point -> [action, seconds, hits left (-1: every hit), hits to pass first]

@@ -283,6 +283,9 @@ class Store:
         self._next_ino = self._ino_hwm = int.from_bytes(raw, "big") if raw else ROOT_INO + 1
         self.write_seq = 0
         self.synced_seq = 0
+        # Background tasks waiting for work a commit brings (chunks queued, inodes made),
+        # looked at after every commit instead of on a timer.
+        self.commits = threads.Conditions()
         self._sync_running: trio.Event | None = None
         # Whether a WAL sync may run on the event loop itself (`sync`): the daemon sets it to
         # its request loop's "nothing else is queued" (cowfs.fuse.loop.Waiter.idle).
@@ -895,6 +898,7 @@ class Store:
                 txn.staged = []
             self.objects.settle()
             self.write_seq += 1
+            self.commits.changed()
             raise
         except BaseException:
             self.objects.abort(txn)
@@ -904,6 +908,7 @@ class Store:
         if len(batch):
             self.objects.settle()
             self.write_seq += 1
+            self.commits.changed()
 
     async def sync(self) -> None:
         """Return once every commit made before the call is durable; concurrent callers share one fsync.

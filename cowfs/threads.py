@@ -43,3 +43,34 @@ async def run_in_c_thread(fn: Callable[..., T], *args: Any) -> T:
 
     trio.lowlevel.start_thread_soon(functools.partial(fn, *args), deliver)
     return await trio.lowlevel.wait_task_rescheduled(lambda _raise_cancel: trio.lowlevel.Abort.FAILED)  # type: ignore[no-any-return]
+
+
+class Conditions:
+    """Tasks that sleep until a condition holds, looked at by whoever changes what it reads,
+    from any thread (a commit: `Store.commits`): a background task with nothing to do then
+    costs no wake-up at all, where a poll woke it several times a second."""
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[Callable[[], bool], trio.Event, trio.lowlevel.TrioToken]] = []
+
+    async def until(self, ready: Callable[[], bool]) -> None:
+        """Return once ready() holds (at once if it does now).  ready is called on the thread
+        that changed something: it must be cheap and safe there (reads of ints)."""
+        if ready():
+            return
+        w = (ready, trio.Event(), trio.lowlevel.current_trio_token())
+        self._waiting.append(w)
+        try:
+            await w[1].wait()
+        finally:
+            self._waiting.remove(w)
+
+    def changed(self) -> None:
+        """Something the waiting conditions read may have changed: wake those that hold now
+        (through the trio token, so any thread may call this)."""
+        for ready, event, token in tuple(self._waiting):  # a copy: the loop may add or remove meanwhile
+            if not event.is_set() and ready():
+                try:
+                    token.run_sync_soon(event.set)
+                except trio.RunFinishedError:  # a commit in a thread as the loop ended: no one waits
+                    pass

@@ -355,7 +355,7 @@ def test_a_gc_in_another_process_waits_for_the_daemon_and_pardons_what_it_commit
     daemon's lock.  A flush held between its pack put and its commit: its pack is unmarked,
     so condemned; the daemon acknowledges the round only once that flush committed, and the
     sweep's second mark then finds the pack named: pardoned, the file whole.  Then garbage:
-    condemned, acknowledged by the daemon within its ACK_EVERY, deleted."""
+    condemned, acknowledged by the daemon at the change of refs.sqlite, deleted."""
     m = mount_factory(options=("dedup=off",), env={"COWFS_FAULTS": "pack_written:sleep6"})
     late = random.Random(8).randbytes(16 * MiB)
     gc_proc = subprocess.Popen([sys.executable, "-c", FOREIGN_GC, str(m.store)], stdin=subprocess.PIPE,
@@ -403,5 +403,42 @@ def test_a_gc_in_another_process_waits_for_the_daemon_and_pardons_what_it_commit
         gc_proc.kill()
         gc_proc.wait(timeout=30)
     assert (m.path / "late").read_bytes() == late
+    m.stop()
+    workload.fsck_clean(m.store)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("watch", ["inotify", "stat"])
+def test_an_idle_daemon_acknowledges_a_gc_of_another_process_when_refs_change(mount_factory, watch):
+    """The acknowledgement task sleeps until STORE/refs.sqlite changes (cowfs.background.refswatch):
+    a round another process condemns wakes it, through inotify, or, without an inotify instance
+    (the `refs_inotify` fault), through its look at the file's size and mtime every second; the
+    other process's sweep then deletes the garbage."""
+    env = {"COWFS_FAULTS": "refs_inotify:eio:*"} if watch == "stat" else None
+    m = mount_factory(options=("dedup=off",), env=env)
+    before = packs(m.store)
+    write_file(m.path / "gone", 16 * MiB, 11)
+    garbage = packs(m.store) - before
+    assert garbage
+    os.unlink(m.path / "gone")
+    mounting.syncfs(m.path)
+    time.sleep(2)  # idle: nothing but the watcher would wake the task
+    gc_proc = subprocess.Popen([sys.executable, "-c", FOREIGN_GC, str(m.store)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        r = _ask(gc_proc, "condemn")
+        assert set(r["condemned"]) == garbage, r
+        t0 = time.monotonic()
+        r = _sweep_until_due(gc_proc, timeout=30)
+        took = time.monotonic() - t0
+        assert set(r["deleted"]) == garbage and not r["pardoned"], r
+    finally:
+        gc_proc.kill()
+        gc_proc.wait(timeout=30)
+    log = m.log_text()
+    assert "acknowledged gc round" in log
+    assert ("no inotify instance" in log) == (watch == "stat"), log
+    assert took < 20, took  # at once with inotify, within a second or two without; the rest is load
+    assert not garbage & packs(m.store) and before <= packs(m.store)
     m.stop()
     workload.fsck_clean(m.store)

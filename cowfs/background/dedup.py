@@ -42,7 +42,7 @@ from cowfs.kv.base import Batch
 log = logging.getLogger(__name__)
 
 BATCH = 64  # chunks per thread call (at most 4 MiB: tens of milliseconds)
-IDLE_POLL = 0.2
+IDLE_POLL = 0.2  # seconds between two looks for a quiet moment while chunks wait
 MAX_DELTA_RATIO = 0.5  # keep a delta only at most half the size of the whole encoding ...
 MIN_DELTA_SAVING = 64  # ... and saving at least this many bytes
 BUSY_QUEUE = 1 << 16  # on a busy mount (cowfs.background.quiet) it works only with this many chunks
@@ -225,17 +225,18 @@ class DedupWorker:
         self.chunks_done += sum(not p.later for p in plans)
 
     async def run(self) -> None:
-        """Work through the queue forever; sleep while it is empty or the worker is off.
+        """Work through the queue forever; asleep while it is empty or the worker is off
+        (woken by the commit that queues a chunk: `Store.commits`).
 
         Started as the mount is served, which counts as a request: the first batch (64
         chunks read and sketched in a thread, ~0.1-0.2 s, the request loop not spinning
         meanwhile) waits for the clients' first requests to stop instead of running beside
         them (docs/benchmarks.md, issue 24, h65)."""
         self.quiet.mark()
+        store = self.fs.store
         while True:
-            if not self.enabled or self.fs.store.objects.space.queue <= 0:
-                await trio.sleep(IDLE_POLL)
-                continue
+            # Nothing queued (or off): asleep until a commit queues a chunk, not on a timer.
+            await store.commits.until(lambda: self.enabled and store.objects.space.queue > 0)
             serving = not self.quiet()
             if serving and self.fs.store.objects.space.queue < BUSY_QUEUE:
                 # The queue survives unmounts and crashes: it can wait for a quiet moment.

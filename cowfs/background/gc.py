@@ -16,6 +16,7 @@ from typing import Callable
 import trio
 
 from cowfs import faults
+from cowfs.background.refswatch import RefsWatch
 from cowfs.chunks import dups
 from cowfs.chunks.codec import CorruptObject
 from cowfs.chunks.repack import REPACK_BELOW
@@ -25,8 +26,11 @@ from cowfs.meta import gc
 log = logging.getLogger(__name__)
 
 SETTLE = 0.5  # seconds a burst of deletes gets to settle into one pass
-ACK_EVERY = 1.0  # seconds between two looks for a gc round this daemon owes an acknowledgement
-REWRITE_EVERY = 1.0  # seconds between two looks at the keeper's generation of dup records
+# Seconds a change of the reference store gets before the dup rewrites look: the keeper's pass
+# publishes its records, then rewrites its own database and sweeps; looked at at once, a
+# daemon killed between two slices of its rewrites found nothing left to do at its remount
+# (tests/test_keeper.py), as the once-a-second look never did.
+REWRITE_SETTLE = 1.0
 REWRITE_SLICE = 512  # dup records planned and committed per hold of the lock (a few ms)
 
 
@@ -126,7 +130,7 @@ async def collect_when_wanted(fs: Filesystem) -> None:
         log.info("garbage collection removed %d metadata versions", n)
 
 
-async def acknowledge_rounds(fs: Filesystem) -> None:
+async def acknowledge_rounds(fs: Filesystem, watch: RefsWatch) -> None:
     """Acknowledge the gc rounds that list this daemon (chunks.liveness), as a gc run by
     another process (the store keeper) needs before it deletes: once the lock is taken, no
     flush is between its pack put and its commit (a flush holds the lock from one to the
@@ -134,11 +138,13 @@ async def acknowledge_rounds(fs: Filesystem) -> None:
     pointer names a pack written later, never a condemned one.  A branch's own daemon first
     reopens the databases below its view (`Store.refresh_below`): a repack of the store's
     database moved pointers its reads of the base would otherwise still follow into the
-    condemned packs."""
+    condemned packs.  Looks at start and at each change of the reference store (watch), where
+    a round is condemned, instead of every second."""
     store = fs.store
     damaged = False
+    seen: int | None = None
     while True:
-        await trio.sleep(ACK_EVERY)
+        seen = await watch.changed(seen)
         try:
             gen = await store.in_thread(store.liveness.owed)
         except CorruptObject as exc:
@@ -194,15 +200,23 @@ async def keep_dups(fs: Filesystem) -> dict[str, float]:
     return {**figures.as_dict(), "dup_rewritten": done}
 
 
-async def rewrite_dups(fs: Filesystem) -> None:
+async def rewrite_dups(fs: Filesystem, watch: RefsWatch) -> None:
     """Every daemon's side of the keeper: once the generation of dup records moves (and once
     at start), point this daemon's records of them at the published places (chunks.dups),
     then collect its packs (`sweep_packs`): a pack of its own that the rewrites left mostly
     dead is repacked by no other process (the store's gc never moves another database's
-    pointers), e.g. one that also holds chunks another database keeps inline."""
+    pointers), e.g. one that also holds chunks another database keeps inline.  The
+    generation is looked at when the reference store changes (watch: the keeper publishes
+    there), not on a timer: in a store of one database, where it never moves, this costs
+    nothing."""
     store = fs.store
     seen: int | None = None
+    change: int | None = None
     while True:
+        if change is not None:  # woken by a change, not the start
+            await watch.changed(change)
+            await trio.sleep(REWRITE_SETTLE)
+        change = watch.changes  # what the look below covers
         try:
             gen = await store.in_thread(dups.generation, store.refs)
         except ValueError:
@@ -216,4 +230,3 @@ async def rewrite_dups(fs: Filesystem) -> None:
                 log.info("packs collected after the rewrites: %d repacked, %d condemned, %d deleted",
                          swept["packs_repacked"], swept["packs_condemned"], swept["packs_deleted"])
             seen = gen
-        await trio.sleep(REWRITE_EVERY)

@@ -303,11 +303,18 @@ class Sharer:
                 return
 
     def due(self) -> bool:
-        return (self.enabled and self.fs.store.next_ino - self._walked_ino >= MIN_NEW
+        return (self._created()
                 and time.monotonic() - self._walked_at >= self._pause)
 
+    def _created(self) -> bool:
+        return self.enabled and self.fs.store.next_ino - self._walked_ino >= MIN_NEW
+
     async def run(self) -> None:
+        """A pass when one is due and the mount quiet, looked at every POLL seconds while
+        MIN_NEW inodes were made since the last walk; before that, asleep until a commit
+        makes them (`Store.commits`), so an idle daemon's sharer never wakes."""
         while True:
+            await self.fs.store.commits.until(self._created)
             await trio.sleep(POLL)
             if self.due() and self.quiet():
                 try:

@@ -6,9 +6,9 @@ opened, the model follows the most likely successor while its transition probabi
 least THRESHOLD, up to DEPTH files ahead, and those files' chunks are prefetched.
 
 The model is persisted per branch under meta key ``prefetch/<branch>`` (zlib'd JSON), written
-every SAVE_INTERVAL seconds when it changed and at unmount, in a batch of its own: no file
-system operation reads that key, so losing the last seconds of learning on a crash costs
-only predictions.  A branch without a model of its own starts from its parent branch's.
+SAVE_INTERVAL seconds after it changed (the saver sleeps while nothing is learned) and at
+unmount, in a batch of its own: no file system operation reads that key, so losing the last
+seconds of learning on a crash costs only predictions.  A branch without a model of its own starts from its parent branch's.
 
 The model also keeps a branch's *cold start*: the directories clients touched (listed, or
 looked a name up in) in the first WARM_WINDOW seconds (-o warm_window) of a mount, in first-touch
@@ -23,6 +23,8 @@ import logging
 import time
 import zlib
 from collections import OrderedDict
+
+import trio
 
 from cowfs.kv.base import KV, Batch
 from cowfs.meta import layers
@@ -197,6 +199,8 @@ class Learner:
         self.learn = learn
         self.warm_window = WARM_WINDOW  # the daemon's -o warm_window
         self.models: dict[str, OpenModel] = {}
+        # Set by whatever it learns (on the loop): the saver sleeps until then, not on a timer.
+        self.learned = trio.Event()
 
     def model(self, branch: str) -> OpenModel:
         m = self.models.get(branch)
@@ -229,11 +233,13 @@ class Learner:
         m = self.model(branch)
         if self.learn:
             m.opened(ino)
+            self.learned.set()
         return m.to_prefetch(ino)
 
     def read(self, branch: str, ino: int, first: int, last: int) -> None:
         if self.learn:
             self.model(branch).read(ino, first, last)
+            self.learned.set()
 
     def chunks_of(self, branch: str, ino: int) -> list[int]:
         return self.model(branch).chunks_of(ino)
@@ -241,6 +247,7 @@ class Learner:
     def touched(self, branch: str, ino: int) -> None:
         if self.learn:
             self.model(branch).touched(ino, window=self.warm_window)
+            self.learned.set()
 
     def cold_start(self, branch: str) -> list[int]:
         """The directories of the branch's last cold starts, in the order they were touched."""

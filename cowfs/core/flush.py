@@ -88,6 +88,7 @@ class Flusher:
         self.flushing_bytes = 0  # what the flush in progress took
         self.flush_count = 0
         self.flush_wanted = trio.Event()
+        self.dirtied = trio.Event()  # set when a node becomes dirty while none was (`mark`)
         # dirty_bytes beyond which a write wakes the background task: EARLY_FLUSH_BYTES more
         # than what the last flush left (buffers only log records wait for; see smallwrites).
         self.early_at = EARLY_FLUSH_BYTES
@@ -118,12 +119,18 @@ class Flusher:
         if new_chunks:
             self.dirty_bytes += new_chunks * CHUNK
         if new_chunks or grew:  # zeros over holes buffer nothing, but the size must commit
-            self.dirty_nodes.setdefault(node, time.monotonic())
+            self.mark(node)
         if self.dirty_bytes > DIRTY_LIMIT:
             return True
         if self.dirty_bytes > self.early_at:
             self.flush_wanted.set()
         return False
+
+    def mark(self, node: Node) -> None:
+        """node is dirty (if not yet); the first dirty node wakes the background flusher."""
+        if not self.dirty_nodes:
+            self.dirtied.set()
+        self.dirty_nodes.setdefault(node, time.monotonic())
 
     async def flush_at_limit(self) -> None:
         try:
@@ -339,7 +346,7 @@ class Flusher:
             elif t.unlogged:
                 node.unlogged = t.unlogged | (node.unlogged or set())
             if node.dirty or node.logged is not None:
-                self.dirty_nodes.setdefault(node, time.monotonic())
+                self.mark(node)
                 self.dirty_bytes += len(node.dirty) * CHUNK
 
     def _done(self, work: list[_Taken], total: int) -> None:
@@ -460,8 +467,13 @@ class Flusher:
 
     async def background_flusher(self) -> None:
         """Commit dirty data that has waited DIRTY_AGE seconds, or once EARLY_FLUSH_BYTES pile
-        up; fold the small-write log when it is due (`due`)."""
+        up; fold the small-write log when it is due (`due`).  Looks every DIRTY_AGE / 2 s while
+        anything is dirty; while nothing is (no log record either: logged nodes are dirty),
+        asleep until the first write (`mark`): an idle daemon's flusher never wakes."""
         while True:
+            if not self.dirty_nodes:
+                self.dirtied = trio.Event()  # no checkpoint since the look: `mark` sets this one
+                await self.dirtied.wait()
             with trio.move_on_after(DIRTY_AGE / 2):
                 await self.flush_wanted.wait()
             early = self.flush_wanted.is_set()

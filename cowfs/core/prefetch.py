@@ -86,9 +86,15 @@ class Prefetch:
         return resolve
 
     async def save_model_loop(self) -> None:
-        """Write the learned models every SAVE_INTERVAL s, when they changed."""
+        """Write the learned models SAVE_INTERVAL s after they changed, at most that often;
+        asleep while nothing is learned (an idle mount: `Learner.learned`)."""
+        learner = self.learner
+        if learner is None:
+            return
         while True:
+            await learner.learned.wait()
             await trio.sleep(SAVE_INTERVAL)
+            learner.learned = trio.Event()  # no checkpoint until the batch is taken: later learning waits for the next
             faults.point("model_save")
             self.save_model()
 

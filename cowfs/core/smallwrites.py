@@ -250,7 +250,7 @@ class SmallWrites:
                 r.size, r.mode, r.uid, r.gid, r.atime_ns, r.mtime_ns, r.ctime_ns)
             usage.grew(node, old_size)
             fs.flusher.written(node, new, False)
-            fs.flusher.dirty_nodes.setdefault(node, time.monotonic())  # attributes alone commit too
+            fs.flusher.mark(node)  # attributes alone commit too
         if fs.flusher.dirty_nodes:
             fs.flusher.flush_inline()  # deletes every record, those dropped too
         else:

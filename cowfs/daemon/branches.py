@@ -6,7 +6,8 @@ A branch is served by one mount at a time, whichever process serves it: a reques
 one that a live process serves (this daemon at another mount point, or another process of
 the store) is refused with one line naming that process's pid and mount point.  The records
 of branches no longer mounted (`cowfs umount` of a bind mount, which the daemon only sees in
-the mount table) are removed within KEEP_INTERVAL seconds by `keep_records`.
+the mount table) are removed within KEEP_INTERVAL seconds by `keep_records`, which looks only
+while the daemon holds records of two or more branches.
 """
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ async def attach(d: "Daemon", branch: str, mountpoint: str, quota_bytes: int | N
         del d.attaching[branch]
         if not ok and branch not in d.branch_mounts():
             await trio.to_thread.run_sync(serving.release, branch)
+        d.attached.set()  # `keep_records` looks at the records held from now on
     log.info("attached branch %s at %s", branch, mountpoint)
     return {"ok": True, "branch": branch, "mountpoint": mountpoint}
 
@@ -100,9 +102,17 @@ async def attach(d: "Daemon", branch: str, mountpoint: str, quota_bytes: int | N
 async def keep_records(d: "Daemon") -> None:
     """Remove the serve records of branches no longer mounted (a bind mount unmounted).  What
     to remove is decided on the event loop, where attaches take records: each is removed
-    only if it is still the record taken then (an attach of the branch since then stands)."""
+    only if it is still the record taken then (an attach of the branch since then stands).
+    It looks every KEEP_INTERVAL seconds only while records of two or more branches are
+    held: the kernel says nothing when a bind mount goes.  With one (a daemon that attached
+    nothing, as every branch's own daemon), that branch's mount is the connection's last,
+    whose end ends the daemon, and `Store.close` gives the record back: asleep until an
+    attach (`Daemon.attached`)."""
     serving = d.store.serving
     while True:
+        if len(serving.held) <= 1:
+            d.attached = trio.Event()  # no checkpoint since the look: an attach sets this one
+            await d.attached.wait()
         await trio.sleep(KEEP_INTERVAL)
         if not d.dev or not serving.held:
             continue

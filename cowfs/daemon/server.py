@@ -23,6 +23,7 @@ from cowfs.background.dedup import DedupWorker
 from cowfs.background.gc import acknowledge_rounds, collect_when_wanted, keep_dups, rewrite_dups, run_gc, sweep_packs
 from cowfs.background.cloning import Measurer
 from cowfs.background.sharing import Sharer
+from cowfs.background.refswatch import RefsWatch
 from cowfs.background.supervise import Supervisor
 from cowfs.background import lazy_cache
 from cowfs.background.warming import Warmer
@@ -101,7 +102,9 @@ class Daemon:
         self._stopping = False
         self.dev = ""  # the FUSE connection's device number "major:minor", known once mounted
         self.attaching: dict[str, str] = {}  # branch -> mount point, while its bind mount is made
+        self.attached = trio.Event()  # set by each attach, done or not (cowfs.daemon.branches.keep_records)
         self.holds = fleet_holds.BranchHolds(cfg.store, self.fs.fences)  # of the remote branches our branches follow
+        self.refs_watch = RefsWatch(self.store.refs)  # wakes the gc acknowledgements and dup rewrites
 
     # -- our mounts ------------------------------------------------------------------------
     def _view_root(self, view: View) -> str | None:
@@ -379,9 +382,17 @@ class Daemon:
             await trio.sleep(interval)
 
     async def _keep_holds(self) -> None:
+        """The holds' keeper (cowfs.fleet.holds): a pass every TICK seconds while a hold is kept
+        (a lapsed lease must be seen without any request: it stays periodic); while none is,
+        only when the machine state changed (where a `push --branch` makes a branch follow
+        one) and at least every TIE_LOOK seconds, without a thread or a mount-table read."""
+        stamp, last = None, -fleet_holds.TIE_LOOK
         while True:
             if self.dev:  # our mounts known: a branch no longer among them gives its holds back
-                await trio.to_thread.run_sync(self.holds.tick, self.mounted_branches())
+                now = fleet_holds.ties_stamp()
+                if self.holds.keeping() or now != stamp or time.monotonic() - last >= fleet_holds.TIE_LOOK:
+                    stamp, last = now, time.monotonic()
+                    await trio.to_thread.run_sync(self.holds.tick, self.mounted_branches())
             await trio.sleep(fleet_holds.TICK)
 
     async def _tune_readahead(self) -> None:
@@ -405,8 +416,9 @@ class Daemon:
             sup.start(nursery, "signals", self._watch_signals)
             sup.start(nursery, "readahead_tuning", self._tune_readahead, speculative=True)
             sup.start(nursery, "gc", lambda: collect_when_wanted(self.fs))
-            sup.start(nursery, "gc_acknowledgements", lambda: acknowledge_rounds(self.fs))
-            sup.start(nursery, "dup_rewrites", lambda: rewrite_dups(self.fs))
+            sup.start(nursery, "refs_watch", self.refs_watch.run)
+            sup.start(nursery, "gc_acknowledgements", lambda: acknowledge_rounds(self.fs, self.refs_watch))
+            sup.start(nursery, "dup_rewrites", lambda: rewrite_dups(self.fs, self.refs_watch))
             sup.start(nursery, "dedup", self.dedup.run)
             sup.start(nursery, "sharer", self.sharer.run)
             sup.start(nursery, "clone_measurer", self.measurer.run)

@@ -40,10 +40,25 @@ from cowfs.core.fence import Fences
 from cowfs.fleet import FleetError
 from cowfs.fleet.config import RemoteConfig
 from cowfs.fleet.remote import FAMILIES, hold_key, refs_prefix
-from cowfs.fleet.state import Tie, ties_of
+from cowfs.fleet.state import Tie, state_file, ties_of
 
 log = logging.getLogger("cowfs.fleet.holds")
 TICK = 3.0      # seconds between two passes of the keeper (new ties, lost holds, unmounted branches)
+# While no hold is kept (no mounted branch follows a remote branch), a pass runs only when the
+# machine state's files changed (a tie is made there) and at least every TIE_LOOK seconds.
+TIE_LOOK = 30.0
+
+
+def ties_stamp() -> tuple[tuple[int, int, int], ...]:
+    """The machine state's files (SQLite and its log) as they stand: inode, size, mtime."""
+    out = []
+    for path in (state_file(), state_file().with_name(state_file().name + "-wal")):
+        try:
+            st = path.stat()
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((0, 0, 0))
+    return tuple(out)
 
 
 def holder_name(pid: int, store: str, branch: str) -> str:
@@ -273,6 +288,10 @@ class BranchHolds:
             for kv in self._kvs.values():
                 kv.close()
             self._kvs.clear()
+
+    def keeping(self) -> bool:
+        """Whether a hold is kept or wanted (a lease to watch, give back or take again)."""
+        return any(self.holds.values())
 
     def figures(self, branch: str) -> list[dict[str, Any]]:
         return [h.figures() for h in self.holds.get(branch, [])]
