@@ -28,7 +28,7 @@ def gc(path: str, progress: Progress | None = None, repack_below: float | None =
     """Garbage collection, pack repacking and compaction, as the daemon's `gc` does them."""
     import trio
 
-    from cowfs.background.gc import keep_dups, run_gc, sweep_packs
+    from cowfs.background.gc import KEEPER_WAIT, keep_dups, run_gc, sweep_packs
     from cowfs.chunks.repack import REPACK_BELOW
     from cowfs.core.filesystem import Filesystem
 
@@ -39,7 +39,7 @@ def gc(path: str, progress: Progress | None = None, repack_below: float | None =
             fs = Filesystem(store, _first_branch(store))
             removed = await run_gc(fs, lambda n: report("metadata versions removed", n, None))
             report("store keeper", 0, None)
-            kept = await keep_dups(fs)
+            kept = await keep_dups(fs, wait=KEEPER_WAIT)
             report("repacking", 0, None)
             packs = await sweep_packs(fs, REPACK_BELOW if repack_below is None else repack_below,
                                       lambda n: report("repacking", n, None))

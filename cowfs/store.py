@@ -184,6 +184,9 @@ class Store:
         if fmt != FORMAT_VERSION and fmt not in UPGRADABLE:
             raise StoreError(f"{path} has store format {fmt}; this cowfs reads format {FORMAT_VERSION}")
         self.home = home
+        # packs this database's dup rewrites moved pointers out of since its last pack survey
+        # (repacked while under repack.LEFT_BELOW live: Survey.left)
+        self.dup_left: set[int] = set()
         self.db = home_db(home) if home else DB_DIR  # this process's database, relative to path
         if home and (fmt != FORMAT_VERSION or not os.path.isdir(os.path.join(path, self.db))):
             raise StoreError(f"{path}: no home database {home} (homes/{home}) in this store")
@@ -721,6 +724,7 @@ class Store:
             s = repack.survey(self.home_kv, self.packs.encoding_sizes(listed))
             s.theirs = liveness.mark([kv for _n, kv in members])
             s.foreign = set(s.theirs) | dups.record_packs(self.refs)  # rewrites head for a dup record's pack
+            s.left, self.dup_left = self.dup_left, set()
             return s
         finally:
             for _name, kv in members:
@@ -730,21 +734,42 @@ class Store:
         """One pass of the store keeper (chunks.dups): the packs not settled yet scanned for
         chunks packed in two places across this database and every member, the dup records
         settled and published; nothing at all for a store of one database (the first pass
-        after its first home is made reads every pack index once).  The store's process only;
-        blocking: in a thread."""
+        after its first home is made reads every pack index once).  Any process of the store
+        (the one holding the keeper's lease): each database goes by its member name, the
+        store's own (`db`) ranked first, so every keeper chooses alike.  Blocking: in a thread."""
+        followed = dups.read_followed(self.refs)  # before the opens: a later follow is seen next pass
         members = self.members()
         try:
             if not members and next(self.refs.scan(dups.CF_DUP, b""), None) is None:
                 return dups.Figures()  # one database: nothing is packed twice across databases
-            dbs: list[tuple[str, KV]] = [(self.db, self.home_kv), *members]
+            dbs: list[tuple[str, KV]] = [(self.member, self.home_kv), *members]
             cached: set[int] = set()
             for _name, kv in dbs:
                 cached |= remotecache.cache_packs(kv)
-            keeper = dups.Keeper(self.refs, self.packs, dbs, self.db, set(self.liveness.condemned().packs), cached)
+            keeper = dups.Keeper(self.refs, self.packs, dbs, DB_DIR, set(self.liveness.condemned().packs), cached,
+                                 followed)
             return keeper.run(self.packs.listing())
         finally:
             for _name, kv in members:
                 kv.close()
+
+    @property
+    def member(self) -> str:
+        """This process's database by its member name (`db`: the store's own)."""
+        from cowfs import homes
+
+        return homes.member_name(self.home) if self.home else DB_DIR
+
+    def keeping_wanted(self, seen: set[int]) -> tuple[bool, set[int]]:
+        """The keeper's schedule's cheap look (a few reference reads and a pack listing, no
+        database opened): whether a pass is worth it, with the packs listed now.  Wanted when
+        the store has more than one database and a pack appeared since `seen`, a dup record
+        waits for rewrites, or a condemned pack waits for its sweep.  Blocking: in a thread."""
+        if not self.liveness.members():
+            return False, seen
+        listed = set(self.packs.listing())
+        waiting = next(self.refs.scan(dups.CF_DUP, b""), None) is not None or bool(self.liveness.condemned().packs)
+        return bool(listed - seen) or waiting, listed
 
     def _dup_plan(self, home: KV, found: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
         sizes: dict[int, bool] = {}
@@ -762,21 +787,24 @@ class Store:
         passes before the commit: the condemned list it reads stays true until then."""
         recode = self._dup_plan(self.home_kv, found)
         if recode:
+            left = {codec.packed_extent(raw)[0] for h in recode  # type: ignore[index]
+                    if (raw := self.home_kv.get(CF_OBJECTS, h)) is not None and raw[0] == codec.KIND_PACKED}
             txn = RefTxn()
             txn.recode = recode
             self.commit(Batch(), txn)
+            self.dup_left |= left
         return len(recode)
 
-    def rewrite_idle_homes(self, found: list[tuple[bytes, bytes]]) -> int:
+    def rewrite_idle_homes(self, found: list[tuple[bytes, bytes]], gen: int) -> int:
         """The keeper's rewrites (as `rewrite_dups`) of the homes no process holds (their
-        database opens for writing), each committed and synced before it is closed; returns
-        how many records.  The store's process, under Filesystem.lock (its acknowledgement of
+        database opens for writing), each committed and synced before it is closed, and
+        marked as having followed generation gen (read before `found`); returns how many records.  The keeper's process, under Filesystem.lock (its acknowledgement of
         a round waits); blocking: in a thread."""
         if not found:
             return 0
         done = 0
         cache = self.engine.block_cache if isinstance(self.engine, RocksKV) else None
-        for _name, rel in sorted(self.liveness.members().items()):
+        for name, rel in sorted(self.liveness.members().items()):
             if rel == self.db or not os.path.isdir(os.path.join(self.path, rel)):
                 continue
             try:
@@ -794,6 +822,7 @@ class Store:
                     kv.sync()
                     objects.settle()
                     done += len(recode)
+                dups.mark_followed(self.refs, name, gen)
             finally:
                 kv.close()
         return done

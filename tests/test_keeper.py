@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ import mounting
 from mounting import read, run_cowfs, write
 
 MiB = 1 << 20
+GC_ONLY = ("keep_every=0",)  # the keeper runs at `cowfs gc` only: what each run did is its report
 
 
 def _own_branch(m, name: str) -> None:
@@ -66,12 +69,12 @@ def _settle(store, before: int, size: int, timeout: float = 90) -> tuple[float, 
 
 
 def test_the_same_data_written_by_two_branch_daemons_is_stored_once_after_the_keeper(mount_factory):
-    m = mount_factory()
+    m = mount_factory(options=GC_ONLY)
     write(m.path / "base.txt", b"the base\n", sync=True)
     _own_branch(m, "f1")
     _own_branch(m, "f2")
-    f1 = mount_factory(store=m.store, init=False, branch="f1", name="f1")
-    f2 = mount_factory(store=m.store, init=False, branch="f2", name="f2")
+    f1 = mount_factory(store=m.store, init=False, branch="f1", name="f1", options=GC_ONLY)
+    f2 = mount_factory(store=m.store, init=False, branch="f2", name="f2", options=GC_ONLY)
     size = 24 * MiB
     data = os.urandom(size)
     before = _pack_bytes(m.store)
@@ -105,11 +108,11 @@ def test_a_branch_daemon_killed_between_two_slices_of_its_rewrites(mount_factory
     dies there (the winner rewrites nothing).  fsck is clean with every byte; after its remount
     the rest is rewritten and its packs collected, and `cowfs gc STORE` with no daemon running
     (the keeper offline) settles the store at one copy."""
-    m = mount_factory()
+    m = mount_factory(options=GC_ONLY)
     _own_branch(m, "f1")
     _own_branch(m, "f2")
-    forks = [mount_factory(store=m.store, init=False, branch=b, name=b, env={"COWFS_FAULTS": "dup_rewritten:kill"})
-             for b in ("f1", "f2")]
+    forks = [mount_factory(store=m.store, init=False, branch=b, name=b, env={"COWFS_FAULTS": "dup_rewritten:kill"},
+                           options=GC_ONLY) for b in ("f1", "f2")]
     size = 48 * MiB  # 768 chunks: two slices
     data = os.urandom(size)
     before = _pack_bytes(m.store)
@@ -144,10 +147,10 @@ def test_the_keeper_runs_again_and_again_while_two_branch_daemons_write_the_same
     """`cowfs gc STORE` in a loop while two branch daemons write the same six 6 MiB files (each
     fsynced): rewrites, condemnations and the forks' own pack sweeps race the writes; once the
     writers are done the store settles at one copy, every file reads back and fsck is clean."""
-    m = mount_factory()
+    m = mount_factory(options=GC_ONLY)
     _own_branch(m, "f1")
     _own_branch(m, "f2")
-    forks = [mount_factory(store=m.store, init=False, branch=b, name=b) for b in ("f1", "f2")]
+    forks = [mount_factory(store=m.store, init=False, branch=b, name=b, options=GC_ONLY) for b in ("f1", "f2")]
     files = [os.urandom(6 * MiB) for _ in range(6)]
     before = _pack_bytes(m.store)
     errors: list[str] = []
@@ -187,11 +190,11 @@ def test_the_same_data_written_by_the_store_daemon_and_three_branch_daemons_is_s
     the other forks pointing into it: it must still be collected (its daemon repacks its share
     and the others follow), until the packs hold the data once (<= 1.05x), every byte reads
     back and fsck is clean."""
-    m = mount_factory()
+    m = mount_factory(options=GC_ONLY)
     names = ("f1", "f2", "f3")
     for b in names:
         _own_branch(m, b)
-    forks = [mount_factory(store=m.store, init=False, branch=b, name=b) for b in names]
+    forks = [mount_factory(store=m.store, init=False, branch=b, name=b, options=GC_ONLY) for b in names]
     size, chunk = 16 * MiB, 64 << 10
     data = os.urandom(size)
     stripes = range(3 * chunk, size, 4 * chunk)
@@ -216,6 +219,94 @@ def test_the_same_data_written_by_the_store_daemon_and_three_branch_daemons_is_s
     assert growth <= 1.05, (growth, json.dumps(runs, indent=1))
     for mm in (m, *forks):
         assert read(mm.path / "data.bin") == data
+    for f in reversed(forks):
+        f.stop()
+    m.stop()
+    mounting.fsck(m.store)
+
+
+_TAKER = """
+import sys, time
+from cowfs.chunks import dups
+from cowfs.kv.sqlite import SQLiteKV
+refs = SQLiteKV(sys.argv[1], ("gc",))
+lease = dups.KeeperLease(refs, ttl=float(sys.argv[2]))
+start = float(sys.argv[3])
+while time.time() < start:
+    time.sleep(0.001)
+print("took" if lease.take() else "busy", flush=True)
+time.sleep(float(sys.argv[4]))
+lease.release()
+"""
+
+
+def _takers(path: Path, n: int, ttl: float, hold: float) -> list[subprocess.Popen]:
+    start = time.time() + 1.0  # all of them at once
+    return [subprocess.Popen([sys.executable, "-c", _TAKER, str(path), str(ttl), str(start), str(hold)],
+                             stdout=subprocess.PIPE, text=True) for _ in range(n)]
+
+
+def test_two_processes_taking_the_keeper_lease_at_once_one_keeps(tmp_path):
+    """`gc/lease/keeper` by compare-and-set in the reference store: of processes that try at
+    the same instant exactly one takes it; once it dropped it the next one takes it."""
+    from cowfs.chunks import dups
+    from cowfs.kv.sqlite import SQLiteKV
+    path = tmp_path / "refs.sqlite"
+    SQLiteKV(str(path), ("gc",)).close()
+    procs = _takers(path, 4, 30, 1.0)
+    said = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert said == ["busy", "busy", "busy", "took"], said
+    refs = SQLiteKV(str(path), ("gc",))
+    assert dups.KeeperLease(refs).holder() is None  # dropped by its holder
+    mine = dups.KeeperLease(refs)
+    assert mine.take() and mine.renew() and not dups.KeeperLease(refs).take()
+    mine.release()
+    assert dups.KeeperLease(refs).take()
+    refs.close()
+
+
+def test_a_keeper_killed_while_it_holds_the_lease_is_taken_over_after_its_expiry(tmp_path):
+    from cowfs.chunks import dups
+    from cowfs.kv.sqlite import SQLiteKV
+    path = tmp_path / "refs.sqlite"
+    SQLiteKV(str(path), ("gc",)).close()
+    (holder,) = _takers(path, 1, 3.0, 600)
+    assert holder.stdout.readline().strip() == "took"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(10)
+    refs = SQLiteKV(str(path), ("gc",))
+    nxt = dups.KeeperLease(refs)
+    rec = nxt.holder()
+    assert rec is not None and rec["pid"] == holder.pid
+    assert not nxt.take()  # not before its expiry
+    while time.time() < rec["expires"]:
+        time.sleep(0.1)
+    assert nxt.take() and nxt.holder()["owner"] == nxt.owner
+    refs.close()
+
+
+def test_the_daemons_keep_on_their_own_schedule_without_any_gc_run(mount_factory):
+    """Nobody runs `cowfs gc`: two branch daemons write the same 16 MiB, and their schedules
+    (-o keep_every=1: look each second; one keeper at a time, by the lease) publish, rewrite
+    and sweep until the packs hold it once, within a bounded wait; every byte reads back and
+    fsck is clean."""
+    m = mount_factory(options=("keep_every=1",))
+    _own_branch(m, "f1")
+    _own_branch(m, "f2")
+    forks = [mount_factory(store=m.store, init=False, branch=b, name=b, options=("keep_every=1",))
+             for b in ("f1", "f2")]
+    size = 16 * MiB
+    data = os.urandom(size)
+    before = _pack_bytes(m.store)
+    _write_at_once([f.path / "data.bin" for f in forks], data)
+    deadline = time.monotonic() + 90
+    while (_pack_bytes(m.store) - before) / size > 1.05:
+        assert time.monotonic() < deadline, (_pack_bytes(m.store) - before) / size
+        time.sleep(0.5)
+    logs = "".join(x.log_text() for x in (m, *forks))
+    assert "store keeper:" in logs
+    for f in forks:
+        assert read(f.path / "data.bin") == data
     for f in reversed(forks):
         f.stop()
     m.stop()

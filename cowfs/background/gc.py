@@ -32,6 +32,8 @@ SETTLE = 0.5  # seconds a burst of deletes gets to settle into one pass
 # (tests/test_keeper.py), as the once-a-second look never did.
 REWRITE_SETTLE = 1.0
 REWRITE_SLICE = 512  # dup records planned and committed per hold of the lock (a few ms)
+KEEP_IDLE_MAX = 300.0  # the longest wait of a schedule whose passes change nothing
+KEEPER_WAIT = dups.LEASE_TTL + 5  # seconds `cowfs gc` waits for another keeper's lease (a dead holder's expires)
 
 
 async def run_gc(fs: Filesystem, progress: Callable[[int], None] | None = None, forks: bool = True) -> int:
@@ -164,9 +166,11 @@ async def acknowledge_rounds(fs: Filesystem, watch: RefsWatch) -> None:
         log.info("acknowledged gc round %d", gen)
 
 
-async def _rewrite(fs: Filesystem, found: list[tuple[bytes, bytes]]) -> int:
+async def _rewrite(fs: Filesystem, found: list[tuple[bytes, bytes]], gen: int | None) -> int:
     """This daemon's records of the published duplicates pointed at their published places
-    (Store.rewrite_dups), a slice per hold of the lock; returns how many."""
+    (Store.rewrite_dups), a slice per hold of the lock; returns how many.  Then, if it knows
+    the generation `found` was read at (or after), says it followed it (dups.mark_followed):
+    the keeper's next pass looks the open records up again."""
     done = 0
     for i in range(0, len(found), REWRITE_SLICE):
         async with fs.lock:
@@ -175,29 +179,81 @@ async def _rewrite(fs: Filesystem, found: list[tuple[bytes, bytes]]) -> int:
                 faults.point("dup_rewritten")
         done += n
         await trio.sleep(0)
+    if gen is not None and found:
+        await fs.store.in_thread(dups.mark_followed, fs.store.refs, fs.store.member, gen)
     return done
 
 
-async def keep_dups(fs: Filesystem) -> dict[str, float]:
-    """The store keeper's pass (chunks.dups), run by the store's process in each `cowfs gc`
-    before its pack sweep: scan, settle and publish the dup records, then rewrite this
-    process's own database and the homes no daemon holds, synced, so the sweep that follows
-    finds their old copies dead.  Homes served by a daemon of their own are rewritten by it
-    (`rewrite_dups`); their old copies go in a later gc.  A branch's own daemon is no keeper:
-    nothing to do there."""
+async def keep_dups(fs: Filesystem, wait: float = 0.0) -> dict[str, float]:
+    """The store keeper's pass (chunks.dups), run before a pack sweep by `cowfs gc` (any
+    process of the store) and by every daemon's schedule (`keep_on_schedule`), one at a time
+    across processes (`dups.KeeperLease`, renewed while the pass runs; `wait`: seconds to wait
+    for another keeper's lease, else `dup_busy` and no pass): scan, settle and publish the
+    dup records, then rewrite this process's own database and the homes no daemon holds,
+    synced, so the sweep that follows finds their old copies dead.  Homes served by a daemon
+    of their own are rewritten by it (`rewrite_dups`); their old copies go in a later sweep."""
     store = fs.store
-    if store.home is not None:
-        return {}
-    async with fs.maintenance:
-        figures = await store.in_thread(store.keep_dups)
-        found = await store.in_thread(dups.records, store.refs)
-        done = await _rewrite(fs, found)
-        await store.sync()
-        async with fs.lock:  # no acknowledgement of a round passes until these are synced
-            done += await store.in_thread(store.rewrite_idle_homes, found)
+    lease = dups.KeeperLease(store.refs)
+    deadline = trio.current_time() + wait
+    while not await store.in_thread(lease.take):
+        if trio.current_time() >= deadline:
+            return {"dup_busy": 1}
+        await trio.sleep(min(1.0, lease.ttl / 10))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_renew, store, lease)
+            async with fs.maintenance:
+                figures = await store.in_thread(store.keep_dups)
+                gen = await store.in_thread(dups.generation, store.refs)
+                found = await store.in_thread(dups.records, store.refs)
+                done = await _rewrite(fs, found, gen)
+                await store.sync()
+                async with fs.lock:  # no acknowledgement of a round passes until these are synced
+                    done += await store.in_thread(store.rewrite_idle_homes, found, gen)
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.in_thread(lease.release)
     log.info("store keeper: %d pack indexes read, %d duplicates found, %d records rewritten here, %d left open",
              figures.packs_read, figures.found, done, figures.open)
     return {**figures.as_dict(), "dup_rewritten": done}
+
+
+async def _renew(store, lease: dups.KeeperLease) -> None:
+    while True:
+        await trio.sleep(lease.ttl / 3)
+        if not await store.in_thread(lease.renew):
+            log.warning("the store keeper's lease expired during its pass and another process took it over")
+            return
+
+
+async def keep_on_schedule(fs: Filesystem, every: float) -> None:
+    """Every daemon's side of the schedule (docs/architecture.md, "Many processes, one store"):
+    every `every` seconds a cheap look (`Store.keeping_wanted`); when the store has more than
+    one database and a pack appeared (or a dup record or a condemned pack waits), a keeper pass
+    (`keep_dups`, skipped while another process holds the lease) and a pack sweep of this
+    process (`sweep_packs`: the losing copies condemned, the due ones deleted), so that
+    dedup across daemons happens without anyone running `cowfs gc`.  A pass that changed
+    nothing doubles the wait, up to KEEP_IDLE_MAX, until a pack appears again."""
+    store = fs.store
+    seen: set[int] = set()
+    pause = every
+    while True:
+        await trio.sleep(pause)
+        wanted, listed = await store.in_thread(store.keeping_wanted, seen)
+        fresh = bool(listed - seen)
+        seen = listed
+        if not wanted:
+            pause = every
+            continue
+        kept = await keep_dups(fs)
+        if kept.get("dup_busy"):
+            pause = every
+            continue
+        swept = await sweep_packs(fs)
+        moved = (kept["dup_published"] or kept["dup_settled"] or kept["dup_rewritten"] or swept["packs_condemned"]
+                 or swept["packs_deleted"] or swept["packs_repacked"] or swept["packs_pardoned"])
+        pause = every if moved or fresh else min(pause * 2, KEEP_IDLE_MAX)
 
 
 async def rewrite_dups(fs: Filesystem, watch: RefsWatch) -> None:
@@ -223,7 +279,7 @@ async def rewrite_dups(fs: Filesystem, watch: RefsWatch) -> None:
             gen = None
         if gen is None or gen != seen:
             found = await store.in_thread(dups.records, store.refs)
-            done = await _rewrite(fs, found)
+            done = await _rewrite(fs, found, gen)
             if done:
                 log.info("pointed %d chunk records at the copies the store keeper chose", done)
                 swept = await sweep_packs(fs)

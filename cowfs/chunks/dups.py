@@ -4,8 +4,9 @@ keeper (docs/design-many-processes.md, "Writing, dedup and the store keeper" and
 Within one database dedup is exact (its `objects` family answers "do we have H").  Across
 databases it cannot be at write time: a branch's own daemon never points at a chunk another
 database wrote after its branch point (ObjectStore.stored reads the home only), so two
-daemons that write the same new data both pack it.  The keeper (whoever runs the store-wide
-gc: the store daemon's `gc` and `cowfs gc STORE`) finds such chunks afterwards:
+daemons that write the same new data both pack it.  The keeper (the process holding the lease
+`gc/lease/keeper`, KeeperLease: any daemon's schedule, or a `cowfs gc`) finds such chunks
+afterwards:
 
   1. *scan*: the indexes at the end of the packs it has not settled yet (`ScanState`: the
      packs of earlier passes are not read again), and for each hash listed there, its
@@ -32,7 +33,10 @@ gc: the store daemon's `gc` and `cowfs gc STORE`) finds such chunks afterwards:
      chunks inline) is repacked by its owner all the same: `follow_moves` publishes the new
      places so the others follow, and the old pack dies whole.
   4. *settle*: a record every database now holds (or none still holds another copy of) is
-     deleted by a later pass; one whose pack went away or is condemned is chosen again.
+     deleted by a later pass; one whose pack went away or is condemned is chosen again.  A
+     pass looks the open records up again only after a database followed a generation
+     (`mark_followed`), when their place became unusable, or RECHECK_EVERY after its last look
+     at all of them, so a pass costs what changed.
 
 Safety against pack gc (chunks.liveness): a rewrite reads the condemned list under the
 writer's filesystem lock and refuses a place in a condemned or missing pack, and commits in
@@ -47,6 +51,10 @@ that no rewrite follows into a missing pack.
 """
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import socket
 import struct
 import time
 from dataclasses import dataclass, field
@@ -61,10 +69,82 @@ from cowfs.kv.base import KV, Batch, Conflict
 CF_DUP = "dup"  # chunk hash -> the P record every database is to hold for it
 SCAN_STATE = b"dupscan"  # in CF_GC: ScanState of the keeper's last pass
 GEN = b"dupgen"  # in CF_GC: bumped by every publication that adds or changes a dup record
+FOLLOWED = b"dupfollowed/"  # in CF_GC, + member name: the generation that database's writer applied
+CHECKED = b"dupchecked"  # in CF_GC: the followed generations and time of the last look at every record
+RECHECK_EVERY = 600.0  # seconds between two looks at every open record when no database followed
 # A pack whose index lists a hash no database points into it for may be a flush between its
 # pack put and its commit: read again by later passes until it is this old (seconds).
 PENDING_GRACE = 600.0
 _STATE = struct.Struct(">Qd")  # pack id, first seen (0.0: settled)
+
+
+LEASE = b"lease/keeper"  # in CF_GC: which process keeps now (KeeperLease)
+LEASE_TTL = 30.0  # seconds a keeper's lease outlives its last renewal (a holder killed -9 blocks others this long)
+
+
+class KeeperLease:
+    """`gc/lease/keeper`: one keeper at a time across the processes of a store (any daemon of
+    it may run the schedule, `cowfs gc` too).  Taken by compare-and-set when absent or expired,
+    renewed while the pass runs, dropped after it; a holder killed -9 leaves it to expire.  Only
+    an economy: every keeper write is a compare-and-set of its own, so a holder that stalled
+    past its expiry while another took over loses nothing (the loser reads again)."""
+
+    def __init__(self, refs: KV, ttl: float = LEASE_TTL) -> None:
+        self.refs = refs
+        self.ttl = ttl
+        self.owner = f"{secrets.randbits(64):016x}"  # this holding, so a restarted pid is no owner
+
+    def holder(self) -> dict | None:
+        """The record: owner, pid, host, expires (None: nobody keeps)."""
+        raw = self.refs.get(CF_GC, LEASE)
+        return None if raw is None else _lease_record(raw)
+
+    def _put(self, raw: bytes | None, now: float) -> bool:
+        b = Batch()
+        b.put(CF_GC, LEASE, json.dumps({"owner": self.owner, "pid": os.getpid(), "host": socket.gethostname(),
+                                        "expires": now + self.ttl}).encode())
+        try:
+            self.refs.write(b, [(CF_GC, LEASE, raw)])
+            return True
+        except Conflict:
+            return False
+
+    def take(self, now: float | None = None) -> bool:
+        """Take the lease if nobody holds it, it expired, or it is ours; False: another keeps."""
+        now = time.time() if now is None else now
+        raw = self.refs.get(CF_GC, LEASE)
+        if raw is not None:
+            rec = _lease_record(raw)
+            if rec.get("owner") != self.owner and float(rec.get("expires", 0)) > now:
+                return False
+        return self._put(raw, now)
+
+    def renew(self) -> bool:
+        """Push the expiry on while ours; False: it expired and another took it over."""
+        raw = self.refs.get(CF_GC, LEASE)
+        if raw is None or _lease_record(raw).get("owner") != self.owner:
+            return False
+        return self._put(raw, time.time())
+
+    def release(self) -> None:
+        raw = self.refs.get(CF_GC, LEASE)
+        if raw is not None and _lease_record(raw).get("owner") == self.owner:
+            b = Batch()
+            b.delete(CF_GC, LEASE)
+            try:
+                self.refs.write(b, [(CF_GC, LEASE, raw)])
+            except Conflict:
+                pass  # taken over meanwhile: no longer ours to drop
+
+
+def _lease_record(raw: bytes) -> dict:
+    """A lease record parsed; a damaged one is empty (taken over as if expired)."""
+    try:
+        rec = json.loads(raw)
+        float(rec.get("expires", 0))
+        return dict(rec)
+    except (ValueError, TypeError, AttributeError):
+        return {}
 
 
 @dataclass
@@ -87,6 +167,28 @@ class ScanState:
     def to_read(self, listed: Iterable[int], now: float) -> list[int]:
         """Listed packs not settled: new ones, and pending ones within their grace."""
         return sorted(p for p in listed if (t := self.packs.get(p)) is None or (t and now - t < PENDING_GRACE))
+
+
+def read_followed(refs: KV) -> dict[str, int]:
+    """Database (member name) -> the generation whose records its writer has applied."""
+    return {k[len(FOLLOWED):].decode(): int(v) for k, v in refs.scan(CF_GC, FOLLOWED, FOLLOWED) if v.isdigit()}
+
+
+def mark_followed(refs: KV, member: str, gen: int) -> None:
+    """A database's writer has applied every dup record of generation gen (read before the
+    records): the keeper's next pass looks the open records up again.  One writer per
+    database, so no compare-and-set."""
+    b = Batch()
+    b.put(CF_GC, FOLLOWED + member.encode(), str(gen).encode())
+    refs.write(b)
+
+
+def _checked(raw: bytes | None) -> dict:
+    try:
+        got = json.loads(raw) if raw else {}
+        return got if isinstance(got, dict) else {}
+    except ValueError:
+        return {}  # damaged: the next pass looks at every record
 
 
 def generation(refs: KV) -> int:
@@ -186,6 +288,7 @@ class Figures:
     found: int = 0  # duplicates found in those packs
     published: int = 0  # dup records added or changed
     settled: int = 0  # dup records deleted (every database holds the published place, or no copy is left)
+    rechecked: int = 0  # published records looked up in every database again
     open: int = 0  # dup records left, waiting for rewrites
     seconds: float = 0.0
 
@@ -199,8 +302,11 @@ class Keeper:
     cache evicts whole (chunks.remotecache), never a published place."""
 
     def __init__(self, refs: KV, packs: Packs, dbs: Sequence[tuple[str, KV]], own: str,
-                 condemned: set[int], cached: set[int]) -> None:
+                 condemned: set[int], cached: set[int], followed: dict[str, int] | None = None) -> None:
+        """followed: `followed(refs)` read before the databases were opened (None: read now),
+        so that a database that followed after its open is looked at again next pass."""
         self.refs = refs
+        self.followed = followed
         self.packs = packs
         self.dbs = dbs
         self.own = own
@@ -283,23 +389,38 @@ class Keeper:
                 first = state.packs.get(pack) or now
                 new_state.packs[pack] = first if unresolved and now - first < PENDING_GRACE else 0.0
             fig.hashes, fig.found = len(seen), len(wanted)
+            # A published record is looked up in every database again only when one of them
+            # followed a generation since the last look (`mark_followed`), at least every
+            # RECHECK_EVERY seconds (a database that dropped its copy follows nothing), or when
+            # its place became unusable; else it waits, unread, for the rewrites.
+            checked_raw = self.refs.get(CF_GC, CHECKED)
+            followed = self.followed if self.followed is not None else read_followed(self.refs)
+            checked = _checked(checked_raw)
+            full = checked.get("followed") != followed or now - float(checked.get("at", 0)) >= RECHECK_EVERY
+            dropped: list[bytes] = []
             for h, raw in published.items():
+                if not full and valid_record(raw) and self._usable(raw):
+                    continue
+                fig.rechecked += 1
                 held = packed_records(h, self.dbs)
                 place = self.choose(h, held, raw) if valid_record(raw) else None
                 if place is None:
                     batch.delete(CF_DUP, h)
-                    fig.settled += 1
+                    dropped.append(h)
                 elif place != raw:
                     wanted[h] = place
+            fig.settled = len(dropped)
             for h, raw in wanted.items():
                 batch.put(CF_DUP, h, raw)
             fig.published = len(wanted)
             fig.open = len(published) - fig.settled + sum(1 for h in wanted if h not in published)
             batch.put(CF_GC, SCAN_STATE, new_state.pack())
-            expect = [(CF_GC, SCAN_STATE, state_raw), (CF_GC, GEN, gen_raw)]
+            expect = [(CF_GC, SCAN_STATE, state_raw), (CF_GC, GEN, gen_raw), (CF_GC, CHECKED, checked_raw)]
+            if full:
+                batch.put(CF_GC, CHECKED, json.dumps({"followed": followed, "at": now}, sort_keys=True).encode())
             if wanted:
                 batch.put(CF_GC, GEN, str((int(gen_raw) if gen_raw else 0) + 1).encode())
-            expect += [(CF_DUP, h, published.get(h)) for h in wanted.keys() | {h for h, _r in published.items()}]
+            expect += [(CF_DUP, h, published.get(h)) for h in wanted.keys() | set(dropped)]
             try:
                 self.refs.write(batch, expect)
             except Conflict:  # another keeper ran meanwhile: look again

@@ -45,6 +45,10 @@ from cowfs.chunks.packs import Packs
 from cowfs.kv.base import KV, Batch
 
 REPACK_BELOW = 0.5  # packs whose live bytes are under this share of their size are repacked
+# the same for a pack the store keeper's rewrites left partly dead (Survey.left): the place of a
+# duplicate that won in a pack that lost others, which other databases point into, is dead
+# for good unless its owner repacks it (chunks.dups), so a smaller dead share is worth a copy
+LEFT_BELOW = 0.95
 REPACK_TARGET = 64 << 20  # live bytes gathered into one new pack
 READ_GAP = 64 << 10  # live ranges of an old pack closer than this are read as one
 
@@ -63,6 +67,7 @@ class Survey:
     # a lazy mount's cache packs (chunks.remotecache): evicted whole, never repacked (a copy
     # would make fetched chunks local for good, out of the cache's bound)
     cached: set[int] = field(default_factory=set)
+    left: set[int] = field(default_factory=set)  # packs dup rewrites moved this database's pointers out of
 
     def used(self, p: int) -> int:
         """Live bytes of pack p in any database."""
@@ -75,10 +80,12 @@ class Survey:
         return sorted(p for p in self.sizes if not self.used(p))
 
     def groups(self, below: float, target: int = REPACK_TARGET) -> list[list[int]]:
-        """Candidate packs (this database's live share below `below`, but some live), in
-        groups whose live bytes fit one new pack; the emptiest first."""
+        """Candidate packs (this database's live share below `below`, LEFT_BELOW for one the
+        keeper's rewrites left partly dead, but some live), in groups whose live bytes fit one
+        new pack; the emptiest first."""
         cands = sorted((self.live[p] / max(size, 1), p) for p, size in self.sizes.items()
-                       if self.live.get(p) and self.live[p] < below * size and p not in self.cached)
+                       if self.live.get(p) and self.live[p] < (max(below, LEFT_BELOW) if p in self.left else below) * size
+                       and p not in self.cached)
         groups: list[list[int]] = []
         total = 0
         for _share, p in cands:

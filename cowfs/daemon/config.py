@@ -38,6 +38,7 @@ class MountConfig:
     # cowfs.background.lazy_cache: a lazy mount's fetched chunks kept at most (None: auto, 0: no bound)
     remote_cache_bytes: int | None = None
     view_slots: int = 65535  # cowfs.fuse.inodes: slots of the inode numbers for views in use at once
+    keep_every: float = 60.0  # cowfs.background.gc.keep_on_schedule: seconds between its looks (0: no schedule)
     hold_ttl: int = 30  # cowfs.fleet.holds: the lease of the remote branches the branch follows (0: none taken)
     given: set[str] = field(default_factory=set)  # the daemon-wide options above set explicitly (options.apply)
     # the branch's home database (its id), set by cowfs.daemon.process.mount from the branch's

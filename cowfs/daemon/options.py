@@ -68,6 +68,13 @@ def _hold_ttl(v: str) -> int:
     return n
 
 
+def _keep_every(v: str) -> float:
+    f = float(v)
+    if not 0 <= f <= 3600:
+        raise ValueError(v)
+    return f
+
+
 def _window(v: str) -> float:
     f = float(v)
     if not 0 < f <= 3600:
@@ -191,6 +198,10 @@ OPTIONS: tuple[Option, ...] = (
            "--branch) holds it, one host at a time: the seconds its etcd lease outlives a daemon that dies (2-3600; "
            "0: take no hold; -o ro takes none); not renewed for N less max(0.5, N/10) seconds, the mount turns "
            "read-only (EROFS) until it holds it again", "hold_ttl", _hold_ttl),
+    Option("keep_every", "SECONDS", "60", "how often the daemon looks whether the store keeper's dedup across the "
+           "store's daemons has work (a pack appeared, a dup record or a condemned pack waits) and, if so, runs it "
+           "and a pack sweep, one process of the store at a time (0-3600; 0: only `cowfs gc` runs it)",
+           "keep_every", _keep_every),
     Option("fuse_ext", "0|1", "1", "SEEK_DATA/SEEK_HOLE, fallocate and each branch's own df, served through "
            "libfuse's session (cowfs/fuse/ext.py); 0 turns them off", "fuse_ext", _bool01),
 )
@@ -199,7 +210,7 @@ BY_NAME: dict[str, Option] = {n: o for o in OPTIONS for n in (o.name, *o.aliases
 # are recorded in MountConfig.given, so that a mount of another branch may repeat them.
 DAEMON_WIDE = ("cache_l1", "cache_l2", "prefetch", "prefetch_learn", "dir_cache", "warm", "warm_window", "dedup",
                "dedup_cpu", "share", "spin_us", "fuse_ext", "cpus", "view_slots", "lazy_near",
-               "remote_cache_bytes")
+               "remote_cache_bytes", "keep_every")
 
 
 def lookup(text: str) -> Option | None:

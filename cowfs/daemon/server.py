@@ -20,7 +20,8 @@ import trio
 
 from cowfs import private
 from cowfs.background.dedup import DedupWorker
-from cowfs.background.gc import acknowledge_rounds, collect_when_wanted, keep_dups, rewrite_dups, run_gc, sweep_packs
+from cowfs.background.gc import (KEEPER_WAIT, acknowledge_rounds, collect_when_wanted, keep_dups, keep_on_schedule,
+                                 rewrite_dups, run_gc, sweep_packs)
 from cowfs.background.cloning import Measurer
 from cowfs.background.sharing import Sharer
 from cowfs.background.refswatch import RefsWatch
@@ -320,7 +321,7 @@ class Daemon:
                 note(0)
                 removed = await run_gc(self.fs, note)
                 note(0, "store keeper")
-                kept = await keep_dups(self.fs)
+                kept = await keep_dups(self.fs, wait=KEEPER_WAIT)
                 note(0, "repacking")
                 packs = await sweep_packs(self.fs, None if below is None else float(below),
                                           lambda n: note(n, "repacking"))
@@ -419,6 +420,8 @@ class Daemon:
             sup.start(nursery, "refs_watch", self.refs_watch.run)
             sup.start(nursery, "gc_acknowledgements", lambda: acknowledge_rounds(self.fs, self.refs_watch))
             sup.start(nursery, "dup_rewrites", lambda: rewrite_dups(self.fs, self.refs_watch))
+            if self.cfg.keep_every:
+                sup.start(nursery, "keeper", lambda: keep_on_schedule(self.fs, self.cfg.keep_every))
             sup.start(nursery, "dedup", self.dedup.run)
             sup.start(nursery, "sharer", self.sharer.run)
             sup.start(nursery, "clone_measurer", self.measurer.run)

@@ -38,11 +38,14 @@ def _keeper(refs, packs, dbs, condemned=()) -> dups.Keeper:
 
 
 def _rewrite(db: MemoryKV, refs: MemoryKV, packs: Packs, condemned=()) -> int:
+    """db's writer follows the published records (and says so: dups.mark_followed)."""
+    gen = dups.generation(refs)
     recode = dups.plan(db, dups.records(refs), set(condemned), lambda p: packs.size(p) is not None)
     b = Batch()
     for h, raw in recode.items():
         b.put(CF_OBJECTS, h, raw)
     db.write(b)
+    dups.mark_followed(refs, f"writer-{id(db)}", gen)
     return len(recode)
 
 
@@ -81,6 +84,32 @@ def test_duplicates_are_published_rewritten_and_settled():
     assert (fig.settled, fig.open) == (5, 0) and dups.records(refs) == []
     for h, _v in same:
         assert len({kv.get(CF_OBJECTS, h) for _n, kv in dbs} - {None}) == 1
+
+
+def test_a_pass_reads_the_open_records_again_only_after_a_database_followed_or_a_while():
+    """What a pass costs follows what changed: open records are looked up in every database
+    again once a writer followed a generation (dups.mark_followed), when their place went, or
+    RECHECK_EVERY after the last look; not on every pass while they wait."""
+    refs, packs, dbs = _setup()
+    (_, own), (_, a), (_, b) = dbs
+    same = _chunks(4)
+    _pack(packs, own, same)
+    _pack(packs, a, same)
+    t = 1000.0
+    assert _keeper(refs, packs, dbs).run(packs.listing(), now=t).published == 4
+    fig = _keeper(refs, packs, dbs).run(packs.listing(), now=t + 1)
+    assert (fig.rechecked, fig.open) == (0, 4)  # nobody followed: nothing read
+    assert _rewrite(a, refs, packs) == 4
+    fig = _keeper(refs, packs, dbs).run(packs.listing(), now=t + 2)
+    assert (fig.rechecked, fig.settled, fig.open) == (4, 4, 0)
+    # a database that drops its copy follows nothing: seen at the next look at every record
+    _pack(packs, b, _chunks(2, seed=3))
+    _pack(packs, own, _chunks(2, seed=3))
+    assert _keeper(refs, packs, dbs).run(packs.listing(), now=t + 3).open == 2
+    b.write(_delete(_chunks(2, seed=3)))
+    assert _keeper(refs, packs, dbs).run(packs.listing(), now=t + 4).rechecked == 0
+    fig = _keeper(refs, packs, dbs).run(packs.listing(), now=t + 3 + dups.RECHECK_EVERY)
+    assert (fig.rechecked, fig.settled) == (2, 2)
 
 
 def _put(chunks: list[tuple[bytes, bytes]]) -> Batch:
@@ -184,6 +213,8 @@ def test_a_repack_share_is_its_own_databases_and_a_pack_others_point_into_is_no_
     assert s.groups(0.5) == [[1]]  # a quarter its own, whoever else points into it
     assert s.garbage() == [] and s.marked() == [1, 2, 3]
     assert s.dead_bytes() == 25 + 40 + 90
+    s.left = {2}  # the keeper's rewrites moved pointers out of pack 2: repacked below 95% live
+    assert s.groups(0.5) == [[1, 2]]
 
 
 def test_a_damaged_place_is_not_published():
