@@ -8,12 +8,10 @@ only root, the daemon's own user and the owner of the store directory are served
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
 import struct
-import tempfile
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from cowfs.storedir import SOCKET_NAME
@@ -31,6 +29,9 @@ def socket_path(store: str) -> str:
     path = os.path.join(store, SOCKET_NAME)
     if len(os.fsencode(path)) < 100:
         return path
+    import hashlib  # only for long paths: every CLI command imports this module
+    import tempfile
+
     digest = hashlib.sha256(os.fsencode(os.path.abspath(store))).hexdigest()[:24]
     base = "/run/cowfs" if os.access("/run", os.W_OK) else os.path.join(tempfile.gettempdir(), "cowfs")
     os.makedirs(base, mode=0o700, exist_ok=True)

@@ -169,6 +169,9 @@ def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: boo
         ready(str(exc))
         return 1
     _keep_freed_memory()
+    from cowfs.daemon.imports import import_fuse_stack
+
+    import_fuse_stack()  # without the look-ups at import that the daemon does not need
     from cowfs.daemon.server import Daemon  # pyfuse3, trio and the store: only in the daemon
 
     if built is None:
