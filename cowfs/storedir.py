@@ -12,6 +12,8 @@
     daemon.sock        the daemon's admin socket (cowfs.daemon.admin; in /run/cowfs when the
                        store's path is too long for AF_UNIX)
     daemon.log         the daemon's log (cowfs.daemon.process)
+    zygote.sock        the socket of the store daemon's zygote, which forks branches' own
+                       daemons (cowfs.daemon.zygote; in /run/cowfs like daemon.sock)
     homes/<id>/        a branch's home database (db/) and its own daemon's daemon.pid,
                        daemon.sock and daemon.log (docs/design-many-processes.md, "Step 6")
 
@@ -27,6 +29,7 @@ PACK_DIR = "packs"
 REFS_FILE = "refs.sqlite"
 SOCKET_NAME = "daemon.sock"
 LOG_NAME = "daemon.log"
+ZYGOTE_SOCKET = "zygote.sock"
 HOMES_DIR = "homes"
 
 

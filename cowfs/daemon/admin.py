@@ -23,16 +23,17 @@ if TYPE_CHECKING:  # the CLI's client side must not pay for importing trio
 Handler = Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]]
 
 
-def socket_path(store: str) -> str:
-    """STORE/daemon.sock, or, when that path is too long for AF_UNIX (107 bytes), a name
-    derived from the store's path in /run/cowfs (both ends compute the same one)."""
-    path = os.path.join(store, SOCKET_NAME)
+def socket_path(store: str, name: str = SOCKET_NAME) -> str:
+    """STORE/daemon.sock (or STORE/name), or, when that path is too long for AF_UNIX (107
+    bytes), a name derived from the store's path in /run/cowfs (both ends compute the same one)."""
+    path = os.path.join(store, name)
     if len(os.fsencode(path)) < 100:
         return path
     import hashlib  # only for long paths: every CLI command imports this module
     import tempfile
 
-    digest = hashlib.sha256(os.fsencode(os.path.abspath(store))).hexdigest()[:24]
+    key = os.path.abspath(store) if name == SOCKET_NAME else os.path.join(os.path.abspath(store), name)
+    digest = hashlib.sha256(os.fsencode(key)).hexdigest()[:24]
     base = "/run/cowfs" if os.access("/run", os.W_OK) else os.path.join(tempfile.gettempdir(), "cowfs")
     os.makedirs(base, mode=0o700, exist_ok=True)
     return os.path.join(base, f"{digest}.sock")

@@ -182,6 +182,13 @@ def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: boo
         # this, so none is kept from that collection.  A lazy build's store was opened before
         # (a cycle of its objects frozen could keep a handle open): not frozen then.
         gc.freeze()
+        if cfg.home is None and not to_stderr:
+            # The store's daemon, all imported and nothing opened yet: its zygote forks the
+            # branches' own daemons from here on (cowfs.daemon.zygote).  Not under --foreground:
+            # a service manager's unit holds one daemon.
+            from cowfs.daemon import zygote
+
+            zygote.started = zygote.start(cfg.store, _run_daemon)
 
     try:
         daemon = Daemon(cfg, built)
@@ -189,6 +196,15 @@ def _start(cfg: MountConfig, ready: Callable[[str | None], None], to_stderr: boo
         ready(str(exc))
         return 1
     return daemon.run(ready)
+
+
+def _zygote_forked(cfg: MountConfig, wfd: int) -> bool:
+    """Whether the store daemon's zygote forked the daemon of cfg's branch (a home's), which
+    reports on wfd: no imports to wait for (cowfs.daemon.zygote).  False: no zygote (the
+    store's daemon does not run), or it declined this caller: we fork the daemon ourselves."""
+    from cowfs.daemon import zygote
+
+    return zygote.request(cfg, wfd)
 
 
 def mount(cfg: MountConfig, foreground: bool, prepare: Prepare | None = None) -> int:
@@ -262,16 +278,18 @@ def mount(cfg: MountConfig, foreground: bool, prepare: Prepare | None = None) ->
         raise MountError("internal: a store's build cannot run in a daemon re-executed to drop RocksDB's state")
 
     rfd, wfd = os.pipe()
-    child = os.fork()
-    if child == 0:  # the daemon
-        os.close(rfd)
-        os.setsid()
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        if opened_in_this_process():  # e.g. `cowfs export STORE ...` listed the store offline first
-            _exec_fresh(cfg, wfd)
-        _run_daemon(cfg, wfd, prepare)
+    child = None
+    if cfg.home is None or prepare is not None or not _zygote_forked(cfg, wfd):
+        child = os.fork()
+        if child == 0:  # the daemon
+            os.close(rfd)
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            if opened_in_this_process():  # e.g. `cowfs export STORE ...` listed the store offline first
+                _exec_fresh(cfg, wfd)
+            _run_daemon(cfg, wfd, prepare)
     os.close(wfd)
     with os.fdopen(rfd) as r:
         line = r.readline().strip()
@@ -279,5 +297,6 @@ def mount(cfg: MountConfig, foreground: bool, prepare: Prepare | None = None) ->
         return 0
     if line.startswith("ERR "):
         raise MountError(line[4:])
-    os.waitpid(child, 0)
+    if child is not None:
+        os.waitpid(child, 0)
     raise MountError(f"the daemon exited before mounting; see {os.path.join(cfg.daemon_dir, LOG_NAME)}")

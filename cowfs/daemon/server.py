@@ -7,6 +7,7 @@ A branch with a home database of its own gets a daemon of its own that serves it
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -30,7 +31,7 @@ from cowfs.background import lazy_cache
 from cowfs.background.warming import Warmer
 from cowfs.core.filesystem import Filesystem
 from cowfs.core.view import View
-from cowfs.daemon import admin, branches, mounts, notify, options as mount_options, tuning
+from cowfs.daemon import admin, branches, mounts, notify, options as mount_options, tuning, zygote
 from cowfs.daemon.config import MountConfig, fuse_options, options_in_force
 from cowfs.storedir import pid_file
 from cowfs.errors import FSError, MountError, StoreError
@@ -195,6 +196,7 @@ class Daemon:
                     mem[line[:5]] = int(line.split()[1]) * 1024
         where = ({"store": store.path, "home": self.cfg.home, "mountpoint": self.cfg.mountpoint,
                   "daemon_pid": os.getpid(),
+                  "zygote": {"pid": zygote.started, "forked_by": zygote.forked_by},  # cowfs.daemon.zygote
                   "mounted_branches": sorted(self.mounted_branches()), "holds": self.holds.figures(view.name)}
                  if host else {})
         return {
@@ -489,11 +491,10 @@ class Daemon:
             pyfuse3.close(unmount=not clean)
             fuse_replies.uninstall()
             self.holds.release_all()
+            zygote.forget(cfg.store)
             self.store.close()
             for p in (pid_file(cfg.daemon_dir), admin.socket_path(cfg.daemon_dir)):
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
-                except FileNotFoundError:
-                    pass
             log.info("daemon exiting")
         return 0

@@ -60,7 +60,7 @@ LAYOUT_EXCEPTIONS = {
 }
 OWNERS = ("cowfs/kv/", "cowfs/blob/", "cowfs/meta/", "cowfs/chunks/")
 STORE_FILE_NAMES = {"db", "packs", "refs.sqlite", "cowfs-store.json", "daemon.pid", "warmer.pid", "daemon.sock",
-                    "homes"}
+                    "zygote.sock", "homes"}
 
 
 def _modules() -> dict[str, Path]:
