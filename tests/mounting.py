@@ -44,7 +44,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 KiB = 1 << 10
@@ -261,6 +261,37 @@ def call_with_timeout(fn, *args, timeout: float = 30, what: str | None = None, *
     return box.get("value")
 
 
+class Steps:
+    """The steps of a test that stops daemons, each under a time limit of its own: a step
+    still running at its limit fails the test at once, naming the step and how long it ran,
+    instead of hanging until a mount's watchdog (one such wait took 400 s in CI).  A thread
+    blocked in the kernel cannot be interrupted, so each step runs in one (call_with_timeout)
+    and, before the failure, ``release`` ends whatever the step may wait for (SIGKILL the
+    daemons, abort their FUSE connections): the step's thread can then return, and the
+    test's teardown does not block in it too.  ``times``: each step's seconds, in order."""
+
+    def __init__(self, release: Callable[[], None] | None = None) -> None:
+        self.release = release
+        self.times: dict[str, float] = {}
+
+    def __call__(self, what: str, limit: float, fn, *args, **kw):
+        t0 = time.monotonic()
+        try:
+            return call_with_timeout(fn, *args, timeout=limit, what=what, **kw)
+        except OpTimeout:
+            if self.release is not None:
+                self.release()
+            raise OpTimeout(f"step '{what}' still running after {limit:.0f} s (the steps before it: "
+                            f"{self.summary()}); the daemons were killed and their connections "
+                            f"aborted") from None
+        finally:
+            self.times[what] = time.monotonic() - t0
+
+    def summary(self) -> str:
+        """Each step done and its time, e.g. "cut 0.01 s, kill 0.20 s"."""
+        return ", ".join(f"{k} {v:.2f} s" for k, v in self.times.items()) or "none"
+
+
 def _unescape(s: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
 
@@ -301,24 +332,62 @@ def is_mounted(path) -> bool:
     return e is not None and e["fstype"].startswith("fuse")
 
 
-def lazy_unmount(path) -> None:
-    subprocess.run(["fusermount3", "-uz", str(path)], stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
-
-
-def abort_fuse_connection(path) -> bool:
-    """Abort the kernel side of a FUSE connection (releases every blocked request)."""
-    e = mount_entry(path)
-    if e is None:
-        return False
-    minor = e["dev"].split(":")[1]
-    p = f"/sys/fs/fuse/connections/{minor}/abort"
+def run_bounded(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """argv run to its end within timeout (output captured), else OpTimeout naming it.
+    subprocess.run's timeout kills the child and then waits for it without a bound: a child
+    that SIGKILL cannot end (a fusermount3 in uninterruptible sleep) hung the caller."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     try:
-        with open(p, "w") as f:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        try:
+            out, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            raise OpTimeout(f"`{shlex.join(argv)}` (pid {proc.pid}) still running {timeout:.0f} s "
+                            f"after it started and 5 s after SIGKILL: {wait_state(proc.pid)}") from None
+        raise OpTimeout(f"`{shlex.join(argv)}` did not finish within {timeout:.0f} s "
+                        f"(killed): {err.decode(errors='replace').strip()}") from None
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def wait_state(pid: int) -> str:
+    """Where pid waits in the kernel (its state and wchan): what a timeout names."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/wchan") as f:
+            return f"state {state} in {f.read() or '-'}"
+    except OSError:
+        return "gone"
+
+
+def lazy_unmount(path, timeout: float = 30) -> None:
+    run_bounded(["fusermount3", "-uz", str(path)], timeout)
+
+
+def fuse_connection(path) -> str | None:
+    """The FUSE connection (its number in /sys/fs/fuse/connections) mounted at path, if any."""
+    e = mount_entry(path)
+    return e["dev"].split(":")[1] if e is not None else None
+
+
+def abort_connection(conn: str | None) -> bool:
+    """Abort the kernel side of FUSE connection conn (releases every blocked request)."""
+    if conn is None:
+        return False
+    try:
+        with open(f"/sys/fs/fuse/connections/{conn}/abort", "w") as f:
             f.write("1")
         return True
     except OSError:
         return False
+
+
+def abort_fuse_connection(path) -> bool:
+    """Abort the kernel side of the FUSE connection mounted at path."""
+    return abort_connection(fuse_connection(path))
 
 
 def pids_mentioning(path) -> list[int]:
@@ -899,6 +968,7 @@ class Lazy:
         os.makedirs(self.mp, exist_ok=True)
         self.report = self.logfile + ".cut.json"
         self.proc = None
+        self.conn: str | None = None  # its FUSE connection, still abortable once lazily unmounted
 
     def start(self):
         with open(self.logfile, "ab") as log:
@@ -910,6 +980,7 @@ class Lazy:
             assert self.proc.poll() is None, f"lazyfs exited with {self.proc.returncode}: {self.log()}"
             assert time.monotonic() < deadline, f"lazyfs did not mount: {self.log()}"
             time.sleep(0.02)
+        self.conn = fuse_connection(self.mp)
 
     def log(self) -> str:
         with open(self.logfile, errors="replace") as f:
@@ -930,18 +1001,39 @@ class Lazy:
             return json.load(f)
 
     def stop(self):
+        """Unmount and wait for lazyfs's exit; killed (and its connection aborted) if it does
+        not exit, and an OpTimeout naming what it waited for if even that does not end it."""
         if self.proc is None:
             return
+        busy = ""
         if is_mounted(self.mp):
-            r = subprocess.run(["fusermount3", "-u", self.mp], capture_output=True, timeout=30)
+            r = run_bounded(["fusermount3", "-u", self.mp], 30)
             if r.returncode != 0:
+                busy = r.stderr.decode(errors="replace").strip()
                 lazy_unmount(self.mp)
         try:
-            self.proc.wait(timeout=20)
+            wait_exit(self.proc, 20)
         except subprocess.TimeoutExpired:
+            state = wait_state(self.proc.pid)
+            self.abort()
+            try:
+                wait_exit(self.proc, 10)
+            except subprocess.TimeoutExpired:
+                raise OpTimeout(f"lazyfs (pid {self.proc.pid}) still running 20 s after its unmount "
+                                f"({busy or 'clean'}; {state}) and 10 s after SIGKILL and the abort "
+                                f"of its connection: {wait_state(self.proc.pid)}") from None
+            raise OpTimeout(f"lazyfs (pid {self.proc.pid}) did not exit within 20 s of its unmount "
+                            f"({busy or 'clean'}; it was in {state}); killed") from None
+        finally:
+            if self.proc.poll() is not None:
+                self.proc = None
+
+    def abort(self) -> None:
+        """SIGKILL lazyfs and abort its FUSE connection: every request waiting for it ends
+        (EIO/ENOTCONN).  Neither waits nor forks: safe while anything else is stuck."""
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        abort_connection(self.conn)
 
 
 def sync_tree(root: str) -> None:

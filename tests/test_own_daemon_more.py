@@ -9,10 +9,10 @@ the branch is deleted; and what a sandbox user reaches from inside a branch daem
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
-import signal
 import threading
 import time
 from pathlib import Path
@@ -242,28 +242,17 @@ def test_fsck_of_a_home_over_another_home_before_and_after_its_branch_is_deleted
 
 
 # -- power loss under a home ------------------------------------------------------------------------
-def _synced_writer(root: Path, stop: threading.Event, done: list[tuple[str, bytes]]) -> None:
-    """fsync'd files under root until stop (or the cut makes a write fail); done: the ones
-    whose fsync returned."""
-    i = 0
-    try:
-        while not stop.is_set():
-            rel, data = f"main-{i}.bin", os.urandom(20_000 + 997 * i)
-            write(root / rel, data, sync=True)
-            done.append((rel, data))
-            i += 1
-    except OSError:
-        pass
-
-
-@pytest.mark.timeout(120 + 60 * POWER_ROUNDS)
-@pytest.mark.parametrize("rounds", [1, pytest.param(POWER_ROUNDS, marks=pytest.mark.slow, id="long")])
+@pytest.mark.parametrize("rounds", [
+    pytest.param(1, marks=pytest.mark.timeout(180)),
+    pytest.param(POWER_ROUNDS, marks=[pytest.mark.slow, pytest.mark.timeout(120 + 60 * POWER_ROUNDS)], id="long")])
 def test_power_cut_under_a_branch_daemons_home_while_the_store_daemon_writes(lazy, mount_factory, tmp_path, rounds):
     """The store on LazyFS (tests/test_power_loss.py): tests/workload.py in a branch daemon
     (mode "power": the branch is a prefix of its operations holding all it fsync'd, each of
-    its snapshots exact) while the store's daemon writes fsync'd files; the power cut stops
-    both daemons, drops what was not synced, kills both.  fsck of the store and its home is
-    clean, each fsync'd file of main is there whole, and both daemons serve again."""
+    its snapshots exact) while the store's daemon writes fsync'd files (another process:
+    workload.synced_files); the power cut stops both daemons, drops what was not synced,
+    kills both.  fsck of the store and its home is clean, each fsync'd file of main is there
+    whole, and both daemons serve again.  Each step after the cut has a time limit of its
+    own (mounting.Steps): a stuck one fails the round at once, naming it."""
     store = os.path.join(lazy.mp, "store")
     mounting.init_store(store)
     sync_tree(store)
@@ -275,45 +264,38 @@ def test_power_cut_under_a_branch_daemons_home_while_the_store_daemon_writes(laz
     lost = 0
     for r in range(rounds):
         rel = tag = f"p{r}"
-        log = str(tmp_path / f"{rel}.log")
+        log, synced_log = str(tmp_path / f"{rel}.log"), str(tmp_path / f"r{r}.synced")
         w = workload.start_workload(str(f.path), rel, log, rnd.randrange(1 << 30), tag, "--fsync-p", "0.3")
-        stop, done = threading.Event(), []
-        main_writer = threading.Thread(target=_synced_writer, args=(m.path / f"r{r}", stop, done))
         (m.path / f"r{r}").mkdir()
-        main_writer.start()
+        writer = workload.start_synced_files(str(m.path / f"r{r}"), synced_log)
+        steps = mounting.Steps(lambda: workload.release(lazy, (m, f), (w, writer)))
         try:
             workload.wait_acked(log, 3, w, timeout=60)
             time.sleep(rnd.uniform(0.3, 1.5))
-            cut_time = time.time()
-            for d in (m, f):
-                os.kill(d.proc.pid, signal.SIGSTOP)
-            try:
-                figures = lazy.cut()
-            finally:
-                for d in (f, m):
-                    workload.kill_daemon(d)
-                lazy.stop()
-            w.wait(timeout=60)
+            cut_time, figures = workload.power_cut(lazy, (m, f), steps)
+            steps("exit of the workload in F", 60, w.wait)
+            code = steps("exit of main's writer", 30, writer.wait)
+            assert code == 0, f"main's writer exited with {code}: {writer.stderr.read().decode(errors='replace')}"
         finally:
-            stop.set()
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-            main_writer.join(60)
-        w.stderr.close()
+            workload.reap(w, writer)
+            w.stderr.close()
+            writer.stderr.close()
         lost += figures["lost_bytes"]
-        lazy.start()
-        workload.fsck_clean(store)
-        m.start()
-        f.start()
-        k, how, probs = workload.check(str(f.path), rel, log, "power", tag + "-", cut_time)
+        steps("start of a new lazyfs", 30, lazy.start)
+        steps("fsck of the store", 120, workload.fsck_clean, store)
+        steps("start of main's daemon", 60, m.start)
+        steps("start of F's daemon", 60, f.start)
+        k, how, probs = steps("check of F against the workload's log", 60, workload.check,
+                              str(f.path), rel, log, "power", tag + "-", cut_time)
         assert not probs, f"round {r} (log {log}, lazyfs: {figures}):\n" + "\n".join(probs)
+        done = workload.synced_files_done(synced_log)
         assert done, "the store's daemon wrote nothing before the cut"
-        for name, data in done:
-            assert read(m.path / f"r{r}" / name) == data, f"round {r}: main's fsync'd {name}"
+        for name, digest in done:
+            assert hashlib.sha256(read(m.path / f"r{r}" / name)).hexdigest() == digest, \
+                f"round {r}: main's fsync'd {name}"
         assert not any(p.startswith(f"r{r}") for p in mounting.file_tree(f.path)), "main's files in the branch"
         print(f"round {r}: branch state = first {k} ops ({how}); main {len(done)} fsync'd files; "
-              f"lazyfs dropped {figures['lost_bytes']} bytes")
+              f"lazyfs dropped {figures['lost_bytes']} bytes; steps: {steps.summary()}")
     assert lost > 0, "no cut dropped any data: the test did not test anything"
     f.stop()
     m.stop()

@@ -465,7 +465,33 @@ def main(argv: list[str]) -> int:
                a.rollback)
 
 
+def synced_files(root: str, log: str) -> int:
+    """fsync'd files root/main-<i>.bin (20,000 + 997 i random bytes) until one fails (a power
+    cut stopped, then killed the daemon): "name sha256" on a line of log once its write, fsync
+    and close returned.  A child process of its own (start_synced_files): a thread of the test
+    process writing there would hold a file with dirty pages open on the mount of a daemon
+    that the cut stops, which a fork of the test process waits for (kill_daemons)."""
+    i = 0
+    with open(log, "a") as out:
+        while True:
+            rel, data = f"main-{i}.bin", os.urandom(20_000 + 997 * i)
+            try:
+                fd = os.open(os.path.join(root, rel), os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+                try:
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                return 0
+            out.write(f"{rel} {hashlib.sha256(data).hexdigest()}\n")
+            out.flush()
+            i += 1
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--synced-files"]:
+        sys.exit(synced_files(*sys.argv[2:4]))
     sys.exit(main(sys.argv[1:]))
 
 
@@ -483,6 +509,20 @@ def start_workload(mount: str, rel: str, log: str, seed: int, tag: str, *extra: 
                              str(seed), "--tag", tag, *extra],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True, cwd="/")
+
+
+def start_synced_files(root: str, log: str):
+    """synced_files(root, log) in a child process."""
+    import subprocess
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "workload.py"), "--synced-files", root, log],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, cwd="/")
+
+
+def synced_files_done(log: str) -> list[tuple[str, str]]:
+    """(name, sha256) of each file that synced_files fsync'd, in order."""
+    with open(log) as f:
+        return [tuple(line.split()) for line in f if line.strip()]
 
 
 def wait_acked(log: str, n: int, proc, timeout: float = 30.0) -> None:
@@ -509,23 +549,98 @@ def fsck_clean(store) -> dict:
     return report
 
 
-def kill_daemon(m) -> int:
-    """SIGKILL the daemon of a mounting.Mount and clear its dead mount; returns its exit code."""
+def kill_daemons(*mounts) -> list[int]:
+    """SIGKILL the daemons of mounting.Mounts and clear their dead mounts; their exit codes.
+
+    Every daemon is killed before this process forks (fusermount3): a forked child closes
+    its copies of our descriptors, and the close of a file with dirty pages on a stopped
+    daemon's mount waits, in the kernel, until that daemon writes them back (fuse_flush:
+    write_inode_now); the parent waits for its vforked child meanwhile.  A test writing
+    through one daemon while it kills another hung that way for 400 s, until a watchdog
+    killed the stopped daemon."""
     import signal
     import subprocess
     import mounting
-    os.kill(m.proc.pid, signal.SIGKILL)
+    for m in mounts:
+        os.kill(m.proc.pid, signal.SIGKILL)
+    codes = []
+    for m in mounts:
+        try:
+            rc = mounting.wait_exit(m.proc, 10)
+        except subprocess.TimeoutExpired:
+            # A thread of the daemon still waits in a request to its own mount (the pages the
+            # kernel writes back to us on invalidate_inode): its /dev/fuse descriptor stays open
+            # until the kernel side of the connection is aborted.
+            mounting.abort_fuse_connection(m.path)
+            try:
+                rc = mounting.wait_exit(m.proc, 30)
+            except subprocess.TimeoutExpired:
+                raise mounting.OpTimeout(
+                    f"the daemon of {m.path} (pid {m.proc.pid}) still runs 10 s after SIGKILL and 30 s "
+                    f"after the abort of its connection: {mounting.wait_state(m.proc.pid)}") from None
+        m.exit_codes.append(rc)  # killed on purpose: not "died during the test"
+        codes.append(rc)
+    for m in mounts:
+        mounting.lazy_unmount(m.path)
+    return codes
+
+
+def reap(*procs) -> None:
+    """SIGKILL each of procs (Popens) still running and wait for its exit, bounded: one that
+    cannot exit (asleep in the kernel in a request nobody answers) fails the test, naming it
+    and where it waits, instead of hanging it."""
+    import subprocess
+    import mounting
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            try:
+                mounting.wait_exit(p, 10)
+            except subprocess.TimeoutExpired:
+                raise mounting.OpTimeout(f"pid {p.pid} ({os.path.basename(str(p.args[1]))}) still runs 10 s "
+                                         f"after SIGKILL: {mounting.wait_state(p.pid)}") from None
+
+
+def kill_daemon(m) -> int:
+    """SIGKILL the daemon of a mounting.Mount and clear its dead mount; returns its exit code."""
+    return kill_daemons(m)[0]
+
+
+def release(lazy, daemons, procs=()) -> None:
+    """End at once whatever a power cut's step may wait for: SIGKILL the daemons (stopped or
+    not), the other processes (a workload, a writer) and lazyfs, and abort their FUSE
+    connections.  Neither waits nor forks (mounting.Steps calls it while a step is stuck)."""
+    import signal
+    import mounting
+    for p in [d.proc for d in daemons] + list(procs):
+        if p is not None and p.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for d in daemons:
+        mounting.abort_fuse_connection(d.path)
+    lazy.abort()
+
+
+def power_cut(lazy, daemons, steps=None) -> tuple[float, dict]:
+    """The power cut under daemons (mounting.Mounts) whose store is on lazy (mounting.Lazy):
+    SIGSTOP them (they acknowledge nothing more), drop what lazyfs holds unsynced, SIGKILL
+    them all, unmount their mounts and lazyfs; each step bounded by steps (mounting.Steps,
+    by default one that releases these daemons).  Returns (the time of the cut, lazyfs's
+    figures)."""
+    import signal
+    import mounting
+    steps = steps or mounting.Steps(lambda: release(lazy, daemons))
+    t = time.time()
+    for d in daemons:
+        os.kill(d.proc.pid, signal.SIGSTOP)
     try:
-        rc = m.proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        # A thread of the daemon still waits in a request to its own mount (the pages the
-        # kernel writes back to us on invalidate_inode): its /dev/fuse descriptor stays open
-        # until the kernel side of the connection is aborted.
-        mounting.abort_fuse_connection(m.path)
-        rc = m.proc.wait(timeout=30)
-    m.exit_codes.append(rc)  # killed on purpose: not "died during the test"
-    mounting.lazy_unmount(m.path)
-    return rc
+        figures = steps("power cut (lazyfs drops what is unsynced)", 30, lazy.cut)
+    finally:
+        steps("SIGKILL of the daemons and their unmount", 60, kill_daemons, *daemons)
+        steps("unmount of lazyfs and its exit", 90, lazy.stop)
+    return t, figures
 
 
 def sigkill_round(m, round_no: int, logdir: str, rnd: random.Random, max_delay: float = 1.5,
@@ -544,9 +659,7 @@ def sigkill_round(m, round_no: int, logdir: str, rnd: random.Random, max_delay: 
         kill_daemon(m)
         code = w.wait(timeout=60)
     finally:
-        if w.poll() is None:
-            w.kill()
-            w.wait()
+        reap(w)
     err = w.stderr.read().decode(errors="replace")
     w.stderr.close()
     if code not in (0, 2) and not _failed_after(log, crash_time):
