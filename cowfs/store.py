@@ -746,8 +746,7 @@ class Store:
             cached: set[int] = set()
             for _name, kv in dbs:
                 cached |= remotecache.cache_packs(kv)
-            keeper = dups.Keeper(self.refs, self.packs, dbs, DB_DIR, set(self.liveness.condemned().packs), cached,
-                                 followed)
+            keeper = dups.Keeper(self.refs, self.packs, dbs, DB_DIR, set(), cached, followed)
             return keeper.run(self.packs.listing())
         finally:
             for _name, kv in members:
@@ -830,7 +829,7 @@ class Store:
     def condemn_packs(self, packs: list[int], marked: Iterable[int] = ()) -> tuple[int, int]:
         """Condemn packs found unmarked, pardon condemned packs found marked (one round of
         liveness.Liveness.condemn); returns (condemned, pardoned).  Blocking: in a thread."""
-        out = self.liveness.condemn(packs, marked)
+        out = self.liveness.condemn(packs, marked, lambda: dups.spared(self.refs))
         faults.point("packs_condemned")
         return out
 

@@ -42,7 +42,11 @@ Safety against pack gc (chunks.liveness): a rewrite reads the condemned list und
 writer's filesystem lock and refuses a place in a condemned or missing pack, and commits in
 the same hold.  A pack condemned after that read cannot be swept before the rewrite is
 durable: the sweep waits for this writer's acknowledgement, which takes the same lock and
-syncs first, and the sweep's second mark then sees the new pointer and pardons the pack.  A
+syncs first, and the sweep's second mark then sees the new pointer and pardons the pack.  No
+gc condemns a pack a dup record names (`spared`, in the compare-and-set of the condemnation,
+under the generation every publication bumps), and a publication expects the condemned list
+it chose under, so a mark taken before a rewrite never condemns the place it heads for (which
+fsck would report once the round is due, before the sweep's pardon).  A
 repack of a pack others point into or a dup record names publishes its new places and never
 condemns it (Store.retire_packs): a later gc finds it unmarked.  A crash
 at any point leaves either record or pointer as it was: a P record naming another
@@ -62,7 +66,7 @@ from typing import Callable, Iterable, Sequence
 
 from cowfs.chunks import codec
 from cowfs.chunks.families import CF_OBJECTS
-from cowfs.chunks.liveness import CF_GC, CAS_TRIES
+from cowfs.chunks.liveness import CF_GC, CAS_TRIES, CONDEMNED, Condemned
 from cowfs.chunks.packs import Packs
 from cowfs.kv.base import KV, Batch, Conflict
 
@@ -211,6 +215,14 @@ def record_packs(refs: KV) -> set[int]:
     return out
 
 
+def spared(refs: KV) -> tuple[set[int], list[tuple[str, bytes, bytes | None]]]:
+    """The packs a gc does not condemn while a dup record names them (a rewrite may be heading
+    there, past a mark taken before it), and what that holds under: the generation, which every
+    publication of a place bumps (liveness.Liveness.condemn's `spare`)."""
+    gen_raw = refs.get(CF_GC, GEN)
+    return record_packs(refs), [(CF_GC, GEN, gen_raw)]
+
+
 def valid_record(raw: bytes) -> bool:
     """A dup record is a whole P record (fsck's check, and the rewrites')."""
     try:
@@ -299,7 +311,8 @@ class Figures:
 class Keeper:
     """One pass of the store keeper over the databases `dbs` (name -> KV, the store's own
     named `own`), the packs and the reference store `refs`; `cached`: packs a lazy mount's
-    cache evicts whole (chunks.remotecache), never a published place."""
+    cache evicts whole (chunks.remotecache), never a published place; `condemned`: packs taken
+    as condemned besides `gc/condemned`, which each try of `run` reads."""
 
     def __init__(self, refs: KV, packs: Packs, dbs: Sequence[tuple[str, KV]], own: str,
                  condemned: set[int], cached: set[int], followed: dict[str, int] | None = None) -> None:
@@ -310,7 +323,8 @@ class Keeper:
         self.packs = packs
         self.dbs = dbs
         self.own = own
-        self.condemned = condemned
+        self.also_condemned = set(condemned)  # besides the condemned list, read at each try
+        self.condemned = self.also_condemned
         self.cached = cached
         # Ties go to one database for every chunk, the store's own first, then by name: the
         # other copies of data two databases wrote alike then fill whole packs, which a pack
@@ -361,6 +375,10 @@ class Keeper:
         for _ in range(CAS_TRIES):
             fig = Figures()
             state_raw, gen_raw = self.refs.get(CF_GC, SCAN_STATE), self.refs.get(CF_GC, GEN)
+            # a publication expects the condemned list it chose under: a pack condemned meanwhile
+            # (its mark found it unmarked) is never published, a gc condemning after it spares it
+            condemned_raw = self.refs.get(CF_GC, CONDEMNED)
+            self.condemned = self.also_condemned | set(Condemned.unpack(condemned_raw).packs)
             state = ScanState.unpack(state_raw)
             published = dict(records(self.refs))
             batch = Batch()
@@ -420,6 +438,7 @@ class Keeper:
                 batch.put(CF_GC, CHECKED, json.dumps({"followed": followed, "at": now}, sort_keys=True).encode())
             if wanted:
                 batch.put(CF_GC, GEN, str((int(gen_raw) if gen_raw else 0) + 1).encode())
+                expect.append((CF_GC, CONDEMNED, condemned_raw))
             expect += [(CF_DUP, h, published.get(h)) for h in wanted.keys() | set(dropped)]
             try:
                 self.refs.write(batch, expect)

@@ -34,7 +34,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from cowfs.chunks import codec
 from cowfs.chunks.families import CF_OBJECTS
@@ -256,8 +256,11 @@ class Liveness:
     def condemned(self) -> Condemned:
         return Condemned.unpack(self.refs.get(CF_GC, CONDEMNED))
 
-    def _update(self, change) -> Condemned:  # change(Condemned) -> None, in place
+    def _update(self, change, guard: Callable[[], list[tuple[str, bytes, bytes | None]]] | None = None) -> Condemned:
+        """change(Condemned) in place, by compare-and-set; guard(): read at each try before
+        change, the further values the change holds under (expected unchanged)."""
         for _ in range(CAS_TRIES):
+            extra = guard() if guard is not None else []
             raw = self.refs.get(CF_GC, CONDEMNED)
             c = Condemned.unpack(raw)
             gen = c.gen
@@ -265,7 +268,7 @@ class Liveness:
             c._drop_empty_rounds()
             b = Batch()
             b.put(CF_GC, CONDEMNED, c.pack())
-            expect = [(CF_GC, CONDEMNED, raw)]
+            expect = [(CF_GC, CONDEMNED, raw), *extra]
             if self.me is not None and c.gen > gen and c.gen in c.rounds:
                 # the runner acknowledges the round it made in the same step (module
                 # docstring), unless it owes an earlier one: `acked` is a high-water mark
@@ -282,14 +285,28 @@ class Liveness:
                 continue
         raise RuntimeError("could not update gc/condemned: the reference store kept changing")
 
-    def condemn(self, garbage: Iterable[int], marked: Iterable[int] = ()) -> tuple[int, int]:
+    def condemn(self, garbage: Iterable[int], marked: Iterable[int] = (),
+                spare: Callable[[], tuple[set[int], list[tuple[str, bytes, bytes | None]]]] | None = None
+                ) -> tuple[int, int]:
         """One round: condemn the garbage packs not condemned yet, pardon the condemned packs
-        that are marked again.  Returns (packs newly condemned, packs pardoned)."""
+        that are marked again.  spare(): read at each try, packs not to condemn and the values
+        that holds under, expected unchanged by the same compare-and-set (the store keeper's:
+        packs a dup record names, rewrites may be heading there: chunks.dups.spared).  Returns
+        (packs newly condemned, packs pardoned)."""
         garbage, marked = set(garbage), set(marked)
         out = [0, 0]
+        spared: set[int] = set()
+
+        def guard() -> list[tuple[str, bytes, bytes | None]]:
+            if spare is None:
+                return []
+            packs, expect = spare()
+            spared.clear()
+            spared.update(packs)
+            return expect
 
         def change(c: Condemned) -> None:
-            new = garbage - c.packs.keys()
+            new = garbage - c.packs.keys() - spared
             pardoned = marked & c.packs.keys()
             for p in pardoned:
                 del c.packs[p]
@@ -299,7 +316,7 @@ class Liveness:
                 for p in new:
                     c.packs[p] = c.gen
             out[:] = [len(new), len(pardoned)]
-        self._update(change)
+        self._update(change, guard)
         return out[0], out[1]
 
     def due(self, c: Condemned) -> set[int]:

@@ -112,6 +112,43 @@ def test_a_pass_reads_the_open_records_again_only_after_a_database_followed_or_a
     assert (fig.rechecked, fig.settled) == (2, 2)
 
 
+def test_a_pack_a_dup_record_names_is_not_condemned_by_a_mark_taken_before_a_rewrite_into_it():
+    """The false fsck report of a condemned pack, due, that a pointer names: the store's copy
+    dropped after the keeper published its place, a fork's rewrite planned (the condemned list
+    read) before a gc's condemnation and committed after its mark.  The condemnation spares a
+    pack a dup record names (dups.spared, under the generation), so no due condemned pack is
+    marked; once the record is gone the pack is condemned as usual."""
+    from cowfs.chunks.liveness import CF_MEMBER, CF_WRITER, Liveness, mark
+    refs = MemoryKV((CF_GC, CF_WRITER, CF_MEMBER, dups.CF_DUP))
+    packs = Packs(MemoryBlobStore())
+    own, a = MemoryKV((CF_OBJECTS,)), MemoryKV((CF_OBJECTS,))
+    dbs = [("db", own), ("home-a", a)]
+    live = Liveness(refs)
+    same = _chunks(3)
+    p_own = _pack(packs, own, same)
+    _pack(packs, a, same)
+    _keeper(refs, packs, dbs).run(packs.listing())
+    own.write(_delete(same))  # the store's copy dropped: p_own has no pointer left
+    recode = dups.plan(a, dups.records(refs), set(live.condemned().packs), lambda p: packs.size(p) is not None)
+    assert len(recode) == 3  # planned into p_own, not condemned yet
+    marked = mark([own, a])  # a gc's mark before the rewrite: p_own unmarked
+    assert not marked.get(p_own)
+    live.condemn([p for p in packs.listing() if not marked.get(p)], marked, lambda: dups.spared(refs))
+    b = Batch()
+    for h, raw in recode.items():
+        b.put(CF_OBJECTS, h, raw)
+    a.write(b)  # the rewrite commits
+    dups.mark_followed(refs, "home-a", dups.generation(refs))
+    c = live.condemned()
+    assert not {p for p in live.due(c) if mark([own, a]).get(p)}, "a due condemned pack a pointer names"
+    assert p_own not in c.packs
+    # a's old copies are garbage for the next round; the record settles; then p_own's turn
+    assert _keeper(refs, packs, dbs).run(packs.listing()).settled == 3
+    a.write(_delete(same))
+    live.condemn([p_own], (), lambda: dups.spared(refs))
+    assert p_own in live.condemned().packs
+
+
 def _put(chunks: list[tuple[bytes, bytes]]) -> Batch:
     b = Batch()
     for h, v in chunks:
