@@ -27,8 +27,9 @@ WINDOW = 5.0  # seconds of idleness counted
 # Voluntary context switches a second, all threads of a daemon together.  An idle daemon has
 # one timer left (the holds' keeper, every 3 s: at most 2 in the window), plus a worker
 # thread of trio's cache ending after 10 s unused, or the model saver's one save 10 s after
-# the settling below taught it something: ~0.5/s measured at load 2-10.  Polling, as before,
-# was 16/s; 3/s leaves room for a loaded machine's stray wake-ups and still fails that.
+# the settling below taught it something, and RocksDB's own timer thread every 10 s: 0.5-0.7/s
+# measured at load 13-15 (docs/benchmarks.md).  Polling, as before, was 16/s; 3/s leaves room
+# for a loaded machine's stray wake-ups and still fails that.
 MAX_WAKEUPS_PER_S = 3.0
 SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 
