@@ -294,6 +294,121 @@ def test_engines_down_fail_push_and_pull_in_one_line_and_a_killed_s3_resumes(
     assert (mount_factory(store=store, branch="three").path / "f").read_text() == "three"
 
 
+def test_engines_stalled_mid_push_or_pull_slow_them_and_local_work_goes_on(
+        fleet, mount_factory, seaweedfs_killable, etcd_private, engine_prefix):
+    """Slow engines (SIGSTOP for a few seconds, under the clients' timeouts): SeaweedFS stalled
+    mid-push, then etcd stalled as a push and a pull begin.  Meanwhile the mount reads and
+    writes as ever; once the engine answers, the push and the pull finish, nothing doubled or
+    lost (`remote check --verify`, the pulled tree)."""
+    sw, etcd = seaweedfs_killable, etcd_private
+    a, b = fleet("a", s3=sw, etcd=etcd), fleet("b", s3=sw, etcd=etcd)
+    m = mount_factory()
+    big_tree(m.path)                                     # 40 MiB: 3 packs
+    (m.path / "local").write_text("before")
+    pushed = snap(m, "big")
+    p = a.popen("push", m.path, "big", "origin", "--json")
+    wait_for_objects(sw.client(), sw.BUCKET, f"{engine_prefix}/index/", p)    # a pack and its index up
+    with mounting.stopped(sw.process.pid):
+        stalled = time.monotonic()
+        assert (m.path / "blob-0").read_bytes()[:4] and (m.path / "local").read_text() == "before"
+        (m.path / "local").write_text("during")
+        snap(m, "during")
+        time.sleep(max(0.0, 4 - (time.monotonic() - stalled)))
+        assert p.poll() is None, p.communicate()
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and not err, err
+    assert json.loads(out)["pushed"]["objects_uploaded"] >= 6
+    assert a.json("remote", "check", "origin", "--verify")["ok"]
+    store = mounting.init_store(b.base / "store")
+    with mounting.stopped(etcd.process.pid):
+        procs = [a.popen("push", m.path, "during", "origin", "--branch", "dev", "--json"),
+                 b.popen("pull", "origin", "big", store, "--json")]
+        time.sleep(2)
+        assert all(q.poll() is None for q in procs), [q.communicate() for q in procs]
+        assert (m.path / "local").read_text() == "during"
+    for q in procs:
+        out, err = q.communicate(timeout=120)
+        assert q.returncode == 0 and not err, err
+    same_tree(pushed, mount_factory(store=store, branch="big").path)
+    shown = {(x["kind"], x["name"]) for x in a.json("remote", "show", "origin")["refs"]}
+    assert shown == {("snapshot", "big"), ("snapshot", "during"), ("branch", "dev")}, shown
+    assert a.json("remote", "check", "origin", "--verify")["ok"]
+
+
+def _pull_at(h: Host, store: Path, into: str, pattern: str) -> subprocess.Popen:
+    """`cowfs pull origin big STORE --into INTO` by host h, once a path of pattern exists
+    (under the host's base directory: its cache, or its TMPDIR where the pull mounts INTO)."""
+    p = h.popen("pull", "origin", "big", store, "--into", into, "--json")
+    deadline = time.monotonic() + 120
+    while p.poll() is None and not any(h.base.glob(pattern)):
+        assert time.monotonic() < deadline, f"timed out waiting for the pull at {pattern}"
+        time.sleep(0.005)
+    assert p.poll() is None, p.communicate()
+    return p
+
+
+def test_a_pull_killed_midway_or_whose_s3_dies_leaves_the_store_clean_and_runs_again(
+        fleet, mount_factory, seaweedfs_killable, engine_prefix):
+    """kill -9 of SeaweedFS mid-pull: the pull fails in one line and drops its half-written
+    branch.  kill -9 of the pull itself mid-pull (nothing of it runs afterwards): the store is
+    clean for fsck, and the same pull run again finds the branch half written, says so, ends
+    the killed pull's temporary mount and writes the branch whole; no mount is left."""
+    sw = seaweedfs_killable
+    a, b = fleet("a", s3=sw), fleet("b", s3=sw)
+    m = mount_factory()
+    big_tree(m.path)                                      # 40 MiB: 3 packs
+    pushed = snap(m, "big")
+    a.json("push", m.path, "big", "origin")
+    store = mounting.init_store(b.base / "store")
+    (b.base / "tmp").mkdir()
+    b.env["TMPDIR"] = str(b.base / "tmp")
+    p = _pull_at(b, store, "x", "cache/cowfs/fleet/*/spool/pull-*")     # fetching: stopped there
+    with mounting.stopped(p.pid):
+        sw.kill()
+    rc = p.wait(120)
+    err = p.communicate()[1].decode()
+    assert rc == 1 and err.count("\n") == 1 and f"S3 endpoint {sw.endpoint}" in err, err
+    assert [x["name"] for x in b.json("list", store)["branches"]] == ["main"]
+    assert not mounting.fuse_mounts_under(str(b.base))
+    sw.start()
+    p = _pull_at(b, store, "big", "tmp/cowfs-pull-big-*/blob-*")        # writing
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=30)
+    r = b.cowfs("pull", "origin", "big", store, "--into", "other", "--json")
+    assert not r.stderr, r.stderr       # another branch: the killed pull's is not in the way
+    again = b.cowfs("pull", "origin", "big", store)
+    assert again.stderr.count("\n") == 1 and (f"branch big of {store} was left half written by a pull killed "
+                                              "midway: pulling it again") in again.stderr, again.stderr
+    assert not mounting.fuse_mounts_under(str(b.base)), "the killed pull's temporary mount is left"
+    mounting.fsck(store)
+    listed = {x["name"] for x in b.json("list", store)["snapshots"]}
+    assert {n.split(".")[0] for n in listed} == {"big", "other"}, listed
+    whole = mount_factory(store=store, branch="big")
+    same_tree(pushed, whole.path)
+    whole.stop()
+    r = b.cowfs("pull", "origin", "big", store, check=False)
+    assert r.returncode == 1 and "has a branch named 'big' already" in r.stderr, r.stderr
+    # Killed again, then its branch deleted and one made anew under that name: never taken
+    # for the half-written one.
+    p = _pull_at(b, store, "again", "tmp/cowfs-pull-again-*/blob-*")
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=30)
+    for e in mounting.fuse_mounts_under(str(b.base / "tmp")):
+        b.cowfs("umount", e["mountpoint"])
+    b.cowfs("delete", store, "again")
+    main = mount_factory(store=store)
+    (main.path / "mine").write_text("mine")
+    mounting.ok(main.path, "branch again")
+    main.stop()
+    r = b.cowfs("pull", "origin", "big", store, "--into", "again", check=False)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "branch again of" in r.stderr and "is not the one a pull killed midway left" in r.stderr, r.stderr
+    kept = mount_factory(store=store, branch="again")
+    assert os.listdir(kept.path) == ["mine"]
+    kept.stop()
+    mounting.fsck(store)
+
+
 def test_a_sandbox_user_pushes_only_what_it_can_read(fleet, mount_factory, aws_env, etcd, engine_prefix, test_dir):
     """uid 65534 owns the mount's root (a sandbox): it may push its snapshot with its own remote
     configuration and credentials, reading through the mount as itself; a file it cannot read

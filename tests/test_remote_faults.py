@@ -212,3 +212,61 @@ def test_etcd_cluster_keeps_serving_when_a_member_dies(etcd_cluster):
     revision = {int(status(e)["header"]["revision"]) for e in etcd_cluster.endpoints}
     assert len(revision) == 1, f"members at different revisions: {revision}"
     kv.close()
+
+
+def _across_a_restart(op, down, up) -> tuple[object, float]:
+    """op() run in a thread from the moment down() (an engine's kill) returns, while up()
+    (its start, in this thread: an engine dies with the thread that started it) brings the
+    engine back 0.3 s later: (op's result, seconds it took)."""
+    got: list[object] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            got.append(op())
+        except BaseException as e:      # noqa: BLE001 - handed to the test below
+            failed.append(e)
+    down()
+    t0 = time.monotonic()
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.3)
+    up()
+    t.join(120)
+    took = time.monotonic() - t0
+    assert not t.is_alive()
+    if failed:
+        raise failed[0]
+    return got[0], took
+
+
+def test_an_engine_back_within_the_back_off_is_no_error(seaweedfs_killable, etcd_private, engine_prefix):
+    """The other side of the bounded retries: an engine killed -9 and started again while an
+    operation backs off costs that operation time, not an error.  etcd (back in ~0.6 s): a
+    read and a compare-and-set under the default policy, which sleeps 1.5-3 s in all;
+    SeaweedFS (back in ~2.5 s, more under load): a conditional put, then a get, under a
+    policy of up to ~15 s of sleeps."""
+    from cowfs.blob.s3 import S3BlobStore
+    from cowfs.kv.base import Batch
+    from cowfs.kv.etcd import EtcdKV
+    kv = EtcdKV(etcd_private.endpoint, ("a",), timeout=2)
+    assert kv.retry == Retry()
+    b = Batch()
+    b.put("a", b"k", b"before")
+    kv.write(b)
+    got, took = _across_a_restart(lambda: kv.get("a", b"k"), etcd_private.kill, etcd_private.restart)
+    assert got == b"before" and took >= 0.3, (got, took)
+    b = Batch()
+    b.put("a", b"k", b"after")
+    _, took = _across_a_restart(lambda: kv.write(b, expect=[("a", b"k", b"before")]), etcd_private.kill,
+                                etcd_private.restart)
+    assert kv.get("a", b"k") == b"after" and took >= 0.3, took
+    kv.close()
+    sw = seaweedfs_killable
+    store = S3BlobStore(sw.BUCKET, engine_prefix, retry=Retry(attempts=20, first_delay=0.2, max_delay=1.0),
+                        connect_timeout=1, read_timeout=5)
+    store.put("obj/before", b"before")
+    got, took = _across_a_restart(lambda: (store.put("obj/during", b"during"), store.get("obj/before"))[1],
+                                  sw.kill, sw.start)
+    assert got == b"before" and took >= 0.3, (got, took)
+    assert store.get("obj/during") == b"during"

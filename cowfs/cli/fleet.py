@@ -13,7 +13,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import click
@@ -317,20 +316,23 @@ def pull(remote_name: str, name: str, store: str, is_branch: bool, into: str | N
     `cowfs push MOUNT SNAP REMOTE --branch NAME` from B succeeds only if nobody moved the
     remote branch meanwhile.
     """
+    from cowfs.cli.pullbranch import (PULLING, drop_branch, find_base, make_branch, mark_pulling, store_listing,
+                                      take_over_killed_pull)
     from cowfs.fleet.pull import Puller
     from cowfs.fleet.state import State
 
     store = require_store(store)
     into = _ref_name(into or name, "branch")
     kind = "branch" if is_branch else "snap"
-    listing = _store_listing(store)
+    listing = store_listing(store)
     snaps = {s["name"]: s for s in listing["snapshots"]}
     branches = [b["name"] for b in listing["branches"]]
-    if into in branches or into in snaps:
-        raise CliError(f"{store} has a {'branch' if into in branches else 'snapshot'} named {into!r} already; "
-                       "pull into a new branch with --into NAME")
     state = State()
     try:
+        killed = state.pulling(store, into) if into in branches else None
+        if into in snaps or (into in branches and killed is None):
+            raise CliError(f"{store} has a {'branch' if into in branches else 'snapshot'} named {into!r} already; "
+                           "pull into a new branch with --into NAME")
         with _fleet_errors(f"pull of {name} from {remote_name}"), _open(remote_name) as r:
             cid = r.get_ref(kind, name)
             if cid is None:
@@ -341,24 +343,35 @@ def pull(remote_name: str, name: str, store: str, is_branch: bool, into: str | N
             if snap in snaps or snap in branches:
                 raise CliError(f"{store} has a snapshot or branch named {snap!r} already; choose another with --snapshot")
             commit = r.commit(cid)
-            base = _base(r, state, store, cid, snaps)
+            if killed is not None:
+                take_over_killed_pull(store, into, killed, (r.key, cid))
+                base = None                       # what the killed pull wrote is not trusted: all written
+            else:
+                base = find_base(r, state, store, cid, snaps)
             r.index_commit(commit)                # the packs of its tree (and of the base's: the
             if base:                              # old trees diffed against)
                 r.index_commit(r.commit(base[0]))
-            _make_branch(store, into, base[1] if base else None, snaps, branches)
+            state.set_pulling(store, into, r.key, cid)
+            if killed is None:
+                make_branch(store, into, base[1] if base else None, snaps, branches)
+            ours = killed is None                 # a branch this pull may drop if it fails
             try:
                 base_root = r.commit(base[0])["root"] if base else None
                 with branch_mounted(store, into, purpose="pull") as mp, \
                         progress.bar(f"pulling {name}", None, quiet=as_json) as update:
+                    ours = mark_pulling(mp, store, into, cid, killed is not None)
                     puller = Puller(r, update)
                     s = puller.sync(mp, commit["root"], base_root, str(r.cache / "spool"))
+                    with contextlib.suppress(OSError):
+                        os.removexattr(mp, PULLING)
                     try:
                         api.control(mp, "snapshot", snap)
                     except api.CowfsError as e:
                         raise CliError(f"snapshot {snap}: {e}") from None
                     state.remember_chunks(puller.cache_rows(store, os.path.join(mp, ".cowfs", "snapshots", snap)))
             except BaseException:
-                _drop_branch(store, into)
+                if ours and drop_branch(store, into):
+                    state.done_pulling(store, into)
                 raise
             s.commit = cid
             state.set_synced(store, snap, r.key, cid)
@@ -366,6 +379,7 @@ def pull(remote_name: str, name: str, store: str, is_branch: bool, into: str | N
             if is_branch:
                 state.set_base(store, into, r.key, name, cid)
                 state.set_tie(store, into, r.cfg, name)
+            state.done_pulling(store, into)
     finally:
         state.close()
     if as_json:
@@ -375,64 +389,6 @@ def pull(remote_name: str, name: str, store: str, is_branch: bool, into: str | N
         click.echo(f"pulled {name} from {remote_name} into branch {into} (snapshot {snap}"
                    f"{f', based on {base[1]}' if base else ''}): {s.chunks_fetched} chunks, "
                    f"{human(s.bytes_fetched)} fetched, {s.files_written} files written in {s.seconds:.1f} s", err=True)
-
-
-def _store_listing(store: str) -> dict[str, Any]:
-    """`cowfs list STORE --json`, in a child process: offline, the listing opens the store's
-    RocksDB, and a process that did cannot fork a daemon afterwards (RocksDB's background
-    threads do not survive the fork: the daemon's first flush would wait forever)."""
-    r = subprocess.run([sys.executable, "-m", "cowfs", "list", store, "--json"], stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True, timeout=120)
-    try:
-        reply = json.loads(r.stdout)
-    except ValueError:
-        raise CliError(r.stderr.strip().removeprefix("cowfs: ") or f"cowfs list {store} failed") from None
-    if not reply.get("ok"):
-        raise CliError(str(reply.get("error")))
-    return reply
-
-
-def _drop_branch(store: str, branch: str) -> None:
-    """Delete the branch a failed pull made (half written), so that the same pull can be run
-    again; store-wide, in a child process (see _store_listing).  If that fails, it says so."""
-    r = subprocess.run([sys.executable, "-m", "cowfs", "delete", store, branch], stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True, timeout=120)
-    if r.returncode:
-        click.echo(f"cowfs: the half-pulled branch {branch} remains in {store} ({r.stderr.strip()}); "
-                   f"cowfs delete {store} {branch} removes it", err=True)
-
-
-def _base(r: Any, state: Any, store: str, cid: str, snaps: dict[str, Any]) -> tuple[str, str] | None:
-    """(commit, local snapshot) of the nearest ancestor of cid (itself included) that a snapshot
-    of the store holds, or None."""
-    from cowfs.fleet import FleetError
-
-    synced = state.synced(store, r.key)
-    todo: str | None = cid
-    for _ in range(1000):
-        if todo is None:
-            return None
-        if todo in synced and synced[todo] in snaps:
-            return todo, synced[todo]
-        try:
-            todo = r.commit(todo).get("parent")
-        except FleetError:      # an ancestor the remote lost: no base, the pull writes everything
-            return None
-    return None
-
-
-def _make_branch(store: str, into: str, base_snap: str | None, snaps: dict[str, Any], branches: list[str]) -> None:
-    """Create branch `into`: from the base snapshot (through a mount of the branch it belongs
-    to), else from a branch's current state (the pull then rewrites all of it)."""
-    owner = snaps[base_snap].get("parent") if base_snap else None
-    if owner is None:
-        owner = "main" if "main" in branches else branches[0]
-    # hold_ttl=0: this mount only branches from a snapshot; a remote branch it follows may be held elsewhere
-    with branch_mounted(store, owner, ("hold_ttl=0",), purpose="pull") as mp:
-        try:
-            api.control(mp, "branch", into, *([base_snap] if base_snap else []))
-        except api.CowfsError as e:
-            raise CliError(f"branch {into}: {e}") from None
 
 
 def lazy_prepare(source: str, store: str) -> tuple[str, "Callable[[MountConfig], Store] | None"]:

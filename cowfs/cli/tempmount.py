@@ -57,6 +57,16 @@ def _unmount(mountpoint: str) -> None:
             time.sleep(0.2)
 
 
+def unmount_temporary(mountpoint: str) -> None:
+    """Unmount a temporary mount point of branch_mounted's and remove its directory (one a
+    killed command left behind, whose daemon outlived it)."""
+    try:
+        _unmount(mountpoint)
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(mountpoint)
+
+
 @contextlib.contextmanager
 def branch_mounted(store: str, branch: str, options: tuple[str, ...] = (), purpose: str = "run") -> Iterator[str]:
     """Yield the mount point of BRANCH of STORE, mounting it at a temporary directory if it

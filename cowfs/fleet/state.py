@@ -15,12 +15,16 @@
 - ties: (store, local branch) -> the remote branches it follows (pulled with --branch or pushed
   with --branch): the ones a mount of it holds (fleet/holds.py), with the remote's name, URL and
   etcd endpoints, so the daemon reaches etcd without the user's remote configuration.
+- pulls: (store, local branch) -> (remote, commit, pid) of a pull that made the branch and has
+  not finished writing it: a pull killed midway (kill -9) leaves it, and the same pull run
+  again writes that half-written branch whole instead of refusing it as an existing branch.
 
 Losing the file costs re-reading files and a conflict on the next branch push (then pull
 and push again), never an overwrite.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +55,8 @@ CREATE TABLE IF NOT EXISTS origins (store TEXT, branch TEXT, remote TEXT, commit
     PRIMARY KEY (store, branch, remote));
 CREATE TABLE IF NOT EXISTS ties (store TEXT, branch TEXT, url TEXT, remote_branch TEXT, name TEXT, refs TEXT,
     PRIMARY KEY (store, branch, url, remote_branch));
+CREATE TABLE IF NOT EXISTS pulls (store TEXT, branch TEXT, remote TEXT, commit_id TEXT, pid INTEGER,
+    PRIMARY KEY (store, branch));
 """
 
 
@@ -142,6 +148,24 @@ class State:
     def set_origin(self, store: str, branch: str, remote: str, commit: str) -> None:
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO origins VALUES (?,?,?,?)", (store, branch, remote, commit))
+
+    # pulls under way: a branch a pull made and has not finished writing
+    def set_pulling(self, store: str, branch: str, remote: str, commit: str) -> None:
+        """This process is about to make (or write again) the branch as the pull of commit:
+        until done_pulling, the branch is half written."""
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO pulls VALUES (?,?,?,?,?)",
+                            (store, branch, remote, commit, os.getpid()))
+
+    def pulling(self, store: str, branch: str) -> tuple[str, str, int] | None:
+        """(remote, commit, pid) of the pull that made the branch and did not finish, or None."""
+        row = self.db.execute("SELECT remote, commit_id, pid FROM pulls WHERE store=? AND branch=?",
+                              (store, branch)).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def done_pulling(self, store: str, branch: str) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM pulls WHERE store=? AND branch=?", (store, branch))
 
     def set_tie(self, store: str, branch: str, remote: RemoteConfig, remote_branch: str) -> None:
         """The local branch follows remote_branch of remote from now on: its mounts hold it."""
