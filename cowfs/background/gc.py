@@ -201,7 +201,7 @@ async def keep_dups(fs: Filesystem, wait: float = 0.0) -> dict[str, float]:
         await trio.sleep(min(1.0, lease.ttl / 10))
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_renew, store, lease)
+            nursery.start_soon(_renew, fs, lease)
             async with fs.maintenance:
                 figures = await store.in_thread(store.keep_dups)
                 gen = await store.in_thread(dups.generation, store.refs)
@@ -219,10 +219,11 @@ async def keep_dups(fs: Filesystem, wait: float = 0.0) -> dict[str, float]:
     return {**figures.as_dict(), "dup_rewritten": done}
 
 
-async def _renew(store, lease: dups.KeeperLease) -> None:
+async def _renew(fs: Filesystem, lease: dups.KeeperLease) -> None:
+    """Keep the keeper's lease while its pass runs (a third of its time to live apart)."""
     while True:
         await trio.sleep(lease.ttl / 3)
-        if not await store.in_thread(lease.renew):
+        if not await fs.store.in_thread(lease.renew):
             log.warning("the store keeper's lease expired during its pass and another process took it over")
             return
 
