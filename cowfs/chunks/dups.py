@@ -36,7 +36,8 @@ afterwards:
      deleted by a later pass; one whose pack went away or is condemned is chosen again.  A
      pass looks the open records up again only after a database followed a generation
      (`mark_followed`), when their place became unusable, or RECHECK_EVERY after its last look
-     at all of them, so a pass costs what changed.
+     at all of them, so its database reads follow what changed (each open record is still
+     read from the reference store and its pack looked at).
 
 Safety against pack gc (chunks.liveness): a rewrite reads the condemned list under the
 writer's filesystem lock and refuses a place in a condemned or missing pack, and commits in
