@@ -409,6 +409,55 @@ def test_a_pull_killed_midway_or_whose_s3_dies_leaves_the_store_clean_and_runs_a
     mounting.fsck(store)
 
 
+def test_a_daemon_killed_mid_push_or_mid_pull_leaves_both_sides_consistent(
+        fleet, mount_factory, seaweedfs, engine_prefix):
+    """kill -9 of the daemon a push reads through: the push fails in one line, nothing is
+    named on the remote, what was uploaded is whole (`remote check --verify`), the store is
+    clean (fsck) and, mounted again, the push completes.  kill -9 of the
+    daemon a pull writes through: the pull fails in one line, fsck is clean, no mount is left,
+    and the same pull run again gives the pushed tree."""
+    a, b = fleet("a"), fleet("b")
+    m = mount_factory()
+    big_tree(m.path)                                      # 40 MiB: 3 packs
+    pushed = snap(m, "big")
+    p = a.popen("push", m.path, "big", "origin", "--json")
+
+    def read_mib() -> float:        # what the push read so far (through the mount: its files)
+        with open(f"/proc/{p.pid}/io") as f:
+            return int(next(x for x in f if x.startswith("read_bytes") or x.startswith("rchar")).split()[1]) / 2**20
+    mounting.wait_until(lambda: p.poll() is not None or read_mib() > 12, "the push reading its files", 120)
+    assert p.poll() is None, p.communicate()
+    mounting.sigkill(m)
+    rc = p.wait(120)
+    err = p.communicate()[1].decode()
+    assert rc == 1 and err.count("\n") == 1 and "Transport endpoint is not connected (pushing " in err, err
+    r = a.cowfs("remote", "show", "origin", "--json")
+    assert json.loads(r.stdout)["refs"] == [], r.stdout
+    assert a.json("remote", "check", "origin", "--verify")["ok"]
+    mounting.fsck(m.store)
+    m.start()
+    a.json("push", m.path, "big", "origin")
+    assert a.json("remote", "check", "origin", "--verify")["ok"]
+
+    store = mounting.init_store(b.base / "store")
+    (b.base / "tmp").mkdir()
+    b.env["TMPDIR"] = str(b.base / "tmp")
+    p = _pull_at(b, store, "big", "tmp/cowfs-pull-big-*/blob-*")
+    with mounting.stopped(p.pid):                           # writing: its daemon killed under it
+        (mp,) = [e["mountpoint"] for e in mounting.fuse_mounts_under(str(b.base / "tmp"))]
+        os.kill(b.json("stats", mp)["daemon_pid"], signal.SIGKILL)
+    rc = p.wait(120)
+    err = p.communicate()[1].decode()
+    assert rc == 1 and err.count("\n") == 1 and "Transport endpoint is not connected (pulling " in err, err
+    assert not mounting.fuse_mounts_under(str(b.base)), "the dead daemon's mount is left"
+    assert [x["name"] for x in b.json("list", store)["branches"]] == ["main"], "the half-written branch is left"
+    mounting.fsck(store)
+    b.cowfs("pull", "origin", "big", store)
+    assert not mounting.fuse_mounts_under(str(b.base))
+    whole = mount_factory(store=store, branch="big")
+    same_tree(pushed, whole.path)
+
+
 def test_a_sandbox_user_pushes_only_what_it_can_read(fleet, mount_factory, aws_env, etcd, engine_prefix, test_dir):
     """uid 65534 owns the mount's root (a sandbox): it may push its snapshot with its own remote
     configuration and credentials, reading through the mount as itself; a file it cannot read
