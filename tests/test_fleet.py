@@ -1249,6 +1249,36 @@ def test_a_lazy_read_fetches_its_neighbours_in_the_pack_in_the_same_get(fleet, m
         assert "lazy_near" in b.cowfs("mount", "--help").stdout
 
 
+def test_a_branch_made_in_a_lazy_mount_is_mounted_and_fetches_on_first_read(fleet, mount_factory):
+    """`cowfs mount REMOTE:SNAPSHOT` "or a branch made from it": a branch of the lazy mount's
+    store, mounted beside it, reads files never fetched (fetched then, once, by the store's
+    daemon) and writes its own; the lazy branch does not see them."""
+    a, b = fleet("a"), fleet("b")
+    src = mount_factory()
+    files = {f"f{i}": os.urandom(150_000 + i) for i in range(4)}
+    for name, content in files.items():
+        (src.path / name).write_bytes(content)
+    snap(src, "base")
+    a.json("push", src.path, "base", "origin")
+    store = b.base / "store"
+    with lazy_mounted(b, "origin:base", b.base / "mnt", store, "-o", "lazy_near=0") as mp:
+        assert (mp / "f0").read_bytes() == files["f0"]
+        mounting.ok(mp, "branch work")
+        (b.base / "mnt-work").mkdir()
+        b.cowfs("mount", store, b.base / "mnt-work", "--branch", "work")
+        try:
+            work = b.base / "mnt-work"
+            before = fetched(mp)["chunks_fetched"]
+            assert {n: (work / n).read_bytes() for n in files} == files
+            assert fetched(work)["chunks_fetched"] > before, "nothing fetched for the branch's reads"
+            (work / "f1").write_bytes(b"the branch's own")
+            assert (mp / "f1").read_bytes() == files["f1"]
+            assert (mp / "f2").read_bytes() == files["f2"]
+        finally:
+            b.cowfs("umount", b.base / "mnt-work", check=False)
+    mounting.fsck(store)
+
+
 def test_lazy_writes_push_and_a_remote_down(fleet, mount_factory, seaweedfs_killable, engine_prefix):
     sw = seaweedfs_killable
     a, b = fleet("a", s3=sw), fleet("b", s3=sw)
