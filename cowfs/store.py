@@ -759,16 +759,19 @@ class Store:
 
         return homes.member_name(self.home) if self.home else DB_DIR
 
-    def keeping_wanted(self, seen: set[int]) -> tuple[bool, set[int]]:
+    def keeping_wanted(self) -> tuple[bool, bool]:
         """The keeper's schedule's cheap look (a few reference reads and a pack listing, no
-        database opened): whether a pass is worth it, with the packs listed now.  Wanted when
-        the store has more than one database and a pack appeared since `seen`, a dup record
-        waits for rewrites, or a condemned pack waits for its sweep.  Blocking: in a thread."""
+        database opened): (new, waiting).  new: the store has more than one database and a
+        pack the keeper never read (`gc/dupscan`); waiting: a pack it reads again, a dup
+        record waiting for rewrites or a condemned pack for its sweep.  Blocking: in a thread."""
         if not self.liveness.members():
-            return False, seen
-        listed = set(self.packs.listing())
-        waiting = next(self.refs.scan(dups.CF_DUP, b""), None) is not None or bool(self.liveness.condemned().packs)
-        return bool(listed - seen) or waiting, listed
+            return False, False
+        state = dups.ScanState.unpack(self.refs.get(dups.CF_GC, dups.SCAN_STATE))
+        listed = self.packs.listing()
+        new = any(p not in state.packs for p in listed)
+        waiting = (bool(state.to_read(listed, time.time())) or next(self.refs.scan(dups.CF_DUP, b""), None) is not None
+                   or bool(self.liveness.condemned().packs))
+        return new, waiting
 
     def _dup_plan(self, home: KV, found: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
         sizes: dict[int, bool] = {}

@@ -258,6 +258,7 @@ def test_two_processes_taking_the_keeper_lease_at_once_one_keeps(tmp_path):
     assert said == ["busy", "busy", "busy", "took"], said
     refs = SQLiteKV(str(path), ("gc",))
     assert dups.KeeperLease(refs).holder() is None  # dropped by its holder
+    assert time.time() - dups.KeeperLease(refs).last_pass() < 30  # leaving when its pass ended
     mine = dups.KeeperLease(refs)
     assert mine.take() and mine.renew() and not dups.KeeperLease(refs).take()
     mine.release()

@@ -11,6 +11,7 @@ invariants"); it never overlaps a pass of the sharer (`Filesystem.maintenance`).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import trio
@@ -231,22 +232,25 @@ async def _renew(fs: Filesystem, lease: dups.KeeperLease) -> None:
 async def keep_on_schedule(fs: Filesystem, every: float) -> None:
     """Every daemon's side of the schedule (docs/architecture.md, "Many processes, one store"):
     every `every` seconds a cheap look (`Store.keeping_wanted`); when the store has more than
-    one database and a pack appeared (or a dup record or a condemned pack waits), a keeper pass
+    one database and a pack the keeper never read appeared (or a dup record, a pack to read
+    again or a condemned pack waits), a keeper pass
     (`keep_dups`, skipped while another process holds the lease) and a pack sweep of this
     process (`sweep_packs`: the losing copies condemned, the due ones deleted), so that
     dedup across daemons happens without anyone running `cowfs gc`.  A pass that changed
-    nothing doubles the wait, up to KEEP_IDLE_MAX, until a pack appears again."""
+    nothing doubles the wait, up to KEEP_IDLE_MAX, until a new pack appears; a look within
+    that wait (`every` for a new pack) of any daemon's last pass (`KeeperLease.last_pass`)
+    runs none, so many daemons of one store make about one pass per wait between them."""
     store = fs.store
-    seen: set[int] = set()
+    lease = dups.KeeperLease(store.refs)  # read only, for the time of the last pass
     pause = every
     while True:
         await trio.sleep(pause)
-        wanted, listed = await store.in_thread(store.keeping_wanted, seen)
-        fresh = bool(listed - seen)
-        seen = listed
-        if not wanted:
+        new, waiting = await store.in_thread(store.keeping_wanted)
+        if not new and not waiting:
             pause = every
             continue
+        if time.time() - await store.in_thread(lease.last_pass) < (every if new else pause):
+            continue  # some daemon's pass looked lately: one per wait between them
         kept = await keep_dups(fs)
         if kept.get("dup_busy"):
             pause = every
@@ -254,7 +258,7 @@ async def keep_on_schedule(fs: Filesystem, every: float) -> None:
         swept = await sweep_packs(fs)
         moved = (kept["dup_published"] or kept["dup_settled"] or kept["dup_rewritten"] or swept["packs_condemned"]
                  or swept["packs_deleted"] or swept["packs_repacked"] or swept["packs_pardoned"])
-        pause = every if moved or fresh else min(pause * 2, KEEP_IDLE_MAX)
+        pause = every if moved or new else min(pause * 2, KEEP_IDLE_MAX)
 
 
 async def rewrite_dups(fs: Filesystem, watch: RefsWatch) -> None:

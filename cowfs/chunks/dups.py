@@ -100,9 +100,15 @@ class KeeperLease:
         self.owner = f"{secrets.randbits(64):016x}"  # this holding, so a restarted pid is no owner
 
     def holder(self) -> dict | None:
-        """The record: owner, pid, host, expires (None: nobody keeps)."""
+        """The record while a process keeps: owner, pid, host, expires (None: nobody keeps)."""
         raw = self.refs.get(CF_GC, LEASE)
-        return None if raw is None else _lease_record(raw)
+        rec = None if raw is None else _lease_record(raw)
+        return rec if rec and rec.get("owner") else None
+
+    def last_pass(self) -> float:
+        """When the last pass of any process ended (0: none recorded)."""
+        raw = self.refs.get(CF_GC, LEASE)
+        return float(_lease_record(raw).get("done", 0)) if raw is not None else 0.0
 
     def _put(self, raw: bytes | None, now: float) -> bool:
         b = Batch()
@@ -132,10 +138,12 @@ class KeeperLease:
         return self._put(raw, time.time())
 
     def release(self) -> None:
+        """Drop the lease, leaving when this pass ended (`last_pass`): the other daemons'
+        schedules need not look again soon at what only waits."""
         raw = self.refs.get(CF_GC, LEASE)
         if raw is not None and _lease_record(raw).get("owner") == self.owner:
             b = Batch()
-            b.delete(CF_GC, LEASE)
+            b.put(CF_GC, LEASE, json.dumps({"owner": None, "expires": 0, "done": time.time()}).encode())
             try:
                 self.refs.write(b, [(CF_GC, LEASE, raw)])
             except Conflict:
@@ -147,6 +155,7 @@ def _lease_record(raw: bytes) -> dict:
     try:
         rec = json.loads(raw)
         float(rec.get("expires", 0))
+        float(rec.get("done", 0))
         return dict(rec)
     except (ValueError, TypeError, AttributeError):
         return {}
