@@ -9,9 +9,9 @@ before it opens the store, so it holds no database, no FUSE session and no threa
 while the store's daemon does (a pipe whose write end only that daemon holds: its end, at exit
 or kill -9, is the zygote's end) and removes its socket, `STORE/zygote.sock`, when it goes.
 Only a caller the forked daemon could not tell from one it forked itself is served: the same
-user, groups, capabilities, namespaces, root directory, cgroup, limits and nice value (from
-/proc of the peer the kernel names, SO_PEERCRED); anything else, or no zygote, and `cowfs
-mount` forks the daemon itself as before.  The caller's environment, working directory and CPU
+user, groups, capabilities, namespaces, root directory, cgroup, limits, OOM score adjustment
+and scheduling (nice, policy, priority), from /proc of the peer the kernel names
+(SO_PEERCRED); anything else, or no zygote, and `cowfs mount` forks the daemon itself as before.  The caller's environment, working directory and CPU
 affinity go to the daemon with the request; the daemon reports ready or its error on the
 caller's own pipe (passed with SCM_RIGHTS), as a daemon forked by `cowfs mount` does.
 """
@@ -62,9 +62,13 @@ def identity(pid: int | str) -> tuple[object, ...]:
     with open(f"{base}/limits", "rb") as f:
         limits = f.read()
     namespaces = tuple(os.stat(f"{base}/ns/{ns}").st_ino for ns in _NAMESPACES if os.path.exists(f"/proc/self/ns/{ns}"))
+    with open(f"{base}/oom_score_adj", "rb") as f:
+        oom = f.read()
+    with open(f"{base}/stat", "rb") as f:
+        stat = f.read().rsplit(b")", 1)[1].split()
+    scheduling = (stat[16], stat[37], stat[38])  # nice, rt_priority, policy (fields 19, 40, 41)
     root = os.stat(f"{base}/root")
-    nice = os.getpriority(os.PRIO_PROCESS, int(pid) if pid != "self" else 0)
-    return status, cgroup, limits, namespaces, (root.st_dev, root.st_ino), nice
+    return status, cgroup, limits, namespaces, (root.st_dev, root.st_ino), oom, scheduling
 
 
 def _close_all_but(keep: set[int]) -> None:

@@ -21,6 +21,12 @@ def test_identity_is_what_a_child_inherits() -> None:
         assert zygote.identity(child.pid) != me  # other limits
     finally:
         child.communicate(b"")
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                             preexec_fn=lambda: os.nice(1))
+    try:
+        assert zygote.identity(child.pid) != me  # another nice value
+    finally:
+        child.communicate(b"")
 
 
 def test_a_forked_daemon_names_itself() -> None:
