@@ -187,6 +187,7 @@ class Store:
         # packs this database's dup rewrites moved pointers out of since its last pack survey
         # (repacked while under repack.LEFT_BELOW live: Survey.left)
         self.dup_left: set[int] = set()
+        self.idle_left: dict[str, set[int]] = {}  # the same for each idle home the keeper rewrote
         self.db = home_db(home) if home else DB_DIR  # this process's database, relative to path
         if home and (fmt != FORMAT_VERSION or not os.path.isdir(os.path.join(path, self.db))):
             raise StoreError(f"{path}: no home database {home} (homes/{home}) in this store")
@@ -817,6 +818,8 @@ class Store:
                 objects = ObjectStore(kv, ChunkCache(0, 0), self.packs)
                 recode = self._dup_plan(kv, found) if objects.space is not None else {}
                 if recode:
+                    left = {codec.packed_extent(raw)[0] for h in recode  # type: ignore[index]
+                            if (raw := kv.get(CF_OBJECTS, h)) is not None and raw[0] == codec.KIND_PACKED}
                     txn, batch = RefTxn(), Batch()
                     txn.recode = recode
                     objects.apply(txn, batch)
@@ -824,8 +827,51 @@ class Store:
                     kv.sync()
                     objects.settle()
                     done += len(recode)
+                    self.idle_left.setdefault(name, set()).update(left)
                 dups.mark_followed(self.refs, name, gen)
             finally:
+                kv.close()
+        return done
+
+    def repack_idle_homes(self) -> int:
+        """Repack what the keeper's rewrites of idle homes (`rewrite_idle_homes`) left partly
+        dead, as the home's own daemon does after its rewrites (`sweep_packs`): only those
+        packs, below repack.LEFT_BELOW of the home's live bytes; the moves committed and synced,
+        the new places of a pack others point into published (dups.follow_moves), the other old
+        packs condemned.  A home whose daemon started meanwhile is left to it.  Returns packs
+        repacked.  The keeper's process, not under the lock (nothing else writes the home);
+        blocking: in a thread."""
+        done = 0
+        cache = self.engine.block_cache if isinstance(self.engine, RocksKV) else None
+        todo, self.idle_left = self.idle_left, {}
+        listed = self.packs.listing()
+        for name, left in sorted(todo.items()):
+            rel = self.liveness.members().get(name)
+            sizes = self.packs.encoding_sizes({p: listed[p] for p in left if p in listed})
+            if rel is None or not sizes:
+                continue
+            try:
+                kv = RocksKV(os.path.join(self.path, rel), FAMILIES, blob_families=(CF_OBJECTS,), cache=cache)
+            except StoreLockedError:
+                continue  # its daemon came back: its own sweep collects them
+            members = self.members()
+            try:
+                s = repack.survey(kv, sizes)
+                s.theirs = liveness.mark([self.home_kv] + [m for n, m in members if n != name])
+                s.foreign = set(s.theirs) | dups.record_packs(self.refs)
+                s.left = set(sizes)
+                for group in s.groups(repack.REPACK_BELOW):
+                    c = repack.copy(kv, self.packs, group)
+                    batch = Batch()
+                    moved = repack.moves(kv, c, batch)
+                    if moved:
+                        kv.write(batch)
+                        kv.sync()
+                    self.retire_packs(c, moved, s.foreign, kv)
+                    done += len(c.old)
+            finally:
+                for _n, m in members:
+                    m.close()
                 kv.close()
         return done
 
@@ -856,17 +902,19 @@ class Store:
         out.update(packs_deleted=len(gone), packs_pardoned=len(marked))
         return out
 
-    def retire_packs(self, c: repack.Copy, moved: int, foreign: set[int] = frozenset()) -> int:
+    def retire_packs(self, c: repack.Copy, moved: int, foreign: set[int] = frozenset(), home: KV | None = None) -> int:
         """After a repack's moves are committed and durable: its old packs are condemned, and
         its new pack too if nothing was moved there; not the old ones in `foreign` (other
         databases point into them or a dup record names them), whose moved chunks' new places
         are published instead (chunks.dups.follow_moves): the others follow, and a later gc
-        finds them unmarked (blocking: call in a thread)."""
+        finds them unmarked.  home: the database the moves were committed in (this process's,
+        or an idle home's: `repack_idle_homes`).  Blocking: call in a thread."""
         faults.point("repack_moved")
+        home = self.home_kv if home is None else home
         shared = set(c.old) & foreign
         if shared and moved:
             kept = [(h, new) for h, old, new in c.moves
-                    if codec.packed_extent(old)[0] in shared and self.home_kv.get(CF_OBJECTS, h) == new]  # type: ignore[index]
+                    if codec.packed_extent(old)[0] in shared and home.get(CF_OBJECTS, h) == new]  # type: ignore[index]
             dups.follow_moves(self.refs, kept, shared)
         return self.condemn_packs([p for p in c.old if p not in shared]
                                   + ([c.new] if c.new is not None and not moved else []))[0]

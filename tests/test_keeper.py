@@ -225,6 +225,48 @@ def test_the_same_data_written_by_the_store_daemon_and_three_branch_daemons_is_s
     mounting.fsck(m.store)
 
 
+def test_the_keeper_repacks_what_its_rewrites_of_idle_homes_left_partly_dead(mount_factory):
+    """As the test above, but the three forks' daemons stopped before any gc: the keeper
+    (`cowfs gc STORE` in the store's daemon) rewrites their homes itself, and repacks what that
+    left partly dead (the first fork's packs, a quarter live, which the others then point
+    into), so the store settles at <= 1.05x without any fork's daemon running."""
+    m = mount_factory(options=GC_ONLY)
+    names = ("f1", "f2", "f3")
+    for b in names:
+        _own_branch(m, b)
+    forks = [mount_factory(store=m.store, init=False, branch=b, name=b, options=GC_ONLY) for b in names]
+    size, chunk = 16 * MiB, 64 << 10
+    data = os.urandom(size)
+    before = _pack_bytes(m.store)
+    fd = os.open(m.path / "data.bin", os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        holed = bytearray(data)
+        stripes = range(3 * chunk, size, 4 * chunk)
+        for off in stripes:
+            holed[off:off + chunk] = bytes(chunk)
+        os.pwrite(fd, holed, 0)
+        os.fsync(fd)
+        for i, off in enumerate(stripes):
+            os.pwrite(fd, data[off:off + chunk], off)
+            if i % 16 == 15:
+                os.fsync(fd)
+    finally:
+        os.close(fd)
+    _write_at_once([f.path / "data.bin" for f in forks], data)
+    for f in reversed(forks):
+        f.stop()
+    growth, runs = _settle(m.store, before, size, timeout=120)
+    assert growth <= 1.05, (growth, json.dumps(runs, indent=1))
+    assert sum(r.get("dup_idle_repacked", 0) for r in runs) >= 1, runs
+    m.stop()
+    mounting.fsck(m.store)
+    m.start()
+    assert read(m.path / "data.bin") == data
+    for f in forks:
+        f.start()
+        assert read(f.path / "data.bin") == data
+
+
 _TAKER = """
 import sys, time
 from cowfs.chunks import dups

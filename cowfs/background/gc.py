@@ -211,13 +211,14 @@ async def keep_dups(fs: Filesystem, wait: float = 0.0) -> dict[str, float]:
                 await store.sync()
                 async with fs.lock:  # no acknowledgement of a round passes until these are synced
                     done += await store.in_thread(store.rewrite_idle_homes, found, gen)
+                repacked = await store.in_thread(store.repack_idle_homes)
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await store.in_thread(lease.release)
     log.info("store keeper: %d pack indexes read, %d duplicates found, %d records rewritten here, %d left open",
              figures.packs_read, figures.found, done, figures.open)
-    return {**figures.as_dict(), "dup_rewritten": done}
+    return {**figures.as_dict(), "dup_rewritten": done, "dup_idle_repacked": repacked}
 
 
 async def _renew(fs: Filesystem, lease: dups.KeeperLease) -> None:
