@@ -402,7 +402,7 @@ def test_a_pull_killed_midway_or_whose_s3_dies_leaves_the_store_clean_and_runs_a
     main.stop()
     r = b.cowfs("pull", "origin", "big", store, "--into", "again", check=False)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
-    assert "branch again of" in r.stderr and "is not the one a pull killed midway left" in r.stderr, r.stderr
+    assert "branch again of" in r.stderr and "has no mark of the pull killed midway that made it" in r.stderr, r.stderr
     kept = mount_factory(store=store, branch="again")
     assert os.listdir(kept.path) == ["mine"]
     kept.stop()

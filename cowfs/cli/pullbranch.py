@@ -83,8 +83,10 @@ def mark_pulling(mp: str, store: str, branch: str, cid: str, again: bool) -> boo
         except OSError:
             mark = b""
         if mark != cid.encode():
-            raise CliError(f"branch {branch} of {store} is not the one a pull killed midway left (it was made "
-                           f"again since): pull into another branch with --into NAME")
+            raise CliError(f"branch {branch} of {store} has no mark of the pull killed midway that made it (made "
+                           f"anew since, or that pull was killed before it wrote there): it is left as it is; "
+                           f"cowfs delete {store} {branch} if it is that pull's, or pull into another branch with "
+                           "--into NAME")
         click.echo(f"cowfs: branch {branch} of {store} was left half written by a pull killed midway: "
                    "pulling it again", err=True)
         return True
