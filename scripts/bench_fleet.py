@@ -114,6 +114,21 @@ def find_wheelhouse(wanted: tuple[str, ...]) -> str | None:
     return None
 
 
+def download_wheelhouse(wanted: tuple[str, ...]) -> str | None:
+    """No wheelhouse on this machine: `pip download` one from PyPI, once, into
+    /var/tmp/cowfs-bench-fleet-cache (kept for later runs); None when offline."""
+    d = os.path.join("/var/tmp/cowfs-bench-fleet-cache", "wheelhouse-" + "-".join(w.split("==")[0] for w in wanted))
+    if glob.glob(os.path.join(d, "[Dd]jango-5.1.4-*.whl")):
+        return d
+    print(f"# downloading the venv's wheels into {d} (once): pip download {' '.join(wanted)}", flush=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary", ":all:", "-d", d, *wanted],
+                       capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        print(f"# pip download failed (offline?): {r.stderr.strip().splitlines()[-1:]}", flush=True)
+        return None
+    return d
+
+
 def dir_bytes(root: str) -> tuple[int, int]:
     """(files, bytes) of the regular files under root."""
     n = b = 0
@@ -154,15 +169,16 @@ def build_sandbox(root: str, tar: str, total_mib: int, min_data_mib: int, quick:
     venv = os.path.join(root, "venv")
     benchlib.run([sys.executable, "-m", "venv", venv], timeout=1800)
     wheels = WHEELS[:1] if quick else WHEELS
-    wh = find_wheelhouse(wheels)
+    wh = find_wheelhouse(wheels) or download_wheelhouse(wheels)
     if wh is not None:
         benchlib.run([os.path.join(venv, "bin", "pip"), "install", "-q", "--no-index", "--find-links", wh,
                       "--no-cache-dir", *wheels], timeout=1800)
         parts["venv_from"] = f"wheels in {wh}: {' '.join(wheels)}"
-    else:       # no wheel: Django from its sdist tree, without its dependencies
-        benchlib.run([os.path.join(venv, "bin", "pip"), "install", "-q", "--no-index", "--no-deps",
-                      "--no-build-isolation", "--no-cache-dir", os.path.join(root, "django")], timeout=1800)
-        parts["venv_from"] = "the Django sdist tree (no wheelhouse found), no dependencies"
+    else:       # offline and no wheel: Django's package copied from its sdist tree (building it
+        # needs the `wheel` package, which a fresh venv lacks), without its dependencies
+        site = glob.glob(os.path.join(venv, "lib", "python*", "site-packages"))[0]
+        shutil.copytree(os.path.join(root, "django", "django"), os.path.join(site, "django"))
+        parts["venv_from"] = "Django's package copied from its sdist tree (offline, no wheelhouse), no dependencies"
     for name in ("django", "repo", "venv"):
         parts[name] = dir_bytes(os.path.join(root, name))
     rest = sum(b for _n, b in (parts[k] for k in ("django", "repo", "venv")))
