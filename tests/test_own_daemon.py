@@ -246,7 +246,11 @@ def test_a_repack_of_the_store_database_waits_for_a_branch_daemon_that_then_read
     with open(f.path / "keep", "rb") as fh:  # its tree node read (and its blob file opened) now,
         fh.seek(6 << 20)  # with data of the half no repack moves: what is left to read after
         assert fh.read(4096) == keep[6 << 20:(6 << 20) + 4096]  # the gc are the moved pointers
-    first = mounting.cowfs_json("gc", str(m.store), "--repack-below", "1")
+    os.kill(f.proc.pid, signal.SIGSTOP)  # so that it cannot acknowledge the round at once
+    try:
+        first = mounting.cowfs_json("gc", str(m.store), "--repack-below", "1")
+    finally:
+        os.kill(f.proc.pid, signal.SIGCONT)
     assert first["packs_repacked"] >= 1 and first["packs_deleted"] == 0, json.dumps(first)  # the branch daemon owes its ack
     deadline = time.monotonic() + 60
     while True:

@@ -23,6 +23,7 @@ import pickle
 import select
 import socket
 import struct
+import time
 from typing import TYPE_CHECKING, Callable, NoReturn
 
 from cowfs.daemon.admin import peer_uid, socket_path
@@ -38,10 +39,13 @@ _STATUS_KEYS = (b"Uid:", b"Gid:", b"Groups:", b"CapInh:", b"CapPrm:", b"CapEff:"
 _NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup")
 _HEADER = struct.Struct("<I")
 REQUEST_TIMEOUT = 5.0  # seconds a caller waits for the zygote's answer
+EXIT_WAIT = 2.0  # seconds the store's daemon, exiting, waits for its zygote to be gone
 # This process's zygote (the store's daemon), or the zygote that forked it (a branch's daemon):
 # pids, for `stats`
 started: int | None = None
 forked_by: int | None = None
+# The store daemon's end of its zygote's life pipe (closed by forget, or by the kernel at exit)
+_life: int | None = None
 
 # Run in the forked daemon: (configuration, ready pipe) -> never returns (process._run_daemon)
 RunDaemon = Callable[["MountConfig", int], NoReturn]
@@ -84,9 +88,9 @@ def _close_all_but(keep: set[int]) -> None:
 def start(store: str, run: RunDaemon) -> int | None:
     """Fork the zygote of store (from the store's daemon, after its imports, before it opens
     anything); return its pid, or None if it could not be started.  The daemon keeps the
-    write end of the life pipe open without knowing it: inherited by no other process
-    (close-on-exec, and the zygote's children close it), closed by the kernel when the daemon
-    exits, which ends the zygote."""
+    write end of the life pipe (`_life`): inherited by no other process (close-on-exec, and
+    the zygote's children close it), closed by forget() at the daemon's exit or by the kernel
+    when it is killed, which ends the zygote."""
     life_r, life_w = os.pipe()
     told_r, told_w = os.pipe()
     try:
@@ -116,26 +120,41 @@ def start(store: str, run: RunDaemon) -> int | None:
     if not told:
         os.close(life_w)
         return None
-    # life_w stays open for the rest of this process's life (see above); nothing refers to it.
+    global _life
+    _life = life_w  # open until forget() or this process's end (see above)
     return int(told)
 
 
 def forget(store: str) -> None:
     """At the store daemon's exit, while it still holds the store (so no other daemon of the
-    store, nor its zygote, can exist): remove the socket of its zygote if that one died (killed)
-    and could not remove it itself.  A live zygote removes its own once this process is gone."""
+    store, nor its zygote, can exist): end the zygote (its life pipe closed) and wait, at most
+    EXIT_WAIT, until it is gone, so that `cowfs umount`, which waits for this daemon's exit,
+    returns with no process of the mount left; remove the zygote's socket if it is gone
+    without removing it (killed)."""
+    global _life
     if started is None:
         return
-    try:
-        with open(f"/proc/{started}/stat", "rb") as f:
-            if f.read().rsplit(b")", 1)[1].split()[0] != b"Z":
-                return
-    except OSError:
-        pass
+    if _life is not None:
+        os.close(_life)
+        _life = None
+    deadline = time.monotonic() + EXIT_WAIT
+    while _running(started):
+        if time.monotonic() > deadline:
+            return  # still running: it removes its own socket when it goes
+        time.sleep(0.005)
     try:
         os.unlink(path(store))
     except FileNotFoundError:
         pass
+
+
+def _running(pid: int) -> bool:
+    """Whether pid runs (a zombie, waiting for init to reap it, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
 
 
 def _serve(store: str, life: int, run: RunDaemon) -> NoReturn:
