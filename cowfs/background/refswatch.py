@@ -7,8 +7,10 @@ look when the file changes, and an idle daemon's watcher never wakes.
 How a change is seen: inotify on the store directory (one instance per daemon), filtered on
 the reference store's files (`refs.sqlite`, its `-wal` log, which every commit appends to).
 The event comes when a writer writes its log frames, before its commit is synced and
-visible to reads, so the watcher first waits for the writers (`SQLiteKV.writes_done`: the
-write lock taken and given back), then counts the change; the tasks look after that.  A
+visible to reads, so the watcher counts the change at once and again AGAIN seconds after the
+last event (each a look of the tasks): a commit whose sync outlasts the first look is seen by
+a later one.  It never takes SQLite's lock to wait for the writers: a daemon stopped while
+holding it (SIGSTOP, a frozen cgroup) would stall every process of the store.  A
 daemon that cannot have an inotify instance (`fs.inotify.max_user_instances`, 128 per user
 by default, is used up: hundreds of daemons of one user) looks at the two files' size and
 mtime every FALLBACK_EVERY seconds on the loop instead (no thread unless they changed), and
@@ -24,13 +26,14 @@ import struct
 
 import trio
 
-from cowfs import faults, threads
+from cowfs import faults
 from cowfs.kv.sqlite import SQLiteKV
 from cowfs.libc import libc
 
 log = logging.getLogger(__name__)
 
 FALLBACK_EVERY = 1.0  # seconds between two looks at the files' size and mtime without inotify
+AGAIN = (0.05, 0.5, 2.0, 8.0)  # seconds after the last change: looks again (see above)
 IN_MODIFY, IN_MOVED_TO, IN_CREATE = 0x2, 0x80, 0x100
 IN_Q_OVERFLOW, IN_IGNORED = 0x4000, 0x8000
 IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
@@ -58,11 +61,6 @@ class RefsWatch:
         self.changes += 1
         self._event.set()
         self._event = trio.Event()
-
-    async def _counted(self) -> None:
-        """Count a change once the writers are done (see the module's docstring)."""
-        await threads.run_in_c_thread(self.refs.writes_done)
-        self._count()
 
     def _open(self) -> int | None:
         """An inotify instance watching the store directory, or None if none can be had."""
@@ -111,18 +109,25 @@ class RefsWatch:
             return
         self.inotify = True
         try:
-            await self._counted()
+            self._count()
+            last, again = trio.current_time(), list(AGAIN)
             while True:
-                await trio.lowlevel.wait_readable(fd)
                 ours = False
-                while True:
-                    try:
-                        buf = os.read(fd, 65536)
-                    except BlockingIOError:
-                        break
-                    ours |= self._ours(buf)
+                with trio.move_on_at(last + again[0] if again else float("inf")):
+                    await trio.lowlevel.wait_readable(fd)
+                    while True:
+                        try:
+                            buf = os.read(fd, 65536)
+                        except BlockingIOError:
+                            break
+                        ours |= self._ours(buf)
+                    if not ours:
+                        continue
                 if ours:
-                    await self._counted()
+                    last, again = trio.current_time(), list(AGAIN)
+                else:  # the time of the next look after the last change
+                    again.pop(0)
+                self._count()
         finally:
             os.close(fd)
 
@@ -138,10 +143,14 @@ class RefsWatch:
 
     async def _poll(self) -> None:
         stamp = self._stamp()
-        await self._counted()
+        self._count()
+        again = 0  # looks still to make after the last change (one a second)
         while True:
             await trio.sleep(FALLBACK_EVERY)
             now = self._stamp()
             if now != stamp:
-                stamp = now
-                await self._counted()
+                stamp, again = now, len(AGAIN)
+                self._count()
+            elif again:
+                again -= 1
+                self._count()

@@ -141,15 +141,6 @@ class SQLiteKV(KV):
                     conn.execute("ROLLBACK")
                 raise
 
-    def writes_done(self) -> None:
-        """Return once no process is in the middle of a write (the write lock taken and given
-        back at once, no page written): a write whose log frames were seen on the disk (an
-        inotify event, cowfs.background.refswatch) is then visible to every read, since a
-        writer holds the lock until its commit is synced and published."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.execute("ROLLBACK")
-
     def _sync_dir(self) -> None:
         fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_DIRECTORY)
         try:
