@@ -161,6 +161,12 @@ def _write_marker(path: str, created: float) -> None:
         os.close(fd)
 
 
+def _packs_of(kv: KV, hashes: Iterable[bytes]) -> set[int]:
+    """The packs that hold kv's packed chunks among hashes (what a rewrite moves them out of)."""
+    return {codec.packed_extent(raw)[0] for h in hashes  # type: ignore[index]
+            if (raw := kv.get(CF_OBJECTS, h)) is not None and raw[0] == codec.KIND_PACKED}
+
+
 class Store:
     def __init__(self, path: str, cache_l1: int = 256 << 20, cache_l2: int = 256 << 20,
                  blobs: BlobStore | None = None, home: str | None = None) -> None:
@@ -790,8 +796,7 @@ class Store:
         passes before the commit: the condemned list it reads stays true until then."""
         recode = self._dup_plan(self.home_kv, found)
         if recode:
-            left = {codec.packed_extent(raw)[0] for h in recode  # type: ignore[index]
-                    if (raw := self.home_kv.get(CF_OBJECTS, h)) is not None and raw[0] == codec.KIND_PACKED}
+            left = _packs_of(self.home_kv, recode)
             txn = RefTxn()
             txn.recode = recode
             self.commit(Batch(), txn)
@@ -818,8 +823,7 @@ class Store:
                 objects = ObjectStore(kv, ChunkCache(0, 0), self.packs)
                 recode = self._dup_plan(kv, found) if objects.space is not None else {}
                 if recode:
-                    left = {codec.packed_extent(raw)[0] for h in recode  # type: ignore[index]
-                            if (raw := kv.get(CF_OBJECTS, h)) is not None and raw[0] == codec.KIND_PACKED}
+                    left = _packs_of(kv, recode)
                     txn, batch = RefTxn(), Batch()
                     txn.recode = recode
                     objects.apply(txn, batch)

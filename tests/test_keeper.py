@@ -189,14 +189,10 @@ def test_the_keeper_runs_again_and_again_while_two_branch_daemons_write_the_same
     mounting.fsck(m.store)
 
 
-def test_the_same_data_written_by_the_store_daemon_and_three_branch_daemons_is_stored_once(mount_factory):
-    """Four databases write the same 16 MiB: the store's daemon packs three chunks in four and
-    keeps every fourth inline (written after, in 1 MiB fsynced flushes), three branch daemons
-    pack all of it.  The first fork by name wins every fourth chunk against the other forks
-    and loses the rest to the store's database, so each of its packs ends a quarter live with
-    the other forks pointing into it: it must still be collected (its daemon repacks its share
-    and the others follow), until the packs hold the data once (<= 1.05x), every byte reads
-    back and fsck is clean."""
+def _store_striped_and_three_forks(mount_factory) -> tuple[mounting.Mount, list[mounting.Mount], bytes, int]:
+    """The store's daemon (gc only) with 16 MiB written so that it packs three chunks in four
+    and keeps every fourth inline (written after, in 1 MiB fsynced flushes), and three branch
+    daemons f1-f3 of their own: (store mount, forks, the data, pack bytes before the data)."""
     m = mount_factory(options=GC_ONLY)
     names = ("f1", "f2", "f3")
     for b in names:
@@ -206,11 +202,11 @@ def test_the_same_data_written_by_the_store_daemon_and_three_branch_daemons_is_s
     data = os.urandom(size)
     stripes = range(3 * chunk, size, 4 * chunk)
     before = _pack_bytes(m.store)
+    holed = bytearray(data)
+    for off in stripes:
+        holed[off:off + chunk] = bytes(chunk)
     fd = os.open(m.path / "data.bin", os.O_CREAT | os.O_WRONLY, 0o644)
     try:
-        holed = bytearray(data)
-        for off in stripes:
-            holed[off:off + chunk] = bytes(chunk)
         os.pwrite(fd, holed, 0)
         os.fsync(fd)
         for i, off in enumerate(stripes):
@@ -219,6 +215,19 @@ def test_the_same_data_written_by_the_store_daemon_and_three_branch_daemons_is_s
                 os.fsync(fd)
     finally:
         os.close(fd)
+    return m, forks, data, before
+
+
+def test_the_same_data_written_by_the_store_daemon_and_three_branch_daemons_is_stored_once(mount_factory):
+    """Four databases write the same 16 MiB: the store's daemon packs three chunks in four and
+    keeps every fourth inline (written after, in 1 MiB fsynced flushes), three branch daemons
+    pack all of it.  The first fork by name wins every fourth chunk against the other forks
+    and loses the rest to the store's database, so each of its packs ends a quarter live with
+    the other forks pointing into it: it must still be collected (its daemon repacks its share
+    and the others follow), until the packs hold the data once (<= 1.05x), every byte reads
+    back and fsck is clean."""
+    m, forks, data, before = _store_striped_and_three_forks(mount_factory)
+    size = len(data)
     assert (_pack_bytes(m.store) - before) / size <= 0.8  # every fourth chunk inline
     _write_at_once([f.path / "data.bin" for f in forks], data)
     _wait_packed(m.store, before, size, 3.5)  # the store's 0.75 copy and the forks' three
@@ -237,28 +246,8 @@ def test_the_keeper_repacks_what_its_rewrites_of_idle_homes_left_partly_dead(mou
     (`cowfs gc STORE` in the store's daemon) rewrites their homes itself, and repacks what that
     left partly dead (the first fork's packs, a quarter live, which the others then point
     into), so the store settles at <= 1.05x without any fork's daemon running."""
-    m = mount_factory(options=GC_ONLY)
-    names = ("f1", "f2", "f3")
-    for b in names:
-        _own_branch(m, b)
-    forks = [mount_factory(store=m.store, init=False, branch=b, name=b, options=GC_ONLY) for b in names]
-    size, chunk = 16 * MiB, 64 << 10
-    data = os.urandom(size)
-    before = _pack_bytes(m.store)
-    fd = os.open(m.path / "data.bin", os.O_CREAT | os.O_WRONLY, 0o644)
-    try:
-        holed = bytearray(data)
-        stripes = range(3 * chunk, size, 4 * chunk)
-        for off in stripes:
-            holed[off:off + chunk] = bytes(chunk)
-        os.pwrite(fd, holed, 0)
-        os.fsync(fd)
-        for i, off in enumerate(stripes):
-            os.pwrite(fd, data[off:off + chunk], off)
-            if i % 16 == 15:
-                os.fsync(fd)
-    finally:
-        os.close(fd)
+    m, forks, data, before = _store_striped_and_three_forks(mount_factory)
+    size = len(data)
     _write_at_once([f.path / "data.bin" for f in forks], data)
     for f in reversed(forks):
         f.stop()

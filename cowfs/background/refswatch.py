@@ -27,6 +27,7 @@ import struct
 import trio
 
 from cowfs import faults
+from cowfs.kv import sqlite
 from cowfs.kv.sqlite import SQLiteKV
 from cowfs.libc import libc
 
@@ -131,23 +132,13 @@ class RefsWatch:
         finally:
             os.close(fd)
 
-    def _stamp(self) -> tuple[tuple[int, int, int], ...]:
-        out = []
-        for name in (self.name, self.name + "-wal"):
-            try:
-                st = os.stat(os.path.join(self.dir, name))
-                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-            except FileNotFoundError:
-                out.append((0, 0, 0))
-        return tuple(out)
-
     async def _poll(self) -> None:
-        stamp = self._stamp()
+        stamp = sqlite.stamp(self.refs.path)
         self._count()
         again = 0  # looks still to make after the last change (one a second)
         while True:
             await trio.sleep(FALLBACK_EVERY)
-            now = self._stamp()
+            now = sqlite.stamp(self.refs.path)
             if now != stamp:
                 stamp, again = now, len(AGAIN)
                 self._count()

@@ -41,6 +41,7 @@ from cowfs.fleet import FleetError
 from cowfs.fleet.config import RemoteConfig
 from cowfs.fleet.remote import FAMILIES, hold_key, refs_prefix
 from cowfs.fleet.state import Tie, state_file, ties_of
+from cowfs.kv import sqlite
 
 log = logging.getLogger("cowfs.fleet.holds")
 TICK = 3.0      # seconds between two passes of the keeper (new ties, lost holds, unmounted branches)
@@ -50,15 +51,8 @@ TIE_LOOK = 30.0
 
 
 def ties_stamp() -> tuple[tuple[int, int, int], ...]:
-    """The machine state's files (SQLite and its log) as they stand: inode, size, mtime."""
-    out = []
-    for path in (state_file(), state_file().with_name(state_file().name + "-wal")):
-        try:
-            st = path.stat()
-            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        except OSError:
-            out.append((0, 0, 0))
-    return tuple(out)
+    """The machine state's files (SQLite and its log) as they stand."""
+    return sqlite.stamp(state_file())
 
 
 def holder_name(pid: int, store: str, branch: str) -> str:
