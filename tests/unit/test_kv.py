@@ -524,3 +524,25 @@ def test_rotate_wal_writes_in_place_into_recycled_logs_and_recovery_ignores_thei
         assert sum(1 for _ in kv.scan("a", b"")) == 300
     finally:
         kv.close()
+
+
+def test_compact_leaves_the_logs_kept_for_reuse_small(tmp_path):
+    """RocksKV.compact (what `cowfs gc` runs): the write-ahead logs RocksDB keeps for reuse keep
+    the size of what was last written to them, so a compaction that left them took back none
+    of a store's recent writes (bench_branching's delete + gc row: +30% instead of +1%);
+    after it the logs hold next to nothing, and every key reads as written."""
+    kv = RocksKV(str(tmp_path / "db"), FAMS)
+    try:
+        for i in range(64):
+            b = Batch()
+            b.put("a", i.to_bytes(8, "big"), bytes([i]) * (48 << 10))
+            kv.write(b)
+        kv.sync()
+        kv.flush()  # every family flushed: the log is obsolete, and kept for reuse
+        assert kv.disk_usage()[1] >= 3 << 20
+        kv.compact()
+        assert kv.disk_usage()[1] < 256 << 10
+        for i in range(64):
+            assert kv.get("a", i.to_bytes(8, "big")) == bytes([i]) * (48 << 10)
+    finally:
+        kv.close()
