@@ -27,9 +27,11 @@ the store's; the JSON's `own_daemon` says which kind a run measured.
 
 --cpu-groups (untar section): each fork's daemon and the commands run in that fork share a CPU
 scheduling group (a cgroup of the cpu controller) of their own, as an orchestrator places a sandbox
-whose cgroup holds its fork's daemon.  The kernel then picks a group before a task, so a fork's tar
-and its daemon hand the CPU to each other for a whole slice instead of taking turns with every
-other fork at each request (docs/benchmarks.md "A daemon per fork: where the 8-fork time goes").
+whose cgroup holds its fork's daemon.  The kernel then picks a group before a task: a fork's tar and
+its daemon hand the CPU to each other, and the pairs take turns as groups (every ~0.1 ms on this
+kernel, whatever the slice), which costs less CPU than every task of every fork taking turns one by
+one (docs/benchmarks.md "A daemon per fork: where the 8-fork time goes", "The 8-fork row and the
+scheduler").
 A daemon serving several forks (no --own-daemon) stays where it is; the JSON's `cpu_groups` and
 each round's `grouped_daemons` say what was placed.
 
