@@ -1250,6 +1250,59 @@ def test_a_lazy_read_fetches_its_neighbours_in_the_pack_in_the_same_get(fleet, m
         assert "lazy_near" in b.cowfs("mount", "--help").stdout
 
 
+def test_a_lazy_mounts_metadata_fetch_overlaps_its_round_trips(fleet, mount_factory, monkeypatch):
+    """Before a lazy mount is ready its child fetches the commit, every pack's index and the
+    trees (issue 23's ready time): a pack's trees are fetched as soon as its index is in,
+    while other indexes still come, not one phase after the other.  The indexes of the packs
+    that hold no tree are made slow (0.6 s a GET): the trees' GETs start before those end,
+    and the metadata is that of the pushed tree."""
+    from cowfs.blob.s3 import S3BlobStore
+    from cowfs.fleet import config
+    from cowfs.fleet.lazyfetch import fetch_metadata
+    from cowfs.fleet.objects import TYPE_TREE
+    from cowfs.fleet.remote import Remote
+
+    a, b = fleet("a"), fleet("b")
+    src = mount_factory()
+    (src.path / "data").mkdir()
+    for i in range(8):      # 40 MiB: packs of chunks alone, then the trees (PACK_TARGET: 16 MiB)
+        (src.path / "data" / f"f{i}").write_bytes(os.urandom(5 << 20))
+    (src.path / "zz" / "sub").mkdir(parents=True)
+    (src.path / "zz" / "sub" / "small").write_text("small\n")
+    snap(src, "base")
+    a.json("push", src.path, "base", "origin")
+    # Within this process, as host b (its remote, a cache of its own: every index fetched).
+    for k, v in b.env.items():
+        if k.startswith(("AWS_", "XDG_")):
+            monkeypatch.setenv(k, v)
+    cfg = config.get("origin")
+    with Remote(cfg) as r:
+        commit = r.commit(r.get_ref("snap", "base"))
+        r.index_commit(commit)
+        tree_packs = {loc.pack for loc in r.index.values() if loc.kind == TYPE_TREE}
+    others = set(commit["packs"]) - tree_packs
+    assert others and tree_packs, (commit["packs"], tree_packs)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(b.base / "cache-2"))
+    gets: list[tuple[str, float, float]] = []
+    get = S3BlobStore.get
+
+    def timed(self, name, offset=0, length=None):
+        t0 = time.monotonic()
+        if name.startswith("index/") and name[len("index/"):] in others:
+            time.sleep(0.6)
+        try:
+            return get(self, name, offset, length)
+        finally:
+            gets.append((name, t0, time.monotonic()))
+    monkeypatch.setattr(S3BlobStore, "get", timed)
+    meta = fetch_metadata(cfg, "base")
+    assert {e["name"] for e in meta.trees[bytes.fromhex(commit["root"]["tree"])]} == {"data", "zz"}
+    assert len(meta.trees) == 4 and meta.indexes == len(commit["packs"]), meta.indexes
+    slow_end = min(t1 for n, _t0, t1 in gets if n.startswith("index/") and n[len("index/"):] in others)
+    trees = [t0 for n, t0, _t1 in gets if n.startswith("data/")]
+    assert trees and max(trees) < slow_end, gets
+
+
 def test_a_branch_made_in_a_lazy_mount_is_mounted_and_fetches_on_first_read(fleet, mount_factory):
     """`cowfs mount REMOTE:SNAPSHOT` "or a branch made from it": a branch of the lazy mount's
     store, mounted beside it, reads files never fetched (fetched then, once, by the store's

@@ -9,12 +9,13 @@ import marshal
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cowfs.fleet import FleetError
 from cowfs.fleet.config import RemoteConfig
 from cowfs.fleet.model import load_model
-from cowfs.fleet.objects import TYPE_CHUNK, TYPE_TREE, decode_tree, decode_warm, entry_chunks
+from cowfs.fleet.objects import TYPE_CHUNK, TYPE_TREE, CorruptObject, decode_tree, decode_warm, entry_chunks
 from cowfs.fleet.state import State, pack_chunks
 
 if TYPE_CHECKING:
@@ -23,22 +24,54 @@ if TYPE_CHECKING:
 _PR_SET_PDEATHSIG = 1   # prctl(2)
 
 
-def load_trees(r: "Remote", root: bytes, packs: list[str]) -> dict[bytes, list[dict[str, Any]]]:
-    """Every tree under root.  The trees the commit's packs hold come first, all at once: a
-    push writes a pack's trees together after its chunks, so a few ranged GETs in parallel
-    bring them (instead of one round trip per level of the tree); what they lack (trees of
-    packs the commit does not name: none for a push's own) is fetched level by level."""
-    named = set(r.leaves(packs))     # a repacked pack's blobs are where its forwards lead
-    held = dict(r.fetch([h for h, loc in r.index.items() if loc.kind == TYPE_TREE and loc.pack in named], "tree"))
+FETCHERS = 8     # GETs of the metadata in flight at once (indexes, trees, the cold start, the model)
+
+
+def load_trees(r: "Remote", root: bytes, packs: list[str] | None,
+               pool: ThreadPoolExecutor) -> dict[bytes, list[dict[str, Any]]]:
+    """The indexes of the packs the commit names (all of the remote's for a commit that names
+    none) and every tree under root.  A push writes a pack's trees together after its chunks,
+    so each pack's trees are fetched (a ranged GET or a few) and decoded as soon as its index
+    is in, while the other indexes still come: index and tree GETs overlap instead of one
+    phase after the other.  What those packs lack (trees of packs the commit does not name:
+    none for a push's own) is fetched level by level."""
+    held: dict[bytes, Any] = {}
+    if packs is None:
+        r.load_index()      # every index of the remote (a commit from before pushes named packs)
+    else:
+        jobs = {pool.submit(r.pack_index, p): p for p in r.leaves(packs) if p not in r.packs}
+        tree_jobs = []
+        for done in as_completed(jobs):
+            pack, entries = jobs[done], done.result()
+            r.add_index(pack, entries)
+            located = [(h, loc) for h, loc in entries.items() if loc.kind == TYPE_TREE]
+            if located:
+                tree_jobs.append(pool.submit(_decoded_trees, r, located))
+        for job in tree_jobs:
+            held.update(job.result())
     trees: dict[bytes, list[dict[str, Any]]] = {}
     level = [root]
     while level:
         want = [h for h in dict.fromkeys(level) if h not in trees]
         held.update(r.fetch([h for h in want if h not in held], "tree"))
         for h in want:
-            trees[h] = decode_tree(h, held[h])
+            got = held[h]
+            trees[h] = got if isinstance(got, list) else decode_tree(h, got)
         level = [bytes.fromhex(e["tree"]) for h in want for e in trees[h] if e["type"] == "dir"]
     return trees
+
+
+def _decoded_trees(r: "Remote", located: list[tuple[bytes, Any]]) -> dict[bytes, Any]:
+    """The trees of one pack, fetched (checked against their ids) and decoded in a worker
+    thread; one that does not decode stays raw bytes, and fails the build only if the
+    snapshot's tree reaches it (load_trees decodes it again there)."""
+    out: dict[bytes, Any] = {}
+    for h, raw in r.fetch_located(located, "tree", others=False):
+        try:
+            out[h] = decode_tree(h, raw)
+        except CorruptObject:
+            out[h] = raw
+    return out
 
 
 def load_warm(r: "Remote", commit: dict[str, Any]) -> list[bytes]:
@@ -93,17 +126,22 @@ def fetch_metadata(cfg: RemoteConfig, snapshot: str) -> Metadata:
     from cowfs.fleet.remote import Remote
 
     t0 = time.monotonic()
-    with Remote(cfg) as r:
+    # Round trips overlapped: the gc's forwards (an etcd read the indexes need) beside the
+    # snapshot's reference and commit; the cold start and the model beside the indexes and trees.
+    with Remote(cfg, workers=FETCHERS) as r, ThreadPoolExecutor(FETCHERS) as pool:
+        forwards = pool.submit(r.forwards)
         cid = r.get_ref("snap", snapshot)
         if cid is None:
             have = ", ".join(n for n, _c in r.list_refs("snap")) or "none"
             raise FleetError(f"the remote {cfg.name} has no snapshot named {snapshot!r} (it has: {have})")
         commit = r.commit(cid)
-        r.index_commit(commit)      # the indexes of the packs the commit names (all, for an old commit)
-        trees = load_trees(r, bytes.fromhex(commit["root"]["tree"]), commit.get("packs") or [])
-        warm = load_warm(r, commit)
+        warm_job = pool.submit(load_warm, r, commit)
+        model_job = pool.submit(load_model, r, commit)
+        forwards.result()
+        trees = load_trees(r, bytes.fromhex(commit["root"]["tree"]), commit.get("packs"), pool)
+        warm = warm_job.result()
         try:        # only predictions are lost without it: the build goes on, saying why
-            model, model_error = load_model(r, commit), None
+            model, model_error = model_job.result(), None
         except FleetError as e:
             model, model_error = None, str(e)
         chunks = {h: tuple(loc) for h, loc in r.index.items() if loc.kind == TYPE_CHUNK}

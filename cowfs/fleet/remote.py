@@ -251,14 +251,16 @@ class Remote:
         yield from self.fetch_located(located, what)
 
     def fetch_located(self, located: list[tuple[bytes, Loc]], what: str,
-                      gap: int = _RANGE_GAP, on_get: Callable[[int], None] = lambda n: None
-                      ) -> Iterator[tuple[bytes, bytes]]:
+                      gap: int = _RANGE_GAP, on_get: Callable[[int], None] = lambda n: None,
+                      others: bool = True) -> Iterator[tuple[bytes, bytes]]:
         """fetch() of blobs whose places are known (a lazy mount keeps each chunk's); one GET
-        covers blobs of a pack less than gap bytes apart; on_get(bytes) after each GET."""
+        covers blobs of a pack less than gap bytes apart; on_get(bytes) after each GET.
+        others=False: the other trees a range covers are not kept (a caller that asks for
+        every tree of the pack, while the union index still grows in another thread)."""
         by_pack: dict[str, list[tuple[Loc, bytes]]] = {}
         for h, loc in located:
             by_pack.setdefault(loc.pack, []).append((loc, h))
-        trees = self._trees_by_pack() if what == "tree" else {}
+        trees = self._trees_by_pack() if what == "tree" and others else {}
         ranges: list[list[tuple[Loc, bytes]]] = []
         for items in by_pack.values():
             items.sort(key=lambda x: x[0].offset)
@@ -282,7 +284,7 @@ class Remote:
                     raise BlobNotFound("data/" + pack)
                 data = self.blobs.get("data/" + pack, start, end - start)
             except BlobNotFound:
-                return self._moved_run(pack, run, what, on_get)
+                return self._moved_run(pack, run, what, on_get, others)
             on_get(len(data))
             with self._passing_lock:
                 self.bytes_got += len(data)
@@ -303,7 +305,7 @@ class Remote:
                 yield from out
 
     def _moved_run(self, pack: str, run: list[tuple[Loc, bytes]], what: str,
-                   on_get: Callable[[int], None]) -> list[tuple[bytes, bytes]]:
+                   on_get: Callable[[int], None], others: bool = True) -> list[tuple[bytes, bytes]]:
         """The blobs of a run whose pack is gone, fetched where the gc's forwards of it put
         them (a lazy mount's chunk records, or an index read before the repack, name the old
         pack); FleetError if the pack was not repacked or its forwards lack one."""
@@ -325,7 +327,7 @@ class Remote:
                 raise FleetError(f"the remote {self.cfg.name} lacks the {what} {h.hex()}: its pack {pack} is gone "
                                  f"and the packs it was repacked into lack it: run cowfs remote check {self.cfg.name}")
             located.append((h, where[h]))
-        return list(self.fetch_located(located, what, on_get=on_get))
+        return list(self.fetch_located(located, what, on_get=on_get, others=others))
 
     def _trees_by_pack(self) -> dict[str, list[tuple[Loc, bytes]]]:
         if self._tree_locs is None:
