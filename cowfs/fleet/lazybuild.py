@@ -245,7 +245,7 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str, cache: tuple[int, i
             store = Store(abs_store, cache_l1=cache[0], cache_l2=cache[1])
             try:
                 t_open = time.monotonic() - t0
-                meta = fetch.result()
+                meta, tree_count = fetch.result()
                 t1 = time.monotonic()
 
                 async def work() -> Builder:
@@ -262,7 +262,7 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str, cache: tuple[int, i
                     state.set_origin(abs_store, "main", meta.key, meta.commit_id)   # a push's parent
                 finally:
                     state.close()
-                figures = {"commit": meta.commit_id, "trees": len(meta.trees), "indexes": meta.indexes,
+                figures = {"commit": meta.commit_id, "trees": tree_count, "indexes": meta.indexes,
                            "files": b.files, "dirs": b.dirs, "hard_links": b.links, "other": b.other,
                            "commits": b.commits, "remote_chunks": b.remote_chunks, "warm_chunks": len(meta.warm),
                            "model_files": b.model.get("files", 0),

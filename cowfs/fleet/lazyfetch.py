@@ -8,9 +8,10 @@ import contextlib
 import marshal
 import os
 import signal
+import struct
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import TYPE_CHECKING, Any, NamedTuple
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from cowfs.fleet import FleetError
 from cowfs.fleet.config import RemoteConfig
@@ -24,31 +25,44 @@ if TYPE_CHECKING:
 _PR_SET_PDEATHSIG = 1   # prctl(2)
 
 
-FETCHERS = 8     # GETs of the metadata in flight at once (indexes, trees, the cold start, the model)
+FETCHERS = 4     # GETs of the metadata in flight at once (indexes, trees, the cold start, the model): more
+# cost more CPU (connections, the GIL) than they save on this 2-core machine's loopback engines
 
 
-def load_trees(r: "Remote", root: bytes, packs: list[str] | None,
-               pool: ThreadPoolExecutor) -> dict[bytes, list[dict[str, Any]]]:
+Trees = dict[bytes, list[dict[str, Any]]]
+
+
+def load_trees(r: "Remote", root: bytes, packs: list[str] | None, pool: ThreadPoolExecutor,
+               sent: Callable[[Trees], None] = lambda part: None) -> Trees:
     """The indexes of the packs the commit names (all of the remote's for a commit that names
     none) and every tree under root.  A push writes a pack's trees together after its chunks,
     so each pack's trees are fetched (a ranged GET or a few) and decoded as soon as its index
     is in, while the other indexes still come: index and tree GETs overlap instead of one
-    phase after the other.  What those packs lack (trees of packs the commit does not name:
-    none for a push's own) is fetched level by level."""
+    phase after the other; sent(part) as each pack's trees are in (the decoded ones).  What
+    those packs lack (trees of packs the commit does not name: none for a push's own) is
+    fetched level by level."""
     held: dict[bytes, Any] = {}
     if packs is None:
         r.load_index()      # every index of the remote (a commit from before pushes named packs)
     else:
-        jobs = {pool.submit(r.pack_index, p): p for p in r.leaves(packs) if p not in r.packs}
-        tree_jobs = []
-        for done in as_completed(jobs):
-            pack, entries = jobs[done], done.result()
-            r.add_index(pack, entries)
-            located = [(h, loc) for h, loc in entries.items() if loc.kind == TYPE_TREE]
-            if located:
-                tree_jobs.append(pool.submit(_decoded_trees, r, located))
-        for job in tree_jobs:
-            held.update(job.result())
+        pending = {pool.submit(r.pack_index, p): p for p in r.leaves(packs) if p not in r.packs}
+        trees_of: set[Future] = set()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for job in done:
+                pack = pending.pop(job)
+                if job in trees_of:
+                    part = job.result()
+                    held.update(part)
+                    sent({h: t for h, t in part.items() if isinstance(t, list)})
+                    continue
+                entries = job.result()
+                r.add_index(pack, entries)
+                located = [(h, loc) for h, loc in entries.items() if loc.kind == TYPE_TREE]
+                if located:
+                    more = pool.submit(_decoded_trees, r, located)
+                    trees_of.add(more)
+                    pending[more] = pack
     trees: dict[bytes, list[dict[str, Any]]] = {}
     level = [root]
     while level:
@@ -121,8 +135,9 @@ class Metadata(NamedTuple):
     seconds: float
 
 
-def fetch_metadata(cfg: RemoteConfig, snapshot: str) -> Metadata:
-    """The snapshot's commit, the indexes of the packs it names and every tree."""
+def fetch_metadata(cfg: RemoteConfig, snapshot: str, sent: Callable[[Trees], None] = lambda part: None) -> Metadata:
+    """The snapshot's commit, the indexes of the packs it names and every tree (sent: as
+    `load_trees`, before the whole is returned)."""
     from cowfs.fleet.remote import Remote
 
     t0 = time.monotonic()
@@ -138,7 +153,7 @@ def fetch_metadata(cfg: RemoteConfig, snapshot: str) -> Metadata:
         warm_job = pool.submit(load_warm, r, commit)
         model_job = pool.submit(load_model, r, commit)
         forwards.result()
-        trees = load_trees(r, bytes.fromhex(commit["root"]["tree"]), commit.get("packs"), pool)
+        trees = load_trees(r, bytes.fromhex(commit["root"]["tree"]), commit.get("packs"), pool, sent)
         warm = warm_job.result()
         try:        # only predictions are lost without it: the build goes on, saying why
             model, model_error = model_job.result(), None
@@ -147,6 +162,36 @@ def fetch_metadata(cfg: RemoteConfig, snapshot: str) -> Metadata:
         chunks = {h: tuple(loc) for h, loc in r.index.items() if loc.kind == TYPE_CHUNK}
         return Metadata(cfg.name, r.key, cid, commit, len(r.packs), trees, chunks, warm, model, model_error,
                         time.monotonic() - t0)
+
+
+_LEN = struct.Struct("<Q")      # a part's length, after "T" on the pipe
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_all(fd: int, n: int) -> bytes:
+    """n bytes of the pipe (fewer: the child died)."""
+    out = b""
+    while len(out) < n:
+        got = os.read(fd, n - len(out))
+        if not got:
+            break
+        out += got
+    return out
+
+
+def _pread_all(fd: int, n: int, at: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        got = os.pread(fd, n - len(out), at + len(out))
+        if not got:
+            break
+        out += got
+    return bytes(out)
 
 
 def _die_with(parent: int) -> None:
@@ -162,10 +207,14 @@ class Fetch:
     """`fetch_metadata` in a child process forked now; `result` waits for its answer,
     marshalled (plain values: 3x faster than pickle here) into an in-memory file made before
     the fork (a pipe would pass the ~9 MiB of issue 23's sandbox 64 KiB per scheduling
-    round), then "M" on a pipe.  The child then writes the files' stat-cache rows
-    (`stat_rows`, ctime the build's) while the daemon writes the tree, says any error on the
-    pipe and exits (`rows` waits for that).  It never touches the store: it is forked before
-    the store is opened, and leaves by os._exit."""
+    round), then "M" on a pipe.  The trees come first, a part as each pack's are in (each
+    appended to the file, then "T" and its length on the pipe): `result` unmarshals them
+    while the child still fetches, so the daemon's share of the hand-over (0.07-0.13 s for
+    the sandbox's 9,593 trees) is off the ready time's path; the answer then holds only the
+    trees not sent.  The child then writes the files' stat-cache rows (`stat_rows`, ctime the
+    build's) while the daemon writes the tree, says any error on the pipe and exits (`rows`
+    waits for that).  It never touches the store: it is forked before the store is opened,
+    and leaves by os._exit."""
 
     def __init__(self, cfg: RemoteConfig, snapshot: str, store: str, ctime: int) -> None:
         from cowfs.remote import one_line
@@ -180,13 +229,21 @@ class Fetch:
             try:
                 _die_with(parent)
                 meta = None
+                given: set[bytes] = set()
+
+                def send(part: Trees) -> None:
+                    data = marshal.dumps(part)
+                    _write_all(self.fd, data)
+                    os.write(wfd, b"T" + _LEN.pack(len(data)))
+                    given.update(part)
                 try:
-                    meta = fetch_metadata(cfg, snapshot)
-                    answer: tuple[str, Any] = ("ok", tuple(meta))
+                    meta = fetch_metadata(cfg, snapshot, send)
+                    # the trees not sent, and how many the tree has (what was sent may hold more)
+                    rest = meta._replace(trees={h: t for h, t in meta.trees.items() if h not in given})
+                    answer: tuple[str, Any] = ("ok", (tuple(rest), len(meta.trees)))
                 except Exception as e:      # noqa: BLE001 - the parent raises it, one line
                     answer = ("error", one_line(e))
-                with open(self.fd, "wb", closefd=False) as f:
-                    marshal.dump(answer, f)
+                _write_all(self.fd, marshal.dumps(answer))
                 os.write(wfd, b"M")
                 if meta is not None:
                     try:
@@ -203,13 +260,21 @@ class Fetch:
                 os._exit(code)
         os.close(wfd)
 
-    def result(self) -> Metadata:
-        """The child's Metadata; FleetError with its error (or its death) otherwise."""
-        said = os.read(self.rfd, 1)
+    def result(self) -> tuple[Metadata, int]:
+        """The child's Metadata (its trees: every one the child sent, those of the tree and
+        maybe others of its packs) and how many trees the snapshot's tree has; FleetError with
+        the child's error (or its death) otherwise."""
+        trees: Trees = {}
+        at = 0
         try:
-            with open(self.fd, "rb", closefd=False) as f:
-                f.seek(0)
-                data = f.read()
+            while True:
+                said = os.read(self.rfd, 1)
+                if said != b"T":
+                    break
+                (n,) = _LEN.unpack(_read_all(self.rfd, _LEN.size))
+                trees.update(marshal.loads(_pread_all(self.fd, n, at)))
+                at += n
+            data = _pread_all(self.fd, os.fstat(self.fd).st_size - at, at)
         finally:
             os.close(self.fd)
             self.fd = -1
@@ -220,7 +285,10 @@ class Fetch:
         if kind != "ok":
             raise FleetError(value)
         self.answered = True
-        return Metadata._make(value)
+        fields, count = value
+        meta = Metadata._make(fields)
+        trees.update(meta.trees)
+        return meta._replace(trees=trees), count
 
     def rows(self) -> None:
         """Wait for the child's stat-cache rows; FleetError with its error (or its death)."""
