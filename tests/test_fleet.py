@@ -409,6 +409,44 @@ def test_a_pull_killed_midway_or_whose_s3_dies_leaves_the_store_clean_and_runs_a
     mounting.fsck(store)
 
 
+def test_a_pull_killed_while_it_makes_its_branch_leaves_no_mount_after_the_next_pull(fleet, mount_factory):
+    """A pull makes its branch through a temporary mount of the branch it branches from; a
+    kill -9 of the pull then (before its writes) leaves that mount, whose daemon outlives the
+    command.  The next pull in the store ends it (the pid in its name runs no pull) and pulls;
+    nothing is left mounted and the store is clean."""
+    a, b = fleet("a"), fleet("b")
+    m = mount_factory()
+    (m.path / "f").write_text("pulled\n")
+    snap(m, "big")
+    a.json("push", m.path, "big", "origin")
+    store = mounting.init_store(b.base / "store")
+    tmp = b.base / "tmp"
+    tmp.mkdir()
+    b.env["TMPDIR"] = str(tmp)
+    left: list[dict] = []
+    for attempt in range(5):        # the kill must land while main's temporary mount is there
+        p = b.popen("pull", "origin", "big", store, "--into", f"x{attempt}", "--json")
+        deadline = time.monotonic() + 60
+        while p.poll() is None and not any("/cowfs-pull-main-" in e["mountpoint"]
+                                           for e in mounting.fuse_mounts_under(str(tmp))):
+            assert time.monotonic() < deadline, "timed out waiting for the pull's mount of main"
+            time.sleep(0.002)
+        p.send_signal(signal.SIGKILL)
+        p.communicate(timeout=30)
+        left = mounting.fuse_mounts_under(str(tmp))
+        if left:
+            break
+    assert left and all("/cowfs-pull-main-" in e["mountpoint"] for e in left), left
+    r = b.json("pull", "origin", "big", store, "--into", "y")
+    assert r["pulled"]["branch"] == "y", r
+    assert not mounting.fuse_mounts_under(str(b.base)), "the killed pull's temporary mount of main is left"
+    assert not list(tmp.iterdir()), list(tmp.iterdir())
+    mounting.fsck(store)
+    got = mount_factory(store=store, branch="y")
+    assert (got.path / "f").read_text() == "pulled\n"
+    got.stop()
+
+
 def test_a_daemon_killed_mid_push_or_mid_pull_leaves_both_sides_consistent(
         fleet, mount_factory, seaweedfs, engine_prefix):
     """kill -9 of the daemon a push reads through: the push fails in one line, nothing is

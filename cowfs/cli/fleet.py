@@ -316,12 +316,13 @@ def pull(remote_name: str, name: str, store: str, is_branch: bool, into: str | N
     `cowfs push MOUNT SNAP REMOTE --branch NAME` from B succeeds only if nobody moved the
     remote branch meanwhile.
     """
-    from cowfs.cli.pullbranch import (PULLING, drop_branch, find_base, make_branch, mark_pulling, store_listing,
-                                      take_over_killed_pull)
+    from cowfs.cli.pullbranch import (PULLING, clear_killed_pulls_mounts, drop_branch, find_base, make_branch,
+                                      mark_pulling, store_listing, take_over_killed_pull)
     from cowfs.fleet.pull import Puller
     from cowfs.fleet.state import State
 
     store = require_store(store)
+    clear_killed_pulls_mounts(store)
     into = _ref_name(into or name, "branch")
     kind = "branch" if is_branch else "snap"
     listing = store_listing(store)

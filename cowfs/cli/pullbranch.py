@@ -6,7 +6,9 @@ Store-wide steps run in child processes (a process that opened the store's Rocks
 cannot fork a daemon afterwards).  A pull killed midway leaves its branch half written, a row
 in the fleet state (cowfs.fleet.state, "pulls") and the temporary mount it wrote through (its
 daemon outlives the command); the branch's root carries the mark PULLING until the pull ends,
-so that a branch made anew under that name is never taken for the half-written one.
+so that a branch made anew under that name is never taken for the half-written one.  A
+pull killed while it makes its branch leaves the temporary mount of the branch it branches
+from: the next pull in the store ends it (`clear_killed_pulls_mounts`).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import click
 
 from cowfs import api
 from cowfs.cli.errors import CliError
-from cowfs.cli.tempmount import branch_mounted, find_branch_mount, unmount_temporary
+from cowfs.cli.tempmount import branch_mounted, find_branch_mount, left_by, unmount_temporary
 
 
 def store_listing(store: str) -> dict[str, Any]:
@@ -49,6 +51,27 @@ def drop_branch(store: str, branch: str) -> bool:
         click.echo(f"cowfs: the half-pulled branch {branch} remains in {store} ({r.stderr.strip()}); "
                    f"cowfs delete {store} {branch} removes it, or the same pull run again writes it whole", err=True)
     return r.returncode == 0
+
+
+def clear_killed_pulls_mounts(store: str) -> None:
+    """End the temporary mounts of the store that pulls killed midway left (their daemons
+    outlive a kill -9 of the command): the mount of the branch a pull branched from, left
+    when it was killed while making its branch, would otherwise stay for good (the next
+    pull's branching finds it mounted and uses it as is).  One that cannot be unmounted now
+    (busy: another command uses it) is left for a later pull."""
+    from cowfs.daemon import mounts
+    from cowfs.errors import MountError
+
+    for e in mounts.cowfs_mounts():
+        left = left_by(e.mountpoint)
+        if e.store != store or left is None or left[0] != "pull" or _pull_runs(left[1]):
+            continue
+        try:
+            mounts.umount(e.mountpoint, timeout=60)
+        except MountError:
+            continue
+        with contextlib.suppress(OSError):
+            os.rmdir(e.mountpoint)
 
 
 def take_over_killed_pull(store: str, branch: str, killed: tuple[str, str, int], wanted: tuple[str, str]) -> None:

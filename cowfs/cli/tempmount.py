@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 import time
 from typing import Iterator
@@ -67,6 +68,16 @@ def unmount_temporary(mountpoint: str) -> None:
             os.rmdir(mountpoint)
 
 
+_TEMPORARY = re.compile(r"cowfs-(?P<purpose>[a-z]+)-.+-(?P<pid>[0-9]+)-[a-z0-9_]+")   # mkdtemp's names
+
+
+def left_by(mountpoint: str) -> tuple[str, int] | None:
+    """(purpose, pid of the command) of a temporary mount point of branch_mounted's; None for
+    any other path."""
+    m = _TEMPORARY.fullmatch(os.path.basename(mountpoint))
+    return None if m is None else (m["purpose"], int(m["pid"]))
+
+
 @contextlib.contextmanager
 def branch_mounted(store: str, branch: str, options: tuple[str, ...] = (), purpose: str = "run") -> Iterator[str]:
     """Yield the mount point of BRANCH of STORE, mounting it at a temporary directory if it
@@ -78,7 +89,8 @@ def branch_mounted(store: str, branch: str, options: tuple[str, ...] = (), purpo
     if existing is not None:
         yield existing
         return
-    mp = tempfile.mkdtemp(prefix=f"cowfs-{purpose}-{branch}-")
+    # The command's pid in the name: a mount a killed command left is known as its (left_by)
+    mp = tempfile.mkdtemp(prefix=f"cowfs-{purpose}-{branch}-{os.getpid()}-")
     try:
         opts = ["-o", ",".join(options)] if options else []
         try:
