@@ -25,11 +25,10 @@ if TYPE_CHECKING:
 _PR_SET_PDEATHSIG = 1   # prctl(2)
 
 
-FETCHERS = 4     # GETs of the metadata in flight at once (indexes, trees, the cold start, the model): more
-# cost more CPU (connections, the GIL) than they save on this 2-core machine's loopback engines
-
-
-Trees = dict[bytes, list[dict[str, Any]]]
+# GETs of the metadata in flight at once (indexes, trees, the cold start, the model): 8 cost
+# more CPU (connections, GIL switches) than they saved, the fetch being CPU-bound here
+FETCHERS = 4
+Trees = dict[bytes, list[dict[str, Any]]]   # tree id -> its entries (cowfs.fleet.objects.decode_tree)
 
 
 def load_trees(r: "Remote", root: bytes, packs: list[str] | None, pool: ThreadPoolExecutor,
@@ -63,7 +62,7 @@ def load_trees(r: "Remote", root: bytes, packs: list[str] | None, pool: ThreadPo
                     more = pool.submit(_decoded_trees, r, located)
                     trees_of.add(more)
                     pending[more] = pack
-    trees: dict[bytes, list[dict[str, Any]]] = {}
+    trees: Trees = {}
     level = [root]
     while level:
         want = [h for h in dict.fromkeys(level) if h not in trees]
