@@ -1292,12 +1292,12 @@ def test_a_lazy_mounts_metadata_fetch_overlaps_its_round_trips(fleet, mount_fact
     """Before a lazy mount is ready its child fetches the commit, every pack's index and the
     trees (issue 23's ready time): a pack's trees are fetched as soon as its index is in,
     while other indexes still come, not one phase after the other, and handed on as they
-    come (the build's child sends them to the daemon before its answer).  The indexes of the
+    come (the build's child sends them to the daemon before its answer, which decodes them).  The indexes of the
     packs that hold no tree are made slow (0.6 s a GET): the trees' GETs start, and the trees
     are handed on, before those end; the metadata is that of the pushed tree."""
     from cowfs.blob.s3 import S3BlobStore
     from cowfs.fleet import config
-    from cowfs.fleet.lazyfetch import Fetch, fetch_metadata
+    from cowfs.fleet.lazyfetch import Fetch, decoded, fetch_metadata
     from cowfs.fleet.objects import TYPE_TREE
     from cowfs.fleet.remote import Remote
 
@@ -1336,23 +1336,27 @@ def test_a_lazy_mounts_metadata_fetch_overlaps_its_round_trips(fleet, mount_fact
     monkeypatch.setattr(S3BlobStore, "get", timed)
     parts: list[tuple[float, dict]] = []
     meta = fetch_metadata(cfg, "base", lambda part: parts.append((time.monotonic(), part)))
-    assert {e["name"] for e in meta.trees[bytes.fromhex(commit["root"]["tree"])]} == {"data", "zz"}
-    assert len(meta.trees) == 4 and meta.indexes == len(commit["packs"]), meta.indexes
+    root = bytes.fromhex(commit["root"]["tree"])
+    trees = decoded(meta.trees, root)
+    assert {e["name"] for e in trees[root]} == {"data", "zz"}
+    assert len(trees) == len(meta.trees) == 4 and meta.indexes == len(commit["packs"]), meta.indexes
     slow_end = min(t1 for n, _t0, t1 in gets if n.startswith("index/") and n[len("index/"):] in others)
-    trees = [t0 for n, t0, _t1 in gets if n.startswith("data/")]
-    assert trees and max(trees) < slow_end, gets
+    starts = [t0 for n, t0, _t1 in gets if n.startswith("data/")]
+    assert starts and max(starts) < slow_end, gets
     # ... and handed on (sent) as they come, before the slow indexes end
     assert parts and max(t for t, _p in parts) < slow_end and {h for _t, p in parts for h in p} == set(meta.trees)
-    # The build's child hands them to the daemon so (parts, then the answer): the same metadata.
+    # The build's child hands them to the daemon so (parts, then the answer), which decodes
+    # them: the same metadata, and the trees decoded.
     monkeypatch.setattr(S3BlobStore, "get", get)
     monkeypatch.setenv("XDG_CACHE_HOME", str(b.base / "cache-3"))
     fetch = Fetch(cfg, "base", str(b.base / "no-store"), time.time_ns())
     try:
-        handed, count = fetch.result()
+        handed, handed_trees = fetch.result()
         fetch.rows()
     finally:
         fetch.close()
-    assert count == 4 and handed._replace(seconds=0) == meta._replace(seconds=0)
+    assert handed_trees == trees
+    assert handed._replace(seconds=0, trees={}) == meta._replace(seconds=0, trees={}) and not handed.trees
 
 
 def test_a_branch_made_in_a_lazy_mount_is_mounted_and_fetches_on_first_read(fleet, mount_factory):

@@ -27,7 +27,7 @@ from cowfs.chunks import codec
 from cowfs.fleet import FleetError
 from cowfs.fleet.config import RemoteConfig
 from cowfs.fleet.lazy import LAZY_FILE
-from cowfs.fleet.lazyfetch import Fetch, Metadata
+from cowfs.fleet.lazyfetch import Fetch, Metadata, Trees
 from cowfs.fleet.model import seed
 from cowfs.fleet.objects import CHUNK_SIZE, Loc, entry_chunks
 from cowfs.fleet.state import State
@@ -47,11 +47,11 @@ _FMT = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "fif
 class Builder:
     """Writes a commit's tree into branch main of a store (in process, under trio.run)."""
 
-    def __init__(self, fs: "Filesystem", meta: Metadata, ctime: int) -> None:
+    def __init__(self, fs: "Filesystem", meta: Metadata, trees: Trees, ctime: int) -> None:
         self.fs = fs
         self.meta = meta
         self.ctime = ctime      # of every node made (stat_rows: the child's rows have it)
-        self.trees = meta.trees
+        self.trees = trees      # the snapshot's, decoded
         self.files = self.dirs = self.links = self.other = self.remote_chunks = self.commits = 0
         self.bytes = 0
         self.model: dict[str, int] = {}    # the pushed prefetch model kept (cowfs.fleet.model.seed)
@@ -245,11 +245,11 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str, cache: tuple[int, i
             store = Store(abs_store, cache_l1=cache[0], cache_l2=cache[1])
             try:
                 t_open = time.monotonic() - t0
-                meta, tree_count = fetch.result()
+                meta, trees = fetch.result()
                 t1 = time.monotonic()
 
                 async def work() -> Builder:
-                    b = Builder(Filesystem(store, "main"), meta, ctime)
+                    b = Builder(Filesystem(store, "main"), meta, trees, ctime)
                     await b.run(meta.commit["root"])
                     b.model = seed(b.fs, b.inos, meta.model) if meta.model else {}
                     await store.sync()      # durable before lazy.json names the store built
@@ -262,7 +262,7 @@ def build(store_path: str, cfg: RemoteConfig, snapshot: str, cache: tuple[int, i
                     state.set_origin(abs_store, "main", meta.key, meta.commit_id)   # a push's parent
                 finally:
                     state.close()
-                figures = {"commit": meta.commit_id, "trees": tree_count, "indexes": meta.indexes,
+                figures = {"commit": meta.commit_id, "trees": len(trees), "indexes": meta.indexes,
                            "files": b.files, "dirs": b.dirs, "hard_links": b.links, "other": b.other,
                            "commits": b.commits, "remote_chunks": b.remote_chunks, "warm_chunks": len(meta.warm),
                            "model_files": b.model.get("files", 0),

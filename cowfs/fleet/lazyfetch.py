@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import marshal
 import os
+import re
 import signal
 import struct
 import time
@@ -29,18 +30,28 @@ _PR_SET_PDEATHSIG = 1   # prctl(2)
 # more CPU (connections, GIL switches) than they saved, the fetch being CPU-bound here
 FETCHERS = 4
 Trees = dict[bytes, list[dict[str, Any]]]   # tree id -> its entries (cowfs.fleet.objects.decode_tree)
+RawTrees = dict[bytes, bytes]               # tree id -> its JSON, checked against the id
+# A directory entry's tree in a tree's canonical JSON (objects.encode_tree: no spaces, quotes
+# in strings escaped, so this only matches the key): the walk of the child, which leaves the
+# JSON's decoding to the daemon.
+_SUBTREE = re.compile(rb'"tree":"([0-9a-f]{64})"')
+
+
+def subtrees(raw: bytes) -> list[bytes]:
+    """The ids of the trees a tree's directories have."""
+    return [bytes.fromhex(m.decode()) for m in _SUBTREE.findall(raw)]
 
 
 def load_trees(r: "Remote", root: bytes, packs: list[str] | None, pool: ThreadPoolExecutor,
-               sent: Callable[[Trees], None] = lambda part: None) -> Trees:
+               sent: Callable[[RawTrees], None] = lambda part: None) -> RawTrees:
     """The indexes of the packs the commit names (all of the remote's for a commit that names
-    none) and every tree under root.  A push writes a pack's trees together after its chunks,
-    so each pack's trees are fetched (a ranged GET or a few) and decoded as soon as its index
-    is in, while the other indexes still come: index and tree GETs overlap instead of one
-    phase after the other; sent(part) as each pack's trees are in (the decoded ones).  What
-    those packs lack (trees of packs the commit does not name: none for a push's own) is
-    fetched level by level."""
-    held: dict[bytes, Any] = {}
+    none) and every tree under root, checked, not decoded.  A push writes a pack's trees
+    together after its chunks, so each pack's trees are fetched (a ranged GET or a few) as
+    soon as its index is in, while the other indexes still come: index and tree GETs overlap
+    instead of one phase after the other; sent(part) as each pack's trees are in.  What those
+    packs lack (trees of packs the commit does not name: none for a push's own) is fetched
+    level by level."""
+    held: RawTrees = {}
     if packs is None:
         r.load_index()      # every index of the remote (a commit from before pushes named packs)
     else:
@@ -53,37 +64,42 @@ def load_trees(r: "Remote", root: bytes, packs: list[str] | None, pool: ThreadPo
                 if job in trees_of:
                     part = job.result()
                     held.update(part)
-                    sent({h: t for h, t in part.items() if isinstance(t, list)})
+                    sent(part)
                     continue
                 entries = job.result()
                 r.add_index(pack, entries)
                 located = [(h, loc) for h, loc in entries.items() if loc.kind == TYPE_TREE]
                 if located:
-                    more = pool.submit(_decoded_trees, r, located)
+                    more = pool.submit(lambda lo: dict(r.fetch_located(lo, "tree", others=False)), located)
                     trees_of.add(more)
                     pending[more] = pack
-    trees: Trees = {}
+    trees: RawTrees = {}
     level = [root]
     while level:
         want = [h for h in dict.fromkeys(level) if h not in trees]
         held.update(r.fetch([h for h in want if h not in held], "tree"))
         for h in want:
-            got = held[h]
-            trees[h] = got if isinstance(got, list) else decode_tree(h, got)
-        level = [bytes.fromhex(e["tree"]) for h in want for e in trees[h] if e["type"] == "dir"]
+            trees[h] = held[h]
+        level = [c for h in want for c in subtrees(trees[h])]
     return trees
 
 
-def _decoded_trees(r: "Remote", located: list[tuple[bytes, Any]]) -> dict[bytes, Any]:
-    """The trees of one pack, fetched (checked against their ids) and decoded in a worker
-    thread; one that does not decode stays raw bytes, and fails the build only if the
-    snapshot's tree reaches it (load_trees decodes it again there)."""
-    out: dict[bytes, Any] = {}
-    for h, raw in r.fetch_located(located, "tree", others=False):
-        try:
-            out[h] = decode_tree(h, raw)
-        except CorruptObject:
-            out[h] = raw
+def decoded(raw: RawTrees, root: bytes, ready: Trees | None = None) -> Trees:
+    """The trees under root decoded (those in ready already are); CorruptObject if one does
+    not decode or is missing."""
+    ready = ready or {}
+    out: Trees = {}
+    level = [root]
+    while level:
+        want = [h for h in dict.fromkeys(level) if h not in out]
+        for h in want:
+            got = ready.get(h)
+            if got is None:
+                if h not in raw:
+                    raise CorruptObject(f"tree {h.hex()}: missing from the snapshot's metadata")
+                got = decode_tree(h, raw[h])
+            out[h] = got
+        level = [bytes.fromhex(e["tree"]) for h in want for e in out[h] if e["type"] == "dir"]
     return out
 
 
@@ -126,7 +142,7 @@ class Metadata(NamedTuple):
     commit_id: str
     commit: dict[str, Any]
     indexes: int                                # pack indexes read
-    trees: dict[bytes, list[dict[str, Any]]]
+    trees: RawTrees                             # every tree under the root, checked, not decoded
     chunks: dict[bytes, tuple]                  # every chunk the indexes name -> where it is (a Loc's fields)
     warm: list[bytes]
     model: dict[str, Any] | None                # the pushed prefetch model (cowfs.fleet.model)
@@ -206,11 +222,12 @@ class Fetch:
     """`fetch_metadata` in a child process forked now; `result` waits for its answer,
     marshalled (plain values: 3x faster than pickle here) into an in-memory file made before
     the fork (a pipe would pass the ~9 MiB of issue 23's sandbox 64 KiB per scheduling
-    round), then "M" on a pipe.  The trees come first, a part as each pack's are in (each
-    appended to the file, then "T" and its length on the pipe): `result` unmarshals them
-    while the child still fetches, so the daemon's share of the hand-over (0.07-0.13 s for
-    the sandbox's 9,593 trees) is off the ready time's path; the answer then holds only the
-    trees not sent.  The child then writes the files' stat-cache rows (`stat_rows`, ctime the
+    round), then "M" on a pipe.  The trees come first, checked and not decoded, a part as
+    each pack's are in (each appended to the file, then "T" and its length on the pipe):
+    `result` unmarshals and decodes them while the child still fetches (the JSON of the
+    sandbox's 9,593 trees: ~0.25 s of CPU, off the child's path and so off the ready time's;
+    and their unmarshal, 0.07-0.13 s decoded, after the answer before); the answer then
+    holds only the trees not sent.  The child then writes the files' stat-cache rows (`stat_rows`, ctime the
     build's) while the daemon writes the tree, says any error on the pipe and exits (`rows`
     waits for that).  It never touches the store: it is forked before the store is opened,
     and leaves by os._exit."""
@@ -230,26 +247,25 @@ class Fetch:
                 meta = None
                 given: set[bytes] = set()
 
-                def send(part: Trees) -> None:
+                def send(part: RawTrees) -> None:
                     data = marshal.dumps(part)
                     _write_all(self.fd, data)
                     os.write(wfd, b"T" + _LEN.pack(len(data)))
                     given.update(part)
                 try:
                     meta = fetch_metadata(cfg, snapshot, send)
-                    # the trees not sent, and how many the tree has (what was sent may hold more)
                     rest = meta._replace(trees={h: t for h, t in meta.trees.items() if h not in given})
-                    answer: tuple[str, Any] = ("ok", (tuple(rest), len(meta.trees)))
+                    answer: tuple[str, Any] = ("ok", tuple(rest))
                 except Exception as e:      # noqa: BLE001 - the parent raises it, one line
                     answer = ("error", one_line(e))
                 _write_all(self.fd, marshal.dumps(answer))
                 os.write(wfd, b"M")
                 if meta is not None:
                     try:
+                        root = bytes.fromhex(meta.commit["root"]["tree"])
                         state = State()
                         try:
-                            state.remember_chunks(stat_rows(store, meta.trees, bytes.fromhex(meta.commit["root"]["tree"]),
-                                                            ctime))
+                            state.remember_chunks(stat_rows(store, decoded(meta.trees, root), root, ctime))
                         finally:
                             state.close()
                         code = 0
@@ -259,11 +275,12 @@ class Fetch:
                 os._exit(code)
         os.close(wfd)
 
-    def result(self) -> tuple[Metadata, int]:
-        """The child's Metadata (its trees: every one the child sent, those of the tree and
-        maybe others of its packs) and how many trees the snapshot's tree has; FleetError with
-        the child's error (or its death) otherwise."""
-        trees: Trees = {}
+    def result(self) -> tuple[Metadata, Trees]:
+        """The child's Metadata and the snapshot's trees decoded (those sent before the answer
+        decoded as they came: the daemon's idle time while the child fetches); FleetError
+        with the child's error (or its death, or a tree that does not decode) otherwise."""
+        raw: RawTrees = {}
+        ready: Trees = {}
         at = 0
         try:
             while True:
@@ -271,8 +288,13 @@ class Fetch:
                 if said != b"T":
                     break
                 (n,) = _LEN.unpack(_read_all(self.rfd, _LEN.size))
-                trees.update(marshal.loads(_pread_all(self.fd, n, at)))
+                part: RawTrees = marshal.loads(_pread_all(self.fd, n, at))
                 at += n
+                for h, doc in part.items():
+                    try:
+                        ready[h] = decode_tree(h, doc)
+                    except CorruptObject:       # an error if the snapshot's tree reaches it
+                        raw[h] = doc
             data = _pread_all(self.fd, os.fstat(self.fd).st_size - at, at)
         finally:
             os.close(self.fd)
@@ -284,10 +306,9 @@ class Fetch:
         if kind != "ok":
             raise FleetError(value)
         self.answered = True
-        fields, count = value
-        meta = Metadata._make(fields)
-        trees.update(meta.trees)
-        return meta._replace(trees=trees), count
+        meta = Metadata._make(value)
+        raw.update(meta.trees)
+        return meta, decoded(raw, bytes.fromhex(meta.commit["root"]["tree"]), ready)
 
     def rows(self) -> None:
         """Wait for the child's stat-cache rows; FleetError with its error (or its death)."""
