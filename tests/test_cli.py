@@ -157,6 +157,21 @@ def test_umount_of_a_busy_mount_names_the_processes(mount_factory):
     assert m.mounted()
 
 
+@pytest.mark.timeout(120)
+def test_umount_of_a_mount_whose_store_was_deleted_ends_it_and_its_daemon(mount_factory):
+    """A store's directory removed while mounted: `cowfs umount` ends the mount, and with it
+    the daemon, saying why, where it said the store was private to its owner."""
+    m = mount_factory()
+    (m.path / "f").write_bytes(b"x")
+    assert int((m.store / "daemon.pid").read_text()) == m.proc.pid
+    shutil.rmtree(m.store)
+    r = cowfs("umount", m.path, "--timeout", "30")
+    assert r.returncode == 0 and "no longer exists (deleted while mounted)" in r.stdout, (r.stdout, r.stderr)
+    assert not m.mounted()
+    # it exits (with the error of its last flush: its database's files are gone)
+    m.exit_codes.append(m.proc.wait(timeout=30))
+
+
 # -- 9: one output style; --json on every command that prints data -----------------------------------
 DATA_COMMANDS = ("stats", "list", "log", "diff", "status", "gc", "dedup", "fsck", "snapshot", "branch", "rollback",
                  "clone", "delete", "import", "export", "push", "pull")

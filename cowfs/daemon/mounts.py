@@ -316,6 +316,14 @@ def umount(mountpoint: str, timeout: float = 60.0, force: bool = False) -> str:
     owner = entry.owner_uid
     if euid != 0 and owner is not None and owner != euid:
         raise MountError(f"{mp} was mounted by {user_name(owner)}: only that user or root may unmount it")
+    try:
+        os.stat(store)
+    except FileNotFoundError:  # deleted while mounted: no pid file, nothing left to flush into
+        unmount(mp, timeout=timeout)  # its daemon ends with its connection's last mount
+        return (f"unmounted {mp}; its store {store} no longer exists (deleted while mounted), and what was "
+                "written there went with it")
+    except OSError:
+        pass  # out of reach: os.access below says so
     if not os.access(store, os.X_OK):  # its daemon.pid is out of reach: do not take it for dead
         raise MountError(f"{mountpoint} is a mount of the store {store}, which is private to its owner: "
                          "only its owner or root can unmount it")
