@@ -45,8 +45,8 @@ class RefsWatch:
     """Counts the changes of the reference store `refs` (`changes`); `changed` waits for one."""
 
     def __init__(self, refs: SQLiteKV) -> None:
-        self.refs = refs
-        self.dir, self.name = os.path.split(os.path.abspath(refs.path))
+        self.path = os.path.abspath(refs.path)  # the process may change directory after
+        self.dir, self.name = os.path.split(self.path)
         self.changes = 0
         self.inotify = True  # False: the stat fallback (no inotify instance to be had)
         self._event = trio.Event()
@@ -133,12 +133,12 @@ class RefsWatch:
             os.close(fd)
 
     async def _poll(self) -> None:
-        stamp = sqlite.stamp(self.refs.path)
+        stamp = sqlite.stamp(self.path)
         self._count()
         again = 0  # looks still to make after the last change (one a second)
         while True:
             await trio.sleep(FALLBACK_EVERY)
-            now = sqlite.stamp(self.refs.path)
+            now = sqlite.stamp(self.path)
             if now != stamp:
                 stamp, again = now, len(AGAIN)
                 self._count()

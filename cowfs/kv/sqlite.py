@@ -33,7 +33,6 @@ SCHEMA = ("CREATE TABLE IF NOT EXISTS kv (cf TEXT NOT NULL, key BLOB NOT NULL, v
           "PRIMARY KEY (cf, key)) WITHOUT ROWID")
 
 
-
 def stamp(path: str | os.PathLike[str]) -> tuple[tuple[int, int, int], ...]:
     """A SQLite database file and its -wal log as they stand (inode, size, mtime; zeros for
     one that is not there): a change of either means a write, without opening the database."""
@@ -45,6 +44,7 @@ def stamp(path: str | os.PathLike[str]) -> tuple[tuple[int, int, int], ...]:
         except OSError:
             out.append((0, 0, 0))
     return tuple(out)
+
 
 class KVBusy(Exception):
     """Another process held the write lock longer than BUSY_TIMEOUT_S."""
